@@ -1,0 +1,35 @@
+# slimserve: `make demo` and `make test` work on a fresh machine (Python 3.11, network to PyPI).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+.PHONY: install test test-fast demo proto bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned: the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[server,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(PY) -m server.demo
+
+proto: install
+	$(PY) protos/generate.py
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .demo

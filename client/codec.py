@@ -1,0 +1,236 @@
+"""Tensor codec between numpy arrays and Open Inference Protocol tensors (raw bytes or typed contents)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# The protocol's datatypes and their little-endian numpy equivalents. BYTES travel as object arrays.
+DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+_NUMPY_TO_DATATYPE = {v.newbyteorder("="): k for k, v in DATATYPE_TO_NUMPY.items() if k != "BYTES"}
+
+# Which InferTensorContents field carries each datatype; FP16 has none and must travel raw.
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+class TensorCodecError(ValueError):
+    """A tensor whose datatype, shape and data disagree; the message names the tensor."""
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The protocol datatype of a numpy array (str / bytes / object arrays are BYTES)."""
+    if array.dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    try:
+        return _NUMPY_TO_DATATYPE[array.dtype.newbyteorder("=")]
+    except KeyError:
+        raise TensorCodecError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None
+
+
+def numpy_dtype(datatype: str, name: str = "") -> np.dtype:
+    try:
+        return DATATYPE_TO_NUMPY[datatype]
+    except KeyError:
+        where = f"tensor '{name}': " if name else ""
+        known = ", ".join(DATATYPE_TO_NUMPY)
+        raise TensorCodecError(f"{where}unknown datatype '{datatype}' (known: {known})") from None
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """BYTES tensor to its raw form: each element as a 4-byte little-endian length, then the bytes."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(raw: bytes, count: int, name: str = "") -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    view = memoryview(raw)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(view):
+            raise TensorCodecError(f"tensor '{name}': raw BYTES data ends after {i} of {count} elements")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise TensorCodecError(f"tensor '{name}': BYTES element {i} claims {length} bytes past the end of the data")
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(view):
+        raise TensorCodecError(f"tensor '{name}': {len(view) - offset} trailing bytes after {count} BYTES elements")
+    return out
+
+
+def element_count(shape: Sequence[int], name: str = "") -> int:
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise TensorCodecError(f"tensor '{name}': shape {list(shape)} has a negative dimension")
+        count *= dim
+    return count
+
+
+def decode_raw(raw: bytes, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
+    """Raw little-endian bytes to an array, without a copy for numeric types (read-only view)."""
+    dtype = numpy_dtype(datatype, name)
+    count = element_count(shape, name)
+    if datatype == "BYTES":
+        return deserialize_bytes(raw, count, name).reshape(shape)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise TensorCodecError(
+            f"tensor '{name}': {datatype} {list(shape)} needs {expected} bytes of raw data, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decode_contents(contents: Any, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
+    """Typed InferTensorContents to an array."""
+    dtype = numpy_dtype(datatype, name)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorCodecError(f"tensor '{name}': {datatype} has no typed contents field; send it in raw_input_contents")
+    values = getattr(contents, field)
+    count = element_count(shape, name)
+    if len(values) != count:
+        raise TensorCodecError(f"tensor '{name}': shape {list(shape)} needs {count} values, got {len(values)} in {field}")
+    if datatype == "BYTES":
+        out = np.empty(count, dtype=object)
+        out[:] = list(values)
+        return out.reshape(shape)
+    if datatype in ("INT8", "INT16", "UINT8", "UINT16"):
+        info = np.iinfo(dtype)
+        arr = np.asarray(values, dtype=np.int64)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise TensorCodecError(f"tensor '{name}': a value in {field} is out of range for {datatype}")
+        return arr.astype(dtype).reshape(shape)
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def encode_contents(array: np.ndarray, contents: Any, datatype: str, name: str = "") -> None:
+    """Fills typed InferTensorContents from an array."""
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorCodecError(f"tensor '{name}': {datatype} cannot travel as typed contents; ask for raw output")
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        getattr(contents, field).extend(x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in flat)
+    else:
+        getattr(contents, field).extend(flat.tolist())
+
+
+def encode_raw(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    return np.ascontiguousarray(array, dtype=DATATYPE_TO_NUMPY[datatype]).tobytes()
+
+
+# ------------------------------------------------------------------ whole messages
+
+
+def parameter_value(param: Any) -> Any:
+    """The Python value of an InferParameter / ModelRepositoryParameter (None if unset)."""
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def set_parameter(param: Any, value: Any) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
+
+
+def decode_request_inputs(request: Any) -> dict[str, np.ndarray]:
+    """A ModelInferRequest's inputs as arrays, from raw_input_contents or typed contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise TensorCodecError(
+            f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents entries; "
+            "send one raw entry per input, or use typed contents for all"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if not name:
+            raise TensorCodecError(f"input #{i} has no name")
+        if name in arrays:
+            raise TensorCodecError(f"input '{name}' appears twice in the request")
+        shape = list(tensor.shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise TensorCodecError(f"input '{name}': both raw_input_contents and typed contents given; send one")
+            arrays[name] = decode_raw(raw[i], tensor.datatype, shape, name)
+        else:
+            arrays[name] = decode_contents(tensor.contents, tensor.datatype, shape, name)
+    return arrays
+
+
+def decode_response_outputs(response: Any) -> dict[str, np.ndarray]:
+    raw = response.raw_output_contents
+    out: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(response.outputs):
+        shape = list(tensor.shape)
+        if i < len(raw):
+            out[tensor.name] = decode_raw(raw[i], tensor.datatype, shape, tensor.name)
+        else:
+            out[tensor.name] = decode_contents(tensor.contents, tensor.datatype, shape, tensor.name)
+    return out
+
+
+def fill_input(request: Any, name: str, array: np.ndarray, raw: bool = True) -> None:
+    """Adds one input tensor to a ModelInferRequest."""
+    array = np.asarray(array)
+    datatype = datatype_of(array)
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+    if raw:
+        request.raw_input_contents.append(encode_raw(array, datatype))
+    else:
+        encode_contents(array, tensor.contents, datatype, name)
+
+
+def fill_output(response: Any, name: str, array: np.ndarray, raw: bool, datatype: str | None = None) -> None:
+    """Adds one output tensor to a ModelInferResponse; raw keeps output order aligned with outputs."""
+    datatype = datatype or datatype_of(array)
+    tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+    if raw:
+        response.raw_output_contents.append(encode_raw(array, datatype))
+    else:
+        encode_contents(array, tensor.contents, datatype, name)

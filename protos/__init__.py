@@ -1,0 +1,1 @@
+"""Protocol definitions and their generated modules: the Open Inference Protocol and slimserve.v1."""

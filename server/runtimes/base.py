@@ -1,0 +1,67 @@
+"""The runtime interface: load a model file, run it on named numpy arrays, describe its tensors."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: protocol datatype and shape, -1 for a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["datatype"], tuple(int(x) for x in d["shape"]))
+
+    def describe(self) -> str:
+        return f"{self.datatype} [{','.join(str(d) for d in self.shape)}]"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a runtime uses the node: threads, and which device it may use."""
+
+    intra_op_threads: int = 0  # 0: the backend's default (all cores)
+    inter_op_threads: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    # ORT execution providers in order of preference; empty means TensorRT, CUDA, CPU as available.
+    providers: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Runtime(abc.ABC):
+    """A loaded model. `predict` is synchronous and thread-safe; the server calls it on worker threads."""
+
+    name: str = "base"
+
+    def __init__(self, path: Path, config: RuntimeConfig | None = None) -> None:
+        self.path = Path(path)
+        self.config = config or RuntimeConfig()
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Reads the model and fills `inputs` and `outputs`."""
+
+    @abc.abstractmethod
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Runs the model; `outputs` restricts which outputs are computed (None: all)."""
+
+    def unload(self) -> None:
+        """Releases what `load` took; the object must not be used afterwards."""
+
+    @property
+    def device(self) -> str:
+        """Where compute runs, for metrics and records: cpu, cuda, or an execution provider list."""
+        return "cpu"

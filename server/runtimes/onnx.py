@@ -1,0 +1,100 @@
+"""ONNX Runtime: one InferenceSession per variant, on the best execution provider the node has."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
+
+log = logging.getLogger(__name__)
+
+# Preference order when the caller names none: TensorRT, then CUDA, then the CPU.
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+ORT_TYPE_TO_DATATYPE = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def choose_providers(config: RuntimeConfig, available: list[str] | None = None) -> list[str]:
+    """The execution providers to ask for, best first, limited to what this onnxruntime build has."""
+    available = list(available if available is not None else ort.get_available_providers())
+    if config.device == "cpu":
+        wanted = ["CPUExecutionProvider"]
+    elif config.providers:
+        wanted = list(config.providers)
+    else:
+        wanted = list(PROVIDER_PREFERENCE)
+    chosen = [p for p in wanted if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def session_options(config: RuntimeConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = config.inter_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: ORT's warnings would flood the server log
+    return options
+
+
+def spec_of(node: ort.NodeArg) -> TensorSpec:
+    datatype = ORT_TYPE_TO_DATATYPE.get(node.type)
+    if datatype is None:
+        raise ValueError(f"tensor '{node.name}' has type {node.type}, which the Open Inference Protocol cannot carry")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, datatype, shape)
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def load(self) -> None:
+        providers = choose_providers(self.config)
+        self.session = ort.InferenceSession(str(self.path), sess_options=session_options(self.config), providers=providers)
+        actual = self.session.get_providers()
+        # onnxruntime-gpu falls back to the CPU silently when CUDA cannot start; say so once.
+        if providers[0] != "CPUExecutionProvider" and actual[0] != providers[0]:
+            log.warning("%s: asked for %s, onnxruntime runs it on %s", self.path, providers[0], actual[0])
+        self.inputs = [spec_of(n) for n in self.session.get_inputs()]
+        self.outputs = [spec_of(n) for n in self.session.get_outputs()]
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = outputs or [o.name for o in self.outputs]
+        results = self.session.run(names, inputs)
+        return dict(zip(names, results))
+
+    def unload(self) -> None:
+        self.session = None
+
+    @property
+    def device(self) -> str:
+        session = getattr(self, "session", None)
+        if session is None:
+            return "unloaded"
+        return {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}.get(
+            session.get_providers()[0], "cpu"
+        )
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())

@@ -1,0 +1,147 @@
+"""torch runtime for `torch.export` archives (.pt2), loaded without ever unpickling what the archive holds."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.runtimes.base import Runtime, TensorSpec
+
+TORCH_TO_DATATYPE = {
+    torch.bool: "BOOL",
+    torch.uint8: "UINT8",
+    torch.uint16: "UINT16",
+    torch.uint32: "UINT32",
+    torch.uint64: "UINT64",
+    torch.int8: "INT8",
+    torch.int16: "INT16",
+    torch.int32: "INT32",
+    torch.int64: "INT64",
+    torch.float16: "FP16",
+    torch.float32: "FP32",
+    torch.float64: "FP64",
+}
+
+
+class UnsafeArchiveError(ValueError):
+    """The archive holds a pickled object that could run code when loaded."""
+
+
+class _NoUnpickling:
+    """Stands in for the `pickle` module inside torch's archive reader: every load is refused."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pickle, name)
+
+    @staticmethod
+    def loads(*_args: Any, **_kwargs: Any) -> Any:
+        raise UnsafeArchiveError("the archive holds a pickled Python object (an opaque constant)")
+
+    load = loads
+
+
+class _SafeTorchC:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch._C, name)
+
+    @staticmethod
+    def _pickle_load_obj(*_args: Any, **_kwargs: Any) -> Any:
+        raise UnsafeArchiveError("the archive holds a pickled TorchScript object (a custom class constant)")
+
+
+class _SafeTorch:
+    """Stands in for `torch` inside torch's archive reader: every torch.load is weights_only=True."""
+
+    _C = _SafeTorchC()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return torch.load(f, *args, **kwargs)
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def load_exported_program(path: str | Path) -> torch.export.ExportedProgram:
+    """torch.export.load with every unpickling path closed.
+
+    torch's reader calls torch.load(weights_only=False) for pickled weights and constants, and
+    pickle.loads for opaque objects: either runs arbitrary code from the file. We swap the
+    `torch` and `pickle` names those modules see for guards while the archive loads.
+    """
+    import torch._export.serde.serialize as serialize
+    import torch.export.pt2_archive._package as package
+
+    with _LOAD_LOCK:
+        saved = (package.torch, package.pickle, serialize.torch)
+        package.torch, package.pickle, serialize.torch = _SafeTorch(), _NoUnpickling(), _SafeTorch()
+        try:
+            return torch.export.load(str(path))
+        except pickle.UnpicklingError as e:
+            raise UnsafeArchiveError(f"the archive holds a pickled object that weights-only loading refuses: {e}") from e
+        finally:
+            package.torch, package.pickle, serialize.torch = saved
+
+
+def _spec(name: str, value: Any) -> TensorSpec:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"input or output '{name}' is a {type(value).__name__}, not a tensor; only tensors can be served")
+    datatype = TORCH_TO_DATATYPE.get(value.dtype)
+    if datatype is None:
+        raise ValueError(f"tensor '{name}' has dtype {value.dtype}, which the Open Inference Protocol cannot carry")
+    shape = tuple(int(d) if isinstance(d, int) or str(d).isdigit() else -1 for d in value.shape)
+    return TensorSpec(name, datatype, shape)
+
+
+def signature_of(program: torch.export.ExportedProgram) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs of an exported program, inputs named as the model's arguments."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    inputs = [_spec(name, placeholders[name].meta.get("val")) for name in program.graph_signature.user_inputs]
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    out_values = output_node.args[0]
+    by_name = {n.name: n for n in program.graph.nodes}
+    outputs = []
+    for i, name in enumerate(program.graph_signature.user_outputs):
+        node = by_name.get(name)
+        value = node.meta.get("val") if node is not None else None
+        if value is None and i < len(out_values) and hasattr(out_values[i], "meta"):
+            value = out_values[i].meta.get("val")
+        outputs.append(_spec(f"output_{i}", value))
+    return inputs, outputs
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    def load(self) -> None:
+        program = load_exported_program(self.path)
+        self.inputs, self.outputs = signature_of(program)
+        use_cuda = self.config.device in ("auto", "cuda") and torch.cuda.is_available()
+        self._device = torch.device("cuda" if use_cuda else "cpu")
+        if self.config.intra_op_threads > 0:
+            torch.set_num_threads(self.config.intra_op_threads)
+        self.module = program.module().to(self._device)
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.array(inputs[spec.name], copy=True)).to(self._device) for spec in self.inputs]
+        with torch.inference_mode():
+            result = self.module(*args)
+        flat = result if isinstance(result, (tuple, list)) else (result,)
+        named = {spec.name: t.detach().cpu().numpy() for spec, t in zip(self.outputs, flat)}
+        return {k: named[k] for k in outputs} if outputs else named
+
+    def unload(self) -> None:
+        self.module = None
+
+    @property
+    def device(self) -> str:
+        return getattr(self, "_device", torch.device("cpu")).type
