@@ -1,0 +1,232 @@
+"""`slimctl`: register, list, query and delete models on a slimserve server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from client.client import SlimServeClient, SlimServeClientError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: manage and query a slimserve server.")
+# Wide when piped, so that tables in logs and CI output are not folded to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True)
+
+
+class State:
+    server: str | None = None
+    token: str | None = None
+
+
+state = State()
+
+
+@app.callback()
+def options(
+    server: Optional[str] = typer.Option(None, envvar="SLIMSERVE_SERVER", help="HOST:PORT of the server [default 127.0.0.1:8001]."),
+    token: Optional[str] = typer.Option(None, envvar="SLIMSERVE_TOKEN", help="Bearer token for management calls."),
+) -> None:
+    state.server, state.token = server, token
+
+
+def connect() -> SlimServeClient:
+    return SlimServeClient(state.server, state.token)
+
+
+def fail(message: str) -> None:
+    err.print(f"slimctl: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def shape_text(shape: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+@app.command()
+def register(
+    name: str = typer.Argument(..., help="Name to serve the model under."),
+    model_file: Path = typer.Argument(..., help="ONNX (.onnx) or torch.export archive (.pt2)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation .npz: one array per input, plus 'labels'."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Training .npz for passes that fine-tune."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration .npz for static quantization."),
+    description: str = typer.Option("", help="Free text shown by `slimctl models`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the model record as JSON."),
+) -> None:
+    """Upload a model (and its data) to the server; it serves as variant 'baseline' at once."""
+    try:
+        with connect() as client:
+            quiet = as_json or not err.is_terminal
+            with Progress(
+                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TimeRemainingColumn(), console=err, disable=quiet, transient=True,
+            ) as bar:
+                task = bar.add_task(f"uploading {name}", total=None)
+                record = client.register(
+                    name, model_file, data=data, train=train, calibration=calibration, description=description,
+                    progress=lambda sent, total: bar.update(task, completed=sent, total=total),
+                )
+    except SlimServeClientError as e:
+        fail(str(e))
+    if as_json:
+        print_json(record)
+        return
+    baseline = record["variants"][0]
+    console.print(f"registered [bold]{record['name']}[/] ({record['format']}, {human_bytes(baseline['size_bytes'])}), serving variant 'baseline' on {baseline['runtime']}")
+    print_signature(record)
+
+
+def print_signature(record: dict[str, Any]) -> None:
+    table = Table("tensor", "name", "datatype", "shape", box=None, pad_edge=False)
+    for kind in ("inputs", "outputs"):
+        for s in record[kind]:
+            table.add_row(kind[:-1], s["name"], s["datatype"], shape_text(s["shape"]))
+    console.print(table)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print a list of model records as JSON.")) -> None:
+    """List registered models."""
+    try:
+        with connect() as client:
+            records = client.models()
+    except SlimServeClientError as e:
+        fail(str(e))
+    if as_json:
+        print_json(records)
+        return
+    if not records:
+        console.print("no models registered; add one with `slimctl register NAME MODEL_FILE`")
+        return
+    table = Table("model", "format", "variants", "serving", "inputs", "data", "registered")
+    for r in records:
+        inputs = ", ".join(f"{s['name']} {s['datatype']}{shape_text(s['shape'])}" for s in r["inputs"])
+        table.add_row(r["name"], r["format"], str(len(r["variants"])), r["default_variant"], inputs, ", ".join(r["datasets"]) or "-", r["created_at"])
+    console.print(table)
+
+
+@app.command()
+def variants(
+    name: str = typer.Argument(..., help="Model name."),
+    as_json: bool = typer.Option(False, "--json", help="Print one record per variant as JSON."),
+) -> None:
+    """List a model's variants with their measurements."""
+    try:
+        with connect() as client:
+            record = client.model(name)
+    except SlimServeClientError as e:
+        fail(str(e))
+    rows = record["variants"]
+    if as_json:
+        keys = ("name", "recipe", "parent", "runtime", "status", "params", "nonzero_params", "size_bytes", "flops",
+                "latency_p50_ms", "latency_p99_ms", "throughput", "accuracy", "accuracy_delta")
+        print_json([{k: v[k] for k in keys} for v in rows])
+        return
+    table = Table("variant", "recipe", "runtime", "status", "params", "size", "MFLOPs", "p50 ms", "p99 ms", "samples/s", "accuracy", "Δ pts")
+    for v in rows:
+        acc = None if v["accuracy"] is None else v["accuracy"] * 100
+        table.add_row(
+            v["name"], v["recipe"] or "-", v["runtime"], v["status"], fmt(v["params"]), human_bytes(v["size_bytes"]),
+            fmt(None if v["flops"] is None else v["flops"] / 1e6), fmt(v["latency_p50_ms"], 3), fmt(v["latency_p99_ms"], 3),
+            fmt(v["throughput"], 0), fmt(acc), fmt(v["accuracy_delta"]),
+        )
+    console.print(table)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        fail(f"input file '{path}' does not exist")
+    except (ValueError, OSError) as e:
+        fail(f"'{path}' is not a plain .npz archive: {e}")
+    return {}
+
+
+@app.command()
+def infer(
+    name: str = typer.Argument(..., help="Model name."),
+    input_file: Path = typer.Argument(..., help=".npz with one array per model input (other arrays, e.g. 'labels', are ignored)."),
+    variant: str = typer.Option("", "--variant", help="Pin a variant instead of letting the server route."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the outputs to this .npz."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outputs as JSON."),
+) -> None:
+    """Run a model on the arrays of an .npz file."""
+    arrays = load_npz(input_file)
+    try:
+        with connect() as client:
+            meta = client.metadata(name, variant)
+            names = [i.name for i in meta.inputs]
+            missing = [n for n in names if n not in arrays]
+            if missing:
+                fail(f"'{input_file}' has no array for input {', '.join(repr(m) for m in missing)} (it holds: {', '.join(arrays)})")
+            answered_by, outputs = client.infer(name, {n: arrays[n] for n in names}, variant=variant)
+    except SlimServeClientError as e:
+        fail(str(e))
+    if output is not None:
+        np.savez(output, **outputs)
+    labels = arrays.get("labels")
+    if as_json:
+        print_json({
+            "model": name,
+            "variant": answered_by,
+            "outputs": {k: {"datatype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()} for k, v in outputs.items()},
+        })
+        return
+    table = Table("output", "dtype", "shape", "first values", title=f"{name} (variant {answered_by})")
+    for k, v in outputs.items():
+        head = np.array2string(v.reshape(-1)[:6], precision=3, separator=", ")
+        table.add_row(k, str(v.dtype), shape_text(list(v.shape)), head)
+    console.print(table)
+    first = next(iter(outputs.values()))
+    if labels is not None and first.ndim == 2 and len(labels) == len(first):
+        console.print(f"accuracy on 'labels': {(first.argmax(1) == labels).mean() * 100:.2f}% of {len(labels)}")
+
+
+@app.command()
+def delete(name: str = typer.Argument(..., help="Model name.")) -> None:
+    """Unload a model and remove it, with all its variants and data, from the repository."""
+    try:
+        with connect() as client:
+            client.delete(name)
+    except SlimServeClientError as e:
+        fail(str(e))
+    console.print(f"deleted {name}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""A typed Python client for slimserve: registry calls, chunked uploads, inference with numpy arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from client import codec
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from protos import slimserve_pb2 as spb
+from protos import slimserve_pb2_grpc as spb_grpc
+
+CHUNK_BYTES = 1 << 20
+DEFAULT_SERVER = "127.0.0.1:8001"
+Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
+
+
+@dataclass(frozen=True)
+class SlimServeClientError(Exception):
+    """A failed call: the gRPC status code name and the server's message."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def variant_dict(v: spb.VariantRecord) -> dict[str, Any]:
+    """A VariantRecord as the `variants --json` contract: unmeasured fields are null."""
+    out: dict[str, Any] = {"name": v.name, "recipe": v.recipe, "parent": v.parent, "runtime": v.runtime, "status": v.status}
+    for field in ("params", "nonzero_params"):
+        out[field] = getattr(v, field) if v.HasField(field) else None
+    out["size_bytes"] = v.size_bytes
+    for field in ("flops", "latency_p50_ms", "latency_p99_ms", "throughput", "accuracy", "accuracy_delta"):
+        out[field] = getattr(v, field) if v.HasField(field) else None
+    out["message"] = v.message
+    out["created_at"] = v.created_at
+    out["evaluation"] = json.loads(v.evaluation_json) if v.evaluation_json else {}
+    return out
+
+
+def model_dict(m: spb.ModelRecord) -> dict[str, Any]:
+    spec = lambda s: {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}  # noqa: E731
+    return {
+        "name": m.name,
+        "format": m.format,
+        "description": m.description,
+        "created_at": m.created_at,
+        "inputs": [spec(s) for s in m.inputs],
+        "outputs": [spec(s) for s in m.outputs],
+        "datasets": list(m.datasets),
+        "default_variant": m.default_variant,
+        "variants": [variant_dict(v) for v in m.variants],
+    }
+
+
+class SlimServeClient:
+    """Blocking client. Errors raise SlimServeClientError with the server's code and message."""
+
+    def __init__(self, server: str | None = None, token: str | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.server = server or os.environ.get("SLIMSERVE_SERVER") or DEFAULT_SERVER
+        token = token if token is not None else os.environ.get("SLIMSERVE_TOKEN")
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = grpc.insecure_channel(self.server, options=options)
+        self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.registry = spb_grpc.ModelRegistryStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "SlimServeClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = 60.0) -> Any:
+        try:
+            return method(request, metadata=self._auth, timeout=timeout)
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (e.details() or "").lower():
+                raise SlimServeClientError("UNAVAILABLE", f"no slimserve answers at {self.server}: is it running? ({e.details()})") from None
+            raise SlimServeClientError(code.name if code else "UNKNOWN", e.details() or "") from None
+
+    # ------------------------------------------------------------------ registry
+
+    def register(
+        self,
+        name: str,
+        model_file: str | Path,
+        data: str | Path | None = None,
+        train: str | Path | None = None,
+        calibration: str | Path | None = None,
+        description: str = "",
+        progress: Progress | None = None,
+        timeout: float | None = 600.0,
+    ) -> dict[str, Any]:
+        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record."""
+        files = [("model", Path(model_file))]
+        files += [(role, Path(p)) for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None]
+        for role, path in files:
+            if not path.is_file():
+                raise SlimServeClientError("INVALID_ARGUMENT", f"{role} file '{path}' does not exist")
+        header = spb.RegisterHeader(
+            name=name,
+            description=description,
+            files=[spb.UploadFile(role=r, filename=p.name, size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
+        )
+        total = sum(p.stat().st_size for _, p in files)
+
+        def messages() -> Iterator[spb.RegisterRequest]:
+            yield spb.RegisterRequest(header=header)
+            sent = 0
+            for index, (_, path) in enumerate(files):
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                        yield spb.RegisterRequest(chunk=spb.FileChunk(file_index=index, data=block))
+                        sent += len(block)
+                        if progress:
+                            progress(sent, total)
+
+        return model_dict(self._call(self.registry.Register, messages(), timeout=timeout))
+
+    def models(self) -> list[dict[str, Any]]:
+        return [model_dict(m) for m in self._call(self.registry.ListModels, spb.ListModelsRequest()).models]
+
+    def model(self, name: str) -> dict[str, Any]:
+        return model_dict(self._call(self.registry.GetModel, spb.GetModelRequest(name=name)))
+
+    def delete(self, name: str) -> None:
+        self._call(self.registry.DeleteModel, spb.DeleteModelRequest(name=name))
+
+    # ------------------------------------------------------------------ inference
+
+    def server_live(self) -> bool:
+        return self._call(self.inference.ServerLive, pb.ServerLiveRequest()).live
+
+    def server_ready(self) -> bool:
+        return self._call(self.inference.ServerReady, pb.ServerReadyRequest()).ready
+
+    def model_ready(self, name: str, variant: str = "") -> bool:
+        return self._call(self.inference.ModelReady, pb.ModelReadyRequest(name=name, version=variant)).ready
+
+    def metadata(self, name: str, variant: str = "") -> pb.ModelMetadataResponse:
+        return self._call(self.inference.ModelMetadata, pb.ModelMetadataRequest(name=name, version=variant))
+
+    def infer(
+        self,
+        name: str,
+        inputs: dict[str, np.ndarray],
+        variant: str = "",
+        outputs: list[str] | None = None,
+        raw: bool = True,
+        parameters: dict[str, Any] | None = None,
+        timeout: float | None = 60.0,
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """Runs a model on named arrays; returns (variant that answered, outputs by name)."""
+        request = pb.ModelInferRequest(model_name=name, model_version=variant)
+        for key, value in (parameters or {}).items():
+            codec.set_parameter(request.parameters[key], value)
+        for input_name, array in inputs.items():
+            codec.fill_input(request, input_name, np.asarray(array), raw=raw)
+        for output in outputs or []:
+            request.outputs.add(name=output)
+        response = self._call(self.inference.ModelInfer, request, timeout=timeout)
+        return response.model_version, codec.decode_response_outputs(response)

@@ -1,0 +1,94 @@
+"""Assembles the gRPC server: servicers, health, reflection, metrics endpoint, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
+from server.dataplane import DataPlane
+from server.metrics import Metrics
+from server.registry import Registrar
+from server.repository import Repository
+from server.servicers.inference import InferenceServicer
+from server.servicers.registry import RegistryServicer
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICES = (
+    inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    slimserve_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name,
+)
+
+
+class SlimServer:
+    """One slimserve process: `await start()`, then `await wait()` or `await stop()`."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics(node_type=settings.node_type)
+        self.repository = Repository(settings.repository)
+        self.dataplane = DataPlane(self.repository, settings.runtime_config(), self.metrics, settings.compute_threads)
+        self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_server = None
+        self.server: grpc.aio.Server | None = None
+
+    def _build_server(self) -> grpc.aio.Server:
+        """The grpc.aio server; built inside the running event loop, which it binds to."""
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+        ]
+        server = grpc.aio.server(options=options)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
+        slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+        return server
+
+    async def start(self) -> None:
+        self.health = health.aio.HealthServicer()
+        self.server = self._build_server()
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
+        await self.dataplane.start()
+        await self.server.start()
+        if self.settings.metrics_port >= 0:
+            self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
+        for service in ("", *SERVICES):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("slimserve listening on %s:%s (metrics on %s)", self.settings.host, self.port, self.metrics_port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting calls, lets those in flight finish within `grace` seconds, then unloads."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        await self.dataplane.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    async def serve_until_signal(self) -> None:
+        """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await self.start()
+        await stopping.wait()
+        log.info("shutting down: finishing calls in flight")
+        await self.stop()

@@ -1,0 +1,111 @@
+"""Protobuf <-> domain mapping for every servicer; the only module of the server that builds messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from client import codec
+from protos import inference_pb2 as pb
+from protos import slimserve_pb2 as spb
+from server.dataplane import InferResult
+from server.registry import UploadFile, UploadHeader
+from server.repository import ModelInfo, VariantInfo
+from server.runtimes import TensorSpec
+
+# Evaluation fields copied into VariantRecord; the rest travel in evaluation_json.
+EVALUATION_FIELDS = (
+    "params",
+    "nonzero_params",
+    "flops",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "throughput",
+    "accuracy",
+    "accuracy_delta",
+)
+PLATFORM_OF_RUNTIME = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_torchexport"}
+
+
+def tensor_spec(spec: TensorSpec) -> spb.TensorSpec:
+    return spb.TensorSpec(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+def variant_record(v: VariantInfo) -> spb.VariantRecord:
+    record = spb.VariantRecord(
+        name=v.name,
+        recipe=v.recipe,
+        parent=v.parent,
+        runtime=v.runtime,
+        status=v.status,
+        message=v.message,
+        format=v.format,
+        created_at=v.created_at,
+        size_bytes=v.size_bytes,
+        evaluation_json=json.dumps(v.evaluation, sort_keys=True),
+    )
+    for name in EVALUATION_FIELDS:
+        value = v.evaluation.get(name)
+        if value is not None:
+            setattr(record, name, value)
+    return record
+
+
+def model_record(info: ModelInfo) -> spb.ModelRecord:
+    return spb.ModelRecord(
+        name=info.name,
+        format=info.format,
+        description=info.description,
+        created_at=info.created_at,
+        inputs=[tensor_spec(s) for s in info.inputs],
+        outputs=[tensor_spec(s) for s in info.outputs],
+        variants=[variant_record(v) for v in info.variants.values()],
+        datasets=info.datasets,
+        default_variant=info.default_variant,
+    )
+
+
+def upload_header(header: spb.RegisterHeader) -> UploadHeader:
+    return UploadHeader(
+        name=header.name,
+        files=tuple(UploadFile(f.role, f.filename, f.size_bytes, f.sha256) for f in header.files),
+        description=header.description,
+    )
+
+
+def wants_raw_output(request: pb.ModelInferRequest) -> bool:
+    """Raw output when the request came raw (as Triton's clients send), unless a parameter says otherwise."""
+    flag = request.parameters.get("binary_data_output")
+    if flag is not None:
+        value = codec.parameter_value(flag)
+        if isinstance(value, bool):
+            return value
+    for output in request.outputs:
+        value = codec.parameter_value(output.parameters["binary_data"]) if "binary_data" in output.parameters else None
+        if isinstance(value, bool):
+            return value
+    return len(request.raw_input_contents) > 0
+
+
+def infer_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=request.id)
+    datatypes = {name: result.specs[name].datatype for name in result.outputs}
+    # The protocol wants raw for all outputs or for none; FP16 has no typed field, so it forces raw.
+    raw = wants_raw_output(request) or any(d not in codec.CONTENTS_FIELD for d in datatypes.values())
+    for name, array in result.outputs.items():
+        codec.fill_output(response, name, array, raw=raw, datatype=datatypes[name])
+    return response
+
+
+def tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+def model_metadata(name: str, versions: list[str], runtime_name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Any:
+    return pb.ModelMetadataResponse(
+        name=name,
+        versions=versions,
+        platform=PLATFORM_OF_RUNTIME.get(runtime_name, runtime_name),
+        inputs=[tensor_metadata(s) for s in inputs],
+        outputs=[tensor_metadata(s) for s in outputs],
+    )

@@ -1,0 +1,339 @@
+"""The model repository: a directory of models, each with a manifest and its variants, written atomically.
+
+Layout under the root:
+    models/<name>/manifest.json              the model's record and its variants
+    models/<name>/variants/<variant>/model.onnx | model.pt2
+    models/<name>/data/<role>.npz            data, train, calibration
+    .staging/<uuid>/                         uploads and variants being built; cleared at start
+
+Every write goes to a temporary path, is flushed, then renamed into place, so a crash never
+leaves half a model where a reader can see it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from server.runtimes import TensorSpec
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DATA_ROLES = ("data", "train", "calibration")
+MODEL_FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "pt2": "torch"}
+BASELINE = "baseline"
+
+
+def validate_name(name: str, what: str = "model name") -> str:
+    if not name:
+        raise InvalidArgument(f"{what} is empty")
+    if not NAME_RE.match(name) or ".." in name:
+        raise InvalidArgument(
+            f"{what} '{name[:80]}' is not allowed: use 1-64 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit, with no '..'"
+        )
+    return name
+
+
+def model_format(filename: str) -> str:
+    suffix = Path(filename).suffix.lower()
+    fmt = MODEL_FORMATS.get(suffix)
+    if fmt is None:
+        raise InvalidArgument(
+            f"model file '{Path(filename).name}' is not supported: slimserve accepts ONNX (.onnx) "
+            "and torch.export archives (.pt2); export the model with torch.onnx.export or torch.export.save"
+        )
+    return fmt
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class VariantInfo:
+    """A variant's record: what it is, where it runs, and its evaluation (None where not measured)."""
+
+    name: str
+    recipe: str
+    parent: str
+    runtime: str
+    format: str
+    status: str = "ready"  # ready | failed
+    message: str = ""
+    created_at: str = field(default_factory=now)
+    file: str = ""
+    size_bytes: int = 0
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VariantInfo":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    format: str
+    description: str
+    created_at: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    datasets: list[str]
+    variants: dict[str, VariantInfo]
+    default_variant: str = BASELINE
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "format": self.format,
+            "description": self.description,
+            "created_at": self.created_at,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "datasets": list(self.datasets),
+            "default_variant": self.default_variant,
+            "variants": {k: v.to_dict() for k, v in self.variants.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelInfo":
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise FailedPrecondition(f"manifest of '{d.get('name')}' has schema_version {d.get('schema_version')}, expected {SCHEMA_VERSION}")
+        return cls(
+            name=d["name"],
+            format=d["format"],
+            description=d.get("description", ""),
+            created_at=d["created_at"],
+            inputs=[TensorSpec.from_dict(s) for s in d["inputs"]],
+            outputs=[TensorSpec.from_dict(s) for s in d["outputs"]],
+            datasets=list(d.get("datasets", [])),
+            variants={k: VariantInfo.from_dict(v) for k, v in d["variants"].items()},
+            default_variant=d.get("default_variant", BASELINE),
+        )
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def inspect_npz(path: Path, role: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Opens an .npz without pickle and returns {array: (dtype, shape)}; refuses object arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as e:
+        raise InvalidArgument(f"{role} file is not a plain .npz (object arrays need pickle, which slimserve never loads): {e}") from e
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise InvalidArgument(f"{role} file is not a readable .npz archive: {e}") from e
+    if not arrays:
+        raise InvalidArgument(f"{role} file holds no arrays")
+    return {k: (str(v.dtype), tuple(v.shape)) for k, v in arrays.items()}
+
+
+def check_dataset(role: str, arrays: dict[str, tuple[str, tuple[int, ...]]], inputs: list[TensorSpec]) -> None:
+    """A dataset must hold one array per model input (batch first) and optionally `labels`."""
+    missing = [s.name for s in inputs if s.name not in arrays]
+    if missing:
+        raise InvalidArgument(
+            f"{role} .npz has no array for input {', '.join(repr(m) for m in missing)} "
+            f"(it holds: {', '.join(sorted(arrays))}); name one array per model input, plus 'labels'"
+        )
+    counts = {k: shape[0] if shape else 0 for k, (_, shape) in arrays.items() if k in {s.name for s in inputs} | {"labels"}}
+    if len(set(counts.values())) > 1:
+        raise InvalidArgument(f"{role} .npz arrays disagree on the number of samples: {counts}")
+    for spec in inputs:
+        shape = arrays[spec.name][1]
+        if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape)):
+            raise InvalidArgument(f"{role} .npz array '{spec.name}' has shape {list(shape)}, the model expects {spec.describe()}")
+
+
+class Repository:
+    """The embedded, directory-backed repository. Thread-safe; one process owns a root at a time."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.models_dir = self.root / "models"
+        self.staging_dir = self.root / ".staging"
+        self._lock = threading.RLock()
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Clears what a crash left: staged uploads, half-renamed deletions, stray temp files."""
+        for leftover in self.staging_dir.iterdir():
+            log.info("removing unfinished write %s", leftover.name)
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        for model_dir in self.models_dir.iterdir():
+            for tmp in model_dir.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+            if not (model_dir / "manifest.json").exists():
+                log.warning("removing %s: it has no manifest (an interrupted write)", model_dir)
+                shutil.rmtree(model_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reads
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.models_dir.iterdir() if (p / "manifest.json").exists())
+
+    def get(self, name: str) -> ModelInfo:
+        validate_name(name)
+        path = self.models_dir / name / "manifest.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"model '{name}' is not registered") from None
+        return ModelInfo.from_dict(data)
+
+    def list(self) -> list[ModelInfo]:
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.get(name))
+            except NotFound:
+                continue  # deleted between listing and reading
+        return out
+
+    def model_dir(self, name: str) -> Path:
+        return self.models_dir / validate_name(name)
+
+    def variant_path(self, model: str, variant: str) -> Path:
+        info = self.get(model)
+        v = info.variants.get(variant)
+        if v is None:
+            raise NotFound(f"model '{model}' has no variant '{variant}' (variants: {', '.join(info.variants)})")
+        return self.model_dir(model) / "variants" / variant / v.file
+
+    def dataset_path(self, model: str, role: str) -> Path | None:
+        path = self.model_dir(model) / "data" / f"{role}.npz"
+        return path if path.exists() else None
+
+    # ------------------------------------------------------------------ writes
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private directory for a write in progress; removed afterwards whatever happens."""
+        path = self.staging_dir / uuid.uuid4().hex
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def add_model(self, staged: Path, info: ModelInfo) -> ModelInfo:
+        """Moves a fully written model directory into place with one rename, then it is visible."""
+        validate_name(info.name)
+        (staged / "manifest.json").write_text(json.dumps(info.to_dict(), indent=2))
+        fsync_tree(staged)
+        with self._lock:
+            target = self.models_dir / info.name
+            if target.exists():
+                raise AlreadyExists(f"model '{info.name}' is already registered; delete it first or pick another name")
+            os.rename(staged, target)
+            fsync_dir(self.models_dir)
+        return info
+
+    def delete(self, name: str) -> None:
+        """Renames the model out of sight first, so a crash mid-delete leaves it gone, not half-gone."""
+        with self._lock:
+            target = self.model_dir(name)
+            if not (target / "manifest.json").exists():
+                raise NotFound(f"model '{name}' is not registered")
+            grave = self.staging_dir / f"deleted-{uuid.uuid4().hex}"
+            os.rename(target, grave)
+            fsync_dir(self.models_dir)
+        shutil.rmtree(grave, ignore_errors=True)
+
+    def update(self, name: str, change: Any) -> ModelInfo:
+        """Applies `change(info)` to a model's manifest under the lock and writes it atomically."""
+        with self._lock:
+            info = self.get(name)
+            change(info)
+            atomic_write_bytes(self.model_dir(name) / "manifest.json", json.dumps(info.to_dict(), indent=2).encode())
+            return info
+
+    def add_variant(self, model: str, staged_dir: Path, variant: VariantInfo) -> ModelInfo:
+        """Moves a staged variant directory (holding `variant.file`) in, then records it in the manifest."""
+        validate_name(variant.name, "variant name")
+        with self._lock:
+            info = self.get(model)
+            if variant.name in info.variants:
+                raise AlreadyExists(f"model '{model}' already has a variant '{variant.name}'; pick another --name")
+            fsync_tree(staged_dir)
+            target = self.model_dir(model) / "variants" / variant.name
+            if target.exists():  # a directory without a manifest entry: left by a crash
+                shutil.rmtree(target)
+            os.rename(staged_dir, target)
+            fsync_dir(target.parent)
+
+            def record(i: ModelInfo) -> None:
+                i.variants[variant.name] = variant
+
+            return self.update(model, record)
+
+    def remove_variant(self, model: str, variant: str) -> ModelInfo:
+        if variant == BASELINE:
+            raise FailedPrecondition(f"the baseline of '{model}' cannot be removed; delete the model instead")
+        with self._lock:
+
+            def drop(i: ModelInfo) -> None:
+                if variant not in i.variants:
+                    raise NotFound(f"model '{model}' has no variant '{variant}'")
+                if i.default_variant == variant:
+                    i.default_variant = BASELINE
+                del i.variants[variant]
+
+            info = self.update(model, drop)
+            shutil.rmtree(self.model_dir(model) / "variants" / variant, ignore_errors=True)
+            return info

@@ -1,0 +1,30 @@
+"""Server settings: defaults that run with zero set-up, SLIMSERVE_* environment variables, then flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.runtimes import RuntimeConfig
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore")
+
+    repository: Path = Field(Path("./slimserve-repository"), description="directory of the embedded repository")
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    metrics_port: int = Field(8002, description="Prometheus /metrics over HTTP; 0 picks a free port, -1 disables it")
+    node_type: str = Field("cpu", description="node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
+    token_file: Path | None = None
+    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
+    max_upload_bytes: int = Field(4 * 1024**3, description="largest total upload (model plus data files)")
+    compute_threads: int = Field(2, description="worker threads that run models")
+    intra_op_threads: int = Field(0, description="threads inside one model call; 0 lets the runtime decide")
+    device: str = Field("auto", description="auto (best available), cpu, or cuda")
+    shutdown_grace_s: float = Field(30.0, description="seconds in-flight calls get to finish on SIGTERM")
+
+    def runtime_config(self) -> RuntimeConfig:
+        return RuntimeConfig(intra_op_threads=self.intra_op_threads, device=self.device)
