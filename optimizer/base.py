@@ -1,0 +1,176 @@
+"""The optimizer's core types: artifacts, pass configs, passes, the pass registry, and progress events.
+
+A Pass is small: a name, a frozen, versioned config dataclass, and `run(artifact, context) -> artifact`.
+Heavy logic lives in plain helper modules (quantize.py, graph.py, ...), as in Olive.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+# Model file formats an artifact can be in, and the runtime that serves each by default.
+FORMATS = ("onnx", "pt2")
+DEFAULT_RUNTIME = {"onnx": "onnxruntime", "pt2": "torch"}
+
+
+class OptimizerError(Exception):
+    """A pass cannot run as asked: the message says why and what to do (bad config, missing data, ...)."""
+
+
+class Predictor(Protocol):
+    """What evaluation needs of a runtime: the server's Runtime objects satisfy it."""
+
+    inputs: list[Any]  # TensorSpec-like: .name, .datatype, .shape
+    outputs: list[Any]
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
+
+
+# (model file, runtime name) -> a loaded Predictor. The server injects its own runtimes, so that
+# the optimizer measures each variant on the runtime that will serve it, without importing the server.
+RuntimeFactory = Callable[[Path, str], Predictor]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A model file plus how it is served. Passes return new artifacts; they never modify their input."""
+
+    path: Path
+    format: str  # onnx | pt2
+    runtime: str = ""  # onnxruntime | torch | torch-compile | xla; empty: the format's default
+    # Names of the served tensors, fixed for all variants of a model so that clients never notice a swap.
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    # Free-form facts a later pass or the evaluation may use (e.g. {"quantized": "int8-static"}).
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise OptimizerError(f"artifact format '{self.format}' is not one of {', '.join(FORMATS)}")
+        if not self.runtime:
+            object.__setattr__(self, "runtime", DEFAULT_RUNTIME[self.format])
+
+    def derive(self, path: Path, format: str | None = None, runtime: str = "", **notes: str) -> "Artifact":
+        return Artifact(
+            path=Path(path),
+            format=format or self.format,
+            runtime=runtime,
+            input_names=self.input_names,
+            output_names=self.output_names,
+            notes={**self.notes, **notes},
+        )
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of a job, streamed to the client: stage, fraction done in [0, 1], and training figures."""
+
+    stage: str
+    fraction: float = 0.0
+    message: str = ""
+    epoch: int | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides its input: a scratch directory, the model's datasets, progress."""
+
+    workdir: Path
+    datasets: dict[str, Path] = field(default_factory=dict)  # role (data | train | calibration) -> .npz
+    progress: Callable[[ProgressEvent], None] = lambda event: None
+    seed: int = 0
+    device: str = "cpu"
+    # Raised by a caller to stop a job between steps (checked by long-running passes).
+    cancelled: Callable[[], bool] = lambda: False
+
+    def dataset(self, role: str, needed_by: str) -> dict[str, np.ndarray]:
+        """Loads a dataset without pickle, or says which `slimctl register` flag provides it."""
+        path = self.datasets.get(role)
+        if path is None:
+            raise OptimizerError(
+                f"{needed_by} needs {role} data, and the model was registered without it; "
+                f"register the model again with --{role} {role.upper()}.npz"
+            )
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+
+    def new_path(self, stem: str, suffix: str) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / f"{stem}{suffix}"
+        i = 1
+        while path.exists():
+            path = self.workdir / f"{stem}-{i}{suffix}"
+            i += 1
+        return path
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Base of every pass config: frozen, typed, and versioned so that saved recipes keep loading."""
+
+    version: int = 1
+
+
+class Pass(abc.ABC):
+    name: ClassVar[str]
+    config_cls: ClassVar[type[PassConfig]] = PassConfig
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: PassConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+        if not isinstance(self.config, self.config_cls):
+            raise OptimizerError(f"pass '{self.name}' takes a {self.config_cls.__name__}, not {type(self.config).__name__}")
+
+    @abc.abstractmethod
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        """Returns a new artifact written under context.workdir."""
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if cls.name in PASSES:
+        raise ValueError(f"pass '{cls.name}' is registered twice")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def config_to_dict(config: PassConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type[PassConfig], data: dict[str, Any], where: str) -> PassConfig:
+    """Builds a config from a recipe's dict, naming any unknown or mistyped field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise OptimizerError(f"{where}: unknown setting {', '.join(repr(u) for u in unknown)} (settings: {', '.join(fields)})")
+    version = data.get("version", 1)
+    if version != cls().version:
+        raise OptimizerError(f"{where}: config version {version} is not supported (this slimserve reads version {cls().version})")
+    values = {}
+    for key, value in data.items():
+        default = getattr(cls(), key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise OptimizerError(f"{where}: '{key}' must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise OptimizerError(f"{where}: '{key}' must be a number, got {value!r}")
+            value = type(default)(value) if isinstance(default, float) else value
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise OptimizerError(f"{where}: {e}") from e

@@ -1,0 +1,1 @@
+"""Every pass module; importing this package registers them all in optimizer.base.PASSES."""

@@ -1,0 +1,96 @@
+"""Recipes: ordered passes. By preset name, a comma-joined pipeline of names, or a JSON / YAML file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimizer.base import PASSES, Artifact, OptimizerError, Pass, PassContext, ProgressEvent, config_from_dict, config_to_dict
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    passes: tuple[Pass, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": RECIPE_VERSION,
+            "name": self.name,
+            "passes": [{"pass": p.name, "config": config_to_dict(p.config)} for p in self.passes],
+        }
+
+
+def _ensure_passes_loaded() -> None:
+    # Importing the modules registers their passes.
+    import optimizer.passes  # noqa: F401
+
+
+def make_pass(name: str, config: dict[str, Any] | None = None, where: str = "") -> Pass:
+    _ensure_passes_loaded()
+    cls = PASSES.get(name)
+    if cls is None:
+        raise OptimizerError(f"{where or 'recipe'}: unknown recipe or pass '{name}' (known: {', '.join(sorted(PASSES))})")
+    return cls(config_from_dict(cls.config_cls, config or {}, f"{where or 'pass'} '{name}'"))
+
+
+def recipe_from_dict(data: dict[str, Any], where: str) -> Recipe:
+    if not isinstance(data, dict) or "passes" not in data:
+        raise OptimizerError(f"{where}: a recipe file holds {{'version': 1, 'name': ..., 'passes': [{{'pass': NAME, 'config': {{...}}}}]}}")
+    if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
+        raise OptimizerError(f"{where}: recipe version {data.get('version')} is not supported (this slimserve reads {RECIPE_VERSION})")
+    passes = []
+    for i, entry in enumerate(data["passes"]):
+        if not isinstance(entry, dict) or "pass" not in entry:
+            raise OptimizerError(f"{where}: passes[{i}] needs a 'pass' name")
+        passes.append(make_pass(entry["pass"], entry.get("config") or {}, f"{where} passes[{i}]"))
+    if not passes:
+        raise OptimizerError(f"{where}: the recipe has no passes")
+    return Recipe(str(data.get("name") or Path(where).stem), tuple(passes))
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise OptimizerError(f"{path.name}: not valid YAML: {e}") from e
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise OptimizerError(f"{path.name}: not valid JSON: {e}") from e
+    return recipe_from_dict(data, path.name)
+
+
+def parse_recipe(spec: str) -> Recipe:
+    """'quantize-static', 'graph-ort,quantize-dynamic', or a path to a recipe file."""
+    spec = spec.strip()
+    if not spec:
+        raise OptimizerError("no recipe given; name one, e.g. --recipe quantize-dynamic")
+    path = Path(spec)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise OptimizerError(f"recipe file '{spec}' does not exist")
+        return load_recipe_file(path)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    return Recipe("+".join(names), tuple(make_pass(n) for n in names))
+
+
+def run_recipe(recipe: Recipe, artifact: Artifact, context: PassContext) -> Artifact:
+    """Runs the passes in order, reporting progress between them."""
+    n = len(recipe.passes)
+    for i, p in enumerate(recipe.passes):
+        if context.cancelled():
+            raise OptimizerError("the job was cancelled")
+        context.progress(ProgressEvent(stage=p.name, fraction=i / n, message=f"pass {i + 1}/{n}: {p.name}"))
+        artifact = p.run(artifact, context)
+    context.progress(ProgressEvent(stage="passes", fraction=1.0, message="passes done"))
+    return artifact
