@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from server.errors import InvalidArgument
 from server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,20 @@ def spec_of(node: ort.NodeArg) -> TensorSpec:
     return TensorSpec(node.name, datatype, shape)
 
 
+def as_text(name: str, array: np.ndarray) -> np.ndarray:
+    """ONNX string tensors hold text: BYTES elements are decoded as UTF-8 (ORT would str() raw bytes)."""
+    out = np.empty(array.shape, dtype=object)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for i, item in enumerate(flat_in):
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidArgument(f"input '{name}': BYTES element {i} is not UTF-8 text, which ONNX string tensors need") from None
+        flat_out[i] = item
+    return out
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
@@ -80,7 +95,8 @@ class OnnxRuntime(Runtime):
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or [o.name for o in self.outputs]
-        results = self.session.run(names, inputs)
+        feed = {k: as_text(k, v) if v.dtype == object else v for k, v in inputs.items()}
+        results = self.session.run(names, feed)
         return dict(zip(names, results))
 
     def unload(self) -> None:
