@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
+from server.auth import TokenAuthInterceptor, read_token
 from server.dataplane import DataPlane
 from server.metrics import Metrics
 from server.registry import Registrar
@@ -48,7 +49,10 @@ class SlimServer:
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
         ]
-        server = grpc.aio.server(options=options)
+        interceptors = []
+        if self.settings.token_file is not None:
+            interceptors.append(TokenAuthInterceptor(read_token(self.settings.token_file), self.settings.protect_inference))
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
         slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

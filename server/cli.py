@@ -28,6 +28,7 @@ def start(
     metrics_port: Optional[int] = typer.Option(None, help="Prometheus port [default 8002; 0 picks a free one, -1 disables]."),
     node_type: Optional[str] = typer.Option(None, help="Node type for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token management calls must carry."),
+    protect_inference: Optional[bool] = typer.Option(None, "--protect-inference", help="Require the token for inference too."),
     max_message_bytes: Optional[int] = typer.Option(None, help="Largest gRPC message [default 64 MiB]."),
     compute_threads: Optional[int] = typer.Option(None, help="Worker threads that run models [default 2]."),
     intra_op_threads: Optional[int] = typer.Option(None, help="Threads inside one model call [default: the runtime's]."),
@@ -39,8 +40,6 @@ def start(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in locals().items() if v is not None and k in Settings.model_fields}
-    if token_file is not None:
-        raise typer.BadParameter("--token-file is not implemented yet: management calls are unauthenticated", param_hint="--token-file")
     settings = Settings(**flags)
     if settings.device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"'{settings.device}' is not one of auto, cpu, cuda", param_hint="--device")

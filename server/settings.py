@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     grpc_port: int = 8001
     metrics_port: int = Field(8002, description="Prometheus /metrics over HTTP; 0 picks a free port, -1 disables it")
     node_type: str = Field("cpu", description="node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
-    token_file: Path | None = None
+    token_file: Path | None = Field(None, description="file with the bearer token management calls must carry")
+    protect_inference: bool = Field(False, description="require the token for inference calls too")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
     max_upload_bytes: int = Field(4 * 1024**3, description="largest total upload (model plus data files)")
     compute_threads: int = Field(2, description="worker threads that run models")

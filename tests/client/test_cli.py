@@ -1,0 +1,82 @@
+"""slimctl against an in-process server: tables for people, JSON for scripts, one-line errors with exit 1."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from client.cli import app
+
+runner = CliRunner()
+
+
+def slimctl(server, *args):
+    return runner.invoke(app, ["--server", server.address, *map(str, args)])
+
+
+def test_register_models_infer_delete(server, digits, tmp_path):
+    result = slimctl(server, "register", "digits", digits.onnx, "--data", digits.data)
+    assert result.exit_code == 0, result.output
+    assert "registered digits" in result.output and "FP32" in result.output
+
+    result = slimctl(server, "models", "--json")
+    assert result.exit_code == 0
+    [record] = json.loads(result.stdout)
+    assert record["name"] == "digits" and record["datasets"] == ["data"]
+
+    result = slimctl(server, "models")
+    assert "digits" in result.output and "baseline" in result.output
+
+    result = slimctl(server, "infer", "digits", digits.data, "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    logits = np.array(answer["outputs"]["logits"]["data"])
+    assert answer["variant"] == "baseline" and logits.shape == (len(digits.y_test), 10)
+    assert (logits.argmax(1) == digits.y_test).mean() == pytest.approx(digits.accuracy)
+
+    out = tmp_path / "out.npz"
+    result = slimctl(server, "infer", "digits", digits.data, "--output", out)
+    assert "accuracy on 'labels'" in result.output
+    assert np.load(out)["logits"].shape == (len(digits.y_test), 10)
+
+    result = slimctl(server, "variants", "digits", "--json")
+    [variant] = json.loads(result.stdout)
+    assert set(variant) == {
+        "name", "recipe", "parent", "runtime", "status", "params", "nonzero_params", "size_bytes", "flops",
+        "latency_p50_ms", "latency_p99_ms", "throughput", "accuracy", "accuracy_delta",
+    }
+    assert variant["name"] == "baseline" and variant["runtime"] == "onnxruntime"
+
+    assert slimctl(server, "delete", "digits").exit_code == 0
+    assert json.loads(slimctl(server, "models", "--json").stdout) == []
+
+
+def test_errors_are_one_line_with_exit_1(server, digits, tmp_path):
+    result = slimctl(server, "infer", "nope", digits.data)
+    assert result.exit_code == 1
+    assert result.output.strip() == "slimctl: NOT_FOUND: model 'nope' is not registered"
+
+    result = slimctl(server, "register", "m", tmp_path / "missing.onnx")
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+    slimctl(server, "register", "digits", digits.onnx)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 1, 8, 8), np.float32))
+    result = slimctl(server, "infer", "digits", bad)
+    assert result.exit_code == 1 and "has no array for input 'x' (it holds: images)" in result.output
+
+
+def test_no_server_says_so(tmp_path, digits):
+    from tests.conftest import free_port
+
+    result = runner.invoke(app, ["--server", f"127.0.0.1:{free_port()}", "models"])
+    assert result.exit_code == 1 and "no slimserve answers at" in result.output
+
+
+def test_client_package_needs_neither_torch_nor_onnxruntime():
+    import subprocess
+    import sys
+
+    code = "import sys, client.cli, client.client, client.codec; print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'server', 'optimizer') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

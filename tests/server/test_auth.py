@@ -1,0 +1,52 @@
+"""--token-file: management calls need the bearer token; inference stays open unless --protect-inference."""
+
+import pytest
+
+from client.client import SlimServeClient, SlimServeClientError
+
+TOKEN = "s3cret-token-0123456789"
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+def code_of(fn):
+    with pytest.raises(SlimServeClientError) as e:
+        fn()
+    return e.value.code, e.value.message
+
+
+def test_management_needs_the_token(server_factory, token_file, digits):
+    server = server_factory(token_file=token_file)
+    with SlimServeClient(server.address, token=TOKEN) as good:
+        good.register("digits", digits.onnx)
+    with SlimServeClient(server.address, token="") as anonymous:
+        code, message = code_of(anonymous.models)
+        assert code == "UNAUTHENTICATED" and "missing 'authorization: Bearer <token>'" in message
+        assert code_of(lambda: anonymous.register("other", digits.onnx))[0] == "UNAUTHENTICATED"
+        # Inference stays open, and so does health.
+        assert anonymous.infer("digits", {"x": digits.x_test[:1]})[0] == "baseline"
+        assert anonymous.server_live()
+    with SlimServeClient(server.address, token="wrong-token-000000000") as wrong:
+        assert code_of(wrong.models) == ("UNAUTHENTICATED", "the bearer token is wrong; pass --token or set SLIMSERVE_TOKEN")
+
+
+def test_protect_inference(server_factory, token_file, digits):
+    server = server_factory(token_file=token_file, protect_inference=True)
+    with SlimServeClient(server.address, token=TOKEN) as good:
+        good.register("digits", digits.onnx)
+        assert good.infer("digits", {"x": digits.x_test[:1]})[0] == "baseline"
+    with SlimServeClient(server.address, token="") as anonymous:
+        assert code_of(lambda: anonymous.infer("digits", {"x": digits.x_test[:1]}))[0] == "UNAUTHENTICATED"
+
+
+def test_short_token_refused_at_start(tmp_path):
+    from server.auth import read_token
+
+    (tmp_path / "t").write_text("abc")
+    with pytest.raises(OSError, match="at least 16"):
+        read_token(tmp_path / "t")
