@@ -162,6 +162,54 @@ def variants(
     console.print(table)
 
 
+@app.command()
+def optimize(
+    name: str = typer.Argument(..., help="Model name."),
+    recipe: str = typer.Option(..., "--recipe", help="Recipe names joined by commas (quantize-static, graph-ort, ...) or a JSON/YAML recipe file."),
+    variant_name: str = typer.Option("", "--name", help="Name of the new variant [default: the recipe's name]."),
+    accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Refuse the variant if it loses more than this many accuracy points."),
+    parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the new variant's record as JSON instead of the report."),
+) -> None:
+    """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving."""
+    try:
+        with connect() as client, Progress(
+            "[progress.description]{task.description}", BarColumn(), "[progress.percentage]{task.percentage:>3.0f}%",
+            "{task.fields[detail]}", console=err, disable=as_json or not err.is_terminal, transient=True,
+        ) as bar:
+            task = bar.add_task(f"optimizing {name}", total=1.0, detail="")
+
+            def on_progress(p) -> None:
+                detail = p.message
+                if p.HasField("epoch"):
+                    detail += f" epoch {p.epoch}"
+                if p.HasField("loss"):
+                    detail += f" loss {p.loss:.4f}"
+                if p.HasField("accuracy"):
+                    detail += f" acc {p.accuracy * 100:.2f}%"
+                bar.update(task, completed=p.fraction, description=p.stage, detail=detail)
+
+            variant, report = client.optimize(
+                name, recipe, variant_name=variant_name, accuracy_budget=accuracy_budget, parent=parent, on_progress=on_progress
+            )
+    except SlimServeClientError as e:
+        fail(str(e))
+    if as_json:
+        print_json(variant)
+        return
+    print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline")
+
+
+def print_report(rows: list[dict[str, Any]], title: str) -> None:
+    """Report rows as the optimizer built them: one row per variant, units in the column names."""
+    if not rows:
+        return
+    table = Table(*rows[0].keys(), title=title)
+    for row in rows:
+        table.add_row(*(fmt(v, 3) if isinstance(v, float) else fmt(v) for v in row.values()))
+    console.print(table)
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:

@@ -43,6 +43,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_recipe_file(path: Path) -> Any:
+    """A recipe file (JSON or YAML) as plain data; the server validates its contents."""
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception as e:  # JSONDecodeError, YAMLError
+        raise SlimServeClientError("INVALID_ARGUMENT", f"recipe file '{path}' cannot be parsed: {e}") from None
+
+
 def variant_dict(v: spb.VariantRecord) -> dict[str, Any]:
     """A VariantRecord as the `variants --json` contract: unmeasured fields are null."""
     out: dict[str, Any] = {"name": v.name, "recipe": v.recipe, "parent": v.parent, "runtime": v.runtime, "status": v.status}
@@ -83,6 +96,7 @@ class SlimServeClient:
         self.channel = grpc.insecure_channel(self.server, options=options)
         self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.registry = spb_grpc.ModelRegistryStub(self.channel)
+        self.optimizer = spb_grpc.OptimizerStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -149,6 +163,47 @@ class SlimServeClient:
 
     def delete(self, name: str) -> None:
         self._call(self.registry.DeleteModel, spb.DeleteModelRequest(name=name))
+
+    # ------------------------------------------------------------------ optimizer
+
+    def optimize(
+        self,
+        name: str,
+        recipe: str,
+        variant_name: str = "",
+        accuracy_budget: float | None = None,
+        parent: str = "",
+        on_progress: Callable[[spb.JobProgress], None] | None = None,
+        timeout: float | None = 3600.0,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Runs an optimization job to its end; returns (new variant record, report rows).
+
+        `recipe` is preset/pass names joined by commas, or the path of a JSON or YAML recipe file.
+        """
+        request = spb.OptimizeRequest(model=name, variant_name=variant_name, parent=parent)
+        path = Path(recipe)
+        if path.suffix.lower() in (".json", ".yaml", ".yml"):
+            if not path.is_file():
+                raise SlimServeClientError("INVALID_ARGUMENT", f"recipe file '{recipe}' does not exist")
+            request.recipe_json = json.dumps(load_recipe_file(path))
+        else:
+            request.recipe = recipe
+        if accuracy_budget is not None:
+            request.accuracy_budget = accuracy_budget
+        try:
+            for event in self.optimizer.Optimize(request, metadata=self._auth, timeout=timeout):
+                if event.HasField("progress") and on_progress:
+                    on_progress(event.progress)
+                elif event.HasField("done"):
+                    return variant_dict(event.done.variant), json.loads(event.done.report_json)
+        except grpc.RpcError as e:
+            raise SlimServeClientError(e.code().name if e.code() else "UNKNOWN", e.details() or "") from None
+        raise SlimServeClientError("UNKNOWN", "the job's stream ended without a result")
+
+    def jobs(self, name: str = "") -> list[dict[str, Any]]:
+        response = self._call(self.optimizer.ListJobs, spb.ListJobsRequest(model=name))
+        keys = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at")
+        return [{k: getattr(j, k) for k in keys} for j in response.jobs]
 
     # ------------------------------------------------------------------ inference
 

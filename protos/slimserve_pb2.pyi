@@ -141,3 +141,85 @@ class DeleteModelRequest(_message.Message):
 class DeleteModelResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class OptimizeRequest(_message.Message):
+    __slots__ = ("model", "recipe", "recipe_json", "variant_name", "accuracy_budget", "parent")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_NAME_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    recipe: str
+    recipe_json: str
+    variant_name: str
+    accuracy_budget: float
+    parent: str
+    def __init__(self, model: _Optional[str] = ..., recipe: _Optional[str] = ..., recipe_json: _Optional[str] = ..., variant_name: _Optional[str] = ..., accuracy_budget: _Optional[float] = ..., parent: _Optional[str] = ...) -> None: ...
+
+class JobProgress(_message.Message):
+    __slots__ = ("stage", "fraction", "message", "epoch", "loss", "accuracy")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    fraction: float
+    message: str
+    epoch: int
+    loss: float
+    accuracy: float
+    def __init__(self, stage: _Optional[str] = ..., fraction: _Optional[float] = ..., message: _Optional[str] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class JobDone(_message.Message):
+    __slots__ = ("variant", "report_json")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    variant: VariantRecord
+    report_json: str
+    def __init__(self, variant: _Optional[_Union[VariantRecord, _Mapping]] = ..., report_json: _Optional[str] = ...) -> None: ...
+
+class OptimizeEvent(_message.Message):
+    __slots__ = ("job_id", "progress", "done")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    progress: JobProgress
+    done: JobDone
+    def __init__(self, job_id: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., done: _Optional[_Union[JobDone, _Mapping]] = ...) -> None: ...
+
+class JobRecord(_message.Message):
+    __slots__ = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    variant: str
+    recipe: str
+    status: str
+    message: str
+    started_at: str
+    finished_at: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., recipe: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobRecord]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobRecord, _Mapping]]] = ...) -> None: ...

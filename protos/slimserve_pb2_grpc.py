@@ -231,3 +231,128 @@ class ModelRegistry:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class OptimizerStub:
+    """---------------------------------------------------------------- optimizer
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Optimize = channel.unary_stream(
+                '/slimserve.v1.Optimizer/Optimize',
+                request_serializer=protos_dot_slimserve__pb2.OptimizeRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.OptimizeEvent.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/slimserve.v1.Optimizer/ListJobs',
+                request_serializer=protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+
+
+class OptimizerServicer:
+    """---------------------------------------------------------------- optimizer
+
+    """
+
+    def Optimize(self, request, context):
+        """Starts a job that derives a variant, and streams its progress. The last event carries the
+        new variant's record and the report; a failed job ends the stream with an error status
+        whose message gives the reason, and leaves no variant behind. The job goes on if the
+        caller disconnects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_OptimizerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Optimize': grpc.unary_stream_rpc_method_handler(
+                    servicer.Optimize,
+                    request_deserializer=protos_dot_slimserve__pb2.OptimizeRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.OptimizeEvent.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=protos_dot_slimserve__pb2.ListJobsRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.ListJobsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'slimserve.v1.Optimizer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('slimserve.v1.Optimizer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Optimizer:
+    """---------------------------------------------------------------- optimizer
+
+    """
+
+    @staticmethod
+    def Optimize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slimserve.v1.Optimizer/Optimize',
+            protos_dot_slimserve__pb2.OptimizeRequest.SerializeToString,
+            protos_dot_slimserve__pb2.OptimizeEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Optimizer/ListJobs',
+            protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
+            protos_dot_slimserve__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -14,10 +14,12 @@ from prometheus_client import start_http_server
 from protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
 from server.auth import TokenAuthInterceptor, read_token
 from server.dataplane import DataPlane
+from server.jobs import JobManager
 from server.metrics import Metrics
 from server.registry import Registrar
 from server.repository import Repository
 from server.servicers.inference import InferenceServicer
+from server.servicers.optimizer import OptimizerServicer
 from server.servicers.registry import RegistryServicer
 from server.settings import Settings
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 SERVICES = (
     inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     slimserve_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name,
+    slimserve_pb2.DESCRIPTOR.services_by_name["Optimizer"].full_name,
 )
 
 
@@ -38,6 +41,7 @@ class SlimServer:
         self.repository = Repository(settings.repository)
         self.dataplane = DataPlane(self.repository, settings.runtime_config(), self.metrics, settings.compute_threads)
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
+        self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server = None
@@ -55,6 +59,7 @@ class SlimServer:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
         slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar), server)
+        slimserve_pb2_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.jobs), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -80,6 +85,7 @@ class SlimServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets those in flight finish within `grace` seconds, then unloads."""
         await self.health.enter_graceful_shutdown()
+        await self.jobs.stop()
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
         await self.dataplane.stop()
         if self._metrics_server is not None:

@@ -50,6 +50,76 @@ def start(
         raise typer.Exit(1) from e
 
 
+@app.command()
+def optimize(
+    model_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="ONNX (.onnx) or torch.export archive (.pt2)."),
+    recipe: str = typer.Option(..., "--recipe", help="Recipe names joined by commas, or a JSON/YAML recipe file."),
+    data: Optional[Path] = typer.Option(None, "--data", exists=True, help="Evaluation .npz (arrays per input, plus 'labels')."),
+    train: Optional[Path] = typer.Option(None, "--train", exists=True, help="Training .npz for passes that fine-tune."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", exists=True, help="Calibration .npz for static quantization."),
+    out: Path = typer.Option(..., "--out", help="Directory for the optimized model, report.json and evaluation.json."),
+    variant_name: str = typer.Option("", "--name", help="Name of the variant in the report [default: the recipe's name]."),
+    accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Fail if more accuracy points are lost."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Optimize a model file offline (no server): run the recipe, measure, write the result and the report."""
+    import json
+    import shutil
+    import tempfile
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress
+
+    from optimizer.base import Artifact, OptimizerError, PassContext
+    from optimizer.pipeline import optimize as run_optimize
+    from optimizer.recipes import parse_recipe
+    from optimizer.report import render_table, to_json
+    from server.errors import InvalidArgument
+    from server.registry import check_dataset
+    from server.repository import RUNTIME_OF_FORMAT, inspect_npz, model_format
+    from server.runtimes import RuntimeConfig, create_runtime
+
+    console = Console(stderr=True)
+    config = RuntimeConfig(device=device)
+
+    def factory(path: Path, runtime: str):
+        r = create_runtime(runtime, path, config)
+        r.load()
+        return r
+
+    try:
+        fmt = model_format(model_file.name)
+        probe = factory(model_file, RUNTIME_OF_FORMAT[fmt])
+        datasets = {role: p for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None}
+        for role, path in datasets.items():
+            check_dataset(role, inspect_npz(path, role), probe.inputs)
+        parsed = parse_recipe(recipe)
+        name = variant_name or parsed.name
+        source = Artifact(model_file, fmt, input_names=tuple(s.name for s in probe.inputs), output_names=tuple(s.name for s in probe.outputs))
+        with tempfile.TemporaryDirectory() as tmp, Progress(
+            "[progress.description]{task.description}", BarColumn(), "{task.fields[detail]}", console=console, transient=True
+        ) as bar:
+            task = bar.add_task(name, total=1.0, detail="")
+            context = PassContext(
+                workdir=Path(tmp),
+                datasets=datasets,
+                progress=lambda e: bar.update(task, completed=e.fraction, description=e.stage, detail=e.message),
+            )
+            result = run_optimize(source, parsed, context, factory, name, accuracy_budget)
+            out.mkdir(parents=True, exist_ok=True)
+            target = out / f"model.{result.artifact.format}"
+            shutil.copyfile(result.artifact.path, target)
+    except (OptimizerError, InvalidArgument) as e:
+        typer.echo(f"slimserve optimize: {e}", err=True)
+        raise typer.Exit(1) from e
+    (out / "report.json").write_text(to_json(result.report))
+    (out / "evaluation.json").write_text(
+        json.dumps({"baseline": result.baseline.to_dict(), name: result.evaluation.to_dict(), "runtime": result.artifact.runtime}, indent=2)
+    )
+    Console().print(render_table(result.report, f"{model_file.name}: {name}"))
+    typer.echo(f"wrote {target} ({result.artifact.runtime}), {out / 'report.json'}")
+
+
 def main() -> None:
     sys.exit(app())
 

@@ -109,3 +109,24 @@ def model_metadata(name: str, versions: list[str], runtime_name: str, inputs: li
         inputs=[tensor_metadata(s) for s in inputs],
         outputs=[tensor_metadata(s) for s in outputs],
     )
+
+
+def optimize_event(job_id: str, event: Any) -> spb.OptimizeEvent:
+    from server.jobs import JobDone
+
+    if isinstance(event, JobDone):
+        done = spb.JobDone(variant=variant_record(event.variant), report_json=json.dumps(event.report))
+        return spb.OptimizeEvent(job_id=job_id, done=done)
+    progress = spb.JobProgress(stage=event.stage, fraction=event.fraction, message=event.message)
+    for name in ("epoch", "loss", "accuracy"):
+        value = getattr(event, name)
+        if value is not None:
+            setattr(progress, name, value)
+    return spb.OptimizeEvent(job_id=job_id, progress=progress)
+
+
+def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
+    return spb.JobRecord(
+        id=job["id"], model=model, variant=job["variant"], recipe=job["recipe"], status=job["status"],
+        message=job.get("message", ""), started_at=job.get("started_at", ""), finished_at=job.get("finished_at", ""),
+    )

@@ -35,7 +35,7 @@ from server.runtimes import TensorSpec
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 DATA_ROLES = ("data", "train", "calibration")
 MODEL_FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "pt2": "torch"}
@@ -47,7 +47,7 @@ def validate_name(name: str, what: str = "model name") -> str:
         raise InvalidArgument(f"{what} is empty")
     if not NAME_RE.match(name) or ".." in name:
         raise InvalidArgument(
-            f"{what} '{name[:80]}' is not allowed: use 1-64 letters, digits, '_', '-' or '.', "
+            f"{what} '{name[:80]}' is not allowed: use 1-64 letters, digits, '_', '-', '+' or '.', "
             "starting with a letter or digit, with no '..'"
         )
     return name
@@ -104,6 +104,8 @@ class ModelInfo:
     datasets: list[str]
     variants: dict[str, VariantInfo]
     default_variant: str = BASELINE
+    # Optimization jobs by id: model, variant, recipe, status (running | succeeded | failed), message, times.
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +120,7 @@ class ModelInfo:
             "datasets": list(self.datasets),
             "default_variant": self.default_variant,
             "variants": {k: v.to_dict() for k, v in self.variants.items()},
+            "jobs": self.jobs,
         }
 
     @classmethod
@@ -134,6 +137,7 @@ class ModelInfo:
             datasets=list(d.get("datasets", [])),
             variants={k: VariantInfo.from_dict(v) for k, v in d["variants"].items()},
             default_variant=d.get("default_variant", BASELINE),
+            jobs=dict(d.get("jobs", {})),
         )
 
 
@@ -221,6 +225,25 @@ class Repository:
             if not (model_dir / "manifest.json").exists():
                 log.warning("removing %s: it has no manifest (an interrupted write)", model_dir)
                 shutil.rmtree(model_dir, ignore_errors=True)
+                continue
+            self._recover_model(model_dir.name)
+
+    def _recover_model(self, name: str) -> None:
+        """Variant directories the manifest does not know were never committed; running jobs died with us."""
+        info = self.get(name)
+        variants_dir = self.model_dir(name) / "variants"
+        for variant_dir in variants_dir.iterdir() if variants_dir.exists() else ():
+            if variant_dir.name not in info.variants:
+                log.warning("removing %s: a variant that was never recorded (an interrupted job)", variant_dir)
+                shutil.rmtree(variant_dir, ignore_errors=True)
+        if any(j["status"] == "running" for j in info.jobs.values()):
+
+            def fail(i: ModelInfo) -> None:
+                for job in i.jobs.values():
+                    if job["status"] == "running":
+                        job.update(status="failed", message="interrupted: the server stopped while the job ran", finished_at=now())
+
+            self.update(name, fail)
 
     # ------------------------------------------------------------------ reads
 
