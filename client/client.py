@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,13 @@ DEFAULT_SERVER = "127.0.0.1:8001"
 Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
 
 
-@dataclass(frozen=True)
 class SlimServeClientError(Exception):
     """A failed call: the gRPC status code name and the server's message."""
 
-    code: str
-    message: str
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
