@@ -106,19 +106,24 @@ class DataPlane:
         runtime.load()
         return runtime
 
-    async def load_model(self, name: str) -> LoadedModel:
-        """Loads (or reloads) every ready variant of a model; swaps in only when all have loaded."""
+    async def load_model(self, name: str, reuse: bool = False) -> LoadedModel:
+        """Loads every ready variant of a model and swaps the set in at once.
+
+        With `reuse`, variants already loaded keep their runtime (a refresh after a new variant
+        or a routing change); otherwise every variant is loaded afresh (RepositoryModelLoad).
+        """
         async with self._lock:
             info = self.repository.get(name)
+            old = self.models.get(name)
             loaded = LoadedModel(info)
             for variant, v in info.variants.items():
                 if v.status != "ready":
                     continue
-                loaded.runtimes[variant] = await self.run_blocking(self._load_variant, info, variant)
+                current = old.runtimes.get(variant) if (reuse and old is not None) else None
+                loaded.runtimes[variant] = current or await self.run_blocking(self._load_variant, info, variant)
                 labels = self.metrics.labels(name, variant)
                 self.metrics.loaded.labels(**labels).set(1)
                 self.metrics.model_size.labels(**labels).set(v.size_bytes)
-            old = self.models.get(name)
             self.models[name] = loaded
         if old is not None:
             self._release(old, keep=set(loaded.runtimes))
@@ -140,8 +145,8 @@ class DataPlane:
         loaded.runtimes.clear()
 
     async def refresh(self, name: str) -> None:
-        """Re-reads a model's manifest after a change (new variant, new default)."""
-        await self.load_model(name)
+        """Re-reads a model's manifest after a change (new variant, new routing); loads only what is new."""
+        await self.load_model(name, reuse=True)
 
     # ------------------------------------------------------------------ queries
 
