@@ -9,13 +9,14 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 
 from protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
 from server.auth import TokenAuthInterceptor, read_token
 from server.dataplane import DataPlane
 from server.jobs import JobManager
 from server.metrics import Metrics
+from server.pricing import load_prices, price_of
 from server.registry import Registrar
 from server.repository import Repository
 from server.servicers.inference import InferenceServicer
@@ -35,9 +36,12 @@ SERVICES = (
 class SlimServer:
     """One slimserve process: `await start()`, then `await wait()` or `await stop()`."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics(node_type=settings.node_type)
+        self.prices = load_prices(settings.prices)
+        price = price_of(settings.node_type, self.prices)
+        # A fresh registry per server unless one is given: tests run several servers in one process.
+        self.metrics = Metrics(registry, node_type=settings.node_type, price_per_hour=price)
         self.repository = Repository(settings.repository)
         self.dataplane = DataPlane(self.repository, settings.runtime_config(), self.metrics, settings.compute_threads)
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)

@@ -27,6 +27,7 @@ def start(
     grpc_port: Optional[int] = typer.Option(None, help="gRPC port [default 8001; 0 picks a free one]."),
     metrics_port: Optional[int] = typer.Option(None, help="Prometheus port [default 8002; 0 picks a free one, -1 disables]."),
     node_type: Optional[str] = typer.Option(None, help="Node type for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)."),
+    prices: Optional[Path] = typer.Option(None, help="YAML/JSON of node type -> dollars per hour, extending the built-in prices."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token management calls must carry."),
     protect_inference: Optional[bool] = typer.Option(None, "--protect-inference", help="Require the token for inference too."),
     max_message_bytes: Optional[int] = typer.Option(None, help="Largest gRPC message [default 64 MiB]."),
@@ -40,11 +41,16 @@ def start(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in locals().items() if v is not None and k in Settings.model_fields}
-    settings = Settings(**flags)
+    try:
+        settings = Settings(**flags)
+        server = SlimServer(settings)
+    except (OSError, ValueError) as e:
+        typer.echo(f"slimserve: {e}", err=True)
+        raise typer.Exit(2) from e
     if settings.device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"'{settings.device}' is not one of auto, cpu, cuda", param_hint="--device")
     try:
-        asyncio.run(SlimServer(settings).serve_until_signal())
+        asyncio.run(server.serve_until_signal())
     except OSError as e:
         typer.echo(f"slimserve: {e}", err=True)
         raise typer.Exit(1) from e

@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     grpc_port: int = 8001
     metrics_port: int = Field(8002, description="Prometheus /metrics over HTTP; 0 picks a free port, -1 disables it")
     node_type: str = Field("cpu", description="node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
+    prices: Path | None = Field(None, description="YAML/JSON file of node type -> dollars per hour, extending the built-in table")
     token_file: Path | None = Field(None, description="file with the bearer token management calls must carry")
     protect_inference: bool = Field(False, description="require the token for inference calls too")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")

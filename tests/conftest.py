@@ -135,15 +135,14 @@ class ServerHandle:
 
     def __init__(self, repository: Path, **overrides) -> None:
         from server.app import SlimServer
-        from server.metrics import Metrics
         from server.settings import Settings
 
         self.settings = Settings(repository=repository, grpc_port=free_port(), metrics_port=0, **overrides)
-        self.metrics = Metrics(node_type=self.settings.node_type)  # a fresh registry per server
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = SlimServer(self.settings, self.metrics)
+        self.server = SlimServer(self.settings)
+        self.metrics = self.server.metrics
         self.call(self.server.start())
         self.address = f"127.0.0.1:{self.server.port}"
 
