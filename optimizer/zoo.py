@@ -30,7 +30,7 @@ def load_digits_splits(seed: int = 0, test_fraction: float = 0.25) -> tuple[Spli
 
 
 class DigitsCNN(nn.Module):
-    """Two conv blocks and a classifier: about 30 k parameters, 10 logits out."""
+    """Two conv blocks and a classifier: 85 k parameters at width 32, 10 logits out."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()

@@ -24,7 +24,12 @@ EVALUATION_FIELDS = (
     "accuracy",
     "accuracy_delta",
 )
-PLATFORM_OF_RUNTIME = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_torchexport"}
+PLATFORM_OF_RUNTIME = {
+    "onnxruntime": "onnxruntime_onnx",
+    "torch": "pytorch_torchexport",
+    "torch-compile": "pytorch_torchexport_compiled",
+    "xla": "pytorch_torchexport_xla",
+}
 
 
 def tensor_spec(spec: TensorSpec) -> spb.TensorSpec:

@@ -1,1 +1,3 @@
 """Every pass module; importing this package registers them all in optimizer.base.PASSES."""
+
+from optimizer.passes import graph  # noqa: F401

@@ -1,4 +1,4 @@
-"""Runtimes by name: `onnxruntime` for ONNX files, `torch` for torch.export archives."""
+"""Runtimes by name: `onnxruntime` (ONNX), `torch`, `torch-compile` and `xla` (torch.export archives)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
 
 __all__ = ["Runtime", "RuntimeConfig", "TensorSpec", "create_runtime", "RUNTIMES"]
 
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "torch", "torch-compile", "xla")
 
 
 def create_runtime(name: str, path: Path, config: RuntimeConfig | None = None) -> Runtime:
@@ -21,4 +21,12 @@ def create_runtime(name: str, path: Path, config: RuntimeConfig | None = None) -
         from server.runtimes.pt2 import TorchRuntime
 
         return TorchRuntime(path, config)
+    if name == "torch-compile":
+        from server.runtimes.compiled import CompiledTorchRuntime
+
+        return CompiledTorchRuntime(path, config)
+    if name == "xla":
+        from server.runtimes.xla import XlaRuntime
+
+        return XlaRuntime(path, config)
     raise ValueError(f"unknown runtime '{name}' (known: {', '.join(RUNTIMES)})")

@@ -1,0 +1,153 @@
+"""Tests for optimizer/evaluation.py: the same model measures the same in ONNX and .pt2; counts follow their rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from optimizer.base import Artifact, OptimizerError
+from optimizer.evaluation import Evaluation, agreement, count_params, evaluate, onnx_flops, onnx_params
+from optimizer.pt2io import load_exported_program
+
+# DigitsCNN (width 32) on 8x8 inputs, batch 1: multiply-accumulates of its convolutions and linear layers.
+DIGITS_MACS = (32 * 1 * 9 * 8 * 8) + (64 * 32 * 9 * 8 * 8) + (1024 * 64) + (64 * 10)
+DIGITS_LINEAR = "classifier.1.weight"  # [64, 1024]
+
+
+@pytest.fixture(scope="module")
+def measured(digits, digits_data, runtime_factory):
+    """The digits CNN measured as ONNX (the baseline) and as .pt2 against it."""
+    onnx_eval, onnx_out = evaluate(Artifact(digits.onnx, "onnx"), runtime_factory, digits_data, iterations=100)
+    pt2_eval, pt2_out = evaluate(
+        Artifact(digits.pt2, "pt2"), runtime_factory, digits_data, baseline=onnx_eval, baseline_outputs=onnx_out, iterations=100
+    )
+    return onnx_eval, onnx_out, pt2_eval, pt2_out
+
+
+def test_onnx_and_pt2_of_one_model_measure_the_same(measured):
+    onnx_eval, _, pt2_eval, _ = measured
+    assert onnx_eval.params == pt2_eval.params > 80_000
+    assert onnx_eval.nonzero_params == onnx_eval.params  # a trained model has no exact zeros
+    assert pt2_eval.flops == pytest.approx(2 * DIGITS_MACS)  # torch's counter: 2 x MACs
+    assert onnx_eval.flops == pytest.approx(pt2_eval.flops, rel=0.01)
+    assert (onnx_eval.runtime, pt2_eval.runtime) == ("onnxruntime", "torch")
+    assert onnx_eval.device == pt2_eval.device == "cpu"
+
+
+def test_accuracy_equals_a_direct_onnxruntime_computation(digits, measured):
+    onnx_eval, onnx_out, pt2_eval, _ = measured
+    logits = ort.InferenceSession(str(digits.onnx), providers=["CPUExecutionProvider"]).run(None, {"x": digits.x_test})[0]
+    assert onnx_eval.accuracy == float(np.mean(logits.argmax(1) == digits.y_test))
+    np.testing.assert_allclose(onnx_out, logits, atol=1e-5)
+    assert pt2_eval.accuracy == pytest.approx(onnx_eval.accuracy, abs=1e-3)
+    assert pt2_eval.accuracy_delta == pytest.approx(100 * (pt2_eval.accuracy - onnx_eval.accuracy))
+    assert pt2_eval.agreement >= 0.998  # the same weights on two runtimes
+    assert onnx_eval.accuracy_delta is None and onnx_eval.agreement is None  # the baseline's own
+
+
+def test_latency_and_throughput_are_measured(digits, measured):
+    for e in measured[0], measured[2]:
+        assert 0 < e.latency_p50_ms <= e.latency_p99_ms
+        assert 0 < e.latency_p50_ms_batch <= e.latency_p99_ms_batch
+        assert e.serving_batch == 32
+        assert e.throughput == pytest.approx(32 / (e.latency_p50_ms_batch / 1000), rel=0.5)
+    assert measured[0].size_bytes == digits.onnx.stat().st_size
+    assert measured[2].size_bytes == digits.pt2.stat().st_size
+
+
+def test_zeroed_weights_lower_the_nonzero_count_in_both_formats(digits, tmp_path):
+    half = 64 * 1024 // 2
+    model = onnx.load(str(digits.onnx))
+    weight = next(t for t in model.graph.initializer if t.name == DIGITS_LINEAR)
+    values = numpy_helper.to_array(weight).copy()
+    values.reshape(-1)[:half] = 0
+    weight.CopyFrom(numpy_helper.from_array(values, DIGITS_LINEAR))
+    onnx.save(model, str(tmp_path / "sparse.onnx"))
+
+    program = load_exported_program(digits.pt2)
+    with torch.no_grad():
+        program.state_dict[DIGITS_LINEAR].reshape(-1)[:half] = 0
+    torch.export.save(program, str(tmp_path / "sparse.pt2"))
+
+    dense, _ = count_params(digits.onnx, "onnx")
+    for path, fmt in (tmp_path / "sparse.onnx", "onnx"), (tmp_path / "sparse.pt2", "pt2"):
+        params, nonzero = count_params(path, fmt)
+        assert params == dense
+        assert nonzero == dense - half
+
+
+def _qdq_model(weight: np.ndarray, zero_point: int) -> onnx.ModelProto:
+    """y = x @ DequantizeLinear(W_uint8, per-column scale, zp), then a Reshape by an INT64 shape constant."""
+    k, n = weight.shape
+    scale = np.full(n, 0.1, dtype=np.float32)  # per channel: more than one element, still not a parameter
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=1),
+        helper.make_node("MatMul", ["x", "w"], ["y0"]),
+        helper.make_node("Reshape", ["y0", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        initializer=[
+            numpy_helper.from_array(weight, "w_q"),
+            numpy_helper.from_array(scale, "w_scale"),
+            numpy_helper.from_array(np.full(n, zero_point, dtype=np.uint8), "w_zp"),
+            numpy_helper.from_array(np.array([-1, n], dtype=np.int64), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_quantized_weights_count_once_and_their_zero_point_is_their_zero():
+    rng = np.random.default_rng(0)
+    weight = rng.integers(0, 256, (16, 4)).astype(np.uint8)
+    weight[:5] = 128
+    params, nonzero = onnx_params(_qdq_model(weight, zero_point=128))
+    assert params == 16 * 4  # neither the per-channel scales nor zero points nor the shape constant
+    assert nonzero == int(np.count_nonzero(weight != 128))
+    assert onnx_flops(_qdq_model(weight, 128), {"x": np.zeros((1, 16), np.float32)}) == 2 * 16 * 4
+
+
+def test_without_data_inputs_are_synthesized(digits, runtime_factory):
+    onnx_eval, onnx_out = evaluate(Artifact(digits.onnx, "onnx"), runtime_factory, None, warmup=2, iterations=20)
+    assert onnx_eval.accuracy is None and onnx_eval.accuracy_delta is None
+    assert onnx_out.shape == (64, 10)
+    assert onnx_eval.flops == pytest.approx(2 * DIGITS_MACS, rel=0.01)
+    pt2_eval, _ = evaluate(
+        Artifact(digits.pt2, "pt2"), runtime_factory, None, baseline=onnx_eval, baseline_outputs=onnx_out, warmup=2, iterations=20
+    )
+    assert pt2_eval.agreement >= 0.98  # the same synthetic inputs for both
+    assert pt2_eval.accuracy is None
+
+
+def test_data_without_the_models_input_is_refused(digits, runtime_factory):
+    data = {"pixels": np.zeros((4, 1, 8, 8), np.float32), "other": np.zeros(4), "labels": np.zeros(4, np.int64)}
+    with pytest.raises(OptimizerError, match="no array for input 'x'"):
+        evaluate(Artifact(digits.onnx, "onnx"), runtime_factory, data, warmup=1, iterations=1)
+
+
+def test_agreement_is_top1_for_classifiers_and_cosine_otherwise():
+    logits = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 3.0]])
+    flipped = logits.copy()
+    flipped[0] = [0.0, 1.0]
+    assert agreement(flipped, logits) == 0.75
+    features = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    assert agreement(features * 3, features) == pytest.approx(1.0)
+    assert agreement(np.array([[0.0, 1.0, 0.0], [0.0, 2.0, 0.0]]), features) == pytest.approx(0.5)
+
+
+def test_evaluation_dict_round_trip_keeps_the_contract_keys():
+    e = Evaluation(params=10, nonzero_params=5, flops=20.0, latency_p50_ms=1.0, latency_p99_ms=2.0, throughput=3.0, accuracy=0.5)
+    d = e.to_dict()
+    for key in ("params", "nonzero_params", "flops", "latency_p50_ms", "latency_p99_ms", "throughput", "accuracy", "accuracy_delta"):
+        assert key in d
+    assert Evaluation.from_dict({**d, "added_by_a_later_version": 1}) == e
+    assert Evaluation.from_dict({"params": 3}).latency_p50_ms is None
