@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
@@ -200,13 +201,49 @@ def optimize(
     print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline")
 
 
+# Report columns as the optimizer names them, with the header people read; unknown keys print as they are.
+REPORT_HEADERS = {
+    "variant": "variant",
+    "runtime": "runtime",
+    "size_bytes": "size",
+    "size_reduction_x": "smaller ×",
+    "flops": "MFLOPs",
+    "compute_reduction_x": "compute ×",
+    "sparsity_pct": "sparsity %",
+    "latency_p50_ms": "p50 ms",
+    "speedup_x": "speed-up ×",
+    "throughput_per_s": "samples/s",
+    "accuracy_pct": "accuracy %",
+    "accuracy_delta_pt": "Δ pts",
+    "agreement": "agreement",
+}
+
+
 def print_report(rows: list[dict[str, Any]], title: str) -> None:
-    """Report rows as the optimizer built them: one row per variant, units in the column names."""
+    """Report rows as the optimizer built them: one row per variant; columns with no value are left out."""
     if not rows:
         return
-    table = Table(*rows[0].keys(), title=title)
+    keys = [k for k in REPORT_HEADERS if any(r.get(k) is not None for r in rows)]
+    table = Table(*(REPORT_HEADERS[k] for k in keys), title=title, box=box.SIMPLE_HEAD)
     for row in rows:
-        table.add_row(*(fmt(v, 3) if isinstance(v, float) else fmt(v) for v in row.values()))
+        cells = []
+        for k in keys:
+            v = row.get(k)
+            if v is None:
+                cells.append("-")
+            elif k == "size_bytes":
+                cells.append(human_bytes(v))
+            elif k == "flops":
+                cells.append(fmt(v / 1e6, 2))
+            elif k.endswith("_x"):
+                cells.append(f"{v:.2f}×")
+            elif k in ("latency_p50_ms", "agreement"):
+                cells.append(fmt(v, 3))
+            elif k == "throughput_per_s":
+                cells.append(fmt(v, 0))
+            else:
+                cells.append(fmt(v))
+        table.add_row(*cells)
     console.print(table)
 
 

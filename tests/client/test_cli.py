@@ -80,3 +80,16 @@ def test_client_package_needs_neither_torch_nor_onnxruntime():
 
     code = "import sys, client.cli, client.client, client.codec; print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'server', 'optimizer') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_optimize_prints_report_and_variants_table(server, digits):
+    slimctl(server, "register", "digits", digits.onnx, "--data", digits.data)
+    result = slimctl(server, "optimize", "digits", "--recipe", "graph-ort")
+    assert result.exit_code == 0, result.output
+    assert "speed-up ×" in result.output and "graph-ort" in result.output
+    result = slimctl(server, "variants", "digits")
+    assert "graph-ort" in result.output and "baseline" in result.output
+    result = slimctl(server, "optimize", "digits", "--recipe", "graph-ort", "--name", "g2", "--json")
+    assert json.loads(result.stdout)["name"] == "g2"
+    result = slimctl(server, "optimize", "digits", "--recipe", "nope")
+    assert result.exit_code == 1 and result.output.startswith("slimctl: INVALID_ARGUMENT: ")

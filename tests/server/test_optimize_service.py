@@ -1,0 +1,104 @@
+"""Optimization jobs through the server: progress, the new variant served and measured, failures leave nothing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from client.client import SlimServeClient, SlimServeClientError
+
+
+@pytest.fixture
+def registered(client, digits):
+    client.register("digits", digits.onnx, data=digits.data, train=digits.train)
+    return client
+
+
+def test_graph_ort_job_registers_a_measured_variant(registered, digits, server):
+    events = []
+    variant, report = registered.optimize("digits", "graph-ort", on_progress=events.append)
+    assert variant["name"] == "graph-ort" and variant["status"] == "ready" and variant["runtime"] == "onnxruntime"
+    assert variant["parent"] == "baseline" and variant["recipe"] == "graph-ort"
+    assert events and events[-1].fraction <= 1.0 and any(e.stage == "graph-ort" for e in events)
+    assert [r["variant"] for r in report] == ["baseline", "graph-ort"]
+    # Every variant, the baseline included, carries its evaluation.
+    records = {v["name"]: v for v in registered.model("digits")["variants"]}
+    for name in ("baseline", "graph-ort"):
+        v = records[name]
+        assert v["params"] == 85066 and v["flops"] > 0 and v["latency_p50_ms"] > 0 and v["throughput"] > 0
+        assert v["accuracy"] == pytest.approx(digits.accuracy)
+    assert records["graph-ort"]["accuracy_delta"] == pytest.approx(0.0)
+    # The new variant serves at once, pinned by model_version, with the same answers.
+    x = digits.x_test[:16]
+    pinned, out = registered.infer("digits", {"x": x}, variant="graph-ort")
+    _, base = registered.infer("digits", {"x": x}, variant="baseline")
+    assert pinned == "graph-ort"
+    np.testing.assert_allclose(out["logits"], base["logits"], rtol=1e-5, atol=1e-5)
+    [job] = registered.jobs("digits")
+    assert job["status"] == "succeeded" and job["variant"] == "graph-ort"
+
+
+def test_name_and_duplicate(registered):
+    variant, _ = registered.optimize("digits", "graph-ort", variant_name="fast")
+    assert variant["name"] == "fast"
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", "graph-ort", variant_name="fast")
+    assert e.value.code == "ALREADY_EXISTS" and "already has a variant 'fast'" in e.value.message
+
+
+def test_unknown_recipe_touches_nothing(registered, server):
+    before = registered.model("digits")
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", "quantize-magic")
+    assert e.value.code == "INVALID_ARGUMENT" and "unknown recipe or pass 'quantize-magic'" in e.value.message
+    assert "graph-ort" in e.value.message  # lists what exists
+    assert registered.model("digits")["variants"] == before["variants"]
+
+
+def test_bad_recipe_file_setting(registered, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: tuned\npasses:\n  - pass: graph-ort\n    config: {level: turbo}\n")
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", str(recipe))
+    assert e.value.code == "INVALID_ARGUMENT" and "turbo" in e.value.message
+
+
+def test_recipe_file(registered, tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"version": 1, "name": "ort-basic", "passes": [{"pass": "graph-ort", "config": {"level": "basic"}}]}))
+    variant, _ = registered.optimize("digits", str(recipe))
+    assert variant["name"] == "ort-basic" and variant["recipe"] == "ort-basic"
+
+
+def test_unknown_model(client):
+    with pytest.raises(SlimServeClientError) as e:
+        client.optimize("nope", "graph-ort")
+    assert e.value.code == "NOT_FOUND"
+
+
+def test_accuracy_budget_needs_labels(client, digits):
+    client.register("digits", digits.onnx)
+    with pytest.raises(SlimServeClientError) as e:
+        client.optimize("digits", "graph-ort", accuracy_budget=1.0)
+    assert e.value.code == "FAILED_PRECONDITION" and "--data EVAL.npz" in e.value.message
+    assert [v["name"] for v in client.model("digits")["variants"]] == ["baseline"]
+    assert client.jobs("digits")[0]["status"] == "failed"
+
+
+def test_interrupted_job_marked_failed_at_start(server_factory, tmp_path, digits):
+    repo = tmp_path / "repo"
+    first = server_factory(repo)
+    with SlimServeClient(first.address) as c:
+        c.register("digits", digits.onnx)
+    first.stop()
+    manifest = repo / "models" / "digits" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["jobs"]["dead"] = {"id": "dead", "variant": "half", "recipe": "graph-ort", "status": "running", "started_at": "x"}
+    manifest.write_text(json.dumps(data))
+    (repo / "models" / "digits" / "variants" / "half").mkdir()  # moved in by the dead job, never recorded
+    second = server_factory(repo)
+    with SlimServeClient(second.address) as c:
+        [job] = c.jobs("digits")
+        assert job["status"] == "failed" and "interrupted" in job["message"]
+        assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]
+    assert not (repo / "models" / "digits" / "variants" / "half").exists()
