@@ -62,7 +62,7 @@ class SlimServer:
             interceptors.append(TokenAuthInterceptor(read_token(self.settings.token_file), self.settings.protect_inference))
         server = grpc.aio.server(options=options, interceptors=interceptors)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
-        slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar), server)
+        slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar, self.jobs), server)
         slimserve_pb2_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.jobs), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

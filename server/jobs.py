@@ -159,14 +159,9 @@ class JobManager:
         )
         datasets = {role: p for role in DATA_ROLES if (p := self.repository.dataset_path(job.model, role)) is not None}
 
-        def factory(path: Path, runtime: str):
-            r = create_runtime(runtime, path, self.runtime_config)
-            r.load()
-            return r
-
         with self.repository.staging() as staged:
             context = PassContext(workdir=staged / "work", datasets=datasets, progress=progress, cancelled=job.cancel.is_set)
-            result = optimize(source, job.recipe, context, factory, job.variant, job.request.accuracy_budget)
+            result = optimize(source, job.recipe, context, self._factory, job.variant, job.request.accuracy_budget)
             variant_dir = staged / "variant"
             variant_dir.mkdir()
             target = variant_dir / f"model.{result.artifact.format}"
@@ -193,6 +188,41 @@ class JobManager:
 
         self.repository.update(job.model, keep_parent_evaluation)
         return JobDone(variant, result.report)
+
+    def evaluate_in_background(self, model: str, variant: str = BASELINE) -> None:
+        """Measures a variant on the job thread (after any queued job) and stores the evaluation with it."""
+
+        def work() -> None:
+            from optimizer.evaluation import evaluate
+
+            info = self.repository.get(model)
+            v = info.variants[variant]
+            source = Artifact(path=self.repository.model_dir(model) / "variants" / variant / v.file, format=v.format, runtime=v.runtime)
+            data_path = self.repository.dataset_path(model, "data")
+            data = PassContext(workdir=Path("."), datasets={"data": data_path}).dataset("data", "evaluation") if data_path else None
+            evaluation, _ = evaluate(source, self._factory, data)
+
+            def store(i: ModelInfo) -> None:
+                if variant in i.variants and not i.variants[variant].evaluation:
+                    i.variants[variant].evaluation = evaluation.to_dict()
+
+            self.repository.update(model, store)
+
+        async def run() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.executor, work)
+                await self.dataplane.refresh(model)
+            except Exception as e:  # the model may have been deleted meanwhile; nothing to keep
+                log.warning("evaluation of '%s' variant '%s' failed: %s", model, variant, e)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _factory(self, path: Path, runtime: str):
+        r = create_runtime(runtime, path, self.runtime_config)
+        r.load()
+        return r
 
     async def events(self, job: Job) -> AsyncIterator[ProgressEvent | JobDone]:
         """Every event of the job from the start, then new ones as they come; raises the job's error."""

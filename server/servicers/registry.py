@@ -8,13 +8,15 @@ from server import converters
 from server.dataplane import DataPlane
 from server.edge import grpc_errors
 from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.jobs import JobManager
 from server.registry import Registrar, check_header
 
 
 class RegistryServicer(spb_grpc.ModelRegistryServicer):
-    def __init__(self, dataplane: DataPlane, registrar: Registrar) -> None:
+    def __init__(self, dataplane: DataPlane, registrar: Registrar, jobs: JobManager) -> None:
         self.dataplane = dataplane
         self.registrar = registrar
+        self.jobs = jobs
 
     @grpc_errors
     async def Register(self, request_iterator, context):
@@ -37,6 +39,7 @@ class RegistryServicer(spb_grpc.ModelRegistryServicer):
             paths = await self.registrar.receive(header, chunks(), staged)
             info = await self.dataplane.run_blocking(self.registrar.commit, header, paths, staged)
         await self.dataplane.load_model(info.name)
+        self.jobs.evaluate_in_background(info.name)
         return converters.model_record(info)
 
     @grpc_errors

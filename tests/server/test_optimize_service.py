@@ -102,3 +102,16 @@ def test_interrupted_job_marked_failed_at_start(server_factory, tmp_path, digits
         assert job["status"] == "failed" and "interrupted" in job["message"]
         assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]
     assert not (repo / "models" / "digits" / "variants" / "half").exists()
+
+
+def test_baseline_is_measured_after_registration(registered, digits):
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        baseline = registered.model("digits")["variants"][0]
+        if baseline["latency_p50_ms"] is not None:
+            break
+        time.sleep(0.2)
+    assert baseline["params"] == 85066 and baseline["accuracy"] == pytest.approx(digits.accuracy)
+    assert baseline["accuracy_delta"] is None
