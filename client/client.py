@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,46 @@ def model_dict(m: spb.ModelRecord) -> dict[str, Any]:
         "outputs": [spec(s) for s in m.outputs],
         "datasets": list(m.datasets),
         "default_variant": m.default_variant,
+        "traffic": traffic_dict(m.traffic),
         "variants": [variant_dict(v) for v in m.variants],
     }
+
+
+def traffic_dict(t: spb.TrafficPolicy) -> dict[str, Any]:
+    return {
+        "model": t.model,
+        "weights": dict(sorted(t.weights.items())),
+        "shadows": list(t.shadows),
+        "sticky_parameter": t.sticky_parameter or None,
+        "can_rollback": t.can_rollback,
+    }
+
+
+COMPARE_FIELDS = (
+    "variant", "weight", "shadow", "requests", "errors", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_batch",
+    "cost_per_1000", "offline_accuracy", "online_accuracy", "online_accuracy_low", "online_accuracy_high", "feedback",
+    "shadow_agreement", "latency_verdict", "accuracy_verdict",
+)
+
+
+def comparison_dict(c: spb.VariantComparison) -> dict[str, Any]:
+    """One row of `compare --json`: fields the server had no data for are null."""
+    out: dict[str, Any] = {}
+    for field in COMPARE_FIELDS:
+        optional = c.DESCRIPTOR.fields_by_name[field].has_presence and field not in ("variant",)
+        out[field] = getattr(c, field) if (not optional or c.HasField(field)) else None
+    low, high = out.pop("online_accuracy_low"), out.pop("online_accuracy_high")
+    out["online_accuracy_ci"] = [low, high] if low is not None else None
+    for field in ("latency_verdict", "accuracy_verdict"):
+        out[field] = out[field] or None
+    return out
+
+
+@dataclass(frozen=True)
+class InferAnswer:
+    variant: str
+    outputs: dict[str, np.ndarray]
+    request_id: str
 
 
 class SlimServeClient:
@@ -97,6 +136,9 @@ class SlimServeClient:
         self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.registry = spb_grpc.ModelRegistryStub(self.channel)
         self.optimizer = spb_grpc.OptimizerStub(self.channel)
+        self.traffic_stub = spb_grpc.TrafficStub(self.channel)
+        self.feedback_stub = spb_grpc.FeedbackStub(self.channel)
+        self.experiments = spb_grpc.ExperimentsStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -164,6 +206,39 @@ class SlimServeClient:
     def delete(self, name: str) -> None:
         self._call(self.registry.DeleteModel, spb.DeleteModelRequest(name=name))
 
+    def delete_variant(self, name: str, variant: str) -> dict[str, Any]:
+        return model_dict(self._call(self.registry.DeleteVariant, spb.DeleteVariantRequest(model=name, variant=variant)))
+
+    # ------------------------------------------------------------------ traffic and experiments
+
+    def traffic(
+        self, name: str, weights: dict[str, float] | None = None, shadows: list[str] | None = None, sticky: str | None = None
+    ) -> dict[str, Any]:
+        """Sets the routing when `weights` are given; returns it either way."""
+        if weights is None:
+            return traffic_dict(self._call(self.traffic_stub.GetTraffic, spb.GetTrafficRequest(model=name)))
+        request = spb.SetTrafficRequest(model=name, weights=weights, shadows=shadows or [], sticky_parameter=sticky or "")
+        return traffic_dict(self._call(self.traffic_stub.SetTraffic, request))
+
+    def promote(self, name: str, variant: str) -> dict[str, Any]:
+        return traffic_dict(self._call(self.traffic_stub.Promote, spb.PromoteRequest(model=name, variant=variant)))
+
+    def rollback(self, name: str) -> dict[str, Any]:
+        return traffic_dict(self._call(self.traffic_stub.Rollback, spb.RollbackRequest(model=name)))
+
+    def feedback(self, name: str, request_id: str, label: int) -> dict[str, Any]:
+        response = self._call(self.feedback_stub.SendFeedback, spb.FeedbackRequest(model=name, request_id=request_id, label=label))
+        return {"variant": response.variant, "correct": response.correct}
+
+    def compare(self, name: str) -> dict[str, Any]:
+        response = self._call(self.experiments.Compare, spb.CompareRequest(model=name))
+        return {
+            "model": response.model,
+            "node_type": response.node_type,
+            "price_per_hour": response.price_per_hour,
+            "variants": [comparison_dict(c) for c in response.variants],
+        }
+
     # ------------------------------------------------------------------ optimizer
 
     def optimize(
@@ -230,7 +305,22 @@ class SlimServeClient:
         timeout: float | None = 60.0,
     ) -> tuple[str, dict[str, np.ndarray]]:
         """Runs a model on named arrays; returns (variant that answered, outputs by name)."""
-        request = pb.ModelInferRequest(model_name=name, model_version=variant)
+        answer = self.infer_full(name, inputs, variant, outputs, raw, parameters, timeout)
+        return answer.variant, answer.outputs
+
+    def infer_full(
+        self,
+        name: str,
+        inputs: dict[str, np.ndarray],
+        variant: str = "",
+        outputs: list[str] | None = None,
+        raw: bool = True,
+        parameters: dict[str, Any] | None = None,
+        timeout: float | None = 60.0,
+        request_id: str = "",
+    ) -> InferAnswer:
+        """`infer`, also returning the request id (the given one or the server's) that `feedback` refers to."""
+        request = pb.ModelInferRequest(model_name=name, model_version=variant, id=request_id)
         for key, value in (parameters or {}).items():
             codec.set_parameter(request.parameters[key], value)
         for input_name, array in inputs.items():
@@ -238,4 +328,4 @@ class SlimServeClient:
         for output in outputs or []:
             request.outputs.add(name=output)
         response = self._call(self.inference.ModelInfer, request, timeout=timeout)
-        return response.model_version, codec.decode_response_outputs(response)
+        return InferAnswer(response.model_version, codec.decode_response_outputs(response), response.id)

@@ -24,6 +24,10 @@ class OptimizerError(Exception):
     """A pass cannot run as asked: the message says why and what to do (bad config, missing data, ...)."""
 
 
+class ConfigValueError(OptimizerError, ValueError):
+    """A config field holds a value the pass cannot use (a ValueError, so recipes prefix where it came from)."""
+
+
 class Predictor(Protocol):
     """What evaluation needs of a runtime: the server's Runtime objects satisfy it."""
 

@@ -95,7 +95,7 @@ class VariantRecord(_message.Message):
     def __init__(self, name: _Optional[str] = ..., recipe: _Optional[str] = ..., parent: _Optional[str] = ..., runtime: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., format: _Optional[str] = ..., created_at: _Optional[str] = ..., params: _Optional[int] = ..., nonzero_params: _Optional[int] = ..., size_bytes: _Optional[int] = ..., flops: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., throughput: _Optional[float] = ..., accuracy: _Optional[float] = ..., accuracy_delta: _Optional[float] = ..., evaluation_json: _Optional[str] = ...) -> None: ...
 
 class ModelRecord(_message.Message):
-    __slots__ = ("name", "format", "description", "created_at", "inputs", "outputs", "variants", "datasets", "default_variant")
+    __slots__ = ("name", "format", "description", "created_at", "inputs", "outputs", "variants", "datasets", "default_variant", "traffic")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class ModelRecord(_message.Message):
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: str
     description: str
@@ -114,7 +115,8 @@ class ModelRecord(_message.Message):
     variants: _containers.RepeatedCompositeFieldContainer[VariantRecord]
     datasets: _containers.RepeatedScalarFieldContainer[str]
     default_variant: str
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., description: _Optional[str] = ..., created_at: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variants: _Optional[_Iterable[_Union[VariantRecord, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ..., default_variant: _Optional[str] = ...) -> None: ...
+    traffic: TrafficPolicy
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., description: _Optional[str] = ..., created_at: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variants: _Optional[_Iterable[_Union[VariantRecord, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ..., default_variant: _Optional[str] = ..., traffic: _Optional[_Union[TrafficPolicy, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -141,6 +143,14 @@ class DeleteModelRequest(_message.Message):
 class DeleteModelResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class DeleteVariantRequest(_message.Message):
+    __slots__ = ("model", "variant")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    variant: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
     __slots__ = ("model", "recipe", "recipe_json", "variant_name", "accuracy_budget", "parent")
@@ -223,3 +233,139 @@ class ListJobsResponse(_message.Message):
     JOBS_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[JobRecord]
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobRecord, _Mapping]]] = ...) -> None: ...
+
+class TrafficPolicy(_message.Message):
+    __slots__ = ("model", "weights", "shadows", "sticky_parameter", "can_rollback")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    STICKY_PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    CAN_ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights: _containers.ScalarMap[str, float]
+    shadows: _containers.RepeatedScalarFieldContainer[str]
+    sticky_parameter: str
+    can_rollback: bool
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., shadows: _Optional[_Iterable[str]] = ..., sticky_parameter: _Optional[str] = ..., can_rollback: _Optional[bool] = ...) -> None: ...
+
+class SetTrafficRequest(_message.Message):
+    __slots__ = ("model", "weights", "shadows", "sticky_parameter")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    STICKY_PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights: _containers.ScalarMap[str, float]
+    shadows: _containers.RepeatedScalarFieldContainer[str]
+    sticky_parameter: str
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., shadows: _Optional[_Iterable[str]] = ..., sticky_parameter: _Optional[str] = ...) -> None: ...
+
+class GetTrafficRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("model", "variant")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    variant: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("model", "request_id", "label")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    request_id: str
+    label: int
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("variant", "correct")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    correct: bool
+    def __init__(self, variant: _Optional[str] = ..., correct: _Optional[bool] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class VariantComparison(_message.Message):
+    __slots__ = ("variant", "weight", "shadow", "requests", "errors", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_batch", "cost_per_1000", "offline_accuracy", "online_accuracy", "online_accuracy_low", "online_accuracy_high", "shadow_agreement", "latency_verdict", "accuracy_verdict", "feedback")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P90_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_FIELD_NUMBER: _ClassVar[int]
+    COST_PER_1000_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_ACCURACY_LOW_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_ACCURACY_HIGH_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    weight: float
+    shadow: bool
+    requests: int
+    errors: int
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p99_ms: float
+    mean_batch: float
+    cost_per_1000: float
+    offline_accuracy: float
+    online_accuracy: float
+    online_accuracy_low: float
+    online_accuracy_high: float
+    shadow_agreement: float
+    latency_verdict: str
+    accuracy_verdict: str
+    feedback: int
+    def __init__(self, variant: _Optional[str] = ..., weight: _Optional[float] = ..., shadow: _Optional[bool] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., mean_batch: _Optional[float] = ..., cost_per_1000: _Optional[float] = ..., offline_accuracy: _Optional[float] = ..., online_accuracy: _Optional[float] = ..., online_accuracy_low: _Optional[float] = ..., online_accuracy_high: _Optional[float] = ..., shadow_agreement: _Optional[float] = ..., latency_verdict: _Optional[str] = ..., accuracy_verdict: _Optional[str] = ..., feedback: _Optional[int] = ...) -> None: ...
+
+class CompareResponse(_message.Message):
+    __slots__ = ("model", "node_type", "price_per_hour", "variants")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NODE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    node_type: str
+    price_per_hour: float
+    variants: _containers.RepeatedCompositeFieldContainer[VariantComparison]
+    def __init__(self, model: _Optional[str] = ..., node_type: _Optional[str] = ..., price_per_hour: _Optional[float] = ..., variants: _Optional[_Iterable[_Union[VariantComparison, _Mapping]]] = ...) -> None: ...

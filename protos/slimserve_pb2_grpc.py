@@ -56,6 +56,11 @@ class ModelRegistryStub:
                 request_serializer=protos_dot_slimserve__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=protos_dot_slimserve__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.DeleteVariant = channel.unary_unary(
+                '/slimserve.v1.ModelRegistry/DeleteVariant',
+                request_serializer=protos_dot_slimserve__pb2.DeleteVariantRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.ModelRecord.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -88,6 +93,13 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteVariant(self, request, context):
+        """Removes one variant (never the baseline): it leaves routing, finishes its queued calls, unloads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=protos_dot_slimserve__pb2.DeleteModelRequest.FromString,
                     response_serializer=protos_dot_slimserve__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'DeleteVariant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVariant,
+                    request_deserializer=protos_dot_slimserve__pb2.DeleteVariantRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.ModelRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class ModelRegistry:
             '/slimserve.v1.ModelRegistry/DeleteModel',
             protos_dot_slimserve__pb2.DeleteModelRequest.SerializeToString,
             protos_dot_slimserve__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVariant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.ModelRegistry/DeleteVariant',
+            protos_dot_slimserve__pb2.DeleteVariantRequest.SerializeToString,
+            protos_dot_slimserve__pb2.ModelRecord.FromString,
             options,
             channel_credentials,
             insecure,
@@ -347,6 +391,368 @@ class Optimizer:
             '/slimserve.v1.Optimizer/ListJobs',
             protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
             protos_dot_slimserve__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TrafficStub:
+    """---------------------------------------------------------------- traffic
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetTraffic = channel.unary_unary(
+                '/slimserve.v1.Traffic/SetTraffic',
+                request_serializer=protos_dot_slimserve__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+                _registered_method=True)
+        self.GetTraffic = channel.unary_unary(
+                '/slimserve.v1.Traffic/GetTraffic',
+                request_serializer=protos_dot_slimserve__pb2.GetTrafficRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/slimserve.v1.Traffic/Promote',
+                request_serializer=protos_dot_slimserve__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/slimserve.v1.Traffic/Rollback',
+                request_serializer=protos_dot_slimserve__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+                _registered_method=True)
+
+
+class TrafficServicer:
+    """---------------------------------------------------------------- traffic
+
+    """
+
+    def SetTraffic(self, request, context):
+        """Replaces a model's routing: weights over primary variants, shadows, sticky parameter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTraffic(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """All traffic to one variant; the previous routing is kept for Rollback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TrafficServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=protos_dot_slimserve__pb2.SetTrafficRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
+            ),
+            'GetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTraffic,
+                    request_deserializer=protos_dot_slimserve__pb2.GetTrafficRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=protos_dot_slimserve__pb2.PromoteRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_slimserve__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'slimserve.v1.Traffic', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('slimserve.v1.Traffic', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Traffic:
+    """---------------------------------------------------------------- traffic
+
+    """
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Traffic/SetTraffic',
+            protos_dot_slimserve__pb2.SetTrafficRequest.SerializeToString,
+            protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Traffic/GetTraffic',
+            protos_dot_slimserve__pb2.GetTrafficRequest.SerializeToString,
+            protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Traffic/Promote',
+            protos_dot_slimserve__pb2.PromoteRequest.SerializeToString,
+            protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Traffic/Rollback',
+            protos_dot_slimserve__pb2.RollbackRequest.SerializeToString,
+            protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class FeedbackStub:
+    """---------------------------------------------------------------- feedback and experiments
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SendFeedback = channel.unary_unary(
+                '/slimserve.v1.Feedback/SendFeedback',
+                request_serializer=protos_dot_slimserve__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
+
+
+class FeedbackServicer:
+    """---------------------------------------------------------------- feedback and experiments
+
+    """
+
+    def SendFeedback(self, request, context):
+        """Ground truth for an earlier request (by its id), so that accuracy is measured on live traffic.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FeedbackServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SendFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendFeedback,
+                    request_deserializer=protos_dot_slimserve__pb2.FeedbackRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.FeedbackResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'slimserve.v1.Feedback', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('slimserve.v1.Feedback', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Feedback:
+    """---------------------------------------------------------------- feedback and experiments
+
+    """
+
+    @staticmethod
+    def SendFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Feedback/SendFeedback',
+            protos_dot_slimserve__pb2.FeedbackRequest.SerializeToString,
+            protos_dot_slimserve__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ExperimentsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Compare = channel.unary_unary(
+                '/slimserve.v1.Experiments/Compare',
+                request_serializer=protos_dot_slimserve__pb2.CompareRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.CompareResponse.FromString,
+                _registered_method=True)
+
+
+class ExperimentsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Compare(self, request, context):
+        """Per variant: traffic, latency, batch, cost, offline and online accuracy, and a significance
+        verdict against the baseline; computed from the server's own measurements.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ExperimentsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Compare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compare,
+                    request_deserializer=protos_dot_slimserve__pb2.CompareRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.CompareResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'slimserve.v1.Experiments', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('slimserve.v1.Experiments', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Experiments:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Compare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Experiments/Compare',
+            protos_dot_slimserve__pb2.CompareRequest.SerializeToString,
+            protos_dot_slimserve__pb2.CompareResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,9 @@ from server.metrics import Metrics
 from server.pricing import load_prices, price_of
 from server.registry import Registrar
 from server.repository import Repository
+from server.servicers.experiments import ExperimentsServicer, FeedbackServicer
 from server.servicers.inference import InferenceServicer
+from server.servicers.traffic import TrafficServicer
 from server.servicers.optimizer import OptimizerServicer
 from server.servicers.registry import RegistryServicer
 from server.settings import Settings
@@ -30,6 +32,9 @@ SERVICES = (
     inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     slimserve_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name,
     slimserve_pb2.DESCRIPTOR.services_by_name["Optimizer"].full_name,
+    slimserve_pb2.DESCRIPTOR.services_by_name["Traffic"].full_name,
+    slimserve_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,
+    slimserve_pb2.DESCRIPTOR.services_by_name["Experiments"].full_name,
 )
 
 
@@ -39,11 +44,13 @@ class SlimServer:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.prices = load_prices(settings.prices)
-        price = price_of(settings.node_type, self.prices)
+        self.price = price = price_of(settings.node_type, self.prices)
         # A fresh registry per server unless one is given: tests run several servers in one process.
         self.metrics = Metrics(registry, node_type=settings.node_type, price_per_hour=price)
         self.repository = Repository(settings.repository)
-        self.dataplane = DataPlane(self.repository, settings.runtime_config(), self.metrics, settings.compute_threads)
+        self.dataplane = DataPlane(
+            self.repository, settings.runtime_config(), self.metrics, settings.compute_threads, settings.batching_config()
+        )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
         self.port: int | None = None
@@ -64,6 +71,9 @@ class SlimServer:
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
         slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar, self.jobs), server)
         slimserve_pb2_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.jobs), server)
+        slimserve_pb2_grpc.add_TrafficServicer_to_server(TrafficServicer(self.dataplane), server)
+        slimserve_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.dataplane), server)
+        slimserve_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsServicer(self.dataplane, self.settings.node_type, self.price), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

@@ -11,6 +11,7 @@ from protos import slimserve_pb2 as spb
 from server.dataplane import InferResult
 from server.registry import UploadFile, UploadHeader
 from server.repository import ModelInfo, VariantInfo
+from server.routing import TrafficPolicy
 from server.runtimes import TensorSpec
 
 # Evaluation fields copied into VariantRecord; the rest travel in evaluation_json.
@@ -67,6 +68,17 @@ def model_record(info: ModelInfo) -> spb.ModelRecord:
         variants=[variant_record(v) for v in info.variants.values()],
         datasets=info.datasets,
         default_variant=info.default_variant,
+        traffic=traffic_policy(info.name, info.traffic),
+    )
+
+
+def traffic_policy(model: str, policy: TrafficPolicy) -> spb.TrafficPolicy:
+    return spb.TrafficPolicy(
+        model=model,
+        weights=policy.weights,
+        shadows=list(policy.shadows),
+        sticky_parameter=policy.sticky_parameter or "",
+        can_rollback=policy.can_rollback,
     )
 
 
@@ -93,7 +105,8 @@ def wants_raw_output(request: pb.ModelInferRequest) -> bool:
 
 
 def infer_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=request.id)
+    # The id a client gave, or the one the server made up: feedback refers to the request by it.
+    response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=result.request_id or request.id)
     datatypes = {name: result.specs[name].datatype for name in result.outputs}
     # The protocol wants raw for all outputs or for none; FP16 has no typed field, so it forces raw.
     raw = wants_raw_output(request) or any(d not in codec.CONTENTS_FIELD for d in datatypes.values())
@@ -135,3 +148,17 @@ def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
         id=job["id"], model=model, variant=job["variant"], recipe=job["recipe"], status=job["status"],
         message=job.get("message", ""), started_at=job.get("started_at", ""), finished_at=job.get("finished_at", ""),
     )
+
+
+def compare_response(model: str, node_type: str, price_per_hour: float, rows: list[dict[str, Any]]) -> spb.CompareResponse:
+    """Rows of server.stats.compare_rows as a CompareResponse; a None (no data yet) leaves the field unset."""
+    response = spb.CompareResponse(model=model, node_type=node_type, price_per_hour=price_per_hour)
+    for row in rows:
+        row = dict(row)
+        ci = row.pop("online_accuracy_ci", None)
+        if ci is not None:
+            row["online_accuracy_low"], row["online_accuracy_high"] = ci
+        row["latency_verdict"] = row.get("latency_verdict") or ""
+        row["accuracy_verdict"] = row.get("accuracy_verdict") or ""
+        response.variants.add(**{k: v for k, v in row.items() if v is not None})
+    return response

@@ -242,4 +242,8 @@ class JobManager:
     async def stop(self) -> None:
         for job in self.jobs.values():
             job.cancel.set()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:  # let cancelled tasks unwind so none is destroyed while pending
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from server.routing import TrafficPolicy, without_variant
 from server.runtimes import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,17 @@ class ModelInfo:
     outputs: list[TensorSpec]
     datasets: list[str]
     variants: dict[str, VariantInfo]
-    default_variant: str = BASELINE
+    # How live traffic is split between variants; persisted so that a restart keeps it.
+    traffic: TrafficPolicy = field(default_factory=TrafficPolicy.single)
     # Optimization jobs by id: model, variant, recipe, status (running | succeeded | failed), message, times.
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def default_variant(self) -> str:
+        """The primary variant with the largest share (ties: the baseline, then by name)."""
+        weights = self.traffic.weights
+        return min(weights, key=lambda v: (-weights[v], v != BASELINE, v)) if weights else BASELINE
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,7 +126,7 @@ class ModelInfo:
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
             "datasets": list(self.datasets),
-            "default_variant": self.default_variant,
+            "traffic": self.traffic.to_dict(),
             "variants": {k: v.to_dict() for k, v in self.variants.items()},
             "jobs": self.jobs,
         }
@@ -136,7 +144,8 @@ class ModelInfo:
             outputs=[TensorSpec.from_dict(s) for s in d["outputs"]],
             datasets=list(d.get("datasets", [])),
             variants={k: VariantInfo.from_dict(v) for k, v in d["variants"].items()},
-            default_variant=d.get("default_variant", BASELINE),
+            # Manifests written before routing existed name one default variant instead.
+            traffic=TrafficPolicy.from_dict(d["traffic"]) if "traffic" in d else TrafficPolicy.single(d.get("default_variant", BASELINE)),
             jobs=dict(d.get("jobs", {})),
         )
 
@@ -353,8 +362,7 @@ class Repository:
             def drop(i: ModelInfo) -> None:
                 if variant not in i.variants:
                     raise NotFound(f"model '{model}' has no variant '{variant}'")
-                if i.default_variant == variant:
-                    i.default_variant = BASELINE
+                i.traffic = without_variant(i.traffic, variant)
                 del i.variants[variant]
 
             info = self.update(model, drop)

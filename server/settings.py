@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.batching import BatchingConfig
 from server.runtimes import RuntimeConfig
 
 
@@ -26,7 +27,21 @@ class Settings(BaseSettings):
     compute_threads: int = Field(2, description="worker threads that run models")
     intra_op_threads: int = Field(0, description="threads inside one model call; 0 lets the runtime decide")
     device: str = Field("auto", description="auto (best available), cpu, or cuda")
+    batching: bool = Field(True, description="merge concurrent requests of a variant into batched model calls")
+    max_batch_size: int = Field(32, description="largest batch the batcher forms (samples)")
+    max_queue_delay_ms: float = Field(0.5, description="longest a request waits for others to fill a batch")
+    preferred_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes to cut at when they can be filled")
+    max_queue_size: int = Field(1024, description="requests waiting per variant; beyond it RESOURCE_EXHAUSTED")
     shutdown_grace_s: float = Field(30.0, description="seconds in-flight calls get to finish on SIGTERM")
+
+    def batching_config(self) -> BatchingConfig:
+        return BatchingConfig(
+            enabled=self.batching,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_ms=self.max_queue_delay_ms,
+            preferred_batch_sizes=tuple(self.preferred_batch_sizes),
+            max_queue_size=self.max_queue_size,
+        )
 
     def runtime_config(self) -> RuntimeConfig:
         return RuntimeConfig(intra_op_threads=self.intra_op_threads, device=self.device)

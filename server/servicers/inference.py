@@ -40,7 +40,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelInfer(self, request, context):
-        async with self.dataplane.track(request.model_name, request.model_version) as call:
+        async with self.dataplane.track(request.model_name, request.model_version, request.parameters, request.id) as call:
             inputs = codec.decode_request_inputs(request)
             result = await self.dataplane.infer(call, inputs, [o.name for o in request.outputs] or None)
             return converters.infer_response(request, result)

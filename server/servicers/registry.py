@@ -58,4 +58,15 @@ class RegistryServicer(spb_grpc.ModelRegistryServicer):
         except NotFound:
             pass  # registered but not loaded
         self.dataplane.repository.delete(request.name)
+        self.dataplane.forget_model(request.name)
         return spb.DeleteModelResponse()
+
+    @grpc_errors
+    async def DeleteVariant(self, request, context):
+        """Out of routing and the manifest first (new requests stop going there), then unloaded once its queue drains."""
+        repository = self.dataplane.repository
+        info = await self.dataplane.run_blocking(repository.remove_variant, request.model, request.variant)
+        if request.model in self.dataplane.models:
+            await self.dataplane.refresh(request.model)
+        self.dataplane.forget_variant(request.model, request.variant)
+        return converters.model_record(info)

@@ -80,7 +80,6 @@ def test_graph_ort_refuses_an_unknown_level():
 
 
 def test_graph_ort_converts_a_pt2_first(digits, context):
-    pytest.importorskip("optimizer.export", reason="optimizer/export.py (to_onnx) is not written yet")
     result = make_pass("graph-ort").run(Artifact(digits.pt2, "pt2", input_names=("x",)), context)
     assert result.format == "onnx"
     np.testing.assert_allclose(_run(result.path, digits.x_test[:64]), _run(digits.onnx, digits.x_test[:64]), atol=1e-5)

@@ -34,7 +34,7 @@ def test_register_lists_and_deletes(client, digits, server):
     assert [m["name"] for m in client.models()] == ["digits"]
     stored = server.settings.repository / "models" / "digits"
     assert (stored / "variants" / "baseline" / "model.onnx").read_bytes() == digits.onnx.read_bytes()
-    assert json.loads((stored / "manifest.json").read_text())["default_variant"] == "baseline"
+    assert json.loads((stored / "manifest.json").read_text())["traffic"]["weights"] == {"baseline": 1.0}
     client.delete("digits")
     assert client.models() == [] and not stored.exists()
     assert refused_delete(client, "digits") == ("NOT_FOUND", "model 'digits' is not registered")

@@ -1,0 +1,339 @@
+"""The dynamic batcher: merging and splitting, limits, low-load latency, overload, cancellation, errors, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from server.batching import BatchingConfig, DynamicBatcher
+from server.errors import InvalidArgument, ResourceExhausted, Unavailable
+from server.runtimes import create_runtime
+
+BLOCK = -1.0  # a request whose first value is BLOCK holds the model until the test opens the gate
+FAIL = -2.0  # a call that contains FAIL raises
+
+
+class FakeModel:
+    """A deterministic model: y = 2x + 1 row by row, plus outputs without a batch dimension."""
+
+    def __init__(self, compute_s: float = 0.0) -> None:
+        self.compute_s = compute_s
+        self.calls: list[int] = []  # samples per call, in call order
+        self.seen: list[np.ndarray] = []  # the merged 'x' of every call
+        self.running = 0
+        self.max_running = 0
+        self.gate = threading.Event()
+        self.blocked = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        with self._lock:
+            self.calls.append(x.shape[0] if x.ndim else 1)
+            self.seen.append(x.copy())
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            if x.flat[0] == BLOCK:
+                self.blocked.set()
+                assert self.gate.wait(10), "test never opened the gate"
+            if self.compute_s:
+                time.sleep(self.compute_s)
+            if (x == FAIL).any():
+                raise ValueError("model failed on this batch")
+            result = {
+                "y": x * 2 + 1,
+                "scale": np.array(3.0, np.float32),  # no batch dimension: shared whole
+                "table": np.arange(5, dtype=np.int64),  # dim 0 is not the batch: shared whole
+            }
+            return {k: v for k, v in result.items() if not outputs or k in outputs}
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def run(coro, timeout: float = 20.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="compute") as pool:
+        yield pool
+
+
+def sample(rows: int, value: float | None = None, cols: int = 4, dtype=np.float32) -> np.ndarray:
+    if value is not None:
+        return np.full((rows, cols), value, dtype)
+    return np.random.default_rng(rows * 1000 + cols).normal(size=(rows, cols)).astype(dtype)
+
+
+async def wait_blocked(model: FakeModel) -> None:
+    while not model.blocked.is_set():
+        await asyncio.sleep(0.001)
+
+
+def test_merged_results_equal_alone_and_sizes_split_back(executor):
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(), model="m", variant="v")
+    sizes = [1, 3, 7, 2, 1]
+    xs = [sample(n, cols=4) + i for i, n in enumerate(sizes)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit({"x": x}, None) for x in xs))
+
+    results = run(main())
+    assert model.calls == [sum(sizes)]  # one call for all: they arrived together
+    for x, got in zip(xs, results):
+        alone = model({"x": x}, None)
+        assert got["y"].shape == (x.shape[0], 4)
+        np.testing.assert_array_equal(got["y"], alone["y"])  # exactly, not approximately
+        np.testing.assert_array_equal(got["scale"], alone["scale"])
+        np.testing.assert_array_equal(got["table"], np.arange(5))
+
+
+def test_incompatible_requests_are_not_merged(executor):
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(), model="m", variant="v")
+    requests = [
+        ({"x": sample(1, 1.0, cols=4)}, None),
+        ({"x": sample(1, 2.0, cols=5)}, None),  # other non-batch shape
+        ({"x": sample(1, 3.0, cols=4, dtype=np.float64)}, None),  # other dtype
+        ({"x": sample(1, 4.0, cols=4)}, ["y"]),  # other outputs
+        ({"x": sample(1, 5.0, cols=4)}, None),  # merges with the first
+        ({"x": np.array(6.0, np.float32)}, None),  # no batch dimension: alone
+    ]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(i, o) for i, o in requests))
+
+    results = run(main())
+    merged = [sorted(set(x.reshape(-1).tolist())) for x in model.seen]
+    assert sorted(merged) == [[1.0, 5.0], [2.0], [3.0], [4.0], [6.0]]
+    for (inputs, outputs), got in zip(requests, results):
+        np.testing.assert_array_equal(got["y"], inputs["x"] * 2 + 1)
+        assert got["y"].dtype == inputs["x"].dtype
+        assert set(got) == ({"y"} if outputs else {"y", "scale", "table"})
+
+
+def test_max_batch_size_is_respected_and_a_large_request_runs_alone_unsplit(executor):
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=4), model="m", variant="v")
+    xs = [sample(1, float(i)) for i in range(10)] + [sample(9, 100.0)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit({"x": x}, None) for x in xs))
+
+    results = run(main())
+    assert model.calls == [4, 4, 2, 9]
+    assert results[-1]["y"].shape == (9, 4)
+    for x, got in zip(xs, results):
+        np.testing.assert_array_equal(got["y"], x * 2 + 1)
+
+
+def test_preferred_batch_sizes_cut_the_batch(executor):
+    model = FakeModel()
+    config = BatchingConfig(max_batch_size=8, preferred_batch_sizes=(4,))
+    batcher = DynamicBatcher(model, executor, config, model="m", variant="v")
+
+    async def main():
+        await asyncio.gather(*(batcher.submit({"x": sample(1, float(i))}, None) for i in range(10)))
+
+    run(main())
+    assert model.calls == [4, 4, 2]
+
+
+def test_a_lone_request_is_not_delayed(executor):
+    # A queue delay far longer than the call: a lone request must not wait for it.
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_delay_ms=200.0), model="m", variant="v")
+    unbatched = DynamicBatcher(model, executor, BatchingConfig(enabled=False), model="m", variant="v")
+
+    async def latencies(b: DynamicBatcher) -> list[float]:
+        out = []
+        for i in range(30):
+            start = time.perf_counter()
+            await b.submit({"x": sample(1, float(i))}, None)
+            out.append(time.perf_counter() - start)
+        return out
+
+    on, off = run(latencies(batcher)), run(latencies(unbatched))
+    assert statistics.median(on) < 0.002, f"median {statistics.median(on) * 1e3:.2f} ms"
+    assert statistics.median(on) < statistics.median(off) + 0.001
+    assert max(on) < 0.1  # never the 200 ms delay
+    assert set(model.calls) == {1}
+
+
+def test_concurrent_callers_fill_batches(executor):
+    model = FakeModel(compute_s=0.002)
+    batcher = DynamicBatcher(model, executor, BatchingConfig(), model="m", variant="v", max_concurrency=2)
+    observed: list[tuple[int, int]] = []
+    batcher.on_batch = lambda size, queue, compute: observed.append((size, len(queue)))
+
+    async def caller(c: int) -> None:
+        for i in range(10):
+            x = sample(1, float(c * 100 + i))
+            got = await batcher.submit({"x": x}, None)
+            np.testing.assert_array_equal(got["y"], x * 2 + 1)
+            await asyncio.sleep(0.0005 * (c % 3))  # callers out of step
+
+    async def main():
+        await asyncio.gather(*(caller(c) for c in range(16)))
+
+    run(main())
+    assert sum(model.calls) == 160
+    assert statistics.mean(model.calls) > 1.5, model.calls
+    assert model.max_running <= 2
+    assert sorted(size for size, _ in observed) == sorted(model.calls)
+    assert all(size == n for size, n in observed)  # single-sample requests: one queue time per sample
+
+
+def test_full_queue_answers_resource_exhausted_at_once_and_keeps_serving(executor):
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_size=3), model="digits", variant="int8")
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)  # the only call slot is busy: what comes next waits
+        queued = [asyncio.create_task(batcher.submit({"x": sample(1, float(i))}, None)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued == 3
+        start = time.perf_counter()
+        with pytest.raises(ResourceExhausted) as info:
+            await batcher.submit({"x": sample(1, 9.0)}, None)
+        assert time.perf_counter() - start < 0.01
+        assert info.value.message == (
+            "variant 'int8' of model 'digits': queue full (3 requests waiting); retry later or raise max_queue_size"
+        )
+        model.gate.set()
+        await asyncio.gather(running, *queued)
+        after = await batcher.submit({"x": sample(1, 7.0)}, None)
+        np.testing.assert_array_equal(after["y"], sample(1, 15.0))
+
+    run(main())
+    assert model.calls == [1, 3, 1]
+
+
+def test_cancelled_request_is_dropped_before_it_runs(executor):
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(), model="m", variant="v")
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        gone = asyncio.create_task(batcher.submit({"x": sample(1, 42.0)}, None))
+        kept = asyncio.create_task(batcher.submit({"x": sample(1, 1.0)}, None))
+        await asyncio.sleep(0.01)
+        with pytest.raises(asyncio.TimeoutError):  # a deadline passing cancels the wait
+            await asyncio.wait_for(gone, 0.001)
+        assert batcher.queued == 1
+        model.gate.set()
+        await running
+        np.testing.assert_array_equal((await kept)["y"], sample(1, 3.0))
+
+    run(main())
+    assert not any((x == 42.0).any() for x in model.seen)
+    assert model.calls == [1, 1]
+
+
+def test_a_failing_call_fails_its_whole_batch_and_later_requests_work(executor):
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(), model="m", variant="v")
+
+    async def main():
+        outcomes = await asyncio.gather(
+            *(batcher.submit({"x": sample(1, v)}, None) for v in (1.0, FAIL, 3.0)), return_exceptions=True
+        )
+        assert model.calls == [3]
+        assert all(isinstance(o, ValueError) and "model failed" in str(o) for o in outcomes)
+        later = await asyncio.gather(*(batcher.submit({"x": sample(1, v)}, None) for v in (1.0, 2.0)))
+        assert [float(r["y"][0, 0]) for r in later] == [3.0, 5.0]
+
+    run(main())
+
+
+def test_close_drains_what_is_queued_then_refuses(executor):
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_delay_ms=500.0), model="m", variant="v")
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        queued = [asyncio.create_task(batcher.submit({"x": sample(1, float(i))}, None)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable, match="variant 'v' of model 'm' is unloading"):
+            await batcher.submit({"x": sample(1, 5.0)}, None)
+        assert not closing.done()
+        model.gate.set()
+        await closing
+        assert all(t.done() for t in [running, *queued])
+        assert [float(t.result()["y"][0, 0]) for t in queued] == [1.0, 3.0, 5.0]
+
+    run(main())
+    assert model.calls == [1, 3]
+
+
+def test_disabled_runs_each_request_alone(executor):
+    model = FakeModel(compute_s=0.001)
+    seen: list[int] = []
+    batcher = DynamicBatcher(
+        model, executor, BatchingConfig(enabled=False), model="m", variant="v", on_batch=lambda n, q, c: seen.append(n)
+    )
+    xs = [sample(n) for n in (1, 2, 1, 3)]
+
+    async def main():
+        results = await asyncio.gather(*(batcher.submit({"x": x}, ["y"]) for x in xs))
+        await batcher.close()
+        return results
+
+    for x, got in zip(xs, run(main())):
+        np.testing.assert_array_equal(got["y"], x * 2 + 1)
+    assert sorted(model.calls) == [1, 1, 2, 3] and sorted(seen) == [1, 1, 2, 3]
+
+
+def test_config_round_trips_and_rejects_nonsense():
+    config = BatchingConfig(max_batch_size=16, max_queue_delay_ms=0.5, preferred_batch_sizes=(8, 4, 8), max_queue_size=64)
+    assert config.preferred_batch_sizes == (4, 8)
+    assert BatchingConfig.from_dict(config.to_dict()) == config
+    assert BatchingConfig.from_dict({}) == BatchingConfig()
+    with pytest.raises(InvalidArgument, match="out of range: \\[64\\]"):
+        BatchingConfig(max_batch_size=32, preferred_batch_sizes=(64,))
+    with pytest.raises(InvalidArgument, match="unknown setting"):
+        BatchingConfig.from_dict({"max_batch": 8})
+    with pytest.raises(InvalidArgument, match="max_batch_size must be >= 1"):
+        BatchingConfig(max_batch_size=0)
+
+
+def test_digits_onnx_batched_equals_unbatched(digits, executor):
+    runtime = create_runtime("onnxruntime", digits.onnx)
+    runtime.load()
+    x = digits.x_test[:40]
+    sizes = [1, 3, 7, 1, 2, 8, 1, 5, 4, 8]  # 40 samples, in calls of at most 16
+    offsets = np.cumsum([0, *sizes])
+    model_calls: list[int] = []
+    batcher = DynamicBatcher(
+        runtime.predict, executor, BatchingConfig(max_batch_size=16), model="digits", variant="baseline",
+        on_batch=lambda n, q, c: model_calls.append(n),
+    )
+
+    async def main():
+        return await asyncio.gather(
+            *(batcher.submit({"x": x[a:b]}, ["logits"]) for a, b in zip(offsets[:-1], offsets[1:]))
+        )
+
+    results = run(main())
+    assert max(model_calls) > 1 and max(model_calls) <= 16 and sum(model_calls) == 40
+    for (a, b), got in zip(zip(offsets[:-1], offsets[1:]), results):
+        alone = runtime.predict({"x": x[a:b]}, ["logits"])["logits"]
+        assert got["logits"].shape == (b - a, 10)
+        # Kernels may differ with the batch size by a rounding error, never by an answer.
+        np.testing.assert_allclose(got["logits"], alone, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got["logits"].argmax(1), alone.argmax(1))

@@ -1,0 +1,260 @@
+"""Live statistics: latency windows, online accuracy and shadow agreement, significance tests, compare rows."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from server.errors import InvalidArgument, NotFound
+from server.stats import (
+    FeedbackStore,
+    LatencyWindow,
+    accuracy_verdict,
+    compare_rows,
+    cost_per_1000,
+    latency_verdict,
+    mann_whitney,
+    two_proportion_test,
+    verdict,
+    wilson_interval,
+)
+
+# ---------------------------------------------------------------------- latency window
+
+
+def test_latency_window_percentiles_and_mean_batch():
+    window = LatencyWindow(capacity=1000)
+    assert window.percentiles((50, 99)) == {50: None, 99: None}
+    assert window.mean_batch is None
+    for i in range(1, 101):
+        window.record(i / 1000.0, batch_size=4 if i % 2 else 8)
+    pct = window.percentiles((50, 90, 99))
+    assert pct[50] == pytest.approx(0.0505)
+    assert pct[90] == pytest.approx(0.0901)
+    assert window.mean_batch == 6.0
+    assert window.count == 100
+
+
+def test_latency_window_keeps_only_the_most_recent_samples():
+    window = LatencyWindow(capacity=10)
+    for i in range(25):
+        window.record(float(i))
+    assert window.count == 10
+    assert window.total == 25
+    assert sorted(window.latencies()) == [float(i) for i in range(15, 25)]
+
+
+def test_latency_window_records_from_many_threads():
+    window = LatencyWindow(capacity=100_000)
+
+    def work():
+        for _ in range(5000):
+            window.record(0.001, 2)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert window.count == 20_000
+    assert window.mean_batch == 2.0
+
+
+# ---------------------------------------------------------------------- feedback
+
+
+def test_online_accuracy_counts_labels_per_variant():
+    store = FeedbackStore()
+    store.record_prediction("r1", "baseline", 3)
+    store.record_prediction("r2", "baseline", 5)
+    store.record_prediction("r3", "int8", 7)
+    assert store.online_accuracy("baseline") is None  # no labels yet
+    assert store.feedback("r1", 3).correct
+    result = store.feedback("r2", 4)
+    assert (result.variant, result.correct) == ("baseline", False)
+    store.feedback("r3", 7)
+    assert store.online_accuracy("baseline") == 0.5
+    assert store.online_counts("int8") == (1, 1)
+
+
+def test_shadow_agreement_is_counted_without_labels_and_shadows_are_scored_by_labels():
+    store = FeedbackStore()
+    store.record_prediction("r1", "baseline", 1, shadows={"int8": 1})
+    store.record_prediction("r2", "baseline", 2, shadows={"int8": 9})
+    store.record_prediction("r3", "baseline", 3)
+    assert store.record_shadow("r3", "int8", 3)  # arrives after the answer was sent
+    assert store.record_shadow("r3", "int8", 3)  # counted once per request
+    assert not store.record_shadow("gone", "int8", 0)
+    assert store.agreement_counts("int8") == (2, 3)
+    assert store.shadow_agreement("int8") == pytest.approx(2 / 3)
+    store.feedback("r2", 9)  # the shadow was right, the primary wrong
+    assert store.online_counts("baseline") == (0, 1)
+    assert store.online_counts("int8") == (1, 1)
+
+
+def test_feedback_for_an_unknown_or_forgotten_id_is_not_found():
+    store = FeedbackStore(capacity=3)
+    for i in range(5):
+        store.record_prediction(f"r{i}", "baseline", 0)
+    assert len(store) == 3
+    with pytest.raises(NotFound) as info:
+        store.feedback("abc", 1)
+    assert info.value.message == "no recent request with id 'abc' (ids are kept for the last 3 requests)"
+    with pytest.raises(NotFound):
+        store.feedback("r0", 0)  # evicted
+    store.feedback("r4", 0)
+
+
+def test_a_second_label_for_the_same_request_is_refused():
+    store = FeedbackStore()
+    store.record_prediction("abc", "baseline", 1)
+    store.feedback("abc", 1)
+    with pytest.raises(InvalidArgument, match="request 'abc' already has a label"):
+        store.feedback("abc", 2)
+    assert store.online_counts("baseline") == (1, 1)
+    with pytest.raises(InvalidArgument, match="label must be an integer"):
+        store.feedback("abc", 1.5)
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3)
+    assert high == pytest.approx(0.5962, abs=1e-3)
+    low99, high99 = wilson_interval(50, 100, confidence=0.99)
+    assert low99 < low and high99 > high
+    none_low, none_high = wilson_interval(0, 10)
+    assert none_low == 0.0 and none_high == pytest.approx(0.2775, abs=1e-3)
+    assert wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_mann_whitney_detects_a_clear_shift_and_not_identical_distributions():
+    rng = np.random.default_rng(0)
+    fast = rng.lognormal(np.log(0.002), 0.3, 400)
+    slow = rng.lognormal(np.log(0.003), 0.3, 400)
+    assert mann_whitney(fast, slow) < 0.001
+    same_a = rng.lognormal(np.log(0.002), 0.3, 400)
+    same_b = rng.lognormal(np.log(0.002), 0.3, 400)
+    assert mann_whitney(same_a, same_b) > 0.05
+    assert mann_whitney([1.0] * 50, [1.0] * 50) == 1.0
+
+
+def test_mann_whitney_agrees_with_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    a = np.round(rng.normal(1.0, 1.0, 300), 1)  # rounding makes ties
+    b = np.round(rng.normal(1.2, 1.0, 250), 1)
+    expected = scipy_stats.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic").pvalue
+    assert mann_whitney(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_two_proportion_test():
+    assert two_proportion_test(80, 100, 90, 100) == pytest.approx(0.0477, abs=1e-3)
+    assert two_proportion_test(50, 100, 50, 100) == pytest.approx(1.0)
+    assert two_proportion_test(100, 100, 100, 100) == 1.0
+
+
+def test_verdict_strings():
+    assert verdict(0.0001, True, 100, better_word="faster", worse_word="slower") == "faster (p<0.001)"
+    assert verdict(0.01, False, 100, better_word="faster", worse_word="slower") == "slower (p=0.01)"
+    assert verdict(0.41, True, 100, better_word="faster", worse_word="slower") == "no significant difference (p=0.41)"
+    assert verdict(0.0001, True, 12, better_word="faster", worse_word="slower") == "not enough data (n=12 < 30)"
+
+
+def test_latency_and_accuracy_verdicts_pick_the_direction():
+    rng = np.random.default_rng(2)
+    base = rng.lognormal(np.log(0.004), 0.2, 300)
+    quick = rng.lognormal(np.log(0.002), 0.2, 300)
+    assert latency_verdict(base, quick) == "faster (p<0.001)"
+    assert latency_verdict(quick, base) == "slower (p<0.001)"
+    assert accuracy_verdict(900, 1000, 800, 1000) == "less accurate (p<0.001)"
+    assert accuracy_verdict(800, 1000, 900, 1000) == "more accurate (p<0.001)"
+
+
+# ---------------------------------------------------------------------- compare
+
+
+def test_cost_per_1000_on_hand_numbers():
+    # 36 device seconds at $2.48/h = $0.0248, spread over 200 requests -> $0.124 per 1000.
+    assert cost_per_1000(36.0, 2.48, 200) == pytest.approx(0.124)
+    assert cost_per_1000(1.0, 2.48, 0) is None
+
+
+def _window(values: np.ndarray, batch: int = 1) -> LatencyWindow:
+    window = LatencyWindow()
+    for v in values:
+        window.record(float(v), batch)
+    return window
+
+
+def test_compare_rows_with_too_little_data_says_so():
+    store = FeedbackStore()
+    for i in range(12):
+        store.record_prediction(f"b{i}", "baseline", 1)
+        store.feedback(f"b{i}", 1)
+        store.record_prediction(f"q{i}", "int8", 1)
+        store.feedback(f"q{i}", 0 if i < 3 else 1)
+    rows = compare_rows(
+        ["int8", "baseline"],
+        weights={"baseline": 0.7, "int8": 0.3},
+        latencies={"baseline": _window(np.full(12, 0.004)), "int8": _window(np.full(12, 0.002))},
+        requests={"baseline": 12, "int8": 12},
+        errors={"int8": 1},
+        device_seconds={"baseline": 0.036, "int8": 0.018},
+        price_per_hour=1.0,
+        offline_accuracy={"baseline": 0.97, "int8": 0.96},
+        feedback=store,
+    )
+    assert [r["variant"] for r in rows] == ["baseline", "int8"]
+    base, int8 = rows
+    assert base["latency_verdict"] is None and base["accuracy_verdict"] is None
+    assert int8["latency_verdict"] == "not enough data (n=12 < 30)"
+    assert int8["accuracy_verdict"] == "not enough data (n=12 < 30)"
+    assert int8["online_accuracy"] == 0.75
+    low, high = int8["online_accuracy_ci"]
+    assert low < 0.75 < high
+    assert int8["errors"] == 1 and base["errors"] == 0
+    assert int8["latency_p50_ms"] == pytest.approx(2.0)
+    assert int8["cost_per_1000"] == pytest.approx(0.018 / 3600 / 12 * 1000)
+    json.dumps(rows)  # plain enough for `slimctl compare --json`
+
+
+def test_compare_rows_with_enough_data_gives_verdicts_and_shadow_agreement():
+    rng = np.random.default_rng(3)
+    store = FeedbackStore()
+    for i in range(400):
+        store.record_prediction(f"r{i}", "baseline", i % 10, shadows={"int8": i % 10 if i % 5 else -1})
+        store.feedback(f"r{i}", i % 10)
+    rows = compare_rows(
+        ["baseline", "int8", "pruned"],
+        weights={"baseline": 1.0},
+        shadows=("int8",),
+        latencies={
+            "baseline": _window(rng.lognormal(np.log(0.004), 0.2, 400), batch=4),
+            "int8": _window(rng.lognormal(np.log(0.002), 0.2, 400), batch=4),
+        },
+        requests={"baseline": 400, "int8": 400},
+        errors={},
+        device_seconds={},
+        price_per_hour=0.1,
+        offline_accuracy={"baseline": 0.97},
+        feedback=store,
+    )
+    by_name = {r["variant"]: r for r in rows}
+    int8 = by_name["int8"]
+    assert int8["shadow"] and int8["weight"] == 0.0
+    assert int8["shadow_agreement"] == pytest.approx(0.8)
+    assert int8["latency_verdict"] == "faster (p<0.001)"
+    assert int8["accuracy_verdict"] == "less accurate (p<0.001)"
+    assert int8["mean_batch"] == 4.0
+    assert by_name["baseline"]["online_accuracy"] == 1.0
+    pruned = by_name["pruned"]  # a variant with no traffic at all
+    assert pruned["requests"] == 0 and pruned["cost_per_1000"] is None and pruned["latency_p50_ms"] is None
+    assert pruned["latency_verdict"] == "not enough data (n=0 < 30)"
+    assert pruned["offline_accuracy"] is None and pruned["online_accuracy_ci"] is None
