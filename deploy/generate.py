@@ -236,6 +236,9 @@ def model_dashboard() -> dict:
     grid.add(timeseries("Queue time p50 / p99", "Time a request waits in the dynamic batcher's queue before its batch starts.", "s",
                         (quantile(0.5, "slimserve_queue_duration_seconds", SEL, "variant"), "{{variant}} p50"),
                         (quantile(0.99, "slimserve_queue_duration_seconds", SEL, "variant"), "{{variant}} p99")))
+    grid.add(timeseries("Queue depth", "Requests waiting in each variant's batcher queue, against the queue's capacity.", "short",
+                        ("sum by (variant) (slimserve_queue_requests{" + SEL + "})", "{{variant}} waiting"),
+                        ("max by (variant) (slimserve_queue_capacity_requests{" + SEL + "})", "{{variant}} capacity")))
     grid.add(timeseries("Compute time p50 / p99", "Time the runtime spends on one model call (one batch).", "s",
                         (quantile(0.5, "slimserve_compute_duration_seconds", SEL, "variant"), "{{variant}} p50"),
                         (quantile(0.99, "slimserve_compute_duration_seconds", SEL, "variant"), "{{variant}} p99")))

@@ -194,6 +194,9 @@ class DataPlane:
             max_concurrency=1,
             on_batch=partial(self._on_batch, model, variant, stats),
         )
+        labels = self.metrics.labels(model, variant)
+        self.metrics.queued.labels(**labels).set_function(lambda: batcher.queued)
+        self.metrics.queue_capacity.labels(**labels).set(config.max_queue_size)
         return ServedVariant(runtime, batcher)
 
     def _on_batch(self, model: str, variant: str, stats: VariantStats, size: int, queue_seconds: list[float], compute: float) -> None:
@@ -362,6 +365,9 @@ class DataPlane:
             raise
         except TensorCodecError:
             code = ErrorKind.INVALID_ARGUMENT.name
+            raise
+        except asyncio.CancelledError:  # the caller went away or its deadline passed: not the server's fault
+            code = ErrorKind.DEADLINE_EXCEEDED.name
             raise
         except BaseException:
             code = ErrorKind.INTERNAL.name

@@ -80,6 +80,14 @@ class Metrics:
         self.traffic_weight = Gauge(
             "slimserve_traffic_weight_ratio", "Share of a model's traffic routed to a variant (0..1).", labels, registry=self.registry
         )
+        self.queued = Gauge(
+            "slimserve_queue_requests", "Requests waiting in a variant's batcher queue (read at scrape time).", labels,
+            registry=self.registry,
+        )
+        self.queue_capacity = Gauge(
+            "slimserve_queue_capacity_requests", "Most requests a variant's queue holds before RESOURCE_EXHAUSTED.", labels,
+            registry=self.registry,
+        )
         self.inflight = Gauge("slimserve_inflight_requests", "Inference requests being processed.", labels, registry=self.registry)
         self.model_size = Gauge("slimserve_model_size_bytes", "Bytes on disk of each loaded variant.", labels, registry=self.registry)
         self.loaded = Gauge("slimserve_variant_loaded", "1 while a variant is loaded and serving.", labels, registry=self.registry)
@@ -104,7 +112,7 @@ class Metrics:
         per_variant = (
             self.request_duration, self.compute_duration, self.queue_duration, self.batch_size, self.cost, self.samples,
             self.offline_accuracy, self.flops, self.online_accuracy, self.shadow_requests, self.shadow_agreements,
-            self.traffic_weight, self.inflight, self.model_size, self.loaded,
+            self.traffic_weight, self.inflight, self.model_size, self.loaded, self.queued, self.queue_capacity,
         )
         for metric in per_variant:
             try:
