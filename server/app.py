@@ -12,8 +12,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
-from server.auth import TokenAuthInterceptor, read_token
+from server.auth import TokenAuthInterceptor, read_token, tls_server_credentials
 from server.dataplane import DataPlane
+from server.edge import CheckedDecoding
 from server.jobs import JobManager
 from server.metrics import Metrics
 from server.pricing import load_prices, price_of
@@ -53,6 +54,8 @@ class SlimServer:
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
+        # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
+        self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server = None
@@ -68,13 +71,14 @@ class SlimServer:
         if self.settings.token_file is not None:
             interceptors.append(TokenAuthInterceptor(read_token(self.settings.token_file), self.settings.protect_inference))
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
-        slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar, self.jobs), server)
-        slimserve_pb2_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.jobs), server)
-        slimserve_pb2_grpc.add_TrafficServicer_to_server(TrafficServicer(self.dataplane), server)
-        slimserve_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.dataplane), server)
-        slimserve_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsServicer(self.dataplane, self.settings.node_type, self.price), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        checked = CheckedDecoding(server)  # request bytes that do not parse: INVALID_ARGUMENT, not UNKNOWN
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), checked)
+        slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar, self.jobs), checked)
+        slimserve_pb2_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.jobs), checked)
+        slimserve_pb2_grpc.add_TrafficServicer_to_server(TrafficServicer(self.dataplane), checked)
+        slimserve_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.dataplane), checked)
+        slimserve_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsServicer(self.dataplane, self.settings.node_type, self.price), checked)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, checked)
         reflection.enable_server_reflection(
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
@@ -84,7 +88,10 @@ class SlimServer:
         self.health = health.aio.HealthServicer()
         self.server = self._build_server()
         address = f"{self.settings.host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
         await self.dataplane.start()
@@ -94,7 +101,8 @@ class SlimServer:
             self.metrics_port = self._metrics_server.server_port
         for service in ("", *SERVICES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("slimserve listening on %s:%s (metrics on %s)", self.settings.host, self.port, self.metrics_port)
+        tls = "plaintext" if self.credentials is None else ("mutual TLS" if self.settings.tls_ca else "TLS")
+        log.info("slimserve listening on %s:%s, %s (metrics on %s)", self.settings.host, self.port, tls, self.metrics_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets those in flight finish within `grace` seconds, then unloads."""

@@ -1,4 +1,4 @@
-"""Bearer-token authentication of management calls (and inference when asked), as a gRPC interceptor."""
+"""Who may call: bearer-token authentication (a gRPC interceptor) and the TLS / mutual TLS credentials of the port."""
 
 from __future__ import annotations
 
@@ -66,3 +66,26 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         reason = "missing 'authorization: Bearer <token>' metadata" if not given else "the bearer token is wrong"
         return _deny(handler, f"{reason}; pass --token or set SLIMSERVE_TOKEN")
+
+
+def _read_pem(path: Path, flag: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise OSError(f"cannot read {flag} {path}: {e.strerror}") from e
+    if b"-----BEGIN " not in data:
+        raise OSError(f"{flag} {path} is not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def tls_server_credentials(cert: Path | None, key: Path | None, ca: Path | None) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key; with --tls-ca, clients must show a certificate that CA signed.
+    None when no TLS is asked for (plaintext)."""
+    if cert is None and key is None and ca is None:
+        return None
+    if cert is None or key is None:
+        raise OSError("TLS needs both --tls-cert and --tls-key" + (" (--tls-ca alone only checks clients)" if ca is not None else ""))
+    pair = (_read_pem(key, "--tls-key"), _read_pem(cert, "--tls-cert"))
+    if ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials([pair], root_certificates=_read_pem(ca, "--tls-ca"), require_client_auth=True)

@@ -180,6 +180,7 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._dispatcher: asyncio.Task | None = None
+        self._kick_pending = False
         self._idle: asyncio.Event | None = None  # disabled mode: set when nothing runs
 
     # ------------------------------------------------------------------ public
@@ -209,9 +210,7 @@ class DynamicBatcher:
         queue.append(request)
         self._samples[key] += size
         self._waiting += 1
-        if self._dispatcher is None:
-            self._dispatcher = loop.create_task(self._dispatch_loop(), name=f"batcher {self.model}/{self.variant}")
-        self._wakeup.set()
+        self._poke(loop)
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -227,9 +226,31 @@ class DynamicBatcher:
             if self._idle is not None and self._waiting:
                 await self._idle.wait()
             return
+        if self._dispatcher is None and (self._waiting or self._inflight):
+            # Calls started straight from submit: the dispatcher waits for them to finish.
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"batcher {self.model}/{self.variant}")
         if self._dispatcher is not None:
             self._wakeup.set()
             await asyncio.shield(self._dispatcher)
+
+    def _poke(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Something changed: with a slot free, start due batches at the end of this loop iteration
+        (so that requests arriving together still merge) by a plain callback rather than a task
+        switch; waits on a delay, and draining on close, are the dispatcher task's."""
+        if self._dispatcher is not None:
+            self._wakeup.set()
+        elif not self._kick_pending and self._waiting:
+            self._kick_pending = True
+            loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_pending = False
+        if self._dispatcher is not None:
+            self._wakeup.set()
+            return
+        wait = self._start_due_batches() if self._inflight < self.max_concurrency else None
+        if wait is not None:  # a batch waits for its delay: the dispatcher keeps the timer from now on
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"batcher {self.model}/{self.variant}")
 
     # ------------------------------------------------------------------ batching off
 
@@ -364,8 +385,8 @@ class DynamicBatcher:
             for request, result in zip(batch, results):
                 if not request.future.done():  # done: cancelled while its batch ran; the answer is discarded
                     request.future.set_result(result)
-        # Woken after the answers, the dispatcher runs after their callers had a chance to send again.
-        self._wakeup.set()
+        # Poked after the answers: the next batch starts after their callers had a chance to send again.
+        self._poke(asyncio.get_running_loop())
         if observed is not None:
             self._observe(total, [observed[0] - r.enqueued for r in batch], observed[1])
 

@@ -19,7 +19,7 @@ import numpy as np
 from client.codec import DATATYPE_TO_NUMPY, TensorCodecError, datatype_of, parameter_value
 from server.batching import BatchingConfig, DynamicBatcher
 from server.errors import ErrorKind, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SlimServeError, Unavailable
-from server.metrics import Metrics
+from server.metrics import Metrics, VariantSeries
 from server.repository import ModelInfo, Repository
 from server.routing import Router, TrafficPolicy
 from server.runtimes import Runtime, RuntimeConfig, TensorSpec, create_runtime
@@ -49,6 +49,8 @@ class VariantStats:
 class ServedVariant:
     runtime: Runtime
     batcher: DynamicBatcher
+    stats: VariantStats
+    series: VariantSeries
 
 
 @dataclass
@@ -185,6 +187,7 @@ class DataPlane:
             log.info("variant '%s' of '%s' has a fixed batch dimension: served without batching", variant, model)
             config = replace(config, enabled=False)
         stats = self.stats.setdefault(model, {}).setdefault(variant, VariantStats())
+        series = self.metrics.series(model, variant)
         batcher = DynamicBatcher(
             runtime.predict,
             self.executor,
@@ -192,18 +195,18 @@ class DataPlane:
             model=model,
             variant=variant,
             max_concurrency=1,
-            on_batch=partial(self._on_batch, model, variant, stats),
+            on_batch=partial(self._on_batch, series, stats),
         )
         labels = self.metrics.labels(model, variant)
         self.metrics.queued.labels(**labels).set_function(lambda: batcher.queued)
         self.metrics.queue_capacity.labels(**labels).set(config.max_queue_size)
-        return ServedVariant(runtime, batcher)
+        return ServedVariant(runtime, batcher, stats, series)
 
-    def _on_batch(self, model: str, variant: str, stats: VariantStats, size: int, queue_seconds: list[float], compute: float) -> None:
+    def _on_batch(self, series: VariantSeries, stats: VariantStats, size: int, queue_seconds: list[float], compute: float) -> None:
         stats.batches += 1
         stats.samples += size
         stats.device_seconds += compute
-        self.metrics.observe_batch(model, variant, size, queue_seconds, compute)
+        self.metrics.observe_batch_on(series, size, queue_seconds, compute)
 
     async def load_model(self, name: str, reuse: bool = False) -> LoadedModel:
         """Loads every ready variant of a model and swaps the set in at once, with a router from its policy.
@@ -352,12 +355,10 @@ class DataPlane:
     ) -> AsyncIterator[Call]:
         """Routes a request to its variant and counts the request, its outcome and its latency."""
         variant, served, shadows = self._route(name, version, parameters)
-        labels = self.metrics.labels(name, variant)
-        stats = self.stats[name][variant]
-        inflight = self.metrics.inflight.labels(**labels)
+        stats, series = served.stats, served.series
         start = time.perf_counter()
         code = "OK"
-        inflight.inc()
+        series.inflight.inc()
         try:
             yield Call(name, variant, served.runtime, served.batcher, request_id or uuid.uuid4().hex, shadows)
         except SlimServeError as e:
@@ -374,13 +375,14 @@ class DataPlane:
             raise
         finally:
             elapsed = time.perf_counter() - start
-            inflight.dec()
-            self.metrics.requests.labels(**labels, code=code).inc()
-            self.metrics.request_duration.labels(**labels).observe(elapsed)
+            series.inflight.dec()
+            series.request_duration.observe(elapsed)
             stats.requests += 1
             if code == "OK":
+                series.requests_ok.inc()
                 stats.window.record(elapsed)
             else:
+                self.metrics.requests.labels(**self.metrics.labels(name, variant), code=code).inc()
                 stats.errors += 1
 
     async def infer(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> InferResult:

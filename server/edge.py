@@ -70,3 +70,108 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             await fail(exc, context)
 
     return wrapper
+
+
+# ------------------------------------------------------------------ request bytes that do not parse
+
+
+class MalformedRequest:
+    """What a request decoder returns in place of raising: grpc would answer UNKNOWN, we answer INVALID_ARGUMENT."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    owner = getattr(deserialize, "__self__", None)  # the message class of `Message.FromString`
+    type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "the request message")
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError, or anything a custom decoder raises
+            return MalformedRequest(f"the request is not a valid {type_name}: {type(e).__name__}: {e}")
+
+    return decode
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+async def _checked_stream(requests: Any) -> Any:
+    async for request in requests:
+        if type(request) is MalformedRequest:
+            raise SlimServeError(request.message, ErrorKind.INVALID_ARGUMENT)
+        yield request
+
+
+def checked_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same method, with a request decoder whose failures become INVALID_ARGUMENT."""
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    kwargs = {"request_deserializer": _safe_deserializer(handler.request_deserializer), "response_serializer": handler.response_serializer}
+    if handler.request_streaming:
+        # A bad message mid-stream raises in the servicer's loop, where @grpc_errors maps it.
+        inner = handler.stream_stream if handler.response_streaming else handler.stream_unary
+        if handler.response_streaming:
+
+            async def stream_stream(requests, context):
+                async for item in inner(_checked_stream(requests), context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+        async def stream_unary(requests, context):
+            return await inner(_checked_stream(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+    if handler.response_streaming:
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if type(request) is MalformedRequest:
+                await _refuse(context, request)
+            async for item in inner_stream(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    inner_unary = handler.unary_unary
+
+    async def unary_unary(request, context):
+        if type(request) is MalformedRequest:
+            await _refuse(context, request)
+        return await inner_unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+
+
+class _CheckedGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self.inner = inner
+        self.cache: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self.inner.service(handler_call_details)
+        if handler is None:
+            return None
+        cached = self.cache.get(id(handler))
+        if cached is None or cached[0] is not handler:
+            cached = self.cache[id(handler)] = (handler, checked_handler(handler))
+        return cached[1]
+
+
+class CheckedDecoding:
+    """Stands in for the server while servicers add themselves (`add_*_to_server(servicer, CheckedDecoding(server))`):
+    every method they add answers INVALID_ARGUMENT to request bytes that do not parse, where grpc says UNKNOWN."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_CheckedGenericHandler(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.server.add_registered_method_handlers(service, {m: checked_handler(h) for m, h in handlers.items()})
