@@ -32,9 +32,12 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigValueError(message)
 
 
-def _nested(value: Any, cls: type[PassConfig], where: str) -> Any:
-    """A nested config given as a dict (from a recipe file) becomes its dataclass."""
+def _nested(value: Any, cls: type[PassConfig], where: str, base: PassConfig | None = None) -> Any:
+    """A nested config given as a dict (from a recipe file) becomes its dataclass, over `base`'s values where given."""
     if isinstance(value, dict):
+        if base is not None:
+            defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+            value = {**defaults, **value}
         try:
             return config_from_dict(cls, value, where)
         except OptimizerError as e:  # a ValueError, so that the outer config names the pass
@@ -149,7 +152,9 @@ def finetune_field(**defaults: Any) -> Any:
 
 def nested_finetune(config: PassConfig) -> None:
     """Call from a pass config's __post_init__: turns a recipe's `finetune` dict into a FineTuneConfig."""
-    object.__setattr__(config, "finetune", _nested(config.finetune, FineTuneConfig, "finetune"))  # type: ignore[attr-defined]
+    declared = next(f for f in dataclasses.fields(config) if f.name == "finetune")
+    base = declared.default_factory() if declared.default_factory is not dataclasses.MISSING else None  # the pass's own defaults
+    object.__setattr__(config, "finetune", _nested(config.finetune, FineTuneConfig, "finetune", base))  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +486,7 @@ def fine_tune_(
             lr = optimizer.param_groups[0]["lr"]
             if not torch.isfinite(loss):
                 raise OptimizerError(
-                    f"{stage}: the training loss became {float(loss)} at epoch {epoch + 1}, step {batch_no + 1} (lr {lr:g}); "
+                    f"{stage}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, step {batch_no + 1} (lr {lr:g}); "
                     f"the run diverged: lower finetune.lr (now {config.lr:g}) or set finetune.clip_grad_norm"
                 )
             loss.backward()

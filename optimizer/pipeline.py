@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent, RuntimeFactory
 from optimizer.evaluation import Evaluation, evaluate
 from optimizer.recipes import Recipe, run_recipe
@@ -39,8 +38,23 @@ def optimize(
     def stage(name: str, fraction: float, message: str) -> None:
         context.progress(ProgressEvent(stage=name, fraction=fraction, message=message))
 
+    auto = [p for p in recipe.passes if p.name == "auto"]
+    if auto and len(recipe.passes) > 1:
+        raise OptimizerError("auto searches pipelines of its own and cannot be combined with other passes; use --recipe auto alone")
+    if auto and (data is None or "labels" not in data):
+        raise OptimizerError("auto keeps accuracy within a budget and needs labelled evaluation data: register the model with --data EVAL.npz holding 'labels'")
+
     stage("evaluate", 0.0, "measuring the baseline")
     baseline, baseline_outputs = evaluate(source, runtime_factory, data, serving_batch=serving_batch)
+    if auto:
+        from optimizer.auto import auto_search
+
+        config = auto[0].config
+        budget = config.accuracy_budget if accuracy_budget is None else accuracy_budget  # type: ignore[attr-defined]
+        artifact, evaluation, rows = auto_search(
+            source, config, context, runtime_factory, data, baseline, baseline_outputs, budget, variant_name, serving_batch  # type: ignore[arg-type]
+        )
+        return OptimizeResult(artifact, evaluation, baseline, rows)
     artifact = run_recipe(recipe, source, context)
     stage("evaluate", 0.95, f"measuring {variant_name}")
     evaluation, _ = evaluate(

@@ -26,6 +26,7 @@ from server.servicers.traffic import TrafficServicer
 from server.servicers.optimizer import OptimizerServicer
 from server.servicers.registry import RegistryServicer
 from server.settings import Settings
+from server.watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class SlimServer:
         self.price = price = price_of(settings.node_type, self.prices)
         # A fresh registry per server unless one is given: tests run several servers in one process.
         self.metrics = Metrics(registry, node_type=settings.node_type, price_per_hour=price)
-        self.repository = Repository(settings.repository)
+        self.repository = Repository(settings.repository, read_only=settings.read_only)
         self.dataplane = DataPlane(
             self.repository, settings.runtime_config(), self.metrics, settings.compute_threads, settings.batching_config()
         )
@@ -56,6 +57,7 @@ class SlimServer:
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+        self.watcher: RepositoryWatcher | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server = None
@@ -95,6 +97,10 @@ class SlimServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
         await self.dataplane.start()
+        self._measure_unmeasured()
+        if self.settings.poll_repository_s > 0:
+            self.watcher = RepositoryWatcher(self.dataplane, self.settings.poll_repository_s)
+            self.watcher.start()
         await self.server.start()
         if self.settings.metrics_port >= 0:
             self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.host, registry=self.metrics.registry)
@@ -104,12 +110,24 @@ class SlimServer:
         tls = "plaintext" if self.credentials is None else ("mutual TLS" if self.settings.tls_ca else "TLS")
         log.info("slimserve listening on %s:%s, %s (metrics on %s)", self.settings.host, self.port, tls, self.metrics_port)
 
+    def _measure_unmeasured(self) -> None:
+        """Variants whose evaluation a crash or stop cut short are measured again, in the background."""
+        if self.settings.read_only:  # the writer measures; a replica only serves
+            return
+        for name, loaded in self.dataplane.models.items():
+            for variant, v in loaded.info.variants.items():
+                if v.status == "ready" and not v.evaluation:
+                    self.jobs.evaluate_in_background(name, variant)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets those in flight finish within `grace` seconds, then unloads."""
         await self.health.enter_graceful_shutdown()
         await self.jobs.stop()
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.dataplane.stop()
+        self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -160,6 +160,7 @@ class DynamicBatcher:
         variant: str = "",
         max_concurrency: int = 1,
         on_batch: OnBatch | None = None,
+        inline_below_s: float = 0.0,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -170,6 +171,12 @@ class DynamicBatcher:
         self.variant = variant
         self.max_concurrency = max_concurrency
         self.on_batch = on_batch
+        # Calls whose recent compute time (a moving average) is below this run on the event loop's
+        # thread: for a model of tens of microseconds, handing a call to a worker thread and back
+        # (a thread wake-up, the GIL changing hands twice, a self-pipe write) costs more than the
+        # call. Larger calls, e.g. full batches under load, go back to the compute pool. 0: never.
+        self.inline_below_s = inline_below_s
+        self._compute_ewma: float | None = None
         self._delay = self.config.max_queue_delay_ms / 1000.0
         # key -> requests of that kind in arrival order; the oldest head overall goes first.
         self._queues: dict[Hashable, deque[_Request]] = {}
@@ -348,6 +355,11 @@ class DynamicBatcher:
             del self._queues[key]
             del self._samples[key]
         self._inflight += 1
+        if self._compute_ewma is not None and self._compute_ewma < self.inline_below_s:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(self._run_batch(batch, total))
+            self._finish(done, batch, total)
+            return
         loop = asyncio.get_running_loop()
         try:
             future = self.executor.submit(self._run_batch, batch, total)
@@ -388,7 +400,9 @@ class DynamicBatcher:
         # Poked after the answers: the next batch starts after their callers had a chance to send again.
         self._poke(asyncio.get_running_loop())
         if observed is not None:
-            self._observe(total, [observed[0] - r.enqueued for r in batch], observed[1])
+            compute = observed[1]
+            self._compute_ewma = compute if self._compute_ewma is None else 0.8 * self._compute_ewma + 0.2 * compute
+            self._observe(total, [observed[0] - r.enqueued for r in batch], compute)
 
     def _observe(self, size: int, queue_seconds: list[float], compute: float) -> None:
         if self.on_batch is None:

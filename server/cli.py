@@ -35,12 +35,14 @@ def start(
     tls_ca: Optional[Path] = typer.Option(None, help="PEM CA bundle: require client certificates it signed (mutual TLS)."),
     max_message_bytes: Optional[int] = typer.Option(None, help="Largest gRPC message [default 64 MiB]."),
     compute_threads: Optional[int] = typer.Option(None, help="Worker threads that run models [default 2]."),
-    intra_op_threads: Optional[int] = typer.Option(None, help="Threads inside one model call [default: the runtime's]."),
+    intra_op_threads: Optional[int] = typer.Option(None, help="Threads inside one model call [default: cores / compute threads]."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default auto]."),
     batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Dynamic batching [default on]."),
     max_batch_size: Optional[int] = typer.Option(None, help="Largest batch the batcher forms [default 32]."),
     max_queue_delay_ms: Optional[float] = typer.Option(None, help="Longest wait for a batch to fill, ms [default 0.5]."),
     max_queue_size: Optional[int] = typer.Option(None, help="Requests waiting per variant before RESOURCE_EXHAUSTED [default 1024]."),
+    read_only: Optional[bool] = typer.Option(None, "--read-only", help="Serve a repository another slimserve writes (a replica)."),
+    poll_repository_s: Optional[float] = typer.Option(None, help="Seconds between checks for models another server changed [0: never]."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Start the gRPC server (Open Inference Protocol + slimserve.v1) and the /metrics endpoint."""

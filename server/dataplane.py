@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -131,11 +132,17 @@ class DataPlane:
         metrics: Metrics,
         compute_threads: int = 2,
         batching: BatchingConfig | None = None,
+        inline_compute_s: float = 100e-6,
     ) -> None:
         self.repository = repository
         self.runtime_config = runtime_config
         self.metrics = metrics
         self.batching = batching or BatchingConfig()
+        self.inline_compute_s = inline_compute_s
+        # Ids for requests that came without one: a per-process random prefix and a counter
+        # (uuid4 per request costs a getrandom() system call).
+        self._id_prefix = uuid.uuid4().hex[:12] + "-"
+        self._id_counter = itertools.count(1)
         self.models: dict[str, LoadedModel] = {}
         self.stats: dict[str, dict[str, VariantStats]] = {}
         self.feedback: dict[str, FeedbackStore] = {}
@@ -196,6 +203,7 @@ class DataPlane:
             variant=variant,
             max_concurrency=1,
             on_batch=partial(self._on_batch, series, stats),
+            inline_below_s=self.inline_compute_s,
         )
         labels = self.metrics.labels(model, variant)
         self.metrics.queued.labels(**labels).set_function(lambda: batcher.queued)
@@ -360,7 +368,7 @@ class DataPlane:
         code = "OK"
         series.inflight.inc()
         try:
-            yield Call(name, variant, served.runtime, served.batcher, request_id or uuid.uuid4().hex, shadows)
+            yield Call(name, variant, served.runtime, served.batcher, request_id or f"{self._id_prefix}{next(self._id_counter)}", shadows)
         except SlimServeError as e:
             code = e.kind.name
             raise

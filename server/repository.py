@@ -13,6 +13,7 @@ leaves half a model where a reader can see it.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
@@ -212,16 +213,54 @@ def check_dataset(role: str, arrays: dict[str, tuple[str, tuple[int, ...]]], inp
 
 
 class Repository:
-    """The embedded, directory-backed repository. Thread-safe; one process owns a root at a time."""
+    """The embedded, directory-backed repository. Thread-safe; one process writes a root at a time.
 
-    def __init__(self, root: str | Path) -> None:
+    With `read_only`, a process serves what another (the writer) keeps in the same directory, as
+    replicas on shared storage do: it never recovers, stages or writes, and every write raises
+    FailedPrecondition naming the writer's role; server.watch.RepositoryWatcher picks changes up.
+    """
+
+    def __init__(self, root: str | Path, read_only: bool = False) -> None:
         self.root = Path(root).resolve()
         self.models_dir = self.root / "models"
         self.staging_dir = self.root / ".staging"
+        self.read_only = read_only
         self._lock = threading.RLock()
+        if read_only:
+            if not self.models_dir.is_dir():
+                raise FailedPrecondition(f"repository {self.root} has no models/ directory: start its writer first")
+            return
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._take_writer_lock()
         self._recover()
+
+    def _take_writer_lock(self):
+        """One writer per directory: a second would clear the first's staged writes at start."""
+        handle = open(self.root / ".writer.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FailedPrecondition(
+                f"repository {self.root} is in use by another slimserve; give each server its own repository, "
+                "or start the others with --read-only to serve it as replicas"
+            ) from None
+        return handle
+
+    def close(self) -> None:
+        """Releases the writer lock (the process exiting releases it too)."""
+        handle = getattr(self, "_lock_file", None)
+        if handle is not None:
+            handle.close()
+            self._lock_file = None
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FailedPrecondition(
+                "this server is a read-only replica of a shared repository (--read-only): "
+                "register, optimize, route and delete through the writer replica"
+            )
 
     def _recover(self) -> None:
         """Clears what a crash left: staged uploads, half-renamed deletions, stray temp files."""
@@ -296,6 +335,7 @@ class Repository:
     @contextmanager
     def staging(self) -> Iterator[Path]:
         """A private directory for a write in progress; removed afterwards whatever happens."""
+        self._writable()
         path = self.staging_dir / uuid.uuid4().hex
         path.mkdir()
         try:
@@ -305,6 +345,7 @@ class Repository:
 
     def add_model(self, staged: Path, info: ModelInfo) -> ModelInfo:
         """Moves a fully written model directory into place with one rename, then it is visible."""
+        self._writable()
         validate_name(info.name)
         (staged / "manifest.json").write_text(json.dumps(info.to_dict(), indent=2))
         fsync_tree(staged)
@@ -318,6 +359,7 @@ class Repository:
 
     def delete(self, name: str) -> None:
         """Renames the model out of sight first, so a crash mid-delete leaves it gone, not half-gone."""
+        self._writable()
         with self._lock:
             target = self.model_dir(name)
             if not (target / "manifest.json").exists():
@@ -329,6 +371,7 @@ class Repository:
 
     def update(self, name: str, change: Any) -> ModelInfo:
         """Applies `change(info)` to a model's manifest under the lock and writes it atomically."""
+        self._writable()
         with self._lock:
             info = self.get(name)
             change(info)
@@ -337,6 +380,7 @@ class Repository:
 
     def add_variant(self, model: str, staged_dir: Path, variant: VariantInfo) -> ModelInfo:
         """Moves a staged variant directory (holding `variant.file`) in, then records it in the manifest."""
+        self._writable()
         validate_name(variant.name, "variant name")
         with self._lock:
             info = self.get(model)
@@ -355,6 +399,7 @@ class Repository:
             return self.update(model, record)
 
     def remove_variant(self, model: str, variant: str) -> ModelInfo:
+        self._writable()
         if variant == BASELINE:
             raise FailedPrecondition(f"the baseline of '{model}' cannot be removed; delete the model instead")
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -28,13 +29,15 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
     max_upload_bytes: int = Field(4 * 1024**3, description="largest total upload (model plus data files)")
     compute_threads: int = Field(2, description="worker threads that run models")
-    intra_op_threads: int = Field(0, description="threads inside one model call; 0 lets the runtime decide")
+    intra_op_threads: int = Field(0, description="threads inside one model call; 0: the cores divided among the compute threads")
     device: str = Field("auto", description="auto (best available), cpu, or cuda")
     batching: bool = Field(True, description="merge concurrent requests of a variant into batched model calls")
     max_batch_size: int = Field(32, description="largest batch the batcher forms (samples)")
     max_queue_delay_ms: float = Field(0.5, description="longest a request waits for others to fill a batch")
     preferred_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes to cut at when they can be filled")
     max_queue_size: int = Field(1024, description="requests waiting per variant; beyond it RESOURCE_EXHAUSTED")
+    read_only: bool = Field(False, description="serve a repository another server writes (replicas on shared storage)")
+    poll_repository_s: float = Field(0.0, description="seconds between checks for models changed by another server; 0: never")
     shutdown_grace_s: float = Field(30.0, description="seconds in-flight calls get to finish on SIGTERM")
 
     def batching_config(self) -> BatchingConfig:
@@ -47,4 +50,13 @@ class Settings(BaseSettings):
         )
 
     def runtime_config(self) -> RuntimeConfig:
-        return RuntimeConfig(intra_op_threads=self.intra_op_threads, device=self.device)
+        return RuntimeConfig(intra_op_threads=self.intra_op_threads or self.auto_intra_op_threads(), device=self.device)
+
+    def auto_intra_op_threads(self) -> int:
+        """Cores shared out among the compute threads, so that concurrent model calls do not oversubscribe the node.
+
+        On 2 cores with 2 compute threads that is 1 thread per call: measured on the digits CNN, it
+        halves the server's CPU per request against ORT's default of one thread per core.
+        """
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, self.compute_threads))

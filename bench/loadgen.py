@@ -1,0 +1,190 @@
+"""A lean closed-loop load generator for Open Inference Protocol servers over gRPC.
+
+Each worker process opens its own channel and keeps `callers` calls in flight; every caller sends
+the same pre-serialized ModelInferRequest bytes (identity serializers: no protobuf work on the
+client) and sends the next as soon as the answer arrives. Workers import only grpc and numpy, so
+they start fast and spend little CPU; the client's CPU seconds per request are reported with each
+point so a reader can see how much of the machine's cores the client took.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+@dataclass
+class PointResult:
+    """One load point: completions inside the measured window, their latencies, errors by status code."""
+
+    target: str
+    concurrency: int
+    seconds: float
+    completed: int
+    latencies_ms: np.ndarray
+    errors: dict[str, int] = field(default_factory=dict)
+    client_cpu_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.completed / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def build_infer_request(model: str, array: np.ndarray, version: str = "", input_name: str = "x", raw: bool = True) -> bytes:
+    """A serialized ModelInferRequest carrying one FP32 input, raw (as Triton's clients send) or typed."""
+    from protos import inference_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    tensor = request.inputs.add(name=input_name, datatype="FP32", shape=list(array.shape))
+    if raw:
+        request.raw_input_contents.append(array.tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(array.reshape(-1).tolist())
+    return request.SerializeToString()
+
+
+def check_response(data: bytes, expect_shape: tuple[int, ...]) -> str | None:
+    """None when `data` is a ModelInferResponse whose first output has `expect_shape`; else why not."""
+    from protos import inference_pb2 as pb
+
+    response = pb.ModelInferResponse.FromString(data)
+    if not response.outputs:
+        return "the response has no outputs"
+    shape = tuple(response.outputs[0].shape)
+    if shape != tuple(expect_shape):
+        return f"output '{response.outputs[0].name}' has shape {list(shape)}, expected {list(expect_shape)}"
+    return None
+
+
+def run_point(target: str, address: str, payload: bytes, concurrency: int, seconds: float, warmup: float,
+              processes: int = 2, timeout: float = 30.0) -> PointResult:
+    """`concurrency` closed-loop callers spread over up to `processes` client processes.
+
+    Workers spawn and connect first; the clock then starts for all of them at once, the first
+    `warmup` seconds are not counted, and only calls sent and answered inside the window count.
+    """
+    ctx = mp.get_context("spawn")  # the parent holds grpc threads: never fork it
+    procs = max(1, min(processes, concurrency))
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    start = ctx.Value("d", 0.0, lock=False)
+    workers = []
+    for share in shares:
+        ready = ctx.Event()
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker, args=(address, payload, share, start, warmup, seconds, timeout, ready, child), daemon=True)
+        p.start()
+        child.close()
+        workers.append((p, ready, parent))
+
+    def kill_all() -> None:
+        for p, _, _ in workers:
+            if p.is_alive():
+                p.kill()
+
+    deadline = time.monotonic() + 60.0
+    for p, ready, _ in workers:
+        while not ready.wait(0.2):
+            if not p.is_alive() or time.monotonic() > deadline:
+                kill_all()
+                raise RuntimeError(f"load generator for {target} did not start (exit code {p.exitcode})")
+    start.value = time.monotonic() + 0.05
+    results = []
+    for p, _, conn in workers:
+        if not conn.poll(warmup + seconds + timeout + 30.0):
+            kill_all()
+            raise RuntimeError(f"load generator for {target} at concurrency {concurrency} did not report")
+        results.append(conn.recv())
+        p.join(5.0)
+    latencies = np.concatenate([r[0] for r in results]) / 1e6
+    errors: Counter = Counter()
+    for r in results:
+        errors.update(r[1])
+    return PointResult(target, concurrency, seconds, int(len(latencies)), latencies, dict(errors), float(sum(r[2] for r in results)))
+
+
+def _worker(address: str, payload: bytes, callers: int, start, warmup: float, seconds: float, timeout: float, ready, conn) -> None:
+    """One client process: connects, sets `ready`, waits for the parent to publish the start time in
+    `start`, keeps `callers` calls in flight in closed loop, and sends back (latencies ns, errors, CPU seconds)."""
+    import grpc
+
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    call = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+    try:
+        call(payload, timeout=timeout)
+    except grpc.RpcError:
+        pass
+    ready.set()
+    while start.value <= 0:
+        time.sleep(0.002)
+    start_at = start.value
+    measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
+    stop_ns, measure_ns = int(stop_at * 1e9), int(measure_from * 1e9)
+    latencies: list[int] = []
+    errors: Counter = Counter()
+    lock = threading.Lock()
+    live = [callers]
+    finished = threading.Event()
+    clock = time.monotonic_ns
+
+    # Callers are futures, not threads: each answer's callback (on grpc's thread) sends the next
+    # request, which costs the client less CPU than a thread per caller blocking in the call.
+    def send() -> None:
+        sent = clock()
+        call.future(payload, timeout=timeout).add_done_callback(lambda f: answered(f, sent))
+
+    def answered(future, sent: int) -> None:
+        done = clock()
+        code = future.code()
+        if done <= stop_ns:
+            if sent >= measure_ns:
+                if code == grpc.StatusCode.OK:
+                    latencies.append(done - sent)
+                else:
+                    errors[code.name if code is not None else "UNKNOWN"] += 1
+            if code != grpc.StatusCode.OK:
+                time.sleep(0.001)  # a failing server must not turn the client into a busy loop
+            send()
+            return
+        with lock:
+            live[0] -= 1
+            if live[0] == 0:
+                finished.set()
+
+    cpu_marks: list[float] = []
+
+    def mark_cpu() -> None:  # the process's CPU time at the window's edges (grpc's own threads included)
+        for edge in (measure_from, stop_at):
+            delay = edge - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            cpu_marks.append(time.process_time())
+
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    marker = threading.Thread(target=mark_cpu, daemon=True)
+    marker.start()
+    for _ in range(callers):
+        send()
+    finished.wait()
+    marker.join()
+    cpu = cpu_marks[1] - cpu_marks[0]
+    conn.send((np.array(latencies, dtype=np.int64), dict(errors), cpu))
+    conn.close()
+    channel.close()

@@ -1,0 +1,294 @@
+"""Distillation passes: a narrower student learns the teacher's softened outputs (distill-soft) and its feature maps (distill-feature).
+
+The student is derived from the teacher — the same architecture with `width` of its channels,
+cut by Torch-Pruning's uniform channel pruning, which keeps the teacher's most important channels
+as the student's starting point — or given by the user as a .pt2 (config `student`). It trains
+with the shared fine-tuning loop and is served as ONNX by onnxruntime.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimizer.base import Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, register_pass
+from optimizer.export import load_program, program_input_types
+from optimizer.finetune import FineTuneConfig, fine_tune_, finetune_field, first_output, nested_finetune
+from optimizer.passes.prune import Prepared, finish, prepare, prune_channels_
+from optimizer.torchmodel import (
+    check_layer_names,
+    flops_per_sample,
+    layers_in_order,
+    lift_layers,
+    output_layers,
+    output_shapes,
+    parameter_count,
+)
+
+STUDENT_INITS = ("teacher", "random")
+
+
+@dataclass(frozen=True)
+class DistillSoftConfig(PassConfig):
+    """Knowledge distillation on softened logits (Hinton et al.): loss = soft_weight × T² × KL(teacher_T ‖ student_T) + hard_weight × CE(labels).
+
+    width: the derived student keeps this share of every conv / linear layer's channels (0.5
+    gives about a quarter of the parameters and FLOPs of a conv net). student_init: teacher
+    (start from the teacher's most important channels) | random (the same narrow architecture,
+    re-initialized). student: path of a .pt2 student to train instead (its inputs and outputs
+    must match the teacher's; width and student_init are then ignored). temperature: T.
+    soft_weight, hard_weight: the two terms' weights. finetune: the shared loop.
+    """
+
+    width: float = 0.5
+    student_init: str = "teacher"
+    student: str = ""
+    temperature: float = 4.0
+    soft_weight: float = 0.7
+    hard_weight: float = 0.3
+    finetune: FineTuneConfig = finetune_field(epochs=4, lr=2e-3)
+
+    def __post_init__(self) -> None:
+        nested_finetune(self)
+        if not 0.0 < self.width < 1.0:
+            raise ConfigValueError(f"width must be in (0, 1), got {self.width}")
+        if self.student_init not in STUDENT_INITS:
+            raise ConfigValueError(f"student_init must be one of {', '.join(STUDENT_INITS)}, got {self.student_init!r}")
+        if not self.temperature > 0:
+            raise ConfigValueError(f"temperature must be positive, got {self.temperature}")
+        if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
+            raise ConfigValueError(f"soft_weight and hard_weight must be 0 or more and not both 0, got {self.soft_weight} and {self.hard_weight}")
+
+
+@dataclass(frozen=True)
+class DistillFeatureConfig(DistillSoftConfig):
+    """distill-soft plus feature-map matching: feature_weight × MSE(projection(student layer), teacher layer) / mean(teacher layer²).
+
+    layers: the layers whose outputs are matched, each 'name' (the same name in both models) or
+    'student_name:teacher_name'; empty: the last `auto_layers` hidden conv / linear layers of
+    each model, paired from the end. Each pair gets a learned 1x1 convolution (feature maps) or
+    linear map (vectors) from the student's channels to the teacher's, trained with the student
+    and dropped at export.
+    """
+
+    feature_weight: float = 1.0
+    layers: tuple[str, ...] = ()
+    auto_layers: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feature_weight < 0:
+            raise ConfigValueError(f"feature_weight must be 0 or more, got {self.feature_weight}")
+        if not isinstance(self.layers, tuple) or not all(isinstance(v, str) and v and v.count(":") <= 1 for v in self.layers):
+            raise ConfigValueError(f"layers must be a list of 'name' or 'student_name:teacher_name', got {self.layers!r}")
+        if self.auto_layers < 1:
+            raise ConfigValueError(f"auto_layers must be at least 1, got {self.auto_layers}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Students
+
+
+def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str) -> Any:
+    """The teacher's architecture with `width` of its channels (Torch-Pruning, magnitude), optionally re-initialized."""
+    student = copy.deepcopy(teacher)
+    prune_channels_(student, example, 1.0 - config.width, "magnitude", needed_by)
+    if config.student_init == "random":
+        for m in student.modules():
+            if m is not student and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return student
+
+
+def load_student(path_text: str, teacher_specs: dict, teacher_shapes: list, example: tuple[Any, ...], needed_by: str) -> Any:
+    """A user's .pt2 student as a trainable module, after checking it takes the teacher's inputs and gives its outputs."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise OptimizerError(f"{needed_by}: the student file '{path_text}' does not exist")
+    program = load_program(Artifact(path, "pt2"), needed_by)
+    specs = list(program_input_types(program).values())
+
+    def show(spec: tuple) -> str:
+        dtype, shape = spec
+        return f"{dtype} [{', '.join('N' if i == 0 or not isinstance(d, int) else str(d) for i, d in enumerate(shape))}]"
+
+    teacher = list(teacher_specs.values())
+    if len(specs) != len(teacher) or any(s[0] != t[0] or len(s[1]) != len(t[1]) or s[1][1:] != t[1][1:] for s, t in zip(specs, teacher)):
+        raise OptimizerError(
+            f"{needed_by}: the student {path.name} takes {', '.join(map(show, specs)) or 'no input'}, "
+            f"and the teacher takes {', '.join(map(show, teacher))}; the student must take the teacher's inputs"
+        )
+    student = lift_layers(program.module(check_guards=False))
+    try:
+        shapes = output_shapes(student, example)
+    except Exception as e:  # the student's own shape guards or ops refuse the teacher's batch
+        raise OptimizerError(f"{needed_by}: the student {path.name} fails on the teacher's inputs: {type(e).__name__}: {e}") from e
+    if shapes != teacher_shapes:
+        raise OptimizerError(
+            f"{needed_by}: the student {path.name} returns outputs of shapes {[list(s) for s in shapes]} for a batch of {len(example[0])}, "
+            f"and the teacher {[list(s) for s in teacher_shapes]}; the student must give the teacher's outputs"
+        )
+    student.train()
+    return student
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature matching
+
+
+def feature_pairs(student: Any, teacher: Any, config: DistillFeatureConfig, needed_by: str) -> list[tuple[str, str]]:
+    """(student layer, teacher layer) pairs: as named, or the last hidden conv / linear layers of each, paired from the end."""
+    if config.layers:
+        pairs = [tuple(v.split(":")) if ":" in v else (v, v) for v in config.layers]
+        check_layer_names(student, tuple(s for s, _ in pairs), "layers (student side)", needed_by)
+        check_layer_names(teacher, tuple(t for _, t in pairs), "layers (teacher side)", needed_by)
+        return pairs  # type: ignore[return-value]
+    hidden_s = [n for n in layers_in_order(student) if n not in output_layers(student)]
+    hidden_t = [n for n in layers_in_order(teacher) if n not in output_layers(teacher)]
+    n = min(config.auto_layers, len(hidden_s), len(hidden_t))
+    if n == 0:
+        raise OptimizerError(f"{needed_by}: the models have no hidden conv or linear layer to match; use distill-soft")
+    return list(zip(hidden_s[-n:], hidden_t[-n:]))
+
+
+class FeatureTap:
+    """Forward hooks that keep the latest output of each named layer."""
+
+    def __init__(self, module: Any, names: list[str]) -> None:
+        self.outputs: dict[str, Any] = {}
+        self.handles = [module.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            self.outputs[name] = first_output(output)
+
+        return keep
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def make_projections(pairs: list[tuple[str, str]], student: Any, teacher: Any, example: tuple[Any, ...], needed_by: str) -> list[Any]:
+    """One learned map per pair from the student's channels to the teacher's: 1x1 conv for feature maps, linear for vectors."""
+    import torch
+    from torch import nn
+
+    taps = FeatureTap(student, [s for s, _ in pairs]), FeatureTap(teacher, [t for _, t in pairs])
+    output_shapes(student, example)
+    output_shapes(teacher, example)
+    projections = []
+    for s, t in pairs:
+        fs, ft = taps[0].outputs[s], taps[1].outputs[t]
+        if fs.dim() != ft.dim() or fs.shape[2:] != ft.shape[2:]:
+            raise OptimizerError(
+                f"{needed_by}: student layer '{s}' gives {list(fs.shape[1:])} per sample and teacher layer '{t}' gives "
+                f"{list(ft.shape[1:])}; matched layers need the same rank and spatial size (only channels may differ)"
+            )
+        if fs.dim() == 2:
+            proj = nn.Linear(fs.shape[1], ft.shape[1], bias=False)
+        elif fs.dim() in (3, 4, 5):
+            proj = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[fs.dim()](fs.shape[1], ft.shape[1], 1, bias=False)
+        else:
+            raise OptimizerError(f"{needed_by}: layer '{s}' gives a {fs.dim()}-d output, which feature matching does not handle")
+        with torch.no_grad():  # start near the identity where the channels line up (a derived student's do)
+            weight = torch.zeros_like(proj.weight)
+            eye = torch.eye(ft.shape[1], fs.shape[1])
+            weight.view(ft.shape[1], fs.shape[1], -1)[:, :, 0] = eye
+            proj.weight.copy_(weight)
+        projections.append(proj)
+    for tap in taps:
+        tap.close()
+    return projections
+
+
+def relative_mse(student: Any, teacher: Any) -> Any:
+    """MSE divided by the teacher feature's mean square: each layer weighs the same whatever its scale."""
+    return ((student - teacher) ** 2).mean() / (teacher.detach() ** 2).mean().clamp(min=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The passes
+
+
+def distill(pass_name: str, artifact: Artifact, context: PassContext, config: DistillSoftConfig, features: bool) -> Artifact:
+    import torch
+    import torch.nn.functional as F
+
+    prepared: Prepared = prepare(artifact, context, pass_name, config.finetune)
+    teacher, example = prepared.module, prepared.example
+    teacher_shapes = output_shapes(teacher, example)
+    if config.student:
+        student = load_student(config.student, prepared.specs, teacher_shapes, example, pass_name)
+        origin = f"student {Path(config.student).name}"
+    else:
+        student = derive_student(teacher, example, config, pass_name)
+        student.train()
+        origin = f"student at width {config.width:g} ({config.student_init} init)"
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    t_params, s_params = parameter_count(teacher), parameter_count(student)
+    t_flops, s_flops = flops_per_sample(teacher, example), flops_per_sample(student, example)
+    context.progress(ProgressEvent(
+        stage=pass_name, fraction=0.05,
+        message=f"{origin}: {s_params} parameters ({100 * s_params / t_params:.1f}% of the teacher's), {100 * s_flops / t_flops:.1f}% of its FLOPs",
+    ))
+
+    pairs: list[tuple[str, str]] = []
+    projections: list[Any] = []
+    if features:
+        assert isinstance(config, DistillFeatureConfig)
+        pairs = feature_pairs(student, teacher, config, pass_name)
+        projections = make_projections(pairs, student, teacher, example, pass_name)
+        context.progress(ProgressEvent(stage=pass_name, fraction=0.06, message="matching " + ", ".join(f"{s}->{t}" for s, t in pairs)))
+    taps = (FeatureTap(student, [s for s, _ in pairs]), FeatureTap(teacher, [t for _, t in pairs])) if pairs else None
+    T, smoothing = config.temperature, config.finetune.label_smoothing
+
+    def loss_fn(model: Any, inputs: tuple[Any, ...], labels: Any) -> tuple[Any, Any]:
+        with torch.no_grad():
+            teacher_logits = first_output(teacher(*inputs))
+        logits = first_output(model(*inputs))
+        soft = F.kl_div(F.log_softmax(logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1), reduction="batchmean", log_target=True)
+        loss = config.soft_weight * T * T * soft + config.hard_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        if taps is not None:
+            feature = sum(
+                relative_mse(proj(taps[0].outputs[s]), taps[1].outputs[t]) for proj, (s, t) in zip(projections, pairs)
+            ) / len(pairs)
+            loss = loss + config.feature_weight * feature  # type: ignore[operator]
+        return loss, logits
+
+    extra = [p for proj in projections for p in proj.parameters()]
+    try:
+        fine_tune_(student, prepared.data, config.finetune, context, pass_name, loss_fn=loss_fn, extra_params=extra, fraction=(0.07, 0.88))
+    finally:
+        if taps is not None:
+            for tap in taps:
+                tap.close()
+    prepared.module = student
+    return finish(
+        prepared, context, artifact, f"{artifact.path.stem}-student", pass_name,
+        distilled=pass_name, params_fraction=f"{s_params / t_params:.4f}", flops_fraction=f"{s_flops / t_flops:.4f}",
+    )
+
+
+@register_pass
+class DistillSoftPass(Pass):
+    name = "distill-soft"
+    config_cls = DistillSoftConfig
+    summary = "a narrower student trained on the teacher's temperature-softened outputs and the labels"
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        return distill(self.name, artifact, context, self.config, features=False)  # type: ignore[arg-type]
+
+
+@register_pass
+class DistillFeaturePass(Pass):
+    name = "distill-feature"
+    config_cls = DistillFeatureConfig
+    summary = "distill-soft plus matching of intermediate feature maps through learned projections"
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        return distill(self.name, artifact, context, self.config, features=True)  # type: ignore[arg-type]

@@ -1,0 +1,449 @@
+"""Pruning passes: unstructured magnitude (torch.nn.utils.prune), structured channels (Torch-Pruning), gradual with regrowth.
+
+Every pass trains a .pt2 model in torch (optimizer/torchmodel.py rebuilds its layers), fine-tunes
+with the shared loop (optimizer/finetune.py) and writes ONNX for onnxruntime. Unstructured
+sparsity lands as real zeros in the ONNX weights (evaluation's nonzero_params counts them; dense
+kernels run no faster); structured pruning removes channels, so the file is smaller and faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from optimizer.base import Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, register_pass
+from optimizer.finetune import FineTuneConfig, TrainData, fine_tune_, finetune_field, load_train_data, nested_finetune
+from optimizer.torchmodel import (
+    check_layer_names,
+    export_module_onnx,
+    flops_per_sample,
+    layers_in_order,
+    output_layers,
+    output_shapes,
+    parameter_count,
+    trainable_module,
+)
+
+TORCH_PRUNING_PIN = "torch-pruning==1.6.1"
+IMPORTANCES = ("magnitude", "taylor", "bn-scale")
+SCOPES = ("global", "layer")
+SPARSITY_SCHEDULES = ("cubic", "linear")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ConfigValueError(f"{name} must be in (0, 1), got {value}")
+
+
+def _check_names(name: str, value: tuple[str, ...]) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigValueError(f"{name} must be a list of layer names, got {value!r}")
+
+
+@dataclass
+class Prepared:
+    """A training pass's starting point: the model with real layers, its names, data and an example batch."""
+
+    module: Any
+    inputs: list[str]
+    outputs: list[str]
+    data: TrainData
+    example: tuple[Any, ...]
+    classes: int | None
+    specs: dict[str, tuple[Any, tuple[int | str, ...]]]
+
+
+def prepare(artifact: Artifact, context: PassContext, needed_by: str, finetune: FineTuneConfig) -> Prepared:
+    """Loads the .pt2 as a trainable module and its train data (and evaluation data for early stopping)."""
+    import torch
+
+    module, inputs, outputs, specs = trainable_module(artifact, needed_by)
+    data = load_train_data(context, inputs, specs, needed_by, with_eval=finetune.early_stopping > 0)
+    example = tuple(torch.from_numpy(np.ascontiguousarray(x[:2])) for x in data.inputs)
+    shapes = output_shapes(module, example)
+    classes = shapes[0][-1] if len(shapes[0]) == 2 else None
+    if classes is not None and len(data.labels) and data.labels.max() >= classes:
+        raise OptimizerError(f"{needed_by}: 'labels' holds class {int(data.labels.max())}, and the model has {classes} outputs")
+    return Prepared(module, inputs, outputs, data, example, classes, specs)
+
+
+def weight_layers(module: Any, exclude: tuple[str, ...], needed_by: str) -> list[tuple[str, Any]]:
+    check_layer_names(module, exclude, "exclude", needed_by)
+    layers = [(name, module.get_submodule(name)) for name in layers_in_order(module) if name not in exclude]
+    if not layers:
+        raise OptimizerError(f"{needed_by}: the model has no convolution or linear layer left to prune")
+    return layers
+
+
+def weight_sparsity(layers: list[tuple[str, Any]]) -> float:
+    """Share of zeros in the layers' weights."""
+    total = sum(m.weight.numel() for _, m in layers)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
+    return zeros / max(1, total)
+
+
+def finish(prepared: Prepared, context: PassContext, artifact: Artifact, stem: str, needed_by: str, **notes: str) -> Artifact:
+    context.progress(ProgressEvent(stage=needed_by, fraction=0.97, message="exporting ONNX"))
+    target = export_module_onnx(prepared.module, prepared.example, context, stem, prepared.inputs, prepared.outputs, needed_by)
+    return Artifact(
+        path=target, format="onnx", runtime="onnxruntime", input_names=tuple(prepared.inputs), output_names=tuple(prepared.outputs),
+        notes={**artifact.notes, **notes},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# prune-weight
+
+
+@dataclass(frozen=True)
+class PruneWeightConfig(PassConfig):
+    """Unstructured magnitude pruning (torch.nn.utils.prune, L1) of conv and linear weights, then fine-tuning with the masks held.
+
+    sparsity: share of weights set to zero, in (0, 1). scope: global (one magnitude threshold
+    across layers: layers with many small weights lose more) | layer (each layer to `sparsity`).
+    exclude: layer names kept dense (e.g. the first conv). finetune: the shared loop's settings.
+    """
+
+    sparsity: float = 0.5
+    scope: str = "global"
+    exclude: tuple[str, ...] = ()
+    finetune: FineTuneConfig = finetune_field(epochs=2, lr=5e-4)
+
+    def __post_init__(self) -> None:
+        nested_finetune(self)
+        _check_fraction("sparsity", self.sparsity)
+        if self.scope not in SCOPES:
+            raise ConfigValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        _check_names("exclude", self.exclude)
+
+
+@register_pass
+class PruneWeightPass(Pass):
+    name = "prune-weight"
+    config_cls = PruneWeightConfig
+    summary = "unstructured magnitude pruning to a target sparsity, fine-tuned; zeros in the ONNX weights"
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        from torch.nn.utils import prune
+
+        config: PruneWeightConfig = self.config  # type: ignore[assignment]
+        prepared = prepare(artifact, context, self.name, config.finetune)
+        layers = weight_layers(prepared.module, config.exclude, self.name)
+        if config.scope == "global":
+            prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured, amount=config.sparsity)
+        else:
+            for _, m in layers:
+                prune.l1_unstructured(m, "weight", amount=config.sparsity)
+        context.progress(ProgressEvent(
+            stage=self.name, fraction=0.05, message=f"{100 * weight_sparsity(layers):.1f}% of the weights of {len(layers)} layers zeroed",
+        ))
+        fine_tune_(prepared.module, prepared.data, config.finetune, context, self.name, fraction=(0.05, 0.9))
+        for _, m in layers:
+            prune.remove(m, "weight")  # the zeros become the weights
+        sparsity = weight_sparsity(layers)
+        return finish(prepared, context, artifact, f"{artifact.path.stem}-pruned", self.name, pruned=f"weight {sparsity:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# prune-gradual
+
+
+def sparsity_at(step: int, total: int, config: "PruneGradualConfig") -> float:
+    """The target sparsity after `step` of `total` training steps (Zhu & Gupta's cubic ramp, or linear)."""
+    start, end = round(config.start_fraction * total), max(1, round(config.end_fraction * total))
+    if step <= start:
+        return config.initial_sparsity
+    if step >= end:
+        return config.sparsity
+    progress = (step - start) / max(1, end - start)
+    remaining = (1 - progress) ** 3 if config.schedule == "cubic" else 1 - progress
+    return config.sparsity + (config.initial_sparsity - config.sparsity) * remaining
+
+
+def _straight_through_method():
+    """A torch.nn.utils.prune method whose masked weights pass dense gradients to the weights behind them (for regrowth)."""
+    from torch.nn.utils import prune
+
+    class StraightThroughMask(prune.BasePruningMethod):
+        PRUNING_TYPE = "unstructured"
+
+        def compute_mask(self, t, default_mask):
+            return default_mask
+
+        def apply_mask(self, module):
+            orig = getattr(module, self._tensor_name + "_orig")
+            mask = getattr(module, self._tensor_name + "_mask").to(dtype=orig.dtype)
+            # Forward sees the masked weight; backward updates every weight, so pruned ones can grow back.
+            return orig + (orig * mask - orig).detach()
+
+    return StraightThroughMask
+
+
+class GradualMasks:
+    """Global magnitude masks over the layers' weights, raised to a target sparsity on demand."""
+
+    def __init__(self, layers: list[tuple[str, Any]], regrowth: bool) -> None:
+        from torch.nn.utils import prune
+
+        self.layers = [m for _, m in layers]
+        self.regrowth = regrowth
+        method = _straight_through_method() if regrowth else None
+        for m in self.layers:
+            if method is not None:
+                method.apply(m, "weight")
+            else:
+                prune.identity(m, "weight")
+        self.total = sum(m.weight_orig.numel() for m in self.layers)
+        self.sparsity = 0.0
+
+    def update(self, sparsity: float) -> None:
+        """Keeps the largest weights; without regrowth a pruned weight stays pruned (its score is 0)."""
+        import torch
+
+        with torch.no_grad():
+            scores = torch.cat([
+                (m.weight_orig.abs() if self.regrowth else m.weight_orig.abs() * m.weight_mask).flatten() for m in self.layers
+            ])
+            keep = self.total - int(round(sparsity * self.total))
+            flat = torch.zeros_like(scores)
+            flat[torch.topk(scores, keep, sorted=False).indices] = 1.0
+            offset = 0
+            for m in self.layers:
+                n = m.weight_orig.numel()
+                m.weight_mask.copy_(flat[offset : offset + n].view_as(m.weight_mask))
+                offset += n
+        self.sparsity = sparsity
+
+    def remove(self) -> None:
+        from torch.nn.utils import prune
+
+        for m in self.layers:
+            prune.remove(m, "weight")
+
+
+@dataclass(frozen=True)
+class PruneGradualConfig(PassConfig):
+    """Gradual magnitude pruning during fine-tuning (Zhu & Gupta, 2017), optionally with regrowth (Lin et al.'s DPF).
+
+    sparsity: the final share of zero weights, in (0, 1); initial_sparsity: where it starts.
+    schedule: cubic (prunes fast early, gently at the end) | linear. The ramp runs from
+    start_fraction to end_fraction of the training steps; masks are recomputed (one global
+    magnitude threshold) every update_every steps. regrowth: pruned weights keep receiving
+    gradients (straight-through), so a weight that grows large again returns at the next update.
+    exclude: layer names kept dense. finetune: the shared loop (more epochs than prune-weight:
+    the model recovers while sparsity rises; early stopping only counts once the final sparsity is reached).
+    """
+
+    sparsity: float = 0.6
+    initial_sparsity: float = 0.0
+    schedule: str = "cubic"
+    start_fraction: float = 0.0
+    end_fraction: float = 0.6
+    update_every: int = 5
+    regrowth: bool = False
+    exclude: tuple[str, ...] = ()
+    finetune: FineTuneConfig = finetune_field(epochs=3, lr=1e-3)
+
+    def __post_init__(self) -> None:
+        nested_finetune(self)
+        _check_fraction("sparsity", self.sparsity)
+        if not 0.0 <= self.initial_sparsity < self.sparsity:
+            raise ConfigValueError(f"initial_sparsity must be in [0, sparsity), got {self.initial_sparsity}")
+        if self.schedule not in SPARSITY_SCHEDULES:
+            raise ConfigValueError(f"schedule must be one of {', '.join(SPARSITY_SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 <= self.start_fraction < self.end_fraction <= 1.0:
+            raise ConfigValueError(f"need 0 <= start_fraction < end_fraction <= 1, got {self.start_fraction} and {self.end_fraction}")
+        if self.update_every < 1:
+            raise ConfigValueError(f"update_every must be at least 1 step, got {self.update_every}")
+        _check_names("exclude", self.exclude)
+
+
+@register_pass
+class PruneGradualPass(Pass):
+    name = "prune-gradual"
+    config_cls = PruneGradualConfig
+    summary = "sparsity raised on a schedule while fine-tuning (optionally with regrowth); zeros in the ONNX weights"
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        config: PruneGradualConfig = self.config  # type: ignore[assignment]
+        prepared = prepare(artifact, context, self.name, config.finetune)
+        layers = weight_layers(prepared.module, config.exclude, self.name)
+        rows = len(prepared.data.labels) if config.finetune.max_samples <= 0 else min(config.finetune.max_samples, len(prepared.data.labels))
+        steps_per_epoch = math.ceil(rows / config.finetune.batch_size)
+        total = config.finetune.epochs * steps_per_epoch
+        end_step = max(1, round(config.end_fraction * total))
+        masks = GradualMasks(layers, config.regrowth)
+        masks.update(sparsity_at(0, total, config))
+
+        def after_step(step: int) -> None:
+            if step % config.update_every == 0 or step == end_step or (config.regrowth and step == total):
+                target = sparsity_at(step, total, config)
+                if target != masks.sparsity or config.regrowth:
+                    masks.update(target)
+
+        def may_stop(epoch: int) -> bool:
+            return (epoch + 1) * steps_per_epoch >= end_step
+
+        fine_tune_(prepared.module, prepared.data, config.finetune, context, self.name, after_step=after_step, may_stop=may_stop,
+                   fraction=(0.0, 0.9))
+        masks.update(config.sparsity)  # exactly the target, whatever step the run ended on
+        masks.remove()
+        sparsity = weight_sparsity(layers)
+        context.progress(ProgressEvent(stage=self.name, fraction=0.95, message=f"{100 * sparsity:.1f}% of the weights are zero"))
+        return finish(prepared, context, artifact, f"{artifact.path.stem}-gradual", self.name, pruned=f"gradual {sparsity:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# prune-structured
+
+
+def import_torch_pruning(needed_by: str):
+    try:
+        import torch_pruning
+    except ImportError as e:
+        raise OptimizerError(f"{needed_by} needs Torch-Pruning on this node ({e}); pip install {TORCH_PRUNING_PIN}") from e
+    return torch_pruning
+
+
+def make_importance(name: str, module: Any, needed_by: str):
+    tp = import_torch_pruning(needed_by)
+    if name == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    from torch import nn
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        raise OptimizerError(f"{needed_by}: importance bn-scale ranks channels by their BatchNorm scale, and the model has no BatchNorm; use magnitude or taylor")
+    return tp.importance.BNScaleImportance()
+
+
+def prune_channels_(
+    module: Any,
+    example: tuple[Any, ...],
+    ratio: float,
+    importance: str,
+    needed_by: str,
+    *,
+    ignored: tuple[str, ...] = (),
+    global_pruning: bool = False,
+    steps: int = 1,
+    round_to: int = 0,
+    gradients: Any = None,
+    between_steps: Any = None,
+) -> None:
+    """Removes `ratio` of the channels of every conv / linear layer but the output layers (Torch-Pruning's dependency graph).
+
+    gradients(): fills .grad for Taylor importance before each step; between_steps(i) runs after step i (fine-tuning).
+    """
+    tp = import_torch_pruning(needed_by)
+    check_layer_names(module, ignored, "ignored_layers", needed_by)
+    before = output_shapes(module, example)
+    keep = [module.get_submodule(n) for n in (*output_layers(module), *ignored)]
+    pruner = tp.pruner.MetaPruner(
+        module, example, importance=make_importance(importance, module, needed_by), global_pruning=global_pruning,
+        pruning_ratio=ratio, iterative_steps=steps, ignored_layers=keep, round_to=round_to or None,
+    )
+    for i in range(steps):
+        if importance == "taylor" and gradients is not None:
+            gradients()
+        pruner.step()
+        module.zero_grad(set_to_none=True)
+        if between_steps is not None:
+            between_steps(i)
+    after = output_shapes(module, example)
+    if after != before:
+        raise OptimizerError(f"{needed_by}: pruning changed the model's output shapes from {before} to {after}; add the output layer to ignored_layers")
+
+
+def taylor_gradients(module: Any, data: TrainData, batches: int = 4, batch_size: int = 64):
+    """A closure that accumulates cross-entropy gradients over a few train batches (Taylor importance needs them)."""
+    import torch
+
+    def fill() -> None:
+        module.eval()  # BatchNorm statistics stay as they are
+        module.zero_grad(set_to_none=True)
+        for start in range(0, min(len(data.labels), batches * batch_size), batch_size):
+            logits = module(*(torch.from_numpy(x[start : start + batch_size]) for x in data.inputs))
+            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.labels[start : start + batch_size])).backward()
+
+    return fill
+
+
+@dataclass(frozen=True)
+class PruneStructuredConfig(PassConfig):
+    """Channel pruning with Torch-Pruning: whole filters / neurons go, with every layer that depends on them.
+
+    pruning_ratio: share of channels removed from each conv / linear layer, in (0, 1) (the output
+    layer keeps its outputs); on the digits CNN 0.5 left a quarter of the FLOPs but lost 2 points,
+    0.3 (channels not multiples of 8) kept accuracy but ran no faster on ORT's CPU kernels, so
+    the default 0.25 with round_to 8 keeps 24 / 48 channels; with global_pruning the ratio holds for the model as a whole and
+    layers lose channels by global rank. importance: magnitude (L2 of each group's weights) |
+    taylor (|weight × gradient| on a few train batches) | bn-scale (|BatchNorm γ|, needs BatchNorm).
+    iterative_steps: prune in that many steps with fine-tuning between them (finetune.epochs split
+    across steps). round_to: keep channel counts multiples of this (0: any; 8 by default: CPU
+    convolution kernels work on blocks of 8 channels, so other counts cost time without FLOPs). ignored_layers:
+    layer names never pruned. finetune: the shared loop.
+    """
+
+    pruning_ratio: float = 0.25
+    importance: str = "magnitude"
+    global_pruning: bool = False
+    iterative_steps: int = 1
+    round_to: int = 8
+    ignored_layers: tuple[str, ...] = ()
+    finetune: FineTuneConfig = finetune_field(epochs=3, lr=1e-3)
+
+    def __post_init__(self) -> None:
+        nested_finetune(self)
+        _check_fraction("pruning_ratio", self.pruning_ratio)
+        if self.importance not in IMPORTANCES:
+            raise ConfigValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+        if self.iterative_steps < 1:
+            raise ConfigValueError(f"iterative_steps must be at least 1, got {self.iterative_steps}")
+        if self.round_to < 0:
+            raise ConfigValueError(f"round_to must be 0 (off) or more, got {self.round_to}")
+        _check_names("ignored_layers", self.ignored_layers)
+
+
+@register_pass
+class PruneStructuredPass(Pass):
+    name = "prune-structured"
+    config_cls = PruneStructuredConfig
+    summary = "channel pruning with Torch-Pruning's dependency graph (magnitude, Taylor or BN-scale), fine-tuned; a smaller dense ONNX"
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        import dataclasses
+
+        config: PruneStructuredConfig = self.config  # type: ignore[assignment]
+        prepared = prepare(artifact, context, self.name, config.finetune)
+        module, example = prepared.module, prepared.example
+        params0, flops0 = parameter_count(module), flops_per_sample(module, example)
+        steps = config.iterative_steps
+        per_step = [config.finetune.epochs // steps + (1 if i < config.finetune.epochs % steps else 0) for i in range(steps)]
+
+        def between(i: int) -> None:
+            context.progress(ProgressEvent(
+                stage=self.name, fraction=0.05 + 0.9 * i / steps,
+                message=f"step {i + 1}/{steps}: {parameter_count(module)} parameters ({100 * parameter_count(module) / params0:.1f}%), "
+                f"{100 * flops_per_sample(module, example) / flops0:.1f}% of the FLOPs",
+            ))
+            if per_step[i]:
+                fine_tune_(module, prepared.data, dataclasses.replace(config.finetune, epochs=per_step[i]), context, self.name,
+                           fraction=(0.05 + 0.9 * i / steps, 0.9 / steps))
+
+        prune_channels_(
+            module, example, config.pruning_ratio, config.importance, self.name, ignored=config.ignored_layers,
+            global_pruning=config.global_pruning, steps=steps, round_to=config.round_to,
+            gradients=taylor_gradients(module, prepared.data), between_steps=between,
+        )
+        params, flops = parameter_count(module), flops_per_sample(module, example)
+        return finish(
+            prepared, context, artifact, f"{artifact.path.stem}-channels", self.name,
+            pruned=f"structured {config.importance} {config.pruning_ratio:g}", params_fraction=f"{params / params0:.4f}",
+            flops_fraction=f"{flops / flops0:.4f}",
+        )

@@ -1,0 +1,93 @@
+"""Tests for optimizer/passes/distill.py: a student a quarter of the teacher's size that keeps its accuracy; students that do not fit are refused."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from optimizer.evaluation import count_flops, count_params
+from optimizer.export import onnx_io_names
+from optimizer.recipes import make_pass
+from optimizer.zoo import DigitsCNN, export_pt2
+
+FAST = {"epochs": 1, "max_samples": 512}
+
+
+def top1(path, x, y) -> float:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return float((session.run(None, {"x": x})[0].argmax(1) == y).mean())
+
+
+@pytest.fixture
+def teacher(digits) -> Artifact:
+    return Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
+
+
+def _context(digits, path, **kwargs) -> PassContext:
+    return PassContext(workdir=path, datasets={"train": digits.train, "data": digits.data}, **kwargs)
+
+
+def _save(module: nn.Module, path) -> str:
+    export_pt2(module.eval(), path, torch.zeros(2, 1, 8, 8))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_distill_soft_student_is_a_quarter_of_the_teacher_within_two_points(digits, teacher, tmp_path):
+    events: list[ProgressEvent] = []
+    result = make_pass("distill-soft", {"finetune": {"epochs": 3}}).run(teacher, _context(digits, tmp_path, progress=events.append))
+    assert onnx_io_names(result.path) == (("x",), ("logits",))
+    sample = {"x": digits.x_test[:1]}
+    assert count_params(result.path, "onnx")[0] <= 0.3 * count_params(digits.onnx, "onnx")[0]
+    assert count_flops(result.path, "onnx", sample) <= 0.5 * count_flops(digits.onnx, "onnx", sample)
+    assert top1(result.path, digits.x_test, digits.y_test) >= top1(digits.onnx, digits.x_test, digits.y_test) - 0.02
+    assert any("25.4% of the teacher's" in e.message for e in events)
+
+
+@pytest.mark.slow
+def test_distill_feature_matches_the_named_layers(digits, teacher, tmp_path):
+    events: list[ProgressEvent] = []
+    config = {"layers": ["features.3", "classifier.1"], "finetune": FAST}
+    result = make_pass("distill-feature", config).run(teacher, _context(digits, tmp_path, progress=events.append))
+    assert any(e.message == "matching features.3->features.3, classifier.1->classifier.1" for e in events)
+    assert count_params(result.path, "onnx")[0] <= 0.3 * count_params(digits.onnx, "onnx")[0]
+    assert top1(result.path, digits.x_test, digits.y_test) > 0.8
+
+
+@pytest.mark.slow
+def test_a_user_student_is_trained_and_served(digits, teacher, tmp_path):
+    student = _save(DigitsCNN(width=8), tmp_path / "student.pt2")
+    config = {"student": student, "finetune": {"epochs": 3, "lr": 1e-2, "augment": {"kind": "none"}}}  # a random init learns from scratch
+    result = make_pass("distill-soft", config).run(teacher, _context(digits, tmp_path / "work"))
+    assert count_params(result.path, "onnx")[0] == pytest.approx(sum(p.numel() for p in DigitsCNN(width=8).parameters()), rel=0.01)
+    assert top1(result.path, digits.x_test, digits.y_test) > 0.5
+
+
+def test_a_student_with_other_outputs_is_refused(digits, teacher, tmp_path):
+    student = _save(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), tmp_path / "five.pt2")
+    with pytest.raises(OptimizerError, match=r"distill-soft: the student five\.pt2 returns outputs of shapes \[\[2, 5\]\].*teacher \[\[2, 10\]\]"):
+        make_pass("distill-soft", {"student": student}).run(teacher, _context(digits, tmp_path / "work"))
+
+
+def test_a_student_with_other_inputs_is_refused(digits, teacher, tmp_path):
+    path = tmp_path / "flat.pt2"
+    export_pt2(nn.Linear(64, 10).eval(), path, torch.zeros(2, 64))
+    with pytest.raises(OptimizerError, match=r"the student flat\.pt2 takes float32 \[N, 64\], and the teacher takes float32 \[N, 1, 8, 8\]"):
+        make_pass("distill-feature", {"student": str(path)}).run(teacher, _context(digits, tmp_path / "work"))
+
+
+def test_a_missing_student_file_and_bad_settings_are_refused(digits, teacher, tmp_path):
+    with pytest.raises(OptimizerError, match=r"distill-soft: the student file 'nowhere\.pt2' does not exist"):
+        make_pass("distill-soft", {"student": "nowhere.pt2"}).run(teacher, _context(digits, tmp_path))
+    with pytest.raises(OptimizerError, match=r"width must be in \(0, 1\), got 1.5"):
+        make_pass("distill-soft", {"width": 1.5})
+    with pytest.raises(OptimizerError, match=r"layers must be a list of 'name' or 'student_name:teacher_name'"):
+        make_pass("distill-feature", {"layers": ["a:b:c"]})
+
+
+def test_unknown_feature_layers_are_listed(digits, teacher, tmp_path):
+    with pytest.raises(OptimizerError, match=r"layers \(student side\) names no layer 'conv9' \(layers: features\.0, features\.3, classifier\.1, classifier\.3\)"):
+        make_pass("distill-feature", {"layers": ["conv9"]}).run(teacher, _context(digits, tmp_path))

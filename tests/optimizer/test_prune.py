@@ -1,0 +1,164 @@
+"""Tests for optimizer/passes/prune.py and optimizer/torchmodel.py: real zeros, really fewer channels, precise refusals."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from optimizer.evaluation import count_flops, count_params
+from optimizer.export import load_program, onnx_io_names
+from optimizer.passes.prune import PruneGradualConfig, sparsity_at
+from optimizer.recipes import make_pass
+from optimizer.torchmodel import lift_layers, output_layers
+
+FAST = {"epochs": 1, "max_samples": 512}
+
+
+def top1(path, x, y) -> float:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return float((session.run(None, {"x": x})[0].argmax(1) == y).mean())
+
+
+def weight_sparsity(path) -> float:
+    model = onnx.load(str(path))
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if len(i.dims) >= 2]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
+
+
+@pytest.fixture
+def pt2_model(digits) -> Artifact:
+    return Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
+
+
+@pytest.fixture(scope="module")
+def baseline_accuracy(digits) -> float:
+    return top1(digits.onnx, digits.x_test, digits.y_test)
+
+
+def _context(digits, path, **kwargs) -> PassContext:
+    return PassContext(workdir=path, datasets={"train": digits.train, "data": digits.data}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def weight_pruned(digits, tmp_path_factory) -> Artifact:
+    source = Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
+    return make_pass("prune-weight", {"sparsity": 0.5, "finetune": {"epochs": 1}}).run(source, _context(digits, tmp_path_factory.mktemp("pw")))
+
+
+@pytest.fixture(scope="module")
+def channel_pruned(digits, tmp_path_factory) -> Artifact:
+    source = Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
+    return make_pass("prune-structured", {"pruning_ratio": 0.5, "finetune": {"epochs": 2}}).run(source, _context(digits, tmp_path_factory.mktemp("ps")))
+
+
+def test_lifted_module_computes_what_the_program_does(digits):
+    program = load_program(Artifact(digits.pt2, "pt2"), "test")
+    lifted = lift_layers(program.module(check_guards=False)).eval()
+    x = torch.from_numpy(digits.x_test[:16])
+    assert torch.allclose(lifted(x), program.module()(x), atol=1e-5)
+    assert isinstance(lifted.get_submodule("features.0"), torch.nn.Conv2d) and output_layers(lifted) == ["classifier.3"]
+
+
+# --- prune-weight ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_prune_weight_writes_real_zeros_and_keeps_accuracy(digits, weight_pruned, baseline_accuracy):
+    assert (weight_pruned.format, weight_pruned.runtime) == ("onnx", "onnxruntime")
+    assert onnx_io_names(weight_pruned.path) == (("x",), ("logits",))
+    assert weight_sparsity(weight_pruned.path) == pytest.approx(0.5, abs=0.01)
+    params, nonzero = count_params(weight_pruned.path, "onnx")
+    assert 1 - nonzero / params >= 0.45  # what evaluation reports as nonzero_params
+    assert top1(weight_pruned.path, digits.x_test, digits.y_test) >= baseline_accuracy - 0.01
+
+
+@pytest.mark.slow
+def test_prune_gradual_reaches_its_sparsity_with_regrowth(digits, pt2_model, tmp_path, baseline_accuracy):
+    events: list[ProgressEvent] = []
+    config = {"sparsity": 0.6, "regrowth": True, "update_every": 3, "finetune": {"epochs": 2}}
+    result = make_pass("prune-gradual", config).run(pt2_model, _context(digits, tmp_path, progress=events.append))
+    assert weight_sparsity(result.path) == pytest.approx(0.6, abs=0.01)
+    assert top1(result.path, digits.x_test, digits.y_test) >= baseline_accuracy - 0.01
+    assert [e.epoch for e in events if e.epoch is not None] == [1, 2]
+
+
+def test_gradual_schedule_is_cubic_between_start_and_end():
+    config = PruneGradualConfig(sparsity=0.8, initial_sparsity=0.0, start_fraction=0.0, end_fraction=0.5)
+    values = [sparsity_at(step, 100, config) for step in range(101)]
+    assert values[0] == 0.0 and values[50] == 0.8 and values[100] == 0.8
+    assert values[25] == pytest.approx(0.8 * (1 - 0.5**3))
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+# --- prune-structured ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_prune_structured_makes_the_onnx_model_really_smaller(digits, channel_pruned, baseline_accuracy):
+    base_params, _ = count_params(digits.onnx, "onnx")
+    params, nonzero = count_params(channel_pruned.path, "onnx")
+    sample = {"x": digits.x_test[:1]}
+    assert params <= 0.7 * base_params and nonzero > 0.99 * params  # dense: channels are gone, not zeroed
+    assert count_flops(channel_pruned.path, "onnx", sample) <= 0.6 * count_flops(digits.onnx, "onnx", sample)
+    assert channel_pruned.path.stat().st_size <= 0.7 * digits.onnx.stat().st_size
+    session = ort.InferenceSession(str(channel_pruned.path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": digits.x_test[:7]})[0].shape == (7, 10)  # batch still dynamic
+    assert top1(channel_pruned.path, digits.x_test, digits.y_test) >= baseline_accuracy - 0.015
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("importance", ["taylor", "bn-scale"])
+def test_prune_structured_importance_criteria(digits, pt2_model, tmp_path, importance):
+    result = make_pass("prune-structured", {"importance": importance, "pruning_ratio": 0.25, "finetune": FAST}).run(
+        pt2_model, _context(digits, tmp_path)
+    )
+    # bn-scale ranks only channels that feed a BatchNorm, so the hidden linear layer keeps its width
+    assert count_params(result.path, "onnx")[0] < 0.8 * count_params(digits.onnx, "onnx")[0]
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["prune-weight", "prune-gradual", "prune-structured", "distill-soft", "distill-feature"])
+def test_no_train_data_says_which_file_to_add(pt2_model, tmp_path, name):
+    with pytest.raises(OptimizerError, match=rf"{name} fine-tunes the model and needs train data.*slimctl register NAME MODEL --train TRAIN\.npz"):
+        make_pass(name).run(pt2_model, PassContext(workdir=tmp_path))
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1])
+def test_sparsity_outside_zero_one_is_refused(value):
+    with pytest.raises(OptimizerError, match=rf"pass 'prune-weight': sparsity must be in \(0, 1\), got {value}"):
+        make_pass("prune-weight", {"sparsity": value})
+    with pytest.raises(OptimizerError, match=r"sparsity must be in \(0, 1\)"):
+        make_pass("prune-gradual", {"sparsity": value})
+    with pytest.raises(OptimizerError, match=r"pruning_ratio must be in \(0, 1\)"):
+        make_pass("prune-structured", {"pruning_ratio": value})
+
+
+def test_onnx_models_are_refused_with_the_way_out(digits, tmp_path):
+    onnx_model = Artifact(digits.onnx, "onnx", input_names=("x",), output_names=("logits",))
+    with pytest.raises(OptimizerError, match=r"prune-weight trains the model in torch and needs a \.pt2 model.*register the model as a torch\.export archive"):
+        make_pass("prune-weight").run(onnx_model, _context(digits, tmp_path))
+
+
+def test_nan_loss_fails_precisely_and_leaves_the_model_untouched(digits, pt2_model, tmp_path):
+    bad = tmp_path / "train.npz"
+    x = np.load(digits.train)["x"].copy()
+    x[:] = np.nan
+    np.savez(bad, x=x, labels=np.load(digits.train)["labels"])
+    before = hashlib.sha256(digits.pt2.read_bytes()).hexdigest()
+    with pytest.raises(OptimizerError, match=r"prune-weight: the training loss became nan at epoch 1, step 1 .*lower finetune\.lr"):
+        make_pass("prune-weight").run(pt2_model, PassContext(workdir=tmp_path / "work", datasets={"train": bad}))
+    assert hashlib.sha256(digits.pt2.read_bytes()).hexdigest() == before
+
+
+def test_unknown_layer_names_are_listed(digits, pt2_model, tmp_path):
+    with pytest.raises(OptimizerError, match=r"exclude names no layer 'conv9' \(layers: features\.0, features\.3, classifier\.1, classifier\.3\)"):
+        make_pass("prune-weight", {"exclude": ["conv9"]}).run(pt2_model, _context(digits, tmp_path))
