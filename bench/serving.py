@@ -760,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
                     "python": platform.python_version(), "onnxruntime": ort_version(),
                     "load_average_at_start": os.getloadavg()},
         "settings": {**{k: v for k, v in vars(args).items() if k != "output"}, "slimserve_compute_threads": settings.compute_threads,
-                     "slimserve_intra_op_threads": settings.intra_op_threads},
+                     "slimserve_intra_op_threads": settings.runtime_config().intra_op_threads},
         "git": git_describe(),
         "command": " ".join([".venv/bin/python -m bench.serving", *(argv if argv is not None else sys.argv[1:])]),
         "skipped": {},
@@ -793,10 +793,11 @@ def main(argv: list[str] | None = None) -> None:
                 say(f"skipping {peer}: {why}")
                 continue
             if peer == "kserve":
-                server = start_kserve(python, files, settings.intra_op_threads)
+                # The peers get slimserve's own session tuning (threads, no spinning): a fair fight.
+                server = start_kserve(python, files, settings.runtime_config().intra_op_threads)
                 note = "kserve.Model, sync predict, default ModelServer settings"
             else:
-                server = start_mlserver(python, files, settings.intra_op_threads, 32, args.mlserver_batch_time)
+                server = start_mlserver(python, files, settings.runtime_config().intra_op_threads, 32, args.mlserver_batch_time)
                 note = f"MLModel, adaptive batching max 32 / {args.mlserver_batch_time * 1000:g} ms, parallel_workers 1 (default)"
             server.start()
             servers.append(server)
