@@ -25,6 +25,9 @@ err = Console(stderr=True)
 class State:
     server: str | None = None
     token: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 state = State()
@@ -34,12 +37,19 @@ state = State()
 def options(
     server: Optional[str] = typer.Option(None, envvar="SLIMSERVE_SERVER", help="HOST:PORT of the server [default 127.0.0.1:8001]."),
     token: Optional[str] = typer.Option(None, envvar="SLIMSERVE_TOKEN", help="Bearer token for management calls."),
+    tls_ca: Optional[Path] = typer.Option(None, envvar="SLIMSERVE_TLS_CA", help="PEM CA of the server's certificate: connect over TLS."),
+    tls_cert: Optional[Path] = typer.Option(None, envvar="SLIMSERVE_TLS_CERT", help="PEM client certificate, for servers that require mutual TLS."),
+    tls_key: Optional[Path] = typer.Option(None, envvar="SLIMSERVE_TLS_KEY", help="PEM private key of --tls-cert."),
 ) -> None:
     state.server, state.token = server, token
+    state.tls_ca, state.tls_cert, state.tls_key = tls_ca, tls_cert, tls_key
 
 
 def connect() -> SlimServeClient:
-    return SlimServeClient(state.server, state.token)
+    try:
+        return SlimServeClient(state.server, state.token, tls_ca=state.tls_ca, tls_cert=state.tls_cert, tls_key=state.tls_key)
+    except SlimServeClientError as e:
+        fail(e.message)
 
 
 def fail(message: str) -> None:

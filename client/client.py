@@ -117,6 +117,28 @@ def comparison_dict(c: spb.VariantComparison) -> dict[str, Any]:
     return out
 
 
+def _read_file(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise SlimServeClientError("INVALID_ARGUMENT", f"cannot read {what} '{path}': {e.strerror}") from None
+
+
+def channel_credentials(
+    ca: str | Path | None, cert: str | Path | None, key: str | Path | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a channel, or None for plaintext when nothing is given."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise SlimServeClientError("INVALID_ARGUMENT", "a client certificate needs both --tls-cert and --tls-key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_file(ca, "--tls-ca") if ca else None,
+        private_key=_read_file(key, "--tls-key") if key else None,
+        certificate_chain=_read_file(cert, "--tls-cert") if cert else None,
+    )
+
+
 @dataclass(frozen=True)
 class InferAnswer:
     variant: str
@@ -127,12 +149,32 @@ class InferAnswer:
 class SlimServeClient:
     """Blocking client. Errors raise SlimServeClientError with the server's code and message."""
 
-    def __init__(self, server: str | None = None, token: str | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        server: str | None = None,
+        token: str | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+    ) -> None:
+        """TLS when any `tls_*` is given (or SLIMSERVE_TLS_CA / _CERT / _KEY is set): `tls_ca` is the CA that
+        signed the server's certificate (the system's roots when None); `tls_cert` + `tls_key` are this
+        client's certificate and key for servers that require mutual TLS."""
         self.server = server or os.environ.get("SLIMSERVE_SERVER") or DEFAULT_SERVER
         token = token if token is not None else os.environ.get("SLIMSERVE_TOKEN")
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(self.server, options=options)
+        credentials = channel_credentials(
+            tls_ca if tls_ca is not None else os.environ.get("SLIMSERVE_TLS_CA"),
+            tls_cert if tls_cert is not None else os.environ.get("SLIMSERVE_TLS_CERT"),
+            tls_key if tls_key is not None else os.environ.get("SLIMSERVE_TLS_KEY"),
+        )
+        self.tls = credentials is not None
+        if credentials is None:
+            self.channel = grpc.insecure_channel(self.server, options=options)
+        else:
+            self.channel = grpc.secure_channel(self.server, credentials, options=options)
         self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.registry = spb_grpc.ModelRegistryStub(self.channel)
         self.optimizer = spb_grpc.OptimizerStub(self.channel)
@@ -154,7 +196,11 @@ class SlimServeClient:
             return method(request, metadata=self._auth, timeout=timeout)
         except grpc.RpcError as e:
             code = e.code()
-            if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (e.details() or "").lower():
+            details = (e.details() or "").lower()
+            if code == grpc.StatusCode.UNAVAILABLE and ("ssl" in details or "handshake" in details or "tls" in details):
+                hint = "pass --tls-ca (the CA of the server's certificate) and, for mutual TLS, --tls-cert/--tls-key"
+                raise SlimServeClientError("UNAVAILABLE", f"TLS with {self.server} failed: {hint} ({e.details()})") from None
+            if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
                 raise SlimServeClientError("UNAVAILABLE", f"no slimserve answers at {self.server}: is it running? ({e.details()})") from None
             raise SlimServeClientError(code.name if code else "UNKNOWN", e.details() or "") from None
 

@@ -77,6 +77,10 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 
 
 def deserialize_bytes(raw: bytes, count: int, name: str = "") -> np.ndarray:
+    if count * 4 > len(raw):  # checked before allocating: a forged shape must not size the array
+        raise TensorCodecError(
+            f"tensor '{name}': {len(raw)} bytes of raw BYTES data cannot hold {count} elements (each takes at least 4 bytes)"
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0
@@ -94,12 +98,21 @@ def deserialize_bytes(raw: bytes, count: int, name: str = "") -> np.ndarray:
     return out
 
 
+MAX_RANK = 64  # numpy's limit on dimensions
+MAX_EXTENT = 2**59  # numpy refuses shapes whose non-zero dims multiply past 2**63 bytes, even holding no element
+
+
 def element_count(shape: Sequence[int], name: str = "") -> int:
-    count = 1
+    if len(shape) > MAX_RANK:
+        raise TensorCodecError(f"tensor '{name}': shape has {len(shape)} dimensions; at most {MAX_RANK} are supported")
+    count = extent = 1
     for dim in shape:
         if dim < 0:
             raise TensorCodecError(f"tensor '{name}': shape {list(shape)} has a negative dimension")
         count *= dim
+        extent *= max(dim, 1)
+    if extent > MAX_EXTENT:
+        raise TensorCodecError(f"tensor '{name}': shape {list(shape)} is too large for any tensor")
     return count
 
 

@@ -1,0 +1,71 @@
+"""Unload returns memory: 20 variants created, loaded, routed to and deleted under load leave the server's RSS within 10%."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from tests.e2e.server_process import ServerProcess
+
+CYCLES = 20
+WARMUP = 3  # the first jobs import the optimizer and grow pools and arenas once; measured from after them
+
+
+def settled_rss(server: ServerProcess) -> int:
+    """The lowest of a few samples a moment apart: RSS wobbles with requests in flight."""
+    samples = []
+    for _ in range(5):
+        samples.append(server.rss_bytes())
+        time.sleep(0.2)
+    return min(samples)
+
+
+@pytest.mark.slow
+def test_creating_and_deleting_20_variants_under_load_returns_memory(tmp_path, digits):
+    server = ServerProcess(tmp_path / "repo", tmp_path / "server.log")
+    errors: list[Exception] = []
+    answered: Counter[str] = Counter()
+    stop = threading.Event()
+    try:
+        with server.client() as c:
+            c.register("digits", digits.onnx)
+
+        def caller() -> None:
+            with server.client() as c:
+                while not stop.is_set():
+                    try:
+                        answered[c.infer("digits", {"x": digits.x_test[:8]})[0]] += 1
+                    except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+                        errors.append(e)
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        rss = []
+        with server.client() as c:
+            for i in range(WARMUP + CYCLES):
+                if i == WARMUP:
+                    rss.append(settled_rss(server))
+                name = f"v{i}"
+                c.optimize("digits", "graph-ort", variant_name=name)
+                c.traffic("digits", {"baseline": 50, name: 50})
+                target = answered[name] + 20
+                while answered[name] < target and not errors:
+                    time.sleep(0.005)
+                c.delete_variant("digits", name)
+            rss.append(settled_rss(server))
+            assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        server.stop()
+    assert errors == [], errors[:3]
+    start, end = rss
+    growth = (end - start) / start
+    print(f"server RSS after warm-up {start / 2**20:.1f} MiB, after {CYCLES} more variants {end / 2**20:.1f} MiB ({growth:+.1%})")
+    assert growth < 0.10, f"RSS grew {growth:.1%}: {start / 2**20:.1f} -> {end / 2**20:.1f} MiB"

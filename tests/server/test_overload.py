@@ -1,0 +1,112 @@
+"""Overload: a full variant queue answers RESOURCE_EXHAUSTED at once; a request whose deadline passed is never run."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from client import codec
+from client.client import SlimServeClient
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from tests.server.test_shutdown import slow_matmul_onnx
+
+BIG = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+WIDTH = 512
+LONG = 2048  # rows of a call that keeps the variant busy for a while (0.1-0.5 s on 2 cores)
+
+
+def request(rows: int) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="slow")
+    codec.fill_input(r, "x", np.ones((rows, WIDTH), np.float32))
+    return r
+
+
+def register_slow(server, tmp_path) -> None:
+    """Registers the slow model and waits for its background evaluation, which would compete for the cores."""
+    with SlimServeClient(server.address) as c:
+        c.register("slow", slow_matmul_onnx(tmp_path / "slow.onnx", n=WIDTH))
+        wait_until(lambda: c.model("slow")["variants"][0]["latency_p50_ms"] is not None, timeout=120)
+
+
+def batcher_of(server):
+    return server.server.dataplane.models["slow"].variants["baseline"].batcher
+
+
+def stats_of(server):
+    return server.server.dataplane.stats["slow"]["baseline"]
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def slow_server(server_factory, tmp_path):
+    """One request at a time per variant (batches of 1) and room for two waiting: a small, slow queue."""
+    server = server_factory(max_queue_size=2, max_batch_size=1)
+    register_slow(server, tmp_path)
+    return server
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once_and_the_queued_requests_still_finish(slow_server):
+    with grpc.insecure_channel(slow_server.address, options=BIG) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        start = time.perf_counter()
+        infer(request(LONG), timeout=60)
+        one_call = time.perf_counter() - start
+        running = infer.future(request(LONG), timeout=60)
+        wait_until(lambda: batcher_of(slow_server)._inflight == 1)  # the long call computes; the queue is empty
+        queued = [infer.future(request(LONG), timeout=60) for _ in range(2)]
+        wait_until(lambda: batcher_of(slow_server).queued == 2)
+        assert batcher_of(slow_server)._inflight == 1  # the concurrency limit: a free compute thread, yet they wait
+        start = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as e:
+            infer(request(1), timeout=60)
+        refused_after = time.perf_counter() - start
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "variant 'baseline' of model 'slow': queue full (2 requests waiting)" in e.value.details()
+        assert refused_after < one_call / 2, (refused_after, one_call)  # at once, not after waiting its turn
+        for future in (running, *queued):
+            assert future.result(60).outputs[0].shape == [LONG, WIDTH]
+        infer(request(1), timeout=60)  # room again once the queue drained
+    assert slow_server.metrics.registry.get_sample_value(
+        "slimserve_requests_total", {"model": "slow", "variant": "baseline", "node_type": "cpu", "code": "RESOURCE_EXHAUSTED"}
+    ) == 1
+
+
+def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factory, tmp_path):
+    server = server_factory(max_batch_size=1)
+    register_slow(server, tmp_path)
+    with grpc.insecure_channel(server.address, options=BIG) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        infer(request(1), timeout=60)  # warm
+        start = time.perf_counter()
+        infer(request(LONG), timeout=60)
+        one_call = time.perf_counter() - start
+        before = stats_of(server).samples
+        running = infer.future(request(LONG), timeout=60)
+        wait_until(lambda: batcher_of(server)._inflight == 1)
+        late = [infer.future(request(7), timeout=min(0.05, one_call / 4)) for _ in range(5)]
+        for future in late:
+            with pytest.raises(grpc.RpcError) as e:
+                future.result(60)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert running.result(60).outputs[0].shape == [LONG, WIDTH]
+        wait_until(lambda: batcher_of(server).queued == 0)
+        time.sleep(0.2)  # had a late request been kept, it would run now, right after the long one
+        infer(request(3), timeout=60)
+    # Executed samples: the long call and the last one; none of the 5 x 7 whose callers gave up.
+    assert stats_of(server).samples - before == LONG + 3
+    batch_size = server.metrics.registry.get_sample_value(
+        "slimserve_batch_size_sum", {"model": "slow", "variant": "baseline", "node_type": "cpu"}
+    )
+    assert batch_size == 1 + LONG + LONG + 3  # warm-up, timing call, long call, last call
