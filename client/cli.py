@@ -214,6 +214,8 @@ def optimize(
 # Report columns as the optimizer names them, with the header people read; unknown keys print as they are.
 REPORT_HEADERS = {
     "variant": "variant",
+    "recipe": "recipe",  # the auto search's candidates
+    "status": "status",
     "runtime": "runtime",
     "size_bytes": "size",
     "size_reduction_x": "smaller ×",
@@ -226,6 +228,9 @@ REPORT_HEADERS = {
     "accuracy_pct": "accuracy %",
     "accuracy_delta_pt": "Δ pts",
     "agreement": "agreement",
+    "within_budget": "in budget",
+    "pareto": "Pareto",
+    "chosen": "chosen",
 }
 
 
@@ -233,7 +238,7 @@ def print_report(rows: list[dict[str, Any]], title: str) -> None:
     """Report rows as the optimizer built them: one row per variant; columns with no value are left out."""
     if not rows:
         return
-    keys = [k for k in REPORT_HEADERS if any(r.get(k) is not None for r in rows)]
+    keys = [k for k in REPORT_HEADERS if any(r.get(k) not in (None, "") for r in rows)]
     table = Table(*(REPORT_HEADERS[k] for k in keys), title=title, box=box.SIMPLE_HEAD)
     for row in rows:
         cells = []
@@ -251,6 +256,8 @@ def print_report(rows: list[dict[str, Any]], title: str) -> None:
                 cells.append(fmt(v, 3))
             elif k == "throughput_per_s":
                 cells.append(fmt(v, 0))
+            elif isinstance(v, bool):
+                cells.append("✓" if v else "")
             else:
                 cells.append(fmt(v))
         table.add_row(*cells)

@@ -172,7 +172,8 @@ class JobManager:
                     shutil.copyfile(side, variant_dir / f"model{side.name[len(result.artifact.path.stem):]}")
             variant = VariantInfo(
                 name=job.variant,
-                recipe=job.recipe.name,
+                # `auto` records the pipeline it chose, so the variant says what it really is.
+                recipe=f"auto: {result.artifact.notes['auto_choice']}" if "auto_choice" in result.artifact.notes else job.recipe.name,
                 parent=parent.name,
                 runtime=result.artifact.runtime,
                 format=result.artifact.format,

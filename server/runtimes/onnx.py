@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as InvalidArgumentError
 
 from server.errors import InvalidArgument
 from server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
@@ -99,7 +100,10 @@ class OnnxRuntime(Runtime):
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or [o.name for o in self.outputs]
         feed = {k: as_text(k, v) if v.dtype == object else v for k, v in inputs.items()}
-        results = self.session.run(names, feed)
+        try:
+            results = self.session.run(names, feed)
+        except InvalidArgumentError as e:  # inputs that pass the specs but not the graph (e.g. dims that must agree)
+            raise InvalidArgument(f"the model refused the inputs: {str(e).splitlines()[0][:500]}") from None
         return dict(zip(names, results))
 
     def unload(self) -> None:
