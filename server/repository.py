@@ -228,7 +228,7 @@ class Repository:
         self._lock = threading.RLock()
         if read_only:
             if not self.models_dir.is_dir():
-                raise FailedPrecondition(f"repository {self.root} has no models/ directory: start its writer first")
+                log.warning("repository %s has no models yet: serving nothing until its writer adds some", self.root)
             return
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ class Repository:
             handle.close()
             self._lock_file = None
 
-    def _writable(self) -> None:
+    def check_writable(self) -> None:
         if self.read_only:
             raise FailedPrecondition(
                 "this server is a read-only replica of a shared repository (--read-only): "
@@ -296,6 +296,8 @@ class Repository:
     # ------------------------------------------------------------------ reads
 
     def names(self) -> list[str]:
+        if not self.models_dir.is_dir():  # a read-only replica started before its writer
+            return []
         return sorted(p.name for p in self.models_dir.iterdir() if (p / "manifest.json").exists())
 
     def get(self, name: str) -> ModelInfo:
@@ -335,7 +337,7 @@ class Repository:
     @contextmanager
     def staging(self) -> Iterator[Path]:
         """A private directory for a write in progress; removed afterwards whatever happens."""
-        self._writable()
+        self.check_writable()
         path = self.staging_dir / uuid.uuid4().hex
         path.mkdir()
         try:
@@ -345,7 +347,7 @@ class Repository:
 
     def add_model(self, staged: Path, info: ModelInfo) -> ModelInfo:
         """Moves a fully written model directory into place with one rename, then it is visible."""
-        self._writable()
+        self.check_writable()
         validate_name(info.name)
         (staged / "manifest.json").write_text(json.dumps(info.to_dict(), indent=2))
         fsync_tree(staged)
@@ -359,7 +361,7 @@ class Repository:
 
     def delete(self, name: str) -> None:
         """Renames the model out of sight first, so a crash mid-delete leaves it gone, not half-gone."""
-        self._writable()
+        self.check_writable()
         with self._lock:
             target = self.model_dir(name)
             if not (target / "manifest.json").exists():
@@ -371,7 +373,7 @@ class Repository:
 
     def update(self, name: str, change: Any) -> ModelInfo:
         """Applies `change(info)` to a model's manifest under the lock and writes it atomically."""
-        self._writable()
+        self.check_writable()
         with self._lock:
             info = self.get(name)
             change(info)
@@ -380,7 +382,7 @@ class Repository:
 
     def add_variant(self, model: str, staged_dir: Path, variant: VariantInfo) -> ModelInfo:
         """Moves a staged variant directory (holding `variant.file`) in, then records it in the manifest."""
-        self._writable()
+        self.check_writable()
         validate_name(variant.name, "variant name")
         with self._lock:
             info = self.get(model)
@@ -399,7 +401,7 @@ class Repository:
             return self.update(model, record)
 
     def remove_variant(self, model: str, variant: str) -> ModelInfo:
-        self._writable()
+        self.check_writable()
         if variant == BASELINE:
             raise FailedPrecondition(f"the baseline of '{model}' cannot be removed; delete the model instead")
         with self._lock:

@@ -26,6 +26,8 @@ class RepositoryWatcher:
     def _stamps(self) -> dict[str, tuple[int, int, int]]:
         stamps = {}
         models = self.dataplane.repository.models_dir
+        if not models.is_dir():  # the writer has not started yet
+            return stamps
         for entry in os.scandir(models):
             try:
                 st = os.stat(os.path.join(entry.path, "manifest.json"))

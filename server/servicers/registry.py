@@ -53,6 +53,7 @@ class RegistryServicer(spb_grpc.ModelRegistryServicer):
     @grpc_errors
     async def DeleteModel(self, request, context):
         self.dataplane.repository.get(request.name)  # NotFound before anything changes
+        self.dataplane.repository.check_writable()  # a read-only replica refuses before it unloads anything
         try:
             await self.dataplane.unload_model(request.name)
         except NotFound:

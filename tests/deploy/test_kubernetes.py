@@ -31,9 +31,13 @@ def rendered(name: str) -> list[dict]:
     return render(KUSTOMIZATIONS[name])
 
 
-def one(name: str, kind: str) -> dict:
-    found = [r for r in rendered(name) if r["kind"] == kind]
-    assert len(found) == 1, f"{name}: {len(found)} {kind}s"
+SERVING = {"Deployment": "slimserve", "Service": "slimserve"}  # the writer has its own (see test below)
+
+
+def one(name: str, kind: str, named: str | None = None) -> dict:
+    named = named or SERVING.get(kind)
+    found = [r for r in rendered(name) if r["kind"] == kind and (named is None or r["metadata"]["name"] == named)]
+    assert len(found) == 1, f"{name}: {len(found)} {kind}s named {named}"
     return found[0]
 
 
@@ -178,3 +182,22 @@ def test_kserve_runtime_serves_the_inference_service():
     assert runtime["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(METRICS_PORT)
     assert container["readinessProbe"]["grpc"] == {"port": GRPC_PORT, "service": "inference.GRPCInferenceService"}
     assert re.match(r"^registry\.example\.com/slimserve:", container["image"])
+
+
+@pytest.mark.parametrize("name", ["overlay-cpu", "overlay-gpu"])
+def test_one_writer_and_read_only_replicas_share_the_repository(name):
+    """slimserve locks a repository for one writer: the scaled replicas must run read-only."""
+    serving, writer = one(name, "Deployment"), one(name, "Deployment", "slimserve-writer")
+    serving_args = serving["spec"]["template"]["spec"]["containers"][0]["args"]
+    writer_args = writer["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--read-only" in serving_args and "--poll-repository-s" in serving_args
+    assert "--read-only" not in writer_args
+    assert writer["spec"]["replicas"] == 1 and writer["spec"]["strategy"]["type"] == "Recreate"
+    claims = {d["metadata"]["name"]: {v["persistentVolumeClaim"]["claimName"] for v in d["spec"]["template"]["spec"]["volumes"]
+                                      if "persistentVolumeClaim" in v} for d in (serving, writer)}
+    assert claims["slimserve"] == claims["slimserve-writer"]
+    admin = one(name, "Service", "slimserve-admin")
+    assert admin["spec"]["selector"].items() <= writer["spec"]["template"]["metadata"]["labels"].items()
+    assert not admin["spec"]["selector"].items() <= serving["spec"]["template"]["metadata"]["labels"].items()
+    hpa = one(name, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "slimserve"

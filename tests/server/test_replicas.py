@@ -1,0 +1,60 @@
+"""One writer per repository; read-only replicas serve it and pick up the writer's changes live."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from client.client import SlimServeClient, SlimServeClientError
+from server.errors import FailedPrecondition
+from server.repository import Repository
+
+
+def wait_for(check, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+def test_a_second_writer_is_refused_with_the_way_out(tmp_path):
+    first = Repository(tmp_path / "repo")
+    with pytest.raises(FailedPrecondition, match="in use by another slimserve.*--read-only"):
+        Repository(tmp_path / "repo")
+    first.close()
+    Repository(tmp_path / "repo").close()  # released on close
+
+
+def test_a_read_only_replica_serves_what_the_writer_changes_and_refuses_writes(server_factory, tmp_path, digits):
+    repository = tmp_path / "shared"
+    replica = server_factory(repository, read_only=True, poll_repository_s=0.2)  # started before the writer: serves nothing yet
+    writer = server_factory(repository)
+    x = {"x": digits.x_test[:4]}
+    with SlimServeClient(writer.address) as w, SlimServeClient(replica.address) as r:
+        w.register("digits", digits.onnx, data=digits.data)
+        wait_for(lambda: r.model_ready("digits"))
+        _, out = r.infer("digits", x)
+        _, expected = w.infer("digits", x)
+        assert (out["logits"] == expected["logits"]).all()
+
+        # routing changed on the writer reaches the replica
+        w.optimize("digits", "graph-ort")
+        w.promote("digits", "graph-ort")
+        wait_for(lambda: r.infer("digits", x)[0] == "graph-ort")
+
+        # writes on the replica are refused, naming the writer
+        for call in (lambda: r.register("other", digits.onnx), lambda: r.traffic("digits", {"baseline": 1}),
+                     lambda: r.delete("digits")):
+            with pytest.raises(SlimServeClientError, match="read-only replica") as e:
+                call()
+            assert e.value.code == "FAILED_PRECONDITION"
+        assert r.model_ready("digits")  # the refused delete unloaded nothing
+
+        # a model deleted by the writer is unloaded on the replica
+        w.delete("digits")
+        wait_for(lambda: not r.model_ready("digits"))
