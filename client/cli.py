@@ -234,11 +234,17 @@ REPORT_HEADERS = {
 }
 
 
+# Columns an auto search's table leaves out so that it fits a terminal; the JSON report has them all.
+AUTO_HIDDEN = {"variant", "runtime", "size_reduction_x", "compute_reduction_x", "sparsity_pct", "throughput_per_s", "agreement"}
+
+
 def print_report(rows: list[dict[str, Any]], title: str) -> None:
     """Report rows as the optimizer built them: one row per variant; columns with no value are left out."""
     if not rows:
         return
     keys = [k for k in REPORT_HEADERS if any(r.get(k) not in (None, "") for r in rows)]
+    if any("chosen" in r for r in rows):  # the auto search's table: one row per candidate, what decides only
+        keys = [k for k in keys if k not in AUTO_HIDDEN]
     table = Table(*(REPORT_HEADERS[k] for k in keys), title=title, box=box.SIMPLE_HEAD)
     for row in rows:
         cells = []
