@@ -180,3 +180,16 @@ def test_bad_tls_settings_stop_the_start_with_the_reason(pki, tmp_path, files, m
     settings = Settings(repository=tmp_path / "repo", **{k: paths.get(v) or getattr(pki, v) for k, v in files.items()})
     with pytest.raises(OSError, match=message):
         SlimServer(settings)
+
+
+def test_the_container_health_probe_speaks_mutual_tls(server_factory, pki):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("healthcheck", Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    server = server_factory(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_ca=pki.ca)
+    mtls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    assert probe.main(["--address", server.address, *mtls]) == 0
+    assert probe.main(["--address", server.address, "--service", "inference.GRPCInferenceService", *mtls]) == 0
+    assert probe.main(["--address", server.address, "--timeout", "1"]) == 1  # plaintext against TLS: unhealthy
