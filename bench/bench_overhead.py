@@ -37,6 +37,7 @@ ANSWER = {"logits": np.zeros((1, 10), np.float32)}
 
 class InstantRuntime(Runtime):
     name = "instant"
+    inline_safe = True  # as ORT on the CPU: short calls run on the loop thread
 
     def load(self) -> None:
         self.inputs = [TensorSpec("x", "FP32", [-1, 4])]

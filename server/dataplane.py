@@ -203,7 +203,7 @@ class DataPlane:
             variant=variant,
             max_concurrency=1,
             on_batch=partial(self._on_batch, series, stats),
-            inline_below_s=self.inline_compute_s,
+            inline_below_s=self.inline_compute_s if runtime.inline_safe else 0.0,
         )
         labels = self.metrics.labels(model, variant)
         self.metrics.queued.labels(**labels).set_function(lambda: batcher.queued)

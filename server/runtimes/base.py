@@ -65,3 +65,9 @@ class Runtime(abc.ABC):
     def device(self) -> str:
         """Where compute runs, for metrics and records: cpu, cuda, or an execution provider list."""
         return "cpu"
+
+    @property
+    def inline_safe(self) -> bool:
+        """Whether a short call may run on the event loop's thread: never when a call can stall for
+        seconds (a torch.compile recompiling for a new shape, a TensorRT engine build)."""
+        return False

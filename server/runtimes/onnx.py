@@ -119,5 +119,9 @@ class OnnxRuntime(Runtime):
         )
 
     @property
+    def inline_safe(self) -> bool:
+        return self.device == "cpu"  # the CPU provider has no per-shape build step
+
+    @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
