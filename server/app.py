@@ -51,7 +51,8 @@ class SlimServer:
         self.metrics = Metrics(registry, node_type=settings.node_type, price_per_hour=price)
         self.repository = Repository(settings.repository, read_only=settings.read_only)
         self.dataplane = DataPlane(
-            self.repository, settings.runtime_config(), self.metrics, settings.compute_threads, settings.batching_config()
+            self.repository, settings.runtime_config(), self.metrics, settings.compute_threads, settings.batching_config(),
+            max_concurrent_calls=settings.max_concurrent_calls,
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())

@@ -133,12 +133,14 @@ class DataPlane:
         compute_threads: int = 2,
         batching: BatchingConfig | None = None,
         inline_compute_s: float = 100e-6,
+        max_concurrent_calls: int = 1,
     ) -> None:
         self.repository = repository
         self.runtime_config = runtime_config
         self.metrics = metrics
         self.batching = batching or BatchingConfig()
         self.inline_compute_s = inline_compute_s
+        self.max_concurrent_calls = max_concurrent_calls
         # Ids for requests that came without one: a per-process random prefix and a counter
         # (uuid4 per request costs a getrandom() system call).
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
@@ -201,7 +203,7 @@ class DataPlane:
             config,
             model=model,
             variant=variant,
-            max_concurrency=1,
+            max_concurrency=self.max_concurrent_calls,
             on_batch=partial(self._on_batch, series, stats),
             inline_below_s=self.inline_compute_s if runtime.inline_safe else 0.0,
         )

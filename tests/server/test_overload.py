@@ -110,3 +110,12 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
         "slimserve_batch_size_sum", {"model": "slow", "variant": "baseline", "node_type": "cpu"}
     )
     assert batch_size == 1 + LONG + LONG + 3  # warm-up, timing call, long call, last call
+
+
+def test_max_concurrent_calls_lets_a_variant_run_calls_side_by_side(server_factory, digits):
+    server = server_factory(max_concurrent_calls=2)
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx)
+        batcher = server.server.dataplane.models["digits"].variants["baseline"].batcher
+        assert batcher.max_concurrency == 2
+        assert c.infer("digits", {"x": digits.x_test[:3]})[1]["logits"].shape == (3, 10)
