@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
 from optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
