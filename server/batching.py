@@ -235,8 +235,7 @@ class DynamicBatcher:
                 await self._idle.wait()
             return
         if self._dispatcher is None and (self._waiting or self._inflight):
-            # Calls started straight from submit: the dispatcher waits for them to finish.
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"batcher {self.model}/{self.variant}")
+            self._start_dispatcher()  # calls started from a callback: the dispatcher waits for them to finish
         if self._dispatcher is not None:
             self._wakeup.set()
             await asyncio.shield(self._dispatcher)
@@ -258,7 +257,10 @@ class DynamicBatcher:
             return
         wait = self._start_due_batches() if self._inflight < self.max_concurrency else None
         if wait is not None:  # a batch waits for its delay: the dispatcher keeps the timer from now on
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"batcher {self.model}/{self.variant}")
+            self._start_dispatcher()
+
+    def _start_dispatcher(self) -> None:
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"batcher {self.model}/{self.variant}")
 
     # ------------------------------------------------------------------ batching off
 

@@ -7,9 +7,8 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -45,6 +44,14 @@ class VariantStats:
         """Samples per executed model call."""
         return self.samples / self.batches if self.batches else None
 
+    def answered(self, latency_s: float) -> None:
+        self.requests += 1
+        self.window.record(latency_s)
+
+    def failed(self) -> None:
+        self.requests += 1
+        self.errors += 1
+
 
 @dataclass
 class ServedVariant:
@@ -75,7 +82,7 @@ class Call:
     batcher: DynamicBatcher
     request_id: str
     # Variants mirroring this request (routed traffic only; a request pinned by model_version is not mirrored).
-    shadows: tuple[tuple[str, DynamicBatcher], ...] = ()
+    shadows: tuple[tuple[str, ServedVariant], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,11 @@ class InferResult:
     outputs: dict[str, np.ndarray]
     specs: dict[str, TensorSpec]
     request_id: str = ""
+
+
+def _plain_value(raw: Any) -> Any:
+    """A request parameter as a plain value: an InferParameter message, or already plain (in-process callers)."""
+    return raw if isinstance(raw, (str, int, float, bool)) else parameter_value(raw)
 
 
 def top1(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -216,7 +228,7 @@ class DataPlane:
         stats.batches += 1
         stats.samples += size
         stats.device_seconds += compute
-        self.metrics.observe_batch_on(series, size, queue_seconds, compute)
+        self.metrics.observe_batch(series, size, queue_seconds, compute)
 
     async def load_model(self, name: str, reuse: bool = False) -> LoadedModel:
         """Loads every ready variant of a model and swaps the set in at once, with a router from its policy.
@@ -347,14 +359,8 @@ class DataPlane:
         router = loaded.router
         if router is None:
             raise Unavailable(f"model '{name}' has no variant loaded that can take traffic")
-        sticky = router.sticky_parameter
-        value = None
-        if sticky is not None and parameters:
-            raw = parameters.get(sticky)
-            if raw is not None:
-                value = raw if isinstance(raw, (str, int, float, bool)) else parameter_value(raw)
-        variant = router.choose(None if value is None or value == "" else str(value))
-        shadows = tuple((s, loaded.variants[s].batcher) for s in router.shadows if s in loaded.variants)
+        variant = router.choose_for(parameters, _plain_value)
+        shadows = tuple((s, loaded.variants[s]) for s in router.shadows if s in loaded.variants)
         return variant, loaded.variants[variant], shadows
 
     # ------------------------------------------------------------------ inference
@@ -387,13 +393,12 @@ class DataPlane:
             elapsed = time.perf_counter() - start
             series.inflight.dec()
             series.request_duration.observe(elapsed)
-            stats.requests += 1
             if code == "OK":
                 series.requests_ok.inc()
-                stats.window.record(elapsed)
+                stats.answered(elapsed)
             else:
                 self.metrics.requests.labels(**self.metrics.labels(name, variant), code=code).inc()
-                stats.errors += 1
+                stats.failed()
 
     async def infer(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> InferResult:
         runtime = call.runtime
@@ -412,46 +417,40 @@ class DataPlane:
             feedback = self.feedback.get(call.model)
             if feedback is not None:
                 feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
-        for shadow, batcher in call.shadows:
+        for shadow, served in call.shadows:
             if self._shadow_tasks >= self.MAX_SHADOW_TASKS:
                 log.debug("shadow '%s' of '%s' skipped a request: %d mirrored calls pending", shadow, call.model, self._shadow_tasks)
                 continue
             self._shadow_tasks += 1
-            self._spawn(self._mirror(call, shadow, batcher, inputs, outputs, predicted))
+            self._spawn(self._mirror(call, shadow, served, inputs, outputs, predicted))
         return InferResult(call.model, call.variant, result, specs, call.request_id)
 
     async def _mirror(
-        self, call: Call, shadow: str, batcher: DynamicBatcher, inputs: dict[str, np.ndarray],
+        self, call: Call, shadow: str, served: ServedVariant, inputs: dict[str, np.ndarray],
         outputs: list[str] | None, primary: np.ndarray | None,
     ) -> None:
         """Runs a copy of a request on a shadow after the primary answered; its answer is only compared."""
-        stats = self.stats.get(call.model, {}).get(shadow)
         start = time.perf_counter()
         try:
-            result = await batcher.submit(inputs, outputs)
+            result = await served.batcher.submit(inputs, outputs)
         except (ResourceExhausted, Unavailable) as e:
             log.debug("shadow '%s' of '%s' skipped a request: %s", shadow, call.model, e)
             return
         except Exception as e:  # a shadow failing must never show in the primary's answer
             log.warning("shadow '%s' of '%s' failed: %s", shadow, call.model, e)
-            if stats is not None:
-                stats.requests += 1
-                stats.errors += 1
+            served.stats.failed()
             return
         finally:
             self._shadow_tasks -= 1
-        if stats is not None:  # a shadow's latency on the same traffic is what makes it comparable
-            stats.requests += 1
-            stats.window.record(time.perf_counter() - start)
+        served.stats.answered(time.perf_counter() - start)  # a shadow's latency on the same traffic makes it comparable
         if primary is None:
             return
         predicted = top1(result)
         if predicted is None or predicted.shape != primary.shape:
             return
-        labels = self.metrics.labels(call.model, shadow)
-        self.metrics.shadow_requests.labels(**labels).inc()
+        served.series.shadow_requests.inc()
         if bool((predicted == primary).all()):
-            self.metrics.shadow_agreements.labels(**labels).inc()
+            served.series.shadow_agreements.inc()
         feedback = self.feedback.get(call.model)
         if feedback is not None and predicted.shape[0] == 1:
             feedback.record_shadow(call.request_id, shadow, int(predicted[0]))

@@ -28,6 +28,8 @@ class VariantSeries:
     compute_duration: Any
     samples: Any
     cost: Any
+    shadow_requests: Any
+    shadow_agreements: Any
 
 
 class Metrics:
@@ -123,13 +125,12 @@ class Metrics:
             compute_duration=self.compute_duration.labels(**labels),
             samples=self.samples.labels(**labels),
             cost=self.cost.labels(**labels),
+            shadow_requests=self.shadow_requests.labels(**labels),
+            shadow_agreements=self.shadow_agreements.labels(**labels),
         )
 
-    def observe_batch(self, model: str, variant: str, batch_size: int, queue_seconds: list[float], compute_seconds: float) -> None:
+    def observe_batch(self, series: VariantSeries, batch_size: int, queue_seconds: list[float], compute_seconds: float) -> None:
         """One executed model call: its size, each request's wait, its device time and cost."""
-        self.observe_batch_on(self.series(model, variant), batch_size, queue_seconds, compute_seconds)
-
-    def observe_batch_on(self, series: VariantSeries, batch_size: int, queue_seconds: list[float], compute_seconds: float) -> None:
         series.batch_size.observe(batch_size)
         queue = series.queue_duration
         for seconds in queue_seconds:

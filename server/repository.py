@@ -226,6 +226,7 @@ class Repository:
         self.staging_dir = self.root / ".staging"
         self.read_only = read_only
         self._lock = threading.RLock()
+        self._lock_file = None  # the writer lock's open file, held for the process's life
         if read_only:
             if not self.models_dir.is_dir():
                 log.warning("repository %s has no models yet: serving nothing until its writer adds some", self.root)
@@ -250,7 +251,7 @@ class Repository:
 
     def close(self) -> None:
         """Releases the writer lock (the process exiting releases it too)."""
-        handle = getattr(self, "_lock_file", None)
+        handle = self._lock_file
         if handle is not None:
             handle.close()
             self._lock_file = None

@@ -11,7 +11,7 @@ import math
 import random
 import re
 from bisect import bisect_right
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -282,10 +282,15 @@ class Router:
         point = self._random() if sticky_value is None else sticky_point(sticky_value)
         return self._names[bisect_right(self._cumulative, point)]
 
-    def choose_for(self, parameters: Mapping[str, Any] | None) -> str:
-        """`choose` with the sticky value taken from a request's parameters (absent: weighted random)."""
+    def choose_for(self, parameters: Mapping[str, Any] | None, value_of: Callable[[Any], Any] | None = None) -> str:
+        """`choose` with the sticky value taken from a request's parameters (absent: weighted random).
+
+        `value_of` turns a stored parameter into its plain value (e.g. a protobuf InferParameter).
+        """
         sticky = self.policy.sticky_parameter
         if sticky is None or not parameters:
             return self.choose(None)
         value = parameters.get(sticky)
+        if value is not None and value_of is not None:
+            value = value_of(value)
         return self.choose(None if value is None or value == "" else str(value))
