@@ -7,6 +7,10 @@ Suites:
             the first run also trains the model and installs the peers' virtualenvs)
   router    bench/bench_router.py: per-request cost of routing and live bookkeeping (seconds)
   batching  bench/bench_batching.py: the dynamic batcher in-process, off vs on (about a minute)
+  batching-grpc  bench/bench_batching_grpc.py: slimserve over gRPC with batching on vs off (about 3 minutes)
+  overhead  bench/bench_overhead.py: what routing, metrics and statistics add per request (seconds)
+  prune     bench/bench_prune.py: pruning and distillation of the digits CNN (minutes; not run by default)
+  soak      bench/bench_soak.py: 32 callers for 180 s with memory sampled (not run by default)
   quantize  bench/bench_quantize.py: INT8 variants of the digits CNN and MiniLM (many minutes; not run by default)
 `--quick` shortens every suite for a smoke run (numbers from it are not worth quoting).
 Each suite prints its table and writes its JSON to bench/results/; a failing suite is reported and the
@@ -24,9 +28,13 @@ SUITES = {
     "serving": ("bench.serving", [], ["--seconds", "1", "--warmup", "0.5", "--rounds", "1"]),
     "router": ("bench.bench_router", [], ["--calls", "20000", "--repeat", "2"]),
     "batching": ("bench.bench_batching", [], ["--seconds", "0.5", "--rounds", "1"]),
+    "batching-grpc": ("bench.bench_batching_grpc", [], ["--rounds", "1", "--seconds", "1"]),
+    "overhead": ("bench.bench_overhead", [], ["--requests", "2000", "--rounds", "1"]),
     "quantize": ("bench.bench_quantize", [], ["--rounds", "2", "--iterations", "500", "--skip-minilm", "--skip-widths"]),
+    "prune": ("bench.bench_prune", [], []),
+    "soak": ("bench.bench_soak", [], ["--duration", "20"]),
 }
-DEFAULT = "serving,router,batching"
+DEFAULT = "serving,router,batching,batching-grpc,overhead"
 
 
 def main(argv: list[str] | None = None) -> int:
