@@ -149,6 +149,20 @@ class ServerHandle:
     def call(self, coro, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def add_variant(self, model: str, name: str, source: Path, recipe: str = "test") -> None:
+        """Stores `source` (ONNX) as a ready variant and loads it live, as a finished optimizer job would."""
+        from server.repository import VariantInfo
+
+        repository = self.server.repository
+        with repository.staging() as staged:
+            target = staged / name
+            target.mkdir()
+            (target / "model.onnx").write_bytes(source.read_bytes())
+            info = VariantInfo(name, recipe=recipe, parent="baseline", runtime="onnxruntime", format="onnx",
+                               file="model.onnx", size_bytes=source.stat().st_size)
+            repository.add_variant(model, target, info)
+        self.call(self.server.dataplane.refresh(model))
+
     def stop(self, grace: float = 1.0) -> None:
         if self.loop.is_closed():
             return

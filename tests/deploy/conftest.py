@@ -74,21 +74,6 @@ class ServedServer:
         return {f.name: f for f in text_string_to_metric_families(self.scrape())}
 
 
-def add_variant(handle, model: str, name: str, source: Path) -> None:
-    """Stores `source` as a ready variant and loads it live, as a finished optimizer job would."""
-    from server.repository import VariantInfo
-
-    repository = handle.server.repository
-    with repository.staging() as staged:
-        target = staged / name
-        target.mkdir()
-        (target / "model.onnx").write_bytes(source.read_bytes())
-        info = VariantInfo(name, recipe="copy", parent="baseline", runtime="onnxruntime", format="onnx",
-                           file="model.onnx", size_bytes=source.stat().st_size)
-        repository.add_variant(model, target, info)
-    handle.call(handle.server.dataplane.refresh(model))
-
-
 @pytest.fixture(scope="session")
 def served(tmp_path_factory) -> ServedServer:
     """An in-process slimserve on free loopback ports that has served an A/B split with a shadow.
@@ -106,8 +91,8 @@ def served(tmp_path_factory) -> ServedServer:
     try:
         with SlimServeClient(handle.address) as client:
             client.register(MODEL, model, data=root / "data.npz")
-            add_variant(handle, MODEL, "copy", model)
-            add_variant(handle, MODEL, "mirror", model)
+            handle.add_variant(MODEL, "copy", model, recipe="copy")
+            handle.add_variant(MODEL, "mirror", model, recipe="copy")
             client.traffic(MODEL, {"baseline": 70, "copy": 30}, shadows=["mirror"])
             for i in range(GOOD_REQUESTS):
                 answer = client.infer_full(MODEL, {"x": x[i : i + 1]})

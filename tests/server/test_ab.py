@@ -19,20 +19,6 @@ from typer.testing import CliRunner
 
 from client.cli import app
 from client.client import SlimServeClient, SlimServeClientError
-from server.repository import VariantInfo
-
-
-def add_variant(server, model: str, name: str, source: Path) -> None:
-    """Stores `source` as a ready variant and loads it live, as a finished optimizer job would."""
-    repository = server.server.repository
-    with repository.staging() as staged:
-        target = staged / name
-        target.mkdir()
-        (target / "model.onnx").write_bytes(source.read_bytes())
-        info = VariantInfo(name, recipe="test", parent="baseline", runtime="onnxruntime", format="onnx",
-                           file="model.onnx", size_bytes=source.stat().st_size)
-        repository.add_variant(model, target, info)
-    server.call(server.server.dataplane.refresh(model))
 
 
 def permuted_classes(source: Path, target: Path) -> Path:
@@ -49,8 +35,8 @@ def permuted_classes(source: Path, target: Path) -> Path:
 @pytest.fixture
 def ab(server, client, digits, tmp_path):
     client.register("digits", digits.onnx, data=digits.data)
-    add_variant(server, "digits", "copy", digits.onnx)
-    add_variant(server, "digits", "wrong", permuted_classes(digits.onnx, tmp_path / "wrong.onnx"))
+    server.add_variant("digits", "copy", digits.onnx)
+    server.add_variant("digits", "wrong", permuted_classes(digits.onnx, tmp_path / "wrong.onnx"))
     return client
 
 

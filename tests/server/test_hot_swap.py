@@ -8,7 +8,6 @@ from collections import Counter
 import numpy as np
 
 from client.client import SlimServeClient
-from tests.server.test_ab import add_variant
 
 
 def test_promote_rollback_and_delete_churn_under_concurrent_callers_fails_no_request(server, client, digits):
@@ -46,7 +45,7 @@ def test_promote_rollback_and_delete_churn_under_concurrent_callers_fails_no_req
         served(50)
         for i in range(6):
             name = f"v{i}"
-            add_variant(server, "digits", name, digits.onnx)
+            server.add_variant("digits", name, digits.onnx)
             served(20)
             client.traffic("digits", {"baseline": 50, name: 50})
             served(30)
