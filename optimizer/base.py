@@ -28,6 +28,17 @@ class ConfigValueError(OptimizerError, ValueError):
     """A config field holds a value the pass cannot use (a ValueError, so recipes prefix where it came from)."""
 
 
+def check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigValueError(f"{field} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_names(field: str, value: tuple[str, ...], what: str = "names") -> None:
+    """A config field that lists names (nodes, layers, op types): a tuple of non-empty strings."""
+    if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigValueError(f"{field} must be a list of {what}, got {value!r}")
+
+
 class Predictor(Protocol):
     """What evaluation needs of a runtime: the server's Runtime objects satisfy it."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.base import Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, register_pass
+from optimizer.base import Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, check_names, register_pass
 from optimizer.finetune import FineTuneConfig, TrainData, fine_tune_, finetune_field, load_train_data, nested_finetune
 from optimizer.torchmodel import (
     check_layer_names,
@@ -36,11 +36,6 @@ SPARSITY_SCHEDULES = ("cubic", "linear")
 def _check_fraction(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
         raise ConfigValueError(f"{name} must be in (0, 1), got {value}")
-
-
-def _check_names(name: str, value: tuple[str, ...]) -> None:
-    if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigValueError(f"{name} must be a list of layer names, got {value!r}")
 
 
 @dataclass
@@ -117,7 +112,7 @@ class PruneWeightConfig(PassConfig):
         _check_fraction("sparsity", self.sparsity)
         if self.scope not in SCOPES:
             raise ConfigValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
-        _check_names("exclude", self.exclude)
+        check_names("exclude", self.exclude, "layer names")
 
 
 @register_pass
@@ -258,7 +253,7 @@ class PruneGradualConfig(PassConfig):
             raise ConfigValueError(f"need 0 <= start_fraction < end_fraction <= 1, got {self.start_fraction} and {self.end_fraction}")
         if self.update_every < 1:
             raise ConfigValueError(f"update_every must be at least 1 step, got {self.update_every}")
-        _check_names("exclude", self.exclude)
+        check_names("exclude", self.exclude, "layer names")
 
 
 @register_pass
@@ -407,7 +402,7 @@ class PruneStructuredConfig(PassConfig):
             raise ConfigValueError(f"iterative_steps must be at least 1, got {self.iterative_steps}")
         if self.round_to < 0:
             raise ConfigValueError(f"round_to must be 0 (off) or more, got {self.round_to}")
-        _check_names("ignored_layers", self.ignored_layers)
+        check_names("ignored_layers", self.ignored_layers, "layer names")
 
 
 @register_pass

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optimizer.base import Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, register_pass
+from optimizer.base import (
+    Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, check_choice, check_names, register_pass,
+)
 from optimizer.export import (
     export_dynamic_batch,
     export_program_to_onnx,
@@ -34,16 +36,6 @@ QUANT_FORMATS = ("qdq", "qoperator")
 CALIBRATION_BATCH = 32  # rows per calibration run: large enough to be quick, small enough for histogram memory
 TORCHAO_PIN = "torchao==0.18.0"
 INT8_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QGemm")
-
-
-def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigValueError(f"{field} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _check_names(field: str, value: tuple[str, ...]) -> None:
-    if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigValueError(f"{field} must be a list of names, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,9 +63,9 @@ class QuantizeDynamicConfig(PassConfig):
     preprocess: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("weight_type", self.weight_type, QUANT_TYPES)
-        _check_names("op_types", self.op_types)
-        _check_names("nodes_to_exclude", self.nodes_to_exclude)
+        check_choice("weight_type", self.weight_type, QUANT_TYPES)
+        check_names("op_types", self.op_types)
+        check_names("nodes_to_exclude", self.nodes_to_exclude)
 
 
 @dataclass(frozen=True)
@@ -109,12 +101,12 @@ class QuantizeStaticConfig(PassConfig):
     preprocess: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("calibrate_method", self.calibrate_method, CALIBRATE_METHODS)
-        _check_choice("quant_format", self.quant_format, QUANT_FORMATS)
-        _check_choice("activation_type", self.activation_type, QUANT_TYPES)
-        _check_choice("weight_type", self.weight_type, QUANT_TYPES)
-        _check_names("op_types", self.op_types)
-        _check_names("nodes_to_exclude", self.nodes_to_exclude)
+        check_choice("calibrate_method", self.calibrate_method, CALIBRATE_METHODS)
+        check_choice("quant_format", self.quant_format, QUANT_FORMATS)
+        check_choice("activation_type", self.activation_type, QUANT_TYPES)
+        check_choice("weight_type", self.weight_type, QUANT_TYPES)
+        check_names("op_types", self.op_types)
+        check_names("nodes_to_exclude", self.nodes_to_exclude)
         if self.max_samples < 1:
             raise ConfigValueError(f"max_samples must be at least 1, got {self.max_samples}")
         if not 50.0 < self.percentile <= 100.0:
