@@ -106,7 +106,7 @@ def wants_raw_output(request: pb.ModelInferRequest) -> bool:
 
 def infer_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
     # The id a client gave, or the one the server made up: feedback refers to the request by it.
-    response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=result.request_id or request.id)
+    response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=result.request_id)
     datatypes = {name: result.specs[name].datatype for name in result.outputs}
     # The protocol wants raw for all outputs or for none; FP16 has no typed field, so it forces raw.
     raw = wants_raw_output(request) or any(d not in codec.CONTENTS_FIELD for d in datatypes.values())

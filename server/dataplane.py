@@ -91,7 +91,7 @@ class InferResult:
     variant: str
     outputs: dict[str, np.ndarray]
     specs: dict[str, TensorSpec]
-    request_id: str = ""
+    request_id: str  # the client's id, or the one the server gave the request
 
 
 def _plain_value(raw: Any) -> Any:
