@@ -32,3 +32,10 @@ def test_tritonclient_round_trip(client, server, digits, tmp_path, fmt):
     assert seen["error_status"] == "StatusCode.INVALID_ARGUMENT"
     assert "input 'x': expected FP32 [-1,1,8,8], got INT64 [1,2]" in seen["error_message"]
     assert seen["missing_status"] == "StatusCode.NOT_FOUND"
+    # ModelStreamInfer: every request answered once, by id, with the same numbers; failures on the stream
+    streamed = np.array([seen["stream_outputs"][f"s{i}"][0] for i in range(len(x))], np.float32)
+    np.testing.assert_allclose(streamed, expected, rtol=1e-4, atol=1e-4)
+    assert len(seen["stream_outputs"]) == len(x)
+    bad, missing = seen["stream_errors"]
+    assert bad.startswith("INVALID_ARGUMENT: ") and "got INT64 [1,2]" in bad
+    assert missing.startswith("NOT_FOUND: ") and "no-such-model" in missing

@@ -1,0 +1,103 @@
+"""ModelStreamInfer (Triton's streaming API): answers by id, batching across a stream, errors on and of the stream."""
+
+import queue
+import time
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+@pytest.fixture
+def digits_stub(client, digits):
+    client.register("digits", digits.onnx, data=digits.data)
+    return pb_grpc.GRPCInferenceServiceStub(client.channel)
+
+
+def infer_request(x: np.ndarray, request_id: str, model: str = "digits") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, np.float32).tobytes())
+    return request
+
+
+def logits_of(response: pb.ModelInferResponse) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(list(response.outputs[0].shape))
+
+
+def test_every_request_is_answered_by_id_and_requests_batch_together(digits_stub, server, digits):
+    x = digits.x_test[:64]
+    stats = server.server.dataplane.stats["digits"]["baseline"]
+    before_batches, before_samples = stats.batches, stats.samples
+    responses = list(digits_stub.ModelStreamInfer(iter([infer_request(x[i : i + 1], f"r{i}") for i in range(len(x))]), timeout=60))
+    assert all(r.error_message == "" for r in responses)
+    by_id = {r.infer_response.id: r.infer_response for r in responses}
+    assert sorted(by_id) == sorted(f"r{i}" for i in range(len(x)))
+    got = np.concatenate([logits_of(by_id[f"r{i}"]) for i in range(len(x))])
+    expected = ort.InferenceSession(str(digits.onnx), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert {r.infer_response.model_version for r in responses} == {"baseline"}
+    # Requests of one stream run concurrently, so the batcher merges them.
+    assert stats.samples - before_samples == len(x)
+    assert stats.batches - before_batches < len(x)
+
+
+def test_a_failing_request_is_answered_with_its_error_and_the_stream_goes_on(digits_stub, digits):
+    x = digits.x_test[:2]
+    bad = pb.ModelInferRequest(model_name="digits", id="bad")
+    bad.inputs.add(name="x", datatype="INT64", shape=[1, 2])
+    bad.raw_input_contents.append(np.zeros((1, 2), np.int64).tobytes())
+    requests = [infer_request(x[:1], "a"), bad, infer_request(x[:1], "gone", model="nope"), infer_request(x[1:], "b")]
+    responses = list(digits_stub.ModelStreamInfer(iter(requests), timeout=60))
+    assert len(responses) == 4
+    errors = {r.infer_response.id: r.error_message for r in responses if r.error_message}
+    assert errors["bad"].startswith("INVALID_ARGUMENT: ") and "got INT64 [1,2]" in errors["bad"]
+    assert errors["gone"].startswith("NOT_FOUND: ") and "'nope'" in errors["gone"]
+    answered = {r.infer_response.id for r in responses if not r.error_message}
+    assert answered == {"a", "b"}
+
+
+def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argument(digits_stub, client, digits):
+    call = client.channel.stream_stream(STREAM, request_serializer=None, response_deserializer=pb.ModelStreamInferResponse.FromString)
+    good = infer_request(digits.x_test[:1], "ok").SerializeToString()
+    with pytest.raises(grpc.RpcError) as caught:
+        list(call(iter([good, b"\xff\xff\xff"]), timeout=60))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid inference.ModelInferRequest" in caught.value.details()
+    # The server goes on serving.
+    assert digits_stub.ModelInfer(infer_request(digits.x_test[:1], "after"), timeout=30).id == "after"
+
+
+def test_a_client_cancelling_its_stream_leaves_nothing_behind(digits_stub, server, digits):
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        while (item := outbox.get()) is not None:
+            yield item
+
+    for i in range(8):
+        outbox.put(infer_request(digits.x_test[i : i + 1], f"c{i}"))
+    stream = digits_stub.ModelStreamInfer(requests(), timeout=60)
+    first = next(stream)
+    assert first.error_message == ""
+    stream.cancel()
+    outbox.put(None)
+    assert digits_stub.ModelInfer(infer_request(digits.x_test[:1], "after"), timeout=30).id == "after"
+    inflight = server.metrics.inflight.labels(**server.metrics.labels("digits", "baseline"))
+    deadline = time.monotonic() + 10
+    while inflight._value.get() != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert inflight._value.get() == 0
+
+
+def test_stream_requests_are_counted_like_unary_ones(digits_stub, server, digits):
+    counter = server.metrics.requests.labels(**server.metrics.labels("digits", "baseline"), code="OK")
+    before = counter._value.get()
+    list(digits_stub.ModelStreamInfer(iter([infer_request(digits.x_test[i : i + 1], f"m{i}") for i in range(5)]), timeout=60))
+    assert counter._value.get() - before == 5
