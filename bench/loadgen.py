@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
@@ -73,10 +74,11 @@ def check_response(data: bytes, expect_shape: tuple[int, ...]) -> str | None:
 
 
 def run_point(target: str, address: str, payload: bytes, concurrency: int, seconds: float, warmup: float,
-              processes: int = 2, timeout: float = 30.0) -> PointResult:
+              processes: int = 2, timeout: float = 30.0, stream: bool = False) -> PointResult:
     """`concurrency` closed-loop callers spread over up to `processes` client processes.
 
-    Workers spawn and connect first; the clock then starts for all of them at once, the first
+    With `stream`, each process sends its callers' requests over one ModelStreamInfer stream
+    (Triton's streaming API) instead of one unary call each. Workers spawn and connect first; the clock then starts for all of them at once, the first
     `warmup` seconds are not counted, and only calls sent and answered inside the window count.
     """
     ctx = mp.get_context("spawn")  # the parent holds grpc threads: never fork it
@@ -87,7 +89,7 @@ def run_point(target: str, address: str, payload: bytes, concurrency: int, secon
     for share in shares:
         ready = ctx.Event()
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(address, payload, share, start, warmup, seconds, timeout, ready, child), daemon=True)
+        p = ctx.Process(target=_stream_worker if stream else _worker, args=(address, payload, share, start, warmup, seconds, timeout, ready, child), daemon=True)
         p.start()
         child.close()
         workers.append((p, ready, parent))
@@ -185,6 +187,85 @@ def _worker(address: str, payload: bytes, callers: int, start, warmup: float, se
     finished.wait()
     marker.join()
     cpu = cpu_marks[1] - cpu_marks[0]
+    conn.send((np.array(latencies, dtype=np.int64), dict(errors), cpu))
+    conn.close()
+    channel.close()
+
+
+def _stream_worker(address: str, payload: bytes, callers: int, start, warmup: float, seconds: float, timeout: float, ready,
+                   conn) -> None:
+    """As `_worker`, over one ModelStreamInfer stream: caller i's requests carry id "i", and each
+    answer (matched by that id) sends caller i's next request. Answers are parsed: the client's
+    CPU per request includes that."""
+    import queue
+
+    import grpc
+
+    from protos import inference_pb2 as pb
+
+    template = pb.ModelInferRequest.FromString(payload)
+    payloads = []
+    for slot in range(callers):
+        template.id = str(slot)
+        payloads.append(template.SerializeToString())
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    try:
+        channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)(payload, timeout=timeout)
+    except grpc.RpcError:
+        pass
+    ready.set()
+    while start.value <= 0:
+        time.sleep(0.002)
+    start_at = start.value
+    measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
+    stop_ns, measure_ns = int(stop_at * 1e9), int(measure_from * 1e9)
+    latencies: list[int] = []
+    errors: Counter = Counter()
+    clock = time.monotonic_ns
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def requests():
+        while (item := outbox.get()) is not None:
+            yield item
+
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    call = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=pb.ModelStreamInferResponse.FromString)
+    responses = call(requests(), timeout=warmup + seconds + timeout)
+    sent = [0] * callers
+    cpu_marks: list[float] = []
+    for slot in range(callers):
+        sent[slot] = clock()
+        outbox.put(payloads[slot])
+    live = callers
+    try:
+        for response in responses:
+            done = clock()
+            if not cpu_marks and done >= measure_ns:
+                cpu_marks.append(time.process_time())
+            slot = int(response.infer_response.id)
+            if done <= stop_ns:
+                if sent[slot] >= measure_ns:
+                    if response.error_message:
+                        errors[response.error_message.split(":", 1)[0]] += 1
+                    else:
+                        latencies.append(done - sent[slot])
+                sent[slot] = clock()
+                outbox.put(payloads[slot])
+                continue
+            if len(cpu_marks) == 1:
+                cpu_marks.append(time.process_time())
+            live -= 1
+            if live == 0:
+                break
+    except grpc.RpcError as e:
+        errors[f"stream {e.code().name}"] += 1
+    if len(cpu_marks) == 1:
+        cpu_marks.append(time.process_time())
+    outbox.put(None)
+    responses.cancel()
+    cpu = cpu_marks[1] - cpu_marks[0] if len(cpu_marks) > 1 else 0.0
     conn.send((np.array(latencies, dtype=np.int64), dict(errors), cpu))
     conn.close()
     channel.close()

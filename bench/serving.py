@@ -1,7 +1,8 @@
 """Serving benchmark: the digits CNN in-process, through slimserve, through its variants, and through KServe and MLServer.
 
     .venv/bin/python -m bench.serving [--seconds 3] [--warmup 1] [--rounds 2] [--concurrency 1,4,16,64]
-                                      [--only inprocess,slimserve,variants,peers] [--variants graph-ort,quantize-static]
+                                      [--only inprocess,slimserve,stream,variants,peers,floor]
+                                      [--variants graph-ort,quantize-static]
                                       [--profile] [--fresh]
 
 What each section measures (one process per server, all on this machine's cores, side by side):
@@ -22,6 +23,13 @@ What each section measures (one process per server, all on this machine's cores,
    onnxruntime through a small custom runtime in bench/peers/ with slimserve's thread settings.
    Each peer lives in its own virtualenv under bench/.venvs/ (their protobuf/grpc pins conflict
    with ours), created on first use; a peer that cannot be installed is skipped with the reason.
+5. stream: slimserve again, the same callers sending over ModelStreamInfer (Triton's streaming
+   API): one stream per client process, each caller's next request sent when its answer arrives.
+   KServe's v2 gRPC has no streaming method, so there is no peer row to match.
+6. floor: bench/peers/floor_server.py, a grpc aio server that parses each request and answers
+   fixed bytes, no model. Every server here is built on Python's grpc aio, so its throughput is
+   the ceiling any of them can reach on this machine with this client; the targets table shows
+   it against KServe for context.
 
 The load generator (bench/loadgen.py) sends pre-serialized ModelInferRequest bytes with identity
 serializers from separate client processes; each point reports the client's CPU per request.
@@ -412,6 +420,13 @@ def start_kserve(python: Path, files: ModelFiles, intra_op: int) -> Server:
     return Server("kserve", argv, port)
 
 
+def start_floor(files: ModelFiles) -> Server:
+    """bench/peers/floor_server.py in our own virtualenv: parse the request, answer fixed bytes."""
+    port = free_port()
+    argv = [sys.executable, str(PEERS / "floor_server.py"), "--port", str(port), "--model-name", MODEL, "--outputs", "10"]
+    return Server("floor", argv, port, env={"PYTHONPATH": str(ROOT)})
+
+
 def start_mlserver(python: Path, files: ModelFiles, intra_op: int, batch: int, batch_time_s: float) -> Server:
     port = free_port()
     root = CACHE / "mlserver"
@@ -445,10 +460,11 @@ class Target:
     """One row of the serving table: a server and the request bytes sent to it."""
 
     name: str
-    kind: str  # slimserve | variant | peer
+    kind: str  # slimserve | variant | peer | floor
     server: Server
     payload: bytes
     note: str = ""
+    stream: bool = False  # requests over one ModelStreamInfer stream per client process, not unary calls
 
 
 def verify(target: Target) -> str | None:
@@ -491,7 +507,7 @@ def run_load(targets: list[Target], concurrencies: list[int], seconds: float, wa
     for r in range(rounds):
         for c in concurrencies:
             for t in targets:
-                p = run_point(t.name, t.server.address, t.payload, c, seconds, warmup, processes=client_processes)
+                p = run_point(t.name, t.server.address, t.payload, c, seconds, warmup, processes=client_processes, stream=t.stream)
                 points[(t.name, c)].append(p)
                 say(f"round {r + 1}/{rounds} {t.name:<28} c={c:<3} {p.throughput:8.0f} req/s  p50 {p.percentile(50):7.3f} ms  "
                     f"p99 {p.percentile(99):7.3f} ms  errors {p.error_count}")
@@ -639,7 +655,8 @@ def render(result: dict) -> None:
         for col in ("check", "measured", "target", "met"):
             t.add_column(col, justify="left" if col == "check" else "right")
         for c in result["targets"]:
-            t.add_row(c["check"], c["measured"], c["target"], "[green]yes[/green]" if c["met"] else "[red]no[/red]")
+            met = "-" if c["met"] is None else ("[green]yes[/green]" if c["met"] else "[red]no[/red]")
+            t.add_row(c["check"], c["measured"], c["target"], met)
         console.print(t)
     for name, why in result.get("skipped", {}).items():
         console.print(f"[yellow]skipped {name}: {why}[/yellow]")
@@ -692,6 +709,17 @@ def check_targets(result: dict) -> list[dict]:
         share = s16["throughput_rps"] / best
         checks.append({"check": "req/s at 16 callers vs in-process ORT best", "measured": f"{share:.0%}", "target": ">= 40%",
                        "met": share >= 0.4})
+    f16 = row(rows, "floor (no model)", 16)
+    if f16 and k16:
+        # Context, not a target: what a server that does nothing but parse and answer reaches against KServe.
+        ratio = f16["throughput_rps"] / k16["throughput_rps"]
+        checks.append({"check": "ceiling: floor server (no model) at 16 callers vs KServe", "measured": f"{ratio:.2f}x",
+                       "target": "context", "met": None})
+    t16 = row(rows, "slimserve stream", 16)
+    if t16 and k16:
+        ratio = t16["throughput_rps"] / k16["throughput_rps"]
+        checks.append({"check": "slimserve over ModelStreamInfer at 16 callers vs KServe (unary)", "measured": f"{ratio:.2f}x",
+                       "target": "context", "met": None})
     if s16:
         checks.append({"check": "errors at 16 callers", "measured": str(s16["errors"]), "target": "0", "met": s16["errors"] == 0})
     return checks
@@ -724,7 +752,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all points (interleaved)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="closed-loop callers per point")
     parser.add_argument("--batches", default="1,2,4,8,16,32", help="in-process batch sizes")
-    parser.add_argument("--only", default="inprocess,slimserve,variants,peers", help="sections to run")
+    parser.add_argument("--only", default="inprocess,slimserve,stream,variants,peers,floor", help="sections to run")
     parser.add_argument("--variants", default="graph-ort,quantize-static", help="optimizer recipes served as variants")
     parser.add_argument("--peers", default="kserve,mlserver")
     parser.add_argument("--client-processes", type=int, default=2, help="load-generator processes per point (at most one per caller)")
@@ -740,7 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "serving.json")
     args = parser.parse_args(argv)
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
-    unknown = sections - {"inprocess", "slimserve", "variants", "peers"}
+    unknown = sections - {"inprocess", "slimserve", "stream", "variants", "peers", "floor"}
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -775,12 +803,15 @@ def main(argv: list[str] | None = None) -> None:
     servers: list[Server] = []
     targets: list[Target] = []
     try:
-        if sections & {"slimserve", "variants"} or args.profile:
+        if sections & {"slimserve", "stream", "variants"} or args.profile:
             slim, ready = start_slimserve(files, recipes, args.fresh, tuple(args.slimserve_flag))
             servers.append(slim)
             if "slimserve" in sections or args.profile:
                 targets.append(Target("slimserve", "slimserve", slim, build_infer_request(MODEL, files.sample),
                                       note="routed by model name"))
+            if "stream" in sections:
+                targets.append(Target("slimserve stream", "stream", slim, build_infer_request(MODEL, files.sample),
+                                      note="ModelStreamInfer: one stream per client process, callers multiplexed on it", stream=True))
             for v in ready:
                 targets.append(Target(f"slimserve:{v}", "variant", slim, build_infer_request(MODEL, files.sample, version=v),
                                       note=f"pinned with model_version={v}"))
@@ -809,6 +840,16 @@ def main(argv: list[str] | None = None) -> None:
                 server.stop()
                 continue
             targets.append(Target(peer, "peer", server, build_infer_request(MODEL, files.sample), note=note))
+        if "floor" in sections:
+            floor = start_floor(files)
+            floor.start()
+            servers.append(floor)
+            try:
+                floor.wait_ready(MODEL, 60)
+                targets.append(Target("floor (no model)", "floor", floor, build_infer_request(MODEL, files.sample),
+                                      note="grpc aio server that parses the request and answers fixed bytes: the ceiling"))
+            except RuntimeError as e:
+                result["skipped"]["floor"] = str(e).splitlines()[0]
         for t in list(targets):
             why = verify(t)
             if why:

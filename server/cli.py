@@ -48,13 +48,14 @@ def start(
 ) -> None:
     """Start the gRPC server (Open Inference Protocol + slimserve.v1) and the /metrics endpoint."""
     from server.app import SlimServer
+    from server.errors import SlimServeError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in locals().items() if v is not None and k in Settings.model_fields}
     try:
         settings = Settings(**flags)
         server = SlimServer(settings)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SlimServeError) as e:  # e.g. the repository is another server's (its writer lock)
         typer.echo(f"slimserve: {e}", err=True)
         raise typer.Exit(2) from e
     if settings.device not in ("auto", "cpu", "cuda"):

@@ -28,3 +28,16 @@ def test_offline_optimize_bad_recipe(digits, tmp_path):
 def test_start_refuses_unknown_node_type(tmp_path):
     result = runner.invoke(app, ["start", "--repository", str(tmp_path), "--node-type", "gpu-h900", "--grpc-port", "0"])
     assert result.exit_code == 2 and "node type 'gpu-h900' has no price" in result.output
+
+
+def test_start_on_a_repository_another_server_writes_says_so_in_one_line(tmp_path):
+    from server.repository import Repository
+
+    writer = Repository(tmp_path / "repo")  # holds the writer lock, as a running server does
+    try:
+        result = runner.invoke(app, ["start", "--repository", str(tmp_path / "repo"), "--grpc-port", "0", "--metrics-port", "-1"])
+    finally:
+        writer.close()
+    assert result.exit_code == 2
+    assert "is in use by another slimserve" in result.output and "--read-only" in result.output
+    assert "Traceback" not in result.output
