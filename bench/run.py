@@ -9,6 +9,7 @@ Suites:
   batching  bench/bench_batching.py: the dynamic batcher in-process, off vs on (about a minute)
   batching-grpc  bench/bench_batching_grpc.py: slimserve over gRPC with batching on vs off (about 3 minutes)
   overhead  bench/bench_overhead.py: what routing, metrics and statistics add per request (seconds)
+  inline    bench/bench_inline.py: tiny calls on the event-loop thread vs handed to a compute thread (about a minute)
   prune     bench/bench_prune.py: pruning and distillation of the digits CNN (minutes; not run by default)
   soak      bench/bench_soak.py: 32 callers for 180 s with memory sampled (not run by default)
   quantize  bench/bench_quantize.py: INT8 variants of the digits CNN and MiniLM (many minutes; not run by default)
@@ -30,11 +31,12 @@ SUITES = {
     "batching": ("bench.bench_batching", [], ["--seconds", "0.5", "--rounds", "1"]),
     "batching-grpc": ("bench.bench_batching_grpc", [], ["--rounds", "1", "--seconds", "1"]),
     "overhead": ("bench.bench_overhead", [], ["--requests", "2000", "--rounds", "1"]),
+    "inline": ("bench.bench_inline", [], ["--rounds", "1", "--seconds", "1"]),
     "quantize": ("bench.bench_quantize", [], ["--rounds", "2", "--iterations", "500", "--skip-minilm", "--skip-widths"]),
     "prune": ("bench.bench_prune", [], []),
     "soak": ("bench.bench_soak", [], ["--duration", "20"]),
 }
-DEFAULT = "serving,router,batching,batching-grpc,overhead"
+DEFAULT = "serving,router,batching,batching-grpc,overhead,inline"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ class SlimServer:
         self.repository = Repository(settings.repository, read_only=settings.read_only)
         self.dataplane = DataPlane(
             self.repository, settings.runtime_config(), self.metrics, settings.compute_threads, settings.batching_config(),
-            max_concurrent_calls=settings.max_concurrent_calls,
+            max_concurrent_calls=settings.max_concurrent_calls, inline_compute_s=settings.inline_compute_ms / 1000.0,
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())

@@ -144,7 +144,7 @@ class DataPlane:
         metrics: Metrics,
         compute_threads: int = 2,
         batching: BatchingConfig | None = None,
-        inline_compute_s: float = 100e-6,
+        inline_compute_s: float = 0.5e-3,
         max_concurrent_calls: int = 1,
     ) -> None:
         self.repository = repository

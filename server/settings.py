@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(0.5, description="longest a request waits for others to fill a batch")
     preferred_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes to cut at when they can be filled")
     max_queue_size: int = Field(1024, description="requests waiting per variant; beyond it RESOURCE_EXHAUSTED")
+    inline_compute_ms: float = Field(
+        0.5, ge=0, description="batched ONNX Runtime CPU calls whose recent mean compute is below this run on the event-loop "
+        "thread, skipping the hand-off to a compute thread; 0: always hand off"
+    )
     max_concurrent_calls: int = Field(1, ge=1, description="model calls of one variant running at once (batches fill behind them)")
     read_only: bool = Field(False, description="serve a repository another server writes (replicas on shared storage)")
     poll_repository_s: float = Field(0.0, description="seconds between checks for models changed by another server; 0: never")

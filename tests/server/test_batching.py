@@ -337,3 +337,40 @@ def test_digits_onnx_batched_equals_unbatched(digits, executor):
         # Kernels may differ with the batch size by a rounding error, never by an answer.
         np.testing.assert_allclose(got["logits"], alone, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got["logits"].argmax(1), alone.argmax(1))
+
+
+class ThreadRecordingModel(FakeModel):
+    """FakeModel that also records which thread ran each call."""
+
+    def __init__(self, compute_s: float = 0.0) -> None:
+        super().__init__(compute_s)
+        self.threads: list[str] = []
+
+    def __call__(self, inputs, outputs):
+        self.threads.append(threading.current_thread().name)
+        return super().__call__(inputs, outputs)
+
+
+@pytest.mark.parametrize("inline_below_s, compute_s, expect_loop", [(0.5e-3, 0.0, True), (0.0, 0.0, False), (0.5e-3, 0.003, False)])
+def test_short_calls_run_on_the_loop_thread_even_under_load_and_long_ones_on_the_pool(executor, inline_below_s, compute_s, expect_loop):
+    model = ThreadRecordingModel(compute_s)
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=4), inline_below_s=inline_below_s)
+
+    async def go():
+        loop_thread = threading.current_thread().name
+        await batcher.submit({"x": sample(1)})  # the first call is measured on the pool: nothing is known yet
+        for _ in range(5):  # then 16 requests at once, so that requests wait while calls run
+            results = await asyncio.gather(*(batcher.submit({"x": sample(1, float(i))}) for i in range(16)))
+            for i, r in enumerate(results):
+                np.testing.assert_allclose(r["y"], sample(1, float(i)) * 2 + 1)
+        await batcher.close()
+        return loop_thread
+
+    loop_thread = run(go())
+    assert model.threads[0].startswith("compute")
+    later = model.threads[1:]
+    assert max(model.calls) <= 4 and sum(model.calls) == 1 + 5 * 16
+    if expect_loop:
+        assert set(later) == {loop_thread}, later
+    else:
+        assert all(t.startswith("compute") for t in later), later
