@@ -274,9 +274,13 @@ class DynamicBatcher:
         self._waiting += 1
         enqueued = time.perf_counter()
         try:
-            result, started, compute = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._timed_predict, inputs, outputs
-            )
+            if self._compute_ewma is not None and self._compute_ewma < self.inline_below_s:
+                result, started, compute = self._timed_predict(inputs, outputs)  # on the loop thread, as batches do
+            else:
+                result, started, compute = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._timed_predict, inputs, outputs
+                )
+            self._compute_ewma = compute if self._compute_ewma is None else 0.8 * self._compute_ewma + 0.2 * compute
             self._observe(batch_key(inputs, outputs)[1], [started - enqueued], compute)
             return result
         finally:

@@ -41,7 +41,7 @@ def start(
     max_batch_size: Optional[int] = typer.Option(None, help="Largest batch the batcher forms [default 32]."),
     max_queue_delay_ms: Optional[float] = typer.Option(None, help="Longest wait for a batch to fill, ms [default 0.5]."),
     max_queue_size: Optional[int] = typer.Option(None, help="Requests waiting per variant before RESOURCE_EXHAUSTED [default 1024]."),
-    inline_compute_ms: Optional[float] = typer.Option(None, help="Batched ORT CPU calls shorter than this run on the event loop, no thread hand-off [default 0.5; 0: never]."),
+    inline_compute_ms: Optional[float] = typer.Option(None, help="ORT CPU calls (batched or not) shorter than this run on the event loop, no thread hand-off [default 0.5; 0: never]."),
     max_concurrent_calls: Optional[int] = typer.Option(None, help="Model calls of one variant at once [default 1; raise for big models on many cores]."),
     read_only: Optional[bool] = typer.Option(None, "--read-only", help="Serve a repository another slimserve writes (a replica)."),
     poll_repository_s: Optional[float] = typer.Option(None, help="Seconds between checks for models another server changed [0: never]."),

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     preferred_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes to cut at when they can be filled")
     max_queue_size: int = Field(1024, description="requests waiting per variant; beyond it RESOURCE_EXHAUSTED")
     inline_compute_ms: float = Field(
-        0.5, ge=0, description="batched ONNX Runtime CPU calls whose recent mean compute is below this run on the event-loop "
+        0.5, ge=0, description="ONNX Runtime CPU calls (batches, or single requests with batching off) whose recent mean compute is below this run on the event-loop "
         "thread, skipping the hand-off to a compute thread; 0: always hand off"
     )
     max_concurrent_calls: int = Field(1, ge=1, description="model calls of one variant running at once (batches fill behind them)")

@@ -50,3 +50,24 @@ def test_short_token_refused_at_start(tmp_path):
     (tmp_path / "t").write_text("abc")
     with pytest.raises(OSError, match="at least 16"):
         read_token(tmp_path / "t")
+
+
+def test_protect_inference_covers_the_stream(server_factory, token_file, digits):
+    import grpc
+
+    from protos import inference_pb2 as pb
+    from protos import inference_pb2_grpc as pb_grpc
+
+    server = server_factory(token_file=token_file, protect_inference=True)
+    with SlimServeClient(server.address, token=TOKEN) as good:
+        good.register("digits", digits.onnx)
+    request = pb.ModelInferRequest(model_name="digits", id="s")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 1, 8, 8])
+    request.raw_input_contents.append(digits.x_test[:1].tobytes())
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as denied:
+            list(stub.ModelStreamInfer(iter([request]), timeout=30))
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answers = list(stub.ModelStreamInfer(iter([request]), timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),)))
+        assert [a.infer_response.id for a in answers] == ["s"] and not answers[0].error_message

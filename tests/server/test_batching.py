@@ -351,10 +351,13 @@ class ThreadRecordingModel(FakeModel):
         return super().__call__(inputs, outputs)
 
 
+@pytest.mark.parametrize("enabled", [True, False], ids=["batching", "no-batching"])
 @pytest.mark.parametrize("inline_below_s, compute_s, expect_loop", [(0.5e-3, 0.0, True), (0.0, 0.0, False), (0.5e-3, 0.003, False)])
-def test_short_calls_run_on_the_loop_thread_even_under_load_and_long_ones_on_the_pool(executor, inline_below_s, compute_s, expect_loop):
+def test_short_calls_run_on_the_loop_thread_even_under_load_and_long_ones_on_the_pool(
+    executor, enabled, inline_below_s, compute_s, expect_loop
+):
     model = ThreadRecordingModel(compute_s)
-    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=4), inline_below_s=inline_below_s)
+    batcher = DynamicBatcher(model, executor, BatchingConfig(enabled=enabled, max_batch_size=4), inline_below_s=inline_below_s)
 
     async def go():
         loop_thread = threading.current_thread().name
