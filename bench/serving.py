@@ -29,7 +29,8 @@ What each section measures (one process per server, all on this machine's cores,
 6. floor: bench/peers/floor_server.py, a grpc aio server that parses each request and answers
    fixed bytes, no model. Every server here is built on Python's grpc aio, so its throughput is
    the ceiling any of them can reach on this machine with this client; the targets table shows
-   it against KServe for context.
+   it against KServe for context. "floor + model" is the same server running the model (one ORT
+   call on the loop per request, nothing else): the ceiling for serving this model.
 
 The load generator (bench/loadgen.py) sends pre-serialized ModelInferRequest bytes with identity
 serializers from separate client processes; each point reports the client's CPU per request.
@@ -420,11 +421,14 @@ def start_kserve(python: Path, files: ModelFiles, intra_op: int) -> Server:
     return Server("kserve", argv, port)
 
 
-def start_floor(files: ModelFiles) -> Server:
-    """bench/peers/floor_server.py in our own virtualenv: parse the request, answer fixed bytes."""
+def start_floor(files: ModelFiles, with_model: bool = False, intra_op: int = 1) -> Server:
+    """bench/peers/floor_server.py in our own virtualenv: parse the request, answer fixed bytes
+    (or, `with_model`, run the model on the loop and answer its output)."""
     port = free_port()
     argv = [sys.executable, str(PEERS / "floor_server.py"), "--port", str(port), "--model-name", MODEL, "--outputs", "10"]
-    return Server("floor", argv, port, env={"PYTHONPATH": str(ROOT)})
+    if with_model:
+        argv += ["--model-file", str(files.onnx), "--intra-op-threads", str(intra_op)]
+    return Server("floor-model" if with_model else "floor", argv, port, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{PEERS}"})
 
 
 def start_mlserver(python: Path, files: ModelFiles, intra_op: int, batch: int, batch_time_s: float) -> Server:
@@ -715,6 +719,15 @@ def check_targets(result: dict) -> list[dict]:
         ratio = f16["throughput_rps"] / k16["throughput_rps"]
         checks.append({"check": "ceiling: floor server (no model) at 16 callers vs KServe", "measured": f"{ratio:.2f}x",
                        "target": "context", "met": None})
+    fm16 = row(rows, "floor + model", 16)
+    if fm16 and k16:
+        ratio = fm16["throughput_rps"] / k16["throughput_rps"]
+        checks.append({"check": "ceiling with the model: floor + model at 16 callers vs KServe", "measured": f"{ratio:.2f}x",
+                       "target": "context", "met": None})
+    if fm16 and s16:
+        share = s16["throughput_rps"] / fm16["throughput_rps"]
+        checks.append({"check": "slimserve at 16 callers vs floor + model", "measured": f"{share:.0%}", "target": "context",
+                       "met": None})
     t16 = row(rows, "slimserve stream", 16)
     if t16 and k16:
         ratio = t16["throughput_rps"] / k16["throughput_rps"]
@@ -841,15 +854,18 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             targets.append(Target(peer, "peer", server, build_infer_request(MODEL, files.sample), note=note))
         if "floor" in sections:
-            floor = start_floor(files)
-            floor.start()
-            servers.append(floor)
-            try:
-                floor.wait_ready(MODEL, 60)
-                targets.append(Target("floor (no model)", "floor", floor, build_infer_request(MODEL, files.sample),
-                                      note="grpc aio server that parses the request and answers fixed bytes: the ceiling"))
-            except RuntimeError as e:
-                result["skipped"]["floor"] = str(e).splitlines()[0]
+            for with_model, name, note in (
+                (True, "floor + model", "hand-written grpc aio server: parse, one ORT call on the loop, answer; nothing else"),
+                (False, "floor (no model)", "grpc aio server that parses the request and answers fixed bytes: the ceiling"),
+            ):
+                floor = start_floor(files, with_model, settings.runtime_config().intra_op_threads)
+                floor.start()
+                servers.append(floor)
+                try:
+                    floor.wait_ready(MODEL, 60)
+                    targets.append(Target(name, "floor", floor, build_infer_request(MODEL, files.sample), note=note))
+                except RuntimeError as e:
+                    result["skipped"][name] = str(e).splitlines()[0]
         for t in list(targets):
             why = verify(t)
             if why:
