@@ -120,9 +120,9 @@ def run_point(target: str, address: str, payload: bytes, concurrency: int, secon
     return PointResult(target, concurrency, seconds, int(len(latencies)), latencies, dict(errors), float(sum(r[2] for r in results)))
 
 
-def _worker(address: str, payload: bytes, callers: int, start, warmup: float, seconds: float, timeout: float, ready, conn) -> None:
-    """One client process: connects, sets `ready`, waits for the parent to publish the start time in
-    `start`, keeps `callers` calls in flight in closed loop, and sends back (latencies ns, errors, CPU seconds)."""
+def _connect(address: str, payload: bytes, timeout: float, ready, start):
+    """Opens the channel and makes one call (so connecting is not measured), sets `ready`, and waits
+    for the parent to publish the start time. Returns the channel, its unary ModelInfer call and the start."""
     import grpc
 
     channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -134,7 +134,15 @@ def _worker(address: str, payload: bytes, callers: int, start, warmup: float, se
     ready.set()
     while start.value <= 0:
         time.sleep(0.002)
-    start_at = start.value
+    return channel, call, start.value
+
+
+def _worker(address: str, payload: bytes, callers: int, start, warmup: float, seconds: float, timeout: float, ready, conn) -> None:
+    """One client process: connects, sets `ready`, waits for the parent to publish the start time in
+    `start`, keeps `callers` calls in flight in closed loop, and sends back (latencies ns, errors, CPU seconds)."""
+    import grpc
+
+    channel, call, start_at = _connect(address, payload, timeout, ready, start)
     measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
     stop_ns, measure_ns = int(stop_at * 1e9), int(measure_from * 1e9)
     latencies: list[int] = []
@@ -208,15 +216,7 @@ def _stream_worker(address: str, payload: bytes, callers: int, start, warmup: fl
     for slot in range(callers):
         template.id = str(slot)
         payloads.append(template.SerializeToString())
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    try:
-        channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)(payload, timeout=timeout)
-    except grpc.RpcError:
-        pass
-    ready.set()
-    while start.value <= 0:
-        time.sleep(0.002)
-    start_at = start.value
+    channel, _, start_at = _connect(address, payload, timeout, ready, start)
     measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
     stop_ns, measure_ns = int(stop_at * 1e9), int(measure_from * 1e9)
     latencies: list[int] = []
