@@ -31,7 +31,15 @@ def logits_of(response: pb.ModelInferResponse) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(list(response.outputs[0].shape))
 
 
-def test_every_request_is_answered_by_id_and_requests_batch_together(digits_stub, server, digits):
+def test_every_request_is_answered_by_id_and_requests_batch_together(server_factory, digits):
+    # Calls handed to the compute pool (not run inline on the loop), so that requests gather while one runs.
+    server = server_factory(inline_compute_ms=0)
+    from client.client import SlimServeClient
+
+    with SlimServeClient(server.address) as client:
+        client.register("digits", digits.onnx, data=digits.data)
+    channel = grpc.insecure_channel(server.address)
+    digits_stub = pb_grpc.GRPCInferenceServiceStub(channel)
     x = digits.x_test[:64]
     stats = server.server.dataplane.stats["digits"]["baseline"]
     before_batches, before_samples = stats.batches, stats.samples
@@ -46,6 +54,7 @@ def test_every_request_is_answered_by_id_and_requests_batch_together(digits_stub
     # Requests of one stream run concurrently, so the batcher merges them.
     assert stats.samples - before_samples == len(x)
     assert stats.batches - before_batches < len(x)
+    channel.close()
 
 
 def test_a_failing_request_is_answered_with_its_error_and_the_stream_goes_on(digits_stub, digits):
