@@ -211,6 +211,8 @@ class DynamicBatcher:
             )
         if not self.config.enabled:
             return await self._submit_unbatched(inputs, outputs)
+        if not self._waiting and not self._inflight and self._runs_inline():
+            return self._run_now(inputs, outputs)
         loop = asyncio.get_running_loop()
         key, size = batch_key(inputs, outputs)
         request = _Request(inputs, outputs, key, size, loop.create_future())
@@ -274,7 +276,7 @@ class DynamicBatcher:
         self._waiting += 1
         enqueued = time.perf_counter()
         try:
-            if self._compute_ewma is not None and self._compute_ewma < self.inline_below_s:
+            if self._runs_inline():
                 result, started, compute = self._timed_predict(inputs, outputs)  # on the loop thread, as batches do
             else:
                 result, started, compute = await asyncio.get_running_loop().run_in_executor(
@@ -287,6 +289,22 @@ class DynamicBatcher:
             self._waiting -= 1
             if not self._waiting:
                 self._idle.set()
+
+    def _runs_inline(self) -> bool:
+        return self._compute_ewma is not None and self._compute_ewma < self.inline_below_s
+
+    def _run_now(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+        """A short call to an idle batcher runs at once on the loop thread: no future, no kick, no second
+        loop iteration (a scratch A/B on the digits CNN over gRPC, 6 rounds: about 5% more requests
+        per second and 5% less server CPU per request at 16 callers, unary and streamed). It counts
+        as a batch of its own size that did not queue."""
+        started = time.perf_counter()
+        try:
+            return self.predict(inputs, outputs)
+        finally:
+            compute = time.perf_counter() - started
+            self._compute_ewma = 0.8 * self._compute_ewma + 0.2 * compute
+            self._observe(batch_key(inputs, outputs)[1], [0.0], compute)
 
     def _timed_predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, np.ndarray], float, float]:
         started = time.perf_counter()
@@ -365,7 +383,7 @@ class DynamicBatcher:
             del self._queues[key]
             del self._samples[key]
         self._inflight += 1
-        if self._compute_ewma is not None and self._compute_ewma < self.inline_below_s:
+        if self._runs_inline():
             done: concurrent.futures.Future = concurrent.futures.Future()
             done.set_result(self._run_batch(batch, total))
             self._finish(done, batch, total)

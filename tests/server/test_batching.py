@@ -377,3 +377,23 @@ def test_short_calls_run_on_the_loop_thread_even_under_load_and_long_ones_on_the
         assert set(later) == {loop_thread}, later
     else:
         assert all(t.startswith("compute") for t in later), later
+
+
+def test_a_short_call_to_an_idle_batcher_runs_at_once_as_its_own_batch(executor):
+    model = FakeModel()
+    seen: list[tuple[int, list[float]]] = []
+    batcher = DynamicBatcher(model, executor, BatchingConfig(), inline_below_s=0.5e-3,
+                             on_batch=lambda size, queued, compute: seen.append((size, queued)))
+
+    async def go():
+        await batcher.submit({"x": sample(1)})  # measured on the pool first
+        result = await batcher.submit({"x": sample(3, 1.0)})
+        np.testing.assert_allclose(result["y"], sample(3, 1.0) * 2 + 1)
+        with pytest.raises(ValueError, match="model failed"):
+            await batcher.submit({"x": sample(2, FAIL)})
+        assert batcher.queued == 0
+        await batcher.close()
+
+    run(go())
+    assert model.calls == [1, 3, 2]
+    assert seen[1:] == [(3, [0.0]), (2, [0.0])]  # the failed call is observed too
