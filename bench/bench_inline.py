@@ -7,7 +7,7 @@ read-only replica of the first): one with the default `--inline-compute-ms` (cal
 mean compute is under 0.5 ms run on the loop thread), one with `--inline-compute-ms 0` (every
 call goes to the compute pool). Points run interleaved, round after round, so drift on a shared
 machine hits both alike. Reports median throughput, p50 and the server's CPU per request (from
-/proc: less noisy than throughput). Prints a table and writes bench/results/inline.json.
+/proc: less noisy than throughput), and each server's mean executed batch over the run. Prints a table and writes bench/results/inline.json.
 """
 
 from __future__ import annotations
@@ -59,17 +59,25 @@ def main() -> None:
                     points.setdefault((name, c), []).append((p.throughput, p.percentile(50), cpu * 1e6))
                     print(f"round {r + 1}/{args.rounds} {name:<34} c={c:<3} {p.throughput:7.0f} req/s  p50 {p.percentile(50):6.2f} ms  "
                           f"server {cpu * 1e6:5.0f} µs/req  errors {p.error_count}", file=sys.stderr, flush=True)
+        from client.client import SlimServeClient
+
+        mean_batch = {}
+        for name, server in servers.items():  # over the whole run, both caller counts
+            with SlimServeClient(server.address) as client:
+                mean_batch[name] = next(r for r in client.compare(MODEL)["variants"] if r["variant"] == "baseline")["mean_batch"]
     finally:
         for s in servers.values():
             s.stop()
-    table = Table("mode", "callers", "median req/s", "median p50 ms", "median server µs/req", title="digits CNN, batch-1 requests, batching on")
+    table = Table("mode", "callers", "median req/s", "median p50 ms", "median server µs/req", "mean executed batch (run)",
+                  title="digits CNN, batch-1 requests, batching on")
     rows = []
     for (name, c), values in sorted(points.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         row = {"mode": name, "callers": c, "req_per_s": statistics.median(v[0] for v in values),
                "p50_ms": statistics.median(v[1] for v in values), "server_us_per_request": statistics.median(v[2] for v in values),
-               "rounds": [[round(x, 2) for x in v] for v in values]}
+               "rounds": [[round(x, 2) for x in v] for v in values], "mean_batch_whole_run": mean_batch[name]}
         rows.append(row)
-        table.add_row(name, str(c), f"{row['req_per_s']:,.0f}", f"{row['p50_ms']:.2f}", f"{row['server_us_per_request']:.0f}")
+        table.add_row(name, str(c), f"{row['req_per_s']:,.0f}", f"{row['p50_ms']:.2f}", f"{row['server_us_per_request']:.0f}",
+                      f"{mean_batch[name]:.2f}")
     Console(width=max(Console().width, 120)).print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"seconds": args.seconds, "rows": rows}, indent=2))
