@@ -65,8 +65,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Triton's streaming API: every request is answered on the stream as soon as its answer is ready.
 
         Requests run concurrently (so they batch with each other and with unary calls); at most
-        STREAM_IN_FLIGHT run at once per stream, beyond which the stream is not read and HTTP/2
-        flow control holds the client back. A request that fails is answered with its error and
+        STREAM_IN_FLIGHT per stream are running or answered but not yet written, beyond which the
+        stream is not read and HTTP/2 flow control holds the client back (a client that sends
+        without reading the answers cannot grow the server's memory). A request that fails is answered with its error and
         the stream goes on; a message that does not parse ends the stream with INVALID_ARGUMENT.
         """
         answers: asyncio.Queue = asyncio.Queue()
@@ -84,8 +85,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     log.error("ModelStreamInfer request failed", exc_info=e)
                 failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
                 answers.put_nowait(pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=failed))
-            finally:
-                slots.release()
 
         async def read() -> None:
             try:
@@ -110,6 +109,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                slots.release()  # written: the next request may be read
         finally:
             reader.cancel()
             for task in list(running):

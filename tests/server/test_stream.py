@@ -110,3 +110,13 @@ def test_stream_requests_are_counted_like_unary_ones(digits_stub, server, digits
     before = counter._value.get()
     list(digits_stub.ModelStreamInfer(iter([infer_request(digits.x_test[i : i + 1], f"m{i}") for i in range(5)]), timeout=60))
     assert counter._value.get() - before == 5
+
+
+def test_a_stream_longer_than_its_in_flight_limit_is_answered_whole(digits_stub, digits, monkeypatch):
+    from server.servicers import inference
+
+    monkeypatch.setattr(inference, "STREAM_IN_FLIGHT", 2)  # slots are freed as answers are written
+    requests = [infer_request(digits.x_test[i % 8 : i % 8 + 1], f"l{i}") for i in range(40)]
+    responses = list(digits_stub.ModelStreamInfer(iter(requests), timeout=60))
+    assert sorted(r.infer_response.id for r in responses) == sorted(f"l{i}" for i in range(40))
+    assert all(not r.error_message for r in responses)
