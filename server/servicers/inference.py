@@ -67,8 +67,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         Requests run concurrently (so they batch with each other and with unary calls); at most
         STREAM_IN_FLIGHT per stream are running or answered but not yet written, beyond which the
         stream is not read and HTTP/2 flow control holds the client back (a client that sends
-        without reading the answers cannot grow the server's memory). A request that fails is answered with its error and
-        the stream goes on; a message that does not parse ends the stream with INVALID_ARGUMENT.
+        without reading the answers cannot grow the server's memory). A request that fails is
+        answered with its error and the stream goes on; a message that does not parse ends the
+        stream with INVALID_ARGUMENT.
         """
         answers: asyncio.Queue = asyncio.Queue()
         running: set[asyncio.Task] = set()
@@ -96,9 +97,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if running:
                     await asyncio.gather(*running, return_exceptions=True)
                 answers.put_nowait(_END)
-            except BaseException as e:  # a malformed message, or the stream broke: ends the stream with its status
-                answers.put_nowait(e)
+            except asyncio.CancelledError:
                 raise
+            except Exception as e:  # a malformed message, or the stream broke: the writer ends the stream with its status
+                answers.put_nowait(e)
 
         reader = asyncio.get_running_loop().create_task(read())
         try:
