@@ -792,13 +792,14 @@ def main(argv: list[str] | None = None) -> None:
         if p not in PEER_PACKAGES:
             parser.error(f"--peers: unknown peer '{p}' (known: {', '.join(PEER_PACKAGES)})")
 
+    from server.app import protobuf_backend
     from server.settings import Settings
 
     settings = Settings()
     result: dict = {
         "model": "digits CNN (optimizer.zoo, width 32), ONNX",
         "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
-                    "python": platform.python_version(), "onnxruntime": ort_version(),
+                    "python": platform.python_version(), "onnxruntime": ort_version(), "protobuf_backend": protobuf_backend(),
                     "load_average_at_start": os.getloadavg()},
         "settings": {**{k: v for k, v in vars(args).items() if k != "output"}, "slimserve_compute_threads": settings.compute_threads,
                      "slimserve_intra_op_threads": settings.runtime_config().intra_op_threads},

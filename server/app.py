@@ -40,6 +40,20 @@ SERVICES = (
 )
 
 
+def protobuf_backend() -> str:
+    """'upb' (C), 'cpp' or 'python': which implementation parses and serializes every request."""
+    from google.protobuf.internal import api_implementation
+
+    return api_implementation.Type()
+
+
+def warn_if_slow_protobuf() -> None:
+    backend = protobuf_backend()
+    if backend == "python":  # 10x+ slower per message; PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python or a wheel without C
+        log.warning("protobuf runs its pure-Python implementation: every request pays for it; unset "
+                    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION or install a protobuf wheel with upb (the default on PyPI)")
+
+
 class SlimServer:
     """One slimserve process: `await start()`, then `await wait()` or `await stop()`."""
 
@@ -110,6 +124,7 @@ class SlimServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         tls = "plaintext" if self.credentials is None else ("mutual TLS" if self.settings.tls_ca else "TLS")
         log.info("slimserve listening on %s:%s, %s (metrics on %s)", self.settings.host, self.port, tls, self.metrics_port)
+        warn_if_slow_protobuf()
 
     def _measure_unmeasured(self) -> None:
         """Variants whose evaluation a crash or stop cut short are measured again, in the background."""

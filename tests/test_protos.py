@@ -63,3 +63,21 @@ def test_wire_compatible_with_tritonclient():
     assert svc.full_name == "inference.GRPCInferenceService"
     for method in svc.methods:
         assert theirs["methods"][method.name] == [method.input_type.full_name, method.output_type.full_name]
+
+
+def test_protobuf_parses_with_its_c_implementation():
+    """The serving path parses and serializes every request: it must not run protobuf's pure-Python code."""
+    from server.app import protobuf_backend
+
+    assert protobuf_backend() == "upb"
+
+
+def test_a_pure_python_protobuf_is_warned_about(monkeypatch, caplog):
+    import logging
+
+    from server import app
+
+    monkeypatch.setattr(app, "protobuf_backend", lambda: "python")
+    with caplog.at_level(logging.WARNING, logger="server.app"):
+        app.warn_if_slow_protobuf()
+    assert "pure-Python implementation" in caplog.text
