@@ -6,9 +6,17 @@ The trained digits CNN itself (ONNX and .pt2, session scope) is the `digits` fix
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
+from optimizer.base import Artifact
 from server.runtimes import create_runtime
+
+
+def top1(path, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of an ONNX classifier file on (x, y), run by ONNX Runtime on the CPU."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return float((session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +30,13 @@ def digits_data(digits) -> dict[str, np.ndarray]:
     """The digits test split as the evaluation .npz holds it: the input 'x' and 'labels'."""
     with np.load(digits.data, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+@pytest.fixture
+def pt2_model(digits) -> Artifact:
+    return Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
+
+
+@pytest.fixture(scope="module")
+def baseline_accuracy(digits) -> float:
+    return top1(digits.onnx, digits.x_test, digits.y_test)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -11,14 +10,10 @@ from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
 from optimizer.evaluation import count_flops, count_params
 from optimizer.export import onnx_io_names
 from optimizer.recipes import make_pass
+from tests.optimizer.conftest import top1
 from optimizer.zoo import DigitsCNN, export_pt2
 
 FAST = {"epochs": 1, "max_samples": 512}
-
-
-def top1(path, x, y) -> float:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return float((session.run(None, {"x": x})[0].argmax(1) == y).mean())
 
 
 @pytest.fixture

@@ -16,30 +16,16 @@ from optimizer.evaluation import count_flops, count_params
 from optimizer.export import load_program, onnx_io_names
 from optimizer.passes.prune import PruneGradualConfig, sparsity_at
 from optimizer.recipes import make_pass
+from tests.optimizer.conftest import top1
 from optimizer.torchmodel import lift_layers, output_layers
 
 FAST = {"epochs": 1, "max_samples": 512}
-
-
-def top1(path, x, y) -> float:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return float((session.run(None, {"x": x})[0].argmax(1) == y).mean())
 
 
 def weight_sparsity(path) -> float:
     model = onnx.load(str(path))
     weights = [numpy_helper.to_array(i) for i in model.graph.initializer if len(i.dims) >= 2]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
-
-
-@pytest.fixture
-def pt2_model(digits) -> Artifact:
-    return Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
-
-
-@pytest.fixture(scope="module")
-def baseline_accuracy(digits) -> float:
-    return top1(digits.onnx, digits.x_test, digits.y_test)
 
 
 def _context(digits, path, **kwargs) -> PassContext:

@@ -14,6 +14,7 @@ from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
 from optimizer.export import onnx_io_names, to_onnx
 from optimizer.passes.quantize import QuantizeStaticConfig, int8_facts
 from optimizer.recipes import make_pass
+from tests.optimizer.conftest import top1
 
 
 def _session(path, threads: int = 0) -> ort.InferenceSession:
@@ -24,11 +25,6 @@ def _session(path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def top1(path, x: np.ndarray, y: np.ndarray) -> float:
-    session = _session(path)
-    return float((session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
-
-
 def _context(tmp_path) -> PassContext:
     return PassContext(workdir=tmp_path / "work")
 
@@ -36,16 +32,6 @@ def _context(tmp_path) -> PassContext:
 @pytest.fixture
 def onnx_model(digits) -> Artifact:
     return Artifact(digits.onnx, "onnx", input_names=("x",), output_names=("logits",))
-
-
-@pytest.fixture
-def pt2_model(digits) -> Artifact:
-    return Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
-
-
-@pytest.fixture(scope="module")
-def baseline_accuracy(digits) -> float:
-    return top1(digits.onnx, digits.x_test, digits.y_test)
 
 
 @pytest.fixture(scope="module")
