@@ -386,9 +386,7 @@ class DynamicBatcher:
             del self._samples[key]
         self._inflight += 1
         if self._runs_inline():
-            done: concurrent.futures.Future = concurrent.futures.Future()
-            done.set_result(self._run_batch(batch, total))
-            self._finish(done, batch, total)
+            self._answer(self._run_batch(batch, total), batch, total)
             return
         loop = asyncio.get_running_loop()
         try:
@@ -410,15 +408,19 @@ class DynamicBatcher:
             pass
 
     def _finish(self, future: concurrent.futures.Future, batch: list[_Request], total: int) -> None:
-        self._inflight -= 1
-        observed = None
+        """A batch back from the compute pool."""
         try:
-            results, started, compute, error = future.result()
-            observed = (started, compute)
+            outcome = future.result()
         except concurrent.futures.CancelledError:  # the compute pool shut down before the call ran
-            results, error = None, Unavailable(f"{self._who()}: the compute pool shut down before the call ran")
+            outcome = (None, None, None, Unavailable(f"{self._who()}: the compute pool shut down before the call ran"))
         except BaseException as e:  # not an Exception (those come back as values): still answer everyone
-            results, error = None, e
+            outcome = (None, None, None, e)
+        self._answer(outcome, batch, total)
+
+    def _answer(self, outcome: tuple, batch: list[_Request], total: int) -> None:
+        """Answers a batch's callers from `_run_batch`'s (results, started, compute, error); started is None when it never ran."""
+        self._inflight -= 1
+        results, started, compute, error = outcome
         if error is not None:
             for request in batch:
                 if not request.future.done():
@@ -429,10 +431,9 @@ class DynamicBatcher:
                     request.future.set_result(result)
         # Poked after the answers: the next batch starts after their callers had a chance to send again.
         self._poke(asyncio.get_running_loop())
-        if observed is not None:
-            compute = observed[1]
+        if started is not None:
             self._record_compute(compute)
-            self._observe(total, [observed[0] - r.enqueued for r in batch], compute)
+            self._observe(total, [started - r.enqueued for r in batch], compute)
 
     def _observe(self, size: int, queue_seconds: list[float], compute: float) -> None:
         if self.on_batch is None:
