@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from client.client import SlimServeClient, SlimServeClientError
+from client.client import ROWS_REQUEST_BYTES, SlimServeClient, SlimServeClientError, split_rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: manage and query a slimserve server.")
 # Wide when piped, so that tables in logs and CI output are not folded to 80 columns.
@@ -289,7 +289,7 @@ def infer(
     output: Optional[Path] = typer.Option(None, "--output", help="Write the outputs to this .npz."),
     as_json: bool = typer.Option(False, "--json", help="Print the outputs as JSON."),
 ) -> None:
-    """Run a model on the arrays of an .npz file."""
+    """Run a model on the arrays of an .npz file, of any size: rows go in requests that fit a message."""
     arrays = load_npz(input_file)
     try:
         with connect() as client:
@@ -298,10 +298,26 @@ def infer(
             missing = [n for n in names if n not in arrays]
             if missing:
                 fail(f"'{input_file}' has no array for input {', '.join(repr(m) for m in missing)} (it holds: {', '.join(arrays)})")
-            answer = client.infer_full(name, {n: arrays[n] for n in names}, variant=variant)
-            answered_by, outputs = answer.variant, answer.outputs
+            inputs = {n: arrays[n] for n in names}
+            first_dims = {i.shape[0] for i in meta.inputs if len(i.shape) > 0}
+            fixed = next(iter(first_dims)) if len(first_dims) == 1 and -1 not in first_dims else None
+            try:
+                parts = len(split_rows(inputs, ROWS_REQUEST_BYTES, fixed))
+            except ValueError as e:
+                fail(f"'{input_file}': {e}")
+            with Progress(
+                "[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} rows", TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True, disable=parts == 1,
+            ) as bar:
+                task = bar.add_task(f"infer {name}", total=None)
+                answer = client.infer_rows(
+                    name, inputs, variant=variant, max_request_bytes=ROWS_REQUEST_BYTES, fixed_batch=fixed,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
     except SlimServeClientError as e:
         fail(str(e))
+    outputs = answer.outputs
+    answered_by = ", ".join(dict.fromkeys(answer.variants))
     if output is not None:
         np.savez(output, **outputs)
     labels = arrays.get("labels")
@@ -309,11 +325,13 @@ def infer(
         print_json({
             "model": name,
             "variant": answered_by,
-            "request_id": answer.request_id,
+            "request_id": answer.request_ids[0],
+            "request_ids": answer.request_ids,
             "outputs": {k: {"datatype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()} for k, v in outputs.items()},
         })
         return
-    table = Table("output", "dtype", "shape", "first values", title=f"{name} (variant {answered_by}, request {answer.request_id})")
+    requests = answer.request_ids[0] if len(answer.request_ids) == 1 else f"{len(answer.request_ids)} requests"
+    table = Table("output", "dtype", "shape", "first values", title=f"{name} (variant {answered_by}, request {requests})")
     for k, v in outputs.items():
         head = np.array2string(v.reshape(-1)[:6], precision=3, separator=", ")
         table.add_row(k, str(v.dtype), shape_text(list(v.shape)), head)

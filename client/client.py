@@ -146,6 +146,39 @@ class InferAnswer:
     request_id: str
 
 
+@dataclass(frozen=True)
+class RowsAnswer:
+    """The answers to one array set sent in several requests: outputs joined along the batch dimension."""
+
+    outputs: dict[str, np.ndarray]
+    variants: list[str]  # per request, in order (routed traffic may answer from several variants)
+    request_ids: list[str]
+
+
+# Bytes of input per request when a file is sent in parts: well under gRPC's default 4 MiB and our 64 MiB limits,
+# and small enough that the server batches the parts with other traffic.
+ROWS_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def split_rows(inputs: dict[str, np.ndarray], max_request_bytes: int, fixed_batch: int | None = None) -> list[slice]:
+    """Row ranges that send `inputs` in requests of at most `max_request_bytes` (at least one row each).
+
+    `fixed_batch`: the model's batch dimension when it is not free: every request then carries exactly that many rows.
+    """
+    counts = {name: (a.shape[0] if a.ndim else 1) for name, a in inputs.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError("inputs hold different numbers of rows: " + ", ".join(f"'{n}' {c}" for n, c in counts.items()))
+    rows = next(iter(counts.values()), 0)
+    if fixed_batch is not None:
+        if fixed_batch <= 0 or rows % fixed_batch:
+            raise ValueError(f"the model takes batches of exactly {fixed_batch} rows; the inputs hold {rows}")
+        step = fixed_batch
+    else:
+        row_bytes = sum(a.nbytes // max(1, a.shape[0]) if a.ndim else a.nbytes for a in inputs.values())
+        step = max(1, max_request_bytes // max(1, row_bytes))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)] or [slice(0, 0)]
+
+
 class SlimServeClient:
     """Blocking client. Errors raise SlimServeClientError with the server's code and message."""
 
@@ -375,3 +408,31 @@ class SlimServeClient:
             request.outputs.add(name=output)
         response = self._call(self.inference.ModelInfer, request, timeout=timeout)
         return InferAnswer(response.model_version, codec.decode_response_outputs(response), response.id)
+
+    def infer_rows(
+        self,
+        name: str,
+        inputs: dict[str, np.ndarray],
+        variant: str = "",
+        max_request_bytes: int = ROWS_REQUEST_BYTES,
+        fixed_batch: int | None = None,
+        progress: Progress | None = None,
+    ) -> RowsAnswer:
+        """Runs a model on arrays of any size: sends the rows in requests that fit a message, joins the outputs.
+
+        `progress(rows done, rows in all)` is called after each request.
+        """
+        parts = split_rows(inputs, max_request_bytes, fixed_batch)
+        total = parts[-1].stop
+        outputs: dict[str, list[np.ndarray]] = {}
+        variants, ids = [], []
+        for part in parts:
+            answer = self.infer_full(name, {k: v[part] for k, v in inputs.items()}, variant=variant)
+            for key, value in answer.outputs.items():
+                outputs.setdefault(key, []).append(value)
+            variants.append(answer.variant)
+            ids.append(answer.request_id)
+            if progress is not None:
+                progress(part.stop, total)
+        joined = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in outputs.items()}
+        return RowsAnswer(joined, variants, ids)

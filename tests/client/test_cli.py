@@ -93,3 +93,20 @@ def test_optimize_prints_report_and_variants_table(server, digits):
     assert json.loads(result.stdout)["name"] == "g2"
     result = slimctl(server, "optimize", "digits", "--recipe", "nope")
     assert result.exit_code == 1 and result.output.startswith("slimctl: INVALID_ARGUMENT: ")
+
+
+def test_infer_sends_a_large_file_in_parts_and_joins_the_outputs(server, digits, tmp_path, monkeypatch):
+    """A file bigger than one request is sent in parts that each fit; the outputs come back whole and in order."""
+    import client.cli
+
+    assert slimctl(server, "register", "digits", digits.onnx).exit_code == 0
+    x = np.load(digits.data)["x"]
+    whole = slimctl(server, "infer", "digits", digits.data, "--json")
+    monkeypatch.setattr(client.cli, "ROWS_REQUEST_BYTES", x[0].nbytes * 7)  # 7 rows a request
+    result = slimctl(server, "infer", "digits", digits.data, "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert len(answer["request_ids"]) == -(-len(x) // 7) and len(set(answer["request_ids"])) == len(answer["request_ids"])
+    parts = np.array(answer["outputs"]["logits"]["data"])
+    assert parts.shape == (len(x), 10)
+    np.testing.assert_allclose(parts, np.array(json.loads(whole.stdout)["outputs"]["logits"]["data"]), rtol=1e-5, atol=1e-5)
