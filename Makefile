@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: install test test-fast demo proto bench clean
+.PHONY: install test test-fast lint format demo proto bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# CI runs it before the tests: ruff's formatter check and rules, the import rules of docs/architecture.md
+# (import-linter contracts in pyproject.toml) and the module-level cycle check. Prints what failed and how to fix it.
+lint: install
+	bash .ci/lint $(VENV)/bin
+
+# Applies ruff's safe fixes and the formatter: what `make lint` asks for when it reports [*] findings or format.
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 demo: install
 	$(PY) -m server.demo
