@@ -34,7 +34,8 @@ def setting_flags(command: Callable[..., None]) -> Callable[..., None]:
         annotation = field.annotation
         if get_origin(annotation) in (Union, UnionType):  # Path | None: the flag's own None means "not given"
             annotation = next(a for a in get_args(annotation) if a is not type(None))
-        option = typer.Option(None, flag_of(name, field), help=_plain(field.description or ""), show_default=_plain(shown_default(field)))
+        help_text, default = _plain(field.description or ""), _plain(shown_default(field))
+        option = typer.Option(None, flag_of(name, field), help=help_text, show_default=default)
         flags.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[annotation]))
     own = [p for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     command.__signature__ = inspect.Signature([*flags, *own])  # type: ignore[attr-defined]
