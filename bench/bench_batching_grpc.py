@@ -23,8 +23,9 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import RESULTS as RESULTS_DIR
 from bench.loadgen import build_infer_request, run_point
-from bench.serving import MODEL, RESULTS as RESULTS_DIR, prepare_model, start_floor, start_slimserve
+from bench.servers import MODEL, prepare_model, start_floor, start_slimserve
 
 RESULTS = RESULTS_DIR / "batching_grpc.json"
 MODES = ("--batching", "--no-batching", "--batching, stream", "floor (no model)")

@@ -21,8 +21,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import RESULTS as RESULTS_DIR
+from bench.common import free_port, tree_cpu_seconds, wait_quiet
 from bench.loadgen import build_infer_request, run_point
-from bench.serving import CACHE, MODEL, RESULTS as RESULTS_DIR, Server, free_port, prepare_model, start_slimserve, tree_cpu_seconds, wait_quiet
+from bench.servers import CACHE, MODEL, Server, prepare_model, start_slimserve
 
 RESULTS = RESULTS_DIR / "inline.json"
 

@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,22 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results" / "soak.json"
+from bench.common import RESULTS as RESULTS_DIR
+from bench.common import ROOT, free_port, rss_bytes, wait_until
+
+RESULTS = RESULTS_DIR / "soak.json"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_requests(model: str, x: np.ndarray, kinds: int = 16) -> list[bytes]:
@@ -136,17 +124,18 @@ def start_server(workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str
                "--grpc-port", str(port), "--metrics-port", "-1", "--log-level", "WARNING", *extra]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if proc.poll() is not None:
             raise SystemExit(f"slimserve exited {proc.returncode}; see {workdir / 'server.log'}")
-        try:
-            with SlimServeClient(address) as c:
-                if c.server_ready():
-                    return proc, address
-        except SlimServeClientError:
-            time.sleep(0.2)
-    raise SystemExit("slimserve did not become ready")
+        with SlimServeClient(address) as c:
+            return c.server_ready()
+
+    try:
+        wait_until(ready, "slimserve to be ready", 120, interval=0.2, ignore=(SlimServeClientError,))
+    except TimeoutError:
+        raise SystemExit("slimserve did not become ready") from None
+    return proc, address
 
 
 def soak(address: str, pid: int, requests: list[bytes], args) -> dict:
@@ -236,9 +225,11 @@ def main() -> None:
             with SlimServeClient(address) as c:
                 c.register(args.model, model_path)
                 # The baseline's background evaluation would compete with the load: let it finish first.
-                deadline = time.monotonic() + 120
-                while c.model(args.model)["variants"][0]["latency_p50_ms"] is None and time.monotonic() < deadline:
-                    time.sleep(0.5)
+                try:
+                    wait_until(lambda: c.model(args.model)["variants"][0]["latency_p50_ms"] is not None, "the baseline's evaluation",
+                               120, interval=0.5)
+                except TimeoutError:
+                    pass  # measured anyway, as before: the evaluation only competes for the cores
         try:
             print(f"soak: {args.callers} callers in {args.procs} processes against {address} (pid {pid}) for "
                   f"{args.warmup:.0f} s warm-up + {args.duration:.0f} s", flush=True)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from types import UnionType
+from typing import Any, Optional, Union, get_args, get_origin
 
 import typer
 
-from server.settings import Settings
+from server.settings import DEVICES, Settings, flag_of, shown_default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimserve: serve models and make them smaller and faster.")
 
@@ -20,47 +23,46 @@ def _root() -> None:
     """slimserve: serve models and make them smaller and faster."""
 
 
+def setting_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Gives `command` one flag per Settings field, before its own options; it receives them as keyword arguments.
+
+    Every flag defaults to None (not given): Settings then takes the SLIMSERVE_* variable or the field's default,
+    so the flag, the variable and the default come from the one declaration in server/settings.py.
+    """
+    flags = []
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if get_origin(annotation) in (Union, UnionType):  # Path | None: the flag's own None means "not given"
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        help_text, default = _plain(field.description or ""), _plain(shown_default(field))
+        option = typer.Option(None, flag_of(name, field), help=help_text, show_default=default)
+        flags.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[annotation]))
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*flags, *own])  # type: ignore[attr-defined]
+    return command
+
+
+def _plain(markdown: str) -> str:
+    return markdown.replace("`", "")
+
+
 @app.command()
-def start(
-    repository: Optional[Path] = typer.Option(None, help="Repository directory [env SLIMSERVE_REPOSITORY; default ./slimserve-repository]."),
-    host: Optional[str] = typer.Option(None, help="Address to listen on [default 127.0.0.1]."),
-    grpc_port: Optional[int] = typer.Option(None, help="gRPC port [default 8001; 0 picks a free one]."),
-    metrics_port: Optional[int] = typer.Option(None, help="Prometheus port [default 8002; 0 picks a free one, -1 disables]."),
-    node_type: Optional[str] = typer.Option(None, help="Node type for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)."),
-    prices: Optional[Path] = typer.Option(None, help="YAML/JSON of node type -> dollars per hour, extending the built-in prices."),
-    token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token management calls must carry."),
-    protect_inference: Optional[bool] = typer.Option(None, "--protect-inference", help="Require the token for inference too."),
-    tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate (chain) of the server: serve over TLS."),
-    tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert."),
-    tls_ca: Optional[Path] = typer.Option(None, help="PEM CA bundle: require client certificates it signed (mutual TLS)."),
-    max_message_bytes: Optional[int] = typer.Option(None, help="Largest gRPC message [default 64 MiB]."),
-    compute_threads: Optional[int] = typer.Option(None, help="Worker threads that run models [default 2]."),
-    intra_op_threads: Optional[int] = typer.Option(None, help="Threads inside one model call [default: cores / compute threads]."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default auto]."),
-    batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Dynamic batching [default on]."),
-    max_batch_size: Optional[int] = typer.Option(None, help="Largest batch the batcher forms [default 32]."),
-    max_queue_delay_ms: Optional[float] = typer.Option(None, help="Longest wait for a batch to fill, ms [default 0.5]."),
-    max_queue_size: Optional[int] = typer.Option(None, help="Requests waiting per variant before RESOURCE_EXHAUSTED [default 1024]."),
-    inline_compute_ms: Optional[float] = typer.Option(None, help="ORT CPU calls (batched or not) shorter than this run on the event loop, no thread hand-off [default 0.5; 0: never]."),
-    max_concurrent_calls: Optional[int] = typer.Option(None, help="Model calls of one variant at once [default 1; raise for big models on many cores]."),
-    read_only: Optional[bool] = typer.Option(None, "--read-only", help="Serve a repository another slimserve writes (a replica)."),
-    poll_repository_s: Optional[float] = typer.Option(None, help="Seconds between checks for models another server changed [0: never]."),
-    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
-) -> None:
+@setting_flags
+def start(*, log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."), **flags: Any) -> None:
     """Start the gRPC server (Open Inference Protocol + slimserve.v1) and the /metrics endpoint."""
     from server.app import SlimServer
     from server.errors import SlimServeError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    flags = {k: v for k, v in locals().items() if v is not None and k in Settings.model_fields}
+    given = {k: v for k, v in flags.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)}
     try:
-        settings = Settings(**flags)
+        settings = Settings(**given)
+        if settings.device not in DEVICES:
+            raise typer.BadParameter(f"'{settings.device}' is not one of {', '.join(DEVICES)}", param_hint="--device")
         server = SlimServer(settings)
     except (OSError, ValueError, SlimServeError) as e:  # e.g. the repository is another server's (its writer lock)
         typer.echo(f"slimserve: {e}", err=True)
         raise typer.Exit(2) from e
-    if settings.device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"'{settings.device}' is not one of auto, cpu, cuda", param_hint="--device")
     try:
         asyncio.run(server.serve_until_signal())
     except OSError as e:

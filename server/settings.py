@@ -1,49 +1,80 @@
-"""Server settings: defaults that run with zero set-up, SLIMSERVE_* environment variables, then flags."""
+"""Server settings, declared once: defaults that run with zero set-up, SLIMSERVE_* environment variables, flags, the README table.
+
+Each field of `Settings` is one setting: `slimserve start` makes a flag of it (server/cli.py), pydantic-settings
+reads `SLIMSERVE_<NAME>`, and `settings_table()` renders the README's "Server settings" table from it
+(tests/server/test_settings.py fails when the README differs). Adding a setting is adding one field here.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.batching import BatchingConfig
 from server.runtimes import RuntimeConfig
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def setting(default: Any = None, description: str = "", *, shown: str | None = None, **constraints: Any) -> Any:
+    """A settings field: `description` is the flag's help and the README's meaning (markdown code spans allowed);
+    `shown` is the default as people read it where the value itself says little (64 MiB, cores ÷ compute threads)."""
+    extra = {"shown": shown} if shown is not None else None
+    if callable(default):
+        return Field(default_factory=default, description=description, json_schema_extra=extra, **constraints)
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore")
 
-    repository: Path = Field(Path("./slimserve-repository"), description="directory of the embedded repository")
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    metrics_port: int = Field(8002, description="Prometheus /metrics over HTTP; 0 picks a free port, -1 disables it")
-    node_type: str = Field("cpu", description="node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
-    prices: Path | None = Field(None, description="YAML/JSON file of node type -> dollars per hour, extending the built-in table")
-    token_file: Path | None = Field(None, description="file with the bearer token management calls must carry")
-    protect_inference: bool = Field(False, description="require the token for inference calls too")
-    tls_cert: Path | None = Field(None, description="PEM certificate chain of the server: serve gRPC over TLS")
-    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
-    tls_ca: Path | None = Field(None, description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
-    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
-    max_upload_bytes: int = Field(4 * 1024**3, description="largest total upload (model plus data files)")
-    compute_threads: int = Field(2, description="worker threads that run models")
-    intra_op_threads: int = Field(0, description="threads inside one model call; 0: the cores divided among the compute threads")
-    device: str = Field("auto", description="auto (best available), cpu, or cuda")
-    batching: bool = Field(True, description="merge concurrent requests of a variant into batched model calls")
-    max_batch_size: int = Field(32, description="largest batch the batcher forms (samples)")
-    max_queue_delay_ms: float = Field(0.5, description="longest a request waits for others to fill a batch")
-    preferred_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes to cut at when they can be filled")
-    max_queue_size: int = Field(1024, description="requests waiting per variant; beyond it RESOURCE_EXHAUSTED")
-    inline_compute_ms: float = Field(
-        0.5, ge=0, description="ONNX Runtime CPU calls (batches, or single requests with batching off) whose recent mean compute is below this run on the event-loop "
-        "thread, skipping the hand-off to a compute thread; 0: always hand off"
+    repository: Path = setting(Path("./slimserve-repository"), "repository directory", shown="`./slimserve-repository`")
+    host: str = setting("127.0.0.1", "address the gRPC and `/metrics` servers listen on")
+    grpc_port: int = setting(8001, "gRPC port; 0 picks a free one")
+    metrics_port: int = setting(8002, "Prometheus text format at `/metrics` over HTTP; 0 picks a free port, `-1` disables it")
+    node_type: str = setting("cpu", "node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
+    token_file: Path | None = setting(
+        None, "file with the bearer token: management calls (and `RepositoryModelLoad/Unload`) require `authorization: Bearer <token>`"
     )
-    max_concurrent_calls: int = Field(1, ge=1, description="model calls of one variant running at once (batches fill behind them)")
-    read_only: bool = Field(False, description="serve a repository another server writes (replicas on shared storage)")
-    poll_repository_s: float = Field(0.0, description="seconds between checks for models changed by another server; 0: never")
-    shutdown_grace_s: float = Field(30.0, description="seconds in-flight calls get to finish on SIGTERM")
+    protect_inference: bool = setting(False, "inference requires the token too")
+    max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message accepted or sent", shown="64 MiB")
+    max_upload_bytes: int = setting(4 * 1024**3, "largest total upload (model plus data files)", shown="4 GiB")
+    compute_threads: int = setting(2, "worker threads that run models")
+    intra_op_threads: int = setting(
+        0, "threads inside one model call (ORT's idle workers never spin); 0: the cores divided among the compute threads",
+        shown="cores ÷ compute threads",
+    )
+    device: str = setting("auto", "`auto` (or `cuda`) picks TensorRT/CUDA when present, else the CPU; `cpu` forces the CPU")
+    batching: bool = setting(
+        True, "dynamic batching per variant (inputs need a free batch dimension, else that variant runs unbatched)"
+    )
+    max_batch_size: int = setting(32, "largest merged batch, in samples")
+    max_queue_delay_ms: float = setting(0.5, "longest a request waits for others while a second call slot is free")
+    preferred_batch_sizes: list[int] = setting(list, "batch sizes to cut at when they can be filled (repeat the flag)")
+    max_queue_size: int = setting(1024, "requests waiting per variant; beyond it `RESOURCE_EXHAUSTED` at once")
+    inline_compute_ms: float = setting(
+        0.5, "ONNX Runtime CPU calls (a batch, or one request with `--no-batching`) whose recent mean compute is below this "
+        "run on the event-loop thread instead of a compute thread (the hand-off costs more than a tiny model's call); "
+        "0: always hand off", ge=0,
+    )
+    max_concurrent_calls: int = setting(
+        1, "model calls of one variant at once; requests gather behind them (with 2 or more, `--max-queue-delay-ms` applies)", ge=1
+    )
+    tls_cert: Path | None = setting(None, "PEM certificate chain of the server: serve gRPC over TLS")
+    tls_key: Path | None = setting(None, "PEM private key of `--tls-cert`")
+    tls_ca: Path | None = setting(None, "with TLS: require client certificates signed by this PEM CA bundle (mutual TLS)")
+    read_only: bool = setting(False, "serve a repository another slimserve writes (replicas on shared storage); writes are refused")
+    poll_repository_s: float = setting(0.0, "seconds between checks for models the writer changed; changes load live; 0: never")
+    prices: Path | None = setting(
+        None, "YAML/JSON of node type → dollars per hour, extending cpu 0.10, gpu-t4 0.35, gpu-v100 2.48, gpu-a100 3.67, "
+        "tpu-v3-8 4.00", shown="built in",
+    )
+    shutdown_grace_s: float = setting(30.0, "seconds in-flight calls get to finish on SIGTERM")
 
     def batching_config(self) -> BatchingConfig:
         return BatchingConfig(
@@ -65,3 +96,33 @@ class Settings(BaseSettings):
         """
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // max(1, self.compute_threads))
+
+
+def flag_of(name: str, field: FieldInfo) -> str:
+    """The flag of a setting: `--name`; an on/off pair for what is on by default, a switch for what is off."""
+    flag = "--" + name.replace("_", "-")
+    if field.annotation is bool and field.default is True:
+        return f"{flag}/--no-{flag[2:]}"
+    return flag
+
+
+def shown_default(field: FieldInfo) -> str:
+    """The default as the README and `--help` show it (markdown code spans)."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "shown" in extra:
+        return str(extra["shown"])
+    default = field.get_default(call_default_factory=True)
+    if default is None or default == []:
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return f"`{default}`"
+
+
+def settings_table() -> str:
+    """The README's "Server settings" table: one row per setting, in declaration order."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{flag_of(name, field)}` | {shown_default(field)} | {meaning} |")
+    return "\n".join(rows) + "\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 from onnx import TensorProto, helper
 
 from optimizer.zoo import export_onnx, export_pt2, load_digits_splits, train_digits_cnn
+from tests.helpers import free_port
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,12 +25,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

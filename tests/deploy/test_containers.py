@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,9 @@ import yaml
 
 from server.cli import app
 from server.settings import Settings
-from tests.conftest import free_port
 from tests.deploy.conftest import DEPLOY, ROOT
-from tests.deploy.kustomize import render
+from tests.deploy.kubectl import render
+from tests.helpers import free_port, wait_until
 
 HEALTHCHECK = DEPLOY / "healthcheck.py"
 # Keys avoid the bare word "gpu": tests/conftest.py skips tests with a `gpu` keyword where CUDA is absent.
@@ -119,11 +118,12 @@ def test_the_images_command_line_starts_a_healthy_server_that_stops_on_sigterm(t
     slimserve = Path(sys.executable).parent / "slimserve"
     process = subprocess.Popen([str(slimserve), "start"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while probe("--address", f"127.0.0.1:{grpc_port}", "--timeout", "1").returncode != 0:
+
+        def healthy() -> bool:
             assert process.poll() is None, f"slimserve exited: {process.stdout.read()}"
-            assert time.monotonic() < deadline, "slimserve did not become healthy in 60 s"
-            time.sleep(0.5)
+            return probe("--address", f"127.0.0.1:{grpc_port}", "--timeout", "1").returncode == 0
+
+        wait_until(healthy, "slimserve to become healthy", 60, interval=0.5)
         assert subprocess.run([sys.executable, str(HEALTHCHECK)], env=env, capture_output=True, timeout=30).returncode == 0
         process.send_signal(signal.SIGTERM)
         assert process.wait(40) == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -12,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
 from tests.deploy.conftest import BAD_REQUESTS, DEPLOY, GOOD_REQUESTS, MODEL
 from tests.deploy.dashboards import RULE_FILES, dashboard_queries, recording_rules
 from tests.deploy.promql import substitute, usage
+from tests.helpers import free_port, wait_until
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 
@@ -66,18 +65,9 @@ def api(port: int, path: str, **params) -> dict:
     return body["data"]
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = condition()
-            if last:
-                return last
-        except OSError:  # not listening yet
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+def poll(condition, what: str, timeout: float):
+    """wait_until at Prometheus' pace (it scrapes and evaluates every second); "not listening yet" means not yet."""
+    return wait_until(condition, what, timeout, interval=0.25, ignore=(OSError,))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +99,7 @@ def prometheus(prometheus_tools, served, tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=open(root / "prometheus.log", "w"),
     )
     try:
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, 30, "Prometheus to be ready")
+        poll(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, "Prometheus to be ready", 30)
         yield port
     finally:
         process.terminate()
@@ -125,16 +115,16 @@ def test_prometheus_scrapes_slimserve_and_answers_queries(prometheus):
         targets = api(prometheus, "/api/v1/targets")["activeTargets"]
         return [t for t in targets if t["labels"]["job"] == "slimserve" and t["health"] == "up"]
 
-    wait_for(slimserve_target_up, 20, "the slimserve target to be up")
+    poll(slimserve_target_up, "the slimserve target to be up", 20)
     query = f'sum by (code) (slimserve_requests_total{{job="slimserve", model="{MODEL}"}})'
-    result = wait_for(lambda: api(prometheus, "/api/v1/query", query=query)["result"], 20, query)
+    result = poll(lambda: api(prometheus, "/api/v1/query", query=query)["result"], query, 20)
     counts = {r["metric"]["code"]: float(r["value"][1]) for r in result}
     assert counts == {"OK": GOOD_REQUESTS, "INVALID_ARGUMENT": BAD_REQUESTS}
 
 
 def test_rules_load_without_errors_and_record_series(prometheus):
     """Every group loads, and the recording rules over request metrics produce series for the model."""
-    groups = wait_for(lambda: api(prometheus, "/api/v1/rules")["groups"], 10, "rule groups")
+    groups = poll(lambda: api(prometheus, "/api/v1/rules")["groups"], "rule groups", 10)
     errors = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r.get("health") == "err"]
     assert not errors
     loaded = {r.get("name") for g in groups for r in g["rules"]}
@@ -143,14 +133,14 @@ def test_rules_load_without_errors_and_record_series(prometheus):
                    "model_variant:slimserve_request_server_error_ratio:rate5m", "model_variant:slimserve_cost_per_1k_inferences_dollars:rate5m"):
         query = f'{record}{{model="{MODEL}", variant="baseline"}}'
         # rate() needs two scrapes in its window; the rules then evaluate once a second.
-        result = wait_for(lambda: api(prometheus, "/api/v1/query", query=query)["result"], 20, query)
+        result = poll(lambda: api(prometheus, "/api/v1/query", query=query)["result"], query, 20)
         assert result[0]["metric"]["node_type"] == "cpu"
 
 
 def test_every_dashboard_query_runs_and_shows_data(prometheus, served):
     """Grafana's queries, variables filled in, run on the live Prometheus; those over fed metrics return series."""
-    wait_for(lambda: api(prometheus, "/api/v1/query", query=f'model_variant:slimserve_requests:rate5m{{model="{MODEL}"}}')["result"],
-             20, "the first rule evaluations")
+    poll(lambda: api(prometheus, "/api/v1/query", query=f'model_variant:slimserve_requests:rate5m{{model="{MODEL}"}}')["result"],
+         "the first rule evaluations", 20)
     fed = {f.name for f in served.families().values() if f.samples} | {"up", "ALERTS"}
     records = recording_rules()
     empty = []

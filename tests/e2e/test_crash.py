@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client.client import SlimServeClient, SlimServeClientError
-from tests.e2e.server_process import ServerProcess
+from tests.helpers import ServerProcess, wait_until
 
-
-def wait_for(condition, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+UPLOAD_PAUSE_BYTES = 8 << 20  # the uploader stops here until the server is killed: the upload cannot finish first
 
 
 def staged_files(repo: Path) -> list[Path]:
@@ -52,25 +46,31 @@ def test_kill_9_mid_upload_and_mid_job_leaves_the_repository_consistent(tmp_path
         with server.client() as c:
             c.register("digits", digits.onnx)
             _, outputs = c.infer("digits", {"x": digits.x_test[:8]})
-            wait_for(lambda: c.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's evaluation")
+            wait_until(lambda: c.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's evaluation", 120)
         before = outputs["logits"]
 
-        # 1. Mid-upload: a 24 MB model file streamed slowly; killed once part of it is on disk.
+        # 1. Mid-upload: a 24 MB model file whose upload pauses after 8 MB; killed once 4 MB of it are on disk.
         big = tmp_path / "big.onnx"
         big.write_bytes(np.random.default_rng(0).bytes(24 << 20))
         upload_error: list[Exception] = []
+        killed = threading.Event()
+
+        def pause_until_killed(sent: int, total: int) -> None:
+            if sent >= UPLOAD_PAUSE_BYTES:
+                killed.wait(120)
 
         def upload() -> None:
             with server.client() as c:
                 try:
-                    c.register("big", big, progress=lambda sent, total: time.sleep(0.05))
+                    c.register("big", big, progress=pause_until_killed)
                 except SlimServeClientError as e:
                     upload_error.append(e)
 
         uploader = threading.Thread(target=upload)
         uploader.start()
-        wait_for(lambda: any(p.stat().st_size >= 4 << 20 for p in staged_files(repo)), "part of the upload on disk")
+        wait_until(lambda: any(p.stat().st_size >= 4 << 20 for p in staged_files(repo)), "part of the upload on disk", 120)
         server.kill9()
+        killed.set()
         uploader.join(60)
         assert upload_error and upload_error[0].code == "UNAVAILABLE"
         assert staged_files(repo)  # the kill did leave a partial upload behind
@@ -78,29 +78,27 @@ def test_kill_9_mid_upload_and_mid_job_leaves_the_repository_consistent(tmp_path
         server = ServerProcess(repo, log)
         assert_consistent(server, repo, digits, before)
 
-        # 2. Mid-job: an optimization job killed while its passes run in the staging area.
+        # 2. Mid-job: an optimization job killed the moment it reports its passes done (their output in the
+        # staging area, the variant not yet measured nor moved in), from the job's own progress stream.
         job_error: list[Exception] = []
-
-        def optimize() -> None:
-            with server.client() as c:
-                try:
-                    c.optimize("digits", "quantize-dynamic", variant_name="int8")
-                except SlimServeClientError as e:
-                    job_error.append(e)
-
-        worker = threading.Thread(target=optimize)
-        worker.start()
         manifest = repo / "models" / "digits" / "manifest.json"
+        at_kill: dict[str, object] = {}
+        victim = server
 
-        def job_running() -> bool:
-            jobs = json.loads(manifest.read_text()).get("jobs", {})
-            return any(j["status"] == "running" for j in jobs.values()) and any((repo / ".staging").iterdir())
+        def kill_when_passes_are_done(event) -> None:
+            if event.stage == "passes" and not at_kill:
+                at_kill["jobs"] = json.loads(manifest.read_text()).get("jobs", {})
+                victim.kill9()
+                at_kill["staged"] = staged_files(repo)
 
-        wait_for(job_running, "the job to start its passes")
-        time.sleep(0.3)
-        assert job_running(), "the job finished before it could be killed"
-        server.kill9()
-        worker.join(60)
+        with server.client() as c:
+            try:
+                c.optimize("digits", "quantize-dynamic", variant_name="int8", on_progress=kill_when_passes_are_done)
+            except SlimServeClientError as e:
+                job_error.append(e)
+        assert at_kill, "the job never reported its passes done"
+        assert [j["status"] for j in at_kill["jobs"].values()] == ["running"]
+        assert at_kill["staged"], "the kill left the job's work in the staging area"
         assert job_error and job_error[0].code == "UNAVAILABLE"
 
         server = ServerProcess(repo, log)
@@ -126,5 +124,5 @@ def test_a_variant_whose_evaluation_was_cut_short_is_measured_at_the_next_start(
     manifest.write_text(json.dumps(data))
     second = server_factory(repo)
     with SlimServeClient(second.address) as c:
-        wait_for(lambda: c.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's evaluation")
+        wait_until(lambda: c.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's evaluation", 120)
         assert c.model("digits")["variants"][0]["params"] == 85066

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from tests.e2e.server_process import ServerProcess
+from tests.helpers import ServerProcess, wait_until
 
 CYCLES = 20
 WARMUP = 3  # the first jobs import the optimizer and grow pools and arenas once; measured from after them
@@ -53,8 +53,7 @@ def test_creating_and_deleting_20_variants_under_load_returns_memory(tmp_path, d
                 c.optimize("digits", "graph-ort", variant_name=name)
                 c.traffic("digits", {"baseline": 50, name: 50})
                 target = answered[name] + 20
-                while answered[name] < target and not errors:
-                    time.sleep(0.005)
+                wait_until(lambda name=name, target=target: answered[name] >= target or errors, f"20 answers from {name}", 60)
                 c.delete_variant("digits", name)
             rss.append(settled_rss(server))
             assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]

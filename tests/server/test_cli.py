@@ -41,3 +41,9 @@ def test_start_on_a_repository_another_server_writes_says_so_in_one_line(tmp_pat
     assert result.exit_code == 2
     assert "is in use by another slimserve" in result.output and "--read-only" in result.output
     assert "Traceback" not in result.output
+
+
+def test_start_refuses_an_unknown_device_before_touching_the_repository(tmp_path):
+    result = runner.invoke(app, ["start", "--repository", str(tmp_path / "repo"), "--device", "tpu", "--grpc-port", "0"])
+    assert result.exit_code == 2 and "'tpu' is not one of auto, cpu, cuda" in result.output
+    assert not (tmp_path / "repo").exists()

@@ -12,6 +12,7 @@ from client import codec
 from client.client import SlimServeClient
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from tests.helpers import wait_until
 from tests.server.test_shutdown import slow_matmul_onnx
 
 BIG = [("grpc.max_receive_message_length", 64 << 20)]
@@ -31,7 +32,7 @@ def register_slow(server, tmp_path) -> None:
     """Registers the slow model and waits for its background evaluation, which would compete for the cores."""
     with SlimServeClient(server.address) as c:
         c.register("slow", slow_matmul_onnx(tmp_path / "slow.onnx", n=WIDTH))
-        wait_until(lambda: c.model("slow")["variants"][0]["latency_p50_ms"] is not None, timeout=120)
+        wait_until(lambda: c.model("slow")["variants"][0]["latency_p50_ms"] is not None, "the baseline's evaluation", 120)
 
 
 def batcher_of(server):
@@ -40,13 +41,6 @@ def batcher_of(server):
 
 def stats_of(server):
     return server.server.dataplane.stats["slow"]["baseline"]
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -64,9 +58,9 @@ def test_a_full_queue_answers_resource_exhausted_at_once_and_the_queued_requests
         infer(request(LONG), timeout=60)
         one_call = time.perf_counter() - start
         running = infer.future(request(LONG), timeout=60)
-        wait_until(lambda: batcher_of(slow_server)._inflight == 1)  # the long call computes; the queue is empty
+        wait_until(lambda: batcher_of(slow_server)._inflight == 1, "the long call to compute", interval=0.002)  # the queue is empty
         queued = [infer.future(request(LONG), timeout=60) for _ in range(2)]
-        wait_until(lambda: batcher_of(slow_server).queued == 2)
+        wait_until(lambda: batcher_of(slow_server).queued == 2, "two queued requests", interval=0.002)
         assert batcher_of(slow_server)._inflight == 1  # the concurrency limit: a free compute thread, yet they wait
         start = time.perf_counter()
         with pytest.raises(grpc.RpcError) as e:
@@ -94,14 +88,14 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
         one_call = time.perf_counter() - start
         before = stats_of(server).samples
         running = infer.future(request(LONG), timeout=60)
-        wait_until(lambda: batcher_of(server)._inflight == 1)
+        wait_until(lambda: batcher_of(server)._inflight == 1, "the long call to compute", interval=0.002)
         late = [infer.future(request(7), timeout=min(0.05, one_call / 4)) for _ in range(5)]
         for future in late:
             with pytest.raises(grpc.RpcError) as e:
                 future.result(60)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert running.result(60).outputs[0].shape == [LONG, WIDTH]
-        wait_until(lambda: batcher_of(server).queued == 0)
+        wait_until(lambda: batcher_of(server).queued == 0, "the queue to drain", interval=0.002)
         time.sleep(0.2)  # had a late request been kept, it would run now, right after the long one
         infer(request(3), timeout=60)
     # Executed samples: the long call and the last one; none of the 5 x 7 whose callers gave up.

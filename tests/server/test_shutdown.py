@@ -1,19 +1,15 @@
 """SIGTERM: the server stops accepting, finishes the call in flight, and exits 0."""
 
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from client.client import SlimServeClient, SlimServeClientError
-from tests.conftest import free_port
+from client.client import SlimServeClientError
+from tests.helpers import ServerProcess, free_port, wait_until
 
 
 def slow_matmul_onnx(path, n: int = 1024):
@@ -33,36 +29,13 @@ def slow_matmul_onnx(path, n: int = 1024):
     return path
 
 
-def wait_ready(address: str, proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            with SlimServeClient(address) as c:
-                if c.server_ready():
-                    return
-        except SlimServeClientError:
-            time.sleep(0.2)
-    raise TimeoutError(f"slimserve at {address} did not become ready")
-
-
 @pytest.mark.slow
 def test_sigterm_finishes_inflight_call_then_exits_zero(tmp_path):
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "start", "--repository", str(tmp_path / "repo"), "--grpc-port", str(port),
-         "--metrics-port", "-1", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    server = ServerProcess(tmp_path / "repo", tmp_path / "server.log", metrics_port=free_port())
     try:
-        wait_ready(address, proc)
-        with SlimServeClient(address) as c:
+        with server.client() as c:
             c.register("slow", slow_matmul_onnx(tmp_path / "slow.onnx"))
             x = np.ones((512, 1024), np.float32)
-            start = time.perf_counter()
-            c.infer("slow", {"x": x})
-            one_call = time.perf_counter() - start
             results = {}
 
             def call():
@@ -73,15 +46,18 @@ def test_sigterm_finishes_inflight_call_then_exits_zero(tmp_path):
 
             t = threading.Thread(target=call)
             t.start()
-            time.sleep(min(0.05, one_call / 4))
-            proc.send_signal(signal.SIGTERM)
+            # SIGTERM once the server counts the call in flight (not after a guessed sleep).
+            wait_until(lambda: server.metric("slimserve_inflight_requests", model="slow") == 1 or "answer" in results,
+                       "the call to be in flight", 60, interval=0.002)
+            assert "answer" not in results, "the call finished before SIGTERM could reach it in flight"
+            server.proc.send_signal(signal.SIGTERM)
             t.join(60)
         assert "answer" in results, f"the call in flight failed: {results.get('error')}"
-        assert proc.wait(60) == 0
+        assert server.proc.wait(60) == 0
         with pytest.raises(SlimServeClientError) as e:
-            with SlimServeClient(address) as c:
+            with server.client() as c:
                 c.server_live()
         assert e.value.code == "UNAVAILABLE"
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
+        if server.proc.poll() is None:
+            server.kill9()

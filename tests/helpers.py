@@ -1,0 +1,109 @@
+"""Helpers every test folder shares: a free port, waiting until a condition holds (never a guessed sleep), a server process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], what: str = "the condition", timeout: float = 30.0, interval: float = 0.01,
+               ignore: tuple[type[BaseException], ...] = ()) -> T:
+    """Polls `condition` until it returns something truthy and returns that; fails the test after `timeout` seconds.
+
+    `ignore`: exceptions that mean "not yet" (a server not listening yet), retried like a falsy answer.
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            last = condition()
+            if last:
+                return last
+        except ignore as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """`slimserve start` as a child process on a free port, for tests that signal it, kill it or watch its memory."""
+
+    def __init__(self, repository: Path, log: Path, *flags: str, metrics_port: int = -1) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.metrics_port = metrics_port
+        self.log = log
+        command = [sys.executable, "-m", "server.cli", "start", "--repository", str(repository), "--grpc-port", str(self.port),
+                   "--metrics-port", str(metrics_port), "--log-level", "WARNING", *flags]
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.wait_ready()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        from client.client import SlimServeClientError
+
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"slimserve exited {self.proc.returncode}: {self.log_tail()}"
+            with self.client() as c:
+                return c.server_ready()
+
+        wait_until(ready, f"slimserve at {self.address} to be ready", timeout, interval=0.1, ignore=(SlimServeClientError,))
+
+    def client(self):
+        from client.client import SlimServeClient
+
+        return SlimServeClient(self.address, token="", tls_ca="", tls_cert="", tls_key="")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples whose labels include `labels`, scraped from the server's /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and labels.items() <= s.labels.items())
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process, from /proc (Linux)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def kill9(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
