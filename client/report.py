@@ -114,6 +114,7 @@ def render_report(rows: list[dict[str, Any]], title: str) -> Table:
             style="bold" if k in ("variant", "recipe") else "",
         )
     for i, r in enumerate(rows):
-        baseline_row = r.get("status") == "baseline" or (i == 0 and r.get("accuracy_delta_pt") is None and r.get("agreement") is None)
+        first = i == 0 and r.get("accuracy_delta_pt") is None and r.get("agreement") is None
+        baseline_row = r.get("status") == "baseline" or first
         table.add_row(*(columns[k][1](r, baseline_row) for k in keys))
     return table

@@ -1,4 +1,4 @@
-"""Parameters, non-zero parameters and FLOPs of a torch.export program (FlopCounterMode), by the rule of optimizer.counting_onnx."""
+"""Parameters, non-zero parameters and FLOPs of a torch.export program (FlopCounterMode), by counting_onnx's rule."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Facts about ONNX graphs and small edits to them that the quantization passes need: node names, dot-product lengths, INT8 checks."""
+"""ONNX graph facts and small edits the quantization passes need: node names, dot-product lengths, INT8 checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `auto` search: tries a few pipelines (prune -> distill -> quantize -> graph), measures each, keeps the fastest within the accuracy budget.
+"""The `auto` search: tries a few pipelines (prune, distill, quantize, graph), keeps the fastest within the accuracy budget.
 
 Every candidate is measured by optimizer.evaluation.evaluate on its serving runtime, like any
 variant; the report lists them all (a Pareto table: latency at batch 1 against accuracy) and

@@ -1,4 +1,4 @@
-"""Latency of a predictor: wall time per predict() call after warm-up, with the garbage collector held off, and its percentiles."""
+"""Latency of a predictor: wall time per predict() call after warm-up (garbage collector held off), and percentiles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `auto` pass: the search's config and its place in a recipe; optimizer.search runs it, because it measures every candidate."""
+"""The `auto` pass: the search's config and its place in a recipe; optimizer.search runs it (it measures every candidate)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class AutoConfig(PassConfig):
 
 @register
 class AutoPass(Pass):
-    """Stands for the search in a recipe; optimizer.pipeline.optimize runs it (optimizer.search), because it measures every candidate."""
+    """Stands for the search in a recipe; optimizer.pipeline.optimize runs optimizer.search instead of `run`."""
 
     name = "auto"
     config_cls = AutoConfig

@@ -44,7 +44,8 @@ def test_a_long_variant_name_and_every_header_fit_160_columns():
 
 
 def test_columns_no_row_fills_are_left_out():
-    rows = report_rows({"baseline": Evaluation(latency_p50_ms=1.0, runtime="torch"), "v": Evaluation(latency_p50_ms=0.5, runtime="torch")})
+    plain = Evaluation(latency_p50_ms=1.0, runtime="torch")
+    rows = report_rows({"baseline": plain, "v": Evaluation(latency_p50_ms=0.5, runtime="torch")})
     headers = [str(c.header) for c in render_report(rows, "t").columns]
     assert headers == ["variant", "runtime", "p50 ms", "speed-up ×"]
 

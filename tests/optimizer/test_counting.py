@@ -1,4 +1,4 @@
-"""Tests for optimizer/counting.py, counting_onnx.py and counting_torch.py: parameters, non-zeros and FLOPs follow one rule in both formats."""
+"""Tests for optimizer/counting.py, counting_onnx.py and counting_torch.py: one counting rule for both formats."""
 
 from __future__ import annotations
 

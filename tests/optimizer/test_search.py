@@ -1,4 +1,7 @@
-"""Tests for optimizer/auto.py through optimizer.pipeline.optimize: every candidate measured, the fastest within budget kept."""
+"""Tests for optimizer/search.py and the auto pass (optimizer/passes/auto.py), through optimizer.pipeline.optimize.
+
+Every candidate is measured and the fastest within the budget kept.
+"""
 
 from __future__ import annotations
 
