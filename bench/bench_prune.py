@@ -78,7 +78,7 @@ def main() -> None:
     from optimizer.base import Artifact, PassContext
     from optimizer.evaluation import evaluate
     from optimizer.export import to_onnx
-    from optimizer.recipes import make_pass
+    from optimizer.registry import make_pass
     from optimizer.zoo import export_pt2, load_digits_splits, train_digits_cnn
     from server.runtimes import create_runtime
 

@@ -124,9 +124,8 @@ def digits_models(work: Path, width: int, with_variants: bool, with_qat: bool) -
     """Trains the digits CNN at `width`, exports it, and runs the quantization passes; returns name -> ONNX file."""
     import torch
 
-    import optimizer.passes.quantize  # noqa: F401  (registers the passes)
     from optimizer.base import Artifact, PassContext
-    from optimizer.recipes import make_pass
+    from optimizer.registry import make_pass
     from optimizer.zoo import export_onnx, export_pt2, load_digits_splits, train_digits_cnn
 
     train, test = load_digits_splits()
@@ -253,9 +252,8 @@ def export_minilm(path: Path):
 def bench_minilm(work: Path, args) -> dict:
     import torch
 
-    import optimizer.passes.quantize  # noqa: F401
     from optimizer.base import Artifact, PassContext
-    from optimizer.recipes import make_pass
+    from optimizer.registry import make_pass
 
     fp32 = work / "minilm.onnx"
     start = time.perf_counter()

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from client.client import ROWS_REQUEST_BYTES, SlimServeClient, SlimServeClientError, split_rows
+from client.report import render_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: manage and query a slimserve server.")
 # Wide when piped, so that tables in logs and CI output are not folded to 80 columns.
@@ -211,63 +212,10 @@ def optimize(
     print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline")
 
 
-# Report columns as the optimizer names them, with the header people read; unknown keys print as they are.
-REPORT_HEADERS = {
-    "variant": "variant",
-    "recipe": "recipe",  # the auto search's candidates
-    "status": "status",
-    "runtime": "runtime",
-    "size_bytes": "size",
-    "size_reduction_x": "smaller ×",
-    "flops": "MFLOPs",
-    "compute_reduction_x": "compute ×",
-    "sparsity_pct": "sparsity %",
-    "latency_p50_ms": "p50 ms",
-    "speedup_x": "speed-up ×",
-    "throughput_per_s": "samples/s",
-    "accuracy_pct": "accuracy %",
-    "accuracy_delta_pt": "Δ pts",
-    "agreement": "agreement",
-    "within_budget": "in budget",
-    "pareto": "Pareto",
-    "chosen": "chosen",
-}
-
-
-# Columns an auto search's table leaves out so that it fits a terminal; the JSON report has them all.
-AUTO_HIDDEN = {"variant", "runtime", "size_reduction_x", "compute_reduction_x", "sparsity_pct", "throughput_per_s", "agreement"}
-
-
 def print_report(rows: list[dict[str, Any]], title: str) -> None:
-    """Report rows as the optimizer built them: one row per variant; columns with no value are left out."""
-    if not rows:
-        return
-    keys = [k for k in REPORT_HEADERS if any(r.get(k) not in (None, "") for r in rows)]
-    if any("chosen" in r for r in rows):  # the auto search's table: one row per candidate, what decides only
-        keys = [k for k in keys if k not in AUTO_HIDDEN]
-    table = Table(*(REPORT_HEADERS[k] for k in keys), title=title, box=box.SIMPLE_HEAD)
-    for row in rows:
-        cells = []
-        for k in keys:
-            v = row.get(k)
-            if v is None:
-                cells.append("-")
-            elif k == "size_bytes":
-                cells.append(human_bytes(v))
-            elif k == "flops":
-                cells.append(fmt(v / 1e6, 2))
-            elif k.endswith("_x"):
-                cells.append(f"{v:.2f}×")
-            elif k in ("latency_p50_ms", "agreement"):
-                cells.append(fmt(v, 3))
-            elif k == "throughput_per_s":
-                cells.append(fmt(v, 0))
-            elif isinstance(v, bool):
-                cells.append("✓" if v else "")
-            else:
-                cells.append(fmt(v))
-        table.add_row(*cells)
-    console.print(table)
+    """Report rows as the optimizer built them, rendered by client.report (the table `slimserve optimize` prints too)."""
+    if rows:
+        console.print(render_report(rows, title))
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

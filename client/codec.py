@@ -8,23 +8,7 @@ from typing import Any
 
 import numpy as np
 
-# The protocol's datatypes and their little-endian numpy equivalents. BYTES travel as object arrays.
-DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
-_NUMPY_TO_DATATYPE = {v.newbyteorder("="): k for k, v in DATATYPE_TO_NUMPY.items() if k != "BYTES"}
+from client.datatypes import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE
 
 # Which InferTensorContents field carries each datatype; FP16 has none and must travel raw.
 CONTENTS_FIELD: dict[str, str] = {
@@ -52,7 +36,7 @@ def datatype_of(array: np.ndarray) -> str:
     if array.dtype.kind in ("O", "S", "U"):
         return "BYTES"
     try:
-        return _NUMPY_TO_DATATYPE[array.dtype.newbyteorder("=")]
+        return NUMPY_TO_DATATYPE[array.dtype.newbyteorder("=")]
     except KeyError:
         raise TensorCodecError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None
 

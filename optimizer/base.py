@@ -1,7 +1,8 @@
-"""The optimizer's core types: artifacts, pass configs, passes, the pass registry, and progress events.
+"""The optimizer's core types: artifacts, pass configs, passes, config checks and dict round trips, and progress events.
 
 A Pass is small: a name, a frozen, versioned config dataclass, and `run(artifact, context) -> artifact`.
-Heavy logic lives in plain helper modules (quantize.py, graph.py, ...), as in Olive.
+Heavy logic lives in plain helper modules (ortquant.py, onnx_graph.py, pruning.py, ...), as in Olive;
+optimizer.registry knows the passes by name.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ class ConfigValueError(OptimizerError, ValueError):
 
 
 def check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    """A config field that takes one of a few names; an empty choice reads as 'or empty'."""
     if value not in choices:
-        raise ConfigValueError(f"{field} must be one of {', '.join(choices)}, got {value!r}")
+        named = ", ".join(c for c in choices if c) + (" or empty" if "" in choices else "")
+        raise ConfigValueError(f"{field} must be one of {named}, got {value!r}")
 
 
 def check_names(field: str, value: tuple[str, ...], what: str = "names") -> None:
@@ -139,6 +142,11 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[PassConfig]] = PassConfig
     summary: ClassVar[str] = ""
+    # A pass that trains in torch: it needs the model as .pt2 and train data, and its config holds its
+    # epochs (a `finetune` FineTuneConfig, or an `epochs` field of its own); the auto search reads both.
+    trains: ClassVar[bool] = False
+    # Dataset roles the pass reads besides train data (e.g. calibration), so a search can skip what cannot run.
+    needs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
@@ -148,16 +156,6 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         """Returns a new artifact written under context.workdir."""
-
-
-PASSES: dict[str, type[Pass]] = {}
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    if cls.name in PASSES:
-        raise ValueError(f"pass '{cls.name}' is registered twice")
-    PASSES[cls.name] = cls
-    return cls
 
 
 def config_to_dict(config: PassConfig) -> dict[str, Any]:

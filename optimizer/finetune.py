@@ -1,9 +1,9 @@
-"""The fine-tuning loop every training pass shares: optimizers, LR schedules, augmentation, regularization, early stopping.
+"""The fine-tuning loop every training pass shares: optimizers, LR schedules, regularization, early stopping.
 
 A pass embeds a `FineTuneConfig` in its own config (field `finetune`) and calls `fine_tune_` with its
 model, its train data and, where it has one, a loss of its own (distillation). Schedules are
 torch.optim.lr_scheduler's, stepped once per batch; augmentation is chosen by the input's kind
-(images, token ids, time series) and runs on whole batches as torch ops.
+(images, token ids, time series: optimizer.augment) and runs on whole batches as torch ops.
 """
 
 from __future__ import annotations
@@ -17,14 +17,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optimizer.base import ConfigValueError, OptimizerError, PassConfig, PassContext, ProgressEvent, config_from_dict
+from optimizer.augment import AugmentConfig, augment, input_kind
+from optimizer.base import (
+    ConfigValueError,
+    OptimizerError,
+    PassConfig,
+    PassContext,
+    ProgressEvent,
+    check_choice,
+    config_from_dict,
+)
+from optimizer.data import TrainData
 
 if TYPE_CHECKING:
     import torch
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "cyclical", "one-cycle")
-AUGMENT_KINDS = ("auto", "none", "image", "text", "timeseries")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -45,47 +54,6 @@ def _nested(value: Any, cls: type[PassConfig], where: str, base: PassConfig | No
     if not isinstance(value, cls):
         raise ConfigValueError(f"{where} must be a mapping of settings, got {value!r}")
     return value
-
-
-@dataclass(frozen=True)
-class AugmentConfig(PassConfig):
-    """Data augmentation, applied to each training batch; `kind` auto picks by the model's first input.
-
-    kind: auto | none | image | text | timeseries. auto: float [N, C, H, W] -> image, integer
-    inputs -> text (token ids), float [N, T] or [N, C, T] -> timeseries.
-    Images: shift (random crop / translation, fraction of the side), rotation (degrees), scale
-    (± fraction), flip (probability of a horizontal flip: off by default, it changes digits and
-    letters), brightness and contrast (± fraction: colour jitter).
-    Text: token_dropout (probability a token becomes pad_token_id), token_swap (probability a
-    token swaps with its neighbour), token_insert (probability of inserting a token drawn from the
-    same sequence, no synonyms), all on positions that are not padding.
-    Time series: noise (jitter, × each series' std), magnitude (± scaling per channel),
-    time_warp (strength of a smooth random warp of the time axis).
-    """
-
-    kind: str = "auto"
-    shift: float = 0.1
-    rotation: float = 10.0
-    scale: float = 0.1
-    flip: float = 0.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-    token_dropout: float = 0.1
-    token_swap: float = 0.05
-    token_insert: float = 0.05
-    pad_token_id: int = 0
-    noise: float = 0.03
-    magnitude: float = 0.1
-    time_warp: float = 0.2
-
-    def __post_init__(self) -> None:
-        _check(self.kind in AUGMENT_KINDS, f"augment kind must be one of {', '.join(AUGMENT_KINDS)}, got {self.kind!r}")
-        for name in ("flip", "token_dropout", "token_swap", "token_insert"):
-            value = getattr(self, name)
-            _check(0.0 <= value <= 1.0, f"augment {name} is a probability in [0, 1], got {value}")
-        for name in ("shift", "rotation", "scale", "brightness", "contrast", "noise", "magnitude", "time_warp"):
-            value = getattr(self, name)
-            _check(value >= 0 and math.isfinite(value), f"augment {name} must be 0 or more, got {value}")
 
 
 @dataclass(frozen=True)
@@ -129,8 +97,8 @@ class FineTuneConfig(PassConfig):
         _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         _check(self.max_samples >= 0, f"max_samples must be 0 (all) or more, got {self.max_samples}")
-        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         _check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
         _check(0 <= self.min_lr < self.lr, f"min_lr must be in [0, lr), got {self.min_lr}")
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
@@ -215,119 +183,6 @@ def lr_curve(config: FineTuneConfig, steps_per_epoch: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentation
-
-
-def input_kind(x: torch.Tensor | np.ndarray) -> str:
-    """image | text | timeseries | none, from a batch's dtype and rank."""
-    dtype = np.dtype(str(x.dtype).removeprefix("torch.")) if not isinstance(x, np.ndarray) else x.dtype
-    if np.issubdtype(dtype, np.integer):
-        return "text"
-    if np.issubdtype(dtype, np.floating):
-        if x.ndim == 4:
-            return "image"
-        if x.ndim in (2, 3):
-            return "timeseries"
-    return "none"
-
-
-def augment_images(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random affine (translation = random crop, rotation, scale), horizontal flip, brightness and contrast jitter."""
-    import torch
-    import torch.nn.functional as F
-
-    n = x.shape[0]
-
-    def uniform(bound: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) * 2 - 1) * bound
-
-    angle = uniform(math.radians(config.rotation))
-    scale = 1 + uniform(config.scale)
-    shift = torch.stack([uniform(2 * config.shift), uniform(2 * config.shift)], dim=1)  # grid units span 2 per side
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if config.flip > 0:
-        flip = torch.rand(n, generator=generator) < config.flip
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    if config.contrast > 0:
-        mean = out.mean(dim=(1, 2, 3), keepdim=True)
-        out = (out - mean) * (1 + uniform(config.contrast)).view(n, 1, 1, 1).to(x.dtype) + mean
-    if config.brightness > 0:
-        out = out + uniform(config.brightness).view(n, 1, 1, 1).to(x.dtype) * x.abs().amax().clamp(min=1e-6)
-    return out
-
-
-def augment_tokens(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Token dropout (to the pad id), neighbour swap and random insertion of a token of the same sequence."""
-    import torch
-
-    out = x.clone()
-    if out.ndim != 2 or out.shape[1] < 2:
-        return out
-    n, length = out.shape
-    real = out != config.pad_token_id
-    if config.token_swap > 0:
-        swap = (torch.rand(n, length - 1, generator=generator) < config.token_swap) & real[:, :-1] & real[:, 1:]
-        for i, j in swap.nonzero().tolist():
-            out[i, j], out[i, j + 1] = out[i, j + 1].clone(), out[i, j].clone()
-    if config.token_insert > 0:
-        insert = (torch.rand(n, length, generator=generator) < config.token_insert) & real
-        for i in insert.any(dim=1).nonzero().flatten().tolist():
-            positions = insert[i].nonzero().flatten().tolist()
-            row = out[i].tolist()
-            words = [t for t in row if t != config.pad_token_id]
-            for pos in reversed(positions):
-                word = words[int(torch.randint(len(words), (1,), generator=generator))]
-                row.insert(pos, word)
-            out[i] = torch.tensor(row[:length], dtype=out.dtype)  # the sequence keeps its length
-    if config.token_dropout > 0:
-        drop = (torch.rand(n, length, generator=generator) < config.token_dropout) & (out != config.pad_token_id)
-        out = out.masked_fill(drop, config.pad_token_id)
-    return out
-
-
-def augment_series(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Jitter (Gaussian noise), per-channel magnitude scaling and a smooth random time warp, on [N, T] or [N, C, T]."""
-    import torch
-
-    out = x if x.ndim == 3 else x[:, None, :]
-    n, channels, length = out.shape
-    if config.time_warp > 0 and length > 2:
-        knots = 4
-        speed = (1 + config.time_warp * torch.randn(n, knots, generator=generator)).clamp(min=0.1)
-        speed = torch.nn.functional.interpolate(speed[:, None, :], size=length, mode="linear", align_corners=True)[:, 0]
-        position = torch.cumsum(speed, dim=1)
-        position = (position - position[:, :1]) / (position[:, -1:] - position[:, :1]).clamp(min=1e-6) * (length - 1)
-        low = position.floor().long().clamp(0, length - 1)
-        high = (low + 1).clamp(max=length - 1)
-        weight = (position - low).to(out.dtype)[:, None, :]
-        index = lambda i: i[:, None, :].expand(n, channels, length)  # noqa: E731
-        out = out.gather(2, index(low)) * (1 - weight) + out.gather(2, index(high)) * weight
-    if config.magnitude > 0:
-        out = out * (1 + config.magnitude * torch.randn(n, channels, 1, generator=generator)).to(out.dtype)
-    if config.noise > 0:
-        std = out.std(dim=2, keepdim=True).clamp(min=1e-6)
-        out = out + config.noise * std * torch.randn(out.shape, generator=generator).to(out.dtype)
-    return out if x.ndim == 3 else out[:, 0, :]
-
-
-def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """The batch augmented as its kind (or config.kind) calls for; shape and dtype are kept."""
-    kind = input_kind(x) if config.kind == "auto" else config.kind
-    if kind == "none":
-        return x
-    if kind == "image" and x.ndim == 4 and x.is_floating_point():
-        return augment_images(x, config, generator)
-    if kind == "text" and not x.is_floating_point():
-        return augment_tokens(x, config, generator)
-    if kind == "timeseries" and x.ndim in (2, 3) and x.is_floating_point():
-        return augment_series(x, config, generator)
-    raise OptimizerError(f"augment kind {kind!r} does not apply to an input of {x.dtype} {list(x.shape)}; set augment.kind to auto or none")
-
-
-# ---------------------------------------------------------------------------------------------
 # Regularization helpers
 
 
@@ -381,23 +236,6 @@ class EpochResult:
 
 # (model, inputs, labels) -> (loss, logits): the default is cross-entropy with label smoothing.
 LossFn = Callable[[Any, tuple[Any, ...], Any], tuple[Any, Any]]
-
-
-@dataclass
-class TrainData:
-    """Arrays in the model's input order, the labels, and (optional) evaluation data for early stopping."""
-
-    inputs: list[np.ndarray]
-    labels: np.ndarray
-    eval_inputs: list[np.ndarray] | None = None
-    eval_labels: np.ndarray | None = None
-
-    def subsample(self, limit: int, seed: int) -> TrainData:
-        rows = len(self.labels)
-        if limit <= 0 or rows <= limit:
-            return self
-        keep = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
-        return dataclasses.replace(self, inputs=[x[keep] for x in self.inputs], labels=self.labels[keep])
 
 
 def first_output(value: Any) -> Any:
@@ -530,52 +368,3 @@ def fine_tune_(
     return results
 
 
-# ---------------------------------------------------------------------------------------------
-# Data for training passes
-
-
-def check_labels(data: dict[str, np.ndarray], rows: int, needed_by: str, role: str = "train") -> np.ndarray:
-    labels = data.get("labels")
-    upper = role.upper()
-    if labels is None:
-        raise OptimizerError(
-            f"{needed_by}: the {role} data has no 'labels' array; add the class index of each sample as 'labels' to {upper}.npz"
-        )
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != rows:
-        raise OptimizerError(
-            f"{needed_by}: 'labels' must hold one integer class index per sample ({rows}), got {labels.dtype} {list(labels.shape)}"
-        )
-    if len(labels) and labels.min() < 0:
-        raise OptimizerError(f"{needed_by}: 'labels' holds negative class indices")
-    return labels.astype(np.int64)
-
-
-def load_train_data(
-    context: PassContext,
-    inputs: list[str],
-    specs: dict[str, tuple[np.dtype, tuple[int | str, ...]]],
-    needed_by: str,
-    classes: int | None = None,
-    with_eval: bool = False,
-) -> TrainData:
-    """The train data (and, when asked and registered, the evaluation data) as arrays in input order, labels checked."""
-    from optimizer.passes.quantize import model_arrays
-
-    if "train" not in context.datasets:
-        raise OptimizerError(
-            f"{needed_by} fine-tunes the model and needs train data, and the model was registered without it; "
-            "register it again with slimctl register NAME MODEL --train TRAIN.npz (one array per model input, plus 'labels')"
-        )
-    raw = context.dataset("train", needed_by)
-    arrays = model_arrays(raw, specs, "train", needed_by)
-    labels = check_labels(raw, len(next(iter(arrays.values()))), needed_by)
-    if classes is not None and len(labels) and labels.max() >= classes:
-        raise OptimizerError(f"{needed_by}: 'labels' holds class {int(labels.max())}, and the model has {classes} outputs")
-    data = TrainData([arrays[name] for name in inputs], labels)
-    if with_eval and "data" in context.datasets:
-        raw_eval = context.dataset("data", needed_by)
-        if "labels" in raw_eval:
-            eval_arrays = model_arrays(raw_eval, specs, "data", needed_by)
-            data.eval_inputs = [eval_arrays[name] for name in inputs]
-            data.eval_labels = check_labels(raw_eval, len(data.eval_inputs[0]), needed_by, "data")
-    return data

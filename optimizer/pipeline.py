@@ -7,10 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent, RuntimeFactory
+from optimizer.base import (
+    Artifact,
+    OptimizerError,
+    PassContext,
+    ProgressEvent,
+    RuntimeFactory,
+)
 from optimizer.evaluation import Evaluation, evaluate
 from optimizer.recipes import Recipe, run_recipe
 from optimizer.report import report_rows
+from optimizer.search import auto_search
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,6 @@ def optimize(
     stage("evaluate", 0.0, "measuring the baseline")
     baseline, baseline_outputs = evaluate(source, runtime_factory, data, serving_batch=serving_batch)
     if auto:
-        from optimizer.auto import auto_search
-
         config = auto[0].config
         budget = config.accuracy_budget if accuracy_budget is None else accuracy_budget  # type: ignore[attr-defined]
         artifact, evaluation, rows = auto_search(

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimizer.base import PASSES, Artifact, OptimizerError, Pass, PassContext, ProgressEvent, config_from_dict, config_to_dict
+from optimizer.base import (
+    Artifact,
+    OptimizerError,
+    Pass,
+    PassContext,
+    ProgressEvent,
+    config_to_dict,
+)
+from optimizer.registry import make_pass
 
 RECIPE_VERSION = 1
 
@@ -23,19 +31,6 @@ class Recipe:
             "name": self.name,
             "passes": [{"pass": p.name, "config": config_to_dict(p.config)} for p in self.passes],
         }
-
-
-def _ensure_passes_loaded() -> None:
-    # Importing the modules registers their passes.
-    import optimizer.passes  # noqa: F401
-
-
-def make_pass(name: str, config: dict[str, Any] | None = None, where: str = "") -> Pass:
-    _ensure_passes_loaded()
-    cls = PASSES.get(name)
-    if cls is None:
-        raise OptimizerError(f"{where or 'recipe'}: unknown recipe or pass '{name}' (known: {', '.join(sorted(PASSES))})")
-    return cls(config_from_dict(cls.config_cls, config or {}, f"{where or 'pass'} '{name}'"))
 
 
 def recipe_from_dict(data: dict[str, Any], where: str) -> Recipe:

@@ -1,7 +1,7 @@
 """The optimization report: one row per variant against the baseline (size, compute, latency, throughput, accuracy).
 
 Rows are plain dicts whose keys carry their units (`latency_p50_ms`, `speedup_x`, `accuracy_delta_pt`), so
-that they read well both as JSON and as column headers; `render_table` formats them for a terminal.
+that they read well both as JSON and as column headers; client.report renders them for a terminal.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
-
-from rich.table import Table
 
 from optimizer.evaluation import Evaluation
 
@@ -81,88 +79,3 @@ def report_rows(evaluations: dict[str, Evaluation], baseline: str = "baseline") 
 
 def to_json(rows: list[dict[str, Any]]) -> str:
     return json.dumps(rows, indent=2, allow_nan=False)
-
-
-# ---- terminal table
-
-_MISSING = "[dim]–[/dim]"
-
-
-def _scale(values: list[float | None], units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
-    """The largest unit the biggest value fills at least once, so that one header names the unit of its column."""
-    biggest = max((v for v in values if v is not None), default=0.0)
-    for factor, unit in units:
-        if biggest >= factor:
-            return factor, unit
-    return units[-1]
-
-
-def _number(value: float | None, digits: int) -> str:
-    return _MISSING if value is None else f"{value:,.{digits}f}"
-
-
-def _gain(value: float | None, baseline_row: bool) -> str:
-    """A ratio where more is better: green above 1, red below, plain for the baseline."""
-    if value is None:
-        return _MISSING
-    text = f"{value:.2f}×"
-    if baseline_row or abs(value - 1.0) < 0.05:  # within timing noise
-        return text
-    return f"[green]{text}[/green]" if value > 1.0 else f"[red]{text}[/red]"
-
-
-def _delta(value: float | None) -> str:
-    if value is None:
-        return _MISSING
-    text = f"{value:+.2f}"
-    return f"[red]{text}[/red]" if value < -0.005 else f"[green]{text}[/green]" if value > 0.005 else text
-
-
-def render_table(rows: list[dict[str, Any]], title: str) -> Table:
-    """The rows as a rich table: one row per variant, units in the headers, gains in green and losses in red."""
-    size_factor, size_unit = _scale([r.get("size_bytes") for r in rows], ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1.0, "B")))
-    flop_factor, flop_unit = _scale(
-        [r.get("flops") for r in rows], ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs"), (1.0, "FLOPs"))
-    )
-    table = Table(
-        title=title,
-        caption="speed-up: baseline p50 / variant p50 at batch 1 · Δ accuracy in percentage points · "
-        "agreement: share of top-1 answers equal to the baseline's (cosine similarity for non-classifiers)",
-        caption_justify="left",
-    )
-    table.add_column("variant", style="bold", no_wrap=True)
-    table.add_column("runtime", no_wrap=True)
-    table.add_column(f"size ({size_unit})", justify="right")
-    table.add_column("smaller (×)", justify="right")
-    table.add_column("of base (%)", justify="right")
-    table.add_column(f"{flop_unit}/sample", justify="right")
-    table.add_column("less compute (×)", justify="right")
-    table.add_column("sparsity (%)", justify="right")
-    table.add_column("p50 batch 1 (ms)", justify="right")
-    table.add_column("speed-up (×)", justify="right")
-    table.add_column("throughput (samples/s)", justify="right")
-    table.add_column("throughput (×)", justify="right")
-    table.add_column("accuracy (%)", justify="right")
-    table.add_column("Δ accuracy (pt)", justify="right")
-    table.add_column("agreement (%)", justify="right")
-    for i, r in enumerate(rows):
-        baseline_row = i == 0 and r.get("accuracy_delta_pt") is None and r.get("agreement") is None
-        size, flops, agreement = r.get("size_bytes"), r.get("flops"), r.get("agreement")
-        table.add_row(
-            str(r.get("variant", "")),
-            str(r.get("runtime") or ""),
-            _number(None if size is None else size / size_factor, 2 if size_factor > 1 else 0),
-            _gain(r.get("size_reduction_x"), baseline_row),
-            _number(r.get("size_pct_of_baseline"), 1),
-            _number(None if flops is None else flops / flop_factor, 2 if flop_factor > 1 else 0),
-            _gain(r.get("compute_reduction_x"), baseline_row),
-            _number(r.get("sparsity_pct"), 1),
-            _number(r.get("latency_p50_ms"), 3),
-            _gain(r.get("speedup_x"), baseline_row),
-            _number(r.get("throughput_per_s"), 0),
-            _gain(r.get("throughput_ratio_x"), baseline_row),
-            _number(r.get("accuracy_pct"), 2),
-            _delta(r.get("accuracy_delta_pt")),
-            _number(None if agreement is None else 100.0 * agreement, 2),
-        )
-    return table

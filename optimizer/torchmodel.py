@@ -1,4 +1,4 @@
-"""Trainable torch modules from torch.export programs, and their way back to served ONNX.
+"""Trainable torch modules from torch.export programs, and their way back to served ONNX; a training pass's start and finish.
 
 A .pt2 program's graph calls functional ATen ops (aten.conv2d(x, weight, bias)); training with
 train/eval behaviour (BatchNorm statistics, dropout) and Torch-Pruning's dependency graph both need
@@ -10,13 +10,21 @@ linear layers, norms and embeddings are nn.Modules again, under their original n
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optimizer.base import Artifact, OptimizerError, PassContext
-from optimizer.export import export_dynamic_batch, export_program_to_onnx, load_program, program_input_types, served_names
+from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from optimizer.data import InputSpecs, TrainData, load_train_data
+from optimizer.export import (
+    export_dynamic_batch,
+    export_program_to_onnx,
+    load_program,
+    program_input_types,
+    served_names,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -286,3 +294,43 @@ def output_shapes(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) ->
     module.train(was_training)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return [tuple(o.shape) for o in outs]
+
+
+# ---------------------------------------------------------------------------------------------
+# A training pass's start (module, data, example batch) and finish (served ONNX)
+
+
+@dataclass
+class Prepared:
+    """A training pass's starting point: the model with real layers, its names, data and an example batch."""
+
+    module: Any
+    inputs: list[str]
+    outputs: list[str]
+    data: TrainData
+    example: tuple[Any, ...]
+    classes: int | None
+    specs: InputSpecs
+
+
+def prepare(artifact: Artifact, context: PassContext, needed_by: str, with_eval: bool = False) -> Prepared:
+    """Loads the .pt2 as a trainable module and its train data (and, with_eval, evaluation data for early stopping)."""
+    import torch
+
+    module, inputs, outputs, specs = trainable_module(artifact, needed_by)
+    data = load_train_data(context, inputs, specs, needed_by, with_eval=with_eval)
+    example = tuple(torch.from_numpy(np.ascontiguousarray(x[:2])) for x in data.inputs)
+    shapes = output_shapes(module, example)
+    classes = shapes[0][-1] if len(shapes[0]) == 2 else None
+    if classes is not None and len(data.labels) and data.labels.max() >= classes:
+        raise OptimizerError(f"{needed_by}: 'labels' holds class {int(data.labels.max())}, and the model has {classes} outputs")
+    return Prepared(module, inputs, outputs, data, example, classes, specs)
+
+
+def finish(prepared: Prepared, context: PassContext, artifact: Artifact, stem: str, needed_by: str, **notes: str) -> Artifact:
+    context.progress(ProgressEvent(stage=needed_by, fraction=0.97, message="exporting ONNX"))
+    target = export_module_onnx(prepared.module, prepared.example, context, stem, prepared.inputs, prepared.outputs, needed_by)
+    return Artifact(
+        path=target, format="onnx", runtime="onnxruntime", input_names=tuple(prepared.inputs), output_names=tuple(prepared.outputs),
+        notes={**artifact.notes, **notes},
+    )

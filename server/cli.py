@@ -93,7 +93,8 @@ def optimize(
     from optimizer.base import Artifact, OptimizerError, PassContext
     from optimizer.pipeline import optimize as run_optimize
     from optimizer.recipes import parse_recipe
-    from optimizer.report import render_table, to_json
+    from client.report import render_report
+    from optimizer.report import to_json
     from server.errors import InvalidArgument
     from server.registry import check_dataset
     from server.repository import RUNTIME_OF_FORMAT, inspect_npz, model_format
@@ -136,7 +137,7 @@ def optimize(
     (out / "evaluation.json").write_text(
         json.dumps({"baseline": result.baseline.to_dict(), name: result.evaluation.to_dict(), "runtime": result.artifact.runtime}, indent=2)
     )
-    Console().print(render_table(result.report, f"{model_file.name}: {name}"))
+    Console().print(render_report(result.report, f"{model_file.name}: {name}"))
     typer.echo(f"wrote {target} ({result.artifact.runtime}), {out / 'report.json'}")
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from optimizer.base import DEFAULT_RUNTIME as RUNTIME_OF_FORMAT  # noqa: F401  (the one format -> runtime map)
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.routing import TrafficPolicy, without_variant
 from server.runtimes import TensorSpec
@@ -40,7 +41,6 @@ SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 DATA_ROLES = ("data", "train", "calibration")
 MODEL_FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
-RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "pt2": "torch"}
 BASELINE = "baseline"
 
 

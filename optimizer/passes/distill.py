@@ -13,18 +13,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimizer.base import Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, register_pass
+from optimizer.base import (
+    Artifact,
+    ConfigValueError,
+    OptimizerError,
+    Pass,
+    PassConfig,
+    PassContext,
+    ProgressEvent,
+    check_choice,
+)
 from optimizer.export import load_program, program_input_types
-from optimizer.finetune import FineTuneConfig, fine_tune_, finetune_field, first_output, nested_finetune
-from optimizer.passes.prune import Prepared, finish, prepare, prune_channels_
+from optimizer.finetune import (
+    FineTuneConfig,
+    fine_tune_,
+    finetune_field,
+    first_output,
+    nested_finetune,
+)
+from optimizer.pruning import prune_channels_
+from optimizer.registry import register
 from optimizer.torchmodel import (
+    Prepared,
     check_layer_names,
+    finish,
     flops_per_sample,
     layers_in_order,
     lift_layers,
     output_layers,
     output_shapes,
     parameter_count,
+    prepare,
 )
 
 STUDENT_INITS = ("teacher", "random")
@@ -54,8 +73,7 @@ class DistillSoftConfig(PassConfig):
         nested_finetune(self)
         if not 0.0 < self.width < 1.0:
             raise ConfigValueError(f"width must be in (0, 1), got {self.width}")
-        if self.student_init not in STUDENT_INITS:
-            raise ConfigValueError(f"student_init must be one of {', '.join(STUDENT_INITS)}, got {self.student_init!r}")
+        check_choice("student_init", self.student_init, STUDENT_INITS)
         if not self.temperature > 0:
             raise ConfigValueError(f"temperature must be positive, got {self.temperature}")
         if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
@@ -217,7 +235,7 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
     import torch
     import torch.nn.functional as F
 
-    prepared: Prepared = prepare(artifact, context, pass_name, config.finetune)
+    prepared: Prepared = prepare(artifact, context, pass_name, with_eval=config.finetune.early_stopping > 0)
     teacher, example = prepared.module, prepared.example
     teacher_shapes = output_shapes(teacher, example)
     if config.student:
@@ -274,9 +292,10 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
     )
 
 
-@register_pass
+@register
 class DistillSoftPass(Pass):
     name = "distill-soft"
+    trains = True
     config_cls = DistillSoftConfig
     summary = "a narrower student trained on the teacher's temperature-softened outputs and the labels"
 
@@ -284,9 +303,10 @@ class DistillSoftPass(Pass):
         return distill(self.name, artifact, context, self.config, features=False)  # type: ignore[arg-type]
 
 
-@register_pass
+@register
 class DistillFeaturePass(Pass):
     name = "distill-feature"
+    trains = True
     config_cls = DistillFeatureConfig
     summary = "distill-soft plus matching of intermediate feature maps through learned projections"
 

@@ -8,11 +8,21 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from optimizer.base import Artifact, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, register_pass
+from optimizer.base import (
+    Artifact,
+    ConfigValueError,
+    OptimizerError,
+    Pass,
+    PassConfig,
+    PassContext,
+    ProgressEvent,
+    check_choice,
+)
+from optimizer.registry import register
 
 ORT_LEVELS = ("basic", "extended", "all")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-PJRT_DEVICES = ("", "CPU", "CUDA", "TPU")
+PJRT_DEVICES = ("CPU", "CUDA", "TPU", "")  # empty: the node's PJRT_DEVICE
 
 
 def compile_options_path(model: Path) -> Path:
@@ -81,13 +91,12 @@ class OrtGraphConfig(PassConfig):
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def __post_init__(self) -> None:
-        if self.level not in ORT_LEVELS:
-            raise ValueError(f"level must be one of {', '.join(ORT_LEVELS)}, got {self.level!r}")
+        check_choice("level", self.level, ORT_LEVELS)
         if not self.providers:
-            raise ValueError("providers must name at least one execution provider, e.g. ['CPUExecutionProvider']")
+            raise ConfigValueError("providers must name at least one execution provider, e.g. ['CPUExecutionProvider']")
 
 
-@register_pass
+@register
 class OrtGraphPass(Pass):
     name = "graph-ort"
     config_cls = OrtGraphConfig
@@ -143,11 +152,10 @@ class CompileConfig(PassConfig):
     dynamic: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in COMPILE_MODES:
-            raise ValueError(f"mode must be one of {', '.join(COMPILE_MODES)}, got {self.mode!r}")
+        check_choice("mode", self.mode, COMPILE_MODES)
 
 
-@register_pass
+@register
 class CompilePass(Pass):
     name = "graph-compile"
     config_cls = CompileConfig
@@ -167,11 +175,10 @@ class XlaConfig(PassConfig):
     pjrt_device: str = ""
 
     def __post_init__(self) -> None:
-        if self.pjrt_device not in PJRT_DEVICES:
-            raise ValueError(f"pjrt_device must be one of CPU, CUDA, TPU or empty, got {self.pjrt_device!r}")
+        check_choice("pjrt_device", self.pjrt_device, PJRT_DEVICES)
 
 
-@register_pass
+@register
 class XlaPass(Pass):
     name = "graph-xla"
     config_cls = XlaConfig

@@ -1,7 +1,8 @@
 """Pruning passes: unstructured magnitude (torch.nn.utils.prune), structured channels (Torch-Pruning), gradual with regrowth.
 
 Every pass trains a .pt2 model in torch (optimizer/torchmodel.py rebuilds its layers), fine-tunes
-with the shared loop (optimizer/finetune.py) and writes ONNX for onnxruntime. Unstructured
+with the shared loop (optimizer/finetune.py) and writes ONNX for onnxruntime; channel pruning is
+optimizer/pruning.py's, shared with distillation. Unstructured
 sparsity lands as real zeros in the ONNX weights (evaluation's nonzero_params counts them; dense
 kernels run no faster); structured pruning removes channels, so the file is smaller and faster.
 """
@@ -12,23 +13,34 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from optimizer.base import Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, check_names, register_pass
-from optimizer.finetune import FineTuneConfig, TrainData, fine_tune_, finetune_field, load_train_data, nested_finetune
+from optimizer.base import (
+    Artifact,
+    ConfigValueError,
+    OptimizerError,
+    Pass,
+    PassConfig,
+    PassContext,
+    ProgressEvent,
+    check_choice,
+    check_names,
+)
+from optimizer.finetune import (
+    FineTuneConfig,
+    fine_tune_,
+    finetune_field,
+    nested_finetune,
+)
+from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients
+from optimizer.registry import register
 from optimizer.torchmodel import (
     check_layer_names,
-    export_module_onnx,
+    finish,
     flops_per_sample,
     layers_in_order,
-    output_layers,
-    output_shapes,
     parameter_count,
-    trainable_module,
+    prepare,
 )
 
-TORCH_PRUNING_PIN = "torch-pruning==1.6.1"
-IMPORTANCES = ("magnitude", "taylor", "bn-scale")
 SCOPES = ("global", "layer")
 SPARSITY_SCHEDULES = ("cubic", "linear")
 
@@ -36,33 +48,6 @@ SPARSITY_SCHEDULES = ("cubic", "linear")
 def _check_fraction(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
         raise ConfigValueError(f"{name} must be in (0, 1), got {value}")
-
-
-@dataclass
-class Prepared:
-    """A training pass's starting point: the model with real layers, its names, data and an example batch."""
-
-    module: Any
-    inputs: list[str]
-    outputs: list[str]
-    data: TrainData
-    example: tuple[Any, ...]
-    classes: int | None
-    specs: dict[str, tuple[Any, tuple[int | str, ...]]]
-
-
-def prepare(artifact: Artifact, context: PassContext, needed_by: str, finetune: FineTuneConfig) -> Prepared:
-    """Loads the .pt2 as a trainable module and its train data (and evaluation data for early stopping)."""
-    import torch
-
-    module, inputs, outputs, specs = trainable_module(artifact, needed_by)
-    data = load_train_data(context, inputs, specs, needed_by, with_eval=finetune.early_stopping > 0)
-    example = tuple(torch.from_numpy(np.ascontiguousarray(x[:2])) for x in data.inputs)
-    shapes = output_shapes(module, example)
-    classes = shapes[0][-1] if len(shapes[0]) == 2 else None
-    if classes is not None and len(data.labels) and data.labels.max() >= classes:
-        raise OptimizerError(f"{needed_by}: 'labels' holds class {int(data.labels.max())}, and the model has {classes} outputs")
-    return Prepared(module, inputs, outputs, data, example, classes, specs)
 
 
 def weight_layers(module: Any, exclude: tuple[str, ...], needed_by: str) -> list[tuple[str, Any]]:
@@ -78,15 +63,6 @@ def weight_sparsity(layers: list[tuple[str, Any]]) -> float:
     total = sum(m.weight.numel() for _, m in layers)
     zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
     return zeros / max(1, total)
-
-
-def finish(prepared: Prepared, context: PassContext, artifact: Artifact, stem: str, needed_by: str, **notes: str) -> Artifact:
-    context.progress(ProgressEvent(stage=needed_by, fraction=0.97, message="exporting ONNX"))
-    target = export_module_onnx(prepared.module, prepared.example, context, stem, prepared.inputs, prepared.outputs, needed_by)
-    return Artifact(
-        path=target, format="onnx", runtime="onnxruntime", input_names=tuple(prepared.inputs), output_names=tuple(prepared.outputs),
-        notes={**artifact.notes, **notes},
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,14 +86,14 @@ class PruneWeightConfig(PassConfig):
     def __post_init__(self) -> None:
         nested_finetune(self)
         _check_fraction("sparsity", self.sparsity)
-        if self.scope not in SCOPES:
-            raise ConfigValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        check_choice("scope", self.scope, SCOPES)
         check_names("exclude", self.exclude, "layer names")
 
 
-@register_pass
+@register
 class PruneWeightPass(Pass):
     name = "prune-weight"
+    trains = True
     config_cls = PruneWeightConfig
     summary = "unstructured magnitude pruning to a target sparsity, fine-tuned; zeros in the ONNX weights"
 
@@ -125,7 +101,7 @@ class PruneWeightPass(Pass):
         from torch.nn.utils import prune
 
         config: PruneWeightConfig = self.config  # type: ignore[assignment]
-        prepared = prepare(artifact, context, self.name, config.finetune)
+        prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
         layers = weight_layers(prepared.module, config.exclude, self.name)
         if config.scope == "global":
             prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured, amount=config.sparsity)
@@ -247,8 +223,7 @@ class PruneGradualConfig(PassConfig):
         _check_fraction("sparsity", self.sparsity)
         if not 0.0 <= self.initial_sparsity < self.sparsity:
             raise ConfigValueError(f"initial_sparsity must be in [0, sparsity), got {self.initial_sparsity}")
-        if self.schedule not in SPARSITY_SCHEDULES:
-            raise ConfigValueError(f"schedule must be one of {', '.join(SPARSITY_SCHEDULES)}, got {self.schedule!r}")
+        check_choice("schedule", self.schedule, SPARSITY_SCHEDULES)
         if not 0.0 <= self.start_fraction < self.end_fraction <= 1.0:
             raise ConfigValueError(f"need 0 <= start_fraction < end_fraction <= 1, got {self.start_fraction} and {self.end_fraction}")
         if self.update_every < 1:
@@ -256,15 +231,16 @@ class PruneGradualConfig(PassConfig):
         check_names("exclude", self.exclude, "layer names")
 
 
-@register_pass
+@register
 class PruneGradualPass(Pass):
     name = "prune-gradual"
+    trains = True
     config_cls = PruneGradualConfig
     summary = "sparsity raised on a schedule while fine-tuning (optionally with regrowth); zeros in the ONNX weights"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         config: PruneGradualConfig = self.config  # type: ignore[assignment]
-        prepared = prepare(artifact, context, self.name, config.finetune)
+        prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
         layers = weight_layers(prepared.module, config.exclude, self.name)
         rows = len(prepared.data.labels) if config.finetune.max_samples <= 0 else min(config.finetune.max_samples, len(prepared.data.labels))
         steps_per_epoch = math.ceil(rows / config.finetune.batch_size)
@@ -295,80 +271,6 @@ class PruneGradualPass(Pass):
 # prune-structured
 
 
-def import_torch_pruning(needed_by: str):
-    try:
-        import torch_pruning
-    except ImportError as e:
-        raise OptimizerError(f"{needed_by} needs Torch-Pruning on this node ({e}); pip install {TORCH_PRUNING_PIN}") from e
-    return torch_pruning
-
-
-def make_importance(name: str, module: Any, needed_by: str):
-    tp = import_torch_pruning(needed_by)
-    if name == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    from torch import nn
-
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        raise OptimizerError(f"{needed_by}: importance bn-scale ranks channels by their BatchNorm scale, and the model has no BatchNorm; use magnitude or taylor")
-    return tp.importance.BNScaleImportance()
-
-
-def prune_channels_(
-    module: Any,
-    example: tuple[Any, ...],
-    ratio: float,
-    importance: str,
-    needed_by: str,
-    *,
-    ignored: tuple[str, ...] = (),
-    global_pruning: bool = False,
-    steps: int = 1,
-    round_to: int = 0,
-    gradients: Any = None,
-    between_steps: Any = None,
-) -> None:
-    """Removes `ratio` of the channels of every conv / linear layer but the output layers (Torch-Pruning's dependency graph).
-
-    gradients(): fills .grad for Taylor importance before each step; between_steps(i) runs after step i (fine-tuning).
-    """
-    tp = import_torch_pruning(needed_by)
-    check_layer_names(module, ignored, "ignored_layers", needed_by)
-    before = output_shapes(module, example)
-    keep = [module.get_submodule(n) for n in (*output_layers(module), *ignored)]
-    pruner = tp.pruner.MetaPruner(
-        module, example, importance=make_importance(importance, module, needed_by), global_pruning=global_pruning,
-        pruning_ratio=ratio, iterative_steps=steps, ignored_layers=keep, round_to=round_to or None,
-    )
-    for i in range(steps):
-        if importance == "taylor" and gradients is not None:
-            gradients()
-        pruner.step()
-        module.zero_grad(set_to_none=True)
-        if between_steps is not None:
-            between_steps(i)
-    after = output_shapes(module, example)
-    if after != before:
-        raise OptimizerError(f"{needed_by}: pruning changed the model's output shapes from {before} to {after}; add the output layer to ignored_layers")
-
-
-def taylor_gradients(module: Any, data: TrainData, batches: int = 4, batch_size: int = 64):
-    """A closure that accumulates cross-entropy gradients over a few train batches (Taylor importance needs them)."""
-    import torch
-
-    def fill() -> None:
-        module.eval()  # BatchNorm statistics stay as they are
-        module.zero_grad(set_to_none=True)
-        for start in range(0, min(len(data.labels), batches * batch_size), batch_size):
-            logits = module(*(torch.from_numpy(x[start : start + batch_size]) for x in data.inputs))
-            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-            torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.labels[start : start + batch_size])).backward()
-
-    return fill
-
-
 @dataclass(frozen=True)
 class PruneStructuredConfig(PassConfig):
     """Channel pruning with Torch-Pruning: whole filters / neurons go, with every layer that depends on them.
@@ -396,8 +298,7 @@ class PruneStructuredConfig(PassConfig):
     def __post_init__(self) -> None:
         nested_finetune(self)
         _check_fraction("pruning_ratio", self.pruning_ratio)
-        if self.importance not in IMPORTANCES:
-            raise ConfigValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+        check_choice("importance", self.importance, IMPORTANCES)
         if self.iterative_steps < 1:
             raise ConfigValueError(f"iterative_steps must be at least 1, got {self.iterative_steps}")
         if self.round_to < 0:
@@ -405,9 +306,10 @@ class PruneStructuredConfig(PassConfig):
         check_names("ignored_layers", self.ignored_layers, "layer names")
 
 
-@register_pass
+@register
 class PruneStructuredPass(Pass):
     name = "prune-structured"
+    trains = True
     config_cls = PruneStructuredConfig
     summary = "channel pruning with Torch-Pruning's dependency graph (magnitude, Taylor or BN-scale), fine-tuned; a smaller dense ONNX"
 
@@ -415,7 +317,7 @@ class PruneStructuredPass(Pass):
         import dataclasses
 
         config: PruneStructuredConfig = self.config  # type: ignore[assignment]
-        prepared = prepare(artifact, context, self.name, config.finetune)
+        prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
         module, example = prepared.module, prepared.example
         params0, flops0 = parameter_count(module), flops_per_sample(module, example)
         steps = config.iterative_steps

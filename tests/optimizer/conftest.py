@@ -19,6 +19,15 @@ def top1(path, x: np.ndarray, y: np.ndarray) -> float:
     return float((session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
 
 
+def ort_session(path, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session; threads > 0 pins the intra-op threads (for timing)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 @pytest.fixture(scope="session")
 def runtime_factory():
     """Loads a model file on the runtime the server would use for it, as the server's jobs do."""
@@ -30,6 +39,11 @@ def digits_data(digits) -> dict[str, np.ndarray]:
     """The digits test split as the evaluation .npz holds it: the input 'x' and 'labels'."""
     with np.load(digits.data, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+@pytest.fixture
+def onnx_model(digits) -> Artifact:
+    return Artifact(digits.onnx, "onnx", input_names=("x",), output_names=("logits",))
 
 
 @pytest.fixture

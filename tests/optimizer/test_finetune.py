@@ -1,4 +1,4 @@
-"""Tests for optimizer/finetune.py: LR curves, augmentation by input kind, regularization hooks, divergence and early stopping."""
+"""Tests for optimizer/finetune.py: LR curves, regularization hooks, divergence and early stopping."""
 
 from __future__ import annotations
 
@@ -9,19 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from optimizer.augment import AugmentConfig
 from optimizer.base import OptimizerError, PassContext, ProgressEvent
-from optimizer.finetune import (
-    AugmentConfig,
-    FineTuneConfig,
-    TrainData,
-    augment,
-    fine_tune_,
-    input_kind,
-    insert_dropout_,
-    lr_curve,
-)
-from optimizer.recipes import make_pass
-
+from optimizer.data import TrainData
+from optimizer.finetune import FineTuneConfig, fine_tune_, insert_dropout_, lr_curve
+from optimizer.registry import make_pass
 
 # --- schedules -----------------------------------------------------------------------------------------
 
@@ -79,61 +71,6 @@ def test_bad_settings_name_the_choices():
 def test_a_partial_finetune_setting_keeps_the_pass_defaults():
     config = make_pass("prune-weight", {"finetune": {"epochs": 1}}).config
     assert (config.finetune.epochs, config.finetune.lr) == (1, make_pass("prune-weight").config.finetune.lr)
-
-
-# --- augmentation --------------------------------------------------------------------------------------
-
-
-def test_input_kind_from_dtype_and_rank():
-    assert input_kind(np.zeros((2, 1, 8, 8), np.float32)) == "image"
-    assert input_kind(np.zeros((2, 16), np.int64)) == "text"
-    assert input_kind(torch.zeros(2, 3, 50)) == "timeseries"
-    assert input_kind(torch.zeros(2, 50)) == "timeseries"
-
-
-def test_image_augmentation_keeps_shape_and_dtype_and_changes_pixels():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(16, 3, 12, 12)
-    config = AugmentConfig(flip=0.5)
-    out = augment(x, config, g)
-    assert out.shape == x.shape and out.dtype == x.dtype and not torch.allclose(out, x)
-    assert augment(x, AugmentConfig(kind="none"), g) is x
-
-
-def test_flip_alone_mirrors_images():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(64, 1, 6, 6)
-    config = AugmentConfig(shift=0, rotation=0, scale=0, flip=1.0, brightness=0, contrast=0)
-    assert torch.allclose(augment(x, config, g), x.flip(-1), atol=1e-5)
-
-
-def test_token_augmentation_keeps_shape_dtype_padding_and_vocabulary():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(1, 50, (32, 20))
-    x[:, 15:] = 0  # padding
-    out = augment(x, AugmentConfig(token_dropout=0.2, token_swap=0.2, token_insert=0.2), g)
-    assert out.shape == x.shape and out.dtype == x.dtype and not torch.equal(out, x)
-    for row_in, row_out in zip(x, out):
-        assert set(row_out.tolist()) <= set(row_in.tolist()) | {0}  # no token from outside the sequence
-    assert ((out == 0).sum(1) >= (x == 0).sum(1) - 3).all()
-
-
-@pytest.mark.parametrize("shape", [(8, 100), (8, 3, 100)])
-def test_time_series_augmentation_keeps_shape_and_dtype(shape):
-    g = torch.Generator().manual_seed(0)
-    x = torch.sin(torch.linspace(0, 12, shape[-1])).expand(*shape).contiguous()
-    out = augment(x, AugmentConfig(), g)
-    assert out.shape == x.shape and out.dtype == x.dtype and not torch.allclose(out, x)
-    warped = augment(x, AugmentConfig(noise=0, magnitude=0, time_warp=0.3), g)
-    assert warped[..., 0] == pytest.approx(x[..., 0]) and warped.abs().max() <= 1.0 + 1e-5  # a warp only moves samples
-
-
-def test_an_augmentation_that_does_not_fit_the_input_is_refused():
-    with pytest.raises(OptimizerError, match=r"augment kind 'image' does not apply to an input of torch.int64 \[2, 5\]"):
-        augment(torch.zeros(2, 5, dtype=torch.int64), AugmentConfig(kind="image"), torch.Generator())
-
-
-# --- the loop --------------------------------------------------------------------------------------------
 
 
 def test_nan_loss_raises_a_precise_error():

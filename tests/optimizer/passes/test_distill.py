@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.evaluation import count_flops, count_params
+from optimizer.counting import count_flops, count_params
 from optimizer.export import onnx_io_names
-from optimizer.recipes import make_pass
-from tests.optimizer.conftest import top1
+from optimizer.registry import make_pass
 from optimizer.zoo import DigitsCNN, export_pt2
+from tests.optimizer.conftest import top1
 
 FAST = {"epochs": 1, "max_samples": 512}
 

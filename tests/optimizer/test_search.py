@@ -1,13 +1,17 @@
-"""Tests for optimizer/auto.py through optimizer.pipeline.optimize: every candidate measured, the fastest within budget kept."""
+"""Tests for optimizer/search.py and the auto pass (optimizer/passes/auto.py), through optimizer.pipeline.optimize.
+
+Every candidate is measured and the fastest within the budget kept.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from optimizer.auto import pareto_front
 from optimizer.base import Artifact, OptimizerError, PassContext
 from optimizer.pipeline import optimize
-from optimizer.recipes import Recipe, make_pass, parse_recipe
+from optimizer.recipes import Recipe, parse_recipe
+from optimizer.registry import make_pass
+from optimizer.search import pareto_front
 
 
 def test_pareto_front_keeps_only_undominated_points():

@@ -1,4 +1,4 @@
-"""Tests for optimizer/passes/prune.py and optimizer/torchmodel.py: real zeros, really fewer channels, precise refusals."""
+"""Tests for optimizer/passes/prune.py (and optimizer/pruning.py through it): real zeros, really fewer channels, precise refusals."""
 
 from __future__ import annotations
 
@@ -8,16 +8,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import numpy_helper
 
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.evaluation import count_flops, count_params
-from optimizer.export import load_program, onnx_io_names
+from optimizer.counting import count_flops, count_params
+from optimizer.export import onnx_io_names
 from optimizer.passes.prune import PruneGradualConfig, sparsity_at
-from optimizer.recipes import make_pass
+from optimizer.registry import make_pass
 from tests.optimizer.conftest import top1
-from optimizer.torchmodel import lift_layers, output_layers
 
 FAST = {"epochs": 1, "max_samples": 512}
 
@@ -42,17 +40,6 @@ def weight_pruned(digits, tmp_path_factory) -> Artifact:
 def channel_pruned(digits, tmp_path_factory) -> Artifact:
     source = Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
     return make_pass("prune-structured", {"pruning_ratio": 0.5, "finetune": {"epochs": 2}}).run(source, _context(digits, tmp_path_factory.mktemp("ps")))
-
-
-def test_lifted_module_computes_what_the_program_does(digits):
-    program = load_program(Artifact(digits.pt2, "pt2"), "test")
-    lifted = lift_layers(program.module(check_guards=False)).eval()
-    x = torch.from_numpy(digits.x_test[:16])
-    assert torch.allclose(lifted(x), program.module()(x), atol=1e-5)
-    assert isinstance(lifted.get_submodule("features.0"), torch.nn.Conv2d) and output_layers(lifted) == ["classifier.3"]
-
-
-# --- prune-weight ----------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -83,9 +70,6 @@ def test_gradual_schedule_is_cubic_between_start_and_end():
     assert all(a <= b for a, b in zip(values, values[1:]))
 
 
-# --- prune-structured ----------------------------------------------------------------------------------
-
-
 @pytest.mark.slow
 def test_prune_structured_makes_the_onnx_model_really_smaller(digits, channel_pruned, baseline_accuracy):
     base_params, _ = count_params(digits.onnx, "onnx")
@@ -107,9 +91,6 @@ def test_prune_structured_importance_criteria(digits, pt2_model, tmp_path, impor
     )
     # bn-scale ranks only channels that feed a BatchNorm, so the hidden linear layer keeps its width
     assert count_params(result.path, "onnx")[0] < 0.8 * count_params(digits.onnx, "onnx")[0]
-
-
-# --- refusals ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["prune-weight", "prune-gradual", "prune-structured", "distill-soft", "distill-feature"])

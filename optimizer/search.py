@@ -1,4 +1,4 @@
-"""The `auto` recipe: tries a few pipelines (prune -> distill -> quantize -> graph), measures each, keeps the fastest within the accuracy budget.
+"""The `auto` search: tries a few pipelines (prune, distill, quantize, graph), keeps the fastest within the accuracy budget.
 
 Every candidate is measured by optimizer.evaluation.evaluate on its serving runtime, like any
 variant; the report lists them all (a Pareto table: latency at batch 1 against accuracy) and
@@ -14,60 +14,24 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.base import Artifact, ConfigValueError, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent, RuntimeFactory, register_pass
+from optimizer.base import (
+    Artifact,
+    OptimizerError,
+    Pass,
+    PassContext,
+    ProgressEvent,
+    RuntimeFactory,
+)
 from optimizer.evaluation import Evaluation, evaluate
+from optimizer.passes.auto import AutoConfig
+from optimizer.registry import make_pass, pass_class
 from optimizer.report import report_rows
 
-TRAINING_PASSES = ("prune-weight", "prune-structured", "prune-gradual", "distill-soft", "distill-feature", "quantize-qat")
-DEFAULT_CANDIDATES = (
-    "graph-ort",
-    "quantize-static",
-    "prune-structured",
-    "prune-structured,quantize-static",
-    "distill-soft",
-    "distill-soft,quantize-static",
-    "distill-soft,graph-ort",
-)
-
-
-@dataclass(frozen=True)
-class AutoConfig(PassConfig):
-    """The search: candidates (pipelines, passes joined by commas), each measured against the baseline.
-
-    accuracy_budget: points of accuracy a candidate may lose, used when the request gives no
-    --accuracy-budget. epochs: fine-tuning epochs of training passes in candidates (bounded
-    search). candidates: the pipelines tried; those that need what the model lacks (a .pt2 to
-    train, train data) are skipped and reported as such.
-    """
-
-    accuracy_budget: float = 1.0
-    epochs: int = 2
-    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
-
-    def __post_init__(self) -> None:
-        if not self.accuracy_budget >= 0:
-            raise ConfigValueError(f"accuracy_budget must be 0 points or more, got {self.accuracy_budget}")
-        if self.epochs < 1:
-            raise ConfigValueError(f"epochs must be at least 1, got {self.epochs}")
-        if not self.candidates or not all(isinstance(c, str) and c.strip() for c in self.candidates):
-            raise ConfigValueError(f"candidates must be a non-empty list of pipelines such as 'prune-structured,quantize-static', got {self.candidates!r}")
-        if any("auto" in c.split(",") for c in self.candidates):
-            raise ConfigValueError("candidates cannot contain auto itself")
-
-
-@register_pass
-class AutoPass(Pass):
-    """Stands for the search in a recipe; optimizer.pipeline.optimize runs it, because it measures every candidate."""
-
-    name = "auto"
-    config_cls = AutoConfig
-    summary = "searches pipelines (prune, distill, quantize, graph) and keeps the fastest within the accuracy budget"
-
-    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        raise OptimizerError(
-            "auto measures every candidate on its serving runtime, so it runs through optimizer.pipeline.optimize "
-            "(slimctl optimize / slimserve optimize), not as a step of a pipeline; use it alone"
-        )
+# What a candidate lacks when a pass needs a dataset role the model was registered without.
+_MISSING_DATA = {
+    "train": "needs train data (slimctl register NAME MODEL --train TRAIN.npz)",
+    "calibration": "needs calibration data (--calibration CALIBRATION.npz)",
+}
 
 
 @dataclass
@@ -78,27 +42,35 @@ class Candidate:
     status: str = "measured"  # measured | skipped: ... | failed: ...
 
 
-def _passes(recipe: str, epochs: int):
-    from optimizer.recipes import make_pass
+def _names(recipe: str) -> list[str]:
+    return [n.strip() for n in recipe.split(",") if n.strip()]
 
+
+def _passes(recipe: str, epochs: int) -> list[Pass]:
+    """The candidate's passes; a training pass trains for `epochs` (its finetune.epochs, or its own epochs)."""
     passes = []
-    for name in [n.strip() for n in recipe.split(",") if n.strip()]:
-        config = {"finetune": {"epochs": epochs}} if name in TRAINING_PASSES and name != "quantize-qat" else {}
-        if name == "quantize-qat":
-            config = {"epochs": epochs}
+    for name in _names(recipe):
+        cls = pass_class(name)
+        config: dict[str, Any] = {}
+        if cls is not None and cls.trains:
+            fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+            config = {"finetune": {"epochs": epochs}} if "finetune" in fields else {"epochs": epochs}
         passes.append(make_pass(name, config, "auto candidate"))
     return passes
 
 
-def _skip_reason(recipe: str, source: Artifact, context: PassContext) -> str | None:
-    names = [n.strip() for n in recipe.split(",")]
-    trains = [n for n in names if n in TRAINING_PASSES]
+def _skip_reason(recipe: str, source: Artifact, datasets: dict[str, Any]) -> str | None:
+    """Why the candidate cannot run on this model (`datasets`: the roles the search has), or None."""
+    classes = [(n, pass_class(n)) for n in _names(recipe)]
+    trains = [n for n, cls in classes if cls is not None and cls.trains]
     if trains and source.format != "pt2":
         return f"skipped: {trains[0]} trains in torch and needs the model as .pt2"
-    if trains and "train" not in context.datasets:
-        return f"skipped: {trains[0]} needs train data (slimctl register NAME MODEL --train TRAIN.npz)"
-    if any(n.startswith("quantize-static") for n in names) and "calibration" not in context.datasets and "train" not in context.datasets:
-        return "skipped: quantize-static needs calibration data (--calibration CALIBRATION.npz)"
+    if trains and "train" not in datasets:
+        return f"skipped: {trains[0]} {_MISSING_DATA['train']}"
+    for name, cls in classes:
+        for role in () if cls is None else cls.needs:
+            if role not in datasets:
+                return f"skipped: {name} {_MISSING_DATA.get(role, f'needs {role} data (--{role} {role.upper()}.npz)')}"
     return None
 
 
@@ -141,7 +113,7 @@ def auto_search(
             raise OptimizerError("the job was cancelled")
         candidate = Candidate(recipe)
         candidates.append(candidate)
-        reason = _skip_reason(recipe, source, context)
+        reason = _skip_reason(recipe, source, datasets)
         if reason is not None:
             candidate.status = reason
             context.progress(ProgressEvent(stage="auto", fraction=i / n, message=f"{recipe}: {reason}"))

@@ -10,11 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import optimizer.passes.graph  # noqa: F401  (registers the passes)
 from optimizer.base import Artifact, OptimizerError, PassContext
-from optimizer.evaluation import evaluate, time_predict
+from optimizer.evaluation import evaluate
 from optimizer.passes.graph import compile_options_path, torch_xla_missing_message
-from optimizer.recipes import make_pass, parse_recipe
+from optimizer.recipes import parse_recipe
+from optimizer.registry import make_pass
+from optimizer.timing import time_predict
 
 HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
 

@@ -1,0 +1,105 @@
+"""What the ONNX Runtime quantization passes share: quant types, op-type checks, the calibration reader, and pre-processing.
+
+ORT's pre-processing runs in a child process (`python -m optimizer.ortquant SOURCE TARGET`) whose working
+directory is a scratch folder: ORT's symbolic shape inference dumps a model and a uuid-named copy of its
+weights into the cwd whenever it gives up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from optimizer.base import OptimizerError, PassContext, ProgressEvent
+
+QUANT_TYPES = ("qint8", "quint8")
+# The folder that holds the optimizer package, so that the child imports this very code.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[name]
+
+
+def check_op_types(op_types: tuple[str, ...], known: set[str], needed_by: str) -> list[str] | None:
+    unknown = sorted(set(op_types) - known)
+    if unknown:
+        raise OptimizerError(f"{needed_by}: op_types {', '.join(unknown)} cannot be quantized (choose from {', '.join(sorted(known))})")
+    return list(op_types) or None
+
+
+def calibration_reader(arrays: dict[str, np.ndarray], batch: int, fixed_batch: bool):
+    """Feeds the arrays to ORT's calibrator `batch` rows at a time (whole batches only where the model fixes its batch)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    rows = len(next(iter(arrays.values())))
+    last = rows - batch + 1 if fixed_batch else rows
+
+    class ArrayReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches: Iterator[dict[str, np.ndarray]] = iter(
+                [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, last, batch)]
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    return ArrayReader()
+
+
+def preprocess(source: Path, target: Path, context: PassContext, needed_by: str) -> Path:
+    """ORT's quant_pre_process (symbolic + ONNX shape inference, graph clean-up), dropping the steps that fail.
+
+    Returns `target`, or `source` when every attempt failed (quantization then runs without it).
+    """
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        child = subprocess.run(
+            [sys.executable, "-m", "optimizer.ortquant", str(source.resolve()), str(target.resolve())],
+            check=False, cwd=scratch, capture_output=True, text=True, env=_child_env(),
+        )
+    lines = child.stdout.strip().splitlines()
+    try:
+        outcome = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        outcome = {"done": None, "errors": [f"the pre-processing process exited with {child.returncode}: {child.stderr.strip()[-300:]}"]}
+    if outcome["done"] is None or not target.is_file():
+        context.progress(ProgressEvent(stage=needed_by, message=f"pre-processing skipped ({'; '.join(outcome['errors'])})"))
+        return source
+    if outcome["errors"]:
+        skipped = ", ".join(k.removeprefix("skip_").replace("_", " ") for k in outcome["done"])
+        context.progress(ProgressEvent(stage=needed_by, message=f"pre-processing without {skipped} ({outcome['errors'][0]})"))
+    return target
+
+
+def _child_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": _PACKAGE_ROOT + (os.pathsep + path if path else "")}
+
+
+def main(argv: list[str]) -> None:
+    """The child: quant_pre_process with fewer steps after each failure; prints the outcome as one JSON line."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source, target = argv[0], argv[1]
+    errors = []
+    for kwargs in ({}, {"skip_symbolic_shape": True}, {"skip_symbolic_shape": True, "skip_optimization": True}):
+        try:
+            quant_pre_process(source, target, **kwargs)
+            print(json.dumps({"done": kwargs, "errors": errors}))
+            return
+        except Exception as e:  # ORT raises assorted types; the next attempt drops the failing step
+            errors.append(f"{type(e).__name__}: {e}".splitlines()[0])
+    print(json.dumps({"done": None, "errors": errors}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,65 @@
+"""The `auto` pass: the search's config and its place in a recipe; optimizer.search runs it (it measures every candidate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optimizer.base import (
+    Artifact,
+    ConfigValueError,
+    OptimizerError,
+    Pass,
+    PassConfig,
+    PassContext,
+)
+from optimizer.registry import register
+
+DEFAULT_CANDIDATES = (
+    "graph-ort",
+    "quantize-static",
+    "prune-structured",
+    "prune-structured,quantize-static",
+    "distill-soft",
+    "distill-soft,quantize-static",
+    "distill-soft,graph-ort",
+)
+
+
+@dataclass(frozen=True)
+class AutoConfig(PassConfig):
+    """The search: candidates (pipelines, passes joined by commas), each measured against the baseline.
+
+    accuracy_budget: points of accuracy a candidate may lose, used when the request gives no
+    --accuracy-budget. epochs: fine-tuning epochs of training passes in candidates (bounded
+    search). candidates: the pipelines tried; those that need what the model lacks (a .pt2 to
+    train, train data) are skipped and reported as such.
+    """
+
+    accuracy_budget: float = 1.0
+    epochs: int = 2
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+
+    def __post_init__(self) -> None:
+        if not self.accuracy_budget >= 0:
+            raise ConfigValueError(f"accuracy_budget must be 0 points or more, got {self.accuracy_budget}")
+        if self.epochs < 1:
+            raise ConfigValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not self.candidates or not all(isinstance(c, str) and c.strip() for c in self.candidates):
+            raise ConfigValueError(f"candidates must be a non-empty list of pipelines such as 'prune-structured,quantize-static', got {self.candidates!r}")
+        if any("auto" in c.split(",") for c in self.candidates):
+            raise ConfigValueError("candidates cannot contain auto itself")
+
+
+@register
+class AutoPass(Pass):
+    """Stands for the search in a recipe; optimizer.pipeline.optimize runs optimizer.search instead of `run`."""
+
+    name = "auto"
+    config_cls = AutoConfig
+    summary = "searches pipelines (prune, distill, quantize, graph) and keeps the fastest within the accuracy budget"
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        raise OptimizerError(
+            "auto measures every candidate on its serving runtime, so it runs through optimizer.pipeline.optimize "
+            "(slimctl optimize / slimserve optimize), not as a step of a pipeline; use it alone"
+        )

@@ -1,0 +1,200 @@
+"""quantize-qat: quantization-aware fine-tuning of a .pt2 classifier (torchao PT2E), exported as INT8 (QDQ) ONNX."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from optimizer.augment import AugmentConfig
+from optimizer.base import (
+    Artifact,
+    ConfigValueError,
+    OptimizerError,
+    Pass,
+    PassConfig,
+    PassContext,
+    ProgressEvent,
+)
+from optimizer.data import TrainData, check_labels, model_arrays, subsample
+from optimizer.export import (
+    export_dynamic_batch,
+    export_program_to_onnx,
+    load_program,
+    program_input_types,
+    served_names,
+)
+from optimizer.finetune import FineTuneConfig, fine_tune_
+from optimizer.onnx_graph import int8_facts, strip_debug_info
+from optimizer.registry import register
+
+TORCHAO_PIN = "torchao==0.18.0"
+
+
+@dataclass(frozen=True)
+class QuantizeQatConfig(PassConfig):
+    """Quantization-aware fine-tuning of a .pt2 classifier on its train data, exported as INT8 (QDQ) ONNX.
+
+    epochs, lr (AdamW, cosine decay to 0 over all steps), batch_size, weight_decay: the shared
+    fine-tuning loop (optimizer/finetune.py) with these settings and no augmentation.
+    max_samples: train rows used at most per epoch (0: all). freeze_observers: keep the
+    activation ranges fixed during the last epoch, so the final weights adapt to the ranges
+    that ship (as torch's QAT recipes do). fold_batchnorm: fold each BatchNorm into the conv
+    before it, with its running statistics, before training — BN frozen, the usual choice when
+    fine-tuning a trained model for a few epochs, and it spares torchao's conv-BN pattern
+    matching (~15 s per run on a CPU); false: torchao simulates BN folding while training.
+    """
+
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    max_samples: int = 0
+    freeze_observers: bool = True
+    fold_batchnorm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigValueError(f"lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.weight_decay < 0:
+            raise ConfigValueError(f"weight_decay must be 0 or more, got {self.weight_decay}")
+        if self.max_samples < 0:
+            raise ConfigValueError(f"max_samples must be 0 (all) or more, got {self.max_samples}")
+
+
+def _import_torchao_pt2e(needed_by: str):
+    """torchao's PT2E QAT API; its import logs about CUDA kernels a CPU node lacks, which we silence."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import pt2e
+        from torchao.quantization.pt2e import quantize_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    except ImportError as e:
+        raise OptimizerError(f"{needed_by} needs torchao on this node ({e}); pip install {TORCHAO_PIN}") from e
+    finally:
+        logger.setLevel(level)
+    return pt2e, quantize_pt2e, x86_inductor_quantizer
+
+
+def fold_conv_batchnorm_(graph) -> int:
+    """Folds every BatchNorm that only follows a conv into the conv's weight and bias; returns how many."""
+    from torchao.quantization.pt2e.utils import (
+        _is_bn_node,
+        _is_conv_or_conv_transpose_node,
+        fold_bn_weights_into_conv_node,
+    )
+
+    folded = 0
+    for bn in list(graph.graph.nodes):
+        if bn.op != "call_function" or not _is_bn_node(bn):
+            continue
+        conv = bn.args[0]
+        if not _is_conv_or_conv_transpose_node(conv) or len(conv.users) != 1 or conv.args[1].op != "get_attr":
+            continue
+        bias = conv.args[2] if len(conv.args) > 2 else None
+        if bias is not None and bias.op != "get_attr":
+            continue
+        fold_bn_weights_into_conv_node(conv, conv.args[1], bias, bn, graph)
+        folded += 1
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return folded
+
+
+def _class_count(program) -> int | None:
+    """The last dim of the program's first output (the logits), when its shape is known."""
+    output = next(n for n in program.graph.nodes if n.op == "output").args[0][0]
+    value = getattr(output, "meta", {}).get("val")
+    return int(value.shape[-1]) if value is not None and value.dim() > 0 and isinstance(value.shape[-1], int) else None
+
+
+@register
+class QuantizeQatPass(Pass):
+    """Quantization-aware training with torchao's PT2E flow, served as QDQ INT8 ONNX by ONNX Runtime.
+
+    Approach: the .pt2 graph is re-exported with a dynamic batch, BatchNorms are folded into their
+    convs (config fold_batchnorm; else torchao simulates the folding while training),
+    `prepare_qat_pt2e` inserts fake-quantize modules chosen by torchao's X86InductorQuantizer (QAT
+    config: UINT8 per-tensor activations, INT8 per-channel symmetric weights, straight-through
+    gradients), the model is fine-tuned on the train data, and `convert_pt2e` turns the learned
+    ranges into quantize/dequantize ops. torch.onnx.export (dynamo) writes those as standard
+    QuantizeLinear / DequantizeLinear with the INT8 weights as initializers, which ONNX Runtime
+    fuses into QLinearConv / QGemm at load. We chose the library flow over hand-written fake
+    quantization because it works on torch 2.13 CPU with torchao 0.18 and its output exports to
+    ONNX unchanged: the ranges ORT serves are exactly the ones the model was trained with.
+    """
+
+    name = "quantize-qat"
+    trains = True
+    config_cls = QuantizeQatConfig
+    summary = "quantization-aware fine-tuning (torchao PT2E) on the train data, served as INT8 ONNX"
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        import torch
+
+        config: QuantizeQatConfig = self.config  # type: ignore[assignment]
+        if artifact.format != "pt2":
+            raise OptimizerError(
+                f"quantize-qat needs a .pt2 model to train, and {artifact.path.name} is {artifact.format.upper()}; "
+                "register the model as a torch.export archive (torch.export.save) to use quantize-qat, "
+                "or use quantize-static for ONNX models"
+            )
+        program = load_program(artifact, self.name)
+        inputs, outputs = served_names(artifact, program, self.name)
+        data = context.dataset("train", needed_by=self.name)
+        specs = dict(zip(inputs, program_input_types(program).values()))
+        arrays = model_arrays(data, specs, "train", self.name)
+        rows = len(next(iter(arrays.values())))
+        labels = check_labels(data, rows, self.name)
+        arrays["labels"] = labels
+        arrays = subsample(arrays, config.max_samples, context.seed)
+        labels = arrays.pop("labels")
+        classes = _class_count(program)
+        if classes is not None and labels.max() >= classes:
+            raise OptimizerError(f"{self.name}: 'labels' holds class {int(labels.max())}, and the model has {classes} outputs")
+        pt2e, quantize_pt2e, xiq = _import_torchao_pt2e(self.name)
+
+        context.progress(ProgressEvent(stage=self.name, fraction=0.0, message="inserting fake quantization (torchao PT2E)"))
+        example = tuple(torch.from_numpy(arrays[name][:2]) for name in inputs)
+        graph = export_dynamic_batch(program.module(check_guards=False), example, self.name).module()
+        if config.fold_batchnorm:
+            fold_conv_batchnorm_(graph)
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+        try:
+            model = quantize_pt2e.prepare_qat_pt2e(graph, quantizer)
+        except Exception as e:  # torchao raises assorted types on graphs it cannot annotate
+            raise OptimizerError(f"{self.name}: torchao cannot prepare the model for QAT: {type(e).__name__}: {e}") from e
+        pt2e.allow_exported_model_train_eval(model)
+
+        def before_epoch(epoch: int) -> None:
+            if config.freeze_observers and config.epochs > 1 and epoch == config.epochs - 1:
+                model.apply(pt2e.disable_observer)
+
+        # Augmentation off: the fake-quantize observers must calibrate on the data the model will serve.
+        finetune = FineTuneConfig(
+            epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, weight_decay=config.weight_decay,
+            optimizer="adamw", schedule="cosine", augment=AugmentConfig(kind="none"),
+        )
+        fine_tune_(model, TrainData([arrays[name] for name in inputs], labels), finetune, context, self.name, before_epoch=before_epoch)
+        context.progress(ProgressEvent(stage=self.name, fraction=1.0, message="converting to INT8 and exporting ONNX"))
+        try:
+            converted = quantize_pt2e.convert_pt2e(model)
+        except Exception as e:  # torchao raises assorted types on graphs it cannot convert
+            raise OptimizerError(f"{self.name}: torchao cannot convert the trained model to INT8: {type(e).__name__}: {e}") from e
+        target = context.new_path(f"{artifact.path.stem}-int8-qat", ".onnx")
+        export_program_to_onnx(export_dynamic_batch(converted, example, self.name), target, inputs, outputs, self.name)
+        strip_debug_info(target)
+        facts = int8_facts(target)
+        if facts["int8_initializers"] == 0 or "QuantizeLinear" not in facts:
+            raise OptimizerError(f"{self.name}: the exported model holds no INT8 operators; torchao found nothing to quantize in it")
+        # The served names travel with the artifact even when the .pt2 was registered without them.
+        return Artifact(
+            path=target, format="onnx", runtime="onnxruntime", input_names=tuple(inputs), output_names=tuple(outputs),
+            notes={**artifact.notes, "quantized": "int8-qat"},
+        )

@@ -1,0 +1,63 @@
+"""Tests for client/report.py: the one terminal table of an optimization report, for plain and auto-search rows."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from client.report import render_report
+from optimizer.evaluation import Evaluation
+from optimizer.report import report_rows
+
+BASELINE = Evaluation(
+    params=1000, nonzero_params=1000, size_bytes=4_000_000, flops=2e6, latency_p50_ms=2.0, latency_p99_ms=3.0,
+    serving_batch=32, throughput=1000.0, accuracy=0.95, runtime="onnxruntime", device="cpu",
+)
+QUANTIZED = Evaluation(
+    params=1000, nonzero_params=750, size_bytes=1_000_000, flops=2e6, latency_p50_ms=0.5, latency_p99_ms=1.0,
+    serving_batch=32, throughput=2500.0, accuracy=0.9425, accuracy_delta=-0.75, agreement=0.98, runtime="onnxruntime",
+)
+PRUNED = Evaluation(size_bytes=2_000_000, flops=5e5, latency_p50_ms=4.0, throughput=500.0, runtime="torch")
+
+
+def _text(table, width: int = 160) -> str:
+    console = Console(width=width, record=True, color_system=None)
+    console.print(table)
+    return console.export_text()
+
+
+def test_table_has_one_row_per_variant_and_units_in_headers():
+    rows = report_rows({"pruned": PRUNED, "baseline": BASELINE, "quantized": QUANTIZED})
+    table = render_report(rows, "digits: variants against baseline")
+    assert table.row_count == 3
+    headers = [str(c.header) for c in table.columns]
+    assert "size (MB)" in headers and "MFLOPs" in headers and "p50 ms" in headers and "speed-up ×" in headers
+    text = _text(table)
+    assert "4.00×" in text and "0.50×" in text and "-0.75" in text and "digits: variants against baseline" in text
+
+
+def test_a_long_variant_name_and_every_header_fit_160_columns():
+    rows = report_rows({"baseline": BASELINE, "prune-structured+quantize-static": QUANTIZED})
+    text = _text(render_report(rows, "digits"))
+    assert "…" not in text  # no name, header or number cut short: a long name folds onto a second line
+    assert "prune-structured+qu" in text and "antize-static" in text
+    assert all(len(line) <= 160 for line in text.splitlines())
+
+
+def test_columns_no_row_fills_are_left_out():
+    plain = Evaluation(latency_p50_ms=1.0, runtime="torch")
+    rows = report_rows({"baseline": plain, "v": Evaluation(latency_p50_ms=0.5, runtime="torch")})
+    headers = [str(c.header) for c in render_report(rows, "t").columns]
+    assert headers == ["variant", "runtime", "p50 ms", "speed-up ×"]
+
+
+def test_an_auto_search_table_shows_the_candidates_and_what_decides():
+    rows = report_rows({"baseline": BASELINE, "auto": QUANTIZED, "graph-ort": PRUNED})
+    rows[0].update(recipe="", status="baseline", within_budget=True, pareto=False, chosen=False)
+    rows[1].update(recipe="quantize-static", status="measured", within_budget=True, pareto=True, chosen=True)
+    rows[2].update(recipe="graph-ort", status="skipped: needs train data", within_budget=None, pareto=False, chosen=False)
+    table = render_report(rows, "auto")
+    headers = [str(c.header) for c in table.columns]
+    assert headers[:2] == ["recipe", "status"] and headers[-3:] == ["in budget", "Pareto", "chosen"]
+    assert "variant" not in headers and "agree %" not in headers
+    text = _text(table)
+    assert "quantize-static" in text and "skipped: needs train data" in text and "✓" in text

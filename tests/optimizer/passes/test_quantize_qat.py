@@ -1,0 +1,57 @@
+"""Tests for optimizer/passes/quantize_qat.py: quantization-aware fine-tuning exported as INT8 ONNX, and its refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optimizer.base import OptimizerError, PassContext, ProgressEvent
+from optimizer.export import onnx_io_names
+from optimizer.onnx_graph import int8_facts
+from optimizer.registry import make_pass
+from tests.optimizer.conftest import top1
+
+
+@pytest.mark.slow
+def test_qat_trains_and_exports_an_int8_model_within_half_a_point(digits, pt2_model, baseline_accuracy, tmp_path):
+    events: list[ProgressEvent] = []
+    context = PassContext(workdir=tmp_path / "work", datasets={"train": digits.train}, progress=events.append)
+    result = make_pass("quantize-qat", {"epochs": 2}).run(pt2_model, context)
+    assert (result.format, result.runtime, result.notes["quantized"]) == ("onnx", "onnxruntime", "int8-qat")
+    assert onnx_io_names(result.path) == (("x",), ("logits",))
+    facts = int8_facts(result.path)
+    assert facts["int8_initializers"] >= 3 and facts["QuantizeLinear"] >= 3
+    assert result.path.stat().st_size <= 0.35 * digits.onnx.stat().st_size
+    assert top1(result.path, digits.x_test, digits.y_test) >= baseline_accuracy - 0.005
+    epochs = [e for e in events if e.epoch is not None]
+    assert [e.epoch for e in epochs] == [1, 2] and epochs[-1].fraction == 1.0
+    assert all(e.stage == "quantize-qat" and e.loss > 0 and 0 < e.accuracy <= 1 for e in epochs)
+
+
+@pytest.mark.slow
+def test_qat_stops_when_the_job_is_cancelled(digits, pt2_model, tmp_path):
+    context = PassContext(workdir=tmp_path / "work", datasets={"train": digits.train}, cancelled=lambda: True)
+    with pytest.raises(OptimizerError, match="quantize-qat: the job was cancelled"):
+        make_pass("quantize-qat").run(pt2_model, context)
+
+
+def test_qat_refuses_onnx_and_says_to_register_a_pt2(onnx_model, digits, tmp_path):
+    context = PassContext(workdir=tmp_path, datasets={"train": digits.train})
+    with pytest.raises(OptimizerError, match=r"quantize-qat needs a \.pt2 model.*register the model as a torch\.export archive"):
+        make_pass("quantize-qat").run(onnx_model, context)
+
+
+def test_qat_without_train_data_or_labels_says_what_to_add(digits, pt2_model, tmp_path):
+    with pytest.raises(OptimizerError, match=r"quantize-qat needs train data.*--train TRAIN\.npz"):
+        make_pass("quantize-qat").run(pt2_model, PassContext(workdir=tmp_path))
+    unlabelled = tmp_path / "train.npz"
+    np.savez(unlabelled, x=digits.x_test)
+    with pytest.raises(OptimizerError, match=r"train data has no 'labels' array"):
+        make_pass("quantize-qat").run(pt2_model, PassContext(workdir=tmp_path, datasets={"train": unlabelled}))
+
+
+def test_qat_names_labels_beyond_the_model_outputs(digits, pt2_model, tmp_path):
+    bad = tmp_path / "train.npz"
+    np.savez(bad, x=digits.x_test, labels=digits.y_test + 5)
+    with pytest.raises(OptimizerError, match=r"'labels' holds class 14, and the model has 10 outputs"):
+        make_pass("quantize-qat").run(pt2_model, PassContext(workdir=tmp_path, datasets={"train": bad}))
