@@ -14,6 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from client.datatypes import DATATYPE_TO_NUMPY
 from optimizer.zoo import export_onnx, export_pt2, load_digits_splits, train_digits_cnn
 from tests.helpers import free_port
 
@@ -60,21 +61,9 @@ def digits(tmp_path_factory) -> DigitsFiles:
     )
 
 
-# Every datatype of the protocol with its ONNX element type; the model echoes each input.
+# Every datatype of the protocol with its ONNX element type (from the one datatype table); the model echoes each input.
 ECHO_TYPES = {
-    "BOOL": TensorProto.BOOL,
-    "UINT8": TensorProto.UINT8,
-    "UINT16": TensorProto.UINT16,
-    "UINT32": TensorProto.UINT32,
-    "UINT64": TensorProto.UINT64,
-    "INT8": TensorProto.INT8,
-    "INT16": TensorProto.INT16,
-    "INT32": TensorProto.INT32,
-    "INT64": TensorProto.INT64,
-    "FP16": TensorProto.FLOAT16,
-    "FP32": TensorProto.FLOAT,
-    "FP64": TensorProto.DOUBLE,
-    "BYTES": TensorProto.STRING,
+    name: TensorProto.STRING if name == "BYTES" else helper.np_dtype_to_tensor_dtype(dtype) for name, dtype in DATATYPE_TO_NUMPY.items()
 }
 
 

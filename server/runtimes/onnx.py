@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as InvalidArgumentError
 
+from client.datatypes import DATATYPE_TO_NUMPY
 from server.errors import InvalidArgument
 from server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
 
@@ -16,21 +17,11 @@ log = logging.getLogger(__name__)
 # Preference order when the caller names none: TensorRT, then CUDA, then the CPU.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
+# ORT names its element types after numpy's, except these two; derived from the one datatype table.
+_ORT_NAMES = {"float32": "float", "float64": "double"}
 ORT_TYPE_TO_DATATYPE = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
+    f"tensor({_ORT_NAMES.get(dtype.name, dtype.name)})": name for name, dtype in DATATYPE_TO_NUMPY.items() if name != "BYTES"
+} | {"tensor(string)": "BYTES"}
 
 
 def choose_providers(config: RuntimeConfig, available: list[str] | None = None) -> list[str]:

@@ -7,25 +7,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.datatypes import DATATYPE_TO_NUMPY
 from optimizer.pt2io import UnsafeArchiveError, load_exported_program
 from server.runtimes.base import Runtime, TensorSpec
 
 __all__ = ["TorchRuntime", "UnsafeArchiveError", "load_exported_program", "signature_of"]
 
-TORCH_TO_DATATYPE = {
-    torch.bool: "BOOL",
-    torch.uint8: "UINT8",
-    torch.uint16: "UINT16",
-    torch.uint32: "UINT32",
-    torch.uint64: "UINT64",
-    torch.int8: "INT8",
-    torch.int16: "INT16",
-    torch.int32: "INT32",
-    torch.int64: "INT64",
-    torch.float16: "FP16",
-    torch.float32: "FP32",
-    torch.float64: "FP64",
-}
+# torch names its dtypes as numpy does: derived from the one datatype table (BYTES has no tensor dtype).
+TORCH_TO_DATATYPE = {getattr(torch, dtype.name): name for name, dtype in DATATYPE_TO_NUMPY.items() if name != "BYTES"}
 
 
 def _spec(name: str, value: Any) -> TensorSpec:
