@@ -39,7 +39,7 @@ def batcher_of(server):
 
 
 def stats_of(server):
-    return server.server.dataplane.stats["slow"]["baseline"]
+    return server.server.dataplane.models["slow"].variants["baseline"].stats
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:
