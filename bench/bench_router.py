@@ -18,7 +18,7 @@ import timeit
 from pathlib import Path
 
 from server.routing import Router, TrafficPolicy
-from server.stats import DEFAULT_WINDOW, FeedbackStore, LatencyWindow, compare_rows
+from server.stats import DEFAULT_WINDOW, FeedbackStore, LatencyWindow, VariantStats, compare_rows
 
 RESULTS = Path(__file__).parent / "results" / "router.json"
 
@@ -31,20 +31,17 @@ def compare_cost_ms() -> float:
     """One compare over full windows: percentiles, two Mann-Whitney tests, Wilson intervals."""
     rng = random.Random(0)
     variants = ["baseline", "int8", "pruned"]
-    windows = {v: LatencyWindow() for v in variants}
+    stats = {v: VariantStats(device_seconds=10.0) for v in variants}
     store = FeedbackStore()
     for v, scale in zip(variants, (1.0, 0.6, 0.8)):
         for _ in range(DEFAULT_WINDOW):
-            windows[v].record(rng.lognormvariate(-6, 0.3) * scale, 1)
+            stats[v].answered(rng.lognormvariate(-6, 0.3) * scale)
     for i in range(10_000):
         store.record_prediction(str(i), variants[i % 3], i % 10)
         store.feedback(str(i), i % 10 if i % 7 else 0)
     kwargs = dict(
         weights={"baseline": 0.5, "int8": 0.3, "pruned": 0.2},
-        latencies=windows,
-        requests={v: DEFAULT_WINDOW for v in variants},
-        errors={},
-        device_seconds={v: 10.0 for v in variants},
+        stats=stats,
         price_per_hour=0.1,
         offline_accuracy={},
         feedback=store,
@@ -75,7 +72,7 @@ def main() -> None:
         "choose, 4 variants": lambda: four.choose(),
         "choose, sticky value (blake2b)": lambda: sticky.choose("user-12345"),
         "choose_for, request parameters": lambda: sticky.choose_for(params),
-        "LatencyWindow.record": lambda: window.record(0.0012, 1),
+        "LatencyWindow.record": lambda: window.record(0.0012),
         "FeedbackStore.record_prediction": lambda: store.record_prediction(str(next(ids)), "baseline", 3),
         "FeedbackStore.record_prediction + shadow": lambda: store.record_prediction(str(next(ids)), "baseline", 3, shadows),
     }

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
 from server.auth import TokenAuthInterceptor, read_token, tls_server_credentials
+from server.control import Control
 from server.dataplane import DataPlane
 from server.edge import CheckedDecoding
 from server.jobs import JobManager
@@ -70,6 +71,7 @@ class SlimServer:
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
+        self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price)
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None
@@ -89,12 +91,12 @@ class SlimServer:
             interceptors.append(TokenAuthInterceptor(read_token(self.settings.token_file), self.settings.protect_inference))
         server = grpc.aio.server(options=options, interceptors=interceptors)
         checked = CheckedDecoding(server)  # request bytes that do not parse: INVALID_ARGUMENT, not UNKNOWN
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), checked)
-        slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.dataplane, self.registrar, self.jobs), checked)
-        slimserve_pb2_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.jobs), checked)
-        slimserve_pb2_grpc.add_TrafficServicer_to_server(TrafficServicer(self.dataplane), checked)
-        slimserve_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.dataplane), checked)
-        slimserve_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsServicer(self.dataplane, self.settings.node_type, self.price), checked)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane, self.control), checked)
+        slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.control), checked)
+        slimserve_pb2_grpc.add_OptimizerServicer_to_server(OptimizerServicer(self.control), checked)
+        slimserve_pb2_grpc.add_TrafficServicer_to_server(TrafficServicer(self.control), checked)
+        slimserve_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.control), checked)
+        slimserve_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsServicer(self.control), checked)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, checked)
         reflection.enable_server_reflection(
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -114,7 +116,7 @@ class SlimServer:
         await self.dataplane.start()
         self._measure_unmeasured()
         if self.settings.poll_repository_s > 0:
-            self.watcher = RepositoryWatcher(self.dataplane, self.settings.poll_repository_s)
+            self.watcher = RepositoryWatcher(self.repository, self.dataplane, self.settings.poll_repository_s)
             self.watcher.start()
         await self.server.start()
         if self.settings.metrics_port >= 0:

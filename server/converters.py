@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from client import codec
 from protos import inference_pb2 as pb
 from protos import slimserve_pb2 as spb
-from server.dataplane import InferResult
+from server.control import Comparison, IndexEntry
+from server.dataplane import InferRequest, InferResult, ModelMetadata
+from server.errors import InvalidArgument
+from server.jobs import JobDone, JobRequest
 from server.registry import UploadFile, UploadHeader
 from server.repository import ModelInfo, VariantInfo
 from server.routing import TrafficPolicy
 from server.runtimes import TensorSpec
+from server.stats import FeedbackResult
 
 # Evaluation fields copied into VariantRecord; the rest travel in evaluation_json.
 EVALUATION_FIELDS = (
@@ -72,6 +78,10 @@ def model_record(info: ModelInfo) -> spb.ModelRecord:
     )
 
 
+def model_list(infos: list[ModelInfo]) -> spb.ListModelsResponse:
+    return spb.ListModelsResponse(models=[model_record(i) for i in infos])
+
+
 def traffic_policy(model: str, policy: TrafficPolicy) -> spb.TrafficPolicy:
     return spb.TrafficPolicy(
         model=model,
@@ -87,6 +97,44 @@ def upload_header(header: spb.RegisterHeader) -> UploadHeader:
         name=header.name,
         files=tuple(UploadFile(f.role, f.filename, f.size_bytes, f.sha256) for f in header.files),
         description=header.description,
+    )
+
+
+async def upload(messages: AsyncIterator[spb.RegisterRequest]) -> tuple[UploadHeader, AsyncIterator[tuple[int, bytes]]]:
+    """A Register stream as its header and its (file index, bytes) chunks, read as the receiver asks for them."""
+    first = await anext(aiter(messages), None)
+    if first is None or first.WhichOneof("payload") != "header":
+        raise InvalidArgument("a Register stream starts with a RegisterHeader message")
+
+    async def chunks() -> AsyncIterator[tuple[int, bytes]]:
+        async for message in messages:
+            if message.WhichOneof("payload") != "chunk":
+                raise InvalidArgument("only FileChunk messages may follow the RegisterHeader")
+            yield message.chunk.file_index, message.chunk.data
+
+    return upload_header(first.header), chunks()
+
+
+def job_request(request: spb.OptimizeRequest) -> JobRequest:
+    return JobRequest(
+        model=request.model,
+        recipe=request.recipe,
+        recipe_json=request.recipe_json,
+        variant_name=request.variant_name,
+        accuracy_budget=request.accuracy_budget if request.HasField("accuracy_budget") else None,
+        parent=request.parent,
+    )
+
+
+def infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    """The request as the data plane takes it: parameters as plain values, tensors decoded once it is routed."""
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version,
+        id=request.id,
+        decode_inputs=partial(codec.decode_request_inputs, request),
+        outputs=[o.name for o in request.outputs] or None,
+        parameters={k: codec.parameter_value(v) for k, v in request.parameters.items()} if request.parameters else None,
     )
 
 
@@ -119,19 +167,24 @@ def tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
 
 
-def model_metadata(name: str, versions: list[str], runtime_name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Any:
+def model_metadata(meta: ModelMetadata) -> pb.ModelMetadataResponse:
     return pb.ModelMetadataResponse(
-        name=name,
-        versions=versions,
-        platform=PLATFORM_OF_RUNTIME.get(runtime_name, runtime_name),
-        inputs=[tensor_metadata(s) for s in inputs],
-        outputs=[tensor_metadata(s) for s in outputs],
+        name=meta.name,
+        versions=meta.versions,
+        platform=PLATFORM_OF_RUNTIME.get(meta.runtime, meta.runtime),
+        inputs=[tensor_metadata(s) for s in meta.inputs],
+        outputs=[tensor_metadata(s) for s in meta.outputs],
     )
 
 
-def optimize_event(job_id: str, event: Any) -> spb.OptimizeEvent:
-    from server.jobs import JobDone
+def repository_index(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
+    response = pb.RepositoryIndexResponse()
+    for e in entries:
+        response.models.add(name=e.model, version=e.variant, state="READY" if e.ready else "UNAVAILABLE", reason=e.reason)
+    return response
 
+
+def optimize_event(job_id: str, event: Any) -> spb.OptimizeEvent:
     if isinstance(event, JobDone):
         done = spb.JobDone(variant=variant_record(event.variant), report_json=json.dumps(event.report))
         return spb.OptimizeEvent(job_id=job_id, done=done)
@@ -143,6 +196,10 @@ def optimize_event(job_id: str, event: Any) -> spb.OptimizeEvent:
     return spb.OptimizeEvent(job_id=job_id, progress=progress)
 
 
+def feedback_response(result: FeedbackResult) -> spb.FeedbackResponse:
+    return spb.FeedbackResponse(variant=result.variant, correct=result.correct)
+
+
 def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
     return spb.JobRecord(
         id=job["id"], model=model, variant=job["variant"], recipe=job["recipe"], status=job["status"],
@@ -150,10 +207,14 @@ def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
     )
 
 
-def compare_response(model: str, node_type: str, price_per_hour: float, rows: list[dict[str, Any]]) -> spb.CompareResponse:
+def job_list(jobs: list[tuple[str, dict[str, Any]]]) -> spb.ListJobsResponse:
+    return spb.ListJobsResponse(jobs=[job_record(model, job) for model, job in jobs])
+
+
+def compare_response(comparison: Comparison) -> spb.CompareResponse:
     """Rows of server.stats.compare_rows as a CompareResponse; a None (no data yet) leaves the field unset."""
-    response = spb.CompareResponse(model=model, node_type=node_type, price_per_hour=price_per_hour)
-    for row in rows:
+    response = spb.CompareResponse(model=comparison.model, node_type=comparison.node_type, price_per_hour=comparison.price_per_hour)
+    for row in comparison.rows:
         row = dict(row)
         ci = row.pop("online_accuracy_ci", None)
         if ci is not None:
@@ -162,3 +223,13 @@ def compare_response(model: str, node_type: str, price_per_hour: float, rows: li
         row["accuracy_verdict"] = row.get("accuracy_verdict") or ""
         response.variants.add(**{k: v for k, v in row.items() if v is not None})
     return response
+
+
+def stream_answer(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(infer_response=response)
+
+
+def stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A failed request of a stream: its error, and the request's model, version and id so the client can match it."""
+    failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)

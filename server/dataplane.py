@@ -1,4 +1,8 @@
-"""The data plane: loaded variants, input validation, and inference on worker threads."""
+"""The data plane: routes an inference request to a loaded variant, checks its inputs, and runs it.
+
+Loading and swapping live in server/loader.py, shadow mirroring in server/shadow.py, and what is
+measured in server/recording.py; this module holds the per-request path that ties them together.
+"""
 
 from __future__ import annotations
 
@@ -7,69 +11,42 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from client.codec import DATATYPE_TO_NUMPY, TensorCodecError, datatype_of, parameter_value
+from client.codec import DATATYPE_TO_NUMPY, TensorCodecError, datatype_of
 from server.batching import BatchingConfig, DynamicBatcher
-from server.errors import ErrorKind, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SlimServeError, Unavailable
-from server.metrics import Metrics, VariantSeries
-from server.repository import ModelInfo, Repository
-from server.routing import Router, TrafficPolicy
-from server.runtimes import Runtime, RuntimeConfig, TensorSpec, create_runtime
-from server.stats import FeedbackStore, LatencyWindow
+from server.errors import ErrorKind, FailedPrecondition, InvalidArgument, NotFound, SlimServeError, Unavailable
+from server.loader import ModelLoader
+from server.metrics import Metrics
+from server.models import LoadedModel, ServedVariant
+from server.repository import Repository
+from server.runtimes import Runtime, RuntimeConfig, TensorSpec
+from server.shadow import ShadowMirror, top1
+from server.stats import FeedbackStore
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class VariantStats:
-    """What `slimctl compare` reads: the server's own measurements of one variant, since it was loaded."""
-
-    window: LatencyWindow = field(default_factory=LatencyWindow)
-    requests: int = 0
-    errors: int = 0
-    batches: int = 0
-    samples: int = 0
-    device_seconds: float = 0.0
-
-    @property
-    def mean_batch(self) -> float | None:
-        """Samples per executed model call."""
-        return self.samples / self.batches if self.batches else None
-
-    def answered(self, latency_s: float) -> None:
-        self.requests += 1
-        self.window.record(latency_s)
-
-    def failed(self) -> None:
-        self.requests += 1
-        self.errors += 1
+_NO_SHADOWS: tuple[ServedVariant, ...] = ()
 
 
-@dataclass
-class ServedVariant:
-    runtime: Runtime
-    batcher: DynamicBatcher
-    stats: VariantStats
-    series: VariantSeries
+@dataclass(frozen=True)
+class InferRequest:
+    """One inference request, decoded from its protocol (server/converters.py builds it)."""
 
-
-@dataclass
-class LoadedModel:
-    info: ModelInfo
-    variants: dict[str, ServedVariant] = field(default_factory=dict)
-    router: Router | None = None
-
-    @property
-    def runtimes(self) -> dict[str, Runtime]:
-        return {name: v.runtime for name, v in self.variants.items()}
+    model: str
+    version: str  # a variant name or its integer version; empty: the router chooses
+    id: str  # the client's id; empty: the server makes one up
+    # Decodes the input tensors; called once the request is routed, so that a malformed tensor counts as
+    # the variant's INVALID_ARGUMENT like every other refused request.
+    decode_inputs: Callable[[], dict[str, np.ndarray]]
+    outputs: list[str] | None = None  # the outputs asked for; None: all
+    parameters: Mapping[str, Any] | None = None  # plain python values (str, int, float, bool)
 
 
 @dataclass(frozen=True)
@@ -81,8 +58,9 @@ class Call:
     runtime: Runtime
     batcher: DynamicBatcher
     request_id: str
+    feedback: FeedbackStore
     # Variants mirroring this request (routed traffic only; a request pinned by model_version is not mirrored).
-    shadows: tuple[tuple[str, ServedVariant], ...] = ()
+    shadows: tuple[ServedVariant, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,17 +72,15 @@ class InferResult:
     request_id: str  # the client's id, or the one the server gave the request
 
 
-def _plain_value(raw: Any) -> Any:
-    """A request parameter as a plain value: an InferParameter message, or already plain (in-process callers)."""
-    return raw if isinstance(raw, (str, int, float, bool)) else parameter_value(raw)
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What ModelMetadata answers: the model's served variants and the inputs / outputs of the one asked for."""
 
-
-def top1(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
-    """Predicted class per sample from a classifier's first output ([N, classes] floats); None otherwise."""
-    array = next(iter(outputs.values()), None)
-    if array is None or array.ndim < 2 or array.dtype.kind != "f" or array.shape[0] < 1:
-        return None
-    return array.reshape(array.shape[0], -1).argmax(axis=1)
+    name: str
+    versions: list[str]
+    runtime: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
 
 
 def check_inputs(model: str, specs: list[TensorSpec], arrays: dict[str, np.ndarray]) -> None:
@@ -132,10 +108,7 @@ def check_inputs(model: str, specs: list[TensorSpec], arrays: dict[str, np.ndarr
 
 
 class DataPlane:
-    """Owns what is loaded: runtimes, their batchers, each model's router and live statistics. Knows nothing of gRPC."""
-
-    # Mirrored requests waiting or running at once, per server: beyond it, shadows skip requests rather than pile up.
-    MAX_SHADOW_TASKS = 256
+    """Routes and runs inference requests over the models the loader holds. Knows nothing of gRPC."""
 
     def __init__(
         self,
@@ -148,22 +121,17 @@ class DataPlane:
         max_concurrent_calls: int = 1,
     ) -> None:
         self.repository = repository
-        self.runtime_config = runtime_config
-        self.metrics = metrics
-        self.batching = batching or BatchingConfig()
-        self.inline_compute_s = inline_compute_s
-        self.max_concurrent_calls = max_concurrent_calls
+        self.executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="compute")
+        self._background: set[asyncio.Task] = set()  # batchers closing, shadow calls
+        self.loader = ModelLoader(
+            repository, runtime_config, metrics, self.executor, self._spawn, batching or BatchingConfig(),
+            inline_compute_s, max_concurrent_calls,
+        )
+        self.shadows = ShadowMirror(self._spawn)
         # Ids for requests that came without one: a per-process random prefix and a counter
         # (uuid4 per request costs a getrandom() system call).
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
         self._id_counter = itertools.count(1)
-        self.models: dict[str, LoadedModel] = {}
-        self.stats: dict[str, dict[str, VariantStats]] = {}
-        self.feedback: dict[str, FeedbackStore] = {}
-        self.executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="compute")
-        self._lock = asyncio.Lock()
-        self._background: set[asyncio.Task] = set()  # batchers closing, shadow calls
-        self._shadow_tasks = 0
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -193,157 +161,42 @@ class DataPlane:
     async def run_blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def _load_variant(self, info: ModelInfo, variant: str) -> Runtime:
-        v = info.variants[variant]
-        path = self.repository.model_dir(info.name) / "variants" / variant / v.file
-        runtime = create_runtime(v.runtime, path, self.runtime_config)
-        runtime.load()
-        return runtime
+    @property
+    def models(self) -> Mapping[str, LoadedModel]:
+        """The loaded models by name (read-only: change the set with load_model / refresh / unload_model)."""
+        return self.loader.models
 
-    def _serve(self, model: str, variant: str, runtime: Runtime) -> ServedVariant:
-        """The runtime behind its batcher. Batching needs a free batch dimension on every input."""
-        config = self.batching
-        batchable = all(s.shape and s.shape[0] == -1 for s in runtime.inputs)
-        if config.enabled and not batchable:
-            log.info("variant '%s' of '%s' has a fixed batch dimension: served without batching", variant, model)
-            config = replace(config, enabled=False)
-        stats = self.stats.setdefault(model, {}).setdefault(variant, VariantStats())
-        series = self.metrics.series(model, variant)
-        batcher = DynamicBatcher(
-            runtime.predict,
-            self.executor,
-            config,
-            model=model,
-            variant=variant,
-            max_concurrency=self.max_concurrent_calls,
-            on_batch=partial(self._on_batch, series, stats),
-            inline_below_s=self.inline_compute_s if runtime.inline_safe else 0.0,
-        )
-        labels = self.metrics.labels(model, variant)
-        self.metrics.queued.labels(**labels).set_function(lambda: batcher.queued)
-        self.metrics.queue_capacity.labels(**labels).set(config.max_queue_size)
-        return ServedVariant(runtime, batcher, stats, series)
+    async def load_model(self, name: str) -> LoadedModel:
+        """Loads every ready variant afresh and swaps them in (RepositoryModelLoad); statistics of a loaded one are kept."""
+        return await self.loader.load(name)
 
-    def _on_batch(self, series: VariantSeries, stats: VariantStats, size: int, queue_seconds: list[float], compute: float) -> None:
-        stats.batches += 1
-        stats.samples += size
-        stats.device_seconds += compute
-        self.metrics.observe_batch(series, size, queue_seconds, compute)
-
-    async def load_model(self, name: str, reuse: bool = False) -> LoadedModel:
-        """Loads every ready variant of a model and swaps the set in at once, with a router from its policy.
-
-        With `reuse`, variants already loaded keep their runtime and batcher (a refresh after a new
-        variant or a routing change); otherwise every variant is loaded afresh (RepositoryModelLoad).
-        """
-        async with self._lock:
-            info = self.repository.get(name)
-            old = self.models.get(name)
-            loaded = LoadedModel(info)
-            for variant, v in info.variants.items():
-                if v.status != "ready":
-                    continue
-                current = old.variants.get(variant) if (reuse and old is not None) else None
-                if current is None:
-                    runtime = await self.run_blocking(self._load_variant, info, variant)
-                    current = self._serve(name, variant, runtime)
-                loaded.variants[variant] = current
-            routable = {v: w for v, w in info.traffic.weights.items() if w > 0 and v in loaded.variants}
-            if not routable:  # the policy names nothing that loaded (a failed variant): the baseline takes it all
-                log.error("model '%s': no variant of its traffic policy is loaded; routing everything to what is", name)
-                fallback = "baseline" if "baseline" in loaded.variants else next(iter(loaded.variants), None)
-                routable = {fallback: 1.0} if fallback else {}
-            if routable:
-                shadows = tuple(s for s in info.traffic.shadows if s in loaded.variants)
-                loaded.router = Router(TrafficPolicy(routable, shadows, info.traffic.sticky_parameter))
-            self.models[name] = loaded
-            self.feedback.setdefault(name, FeedbackStore())
-            self._export_gauges(loaded)
-        if old is not None:
-            self._release(old, keep=set(loaded.variants))
-        log.info("model '%s' loaded: variants %s", name, ", ".join(loaded.variants))
-        return loaded
-
-    def _export_gauges(self, loaded: LoadedModel) -> None:
-        info = loaded.info
-        weights = loaded.router.policy.weights if loaded.router else {}
-        for variant in loaded.variants:
-            labels = self.metrics.labels(info.name, variant)
-            v = info.variants[variant]
-            self.metrics.loaded.labels(**labels).set(1)
-            self.metrics.model_size.labels(**labels).set(v.size_bytes)
-            self.metrics.traffic_weight.labels(**labels).set(weights.get(variant, 0.0))
-            if v.evaluation.get("accuracy") is not None:
-                self.metrics.offline_accuracy.labels(**labels).set(v.evaluation["accuracy"])
-            if v.evaluation.get("flops") is not None:
-                self.metrics.flops.labels(**labels).set(v.evaluation["flops"])
+    async def refresh(self, name: str) -> LoadedModel:
+        """Re-reads a model's manifest after a change (new variant, new routing); loads only what is new."""
+        return await self.loader.load(name, reuse=True)
 
     async def unload_model(self, name: str) -> None:
-        async with self._lock:
-            loaded = self.models.pop(name, None)
-        if loaded is None:
-            raise NotFound(f"model '{name}' is not loaded")
-        self._release(loaded, keep=set())
+        await self.loader.unload(name)
 
-    def forget_model(self, name: str) -> None:
-        """Drops the live statistics of a deleted model."""
-        self.stats.pop(name, None)
-        self.feedback.pop(name, None)
-
-    def _release(self, loaded: LoadedModel, keep: set[str]) -> None:
-        """Retires the variants not kept: their batchers finish what is queued, then the runtime is unloaded.
-
-        A request resolves its variant and enqueues without yielding to the event loop, so every
-        request that saw the old set is already queued when its batcher closes: none fails.
-        """
-        for variant, served in loaded.variants.items():
-            if variant not in keep:
-                self.metrics.forget(loaded.info.name, variant)
-                self._spawn(self._retire(served))
-        loaded.variants.clear()
-
-    async def _retire(self, served: ServedVariant) -> None:
-        await served.batcher.close()
-        served.runtime.unload()
-
-    def forget_variant(self, model: str, variant: str) -> None:
-        """Drops the live statistics of a deleted variant, so that a new one of that name starts from zero."""
-        self.stats.get(model, {}).pop(variant, None)
-        feedback = self.feedback.get(model)
-        if feedback is not None:
-            feedback.forget_variant(variant)
-
-    async def refresh(self, name: str) -> None:
-        """Re-reads a model's manifest after a change (new variant, new routing); loads only what is new."""
-        await self.load_model(name, reuse=True)
+    def is_loaded(self, name: str) -> bool:
+        return name in self.loader.models
 
     # ------------------------------------------------------------------ queries
 
     def loaded_model(self, name: str) -> LoadedModel:
-        loaded = self.models.get(name)
+        loaded = self.loader.models.get(name)
         if loaded is None:
             if name in self.repository.names():
                 raise Unavailable(f"model '{name}' is registered but not loaded; load it with RepositoryModelLoad")
             raise NotFound(f"model '{name}' is not registered")
         return loaded
 
-    def _pinned(self, loaded: LoadedModel, variant: str) -> ServedVariant:
-        served = loaded.variants.get(variant)
-        if served is None:
-            name = loaded.info.name
-            if variant in loaded.info.variants:
-                status = loaded.info.variants[variant].status
-                raise FailedPrecondition(f"variant '{variant}' of model '{name}' is {status}, not ready")
-            raise NotFound(f"model '{name}' has no variant '{variant}' (variants: {', '.join(loaded.variants)})")
-        return served
-
-    def resolve(self, name: str, version: str) -> tuple[LoadedModel, str, Runtime]:
+    def resolve(self, name: str, version: str) -> tuple[LoadedModel, ServedVariant]:
         """The variant `version` names, or the one the router's largest share goes to."""
         loaded = self.loaded_model(name)
         variant = version or loaded.info.default_variant
         if not version and loaded.router is not None and variant not in loaded.variants:
             variant = loaded.router.choose(None)
-        return loaded, variant, self._pinned(loaded, variant).runtime
+        return loaded, loaded.pinned(variant)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -352,31 +205,43 @@ class DataPlane:
             return False
         return True
 
-    def _route(self, name: str, version: str, parameters: Mapping[str, Any] | None) -> tuple[str, ServedVariant, tuple]:
-        loaded = self.loaded_model(name)
-        if version:
-            return version, self._pinned(loaded, version), ()
-        router = loaded.router
-        if router is None:
-            raise Unavailable(f"model '{name}' has no variant loaded that can take traffic")
-        variant = router.choose_for(parameters, _plain_value)
-        shadows = tuple((s, loaded.variants[s]) for s in router.shadows if s in loaded.variants)
-        return variant, loaded.variants[variant], shadows
+    def metadata(self, name: str, version: str) -> ModelMetadata:
+        loaded, served = self.resolve(name, version)
+        runtime = served.runtime
+        return ModelMetadata(name, list(loaded.variants), loaded.info.variants[served.name].runtime, runtime.inputs, runtime.outputs)
 
     # ------------------------------------------------------------------ inference
+
+    async def serve(self, request: InferRequest) -> InferResult:
+        """One inference request, routed, counted and run."""
+        async with self.track(request.model, request.version, request.parameters, request.id) as call:
+            return await self.infer(call, request.decode_inputs(), request.outputs)
 
     @asynccontextmanager
     async def track(
         self, name: str, version: str, parameters: Mapping[str, Any] | None = None, request_id: str = ""
     ) -> AsyncIterator[Call]:
-        """Routes a request to its variant and counts the request, its outcome and its latency."""
-        variant, served, shadows = self._route(name, version, parameters)
-        stats, series = served.stats, served.series
+        """Routes a request to its variant and records the request, its outcome and its latency."""
+        loaded = self.loaded_model(name)
+        shadows = _NO_SHADOWS
+        if version:
+            served = loaded.pinned(version)
+        else:
+            router = loaded.router
+            if router is None:
+                raise Unavailable(f"model '{name}' has no variant loaded that can take traffic")
+            served = loaded.variants[router.choose_for(parameters)]
+            if router.shadows:
+                shadows = tuple(loaded.variants[s] for s in router.shadows if s in loaded.variants)
+        recorder = served.recorder
         start = time.perf_counter()
         code = "OK"
-        series.inflight.inc()
+        recorder.begin()
         try:
-            yield Call(name, variant, served.runtime, served.batcher, request_id or f"{self._id_prefix}{next(self._id_counter)}", shadows)
+            yield Call(
+                name, served.name, served.runtime, served.batcher, request_id or f"{self._id_prefix}{next(self._id_counter)}",
+                loaded.feedback, shadows,
+            )
         except SlimServeError as e:
             code = e.kind.name
             raise
@@ -390,15 +255,7 @@ class DataPlane:
             code = ErrorKind.INTERNAL.name
             raise
         finally:
-            elapsed = time.perf_counter() - start
-            series.inflight.dec()
-            series.request_duration.observe(elapsed)
-            if code == "OK":
-                series.requests_ok.inc()
-                stats.answered(elapsed)
-            else:
-                self.metrics.requests.labels(**self.metrics.labels(name, variant), code=code).inc()
-                stats.failed()
+            recorder.record(code, time.perf_counter() - start)
 
     async def infer(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> InferResult:
         runtime = call.runtime
@@ -414,43 +271,7 @@ class DataPlane:
         result = await call.batcher.submit(inputs, outputs)
         predicted = top1(result)
         if predicted is not None and predicted.shape[0] == 1:
-            feedback = self.feedback.get(call.model)
-            if feedback is not None:
-                feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
-        for shadow, served in call.shadows:
-            if self._shadow_tasks >= self.MAX_SHADOW_TASKS:
-                log.debug("shadow '%s' of '%s' skipped a request: %d mirrored calls pending", shadow, call.model, self._shadow_tasks)
-                continue
-            self._shadow_tasks += 1
-            self._spawn(self._mirror(call, shadow, served, inputs, outputs, predicted))
+            call.feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
+        if call.shadows:
+            self.shadows.mirror(call.model, call.request_id, call.shadows, call.feedback, inputs, outputs, predicted)
         return InferResult(call.model, call.variant, result, specs, call.request_id)
-
-    async def _mirror(
-        self, call: Call, shadow: str, served: ServedVariant, inputs: dict[str, np.ndarray],
-        outputs: list[str] | None, primary: np.ndarray | None,
-    ) -> None:
-        """Runs a copy of a request on a shadow after the primary answered; its answer is only compared."""
-        start = time.perf_counter()
-        try:
-            result = await served.batcher.submit(inputs, outputs)
-        except (ResourceExhausted, Unavailable) as e:
-            log.debug("shadow '%s' of '%s' skipped a request: %s", shadow, call.model, e)
-            return
-        except Exception as e:  # a shadow failing must never show in the primary's answer
-            log.warning("shadow '%s' of '%s' failed: %s", shadow, call.model, e)
-            served.stats.failed()
-            return
-        finally:
-            self._shadow_tasks -= 1
-        served.stats.answered(time.perf_counter() - start)  # a shadow's latency on the same traffic makes it comparable
-        if primary is None:
-            return
-        predicted = top1(result)
-        if predicted is None or predicted.shape != primary.shape:
-            return
-        served.series.shadow_requests.inc()
-        if bool((predicted == primary).all()):
-            served.series.shadow_agreements.inc()
-        feedback = self.feedback.get(call.model)
-        if feedback is not None and predicted.shape[0] == 1:
-            feedback.record_shadow(call.request_id, shadow, int(predicted[0]))

@@ -148,9 +148,8 @@ class JobManager:
 
         info = self.repository.get(job.model)
         parent = info.variants[job.request.parent or BASELINE]
-        model_dir = self.repository.model_dir(job.model)
         source = Artifact(
-            path=model_dir / "variants" / parent.name / parent.file,
+            path=self.repository.variant_path(info, parent.name),
             format=parent.format,
             runtime=parent.runtime,
             input_names=tuple(s.name for s in info.inputs),
@@ -197,7 +196,7 @@ class JobManager:
 
             info = self.repository.get(model)
             v = info.variants[variant]
-            source = Artifact(path=self.repository.model_dir(model) / "variants" / variant / v.file, format=v.format, runtime=v.runtime)
+            source = Artifact(path=self.repository.variant_path(info, variant), format=v.format, runtime=v.runtime)
             data_path = self.repository.dataset_path(model, "data")
             data = PassContext(workdir=Path("."), datasets={"data": data_path}).dataset("data", "evaluation") if data_path else None
             evaluation, _ = evaluate(source, self._factory, data)

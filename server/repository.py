@@ -322,12 +322,16 @@ class Repository:
     def model_dir(self, name: str) -> Path:
         return self.models_dir / validate_name(name)
 
-    def variant_path(self, model: str, variant: str) -> Path:
-        info = self.get(model)
+    def variant_dir(self, model: str, variant: str) -> Path:
+        """The directory of one variant: its model file and the side files its runtime reads."""
+        return self.model_dir(model) / "variants" / variant
+
+    def variant_path(self, info: ModelInfo, variant: str) -> Path:
+        """The model file of a variant of `info` (the one place that builds it)."""
         v = info.variants.get(variant)
         if v is None:
-            raise NotFound(f"model '{model}' has no variant '{variant}' (variants: {', '.join(info.variants)})")
-        return self.model_dir(model) / "variants" / variant / v.file
+            raise NotFound(f"model '{info.name}' has no variant '{variant}' (variants: {', '.join(info.variants)})")
+        return self.variant_dir(info.name, variant) / v.file
 
     def dataset_path(self, model: str, role: str) -> Path | None:
         path = self.model_dir(model) / "data" / f"{role}.npz"
@@ -390,7 +394,7 @@ class Repository:
             if variant.name in info.variants:
                 raise AlreadyExists(f"model '{model}' already has a variant '{variant.name}'; pick another --name")
             fsync_tree(staged_dir)
-            target = self.model_dir(model) / "variants" / variant.name
+            target = self.variant_dir(model, variant.name)
             if target.exists():  # a directory without a manifest entry: left by a crash
                 shutil.rmtree(target)
             os.rename(staged_dir, target)
@@ -414,5 +418,5 @@ class Repository:
                 del i.variants[variant]
 
             info = self.update(model, drop)
-            shutil.rmtree(self.model_dir(model) / "variants" / variant, ignore_errors=True)
+            shutil.rmtree(self.variant_dir(model, variant), ignore_errors=True)
             return info

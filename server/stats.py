@@ -1,26 +1,22 @@
-"""Live statistics of variants: latency windows, online accuracy from feedback, significance tests, and compare rows.
+"""Live statistics of variants: latency windows and counters, online accuracy from feedback, and compare rows.
 
-Pure domain code: no gRPC, no Prometheus. Only numpy and the standard library, so that the
-server needs no scipy (the tests check our Mann-Whitney against scipy's).
+Pure domain code: no gRPC, no Prometheus (server/recording.py feeds both from one call).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from server.errors import InvalidArgument, NotFound
+from server.significance import ALPHA, MIN_SAMPLES, accuracy_verdict, latency_verdict, wilson_interval
 
 BASELINE = "baseline"
-MIN_SAMPLES = 30  # below this, neither test's normal approximation is worth a verdict
-ALPHA = 0.05
 DEFAULT_WINDOW = 10_000
 DEFAULT_FEEDBACK_IDS = 100_000
 
@@ -29,36 +25,24 @@ DEFAULT_FEEDBACK_IDS = 100_000
 
 
 class LatencyWindow:
-    """The last `capacity` request latencies (seconds) and batch sizes of one variant; thread-safe, O(1) record."""
+    """The last `capacity` request latencies (seconds) of one variant; thread-safe, O(1) record."""
 
     def __init__(self, capacity: int = DEFAULT_WINDOW) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self._latency = [0.0] * capacity
-        self._batch = [0] * capacity
         self._next = 0  # next slot to write
         self._total = 0  # requests recorded since creation
         self._lock = threading.Lock()
 
-    def record(self, latency_s: float, batch_size: int = 1) -> None:
-        """One answered request: its latency and the size of the batch it was computed in."""
+    def record(self, latency_s: float) -> None:
+        """One answered request's latency."""
         with self._lock:
             i = self._next
             self._latency[i] = latency_s
-            self._batch[i] = batch_size
             self._next = 0 if i + 1 == self.capacity else i + 1
             self._total += 1
-
-    @property
-    def count(self) -> int:
-        """Samples in the window (what percentiles and tests see), at most `capacity`."""
-        return min(self._total, self.capacity)
-
-    @property
-    def total(self) -> int:
-        """Requests recorded since creation, including those that left the window."""
-        return self._total
 
     def latencies(self) -> np.ndarray:
         """A copy of the window's latencies in seconds (order not meaningful)."""
@@ -75,11 +59,36 @@ class LatencyWindow:
         values = np.percentile(samples, ps)
         return {p: float(v) for p, v in zip(ps, values)}
 
+
+@dataclass
+class VariantStats:
+    """What `slimctl compare` reads: the server's own measurements of one served variant, since it was loaded."""
+
+    window: LatencyWindow = field(default_factory=LatencyWindow)
+    requests: int = 0
+    errors: int = 0
+    batches: int = 0
+    samples: int = 0
+    device_seconds: float = 0.0
+
     @property
     def mean_batch(self) -> float | None:
-        with self._lock:
-            n = min(self._total, self.capacity)
-            return sum(self._batch[:n]) / n if n else None
+        """Samples per executed model call."""
+        return self.samples / self.batches if self.batches else None
+
+    def answered(self, latency_s: float) -> None:
+        self.requests += 1
+        self.window.record(latency_s)
+
+    def failed(self) -> None:
+        self.requests += 1
+        self.errors += 1
+
+    def computed(self, size: int, device_seconds: float) -> None:
+        """One executed model call (a batch of `size` samples)."""
+        self.batches += 1
+        self.samples += size
+        self.device_seconds += device_seconds
 
 
 # ---------------------------------------------------------------------- feedback
@@ -206,134 +215,19 @@ class FeedbackStore:
         return agreed / mirrored if mirrored else None
 
     def forget_variant(self, variant: str) -> None:
-        """Drops a deleted variant's tallies, so that a new variant of the same name starts from zero."""
+        """Drops a variant's tallies and answers, so that a new variant of the same name starts from zero
+        (a late label for a request it answered is then unknown, not scored for the newcomer)."""
         with self._lock:
+            for request_id in [i for i, a in self._answers.items() if a.variant == variant]:
+                del self._answers[request_id]
+            for answer in self._answers.values():
+                answer.shadows.pop(variant, None)
             self._accuracy.pop(variant, None)
             self._mirrored.pop(variant, None)
             self._agreed.pop(variant, None)
 
     def __len__(self) -> int:
         return len(self._answers)
-
-
-# ---------------------------------------------------------------------- tests
-
-
-def _z(confidence: float) -> float:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
-def _two_sided(z: float) -> float:
-    return min(1.0, math.erfc(abs(z) / math.sqrt(2)))
-
-
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion; (0, 1) when n == 0 (nothing is known)."""
-    if n < 0 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
-    z = _z(confidence)
-    p = successes / n
-    z2n = z * z / n
-    centre = (p + z2n / 2) / (1 + z2n)
-    half = z * math.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
-    # The bounds are exact at the edges; floating point would leave 1e-17 there.
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return low, high
-
-
-def _mann_whitney(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """(U of a, two-sided p): normal approximation with tie and continuity corrections, as scipy's asymptotic method."""
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    n1, n2 = a.size, b.size
-    if n1 == 0 or n2 == 0:
-        raise ValueError(f"both samples need values, got {n1} and {n2}")
-    both = np.concatenate([a, b])
-    _, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
-    upper = np.cumsum(counts)
-    ranks = (upper - (counts - 1) / 2.0)[inverse]  # average rank of each tie group, 1-based
-    u1 = float(ranks[:n1].sum()) - n1 * (n1 + 1) / 2.0
-    n = n1 + n2
-    ties = float((counts.astype(np.float64) ** 3 - counts).sum())
-    variance = n1 * n2 / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
-    if variance <= 0:
-        return u1, 1.0  # every value equal: no evidence of a shift
-    mu = n1 * n2 / 2.0
-    u = max(u1, n1 * n2 - u1)
-    z = (u - mu - 0.5) / math.sqrt(variance)
-    return u1, _two_sided(z)
-
-
-def mann_whitney(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Two-sided p-value that samples a and b come from the same distribution (Mann-Whitney U)."""
-    return _mann_whitney(a, b)[1]
-
-
-def two_proportion_test(s1: int, n1: int, s2: int, n2: int) -> float:
-    """Two-sided p-value that two success rates are equal.
-
-    The pooled two-proportion z-test: closed form and instant, and at the >= MIN_SAMPLES labels we
-    require before a verdict it agrees with a bootstrap to within the rounding we print.
-    """
-    for s, n in ((s1, n1), (s2, n2)):
-        if n < 0 or not 0 <= s <= n:
-            raise ValueError(f"need 0 <= successes <= n, got successes={s}, n={n}")
-    if n1 == 0 or n2 == 0:
-        return 1.0
-    pooled = (s1 + s2) / (n1 + n2)
-    variance = pooled * (1 - pooled) * (1 / n1 + 1 / n2)
-    if variance <= 0:
-        return 1.0  # both all right or both all wrong
-    return _two_sided((s1 / n1 - s2 / n2) / math.sqrt(variance))
-
-
-def format_p(p: float) -> str:
-    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
-
-
-def verdict(
-    p_value: float | None,
-    better: bool,
-    n: int,
-    *,
-    better_word: str,
-    worse_word: str,
-    min_n: int = MIN_SAMPLES,
-    alpha: float = ALPHA,
-) -> str:
-    """A short reading of a test against the baseline: "faster (p<0.001)", "no significant difference (p=0.41)",
-    "not enough data (n=12 < 30)". `n` is the smaller of the two samples; `better` the direction observed."""
-    if n < min_n or p_value is None:
-        return f"not enough data (n={n} < {min_n})"
-    if p_value < alpha:
-        return f"{better_word if better else worse_word} ({format_p(p_value)})"
-    return f"no significant difference ({format_p(p_value)})"
-
-
-def latency_verdict(baseline: Sequence[float] | np.ndarray, candidate: Sequence[float] | np.ndarray, **kwargs: Any) -> str:
-    """Faster or slower than the baseline by the Mann-Whitney test on request latencies."""
-    n = min(len(baseline), len(candidate))
-    if n < kwargs.get("min_n", MIN_SAMPLES):
-        return verdict(None, False, n, better_word="faster", worse_word="slower", **kwargs)
-    u_candidate, p = _mann_whitney(candidate, baseline)
-    # U of the candidate below half the pairs: its latencies tend to be the smaller ones.
-    faster = u_candidate < len(candidate) * len(baseline) / 2.0
-    return verdict(p, faster, n, better_word="faster", worse_word="slower", **kwargs)
-
-
-def accuracy_verdict(correct_baseline: int, n_baseline: int, correct: int, n: int, **kwargs: Any) -> str:
-    """More or less accurate than the baseline on labelled live traffic, by the two-proportion test."""
-    smaller = min(n_baseline, n)
-    if smaller < kwargs.get("min_n", MIN_SAMPLES):
-        return verdict(None, False, smaller, better_word="more accurate", worse_word="less accurate", **kwargs)
-    p = two_proportion_test(correct_baseline, n_baseline, correct, n)
-    more = correct / n > correct_baseline / n_baseline
-    return verdict(p, more, smaller, better_word="more accurate", worse_word="less accurate", **kwargs)
 
 
 # ---------------------------------------------------------------------- compare
@@ -355,10 +249,7 @@ def compare_rows(
     *,
     weights: Mapping[str, float],
     shadows: Collection[str] = (),
-    latencies: Mapping[str, LatencyWindow],
-    requests: Mapping[str, int],
-    errors: Mapping[str, int],
-    device_seconds: Mapping[str, float],
+    stats: Mapping[str, VariantStats],
     price_per_hour: float,
     offline_accuracy: Mapping[str, float | None],
     feedback: FeedbackStore | None = None,
@@ -376,29 +267,27 @@ def compare_rows(
     mapping counts as no data (0 requests, empty window, unknown accuracy).
     """
     order = sorted(dict.fromkeys(variants), key=lambda v: v != baseline)
-    empty = LatencyWindow(1)
-    base_window = latencies.get(baseline, empty)
-    base_latencies = base_window.latencies()
+    empty = VariantStats(LatencyWindow(1))
+    base_latencies = stats.get(baseline, empty).window.latencies()
     base_counts = feedback.online_counts(baseline) if feedback is not None else (0, 0)
     shadow_set = set(shadows)
     rows = []
     for name in order:
-        window = latencies.get(name, empty)
-        pct = window.percentiles((50, 90, 99))
-        n_requests = int(requests.get(name, 0))
+        measured = stats.get(name, empty)
+        pct = measured.window.percentiles((50, 90, 99))
         correct, labelled = feedback.online_counts(name) if feedback is not None else (0, 0)
         is_shadow = name in shadow_set
         row: dict[str, Any] = {
             "variant": name,
             "weight": float(weights.get(name, 0.0)),
             "shadow": is_shadow,
-            "requests": n_requests,
-            "errors": int(errors.get(name, 0)),
+            "requests": measured.requests,
+            "errors": measured.errors,
             "latency_p50_ms": _ms(pct[50]),
             "latency_p90_ms": _ms(pct[90]),
             "latency_p99_ms": _ms(pct[99]),
-            "mean_batch": window.mean_batch,
-            "cost_per_1000": cost_per_1000(float(device_seconds.get(name, 0.0)), price_per_hour, n_requests),
+            "mean_batch": measured.mean_batch,  # per executed model call, as the batcher ran them
+            "cost_per_1000": cost_per_1000(measured.device_seconds, price_per_hour, measured.requests),
             "offline_accuracy": offline_accuracy.get(name),
             "online_accuracy": correct / labelled if labelled else None,
             "online_accuracy_ci": list(wilson_interval(correct, labelled, confidence)) if labelled else None,
@@ -409,7 +298,7 @@ def compare_rows(
         }
         if name != baseline:
             opts = {"min_n": min_samples, "alpha": alpha}
-            row["latency_verdict"] = latency_verdict(base_latencies, window.latencies(), **opts)
+            row["latency_verdict"] = latency_verdict(base_latencies, measured.window.latencies(), **opts)
             row["accuracy_verdict"] = accuracy_verdict(base_counts[0], base_counts[1], correct, labelled, **opts)
         rows.append(row)
     return rows

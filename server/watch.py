@@ -12,12 +12,14 @@ import logging
 import os
 
 from server.dataplane import DataPlane
+from server.repository import Repository
 
 log = logging.getLogger(__name__)
 
 
 class RepositoryWatcher:
-    def __init__(self, dataplane: DataPlane, interval: float) -> None:
+    def __init__(self, repository: Repository, dataplane: DataPlane, interval: float) -> None:
+        self.repository = repository
         self.dataplane = dataplane
         self.interval = interval
         self.seen: dict[str, tuple[int, int, int]] = {}
@@ -25,7 +27,7 @@ class RepositoryWatcher:
 
     def _stamps(self) -> dict[str, tuple[int, int, int]]:
         stamps = {}
-        models = self.dataplane.repository.models_dir
+        models = self.repository.models_dir
         if not models.is_dir():  # the writer has not started yet
             return stamps
         for entry in os.scandir(models):
@@ -43,7 +45,7 @@ class RepositoryWatcher:
             if self.seen.get(name) == stamp:
                 continue
             try:
-                if name in self.dataplane.models:
+                if self.dataplane.is_loaded(name):
                     await self.dataplane.refresh(name)
                 else:
                     await self.dataplane.load_model(name)
@@ -52,9 +54,8 @@ class RepositoryWatcher:
                 log.warning("repository watch: model '%s' did not load: %s", name, e)
         for name in [n for n in self.seen if n not in stamps]:
             del self.seen[name]
-            if name in self.dataplane.models:
-                await self.dataplane.unload_model(name)
-                self.dataplane.forget_model(name)
+            if self.dataplane.is_loaded(name):
+                await self.dataplane.unload_model(name)  # its statistics, feedback and series go with it
                 log.info("repository watch: model '%s' was deleted by the writer; unloaded", name)
 
     async def run(self) -> None:

@@ -40,7 +40,7 @@ def batcher_of(server):
 
 
 def stats_of(server):
-    return server.server.dataplane.stats["slow"]["baseline"]
+    return server.server.dataplane.models["slow"].variants["baseline"].stats
 
 
 @pytest.fixture

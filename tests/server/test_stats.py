@@ -1,4 +1,4 @@
-"""Live statistics: latency windows, online accuracy and shadow agreement, significance tests, compare rows."""
+"""Live statistics: latency windows and variant counters, online accuracy and shadow agreement, compare rows."""
 
 from __future__ import annotations
 
@@ -9,41 +9,26 @@ import numpy as np
 import pytest
 
 from server.errors import InvalidArgument, NotFound
-from server.stats import (
-    FeedbackStore,
-    LatencyWindow,
-    accuracy_verdict,
-    compare_rows,
-    cost_per_1000,
-    latency_verdict,
-    mann_whitney,
-    two_proportion_test,
-    verdict,
-    wilson_interval,
-)
+from server.stats import FeedbackStore, LatencyWindow, VariantStats, compare_rows, cost_per_1000
 
 # ---------------------------------------------------------------------- latency window
 
 
-def test_latency_window_percentiles_and_mean_batch():
+def test_latency_window_percentiles():
     window = LatencyWindow(capacity=1000)
     assert window.percentiles((50, 99)) == {50: None, 99: None}
-    assert window.mean_batch is None
     for i in range(1, 101):
-        window.record(i / 1000.0, batch_size=4 if i % 2 else 8)
+        window.record(i / 1000.0)
     pct = window.percentiles((50, 90, 99))
     assert pct[50] == pytest.approx(0.0505)
     assert pct[90] == pytest.approx(0.0901)
-    assert window.mean_batch == 6.0
-    assert window.count == 100
+    assert len(window.latencies()) == 100
 
 
 def test_latency_window_keeps_only_the_most_recent_samples():
     window = LatencyWindow(capacity=10)
     for i in range(25):
         window.record(float(i))
-    assert window.count == 10
-    assert window.total == 25
     assert sorted(window.latencies()) == [float(i) for i in range(15, 25)]
 
 
@@ -52,15 +37,27 @@ def test_latency_window_records_from_many_threads():
 
     def work():
         for _ in range(5000):
-            window.record(0.001, 2)
+            window.record(0.001)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert window.count == 20_000
-    assert window.mean_batch == 2.0
+    assert len(window.latencies()) == 20_000
+
+
+def test_variant_stats_count_requests_errors_and_batches():
+    stats = VariantStats()
+    assert stats.mean_batch is None
+    stats.answered(0.002)
+    stats.failed()
+    stats.computed(4, 0.01)
+    stats.computed(8, 0.03)
+    assert (stats.requests, stats.errors, stats.batches, stats.samples) == (2, 1, 2, 12)
+    assert stats.mean_batch == 6.0
+    assert stats.device_seconds == pytest.approx(0.04)
+    assert list(stats.window.latencies()) == [0.002]  # a failed request has no latency to compare
 
 
 # ---------------------------------------------------------------------- feedback
@@ -119,62 +116,18 @@ def test_a_second_label_for_the_same_request_is_refused():
         store.feedback("abc", 1.5)
 
 
-# ---------------------------------------------------------------------- tests
-
-
-def test_wilson_interval_known_values():
-    low, high = wilson_interval(50, 100)
-    assert low == pytest.approx(0.4038, abs=1e-3)
-    assert high == pytest.approx(0.5962, abs=1e-3)
-    low99, high99 = wilson_interval(50, 100, confidence=0.99)
-    assert low99 < low and high99 > high
-    none_low, none_high = wilson_interval(0, 10)
-    assert none_low == 0.0 and none_high == pytest.approx(0.2775, abs=1e-3)
-    assert wilson_interval(10, 10)[1] == 1.0
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-
-
-def test_mann_whitney_detects_a_clear_shift_and_not_identical_distributions():
-    rng = np.random.default_rng(0)
-    fast = rng.lognormal(np.log(0.002), 0.3, 400)
-    slow = rng.lognormal(np.log(0.003), 0.3, 400)
-    assert mann_whitney(fast, slow) < 0.001
-    same_a = rng.lognormal(np.log(0.002), 0.3, 400)
-    same_b = rng.lognormal(np.log(0.002), 0.3, 400)
-    assert mann_whitney(same_a, same_b) > 0.05
-    assert mann_whitney([1.0] * 50, [1.0] * 50) == 1.0
-
-
-def test_mann_whitney_agrees_with_scipy():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(1)
-    a = np.round(rng.normal(1.0, 1.0, 300), 1)  # rounding makes ties
-    b = np.round(rng.normal(1.2, 1.0, 250), 1)
-    expected = scipy_stats.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic").pvalue
-    assert mann_whitney(a, b) == pytest.approx(expected, rel=1e-9)
-
-
-def test_two_proportion_test():
-    assert two_proportion_test(80, 100, 90, 100) == pytest.approx(0.0477, abs=1e-3)
-    assert two_proportion_test(50, 100, 50, 100) == pytest.approx(1.0)
-    assert two_proportion_test(100, 100, 100, 100) == 1.0
-
-
-def test_verdict_strings():
-    assert verdict(0.0001, True, 100, better_word="faster", worse_word="slower") == "faster (p<0.001)"
-    assert verdict(0.01, False, 100, better_word="faster", worse_word="slower") == "slower (p=0.01)"
-    assert verdict(0.41, True, 100, better_word="faster", worse_word="slower") == "no significant difference (p=0.41)"
-    assert verdict(0.0001, True, 12, better_word="faster", worse_word="slower") == "not enough data (n=12 < 30)"
-
-
-def test_latency_and_accuracy_verdicts_pick_the_direction():
-    rng = np.random.default_rng(2)
-    base = rng.lognormal(np.log(0.004), 0.2, 300)
-    quick = rng.lognormal(np.log(0.002), 0.2, 300)
-    assert latency_verdict(base, quick) == "faster (p<0.001)"
-    assert latency_verdict(quick, base) == "slower (p<0.001)"
-    assert accuracy_verdict(900, 1000, 800, 1000) == "less accurate (p<0.001)"
-    assert accuracy_verdict(800, 1000, 900, 1000) == "more accurate (p<0.001)"
+def test_a_forgotten_variant_starts_from_zero_and_its_old_requests_are_unknown():
+    store = FeedbackStore()
+    store.record_prediction("r1", "int8", 1)
+    store.record_prediction("r2", "baseline", 2, shadows={"int8": 2})
+    store.record_prediction("r3", "int8", 3)
+    store.feedback("r1", 1)
+    store.forget_variant("int8")
+    assert store.online_counts("int8") == (0, 0) and store.agreement_counts("int8") == (0, 0)
+    with pytest.raises(NotFound):
+        store.feedback("r3", 3)  # answered by the deleted variant: not scored for a new one of that name
+    store.feedback("r2", 2)  # the primary's request stays; the forgotten shadow is no longer scored
+    assert store.online_counts("baseline") == (1, 1) and store.online_counts("int8") == (0, 0)
 
 
 # ---------------------------------------------------------------------- compare
@@ -186,11 +139,13 @@ def test_cost_per_1000_on_hand_numbers():
     assert cost_per_1000(1.0, 2.48, 0) is None
 
 
-def _window(values: np.ndarray, batch: int = 1) -> LatencyWindow:
+def _stats(latencies: np.ndarray, errors: int = 0, device_seconds: float = 0.0, batch: int = 1) -> VariantStats:
+    """A variant's counters as the server keeps them: every latency one request, computed in calls of `batch` samples."""
     window = LatencyWindow()
-    for v in values:
-        window.record(float(v), batch)
-    return window
+    for v in latencies:
+        window.record(float(v))
+    n = len(latencies)
+    return VariantStats(window, requests=n, errors=errors, batches=n, samples=n * batch, device_seconds=device_seconds)
 
 
 def test_compare_rows_with_too_little_data_says_so():
@@ -203,10 +158,7 @@ def test_compare_rows_with_too_little_data_says_so():
     rows = compare_rows(
         ["int8", "baseline"],
         weights={"baseline": 0.7, "int8": 0.3},
-        latencies={"baseline": _window(np.full(12, 0.004)), "int8": _window(np.full(12, 0.002))},
-        requests={"baseline": 12, "int8": 12},
-        errors={"int8": 1},
-        device_seconds={"baseline": 0.036, "int8": 0.018},
+        stats={"baseline": _stats(np.full(12, 0.004), device_seconds=0.036), "int8": _stats(np.full(12, 0.002), 1, 0.018)},
         price_per_hour=1.0,
         offline_accuracy={"baseline": 0.97, "int8": 0.96},
         feedback=store,
@@ -235,13 +187,10 @@ def test_compare_rows_with_enough_data_gives_verdicts_and_shadow_agreement():
         ["baseline", "int8", "pruned"],
         weights={"baseline": 1.0},
         shadows=("int8",),
-        latencies={
-            "baseline": _window(rng.lognormal(np.log(0.004), 0.2, 400), batch=4),
-            "int8": _window(rng.lognormal(np.log(0.002), 0.2, 400), batch=4),
+        stats={
+            "baseline": _stats(rng.lognormal(np.log(0.004), 0.2, 400), batch=4),
+            "int8": _stats(rng.lognormal(np.log(0.002), 0.2, 400), batch=4),
         },
-        requests={"baseline": 400, "int8": 400},
-        errors={},
-        device_seconds={},
         price_per_hour=0.1,
         offline_accuracy={"baseline": 0.97},
         feedback=store,

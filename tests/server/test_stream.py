@@ -41,7 +41,7 @@ def test_every_request_is_answered_by_id_and_requests_batch_together(server_fact
     channel = grpc.insecure_channel(server.address)
     digits_stub = pb_grpc.GRPCInferenceServiceStub(channel)
     x = digits.x_test[:64]
-    stats = server.server.dataplane.stats["digits"]["baseline"]
+    stats = server.server.dataplane.models["digits"].variants["baseline"].stats
     before_batches, before_samples = stats.batches, stats.samples
     responses = list(digits_stub.ModelStreamInfer(iter([infer_request(x[i : i + 1], f"r{i}") for i in range(len(x))]), timeout=60))
     assert all(r.error_message == "" for r in responses)
@@ -113,9 +113,9 @@ def test_stream_requests_are_counted_like_unary_ones(digits_stub, server, digits
 
 
 def test_a_stream_longer_than_its_in_flight_limit_is_answered_whole(digits_stub, digits, monkeypatch):
-    from server.servicers import inference
+    from server.servicers import stream
 
-    monkeypatch.setattr(inference, "STREAM_IN_FLIGHT", 2)  # slots are freed as answers are written
+    monkeypatch.setattr(stream, "STREAM_IN_FLIGHT", 2)  # slots are freed as answers are written
     requests = [infer_request(digits.x_test[i % 8 : i % 8 + 1], f"l{i}") for i in range(40)]
     responses = list(digits_stub.ModelStreamInfer(iter(requests), timeout=60))
     assert sorted(r.infer_response.id for r in responses) == sorted(f"l{i}" for i in range(40))

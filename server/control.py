@@ -1,0 +1,183 @@
+"""The management use cases (register, delete, traffic, feedback, compare, load / unload, jobs) as plain async methods.
+
+Each takes and returns domain objects and knows nothing of gRPC or protobuf: the servicers decode a
+request, make one call here, and encode what it returns (server/converters.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from optimizer.base import ProgressEvent
+from server.dataplane import DataPlane
+from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.jobs import JobDone, JobManager, JobRequest
+from server.registry import Registrar, UploadHeader, check_header
+from server.repository import ModelInfo, Repository
+from server.routing import TrafficPolicy, promote, rollback, set_traffic
+from server.stats import FeedbackResult, compare_rows
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`slimctl compare`: one row per served variant (see server.stats.compare_rows), priced for this node."""
+
+    model: str
+    node_type: str
+    price_per_hour: float
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One variant in the repository index: READY when it serves, else UNAVAILABLE with the reason."""
+
+    model: str
+    variant: str
+    ready: bool
+    reason: str
+
+
+class Control:
+    """The control plane: every change to what is registered, served and routed goes through one of these methods."""
+
+    def __init__(
+        self, repository: Repository, dataplane: DataPlane, registrar: Registrar, jobs: JobManager, node_type: str, price_per_hour: float
+    ) -> None:
+        self.repository = repository
+        self.dataplane = dataplane
+        self.registrar = registrar
+        self.jobs = jobs
+        self.node_type = node_type
+        self.price_per_hour = price_per_hour
+
+    # ------------------------------------------------------------------ registry
+
+    async def register(self, header: UploadHeader, chunks: AsyncIterator[tuple[int, bytes]]) -> ModelInfo:
+        """An upload becomes a model that serves at once; its baseline is measured in the background."""
+        check_header(header, self.registrar.max_upload_bytes)
+        if header.name in self.repository.names():
+            raise AlreadyExists(f"model '{header.name}' is already registered; delete it first or pick another name")
+        with self.repository.staging() as staged:
+            paths = await self.registrar.receive(header, chunks, staged)
+            info = await self.dataplane.run_blocking(self.registrar.commit, header, paths, staged)
+        await self.dataplane.load_model(info.name)
+        self.jobs.evaluate_in_background(info.name)
+        return info
+
+    def list_models(self) -> list[ModelInfo]:
+        return self.repository.list()
+
+    def get_model(self, name: str) -> ModelInfo:
+        return self.repository.get(name)
+
+    async def delete_model(self, name: str) -> None:
+        """Unloads (what it served, measured and was told goes with it), then removes it from the repository."""
+        self.repository.get(name)  # NotFound before anything changes
+        self.repository.check_writable()  # a read-only replica refuses before it unloads anything
+        if self.dataplane.is_loaded(name):
+            await self.dataplane.unload_model(name)
+        self.repository.delete(name)
+
+    async def delete_variant(self, model: str, variant: str) -> ModelInfo:
+        """Out of routing and the manifest first (new requests stop going there), then unloaded once its queue drains."""
+        info = await self.dataplane.run_blocking(self.repository.remove_variant, model, variant)
+        if self.dataplane.is_loaded(model):
+            await self.dataplane.refresh(model)
+        return info
+
+    # ------------------------------------------------------------------ traffic
+
+    async def _change_traffic(self, model: str, change: Callable[..., TrafficPolicy]) -> TrafficPolicy:
+        """Checked against the variants loaded now, written to the manifest (it survives a restart), then swapped in."""
+        ready = set(self.dataplane.loaded_model(model).variants)  # NotFound / Unavailable before anything changes
+
+        def apply(info: ModelInfo) -> None:
+            statuses = {name: v.status for name, v in info.variants.items()}
+            info.traffic = change(info.traffic, variants_ready=ready, model=model, statuses=statuses)
+
+        info = await self.dataplane.run_blocking(self.repository.update, model, apply)
+        await self.dataplane.refresh(model)
+        return info.traffic
+
+    async def set_traffic(self, model: str, weights: dict[str, float], shadows: list[str], sticky: str | None) -> TrafficPolicy:
+        return await self._change_traffic(model, lambda current, **kw: set_traffic(current, weights, shadows, sticky, **kw))
+
+    def get_traffic(self, model: str) -> TrafficPolicy:
+        return self.repository.get(model).traffic
+
+    async def promote(self, model: str, variant: str) -> TrafficPolicy:
+        return await self._change_traffic(model, lambda current, **kw: promote(current, variant, **kw))
+
+    async def rollback(self, model: str) -> TrafficPolicy:
+        return await self._change_traffic(model, lambda current, **kw: rollback(current, **kw))
+
+    # ------------------------------------------------------------------ live results
+
+    async def feedback(self, model: str, request_id: str, label: int) -> FeedbackResult:
+        """Ground truth for an answered request: scores it, and refreshes every served variant's online accuracy."""
+        if not request_id:
+            raise InvalidArgument("request_id is empty: send the id of the ModelInferResponse the label is for")
+        loaded = self.dataplane.loaded_model(model)
+        result = loaded.feedback.feedback(request_id, label)
+        answered = loaded.variants.get(result.variant)
+        if answered is not None:
+            answered.recorder.record_feedback(result.correct)
+        for served in loaded.variants.values():  # shadows are scored by the label too
+            accuracy = loaded.feedback.online_accuracy(served.name)
+            if accuracy is not None:
+                served.recorder.record_online_accuracy(accuracy)
+        return result
+
+    async def compare(self, model: str) -> Comparison:
+        loaded = self.dataplane.loaded_model(model)
+        policy = loaded.info.traffic
+        variants = [v for v in loaded.info.variants if v in loaded.variants]
+        rows = compare_rows(
+            variants,
+            weights=policy.weights,
+            shadows=policy.shadows,
+            stats=loaded.stats(),
+            price_per_hour=self.price_per_hour,
+            offline_accuracy={v: loaded.info.variants[v].evaluation.get("accuracy") for v in variants},
+            feedback=loaded.feedback,
+        )
+        return Comparison(model, self.node_type, self.price_per_hour, rows)
+
+    # ------------------------------------------------------------------ model repository extension
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries = []
+        for info in self.repository.list():
+            loaded = self.dataplane.models.get(info.name)
+            for variant, v in info.variants.items():
+                ready = loaded is not None and variant in loaded.variants
+                if ready_only and not ready:
+                    continue
+                reason = v.message if v.status == "failed" else ("" if ready else "not loaded")
+                entries.append(IndexEntry(info.name, variant, ready, reason))
+        return entries
+
+    async def load_model(self, name: str) -> None:
+        await self.dataplane.load_model(name)
+
+    async def unload_model(self, name: str) -> None:
+        if not self.dataplane.is_loaded(name):
+            self.repository.get(name)  # NotFound when not registered at all
+            raise NotFound(f"model '{name}' is registered but not loaded")
+        await self.dataplane.unload_model(name)
+
+    # ------------------------------------------------------------------ optimizer jobs
+
+    async def optimize(self, request: JobRequest) -> AsyncIterator[tuple[str, ProgressEvent | JobDone]]:
+        """Starts a job (everything checkable is checked first), then yields (job id, event) until it ends."""
+        job = await self.jobs.submit(request)
+        async for event in self.jobs.events(job):
+            yield job.id, event
+
+    def list_jobs(self, model: str = "") -> list[tuple[str, dict[str, Any]]]:
+        """(model, job record) of one model, or of every model when `model` is empty."""
+        infos = [self.repository.get(model)] if model else self.repository.list()
+        return [(info.name, job) for info in infos for job in info.jobs.values()]

@@ -1,0 +1,192 @@
+"""The management use cases of server/control.py, called directly (no gRPC): what each changes in what is served."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.control import Control
+from server.dataplane import DataPlane, InferRequest
+from server.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from server.jobs import JobManager
+from server.metrics import Metrics
+from server.registry import Registrar, UploadFile, UploadHeader
+from server.repository import Repository, VariantInfo
+from server.runtimes import RuntimeConfig
+
+
+def run(coro, timeout: float = 120.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@asynccontextmanager
+async def control_of(root: Path):
+    repository = Repository(root)
+    metrics = Metrics()
+    plane = DataPlane(repository, RuntimeConfig(), metrics, compute_threads=1)
+    jobs = JobManager(repository, plane, RuntimeConfig())
+    control = Control(repository, plane, Registrar(repository, RuntimeConfig(), 1 << 30), jobs, "cpu", 3.6)
+    await plane.start()
+    try:
+        yield control
+    finally:
+        await jobs.stop()
+        await plane.stop()
+        repository.close()
+
+
+async def register(control: Control, name: str, model: Path) -> None:
+    data = model.read_bytes()
+    header = UploadHeader(name, (UploadFile("model", model.name, len(data), hashlib.sha256(data).hexdigest()),))
+
+    async def chunks():
+        yield 0, data
+
+    await control.register(header, chunks())
+
+
+async def add_copy(control: Control, model: str, variant: str, source: Path) -> None:
+    """A ready variant stored and served, as a finished optimizer job leaves it."""
+    with control.repository.staging() as staged:
+        (staged / variant).mkdir()
+        (staged / variant / "model.onnx").write_bytes(source.read_bytes())
+        info = VariantInfo(variant, recipe="test", parent="baseline", runtime="onnxruntime", format="onnx", file="model.onnx")
+        control.repository.add_variant(model, staged / variant, info)
+    await control.dataplane.refresh(model)
+
+
+async def infer(control: Control, x: np.ndarray, version: str = "", request_id: str = "") -> str:
+    result = await control.dataplane.serve(InferRequest("digits", version, request_id, lambda: {"x": x}))
+    return result.variant
+
+
+def sample(metrics: Metrics, name: str, variant: str, **extra) -> float | None:
+    return metrics.registry.get_sample_value(name, {"model": "digits", "variant": variant, "node_type": "cpu", **extra})
+
+
+def test_register_serves_at_once_and_refuses_a_second_model_of_that_name(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            await register(control, "digits", digits.onnx)
+            assert await infer(control, digits.x_test[:1]) == "baseline"
+            assert [m.name for m in control.list_models()] == ["digits"]
+            with pytest.raises(AlreadyExists):
+                await register(control, "digits", digits.onnx)
+
+    run(scenario())
+
+
+def test_a_deleted_variant_recreated_under_its_name_starts_from_zero(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            metrics = control.dataplane.loader.metrics
+            await register(control, "digits", digits.onnx)
+            await add_copy(control, "digits", "copy", digits.onnx)
+            await infer(control, digits.x_test[:1], "copy", "r1")
+            await control.feedback("digits", "r1", int(digits.y_test[0]))
+            assert sample(metrics, "slimserve_feedback_total", "copy", correct="true") is not None
+            await control.delete_variant("digits", "copy")
+            assert sample(metrics, "slimserve_requests_total", "copy", code="OK") is None
+            assert sample(metrics, "slimserve_feedback_total", "copy", correct="true") is None
+            await add_copy(control, "digits", "copy", digits.onnx)
+            rows = {r["variant"]: r for r in (await control.compare("digits")).rows}
+            assert rows["copy"]["requests"] == 0 and rows["copy"]["feedback"] == 0
+            with pytest.raises(NotFound):
+                await control.feedback("digits", "r1", 0)  # the deleted variant's answer is not the new one's
+
+    run(scenario())
+
+
+def test_feedback_scores_the_answer_and_sets_online_accuracy(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            metrics = control.dataplane.loader.metrics
+            await register(control, "digits", digits.onnx)
+            await infer(control, digits.x_test[:1], request_id="a")
+            await infer(control, digits.x_test[1:2], request_id="b")
+            right = await control.feedback("digits", "a", int(digits.y_test[0]))
+            wrong = await control.feedback("digits", "b", (int(digits.y_test[1]) + 1) % 10)
+            assert (right.variant, right.correct, wrong.correct) == ("baseline", True, False)
+            assert sample(metrics, "slimserve_online_accuracy_ratio", "baseline") == 0.5
+            assert sample(metrics, "slimserve_feedback_total", "baseline", correct="false") == 1
+            with pytest.raises(InvalidArgument, match="request_id is empty"):
+                await control.feedback("digits", "", 1)
+            await control.unload_model("digits")
+            with pytest.raises(Unavailable, match="registered but not loaded"):
+                await control.feedback("digits", "a", 1)
+
+    run(scenario())
+
+
+def test_traffic_changes_swap_the_router_and_survive_in_the_manifest(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            await register(control, "digits", digits.onnx)
+            await add_copy(control, "digits", "copy", digits.onnx)
+            policy = await control.set_traffic("digits", {"baseline": 0, "copy": 1}, [], None)
+            assert policy.weights == {"baseline": 0.0, "copy": 1.0} and control.get_traffic("digits") == policy
+            assert {await infer(control, digits.x_test[:1]) for _ in range(5)} == {"copy"}
+            assert (await control.rollback("digits")).weights == {"baseline": 1.0}
+            assert (await control.promote("digits", "copy")).weights == {"copy": 1.0}
+            assert control.dataplane.models["digits"].router.policy.weights == {"copy": 1.0}
+
+    run(scenario())
+
+
+def test_compare_reads_each_served_variants_own_statistics(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            await register(control, "digits", digits.onnx)
+            for i in range(3):
+                await infer(control, digits.x_test[i : i + 1])
+            comparison = await control.compare("digits")
+            (row,) = comparison.rows
+            assert (comparison.node_type, comparison.price_per_hour) == ("cpu", 3.6)
+            assert row["requests"] == 3 and row["mean_batch"] == 1.0 and row["cost_per_1000"] > 0
+
+    run(scenario())
+
+
+def test_load_keeps_statistics_and_retires_the_old_runtimes_unload_drops_them(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            await register(control, "digits", digits.onnx)
+            await infer(control, digits.x_test[:1])
+            old = control.dataplane.models["digits"].variants["baseline"]
+            await control.load_model("digits")  # RepositoryModelLoad of a loaded model: runtimes afresh
+            new = control.dataplane.models["digits"].variants["baseline"]
+            assert new.runtime is not old.runtime and new.stats is old.stats and new.stats.requests == 1
+            await asyncio.sleep(0)  # the retiring task starts: the old batcher closes, drains, and its runtime unloads
+            with pytest.raises(Unavailable):  # retired (it used to stay open, its runtime loaded, for ever)
+                await old.batcher.submit({"x": digits.x_test[:1]})
+            entries = control.repository_index()
+            assert [(e.model, e.variant, e.ready) for e in entries] == [("digits", "baseline", True)]
+            await control.unload_model("digits")
+            assert [(e.ready, e.reason) for e in control.repository_index()] == [(False, "not loaded")]
+            assert control.repository_index(ready_only=True) == []
+            with pytest.raises(NotFound, match="registered but not loaded"):
+                await control.unload_model("digits")
+            await control.load_model("digits")
+            assert control.dataplane.models["digits"].variants["baseline"].stats.requests == 0
+
+    run(scenario())
+
+
+def test_delete_model_unloads_it_and_forgets_its_series(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            metrics = control.dataplane.loader.metrics
+            await register(control, "digits", digits.onnx)
+            await infer(control, digits.x_test[:1])
+            await control.delete_model("digits")
+            assert not control.dataplane.is_loaded("digits") and control.list_models() == []
+            assert sample(metrics, "slimserve_requests_total", "baseline", code="OK") is None
+            with pytest.raises(NotFound):
+                await control.delete_model("digits")
+
+    run(scenario())

@@ -1,0 +1,79 @@
+"""The per-request path of server/dataplane.py: routing, what is recorded of each outcome, and what a refresh keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.codec import TensorCodecError
+from server.dataplane import InferRequest
+from server.errors import InvalidArgument, NotFound
+from tests.server.test_control import add_copy, control_of, infer, register, run, sample
+
+
+def test_a_refresh_keeps_feedback_and_the_statistics_of_variants_still_served(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            plane = control.dataplane
+            await register(control, "digits", digits.onnx)
+            await infer(control, digits.x_test[:1], request_id="before")
+            served = plane.models["digits"].variants["baseline"]
+            await add_copy(control, "digits", "copy", digits.onnx)  # a refresh
+            assert plane.models["digits"].variants["baseline"] is served and served.stats.requests == 1
+            assert (await control.feedback("digits", "before", int(digits.y_test[0]))).correct
+
+    run(scenario())
+
+
+def test_every_outcome_is_recorded_against_the_routed_variant(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            plane, metrics = control.dataplane, control.dataplane.loader.metrics
+            await register(control, "digits", digits.onnx)
+
+            def malformed():
+                raise TensorCodecError("input 'x': 3 bytes is not a whole number of FP32 values")
+
+            with pytest.raises(TensorCodecError):  # tensors are decoded once routed: a bad one counts for the variant
+                await plane.serve(InferRequest("digits", "", "", malformed))
+            with pytest.raises(InvalidArgument, match="input 'x': expected FP32"):
+                await infer(control, np.zeros((1, 2), np.float32))
+            with pytest.raises(NotFound, match="has no variant 'nope'"):
+                await infer(control, digits.x_test[:1], version="nope")  # refused before it is routed: not counted
+            await infer(control, digits.x_test[:1])
+            assert sample(metrics, "slimserve_requests_total", "baseline", code="INVALID_ARGUMENT") == 2
+            assert sample(metrics, "slimserve_requests_total", "baseline", code="OK") == 1
+            assert sample(metrics, "slimserve_request_duration_seconds_count", "baseline") == 3
+            assert sample(metrics, "slimserve_inflight_requests", "baseline") == 0
+            stats = plane.models["digits"].variants["baseline"].stats
+            assert (stats.requests, stats.errors, stats.samples) == (3, 2, 1)
+
+    run(scenario())
+
+
+def test_request_ids_are_made_up_when_missing_and_kept_when_given(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            await register(control, "digits", digits.onnx)
+            x = digits.x_test[:1]
+            made = [(await control.dataplane.serve(InferRequest("digits", "", "", lambda: {"x": x}))).request_id for _ in range(2)]
+            assert made[0] != made[1] and all(made)
+            given = await control.dataplane.serve(InferRequest("digits", "", "mine", lambda: {"x": x}))
+            assert given.request_id == "mine"
+
+    run(scenario())
+
+
+def test_a_sticky_parameter_pins_a_caller_to_one_variant(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            await register(control, "digits", digits.onnx)
+            await add_copy(control, "digits", "copy", digits.onnx)
+            await control.set_traffic("digits", {"baseline": 50, "copy": 50}, [], "user")
+            x = digits.x_test[:1]
+            for user in ("ann", "bob", "cy"):
+                got = {(await control.dataplane.serve(InferRequest("digits", "", "", lambda: {"x": x}, parameters={"user": user}))).variant
+                       for _ in range(8)}
+                assert len(got) == 1, (user, got)
+
+    run(scenario())
