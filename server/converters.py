@@ -17,7 +17,7 @@ from server.jobs import JobDone, JobRequest
 from server.registry import UploadFile, UploadHeader
 from server.repository import ModelInfo, VariantInfo
 from server.routing import TrafficPolicy
-from server.runtimes import TensorSpec
+from server.runtimes import TensorSpec, platform_of
 from server.stats import FeedbackResult
 
 # Evaluation fields copied into VariantRecord; the rest travel in evaluation_json.
@@ -31,12 +31,6 @@ EVALUATION_FIELDS = (
     "accuracy",
     "accuracy_delta",
 )
-PLATFORM_OF_RUNTIME = {
-    "onnxruntime": "onnxruntime_onnx",
-    "torch": "pytorch_torchexport",
-    "torch-compile": "pytorch_torchexport_compiled",
-    "xla": "pytorch_torchexport_xla",
-}
 
 
 def tensor_spec(spec: TensorSpec) -> spb.TensorSpec:
@@ -171,7 +165,7 @@ def model_metadata(meta: ModelMetadata) -> pb.ModelMetadataResponse:
     return pb.ModelMetadataResponse(
         name=meta.name,
         versions=meta.versions,
-        platform=PLATFORM_OF_RUNTIME.get(meta.runtime, meta.runtime),
+        platform=platform_of(meta.runtime),
         inputs=[tensor_metadata(s) for s in meta.inputs],
         outputs=[tensor_metadata(s) for s in meta.outputs],
     )

@@ -68,7 +68,7 @@ def test_errors_are_one_line_with_exit_1(server, digits, tmp_path):
 
 
 def test_no_server_says_so(tmp_path, digits):
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     result = runner.invoke(app, ["--server", f"127.0.0.1:{free_port()}", "models"])
     assert result.exit_code == 1 and "no slimserve answers at" in result.output

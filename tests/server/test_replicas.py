@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from client.client import SlimServeClient, SlimServeClientError
 from server.errors import FailedPrecondition
 from server.repository import Repository
-
-
-def wait_for(check, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.1)
+from tests.helpers import wait_until
 
 
 def test_a_second_writer_is_refused_with_the_way_out(tmp_path):
@@ -37,7 +26,7 @@ def test_a_read_only_replica_serves_what_the_writer_changes_and_refuses_writes(s
     x = {"x": digits.x_test[:4]}
     with SlimServeClient(writer.address) as w, SlimServeClient(replica.address) as r:
         w.register("digits", digits.onnx, data=digits.data)
-        wait_for(lambda: r.model_ready("digits"))
+        wait_until(lambda: r.model_ready("digits"), "the replica to load digits", timeout=20)
         _, out = r.infer("digits", x)
         _, expected = w.infer("digits", x)
         assert (out["logits"] == expected["logits"]).all()
@@ -45,7 +34,7 @@ def test_a_read_only_replica_serves_what_the_writer_changes_and_refuses_writes(s
         # routing changed on the writer reaches the replica
         w.optimize("digits", "graph-ort")
         w.promote("digits", "graph-ort")
-        wait_for(lambda: r.infer("digits", x)[0] == "graph-ort")
+        wait_until(lambda: r.infer("digits", x)[0] == "graph-ort", "the replica to route to graph-ort", timeout=20)
 
         # writes on the replica are refused, naming the writer
         for call in (lambda: r.register("other", digits.onnx), lambda: r.traffic("digits", {"baseline": 1}),
@@ -57,4 +46,4 @@ def test_a_read_only_replica_serves_what_the_writer_changes_and_refuses_writes(s
 
         # a model deleted by the writer is unloaded on the replica
         w.delete("digits")
-        wait_for(lambda: not r.model_ready("digits"))
+        wait_until(lambda: not r.model_ready("digits"), "the replica to drop digits", timeout=20)

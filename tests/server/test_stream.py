@@ -1,7 +1,6 @@
 """ModelStreamInfer (Triton's streaming API): answers by id, batching across a stream, errors on and of the stream."""
 
 import queue
-import time
 
 import grpc
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from tests.helpers import wait_until
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
@@ -99,10 +99,7 @@ def test_a_client_cancelling_its_stream_leaves_nothing_behind(digits_stub, serve
     outbox.put(None)
     assert digits_stub.ModelInfer(infer_request(digits.x_test[:1], "after"), timeout=30).id == "after"
     inflight = server.metrics.inflight.labels(**server.metrics.labels("digits", "baseline"))
-    deadline = time.monotonic() + 10
-    while inflight._value.get() != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert inflight._value.get() == 0
+    wait_until(lambda: inflight._value.get() == 0, "the in-flight gauge to drop to 0", timeout=10)
 
 
 def test_stream_requests_are_counted_like_unary_ones(digits_stub, server, digits):
