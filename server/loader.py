@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from server.batching import BatchingConfig, DynamicBatcher
+from server.batch_assembly import BatchingConfig
+from server.batching import DynamicBatcher
 from server.errors import NotFound
 from server.metrics import Metrics
 from server.models import LoadedModel, ServedVariant
