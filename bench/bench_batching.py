@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.batching import BatchingConfig, DynamicBatcher
+from server.batch_assembly import BatchingConfig
+from server.batching import DynamicBatcher
 from server.errors import ResourceExhausted
 
 RESULTS = Path(__file__).parent / "results" / "batching.json"

@@ -26,8 +26,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from server.manifest import ModelInfo, VariantInfo
 from server.metrics import Metrics
-from server.repository import ModelInfo, Repository, VariantInfo
+from server.repository import Repository
 from server.routing import TrafficPolicy
 from server.runtimes import Runtime, RuntimeConfig, TensorSpec
 

@@ -1,37 +1,22 @@
-"""`slimctl`: register, list, query and delete models on a slimserve server."""
+"""`slimctl`: the app and its options, and the model commands: register, list, optimize, query and delete models."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from client.client import ROWS_REQUEST_BYTES, SlimServeClient, SlimServeClientError, split_rows
+from client import cli_traffic
+from client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
+from client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
 from client.report import render_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: manage and query a slimserve server.")
-# Wide when piped, so that tables in logs and CI output are not folded to 80 columns.
-console = Console() if sys.stdout.isatty() else Console(width=160)
-err = Console(stderr=True)
-
-
-class State:
-    server: str | None = None
-    token: str | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-
-
-state = State()
 
 
 @app.callback()
@@ -44,44 +29,6 @@ def options(
 ) -> None:
     state.server, state.token = server, token
     state.tls_ca, state.tls_cert, state.tls_key = tls_ca, tls_cert, tls_key
-
-
-def connect() -> SlimServeClient:
-    try:
-        return SlimServeClient(state.server, state.token, tls_ca=state.tls_ca, tls_cert=state.tls_cert, tls_key=state.tls_key)
-    except SlimServeClientError as e:
-        fail(e.message)
-
-
-def fail(message: str) -> None:
-    err.print(f"slimctl: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2) + "\n")
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def shape_text(shape: list[int]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
 
 
 @app.command()
@@ -306,145 +253,8 @@ def delete(
     console.print(f"deleted {name}" + (f" variant {variant}" if variant else ""))
 
 
-# ---------------------------------------------------------------------- traffic and experiments
-
-
-def parse_weights(pairs: list[str]) -> dict[str, float]:
-    weights: dict[str, float] = {}
-    for pair in pairs:
-        variant, sep, value = pair.partition("=")
-        if not sep or not variant:
-            fail(f"'{pair}' is not VARIANT=WEIGHT (e.g. baseline=70 int8=30)")
-        if variant in weights:
-            fail(f"variant '{variant}' is given twice")
-        try:
-            weights[variant] = float(value)
-        except ValueError:
-            fail(f"weight of '{variant}' must be a number, got '{value}'")
-    return weights
-
-
-def print_traffic(policy: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(policy)
-        return
-    table = Table("variant", "share", "role", title=f"traffic of {policy['model']}")
-    for variant, weight in policy["weights"].items():
-        table.add_row(variant, f"{weight * 100:.1f}%", "primary")
-    for variant in policy["shadows"]:
-        table.add_row(variant, "copy", "shadow")
-    console.print(table)
-    notes = []
-    if policy["sticky_parameter"]:
-        notes.append(f"sticky by request parameter '{policy['sticky_parameter']}'")
-    if policy["can_rollback"]:
-        notes.append(f"'slimctl rollback {policy['model']}' restores the previous split")
-    for note in notes:
-        console.print(note)
-
-
-@app.command()
-def traffic(
-    name: str = typer.Argument(..., help="Model name."),
-    weights: Optional[list[str]] = typer.Argument(None, help="VARIANT=WEIGHT pairs, e.g. baseline=70 int8=30 (normalized)."),
-    shadow: Optional[list[str]] = typer.Option(None, "--shadow", help="Variant that gets a copy of the traffic (repeatable)."),
-    sticky: Optional[str] = typer.Option(None, "--sticky", help="Request parameter whose value pins a caller to a variant."),
-    as_json: bool = typer.Option(False, "--json", help="Print the policy as JSON."),
-) -> None:
-    """Split a model's live traffic between variants (no pairs: show the current split)."""
-    if not weights and (shadow or sticky):
-        fail("give the primary weights too, e.g. 'slimctl traffic NAME baseline=100 --shadow int8'")
-    parsed = parse_weights(weights) if weights else None
-    try:
-        with connect() as client:
-            policy = client.traffic(name, parsed, shadow or [], sticky)
-    except SlimServeClientError as e:
-        fail(str(e))
-    print_traffic(policy, as_json)
-
-
-@app.command()
-def promote(
-    name: str = typer.Argument(..., help="Model name."),
-    variant: str = typer.Argument(..., help="Variant that takes all the traffic."),
-    as_json: bool = typer.Option(False, "--json", help="Print the policy as JSON."),
-) -> None:
-    """Send all of a model's traffic to one variant (the previous split is kept for rollback)."""
-    try:
-        with connect() as client:
-            policy = client.promote(name, variant)
-    except SlimServeClientError as e:
-        fail(str(e))
-    print_traffic(policy, as_json)
-
-
-@app.command()
-def rollback(
-    name: str = typer.Argument(..., help="Model name."),
-    as_json: bool = typer.Option(False, "--json", help="Print the policy as JSON."),
-) -> None:
-    """Restore a model's traffic split from before the last change."""
-    try:
-        with connect() as client:
-            policy = client.rollback(name)
-    except SlimServeClientError as e:
-        fail(str(e))
-    print_traffic(policy, as_json)
-
-
-@app.command()
-def feedback(
-    name: str = typer.Argument(..., help="Model name."),
-    request_id: str = typer.Argument(..., help="Id of the inference request (the response's id)."),
-    label: int = typer.Argument(..., help="The true class of that request's input."),
-) -> None:
-    """Record the ground truth of an earlier request, for online accuracy per variant."""
-    try:
-        with connect() as client:
-            result = client.feedback(name, request_id, label)
-    except SlimServeClientError as e:
-        fail(str(e))
-    console.print(f"{request_id}: answered by {result['variant']}, {'correct' if result['correct'] else 'wrong'}")
-
-
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.2f}%"
-
-
-@app.command()
-def compare(
-    name: str = typer.Argument(..., help="Model name."),
-    as_json: bool = typer.Option(False, "--json", help="Print one record per variant as JSON."),
-) -> None:
-    """Which variant wins on live traffic: latency, batch, cost, offline and online accuracy, significance."""
-    try:
-        with connect() as client:
-            result = client.compare(name)
-    except SlimServeClientError as e:
-        fail(str(e))
-    if as_json:
-        print_json(result)
-        return
-    table = Table(
-        "variant", "share", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "batch", "$/1k inf", "offline acc",
-        "online acc (95% CI)", "latency vs baseline", "accuracy vs baseline",
-        title=f"{name} on {result['node_type']} ({result['price_per_hour']:.2f} $/h)", box=box.SIMPLE_HEAVY,
-    )
-    for r in result["variants"]:
-        share = "shadow" if r["shadow"] else f"{r['weight'] * 100:.0f}%"
-        online = pct(r["online_accuracy"])
-        if r["online_accuracy_ci"] is not None:
-            low, high = r["online_accuracy_ci"]
-            online += f" [{low * 100:.1f}, {high * 100:.1f}] n={r['feedback']}"
-        if r["shadow_agreement"] is not None:
-            share += f" (agrees {r['shadow_agreement'] * 100:.1f}%)"
-        table.add_row(
-            r["variant"], share, fmt(r["requests"]), fmt(r["errors"]), fmt(r["latency_p50_ms"], 3), fmt(r["latency_p90_ms"], 3),
-            fmt(r["latency_p99_ms"], 3), fmt(r["mean_batch"], 1),
-            "-" if r["cost_per_1000"] is None else f"{r['cost_per_1000']:.2e}",
-            pct(r["offline_accuracy"]), online, r["latency_verdict"] or "-", r["accuracy_verdict"] or "-",
-        )
-    console.print(table)
+# The traffic and experiment commands (client/cli_traffic.py) come after the model commands in help.
+cli_traffic.add_commands(app)
 
 
 def main() -> None:

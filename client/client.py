@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 from client import codec
+from client.records import comparison_dict, model_dict, traffic_dict, variant_dict
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos import slimserve_pb2 as spb
@@ -55,66 +56,6 @@ def load_recipe_file(path: Path) -> Any:
         return yaml.safe_load(text)
     except Exception as e:  # JSONDecodeError, YAMLError
         raise SlimServeClientError("INVALID_ARGUMENT", f"recipe file '{path}' cannot be parsed: {e}") from None
-
-
-def variant_dict(v: spb.VariantRecord) -> dict[str, Any]:
-    """A VariantRecord as the `variants --json` contract: unmeasured fields are null."""
-    out: dict[str, Any] = {"name": v.name, "recipe": v.recipe, "parent": v.parent, "runtime": v.runtime, "status": v.status}
-    for field in ("params", "nonzero_params"):
-        out[field] = getattr(v, field) if v.HasField(field) else None
-    out["size_bytes"] = v.size_bytes
-    for field in ("flops", "latency_p50_ms", "latency_p99_ms", "throughput", "accuracy", "accuracy_delta"):
-        out[field] = getattr(v, field) if v.HasField(field) else None
-    out["message"] = v.message
-    out["created_at"] = v.created_at
-    out["evaluation"] = json.loads(v.evaluation_json) if v.evaluation_json else {}
-    return out
-
-
-def model_dict(m: spb.ModelRecord) -> dict[str, Any]:
-    spec = lambda s: {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}  # noqa: E731
-    return {
-        "name": m.name,
-        "format": m.format,
-        "description": m.description,
-        "created_at": m.created_at,
-        "inputs": [spec(s) for s in m.inputs],
-        "outputs": [spec(s) for s in m.outputs],
-        "datasets": list(m.datasets),
-        "default_variant": m.default_variant,
-        "traffic": traffic_dict(m.traffic),
-        "variants": [variant_dict(v) for v in m.variants],
-    }
-
-
-def traffic_dict(t: spb.TrafficPolicy) -> dict[str, Any]:
-    return {
-        "model": t.model,
-        "weights": dict(sorted(t.weights.items())),
-        "shadows": list(t.shadows),
-        "sticky_parameter": t.sticky_parameter or None,
-        "can_rollback": t.can_rollback,
-    }
-
-
-COMPARE_FIELDS = (
-    "variant", "weight", "shadow", "requests", "errors", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_batch",
-    "cost_per_1000", "offline_accuracy", "online_accuracy", "online_accuracy_low", "online_accuracy_high", "feedback",
-    "shadow_agreement", "latency_verdict", "accuracy_verdict",
-)
-
-
-def comparison_dict(c: spb.VariantComparison) -> dict[str, Any]:
-    """One row of `compare --json`: fields the server had no data for are null."""
-    out: dict[str, Any] = {}
-    for field in COMPARE_FIELDS:
-        optional = c.DESCRIPTOR.fields_by_name[field].has_presence and field not in ("variant",)
-        out[field] = getattr(c, field) if (not optional or c.HasField(field)) else None
-    low, high = out.pop("online_accuracy_low"), out.pop("online_accuracy_high")
-    out["online_accuracy_ci"] = [low, high] if low is not None else None
-    for field in ("latency_verdict", "accuracy_verdict"):
-        out[field] = out[field] or None
-    return out
 
 
 def _read_file(path: str | Path, what: str) -> bytes:

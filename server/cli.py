@@ -96,8 +96,7 @@ def optimize(
     from client.report import render_report
     from optimizer.report import to_json
     from server.errors import InvalidArgument
-    from server.registry import check_dataset
-    from server.repository import RUNTIME_OF_FORMAT, inspect_npz, model_format
+    from server.manifest import RUNTIME_OF_FORMAT, check_dataset, inspect_npz, model_format
     from server.runtimes import RuntimeConfig, create_runtime
 
     console = Console(stderr=True)

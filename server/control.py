@@ -14,8 +14,9 @@ from optimizer.base import ProgressEvent
 from server.dataplane import DataPlane
 from server.errors import AlreadyExists, InvalidArgument, NotFound
 from server.jobs import JobDone, JobManager, JobRequest
+from server.manifest import ModelInfo
 from server.registry import Registrar, UploadHeader, check_header
-from server.repository import ModelInfo, Repository
+from server.repository import Repository
 from server.routing import TrafficPolicy, promote, rollback, set_traffic
 from server.stats import FeedbackResult, compare_rows
 

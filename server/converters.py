@@ -14,8 +14,8 @@ from server.control import Comparison, IndexEntry
 from server.dataplane import InferRequest, InferResult, ModelMetadata
 from server.errors import InvalidArgument
 from server.jobs import JobDone, JobRequest
+from server.manifest import ModelInfo, VariantInfo
 from server.registry import UploadFile, UploadHeader
-from server.repository import ModelInfo, VariantInfo
 from server.routing import TrafficPolicy
 from server.runtimes import TensorSpec, platform_of
 from server.stats import FeedbackResult

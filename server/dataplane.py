@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from client.codec import DATATYPE_TO_NUMPY, TensorCodecError, datatype_of
-from server.batching import BatchingConfig, DynamicBatcher
+from server.batch_assembly import BatchingConfig
+from server.batching import DynamicBatcher
 from server.errors import ErrorKind, FailedPrecondition, InvalidArgument, NotFound, SlimServeError, Unavailable
 from server.loader import ModelLoader
 from server.metrics import Metrics

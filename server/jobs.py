@@ -17,7 +17,8 @@ from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
 from optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
 from server.dataplane import DataPlane
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SlimServeError
-from server.repository import BASELINE, DATA_ROLES, ModelInfo, Repository, VariantInfo, now, validate_name
+from server.manifest import BASELINE, DATA_ROLES, ModelInfo, VariantInfo, now, validate_name
+from server.repository import Repository
 from server.runtimes import RuntimeConfig, create_runtime
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from server.batching import BatchingConfig, DynamicBatcher
+from server.batch_assembly import BatchingConfig
+from server.batching import DynamicBatcher
 from server.errors import NotFound
+from server.manifest import ModelInfo
 from server.metrics import Metrics
 from server.models import LoadedModel, ServedVariant
 from server.recording import VariantRecorder
-from server.repository import ModelInfo, Repository
+from server.repository import Repository
 from server.routing import Router, TrafficPolicy
 from server.runtimes import Runtime, RuntimeConfig, create_runtime
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from server.batching import DynamicBatcher
 from server.errors import FailedPrecondition, NotFound
+from server.manifest import ModelInfo
 from server.recording import VariantRecorder
-from server.repository import ModelInfo
 from server.routing import Router
 from server.runtimes import Runtime
 from server.stats import FeedbackStore, VariantStats

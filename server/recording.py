@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from server.manifest import VariantInfo
 from server.metrics import Metrics
-from server.repository import VariantInfo
 from server.stats import VariantStats
 
 

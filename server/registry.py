@@ -12,12 +12,11 @@ from pathlib import Path
 import onnx
 
 from server.errors import InvalidArgument
-from server.repository import (
+from server.manifest import (
     BASELINE,
     DATA_ROLES,
     RUNTIME_OF_FORMAT,
     ModelInfo,
-    Repository,
     VariantInfo,
     check_dataset,
     inspect_npz,
@@ -25,6 +24,7 @@ from server.repository import (
     now,
     validate_name,
 )
+from server.repository import Repository
 from server.runtimes import RuntimeConfig, create_runtime
 from server.runtimes.pt2 import UnsafeArchiveError
 

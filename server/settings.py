@@ -15,7 +15,7 @@ from pydantic import Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.batching import BatchingConfig
+from server.batch_assembly import BatchingConfig
 from server.runtimes import RuntimeConfig
 
 DEVICES = ("auto", "cpu", "cuda")

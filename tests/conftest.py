@@ -134,7 +134,7 @@ class ServerHandle:
 
     def add_variant(self, model: str, name: str, source: Path, recipe: str = "test") -> None:
         """Stores `source` (ONNX) as a ready variant and loads it live, as a finished optimizer job would."""
-        from server.repository import VariantInfo
+        from server.manifest import VariantInfo
 
         repository = self.server.repository
         with repository.staging() as staged:

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from server.batching import BatchingConfig, DynamicBatcher
+from server.batch_assembly import BatchingConfig
+from server.batching import DynamicBatcher
 from server.errors import InvalidArgument, ResourceExhausted, Unavailable
 from server.runtimes import create_runtime
 

@@ -14,9 +14,10 @@ from server.control import Control
 from server.dataplane import DataPlane, InferRequest
 from server.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from server.jobs import JobManager
+from server.manifest import VariantInfo
 from server.metrics import Metrics
 from server.registry import Registrar, UploadFile, UploadHeader
-from server.repository import Repository, VariantInfo
+from server.repository import Repository
 from server.runtimes import RuntimeConfig
 
 
