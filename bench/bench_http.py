@@ -102,8 +102,22 @@ def main() -> None:
 
     onnx_path = export_onnx(model, work / "digits.onnx", torch.from_numpy(x))
     grpc_port, http_port = free_port(), free_port()
-    command = [sys.executable, "-m", "server.cli", "start", "--repository", str(work / "repository"), "--grpc-port", str(grpc_port),
-               "--http-port", str(http_port), "--metrics-port", "-1", "--log-level", "WARNING"]
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "start",
+        "--repository",
+        str(work / "repository"),
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--metrics-port",
+        "-1",
+        "--log-level",
+        "WARNING",
+    ]
     server = subprocess.Popen(command)
     grpc_address, http_address = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
     try:
@@ -111,12 +125,17 @@ def main() -> None:
             wait_until(lambda: client.models() is not None, "the server", 60, ignore=(Exception,))
             client.register("digits", onnx_path)
         payload = build_infer_request("digits", x)
-        head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8],
-                                       "parameters": {"binary_data_size": x.nbytes}}],
-                           "parameters": {"binary_data_output": True}}).encode()
+        head = json.dumps(
+            {
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8], "parameters": {"binary_data_size": x.nbytes}}],
+                "parameters": {"binary_data_output": True},
+            }
+        ).encode()
         binary = (head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"})
-        as_json = (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.reshape(-1).tolist()}]})
-                   .encode(), {"Content-Type": "application/json"})
+        as_json = (
+            json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.reshape(-1).tolist()}]}).encode(),
+            {"Content-Type": "application/json"},
+        )
         protocols = {
             "gRPC (raw)": lambda: grpc_caller(grpc_address, payload),
             "HTTP binary": lambda: http_caller(http_address, *binary),

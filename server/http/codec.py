@@ -48,7 +48,7 @@ def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wher
     value = obj.get(key, default)
     if value is ...:
         raise InvalidArgument(f"{where}: '{key}' is missing")
-    if value is not default and (not isinstance(value, kind) or isinstance(value, bool) and bool not in _tuple(kind)):
+    if value is not default and (not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind))):
         names = " or ".join(k.__name__ for k in _tuple(kind))
         raise InvalidArgument(f"{where}: '{key}' must be {names}, got {type(value).__name__}")
     return value
@@ -183,8 +183,12 @@ def infer_request(model: str, version: str, body: bytes, header_length: str | No
     parameters = _parameters(request, "the inference request")
     request_id = _field(request, "id", str, "the inference request", "")
     infer = InferRequest(
-        model=model, version=version, id=request_id, decode_inputs=partial(_decode_inputs, inputs),
-        outputs=outputs or None, parameters=parameters or None,
+        model=model,
+        version=version,
+        id=request_id,
+        decode_inputs=partial(_decode_inputs, inputs),
+        outputs=outputs or None,
+        parameters=parameters or None,
     )
     return infer, OutputForm(frozenset(binary_outputs), parameters.get("binary_data_output") is True)
 
@@ -240,9 +244,7 @@ def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
 
 
 def repository_index(entries: list[IndexEntry]) -> list[dict[str, Any]]:
-    return [
-        {"name": e.model, "version": e.variant, "state": "READY" if e.ready else "UNAVAILABLE", "reason": e.reason} for e in entries
-    ]
+    return [{"name": e.model, "version": e.variant, "state": "READY" if e.ready else "UNAVAILABLE", "reason": e.reason} for e in entries]
 
 
 def index_request(body: bytes) -> bool:

@@ -17,8 +17,9 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
 def _save(path: Path, nodes, inputs, outputs) -> Path:
-    model = helper.make_model(helper.make_graph(nodes, path.stem, inputs, outputs), opset_imports=[helper.make_opsetid("", 17)],
-                              ir_version=9)
+    model = helper.make_model(
+        helper.make_graph(nodes, path.stem, inputs, outputs), opset_imports=[helper.make_opsetid("", 17)], ir_version=9
+    )
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -37,9 +38,12 @@ def simple_onnx(path: Path) -> Path:
 def simple_string_onnx(path: Path) -> Path:
     """Triton's `simple_string`: the same sums over BYTES tensors of decimal integers."""
     nodes = [
-        helper.make_node("Cast", ["INPUT0"], ["a"], to=T.INT32), helper.make_node("Cast", ["INPUT1"], ["b"], to=T.INT32),
-        helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Sub", ["a", "b"], ["difference"]),
-        helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=T.STRING), helper.make_node("Cast", ["difference"], ["OUTPUT1"], to=T.STRING),
+        helper.make_node("Cast", ["INPUT0"], ["a"], to=T.INT32),
+        helper.make_node("Cast", ["INPUT1"], ["b"], to=T.INT32),
+        helper.make_node("Add", ["a", "b"], ["sum"]),
+        helper.make_node("Sub", ["a", "b"], ["difference"]),
+        helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=T.STRING),
+        helper.make_node("Cast", ["difference"], ["OUTPUT1"], to=T.STRING),
     ]
     return _save(path, nodes, _io("INPUT", T.STRING), _io("OUTPUT", T.STRING))
 
@@ -72,8 +76,14 @@ def assert_sums(result) -> None:
 def test_simple_http_infer_client(triton, compression):
     """simple_http_infer_client.py: JSON and binary inputs and outputs mixed, query parameters, compression both ways."""
     outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=True), httpclient.InferRequestedOutput("OUTPUT1", binary_data=False)]
-    result = triton.infer("simple", simple_inputs(False, True), outputs=outputs, query_params={"test_1": 1, "test_2": 2},
-                          request_compression_algorithm=compression, response_compression_algorithm=compression)
+    result = triton.infer(
+        "simple",
+        simple_inputs(False, True),
+        outputs=outputs,
+        query_params={"test_1": 1, "test_2": 2},
+        request_compression_algorithm=compression,
+        response_compression_algorithm=compression,
+    )
     assert_sums(result)
     answer = result.get_response()
     assert answer["model_name"] == "simple" and answer["model_version"] == "baseline"
@@ -120,8 +130,10 @@ def test_simple_http_health_metadata(triton):
     assert metadata["name"] == "slimserve" and "binary_tensor_data" in metadata["extensions"]
     metadata = triton.get_model_metadata("simple", query_params={"test_1": 1, "test_2": 2})
     assert metadata["name"] == "simple" and metadata["platform"] == "onnxruntime_onnx"
-    assert [(i["name"], i["datatype"], i["shape"]) for i in metadata["inputs"]] == [("INPUT0", "INT32", [-1, 16]),
-                                                                                   ("INPUT1", "INT32", [-1, 16])]
+    assert [(i["name"], i["datatype"], i["shape"]) for i in metadata["inputs"]] == [
+        ("INPUT0", "INT32", [-1, 16]),
+        ("INPUT1", "INT32", [-1, 16]),
+    ]
     with pytest.raises(InferenceServerException) as e:
         triton.get_model_metadata("wrong_model_name")
     assert e.value.status() == "404" and "wrong_model_name" in e.value.message()
@@ -133,12 +145,12 @@ def test_simple_http_string_infer_client(triton, binary):
     in0 = np.arange(16, dtype=np.int32).reshape(1, 16)
     in1 = np.ones((1, 16), dtype=np.int32)
     inputs = [httpclient.InferInput("INPUT0", [1, 16], "BYTES"), httpclient.InferInput("INPUT1", [1, 16], "BYTES")]
-    inputs[0].set_data_from_numpy(np.array([str(x).encode() for x in in0.reshape(-1)], dtype=np.object_).reshape(1, 16),
-                                  binary_data=binary)
-    inputs[1].set_data_from_numpy(np.array([str(x) for x in in1.reshape(-1)], dtype=np.object_).reshape(1, 16),
-                                  binary_data=not binary)
-    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary),
-               httpclient.InferRequestedOutput("OUTPUT1", binary_data=not binary)]
+    inputs[0].set_data_from_numpy(np.array([str(x).encode() for x in in0.reshape(-1)], dtype=np.object_).reshape(1, 16), binary_data=binary)
+    inputs[1].set_data_from_numpy(np.array([str(x) for x in in1.reshape(-1)], dtype=np.object_).reshape(1, 16), binary_data=not binary)
+    outputs = [
+        httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary),
+        httpclient.InferRequestedOutput("OUTPUT1", binary_data=not binary),
+    ]
     result = triton.infer("simple_string", inputs, outputs=outputs)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0").astype(np.int32), in0 + in1)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1").astype(np.int32), in0 - in1)

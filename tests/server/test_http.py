@@ -16,8 +16,9 @@ from tests.conftest import echo_arrays
 LABELS = {"model": "digits", "variant": "baseline", "node_type": "cpu"}
 
 
-def call(address: str, method: str, path: str, body: bytes | str | None = None, headers: dict[str, str] | None = None,
-         context=None) -> tuple[int, dict[str, str], bytes]:
+def call(
+    address: str, method: str, path: str, body: bytes | str | None = None, headers: dict[str, str] | None = None, context=None
+) -> tuple[int, dict[str, str], bytes]:
     """One HTTP request: (status, headers, body)."""
     host, port = address.rsplit(":", 1)
     if context is None:

@@ -8,20 +8,27 @@ import ssl
 import grpc
 import pytest
 
-from server.errors import HTTP_STATUS, ErrorKind
 from server.edge import STATUS_OF_KIND
+from server.errors import HTTP_STATUS, ErrorKind
 from tests.server.test_http import binary_request, call, post_json
-from tests.server.test_tls import Pki, pki  # noqa: F401 - the fixture
+from tests.server.test_tls import Pki, pki  # noqa: F401 - the fixture, used by name
 
 TOKEN = "rest-token-0123456789"
 X = {"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8]}
 
 # The HTTP status Triton and KServe answer for each gRPC code.
 HTTP_OF_GRPC = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
 }
 
 
@@ -78,7 +85,9 @@ def test_binary_sizes_that_disagree_with_the_header_are_400(rest, digits):
     header = {"inputs": [{**X, "parameters": {"binary_data_size": len(x)}}]}
     body, headers = binary_request(header, x + b"extra")
     assert error_of(rest.http_address, "/v2/models/digits/infer", body, headers) == (
-        400, "the inputs' binary_data_size add up to 256 bytes but 261 follow the JSON header")
+        400,
+        "the inputs' binary_data_size add up to 256 bytes but 261 follow the JSON header",
+    )
     body, headers = binary_request(header, x[:-1])
     status, error = error_of(rest.http_address, "/v2/models/digits/infer", body, headers)
     assert status == 400 and "binary_data_size 256 at offset 0 runs past the 255 bytes after the JSON header" in error
@@ -146,7 +155,7 @@ def test_the_token_protects_what_it_protects_over_grpc(server_factory, token_fil
     assert error_of(protected.http_address, "/v2/models/digits/infer", with_data([0.5] * 64), bearer)[0] == 404
 
 
-def test_https_with_the_grpc_ports_certificate_and_mutual_tls(server_factory, pki: Pki, tmp_path):
+def test_https_with_the_grpc_ports_certificate_and_mutual_tls(server_factory, pki: Pki, tmp_path):  # noqa: F811 - the fixture
     server = server_factory(tls_cert=pki.server_cert, tls_key=pki.server_key)
     trusting = ssl.create_default_context(cafile=str(pki.ca))
     assert call(server.http_address, "GET", "/v2/health/live", context=trusting)[0] == 200
