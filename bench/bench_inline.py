@@ -43,7 +43,8 @@ def main() -> None:
     port = free_port()
     exe = str(Path(sys.executable).with_name("slimserve"))
     handoff = Server("slimserve-handoff", [exe, "start", "--repository", str(CACHE / "repository"), "--read-only", "--grpc-port",
-                                           str(port), "--metrics-port", "-1", "--log-level", "WARNING", "--inline-compute-ms", "0"], port)
+                                           str(port), "--http-port", "-1",
+                                           "--metrics-port", "-1", "--log-level", "WARNING", "--inline-compute-ms", "0"], port)
     servers = {"inline (default 0.5 ms)": inline, "hand-off (--inline-compute-ms 0)": handoff}
     points: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:

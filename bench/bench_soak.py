@@ -121,7 +121,7 @@ def start_server(workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str
     port = free_port()
     log = open(workdir / "server.log", "ab")
     command = [sys.executable, "-m", "server.cli", "start", "--repository", str(workdir / "repository"),
-               "--grpc-port", str(port), "--metrics-port", "-1", "--log-level", "WARNING", *extra]
+               "--grpc-port", str(port), "--http-port", "-1", "--metrics-port", "-1", "--log-level", "WARNING", *extra]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     address = f"127.0.0.1:{port}"
 

@@ -153,7 +153,8 @@ def start_slimserve(files: ModelFiles, variants: list[str], fresh: bool, extra_f
         shutil.rmtree(repo)
     port = free_port()
     exe = str(Path(sys.executable).with_name("slimserve"))
-    server = Server("slimserve", [exe, "start", "--repository", str(repo), "--grpc-port", str(port), "--metrics-port", "-1",
+    server = Server("slimserve", [exe, "start", "--repository", str(repo), "--grpc-port", str(port), "--http-port", "-1",
+                                  "--metrics-port", "-1",
                                   "--log-level", "WARNING", *extra_flags], port)
     server.start()
     server.wait_ready("", 120)

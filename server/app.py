@@ -1,4 +1,4 @@
-"""Assembles the gRPC server: servicers, health, reflection, metrics endpoint, graceful shutdown."""
+"""Assembles the server: gRPC servicers, health, reflection, the REST port, the metrics endpoint, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from server.auth import TokenAuthInterceptor, read_token, tls_server_credentials
 from server.control import Control
 from server.dataplane import DataPlane
 from server.edge import CheckedDecoding
+from server.http.routes import Routes
+from server.http.server import HttpServer, build_app, tls_context
 from server.jobs import JobManager
 from server.metrics import Metrics
 from server.pricing import load_prices, price_of
@@ -75,7 +77,10 @@ class SlimServer:
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None
+        self.auth = TokenAuthInterceptor(read_token(settings.token_file), settings.protect_inference) if settings.token_file else None
         self.port: int | None = None
+        self.http_port: int | None = None
+        self.http: HttpServer | None = None
         self.metrics_port: int | None = None
         self._metrics_server = None
         self.server: grpc.aio.Server | None = None
@@ -86,10 +91,7 @@ class SlimServer:
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
         ]
-        interceptors = []
-        if self.settings.token_file is not None:
-            interceptors.append(TokenAuthInterceptor(read_token(self.settings.token_file), self.settings.protect_inference))
-        server = grpc.aio.server(options=options, interceptors=interceptors)
+        server = grpc.aio.server(options=options, interceptors=[self.auth] if self.auth is not None else [])
         checked = CheckedDecoding(server)  # request bytes that do not parse: INVALID_ARGUMENT, not UNKNOWN
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane, self.control), checked)
         slimserve_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(self.control), checked)
@@ -119,14 +121,24 @@ class SlimServer:
             self.watcher = RepositoryWatcher(self.repository, self.dataplane, self.settings.poll_repository_s)
             self.watcher.start()
         await self.server.start()
+        if self.settings.http_port >= 0:
+            await self._start_http()
         if self.settings.metrics_port >= 0:
             self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
         for service in ("", *SERVICES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         tls = "plaintext" if self.credentials is None else ("mutual TLS" if self.settings.tls_ca else "TLS")
-        log.info("slimserve listening on %s:%s, %s (metrics on %s)", self.settings.host, self.port, tls, self.metrics_port)
+        log.info("slimserve listening on %s:%s, %s (HTTP on %s, metrics on %s)", self.settings.host, self.port, tls,
+                 self.http_port, self.metrics_port)
         warn_if_slow_protobuf()
+
+    async def _start_http(self) -> None:
+        """The REST port: the same data plane, control, token and TLS as gRPC, on this event loop."""
+        s = self.settings
+        app = build_app(Routes(self.dataplane, self.control).table(), self.auth, s.max_message_bytes)
+        self.http = HttpServer(app, tls_context(s.tls_cert, s.tls_key, s.tls_ca))
+        self.http_port = await self.http.start(s.host, s.http_port)
 
     def _measure_unmeasured(self) -> None:
         """Variants whose evaluation a crash or stop cut short are measured again, in the background."""
@@ -141,7 +153,8 @@ class SlimServer:
         """Stops accepting calls, lets those in flight finish within `grace` seconds, then unloads."""
         await self.health.enter_graceful_shutdown()
         await self.jobs.stop()
-        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        await asyncio.gather(self.server.stop(grace), self._stop_http(grace))
         if self.watcher is not None:
             await self.watcher.stop()
         await self.dataplane.stop()
@@ -149,6 +162,10 @@ class SlimServer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+
+    async def _stop_http(self, grace: float) -> None:
+        if self.http is not None:
+            await self.http.stop(grace)
 
     async def serve_until_signal(self) -> None:
         """Runs until SIGTERM or SIGINT, then shuts down gracefully."""

@@ -60,12 +60,16 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not self.protects(handler_call_details.method):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
+        refusal = self.refusal(metadata.get("authorization", ""))
+        return handler if refusal is None else _deny(handler, refusal)
+
+    def refusal(self, given: str | bytes, carrier: str = "metadata") -> str | None:
+        """None when `given` is `Bearer <token>`, else why not; the REST port checks its `Authorization` header here too."""
         given = given.encode() if isinstance(given, str) else given
         if hmac.compare_digest(given, self.expected):
-            return handler
-        reason = "missing 'authorization: Bearer <token>' metadata" if not given else "the bearer token is wrong"
-        return _deny(handler, f"{reason}; pass --token or set SLIMSERVE_TOKEN")
+            return None
+        reason = f"missing 'authorization: Bearer <token>' {carrier}" if not given else "the bearer token is wrong"
+        return f"{reason}; pass --token or set SLIMSERVE_TOKEN"
 
 
 def _read_pem(path: Path, flag: str) -> bytes:

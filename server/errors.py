@@ -1,4 +1,4 @@
-"""Transport-neutral domain errors; the gRPC edge maps each kind to a status code in one place."""
+"""Transport-neutral domain errors, and the HTTP status of each kind (the gRPC edge, server/edge.py, maps kinds to gRPC codes)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,22 @@ class ErrorKind(enum.Enum):
     DEADLINE_EXCEEDED = "deadline exceeded"
     UNIMPLEMENTED = "unimplemented"
     INTERNAL = "internal"
+
+
+# The REST edge's status for each kind: the one Triton and KServe answer for the gRPC code of the same name.
+# A kind without a row here fails tests/server/test_http_errors.py.
+HTTP_STATUS: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_ARGUMENT: 400,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.ALREADY_EXISTS: 409,
+    ErrorKind.FAILED_PRECONDITION: 400,
+    ErrorKind.RESOURCE_EXHAUSTED: 429,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.DEADLINE_EXCEEDED: 504,
+    ErrorKind.UNIMPLEMENTED: 501,
+    ErrorKind.INTERNAL: 500,
+}
 
 
 class SlimServeError(Exception):

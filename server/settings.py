@@ -34,8 +34,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore")
 
     repository: Path = setting(Path("./slimserve-repository"), "repository directory", shown="`./slimserve-repository`")
-    host: str = setting("127.0.0.1", "address the gRPC and `/metrics` servers listen on")
+    host: str = setting("127.0.0.1", "address the gRPC, HTTP and `/metrics` servers listen on")
     grpc_port: int = setting(8001, "gRPC port; 0 picks a free one")
+    http_port: int = setting(
+        8000, "the Open Inference Protocol over HTTP/REST (KServe v2, Triton's binary tensors; same token, TLS and models as "
+        "gRPC); 0 picks a free port, `-1` disables it", ge=-1,
+    )
     metrics_port: int = setting(8002, "Prometheus text format at `/metrics` over HTTP; 0 picks a free port, `-1` disables it")
     node_type: str = setting("cpu", "node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
     token_file: Path | None = setting(
@@ -65,7 +69,7 @@ class Settings(BaseSettings):
     max_concurrent_calls: int = setting(
         1, "model calls of one variant at once; requests gather behind them (with 2 or more, `--max-queue-delay-ms` applies)", ge=1
     )
-    tls_cert: Path | None = setting(None, "PEM certificate chain of the server: serve gRPC over TLS")
+    tls_cert: Path | None = setting(None, "PEM certificate chain of the server: serve gRPC (and HTTPS) over TLS")
     tls_key: Path | None = setting(None, "PEM private key of `--tls-cert`")
     tls_ca: Path | None = setting(None, "with TLS: require client certificates signed by this PEM CA bundle (mutual TLS)")
     read_only: bool = setting(False, "serve a repository another slimserve writes (replicas on shared storage); writes are refused")

@@ -120,7 +120,7 @@ class ServerHandle:
         from server.app import SlimServer
         from server.settings import Settings
 
-        self.settings = Settings(repository=repository, grpc_port=free_port(), metrics_port=0, **overrides)
+        self.settings = Settings(repository=repository, grpc_port=free_port(), metrics_port=0, **{"http_port": 0, **overrides})
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -128,6 +128,7 @@ class ServerHandle:
         self.metrics = self.server.metrics
         self.call(self.server.start())
         self.address = f"127.0.0.1:{self.server.port}"
+        self.http_address = f"127.0.0.1:{self.server.http_port}" if self.server.http_port is not None else None
 
     def call(self, coro, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -53,7 +53,7 @@ class ServerProcess:
         self.metrics_port = metrics_port
         self.log = log
         command = [sys.executable, "-m", "server.cli", "start", "--repository", str(repository), "--grpc-port", str(self.port),
-                   "--metrics-port", str(metrics_port), "--log-level", "WARNING", *flags]
+                   "--http-port", "-1", "--metrics-port", str(metrics_port), "--log-level", "WARNING", *flags]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         self.wait_ready()
