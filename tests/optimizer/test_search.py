@@ -19,15 +19,17 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto_front(points) == {"a", "b", "d"}
 
 
-def test_auto_is_a_recipe_and_refuses_company_and_unlabelled_data(digits, runtime_factory, tmp_path):
+def test_auto_is_a_recipe_and_refuses_company_and_missing_evaluation_data(digits, runtime_factory, tmp_path):
     assert parse_recipe("auto").name == "auto"
     source = Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
     context = PassContext(workdir=tmp_path, datasets={"train": digits.train, "data": digits.data})
     with pytest.raises(OptimizerError, match="auto searches pipelines of its own and cannot be combined"):
         optimize(source, parse_recipe("auto,graph-ort"), context, runtime_factory, "v")
-    unlabelled = PassContext(workdir=tmp_path, datasets={"train": digits.train})
-    with pytest.raises(OptimizerError, match=r"auto keeps accuracy within a budget and needs labelled evaluation data.*--data EVAL\.npz"):
-        optimize(source, parse_recipe("auto"), unlabelled, runtime_factory, "v")
+    no_data = PassContext(workdir=tmp_path, datasets={"train": digits.train})
+    with pytest.raises(OptimizerError, match=r"auto holds quality within a budget, measured on evaluation data.*--data EVAL\.npz"):
+        optimize(source, parse_recipe("auto"), no_data, runtime_factory, "v")
+    with pytest.raises(OptimizerError, match=r"--accuracy-budget holds quality within a budget.*--data EVAL\.npz"):
+        optimize(source, parse_recipe("graph-ort"), no_data, runtime_factory, "v", accuracy_budget=1.0)
     with pytest.raises(OptimizerError, match="candidates cannot contain auto itself"):
         make_pass("auto", {"candidates": ["auto"]})
 
