@@ -224,7 +224,7 @@ def auto_search(
         tried = "; ".join(f"{c.recipe}: {_outcome(c, accuracy_budget)}" for c in candidates)
         raise OptimizerError(
             f"auto: no candidate is faster than {reference.describe()} within the budget of {accuracy_budget:g} points of "
-            f"{baseline.quality_metric} ({tried}); {evaluations} evaluations in {seconds:.0f} s; nothing was registered"
+            f"{baseline.quality_metric} ({tried}); {_count(evaluations, 'evaluation')} in {seconds:.0f} s; nothing was registered"
         )
     keep = chosen or fallback
     assert keep is not None and keep.artifact is not None and keep.evaluation is not None
@@ -234,8 +234,12 @@ def auto_search(
     rows = _rows(baseline, shown, keep, variant_name, within_budget, reference, summary)
     artifact = keep.artifact.derive(keep.artifact.path, runtime=keep.artifact.runtime, auto_choice=keep.recipe)
     why = "no candidate beat it, and it beats the .pt2 in torch" if keep is fallback else f"the fastest of {len(within)} within the budget"
-    context.progress(ProgressEvent(stage="auto", fraction=1.0, message=f"kept {keep.recipe}: {why} ({evaluations} evaluations, {seconds:.0f} s)"))
+    context.progress(ProgressEvent(stage="auto", fraction=1.0, message=f"kept {keep.recipe}: {why} ({_count(evaluations, 'evaluation')}, {seconds:.0f} s)"))
     return artifact, keep.evaluation, rows
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _outcome(c: Candidate, budget: float) -> str:

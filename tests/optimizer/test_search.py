@@ -1,10 +1,11 @@
 """Tests for optimizer/search.py and the auto pass (optimizer/passes/auto.py), through optimizer.pipeline.optimize.
 
-Every candidate is measured and the fastest within the budget kept.
+Every candidate is measured and the fastest within the budget kept, if it beats the model's best FP32 runtime.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from optimizer.base import Artifact, OptimizerError, PassContext
@@ -12,6 +13,7 @@ from optimizer.pipeline import optimize
 from optimizer.recipes import Recipe, parse_recipe
 from optimizer.registry import make_pass
 from optimizer.search import pareto_front
+from tests.optimizer.tiny_models import FEATURES, conv_onnx, dense_onnx, mlp_pt2, onnx_artifact, register_file_pass, save_npz, weights
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -61,3 +63,67 @@ def test_auto_skips_training_candidates_for_onnx_models(digits, runtime_factory,
     rows = {r["variant"]: r for r in result.report}
     assert rows["prune-structured"]["status"] == "skipped: prune-structured trains in torch and needs the model as .pt2"
     assert result.artifact.notes["auto_choice"] == "graph-ort"
+
+
+# --------------------------------------------------------------------------------------------
+# without labels, against the best FP32 runtime (tiny ONNX models; test-only passes swap in prepared files)
+
+
+@pytest.fixture
+def embedder(tmp_path):
+    """A [N, 16] -> [N, 384] embedding model without labels, a copy 2 MatMuls slower, and the evaluation data."""
+    w = weights(np.random.default_rng(0), 16, 64, 384)
+    fast, slow = dense_onnx(tmp_path / "fast.onnx", w), dense_onnx(tmp_path / "slow.onnx", w, slow=2)
+    lossy = dense_onnx(tmp_path / "lossy.onnx", [w[0], w[1] + 0.3 * np.random.default_rng(1).standard_normal(w[1].shape)])
+    data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((64, FEATURES)).astype(np.float32))
+    return fast, slow, lossy, PassContext(workdir=tmp_path / "work", datasets={"data": data})
+
+
+def _auto(*candidates: str, **config) -> Recipe:
+    return Recipe("auto", (make_pass("auto", {"candidates": list(candidates), **config}),))
+
+
+def test_auto_on_embeddings_holds_cosine_and_keeps_a_candidate_faster_than_the_reference(embedder, runtime_factory, monkeypatch):
+    fast, slow, lossy, context = embedder
+    register_file_pass(monkeypatch, "test-lean", fast)
+    register_file_pass(monkeypatch, "test-lossy", lossy)
+    result = optimize(onnx_artifact(slow), _auto("test-lossy", "test-lean"), context, runtime_factory, "auto", accuracy_budget=1.0)
+    assert result.artifact.notes["auto_choice"] == "test-lean" and result.artifact.path == fast
+    rows = {r["variant"]: r for r in result.report}
+    assert {r["metric"] for r in rows.values()} == {"cosine"}
+    assert rows["auto"]["quality"] == pytest.approx(1.0, abs=1e-5) and rows["auto"]["reference_speedup_x"] >= 1.05
+    assert rows["test-lossy"]["within_budget"] is False and rows["test-lossy"]["quality_drop_pt"] > 1.0
+    assert rows["baseline"]["reference"] == "baseline" and rows["baseline"]["search_evaluations"] == 2
+    assert rows["baseline"]["search_timings"] == 1 and rows["baseline"]["search_seconds"] >= 0
+    assert result.evaluation.agreement == result.evaluation.quality  # cosine, not argmax agreement
+
+
+def test_auto_never_keeps_a_variant_slower_than_the_reference(embedder, runtime_factory, monkeypatch):
+    fast, slow, _, context = embedder
+    register_file_pass(monkeypatch, "test-slow", slow)
+    with pytest.raises(OptimizerError) as info:
+        optimize(onnx_artifact(fast), _auto("test-slow"), context, runtime_factory, "auto", accuracy_budget=1.0)
+    message = str(info.value)
+    assert message.startswith("auto: no candidate is faster than FP32 onnxruntime (")
+    assert "within the budget of 1 points of cosine" in message and "test-slow: within budget" in message
+    assert "nothing was registered" in message and "1 evaluation in" in message  # the candidate; the baseline is its own reference
+
+
+def test_auto_skips_dynamic_int8_on_convolutions(tmp_path, runtime_factory):
+    data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((16, FEATURES)).astype(np.float32))
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": data})
+    with pytest.raises(OptimizerError, match="quantize-dynamic: skipped: quantize-dynamic would not pay: .* 1 Conv"):
+        optimize(onnx_artifact(conv_onnx(tmp_path / "conv.onnx")), _auto("quantize-dynamic"), context, runtime_factory, "auto")
+
+
+@pytest.mark.slow
+def test_auto_on_a_pt2_falls_back_to_its_fp32_export_when_no_candidate_beats_it(tmp_path, runtime_factory, monkeypatch):
+    source = Artifact(mlp_pt2(tmp_path / "mlp.pt2", out=384), "pt2", input_names=("x",), output_names=("embedding",))
+    data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((64, FEATURES)).astype(np.float32))
+    register_file_pass(monkeypatch, "test-slow", dense_onnx(tmp_path / "slow.onnx", weights(np.random.default_rng(0), 16, 384), slow=4))
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": data})
+    result = optimize(source, _auto("test-slow"), context, runtime_factory, "auto")  # ORT runs a tiny MLP far faster than eager
+    assert result.artifact.notes["auto_choice"] == "fp32-onnxruntime" and result.artifact.runtime == "onnxruntime"
+    rows = {r["variant"]: r for r in result.report}
+    assert rows["auto"]["recipe"] == "fp32-onnxruntime" and rows["auto"]["speedup_x"] > 1.0
+    assert rows["test-slow"]["within_budget"] is False  # another model's answers: far from the baseline's
