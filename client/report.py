@@ -66,7 +66,7 @@ def _search_caption(rows: list[dict[str, Any]]) -> str:
     if any(r.get("reference_speedup_x") is not None for r in rows):
         parts.append("vs FP32 ×: p50 of the best FP32 runtime / variant p50 (timed in turns for the candidates that decided)")
     if any(r.get("quality_drop_pt") is not None for r in rows):
-        parts.append("lost pts: quality points lost against the baseline, the unit of the budget")
+        parts.append("Δ quality: points of the metric against the baseline, the budget's unit")
     head = next((r for r in rows if r.get("search_evaluations") is not None), None)
     if head is not None:
         parts.append(
@@ -111,7 +111,7 @@ def render_report(rows: list[dict[str, Any]], title: str) -> Table:
         "agreement": ("agree %", number("agreement", 2, 100.0)),
         "metric": ("metric", lambda r, _: _text(r.get("metric"))),  # what the budget holds
         "quality": ("quality", lambda r, _: _number(r.get("quality"), 4)),
-        "quality_drop_pt": ("lost pts", lambda r, _: _delta(None if r.get("quality_drop_pt") is None else -r["quality_drop_pt"])),
+        "quality_drop_pt": ("Δ quality", lambda r, _: _delta(None if r.get("quality_drop_pt") is None else 0.0 - r["quality_drop_pt"])),
         "reference_speedup_x": ("vs FP32 ×", gain("reference_speedup_x")),
         "within_budget": ("in budget", lambda r, _: _flag(r.get("within_budget"))),
         "pareto": ("Pareto", lambda r, _: _flag(r.get("pareto"))),

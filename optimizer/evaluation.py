@@ -24,7 +24,7 @@ from optimizer.base import (
 )
 from optimizer.counting import artifact_size, count_flops, count_params, load_model
 from optimizer.data import take
-from optimizer.quality import choose_metric, measure
+from optimizer.quality import choose_metric, cosine_per_sample, measure
 from optimizer.timing import percentiles_ms, time_predict
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,8 @@ def _score(
     quality = measure(chosen, outputs, labels, baseline_outputs, base_value)
     evaluation.quality_metric, evaluation.quality, evaluation.quality_min = quality.metric, quality.value, quality.worst
     evaluation.quality_drop = quality.drop if baseline is not None else None
-    if chosen == "accuracy":
-        evaluation.accuracy = quality.value
+    if labels is not None and outputs.ndim == 2 and outputs.shape[1] > 1:  # accuracy whenever it applies, whatever the budget holds
+        evaluation.accuracy = measure("accuracy", outputs, labels, None, None).value
         if baseline is not None and baseline.accuracy is not None:
             evaluation.accuracy_delta = (evaluation.accuracy - baseline.accuracy) * 100.0  # type: ignore[operator]
     if baseline_outputs is not None:
@@ -186,12 +186,7 @@ def agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
     """Top-1 agreement for classifier logits [N, classes]; otherwise the mean cosine similarity per sample."""
     if outputs.ndim == 2 and outputs.shape[1] > 1:
         return float(np.mean(outputs.argmax(axis=1) == reference.argmax(axis=1)))
-    a = outputs.reshape(len(outputs), -1).astype(np.float64)
-    b = reference.reshape(len(reference), -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    # Two all-zero answers agree; one zero against a non-zero answer does not.
-    cos = np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0), np.all(a == b, axis=1).astype(np.float64))
-    return float(np.mean(cos))
+    return float(np.mean(cosine_per_sample(outputs, reference)))
 
 
 # --------------------------------------------------------------------------------------------
