@@ -8,7 +8,6 @@ baseline's outputs); a caller that keeps the baseline's measure passes it in, so
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 

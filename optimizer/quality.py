@@ -45,9 +45,7 @@ def choose_metric(outputs: np.ndarray, labels: np.ndarray | None, output_name: s
         if requested not in METRICS:
             raise OptimizerError(f"quality metric must be one of {', '.join(METRICS)}, got {requested!r}")
         if requested == "accuracy" and (labels is None or not classifier):
-            raise OptimizerError(
-                "quality metric 'accuracy' needs a classifier's logits [N, classes] and evaluation data holding 'labels'"
-            )
+            raise OptimizerError("quality metric 'accuracy' needs a classifier's logits [N, classes] and evaluation data holding 'labels'")
         return requested
     if labels is not None and classifier:
         return "accuracy"

@@ -62,7 +62,9 @@ def measure_reference(
             from optimizer.export import to_onnx
 
             export = to_onnx(source, context)
-        evaluation, _ = evaluate(export, runtime_factory, data, baseline=baseline, baseline_outputs=baseline_outputs, serving_batch=serving_batch)
+        evaluation, _ = evaluate(
+            export, runtime_factory, data, baseline=baseline, baseline_outputs=baseline_outputs, serving_batch=serving_batch
+        )
     except OptimizerError as e:
         return Reference("baseline", source, baseline, note=f"no FP32 ONNX Runtime form: {e}")
     pair = (export, evaluation)
@@ -85,7 +87,7 @@ def timed_against(
             loaded.append(predictor)
         runs = {}
         for key, predictor in zip(("candidate", "reference"), loaded):
-            shape = list(predictor.inputs)[0].shape if predictor.inputs else ()
+            shape = next(iter(predictor.inputs)).shape if predictor.inputs else ()
             batch = int(shape[0]) if shape and shape[0] > 0 else 1
             runs[key] = (predictor, take(model_inputs(predictor, data), batch))
         p50 = interleaved_p50_ms(runs)

@@ -61,8 +61,11 @@ def test_without_labels_the_budget_holds_cosine_and_says_the_best_reached(tmp_pa
     assert e.quality_metric == "cosine" and e.accuracy is None and e.accuracy_delta is None
     assert 0.95 < e.quality < 0.9999 and e.quality_min <= e.quality and e.quality_drop == pytest.approx(100 * (1 - e.quality))
     assert result.report[1]["metric"] == "cosine" and result.report[1]["quality_min"] == round(e.quality_min, 4)
-    with pytest.raises(OptimizerError, match=rf"v loses {e.quality_drop:.2f} points of cosine \(cosine {e.quality:.4f}, worst sample "
-                       r"0\.\d{4}, against the baseline's outputs\), over the budget of 0\.01; nothing was registered"):
+    with pytest.raises(
+        OptimizerError,
+        match=rf"v loses {e.quality_drop:.2f} points of cosine \(cosine {e.quality:.4f}, worst sample "
+        r"0\.\d{4}, against the baseline's outputs\), over the budget of 0\.01; nothing was registered",
+    ):
         optimize(source, _recipe("test-noisy"), context, runtime_factory, "v", accuracy_budget=0.01)
 
 
@@ -72,7 +75,11 @@ def test_a_single_value_output_is_held_by_relative_error(tmp_path, runtime_facto
     context = PassContext(workdir=tmp_path / "work", datasets={"data": save_npz(tmp_path / "eval.npz", x=X)})
     source = onnx_artifact(dense_onnx(tmp_path / "m.onnx", w, output="price"), "price")
     e = optimize(source, _recipe("test-scaled"), context, runtime_factory, "v", accuracy_budget=5.0).evaluation
-    assert e.quality_metric == "relative-error" and e.quality == pytest.approx(0.03, rel=1e-3) and e.quality_drop == pytest.approx(3.0, rel=1e-3)
+    assert (
+        e.quality_metric == "relative-error"
+        and e.quality == pytest.approx(0.03, rel=1e-3)
+        and e.quality_drop == pytest.approx(3.0, rel=1e-3)
+    )
     with pytest.raises(OptimizerError, match=r"loses 3\.00 points of relative-error \(relative error 3\.00%"):
         optimize(source, _recipe("test-scaled"), context, runtime_factory, "v", accuracy_budget=2.0)
 

@@ -28,9 +28,9 @@ def test_the_metric_follows_labels_shape_and_name():
 
 def test_a_requested_metric_is_checked():
     assert choose_metric(LOGITS, LABELS, "logits", "cosine") == "cosine"
-    with pytest.raises(OptimizerError, match="must be one of accuracy, top1-agreement, cosine, relative-error"):
+    with pytest.raises(OptimizerError, match=r"must be one of accuracy, top1-agreement, cosine, relative-error"):
         choose_metric(LOGITS, None, "logits", "mse")
-    with pytest.raises(OptimizerError, match="'accuracy' needs a classifier's logits .* 'labels'"):
+    with pytest.raises(OptimizerError, match=r"'accuracy' needs a classifier's logits .* 'labels'"):
         choose_metric(EMBEDDINGS, None, "embedding", "accuracy")
 
 

@@ -112,7 +112,7 @@ def test_auto_never_keeps_a_variant_slower_than_the_reference(embedder, runtime_
 def test_auto_skips_dynamic_int8_on_convolutions(tmp_path, runtime_factory):
     data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((16, FEATURES)).astype(np.float32))
     context = PassContext(workdir=tmp_path / "work", datasets={"data": data})
-    with pytest.raises(OptimizerError, match="quantize-dynamic: skipped: quantize-dynamic would not pay: .* 1 Conv"):
+    with pytest.raises(OptimizerError, match=r"quantize-dynamic: skipped: quantize-dynamic would not pay: .* 1 Conv"):
         optimize(onnx_artifact(conv_onnx(tmp_path / "conv.onnx")), _auto("quantize-dynamic"), context, runtime_factory, "auto")
 
 

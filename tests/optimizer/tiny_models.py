@@ -4,6 +4,7 @@ and test-only passes that swap in a prepared model file (registered for one test
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ FEATURES = 16
 
 def _save(path: Path, nodes: list, weights: dict[str, np.ndarray], in_shape: list, out_name: str, out_shape: list) -> Path:
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)],
         [numpy_helper.from_array(v if v.dtype.kind == "i" else v.astype(np.float32), k) for k, v in weights.items()],
@@ -66,7 +68,7 @@ def conv_onnx(path: Path) -> Path:
 
 
 def weights(rng: np.random.Generator, *dims: int) -> list[np.ndarray]:
-    return [rng.standard_normal((a, b)) / np.sqrt(a) for a, b in zip(dims[:-1], dims[1:])]
+    return [rng.standard_normal((a, b)) / np.sqrt(a) for a, b in itertools.pairwise(dims)]
 
 
 def onnx_artifact(path: Path, output: str = "embedding") -> Artifact:
