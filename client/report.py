@@ -60,6 +60,23 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _search_caption(rows: list[dict[str, Any]]) -> str:
+    """What an auto search adds to the caption: its reference, the quality metric, how many evaluations and how long."""
+    parts = []
+    if any(r.get("reference_speedup_x") is not None for r in rows):
+        parts.append("vs FP32 ×: p50 of the best FP32 runtime / variant p50 (timed in turns for the candidates that decided)")
+    if any(r.get("quality_drop_pt") is not None for r in rows):
+        parts.append("Δ quality: points of the metric against the baseline, the budget's unit")
+    head = next((r for r in rows if r.get("search_evaluations") is not None), None)
+    if head is not None:
+        parts.append(
+            f"reference: {head.get('reference')} on {head.get('reference_runtime')} at {head.get('reference_p50_ms')} ms · "
+            f"search: {head['search_evaluations']} evaluations, {head.get('search_timings', 0)} timings in turns, "
+            f"{head.get('search_seconds')} s"
+        )
+    return "".join(f" · {p}" for p in parts)
+
+
 def render_report(rows: list[dict[str, Any]], title: str) -> Table:
     """The rows as a rich table: one row per variant (or auto candidate), the baseline first."""
     size_factor, size_unit = _scale([r.get("size_bytes") for r in rows], _SIZE_UNITS)
@@ -92,17 +109,24 @@ def render_report(rows: list[dict[str, Any]], title: str) -> Table:
         "accuracy_pct": ("accuracy %", number("accuracy_pct", 2)),
         "accuracy_delta_pt": ("Δ pts", lambda r, _: _delta(r.get("accuracy_delta_pt"))),
         "agreement": ("agree %", number("agreement", 2, 100.0)),
+        "metric": ("metric", lambda r, _: _text(r.get("metric"))),  # what the budget holds
+        "quality": ("quality", lambda r, _: _number(r.get("quality"), 4)),
+        "quality_drop_pt": ("Δ quality", lambda r, _: _delta(None if r.get("quality_drop_pt") is None else 0.0 - r["quality_drop_pt"])),
+        "reference_speedup_x": ("vs FP32 ×", gain("reference_speedup_x")),
         "within_budget": ("in budget", lambda r, _: _flag(r.get("within_budget"))),
         "pareto": ("Pareto", lambda r, _: _flag(r.get("pareto"))),
         "chosen": ("chosen", lambda r, _: _flag(r.get("chosen"))),
     }
     keys = [k for k in columns if any(r.get(k) not in (None, "") for r in rows)]
+    if all(r.get("metric") in (None, "accuracy") for r in rows):  # accuracy % and Δ pts say it already
+        keys = [k for k in keys if k not in ("quality", "quality_drop_pt")]
     if any("chosen" in r for r in rows):  # the auto search's table: one row per candidate, what decides only
         keys = [k for k in keys if k not in AUTO_HIDDEN]
     table = Table(
         title=title,
         caption="FLOPs per sample · p50 latency at batch 1 · speed-up: baseline p50 / variant p50 · Δ pts: accuracy points "
-        "against the baseline · agree: share of top-1 answers equal to the baseline's (cosine similarity for non-classifiers)",
+        "against the baseline · agree: share of top-1 answers equal to the baseline's (cosine similarity for embeddings)"
+        + _search_caption(rows),
         caption_justify="left",
         box=box.SIMPLE_HEAD,
     )

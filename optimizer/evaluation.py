@@ -24,6 +24,7 @@ from optimizer.base import (
 )
 from optimizer.counting import artifact_size, count_flops, count_params, load_model
 from optimizer.data import take
+from optimizer.quality import choose_metric, cosine_per_sample, measure
 from optimizer.timing import percentiles_ms, time_predict
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,12 @@ class Evaluation:
     throughput: float | None = None  # samples / s at serving_batch
     accuracy: float | None = None  # top-1 in [0, 1]; None without labels
     accuracy_delta: float | None = None  # percentage points against the baseline
-    agreement: float | None = None  # top-1 agreement with the baseline, or mean cosine similarity
+    agreement: float | None = None  # top-1 agreement with the baseline (logits), or mean cosine similarity (embeddings)
+    # The quality the accuracy budget holds (optimizer.quality): metric name, value, worst sample, points lost.
+    quality_metric: str | None = None  # accuracy | top1-agreement | cosine | relative-error
+    quality: float | None = None
+    quality_min: float | None = None  # lowest per-sample cosine similarity (cosine only)
+    quality_drop: float | None = None  # points lost against the baseline in the budget's unit (negative: better)
     runtime: str | None = None
     device: str | None = None
 
@@ -81,12 +87,14 @@ def evaluate(
     warmup: int = 20,
     iterations: int = 200,
     progress: Callable[[ProgressEvent], None] | None = None,
+    metric: str | None = None,
 ) -> tuple[Evaluation, np.ndarray | None]:
     """Measures `artifact` on the runtime `runtime_factory` loads for it.
 
     Returns the evaluation and the first output of the model on the data (on synthesized inputs
     when `data` is None), to pass as `baseline_outputs` when the next variants are measured.
     Latency is the wall time of one `predict` call (time.perf_counter) after `warmup` calls.
+    Quality: by `metric` when given, else the baseline's metric, else one chosen from the output (optimizer.quality).
     """
 
     def step(fraction: float, message: str) -> None:
@@ -109,7 +117,8 @@ def evaluate(
         step(0.1, "running the evaluation data")
         outputs = run_in_batches(predictor, feeds, batch)
         labels = None if data is None else data.get("labels")
-        _score(evaluation, outputs, labels, baseline, baseline_outputs)
+        output_name = predictor.outputs[0].name if predictor.outputs else ""
+        _score(evaluation, outputs, labels, baseline, baseline_outputs, metric, output_name)
 
         step(0.4, "latency at batch 1")
         one = take(feeds, fixed_batch or 1)
@@ -152,33 +161,32 @@ def _score(
     labels: np.ndarray | None,
     baseline: Evaluation | None,
     baseline_outputs: np.ndarray | None,
+    metric: str | None,
+    output_name: str,
 ) -> None:
-    classifier = outputs.ndim == 2 and outputs.shape[1] > 1
-    if labels is not None and classifier:
-        if len(labels) != len(outputs):
-            raise OptimizerError(f"evaluation data: {len(labels)} labels for {len(outputs)} samples")
-        evaluation.accuracy = float(np.mean(outputs.argmax(axis=1) == labels.reshape(-1)))
+    requested = metric or (baseline.quality_metric if baseline is not None else None)
+    chosen = choose_metric(outputs, labels, output_name, requested)
+    # A baseline saved before quality was recorded still holds its accuracy.
+    base_value = None if baseline is None else (baseline.accuracy if chosen == "accuracy" else baseline.quality)
+    quality = measure(chosen, outputs, labels, baseline_outputs, base_value)
+    evaluation.quality_metric, evaluation.quality, evaluation.quality_min = quality.metric, quality.value, quality.worst
+    evaluation.quality_drop = quality.drop if baseline is not None else None
+    if labels is not None and outputs.ndim == 2 and outputs.shape[1] > 1:  # accuracy whenever it applies, whatever the budget holds
+        evaluation.accuracy = measure("accuracy", outputs, labels, None, None).value
         if baseline is not None and baseline.accuracy is not None:
-            evaluation.accuracy_delta = (evaluation.accuracy - baseline.accuracy) * 100.0
+            evaluation.accuracy_delta = (evaluation.accuracy - baseline.accuracy) * 100.0  # type: ignore[operator]
     if baseline_outputs is not None:
-        if baseline_outputs.shape != outputs.shape:
-            raise OptimizerError(
-                f"the variant's first output has shape {list(outputs.shape)}, the baseline's {list(baseline_outputs.shape)}: "
-                "they cannot be compared"
-            )
-        evaluation.agreement = agreement(outputs, baseline_outputs)
+        if chosen in ("cosine", "top1-agreement"):
+            evaluation.agreement = quality.value
+        elif chosen == "accuracy":
+            evaluation.agreement = agreement(outputs, baseline_outputs)
 
 
 def agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
     """Top-1 agreement for classifier logits [N, classes]; otherwise the mean cosine similarity per sample."""
     if outputs.ndim == 2 and outputs.shape[1] > 1:
         return float(np.mean(outputs.argmax(axis=1) == reference.argmax(axis=1)))
-    a = outputs.reshape(len(outputs), -1).astype(np.float64)
-    b = reference.reshape(len(reference), -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    # Two all-zero answers agree; one zero against a non-zero answer does not.
-    cos = np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0), np.all(a == b, axis=1).astype(np.float64))
-    return float(np.mean(cos))
+    return float(np.mean(cosine_per_sample(outputs, reference)))
 
 
 # --------------------------------------------------------------------------------------------

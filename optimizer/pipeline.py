@@ -1,11 +1,15 @@
 """One optimization: run a recipe on a model, evaluate the result against the baseline, build the report.
 
-Used by the server's jobs and by the offline `slimserve optimize`, so both measure the same way.
+Used by the server's jobs and by the offline `slimserve optimize`, so both measure the same way. The
+budget holds the quality optimizer.quality chose (accuracy with labels, else agreement with the
+baseline's outputs); a caller that keeps the baseline's measure passes it in, so it is taken once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from optimizer.base import (
     Artifact,
@@ -15,9 +19,18 @@ from optimizer.base import (
     RuntimeFactory,
 )
 from optimizer.evaluation import Evaluation, evaluate
+from optimizer.quality import METRICS, describe
 from optimizer.recipes import Recipe, run_recipe
 from optimizer.report import report_rows
 from optimizer.search import auto_search
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The source model's evaluation and its first output on the evaluation data: what every variant is measured against."""
+
+    evaluation: Evaluation
+    outputs: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,19 @@ class OptimizeResult:
     evaluation: Evaluation
     baseline: Evaluation
     report: list[dict]
+    baseline_outputs: np.ndarray | None = field(default=None, compare=False)  # to cache with `baseline` for the next job
+
+
+def evaluation_data(context: PassContext) -> dict[str, np.ndarray] | None:
+    return context.dataset("data", needed_by="evaluation") if "data" in context.datasets else None
+
+
+def measure_baseline(
+    source: Artifact, context: PassContext, runtime_factory: RuntimeFactory, serving_batch: int = 32, metric: str | None = None
+) -> Baseline:
+    """Measures the source model on its runtime, on the context's evaluation data (synthesized inputs without it)."""
+    evaluation, outputs = evaluate(source, runtime_factory, evaluation_data(context), serving_batch=serving_batch, metric=metric)
+    return Baseline(evaluation, outputs)
 
 
 def optimize(
@@ -36,39 +62,61 @@ def optimize(
     variant_name: str,
     accuracy_budget: float | None = None,
     serving_batch: int = 32,
+    baseline: Baseline | None = None,
+    metric: str | None = None,
 ) -> OptimizeResult:
-    """Runs `recipe` on `source`, then measures source and result the same way on their runtimes."""
-    data = context.dataset("data", needed_by="evaluation") if "data" in context.datasets else None
-    if accuracy_budget is not None and (data is None or "labels" not in data):
-        raise OptimizerError("--accuracy-budget needs labelled evaluation data: register the model with --data EVAL.npz holding 'labels'")
+    """Runs `recipe` on `source`, then measures source and result the same way on their runtimes.
+
+    accuracy_budget: points of the quality metric the variant may lose (accuracy points with labels).
+    baseline: the source's measure from an earlier job on the same data, so it is not taken again.
+    metric: the quality metric (optimizer.quality.METRICS); None: chosen from the labels and the output.
+    """
+    if metric is not None and metric not in METRICS:
+        raise OptimizerError(f"quality metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    data = evaluation_data(context)
+    auto = [p for p in recipe.passes if p.name == "auto"]
+    if auto and len(recipe.passes) > 1:
+        raise OptimizerError("auto searches pipelines of its own and cannot be combined with other passes; use --recipe auto alone")
+    if (accuracy_budget is not None or auto) and data is None:
+        what = "auto" if auto else "--accuracy-budget"
+        raise OptimizerError(
+            f"{what} holds quality within a budget, measured on evaluation data (against its 'labels', or without them against "
+            "the baseline's own outputs): register the model with --data EVAL.npz"
+        )
+    if auto:
+        metric = metric or auto[0].config.metric or None  # type: ignore[attr-defined]
 
     def stage(name: str, fraction: float, message: str) -> None:
         context.progress(ProgressEvent(stage=name, fraction=fraction, message=message))
 
-    auto = [p for p in recipe.passes if p.name == "auto"]
-    if auto and len(recipe.passes) > 1:
-        raise OptimizerError("auto searches pipelines of its own and cannot be combined with other passes; use --recipe auto alone")
-    if auto and (data is None or "labels" not in data):
-        raise OptimizerError("auto keeps accuracy within a budget and needs labelled evaluation data: register the model with --data EVAL.npz holding 'labels'")
-
-    stage("evaluate", 0.0, "measuring the baseline")
-    baseline, baseline_outputs = evaluate(source, runtime_factory, data, serving_batch=serving_batch)
+    if baseline is None:
+        stage("evaluate", 0.0, "measuring the baseline")
+        baseline = measure_baseline(source, context, runtime_factory, serving_batch, metric)
+    base, base_outputs = baseline.evaluation, baseline.outputs
     if auto:
         config = auto[0].config
         budget = config.accuracy_budget if accuracy_budget is None else accuracy_budget  # type: ignore[attr-defined]
         artifact, evaluation, rows = auto_search(
-            source, config, context, runtime_factory, data, baseline, baseline_outputs, budget, variant_name, serving_batch  # type: ignore[arg-type]
+            source, config, context, runtime_factory, data, base, base_outputs, budget, variant_name, serving_batch  # type: ignore[arg-type]
         )
-        return OptimizeResult(artifact, evaluation, baseline, rows)
+        return OptimizeResult(artifact, evaluation, base, rows, base_outputs)
     artifact = run_recipe(recipe, source, context)
     stage("evaluate", 0.95, f"measuring {variant_name}")
     evaluation, _ = evaluate(
-        artifact, runtime_factory, data, baseline=baseline, baseline_outputs=baseline_outputs, serving_batch=serving_batch
+        artifact, runtime_factory, data, baseline=base, baseline_outputs=base_outputs, serving_batch=serving_batch, metric=metric
     )
-    if accuracy_budget is not None and evaluation.accuracy_delta is not None and -evaluation.accuracy_delta > accuracy_budget:
-        raise OptimizerError(
-            f"{variant_name} loses {-evaluation.accuracy_delta:.2f} accuracy points, over the budget of "
-            f"{accuracy_budget:g}; nothing was registered (raise --accuracy-budget or pick a gentler recipe)"
-        )
-    report = report_rows({"baseline": baseline, variant_name: evaluation})
-    return OptimizeResult(artifact, evaluation, baseline, report)
+    if accuracy_budget is not None and evaluation.quality_drop is not None and evaluation.quality_drop > accuracy_budget + 1e-9:
+        raise OptimizerError(over_budget(variant_name, evaluation, base, accuracy_budget))
+    report = report_rows({"baseline": base, variant_name: evaluation})
+    return OptimizeResult(artifact, evaluation, base, report, base_outputs)
+
+
+def over_budget(variant_name: str, evaluation: Evaluation, baseline: Evaluation, budget: float) -> str:
+    """The refusal of a variant over the budget: the best it reached, by which metric, against what."""
+    reached = describe(evaluation.quality_metric, evaluation.quality)
+    against = describe(baseline.quality_metric, baseline.quality) if baseline.quality is not None else "the baseline's outputs"
+    worst = f", worst sample {evaluation.quality_min:.4f}" if evaluation.quality_min is not None else ""
+    return (
+        f"{variant_name} loses {evaluation.quality_drop:.2f} points of {evaluation.quality_metric} ({reached}{worst}, against "
+        f"{against}), over the budget of {budget:g}; nothing was registered (raise --accuracy-budget or pick a gentler recipe)"
+    )

@@ -29,6 +29,11 @@ COLUMNS = (
     "accuracy_pct",
     "accuracy_delta_pt",  # percentage points against the baseline
     "agreement",  # top-1 agreement with the baseline (or cosine similarity), 0-1
+    "metric",  # the quality metric the budget holds: accuracy | top1-agreement | cosine | relative-error
+    "quality",  # its value: accuracy / agreement / mean cosine in 0-1, relative error (0: equal)
+    "quality_min",  # the lowest per-sample cosine similarity (cosine only)
+    "quality_drop_pt",  # points lost against the baseline in the budget's unit (optimizer.quality)
+    "reference_speedup_x",  # best FP32 runtime's p50 / variant p50, batch 1 (the reference an auto search must beat)
 )
 
 
@@ -42,9 +47,15 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), digits)
 
 
-def report_rows(evaluations: dict[str, Evaluation], baseline: str = "baseline") -> list[dict[str, Any]]:
-    """One row per variant, the baseline first; ratios are None where the baseline or the variant lacks the measure."""
+def report_rows(
+    evaluations: dict[str, Evaluation], baseline: str = "baseline", reference: tuple[str, Evaluation] | None = None
+) -> list[dict[str, Any]]:
+    """One row per variant, the baseline first; ratios are None where the baseline or the variant lacks the measure.
+
+    `reference`: the model's best FP32 runtime (name, evaluation), for reference_speedup_x; None leaves it out.
+    """
     base = evaluations.get(baseline)
+    ref = None if reference is None else reference[1]
     names = ([baseline] if base is not None else []) + [n for n in evaluations if n != baseline]
     rows = []
     for name in names:
@@ -73,6 +84,11 @@ def report_rows(evaluations: dict[str, Evaluation], baseline: str = "baseline") 
             "accuracy_pct": _round(None if e.accuracy is None else 100.0 * e.accuracy, 2),
             "accuracy_delta_pt": None if name == baseline else _round(accuracy_delta, 2),
             "agreement": None if name == baseline else _round(e.agreement, 4),
+            "metric": e.quality_metric,
+            "quality": _round(e.quality, 4),
+            "quality_min": None if name == baseline else _round(e.quality_min, 4),
+            "quality_drop_pt": None if name == baseline else _round(e.quality_drop, 2),
+            "reference_speedup_x": None if ref is None else _round(_ratio(ref.latency_p50_ms, e.latency_p50_ms), 3),
         })
     return rows
 

@@ -1,14 +1,18 @@
-"""The `auto` search: tries a few pipelines (prune, distill, quantize, graph), keeps the fastest within the accuracy budget.
+"""The `auto` search: tries a few pipelines (prune, distill, quantize, graph), keeps the fastest within the budget.
 
 Every candidate is measured by optimizer.evaluation.evaluate on its serving runtime, like any
-variant; the report lists them all (a Pareto table: latency at batch 1 against accuracy) and
-marks the one kept. The search is bounded: a handful of candidates, shared prefixes run once,
-training candidates with few epochs, so that a run on a small model takes minutes.
+variant; quality is held to the budget by the metric optimizer.quality chose (accuracy with labels,
+else agreement with the baseline's outputs). Speed is judged against the model's best FP32 runtime
+(optimizer.reference: for a .pt2, its ONNX export in ONNX Runtime too): a candidate is kept only if it
+beats that reference by the noise margin, timed in turns with it. The report lists every candidate
+(a Pareto table: latency at batch 1 against quality lost), the number of evaluations and the time.
+The search is bounded: a handful of candidates, shared prefixes run once, training with few epochs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +28,16 @@ from optimizer.base import (
 )
 from optimizer.evaluation import Evaluation, evaluate
 from optimizer.passes.auto import AutoConfig
+from optimizer.quality import describe
+from optimizer.reference import EXPORT, Reference, dynamic_int8_unfit, measure_reference, timed_against
 from optimizer.registry import make_pass, pass_class
 from optimizer.report import report_rows
+from optimizer.timing import beats
+
+# Passes that start by converting their input to ONNX: in a search of a .pt2 they start from the one export.
+_ONNX_PASSES = frozenset({"graph-ort", "quantize-static", "quantize-dynamic"})
+# Candidates within the budget timed in turns against the reference, fastest first, until one beats it.
+_CONFIRMATIONS = 3
 
 # What a candidate lacks when a pass needs a dataset role the model was registered without.
 _MISSING_DATA = {
@@ -40,6 +52,7 @@ class Candidate:
     artifact: Artifact | None = None
     evaluation: Evaluation | None = None
     status: str = "measured"  # measured | skipped: ... | failed: ...
+    vs_reference: float | None = None  # reference p50 / candidate p50, timed in turns with the reference
 
 
 def _names(recipe: str) -> list[str]:
@@ -86,6 +99,61 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     return front
 
 
+def _run_candidates(
+    candidates: list[Candidate],
+    source: Artifact,
+    start_onnx: Artifact | None,
+    config: AutoConfig,
+    context: PassContext,
+    work: PassContext,
+    measure: Any,
+    datasets: dict[str, Any],
+) -> None:
+    """Runs and measures each candidate (shared prefixes once); failures and skips are recorded, not raised."""
+    dynamic_unfit = dynamic_int8_unfit(start_onnx.path) if start_onnx is not None else None
+    cache: dict[tuple[str, ...], Artifact] = {}
+    n = len(candidates)
+    for i, candidate in enumerate(candidates):
+        recipe = candidate.recipe
+        if context.cancelled():
+            raise OptimizerError("the job was cancelled")
+        reason = _skip_reason(recipe, source, datasets)
+        if reason is None and dynamic_unfit is not None and "quantize-dynamic" in _names(recipe):
+            reason = f"skipped: quantize-dynamic would not pay: {dynamic_unfit}"
+        if reason is not None:
+            candidate.status = reason
+            context.progress(ProgressEvent(stage="auto", fraction=i / n, message=f"{recipe}: {reason}"))
+            continue
+        context.progress(ProgressEvent(stage="auto", fraction=i / n, message=f"candidate {i + 1}/{n}: {recipe}"))
+        try:
+            passes = _passes(recipe, config.epochs)
+            # ONNX passes start from the export the reference measured, instead of exporting the .pt2 again.
+            onnx_first = start_onnx is not None and passes[0].name in _ONNX_PASSES
+            artifact, done = (start_onnx if onnx_first else source), (("<onnx>",) if onnx_first else ())
+            for p in passes:
+                done = (*done, p.name)
+                if done not in cache:
+                    cache[done] = p.run(artifact, work)
+                artifact = cache[done]
+            candidate.artifact = artifact
+            candidate.evaluation = measure(artifact)
+        except OptimizerError as e:
+            if context.cancelled():
+                raise
+            candidate.status = f"failed: {e}"
+            context.progress(ProgressEvent(stage="auto", fraction=(i + 1) / n, message=f"{recipe} failed: {e}"))
+            continue
+        e = candidate.evaluation
+        context.progress(ProgressEvent(
+            stage="auto", fraction=(i + 1) / n,
+            message=f"{recipe}: p50 {e.latency_p50_ms:.3f} ms, {describe(e.quality_metric, e.quality)} ({_drop(e)})",
+        ))
+
+
+def _drop(e: Evaluation) -> str:
+    return "quality not measured" if e.quality_drop is None else f"{e.quality_drop:.2f} points lost"
+
+
 def auto_search(
     source: Artifact,
     config: AutoConfig,
@@ -98,78 +166,120 @@ def auto_search(
     variant_name: str,
     serving_batch: int = 32,
 ) -> tuple[Artifact, Evaluation, list[dict[str, Any]]]:
-    """Runs and measures every candidate; returns the fastest within the budget, its evaluation, and the report rows of all."""
-    if baseline.accuracy is None:
-        raise OptimizerError("auto needs labelled evaluation data to hold accuracy within the budget: register the model with --data EVAL.npz holding 'labels'")
+    """Measures every candidate; returns the fastest within the budget that beats the best FP32 runtime, and the report rows.
+
+    Raises OptimizerError when no candidate is within the budget and faster than the reference (and the
+    FP32 ONNX Runtime export of a .pt2 is not faster than the .pt2 itself): the message says what each reached.
+    """
+    if baseline.quality_metric is None:
+        raise OptimizerError("auto holds quality within a budget and needs evaluation data: register the model with --data EVAL.npz")
+    started = time.perf_counter()
     datasets = dict(context.datasets)
     if "calibration" not in datasets and "train" in datasets:
         datasets["calibration"] = datasets["train"]  # the train inputs calibrate as well as any
     work = dataclasses.replace(context, datasets=datasets)
-    cache: dict[tuple[str, ...], Artifact] = {}
-    candidates: list[Candidate] = []
-    n = len(config.candidates)
-    for i, recipe in enumerate(config.candidates):
-        if context.cancelled():
-            raise OptimizerError("the job was cancelled")
-        candidate = Candidate(recipe)
-        candidates.append(candidate)
-        reason = _skip_reason(recipe, source, datasets)
-        if reason is not None:
-            candidate.status = reason
-            context.progress(ProgressEvent(stage="auto", fraction=i / n, message=f"{recipe}: {reason}"))
-            continue
-        context.progress(ProgressEvent(stage="auto", fraction=i / n, message=f"candidate {i + 1}/{n}: {recipe}"))
-        try:
-            passes = _passes(recipe, config.epochs)
-            artifact, done = source, ()
-            for p in passes:
-                done = (*done, p.name)
-                if done not in cache:
-                    cache[done] = p.run(artifact, work)
-                artifact = cache[done]
-            candidate.artifact = artifact
-            candidate.evaluation, _ = evaluate(
-                artifact, runtime_factory, data, baseline=baseline, baseline_outputs=baseline_outputs, serving_batch=serving_batch
-            )
-        except OptimizerError as e:
-            if context.cancelled():
-                raise
-            candidate.status = f"failed: {e}"
-            context.progress(ProgressEvent(stage="auto", fraction=(i + 1) / n, message=f"{recipe} failed: {e}"))
-            continue
-        e = candidate.evaluation
-        context.progress(ProgressEvent(
-            stage="auto", fraction=(i + 1) / n,
-            message=f"{recipe}: p50 {e.latency_p50_ms:.3f} ms, accuracy {100 * (e.accuracy or 0):.2f}% ({e.accuracy_delta:+.2f} pt)",
-        ))
+    evaluations = 0
+
+    def measure(artifact: Artifact) -> Evaluation:
+        nonlocal evaluations
+        evaluations += 1
+        e, _ = evaluate(artifact, runtime_factory, data, baseline=baseline, baseline_outputs=baseline_outputs, serving_batch=serving_batch)
+        return e
+
+    context.progress(ProgressEvent(stage="auto", fraction=0.0, message="measuring the best FP32 runtime"))
+    reference = measure_reference(source, baseline, baseline_outputs, work, runtime_factory, data, serving_batch)
+    evaluations += reference.export is not None
+    candidates = [Candidate(recipe) for recipe in config.candidates]
+    start_onnx = source if source.format == "onnx" else (reference.export[0] if reference.export else None)
+    _run_candidates(candidates, source, start_onnx, config, context, work, measure, datasets)
+
+    def within_budget(e: Evaluation | None) -> bool:
+        return e is not None and e.quality_drop is not None and e.quality_drop <= accuracy_budget + 1e-9
 
     measured = [c for c in candidates if c.evaluation is not None]
-    within = [c for c in measured if -(c.evaluation.accuracy_delta or 0.0) <= accuracy_budget + 1e-9]  # type: ignore[union-attr]
-    chosen = min(within, key=lambda c: c.evaluation.latency_p50_ms) if within else None  # type: ignore[union-attr]
-    points = {"baseline": (baseline.latency_p50_ms or 0.0, baseline.accuracy or 0.0)}
-    points.update({c.recipe: (c.evaluation.latency_p50_ms or 0.0, c.evaluation.accuracy or 0.0) for c in measured})  # type: ignore[union-attr]
-    front = pareto_front(points)
+    within = sorted((c for c in measured if within_budget(c.evaluation)), key=lambda c: c.evaluation.latency_p50_ms)  # type: ignore[union-attr]
+    # Only a candidate that beats the reference in interleaved timing is kept; the fastest few are tried, in order.
+    chosen, timings = None, 0
+    for c in within[:_CONFIRMATIONS]:
+        assert c.artifact is not None
+        ms, ref_ms = timed_against(c.artifact, reference.artifact, runtime_factory, data)
+        timings += 1
+        c.vs_reference = ref_ms / ms
+        if beats(ms, ref_ms, config.noise_margin):
+            chosen = c
+            break
+        c.status = f"measured; not faster than {reference.describe()} in turns: {ref_ms / ms:.2f}x"
+    fallback = None
+    if chosen is None and reference.name == EXPORT and within_budget(reference.evaluation):
+        ms, base_ms = timed_against(reference.artifact, source, runtime_factory, data)
+        timings += 1
+        if beats(ms, base_ms, config.noise_margin):
+            fallback = Candidate(EXPORT, reference.artifact, reference.evaluation, status="measured", vs_reference=1.0)
+    seconds = time.perf_counter() - started
+    summary = {
+        "reference": reference.name, "reference_runtime": reference.artifact.runtime, "reference_p50_ms": round(reference.p50_ms, 4),
+        "search_evaluations": evaluations, "search_timings": timings, "search_seconds": round(seconds, 1),
+    }
+    if chosen is None and fallback is None:
+        tried = "; ".join(f"{c.recipe}: {_outcome(c, accuracy_budget)}" for c in candidates)
+        raise OptimizerError(
+            f"auto: no candidate is faster than {reference.describe()} within the budget of {accuracy_budget:g} points of "
+            f"{baseline.quality_metric} ({tried}); {_count(evaluations, 'evaluation')} in {seconds:.0f} s; nothing was registered"
+        )
+    keep = chosen or fallback
+    assert keep is not None and keep.artifact is not None and keep.evaluation is not None
+    shown = candidates + ([keep] if keep is fallback else [])
+    if reference.export is not None and keep is not fallback:
+        shown.append(Candidate(EXPORT, reference.export[0], reference.export[1], status="reference" if reference.name == EXPORT else "measured"))
+    rows = _rows(baseline, shown, keep, variant_name, within_budget, reference, summary)
+    artifact = keep.artifact.derive(keep.artifact.path, runtime=keep.artifact.runtime, auto_choice=keep.recipe)
+    why = "no candidate beat it, and it beats the .pt2 in torch" if keep is fallback else f"the fastest of {len(within)} within the budget"
+    context.progress(ProgressEvent(stage="auto", fraction=1.0, message=f"kept {keep.recipe}: {why} ({_count(evaluations, 'evaluation')}, {seconds:.0f} s)"))
+    return artifact, keep.evaluation, rows
 
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _outcome(c: Candidate, budget: float) -> str:
+    e = c.evaluation
+    if e is None:
+        return c.status
+    if e.quality_drop is None or e.quality_drop > budget + 1e-9:
+        return f"{_drop(e)} ({describe(e.quality_metric, e.quality)})"
+    if c.vs_reference is not None:
+        return f"within budget, {c.vs_reference:.2f}x the reference in turns"
+    return f"within budget, p50 {e.latency_p50_ms:.3f} ms"
+
+
+def _rows(
+    baseline: Evaluation,
+    shown: list[Candidate],
+    keep: Candidate,
+    variant_name: str,
+    within_budget: Any,
+    reference: Reference,
+    summary: dict[str, Any],
+) -> list[dict[str, Any]]:
+    measured = [c for c in shown if c.evaluation is not None]
+    points = {"baseline": (baseline.latency_p50_ms or 0.0, -(baseline.quality_drop or 0.0))}
+    points.update({c.recipe: (c.evaluation.latency_p50_ms or 0.0, -(c.evaluation.quality_drop or 0.0)) for c in measured})  # type: ignore[union-attr]
+    front = pareto_front(points)
     evaluations = {"baseline": baseline}
     names: dict[str, Candidate] = {}
-    for c in candidates:
-        name = variant_name if c is chosen else c.recipe
+    for c in shown:
+        name = variant_name if c is keep else c.recipe
         names[name] = c
         evaluations[name] = c.evaluation or Evaluation()
-    rows = report_rows(evaluations)
+    rows = report_rows(evaluations, reference=(reference.name, reference.evaluation))
     for row in rows:
         c = names.get(row["variant"])
         if c is None:
-            row.update(recipe="", status="baseline", within_budget=True, pareto="baseline" in front, chosen=False)
+            row.update(recipe="", status="baseline", within_budget=True, pareto="baseline" in front, chosen=False, **summary)
             continue
-        ok = c in within
-        row.update(recipe=c.recipe, status=c.status, within_budget=ok if c.evaluation else None, pareto=c.recipe in front, chosen=c is chosen)
-    if chosen is None:
-        tried = "; ".join(
-            f"{c.recipe}: {c.status if c.evaluation is None else f'{-c.evaluation.accuracy_delta:.2f} points lost'}" for c in candidates
-        )
-        raise OptimizerError(f"auto: no candidate stays within the accuracy budget of {accuracy_budget:g} points ({tried}); raise --accuracy-budget")
-    assert chosen.artifact is not None and chosen.evaluation is not None
-    artifact = chosen.artifact.derive(chosen.artifact.path, runtime=chosen.artifact.runtime, auto_choice=chosen.recipe)
-    context.progress(ProgressEvent(stage="auto", fraction=1.0, message=f"kept {chosen.recipe}: the fastest of {len(within)} within {accuracy_budget:g} points"))
-    return artifact, chosen.evaluation, rows
+        ok = within_budget(c.evaluation)
+        row.update(recipe=c.recipe, status=c.status, within_budget=ok if c.evaluation else None, pareto=c.recipe in front, chosen=c is keep)
+        if c.vs_reference is not None:
+            row["reference_speedup_x"] = round(c.vs_reference, 3)  # timed in turns with the reference: the number that decided
+    return rows

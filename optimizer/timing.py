@@ -31,3 +31,28 @@ def time_predict(predictor: Predictor, feeds: dict[str, np.ndarray], warmup: int
 def percentiles_ms(times: np.ndarray) -> tuple[float, float]:
     p50, p99 = np.percentile(times, [50, 99])
     return float(p50 * 1000.0), float(p99 * 1000.0)
+
+
+def interleaved_p50_ms(
+    runs: dict[str, tuple[Predictor, dict[str, np.ndarray]]], rounds: int = 6, iterations: int = 40, warmup: int = 10
+) -> dict[str, float]:
+    """Median ms per predict() of each predictor, timed in alternating rounds so that a busy machine slows all alike.
+
+    Two latencies measured minutes apart differ by more than a few percent on a shared CPU; taken in
+    turns (the order reversed every round) and pooled, they compare like with like.
+    """
+    for predictor, feeds in runs.values():
+        for _ in range(warmup):
+            predictor.predict(feeds)
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            predictor, feeds = runs[name]
+            samples[name].append(time_predict(predictor, feeds, 0, iterations))
+    return {name: float(np.median(np.concatenate(s)) * 1000.0) for name, s in samples.items()}
+
+
+def beats(candidate_ms: float, reference_ms: float, margin: float) -> bool:
+    """True when the candidate is faster than the reference by more than the noise margin (0.05: at least 5% faster)."""
+    return candidate_ms <= reference_ms * (1.0 - margin)

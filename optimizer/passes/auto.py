@@ -11,11 +11,14 @@ from optimizer.base import (
     Pass,
     PassConfig,
     PassContext,
+    check_choice,
 )
+from optimizer.quality import METRICS
 from optimizer.registry import register
 
 DEFAULT_CANDIDATES = (
     "graph-ort",
+    "quantize-dynamic",  # skipped where it does not pay (convolutions; no MatMul / Gemm)
     "quantize-static",
     "prune-structured",
     "prune-structured,quantize-static",
@@ -29,15 +32,20 @@ DEFAULT_CANDIDATES = (
 class AutoConfig(PassConfig):
     """The search: candidates (pipelines, passes joined by commas), each measured against the baseline.
 
-    accuracy_budget: points of accuracy a candidate may lose, used when the request gives no
-    --accuracy-budget. epochs: fine-tuning epochs of training passes in candidates (bounded
-    search). candidates: the pipelines tried; those that need what the model lacks (a .pt2 to
-    train, train data) are skipped and reported as such.
+    accuracy_budget: points a candidate may lose (accuracy points with labels; else points of the quality
+    metric, see optimizer.quality), used when the request gives no --accuracy-budget. epochs: fine-tuning
+    epochs of training passes in candidates (bounded search). candidates: the pipelines tried; those that
+    need what the model lacks (a .pt2 to train, train data) are skipped and reported as such.
+    noise_margin: how much faster than the best FP32 runtime a candidate must be, timed in turns with it
+    (0.05: 5%), to be kept. metric: the quality metric (accuracy, top1-agreement, cosine,
+    relative-error); empty: chosen from the labels and the model's output.
     """
 
     accuracy_budget: float = 1.0
     epochs: int = 2
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    noise_margin: float = 0.05
+    metric: str = ""
 
     def __post_init__(self) -> None:
         if not self.accuracy_budget >= 0:
@@ -48,6 +56,9 @@ class AutoConfig(PassConfig):
             raise ConfigValueError(f"candidates must be a non-empty list of pipelines such as 'prune-structured,quantize-static', got {self.candidates!r}")
         if any("auto" in c.split(",") for c in self.candidates):
             raise ConfigValueError("candidates cannot contain auto itself")
+        if not 0.0 <= self.noise_margin < 1.0:
+            raise ConfigValueError(f"noise_margin must be in [0, 1) (0.05: 5% faster), got {self.noise_margin}")
+        check_choice("metric", self.metric, ("", *METRICS))
 
 
 @register
@@ -56,7 +67,7 @@ class AutoPass(Pass):
 
     name = "auto"
     config_cls = AutoConfig
-    summary = "searches pipelines (prune, distill, quantize, graph) and keeps the fastest within the accuracy budget"
+    summary = "searches pipelines (prune, distill, quantize, graph) and keeps the fastest within the accuracy budget that beats the best FP32 runtime"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         raise OptimizerError(

@@ -61,3 +61,31 @@ def test_an_auto_search_table_shows_the_candidates_and_what_decides():
     assert "variant" not in headers and "agree %" not in headers
     text = _text(table)
     assert "quantize-static" in text and "skipped: needs train data" in text and "✓" in text
+
+
+def test_an_unlabelled_search_table_shows_the_metric_the_reference_and_the_search_cost():
+    base = Evaluation(latency_p50_ms=4.0, size_bytes=90_000_000, quality_metric="cosine", runtime="torch")
+    ref = Evaluation(latency_p50_ms=1.0, size_bytes=90_000_000, quality_metric="cosine", quality=1.0, quality_drop=0.0)
+    int8 = Evaluation(latency_p50_ms=0.46, size_bytes=23_000_000, quality_metric="cosine", quality=0.9931, quality_drop=0.69)
+    rows = report_rows({"baseline": base, "auto": int8, "fp32-onnxruntime": ref}, reference=("fp32-onnxruntime", ref))
+    rows[0].update(recipe="", status="baseline", within_budget=True, pareto=False, chosen=False, reference="fp32-onnxruntime",
+                   reference_runtime="onnxruntime", reference_p50_ms=1.0, search_evaluations=4, search_timings=1, search_seconds=12.5)
+    rows[1].update(recipe="quantize-dynamic", status="measured", within_budget=True, pareto=True, chosen=True, reference_speedup_x=2.16)
+    rows[2].update(recipe="fp32-onnxruntime", status="reference", within_budget=True, pareto=True, chosen=False)
+    table = render_report(rows, "minilm: auto")
+    headers = [str(c.header) for c in table.columns]
+    assert {"metric", "quality", "Δ quality", "vs FP32 ×"} <= set(headers)
+    text = _text(table)
+    flat = " ".join(text.split())
+    assert "cosine" in text and "0.9931" in text and "-0.69" in text and "2.16×" in text
+    assert "reference: fp32-onnxruntime on onnxruntime at 1.0 ms" in flat and "search: 4 evaluations, 1 timings in turns, 12.5 s" in flat
+    assert "+0.00" in text and "-0.00" not in text
+    assert all(len(line) <= 160 for line in text.splitlines())
+
+
+def test_a_labelled_table_names_accuracy_without_repeating_it():
+    rows = report_rows({"baseline": BASELINE, "quantized": QUANTIZED})
+    for row, metric in zip(rows, ("accuracy", "accuracy")):
+        row["metric"] = metric
+    headers = [str(c.header) for c in render_report(rows, "t").columns]
+    assert "metric" in headers and "quality" not in headers and "Δ quality" not in headers and "Δ pts" in headers

@@ -91,3 +91,19 @@ def test_evaluation_dict_round_trip_keeps_the_contract_keys():
         assert key in d
     assert Evaluation.from_dict({**d, "added_by_a_later_version": 1}) == e
     assert Evaluation.from_dict({"params": 3}).latency_p50_ms is None
+
+
+def test_an_unlabelled_embedding_is_scored_by_cosine_not_argmax(tmp_path, runtime_factory):
+    from tests.optimizer.tiny_models import FEATURES, dense_onnx, weights
+
+    w = weights(np.random.default_rng(0), FEATURES, 384)
+    noisy = [w[0] + 0.03 * np.random.default_rng(1).standard_normal(w[0].shape)]
+    data = {"x": np.random.default_rng(2).standard_normal((100, FEATURES)).astype(np.float32)}
+    base, out = evaluate(Artifact(dense_onnx(tmp_path / "a.onnx", w), "onnx"), runtime_factory, data, warmup=1, iterations=5)
+    variant, noisy_out = evaluate(
+        Artifact(dense_onnx(tmp_path / "b.onnx", noisy), "onnx"), runtime_factory, data, baseline=base, baseline_outputs=out,
+        warmup=1, iterations=5,
+    )
+    assert base.quality_metric == variant.quality_metric == "cosine" and base.quality_drop is None
+    assert variant.agreement == variant.quality > 0.99 and variant.quality_min < variant.quality
+    assert np.mean(noisy_out.argmax(1) == out.argmax(1)) < variant.quality  # what the argmax score said before

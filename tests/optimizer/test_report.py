@@ -53,3 +53,15 @@ def test_without_a_baseline_the_ratios_are_absent():
 
 def test_json_round_trips(rows):
     assert json.loads(to_json(rows)) == rows
+
+
+def test_rows_name_the_quality_metric_and_the_speed_against_the_reference():
+    base = Evaluation(latency_p50_ms=4.0, quality_metric="cosine")
+    reference = Evaluation(latency_p50_ms=1.0, quality_metric="cosine", quality=1.0, quality_drop=0.0)
+    variant = Evaluation(latency_p50_ms=0.5, quality_metric="cosine", quality=0.9931, quality_min=0.97, quality_drop=0.69, agreement=0.9931)
+    rows = report_rows({"baseline": base, "fp32": reference, "int8": variant}, reference=("fp32", reference))
+    assert [r["metric"] for r in rows] == ["cosine"] * 3
+    assert rows[2]["quality"] == 0.9931 and rows[2]["quality_min"] == 0.97 and rows[2]["quality_drop_pt"] == 0.69
+    assert rows[2]["speedup_x"] == 8.0 and rows[2]["reference_speedup_x"] == 2.0 and rows[0]["reference_speedup_x"] == 0.25
+    assert rows[0]["quality_drop_pt"] is None
+    assert all(r["reference_speedup_x"] is None for r in report_rows({"baseline": base, "int8": variant}))

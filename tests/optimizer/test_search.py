@@ -1,10 +1,11 @@
 """Tests for optimizer/search.py and the auto pass (optimizer/passes/auto.py), through optimizer.pipeline.optimize.
 
-Every candidate is measured and the fastest within the budget kept.
+Every candidate is measured and the fastest within the budget kept, if it beats the model's best FP32 runtime.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from optimizer.base import Artifact, OptimizerError, PassContext
@@ -12,6 +13,7 @@ from optimizer.pipeline import optimize
 from optimizer.recipes import Recipe, parse_recipe
 from optimizer.registry import make_pass
 from optimizer.search import pareto_front
+from tests.optimizer.tiny_models import FEATURES, conv_onnx, dense_onnx, mlp_pt2, onnx_artifact, register_file_pass, save_npz, weights
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -19,15 +21,17 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto_front(points) == {"a", "b", "d"}
 
 
-def test_auto_is_a_recipe_and_refuses_company_and_unlabelled_data(digits, runtime_factory, tmp_path):
+def test_auto_is_a_recipe_and_refuses_company_and_missing_evaluation_data(digits, runtime_factory, tmp_path):
     assert parse_recipe("auto").name == "auto"
     source = Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
     context = PassContext(workdir=tmp_path, datasets={"train": digits.train, "data": digits.data})
     with pytest.raises(OptimizerError, match="auto searches pipelines of its own and cannot be combined"):
         optimize(source, parse_recipe("auto,graph-ort"), context, runtime_factory, "v")
-    unlabelled = PassContext(workdir=tmp_path, datasets={"train": digits.train})
-    with pytest.raises(OptimizerError, match=r"auto keeps accuracy within a budget and needs labelled evaluation data.*--data EVAL\.npz"):
-        optimize(source, parse_recipe("auto"), unlabelled, runtime_factory, "v")
+    no_data = PassContext(workdir=tmp_path, datasets={"train": digits.train})
+    with pytest.raises(OptimizerError, match=r"auto holds quality within a budget, measured on evaluation data.*--data EVAL\.npz"):
+        optimize(source, parse_recipe("auto"), no_data, runtime_factory, "v")
+    with pytest.raises(OptimizerError, match=r"--accuracy-budget holds quality within a budget.*--data EVAL\.npz"):
+        optimize(source, parse_recipe("graph-ort"), no_data, runtime_factory, "v", accuracy_budget=1.0)
     with pytest.raises(OptimizerError, match="candidates cannot contain auto itself"):
         make_pass("auto", {"candidates": ["auto"]})
 
@@ -39,23 +43,92 @@ def test_auto_keeps_the_fastest_candidate_within_the_budget_and_reports_all(digi
     auto = make_pass("auto", {"epochs": 1, "candidates": ["graph-ort", "prune-structured,quantize-static"]})
     result = optimize(source, Recipe("auto", (auto,)), context, runtime_factory, "auto", accuracy_budget=2.0)
     rows = {r["variant"]: r for r in result.report}
-    assert set(rows) == {"baseline", "auto", "graph-ort", "prune-structured,quantize-static"} - {result.artifact.notes["auto_choice"]}
+    tried = {"baseline", "auto", "graph-ort", "prune-structured,quantize-static", "fp32-onnxruntime"}
+    assert set(rows) == tried - {result.artifact.notes["auto_choice"]}  # the chosen one is named 'auto'
     chosen = rows["auto"]
     assert chosen["chosen"] and chosen["within_budget"] and chosen["recipe"] == result.artifact.notes["auto_choice"]
-    measured = [r for r in rows.values() if r["status"] == "measured"]
-    within = [r for r in measured if r["within_budget"]]
-    assert chosen["latency_p50_ms"] == min(r["latency_p50_ms"] for r in within)
+    assert rows["baseline"]["metric"] == "accuracy" and rows["baseline"]["search_evaluations"] == 3  # the export and 2 candidates
+    within = [r for r in rows.values() if r["status"].startswith("measured") and r["within_budget"]]
     assert all(r["accuracy_delta_pt"] >= -2.0 for r in within)
+    # Faster candidates within the budget were passed over only because they did not beat the reference in turns.
+    faster = [r for r in within if r["latency_p50_ms"] < chosen["latency_p50_ms"] and r is not chosen]
+    assert all(r["status"].startswith("measured; not faster than FP32") for r in faster)
+    assert chosen["recipe"] == "fp32-onnxruntime" or chosen["reference_speedup_x"] >= 1 / 0.95
     assert any(r["pareto"] for r in rows.values())
     assert result.evaluation.latency_p50_ms == pytest.approx(chosen["latency_p50_ms"], abs=1e-4)
 
 
-@pytest.mark.slow
-def test_auto_skips_training_candidates_for_onnx_models(digits, runtime_factory, tmp_path):
-    source = Artifact(digits.onnx, "onnx", input_names=("x",), output_names=("logits",))
-    context = PassContext(workdir=tmp_path, datasets={"train": digits.train, "data": digits.data})
-    auto = make_pass("auto", {"candidates": ["prune-structured", "graph-ort"]})
-    result = optimize(source, Recipe("auto", (auto,)), context, runtime_factory, "auto")
+def test_auto_skips_training_candidates_for_onnx_models(tmp_path, runtime_factory, monkeypatch):
+    w = weights(np.random.default_rng(0), 16, 384)
+    register_file_pass(monkeypatch, "test-lean", dense_onnx(tmp_path / "lean.onnx", w))
+    data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((32, FEATURES)).astype(np.float32))
+    context = PassContext(workdir=tmp_path / "work", datasets={"train": data, "data": data})
+    source = onnx_artifact(dense_onnx(tmp_path / "slow.onnx", w, slow=2))
+    result = optimize(source, _auto("prune-structured", "test-lean"), context, runtime_factory, "auto")
     rows = {r["variant"]: r for r in result.report}
     assert rows["prune-structured"]["status"] == "skipped: prune-structured trains in torch and needs the model as .pt2"
-    assert result.artifact.notes["auto_choice"] == "graph-ort"
+    assert result.artifact.notes["auto_choice"] == "test-lean"
+
+
+# --------------------------------------------------------------------------------------------
+# without labels, against the best FP32 runtime (tiny ONNX models; test-only passes swap in prepared files)
+
+
+@pytest.fixture
+def embedder(tmp_path):
+    """A [N, 16] -> [N, 384] embedding model without labels, a copy 2 MatMuls slower, and the evaluation data."""
+    w = weights(np.random.default_rng(0), 16, 64, 384)
+    fast, slow = dense_onnx(tmp_path / "fast.onnx", w), dense_onnx(tmp_path / "slow.onnx", w, slow=2)
+    lossy = dense_onnx(tmp_path / "lossy.onnx", [w[0], w[1] + 0.3 * np.random.default_rng(1).standard_normal(w[1].shape)])
+    data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((64, FEATURES)).astype(np.float32))
+    return fast, slow, lossy, PassContext(workdir=tmp_path / "work", datasets={"data": data})
+
+
+def _auto(*candidates: str, **config) -> Recipe:
+    return Recipe("auto", (make_pass("auto", {"candidates": list(candidates), **config}),))
+
+
+def test_auto_on_embeddings_holds_cosine_and_keeps_a_candidate_faster_than_the_reference(embedder, runtime_factory, monkeypatch):
+    fast, slow, lossy, context = embedder
+    register_file_pass(monkeypatch, "test-lean", fast)
+    register_file_pass(monkeypatch, "test-lossy", lossy)
+    result = optimize(onnx_artifact(slow), _auto("test-lossy", "test-lean"), context, runtime_factory, "auto", accuracy_budget=1.0)
+    assert result.artifact.notes["auto_choice"] == "test-lean" and result.artifact.path == fast
+    rows = {r["variant"]: r for r in result.report}
+    assert {r["metric"] for r in rows.values()} == {"cosine"}
+    assert rows["auto"]["quality"] == pytest.approx(1.0, abs=1e-5) and rows["auto"]["reference_speedup_x"] >= 1.05
+    assert rows["test-lossy"]["within_budget"] is False and rows["test-lossy"]["quality_drop_pt"] > 1.0
+    assert rows["baseline"]["reference"] == "baseline" and rows["baseline"]["search_evaluations"] == 2
+    assert rows["baseline"]["search_timings"] == 1 and rows["baseline"]["search_seconds"] >= 0
+    assert result.evaluation.agreement == result.evaluation.quality  # cosine, not argmax agreement
+
+
+def test_auto_never_keeps_a_variant_slower_than_the_reference(embedder, runtime_factory, monkeypatch):
+    fast, slow, _, context = embedder
+    register_file_pass(monkeypatch, "test-slow", slow)
+    with pytest.raises(OptimizerError) as info:
+        optimize(onnx_artifact(fast), _auto("test-slow"), context, runtime_factory, "auto", accuracy_budget=1.0)
+    message = str(info.value)
+    assert message.startswith("auto: no candidate is faster than FP32 onnxruntime (")
+    assert "within the budget of 1 points of cosine" in message and "test-slow: within budget" in message
+    assert "nothing was registered" in message and "1 evaluation in" in message  # the candidate; the baseline is its own reference
+
+
+def test_auto_skips_dynamic_int8_on_convolutions(tmp_path, runtime_factory):
+    data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((16, FEATURES)).astype(np.float32))
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": data})
+    with pytest.raises(OptimizerError, match=r"quantize-dynamic: skipped: quantize-dynamic would not pay: .* 1 Conv"):
+        optimize(onnx_artifact(conv_onnx(tmp_path / "conv.onnx")), _auto("quantize-dynamic"), context, runtime_factory, "auto")
+
+
+@pytest.mark.slow
+def test_auto_on_a_pt2_falls_back_to_its_fp32_export_when_no_candidate_beats_it(tmp_path, runtime_factory, monkeypatch):
+    source = Artifact(mlp_pt2(tmp_path / "mlp.pt2", out=384), "pt2", input_names=("x",), output_names=("embedding",))
+    data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((64, FEATURES)).astype(np.float32))
+    register_file_pass(monkeypatch, "test-slow", dense_onnx(tmp_path / "slow.onnx", weights(np.random.default_rng(0), 16, 384), slow=4))
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": data})
+    result = optimize(source, _auto("test-slow"), context, runtime_factory, "auto")  # ORT runs a tiny MLP far faster than eager
+    assert result.artifact.notes["auto_choice"] == "fp32-onnxruntime" and result.artifact.runtime == "onnxruntime"
+    rows = {r["variant"]: r for r in result.report}
+    assert rows["auto"]["recipe"] == "fp32-onnxruntime" and rows["auto"]["speedup_x"] > 1.0
+    assert rows["test-slow"]["within_budget"] is False  # another model's answers: far from the baseline's

@@ -1,0 +1,110 @@
+"""Tests for optimizer/pipeline.py: one recipe measured against the baseline, the budget in every metric, a cached baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optimizer.base import OptimizerError, PassContext
+from optimizer.pipeline import measure_baseline, optimize
+from optimizer.recipes import Recipe
+from optimizer.registry import make_pass
+from tests.optimizer.tiny_models import FEATURES, dense_onnx, onnx_artifact, register_file_pass, save_npz, weights
+
+X = np.random.default_rng(2).standard_normal((200, FEATURES)).astype(np.float32)
+
+
+def _recipe(name: str) -> Recipe:
+    return Recipe(name, (make_pass(name),))
+
+
+@pytest.fixture
+def classifier(tmp_path, monkeypatch):
+    """A 2-layer MLP classifier (16 -> 32 -> 10, output 'logits'), labels it gets 90% right, and a variant that flips some."""
+    w = weights(np.random.default_rng(0), 16, 32, 10)
+    source = dense_onnx(tmp_path / "mlp.onnx", w, output="logits")
+    predicted = np.maximum(X @ w[0], 0) @ w[1]
+    labels = predicted.argmax(1)
+    labels[:20] = (labels[:20] + 1) % 10
+    worse = [w[0], w[1] + 0.4 * np.random.default_rng(3).standard_normal(w[1].shape)]
+    register_file_pass(monkeypatch, "test-worse", dense_onnx(tmp_path / "worse.onnx", worse, output="logits"))
+    data = save_npz(tmp_path / "eval.npz", x=X, labels=labels)
+    return onnx_artifact(source, "logits"), PassContext(workdir=tmp_path / "work", datasets={"data": data})
+
+
+def test_labelled_data_keeps_accuracy_points_as_the_budget(classifier, runtime_factory):
+    source, context = classifier
+    result = optimize(source, _recipe("test-worse"), context, runtime_factory, "v")
+    e, b = result.evaluation, result.baseline
+    assert b.accuracy == pytest.approx(0.9) and b.quality_metric == e.quality_metric == "accuracy"
+    assert e.accuracy_delta == pytest.approx((e.accuracy - b.accuracy) * 100) and e.accuracy_delta < 0
+    assert e.quality_drop == -e.accuracy_delta and e.quality == e.accuracy
+    assert 0 < e.agreement < 1  # top-1 agreement with the baseline, as before
+    row = result.report[1]
+    assert row["metric"] == "accuracy" and row["accuracy_delta_pt"] == -row["quality_drop_pt"]
+    with pytest.raises(OptimizerError) as info:
+        optimize(source, _recipe("test-worse"), context, runtime_factory, "v", accuracy_budget=0.5)
+    assert str(info.value) == (
+        f"v loses {-e.accuracy_delta:.2f} points of accuracy (accuracy {100 * e.accuracy:.2f}%, against accuracy 90.00%), "
+        "over the budget of 0.5; nothing was registered (raise --accuracy-budget or pick a gentler recipe)"
+    )
+
+
+def test_without_labels_the_budget_holds_cosine_and_says_the_best_reached(tmp_path, runtime_factory, monkeypatch):
+    w = weights(np.random.default_rng(0), 16, 384)
+    noisy = [w[0] + 0.05 * np.random.default_rng(1).standard_normal(w[0].shape)]
+    register_file_pass(monkeypatch, "test-noisy", dense_onnx(tmp_path / "noisy.onnx", noisy))
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": save_npz(tmp_path / "eval.npz", x=X)})
+    source = onnx_artifact(dense_onnx(tmp_path / "m.onnx", w))
+    result = optimize(source, _recipe("test-noisy"), context, runtime_factory, "v", accuracy_budget=5.0)
+    e = result.evaluation
+    assert e.quality_metric == "cosine" and e.accuracy is None and e.accuracy_delta is None
+    assert 0.95 < e.quality < 0.9999 and e.quality_min <= e.quality and e.quality_drop == pytest.approx(100 * (1 - e.quality))
+    assert result.report[1]["metric"] == "cosine" and result.report[1]["quality_min"] == round(e.quality_min, 4)
+    with pytest.raises(
+        OptimizerError,
+        match=rf"v loses {e.quality_drop:.2f} points of cosine \(cosine {e.quality:.4f}, worst sample "
+        r"0\.\d{4}, against the baseline's outputs\), over the budget of 0\.01; nothing was registered",
+    ):
+        optimize(source, _recipe("test-noisy"), context, runtime_factory, "v", accuracy_budget=0.01)
+
+
+def test_a_single_value_output_is_held_by_relative_error(tmp_path, runtime_factory, monkeypatch):
+    w = weights(np.random.default_rng(0), 16, 1)
+    register_file_pass(monkeypatch, "test-scaled", dense_onnx(tmp_path / "s.onnx", [w[0] * 1.03], output="price"))
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": save_npz(tmp_path / "eval.npz", x=X)})
+    source = onnx_artifact(dense_onnx(tmp_path / "m.onnx", w, output="price"), "price")
+    e = optimize(source, _recipe("test-scaled"), context, runtime_factory, "v", accuracy_budget=5.0).evaluation
+    assert (
+        e.quality_metric == "relative-error"
+        and e.quality == pytest.approx(0.03, rel=1e-3)
+        and e.quality_drop == pytest.approx(3.0, rel=1e-3)
+    )
+    with pytest.raises(OptimizerError, match=r"loses 3\.00 points of relative-error \(relative error 3\.00%"):
+        optimize(source, _recipe("test-scaled"), context, runtime_factory, "v", accuracy_budget=2.0)
+
+
+def test_a_cached_baseline_is_not_measured_again(classifier, runtime_factory):
+    source, context = classifier
+    cached = measure_baseline(source, context, runtime_factory)
+    loaded = []
+
+    def counting(path, runtime):
+        loaded.append(path)
+        return runtime_factory(path, runtime)
+
+    result = optimize(source, _recipe("test-worse"), context, counting, "v", baseline=cached)
+    assert source.path not in loaded and len(loaded) == 1  # only the variant was loaded
+    assert result.baseline is cached.evaluation and result.baseline_outputs is cached.outputs
+    fresh = optimize(source, _recipe("test-worse"), context, runtime_factory, "v")
+    assert result.evaluation.accuracy == fresh.evaluation.accuracy and np.array_equal(fresh.baseline_outputs, cached.outputs)
+
+
+def test_a_requested_metric_overrides_the_choice_and_is_checked(classifier, runtime_factory):
+    source, context = classifier
+    result = optimize(source, _recipe("test-worse"), context, runtime_factory, "v", metric="top1-agreement")
+    assert result.baseline.quality_metric == result.evaluation.quality_metric == "top1-agreement"
+    assert result.evaluation.quality_drop == pytest.approx(100 * (1 - result.evaluation.agreement))
+    assert result.evaluation.accuracy_delta < 0  # accuracy is still reported where labels allow it
+    with pytest.raises(OptimizerError, match="quality metric must be one of"):
+        optimize(source, _recipe("test-worse"), context, runtime_factory, "v", metric="f1")
