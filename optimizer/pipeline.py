@@ -7,7 +7,9 @@ baseline's outputs); a caller that keeps the baseline's measure passes it in, so
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +56,38 @@ def measure_baseline(
     return Baseline(evaluation, outputs)
 
 
+def preflight(recipe: Recipe, datasets: Mapping[str, Path], accuracy_budget: float | None = None) -> None:
+    """Refuses, in a moment and before any measurement, a recipe that needs data the model was registered without.
+
+    Reads only the names of the arrays in each .npz: training passes need train data with 'labels', a pass's
+    `needs` its roles, a budget (or auto) evaluation data.
+    """
+    auto = any(p.name == "auto" for p in recipe.passes)
+    if auto and len(recipe.passes) > 1:
+        raise OptimizerError("auto searches pipelines of its own and cannot be combined with other passes; use --recipe auto alone")
+    if (accuracy_budget is not None or auto) and "data" not in datasets:
+        what = "auto" if auto else "--accuracy-budget"
+        raise OptimizerError(
+            f"{what} holds quality within a budget, measured on evaluation data (against its 'labels', or without them against "
+            "the baseline's own outputs): register the model with --data EVAL.npz"
+        )
+    for p in recipe.passes:
+        if p.trains:
+            if "train" not in datasets:
+                raise OptimizerError(
+                    f"{p.name} fine-tunes the model and needs train data; the model was registered without it: "
+                    "register it again with slimctl register NAME MODEL --train TRAIN.npz (one array per model input, plus 'labels')"
+                )
+            with np.load(datasets["train"], allow_pickle=False) as npz:
+                if "labels" not in npz.files:
+                    raise OptimizerError(
+                        f"{p.name}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz"
+                    )
+        for role in p.needs:
+            if role not in datasets:
+                raise OptimizerError(f"{p.name} needs {role} data, and the model was registered without it (--{role} {role.upper()}.npz)")
+
+
 def optimize(
     source: Artifact,
     recipe: Recipe,
@@ -73,16 +107,9 @@ def optimize(
     """
     if metric is not None and metric not in METRICS:
         raise OptimizerError(f"quality metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    preflight(recipe, context.datasets, accuracy_budget)
     data = evaluation_data(context)
     auto = [p for p in recipe.passes if p.name == "auto"]
-    if auto and len(recipe.passes) > 1:
-        raise OptimizerError("auto searches pipelines of its own and cannot be combined with other passes; use --recipe auto alone")
-    if (accuracy_budget is not None or auto) and data is None:
-        what = "auto" if auto else "--accuracy-budget"
-        raise OptimizerError(
-            f"{what} holds quality within a budget, measured on evaluation data (against its 'labels', or without them against "
-            "the baseline's own outputs): register the model with --data EVAL.npz"
-        )
     if auto:
         metric = metric or auto[0].config.metric or None  # type: ignore[attr-defined]
 

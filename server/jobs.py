@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from optimizer.pipeline import Baseline, optimize, preflight
 from optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
 from server.dataplane import DataPlane
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SlimServeError
@@ -64,6 +65,22 @@ class JobManager:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimizer")
         self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task] = set()
+        # Each variant's measure on the model's evaluation data (evaluation + outputs), taken once: every job
+        # from that variant reuses it. Keyed by the registration time too, so a model registered again under
+        # the same name is measured anew.
+        self._baselines: dict[tuple[str, str, str, str | None], Baseline] = {}
+
+    def _datasets(self, model: str) -> dict[str, Path]:
+        return {role: p for role in DATA_ROLES if (p := self.repository.dataset_path(model, role)) is not None}
+
+    def _baseline_key(self, info: ModelInfo, variant: str, metric: str | None = None) -> tuple[str, str, str, str | None]:
+        return (info.name, info.created_at, variant, metric)
+
+    def _keep_baseline(self, key: tuple[str, str, str, str | None], baseline: Baseline) -> None:
+        names = set(self.repository.names())
+        for stale in [k for k in self._baselines if k[0] not in names]:  # deleted models
+            del self._baselines[stale]
+        self._baselines[key] = baseline
 
     def _recipe(self, request: JobRequest) -> Recipe:
         try:
@@ -92,6 +109,10 @@ class JobManager:
             raise AlreadyExists(f"model '{request.model}' already has a variant '{variant}'; pass --name to choose another")
         if request.accuracy_budget is not None and request.accuracy_budget < 0:
             raise InvalidArgument(f"--accuracy-budget must be >= 0 points, got {request.accuracy_budget}")
+        try:  # data the recipe needs and the model lacks: refused now, not after the baseline's measurement
+            preflight(recipe, self._datasets(request.model), request.accuracy_budget)
+        except OptimizerError as e:
+            raise FailedPrecondition(str(e)) from e
         job = Job(uuid.uuid4().hex[:12], request.model, variant, recipe, request)
         self.jobs[job.id] = job
         self._record(job, "running", "")
@@ -145,7 +166,6 @@ class JobManager:
 
     def _work(self, job: Job, progress) -> JobDone:
         """The blocking part: passes, evaluation, and the atomic move into the repository."""
-        from optimizer.pipeline import optimize
 
         info = self.repository.get(job.model)
         parent = info.variants[job.request.parent or BASELINE]
@@ -156,11 +176,16 @@ class JobManager:
             input_names=tuple(s.name for s in info.inputs),
             output_names=tuple(s.name for s in info.outputs),
         )
-        datasets = {role: p for role in DATA_ROLES if (p := self.repository.dataset_path(job.model, role)) is not None}
+        datasets = self._datasets(job.model)
+        auto = next((p for p in job.recipe.passes if p.name == "auto"), None)
+        key = self._baseline_key(info, parent.name, getattr(auto.config, "metric", None) or None if auto else None)
 
         with self.repository.staging() as staged:
             context = PassContext(workdir=staged / "work", datasets=datasets, progress=progress, cancelled=job.cancel.is_set)
-            result = optimize(source, job.recipe, context, self._factory, job.variant, job.request.accuracy_budget)
+            result = optimize(
+                source, job.recipe, context, self._factory, job.variant, job.request.accuracy_budget, baseline=self._baselines.get(key)
+            )
+            self._keep_baseline(key, Baseline(result.baseline, result.baseline_outputs))
             variant_dir = staged / "variant"
             variant_dir.mkdir()
             target = variant_dir / f"model.{result.artifact.format}"
@@ -200,7 +225,8 @@ class JobManager:
             source = Artifact(path=self.repository.variant_path(info, variant), format=v.format, runtime=v.runtime)
             data_path = self.repository.dataset_path(model, "data")
             data = PassContext(workdir=Path("."), datasets={"data": data_path}).dataset("data", "evaluation") if data_path else None
-            evaluation, _ = evaluate(source, self._factory, data)
+            evaluation, outputs = evaluate(source, self._factory, data)
+            self._keep_baseline(self._baseline_key(info, variant), Baseline(evaluation, outputs))
 
             def store(i: ModelInfo) -> None:
                 if variant in i.variants and not i.variants[variant].evaluation:

@@ -77,13 +77,45 @@ def test_unknown_model(client):
     assert e.value.code == "NOT_FOUND"
 
 
-def test_accuracy_budget_needs_labels(client, digits):
+def test_a_budget_without_evaluation_data_is_refused_before_any_job(client, digits):
     client.register("digits", digits.onnx)
     with pytest.raises(SlimServeClientError) as e:
         client.optimize("digits", "graph-ort", accuracy_budget=1.0)
     assert e.value.code == "FAILED_PRECONDITION" and "--data EVAL.npz" in e.value.message
     assert [v["name"] for v in client.model("digits")["variants"]] == ["baseline"]
-    assert client.jobs("digits")[0]["status"] == "failed"
+    assert client.jobs("digits") == []  # refused in the call: nothing started, nothing measured
+
+
+@pytest.mark.parametrize(
+    "train, recipe, message",
+    [
+        (None, "prune-weight", "needs train data; the model was registered without it"),
+        ("unlabelled", "distill-soft", "the train data has no 'labels' array"),
+        (None, "quantize-static", "quantize-static needs calibration data"),
+    ],
+)
+def test_a_recipe_that_lacks_data_is_refused_at_once(client, digits, tmp_path, train, recipe, message):
+    """Checked on the array names alone, before the baseline is measured: a second, not a minute."""
+    import time
+
+    if train == "unlabelled":
+        train = tmp_path / "train.npz"
+        np.savez(train, x=digits.x_test[:8])
+    client.register("digits", digits.onnx, data=digits.data, train=train)
+    start = time.monotonic()
+    with pytest.raises(SlimServeClientError) as e:
+        client.optimize("digits", recipe)
+    assert time.monotonic() - start < 5
+    assert e.value.code == "FAILED_PRECONDITION" and message in e.value.message, e.value.message
+    assert client.jobs("digits") == []
+
+
+def test_the_baseline_is_measured_once_for_every_job(registered):
+    wait_until(lambda: registered.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's measurement", 60, 0.2)
+    for recipe in ("graph-ort", "quantize-dynamic"):
+        events = []
+        registered.optimize("digits", recipe, on_progress=events.append)
+        assert not any("measuring the baseline" in e.message for e in events), [e.message for e in events]
 
 
 def test_interrupted_job_marked_failed_at_start(server_factory, tmp_path, digits):
