@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,10 @@ def test_image_runs_slimserve_unprivileged_with_a_grpc_health_check(kind):
     assert user not in ("root", "0"), "the image must not run as root"
     assert words["ENTRYPOINT"] == '["slimserve"]' and words["CMD"] == '["start"]'
     assert "slimserve-healthcheck" in words["HEALTHCHECK"]
-    assert set(words["EXPOSE"].split()) == {"8001", "8002"}
+    assert set(words["EXPOSE"].split()) == {"8000", "8001", "8002"}
     env = env_of(final)
     assert env["SLIMSERVE_HOST"] == "0.0.0.0" and env["SLIMSERVE_GRPC_PORT"] == "8001" and env["SLIMSERVE_METRICS_PORT"] == "8002"
+    assert env["SLIMSERVE_HTTP_PORT"] == "8000", "the image serves REST on 8000 (and EXPOSEs it) whatever slimserve's default"
     # Every COPY from the build context names something that exists (the context is the repository root).
     for stage in stages:
         for word, rest in stage:
@@ -110,11 +112,12 @@ def test_health_probe_tells_serving_from_unhealthy(served):
 
 
 def test_the_images_command_line_starts_a_healthy_server_that_stops_on_sigterm(tmp_path):
-    """`slimserve start` with the CPU image's environment (ports and address moved to free loopback ones)."""
+    """`slimserve start` with the CPU image's environment (ports and address moved to free loopback ones, never 8000/8001)."""
     env = {**os.environ, **env_of(instructions(DOCKERFILES["image-cpu"])[-1])}
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env.update(PATH=os.environ["PATH"], HOME=str(tmp_path), SLIMSERVE_HOST="127.0.0.1", SLIMSERVE_GRPC_PORT=str(grpc_port),
-               SLIMSERVE_METRICS_PORT=str(metrics_port), SLIMSERVE_REPOSITORY=str(tmp_path / "repository"))
+               SLIMSERVE_HTTP_PORT=str(http_port), SLIMSERVE_METRICS_PORT=str(metrics_port),
+               SLIMSERVE_REPOSITORY=str(tmp_path / "repository"))
     slimserve = Path(sys.executable).parent / "slimserve"
     process = subprocess.Popen([str(slimserve), "start"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -125,6 +128,9 @@ def test_the_images_command_line_starts_a_healthy_server_that_stops_on_sigterm(t
 
         wait_until(healthy, "slimserve to become healthy", 60, interval=0.5)
         assert subprocess.run([sys.executable, str(HEALTHCHECK)], env=env, capture_output=True, timeout=30).returncode == 0
+        # The image's REST port (SLIMSERVE_HTTP_PORT) answers the same server's health.
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=10) as response:
+            assert response.status == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(40) == 0
     finally:
@@ -195,3 +201,8 @@ def test_compose_wires_slimserve_prometheus_and_grafana():
                 assert source in compose["volumes"], f"{name}: named volume {source} is not declared"
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    # slimserve publishes the image's REST, gRPC and metrics ports, each on the same number.
+    image_env = env_of(instructions(DOCKERFILES["image-cpu"])[-1])
+    published = {port.split(":")[2]: port.split(":")[1] for port in services["slimserve"]["ports"]}
+    wanted = {image_env[f"SLIMSERVE_{kind}_PORT"] for kind in ("HTTP", "GRPC", "METRICS")}
+    assert wanted <= set(published) and all(published[port] == port for port in wanted), published

@@ -22,6 +22,7 @@ from tests.deploy.kubectl import render
 KUSTOMIZATIONS = {"overlay-cpu": DEPLOY / "k8s/overlays/cpu", "overlay-gpu": DEPLOY / "k8s/overlays/gpu", "kserve": DEPLOY / "kserve"}
 # Native gRPC probes are GA since 1.27; check the oldest version we support and the newest schema we have.
 KUBERNETES_VERSIONS = ("1.30.0", kv.latest_version() + ".0")
+HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
 
@@ -101,8 +102,9 @@ def test_deployment_is_wired_together(name):
     env = env_of(container)
     assert env["SLIMSERVE_HOST"] == "0.0.0.0", "slimserve listens on loopback by default: unreachable in a pod"
     assert int(env["SLIMSERVE_GRPC_PORT"]) == GRPC_PORT and int(env["SLIMSERVE_METRICS_PORT"]) == METRICS_PORT
+    assert int(env["SLIMSERVE_HTTP_PORT"]) == HTTP_PORT
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         grpc_probe = container[probe]["grpc"]
         assert grpc_probe["port"] == GRPC_PORT
@@ -158,9 +160,13 @@ def test_kserve_runtime_serves_the_inference_service():
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"] == ["grpc-v2"]
     container = runtime["spec"]["containers"][0]
     assert container["name"] == "kserve-container"
-    assert container["ports"] == [{"name": "h2c", "containerPort": GRPC_PORT, "protocol": "TCP"}]
+    # KServe routes the protocol to the first port (h2c: HTTP/2, gRPC); raw deployment mode publishes the rest by number.
+    assert container["ports"] == [{"name": "h2c", "containerPort": GRPC_PORT, "protocol": "TCP"},
+                                  {"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment", "Serverless allows one port"
     script = " ".join(container["args"])
     assert "/mnt/models" in script and f"--grpc-port {GRPC_PORT}" in script and "--host 0.0.0.0" in script
+    assert f"--http-port {HTTP_PORT}" in script
     assert runtime["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(METRICS_PORT)
     assert container["readinessProbe"]["grpc"] == {"port": GRPC_PORT, "service": "inference.GRPCInferenceService"}
     assert re.match(r"^registry\.example\.com/slimserve:", container["image"])
@@ -183,3 +189,47 @@ def test_one_writer_and_read_only_replicas_share_the_repository(name):
     assert not admin["spec"]["selector"].items() <= serving["spec"]["template"]["metadata"]["labels"].items()
     hpa = one(name, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "slimserve"
+
+
+def slimserve_containers(name: str) -> list[tuple[str, dict]]:
+    """Every slimserve container a kustomization renders, with where it is: Deployments' pods and KServe runtimes."""
+    found = []
+    for resource in rendered(name):
+        spec = resource.get("spec", {})
+        for container in spec.get("template", {}).get("spec", spec).get("containers", []):
+            found.append((f"{name}: {resource['kind']}/{resource['metadata']['name']} container {container['name']}", container))
+    return found
+
+
+def listens_on(container: dict, flag: str, variable: str) -> int:
+    """The port slimserve in this container listens on: its `--flag N` argument, else the SLIMSERVE_* variable."""
+    words = " ".join(container.get("args", [])).split()
+    if flag in words:
+        return int(words[words.index(flag) + 1])
+    return int(env_of(container)[variable])
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_every_container_serves_and_exposes_the_rest_port_beside_grpc(name):
+    containers = slimserve_containers(name)
+    assert containers
+    for where, container in containers:
+        assert listens_on(container, "--http-port", "SLIMSERVE_HTTP_PORT") == HTTP_PORT, f"{where} does not serve REST on {HTTP_PORT}"
+        assert listens_on(container, "--grpc-port", "SLIMSERVE_GRPC_PORT") == GRPC_PORT, where
+        exposed = {p["containerPort"] for p in container["ports"]}
+        assert {HTTP_PORT, GRPC_PORT} <= exposed, f"{where} exposes {sorted(exposed)}"
+        # The probes stay on gRPC: REST is the same process, ready and stopping at the same moments.
+        assert container["readinessProbe"]["grpc"]["port"] == GRPC_PORT, where
+
+
+@pytest.mark.parametrize("name", ["overlay-cpu", "overlay-gpu"])
+@pytest.mark.parametrize("service_name, deployment_name", [("slimserve", "slimserve"), ("slimserve-admin", "slimserve-writer")])
+def test_services_route_rest_and_grpc_to_the_pods_ports(name, service_name, deployment_name):
+    service, deployment = one(name, "Service", service_name), one(name, "Deployment", deployment_name)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    routed = {p["port"]: named.get(p["targetPort"], p["targetPort"]) for p in service["spec"]["ports"]}
+    assert routed.get(HTTP_PORT) == HTTP_PORT, f"{service_name} does not route REST {HTTP_PORT} to the pods: {routed}"
+    assert routed.get(GRPC_PORT) == GRPC_PORT, f"{service_name} does not route gRPC {GRPC_PORT} to the pods: {routed}"
+    protocols = {p["port"]: p.get("appProtocol") for p in service["spec"]["ports"]}
+    assert protocols[HTTP_PORT] == "http" and protocols[GRPC_PORT] == "kubernetes.io/h2c"
