@@ -1,4 +1,4 @@
-"""Trainable torch modules from torch.export programs, and their way back to served ONNX; a training pass's start and finish.
+"""Trainable torch modules from torch.export programs (or ONNX converted to one), and their way back to served ONNX; a training pass's start and finish.
 
 A .pt2 program's graph calls functional ATen ops (aten.conv2d(x, weight, bias)); training with
 train/eval behaviour (BatchNorm statistics, dropout) and Torch-Pruning's dependency graph both need
@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.data import InputSpecs, TrainData, load_train_data
+from optimizer.data import InputSpecs, TrainData, load_train_data, model_arrays
 from optimizer.export import (
     export_dynamic_batch,
     export_program_to_onnx,
     load_program,
+    onnx_input_types,
+    onnx_io_names,
     program_input_types,
     served_names,
 )
@@ -171,23 +173,34 @@ def lift_layers(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return module
 
 
-def trainable_module(artifact: Artifact, needed_by: str) -> tuple[torch.fx.GraphModule, list[str], list[str], dict[str, tuple[np.dtype, tuple]]]:
-    """The artifact as a trainable module with real layers, its served input and output names, and its input specs.
+def source_program(artifact: Artifact, context: PassContext, needed_by: str) -> tuple[torch.export.ExportedProgram, list[str], list[str], InputSpecs]:
+    """The artifact as a torch.export program, its served input and output names, and its input specs.
 
-    Only torch.export archives are trained: converting ONNX back to torch (onnx2torch) works for
-    some graphs and silently changes others, so we ask for the .pt2 instead.
+    A .pt2 is loaded as it is; an ONNX model is converted by onnx2torch and checked against
+    onnxruntime on the first rows of the train data (optimizer.onnx2torch_convert), before any training.
     """
-    if artifact.format != "pt2":
-        raise OptimizerError(
-            f"{needed_by} trains the model in torch and needs a .pt2 model, and {artifact.path.name} is {artifact.format.upper()}; "
-            "register the model as a torch.export archive (torch.export.save) to prune or distill it"
-        )
-    program = load_program(artifact, needed_by)
-    inputs, outputs = served_names(artifact, program, needed_by)
-    specs = dict(zip(inputs, program_input_types(program).values()))
+    if artifact.format == "pt2":
+        program = load_program(artifact, needed_by)
+        inputs, outputs = served_names(artifact, program, needed_by)
+        return program, inputs, outputs, dict(zip(inputs, program_input_types(program).values()))
+    from optimizer.onnx2torch_convert import convertible_model, program_from_onnx
+
+    names_in, names_out = onnx_io_names(artifact.path)
+    inputs, outputs = list(artifact.input_names) or list(names_in), list(artifact.output_names) or list(names_out)
+    specs = dict(zip(inputs, onnx_input_types(artifact.path).values()))
+    convertible_model(artifact.path, needed_by)  # unknown operators are refused before the data is read
+    if "train" not in context.datasets:
+        load_train_data(context, inputs, specs, needed_by)  # raises the usual 'needs train data' error
+    arrays = model_arrays(context.dataset("train", needed_by), specs, "train", needed_by)
+    feeds = {graph_name: arrays[name][:32] for graph_name, name in zip(names_in, inputs)}
+    return program_from_onnx(artifact, feeds, needed_by), inputs, outputs, specs
+
+
+def trainable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The program as a trainable module whose convolutions, linear layers, norms and embeddings are nn.Modules."""
     module = lift_layers(program.module(check_guards=False))
     module.train()
-    return module, inputs, outputs, specs
+    return module
 
 
 def remove_dropout_(module: torch.nn.Module) -> None:
@@ -314,10 +327,11 @@ class Prepared:
 
 
 def prepare(artifact: Artifact, context: PassContext, needed_by: str, with_eval: bool = False) -> Prepared:
-    """Loads the .pt2 as a trainable module and its train data (and, with_eval, evaluation data for early stopping)."""
+    """Loads the model (.pt2, or ONNX converted to torch) as a trainable module and its train data (and, with_eval, evaluation data for early stopping)."""
     import torch
 
-    module, inputs, outputs, specs = trainable_module(artifact, needed_by)
+    program, inputs, outputs, specs = source_program(artifact, context, needed_by)
+    module = trainable_module(program)
     data = load_train_data(context, inputs, specs, needed_by, with_eval=with_eval)
     example = tuple(torch.from_numpy(np.ascontiguousarray(x[:2])) for x in data.inputs)
     shapes = output_shapes(module, example)
