@@ -100,6 +100,8 @@ def _layer(node: Any, tensors: dict[str, Any]) -> tuple[Any, list[str], list[Any
         layer = nn.LayerNorm(shape, eps=float(args[4]) if len(args) > 4 else 1e-5)
         layer.weight, layer.bias = param(w), param(b)
         return layer, [w, b], [args[0]]
+    if target in (aten.lstm.input, aten.gru.input):
+        return _recurrent_layer(node, args, tensors, param)
     if target == aten.embedding.default:
         w = attr(args[0])
         if w is None or len(args) > 2 and args[2] not in (-1, None):
@@ -109,6 +111,37 @@ def _layer(node: Any, tensors: dict[str, Any]) -> tuple[Any, list[str], list[Any
         layer.weight = param(w)
         return layer, [w], [args[1]]
     return None
+
+
+def _recurrent_layer(node: Any, args: list[Any], tensors: dict[str, Any], param: Any) -> tuple[Any, list[str], list[Any]] | None:
+    """aten.lstm / aten.gru with weights from attributes as nn.LSTM / nn.GRU; zero initial states are left to the layer."""
+    import torch
+    from torch import nn
+
+    lstm = node.target == torch.ops.aten.lstm.input
+    data, hx, params, has_biases, num_layers, dropout, _train, bidirectional, batch_first = args[:9]
+    targets = [p.target if isinstance(p, torch.fx.Node) and p.op == "get_attr" else None for p in params]
+    per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
+    if None in targets or len(targets) != per_layer * num_layers:
+        return None  # weights computed in the graph, or projections (proj_size): left as the functional op
+    weight_ih = tensors[targets[0]]
+    gates = 4 if lstm else 3
+    layer = (nn.LSTM if lstm else nn.GRU)(
+        weight_ih.shape[1], weight_ih.shape[0] // gates, num_layers=num_layers, bias=bool(has_biases), batch_first=bool(batch_first),
+        dropout=float(dropout), bidirectional=bool(bidirectional),
+    )
+    for name, target in zip(layer._flat_weights_names, targets):
+        setattr(layer, name, param(target))
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    zeros = all(isinstance(h, torch.fx.Node) and h.target == torch.ops.aten.zeros.default for h in states)
+    call_args = [data] if zeros else [data, tuple(states) if lstm else states[0]]
+    return layer, targets, call_args  # type: ignore[return-value]
+
+
+def recurrent_outputs(result: Any) -> tuple[Any, ...]:
+    """nn.LSTM's (out, (h, c)) / nn.GRU's (out, h) as aten.lstm's (out, h, c) / aten.gru's (out, h)."""
+    out, hidden = result
+    return (out, *hidden) if isinstance(hidden, tuple) else (out, hidden)
 
 
 def _module_path(targets: list[str], taken: set[str], fallback: str) -> str:
@@ -153,7 +186,12 @@ def lift_layers(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
             path = _module_path(targets, taken, f"layer_{len(taken)}")
             root[path] = layer
             claimed.update(targets)
-            new = graph.call_module(path, tuple(env[a] if isinstance(a, torch.fx.Node) else a for a in args))
+            mapped = tuple(
+                tuple(env[x] for x in a) if isinstance(a, tuple) else env[a] if isinstance(a, torch.fx.Node) else a for a in args
+            )
+            new = graph.call_module(path, mapped)
+            if isinstance(layer, nn.RNNBase):
+                new = graph.call_function(recurrent_outputs, (new,))
             new.meta = dict(node.meta)
             env[node] = new
             continue
@@ -170,6 +208,8 @@ def lift_layers(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
             root[node.target] = value
     graph.lint()
     module = torch.fx.GraphModule(root, graph)
+    module.graph.eliminate_dead_code()  # the zero initial states of recurrent layers that now make their own
+    module.recompile()
     return module
 
 
@@ -252,7 +292,15 @@ def flops_per_sample(module: torch.nn.Module, example: tuple[torch.Tensor, ...])
     return float(counter.get_total_flops())
 
 
-PRUNABLE = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+PRUNABLE = ("Conv1d", "Conv2d", "Conv3d", "Linear", "LSTM", "GRU")
+RECURRENT = ("LSTM", "GRU")
+
+
+def weight_names(layer: torch.nn.Module) -> list[str]:
+    """The weight matrices a layer multiplies by: `weight`, or a recurrent layer's input and hidden weights of every layer."""
+    if type(layer).__name__ in RECURRENT:
+        return [n for n in layer._flat_weights_names if n.startswith("weight_")]  # type: ignore[union-attr]
+    return ["weight"]
 
 
 def layers_in_order(module: torch.nn.Module) -> list[str]:
