@@ -31,7 +31,7 @@ from optimizer.finetune import (
     first_output,
     nested_finetune,
 )
-from optimizer.pruning import prune_channels_
+from optimizer.pruning import prune_channels_, untouched_layers
 from optimizer.registry import register
 from optimizer.torchmodel import (
     Prepared,
@@ -245,6 +245,11 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         student = derive_student(teacher, example, config, pass_name)
         student.train()
         origin = f"student at width {config.width:g} ({config.student_init} init)"
+    if not config.student and parameter_count(student) >= parameter_count(teacher):
+        raise OptimizerError(
+            f"{pass_name}: a student at width {config.width:g} is no smaller than {artifact.path.name}, so no variant was made; "
+            f"the width could not shrink: {'; '.join(untouched_layers(teacher))}. Give a smaller student as a .pt2 (config student)"
+        )
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

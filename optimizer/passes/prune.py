@@ -30,7 +30,7 @@ from optimizer.finetune import (
     finetune_field,
     nested_finetune,
 )
-from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients
+from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
 from optimizer.registry import register
 from optimizer.torchmodel import (
     check_layer_names,
@@ -108,6 +108,7 @@ class PruneWeightPass(Pass):
         config: PruneWeightConfig = self.config  # type: ignore[assignment]
         prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
         layers = weight_layers(prepared.module, config.exclude, self.name)
+        zeros_before = weight_sparsity(layers)
         if config.scope == "global":
             prune.global_unstructured(weight_tensors(layers), pruning_method=prune.L1Unstructured, amount=config.sparsity)
         else:
@@ -120,6 +121,11 @@ class PruneWeightPass(Pass):
         for m, name in weight_tensors(layers):
             prune.remove(m, name)  # the zeros become the weights
         sparsity = weight_sparsity(layers)
+        if sparsity <= zeros_before:
+            raise OptimizerError(
+                f"{self.name}: the weights of {', '.join(n for n, _ in layers)} were {100 * zeros_before:.1f}% zeros already and are "
+                f"{100 * sparsity:.1f}% now: nothing was removed, so no variant was made; raise sparsity"
+            )
         return finish(prepared, context, artifact, f"{artifact.path.stem}-pruned", self.name, pruned=f"weight {sparsity:.4f}")
 
 
@@ -343,6 +349,11 @@ class PruneStructuredPass(Pass):
             gradients=taylor_gradients(module, prepared.data), between_steps=between,
         )
         params, flops = parameter_count(module), flops_per_sample(module, example)
+        if params >= params0:
+            raise OptimizerError(
+                f"{self.name} removed nothing from {artifact.path.name} ({params} parameters before and after), so no variant was made; "
+                f"it could not prune: {'; '.join(untouched_layers(module, config.ignored_layers))}"
+            )
         return finish(
             prepared, context, artifact, f"{artifact.path.stem}-channels", self.name,
             pruned=f"structured {config.importance} {config.pruning_ratio:g}", params_fraction=f"{params / params0:.4f}",
