@@ -164,7 +164,13 @@ def prune_channels_(
     for i in range(steps):
         if importance == "taylor" and gradients is not None:
             gradients()
-        pruner.step()
+        try:
+            pruner.step()
+        except (IndexError, RuntimeError, AssertionError, ValueError) as e:  # Torch-Pruning's dependency graph on a graph it misreads
+            raise OptimizerError(
+                f"{needed_by}: Torch-Pruning cannot remove channels from this model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"layers it may not follow: {'; '.join(untouched_layers(module, ignored)) or 'none found'}"
+            ) from e
         module.zero_grad(set_to_none=True)
         if between_steps is not None:
             between_steps(i)

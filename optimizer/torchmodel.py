@@ -280,16 +280,14 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 
 def flops_per_sample(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> float:
-    """torch.utils.flop_counter's count for one sample (as evaluation counts a .pt2)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one sample, counted as evaluation counts a .pt2 (optimizer.counting_torch)."""
+    from optimizer.counting_torch import count_module_flops
 
     was_training = module.training
     module.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*(x[:1] for x in example))
+    flops = count_module_flops(module, tuple(x[:1] for x in example))
     module.train(was_training)
-    return float(counter.get_total_flops())
+    return flops
 
 
 PRUNABLE = ("Conv1d", "Conv2d", "Conv3d", "Linear", "LSTM", "GRU")

@@ -200,6 +200,18 @@ def make_projections(pairs: list[tuple[str, str]], student: Any, teacher: Any, e
     projections = []
     for s, t in pairs:
         fs, ft = taps[0].outputs[s], taps[1].outputs[t]
+        if not isinstance(student.get_submodule(s), nn.modules.conv._ConvNd) and fs.dim() > 2:
+            # Linear and recurrent layers keep channels last ([N, T, C] in transformers and RNNs): a linear map on the last dim.
+            if fs.dim() != ft.dim() or fs.shape[1:-1] != ft.shape[1:-1]:
+                raise OptimizerError(
+                    f"{needed_by}: student layer '{s}' gives {list(fs.shape[1:])} per sample and teacher layer '{t}' gives "
+                    f"{list(ft.shape[1:])}; matched layers need the same shape but for the last dim (channels)"
+                )
+            proj = nn.Linear(fs.shape[-1], ft.shape[-1], bias=False)
+            with torch.no_grad():
+                proj.weight.copy_(torch.eye(ft.shape[-1], fs.shape[-1]))
+            projections.append(proj)
+            continue
         if fs.dim() != ft.dim() or fs.shape[2:] != ft.shape[2:]:
             raise OptimizerError(
                 f"{needed_by}: student layer '{s}' gives {list(fs.shape[1:])} per sample and teacher layer '{t}' gives "
