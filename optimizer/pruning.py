@@ -6,7 +6,7 @@ from typing import Any
 
 from optimizer.base import OptimizerError
 from optimizer.data import TrainData
-from optimizer.torchmodel import PRUNABLE, check_layer_names, output_layers, output_shapes
+from optimizer.torchmodel import PRUNABLE, check_layer_names, layers_in_order, output_layers, output_shapes
 
 TORCH_PRUNING_PIN = "torch-pruning==1.6.1"
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")
@@ -130,6 +130,13 @@ def untouched_layers(module: Any, ignored: tuple[str, ...] = ()) -> list[str]:
     return reasons
 
 
+def _pruning_failed(module: Any, ignored: tuple[str, ...], needed_by: str, error: Exception) -> OptimizerError:
+    return OptimizerError(
+        f"{needed_by}: Torch-Pruning cannot remove channels from this model ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        f"layers it may not follow: {'; '.join(untouched_layers(module, ignored)) or 'none found'}"
+    )
+
+
 def prune_channels_(
     module: Any,
     example: tuple[Any, ...],
@@ -155,22 +162,28 @@ def prune_channels_(
 
     recurrent = unprunable_recurrent(module)
     keep = [module.get_submodule(n) for n in (*output_layers(module), *ignored, *recurrent)]
+    if not [n for n in layers_in_order(module) if module.get_submodule(n) not in keep]:
+        raise OptimizerError(
+            f"{needed_by}: no layer is left to prune, so nothing would be removed and no variant was made; "
+            f"it could not prune: {'; '.join(untouched_layers(module, ignored))}"
+        )
     rnn = _recurrent_pruner(needed_by)
-    pruner = tp.pruner.MetaPruner(
-        module, example, importance=make_importance(importance, module, needed_by), global_pruning=global_pruning,
-        pruning_ratio=ratio, iterative_steps=steps, ignored_layers=keep, round_to=round_to or None,
-        customized_pruners={nn.LSTM: rnn, nn.GRU: rnn},
-    )
+    failures = (IndexError, RuntimeError, AssertionError, ValueError, TypeError)  # Torch-Pruning on a graph it misreads
+    try:
+        pruner = tp.pruner.MetaPruner(
+            module, example, importance=make_importance(importance, module, needed_by), global_pruning=global_pruning,
+            pruning_ratio=ratio, iterative_steps=steps, ignored_layers=keep, round_to=round_to or None,
+            customized_pruners={nn.LSTM: rnn, nn.GRU: rnn},
+        )
+    except failures as e:
+        raise _pruning_failed(module, ignored, needed_by, e) from e
     for i in range(steps):
         if importance == "taylor" and gradients is not None:
             gradients()
         try:
             pruner.step()
-        except (IndexError, RuntimeError, AssertionError, ValueError) as e:  # Torch-Pruning's dependency graph on a graph it misreads
-            raise OptimizerError(
-                f"{needed_by}: Torch-Pruning cannot remove channels from this model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                f"layers it may not follow: {'; '.join(untouched_layers(module, ignored)) or 'none found'}"
-            ) from e
+        except failures as e:
+            raise _pruning_failed(module, ignored, needed_by, e) from e
         module.zero_grad(set_to_none=True)
         if between_steps is not None:
             between_steps(i)
