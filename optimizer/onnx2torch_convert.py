@@ -91,7 +91,7 @@ def convertible_model(path: Path, needed_by: str) -> onnx.ModelProto:
             if shape is None or not (shape == 0).any():
                 for attribute in [a for a in node.attribute if a.name == "allowzero"]:
                     node.attribute.remove(attribute)
-    onnx2torch, have_torchvision = _import_onnx2torch(needed_by)
+    _, have_torchvision = _import_onnx2torch(needed_by)
     from onnx2torch.node_converters import get_converter
     from onnx2torch.onnx_graph import OnnxGraph
 
