@@ -1,7 +1,8 @@
-"""Parameters, non-zero parameters and FLOPs of a torch.export program (FlopCounterMode), by counting_onnx's rule."""
+"""Parameters, non-zero parameters and FLOPs of a torch.export program (FlopCounterMode, recurrent layers and CPU attention included), by counting_onnx's rule."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -89,10 +90,36 @@ def pt2_params(program: Any) -> tuple[int, int]:
     return params, nonzero
 
 
-def pt2_flops(program: Any, sample: dict[str, np.ndarray]) -> float:
-    """FLOPs of one sample by torch.utils.flop_counter.FlopCounterMode (2 x MACs of convolutions and matmuls)."""
+def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """Q @ K^T and softmax(.) @ V: 2 x B x heads x L x S x (E + Ev); FlopCounterMode knows only the GPU kernels' names."""
+    import math
+
+    *batch, length, embed = query
+    source, value_embed = key[-2], value[-1]
+    return 2 * math.prod(batch) * length * source * (embed + value_embed)
+
+
+def count_module_flops(module: Any, args: tuple[Any, ...]) -> float:
+    """FlopCounterMode's count of one call (2 x MACs of convolutions and matmuls), recurrent layers and CPU attention included.
+
+    oneDNN runs an LSTM / GRU as one fused kernel the counter does not see, so counting turns it
+    off: every layer and time step then runs as the matmuls it is made of. scaled_dot_product_attention
+    runs on the CPU as a kernel with no formula in torch's table, so we give it one.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.backends.mkldnn.flags warns about its TF32 setting on every use
+        with torch.backends.mkldnn.flags(enabled=False), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            module(*args)
+    return float(counter.get_total_flops())
+
+
+def pt2_flops(program: Any, sample: dict[str, np.ndarray]) -> float:
+    """FLOPs of one sample by count_module_flops."""
+    import torch
 
     module = program.module()
     names = list(program.graph_signature.user_inputs)
@@ -110,6 +137,4 @@ def pt2_flops(program: Any, sample: dict[str, np.ndarray]) -> float:
             batch = shape[0]  # exported for a fixed batch: run at it, divide back
         args.append(array[:1])
     tensors = [torch.from_numpy(np.array(a, copy=True)) for a in take(dict(enumerate(args)), batch).values()]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*tensors)
-    return float(counter.get_total_flops()) / batch
+    return count_module_flops(module, tuple(tensors)) / batch

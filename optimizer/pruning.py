@@ -6,7 +6,7 @@ from typing import Any
 
 from optimizer.base import OptimizerError
 from optimizer.data import TrainData
-from optimizer.torchmodel import check_layer_names, output_layers, output_shapes
+from optimizer.torchmodel import PRUNABLE, check_layer_names, layers_in_order, output_layers, output_shapes
 
 TORCH_PRUNING_PIN = "torch-pruning==1.6.1"
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")
@@ -33,6 +33,110 @@ def make_importance(name: str, module: Any, needed_by: str):
     return tp.importance.BNScaleImportance()
 
 
+def _keep(count: int, drop: Any) -> Any:
+    import torch
+
+    dropped = {int(i) for i in drop}
+    return torch.tensor([i for i in range(count) if i not in dropped], dtype=torch.long)
+
+
+def _recurrent_pruner(needed_by: str):
+    """A Torch-Pruning pruner for nn.LSTM / nn.GRU of any depth: hidden units of every layer, and the first layer's inputs.
+
+    Torch-Pruning 1.6's own LSTM pruner handles one layer only (it asserts num_layers == 1) and
+    reindexes the hidden weights wrongly, so we give it ours. The last layer's hidden units are the
+    group Torch-Pruning ranks with the layer that reads them; each inner layer loses as many of its
+    own units, the weakest by the L2 norm of their gate rows (nn.LSTM keeps one hidden size for all layers).
+    """
+    import torch
+    from torch import nn
+
+    tp = import_torch_pruning(needed_by)
+
+    def take(layer: nn.Module, name: str, index: Any, dim: int) -> None:
+        old = getattr(layer, name)
+        setattr(layer, name, nn.Parameter(old.data.index_select(dim, index).contiguous(), requires_grad=old.requires_grad))
+
+    class RecurrentPruner(tp.pruner.function.BasePruningFunc):
+        def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            gates = 4 if isinstance(layer, nn.LSTM) else 3
+            hidden, layers = layer.hidden_size, layer.num_layers
+            last = _keep(hidden, idxs)
+            for i in range(layers):
+                if i == layers - 1:
+                    keep = last
+                else:  # an inner layer: its units only feed the next layer, so it keeps its strongest
+                    norms = sum(getattr(layer, f"weight_{k}_l{i}").data.view(gates, hidden, -1).pow(2).sum((0, 2)) for k in ("ih", "hh"))
+                    keep = torch.sort(torch.topk(norms, len(last)).indices).values
+                gate_rows = torch.cat([keep + g * hidden for g in range(gates)])
+                take(layer, f"weight_ih_l{i}", gate_rows, 0)
+                take(layer, f"weight_hh_l{i}", gate_rows, 0)
+                take(layer, f"weight_hh_l{i}", keep, 1)
+                if layer.bias:
+                    take(layer, f"bias_ih_l{i}", gate_rows, 0)
+                    take(layer, f"bias_hh_l{i}", gate_rows, 0)
+                if i + 1 < layers:
+                    take(layer, f"weight_ih_l{i + 1}", keep, 1)
+            layer.hidden_size = len(last)
+            layer._init_flat_weights()
+            return layer
+
+        def prune_in_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            keep = _keep(layer.input_size, idxs)
+            for suffix in ("", "_reverse") if layer.bidirectional else ("",):
+                take(layer, f"weight_ih_l0{suffix}", keep, 1)
+            layer.input_size = len(keep)
+            layer._init_flat_weights()
+            return layer
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return layer.hidden_size * (2 if layer.bidirectional else 1)
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return layer.input_size
+
+    return RecurrentPruner()
+
+
+def unprunable_recurrent(module: Any) -> dict[str, str]:
+    """Recurrent layers whose hidden units prune-structured cannot remove, with the reason."""
+    from torch import nn
+
+    found = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.RNNBase) and m.bidirectional:
+            found[name] = "it is bidirectional (the two directions' units are interleaved in its output)"
+        elif isinstance(m, nn.RNNBase) and not isinstance(m, (nn.LSTM, nn.GRU)):
+            found[name] = f"{type(m).__name__} layers are not supported"
+        elif isinstance(m, nn.LSTM) and m.proj_size:
+            found[name] = "it has projections (proj_size)"
+    return found
+
+
+def untouched_layers(module: Any, ignored: tuple[str, ...] = ()) -> list[str]:
+    """What channel pruning leaves as it is, for an error that says why nothing was removed."""
+    reasons = [f"{name} ({why})" for name, why in unprunable_recurrent(module).items()]
+    reasons += [f"{name} (output layer: keeps the model's outputs)" for name in output_layers(module)]
+    reasons += [f"{name} (in ignored_layers)" for name in ignored]
+    layers = {n for n, m in module.named_modules() if type(m).__name__ in PRUNABLE}
+    from torch import nn
+
+    def owner(name: str) -> Any:
+        return module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+
+    loose = [n for n, _ in module.named_parameters() if n.rsplit(".", 1)[0] not in layers and type(owner(n)) in (nn.Module, type(module))]
+    if loose:
+        reasons.append(f"{', '.join(loose[:5])} (weights used by operators that are not conv / linear / recurrent layers)")
+    return reasons
+
+
+def _pruning_failed(module: Any, ignored: tuple[str, ...], needed_by: str, error: Exception) -> OptimizerError:
+    return OptimizerError(
+        f"{needed_by}: Torch-Pruning cannot remove channels from this model ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        f"layers it may not follow: {'; '.join(untouched_layers(module, ignored)) or 'none found'}"
+    )
+
+
 def prune_channels_(
     module: Any,
     example: tuple[Any, ...],
@@ -54,15 +158,32 @@ def prune_channels_(
     tp = import_torch_pruning(needed_by)
     check_layer_names(module, ignored, "ignored_layers", needed_by)
     before = output_shapes(module, example)
-    keep = [module.get_submodule(n) for n in (*output_layers(module), *ignored)]
-    pruner = tp.pruner.MetaPruner(
-        module, example, importance=make_importance(importance, module, needed_by), global_pruning=global_pruning,
-        pruning_ratio=ratio, iterative_steps=steps, ignored_layers=keep, round_to=round_to or None,
-    )
+    from torch import nn
+
+    recurrent = unprunable_recurrent(module)
+    keep = [module.get_submodule(n) for n in (*output_layers(module), *ignored, *recurrent)]
+    if not [n for n in layers_in_order(module) if module.get_submodule(n) not in keep]:
+        raise OptimizerError(
+            f"{needed_by}: no layer is left to prune, so nothing would be removed and no variant was made; "
+            f"it could not prune: {'; '.join(untouched_layers(module, ignored))}"
+        )
+    rnn = _recurrent_pruner(needed_by)
+    failures = (IndexError, RuntimeError, AssertionError, ValueError, TypeError)  # Torch-Pruning on a graph it misreads
+    try:
+        pruner = tp.pruner.MetaPruner(
+            module, example, importance=make_importance(importance, module, needed_by), global_pruning=global_pruning,
+            pruning_ratio=ratio, iterative_steps=steps, ignored_layers=keep, round_to=round_to or None,
+            customized_pruners={nn.LSTM: rnn, nn.GRU: rnn},
+        )
+    except failures as e:
+        raise _pruning_failed(module, ignored, needed_by, e) from e
     for i in range(steps):
         if importance == "taylor" and gradients is not None:
             gradients()
-        pruner.step()
+        try:
+            pruner.step()
+        except failures as e:
+            raise _pruning_failed(module, ignored, needed_by, e) from e
         module.zero_grad(set_to_none=True)
         if between_steps is not None:
             between_steps(i)

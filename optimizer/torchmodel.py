@@ -1,4 +1,4 @@
-"""Trainable torch modules from torch.export programs, and their way back to served ONNX; a training pass's start and finish.
+"""Trainable torch modules from torch.export programs (or ONNX converted to one), and their way back to served ONNX; a training pass's start and finish.
 
 A .pt2 program's graph calls functional ATen ops (aten.conv2d(x, weight, bias)); training with
 train/eval behaviour (BatchNorm statistics, dropout) and Torch-Pruning's dependency graph both need
@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.data import InputSpecs, TrainData, load_train_data
+from optimizer.data import InputSpecs, TrainData, load_train_data, model_arrays
 from optimizer.export import (
     export_dynamic_batch,
     export_program_to_onnx,
     load_program,
+    onnx_input_types,
+    onnx_io_names,
     program_input_types,
     served_names,
 )
@@ -98,6 +100,8 @@ def _layer(node: Any, tensors: dict[str, Any]) -> tuple[Any, list[str], list[Any
         layer = nn.LayerNorm(shape, eps=float(args[4]) if len(args) > 4 else 1e-5)
         layer.weight, layer.bias = param(w), param(b)
         return layer, [w, b], [args[0]]
+    if target in (aten.lstm.input, aten.gru.input):
+        return _recurrent_layer(node, args, tensors, param)
     if target == aten.embedding.default:
         w = attr(args[0])
         if w is None or len(args) > 2 and args[2] not in (-1, None):
@@ -107,6 +111,37 @@ def _layer(node: Any, tensors: dict[str, Any]) -> tuple[Any, list[str], list[Any
         layer.weight = param(w)
         return layer, [w], [args[1]]
     return None
+
+
+def _recurrent_layer(node: Any, args: list[Any], tensors: dict[str, Any], param: Any) -> tuple[Any, list[str], list[Any]] | None:
+    """aten.lstm / aten.gru with weights from attributes as nn.LSTM / nn.GRU; zero initial states are left to the layer."""
+    import torch
+    from torch import nn
+
+    lstm = node.target == torch.ops.aten.lstm.input
+    data, hx, params, has_biases, num_layers, dropout, _train, bidirectional, batch_first = args[:9]
+    targets = [p.target if isinstance(p, torch.fx.Node) and p.op == "get_attr" else None for p in params]
+    per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
+    if None in targets or len(targets) != per_layer * num_layers:
+        return None  # weights computed in the graph, or projections (proj_size): left as the functional op
+    weight_ih = tensors[targets[0]]
+    gates = 4 if lstm else 3
+    layer = (nn.LSTM if lstm else nn.GRU)(
+        weight_ih.shape[1], weight_ih.shape[0] // gates, num_layers=num_layers, bias=bool(has_biases), batch_first=bool(batch_first),
+        dropout=float(dropout), bidirectional=bool(bidirectional),
+    )
+    for name, target in zip(layer._flat_weights_names, targets):
+        setattr(layer, name, param(target))
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    zeros = all(isinstance(h, torch.fx.Node) and h.target == torch.ops.aten.zeros.default for h in states)
+    call_args = [data] if zeros else [data, tuple(states) if lstm else states[0]]
+    return layer, targets, call_args  # type: ignore[return-value]
+
+
+def recurrent_outputs(result: Any) -> tuple[Any, ...]:
+    """nn.LSTM's (out, (h, c)) / nn.GRU's (out, h) as aten.lstm's (out, h, c) / aten.gru's (out, h)."""
+    out, hidden = result
+    return (out, *hidden) if isinstance(hidden, tuple) else (out, hidden)
 
 
 def _module_path(targets: list[str], taken: set[str], fallback: str) -> str:
@@ -151,7 +186,12 @@ def lift_layers(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
             path = _module_path(targets, taken, f"layer_{len(taken)}")
             root[path] = layer
             claimed.update(targets)
-            new = graph.call_module(path, tuple(env[a] if isinstance(a, torch.fx.Node) else a for a in args))
+            mapped = tuple(
+                tuple(env[x] for x in a) if isinstance(a, tuple) else env[a] if isinstance(a, torch.fx.Node) else a for a in args
+            )
+            new = graph.call_module(path, mapped)
+            if isinstance(layer, nn.RNNBase):
+                new = graph.call_function(recurrent_outputs, (new,))
             new.meta = dict(node.meta)
             env[node] = new
             continue
@@ -168,26 +208,39 @@ def lift_layers(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
             root[node.target] = value
     graph.lint()
     module = torch.fx.GraphModule(root, graph)
+    module.graph.eliminate_dead_code()  # the zero initial states of recurrent layers that now make their own
+    module.recompile()
     return module
 
 
-def trainable_module(artifact: Artifact, needed_by: str) -> tuple[torch.fx.GraphModule, list[str], list[str], dict[str, tuple[np.dtype, tuple]]]:
-    """The artifact as a trainable module with real layers, its served input and output names, and its input specs.
+def source_program(artifact: Artifact, context: PassContext, needed_by: str) -> tuple[torch.export.ExportedProgram, list[str], list[str], InputSpecs]:
+    """The artifact as a torch.export program, its served input and output names, and its input specs.
 
-    Only torch.export archives are trained: converting ONNX back to torch (onnx2torch) works for
-    some graphs and silently changes others, so we ask for the .pt2 instead.
+    A .pt2 is loaded as it is; an ONNX model is converted by onnx2torch and checked against
+    onnxruntime on the first rows of the train data (optimizer.onnx2torch_convert), before any training.
     """
-    if artifact.format != "pt2":
-        raise OptimizerError(
-            f"{needed_by} trains the model in torch and needs a .pt2 model, and {artifact.path.name} is {artifact.format.upper()}; "
-            "register the model as a torch.export archive (torch.export.save) to prune or distill it"
-        )
-    program = load_program(artifact, needed_by)
-    inputs, outputs = served_names(artifact, program, needed_by)
-    specs = dict(zip(inputs, program_input_types(program).values()))
+    if artifact.format == "pt2":
+        program = load_program(artifact, needed_by)
+        inputs, outputs = served_names(artifact, program, needed_by)
+        return program, inputs, outputs, dict(zip(inputs, program_input_types(program).values()))
+    from optimizer.onnx2torch_convert import convertible_model, program_from_onnx
+
+    names_in, names_out = onnx_io_names(artifact.path)
+    inputs, outputs = list(artifact.input_names) or list(names_in), list(artifact.output_names) or list(names_out)
+    specs = dict(zip(inputs, onnx_input_types(artifact.path).values()))
+    convertible_model(artifact.path, needed_by)  # unknown operators are refused before the data is read
+    if "train" not in context.datasets:
+        load_train_data(context, inputs, specs, needed_by)  # raises the usual 'needs train data' error
+    arrays = model_arrays(context.dataset("train", needed_by), specs, "train", needed_by)
+    feeds = {graph_name: arrays[name][:32] for graph_name, name in zip(names_in, inputs)}
+    return program_from_onnx(artifact, feeds, needed_by), inputs, outputs, specs
+
+
+def trainable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The program as a trainable module whose convolutions, linear layers, norms and embeddings are nn.Modules."""
     module = lift_layers(program.module(check_guards=False))
     module.train()
-    return module, inputs, outputs, specs
+    return module
 
 
 def remove_dropout_(module: torch.nn.Module) -> None:
@@ -227,19 +280,25 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 
 def flops_per_sample(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> float:
-    """torch.utils.flop_counter's count for one sample (as evaluation counts a .pt2)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one sample, counted as evaluation counts a .pt2 (optimizer.counting_torch)."""
+    from optimizer.counting_torch import count_module_flops
 
     was_training = module.training
     module.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*(x[:1] for x in example))
+    flops = count_module_flops(module, tuple(x[:1] for x in example))
     module.train(was_training)
-    return float(counter.get_total_flops())
+    return flops
 
 
-PRUNABLE = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+PRUNABLE = ("Conv1d", "Conv2d", "Conv3d", "Linear", "LSTM", "GRU")
+RECURRENT = ("LSTM", "GRU")
+
+
+def weight_names(layer: torch.nn.Module) -> list[str]:
+    """The weight matrices a layer multiplies by: `weight`, or a recurrent layer's input and hidden weights of every layer."""
+    if type(layer).__name__ in RECURRENT:
+        return [n for n in layer._flat_weights_names if n.startswith("weight_")]  # type: ignore[union-attr]
+    return ["weight"]
 
 
 def layers_in_order(module: torch.nn.Module) -> list[str]:
@@ -314,10 +373,11 @@ class Prepared:
 
 
 def prepare(artifact: Artifact, context: PassContext, needed_by: str, with_eval: bool = False) -> Prepared:
-    """Loads the .pt2 as a trainable module and its train data (and, with_eval, evaluation data for early stopping)."""
+    """Loads the model (.pt2, or ONNX converted to torch) as a trainable module and its train data (and, with_eval, evaluation data for early stopping)."""
     import torch
 
-    module, inputs, outputs, specs = trainable_module(artifact, needed_by)
+    program, inputs, outputs, specs = source_program(artifact, context, needed_by)
+    module = trainable_module(program)
     data = load_train_data(context, inputs, specs, needed_by, with_eval=with_eval)
     example = tuple(torch.from_numpy(np.ascontiguousarray(x[:2])) for x in data.inputs)
     shapes = output_shapes(module, example)

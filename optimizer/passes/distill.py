@@ -31,7 +31,7 @@ from optimizer.finetune import (
     first_output,
     nested_finetune,
 )
-from optimizer.pruning import prune_channels_
+from optimizer.pruning import prune_channels_, untouched_layers
 from optimizer.registry import register
 from optimizer.torchmodel import (
     Prepared,
@@ -200,6 +200,18 @@ def make_projections(pairs: list[tuple[str, str]], student: Any, teacher: Any, e
     projections = []
     for s, t in pairs:
         fs, ft = taps[0].outputs[s], taps[1].outputs[t]
+        if not isinstance(student.get_submodule(s), nn.modules.conv._ConvNd) and fs.dim() > 2:
+            # Linear and recurrent layers keep channels last ([N, T, C] in transformers and RNNs): a linear map on the last dim.
+            if fs.dim() != ft.dim() or fs.shape[1:-1] != ft.shape[1:-1]:
+                raise OptimizerError(
+                    f"{needed_by}: student layer '{s}' gives {list(fs.shape[1:])} per sample and teacher layer '{t}' gives "
+                    f"{list(ft.shape[1:])}; matched layers need the same shape but for the last dim (channels)"
+                )
+            proj = nn.Linear(fs.shape[-1], ft.shape[-1], bias=False)
+            with torch.no_grad():
+                proj.weight.copy_(torch.eye(ft.shape[-1], fs.shape[-1]))
+            projections.append(proj)
+            continue
         if fs.dim() != ft.dim() or fs.shape[2:] != ft.shape[2:]:
             raise OptimizerError(
                 f"{needed_by}: student layer '{s}' gives {list(fs.shape[1:])} per sample and teacher layer '{t}' gives "
@@ -245,6 +257,11 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         student = derive_student(teacher, example, config, pass_name)
         student.train()
         origin = f"student at width {config.width:g} ({config.student_init} init)"
+    if not config.student and parameter_count(student) >= parameter_count(teacher):
+        raise OptimizerError(
+            f"{pass_name}: a student at width {config.width:g} is no smaller than {artifact.path.name}, so no variant was made; "
+            f"the width could not shrink: {'; '.join(untouched_layers(teacher))}. Give a smaller student as a .pt2 (config student)"
+        )
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

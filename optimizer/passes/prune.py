@@ -30,7 +30,7 @@ from optimizer.finetune import (
     finetune_field,
     nested_finetune,
 )
-from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients
+from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
 from optimizer.registry import register
 from optimizer.torchmodel import (
     check_layer_names,
@@ -39,6 +39,7 @@ from optimizer.torchmodel import (
     layers_in_order,
     parameter_count,
     prepare,
+    weight_names,
 )
 
 SCOPES = ("global", "layer")
@@ -58,11 +59,15 @@ def weight_layers(module: Any, exclude: tuple[str, ...], needed_by: str) -> list
     return layers
 
 
+def weight_tensors(layers: list[tuple[str, Any]]) -> list[tuple[Any, str]]:
+    """(module, parameter name) of every weight matrix the layers hold: a recurrent layer's input and hidden weights too."""
+    return [(m, name) for _, m in layers for name in weight_names(m)]
+
+
 def weight_sparsity(layers: list[tuple[str, Any]]) -> float:
     """Share of zeros in the layers' weights."""
-    total = sum(m.weight.numel() for _, m in layers)
-    zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
-    return zeros / max(1, total)
+    weights = [getattr(m, name) for m, name in weight_tensors(layers)]
+    return sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,18 +108,24 @@ class PruneWeightPass(Pass):
         config: PruneWeightConfig = self.config  # type: ignore[assignment]
         prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
         layers = weight_layers(prepared.module, config.exclude, self.name)
+        zeros_before = weight_sparsity(layers)
         if config.scope == "global":
-            prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured, amount=config.sparsity)
+            prune.global_unstructured(weight_tensors(layers), pruning_method=prune.L1Unstructured, amount=config.sparsity)
         else:
-            for _, m in layers:
-                prune.l1_unstructured(m, "weight", amount=config.sparsity)
+            for m, name in weight_tensors(layers):
+                prune.l1_unstructured(m, name, amount=config.sparsity)
         context.progress(ProgressEvent(
             stage=self.name, fraction=0.05, message=f"{100 * weight_sparsity(layers):.1f}% of the weights of {len(layers)} layers zeroed",
         ))
         fine_tune_(prepared.module, prepared.data, config.finetune, context, self.name, fraction=(0.05, 0.9))
-        for _, m in layers:
-            prune.remove(m, "weight")  # the zeros become the weights
+        for m, name in weight_tensors(layers):
+            prune.remove(m, name)  # the zeros become the weights
         sparsity = weight_sparsity(layers)
+        if sparsity <= zeros_before:
+            raise OptimizerError(
+                f"{self.name}: the weights of {', '.join(n for n, _ in layers)} were {100 * zeros_before:.1f}% zeros already and are "
+                f"{100 * sparsity:.1f}% now: nothing was removed, so no variant was made; raise sparsity"
+            )
         return finish(prepared, context, artifact, f"{artifact.path.stem}-pruned", self.name, pruned=f"weight {sparsity:.4f}")
 
 
@@ -159,15 +170,15 @@ class GradualMasks:
     def __init__(self, layers: list[tuple[str, Any]], regrowth: bool) -> None:
         from torch.nn.utils import prune
 
-        self.layers = [m for _, m in layers]
+        self.weights = weight_tensors(layers)
         self.regrowth = regrowth
         method = _straight_through_method() if regrowth else None
-        for m in self.layers:
+        for m, name in self.weights:
             if method is not None:
-                method.apply(m, "weight")
+                method.apply(m, name)
             else:
-                prune.identity(m, "weight")
-        self.total = sum(m.weight_orig.numel() for m in self.layers)
+                prune.identity(m, name)
+        self.total = sum(getattr(m, name + "_orig").numel() for m, name in self.weights)
         self.sparsity = 0.0
 
     def update(self, sparsity: float) -> None:
@@ -175,24 +186,23 @@ class GradualMasks:
         import torch
 
         with torch.no_grad():
-            scores = torch.cat([
-                (m.weight_orig.abs() if self.regrowth else m.weight_orig.abs() * m.weight_mask).flatten() for m in self.layers
-            ])
+            pairs = [(getattr(m, name + "_orig"), getattr(m, name + "_mask")) for m, name in self.weights]
+            scores = torch.cat([(orig.abs() if self.regrowth else orig.abs() * mask).flatten() for orig, mask in pairs])
             keep = self.total - int(round(sparsity * self.total))
             flat = torch.zeros_like(scores)
             flat[torch.topk(scores, keep, sorted=False).indices] = 1.0
             offset = 0
-            for m in self.layers:
-                n = m.weight_orig.numel()
-                m.weight_mask.copy_(flat[offset : offset + n].view_as(m.weight_mask))
+            for orig, mask in pairs:
+                n = orig.numel()
+                mask.copy_(flat[offset : offset + n].view_as(mask))
                 offset += n
         self.sparsity = sparsity
 
     def remove(self) -> None:
         from torch.nn.utils import prune
 
-        for m in self.layers:
-            prune.remove(m, "weight")
+        for m, name in self.weights:
+            prune.remove(m, name)
 
 
 @dataclass(frozen=True)
@@ -339,6 +349,11 @@ class PruneStructuredPass(Pass):
             gradients=taylor_gradients(module, prepared.data), between_steps=between,
         )
         params, flops = parameter_count(module), flops_per_sample(module, example)
+        if params >= params0:
+            raise OptimizerError(
+                f"{self.name} removed nothing from {artifact.path.name} ({params} parameters before and after), so no variant was made; "
+                f"it could not prune: {'; '.join(untouched_layers(module, config.ignored_layers))}"
+            )
         return finish(
             prepared, context, artifact, f"{artifact.path.stem}-channels", self.name,
             pruned=f"structured {config.importance} {config.pruning_ratio:g}", params_fraction=f"{params / params0:.4f}",

@@ -1,4 +1,4 @@
-"""quantize-qat: quantization-aware fine-tuning of a .pt2 classifier (torchao PT2E), exported as INT8 (QDQ) ONNX."""
+"""quantize-qat: quantization-aware fine-tuning of a classifier (.pt2, or ONNX through onnx2torch; torchao PT2E), exported as INT8 (QDQ) ONNX."""
 
 from __future__ import annotations
 
@@ -17,16 +17,11 @@ from optimizer.base import (
     ProgressEvent,
 )
 from optimizer.data import TrainData, check_labels, model_arrays, subsample
-from optimizer.export import (
-    export_dynamic_batch,
-    export_program_to_onnx,
-    load_program,
-    program_input_types,
-    served_names,
-)
+from optimizer.export import export_dynamic_batch, export_program_to_onnx
 from optimizer.finetune import FineTuneConfig, fine_tune_
 from optimizer.onnx_graph import int8_facts, strip_debug_info
 from optimizer.registry import register
+from optimizer.torchmodel import source_program
 
 TORCHAO_PIN = "torchao==0.18.0"
 
@@ -139,16 +134,8 @@ class QuantizeQatPass(Pass):
         import torch
 
         config: QuantizeQatConfig = self.config  # type: ignore[assignment]
-        if artifact.format != "pt2":
-            raise OptimizerError(
-                f"quantize-qat needs a .pt2 model to train, and {artifact.path.name} is {artifact.format.upper()}; "
-                "register the model as a torch.export archive (torch.export.save) to use quantize-qat, "
-                "or use quantize-static for ONNX models"
-            )
-        program = load_program(artifact, self.name)
-        inputs, outputs = served_names(artifact, program, self.name)
+        program, inputs, outputs, specs = source_program(artifact, context, self.name)  # ONNX: converted and checked first
         data = context.dataset("train", needed_by=self.name)
-        specs = dict(zip(inputs, program_input_types(program).values()))
         arrays = model_arrays(data, specs, "train", self.name)
         rows = len(next(iter(arrays.values())))
         labels = check_labels(data, rows, self.name)

@@ -69,3 +69,24 @@ def test_quantized_weights_count_once_and_their_zero_point_is_their_zero():
     assert params == 16 * 4  # neither the per-channel scales nor zero points nor the shape constant
     assert nonzero == int(np.count_nonzero(weight != 128))
     assert onnx_flops(_qdq_model(weight, 128), {"x": np.zeros((1, 16), np.float32)}) == 2 * 16 * 4
+
+
+def test_lstm_flops_count_every_layer_and_time_step(tmp_path):
+    from optimizer.counting import count_flops
+    from tests.optimizer import tiny_models as tiny
+
+    lstm = tiny.build(tiny.LstmClassifier(), *tiny.tokens(), tmp_path, "lstm")
+    gates, hidden = 4, 32
+    recurrent = tiny.TOKENS * 2 * gates * hidden * ((16 + hidden) + (hidden + hidden))  # 2 layers, input and hidden matmuls per step
+    assert count_flops(lstm.pt2.path, "pt2", lstm.sample) == recurrent + 2 * hidden * 4  # + the classifier; was 256 (classifier only)
+
+
+def test_transformer_pt2_flops_include_attention_and_match_onnx(tmp_path):
+    from optimizer.counting import count_flops
+    from tests.optimizer import tiny_models as tiny
+
+    encoder = tiny.build(tiny.EncoderClassifier(), *tiny.tokens(classes=3), tmp_path, "enc")
+    pt2 = count_flops(encoder.pt2.path, "pt2", encoder.sample)
+    attention = 2 * 2 * tiny.TOKENS * tiny.TOKENS * 32  # per layer: Q @ K^T and P @ V over 4 heads of 8
+    assert pt2 == count_flops(encoder.onnx.path, "onnx", encoder.sample)
+    assert pt2 > 2 * attention

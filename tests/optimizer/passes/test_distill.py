@@ -86,3 +86,31 @@ def test_a_missing_student_file_and_bad_settings_are_refused(digits, teacher, tm
 def test_unknown_feature_layers_are_listed(digits, teacher, tmp_path):
     with pytest.raises(OptimizerError, match=r"layers \(student side\) names no layer 'conv9' \(layers: features\.0, features\.3, classifier\.1, classifier\.3\)"):
         make_pass("distill-feature", {"layers": ["conv9"]}).run(teacher, _context(digits, tmp_path))
+
+
+@pytest.mark.slow
+def test_distill_feature_matches_lstm_features_on_their_last_dim(tmp_path):
+    from tests.optimizer import tiny_models as tiny
+
+    lstm = tiny.build(tiny.LstmClassifier(), *tiny.tokens(), tmp_path, "lstm")
+    events = []
+    context = PassContext(workdir=tmp_path / "w", datasets={"train": lstm.train}, progress=events.append)
+    result = make_pass("distill-feature", {"finetune": {"epochs": 1}}).run(lstm.pt2, context)
+    assert any(e.message == "matching rnn->rnn" for e in events)
+    assert count_params(result.path, "onnx")[0] < 0.5 * count_params(lstm.onnx.path, "onnx")[0]
+
+
+@pytest.mark.slow
+def test_distill_feature_projects_transformer_features_on_their_last_dim(tmp_path):
+    from tests.optimizer import tiny_models as tiny
+
+    x, labels = tiny.tokens(classes=3)
+    teacher = tiny.build(tiny.EncoderClassifier(width=32), x, labels, tmp_path / "t", "teacher")
+    student = tiny.build(tiny.EncoderClassifier(width=16), x, labels, tmp_path / "s", "student")
+    events = []
+    context = PassContext(workdir=tmp_path / "w", datasets={"train": teacher.train}, progress=events.append)
+    config = {"student": str(student.pt2.path), "finetune": {"epochs": 1}}
+    result = make_pass("distill-feature", config).run(teacher.pt2, context)  # refused before: "matched layers need the same rank and spatial size"
+    matched = next(e.message for e in events if e.message.startswith("matching "))
+    assert "enc.layers.1" in matched
+    assert count_params(result.path, "onnx")[0] < 0.5 * count_params(teacher.onnx.path, "onnx")[0]

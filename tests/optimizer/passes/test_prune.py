@@ -109,10 +109,10 @@ def test_sparsity_outside_zero_one_is_refused(value):
         make_pass("prune-structured", {"pruning_ratio": value})
 
 
-def test_onnx_models_are_refused_with_the_way_out(digits, tmp_path):
+def test_onnx_models_are_pruned_like_pt2_ones(digits, tmp_path):
     onnx_model = Artifact(digits.onnx, "onnx", input_names=("x",), output_names=("logits",))
-    with pytest.raises(OptimizerError, match=r"prune-weight trains the model in torch and needs a \.pt2 model.*register the model as a torch\.export archive"):
-        make_pass("prune-weight").run(onnx_model, _context(digits, tmp_path))
+    result = make_pass("prune-weight", {"sparsity": 0.5, "finetune": FAST}).run(onnx_model, _context(digits, tmp_path))
+    assert result.format == "onnx" and weight_sparsity(result.path) >= 0.45
 
 
 def test_nan_loss_fails_precisely_and_leaves_the_model_untouched(digits, pt2_model, tmp_path):
@@ -129,3 +129,42 @@ def test_nan_loss_fails_precisely_and_leaves_the_model_untouched(digits, pt2_mod
 def test_unknown_layer_names_are_listed(digits, pt2_model, tmp_path):
     with pytest.raises(OptimizerError, match=r"exclude names no layer 'conv9' \(layers: features\.0, features\.3, classifier\.1, classifier\.3\)"):
         make_pass("prune-weight", {"exclude": ["conv9"]}).run(pt2_model, _context(digits, tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent layers, and passes that remove nothing
+
+
+@pytest.fixture(scope="module")
+def lstm(tmp_path_factory):
+    from tests.optimizer import tiny_models as tiny
+
+    return tiny.build(tiny.LstmClassifier(), *tiny.tokens(), tmp_path_factory.mktemp("lstm"), "lstm")
+
+
+def test_prune_weight_zeroes_the_recurrent_weights_of_an_lstm(lstm, tmp_path):
+    result = make_pass("prune-weight", {"sparsity": 0.5, "finetune": {"epochs": 1}}).run(lstm.pt2, PassContext(workdir=tmp_path, datasets={"train": lstm.train}))
+    params, nonzero = count_params(result.path, "onnx")
+    assert nonzero < 0.6 * params  # 160 of 52,549 weights before: the LSTM's were untouched
+
+
+def test_prune_structured_removes_hidden_units_of_every_lstm_layer(lstm, tmp_path):
+    result = make_pass("prune-structured", {"finetune": {"epochs": 1}}).run(lstm.pt2, PassContext(workdir=tmp_path, datasets={"train": lstm.train}))
+    model = onnx.load(str(result.path))
+    recurrent = [i for n in model.graph.node if n.op_type == "LSTM" for i in n.input[1:3]]
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert all(shapes[w][1] == 4 * 24 for w in recurrent if w in shapes)  # 32 hidden units, a quarter removed, in both layers
+    assert float(result.notes["flops_fraction"]) < 0.8
+    assert count_flops(result.path, "onnx", lstm.sample) <= count_flops(lstm.onnx.path, "onnx", lstm.sample)
+
+
+def test_prune_structured_that_removes_nothing_says_which_layers_it_could_not_touch(tmp_path):
+    from tests.optimizer import tiny_models as tiny
+
+    x, labels = tiny.tokens()
+    features = np.eye(16, dtype=np.float32)[x % 16]  # [N, T, 16]
+    bidirectional = tiny.build(tiny.LstmClassifier(layers=1, bidirectional=True, embedding=False), features, labels, tmp_path, "bi")
+    with pytest.raises(OptimizerError, match=r"prune-structured: no layer is left to prune, so nothing would be removed and no variant was made; it could not prune: rnn \(it is bidirectional"):
+        make_pass("prune-structured", {"finetune": {"epochs": 1}}).run(
+            bidirectional.pt2, PassContext(workdir=tmp_path / "w", datasets={"train": bidirectional.train})
+        )

@@ -35,10 +35,9 @@ def test_qat_stops_when_the_job_is_cancelled(digits, pt2_model, tmp_path):
         make_pass("quantize-qat").run(pt2_model, context)
 
 
-def test_qat_refuses_onnx_and_says_to_register_a_pt2(onnx_model, digits, tmp_path):
-    context = PassContext(workdir=tmp_path, datasets={"train": digits.train})
-    with pytest.raises(OptimizerError, match=r"quantize-qat needs a \.pt2 model.*register the model as a torch\.export archive"):
-        make_pass("quantize-qat").run(onnx_model, context)
+def test_qat_on_onnx_without_train_data_says_what_to_add(onnx_model, tmp_path):
+    with pytest.raises(OptimizerError, match=r"quantize-qat fine-tunes the model and needs train data.*--train TRAIN\.npz"):
+        make_pass("quantize-qat").run(onnx_model, PassContext(workdir=tmp_path))
 
 
 def test_qat_without_train_data_or_labels_says_what_to_add(digits, pt2_model, tmp_path):
