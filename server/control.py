@@ -165,9 +165,11 @@ class Control:
         await self.dataplane.load_model(name)
 
     async def unload_model(self, name: str) -> None:
+        """Triton's rule: unloading a model that is not loaded succeeds (scripts unload defensively); one that is
+        not registered at all is NOT_FOUND, so a typo does not pass silently."""
         if not self.dataplane.is_loaded(name):
             self.repository.get(name)  # NotFound when not registered at all
-            raise NotFound(f"model '{name}' is registered but not loaded")
+            return
         await self.dataplane.unload_model(name)
 
     # ------------------------------------------------------------------ optimizer jobs

@@ -132,28 +132,13 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def wants_raw_output(request: pb.ModelInferRequest) -> bool:
-    """Raw output when the request came raw (as Triton's clients send), unless a parameter says otherwise."""
-    flag = request.parameters.get("binary_data_output")
-    if flag is not None:
-        value = codec.parameter_value(flag)
-        if isinstance(value, bool):
-            return value
-    for output in request.outputs:
-        value = codec.parameter_value(output.parameters["binary_data"]) if "binary_data" in output.parameters else None
-        if isinstance(value, bool):
-            return value
-    return len(request.raw_input_contents) > 0
-
-
 def infer_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
     # The id a client gave, or the one the server made up: feedback refers to the request by it.
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=result.request_id)
-    datatypes = {name: result.specs[name].datatype for name in result.outputs}
-    # The protocol wants raw for all outputs or for none; FP16 has no typed field, so it forces raw.
-    raw = wants_raw_output(request) or any(d not in codec.CONTENTS_FIELD for d in datatypes.values())
+    # Every output in raw_output_contents, whatever the request used, as Triton answers: its C++ client indexes
+    # raw_output_contents unconditionally and tritonclient's as_numpy decodes numeric outputs only from raw.
     for name, array in result.outputs.items():
-        codec.fill_output(response, name, array, raw=raw, datatype=datatypes[name])
+        codec.fill_output(response, name, array, raw=True, datatype=result.specs[name].datatype)
     return response
 
 
@@ -220,10 +205,14 @@ def compare_response(comparison: Comparison) -> spb.CompareResponse:
 
 
 def stream_answer(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+    """A stream's answer: one response per request, so each is its request's final one (Triton's
+    `triton_final_response`, which clients of decoupled-style streams read until true)."""
+    response.parameters["triton_final_response"].bool_param = True
     return pb.ModelStreamInferResponse(infer_response=response)
 
 
 def stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
     """A failed request of a stream: its error, and the request's model, version and id so the client can match it."""
     failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    failed.parameters["triton_final_response"].bool_param = True
     return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)

@@ -36,14 +36,14 @@ def test_pt2_served_by_torch_agrees_with_onnx(digits_client, digits):
     assert (outputs["output_0"].argmax(1) == digits.y_test).mean() == pytest.approx(digits.accuracy)
 
 
-def test_typed_contents_answered_typed(digits_client, digits):
+def test_typed_contents_answered_raw_as_triton(digits_client, digits):
     x = digits.x_test[:3]
     stub = pb_grpc.GRPCInferenceServiceStub(digits_client.channel)
     request = pb.ModelInferRequest(model_name="digits")
     request.inputs.add(name="x", datatype="FP32", shape=list(x.shape)).contents.fp32_contents.extend(x.reshape(-1).tolist())
     response = stub.ModelInfer(request)
-    assert not response.raw_output_contents
-    logits = np.array(response.outputs[0].contents.fp32_contents, dtype=np.float32).reshape(3, 10)
+    assert not response.outputs[0].HasField("contents") and len(response.raw_output_contents) == 1
+    logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, 10)
     np.testing.assert_allclose(logits, ort_logits(digits.onnx, x), rtol=1e-5, atol=1e-5)
 
 
