@@ -39,6 +39,7 @@ class IndexEntry:
     variant: str
     ready: bool
     reason: str
+    version: int  # the variant's integer version (Triton's index lists these)
 
 
 class Control:
@@ -158,7 +159,7 @@ class Control:
                 if ready_only and not ready:
                     continue
                 reason = v.message if v.status == "failed" else ("" if ready else "not loaded")
-                entries.append(IndexEntry(info.name, variant, ready, reason))
+                entries.append(IndexEntry(info.name, variant, ready, reason, v.version))
         return entries
 
     async def load_model(self, name: str) -> None:

@@ -159,7 +159,7 @@ def model_metadata(meta: ModelMetadata) -> pb.ModelMetadataResponse:
 def repository_index(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
     response = pb.RepositoryIndexResponse()
     for e in entries:
-        response.models.add(name=e.model, version=e.variant, state="READY" if e.ready else "UNAVAILABLE", reason=e.reason)
+        response.models.add(name=e.model, version=str(e.version), state="READY" if e.ready else "UNAVAILABLE", reason=e.reason)
     return response
 
 

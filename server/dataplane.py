@@ -78,7 +78,7 @@ class ModelMetadata:
     """What ModelMetadata answers: the model's served variants and the inputs / outputs of the one asked for."""
 
     name: str
-    versions: list[str]
+    versions: list[str]  # integer versions, then variant names
     runtime: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -209,7 +209,10 @@ class DataPlane:
     def metadata(self, name: str, version: str) -> ModelMetadata:
         loaded, served = self.resolve(name, version)
         runtime = served.runtime
-        return ModelMetadata(name, list(loaded.variants), loaded.info.variants[served.name].runtime, runtime.inputs, runtime.outputs)
+        info = loaded.info
+        # Every served variant by its integer version (as Triton's tools expect), then by its name (both pin it).
+        versions = [str(info.variants[v].version) for v in loaded.variants] + list(loaded.variants)
+        return ModelMetadata(name, versions, info.variants[served.name].runtime, runtime.inputs, runtime.outputs)
 
     # ------------------------------------------------------------------ inference
 

@@ -137,7 +137,7 @@ def test_raw_bytes_of_the_wrong_length(digits_client):
 
 def test_metadata_and_readiness(digits_client):
     meta = digits_client.metadata("digits")
-    assert meta.platform == "onnxruntime_onnx" and list(meta.versions) == ["baseline"]
+    assert meta.platform == "onnxruntime_onnx" and list(meta.versions) == ["1", "baseline"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 1, 8, 8])]
     assert digits_client.metadata("digits-pt2").platform == "pytorch_torchexport"
     assert digits_client.server_live() and digits_client.server_ready()
@@ -148,7 +148,7 @@ def test_metadata_and_readiness(digits_client):
 def test_repository_extension_unload_and_load(digits_client, digits):
     stub = pb_grpc.GRPCInferenceServiceStub(digits_client.channel)
     index = stub.RepositoryIndex(pb.RepositoryIndexRequest())
-    assert {(m.name, m.version, m.state) for m in index.models} == {("digits", "baseline", "READY"), ("digits-pt2", "baseline", "READY")}
+    assert {(m.name, m.version, m.state) for m in index.models} == {("digits", "1", "READY"), ("digits-pt2", "1", "READY")}
     stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="digits"))
     with pytest.raises(SlimServeClientError) as e:
         digits_client.infer("digits", {"x": digits.x_test[:1]})
