@@ -59,6 +59,6 @@ class LoadedModel:
             if variant in self.info.variants:
                 status = self.info.variants[variant].status
                 raise FailedPrecondition(f"variant '{variant}' of model '{self.name}' is {status}, not ready")
-            served_as = ", ".join(f"{name} = {self.info.variants[name].version}" for name in self.variants)
-            raise NotFound(f"model '{self.name}' has no variant or version '{variant}' (variants: {served_as})")
+            served = ", ".join(f"{name} (version {self.info.variants[name].version})" for name in self.variants)
+            raise NotFound(f"model '{self.name}' has no variant '{variant}' (variants: {served})")
         return served

@@ -54,7 +54,7 @@ def test_integer_versions_pin_and_are_listed(seen, digits):
     assert seen["index_versions"] == [["digits", "1"]]
     assert seen["pinned"][0] == "baseline"
     np.testing.assert_allclose(seen["pinned"][1], logits(digits, digits.x_test[:1]), rtol=1e-4, atol=1e-4)
-    assert seen["version_missing"].startswith("StatusCode.NOT_FOUND: ") and "no variant or version '9'" in seen["version_missing"]
+    assert seen["version_missing"].startswith("StatusCode.NOT_FOUND: ") and "no variant '9' (variants: baseline (version 1))" in seen["version_missing"]
     assert seen["model_ready_1"]
 
 
