@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimizer.base import ProgressEvent
-from server.dataplane import DataPlane
+from server.dataplane import DataPlane, VersionStatistics
+from server.log_settings import LogSettings
+from server.model_config import ModelConfigView, parse_load_config
+from server.shared_memory import RegionStatus
 from server.errors import AlreadyExists, InvalidArgument, NotFound
 from server.jobs import JobDone, JobManager, JobRequest
 from server.manifest import ModelInfo
@@ -39,6 +42,7 @@ class IndexEntry:
     variant: str
     ready: bool
     reason: str
+    version: int  # the variant's integer version (Triton's index lists these)
 
 
 class Control:
@@ -53,6 +57,7 @@ class Control:
         self.jobs = jobs
         self.node_type = node_type
         self.price_per_hour = price_per_hour
+        self.logs = LogSettings()
 
     # ------------------------------------------------------------------ registry
 
@@ -158,17 +163,55 @@ class Control:
                 if ready_only and not ready:
                     continue
                 reason = v.message if v.status == "failed" else ("" if ready else "not loaded")
-                entries.append(IndexEntry(info.name, variant, ready, reason))
+                entries.append(IndexEntry(info.name, variant, ready, reason, v.version))
         return entries
 
-    async def load_model(self, name: str) -> None:
-        await self.dataplane.load_model(name)
+    async def load_model(self, name: str, config: str | None = None, files: list[str] | None = None) -> None:
+        """RepositoryModelLoad: every variant afresh, with the serving settings of `config` (Triton's ModelConfig as
+        JSON: max_batch_size, dynamic_batching, instance_group) until the next load; checked before anything changes."""
+        if files:
+            raise InvalidArgument(
+                f"load parameter(s) {', '.join(files)}: loading model files through RepositoryModelLoad is not supported; "
+                "upload a model with `slimctl register` (ModelRegistry.Register)"
+            )
+        override = None
+        if config is not None:
+            info = self.repository.get(name)
+            loaded = self.dataplane.models.get(name)
+            device = next(iter(loaded.variants.values())).runtime.device if loaded and loaded.variants else "cpu"
+            override = parse_load_config(config, name, info.inputs, device, self.dataplane.loader.batching)
+        await self.dataplane.load_model(name, override)
+
+    def model_config(self, name: str, version: str = "") -> ModelConfigView:
+        return self.dataplane.model_config(name, version)
+
+    def statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
+        return self.dataplane.statistics(name, version)
 
     async def unload_model(self, name: str) -> None:
+        """Triton's rule: unloading a model that is not loaded succeeds (scripts unload defensively); one that is
+        not registered at all is NOT_FOUND, so a typo does not pass silently."""
         if not self.dataplane.is_loaded(name):
             self.repository.get(name)  # NotFound when not registered at all
-            raise NotFound(f"model '{name}' is registered but not loaded")
+            return
         await self.dataplane.unload_model(name)
+
+    # ------------------------------------------------------------------ system shared memory and log settings
+
+    def register_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> RegionStatus:
+        return self.dataplane.shared_memory.register(name, key, offset, byte_size)
+
+    def unregister_shared_memory(self, name: str = "") -> None:
+        self.dataplane.shared_memory.unregister(name)
+
+    def shared_memory_status(self, name: str = "") -> list[RegionStatus]:
+        return self.dataplane.shared_memory.status(name)
+
+    def log_settings(self) -> dict[str, Any]:
+        return self.logs.get()
+
+    def update_log_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+        return self.logs.update(changes)
 
     # ------------------------------------------------------------------ optimizer jobs
 

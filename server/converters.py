@@ -9,15 +9,18 @@ from typing import Any
 
 from client import codec
 from protos import inference_pb2 as pb
+from protos import model_config_pb2 as mpb
 from protos import slimserve_pb2 as spb
 from server.control import Comparison, IndexEntry
-from server.dataplane import InferRequest, InferResult, ModelMetadata
+from server.dataplane import InferRequest, InferResult, ModelMetadata, VersionStatistics
 from server.errors import InvalidArgument
 from server.jobs import JobDone, JobRequest
 from server.manifest import ModelInfo, VariantInfo
+from server.model_config import ModelConfigView
 from server.registry import UploadFile, UploadHeader
 from server.routing import TrafficPolicy
 from server.runtimes import TensorSpec, platform_of
+from server.shared_memory import RegionStatus, ShmInput, ShmRef
 from server.stats import FeedbackResult
 
 # Evaluation fields copied into VariantRecord; the rest travel in evaluation_json.
@@ -120,40 +123,66 @@ def job_request(request: spb.OptimizeRequest) -> JobRequest:
     )
 
 
+SHM_PARAMETERS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+
+
+def _shm_ref(what: str, parameters: Any) -> ShmRef | None:
+    """A tensor's shared-memory parameters, or None when it travels in the message."""
+    if "shared_memory_region" not in parameters:
+        return None
+    region, offset, size = (codec.parameter_value(parameters[k]) if k in parameters else None for k in SHM_PARAMETERS)
+    if not isinstance(region, str) or not isinstance(size, int) or not isinstance(offset, int | None):
+        raise InvalidArgument(f"{what}: shared memory needs shared_memory_region (string) and shared_memory_byte_size (int64)")
+    return ShmRef(region, offset or 0, size)
+
+
 def infer_request(request: pb.ModelInferRequest) -> InferRequest:
     """The request as the data plane takes it: parameters as plain values, tensors decoded once it is routed."""
+    shm_inputs = {}
+    for tensor in request.inputs:
+        ref = _shm_ref(f"input '{tensor.name}'", tensor.parameters) if tensor.parameters else None
+        if ref is not None:
+            shm_inputs[tensor.name] = ShmInput(ref, tensor.datatype, tuple(tensor.shape))
+    decode = partial(codec.decode_request_inputs, request)
+    if shm_inputs:  # the others alone, with their raw entries (a shared-memory input has none)
+        rest = pb.ModelInferRequest(inputs=[t for t in request.inputs if t.name not in shm_inputs], raw_input_contents=request.raw_input_contents)
+        decode = partial(codec.decode_request_inputs, rest)
+    classification, shm_outputs = {}, {}
+    for output in request.outputs:
+        if not output.parameters:
+            continue
+        if "classification" in output.parameters:
+            k = codec.parameter_value(output.parameters["classification"])
+            if not isinstance(k, int) or isinstance(k, bool):
+                raise InvalidArgument(f"output '{output.name}': classification (class_count) must be an int64")
+            classification[output.name] = k
+        ref = _shm_ref(f"output '{output.name}'", output.parameters)
+        if ref is not None:
+            shm_outputs[output.name] = ref
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
         id=request.id,
-        decode_inputs=partial(codec.decode_request_inputs, request),
+        decode_inputs=decode,
         outputs=[o.name for o in request.outputs] or None,
         parameters={k: codec.parameter_value(v) for k, v in request.parameters.items()} if request.parameters else None,
+        classification=classification or None,
+        shm_inputs=shm_inputs or None,
+        shm_outputs=shm_outputs or None,
     )
-
-
-def wants_raw_output(request: pb.ModelInferRequest) -> bool:
-    """Raw output when the request came raw (as Triton's clients send), unless a parameter says otherwise."""
-    flag = request.parameters.get("binary_data_output")
-    if flag is not None:
-        value = codec.parameter_value(flag)
-        if isinstance(value, bool):
-            return value
-    for output in request.outputs:
-        value = codec.parameter_value(output.parameters["binary_data"]) if "binary_data" in output.parameters else None
-        if isinstance(value, bool):
-            return value
-    return len(request.raw_input_contents) > 0
 
 
 def infer_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
     # The id a client gave, or the one the server made up: feedback refers to the request by it.
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=result.request_id)
-    datatypes = {name: result.specs[name].datatype for name in result.outputs}
-    # The protocol wants raw for all outputs or for none; FP16 has no typed field, so it forces raw.
-    raw = wants_raw_output(request) or any(d not in codec.CONTENTS_FIELD for d in datatypes.values())
+    # Every output in raw_output_contents, whatever the request used, as Triton answers: its C++ client indexes
+    # raw_output_contents unconditionally and tritonclient's as_numpy decodes numeric outputs only from raw.
     for name, array in result.outputs.items():
-        codec.fill_output(response, name, array, raw=raw, datatype=datatypes[name])
+        if name in result.in_shared_memory:  # written to the region: described, with an empty raw entry to keep the order
+            response.outputs.add(name=name, datatype=result.specs[name].datatype, shape=list(array.shape))
+            response.raw_output_contents.append(b"")
+            continue
+        codec.fill_output(response, name, array, raw=True, datatype=result.specs[name].datatype)
     return response
 
 
@@ -171,10 +200,103 @@ def model_metadata(meta: ModelMetadata) -> pb.ModelMetadataResponse:
     )
 
 
+def _data_type(datatype: str) -> int:
+    return mpb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+
+def model_config(view: ModelConfigView) -> pb.ModelConfigResponse:
+    config = mpb.ModelConfig(
+        name=view.name,
+        platform=view.platform,
+        backend=view.backend,
+        max_batch_size=view.max_batch_size,
+        input=[mpb.ModelInput(name=s.name, data_type=_data_type(s.datatype), dims=list(s.shape)) for s in view.inputs],
+        output=[mpb.ModelOutput(name=s.name, data_type=_data_type(s.datatype), dims=list(s.shape)) for s in view.outputs],
+        instance_group=[
+            mpb.ModelInstanceGroup(
+                name=f"{view.name}_{view.version}", kind=mpb.ModelInstanceGroup.Kind.Value(f"KIND_{view.instance_kind}"),
+                count=view.instance_count,
+            )
+        ],
+        default_model_filename=view.default_model_filename,
+    )
+    config.parameters["slimserve_variant"].string_value = view.variant
+    config.parameters["slimserve_version"].string_value = str(view.version)
+    if view.batching is not None:
+        config.dynamic_batching.preferred_batch_size.extend(view.batching.preferred_batch_sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = round(view.batching.max_queue_delay_ms * 1000)
+    return pb.ModelConfigResponse(config=config)
+
+
+def model_statistics(rows: list[VersionStatistics]) -> pb.ModelStatisticsResponse:
+    response = pb.ModelStatisticsResponse()
+    for row in rows:
+        st = row.stats
+        entry = response.model_stats.add(
+            name=row.model, version=str(row.version), last_inference=st.last_inference_ms,
+            inference_count=st.samples, execution_count=st.batches,
+        )
+        infer = entry.inference_stats
+        infer.success.count, infer.success.ns = st.requests - st.errors, st.success_ns
+        infer.fail.count, infer.fail.ns = st.errors, st.fail_ns
+        infer.queue.count, infer.queue.ns = st.queued, st.queue_ns
+        infer.compute_infer.count, infer.compute_infer.ns = st.queued, st.infer_ns
+        # Inputs are decoded and outputs encoded outside the model call, on the request's own path:
+        # counted with the requests that computed, no time of their own.
+        infer.compute_input.count = infer.compute_output.count = st.queued
+        for size in sorted(st.batch_sizes):
+            calls, ns = st.batch_sizes[size]
+            batch = entry.batch_stats.add(batch_size=size)
+            batch.compute_infer.count, batch.compute_infer.ns = calls, ns
+            batch.compute_input.count = batch.compute_output.count = calls
+    return response
+
+
+def shared_memory_status(regions: list[RegionStatus]) -> pb.SystemSharedMemoryStatusResponse:
+    response = pb.SystemSharedMemoryStatusResponse()
+    for r in regions:
+        response.regions[r.name].CopyFrom(
+            pb.SystemSharedMemoryStatusResponse.RegionStatus(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+        )
+    return response
+
+
+def load_parameters(request: pb.RepositoryModelLoadRequest) -> tuple[str | None, list[str]]:
+    """A load's `config` (JSON text) and the names of its `file:` parameters; any other parameter is refused."""
+    config, files = None, []
+    for key, value in request.parameters.items():
+        if key == "config":
+            if value.WhichOneof("parameter_choice") != "string_param":
+                raise InvalidArgument("load parameter 'config' must be a string (the model configuration as JSON)")
+            config = value.string_param
+        elif key.startswith("file:"):
+            files.append(key)
+        else:
+            raise InvalidArgument(f"load parameter {key!r} is not supported (supported: config)")
+    return config, files
+
+
+def log_settings_values(request: pb.LogSettingsRequest) -> dict[str, Any]:
+    return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in request.settings.items() if v.WhichOneof("parameter_choice")}
+
+
+def log_settings(settings: dict[str, Any]) -> pb.LogSettingsResponse:
+    response = pb.LogSettingsResponse()
+    for key, value in settings.items():
+        slot = response.settings[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.uint32_param = value
+        else:
+            slot.string_param = str(value)
+    return response
+
+
 def repository_index(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
     response = pb.RepositoryIndexResponse()
     for e in entries:
-        response.models.add(name=e.model, version=e.variant, state="READY" if e.ready else "UNAVAILABLE", reason=e.reason)
+        response.models.add(name=e.model, version=str(e.version), state="READY" if e.ready else "UNAVAILABLE", reason=e.reason)
     return response
 
 
@@ -220,10 +342,14 @@ def compare_response(comparison: Comparison) -> spb.CompareResponse:
 
 
 def stream_answer(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+    """A stream's answer: one response per request, so each is its request's final one (Triton's
+    `triton_final_response`, which clients of decoupled-style streams read until true)."""
+    response.parameters["triton_final_response"].bool_param = True
     return pb.ModelStreamInferResponse(infer_response=response)
 
 
 def stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
     """A failed request of a stream: its error, and the request's model, version and id so the client can match it."""
     failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    failed.parameters["triton_final_response"].bool_param = True
     return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)

@@ -14,13 +14,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from client.codec import DATATYPE_TO_NUMPY, TensorCodecError, datatype_of
 from server.batch_assembly import BatchingConfig
+from server import classification
 from server.batching import DynamicBatcher
 from server.errors import ErrorKind, FailedPrecondition, InvalidArgument, NotFound, SlimServeError, Unavailable
 from server.loader import ModelLoader
@@ -28,8 +29,10 @@ from server.metrics import Metrics
 from server.models import LoadedModel, ServedVariant
 from server.repository import Repository
 from server.runtimes import Runtime, RuntimeConfig, TensorSpec
+from server.model_config import ModelConfigView, ServingOverride, batchable, config_view
 from server.shadow import ShadowMirror, top1
-from server.stats import FeedbackStore
+from server.shared_memory import SharedMemoryRegistry, ShmInput, ShmRef
+from server.stats import FeedbackStore, VariantStats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ class InferRequest:
     decode_inputs: Callable[[], dict[str, np.ndarray]]
     outputs: list[str] | None = None  # the outputs asked for; None: all
     parameters: Mapping[str, Any] | None = None  # plain python values (str, int, float, bool)
+    classification: Mapping[str, int] | None = None  # output -> class_count (Triton's classification extension)
+    shm_inputs: Mapping[str, ShmInput] | None = None  # inputs read from registered shared memory
+    shm_outputs: Mapping[str, ShmRef] | None = None  # outputs written to registered shared memory
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,17 @@ class InferResult:
     outputs: dict[str, np.ndarray]
     specs: dict[str, TensorSpec]
     request_id: str  # the client's id, or the one the server gave the request
+    in_shared_memory: frozenset[str] = frozenset()  # outputs written to shared memory (answered without data)
+
+
+@dataclass(frozen=True)
+class VersionStatistics:
+    """ModelStatistics of one served variant (Triton's version), cumulative since it was loaded."""
+
+    model: str
+    version: int
+    variant: str
+    stats: VariantStats
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,7 @@ class ModelMetadata:
     """What ModelMetadata answers: the model's served variants and the inputs / outputs of the one asked for."""
 
     name: str
-    versions: list[str]
+    versions: list[str]  # integer versions, then variant names
     runtime: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -129,6 +146,7 @@ class DataPlane:
             inline_compute_s, max_concurrent_calls,
         )
         self.shadows = ShadowMirror(self._spawn)
+        self.shared_memory = SharedMemoryRegistry()
         # Ids for requests that came without one: a per-process random prefix and a counter
         # (uuid4 per request costs a getrandom() system call).
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
@@ -152,6 +170,7 @@ class DataPlane:
         if self._background:  # batchers finishing their queues; shadows finishing their calls
             await asyncio.gather(*self._background, return_exceptions=True)
         self.executor.shutdown(wait=True)
+        self.shared_memory.close()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -167,9 +186,10 @@ class DataPlane:
         """The loaded models by name (read-only: change the set with load_model / refresh / unload_model)."""
         return self.loader.models
 
-    async def load_model(self, name: str) -> LoadedModel:
-        """Loads every ready variant afresh and swaps them in (RepositoryModelLoad); statistics of a loaded one are kept."""
-        return await self.loader.load(name)
+    async def load_model(self, name: str, override: ServingOverride | None = None) -> LoadedModel:
+        """Loads every ready variant afresh and swaps them in (RepositoryModelLoad), with the serving settings a load
+        `config` gave (None: the server's own); statistics of a loaded one are kept."""
+        return await self.loader.load(name, override=override)
 
     async def refresh(self, name: str) -> LoadedModel:
         """Re-reads a model's manifest after a change (new variant, new routing); loads only what is new."""
@@ -209,14 +229,56 @@ class DataPlane:
     def metadata(self, name: str, version: str) -> ModelMetadata:
         loaded, served = self.resolve(name, version)
         runtime = served.runtime
-        return ModelMetadata(name, list(loaded.variants), loaded.info.variants[served.name].runtime, runtime.inputs, runtime.outputs)
+        info = loaded.info
+        # Every served variant by its integer version (as Triton's tools expect), then by its name (both pin it).
+        versions = [str(info.variants[v].version) for v in loaded.variants] + list(loaded.variants)
+        return ModelMetadata(name, versions, info.variants[served.name].runtime, runtime.inputs, runtime.outputs)
+
+    def model_config(self, name: str, version: str = "") -> ModelConfigView:
+        """Triton's ModelConfig of the variant `version` names (or the router's main one), as it serves now."""
+        loaded, served = self.resolve(name, version)
+        batcher = served.batcher
+        runtime = served.runtime
+        info = loaded.info.variants[served.name]
+        return config_view(name, info, runtime.inputs, runtime.outputs, batcher.config, batcher.max_concurrency, runtime.device)
+
+    def statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
+        """Triton's ModelStatistics: every served variant of every loaded model, or of one model, or one variant."""
+        if version and not name:
+            raise InvalidArgument("statistics: a version needs a model name")
+        rows = []
+        for loaded in [self.loaded_model(name)] if name else list(self.loader.models.values()):
+            served = [loaded.pinned(version)] if version else list(loaded.variants.values())
+            rows.extend(VersionStatistics(loaded.name, loaded.info.variants[s.name].version, s.name, s.stats) for s in served)
+        return rows
 
     # ------------------------------------------------------------------ inference
 
     async def serve(self, request: InferRequest) -> InferResult:
-        """One inference request, routed, counted and run."""
+        """One inference request, routed, counted and run (with shared memory and classification when asked)."""
         async with self.track(request.model, request.version, request.parameters, request.id) as call:
-            return await self.infer(call, request.decode_inputs(), request.outputs)
+            inputs = request.decode_inputs()
+            if request.shm_inputs:
+                inputs.update(self.shared_memory.read_inputs(request.shm_inputs))
+            counts = request.classification
+            if counts:
+                batched = batchable(call.runtime.inputs)
+                specs = {s.name: s for s in call.runtime.outputs}
+                unknown = [o for o in counts if o not in specs]
+                if unknown:
+                    raise InvalidArgument(f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}")
+                classification.check(specs, counts, batched)
+            result = await self.infer(call, inputs, request.outputs)
+            if counts:
+                outputs, specs = classification.apply(result.outputs, result.specs, counts, batched)
+                result = replace(result, outputs=outputs, specs=specs)
+            if request.shm_outputs:
+                for name, ref in request.shm_outputs.items():
+                    if name not in result.outputs:
+                        raise InvalidArgument(f"output '{name}' in shared memory was not asked for or does not exist")
+                    self.shared_memory.write_output(name, result.outputs[name], result.specs[name].datatype, ref)
+                result = replace(result, in_shared_memory=frozenset(request.shm_outputs))
+            return result
 
     @asynccontextmanager
     async def track(

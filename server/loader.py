@@ -18,6 +18,7 @@ from server.batching import DynamicBatcher
 from server.errors import NotFound
 from server.manifest import ModelInfo
 from server.metrics import Metrics
+from server.model_config import ServingOverride
 from server.models import LoadedModel, ServedVariant
 from server.recording import VariantRecorder
 from server.repository import Repository
@@ -50,6 +51,8 @@ class ModelLoader:
         self.inline_compute_s = inline_compute_s
         self.max_concurrent_calls = max_concurrent_calls
         self.models: dict[str, LoadedModel] = {}
+        # Serving settings a load's `config` set per model, kept until the next load (refreshes keep them).
+        self.overrides: dict[str, ServingOverride] = {}
         self._lock = asyncio.Lock()
 
     def load_runtime(self, info: ModelInfo, variant: str) -> Runtime:
@@ -58,9 +61,11 @@ class ModelLoader:
         runtime.load()
         return runtime
 
-    def _serve(self, model: str, variant: str, runtime: Runtime, recorder: VariantRecorder | None) -> ServedVariant:
+    def _serve(
+        self, model: str, variant: str, runtime: Runtime, recorder: VariantRecorder | None, override: ServingOverride | None
+    ) -> ServedVariant:
         """The runtime behind its batcher. Batching needs a free batch dimension on every input."""
-        config = self.batching
+        config, calls = override.apply(self.batching, self.max_concurrent_calls) if override else (self.batching, self.max_concurrent_calls)
         batchable = all(s.shape and s.shape[0] == -1 for s in runtime.inputs)
         if config.enabled and not batchable:
             log.info("variant '%s' of '%s' has a fixed batch dimension: served without batching", variant, model)
@@ -73,21 +78,24 @@ class ModelLoader:
             config,
             model=model,
             variant=variant,
-            max_concurrency=self.max_concurrent_calls,
+            max_concurrency=calls,
             on_batch=recorder.record_batch,
             inline_below_s=self.inline_compute_s if runtime.inline_safe else 0.0,
         )
         recorder.watch_queue(lambda: batcher.queued, config.max_queue_size)
         return ServedVariant(variant, runtime, batcher, recorder)
 
-    async def load(self, name: str, reuse: bool = False) -> LoadedModel:
+    async def load(self, name: str, reuse: bool = False, override: ServingOverride | None = None) -> LoadedModel:
         """Loads every ready variant of a model and swaps the set in at once, with a router from its policy.
 
         With `reuse`, variants already loaded keep their runtime and batcher (a refresh after a new
         variant or a routing change); otherwise every variant is loaded afresh (RepositoryModelLoad).
-        Either way a variant still served keeps its statistics, and the model its feedback.
+        Either way a variant still served keeps its statistics, and the model its feedback. A load (not a
+        refresh) sets the model's serving override, or clears it when `override` is None.
         """
         async with self._lock:
+            if reuse:
+                override = self.overrides.get(name)
             info = self.repository.get(name)
             old = self.models.get(name)
             loaded = LoadedModel(info, feedback=old.feedback) if old is not None else LoadedModel(info)
@@ -98,13 +106,17 @@ class ModelLoader:
                 current = old.variants.get(variant) if old is not None else None
                 if current is None or not reuse:
                     runtime = await loop.run_in_executor(self.executor, self.load_runtime, info, variant)
-                    current = self._serve(name, variant, runtime, current.recorder if current is not None else None)
+                    current = self._serve(name, variant, runtime, current.recorder if current is not None else None, override)
                 loaded.variants[variant] = current
             loaded.router = router_of(loaded)
             weights = loaded.router.policy.weights if loaded.router else {}
             for variant, served in loaded.variants.items():
                 served.recorder.describe(info.variants[variant], weights.get(variant, 0.0))
             self.models[name] = loaded
+            if override is None:
+                self.overrides.pop(name, None)
+            else:
+                self.overrides[name] = override
         if old is not None:
             self._retire(old, loaded)
         log.info("model '%s' loaded: variants %s", name, ", ".join(loaded.variants))
@@ -114,6 +126,7 @@ class ModelLoader:
         """Stops serving a model; its statistics, feedback and series go with it."""
         async with self._lock:
             loaded = self.models.pop(name, None)
+            self.overrides.pop(name, None)
         if loaded is None:
             raise NotFound(f"model '{name}' is not loaded")
         self._retire(loaded, LoadedModel(loaded.info))

@@ -65,6 +65,8 @@ class VariantInfo:
     file: str = ""
     size_bytes: int = 0
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # Triton's integer model version: 1 = the baseline, then in order of creation, never reused (0: not given yet).
+    version: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,7 +91,34 @@ class ModelInfo:
     traffic: TrafficPolicy = field(default_factory=TrafficPolicy.single)
     # Optimization jobs by id: model, variant, recipe, status (running | succeeded | failed), message, times.
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The highest version ever given to a variant of this model: a deleted variant's number is never reused.
+    last_version: int = 0
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.assign_versions()
+
+    def assign_versions(self) -> None:
+        """Versions for variants without one (manifests written before versions existed, a new variant): the
+        baseline first, then in order of creation."""
+        self.last_version = max([self.last_version, *(v.version for v in self.variants.values())])
+        unnumbered = [v for v in self.variants.values() if not v.version]
+        for v in sorted(unnumbered, key=lambda v: (v.name != BASELINE, v.created_at)):  # stable: manifest order breaks ties
+            self.last_version += 1
+            v.version = self.last_version
+
+    def add_variant(self, variant: VariantInfo) -> None:
+        """Records a new variant under the next version number."""
+        variant.version = 0
+        self.variants[variant.name] = variant
+        self.assign_versions()
+
+    def variant_named(self, ref: str) -> str:
+        """The variant a `model_version` names: a variant name, or its integer version; `ref` itself when neither."""
+        if ref in self.variants or not ref.isdigit():
+            return ref
+        number = int(ref)
+        return next((name for name, v in self.variants.items() if v.version == number), ref)
 
     @property
     def default_variant(self) -> str:
@@ -110,6 +139,7 @@ class ModelInfo:
             "traffic": self.traffic.to_dict(),
             "variants": {k: v.to_dict() for k, v in self.variants.items()},
             "jobs": self.jobs,
+            "last_version": self.last_version,
         }
 
     @classmethod
@@ -128,6 +158,7 @@ class ModelInfo:
             # Manifests written before routing existed name one default variant instead.
             traffic=TrafficPolicy.from_dict(d["traffic"]) if "traffic" in d else TrafficPolicy.single(d.get("default_variant", BASELINE)),
             jobs=dict(d.get("jobs", {})),
+            last_version=int(d.get("last_version", 0)),
         )
 
 

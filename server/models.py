@@ -52,11 +52,13 @@ class LoadedModel:
         return {name: v.stats for name, v in self.variants.items()}
 
     def pinned(self, variant: str) -> ServedVariant:
-        """The served variant of that name, or why there is none."""
+        """The served variant of that name or integer version, or why there is none."""
+        variant = self.info.variant_named(variant)
         served = self.variants.get(variant)
         if served is None:
             if variant in self.info.variants:
                 status = self.info.variants[variant].status
                 raise FailedPrecondition(f"variant '{variant}' of model '{self.name}' is {status}, not ready")
-            raise NotFound(f"model '{self.name}' has no variant '{variant}' (variants: {', '.join(self.variants)})")
+            served = ", ".join(f"{name} (version {self.info.variants[name].version})" for name in self.variants)
+            raise NotFound(f"model '{self.name}' has no variant '{variant}' (variants: {served})")
         return served

@@ -42,11 +42,11 @@ class VariantRecorder:
         else:
             metrics = self._metrics
             metrics.requests.labels(self.model, self.variant, metrics.node_type, code).inc()
-            self.stats.failed()
+            self.stats.failed(seconds)
 
     def record_batch(self, size: int, queue_seconds: list[float], compute_seconds: float) -> None:
         """One executed model call (the batcher's on_batch): its size, each request's wait, its device time and cost."""
-        self.stats.computed(size, compute_seconds)
+        self.stats.computed(size, compute_seconds, queue_seconds)
         series = self.series
         series.batch_size.observe(size)
         queue = series.queue_duration

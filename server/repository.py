@@ -250,7 +250,7 @@ class Repository:
             fsync_dir(target.parent)
 
             def record(i: ModelInfo) -> None:
-                i.variants[variant.name] = variant
+                i.add_variant(variant)
 
             return self.update(model, record)
 

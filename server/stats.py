@@ -6,6 +6,7 @@ Pure domain code: no gRPC, no Prometheus (server/recording.py feeds both from on
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,14 +63,23 @@ class LatencyWindow:
 
 @dataclass
 class VariantStats:
-    """What `slimctl compare` reads: the server's own measurements of one served variant, since it was loaded."""
+    """The server's own measurements of one served variant since it was loaded: what `slimctl compare` reads,
+    and Triton's ModelStatistics counters (plain ints, nanoseconds: only the event-loop thread writes them)."""
 
     window: LatencyWindow = field(default_factory=LatencyWindow)
     requests: int = 0
     errors: int = 0
-    batches: int = 0
-    samples: int = 0
+    batches: int = 0  # Triton's execution_count
+    samples: int = 0  # Triton's inference_count
     device_seconds: float = 0.0
+    success_ns: int = 0  # arrival to answer, summed over answered requests (count: requests - errors)
+    fail_ns: int = 0
+    queued: int = 0  # requests that went through the queue of an executed batch
+    queue_ns: int = 0
+    infer_ns: int = 0  # each request's share of model compute: its batch's duration (Triton's compute_infer)
+    last_inference_ms: int = 0  # wall clock of the last answer (ms since the epoch); 0: none yet
+    # Per executed batch size: [model calls, their summed duration in ns] (Triton's batch_stats).
+    batch_sizes: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def mean_batch(self) -> float | None:
@@ -78,17 +88,31 @@ class VariantStats:
 
     def answered(self, latency_s: float) -> None:
         self.requests += 1
+        self.success_ns += int(latency_s * 1e9)
+        self.last_inference_ms = time.time_ns() // 1_000_000
         self.window.record(latency_s)
 
-    def failed(self) -> None:
+    def failed(self, latency_s: float = 0.0) -> None:
         self.requests += 1
         self.errors += 1
+        self.fail_ns += int(latency_s * 1e9)
 
-    def computed(self, size: int, device_seconds: float) -> None:
-        """One executed model call (a batch of `size` samples)."""
+    def computed(self, size: int, device_seconds: float, queue_seconds: Sequence[float] = ()) -> None:
+        """One executed model call (a batch of `size` samples) and the queue wait of each request it held."""
         self.batches += 1
         self.samples += size
         self.device_seconds += device_seconds
+        ns = int(device_seconds * 1e9)
+        n = len(queue_seconds)
+        self.queued += n
+        self.queue_ns += int(sum(queue_seconds) * 1e9)
+        self.infer_ns += ns * n
+        row = self.batch_sizes.get(size)
+        if row is None:
+            self.batch_sizes[size] = [1, ns]
+        else:
+            row[0] += 1
+            row[1] += ns
 
 
 # ---------------------------------------------------------------------- feedback

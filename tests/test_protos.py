@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from protos import generate
-from protos import inference_pb2
+from protos import inference_pb2, model_config_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def test_generated_code_is_current():
 # (protobuf refuses duplicate symbols), so its descriptors are read in a subprocess.
 DUMP = """
 import json
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import model_config_pb2, service_pb2
 def fields(d):
     out = {}
     for m in d.message_types_by_name.values():
@@ -36,14 +36,17 @@ def fields(d):
             stack.extend(m.nested_types)
     return out
 svc = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-print(json.dumps({"messages": fields(service_pb2.DESCRIPTOR),
+enums = {e.full_name: {v.name: v.number for v in e.values} for e in model_config_pb2.DESCRIPTOR.enum_types_by_name.values()}
+for m in model_config_pb2.DESCRIPTOR.message_types_by_name.values():
+    enums.update({e.full_name: {v.name: v.number for v in e.values} for e in m.enum_types})
+print(json.dumps({"messages": {**fields(service_pb2.DESCRIPTOR), **fields(model_config_pb2.DESCRIPTOR)}, "enums": enums,
                   "methods": {m.name: [m.input_type.full_name, m.output_type.full_name] for m in svc.methods}}))
 """
 
 
 def ours():
     out = {}
-    for m in inference_pb2.DESCRIPTOR.message_types_by_name.values():
+    for m in [*inference_pb2.DESCRIPTOR.message_types_by_name.values(), *model_config_pb2.DESCRIPTOR.message_types_by_name.values()]:
         stack = [m]
         while stack:
             m = stack.pop()
@@ -59,6 +62,11 @@ def test_wire_compatible_with_tritonclient():
         assert message in theirs["messages"], f"{message} is not in Triton's proto"
         for name, spec in fields.items():
             assert theirs["messages"][message].get(name) == spec, f"{message}.{name}: ours {spec}, Triton's {theirs['messages'][message].get(name)}"
+    mine_enums = {e.full_name: {v.name: v.number for v in e.values} for e in model_config_pb2.DESCRIPTOR.enum_types_by_name.values()}
+    for m in model_config_pb2.DESCRIPTOR.message_types_by_name.values():
+        mine_enums.update({e.full_name: {v.name: v.number for v in e.values} for e in m.enum_types})
+    for enum, values in mine_enums.items():
+        assert values.items() <= theirs["enums"][enum].items(), f"{enum}: ours {values}, Triton's {theirs['enums'][enum]}"
     svc = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert svc.full_name == "inference.GRPCInferenceService"
     for method in svc.methods:

@@ -10,6 +10,9 @@ from server.dataplane import DataPlane
 from server.edge import grpc_errors
 from server.servicers import stream
 
+# What ServerMetadata lists: perf_analyzer reads server-side statistics only when `statistics` is there.
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "system_shared_memory", "statistics", "logging"]
+
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, control: Control) -> None:
@@ -30,7 +33,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="slimserve", version=__version__, extensions=["model_repository"])
+        return pb.ServerMetadataResponse(name="slimserve", version=__version__, extensions=EXTENSIONS)
 
     @grpc_errors
     async def ModelMetadata(self, request, context):
@@ -55,10 +58,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def RepositoryModelLoad(self, request, context):
-        await self.control.load_model(request.model_name)
+        config, files = converters.load_parameters(request)
+        await self.control.load_model(request.model_name, config, files)
         return pb.RepositoryModelLoadResponse()
 
     @grpc_errors
     async def RepositoryModelUnload(self, request, context):
         await self.control.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    @grpc_errors
+    async def ModelConfig(self, request, context):
+        return converters.model_config(self.control.model_config(request.name, request.version))
+
+    @grpc_errors
+    async def ModelStatistics(self, request, context):
+        return converters.model_statistics(self.control.statistics(request.name, request.version))
+
+    @grpc_errors
+    async def SystemSharedMemoryStatus(self, request, context):
+        return converters.shared_memory_status(self.control.shared_memory_status(request.name))
+
+    @grpc_errors
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.control.register_shared_memory(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @grpc_errors
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.control.unregister_shared_memory(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @grpc_errors
+    async def LogSettings(self, request, context):
+        values = converters.log_settings_values(request)
+        return converters.log_settings(self.control.update_log_settings(values) if values else self.control.log_settings())

@@ -36,14 +36,14 @@ def test_pt2_served_by_torch_agrees_with_onnx(digits_client, digits):
     assert (outputs["output_0"].argmax(1) == digits.y_test).mean() == pytest.approx(digits.accuracy)
 
 
-def test_typed_contents_answered_typed(digits_client, digits):
+def test_typed_contents_answered_raw_as_triton(digits_client, digits):
     x = digits.x_test[:3]
     stub = pb_grpc.GRPCInferenceServiceStub(digits_client.channel)
     request = pb.ModelInferRequest(model_name="digits")
     request.inputs.add(name="x", datatype="FP32", shape=list(x.shape)).contents.fp32_contents.extend(x.reshape(-1).tolist())
     response = stub.ModelInfer(request)
-    assert not response.raw_output_contents
-    logits = np.array(response.outputs[0].contents.fp32_contents, dtype=np.float32).reshape(3, 10)
+    assert not response.outputs[0].HasField("contents") and len(response.raw_output_contents) == 1
+    logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, 10)
     np.testing.assert_allclose(logits, ort_logits(digits.onnx, x), rtol=1e-5, atol=1e-5)
 
 
@@ -137,7 +137,7 @@ def test_raw_bytes_of_the_wrong_length(digits_client):
 
 def test_metadata_and_readiness(digits_client):
     meta = digits_client.metadata("digits")
-    assert meta.platform == "onnxruntime_onnx" and list(meta.versions) == ["baseline"]
+    assert meta.platform == "onnxruntime_onnx" and list(meta.versions) == ["1", "baseline"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 1, 8, 8])]
     assert digits_client.metadata("digits-pt2").platform == "pytorch_torchexport"
     assert digits_client.server_live() and digits_client.server_ready()
@@ -148,7 +148,7 @@ def test_metadata_and_readiness(digits_client):
 def test_repository_extension_unload_and_load(digits_client, digits):
     stub = pb_grpc.GRPCInferenceServiceStub(digits_client.channel)
     index = stub.RepositoryIndex(pb.RepositoryIndexRequest())
-    assert {(m.name, m.version, m.state) for m in index.models} == {("digits", "baseline", "READY"), ("digits-pt2", "baseline", "READY")}
+    assert {(m.name, m.version, m.state) for m in index.models} == {("digits", "1", "READY"), ("digits-pt2", "1", "READY")}
     stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="digits"))
     with pytest.raises(SlimServeClientError) as e:
         digits_client.infer("digits", {"x": digits.x_test[:1]})

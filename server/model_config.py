@@ -1,0 +1,178 @@
+"""Triton's model configuration of a served variant (ModelConfig), and the serving settings a RepositoryModelLoad
+`config` parameter may override (Model Analyzer sweeps max_batch_size, dynamic_batching and instance_group this way).
+
+Plain domain objects: server/converters.py turns a `ModelConfigView` into Triton's ModelConfig message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from server.batch_assembly import BatchingConfig
+from server.errors import InvalidArgument
+from server.manifest import VariantInfo
+from server.runtimes import TensorSpec, platform_of
+
+# Triton's `backend` of each runtime (its `platform` comes from server.runtimes.RUNTIMES).
+BACKENDS = {"onnxruntime": "onnxruntime", "torch": "pytorch", "torch-compile": "pytorch", "xla": "pytorch"}
+
+
+@dataclass(frozen=True)
+class ServingOverride:
+    """What a load's `config` changed for every variant of a model, until the next load (None: unchanged)."""
+
+    max_batch_size: int | None = None  # 0: no batching
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    max_queue_delay_us: int | None = None
+    instance_count: int | None = None  # calls of a variant at once
+
+    def apply(self, config: BatchingConfig, calls: int) -> tuple[BatchingConfig, int]:
+        """The batcher's config and calls at once with this override applied."""
+        changes: dict[str, Any] = {}
+        if self.max_batch_size == 0:
+            changes["enabled"] = False
+        elif self.max_batch_size is not None:
+            changes["max_batch_size"] = self.max_batch_size
+        if self.preferred_batch_sizes is not None:
+            changes["preferred_batch_sizes"] = self.preferred_batch_sizes
+        if self.max_queue_delay_us is not None:
+            changes["max_queue_delay_ms"] = self.max_queue_delay_us / 1000.0
+        return (replace(config, **changes) if changes else config), (self.instance_count or calls)
+
+
+@dataclass(frozen=True)
+class ModelConfigView:
+    """Triton's ModelConfig of one served variant: dims exclude the batch dimension when max_batch_size > 0."""
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    batching: BatchingConfig | None  # dynamic_batching; None when the variant does not batch
+    instance_count: int
+    instance_kind: str  # CPU | GPU
+    default_model_filename: str
+    version: int
+    variant: str
+
+
+def batchable(inputs: list[TensorSpec]) -> bool:
+    """Every input has a free leading (batch) dimension."""
+    return bool(inputs) and all(s.shape and s.shape[0] == -1 for s in inputs)
+
+
+def config_view(
+    model: str, variant: VariantInfo, inputs: list[TensorSpec], outputs: list[TensorSpec], batching: BatchingConfig,
+    calls: int, device: str,
+) -> ModelConfigView:
+    batched = batchable(inputs)
+    max_batch = batching.max_batch_size if batched else 0
+
+    def dims(specs: list[TensorSpec]) -> list[TensorSpec]:
+        return [TensorSpec(s.name, s.datatype, s.shape[1:] if batched and s.shape else s.shape) for s in specs]
+
+    return ModelConfigView(
+        name=model,
+        platform=platform_of(variant.runtime),
+        backend=BACKENDS.get(variant.runtime, variant.runtime),
+        max_batch_size=max_batch,
+        inputs=dims(inputs),
+        outputs=dims(outputs),
+        batching=batching if batched and batching.enabled else None,
+        instance_count=calls,
+        instance_kind="GPU" if "cuda" in device.lower() or "tensorrt" in device.lower() else "CPU",
+        default_model_filename=variant.file,
+        version=variant.version,
+        variant=variant.name,
+    )
+
+
+# Keys of a load `config` (Triton's JSON form of ModelConfig: snake_case or protobuf's lowerCamelCase).
+_SAME_AS_SERVED = {"name", "platform", "backend", "input", "output", "default_model_filename", "version_policy"}
+_CAMEL = {
+    "maxBatchSize": "max_batch_size", "dynamicBatching": "dynamic_batching", "instanceGroup": "instance_group",
+    "preferredBatchSize": "preferred_batch_size", "maxQueueDelayMicroseconds": "max_queue_delay_microseconds",
+    "defaultModelFilename": "default_model_filename", "versionPolicy": "version_policy",
+}
+
+
+def _snake(d: dict[str, Any]) -> dict[str, Any]:
+    return {_CAMEL.get(k, k): v for k, v in d.items()}
+
+
+def _int(value: Any, what: str, low: int) -> int:
+    """An integer field (int64 arrives as a JSON string in protobuf's JSON form)."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or (isinstance(value, str) and not value.isdigit()):
+        raise InvalidArgument(f"load config: {what} must be an integer >= {low}, got {value!r}")
+    if int(value) < low:
+        raise InvalidArgument(f"load config: {what} must be >= {low}, got {value}")
+    return int(value)
+
+
+def parse_load_config(text: str, model: str, inputs: list[TensorSpec], device: str, batching: BatchingConfig) -> ServingOverride:
+    """A RepositoryModelLoad `config` checked against the model; anything slimserve cannot apply is INVALID_ARGUMENT."""
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise InvalidArgument(f"load config is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument("load config must be a JSON object of ModelConfig fields")
+    config = _snake(config)
+    applicable = {"max_batch_size", "dynamic_batching", "instance_group"}
+    unknown = sorted(set(config) - applicable - _SAME_AS_SERVED)
+    if unknown:
+        raise InvalidArgument(
+            f"load config: field(s) {', '.join(unknown)} are not supported; slimserve applies "
+            f"{', '.join(sorted(applicable))} (and accepts name, platform, backend, input, output as served)"
+        )
+    if "name" in config and config["name"] != model:
+        raise InvalidArgument(f"load config: name '{config['name']}' is not the model loaded ('{model}')")
+    max_batch = preferred = delay = count = None
+    if "max_batch_size" in config:
+        max_batch = _int(config["max_batch_size"], "max_batch_size", 0)
+        if max_batch > 0 and not batchable(inputs):
+            raise InvalidArgument(f"load config: max_batch_size {max_batch}: model '{model}' has inputs without a free batch dimension")
+    if "dynamic_batching" in config:
+        dynamic = config["dynamic_batching"]
+        if not isinstance(dynamic, dict):
+            raise InvalidArgument("load config: dynamic_batching must be an object")
+        dynamic = _snake(dynamic)
+        extra = sorted(set(dynamic) - {"preferred_batch_size", "max_queue_delay_microseconds"})
+        if extra:
+            raise InvalidArgument(
+                f"load config: dynamic_batching field(s) {', '.join(extra)} are not supported "
+                "(supported: preferred_batch_size, max_queue_delay_microseconds)"
+            )
+        sizes = dynamic.get("preferred_batch_size", [])
+        if not isinstance(sizes, list):
+            raise InvalidArgument("load config: dynamic_batching.preferred_batch_size must be a list of integers")
+        preferred = tuple(_int(s, "preferred_batch_size", 1) for s in sizes)
+        if "max_queue_delay_microseconds" in dynamic:
+            delay = _int(dynamic["max_queue_delay_microseconds"], "max_queue_delay_microseconds", 0)
+    if "instance_group" in config:
+        count = _instance_count(config["instance_group"], device)
+    override = ServingOverride(max_batch, preferred, delay, count)
+    override.apply(batching, 1)  # BatchingConfig checks the result (preferred sizes within the limit) before anything changes
+    return override
+
+
+def _instance_count(groups: Any, device: str) -> int:
+    if not isinstance(groups, list) or not groups:
+        raise InvalidArgument("load config: instance_group must be a non-empty list of {count, kind}")
+    total = 0
+    for group in groups:
+        if not isinstance(group, dict):
+            raise InvalidArgument("load config: each instance_group entry must be an object")
+        extra = sorted(set(group) - {"count", "kind", "name"})
+        if extra:
+            raise InvalidArgument(f"load config: instance_group field(s) {', '.join(extra)} are not supported (supported: count, kind)")
+        kind = group.get("kind", "KIND_AUTO")
+        served = "KIND_GPU" if "cuda" in device.lower() else "KIND_CPU"
+        if kind not in ("KIND_AUTO", served):
+            raise InvalidArgument(f"load config: instance_group kind {kind!r}: this model runs as {served}")
+        total += _int(group.get("count", 1), "instance_group count", 1)
+    return total
