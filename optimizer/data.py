@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -87,6 +88,12 @@ class TrainData:
             return self
         keep = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
         return dataclasses.replace(self, inputs=[x[keep] for x in self.inputs], labels=self.labels[keep])
+
+
+def has_labels(path: Path) -> bool:
+    """Whether an .npz holds a 'labels' array, read from its list of names alone (no array is loaded)."""
+    with np.load(path, allow_pickle=False) as npz:
+        return "labels" in npz.files
 
 
 def check_labels(data: dict[str, np.ndarray], rows: int, needed_by: str, role: str = "train") -> np.ndarray:

@@ -20,6 +20,7 @@ from optimizer.base import (
     ProgressEvent,
     RuntimeFactory,
 )
+from optimizer.data import has_labels
 from optimizer.evaluation import Evaluation, evaluate
 from optimizer.quality import METRICS, describe
 from optimizer.recipes import Recipe, run_recipe
@@ -78,11 +79,10 @@ def preflight(recipe: Recipe, datasets: Mapping[str, Path], accuracy_budget: flo
                     f"{p.name} fine-tunes the model and needs train data; the model was registered without it: "
                     "register it again with slimctl register NAME MODEL --train TRAIN.npz (one array per model input, plus 'labels')"
                 )
-            with np.load(datasets["train"], allow_pickle=False) as npz:
-                if "labels" not in npz.files:
-                    raise OptimizerError(
-                        f"{p.name}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz"
-                    )
+            if not has_labels(datasets["train"]):
+                raise OptimizerError(
+                    f"{p.name}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz"
+                )
         for role in p.needs:
             if role not in datasets:
                 raise OptimizerError(f"{p.name} needs {role} data, and the model was registered without it (--{role} {role.upper()}.npz)")

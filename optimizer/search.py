@@ -26,6 +26,7 @@ from optimizer.base import (
     ProgressEvent,
     RuntimeFactory,
 )
+from optimizer.data import has_labels
 from optimizer.evaluation import Evaluation, evaluate
 from optimizer.passes.auto import AutoConfig
 from optimizer.quality import describe
@@ -76,10 +77,10 @@ def _skip_reason(recipe: str, source: Artifact, datasets: dict[str, Any]) -> str
     """Why the candidate cannot run on this model (`datasets`: the roles the search has), or None."""
     classes = [(n, pass_class(n)) for n in _names(recipe)]
     trains = [n for n, cls in classes if cls is not None and cls.trains]
-    if trains and source.format != "pt2":
-        return f"skipped: {trains[0]} trains in torch and needs the model as .pt2"
     if trains and "train" not in datasets:
         return f"skipped: {trains[0]} {_MISSING_DATA['train']}"
+    if trains and not has_labels(datasets["train"]):
+        return f"skipped: {trains[0]} fine-tunes on the train data's 'labels', and it has none"
     for name, cls in classes:
         for role in () if cls is None else cls.needs:
             if role not in datasets:

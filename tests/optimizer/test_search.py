@@ -58,7 +58,7 @@ def test_auto_keeps_the_fastest_candidate_within_the_budget_and_reports_all(digi
     assert result.evaluation.latency_p50_ms == pytest.approx(chosen["latency_p50_ms"], abs=1e-4)
 
 
-def test_auto_skips_training_candidates_for_onnx_models(tmp_path, runtime_factory, monkeypatch):
+def test_auto_skips_training_candidates_when_the_train_data_has_no_labels(tmp_path, runtime_factory, monkeypatch):
     w = weights(np.random.default_rng(0), 16, 384)
     register_file_pass(monkeypatch, "test-lean", dense_onnx(tmp_path / "lean.onnx", w))
     data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((32, FEATURES)).astype(np.float32))
@@ -66,7 +66,7 @@ def test_auto_skips_training_candidates_for_onnx_models(tmp_path, runtime_factor
     source = onnx_artifact(dense_onnx(tmp_path / "slow.onnx", w, slow=2))
     result = optimize(source, _auto("prune-structured", "test-lean"), context, runtime_factory, "auto")
     rows = {r["variant"]: r for r in result.report}
-    assert rows["prune-structured"]["status"] == "skipped: prune-structured trains in torch and needs the model as .pt2"
+    assert rows["prune-structured"]["status"] == "skipped: prune-structured fine-tunes on the train data's 'labels', and it has none"
     assert result.artifact.notes["auto_choice"] == "test-lean"
 
 
