@@ -145,8 +145,11 @@ def export(module: nn.Module, example: dict[str, np.ndarray], folder: Path, log:
         raise RuntimeError(f"ONNX export wrote side files {leftovers}: the weights must be inside model.onnx")
 
 
-def build(name: str, root: Path, log: Callable[[str], None] = print) -> Path:
-    """The model's folder (model.pt2, model.onnx, eval/train/calibration.npz, meta.json), built once and reused."""
+def build(name: str, root: Path, log: Callable[[str], None] = print, quick: bool = False) -> Path:
+    """The model's folder (model.pt2, model.onnx, eval/train/calibration.npz, meta.json), built once and reused.
+
+    quick (the CI subset): one epoch on at most 512 training rows, for a model whose accuracy does not matter.
+    """
     folder = root / name
     meta_path = folder / "meta.json"
     if meta_path.exists():
@@ -155,6 +158,9 @@ def build(name: str, root: Path, log: Callable[[str], None] = print) -> Path:
     start = time.perf_counter()
     torch.manual_seed(0)
     module, splits = spec.make()
+    if quick:
+        spec = Spec(spec.name, spec.make, min(spec.epochs, 1), spec.lr, spec.batch, spec.note)
+        splits = data.Splits({k: v[:512] for k, v in splits.train.items()}, splits.eval, splits.calibration, splits.description)
     if spec.epochs:
         train(module, splits, spec, log)
     module.eval()
