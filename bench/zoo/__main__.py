@@ -59,8 +59,17 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
-        result = run_matrix(models, formats, recipes, args.models_dir, work, args.timeout, args.accuracy_budget,
-                            log=lambda line: console.print(line, markup=False, highlight=False), on_row=save)
+        result = run_matrix(
+            models,
+            formats,
+            recipes,
+            args.models_dir,
+            work,
+            args.timeout,
+            args.accuracy_budget,
+            log=lambda line: console.print(line, markup=False, highlight=False),
+            on_row=save,
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     table = render(result)

@@ -35,7 +35,9 @@ def _mnist_model(module: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Modul
 
 
 def _bert() -> tuple[nn.Module, data.Splits]:
-    return models.BertClassifier(data.TEXT_VOCAB, data.TEXT_CLASSES, hidden=128, layers=4, heads=4, max_len=data.TEXT_LEN), data.synthetic_text()
+    return models.BertClassifier(
+        data.TEXT_VOCAB, data.TEXT_CLASSES, hidden=128, layers=4, heads=4, max_len=data.TEXT_LEN
+    ), data.synthetic_text()
 
 
 def _mlp() -> tuple[nn.Module, data.Splits]:
@@ -133,13 +135,29 @@ def export(module: nn.Module, example: dict[str, np.ndarray], folder: Path, log:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            onnx_program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=["output"],
-                                             dynamic_shapes=shapes, external_data=False, verbose=False)
+            onnx_program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=names,
+                output_names=["output"],
+                dynamic_shapes=shapes,
+                external_data=False,
+                verbose=False,
+            )
             onnx_program.save(str(onnx_path), external_data=False)
         except Exception as e:  # the dynamo exporter does not cover every module (LSTM): the TorchScript one does
             log(f"  dynamo ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); using the TorchScript exporter")
-            torch.onnx.export(module, args, str(onnx_path), dynamo=False, input_names=names, output_names=["output"],
-                              dynamic_axes={n: {0: "batch"} for n in [*names, "output"]}, opset_version=17)
+            torch.onnx.export(
+                module,
+                args,
+                str(onnx_path),
+                dynamo=False,
+                input_names=names,
+                output_names=["output"],
+                dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
+                opset_version=17,
+            )
     leftovers = list(folder.glob("model.onnx.data")) + list(folder.glob("*.onnx_data"))
     if leftovers:
         raise RuntimeError(f"ONNX export wrote side files {leftovers}: the weights must be inside model.onnx")
@@ -169,10 +187,16 @@ def build(name: str, root: Path, log: Callable[[str], None] = print, quick: bool
     for role, arrays in (("eval", splits.eval), ("train", splits.train), ("calibration", splits.calibration)):
         np.savez(folder / f"{role}.npz", **arrays)
     export(module, splits.eval, folder, log)
-    meta = {"model": name, "data": splits.description, "note": spec.note, "labels": "labels" in splits.eval,
-            "inputs": _inputs(splits.eval), "params": sum(p.numel() for p in module.parameters()),
-            "torch_eval_top1": accuracy(module, splits.eval) if "labels" in splits.eval else None,
-            "build_s": round(time.perf_counter() - start, 1)}
+    meta = {
+        "model": name,
+        "data": splits.description,
+        "note": spec.note,
+        "labels": "labels" in splits.eval,
+        "inputs": _inputs(splits.eval),
+        "params": sum(p.numel() for p in module.parameters()),
+        "torch_eval_top1": accuracy(module, splits.eval) if "labels" in splits.eval else None,
+        "build_s": round(time.perf_counter() - start, 1),
+    }
     meta_path.write_text(json.dumps(meta, indent=2))
     log(f"  built {name}: {meta['params']:,} parameters, eval top-1 {meta['torch_eval_top1']}, {meta['build_s']} s ({splits.description})")
     return folder

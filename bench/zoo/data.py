@@ -28,8 +28,11 @@ def _split(arrays: dict[str, np.ndarray], n_eval: int, n_calib: int, n_train: in
     ev, rest = order[:n_eval], order[n_eval:]
     tr = rest if n_train is None else rest[:n_train]
     cal = rest[:n_calib]
-    return ({k: v[tr] for k, v in arrays.items()}, {k: v[ev] for k, v in arrays.items()},
-            {k: v[cal] for k, v in arrays.items() if k != "labels"})
+    return (
+        {k: v[tr] for k, v in arrays.items()},
+        {k: v[ev] for k, v in arrays.items()},
+        {k: v[cal] for k, v in arrays.items() if k != "labels"},
+    )
 
 
 def mnist_5k_path() -> Path:
@@ -98,8 +101,13 @@ def synthetic_text(n: int = 3000, n_eval: int = 200, n_calib: int = 100, seed: i
         seq[0] = 1  # [CLS]
         ids[i, :length], mask[i, :length] = seq, 1
     tr, ev, cal = _split({"input_ids": ids, "attention_mask": mask, "labels": labels.astype(np.int64)}, n_eval, n_calib, None)
-    return Splits(tr, ev, cal, f"synthetic topic task (no labelled text ships in an installed package): {TEXT_CLASSES} topics, "
-                  f"vocabulary {TEXT_VOCAB}, length 8-64 padded to {TEXT_LEN}, keywords vs. fewer distractor keywords")
+    return Splits(
+        tr,
+        ev,
+        cal,
+        f"synthetic topic task (no labelled text ships in an installed package): {TEXT_CLASSES} topics, "
+        f"vocabulary {TEXT_VOCAB}, length 8-64 padded to {TEXT_LEN}, keywords vs. fewer distractor keywords",
+    )
 
 
 # ---- MiniLM: real sentences, a WordPiece tokenizer over the package's vocab.txt
@@ -143,8 +151,12 @@ def minilm_sentences(vocab_file: Path, length: int = 128) -> Splits:
     tok = WordPiece(vocab_file)
     pairs = [tok.encode(s, length) for s in SENTENCES]
     arrays = {"input_ids": np.stack([p[0] for p in pairs]), "attention_mask": np.stack([p[1] for p in pairs])}
-    return Splits(arrays, arrays, {k: v[:16] for k, v in arrays.items()},
-                  f"{len(SENTENCES)} real English sentences, sequence length {length}, no labels (embedding output)")
+    return Splits(
+        arrays,
+        arrays,
+        {k: v[:16] for k, v in arrays.items()},
+        f"{len(SENTENCES)} real English sentences, sequence length {length}, no labels (embedding output)",
+    )
 
 
 def imagenet_like_from_mnist(count: int = 64, size: int = 224) -> dict[str, np.ndarray]:

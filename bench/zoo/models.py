@@ -61,8 +61,11 @@ class InvertedResidual(nn.Module):
         if expand != 1:
             layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
         layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         ]
         self.conv = nn.Sequential(*layers)
 
@@ -204,7 +207,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if name == "__metadata__":
             continue
         start, end = meta["data_offsets"]
-        array = np.frombuffer(raw, dtypes[meta["dtype"]], offset=8 + length + start, count=(end - start) // np.dtype(dtypes[meta["dtype"]]).itemsize)
+        array = np.frombuffer(
+            raw, dtypes[meta["dtype"]], offset=8 + length + start, count=(end - start) // np.dtype(dtypes[meta["dtype"]]).itemsize
+        )
         out[name] = torch.from_numpy(array.reshape(meta["shape"]).astype(np.float32 if meta["dtype"] == "F16" else array.dtype))
     return out
 
@@ -220,15 +225,32 @@ def load_minilm() -> SentenceEmbedding:
     """all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads) in the BertEncoder above, its real weights mapped by name."""
     folder = minilm_dir()
     config = json.loads((folder / "config.json").read_text())
-    encoder = BertEncoder(config["vocab_size"], config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-                          config["intermediate_size"], config["max_position_embeddings"])
+    encoder = BertEncoder(
+        config["vocab_size"],
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["intermediate_size"],
+        config["max_position_embeddings"],
+    )
     weights = {k.removeprefix("bert."): v for k, v in read_safetensors(folder / "model.safetensors").items()}
-    mapping = {"word.weight": "embeddings.word_embeddings.weight", "position.weight": "embeddings.position_embeddings.weight",
-               "token_type.weight": "embeddings.token_type_embeddings.weight", "norm.weight": "embeddings.LayerNorm.weight",
-               "norm.bias": "embeddings.LayerNorm.bias"}
-    ours = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-            "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense",
-            "output": "output.dense", "out_norm": "output.LayerNorm"}
+    mapping = {
+        "word.weight": "embeddings.word_embeddings.weight",
+        "position.weight": "embeddings.position_embeddings.weight",
+        "token_type.weight": "embeddings.token_type_embeddings.weight",
+        "norm.weight": "embeddings.LayerNorm.weight",
+        "norm.bias": "embeddings.LayerNorm.bias",
+    }
+    ours = {
+        "query": "attention.self.query",
+        "key": "attention.self.key",
+        "value": "attention.self.value",
+        "attn_out": "attention.output.dense",
+        "attn_norm": "attention.output.LayerNorm",
+        "intermediate": "intermediate.dense",
+        "output": "output.dense",
+        "out_norm": "output.LayerNorm",
+    }
     for i in range(len(encoder.layers)):
         for mine, theirs in ours.items():
             for p in ("weight", "bias"):

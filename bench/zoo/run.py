@@ -15,8 +15,18 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ("quantize-dynamic", "quantize-static", "quantize-qat", "prune-weight", "prune-structured", "prune-gradual",
-           "distill-soft", "distill-feature", "graph-ort", "auto")
+RECIPES = (
+    "quantize-dynamic",
+    "quantize-static",
+    "quantize-qat",
+    "prune-weight",
+    "prune-structured",
+    "prune-gradual",
+    "distill-soft",
+    "distill-feature",
+    "graph-ort",
+    "auto",
+)
 FORMATS = ("pt2", "onnx")
 
 
@@ -59,16 +69,32 @@ def _reason(stderr: str) -> tuple[str, str]:
 
 def optimize(folder: Path, fmt: str, recipe: str, out: Path, timeout_s: float, budget: float | None, env: dict[str, str]) -> dict[str, Any]:
     """One `slimserve optimize` run; the row of the matrix it gives (outcome, reason, seconds and the variant's report row)."""
-    command = [sys.executable, "-m", "server.cli", "optimize", str(folder / f"model.{fmt}"), "--recipe", recipe,
-               "--data", str(folder / "eval.npz"), "--train", str(folder / "train.npz"),
-               "--calibration", str(folder / "calibration.npz"), "--out", str(out), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "optimize",
+        str(folder / f"model.{fmt}"),
+        "--recipe",
+        recipe,
+        "--data",
+        str(folder / "eval.npz"),
+        "--train",
+        str(folder / "train.npz"),
+        "--calibration",
+        str(folder / "calibration.npz"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     if budget is not None:
         command += ["--accuracy-budget", str(budget)]
     start = time.perf_counter()
     # Its own session, so that a timeout ends the optimizer and any worker it started, and nothing else.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
+        _, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -82,17 +108,36 @@ def optimize(folder: Path, fmt: str, recipe: str, out: Path, timeout_s: float, b
     variants = [r for r in report if r.get("variant") != "baseline"]
     base = next((r for r in report if r.get("variant") == "baseline"), {})
     variant = variants[-1] if variants else {}
-    row.update(outcome="created", reason="", variant=variant.get("variant"), runtime=variant.get("runtime"),
-               baseline_runtime=base.get("runtime"), baseline_p50_ms=base.get("latency_p50_ms"),
-               p50_ms=variant.get("latency_p50_ms"), size_x=variant.get("size_reduction_x"),
-               flops_x=variant.get("compute_reduction_x"), p50_x_reported=variant.get("speedup_x"),
-               sparsity_pct=variant.get("sparsity_pct"), accuracy_pct=variant.get("accuracy_pct"),
-               accuracy_delta_pt=variant.get("accuracy_delta_pt"), agreement=variant.get("agreement"))
+    row.update(
+        outcome="created",
+        reason="",
+        variant=variant.get("variant"),
+        runtime=variant.get("runtime"),
+        baseline_runtime=base.get("runtime"),
+        baseline_p50_ms=base.get("latency_p50_ms"),
+        p50_ms=variant.get("latency_p50_ms"),
+        size_x=variant.get("size_reduction_x"),
+        flops_x=variant.get("compute_reduction_x"),
+        p50_x_reported=variant.get("speedup_x"),
+        sparsity_pct=variant.get("sparsity_pct"),
+        accuracy_pct=variant.get("accuracy_pct"),
+        accuracy_delta_pt=variant.get("accuracy_delta_pt"),
+        agreement=variant.get("agreement"),
+    )
     return row
 
 
-def run_matrix(models: list[str], formats: list[str], recipes: list[str], root: Path, work: Path, timeout_s: float,
-               budget: float | None, log: Callable[[str], None] = print, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+def run_matrix(
+    models: list[str],
+    formats: list[str],
+    recipes: list[str],
+    root: Path,
+    work: Path,
+    timeout_s: float,
+    budget: float | None,
+    log: Callable[[str], None] = print,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
     from bench.zoo.build import SPECS, Unavailable, build
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
@@ -135,8 +180,19 @@ def render(rows: list[dict]):
     from rich.table import Table
 
     table = Table(title="slimserve zoo: every recipe on every architecture")
-    for column in ("model", "fmt", "recipe", "outcome", "s", "size x", "FLOPs x", "p50 ms", "p50 x (reported)", "p50 x vs FP32 ORT",
-                   "Δ acc pt / agreement"):
+    for column in (
+        "model",
+        "fmt",
+        "recipe",
+        "outcome",
+        "s",
+        "size x",
+        "FLOPs x",
+        "p50 ms",
+        "p50 x (reported)",
+        "p50 x vs FP32 ORT",
+        "Δ acc pt / agreement",
+    ):
         table.add_column(column, overflow="fold")
     colours = {"created": "green", "refused": "yellow", "failed": "red", "timeout": "red", "skipped": "dim"}
     for r in rows:
@@ -151,6 +207,17 @@ def render(rows: list[dict]):
         elif r.get("agreement") is not None:
             quality = f"agree {r['agreement']:.3f}"
         p50 = "–" if r.get("p50_ms") is None else f"{r['p50_ms']:.3f}"
-        table.add_row(r["model"], r["format"], r["recipe"], outcome, str(r.get("seconds", "–")), _x(r.get("size_x")),
-                      _x(r.get("flops_x")), p50, _x(r.get("p50_x_reported")), _x(r.get("p50_x_vs_fp32_ort")), quality)
+        table.add_row(
+            r["model"],
+            r["format"],
+            r["recipe"],
+            outcome,
+            str(r.get("seconds", "–")),
+            _x(r.get("size_x")),
+            _x(r.get("flops_x")),
+            p50,
+            _x(r.get("p50_x_reported")),
+            _x(r.get("p50_x_vs_fp32_ort")),
+            quality,
+        )
     return table

@@ -13,9 +13,9 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sklearn")
 
-from bench.zoo.build import build  # noqa: E402
-from bench.zoo.data import mnist_5k_path  # noqa: E402
-from bench.zoo.run import ROOT, fp32_ort_p50_ms, optimize  # noqa: E402
+from bench.zoo.build import build
+from bench.zoo.data import mnist_5k_path
+from bench.zoo.run import ROOT, fp32_ort_p50_ms, optimize
 
 # One epoch on 512 rows: what is checked is the outcome, not the accuracy (bench.zoo runs the real defaults).
 QUICK_PRUNE = {"name": "prune-weight", "passes": [{"pass": "prune-weight", "config": {"finetune": {"epochs": 1, "max_samples": 512}}}]}
