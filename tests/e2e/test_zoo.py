@@ -48,6 +48,7 @@ def test_quick_recipes_create_a_variant_or_refuse_precisely(name: str, models: P
         where = f"{name} {fmt} {recipe}: {row}"
         assert row["outcome"] in ("created", "refused"), where
         assert "Traceback" not in row.get("stderr_tail", ""), where
+        assert "internal error" not in row.get("reason", "").lower(), where
         if row["outcome"] == "refused":
             # precise: names the recipe or the format, and says what to do instead or why
             assert len(row["reason"]) > 30 and (recipe in row["reason"] or fmt.upper() in row["reason"]), where
