@@ -67,6 +67,31 @@ def _reason(stderr: str) -> tuple[str, str]:
     return "failed", (lines[-1] if lines else "no output")[:300]
 
 
+def report_row(out: Path, recipe: str) -> dict[str, Any]:
+    """The variant's measures from DIR/report.json: the row named after the run (an `auto` report also lists every
+    candidate, each with `status` and `chosen`; the chosen one's recipe is kept)."""
+    report = json.loads((out / "report.json").read_text())
+    base = next((r for r in report if r.get("variant") == "baseline"), {})
+    named = [r for r in report if r.get("variant") == Path(recipe).stem]
+    variant = named[0] if named else ([r for r in report if r.get("variant") != "baseline"] or [{}])[-1]
+    chosen = next((r.get("recipe") or r.get("variant") for r in report if r.get("chosen")), None)
+    return {
+        "variant": variant.get("variant"),
+        "chosen": chosen,
+        "runtime": variant.get("runtime"),
+        "baseline_runtime": base.get("runtime"),
+        "baseline_p50_ms": base.get("latency_p50_ms"),
+        "p50_ms": variant.get("latency_p50_ms"),
+        "size_x": variant.get("size_reduction_x"),
+        "flops_x": variant.get("compute_reduction_x"),
+        "p50_x_reported": variant.get("speedup_x"),
+        "sparsity_pct": variant.get("sparsity_pct"),
+        "accuracy_pct": variant.get("accuracy_pct"),
+        "accuracy_delta_pt": variant.get("accuracy_delta_pt"),
+        "agreement": variant.get("agreement"),
+    }
+
+
 def optimize(folder: Path, fmt: str, recipe: str, out: Path, timeout_s: float, budget: float | None, env: dict[str, str]) -> dict[str, Any]:
     """One `slimserve optimize` run; the row of the matrix it gives (outcome, reason, seconds and the variant's report row)."""
     command = [
@@ -104,26 +129,7 @@ def optimize(folder: Path, fmt: str, recipe: str, out: Path, timeout_s: float, b
         row["outcome"], row["reason"] = _reason(stderr)
         row["stderr_tail"] = stderr[-2000:]
         return row
-    report = json.loads((out / "report.json").read_text())
-    variants = [r for r in report if r.get("variant") != "baseline"]
-    base = next((r for r in report if r.get("variant") == "baseline"), {})
-    variant = variants[-1] if variants else {}
-    row.update(
-        outcome="created",
-        reason="",
-        variant=variant.get("variant"),
-        runtime=variant.get("runtime"),
-        baseline_runtime=base.get("runtime"),
-        baseline_p50_ms=base.get("latency_p50_ms"),
-        p50_ms=variant.get("latency_p50_ms"),
-        size_x=variant.get("size_reduction_x"),
-        flops_x=variant.get("compute_reduction_x"),
-        p50_x_reported=variant.get("speedup_x"),
-        sparsity_pct=variant.get("sparsity_pct"),
-        accuracy_pct=variant.get("accuracy_pct"),
-        accuracy_delta_pt=variant.get("accuracy_delta_pt"),
-        agreement=variant.get("agreement"),
-    )
+    row.update(outcome="created", reason="", **report_row(out, recipe))
     return row
 
 
@@ -199,6 +205,8 @@ def render(rows: list[dict]):
         outcome = f"[{colours.get(r['outcome'], 'white')}]{r['outcome']}[/]"
         if r.get("reason"):
             outcome += f": {r['reason']}"
+        if r.get("chosen"):
+            outcome += f" (chose {r['chosen']})"
         quality = "–"
         if r.get("accuracy_delta_pt") is not None:
             quality = f"{r['accuracy_delta_pt']:+.1f} pt"
