@@ -119,6 +119,12 @@ def activation_products(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input[:2])]
 
 
+def matmul_weights(model: onnx.ModelProto) -> list[str]:
+    """Names of the initializers that MatMul nodes take as their B operand (the weights of linear layers)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return sorted({n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers})
+
+
 def depthwise_scale_spread(model: onnx.ModelProto) -> float:
     """How far apart the channel ranges of the grouped convolutions' weights are (largest / smallest |w| max); 1 if none.
 

@@ -28,6 +28,7 @@ from optimizer.onnx_graph import (
     has_attention,
     huge_activations,
     mask_path_nodes,
+    matmul_weights,
     name_unnamed_nodes_,
     nodes_touching,
     short_dot_nodes,
@@ -85,6 +86,7 @@ class QuantizeStaticConfig(PassConfig):
     percentile: float = 99.999
     quant_format: str = "qdq"
     per_channel: bool = True
+    per_channel_matmul: bool = False
     activation_type: str = "qint8"
     weight_type: str = "qint8"
     reduce_range: bool = False
@@ -215,7 +217,7 @@ class QuantizeStaticPass(Pass):
 class _Plan:
     op_types: list[str] | None
     excluded: list[str]
-    extra_options: dict[str, bool]
+    extra_options: dict[str, object]
     messages: list[str]
 
 
@@ -224,7 +226,9 @@ def _plan(model: onnx.ModelProto, config: QuantizeStaticConfig, op_types: list[s
     messages, extra, products = [], {}, []
     if op_types is None and has_attention(model):
         # MatMulConstBOnly is ORT's switch for this, but its QDQ quantizer ignores it: the products are excluded by name.
-        op_types, extra, products = list(TRANSFORMER_OP_TYPES), {"MatMulConstBOnly": True}, activation_products(model)
+        # A DQ shared by Q, K and V blocks ORT's fusion of each into an INT8 kernel: one pair per consumer.
+        extra = {"MatMulConstBOnly": True, "DedicatedQDQPair": True}
+        op_types, products = list(TRANSFORMER_OP_TYPES), activation_products(model)
         messages.append("attention found: quantizing only MatMul / Gemm / Conv with constant weights (set op_types to override)")
     masks = mask_path_nodes(model) if config.keep_masks_fp32 else []
     if masks:
@@ -236,6 +240,9 @@ def _plan(model: onnx.ModelProto, config: QuantizeStaticConfig, op_types: list[s
             "one scale per tensor rounds the narrow channels to zero; set per_channel true"
         )
     excluded = list(dict.fromkeys([*config.nodes_to_exclude, *short_dot_nodes(model, config.min_dot_length), *masks, *products]))
+    if config.per_channel and not config.per_channel_matmul:
+        # An override without an axis is ORT's way to quantize one weight per tensor while per_channel is on.
+        extra["TensorQuantOverrides"] = {name: [{}] for name in matmul_weights(model)}
     return _Plan(op_types, excluded, extra, messages)
 
 

@@ -156,12 +156,26 @@ def test_static_on_attention_quantizes_the_weight_products_and_keeps_the_mask_fp
     assert max(_activation_scales(result.path)) < 1e3  # no pair on the ~3.4e38 mask bias (its scale: ~1e36)
     model = onnx.load(str(result.path))
     weights = {i.name for i in model.graph.initializer}
-    assert len([n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]) == 7  # q k v o ff1 ff2 head
+    weight_scales = [_dims(model, n.input[1]) for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    assert weight_scales == [[]] * 7  # q k v o ff1 ff2 head, one scale each: ORT fuses only per-tensor QDQ MatMuls
     quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert not quantized & {"probs", "masked", "bias", "kt"}  # softmax, mask and the attention products stay FP32
     assert result.notes["op_types"] == "MatMul,Gemm,Conv" and result.notes["int8_kernels"]
     assert any("attention found" in m for m in messages)
     assert any("attention-mask path kept FP32" in m and "Softmax" in m for m in messages)
+
+
+def _dims(model: onnx.ModelProto, name: str) -> list[int]:
+    return next(list(i.dims) for i in model.graph.initializer if i.name == name)
+
+
+def test_static_quantizes_matmul_weights_per_channel_when_asked(attention, tmp_path):
+    result, logits, _ = _quantize_attention(attention, tmp_path, {"per_channel_matmul": True})
+    model = onnx.load(str(result.path))
+    weights = {i.name for i in model.graph.initializer}
+    scales = [_dims(model, n.input[1]) for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    assert sorted(scales) == sorted([[32]] * 4 + [[64], [32], [4]])
+    assert _cosine(attention[3], logits).mean() >= 0.99
 
 
 def test_static_puts_an_activation_with_a_huge_range_back_in_fp32(attention, tmp_path):
