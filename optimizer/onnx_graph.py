@@ -152,9 +152,9 @@ def weights_by_op_type(path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
         index = 0 if node.op_type == "Gather" else 1
-        if node.op_type in ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Gather") and len(node.input) > index:
-            if node.input[index] in sizes and sizes[node.input[index]] > 1:
-                counts[node.op_type] = counts.get(node.op_type, 0) + sizes[node.input[index]]
+        weight = node.input[index] if len(node.input) > index else ""
+        if node.op_type in ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Gather") and sizes.get(weight, 0) > 1:
+            counts[node.op_type] = counts.get(node.op_type, 0) + sizes[weight]
     return counts
 
 
