@@ -6,6 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from optimizer.base import (
@@ -188,7 +189,10 @@ class QuantizeStaticPass(Pass):
             op_types=",".join(plan.op_types or ["all"]), fp32_nodes=str(len(excluded)), int8_kernels=kernels,
         )
 
-    def _quantize(self, model: Path, target: Path, arrays, fixed_batch, op_types, excluded, extra_options) -> None:
+    def _quantize(
+        self, model: Path, target: Path, arrays: dict[str, np.ndarray], fixed_batch: int | None,
+        op_types: list[str] | None, excluded: list[str], extra_options: dict[str, object],
+    ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
         config: QuantizeStaticConfig = self.config  # type: ignore[assignment]
