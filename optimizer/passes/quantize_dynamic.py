@@ -23,6 +23,8 @@ from optimizer.registry import register
 
 # Operator types whose run-time activation quantization costs more than their INT8 kernels save on CPUs.
 SLOW_DYNAMIC_OPS = frozenset({"Conv"})
+# Below this share of the weights quantized, the variant is the FP32 model again (a CNN's classifier head alone).
+MIN_QUANTIZED_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class QuantizeDynamicConfig(PassConfig):
     Attention, LSTM, ...). Dynamic INT8 pays off where MatMuls dominate (transformers, RNNs), as
     ORT advises; a convolution becomes ConvInteger, which quantizes its input at every call and ran
     7-10 ms where FP32 took 0.4-0.9 ms, so Conv is quantized only when op_types names it, and a model
-    with nothing else to quantize is refused in favour of quantize-static.
+    with little else to quantize (under 10% of its weights: a CNN's classifier head) is refused in favour
+    of quantize-static.
     nodes_to_exclude: node names to keep in FP32. preprocess: run ORT's quantization
     pre-processing (shape inference and graph clean-up) first, as ORT recommends.
     """
@@ -106,6 +109,11 @@ class QuantizeDynamicPass(Pass):
             raise OptimizerError(
                 f"{self.name} found no {' / '.join(op_types)} with constant weights to quantize: {found}; dynamic INT8 "
                 "convolutions (ConvInteger) run slower than FP32 on CPUs, so use quantize-static, or set op_types ['Conv'] to force them"
+            )
+        if chosen < MIN_QUANTIZED_SHARE * (chosen + slow):
+            raise OptimizerError(
+                f"{self.name} would quantize only {chosen:,} of {chosen + slow:,} weights: the rest are in Conv layers, and dynamic "
+                "INT8 convolutions (ConvInteger) run slower than FP32 on CPUs; use quantize-static, or set op_types ['Conv', 'MatMul'] to force them"
             )
         if slow > chosen:
             context.progress(ProgressEvent(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
 from optimizer.export import onnx_io_names
@@ -53,6 +56,17 @@ def test_dynamic_refuses_a_model_with_only_convolutions(tmp_path):
         make_pass("quantize-dynamic").run(source, _context(tmp_path))
     forced = make_pass("quantize-dynamic", {"op_types": ["Conv"]}).run(source, _context(tmp_path))
     assert int8_facts(forced.path)["ConvInteger"] == 2
+
+
+def test_dynamic_refuses_a_cnn_whose_head_is_all_it_would_quantize(tmp_path):
+    # Pointwise convolutions 32 -> 256 -> 32 around a 320-weight Gemm head: 2.3% of the weights, a variant that is the FP32 model.
+    model = onnx.load(str(depthwise_model(tmp_path / "dw.onnx")))
+    weights = {t.name: t for t in model.graph.initializer}
+    weights["pw2"].CopyFrom(numpy_helper.from_array(np.zeros((32, 32, 12, 12), np.float32), "pw2"))
+    onnx.save(model, str(tmp_path / "wide.onnx"))
+    source = Artifact(tmp_path / "wide.onnx", "onnx", input_names=("x",), output_names=("logits",))
+    with pytest.raises(OptimizerError, match=r"quantize-dynamic would quantize only 320 of 148,\d+ weights: the rest are in Conv layers"):
+        make_pass("quantize-dynamic", {"preprocess": False}).run(source, _context(tmp_path))
 
 
 def test_dynamic_quantizes_only_the_op_types_asked_for(digits, pt2_model, tmp_path):
