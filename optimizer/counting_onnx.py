@@ -68,7 +68,8 @@ def onnx_params(model: Any) -> tuple[int, int]:
     A weight is an initializer (or Constant value) of more than one element that is either
     floating point, or an 8/4-bit integer (quantized weights count as parameters), or an INT32
     bias of a quantized model (the data input of DequantizeLinear, the bias of QLinearConv).
-    Scale and zero-point tensors are never counted, even per channel: they travel with the
+    Scale and zero-point tensors are never counted, even per channel (nor dynamic INT8's weight
+    scales, which a Mul multiplies by the input's run-time scale): they travel with the
     weight they describe, so counting them would count a quantized weight twice. Other integer
     tensors (INT32 / INT64 shapes, axes, indices) are not weights. BatchNormalization that
     follows a convolution or matrix product is counted as folded into it (its four vectors are
@@ -107,6 +108,8 @@ def onnx_params(model: Any) -> tuple[int, int]:
             integer_weights.add(getattr(onnx.TensorProto, name))
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
+    # Dynamic INT8 multiplies each weight's scale by its input's run-time scale (DynamicQuantizeLinear output 1).
+    dynamic_scales = {n.output[1] for n in graph.node if n.op_type == "DynamicQuantizeLinear" and len(n.output) > 1}
     params, nonzero = folded_bias, folded_bias
     for name, tensor in tensors.items():
         if name in excluded:
@@ -115,19 +118,21 @@ def onnx_params(model: Any) -> tuple[int, int]:
         if size <= 1:
             continue
         uses = consumers.get(name, [])
-        if uses and all(i in _QPARAM_INPUTS.get(node.op_type, ()) for node, i in uses):
+        if uses and all(i in _QPARAM_INPUTS.get(node.op_type, ()) or _scales_an_activation_scale(node, i, dynamic_scales) for node, i in uses):
             continue  # a scale or a zero point
-        if tensor.data_type in floats or tensor.data_type in integer_weights:
-            pass
-        elif tensor.data_type == onnx.TensorProto.INT32 and any((node.op_type, i) in _INT_BIAS_INPUTS for node, i in uses):
-            pass
-        else:
+        int_bias = tensor.data_type == onnx.TensorProto.INT32 and any((node.op_type, i) in _INT_BIAS_INPUTS for node, i in uses)
+        if not (tensor.data_type in floats or tensor.data_type in integer_weights or int_bias):
             continue
         values = numpy_helper.to_array(tensor)
         zero = _zero_point(values, uses, tensors) if tensor.data_type in integer_weights else None
         params += size
         nonzero += int(np.count_nonzero(values != zero)) if zero is not None else int(np.count_nonzero(values))
     return params, nonzero
+
+
+def _scales_an_activation_scale(node: Any, index: int, dynamic_scales: set[str]) -> bool:
+    """Whether input `index` of `node` is a weight scale that dynamic INT8 multiplies by an activation's run-time scale."""
+    return node.op_type == "Mul" and len(node.input) == 2 and node.input[1 - index] in dynamic_scales
 
 
 def _zero_point(values: np.ndarray, uses: list[tuple[Any, int]], tensors: dict[str, Any]) -> np.ndarray | None:

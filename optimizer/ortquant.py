@@ -24,6 +24,24 @@ QUANT_TYPES = ("qint8", "quint8")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
+# CPU flags of the INT8 dot-product instructions ORT's MLAS kernels use, fastest first.
+_INT8_FLAGS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("i8mm", "Arm I8MM"), ("asimddp", "Arm SDOT"))
+
+
+def int8_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Which INT8 kernels ONNX Runtime's CPU provider runs on this machine, from the CPU's flags."""
+    try:
+        flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), []))
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    found = [label for flag, label in _INT8_FLAGS if flag in flags]
+    if found:
+        return f"{' + '.join(found)} INT8 dot products"
+    if "avx2" in flags:
+        return "AVX2 without VNNI: U8S8 products may saturate (consider reduce_range)"
+    return "no INT8 dot-product instructions found (no VNNI / AMX / SDOT)"
+
+
 def quant_type(name: str):
     from onnxruntime.quantization import QuantType
 

@@ -17,9 +17,14 @@ from optimizer.base import (
     check_names,
 )
 from optimizer.export import to_onnx
-from optimizer.onnx_graph import check_quantized
-from optimizer.ortquant import QUANT_TYPES, check_op_types, preprocess, quant_type
+from optimizer.onnx_graph import check_quantized, weights_by_op_type
+from optimizer.ortquant import QUANT_TYPES, check_op_types, int8_kernels, preprocess, quant_type
 from optimizer.registry import register
+
+# Operator types whose run-time activation quantization costs more than their INT8 kernels save on CPUs.
+SLOW_DYNAMIC_OPS = frozenset({"Conv"})
+# Below this share of the weights quantized, the variant is the FP32 model again (a CNN's classifier head alone).
+MIN_QUANTIZED_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,15 @@ class QuantizeDynamicConfig(PassConfig):
 
     weight_type: qint8 | quint8. per_channel: one scale per output channel of each weight (ORT's
     default is per tensor; per channel keeps MiniLM's embeddings at cosine 0.993 to FP32 instead of
-    0.965, for 0.5% more bytes and the same speed). op_types: operator types to quantize (e.g. ['MatMul']); empty: ONNX Runtime's default set
-    (Conv, MatMul — Gemm is rewritten to MatMul — Gather, Attention, LSTM, ...).
+    0.965, for 0.5% more bytes and the same speed). op_types: operator types to quantize (e.g. ['MatMul']);
+    empty: ONNX Runtime's default set without Conv (MatMul — Gemm is rewritten to MatMul — Gather,
+    Attention, LSTM, ...). Dynamic INT8 pays off where MatMuls dominate (transformers, RNNs), as
+    ORT advises; a convolution becomes ConvInteger, which quantizes its input at every call and ran
+    7-10 ms where FP32 took 0.4-0.9 ms, so Conv is quantized only when op_types names it, and a model
+    with little else to quantize (under 10% of its weights: a CNN's classifier head) is refused in favour
+    of quantize-static.
     nodes_to_exclude: node names to keep in FP32. preprocess: run ORT's quantization
     pre-processing (shape inference and graph clean-up) first, as ORT recommends.
-    Pays off where MatMuls dominate (transformers, RNNs); on small conv nets the run-time
-    quantization of activations costs more than INT8 convolutions save — use quantize-static there.
     """
 
     weight_type: str = "qint8"
@@ -60,9 +68,12 @@ class QuantizeDynamicPass(Pass):
 
         config: QuantizeDynamicConfig = self.config  # type: ignore[assignment]
         op_types = check_op_types(config.op_types, set(IntegerOpsRegistry) | {"Gemm"}, self.name)
-        if op_types and "Gemm" in op_types and "MatMul" not in op_types:
+        if op_types is None:
+            op_types = sorted(set(IntegerOpsRegistry) - SLOW_DYNAMIC_OPS)
+        if "Gemm" in op_types and "MatMul" not in op_types:
             op_types.append("MatMul")  # ORT rewrites Gemm as MatMul + Add before it quantizes
         source = to_onnx(artifact, context)
+        self._check_worth_it(source.path, op_types, context)
         target = context.new_path(f"{artifact.path.stem}-int8-dynamic", ".onnx")
         with tempfile.TemporaryDirectory(dir=context.workdir) as tmp:
             model_in = source.path
@@ -81,6 +92,32 @@ class QuantizeDynamicPass(Pass):
                 )
             except Exception as e:  # ORT raises assorted types for models it cannot quantize
                 raise OptimizerError(f"{self.name}: onnxruntime cannot quantize {source.path.name}: {type(e).__name__}: {e}") from e
-        check_quantized(source.path, target, self.name, "it has no Conv / MatMul / Gemm with constant weights, or op_types / nodes_to_exclude left none")
-        context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}"))
-        return source.derive(target, format="onnx", runtime="onnxruntime", quantized="int8-dynamic")
+        check_quantized(source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / nodes_to_exclude left none")
+        kernels = int8_kernels()
+        context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}; CPU: {kernels}"))
+        return source.derive(
+            target, format="onnx", runtime="onnxruntime", quantized="int8-dynamic", op_types=",".join(op_types), int8_kernels=kernels,
+        )
+
+    def _check_worth_it(self, model: Path, op_types: list[str], context: PassContext) -> None:
+        """Refuses a model with nothing but convolutions to quantize; warns when convolutions hold most of its weights."""
+        weights = weights_by_op_type(model)
+        chosen = sum(n for op, n in weights.items() if op in op_types or (op == "Gemm" and "MatMul" in op_types))
+        slow = sum(n for op, n in weights.items() if op in SLOW_DYNAMIC_OPS and op not in op_types)
+        if chosen == 0:
+            found = f"this model's weights are all in Conv layers ({slow:,} weights)" if slow else "this model has no constant weights"
+            raise OptimizerError(
+                f"{self.name} found no {' / '.join(op_types)} with constant weights to quantize: {found}; dynamic INT8 "
+                "convolutions (ConvInteger) run slower than FP32 on CPUs, so use quantize-static, or set op_types ['Conv'] to force them"
+            )
+        if chosen < MIN_QUANTIZED_SHARE * (chosen + slow):
+            raise OptimizerError(
+                f"{self.name} would quantize only {chosen:,} of {chosen + slow:,} weights: the rest are in Conv layers, and dynamic "
+                "INT8 convolutions (ConvInteger) run slower than FP32 on CPUs; use quantize-static, or set op_types ['Conv', 'MatMul'] to force them"
+            )
+        if slow > chosen:
+            context.progress(ProgressEvent(
+                stage=self.name, fraction=0.05,
+                message=f"{slow:,} of {slow + chosen:,} weights are in Conv layers, which stay FP32 (dynamic INT8 convolutions "
+                "run slower than FP32 on CPUs): use quantize-static to quantize them",
+            ))

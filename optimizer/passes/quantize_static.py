@@ -6,6 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from optimizer.base import (
@@ -21,11 +22,24 @@ from optimizer.base import (
 )
 from optimizer.data import InputSpecs, model_arrays, subsample
 from optimizer.export import onnx_input_types, to_onnx
-from optimizer.onnx_graph import check_quantized, name_unnamed_nodes_, short_dot_nodes
+from optimizer.onnx_graph import (
+    activation_products,
+    check_quantized,
+    depthwise_scale_spread,
+    has_attention,
+    huge_activations,
+    mask_path_nodes,
+    matmul_weights,
+    name_unnamed_nodes_,
+    nodes_touching,
+    short_dot_nodes,
+    strip_debug_info,
+)
 from optimizer.ortquant import (
     QUANT_TYPES,
     calibration_reader,
     check_op_types,
+    int8_kernels,
     preprocess,
     quant_type,
 )
@@ -34,6 +48,9 @@ from optimizer.registry import register
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 QUANT_FORMATS = ("qdq", "qoperator")
 CALIBRATION_BATCH = 32  # rows per calibration run: large enough to be quick, small enough for histogram memory
+TRANSFORMER_OP_TYPES = ("MatMul", "Gemm", "Conv")  # with MatMulConstBOnly: the weight products, not the attention ones
+# A per-tensor scale this much coarser on a depthwise channel than its own range loses that channel (EfficientNet: 3066x).
+MAX_DEPTHWISE_SPREAD = 100.0
 
 
 @dataclass(frozen=True)
@@ -48,11 +65,21 @@ class QuantizeStaticConfig(PassConfig):
     activations: its S8S8 kernels are slow there, 5x slower than FP32 on the digits CNN). per_channel: one weight
     scale per output channel. activation_type / weight_type: qint8 | quint8 (S8S8 is ORT's
     recommended CPU default). reduce_range: 7-bit weights, for x86 CPUs without VNNI where
-    U8S8 products can saturate. op_types / nodes_to_exclude: as for quantize-dynamic.
+    U8S8 products can saturate. op_types: operator types to quantize; empty: chosen from the
+    graph — in a transformer (a Softmax feeding a MatMul) only MatMul / Gemm / Conv with constant
+    weights, as ORT advises (quantizing Softmax, LayerNorm, residual Adds and the attention
+    products costs accuracy and adds Q/DQ pairs that are slower than FP32); elsewhere ORT's full
+    set. nodes_to_exclude: node names to keep in FP32.
     min_dot_length: Conv / Gemm / MatMul nodes whose dot products (input channels x kernel
     area, or the inner dimension) are shorter than this stay FP32: INT8 kernels only pay off on
     long dot products, and such a layer (a first conv on one channel) is cheap and
-    precision-sensitive in FP32. 0 quantizes every such node.
+    precision-sensitive in FP32. 0 quantizes every such node. Depthwise convolutions are exempt:
+    keeping them FP32 puts a DQ/Q pair inside every inverted-residual block.
+    keep_masks_fp32: keep the attention-mask path (a constant of magnitude >= 1e3 or inf, added
+    before Softmax) in FP32 whatever op_types says: INT8 on it gives a scale of ~1e36 that
+    flattens every attention score. max_activation_range: after calibration, an activation
+    quantized over a wider range than this (a mask, an unbounded value) is put back in FP32 and
+    the model quantized again; 0 turns the check off.
     """
 
     calibrate_method: str = "minmax"
@@ -60,6 +87,7 @@ class QuantizeStaticConfig(PassConfig):
     percentile: float = 99.999
     quant_format: str = "qdq"
     per_channel: bool = True
+    per_channel_matmul: bool = False
     activation_type: str = "qint8"
     weight_type: str = "qint8"
     reduce_range: bool = False
@@ -67,6 +95,8 @@ class QuantizeStaticConfig(PassConfig):
     nodes_to_exclude: tuple[str, ...] = ()
     min_dot_length: int = 16
     preprocess: bool = True
+    keep_masks_fp32: bool = True
+    max_activation_range: float = 1e4
 
     def __post_init__(self) -> None:
         check_choice("calibrate_method", self.calibrate_method, CALIBRATE_METHODS)
@@ -81,6 +111,8 @@ class QuantizeStaticConfig(PassConfig):
             raise ConfigValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.min_dot_length < 0:
             raise ConfigValueError(f"min_dot_length must be 0 or more, got {self.min_dot_length}")
+        if self.max_activation_range < 0:
+            raise ConfigValueError(f"max_activation_range must be 0 (off) or more, got {self.max_activation_range}")
 
 
 def _fixed_batch(specs: InputSpecs) -> int | None:
@@ -97,16 +129,12 @@ class QuantizeStaticPass(Pass):
     summary = "ONNX Runtime static INT8 (QDQ), activation ranges calibrated on the calibration data"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            quantize_static,
-        )
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
         config: QuantizeStaticConfig = self.config  # type: ignore[assignment]
-        registry = QDQRegistry if config.quant_format == "qdq" else QLinearOpsRegistry
-        op_types = check_op_types(config.op_types, set(registry), self.name)
+        # ORT's QDQ quantizer takes the QOperator types too (Add, Mul, Softmax, ... get a plain Q/DQ pair).
+        known = set(QLinearOpsRegistry) | (set(QDQRegistry) if config.quant_format == "qdq" else set())
+        op_types = check_op_types(config.op_types, known, self.name)
         data = context.dataset("calibration", needed_by=self.name)
         source = to_onnx(artifact, context)
         specs = onnx_input_types(source.path)
@@ -127,32 +155,100 @@ class QuantizeStaticPass(Pass):
                 model_in = preprocess(source.path, Path(tmp) / "pre.onnx", context, self.name)
             model = onnx.load(str(model_in))
             name_unnamed_nodes_(model)
-            excluded = list(config.nodes_to_exclude) + short_dot_nodes(model, config.min_dot_length)
+            plan = _plan(model, config, op_types)
+            for line in plan.messages:
+                context.progress(ProgressEvent(stage=self.name, fraction=0.2, message=line))
             named = Path(tmp) / "named.onnx"
             onnx.save(model, str(named))
-            context.progress(ProgressEvent(
-                stage=self.name, fraction=0.3,
-                message=f"calibrating ({config.calibrate_method}) on {rows} samples" + (f"; FP32: {', '.join(excluded)}" if excluded else ""),
-            ))
-            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-            try:
-                quantize_static(
-                    str(named),
-                    str(target),
-                    calibration_reader(arrays, fixed_batch or CALIBRATION_BATCH, fixed_batch is not None),
-                    quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
-                    op_types_to_quantize=op_types,
-                    per_channel=config.per_channel,
-                    reduce_range=config.reduce_range,
-                    activation_type=quant_type(config.activation_type),
-                    weight_type=quant_type(config.weight_type),
-                    nodes_to_exclude=excluded or None,
-                    calibrate_method=method[config.calibrate_method],
-                    calibration_providers=["CPUExecutionProvider"],
-                    extra_options={"CalibPercentile": config.percentile},
-                )
-            except Exception as e:  # ORT raises assorted types for models it cannot calibrate or quantize
-                raise OptimizerError(f"{self.name}: onnxruntime cannot quantize {source.path.name}: {type(e).__name__}: {e}") from e
+            excluded = plan.excluded
+            for attempt in range(2):
+                context.progress(ProgressEvent(
+                    stage=self.name, fraction=0.3 + 0.3 * attempt,
+                    message=f"calibrating ({config.calibrate_method}) on {rows} samples" + (f"; FP32: {_names(excluded)}" if excluded else ""),
+                ))
+                self._quantize(named, target, arrays, fixed_batch, plan.op_types, excluded, plan.extra_options)
+                huge = huge_activations(target, config.max_activation_range) if config.max_activation_range else {}
+                if not huge:
+                    break
+                spans = ", ".join(f"{k} ({v:.3g})" for k, v in sorted(huge.items())[:4])
+                if attempt == 1:
+                    raise OptimizerError(
+                        f"{self.name}: activations {spans} still span more than max_activation_range "
+                        f"{config.max_activation_range:g} after their nodes were kept in FP32; add their consumers to nodes_to_exclude"
+                    )
+                excluded = sorted(set(excluded) | set(nodes_touching(model, set(huge))))
+                context.progress(ProgressEvent(
+                    stage=self.name, fraction=0.5, message=f"activations {spans} span more than {config.max_activation_range:g}: their nodes stay FP32",
+                ))
         check_quantized(source.path, target, self.name, "check op_types, nodes_to_exclude and min_dot_length")
-        context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}"))
-        return source.derive(target, format="onnx", runtime="onnxruntime", quantized="int8-static")
+        strip_debug_info(target)
+        kernels = int8_kernels()
+        context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}; {len(excluded)} nodes FP32; CPU: {kernels}"))
+        return source.derive(
+            target, format="onnx", runtime="onnxruntime", quantized="int8-static",
+            op_types=",".join(plan.op_types or ["all"]), fp32_nodes=str(len(excluded)), int8_kernels=kernels,
+        )
+
+    def _quantize(
+        self, model: Path, target: Path, arrays: dict[str, np.ndarray], fixed_batch: int | None,
+        op_types: list[str] | None, excluded: list[str], extra_options: dict[str, object],
+    ) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+        config: QuantizeStaticConfig = self.config  # type: ignore[assignment]
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+        try:
+            quantize_static(
+                str(model),
+                str(target),
+                calibration_reader(arrays, fixed_batch or CALIBRATION_BATCH, fixed_batch is not None),
+                quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
+                op_types_to_quantize=op_types,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=quant_type(config.activation_type),
+                weight_type=quant_type(config.weight_type),
+                nodes_to_exclude=list(excluded) or None,
+                calibrate_method=method[config.calibrate_method],
+                calibration_providers=["CPUExecutionProvider"],
+                extra_options={"CalibPercentile": config.percentile, **extra_options},
+            )
+        except Exception as e:  # ORT raises assorted types for models it cannot calibrate or quantize
+            raise OptimizerError(f"{self.name}: onnxruntime cannot quantize {model.name}: {type(e).__name__}: {e}") from e
+
+
+@dataclass(frozen=True)
+class _Plan:
+    op_types: list[str] | None
+    excluded: list[str]
+    extra_options: dict[str, object]
+    messages: list[str]
+
+
+def _plan(model: onnx.ModelProto, config: QuantizeStaticConfig, op_types: list[str] | None) -> _Plan:
+    """What to quantize: op types (transformer-aware when not given), the nodes kept in FP32, and why."""
+    messages, extra, products = [], {}, []
+    if op_types is None and has_attention(model):
+        # MatMulConstBOnly is ORT's switch for this, but its QDQ quantizer ignores it: the products are excluded by name.
+        # A DQ shared by Q, K and V blocks ORT's fusion of each into an INT8 kernel: one pair per consumer.
+        extra = {"MatMulConstBOnly": True, "DedicatedQDQPair": True}
+        op_types, products = list(TRANSFORMER_OP_TYPES), activation_products(model)
+        messages.append("attention found: quantizing only MatMul / Gemm / Conv with constant weights (set op_types to override)")
+    masks = mask_path_nodes(model) if config.keep_masks_fp32 else []
+    if masks:
+        messages.append(f"attention-mask path kept FP32 (a constant of magnitude >= 1e3 or inf): {_names(masks)}")
+    spread = depthwise_scale_spread(model)
+    if not config.per_channel and spread > MAX_DEPTHWISE_SPREAD:
+        messages.append(
+            f"per_channel is off and depthwise weight channels differ up to {spread:.0f}x in range: "
+            "one scale per tensor rounds the narrow channels to zero; set per_channel true"
+        )
+    excluded = list(dict.fromkeys([*config.nodes_to_exclude, *short_dot_nodes(model, config.min_dot_length), *masks, *products]))
+    if config.per_channel and not config.per_channel_matmul:
+        # An override without an axis is ORT's way to quantize one weight per tensor while per_channel is on.
+        extra["TensorQuantOverrides"] = {name: [{}] for name in matmul_weights(model)}
+    return _Plan(op_types, excluded, extra, messages)
+
+
+def _names(nodes: list[str], shown: int = 6) -> str:
+    return ", ".join(nodes[:shown]) + (f" and {len(nodes) - shown} more" if len(nodes) > shown else "")
