@@ -211,6 +211,8 @@ def _flop_kind(node: Any) -> str | None:
         return "conv"
     if op == "ConvTranspose":
         return "conv_transpose"
+    if op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"):
+        return "recurrent"
     if op in ("Gemm", "FusedGemm", "QGemm"):
         return "gemm"
     if op in ("MatMul", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits"):
@@ -223,7 +225,10 @@ def _weight_index(node: Any) -> int:
 
 
 def _flop_tensors(node: Any) -> list[str]:
-    """The tensors whose shapes a node's FLOPs need: its first input, its weight, its first output."""
+    """The tensors whose shapes a node's FLOPs need: its first input, its weight, its first output (a recurrent
+    layer: its input and both weight matrices)."""
+    if _flop_kind(node) == "recurrent":
+        return [node.input[0], node.input[1], node.input[2]]
     return [node.input[0], node.input[_weight_index(node)], node.output[0]]
 
 
@@ -239,6 +244,12 @@ def _attr(node: Any, name: str, default: Any) -> Any:
 def _node_flops(node: Any, shapes: dict[str, tuple[int, ...]]) -> float:
     kind = _flop_kind(node)
     x = shapes[node.input[0]]
+    if kind == "recurrent":
+        # Every time step multiplies the input by W [directions, gates x hidden, input] and the state by
+        # R [directions, gates x hidden, hidden], as torch's counter sees a recurrent layer step by step.
+        steps, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
+        weights = np.prod(shapes[node.input[1]], dtype=np.float64) + np.prod(shapes[node.input[2]], dtype=np.float64)
+        return 2.0 * steps * batch * weights
     out = shapes[node.output[0]]
     if kind == "conv":
         w = shapes[node.input[_weight_index(node)]]

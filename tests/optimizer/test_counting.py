@@ -79,6 +79,7 @@ def test_lstm_flops_count_every_layer_and_time_step(tmp_path):
     gates, hidden = 4, 32
     recurrent = tiny.TOKENS * 2 * gates * hidden * ((16 + hidden) + (hidden + hidden))  # 2 layers, input and hidden matmuls per step
     assert count_flops(lstm.pt2.path, "pt2", lstm.sample) == recurrent + 2 * hidden * 4  # + the classifier; was 256 (classifier only)
+    assert count_flops(lstm.onnx.path, "onnx", lstm.sample) == recurrent + 2 * hidden * 4  # the ONNX LSTM nodes, per step too
 
 
 def test_transformer_pt2_flops_include_attention_and_match_onnx(tmp_path):
