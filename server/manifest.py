@@ -90,6 +90,8 @@ class ModelInfo:
     # Optimization jobs by id: model, variant, recipe, status (running | succeeded | failed), message, times.
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # The model's rollout (server/rollout/state.py), running or finished; None when it never had one.
+    rollout: dict[str, Any] | None = None
 
     @property
     def default_variant(self) -> str:
@@ -110,6 +112,7 @@ class ModelInfo:
             "traffic": self.traffic.to_dict(),
             "variants": {k: v.to_dict() for k, v in self.variants.items()},
             "jobs": self.jobs,
+            **({"rollout": self.rollout} if self.rollout is not None else {}),
         }
 
     @classmethod
@@ -128,6 +131,7 @@ class ModelInfo:
             # Manifests written before routing existed name one default variant instead.
             traffic=TrafficPolicy.from_dict(d["traffic"]) if "traffic" in d else TrafficPolicy.single(d.get("default_variant", BASELINE)),
             jobs=dict(d.get("jobs", {})),
+            rollout=d.get("rollout"),
         )
 
 
