@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich import box
@@ -71,11 +71,11 @@ def follow(name: str) -> dict[str, Any]:
 def start(
     name: str = typer.Argument(..., help="Model name."),
     variant: str = typer.Argument(..., help="The variant to roll out against the model's serving variant."),
-    steps: Optional[str] = typer.Option(None, "--steps", help="Canary weights in percent, e.g. 5,25,50 (then promote)."),
-    plan: Optional[Path] = typer.Option(None, "--plan", help="Plan file (YAML or JSON): preset, steps, gates and margins."),
-    min_requests: Optional[int] = typer.Option(None, "--min-requests", help="Requests the variant answers per stage first."),
-    max_stage_s: Optional[float] = typer.Option(None, "--max-stage-s", help="Seconds a stage may stay undecided."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Chance of a wrong promotion (and of a wrong rollback)."),
+    steps: str | None = typer.Option(None, "--steps", help="Canary weights in percent, e.g. 5,25,50 (then promote)."),
+    plan: Path | None = typer.Option(None, "--plan", help="Plan file (YAML or JSON): preset, steps, gates and margins."),
+    min_requests: int | None = typer.Option(None, "--min-requests", help="Requests the variant answers per stage first."),
+    max_stage_s: float | None = typer.Option(None, "--max-stage-s", help="Seconds a stage may stay undecided."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Chance of a wrong promotion (and of a wrong rollback)."),
     wait: bool = typer.Option(False, "--wait", help="Follow it live; exit 0 when promoted, 1 with the reason otherwise."),
     as_json: bool = typer.Option(False, "--json", help="Print the rollout's record as JSON."),
 ) -> None:

@@ -119,15 +119,19 @@ def world():
 FAST = RolloutPlan(steps=(10.0, 50.0), min_requests=200, max_stage_s=600.0, gates={"error": 0.01, "latency_p50": 1.2, "agreement": 0.9})
 
 
-def drive(controller, stats, *, ticks=40, per_tick=100, canary=dict(), control=dict()):
+def drive(controller, stats, *, ticks=40, per_tick=100, canary=None, control=None):
+    if control is None:
+        control = {}
+    if canary is None:
+        canary = {}
     async def run():
         for _ in range(ticks):
             r = controller.running.get("m")
             if r is None:
                 return
             share = r.weight / 100 if r.state == "canary" else 1.0
-            stats.serve("int8", max(1, int(per_tick * share)), mirrored=r.state == "shadow", **canary)
-            stats.serve("baseline", int(per_tick * (1 - share)) if r.state == "canary" else per_tick, **control)
+            stats.serve("int8", max(1, int(per_tick * share)), mirrored=r.state == "shadow", **(canary or {}))
+            stats.serve("baseline", int(per_tick * (1 - share)) if r.state == "canary" else per_tick, **(control or {}))
             await controller.tick()
 
     asyncio.run(run())
@@ -149,7 +153,7 @@ def test_a_good_variant_goes_shadow_then_each_canary_step_then_is_promoted(world
 
 
 def test_a_variant_that_errs_is_rolled_back_at_once_with_the_gate_and_its_evidence(world):
-    controller, repository, traffic, stats, _ = world
+    controller, _repository, traffic, stats, _ = world
     asyncio.run(controller.start("m", "int8", replace(FAST, shadow=False)))
     drive(controller, stats, canary={"errors": 0.2})
     r = controller.status("m")
@@ -182,7 +186,7 @@ def test_accuracy_is_gated_only_once_labels_arrive(world):
 
 
 def test_an_undecided_stage_rolls_back_at_its_time_limit(world):
-    controller, _, traffic, stats, clock = world
+    controller, _, _traffic, stats, clock = world
     asyncio.run(controller.start("m", "int8", replace(FAST, shadow=False)))
     drive(controller, stats, ticks=1, per_tick=20)
     clock.now += 601

@@ -70,7 +70,7 @@ def test_a_good_variant_is_promoted_and_a_wrong_one_rolled_back_by_the_gate_that
 
 
 def test_bad_starts_are_refused_precisely_and_a_manual_change_aborts(rolled):
-    server, client, plan = rolled
+    _server, client, plan = rolled
     for args, code, message in [
         (("digits", "nope"), "NOT_FOUND", "no variant 'nope'"),
         (("digits", "baseline"), "INVALID_ARGUMENT", "it is the control"),
