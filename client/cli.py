@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from client import cli_traffic
+from client import cli_rollout, cli_traffic
 from client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
 from client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
 from client.report import render_report
@@ -255,6 +255,7 @@ def delete(
 
 # The traffic and experiment commands (client/cli_traffic.py) come after the model commands in help.
 cli_traffic.add_commands(app)
+cli_rollout.add_commands(app)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 
 from client import codec
-from client.records import comparison_dict, model_dict, traffic_dict, variant_dict
+from client.records import comparison_dict, model_dict, rollout_dict, traffic_dict, variant_dict
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos import slimserve_pb2 as spb
@@ -155,6 +155,7 @@ class SlimServeClient:
         self.traffic_stub = spb_grpc.TrafficStub(self.channel)
         self.feedback_stub = spb_grpc.FeedbackStub(self.channel)
         self.experiments = spb_grpc.ExperimentsStub(self.channel)
+        self.rollout_stub = spb_grpc.RolloutStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -258,6 +259,47 @@ class SlimServeClient:
             "price_per_hour": response.price_per_hour,
             "variants": [comparison_dict(c) for c in response.variants],
         }
+
+    # ------------------------------------------------------------------ rollout
+
+    def rollout_start(
+        self,
+        name: str,
+        variant: str,
+        plan: str | Path | None = None,
+        steps: list[float] | None = None,
+        min_requests: int | None = None,
+        max_stage_s: float | None = None,
+        alpha: float | None = None,
+    ) -> dict[str, Any]:
+        """Starts a rollout; `plan` is a JSON or YAML plan file (the server checks it); the rest override it."""
+        request = spb.RolloutStartRequest(model=name, variant=variant, steps=steps or [])
+        if plan is not None:
+            path = Path(plan)
+            if not path.is_file():
+                raise SlimServeClientError("INVALID_ARGUMENT", f"plan file '{plan}' does not exist")
+            try:
+                request.plan_json = json.dumps(load_recipe_file(path))
+            except SlimServeClientError as e:
+                raise SlimServeClientError(e.code, e.message.replace("recipe file", "plan file", 1)) from None
+        for field, value in (("min_requests", min_requests), ("max_stage_s", max_stage_s), ("alpha", alpha)):
+            if value is not None:
+                setattr(request, field, value)
+        return rollout_dict(self._call(self.rollout_stub.Start, request))
+
+    def rollout_status(self, name: str) -> dict[str, Any]:
+        return rollout_dict(self._call(self.rollout_stub.Status, spb.RolloutRequest(model=name)))
+
+    def rollout_abort(self, name: str) -> dict[str, Any]:
+        return rollout_dict(self._call(self.rollout_stub.Abort, spb.RolloutRequest(model=name)))
+
+    def rollout_watch(self, name: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """The rollout now, then at every look and change, until it ends."""
+        try:
+            for status in self.rollout_stub.Watch(spb.RolloutRequest(model=name), metadata=self._auth, timeout=timeout):
+                yield rollout_dict(status)
+        except grpc.RpcError as e:
+            raise SlimServeClientError(e.code().name if e.code() else "UNKNOWN", e.details() or "") from None
 
     # ------------------------------------------------------------------ optimizer
 

@@ -67,3 +67,31 @@ def comparison_dict(c: spb.VariantComparison) -> dict[str, Any]:
     for field in ("latency_verdict", "accuracy_verdict"):
         out[field] = out[field] or None
     return out
+
+
+def rollout_dict(r: spb.RolloutStatus) -> dict[str, Any]:
+    """`rollout status --json`: state, variant, control, weight (percent), requests per arm, gates, history, reason."""
+    gate = lambda g: {  # noqa: E731
+        "name": g.name, "statistic": g.statistic if g.HasField("statistic") else None, "threshold": g.threshold,
+        "decision": g.decision, "evidence": g.evidence,
+    }
+    event = lambda e: {  # noqa: E731
+        "time": e.time, "kind": e.kind, "state": e.state, "weight": e.weight, "message": e.message, "gate": e.gate or None,
+        "statistic": e.statistic if e.HasField("statistic") else None,
+        "threshold": e.threshold if e.HasField("threshold") else None, "evidence": e.evidence or None,
+    }
+    return {
+        "model": r.model,
+        "state": r.state,
+        "variant": r.variant,
+        "control": r.control,
+        "weight": r.weight,
+        "requests": dict(r.requests),
+        "gates": [gate(g) for g in r.gates],
+        "history": [event(e) for e in r.history],
+        "reason": r.reason or None,
+        "source": r.source,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at or None,
+        "plan": json.loads(r.plan_json) if r.plan_json else None,
+    }

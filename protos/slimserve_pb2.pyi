@@ -369,3 +369,100 @@ class CompareResponse(_message.Message):
     price_per_hour: float
     variants: _containers.RepeatedCompositeFieldContainer[VariantComparison]
     def __init__(self, model: _Optional[str] = ..., node_type: _Optional[str] = ..., price_per_hour: _Optional[float] = ..., variants: _Optional[_Iterable[_Union[VariantComparison, _Mapping]]] = ...) -> None: ...
+
+class RolloutStartRequest(_message.Message):
+    __slots__ = ("model", "variant", "plan_json", "steps", "min_requests", "max_stage_s", "alpha")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STAGE_S_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    variant: str
+    plan_json: str
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    min_requests: int
+    max_stage_s: float
+    alpha: float
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., plan_json: _Optional[str] = ..., steps: _Optional[_Iterable[float]] = ..., min_requests: _Optional[int] = ..., max_stage_s: _Optional[float] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class RolloutRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RolloutGate(_message.Message):
+    __slots__ = ("name", "decision", "statistic", "threshold", "evidence")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    decision: str
+    statistic: float
+    threshold: float
+    evidence: str
+    def __init__(self, name: _Optional[str] = ..., decision: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., evidence: _Optional[str] = ...) -> None: ...
+
+class RolloutEvent(_message.Message):
+    __slots__ = ("time", "kind", "state", "weight", "message", "gate", "statistic", "threshold", "evidence")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    time: str
+    kind: str
+    state: str
+    weight: float
+    message: str
+    gate: str
+    statistic: float
+    threshold: float
+    evidence: str
+    def __init__(self, time: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., weight: _Optional[float] = ..., message: _Optional[str] = ..., gate: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., evidence: _Optional[str] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("model", "state", "variant", "control", "weight", "requests", "gates", "history", "reason", "source", "started_at", "finished_at", "plan_json")
+    class RequestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    state: str
+    variant: str
+    control: str
+    weight: float
+    requests: _containers.ScalarMap[str, int]
+    gates: _containers.RepeatedCompositeFieldContainer[RolloutGate]
+    history: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
+    reason: str
+    source: str
+    started_at: str
+    finished_at: str
+    plan_json: str
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[str] = ..., variant: _Optional[str] = ..., control: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[_Mapping[str, int]] = ..., gates: _Optional[_Iterable[_Union[RolloutGate, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., reason: _Optional[str] = ..., source: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., plan_json: _Optional[str] = ...) -> None: ...

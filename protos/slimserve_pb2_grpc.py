@@ -762,3 +762,214 @@ class Experiments:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RolloutStub:
+    """---------------------------------------------------------------- rollout
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Start = channel.unary_unary(
+                '/slimserve.v1.Rollout/Start',
+                request_serializer=protos_dot_slimserve__pb2.RolloutStartRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/slimserve.v1.Rollout/Status',
+                request_serializer=protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/slimserve.v1.Rollout/Abort',
+                request_serializer=protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/slimserve.v1.Rollout/Watch',
+                request_serializer=protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_slimserve__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+
+
+class RolloutServicer:
+    """---------------------------------------------------------------- rollout
+
+    """
+
+    def Start(self, request, context):
+        """Starts a rollout of a variant against the model's serving variant: shadow, canary steps, then promote;
+        every gate is an anytime-valid sequential test, any fail rolls back at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Stops a running rollout and gives the traffic back to the control.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """The rollout now, then again at every look and change, until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RolloutServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Start': grpc.unary_unary_rpc_method_handler(
+                    servicer.Start,
+                    request_deserializer=protos_dot_slimserve__pb2.RolloutStartRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=protos_dot_slimserve__pb2.RolloutRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=protos_dot_slimserve__pb2.RolloutRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=protos_dot_slimserve__pb2.RolloutRequest.FromString,
+                    response_serializer=protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'slimserve.v1.Rollout', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('slimserve.v1.Rollout', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Rollout:
+    """---------------------------------------------------------------- rollout
+
+    """
+
+    @staticmethod
+    def Start(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Rollout/Start',
+            protos_dot_slimserve__pb2.RolloutStartRequest.SerializeToString,
+            protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Rollout/Status',
+            protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+            protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Rollout/Abort',
+            protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+            protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slimserve.v1.Rollout/Watch',
+            protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+            protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -23,11 +23,14 @@ from server.metrics import Metrics
 from server.pricing import load_prices, price_of
 from server.registry import Registrar
 from server.repository import Repository
+from server.rollout.controller import RolloutController
+from server.rollout.gates import ProcessStatistics
 from server.servicers.experiments import ExperimentsServicer, FeedbackServicer
 from server.servicers.inference import InferenceServicer
 from server.servicers.traffic import TrafficServicer
 from server.servicers.optimizer import OptimizerServicer
 from server.servicers.registry import RegistryServicer
+from server.servicers.rollout import RolloutServicer
 from server.settings import Settings
 from server.watch import RepositoryWatcher
 
@@ -40,6 +43,7 @@ SERVICES = (
     slimserve_pb2.DESCRIPTOR.services_by_name["Traffic"].full_name,
     slimserve_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,
     slimserve_pb2.DESCRIPTOR.services_by_name["Experiments"].full_name,
+    slimserve_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name,
 )
 
 
@@ -74,6 +78,8 @@ class SlimServer:
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
         self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price)
+        self.rollouts = RolloutController(self.repository, self.control, ProcessStatistics(self.dataplane))
+        self.control.on_manual_change = self.rollouts.interrupted
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None
@@ -99,6 +105,7 @@ class SlimServer:
         slimserve_pb2_grpc.add_TrafficServicer_to_server(TrafficServicer(self.control), checked)
         slimserve_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.control), checked)
         slimserve_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsServicer(self.control), checked)
+        slimserve_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(self.rollouts), checked)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, checked)
         reflection.enable_server_reflection(
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -117,6 +124,9 @@ class SlimServer:
             raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
         await self.dataplane.start()
         self._measure_unmeasured()
+        if not self.settings.read_only:  # the writer decides rollouts; replicas follow its routing through the repository
+            self.rollouts.resume()
+            self.rollouts.start_ticking(self.settings.rollout_interval_s)
         if self.settings.poll_repository_s > 0:
             self.watcher = RepositoryWatcher(self.repository, self.dataplane, self.settings.poll_repository_s)
             self.watcher.start()
@@ -153,6 +163,7 @@ class SlimServer:
         """Stops accepting calls, lets those in flight finish within `grace` seconds, then unloads."""
         await self.health.enter_graceful_shutdown()
         await self.jobs.stop()
+        await self.rollouts.stop()
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await asyncio.gather(self.server.stop(grace), self._stop_http(grace))
         if self.watcher is not None:

@@ -6,7 +6,7 @@ request, make one call here, and encode what it returns (server/converters.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ from server.dataplane import DataPlane, VersionStatistics
 from server.log_settings import LogSettings
 from server.model_config import ModelConfigView, parse_load_config
 from server.shared_memory import RegionStatus
-from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.errors import AlreadyExists, InvalidArgument
 from server.jobs import JobDone, JobManager, JobRequest
 from server.manifest import ModelInfo
 from server.registry import Registrar, UploadHeader, check_header
@@ -58,6 +58,13 @@ class Control:
         self.node_type = node_type
         self.price_per_hour = price_per_hour
         self.logs = LogSettings()
+        # Set by server/app.py to the rollout controller's `interrupted`: a manual routing change or a deletion
+        # stops a running rollout with its reason (model, reason, variant or None for the whole model).
+        self.on_manual_change: Callable[[str, str, str | None], Awaitable[None]] | None = None
+
+    async def _manual(self, model: str, reason: str, variant: str | None = None) -> None:
+        if self.on_manual_change is not None:
+            await self.on_manual_change(model, reason, variant)
 
     # ------------------------------------------------------------------ registry
 
@@ -83,12 +90,14 @@ class Control:
         """Unloads (what it served, measured and was told goes with it), then removes it from the repository."""
         self.repository.get(name)  # NotFound before anything changes
         self.repository.check_writable()  # a read-only replica refuses before it unloads anything
+        await self._manual(name, "the model was deleted")
         if self.dataplane.is_loaded(name):
             await self.dataplane.unload_model(name)
         self.repository.delete(name)
 
     async def delete_variant(self, model: str, variant: str) -> ModelInfo:
         """Out of routing and the manifest first (new requests stop going there), then unloaded once its queue drains."""
+        await self._manual(model, f"variant '{variant}' was deleted", variant)
         info = await self.dataplane.run_blocking(self.repository.remove_variant, model, variant)
         if self.dataplane.is_loaded(model):
             await self.dataplane.refresh(model)
@@ -108,17 +117,31 @@ class Control:
         await self.dataplane.refresh(model)
         return info.traffic
 
-    async def set_traffic(self, model: str, weights: dict[str, float], shadows: list[str], sticky: str | None) -> TrafficPolicy:
-        return await self._change_traffic(model, lambda current, **kw: set_traffic(current, weights, shadows, sticky, **kw))
+    async def set_traffic(
+        self, model: str, weights: dict[str, float], shadows: list[str], sticky: str | None, *, automatic: bool = False
+    ) -> TrafficPolicy:
+        """`automatic`: the rollout controller's own change; any other change, once made, stops a running rollout."""
+        policy = await self._change_traffic(model, lambda current, **kw: set_traffic(current, weights, shadows, sticky, **kw))
+        if not automatic:
+            await self._manual(model, "manual traffic change")
+        return policy
 
     def get_traffic(self, model: str) -> TrafficPolicy:
         return self.repository.get(model).traffic
 
-    async def promote(self, model: str, variant: str) -> TrafficPolicy:
-        return await self._change_traffic(model, lambda current, **kw: promote(current, variant, **kw))
+    def ready_variants(self, model: str) -> set[str]:
+        return set(self.dataplane.loaded_model(model).variants)
+
+    async def promote(self, model: str, variant: str, *, automatic: bool = False) -> TrafficPolicy:
+        policy = await self._change_traffic(model, lambda current, **kw: promote(current, variant, **kw))
+        if not automatic:
+            await self._manual(model, f"manual promote of '{variant}'")
+        return policy
 
     async def rollback(self, model: str) -> TrafficPolicy:
-        return await self._change_traffic(model, lambda current, **kw: rollback(current, **kw))
+        policy = await self._change_traffic(model, lambda current, **kw: rollback(current, **kw))
+        await self._manual(model, "manual rollback")
+        return policy
 
     # ------------------------------------------------------------------ live results
 

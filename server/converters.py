@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,8 @@ from server.jobs import JobDone, JobRequest
 from server.manifest import ModelInfo, VariantInfo
 from server.model_config import ModelConfigView
 from server.registry import UploadFile, UploadHeader
+from server.rollout.plan import RolloutPlan, plan_from_json
+from server.rollout.state import RolloutState
 from server.routing import TrafficPolicy
 from server.runtimes import TensorSpec, platform_of
 from server.shared_memory import RegionStatus, ShmInput, ShmRef
@@ -353,3 +356,35 @@ def stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamI
     failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     failed.parameters["triton_final_response"].bool_param = True
     return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+
+# ---------------------------------------------------------------------- rollout
+
+
+def rollout_plan(request: spb.RolloutStartRequest) -> RolloutPlan:
+    """The plan file's JSON with the request's overrides (steps, min_requests, max_stage_s, alpha) applied and checked."""
+    plan = plan_from_json(request.plan_json)
+    overrides: dict[str, Any] = {}
+    if request.steps:
+        overrides["steps"] = tuple(request.steps)
+    for name in ("min_requests", "max_stage_s", "alpha"):
+        if request.HasField(name):
+            overrides[name] = getattr(request, name)
+    return replace(plan, **overrides) if overrides else plan
+
+
+def rollout_status(r: RolloutState) -> spb.RolloutStatus:
+    record = r.record()
+    out = spb.RolloutStatus(
+        model=r.model, state=r.state, variant=r.variant, control=r.control, weight=r.weight, requests=record["requests"],
+        reason=r.reason, source=r.source, started_at=record["started_at"], finished_at=record["finished_at"] or "",
+        plan_json=json.dumps(record["plan"], sort_keys=True),
+    )
+    for g in r.gates:
+        out.gates.add(name=g.name, decision=g.decision, threshold=g.threshold, evidence=g.evidence,
+                      **({"statistic": g.statistic} if g.statistic is not None else {}))
+    for e in record["history"]:
+        optional = {k: e[k] for k in ("statistic", "threshold") if e[k] is not None}
+        out.history.add(time=e["time"], kind=e["kind"], state=e["state"], weight=e["weight"], message=e["message"],
+                        gate=e["gate"], evidence=e["evidence"], **optional)
+    return out

@@ -94,6 +94,8 @@ class ModelInfo:
     # The highest version ever given to a variant of this model: a deleted variant's number is never reused.
     last_version: int = 0
     schema_version: int = SCHEMA_VERSION
+    # The model's rollout (server/rollout/state.py), running or finished; None when it never had one.
+    rollout: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.assign_versions()
@@ -140,6 +142,7 @@ class ModelInfo:
             "variants": {k: v.to_dict() for k, v in self.variants.items()},
             "jobs": self.jobs,
             "last_version": self.last_version,
+            **({"rollout": self.rollout} if self.rollout is not None else {}),
         }
 
     @classmethod
@@ -159,6 +162,7 @@ class ModelInfo:
             traffic=TrafficPolicy.from_dict(d["traffic"]) if "traffic" in d else TrafficPolicy.single(d.get("default_variant", BASELINE)),
             jobs=dict(d.get("jobs", {})),
             last_version=int(d.get("last_version", 0)),
+            rollout=d.get("rollout"),
         )
 
 

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     tls_ca: Path | None = setting(None, "with TLS: require client certificates signed by this PEM CA bundle (mutual TLS)")
     read_only: bool = setting(False, "serve a repository another slimserve writes (replicas on shared storage); writes are refused")
     poll_repository_s: float = setting(0.0, "seconds between checks for models the writer changed; changes load live; 0: never")
+    rollout_interval_s: float = setting(
+        5.0, "seconds between the rollout controller's looks at its gates (any look is valid: the tests are anytime-valid)", gt=0
+    )
     prices: Path | None = setting(
         None, "YAML/JSON of node type → dollars per hour, extending cpu 0.10, gpu-t4 0.35, gpu-v100 2.48, gpu-a100 3.67, "
         "tpu-v3-8 4.00", shown="built in",

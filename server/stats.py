@@ -51,6 +51,19 @@ class LatencyWindow:
             n = min(self._total, self.capacity)
             return np.array(self._latency[:n], dtype=np.float64)
 
+    @property
+    def total(self) -> int:
+        """Latencies recorded since creation (a mark for `since`)."""
+        with self._lock:
+            return self._total
+
+    def since(self, mark: int) -> np.ndarray:
+        """The latencies recorded after `total` was `mark`, oldest first; only the last `capacity` of them are kept."""
+        with self._lock:
+            k = min(max(self._total - mark, 0), self.capacity, self._total)
+            order = [(self._next - k + i) % self.capacity for i in range(k)]
+            return np.array([self._latency[i] for i in order], dtype=np.float64)
+
     def percentiles(self, ps: Iterable[float] = (50, 90, 99)) -> dict[float, float | None]:
         """{p: latency in seconds} over the window; None for each p while the window is empty."""
         ps = list(ps)

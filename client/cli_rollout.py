@@ -1,0 +1,123 @@
+"""The `slimctl rollout` commands: start (optionally following it live), status and abort of a model's rollout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from client.cli_common import connect, console, err, fail, print_json
+from client.client import SlimServeClientError
+
+rollout_app = typer.Typer(help="Roll a variant out by itself: shadow, canary steps, promote, or roll back on a failed gate.")
+
+
+def add_commands(app: typer.Typer) -> None:
+    """Registers `slimctl rollout ...` on slimctl's app."""
+    app.add_typer(rollout_app, name="rollout")
+
+
+def parse_steps(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        fail(f"--steps '{text}' is not comma-separated percents, e.g. 5,25,50")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def print_status(r: dict[str, Any], as_json: bool = False) -> None:
+    if as_json:
+        print_json(r)
+        return
+    where = f"canary {r['weight']:g}%" if r["state"] == "canary" else r["state"]
+    console.print(f"rollout of [bold]{r['variant']}[/bold] on {r['model']} against {r['control']}: {where}")
+    if r["requests"]:
+        console.print("requests this stage: " + ", ".join(f"{k} {v:,}" for k, v in r["requests"].items()))
+    if r["gates"]:
+        table = Table("gate", "decision", "statistic", "threshold", "evidence", box=box.SIMPLE_HEAVY)
+        for g in r["gates"]:
+            table.add_row(g["name"], g["decision"], _num(g["statistic"]), _num(g["threshold"]), g["evidence"])
+        console.print(table)
+    for e in r["history"]:
+        console.print(f"  {e['time']}  {e['kind']:<11} {e['message']}", markup=False, highlight=False)
+    if r["reason"]:
+        console.print(f"reason: {r['reason']}", markup=False, highlight=False)
+
+
+def follow(name: str) -> dict[str, Any]:
+    """Prints each change of the rollout until it ends; returns its last status."""
+    last: dict[str, Any] | None = None
+    shown = ""
+    with connect() as client:
+        for r in client.rollout_watch(name):
+            line = f"{r['state']} {r['weight']:g}% " + " ".join(f"{g['name']}={g['decision']}" for g in r["gates"])
+            if line != shown:  # the same look again says nothing new
+                console.print(f"{r['state']:<11} weight {r['weight']:>5g}%  requests {r['requests']}  "
+                              + "  ".join(f"{g['name']}: {g['decision']}" for g in r["gates"]), markup=False, highlight=False)
+                shown = line
+            last = r
+    if last is None:
+        fail("the rollout's stream ended without a status")
+    return last
+
+
+@rollout_app.command("start")
+def start(
+    name: str = typer.Argument(..., help="Model name."),
+    variant: str = typer.Argument(..., help="The variant to roll out against the model's serving variant."),
+    steps: str | None = typer.Option(None, "--steps", help="Canary weights in percent, e.g. 5,25,50 (then promote)."),
+    plan: Path | None = typer.Option(None, "--plan", help="Plan file (YAML or JSON): preset, steps, gates and margins."),
+    min_requests: int | None = typer.Option(None, "--min-requests", help="Requests the variant answers per stage first."),
+    max_stage_s: float | None = typer.Option(None, "--max-stage-s", help="Seconds a stage may stay undecided."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Chance of a wrong promotion (and of a wrong rollback)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow it live; exit 0 when promoted, 1 with the reason otherwise."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rollout's record as JSON."),
+) -> None:
+    """Start a rollout: shadow, then canary steps, then promote; any failed gate rolls back at once."""
+    try:
+        with connect() as client:
+            r = client.rollout_start(name, variant, plan, parse_steps(steps) if steps else None, min_requests, max_stage_s, alpha)
+        if not wait:
+            print_status(r, as_json)
+            return
+        r = follow(name)
+    except SlimServeClientError as e:
+        fail(str(e))
+    print_status(r, as_json)
+    if r["state"] != "promoted":
+        err.print(f"slimctl: rollout {r['state']}: {r['reason']}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@rollout_app.command("status")
+def status(
+    name: str = typer.Argument(..., help="Model name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rollout's record as JSON."),
+) -> None:
+    """The model's rollout: state, weight, requests per arm, every gate's statistic and decision, history, reason."""
+    try:
+        with connect() as client:
+            r = client.rollout_status(name)
+    except SlimServeClientError as e:
+        fail(str(e))
+    print_status(r, as_json)
+
+
+@rollout_app.command("abort")
+def abort(
+    name: str = typer.Argument(..., help="Model name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rollout's record as JSON."),
+) -> None:
+    """Stop the model's rollout and give its traffic back to the control."""
+    try:
+        with connect() as client:
+            r = client.rollout_abort(name)
+    except SlimServeClientError as e:
+        fail(str(e))
+    print_status(r, as_json)
