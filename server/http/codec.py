@@ -179,7 +179,9 @@ def infer_request(model: str, version: str, body: bytes, header_length: str | No
         params = _parameters(item, where)
         size, ref = params.get("binary_data_size"), _shm_ref(params, where)
         # Triton's rule: a tensor's values come one way only (JSON, binary part or shared memory).
-        given = [w for w, on in (("'data'", "data" in item), ("'binary_data_size'", size is not None), ("'shared_memory_region'", ref)) if on]
+        given = [
+            w for w, on in (("'data'", "data" in item), ("'binary_data_size'", size is not None), ("'shared_memory_region'", ref)) if on
+        ]
         if not given:
             raise InvalidArgument(f"{where} has neither 'data' nor a 'binary_data_size' or 'shared_memory_region' parameter")
         if len(given) > 1:
@@ -293,8 +295,7 @@ def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
 def repository_index(entries: list[IndexEntry]) -> list[dict[str, Any]]:
     """Each variant by its integer version, as Triton lists versions (and as RepositoryIndex over gRPC does)."""
     return [
-        {"name": e.model, "version": str(e.version), "state": "READY" if e.ready else "UNAVAILABLE", "reason": e.reason}
-        for e in entries
+        {"name": e.model, "version": str(e.version), "state": "READY" if e.ready else "UNAVAILABLE", "reason": e.reason} for e in entries
     ]
 
 
@@ -316,7 +317,9 @@ def load_request(body: bytes) -> tuple[str | None, list[str]]:
     for key, value in _parameters(json_object(body, "repository request"), "the repository request").items():
         if key == "config":
             if not isinstance(value, str):
-                raise InvalidArgument(f"load parameter 'config' must be a string (the model configuration as JSON), got {type(value).__name__}")
+                raise InvalidArgument(
+                    f"load parameter 'config' must be a string (the model configuration as JSON), got {type(value).__name__}"
+                )
             config = value
         elif key.startswith("file:"):
             files.append(key)

@@ -71,7 +71,11 @@ def shared_memory_status(regions: list[RegionStatus]) -> list[dict[str, Any]]:
 def register_request(body: bytes) -> tuple[str, int, int]:
     """`{"key", "offset", "byte_size"}` of a system shared-memory registration."""
     request, where = json_object(body, "register request"), "the register request"
-    key, offset, size = field_of(request, "key", str, where), field_of(request, "offset", int, where, 0), field_of(request, "byte_size", int, where)
+    key, offset, size = (
+        field_of(request, "key", str, where),
+        field_of(request, "offset", int, where, 0),
+        field_of(request, "byte_size", int, where),
+    )
     return key, offset, size
 
 

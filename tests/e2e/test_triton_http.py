@@ -205,8 +205,14 @@ def test_get_model_config_is_tritons_json(triton):
         config = triton.get_model_config("simple", version)
         assert config["name"] == "simple" and config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
         assert config["max_batch_size"] == 32
-        assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("INPUT0", "TYPE_INT32", [16]), ("INPUT1", "TYPE_INT32", [16])]
-        assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [("OUTPUT0", "TYPE_INT32", [16]), ("OUTPUT1", "TYPE_INT32", [16])]
+        assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
+            ("INPUT0", "TYPE_INT32", [16]),
+            ("INPUT1", "TYPE_INT32", [16]),
+        ]
+        assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+            ("OUTPUT0", "TYPE_INT32", [16]),
+            ("OUTPUT1", "TYPE_INT32", [16]),
+        ]
         assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 500
         assert config["instance_group"][0]["count"] == 1 and config["instance_group"][0]["kind"] == "KIND_CPU"
     assert triton.get_model_config("simple_string")["input"][0]["data_type"] == "TYPE_STRING"
@@ -246,17 +252,23 @@ def test_log_settings_read_and_change(triton):
 
 def test_load_model_with_a_config_overrides_the_serving_settings(triton):
     """Model Analyzer's remote mode: load_model(config=JSON) until the next plain load; a bad config changes nothing."""
-    good = {"max_batch_size": 8, "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": 100},
-            "instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+    good = {
+        "max_batch_size": 8,
+        "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": 100},
+        "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+    }
     served = triton.get_model_config("simple")
     triton.load_model("simple", config=json.dumps(good))
     loaded = triton.get_model_config("simple")
     assert loaded["max_batch_size"] == 8 and loaded["instance_group"][0]["count"] == 2
     assert loaded["dynamic_batching"]["preferred_batch_size"] == [4] and loaded["dynamic_batching"]["max_queue_delay_microseconds"] == 100
     assert_sums(triton.infer("simple", simple_inputs(True, True)))
-    for config, text in [("{not json", "load config is not valid JSON"), (json.dumps({"sequence_batching": {}}), "sequence_batching"),
-                         (json.dumps({"max_batch_size": -1}), "max_batch_size must be >= 0")]:
-        status, message = refusal(lambda: triton.load_model("simple", config=config))
+    for config, text in [
+        ("{not json", "load config is not valid JSON"),
+        (json.dumps({"sequence_batching": {}}), "sequence_batching"),
+        (json.dumps({"max_batch_size": -1}), "max_batch_size must be >= 0"),
+    ]:
+        status, message = refusal(lambda config=config: triton.load_model("simple", config=config))
         assert status == "400" and text in message, message
     assert triton.get_model_config("simple") == loaded
     triton.load_model("simple")
@@ -301,7 +313,9 @@ def test_simple_http_shm_client(triton, regions):
     triton.register_system_shared_memory("output_data", out_key, 2 * size)
     status = triton.get_system_shared_memory_status()
     assert sorted(r["name"] for r in status) == ["input_data", "output_data"]
-    assert triton.get_system_shared_memory_status("input_data") == [{"name": "input_data", "key": in_key, "offset": 0, "byte_size": 2 * size}]
+    assert triton.get_system_shared_memory_status("input_data") == [
+        {"name": "input_data", "key": in_key, "offset": 0, "byte_size": 2 * size}
+    ]
 
     inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"), httpclient.InferInput("INPUT1", [1, 16], "INT32")]
     inputs[0].set_shared_memory("input_data", size)
@@ -339,7 +353,11 @@ def test_simple_http_shm_client(triton, regions):
 
 
 def test_trace_and_cuda_shared_memory_answer_501(triton):
-    for call in (triton.get_trace_settings, lambda: triton.get_trace_settings("simple"), triton.get_cuda_shared_memory_status,
-                 lambda: triton.unregister_cuda_shared_memory()):
+    for call in (
+        triton.get_trace_settings,
+        lambda: triton.get_trace_settings("simple"),
+        triton.get_cuda_shared_memory_status,
+        lambda: triton.unregister_cuda_shared_memory(),
+    ):
         status, message = refusal(call)
         assert status == "501" and "not served by slimserve" in message

@@ -60,19 +60,37 @@ BAD_BODIES = [
     ('{"inputs": [{"name": "x", "datatype": "FP32"}]}', "input 'x': 'shape' is missing"),
     ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, "8"]}]}', "input 'x': 'shape' must be a list of integers"),
     ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}', "input 'x' has neither 'data' nor a 'binary_data_size'"),
-    (with_data([0.5] * 64, parameters={"shared_memory_region": "r", "shared_memory_byte_size": 256}),
-     "input 'x' sets 'data' and 'shared_memory_region': send its values one way only"),
-    (json.dumps({"inputs": [{**X, "parameters": {"shared_memory_region": "r"}}]}),
-     "input 'x': shared memory needs 'shared_memory_region' (a string), 'shared_memory_byte_size'"),
-    (json.dumps({"inputs": [{**X, "parameters": {"shared_memory_region": "nowhere", "shared_memory_byte_size": 256}}]}),
-     "shared memory region 'nowhere' is not registered"),
-    (json.dumps({"inputs": [{**X, "data": [0.5] * 64}], "outputs": [{"name": "logits", "parameters": {"classification": "3"}}]}),
-     "requested output 'logits': 'classification' (class_count) must be an integer"),
-    (json.dumps({"inputs": [{**X, "data": [0.5] * 64}], "outputs": [{"name": "logits", "parameters": {"classification": 11}}]}),
-     "output 'logits': class_count 11 is larger than its 10 classes"),
-    (json.dumps({"inputs": [{**X, "data": [0.5] * 64}], "outputs": [
-        {"name": "logits", "parameters": {"classification": 2, "shared_memory_region": "r", "shared_memory_byte_size": 8}}]}),
-     "'shared_memory_region' cannot go with 'classification'"),
+    (
+        with_data([0.5] * 64, parameters={"shared_memory_region": "r", "shared_memory_byte_size": 256}),
+        "input 'x' sets 'data' and 'shared_memory_region': send its values one way only",
+    ),
+    (
+        json.dumps({"inputs": [{**X, "parameters": {"shared_memory_region": "r"}}]}),
+        "input 'x': shared memory needs 'shared_memory_region' (a string), 'shared_memory_byte_size'",
+    ),
+    (
+        json.dumps({"inputs": [{**X, "parameters": {"shared_memory_region": "nowhere", "shared_memory_byte_size": 256}}]}),
+        "shared memory region 'nowhere' is not registered",
+    ),
+    (
+        json.dumps({"inputs": [{**X, "data": [0.5] * 64}], "outputs": [{"name": "logits", "parameters": {"classification": "3"}}]}),
+        "requested output 'logits': 'classification' (class_count) must be an integer",
+    ),
+    (
+        json.dumps({"inputs": [{**X, "data": [0.5] * 64}], "outputs": [{"name": "logits", "parameters": {"classification": 11}}]}),
+        "output 'logits': class_count 11 is larger than its 10 classes",
+    ),
+    (
+        json.dumps(
+            {
+                "inputs": [{**X, "data": [0.5] * 64}],
+                "outputs": [
+                    {"name": "logits", "parameters": {"classification": 2, "shared_memory_region": "r", "shared_memory_byte_size": 8}}
+                ],
+            }
+        ),
+        "'shared_memory_region' cannot go with 'classification'",
+    ),
     ('{"inputs": [], "parameters": {"p": [1]}}', "parameter 'p' must be a string, number or boolean, got list"),
     (with_data([0.5] * 63), "tensor 'x': shape [1, 1, 8, 8] needs 64 values, got 63 in 'data'"),
     (with_data(["a"] * 64), "tensor 'x': FP32 'data' must hold numbers"),
