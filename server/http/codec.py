@@ -21,6 +21,7 @@ from server.control import IndexEntry
 from server.dataplane import InferRequest, InferResult, ModelMetadata
 from server.errors import InvalidArgument
 from server.runtimes import TensorSpec, platform_of
+from server.shared_memory import ShmInput, ShmRef
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
@@ -44,7 +45,8 @@ def json_object(body: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+def field_of(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    """`obj[key]`, checked to be a `kind` (a bool is no int); absent, the default, or an error without one."""
     value = obj.get(key, default)
     if value is ...:
         raise InvalidArgument(f"{where}: '{key}' is missing")
@@ -59,7 +61,7 @@ def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def _parameters(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
-    params = _field(obj, "parameters", dict, where, {})
+    params = field_of(obj, "parameters", dict, where, {})
     for key, value in params.items():
         if not isinstance(value, (str, int, float, bool)):
             raise InvalidArgument(f"{where}: parameter '{key}' must be a string, number or boolean, got {type(value).__name__}")
@@ -117,6 +119,23 @@ def _decode_inputs(inputs: list[_Input]) -> dict[str, np.ndarray]:
     return {i.name: i.decode() for i in inputs}
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shm_ref(params: Mapping[str, Any], where: str) -> ShmRef | None:
+    """A tensor's place in a registered region (Triton's shared_memory_* parameters), or None when it travels in the body."""
+    if "shared_memory_region" not in params:
+        return None
+    region, size, offset = params["shared_memory_region"], params.get("shared_memory_byte_size"), params.get("shared_memory_offset", 0)
+    if not isinstance(region, str) or not _is_count(size) or not _is_count(offset):
+        raise InvalidArgument(
+            f"{where}: shared memory needs 'shared_memory_region' (a string), 'shared_memory_byte_size' and "
+            f"'shared_memory_offset' (byte counts), got {region!r}, {size!r}, {offset!r}"
+        )
+    return ShmRef(region, offset, size)
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
     """The JSON header and the binary part of an inference body."""
     if header_length is None:
@@ -145,24 +164,35 @@ def infer_request(model: str, version: str, body: bytes, header_length: str | No
     """The request as the data plane takes it; its framing is checked now, its tensors once it is routed."""
     request, binary = split_body(body, header_length)
     inputs, offset = [], 0
-    raw_inputs = _field(request, "inputs", list, "the inference request")
+    raw_inputs = field_of(request, "inputs", list, "the inference request")
+    shm_inputs: dict[str, ShmInput] = {}
     for index, item in enumerate(raw_inputs):
         where = f"input {index}"
         if not isinstance(item, dict):
             raise InvalidArgument(f"{where} must be a JSON object")
-        name = _field(item, "name", str, where)
+        name = field_of(item, "name", str, where)
         where = f"input '{name}'"
-        shape = _field(item, "shape", list, where)
+        shape = field_of(item, "shape", list, where)
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidArgument(f"{where}: 'shape' must be a list of integers, got {shape}")
-        datatype = _field(item, "datatype", str, where)
-        size = _parameters(item, where).get("binary_data_size")
+        datatype = field_of(item, "datatype", str, where)
+        params = _parameters(item, where)
+        size, ref = params.get("binary_data_size"), _shm_ref(params, where)
+        # Triton's rule: a tensor's values come one way only (JSON, binary part or shared memory).
+        given = [
+            w for w, on in (("'data'", "data" in item), ("'binary_data_size'", size is not None), ("'shared_memory_region'", ref)) if on
+        ]
+        if not given:
+            raise InvalidArgument(f"{where} has neither 'data' nor a 'binary_data_size' or 'shared_memory_region' parameter")
+        if len(given) > 1:
+            raise InvalidArgument(f"{where} sets {' and '.join(given)}: send its values one way only")
+        if ref is not None:
+            shm_inputs[name] = ShmInput(ref, datatype, tuple(shape))
+            continue
         if size is None:
-            if "data" not in item:
-                raise InvalidArgument(f"{where} has neither 'data' nor a 'binary_data_size' parameter")
             inputs.append(_Input(name, datatype, shape, data=item["data"]))
             continue
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        if not _is_count(size):
             raise InvalidArgument(f"{where}: 'binary_data_size' must be a byte count, got {size!r}")
         if offset + size > len(binary):
             raise InvalidArgument(
@@ -173,15 +203,28 @@ def infer_request(model: str, version: str, body: bytes, header_length: str | No
     if offset != len(binary):
         raise InvalidArgument(f"the inputs' binary_data_size add up to {offset} bytes but {len(binary)} follow the JSON header")
     outputs, binary_outputs = [], set()
-    for index, item in enumerate(_field(request, "outputs", list, "the inference request", [])):
+    classification: dict[str, int] = {}
+    shm_outputs: dict[str, ShmRef] = {}
+    for index, item in enumerate(field_of(request, "outputs", list, "the inference request", [])):
         if not isinstance(item, dict):
             raise InvalidArgument(f"requested output {index} must be a JSON object")
-        name = _field(item, "name", str, f"requested output {index}")
+        name = field_of(item, "name", str, f"requested output {index}")
+        where = f"requested output '{name}'"
         outputs.append(name)
-        if _parameters(item, f"requested output '{name}'").get("binary_data") is True:
+        params = _parameters(item, where)
+        count, ref = params.get("classification"), _shm_ref(params, where)
+        if count is not None:
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise InvalidArgument(f"{where}: 'classification' (class_count) must be an integer, got {count!r}")
+            classification[name] = count
+        if ref is not None:  # Triton's rules: a region holds the raw tensor, neither top-K strings nor a binary part
+            if count is not None or params.get("binary_data") is True:
+                raise InvalidArgument(f"{where}: 'shared_memory_region' cannot go with 'classification' or 'binary_data': true")
+            shm_outputs[name] = ref
+        elif params.get("binary_data") is True:
             binary_outputs.add(name)
     parameters = _parameters(request, "the inference request")
-    request_id = _field(request, "id", str, "the inference request", "")
+    request_id = field_of(request, "id", str, "the inference request", "")
     infer = InferRequest(
         model=model,
         version=version,
@@ -189,6 +232,9 @@ def infer_request(model: str, version: str, body: bytes, header_length: str | No
         decode_inputs=partial(_decode_inputs, inputs),
         outputs=outputs or None,
         parameters=parameters or None,
+        classification=classification or None,
+        shm_inputs=shm_inputs or None,
+        shm_outputs=shm_outputs or None,
     )
     return infer, OutputForm(frozenset(binary_outputs), parameters.get("binary_data_output") is True)
 
@@ -212,6 +258,9 @@ def infer_response(result: InferResult, form: OutputForm) -> tuple[bytes, dict[s
     for name, array in result.outputs.items():
         datatype = result.specs[name].datatype
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if name in result.in_shared_memory:  # written to its region: described, without data (as Triton answers)
+            outputs.append(entry)
+            continue
         if form.is_binary(name):
             raw = codec.encode_raw(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
@@ -244,15 +293,36 @@ def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
 
 
 def repository_index(entries: list[IndexEntry]) -> list[dict[str, Any]]:
-    return [{"name": e.model, "version": e.variant, "state": "READY" if e.ready else "UNAVAILABLE", "reason": e.reason} for e in entries]
+    """Each variant by its integer version, as Triton lists versions (and as RepositoryIndex over gRPC does)."""
+    return [
+        {"name": e.model, "version": str(e.version), "state": "READY" if e.ready else "UNAVAILABLE", "reason": e.reason} for e in entries
+    ]
 
 
 def index_request(body: bytes) -> bool:
     """`{"ready": true}` lists only what serves."""
-    ready = _field(json_object(body, "repository index request"), "ready", bool, "the repository index request", False)
+    ready = field_of(json_object(body, "repository index request"), "ready", bool, "the repository index request", False)
     return ready
 
 
-def load_request(body: bytes) -> dict[str, Any]:
-    """The parameters of a load / unload request (checked, as plain values)."""
+def unload_request(body: bytes) -> dict[str, Any]:
+    """The parameters of an unload request (checked, as plain values; `unload_dependents` has no dependents to act on)."""
     return _parameters(json_object(body, "repository request"), "the repository request")
+
+
+def load_request(body: bytes) -> tuple[str | None, list[str]]:
+    """A load's `config` (Triton's ModelConfig as JSON text) and the names of its `file:` parameters, as
+    server/converters.load_parameters reads them over gRPC; any other parameter is refused."""
+    config, files = None, []
+    for key, value in _parameters(json_object(body, "repository request"), "the repository request").items():
+        if key == "config":
+            if not isinstance(value, str):
+                raise InvalidArgument(
+                    f"load parameter 'config' must be a string (the model configuration as JSON), got {type(value).__name__}"
+                )
+            config = value
+        elif key.startswith("file:"):
+            files.append(key)
+        else:
+            raise InvalidArgument(f"load parameter {key!r} is not supported (supported: config)")
+    return config, files

@@ -15,11 +15,14 @@ from aiohttp import web
 from server import __version__
 from server.control import Control
 from server.dataplane import DataPlane
-from server.http import codec
+from server.errors import ErrorKind, SlimServeError
+from server.http import codec, extensions
+from server.servicers.inference import EXTENSIONS as GRPC_EXTENSIONS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# What ServerMetadata lists over gRPC (server/servicers/inference.py), and the binary tensor extension only REST has.
-EXTENSIONS = ["model_repository", "binary_tensor_data"]
+# What ServerMetadata lists over gRPC (one list for both ports), and the binary tensor extension only REST has.
+EXTENSIONS = [*GRPC_EXTENSIONS, "binary_tensor_data"]
+SHM = "/v2/systemsharedmemory"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ def ok(value: Any) -> web.Response:
     return web.json_response(value)
 
 
+def region_of(request: web.Request) -> str:
+    """The region the path names; empty (every region) on the paths without `/region/{region}`."""
+    return request.match_info.get("region", "")
+
+
 def health(state: bool) -> web.Response:
     """The protocol's health answer: the status is the answer (200 true, 400 false), the body empty."""
     return web.Response(status=200 if state else 400)
@@ -66,12 +74,26 @@ class Routes:
             Route("GET", "/v2/health/live", self.live, None),
             Route("GET", "/v2/health/ready", self.ready, None),
             Route("GET", "/v2", self.server_metadata, "ServerMetadata"),
+            Route("GET", "/v2/models/stats", self.statistics, "ModelStatistics"),  # before /v2/models/{model}: "stats" is no model
             *model_routes("GET", "/ready", self.model_ready, "ModelReady"),
             *model_routes("GET", "", self.model_metadata, "ModelMetadata"),
+            *model_routes("GET", "/config", self.model_config, "ModelConfig"),
+            *model_routes("GET", "/stats", self.statistics, "ModelStatistics"),
             *model_routes("POST", "/infer", self.infer, "ModelInfer"),
             Route("POST", "/v2/repository/index", self.repository_index, "RepositoryIndex"),
             Route("POST", "/v2/repository/models/{model}/load", self.load, "RepositoryModelLoad"),
             Route("POST", "/v2/repository/models/{model}/unload", self.unload, "RepositoryModelUnload"),
+            Route("GET", SHM + "/status", self.shm_status, "SystemSharedMemoryStatus"),
+            Route("GET", SHM + "/region/{region}/status", self.shm_status, "SystemSharedMemoryStatus"),
+            Route("POST", SHM + "/region/{region}/register", self.shm_register, "SystemSharedMemoryRegister"),
+            Route("POST", SHM + "/unregister", self.shm_unregister, "SystemSharedMemoryUnregister"),
+            Route("POST", SHM + "/region/{region}/unregister", self.shm_unregister, "SystemSharedMemoryUnregister"),
+            Route("GET", "/v2/logging", self.log_settings, "LogSettings"),
+            Route("POST", "/v2/logging", self.update_log_settings, "LogSettings"),
+            # Served neither over gRPC: a precise 501 rather than aiohttp's bare 404 for a path Triton's clients call.
+            Route("*", "/v2/trace/setting", self.unimplemented, "TraceSetting"),
+            Route("*", "/v2/models/{model}/trace/setting", self.unimplemented, "TraceSetting"),
+            Route("*", "/v2/cudasharedmemory/{tail:.*}", self.unimplemented, "CudaSharedMemoryStatus"),
         ]
 
     async def live(self, request: web.Request) -> web.Response:
@@ -98,11 +120,40 @@ class Routes:
         return ok(codec.repository_index(self.control.repository_index(codec.index_request(await request.read()))))
 
     async def load(self, request: web.Request) -> web.Response:
-        codec.load_request(await request.read())  # checked; Control.load_model takes no parameters yet
-        await self.control.load_model(request.match_info["model"])
+        config, files = codec.load_request(await request.read())
+        await self.control.load_model(request.match_info["model"], config, files)
         return ok({})
 
     async def unload(self, request: web.Request) -> web.Response:
-        codec.load_request(await request.read())
+        codec.unload_request(await request.read())
         await self.control.unload_model(request.match_info["model"])
         return ok({})
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return ok(extensions.model_config(self.control.model_config(*model_of(request))))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        model, version = request.match_info.get("model", ""), request.match_info.get("version", "")
+        return ok(extensions.statistics(self.control.statistics(model, version)))
+
+    async def shm_status(self, request: web.Request) -> web.Response:
+        return ok(extensions.shared_memory_status(self.control.shared_memory_status(region_of(request))))
+
+    async def shm_register(self, request: web.Request) -> web.Response:
+        key, offset, byte_size = extensions.register_request(await request.read())
+        self.control.register_shared_memory(region_of(request), key, offset, byte_size)
+        return ok({})
+
+    async def shm_unregister(self, request: web.Request) -> web.Response:
+        self.control.unregister_shared_memory(region_of(request))
+        return ok({})
+
+    async def log_settings(self, request: web.Request) -> web.Response:
+        return ok(self.control.log_settings())
+
+    async def update_log_settings(self, request: web.Request) -> web.Response:
+        return ok(self.control.update_log_settings(extensions.log_settings_request(await request.read())))
+
+    async def unimplemented(self, request: web.Request) -> web.Response:
+        what = "CUDA shared memory is" if "cudasharedmemory" in request.path else "trace settings are"
+        raise SlimServeError(f"{what} not served by slimserve (see the README's \"Using Triton's tools\")", ErrorKind.UNIMPLEMENTED)

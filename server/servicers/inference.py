@@ -10,7 +10,8 @@ from server.dataplane import DataPlane
 from server.edge import grpc_errors
 from server.servicers import stream
 
-# What ServerMetadata lists: perf_analyzer reads server-side statistics only when `statistics` is there.
+# What ServerMetadata lists on both ports (REST adds binary_tensor_data: server/http/routes.py): perf_analyzer reads
+# server-side statistics only when `statistics` is there.
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "system_shared_memory", "statistics", "logging"]
 
 

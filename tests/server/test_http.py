@@ -82,7 +82,7 @@ def test_server_and_model_metadata(rest):
     for path in ("/v2/models/digits", "/v2/models/digits/versions/baseline"):
         status, _, body = call(rest.http_address, "GET", path)
         meta = json.loads(body)
-        assert status == 200 and meta["name"] == "digits" and meta["versions"] == ["baseline"]
+        assert status == 200 and meta["name"] == "digits" and meta["versions"] == ["1", "baseline"]
         assert meta["platform"] == "onnxruntime_onnx"
         assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
         assert meta["outputs"][0]["datatype"] == "FP32"
@@ -173,7 +173,7 @@ def test_every_datatype_round_trips(server, client, echo_onnx, binary):
 
 def test_repository_index_load_and_unload(rest):
     status, index = post_json(rest.http_address, "/v2/repository/index", {})
-    assert status == 200 and index == [{"name": "digits", "version": "baseline", "state": "READY", "reason": ""}]
+    assert status == 200 and index == [{"name": "digits", "version": "1", "state": "READY", "reason": ""}]
     assert post_json(rest.http_address, "/v2/repository/models/digits/unload", {}) == (200, {})
     assert call(rest.http_address, "GET", "/v2/models/digits/ready")[0] == 400
     status, index = post_json(rest.http_address, "/v2/repository/index", {"ready": True})
@@ -193,3 +193,53 @@ def test_the_port_is_off_with_minus_one_and_grpc_still_serves(server_factory):
 
     with SlimServeClient(server.address) as c:
         assert c.models() == []
+
+
+def test_model_config_and_statistics_paths(rest, digits):
+    for path in ("/v2/models/digits/config", "/v2/models/digits/versions/1/config", "/v2/models/digits/versions/baseline/config"):
+        status, _, body = call(rest.http_address, "GET", path)
+        config = json.loads(body)
+        assert status == 200 and config["name"] == "digits" and config["max_batch_size"] == 32, path
+        assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}]
+    x = digits.x_test[:2]
+    request = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}]}
+    assert post_json(rest.http_address, "/v2/models/digits/infer", request)[0] == 200
+    for path in ("/v2/models/stats", "/v2/models/digits/stats", "/v2/models/digits/versions/1/stats"):
+        status, _, body = call(rest.http_address, "GET", path)
+        (stats,) = json.loads(body)["model_stats"]
+        assert status == 200 and stats["name"] == "digits" and stats["version"] == "1", path
+        assert stats["inference_count"] == 2 and stats["inference_stats"]["success"]["count"] == 1
+    status, _, body = call(rest.http_address, "GET", "/v2/models/digits/versions/7/stats")
+    assert status == 404 and "no variant '7'" in json.loads(body)["error"]
+
+
+def test_log_settings_get_and_post(rest):
+    status, _, body = call(rest.http_address, "GET", "/v2/logging")
+    before = json.loads(body)
+    assert status == 200 and before["log_format"] == "default"
+    try:
+        status, after = post_json(rest.http_address, "/v2/logging", {"log_format": "ISO8601"})
+        assert status == 200 and after == {**before, "log_format": "ISO8601"}
+        status, answer = post_json(rest.http_address, "/v2/logging", {"log_format": "fancy"})
+        assert status == 400 and "log_format must be one of" in answer["error"]
+        status, _, body = call(rest.http_address, "POST", "/v2/logging", "[1]")
+        assert status == 400 and "must be a JSON object" in json.loads(body)["error"]
+    finally:
+        post_json(rest.http_address, "/v2/logging", {"log_format": "default"})
+
+
+def test_load_with_a_config_and_refused_load_parameters(rest):
+    config = json.dumps({"max_batch_size": 4})
+    assert post_json(rest.http_address, "/v2/repository/models/digits/load", {"parameters": {"config": config}}) == (200, {})
+    assert json.loads(call(rest.http_address, "GET", "/v2/models/digits/config")[2])["max_batch_size"] == 4
+    for parameters, text in [
+        ({"config": "{not json"}, "load config is not valid JSON"),
+        ({"config": 3}, "load parameter 'config' must be a string"),
+        ({"config": "{}", "file:1/model.onnx": "eA=="}, "file:1/model.onnx"),
+        ({"colour": "red"}, "load parameter 'colour' is not supported"),
+    ]:
+        status, answer = post_json(rest.http_address, "/v2/repository/models/digits/load", {"parameters": parameters})
+        assert status == 400 and text in answer["error"], answer
+    assert json.loads(call(rest.http_address, "GET", "/v2/models/digits/config")[2])["max_batch_size"] == 4  # unchanged
+    assert post_json(rest.http_address, "/v2/repository/models/digits/unload", {"parameters": {"unload_dependents": False}}) == (200, {})
+    assert post_json(rest.http_address, "/v2/repository/models/digits/unload", {}) == (200, {})  # not loaded: still succeeds

@@ -60,6 +60,37 @@ BAD_BODIES = [
     ('{"inputs": [{"name": "x", "datatype": "FP32"}]}', "input 'x': 'shape' is missing"),
     ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, "8"]}]}', "input 'x': 'shape' must be a list of integers"),
     ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}', "input 'x' has neither 'data' nor a 'binary_data_size'"),
+    (
+        with_data([0.5] * 64, parameters={"shared_memory_region": "r", "shared_memory_byte_size": 256}),
+        "input 'x' sets 'data' and 'shared_memory_region': send its values one way only",
+    ),
+    (
+        json.dumps({"inputs": [{**X, "parameters": {"shared_memory_region": "r"}}]}),
+        "input 'x': shared memory needs 'shared_memory_region' (a string), 'shared_memory_byte_size'",
+    ),
+    (
+        json.dumps({"inputs": [{**X, "parameters": {"shared_memory_region": "nowhere", "shared_memory_byte_size": 256}}]}),
+        "shared memory region 'nowhere' is not registered",
+    ),
+    (
+        json.dumps({"inputs": [{**X, "data": [0.5] * 64}], "outputs": [{"name": "logits", "parameters": {"classification": "3"}}]}),
+        "requested output 'logits': 'classification' (class_count) must be an integer",
+    ),
+    (
+        json.dumps({"inputs": [{**X, "data": [0.5] * 64}], "outputs": [{"name": "logits", "parameters": {"classification": 11}}]}),
+        "output 'logits': class_count 11 is larger than its 10 classes",
+    ),
+    (
+        json.dumps(
+            {
+                "inputs": [{**X, "data": [0.5] * 64}],
+                "outputs": [
+                    {"name": "logits", "parameters": {"classification": 2, "shared_memory_region": "r", "shared_memory_byte_size": 8}}
+                ],
+            }
+        ),
+        "'shared_memory_region' cannot go with 'classification'",
+    ),
     ('{"inputs": [], "parameters": {"p": [1]}}', "parameter 'p' must be a string, number or boolean, got list"),
     (with_data([0.5] * 63), "tensor 'x': shape [1, 1, 8, 8] needs 64 values, got 63 in 'data'"),
     (with_data(["a"] * 64), "tensor 'x': FP32 'data' must hold numbers"),
@@ -101,6 +132,22 @@ def test_binary_sizes_that_disagree_with_the_header_are_400(rest, digits):
     assert status == 400 and "tensor 'x': FP32 [1, 1, 8, 8] needs 256 bytes of raw data, got 252" in error
     body, headers = binary_request({"inputs": [{**X, "parameters": {"binary_data_size": len(x)}}]}, x)
     assert call(rest.http_address, "POST", "/v2/models/digits/infer", body, headers)[0] == 200
+
+
+def test_shared_memory_registration_refusals_change_nothing(rest):
+    address = rest.http_address
+    for body, text in [
+        ("{not json", "the register request is not valid JSON"),
+        ('{"offset": 0, "byte_size": 64}', "the register request: 'key' is missing"),
+        ('{"key": "/k", "byte_size": "64"}', "the register request: 'byte_size' must be int, got str"),
+        ('{"key": "/slimserve_no_such_key", "byte_size": 64}', "shared memory key '/slimserve_no_such_key' cannot be opened"),
+        ('{"key": "/../etc/passwd", "byte_size": 8}', "is not a POSIX shared memory name"),
+    ]:
+        status, error = error_of(address, "/v2/systemsharedmemory/region/r/register", body)
+        assert status == 400 and text in error, error
+    status, _, body = call(address, "GET", "/v2/systemsharedmemory/region/r/status")
+    assert status == 404 and json.loads(body)["error"] == "shared memory region 'r' is not registered"
+    assert json.loads(call(address, "GET", "/v2/systemsharedmemory/status")[2]) == []
 
 
 def test_a_refused_tensor_counts_as_the_variants_invalid_argument(rest):
