@@ -136,7 +136,8 @@ def optimize(
     (out / "evaluation.json").write_text(
         json.dumps({"baseline": result.baseline.to_dict(), name: result.evaluation.to_dict(), "runtime": result.artifact.runtime}, indent=2)
     )
-    Console().print(render_report(result.report, f"{model_file.name}: {name}"))
+    console_out = Console() if sys.stdout.isatty() else Console(width=160)  # wide when piped, as slimctl
+    console_out.print(render_report(result.report, f"{model_file.name}: {name}"))
     typer.echo(f"wrote {target} ({result.artifact.runtime}), {out / 'report.json'}")
 
 
