@@ -52,7 +52,12 @@ class Run:
 
 def make_batcher(predict, executor: Executor, config: BatchingConfig, max_concurrency: int, sizes: list[int]) -> DynamicBatcher:
     return DynamicBatcher(
-        predict, executor, config, model="digits", variant="baseline", max_concurrency=max_concurrency,
+        predict,
+        executor,
+        config,
+        model="digits",
+        variant="baseline",
+        max_concurrency=max_concurrency,
         on_batch=lambda size, queue, compute: sizes.append(size),
     )
 
@@ -84,8 +89,9 @@ async def closed_loop(predict, executor: Executor, scenario: Scenario, x: np.nda
     return Run(len(latencies), seconds, latencies, sizes[first_call:])
 
 
-async def open_loop(predict, executor: Executor, config: BatchingConfig, max_concurrency: int, x: np.ndarray, rate: float,
-                    seconds: float) -> Run:
+async def open_loop(
+    predict, executor: Executor, config: BatchingConfig, max_concurrency: int, x: np.ndarray, rate: float, seconds: float
+) -> Run:
     """Poisson arrivals at `rate` per second, whatever the answers do (released each loop tick, as a server sees them)."""
     sizes: list[int] = []
     batcher = make_batcher(predict, executor, config, max_concurrency, sizes)
@@ -172,8 +178,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--callers", type=int, default=16)
-    parser.add_argument("--rate", type=float, default=0.0,
-                        help="offered requests per second of the open-loop table (default: 40%% of the batched closed-loop throughput)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offered requests per second of the open-loop table (default: 40%% of the batched closed-loop throughput)",
+    )
     parser.add_argument("--compute-threads", type=int, default=2, help="workers of the compute pool (the server's default)")
     args = parser.parse_args()
 
@@ -217,8 +227,10 @@ def main() -> None:
         row.update(max_queue_delay_ms=d, offered_rps=rate)
         sweep_rows.append(row)
 
-    print(f"digits CNN, onnxruntime CPU, {os.cpu_count()} cores, compute pool {args.compute_threads} threads, "
-          f"{args.rounds} rounds x {args.seconds:g} s")
+    print(
+        f"digits CNN, onnxruntime CPU, {os.cpu_count()} cores, compute pool {args.compute_threads} threads, "
+        f"{args.rounds} rounds x {args.seconds:g} s"
+    )
     print("model alone: " + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in model_ms.items()))
     header = f"{'scenario':<44} {'req/s':>8} {'x off':>6} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>11}"
     print(header)

@@ -59,22 +59,47 @@ def main() -> None:
                         mean_batch = next(r for r in client.compare(MODEL)["variants"] if r["variant"] == "baseline")["mean_batch"]
             finally:
                 server.stop()
-            runs[mode].append({"req_per_s": point.throughput, "p50_ms": point.percentile(50), "errors": point.error_count,
-                               "mean_batch": mean_batch})
-    table = Table("batching", "req/s (each round)", "median req/s", "p50 ms (median)", "mean executed batch", "errors",
-                  title=f"slimserve, {args.callers} callers, batch-1 requests, digits CNN")
+            runs[mode].append(
+                {"req_per_s": point.throughput, "p50_ms": point.percentile(50), "errors": point.error_count, "mean_batch": mean_batch}
+            )
+    table = Table(
+        "batching",
+        "req/s (each round)",
+        "median req/s",
+        "p50 ms (median)",
+        "mean executed batch",
+        "errors",
+        title=f"slimserve, {args.callers} callers, batch-1 requests, digits CNN",
+    )
     for mode, rows in runs.items():
-        table.add_row(mode, " / ".join(f"{r['req_per_s']:,.0f}" for r in rows), f"{statistics.median(r['req_per_s'] for r in rows):,.0f}",
-                      f"{statistics.median(r['p50_ms'] for r in rows):.2f}",
-                      " / ".join("-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}" for r in rows),
-                      str(sum(r["errors"] for r in rows)))
+        table.add_row(
+            mode,
+            " / ".join(f"{r['req_per_s']:,.0f}" for r in rows),
+            f"{statistics.median(r['req_per_s'] for r in rows):,.0f}",
+            f"{statistics.median(r['p50_ms'] for r in rows):.2f}",
+            " / ".join("-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}" for r in rows),
+            str(sum(r["errors"] for r in rows)),
+        )
     Console(width=max(Console().width, 140)).print(table)
     on, off, stream, floor = (statistics.median(r["req_per_s"] for r in runs[m]) for m in MODES)
-    print(f"batching on / off at the median: {on / off:.2f}x (over ModelStreamInfer: {stream / off:.2f}x; "
-          f"the floor server, no model: {floor / off:.2f}x)")
+    print(
+        f"batching on / off at the median: {on / off:.2f}x (over ModelStreamInfer: {stream / off:.2f}x; "
+        f"the floor server, no model: {floor / off:.2f}x)"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"callers": args.callers, "seconds": args.seconds, "runs": runs, "speedup_median": on / off,
-                                   "stream_speedup_median": stream / off, "floor_over_off_median": floor / off}, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "callers": args.callers,
+                "seconds": args.seconds,
+                "runs": runs,
+                "speedup_median": on / off,
+                "stream_speedup_median": stream / off,
+                "floor_over_off_median": floor / off,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -42,9 +42,27 @@ def main() -> None:
     inline, _ = start_slimserve(files, [], fresh=False)  # the writer; default --inline-compute-ms
     port = free_port()
     exe = str(Path(sys.executable).with_name("slimserve"))
-    handoff = Server("slimserve-handoff", [exe, "start", "--repository", str(CACHE / "repository"), "--read-only", "--grpc-port",
-                                           str(port), "--http-port", "-1",
-                                           "--metrics-port", "-1", "--log-level", "WARNING", "--inline-compute-ms", "0"], port)
+    handoff = Server(
+        "slimserve-handoff",
+        [
+            exe,
+            "start",
+            "--repository",
+            str(CACHE / "repository"),
+            "--read-only",
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            "-1",
+            "--metrics-port",
+            "-1",
+            "--log-level",
+            "WARNING",
+            "--inline-compute-ms",
+            "0",
+        ],
+        port,
+    )
     servers = {"inline (default 0.5 ms)": inline, "hand-off (--inline-compute-ms 0)": handoff}
     points: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:
@@ -60,8 +78,12 @@ def main() -> None:
                     # The server's CPU over warm-up and window, per request answered inside the window (both modes alike).
                     cpu = (tree_cpu_seconds(server.process.pid) - cpu0) / max(1, p.completed) * (args.seconds / (args.seconds + 0.5))
                     points.setdefault((name, c), []).append((p.throughput, p.percentile(50), cpu * 1e6))
-                    print(f"round {r + 1}/{args.rounds} {name:<34} c={c:<3} {p.throughput:7.0f} req/s  p50 {p.percentile(50):6.2f} ms  "
-                          f"server {cpu * 1e6:5.0f} µs/req  errors {p.error_count}", file=sys.stderr, flush=True)
+                    print(
+                        f"round {r + 1}/{args.rounds} {name:<34} c={c:<3} {p.throughput:7.0f} req/s  p50 {p.percentile(50):6.2f} ms  "
+                        f"server {cpu * 1e6:5.0f} µs/req  errors {p.error_count}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         from client.client import SlimServeClient
 
         mean_batch = {}
@@ -71,16 +93,35 @@ def main() -> None:
     finally:
         for s in servers.values():
             s.stop()
-    table = Table("mode", "callers", "median req/s", "median p50 ms", "median server µs/req", "mean executed batch (run)",
-                  title="digits CNN, batch-1 requests, batching on")
+    table = Table(
+        "mode",
+        "callers",
+        "median req/s",
+        "median p50 ms",
+        "median server µs/req",
+        "mean executed batch (run)",
+        title="digits CNN, batch-1 requests, batching on",
+    )
     rows = []
     for (name, c), values in sorted(points.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        row = {"mode": name, "callers": c, "req_per_s": statistics.median(v[0] for v in values),
-               "p50_ms": statistics.median(v[1] for v in values), "server_us_per_request": statistics.median(v[2] for v in values),
-               "rounds": [[round(x, 2) for x in v] for v in values], "mean_batch_whole_run": mean_batch[name]}
+        row = {
+            "mode": name,
+            "callers": c,
+            "req_per_s": statistics.median(v[0] for v in values),
+            "p50_ms": statistics.median(v[1] for v in values),
+            "server_us_per_request": statistics.median(v[2] for v in values),
+            "rounds": [[round(x, 2) for x in v] for v in values],
+            "mean_batch_whole_run": mean_batch[name],
+        }
         rows.append(row)
-        table.add_row(name, str(c), f"{row['req_per_s']:,.0f}", f"{row['p50_ms']:.2f}", f"{row['server_us_per_request']:.0f}",
-                      f"{mean_batch[name]:.2f}")
+        table.add_row(
+            name,
+            str(c),
+            f"{row['req_per_s']:,.0f}",
+            f"{row['p50_ms']:.2f}",
+            f"{row['server_us_per_request']:.0f}",
+            f"{mean_batch[name]:.2f}",
+        )
     Console(width=max(Console().width, 120)).print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"seconds": args.seconds, "rows": rows}, indent=2))

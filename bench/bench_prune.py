@@ -27,14 +27,20 @@ RESULTS = Path(__file__).parent / "results" / "prune.json"
 
 # pass -> (what is checked, test on the row)
 TARGETS = {
-    "prune-structured": ("FLOPs <= 60%, params <= 70%, p50 <= 0.9x, <= 1 pt lost",
-                         lambda r: r["flops_pct"] <= 60 and r["params_pct"] <= 70 and r["p50_ratio"] <= 0.9 and r["delta_pt"] >= -1),
+    "prune-structured": (
+        "FLOPs <= 60%, params <= 70%, p50 <= 0.9x, <= 1 pt lost",
+        lambda r: r["flops_pct"] <= 60 and r["params_pct"] <= 70 and r["p50_ratio"] <= 0.9 and r["delta_pt"] >= -1,
+    ),
     "prune-weight": (">= 30% of weights zeroed, <= 1 pt lost", lambda r: r["zeroed_pct"] >= 30 and r["delta_pt"] >= -1),
     "prune-gradual": (">= 35% of weights zeroed, <= 1 pt lost", lambda r: r["zeroed_pct"] >= 35 and r["delta_pt"] >= -1),
-    "distill-soft": ("params <= 30%, FLOPs <= 50%, <= 2 pt lost",
-                     lambda r: r["params_pct"] <= 30 and r["flops_pct"] <= 50 and r["delta_pt"] >= -2),
-    "distill-feature": ("params <= 30%, FLOPs <= 50%, <= 2 pt lost",
-                        lambda r: r["params_pct"] <= 30 and r["flops_pct"] <= 50 and r["delta_pt"] >= -2),
+    "distill-soft": (
+        "params <= 30%, FLOPs <= 50%, <= 2 pt lost",
+        lambda r: r["params_pct"] <= 30 and r["flops_pct"] <= 50 and r["delta_pt"] >= -2,
+    ),
+    "distill-feature": (
+        "params <= 30%, FLOPs <= 50%, <= 2 pt lost",
+        lambda r: r["params_pct"] <= 30 and r["flops_pct"] <= 50 and r["delta_pt"] >= -2,
+    ),
 }
 
 
@@ -95,7 +101,9 @@ def main() -> None:
         root = Path(tmp)
         np.savez(root / "train.npz", x=train.x, labels=train.y)
         np.savez(root / "data.npz", x=test.x, labels=test.y)
-        source = Artifact(export_pt2(model, root / "digits.pt2", torch.from_numpy(test.x[:2])), "pt2", input_names=("x",), output_names=("logits",))
+        source = Artifact(
+            export_pt2(model, root / "digits.pt2", torch.from_numpy(test.x[:2])), "pt2", input_names=("x",), output_names=("logits",)
+        )
         context = PassContext(workdir=root / "work", datasets={"train": root / "train.npz", "data": root / "data.npz"})
         data = {"x": test.x, "labels": test.y}
         baseline_onnx = to_onnx(source, context)
@@ -113,12 +121,18 @@ def main() -> None:
         for name, e in evaluations.items():
             row = {
                 "variant": name,
-                "params": e.params, "nonzero_params": e.nonzero_params, "flops": e.flops,
-                "params_pct": 100.0 * e.params / baseline.params, "flops_pct": 100.0 * e.flops / baseline.flops,
+                "params": e.params,
+                "nonzero_params": e.nonzero_params,
+                "flops": e.flops,
+                "params_pct": 100.0 * e.params / baseline.params,
+                "flops_pct": 100.0 * e.flops / baseline.flops,
                 "zeroed_pct": weight_zeroed(variants[name]),
                 "nonzero_pct_of_params": 100.0 * e.nonzero_params / e.params,
-                "p50_ms_evaluate": e.latency_p50_ms, "p50_ms_interleaved": p50[name], "p50_ratio": p50[name] / p50["baseline"],
-                "accuracy_pct": 100.0 * e.accuracy, "delta_pt": 0.0 if name == "baseline" else e.accuracy_delta,
+                "p50_ms_evaluate": e.latency_p50_ms,
+                "p50_ms_interleaved": p50[name],
+                "p50_ratio": p50[name] / p50["baseline"],
+                "accuracy_pct": 100.0 * e.accuracy,
+                "delta_pt": 0.0 if name == "baseline" else e.accuracy_delta,
                 "seconds": seconds.get(name),
             }
             if name in TARGETS:
@@ -130,14 +144,24 @@ def main() -> None:
     print(header)
     for r in rows:
         verdict = "" if "met" not in r else ("MET    " if r["met"] else "MISSED ") + r["target"]
-        print(f"{r['variant']:18} {r['params']:>7} {r['params_pct']:>6.1f} {r['zeroed_pct']:>8.1f} {r['flops'] / 1e6:>7.3f} {r['flops_pct']:>6.1f} "
-              f"{r['p50_ms_interleaved']:>7.4f} {r['p50_ratio']:>5.2f} {r['accuracy_pct']:>6.2f} {r['delta_pt']:>+6.2f} "
-              f"{(r['seconds'] or 0):>5.1f}  {verdict}")
+        print(
+            f"{r['variant']:18} {r['params']:>7} {r['params_pct']:>6.1f} {r['zeroed_pct']:>8.1f} {r['flops'] / 1e6:>7.3f} {r['flops_pct']:>6.1f} "
+            f"{r['p50_ms_interleaved']:>7.4f} {r['p50_ratio']:>5.2f} {r['accuracy_pct']:>6.2f} {r['delta_pt']:>+6.2f} "
+            f"{(r['seconds'] or 0):>5.1f}  {verdict}"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": platform.platform(), "processor": platform.processor(), "baseline_epochs": args.epochs,
-        "total_seconds": time.perf_counter() - started, "rows": rows,
-    }, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": platform.platform(),
+                "processor": platform.processor(),
+                "baseline_epochs": args.epochs,
+                "total_seconds": time.perf_counter() - started,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {RESULTS}")
 
 

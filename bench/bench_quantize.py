@@ -107,9 +107,7 @@ def time_interleaved(sessions: dict, feeds: dict, warmup: int, iterations: int, 
                 start = time.perf_counter()
                 s.run(None, feeds)
                 times[name].append(time.perf_counter() - start)
-    return {
-        name: Latency(float(np.percentile(t, 50) * 1e3), float(np.percentile(t, 99) * 1e3), len(t)) for name, t in times.items()
-    }
+    return {name: Latency(float(np.percentile(t, 50) * 1e3), float(np.percentile(t, 99) * 1e3), len(t)) for name, t in times.items()}
 
 
 def top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
@@ -133,10 +131,15 @@ def digits_models(work: Path, width: int, with_variants: bool, with_qat: bool) -
     model, _ = train_digits_cnn(width=width)
     train_s = time.perf_counter() - start
     example = torch.from_numpy(test.x[:2])
-    onnx_path, pt2_path = export_onnx(model, work / f"digits-w{width}.onnx", example), export_pt2(model, work / f"digits-w{width}.pt2", example)
+    onnx_path, pt2_path = (
+        export_onnx(model, work / f"digits-w{width}.onnx", example),
+        export_pt2(model, work / f"digits-w{width}.pt2", example),
+    )
     np.savez(work / "calibration.npz", x=train.x[:256])
     np.savez(work / "train.npz", x=train.x, labels=train.y)
-    context = PassContext(workdir=work / f"passes-w{width}", datasets={"calibration": work / "calibration.npz", "train": work / "train.npz"})
+    context = PassContext(
+        workdir=work / f"passes-w{width}", datasets={"calibration": work / "calibration.npz", "train": work / "train.npz"}
+    )
     onnx_model = Artifact(onnx_path, "onnx", input_names=("x",), output_names=("logits",))
     pt2_model = Artifact(pt2_path, "pt2", input_names=("x",), output_names=("logits",))
     runs = [("int8-dynamic", "quantize-dynamic", {}, onnx_model), ("int8-static", "quantize-static", {}, onnx_model)]
@@ -170,18 +173,20 @@ def bench_digits(work: Path, args) -> dict:
     rows = []
     for name, path in paths.items():
         accuracy = top1(path, test.x, test.y)
-        rows.append({
-            "variant": name,
-            "bytes": path.stat().st_size,
-            "size_ratio": path.stat().st_size / base_bytes,
-            "top1": accuracy,
-            "delta_points": (accuracy - base_acc) * 100,
-            "single_thread": asdict(single[name]),
-            "single_thread_ratio": single[name].p50_ms / single["fp32"].p50_ms,
-            "default_threads": asdict(default[name]),
-            "default_threads_ratio": default[name].p50_ms / default["fp32"].p50_ms,
-            "pass_seconds": pass_seconds.get(name),
-        })
+        rows.append(
+            {
+                "variant": name,
+                "bytes": path.stat().st_size,
+                "size_ratio": path.stat().st_size / base_bytes,
+                "top1": accuracy,
+                "delta_points": (accuracy - base_acc) * 100,
+                "single_thread": asdict(single[name]),
+                "single_thread_ratio": single[name].p50_ms / single["fp32"].p50_ms,
+                "default_threads": asdict(default[name]),
+                "default_threads_ratio": default[name].p50_ms / default["fp32"].p50_ms,
+                "pass_seconds": pass_seconds.get(name),
+            }
+        )
     return {"rows": rows, "pass_seconds": pass_seconds, "test_samples": len(test.y)}
 
 
@@ -195,14 +200,16 @@ def bench_widths(work: Path, args, widths: tuple[int, ...]) -> list[dict]:
         paths, _ = digits_models(work, width, with_variants=False, with_qat=False)
         paths = {k: paths[k] for k in ("fp32", "int8-static")}
         lat = time_interleaved({n: session(p, 1) for n, p in paths.items()}, {"x": test.x[:1]}, args.warmup, args.iterations, args.rounds)
-        out.append({
-            "width": width,
-            "fp32_p50_ms": lat["fp32"].p50_ms,
-            "int8_static_p50_ms": lat["int8-static"].p50_ms,
-            "ratio": lat["int8-static"].p50_ms / lat["fp32"].p50_ms,
-            "size_ratio": paths["int8-static"].stat().st_size / paths["fp32"].stat().st_size,
-            "delta_points": (top1(paths["int8-static"], test.x, test.y) - top1(paths["fp32"], test.x, test.y)) * 100,
-        })
+        out.append(
+            {
+                "width": width,
+                "fp32_p50_ms": lat["fp32"].p50_ms,
+                "int8_static_p50_ms": lat["int8-static"].p50_ms,
+                "ratio": lat["int8-static"].p50_ms / lat["fp32"].p50_ms,
+                "size_ratio": paths["int8-static"].stat().st_size / paths["fp32"].stat().st_size,
+                "delta_points": (top1(paths["int8-static"], test.x, test.y) - top1(paths["fp32"], test.x, test.y)) * 100,
+            }
+        )
     return out
 
 
@@ -280,14 +287,16 @@ def bench_minilm(work: Path, args) -> dict:
         iterations = args.minilm_iterations if batch == 1 else max(20, args.minilm_iterations // 4)
         for threads, label in ((1, "single_thread"), (0, "default_threads")):
             lat = time_interleaved({n: session(p, threads) for n, p in paths.items()}, batch_feeds, 5, iterations, args.rounds)
-            timings.append({
-                "batch": batch,
-                "seq_len": 128,
-                "threads": label,
-                "fp32": asdict(lat["fp32"]),
-                "int8": asdict(lat["int8-dynamic"]),
-                "speedup": lat["fp32"].p50_ms / lat["int8-dynamic"].p50_ms,
-            })
+            timings.append(
+                {
+                    "batch": batch,
+                    "seq_len": 128,
+                    "threads": label,
+                    "fp32": asdict(lat["fp32"]),
+                    "int8": asdict(lat["int8-dynamic"]),
+                    "speedup": lat["fp32"].p50_ms / lat["int8-dynamic"].p50_ms,
+                }
+            )
     return {
         "bytes": {n: p.stat().st_size for n, p in paths.items()},
         "export_s": round(export_s, 1),
@@ -321,13 +330,17 @@ def print_widths(rows: list[dict]) -> None:
     print("\nWidth sweep: FP32 vs static INT8, batch 1, 1 thread")
     print(f"{'width':>6}{'fp32 p50 µs':>13}{'int8 p50 µs':>13}{'ratio':>7}{'size':>7}{'Δ pt':>7}")
     for r in rows:
-        print(f"{r['width']:>6}{r['fp32_p50_ms'] * 1e3:>13.1f}{r['int8_static_p50_ms'] * 1e3:>13.1f}{r['ratio']:>7.2f}{r['size_ratio']:>7.2f}{r['delta_points']:>+7.2f}")
+        print(
+            f"{r['width']:>6}{r['fp32_p50_ms'] * 1e3:>13.1f}{r['int8_static_p50_ms'] * 1e3:>13.1f}{r['ratio']:>7.2f}{r['size_ratio']:>7.2f}{r['delta_points']:>+7.2f}"
+        )
 
 
 def print_minilm(result: dict) -> None:
     b = result["bytes"]
-    print(f"\nMiniLM-L6 (all-MiniLM-L6-v2) sentence embeddings, seq 128: FP32 {b['fp32']:,} B -> INT8 dynamic {b['int8-dynamic']:,} B "
-          f"({b['int8-dynamic'] / b['fp32']:.2f})")
+    print(
+        f"\nMiniLM-L6 (all-MiniLM-L6-v2) sentence embeddings, seq 128: FP32 {b['fp32']:,} B -> INT8 dynamic {b['int8-dynamic']:,} B "
+        f"({b['int8-dynamic'] / b['fp32']:.2f})"
+    )
     print(f"cosine(FP32, INT8) over {result['sentences']} sentences: mean {result['cosine_mean']:.4f}, min {result['cosine_min']:.4f}")
     print(f"{'batch':>6}  {'threads':<16}{'fp32 p50 ms':>12}{'int8 p50 ms':>12}{'speed-up':>10}")
     for t in result["timings"]:

@@ -39,13 +39,13 @@ def compare_cost_ms() -> float:
     for i in range(10_000):
         store.record_prediction(str(i), variants[i % 3], i % 10)
         store.feedback(str(i), i % 10 if i % 7 else 0)
-    kwargs = dict(
-        weights={"baseline": 0.5, "int8": 0.3, "pruned": 0.2},
-        stats=stats,
-        price_per_hour=0.1,
-        offline_accuracy={},
-        feedback=store,
-    )
+    kwargs = {
+        "weights": {"baseline": 0.5, "int8": 0.3, "pruned": 0.2},
+        "stats": stats,
+        "price_per_hour": 0.1,
+        "offline_accuracy": {},
+        "feedback": store,
+    }
     return min(timeit.repeat(lambda: compare_rows(variants, **kwargs), number=5, repeat=3)) / 5 * 1e3
 
 
@@ -77,9 +77,9 @@ def main() -> None:
         "FeedbackStore.record_prediction + shadow": lambda: store.record_prediction(str(next(ids)), "baseline", 3, shadows),
     }
     results = {name: per_call_us(fn, calls, repeat) for name, fn in cases.items()}
-    per_request = results["choose_for, request parameters"] + results["LatencyWindow.record"] + results[
-        "FeedbackStore.record_prediction + shadow"
-    ]
+    per_request = (
+        results["choose_for, request parameters"] + results["LatencyWindow.record"] + results["FeedbackStore.record_prediction + shadow"]
+    )
 
     total_label = "per request: sticky route + window + feedback with shadow"
     width = max(len(total_label), *map(len, results))
@@ -88,7 +88,9 @@ def main() -> None:
         print(f"{name:<{width}}  {us:7.3f}")
     print(f"{total_label:<{width}}  {per_request:7.3f}  (budget: 50 µs with the Prometheus metrics)")
     compare_ms = compare_cost_ms()
-    print(f"compare_rows, 3 variants x {DEFAULT_WINDOW} latencies, 10k labels: {compare_ms:.1f} ms (control plane, once per slimctl compare)")
+    print(
+        f"compare_rows, 3 variants x {DEFAULT_WINDOW} latencies, 10k labels: {compare_ms:.1f} ms (control plane, once per slimctl compare)"
+    )
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(

@@ -59,15 +59,32 @@ def main() -> None:
         port = free_port()
         address = f"127.0.0.1:{port}"
         server = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "start", "--repository", f"{tmp}/repo", "--grpc-port", str(port),
-             "--metrics-port", "-1", "--log-level", "WARNING"], cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "start",
+                "--repository",
+                f"{tmp}/repo",
+                "--grpc-port",
+                str(port),
+                "--metrics-port",
+                "-1",
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=ROOT,
         )
         try:
             client = grpcclient.InferenceServerClient(url=address)
             wait_until(lambda: client.is_server_ready(), "slimserve to be ready", 120, interval=0.2, ignore=(Exception,))
             model = channel_mean_model(Path(tmp) / "mean.onnx")
-            subprocess.run([sys.executable, "-m", "client.cli", "--server", address, "register", "mean", str(model)],
-                           check=True, cwd=ROOT, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "client.cli", "--server", address, "register", "mean", str(model)],
+                check=True,
+                cwd=ROOT,
+                capture_output=True,
+            )
             expected = batch.mean(axis=(1, 2))
 
             wire = grpcclient.InferInput("x", list(batch.shape), "FP32")

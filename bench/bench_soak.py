@@ -119,9 +119,24 @@ def start_server(workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str
     from client.client import SlimServeClient, SlimServeClientError
 
     port = free_port()
-    log = open(workdir / "server.log", "ab")
-    command = [sys.executable, "-m", "server.cli", "start", "--repository", str(workdir / "repository"),
-               "--grpc-port", str(port), "--http-port", "-1", "--metrics-port", "-1", "--log-level", "WARNING", *extra]
+    log = open(workdir / "server.log", "ab")  # noqa: SIM115  the server process writes it until it stops
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "start",
+        "--repository",
+        str(workdir / "repository"),
+        "--grpc-port",
+        str(port),
+        "--http-port",
+        "-1",
+        "--metrics-port",
+        "-1",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     address = f"127.0.0.1:{port}"
 
@@ -226,13 +241,20 @@ def main() -> None:
                 c.register(args.model, model_path)
                 # The baseline's background evaluation would compete with the load: let it finish first.
                 try:
-                    wait_until(lambda: c.model(args.model)["variants"][0]["latency_p50_ms"] is not None, "the baseline's evaluation",
-                               120, interval=0.5)
+                    wait_until(
+                        lambda: c.model(args.model)["variants"][0]["latency_p50_ms"] is not None,
+                        "the baseline's evaluation",
+                        120,
+                        interval=0.5,
+                    )
                 except TimeoutError:
                     pass  # measured anyway, as before: the evaluation only competes for the cores
         try:
-            print(f"soak: {args.callers} callers in {args.procs} processes against {address} (pid {pid}) for "
-                  f"{args.warmup:.0f} s warm-up + {args.duration:.0f} s", flush=True)
+            print(
+                f"soak: {args.callers} callers in {args.procs} processes against {address} (pid {pid}) for "
+                f"{args.warmup:.0f} s warm-up + {args.duration:.0f} s",
+                flush=True,
+            )
             result = soak(address, pid, build_requests(args.model, x), args)
             if proc is not None:
                 from client.client import SlimServeClient
@@ -255,13 +277,16 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     lat = result["latency_ms"]
-    print(f"requests {result['requests']:,}  ok {result['ok']:,}  errors {result['errors']} {result['errors_by_code'] or ''}"
-          f"  (target 0)")
-    print(f"throughput {result['throughput_rps']:,.0f} req/s  latency p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  "
-          f"p99 {lat['p99']:.2f} ms  max {result['latency_max_ms']:.1f} ms")
+    print(f"requests {result['requests']:,}  ok {result['ok']:,}  errors {result['errors']} {result['errors_by_code'] or ''}  (target 0)")
+    print(
+        f"throughput {result['throughput_rps']:,.0f} req/s  latency p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  "
+        f"p99 {lat['p99']:.2f} ms  max {result['latency_max_ms']:.1f} ms"
+    )
     rss = result["rss_mib"]
-    print(f"server RSS {rss['start']:.1f} MiB after warm-up -> {rss['end']:.1f} MiB at the end ({result['rss_growth']:+.1%}, "
-          f"target < 10%); peak {rss['peak']:.1f} MiB ({result['rss_peak_growth']:+.1%})")
+    print(
+        f"server RSS {rss['start']:.1f} MiB after warm-up -> {rss['end']:.1f} MiB at the end ({result['rss_growth']:+.1%}, "
+        f"target < 10%); peak {rss['peak']:.1f} MiB ({result['rss_peak_growth']:+.1%})"
+    )
     print(f"wrote {args.out}")
     ok = result["errors"] == 0 and result["rss_growth"] < 0.10
     sys.exit(0 if ok else 1)

@@ -30,8 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(condition: Callable[[], T], what: str = "the condition", timeout: float = 30.0, interval: float = 0.01,
-               ignore: tuple[type[BaseException], ...] = ()) -> T:
+def wait_until(
+    condition: Callable[[], T],
+    what: str = "the condition",
+    timeout: float = 30.0,
+    interval: float = 0.01,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
     """Polls `condition` until it returns something truthy and returns that; TimeoutError after `timeout` seconds.
 
     `ignore`: exceptions that mean "not yet" (a server not listening yet), retried like a falsy answer.
@@ -108,6 +113,7 @@ def wait_quiet(pid: int, timeout: float, below: float = 0.05, window: float = 1.
             return True
     return False
 
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (VmRSS from /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -134,4 +140,3 @@ def git_describe() -> str:
     except OSError:
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty.strip() else "")
-

@@ -73,8 +73,17 @@ def check_response(data: bytes, expect_shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def run_point(target: str, address: str, payload: bytes, concurrency: int, seconds: float, warmup: float,
-              processes: int = 2, timeout: float = 30.0, stream: bool = False) -> PointResult:
+def run_point(
+    target: str,
+    address: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    processes: int = 2,
+    timeout: float = 30.0,
+    stream: bool = False,
+) -> PointResult:
     """`concurrency` closed-loop callers spread over up to `processes` client processes.
 
     With `stream`, each process sends its callers' requests over one ModelStreamInfer stream
@@ -89,7 +98,11 @@ def run_point(target: str, address: str, payload: bytes, concurrency: int, secon
     for share in shares:
         ready = ctx.Event()
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_stream_worker if stream else _worker, args=(address, payload, share, start, warmup, seconds, timeout, ready, child), daemon=True)
+        p = ctx.Process(
+            target=_stream_worker if stream else _worker,
+            args=(address, payload, share, start, warmup, seconds, timeout, ready, child),
+            daemon=True,
+        )
         p.start()
         child.close()
         workers.append((p, ready, parent))
@@ -117,7 +130,7 @@ def run_point(target: str, address: str, payload: bytes, concurrency: int, secon
     errors: Counter = Counter()
     for r in results:
         errors.update(r[1])
-    return PointResult(target, concurrency, seconds, int(len(latencies)), latencies, dict(errors), float(sum(r[2] for r in results)))
+    return PointResult(target, concurrency, seconds, len(latencies), latencies, dict(errors), float(sum(r[2] for r in results)))
 
 
 def _connect(address: str, payload: bytes, timeout: float, ready, start):
@@ -200,8 +213,7 @@ def _worker(address: str, payload: bytes, callers: int, start, warmup: float, se
     channel.close()
 
 
-def _stream_worker(address: str, payload: bytes, callers: int, start, warmup: float, seconds: float, timeout: float, ready,
-                   conn) -> None:
+def _stream_worker(address: str, payload: bytes, callers: int, start, warmup: float, seconds: float, timeout: float, ready, conn) -> None:
     """As `_worker`, over one ModelStreamInfer stream: caller i's requests carry id "i", and each
     answer (matched by that id) sends caller i's next request. Answers are parsed: the client's
     CPU per request includes that."""

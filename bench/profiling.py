@@ -100,8 +100,9 @@ def profile_slimserve(target: Target, seconds: float, concurrency: int, client_p
     results = {}
 
     def load() -> None:
-        results["point"] = run_point(target.name, target.server.address, target.payload, concurrency, seconds * 2 + 4, 0.0,
-                                     processes=client_processes)
+        results["point"] = run_point(
+            target.name, target.server.address, target.payload, concurrency, seconds * 2 + 4, 0.0, processes=client_processes
+        )
 
     loader = threading.Thread(target=load)
     loader.start()
@@ -110,14 +111,20 @@ def profile_slimserve(target: Target, seconds: float, concurrency: int, client_p
     common = ["--pid", str(pid), "--duration", str(int(max(1, seconds))), "--rate", "200", "--threads"]
     # Non-blocking sampling barely slows the server; --native must pause it to unwind C stacks.
     common.append("--native" if native else "--nonblocking")
-    runs = [subprocess.run([str(pyspy), "record", *common, "--format", "raw", "--output", str(raw)], capture_output=True, text=True),
-            subprocess.run([str(pyspy), "record", *common, "--format", "flamegraph", "--output", str(svg)], capture_output=True, text=True)]
+    runs = [
+        subprocess.run([str(pyspy), "record", *common, "--format", "raw", "--output", str(raw)], capture_output=True, text=True),
+        subprocess.run([str(pyspy), "record", *common, "--format", "flamegraph", "--output", str(svg)], capture_output=True, text=True),
+    ]
     loader.join()
     failed = [r for r in runs if r.returncode != 0]
     if failed:
         out["py_spy"] = f"py-spy failed: {failed[0].stderr.strip()[-400:]}"
         return out
-    out["py_spy"] = {"raw": str(raw.relative_to(ROOT)), "flamegraph": str(svg.relative_to(ROOT)), "native": native,
-                     "throughput_rps_while_sampled": results["point"].throughput, **summarize_collapsed(raw)}
+    out["py_spy"] = {
+        "raw": str(raw.relative_to(ROOT)),
+        "flamegraph": str(svg.relative_to(ROOT)),
+        "native": native,
+        "throughput_rps_while_sampled": results["point"].throughput,
+        **summarize_collapsed(raw),
+    }
     return out
-

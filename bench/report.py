@@ -9,8 +9,10 @@ def render(result: dict) -> None:
 
     console = Console(width=max(Console().width, 150))
     machine = result["machine"]
-    console.print(f"[bold]digits CNN (ONNX), {machine['cpus']} CPUs ({machine['cpu_model']}), onnxruntime {machine['onnxruntime']}, "
-                  f"{result['settings']['rounds']} round(s) x {result['settings']['seconds']:g} s per point[/bold]")
+    console.print(
+        f"[bold]digits CNN (ONNX), {machine['cpus']} CPUs ({machine['cpu_model']}), onnxruntime {machine['onnxruntime']}, "
+        f"{result['settings']['rounds']} round(s) x {result['settings']['seconds']:g} s per point[/bold]"
+    )
     if result.get("inprocess"):
         t = Table(title="(1) in-process ONNX Runtime, one call at a time")
         for col in ("run", "p50 ms/call", "p99 ms/call", "ms/sample", "samples/s"):
@@ -30,9 +32,16 @@ def render(result: dict) -> None:
             last_c = r["concurrency"]
             f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
             share = f"{r['throughput_rps'] / best:.0%}" if best else "-"
-            t.add_row(r["target"], str(r["concurrency"]), f"{r['throughput_rps']:,.0f}", f(r["p50_ms"], ".3f"), f(r["p99_ms"], ".3f"),
-                      str(r["errors"]) if not r["errors"] else f"[red]{r['errors']} {r['errors_by_code']}[/red]", share,
-                      f(r["client_cpu_us_per_request"], ".0f"))
+            t.add_row(
+                r["target"],
+                str(r["concurrency"]),
+                f"{r['throughput_rps']:,.0f}",
+                f(r["p50_ms"], ".3f"),
+                f(r["p99_ms"], ".3f"),
+                str(r["errors"]) if not r["errors"] else f"[red]{r['errors']} {r['errors_by_code']}[/red]",
+                share,
+                f(r["client_cpu_us_per_request"], ".0f"),
+            )
         console.print(t)
         for note in result.get("notes", []):
             console.print(f"  {note}")
@@ -48,14 +57,18 @@ def render(result: dict) -> None:
         console.print(f"[yellow]skipped {name}: {why}[/yellow]")
     profile = result.get("profile")
     if profile:
-        console.print(f"[bold]slimserve profile at {profile['concurrency']} callers[/bold]: {profile['throughput_rps']:,.0f} req/s, "
-                      f"server {profile['server_cores_busy']:.2f} cores busy, {profile['server_cpu_us_per_request']:.0f} µs server CPU "
-                      f"and {profile['client_cpu_us_per_request']:.0f} µs client CPU per request")
+        console.print(
+            f"[bold]slimserve profile at {profile['concurrency']} callers[/bold]: {profile['throughput_rps']:,.0f} req/s, "
+            f"server {profile['server_cores_busy']:.2f} cores busy, {profile['server_cpu_us_per_request']:.0f} µs server CPU "
+            f"and {profile['client_cpu_us_per_request']:.0f} µs client CPU per request"
+        )
         console.print("  cores by thread: " + ", ".join(f"{k} {v:.2f}" for k, v in profile["cores_by_thread"].items()))
         spy = profile.get("py_spy")
         if isinstance(spy, dict):
-            console.print(f"py-spy, {spy['samples']} samples of non-idle threads at {spy['throughput_rps_while_sampled']:,.0f} req/s "
-                          f"(flame graph: {spy['flamegraph']}, stacks: {spy['raw']})")
+            console.print(
+                f"py-spy, {spy['samples']} samples of non-idle threads at {spy['throughput_rps_while_sampled']:,.0f} req/s "
+                f"(flame graph: {spy['flamegraph']}, stacks: {spy['raw']})"
+            )
             for key, title in (("by_category", "where the samples go"), ("by_thread", "by thread"), ("self", "self time by frame")):
                 t = Table(title=title)
                 t.add_column("name")
@@ -86,36 +99,65 @@ def check_targets(result: dict) -> list[dict]:
         ratio = s16["throughput_rps"] / m16["throughput_rps"]
         checks.append({"check": "req/s at 16 callers vs MLServer", "measured": f"{ratio:.2f}x", "target": ">= 3x", "met": ratio >= 3})
     if s1 and k1:
-        checks.append({"check": "p50 at 1 caller vs KServe", "measured": f"{s1['p50_ms']:.3f} vs {k1['p50_ms']:.3f} ms",
-                       "target": "<=", "met": s1["p50_ms"] <= k1["p50_ms"]})
+        checks.append(
+            {
+                "check": "p50 at 1 caller vs KServe",
+                "measured": f"{s1['p50_ms']:.3f} vs {k1['p50_ms']:.3f} ms",
+                "target": "<=",
+                "met": s1["p50_ms"] <= k1["p50_ms"],
+            }
+        )
     if s1 and m1:
-        checks.append({"check": "p50 at 1 caller vs MLServer", "measured": f"{s1['p50_ms'] / m1['p50_ms']:.2f}x",
-                       "target": "<= 0.5x", "met": s1["p50_ms"] <= 0.5 * m1["p50_ms"]})
+        checks.append(
+            {
+                "check": "p50 at 1 caller vs MLServer",
+                "measured": f"{s1['p50_ms'] / m1['p50_ms']:.2f}x",
+                "target": "<= 0.5x",
+                "met": s1["p50_ms"] <= 0.5 * m1["p50_ms"],
+            }
+        )
     if s16 and best:
         share = s16["throughput_rps"] / best
-        checks.append({"check": "req/s at 16 callers vs in-process ORT best", "measured": f"{share:.0%}", "target": ">= 40%",
-                       "met": share >= 0.4})
+        checks.append(
+            {"check": "req/s at 16 callers vs in-process ORT best", "measured": f"{share:.0%}", "target": ">= 40%", "met": share >= 0.4}
+        )
     f16 = row(rows, "floor (no model)", 16)
     if f16 and k16:
         # Context, not a target: what a server that does nothing but parse and answer reaches against KServe.
         ratio = f16["throughput_rps"] / k16["throughput_rps"]
-        checks.append({"check": "ceiling: floor server (no model) at 16 callers vs KServe", "measured": f"{ratio:.2f}x",
-                       "target": "context", "met": None})
+        checks.append(
+            {
+                "check": "ceiling: floor server (no model) at 16 callers vs KServe",
+                "measured": f"{ratio:.2f}x",
+                "target": "context",
+                "met": None,
+            }
+        )
     fm16 = row(rows, "floor + model", 16)
     if fm16 and k16:
         ratio = fm16["throughput_rps"] / k16["throughput_rps"]
-        checks.append({"check": "ceiling with the model: floor + model at 16 callers vs KServe", "measured": f"{ratio:.2f}x",
-                       "target": "context", "met": None})
+        checks.append(
+            {
+                "check": "ceiling with the model: floor + model at 16 callers vs KServe",
+                "measured": f"{ratio:.2f}x",
+                "target": "context",
+                "met": None,
+            }
+        )
     if fm16 and s16:
         share = s16["throughput_rps"] / fm16["throughput_rps"]
-        checks.append({"check": "slimserve at 16 callers vs floor + model", "measured": f"{share:.0%}", "target": "context",
-                       "met": None})
+        checks.append({"check": "slimserve at 16 callers vs floor + model", "measured": f"{share:.0%}", "target": "context", "met": None})
     t16 = row(rows, "slimserve stream", 16)
     if t16 and k16:
         ratio = t16["throughput_rps"] / k16["throughput_rps"]
-        checks.append({"check": "slimserve over ModelStreamInfer at 16 callers vs KServe (unary)", "measured": f"{ratio:.2f}x",
-                       "target": "context", "met": None})
+        checks.append(
+            {
+                "check": "slimserve over ModelStreamInfer at 16 callers vs KServe (unary)",
+                "measured": f"{ratio:.2f}x",
+                "target": "context",
+                "met": None,
+            }
+        )
     if s16:
         checks.append({"check": "errors at 16 callers", "measured": str(s16["errors"]), "target": "0", "met": s16["errors"] == 0})
     return checks
-

@@ -34,6 +34,7 @@ def ort_version() -> str:
 
     return version("onnxruntime")
 
+
 @dataclass(frozen=True)
 class ModelFiles:
     onnx: Path
@@ -87,7 +88,7 @@ class Server:
         logs = RESULTS / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"{self.name}.log"
-        log = open(self.log_path, "w")
+        log = open(self.log_path, "w")  # noqa: SIM115  the server process writes it until it stops
         env = {**os.environ, **self.env}
         self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -129,6 +130,7 @@ class Server:
         except ProcessLookupError:
             pass
 
+
 @dataclass
 class Target:
     """One row of the serving table: a server and the request bytes sent to it."""
@@ -153,9 +155,25 @@ def start_slimserve(files: ModelFiles, variants: list[str], fresh: bool, extra_f
         shutil.rmtree(repo)
     port = free_port()
     exe = str(Path(sys.executable).with_name("slimserve"))
-    server = Server("slimserve", [exe, "start", "--repository", str(repo), "--grpc-port", str(port), "--http-port", "-1",
-                                  "--metrics-port", "-1",
-                                  "--log-level", "WARNING", *extra_flags], port)
+    server = Server(
+        "slimserve",
+        [
+            exe,
+            "start",
+            "--repository",
+            str(repo),
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            "-1",
+            "--metrics-port",
+            "-1",
+            "--log-level",
+            "WARNING",
+            *extra_flags,
+        ],
+        port,
+    )
     server.start()
     server.wait_ready("", 120)
     ready: list[str] = []
@@ -205,8 +223,9 @@ def ensure_venv(name: str, rebuild: bool) -> tuple[Path | None, str]:
     made = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True)
     if made.returncode != 0:
         return None, f"python -m venv {venv} failed: {made.stderr.strip().splitlines()[-1:]}"
-    pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *pins],
-                         capture_output=True, text=True)
+    pip = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *pins], capture_output=True, text=True
+    )
     if pip.returncode != 0:
         errors = [ln for ln in pip.stderr.splitlines() if ln.startswith("ERROR")] or pip.stderr.strip().splitlines()[-3:]
         return None, f"pip install {' '.join(pins)} into {venv} failed: {' | '.join(e[:200] for e in errors)}"
@@ -216,9 +235,24 @@ def ensure_venv(name: str, rebuild: bool) -> tuple[Path | None, str]:
 
 def start_kserve(python: Path, files: ModelFiles, intra_op: int) -> Server:
     port = free_port()
-    argv = [str(python), str(PEERS / "kserve_server.py"), "--model-file", str(files.onnx), "--model-name", MODEL,
-            "--intra-op-threads", str(intra_op), "--http_port", str(free_port()), "--grpc_port", str(port),
-            "--enable_latency_logging", "false", "--configure_logging", "false"]
+    argv = [
+        str(python),
+        str(PEERS / "kserve_server.py"),
+        "--model-file",
+        str(files.onnx),
+        "--model-name",
+        MODEL,
+        "--intra-op-threads",
+        str(intra_op),
+        "--http_port",
+        str(free_port()),
+        "--grpc_port",
+        str(port),
+        "--enable_latency_logging",
+        "false",
+        "--configure_logging",
+        "false",
+    ]
     return Server("kserve", argv, port)
 
 
@@ -238,21 +272,30 @@ def start_mlserver(python: Path, files: ModelFiles, intra_op: int, batch: int, b
     if root.exists():
         shutil.rmtree(root)
     (root / MODEL).mkdir(parents=True)
-    (root / "settings.json").write_text(json.dumps({
-        "debug": False,
-        "host": "127.0.0.1",
-        "http_port": free_port(),
-        "grpc_port": port,
-        "metrics_port": free_port(),
-        "metrics_dir": str(root / ".metrics"),
-    }, indent=2))
-    (root / MODEL / "model-settings.json").write_text(json.dumps({
-        "name": MODEL,
-        "implementation": "mlserver_runtime.OnnxRuntimeModel",
-        "max_batch_size": batch,
-        "max_batch_time": batch_time_s,
-        "parameters": {"extra": {"model_file": str(files.onnx), "intra_op_threads": intra_op}},
-    }, indent=2))
+    (root / "settings.json").write_text(
+        json.dumps(
+            {
+                "debug": False,
+                "host": "127.0.0.1",
+                "http_port": free_port(),
+                "grpc_port": port,
+                "metrics_port": free_port(),
+                "metrics_dir": str(root / ".metrics"),
+            },
+            indent=2,
+        )
+    )
+    (root / MODEL / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": MODEL,
+                "implementation": "mlserver_runtime.OnnxRuntimeModel",
+                "max_batch_size": batch,
+                "max_batch_time": batch_time_s,
+                "parameters": {"extra": {"model_file": str(files.onnx), "intra_op_threads": intra_op}},
+            },
+            indent=2,
+        )
+    )
     argv = [str(python.with_name("mlserver")), "start", str(root)]
     return Server("mlserver", argv, port, env={"PYTHONPATH": str(PEERS)}, cwd=root)
-

@@ -106,16 +106,18 @@ def bench_inprocess(files: ModelFiles, batches: list[int], seconds: float) -> li
     rows = []
     for b in batches:
         lat, elapsed = _time_calls(runtime.predict, {"x": x[:b]}, seconds)
-        rows.append({
-            "name": f"batch {b}",
-            "batch": b,
-            "streams": 1,
-            "intra_op_threads": config.intra_op_threads,
-            "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)),
-            "ms_per_sample": float(np.percentile(lat, 50)) / b,
-            "samples_per_s": len(lat) * b / elapsed,
-        })
+        rows.append(
+            {
+                "name": f"batch {b}",
+                "batch": b,
+                "streams": 1,
+                "intra_op_threads": config.intra_op_threads,
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)),
+                "ms_per_sample": float(np.percentile(lat, 50)) / b,
+                "samples_per_s": len(lat) * b / elapsed,
+            }
+        )
     # Two calls at once on one thread each: on a small CPU, often more samples/s than one call on all cores.
     b = max(batches)
     one_thread = RuntimeConfig(intra_op_threads=1, inter_op_threads=1, device=config.device)
@@ -135,16 +137,18 @@ def bench_inprocess(files: ModelFiles, batches: list[int], seconds: float) -> li
     for t in threads:
         t.join()
     lat = np.concatenate([r[0] for r in results])
-    rows.append({
-        "name": f"batch {b}, 2 streams x 1 thread",
-        "batch": b,
-        "streams": 2,
-        "intra_op_threads": 1,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "ms_per_sample": 1000.0 / sum(len(r[0]) * b / r[1] for r in results),
-        "samples_per_s": sum(len(r[0]) * b / r[1] for r in results),
-    })
+    rows.append(
+        {
+            "name": f"batch {b}, 2 streams x 1 thread",
+            "batch": b,
+            "streams": 2,
+            "intra_op_threads": 1,
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "ms_per_sample": 1000.0 / sum(len(r[0]) * b / r[1] for r in results),
+            "samples_per_s": sum(len(r[0]) * b / r[1] for r in results),
+        }
+    )
     return rows
 
 
@@ -182,16 +186,19 @@ def summarize(target: Target, points: list[PointResult]) -> dict:
     }
 
 
-def run_load(targets: list[Target], concurrencies: list[int], seconds: float, warmup: float, rounds: int,
-             client_processes: int) -> list[dict]:
+def run_load(
+    targets: list[Target], concurrencies: list[int], seconds: float, warmup: float, rounds: int, client_processes: int
+) -> list[dict]:
     points: dict[tuple[str, int], list[PointResult]] = defaultdict(list)
     for r in range(rounds):
         for c in concurrencies:
             for t in targets:
                 p = run_point(t.name, t.server.address, t.payload, c, seconds, warmup, processes=client_processes, stream=t.stream)
                 points[(t.name, c)].append(p)
-                say(f"round {r + 1}/{rounds} {t.name:<28} c={c:<3} {p.throughput:8.0f} req/s  p50 {p.percentile(50):7.3f} ms  "
-                    f"p99 {p.percentile(99):7.3f} ms  errors {p.error_count}")
+                say(
+                    f"round {r + 1}/{rounds} {t.name:<28} c={c:<3} {p.throughput:8.0f} req/s  p50 {p.percentile(50):7.3f} ms  "
+                    f"p99 {p.percentile(99):7.3f} ms  errors {p.error_count}"
+                )
     return [summarize(t, points[(t.name, c)]) for c in concurrencies for t in targets]
 
 
@@ -206,10 +213,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="graph-ort,quantize-static", help="optimizer recipes served as variants")
     parser.add_argument("--peers", default="kserve,mlserver")
     parser.add_argument("--client-processes", type=int, default=2, help="load-generator processes per point (at most one per caller)")
-    parser.add_argument("--mlserver-batch-time", type=float, default=0.0005,
-                        help="MLServer max_batch_time in seconds (slimserve's default max queue delay is 0.5 ms)")
-    parser.add_argument("--slimserve-flag", action="append", default=[], metavar="FLAG",
-                        help="extra flag for `slimserve start`, repeatable: --slimserve-flag=--intra-op-threads=1")
+    parser.add_argument(
+        "--mlserver-batch-time",
+        type=float,
+        default=0.0005,
+        help="MLServer max_batch_time in seconds (slimserve's default max queue delay is 0.5 ms)",
+    )
+    parser.add_argument(
+        "--slimserve-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for `slimserve start`, repeatable: --slimserve-flag=--intra-op-threads=1",
+    )
     parser.add_argument("--profile", action="store_true", help="sample slimserve under load with py-spy and /proc afterwards")
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native (pauses the process while sampling)")
@@ -235,11 +251,20 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     result: dict = {
         "model": "digits CNN (optimizer.zoo, width 32), ONNX",
-        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
-                    "python": platform.python_version(), "onnxruntime": ort_version(), "protobuf_backend": protobuf_backend(),
-                    "load_average_at_start": os.getloadavg()},
-        "settings": {**{k: v for k, v in vars(args).items() if k != "output"}, "slimserve_compute_threads": settings.compute_threads,
-                     "slimserve_intra_op_threads": settings.runtime_config().intra_op_threads},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "onnxruntime": ort_version(),
+            "protobuf_backend": protobuf_backend(),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "output"},
+            "slimserve_compute_threads": settings.compute_threads,
+            "slimserve_intra_op_threads": settings.runtime_config().intra_op_threads,
+        },
         "git": git_describe(),
         "command": " ".join([".venv/bin/python -m bench.serving", *(argv if argv is not None else sys.argv[1:])]),
         "skipped": {},
@@ -258,14 +283,30 @@ def main(argv: list[str] | None = None) -> None:
             slim, ready = start_slimserve(files, recipes, args.fresh, tuple(args.slimserve_flag))
             servers.append(slim)
             if "slimserve" in sections or args.profile:
-                targets.append(Target("slimserve", "slimserve", slim, build_infer_request(MODEL, files.sample),
-                                      note="routed by model name"))
+                targets.append(
+                    Target("slimserve", "slimserve", slim, build_infer_request(MODEL, files.sample), note="routed by model name")
+                )
             if "stream" in sections:
-                targets.append(Target("slimserve stream", "stream", slim, build_infer_request(MODEL, files.sample),
-                                      note="ModelStreamInfer: one stream per client process, callers multiplexed on it", stream=True))
+                targets.append(
+                    Target(
+                        "slimserve stream",
+                        "stream",
+                        slim,
+                        build_infer_request(MODEL, files.sample),
+                        note="ModelStreamInfer: one stream per client process, callers multiplexed on it",
+                        stream=True,
+                    )
+                )
             for v in ready:
-                targets.append(Target(f"slimserve:{v}", "variant", slim, build_infer_request(MODEL, files.sample, version=v),
-                                      note=f"pinned with model_version={v}"))
+                targets.append(
+                    Target(
+                        f"slimserve:{v}",
+                        "variant",
+                        slim,
+                        build_infer_request(MODEL, files.sample, version=v),
+                        note=f"pinned with model_version={v}",
+                    )
+                )
             for v in set(recipes) - set(ready):
                 result["skipped"][f"variant {v}"] = "optimize failed (see the log above)"
         for peer in peers:
@@ -322,8 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for s in servers:
             s.stop()
-    result["notes"].append("share of ORT: req/s (1 sample each) / best in-process samples/s; "
-                           "client µs/req: load-generator CPU per request (it shares the cores with the server)")
+    result["notes"].append(
+        "share of ORT: req/s (1 sample each) / best in-process samples/s; "
+        "client µs/req: load-generator CPU per request (it shares the cores with the server)"
+    )
     result["targets"] = check_targets(result)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     render(result)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import typer
@@ -21,11 +21,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: man
 
 @app.callback()
 def options(
-    server: Optional[str] = typer.Option(None, envvar="SLIMSERVE_SERVER", help="HOST:PORT of the server [default 127.0.0.1:8001]."),
-    token: Optional[str] = typer.Option(None, envvar="SLIMSERVE_TOKEN", help="Bearer token for management calls."),
-    tls_ca: Optional[Path] = typer.Option(None, envvar="SLIMSERVE_TLS_CA", help="PEM CA of the server's certificate: connect over TLS."),
-    tls_cert: Optional[Path] = typer.Option(None, envvar="SLIMSERVE_TLS_CERT", help="PEM client certificate, for servers that require mutual TLS."),
-    tls_key: Optional[Path] = typer.Option(None, envvar="SLIMSERVE_TLS_KEY", help="PEM private key of --tls-cert."),
+    server: str | None = typer.Option(None, envvar="SLIMSERVE_SERVER", help="HOST:PORT of the server [default 127.0.0.1:8001]."),
+    token: str | None = typer.Option(None, envvar="SLIMSERVE_TOKEN", help="Bearer token for management calls."),
+    tls_ca: Path | None = typer.Option(None, envvar="SLIMSERVE_TLS_CA", help="PEM CA of the server's certificate: connect over TLS."),
+    tls_cert: Path | None = typer.Option(
+        None, envvar="SLIMSERVE_TLS_CERT", help="PEM client certificate, for servers that require mutual TLS."
+    ),
+    tls_key: Path | None = typer.Option(None, envvar="SLIMSERVE_TLS_KEY", help="PEM private key of --tls-cert."),
 ) -> None:
     state.server, state.token = server, token
     state.tls_ca, state.tls_cert, state.tls_key = tls_ca, tls_cert, tls_key
@@ -35,9 +37,9 @@ def options(
 def register(
     name: str = typer.Argument(..., help="Name to serve the model under."),
     model_file: Path = typer.Argument(..., help="ONNX (.onnx) or torch.export archive (.pt2)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation .npz: one array per input, plus 'labels'."),
-    train: Optional[Path] = typer.Option(None, "--train", help="Training .npz for passes that fine-tune."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration .npz for static quantization."),
+    data: Path | None = typer.Option(None, "--data", help="Evaluation .npz: one array per input, plus 'labels'."),
+    train: Path | None = typer.Option(None, "--train", help="Training .npz for passes that fine-tune."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="Calibration .npz for static quantization."),
     description: str = typer.Option("", help="Free text shown by `slimctl models`."),
     as_json: bool = typer.Option(False, "--json", help="Print the model record as JSON."),
 ) -> None:
@@ -46,12 +48,23 @@ def register(
         with connect() as client:
             quiet = as_json or not err.is_terminal
             with Progress(
-                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=err, disable=quiet, transient=True,
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                disable=quiet,
+                transient=True,
             ) as bar:
                 task = bar.add_task(f"uploading {name}", total=None)
                 record = client.register(
-                    name, model_file, data=data, train=train, calibration=calibration, description=description,
+                    name,
+                    model_file,
+                    data=data,
+                    train=train,
+                    calibration=calibration,
+                    description=description,
                     progress=lambda sent, total: bar.update(task, completed=sent, total=total),
                 )
     except SlimServeClientError as e:
@@ -60,7 +73,9 @@ def register(
         print_json(record)
         return
     baseline = record["variants"][0]
-    console.print(f"registered [bold]{record['name']}[/] ({record['format']}, {human_bytes(baseline['size_bytes'])}), serving variant 'baseline' on {baseline['runtime']}")
+    console.print(
+        f"registered [bold]{record['name']}[/] ({record['format']}, {human_bytes(baseline['size_bytes'])}), serving variant 'baseline' on {baseline['runtime']}"
+    )
     print_signature(record)
 
 
@@ -89,7 +104,9 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print a list of m
     table = Table("model", "format", "variants", "serving", "inputs", "data", "registered")
     for r in records:
         inputs = ", ".join(f"{s['name']} {s['datatype']}{shape_text(s['shape'])}" for s in r["inputs"])
-        table.add_row(r["name"], r["format"], str(len(r["variants"])), r["default_variant"], inputs, ", ".join(r["datasets"]) or "-", r["created_at"])
+        table.add_row(
+            r["name"], r["format"], str(len(r["variants"])), r["default_variant"], inputs, ", ".join(r["datasets"]) or "-", r["created_at"]
+        )
     console.print(table)
 
 
@@ -106,17 +123,42 @@ def variants(
         fail(str(e))
     rows = record["variants"]
     if as_json:
-        keys = ("name", "recipe", "parent", "runtime", "status", "params", "nonzero_params", "size_bytes", "flops",
-                "latency_p50_ms", "latency_p99_ms", "throughput", "accuracy", "accuracy_delta")
+        keys = (
+            "name",
+            "recipe",
+            "parent",
+            "runtime",
+            "status",
+            "params",
+            "nonzero_params",
+            "size_bytes",
+            "flops",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "throughput",
+            "accuracy",
+            "accuracy_delta",
+        )
         print_json([{k: v[k] for k in keys} for v in rows])
         return
-    table = Table("variant", "recipe", "runtime", "status", "params", "size", "MFLOPs", "p50 ms", "p99 ms", "samples/s", "accuracy", "Δ pts")
+    table = Table(
+        "variant", "recipe", "runtime", "status", "params", "size", "MFLOPs", "p50 ms", "p99 ms", "samples/s", "accuracy", "Δ pts"
+    )
     for v in rows:
         acc = None if v["accuracy"] is None else v["accuracy"] * 100
         table.add_row(
-            v["name"], v["recipe"] or "-", v["runtime"], v["status"], fmt(v["params"]), human_bytes(v["size_bytes"]),
-            fmt(None if v["flops"] is None else v["flops"] / 1e6), fmt(v["latency_p50_ms"], 3), fmt(v["latency_p99_ms"], 3),
-            fmt(v["throughput"], 0), fmt(acc), fmt(v["accuracy_delta"]),
+            v["name"],
+            v["recipe"] or "-",
+            v["runtime"],
+            v["status"],
+            fmt(v["params"]),
+            human_bytes(v["size_bytes"]),
+            fmt(None if v["flops"] is None else v["flops"] / 1e6),
+            fmt(v["latency_p50_ms"], 3),
+            fmt(v["latency_p99_ms"], 3),
+            fmt(v["throughput"], 0),
+            fmt(acc),
+            fmt(v["accuracy_delta"]),
         )
     console.print(table)
 
@@ -124,18 +166,30 @@ def variants(
 @app.command()
 def optimize(
     name: str = typer.Argument(..., help="Model name."),
-    recipe: str = typer.Option(..., "--recipe", help="Recipe names joined by commas (quantize-static, graph-ort, ...) or a JSON/YAML recipe file."),
+    recipe: str = typer.Option(
+        ..., "--recipe", help="Recipe names joined by commas (quantize-static, graph-ort, ...) or a JSON/YAML recipe file."
+    ),
     variant_name: str = typer.Option("", "--name", help="Name of the new variant [default: the recipe's name]."),
-    accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Refuse the variant if it loses more than this many accuracy points."),
+    accuracy_budget: float | None = typer.Option(
+        None, "--accuracy-budget", help="Refuse the variant if it loses more than this many accuracy points."
+    ),
     parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
     as_json: bool = typer.Option(False, "--json", help="Print the new variant's record as JSON instead of the report."),
 ) -> None:
     """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving."""
     try:
-        with connect() as client, Progress(
-            "[progress.description]{task.description}", BarColumn(), "[progress.percentage]{task.percentage:>3.0f}%",
-            "{task.fields[detail]}", console=err, disable=as_json or not err.is_terminal, transient=True,
-        ) as bar:
+        with (
+            connect() as client,
+            Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                "[progress.percentage]{task.percentage:>3.0f}%",
+                "{task.fields[detail]}",
+                console=err,
+                disable=as_json or not err.is_terminal,
+                transient=True,
+            ) as bar,
+        ):
             task = bar.add_task(f"optimizing {name}", total=1.0, detail="")
 
             def on_progress(p) -> None:
@@ -181,7 +235,7 @@ def infer(
     name: str = typer.Argument(..., help="Model name."),
     input_file: Path = typer.Argument(..., help=".npz with one array per model input (other arrays, e.g. 'labels', are ignored)."),
     variant: str = typer.Option("", "--variant", help="Pin a variant instead of letting the server route."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Write the outputs to this .npz."),
+    output: Path | None = typer.Option(None, "--output", help="Write the outputs to this .npz."),
     as_json: bool = typer.Option(False, "--json", help="Print the outputs as JSON."),
 ) -> None:
     """Run a model on the arrays of an .npz file, of any size: rows go in requests that fit a message."""
@@ -201,12 +255,21 @@ def infer(
             except ValueError as e:
                 fail(f"'{input_file}': {e}")
             with Progress(
-                "[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} rows", TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True, disable=parts == 1,
+                "[progress.description]{task.description}",
+                BarColumn(),
+                "{task.completed}/{task.total} rows",
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+                disable=parts == 1,
             ) as bar:
                 task = bar.add_task(f"infer {name}", total=None)
                 answer = client.infer_rows(
-                    name, inputs, variant=variant, max_request_bytes=ROWS_REQUEST_BYTES, fixed_batch=fixed,
+                    name,
+                    inputs,
+                    variant=variant,
+                    max_request_bytes=ROWS_REQUEST_BYTES,
+                    fixed_batch=fixed,
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )
     except SlimServeClientError as e:
@@ -217,13 +280,15 @@ def infer(
         np.savez(output, **outputs)
     labels = arrays.get("labels")
     if as_json:
-        print_json({
-            "model": name,
-            "variant": answered_by,
-            "request_id": answer.request_ids[0],
-            "request_ids": answer.request_ids,
-            "outputs": {k: {"datatype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()} for k, v in outputs.items()},
-        })
+        print_json(
+            {
+                "model": name,
+                "variant": answered_by,
+                "request_id": answer.request_ids[0],
+                "request_ids": answer.request_ids,
+                "outputs": {k: {"datatype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()} for k, v in outputs.items()},
+            }
+        )
         return
     requests = answer.request_ids[0] if len(answer.request_ids) == 1 else f"{len(answer.request_ids)} requests"
     table = Table("output", "dtype", "shape", "first values", title=f"{name} (variant {answered_by}, request {requests})")

@@ -58,8 +58,12 @@ def follow(name: str) -> dict[str, Any]:
         for r in client.rollout_watch(name):
             line = f"{r['state']} {r['weight']:g}% " + " ".join(f"{g['name']}={g['decision']}" for g in r["gates"])
             if line != shown:  # the same look again says nothing new
-                console.print(f"{r['state']:<11} weight {r['weight']:>5g}%  requests {r['requests']}  "
-                              + "  ".join(f"{g['name']}: {g['decision']}" for g in r["gates"]), markup=False, highlight=False)
+                console.print(
+                    f"{r['state']:<11} weight {r['weight']:>5g}%  requests {r['requests']}  "
+                    + "  ".join(f"{g['name']}: {g['decision']}" for g in r["gates"]),
+                    markup=False,
+                    highlight=False,
+                )
                 shown = line
             last = r
     if last is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich import box
@@ -54,9 +54,9 @@ def print_traffic(policy: dict[str, Any], as_json: bool) -> None:
 
 def traffic(
     name: str = typer.Argument(..., help="Model name."),
-    weights: Optional[list[str]] = typer.Argument(None, help="VARIANT=WEIGHT pairs, e.g. baseline=70 int8=30 (normalized)."),
-    shadow: Optional[list[str]] = typer.Option(None, "--shadow", help="Variant that gets a copy of the traffic (repeatable)."),
-    sticky: Optional[str] = typer.Option(None, "--sticky", help="Request parameter whose value pins a caller to a variant."),
+    weights: list[str] | None = typer.Argument(None, help="VARIANT=WEIGHT pairs, e.g. baseline=70 int8=30 (normalized)."),
+    shadow: list[str] | None = typer.Option(None, "--shadow", help="Variant that gets a copy of the traffic (repeatable)."),
+    sticky: str | None = typer.Option(None, "--sticky", help="Request parameter whose value pins a caller to a variant."),
     as_json: bool = typer.Option(False, "--json", help="Print the policy as JSON."),
 ) -> None:
     """Split a model's live traffic between variants (no pairs: show the current split)."""
@@ -130,9 +130,21 @@ def compare(
         print_json(result)
         return
     table = Table(
-        "variant", "share", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "batch", "$/1k inf", "offline acc",
-        "online acc (95% CI)", "latency vs baseline", "accuracy vs baseline",
-        title=f"{name} on {result['node_type']} ({result['price_per_hour']:.2f} $/h)", box=box.SIMPLE_HEAVY,
+        "variant",
+        "share",
+        "requests",
+        "errors",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "batch",
+        "$/1k inf",
+        "offline acc",
+        "online acc (95% CI)",
+        "latency vs baseline",
+        "accuracy vs baseline",
+        title=f"{name} on {result['node_type']} ({result['price_per_hour']:.2f} $/h)",
+        box=box.SIMPLE_HEAVY,
     )
     for r in result["variants"]:
         share = "shadow" if r["shadow"] else f"{r['weight'] * 100:.0f}%"
@@ -143,9 +155,18 @@ def compare(
         if r["shadow_agreement"] is not None:
             share += f" (agrees {r['shadow_agreement'] * 100:.1f}%)"
         table.add_row(
-            r["variant"], share, fmt(r["requests"]), fmt(r["errors"]), fmt(r["latency_p50_ms"], 3), fmt(r["latency_p90_ms"], 3),
-            fmt(r["latency_p99_ms"], 3), fmt(r["mean_batch"], 1),
+            r["variant"],
+            share,
+            fmt(r["requests"]),
+            fmt(r["errors"]),
+            fmt(r["latency_p50_ms"], 3),
+            fmt(r["latency_p90_ms"], 3),
+            fmt(r["latency_p99_ms"], 3),
+            fmt(r["mean_batch"], 1),
             "-" if r["cost_per_1000"] is None else f"{r['cost_per_1000']:.2e}",
-            pct(r["offline_accuracy"]), online, r["latency_verdict"] or "-", r["accuracy_verdict"] or "-",
+            pct(r["offline_accuracy"]),
+            online,
+            r["latency_verdict"] or "-",
+            r["accuracy_verdict"] or "-",
         )
     console.print(table)

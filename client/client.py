@@ -65,9 +65,7 @@ def _read_file(path: str | Path, what: str) -> bytes:
         raise SlimServeClientError("INVALID_ARGUMENT", f"cannot read {what} '{path}': {e.strerror}") from None
 
 
-def channel_credentials(
-    ca: str | Path | None, cert: str | Path | None, key: str | Path | None
-) -> grpc.ChannelCredentials | None:
+def channel_credentials(ca: str | Path | None, cert: str | Path | None, key: str | Path | None) -> grpc.ChannelCredentials | None:
     """TLS credentials for a channel, or None for plaintext when nothing is given."""
     if not (ca or cert or key):
         return None
@@ -160,7 +158,7 @@ class SlimServeClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "SlimServeClient":
+    def __enter__(self) -> SlimServeClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -176,7 +174,9 @@ class SlimServeClient:
                 hint = "pass --tls-ca (the CA of the server's certificate) and, for mutual TLS, --tls-cert/--tls-key"
                 raise SlimServeClientError("UNAVAILABLE", f"TLS with {self.server} failed: {hint} ({e.details()})") from None
             if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
-                raise SlimServeClientError("UNAVAILABLE", f"no slimserve answers at {self.server}: is it running? ({e.details()})") from None
+                raise SlimServeClientError(
+                    "UNAVAILABLE", f"no slimserve answers at {self.server}: is it running? ({e.details()})"
+                ) from None
             raise SlimServeClientError(code.name if code else "UNKNOWN", e.details() or "") from None
 
     # ------------------------------------------------------------------ registry

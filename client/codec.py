@@ -108,9 +108,7 @@ def decode_raw(raw: bytes, datatype: str, shape: Sequence[int], name: str = "") 
         return deserialize_bytes(raw, count, name).reshape(shape)
     expected = count * dtype.itemsize
     if len(raw) != expected:
-        raise TensorCodecError(
-            f"tensor '{name}': {datatype} {list(shape)} needs {expected} bytes of raw data, got {len(raw)}"
-        )
+        raise TensorCodecError(f"tensor '{name}': {datatype} {list(shape)} needs {expected} bytes of raw data, got {len(raw)}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 

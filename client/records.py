@@ -50,9 +50,24 @@ def traffic_dict(t: spb.TrafficPolicy) -> dict[str, Any]:
 
 
 COMPARE_FIELDS = (
-    "variant", "weight", "shadow", "requests", "errors", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_batch",
-    "cost_per_1000", "offline_accuracy", "online_accuracy", "online_accuracy_low", "online_accuracy_high", "feedback",
-    "shadow_agreement", "latency_verdict", "accuracy_verdict",
+    "variant",
+    "weight",
+    "shadow",
+    "requests",
+    "errors",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+    "mean_batch",
+    "cost_per_1000",
+    "offline_accuracy",
+    "online_accuracy",
+    "online_accuracy_low",
+    "online_accuracy_high",
+    "feedback",
+    "shadow_agreement",
+    "latency_verdict",
+    "accuracy_verdict",
 )
 
 
@@ -72,13 +87,22 @@ def comparison_dict(c: spb.VariantComparison) -> dict[str, Any]:
 def rollout_dict(r: spb.RolloutStatus) -> dict[str, Any]:
     """`rollout status --json`: state, variant, control, weight (percent), requests per arm, gates, history, reason."""
     gate = lambda g: {  # noqa: E731
-        "name": g.name, "statistic": g.statistic if g.HasField("statistic") else None, "threshold": g.threshold,
-        "decision": g.decision, "evidence": g.evidence,
+        "name": g.name,
+        "statistic": g.statistic if g.HasField("statistic") else None,
+        "threshold": g.threshold,
+        "decision": g.decision,
+        "evidence": g.evidence,
     }
     event = lambda e: {  # noqa: E731
-        "time": e.time, "kind": e.kind, "state": e.state, "weight": e.weight, "message": e.message, "gate": e.gate or None,
+        "time": e.time,
+        "kind": e.kind,
+        "state": e.state,
+        "weight": e.weight,
+        "message": e.message,
+        "gate": e.gate or None,
         "statistic": e.statistic if e.HasField("statistic") else None,
-        "threshold": e.threshold if e.HasField("threshold") else None, "evidence": e.evidence or None,
+        "threshold": e.threshold if e.HasField("threshold") else None,
+        "evidence": e.evidence or None,
     }
     return {
         "model": r.model,

@@ -17,9 +17,7 @@ _MISSING = "[dim]–[/dim]"
 _SIZE_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1.0, "B"))
 _FLOP_UNITS = ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs"), (1.0, "FLOPs"))
 # Columns an auto search's table leaves out so that it fits a terminal; the JSON report has them all.
-AUTO_HIDDEN = frozenset(
-    {"variant", "runtime", "size_reduction_x", "compute_reduction_x", "sparsity_pct", "throughput_per_s", "agreement"}
-)
+AUTO_HIDDEN = frozenset({"variant", "runtime", "size_reduction_x", "compute_reduction_x", "sparsity_pct", "throughput_per_s", "agreement"})
 
 
 def _scale(values: list[Any], units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
@@ -134,7 +132,10 @@ def render_report(rows: list[dict[str, Any]], title: str) -> Table:
         # Numbers never wrap; names and statuses (a failed candidate's message) take the width that is left.
         text = k in ("variant", "recipe", "status", "runtime")
         table.add_column(
-            columns[k][0], justify="left" if text else "right", no_wrap=not text, overflow="fold" if text else "ellipsis",
+            columns[k][0],
+            justify="left" if text else "right",
+            no_wrap=not text,
+            overflow="fold" if text else "ellipsis",
             style="bold" if k in ("variant", "recipe") else "",
         )
     for i, r in enumerate(rows):

@@ -75,7 +75,7 @@ class Artifact:
         if not self.runtime:
             object.__setattr__(self, "runtime", DEFAULT_RUNTIME[self.format])
 
-    def derive(self, path: Path, format: str | None = None, runtime: str = "", **notes: str) -> "Artifact":
+    def derive(self, path: Path, format: str | None = None, runtime: str = "", **notes: str) -> Artifact:
         return Artifact(
             path=Path(path),
             format=format or self.format,

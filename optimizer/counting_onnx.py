@@ -118,7 +118,9 @@ def onnx_params(model: Any) -> tuple[int, int]:
         if size <= 1:
             continue
         uses = consumers.get(name, [])
-        if uses and all(i in _QPARAM_INPUTS.get(node.op_type, ()) or _scales_an_activation_scale(node, i, dynamic_scales) for node, i in uses):
+        if uses and all(
+            i in _QPARAM_INPUTS.get(node.op_type, ()) or _scales_an_activation_scale(node, i, dynamic_scales) for node, i in uses
+        ):
             continue  # a scale or a zero point
         int_bias = tensor.data_type == onnx.TensorProto.INT32 and any((node.op_type, i) in _INT_BIAS_INPUTS for node, i in uses)
         if not (tensor.data_type in floats or tensor.data_type in integer_weights or int_bias):

@@ -34,6 +34,7 @@ SYNTHETIC_DIM = 8
 # Samples synthesized when no data is given (at least the serving batch).
 SYNTHETIC_SAMPLES = 64
 
+
 @dataclass
 class Evaluation:
     """The measures of one variant; None where a measure does not apply or could not be taken.
@@ -67,7 +68,7 @@ class Evaluation:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Evaluation":
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
         """Reads a saved evaluation; keys this version does not know are ignored, missing ones are None."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -207,9 +208,7 @@ def model_inputs(
         if array is None and len(specs) == 1 and len(arrays) == 1:
             array = next(iter(arrays.values()))  # one input, one array: the names need not match
         if array is None:
-            raise OptimizerError(
-                f"evaluation data has no array for input '{spec.name}' (it holds: {', '.join(sorted(data)) or 'nothing'})"
-            )
+            raise OptimizerError(f"evaluation data has no array for input '{spec.name}' (it holds: {', '.join(sorted(data)) or 'nothing'})")
         dtype = DATATYPE_TO_NUMPY.get(spec.datatype)
         feeds[spec.name] = np.ascontiguousarray(array if dtype is None else array.astype(dtype, copy=False))
     sizes = {len(v) for v in feeds.values()}
@@ -242,7 +241,7 @@ def synthesize_inputs(specs: list[Any], samples: int, seed: int = 0) -> dict[str
 
 def _fixed_batch(predictor: Predictor) -> int | None:
     """The batch size the model is fixed to, or None when its first dimension is variable."""
-    first = list(predictor.inputs)[0].shape if predictor.inputs else ()
+    first = next(iter(predictor.inputs)).shape if predictor.inputs else ()
     return int(first[0]) if first and first[0] > 0 else None
 
 
@@ -262,5 +261,3 @@ def run_in_batches(predictor: Predictor, feeds: dict[str, np.ndarray], batch: in
             part = take(part, batch)
         chunks.append(_first_output(predictor, predictor.predict(part))[:size])
     return np.concatenate(chunks, axis=0)
-
-

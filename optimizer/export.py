@@ -46,7 +46,9 @@ def load_program(artifact: Artifact, needed_by: str) -> torch.export.ExportedPro
     try:
         return load_exported_program(artifact.path)
     except UnsafeArchiveError as e:
-        raise OptimizerError(f"{needed_by}: {artifact.path.name} cannot be loaded safely: {e}; export it again with torch.export.save") from e
+        raise OptimizerError(
+            f"{needed_by}: {artifact.path.name} cannot be loaded safely: {e}; export it again with torch.export.save"
+        ) from e
     except Exception as e:  # torch raises many types for a damaged or foreign archive
         raise OptimizerError(f"{needed_by}: {artifact.path.name} is not a readable torch.export archive: {e}") from e
 
@@ -154,7 +156,9 @@ def export_program_to_onnx(
         )
         onnx_program.save(str(path), external_data=False)
     except Exception as e:  # the exporter raises its own types for unsupported operators
-        raise OptimizerError(f"{needed_by}: torch.onnx.export cannot convert the model to ONNX: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise OptimizerError(
+            f"{needed_by}: torch.onnx.export cannot convert the model to ONNX: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
     model = onnx.load(str(path))
     _name_batch_dim(model)
     onnx.save(model, str(path))

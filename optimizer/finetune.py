@@ -163,7 +163,10 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: FineTuneConfig, step
             optimizer, base_lr=config.min_lr, max_lr=config.lr, step_size_up=half, mode="triangular", cycle_momentum=False
         )
     return lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total, pct_start=config.warmup_fraction,
+        optimizer,
+        max_lr=config.lr,
+        total_steps=total,
+        pct_start=config.warmup_fraction,
         cycle_momentum=config.optimizer in ("sgd", "adam", "adamw"),
     )
 
@@ -296,16 +299,20 @@ def fine_tune_(
     l1_params = [p for p in model.parameters() if p.requires_grad and p.dim() > 1] if config.l1 > 0 else []
     kinds = [input_kind(x) if config.augment.kind == "auto" else config.augment.kind for x in xs]
     if loss_fn is None:
+
         def loss_fn(m: Any, inputs: tuple[Any, ...], labels: Any) -> tuple[Any, Any]:
             logits = first_output(m(*inputs))
             return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=config.label_smoothing), logits
 
     start, span = fraction
-    context.progress(ProgressEvent(
-        stage=stage, fraction=start,
-        message=f"fine-tuning {config.epochs} epoch(s) on {len(ys)} samples: {config.optimizer}, lr {config.lr:g} {config.schedule}, "
-        f"augmentation {'/'.join(sorted(set(kinds)))}" + (f", {inserted} dropout layer(s)" if inserted else ""),
-    ))
+    context.progress(
+        ProgressEvent(
+            stage=stage,
+            fraction=start,
+            message=f"fine-tuning {config.epochs} epoch(s) on {len(ys)} samples: {config.optimizer}, lr {config.lr:g} {config.schedule}, "
+            f"augmentation {'/'.join(sorted(set(kinds)))}" + (f", {inserted} dropout layer(s)" if inserted else ""),
+        )
+    )
     results: list[EpochResult] = []
     best: tuple[float, int, dict[str, Any], list[Any]] | None = None
     step = 0
@@ -346,19 +353,28 @@ def fine_tune_(
         result = EpochResult(epoch + 1, total_loss / len(ys), correct / len(ys), eval_accuracy, optimizer.param_groups[0]["lr"])
         results.append(result)
         shown = result.accuracy if eval_accuracy is None else eval_accuracy
-        context.progress(ProgressEvent(
-            stage=stage, fraction=start + span * (epoch + 1) / config.epochs, epoch=result.epoch, loss=result.loss, accuracy=shown,
-            message=f"epoch {result.epoch}/{config.epochs}: loss {result.loss:.4f}, train accuracy {result.accuracy:.4f}"
-            + (f", evaluation accuracy {eval_accuracy:.4f}" if eval_accuracy is not None else ""),
-        ))
+        context.progress(
+            ProgressEvent(
+                stage=stage,
+                fraction=start + span * (epoch + 1) / config.epochs,
+                epoch=result.epoch,
+                loss=result.loss,
+                accuracy=shown,
+                message=f"epoch {result.epoch}/{config.epochs}: loss {result.loss:.4f}, train accuracy {result.accuracy:.4f}"
+                + (f", evaluation accuracy {eval_accuracy:.4f}" if eval_accuracy is not None else ""),
+            )
+        )
         if config.early_stopping and eval_accuracy is not None and may_stop(epoch):
             if best is None or eval_accuracy > best[0]:
                 best = (eval_accuracy, epoch, copy.deepcopy(model.state_dict()), [p.detach().clone() for p in extra_params])
             elif epoch - best[1] >= config.early_stopping:
-                context.progress(ProgressEvent(
-                    stage=stage, fraction=start + span,
-                    message=f"early stop after epoch {epoch + 1}: evaluation accuracy has not improved on epoch {best[1] + 1}'s {best[0]:.4f}",
-                ))
+                context.progress(
+                    ProgressEvent(
+                        stage=stage,
+                        fraction=start + span,
+                        message=f"early stop after epoch {epoch + 1}: evaluation accuracy has not improved on epoch {best[1] + 1}'s {best[0]:.4f}",
+                    )
+                )
                 break
     if best is not None and results[-1].eval_accuracy is not None and best[0] > results[-1].eval_accuracy:
         model.load_state_dict(best[2])
@@ -366,5 +382,3 @@ def fine_tune_(
             p.data.copy_(saved)
     model.eval()
     return results
-
-

@@ -43,6 +43,7 @@ def _import_onnx2torch(needed_by: str) -> tuple[Any, bool]:
         have_torchvision = False
     saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "torchvision" or k.startswith("torchvision.")}
     if not have_torchvision:
+
         def unavailable(*_args: Any, **_kwargs: Any) -> Any:
             raise OptimizerError(f"{', '.join(TORCHVISION_OPS)} need torchvision, which does not load on this node")
 
@@ -55,7 +56,9 @@ def _import_onnx2torch(needed_by: str) -> tuple[Any, bool]:
     try:
         import onnx2torch
     except ImportError as e:
-        raise OptimizerError(f"{needed_by} converts ONNX models to torch with onnx2torch, which is not installed ({e}); pip install {ONNX2TORCH_PIN}") from e
+        raise OptimizerError(
+            f"{needed_by} converts ONNX models to torch with onnx2torch, which is not installed ({e}); pip install {ONNX2TORCH_PIN}"
+        ) from e
     finally:
         if not have_torchvision:  # nothing else may see the placeholder (torch.onnx probes for torchvision)
             sys.modules.pop("torchvision", None)
@@ -154,7 +157,9 @@ def check_same_outputs(path: Path, module: Any, feeds: dict[str, np.ndarray], ne
         got = module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in feeds.values()))
     got = list(got) if isinstance(got, (tuple, list)) else [got]
     if len(got) != len(expected):
-        raise OptimizerError(f"{needed_by}: onnx2torch's conversion of {path.name} returns {len(got)} outputs, the ONNX model {len(expected)}; nothing was trained")
+        raise OptimizerError(
+            f"{needed_by}: onnx2torch's conversion of {path.name} returns {len(got)} outputs, the ONNX model {len(expected)}; nothing was trained"
+        )
     for i, (want, have) in enumerate(zip(expected, got)):
         have = have.detach().numpy()
         scale = float(np.abs(want).max()) if want.size else 0.0
@@ -176,7 +181,9 @@ def program_from_onnx(artifact: Artifact, feeds: dict[str, np.ndarray], needed_b
     try:
         module = onnx2torch.convert(model)
     except Exception as e:  # the up-front check passed, so this is a converter bug on this graph
-        raise OptimizerError(f"{needed_by}: onnx2torch failed to convert {artifact.path.name}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise OptimizerError(
+            f"{needed_by}: onnx2torch failed to convert {artifact.path.name}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
     module.eval()
     _fold_constant_reshapes_(module)
     check_same_outputs(artifact.path, module, feeds, needed_by)

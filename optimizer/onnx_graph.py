@@ -14,10 +14,31 @@ INT8_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatM
 # A constant this large added to or multiplied into activations is a mask value (finfo.min, -1e4, -inf), not data.
 MASK_MAGNITUDE = 1e3
 # Operators that carry a mask value from their input to their output; any other consumer ends the mask path.
-_MASK_CARRIERS = frozenset({
-    "Add", "Sub", "Mul", "Div", "Neg", "Where", "Cast", "Expand", "Unsqueeze", "Squeeze", "Reshape", "Flatten",
-    "Transpose", "Concat", "Slice", "Tile", "Min", "Max", "Identity", "ConstantOfShape", "Gather",
-})
+_MASK_CARRIERS = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Neg",
+        "Where",
+        "Cast",
+        "Expand",
+        "Unsqueeze",
+        "Squeeze",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Concat",
+        "Slice",
+        "Tile",
+        "Min",
+        "Max",
+        "Identity",
+        "ConstantOfShape",
+        "Gather",
+    }
+)
 
 
 def name_unnamed_nodes_(model: onnx.ModelProto) -> None:
@@ -51,10 +72,7 @@ def short_dot_nodes(model: onnx.ModelProto, min_length: int) -> list[str]:
     if min_length <= 0:
         return []
     initializers = {i.name: i for i in model.graph.initializer}
-    return [
-        n.name for n in model.graph.node
-        if (k := dot_length(n, initializers)) is not None and k < min_length and not _grouped(n)
-    ]
+    return [n.name for n in model.graph.node if (k := dot_length(n, initializers)) is not None and k < min_length and not _grouped(n)]
 
 
 def _grouped(node: onnx.NodeProto) -> bool:

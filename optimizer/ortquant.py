@@ -25,13 +25,21 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 # CPU flags of the INT8 dot-product instructions ORT's MLAS kernels use, fastest first.
-_INT8_FLAGS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("i8mm", "Arm I8MM"), ("asimddp", "Arm SDOT"))
+_INT8_FLAGS = (
+    ("amx_int8", "AMX"),
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("i8mm", "Arm I8MM"),
+    ("asimddp", "Arm SDOT"),
+)
 
 
 def int8_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """Which INT8 kernels ONNX Runtime's CPU provider runs on this machine, from the CPU's flags."""
     try:
-        flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), []))
+        flags = set(
+            next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), [])
+        )
     except OSError:
         return "unknown (no /proc/cpuinfo)"
     found = [label for flag, label in _INT8_FLAGS if flag in flags]
@@ -82,7 +90,11 @@ def preprocess(source: Path, target: Path, context: PassContext, needed_by: str)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         child = subprocess.run(
             [sys.executable, "-m", "optimizer.ortquant", str(source.resolve()), str(target.resolve())],
-            check=False, cwd=scratch, capture_output=True, text=True, env=_child_env(),
+            check=False,
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            env=_child_env(),
         )
     lines = child.stdout.strip().splitlines()
     try:

@@ -124,7 +124,16 @@ def optimize(
         config = auto[0].config
         budget = config.accuracy_budget if accuracy_budget is None else accuracy_budget  # type: ignore[attr-defined]
         artifact, evaluation, rows = auto_search(
-            source, config, context, runtime_factory, data, base, base_outputs, budget, variant_name, serving_batch  # type: ignore[arg-type]
+            source,
+            config,
+            context,
+            runtime_factory,
+            data,
+            base,
+            base_outputs,
+            budget,
+            variant_name,
+            serving_batch,  # type: ignore[arg-type]
         )
         return OptimizeResult(artifact, evaluation, base, rows, base_outputs)
     artifact = run_recipe(recipe, source, context)

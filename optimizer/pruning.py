@@ -29,7 +29,9 @@ def make_importance(name: str, module: Any, needed_by: str):
     from torch import nn
 
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        raise OptimizerError(f"{needed_by}: importance bn-scale ranks channels by their BatchNorm scale, and the model has no BatchNorm; use magnitude or taylor")
+        raise OptimizerError(
+            f"{needed_by}: importance bn-scale ranks channels by their BatchNorm scale, and the model has no BatchNorm; use magnitude or taylor"
+        )
     return tp.importance.BNScaleImportance()
 
 
@@ -171,8 +173,14 @@ def prune_channels_(
     failures = (IndexError, RuntimeError, AssertionError, ValueError, TypeError)  # Torch-Pruning on a graph it misreads
     try:
         pruner = tp.pruner.MetaPruner(
-            module, example, importance=make_importance(importance, module, needed_by), global_pruning=global_pruning,
-            pruning_ratio=ratio, iterative_steps=steps, ignored_layers=keep, round_to=round_to or None,
+            module,
+            example,
+            importance=make_importance(importance, module, needed_by),
+            global_pruning=global_pruning,
+            pruning_ratio=ratio,
+            iterative_steps=steps,
+            ignored_layers=keep,
+            round_to=round_to or None,
             customized_pruners={nn.LSTM: rnn, nn.GRU: rnn},
         )
     except failures as e:
@@ -189,7 +197,9 @@ def prune_channels_(
             between_steps(i)
     after = output_shapes(module, example)
     if after != before:
-        raise OptimizerError(f"{needed_by}: pruning changed the model's output shapes from {before} to {after}; add the output layer to ignored_layers")
+        raise OptimizerError(
+            f"{needed_by}: pruning changed the model's output shapes from {before} to {after}; add the output layer to ignored_layers"
+        )
 
 
 def taylor_gradients(module: Any, data: TrainData, batches: int = 4, batch_size: int = 64):

@@ -68,28 +68,30 @@ def report_rows(
         if accuracy_delta is None and e.accuracy is not None and b.accuracy is not None and name != baseline:
             accuracy_delta = (e.accuracy - b.accuracy) * 100.0
         size_fraction = _ratio(e.size_bytes, b.size_bytes)
-        rows.append({
-            "variant": name,
-            "runtime": e.runtime,
-            "size_bytes": e.size_bytes,
-            "size_reduction_x": _round(_ratio(b.size_bytes, e.size_bytes), 3),
-            "size_pct_of_baseline": _round(None if size_fraction is None else 100.0 * size_fraction, 2),
-            "flops": e.flops,
-            "compute_reduction_x": _round(_ratio(b.flops, e.flops), 3),
-            "sparsity_pct": _round(sparsity, 2),
-            "latency_p50_ms": _round(e.latency_p50_ms, 4),
-            "speedup_x": _round(_ratio(b.latency_p50_ms, e.latency_p50_ms), 3),
-            "throughput_per_s": _round(e.throughput, 1),
-            "throughput_ratio_x": _round(_ratio(e.throughput, b.throughput), 3),
-            "accuracy_pct": _round(None if e.accuracy is None else 100.0 * e.accuracy, 2),
-            "accuracy_delta_pt": None if name == baseline else _round(accuracy_delta, 2),
-            "agreement": None if name == baseline else _round(e.agreement, 4),
-            "metric": e.quality_metric,
-            "quality": _round(e.quality, 4),
-            "quality_min": None if name == baseline else _round(e.quality_min, 4),
-            "quality_drop_pt": None if name == baseline else _round(e.quality_drop, 2),
-            "reference_speedup_x": None if ref is None else _round(_ratio(ref.latency_p50_ms, e.latency_p50_ms), 3),
-        })
+        rows.append(
+            {
+                "variant": name,
+                "runtime": e.runtime,
+                "size_bytes": e.size_bytes,
+                "size_reduction_x": _round(_ratio(b.size_bytes, e.size_bytes), 3),
+                "size_pct_of_baseline": _round(None if size_fraction is None else 100.0 * size_fraction, 2),
+                "flops": e.flops,
+                "compute_reduction_x": _round(_ratio(b.flops, e.flops), 3),
+                "sparsity_pct": _round(sparsity, 2),
+                "latency_p50_ms": _round(e.latency_p50_ms, 4),
+                "speedup_x": _round(_ratio(b.latency_p50_ms, e.latency_p50_ms), 3),
+                "throughput_per_s": _round(e.throughput, 1),
+                "throughput_ratio_x": _round(_ratio(e.throughput, b.throughput), 3),
+                "accuracy_pct": _round(None if e.accuracy is None else 100.0 * e.accuracy, 2),
+                "accuracy_delta_pt": None if name == baseline else _round(accuracy_delta, 2),
+                "agreement": None if name == baseline else _round(e.agreement, 4),
+                "metric": e.quality_metric,
+                "quality": _round(e.quality, 4),
+                "quality_min": None if name == baseline else _round(e.quality_min, 4),
+                "quality_drop_pt": None if name == baseline else _round(e.quality_drop, 2),
+                "reference_speedup_x": None if ref is None else _round(_ratio(ref.latency_p50_ms, e.latency_p50_ms), 3),
+            }
+        )
     return rows
 
 

@@ -145,10 +145,13 @@ def _run_candidates(
             context.progress(ProgressEvent(stage="auto", fraction=(i + 1) / n, message=f"{recipe} failed: {e}"))
             continue
         e = candidate.evaluation
-        context.progress(ProgressEvent(
-            stage="auto", fraction=(i + 1) / n,
-            message=f"{recipe}: p50 {e.latency_p50_ms:.3f} ms, {describe(e.quality_metric, e.quality)} ({_drop(e)})",
-        ))
+        context.progress(
+            ProgressEvent(
+                stage="auto",
+                fraction=(i + 1) / n,
+                message=f"{recipe}: p50 {e.latency_p50_ms:.3f} ms, {describe(e.quality_metric, e.quality)} ({_drop(e)})",
+            )
+        )
 
 
 def _drop(e: Evaluation) -> str:
@@ -218,8 +221,12 @@ def auto_search(
             fallback = Candidate(EXPORT, reference.artifact, reference.evaluation, status="measured", vs_reference=1.0)
     seconds = time.perf_counter() - started
     summary = {
-        "reference": reference.name, "reference_runtime": reference.artifact.runtime, "reference_p50_ms": round(reference.p50_ms, 4),
-        "search_evaluations": evaluations, "search_timings": timings, "search_seconds": round(seconds, 1),
+        "reference": reference.name,
+        "reference_runtime": reference.artifact.runtime,
+        "reference_p50_ms": round(reference.p50_ms, 4),
+        "search_evaluations": evaluations,
+        "search_timings": timings,
+        "search_seconds": round(seconds, 1),
     }
     if chosen is None and fallback is None:
         tried = "; ".join(f"{c.recipe}: {_outcome(c, accuracy_budget)}" for c in candidates)
@@ -231,11 +238,17 @@ def auto_search(
     assert keep is not None and keep.artifact is not None and keep.evaluation is not None
     shown = candidates + ([keep] if keep is fallback else [])
     if reference.export is not None and keep is not fallback:
-        shown.append(Candidate(EXPORT, reference.export[0], reference.export[1], status="reference" if reference.name == EXPORT else "measured"))
+        shown.append(
+            Candidate(EXPORT, reference.export[0], reference.export[1], status="reference" if reference.name == EXPORT else "measured")
+        )
     rows = _rows(baseline, shown, keep, variant_name, within_budget, reference, summary)
     artifact = keep.artifact.derive(keep.artifact.path, runtime=keep.artifact.runtime, auto_choice=keep.recipe)
     why = "no candidate beat it, and it beats the .pt2 in torch" if keep is fallback else f"the fastest of {len(within)} within the budget"
-    context.progress(ProgressEvent(stage="auto", fraction=1.0, message=f"kept {keep.recipe}: {why} ({_count(evaluations, 'evaluation')}, {seconds:.0f} s)"))
+    context.progress(
+        ProgressEvent(
+            stage="auto", fraction=1.0, message=f"kept {keep.recipe}: {why} ({_count(evaluations, 'evaluation')}, {seconds:.0f} s)"
+        )
+    )
     return artifact, keep.evaluation, rows
 
 

@@ -60,8 +60,14 @@ def _layer(node: Any, tensors: dict[str, Any]) -> tuple[Any, list[str], list[Any
             return None
         out_ch, in_per_group = weight.shape[:2]
         layer = convs[target](
-            in_per_group * groups, out_ch, tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation,
-            groups=groups, bias=b is not None,
+            in_per_group * groups,
+            out_ch,
+            tuple(weight.shape[2:]),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=b is not None,
         )
         layer.weight = param(w)
         if b is not None:
@@ -104,7 +110,7 @@ def _layer(node: Any, tensors: dict[str, Any]) -> tuple[Any, list[str], list[Any
         return _recurrent_layer(node, args, tensors, param)
     if target == aten.embedding.default:
         w = attr(args[0])
-        if w is None or len(args) > 2 and args[2] not in (-1, None):
+        if w is None or (len(args) > 2 and args[2] not in (-1, None)):
             return None
         weight = tensors[w]
         layer = nn.Embedding(weight.shape[0], weight.shape[1])
@@ -127,8 +133,13 @@ def _recurrent_layer(node: Any, args: list[Any], tensors: dict[str, Any], param:
     weight_ih = tensors[targets[0]]
     gates = 4 if lstm else 3
     layer = (nn.LSTM if lstm else nn.GRU)(
-        weight_ih.shape[1], weight_ih.shape[0] // gates, num_layers=num_layers, bias=bool(has_biases), batch_first=bool(batch_first),
-        dropout=float(dropout), bidirectional=bool(bidirectional),
+        weight_ih.shape[1],
+        weight_ih.shape[0] // gates,
+        num_layers=num_layers,
+        bias=bool(has_biases),
+        batch_first=bool(batch_first),
+        dropout=float(dropout),
+        bidirectional=bool(bidirectional),
     )
     for name, target in zip(layer._flat_weights_names, targets):
         setattr(layer, name, param(target))
@@ -203,7 +214,12 @@ def lift_layers(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 graph.erase_node(node)
                 continue
             value = tensors[node.target]
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_floating_point() and node.target in dict(old.named_parameters()):
+            if (
+                isinstance(value, torch.Tensor)
+                and not isinstance(value, nn.Parameter)
+                and value.is_floating_point()
+                and node.target in dict(old.named_parameters())
+            ):
                 value = nn.Parameter(value.detach().clone())
             root[node.target] = value
     graph.lint()
@@ -213,7 +229,9 @@ def lift_layers(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return module
 
 
-def source_program(artifact: Artifact, context: PassContext, needed_by: str) -> tuple[torch.export.ExportedProgram, list[str], list[str], InputSpecs]:
+def source_program(
+    artifact: Artifact, context: PassContext, needed_by: str
+) -> tuple[torch.export.ExportedProgram, list[str], list[str], InputSpecs]:
     """The artifact as a torch.export program, its served input and output names, and its input specs.
 
     A .pt2 is loaded as it is; an ONNX model is converted by onnx2torch and checked against
@@ -391,6 +409,10 @@ def finish(prepared: Prepared, context: PassContext, artifact: Artifact, stem: s
     context.progress(ProgressEvent(stage=needed_by, fraction=0.97, message="exporting ONNX"))
     target = export_module_onnx(prepared.module, prepared.example, context, stem, prepared.inputs, prepared.outputs, needed_by)
     return Artifact(
-        path=target, format="onnx", runtime="onnxruntime", input_names=tuple(prepared.inputs), output_names=tuple(prepared.outputs),
+        path=target,
+        format="onnx",
+        runtime="onnxruntime",
+        input_names=tuple(prepared.inputs),
+        output_names=tuple(prepared.outputs),
         notes={**artifact.notes, **notes},
     )

@@ -27,10 +27,10 @@ from server.rollout.controller import RolloutController
 from server.rollout.gates import ProcessStatistics
 from server.servicers.experiments import ExperimentsServicer, FeedbackServicer
 from server.servicers.inference import InferenceServicer
-from server.servicers.traffic import TrafficServicer
 from server.servicers.optimizer import OptimizerServicer
 from server.servicers.registry import RegistryServicer
 from server.servicers.rollout import RolloutServicer
+from server.servicers.traffic import TrafficServicer
 from server.settings import Settings
 from server.watch import RepositoryWatcher
 
@@ -57,8 +57,10 @@ def protobuf_backend() -> str:
 def warn_if_slow_protobuf() -> None:
     backend = protobuf_backend()
     if backend == "python":  # 10x+ slower per message; PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python or a wheel without C
-        log.warning("protobuf runs its pure-Python implementation: every request pays for it; unset "
-                    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION or install a protobuf wheel with upb (the default on PyPI)")
+        log.warning(
+            "protobuf runs its pure-Python implementation: every request pays for it; unset "
+            "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION or install a protobuf wheel with upb (the default on PyPI)"
+        )
 
 
 class SlimServer:
@@ -72,8 +74,13 @@ class SlimServer:
         self.metrics = Metrics(registry, node_type=settings.node_type, price_per_hour=price)
         self.repository = Repository(settings.repository, read_only=settings.read_only)
         self.dataplane = DataPlane(
-            self.repository, settings.runtime_config(), self.metrics, settings.compute_threads, settings.batching_config(),
-            max_concurrent_calls=settings.max_concurrent_calls, inline_compute_s=settings.inline_compute_ms / 1000.0,
+            self.repository,
+            settings.runtime_config(),
+            self.metrics,
+            settings.compute_threads,
+            settings.batching_config(),
+            max_concurrent_calls=settings.max_concurrent_calls,
+            inline_compute_s=settings.inline_compute_ms / 1000.0,
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
@@ -139,8 +146,14 @@ class SlimServer:
         for service in ("", *SERVICES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         tls = "plaintext" if self.credentials is None else ("mutual TLS" if self.settings.tls_ca else "TLS")
-        log.info("slimserve listening on %s:%s, %s (HTTP on %s, metrics on %s)", self.settings.host, self.port, tls,
-                 self.http_port, self.metrics_port)
+        log.info(
+            "slimserve listening on %s:%s, %s (HTTP on %s, metrics on %s)",
+            self.settings.host,
+            self.port,
+            tls,
+            self.http_port,
+            self.metrics_port,
+        )
         warn_if_slow_protobuf()
 
     async def _start_http(self) -> None:

@@ -41,8 +41,7 @@ class BatchingConfig:
         bad = [s for s in sizes if not 1 <= s <= self.max_batch_size]
         if bad:
             raise InvalidArgument(
-                f"batching: preferred_batch_sizes {list(sizes)} must lie in 1..max_batch_size ({self.max_batch_size}); "
-                f"out of range: {bad}"
+                f"batching: preferred_batch_sizes {list(sizes)} must lie in 1..max_batch_size ({self.max_batch_size}); out of range: {bad}"
             )
         object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(set(sizes))))
 
@@ -57,7 +56,7 @@ class BatchingConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "BatchingConfig":
+    def from_dict(cls, d: dict[str, Any] | None) -> BatchingConfig:
         d = dict(d or {})
         version = d.pop("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:

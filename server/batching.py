@@ -48,7 +48,7 @@ OnBatch = Callable[[int, list[float], float], None]
 
 
 class _Request:
-    __slots__ = ("inputs", "outputs", "key", "size", "future", "enqueued", "queued")
+    __slots__ = ("enqueued", "future", "inputs", "key", "outputs", "queued", "size")
 
     def __init__(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, key: Hashable, size: int, future: asyncio.Future) -> None:
         self.inputs = inputs
@@ -119,9 +119,7 @@ class DynamicBatcher:
         if self._closing:
             raise Unavailable(f"{self._who()} is unloading and takes no new requests; retry the request")
         if self._waiting >= self.config.max_queue_size:
-            raise ResourceExhausted(
-                f"{self._who()}: queue full ({self._waiting} requests waiting); retry later or raise max_queue_size"
-            )
+            raise ResourceExhausted(f"{self._who()}: queue full ({self._waiting} requests waiting); retry later or raise max_queue_size")
         # A short call runs at once on the loop thread: with batching off always, with it on when nothing waits or runs.
         if self._runs_inline() and (not self.config.enabled or not (self._waiting or self._inflight)):
             return self._run_now(inputs, outputs)
@@ -190,9 +188,7 @@ class DynamicBatcher:
         self._waiting += 1
         enqueued = time.perf_counter()
         try:
-            result, started, compute = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._timed_predict, inputs, outputs
-            )
+            result, started, compute = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_predict, inputs, outputs)
             self._record_compute(compute)
             self._observe(batch_key(inputs, outputs)[1], [started - enqueued], compute)
             return result

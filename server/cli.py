@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 import typer
 
@@ -36,7 +36,7 @@ def setting_flags(command: Callable[..., None]) -> Callable[..., None]:
             annotation = next(a for a in get_args(annotation) if a is not type(None))
         help_text, default = _plain(field.description or ""), _plain(shown_default(field))
         option = typer.Option(None, flag_of(name, field), help=help_text, show_default=default)
-        flags.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[annotation]))
+        flags.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation | None))
     own = [p for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     command.__signature__ = inspect.Signature([*flags, *own])  # type: ignore[attr-defined]
     return command
@@ -74,12 +74,12 @@ def start(*, log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or
 def optimize(
     model_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="ONNX (.onnx) or torch.export archive (.pt2)."),
     recipe: str = typer.Option(..., "--recipe", help="Recipe names joined by commas, or a JSON/YAML recipe file."),
-    data: Optional[Path] = typer.Option(None, "--data", exists=True, help="Evaluation .npz (arrays per input, plus 'labels')."),
-    train: Optional[Path] = typer.Option(None, "--train", exists=True, help="Training .npz for passes that fine-tune."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", exists=True, help="Calibration .npz for static quantization."),
+    data: Path | None = typer.Option(None, "--data", exists=True, help="Evaluation .npz (arrays per input, plus 'labels')."),
+    train: Path | None = typer.Option(None, "--train", exists=True, help="Training .npz for passes that fine-tune."),
+    calibration: Path | None = typer.Option(None, "--calibration", exists=True, help="Calibration .npz for static quantization."),
     out: Path = typer.Option(..., "--out", help="Directory for the optimized model, report.json and evaluation.json."),
     variant_name: str = typer.Option("", "--name", help="Name of the variant in the report [default: the recipe's name]."),
-    accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Fail if more accuracy points are lost."),
+    accuracy_budget: float | None = typer.Option(None, "--accuracy-budget", help="Fail if more accuracy points are lost."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Optimize a model file offline (no server): run the recipe, measure, write the result and the report."""
@@ -90,10 +90,10 @@ def optimize(
     from rich.console import Console
     from rich.progress import BarColumn, Progress
 
+    from client.report import render_report
     from optimizer.base import Artifact, OptimizerError, PassContext
     from optimizer.pipeline import optimize as run_optimize
     from optimizer.recipes import parse_recipe
-    from client.report import render_report
     from optimizer.report import to_json
     from server.errors import InvalidArgument
     from server.manifest import RUNTIME_OF_FORMAT, check_dataset, inspect_npz, model_format
@@ -115,10 +115,15 @@ def optimize(
             check_dataset(role, inspect_npz(path, role), probe.inputs)
         parsed = parse_recipe(recipe)
         name = variant_name or parsed.name
-        source = Artifact(model_file, fmt, input_names=tuple(s.name for s in probe.inputs), output_names=tuple(s.name for s in probe.outputs))
-        with tempfile.TemporaryDirectory() as tmp, Progress(
-            "[progress.description]{task.description}", BarColumn(), "{task.fields[detail]}", console=console, transient=True
-        ) as bar:
+        source = Artifact(
+            model_file, fmt, input_names=tuple(s.name for s in probe.inputs), output_names=tuple(s.name for s in probe.outputs)
+        )
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            Progress(
+                "[progress.description]{task.description}", BarColumn(), "{task.fields[detail]}", console=console, transient=True
+            ) as bar,
+        ):
             task = bar.add_task(name, total=1.0, detail="")
             context = PassContext(
                 workdir=Path(tmp),

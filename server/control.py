@@ -12,15 +12,15 @@ from typing import Any
 
 from optimizer.base import ProgressEvent
 from server.dataplane import DataPlane, VersionStatistics
-from server.log_settings import LogSettings
-from server.model_config import ModelConfigView, parse_load_config
-from server.shared_memory import RegionStatus
 from server.errors import AlreadyExists, InvalidArgument
 from server.jobs import JobDone, JobManager, JobRequest
+from server.log_settings import LogSettings
 from server.manifest import ModelInfo
+from server.model_config import ModelConfigView, parse_load_config
 from server.registry import Registrar, UploadHeader, check_header
 from server.repository import Repository
 from server.routing import TrafficPolicy, promote, rollback, set_traffic
+from server.shared_memory import RegionStatus
 from server.stats import FeedbackResult, compare_rows
 
 

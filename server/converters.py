@@ -148,7 +148,9 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
             shm_inputs[tensor.name] = ShmInput(ref, tensor.datatype, tuple(tensor.shape))
     decode = partial(codec.decode_request_inputs, request)
     if shm_inputs:  # the others alone, with their raw entries (a shared-memory input has none)
-        rest = pb.ModelInferRequest(inputs=[t for t in request.inputs if t.name not in shm_inputs], raw_input_contents=request.raw_input_contents)
+        rest = pb.ModelInferRequest(
+            inputs=[t for t in request.inputs if t.name not in shm_inputs], raw_input_contents=request.raw_input_contents
+        )
         decode = partial(codec.decode_request_inputs, rest)
     classification, shm_outputs = {}, {}
     for output in request.outputs:
@@ -217,7 +219,8 @@ def model_config(view: ModelConfigView) -> pb.ModelConfigResponse:
         output=[mpb.ModelOutput(name=s.name, data_type=_data_type(s.datatype), dims=list(s.shape)) for s in view.outputs],
         instance_group=[
             mpb.ModelInstanceGroup(
-                name=f"{view.name}_{view.version}", kind=mpb.ModelInstanceGroup.Kind.Value(f"KIND_{view.instance_kind}"),
+                name=f"{view.name}_{view.version}",
+                kind=mpb.ModelInstanceGroup.Kind.Value(f"KIND_{view.instance_kind}"),
                 count=view.instance_count,
             )
         ],
@@ -236,8 +239,11 @@ def model_statistics(rows: list[VersionStatistics]) -> pb.ModelStatisticsRespons
     for row in rows:
         st = row.stats
         entry = response.model_stats.add(
-            name=row.model, version=str(row.version), last_inference=st.last_inference_ms,
-            inference_count=st.samples, execution_count=st.batches,
+            name=row.model,
+            version=str(row.version),
+            last_inference=st.last_inference_ms,
+            inference_count=st.samples,
+            execution_count=st.batches,
         )
         infer = entry.inference_stats
         infer.success.count, infer.success.ns = st.requests - st.errors, st.success_ns
@@ -321,8 +327,14 @@ def feedback_response(result: FeedbackResult) -> spb.FeedbackResponse:
 
 def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
     return spb.JobRecord(
-        id=job["id"], model=model, variant=job["variant"], recipe=job["recipe"], status=job["status"],
-        message=job.get("message", ""), started_at=job.get("started_at", ""), finished_at=job.get("finished_at", ""),
+        id=job["id"],
+        model=model,
+        variant=job["variant"],
+        recipe=job["recipe"],
+        status=job["status"],
+        message=job.get("message", ""),
+        started_at=job.get("started_at", ""),
+        finished_at=job.get("finished_at", ""),
     )
 
 
@@ -376,15 +388,36 @@ def rollout_plan(request: spb.RolloutStartRequest) -> RolloutPlan:
 def rollout_status(r: RolloutState) -> spb.RolloutStatus:
     record = r.record()
     out = spb.RolloutStatus(
-        model=r.model, state=r.state, variant=r.variant, control=r.control, weight=r.weight, requests=record["requests"],
-        reason=r.reason, source=r.source, started_at=record["started_at"], finished_at=record["finished_at"] or "",
+        model=r.model,
+        state=r.state,
+        variant=r.variant,
+        control=r.control,
+        weight=r.weight,
+        requests=record["requests"],
+        reason=r.reason,
+        source=r.source,
+        started_at=record["started_at"],
+        finished_at=record["finished_at"] or "",
         plan_json=json.dumps(record["plan"], sort_keys=True),
     )
     for g in r.gates:
-        out.gates.add(name=g.name, decision=g.decision, threshold=g.threshold, evidence=g.evidence,
-                      **({"statistic": g.statistic} if g.statistic is not None else {}))
+        out.gates.add(
+            name=g.name,
+            decision=g.decision,
+            threshold=g.threshold,
+            evidence=g.evidence,
+            **({"statistic": g.statistic} if g.statistic is not None else {}),
+        )
     for e in record["history"]:
         optional = {k: e[k] for k in ("statistic", "threshold") if e[k] is not None}
-        out.history.add(time=e["time"], kind=e["kind"], state=e["state"], weight=e["weight"], message=e["message"],
-                        gate=e["gate"], evidence=e["evidence"], **optional)
+        out.history.add(
+            time=e["time"],
+            kind=e["kind"],
+            state=e["state"],
+            weight=e["weight"],
+            message=e["message"],
+            gate=e["gate"],
+            evidence=e["evidence"],
+            **optional,
+        )
     return out

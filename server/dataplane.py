@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 
 from client.codec import DATATYPE_TO_NUMPY, TensorCodecError, datatype_of
-from server.batch_assembly import BatchingConfig
 from server import classification
+from server.batch_assembly import BatchingConfig
 from server.batching import DynamicBatcher
 from server.errors import ErrorKind, FailedPrecondition, InvalidArgument, NotFound, SlimServeError, Unavailable
 from server.loader import ModelLoader
 from server.metrics import Metrics
+from server.model_config import ModelConfigView, ServingOverride, batchable, config_view
 from server.models import LoadedModel, ServedVariant
 from server.repository import Repository
 from server.runtimes import Runtime, RuntimeConfig, TensorSpec
-from server.model_config import ModelConfigView, ServingOverride, batchable, config_view
 from server.shadow import ShadowMirror, top1
 from server.shared_memory import SharedMemoryRegistry, ShmInput, ShmRef
 from server.stats import FeedbackStore, VariantStats
@@ -142,8 +142,14 @@ class DataPlane:
         self.executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="compute")
         self._background: set[asyncio.Task] = set()  # batchers closing, shadow calls
         self.loader = ModelLoader(
-            repository, runtime_config, metrics, self.executor, self._spawn, batching or BatchingConfig(),
-            inline_compute_s, max_concurrent_calls,
+            repository,
+            runtime_config,
+            metrics,
+            self.executor,
+            self._spawn,
+            batching or BatchingConfig(),
+            inline_compute_s,
+            max_concurrent_calls,
         )
         self.shadows = ShadowMirror(self._spawn)
         self.shared_memory = SharedMemoryRegistry()
@@ -302,8 +308,13 @@ class DataPlane:
         recorder.begin()
         try:
             yield Call(
-                name, served.name, served.runtime, served.batcher, request_id or f"{self._id_prefix}{next(self._id_counter)}",
-                loaded.feedback, shadows,
+                name,
+                served.name,
+                served.runtime,
+                served.batcher,
+                request_id or f"{self._id_prefix}{next(self._id_counter)}",
+                loaded.feedback,
+                shadows,
             )
         except SlimServeError as e:
             code = e.kind.name
@@ -328,8 +339,7 @@ class DataPlane:
             unknown = [o for o in outputs if o not in specs]
             if unknown:
                 raise InvalidArgument(
-                    f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}; "
-                    f"its outputs are: {', '.join(specs)}"
+                    f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}; its outputs are: {', '.join(specs)}"
                 )
         result = await call.batcher.submit(inputs, outputs)
         predicted = top1(result)

@@ -106,11 +106,20 @@ def main() -> None:
     grpc_port, metrics_port = free_port(), free_port()
     env = {**os.environ, "SLIMSERVE_SERVER": f"127.0.0.1:{grpc_port}"}
     step(f"2. start slimserve (gRPC 127.0.0.1:{grpc_port}, metrics :{metrics_port})")
-    log = open(WORK / "server.log", "w")
+    log = open(WORK / "server.log", "w")  # noqa: SIM115  the server process writes it until it stops
     server = subprocess.Popen(
-        [str(BIN / "slimserve"), "start", "--repository", str(WORK / "repository"), "--grpc-port", str(grpc_port),
-         "--metrics-port", str(metrics_port)],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(BIN / "slimserve"),
+            "start",
+            "--repository",
+            str(WORK / "repository"),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 60
@@ -121,8 +130,19 @@ def main() -> None:
 
         step("3. register the model (ONNX) and its torch.export twin (.pt2)")
         slimctl = BIN / "slimctl"
-        sh(slimctl, "register", "digits", WORK / "digits.onnx", "--data", WORK / "data.npz", "--train", WORK / "train.npz",
-           "--calibration", WORK / "calibration.npz", env=env)
+        sh(
+            slimctl,
+            "register",
+            "digits",
+            WORK / "digits.onnx",
+            "--data",
+            WORK / "data.npz",
+            "--train",
+            WORK / "train.npz",
+            "--calibration",
+            WORK / "calibration.npz",
+            env=env,
+        )
         sh(slimctl, "register", "digits-torch", WORK / "digits.pt2", "--data", WORK / "data.npz", env=env)
         sh(slimctl, "models", env=env)
 
@@ -149,8 +169,18 @@ def main() -> None:
         step("8. what Prometheus scrapes (a few of the series)")
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         for line in body.splitlines():
-            if line.startswith(("slimserve_requests_total", "slimserve_inference_cost_dollars_total", "slimserve_traffic_weight_ratio",
-                                "slimserve_online_accuracy_ratio", "slimserve_shadow_agreements_total")) and 'model="digits"' in line:
+            if (
+                line.startswith(
+                    (
+                        "slimserve_requests_total",
+                        "slimserve_inference_cost_dollars_total",
+                        "slimserve_traffic_weight_ratio",
+                        "slimserve_online_accuracy_ratio",
+                        "slimserve_shadow_agreements_total",
+                    )
+                )
+                and 'model="digits"' in line
+            ):
                 print(line)
     finally:
         step("9. graceful shutdown (SIGTERM)")

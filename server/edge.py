@@ -43,7 +43,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         code, message = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", method.__qualname__, exc_info=exc)
+            log.error("%s failed", method.__qualname__, exc_info=exc)
         await context.abort(code, message)
 
     if inspect.isasyncgenfunction(method):

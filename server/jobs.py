@@ -193,7 +193,7 @@ class JobManager:
             # Side files a runtime reads next to the model (e.g. <stem>.compile.json) keep their suffix.
             for side in result.artifact.path.parent.glob(f"{result.artifact.path.stem}.*"):
                 if side != result.artifact.path and side.is_file():
-                    shutil.copyfile(side, variant_dir / f"model{side.name[len(result.artifact.path.stem):]}")
+                    shutil.copyfile(side, variant_dir / f"model{side.name[len(result.artifact.path.stem) :]}")
             variant = VariantInfo(
                 name=job.variant,
                 # `auto` records the pipeline it chose, so the variant says what it really is.
@@ -255,7 +255,7 @@ class JobManager:
         sent = 0
         while True:
             async with job.changed:
-                await job.changed.wait_for(lambda: len(job.events) > sent or job.finished)
+                await job.changed.wait_for(lambda: len(job.events) > sent or job.finished)  # noqa: B023  called within this iteration
                 pending, finished, error = job.events[sent:], job.finished, job.error
             for event in pending:
                 yield event

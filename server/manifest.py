@@ -47,7 +47,7 @@ def model_format(filename: str) -> str:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -72,8 +72,8 @@ class VariantInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VariantInfo":
-        known = {f for f in cls.__dataclass_fields__}
+    def from_dict(cls, d: dict[str, Any]) -> VariantInfo:
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -146,9 +146,11 @@ class ModelInfo:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelInfo":
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
         if d.get("schema_version") != SCHEMA_VERSION:
-            raise FailedPrecondition(f"manifest of '{d.get('name')}' has schema_version {d.get('schema_version')}, expected {SCHEMA_VERSION}")
+            raise FailedPrecondition(
+                f"manifest of '{d.get('name')}' has schema_version {d.get('schema_version')}, expected {SCHEMA_VERSION}"
+            )
         return cls(
             name=d["name"],
             format=d["format"],

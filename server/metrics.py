@@ -42,32 +42,84 @@ class Family:
 
 
 PER_VARIANT: tuple[Family, ...] = (
-    Family("requests", Counter, "slimserve_requests_total", "Inference requests answered, by status code.",
-           extra=(("code", RESULT_CODES),), cached="requests_ok"),
-    Family("request_duration", Histogram, "slimserve_request_duration_seconds",
-           "Time from receiving an inference request to answering it.", buckets=LATENCY_BUCKETS, cached="request_duration"),
-    Family("compute_duration", Histogram, "slimserve_compute_duration_seconds", "Time the runtime spent computing one call (a batch).",
-           buckets=LATENCY_BUCKETS, cached="compute_duration"),
-    Family("queue_duration", Histogram, "slimserve_queue_duration_seconds",
-           "Time a request waited in the batcher's queue before its batch started.", buckets=LATENCY_BUCKETS, cached="queue_duration"),
+    Family(
+        "requests",
+        Counter,
+        "slimserve_requests_total",
+        "Inference requests answered, by status code.",
+        extra=(("code", RESULT_CODES),),
+        cached="requests_ok",
+    ),
+    Family(
+        "request_duration",
+        Histogram,
+        "slimserve_request_duration_seconds",
+        "Time from receiving an inference request to answering it.",
+        buckets=LATENCY_BUCKETS,
+        cached="request_duration",
+    ),
+    Family(
+        "compute_duration",
+        Histogram,
+        "slimserve_compute_duration_seconds",
+        "Time the runtime spent computing one call (a batch).",
+        buckets=LATENCY_BUCKETS,
+        cached="compute_duration",
+    ),
+    Family(
+        "queue_duration",
+        Histogram,
+        "slimserve_queue_duration_seconds",
+        "Time a request waited in the batcher's queue before its batch started.",
+        buckets=LATENCY_BUCKETS,
+        cached="queue_duration",
+    ),
     Family("batch_size", Histogram, "slimserve_batch_size", "Samples per executed model call.", buckets=BATCH_BUCKETS, cached="batch_size"),
-    Family("cost", Counter, "slimserve_inference_cost_dollars_total",
-           "Dollars of device time spent computing: compute seconds times the node type's price per hour / 3600.", cached="cost"),
+    Family(
+        "cost",
+        Counter,
+        "slimserve_inference_cost_dollars_total",
+        "Dollars of device time spent computing: compute seconds times the node type's price per hour / 3600.",
+        cached="cost",
+    ),
     Family("samples", Counter, "slimserve_inferences_total", "Samples inferred (requests can carry several).", cached="samples"),
     Family("offline_accuracy", Gauge, "slimserve_offline_accuracy_ratio", "Top-1 accuracy of a variant on the model's evaluation data."),
     Family("flops", Gauge, "slimserve_model_flops", "FLOPs per sample of a variant."),
     Family("online_accuracy", Gauge, "slimserve_online_accuracy_ratio", "Top-1 accuracy on live traffic that received feedback."),
-    Family("feedback", Counter, "slimserve_feedback_total", "Ground-truth labels received, by whether the answer was right.",
-           extra=(("correct", ("true", "false")),)),
-    Family("shadow_requests", Counter, "slimserve_shadow_requests_total", "Requests mirrored to a shadow variant.", cached="shadow_requests"),
-    Family("shadow_agreements", Counter, "slimserve_shadow_agreements_total",
-           "Mirrored requests whose top-1 answer equalled the primary's.", cached="shadow_agreements"),
-    Family("traffic_weight", Gauge, "slimserve_traffic_weight_ratio", "Share of a model's traffic routed to a variant (0..1).",
-           cached="traffic_weight"),
-    Family("queued", Gauge, "slimserve_queue_requests", "Requests waiting in a variant's batcher queue (read at scrape time).",
-           cached="queued"),
-    Family("queue_capacity", Gauge, "slimserve_queue_capacity_requests",
-           "Most requests a variant's queue holds before RESOURCE_EXHAUSTED.", cached="queue_capacity"),
+    Family(
+        "feedback",
+        Counter,
+        "slimserve_feedback_total",
+        "Ground-truth labels received, by whether the answer was right.",
+        extra=(("correct", ("true", "false")),),
+    ),
+    Family(
+        "shadow_requests", Counter, "slimserve_shadow_requests_total", "Requests mirrored to a shadow variant.", cached="shadow_requests"
+    ),
+    Family(
+        "shadow_agreements",
+        Counter,
+        "slimserve_shadow_agreements_total",
+        "Mirrored requests whose top-1 answer equalled the primary's.",
+        cached="shadow_agreements",
+    ),
+    Family(
+        "traffic_weight",
+        Gauge,
+        "slimserve_traffic_weight_ratio",
+        "Share of a model's traffic routed to a variant (0..1).",
+        cached="traffic_weight",
+    ),
+    Family(
+        "queued", Gauge, "slimserve_queue_requests", "Requests waiting in a variant's batcher queue (read at scrape time).", cached="queued"
+    ),
+    Family(
+        "queue_capacity",
+        Gauge,
+        "slimserve_queue_capacity_requests",
+        "Most requests a variant's queue holds before RESOURCE_EXHAUSTED.",
+        cached="queue_capacity",
+    ),
     Family("inflight", Gauge, "slimserve_inflight_requests", "Inference requests being processed.", cached="inflight"),
     Family("model_size", Gauge, "slimserve_model_size_bytes", "Bytes on disk of each loaded variant.", cached="model_size"),
     Family("loaded", Gauge, "slimserve_variant_loaded", "1 while a variant is loaded and serving.", cached="loaded"),
@@ -132,11 +184,13 @@ class Metrics:
 
     def series(self, model: str, variant: str) -> VariantSeries:
         values = (model, variant, self.node_type)
-        return VariantSeries({
-            f.cached: getattr(self, f.attr).labels(*values, *(options[0] for _, options in f.extra))
-            for f in PER_VARIANT
-            if f.cached is not None
-        })
+        return VariantSeries(
+            {
+                f.cached: getattr(self, f.attr).labels(*values, *(options[0] for _, options in f.extra))
+                for f in PER_VARIANT
+                if f.cached is not None
+            }
+        )
 
     def forget(self, model: str, variant: str) -> None:
         """Drops every child of a deleted variant, of every family and every value of its extra labels."""

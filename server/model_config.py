@@ -66,8 +66,13 @@ def batchable(inputs: list[TensorSpec]) -> bool:
 
 
 def config_view(
-    model: str, variant: VariantInfo, inputs: list[TensorSpec], outputs: list[TensorSpec], batching: BatchingConfig,
-    calls: int, device: str,
+    model: str,
+    variant: VariantInfo,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    batching: BatchingConfig,
+    calls: int,
+    device: str,
 ) -> ModelConfigView:
     batched = batchable(inputs)
     max_batch = batching.max_batch_size if batched else 0
@@ -94,9 +99,13 @@ def config_view(
 # Keys of a load `config` (Triton's JSON form of ModelConfig: snake_case or protobuf's lowerCamelCase).
 _SAME_AS_SERVED = {"name", "platform", "backend", "input", "output", "default_model_filename", "version_policy"}
 _CAMEL = {
-    "maxBatchSize": "max_batch_size", "dynamicBatching": "dynamic_batching", "instanceGroup": "instance_group",
-    "preferredBatchSize": "preferred_batch_size", "maxQueueDelayMicroseconds": "max_queue_delay_microseconds",
-    "defaultModelFilename": "default_model_filename", "versionPolicy": "version_policy",
+    "maxBatchSize": "max_batch_size",
+    "dynamicBatching": "dynamic_batching",
+    "instanceGroup": "instance_group",
+    "preferredBatchSize": "preferred_batch_size",
+    "maxQueueDelayMicroseconds": "max_queue_delay_microseconds",
+    "defaultModelFilename": "default_model_filename",
+    "versionPolicy": "version_policy",
 }
 
 

@@ -16,7 +16,7 @@ from server.stats import VariantStats
 class VariantRecorder:
     """Metrics and statistics of one variant of one model, kept across a refresh and dropped with the variant."""
 
-    __slots__ = ("model", "variant", "stats", "series", "_metrics")
+    __slots__ = ("_metrics", "model", "series", "stats", "variant")
 
     def __init__(self, metrics: Metrics, model: str, variant: str) -> None:
         self.model = model

@@ -87,7 +87,7 @@ class Repository:
 
     def _take_writer_lock(self):
         """One writer per directory: a second would clear the first's staged writes at start."""
-        handle = open(self.root / ".writer.lock", "a+")
+        handle = open(self.root / ".writer.lock", "a+")  # noqa: SIM115  the writer lock is held for the process's life
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

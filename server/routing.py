@@ -247,7 +247,7 @@ class Router:
     value's hash point) falls into one. The same sticky value keeps its variant while weights stay.
     """
 
-    __slots__ = ("policy", "_names", "_cumulative", "_only", "_random", "_shadows")
+    __slots__ = ("_cumulative", "_names", "_only", "_random", "_shadows", "policy")
 
     def __init__(self, policy: TrafficPolicy, seed: int | None = None) -> None:
         self.policy = policy

@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     host: str = setting("127.0.0.1", "address the gRPC, HTTP and `/metrics` servers listen on")
     grpc_port: int = setting(8001, "gRPC port; 0 picks a free one")
     http_port: int = setting(
-        8000, "the Open Inference Protocol over HTTP/REST (KServe v2, Triton's binary tensors; same token, TLS and models as "
-        "gRPC); 0 picks a free port, `-1` disables it", ge=-1,
+        8000,
+        "the Open Inference Protocol over HTTP/REST (KServe v2, Triton's binary tensors; same token, TLS and models as "
+        "gRPC); 0 picks a free port, `-1` disables it",
+        ge=-1,
     )
     metrics_port: int = setting(8002, "Prometheus text format at `/metrics` over HTTP; 0 picks a free port, `-1` disables it")
     node_type: str = setting("cpu", "node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
@@ -50,21 +52,22 @@ class Settings(BaseSettings):
     max_upload_bytes: int = setting(4 * 1024**3, "largest total upload (model plus data files)", shown="4 GiB")
     compute_threads: int = setting(2, "worker threads that run models")
     intra_op_threads: int = setting(
-        0, "threads inside one model call (ORT's idle workers never spin); 0: the cores divided among the compute threads",
+        0,
+        "threads inside one model call (ORT's idle workers never spin); 0: the cores divided among the compute threads",
         shown="cores ÷ compute threads",
     )
     device: str = setting("auto", "`auto` (or `cuda`) picks TensorRT/CUDA when present, else the CPU; `cpu` forces the CPU")
-    batching: bool = setting(
-        True, "dynamic batching per variant (inputs need a free batch dimension, else that variant runs unbatched)"
-    )
+    batching: bool = setting(True, "dynamic batching per variant (inputs need a free batch dimension, else that variant runs unbatched)")
     max_batch_size: int = setting(32, "largest merged batch, in samples")
     max_queue_delay_ms: float = setting(0.5, "longest a request waits for others while a second call slot is free")
     preferred_batch_sizes: list[int] = setting(list, "batch sizes to cut at when they can be filled (repeat the flag)")
     max_queue_size: int = setting(1024, "requests waiting per variant; beyond it `RESOURCE_EXHAUSTED` at once")
     inline_compute_ms: float = setting(
-        0.5, "ONNX Runtime CPU calls (a batch, or one request with `--no-batching`) whose recent mean compute is below this "
+        0.5,
+        "ONNX Runtime CPU calls (a batch, or one request with `--no-batching`) whose recent mean compute is below this "
         "run on the event-loop thread instead of a compute thread (the hand-off costs more than a tiny model's call); "
-        "0: always hand off", ge=0,
+        "0: always hand off",
+        ge=0,
     )
     max_concurrent_calls: int = setting(
         1, "model calls of one variant at once; requests gather behind them (with 2 or more, `--max-queue-delay-ms` applies)", ge=1
@@ -78,8 +81,9 @@ class Settings(BaseSettings):
         5.0, "seconds between the rollout controller's looks at its gates (any look is valid: the tests are anytime-valid)", gt=0
     )
     prices: Path | None = setting(
-        None, "YAML/JSON of node type → dollars per hour, extending cpu 0.10, gpu-t4 0.35, gpu-v100 2.48, gpu-a100 3.67, "
-        "tpu-v3-8 4.00", shown="built in",
+        None,
+        "YAML/JSON of node type → dollars per hour, extending cpu 0.10, gpu-t4 0.35, gpu-v100 2.48, gpu-a100 3.67, tpu-v3-8 4.00",
+        shown="built in",
     )
     shutdown_grace_s: float = setting(30.0, "seconds in-flight calls get to finish on SIGTERM")
 

@@ -39,8 +39,14 @@ class ShadowMirror:
         self.pending = 0
 
     def mirror(
-        self, model: str, request_id: str, shadows: tuple[ServedVariant, ...], feedback: FeedbackStore,
-        inputs: dict[str, np.ndarray], outputs: list[str] | None, primary: np.ndarray | None,
+        self,
+        model: str,
+        request_id: str,
+        shadows: tuple[ServedVariant, ...],
+        feedback: FeedbackStore,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        primary: np.ndarray | None,
     ) -> None:
         """Sends a copy of an answered request to each shadow; `primary` is the primary's top-1 (None: not a classifier)."""
         for served in shadows:
@@ -51,8 +57,14 @@ class ShadowMirror:
             self.spawn(self._run(model, request_id, served, feedback, inputs, outputs, primary))
 
     async def _run(
-        self, model: str, request_id: str, served: ServedVariant, feedback: FeedbackStore,
-        inputs: dict[str, np.ndarray], outputs: list[str] | None, primary: np.ndarray | None,
+        self,
+        model: str,
+        request_id: str,
+        served: ServedVariant,
+        feedback: FeedbackStore,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        primary: np.ndarray | None,
     ) -> None:
         recorder = served.recorder
         start = time.perf_counter()

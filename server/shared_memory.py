@@ -50,7 +50,7 @@ class ShmInput:
 
 
 class _Region:
-    __slots__ = ("status", "fd", "map")
+    __slots__ = ("fd", "map", "status")
 
     def __init__(self, status: RegionStatus, fd: int, mapped: mmap.mmap) -> None:
         self.status = status
@@ -146,8 +146,6 @@ class SharedMemoryRegistry:
     def write_output(self, name: str, array: np.ndarray, datatype: str, ref: ShmRef) -> None:
         data = encode_raw(array, datatype)
         if len(data) > ref.byte_size:
-            raise InvalidArgument(
-                f"output '{name}' needs {len(data)} bytes; shared memory region '{ref.region}' was given {ref.byte_size}"
-            )
+            raise InvalidArgument(f"output '{name}' needs {len(data)} bytes; shared memory region '{ref.region}' was given {ref.byte_size}")
         region, start = self._span(ref, len(data))
         region.map[start : start + len(data)] = data

@@ -69,7 +69,7 @@ class LatencyWindow:
         ps = list(ps)
         samples = self.latencies()
         if samples.size == 0:
-            return {p: None for p in ps}
+            return dict.fromkeys(ps)
         values = np.percentile(samples, ps)
         return {p: float(v) for p, v in zip(ps, values)}
 
@@ -172,9 +172,7 @@ class FeedbackStore:
         self._agreed: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def record_prediction(
-        self, request_id: str, variant: str, predicted_class: int, shadows: Mapping[str, int] | None = None
-    ) -> None:
+    def record_prediction(self, request_id: str, variant: str, predicted_class: int, shadows: Mapping[str, int] | None = None) -> None:
         """The primary's top-1 for a request and, where already known, each shadow's."""
         answer = _Answer(variant, int(predicted_class))
         with self._lock:
@@ -218,13 +216,9 @@ class FeedbackStore:
         with self._lock:
             answer = self._answers.get(request_id)
             if answer is None:
-                raise NotFound(
-                    f"no recent request with id '{request_id[:200]}' (ids are kept for the last {self.capacity} requests)"
-                )
+                raise NotFound(f"no recent request with id '{request_id[:200]}' (ids are kept for the last {self.capacity} requests)")
             if answer.label is not None:
-                raise InvalidArgument(
-                    f"request '{request_id[:200]}' already has a label ({answer.label}); each request takes one label"
-                )
+                raise InvalidArgument(f"request '{request_id[:200]}' already has a label ({answer.label}); each request takes one label")
             answer.label = label
             correct = answer.predicted == label
             self._score(answer.variant, correct)

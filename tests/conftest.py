@@ -142,8 +142,15 @@ class ServerHandle:
             target = staged / name
             target.mkdir()
             (target / "model.onnx").write_bytes(source.read_bytes())
-            info = VariantInfo(name, recipe=recipe, parent="baseline", runtime="onnxruntime", format="onnx",
-                               file="model.onnx", size_bytes=source.stat().st_size)
+            info = VariantInfo(
+                name,
+                recipe=recipe,
+                parent="baseline",
+                runtime="onnxruntime",
+                format="onnx",
+                file="model.onnx",
+                size_bytes=source.stat().st_size,
+            )
             repository.add_variant(model, target, info)
         self.call(self.server.dataplane.refresh(model))
 

@@ -24,8 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(condition: Callable[[], T], what: str = "the condition", timeout: float = 30.0, interval: float = 0.01,
-               ignore: tuple[type[BaseException], ...] = ()) -> T:
+def wait_until(
+    condition: Callable[[], T],
+    what: str = "the condition",
+    timeout: float = 30.0,
+    interval: float = 0.01,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
     """Polls `condition` until it returns something truthy and returns that; fails the test after `timeout` seconds.
 
     `ignore`: exceptions that mean "not yet" (a server not listening yet), retried like a falsy answer.
@@ -52,8 +57,23 @@ class ServerProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_port = metrics_port
         self.log = log
-        command = [sys.executable, "-m", "server.cli", "start", "--repository", str(repository), "--grpc-port", str(self.port),
-                   "--http-port", "-1", "--metrics-port", str(metrics_port), "--log-level", "WARNING", *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "start",
+            "--repository",
+            str(repository),
+            "--grpc-port",
+            str(self.port),
+            "--http-port",
+            "-1",
+            "--metrics-port",
+            str(metrics_port),
+            "--log-level",
+            "WARNING",
+            *flags,
+        ]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         self.wait_ready()
@@ -86,8 +106,12 @@ class ServerProcess:
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and labels.items() <= s.labels.items())
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and labels.items() <= s.labels.items()
+        )
 
     def rss_bytes(self) -> int:
         """Resident memory of the server process, from /proc (Linux)."""

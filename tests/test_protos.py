@@ -6,8 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from protos import generate
-from protos import inference_pb2, model_config_pb2
+from protos import generate, inference_pb2, model_config_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +60,9 @@ def test_wire_compatible_with_tritonclient():
     for message, fields in mine.items():
         assert message in theirs["messages"], f"{message} is not in Triton's proto"
         for name, spec in fields.items():
-            assert theirs["messages"][message].get(name) == spec, f"{message}.{name}: ours {spec}, Triton's {theirs['messages'][message].get(name)}"
+            assert theirs["messages"][message].get(name) == spec, (
+                f"{message}.{name}: ours {spec}, Triton's {theirs['messages'][message].get(name)}"
+            )
     mine_enums = {e.full_name: {v.name: v.number for v in e.values} for e in model_config_pb2.DESCRIPTOR.enum_types_by_name.values()}
     for m in model_config_pb2.DESCRIPTOR.message_types_by_name.values():
         mine_enums.update({e.full_name: {v.name: v.number for v in e.values} for e in m.enum_types})

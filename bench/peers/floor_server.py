@@ -53,7 +53,7 @@ def main() -> None:
         session = make_session(args.model_file, args.intra_op_threads)
         input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
 
-        async def infer(request: bytes, context) -> bytes:  # noqa: F811 - the model-running variant
+        async def infer(request: bytes, context) -> bytes:
             parsed = pb.ModelInferRequest.FromString(request)
             x = np.frombuffer(parsed.raw_input_contents[0], np.float32).reshape(tuple(parsed.inputs[0].shape))
             y = session.run([output_name], {input_name: x})[0]

@@ -24,7 +24,6 @@ ARGS, rest = ours.parse_known_args()
 sys.argv = [sys.argv[0], *rest]  # kserve parses the rest (ports, workers) when imported
 
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer  # noqa: E402
-
 from ort_session import make_session  # noqa: E402
 
 
@@ -50,7 +49,9 @@ class OnnxModel(Model):
             out = InferOutput(name=name, shape=list(array.shape), datatype="FP32")
             out.set_data_from_numpy(array, binary_data=payload.use_binary_outputs)
             outputs.append(out)
-        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id, use_binary_outputs=payload.use_binary_outputs)
+        return InferResponse(
+            model_name=self.name, infer_outputs=outputs, response_id=payload.id, use_binary_outputs=payload.use_binary_outputs
+        )
 
 
 if __name__ == "__main__":

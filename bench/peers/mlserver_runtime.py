@@ -12,11 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mlserver import MLModel  # noqa: E402
-from mlserver.codecs import NumpyCodec  # noqa: E402
-from mlserver.types import InferenceRequest, InferenceResponse  # noqa: E402
-
-from ort_session import make_session  # noqa: E402
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceRequest, InferenceResponse
+from ort_session import make_session
 
 
 class OnnxRuntimeModel(MLModel):

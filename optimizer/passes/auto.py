@@ -53,7 +53,9 @@ class AutoConfig(PassConfig):
         if self.epochs < 1:
             raise ConfigValueError(f"epochs must be at least 1, got {self.epochs}")
         if not self.candidates or not all(isinstance(c, str) and c.strip() for c in self.candidates):
-            raise ConfigValueError(f"candidates must be a non-empty list of pipelines such as 'prune-structured,quantize-static', got {self.candidates!r}")
+            raise ConfigValueError(
+                f"candidates must be a non-empty list of pipelines such as 'prune-structured,quantize-static', got {self.candidates!r}"
+            )
         if any("auto" in c.split(",") for c in self.candidates):
             raise ConfigValueError("candidates cannot contain auto itself")
         if not 0.0 <= self.noise_margin < 1.0:

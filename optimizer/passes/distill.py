@@ -77,7 +77,9 @@ class DistillSoftConfig(PassConfig):
         if not self.temperature > 0:
             raise ConfigValueError(f"temperature must be positive, got {self.temperature}")
         if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
-            raise ConfigValueError(f"soft_weight and hard_weight must be 0 or more and not both 0, got {self.soft_weight} and {self.hard_weight}")
+            raise ConfigValueError(
+                f"soft_weight and hard_weight must be 0 or more and not both 0, got {self.soft_weight} and {self.hard_weight}"
+            )
 
 
 @dataclass(frozen=True)
@@ -267,10 +269,13 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         p.requires_grad_(False)
     t_params, s_params = parameter_count(teacher), parameter_count(student)
     t_flops, s_flops = flops_per_sample(teacher, example), flops_per_sample(student, example)
-    context.progress(ProgressEvent(
-        stage=pass_name, fraction=0.05,
-        message=f"{origin}: {s_params} parameters ({100 * s_params / t_params:.1f}% of the teacher's), {100 * s_flops / t_flops:.1f}% of its FLOPs",
-    ))
+    context.progress(
+        ProgressEvent(
+            stage=pass_name,
+            fraction=0.05,
+            message=f"{origin}: {s_params} parameters ({100 * s_params / t_params:.1f}% of the teacher's), {100 * s_flops / t_flops:.1f}% of its FLOPs",
+        )
+    )
 
     pairs: list[tuple[str, str]] = []
     projections: list[Any] = []
@@ -286,12 +291,14 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         with torch.no_grad():
             teacher_logits = first_output(teacher(*inputs))
         logits = first_output(model(*inputs))
-        soft = F.kl_div(F.log_softmax(logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1), reduction="batchmean", log_target=True)
+        soft = F.kl_div(
+            F.log_softmax(logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1), reduction="batchmean", log_target=True
+        )
         loss = config.soft_weight * T * T * soft + config.hard_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing)
         if taps is not None:
-            feature = sum(
-                relative_mse(proj(taps[0].outputs[s]), taps[1].outputs[t]) for proj, (s, t) in zip(projections, pairs)
-            ) / len(pairs)
+            feature = sum(relative_mse(proj(taps[0].outputs[s]), taps[1].outputs[t]) for proj, (s, t) in zip(projections, pairs)) / len(
+                pairs
+            )
             loss = loss + config.feature_weight * feature  # type: ignore[operator]
         return loss, logits
 
@@ -304,8 +311,14 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
                 tap.close()
     prepared.module = student
     return finish(
-        prepared, context, artifact, f"{artifact.path.stem}-student", pass_name,
-        distilled=pass_name, params_fraction=f"{s_params / t_params:.4f}", flops_fraction=f"{s_flops / t_flops:.4f}",
+        prepared,
+        context,
+        artifact,
+        f"{artifact.path.stem}-student",
+        pass_name,
+        distilled=pass_name,
+        params_fraction=f"{s_params / t_params:.4f}",
+        flops_fraction=f"{s_flops / t_flops:.4f}",
     )
 
 

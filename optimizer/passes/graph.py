@@ -40,8 +40,7 @@ def torch_xla_missing_message() -> str:
 
     version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     return (
-        f"graph-xla: torch_xla is not installed on this node; install torch_xla matching torch {version} "
-        "and set PJRT_DEVICE=CPU|CUDA|TPU"
+        f"graph-xla: torch_xla is not installed on this node; install torch_xla matching torch {version} and set PJRT_DEVICE=CPU|CUDA|TPU"
     )
 
 
@@ -124,11 +123,13 @@ class OrtGraphPass(Pass):
         options.optimized_model_filepath = str(target)
         options.log_severity_level = 3  # ORT's warning for 'all' goes to the job's progress instead
         if config.level == "all":
-            context.progress(ProgressEvent(
-                stage=self.name,
-                fraction=0.5,
-                message="level 'all' saves NCHWc layouts sized to this CPU: serve the variant only on nodes with the same CPU",
-            ))
+            context.progress(
+                ProgressEvent(
+                    stage=self.name,
+                    fraction=0.5,
+                    message="level 'all' saves NCHWc layouts sized to this CPU: serve the variant only on nodes with the same CPU",
+                )
+            )
         try:
             ort.InferenceSession(str(source.path), sess_options=options, providers=list(config.providers))
         except Exception as e:  # ORT raises its own exception types for bad models

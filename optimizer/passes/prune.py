@@ -114,9 +114,13 @@ class PruneWeightPass(Pass):
         else:
             for m, name in weight_tensors(layers):
                 prune.l1_unstructured(m, name, amount=config.sparsity)
-        context.progress(ProgressEvent(
-            stage=self.name, fraction=0.05, message=f"{100 * weight_sparsity(layers):.1f}% of the weights of {len(layers)} layers zeroed",
-        ))
+        context.progress(
+            ProgressEvent(
+                stage=self.name,
+                fraction=0.05,
+                message=f"{100 * weight_sparsity(layers):.1f}% of the weights of {len(layers)} layers zeroed",
+            )
+        )
         fine_tune_(prepared.module, prepared.data, config.finetune, context, self.name, fraction=(0.05, 0.9))
         for m, name in weight_tensors(layers):
             prune.remove(m, name)  # the zeros become the weights
@@ -133,7 +137,7 @@ class PruneWeightPass(Pass):
 # prune-gradual
 
 
-def sparsity_at(step: int, total: int, config: "PruneGradualConfig") -> float:
+def sparsity_at(step: int, total: int, config: PruneGradualConfig) -> float:
     """The target sparsity after `step` of `total` training steps (Zhu & Gupta's cubic ramp, or linear)."""
     start, end = round(config.start_fraction * total), max(1, round(config.end_fraction * total))
     if step <= start:
@@ -188,7 +192,7 @@ class GradualMasks:
         with torch.no_grad():
             pairs = [(getattr(m, name + "_orig"), getattr(m, name + "_mask")) for m, name in self.weights]
             scores = torch.cat([(orig.abs() if self.regrowth else orig.abs() * mask).flatten() for orig, mask in pairs])
-            keep = self.total - int(round(sparsity * self.total))
+            keep = self.total - round(sparsity * self.total)
             flat = torch.zeros_like(scores)
             flat[torch.topk(scores, keep, sorted=False).indices] = 1.0
             offset = 0
@@ -252,7 +256,9 @@ class PruneGradualPass(Pass):
         config: PruneGradualConfig = self.config  # type: ignore[assignment]
         prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
         layers = weight_layers(prepared.module, config.exclude, self.name)
-        rows = len(prepared.data.labels) if config.finetune.max_samples <= 0 else min(config.finetune.max_samples, len(prepared.data.labels))
+        rows = (
+            len(prepared.data.labels) if config.finetune.max_samples <= 0 else min(config.finetune.max_samples, len(prepared.data.labels))
+        )
         steps_per_epoch = math.ceil(rows / config.finetune.batch_size)
         total = config.finetune.epochs * steps_per_epoch
         end_step = max(1, round(config.end_fraction * total))
@@ -268,8 +274,16 @@ class PruneGradualPass(Pass):
         def may_stop(epoch: int) -> bool:
             return (epoch + 1) * steps_per_epoch >= end_step
 
-        fine_tune_(prepared.module, prepared.data, config.finetune, context, self.name, after_step=after_step, may_stop=may_stop,
-                   fraction=(0.0, 0.9))
+        fine_tune_(
+            prepared.module,
+            prepared.data,
+            config.finetune,
+            context,
+            self.name,
+            after_step=after_step,
+            may_stop=may_stop,
+            fraction=(0.0, 0.9),
+        )
         masks.update(config.sparsity)  # exactly the target, whatever step the run ended on
         masks.remove()
         sparsity = weight_sparsity(layers)
@@ -334,19 +348,36 @@ class PruneStructuredPass(Pass):
         per_step = [config.finetune.epochs // steps + (1 if i < config.finetune.epochs % steps else 0) for i in range(steps)]
 
         def between(i: int) -> None:
-            context.progress(ProgressEvent(
-                stage=self.name, fraction=0.05 + 0.9 * i / steps,
-                message=f"step {i + 1}/{steps}: {parameter_count(module)} parameters ({100 * parameter_count(module) / params0:.1f}%), "
-                f"{100 * flops_per_sample(module, example) / flops0:.1f}% of the FLOPs",
-            ))
+            context.progress(
+                ProgressEvent(
+                    stage=self.name,
+                    fraction=0.05 + 0.9 * i / steps,
+                    message=f"step {i + 1}/{steps}: {parameter_count(module)} parameters ({100 * parameter_count(module) / params0:.1f}%), "
+                    f"{100 * flops_per_sample(module, example) / flops0:.1f}% of the FLOPs",
+                )
+            )
             if per_step[i]:
-                fine_tune_(module, prepared.data, dataclasses.replace(config.finetune, epochs=per_step[i]), context, self.name,
-                           fraction=(0.05 + 0.9 * i / steps, 0.9 / steps))
+                fine_tune_(
+                    module,
+                    prepared.data,
+                    dataclasses.replace(config.finetune, epochs=per_step[i]),
+                    context,
+                    self.name,
+                    fraction=(0.05 + 0.9 * i / steps, 0.9 / steps),
+                )
 
         prune_channels_(
-            module, example, config.pruning_ratio, config.importance, self.name, ignored=config.ignored_layers,
-            global_pruning=config.global_pruning, steps=steps, round_to=config.round_to,
-            gradients=taylor_gradients(module, prepared.data), between_steps=between,
+            module,
+            example,
+            config.pruning_ratio,
+            config.importance,
+            self.name,
+            ignored=config.ignored_layers,
+            global_pruning=config.global_pruning,
+            steps=steps,
+            round_to=config.round_to,
+            gradients=taylor_gradients(module, prepared.data),
+            between_steps=between,
         )
         params, flops = parameter_count(module), flops_per_sample(module, example)
         if params >= params0:
@@ -355,7 +386,12 @@ class PruneStructuredPass(Pass):
                 f"it could not prune: {'; '.join(untouched_layers(module, config.ignored_layers))}"
             )
         return finish(
-            prepared, context, artifact, f"{artifact.path.stem}-channels", self.name,
-            pruned=f"structured {config.importance} {config.pruning_ratio:g}", params_fraction=f"{params / params0:.4f}",
+            prepared,
+            context,
+            artifact,
+            f"{artifact.path.stem}-channels",
+            self.name,
+            pruned=f"structured {config.importance} {config.pruning_ratio:g}",
+            params_fraction=f"{params / params0:.4f}",
             flops_fraction=f"{flops / flops0:.4f}",
         )

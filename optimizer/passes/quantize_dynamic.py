@@ -92,11 +92,18 @@ class QuantizeDynamicPass(Pass):
                 )
             except Exception as e:  # ORT raises assorted types for models it cannot quantize
                 raise OptimizerError(f"{self.name}: onnxruntime cannot quantize {source.path.name}: {type(e).__name__}: {e}") from e
-        check_quantized(source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / nodes_to_exclude left none")
+        check_quantized(
+            source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / nodes_to_exclude left none"
+        )
         kernels = int8_kernels()
         context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}; CPU: {kernels}"))
         return source.derive(
-            target, format="onnx", runtime="onnxruntime", quantized="int8-dynamic", op_types=",".join(op_types), int8_kernels=kernels,
+            target,
+            format="onnx",
+            runtime="onnxruntime",
+            quantized="int8-dynamic",
+            op_types=",".join(op_types),
+            int8_kernels=kernels,
         )
 
     def _check_worth_it(self, model: Path, op_types: list[str], context: PassContext) -> None:
@@ -116,8 +123,11 @@ class QuantizeDynamicPass(Pass):
                 "INT8 convolutions (ConvInteger) run slower than FP32 on CPUs; use quantize-static, or set op_types ['Conv', 'MatMul'] to force them"
             )
         if slow > chosen:
-            context.progress(ProgressEvent(
-                stage=self.name, fraction=0.05,
-                message=f"{slow:,} of {slow + chosen:,} weights are in Conv layers, which stay FP32 (dynamic INT8 convolutions "
-                "run slower than FP32 on CPUs): use quantize-static to quantize them",
-            ))
+            context.progress(
+                ProgressEvent(
+                    stage=self.name,
+                    fraction=0.05,
+                    message=f"{slow:,} of {slow + chosen:,} weights are in Conv layers, which stay FP32 (dynamic INT8 convolutions "
+                    "run slower than FP32 on CPUs): use quantize-static to quantize them",
+                )
+            )

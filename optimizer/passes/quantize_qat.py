@@ -165,8 +165,13 @@ class QuantizeQatPass(Pass):
 
         # Augmentation off: the fake-quantize observers must calibrate on the data the model will serve.
         finetune = FineTuneConfig(
-            epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, weight_decay=config.weight_decay,
-            optimizer="adamw", schedule="cosine", augment=AugmentConfig(kind="none"),
+            epochs=config.epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            weight_decay=config.weight_decay,
+            optimizer="adamw",
+            schedule="cosine",
+            augment=AugmentConfig(kind="none"),
         )
         fine_tune_(model, TrainData([arrays[name] for name in inputs], labels), finetune, context, self.name, before_epoch=before_epoch)
         context.progress(ProgressEvent(stage=self.name, fraction=1.0, message="converting to INT8 and exporting ONNX"))
@@ -182,6 +187,10 @@ class QuantizeQatPass(Pass):
             raise OptimizerError(f"{self.name}: the exported model holds no INT8 operators; torchao found nothing to quantize in it")
         # The served names travel with the artifact even when the .pt2 was registered without them.
         return Artifact(
-            path=target, format="onnx", runtime="onnxruntime", input_names=tuple(inputs), output_names=tuple(outputs),
+            path=target,
+            format="onnx",
+            runtime="onnxruntime",
+            input_names=tuple(inputs),
+            output_names=tuple(outputs),
             notes={**artifact.notes, "quantized": "int8-qat"},
         )

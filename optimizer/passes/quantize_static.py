@@ -144,9 +144,12 @@ class QuantizeStaticPass(Pass):
         if fixed_batch and rows < fixed_batch:
             raise OptimizerError(f"{self.name}: the model takes batches of {fixed_batch} and the calibration data holds {rows} samples")
         if config.quant_format == "qoperator" and config.activation_type == "qint8":
-            context.progress(ProgressEvent(
-                stage=self.name, message="qoperator with qint8 activations runs slowly on x86 CPUs; prefer quant_format qdq or activation_type quint8",
-            ))
+            context.progress(
+                ProgressEvent(
+                    stage=self.name,
+                    message="qoperator with qint8 activations runs slowly on x86 CPUs; prefer quant_format qdq or activation_type quint8",
+                )
+            )
         target = context.new_path(f"{artifact.path.stem}-int8-static", ".onnx")
         with tempfile.TemporaryDirectory(dir=context.workdir) as tmp:
             model_in = source.path
@@ -162,10 +165,14 @@ class QuantizeStaticPass(Pass):
             onnx.save(model, str(named))
             excluded = plan.excluded
             for attempt in range(2):
-                context.progress(ProgressEvent(
-                    stage=self.name, fraction=0.3 + 0.3 * attempt,
-                    message=f"calibrating ({config.calibrate_method}) on {rows} samples" + (f"; FP32: {_names(excluded)}" if excluded else ""),
-                ))
+                context.progress(
+                    ProgressEvent(
+                        stage=self.name,
+                        fraction=0.3 + 0.3 * attempt,
+                        message=f"calibrating ({config.calibrate_method}) on {rows} samples"
+                        + (f"; FP32: {_names(excluded)}" if excluded else ""),
+                    )
+                )
                 self._quantize(named, target, arrays, fixed_batch, plan.op_types, excluded, plan.extra_options)
                 huge = huge_activations(target, config.max_activation_range) if config.max_activation_range else {}
                 if not huge:
@@ -177,21 +184,38 @@ class QuantizeStaticPass(Pass):
                         f"{config.max_activation_range:g} after their nodes were kept in FP32; add their consumers to nodes_to_exclude"
                     )
                 excluded = sorted(set(excluded) | set(nodes_touching(model, set(huge))))
-                context.progress(ProgressEvent(
-                    stage=self.name, fraction=0.5, message=f"activations {spans} span more than {config.max_activation_range:g}: their nodes stay FP32",
-                ))
+                context.progress(
+                    ProgressEvent(
+                        stage=self.name,
+                        fraction=0.5,
+                        message=f"activations {spans} span more than {config.max_activation_range:g}: their nodes stay FP32",
+                    )
+                )
         check_quantized(source.path, target, self.name, "check op_types, nodes_to_exclude and min_dot_length")
         strip_debug_info(target)
         kernels = int8_kernels()
-        context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}; {len(excluded)} nodes FP32; CPU: {kernels}"))
+        context.progress(
+            ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}; {len(excluded)} nodes FP32; CPU: {kernels}")
+        )
         return source.derive(
-            target, format="onnx", runtime="onnxruntime", quantized="int8-static",
-            op_types=",".join(plan.op_types or ["all"]), fp32_nodes=str(len(excluded)), int8_kernels=kernels,
+            target,
+            format="onnx",
+            runtime="onnxruntime",
+            quantized="int8-static",
+            op_types=",".join(plan.op_types or ["all"]),
+            fp32_nodes=str(len(excluded)),
+            int8_kernels=kernels,
         )
 
     def _quantize(
-        self, model: Path, target: Path, arrays: dict[str, np.ndarray], fixed_batch: int | None,
-        op_types: list[str] | None, excluded: list[str], extra_options: dict[str, object],
+        self,
+        model: Path,
+        target: Path,
+        arrays: dict[str, np.ndarray],
+        fixed_batch: int | None,
+        op_types: list[str] | None,
+        excluded: list[str],
+        extra_options: dict[str, object],
     ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 

@@ -39,9 +39,7 @@ class Traffic(Protocol):
 
 
 class RolloutController:
-    def __init__(
-        self, repository: Repository, traffic: Traffic, statistics: ArmStatistics, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, repository: Repository, traffic: Traffic, statistics: ArmStatistics, clock: Callable[[], float] = time.time) -> None:
         self.repository = repository
         self.traffic = traffic
         self.statistics = statistics
@@ -232,8 +230,17 @@ class RolloutController:
         if state != "promoted":
             r.weight = 0.0
         r.history.append(
-            Event(now, state, state, r.weight, reason, gate.name if gate else "", gate.statistic if gate else None,
-                  gate.threshold if gate else None, gate.evidence if gate else "")
+            Event(
+                now,
+                state,
+                state,
+                r.weight,
+                reason,
+                gate.name if gate else "",
+                gate.statistic if gate else None,
+                gate.threshold if gate else None,
+                gate.evidence if gate else "",
+            )
         )
         self.running.pop(r.model, None)
         self._start.pop(r.model, None)
@@ -262,4 +269,3 @@ def _stages(plan: RolloutPlan) -> str:
 
 def _where(r: RolloutState) -> str:
     return "the shadow stage" if r.state == "shadow" else f"canary {r.weight:g}%"
-

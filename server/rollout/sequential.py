@@ -110,9 +110,7 @@ def _pct(x: float) -> str:
     return f"{x * 100:.2f}%"
 
 
-def worse_rate(
-    canary: tuple[int, int], control: tuple[int, int], margin: float, alpha: float, what: str = "error rate"
-) -> Verdict:
+def worse_rate(canary: tuple[int, int], control: tuple[int, int], margin: float, alpha: float, what: str = "error rate") -> Verdict:
     """Is the canary's rate (events, trials) higher than the control's by more than `margin`?
 
     fail: the whole sequence of rate(canary) - rate(control) lies above the margin; pass: wholly below it.

@@ -21,7 +21,7 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
+    def from_dict(cls, d: dict) -> TensorSpec:
         return cls(d["name"], d["datatype"], tuple(int(x) for x in d["shape"]))
 
     def describe(self) -> str:
@@ -58,7 +58,7 @@ class Runtime(abc.ABC):
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Runs the model; `outputs` restricts which outputs are computed (None: all)."""
 
-    def unload(self) -> None:
+    def unload(self) -> None:  # noqa: B027  a runtime with nothing to release need not override it
         """Releases what `load` took; the object must not be used afterwards."""
 
     @property

@@ -105,9 +105,7 @@ class OnnxRuntime(Runtime):
         session = getattr(self, "session", None)
         if session is None:
             return "unloaded"
-        return {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}.get(
-            session.get_providers()[0], "cpu"
-        )
+        return {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}.get(session.get_providers()[0], "cpu")
 
     @property
     def inline_safe(self) -> bool:

@@ -43,8 +43,20 @@ def test_register_models_infer_delete(server, digits, tmp_path):
     result = slimctl(server, "variants", "digits", "--json")
     [variant] = json.loads(result.stdout)
     assert set(variant) == {
-        "name", "recipe", "parent", "runtime", "status", "params", "nonzero_params", "size_bytes", "flops",
-        "latency_p50_ms", "latency_p99_ms", "throughput", "accuracy", "accuracy_delta",
+        "name",
+        "recipe",
+        "parent",
+        "runtime",
+        "status",
+        "params",
+        "nonzero_params",
+        "size_bytes",
+        "flops",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "throughput",
+        "accuracy",
+        "accuracy_delta",
     }
     assert variant["name"] == "baseline" and variant["runtime"] == "onnxruntime"
 

@@ -13,10 +13,23 @@ from server.routing import TrafficPolicy
 
 
 def test_the_status_record_carries_state_gates_history_and_reason():
-    r = RolloutState("digits", "int8", "baseline", RolloutPlan(), TrafficPolicy.single(), state="rolled_back", started_at=10.0,
-                     finished_at=20.0, reason="gate 'error' failed", requests={"int8": 40, "baseline": 400})
+    r = RolloutState(
+        "digits",
+        "int8",
+        "baseline",
+        RolloutPlan(),
+        TrafficPolicy.single(),
+        state="rolled_back",
+        started_at=10.0,
+        finished_at=20.0,
+        reason="gate 'error' failed",
+        requests={"int8": 40, "baseline": 400},
+    )
     r.gates = [GateResult("error", "fail", 0.09, 0.01, "error rate ..."), GateResult("accuracy", "skip", None, 0.01, "no feedback")]
-    r.history = [Event(10.0, "started", "", 0.0, "rollout"), Event(20.0, "rolled_back", "rolled_back", 0.0, "why", "error", 0.09, 0.01, "ev")]
+    r.history = [
+        Event(10.0, "started", "", 0.0, "rollout"),
+        Event(20.0, "rolled_back", "rolled_back", 0.0, "why", "error", 0.09, 0.01, "ev"),
+    ]
     record = rollout_dict(converters.rollout_status(r))
     assert record["state"] == "rolled_back" and record["variant"] == "int8" and record["control"] == "baseline"
     assert record["weight"] == 0.0 and record["requests"] == {"int8": 40, "baseline": 400}

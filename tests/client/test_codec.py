@@ -54,7 +54,7 @@ def test_typed_count_mismatch():
 
 
 def test_unknown_datatype_lists_known_ones():
-    with pytest.raises(codec.TensorCodecError, match="unknown datatype 'FLOAT'.*FP32"):
+    with pytest.raises(codec.TensorCodecError, match=r"unknown datatype 'FLOAT'.*FP32"):
         codec.decode_raw(b"", "FLOAT", [0], "x")
 
 

@@ -9,12 +9,31 @@ from optimizer.evaluation import Evaluation
 from optimizer.report import report_rows
 
 BASELINE = Evaluation(
-    params=1000, nonzero_params=1000, size_bytes=4_000_000, flops=2e6, latency_p50_ms=2.0, latency_p99_ms=3.0,
-    serving_batch=32, throughput=1000.0, accuracy=0.95, runtime="onnxruntime", device="cpu",
+    params=1000,
+    nonzero_params=1000,
+    size_bytes=4_000_000,
+    flops=2e6,
+    latency_p50_ms=2.0,
+    latency_p99_ms=3.0,
+    serving_batch=32,
+    throughput=1000.0,
+    accuracy=0.95,
+    runtime="onnxruntime",
+    device="cpu",
 )
 QUANTIZED = Evaluation(
-    params=1000, nonzero_params=750, size_bytes=1_000_000, flops=2e6, latency_p50_ms=0.5, latency_p99_ms=1.0,
-    serving_batch=32, throughput=2500.0, accuracy=0.9425, accuracy_delta=-0.75, agreement=0.98, runtime="onnxruntime",
+    params=1000,
+    nonzero_params=750,
+    size_bytes=1_000_000,
+    flops=2e6,
+    latency_p50_ms=0.5,
+    latency_p99_ms=1.0,
+    serving_batch=32,
+    throughput=2500.0,
+    accuracy=0.9425,
+    accuracy_delta=-0.75,
+    agreement=0.98,
+    runtime="onnxruntime",
 )
 PRUNED = Evaluation(size_bytes=2_000_000, flops=5e5, latency_p50_ms=4.0, throughput=500.0, runtime="torch")
 
@@ -68,8 +87,19 @@ def test_an_unlabelled_search_table_shows_the_metric_the_reference_and_the_searc
     ref = Evaluation(latency_p50_ms=1.0, size_bytes=90_000_000, quality_metric="cosine", quality=1.0, quality_drop=0.0)
     int8 = Evaluation(latency_p50_ms=0.46, size_bytes=23_000_000, quality_metric="cosine", quality=0.9931, quality_drop=0.69)
     rows = report_rows({"baseline": base, "auto": int8, "fp32-onnxruntime": ref}, reference=("fp32-onnxruntime", ref))
-    rows[0].update(recipe="", status="baseline", within_budget=True, pareto=False, chosen=False, reference="fp32-onnxruntime",
-                   reference_runtime="onnxruntime", reference_p50_ms=1.0, search_evaluations=4, search_timings=1, search_seconds=12.5)
+    rows[0].update(
+        recipe="",
+        status="baseline",
+        within_budget=True,
+        pareto=False,
+        chosen=False,
+        reference="fp32-onnxruntime",
+        reference_runtime="onnxruntime",
+        reference_p50_ms=1.0,
+        search_evaluations=4,
+        search_timings=1,
+        search_seconds=12.5,
+    )
     rows[1].update(recipe="quantize-dynamic", status="measured", within_budget=True, pareto=True, chosen=True, reference_speedup_x=2.16)
     rows[2].update(recipe="fp32-onnxruntime", status="reference", within_budget=True, pareto=True, chosen=False)
     table = render_report(rows, "minilm: auto")

@@ -37,7 +37,9 @@ def prometheus_tools() -> PrometheusTools:
         if not shutil.which("apt-get"):
             pytest.skip("prometheus/promtool are not installed and apt-get is not available to install Debian's `prometheus`")
         if os.geteuid() != 0:
-            pytest.skip("prometheus/promtool are not installed and installing Debian's `prometheus` needs root (run .ci/install-prometheus)")
+            pytest.skip(
+                "prometheus/promtool are not installed and installing Debian's `prometheus` needs root (run .ci/install-prometheus)"
+            )
         out = subprocess.run(["bash", str(INSTALL_PROMETHEUS)], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f".ci/install-prometheus failed:\n{out.stdout}\n{out.stderr}"
     return PrometheusTools(shutil.which("prometheus"), shutil.which("promtool"))

@@ -34,7 +34,7 @@ def dashboard_queries() -> Iterator[tuple[str, str, str]]:
                 # label_values(SELECTOR, label): the selector is the query Grafana runs.
                 query = variable["query"]["query"]
                 assert query.startswith("label_values(") and query.endswith(")"), query
-                yield name, f"variable {variable['name']}", query[len("label_values("): query.rindex(",")]
+                yield name, f"variable {variable['name']}", query[len("label_values(") : query.rindex(",")]
 
 
 def rules() -> list[dict]:

@@ -115,9 +115,15 @@ def test_the_images_command_line_starts_a_healthy_server_that_stops_on_sigterm(t
     """`slimserve start` with the CPU image's environment (ports and address moved to free loopback ones, never 8000/8001)."""
     env = {**os.environ, **env_of(instructions(DOCKERFILES["image-cpu"])[-1])}
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    env.update(PATH=os.environ["PATH"], HOME=str(tmp_path), SLIMSERVE_HOST="127.0.0.1", SLIMSERVE_GRPC_PORT=str(grpc_port),
-               SLIMSERVE_HTTP_PORT=str(http_port), SLIMSERVE_METRICS_PORT=str(metrics_port),
-               SLIMSERVE_REPOSITORY=str(tmp_path / "repository"))
+    env.update(
+        PATH=os.environ["PATH"],
+        HOME=str(tmp_path),
+        SLIMSERVE_HOST="127.0.0.1",
+        SLIMSERVE_GRPC_PORT=str(grpc_port),
+        SLIMSERVE_HTTP_PORT=str(http_port),
+        SLIMSERVE_METRICS_PORT=str(metrics_port),
+        SLIMSERVE_REPOSITORY=str(tmp_path / "repository"),
+    )
     slimserve = Path(sys.executable).parent / "slimserve"
     process = subprocess.Popen([str(slimserve), "start"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -156,7 +162,7 @@ def commands_and_env() -> tuple[list[list[str]], set[str]]:
                 args = container.get("args", [])
                 if container.get("command", [None])[0] == "/bin/sh":
                     script = " ".join(args)
-                    argvs.append(shlex.split(script[script.index("exec slimserve ") + len("exec slimserve "):]))
+                    argvs.append(shlex.split(script[script.index("exec slimserve ") + len("exec slimserve ") :]))
                 elif args:
                     argvs.append(args)
     return argvs, names

@@ -23,7 +23,9 @@ def load_generator():
 
 def test_generated_files_are_fresh():
     """Dashboards and the PrometheusRule are what deploy/generate.py writes: run it after editing rules or panels."""
-    stale = [str(path.relative_to(DEPLOY)) for path, text in load_generator().outputs().items() if not path.is_file() or path.read_text() != text]
+    stale = [
+        str(path.relative_to(DEPLOY)) for path, text in load_generator().outputs().items() if not path.is_file() or path.read_text() != text
+    ]
     assert not stale, f"stale generated files (run `python deploy/generate.py`): {stale}"
 
 
@@ -36,7 +38,7 @@ def test_dashboard_is_well_formed(name):
     cells: dict[tuple[int, int], str] = {}
     for panel in all_panels:
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, f"{panel['title']} is wider than the grid"
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, f"{panel['title']} is wider than the grid"
         for x in range(pos["x"], pos["x"] + pos["w"]):
             for y in range(pos["y"], pos["y"] + pos["h"]):
                 assert (x, y) not in cells, f"'{panel['title']}' overlaps '{cells[(x, y)]}'"
@@ -55,9 +57,21 @@ def test_dashboard_is_well_formed(name):
 def test_model_dashboard_has_every_view_and_the_ab_row():
     board = dashboards()["slimserve-model.json"]
     titles = {p["title"] for p in panels(board)}
-    for wanted in ("Request rate", "Error ratio", "Request latency p50 / p99", "Queue time p50 / p99", "Batch size",
-                   "Cost per 1000 inferences", "Compute cost per hour by node type", "Offline accuracy", "Online accuracy",
-                   "Shadow agreement", "Traffic weights", "A/B: $variant_a vs $variant_b", "A/B p99 latency"):
+    for wanted in (
+        "Request rate",
+        "Error ratio",
+        "Request latency p50 / p99",
+        "Queue time p50 / p99",
+        "Batch size",
+        "Cost per 1000 inferences",
+        "Compute cost per hour by node type",
+        "Offline accuracy",
+        "Online accuracy",
+        "Shadow agreement",
+        "Traffic weights",
+        "A/B: $variant_a vs $variant_b",
+        "A/B p99 latency",
+    ):
         assert wanted in titles
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["variant_a"]["current"]["value"] == "baseline"

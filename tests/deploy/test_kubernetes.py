@@ -161,8 +161,10 @@ def test_kserve_runtime_serves_the_inference_service():
     container = runtime["spec"]["containers"][0]
     assert container["name"] == "kserve-container"
     # KServe routes the protocol to the first port (h2c: HTTP/2, gRPC); raw deployment mode publishes the rest by number.
-    assert container["ports"] == [{"name": "h2c", "containerPort": GRPC_PORT, "protocol": "TCP"},
-                                  {"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "h2c", "containerPort": GRPC_PORT, "protocol": "TCP"},
+        {"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"},
+    ]
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment", "Serverless allows one port"
     script = " ".join(container["args"])
     assert "/mnt/models" in script and f"--grpc-port {GRPC_PORT}" in script and "--host 0.0.0.0" in script
@@ -181,8 +183,12 @@ def test_one_writer_and_read_only_replicas_share_the_repository(name):
     assert "--read-only" in serving_args and "--poll-repository-s" in serving_args
     assert "--read-only" not in writer_args
     assert writer["spec"]["replicas"] == 1 and writer["spec"]["strategy"]["type"] == "Recreate"
-    claims = {d["metadata"]["name"]: {v["persistentVolumeClaim"]["claimName"] for v in d["spec"]["template"]["spec"]["volumes"]
-                                      if "persistentVolumeClaim" in v} for d in (serving, writer)}
+    claims = {
+        d["metadata"]["name"]: {
+            v["persistentVolumeClaim"]["claimName"] for v in d["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v
+        }
+        for d in (serving, writer)
+    }
     assert claims["slimserve"] == claims["slimserve-writer"]
     admin = one(name, "Service", "slimserve-admin")
     assert admin["spec"]["selector"].items() <= writer["spec"]["template"]["metadata"]["labels"].items()

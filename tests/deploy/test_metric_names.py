@@ -48,7 +48,7 @@ def test_reads_only_exported_series_and_labels(where, expr, exported):
             known = PROMETHEUS_SERIES[metric]
         else:
             assert metric in exported, f"{where}: '{metric}' is not exported by slimserve (exported: {sorted(exported)})"
-            kind, known, has_samples = exported[metric]
+            _kind, known, has_samples = exported[metric]
             assert has_samples, f"{where}: '{metric}' is declared but got no samples from A/B traffic, shadows and feedback"
         unknown = used.labels.get(metric, set()) - known - TARGET_LABELS
         assert not unknown, f"{where}: '{metric}' has no label {sorted(unknown)} (it has {sorted(known)})"

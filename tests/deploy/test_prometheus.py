@@ -38,8 +38,11 @@ def test_alert_unit_tests_pass(prometheus_tools):
     """deploy/prometheus/tests: each alert fires on the series it is for, and not on its look-alikes."""
     out = promtool(prometheus_tools, "test", "rules", "tests/slimserve-alerts-test.yml", cwd=PROMETHEUS_DIR)
     assert out.returncode == 0, out.stdout + out.stderr
-    tested = {t["alertname"] for case in yaml.safe_load((PROMETHEUS_DIR / "tests/slimserve-alerts-test.yml").read_text())["tests"]
-              for t in case["alert_rule_test"]}
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load((PROMETHEUS_DIR / "tests/slimserve-alerts-test.yml").read_text())["tests"]
+        for t in case["alert_rule_test"]
+    }
     alerts = {r["alert"] for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"] if "alert" in r}
     assert alerts <= tested, f"alerts without a unit test: {sorted(alerts - tested)}"
 
@@ -47,7 +50,10 @@ def test_alert_unit_tests_pass(prometheus_tools):
 def test_every_dashboard_query_is_valid_promql(prometheus_tools, tmp_path):
     """promtool parses each dashboard query, with Grafana's variables filled in, as a recording rule."""
     queries = list(dashboard_queries())
-    group = {"name": "dashboards", "rules": [{"record": f"dashboard:query_{i}", "expr": substitute(q, MODEL)} for i, (_, _, q) in enumerate(queries)]}
+    group = {
+        "name": "dashboards",
+        "rules": [{"record": f"dashboard:query_{i}", "expr": substitute(q, MODEL)} for i, (_, _, q) in enumerate(queries)],
+    }
     path = tmp_path / "dashboards.yml"
     path.write_text(yaml.safe_dump({"groups": [group]}))
     out = promtool(prometheus_tools, "check", "rules", str(path))
@@ -94,9 +100,15 @@ def prometheus(prometheus_tools, served, tmp_path_factory):
     jobs["prometheus"]["static_configs"][0]["targets"] = [f"127.0.0.1:{port}"]
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     process = subprocess.Popen(
-        [prometheus_tools.prometheus, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "prometheus.log", "w"),
+        [
+            prometheus_tools.prometheus,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "prometheus.log", "w"),  # noqa: SIM115  Prometheus writes it until it stops
     )
     try:
         poll(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, "Prometheus to be ready", 30)
@@ -129,18 +141,25 @@ def test_rules_load_without_errors_and_record_series(prometheus):
     assert not errors
     loaded = {r.get("name") for g in groups for r in g["rules"]}
     assert set(recording_rules()) <= loaded
-    for record in ("model_variant:slimserve_requests:rate5m", "model_variant:slimserve_request_duration_seconds:p99_5m",
-                   "model_variant:slimserve_request_server_error_ratio:rate5m", "model_variant:slimserve_cost_per_1k_inferences_dollars:rate5m"):
+    for record in (
+        "model_variant:slimserve_requests:rate5m",
+        "model_variant:slimserve_request_duration_seconds:p99_5m",
+        "model_variant:slimserve_request_server_error_ratio:rate5m",
+        "model_variant:slimserve_cost_per_1k_inferences_dollars:rate5m",
+    ):
         query = f'{record}{{model="{MODEL}", variant="baseline"}}'
         # rate() needs two scrapes in its window; the rules then evaluate once a second.
-        result = poll(lambda: api(prometheus, "/api/v1/query", query=query)["result"], query, 20)
+        result = poll(lambda: api(prometheus, "/api/v1/query", query=query)["result"], query, 20)  # noqa: B023  called within this iteration
         assert result[0]["metric"]["node_type"] == "cpu"
 
 
 def test_every_dashboard_query_runs_and_shows_data(prometheus, served):
     """Grafana's queries, variables filled in, run on the live Prometheus; those over fed metrics return series."""
-    poll(lambda: api(prometheus, "/api/v1/query", query=f'model_variant:slimserve_requests:rate5m{{model="{MODEL}"}}')["result"],
-         "the first rule evaluations", 20)
+    poll(
+        lambda: api(prometheus, "/api/v1/query", query=f'model_variant:slimserve_requests:rate5m{{model="{MODEL}"}}')["result"],
+        "the first rule evaluations",
+        20,
+    )
     fed = {f.name for f in served.families().values() if f.samples} | {"up", "ALERTS"}
     records = recording_rules()
     empty = []

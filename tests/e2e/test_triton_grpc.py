@@ -28,8 +28,9 @@ def seen(tmp_path_factory, digits):
             c.register("digits", digits.onnx, data=digits.data)
         path = tmp_path_factory.mktemp("x") / "x.npy"
         np.save(path, digits.x_test[:16])
-        run = subprocess.run([sys.executable, str(HERE / "triton_extensions.py"), server.address, str(path)],
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, str(HERE / "triton_extensions.py"), server.address, str(path)], capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stderr[-4000:]
         return json.loads(run.stdout)
     finally:
@@ -54,7 +55,10 @@ def test_integer_versions_pin_and_are_listed(seen, digits):
     assert seen["index_versions"] == [["digits", "1"]]
     assert seen["pinned"][0] == "baseline"
     np.testing.assert_allclose(seen["pinned"][1], logits(digits, digits.x_test[:1]), rtol=1e-4, atol=1e-4)
-    assert seen["version_missing"].startswith("StatusCode.NOT_FOUND: ") and "no variant '9' (variants: baseline (version 1))" in seen["version_missing"]
+    assert (
+        seen["version_missing"].startswith("StatusCode.NOT_FOUND: ")
+        and "no variant '9' (variants: baseline (version 1))" in seen["version_missing"]
+    )
     assert seen["model_ready_1"]
 
 
@@ -90,8 +94,12 @@ def test_load_with_a_config_changes_the_serving_settings_until_the_next_load(see
     assert loaded["instance_group"][0]["count"] == 2
     assert seen["config_after_refusals"] == loaded  # refused loads changed nothing
     assert seen["config_reloaded"] == seen["config"]
-    for key, text in [("config_unknown", "sequence_batching"), ("config_bad_value", "max_batch_size must be >= 0"),
-                      ("config_bad_json", "not valid JSON"), ("config_files", "file:1/model.onnx")]:
+    for key, text in [
+        ("config_unknown", "sequence_batching"),
+        ("config_bad_value", "max_batch_size must be >= 0"),
+        ("config_bad_json", "not valid JSON"),
+        ("config_files", "file:1/model.onnx"),
+    ]:
         assert seen[key].startswith("StatusCode.INVALID_ARGUMENT: ") and text in seen[key], seen[key]
 
 
@@ -121,9 +129,14 @@ def test_system_shared_memory_inputs_and_outputs(seen, digits):
     assert seen["shm_status"] == ["in_data", "out_data"]
     assert seen["shm_output_shape"] == [4, 10]
     np.testing.assert_allclose(seen["shm_logits"], logits(digits, digits.x_test[:4]), rtol=1e-4, atol=1e-4)
-    for key, text in [("shm_missing_key", "cannot be opened"), ("shm_too_big", "exceeds"), ("shm_traversal", "not a POSIX"),
-                      ("shm_output_too_small", "needs 160 bytes"), ("shm_input_past_region", "exceeds its"),
-                      ("shm_unregistered", "not registered")]:
+    for key, text in [
+        ("shm_missing_key", "cannot be opened"),
+        ("shm_too_big", "exceeds"),
+        ("shm_traversal", "not a POSIX"),
+        ("shm_output_too_small", "needs 160 bytes"),
+        ("shm_input_past_region", "exceeds its"),
+        ("shm_unregistered", "not registered"),
+    ]:
         assert seen[key].startswith("StatusCode.INVALID_ARGUMENT: ") and text in seen[key], (key, seen[key])
     assert seen["shm_duplicate"].startswith("StatusCode.ALREADY_EXISTS: ")
     assert seen["shm_status_after"] == {} and seen["server_live"]

@@ -19,7 +19,9 @@ def test_tritonclient_round_trip(client, server, digits, tmp_path, fmt):
     np.save(tmp_path / "x.npy", x)
     run = subprocess.run(
         [sys.executable, str(HERE / "triton_check.py"), server.address, "digits", str(tmp_path / "x.npy")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     seen = json.loads(run.stdout)

@@ -87,8 +87,11 @@ def main(address: str, input_npy: str) -> None:
     report["statistics_missing"] = error_of(lambda: client.get_inference_statistics("no-such-model"))
 
     # 7. load with a config, refused configs and files, unload twice
-    good = {"max_batch_size": 8, "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": 100},
-            "instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+    good = {
+        "max_batch_size": 8,
+        "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": 100},
+        "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+    }
     client.load_model(MODEL, config=json.dumps(good))
     report["config_loaded"] = config(client)
     report["config_unknown"] = error_of(lambda: client.load_model(MODEL, config=json.dumps({"sequence_batching": {}})))

@@ -101,8 +101,13 @@ def test_an_unlabelled_embedding_is_scored_by_cosine_not_argmax(tmp_path, runtim
     data = {"x": np.random.default_rng(2).standard_normal((100, FEATURES)).astype(np.float32)}
     base, out = evaluate(Artifact(dense_onnx(tmp_path / "a.onnx", w), "onnx"), runtime_factory, data, warmup=1, iterations=5)
     variant, noisy_out = evaluate(
-        Artifact(dense_onnx(tmp_path / "b.onnx", noisy), "onnx"), runtime_factory, data, baseline=base, baseline_outputs=out,
-        warmup=1, iterations=5,
+        Artifact(dense_onnx(tmp_path / "b.onnx", noisy), "onnx"),
+        runtime_factory,
+        data,
+        baseline=base,
+        baseline_outputs=out,
+        warmup=1,
+        iterations=5,
     )
     assert base.quality_metric == variant.quality_metric == "cosine" and base.quality_drop is None
     assert variant.agreement == variant.quality > 0.99 and variant.quality_min < variant.quality

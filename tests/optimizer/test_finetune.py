@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -27,7 +28,7 @@ def test_constant_and_step_schedules():
 def test_cosine_falls_monotonically_from_lr_to_min_lr():
     curve = lr_curve(FineTuneConfig(epochs=2, schedule="cosine", lr=0.1, min_lr=0.001), 50)
     assert curve[0] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(curve, curve[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(curve))
     assert curve[50] == pytest.approx(0.001 + (0.1 - 0.001) * (1 + math.cos(math.pi / 2)) / 2, rel=1e-3)
     assert curve[-1] < 0.0015
 
@@ -52,8 +53,13 @@ def test_every_optimizer_trains(name):
     x = np.random.default_rng(0).normal(size=(128, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     model = nn.Sequential(nn.Linear(4, 2))
-    results = fine_tune_(model, TrainData([x], y), FineTuneConfig(epochs=4, optimizer=name, lr=0.05, augment=AugmentConfig(kind="none")),
-                         PassContext(workdir="."), "test")
+    results = fine_tune_(
+        model,
+        TrainData([x], y),
+        FineTuneConfig(epochs=4, optimizer=name, lr=0.05, augment=AugmentConfig(kind="none")),
+        PassContext(workdir="."),
+        "test",
+    )
     assert results[-1].loss < results[0].loss
 
 
@@ -75,9 +81,16 @@ def test_a_partial_finetune_setting_keeps_the_pass_defaults():
 
 def test_nan_loss_raises_a_precise_error():
     x = np.full((32, 4), np.nan, np.float32)
-    with pytest.raises(OptimizerError, match=r"test: the training loss became nan at epoch 1, step 1 \(lr 0.001\); the run diverged: lower finetune.lr"):
-        fine_tune_(nn.Linear(4, 2), TrainData([x], np.zeros(32, np.int64)), FineTuneConfig(augment=AugmentConfig(kind="none")),
-                   PassContext(workdir="."), "test")
+    with pytest.raises(
+        OptimizerError, match=r"test: the training loss became nan at epoch 1, step 1 \(lr 0.001\); the run diverged: lower finetune.lr"
+    ):
+        fine_tune_(
+            nn.Linear(4, 2),
+            TrainData([x], np.zeros(32, np.int64)),
+            FineTuneConfig(augment=AugmentConfig(kind="none")),
+            PassContext(workdir="."),
+            "test",
+        )
 
 
 def test_early_stopping_ends_when_evaluation_accuracy_stalls_and_progress_streams_per_epoch():
@@ -106,4 +119,4 @@ def test_dropout_goes_before_hidden_linear_layers_only():
     assert insert_dropout_(module, 0.3) == 1
     assert insert_dropout_(module, 0.3) == 0  # not twice
     drops = [n for n in module.graph.nodes if n.op == "call_module" and isinstance(module.get_submodule(n.target), nn.Dropout)]
-    assert len(drops) == 1 and list(drops[0].users)[0].target == "b"
+    assert len(drops) == 1 and next(iter(drops[0].users)).target == "b"

@@ -40,7 +40,10 @@ def test_an_onnx_cnn_trains_with_qat(cnn, tmp_path):
 def test_an_operator_without_converter_is_named_within_a_second(tmp_path):
     lstm = tiny.build(tiny.LstmClassifier(), *tiny.tokens(), tmp_path, "lstm")
     start = time.perf_counter()
-    with pytest.raises(OptimizerError, match=r"prune-weight: lstm\.onnx uses ONNX operators that onnx2torch cannot convert to torch: LSTM \(no converter\).*nothing was trained"):
+    with pytest.raises(
+        OptimizerError,
+        match=r"prune-weight: lstm\.onnx uses ONNX operators that onnx2torch cannot convert to torch: LSTM \(no converter\).*nothing was trained",
+    ):
         make_pass("prune-weight").run(lstm.onnx, PassContext(workdir=tmp_path / "w", datasets={"train": lstm.train}))
     assert time.perf_counter() - start < 1.0
     assert not (tmp_path / "w").exists()
@@ -60,7 +63,9 @@ def test_a_model_whose_conversion_gives_other_outputs_is_refused(cnn, tmp_path, 
     for key, original in list(_CONVERTER_REGISTRY.items()):
         if key.operation_type == "Conv":
             monkeypatch.setitem(_CONVERTER_REGISTRY, key, shifted(original))
-    with pytest.raises(OptimizerError, match=r"onnx2torch's conversion of cnn\.onnx differs from onnxruntime on output 0 .*nothing was trained"):
+    with pytest.raises(
+        OptimizerError, match=r"onnx2torch's conversion of cnn\.onnx differs from onnxruntime on output 0 .*nothing was trained"
+    ):
         make_pass("prune-weight").run(cnn.onnx, PassContext(workdir=tmp_path, datasets={"train": cnn.train}))
 
 
@@ -68,6 +73,9 @@ def test_a_transformer_onnx_that_computes_shapes_is_refused_before_training(tmp_
     encoder = tiny.build(tiny.EncoderClassifier(), *tiny.tokens(classes=3), tmp_path, "enc")
     events = []
     context = PassContext(workdir=tmp_path / "w", datasets={"train": encoder.train}, progress=events.append)
-    with pytest.raises(OptimizerError, match=r"enc\.onnx converts to torch, but the converted model cannot be traced back with a dynamic batch.*Register the model's \.pt2"):
+    with pytest.raises(
+        OptimizerError,
+        match=r"enc\.onnx converts to torch, but the converted model cannot be traced back with a dynamic batch.*Register the model's \.pt2",
+    ):
         make_pass("distill-soft").run(encoder.onnx, context)
     assert not [e for e in events if e.epoch is not None]

@@ -10,8 +10,18 @@ from optimizer.base import Artifact, OptimizerError, Pass, PassContext
 from optimizer.registry import BUILTIN_PASS_MODULES, PASSES, load_builtin_passes, make_pass, register
 
 BUILTIN = {
-    "auto", "distill-feature", "distill-soft", "graph-compile", "graph-ort", "graph-xla", "prune-gradual", "prune-structured",
-    "prune-weight", "quantize-dynamic", "quantize-qat", "quantize-static",
+    "auto",
+    "distill-feature",
+    "distill-soft",
+    "graph-compile",
+    "graph-ort",
+    "graph-xla",
+    "prune-gradual",
+    "prune-structured",
+    "prune-weight",
+    "quantize-dynamic",
+    "quantize-qat",
+    "quantize-static",
 }
 
 

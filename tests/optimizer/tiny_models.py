@@ -151,7 +151,9 @@ class EncoderClassifier(nn.Module):
 class SmallCnn(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU()
+        )
         self.head = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +178,12 @@ def build(module: nn.Module, x: np.ndarray, labels: np.ndarray, root: Path, name
     export_program_to_onnx(program, root / f"{name}.onnx", ["x"], ["logits"], "test")
     np.savez(root / f"{name}-train.npz", x=x, labels=labels)
     names = {"input_names": ("x",), "output_names": ("logits",)}
-    return TinyModel(Artifact(root / f"{name}.pt2", "pt2", **names), Artifact(root / f"{name}.onnx", "onnx", **names), root / f"{name}-train.npz", {"x": x[:1]})
+    return TinyModel(
+        Artifact(root / f"{name}.pt2", "pt2", **names),
+        Artifact(root / f"{name}.onnx", "onnx", **names),
+        root / f"{name}-train.npz",
+        {"x": x[:1]},
+    )
 
 
 def tokens(rows: int = 128, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

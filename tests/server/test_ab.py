@@ -93,7 +93,7 @@ async def _drain(server) -> None:
     """Waits for mirrored calls still running."""
     import asyncio
 
-    pending = [t for t in server.server.dataplane._background]
+    pending = list(server.server.dataplane._background)
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
 
@@ -149,7 +149,7 @@ def test_deleting_a_routed_variant_under_load_fails_no_request(ab, digits, serve
             while not stop.is_set():
                 try:
                     answered[c.infer("digits", one(digits))[0]] += 1
-                except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+                except Exception as e:
                     errors.append(e)
 
     threads = [threading.Thread(target=caller) for _ in range(8)]
@@ -244,8 +244,11 @@ def heavy_mlp(path: Path) -> Path:
         prev = f"h{i}"
     nodes += [helper.make_node("Mul", [prev, "two"], ["h_two"]), helper.make_node("Tanh", ["h_two"], ["y"])]
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1024])], [eye, two],
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1024])],
+        [eye, two],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     return path
@@ -259,7 +262,10 @@ def test_concurrent_single_sample_callers_are_batched_and_each_gets_its_own_rows
     client.register("mlp", heavy_mlp(tmp_path / "mlp.onnx"))
     result = subprocess.run(
         [sys.executable, "-c", LOAD, server.address, "16", "40"],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[:2] == ["0", "0"], result.stdout  # no errors, every answer the caller's own
@@ -280,8 +286,11 @@ def test_slimctl_traffic_promote_rollback_compare_feedback(ab, digits, server):
     assert "70.0%" in result.output and "shadow" in result.output
     result = slimctl("traffic", "digits", "--json")
     assert json.loads(result.stdout)["shadows"] == ["wrong"]
-    for bad, message in [(("traffic", "digits", "baseline"), "is not VARIANT=WEIGHT"), (("traffic", "digits", "baseline=x"), "must be a number"),
-                         (("promote", "digits", "nope"), "has no variant 'nope'")]:
+    for bad, message in [
+        (("traffic", "digits", "baseline"), "is not VARIANT=WEIGHT"),
+        (("traffic", "digits", "baseline=x"), "must be a number"),
+        (("promote", "digits", "nope"), "has no variant 'nope'"),
+    ]:
         result = slimctl(*bad)
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     result = slimctl("infer", "digits", digits.data, "--json")
@@ -296,9 +305,21 @@ def test_slimctl_traffic_promote_rollback_compare_feedback(ab, digits, server):
     for header in ("variant", "p99 ms", "$/1k inf", "online acc"):
         assert header in result.output
     rows = json.loads(slimctl("compare", "digits", "--json").stdout)["variants"]
-    assert [r["variant"] for r in rows][0] == "baseline"
-    assert set(rows[0]) >= {"weight", "requests", "errors", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_batch",
-                            "cost_per_1000", "offline_accuracy", "online_accuracy", "online_accuracy_ci", "latency_verdict",
-                            "accuracy_verdict"}
+    assert next(r["variant"] for r in rows) == "baseline"
+    assert set(rows[0]) >= {
+        "weight",
+        "requests",
+        "errors",
+        "latency_p50_ms",
+        "latency_p90_ms",
+        "latency_p99_ms",
+        "mean_batch",
+        "cost_per_1000",
+        "offline_accuracy",
+        "online_accuracy",
+        "online_accuracy_ci",
+        "latency_verdict",
+        "accuracy_verdict",
+    }
     result = slimctl("delete", "digits", "--variant", "wrong")
     assert result.exit_code == 0 and "deleted digits variant wrong" in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import threading
 import time
@@ -76,7 +77,7 @@ def sample(rows: int, value: float | None = None, cols: int = 4, dtype=np.float3
 
 
 async def wait_blocked(model: FakeModel) -> None:
-    while not model.blocked.is_set():
+    while not model.blocked.is_set():  # noqa: ASYNC110  a threading.Event, set by a compute thread
         await asyncio.sleep(0.001)
 
 
@@ -248,9 +249,7 @@ def test_a_failing_call_fails_its_whole_batch_and_later_requests_work(executor):
     batcher = DynamicBatcher(model, executor, BatchingConfig(), model="m", variant="v")
 
     async def main():
-        outcomes = await asyncio.gather(
-            *(batcher.submit({"x": sample(1, v)}, None) for v in (1.0, FAIL, 3.0)), return_exceptions=True
-        )
+        outcomes = await asyncio.gather(*(batcher.submit({"x": sample(1, v)}, None) for v in (1.0, FAIL, 3.0)), return_exceptions=True)
         assert model.calls == [3]
         assert all(isinstance(o, ValueError) and "model failed" in str(o) for o in outcomes)
         later = await asyncio.gather(*(batcher.submit({"x": sample(1, v)}, None) for v in (1.0, 2.0)))
@@ -321,18 +320,20 @@ def test_digits_onnx_batched_equals_unbatched(digits, executor):
     offsets = np.cumsum([0, *sizes])
     model_calls: list[int] = []
     batcher = DynamicBatcher(
-        runtime.predict, executor, BatchingConfig(max_batch_size=16), model="digits", variant="baseline",
+        runtime.predict,
+        executor,
+        BatchingConfig(max_batch_size=16),
+        model="digits",
+        variant="baseline",
         on_batch=lambda n, q, c: model_calls.append(n),
     )
 
     async def main():
-        return await asyncio.gather(
-            *(batcher.submit({"x": x[a:b]}, ["logits"]) for a, b in zip(offsets[:-1], offsets[1:]))
-        )
+        return await asyncio.gather(*(batcher.submit({"x": x[a:b]}, ["logits"]) for a, b in itertools.pairwise(offsets)))
 
     results = run(main())
     assert max(model_calls) > 1 and max(model_calls) <= 16 and sum(model_calls) == 40
-    for (a, b), got in zip(zip(offsets[:-1], offsets[1:]), results):
+    for (a, b), got in zip(itertools.pairwise(offsets), results):
         alone = runtime.predict({"x": x[a:b]}, ["logits"])["logits"]
         assert got["logits"].shape == (b - a, 10)
         # Kernels may differ with the batch size by a rounding error, never by an answer.
@@ -384,8 +385,9 @@ def test_short_calls_run_on_the_loop_thread_even_under_load_and_long_ones_on_the
 def test_a_short_call_to_an_idle_batcher_runs_at_once_as_its_own_batch(executor):
     model = FakeModel()
     seen: list[tuple[int, list[float]]] = []
-    batcher = DynamicBatcher(model, executor, BatchingConfig(), inline_below_s=0.5e-3,
-                             on_batch=lambda size, queued, compute: seen.append((size, queued)))
+    batcher = DynamicBatcher(
+        model, executor, BatchingConfig(), inline_below_s=0.5e-3, on_batch=lambda size, queued, compute: seen.append((size, queued))
+    )
 
     async def go():
         await batcher.submit({"x": sample(1)})  # measured on the pool first

@@ -42,7 +42,7 @@ async def control_of(root: Path):
 
 
 async def register(control: Control, name: str, model: Path) -> None:
-    data = model.read_bytes()
+    data = model.read_bytes()  # noqa: ASYNC240  a small test file
     header = UploadHeader(name, (UploadFile("model", model.name, len(data), hashlib.sha256(data).hexdigest()),))
 
     async def chunks():
@@ -55,7 +55,7 @@ async def add_copy(control: Control, model: str, variant: str, source: Path) -> 
     """A ready variant stored and served, as a finished optimizer job leaves it."""
     with control.repository.staging() as staged:
         (staged / variant).mkdir()
-        (staged / variant / "model.onnx").write_bytes(source.read_bytes())
+        (staged / variant / "model.onnx").write_bytes(source.read_bytes())  # noqa: ASYNC240  a small test file
         info = VariantInfo(variant, recipe="test", parent="baseline", runtime="onnxruntime", format="onnx", file="model.onnx")
         control.repository.add_variant(model, staged / variant, info)
     await control.dataplane.refresh(model)
@@ -172,7 +172,7 @@ def test_load_keeps_statistics_and_retires_the_old_runtimes_unload_drops_them(tm
             assert control.repository_index(ready_only=True) == []
             await control.unload_model("digits")  # not loaded: succeeds (Triton's rule), nothing changes
             assert [(e.ready, e.reason) for e in control.repository_index()] == [(False, "not loaded")]
-            with pytest.raises(NotFound, match="not registered|no-such"):
+            with pytest.raises(NotFound, match=r"not registered|no-such"):
                 await control.unload_model("no-such")
             await control.load_model("digits")
             assert control.dataplane.models["digits"].variants["baseline"].stats.requests == 0

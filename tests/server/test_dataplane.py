@@ -72,8 +72,10 @@ def test_a_sticky_parameter_pins_a_caller_to_one_variant(tmp_path, digits):
             await control.set_traffic("digits", {"baseline": 50, "copy": 50}, [], "user")
             x = digits.x_test[:1]
             for user in ("ann", "bob", "cy"):
-                got = {(await control.dataplane.serve(InferRequest("digits", "", "", lambda: {"x": x}, parameters={"user": user}))).variant
-                       for _ in range(8)}
+                got = {
+                    (await control.dataplane.serve(InferRequest("digits", "", "", lambda: {"x": x}, parameters={"user": user}))).variant
+                    for _ in range(8)
+                }
                 assert len(got) == 1, (user, got)
 
     run(scenario())

@@ -72,8 +72,11 @@ def send(raw_infer, payload: bytes) -> tuple[grpc.StatusCode, str]:
 
 
 def assert_acceptable(results: list[tuple[bytes, grpc.StatusCode, str]]) -> None:
-    bad = [(code.name, message, payload[:60]) for payload, code, message in results
-           if code not in ACCEPTABLE or (code != grpc.StatusCode.OK and not message)]
+    bad = [
+        (code.name, message, payload[:60])
+        for payload, code, message in results
+        if code not in ACCEPTABLE or (code != grpc.StatusCode.OK and not message)
+    ]
     assert not bad, f"{len(bad)} answers were neither OK nor a precise refusal, e.g. {bad[:5]}"
 
 
@@ -93,8 +96,9 @@ def assert_serves_correctly(fuzz_server, digits) -> None:
 # ------------------------------------------------------------------ explicit cases
 
 
-def request(model: str = "digits", datatype: str = "FP32", shape=(1, 1, 8, 8), raw: bytes | None = b"\0" * 256,
-            name: str = "x", version: str = "") -> pb.ModelInferRequest:
+def request(
+    model: str = "digits", datatype: str = "FP32", shape=(1, 1, 8, 8), raw: bytes | None = b"\0" * 256, name: str = "x", version: str = ""
+) -> pb.ModelInferRequest:
     r = pb.ModelInferRequest(model_name=model, model_version=version)
     r.inputs.add(name=name, datatype=datatype, shape=list(shape))
     if raw is not None:
@@ -139,19 +143,32 @@ EXPLICIT = {
     "zero dim in a fixed axis": (request(shape=(1, 0, 8, 8), raw=b""), "INVALID_ARGUMENT", "expected FP32 [-1,1,8,8], got FP32 [1,0,8,8]"),
     "raw too short": (request(raw=b"\0" * 255), "INVALID_ARGUMENT", "needs 256 bytes of raw data, got 255"),
     "raw too long": (request(raw=b"\0" * 257), "INVALID_ARGUMENT", "needs 256 bytes of raw data, got 257"),
-    "raw entries != inputs": (pb.ModelInferRequest(model_name="digits", raw_input_contents=[b"", b""]), "INVALID_ARGUMENT",
-                              "request has 0 inputs but 2 raw_input_contents entries"),
+    "raw entries != inputs": (
+        pb.ModelInferRequest(model_name="digits", raw_input_contents=[b"", b""]),
+        "INVALID_ARGUMENT",
+        "request has 0 inputs but 2 raw_input_contents entries",
+    ),
     "typed too few": (typed([0.0] * 63), "INVALID_ARGUMENT", "shape [1, 1, 8, 8] needs 64 values, got 63 in fp32_contents"),
     "typed too many": (typed([0.0] * 65), "INVALID_ARGUMENT", "needs 64 values, got 65 in fp32_contents"),
-    "typed with huge dims": (typed([0.0], shape=(2**40, 1, 8, 8)), "INVALID_ARGUMENT", "needs 70368744177664 values, got 1 in fp32_contents"),
+    "typed with huge dims": (
+        typed([0.0], shape=(2**40, 1, 8, 8)),
+        "INVALID_ARGUMENT",
+        "needs 70368744177664 values, got 1 in fp32_contents",
+    ),
     "typed, no element, huge dims": (typed([], shape=(0, 2**62)), "INVALID_ARGUMENT", "is too large for any tensor"),
     "typed out of range": (int8_out_of_range(), "INVALID_ARGUMENT", "'in_int8': a value in int_contents is out of range for INT8"),
     "FP16 typed": (request(datatype="FP16", raw=None), "INVALID_ARGUMENT", "FP16 has no typed contents field"),
     "raw and typed": (raw_and_typed(), "INVALID_ARGUMENT", "both raw_input_contents and typed contents given"),
-    "BYTES with a forged count": (request("echo", "BYTES", (2**40, 3), b"\0" * 8, "in_bytes"), "INVALID_ARGUMENT",
-                                  "8 bytes of raw BYTES data cannot hold 3298534883328 elements"),
-    "BYTES count beyond numpy": (request("echo", "BYTES", (2**62, 4), b"\0" * 8, "in_bytes"), "INVALID_ARGUMENT",
-                                 "shape [4611686018427387904, 4] is too large for any tensor"),
+    "BYTES with a forged count": (
+        request("echo", "BYTES", (2**40, 3), b"\0" * 8, "in_bytes"),
+        "INVALID_ARGUMENT",
+        "8 bytes of raw BYTES data cannot hold 3298534883328 elements",
+    ),
+    "BYTES count beyond numpy": (
+        request("echo", "BYTES", (2**62, 4), b"\0" * 8, "in_bytes"),
+        "INVALID_ARGUMENT",
+        "shape [4611686018427387904, 4] is too large for any tensor",
+    ),
     "unknown datatype": (request(datatype="FP8"), "INVALID_ARGUMENT", "unknown datatype 'FP8'"),
     "empty datatype": (request(datatype=""), "INVALID_ARGUMENT", "unknown datatype ''"),
     "empty input name": (request(name=""), "INVALID_ARGUMENT", "input #0 has no name"),
@@ -238,13 +255,13 @@ def mutate(rng: random.Random, data: bytes, corpus: list[bytes]) -> bytes:
         for _ in range(rng.randint(1, 4)):
             b[rng.randrange(len(b))] = rng.randrange(256)
     elif kind == 2:  # truncate
-        del b[rng.randrange(len(b)):]
+        del b[rng.randrange(len(b)) :]
     elif kind == 3:  # insert random bytes
         i = rng.randrange(len(b) + 1)
         b[i:i] = rng.randbytes(rng.randint(1, 16))
     elif kind == 4:  # splice two requests
         other = rng.choice(corpus)
-        b = b[: rng.randrange(len(b) + 1)] + other[rng.randrange(len(other) + 1):]
+        b = b[: rng.randrange(len(b) + 1)] + other[rng.randrange(len(other) + 1) :]
     else:  # set a varint-looking byte to something large (lengths, shapes)
         i = rng.randrange(len(b))
         b[i : i + 1] = bytes([0xFF] * rng.randint(1, 9) + [0x01])
@@ -256,7 +273,7 @@ def test_thousands_of_byte_mutations_of_valid_requests(fuzz_server, raw_infer, d
     corpus = seeds(digits)
     results: list[tuple[bytes, grpc.StatusCode, str]] = []
     in_flight = []
-    for i in range(4000):
+    for _i in range(4000):
         payload = mutate(rng, rng.choice(corpus), corpus)
         in_flight.append((payload, raw_infer.future(payload, timeout=30)))
         if len(in_flight) >= 32:  # a window of calls in flight: many at once, never unbounded
@@ -290,10 +307,14 @@ def infer_requests(draw) -> bytes:
         elif draw(st.booleans()):
             field = codec.CONTENTS_FIELD.get(datatype, "fp32_contents")
             values = {
-                "bool_contents": st.booleans(), "bytes_contents": st.binary(max_size=8),
-                "fp32_contents": st.floats(width=32, allow_nan=True), "fp64_contents": st.floats(allow_nan=True),
-                "uint_contents": st.integers(0, 2**32 - 1), "uint64_contents": st.integers(0, 2**64 - 1),
-                "int_contents": st.integers(-(2**31), 2**31 - 1), "int64_contents": st.integers(-(2**63), 2**63 - 1),
+                "bool_contents": st.booleans(),
+                "bytes_contents": st.binary(max_size=8),
+                "fp32_contents": st.floats(width=32, allow_nan=True),
+                "fp64_contents": st.floats(allow_nan=True),
+                "uint_contents": st.integers(0, 2**32 - 1),
+                "uint64_contents": st.integers(0, 2**64 - 1),
+                "int_contents": st.integers(-(2**31), 2**31 - 1),
+                "int64_contents": st.integers(-(2**63), 2**63 - 1),
             }[field]
             getattr(tensor.contents, field).extend(draw(st.lists(values, max_size=80)))
     if draw(st.booleans()):
@@ -301,16 +322,23 @@ def infer_requests(draw) -> bytes:
     for name in draw(st.lists(st.sampled_from(["logits", "out_fp32", "nope", ""]), max_size=2)):
         r.outputs.add(name=name)
     if draw(st.booleans()):
-        codec.set_parameter(r.parameters[draw(st.sampled_from(["binary_data_output", "user_id"]))],
-                            draw(st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=4))))
+        codec.set_parameter(
+            r.parameters[draw(st.sampled_from(["binary_data_output", "user_id"]))],
+            draw(st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=4))),
+        )
     return r.SerializeToString()
 
 
 def test_generated_requests_get_ok_or_a_precise_refusal(fuzz_server, raw_infer, digits):
     results: list[tuple[bytes, grpc.StatusCode, str]] = []
 
-    @settings(max_examples=1500, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=1500,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    )
     @given(infer_requests())
     def check(payload: bytes) -> None:
         code, message = send(raw_infer, payload)

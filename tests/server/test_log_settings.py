@@ -17,8 +17,14 @@ def test_levels_and_format_change_and_read_back():
     logger.setLevel(logging.INFO)
     logs = LogSettings(logger)
     try:
-        assert logs.get() == {"log_file": "", "log_info": True, "log_warning": True, "log_error": True,
-                              "log_verbose_level": 0, "log_format": "default"}
+        assert logs.get() == {
+            "log_file": "",
+            "log_info": True,
+            "log_warning": True,
+            "log_error": True,
+            "log_verbose_level": 0,
+            "log_format": "default",
+        }
         assert logs.update({"log_verbose_level": 2, "log_format": "ISO8601"})["log_verbose_level"] == 1
         assert logger.level == logging.DEBUG and "%(asctime)s" in handler.formatter._fmt
         settings = logs.update({"log_verbose_level": 0, "log_info": False, "log_format": "default"})
@@ -30,8 +36,13 @@ def test_levels_and_format_change_and_read_back():
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"log_info": 1}, "must be a bool"), ({"log_file": "/tmp/x"}, "not supported"), ({"log_format": "json"}, "must be one of"),
-     ({"log_verbose_level": -1}, ">= 0"), ({"colour": True}, "unknown log setting")],
+    [
+        ({"log_info": 1}, "must be a bool"),
+        ({"log_file": "/tmp/x"}, "not supported"),
+        ({"log_format": "json"}, "must be one of"),
+        ({"log_verbose_level": -1}, ">= 0"),
+        ({"colour": True}, "unknown log setting"),
+    ],
 )
 def test_bad_settings_change_nothing(changes, message):
     logger = logging.getLogger("slimserve-test-logs-bad")

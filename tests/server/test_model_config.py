@@ -32,8 +32,15 @@ def test_a_batching_variant_drops_the_batch_dimension_and_a_fixed_one_has_max_ba
 
 
 def test_a_load_config_in_either_json_spelling_overrides_the_batcher():
-    override = parse({"maxBatchSize": 8, "dynamicBatching": {"preferredBatchSize": [2, 4], "maxQueueDelayMicroseconds": "250"},
-                      "instanceGroup": [{"count": 2}, {"count": 1, "kind": "KIND_CPU"}], "name": "m", "platform": "onnxruntime_onnx"})
+    override = parse(
+        {
+            "maxBatchSize": 8,
+            "dynamicBatching": {"preferredBatchSize": [2, 4], "maxQueueDelayMicroseconds": "250"},
+            "instanceGroup": [{"count": 2}, {"count": 1, "kind": "KIND_CPU"}],
+            "name": "m",
+            "platform": "onnxruntime_onnx",
+        }
+    )
     assert override == ServingOverride(8, (2, 4), 250, 3)
     config, calls = override.apply(BatchingConfig(), 1)
     assert (config.max_batch_size, config.preferred_batch_sizes, config.max_queue_delay_ms, calls) == (8, (2, 4), 0.25, 3)

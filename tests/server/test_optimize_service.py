@@ -140,7 +140,9 @@ def test_interrupted_job_marked_failed_at_start(server_factory, tmp_path, digits
 def test_baseline_is_measured_after_registration(registered, digits):
     baseline = wait_until(
         lambda: (b := registered.model("digits")["variants"][0])["latency_p50_ms"] is not None and b,
-        "the baseline's background measurement", timeout=60, interval=0.2,
+        "the baseline's background measurement",
+        timeout=60,
+        interval=0.2,
     )
     assert baseline["params"] == 85066 and baseline["accuracy"] == pytest.approx(digits.accuracy)
     assert baseline["accuracy_delta"] is None

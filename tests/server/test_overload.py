@@ -72,9 +72,12 @@ def test_a_full_queue_answers_resource_exhausted_at_once_and_the_queued_requests
         for future in (running, *queued):
             assert future.result(60).outputs[0].shape == [LONG, WIDTH]
         infer(request(1), timeout=60)  # room again once the queue drained
-    assert slow_server.metrics.registry.get_sample_value(
-        "slimserve_requests_total", {"model": "slow", "variant": "baseline", "node_type": "cpu", "code": "RESOURCE_EXHAUSTED"}
-    ) == 1
+    assert (
+        slow_server.metrics.registry.get_sample_value(
+            "slimserve_requests_total", {"model": "slow", "variant": "baseline", "node_type": "cpu", "code": "RESOURCE_EXHAUSTED"}
+        )
+        == 1
+    )
 
 
 def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factory, tmp_path):

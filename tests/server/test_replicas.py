@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from client.client import SlimServeClient, SlimServeClientError
@@ -13,7 +12,7 @@ from tests.helpers import wait_until
 
 def test_a_second_writer_is_refused_with_the_way_out(tmp_path):
     first = Repository(tmp_path / "repo")
-    with pytest.raises(FailedPrecondition, match="in use by another slimserve.*--read-only"):
+    with pytest.raises(FailedPrecondition, match=r"in use by another slimserve.*--read-only"):
         Repository(tmp_path / "repo")
     first.close()
     Repository(tmp_path / "repo").close()  # released on close
@@ -37,8 +36,7 @@ def test_a_read_only_replica_serves_what_the_writer_changes_and_refuses_writes(s
         wait_until(lambda: r.infer("digits", x)[0] == "graph-ort", "the replica to route to graph-ort", timeout=20)
 
         # writes on the replica are refused, naming the writer
-        for call in (lambda: r.register("other", digits.onnx), lambda: r.traffic("digits", {"baseline": 1}),
-                     lambda: r.delete("digits")):
+        for call in (lambda: r.register("other", digits.onnx), lambda: r.traffic("digits", {"baseline": 1}), lambda: r.delete("digits")):
             with pytest.raises(SlimServeClientError, match="read-only replica") as e:
                 call()
             assert e.value.code == "FAILED_PRECONDITION"

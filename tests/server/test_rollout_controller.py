@@ -87,9 +87,15 @@ class FakeStatistics:
         correct = int(self.rng.binomial(labelled, accuracy)) if labelled else 0
         agreed = int(self.rng.binomial(n, agree)) if mirrored else 0
         self.arms[variant] = replace(
-            a, requests=a.requests + n, errors=a.errors + e, latency_mark=a.latency_mark + len(lat),
-            device_seconds=a.device_seconds + device * n, correct=a.correct + correct, labelled=a.labelled + labelled,
-            agreed=a.agreed + agreed, mirrored=a.mirrored + (n if mirrored else 0),
+            a,
+            requests=a.requests + n,
+            errors=a.errors + e,
+            latency_mark=a.latency_mark + len(lat),
+            device_seconds=a.device_seconds + device * n,
+            correct=a.correct + correct,
+            labelled=a.labelled + labelled,
+            agreed=a.agreed + agreed,
+            mirrored=a.mirrored + (n if mirrored else 0),
         )
 
     def arm(self, model, variant):
@@ -124,6 +130,7 @@ def drive(controller, stats, *, ticks=40, per_tick=100, canary=None, control=Non
         control = {}
     if canary is None:
         canary = {}
+
     async def run():
         for _ in range(ticks):
             r = controller.running.get("m")

@@ -12,8 +12,11 @@ from client.cli import app
 from client.client import SlimServeClient, SlimServeClientError
 from tests.server.test_ab import _drain, permuted_classes
 
-PLAN = {"steps": [50], "min_requests": 100, "gates": {"error": 0.05, "latency_p50": 3.0, "latency_p99": None,
-                                                        "accuracy": 0.05, "agreement": 0.9, "cost": 5.0}}
+PLAN = {
+    "steps": [50],
+    "min_requests": 100,
+    "gates": {"error": 0.05, "latency_p50": 3.0, "latency_p99": None, "accuracy": 0.05, "agreement": 0.9, "cost": 5.0},
+}
 
 
 @pytest.fixture

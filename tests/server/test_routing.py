@@ -110,9 +110,7 @@ def test_invalid_policies_raise_precisely_and_leave_the_current_one(weights, sha
 
 def test_a_variant_that_is_not_ready_is_named_with_its_status():
     with pytest.raises(FailedPrecondition, match="variant 'int8' of model 'digits' is failed, not ready"):
-        validate_policy(
-            TrafficPolicy({"int8": 1}), {"baseline"}, model="digits", statuses={"baseline": "ready", "int8": "failed"}
-        )
+        validate_policy(TrafficPolicy({"int8": 1}), {"baseline"}, model="digits", statuses={"baseline": "ready", "int8": "failed"})
 
 
 def test_valid_policy_is_normalized_and_keeps_its_options():
@@ -143,7 +141,9 @@ def test_promote_then_rollback_restores_the_previous_policy():
     assert promoted.can_rollback
     restored = rollback(promoted, variants_ready=READY)
     assert (restored.weights, restored.shadows, restored.sticky_parameter) == (
-        split_policy.weights, split_policy.shadows, split_policy.sticky_parameter,
+        split_policy.weights,
+        split_policy.shadows,
+        split_policy.sticky_parameter,
     )
     with pytest.raises(FailedPrecondition, match="nothing to roll back to"):
         rollback(restored)
@@ -175,9 +175,7 @@ def test_deleting_a_variant_renormalizes_the_others():
 
 
 def test_deleting_the_variant_that_held_all_traffic_falls_back_to_baseline():
-    policy = promote(
-        set_traffic(TrafficPolicy.single(), {"baseline": 1}, ["pruned"], variants_ready=READY), "int8", variants_ready=READY
-    )
+    policy = promote(set_traffic(TrafficPolicy.single(), {"baseline": 1}, ["pruned"], variants_ready=READY), "int8", variants_ready=READY)
     after = without_variant(policy, "int8")
     assert after.weights == {"baseline": 1.0}
     # The history forgets the deleted variant too, so a rollback cannot route to it.

@@ -80,8 +80,19 @@ def test_a_flag_beats_the_environment_which_beats_the_default(started, monkeypat
 
 
 def test_flags_of_every_kind_reach_the_settings(started, tmp_path):
-    settings = started("--repository", str(tmp_path), "--no-batching", "--read-only", "--protect-inference",
-                       "--max-queue-delay-ms", "2.5", "--tls-ca", str(tmp_path / "ca.pem"), "--shutdown-grace-s", "5")
+    settings = started(
+        "--repository",
+        str(tmp_path),
+        "--no-batching",
+        "--read-only",
+        "--protect-inference",
+        "--max-queue-delay-ms",
+        "2.5",
+        "--tls-ca",
+        str(tmp_path / "ca.pem"),
+        "--shutdown-grace-s",
+        "5",
+    )
     assert settings.repository == tmp_path and settings.tls_ca == tmp_path / "ca.pem"
     assert (settings.batching, settings.read_only, settings.protect_inference) == (False, True, True)
     assert settings.max_queue_delay_ms == 2.5 and settings.shutdown_grace_s == 5.0

@@ -14,7 +14,9 @@ from tests.helpers import ServerProcess, free_port, wait_until
 
 def slow_matmul_onnx(path, n: int = 1024):
     """y = x @ W repeated: enough work to keep a call in flight for a moment."""
-    w = helper.make_tensor("w", TensorProto.FLOAT, [n, n], np.random.default_rng(0).normal(size=(n, n)).astype(np.float32).reshape(-1).tolist())
+    w = helper.make_tensor(
+        "w", TensorProto.FLOAT, [n, n], np.random.default_rng(0).normal(size=(n, n)).astype(np.float32).reshape(-1).tolist()
+    )
     nodes, prev = [], "x"
     for i in range(12):
         nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
@@ -22,8 +24,11 @@ def slow_matmul_onnx(path, n: int = 1024):
         prev = f"t{i}"
     nodes.append(helper.make_node("Identity", [prev], ["y"]))
     graph = helper.make_graph(
-        nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])], [w],
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+        [w],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     return path
@@ -47,16 +52,19 @@ def test_sigterm_finishes_inflight_call_then_exits_zero(tmp_path):
             t = threading.Thread(target=call)
             t.start()
             # SIGTERM once the server counts the call in flight (not after a guessed sleep).
-            wait_until(lambda: server.metric("slimserve_inflight_requests", model="slow") == 1 or "answer" in results,
-                       "the call to be in flight", 60, interval=0.002)
+            wait_until(
+                lambda: server.metric("slimserve_inflight_requests", model="slow") == 1 or "answer" in results,
+                "the call to be in flight",
+                60,
+                interval=0.002,
+            )
             assert "answer" not in results, "the call finished before SIGTERM could reach it in flight"
             server.proc.send_signal(signal.SIGTERM)
             t.join(60)
         assert "answer" in results, f"the call in flight failed: {results.get('error')}"
         assert server.proc.wait(60) == 0
-        with pytest.raises(SlimServeClientError) as e:
-            with server.client() as c:
-                c.server_live()
+        with pytest.raises(SlimServeClientError) as e, server.client() as c:
+            c.server_live()
         assert e.value.code == "UNAVAILABLE"
     finally:
         if server.proc.poll() is None:

@@ -63,14 +63,18 @@ def test_a_user_student_is_trained_and_served(digits, teacher, tmp_path):
 
 def test_a_student_with_other_outputs_is_refused(digits, teacher, tmp_path):
     student = _save(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), tmp_path / "five.pt2")
-    with pytest.raises(OptimizerError, match=r"distill-soft: the student five\.pt2 returns outputs of shapes \[\[2, 5\]\].*teacher \[\[2, 10\]\]"):
+    with pytest.raises(
+        OptimizerError, match=r"distill-soft: the student five\.pt2 returns outputs of shapes \[\[2, 5\]\].*teacher \[\[2, 10\]\]"
+    ):
         make_pass("distill-soft", {"student": student}).run(teacher, _context(digits, tmp_path / "work"))
 
 
 def test_a_student_with_other_inputs_is_refused(digits, teacher, tmp_path):
     path = tmp_path / "flat.pt2"
     export_pt2(nn.Linear(64, 10).eval(), path, torch.zeros(2, 64))
-    with pytest.raises(OptimizerError, match=r"the student flat\.pt2 takes float32 \[N, 64\], and the teacher takes float32 \[N, 1, 8, 8\]"):
+    with pytest.raises(
+        OptimizerError, match=r"the student flat\.pt2 takes float32 \[N, 64\], and the teacher takes float32 \[N, 1, 8, 8\]"
+    ):
         make_pass("distill-feature", {"student": str(path)}).run(teacher, _context(digits, tmp_path / "work"))
 
 
@@ -84,7 +88,10 @@ def test_a_missing_student_file_and_bad_settings_are_refused(digits, teacher, tm
 
 
 def test_unknown_feature_layers_are_listed(digits, teacher, tmp_path):
-    with pytest.raises(OptimizerError, match=r"layers \(student side\) names no layer 'conv9' \(layers: features\.0, features\.3, classifier\.1, classifier\.3\)"):
+    with pytest.raises(
+        OptimizerError,
+        match=r"layers \(student side\) names no layer 'conv9' \(layers: features\.0, features\.3, classifier\.1, classifier\.3\)",
+    ):
         make_pass("distill-feature", {"layers": ["conv9"]}).run(teacher, _context(digits, tmp_path))
 
 
@@ -110,7 +117,9 @@ def test_distill_feature_projects_transformer_features_on_their_last_dim(tmp_pat
     events = []
     context = PassContext(workdir=tmp_path / "w", datasets={"train": teacher.train}, progress=events.append)
     config = {"student": str(student.pt2.path), "finetune": {"epochs": 1}}
-    result = make_pass("distill-feature", config).run(teacher.pt2, context)  # refused before: "matched layers need the same rank and spatial size"
+    result = make_pass("distill-feature", config).run(
+        teacher.pt2, context
+    )  # refused before: "matched layers need the same rank and spatial size"
     matched = next(e.message for e in events if e.message.startswith("matching "))
     assert "enc.layers.1" in matched
     assert count_params(result.path, "onnx")[0] < 0.5 * count_params(teacher.onnx.path, "onnx")[0]

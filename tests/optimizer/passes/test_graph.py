@@ -113,10 +113,7 @@ def test_graph_compile_variant_evaluates_on_the_compiled_runtime(digits, digits_
 
 @pytest.mark.skipif(HAS_TORCH_XLA, reason="torch_xla is installed here")
 def test_graph_xla_says_torch_xla_is_missing(digits, context):
-    expected = (
-        "graph-xla: torch_xla is not installed on this node; install torch_xla matching torch 2.13 "
-        "and set PJRT_DEVICE=CPU|CUDA|TPU"
-    )
+    expected = "graph-xla: torch_xla is not installed on this node; install torch_xla matching torch 2.13 and set PJRT_DEVICE=CPU|CUDA|TPU"
     assert torch_xla_missing_message() == expected
     with pytest.raises(OptimizerError) as info:
         make_pass("graph-xla").run(Artifact(digits.pt2, "pt2"), context)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import numpy as np
 import onnx
@@ -33,13 +34,17 @@ def _context(digits, path, **kwargs) -> PassContext:
 @pytest.fixture(scope="module")
 def weight_pruned(digits, tmp_path_factory) -> Artifact:
     source = Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
-    return make_pass("prune-weight", {"sparsity": 0.5, "finetune": {"epochs": 1}}).run(source, _context(digits, tmp_path_factory.mktemp("pw")))
+    return make_pass("prune-weight", {"sparsity": 0.5, "finetune": {"epochs": 1}}).run(
+        source, _context(digits, tmp_path_factory.mktemp("pw"))
+    )
 
 
 @pytest.fixture(scope="module")
 def channel_pruned(digits, tmp_path_factory) -> Artifact:
     source = Artifact(digits.pt2, "pt2", input_names=("x",), output_names=("logits",))
-    return make_pass("prune-structured", {"pruning_ratio": 0.5, "finetune": {"epochs": 2}}).run(source, _context(digits, tmp_path_factory.mktemp("ps")))
+    return make_pass("prune-structured", {"pruning_ratio": 0.5, "finetune": {"epochs": 2}}).run(
+        source, _context(digits, tmp_path_factory.mktemp("ps"))
+    )
 
 
 @pytest.mark.slow
@@ -67,7 +72,7 @@ def test_gradual_schedule_is_cubic_between_start_and_end():
     values = [sparsity_at(step, 100, config) for step in range(101)]
     assert values[0] == 0.0 and values[50] == 0.8 and values[100] == 0.8
     assert values[25] == pytest.approx(0.8 * (1 - 0.5**3))
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(values))
 
 
 @pytest.mark.slow
@@ -95,7 +100,9 @@ def test_prune_structured_importance_criteria(digits, pt2_model, tmp_path, impor
 
 @pytest.mark.parametrize("name", ["prune-weight", "prune-gradual", "prune-structured", "distill-soft", "distill-feature"])
 def test_no_train_data_says_which_file_to_add(pt2_model, tmp_path, name):
-    with pytest.raises(OptimizerError, match=rf"{name} fine-tunes the model and needs train data.*slimctl register NAME MODEL --train TRAIN\.npz"):
+    with pytest.raises(
+        OptimizerError, match=rf"{name} fine-tunes the model and needs train data.*slimctl register NAME MODEL --train TRAIN\.npz"
+    ):
         make_pass(name).run(pt2_model, PassContext(workdir=tmp_path))
 
 
@@ -127,7 +134,9 @@ def test_nan_loss_fails_precisely_and_leaves_the_model_untouched(digits, pt2_mod
 
 
 def test_unknown_layer_names_are_listed(digits, pt2_model, tmp_path):
-    with pytest.raises(OptimizerError, match=r"exclude names no layer 'conv9' \(layers: features\.0, features\.3, classifier\.1, classifier\.3\)"):
+    with pytest.raises(
+        OptimizerError, match=r"exclude names no layer 'conv9' \(layers: features\.0, features\.3, classifier\.1, classifier\.3\)"
+    ):
         make_pass("prune-weight", {"exclude": ["conv9"]}).run(pt2_model, _context(digits, tmp_path))
 
 
@@ -143,13 +152,17 @@ def lstm(tmp_path_factory):
 
 
 def test_prune_weight_zeroes_the_recurrent_weights_of_an_lstm(lstm, tmp_path):
-    result = make_pass("prune-weight", {"sparsity": 0.5, "finetune": {"epochs": 1}}).run(lstm.pt2, PassContext(workdir=tmp_path, datasets={"train": lstm.train}))
+    result = make_pass("prune-weight", {"sparsity": 0.5, "finetune": {"epochs": 1}}).run(
+        lstm.pt2, PassContext(workdir=tmp_path, datasets={"train": lstm.train})
+    )
     params, nonzero = count_params(result.path, "onnx")
     assert nonzero < 0.6 * params  # 160 of 52,549 weights before: the LSTM's were untouched
 
 
 def test_prune_structured_removes_hidden_units_of_every_lstm_layer(lstm, tmp_path):
-    result = make_pass("prune-structured", {"finetune": {"epochs": 1}}).run(lstm.pt2, PassContext(workdir=tmp_path, datasets={"train": lstm.train}))
+    result = make_pass("prune-structured", {"finetune": {"epochs": 1}}).run(
+        lstm.pt2, PassContext(workdir=tmp_path, datasets={"train": lstm.train})
+    )
     model = onnx.load(str(result.path))
     recurrent = [i for n in model.graph.node if n.op_type == "LSTM" for i in n.input[1:3]]
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -164,7 +177,10 @@ def test_prune_structured_that_removes_nothing_says_which_layers_it_could_not_to
     x, labels = tiny.tokens()
     features = np.eye(16, dtype=np.float32)[x % 16]  # [N, T, 16]
     bidirectional = tiny.build(tiny.LstmClassifier(layers=1, bidirectional=True, embedding=False), features, labels, tmp_path, "bi")
-    with pytest.raises(OptimizerError, match=r"prune-structured: no layer is left to prune, so nothing would be removed and no variant was made; it could not prune: rnn \(it is bidirectional"):
+    with pytest.raises(
+        OptimizerError,
+        match=r"prune-structured: no layer is left to prune, so nothing would be removed and no variant was made; it could not prune: rnn \(it is bidirectional",
+    ):
         make_pass("prune-structured", {"finetune": {"epochs": 1}}).run(
             bidirectional.pt2, PassContext(workdir=tmp_path / "w", datasets={"train": bidirectional.train})
         )

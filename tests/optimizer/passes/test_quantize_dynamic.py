@@ -51,8 +51,11 @@ def test_dynamic_says_when_convolutions_hold_most_weights(tmp_path):
 
 def test_dynamic_refuses_a_model_with_only_convolutions(tmp_path):
     source = Artifact(conv_only_model(tmp_path / "cnn.onnx"), "onnx", input_names=("x",), output_names=("y",))
-    with pytest.raises(OptimizerError, match=r"quantize-dynamic found no .*MatMul.* with constant weights to quantize: "
-                       r"this model's weights are all in Conv layers \(2,736 weights\).*use quantize-static, or set op_types \['Conv'\]"):
+    with pytest.raises(
+        OptimizerError,
+        match=r"quantize-dynamic found no .*MatMul.* with constant weights to quantize: "
+        r"this model's weights are all in Conv layers \(2,736 weights\).*use quantize-static, or set op_types \['Conv'\]",
+    ):
         make_pass("quantize-dynamic").run(source, _context(tmp_path))
     forced = make_pass("quantize-dynamic", {"op_types": ["Conv"]}).run(source, _context(tmp_path))
     assert int8_facts(forced.path)["ConvInteger"] == 2

@@ -99,7 +99,9 @@ def test_static_names_a_wrong_shape(digits, onnx_model, tmp_path):
 
 
 def test_bad_config_values_are_optimizer_errors_that_name_the_choices():
-    with pytest.raises(OptimizerError, match=r"pass 'quantize-static': calibrate_method must be one of minmax, entropy, percentile, got 'foo'"):
+    with pytest.raises(
+        OptimizerError, match=r"pass 'quantize-static': calibrate_method must be one of minmax, entropy, percentile, got 'foo'"
+    ):
         make_pass("quantize-static", {"calibrate_method": "foo"})
     with pytest.raises(OptimizerError, match=r"unknown setting 'calibration_method'.*calibrate_method"):
         make_pass("quantize-static", {"calibration_method": "entropy"})
@@ -145,7 +147,8 @@ def _activation_scales(path) -> list[float]:
     weights = {i.name: i for i in model.graph.initializer}
     return [
         float(onnx.numpy_helper.to_array(weights[n.input[1]]).max())
-        for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in weights
     ]
 
 
