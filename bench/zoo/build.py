@@ -175,13 +175,18 @@ def build(name: str, root: Path, log: Callable[[str], None] = print, quick: bool
     spec = SPECS[name]
     start = time.perf_counter()
     torch.manual_seed(0)
-    torch.set_flush_denormal(True)  # tiny gradients late in training otherwise slow every step down
     module, splits = spec.make()
     if quick:
         spec = Spec(spec.name, spec.make, min(spec.epochs, 1), spec.lr, spec.batch, spec.note)
         splits = data.Splits({k: v[:512] for k, v in splits.train.items()}, splits.eval, splits.calibration, splits.description)
     if spec.epochs:
-        train(module, splits, spec, log)
+        # Tiny gradients late in training otherwise slow every step down. The setting is the process's (the CPU's
+        # flush-to-zero state), so it is put back: a test process that built a model must still see subnormals.
+        torch.set_flush_denormal(True)
+        try:
+            train(module, splits, spec, log)
+        finally:
+            torch.set_flush_denormal(False)
     module.eval()
     folder.mkdir(parents=True, exist_ok=True)
     for role, arrays in (("eval", splits.eval), ("train", splits.train), ("calibration", splits.calibration)):
