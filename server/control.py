@@ -20,7 +20,7 @@ from server.model_config import ModelConfigView, parse_load_config
 from server.registry import Registrar, UploadHeader, check_header
 from server.repository import Repository
 from server.routing import TrafficPolicy, promote, rollback, set_traffic
-from server.shared_memory import RegionStatus
+from server.shared_memory import RegionStatus, cuda_shared_memory_status, register_cuda_shared_memory
 from server.stats import FeedbackResult, compare_rows
 
 
@@ -229,6 +229,15 @@ class Control:
 
     def shared_memory_status(self, name: str = "") -> list[RegionStatus]:
         return self.dataplane.shared_memory.status(name)
+
+    def cuda_shared_memory_status(self, name: str = "") -> list[RegionStatus]:
+        return cuda_shared_memory_status(name)
+
+    def register_cuda_shared_memory(self, name: str) -> None:
+        register_cuda_shared_memory(name)
+
+    def unregister_cuda_shared_memory(self, name: str = "") -> None:
+        """Nothing is ever registered: unregistering succeeds (Triton's rule for an unknown name)."""
 
     def log_settings(self) -> dict[str, Any]:
         return self.logs.get()

@@ -214,7 +214,7 @@ class DataPlane:
         if loaded is None:
             if name in self.repository.names():
                 raise Unavailable(f"model '{name}' is registered but not loaded; load it with RepositoryModelLoad")
-            raise NotFound(f"model '{name}' is not registered")
+            raise NotFound(f"Request for unknown model: '{name}' is not registered")
         return loaded
 
     def resolve(self, name: str, version: str) -> tuple[LoadedModel, ServedVariant]:

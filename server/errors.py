@@ -68,3 +68,7 @@ class ResourceExhausted(SlimServeError):
 
 class Unavailable(SlimServeError):
     kind = ErrorKind.UNAVAILABLE
+
+
+class Unimplemented(SlimServeError):
+    kind = ErrorKind.UNIMPLEMENTED

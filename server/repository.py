@@ -156,7 +156,7 @@ class Repository:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise NotFound(f"model '{name}' is not registered") from None
+            raise NotFound(f"Request for unknown model: '{name}' is not registered") from None
         return ModelInfo.from_dict(data)
 
     def list(self) -> list[ModelInfo]:
@@ -219,7 +219,7 @@ class Repository:
         with self._lock:
             target = self.model_dir(name)
             if not (target / "manifest.json").exists():
-                raise NotFound(f"model '{name}' is not registered")
+                raise NotFound(f"Request for unknown model: '{name}' is not registered")
             grave = self.staging_dir / f"deleted-{uuid.uuid4().hex}"
             os.rename(target, grave)
             fsync_dir(self.models_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from client.codec import TensorCodecError, decode_raw, encode_raw
-from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 
 SHM_DIR = Path("/dev/shm")
 # shm_open's names: one leading slash at most, then no slash (no path of the node's file system can be named).
@@ -149,3 +149,17 @@ class SharedMemoryRegistry:
             raise InvalidArgument(f"output '{name}' needs {len(data)} bytes; shared memory region '{ref.region}' was given {ref.byte_size}")
         region, start = self._span(ref, len(data))
         region.map[start : start + len(data)] = data
+
+
+def cuda_shared_memory_status(name: str = "") -> list[RegionStatus]:
+    """CUDA shared memory is not served, so no region is ever registered: none to list, a named one is unknown."""
+    if name:
+        raise NotFound(f"CUDA shared memory region '{name}' is not registered (slimserve serves system shared memory only)")
+    return []
+
+
+def register_cuda_shared_memory(name: str) -> None:
+    raise Unimplemented(
+        f"CUDA shared memory region '{name}': slimserve serves system shared memory only (register_system_shared_memory); "
+        "see the README's 'Using Triton's tools'"
+    )

@@ -23,6 +23,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # What ServerMetadata lists over gRPC (one list for both ports), and the binary tensor extension only REST has.
 EXTENSIONS = [*GRPC_EXTENSIONS, "binary_tensor_data"]
 SHM = "/v2/systemsharedmemory"
+CUDA_SHM = "/v2/cudasharedmemory"
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,12 @@ class Routes:
             # Served neither over gRPC: a precise 501 rather than aiohttp's bare 404 for a path Triton's clients call.
             Route("*", "/v2/trace/setting", self.unimplemented, "TraceSetting"),
             Route("*", "/v2/models/{model}/trace/setting", self.unimplemented, "TraceSetting"),
-            Route("*", "/v2/cudasharedmemory/{tail:.*}", self.unimplemented, "CudaSharedMemoryStatus"),
+            # CUDA shared memory is not served: none registered to list or unregister; a registration is a precise 501.
+            Route("GET", CUDA_SHM + "/status", self.cuda_shm_status, "CudaSharedMemoryStatus"),
+            Route("GET", CUDA_SHM + "/region/{region}/status", self.cuda_shm_status, "CudaSharedMemoryStatus"),
+            Route("POST", CUDA_SHM + "/region/{region}/register", self.cuda_shm_register, "CudaSharedMemoryRegister"),
+            Route("POST", CUDA_SHM + "/unregister", self.cuda_shm_unregister, "CudaSharedMemoryUnregister"),
+            Route("POST", CUDA_SHM + "/region/{region}/unregister", self.cuda_shm_unregister, "CudaSharedMemoryUnregister"),
         ]
 
     async def live(self, request: web.Request) -> web.Response:
@@ -154,6 +160,18 @@ class Routes:
     async def update_log_settings(self, request: web.Request) -> web.Response:
         return ok(self.control.update_log_settings(extensions.log_settings_request(await request.read())))
 
+    async def cuda_shm_status(self, request: web.Request) -> web.Response:
+        return ok(extensions.shared_memory_status(self.control.cuda_shared_memory_status(region_of(request))))
+
+    async def cuda_shm_register(self, request: web.Request) -> web.Response:
+        self.control.register_cuda_shared_memory(region_of(request))
+        return ok({})
+
+    async def cuda_shm_unregister(self, request: web.Request) -> web.Response:
+        self.control.unregister_cuda_shared_memory(region_of(request))
+        return ok({})
+
     async def unimplemented(self, request: web.Request) -> web.Response:
-        what = "CUDA shared memory is" if "cudasharedmemory" in request.path else "trace settings are"
-        raise SlimServeError(f"{what} not served by slimserve (see the README's \"Using Triton's tools\")", ErrorKind.UNIMPLEMENTED)
+        raise SlimServeError(
+            "trace settings are not served by slimserve (see the README's \"Using Triton's tools\")", ErrorKind.UNIMPLEMENTED
+        )

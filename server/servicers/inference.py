@@ -91,6 +91,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @grpc_errors
+    async def CudaSharedMemoryStatus(self, request, context):
+        self.control.cuda_shared_memory_status(request.name)  # none is ever registered
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @grpc_errors
+    async def CudaSharedMemoryRegister(self, request, context):
+        self.control.register_cuda_shared_memory(request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @grpc_errors
+    async def CudaSharedMemoryUnregister(self, request, context):
+        self.control.unregister_cuda_shared_memory(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    @grpc_errors
     async def LogSettings(self, request, context):
         values = converters.log_settings_values(request)
         return converters.log_settings(self.control.update_log_settings(values) if values else self.control.log_settings())

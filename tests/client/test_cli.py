@@ -67,7 +67,7 @@ def test_register_models_infer_delete(server, digits, tmp_path):
 def test_errors_are_one_line_with_exit_1(server, digits, tmp_path):
     result = slimctl(server, "infer", "nope", digits.data)
     assert result.exit_code == 1
-    assert result.output.strip() == "slimctl: NOT_FOUND: model 'nope' is not registered"
+    assert result.output.strip() == "slimctl: NOT_FOUND: Request for unknown model: 'nope' is not registered"
 
     result = slimctl(server, "register", "m", tmp_path / "missing.onnx")
     assert result.exit_code == 1 and "does not exist" in result.output

@@ -125,6 +125,11 @@ def test_log_settings_read_and_change(seen):
     assert seen["trace"].startswith("StatusCode.UNIMPLEMENTED")
 
 
+def test_cuda_shared_memory_lists_none_unregisters_nothing_and_refuses_a_region(seen):
+    assert seen["cuda_shm_status"] == {} and seen["cuda_shm_unregister"] is None
+    assert seen["cuda_shm_register"].startswith("StatusCode.UNIMPLEMENTED: ") and "system shared memory only" in seen["cuda_shm_register"]
+
+
 def test_system_shared_memory_inputs_and_outputs(seen, digits):
     assert seen["shm_status"] == ["in_data", "out_data"]
     assert seen["shm_output_shape"] == [4, 10]

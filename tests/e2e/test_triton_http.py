@@ -94,7 +94,7 @@ def test_simple_http_infer_client(triton, compression):
     assert_sums(triton.infer("simple", simple_inputs(False, True), outputs=None))  # every output, in binary
     with pytest.raises(InferenceServerException) as e:
         triton.infer("wrong_model_name", simple_inputs(False, True))
-    assert e.value.status() == "404" and "model 'wrong_model_name' is not registered" in e.value.message()
+    assert e.value.status() == "404" and "Request for unknown model: 'wrong_model_name' is not registered" in e.value.message()
 
 
 def test_simple_http_async_infer_client(triton):
@@ -352,12 +352,12 @@ def test_simple_http_shm_client(triton, regions):
     assert_sums(triton.infer("simple", simple_inputs(True, True)))  # the server keeps serving
 
 
-def test_trace_and_cuda_shared_memory_answer_501(triton):
-    for call in (
-        triton.get_trace_settings,
-        lambda: triton.get_trace_settings("simple"),
-        triton.get_cuda_shared_memory_status,
-        lambda: triton.unregister_cuda_shared_memory(),
-    ):
+def test_trace_answers_501_and_cuda_shared_memory_holds_no_region(triton):
+    for call in (triton.get_trace_settings, lambda: triton.get_trace_settings("simple")):
         status, message = refusal(call)
         assert status == "501" and "not served by slimserve" in message
+    # Triton's shm examples list and unregister CUDA regions before they start: nothing is registered, nothing fails.
+    assert triton.get_cuda_shared_memory_status() == []
+    triton.unregister_cuda_shared_memory()
+    status, message = refusal(lambda: triton.register_cuda_shared_memory("gpu", b"aGFuZGxl", 0, 64))
+    assert status == "501" and "system shared memory only" in message

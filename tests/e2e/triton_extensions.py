@@ -119,6 +119,10 @@ def main(address: str, input_npy: str) -> None:
     report["log_bad"] = error_of(lambda: client.update_log_settings({"log_colour": True}))
     client.update_log_settings({"log_verbose_level": 0, "log_format": "default"})
     report["trace"] = error_of(lambda: client.get_trace_settings())
+    # CUDA shared memory is not served: nothing to list or unregister (Triton's shm examples call both), registering refused
+    report["cuda_shm_status"] = client.get_cuda_shared_memory_status(as_json=True)
+    report["cuda_shm_unregister"] = error_of(lambda: client.unregister_cuda_shared_memory())
+    report["cuda_shm_register"] = error_of(lambda: client.register_cuda_shared_memory("gpu", b"aGFuZGxl", 0, 64))
 
     report.update(shared_memory(client, x))
     report["server_live"] = client.is_server_live()

@@ -174,8 +174,12 @@ EXPLICIT = {
     "empty input name": (request(name=""), "INVALID_ARGUMENT", "input #0 has no name"),
     "path-like input name": (request(name="../x"), "INVALID_ARGUMENT", "model 'digits' has no input '../x'"),
     "input twice": (duplicated(), "INVALID_ARGUMENT", "input 'x' appears twice"),
-    "empty model name": (request(model=""), "NOT_FOUND", "model '' is not registered"),
-    "path-like model name": (request(model="../../etc/passwd"), "NOT_FOUND", "model '../../etc/passwd' is not registered"),
+    "empty model name": (request(model=""), "NOT_FOUND", "Request for unknown model: '' is not registered"),
+    "path-like model name": (
+        request(model="../../etc/passwd"),
+        "NOT_FOUND",
+        "Request for unknown model: '../../etc/passwd' is not registered",
+    ),
     "path-like variant": (request(version="../baseline"), "NOT_FOUND", "model 'digits' has no variant '../baseline'"),
     "NUL in model name": (request(model="digits\0"), "NOT_FOUND", "is not registered"),
 }

@@ -87,7 +87,7 @@ def test_server_and_model_metadata(rest):
         assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
         assert meta["outputs"][0]["datatype"] == "FP32"
     status, _, body = call(rest.http_address, "GET", "/v2/models/nope")
-    assert status == 404 and "model 'nope' is not registered" in json.loads(body)["error"]
+    assert status == 404 and "Request for unknown model: 'nope' is not registered" in json.loads(body)["error"]
 
 
 def test_json_inference_matches_the_model_and_goes_through_the_data_plane(rest, digits):
@@ -243,3 +243,15 @@ def test_load_with_a_config_and_refused_load_parameters(rest):
     assert json.loads(call(rest.http_address, "GET", "/v2/models/digits/config")[2])["max_batch_size"] == 4  # unchanged
     assert post_json(rest.http_address, "/v2/repository/models/digits/unload", {"parameters": {"unload_dependents": False}}) == (200, {})
     assert post_json(rest.http_address, "/v2/repository/models/digits/unload", {}) == (200, {})  # not loaded: still succeeds
+
+
+def test_cuda_shared_memory_lists_none_unregisters_nothing_and_refuses_a_region(rest):
+    status, _, body = call(rest.http_address, "GET", "/v2/cudasharedmemory/status")
+    assert status == 200 and json.loads(body) == []
+    assert post_json(rest.http_address, "/v2/cudasharedmemory/unregister", {})[0] == 200
+    status, answer = post_json(
+        rest.http_address, "/v2/cudasharedmemory/region/gpu/register", {"raw_handle": {"b64": ""}, "device_id": 0, "byte_size": 64}
+    )
+    assert status == 501 and "system shared memory only" in answer["error"]
+    status, _, body = call(rest.http_address, "GET", "/v2/cudasharedmemory/region/gpu/status")
+    assert status == 404 and "is not registered" in json.loads(body)["error"]

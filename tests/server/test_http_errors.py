@@ -162,7 +162,7 @@ def test_unknown_paths_methods_and_models(rest):
     status, _, body = call(rest.http_address, "GET", "/v2/models/digits/infer")
     assert status == 405 and json.loads(body)["error"]
     status, error = error_of(rest.http_address, "/v2/models/nope/infer", with_data([0.5] * 64))
-    assert status == 404 and error == "model 'nope' is not registered"
+    assert status == 404 and error == "Request for unknown model: 'nope' is not registered"
     status, error = error_of(rest.http_address, "/v2/models/digits/versions/v9/infer", with_data([0.5] * 64))
     assert status == 404 and "v9" in error
 

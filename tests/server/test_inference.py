@@ -119,7 +119,7 @@ def test_malformed_requests_name_the_problem(digits_client, inputs, code, messag
 def test_unknown_model_and_output(digits_client, digits):
     with pytest.raises(SlimServeClientError) as e:
         digits_client.infer("nope", {"x": digits.x_test[:1]})
-    assert (e.value.code, e.value.message) == ("NOT_FOUND", "model 'nope' is not registered")
+    assert (e.value.code, e.value.message) == ("NOT_FOUND", "Request for unknown model: 'nope' is not registered")
     with pytest.raises(SlimServeClientError) as e:
         digits_client.infer("digits", {"x": digits.x_test[:1]}, outputs=["probs"])
     assert e.value.code == "INVALID_ARGUMENT" and "no output 'probs'" in e.value.message and "logits" in e.value.message

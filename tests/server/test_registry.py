@@ -37,7 +37,7 @@ def test_register_lists_and_deletes(client, digits, server):
     assert json.loads((stored / "manifest.json").read_text())["traffic"]["weights"] == {"baseline": 1.0}
     client.delete("digits")
     assert client.models() == [] and not stored.exists()
-    assert refused_delete(client, "digits") == ("NOT_FOUND", "model 'digits' is not registered")
+    assert refused_delete(client, "digits") == ("NOT_FOUND", "Request for unknown model: 'digits' is not registered")
 
 
 def refused_delete(client, name):
