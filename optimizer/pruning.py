@@ -6,7 +6,8 @@ from typing import Any
 
 from optimizer.base import OptimizerError
 from optimizer.data import TrainData
-from optimizer.torchmodel import PRUNABLE, check_layer_names, layers_in_order, output_layers, output_shapes
+from optimizer.torchlayers import PRUNABLE, check_layer_names, layers_in_order, output_layers
+from optimizer.torchmodel import output_shapes
 
 TORCH_PRUNING_PIN = "torch-pruning==1.6.1"
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")

@@ -1,7 +1,7 @@
 """Triton's model configuration of a served variant (ModelConfig), and the serving settings a RepositoryModelLoad
 `config` parameter may override (Model Analyzer sweeps max_batch_size, dynamic_batching and instance_group this way).
 
-Plain domain objects: server/converters.py turns a `ModelConfigView` into Triton's ModelConfig message.
+Plain domain objects: server/converters_triton.py turns a `ModelConfigView` into Triton's ModelConfig message.
 """
 
 from __future__ import annotations

@@ -33,18 +33,8 @@ from optimizer.finetune import (
 )
 from optimizer.pruning import prune_channels_, untouched_layers
 from optimizer.registry import register
-from optimizer.torchmodel import (
-    Prepared,
-    check_layer_names,
-    finish,
-    flops_per_sample,
-    layers_in_order,
-    lift_layers,
-    output_layers,
-    output_shapes,
-    parameter_count,
-    prepare,
-)
+from optimizer.torchlayers import check_layer_names, layers_in_order, lift_layers, output_layers
+from optimizer.torchmodel import Prepared, finish, flops_per_sample, output_shapes, parameter_count, prepare
 
 STUDENT_INITS = ("teacher", "random")
 

@@ -1,6 +1,6 @@
 """Pruning passes: unstructured magnitude (torch.nn.utils.prune), structured channels (Torch-Pruning), gradual with regrowth.
 
-Every pass trains a .pt2 model in torch (optimizer/torchmodel.py rebuilds its layers), fine-tunes
+Every pass trains a .pt2 model in torch (optimizer/torchlayers.py rebuilds its layers), fine-tunes
 with the shared loop (optimizer/finetune.py) and writes ONNX for onnxruntime; channel pruning is
 optimizer/pruning.py's, shared with distillation. Unstructured
 sparsity lands as real zeros in the ONNX weights (evaluation's nonzero_params counts them; dense
@@ -32,15 +32,8 @@ from optimizer.finetune import (
 )
 from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
 from optimizer.registry import register
-from optimizer.torchmodel import (
-    check_layer_names,
-    finish,
-    flops_per_sample,
-    layers_in_order,
-    parameter_count,
-    prepare,
-    weight_names,
-)
+from optimizer.torchlayers import check_layer_names, layers_in_order, weight_names
+from optimizer.torchmodel import finish, flops_per_sample, parameter_count, prepare
 
 SCOPES = ("global", "layer")
 SPARSITY_SCHEDULES = ("cubic", "linear")

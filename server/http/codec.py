@@ -312,7 +312,7 @@ def unload_request(body: bytes) -> dict[str, Any]:
 
 def load_request(body: bytes) -> tuple[str | None, list[str]]:
     """A load's `config` (Triton's ModelConfig as JSON text) and the names of its `file:` parameters, as
-    server/converters.load_parameters reads them over gRPC; any other parameter is refused."""
+    server/converters_triton.load_parameters reads them over gRPC; any other parameter is refused."""
     config, files = None, []
     for key, value in _parameters(json_object(body, "repository request"), "the repository request").items():
         if key == "config":

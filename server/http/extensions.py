@@ -1,6 +1,6 @@
 """Triton's extensions over REST: ModelConfig and ModelStatistics as Triton's JSON, system shared memory and log settings.
 
-The JSON twins of what server/converters.py builds for gRPC: ModelConfig and ModelStatistics are built by the
+The JSON twins of what server/converters_triton.py builds for gRPC: ModelConfig and ModelStatistics are built by the
 same converters and written as Triton's REST port writes protobuf (proto field names, numbers as numbers).
 """
 
@@ -13,7 +13,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from protos import inference_pb2 as pb
-from server import converters
+from server import converters_triton
 from server.dataplane import VersionStatistics
 from server.http.codec import field_of, json_object
 from server.model_config import ModelConfigView
@@ -47,7 +47,7 @@ def _proto_json(message: Message) -> dict[str, Any]:
 
 def model_config(view: ModelConfigView) -> dict[str, Any]:
     """The ModelConfig itself (not wrapped in a response), built by the same converter as gRPC's."""
-    return _proto_json(converters.model_config(view).config)
+    return _proto_json(converters_triton.model_config(view).config)
 
 
 # Triton writes every duration of InferStatistics, zeros included (perf_analyzer reads cache_hit / cache_miss too).
@@ -55,7 +55,7 @@ _DURATIONS = tuple(f.name for f in pb.InferStatistics.DESCRIPTOR.fields)
 
 
 def statistics(rows: list[VersionStatistics]) -> dict[str, Any]:
-    answer = _proto_json(converters.model_statistics(rows))
+    answer = _proto_json(converters_triton.model_statistics(rows))
     for entry in answer.get("model_stats", []):
         durations = entry.setdefault("inference_stats", {})
         for name in _DURATIONS:

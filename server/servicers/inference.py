@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from server import __version__, converters
+from server import __version__, converters, converters_triton
 from server.control import Control
 from server.dataplane import DataPlane
 from server.edge import grpc_errors
@@ -55,11 +55,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def RepositoryIndex(self, request, context):
-        return converters.repository_index(self.control.repository_index(request.ready))
+        return converters_triton.repository_index(self.control.repository_index(request.ready))
 
     @grpc_errors
     async def RepositoryModelLoad(self, request, context):
-        config, files = converters.load_parameters(request)
+        config, files = converters_triton.load_parameters(request)
         await self.control.load_model(request.model_name, config, files)
         return pb.RepositoryModelLoadResponse()
 
@@ -70,15 +70,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelConfig(self, request, context):
-        return converters.model_config(self.control.model_config(request.name, request.version))
+        return converters_triton.model_config(self.control.model_config(request.name, request.version))
 
     @grpc_errors
     async def ModelStatistics(self, request, context):
-        return converters.model_statistics(self.control.statistics(request.name, request.version))
+        return converters_triton.model_statistics(self.control.statistics(request.name, request.version))
 
     @grpc_errors
     async def SystemSharedMemoryStatus(self, request, context):
-        return converters.shared_memory_status(self.control.shared_memory_status(request.name))
+        return converters_triton.shared_memory_status(self.control.shared_memory_status(request.name))
 
     @grpc_errors
     async def SystemSharedMemoryRegister(self, request, context):
@@ -107,5 +107,5 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def LogSettings(self, request, context):
-        values = converters.log_settings_values(request)
-        return converters.log_settings(self.control.update_log_settings(values) if values else self.control.log_settings())
+        values = converters_triton.log_settings_values(request)
+        return converters_triton.log_settings(self.control.update_log_settings(values) if values else self.control.log_settings())

@@ -1,4 +1,4 @@
-"""Tests for optimizer/torchmodel.py: a .pt2 rebuilt with real layers computes what the program does."""
+"""Tests for optimizer/torchlayers.py (lifted by optimizer/torchmodel.py): a .pt2 rebuilt with real layers computes what the program does."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from optimizer.base import Artifact
 from optimizer.export import load_program
-from optimizer.torchmodel import lift_layers, output_layers
+from optimizer.torchlayers import lift_layers, output_layers
 
 FAST = {"epochs": 1, "max_samples": 512}
 

@@ -10,7 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from client.client import SlimServeClientError, sha256_of
+from client.client import SlimServeClientError
+from client.transport import sha256_of
 from protos import slimserve_pb2 as spb
 from protos import slimserve_pb2_grpc as spb_grpc
 
