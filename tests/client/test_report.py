@@ -8,34 +8,8 @@ from client.report import render_report
 from optimizer.evaluation import Evaluation
 from optimizer.report import report_rows
 
-BASELINE = Evaluation(
-    params=1000,
-    nonzero_params=1000,
-    size_bytes=4_000_000,
-    flops=2e6,
-    latency_p50_ms=2.0,
-    latency_p99_ms=3.0,
-    serving_batch=32,
-    throughput=1000.0,
-    accuracy=0.95,
-    runtime="onnxruntime",
-    device="cpu",
-)
-QUANTIZED = Evaluation(
-    params=1000,
-    nonzero_params=750,
-    size_bytes=1_000_000,
-    flops=2e6,
-    latency_p50_ms=0.5,
-    latency_p99_ms=1.0,
-    serving_batch=32,
-    throughput=2500.0,
-    accuracy=0.9425,
-    accuracy_delta=-0.75,
-    agreement=0.98,
-    runtime="onnxruntime",
-)
-PRUNED = Evaluation(size_bytes=2_000_000, flops=5e5, latency_p50_ms=4.0, throughput=500.0, runtime="torch")
+# The report rows' tests' three evaluations: one set of numbers that both test modules read.
+from tests.optimizer.test_report import BASELINE, PRUNED, QUANTIZED
 
 
 def _text(table, width: int = 160) -> str:
