@@ -52,9 +52,11 @@ def wait_until(
 class ServerProcess:
     """`slimserve start` as a child process on a free port, for tests that signal it, kill it or watch its memory."""
 
-    def __init__(self, repository: Path, log: Path, *flags: str, metrics_port: int = -1) -> None:
+    def __init__(self, repository: Path, log: Path, *flags: str, metrics_port: int = -1, http: bool = False) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        http_port = free_port() if http else -1  # REST off unless asked: servers side by side would all want 8000
+        self.http_address = f"127.0.0.1:{http_port}"
         self.metrics_port = metrics_port
         self.log = log
         command = [
@@ -67,7 +69,7 @@ class ServerProcess:
             "--grpc-port",
             str(self.port),
             "--http-port",
-            "-1",
+            str(http_port),
             "--metrics-port",
             str(metrics_port),
             "--log-level",
