@@ -84,7 +84,7 @@ class SlimServer:
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
-        self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price)
+        self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price, settings.server_name)
         self.rollouts = RolloutController(self.repository, self.control, ProcessStatistics(self.dataplane))
         self.control.on_manual_change = self.rollouts.interrupted
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.

@@ -12,7 +12,7 @@ from typing import Any
 
 from optimizer.base import ProgressEvent
 from server.dataplane import DataPlane, VersionStatistics
-from server.errors import AlreadyExists, InvalidArgument
+from server.errors import AlreadyExists, InvalidArgument, SlimServeError
 from server.jobs import JobDone, JobManager, JobRequest
 from server.log_settings import LogSettings
 from server.manifest import ModelInfo
@@ -49,8 +49,16 @@ class Control:
     """The control plane: every change to what is registered, served and routed goes through one of these methods."""
 
     def __init__(
-        self, repository: Repository, dataplane: DataPlane, registrar: Registrar, jobs: JobManager, node_type: str, price_per_hour: float
+        self,
+        repository: Repository,
+        dataplane: DataPlane,
+        registrar: Registrar,
+        jobs: JobManager,
+        node_type: str,
+        price_per_hour: float,
+        server_name: str = "slimserve",
     ) -> None:
+        self.server_name = server_name
         self.repository = repository
         self.dataplane = dataplane
         self.registrar = registrar
@@ -191,7 +199,15 @@ class Control:
 
     async def load_model(self, name: str, config: str | None = None, files: list[str] | None = None) -> None:
         """RepositoryModelLoad: every variant afresh, with the serving settings of `config` (Triton's ModelConfig as
-        JSON: max_batch_size, dynamic_batching, instance_group) until the next load; checked before anything changes."""
+        JSON: max_batch_size, dynamic_batching, instance_group) until the next load; checked before anything changes.
+
+        A refusal keeps its kind and says "failed to load '<name>': <why>", as Triton words it (its clients check)."""
+        try:
+            await self._load_model(name, config, files)
+        except SlimServeError as e:
+            raise SlimServeError(f"failed to load '{name}': {e.message}", e.kind) from e
+
+    async def _load_model(self, name: str, config: str | None, files: list[str] | None) -> None:
         if files:
             raise InvalidArgument(
                 f"load parameter(s) {', '.join(files)}: loading model files through RepositoryModelLoad is not supported; "

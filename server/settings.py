@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     )
     metrics_port: int = setting(8002, "Prometheus text format at `/metrics` over HTTP; 0 picks a free port, `-1` disables it")
     node_type: str = setting("cpu", "node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
+    server_name: str = setting(
+        "slimserve", "the name ServerMetadata answers on both ports; tools and scripts that check for Triton's own name need 'triton'"
+    )
     token_file: Path | None = setting(
         None, "file with the bearer token: management calls (and `RepositoryModelLoad/Unload`) require `authorization: Bearer <token>`"
     )

@@ -109,7 +109,7 @@ class Routes:
         return health(self.dataplane.ready)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return ok({"name": "slimserve", "version": __version__, "extensions": EXTENSIONS})
+        return ok({"name": self.control.server_name, "version": __version__, "extensions": EXTENSIONS})
 
     async def model_ready(self, request: web.Request) -> web.Response:
         return health(self.dataplane.is_ready(*model_of(request)))

@@ -34,7 +34,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="slimserve", version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=self.control.server_name, version=__version__, extensions=EXTENSIONS)
 
     @grpc_errors
     async def ModelMetadata(self, request, context):

@@ -41,7 +41,8 @@ def simple_identity_onnx(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("triton-examples")
-    server = ServerProcess(root / "repo", root / "server.log", http=True)
+    # --server-name triton: the health_metadata examples check the name ServerMetadata answers.
+    server = ServerProcess(root / "repo", root / "server.log", "--server-name", "triton", http=True)
     try:
         with SlimServeClient(server.address) as client:
             for name, make in (
@@ -63,3 +64,20 @@ def test_the_example_passes_unmodified(served, example):
     url = served.http_address if ("http" in example or example == "reuse_infer_objects_client") else served.address
     done = subprocess.run([sys.executable, str(EXAMPLES / f"{example}.py"), "-u", url], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{example} exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_the_http_model_control_example_passes_on_a_repository_of_seven_models(tmp_path):
+    """simple_http_model_control.py counts Triton's test repository (7 models), loads `simple` with a config override,
+    refuses an invalid one and a wrong name with "failed to load", and unloads."""
+    server = ServerProcess(tmp_path / "repo", tmp_path / "server.log", http=True)
+    try:
+        with SlimServeClient(server.address) as client:
+            client.register("simple", simple_onnx(tmp_path / "simple.onnx"))
+            for i in range(6):
+                client.register(f"other{i}", simple_onnx(tmp_path / f"other{i}.onnx"))
+        example = EXAMPLES / "model_control" / "simple_http_model_control.py"
+        done = subprocess.run([sys.executable, str(example), "-u", server.http_address], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "PASS: model control" in done.stdout, f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    finally:
+        server.stop()
