@@ -15,7 +15,6 @@ import http.client
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import cpu_seconds, free_port, say, wait_until
+from bench.common import cpu_seconds, free_port, say, slimserve_command, wait_until
 from bench.loadgen import build_infer_request
 
 Send = Callable[[], None]
@@ -102,22 +101,7 @@ def main() -> None:
 
     onnx_path = export_onnx(model, work / "digits.onnx", torch.from_numpy(x))
     grpc_port, http_port = free_port(), free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "start",
-        "--repository",
-        str(work / "repository"),
-        "--grpc-port",
-        str(grpc_port),
-        "--http-port",
-        str(http_port),
-        "--metrics-port",
-        "-1",
-        "--log-level",
-        "WARNING",
-    ]
+    command = slimserve_command(work / "repository", grpc_port, http_port=http_port)
     server = subprocess.Popen(command)
     grpc_address, http_address = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
     try:

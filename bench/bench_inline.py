@@ -16,13 +16,12 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from bench.common import RESULTS as RESULTS_DIR
-from bench.common import free_port, tree_cpu_seconds, wait_quiet
+from bench.common import free_port, slimserve_command, tree_cpu_seconds, wait_quiet
 from bench.loadgen import build_infer_request, run_point
 from bench.servers import CACHE, MODEL, Server, prepare_model, start_slimserve
 
@@ -41,28 +40,7 @@ def main() -> None:
     payload = build_infer_request(MODEL, files.sample)
     inline, _ = start_slimserve(files, [], fresh=False)  # the writer; default --inline-compute-ms
     port = free_port()
-    exe = str(Path(sys.executable).with_name("slimserve"))
-    handoff = Server(
-        "slimserve-handoff",
-        [
-            exe,
-            "start",
-            "--repository",
-            str(CACHE / "repository"),
-            "--read-only",
-            "--grpc-port",
-            str(port),
-            "--http-port",
-            "-1",
-            "--metrics-port",
-            "-1",
-            "--log-level",
-            "WARNING",
-            "--inline-compute-ms",
-            "0",
-        ],
-        port,
-    )
+    handoff = Server("slimserve-handoff", slimserve_command(CACHE / "repository", port, "--read-only", "--inline-compute-ms", "0"), port)
     servers = {"inline (default 0.5 ms)": inline, "hand-off (--inline-compute-ms 0)": handoff}
     points: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS as RESULTS_DIR
-from bench.common import ROOT, free_port, rss_bytes, wait_until
+from bench.common import ROOT, free_port, rss_bytes, slimserve_command, wait_until
 
 RESULTS = RESULTS_DIR / "soak.json"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -120,23 +120,7 @@ def start_server(workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str
 
     port = free_port()
     log = open(workdir / "server.log", "ab")  # noqa: SIM115  the server process writes it until it stops
-    command = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "start",
-        "--repository",
-        str(workdir / "repository"),
-        "--grpc-port",
-        str(port),
-        "--http-port",
-        "-1",
-        "--metrics-port",
-        "-1",
-        "--log-level",
-        "WARNING",
-        *extra,
-    ]
+    command = slimserve_command(workdir / "repository", port, *extra)
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     address = f"127.0.0.1:{port}"
 

@@ -55,6 +55,21 @@ def wait_until(
         time.sleep(interval)
 
 
+def slimserve_command(
+    repository: Path, grpc_port: int, *flags: str, http_port: int = -1, metrics_port: int = -1, log_level: str = "WARNING"
+) -> list[str]:
+    """`slimserve start` on loopback ports, REST and metrics off unless asked (servers side by side would all want 8000)."""
+    return [
+        sys.executable, "-m", "server.cli", "start",
+        "--repository", str(repository),
+        "--grpc-port", str(grpc_port),
+        "--http-port", str(http_port),
+        "--metrics-port", str(metrics_port),
+        "--log-level", log_level,
+        *flags,
+    ]  # fmt: skip
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process and all its threads (and reaped children), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import HERE, RESULTS, ROOT, free_port, say, wait_quiet, wait_until
+from bench.common import HERE, RESULTS, ROOT, free_port, say, slimserve_command, wait_quiet, wait_until
 
 CACHE = RESULTS / "serving-cache"
 VENVS = HERE / ".venvs"
@@ -154,26 +154,7 @@ def start_slimserve(files: ModelFiles, variants: list[str], fresh: bool, extra_f
     if fresh and repo.exists():
         shutil.rmtree(repo)
     port = free_port()
-    exe = str(Path(sys.executable).with_name("slimserve"))
-    server = Server(
-        "slimserve",
-        [
-            exe,
-            "start",
-            "--repository",
-            str(repo),
-            "--grpc-port",
-            str(port),
-            "--http-port",
-            "-1",
-            "--metrics-port",
-            "-1",
-            "--log-level",
-            "WARNING",
-            *extra_flags,
-        ],
-        port,
-    )
+    server = Server("slimserve", slimserve_command(repo, port, *extra_flags), port)
     server.start()
     server.wait_ready("", 120)
     ready: list[str] = []

@@ -4,49 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
-ROOT = Path(__file__).resolve().parents[1]
+# One free port, one wait and one `slimserve start` command line for the tests and the benchmarks: bench.common's.
+from bench.common import ROOT, free_port, slimserve_command, wait_until
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(
-    condition: Callable[[], T],
-    what: str = "the condition",
-    timeout: float = 30.0,
-    interval: float = 0.01,
-    ignore: tuple[type[BaseException], ...] = (),
-) -> T:
-    """Polls `condition` until it returns something truthy and returns that; fails the test after `timeout` seconds.
-
-    `ignore`: exceptions that mean "not yet" (a server not listening yet), retried like a falsy answer.
-    """
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            last = condition()
-            if last:
-                return last
-        except ignore as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
+__all__ = ["ROOT", "ServerProcess", "free_port", "slimserve_command", "wait_until"]
 
 
 class ServerProcess:
@@ -59,23 +24,7 @@ class ServerProcess:
         self.http_address = f"127.0.0.1:{http_port}"
         self.metrics_port = metrics_port
         self.log = log
-        command = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "start",
-            "--repository",
-            str(repository),
-            "--grpc-port",
-            str(self.port),
-            "--http-port",
-            str(http_port),
-            "--metrics-port",
-            str(metrics_port),
-            "--log-level",
-            "WARNING",
-            *flags,
-        ]
+        command = slimserve_command(repository, self.port, *flags, http_port=http_port, metrics_port=metrics_port)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         self.wait_ready()
