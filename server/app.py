@@ -80,6 +80,7 @@ class SlimServer:
             settings.compute_threads,
             settings.batching_config(),
             max_concurrent_calls=settings.max_concurrent_calls,
+            unload_idle_s=settings.unload_idle_variants_s,
             inline_compute_s=settings.inline_compute_ms / 1000.0,
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)

@@ -115,7 +115,7 @@ class Control:
 
     async def _change_traffic(self, model: str, change: Callable[..., TrafficPolicy]) -> TrafficPolicy:
         """Checked against the variants loaded now, written to the manifest (it survives a restart), then swapped in."""
-        ready = set(self.dataplane.loaded_model(model).variants)  # NotFound / Unavailable before anything changes
+        ready = self.dataplane.loaded_model(model).ready  # NotFound / Unavailable before anything changes
 
         def apply(info: ModelInfo) -> None:
             statuses = {name: v.status for name, v in info.variants.items()}
@@ -138,7 +138,7 @@ class Control:
         return self.repository.get(model).traffic
 
     def ready_variants(self, model: str) -> set[str]:
-        return set(self.dataplane.loaded_model(model).variants)
+        return self.dataplane.loaded_model(model).ready
 
     async def promote(self, model: str, variant: str, *, automatic: bool = False) -> TrafficPolicy:
         policy = await self._change_traffic(model, lambda current, **kw: promote(current, variant, **kw))
@@ -171,7 +171,7 @@ class Control:
     async def compare(self, model: str) -> Comparison:
         loaded = self.dataplane.loaded_model(model)
         policy = loaded.info.traffic
-        variants = [v for v in loaded.info.variants if v in loaded.variants]
+        variants = [v for v in loaded.info.variants if v in loaded.ready]
         rows = compare_rows(
             variants,
             weights=policy.weights,
@@ -193,7 +193,8 @@ class Control:
                 ready = loaded is not None and variant in loaded.variants
                 if ready_only and not ready:
                     continue
-                reason = v.message if v.status == "failed" else ("" if ready else "not loaded")
+                unloaded = loaded.unloaded.get(variant) if loaded is not None else None
+                reason = v.message if v.status == "failed" else ("" if ready else unloaded.reason if unloaded else "not loaded")
                 entries.append(IndexEntry(info.name, variant, ready, reason, v.version))
         return entries
 

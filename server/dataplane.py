@@ -27,7 +27,7 @@ from server.errors import ErrorKind, FailedPrecondition, InvalidArgument, NotFou
 from server.loader import ModelLoader
 from server.metrics import Metrics
 from server.model_config import ModelConfigView, ServingOverride, batchable, config_view
-from server.models import LoadedModel, ServedVariant
+from server.models import LoadedModel, ServedVariant, UnloadedVariant, VariantUnloaded
 from server.repository import Repository
 from server.runtimes import Runtime, RuntimeConfig, TensorSpec
 from server.shadow import ShadowMirror, top1
@@ -137,6 +137,7 @@ class DataPlane:
         batching: BatchingConfig | None = None,
         inline_compute_s: float = 0.5e-3,
         max_concurrent_calls: int = 1,
+        unload_idle_s: float = 0.0,
     ) -> None:
         self.repository = repository
         self.executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="compute")
@@ -150,6 +151,7 @@ class DataPlane:
             batching or BatchingConfig(),
             inline_compute_s,
             max_concurrent_calls,
+            unload_idle_s,
         )
         self.shadows = ShadowMirror(self._spawn)
         self.shared_memory = SharedMemoryRegistry()
@@ -232,20 +234,32 @@ class DataPlane:
             return False
         return True
 
+    def _described(self, name: str, version: str) -> tuple[LoadedModel, ServedVariant | UnloadedVariant]:
+        """The variant `version` names as `resolve` finds it, or its record while it is unloaded (what it serves when pinned)."""
+        try:
+            return self.resolve(name, version)
+        except VariantUnloaded as e:
+            loaded = self.loaded_model(name)
+            return loaded, loaded.unloaded[e.variant]
+
     def metadata(self, name: str, version: str) -> ModelMetadata:
-        loaded, served = self.resolve(name, version)
-        runtime = served.runtime
+        loaded, served = self._described(name, version)
+        inputs, outputs = (served.inputs, served.outputs) if isinstance(served, UnloadedVariant) else (served.runtime.inputs, served.runtime.outputs)
         info = loaded.info
-        # Every served variant by its integer version (as Triton's tools expect), then by its name (both pin it).
-        versions = [str(info.variants[v].version) for v in loaded.variants] + list(loaded.variants)
-        return ModelMetadata(name, versions, info.variants[served.name].runtime, runtime.inputs, runtime.outputs)
+        # Every variant that takes requests by its integer version (as Triton's tools expect), then by its name (both pin it).
+        ready = [v for v in info.variants if v in loaded.variants or v in loaded.unloaded]
+        versions = [str(info.variants[v].version) for v in ready] + ready
+        return ModelMetadata(name, versions, info.variants[served.name].runtime, inputs, outputs)
 
     def model_config(self, name: str, version: str = "") -> ModelConfigView:
-        """Triton's ModelConfig of the variant `version` names (or the router's main one), as it serves now."""
-        loaded, served = self.resolve(name, version)
+        """Triton's ModelConfig of the variant `version` names (or the router's main one), as it serves now (or will serve,
+        when unloaded while idle)."""
+        loaded, served = self._described(name, version)
+        info = loaded.info.variants[served.name]
+        if isinstance(served, UnloadedVariant):
+            return config_view(name, info, served.inputs, served.outputs, served.batching, served.calls, served.device)
         batcher = served.batcher
         runtime = served.runtime
-        info = loaded.info.variants[served.name]
         return config_view(name, info, runtime.inputs, runtime.outputs, batcher.config, batcher.max_concurrency, runtime.device)
 
     def statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
@@ -254,7 +268,13 @@ class DataPlane:
             raise InvalidArgument("statistics: a version needs a model name")
         rows = []
         for loaded in [self.loaded_model(name)] if name else list(self.loader.models.values()):
-            served = [loaded.pinned(version)] if version else list(loaded.variants.values())
+            if version:
+                try:
+                    served: list[ServedVariant | UnloadedVariant] = [loaded.pinned(version)]
+                except VariantUnloaded as e:
+                    served = [loaded.unloaded[e.variant]]
+            else:
+                served = [*loaded.variants.values(), *loaded.unloaded.values()]
             rows.extend(VersionStatistics(loaded.name, loaded.info.variants[s.name].version, s.name, s.stats) for s in served)
         return rows
 
@@ -294,7 +314,10 @@ class DataPlane:
         loaded = self.loaded_model(name)
         shadows = _NO_SHADOWS
         if version:
-            served = loaded.pinned(version)
+            try:
+                served = loaded.pinned(version)
+            except VariantUnloaded as e:  # out of memory while idle: this request waits for it to load (free when loaded)
+                served = await self.loader.reload(e.model, e.variant)
         else:
             router = loaded.router
             if router is None:

@@ -1,13 +1,16 @@
-"""Loading and swapping: builds a model's served variants and router, swaps the set in at once, retires what left.
+"""Loading and swapping: builds a model's served variants and router, swaps the set in at once, retires what left;
+with `unload_idle_s`, keeps variants that no route serves out of memory until a request pins one.
 
 A request resolves its variant and enqueues without yielding to the event loop, so every request
-that saw the old set is already queued when a retired batcher closes: a swap never fails one.
+that saw the old set is already queued when a retired batcher closes: a swap never fails one. The
+same holds for a variant unloaded while idle: its batcher finishes what it holds before its runtime goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -15,11 +18,11 @@ from typing import Any
 
 from server.batch_assembly import BatchingConfig
 from server.batching import DynamicBatcher
-from server.errors import NotFound
-from server.manifest import ModelInfo
+from server.errors import NotFound, Unavailable
+from server.manifest import BASELINE, ModelInfo
 from server.metrics import Metrics
 from server.model_config import ServingOverride
-from server.models import LoadedModel, ServedVariant
+from server.models import LoadedModel, ServedVariant, UnloadedVariant
 from server.recording import VariantRecorder
 from server.repository import Repository
 from server.routing import Router, TrafficPolicy
@@ -41,6 +44,7 @@ class ModelLoader:
         batching: BatchingConfig,
         inline_compute_s: float,
         max_concurrent_calls: int,
+        unload_idle_s: float = 0.0,
     ) -> None:
         self.repository = repository
         self.runtime_config = runtime_config
@@ -54,6 +58,13 @@ class ModelLoader:
         # Serving settings a load's `config` set per model, kept until the next load (refreshes keep them).
         self.overrides: dict[str, ServingOverride] = {}
         self._lock = asyncio.Lock()
+        # Lazy variants (0: every ready variant stays loaded): an unrouted variant idle this long is unloaded.
+        self.unload_idle_s = unload_idle_s
+        self._reloading: dict[tuple[str, str], asyncio.Task] = {}  # one load per variant, shared by its waiters
+        self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # (requests answered, when that count was first seen)
+        self._reaper: asyncio.Task | None = None
+        self.reloads = 0  # variants loaded again on demand since start
+        self.idle_unloads = 0  # variants unloaded while idle since start
 
     def load_runtime(self, info: ModelInfo, variant: str) -> Runtime:
         """A variant's runtime, loaded (blocking: runs on the compute pool)."""
@@ -100,17 +111,28 @@ class ModelLoader:
             old = self.models.get(name)
             loaded = LoadedModel(info, feedback=old.feedback) if old is not None else LoadedModel(info)
             loop = asyncio.get_running_loop()
+            needed = self.needed(info)
+            unloaded: dict[str, UnloadedVariant] = {}
             for variant, v in info.variants.items():
                 if v.status != "ready":
                     continue
                 current = old.variants.get(variant) if old is not None else None
+                parked = old.unloaded.get(variant) if old is not None else None
+                recorder = current.recorder if current is not None else (parked.recorder if parked is not None else None)
+                if variant not in needed and (current is None or not reuse):
+                    # No route serves it: it stays out of memory until a request pins it (a refresh keeps it loaded if it is).
+                    unloaded[variant] = (parked if reuse and parked is not None else None) or self._unloaded(
+                        info, variant, recorder, override, "not loaded yet: no route serves it"
+                    )
+                    continue
                 if current is None or not reuse:
                     runtime = await loop.run_in_executor(self.executor, self.load_runtime, info, variant)
-                    current = self._serve(name, variant, runtime, current.recorder if current is not None else None, override)
+                    current = self._serve(name, variant, runtime, recorder, override)
                 loaded.variants[variant] = current
+            loaded.unloaded = unloaded
             loaded.router = router_of(loaded)
             weights = loaded.router.policy.weights if loaded.router else {}
-            for variant, served in loaded.variants.items():
+            for variant, served in [*loaded.variants.items(), *unloaded.items()]:
                 served.recorder.describe(info.variants[variant], weights.get(variant, 0.0))
             self.models[name] = loaded
             if override is None:
@@ -119,7 +141,12 @@ class ModelLoader:
                 self.overrides[name] = override
         if old is not None:
             self._retire(old, loaded)
-        log.info("model '%s' loaded: variants %s", name, ", ".join(loaded.variants))
+        if unloaded:
+            log.info("model '%s' loaded: variants %s; loaded on demand: %s", name, ", ".join(loaded.variants), ", ".join(unloaded))
+        else:
+            log.info("model '%s' loaded: variants %s", name, ", ".join(loaded.variants))
+        if self.unload_idle_s > 0 and (self._reaper is None or self._reaper.done()):
+            self._reaper = self.spawn(self._reap_idle())
         return loaded
 
     async def unload(self, name: str) -> None:
@@ -130,6 +157,11 @@ class ModelLoader:
         if loaded is None:
             raise NotFound(f"model '{name}' is not loaded")
         self._retire(loaded, LoadedModel(loaded.info))
+        for key in [k for k in self._seen if k[0] == name]:
+            del self._seen[key]
+        if not self.models and self._reaper is not None:  # nothing left to watch (and the server's stop waits for its tasks)
+            self._reaper.cancel()
+            self._reaper = None
 
     def _retire(self, old: LoadedModel, new: LoadedModel) -> None:
         """What `old` served and `new` does not: batchers finish what is queued, then runtimes unload.
@@ -139,11 +171,129 @@ class ModelLoader:
         """
         kept = {id(served) for served in new.variants.values()}
         for variant, served in old.variants.items():
-            if variant not in new.variants:
+            if variant not in new.ready:
                 served.recorder.forget()
                 old.feedback.forget_variant(variant)
             if id(served) not in kept:
                 self.spawn(_close(served))
+        for variant, parked in old.unloaded.items():
+            if variant not in new.ready:
+                parked.recorder.forget()
+                old.feedback.forget_variant(variant)
+
+    # ------------------------------------------------------------------ variants out of memory until pinned
+
+    def needed(self, info: ModelInfo) -> set[str]:
+        """The ready variants that stay in memory: all of them, or (with `unload_idle_s`) those a route serves (weight,
+        shadow, a running rollout's pair), with the baseline standing in when none of those is ready."""
+        ready = {v for v, i in info.variants.items() if i.status == "ready"}
+        if self.unload_idle_s <= 0:
+            return ready
+        routed = {v for v, w in info.traffic.weights.items() if w > 0} | set(info.traffic.shadows)
+        rollout = info.rollout or {}
+        if rollout.get("state") in ("shadow", "canary"):  # server.rollout.state.ACTIVE (a rollout imports the loader)
+            routed |= {rollout.get("variant", ""), rollout.get("control", "")}
+        needed = routed & ready
+        if not needed and ready:
+            needed = {BASELINE if BASELINE in ready else next(iter(ready))}
+        return needed
+
+    def _unloaded(
+        self, info: ModelInfo, variant: str, recorder: VariantRecorder | None, override: ServingOverride | None, reason: str
+    ) -> UnloadedVariant:
+        """The record of a variant never loaded here: the model's inputs and outputs, the serving settings it would get."""
+        config, calls = override.apply(self.batching, self.max_concurrent_calls) if override else (self.batching, self.max_concurrent_calls)
+        if config.enabled and not all(s.shape and s.shape[0] == -1 for s in info.inputs):
+            config = replace(config, enabled=False)
+        recorder = recorder or VariantRecorder(self.metrics, info.name, variant)
+        return UnloadedVariant(variant, recorder, list(info.inputs), list(info.outputs), config, calls, "", reason)
+
+    async def reload(self, model: str, variant: str) -> ServedVariant:
+        """Loads an unloaded variant again for a request that pinned it; concurrent requests share one load."""
+        key = (model, variant)
+        task = self._reloading.get(key)
+        if task is None:
+            task = self.spawn(self._reload(model, variant))
+            self._reloading[key] = task
+            task.add_done_callback(lambda _: self._reloading.pop(key, None))
+        return await asyncio.shield(task)  # a waiter that gives up (deadline) leaves the load to the others
+
+    async def _reload(self, model: str, variant: str) -> ServedVariant:
+        loaded = self.models.get(model)
+        if loaded is None or variant not in loaded.unloaded:
+            return self._settled(model, variant)
+        start = time.perf_counter()
+        try:
+            runtime = await asyncio.get_running_loop().run_in_executor(self.executor, self.load_runtime, loaded.info, variant)
+        except Exception as e:  # a file gone or broken since: this variant fails, the model and server serve on
+            log.error("variant '%s' of model '%s' failed to load on demand: %s", variant, model, e)
+            raise Unavailable(f"variant '{variant}' of model '{model}' is not loaded and failed to load on demand: {e}") from e
+        async with self._lock:
+            current = self.models.get(model)
+            parked = current.unloaded.get(variant) if current is not None else None
+            if parked is None:  # unloaded, deleted or loaded by a refresh meanwhile
+                runtime.unload()
+                return self._settled(model, variant)
+            served = self._serve(model, variant, runtime, parked.recorder, self.overrides.get(model))
+            # Copies, not in-place changes: whoever iterates the old dicts keeps a consistent view.
+            current.variants = {**current.variants, variant: served}
+            current.unloaded = {k: v for k, v in current.unloaded.items() if k != variant}
+            self._seen[(model, variant)] = (served.stats.requests, time.monotonic())
+            self.reloads += 1
+        log.info("variant '%s' of model '%s' loaded on demand in %.3f s", variant, model, time.perf_counter() - start)
+        return served
+
+    def _settled(self, model: str, variant: str) -> ServedVariant:
+        """The variant as a load or unload meanwhile left it: served, or why not."""
+        current = self.models.get(model)
+        if current is None:
+            raise Unavailable(f"model '{model}' was unloaded while variant '{variant}' was loading")
+        return current.pinned(variant)
+
+    async def _reap_idle(self) -> None:
+        """Every tick, unloads the unrouted variants that answered no request for `unload_idle_s` seconds."""
+        tick = max(0.02, min(self.unload_idle_s / 4, 1.0))
+        while True:
+            await asyncio.sleep(tick)
+            if not self._lock.locked():  # a load in progress may be reusing a variant: leave them all alone this tick
+                self.unload_idle(time.monotonic())
+
+    def unload_idle(self, now: float) -> list[tuple[str, str]]:
+        """Unloads each unrouted variant idle for `unload_idle_s` (answered count unchanged, nothing queued); returns them."""
+        done = []
+        for name, loaded in list(self.models.items()):
+            needed = self.needed(loaded.info)
+            for variant, served in list(loaded.variants.items()):
+                key = (name, variant)
+                if variant in needed:
+                    self._seen.pop(key, None)
+                    continue
+                count = served.stats.requests
+                seen = self._seen.get(key)
+                if seen is None or seen[0] != count or served.batcher.queued:
+                    self._seen[key] = (count, now)
+                    continue
+                if now - seen[1] < self.unload_idle_s:
+                    continue
+                runtime, batcher = served.runtime, served.batcher
+                parked = UnloadedVariant(
+                    variant,
+                    served.recorder,
+                    runtime.inputs,
+                    runtime.outputs,
+                    batcher.config,
+                    batcher.max_concurrency,
+                    runtime.device,
+                    f"unloaded after {self.unload_idle_s:g} s without requests: no route serves it",
+                )
+                loaded.variants = {k: v for k, v in loaded.variants.items() if k != variant}
+                loaded.unloaded = {**loaded.unloaded, variant: parked}
+                self._seen.pop(key, None)
+                self.spawn(_close(served))  # the batcher finishes what it holds, then the runtime lets go of its memory
+                self.idle_unloads += 1
+                done.append(key)
+                log.info("variant '%s' of model '%s' unloaded: idle for %.1f s and no route serves it", variant, name, now - seen[1])
+        return done
 
 
 def router_of(loaded: LoadedModel) -> Router | None:

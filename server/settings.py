@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     max_concurrent_calls: int = setting(
         1, "model calls of one variant at once; requests gather behind them (with 2 or more, `--max-queue-delay-ms` applies)", ge=1
     )
+    unload_idle_variants_s: float = setting(
+        0.0,
+        "variants that no route serves (no traffic weight, not a shadow, not in a running rollout) stay out of memory: not "
+        "loaded at start, unloaded after this many seconds without a request; a request that pins one (`model_version`) waits "
+        "while it loads; 0: every ready variant stays loaded",
+        ge=0,
+    )
     tls_cert: Path | None = setting(None, "PEM certificate chain of the server: serve gRPC (and HTTPS) over TLS")
     tls_key: Path | None = setting(None, "PEM private key of `--tls-cert`")
     tls_ca: Path | None = setting(None, "with TLS: require client certificates signed by this PEM CA bundle (mutual TLS)")
