@@ -198,7 +198,7 @@ class Control:
                 entries.append(IndexEntry(info.name, variant, ready, reason, v.version))
         return entries
 
-    async def load_model(self, name: str, config: str | None = None, files: list[str] | None = None) -> None:
+    async def load_model(self, name: str, config: str | None = None, files: dict[str, bytes] | None = None) -> None:
         """RepositoryModelLoad: every variant afresh, with the serving settings of `config` (Triton's ModelConfig as
         JSON: max_batch_size, dynamic_batching, instance_group) until the next load; checked before anything changes.
 
@@ -208,8 +208,8 @@ class Control:
         except SlimServeError as e:
             raise SlimServeError(f"failed to load '{name}': {e.message}", e.kind) from e
 
-    async def _load_model(self, name: str, config: str | None, files: list[str] | None) -> None:
-        if files:
+    async def _load_model(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None:
+        if files and config is None:
             raise InvalidArgument(
                 f"load parameter(s) {', '.join(files)}: loading model files through RepositoryModelLoad is not supported; "
                 "upload a model with `slimctl register` (ModelRegistry.Register)"
@@ -219,7 +219,7 @@ class Control:
             info = self.repository.get(name)
             loaded = self.dataplane.models.get(name)
             device = next(iter(loaded.variants.values())).runtime.device if loaded and loaded.variants else "cpu"
-            override = parse_load_config(config, name, info.inputs, device, self.dataplane.loader.batching)
+            override = parse_load_config(config, name, info.inputs, device, self.dataplane.loader.batching, info.outputs, files)
         await self.dataplane.load_model(name, override)
 
     def model_config(self, name: str, version: str = "") -> ModelConfigView:

@@ -24,8 +24,19 @@ def model_config(view: ModelConfigView) -> pb.ModelConfigResponse:
         platform=view.platform,
         backend=view.backend,
         max_batch_size=view.max_batch_size,
-        input=[mpb.ModelInput(name=s.name, data_type=_data_type(s.datatype), dims=list(s.shape)) for s in view.inputs],
-        output=[mpb.ModelOutput(name=s.name, data_type=_data_type(s.datatype), dims=list(s.shape)) for s in view.outputs],
+        input=[
+            mpb.ModelInput(
+                name=s.name,
+                data_type=_data_type(s.datatype),
+                format=mpb.ModelInput.Format.Value(view.formats.get(s.name, "FORMAT_NONE")),
+                dims=list(s.shape),
+            )
+            for s in view.inputs
+        ],
+        output=[
+            mpb.ModelOutput(name=s.name, data_type=_data_type(s.datatype), dims=list(s.shape), label_filename=view.label_files.get(s.name, ""))
+            for s in view.outputs
+        ],
         instance_group=[
             mpb.ModelInstanceGroup(
                 name=f"{view.name}_{view.version}",
@@ -79,16 +90,16 @@ def shared_memory_status(regions: list[RegionStatus]) -> pb.SystemSharedMemorySt
     return response
 
 
-def load_parameters(request: pb.RepositoryModelLoadRequest) -> tuple[str | None, list[str]]:
-    """A load's `config` (JSON text) and the names of its `file:` parameters; any other parameter is refused."""
-    config, files = None, []
+def load_parameters(request: pb.RepositoryModelLoadRequest) -> tuple[str | None, dict[str, bytes]]:
+    """A load's `config` (JSON text) and its `file:` parameters by name; any other parameter is refused."""
+    config, files = None, {}
     for key, value in request.parameters.items():
         if key == "config":
             if value.WhichOneof("parameter_choice") != "string_param":
                 raise InvalidArgument("load parameter 'config' must be a string (the model configuration as JSON)")
             config = value.string_param
         elif key.startswith("file:"):
-            files.append(key)
+            files[key] = value.bytes_param
         else:
             raise InvalidArgument(f"load parameter {key!r} is not supported (supported: config)")
     return config, files

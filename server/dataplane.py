@@ -256,11 +256,12 @@ class DataPlane:
         when unloaded while idle)."""
         loaded, served = self._described(name, version)
         info = loaded.info.variants[served.name]
+        override = self.loader.overrides.get(name)  # input formats and label files a load `config` declared
         if isinstance(served, UnloadedVariant):
-            return config_view(name, info, served.inputs, served.outputs, served.batching, served.calls, served.device)
+            return config_view(name, info, served.inputs, served.outputs, served.batching, served.calls, served.device, override)
         batcher = served.batcher
         runtime = served.runtime
-        return config_view(name, info, runtime.inputs, runtime.outputs, batcher.config, batcher.max_concurrency, runtime.device)
+        return config_view(name, info, runtime.inputs, runtime.outputs, batcher.config, batcher.max_concurrency, runtime.device, override)
 
     def statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
         """Triton's ModelStatistics: every served variant of every loaded model, or of one model, or one variant."""
@@ -296,7 +297,9 @@ class DataPlane:
                 classification.check(specs, counts, batched)
             result = await self.infer(call, inputs, request.outputs)
             if counts:
-                outputs, specs = classification.apply(result.outputs, result.specs, counts, batched)
+                override = self.loader.overrides.get(call.model)
+                labels = override.labels if override is not None else None
+                outputs, specs = classification.apply(result.outputs, result.specs, counts, batched, labels)
                 result = replace(result, outputs=outputs, specs=specs)
             if request.shm_outputs:
                 for name, ref in request.shm_outputs.items():

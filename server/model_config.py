@@ -1,5 +1,6 @@
 """Triton's model configuration of a served variant (ModelConfig), and the serving settings a RepositoryModelLoad
-`config` parameter may override (Model Analyzer sweeps max_batch_size, dynamic_batching and instance_group this way).
+`config` parameter may override (Model Analyzer sweeps max_batch_size, dynamic_batching and instance_group this way;
+image clients need an input's `format` and an output's `label_filename`, sent as a `file:` parameter).
 
 Plain domain objects: server/converters_triton.py turns a `ModelConfigView` into Triton's ModelConfig message.
 """
@@ -7,7 +8,8 @@ Plain domain objects: server/converters_triton.py turns a `ModelConfigView` into
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.batch_assembly import BatchingConfig
@@ -17,6 +19,23 @@ from server.runtimes import TensorSpec, platform_of
 
 # Triton's `backend` of each runtime (its `platform` comes from server.runtimes.RUNTIMES).
 BACKENDS = {"onnxruntime": "onnxruntime", "torch": "pytorch", "torch-compile": "pytorch", "xla": "pytorch"}
+IMAGE_FORMATS = ("FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW")  # Triton's ModelInput.Format
+_FLOATS = ("FP16", "FP32", "FP64", "BF16")
+
+
+def image_format(spec: TensorSpec, batched: bool) -> str:
+    """The documented default of an input's `format`: a floating-point input of 3 dimensions (after the batch one)
+    whose channels (1 or 3) lead is FORMAT_NCHW, one whose channels close it is FORMAT_NHWC; anything else, or both
+    at once (3x?x3), is FORMAT_NONE. A load `config` declares it where the shape does not say."""
+    dims = spec.shape[1:] if batched else spec.shape
+    if spec.datatype not in _FLOATS or len(dims) != 3:
+        return "FORMAT_NONE"
+    first, last = dims[0] in (1, 3), dims[2] in (1, 3)
+    if first and not last:
+        return "FORMAT_NCHW"
+    if last and not first:
+        return "FORMAT_NHWC"
+    return "FORMAT_NONE"
 
 
 @dataclass(frozen=True)
@@ -27,6 +46,9 @@ class ServingOverride:
     preferred_batch_sizes: tuple[int, ...] | None = None
     max_queue_delay_us: int | None = None
     instance_count: int | None = None  # calls of a variant at once
+    input_formats: Mapping[str, str] = field(default_factory=dict)  # input -> Triton's FORMAT_* where declared
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # output -> class labels (classification)
+    label_files: Mapping[str, str] = field(default_factory=dict)  # output -> its label_filename, as ModelConfig says it
 
     def apply(self, config: BatchingConfig, calls: int) -> tuple[BatchingConfig, int]:
         """The batcher's config and calls at once with this override applied."""
@@ -58,6 +80,8 @@ class ModelConfigView:
     default_model_filename: str
     version: int
     variant: str
+    formats: Mapping[str, str] = field(default_factory=dict)  # input -> FORMAT_*
+    label_files: Mapping[str, str] = field(default_factory=dict)  # output -> label_filename
 
 
 def batchable(inputs: list[TensorSpec]) -> bool:
@@ -73,8 +97,11 @@ def config_view(
     batching: BatchingConfig,
     calls: int,
     device: str,
+    override: ServingOverride | None = None,
 ) -> ModelConfigView:
+    """The ModelConfig of a variant; input formats from the shape (`image_format`) unless the load `config` declared them."""
     batched = batchable(inputs)
+    declared = override.input_formats if override is not None else {}
     max_batch = batching.max_batch_size if batched else 0
 
     def dims(specs: list[TensorSpec]) -> list[TensorSpec]:
@@ -93,11 +120,13 @@ def config_view(
         default_model_filename=variant.file,
         version=variant.version,
         variant=variant.name,
+        formats={s.name: declared.get(s.name) or image_format(s, batched) for s in inputs},
+        label_files=dict(override.label_files) if override is not None else {},
     )
 
 
 # Keys of a load `config` (Triton's JSON form of ModelConfig: snake_case or protobuf's lowerCamelCase).
-_SAME_AS_SERVED = {"name", "platform", "backend", "input", "output", "default_model_filename", "version_policy"}
+_SAME_AS_SERVED = {"name", "platform", "backend", "default_model_filename", "version_policy"}
 _CAMEL = {
     "maxBatchSize": "max_batch_size",
     "dynamicBatching": "dynamic_batching",
@@ -106,6 +135,8 @@ _CAMEL = {
     "maxQueueDelayMicroseconds": "max_queue_delay_microseconds",
     "defaultModelFilename": "default_model_filename",
     "versionPolicy": "version_policy",
+    "dataType": "data_type",
+    "labelFilename": "label_filename",
 }
 
 
@@ -122,8 +153,17 @@ def _int(value: Any, what: str, low: int) -> int:
     return int(value)
 
 
-def parse_load_config(text: str, model: str, inputs: list[TensorSpec], device: str, batching: BatchingConfig) -> ServingOverride:
-    """A RepositoryModelLoad `config` checked against the model; anything slimserve cannot apply is INVALID_ARGUMENT."""
+def parse_load_config(
+    text: str,
+    model: str,
+    inputs: list[TensorSpec],
+    device: str,
+    batching: BatchingConfig,
+    outputs: list[TensorSpec] | None = None,
+    files: Mapping[str, bytes] | None = None,
+) -> ServingOverride:
+    """A RepositoryModelLoad `config` checked against the model; anything slimserve cannot apply is INVALID_ARGUMENT.
+    `files` are the load's `file:<name>` parameters: only label files that an output's `label_filename` names."""
     try:
         config = json.loads(text)
     except ValueError as e:
@@ -131,12 +171,12 @@ def parse_load_config(text: str, model: str, inputs: list[TensorSpec], device: s
     if not isinstance(config, dict):
         raise InvalidArgument("load config must be a JSON object of ModelConfig fields")
     config = _snake(config)
-    applicable = {"max_batch_size", "dynamic_batching", "instance_group"}
+    applicable = {"max_batch_size", "dynamic_batching", "instance_group", "input", "output"}
     unknown = sorted(set(config) - applicable - _SAME_AS_SERVED)
     if unknown:
         raise InvalidArgument(
             f"load config: field(s) {', '.join(unknown)} are not supported; slimserve applies "
-            f"{', '.join(sorted(applicable))} (and accepts name, platform, backend, input, output as served)"
+            f"{', '.join(sorted(applicable))} (and accepts name, platform, backend as served)"
         )
     if "name" in config and config["name"] != model:
         raise InvalidArgument(f"load config: name '{config['name']}' is not the model loaded ('{model}')")
@@ -164,7 +204,10 @@ def parse_load_config(text: str, model: str, inputs: list[TensorSpec], device: s
             delay = _int(dynamic["max_queue_delay_microseconds"], "max_queue_delay_microseconds", 0)
     if "instance_group" in config:
         count = _instance_count(config["instance_group"], device)
-    override = ServingOverride(max_batch, preferred, delay, count)
+    batched = batchable(inputs)  # as config_view says dims: without the batch dimension when the inputs have one
+    formats = _input_formats(config.get("input", []), inputs, batched)
+    labels, label_files = _output_labels(config.get("output", []), outputs or [], dict(files or {}), batched)
+    override = ServingOverride(max_batch, preferred, delay, count, formats, labels, label_files)
     override.apply(batching, 1)  # BatchingConfig checks the result (preferred sizes within the limit) before anything changes
     return override
 
@@ -185,3 +228,78 @@ def _instance_count(groups: Any, device: str) -> int:
             raise InvalidArgument(f"load config: instance_group kind {kind!r}: this model runs as {served}")
         total += _int(group.get("count", 1), "instance_group count", 1)
     return total
+
+
+def _entries(
+    value: Any, what: str, specs: list[TensorSpec], allowed: set[str], batched: bool
+) -> list[tuple[dict[str, Any], TensorSpec]]:
+    """`input` / `output` entries of a load config, each naming one of the model's tensors; served facts must match."""
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise InvalidArgument(f"load config: {what} must be a list of objects with a 'name'")
+    by_name = {s.name: s for s in specs}
+    found = []
+    for entry in map(_snake, value):
+        spec = by_name.get(entry.get("name", ""))
+        if spec is None:
+            raise InvalidArgument(f"load config: {what} {entry.get('name')!r} is not one of the model's: {', '.join(by_name)}")
+        extra = sorted(set(entry) - allowed - {"name", "data_type", "dims"})
+        if extra:
+            raise InvalidArgument(f"load config: {what} '{spec.name}' field(s) {', '.join(extra)} are not supported")
+        served = "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
+        if entry.get("data_type", served) != served:
+            raise InvalidArgument(f"load config: {what} '{spec.name}' is {served} in the model file, not {entry['data_type']}")
+        dims = list(spec.shape[1:] if batched else spec.shape)
+        if "dims" in entry and _dims(entry["dims"], f"{what} '{spec.name}' dims") != dims:
+            raise InvalidArgument(f"load config: {what} '{spec.name}' has dims {dims} in the model file, not {entry['dims']}")
+        found.append((entry, spec))
+    return found
+
+
+def _dims(value: Any, what: str) -> list[int]:
+    """A dims list (int64 may arrive as JSON strings)."""
+    ok = isinstance(value, list) and all(
+        (isinstance(d, int) and not isinstance(d, bool)) or (isinstance(d, str) and d.lstrip("-").isdigit()) for d in value
+    )
+    if not ok:
+        raise InvalidArgument(f"load config: {what} must be a list of integers, got {value!r}")
+    return [int(d) for d in value]
+
+
+def _input_formats(value: Any, inputs: list[TensorSpec], batched: bool) -> dict[str, str]:
+    formats = {}
+    for entry, spec in _entries(value, "input", inputs, {"format"}, batched):
+        if "format" not in entry:
+            continue
+        fmt = entry["format"]
+        if fmt not in IMAGE_FORMATS:
+            raise InvalidArgument(f"load config: input '{spec.name}' format {fmt!r} is not one of {', '.join(IMAGE_FORMATS)}")
+        dims = spec.shape[1:] if batched else spec.shape
+        if fmt != "FORMAT_NONE" and len(dims) != 3:
+            raise InvalidArgument(f"load config: input '{spec.name}' {fmt} needs 3 dimensions (C, H, W), it has {list(dims)}")
+        formats[spec.name] = fmt
+    return formats
+
+
+def _output_labels(
+    value: Any, outputs: list[TensorSpec], files: dict[str, bytes], batched: bool
+) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """Each output's labels: one per line of the `file:<label_filename>` parameter, as Triton reads a label file."""
+    labels, label_files = {}, {}
+    for entry, spec in _entries(value, "output", outputs, {"label_filename"}, batched):
+        name = entry.get("label_filename")
+        if not name:
+            continue
+        content = files.pop(f"file:{name}", None)
+        if content is None:
+            raise InvalidArgument(f"load config: output '{spec.name}' label_filename '{name}' needs its content as parameter 'file:{name}'")
+        try:
+            labels[spec.name] = tuple(line.strip() for line in content.decode().splitlines())
+        except UnicodeDecodeError as e:
+            raise InvalidArgument(f"load config: label file '{name}' is not UTF-8 text: {e}") from None
+        label_files[spec.name] = name
+    if files:
+        raise InvalidArgument(
+            f"load parameter(s) {', '.join(sorted(files))}: loading model files through RepositoryModelLoad is not supported "
+            "(only label files an output's label_filename names); upload a model with `slimctl register` (ModelRegistry.Register)"
+        )
+    return labels, label_files

@@ -7,6 +7,7 @@ The Open Inference Protocol's REST form with Triton's binary tensor extension: a
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -310,10 +311,10 @@ def unload_request(body: bytes) -> dict[str, Any]:
     return _parameters(json_object(body, "repository request"), "the repository request")
 
 
-def load_request(body: bytes) -> tuple[str | None, list[str]]:
-    """A load's `config` (Triton's ModelConfig as JSON text) and the names of its `file:` parameters, as
+def load_request(body: bytes) -> tuple[str | None, dict[str, bytes]]:
+    """A load's `config` (Triton's ModelConfig as JSON text) and its `file:` parameters (base64 in JSON), as
     server/converters_triton.load_parameters reads them over gRPC; any other parameter is refused."""
-    config, files = None, []
+    config, files = None, {}
     for key, value in _parameters(json_object(body, "repository request"), "the repository request").items():
         if key == "config":
             if not isinstance(value, str):
@@ -322,7 +323,10 @@ def load_request(body: bytes) -> tuple[str | None, list[str]]:
                 )
             config = value
         elif key.startswith("file:"):
-            files.append(key)
+            try:
+                files[key] = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+            except ValueError:
+                raise InvalidArgument(f"load parameter {key!r} must be the file's content in base64") from None
         else:
             raise InvalidArgument(f"load parameter {key!r} is not supported (supported: config)")
     return config, files
