@@ -9,6 +9,8 @@ same holds for a variant unloaded while idle: its batcher finishes what it holds
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -313,3 +315,23 @@ def router_of(loaded: LoadedModel) -> Router | None:
 async def _close(served: ServedVariant) -> None:
     await served.batcher.close()
     served.runtime.unload()
+    _give_back_memory()
+
+
+def _give_back_memory() -> None:
+    """Returns freed heap pages to the OS: glibc keeps what a released ORT session freed (measured: 20 idle variants of
+    a 9 MiB MLP left RSS at 566 MiB without it), so unloading would otherwise save little."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_LIBC = _libc()

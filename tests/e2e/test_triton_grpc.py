@@ -66,7 +66,7 @@ def test_model_config_describes_the_served_variant(seen):
     config = seen["config"]
     assert config["name"] == "digits" and config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
     assert config["max_batch_size"] == 32 and seen["config_json_max_batch"] == 32
-    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["1", "8", "8"]}]
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": ["1", "8", "8"]}]
     assert config["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": ["10"]}]
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": "500"}
     assert config["instance_group"] == [{"name": "digits_1", "kind": "KIND_CPU", "count": 1}]
