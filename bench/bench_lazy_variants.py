@@ -12,6 +12,7 @@ loads its variant against one that finds it loaded.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -30,16 +31,17 @@ def mlp(path: Path, hidden: int) -> Path:
     rng = np.random.default_rng(0)
     sizes = [256, hidden, hidden, hidden, 10]
     nodes, weights, x = [], [], "x"
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+    layers = list(itertools.pairwise(sizes))
+    for i, (n_in, n_out) in enumerate(layers):
         weights += [
             helper.make_tensor(f"w{i}", TensorProto.FLOAT, [n_in, n_out], rng.normal(0, 0.05, n_in * n_out).astype(np.float32)),
             helper.make_tensor(f"b{i}", TensorProto.FLOAT, [n_out], np.zeros(n_out, np.float32)),
         ]
-        out = "y" if i == len(sizes) - 2 else f"h{i}"
-        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [out if out == "y" else f"g{i}"]))
-        if out != "y":
-            nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
-        x = out
+        last = i == len(layers) - 1
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], ["y" if last else f"g{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [f"h{i}"]))
+        x = f"h{i}"
     graph = helper.make_graph(
         nodes,
         "mlp",
@@ -97,7 +99,10 @@ def main() -> None:
         repo = build(root, args.variants, args.hidden)
         size = (root / "mlp.onnx").stat().st_size
         print(f"model: {mib(size)} on disk; {args.variants} unrouted variants besides the baseline")
-        for label, flags in (("every variant loaded", ()), (f"--unload-idle-variants-s {args.idle_s:g}", ("--unload-idle-variants-s", str(args.idle_s)))):
+        for label, flags in (
+            ("every variant loaded", ()),
+            (f"--unload-idle-variants-s {args.idle_s:g}", ("--unload-idle-variants-s", str(args.idle_s))),
+        ):
             server = ServerProcess(repo, root / "server.log", *flags)
             try:
                 wait_quiet(server.pid, 10)

@@ -34,7 +34,9 @@ def model_config(view: ModelConfigView) -> pb.ModelConfigResponse:
             for s in view.inputs
         ],
         output=[
-            mpb.ModelOutput(name=s.name, data_type=_data_type(s.datatype), dims=list(s.shape), label_filename=view.label_files.get(s.name, ""))
+            mpb.ModelOutput(
+                name=s.name, data_type=_data_type(s.datatype), dims=list(s.shape), label_filename=view.label_files.get(s.name, "")
+            )
             for s in view.outputs
         ],
         instance_group=[

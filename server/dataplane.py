@@ -244,7 +244,9 @@ class DataPlane:
 
     def metadata(self, name: str, version: str) -> ModelMetadata:
         loaded, served = self._described(name, version)
-        inputs, outputs = (served.inputs, served.outputs) if isinstance(served, UnloadedVariant) else (served.runtime.inputs, served.runtime.outputs)
+        inputs, outputs = (
+            (served.inputs, served.outputs) if isinstance(served, UnloadedVariant) else (served.runtime.inputs, served.runtime.outputs)
+        )
         info = loaded.info
         # Every variant that takes requests by its integer version (as Triton's tools expect), then by its name (both pin it).
         ready = [v for v in info.variants if v in loaded.variants or v in loaded.unloaded]

@@ -230,9 +230,7 @@ def _instance_count(groups: Any, device: str) -> int:
     return total
 
 
-def _entries(
-    value: Any, what: str, specs: list[TensorSpec], allowed: set[str], batched: bool
-) -> list[tuple[dict[str, Any], TensorSpec]]:
+def _entries(value: Any, what: str, specs: list[TensorSpec], allowed: set[str], batched: bool) -> list[tuple[dict[str, Any], TensorSpec]]:
     """`input` / `output` entries of a load config, each naming one of the model's tensors; served facts must match."""
     if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
         raise InvalidArgument(f"load config: {what} must be a list of objects with a 'name'")
