@@ -258,7 +258,10 @@ class ModelLoader:
         while True:
             await asyncio.sleep(tick)
             if not self._lock.locked():  # a load in progress may be reusing a variant: leave them all alone this tick
-                self.unload_idle(time.monotonic())
+                try:
+                    self.unload_idle(time.monotonic())
+                except Exception:  # the reaper must outlive one bad variant: it only saves memory, serving goes on
+                    log.exception("unloading idle variants failed")
 
     def unload_idle(self, now: float) -> list[tuple[str, str]]:
         """Unloads each unrouted variant idle for `unload_idle_s` (answered count unchanged, nothing queued); returns them."""
