@@ -77,7 +77,8 @@ class LatencyWindow:
 @dataclass
 class VariantStats:
     """The server's own measurements of one served variant since it was loaded: what `slimctl compare` reads,
-    and Triton's ModelStatistics counters (plain ints, nanoseconds: only the event-loop thread writes them)."""
+    and Triton's ModelStatistics counters (plain ints, nanoseconds). Not locked: server/recording.py's
+    VariantRecorder, through which the server writes them, holds its lock around every write."""
 
     window: LatencyWindow = field(default_factory=LatencyWindow)
     requests: int = 0
