@@ -86,7 +86,9 @@ class VariantRecorder:
         """A request's outcome: `code` is OK or an error kind's name; `seconds` from arrival to answer."""
         with self._lock:
             self._inflight -= 1
-            self._latency.observe(seconds)
+            latency = self._latency  # Buckets.observe written out here and below: a call costs more than its body
+            latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            latency.sum += seconds
             row = self._codes.get(code)
             if row is None:
                 row = self._codes[code] = [0, time.time()]
@@ -100,11 +102,14 @@ class VariantRecorder:
         """One executed model call (the batcher's on_batch): its size, each request's wait, its device time and cost."""
         with self._lock:
             self.stats.computed(size, compute_seconds, queue_seconds)
-            self._batch.observe(size)
-            queue = self._queue
+            batch, queue, compute = self._batch, self._queue, self._compute
+            batch.counts[bisect_left(BATCH_BUCKETS, size)] += 1
+            batch.sum += size
             for seconds in queue_seconds:
-                queue.observe(seconds)
-            self._compute.observe(compute_seconds)
+                queue.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                queue.sum += seconds
+            compute.counts[bisect_left(LATENCY_BUCKETS, compute_seconds)] += 1
+            compute.sum += compute_seconds
             self._cost += compute_seconds * self._metrics.price_per_second
 
     def counts(self) -> dict[str, Any]:
