@@ -1,6 +1,7 @@
 """Interleaved A/B of slimserve's per-request path between two git revisions, against the floor server's path.
 
     python -m bench.bench_hotpath [--base REV] [--rounds 7] [--requests 20000]
+    python -m bench.bench_hotpath --grpc [--base REV] [--rounds 5] [--seconds 3] [--concurrency 16]
 
 The tree at REV (default: the branch's merge base with main) is extracted with `git archive` into
 a temporary folder; one worker process runs on it and one on this working tree, each building the
@@ -15,6 +16,12 @@ serialize the answer): the per-request Python work no server can skip. Workers t
 after path, round after round, so load from elsewhere on the machine falls on all alike; the
 table gives medians of the rounds (µs per request), the ratio new / base, and each tree's
 overhead above the floor.
+
+With --grpc the same comparison runs over the wire, as bench.serving measures: `slimserve start`
+from each tree on its own copy of bench.serving's cached repository (the digits CNN, routed by
+name, metrics and statistics on), and bench/peers/floor_server.py running the model ("floor +
+model"), driven in turn by bench/loadgen.py's closed-loop callers; medians of the rounds'
+throughput and each server's share of the floor's.
 """
 
 from __future__ import annotations
@@ -162,17 +169,71 @@ def extract(rev: str, into: Path) -> Path:
     return into / "tree"
 
 
+def grpc_ab(base_tree: Path, base_label: str, rounds: int, seconds: float, concurrency: int, tmp: Path) -> None:
+    """Base slimserve, this tree's slimserve and the floor with the model, loaded in turn at `concurrency` callers."""
+    import shutil
+
+    from bench.common import free_port, slimserve_command
+    from bench.loadgen import build_infer_request, run_point
+    from bench.servers import CACHE, MODEL, Server, prepare_model, start_floor
+
+    files = prepare_model(False)
+    if not (CACHE / "repository" / "models" / MODEL).exists():
+        raise SystemExit("no cached repository with the digits CNN: run `python -m bench.serving --only slimserve` once first")
+    servers = []
+    for label, tree in ((base_label, base_tree), ("this tree", ROOT)):
+        repo = tmp / f"repository-{len(servers)}"
+        shutil.copytree(CACHE / "repository", repo)
+        port = free_port()
+        servers.append(Server(f"slimserve-{len(servers)}", slimserve_command(repo, port), port, env={"PYTHONPATH": str(tree)}, cwd=tree))
+    servers.append(start_floor(files, with_model=True))
+    labels = [base_label, "this tree", "floor + model"]
+    payload = build_infer_request(MODEL, files.sample)
+    rps: dict[str, list[float]] = {label: [] for label in labels}
+    p50: dict[str, list[float]] = {label: [] for label in labels}
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready(MODEL, 120)
+        for r in range(rounds):
+            order = list(zip(labels, servers))
+            order = order[r % 3 :] + order[: r % 3]  # each server goes first in turn
+            for label, server in order:
+                point = run_point(label, server.address, payload, concurrency, seconds, 0.5)
+                if point.errors:
+                    raise SystemExit(f"{label}: errors {point.errors}")
+                rps[label].append(point.throughput)
+                p50[label].append(point.percentile(50))
+    finally:
+        for server in servers:
+            server.stop()
+    floor = statistics.median(rps["floor + model"])
+    print(f"gRPC ModelInfer, {concurrency} callers, median of {rounds} interleaved rounds of {seconds:g} s")
+    print(f"{'server':<24}{'req/s':>10}{'p50 ms':>10}{'of floor + model':>20}")
+    for label in labels:
+        median = statistics.median(rps[label])
+        print(f"{label:<24}{median:>10.0f}{statistics.median(p50[label]):>10.3f}{median / floor:>20.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="git revision to compare against (default: merge base with main)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=20000, help="requests per path per round")
+    parser.add_argument("--grpc", action="store_true", help="compare the servers over gRPC under load instead")
+    parser.add_argument("--seconds", type=float, default=3.0, help="--grpc: seconds per point")
+    parser.add_argument("--concurrency", type=int, default=16, help="--grpc: closed-loop callers")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         asyncio.run(_worker_loop())
         return
     base = args.base or default_base()
+    if args.grpc:
+        with tempfile.TemporaryDirectory() as tmp:
+            grpc_ab(extract(base, Path(tmp)), f"base {base[:10]}", args.rounds, args.seconds, args.concurrency, Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         workers = [Worker(f"base {base[:10]}", extract(base, Path(tmp))), Worker("this tree", ROOT)]
         times: dict[tuple[str, str], list[float]] = {(w.label, p): [] for w in workers for p in ("floor", "slimserve")}
