@@ -141,7 +141,12 @@ class Worker:
         self.label = label
         env = {**os.environ, "PYTHONPATH": str(tree)}
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker"], cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            cwd=tree,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the {label} worker did not start (its tree: {tree})")
@@ -181,7 +186,7 @@ def grpc_ab(base_tree: Path, base_label: str, rounds: int, seconds: float, concu
     if not (CACHE / "repository" / "models" / MODEL).exists():
         raise SystemExit("no cached repository with the digits CNN: run `python -m bench.serving --only slimserve` once first")
     servers = []
-    for label, tree in ((base_label, base_tree), ("this tree", ROOT)):
+    for tree in (base_tree, ROOT):
         repo = tmp / f"repository-{len(servers)}"
         shutil.copytree(CACHE / "repository", repo)
         port = free_port()

@@ -143,7 +143,7 @@ def _fits(expected: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     """A shape against a spec's, -1 matching any extent."""
     if len(expected) != len(shape):
         return False
-    for want, got in zip(expected, shape):
+    for want, got in zip(expected, shape):  # noqa: SIM110  a loop, not all() over a generator: half the cost
         if want != got and want != -1:
             return False
     return True
@@ -367,7 +367,12 @@ class DataPlane:
         return specs
 
     def _answered(
-        self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None, specs: dict[str, TensorSpec], result: dict[str, np.ndarray]
+        self,
+        call: Call,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        specs: dict[str, TensorSpec],
+        result: dict[str, np.ndarray],
     ) -> InferResult:
         """The answer's top-1 kept for feedback and handed to the shadows."""
         predicted = top1(result)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from server.metrics import PER_VARIANT, VARIANT_LABELS, Metrics
 from server.recording import VariantRecorder
@@ -29,7 +29,9 @@ def _exposition(registry: CollectorRegistry, families: set[str]) -> list[str]:
     """The text format's lines of `families`, without the _created samples (when a child was made differs)."""
     lines = generate_latest(registry).decode().splitlines()
     keep = [line for line in lines if not line.startswith("#") and "_created" not in line]
-    return sorted(line for line in keep if line.split("{")[0].removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") in families)
+    return sorted(
+        line for line in keep if line.split("{")[0].removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") in families
+    )
 
 
 def test_exported_samples_equal_prometheus_clients_for_the_same_observations():
