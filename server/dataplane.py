@@ -326,7 +326,7 @@ class DataPlane:
 
     def route(self, name: str, version: str, parameters: Mapping[str, Any] | None = None, request_id: str = "") -> Call:
         """The variant a request goes to (pinned by `version`, or the router's choice) and its shadows; not yet counted."""
-        loaded = self.loaded_model(name)
+        loaded = self.loader.models.get(name) or self.loaded_model(name)  # the second says why there is none
         shadows = _NO_SHADOWS
         if version:
             served = loaded.pinned(version)
@@ -334,7 +334,7 @@ class DataPlane:
             router = loaded.router
             if router is None:
                 raise Unavailable(f"model '{name}' has no variant loaded that can take traffic")
-            served = loaded.variants[router.choose_for(parameters)]
+            served = loaded.variants[router.choose_for(parameters) if parameters else router.choose()]
             if router.shadows:
                 shadows = tuple(loaded.variants[s] for s in router.shadows if s in loaded.variants)
         return Call(
