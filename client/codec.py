@@ -187,7 +187,8 @@ def decode_request_inputs(request: Any) -> dict[str, np.ndarray]:
     """A ModelInferRequest's inputs as arrays, from raw_input_contents or typed contents."""
     raw = request.raw_input_contents
     inputs = request.inputs
-    if raw and len(raw) != len(inputs):
+    has_raw = len(raw) > 0  # read once: each truth test of a protobuf repeated field is a call into it
+    if has_raw and len(raw) != len(inputs):
         raise TensorCodecError(
             f"request has {len(inputs)} inputs but {len(raw)} raw_input_contents entries; "
             "send one raw entry per input, or use typed contents for all"
@@ -200,7 +201,7 @@ def decode_request_inputs(request: Any) -> dict[str, np.ndarray]:
         if name in arrays:
             raise TensorCodecError(f"input '{name}' appears twice in the request")
         shape = tensor.shape[:]  # a list; slicing protobuf's repeated field is cheaper than list() of it
-        if raw:
+        if has_raw:
             if tensor.HasField("contents"):
                 raise TensorCodecError(f"input '{name}': both raw_input_contents and typed contents given; send one")
             arrays[name] = decode_raw(raw[i], tensor.datatype, shape, name)
