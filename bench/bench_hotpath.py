@@ -178,7 +178,7 @@ def grpc_ab(base_tree: Path, base_label: str, rounds: int, seconds: float, concu
     """Base slimserve, this tree's slimserve and the floor with the model, loaded in turn at `concurrency` callers."""
     import shutil
 
-    from bench.common import free_port, slimserve_command
+    from bench.common import cpu_seconds, free_port, slimserve_command
     from bench.loadgen import build_infer_request, run_point
     from bench.servers import CACHE, MODEL, Server, prepare_model, start_floor
 
@@ -196,6 +196,7 @@ def grpc_ab(base_tree: Path, base_label: str, rounds: int, seconds: float, concu
     payload = build_infer_request(MODEL, files.sample)
     rps: dict[str, list[float]] = {label: [] for label in labels}
     p50: dict[str, list[float]] = {label: [] for label in labels}
+    cpu: dict[str, list[float]] = {label: [] for label in labels}  # server CPU µs per request: less moved by neighbours than req/s
     try:
         for server in servers:
             server.start()
@@ -205,7 +206,9 @@ def grpc_ab(base_tree: Path, base_label: str, rounds: int, seconds: float, concu
             order = list(zip(labels, servers))
             order = order[r % 3 :] + order[: r % 3]  # each server goes first in turn
             for label, server in order:
+                before = cpu_seconds(server.process.pid)
                 point = run_point(label, server.address, payload, concurrency, seconds, 0.5)
+                cpu[label].append(1e6 * (cpu_seconds(server.process.pid) - before) / max(point.completed, 1))
                 if point.errors:
                     raise SystemExit(f"{label}: errors {point.errors}")
                 rps[label].append(point.throughput)
@@ -215,10 +218,12 @@ def grpc_ab(base_tree: Path, base_label: str, rounds: int, seconds: float, concu
             server.stop()
     floor = statistics.median(rps["floor + model"])
     print(f"gRPC ModelInfer, {concurrency} callers, median of {rounds} interleaved rounds of {seconds:g} s")
-    print(f"{'server':<24}{'req/s':>10}{'p50 ms':>10}{'of floor + model':>20}")
+    print(f"{'server':<24}{'req/s':>10}{'p50 ms':>10}{'of floor + model':>20}{'server CPU µs/req':>20}")
     for label in labels:
         median = statistics.median(rps[label])
-        print(f"{label:<24}{median:>10.0f}{statistics.median(p50[label]):>10.3f}{median / floor:>20.1%}")
+        row = f"{label:<24}{median:>10.0f}{statistics.median(p50[label]):>10.3f}{median / floor:>20.1%}"
+        print(f"{row}{statistics.median(cpu[label]):>20.0f}")
+    print("(server CPU counts the warm-up too: it is the process's CPU over the point, per request answered in its window)")
 
 
 def main() -> None:
