@@ -21,7 +21,8 @@ from server.stats import VariantStats
 
 
 class Buckets:
-    """A histogram as prometheus_client's Histogram counts it: per bucket (the first bound >= the value; +Inf last) and a sum."""
+    """A histogram as prometheus_client's Histogram counts it: per bucket and a sum. An observation goes to
+    `counts[bisect_left(bounds, value)]`: the first bound with value <= bound, as `le` means, or +Inf (last)."""
 
     __slots__ = ("bounds", "counts", "sum")
 
@@ -29,10 +30,6 @@ class Buckets:
         self.bounds = tuple(bounds)
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # bisect_left: the first bound with value <= bound, as `le` means
-        self.sum += value
 
     def copy(self) -> tuple[list[int], float]:
         return list(self.counts), self.sum
@@ -86,7 +83,7 @@ class VariantRecorder:
         """A request's outcome: `code` is OK or an error kind's name; `seconds` from arrival to answer."""
         with self._lock:
             self._inflight -= 1
-            latency = self._latency  # Buckets.observe written out here and below: a call costs more than its body
+            latency = self._latency  # observations written out here and below: a method call costs more than its body
             latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             latency.sum += seconds
             row = self._codes.get(code)
