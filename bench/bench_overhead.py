@@ -5,8 +5,8 @@
 A DataPlane serves a model whose runtime returns at once (an [1, 10] float answer), so only the
 serving layer is timed. Three ways through it, interleaved round after round:
   batcher  the DynamicBatcher alone (submit -> compute pool -> answer): the floor;
-  routed   DataPlane.track + infer: router (70/30 split, sticky off), Prometheus series, latency
-           window, request id, top-1 and feedback record, then the same batcher;
+  routed   DataPlane.serve of decoded inputs: router (70/30 split, sticky off), Prometheus counts,
+           latency window, request id, input checks, top-1 and feedback record, then the same batcher;
   shadowed the same with a shadow variant mirroring every request.
 "added" is routed minus batcher: the cost of router + metrics + statistics per request
 (the issue's budget: 50 µs). Prints a table and writes bench/results/overhead.json.
@@ -80,11 +80,13 @@ async def time_batcher(plane, n: int) -> float:
 
 
 async def time_routed(plane, n: int) -> float:
-    x = {"x": np.zeros((1, 4), np.float32)}
+    from server.dataplane import InferRequest
+
+    x = np.zeros((1, 4), np.float32)
+    request = InferRequest("m", "", "", lambda: {"x": x})
     start = time.perf_counter()
     for _ in range(n):
-        async with plane.track("m", "", None, "") as call:
-            await plane.infer(call, x, None)
+        await plane.serve(request)
     return (time.perf_counter() - start) / n * 1e6
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,10 @@ MAX_EXTENT = 2**59  # numpy refuses shapes whose non-zero dims multiply past 2**
 def element_count(shape: Sequence[int], name: str = "") -> int:
     if len(shape) > MAX_RANK:
         raise TensorCodecError(f"tensor '{name}': shape has {len(shape)} dimensions; at most {MAX_RANK} are supported")
+    if shape and min(shape) > 0:  # every extent positive, as nearly always: the count is the extent, in C
+        count = prod(shape)
+        if count <= MAX_EXTENT:
+            return count
     count = extent = 1
     for dim in shape:
         if dim < 0:
@@ -102,14 +107,16 @@ def element_count(shape: Sequence[int], name: str = "") -> int:
 
 def decode_raw(raw: bytes, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
     """Raw little-endian bytes to an array, without a copy for numeric types (read-only view)."""
-    dtype = numpy_dtype(datatype, name)
+    dtype = DATATYPE_TO_NUMPY.get(datatype)
+    if dtype is None:
+        dtype = numpy_dtype(datatype, name)  # raises, naming the datatypes there are
     count = element_count(shape, name)
     if datatype == "BYTES":
         return deserialize_bytes(raw, count, name).reshape(shape)
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise TensorCodecError(f"tensor '{name}': {datatype} {list(shape)} needs {expected} bytes of raw data, got {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.frombuffer(raw, dtype).reshape(shape)
 
 
 def decode_contents(contents: Any, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
@@ -150,7 +157,10 @@ def encode_contents(array: np.ndarray, contents: Any, datatype: str, name: str =
 def encode_raw(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return serialize_bytes(array)
-    return np.ascontiguousarray(array, dtype=DATATYPE_TO_NUMPY[datatype]).tobytes()
+    dtype = DATATYPE_TO_NUMPY[datatype]
+    if array.dtype == dtype:  # tobytes writes C order whatever the layout: no contiguous copy first
+        return array.tobytes()
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
 # ------------------------------------------------------------------ whole messages
@@ -176,20 +186,22 @@ def set_parameter(param: Any, value: Any) -> None:
 def decode_request_inputs(request: Any) -> dict[str, np.ndarray]:
     """A ModelInferRequest's inputs as arrays, from raw_input_contents or typed contents."""
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    inputs = request.inputs
+    has_raw = len(raw) > 0  # read once: each truth test of a protobuf repeated field is a call into it
+    if has_raw and len(raw) != len(inputs):
         raise TensorCodecError(
-            f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents entries; "
+            f"request has {len(inputs)} inputs but {len(raw)} raw_input_contents entries; "
             "send one raw entry per input, or use typed contents for all"
         )
     arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    for i, tensor in enumerate(inputs):
         name = tensor.name
         if not name:
             raise TensorCodecError(f"input #{i} has no name")
         if name in arrays:
             raise TensorCodecError(f"input '{name}' appears twice in the request")
-        shape = list(tensor.shape)
-        if raw:
+        shape = tensor.shape[:]  # a list; slicing protobuf's repeated field is cheaper than list() of it
+        if has_raw:
             if tensor.HasField("contents"):
                 raise TensorCodecError(f"input '{name}': both raw_input_contents and typed contents given; send one")
             arrays[name] = decode_raw(raw[i], tensor.datatype, shape, name)
@@ -224,7 +236,7 @@ def fill_input(request: Any, name: str, array: np.ndarray, raw: bool = True) -> 
 def fill_output(response: Any, name: str, array: np.ndarray, raw: bool, datatype: str | None = None) -> None:
     """Adds one output tensor to a ModelInferResponse; raw keeps output order aligned with outputs."""
     datatype = datatype or datatype_of(array)
-    tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+    tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
     if raw:
         response.raw_output_contents.append(encode_raw(array, datatype))
     else:

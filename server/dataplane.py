@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from server.loader import ModelLoader
 from server.metrics import Metrics
 from server.model_config import ModelConfigView, ServingOverride, batchable, config_view
 from server.models import LoadedModel, ServedVariant, UnloadedVariant, VariantUnloaded
+from server.recording import VariantRecorder
 from server.repository import Repository
 from server.runtimes import Runtime, RuntimeConfig, TensorSpec
 from server.shadow import ShadowMirror, top1
@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 _NO_SHADOWS: tuple[ServedVariant, ...] = ()
 
 
-@dataclass(frozen=True)
+# The per-request records are slotted and not frozen: a frozen dataclass's __init__ sets each field through
+# object.__setattr__, about a microsecond a request for these three. Nothing changes them once made.
+
+
+@dataclass(slots=True)
 class InferRequest:
     """One inference request, decoded from its protocol (server/converters.py builds it)."""
 
@@ -56,7 +60,7 @@ class InferRequest:
     shm_outputs: Mapping[str, ShmRef] | None = None  # outputs written to registered shared memory
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """One inference request's destination, fixed when it arrives (a swap later does not move it)."""
 
@@ -68,9 +72,10 @@ class Call:
     feedback: FeedbackStore
     # Variants mirroring this request (routed traffic only; a request pinned by model_version is not mirrored).
     shadows: tuple[ServedVariant, ...] = ()
+    recorder: VariantRecorder | None = None  # where the request is counted (serve counts it)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferResult:
     model: str
     variant: str
@@ -103,6 +108,16 @@ class ModelMetadata:
 
 def check_inputs(model: str, specs: list[TensorSpec], arrays: dict[str, np.ndarray]) -> None:
     """Names, datatypes and shapes of a request against the model's inputs, with a precise message."""
+    # The common case first, in plain comparisons: each input present once, of exactly its numpy dtype (which
+    # also fixes its datatype: the table is one to one) and of a fitting shape. Anything else is looked at
+    # closely below, which passes what it should (BYTES given as str arrays) and names what is wrong.
+    if len(arrays) == len(specs):
+        for spec in specs:
+            array = arrays.get(spec.name)
+            if array is None or array.dtype != DATATYPE_TO_NUMPY[spec.datatype] or not _fits(spec.shape, array.shape):
+                break
+        else:
+            return
     expected = {s.name for s in specs}
     extra = [n for n in arrays if n not in expected]
     if extra:
@@ -116,13 +131,22 @@ def check_inputs(model: str, specs: list[TensorSpec], arrays: dict[str, np.ndarr
             raise InvalidArgument(f"input '{spec.name}' is missing: model '{model}' expects {spec.describe()}")
         want = DATATYPE_TO_NUMPY[spec.datatype]
         got_type = datatype_of(array)
-        shape_ok = len(array.shape) == len(spec.shape) and all(d == -1 or d == s for d, s in zip(spec.shape, array.shape))
-        if got_type != spec.datatype or not shape_ok:
+        if got_type != spec.datatype or not _fits(spec.shape, array.shape):
             raise InvalidArgument(
                 f"input '{spec.name}': expected {spec.describe()}, got {got_type} [{','.join(str(d) for d in array.shape)}]"
             )
         if want.kind != "O" and array.dtype != want:
             raise InvalidArgument(f"input '{spec.name}': expected {spec.describe()}, got numpy {array.dtype}")
+
+
+def _fits(expected: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """A shape against a spec's, -1 matching any extent."""
+    if len(expected) != len(shape):
+        return False
+    for want, got in zip(expected, shape):  # noqa: SIM110  a loop, not all() over a generator: half the cost
+        if want != got and want != -1:
+            return False
+    return True
 
 
 class DataPlane:
@@ -284,8 +308,20 @@ class DataPlane:
     # ------------------------------------------------------------------ inference
 
     async def serve(self, request: InferRequest) -> InferResult:
-        """One inference request, routed, counted and run (with shared memory and classification when asked)."""
-        async with self.track(request.model, request.version, request.parameters, request.id) as call:
+        """One inference request, routed, counted and run (with shared memory and classification when asked).
+
+        Written out flat rather than through an async context manager and nested coroutines: each
+        of those costs a microsecond or more a request (`python -m bench.bench_hotpath`)."""
+        try:
+            call = self.route(request.model, request.version, request.parameters, request.id)
+        except VariantUnloaded as e:  # pinned, out of memory while idle: this request waits for it to load (free when loaded)
+            await self.loader.reload(e.model, e.variant)
+            call = self.route(request.model, request.version, request.parameters, request.id)
+        recorder = call.recorder
+        start = perf_counter()
+        code = "OK"
+        recorder.begin()
+        try:
             inputs = request.decode_inputs()
             if request.shm_inputs:
                 inputs.update(self.shared_memory.read_inputs(request.shm_inputs))
@@ -297,7 +333,8 @@ class DataPlane:
                 if unknown:
                     raise InvalidArgument(f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}")
                 classification.check(specs, counts, batched)
-            result = await self.infer(call, inputs, request.outputs)
+            specs = self._checked(call, inputs, request.outputs)
+            result = self._answered(call, inputs, request.outputs, specs, await call.batcher.submit(inputs, request.outputs))
             if counts:
                 override = self.loader.overrides.get(call.model)
                 labels = override.labels if override is not None else None
@@ -310,56 +347,43 @@ class DataPlane:
                     self.shared_memory.write_output(name, result.outputs[name], result.specs[name].datatype, ref)
                 result = replace(result, in_shared_memory=frozenset(request.shm_outputs))
             return result
+        except BaseException as e:
+            code = outcome_code(e)
+            raise
+        finally:
+            recorder.record(code, perf_counter() - start)
 
-    @asynccontextmanager
-    async def track(
-        self, name: str, version: str, parameters: Mapping[str, Any] | None = None, request_id: str = ""
-    ) -> AsyncIterator[Call]:
-        """Routes a request to its variant and records the request, its outcome and its latency."""
-        loaded = self.loaded_model(name)
+    def route(self, name: str, version: str, parameters: Mapping[str, Any] | None = None, request_id: str = "") -> Call:
+        """The variant a request goes to (pinned by `version`, or the router's choice) and its shadows; not yet counted."""
+        loaded = self.loader.models.get(name) or self.loaded_model(name)  # the second says why there is none
         shadows = _NO_SHADOWS
         if version:
-            try:
-                served = loaded.pinned(version)
-            except VariantUnloaded as e:  # out of memory while idle: this request waits for it to load (free when loaded)
-                served = await self.loader.reload(e.model, e.variant)
+            served = loaded.pinned(version)  # VariantUnloaded when idle and out of memory: `serve` loads it and routes again
         else:
             router = loaded.router
             if router is None:
                 raise Unavailable(f"model '{name}' has no variant loaded that can take traffic")
-            served = loaded.variants[router.choose_for(parameters)]
+            served = loaded.variants[router.choose_for(parameters) if parameters else router.choose()]
             if router.shadows:
                 shadows = tuple(loaded.variants[s] for s in router.shadows if s in loaded.variants)
-        recorder = served.recorder
-        start = time.perf_counter()
-        code = "OK"
-        recorder.begin()
-        try:
-            yield Call(
-                name,
-                served.name,
-                served.runtime,
-                served.batcher,
-                request_id or f"{self._id_prefix}{next(self._id_counter)}",
-                loaded.feedback,
-                shadows,
-            )
-        except SlimServeError as e:
-            code = e.kind.name
-            raise
-        except TensorCodecError:
-            code = ErrorKind.INVALID_ARGUMENT.name
-            raise
-        except asyncio.CancelledError:  # the caller went away or its deadline passed: not the server's fault
-            code = ErrorKind.DEADLINE_EXCEEDED.name
-            raise
-        except BaseException:
-            code = ErrorKind.INTERNAL.name
-            raise
-        finally:
-            recorder.record(code, time.perf_counter() - start)
+        return Call(
+            name,
+            served.name,
+            served.runtime,
+            served.batcher,
+            request_id or f"{self._id_prefix}{next(self._id_counter)}",
+            loaded.feedback,
+            shadows,
+            served.recorder,
+        )
 
     async def infer(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> InferResult:
+        """Checks and runs decoded inputs on the call's variant (what `serve` does between decode and encode); not counted."""
+        specs = self._checked(call, inputs, outputs)
+        return self._answered(call, inputs, outputs, specs, await call.batcher.submit(inputs, outputs))
+
+    def _checked(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, TensorSpec]:
+        """The inputs against the variant's, the outputs asked for against its outputs; its output specs by name."""
         runtime = call.runtime
         check_inputs(call.model, runtime.inputs, inputs)
         specs = {s.name: s for s in runtime.outputs}
@@ -369,10 +393,31 @@ class DataPlane:
                 raise InvalidArgument(
                     f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}; its outputs are: {', '.join(specs)}"
                 )
-        result = await call.batcher.submit(inputs, outputs)
+        return specs
+
+    def _answered(
+        self,
+        call: Call,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        specs: dict[str, TensorSpec],
+        result: dict[str, np.ndarray],
+    ) -> InferResult:
+        """The answer's top-1 kept for feedback and handed to the shadows."""
         predicted = top1(result)
         if predicted is not None and predicted.shape[0] == 1:
             call.feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
         if call.shadows:
             self.shadows.mirror(call.model, call.request_id, call.shadows, call.feedback, inputs, outputs, predicted)
         return InferResult(call.model, call.variant, result, specs, call.request_id)
+
+
+def outcome_code(error: BaseException) -> str:
+    """The `code` a failed request is counted under: its error kind, or what a codec error, a cancel or a bug means."""
+    if isinstance(error, SlimServeError):
+        return error.kind.name
+    if isinstance(error, TensorCodecError):
+        return ErrorKind.INVALID_ARGUMENT.name
+    if isinstance(error, asyncio.CancelledError):  # the caller went away or its deadline passed: not the server's fault
+        return ErrorKind.DEADLINE_EXCEEDED.name
+    return ErrorKind.INTERNAL.name

@@ -1,17 +1,24 @@
 """Prometheus metrics of the server, created against a registry that tests can replace.
 
 Every per-variant metric is one `Family` row of `PER_VARIANT`: `Metrics` creates the family from it,
-`VariantSeries` caches the children the hot path touches, and `Metrics.forget` removes all of a
-deleted variant's children, so no metric can be added to one place and missed in another.
+`VariantSeries` caches the children set at load, and `Metrics.forget` removes all of a deleted
+variant's children, so no metric can be added to one place and missed in another. The families a
+request updates are `collected`: server/recording.py counts them in plain numbers under one lock
+per call (prometheus_client takes a lock and runs Python checks per child update: ~10 µs a request)
+and `RecordedCollector` turns those numbers into the same samples at scrape time.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import metrics as prometheus_metrics
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 from server.errors import ErrorKind
 
@@ -30,6 +37,8 @@ class Family:
     `cached` names the VariantSeries attribute holding the child made when the variant loads (for a
     family with extra labels: the child of each extra label's first value); None for a metric set on
     demand, whose child must not exist before it has a value (an accuracy gauge at 0 would read as 0%).
+    `collected`: counted per request by server/recording.py and exported by `RecordedCollector` from
+    the variant's `Recorded.counts()[attr]` (no prometheus_client object; its series exist from load).
     """
 
     attr: str  # the Metrics attribute
@@ -39,6 +48,7 @@ class Family:
     extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
     buckets: tuple[float, ...] | None = None
     cached: str | None = None
+    collected: bool = False
 
 
 PER_VARIANT: tuple[Family, ...] = (
@@ -48,7 +58,7 @@ PER_VARIANT: tuple[Family, ...] = (
         "slimserve_requests_total",
         "Inference requests answered, by status code.",
         extra=(("code", RESULT_CODES),),
-        cached="requests_ok",
+        collected=True,
     ),
     Family(
         "request_duration",
@@ -56,7 +66,7 @@ PER_VARIANT: tuple[Family, ...] = (
         "slimserve_request_duration_seconds",
         "Time from receiving an inference request to answering it.",
         buckets=LATENCY_BUCKETS,
-        cached="request_duration",
+        collected=True,
     ),
     Family(
         "compute_duration",
@@ -64,7 +74,7 @@ PER_VARIANT: tuple[Family, ...] = (
         "slimserve_compute_duration_seconds",
         "Time the runtime spent computing one call (a batch).",
         buckets=LATENCY_BUCKETS,
-        cached="compute_duration",
+        collected=True,
     ),
     Family(
         "queue_duration",
@@ -72,17 +82,17 @@ PER_VARIANT: tuple[Family, ...] = (
         "slimserve_queue_duration_seconds",
         "Time a request waited in the batcher's queue before its batch started.",
         buckets=LATENCY_BUCKETS,
-        cached="queue_duration",
+        collected=True,
     ),
-    Family("batch_size", Histogram, "slimserve_batch_size", "Samples per executed model call.", buckets=BATCH_BUCKETS, cached="batch_size"),
+    Family("batch_size", Histogram, "slimserve_batch_size", "Samples per executed model call.", buckets=BATCH_BUCKETS, collected=True),
     Family(
         "cost",
         Counter,
         "slimserve_inference_cost_dollars_total",
         "Dollars of device time spent computing: compute seconds times the node type's price per hour / 3600.",
-        cached="cost",
+        collected=True,
     ),
-    Family("samples", Counter, "slimserve_inferences_total", "Samples inferred (requests can carry several).", cached="samples"),
+    Family("samples", Counter, "slimserve_inferences_total", "Samples inferred (requests can carry several).", collected=True),
     Family("offline_accuracy", Gauge, "slimserve_offline_accuracy_ratio", "Top-1 accuracy of a variant on the model's evaluation data."),
     Family("flops", Gauge, "slimserve_model_flops", "FLOPs per sample of a variant."),
     Family("online_accuracy", Gauge, "slimserve_online_accuracy_ratio", "Top-1 accuracy on live traffic that received feedback."),
@@ -120,14 +130,27 @@ PER_VARIANT: tuple[Family, ...] = (
         "Most requests a variant's queue holds before RESOURCE_EXHAUSTED.",
         cached="queue_capacity",
     ),
-    Family("inflight", Gauge, "slimserve_inflight_requests", "Inference requests being processed.", cached="inflight"),
+    Family("inflight", Gauge, "slimserve_inflight_requests", "Inference requests being processed.", collected=True),
     Family("model_size", Gauge, "slimserve_model_size_bytes", "Bytes on disk of each loaded variant.", cached="model_size"),
     Family("loaded", Gauge, "slimserve_variant_loaded", "1 while a variant is loaded and serving.", cached="loaded"),
 )
 
 
+class Recorded(Protocol):
+    """What a variant's recorder gives the collector: {collected family attr: its value}, copied under its lock.
+
+    A Counter's value is a number, or {extra label value: number} for one with an extra label (only
+    the values counted so far are exported); a Gauge's a number; a Histogram's (per-bucket counts,
+    one per bound and one for +Inf, not cumulative; sum). `created` is when the variant's series began.
+    """
+
+    created: float
+
+    def counts(self) -> Mapping[str, Any]: ...
+
+
 class VariantSeries:
-    """The children of one variant that PER_VARIANT marks `cached`, looked up once: `.labels()` per request costs microseconds.
+    """The children of one variant that PER_VARIANT marks `cached`, looked up once at load (`.labels()` costs microseconds).
 
     Attributes are the families' `cached` names (slots: attribute reads stay as fast as a dataclass's).
     """
@@ -142,17 +165,73 @@ class VariantSeries:
         raise AttributeError(f"VariantSeries has no cached child '{name}' (cached: {', '.join(self.__slots__)})")
 
 
+class RecordedCollector:
+    """Exports the `collected` families from every registered variant's counts, as prometheus_client's own
+    Counter / Gauge / Histogram children would (same names, labels, buckets, `_created` series)."""
+
+    def __init__(self, node_type: str) -> None:
+        self.node_type = node_type
+        self.sources: dict[tuple[str, str], Recorded] = {}  # replaced whole on change: collect() reads a stable dict
+
+    def add(self, model: str, variant: str, source: Recorded) -> None:
+        self.sources = {**self.sources, (model, variant): source}
+
+    def remove(self, model: str, variant: str) -> None:
+        self.sources = {k: v for k, v in self.sources.items() if k != (model, variant)}
+
+    def describe(self) -> list[Metric]:
+        return [_metric(f) for f in PER_VARIANT if f.collected]
+
+    def collect(self) -> Iterator[Metric]:
+        rows = [((model, variant, self.node_type), source.created, source.counts()) for (model, variant), source in self.sources.items()]
+        for family in PER_VARIANT:
+            if not family.collected:
+                continue
+            metric = _metric(family)
+            labelnames = (*VARIANT_LABELS, *(name for name, _ in family.extra))
+            for values, created, counts in rows:
+                value = counts[family.attr]
+                if isinstance(value, dict):  # one extra label: a child per value counted so far
+                    for extra, (number, since) in value.items():
+                        _add_child(metric, family, dict(zip(labelnames, (*values, extra))), number, since)
+                else:
+                    _add_child(metric, family, dict(zip(labelnames, values)), value, created)
+            yield metric
+
+
+def _metric(family: Family) -> Metric:
+    """The empty family as prometheus_client's metric of `family.kind` exports it (a counter's name without _total)."""
+    kind = {Counter: "counter", Gauge: "gauge", Histogram: "histogram"}[family.kind]
+    return Metric(family.name.removesuffix("_total") if family.kind is Counter else family.name, family.help, kind)
+
+
+def _add_child(metric: Metric, family: Family, labels: dict[str, str], value: Any, created: float) -> None:
+    """The samples of one child, in prometheus_client's order (Counter._child_samples, Histogram._child_samples)."""
+    use_created = prometheus_metrics._use_created  # PROMETHEUS_DISABLE_CREATED_SERIES, read as prometheus_client reads it
+    if family.kind is Gauge:
+        metric.add_sample(metric.name, labels, float(value))
+        return
+    if family.kind is Counter:
+        metric.add_sample(metric.name + "_total", labels, float(value))
+        if use_created:
+            metric.add_sample(metric.name + "_created", labels, created)
+        return
+    counts, total = value
+    cumulative = 0.0
+    for bound, count in zip((*family.buckets, float("inf")), counts):
+        cumulative += count
+        metric.add_sample(metric.name + "_bucket", {**labels, "le": floatToGoString(bound)}, cumulative)
+    metric.add_sample(metric.name + "_count", labels, cumulative)
+    metric.add_sample(metric.name + "_sum", labels, total)
+    if use_created:
+        metric.add_sample(metric.name + "_created", labels, created)
+
+
 class Metrics:
     """All slimserve_* series. Labels are bounded: model, variant, node_type, code, correct."""
 
-    # The families, as attributes (declared for readers and type checkers; created from PER_VARIANT).
-    requests: Counter
-    request_duration: Histogram
-    compute_duration: Histogram
-    queue_duration: Histogram
-    batch_size: Histogram
-    cost: Counter
-    samples: Counter
+    # The families made as prometheus_client objects, as attributes (declared for readers and type checkers;
+    # created from PER_VARIANT). The `collected` ones have no object: `collector` exports them.
     offline_accuracy: Gauge
     flops: Gauge
     online_accuracy: Gauge
@@ -162,7 +241,6 @@ class Metrics:
     traffic_weight: Gauge
     queued: Gauge
     queue_capacity: Gauge
-    inflight: Gauge
     model_size: Gauge
     loaded: Gauge
 
@@ -171,9 +249,13 @@ class Metrics:
         self.node_type = node_type
         self.price_per_second = price_per_hour / 3600.0
         for family in PER_VARIANT:
+            if family.collected:
+                continue
             labels = (*VARIANT_LABELS, *(name for name, _ in family.extra))
             options: dict[str, Any] = {"buckets": family.buckets} if family.buckets is not None else {}
             setattr(self, family.attr, family.kind(family.name, family.help, labels, registry=self.registry, **options))
+        self.collector = RecordedCollector(node_type)
+        self.registry.register(self.collector)
         self.price = Gauge(
             "slimserve_node_price_dollars_per_hour", "Price of this node type, as configured.", ("node_type",), registry=self.registry
         )
@@ -182,7 +264,10 @@ class Metrics:
     def labels(self, model: str, variant: str) -> dict[str, str]:
         return {"model": model, "variant": variant, "node_type": self.node_type}
 
-    def series(self, model: str, variant: str) -> VariantSeries:
+    def series(self, model: str, variant: str, recorded: Recorded | None = None) -> VariantSeries:
+        """The variant's cached children; `recorded` (its recorder) is exported for the collected families from now on."""
+        if recorded is not None:
+            self.collector.add(model, variant, recorded)
         values = (model, variant, self.node_type)
         return VariantSeries(
             {
@@ -194,8 +279,11 @@ class Metrics:
 
     def forget(self, model: str, variant: str) -> None:
         """Drops every child of a deleted variant, of every family and every value of its extra labels."""
+        self.collector.remove(model, variant)
         values = (model, variant, self.node_type)
         for family in PER_VARIANT:
+            if family.collected:
+                continue
             metric = getattr(self, family.attr)
             for extra in itertools.product(*(options for _, options in family.extra)):
                 try:

@@ -77,7 +77,8 @@ class LatencyWindow:
 @dataclass
 class VariantStats:
     """The server's own measurements of one served variant since it was loaded: what `slimctl compare` reads,
-    and Triton's ModelStatistics counters (plain ints, nanoseconds: only the event-loop thread writes them)."""
+    and Triton's ModelStatistics counters (plain ints, nanoseconds). Not locked: server/recording.py's
+    VariantRecorder, through which the server writes them, holds its lock around every write."""
 
     window: LatencyWindow = field(default_factory=LatencyWindow)
     requests: int = 0
@@ -131,11 +132,11 @@ class VariantStats:
 # ---------------------------------------------------------------------- feedback
 
 
-@dataclass
-class _Answer:
+@dataclass(slots=True)
+class _Answer:  # one per request: slotted, its shadows' dict made only for a mirrored one
     variant: str
     predicted: int
-    shadows: dict[str, int] = field(default_factory=dict)
+    shadows: dict[str, int] | None = None
     label: int | None = None
 
 
@@ -181,8 +182,9 @@ class FeedbackStore:
             self._answers[request_id] = answer
             if len(self._answers) > self.capacity:
                 self._answers.popitem(last=False)
-            for shadow, predicted in (shadows or {}).items():
-                self._add_shadow(answer, shadow, int(predicted))
+            if shadows:
+                for shadow, predicted in shadows.items():
+                    self._add_shadow(answer, shadow, int(predicted))
 
     def record_shadow(self, request_id: str, shadow: str, predicted_class: int) -> bool:
         """A shadow's top-1 that arrived after the primary's; False when the id has already been forgotten."""
@@ -194,7 +196,9 @@ class FeedbackStore:
             return True
 
     def _add_shadow(self, answer: _Answer, shadow: str, predicted: int) -> None:
-        if shadow in answer.shadows:
+        if answer.shadows is None:
+            answer.shadows = {}
+        elif shadow in answer.shadows:
             return  # counted once per request
         answer.shadows[shadow] = predicted
         self._mirrored[shadow] = self._mirrored.get(shadow, 0) + 1
@@ -222,7 +226,7 @@ class FeedbackStore:
             answer.label = label
             correct = answer.predicted == label
             self._score(answer.variant, correct)
-            for shadow, predicted in answer.shadows.items():
+            for shadow, predicted in (answer.shadows or {}).items():
                 self._score(shadow, predicted == label)
             return FeedbackResult(answer.variant, correct)
 
@@ -252,7 +256,8 @@ class FeedbackStore:
             for request_id in [i for i, a in self._answers.items() if a.variant == variant]:
                 del self._answers[request_id]
             for answer in self._answers.values():
-                answer.shadows.pop(variant, None)
+                if answer.shadows:
+                    answer.shadows.pop(variant, None)
             self._accuracy.pop(variant, None)
             self._mirrored.pop(variant, None)
             self._agreed.pop(variant, None)

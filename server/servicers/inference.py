@@ -42,7 +42,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
+        # The body of _infer, not a call to it: one coroutine less a request.
+        return converters.infer_response(request, await self.dataplane.serve(converters.infer_request(request)))
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         return converters.infer_response(request, await self.dataplane.serve(converters.infer_request(request)))

@@ -271,8 +271,8 @@ def test_concurrent_single_sample_callers_are_batched_and_each_gets_its_own_rows
     assert result.stdout.split()[:2] == ["0", "0"], result.stdout  # no errors, every answer the caller's own
     [row] = client.compare("mlp")["variants"]
     assert row["requests"] == 640 and row["mean_batch"] > 1.5, row
-    batches = server.metrics.batch_size.labels(**server.metrics.labels("mlp", "baseline"))
-    assert batches._sum.get() == 640  # every sample counted once in the executed batches
+    batch_sum = server.metrics.registry.get_sample_value("slimserve_batch_size_sum", server.metrics.labels("mlp", "baseline"))
+    assert batch_sum == 640  # every sample counted once in the executed batches
 
 
 def test_slimctl_traffic_promote_rollback_compare_feedback(ab, digits, server):

@@ -79,3 +79,71 @@ def test_a_sticky_parameter_pins_a_caller_to_one_variant(tmp_path, digits):
                 assert len(got) == 1, (user, got)
 
     run(scenario())
+
+
+def test_each_failure_is_counted_under_its_code():
+    import asyncio
+
+    from server.dataplane import outcome_code
+    from server.errors import ResourceExhausted
+
+    assert outcome_code(ResourceExhausted("queue full")) == "RESOURCE_EXHAUSTED"
+    assert outcome_code(TensorCodecError("bad bytes")) == "INVALID_ARGUMENT"
+    assert outcome_code(asyncio.CancelledError()) == "DEADLINE_EXCEEDED"  # the caller left: not the server's fault
+    assert outcome_code(ZeroDivisionError()) == "INTERNAL"
+
+
+def test_a_request_cancelled_while_it_runs_is_counted_and_leaves_nothing_in_flight(tmp_path, digits):
+    import asyncio
+
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            plane, metrics = control.dataplane, control.dataplane.loader.metrics
+            await register(control, "digits", digits.onnx)
+            batcher = plane.models["digits"].variants["baseline"].batcher
+            started = asyncio.Event()
+
+            async def never_answers(inputs, outputs=None):
+                started.set()
+                await asyncio.sleep(60)
+
+            batcher.submit = never_answers
+            task = asyncio.create_task(plane.serve(InferRequest("digits", "", "", lambda: {"x": digits.x_test[:1]})))
+            await started.wait()
+            assert sample(metrics, "slimserve_inflight_requests", "baseline") == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert sample(metrics, "slimserve_requests_total", "baseline", code="DEADLINE_EXCEEDED") == 1
+            assert sample(metrics, "slimserve_inflight_requests", "baseline") == 0
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.zeros((2, 4), np.float32)}, None),
+        ({"x": np.zeros((1, 4), ">f4")}, "got numpy >f4"),  # FP32, but not little-endian
+        ({"x": np.zeros((1, 4), np.float64)}, "expected FP32 [-1,4], got FP64 [1,4]"),
+        ({"x": np.zeros((1, 5), np.float32)}, "expected FP32 [-1,4], got FP32 [1,5]"),
+        ({"x": np.zeros((4,), np.float32)}, "expected FP32 [-1,4], got FP32 [4]"),
+        ({}, "input 'x' is missing"),
+        ({"x": np.zeros((1, 4), np.float32), "y": np.zeros(1, np.float32)}, "has no input 'y'"),
+        ({"x": np.zeros((1, 4), np.float32), "t": np.array([["a"]])}, None),  # BYTES given as a str array
+        ({"x": np.zeros((1, 4), np.float32), "t": np.array([[b"a"]], dtype=object)}, None),
+        ({"x": np.zeros((1, 4), np.float32), "t": np.array([["a", "b"]])}, "expected BYTES [-1,1], got BYTES [1,2]"),
+    ],
+)
+def test_input_checks_pass_what_fits_and_name_what_does_not(arrays, message):
+    from server.dataplane import check_inputs
+    from server.runtimes import TensorSpec
+
+    specs = [TensorSpec("x", "FP32", (-1, 4))]
+    if "t" in arrays:
+        specs.append(TensorSpec("t", "BYTES", (-1, 1)))
+    if message is None:
+        check_inputs("m", specs, arrays)
+    else:
+        with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
+            check_inputs("m", specs, arrays)

@@ -98,15 +98,17 @@ def test_a_client_cancelling_its_stream_leaves_nothing_behind(digits_stub, serve
     stream.cancel()
     outbox.put(None)
     assert digits_stub.ModelInfer(infer_request(digits.x_test[:1], "after"), timeout=30).id == "after"
-    inflight = server.metrics.inflight.labels(**server.metrics.labels("digits", "baseline"))
-    wait_until(lambda: inflight._value.get() == 0, "the in-flight gauge to drop to 0", timeout=10)
+    labels = server.metrics.labels("digits", "baseline")
+    inflight = lambda: server.metrics.registry.get_sample_value("slimserve_inflight_requests", labels)  # noqa: E731
+    wait_until(lambda: inflight() == 0, "the in-flight gauge to drop to 0", timeout=10)
 
 
 def test_stream_requests_are_counted_like_unary_ones(digits_stub, server, digits):
-    counter = server.metrics.requests.labels(**server.metrics.labels("digits", "baseline"), code="OK")
-    before = counter._value.get()
+    labels = {**server.metrics.labels("digits", "baseline"), "code": "OK"}
+    counter = lambda: server.metrics.registry.get_sample_value("slimserve_requests_total", labels)  # noqa: E731
+    before = counter()
     list(digits_stub.ModelStreamInfer(iter([infer_request(digits.x_test[i : i + 1], f"m{i}") for i in range(5)]), timeout=60))
-    assert counter._value.get() - before == 5
+    assert counter() - before == 5
 
 
 def test_a_stream_longer_than_its_in_flight_limit_is_answered_whole(digits_stub, digits, monkeypatch):
