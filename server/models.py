@@ -57,7 +57,7 @@ class UnloadedVariant:
 
 
 class VariantUnloaded(Unavailable):
-    """A request pinned a variant that is unloaded while idle; DataPlane.track catches it and waits for the reload."""
+    """A request pinned a variant that is unloaded while idle; DataPlane.serve catches it, waits for the reload and routes again."""
 
     def __init__(self, model: str, variant: str, reason: str) -> None:
         super().__init__(f"variant '{variant}' of model '{model}' is not loaded ({reason}); a request that pins it loads it again")
