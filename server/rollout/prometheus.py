@@ -105,9 +105,12 @@ class PrometheusStatistics:
             def total(name: str, keep: Callable[[dict], bool] = lambda m: True, rows=rows) -> float:
                 return sum(float(r["value"][1]) for r in rows[name] if keep(r["metric"]))
 
-            bounds_counts = sorted((float(r["metric"]["le"]), float(r["value"][1])) for r in rows["buckets"])
-            bounds = np.array([b for b, _ in bounds_counts])
-            cumulative = np.array([c for _, c in bounds_counts]).round().astype(np.int64)
+            by_bound: dict[float, float] = {}
+            for r in rows["buckets"]:  # one row per bound after `sum by (le)`; summed here too, whatever Prometheus grouped
+                bound = float(r["metric"]["le"])
+                by_bound[bound] = by_bound.get(bound, 0.0) + float(r["value"][1])
+            bounds = np.array(sorted(by_bound))
+            cumulative = np.array([by_bound[b] for b in bounds]).round().astype(np.int64)
             mark = int(cumulative[-1]) if len(cumulative) else 0
             key = (model, variant)
             self._buckets[key] = (bounds, cumulative)
