@@ -39,6 +39,8 @@ def print_status(r: dict[str, Any], as_json: bool = False) -> None:
     console.print(f"rollout of [bold]{r['variant']}[/bold] on {r['model']} against {r['control']}: {where}")
     if r["requests"]:
         console.print("requests this stage: " + ", ".join(f"{k} {v:,}" for k, v in r["requests"].items()))
+    if r.get("source"):
+        console.print(f"statistics from: {r['source']}", markup=False, highlight=False)
     if r["gates"]:
         table = Table("gate", "decision", "statistic", "threshold", "evidence", box=box.SIMPLE_HEAVY)
         for g in r["gates"]:
