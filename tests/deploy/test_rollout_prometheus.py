@@ -64,7 +64,10 @@ def test_the_writers_controller_counts_the_replicas_requests_through_prometheus(
         writer.add_variant("tiny", "copy", model)
         replica = ServerProcess(repository, tmp_path / "replica.log", "--read-only", "--poll-repository-s", "0.2", metrics_port=free_port())
         try:
-            with prometheus_on(prometheus_tools, prometheus_port, [writer.server.metrics_port, replica.metrics_port], tmp_path), replica.client() as r:
+            with (
+                prometheus_on(prometheus_tools, prometheus_port, [writer.server.metrics_port, replica.metrics_port], tmp_path),
+                replica.client() as r,
+            ):
                 plan = {"steps": [50], "shadow": False, "min_requests": 1_000_000, "gates": {"error": 0.05, "latency_p50": 3.0}}
                 (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
                 started = w.rollout_start("tiny", "copy", tmp_path / "plan.yaml")
@@ -81,8 +84,10 @@ def test_the_writers_controller_counts_the_replicas_requests_through_prometheus(
                 replica_so_far = replica.metric("slimserve_requests_total", model="tiny")
                 query = 'sum(slimserve_requests_total{model="tiny"})'
                 poll(
-                    lambda: float((api(prometheus_port, "/api/v1/query", query=query)["result"] or [{"value": [0, -1]}])[0]["value"][1])
-                    == replica_so_far,
+                    lambda: (
+                        float((api(prometheus_port, "/api/v1/query", query=query)["result"] or [{"value": [0, -1]}])[0]["value"][1])
+                        == replica_so_far
+                    ),
                     "Prometheus to hold the replica's requests",
                     20,
                 )

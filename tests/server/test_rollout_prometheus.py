@@ -29,8 +29,21 @@ class CannedPrometheus:
         self.down = False
         # per replica: variant -> counters; buckets are cumulative per BOUNDS
         self.replicas = {
-            "a": {"base": dict(ok=90, bad=10, mirrored=0, agreed=0, right=8, wrong=2, device=0.5, buckets=(50, 100, 100))},
-            "b": {"base": dict(ok=100, bad=0, mirrored=0, agreed=0, right=0, wrong=0, device=0.25, buckets=(100, 100, 100))},
+            "a": {
+                "base": {"ok": 90, "bad": 10, "mirrored": 0, "agreed": 0, "right": 8, "wrong": 2, "device": 0.5, "buckets": (50, 100, 100)}
+            },
+            "b": {
+                "base": {
+                    "ok": 100,
+                    "bad": 0,
+                    "mirrored": 0,
+                    "agreed": 0,
+                    "right": 0,
+                    "wrong": 0,
+                    "device": 0.25,
+                    "buckets": (100, 100, 100),
+                }
+            },
         }
 
     def series(self, replica: str, variant: str, value: float, **labels: str) -> dict:
@@ -75,7 +88,7 @@ def test_the_arms_are_the_sums_over_every_replica_and_latency_comes_from_the_buc
     assert stats.arm("m", "base").requests == 230
     since = stats.latencies_since("m", "base", start)
     assert len(since) == 30 and (since[:20] > 0.001).all() and (since[:20] <= 0.01).all() and (since[20:] == 0.01).all()
-    assert sorted(set(q.split("(")[1].split(")")[0] for q in prom.queries)) == ["variant", "variant, code", "variant, correct", "variant, le"]
+    assert sorted({q.split("(")[1].split(")")[0] for q in prom.queries}) == ["variant", "variant, code", "variant, correct", "variant, le"]
 
 
 def test_spread_places_each_bucket_inside_its_bounds_and_quote_escapes():
