@@ -20,7 +20,7 @@ from server.repository import Repository
 from server.rollout import state as store
 from server.rollout.gates import Arm, ArmStatistics, judge
 from server.rollout.plan import RolloutPlan
-from server.rollout.state import Event, RolloutState
+from server.rollout.state import Event, GateResult, RolloutState
 from server.routing import TrafficPolicy
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ class RolloutController:
         statistics: ArmStatistics,
         clock: Callable[[], float] = time.time,
         metrics: Exported | None = None,
+        judge: Callable[..., list[GateResult]] = judge,
     ) -> None:
         self.repository = repository
         self.traffic = traffic
         self.statistics = statistics
         self.clock = clock
         self.metrics = metrics
+        self.judge = judge  # gates.judge; bench/bench_rollout.py passes fixed-sample tests to compare
         self.running: dict[str, RolloutState] = {}
         self._start: dict[str, dict[str, Arm]] = {}  # model -> arm snapshot at its stage's start
         self._watchers: dict[str, set[asyncio.Queue[RolloutState]]] = {}
@@ -208,7 +210,7 @@ class RolloutController:
         canary, control = (arms[v] - start[v] for v in (r.variant, r.control))
         r.requests = {r.variant: canary.requests, r.control: control.requests}
         latency = [self.statistics.latencies_since(r.model, v, start[v].latency_mark) for v in (r.variant, r.control)]
-        r.gates = judge(r.plan, stage, canary, control, *latency)
+        r.gates = self.judge(r.plan, stage, canary, control, *latency)
         failed = [g for g in r.gates if g.decision == "fail" and g.name != "cost"]
         decided = all(g.decision in ("pass", "skip") for g in r.gates if g.name != "cost")
         enough = canary.requests >= r.plan.min_requests
