@@ -235,7 +235,9 @@ def fixed_horizon_judge(n: int):
         if seen < n:
             return [GateResult(g, "continue", None, plan.gates[g], "before the horizon") for g in plan.gates_of(stage)]
         # the one look: what is not shown as good is a fail
-        return [replace(g, decision="fail") if g.decision == "continue" else g for g in fixed_judge(plan, stage, canary, control, lat1, lat0)]
+        return [
+            replace(g, decision="fail") if g.decision == "continue" else g for g in fixed_judge(plan, stage, canary, control, lat1, lat0)
+        ]
 
     return decide
 
