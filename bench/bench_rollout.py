@@ -34,7 +34,7 @@ from scipy.stats import norm
 from server.rollout.controller import RolloutController
 from server.rollout.gates import Arm, judge
 from server.rollout.plan import RolloutPlan
-from server.rollout.sequential import Verdict, costlier
+from server.rollout.sequential import costlier
 from server.rollout.state import GateResult
 from server.routing import TrafficPolicy
 
