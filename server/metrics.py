@@ -154,6 +154,7 @@ ROLLOUT_FAMILIES: tuple[Family, ...] = (
 )
 PER_VARIANT += ROLLOUT_FAMILIES
 
+
 class VariantSeries:
     """The children of one variant that PER_VARIANT marks `cached`, looked up once: `.labels()` per request costs microseconds.
 

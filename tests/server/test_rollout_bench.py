@@ -21,7 +21,9 @@ def test_fixed_sample_gates_pass_an_equal_arm_fail_a_worse_one_and_wait_while_un
     assert {g.name: g.decision for g in fixed_judge(PLAN, "canary", equal, equal, lat * 2, lat)}["latency_p50"] == "fail"
     once = fixed_horizon_judge(horizon(PLAN))
     assert {g.decision for g in once(PLAN, "canary", few, few, lat[:50], lat[:50])} == {"continue"}  # before its horizon
-    assert {g.decision for g in once(PLAN, "shadow", Arm(mirrored=5000, agreed=4900), equal, lat, lat)} >= {"fail"}  # 98% is not shown >= 98%
+    assert {g.decision for g in once(PLAN, "shadow", Arm(mirrored=5000, agreed=4900), equal, lat, lat)} >= {
+        "fail"
+    }  # 98% is not shown >= 98%
 
 
 def test_a_disagreeing_variant_is_rolled_back_by_every_method_and_an_interval_says_how_sure():
