@@ -15,7 +15,13 @@ from tests.server.test_ab import permuted_classes
 
 pytestmark = pytest.mark.slow  # an optimizer job and two rollouts driven by real traffic: ~20 s
 
-PLAN = {"steps": [50], "min_requests": 60, "max_stage_s": 120, "gates": {"error": 0.05, "agreement": 0.9, "latency_p50": 3.0}}
+# Gates a copy passes quickly even on a loaded machine (the preset's p99, accuracy and cost gates off).
+PLAN = {
+    "steps": [50],
+    "min_requests": 60,
+    "max_stage_s": 600,
+    "gates": {"error": 0.05, "agreement": 0.9, "latency_p50": 3.0, "latency_p99": None, "accuracy": None, "cost": None},
+}
 
 
 class Traffic:
