@@ -292,10 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="sequential,peeking,fixed horizon")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",")]
-    jobs = [(m, name, args.runs, args.seed, args.rps, args.interval_s) for m in methods for name in SCENARIOS]
+    chunk = 25  # runs per job: rows share the workers evenly, and each row prints as soon as it is complete
+    jobs = [
+        (m, name, min(chunk, args.runs - first), args.seed + first, args.rps, args.interval_s)
+        for m in methods
+        for name in SCENARIOS
+        for first in range(0, args.runs, chunk)
+    ]
     started = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
-        results = list(pool.map(scenario_runs, jobs))
     print(
         f"{args.runs} rollouts per row; plan: shadow, canary {', '.join(f'{s:g}' for s in PLAN.steps)} %, alpha {PLAN.alpha:g} "
         f"({PLAN.alpha_per_test():.4g} per test), min {PLAN.min_requests} requests and {PLAN.max_stage_s:g} s per stage; "
@@ -303,16 +307,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print("| method | scenario | should | promoted | 95% interval | median requests | mean requests |")
-    print("| --- | --- | --- | ---: | --- | ---: | ---: |")
-    for method, name, rows in results:
-        promoted = sum(p for p, _ in rows)
-        lo, hi = wilson(promoted, len(rows))
-        requests = np.array([n for _, n in rows])
-        should = "promote" if SCENARIOS[name][1] else "not promote"
-        print(
-            f"| {method} | {name} | {should} | {promoted / len(rows):.1%} | [{lo:.1%}, {hi:.1%}] "
-            f"| {int(np.median(requests)):,} | {int(requests.mean()):,} |"
-        )
+    print("| --- | --- | --- | ---: | --- | ---: | ---: |", flush=True)
+    done: dict[tuple[str, str], list[tuple[bool, int]]] = {}
+    with ProcessPoolExecutor(args.workers) as pool:
+        for method, name, rows in pool.map(scenario_runs, jobs):  # in order: a row's chunks arrive together
+            done.setdefault((method, name), []).extend(rows)
+            rows = done[(method, name)]
+            if len(rows) < args.runs:
+                continue
+            promoted = sum(p for p, _ in rows)
+            lo, hi = wilson(promoted, len(rows))
+            requests = np.array([n for _, n in rows])
+            should = "promote" if SCENARIOS[name][1] else "not promote"
+            print(
+                f"| {method} | {name} | {should} | {promoted / len(rows):.1%} | [{lo:.1%}, {hi:.1%}] "
+                f"| {int(np.median(requests)):,} | {int(requests.mean()):,} |",
+                flush=True,
+            )
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0
 
