@@ -145,3 +145,15 @@ def test_a_rollout_exports_its_state_weight_and_decisions():
     assert sample(metrics, "slimserve_rollout_state", state="rolled_back") == 1.0
     assert sample(metrics, "slimserve_rollout_canary_weight_ratio") == 0.0
     assert set(ROLLOUT_GATES) == {*GATE_PARAMETERS, "time_limit"}  # the label's values are the plan's gates
+
+
+def test_the_prometheus_url_setting_takes_an_http_address_only():
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    assert Settings(prometheus_url="http://prometheus:9090").prometheus_url == "http://prometheus:9090"
+    assert Settings().prometheus_url is None  # default: this process's own statistics
+    for bad in ("prometheus:9090", "ftp://p:9090", "http://"):
+        with pytest.raises(ValidationError, match="prometheus_url"):
+            Settings(prometheus_url=bad)
