@@ -47,6 +47,8 @@ PLAN = RolloutPlan(
     alpha=0.05,
     gates={"error": 0.01, "latency_p50": 1.2, "latency_p99": 1.5, "agreement": 0.98, "cost": 1.25},
 )
+# One test alone, where peeking shows: a single canary stage with the error gate only (alpha 0.05 all to it).
+SINGLE = RolloutPlan(steps=(50.0,), shadow=False, min_requests=500, max_stage_s=1800.0, alpha=0.05, gates={"error": 0.01})
 BASE_LATENCY = (math.log(0.005), 0.5)  # lognormal: median 5 ms
 
 
@@ -65,6 +67,7 @@ SCENARIOS: dict[str, tuple[Behaviour, bool]] = {  # name -> (canary, should be p
     "20% slower at p50 (ratio 1.2)": (Behaviour(slower=1.2), False),
     "2 points less accurate (agreement 97%)": (Behaviour(agreement=0.97), False),
 }
+SINGLE_SCENARIOS = ("equal", "1 point more errors (margin 1)")
 
 
 # ---------------------------------------------------------------------------------------------- the simulated world
@@ -245,18 +248,18 @@ def fixed_horizon_judge(n: int):
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def one_rollout(method: str, canary: Behaviour, seed: int, rps: float, interval_s: float) -> tuple[bool, int]:
+def one_rollout(method: str, canary: Behaviour, seed: int, rps: float, interval_s: float, plan: RolloutPlan = PLAN) -> tuple[bool, int]:
     """(promoted, requests of both arms until the decision) of one simulated rollout."""
     rng = np.random.default_rng(seed)
     repository = Repository()
     sim = Simulation(canary, rng)
     clock = [0.0]
-    decide = {"sequential": judge, "peeking": fixed_judge, "fixed horizon": fixed_horizon_judge(horizon(PLAN))}[method]
+    decide = {"sequential": judge, "peeking": fixed_judge, "fixed horizon": fixed_horizon_judge(horizon(plan))}[method]
     controller = RolloutController(repository, Router(repository), sim, lambda: clock[0], judge=decide)
     per_look = round(rps * interval_s)
 
     async def run() -> str:
-        await controller.start("m", "canary", PLAN)
+        await controller.start("m", "canary", plan)
         await controller.tick()  # the first stage's snapshot
         while "m" in controller.running:
             sim.serve(repository.info.traffic, per_look)
@@ -269,10 +272,11 @@ def one_rollout(method: str, canary: Behaviour, seed: int, rps: float, interval_
     return state == "promoted", total
 
 
-def scenario_runs(args: tuple[str, str, int, int, float, float]) -> tuple[str, str, list[tuple[bool, int]]]:
-    method, name, runs, seed, rps, interval_s = args
+def scenario_runs(args: tuple[str, str, int, int, float, float, bool]) -> tuple[str, str, bool, list[tuple[bool, int]]]:
+    method, name, runs, seed, rps, interval_s, single = args
     canary, _ = SCENARIOS[name]
-    return method, name, [one_rollout(method, canary, seed + i, rps, interval_s) for i in range(runs)]
+    plan = SINGLE if single else PLAN
+    return method, name, single, [one_rollout(method, canary, seed + i, rps, interval_s, plan) for i in range(runs)]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -293,10 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",")]
     chunk = 25  # runs per job: rows share the workers evenly, and each row prints as soon as it is complete
+    rows_wanted = [(m, name, False) for m in methods for name in SCENARIOS] + [
+        (m, name, True) for m in methods for name in SINGLE_SCENARIOS
+    ]
     jobs = [
-        (m, name, min(chunk, args.runs - first), args.seed + first, args.rps, args.interval_s)
-        for m in methods
-        for name in SCENARIOS
+        (m, name, min(chunk, args.runs - first), args.seed + first, args.rps, args.interval_s, single)
+        for m, name, single in rows_wanted
         for first in range(0, args.runs, chunk)
     ]
     started = time.perf_counter()
@@ -308,13 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| method | scenario | should | promoted | 95% interval | median requests | mean requests |")
     print("| --- | --- | --- | ---: | --- | ---: | ---: |", flush=True)
-    done: dict[tuple[str, str], list[tuple[bool, int]]] = {}
+    done: dict[tuple[str, str, bool], list[tuple[bool, int]]] = {}
     with ProcessPoolExecutor(args.workers) as pool:
-        for method, name, rows in pool.map(scenario_runs, jobs):  # in order: a row's chunks arrive together
-            done.setdefault((method, name), []).extend(rows)
-            rows = done[(method, name)]
+        for method, name, single, rows in pool.map(scenario_runs, jobs):  # in order: a row's chunks arrive together
+            done.setdefault((method, name, single), []).extend(rows)
+            rows = done[(method, name, single)]
             if len(rows) < args.runs:
                 continue
+            if single and not any(s for (_, _, s) in list(done)[:-1]):
+                print(
+                    f"\none gate alone (error, margin 1 point, alpha {SINGLE.alpha:g}), one canary stage at "
+                    f"{SINGLE.steps[0]:g}%, fixed horizon {horizon(SINGLE)}: where re-testing a fixed-sample test shows\n"
+                )
+                print("| method | scenario | should | promoted | 95% interval | median requests | mean requests |")
+                print("| --- | --- | --- | ---: | --- | ---: | ---: |", flush=True)
             promoted = sum(p for p, _ in rows)
             lo, hi = wilson(promoted, len(rows))
             requests = np.array([n for _, n in rows])
