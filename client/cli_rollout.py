@@ -39,6 +39,8 @@ def print_status(r: dict[str, Any], as_json: bool = False) -> None:
     console.print(f"rollout of [bold]{r['variant']}[/bold] on {r['model']} against {r['control']}: {where}")
     if r["requests"]:
         console.print("requests this stage: " + ", ".join(f"{k} {v:,}" for k, v in r["requests"].items()))
+    if r.get("source"):
+        console.print(f"statistics from: {r['source']}", markup=False, highlight=False)
     if r["gates"]:
         table = Table("gate", "decision", "statistic", "threshold", "evidence", box=box.SIMPLE_HEAVY)
         for g in r["gates"]:
@@ -71,10 +73,31 @@ def follow(name: str) -> dict[str, Any]:
     return last
 
 
+def optimize_first(client, name: str, recipe: str, plan: Path | None) -> str:
+    """Runs the optimizer job (refused first if a rollout already runs: the job would be wasted); returns its variant's name."""
+    if plan is not None and not plan.is_file():
+        fail(f"plan file '{plan}' does not exist")
+    try:
+        running = client.rollout_status(name)
+    except SlimServeClientError as e:
+        if e.code != "NOT_FOUND" or "has no rollout" not in e.message:
+            raise
+    else:
+        if running["state"] in ("shadow", "canary"):
+            fail(f"model '{name}' already has a rollout of '{running['variant']}' ({running['state']}); abort it first")
+    console.print(f"optimizing {name} with {recipe} ...", markup=False, highlight=False)
+    variant, _ = client.optimize(name, recipe)
+    console.print(f"variant '{variant['name']}' is measured and serving; rolling it out", markup=False, highlight=False)
+    return variant["name"]
+
+
 @rollout_app.command("start")
 def start(
     name: str = typer.Argument(..., help="Model name."),
-    variant: str = typer.Argument(..., help="The variant to roll out against the model's serving variant."),
+    variant: str | None = typer.Argument(None, help="The variant to roll out against the model's serving variant."),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Optimize first with this recipe (as `slimctl optimize --recipe`), then roll out the variant it makes."
+    ),
     steps: str | None = typer.Option(None, "--steps", help="Canary weights in percent, e.g. 5,25,50 (then promote)."),
     plan: Path | None = typer.Option(None, "--plan", help="Plan file (YAML or JSON): preset, steps, gates and margins."),
     min_requests: int | None = typer.Option(None, "--min-requests", help="Requests the variant answers per stage first."),
@@ -84,9 +107,14 @@ def start(
     as_json: bool = typer.Option(False, "--json", help="Print the rollout's record as JSON."),
 ) -> None:
     """Start a rollout: shadow, then canary steps, then promote; any failed gate rolls back at once."""
+    if (variant is None) == (recipe is None):
+        fail("give the VARIANT to roll out, or --recipe R to optimize one first and roll that out (not both)")
+    step_list = parse_steps(steps) if steps else None
     try:
         with connect() as client:
-            r = client.rollout_start(name, variant, plan, parse_steps(steps) if steps else None, min_requests, max_stage_s, alpha)
+            if recipe is not None:
+                variant = optimize_first(client, name, recipe, plan)
+            r = client.rollout_start(name, variant, plan, step_list, min_requests, max_stage_s, alpha)
         if not wait:
             print_status(r, as_json)
             return

@@ -25,6 +25,8 @@ from server.registry import Registrar
 from server.repository import Repository
 from server.rollout.controller import RolloutController
 from server.rollout.gates import ProcessStatistics
+from server.rollout.metrics import RolloutMetrics
+from server.rollout.prometheus import PrometheusStatistics
 from server.servicers.experiments import ExperimentsServicer, FeedbackServicer
 from server.servicers.inference import InferenceServicer
 from server.servicers.optimizer import OptimizerServicer
@@ -86,7 +88,8 @@ class SlimServer:
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
         self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price, settings.server_name)
-        self.rollouts = RolloutController(self.repository, self.control, ProcessStatistics(self.dataplane))
+        statistics = PrometheusStatistics(settings.prometheus_url) if settings.prometheus_url else ProcessStatistics(self.dataplane)
+        self.rollouts = RolloutController(self.repository, self.control, statistics, metrics=RolloutMetrics(self.metrics))
         self.control.on_manual_change = self.rollouts.interrupted
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)

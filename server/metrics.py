@@ -136,6 +136,35 @@ PER_VARIANT: tuple[Family, ...] = (
 )
 
 
+# ---- rollouts (server/rollout/metrics.py sets them; the writer's controller alone has values). Labelled by the variant
+# rolled out; set on demand (cached=None): a model that never had a rollout exports none of them.
+ROLLOUT_STATES = ("shadow", "canary", "promoted", "rolled_back", "aborted")
+ROLLOUT_GATES = ("error", "latency_p50", "latency_p99", "accuracy", "agreement", "cost", "time_limit")  # plan.py's gates + the stage limit
+ROLLOUT_FAMILIES: tuple[Family, ...] = (
+    Family(
+        "rollout_state",
+        Gauge,
+        "slimserve_rollout_state",
+        "1 for the state of the model's latest rollout of this variant, 0 for the other states.",
+        extra=(("state", ROLLOUT_STATES),),
+    ),
+    Family(
+        "rollout_canary_weight",
+        Gauge,
+        "slimserve_rollout_canary_weight_ratio",
+        "Live traffic share the rollout gives its variant (0 in shadow and after a rollback, 1 once promoted).",
+    ),
+    Family(
+        "rollout_decisions",
+        Counter,
+        "slimserve_rollout_decisions_total",
+        "Gate decisions a rollout acted on at the end of a stage, by gate and outcome (time_limit: an undecided stage ran out).",
+        extra=(("gate", ROLLOUT_GATES), ("decision", ("pass", "fail"))),
+    ),
+)
+PER_VARIANT += ROLLOUT_FAMILIES
+
+
 class Recorded(Protocol):
     """What a variant's recorder gives the collector: {collected family attr: its value}, copied under its lock.
 
@@ -243,6 +272,9 @@ class Metrics:
     queue_capacity: Gauge
     model_size: Gauge
     loaded: Gauge
+    rollout_state: Gauge  # the rollout block above
+    rollout_canary_weight: Gauge
+    rollout_decisions: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None, node_type: str = "cpu", price_per_hour: float = 0.0) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     rollout_interval_s: float = setting(
         5.0, "seconds between the rollout controller's looks at its gates (any look is valid: the tests are anytime-valid)", gt=0
     )
+    prometheus_url: str | None = setting(
+        None,
+        "Prometheus that scrapes every replica (`http://host:9090`): the rollout controller reads the arms' requests, errors, "
+        "feedback and latency histograms there, summed over replicas; none: this process's own traffic only",
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+    )
     prices: Path | None = setting(
         None,
         "YAML/JSON of node type → dollars per hour, extending cpu 0.10, gpu-t4 0.35, gpu-v100 2.48, gpu-a100 3.67, tpu-v3-8 4.00",

@@ -18,6 +18,7 @@ from dashboards.builders import (
     stat,
     timeseries,
 )
+from dashboards.rollout import rollout_annotations, rollout_row
 
 # Selectors of the per-model dashboard: the model, the chosen variants, the chosen node types.
 SEL = 'model="$model", variant=~"$variant", node_type=~"$node_type"'
@@ -223,6 +224,7 @@ def model_dashboard() -> dict:
         )
     )
 
+    rollout_row(grid)
     grid.row("A/B: $variant_a vs $variant_b")
     ab = (("A", SEL_A, "$variant_a"), ("B", SEL_B, "$variant_b"))
     grid.add(
@@ -343,10 +345,12 @@ def model_dashboard() -> dict:
         ),
         query_variable("variant_b", "A/B: variant B", 'label_values(slimserve_variant_loaded{model="$model"}, variant)'),
     ]
-    return dashboard(
+    board = dashboard(
         "slimserve-model",
         "slimserve / model and variants",
         "One model's variants side by side: traffic, latency, batching, cost, accuracy, shadow agreement, and an A/B comparison.",
         variables,
         grid.numbered(),
     )
+    board["annotations"]["list"] += rollout_annotations()
+    return board

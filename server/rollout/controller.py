@@ -15,12 +15,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from server.repository import Repository
 from server.rollout import state as store
 from server.rollout.gates import Arm, ArmStatistics, judge
 from server.rollout.plan import RolloutPlan
-from server.rollout.state import Event, RolloutState
+from server.rollout.state import Event, GateResult, RolloutState
 from server.routing import TrafficPolicy
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,32 @@ class Traffic(Protocol):
     def ready_variants(self, model: str) -> set[str]: ...
 
 
+class Exported(Protocol):
+    """What the controller tells Prometheus (server/rollout/metrics.RolloutMetrics)."""
+
+    def started(self, r: RolloutState) -> None: ...
+
+    def show(self, r: RolloutState) -> None: ...
+
+    def decided(self, r: RolloutState, gates: list[str], decision: str) -> None: ...
+
+
 class RolloutController:
-    def __init__(self, repository: Repository, traffic: Traffic, statistics: ArmStatistics, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        traffic: Traffic,
+        statistics: ArmStatistics,
+        clock: Callable[[], float] = time.time,
+        metrics: Exported | None = None,
+        judge: Callable[..., list[GateResult]] = judge,
+    ) -> None:
         self.repository = repository
         self.traffic = traffic
         self.statistics = statistics
         self.clock = clock
+        self.metrics = metrics
+        self.judge = judge  # gates.judge; bench/bench_rollout.py passes fixed-sample tests to compare
         self.running: dict[str, RolloutState] = {}
         self._start: dict[str, dict[str, Arm]] = {}  # model -> arm snapshot at its stage's start
         self._watchers: dict[str, set[asyncio.Queue[RolloutState]]] = {}
@@ -71,6 +91,7 @@ class RolloutController:
                     raise FailedPrecondition(f"variant '{name}' of model '{model}' is not loaded and ready; it cannot take traffic")
             now = self.clock()
             r = RolloutState(model, variant, control, plan, info.traffic.snapshot(), started_at=now, stage_started_at=now)
+            r.source = self.statistics.source
             r.history.append(Event(now, "started", "", 0.0, f"rollout of '{variant}' against '{control}', stages {_stages(plan)}"))
             await self._enter(r, 0, now)
             return r
@@ -129,13 +150,18 @@ class RolloutController:
             except Exception:  # one unreadable record must not stop the server
                 log.exception("rollout of model '%s' cannot be read; not resumed", name)
                 continue
-            if r is None or not r.active:
+            if r is None:
+                continue
+            if not r.active:
+                self._show(r)  # the last rollout's outcome stays on the dashboard after a restart
                 continue
             r.stage_started_at = now
             r.history.append(Event(now, "resumed", r.state, r.weight, "server restarted: the stage's counts begin again"))
             self.running[name] = r
             self._start.pop(name, None)
             store.save(self.repository, r)
+            if self.metrics is not None:
+                self.metrics.started(r)
 
     def start_ticking(self, interval_s: float) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(interval_s))
@@ -166,6 +192,17 @@ class RolloutController:
 
     async def _step(self, r: RolloutState, now: float) -> None:
         stage, _ = r.plan.stages()[r.stage]
+        try:
+            await self.statistics.refresh(r.model, (r.variant, r.control))
+        except Unavailable as e:  # no look this time: the stage stays open, and its time limit still runs
+            log.warning("rollout of '%s' on model '%s': %s", r.variant, r.model, e.message)
+            r.source = f"{self.statistics.source}: unavailable at the last look ({e.message})"
+            if now - r.stage_started_at >= r.plan.max_stage_s:
+                await self._time_out(r, now, "the statistics could not be read")
+            else:
+                self._publish(r)
+            return
+        r.source = self.statistics.source
         arms = {v: self.statistics.arm(r.model, v) for v in (r.variant, r.control)}
         start = self._start.get(r.model)
         if start is None or any((arms[v] - start[v]).went_back() for v in arms):
@@ -173,7 +210,7 @@ class RolloutController:
         canary, control = (arms[v] - start[v] for v in (r.variant, r.control))
         r.requests = {r.variant: canary.requests, r.control: control.requests}
         latency = [self.statistics.latencies_since(r.model, v, start[v].latency_mark) for v in (r.variant, r.control)]
-        r.gates = judge(r.plan, stage, canary, control, *latency)
+        r.gates = self.judge(r.plan, stage, canary, control, *latency)
         failed = [g for g in r.gates if g.decision == "fail" and g.name != "cost"]
         decided = all(g.decision in ("pass", "skip") for g in r.gates if g.name != "cost")
         enough = canary.requests >= r.plan.min_requests
@@ -181,9 +218,11 @@ class RolloutController:
             failed = [g for g in r.gates if g.name == "cost" and g.decision == "fail"]  # a point check: only on the stage's evidence
         if failed:
             gate = failed[0]
+            self._decided(r, [gate.name], "fail")
             await self._restore(r)
             self._finish(r, "rolled_back", f"gate '{gate.name}' failed at {_where(r)}: {gate.evidence}", now, gate)
         elif decided and enough and all(g.decision in ("pass", "skip") for g in r.gates):
+            self._decided(r, [g.name for g in r.gates if g.decision == "pass"], "pass")
             if r.stage + 1 < len(r.plan.stages()):
                 await self._enter(r, r.stage + 1, now)
             else:
@@ -192,10 +231,14 @@ class RolloutController:
         elif now - r.stage_started_at >= r.plan.max_stage_s:
             open_gates = [g.name for g in r.gates if g.decision == "continue"]
             why = f"gates {', '.join(open_gates)} undecided" if open_gates else f"{canary.requests} of {r.plan.min_requests} requests"
-            await self._restore(r)
-            self._finish(r, "rolled_back", f"{_where(r)} not shown as good within {r.plan.max_stage_s:g} s ({why})", now)
+            await self._time_out(r, now, why)
         else:
             self._publish(r)
+
+    async def _time_out(self, r: RolloutState, now: float, why: str) -> None:
+        self._decided(r, ["time_limit"], "fail")
+        await self._restore(r)
+        self._finish(r, "rolled_back", f"{_where(r)} not shown as good within {r.plan.max_stage_s:g} s ({why})", now)
 
     async def _enter(self, r: RolloutState, index: int, now: float) -> None:
         """Routes stage `index` (a failed routing change leaves the rollout where it was), records it, persists it."""
@@ -213,7 +256,10 @@ class RolloutController:
         r.history.append(Event(now, "stage", stage, weight, f"stage {index + 1} of {len(r.plan.stages())}: {what}"))
         self.running[r.model] = r
         store.save(self.repository, r)
+        if first and self.metrics is not None:
+            self.metrics.started(r)
         if not first:
+            self._show(r)
             self._publish(r)
 
     async def _restore(self, r: RolloutState) -> None:
@@ -249,7 +295,16 @@ class RolloutController:
         except NotFound:  # the model itself was deleted
             pass
         log.info("rollout of '%s' on model '%s' %s: %s", r.variant, r.model, state, reason)
+        self._show(r)
         self._publish(r)
+
+    def _show(self, r: RolloutState) -> None:
+        if self.metrics is not None:
+            self.metrics.show(r)
+
+    def _decided(self, r: RolloutState, gates: list[str], decision: str) -> None:
+        if self.metrics is not None:
+            self.metrics.decided(r, gates, decision)
 
     def _publish(self, r: RolloutState) -> None:
         for queue in self._watchers.get(r.model, ()):

@@ -7,6 +7,7 @@ fakes). A stage takes a snapshot when it starts and judges the difference, so ea
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -41,6 +42,13 @@ class Arm:
 
 
 class ArmStatistics(Protocol):
+    """`refresh` once per look (it may wait on I/O), then `arm` and `latencies_since` read what it found;
+    `source` says whose traffic that is, for `rollout status`."""
+
+    source: str
+
+    async def refresh(self, model: str, variants: Iterable[str]) -> None: ...
+
     def arm(self, model: str, variant: str) -> Arm: ...
 
     def latencies_since(self, model: str, variant: str, mark: int) -> np.ndarray: ...
@@ -49,8 +57,13 @@ class ArmStatistics(Protocol):
 class ProcessStatistics:
     """The statistics this process keeps of its loaded variants (server/stats.py), read through the DataPlane."""
 
+    source = "process (this server's own traffic)"
+
     def __init__(self, dataplane) -> None:
         self.dataplane = dataplane
+
+    async def refresh(self, model: str, variants: Iterable[str]) -> None:
+        """Nothing to fetch: the counters are in memory."""
 
     def _served(self, model: str, variant: str):
         loaded = self.dataplane.loaded_model(model)

@@ -80,7 +80,7 @@ class ServedServer:
 def served(tmp_path_factory) -> ServedServer:
     """An in-process slimserve on free loopback ports that has served an A/B split with a shadow.
 
-    Variants baseline (70%), copy (30%) and mirror (shadow); good and bad requests; feedback.
+    Variants baseline (70%), copy (30%) and mirror (shadow); good and bad requests; feedback; then a rollout of copy starts.
     """
     from client.client import SlimServeClient, SlimServeClientError
     from tests.conftest import ServerHandle
@@ -102,6 +102,7 @@ def served(tmp_path_factory) -> ServedServer:
             for _ in range(BAD_REQUESTS):
                 with pytest.raises(SlimServeClientError):
                     client.infer(MODEL, {"x": np.zeros((1, 5), np.float32)}, variant="baseline")
+            client.rollout_start(MODEL, "copy")  # its state, weight and decision series (the routing turns to a shadow of copy)
         yield ServedServer(handle, f"http://127.0.0.1:{handle.server.metrics_port}/metrics")
     finally:
         handle.stop()

@@ -24,11 +24,13 @@ def panels(dashboard: dict) -> Iterator[dict]:
 
 
 def dashboard_queries() -> Iterator[tuple[str, str, str]]:
-    """(dashboard file, panel title, expr) of every panel target and query variable."""
+    """(dashboard file, panel title, expr) of every panel target, annotation and query variable."""
     for name, board in dashboards().items():
         for panel in panels(board):
             for target in panel.get("targets", []):
                 yield name, panel["title"], target["expr"]
+        for annotation in board["annotations"]["list"]:
+            yield name, f"annotation {annotation['name']}", annotation["expr"]
         for variable in board["templating"]["list"]:
             if variable["type"] == "query":
                 # label_values(SELECTOR, label): the selector is the query Grafana runs.

@@ -167,7 +167,8 @@ def test_every_dashboard_query_runs_and_shows_data(prometheus, served):
         query = substitute(expr, MODEL)
         result = api(prometheus, "/api/v1/query", query=query)["result"]
         families = set().union(*(base_family(m, records) for m in usage(query).metrics))
-        if not result and families <= fed:
+        # an annotation marks events (a rollout's state changing): nothing in a window without one is its right answer
+        if not result and families <= fed and not title.startswith("annotation "):
             empty.append(f"{board} / {title}: {query}")
     assert not empty, "queries over metrics the server exports returned nothing:\n" + "\n".join(empty)
 

@@ -74,6 +74,8 @@ class FakeTraffic:
 class FakeStatistics:
     """Arms whose counters the test advances: `serve(n, ...)` adds n requests to each arm with given rates."""
 
+    source = "fake"
+
     def __init__(self, seed: int = 0) -> None:
         self.arms = {"baseline": Arm(), "int8": Arm()}
         self.latency = {"baseline": [], "int8": []}
@@ -97,6 +99,9 @@ class FakeStatistics:
             agreed=a.agreed + agreed,
             mirrored=a.mirrored + (n if mirrored else 0),
         )
+
+    async def refresh(self, model, variants):
+        pass
 
     def arm(self, model, variant):
         return self.arms[variant]

@@ -112,4 +112,5 @@ def test_a_restart_resumes_a_running_rollout_and_abort_restores_the_traffic(roll
         result = CliRunner().invoke(app, ["--server", again.address, "rollout", "abort", "digits"])
         assert result.exit_code == 0, result.output
         assert "aborted by the user" in result.output
+        assert "statistics from: process (this server's own traffic)" in result.output  # no --prometheus-url
         assert c.traffic("digits")["shadows"] == [] and c.traffic("digits")["weights"] == {"baseline": 1.0}

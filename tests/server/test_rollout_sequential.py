@@ -130,3 +130,14 @@ def test_verdicts_carry_statistic_threshold_and_evidence():
     assert costlier((2.0, 1000), (1.0, 1000), 1.25).decision == "fail"
     assert costlier((1.1, 1000), (1.0, 1000), 1.25).decision == "pass"
     assert costlier((1.0, 0), (1.0, 1000), 1.25).decision == "continue"
+
+
+def test_accepted_counts_by_bisection_are_the_counts_the_sequence_accepts():
+    """The two bisections find the same run of counts as testing every count (the convexity they rely on holds)."""
+    from server.rollout.sequential import log_mixture
+
+    for trials in (1, 2, 7, 100, 2500):
+        for q in (0.01, 0.5, 0.9, 0.99):
+            for alpha in (0.3, 0.05, 0.001):
+                ok = np.flatnonzero(log_mixture(np.arange(trials + 1), trials, q) < math.log(1 / alpha))
+                assert accepted_counts(q, trials, alpha) == (int(ok[0]), int(ok[-1])), (trials, q, alpha)
