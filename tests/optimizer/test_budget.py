@@ -193,3 +193,55 @@ def test_fine_tuning_within_the_budget_or_unguarded_adds_nothing():
     assert len(_tiny_run(Drops([0.5]))[0]) == 2
     assert len(_tiny_run(None)[0]) == 2
     assert len(_tiny_run(Drops([3.0, 2.0, 1.5], extra_epochs=2))[0]) == 4  # the guard's epoch limit
+
+
+# --- real passes on a real task: an MLP on scikit-learn's digits ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_mlp(tmp_path_factory):
+    """A 64 -> 32 -> 10 MLP trained on the digits (about 96% on the test split), as .pt2 with train and evaluation data."""
+    from optimizer.zoo import load_digits_splits
+    from tests.optimizer.tiny_models import build
+
+    train, test = load_digits_splits()
+    x_train, x_test = train.x.reshape(len(train.x), -1), test.x.reshape(len(test.x), -1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.from_numpy(x_train)), torch.from_numpy(train.y)).backward()
+        opt.step()
+    root = tmp_path_factory.mktemp("digits-mlp")
+    tiny = build(model, x_train, train.y, root, "mlp")
+    return tiny.pt2, {"train": tiny.train, "data": save_npz(root / "eval.npz", x=x_test, labels=test.y)}
+
+
+@pytest.mark.slow
+def test_prune_weight_at_90_percent_breaks_the_budget_and_the_search_lands_lower(digits_mlp, runtime_factory, tmp_path):
+    source, datasets = digits_mlp
+    entry = {"pass": "prune-weight", "config": {"finetune": {"epochs": 1}}, "budget": {"max_evaluations": 3}}
+    events: list[ProgressEvent] = []
+    context = PassContext(workdir=tmp_path, datasets=datasets, progress=events.append)
+    result = optimize(source, recipe_from_dict({"passes": [entry]}, "r.json"), context, runtime_factory, "pw", accuracy_budget=1.0)
+    (search,) = result.searches
+    aggressive = search.probes[0]
+    assert aggressive.value == 0.95 and aggressive.drop > 1.0  # 95% of the weights gone: far over a 1-point budget
+    assert search.within and 0.3 <= search.value < 0.95 and result.evaluation.quality_drop <= 1.0
+    assert result.report[1]["sparsity_pct"] >= 100 * search.value - 2  # the zeros are in the served file
+    assert any(e.stage == "prune-weight budget" and e.message.startswith("probe 3/3") for e in events)
+
+
+@pytest.mark.slow
+def test_a_real_pass_fine_tunes_on_while_over_the_budget(digits_mlp, runtime_factory, tmp_path):
+    source, datasets = digits_mlp
+    entry = {"pass": "prune-weight", "config": {"sparsity": 0.6, "finetune": {"epochs": 1, "lr": 2e-4}}, "budget": {"search": False}}
+    events: list[ProgressEvent] = []
+    context = PassContext(workdir=tmp_path, datasets=datasets, progress=events.append)
+    recipe = recipe_from_dict({"passes": [entry]}, "r.json")
+    result = optimize(source, recipe, context, runtime_factory, "pw", accuracy_budget=0.5, register_over_budget=True)
+    extra = [e.message for e in events if e.message.startswith("over the budget: extra epoch")]
+    assert extra, [e.message for e in events]  # one epoch at a low LR leaves 60% sparsity over the budget: training went on
+    assert result.searches[0].setting == "sparsity=0.6" and not result.searches[0].probes
+    assert any(e.message.startswith("fine-tuning stopped: ") for e in events)
