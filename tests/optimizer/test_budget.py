@@ -4,6 +4,7 @@ reached, per-pass max_drop, cancellation and progress, and fine-tuning that goes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ class NoisePass(Pass):
     name = "test-noise"
     config_cls = NoiseConfig
     budget_knob = Knob("ratio", gentle=0.0, aggressive=1.0)
-    runs: list[float] = []
+    runs: ClassVar[list[float]] = []  # the settings it ran with, in order
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         ratio = self.config.ratio  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from client.cli import app
 from client.client import SlimServeClientError
 from optimizer.registry import PASSES, load_builtin_passes
-from tests.optimizer.test_budget import W, X, NoisePass
+from tests.optimizer.test_budget import NoisePass, W, X
 from tests.optimizer.tiny_models import dense_onnx, save_npz
 
 
