@@ -335,7 +335,12 @@ def run_within_budget(
     out, quality = kept[chosen.value], Quality(metric, chosen.quality, chosen.drop)
     if full_epochs is not None and full_epochs > probe_epochs:
         say(len(probes) / slots, f"training {knob.field} {chosen.value:.4g} in full ({full_epochs} epochs)")
-        final_context = dataclasses.replace(context, workdir=context.workdir / f"{pass_.name}-final")
+        done = len(probes) / slots
+
+        def relay_final(event: ProgressEvent) -> None:  # the final run fills what is left of the bar after the probes
+            context.progress(dataclasses.replace(event, fraction=done + (1 - done) * event.fraction * 0.99))
+
+        final_context = dataclasses.replace(context, workdir=context.workdir / f"{pass_.name}-final", progress=relay_final)
         with guarding(guard):
             final = _with(pass_, f"{knob.field} {chosen.value:.4g}", **{knob.field: chosen.value}).run(artifact, final_context)
         final_quality = judge.artifact(final)

@@ -128,6 +128,25 @@ def test_max_drop_overrides_the_job_budget_for_its_pass(noisy, runtime_factory):
         optimize(source, loose, context, runtime_factory, "v", accuracy_budget=2.0)
 
 
+def test_a_probe_that_fails_counts_as_over_and_is_reported(noisy, runtime_factory, monkeypatch):
+    source, context, _ = noisy
+    run = NoisePass.run
+
+    def refuse_above_half(self, artifact, context):
+        if self.config.ratio > 0.5:
+            NoisePass.runs.append(self.config.ratio)
+            raise OptimizerError("test-noise removed everything")
+        return run(self, artifact, context)
+
+    monkeypatch.setattr(NoisePass, "run", refuse_above_half)
+    result = optimize(source, _recipe(max_evaluations=4), context, runtime_factory, "v", accuracy_budget=2.0)
+    probes = result.searches[0].probes
+    assert probes[0].value == 1.0 and probes[0].drop is None and probes[0].error == "test-noise removed everything"
+    assert result.searches[0].within and result.searches[0].value <= 0.5
+    with pytest.raises(OptimizerError, match=r"ratio tried: 0\.5 \(\d+\.\d\d pt\), 1 \(failed: test-noise removed everything\)"):
+        optimize(source, _recipe(gentle=0.5), context, runtime_factory, "v", accuracy_budget=0.1)
+
+
 def test_the_search_stops_when_the_job_is_cancelled(noisy, runtime_factory):
     source, context, _ = noisy
     context.cancelled = lambda: len(NoisePass.runs) >= 2
