@@ -72,8 +72,9 @@ def preflight(recipe: Recipe, datasets: Mapping[str, Path], accuracy_budget: flo
     auto = any(p.name == "auto" for p in recipe.passes)
     if auto and len(recipe.passes) > 1:
         raise OptimizerError("auto searches pipelines of its own and cannot be combined with other passes; use --recipe auto alone")
-    if (accuracy_budget is not None or auto) and "data" not in datasets:
-        what = "auto" if auto else "--accuracy-budget"
+    max_drop = any(recipe.budget(i).max_drop is not None for i in range(len(recipe.passes)))
+    if (accuracy_budget is not None or auto or max_drop) and "data" not in datasets:
+        what = "auto" if auto else "--accuracy-budget" if accuracy_budget is not None else "a pass's max_drop"
         raise OptimizerError(
             f"{what} holds quality within a budget, measured on evaluation data (against its 'labels', or without them against "
             "the baseline's own outputs): register the model with --data EVAL.npz"

@@ -147,6 +147,14 @@ def test_a_probe_that_fails_counts_as_over_and_is_reported(noisy, runtime_factor
         optimize(source, _recipe(gentle=0.5), context, runtime_factory, "v", accuracy_budget=0.1)
 
 
+def test_a_max_drop_without_evaluation_data_is_refused_before_any_work(tmp_path):
+    from optimizer.pipeline import preflight
+
+    recipe = recipe_from_dict({"passes": [{"pass": "prune-weight", "max_drop": 1}]}, "r.json")
+    with pytest.raises(OptimizerError, match=r"a pass's max_drop holds quality within a budget.*--data EVAL\.npz"):
+        preflight(recipe, {"train": save_npz(tmp_path / "t.npz", x=X, labels=np.zeros(len(X), np.int64))})
+
+
 def test_the_search_stops_when_the_job_is_cancelled(noisy, runtime_factory):
     source, context, _ = noisy
     context.cancelled = lambda: len(NoisePass.runs) >= 2
