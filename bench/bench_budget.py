@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({variant.get('accuracy_delta_pt'):+.2f} pt)  evaluations {variant.get('budget_evaluations')}  "
         f"search {variant.get('budget_search_s')} s  p50 {variant.get('latency_p50_ms')} ms (speed-up {variant.get('speedup_x')}x)"
     )
+    print(f"  probed: {variant.get('budget_probes')}")
 
 
 if __name__ == "__main__":

@@ -193,12 +193,16 @@ class SearchResult:
         searched = f", {len(self.probes)} probes" if self.probes else ""
         return f"{self.pass_name} {self.setting}: {self.evaluations} evaluations{searched}, {self.seconds:.1f} s"
 
-    def refusal(self, variant_name: str) -> str:
-        """The report of a pass that could not meet its budget: the best it reached, and what was tried."""
-        tried = ", ".join(
-            f"{p.value:.4g} ({'failed: ' + p.error if p.drop is None else f'{p.drop:.2f} pt'})"
+    def tried(self, errors: bool = False) -> str:
+        """'0.2 (0.00 pt), 0.5 (1.50 pt), 0.8 (failed)': every setting probed, in order of the setting, with its drop."""
+        return ", ".join(
+            f"{p.value:.4g} ({('failed: ' + p.error if errors else 'failed') if p.drop is None else f'{p.drop:.2f} pt'})"
             for p in sorted(self.probes, key=lambda p: p.value)
         )
+
+    def refusal(self, variant_name: str) -> str:
+        """The report of a pass that could not meet its budget: the best it reached, and what was tried."""
+        tried = self.tried(errors=True)
         reached = (
             "nothing measurable"
             if self.drop is None
@@ -361,4 +365,5 @@ def budget_columns(searches: list[SearchResult]) -> dict[str, Any]:
         "budget_setting": "; ".join(f"{s.pass_name} {s.setting}" for s in searches),
         "budget_evaluations": sum(s.evaluations for s in searches),
         "budget_search_s": round(sum(s.seconds for s in searches), 1),
+        "budget_probes": "; ".join(s.tried() for s in searches if s.probes) or None,
     }

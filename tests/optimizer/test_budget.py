@@ -81,6 +81,11 @@ def test_the_search_keeps_the_most_aggressive_ratio_within_the_budget(noisy, run
     row = result.report[1]
     assert row["budget_setting"] == f"test-noise ratio={search.value:.4g}" and row["within_budget"] is True
     assert row["budget_evaluations"] == 7 and row["budget_search_s"] >= 0 and row["budget_pt"] == 2.0
+    assert (
+        row["budget_probes"] == search.tried()
+        and row["budget_probes"].startswith("0 (0.00 pt), ")
+        and row["budget_probes"].count(" pt)") == 7
+    )
     assert result.report[0]["budget_setting"] is None  # the baseline row
     budget_events = [e for e in events if e.stage == "test-noise budget"]
     assert sum(e.message.startswith("probe ") and " loses " in e.message for e in budget_events) == 7
