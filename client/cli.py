@@ -171,7 +171,13 @@ def optimize(
     ),
     variant_name: str = typer.Option("", "--name", help="Name of the new variant [default: the recipe's name]."),
     accuracy_budget: float | None = typer.Option(
-        None, "--accuracy-budget", help="Refuse the variant if it loses more than this many accuracy points."
+        None,
+        "--accuracy-budget",
+        help="Points of accuracy (or of the quality metric) the variant may lose: pruning ratios and student widths are searched "
+        "for the most aggressive within it, fine-tuning goes on while over it, and a variant over it is refused.",
+    ),
+    keep_over_budget: bool = typer.Option(
+        False, "--keep-over-budget", help="Register the best a budget search reached even when it misses the budget (marked in the report)."
     ),
     parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
     as_json: bool = typer.Option(False, "--json", help="Print the new variant's record as JSON instead of the report."),
@@ -203,7 +209,13 @@ def optimize(
                 bar.update(task, completed=p.fraction, description=p.stage, detail=detail)
 
             variant, report = client.optimize(
-                name, recipe, variant_name=variant_name, accuracy_budget=accuracy_budget, parent=parent, on_progress=on_progress
+                name,
+                recipe,
+                variant_name=variant_name,
+                accuracy_budget=accuracy_budget,
+                parent=parent,
+                on_progress=on_progress,
+                keep_over_budget=keep_over_budget,
             )
     except SlimServeClientError as e:
         fail(str(e))

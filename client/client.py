@@ -258,12 +258,13 @@ class SlimServeClient:
         parent: str = "",
         on_progress: Callable[[spb.JobProgress], None] | None = None,
         timeout: float | None = 3600.0,
+        keep_over_budget: bool = False,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Runs an optimization job to its end; returns (new variant record, report rows).
 
         `recipe` is preset/pass names joined by commas, or the path of a JSON or YAML recipe file.
         """
-        request = spb.OptimizeRequest(model=name, variant_name=variant_name, parent=parent)
+        request = spb.OptimizeRequest(model=name, variant_name=variant_name, parent=parent, keep_over_budget=keep_over_budget)
         path = Path(recipe)
         if path.suffix.lower() in (".json", ".yaml", ".yml"):
             if not path.is_file():

@@ -72,6 +72,13 @@ def _search_caption(rows: list[dict[str, Any]]) -> str:
             f"search: {head['search_evaluations']} evaluations, {head.get('search_timings', 0)} timings in turns, "
             f"{head.get('search_seconds')} s"
         )
+    held = next((r for r in rows if r.get("budget_setting")), None)
+    if held is not None:  # a budget search: what it kept and what finding it cost
+        over = " (over budget, kept on request)" if held.get("within_budget") is False else ""
+        parts.append(
+            f"budget {held.get('budget_pt')} pt: {held['budget_setting']}{over}, "
+            f"{held.get('budget_evaluations')} evaluations in {held.get('budget_search_s')} s"
+        )
     return "".join(f" · {p}" for p in parts)
 
 

@@ -28,6 +28,7 @@ from optimizer.base import (
     config_from_dict,
 )
 from optimizer.data import TrainData
+from optimizer.guard import EXTRA_LR_FACTOR, continue_while_over_budget, current_guard
 
 if TYPE_CHECKING:
     import torch
@@ -279,8 +280,10 @@ def fine_tune_(
     loss_fn replaces cross-entropy (distillation); extra_params train alongside the model (feature
     projections); before_epoch(epoch) and after_step(global step) let a pass act during training
     (freeze observers, raise sparsity); may_stop(epoch) says whether early stopping may end or
-    roll back to that epoch (gradual pruning forbids it before the final sparsity). Raises
-    OptimizerError when the loss or the gradients stop being finite, or the job is cancelled.
+    roll back to that epoch (gradual pruning forbids it before the final sparsity). Under a budget
+    guard (optimizer.guard.guarding) training goes on after the last epoch while the model is over
+    the budget and improving. Raises OptimizerError when the loss or the gradients stop being
+    finite, or the job is cancelled.
     """
     import torch
 
@@ -316,7 +319,9 @@ def fine_tune_(
     results: list[EpochResult] = []
     best: tuple[float, int, dict[str, Any], list[Any]] | None = None
     step = 0
-    for epoch in range(config.epochs):
+
+    def run_epoch(epoch: int, total_epochs: int, scheduled: bool) -> EpochResult:
+        nonlocal step
         before_epoch(epoch)
         model.train()
         total_loss, correct = 0.0, 0
@@ -342,7 +347,8 @@ def fine_tune_(
                     f"the run diverged: lower finetune.lr (now {config.lr:g}) or set finetune.clip_grad_norm"
                 )
             optimizer.step()
-            schedule.step()
+            if scheduled:
+                schedule.step()
             step += 1
             after_step(step)
             total_loss += float(loss.detach()) * len(idx)
@@ -351,19 +357,24 @@ def fine_tune_(
         if data.eval_inputs is not None and data.eval_labels is not None:
             eval_accuracy = accuracy_of(model, data.eval_inputs, data.eval_labels)
         result = EpochResult(epoch + 1, total_loss / len(ys), correct / len(ys), eval_accuracy, optimizer.param_groups[0]["lr"])
-        results.append(result)
         shown = result.accuracy if eval_accuracy is None else eval_accuracy
         context.progress(
             ProgressEvent(
                 stage=stage,
-                fraction=start + span * (epoch + 1) / config.epochs,
+                fraction=start + span * min(1.0, (epoch + 1) / config.epochs),
                 epoch=result.epoch,
                 loss=result.loss,
                 accuracy=shown,
-                message=f"epoch {result.epoch}/{config.epochs}: loss {result.loss:.4f}, train accuracy {result.accuracy:.4f}"
+                message=f"epoch {result.epoch}/{total_epochs}: loss {result.loss:.4f}, train accuracy {result.accuracy:.4f}"
                 + (f", evaluation accuracy {eval_accuracy:.4f}" if eval_accuracy is not None else ""),
             )
         )
+        return result
+
+    for epoch in range(config.epochs):
+        result = run_epoch(epoch, config.epochs, scheduled=True)
+        results.append(result)
+        eval_accuracy = result.eval_accuracy
         if config.early_stopping and eval_accuracy is not None and may_stop(epoch):
             if best is None or eval_accuracy > best[0]:
                 best = (eval_accuracy, epoch, copy.deepcopy(model.state_dict()), [p.detach().clone() for p in extra_params])
@@ -380,5 +391,11 @@ def fine_tune_(
         model.load_state_dict(best[2])
         for p, saved in zip(extra_params, best[3]):
             p.data.copy_(saved)
+    guard = current_guard()
+    if guard is not None and guard.extra_epochs > 0:
+        for group in optimizer.param_groups:  # the schedule has ended (cosine at min_lr): go on at a fraction of the peak
+            group["lr"] = config.lr * EXTRA_LR_FACTOR
+        dtypes = [x.dtype for x in data.inputs]
+        results += continue_while_over_budget(model, extra_params, guard, dtypes, context, stage, len(results), run_epoch)
     model.eval()
     return results

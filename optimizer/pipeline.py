@@ -2,12 +2,15 @@
 
 Used by the server's jobs and by the offline `slimserve optimize`, so both measure the same way. The
 budget holds the quality optimizer.quality chose (accuracy with labels, else agreement with the
-baseline's outputs); a caller that keeps the baseline's measure passes it in, so it is taken once.
+baseline's outputs); a caller that keeps the baseline's measure passes it in, so it is taken once. Under a
+budget (the job's, or a pass's own `max_drop`) each lossy pass runs through optimizer.budget: ratio-controlled
+passes search their most aggressive setting within it, training passes fine-tune on while over it; a variant
+that cannot meet it is refused with the best it reached, or kept and marked when the caller asks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from optimizer.base import (
     ProgressEvent,
     RuntimeFactory,
 )
+from optimizer.budget import Judge, SearchResult, budget_columns, run_within_budget
 from optimizer.data import has_labels
 from optimizer.evaluation import Evaluation, evaluate
 from optimizer.quality import METRICS, describe
@@ -43,6 +47,8 @@ class OptimizeResult:
     baseline: Evaluation
     report: list[dict]
     baseline_outputs: np.ndarray | None = field(default=None, compare=False)  # to cache with `baseline` for the next job
+    searches: tuple[SearchResult, ...] = ()  # the passes held to a budget: setting kept, evaluations, seconds
+    within_budget: bool | None = None  # None: no budget applied; False only when the caller asked to keep it over budget
 
 
 def evaluation_data(context: PassContext) -> dict[str, np.ndarray] | None:
@@ -66,8 +72,9 @@ def preflight(recipe: Recipe, datasets: Mapping[str, Path], accuracy_budget: flo
     auto = any(p.name == "auto" for p in recipe.passes)
     if auto and len(recipe.passes) > 1:
         raise OptimizerError("auto searches pipelines of its own and cannot be combined with other passes; use --recipe auto alone")
-    if (accuracy_budget is not None or auto) and "data" not in datasets:
-        what = "auto" if auto else "--accuracy-budget"
+    max_drop = any(recipe.budget(i).max_drop is not None for i in range(len(recipe.passes)))
+    if (accuracy_budget is not None or auto or max_drop) and "data" not in datasets:
+        what = "auto" if auto else "--accuracy-budget" if accuracy_budget is not None else "a pass's max_drop"
         raise OptimizerError(
             f"{what} holds quality within a budget, measured on evaluation data (against its 'labels', or without them against "
             "the baseline's own outputs): register the model with --data EVAL.npz"
@@ -98,12 +105,14 @@ def optimize(
     serving_batch: int = 32,
     baseline: Baseline | None = None,
     metric: str | None = None,
+    register_over_budget: bool = False,
 ) -> OptimizeResult:
     """Runs `recipe` on `source`, then measures source and result the same way on their runtimes.
 
     accuracy_budget: points of the quality metric the variant may lose (accuracy points with labels).
     baseline: the source's measure from an earlier job on the same data, so it is not taken again.
     metric: the quality metric (optimizer.quality.METRICS); None: chosen from the labels and the output.
+    register_over_budget: return a variant that misses its budget (marked within_budget False) instead of refusing it.
     """
     if metric is not None and metric not in METRICS:
         raise OptimizerError(f"quality metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -136,23 +145,69 @@ def optimize(
             serving_batch,  # type: ignore[arg-type]
         )
         return OptimizeResult(artifact, evaluation, base, rows, base_outputs)
-    artifact = run_recipe(recipe, source, context)
+    budgeted = accuracy_budget is not None or any(recipe.budget(i).max_drop is not None for i in range(len(recipe.passes)))
+    if not budgeted:
+        artifact, searches = run_recipe(recipe, source, context), []
+    else:
+        judge = Judge(runtime_factory, data or {}, base, base_outputs, source.input_names, serving_batch)
+        artifact, searches = run_recipe_within_budget(recipe, source, context, judge, accuracy_budget, variant_name, register_over_budget)
     stage("evaluate", 0.95, f"measuring {variant_name}")
     evaluation, _ = evaluate(
         artifact, runtime_factory, data, baseline=base, baseline_outputs=base_outputs, serving_batch=serving_batch, metric=metric
     )
+    within = None if not budgeted else all(s.within for s in searches)
     if accuracy_budget is not None and evaluation.quality_drop is not None and evaluation.quality_drop > accuracy_budget + 1e-9:
-        raise OptimizerError(over_budget(variant_name, evaluation, base, accuracy_budget))
-    report = report_rows({"baseline": base, variant_name: evaluation})
-    return OptimizeResult(artifact, evaluation, base, report, base_outputs)
+        if not register_over_budget:
+            raise OptimizerError(over_budget(variant_name, evaluation, base, accuracy_budget, searches))
+        within = False
+    extra = {variant_name: {**budget_columns(searches), "within_budget": within}} if budgeted else None
+    if extra and accuracy_budget is not None:
+        extra[variant_name]["budget_pt"] = min([accuracy_budget] + [s.budget for s in searches])
+    report = report_rows({"baseline": base, variant_name: evaluation}, extra=extra)
+    return OptimizeResult(artifact, evaluation, base, report, base_outputs, tuple(searches), within)
 
 
-def over_budget(variant_name: str, evaluation: Evaluation, baseline: Evaluation, budget: float) -> str:
-    """The refusal of a variant over the budget: the best it reached, by which metric, against what."""
+def run_recipe_within_budget(
+    recipe: Recipe,
+    source: Artifact,
+    context: PassContext,
+    judge: Judge,
+    accuracy_budget: float | None,
+    variant_name: str,
+    register_over_budget: bool,
+) -> tuple[Artifact, list[SearchResult]]:
+    """Runs the passes in order, each lossy one held to its budget (its max_drop, else the job's): searched, fine-tuned while over.
+
+    A pass that cannot meet its budget stops the recipe with the best it reached, unless register_over_budget.
+    """
+    artifact, searches, n = source, [], len(recipe.passes)
+    for i, p in enumerate(recipe.passes):
+        if context.cancelled():
+            raise OptimizerError("the job was cancelled")
+        context.progress(ProgressEvent(stage=p.name, fraction=i / n, message=f"pass {i + 1}/{n}: {p.name}"))
+        options = recipe.budget(i)
+        budget = accuracy_budget if options.max_drop is None else options.max_drop
+        if budget is None or not (p.trains or getattr(p, "budget_knob", None) is not None):
+            artifact = p.run(artifact, context)  # lossless or post-training: the final measure holds it to the budget
+            continue
+        artifact, search = run_within_budget(p, options, artifact, context, judge, budget)
+        searches.append(search)
+        if not search.within and not register_over_budget:
+            raise OptimizerError(search.refusal(variant_name))
+    context.progress(ProgressEvent(stage="passes", fraction=1.0, message="passes done"))
+    return artifact, searches
+
+
+def over_budget(
+    variant_name: str, evaluation: Evaluation, baseline: Evaluation, budget: float, searches: Sequence[SearchResult] = ()
+) -> str:
+    """The refusal of a variant over the budget: the best it reached, by which metric, against what (and the searches that led there)."""
     reached = describe(evaluation.quality_metric, evaluation.quality)
     against = describe(baseline.quality_metric, baseline.quality) if baseline.quality is not None else "the baseline's outputs"
     worst = f", worst sample {evaluation.quality_min:.4f}" if evaluation.quality_min is not None else ""
     return (
         f"{variant_name} loses {evaluation.quality_drop:.2f} points of {evaluation.quality_metric} ({reached}{worst}, against "
-        f"{against}), over the budget of {budget:g}; nothing was registered (raise --accuracy-budget or pick a gentler recipe)"
+        f"{against}), over the budget of {budget:g}"
+        + "".join(f" ({s.summary()})" for s in searches)
+        + "; nothing was registered (raise --accuracy-budget or pick a gentler recipe)"
     )

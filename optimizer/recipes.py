@@ -1,4 +1,8 @@
-"""Recipes: ordered passes. By preset name, a comma-joined pipeline of names, or a JSON / YAML file."""
+"""Recipes: ordered passes, each with its budget settings. By preset name, a comma-joined pipeline of names, or a JSON / YAML file.
+
+A recipe file's entry may hold `"max_drop": PT` (this pass's own accuracy budget, over the job's) and
+`"budget": {...}` (optimizer.budget.BudgetOptions: the search's ends, evaluations, time limits).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from optimizer.base import (
     Pass,
     PassContext,
     ProgressEvent,
+    config_from_dict,
     config_to_dict,
 )
+from optimizer.budget import BudgetOptions
 from optimizer.registry import make_pass
 
 RECIPE_VERSION = 1
@@ -24,13 +30,34 @@ RECIPE_VERSION = 1
 class Recipe:
     name: str
     passes: tuple[Pass, ...]
+    budgets: tuple[BudgetOptions, ...] = ()  # one per pass; empty: the defaults for every pass
+
+    def budget(self, i: int) -> BudgetOptions:
+        return self.budgets[i] if i < len(self.budgets) else BudgetOptions()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": RECIPE_VERSION,
-            "name": self.name,
-            "passes": [{"pass": p.name, "config": config_to_dict(p.config)} for p in self.passes],
-        }
+        entries = []
+        for i, p in enumerate(self.passes):
+            entry: dict[str, Any] = {"pass": p.name, "config": config_to_dict(p.config)}
+            if self.budget(i) != BudgetOptions():
+                entry["budget"] = config_to_dict(self.budget(i))
+            entries.append(entry)
+        return {"version": RECIPE_VERSION, "name": self.name, "passes": entries}
+
+
+def budget_from_entry(entry: dict[str, Any], where: str) -> BudgetOptions:
+    """A recipe entry's budget settings: its `budget` mapping, and `max_drop` beside `pass` as a shorthand."""
+    data = entry.get("budget") or {}
+    if not isinstance(data, dict):
+        raise OptimizerError(f"{where}: 'budget' must be a mapping of settings, got {data!r}")
+    if "max_drop" in entry:
+        if "max_drop" in data and data["max_drop"] != entry["max_drop"]:
+            raise OptimizerError(f"{where}: max_drop is given twice, as {entry['max_drop']!r} and in budget as {data['max_drop']!r}")
+        data = {**data, "max_drop": entry["max_drop"]}
+    for key in ("max_drop", "gentle", "aggressive"):  # None by default, so config_from_dict cannot check their type
+        if data.get(key) is not None and (isinstance(data[key], bool) or not isinstance(data[key], (int, float))):
+            raise OptimizerError(f"{where}: budget '{key}' must be a number, got {data[key]!r}")
+    return config_from_dict(BudgetOptions, data, f"{where} budget")  # type: ignore[return-value]
 
 
 def recipe_from_dict(data: dict[str, Any], where: str) -> Recipe:
@@ -38,14 +65,15 @@ def recipe_from_dict(data: dict[str, Any], where: str) -> Recipe:
         raise OptimizerError(f"{where}: a recipe file holds {{'version': 1, 'name': ..., 'passes': [{{'pass': NAME, 'config': {{...}}}}]}}")
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
         raise OptimizerError(f"{where}: recipe version {data.get('version')} is not supported (this slimserve reads {RECIPE_VERSION})")
-    passes = []
+    passes, budgets = [], []
     for i, entry in enumerate(data["passes"]):
         if not isinstance(entry, dict) or "pass" not in entry:
             raise OptimizerError(f"{where}: passes[{i}] needs a 'pass' name")
         passes.append(make_pass(entry["pass"], entry.get("config") or {}, f"{where} passes[{i}]"))
+        budgets.append(budget_from_entry(entry, f"{where} passes[{i}]"))
     if not passes:
         raise OptimizerError(f"{where}: the recipe has no passes")
-    return Recipe(str(data.get("name") or Path(where).stem), tuple(passes))
+    return Recipe(str(data.get("name") or Path(where).stem), tuple(passes), tuple(budgets))
 
 
 def load_recipe_file(path: Path) -> Recipe:

@@ -34,7 +34,16 @@ COLUMNS = (
     "quality_min",  # the lowest per-sample cosine similarity (cosine only)
     "quality_drop_pt",  # points lost against the baseline in the budget's unit (optimizer.quality)
     "reference_speedup_x",  # best FP32 runtime's p50 / variant p50, batch 1 (the reference an auto search must beat)
+    "budget_pt",  # the accuracy budget the variant was held to (the tightest of the job's and its passes' max_drop)
+    "within_budget",  # whether it met it (False only for a variant kept over budget on request)
+    "budget_setting",  # what the budget search chose, e.g. "prune-structured pruning_ratio=0.45"
+    "budget_evaluations",  # quality evaluations the budget search took (probes and final runs)
+    "budget_search_s",  # seconds the passes held to the budget took, search included
+    "budget_probes",  # every setting probed and its drop, e.g. "0.8: 4.50 pt, 0.2: 0.00 pt, 0.5: failed"
 )
+
+
+BUDGET_COLUMNS = COLUMNS[COLUMNS.index("budget_pt") :]
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -48,11 +57,15 @@ def _round(value: float | None, digits: int) -> float | None:
 
 
 def report_rows(
-    evaluations: dict[str, Evaluation], baseline: str = "baseline", reference: tuple[str, Evaluation] | None = None
+    evaluations: dict[str, Evaluation],
+    baseline: str = "baseline",
+    reference: tuple[str, Evaluation] | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per variant, the baseline first; ratios are None where the baseline or the variant lacks the measure.
 
     `reference`: the model's best FP32 runtime (name, evaluation), for reference_speedup_x; None leaves it out.
+    `extra`: per variant, values of the budget columns (optimizer.budget.budget_columns); the others stay None.
     """
     base = evaluations.get(baseline)
     ref = None if reference is None else reference[1]
@@ -90,6 +103,7 @@ def report_rows(
                 "quality_min": None if name == baseline else _round(e.quality_min, 4),
                 "quality_drop_pt": None if name == baseline else _round(e.quality_drop, 2),
                 "reference_speedup_x": None if ref is None else _round(_ratio(ref.latency_p50_ms, e.latency_p50_ms), 3),
+                **{k: (extra or {}).get(name, {}).get(k) for k in BUDGET_COLUMNS},
             }
         )
     return rows

@@ -153,20 +153,22 @@ class DeleteVariantRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
-    __slots__ = ("model", "recipe", "recipe_json", "variant_name", "accuracy_budget", "parent")
+    __slots__ = ("model", "recipe", "recipe_json", "variant_name", "accuracy_budget", "parent", "keep_over_budget")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     RECIPE_JSON_FIELD_NUMBER: _ClassVar[int]
     VARIANT_NAME_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
     model: str
     recipe: str
     recipe_json: str
     variant_name: str
     accuracy_budget: float
     parent: str
-    def __init__(self, model: _Optional[str] = ..., recipe: _Optional[str] = ..., recipe_json: _Optional[str] = ..., variant_name: _Optional[str] = ..., accuracy_budget: _Optional[float] = ..., parent: _Optional[str] = ...) -> None: ...
+    keep_over_budget: bool
+    def __init__(self, model: _Optional[str] = ..., recipe: _Optional[str] = ..., recipe_json: _Optional[str] = ..., variant_name: _Optional[str] = ..., accuracy_budget: _Optional[float] = ..., parent: _Optional[str] = ..., keep_over_budget: _Optional[bool] = ...) -> None: ...
 
 class JobProgress(_message.Message):
     __slots__ = ("stage", "fraction", "message", "epoch", "loss", "accuracy")

@@ -121,6 +121,7 @@ def job_request(request: spb.OptimizeRequest) -> JobRequest:
         variant_name=request.variant_name,
         accuracy_budget=request.accuracy_budget if request.HasField("accuracy_budget") else None,
         parent=request.parent,
+        keep_over_budget=request.keep_over_budget,
     )
 
 

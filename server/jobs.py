@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.pipeline import Baseline, optimize, preflight
+from optimizer.pipeline import Baseline, OptimizeResult, optimize, preflight
 from optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
 from server.dataplane import DataPlane
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SlimServeError
@@ -33,6 +33,7 @@ class JobRequest:
     variant_name: str = ""
     accuracy_budget: float | None = None
     parent: str = BASELINE
+    keep_over_budget: bool = False  # register the best a budget search reached even when it misses the budget
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,19 @@ class Job:
     finished: bool = False
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def recipe_record(recipe: str, result: OptimizeResult) -> str:
+    """What the variant's record says it is: `auto` names the pipeline it chose, a budget search the settings it kept and its cost."""
+    if "auto_choice" in result.artifact.notes:
+        return f"auto: {result.artifact.notes['auto_choice']}"
+    searched = [s for s in result.searches if s.probes]
+    if not searched and result.within_budget is not False:
+        return recipe
+    parts = [s.summary() for s in searched]
+    if result.within_budget is False:
+        parts.append("over budget, kept on request")
+    return f"{recipe} ({'; '.join(parts)})"
 
 
 class JobManager:
@@ -183,7 +197,14 @@ class JobManager:
         with self.repository.staging() as staged:
             context = PassContext(workdir=staged / "work", datasets=datasets, progress=progress, cancelled=job.cancel.is_set)
             result = optimize(
-                source, job.recipe, context, self._factory, job.variant, job.request.accuracy_budget, baseline=self._baselines.get(key)
+                source,
+                job.recipe,
+                context,
+                self._factory,
+                job.variant,
+                job.request.accuracy_budget,
+                baseline=self._baselines.get(key),
+                register_over_budget=job.request.keep_over_budget,
             )
             self._keep_baseline(key, Baseline(result.baseline, result.baseline_outputs))
             variant_dir = staged / "variant"
@@ -196,8 +217,7 @@ class JobManager:
                     shutil.copyfile(side, variant_dir / f"model{side.name[len(result.artifact.path.stem) :]}")
             variant = VariantInfo(
                 name=job.variant,
-                # `auto` records the pipeline it chose, so the variant says what it really is.
-                recipe=f"auto: {result.artifact.notes['auto_choice']}" if "auto_choice" in result.artifact.notes else job.recipe.name,
+                recipe=recipe_record(job.recipe.name, result),
                 parent=parent.name,
                 runtime=result.artifact.runtime,
                 format=result.artifact.format,

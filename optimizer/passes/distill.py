@@ -23,6 +23,7 @@ from optimizer.base import (
     ProgressEvent,
     check_choice,
 )
+from optimizer.budget import Knob
 from optimizer.export import load_program, program_input_types
 from optimizer.finetune import (
     FineTuneConfig,
@@ -316,6 +317,7 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
 class DistillSoftPass(Pass):
     name = "distill-soft"
     trains = True
+    budget_knob = Knob("width", gentle=0.9, aggressive=0.2, unless="student")  # a budget search narrows the student (optimizer.budget)
     config_cls = DistillSoftConfig
     summary = "a narrower student trained on the teacher's temperature-softened outputs and the labels"
 
@@ -327,6 +329,7 @@ class DistillSoftPass(Pass):
 class DistillFeaturePass(Pass):
     name = "distill-feature"
     trains = True
+    budget_knob = Knob("width", gentle=0.9, aggressive=0.2, unless="student")
     config_cls = DistillFeatureConfig
     summary = "distill-soft plus matching of intermediate feature maps through learned projections"
 

@@ -24,12 +24,14 @@ from optimizer.base import (
     check_choice,
     check_names,
 )
+from optimizer.budget import Knob
 from optimizer.finetune import (
     FineTuneConfig,
     fine_tune_,
     finetune_field,
     nested_finetune,
 )
+from optimizer.guard import current_guard, guarding
 from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
 from optimizer.registry import register
 from optimizer.torchlayers import check_layer_names, layers_in_order, weight_names
@@ -92,6 +94,7 @@ class PruneWeightConfig(PassConfig):
 class PruneWeightPass(Pass):
     name = "prune-weight"
     trains = True
+    budget_knob = Knob("sparsity", gentle=0.3, aggressive=0.95)  # what a budget search moves (optimizer.budget)
     config_cls = PruneWeightConfig
     summary = "unstructured magnitude pruning to a target sparsity, fine-tuned; zeros in the ONNX weights"
 
@@ -242,6 +245,7 @@ class PruneGradualConfig(PassConfig):
 class PruneGradualPass(Pass):
     name = "prune-gradual"
     trains = True
+    budget_knob = Knob("sparsity", gentle=0.3, aggressive=0.95)
     config_cls = PruneGradualConfig
     summary = "sparsity raised on a schedule while fine-tuning (optionally with regrowth); zeros in the ONNX weights"
 
@@ -327,6 +331,7 @@ class PruneStructuredConfig(PassConfig):
 class PruneStructuredPass(Pass):
     name = "prune-structured"
     trains = True
+    budget_knob = Knob("pruning_ratio", gentle=0.2, aggressive=0.8)
     config_cls = PruneStructuredConfig
     summary = "channel pruning with Torch-Pruning's dependency graph (magnitude, Taylor or BN-scale), fine-tuned; a smaller dense ONNX"
 
@@ -350,14 +355,16 @@ class PruneStructuredPass(Pass):
                 )
             )
             if per_step[i]:
-                fine_tune_(
-                    module,
-                    prepared.data,
-                    dataclasses.replace(config.finetune, epochs=per_step[i]),
-                    context,
-                    self.name,
-                    fraction=(0.05 + 0.9 * i / steps, 0.9 / steps),
-                )
+                # Only the last step's fine-tuning may go on while over a budget: the steps before it are not the result.
+                with guarding(current_guard() if i == steps - 1 else None):
+                    fine_tune_(
+                        module,
+                        prepared.data,
+                        dataclasses.replace(config.finetune, epochs=per_step[i]),
+                        context,
+                        self.name,
+                        fraction=(0.05 + 0.9 * i / steps, 0.9 / steps),
+                    )
 
         prune_channels_(
             module,
