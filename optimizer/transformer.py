@@ -373,7 +373,9 @@ def prune_heads_and_ffn_(module: Any, example: tuple[Any, ...], config: Any, nee
             "by the same share in every layer (the hidden size stays, every residual needs it); set global_pruning false"
         )
     if config.importance not in ("magnitude", "taylor"):
-        raise OptimizerError(f"{needed_by}: importance {config.importance} does not apply to attention heads and FFN channels; use magnitude or taylor")
+        raise OptimizerError(
+            f"{needed_by}: importance {config.importance} does not apply to attention heads and FFN channels; use magnitude or taylor"
+        )
     check_layer_names(module, config.ignored_layers, "ignored_layers", needed_by)
     steps, ratio = config.iterative_steps, config.pruning_ratio
     encoder = find_encoder(module)
@@ -386,7 +388,11 @@ def prune_heads_and_ffn_(module: Any, example: tuple[Any, ...], config: Any, nee
         raise OptimizerError(
             f"{needed_by}: a pruning ratio of {ratio:g} removes no attention head ({heads} in {len(units)} units) and no FFN channel "
             f"({sum(ffns)} in {len(ffns)} FFNs, kept in multiples of round_to {config.round_to}), so no variant was made; raise pruning_ratio"
-            + (f" (ignored_layers keeps {len(encoder.attentions) - len(units)} attention units and {len(encoder.ffns) - len(ffns)} FFNs)" if ignored else "")
+            + (
+                f" (ignored_layers keeps {len(encoder.attentions) - len(units)} attention units and {len(encoder.ffns) - len(ffns)} FFNs)"
+                if ignored
+                else ""
+            )
         )
     reports = []
     for i in range(steps):

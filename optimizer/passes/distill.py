@@ -2,7 +2,8 @@
 
 The student is derived from the teacher — the same architecture with `width` of its channels,
 cut by Torch-Pruning's uniform channel pruning, which keeps the teacher's most important channels
-as the student's starting point — or given by the user as a .pt2 (config `student`). It trains
+as the student's starting point; for a transformer, DistilBERT's student: every other encoder layer,
+with `width` of their heads and FFN channels (optimizer/students.py) — or given by the user as a .pt2 (config `student`). It trains
 with the shared fine-tuning loop and is served as ONNX by onnxruntime.
 """
 
@@ -35,8 +36,8 @@ from optimizer.pruning import prune_channels_, untouched_layers
 from optimizer.registry import register
 from optimizer.students import hidden_state_pairs, layer_dropping_student
 from optimizer.torchlayers import check_layer_names, layers_in_order, lift_layers, output_layers
-from optimizer.transformer import find_encoder
 from optimizer.torchmodel import Prepared, finish, flops_per_sample, output_shapes, parameter_count, prepare
+from optimizer.transformer import find_encoder
 
 STUDENT_INITS = ("teacher", "random")
 
@@ -80,7 +81,8 @@ class DistillFeatureConfig(DistillSoftConfig):
 
     layers: the layers whose outputs are matched, each 'name' (the same name in both models) or
     'student_name:teacher_name'; empty: the last `auto_layers` hidden conv / linear layers of
-    each model, paired from the end. Each pair gets a learned 1x1 convolution (feature maps) or
+    each model, paired from the end (a transformer's layer-dropping student: every kept layer's hidden
+    state against the last teacher layer it stands for). Each pair gets a learned 1x1 convolution (feature maps) or
     linear map (vectors) from the student's channels to the teacher's, trained with the student
     and dropped at export.
     """
