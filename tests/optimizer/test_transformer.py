@@ -93,7 +93,7 @@ def test_pruned_heads_compute_what_the_original_computes_without_them():
         if "reshape" in str(node.target):
             node.args = (node.args[0], [node.args[1][0], TOKENS, 2, 16] if len(node.args[1]) == 4 else node.args[1])
     broken.recompile()
-    with pytest.raises(OptimizerError, match="the attention.s reshapes could not be rewritten for fewer heads"):
+    with pytest.raises(OptimizerError, match="the attention's reshapes could not be rewritten for fewer heads"):
         prune_encoder_(broken, bert_example(), 0.5, "test")
 
 
