@@ -102,7 +102,8 @@ def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float,
     kept = f"layers {', '.join(keep)} of {len(encoder.layers)}"
     if width < 1.0:
         removed = prune_encoder_(student, example, 1.0 - width, needed_by, round_to=8)
-        kept += f"; {removed.describe()}"
+        if removed.heads_after < removed.heads_before or removed.ffn_after < removed.ffn_before:
+            kept += f"; {removed.describe()}"
     return student, kept
 
 

@@ -125,7 +125,7 @@ def test_the_student_keeps_every_other_layer_with_the_teachers_weights(kind):
     student, kept = layer_dropping_student(teacher, example(), 0.99, "test")
     layers = find_encoder(student).layers
     prefix = "encoder.layers" if kind == "bert" else "enc.layers"
-    assert layers == [f"{prefix}.0", f"{prefix}.2"] and kept.startswith(f"layers {prefix}.0, {prefix}.2 of 4")
+    assert layers == [f"{prefix}.0", f"{prefix}.2"] and kept == f"layers {prefix}.0, {prefix}.2 of 4"  # width 0.99 removes no head
     names = dict(student.named_parameters())
     assert not any(n.startswith((f"{prefix}.1.", f"{prefix}.3.")) for n in names)
     for name, value in teacher.named_parameters():
