@@ -5,6 +5,7 @@ with the shared loop (optimizer/finetune.py) and writes ONNX for onnxruntime; ch
 optimizer/pruning.py's, shared with distillation. Unstructured
 sparsity lands as real zeros in the ONNX weights (evaluation's nonzero_params counts them; dense
 kernels run no faster); structured pruning removes channels, so the file is smaller and faster.
+On a transformer, prune-structured removes whole attention heads and FFN channels instead (optimizer/transformer.py).
 """
 
 from __future__ import annotations
