@@ -2,7 +2,8 @@
 
 The student is derived from the teacher — the same architecture with `width` of its channels,
 cut by Torch-Pruning's uniform channel pruning, which keeps the teacher's most important channels
-as the student's starting point — or given by the user as a .pt2 (config `student`). It trains
+as the student's starting point; for a transformer, DistilBERT's student: every other encoder layer,
+with `width` of their heads and FFN channels (optimizer/students.py) — or given by the user as a .pt2 (config `student`). It trains
 with the shared fine-tuning loop and is served as ONNX by onnxruntime.
 """
 
@@ -34,8 +35,10 @@ from optimizer.finetune import (
 )
 from optimizer.pruning import prune_channels_, untouched_layers
 from optimizer.registry import register
+from optimizer.students import hidden_state_pairs, layer_dropping_student
 from optimizer.torchlayers import check_layer_names, layers_in_order, lift_layers, output_layers
 from optimizer.torchmodel import Prepared, finish, flops_per_sample, output_shapes, parameter_count, prepare
+from optimizer.transformer import find_encoder
 
 STUDENT_INITS = ("teacher", "random")
 
@@ -79,7 +82,8 @@ class DistillFeatureConfig(DistillSoftConfig):
 
     layers: the layers whose outputs are matched, each 'name' (the same name in both models) or
     'student_name:teacher_name'; empty: the last `auto_layers` hidden conv / linear layers of
-    each model, paired from the end. Each pair gets a learned 1x1 convolution (feature maps) or
+    each model, paired from the end (a transformer's layer-dropping student: every kept layer's hidden
+    state against the last teacher layer it stands for). Each pair gets a learned 1x1 convolution (feature maps) or
     linear map (vectors) from the student's channels to the teacher's, trained with the student
     and dropped at export.
     """
@@ -102,15 +106,21 @@ class DistillFeatureConfig(DistillSoftConfig):
 # Students
 
 
-def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str) -> Any:
-    """The teacher's architecture with `width` of its channels (Torch-Pruning, magnitude), optionally re-initialized."""
-    student = copy.deepcopy(teacher)
-    prune_channels_(student, example, 1.0 - config.width, "magnitude", needed_by)
+def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str) -> tuple[Any, str]:
+    """The teacher's architecture with `width` of its channels (Torch-Pruning, magnitude), optionally re-initialized, and what it kept.
+
+    A transformer's student keeps every other encoder layer and `width` of their heads and FFN channels (optimizer/students.py).
+    """
+    if find_encoder(teacher) is not None:
+        student, kept = layer_dropping_student(teacher, example, config.width, needed_by)
+    else:
+        student, kept = copy.deepcopy(teacher), f"width {config.width:g}"
+        prune_channels_(student, example, 1.0 - config.width, "magnitude", needed_by)
     if config.student_init == "random":
         for m in student.modules():
             if m is not student and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    return student
+    return student, kept
 
 
 def load_student(path_text: str, teacher_specs: dict, teacher_shapes: list, example: tuple[Any, ...], needed_by: str) -> Any:
@@ -156,6 +166,9 @@ def feature_pairs(student: Any, teacher: Any, config: DistillFeatureConfig, need
         check_layer_names(student, tuple(s for s, _ in pairs), "layers (student side)", needed_by)
         check_layer_names(teacher, tuple(t for _, t in pairs), "layers (teacher side)", needed_by)
         return pairs  # type: ignore[return-value]
+    transformer_pairs = hidden_state_pairs(student, teacher)  # a layer-dropping student: every kept layer's hidden state
+    if transformer_pairs:
+        return transformer_pairs
     hidden_s = [n for n in layers_in_order(student) if n not in output_layers(student)]
     hidden_t = [n for n in layers_in_order(teacher) if n not in output_layers(teacher)]
     n = min(config.auto_layers, len(hidden_s), len(hidden_t))
@@ -247,9 +260,9 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         student = load_student(config.student, prepared.specs, teacher_shapes, example, pass_name)
         origin = f"student {Path(config.student).name}"
     else:
-        student = derive_student(teacher, example, config, pass_name)
+        student, kept = derive_student(teacher, example, config, pass_name)
         student.train()
-        origin = f"student at width {config.width:g} ({config.student_init} init)"
+        origin = f"student with {kept} ({config.student_init} init)"
     if not config.student and parameter_count(student) >= parameter_count(teacher):
         raise OptimizerError(
             f"{pass_name}: a student at width {config.width:g} is no smaller than {artifact.path.name}, so no variant was made; "
@@ -308,6 +321,7 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         f"{artifact.path.stem}-student",
         pass_name,
         distilled=pass_name,
+        student=origin,
         params_fraction=f"{s_params / t_params:.4f}",
         flops_fraction=f"{s_flops / t_flops:.4f}",
     )

@@ -5,6 +5,7 @@ with the shared loop (optimizer/finetune.py) and writes ONNX for onnxruntime; ch
 optimizer/pruning.py's, shared with distillation. Unstructured
 sparsity lands as real zeros in the ONNX weights (evaluation's nonzero_params counts them; dense
 kernels run no faster); structured pruning removes channels, so the file is smaller and faster.
+On a transformer, prune-structured removes whole attention heads and FFN channels instead (optimizer/transformer.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients, un
 from optimizer.registry import register
 from optimizer.torchlayers import check_layer_names, layers_in_order, weight_names
 from optimizer.torchmodel import finish, flops_per_sample, parameter_count, prepare
+from optimizer.transformer import find_encoder, prune_heads_and_ffn_
 
 SCOPES = ("global", "layer")
 SPARSITY_SCHEDULES = ("cubic", "linear")
@@ -366,19 +368,23 @@ class PruneStructuredPass(Pass):
                         fraction=(0.05 + 0.9 * i / steps, 0.9 / steps),
                     )
 
-        prune_channels_(
-            module,
-            example,
-            config.pruning_ratio,
-            config.importance,
-            self.name,
-            ignored=config.ignored_layers,
-            global_pruning=config.global_pruning,
-            steps=steps,
-            round_to=config.round_to,
-            gradients=taylor_gradients(module, prepared.data),
-            between_steps=between,
-        )
+        removed = ""
+        if find_encoder(module) is not None:  # a transformer: whole heads and FFN channels, not Torch-Pruning's channels
+            removed = prune_heads_and_ffn_(module, example, config, self.name, taylor_gradients(module, prepared.data), between)
+        else:
+            prune_channels_(
+                module,
+                example,
+                config.pruning_ratio,
+                config.importance,
+                self.name,
+                ignored=config.ignored_layers,
+                global_pruning=config.global_pruning,
+                steps=steps,
+                round_to=config.round_to,
+                gradients=taylor_gradients(module, prepared.data),
+                between_steps=between,
+            )
         params, flops = parameter_count(module), flops_per_sample(module, example)
         if params >= params0:
             raise OptimizerError(
@@ -391,7 +397,7 @@ class PruneStructuredPass(Pass):
             artifact,
             f"{artifact.path.stem}-channels",
             self.name,
-            pruned=f"structured {config.importance} {config.pruning_ratio:g}",
+            pruned=f"structured {config.importance} {config.pruning_ratio:g}" + (f": {removed}" if removed else ""),
             params_fraction=f"{params / params0:.4f}",
             flops_fraction=f"{flops / flops0:.4f}",
         )

@@ -123,3 +123,31 @@ def test_distill_feature_projects_transformer_features_on_their_last_dim(tmp_pat
     matched = next(e.message for e in events if e.message.startswith("matching "))
     assert "enc.layers.1" in matched
     assert count_params(result.path, "onnx")[0] < 0.5 * count_params(teacher.onnx.path, "onnx")[0]
+
+
+@pytest.fixture(scope="module")
+def bert4(tmp_path_factory):
+    from tests.optimizer.tiny_transformers import bert_pt2
+
+    return bert_pt2(tmp_path_factory.mktemp("bert4"), layers=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["distill-soft", "distill-feature"])
+def test_a_transformer_student_keeps_every_other_layer_and_matches_their_hidden_states(bert4, tmp_path, name):
+    model, train = bert4
+    events: list[ProgressEvent] = []
+    context = PassContext(workdir=tmp_path, datasets={"train": train}, progress=events.append)
+    result = make_pass(name, {"width": 0.5, "finetune": {"epochs": 1}}).run(model, context)
+    assert result.notes["student"] == (
+        "student with layers encoder.layers.0, encoder.layers.2 of 4; attention heads 8 -> 4, FFN channels 256 -> 128 (teacher init)"
+    )
+    assert float(result.notes["flops_fraction"]) < 0.3
+    matched = [e.message for e in events if e.message.startswith("matching ")]
+    if name == "distill-feature":  # [batch, seq, hidden] states of each kept layer against the last teacher layer it stands for
+        assert matched == [
+            "matching encoder.layers.0.out_norm->encoder.layers.1.out_norm, encoder.layers.2.out_norm->encoder.layers.3.out_norm"
+        ]
+    else:
+        assert matched == []
+    assert onnx_io_names(result.path) == (("input_ids", "attention_mask"), ("logits",))

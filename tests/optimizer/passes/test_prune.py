@@ -184,3 +184,48 @@ def test_prune_structured_that_removes_nothing_says_which_layers_it_could_not_to
         make_pass("prune-structured", {"finetune": {"epochs": 1}}).run(
             bidirectional.pt2, PassContext(workdir=tmp_path / "w", datasets={"train": bidirectional.train})
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformers: whole attention heads and FFN channels (optimizer/transformer.py)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from tests.optimizer.tiny_transformers import bert_pt2
+
+    return bert_pt2(tmp_path_factory.mktemp("bert"), layers=2)
+
+
+@pytest.mark.slow
+def test_prune_structured_removes_heads_and_ffn_channels_of_a_transformer(tiny_bert, tmp_path):
+    from tests.optimizer.tiny_transformers import bert_example
+
+    model, train = tiny_bert
+    events: list[ProgressEvent] = []
+    context = PassContext(workdir=tmp_path, datasets={"train": train}, progress=events.append)
+    result = make_pass("prune-structured", {"pruning_ratio": 0.5, "finetune": {"epochs": 1}}).run(model, context)
+    assert result.notes["pruned"] == "structured magnitude 0.5: attention heads 8 -> 4, FFN channels 256 -> 128"
+    assert float(result.notes["flops_fraction"]) < 0.6
+    ids, mask = (t.numpy() for t in bert_example(3))
+    weights = {i.name: numpy_helper.to_array(i).shape for i in onnx.load(str(result.path)).graph.initializer}
+    assert (16, 32) in weights.values() and (32, 64) in weights.values()  # query rows: 2 heads of 8; FFN output: 64 inputs
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input_ids": ids, "attention_mask": mask})[0].shape == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"pruning_ratio": 0.01}, r"a pruning ratio of 0.01 removes no attention head \(8 in 2 units\) and no FFN channel \(256 in 2 FFNs"),
+        ({"global_pruning": True}, "global_pruning ranks channels across layers, and a transformer's heads and FFN channels"),
+        ({"importance": "bn-scale"}, "importance bn-scale does not apply to attention heads and FFN channels; use magnitude or taylor"),
+    ],
+)
+def test_prune_structured_refuses_before_training_what_it_cannot_do_to_a_transformer(tiny_bert, tmp_path, config, message):
+    model, train = tiny_bert
+    events: list[ProgressEvent] = []
+    context = PassContext(workdir=tmp_path, datasets={"train": train}, progress=events.append)
+    with pytest.raises(OptimizerError, match=message):
+        make_pass("prune-structured", config).run(model, context)
+    assert not any("epoch" in e.message for e in events)

@@ -1,0 +1,57 @@
+"""Tiny transformer encoders (2-4 layers, hidden 32, 4 heads) for the transformer-aware passes' tests, as modules and as .pt2 files with data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.zoo.models import BertClassifier
+from optimizer.base import Artifact
+from optimizer.export import export_dynamic_batch
+
+VOCAB, TOKENS, CLASSES = 50, 12, 3
+
+
+class TorchEncoder(nn.Module):
+    """nn.TransformerEncoder (fused in_proj attention), hidden 32, 4 heads; norm_first for the pre-LN layout."""
+
+    def __init__(self, layers: int = 2, norm_first: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.fc = nn.Linear(32, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(self.emb(x))[:, 0])
+
+
+def bert(layers: int = 2) -> nn.Module:
+    """The zoo's BERT-style classifier (Hugging Face layout: separate query / key / value Linear layers) at hidden 32, 4 heads."""
+    torch.manual_seed(0)
+    return BertClassifier(VOCAB, CLASSES, hidden=32, layers=layers, heads=4, max_len=TOKENS).eval()
+
+
+def bert_example(rows: int = 2) -> tuple[torch.Tensor, ...]:
+    ids = torch.randint(0, VOCAB, (rows, TOKENS), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(rows, TOKENS, dtype=torch.long)
+    mask[0, 8:] = 0
+    return ids, mask
+
+
+def torch_example(rows: int = 2) -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, VOCAB, (rows, TOKENS), generator=torch.Generator().manual_seed(1)),)
+
+
+def bert_pt2(root: Path, layers: int = 2, rows: int = 96) -> tuple[Artifact, Path]:
+    """The tiny BERT as model.pt2 (inputs input_ids / attention_mask, output logits) and a labelled train.npz (label: a token's class)."""
+    root.mkdir(parents=True, exist_ok=True)
+    program = export_dynamic_batch(bert(layers), bert_example(), "test")
+    torch.export.save(program, str(root / "model.pt2"))
+    ids, mask = (t.numpy() for t in bert_example(rows))
+    np.savez(root / "train.npz", input_ids=ids, attention_mask=mask, labels=(ids[:, 1] % CLASSES).astype(np.int64))
+    names = {"input_names": ("input_ids", "attention_mask"), "output_names": ("logits",)}
+    return Artifact(root / "model.pt2", "pt2", **names), root / "train.npz"
