@@ -14,7 +14,9 @@ moving average of seconds per sample.
   rest). A group not measured yet is tried only after the group below it measured good, so the
   estimate grows one step at a time and never pays for a huge batch on a guess; every
   `explore_every` batches the group just above the cut is tried again, so that an estimate made under
-  a noisy neighbour is corrected.
+  a noisy neighbour is corrected. The first call takes what waits (nothing is known yet); if that was a
+  long call (over `probe_above_s`) of many samples, the next one measures a single sample before the
+  large size is trusted.
 - `worth_waiting(available)`: True only when a measured larger group costs less per sample than the
   batch that could start now by more than `wait_gain` (waiting costs every waiting request latency, so
   it takes a clear gain, not noise). Without that evidence a free call slot starts at once: a model
@@ -40,9 +42,16 @@ class BatchSizer:
     """Online cost per sample by batch-size group, and the cut / wait decisions of the batcher (loop thread only)."""
 
     def __init__(
-        self, max_batch_size: int, tolerance: float = 0.05, wait_gain: float = 0.25, smoothing: float = 0.25, explore_every: int = 200
+        self,
+        max_batch_size: int,
+        tolerance: float = 0.05,
+        wait_gain: float = 0.25,
+        smoothing: float = 0.25,
+        explore_every: int = 200,
+        probe_above_s: float = 0.005,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.probe_above_s = probe_above_s
         self.tolerance = tolerance
         self.wait_gain = wait_gain
         self.smoothing = smoothing
@@ -88,6 +97,10 @@ class BatchSizer:
         best = self._best()
         if best is None:
             return want  # nothing measured yet: the first call takes what waits, as a batcher without an estimate does
+        if self.per_sample[0] is None:
+            known = min(g for g, c in enumerate(self.per_sample) if c is not None)
+            if self.per_sample[known] * (1 << known) >= self.probe_above_s:
+                return 1  # a long call measured at a large size only: measure one sample before trusting it
         size = want
         while size > 1 and not (self._good(group_of(size), best) or self._tryable(group_of(size), best)):
             size = min(size, top_of(group_of(size) - 1))

@@ -88,6 +88,17 @@ def test_an_unmeasured_size_is_tried_one_step_at_a_time():
     assert sizer.cut(32) == 3
 
 
+def test_a_long_first_batch_is_checked_against_one_sample():
+    sizer = BatchSizer(32)
+    sizer.observe(8, 3.0)  # a burst met a fresh server: 8 samples of a big encoder in one 3 s call
+    assert sizer.cut(8) == 1  # not 8 again on the strength of one guess
+    sizer.observe(1, 0.3)  # one sample costs less per sample than 8 did
+    assert sizer.cut(8) == 3
+    short = BatchSizer(32)
+    short.observe(8, 0.001)  # a short call: a wrong size costs little, and sizes vary by themselves
+    assert short.cut(8) == 8
+
+
 def test_a_stale_estimate_is_tried_again_now_and_then():
     sizer = BatchSizer(32, explore_every=10)
     for _ in range(4):
@@ -101,16 +112,24 @@ def test_a_stale_estimate_is_tried_again_now_and_then():
     assert 7 in cuts and cuts.count(3) >= 15
 
 
+def frozen(per_call) -> BatchSizer:
+    """A trained sizer that ignores later calls: the test fixes the costs (sleeps overshoot on a loaded machine)."""
+    sizer = trained(per_call)
+    sizer.observe = lambda size, compute_s: None  # type: ignore[method-assign]
+    return sizer
+
+
 def test_with_linear_cost_a_free_slot_does_not_wait_for_the_delay(executor):
     # Two slots, a 300 ms delay, calls that cost n times a single one: a request arriving while one call
     # runs gains nothing from waiting for company, so it takes the free slot at once and calls overlap.
     # (Under a fixed delay it would wait for the running call to end, then ride with the next request.)
-    model = CostModel(lambda n: 0.02 * n)
+    model = CostModel(lambda n: 0.05 * n)
     batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_delay_ms=300.0), model="m", variant="v", max_concurrency=2)
+    batcher.sizer = frozen(lambda n: 0.05 * n)
     latencies: list[float] = []
 
     async def caller(c: int) -> None:
-        await asyncio.sleep(0.005 * c)  # out of step: one arrives while the other's call runs
+        await asyncio.sleep(0.01 * c)  # out of step: one arrives while the other's call runs
         for i in range(8):
             start = time.perf_counter()
             got = await batcher.submit({"x": x_of(c * 100 + i)}, None)
@@ -118,13 +137,11 @@ def test_with_linear_cost_a_free_slot_does_not_wait_for_the_delay(executor):
             np.testing.assert_array_equal(got["y"], x_of(c * 100 + i) * 2 + 1)
 
     async def main():
-        await batcher.submit({"x": x_of(-1)}, None)  # batch 1 measured at low load
-        await batcher.submit({"x": np.zeros((2, 4), np.float32)}, None)  # and batch 2: twice the cost
         await asyncio.gather(caller(0), caller(1))
 
     run(main())
-    assert model.calls[2:] == [1] * 16, model.calls
-    assert statistics.median(latencies) < 0.035, f"median {statistics.median(latencies) * 1e3:.0f} ms for a 20 ms call"
+    assert model.calls == [1] * 16, model.calls
+    assert statistics.median(latencies) < 0.2, f"median {statistics.median(latencies) * 1e3:.0f} ms for a 50 ms call"
 
 
 def test_with_sublinear_cost_a_free_slot_waits_and_batches_form(executor):
@@ -132,8 +149,7 @@ def test_with_sublinear_cost_a_free_slot_waits_and_batches_form(executor):
     # another call runs waits (up to the delay) for company.
     model = CostModel(lambda n: 0.02)
     batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_delay_ms=60.0), model="m", variant="v", max_concurrency=2)
-    for n in (1, 2, 4, 8):
-        batcher.sizer.observe(n, 0.02)
+    batcher.sizer = frozen(lambda n: 0.02)
 
     async def main():
         first = asyncio.create_task(batcher.submit({"x": x_of(0)}, None))
@@ -150,8 +166,7 @@ def test_with_sublinear_cost_a_free_slot_waits_and_batches_form(executor):
 def test_without_evidence_a_free_slot_starts_at_once(executor):
     model = CostModel(lambda n: 0.02 * n)
     batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_delay_ms=60.0), model="m", variant="v", max_concurrency=2)
-    for n in (1, 2, 4, 8):
-        batcher.sizer.observe(n, 0.02 * n)
+    batcher.sizer = frozen(lambda n: 0.02 * n)
 
     async def main():
         first = asyncio.create_task(batcher.submit({"x": x_of(0)}, None))
