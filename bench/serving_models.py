@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -127,8 +128,7 @@ def auto_variant(files: ModelFiles, budget: float, timeout_s: float) -> tuple[Mo
             proc.communicate()
             return None, {"why": f"slimserve optimize --recipe auto gave no result within {timeout_s:.0f} s"}
         if proc.returncode != 0:
-            lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-            return None, {"why": f"slimserve optimize --recipe auto failed: {' | '.join(lines[-3:])[:400]}"}
+            return None, {"why": f"slimserve optimize --recipe auto failed (exit {proc.returncode}): {failure(stderr)}"}
         os.replace(tmp, out)
         say(f"auto variant of {files.name} made in {time.perf_counter() - start:.0f} s")
     model_file = next((p for p in sorted(out.iterdir()) if p.suffix in (".onnx", ".pt2")), None)
@@ -136,6 +136,14 @@ def auto_variant(files: ModelFiles, budget: float, timeout_s: float) -> tuple[Mo
         return None, {"why": f"the auto variant in {out} is not an ONNX file ({model_file}); served only as ONNX here"}
     info = summarize_report(json.loads(report.read_text()))
     return replace(files, onnx=model_file, name=f"{files.name}-auto", title=f"{files.title}, auto variant"), info
+
+
+def failure(stderr: str) -> str:
+    """The line that says why: a `slimserve optimize:` refusal, else the exception line after a traceback."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    said = [ln for ln in lines if ln.startswith("slimserve optimize:")]
+    raised = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)]
+    return (said or raised or lines[-1:] or ["no output"])[-1][:400]
 
 
 def summarize_report(rows) -> dict:
