@@ -159,8 +159,8 @@ def run_load(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(CHOICES), default="digits", help="digits (quick, the overhead view), minilm, effnet")
-    parser.add_argument("--seconds", type=float, help="measured seconds per point and round (digits 3, the real models 4)")
-    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each point (digits 1, the real models 2)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per point and round (digits 3, the real models 8)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each point (digits 1, the real models 3)")
     parser.add_argument("--rounds", type=int, help="rounds over all points, interleaved (digits 2, the real models 1)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="closed-loop callers per point")
     parser.add_argument("--batches", help="in-process batch sizes (digits 1,2,4,8,16,32)")
