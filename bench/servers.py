@@ -183,8 +183,10 @@ def start_slimserve(
     for model in (files, *extra_models):
         server.wait_ready(model.name, 60)
     # Registration measures the baseline in the background: wait for that (or any other work) to end.
-    if not wait_quiet(server.process.pid, 180):
-        say("slimserve still busy after 180 s; measuring anyway")
+    # A real model's measurement takes minutes on a small CPU, and a server measuring while it serves loses the race.
+    quiet_s = 180 if files.name == MODEL else 900
+    if not wait_quiet(server.process.pid, quiet_s):
+        say(f"slimserve still busy after {quiet_s} s; measuring anyway")
     return server, ready
 
 
