@@ -111,6 +111,11 @@ class BatchSizer:
             size = min(want, top_of(group_of(size) + 1))  # now and then one step above the cut: the estimate may be stale
         return size
 
+    def pays(self, size: int) -> bool:
+        """Whether merging `size` samples was measured cheaper per sample than single calls (True without evidence)."""
+        one, many = self.per_sample[0], self.per_sample[group_of(size)]
+        return size <= 1 or one is None or many is None or many < one * (1.0 - self.tolerance)
+
     def worth_waiting(self, available: int) -> bool:
         """Whether a measured larger batch is cheaper per sample than the `available` samples by more than the tolerance."""
         if available >= self.max_batch_size:

@@ -284,6 +284,9 @@ class DynamicBatcher:
                 if not (self._inflight == 0 or self._closing or waited >= self._delay) and self.sizer.worth_waiting(available):
                     return self._delay - waited  # a measured larger batch is cheaper per sample: worth a short wait
                 cap = self.sizer.cut(cap)
+                free = self.max_concurrency - self._inflight
+                if free > 1 and not self.sizer.pays(cap):
+                    cap = -(-cap // free)  # merging gains nothing here: spread what waits over the free call slots
             self._start(key, queue, cap)
         return None
 
