@@ -1,6 +1,11 @@
-"""Dynamic batching on the digits CNN (ONNX Runtime): throughput and latency with batching off and on.
+"""Dynamic batching (ONNX Runtime): throughput and latency with batching off and on, on the digits CNN or a real model.
 
-    python -m bench.bench_batching [--seconds 2] [--rounds 3] [--callers 16]
+    python -m bench.bench_batching [--model digits|minilm|effnet] [--seconds 2] [--rounds 3] [--callers 16]
+
+With --model minilm or effnet (bench/serving_models.py builds them), the scenarios compare batching off
+(`--no-batching`: each request its own call, up to the compute pool's threads at once) with the
+batcher's measured policy (server/batch_sizing.py) and, for reference, the fixed rule it replaced
+("take all that waits, wait for the delay whenever a slot is free"), with one and two calls in flight.
 
 Closed-loop asyncio callers each send one sample at a time to a DynamicBatcher, as the gRPC servicer
 does after decoding; batching off is today's path (one predict per request on the compute pool).
@@ -27,10 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from server.batch_assembly import BatchingConfig
+from server.batch_sizing import BatchSizer
 from server.batching import DynamicBatcher
 from server.errors import ResourceExhausted
 
-RESULTS = Path(__file__).parent / "results" / "batching.json"
+RESULTS_DIR = Path(__file__).parent / "results"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,17 @@ class Scenario:
     config: BatchingConfig
     callers: int
     max_concurrency: int = 1
+    fixed_rule: bool = False  # the rule before measured sizing: take all that waits, wait whenever a slot is free
+
+
+class FixedRule(BatchSizer):
+    """The batcher's rule before batch_sizing.py, for the A/B: every cut takes what waits, a free slot always waits."""
+
+    def cut(self, available: int) -> int:
+        return max(1, min(available, self.max_batch_size))
+
+    def worth_waiting(self, available: int) -> bool:
+        return available < self.max_batch_size
 
 
 @dataclass
@@ -50,8 +67,10 @@ class Run:
     rejected: int = 0  # RESOURCE_EXHAUSTED answers (queue full)
 
 
-def make_batcher(predict, executor: Executor, config: BatchingConfig, max_concurrency: int, sizes: list[int]) -> DynamicBatcher:
-    return DynamicBatcher(
+def make_batcher(
+    predict, executor: Executor, config: BatchingConfig, max_concurrency: int, sizes: list[int], fixed_rule: bool = False
+) -> DynamicBatcher:
+    batcher = DynamicBatcher(
         predict,
         executor,
         config,
@@ -60,12 +79,20 @@ def make_batcher(predict, executor: Executor, config: BatchingConfig, max_concur
         max_concurrency=max_concurrency,
         on_batch=lambda size, queue, compute: sizes.append(size),
     )
+    if fixed_rule:
+        batcher.sizer = FixedRule(config.max_batch_size)
+    return batcher
 
 
-async def closed_loop(predict, executor: Executor, scenario: Scenario, x: np.ndarray, seconds: float, warmup: float) -> Run:
+def rows_of(pool: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    return {k: v[i : i + 1] for k, v in pool.items()}
+
+
+async def closed_loop(predict, executor: Executor, scenario: Scenario, x: dict[str, np.ndarray], seconds: float, warmup: float) -> Run:
     """`callers` clients, each sending its next sample as soon as the previous answer arrives."""
     sizes: list[int] = []
-    batcher = make_batcher(predict, executor, scenario.config, scenario.max_concurrency, sizes)
+    batcher = make_batcher(predict, executor, scenario.config, scenario.max_concurrency, sizes, scenario.fixed_rule)
+    n = len(next(iter(x.values())))
     latencies: list[float] = []
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
@@ -73,15 +100,15 @@ async def closed_loop(predict, executor: Executor, scenario: Scenario, x: np.nda
     async def caller(i: int) -> None:
         while True:
             sent = time.perf_counter()
-            await batcher.submit({"x": x[i : i + 1]}, None)
+            await batcher.submit(rows_of(x, i), None)
             done = time.perf_counter()
             if done >= stop_at:
                 return
             if done >= measure_from:
                 latencies.append((done - sent) * 1000.0)
-            i = (i + scenario.callers) % len(x)
+            i = (i + scenario.callers) % n
 
-    tasks = [asyncio.create_task(caller(c)) for c in range(scenario.callers)]
+    tasks = [asyncio.create_task(caller(c % n)) for c in range(scenario.callers)]
     await asyncio.sleep(warmup)
     first_call = len(sizes)
     await asyncio.gather(*tasks)
@@ -90,7 +117,7 @@ async def closed_loop(predict, executor: Executor, scenario: Scenario, x: np.nda
 
 
 async def open_loop(
-    predict, executor: Executor, config: BatchingConfig, max_concurrency: int, x: np.ndarray, rate: float, seconds: float
+    predict, executor: Executor, config: BatchingConfig, max_concurrency: int, x: dict[str, np.ndarray], rate: float, seconds: float
 ) -> Run:
     """Poisson arrivals at `rate` per second, whatever the answers do (released each loop tick, as a server sees them)."""
     sizes: list[int] = []
@@ -103,7 +130,7 @@ async def open_loop(
         nonlocal rejected
         sent = time.perf_counter()
         try:
-            await batcher.submit({"x": x[i : i + 1]}, None)
+            await batcher.submit(rows_of(x, i), None)
         except ResourceExhausted:
             rejected += 1
             return
@@ -114,7 +141,7 @@ async def open_loop(
     due, i = 0.0, 0
     while (now := time.perf_counter() - start) < seconds:
         while due <= now:
-            task = asyncio.create_task(one(i % len(x)))
+            task = asyncio.create_task(one(i % len(x["x"])))
             pending.add(task)
             task.add_done_callback(pending.discard)
             due += rng.exponential(1.0 / rate)
@@ -139,18 +166,36 @@ def build_model(root: Path):
     return runtime, test.x, accuracy
 
 
-def per_call_ms(runtime, x: np.ndarray, sizes=(1, 8, 16, 32)) -> dict[int, float]:
+def build_real(key: str):
+    """A real model's runtime with slimserve's session settings, its input rows, and its title."""
+    from bench.serving_models import CHOICES, prepare
+    from server.runtimes import create_runtime
+    from server.settings import Settings
+
+    files = prepare(CHOICES[key], fresh=False)
+    runtime = create_runtime("onnxruntime", files.onnx, Settings().runtime_config())
+    runtime.load()
+    return runtime, files.pool, files.title
+
+
+def per_call_ms(runtime, x: dict[str, np.ndarray], sizes=(1, 8, 16, 32), seconds: float = 0.3) -> dict[int, float]:
     out = {}
     for b in sizes:
-        feed = {"x": x[:b]}
-        for _ in range(20):
+        feed = {k: np.resize(v, (b, *v.shape[1:])) for k, v in x.items()}
+        for _ in range(2):
             runtime.predict(feed)
-        n = 300
+        n = max(3, int(seconds / max(1e-6, _once(runtime, feed))))
         start = time.perf_counter()
         for _ in range(n):
             runtime.predict(feed)
         out[b] = (time.perf_counter() - start) / n * 1000.0
     return out
+
+
+def _once(runtime, feed) -> float:
+    start = time.perf_counter()
+    runtime.predict(feed)
+    return time.perf_counter() - start
 
 
 def summarize(name: str, runs: list[Run]) -> dict:
@@ -174,8 +219,9 @@ def line(r: dict, middle: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per scenario and round")
-    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--model", choices=("digits", "minilm", "effnet"), default="digits")
+    parser.add_argument("--seconds", type=float, help="measured seconds per scenario and round (digits 2, the real models 6)")
+    parser.add_argument("--warmup", type=float, help="digits 0.5, the real models 2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--callers", type=int, default=16)
     parser.add_argument(
@@ -186,10 +232,19 @@ def main() -> None:
     )
     parser.add_argument("--compute-threads", type=int, default=2, help="workers of the compute pool (the server's default)")
     args = parser.parse_args()
+    real = args.model != "digits"
+    args.seconds = args.seconds or (6.0 if real else 2.0)
+    args.warmup = args.warmup if args.warmup is not None else (2.0 if real else 0.5)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        runtime, x, accuracy = build_model(Path(tmp))
-    model_ms = per_call_ms(runtime, x)
+    if real:
+        runtime, x, title = build_real(args.model)
+        accuracy = None
+        model_ms = per_call_ms(runtime, x, (1, 2, 4, 8), seconds=1.0)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            runtime, test_x, accuracy = build_model(Path(tmp))
+        x, title = {"x": test_x}, "digits CNN (optimizer.zoo, 2 epochs)"
+        model_ms = per_call_ms(runtime, x)
     n = args.callers
     off, on = BatchingConfig(enabled=False), BatchingConfig()
     scenarios = [
@@ -198,9 +253,15 @@ def main() -> None:
         Scenario(f"off, {n} callers", off, n),
         Scenario(f"on, {n} callers", on, n),
         Scenario(f"on, {n} callers, 2 calls in flight", on, n, max_concurrency=2),
-        Scenario(f"on, {n} callers, preferred 8,16", BatchingConfig(preferred_batch_sizes=(8, 16)), n),
     ]
-    delays = (0.0, 0.5, 1.0, 2.0)
+    if real:
+        scenarios += [
+            Scenario(f"on, {n} callers, fixed rule (before)", on, n, fixed_rule=True),
+            Scenario(f"on, {n} callers, 2 in flight, fixed rule (before)", on, n, max_concurrency=2, fixed_rule=True),
+        ]
+    else:
+        scenarios.append(Scenario(f"on, {n} callers, preferred 8,16", BatchingConfig(preferred_batch_sizes=(8, 16)), n))
+    delays = () if real else (0.0, 0.5, 1.0, 2.0)
     runs: dict[str, list[Run]] = {s.name: [] for s in scenarios}
     sweep: dict[float, list[Run]] = {d: [] for d in delays}
     with ThreadPoolExecutor(max_workers=args.compute_threads, thread_name_prefix="compute") as executor:
@@ -228,7 +289,7 @@ def main() -> None:
         sweep_rows.append(row)
 
     print(
-        f"digits CNN, onnxruntime CPU, {os.cpu_count()} cores, compute pool {args.compute_threads} threads, "
+        f"{title}, onnxruntime CPU, {os.cpu_count()} cores, compute pool {args.compute_threads} threads, "
         f"{args.rounds} rounds x {args.seconds:g} s"
     )
     print("model alone: " + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in model_ms.items()))
@@ -239,15 +300,17 @@ def main() -> None:
         print(line(r, speed))
     added = rows[1]["p50_ms"] - rows[0]["p50_ms"]
     print(f"added latency of batching for a lone caller (p50 on - off): {added:+.3f} ms")
-    print(header.replace("x off", "reject"))
+    if sweep_rows:
+        print(header.replace("x off", "reject"))
     for r in sweep_rows:
         print(line(r, str(r["rejected"])))
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    results = RESULTS_DIR / ("batching.json" if not real else f"batching-{args.model}.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(
         json.dumps(
             {
-                "model": "digits CNN (optimizer.zoo, 2 epochs), onnxruntime",
+                "model": f"{title}, onnxruntime",
                 "accuracy": accuracy,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
                 "compute_threads": args.compute_threads,
@@ -262,7 +325,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

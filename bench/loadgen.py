@@ -33,6 +33,8 @@ class PointResult:
     latencies_ms: np.ndarray
     errors: dict[str, int] = field(default_factory=dict)
     client_cpu_s: float = 0.0
+    server_cpu_s: float | None = None  # the server's process tree, inside the measured window
+    server_rss_bytes: int | None = None  # the server's process tree at the window's end
 
     @property
     def throughput(self) -> float:
@@ -46,17 +48,25 @@ class PointResult:
         return sum(self.errors.values())
 
 
-def build_infer_request(model: str, array: np.ndarray, version: str = "", input_name: str = "x", raw: bool = True) -> bytes:
-    """A serialized ModelInferRequest carrying one FP32 input, raw (as Triton's clients send) or typed."""
+DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float16): "FP16"}
+
+
+def build_infer_request(
+    model: str, array: np.ndarray | dict[str, np.ndarray], version: str = "", input_name: str = "x", raw: bool = True
+) -> bytes:
+    """A serialized ModelInferRequest: one FP32 input `input_name`, or one input per entry of a dict (FP32, INT64 ...),
+    raw (as Triton's clients send) or typed (FP32 only)."""
     from protos import inference_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=model, model_version=version)
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    tensor = request.inputs.add(name=input_name, datatype="FP32", shape=list(array.shape))
-    if raw:
-        request.raw_input_contents.append(array.tobytes())
-    else:
-        tensor.contents.fp32_contents.extend(array.reshape(-1).tolist())
+    inputs = array if isinstance(array, dict) else {input_name: np.asarray(array, np.float32)}
+    for name, value in inputs.items():
+        value = np.ascontiguousarray(value)
+        tensor = request.inputs.add(name=name, datatype=DATATYPES[value.dtype], shape=list(value.shape))
+        if raw:
+            request.raw_input_contents.append(value.tobytes())
+        else:
+            tensor.contents.fp32_contents.extend(value.astype(np.float32).reshape(-1).tolist())
     return request.SerializeToString()
 
 
@@ -83,12 +93,14 @@ def run_point(
     processes: int = 2,
     timeout: float = 30.0,
     stream: bool = False,
+    server_pid: int | None = None,
 ) -> PointResult:
     """`concurrency` closed-loop callers spread over up to `processes` client processes.
 
     With `stream`, each process sends its callers' requests over one ModelStreamInfer stream
     (Triton's streaming API) instead of one unary call each. Workers spawn and connect first; the clock then starts for all of them at once, the first
-    `warmup` seconds are not counted, and only calls sent and answered inside the window count.
+    `warmup` seconds are not counted, and the calls answered inside the window count (whenever they were sent:
+    with a model of hundreds of ms and 64 callers, a call can take longer than the window).
     """
     ctx = mp.get_context("spawn")  # the parent holds grpc threads: never fork it
     procs = max(1, min(processes, concurrency))
@@ -119,6 +131,11 @@ def run_point(
                 kill_all()
                 raise RuntimeError(f"load generator for {target} did not start (exit code {p.exitcode})")
     start.value = time.monotonic() + 0.05
+    server: dict[str, float] = {}
+    watcher = None
+    if server_pid is not None:
+        watcher = threading.Thread(target=_watch_server, args=(server_pid, start.value + warmup, seconds, server), daemon=True)
+        watcher.start()
     results = []
     for p, _, conn in workers:
         if not conn.poll(warmup + seconds + timeout + 30.0):
@@ -126,11 +143,40 @@ def run_point(
             raise RuntimeError(f"load generator for {target} at concurrency {concurrency} did not report")
         results.append(conn.recv())
         p.join(5.0)
+    if watcher is not None:
+        watcher.join(5.0)
     latencies = np.concatenate([r[0] for r in results]) / 1e6
     errors: Counter = Counter()
     for r in results:
         errors.update(r[1])
-    return PointResult(target, concurrency, seconds, len(latencies), latencies, dict(errors), float(sum(r[2] for r in results)))
+    return PointResult(
+        target,
+        concurrency,
+        seconds,
+        len(latencies),
+        latencies,
+        dict(errors),
+        float(sum(r[2] for r in results)),
+        server.get("cpu_s"),
+        int(server["rss"]) if "rss" in server else None,
+    )
+
+
+def _watch_server(pid: int, window_start: float, seconds: float, out: dict[str, float]) -> None:
+    """The server tree's CPU seconds between the window's edges (monotonic clock) and its resident memory at the end."""
+    from bench.common import descendants, rss_bytes, tree_cpu_seconds
+
+    time.sleep(max(0.0, window_start - time.monotonic()))
+    before = tree_cpu_seconds(pid)
+    time.sleep(max(0.0, window_start + seconds - time.monotonic()))
+    out["cpu_s"] = tree_cpu_seconds(pid) - before
+    rss = 0
+    for p in descendants(pid):
+        try:
+            rss += rss_bytes(p)
+        except (OSError, RuntimeError):
+            pass
+    out["rss"] = rss
 
 
 def _connect(address: str, payload: bytes, timeout: float, ready, start):
@@ -175,7 +221,7 @@ def _worker(address: str, payload: bytes, callers: int, start, warmup: float, se
         done = clock()
         code = future.code()
         if done <= stop_ns:
-            if sent >= measure_ns:
+            if done >= measure_ns:
                 if code == grpc.StatusCode.OK:
                     latencies.append(done - sent)
                 else:
@@ -258,7 +304,7 @@ def _stream_worker(address: str, payload: bytes, callers: int, start, warmup: fl
                 cpu_marks.append(time.process_time())
             slot = int(response.infer_response.id)
             if done <= stop_ns:
-                if sent[slot] >= measure_ns:
+                if done >= measure_ns:
                     if response.error_message:
                         errors[response.error_message.split(":", 1)[0]] += 1
                     else:

@@ -10,7 +10,7 @@ def render(result: dict) -> None:
     console = Console(width=max(Console().width, 150))
     machine = result["machine"]
     console.print(
-        f"[bold]digits CNN (ONNX), {machine['cpus']} CPUs ({machine['cpu_model']}), onnxruntime {machine['onnxruntime']}, "
+        f"[bold]{result['model']}, {machine['cpus']} CPUs ({machine['cpu_model']}), onnxruntime {machine['onnxruntime']}, "
         f"{result['settings']['rounds']} round(s) x {result['settings']['seconds']:g} s per point[/bold]"
     )
     if result.get("inprocess"):
@@ -21,9 +21,11 @@ def render(result: dict) -> None:
             t.add_row(r["name"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['ms_per_sample']:.4f}", f"{r['samples_per_s']:,.0f}")
         console.print(t)
     if result.get("serving"):
-        best = result.get("inprocess_best_samples_per_s")
+        real = result.get("model_key", "digits") != "digits"
         t = Table(title="(2-4) over gRPC, batch-1 requests, closed-loop callers")
-        for col in ("server", "callers", "req/s", "p50 ms", "p99 ms", "errors", "share of ORT", "client µs/req"):
+        cols = ["server", "callers", "req/s", "p50 ms", "p99 ms", "errors", "share of ORT"]
+        cols += ["server CPU s/1000", "RSS MB", "$/M"] if real else ["client µs/req"]
+        for col in cols:
             t.add_column(col, justify="left" if col == "server" else "right")
         last_c = None
         for r in result["serving"]:
@@ -31,20 +33,33 @@ def render(result: dict) -> None:
                 t.add_section()
             last_c = r["concurrency"]
             f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+            best = own_limit(result, r["target"])
             share = f"{r['throughput_rps'] / best:.0%}" if best else "-"
-            t.add_row(
+            cells = [
                 r["target"],
                 str(r["concurrency"]),
-                f"{r['throughput_rps']:,.0f}",
+                f"{r['throughput_rps']:,.1f}" if real else f"{r['throughput_rps']:,.0f}",
                 f(r["p50_ms"], ".3f"),
                 f(r["p99_ms"], ".3f"),
                 str(r["errors"]) if not r["errors"] else f"[red]{r['errors']} {r['errors_by_code']}[/red]",
                 share,
-                f(r["client_cpu_us_per_request"], ".0f"),
-            )
+            ]
+            if real:
+                cells += [
+                    f(r.get("server_cpu_s_per_1000"), ".1f"),
+                    f(r.get("server_rss_mb"), ".0f"),
+                    f(r.get("dollars_per_million"), ".2f"),
+                ]
+            else:
+                cells.append(f(r["client_cpu_us_per_request"], ".0f"))
+            t.add_row(*cells)
         console.print(t)
         for note in result.get("notes", []):
             console.print(f"  {note}")
+        if result.get("auto_variant") and "why" not in result["auto_variant"]:
+            console.print(f"  auto variant: {result['auto_variant']}")
+    if result.get("wall_s"):
+        console.print(f"  wall time of the run: {result['wall_s']:.0f} s")
     if result.get("targets"):
         t = Table(title="targets (issue 8)")
         for col in ("check", "measured", "target", "met"):
@@ -80,12 +95,23 @@ def render(result: dict) -> None:
             console.print(f"[yellow]{spy}[/yellow]")
 
 
+def own_limit(result: dict, target: str) -> float | None:
+    """The in-process ORT best samples/s of the file a target serves (the auto variant's own, else the FP32 file's)."""
+    lim = result.get("inprocess_limits") or {}
+    if target == "slimserve:auto":
+        mine = next((v for k, v in lim.items() if k.endswith("-auto")), None)
+        return mine["best_samples_per_s"] if mine else None
+    return result.get("inprocess_best_samples_per_s")
+
+
 def row(rows: list[dict], target: str, c: int) -> dict | None:
     return next((r for r in rows if r["target"] == target and r["concurrency"] == c), None)
 
 
 def check_targets(result: dict) -> list[dict]:
     """The issue's targets, as ratios measured in this run."""
+    if result.get("model_key", "digits") != "digits":
+        return check_real_targets(result)
     rows = result.get("serving", [])
     checks = []
     s16, s1 = row(rows, "slimserve", 16), row(rows, "slimserve", 1)
@@ -160,4 +186,42 @@ def check_targets(result: dict) -> list[dict]:
         )
     if s16:
         checks.append({"check": "errors at 16 callers", "measured": str(s16["errors"]), "target": "0", "met": s16["errors"] == 0})
+    return checks
+
+
+def _check(checks: list[dict], name: str, value: float | None, target: str, met: bool | None, fmt: str = "{:.2f}x") -> None:
+    if value is not None:
+        checks.append({"check": name, "measured": fmt.format(value), "target": target, "met": met})
+
+
+def check_real_targets(result: dict) -> list[dict]:
+    """Issue 15's targets for a model whose compute dominates (MiniLM, EfficientNet), as ratios measured in this run."""
+    rows = result.get("serving", [])
+    checks: list[dict] = []
+    k16, k1, m16 = row(rows, "kserve", 16), row(rows, "kserve", 1), row(rows, "mlserver", 16)
+    for name, target in (("auto variant", "slimserve:auto"), ("same FP32 file", "slimserve")):
+        s16, s1 = row(rows, target, 16), row(rows, target, 1)
+        auto = target == "slimserve:auto"
+        if s16 and k16:
+            ratio = s16["throughput_rps"] / k16["throughput_rps"]
+            want = 2.5 if auto else 1.2
+            _check(checks, f"{name}: req/s at 16 callers vs KServe (FP32)", ratio, f">= {want}x", ratio >= want)
+        if auto and s16 and m16:
+            ratio = s16["throughput_rps"] / m16["throughput_rps"]
+            _check(checks, f"{name}: req/s at 16 callers vs MLServer (FP32)", ratio, ">= 4x", ratio >= 4)
+        if s1 and k1:
+            ratio = s1["p50_ms"] / k1["p50_ms"]
+            want = 0.6 if auto else 1.0
+            _check(checks, f"{name}: p50 at 1 caller vs KServe's", ratio, f"<= {want}x", ratio <= want)
+        best = own_limit(result, target)
+        if s16 and best:
+            share = s16["throughput_rps"] / best
+            _check(checks, f"{name}: req/s at 16 callers vs its own in-process ORT best", share, ">= 80%", share >= 0.8, "{:.0%}")
+    info = result.get("auto_variant") or {}
+    drop = info.get("quality_drop_pt")
+    if drop is not None:
+        _check(checks, f"auto variant: quality lost ({info.get('metric')}, points)", drop, "<= 1", drop <= 1.0, "{:.2f}")
+    for r in rows:
+        if r["concurrency"] == 16 and r["errors"]:
+            checks.append({"check": f"errors at 16 callers: {r['target']}", "measured": str(r["errors"]), "target": "0", "met": False})
     return checks

@@ -37,11 +37,17 @@ def ort_version() -> str:
 
 @dataclass(frozen=True)
 class ModelFiles:
+    """A model as the benchmark serves it: the ONNX file, its data files and the inputs requests carry."""
+
     onnx: Path
-    data: Path  # evaluation .npz: x, labels
+    data: Path  # evaluation .npz: one array per input (+ labels)
     calibration: Path
-    sample: np.ndarray  # float32 [1, 1, 8, 8]
-    test_x: np.ndarray
+    sample: dict[str, np.ndarray]  # one request's inputs (batch 1)
+    pool: dict[str, np.ndarray]  # rows that in-process batches are cut from
+    name: str = MODEL
+    title: str = "digits CNN (optimizer.zoo, width 32), ONNX"
+    output_shape: tuple[int, ...] = (1, 10)
+    train: Path | None = None
 
 
 def prepare_model(fresh: bool) -> ModelFiles:
@@ -65,7 +71,7 @@ def prepare_model(fresh: bool) -> ModelFiles:
     if fresh or not data.exists():
         np.savez(data, x=test.x, labels=test.y)
         np.savez(calib, x=train.x[:256])
-    return ModelFiles(onnx_path, data, calib, test.x[:1].copy(), test.x)
+    return ModelFiles(onnx_path, data, calib, {"x": test.x[:1].copy()}, {"x": test.x})
 
 
 @dataclass
@@ -143,9 +149,12 @@ class Target:
     stream: bool = False  # requests over one ModelStreamInfer stream per client process, not unary calls
 
 
-def start_slimserve(files: ModelFiles, variants: list[str], fresh: bool, extra_flags: tuple[str, ...] = ()) -> tuple[Server, list[str]]:
+def start_slimserve(
+    files: ModelFiles, variants: list[str], fresh: bool, extra_flags: tuple[str, ...] = (), extra_models: tuple[ModelFiles, ...] = ()
+) -> tuple[Server, list[str]]:
     """slimserve on a cached repository (bench/results/serving-cache/repository); registers and optimizes what is missing.
 
+    `extra_models` are registered beside it (a variant file made offline, served as a model of its own).
     Returns the server and the variants that are ready (a recipe that fails is reported and left out).
     """
     from client.client import SlimServeClient, SlimServeClientError
@@ -159,34 +168,45 @@ def start_slimserve(files: ModelFiles, variants: list[str], fresh: bool, extra_f
     server.wait_ready("", 120)
     ready: list[str] = []
     with SlimServeClient(server.address) as client:
-        try:
-            record = client.model(MODEL)
-        except SlimServeClientError as e:
-            if e.code != "NOT_FOUND":
-                raise
-            record = None
-        if record is not None and not any(v["name"] == "baseline" and v["status"] == "ready" for v in record["variants"]):
-            client.delete(MODEL)
-            record = None
-        if record is None:
-            say("registering the digits CNN with slimserve")
-            record = client.register(MODEL, files.onnx, data=files.data, calibration=files.calibration)
-        have = {v["name"]: v["status"] for v in record["variants"]}
-        for recipe in variants:
-            if have.get(recipe) == "ready":
-                ready.append(recipe)
-                continue
-            say(f"slimserve: optimizing with {recipe} (once; the repository is cached)")
-            try:
-                client.optimize(MODEL, recipe, variant_name=recipe)
-                ready.append(recipe)
-            except SlimServeClientError as e:
-                say(f"variant {recipe} skipped: optimize failed: {e}")
-    server.wait_ready(MODEL, 60)
+        for i, model in enumerate((files, *extra_models)):
+            have = _registered(client, model)
+            for recipe in variants if i == 0 else ():
+                if have.get(recipe) == "ready":
+                    ready.append(recipe)
+                    continue
+                say(f"slimserve: optimizing with {recipe} (once; the repository is cached)")
+                try:
+                    client.optimize(model.name, recipe, variant_name=recipe)
+                    ready.append(recipe)
+                except SlimServeClientError as e:
+                    say(f"variant {recipe} skipped: optimize failed: {e}")
+    for model in (files, *extra_models):
+        server.wait_ready(model.name, 60)
     # Registration measures the baseline in the background: wait for that (or any other work) to end.
-    if not wait_quiet(server.process.pid, 180):
-        say("slimserve still busy after 180 s; measuring anyway")
+    # A real model's measurement takes minutes on a small CPU, and a server measuring while it serves loses the race.
+    quiet_s = 180 if files.name == MODEL else 900
+    if not wait_quiet(server.process.pid, quiet_s):
+        say(f"slimserve still busy after {quiet_s} s; measuring anyway")
     return server, ready
+
+
+def _registered(client, files: ModelFiles) -> dict[str, str]:
+    """The model on record with its baseline ready (registered now if it was not); its variants' statuses by name."""
+    from client.client import SlimServeClientError
+
+    try:
+        record = client.model(files.name)
+    except SlimServeClientError as e:
+        if e.code != "NOT_FOUND":
+            raise
+        record = None
+    if record is not None and not any(v["name"] == "baseline" and v["status"] == "ready" for v in record["variants"]):
+        client.delete(files.name)
+        record = None
+    if record is None:
+        say(f"registering {files.name} ({files.onnx.name}) with slimserve")
+        record = client.register(files.name, files.onnx, data=files.data, calibration=files.calibration)
+    return {v["name"]: v["status"] for v in record["variants"]}
 
 
 def ensure_venv(name: str, rebuild: bool) -> tuple[Path | None, str]:
@@ -222,7 +242,7 @@ def start_kserve(python: Path, files: ModelFiles, intra_op: int) -> Server:
         "--model-file",
         str(files.onnx),
         "--model-name",
-        MODEL,
+        files.name,
         "--intra-op-threads",
         str(intra_op),
         "--http_port",
@@ -241,7 +261,7 @@ def start_floor(files: ModelFiles, with_model: bool = False, intra_op: int = 1) 
     """bench/peers/floor_server.py in our own virtualenv: parse the request, answer fixed bytes
     (or, `with_model`, run the model on the loop and answer its output)."""
     port = free_port()
-    argv = [sys.executable, str(PEERS / "floor_server.py"), "--port", str(port), "--model-name", MODEL, "--outputs", "10"]
+    argv = [sys.executable, str(PEERS / "floor_server.py"), "--port", str(port), "--model-name", files.name, "--outputs", "10"]
     if with_model:
         argv += ["--model-file", str(files.onnx), "--intra-op-threads", str(intra_op)]
     return Server("floor-model" if with_model else "floor", argv, port, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{PEERS}"})
@@ -252,7 +272,7 @@ def start_mlserver(python: Path, files: ModelFiles, intra_op: int, batch: int, b
     root = CACHE / "mlserver"
     if root.exists():
         shutil.rmtree(root)
-    (root / MODEL).mkdir(parents=True)
+    (root / files.name).mkdir(parents=True)
     (root / "settings.json").write_text(
         json.dumps(
             {
@@ -266,10 +286,10 @@ def start_mlserver(python: Path, files: ModelFiles, intra_op: int, batch: int, b
             indent=2,
         )
     )
-    (root / MODEL / "model-settings.json").write_text(
+    (root / files.name / "model-settings.json").write_text(
         json.dumps(
             {
-                "name": MODEL,
+                "name": files.name,
                 "implementation": "mlserver_runtime.OnnxRuntimeModel",
                 "max_batch_size": batch,
                 "max_batch_time": batch_time_s,

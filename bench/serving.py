@@ -1,9 +1,18 @@
-"""Serving benchmark: the digits CNN in-process, through slimserve, through its variants, and through KServe and MLServer.
+"""Serving benchmark: a model in-process, through slimserve, through its variants, and through KServe and MLServer.
 
-    .venv/bin/python -m bench.serving [--seconds 3] [--warmup 1] [--rounds 2] [--concurrency 1,4,16,64]
-                                      [--only inprocess,slimserve,stream,variants,peers,floor]
+    .venv/bin/python -m bench.serving [--model digits|minilm|effnet] [--seconds 3] [--warmup 1] [--rounds 2]
+                                      [--concurrency 1,4,16,64]
+                                      [--only inprocess,slimserve,stream,variants,auto,peers,floor]
                                       [--variants graph-ort,quantize-static]
                                       [--profile] [--fresh]
+
+`--model` (bench/serving_models.py): `digits` (the default, quick) is a 33 µs CNN, where every server is
+a gRPC echo: the overhead view. `minilm` (all-MiniLM-L6-v2, real weights, sequence length 128, INT64
+input_ids + attention_mask) and `effnet` (EfficientNet-Lite0, real ImageNet weights, 224x224) are
+models whose compute dominates; for them `auto` serves, beside the FP32 file, the variant
+`slimserve optimize --recipe auto --accuracy-budget 1` picks (made once, cached), and every row
+carries the server's CPU seconds per 1000 requests, its resident memory and dollars per million
+inferences at the node price (server.pricing, the table server metrics use).
 
 What each section measures (one process per server, all on this machine's cores, side by side):
 
@@ -40,8 +49,9 @@ hurts all alike: throughput is the median over rounds, p50/p99 come from all rou
 and writes bench/results/profile-slimserve.* with a summary of where the time goes.
 Prints tables and writes bench/results/serving.json.
 
-Modules: bench/servers.py starts the servers, bench/loadgen.py drives them, bench/profiling.py samples
-slimserve, bench/report.py prints the tables and checks the targets; this module measures and runs the sections.
+Modules: bench/serving_models.py prepares the models, bench/servers.py starts the servers, bench/loadgen.py
+drives them, bench/inprocess.py measures ORT alone, bench/profiling.py samples slimserve, bench/report.py prints
+the tables and checks the targets; this module runs the sections.
 """
 
 from __future__ import annotations
@@ -52,7 +62,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -60,121 +69,51 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, ROOT, cpu_model, git_describe, say, wait_quiet
+from bench.inprocess import bench_inprocess, limits
 from bench.loadgen import PointResult, build_infer_request, check_response, run_point
 from bench.profiling import profile_slimserve
 from bench.report import check_targets, render
 from bench.servers import (
-    MODEL,
     PEER_PACKAGES,
     ModelFiles,
     Server,
     Target,
     ensure_venv,
     ort_version,
-    prepare_model,
     start_floor,
     start_kserve,
     start_mlserver,
     start_slimserve,
 )
+from bench.serving_models import CHOICES, auto_variant, prepare
 
 
-def _time_calls(predict, feed, seconds: float) -> tuple[np.ndarray, float]:
-    """Per-call latencies (ms) of `predict(feed)` in a loop for `seconds`, and the elapsed time."""
-    for _ in range(20):
-        predict(feed)
-    lat = []
-    start = time.perf_counter()
-    stop = start + seconds
-    now = start
-    while now < stop:
-        t0 = time.perf_counter()
-        predict(feed)
-        now = time.perf_counter()
-        lat.append(now - t0)
-    return np.array(lat) * 1000.0, now - start
-
-
-def bench_inprocess(files: ModelFiles, batches: list[int], seconds: float) -> list[dict]:
-    from server.runtimes import RuntimeConfig, create_runtime
-    from server.settings import Settings
-
-    config = Settings().runtime_config()
-    runtime = create_runtime("onnxruntime", files.onnx, config)
-    runtime.load()
-    x = np.ascontiguousarray(np.resize(files.test_x, (max(batches), *files.test_x.shape[1:])))
-    rows = []
-    for b in batches:
-        lat, elapsed = _time_calls(runtime.predict, {"x": x[:b]}, seconds)
-        rows.append(
-            {
-                "name": f"batch {b}",
-                "batch": b,
-                "streams": 1,
-                "intra_op_threads": config.intra_op_threads,
-                "p50_ms": float(np.percentile(lat, 50)),
-                "p99_ms": float(np.percentile(lat, 99)),
-                "ms_per_sample": float(np.percentile(lat, 50)) / b,
-                "samples_per_s": len(lat) * b / elapsed,
-            }
-        )
-    # Two calls at once on one thread each: on a small CPU, often more samples/s than one call on all cores.
-    b = max(batches)
-    one_thread = RuntimeConfig(intra_op_threads=1, inter_op_threads=1, device=config.device)
-    runtimes = []
-    for _ in range(2):
-        r = create_runtime("onnxruntime", files.onnx, one_thread)
-        r.load()
-        runtimes.append(r)
-    results: list[tuple[np.ndarray, float]] = [None, None]  # type: ignore[list-item]
-
-    def stream(i: int) -> None:
-        results[i] = _time_calls(runtimes[i].predict, {"x": x[:b]}, seconds)
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    lat = np.concatenate([r[0] for r in results])
-    rows.append(
-        {
-            "name": f"batch {b}, 2 streams x 1 thread",
-            "batch": b,
-            "streams": 2,
-            "intra_op_threads": 1,
-            "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)),
-            "ms_per_sample": 1000.0 / sum(len(r[0]) * b / r[1] for r in results),
-            "samples_per_s": sum(len(r[0]) * b / r[1] for r in results),
-        }
-    )
-    return rows
-
-
-def verify(target: Target) -> str | None:
-    """One call with a real client stack: None if the answer has logits [1, 10], else why not."""
+def verify(target: Target, shape: tuple[int, ...]) -> str | None:
+    """One call with a real client stack: None if the answer's first output has `shape`, else why not."""
     import grpc
 
     with grpc.insecure_channel(target.server.address) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         try:
-            return check_response(call(target.payload, timeout=30), (1, 10))
+            return check_response(call(target.payload, timeout=60), shape)
         except grpc.RpcError as e:
             return f"{e.code().name}: {e.details()}"
 
 
-def summarize(target: Target, points: list[PointResult]) -> dict:
+def summarize(target: Target, points: list[PointResult], price_per_hour: float) -> dict:
     lat = np.concatenate([p.latencies_ms for p in points]) if points else np.zeros(0)
     errors: Counter = Counter()
     for p in points:
         errors.update(p.errors)
     completed = sum(p.completed for p in points)
+    throughput = statistics.median(p.throughput for p in points)
+    cpu = [p.server_cpu_s for p in points if p.server_cpu_s is not None]
+    rss = [p.server_rss_bytes for p in points if p.server_rss_bytes is not None]
     return {
         "target": target.name,
         "kind": target.kind,
         "concurrency": points[0].concurrency,
-        "throughput_rps": statistics.median(p.throughput for p in points),
+        "throughput_rps": throughput,
         "throughput_rps_rounds": [round(p.throughput, 1) for p in points],
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
@@ -182,36 +121,61 @@ def summarize(target: Target, points: list[PointResult]) -> dict:
         "errors": sum(errors.values()),
         "errors_by_code": dict(errors),
         "client_cpu_us_per_request": 1e6 * sum(p.client_cpu_s for p in points) / completed if completed else None,
+        "server_cpu_s_per_1000": 1000 * sum(cpu) / completed if completed and cpu else None,
+        "server_rss_mb": max(rss) / 2**20 if rss else None,
+        # The node kept busy at this rate: its price per hour over the requests it answers in an hour.
+        "dollars_per_million": price_per_hour / 3600 / throughput * 1e6 if throughput > 0 else None,
         "note": target.note,
     }
 
 
 def run_load(
-    targets: list[Target], concurrencies: list[int], seconds: float, warmup: float, rounds: int, client_processes: int
+    targets: list[Target], concurrencies: list[int], seconds: float, warmup: float, rounds: int, client_processes: int, price: float
 ) -> list[dict]:
     points: dict[tuple[str, int], list[PointResult]] = defaultdict(list)
     for r in range(rounds):
         for c in concurrencies:
             for t in targets:
-                p = run_point(t.name, t.server.address, t.payload, c, seconds, warmup, processes=client_processes, stream=t.stream)
+                p = run_point(
+                    t.name,
+                    t.server.address,
+                    t.payload,
+                    c,
+                    seconds,
+                    warmup,
+                    processes=client_processes,
+                    stream=t.stream,
+                    timeout=120.0,
+                    server_pid=t.server.process.pid,
+                )
                 points[(t.name, c)].append(p)
                 say(
                     f"round {r + 1}/{rounds} {t.name:<28} c={c:<3} {p.throughput:8.0f} req/s  p50 {p.percentile(50):7.3f} ms  "
                     f"p99 {p.percentile(99):7.3f} ms  errors {p.error_count}"
                 )
-    return [summarize(t, points[(t.name, c)]) for c in concurrencies for t in targets]
+    return [summarize(t, points[(t.name, c)], price) for c in concurrencies for t in targets]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per point and round")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds over all points (interleaved)")
+    parser.add_argument("--model", choices=list(CHOICES), default="digits", help="digits (quick, the overhead view), minilm, effnet")
+    parser.add_argument("--seconds", type=float, help="measured seconds per point and round (digits 3, the real models 8)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each point (digits 1, the real models 3)")
+    parser.add_argument("--rounds", type=int, help="rounds over all points, interleaved (digits 2, the real models 1)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="closed-loop callers per point")
-    parser.add_argument("--batches", default="1,2,4,8,16,32", help="in-process batch sizes")
-    parser.add_argument("--only", default="inprocess,slimserve,stream,variants,peers,floor", help="sections to run")
+    parser.add_argument("--batches", help="in-process batch sizes (digits 1,2,4,8,16,32)")
+    parser.add_argument("--only", help="sections to run (digits: inprocess,slimserve,stream,variants,peers,floor; the real models: "
+                        "inprocess,slimserve,auto,peers)")  # fmt: skip
     parser.add_argument("--variants", default="graph-ort,quantize-static", help="optimizer recipes served as variants")
+    parser.add_argument("--accuracy-budget", type=float, default=1.0, help="points the auto variant may lose (cosine x 100 for MiniLM)")
+    parser.add_argument("--optimize-timeout", type=float, default=3600.0, help="seconds the auto optimize may take (once; cached)")
     parser.add_argument("--peers", default="kserve,mlserver")
+    parser.add_argument(
+        "--peer-intra-op-threads",
+        type=int,
+        help="ORT threads per call in the peers (default: slimserve's for digits; 0, ORT's default of all cores, for the real "
+        "models, whose peers run one call at a time)",
+    )
     parser.add_argument("--client-processes", type=int, default=2, help="load-generator processes per point (at most one per caller)")
     parser.add_argument(
         "--mlserver-batch-time",
@@ -231,12 +195,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native (pauses the process while sampling)")
     parser.add_argument("--fresh", action="store_true", help="retrain the model and rebuild the cached slimserve repository")
     parser.add_argument("--rebuild-venvs", action="store_true", help="reinstall the peers' virtualenvs")
-    parser.add_argument("--output", type=Path, default=RESULTS / "serving.json")
+    parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    choice = CHOICES[args.model]
+    args.seconds = choice.seconds if args.seconds is None else args.seconds
+    args.warmup = choice.warmup if args.warmup is None else args.warmup
+    args.rounds = choice.rounds if args.rounds is None else args.rounds
+    args.batches = args.batches or choice.batches
+    args.only = args.only or choice.sections
+    args.output = args.output or RESULTS / ("serving.json" if args.model == "digits" else f"serving-{args.model}.json")
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
-    unknown = sections - {"inprocess", "slimserve", "stream", "variants", "peers", "floor"}
+    unknown = sections - {"inprocess", "slimserve", "stream", "variants", "auto", "peers", "floor"}
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
+    if "auto" in sections and args.model == "digits":
+        parser.error("--only auto: the auto variant is made for the real models (--model minilm or effnet); digits has --variants")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     recipes = [v.strip() for v in args.variants.split(",") if v.strip()] if "variants" in sections else []
@@ -246,11 +219,18 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--peers: unknown peer '{p}' (known: {', '.join(PEER_PACKAGES)})")
 
     from server.app import protobuf_backend
+    from server.pricing import load_prices, price_of
     from server.settings import Settings
 
     settings = Settings()
+    price = price_of(settings.node_type, load_prices(settings.prices))
+    slim_flags = (*choice.slimserve_flags, *args.slimserve_flag)
+    peer_threads = args.peer_intra_op_threads
+    if peer_threads is None:
+        peer_threads = settings.runtime_config().intra_op_threads if args.model == "digits" else 0
     result: dict = {
-        "model": "digits CNN (optimizer.zoo, width 32), ONNX",
+        "model": choice.title,
+        "model_key": args.model,
         "machine": {
             "cpus": os.cpu_count(),
             "cpu_model": cpu_model(),
@@ -262,51 +242,66 @@ def main(argv: list[str] | None = None) -> None:
         },
         "settings": {
             **{k: v for k, v in vars(args).items() if k != "output"},
+            "slimserve_flags": list(slim_flags),
             "slimserve_compute_threads": settings.compute_threads,
             "slimserve_intra_op_threads": settings.runtime_config().intra_op_threads,
+            "peer_intra_op_threads": peer_threads,
+            "node_type": settings.node_type,
+            "node_price_dollars_per_hour": price,
         },
         "git": git_describe(),
         "command": " ".join([".venv/bin/python -m bench.serving", *(argv if argv is not None else sys.argv[1:])]),
         "skipped": {},
         "notes": [],
     }
-    files = prepare_model(args.fresh)
+    started = time.monotonic()
+    files = prepare(choice, args.fresh)
+    auto: ModelFiles | None = None
+    if "auto" in sections:
+        auto, info = auto_variant(files, args.accuracy_budget, args.optimize_timeout)
+        result["auto_variant"] = info
+        if auto is None:
+            result["skipped"]["auto variant"] = info["why"]
+            say(f"no auto variant: {info['why']}")
     if "inprocess" in sections:
         say("in-process ONNX Runtime")
-        result["inprocess"] = bench_inprocess(files, batches, max(1.0, args.seconds / 2))
-        result["inprocess_best_samples_per_s"] = max(r["samples_per_s"] for r in result["inprocess"])
+        seconds = max(1.0, args.seconds / 2)
+        result["inprocess"] = bench_inprocess(files.onnx, files.pool, batches, seconds)
+        result["inprocess_limits"] = {files.name: limits(result["inprocess"])}
+        if auto is not None:
+            rows = bench_inprocess(auto.onnx, auto.pool, batches, seconds, label="auto")
+            result["inprocess"] += rows
+            result["inprocess_limits"][auto.name] = limits(rows)
+        result["inprocess_best_samples_per_s"] = result["inprocess_limits"][files.name]["best_samples_per_s"]
 
     servers: list[Server] = []
     targets: list[Target] = []
     try:
-        if sections & {"slimserve", "stream", "variants"} or args.profile:
-            slim, ready = start_slimserve(files, recipes, args.fresh, tuple(args.slimserve_flag))
+        if sections & {"slimserve", "stream", "variants", "auto"} or args.profile:
+            extra = (auto,) if auto is not None else ()
+            slim, ready = start_slimserve(files, recipes, args.fresh, slim_flags, extra)
             servers.append(slim)
             if "slimserve" in sections or args.profile:
                 targets.append(
-                    Target("slimserve", "slimserve", slim, build_infer_request(MODEL, files.sample), note="routed by model name")
+                    Target("slimserve", "slimserve", slim, build_infer_request(files.name, files.sample), note="routed by model name")
                 )
+            if auto is not None:
+                note = "the variant `auto` picked, registered as a model of its own"
+                targets.append(Target("slimserve:auto", "auto", slim, build_infer_request(auto.name, auto.sample), note=note))
             if "stream" in sections:
                 targets.append(
                     Target(
                         "slimserve stream",
                         "stream",
                         slim,
-                        build_infer_request(MODEL, files.sample),
+                        build_infer_request(files.name, files.sample),
                         note="ModelStreamInfer: one stream per client process, callers multiplexed on it",
                         stream=True,
                     )
                 )
             for v in ready:
-                targets.append(
-                    Target(
-                        f"slimserve:{v}",
-                        "variant",
-                        slim,
-                        build_infer_request(MODEL, files.sample, version=v),
-                        note=f"pinned with model_version={v}",
-                    )
-                )
+                payload = build_infer_request(files.name, files.sample, version=v)
+                targets.append(Target(f"slimserve:{v}", "variant", slim, payload, note=f"pinned with model_version={v}"))
             for v in set(recipes) - set(ready):
                 result["skipped"][f"variant {v}"] = "optimize failed (see the log above)"
         for peer in peers:
@@ -316,22 +311,21 @@ def main(argv: list[str] | None = None) -> None:
                 say(f"skipping {peer}: {why}")
                 continue
             if peer == "kserve":
-                # The peers get slimserve's own session tuning (threads, no spinning): a fair fight.
-                server = start_kserve(python, files, settings.runtime_config().intra_op_threads)
-                note = "kserve.Model, sync predict, default ModelServer settings"
+                server = start_kserve(python, files, peer_threads)
+                note = f"kserve.Model, sync predict, default ModelServer settings, ORT intra-op {peer_threads or 'default'}"
             else:
-                server = start_mlserver(python, files, settings.runtime_config().intra_op_threads, 32, args.mlserver_batch_time)
+                server = start_mlserver(python, files, peer_threads, 32, args.mlserver_batch_time)
                 note = f"MLModel, adaptive batching max 32 / {args.mlserver_batch_time * 1000:g} ms, parallel_workers 1 (default)"
             server.start()
             servers.append(server)
             try:
-                server.wait_ready(MODEL, 180)
+                server.wait_ready(files.name, 180)
             except RuntimeError as e:
                 result["skipped"][peer] = str(e).splitlines()[0] + f" (log: {server.log_path})"
                 say(f"skipping {peer}: {e}")
                 server.stop()
                 continue
-            targets.append(Target(peer, "peer", server, build_infer_request(MODEL, files.sample), note=note))
+            targets.append(Target(peer, "peer", server, build_infer_request(files.name, files.sample), note=note))
         if "floor" in sections:
             for with_model, name, note in (
                 (True, "floor + model", "hand-written grpc aio server: parse, one ORT call on the loop, answer; nothing else"),
@@ -341,21 +335,21 @@ def main(argv: list[str] | None = None) -> None:
                 floor.start()
                 servers.append(floor)
                 try:
-                    floor.wait_ready(MODEL, 60)
-                    targets.append(Target(name, "floor", floor, build_infer_request(MODEL, files.sample), note=note))
+                    floor.wait_ready(files.name, 60)
+                    targets.append(Target(name, "floor", floor, build_infer_request(files.name, files.sample), note=note))
                 except RuntimeError as e:
                     result["skipped"][name] = str(e).splitlines()[0]
         for t in list(targets):
-            why = verify(t)
+            why = verify(t, files.output_shape)
             if why:
-                result["skipped"][t.name] = f"a request to {t.server.address} did not answer logits [1, 10]: {why}"
+                result["skipped"][t.name] = f"a request to {t.server.address} did not answer {list(files.output_shape)}: {why}"
                 say(f"skipping {t.name}: {why}")
                 targets.remove(t)
         for s in servers:
             wait_quiet(s.process.pid, 30)
         measured = [t for t in targets if "slimserve" in sections or t.kind != "slimserve"]
         if measured:
-            result["serving"] = run_load(measured, concurrencies, args.seconds, args.warmup, args.rounds, args.client_processes)
+            result["serving"] = run_load(measured, concurrencies, args.seconds, args.warmup, args.rounds, args.client_processes, price)
         if args.profile:
             slim_target = next(t for t in targets if t.kind == "slimserve")
             say(f"profiling slimserve at 16 callers for {args.profile_seconds:g} s")
@@ -364,11 +358,13 @@ def main(argv: list[str] | None = None) -> None:
         for s in servers:
             s.stop()
     result["notes"].append(
-        "share of ORT: req/s (1 sample each) / best in-process samples/s; "
-        "client µs/req: load-generator CPU per request (it shares the cores with the server)"
+        "share of ORT: req/s (1 sample each) / best in-process samples/s of the same file; "
+        "client µs/req: load-generator CPU per request (it shares the cores with the server); "
+        f"$/M: the node's price ({settings.node_type}, ${price:g}/h, server.pricing) over the requests it answers in an hour at that rate"
     )
     result["targets"] = check_targets(result)
     result["machine"]["load_average_at_end"] = os.getloadavg()
+    result["wall_s"] = round(time.monotonic() - started, 1)
     render(result)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -7,9 +7,13 @@ Semantics follow Triton's dynamic batcher:
   one call while the total stays <= `max_batch_size`; one request larger than that runs alone, unsplit.
   A request whose inputs have no batch dimension (a scalar input, or inputs disagreeing on dim 0)
   is never merged with anything.
-- A call starts as soon as `max_batch_size` samples of one kind wait, when the oldest waiting request
-  has waited `max_queue_delay_ms`, or at once when this variant has no call running (a lone request
-  under low load is not delayed; under load, requests gather while the running call computes).
+- A call starts as soon as `max_batch_size` samples of one kind wait, or at once when this variant has
+  no call running (a lone request under low load is not delayed; under load, requests gather while the
+  running call computes). With a call running and a slot free, requests wait for others (at most
+  `max_queue_delay_ms`) only when measured calls show a larger batch is cheaper per sample.
+- How many of the waiting samples a call takes is measured, not assumed (`batch_sizing.BatchSizer`,
+  fed by every call's compute time): the largest batch size whose cost per sample is near the best
+  measured, so a model whose batch-8 call costs 8x its batch-1 call (or more) runs small batches.
   With `preferred_batch_sizes`, a batch is cut at the largest preferred size that the waiting samples
   can fill, and a call starts as soon as one can be filled rather than waiting for the delay.
 - The oldest waiting request is always in the next call, so no kind of request starves; a younger
@@ -39,6 +43,7 @@ from collections.abc import Callable, Hashable
 import numpy as np
 
 from server.batch_assembly import BatchingConfig, batch_key, split_outputs
+from server.batch_sizing import BatchSizer
 from server.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -95,6 +100,8 @@ class DynamicBatcher:
         self.inline_below_s = inline_below_s
         self._compute_ewma: float | None = None
         self._delay = self.config.max_queue_delay_ms / 1000.0
+        # Cost per sample by batch size, from every executed call: where to cut a batch, and whether to wait (batch_sizing.py).
+        self.sizer = BatchSizer(self.config.max_batch_size)
         # key -> requests of that kind in arrival order; the oldest head overall goes first.
         self._queues: dict[Hashable, deque[_Request]] = {}
         self._samples: dict[Hashable, int] = {}
@@ -273,8 +280,13 @@ class DynamicBatcher:
             preferred = [p for p in cfg.preferred_batch_sizes if p <= cap]
             if preferred:
                 cap = preferred[-1]  # the largest preferred size the waiting samples fill
-            elif not (self._inflight == 0 or self._closing or available >= cfg.max_batch_size or waited >= self._delay):
-                return self._delay - waited
+            else:
+                if not (self._inflight == 0 or self._closing or waited >= self._delay) and self.sizer.worth_waiting(available):
+                    return self._delay - waited  # a measured larger batch is cheaper per sample: worth a short wait
+                cap = self.sizer.cut(cap)
+                free = self.max_concurrency - self._inflight
+                if free > 1 and not self.sizer.pays(cap):
+                    cap = -(-cap // free)  # merging gains nothing here: spread what waits over the free call slots
             self._start(key, queue, cap)
         return None
 
@@ -345,6 +357,7 @@ class DynamicBatcher:
             self._observe(total, [started - r.enqueued for r in batch], compute)
 
     def _observe(self, size: int, queue_seconds: list[float], compute: float) -> None:
+        self.sizer.observe(size, compute)
         if self.on_batch is None:
             return
         try:

@@ -1,0 +1,134 @@
+"""How large a batch pays on one variant: an online estimate of compute seconds per sample at each batch size (from
+the call times the batcher already measures), and the two decisions it gives the batcher: where to cut a batch, and
+whether waiting for more requests is worth it.
+
+On a CPU, merging requests pays only when a batch of n costs less than n calls of one: a tiny model
+spends most of a call on fixed overhead (the digits CNN: batch 32 costs 7x batch 1), a transformer
+encoder at sequence length 128 does not (MiniLM-L6: batch 16 costs more per sample than batch 1, its
+matrices leave the cache). Sizes are grouped in powers of two (1, 2-3, 4-7, ...); each group keeps a
+moving average of seconds per sample.
+
+- `cut(available)`: the most samples to take now. A group whose cost per sample is within `tolerance`
+  of the best measured is "good"; the cut is the largest good size the waiting samples fill, so a model
+  whose cost grows faster than its batch runs small batches (and its second call slot, if any, the
+  rest). A group not measured yet is tried only after the group below it measured good, so the
+  estimate grows one step at a time and never pays for a huge batch on a guess; every
+  `explore_every` batches the group just above the cut is tried again, so that an estimate made under
+  a noisy neighbour is corrected. The first call takes what waits (nothing is known yet); if that was a
+  long call (over `probe_above_s`) of many samples, the next one measures a single sample before the
+  large size is trusted.
+- `worth_waiting(available)`: True only when a measured larger group costs less per sample than the
+  batch that could start now by more than `wait_gain` (waiting costs every waiting request latency, so
+  it takes a clear gain, not noise). Without that evidence a free call slot starts at once: a model
+  whose batch-8 call costs 8x its batch-1 call gains nothing from waiting.
+"""
+
+from __future__ import annotations
+
+GROUPS = 12  # 1 .. 4095 samples
+
+
+def group_of(size: int) -> int:
+    """The power-of-two group of a batch size: 1 -> 0, 2-3 -> 1, 4-7 -> 2, ..."""
+    return min(max(size, 1).bit_length() - 1, GROUPS - 1)
+
+
+def top_of(group: int) -> int:
+    """The largest batch size in a group."""
+    return (2 << group) - 1
+
+
+class BatchSizer:
+    """Online cost per sample by batch-size group, and the cut / wait decisions of the batcher (loop thread only)."""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        tolerance: float = 0.05,
+        wait_gain: float = 0.25,
+        smoothing: float = 0.25,
+        explore_every: int = 200,
+        probe_above_s: float = 0.005,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.probe_above_s = probe_above_s
+        self.tolerance = tolerance
+        self.wait_gain = wait_gain
+        self.smoothing = smoothing
+        self.explore_every = explore_every
+        self.per_sample: list[float | None] = [None] * GROUPS  # seconds per sample, a moving average
+        self.observed = [0] * GROUPS
+        self._batches = 0
+
+    def observe(self, size: int, compute_s: float) -> None:
+        """One executed call of `size` samples that computed for `compute_s` seconds."""
+        if size < 1 or compute_s <= 0:
+            return
+        g = group_of(size)
+        cost = compute_s / size
+        old = self.per_sample[g]
+        self.per_sample[g] = cost if old is None else old + self.smoothing * (cost - old)
+        self.observed[g] += 1
+        self._batches += 1
+
+    def _best(self) -> float | None:
+        known = [c for c in self.per_sample if c is not None]
+        return min(known) if known else None
+
+    def _good(self, group: int, best: float) -> bool:
+        cost = self.per_sample[group]
+        return cost is not None and cost <= best * (1.0 + self.tolerance)
+
+    def _tryable(self, group: int, best: float) -> bool:
+        """Not measured yet, and the group below measured and still getting cheaper (or as cheap): one step up."""
+        if self.per_sample[group] is not None:
+            return False
+        if group == 0:
+            return True
+        below = self.per_sample[group - 1]
+        if below is None:
+            return False
+        cheapest_under = min((c for c in self.per_sample[: group - 1] if c is not None), default=below)
+        return below <= cheapest_under * (1.0 + self.tolerance)
+
+    def cut(self, available: int) -> int:
+        """How many of `available` waiting samples the next call takes (at least 1, at most max_batch_size)."""
+        want = max(1, min(available, self.max_batch_size))
+        best = self._best()
+        if best is None:
+            return want  # nothing measured yet: the first call takes what waits, as a batcher without an estimate does
+        if self.per_sample[0] is None:
+            known = min(g for g, c in enumerate(self.per_sample) if c is not None)
+            if self.per_sample[known] * (1 << known) >= self.probe_above_s:
+                return 1  # a long call measured at a large size only: measure one sample before trusting it
+        size = want
+        while size > 1 and not (self._good(group_of(size), best) or self._tryable(group_of(size), best)):
+            size = min(size, top_of(group_of(size) - 1))
+        if size == 1 and not self._good(0, best):
+            # Even one sample costs more than the best larger group: no good size fits what waits, so take it all.
+            return want
+        if size < want and self.explore_every > 0 and self._batches % self.explore_every == self.explore_every - 1:
+            size = min(want, top_of(group_of(size) + 1))  # now and then one step above the cut: the estimate may be stale
+        return size
+
+    def pays(self, size: int) -> bool:
+        """Whether merging `size` samples was measured cheaper per sample than single calls (True without evidence)."""
+        one, many = self.per_sample[0], self.per_sample[group_of(size)]
+        return size <= 1 or one is None or many is None or many < one * (1.0 - self.tolerance)
+
+    def worth_waiting(self, available: int) -> bool:
+        """Whether a measured larger batch is cheaper per sample than the `available` samples by more than the tolerance."""
+        if available >= self.max_batch_size:
+            return False
+        g = group_of(available)
+        now = self.per_sample[g]
+        if now is None:
+            now = next((self.per_sample[j] for j in range(g - 1, -1, -1) if self.per_sample[j] is not None), None)
+        if now is None:
+            return False
+        larger = [c for c in self.per_sample[g + 1 : group_of(self.max_batch_size) + 1] if c is not None]
+        return bool(larger) and min(larger) < now * (1.0 - self.wait_gain)
+
+    def snapshot(self) -> dict[int, float]:
+        """Measured microseconds per sample by the smallest size of each group (for benchmarks and logs)."""
+        return {1 << g: c * 1e6 for g, c in enumerate(self.per_sample) if c is not None}
