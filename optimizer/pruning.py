@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from optimizer.base import OptimizerError
 from optimizer.data import TrainData
 from optimizer.torchlayers import PRUNABLE, check_layer_names, layers_in_order, output_layers
 from optimizer.torchmodel import output_shapes
+from optimizer.transformer import op_name
+
+RESHAPES = ("view", "reshape", "_unsafe_view")  # the ops whose target shape a traced program holds as constants
 
 TORCH_PRUNING_PIN = "torch-pruning==1.6.1"
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")
@@ -140,6 +144,143 @@ def _pruning_failed(module: Any, ignored: tuple[str, ...], needed_by: str, error
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Reshapes whose constants carry a pruned channel count
+
+
+def _run_recording(module: Any, example: tuple[Any, ...], visit: Any) -> dict[Any, tuple[int, ...]]:
+    """Runs the program node by node on `example`; visit(node, input shape) before each reshape runs, and it may change the node."""
+    import torch
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            reshape = n.op == "call_function" and op_name(n) in RESHAPES and isinstance(n.args[0], torch.fx.Node)
+            if reshape:
+                visit(n, tuple(self.env[n.args[0]].shape))
+            result = super().run_node(n)
+            if reshape:
+                outputs[n] = tuple(result.shape)
+            return result
+
+    outputs: dict[Any, tuple[int, ...]] = {}
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            Recorder(module).run(*example)
+    finally:
+        module.train(was_training)
+    return outputs
+
+
+def reshape_shapes(module: Any, example: tuple[Any, ...]) -> dict[Any, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, output shape) of every view / reshape of a traced program on `example`, before pruning changes them."""
+    if getattr(module, "graph", None) is None:
+        return {}
+    inputs: dict[Any, tuple[int, ...]] = {}
+    outputs = _run_recording(module, example, inputs.__setitem__)
+    return {node: (shape, outputs[node]) for node, shape in inputs.items()}
+
+
+def _sizes(node: Any) -> list[Any]:
+    sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("size", node.kwargs.get("shape"))
+    return list(sizes)
+
+
+def _groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Input dims and the output dims they become (products equal), for a reshape from `before` to `after`."""
+    groups, i, j = [], 0, 0
+    while i < len(before) or j < len(after):
+        dims_in, dims_out, a, b = [], [], 1, 1
+        if i < len(before):
+            a, i = a * before[i], i + 1
+            dims_in.append(i - 1)
+        if j < len(after):
+            b, j = b * after[j], j + 1
+            dims_out.append(j - 1)
+        while a != b:
+            if a < b and i < len(before):
+                a, i = a * before[i], i + 1
+                dims_in.append(i - 1)
+            elif b < a and j < len(after):
+                b, j = b * after[j], j + 1
+                dims_out.append(j - 1)
+            else:
+                return None
+        groups.append((dims_in, dims_out))
+    return groups
+
+
+def _new_sizes(sizes: list[Any], before: tuple[int, ...], after: tuple[int, ...], now: tuple[int, ...]) -> list[Any] | None:
+    """The reshape's sizes for an input that is `now` instead of `before` (pruned channels), or None when it cannot tell which constant."""
+    groups = _groups(before, after)
+    if groups is None or len(now) != len(before):
+        return None
+    sizes = list(sizes)
+    for dims_in, dims_out in groups:
+        old = math.prod(before[d] for d in dims_in)
+        new = math.prod(now[d] for d in dims_in)
+        if old == new:
+            continue
+        if any(sizes[d] == -1 for d in dims_out):
+            continue  # the -1 takes the new size
+        constants = [d for d in dims_out if isinstance(sizes[d], int) and not isinstance(sizes[d], bool)]
+        changed = [d for d in dims_in if before[d] != now[d]]
+        if len(constants) > 1 and len(changed) == 1:  # a split: only the dim that held the whole channel count can follow it
+            constants = [d for d in constants if sizes[d] == before[changed[0]]]
+        if len(constants) != 1 or (sizes[constants[0]] * new) % old:
+            return None
+        sizes[constants[0]] = sizes[constants[0]] * new // old
+    return sizes
+
+
+def _feeding_layer(module: Any, node: Any) -> str:
+    """The nearest conv / linear / recurrent layer upstream of a node (what ignored_layers should name)."""
+    stack, seen = list(node.all_input_nodes), set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_module" and type(module.get_submodule(current.target)).__name__ in PRUNABLE:
+            return current.target
+        stack.extend(current.all_input_nodes)
+    return "the layer before it"
+
+
+def rewrite_reshapes_(module: Any, example: tuple[Any, ...], shapes: dict[Any, Any], needed_by: str) -> list[str]:
+    """Rewrites the view / reshape constants that carried a pruned channel count ([-1, 1280] -> [-1, 960]); returns the nodes changed.
+
+    Torch-Pruning resizes the layers on both sides of a flatten, but a traced program's reshape keeps its
+    old sizes as constants; we run the pruned program on `example` and give each reshape whose input
+    changed the sizes that keep its output's layout (the constant of the output dim the channels went to).
+    """
+    if not shapes:
+        return []
+    changed: list[str] = []
+
+    def visit(node: Any, now: tuple[int, ...]) -> None:
+        if node not in shapes or now == shapes[node][0]:
+            return
+        before, after = shapes[node]
+        sizes = _new_sizes(_sizes(node), before, after, now)
+        if sizes is None:
+            raise OptimizerError(
+                f"{needed_by}: pruning changed the input of {node.name} ({op_name(node)} to {list(_sizes(node))}) from {list(before)} "
+                f"to {list(now)}, and its sizes cannot be rewritten for the fewer channels; add {_feeding_layer(module, node)} to ignored_layers"
+            )
+        if len(node.args) > 1:
+            node.args = (node.args[0], type(node.args[1])(sizes), *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, ("size" if "size" in node.kwargs else "shape"): sizes}
+        changed.append(node.name)
+
+    _run_recording(module, example, visit)
+    if changed:
+        module.recompile()
+    return changed
+
+
 def prune_channels_(
     module: Any,
     example: tuple[Any, ...],
@@ -189,10 +330,12 @@ def prune_channels_(
     for i in range(steps):
         if importance == "taylor" and gradients is not None:
             gradients()
+        shapes = reshape_shapes(module, example)
         try:
             pruner.step()
         except failures as e:
             raise _pruning_failed(module, ignored, needed_by, e) from e
+        rewrite_reshapes_(module, example, shapes, needed_by)
         module.zero_grad(set_to_none=True)
         if between_steps is not None:
             between_steps(i)

@@ -57,7 +57,8 @@ class Encoder:
     layers: list[str]
 
 
-def _op(node: Any) -> str:
+def op_name(node: Any) -> str:
+    """An fx node's operator without its overload ('view' for aten.view.default); also used by optimizer/pruning.py."""
     target = node.target
     name = getattr(target, "__name__", str(target))
     return name.split(".")[0]
@@ -106,7 +107,7 @@ def _attention_from(module: Any, projections: list[Any]) -> Attention | None:
         return None
     order = {n: i for i, n in enumerate(module.graph.nodes)}
     region.sort(key=order.__getitem__)
-    first = next((n for n in region if _op(n) in ATTENTION_OPS), None)
+    first = next((n for n in region if op_name(n) in ATTENTION_OPS), None)
     shape = _shape(first.args[0]) if first is not None else None
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
         return None
@@ -131,8 +132,8 @@ def find_encoder(module: Any) -> Encoder | None:
         layer = _linear(module, node)
         if layer is None:
             continue
-        splits = [u for u in node.users if _op(u) in SHAPE_OPS]
-        if any(_op(u) == "unflatten" and list(u.args[2])[:1] == [3] for u in splits) and layer.out_features % 3 == 0:
+        splits = [u for u in node.users if op_name(u) in SHAPE_OPS]
+        if any(op_name(u) == "unflatten" and list(u.args[2])[:1] == [3] for u in splits) and layer.out_features % 3 == 0:
             fused.append(node)
         elif splits:
             by_input.setdefault(node.args[0], []).append(node)
@@ -151,7 +152,7 @@ def find_encoder(module: Any) -> Encoder | None:
         if up is None or node.target in taken or up.out_features <= up.in_features:
             continue
         current = node
-        while len(current.users) == 1 and _op(next(iter(current.users))) in ACTIVATIONS:
+        while len(current.users) == 1 and op_name(next(iter(current.users))) in ACTIVATIONS:
             current = next(iter(current.users))
         if current is node or len(current.users) != 1:
             continue
@@ -225,7 +226,7 @@ def _rewrite_shapes_(graph: Any, unit: Attention, keep_heads: int) -> None:
         return value
 
     for node in unit.region:
-        if _op(node) in SHAPE_OPS:
+        if op_name(node) in SHAPE_OPS:
             node.args = tuple(fix(a, node) if i > 0 else a for i, a in enumerate(node.args))
 
 
