@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -70,6 +71,14 @@ class ServerProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS in /proc status")
+
+    def settled_rss(self) -> int:
+        """The lowest of a few RSS samples a moment apart: RSS wobbles with requests in flight."""
+        samples = []
+        for _ in range(5):
+            samples.append(self.rss_bytes())
+            time.sleep(0.2)
+        return min(samples)
 
     def kill9(self) -> None:
         os.kill(self.pid, signal.SIGKILL)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,33 @@ def poll(condition, what: str, timeout: float):
     return wait_until(condition, what, timeout, interval=0.25, ignore=(OSError,))
 
 
+@contextmanager
+def running_prometheus(binary: str, config: dict, root: Path, port: int) -> Iterator[None]:
+    """A real Prometheus on 127.0.0.1:`port` with `config` (written under `root`), ready when this enters."""
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "prometheus.log", "w"),  # noqa: SIM115  Prometheus writes it until it stops
+    )
+    try:
+        poll(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, "Prometheus to be ready", 30)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 @pytest.fixture(scope="module")
 def prometheus(prometheus_tools, served, tmp_path_factory):
     """Prometheus on a free loopback port, scraping the served slimserve every second with our rules.
@@ -98,28 +127,8 @@ def prometheus(prometheus_tools, served, tmp_path_factory):
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     jobs["slimserve"]["static_configs"][0]["targets"] = [f"127.0.0.1:{served.handle.server.metrics_port}"]
     jobs["prometheus"]["static_configs"][0]["targets"] = [f"127.0.0.1:{port}"]
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(
-        [
-            prometheus_tools.prometheus,
-            f"--config.file={root / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "prometheus.log", "w"),  # noqa: SIM115  Prometheus writes it until it stops
-    )
-    try:
-        poll(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, "Prometheus to be ready", 30)
+    with running_prometheus(prometheus_tools.prometheus, config, root, port):
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 def test_prometheus_scrapes_slimserve_and_answers_queries(prometheus):

@@ -3,8 +3,6 @@ from a real Prometheus scraping both servers on loopback (the writer in this pro
 
 from __future__ import annotations
 
-import subprocess
-import urllib.request
 from contextlib import contextmanager
 
 import numpy as np
@@ -13,7 +11,7 @@ import yaml
 
 from client.client import SlimServeClient
 from tests.deploy.conftest import make_classifier
-from tests.deploy.test_prometheus import api, poll
+from tests.deploy.test_prometheus import api, poll, running_prometheus
 from tests.helpers import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow  # a server process, Prometheus, and waits for its scrapes: ~15 s
@@ -29,28 +27,8 @@ def prometheus_on(tools, port: int, targets: list[int], root):
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "slimserve", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in targets]}]}],
     }
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(
-        [
-            tools.prometheus,
-            f"--config.file={root / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "prometheus.log", "w"),  # noqa: SIM115  Prometheus writes it until it stops
-    )
-    try:
-        poll(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, "Prometheus to be ready", 30)
+    with running_prometheus(tools.prometheus, config, root, port):
         yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 def test_the_writers_controller_counts_the_replicas_requests_through_prometheus(prometheus_tools, server_factory, tmp_path):

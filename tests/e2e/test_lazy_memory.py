@@ -3,8 +3,6 @@ again, their memory leaves the process (the heap trimmed after each unload), not
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -13,14 +11,6 @@ from client.client import SlimServeClient
 from tests.helpers import ServerProcess, wait_until
 
 VARIANTS = 10
-
-
-def settled_rss(server: ServerProcess) -> int:
-    samples = []
-    for _ in range(5):
-        samples.append(server.rss_bytes())
-        time.sleep(0.2)
-    return min(samples)
 
 
 @pytest.mark.slow
@@ -32,13 +22,13 @@ def test_idle_unrouted_variants_leave_memory_and_come_back_on_demand(tmp_path):
     try:
         with SlimServeClient(server.address) as client:
             _, expected = client.infer("mlp", {"x": x})
-            start = settled_rss(server)
+            start = server.settled_rss()
             for i in range(VARIANTS):
                 variant, outputs = client.infer("mlp", {"x": x}, variant=f"copy{i}")  # loads it: the request waits
                 assert variant == f"copy{i}" and np.allclose(outputs["y"], expected["y"], atol=1e-5)
-            loaded = settled_rss(server)
+            loaded = server.settled_rss()
             assert loaded - start > 0.8 * VARIANTS * model_bytes  # each loaded copy holds its weights
-            wait_until(lambda: settled_rss(server) < loaded - 0.8 * VARIANTS * model_bytes, "idle variants to leave memory", 60)
+            wait_until(lambda: server.settled_rss() < loaded - 0.8 * VARIANTS * model_bytes, "idle variants to leave memory", 60)
             variant, outputs = client.infer("mlp", {"x": x}, variant="copy3")  # and back on demand
             assert variant == "copy3" and np.allclose(outputs["y"], expected["y"], atol=1e-5)
     finally:

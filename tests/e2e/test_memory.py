@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -12,15 +11,6 @@ from tests.helpers import ServerProcess, wait_until
 
 CYCLES = 20
 WARMUP = 3  # the first jobs import the optimizer and grow pools and arenas once; measured from after them
-
-
-def settled_rss(server: ServerProcess) -> int:
-    """The lowest of a few samples a moment apart: RSS wobbles with requests in flight."""
-    samples = []
-    for _ in range(5):
-        samples.append(server.rss_bytes())
-        time.sleep(0.2)
-    return min(samples)
 
 
 @pytest.mark.slow
@@ -48,14 +38,14 @@ def test_creating_and_deleting_20_variants_under_load_returns_memory(tmp_path, d
         with server.client() as c:
             for i in range(WARMUP + CYCLES):
                 if i == WARMUP:
-                    rss.append(settled_rss(server))
+                    rss.append(server.settled_rss())
                 name = f"v{i}"
                 c.optimize("digits", "graph-ort", variant_name=name)
                 c.traffic("digits", {"baseline": 50, name: 50})
                 target = answered[name] + 20
                 wait_until(lambda name=name, target=target: answered[name] >= target or errors, f"20 answers from {name}", 60)
                 c.delete_variant("digits", name)
-            rss.append(settled_rss(server))
+            rss.append(server.settled_rss())
             assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]
         stop.set()
         for t in threads:
