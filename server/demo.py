@@ -2,13 +2,15 @@
 
 Train a small CNN, serve it, query it with slimctl and Triton's own client, optimize it into INT8
 variants, split live traffic between them with a shadow, drive load with ground-truth feedback,
-and print `slimctl compare`: which variant is faster, cheaper and as accurate.
+print `slimctl compare`: which variant is faster, cheaper and as accurate, then let the rollout
+controller promote a good variant and roll back a damaged one by itself.
 
 Everything runs on this machine: the data ships inside scikit-learn, the server listens on loopback.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -85,6 +87,35 @@ def drive_load(address: str, x: np.ndarray, labels: np.ndarray, requests: int, c
         print(f"  {e}")
 
 
+# A short plan for the demo's traffic (the defaults want thousands of requests a stage): one canary step at 50%.
+DEMO_PLAN = {
+    "steps": [50],
+    "min_requests": 150,
+    "max_stage_s": 120,
+    "gates": {"error": 0.05, "latency_p50": 3.0, "latency_p99": None, "accuracy": 0.05, "agreement": 0.9, "cost": 5.0},
+}
+# Hard pruning with next to no fine-tuning: a variant that still runs but answers wrong, for the controller to catch.
+DAMAGE_RECIPE = {
+    "version": 1,
+    "name": "damage",
+    "passes": [{"pass": "prune-weight", "config": {"sparsity": 0.99, "finetune": {"epochs": 1, "lr": 1e-7, "max_samples": 32}}}],
+}
+
+
+def follow_rollout(address: str, x: np.ndarray, labels: np.ndarray, timeout: float = 180.0) -> dict:
+    """Drives labelled traffic until the rollout ends (the controller looks every second), then returns its status."""
+    from client.client import SlimServeClient
+
+    deadline = time.monotonic() + timeout
+    with SlimServeClient(address) as client:
+        status = client.rollout_status("digits")
+        while status["state"] in ("shadow", "canary") and time.monotonic() < deadline:
+            drive_load(address, x, labels, requests=200, callers=4)
+            status = client.rollout_status("digits")
+            print(f"rollout of '{status['variant']}': {status['state']}")
+    return status
+
+
 def main() -> None:
     import torch
 
@@ -117,6 +148,8 @@ def main() -> None:
             str(grpc_port),
             "--metrics-port",
             str(metrics_port),
+            "--rollout-interval-s",
+            "1",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -166,7 +199,16 @@ def main() -> None:
         sh(slimctl, "promote", "digits", "int8", env=env)
         sh(slimctl, "rollback", "digits", env=env)
 
-        step("8. what Prometheus scrapes (a few of the series)")
+        step("8. rollouts by themselves: int8 shadowed, canaried and promoted by its gates; a damaged variant rolled back")
+        (WORK / "plan.json").write_text(json.dumps(DEMO_PLAN))
+        (WORK / "damage.json").write_text(json.dumps(DAMAGE_RECIPE))
+        sh(slimctl, "optimize", "digits", "--recipe", WORK / "damage.json", "--name", "damaged", env=env)
+        for variant in ("int8", "damaged"):
+            sh(slimctl, "rollout", "start", "digits", variant, "--plan", WORK / "plan.json", env=env)
+            follow_rollout(f"127.0.0.1:{grpc_port}", test.x, test.y)
+            sh(slimctl, "rollout", "status", "digits", env=env)
+
+        step("9. what Prometheus scrapes (a few of the series)")
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         for line in body.splitlines():
             if (
@@ -177,13 +219,15 @@ def main() -> None:
                         "slimserve_traffic_weight_ratio",
                         "slimserve_online_accuracy_ratio",
                         "slimserve_shadow_agreements_total",
+                        "slimserve_rollout_decisions_total",
                     )
                 )
                 and 'model="digits"' in line
+                and not (line.startswith("slimserve_rollout_decisions_total") and line.endswith(" 0.0"))  # decisions taken only
             ):
                 print(line)
     finally:
-        step("9. graceful shutdown (SIGTERM)")
+        step("10. graceful shutdown (SIGTERM)")
         server.send_signal(signal.SIGTERM)
         print(f"slimserve exited with status {server.wait(60)}")
 
