@@ -152,6 +152,18 @@ def failure(stderr: str) -> str:
 def summarize_report(rows) -> dict:
     """The picked variant's row of the optimizer's report (a list of rows, baseline first): what it is, what quality it kept."""
     rows = rows if isinstance(rows, list) else []
-    keys = ("variant", "runtime", "metric", "quality", "quality_drop_pt", "accuracy_delta_pt", "agreement", "speedup_x", "size_bytes")
-    picked = rows[-1] if rows else {}
+    keys = (
+        "variant",
+        "recipe",
+        "runtime",
+        "metric",
+        "quality",
+        "quality_drop_pt",
+        "accuracy_delta_pt",
+        "agreement",
+        "speedup_x",
+        "size_bytes",
+    )
+    # The search's candidates follow the pick in the report (their own rows, measured or skipped): the pick is the row named auto.
+    picked = next((r for r in rows if r.get("variant") == "auto"), rows[-1] if rows else {})
     return {k: picked[k] for k in keys if k in picked}

@@ -21,6 +21,11 @@ FORMATS = ("onnx", "pt2")
 DEFAULT_RUNTIME = {"onnx": "onnxruntime", "pt2": "torch"}
 
 
+class UnsafeArchiveError(ValueError):
+    """The archive holds a pickled object that could run code when loaded (here, not in pt2io, so that the server can
+    catch it without importing torch: a server of ONNX models never needs it)."""
+
+
 class OptimizerError(Exception):
     """A pass cannot run as asked: the message says why and what to do (bad config, missing data, ...)."""
 

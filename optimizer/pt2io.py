@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 
-
-class UnsafeArchiveError(ValueError):
-    """The archive holds a pickled object that could run code when loaded."""
+from optimizer.base import UnsafeArchiveError
 
 
 class _NoUnpickling:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from optimizer.base import UnsafeArchiveError
 from server.errors import InvalidArgument
 from server.manifest import (
     BASELINE,
@@ -26,7 +27,6 @@ from server.manifest import (
 )
 from server.repository import Repository
 from server.runtimes import RuntimeConfig, create_runtime
-from server.runtimes.pt2 import UnsafeArchiveError
 
 log = logging.getLogger(__name__)
 

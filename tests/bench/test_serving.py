@@ -75,3 +75,15 @@ def test_inprocess_limits_name_batch_one_and_the_best_run():
         {"name": "batch 1, 2 streams x 1 thread", "batch": 1, "streams": 2, "samples_per_s": 13.0},
     ]
     assert limits(rows) == {"batch1_samples_per_s": 7.0, "best_samples_per_s": 13.0, "best_run": "batch 1, 2 streams x 1 thread"}
+
+
+def test_the_auto_summary_is_the_picked_row_not_the_last_candidate():
+    from bench.serving_models import summarize_report
+
+    rows = [
+        {"variant": "baseline", "runtime": "onnxruntime", "quality": None},
+        {"variant": "auto", "recipe": "quantize-dynamic", "runtime": "onnxruntime", "metric": "cosine", "quality": 0.9932},
+        {"variant": "distill-soft,graph-ort", "recipe": "distill-soft,graph-ort", "runtime": None, "quality": None},
+    ]
+    summary = summarize_report(rows)
+    assert summary["recipe"] == "quantize-dynamic" and summary["quality"] == 0.9932
