@@ -73,7 +73,10 @@ class Settings(BaseSettings):
         ge=0,
     )
     max_concurrent_calls: int = setting(
-        1, "model calls of one variant at once; requests gather behind them (with 2 or more, `--max-queue-delay-ms` applies)", ge=1
+        2,
+        "model calls of one variant at once (as many as the compute threads by default: a model whose batches cost as much "
+        "per sample as single calls then still uses every core); requests gather behind them, `--max-queue-delay-ms` applies",
+        ge=1,
     )
     unload_idle_variants_s: float = setting(
         0.0,

@@ -69,7 +69,7 @@ def test_model_config_describes_the_served_variant(seen):
     assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": ["1", "8", "8"]}]
     assert config["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": ["10"]}]
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": "500"}
-    assert config["instance_group"] == [{"name": "digits_1", "kind": "KIND_CPU", "count": 1}]
+    assert config["instance_group"] == [{"name": "digits_1", "kind": "KIND_CPU", "count": 2}]
 
 
 def test_model_statistics_count_what_ran(seen):

@@ -214,7 +214,7 @@ def test_get_model_config_is_tritons_json(triton):
             ("OUTPUT1", "TYPE_INT32", [16]),
         ]
         assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 500
-        assert config["instance_group"][0]["count"] == 1 and config["instance_group"][0]["kind"] == "KIND_CPU"
+        assert config["instance_group"][0]["count"] == 2 and config["instance_group"][0]["kind"] == "KIND_CPU"
     assert triton.get_model_config("simple_string")["input"][0]["data_type"] == "TYPE_STRING"
     assert refusal(lambda: triton.get_model_config("simple", "9"))[0] == "404"
     assert refusal(lambda: triton.get_model_config("wrong_model_name"))[0] == "404"

@@ -46,7 +46,7 @@ def stats_of(server):
 @pytest.fixture
 def slow_server(server_factory, tmp_path):
     """One request at a time per variant (batches of 1) and room for two waiting: a small, slow queue."""
-    server = server_factory(max_queue_size=2, max_batch_size=1)
+    server = server_factory(max_queue_size=2, max_batch_size=1, max_concurrent_calls=1)
     register_slow(server, tmp_path)
     return server
 
@@ -81,7 +81,7 @@ def test_a_full_queue_answers_resource_exhausted_at_once_and_the_queued_requests
 
 
 def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factory, tmp_path):
-    server = server_factory(max_batch_size=1)
+    server = server_factory(max_batch_size=1, max_concurrent_calls=1)  # one call runs, the rest queue behind it
     register_slow(server, tmp_path)
     with grpc.insecure_channel(server.address, options=BIG) as channel:
         infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
