@@ -23,12 +23,12 @@ from server.batching import DynamicBatcher
 from server.errors import NotFound, Unavailable
 from server.manifest import BASELINE, ModelInfo
 from server.metrics import Metrics
-from server.model_config import ServingOverride
+from server.model_config import ServingOverride, batchable
 from server.models import LoadedModel, ServedVariant, UnloadedVariant
 from server.recording import VariantRecorder
 from server.repository import Repository
 from server.routing import Router, TrafficPolicy
-from server.runtimes import Runtime, RuntimeConfig, create_runtime
+from server.runtimes import Runtime, RuntimeConfig, TensorSpec, create_runtime
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,21 @@ class ModelLoader:
         runtime.load()
         return runtime
 
+    def _serving(self, inputs: list[TensorSpec], override: ServingOverride | None, loading: str = "") -> tuple[BatchingConfig, int]:
+        """The batching and concurrent calls a variant with these inputs gets: the settings, a load config's override,
+        and no batching without a free batch dimension on every input (said in the log for the variant `loading`)."""
+        config, calls = override.apply(self.batching, self.max_concurrent_calls) if override else (self.batching, self.max_concurrent_calls)
+        if config.enabled and not batchable(inputs):
+            if loading:
+                log.info("%s has a fixed batch dimension: served without batching", loading)
+            config = replace(config, enabled=False)
+        return config, calls
+
     def _serve(
         self, model: str, variant: str, runtime: Runtime, recorder: VariantRecorder | None, override: ServingOverride | None
     ) -> ServedVariant:
         """The runtime behind its batcher. Batching needs a free batch dimension on every input."""
-        config, calls = override.apply(self.batching, self.max_concurrent_calls) if override else (self.batching, self.max_concurrent_calls)
-        batchable = all(s.shape and s.shape[0] == -1 for s in runtime.inputs)
-        if config.enabled and not batchable:
-            log.info("variant '%s' of '%s' has a fixed batch dimension: served without batching", variant, model)
-            config = replace(config, enabled=False)
+        config, calls = self._serving(runtime.inputs, override, f"variant '{variant}' of '{model}'")
         # A reload of a loaded variant keeps its statistics and series (RepositoryModelLoad is not a deletion).
         recorder = recorder or VariantRecorder(self.metrics, model, variant)
         batcher = DynamicBatcher(
@@ -204,9 +210,7 @@ class ModelLoader:
         self, info: ModelInfo, variant: str, recorder: VariantRecorder | None, override: ServingOverride | None, reason: str
     ) -> UnloadedVariant:
         """The record of a variant never loaded here: the model's inputs and outputs, the serving settings it would get."""
-        config, calls = override.apply(self.batching, self.max_concurrent_calls) if override else (self.batching, self.max_concurrent_calls)
-        if config.enabled and not all(s.shape and s.shape[0] == -1 for s in info.inputs):
-            config = replace(config, enabled=False)
+        config, calls = self._serving(info.inputs, override)
         recorder = recorder or VariantRecorder(self.metrics, info.name, variant)
         return UnloadedVariant(variant, recorder, list(info.inputs), list(info.outputs), config, calls, "", reason)
 
