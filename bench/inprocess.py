@@ -55,7 +55,7 @@ def bench_inprocess(onnx: Path, pool: dict[str, np.ndarray], batches: list[int],
     for b in batches:
         feed = {k: v[:b] for k, v in rows_of.items()}
         lat, elapsed = _time_calls(runtime.predict, feed, seconds)
-        rows.append(_row(f"{prefix}batch {b}", b, 1, config.intra_op_threads, lat, len(lat) * b / elapsed))
+        rows.append(_row(f"{prefix}batch {b}", b, 1, runtime.intra_op_threads, lat, len(lat) * b / elapsed))
     b = max(rows, key=lambda r: r["samples_per_s"])["batch"]
     feed = {k: v[:b] for k, v in rows_of.items()}
     one_thread = RuntimeConfig(intra_op_threads=1, inter_op_threads=1, device=config.device)

@@ -85,7 +85,7 @@ from bench.servers import (
     start_mlserver,
     start_slimserve,
 )
-from bench.serving_models import CHOICES, auto_variant, prepare
+from bench.serving_models import CHOICES, auto_variant, prepare, slimserve_threads
 
 
 def verify(target: Target, shape: tuple[int, ...]) -> str | None:
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--peer-intra-op-threads",
         type=int,
-        help="ORT threads per call in the peers (default: slimserve's for digits; 0, ORT's default of all cores, for the real "
-        "models, whose peers run one call at a time)",
+        help="ORT threads per call in the peers (default: the count slimserve chooses for digits; 0, ORT's default of all cores, "
+        "for the real models, whose peers run one call at a time)",
     )
     parser.add_argument("--client-processes", type=int, default=2, help="load-generator processes per point (at most one per caller)")
     parser.add_argument(
@@ -225,9 +225,6 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     price = price_of(settings.node_type, load_prices(settings.prices))
     slim_flags = (*choice.slimserve_flags, *args.slimserve_flag)
-    peer_threads = args.peer_intra_op_threads
-    if peer_threads is None:
-        peer_threads = settings.runtime_config().intra_op_threads if args.model == "digits" else 0
     result: dict = {
         "model": choice.title,
         "model_key": args.model,
@@ -244,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             **{k: v for k, v in vars(args).items() if k != "output"},
             "slimserve_flags": list(slim_flags),
             "slimserve_compute_threads": settings.compute_threads,
-            "slimserve_intra_op_threads": settings.runtime_config().intra_op_threads,
-            "peer_intra_op_threads": peer_threads,
+            "slimserve_intra_op_threads": None,  # measured below, once the model file is there
+            "peer_intra_op_threads": args.peer_intra_op_threads,
             "node_type": settings.node_type,
             "node_price_dollars_per_hour": price,
         },
@@ -256,6 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     started = time.monotonic()
     files = prepare(choice, args.fresh)
+    # slimserve chooses its threads per variant at load (server/runtimes/ort_threads.py): the peers of the digits CNN and
+    # the floor get the same count; the real models' peers keep ORT's default (all cores), as KServe's users run them.
+    slim_threads = slimserve_threads(files.onnx, settings)
+    peer_threads = args.peer_intra_op_threads
+    if peer_threads is None:
+        peer_threads = slim_threads if args.model == "digits" else 0
+    result["settings"].update(slimserve_intra_op_threads=slim_threads, peer_intra_op_threads=peer_threads)
     auto: ModelFiles | None = None
     if "auto" in sections:
         auto, info = auto_variant(files, args.accuracy_budget, args.optimize_timeout)
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
                 (True, "floor + model", "hand-written grpc aio server: parse, one ORT call on the loop, answer; nothing else"),
                 (False, "floor (no model)", "grpc aio server that parses the request and answers fixed bytes: the ceiling"),
             ):
-                floor = start_floor(files, with_model, settings.runtime_config().intra_op_threads)
+                floor = start_floor(files, with_model, slim_threads)
                 floor.start()
                 servers.append(floor)
                 try:

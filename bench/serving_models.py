@@ -13,14 +13,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bench.common import ROOT, say
 from bench.servers import CACHE, ModelFiles, prepare_model
 
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -34,9 +36,7 @@ class ModelChoice:
     rounds: int
     batches: str
     sections: str
-    # A model whose call takes tens of ms: two calls at once (the in-process limit is two streams), each allowed all
-    # cores (so that one caller alone is not held to one core; ORT's idle workers sleep, so two calls share them).
-    slimserve_flags: tuple[str, ...] = ()
+    slimserve_flags: tuple[str, ...] = ()  # flags of `slimserve start` beyond the defaults
 
 
 CHOICES: dict[str, ModelChoice] = {
@@ -59,7 +59,6 @@ CHOICES: dict[str, ModelChoice] = {
         1,
         "1,2,4,8",
         "inprocess,slimserve,auto,peers",
-        ("--max-concurrent-calls=2", f"--intra-op-threads={CORES}"),
     ),
     "effnet": ModelChoice(
         "effnet",
@@ -70,7 +69,6 @@ CHOICES: dict[str, ModelChoice] = {
         1,
         "1,2,4,8,16",
         "inprocess,slimserve,auto,peers",
-        ("--max-concurrent-calls=2", f"--intra-op-threads={CORES}"),
     ),
 }
 
@@ -103,6 +101,18 @@ def prepare(choice: ModelChoice, fresh: bool) -> ModelFiles:
         output_shape=(1, out),
         train=folder / "train.npz",
     )
+
+
+def slimserve_threads(onnx: Path, settings: Settings) -> int:
+    """The intra-op threads slimserve's runtime gives this file with these settings (the flag's count, or its measured choice)."""
+    from server.runtimes import create_runtime
+
+    runtime = create_runtime("onnxruntime", onnx, settings.runtime_config())
+    runtime.load()
+    try:
+        return runtime.intra_op_threads
+    finally:
+        runtime.unload()
 
 
 def auto_variant(files: ModelFiles, budget: float, timeout_s: float) -> tuple[ModelFiles | None, dict]:

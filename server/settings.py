@@ -56,8 +56,11 @@ class Settings(BaseSettings):
     compute_threads: int = setting(2, "worker threads that run models")
     intra_op_threads: int = setting(
         0,
-        "threads inside one model call (ORT's idle workers never spin); 0: the cores divided among the compute threads",
-        shown="cores ÷ compute threads",
+        "threads inside one model call (ORT's idle workers never spin); 0: chosen per variant at load and logged: ONNX Runtime "
+        "on the CPU times a batch-1 call and takes all cores when the call is over 1 ms of CPU and they shorten it 1.3x or "
+        "more, else 1 thread; torch and GPU providers: the cores divided among the compute threads",
+        shown="measured per variant",
+        ge=0,
     )
     device: str = setting("auto", "`auto` (or `cuda`) picks TensorRT/CUDA when present, else the CPU; `cpu` forces the CPU")
     batching: bool = setting(True, "dynamic batching per variant (inputs need a free batch dimension, else that variant runs unbatched)")
@@ -116,10 +119,10 @@ class Settings(BaseSettings):
         )
 
     def runtime_config(self) -> RuntimeConfig:
-        return RuntimeConfig(intra_op_threads=self.intra_op_threads or self.auto_intra_op_threads(), device=self.device)
+        return RuntimeConfig(intra_op_threads=self.intra_op_threads, threads_per_call=self.auto_intra_op_threads(), device=self.device)
 
     def auto_intra_op_threads(self) -> int:
-        """Cores shared out among the compute threads, so that concurrent model calls do not oversubscribe the node.
+        """Cores shared out among the compute threads: the threads of a call where nothing is measured (torch, GPU providers).
 
         On 2 cores with 2 compute threads that is 1 thread per call: measured on the digits CNN, it
         halves the server's CPU per request against ORT's default of one thread per core.

@@ -32,7 +32,10 @@ class TensorSpec:
 class RuntimeConfig:
     """How a runtime uses the node: threads, and which device it may use."""
 
-    intra_op_threads: int = 0  # 0: the backend's default (all cores)
+    intra_op_threads: int = 0  # 0: the runtime chooses (ONNX Runtime on the CPU: measured at load), else exactly this
+    # The node's cores shared out among the calls that run at once: what a runtime that measures nothing uses for 0
+    # (torch, ORT on a GPU provider); 0 here too: the backend's default (all cores).
+    threads_per_call: int = 0
     inter_op_threads: int = 0
     device: str = "auto"  # auto | cpu | cuda
     # ORT execution providers in order of preference; empty means TensorRT, CUDA, CPU as available.

@@ -11,6 +11,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as Inval
 from client.datatypes import DATATYPE_TO_NUMPY
 from server.errors import InvalidArgument
 from server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
+from server.runtimes.ort_threads import ThreadChoice, choose, node_cores, probe_feed
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ def choose_providers(config: RuntimeConfig, available: list[str] | None = None) 
     return chosen
 
 
-def session_options(config: RuntimeConfig) -> ort.SessionOptions:
+def session_options(config: RuntimeConfig, intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """Options of a session; `intra_op_threads` overrides the config's (the measured choice tries counts of its own)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = config.intra_op_threads
+    options.intra_op_num_threads = config.intra_op_threads if intra_op_threads is None else intra_op_threads
     options.inter_op_num_threads = config.inter_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -80,7 +82,18 @@ class OnnxRuntime(Runtime):
 
     def load(self) -> None:
         providers = choose_providers(self.config)
-        self.session = ort.InferenceSession(str(self.path), sess_options=session_options(self.config), providers=providers)
+
+        def make(threads: int) -> ort.InferenceSession:
+            return ort.InferenceSession(str(self.path), sess_options=session_options(self.config, threads), providers=providers)
+
+        if self.config.intra_op_threads > 0:
+            self.session, self.thread_choice = make(self.config.intra_op_threads), ThreadChoice(self.config.intra_op_threads, "set")
+        elif providers[0] != "CPUExecutionProvider":  # GPU providers: the CPU only feeds them; the static share as before
+            threads = self.config.threads_per_call
+            self.session, self.thread_choice = make(threads), ThreadChoice(threads, "GPU provider: cores ÷ compute threads")
+        else:
+            self.session, self.thread_choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), node_cores())
+        log.info("%s: %d intra-op thread(s): %s", self.path.name, self.thread_choice.threads, self.thread_choice.reason)
         actual = self.session.get_providers()
         # onnxruntime-gpu falls back to the CPU silently when CUDA cannot start; say so once.
         if providers[0] != "CPUExecutionProvider" and actual[0] != providers[0]:
@@ -99,6 +112,11 @@ class OnnxRuntime(Runtime):
 
     def unload(self) -> None:
         self.session = None
+
+    @property
+    def intra_op_threads(self) -> int:
+        """The threads one call of this session uses: the flag's count, or the count measured at load."""
+        return self.thread_choice.threads
 
     @property
     def device(self) -> str:

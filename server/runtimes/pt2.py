@@ -52,8 +52,9 @@ class TorchRuntime(Runtime):
         self.inputs, self.outputs = signature_of(program)
         use_cuda = self.config.device in ("auto", "cuda") and torch.cuda.is_available()
         self._device = torch.device("cuda" if use_cuda else "cpu")
-        if self.config.intra_op_threads > 0:
-            torch.set_num_threads(self.config.intra_op_threads)
+        threads = self.config.intra_op_threads or self.config.threads_per_call
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.module = program.module().to(self._device)
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -1,0 +1,139 @@
+"""The intra-op thread count of an ONNX Runtime CPU session, measured at load: all cores where one call is long enough
+and parallel enough to gain from them, else one thread (a tiny model's call costs more to fan out than to run)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from client.datatypes import DATATYPE_TO_NUMPY
+
+log = logging.getLogger(__name__)
+
+# A call shorter than this gains nothing from more threads: waking and joining workers costs tens of µs a call.
+MIN_PARALLEL_MS = 1.0
+# All cores must make a batch-1 call at least this much faster, else one thread each (two calls in flight use the
+# cores as well, without the pool's fan-out and join, and leave the other core to the event loop at low load).
+MIN_SPEEDUP = 1.3
+# Probing stops after this long per session (a model whose call takes a second gets its 3 calls and no more).
+PROBE_BUDGET_S = 0.6
+
+
+def node_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The intra-op threads a session got, and why: the timings behind a measured choice, for the log and the tests.
+
+    `one_thread_ms`: CPU ms of a batch-1 call on one thread; `all_cores_ms`: the calling thread's CPU ms of the same call
+    with all cores (the rest ran on the pool's workers)."""
+
+    threads: int
+    reason: str
+    one_thread_ms: float | None = None
+    all_cores_ms: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.one_thread_ms is None or not self.all_cores_ms:
+            return None
+        return self.one_thread_ms / self.all_cores_ms
+
+
+def decide(one_thread_ms: float, all_cores_ms: float | None, cores: int) -> ThreadChoice:
+    """The rule, apart from the timing: all cores when a batch-1 call is long and all cores speed it up enough."""
+    if cores <= 1:
+        return ThreadChoice(1, "one core", one_thread_ms, all_cores_ms)
+    if one_thread_ms < MIN_PARALLEL_MS or all_cores_ms is None:
+        return ThreadChoice(1, f"a batch-1 call is {one_thread_ms:.3f} ms of CPU (< {MIN_PARALLEL_MS:g} ms)", one_thread_ms)
+    speedup = one_thread_ms / all_cores_ms
+    said = f"{cores} threads take a batch-1 call's critical path from {one_thread_ms:.2f} to {all_cores_ms:.2f} ms of CPU ({speedup:.2f}x"
+    if speedup < MIN_SPEEDUP:
+        return ThreadChoice(1, f"{said} < {MIN_SPEEDUP:g}x)", one_thread_ms, all_cores_ms)
+    return ThreadChoice(cores, f"{said})", one_thread_ms, all_cores_ms)
+
+
+def probe_feed(session: ort.InferenceSession, type_to_datatype: dict[str, str]) -> dict[str, np.ndarray] | None:
+    """Batch-1 inputs of the session's shapes (free dimensions 1), or None when one cannot be made up (text inputs)."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for node in session.get_inputs():
+        datatype = type_to_datatype.get(node.type)
+        if datatype is None or datatype == "BYTES":
+            return None
+        dtype = DATATYPE_TO_NUMPY[datatype]
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in node.shape)
+        if np.issubdtype(dtype, np.floating):
+            feed[node.name] = rng.standard_normal(shape).astype(dtype)
+        else:  # ids, masks, flags: zeros are valid values for all of them
+            feed[node.name] = np.zeros(shape, dtype=dtype)
+    return feed
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A session's batch-1 calls: median wall ms, and the calling thread's CPU ms (median and least)."""
+
+    wall_ms: float
+    cpu_ms: float
+    least_cpu_ms: float
+
+
+def time_calls(runs: list[Callable[[], object]]) -> list[Timing]:
+    """Each callable's batch-1 cost, the callables called in turn (so that a noisy neighbour slows all alike).
+
+    The calling thread's CPU time is what the rule reads: unlike the wall time it does not grow when other processes
+    take the cores, and in a wide session it is the share of the work the pool's workers did not take off the caller.
+    """
+    for run in runs:
+        run()  # the first call allocates and prepacks: not part of the cost
+    wall: list[list[float]] = [[] for _ in runs]
+    cpu: list[list[float]] = [[] for _ in runs]
+    deadline = time.perf_counter() + PROBE_BUDGET_S * len(runs)
+    while len(wall[0]) < 3 or (len(wall[0]) < 9 and time.perf_counter() < deadline):
+        for i, run in enumerate(runs):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            run()
+            cpu[i].append((time.thread_time() - c0) * 1000.0)
+            wall[i].append((time.perf_counter() - w0) * 1000.0)
+    return [Timing(statistics.median(w), statistics.median(c), min(c)) for w, c in zip(wall, cpu)]
+
+
+def choose(
+    make_session: Callable[[int], ort.InferenceSession],
+    feed_of: Callable[[ort.InferenceSession], dict[str, np.ndarray] | None],
+    cores: int,
+) -> tuple[ort.InferenceSession, ThreadChoice]:
+    """A session and its thread choice: one thread unless timing batch-1 calls shows that all cores pay.
+
+    The second session (all cores) is built only for a model whose one-thread call is long enough to gain from it.
+    """
+    single = make_session(1)
+    if cores <= 1:
+        return single, ThreadChoice(1, "one core")
+    feed = feed_of(single)
+    if feed is None:
+        return single, ThreadChoice(1, "no batch-1 input to time (text inputs): one thread")
+    try:
+        (one,) = time_calls([lambda: single.run(None, feed)])
+    except Exception as e:  # noqa: BLE001  a model that needs real values (dims that must agree): serve it, untimed
+        return single, ThreadChoice(1, f"made-up batch-1 inputs failed ({type(e).__name__}): one thread")
+    if one.cpu_ms < MIN_PARALLEL_MS:
+        return single, decide(one.cpu_ms, None, cores)
+    wide = make_session(cores)
+    one, spread = time_calls([lambda: single.run(None, feed), lambda: wide.run(None, feed)])
+    # The least caller CPU of the wide calls: the call where the workers were free to take their share (on a busy
+    # node they often are not, and the caller runs their blocks itself: that says nothing about the model).
+    choice = decide(one.cpu_ms, spread.least_cpu_ms, cores)
+    log.debug("thread probe: 1 thread %.2f ms wall, %d threads %.2f ms wall", one.wall_ms, cores, spread.wall_ms)
+    return (wide if choice.threads > 1 else single), choice

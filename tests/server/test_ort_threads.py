@@ -1,0 +1,116 @@
+"""The intra-op threads of an ONNX Runtime CPU session, chosen at load: one for a tiny model, all cores for a long
+parallel call, exactly the flag's count when one is set, the old static share on GPU providers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from server.runtimes import RuntimeConfig, create_runtime
+from server.runtimes import onnx as onnx_runtime
+from server.runtimes.ort_threads import MIN_PARALLEL_MS, MIN_SPEEDUP, decide, node_cores
+from server.settings import Settings
+
+
+def save(tmp_path, name: str, nodes, inputs, outputs, initializers=()) -> str:
+    model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, list(initializers)), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> str:
+    """x + 1 on 8 floats: microseconds a call."""
+    one = numpy_helper.from_array(np.ones((1, 8), np.float32), "one")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
+    return save(tmp_path, "tiny", [helper.make_node("Add", ["x", "one"], ["y"])], [x], [y], [one])
+
+
+@pytest.fixture
+def heavy(tmp_path) -> str:
+    """Four [256,512] x [512,512] MatMuls a sample: ~270 MFLOP, milliseconds of CPU that split evenly over threads."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32) / 32, "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256, 512])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 256, 512])
+    names = ["x", "h0", "h1", "h2", "y"]
+    nodes = [helper.make_node("MatMul", [names[i], "w"], [names[i + 1]]) for i in range(4)]
+    return save(tmp_path, "heavy", nodes, [x], [y], [w])
+
+
+def loaded(path: str, config: RuntimeConfig):
+    runtime = create_runtime("onnxruntime", path, config)
+    runtime.load()
+    return runtime
+
+
+def session_threads(runtime) -> int:
+    return runtime.session.get_session_options().intra_op_num_threads
+
+
+@pytest.mark.parametrize(
+    "one_ms, all_ms, cores, threads",
+    [
+        (0.05, None, 2, 1),  # tiny: never timed on all cores
+        (MIN_PARALLEL_MS * 0.9, MIN_PARALLEL_MS * 0.3, 2, 1),  # parallel, but too short to pay for waking workers
+        (25.0, 13.0, 2, 2),  # MiniLM-like: 1.9x
+        (25.0, 25.0 / (MIN_SPEEDUP - 0.05), 4, 1),  # long but hardly parallel (a chain of small ops)
+        (25.0, 25.0 / (MIN_SPEEDUP + 0.05), 4, 4),
+        (25.0, 13.0, 1, 1),  # one core: nothing to share
+    ],
+)
+def test_rule(one_ms, all_ms, cores, threads):
+    choice = decide(one_ms, all_ms, cores)
+    assert choice.threads == threads
+    assert choice.reason
+
+
+def test_a_tiny_model_gets_one_thread(tiny):
+    runtime = loaded(tiny, RuntimeConfig())
+    assert runtime.intra_op_threads == 1 and session_threads(runtime) == 1
+    assert runtime.thread_choice.one_thread_ms < MIN_PARALLEL_MS
+    assert runtime.thread_choice.all_cores_ms is None  # no second session was built for it
+    np.testing.assert_allclose(runtime.predict({"x": np.zeros((2, 8), np.float32)})["y"], np.ones((2, 8)))
+
+
+@pytest.mark.skipif(node_cores() < 2, reason="one core: one thread is all there is")
+def test_a_long_parallel_model_gets_all_cores(heavy):
+    runtime = loaded(heavy, RuntimeConfig())
+    assert runtime.intra_op_threads == node_cores() and session_threads(runtime) == node_cores(), runtime.thread_choice
+    assert runtime.thread_choice.speedup >= MIN_SPEEDUP
+    x = np.random.default_rng(1).standard_normal((1, 256, 512)).astype(np.float32)
+    assert runtime.predict({"x": x})["y"].shape == (1, 256, 512)
+
+
+def test_an_explicit_count_wins_and_is_not_measured(heavy):
+    runtime = loaded(heavy, RuntimeConfig(intra_op_threads=3))
+    assert runtime.intra_op_threads == 3 and session_threads(runtime) == 3
+    assert runtime.thread_choice.reason == "set" and runtime.thread_choice.one_thread_ms is None
+
+
+def test_text_inputs_are_not_timed(tmp_path):
+    s = helper.make_tensor_value_info("s", TensorProto.STRING, ["batch"])
+    t = helper.make_tensor_value_info("t", TensorProto.STRING, ["batch"])
+    runtime = loaded(save(tmp_path, "text", [helper.make_node("Identity", ["s"], ["t"])], [s], [t]), RuntimeConfig())
+    assert runtime.intra_op_threads == 1 and "text inputs" in runtime.thread_choice.reason
+    assert runtime.predict({"s": np.array([b"hi"], dtype=object)})["t"].tolist() == ["hi"]
+
+
+def test_gpu_providers_keep_the_static_share(heavy, monkeypatch):
+    # No CUDA here: onnxruntime warns and runs on the CPU, which is enough to see that nothing was timed.
+    monkeypatch.setattr(onnx_runtime, "choose_providers", lambda config: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    runtime = loaded(heavy, RuntimeConfig(threads_per_call=1))
+    assert runtime.intra_op_threads == 1 and session_threads(runtime) == 1
+    assert "GPU" in runtime.thread_choice.reason and runtime.thread_choice.one_thread_ms is None
+
+
+def test_settings_leave_the_choice_to_the_runtime_unless_a_count_is_given():
+    config = Settings(compute_threads=2).runtime_config()
+    assert config.intra_op_threads == 0 and config.threads_per_call == max(1, node_cores() // 2)
+    assert Settings(intra_op_threads=2).runtime_config().intra_op_threads == 2
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        Settings(intra_op_threads=-1)
