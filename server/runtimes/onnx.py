@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +25,10 @@ _ORT_NAMES = {"float32": "float", "float64": "double"}
 ORT_TYPE_TO_DATATYPE = {
     f"tensor({_ORT_NAMES.get(dtype.name, dtype.name)})": name for name, dtype in DATATYPE_TO_NUMPY.items() if name != "BYTES"
 } | {"tensor(string)": "BYTES"}
+
+
+# Thread choices measured in this process, by file (path, size, modification time) and the cores there were.
+_MEASURED: dict[tuple[str, int, int, int], ThreadChoice] = {}
 
 
 def choose_providers(config: RuntimeConfig, available: list[str] | None = None) -> list[str]:
@@ -92,14 +98,27 @@ class OnnxRuntime(Runtime):
             threads = self.config.threads_per_call
             self.session, self.thread_choice = make(threads), ThreadChoice(threads, "GPU provider: cores ÷ compute threads")
         else:
-            self.session, self.thread_choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), node_cores())
-        log.info("%s: %d intra-op thread(s): %s", self.path.name, self.thread_choice.threads, self.thread_choice.reason)
+            self.session, self.thread_choice = self._measured(make)
+        where = "/".join(self.path.parts[-3:])  # <model>/<variant>/<file> in a repository: every variant file has one name
+        log.info("%s: %d intra-op thread(s): %s", where, self.thread_choice.threads, self.thread_choice.reason)
         actual = self.session.get_providers()
         # onnxruntime-gpu falls back to the CPU silently when CUDA cannot start; say so once.
         if providers[0] != "CPUExecutionProvider" and actual[0] != providers[0]:
             log.warning("%s: asked for %s, onnxruntime runs it on %s", self.path, providers[0], actual[0])
         self.inputs = [spec_of(n) for n in self.session.get_inputs()]
         self.outputs = [spec_of(n) for n in self.session.get_outputs()]
+
+    def _measured(self, make: Callable[[int], ort.InferenceSession]) -> tuple[ort.InferenceSession, ThreadChoice]:
+        """A session with the threads measured for this file: timed at its first load in this process, remembered after
+        (a reload, a lazy variant loaded again on demand, builds one session and times nothing)."""
+        stat = self.path.stat()
+        key = (str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, node_cores())
+        known = _MEASURED.get(key)
+        if known is not None:
+            return make(known.threads), replace(known, reason=f"{known.reason}; measured at an earlier load of this file")
+        session, choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), node_cores())
+        _MEASURED[key] = choice
+        return session, choice
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or [o.name for o in self.outputs]

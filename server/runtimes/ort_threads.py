@@ -126,7 +126,7 @@ def choose(
         return single, ThreadChoice(1, "no batch-1 input to time (text inputs): one thread")
     try:
         (one,) = time_calls([lambda: single.run(None, feed)])
-    except Exception as e:  # noqa: BLE001  a model that needs real values (dims that must agree): serve it, untimed
+    except Exception as e:  # a model that needs real values (dims that must agree) is served, untimed
         return single, ThreadChoice(1, f"made-up batch-1 inputs failed ({type(e).__name__}): one thread")
     if one.cpu_ms < MIN_PARALLEL_MS:
         return single, decide(one.cpu_ms, None, cores)

@@ -15,7 +15,9 @@ from server.settings import Settings
 
 
 def save(tmp_path, name: str, nodes, inputs, outputs, initializers=()) -> str:
-    model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, list(initializers)), opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, name, inputs, outputs, list(initializers)), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     path = tmp_path / f"{name}.onnx"
     onnx.save(model, str(path))
@@ -84,6 +86,14 @@ def test_a_long_parallel_model_gets_all_cores(heavy):
     assert runtime.thread_choice.speedup >= MIN_SPEEDUP
     x = np.random.default_rng(1).standard_normal((1, 256, 512)).astype(np.float32)
     assert runtime.predict({"x": x})["y"].shape == (1, 256, 512)
+
+
+def test_a_second_load_of_the_same_file_reuses_the_measured_choice(tiny, heavy):
+    first = loaded(heavy, RuntimeConfig())
+    again = loaded(heavy, RuntimeConfig())
+    assert "earlier load" in again.thread_choice.reason and "earlier load" not in first.thread_choice.reason
+    assert again.intra_op_threads == first.intra_op_threads == session_threads(again)
+    assert "earlier load" not in loaded(tiny, RuntimeConfig()).thread_choice.reason  # another file is timed afresh
 
 
 def test_an_explicit_count_wins_and_is_not_measured(heavy):
