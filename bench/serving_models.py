@@ -24,6 +24,7 @@ from bench.servers import CACHE, ModelFiles, prepare_model
 if TYPE_CHECKING:
     from server.settings import Settings
 
+
 @dataclass(frozen=True)
 class ModelChoice:
     """One `--model`: how to build it and the run's defaults (a big model gets fewer, shorter points)."""

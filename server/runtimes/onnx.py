@@ -27,8 +27,9 @@ ORT_TYPE_TO_DATATYPE = {
 } | {"tensor(string)": "BYTES"}
 
 
-# Thread choices measured in this process, by file (path, size, modification time) and the cores there were.
-_MEASURED: dict[tuple[str, int, int, int], ThreadChoice] = {}
+# Thread choices measured in this process, by file (device, inode, size, modification time: an upload moved into the
+# repository after its check keeps them) and the cores there were.
+_MEASURED: dict[tuple[int, int, int, int, int], ThreadChoice] = {}
 
 
 def choose_providers(config: RuntimeConfig, available: list[str] | None = None) -> list[str]:
@@ -112,7 +113,7 @@ class OnnxRuntime(Runtime):
         """A session with the threads measured for this file: timed at its first load in this process, remembered after
         (a reload, a lazy variant loaded again on demand, builds one session and times nothing)."""
         stat = self.path.stat()
-        key = (str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, node_cores())
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, node_cores())
         known = _MEASURED.get(key)
         if known is not None:
             return make(known.threads), replace(known, reason=f"{known.reason}; measured at an earlier load of this file")
