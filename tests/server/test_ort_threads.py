@@ -3,6 +3,8 @@ parallel call, exactly the flag's count when one is set, the old static share on
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -93,6 +95,8 @@ def test_a_second_load_of_the_same_file_reuses_the_measured_choice(tiny, heavy):
     again = loaded(heavy, RuntimeConfig())
     assert "earlier load" in again.thread_choice.reason and "earlier load" not in first.thread_choice.reason
     assert again.intra_op_threads == first.intra_op_threads == session_threads(again)
+    moved = os.replace(heavy, heavy + ".moved") or heavy + ".moved"  # an upload moved from staging into the repository
+    assert "earlier load" in loaded(moved, RuntimeConfig()).thread_choice.reason
     assert "earlier load" not in loaded(tiny, RuntimeConfig()).thread_choice.reason  # another file is timed afresh
 
 
