@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     if "auto" in sections:
         auto, info = auto_variant(files, args.accuracy_budget, args.optimize_timeout)
         result["auto_variant"] = info
+        if auto is not None:
+            result["settings"]["slimserve_intra_op_threads_auto"] = slimserve_threads(auto.onnx, settings)
         if auto is None:
             result["skipped"]["auto variant"] = info["why"]
             say(f"no auto variant: {info['why']}")
