@@ -22,7 +22,8 @@ MIN_PARALLEL_MS = 1.0
 # All cores must make a batch-1 call at least this much faster, else one thread each (two calls in flight use the
 # cores as well, without the pool's fan-out and join, and leave the other core to the event loop at low load).
 MIN_SPEEDUP = 1.3
-# Probing stops after this long per session (a model whose call takes a second gets its 3 calls and no more).
+# Timing stops after this long per session, at 9 calls, or after one call of a model slower than that (a model whose
+# call takes seconds adds its warm-up and one timed call per session to its load, no more).
 PROBE_BUDGET_S = 0.6
 
 
@@ -82,11 +83,12 @@ def probe_feed(session: ort.InferenceSession, type_to_datatype: dict[str, str]) 
 
 @dataclass(frozen=True)
 class Timing:
-    """A session's batch-1 calls: median wall ms, and the calling thread's CPU ms (median and least)."""
+    """A session's batch-1 calls: median wall ms, and the calling thread's CPU ms (median and least), over `calls` calls."""
 
     wall_ms: float
     cpu_ms: float
     least_cpu_ms: float
+    calls: int
 
 
 def time_calls(runs: list[Callable[[], object]]) -> list[Timing]:
@@ -100,13 +102,13 @@ def time_calls(runs: list[Callable[[], object]]) -> list[Timing]:
     wall: list[list[float]] = [[] for _ in runs]
     cpu: list[list[float]] = [[] for _ in runs]
     deadline = time.perf_counter() + PROBE_BUDGET_S * len(runs)
-    while len(wall[0]) < 3 or (len(wall[0]) < 9 and time.perf_counter() < deadline):
+    while not wall[0] or (len(wall[0]) < 9 and time.perf_counter() < deadline):
         for i, run in enumerate(runs):
             w0, c0 = time.perf_counter(), time.thread_time()
             run()
             cpu[i].append((time.thread_time() - c0) * 1000.0)
             wall[i].append((time.perf_counter() - w0) * 1000.0)
-    return [Timing(statistics.median(w), statistics.median(c), min(c)) for w, c in zip(wall, cpu)]
+    return [Timing(statistics.median(w), statistics.median(c), min(c), len(c)) for w, c in zip(wall, cpu)]
 
 
 def choose(

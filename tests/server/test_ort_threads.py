@@ -4,6 +4,7 @@ parallel call, exactly the flag's count when one is set, the old static share on
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from server.runtimes import RuntimeConfig, create_runtime
 from server.runtimes import onnx as onnx_runtime
-from server.runtimes.ort_threads import MIN_PARALLEL_MS, MIN_SPEEDUP, decide, node_cores
+from server.runtimes.ort_threads import MIN_PARALLEL_MS, MIN_SPEEDUP, PROBE_BUDGET_S, decide, node_cores, time_calls
 from server.settings import Settings
 
 
@@ -71,6 +72,12 @@ def test_rule(one_ms, all_ms, cores, threads):
     choice = decide(one_ms, all_ms, cores)
     assert choice.threads == threads
     assert choice.reason
+
+
+def test_timing_takes_nine_calls_of_a_fast_model_and_one_of_a_slow_one():
+    fast, slow = time_calls([lambda: None]), time_calls([lambda: time.sleep(PROBE_BUDGET_S * 1.2)])
+    assert fast[0].calls == 9 and slow[0].calls == 1  # a model whose call takes seconds is not timed for a minute
+    assert slow[0].wall_ms >= PROBE_BUDGET_S * 1000 and slow[0].cpu_ms < slow[0].wall_ms / 10  # asleep: no CPU
 
 
 def test_a_tiny_model_gets_one_thread(tiny):
