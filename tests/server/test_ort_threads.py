@@ -135,3 +135,38 @@ def test_settings_leave_the_choice_to_the_runtime_unless_a_count_is_given():
     assert Settings(intra_op_threads=2).runtime_config().intra_op_threads == 2
     with pytest.raises(ValueError, match="intra_op_threads"):
         Settings(intra_op_threads=-1)
+
+
+RSS_AFTER_LOAD = """
+import sys
+from server.runtimes import RuntimeConfig, create_runtime
+runtime = create_runtime("onnxruntime", sys.argv[1], RuntimeConfig(intra_op_threads=int(sys.argv[2])))
+runtime.load()
+print(runtime.intra_op_threads, int(open("/proc/self/statm").read().split()[1]) * 4096)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or node_cores() < 2, reason="reads Linux's /proc; one core times nothing")
+def test_the_timed_session_that_is_dropped_does_not_stay_resident(tmp_path):
+    import subprocess
+    import sys
+
+    # 32 MB of weights in 1 MB matrices (as a transformer's), ~5 ms a call on one thread: timed on two sessions.
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((512, 512)).astype(np.float32) / 32, f"w{i}") for i in range(32)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 512])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 512])
+    names = ["x", *[f"h{i}" for i in range(31)], "y"]
+    nodes = [helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(32)]
+    path = save(tmp_path, "deep", nodes, [x], [y], weights)
+
+    def rss(threads: int) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", RSS_AFTER_LOAD, path, str(threads)], capture_output=True, text=True, check=True)
+        chosen, resident = out.stdout.split()
+        return int(chosen), int(resident)
+
+    chosen, measured = rss(0)
+    _, one_session = rss(chosen)
+    assert measured < one_session + 12 * 2**20, (
+        f"{measured / 2**20:.0f} MB resident after the timed load, {one_session / 2**20:.0f} MB for one session"
+    )
