@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnxruntime as ort
@@ -128,19 +129,19 @@ def choose(
     if feed is None:
         return single, ThreadChoice(1, "no batch-1 input to time (text inputs): one thread")
     try:
-        (one,) = time_calls([lambda: single.run(None, feed)])
+        (one,) = time_calls([partial(single.run, None, feed)])
     except Exception as e:  # a model that needs real values (dims that must agree) is served, untimed
         return single, ThreadChoice(1, f"made-up batch-1 inputs failed ({type(e).__name__}): one thread")
     if one.cpu_ms < MIN_PARALLEL_MS:
         return single, decide(one.cpu_ms, None, cores)
     wide = make_session(cores)
-    one, spread = time_calls([lambda: single.run(None, feed), lambda: wide.run(None, feed)])
+    one, spread = time_calls([partial(single.run, None, feed), partial(wide.run, None, feed)])
     # The least caller CPU of the wide calls: the call where the workers were free to take their share (on a busy
     # node they often are not, and the caller runs their blocks itself: that says nothing about the model).
     choice = decide(one.cpu_ms, spread.least_cpu_ms, cores)
     log.debug("thread probe: 1 thread %.2f ms wall, %d threads %.2f ms wall", one.wall_ms, cores, spread.wall_ms)
     kept = wide if choice.threads > 1 else single
-    del single, wide
+    del single, wide  # the dropped session is freed here: nothing else holds it
     release_freed_memory()
     return kept, choice
 
