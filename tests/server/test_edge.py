@@ -45,3 +45,24 @@ def test_registered_methods_are_served_by_the_first_generic_handler():
     assert isinstance(bad, MalformedRequest) and "inference.ModelInferRequest" in bad.message
     good = infer.request_deserializer(pb.ModelInferRequest(model_name="m").SerializeToString())
     assert good.model_name == "m"
+
+
+def test_the_server_registers_no_method_with_grpc(monkeypatch, tmp_path):
+    # Every service the server offers, reflection and health included, goes through CheckedDecoding's table.
+    import asyncio
+
+    from grpc_health.v1 import health
+
+    from server.app import SlimServer
+    from server.settings import Settings
+
+    registered: list[str] = []
+    monkeypatch.setattr(grpc.aio._server.Server, "add_registered_method_handlers", lambda self, service, handlers: registered.append(service))
+
+    async def build() -> None:
+        app = SlimServer(Settings(repository=tmp_path / "repo", grpc_port=0, http_port=-1, metrics_port=-1))
+        app.health = health.aio.HealthServicer()
+        await app._build_server().stop(None)
+
+    asyncio.run(build())
+    assert registered == []
