@@ -37,14 +37,27 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server log has the details"
 
 
+async def abort_with(exc: BaseException, context: grpc.aio.ServicerContext, where: str) -> None:
+    """Ends the call with the status `exc` maps to (raises AbortError); a bug is logged with `where` it happened."""
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", where, exc_info=exc)
+    await context.abort(code, message)
+
+
+def checks_decoding(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a unary servicer method that refuses a MalformedRequest itself (`refuse_malformed` first, then its
+    body in a try / except through `abort_with`): `checked_handler` then adds no layer around it. For the hot
+    path (ModelInfer), where each coroutine layer costs a request about a microsecond."""
+    method.checks_decoding = True
+    return method
+
+
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps a servicer method (unary or server-streaming) so that errors become statuses."""
 
     async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-        code, message = status_of(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("%s failed", method.__qualname__, exc_info=exc)
-        await context.abort(code, message)
+        await abort_with(exc, context, method.__qualname__)
 
     if inspect.isasyncgenfunction(method):
 
@@ -97,8 +110,10 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes],
     return decode
 
 
-async def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:
+async def refuse_malformed(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:
+    """Ends a call whose request bytes did not parse with INVALID_ARGUMENT (raises AbortError)."""
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
 
 
 async def _checked_stream(requests: Any) -> Any:
@@ -133,16 +148,18 @@ def checked_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
         async def unary_stream(request, context):
             if type(request) is MalformedRequest:
-                await _refuse(context, request)
+                await refuse_malformed(context, request)
             async for item in inner_stream(request, context):
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
     inner_unary = handler.unary_unary
+    if getattr(inner_unary, "checks_decoding", False):
+        return grpc.unary_unary_rpc_method_handler(inner_unary, **kwargs)
 
     async def unary_unary(request, context):
         if type(request) is MalformedRequest:
-            await _refuse(context, request)
+            await refuse_malformed(context, request)
         return await inner_unary(request, context)
 
     return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
