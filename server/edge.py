@@ -115,7 +115,6 @@ async def refuse_malformed(context: grpc.aio.ServicerContext, request: Malformed
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
-
 async def _checked_stream(requests: Any) -> Any:
     async for request in requests:
         if type(request) is MalformedRequest:

@@ -57,7 +57,9 @@ def test_the_server_registers_no_method_with_grpc(monkeypatch, tmp_path):
     from server.settings import Settings
 
     registered: list[str] = []
-    monkeypatch.setattr(grpc.aio._server.Server, "add_registered_method_handlers", lambda self, service, handlers: registered.append(service))
+    monkeypatch.setattr(
+        grpc.aio._server.Server, "add_registered_method_handlers", lambda self, service, handlers: registered.append(service)
+    )
 
     async def build() -> None:
         app = SlimServer(Settings(repository=tmp_path / "repo", grpc_port=0, http_port=-1, metrics_port=-1))
