@@ -156,7 +156,12 @@ def test_the_class_kept_for_feedback_is_top1_for_every_output_shape():
     from server.stats import FeedbackStore
 
     rng = np.random.default_rng(0)
-    outputs = [rng.random((1, 10), np.float32), rng.random((1, 2, 5)), np.zeros((1, 4), np.float32), rng.random((1, 3, 2)).transpose(0, 2, 1)]
+    outputs = [
+        rng.random((1, 10), np.float32),
+        rng.random((1, 2, 5)),
+        np.zeros((1, 4), np.float32),
+        rng.random((1, 3, 2)).transpose(0, 2, 1),
+    ]
     outputs.append(np.array([[0.1, 0.9, 0.9]], np.float32))
     for i, array in enumerate(outputs):
         feedback = FeedbackStore()
