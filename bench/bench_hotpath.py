@@ -14,7 +14,7 @@ and the response serialized. The "floor" path, timed in the same worker, is what
 bench/peers/floor_server.py does per request (parse, frombuffer, the same model call, build and
 serialize the answer): the per-request Python work no server can skip. Workers take turns, path
 after path, round after round, so load from elsewhere on the machine falls on all alike; the
-table gives medians of the rounds (µs per request), the ratio new / base, and each tree's
+table gives medians of the rounds (CPU µs per request, the worker thread's), the ratio new / base, and each tree's
 overhead above the floor.
 
 With --grpc the same comparison runs over the wire, as bench.serving measures: `slimserve start`
@@ -116,10 +116,12 @@ async def _build_worker():
 
 
 async def _time(path, n: int) -> float:
-    start = time.perf_counter()
+    # The thread's CPU time, not the wall clock: on a shared machine the wall clock also counts the time this
+    # worker waited for a core, which swung same-code rounds by 10-30% here; CPU time moved by a few percent.
+    start = time.thread_time()
     for _ in range(n):
         await path()
-    return (time.perf_counter() - start) / n * 1e6
+    return (time.thread_time() - start) / n * 1e6
 
 
 async def _worker_loop() -> None:

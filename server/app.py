@@ -8,7 +8,7 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
@@ -118,9 +118,9 @@ class SlimServer:
         slimserve_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsServicer(self.control), checked)
         slimserve_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(self.rollouts), checked)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, checked)
-        reflection.enable_server_reflection(
-            (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-        )
+        # Through `checked` as every servicer (reflection.enable_server_reflection would register its method with grpc: edge.py says why not).
+        reflection_names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(reflection_names), checked)
         return server
 
     async def start(self) -> None:

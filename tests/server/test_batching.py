@@ -401,3 +401,23 @@ def test_a_short_call_to_an_idle_batcher_runs_at_once_as_its_own_batch(executor)
     run(go())
     assert model.calls == [1, 3, 2]
     assert seen[1:] == [(3, [0.0]), (2, [0.0])]  # the failed call is observed too
+
+
+def test_batch_size_counts_as_batch_key_does():
+    # What a call that ran at once is observed as (its batch size) is what it would have counted as in a queue.
+    from server.batch_assembly import batch_key, batch_size
+
+    f = np.float32
+    cases = [
+        {"x": np.zeros((3, 4), f)},
+        {"x": np.zeros((1,), f)},
+        {"x": np.zeros((), f)},
+        {"x": np.zeros((0, 4), f)},
+        {"a": np.zeros((2, 4), f), "b": np.zeros((2,), np.int64)},
+        {"a": np.zeros((2, 4), f), "b": np.zeros((5,), np.int64)},
+        {"a": np.zeros((2, 4), f), "b": np.zeros((), np.int64)},
+        {"a": np.zeros((), f), "b": np.zeros((3,), np.int64)},
+        {"a": np.zeros((0, 4), f), "b": np.zeros((0,), np.int64)},
+        {},
+    ]
+    assert [batch_size(c) for c in cases] == [batch_key(c, None)[1] for c in cases] == [3, 1, 1, 1, 2, 2, 2, 1, 1, 1]

@@ -147,3 +147,25 @@ def test_input_checks_pass_what_fits_and_name_what_does_not(arrays, message):
     else:
         with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
             check_inputs("m", specs, arrays)
+
+
+def test_the_class_kept_for_feedback_is_top1_for_every_output_shape():
+    # _answered's one-sample shortcut (argmax over all scores) and shadow.top1 agree, ties and higher ranks included.
+    from server.dataplane import Call, DataPlane
+    from server.shadow import top1
+    from server.stats import FeedbackStore
+
+    rng = np.random.default_rng(0)
+    outputs = [
+        rng.random((1, 10), np.float32),
+        rng.random((1, 2, 5)),
+        np.zeros((1, 4), np.float32),
+        rng.random((1, 3, 2)).transpose(0, 2, 1),
+    ]
+    outputs.append(np.array([[0.1, 0.9, 0.9]], np.float32))
+    for i, array in enumerate(outputs):
+        feedback = FeedbackStore()
+        call = Call("m", "v", None, None, f"r{i}", feedback)
+        DataPlane._answered(None, call, {}, None, {}, {"out": array})
+        want = int(top1({"out": array})[0])
+        assert feedback.feedback(f"r{i}", want).correct, (array.shape, want)
