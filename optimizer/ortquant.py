@@ -63,18 +63,33 @@ def check_op_types(op_types: tuple[str, ...], known: set[str], needed_by: str) -
     return list(op_types) or None
 
 
-def calibration_reader(arrays: dict[str, np.ndarray], batch: int, fixed_batch: bool):
-    """Feeds the arrays to ORT's calibrator `batch` rows at a time (whole batches only where the model fixes its batch)."""
+def calibration_batches(rows: int, batch: int, fixed_batch: bool, equal: bool) -> list[tuple[int, int]]:
+    """The (start, stop) row ranges the calibrator is fed, `batch` rows at a time.
+
+    fixed_batch: the model fixes its batch, so only whole batches of `batch`. equal: every batch the same size
+    (ORT's histogram calibrators, entropy and percentile, stack each batch's outputs into one array and fail on
+    a shorter last batch: "setting an array element with a sequence"), so the rows are split into
+    ceil(rows / batch) equal batches and fewer than that many rows are left out.
+    """
+    if fixed_batch:
+        return [(i, i + batch) for i in range(0, rows - batch + 1, batch)]
+    if equal:
+        count = -(-rows // batch)
+        size = rows // count
+        return [(i * size, (i + 1) * size) for i in range(count)]
+    return [(i, min(i + batch, rows)) for i in range(0, rows, batch)]
+
+
+def calibration_reader(arrays: dict[str, np.ndarray], batch: int, fixed_batch: bool, equal: bool = False):
+    """Feeds the arrays to ORT's calibrator in the row ranges of `calibration_batches`."""
     from onnxruntime.quantization import CalibrationDataReader
 
     rows = len(next(iter(arrays.values())))
-    last = rows - batch + 1 if fixed_batch else rows
+    ranges = calibration_batches(rows, batch, fixed_batch, equal)
 
     class ArrayReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches: Iterator[dict[str, np.ndarray]] = iter(
-                [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, last, batch)]
-            )
+            self._batches: Iterator[dict[str, np.ndarray]] = iter([{k: v[a:b] for k, v in arrays.items()} for a, b in ranges])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)

@@ -225,7 +225,9 @@ class QuantizeStaticPass(Pass):
             quantize_static(
                 str(model),
                 str(target),
-                calibration_reader(arrays, fixed_batch or CALIBRATION_BATCH, fixed_batch is not None),
+                calibration_reader(
+                    arrays, fixed_batch or CALIBRATION_BATCH, fixed_batch is not None, equal=config.calibrate_method != "minmax"
+                ),
                 quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
                 op_types_to_quantize=op_types,
                 per_channel=config.per_channel,

@@ -12,6 +12,7 @@ import pytest
 from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
 from optimizer.export import onnx_io_names
 from optimizer.onnx_graph import int8_facts
+from optimizer.ortquant import calibration_batches
 from optimizer.passes.quantize_static import QuantizeStaticConfig
 from optimizer.registry import make_pass
 from tests.optimizer.conftest import ort_session, top1
@@ -69,6 +70,29 @@ def test_static_from_pt2_converts_with_the_served_names(digits, pt2_model, basel
     assert (result.input_names, result.output_names) == (("x",), ("logits",))
     assert top1(result.path, digits.x_test, digits.y_test) >= baseline_accuracy - 0.01
     assert any("64 samples" in e.message for e in events)
+
+
+def test_histogram_calibration_takes_a_row_count_that_is_not_a_multiple_of_its_batch(digits, pt2_model, tmp_path):
+    # 48 rows in batches of 32 left a last batch of 16, and ORT's percentile / entropy collectors failed to stack
+    # them ("setting an array element with a sequence"), on EfficientNet-Lite0's 48 calibration images among others.
+    context = PassContext(workdir=tmp_path / "work", datasets={"calibration": digits.calibration})
+    result = make_pass("quantize-static", {"calibrate_method": "percentile", "max_samples": 48}).run(pt2_model, context)
+    assert top1(result.path, digits.x_test, digits.y_test) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("rows", "fixed", "equal", "expected"),
+    [
+        (48, False, False, [(0, 32), (32, 48)]),
+        (48, False, True, [(0, 24), (24, 48)]),
+        (100, False, True, [(0, 25), (25, 50), (50, 75), (75, 100)]),
+        (70, False, True, [(0, 23), (23, 46), (46, 69)]),
+        (20, False, True, [(0, 20)]),
+        (70, True, False, [(0, 32), (32, 64)]),
+    ],
+)
+def test_calibration_batches(rows, fixed, equal, expected):
+    assert calibration_batches(rows, 32, fixed, equal) == expected
 
 
 def test_static_keeps_short_dot_products_in_fp32(static_variant):
