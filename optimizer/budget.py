@@ -327,7 +327,7 @@ def run_within_budget(
         if len(probes) < options.max_evaluations and not fits:
             say(
                 len(probes) / slots,
-                f"no more probes: one takes up to {slowest:.0f} s and the search's {options.max_seconds:g} s would be over",
+                f"no more probes: one takes up to {slowest:.1f} s and the search's {options.max_seconds:g} s would be over",
             )
         return len(probes) < options.max_evaluations and fits
 
