@@ -49,7 +49,9 @@ def test_auto_keeps_the_fastest_candidate_within_the_budget_and_reports_all(digi
     assert set(rows) == tried - {result.artifact.notes["auto_choice"]}  # the chosen one is named 'auto'
     chosen = rows["auto"]
     assert chosen["chosen"] and chosen["within_budget"] and chosen["recipe"] == result.artifact.notes["auto_choice"]
-    assert rows["baseline"]["metric"] == "accuracy" and rows["baseline"]["search_evaluations"] == 3  # the export and 2 candidates
+    probes = sum(r.get("budget_evaluations") or 0 for r in rows.values())  # prune-structured's budget search
+    assert 2 <= probes <= 4 and rows["baseline"]["metric"] == "accuracy"
+    assert rows["baseline"]["search_evaluations"] == 3 + probes  # the export, 2 candidates and the search's probes
     within = [r for r in rows.values() if r["status"].startswith("measured") and r["within_budget"]]
     assert all(r["accuracy_delta_pt"] >= -2.0 for r in within)
     # Faster candidates within the budget were passed over only because they did not beat the reference in turns.
