@@ -169,7 +169,7 @@ def test_auto_searches_a_ratio_controlled_candidate_within_the_budget(noisy_auto
     setting = float(row["budget_setting"].removeprefix("test-noise ratio="))
     assert 0 < setting < 0.5 and row["budget_evaluations"] == 5 and row["budget_probes"].count(" pt)") == 5
     baseline = result.report[0]
-    assert baseline["search_evaluations"] == 1 + 5 and 0 < baseline["budget_search_total_s"] <= baseline["search_seconds"]
+    assert baseline["search_evaluations"] == 1 + 5 and 0 <= baseline["budget_search_total_s"] <= baseline["search_seconds"]
 
 
 def test_auto_budget_searches_share_one_time_limit(noisy_auto, runtime_factory, monkeypatch):
