@@ -5,9 +5,10 @@ prune-weight's sparsity, prune-structured's pruning_ratio, a distillation studen
 pipeline runs it through `run_within_budget`: probes (the pass at one setting, trained as the final run would be
 unless `probe_epochs` says otherwise, then its quality on the evaluation data by optimizer.quality's metric)
 bisect between the two ends, as NNCF's accuracy-aware training and INC's tolerable loss do, within an evaluation
-count and a time limit; the chosen setting is trained again only when its probe trained less, or while
-`Guard` lets fine-tuning continue (optimizer.finetune) because it is over the budget and still improving. A
-pass without a knob (QAT) gets the guard alone.
+count and a time limit. A probe at the pass's own epochs is the final run: `Guard` lets its fine-tuning continue
+(optimizer.finetune) while it is over the budget and still improving, so its verdict is what the final run would
+reach; with shorter probes the chosen setting is trained again in full, under the guard. A pass without a knob
+(QAT) gets the guard alone.
 """
 
 from __future__ import annotations
@@ -273,6 +274,7 @@ def run_within_budget(
     aggressive = knob.aggressive if options.aggressive is None else options.aggressive
     full_epochs = _epochs(pass_.config)
     probe_epochs = full_epochs if options.probe_epochs is None or full_epochs is None else min(options.probe_epochs, full_epochs)
+    full_probe = probe_epochs == full_epochs  # also a pass without fine-tuning epochs: nothing to shorten
     epochs_said = (
         ""
         if probe_epochs is None
@@ -302,7 +304,9 @@ def run_within_budget(
 
         sub = dataclasses.replace(context, workdir=context.workdir / f"{pass_.name}-probe-{n + 1}", progress=relay)
         try:
-            with guarding(None):  # probes compare settings at equal training; only the final run continues
+            # A probe at the pass's own epochs is the final run, fine-tuning on while over the budget included (one without it
+            # judged a ResNet's gentle end over a budget its final run met); shortened probes compare settings at equal training.
+            with guarding(guard if full_probe else None):
                 out = _with(pass_, f"{knob.field} {value:.4g}", **changes).run(artifact, sub)
             quality = judge.artifact(out)
         except OptimizerError as e:
@@ -354,16 +358,9 @@ def run_within_budget(
             shutil.rmtree(out.path.parent, ignore_errors=True)
 
     out, quality = kept[chosen.value], Quality(metric, chosen.quality, chosen.drop)
-    # The chosen setting trains again when its probe trained less than the final run, or when it is over the budget and the
-    # guard may fine-tune on (probes train without it, so that they compare settings at equal training).
-    shorter = full_epochs is not None and probe_epochs is not None and full_epochs > probe_epochs
-    if shorter or (full_epochs is not None and not ok(chosen) and options.extra_epochs > 0):
-        say(
-            len(probes) / slots,
-            f"training {knob.field} {chosen.value:.4g} in full ({full_epochs} epochs"
-            + ("" if shorter else ", then on while over the budget")
-            + ")",
-        )
+    # The chosen setting trains again only when its probe trained less than the final run (and without the guard).
+    if not full_probe:
+        say(len(probes) / slots, f"training {knob.field} {chosen.value:.4g} in full ({full_epochs} epochs)")
         done = len(probes) / slots
 
         def relay_final(event: ProgressEvent) -> None:  # the final run fills what is left of the bar after the probes

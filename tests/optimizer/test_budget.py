@@ -171,6 +171,38 @@ def test_a_probe_starts_only_when_it_fits_the_time_limit(noisy, runtime_factory,
     assert any(m.startswith("probe 2/6: ratio 0; ") and m.endswith(" s of the search left") for m in messages), messages
 
 
+@dataclass(frozen=True)
+class TrainingNoiseConfig(PassConfig):
+    ratio: float = 0.5
+    finetune: FineTuneConfig = FineTuneConfig(epochs=3)
+
+
+class TrainingNoisePass(NoisePass):
+    """test-noise as a training pass: fine-tuning on under a guard (optimizer.guard) halves its noise."""
+
+    config_cls = TrainingNoiseConfig
+    guarded: ClassVar[list[bool]] = []
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        from optimizer.guard import current_guard
+
+        TrainingNoisePass.guarded.append(current_guard() is not None)
+        ratio = self.config.ratio / 2 if self.guarded[-1] else self.config.ratio  # type: ignore[attr-defined]
+        return NoisePass(NoiseConfig(ratio=ratio)).run(artifact, context)
+
+
+def test_a_probe_at_the_pass_epochs_fine_tunes_on_under_the_guard_and_is_the_final_run(noisy, runtime_factory, monkeypatch):
+    source, context, _ = noisy
+    monkeypatch.setitem(PASSES, "test-noise", TrainingNoisePass)
+    TrainingNoisePass.guarded = []
+    result = optimize(source, _recipe(max_evaluations=3), context, runtime_factory, "v", accuracy_budget=2.0)
+    assert TrainingNoisePass.guarded == [True, True, True]  # every probe ran as the final run would, and none ran again
+    assert NoisePass.runs == [0.5, 0.0, 0.25]  # ratios 1.0, 0.0 and 0.5 asked for, each fine-tuned on under the guard
+    short = optimize(source, _recipe(max_evaluations=3, probe_epochs=1), context, runtime_factory, "v", accuracy_budget=2.0)
+    assert TrainingNoisePass.guarded[3:] == [False, False, False, True]  # shortened probes without the guard, then the final run
+    assert short.searches[0].value <= result.searches[0].value
+
+
 def test_a_max_drop_without_evaluation_data_is_refused_before_any_work(tmp_path):
     from optimizer.pipeline import preflight
 
