@@ -16,7 +16,7 @@ from torch import nn
 from optimizer.base import Artifact, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent
 from optimizer.budget import BudgetOptions, Knob
 from optimizer.data import TrainData
-from optimizer.finetune import FineTuneConfig, fine_tune_
+from optimizer.finetune import FineTuneConfig, fine_tune_, finetune_field
 from optimizer.guard import guarding
 from optimizer.pipeline import optimize
 from optimizer.recipes import Recipe, recipe_from_dict
@@ -174,7 +174,7 @@ def test_a_probe_starts_only_when_it_fits_the_time_limit(noisy, runtime_factory,
 @dataclass(frozen=True)
 class TrainingNoiseConfig(PassConfig):
     ratio: float = 0.5
-    finetune: FineTuneConfig = FineTuneConfig(epochs=3)
+    finetune: FineTuneConfig = finetune_field(epochs=3)
 
 
 class TrainingNoisePass(NoisePass):
