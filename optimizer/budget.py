@@ -2,11 +2,13 @@
 
 A ratio-controlled pass declares its `budget_knob` (a config field with a gentle and an aggressive end:
 prune-weight's sparsity, prune-structured's pruning_ratio, a distillation student's width). With a budget the
-pipeline runs it through `run_within_budget`: probes (the pass at one setting with a short fine-tune, then its
-quality on the evaluation data by optimizer.quality's metric) bisect between the two ends, as NNCF's
-accuracy-aware training and INC's tolerable loss do, within an evaluation count and a time limit; the chosen
-setting is then trained in full while `Guard` lets fine-tuning continue (optimizer.finetune) while the model is
-over the budget and still improving. A pass without a knob (QAT) gets the guard alone.
+pipeline runs it through `run_within_budget`: probes (the pass at one setting, trained as the final run would be
+unless `probe_epochs` says otherwise, then its quality on the evaluation data by optimizer.quality's metric)
+bisect between the two ends, as NNCF's accuracy-aware training and INC's tolerable loss do, within an evaluation
+count and a time limit. A probe at the pass's own epochs is the final run: `Guard` lets its fine-tuning continue
+(optimizer.finetune) while it is over the budget and still improving, so its verdict is what the final run would
+reach; with shorter probes the chosen setting is trained again in full, under the guard. A pass without a knob
+(QAT) gets the guard alone.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class BudgetOptions(PassConfig):
     max_drop: this pass's budget in points of the quality metric (None: the job's --accuracy-budget).
     search: bisect the pass's knob (false: keep the configured setting, fine-tune while over the budget).
     gentle, aggressive: the search's ends (None: the pass's own). max_evaluations: probes at most;
-    max_seconds: the search's time limit. probe_epochs: fine-tuning epochs of a probe. resolution: stop
+    max_seconds: the search's time limit (a probe starts only when one more, as long as the slowest so far, still
+    fits). probe_epochs: fine-tuning epochs of a probe (None: the pass's own, so that a probe's verdict is the full
+    run's: one-epoch probes judged a ResNet's gentle end over a budget its full run met). resolution: stop
     when the bracket is this narrow. extra_epochs, extra_seconds: how long fine-tuning of the chosen
     setting may continue while it is over the budget and improving.
     """
@@ -69,7 +73,7 @@ class BudgetOptions(PassConfig):
     aggressive: float | None = None
     max_evaluations: int = 6
     max_seconds: float = 900.0
-    probe_epochs: int = 1
+    probe_epochs: int | None = None
     resolution: float = 0.02
     extra_epochs: int = 3
     extra_seconds: float = 300.0
@@ -81,7 +85,7 @@ class BudgetOptions(PassConfig):
                 raise ConfigValueError(f"budget {name} must be a number >= 0, got {value!r}")
         if self.max_evaluations < 2:
             raise ConfigValueError(f"budget max_evaluations must be at least 2 (both ends), got {self.max_evaluations}")
-        if self.probe_epochs < 1 or self.extra_epochs < 0:
+        if (self.probe_epochs is not None and self.probe_epochs < 1) or self.extra_epochs < 0:
             raise ConfigValueError(f"budget probe_epochs must be >= 1 and extra_epochs >= 0, got {self.probe_epochs}, {self.extra_epochs}")
         if self.max_seconds <= 0 or self.extra_seconds < 0 or self.resolution <= 0:
             raise ConfigValueError("budget max_seconds and resolution must be positive and extra_seconds >= 0")
@@ -269,7 +273,13 @@ def run_within_budget(
     gentle = knob.gentle if options.gentle is None else options.gentle
     aggressive = knob.aggressive if options.aggressive is None else options.aggressive
     full_epochs = _epochs(pass_.config)
-    probe_epochs = options.probe_epochs if full_epochs is None else min(options.probe_epochs, full_epochs)
+    probe_epochs = full_epochs if options.probe_epochs is None or full_epochs is None else min(options.probe_epochs, full_epochs)
+    full_probe = probe_epochs == full_epochs  # also a pass without fine-tuning epochs: nothing to shorten
+    epochs_said = (
+        ""
+        if probe_epochs is None
+        else f", {probe_epochs} epoch(s) of fine-tuning" + ("" if probe_epochs == full_epochs else f" (the final run: {full_epochs})")
+    )
     slots = options.max_evaluations + 1  # the probes and the final run, for the progress bar
     probes: list[Probe] = []
     kept: dict[float, Artifact] = {}
@@ -278,9 +288,10 @@ def run_within_budget(
         if context.cancelled():
             raise OptimizerError(f"{pass_.name}: the job was cancelled during the budget search")
         n = len(probes)
-        say(n / slots, f"probe {n + 1}/{options.max_evaluations}: {knob.field} {value:.4g}, {probe_epochs} epoch(s) of fine-tuning")
+        left = options.max_seconds - (time.monotonic() - start)
+        say(n / slots, f"probe {n + 1}/{options.max_evaluations}: {knob.field} {value:.4g}{epochs_said}; {left:.0f} s of the search left")
         changes: dict[str, Any] = {knob.field: value}
-        if full_epochs is not None:
+        if full_epochs is not None and probe_epochs != full_epochs:
             changes["finetune"] = dataclasses.replace(pass_.config.finetune, epochs=probe_epochs)  # type: ignore[attr-defined]
         t0 = time.monotonic()
 
@@ -293,7 +304,9 @@ def run_within_budget(
 
         sub = dataclasses.replace(context, workdir=context.workdir / f"{pass_.name}-probe-{n + 1}", progress=relay)
         try:
-            with guarding(None):  # probes compare settings at equal training; only the final run continues
+            # A probe at the pass's own epochs is the final run, fine-tuning on while over the budget included (one without it
+            # judged a ResNet's gentle end over a budget its final run met); shortened probes compare settings at equal training.
+            with guarding(guard if full_probe else None):
                 out = _with(pass_, f"{knob.field} {value:.4g}", **changes).run(artifact, sub)
             quality = judge.artifact(out)
         except OptimizerError as e:
@@ -312,7 +325,15 @@ def run_within_budget(
         return p.drop is not None and p.drop <= budget + 1e-9
 
     def may_probe() -> bool:
-        return len(probes) < options.max_evaluations and time.monotonic() - start < options.max_seconds
+        # One more probe only when it fits: as long as the slowest so far, it must end within max_seconds.
+        slowest = max((p.seconds for p in probes), default=0.0)
+        fits = time.monotonic() - start + slowest <= options.max_seconds
+        if len(probes) < options.max_evaluations and not fits:
+            say(
+                len(probes) / slots,
+                f"no more probes: one takes up to {slowest:.1f} s and the search's {options.max_seconds:g} s would be over",
+            )
+        return len(probes) < options.max_evaluations and fits
 
     best_ok: Probe | None = None
     if ok(high := probe(aggressive)):
@@ -337,7 +358,8 @@ def run_within_budget(
             shutil.rmtree(out.path.parent, ignore_errors=True)
 
     out, quality = kept[chosen.value], Quality(metric, chosen.quality, chosen.drop)
-    if full_epochs is not None and full_epochs > probe_epochs:
+    # The chosen setting trains again only when its probe trained less than the final run (and without the guard).
+    if not full_probe:
         say(len(probes) / slots, f"training {knob.field} {chosen.value:.4g} in full ({full_epochs} epochs)")
         done = len(probes) / slots
 

@@ -1,7 +1,8 @@
 """The fine-tuning loop every training pass shares: optimizers, LR schedules, regularization, early stopping.
 
-A pass embeds a `FineTuneConfig` in its own config (field `finetune`) and calls `fine_tune_` with its
-model, its train data and, where it has one, a loss of its own (distillation). Schedules are
+A pass embeds a `FineTuneConfig` (optimizer.finetune_config: the settings) in its own config (field
+`finetune`) and calls `fine_tune_` with its model, its train data and, where it has one, a loss of its own
+(distillation). Schedules are
 torch.optim.lr_scheduler's, stepped once per batch; augmentation is chosen by the input's kind
 (images, token ids, time series: optimizer.augment) and runs on whole batches as torch ops.
 """
@@ -9,122 +10,36 @@ torch.optim.lr_scheduler's, stepped once per batch; augmentation is chosen by th
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optimizer.augment import AugmentConfig, augment, input_kind
-from optimizer.base import (
-    ConfigValueError,
-    OptimizerError,
-    PassConfig,
-    PassContext,
-    ProgressEvent,
-    check_choice,
-    config_from_dict,
-)
+from optimizer.augment import augment, input_kind
+from optimizer.base import OptimizerError, PassContext, ProgressEvent
 from optimizer.data import TrainData
+from optimizer.finetune_config import FineTuneConfig, finetune_field, nested_finetune
 from optimizer.guard import EXTRA_LR_FACTOR, continue_while_over_budget, current_guard
 
 if TYPE_CHECKING:
     import torch
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine", "cyclical", "one-cycle")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigValueError(message)
-
-
-def _nested(value: Any, cls: type[PassConfig], where: str, base: PassConfig | None = None) -> Any:
-    """A nested config given as a dict (from a recipe file) becomes its dataclass, over `base`'s values where given."""
-    if isinstance(value, dict):
-        if base is not None:
-            defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-            value = {**defaults, **value}
-        try:
-            return config_from_dict(cls, value, where)
-        except OptimizerError as e:  # a ValueError, so that the outer config names the pass
-            raise ConfigValueError(str(e)) from e
-    if not isinstance(value, cls):
-        raise ConfigValueError(f"{where} must be a mapping of settings, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class FineTuneConfig(PassConfig):
-    """How a pass fine-tunes: the settings of `fine_tune_`.
-
-    epochs, batch_size; max_samples: train rows used at most (0: all).
-    optimizer: sgd | adam | adamw | rmsprop; lr (the peak LR for one-cycle and cyclical), momentum
-    (SGD, RMSprop). schedule (per batch, torch.optim.lr_scheduler): constant | step (× gamma every
-    step_epochs) | cosine (to min_lr over the run) | cyclical (triangular between min_lr and lr,
-    one cycle per cycle_epochs) | one-cycle (warm-up over warmup_fraction of the run, then anneal).
-    Regularization: weight_decay (L2, decoupled for adamw; never on biases and norms), l1 (× sum of
-    |weights| added to the loss), dropout (probability; a dropout layer is inserted before each
-    hidden linear layer where the architecture allows, removed at export), label_smoothing.
-    clip_grad_norm: 0 = off. early_stopping: patience in epochs on the evaluation data's accuracy
-    (0 = off; the best epoch's weights are kept). augment: see AugmentConfig.
-    """
-
-    epochs: int = 2
-    batch_size: int = 64
-    max_samples: int = 0
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    step_epochs: int = 1
-    gamma: float = 0.1
-    min_lr: float = 0.0
-    cycle_epochs: float = 1.0
-    warmup_fraction: float = 0.3
-    weight_decay: float = 1e-4
-    l1: float = 0.0
-    dropout: float = 0.0
-    label_smoothing: float = 0.0
-    clip_grad_norm: float = 0.0
-    early_stopping: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "augment", _nested(self.augment, AugmentConfig, "augment"))
-        _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
-        _check(self.max_samples >= 0, f"max_samples must be 0 (all) or more, got {self.max_samples}")
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        _check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
-        _check(0 <= self.min_lr < self.lr, f"min_lr must be in [0, lr), got {self.min_lr}")
-        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        _check(self.step_epochs >= 1, f"step_epochs must be at least 1, got {self.step_epochs}")
-        _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
-        _check(self.cycle_epochs > 0, f"cycle_epochs must be positive, got {self.cycle_epochs}")
-        _check(0 < self.warmup_fraction < 1, f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}")
-        for name in ("weight_decay", "l1", "clip_grad_norm"):
-            _check(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
-        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        _check(self.early_stopping >= 0, f"early_stopping is a patience in epochs (0: off), got {self.early_stopping}")
-
-
-def finetune_field(**defaults: Any) -> Any:
-    """The `finetune` field of a training pass's config, with that pass's defaults."""
-    return field(default_factory=lambda: FineTuneConfig(**defaults))
-
-
-def nested_finetune(config: PassConfig) -> None:
-    """Call from a pass config's __post_init__: turns a recipe's `finetune` dict into a FineTuneConfig."""
-    declared = next(f for f in dataclasses.fields(config) if f.name == "finetune")
-    base = declared.default_factory() if declared.default_factory is not dataclasses.MISSING else None  # the pass's own defaults
-    object.__setattr__(config, "finetune", _nested(config.finetune, FineTuneConfig, "finetune", base))  # type: ignore[attr-defined]
-
+__all__ = [  # the settings live in optimizer.finetune_config; passes import them from here with the loop
+    "EpochResult",
+    "FineTuneConfig",
+    "accuracy_of",
+    "fine_tune_",
+    "finetune_field",
+    "first_output",
+    "insert_dropout_",
+    "l1_penalty",
+    "lr_curve",
+    "make_optimizer",
+    "make_schedule",
+    "nested_finetune",
+]
 
 # ---------------------------------------------------------------------------------------------
 # Optimizers and schedules

@@ -6,14 +6,18 @@ else agreement with the baseline's outputs). Speed is judged against the model's
 (optimizer.reference: for a .pt2, its ONNX export in ONNX Runtime too): a candidate is kept only if it
 beats that reference by the noise margin, timed in turns with it. The report lists every candidate
 (a Pareto table: latency at batch 1 against quality lost), the number of evaluations and the time.
-The search is bounded: a handful of candidates, shared prefixes run once, training with few epochs.
+The search is bounded: a handful of candidates, shared prefixes run once, training with few epochs. A
+ratio-controlled pass in a candidate (prune-structured, prune-weight, prune-gradual, a derived distillation
+student) searches its knob within what is left of the budget (optimizer.budget), at most `search_evaluations`
+probes each and `search_seconds` for all of them together; once those seconds are spent, such a pass runs at its
+default setting, so auto takes at most the fixed candidates' time plus search_seconds plus one probe per pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +30,7 @@ from optimizer.base import (
     ProgressEvent,
     RuntimeFactory,
 )
+from optimizer.budget import BudgetOptions, Judge, SearchResult, budget_columns, run_within_budget
 from optimizer.data import has_labels
 from optimizer.evaluation import Evaluation, evaluate
 from optimizer.passes.auto import AutoConfig
@@ -54,6 +59,46 @@ class Candidate:
     evaluation: Evaluation | None = None
     status: str = "measured"  # measured | skipped: ... | failed: ...
     vs_reference: float | None = None  # reference p50 / candidate p50, timed in turns with the reference
+    searches: list[SearchResult] = field(default_factory=list)  # its ratio-controlled passes' budget searches
+
+
+@dataclass
+class BudgetSearches:
+    """Runs the ratio-controlled passes of the candidates through the budget search, sharing one time limit among them."""
+
+    judge: Judge
+    budget: float
+    max_evaluations: int
+    max_seconds: float
+    spent: float = 0.0
+    results: dict[tuple[str, ...], SearchResult] = field(default_factory=dict)  # by the candidate prefix that ends in the pass
+
+    def run(self, p: Pass, artifact: Artifact, context: PassContext, done: tuple[str, ...], fresh: bool) -> Artifact:
+        """`p` on `artifact`: searched within what is left of the budget after the passes before it, or at its default setting."""
+        knob = getattr(p, "budget_knob", None)
+        if knob is None or not knob.applies(p.config):
+            return p.run(artifact, context)
+        left = self.max_seconds - self.spent
+        if left <= 0:
+            context.progress(
+                ProgressEvent(
+                    stage="auto",
+                    fraction=0.0,
+                    message=f"{p.name}: the budget searches' {self.max_seconds:g} s are spent; "
+                    f"{knob.field} stays {getattr(p.config, knob.field):g}",
+                )
+            )
+            return p.run(artifact, context)
+        before = 0.0 if fresh else (self.judge.artifact(artifact).drop or 0.0)  # what the passes before it lost
+        options = BudgetOptions(max_evaluations=self.max_evaluations, max_seconds=left, extra_epochs=0)
+        sub = dataclasses.replace(context, workdir=context.workdir / f"search-{len(self.results) + 1}")
+        start = time.monotonic()
+        try:
+            out, result = run_within_budget(p, options, artifact, sub, self.judge, max(0.0, self.budget - before))
+        finally:
+            self.spent += time.monotonic() - start
+        self.results[done] = result
+        return out
 
 
 def _names(recipe: str) -> list[str]:
@@ -109,6 +154,7 @@ def _run_candidates(
     work: PassContext,
     measure: Any,
     datasets: dict[str, Any],
+    searches: BudgetSearches,
 ) -> None:
     """Runs and measures each candidate (shared prefixes once); failures and skips are recorded, not raised."""
     dynamic_unfit = dynamic_int8_unfit(start_onnx.path) if start_onnx is not None else None
@@ -132,10 +178,13 @@ def _run_candidates(
             onnx_first = start_onnx is not None and passes[0].name in _ONNX_PASSES
             artifact, done = (start_onnx if onnx_first else source), (("<onnx>",) if onnx_first else ())
             for p in passes:
+                fresh = artifact is source or artifact is start_onnx  # lossless so far: the whole budget is left
                 done = (*done, p.name)
                 if done not in cache:
-                    cache[done] = p.run(artifact, work)
+                    cache[done] = searches.run(p, artifact, work, done, fresh)
                 artifact = cache[done]
+                if done in searches.results:
+                    candidate.searches.append(searches.results[done])
             candidate.artifact = artifact
             candidate.evaluation = measure(artifact)
         except OptimizerError as e:
@@ -195,7 +244,10 @@ def auto_search(
     evaluations += reference.export is not None
     candidates = [Candidate(recipe) for recipe in config.candidates]
     start_onnx = source if source.format == "onnx" else (reference.export[0] if reference.export else None)
-    _run_candidates(candidates, source, start_onnx, config, context, work, measure, datasets)
+    judge = Judge(runtime_factory, data, baseline, baseline_outputs, source.input_names, serving_batch)
+    searches = BudgetSearches(judge, accuracy_budget, config.search_evaluations, config.search_seconds)
+    _run_candidates(candidates, source, start_onnx, config, context, work, measure, datasets, searches)
+    evaluations += judge.evaluations
 
     def within_budget(e: Evaluation | None) -> bool:
         return e is not None and e.quality_drop is not None and e.quality_drop <= accuracy_budget + 1e-9
@@ -227,6 +279,7 @@ def auto_search(
         "search_evaluations": evaluations,
         "search_timings": timings,
         "search_seconds": round(seconds, 1),
+        "budget_search_total_s": round(searches.spent, 1),
     }
     if chosen is None and fallback is None:
         tried = "; ".join(f"{c.recipe}: {_outcome(c, accuracy_budget)}" for c in candidates)
@@ -294,6 +347,7 @@ def _rows(
             continue
         ok = within_budget(c.evaluation)
         row.update(recipe=c.recipe, status=c.status, within_budget=ok if c.evaluation else None, pareto=c.recipe in front, chosen=c is keep)
+        row.update(budget_columns(c.searches))
         if c.vs_reference is not None:
             row["reference_speedup_x"] = round(c.vs_reference, 3)  # timed in turns with the reference: the number that decided
     return rows

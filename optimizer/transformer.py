@@ -1,14 +1,13 @@
-"""Transformer encoders inside a lifted program: finding their attention units, FFNs and layers, and removing heads and FFN channels.
+"""Removing attention heads and FFN channels from the transformer encoders optimizer.encoder finds in a lifted program.
 
 A lifted program (optimizer/torchlayers.py) is an fx graph whose Linear layers are modules again, but
 whose attention reshapes carry the head count as constants ([B, S, 4, 32]). Torch-Pruning's head
 pruning updates a module attribute (`num_heads`) that an eager forward reads at run time; in a traced
 program nothing reads it, and its dependency graph does not rewrite the constants, so the attention
-breaks or keeps its old shape. We find the units in the graph instead: three projections (or one
-fused in_proj) whose outputs are split into heads before a matmul / scaled_dot_product_attention, the
-output projection they reach, and FFNs (Linear → activation → Linear back to the hidden size); we cut
+breaks or keeps its old shape. We find the units in the graph instead (optimizer.encoder); we cut
 their weights and rewrite the shape constants of the attention's own nodes, then check the result
-against the original with the removed heads' and channels' contributions zeroed.
+against the original with the removed heads' and channels' contributions zeroed. A GLU FFN loses the same rows of its
+gate and up projections and the same columns of its down projection.
 """
 
 from __future__ import annotations
@@ -19,152 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optimizer.base import OptimizerError
+from optimizer.encoder import SHAPE_OPS, Attention, Encoder, find_encoder, op_name
 
-SHAPE_OPS = ("reshape", "view", "_unsafe_view", "unflatten", "split_with_sizes", "split")
-ATTENTION_OPS = ("matmul", "bmm", "scaled_dot_product_attention")
-ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "sigmoid", "dropout", "gelu_", "relu_", "mish", "hardswish")
-
-
-@dataclass
-class Attention:
-    """A multi-head attention unit: projections (one name when fused), the output projection and the nodes between them."""
-
-    layer: str
-    projections: tuple[str, ...]
-    out: str
-    heads: int
-    head_dim: int
-    region: list[Any] = field(default_factory=list)
-
-    @property
-    def fused(self) -> bool:
-        return len(self.projections) == 1
-
-
-@dataclass
-class Ffn:
-    layer: str
-    up: str
-    down: str
-
-
-@dataclass
-class Encoder:
-    """The attention units and FFNs of a program, and its layers in order (module paths such as 'encoder.layers.0')."""
-
-    attentions: list[Attention]
-    ffns: list[Ffn]
-    layers: list[str]
-
-
-def op_name(node: Any) -> str:
-    """An fx node's operator without its overload ('view' for aten.view.default); also used by optimizer/pruning.py."""
-    target = node.target
-    name = getattr(target, "__name__", str(target))
-    return name.split(".")[0]
-
-
-def _linear(module: Any, node: Any) -> Any:
-    from torch import nn
-
-    if node.op != "call_module":
-        return None
-    layer = module.get_submodule(node.target)
-    return layer if isinstance(layer, nn.Linear) else None
-
-
-def _layer_of(name: str) -> str:
-    """The enclosing repeated layer of a module path: the longest prefix ending in an index ('encoder.layers.0')."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        if parts[i - 1].isdigit():
-            return ".".join(parts[:i])
-    return ""
-
-
-def _shape(node: Any) -> tuple | None:
-    value = node.meta.get("val") if hasattr(node, "meta") else None
-    return tuple(value.shape) if value is not None and hasattr(value, "shape") else None
-
-
-def _attention_from(module: Any, projections: list[Any]) -> Attention | None:
-    """The unit that starts at these projection nodes: walks forward to the first Linear (the output projection)."""
-    region, outs, stack, seen = [], set(), list(projections), set(projections)
-    while stack:
-        node = stack.pop()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if _linear(module, user) is not None:
-                outs.add(user.target)
-                continue
-            if user.op == "output":
-                return None
-            region.append(user)
-            stack.append(user)
-    if len(outs) != 1:
-        return None
-    order = {n: i for i, n in enumerate(module.graph.nodes)}
-    region.sort(key=order.__getitem__)
-    first = next((n for n in region if op_name(n) in ATTENTION_OPS), None)
-    shape = _shape(first.args[0]) if first is not None else None
-    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
-        return None
-    # The head size from the graph's metadata; the head count from the widths (a pruned unit's metadata still shows the old count).
-    head_dim = int(shape[3])
-    width = module.get_submodule(next(iter(outs))).in_features
-    heads = width // head_dim
-    if heads < 1 or heads * head_dim != width:
-        return None
-    names = tuple(p.target for p in projections)
-    return Attention(_layer_of(names[0]), names, next(iter(outs)), heads, head_dim, region)
-
-
-def find_encoder(module: Any) -> Encoder | None:
-    """The program's transformer structure, or None when it has no multi-head attention."""
-    graph = getattr(module, "graph", None)
-    if graph is None:
-        return None
-    by_input: dict[Any, list[Any]] = {}
-    fused: list[Any] = []
-    for node in graph.nodes:
-        layer = _linear(module, node)
-        if layer is None:
-            continue
-        splits = [u for u in node.users if op_name(u) in SHAPE_OPS]
-        if any(op_name(u) == "unflatten" and list(u.args[2])[:1] == [3] for u in splits) and layer.out_features % 3 == 0:
-            fused.append(node)
-        elif splits:
-            by_input.setdefault(node.args[0], []).append(node)
-    attentions = [a for a in (_attention_from(module, [n]) for n in fused) if a is not None]
-    for nodes in by_input.values():
-        if len(nodes) == 3:
-            unit = _attention_from(module, nodes)
-            if unit is not None:
-                attentions.append(unit)
-    if not attentions:
-        return None
-    taken = {n for a in attentions for n in (*a.projections, a.out)}
-    ffns = []
-    for node in graph.nodes:
-        up = _linear(module, node)
-        if up is None or node.target in taken or up.out_features <= up.in_features:
-            continue
-        current = node
-        while len(current.users) == 1 and op_name(next(iter(current.users))) in ACTIVATIONS:
-            current = next(iter(current.users))
-        if current is node or len(current.users) != 1:
-            continue
-        down_node = next(iter(current.users))
-        down = _linear(module, down_node)
-        if down is not None and down.in_features == up.out_features and down.out_features == up.in_features:
-            ffns.append(Ffn(_layer_of(node.target), node.target, down_node.target))
-    layers: list[str] = []
-    for name in [a.layer for a in attentions]:
-        if name and name not in layers:
-            layers.append(name)
-    return Encoder(attentions, ffns, layers)
+__all__ = [
+    "Encoder",
+    "Removed",
+    "find_encoder",
+    "op_name",
+    "prune_encoder_",
+    "prune_heads_and_ffn_",
+]  # the first three: optimizer.encoder's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,25 +169,26 @@ def prune_encoder_(
         _take_(module.get_submodule(unit.out), cols=cols)
         _rewrite_shapes_(module.graph, unit, keep)
     for ffn in encoder.ffns:
-        if set(ignored) & {ffn.up, ffn.down}:
+        if set(ignored) & {*ffn.projections, ffn.down}:
             removed.skipped.append(f"{ffn.layer or ffn.up} FFN (in ignored_layers)")
             continue
-        up, down = module.get_submodule(ffn.up), module.get_submodule(ffn.down)
-        width = up.out_features
+        ups, down = [module.get_submodule(n) for n in ffn.projections], module.get_submodule(ffn.down)
+        width = ups[0].out_features
         keep = _kept(width, ratio, round_to)
         removed.ffn_before += width
         removed.ffn_after += keep
         if keep == width:
             continue
-        if taylor and up.weight.grad is not None and down.weight.grad is not None:
-            scores = (up.weight.data * up.weight.grad).abs().sum(1) + (down.weight.data * down.weight.grad).abs().sum(0)
+        if taylor and all(u.weight.grad is not None for u in ups) and down.weight.grad is not None:
+            scores = sum((u.weight.data * u.weight.grad).abs().sum(1) for u in ups) + (down.weight.data * down.weight.grad).abs().sum(0)
         else:
-            scores = up.weight.data.pow(2).sum(1) + down.weight.data.pow(2).sum(0)
+            scores = sum(u.weight.data.pow(2).sum(1) for u in ups) + down.weight.data.pow(2).sum(0)
         channels = torch.sort(torch.argsort(scores, descending=True)[:keep]).values
         dropped_mask = torch.ones(width, dtype=torch.bool)
         dropped_mask[channels] = False
         reference.get_submodule(ffn.down).weight.data[:, dropped_mask] = 0
-        _take_(up, rows=channels)
+        for u in ups:  # a GLU's gate and up lose the same rows: their product is what down reads
+            _take_(u, rows=channels)
         _take_(down, cols=channels)
     module.graph.eliminate_dead_code()
     module.graph.lint()
@@ -383,7 +247,7 @@ def prune_heads_and_ffn_(module: Any, example: tuple[Any, ...], config: Any, nee
     assert encoder is not None
     ignored = set(config.ignored_layers)
     units = [a for a in encoder.attentions if not ignored & {*a.projections, a.out}]
-    ffns = [module.get_submodule(f.up).out_features for f in encoder.ffns if not ignored & {f.up, f.down}]
+    ffns = [module.get_submodule(f.up).out_features for f in encoder.ffns if not ignored & {*f.projections, f.down}]
     heads = sum(a.heads for a in units)
     if heads == sum(_kept(a.heads, ratio, 0) for a in units) and sum(ffns) == sum(_kept(w, ratio, config.round_to) for w in ffns):
         raise OptimizerError(

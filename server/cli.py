@@ -80,6 +80,9 @@ def optimize(
     out: Path = typer.Option(..., "--out", help="Directory for the optimized model, report.json and evaluation.json."),
     variant_name: str = typer.Option("", "--name", help="Name of the variant in the report [default: the recipe's name]."),
     accuracy_budget: float | None = typer.Option(None, "--accuracy-budget", help="Fail if more accuracy points are lost."),
+    keep_over_budget: bool = typer.Option(
+        False, "--keep-over-budget", help="Write the best a budget search reached even when it misses the budget (marked in the report)."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Optimize a model file offline (no server): run the recipe, measure, write the result and the report."""
@@ -130,7 +133,7 @@ def optimize(
                 datasets=datasets,
                 progress=lambda e: bar.update(task, completed=e.fraction, description=e.stage, detail=e.message),
             )
-            result = run_optimize(source, parsed, context, factory, name, accuracy_budget)
+            result = run_optimize(source, parsed, context, factory, name, accuracy_budget, register_over_budget=keep_over_budget)
             out.mkdir(parents=True, exist_ok=True)
             target = out / f"model.{result.artifact.format}"
             shutil.copyfile(result.artifact.path, target)

@@ -38,7 +38,9 @@ class AutoConfig(PassConfig):
     need what the model lacks (a .pt2 to train, train data) are skipped and reported as such.
     noise_margin: how much faster than the best FP32 runtime a candidate must be, timed in turns with it
     (0.05: 5%), to be kept. metric: the quality metric (accuracy, top1-agreement, cosine,
-    relative-error); empty: chosen from the labels and the model's output.
+    relative-error); empty: chosen from the labels and the model's output. search_evaluations: probes of each
+    ratio-controlled pass's budget search (its pruning ratio, sparsity or student width, optimizer.budget);
+    search_seconds: the time all those searches share, after which such a pass runs at its default setting.
     """
 
     accuracy_budget: float = 1.0
@@ -46,6 +48,8 @@ class AutoConfig(PassConfig):
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     noise_margin: float = 0.05
     metric: str = ""
+    search_evaluations: int = 4
+    search_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.accuracy_budget >= 0:
@@ -61,6 +65,10 @@ class AutoConfig(PassConfig):
         if not 0.0 <= self.noise_margin < 1.0:
             raise ConfigValueError(f"noise_margin must be in [0, 1) (0.05: 5% faster), got {self.noise_margin}")
         check_choice("metric", self.metric, ("", *METRICS))
+        if self.search_evaluations < 2:
+            raise ConfigValueError(f"search_evaluations must be at least 2 (both ends of a knob), got {self.search_evaluations}")
+        if not self.search_seconds >= 0:
+            raise ConfigValueError(f"search_seconds must be 0 (no search: default settings) or more, got {self.search_seconds}")
 
 
 @register

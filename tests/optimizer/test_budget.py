@@ -3,6 +3,8 @@ reached, per-pass max_drop, cancellation and progress, and fine-tuning that goes
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +16,7 @@ from torch import nn
 from optimizer.base import Artifact, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent
 from optimizer.budget import BudgetOptions, Knob
 from optimizer.data import TrainData
-from optimizer.finetune import FineTuneConfig, fine_tune_
+from optimizer.finetune import FineTuneConfig, fine_tune_, finetune_field
 from optimizer.guard import guarding
 from optimizer.pipeline import optimize
 from optimizer.recipes import Recipe, recipe_from_dict
@@ -152,6 +154,55 @@ def test_a_probe_that_fails_counts_as_over_and_is_reported(noisy, runtime_factor
         optimize(source, _recipe(gentle=0.5), context, runtime_factory, "v", accuracy_budget=0.1)
 
 
+def test_a_probe_starts_only_when_it_fits_the_time_limit(noisy, runtime_factory, monkeypatch):
+    source, context, events = noisy
+    run = NoisePass.run
+
+    def slow(self, artifact, context):
+        time.sleep(0.4)
+        return run(self, artifact, context)
+
+    monkeypatch.setattr(NoisePass, "run", slow)
+    result = optimize(source, _recipe(max_evaluations=6, max_seconds=1.0), context, runtime_factory, "v", accuracy_budget=2.0)
+    (search,) = result.searches
+    assert len(search.probes) == 2 and search.seconds < 1.0  # a third probe of 0.4 s would have ended after the limit
+    messages = [e.message for e in events if e.stage == "test-noise budget"]
+    assert any(re.match(r"no more probes: one takes up to 0\.\d s and the search's 1 s would be over", m) for m in messages), messages
+    assert any(m.startswith("probe 2/6: ratio 0; ") and m.endswith(" s of the search left") for m in messages), messages
+
+
+@dataclass(frozen=True)
+class TrainingNoiseConfig(PassConfig):
+    ratio: float = 0.5
+    finetune: FineTuneConfig = finetune_field(epochs=3)
+
+
+class TrainingNoisePass(NoisePass):
+    """test-noise as a training pass: fine-tuning on under a guard (optimizer.guard) halves its noise."""
+
+    config_cls = TrainingNoiseConfig
+    guarded: ClassVar[list[bool]] = []
+
+    def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+        from optimizer.guard import current_guard
+
+        TrainingNoisePass.guarded.append(current_guard() is not None)
+        ratio = self.config.ratio / 2 if self.guarded[-1] else self.config.ratio  # type: ignore[attr-defined]
+        return NoisePass(NoiseConfig(ratio=ratio)).run(artifact, context)
+
+
+def test_a_probe_at_the_pass_epochs_fine_tunes_on_under_the_guard_and_is_the_final_run(noisy, runtime_factory, monkeypatch):
+    source, context, _ = noisy
+    monkeypatch.setitem(PASSES, "test-noise", TrainingNoisePass)
+    TrainingNoisePass.guarded = []
+    result = optimize(source, _recipe(max_evaluations=3), context, runtime_factory, "v", accuracy_budget=2.0)
+    assert TrainingNoisePass.guarded == [True, True, True]  # every probe ran as the final run would, and none ran again
+    assert NoisePass.runs == [0.5, 0.0, 0.25]  # ratios 1.0, 0.0 and 0.5 asked for, each fine-tuned on under the guard
+    short = optimize(source, _recipe(max_evaluations=3, probe_epochs=1), context, runtime_factory, "v", accuracy_budget=2.0)
+    assert TrainingNoisePass.guarded[3:] == [False, False, False, True]  # shortened probes without the guard, then the final run
+    assert short.searches[0].value <= result.searches[0].value
+
+
 def test_a_max_drop_without_evaluation_data_is_refused_before_any_work(tmp_path):
     from optimizer.pipeline import preflight
 
@@ -278,3 +329,47 @@ def test_a_real_pass_fine_tunes_on_while_over_the_budget(digits_mlp, runtime_fac
     assert extra, [e.message for e in events]  # one epoch at a low LR leaves 60% sparsity over the budget: training went on
     assert result.searches[0].setting == "sparsity=0.6" and not result.searches[0].probes
     assert any(e.message.startswith("fine-tuning stopped: ") for e in events)
+
+
+# --- probes train as the final run does -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blobs_mlp(tmp_path_factory):
+    """A 16 -> 32 -> 4 MLP on a linear 4-class task (about 86% on 200 held-out rows), as .pt2 with train and evaluation data."""
+    from tests.optimizer.tiny_models import build
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    y = (x @ rng.standard_normal((16, 4)).astype(np.float32)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.from_numpy(x[:400])), torch.from_numpy(y[:400])).backward()
+        opt.step()
+    root = tmp_path_factory.mktemp("blobs-mlp")
+    tiny = build(model, x[:400], y[:400], root, "mlp")
+    return tiny.pt2, {"train": tiny.train, "data": save_npz(root / "eval.npz", x=x[400:], labels=y[400:])}
+
+
+@pytest.mark.slow
+def test_a_probe_trains_as_the_full_run_so_its_verdict_is_the_full_runs(blobs_mlp, runtime_factory, tmp_path):
+    """Six epochs bring 70% sparsity within 10 points, one does not: a probe judges a setting as its full run would."""
+    source, datasets = blobs_mlp
+    config = {"sparsity": 0.7, "finetune": {"epochs": 6, "lr": 1e-2, "batch_size": 32, "schedule": "constant", "augment": {"kind": "none"}}}
+
+    def run(name: str, budget: dict | None, accuracy_budget: float | None = None):
+        entry = {"pass": "prune-weight", "config": config} | ({"budget": budget} if budget is not None else {})
+        context = PassContext(workdir=tmp_path / name, datasets=datasets)
+        return optimize(source, recipe_from_dict({"passes": [entry]}, "r.json"), context, runtime_factory, name, accuracy_budget)
+
+    full = run("full", None).evaluation.quality_drop
+    assert full <= 10.0
+    searched = run("probes", {"gentle": 0.7, "aggressive": 0.9, "max_evaluations": 2}, 10.0).searches[0]
+    high, low = searched.probes
+    assert (high.value, low.value) == (0.9, 0.7) and high.drop > 10.0
+    assert low.drop == pytest.approx(full) and searched.within and searched.value == 0.7  # the probe is the full run
+    short = run("short", {"gentle": 0.7, "aggressive": 0.9, "max_evaluations": 2, "probe_epochs": 1}, 10.0).searches[0]
+    assert short.probes[1].value == 0.7 and short.probes[1].drop > 10.0  # one epoch is not enough: the old verdict was "over"

@@ -5,6 +5,8 @@ Every candidate is measured and the fastest within the budget kept, if it beats 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -47,7 +49,9 @@ def test_auto_keeps_the_fastest_candidate_within_the_budget_and_reports_all(digi
     assert set(rows) == tried - {result.artifact.notes["auto_choice"]}  # the chosen one is named 'auto'
     chosen = rows["auto"]
     assert chosen["chosen"] and chosen["within_budget"] and chosen["recipe"] == result.artifact.notes["auto_choice"]
-    assert rows["baseline"]["metric"] == "accuracy" and rows["baseline"]["search_evaluations"] == 3  # the export and 2 candidates
+    probes = sum(r.get("budget_evaluations") or 0 for r in rows.values())  # prune-structured's budget search
+    assert 2 <= probes <= 4 and rows["baseline"]["metric"] == "accuracy"
+    assert rows["baseline"]["search_evaluations"] == 3 + probes  # the export, 2 candidates and the search's probes
     within = [r for r in rows.values() if r["status"].startswith("measured") and r["within_budget"]]
     assert all(r["accuracy_delta_pt"] >= -2.0 for r in within)
     # Faster candidates within the budget were passed over only because they did not beat the reference in turns.
@@ -132,3 +136,55 @@ def test_auto_on_a_pt2_falls_back_to_its_fp32_export_when_no_candidate_beats_it(
     rows = {r["variant"]: r for r in result.report}
     assert rows["auto"]["recipe"] == "fp32-onnxruntime" and rows["auto"]["speedup_x"] > 1.0
     assert rows["test-slow"]["within_budget"] is False  # another model's answers: far from the baseline's
+
+
+# --------------------------------------------------------------------------------------------
+# ratio-controlled candidates search their knob within the budget (optimizer.budget)
+
+
+@pytest.fixture
+def noisy_auto(tmp_path, monkeypatch):
+    """A classifier 2 MatMuls slower than it needs to be, its labels, and test-noise: the lean model with noise of `ratio` (default 0.5)."""
+    from optimizer.registry import PASSES, load_builtin_passes
+    from tests.optimizer.test_budget import NoisePass, W, X
+
+    load_builtin_passes()
+    monkeypatch.setitem(PASSES, "test-noise", NoisePass)
+    NoisePass.runs = []
+    labels = (np.maximum(X @ W[0], 0) @ W[1]).argmax(1)
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": save_npz(tmp_path / "eval.npz", x=X, labels=labels)})
+    return onnx_artifact(dense_onnx(tmp_path / "slow.onnx", W, output="logits", slow=2), "logits"), context, NoisePass
+
+
+def test_auto_searches_a_ratio_controlled_candidate_within_the_budget(noisy_auto, runtime_factory):
+    source, context, noise = noisy_auto
+    with pytest.raises(OptimizerError, match=r"test-noise: \d+\.\d\d points lost"):  # its default ratio 0.5 is over 2 points
+        optimize(source, _auto("test-noise", search_seconds=0), context, runtime_factory, "auto", accuracy_budget=2.0)
+    assert noise.runs == [0.5]
+    noise.runs = []
+    result = optimize(source, _auto("test-noise", search_evaluations=5), context, runtime_factory, "auto", accuracy_budget=2.0)
+    assert noise.runs[:2] == [1.0, 0.0] and len(noise.runs) == 5  # both ends, then three bisections
+    row = {r["variant"]: r for r in result.report}["auto"]
+    assert row["recipe"] == "test-noise" and row["within_budget"] and row["accuracy_delta_pt"] >= -2.0
+    setting = float(row["budget_setting"].removeprefix("test-noise ratio="))
+    assert 0 < setting < 0.5 and row["budget_evaluations"] == 5 and row["budget_probes"].count(" pt)") == 5
+    baseline = result.report[0]
+    assert baseline["search_evaluations"] == 1 + 5 and 0 <= baseline["budget_search_total_s"] <= baseline["search_seconds"]
+
+
+def test_auto_budget_searches_share_one_time_limit(noisy_auto, runtime_factory, monkeypatch):
+    source, context, noise = noisy_auto
+    run = noise.run
+
+    def slow(self, artifact, context):
+        time.sleep(0.3)
+        return run(self, artifact, context)
+
+    monkeypatch.setattr(noise, "run", slow)
+    events = []
+    context.progress = events.append
+    recipe = _auto("test-noise", "graph-ort,test-noise", search_seconds=0.2)
+    with pytest.raises(OptimizerError):  # the first probe (0.3 s) spends the 0.2 s: no second probe, no second search
+        optimize(source, recipe, context, runtime_factory, "auto", accuracy_budget=2.0)
+    assert noise.runs == [1.0, 0.5]  # the first candidate's aggressive end, then the second candidate at its default
+    assert any(e.message == "test-noise: the budget searches' 0.2 s are spent; ratio stays 0.5" for e in events)

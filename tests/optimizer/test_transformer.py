@@ -14,7 +14,7 @@ from optimizer.export import export_dynamic_batch
 from optimizer.students import exit_module, hidden_state_pairs, layer_dropping_student
 from optimizer.torchlayers import lift_layers
 from optimizer.transformer import find_encoder, prune_encoder_
-from tests.optimizer.tiny_transformers import TOKENS, TorchEncoder, bert, bert_example, torch_example
+from tests.optimizer.tiny_transformers import TOKENS, GluEncoder, TorchEncoder, bert, bert_example, torch_example
 
 _LIFTED: dict[tuple, torch.fx.GraphModule] = {}
 
@@ -77,6 +77,21 @@ def test_prune_encoder_removes_heads_and_ffn_channels_and_the_model_still_runs_a
     module.eval()
     program = export_dynamic_batch(module, example(), "test")  # exports with a free batch: the reshapes follow the batch
     assert program.module()(*example(5)).shape == (5, 3)
+
+
+def test_a_glu_ffn_loses_the_same_rows_of_gate_and_up_and_columns_of_down():
+    module = lifted(GluEncoder().eval(), torch_example(), key=("glu", 2))
+    encoder = find_encoder(module)
+    assert [(f.gate, f.up, f.down) for f in encoder.ffns] == [(f"layers.{i}.gate", f"layers.{i}.up", f"layers.{i}.down") for i in range(2)]
+    gate, up = module.get_submodule("layers.0.gate").weight.data.clone(), module.get_submodule("layers.0.up").weight.data.clone()
+    removed = prune_encoder_(module, torch_example(), 0.5, "test")  # checks itself against the original with the channels zeroed
+    assert removed.describe() == "attention heads 8 -> 4, FFN channels 128 -> 64"
+    kept_gate, kept_up = module.get_submodule("layers.0.gate").weight.data, module.get_submodule("layers.0.up").weight.data
+    assert kept_gate.shape == kept_up.shape == (32, 32) and module.get_submodule("layers.0.down").in_features == 32
+    rows = [next(i for i in range(64) if torch.equal(gate[i], row)) for row in kept_gate]
+    assert torch.equal(up[rows], kept_up)  # the same channels of both: the product down reads stays whole
+    module.eval()
+    assert export_dynamic_batch(module, torch_example(), "test").module()(*torch_example(5)).shape == (5, 3)
 
 
 def test_pruned_heads_compute_what_the_original_computes_without_them():

@@ -29,6 +29,39 @@ class TorchEncoder(nn.Module):
         return self.fc(self.enc(self.emb(x))[:, 0])
 
 
+class GluLayer(nn.Module):
+    """A LLaMA-style layer: separate q / k / v / o projections, 4 heads, and a GLU FFN down(silu(gate(x)) * up(x)) of width 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(32, 64, bias=False), nn.Linear(32, 64, bias=False), nn.Linear(64, 32, bias=False)
+        self.norm1, self.norm2 = nn.LayerNorm(32), nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).reshape(b, s, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        x = x + self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 32))
+        h = self.norm2(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class GluEncoder(nn.Module):
+    def __init__(self, layers: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.layers = nn.ModuleList(GluLayer() for _ in range(layers))
+        self.fc = nn.Linear(32, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.fc(h[:, 0])
+
+
 def bert(layers: int = 2) -> nn.Module:
     """The zoo's BERT-style classifier (Hugging Face layout: separate query / key / value Linear layers) at hidden 32, 4 heads."""
     torch.manual_seed(0)

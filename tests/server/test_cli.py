@@ -25,6 +25,32 @@ def test_offline_optimize_bad_recipe(digits, tmp_path):
     assert result.exit_code == 1 and "unknown recipe or pass 'shrink'" in result.output
 
 
+def test_offline_optimize_keeps_a_variant_over_budget_only_when_asked(tmp_path, monkeypatch):
+    import numpy as np
+
+    from optimizer.registry import PASSES, load_builtin_passes
+    from tests.optimizer.test_budget import NoisePass, W, X
+    from tests.optimizer.tiny_models import dense_onnx, save_npz
+
+    load_builtin_passes()
+    monkeypatch.setitem(PASSES, "test-noise", NoisePass)
+    model = dense_onnx(tmp_path / "m.onnx", W, output="logits")
+    data = save_npz(tmp_path / "eval.npz", x=X, labels=(np.maximum(X @ W[0], 0) @ W[1]).argmax(1))
+    recipe = tmp_path / "noise.json"
+    budget = {"gentle": 0.5, "aggressive": 1.0}  # both ends lose more than 0.5 points
+    recipe.write_text(json.dumps({"version": 1, "name": "noise", "passes": [{"pass": "test-noise", "budget": budget}]}))
+    out = tmp_path / "out"
+    args = ["optimize", str(model), "--recipe", str(recipe), "--data", str(data), "--out", str(out), "--accuracy-budget", "0.5"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "test-noise cannot stay within the budget of 0.5 points" in refused.output
+    assert not out.exists()
+    kept = runner.invoke(app, [*args, "--keep-over-budget"])
+    assert kept.exit_code == 0, kept.output
+    row = json.loads((out / "report.json").read_text())[1]
+    assert row["within_budget"] is False and row["budget_setting"] == "test-noise ratio=0.5" and row["accuracy_delta_pt"] < -0.5
+    assert (out / "model.onnx").stat().st_size > 0
+
+
 def test_start_refuses_unknown_node_type(tmp_path):
     result = runner.invoke(app, ["start", "--repository", str(tmp_path), "--node-type", "gpu-h900", "--grpc-port", "0"])
     assert result.exit_code == 2 and "node type 'gpu-h900' has no price" in result.output

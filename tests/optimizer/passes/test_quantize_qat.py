@@ -54,3 +54,22 @@ def test_qat_names_labels_beyond_the_model_outputs(digits, pt2_model, tmp_path):
     np.savez(bad, x=digits.x_test, labels=digits.y_test + 5)
     with pytest.raises(OptimizerError, match=r"'labels' holds class 14, and the model has 10 outputs"):
         make_pass("quantize-qat").run(pt2_model, PassContext(workdir=tmp_path, datasets={"train": bad}))
+
+
+@pytest.mark.slow
+def test_qat_on_a_bert_style_transformer_quantizes_its_linear_layers_and_agrees_with_fp32(tmp_path):
+    """The zoo's BERT layout (separate q / k / v, GELU FFN, attention mask) at hidden 32: torchao QAT on its Linear layers, served by ORT."""
+    import onnxruntime as ort
+    import torch
+
+    from tests.optimizer.tiny_transformers import bert_pt2
+
+    source, train = bert_pt2(tmp_path / "bert")
+    result = make_pass("quantize-qat", {"epochs": 1}).run(source, PassContext(workdir=tmp_path / "work", datasets={"train": train}))
+    facts = int8_facts(result.path)
+    assert facts["int8_initializers"] >= 2 * 6 and facts["QuantizeLinear"] >= 2 * 3  # every q/k/v/out/FFN weight of both layers
+    with np.load(train) as z:
+        feed = {"input_ids": z["input_ids"], "attention_mask": z["attention_mask"]}
+    int8 = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    fp32 = torch.export.load(source.path).module()(*(torch.from_numpy(v) for v in feed.values())).detach().numpy()
+    assert int8.shape == fp32.shape and (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.9  # the masked attention survives QDQ
