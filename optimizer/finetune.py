@@ -290,7 +290,9 @@ def fine_tune_(
 
     if data.labels is None:
         if loss_fn is None:
-            raise OptimizerError(f"{stage}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz")
+            raise OptimizerError(
+                f"{stage}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz"
+            )
     elif data.labels.ndim != 1 or len(data.labels) != len(data.inputs[0]):
         raise OptimizerError(f"{stage}: 'labels' must hold one class index per training sample")
     data = data.subsample(config.max_samples, context.seed)

@@ -53,7 +53,9 @@ class LabelFreeObjective:
         return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean() + relative
 
 
-def choose_objective(outputs: np.ndarray, output_name: str, needed_by: str, who: str = "teacher", temperature: float = 4.0) -> LabelFreeObjective:
+def choose_objective(
+    outputs: np.ndarray, output_name: str, needed_by: str, who: str = "teacher", temperature: float = 4.0
+) -> LabelFreeObjective:
     """The label-free objective for a model whose first output on a few train rows is `outputs`; refuses outputs no loss can follow."""
     if not np.issubdtype(outputs.dtype, np.floating):
         raise OptimizerError(

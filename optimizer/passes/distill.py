@@ -28,7 +28,6 @@ from optimizer.base import (
 )
 from optimizer.budget import Knob
 from optimizer.export import load_program, program_input_types
-from optimizer.objectives import objective_of
 from optimizer.finetune import (
     FineTuneConfig,
     fine_tune_,
@@ -36,6 +35,7 @@ from optimizer.finetune import (
     first_output,
     nested_finetune,
 )
+from optimizer.objectives import objective_of
 from optimizer.pruning import prune_channels_, untouched_layers
 from optimizer.registry import register
 from optimizer.students import hidden_state_pairs, layer_dropping_student
@@ -262,7 +262,11 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
     prepared: Prepared = prepare(artifact, context, pass_name, with_eval=config.finetune.early_stopping > 0, label_free=True)
     teacher, example = prepared.module, prepared.example
     # Without labels the student learns the teacher's outputs alone, by the objective their kind calls for.
-    label_free = None if prepared.data.labels is not None else objective_of(teacher, example, prepared.outputs[0], pass_name, "teacher", config.temperature)
+    label_free = (
+        None
+        if prepared.data.labels is not None
+        else objective_of(teacher, example, prepared.outputs[0], pass_name, "teacher", config.temperature)
+    )
     if label_free is not None:
         objective = label_free.describe()
     else:
