@@ -48,7 +48,7 @@ def train_npz(folder: Path, target: Path, rows: int, length: int = 128) -> int:
     return len(pairs)
 
 
-def interleaved_p50(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int = 5, per_round: int = 40) -> dict[str, float]:
+def interleaved_p50(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int = 3, per_round: int = 20) -> dict[str, float]:
     """p50 at batch 1 of each model, timed round after round in turns so that a noisy neighbour slows all alike."""
     import onnxruntime as ort
 

@@ -2,7 +2,7 @@
 
 The student is derived from the teacher — the same architecture with `width` of its channels,
 cut by Torch-Pruning's uniform channel pruning, which keeps the teacher's most important channels
-as the student's starting point; for a transformer, DistilBERT's student: every other encoder layer,
+as the student's starting point; for a transformer, a DistilBERT-style student: half the encoder layers (first and last kept),
 with `width` of their heads and FFN channels (optimizer/students.py) — or given by the user as a .pt2 (config `student`). It trains
 with the shared fine-tuning loop and is served as ONNX by onnxruntime. Train data without labels (an embedding
 model's sentences) trains toward the teacher's outputs alone (optimizer.objectives: 1 - cosine + MSE for embeddings,
@@ -52,7 +52,7 @@ class DistillSoftConfig(PassConfig):
 
     width: the derived student keeps this share of every conv / linear layer's channels (0.5
     gives about a quarter of the parameters and FLOPs of a conv net); a transformer's student may keep
-    1.0 (every other layer, all their heads). student_init: teacher
+    1.0 (half the layers, all their heads). student_init: teacher
     (start from the teacher's most important channels) | random (the same narrow architecture,
     re-initialized). student: path of a .pt2 student to train instead (its inputs and outputs
     must match the teacher's; width and student_init are then ignored). temperature: T.
@@ -113,7 +113,7 @@ class DistillFeatureConfig(DistillSoftConfig):
 def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str) -> tuple[Any, str]:
     """The teacher's architecture with `width` of its channels (Torch-Pruning, magnitude), optionally re-initialized, and what it kept.
 
-    A transformer's student keeps every other encoder layer and `width` of their heads and FFN channels (optimizer/students.py).
+    A transformer's student keeps half the encoder layers (first and last) and `width` of their heads and FFN channels (optimizer/students.py).
     """
     if find_encoder(teacher) is not None:
         student, kept = layer_dropping_student(teacher, example, config.width, needed_by)

@@ -140,13 +140,13 @@ def test_a_transformer_student_keeps_every_other_layer_and_matches_their_hidden_
     context = PassContext(workdir=tmp_path, datasets={"train": train}, progress=events.append)
     result = make_pass(name, {"width": 0.5, "finetune": {"epochs": 1}}).run(model, context)
     assert result.notes["student"] == (
-        "student with layers encoder.layers.0, encoder.layers.2 of 4; attention heads 8 -> 4, FFN channels 256 -> 128 (teacher init)"
+        "student with layers encoder.layers.0, encoder.layers.3 of 4; attention heads 8 -> 4, FFN channels 256 -> 128 (teacher init)"
     )
     assert float(result.notes["flops_fraction"]) < 0.3
     matched = [e.message for e in events if e.message.startswith("matching ")]
     if name == "distill-feature":  # [batch, seq, hidden] states of each kept layer against the last teacher layer it stands for
         assert matched == [
-            "matching encoder.layers.0.out_norm->encoder.layers.1.out_norm, encoder.layers.2.out_norm->encoder.layers.3.out_norm"
+            "matching encoder.layers.0.out_norm->encoder.layers.2.out_norm, encoder.layers.3.out_norm->encoder.layers.3.out_norm"
         ]
     else:
         assert matched == []
@@ -185,7 +185,7 @@ def test_without_labels_a_layer_dropping_student_learns_the_teachers_embeddings(
     context = PassContext(workdir=tmp_path, datasets={"train": train})
     untrained = make_pass(name, {"width": 1.0, "finetune": {"epochs": 1, "lr": 1e-9}}).run(model, context)  # the student as derived
     trained = make_pass(name, {"width": 1.0, "finetune": {"epochs": 6}}).run(model, context)
-    assert trained.notes["student"] == "student with layers encoder.layers.0, encoder.layers.2 of 4 (teacher init)"
+    assert trained.notes["student"] == "student with layers encoder.layers.0, encoder.layers.3 of 4 (teacher init)"
     assert trained.notes["objective"].startswith("label-free: 1 - cosine + relative MSE to the teacher's output")
     assert ("hidden-state / feature matching" in trained.notes["objective"]) == (name == "distill-feature")
     before, after = cosine_to_teacher(model, untrained.path, data), cosine_to_teacher(model, trained.path, data)
