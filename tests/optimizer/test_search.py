@@ -155,3 +155,20 @@ def test_auto_on_a_pt2_falls_back_to_its_fp32_export_when_no_candidate_beats_it(
     rows = {r["variant"]: r for r in result.report}
     assert rows["auto"]["recipe"] == "fp32-onnxruntime" and rows["auto"]["speedup_x"] > 1.0
     assert rows["test-slow"]["within_budget"] is False  # another model's answers: far from the baseline's
+
+
+@pytest.mark.slow
+def test_auto_on_a_label_free_transformer_measures_students_and_pruning_trained_toward_its_outputs(tmp_path, runtime_factory):
+    from tests.optimizer.tiny_transformers import embedding_pt2
+
+    model, train, data = embedding_pt2(tmp_path / "embedder", layers=4)
+    context = PassContext(workdir=tmp_path / "work", datasets={"train": train, "data": data})
+    candidates = ("distill-soft", "distill-soft,quantize-dynamic", "prune-structured")
+    try:
+        rows = {r["recipe"]: r for r in optimize(model, _auto(*candidates, epochs=2), context, runtime_factory, "auto", 50.0).report}
+    except OptimizerError as e:  # none beat the FP32 reference by the margin on this machine: the refusal names what each reached
+        assert all(f"{c}: within budget" in str(e) for c in candidates), str(e)
+        return
+    for recipe in candidates:
+        assert rows[recipe]["status"].startswith("measured") and rows[recipe]["metric"] == "cosine", rows[recipe]
+        assert rows[recipe]["objective"].startswith("label-free: 1 - cosine + relative MSE to the ")
