@@ -134,7 +134,7 @@ def bert4(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["distill-soft", "distill-feature"])
-def test_a_transformer_student_keeps_every_other_layer_and_matches_their_hidden_states(bert4, tmp_path, name):
+def test_a_transformer_student_keeps_half_the_layers_and_matches_their_hidden_states(bert4, tmp_path, name):
     model, train = bert4
     events: list[ProgressEvent] = []
     context = PassContext(workdir=tmp_path, datasets={"train": train}, progress=events.append)
