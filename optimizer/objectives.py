@@ -84,6 +84,14 @@ def reference_loss(reference: Any, objective: LabelFreeObjective) -> Callable[[A
     return loss_fn
 
 
+def toward_itself(module: Any, example: tuple[Any, ...], output_name: str, needed_by: str) -> tuple[Any, str]:
+    """The loss toward a frozen copy of `module` as it is now (before pruning changes it), and its description."""
+    import copy
+
+    objective = objective_of(module, example, output_name, needed_by, "unpruned model")
+    return reference_loss(copy.deepcopy(module), objective), objective.describe()
+
+
 def objective_of(module: Any, example: tuple[Any, ...], output_name: str, needed_by: str, who: str, temperature: float = 4.0):
     """The label-free objective for `module`, chosen from its first output on the example batch."""
     import torch

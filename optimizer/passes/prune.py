@@ -10,7 +10,6 @@ On a transformer, prune-structured removes whole attention heads and FFN channel
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ from optimizer.finetune import (
     nested_finetune,
 )
 from optimizer.guard import current_guard, guarding
-from optimizer.objectives import objective_of, reference_loss
+from optimizer.objectives import toward_itself
 from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
 from optimizer.registry import register
 from optimizer.torchlayers import check_layer_names, layers_in_order, weight_names
@@ -354,8 +353,7 @@ class PruneStructuredPass(Pass):
                     f"{self.name}: taylor importance takes gradients of the loss on the labels, and the train data has no 'labels'; "
                     "use importance magnitude (or bn-scale), or add 'labels' to TRAIN.npz"
                 )
-            label_free = objective_of(module, example, prepared.outputs[0], self.name, "unpruned model")
-            loss_fn, objective = reference_loss(copy.deepcopy(module), label_free), label_free.describe()
+            loss_fn, objective = toward_itself(module, example, prepared.outputs[0], self.name)
         steps = config.iterative_steps
         per_step = [config.finetune.epochs // steps + (1 if i < config.finetune.epochs % steps else 0) for i in range(steps)]
 
