@@ -150,6 +150,8 @@ class Pass(abc.ABC):
     # A pass that trains in torch: it needs the model as .pt2 and train data, and its config holds its
     # epochs (a `finetune` FineTuneConfig, or an `epochs` field of its own); the auto search reads both.
     trains: ClassVar[bool] = False
+    # A training pass that also trains without labels, toward its teacher's / the unpruned model's outputs (optimizer.objectives).
+    label_free: ClassVar[bool] = False
     # Dataset roles the pass reads besides train data (e.g. calibration), so a search can skip what cannot run.
     needs: ClassVar[tuple[str, ...]] = ()
 

@@ -75,19 +75,20 @@ def take(feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
 
 @dataclass
 class TrainData:
-    """Arrays in the model's input order, the labels, and (optional) evaluation data for early stopping."""
+    """Arrays in the model's input order, the labels (None: a label-free pass, optimizer.objectives), and (optional) evaluation data."""
 
     inputs: list[np.ndarray]
-    labels: np.ndarray
+    labels: np.ndarray | None
     eval_inputs: list[np.ndarray] | None = None
     eval_labels: np.ndarray | None = None
 
     def subsample(self, limit: int, seed: int) -> TrainData:
-        rows = len(self.labels)
+        rows = len(self.inputs[0])
         if limit <= 0 or rows <= limit:
             return self
         keep = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
-        return dataclasses.replace(self, inputs=[x[keep] for x in self.inputs], labels=self.labels[keep])
+        labels = None if self.labels is None else self.labels[keep]
+        return dataclasses.replace(self, inputs=[x[keep] for x in self.inputs], labels=labels)
 
 
 def has_labels(path: Path) -> bool:
@@ -119,8 +120,12 @@ def load_train_data(
     needed_by: str,
     classes: int | None = None,
     with_eval: bool = False,
+    labels_required: bool = True,
 ) -> TrainData:
-    """The train data (and, when asked and registered, the evaluation data) as arrays in input order, labels checked."""
+    """The train data (and, when asked and registered, the evaluation data) as arrays in input order, labels checked.
+
+    labels_required False: train data without 'labels' gives TrainData.labels None (a pass that trains toward its teacher's outputs).
+    """
     if "train" not in context.datasets:
         raise OptimizerError(
             f"{needed_by} fine-tunes the model and needs train data, and the model was registered without it; "
@@ -128,6 +133,8 @@ def load_train_data(
         )
     raw = context.dataset("train", needed_by)
     arrays = model_arrays(raw, specs, "train", needed_by)
+    if not labels_required and "labels" not in raw:
+        return TrainData([arrays[name] for name in inputs], None)
     labels = check_labels(raw, len(next(iter(arrays.values()))), needed_by)
     if classes is not None and len(labels) and labels.max() >= classes:
         raise OptimizerError(f"{needed_by}: 'labels' holds class {int(labels.max())}, and the model has {classes} outputs")

@@ -198,18 +198,25 @@ def fine_tune_(
     roll back to that epoch (gradual pruning forbids it before the final sparsity). Under a budget
     guard (optimizer.guard.guarding) training goes on after the last epoch while the model is over
     the budget and improving. Raises OptimizerError when the loss or the gradients stop being
-    finite, or the job is cancelled.
+    finite, or the job is cancelled. Data without labels (data.labels None) needs a loss_fn that ignores them
+    (optimizer.objectives: toward a teacher's outputs); accuracy is then not reported.
     """
     import torch
 
-    if data.labels.ndim != 1 or len(data.labels) != len(data.inputs[0]):
+    if data.labels is None:
+        if loss_fn is None:
+            raise OptimizerError(
+                f"{stage}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz"
+            )
+    elif data.labels.ndim != 1 or len(data.labels) != len(data.inputs[0]):
         raise OptimizerError(f"{stage}: 'labels' must hold one class index per training sample")
     data = data.subsample(config.max_samples, context.seed)
     torch.manual_seed(context.seed)
     generator = torch.Generator().manual_seed(context.seed)
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in data.inputs]
-    ys = torch.from_numpy(data.labels.astype(np.int64, copy=False))
-    steps_per_epoch = math.ceil(len(ys) / config.batch_size)
+    ys = None if data.labels is None else torch.from_numpy(data.labels.astype(np.int64, copy=False))
+    rows = len(xs[0])
+    steps_per_epoch = math.ceil(rows / config.batch_size)
     inserted = insert_dropout_(model, config.dropout)
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in extra_params if p.requires_grad]
     optimizer = make_optimizer(params, config)
@@ -227,7 +234,7 @@ def fine_tune_(
         ProgressEvent(
             stage=stage,
             fraction=start,
-            message=f"fine-tuning {config.epochs} epoch(s) on {len(ys)} samples: {config.optimizer}, lr {config.lr:g} {config.schedule}, "
+            message=f"fine-tuning {config.epochs} epoch(s) on {rows} samples: {config.optimizer}, lr {config.lr:g} {config.schedule}, "
             f"augmentation {'/'.join(sorted(set(kinds)))}" + (f", {inserted} dropout layer(s)" if inserted else ""),
         )
     )
@@ -240,12 +247,12 @@ def fine_tune_(
         before_epoch(epoch)
         model.train()
         total_loss, correct = 0.0, 0
-        for batch_no, idx in enumerate(torch.randperm(len(ys), generator=generator).split(config.batch_size)):
+        for batch_no, idx in enumerate(torch.randperm(rows, generator=generator).split(config.batch_size)):
             if context.cancelled():
                 raise OptimizerError(f"{stage}: the job was cancelled")
             inputs = tuple(x[idx] if kind == "none" else augment(x[idx], config.augment, generator) for x, kind in zip(xs, kinds))
             optimizer.zero_grad(set_to_none=True)
-            loss, logits = loss_fn(model, inputs, ys[idx])
+            loss, logits = loss_fn(model, inputs, None if ys is None else ys[idx])
             if l1_params:
                 loss = loss + config.l1 * l1_penalty(l1_params)
             lr = optimizer.param_groups[0]["lr"]
@@ -267,12 +274,14 @@ def fine_tune_(
             step += 1
             after_step(step)
             total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.detach().argmax(-1) == ys[idx]).sum())
+            if ys is not None:
+                correct += int((logits.detach().argmax(-1) == ys[idx]).sum())
         eval_accuracy = None
         if data.eval_inputs is not None and data.eval_labels is not None:
             eval_accuracy = accuracy_of(model, data.eval_inputs, data.eval_labels)
-        result = EpochResult(epoch + 1, total_loss / len(ys), correct / len(ys), eval_accuracy, optimizer.param_groups[0]["lr"])
-        shown = result.accuracy if eval_accuracy is None else eval_accuracy
+        accuracy = correct / rows if ys is not None else float("nan")  # no labels: no accuracy to report
+        result = EpochResult(epoch + 1, total_loss / rows, accuracy, eval_accuracy, optimizer.param_groups[0]["lr"])
+        shown = (None if ys is None else result.accuracy) if eval_accuracy is None else eval_accuracy
         context.progress(
             ProgressEvent(
                 stage=stage,
@@ -280,7 +289,8 @@ def fine_tune_(
                 epoch=result.epoch,
                 loss=result.loss,
                 accuracy=shown,
-                message=f"epoch {result.epoch}/{total_epochs}: loss {result.loss:.4f}, train accuracy {result.accuracy:.4f}"
+                message=f"epoch {result.epoch}/{total_epochs}: loss {result.loss:.4f}"
+                + (f", train accuracy {result.accuracy:.4f}" if ys is not None else "")
                 + (f", evaluation accuracy {eval_accuracy:.4f}" if eval_accuracy is not None else ""),
             )
         )

@@ -28,6 +28,7 @@ from optimizer.data import has_labels
 from optimizer.evaluation import Evaluation, evaluate
 from optimizer.quality import METRICS, describe
 from optimizer.recipes import Recipe, run_recipe
+from optimizer.registry import load_builtin_passes
 from optimizer.report import report_rows
 from optimizer.search import auto_search
 
@@ -86,9 +87,10 @@ def preflight(recipe: Recipe, datasets: Mapping[str, Path], accuracy_budget: flo
                     f"{p.name} fine-tunes the model and needs train data; the model was registered without it: "
                     "register it again with slimctl register NAME MODEL --train TRAIN.npz (one array per model input, plus 'labels')"
                 )
-            if not has_labels(datasets["train"]):
+            if not p.label_free and not has_labels(datasets["train"]):
                 raise OptimizerError(
-                    f"{p.name}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz"
+                    f"{p.name}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz "
+                    f"(without labels, {', '.join(sorted(n for n, c in load_builtin_passes().items() if c.label_free))} train toward the model's own outputs)"
                 )
         for role in p.needs:
             if role not in datasets:
@@ -164,6 +166,8 @@ def optimize(
     if extra and accuracy_budget is not None:
         extra[variant_name]["budget_pt"] = min([accuracy_budget] + [s.budget for s in searches])
     report = report_rows({"baseline": base, variant_name: evaluation}, extra=extra)
+    if "objective" in artifact.notes:  # what the training passes minimized (optimizer.objectives: label-free or on the labels)
+        report[-1]["objective"] = artifact.notes["objective"]
     return OptimizeResult(artifact, evaluation, base, report, base_outputs, tuple(searches), within)
 
 

@@ -124,8 +124,9 @@ def _skip_reason(recipe: str, source: Artifact, datasets: dict[str, Any]) -> str
     trains = [n for n, cls in classes if cls is not None and cls.trains]
     if trains and "train" not in datasets:
         return f"skipped: {trains[0]} {_MISSING_DATA['train']}"
-    if trains and not has_labels(datasets["train"]):
-        return f"skipped: {trains[0]} fine-tunes on the train data's 'labels', and it has none"
+    needs_labels = [n for n, cls in classes if cls is not None and cls.trains and not cls.label_free]
+    if needs_labels and not has_labels(datasets["train"]):
+        return f"skipped: {needs_labels[0]} fine-tunes on the train data's 'labels', and it has none"
     for name, cls in classes:
         for role in () if cls is None else cls.needs:
             if role not in datasets:
@@ -348,6 +349,8 @@ def _rows(
         ok = within_budget(c.evaluation)
         row.update(recipe=c.recipe, status=c.status, within_budget=ok if c.evaluation else None, pareto=c.recipe in front, chosen=c is keep)
         row.update(budget_columns(c.searches))
+        if c.artifact is not None and "objective" in c.artifact.notes:
+            row["objective"] = c.artifact.notes["objective"]  # what its training minimized: on the labels, or label-free
         if c.vs_reference is not None:
             row["reference_speedup_x"] = round(c.vs_reference, 3)  # timed in turns with the reference: the number that decided
     return rows

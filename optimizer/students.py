@@ -1,7 +1,9 @@
 """DistilBERT-style students of a transformer: the teacher with every other encoder layer, and the hidden states to match.
 
 DistilBERT (Sanh et al., 2019) initialises its student "by taking one layer out of two" of the
-teacher. A lifted program has no layer list to slice, so we delimit each encoder layer in the graph
+teacher; we take half the layers spread evenly from the first to the last (0, 3, 5 of 6), because the last
+layer is what a pooled embedding reads: on MiniLM-L6, before any training, layers 0, 2, 4 keep a mean cosine
+of 0.39 to the teacher's embeddings, 0, 3, 5 keep 0.72 (40 real sentences). A lifted program has no layer list to slice, so we delimit each encoder layer in the graph
 by the module hierarchy torch.export records on every node (`nn_module_stack`): a layer is the nodes
 run inside 'encoder.layers.2'; its hidden state comes in from outside and one tensor leaves it.
 Dropping a layer sends its input where its output went; the kept layers keep the teacher's weights.
@@ -78,7 +80,7 @@ def drop_layers_(module: Any, blocks: list[Block], drop: set[str]) -> None:
 
 
 def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float, needed_by: str) -> tuple[Any, str]:
-    """The teacher with layers 0, 2, 4, ... (its own weights), and with `width` of each kept layer's heads and FFN channels.
+    """The teacher with half its layers (its own weights), first and last kept, and with `width` of each kept layer's heads and FFN channels.
 
     Returns the student and a line saying what it kept.
     """
@@ -94,7 +96,9 @@ def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float,
             f"({', '.join(encoder.layers) or 'none'}), so there is no layer to drop; give a smaller student as a .pt2 (config student)"
         )
     blocks = layer_blocks(student, encoder, needed_by)
-    keep = encoder.layers[::2]
+    n = len(encoder.layers)
+    count = (n + 1) // 2
+    keep = [encoder.layers[int(i * (n - 1) / max(1, count - 1) + 0.5)] for i in range(count)]  # evenly from first to last
     before = output_shapes(student, example)
     drop_layers_(student, blocks, set(encoder.layers) - set(keep))
     if output_shapes(student, example) != before:

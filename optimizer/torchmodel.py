@@ -138,17 +138,20 @@ class Prepared:
     specs: InputSpecs
 
 
-def prepare(artifact: Artifact, context: PassContext, needed_by: str, with_eval: bool = False) -> Prepared:
-    """Loads the model (.pt2, or ONNX converted to torch) as a trainable module and its train data (and, with_eval, evaluation data for early stopping)."""
+def prepare(artifact: Artifact, context: PassContext, needed_by: str, with_eval: bool = False, label_free: bool = False) -> Prepared:
+    """Loads the model (.pt2, or ONNX converted to torch) as a trainable module and its train data (and, with_eval, evaluation data for early stopping).
+
+    label_free: the pass can train without labels (optimizer.objectives), so train data without them is taken (data.labels None).
+    """
     import torch
 
     program, inputs, outputs, specs = source_program(artifact, context, needed_by)
     module = trainable_module(program)
-    data = load_train_data(context, inputs, specs, needed_by, with_eval=with_eval)
+    data = load_train_data(context, inputs, specs, needed_by, with_eval=with_eval, labels_required=not label_free)
     example = tuple(torch.from_numpy(np.ascontiguousarray(x[:2])) for x in data.inputs)
     shapes = output_shapes(module, example)
     classes = shapes[0][-1] if len(shapes[0]) == 2 else None
-    if classes is not None and len(data.labels) and data.labels.max() >= classes:
+    if classes is not None and data.labels is not None and len(data.labels) and data.labels.max() >= classes:
         raise OptimizerError(f"{needed_by}: 'labels' holds class {int(data.labels.max())}, and the model has {classes} outputs")
     return Prepared(module, inputs, outputs, data, example, classes, specs)
 

@@ -2,9 +2,11 @@
 
 The student is derived from the teacher — the same architecture with `width` of its channels,
 cut by Torch-Pruning's uniform channel pruning, which keeps the teacher's most important channels
-as the student's starting point; for a transformer, DistilBERT's student: every other encoder layer,
+as the student's starting point; for a transformer, a DistilBERT-style student: half the encoder layers (first and last kept),
 with `width` of their heads and FFN channels (optimizer/students.py) — or given by the user as a .pt2 (config `student`). It trains
-with the shared fine-tuning loop and is served as ONNX by onnxruntime.
+with the shared fine-tuning loop and is served as ONNX by onnxruntime. Train data without labels (an embedding
+model's sentences) trains toward the teacher's outputs alone (optimizer.objectives: 1 - cosine + MSE for embeddings,
+the softened KL for logits); the objective used is in the variant's notes (`objective`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from optimizer.finetune import (
     first_output,
     nested_finetune,
 )
+from optimizer.objectives import objective_of
 from optimizer.pruning import prune_channels_, untouched_layers
 from optimizer.registry import register
 from optimizer.students import hidden_state_pairs, layer_dropping_student
@@ -48,7 +51,8 @@ class DistillSoftConfig(PassConfig):
     """Knowledge distillation on softened logits (Hinton et al.): loss = soft_weight × T² × KL(teacher_T ‖ student_T) + hard_weight × CE(labels).
 
     width: the derived student keeps this share of every conv / linear layer's channels (0.5
-    gives about a quarter of the parameters and FLOPs of a conv net). student_init: teacher
+    gives about a quarter of the parameters and FLOPs of a conv net); a transformer's student may keep
+    1.0 (half the layers, all their heads). student_init: teacher
     (start from the teacher's most important channels) | random (the same narrow architecture,
     re-initialized). student: path of a .pt2 student to train instead (its inputs and outputs
     must match the teacher's; width and student_init are then ignored). temperature: T.
@@ -65,8 +69,8 @@ class DistillSoftConfig(PassConfig):
 
     def __post_init__(self) -> None:
         nested_finetune(self)
-        if not 0.0 < self.width < 1.0:
-            raise ConfigValueError(f"width must be in (0, 1), got {self.width}")
+        if not 0.0 < self.width <= 1.0:
+            raise ConfigValueError(f"width must be in (0, 1] (1: a transformer's layer-dropping student at full width), got {self.width}")
         check_choice("student_init", self.student_init, STUDENT_INITS)
         if not self.temperature > 0:
             raise ConfigValueError(f"temperature must be positive, got {self.temperature}")
@@ -109,10 +113,12 @@ class DistillFeatureConfig(DistillSoftConfig):
 def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str) -> tuple[Any, str]:
     """The teacher's architecture with `width` of its channels (Torch-Pruning, magnitude), optionally re-initialized, and what it kept.
 
-    A transformer's student keeps every other encoder layer and `width` of their heads and FFN channels (optimizer/students.py).
+    A transformer's student keeps half the encoder layers (first and last) and `width` of their heads and FFN channels (optimizer/students.py).
     """
     if find_encoder(teacher) is not None:
         student, kept = layer_dropping_student(teacher, example, config.width, needed_by)
+    elif config.width >= 1.0:
+        raise OptimizerError(f"{needed_by}: width 1 keeps every channel of a model without encoder layers to drop; choose a width below 1")
     else:
         student, kept = copy.deepcopy(teacher), f"width {config.width:g}"
         prune_channels_(student, example, 1.0 - config.width, "magnitude", needed_by)
@@ -253,8 +259,20 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
     import torch
     import torch.nn.functional as F
 
-    prepared: Prepared = prepare(artifact, context, pass_name, with_eval=config.finetune.early_stopping > 0)
+    prepared: Prepared = prepare(artifact, context, pass_name, with_eval=config.finetune.early_stopping > 0, label_free=True)
     teacher, example = prepared.module, prepared.example
+    # Without labels the student learns the teacher's outputs alone, by the objective their kind calls for.
+    label_free = (
+        None
+        if prepared.data.labels is not None
+        else objective_of(teacher, example, prepared.outputs[0], pass_name, "teacher", config.temperature)
+    )
+    if label_free is not None:
+        objective = label_free.describe()
+    else:
+        objective = f"{config.soft_weight:g} x KL to the teacher's softened outputs (T={config.temperature:g}) + {config.hard_weight:g} x cross-entropy on the labels"
+    if features:
+        objective += "; + hidden-state / feature matching (relative MSE through learned projections)"
     teacher_shapes = output_shapes(teacher, example)
     if config.student:
         student = load_student(config.student, prepared.specs, teacher_shapes, example, pass_name)
@@ -295,10 +313,13 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         with torch.no_grad():
             teacher_logits = first_output(teacher(*inputs))
         logits = first_output(model(*inputs))
-        soft = F.kl_div(
-            F.log_softmax(logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1), reduction="batchmean", log_target=True
-        )
-        loss = config.soft_weight * T * T * soft + config.hard_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        if label_free is not None:
+            loss = label_free.output_loss(logits, teacher_logits)
+        else:
+            soft = F.kl_div(
+                F.log_softmax(logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1), reduction="batchmean", log_target=True
+            )
+            loss = config.soft_weight * T * T * soft + config.hard_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing)
         if taps is not None:
             feature = sum(relative_mse(proj(taps[0].outputs[s]), taps[1].outputs[t]) for proj, (s, t) in zip(projections, pairs)) / len(
                 pairs
@@ -322,6 +343,7 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         pass_name,
         distilled=pass_name,
         student=origin,
+        objective=objective,
         params_fraction=f"{s_params / t_params:.4f}",
         flops_fraction=f"{s_flops / t_flops:.4f}",
     )
@@ -331,6 +353,7 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
 class DistillSoftPass(Pass):
     name = "distill-soft"
     trains = True
+    label_free = True
     budget_knob = Knob("width", gentle=0.9, aggressive=0.2, unless="student")  # a budget search narrows the student (optimizer.budget)
     config_cls = DistillSoftConfig
     summary = "a narrower student trained on the teacher's temperature-softened outputs and the labels"
@@ -343,6 +366,7 @@ class DistillSoftPass(Pass):
 class DistillFeaturePass(Pass):
     name = "distill-feature"
     trains = True
+    label_free = True
     budget_knob = Knob("width", gentle=0.9, aggressive=0.2, unless="student")
     config_cls = DistillFeatureConfig
     summary = "distill-soft plus matching of intermediate feature maps through learned projections"

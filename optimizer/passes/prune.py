@@ -33,6 +33,7 @@ from optimizer.finetune import (
     nested_finetune,
 )
 from optimizer.guard import current_guard, guarding
+from optimizer.objectives import toward_itself
 from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
 from optimizer.registry import register
 from optimizer.torchlayers import check_layer_names, layers_in_order, weight_names
@@ -333,6 +334,7 @@ class PruneStructuredConfig(PassConfig):
 class PruneStructuredPass(Pass):
     name = "prune-structured"
     trains = True
+    label_free = True
     budget_knob = Knob("pruning_ratio", gentle=0.2, aggressive=0.8)
     config_cls = PruneStructuredConfig
     summary = "channel pruning with Torch-Pruning's dependency graph (magnitude, Taylor or BN-scale), fine-tuned; a smaller dense ONNX"
@@ -341,9 +343,17 @@ class PruneStructuredPass(Pass):
         import dataclasses
 
         config: PruneStructuredConfig = self.config  # type: ignore[assignment]
-        prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
+        prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0, label_free=True)
         module, example = prepared.module, prepared.example
         params0, flops0 = parameter_count(module), flops_per_sample(module, example)
+        loss_fn, objective = None, "cross-entropy on the labels"
+        if prepared.data.labels is None:  # no labels: the pruned model learns the unpruned model's outputs (optimizer.objectives)
+            if config.importance == "taylor":
+                raise OptimizerError(
+                    f"{self.name}: taylor importance takes gradients of the loss on the labels, and the train data has no 'labels'; "
+                    "use importance magnitude (or bn-scale), or add 'labels' to TRAIN.npz"
+                )
+            loss_fn, objective = toward_itself(module, example, prepared.outputs[0], self.name)
         steps = config.iterative_steps
         per_step = [config.finetune.epochs // steps + (1 if i < config.finetune.epochs % steps else 0) for i in range(steps)]
 
@@ -365,6 +375,7 @@ class PruneStructuredPass(Pass):
                         dataclasses.replace(config.finetune, epochs=per_step[i]),
                         context,
                         self.name,
+                        loss_fn=loss_fn,
                         fraction=(0.05 + 0.9 * i / steps, 0.9 / steps),
                     )
 
@@ -400,4 +411,5 @@ class PruneStructuredPass(Pass):
             pruned=f"structured {config.importance} {config.pruning_ratio:g}" + (f": {removed}" if removed else ""),
             params_fraction=f"{params / params0:.4f}",
             flops_fraction=f"{flops / flops0:.4f}",
+            objective=objective,
         )

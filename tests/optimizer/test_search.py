@@ -62,16 +62,39 @@ def test_auto_keeps_the_fastest_candidate_within_the_budget_and_reports_all(digi
     assert result.evaluation.latency_p50_ms == pytest.approx(chosen["latency_p50_ms"], abs=1e-4)
 
 
-def test_auto_skips_training_candidates_when_the_train_data_has_no_labels(tmp_path, runtime_factory, monkeypatch):
+def test_auto_skips_training_candidates_that_need_labels_when_the_train_data_has_none(tmp_path, runtime_factory, monkeypatch):
     w = weights(np.random.default_rng(0), 16, 384)
     register_file_pass(monkeypatch, "test-lean", dense_onnx(tmp_path / "lean.onnx", w))
     data = save_npz(tmp_path / "eval.npz", x=np.random.default_rng(2).standard_normal((32, FEATURES)).astype(np.float32))
     context = PassContext(workdir=tmp_path / "work", datasets={"train": data, "data": data})
     source = onnx_artifact(dense_onnx(tmp_path / "slow.onnx", w, slow=2))
-    result = optimize(source, _auto("prune-structured", "test-lean"), context, runtime_factory, "auto")
+    result = optimize(source, _auto("prune-weight", "test-lean"), context, runtime_factory, "auto")
     rows = {r["variant"]: r for r in result.report}
-    assert rows["prune-structured"]["status"] == "skipped: prune-structured fine-tunes on the train data's 'labels', and it has none"
+    assert rows["prune-weight"]["status"] == "skipped: prune-weight fine-tunes on the train data's 'labels', and it has none"
     assert result.artifact.notes["auto_choice"] == "test-lean"
+
+
+def test_label_free_training_candidates_are_not_skipped_without_labels(tmp_path):
+    """Students and structured pruning train toward the model's own outputs (optimizer.objectives), so auto tries them."""
+    from optimizer.passes.auto import DEFAULT_CANDIDATES
+    from optimizer.search import _skip_reason
+
+    unlabelled = save_npz(tmp_path / "train.npz", x=np.zeros((4, FEATURES), np.float32))
+    source = onnx_artifact(dense_onnx(tmp_path / "m.onnx", weights(np.random.default_rng(0), 16, 384)))
+    datasets = {"train": unlabelled, "data": unlabelled, "calibration": unlabelled}
+    assert {"distill-soft", "distill-soft,quantize-dynamic", "prune-structured"} <= set(DEFAULT_CANDIDATES)
+    for recipe in (
+        "distill-soft",
+        "distill-feature",
+        "distill-soft,quantize-dynamic",
+        "prune-structured",
+        "prune-structured,quantize-static",
+    ):
+        assert _skip_reason(recipe, source, datasets) is None, recipe
+    assert (
+        _skip_reason("prune-weight", source, datasets) == "skipped: prune-weight fine-tunes on the train data's 'labels', and it has none"
+    )
+    assert _skip_reason("quantize-qat", source, datasets) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,6 +159,23 @@ def test_auto_on_a_pt2_falls_back_to_its_fp32_export_when_no_candidate_beats_it(
     rows = {r["variant"]: r for r in result.report}
     assert rows["auto"]["recipe"] == "fp32-onnxruntime" and rows["auto"]["speedup_x"] > 1.0
     assert rows["test-slow"]["within_budget"] is False  # another model's answers: far from the baseline's
+
+
+@pytest.mark.slow
+def test_auto_on_a_label_free_transformer_measures_students_and_pruning_trained_toward_its_outputs(tmp_path, runtime_factory):
+    from tests.optimizer.tiny_transformers import embedding_pt2
+
+    model, train, data = embedding_pt2(tmp_path / "embedder", layers=4)
+    context = PassContext(workdir=tmp_path / "work", datasets={"train": train, "data": data})
+    candidates = ("distill-soft", "distill-soft,quantize-dynamic", "prune-structured")
+    try:
+        rows = {r["recipe"]: r for r in optimize(model, _auto(*candidates, epochs=2), context, runtime_factory, "auto", 50.0).report}
+    except OptimizerError as e:  # none beat the FP32 reference by the margin on this machine: the refusal names what each reached
+        assert all(f"{c}: within budget" in str(e) for c in candidates), str(e)
+        return
+    for recipe in candidates:
+        assert rows[recipe]["status"].startswith("measured") and rows[recipe]["metric"] == "cosine", rows[recipe]
+        assert rows[recipe]["objective"].startswith("label-free: 1 - cosine + relative MSE to the ")
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,16 +135,16 @@ def test_taylor_importance_keeps_the_heads_with_gradient_and_bn_scale_is_refused
 
 
 @pytest.mark.parametrize("kind", CASES)
-def test_the_student_keeps_every_other_layer_with_the_teachers_weights(kind):
+def test_the_student_keeps_half_the_layers_first_and_last_with_the_teachers_weights(kind):
     teacher, example = case(kind, layers=4)
     student, kept = layer_dropping_student(teacher, example(), 0.99, "test")
     layers = find_encoder(student).layers
     prefix = "encoder.layers" if kind == "bert" else "enc.layers"
-    assert layers == [f"{prefix}.0", f"{prefix}.2"] and kept == f"layers {prefix}.0, {prefix}.2 of 4"  # width 0.99 removes no head
+    assert layers == [f"{prefix}.0", f"{prefix}.3"] and kept == f"layers {prefix}.0, {prefix}.3 of 4"  # width 0.99 removes no head
     names = dict(student.named_parameters())
-    assert not any(n.startswith((f"{prefix}.1.", f"{prefix}.3.")) for n in names)
+    assert not any(n.startswith((f"{prefix}.1.", f"{prefix}.2.")) for n in names)
     for name, value in teacher.named_parameters():
-        if name.startswith((f"{prefix}.0.", f"{prefix}.2.")):
+        if name.startswith((f"{prefix}.0.", f"{prefix}.3.")):
             assert torch.equal(names[name], value), name
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
     with torch.no_grad():
@@ -156,8 +156,8 @@ def test_the_student_keeps_every_other_layer_with_the_teachers_weights(kind):
 def test_a_narrower_student_also_loses_heads_and_ffn_channels():
     teacher, _ = case("bert", layers=4)
     student, kept = layer_dropping_student(teacher, bert_example(), 0.5, "test")
-    assert kept == "layers encoder.layers.0, encoder.layers.2 of 4; attention heads 8 -> 4, FFN channels 256 -> 128"  # layers 0 and 2
-    assert student.get_submodule("encoder.layers.2.query").out_features == 16
+    assert kept == "layers encoder.layers.0, encoder.layers.3 of 4; attention heads 8 -> 4, FFN channels 256 -> 128"  # layers 0 and 3
+    assert student.get_submodule("encoder.layers.3.query").out_features == 16
 
 
 def test_a_one_layer_encoder_has_no_layer_to_drop():
@@ -170,8 +170,8 @@ def test_hidden_states_pair_each_kept_layer_with_the_last_teacher_layer_it_stand
     teacher, _ = case("bert", layers=4)
     student, _ = layer_dropping_student(teacher, bert_example(), 0.99, "test")
     assert hidden_state_pairs(student, teacher) == [
-        ("encoder.layers.0.out_norm", "encoder.layers.1.out_norm"),
-        ("encoder.layers.2.out_norm", "encoder.layers.3.out_norm"),
+        ("encoder.layers.0.out_norm", "encoder.layers.2.out_norm"),
+        ("encoder.layers.3.out_norm", "encoder.layers.3.out_norm"),
     ]
     assert hidden_state_pairs(teacher, teacher) == []  # the same layers: not a layer-dropping student
 

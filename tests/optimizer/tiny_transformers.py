@@ -88,3 +88,25 @@ def bert_pt2(root: Path, layers: int = 2, rows: int = 96) -> tuple[Artifact, Pat
     np.savez(root / "train.npz", input_ids=ids, attention_mask=mask, labels=(ids[:, 1] % CLASSES).astype(np.int64))
     names = {"input_names": ("input_ids", "attention_mask"), "output_names": ("logits",)}
     return Artifact(root / "model.pt2", "pt2", **names), root / "train.npz"
+
+
+def embedding(layers: int = 4) -> nn.Module:
+    """A tiny sentence-embedding model as the zoo's MiniLM (BertEncoder, mean-pooled and L2-normalized), with random weights."""
+    from bench.zoo.models import BertEncoder, SentenceEmbedding
+
+    torch.manual_seed(0)
+    return SentenceEmbedding(BertEncoder(VOCAB, 32, layers, 4, 64, max_len=TOKENS)).eval()
+
+
+def embedding_pt2(root: Path, layers: int = 4, rows: int = 128) -> tuple[Artifact, Path, Path]:
+    """The tiny embedding model as model.pt2 (inputs input_ids / attention_mask, output sentence_embedding), and train / eval .npz without labels."""
+    root.mkdir(parents=True, exist_ok=True)
+    program = export_dynamic_batch(embedding(layers), bert_example(), "test")
+    torch.export.save(program, str(root / "model.pt2"))
+    for name, seed in (("train", 2), ("data", 3)):
+        ids = torch.randint(1, VOCAB, (rows, TOKENS), generator=torch.Generator().manual_seed(seed)).numpy()
+        lengths = np.random.default_rng(seed).integers(4, TOKENS + 1, rows)
+        mask = (np.arange(TOKENS)[None, :] < lengths[:, None]).astype(np.int64)
+        np.savez(root / f"{name}.npz", input_ids=ids * mask, attention_mask=mask)
+    names = {"input_names": ("input_ids", "attention_mask"), "output_names": ("sentence_embedding",)}
+    return Artifact(root / "model.pt2", "pt2", **names), root / "train.npz", root / "data.npz"

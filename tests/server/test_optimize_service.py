@@ -90,7 +90,7 @@ def test_a_budget_without_evaluation_data_is_refused_before_any_job(client, digi
     "train, recipe, message",
     [
         (None, "prune-weight", "needs train data; the model was registered without it"),
-        ("unlabelled", "distill-soft", "the train data has no 'labels' array"),
+        ("unlabelled", "prune-weight", "the train data has no 'labels' array"),
         (None, "quantize-static", "quantize-static needs calibration data"),
     ],
 )

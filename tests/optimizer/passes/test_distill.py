@@ -81,7 +81,7 @@ def test_a_student_with_other_inputs_is_refused(digits, teacher, tmp_path):
 def test_a_missing_student_file_and_bad_settings_are_refused(digits, teacher, tmp_path):
     with pytest.raises(OptimizerError, match=r"distill-soft: the student file 'nowhere\.pt2' does not exist"):
         make_pass("distill-soft", {"student": "nowhere.pt2"}).run(teacher, _context(digits, tmp_path))
-    with pytest.raises(OptimizerError, match=r"width must be in \(0, 1\), got 1.5"):
+    with pytest.raises(OptimizerError, match=r"width must be in \(0, 1\] .*got 1.5"):
         make_pass("distill-soft", {"width": 1.5})
     with pytest.raises(OptimizerError, match=r"layers must be a list of 'name' or 'student_name:teacher_name'"):
         make_pass("distill-feature", {"layers": ["a:b:c"]})
@@ -134,20 +134,65 @@ def bert4(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["distill-soft", "distill-feature"])
-def test_a_transformer_student_keeps_every_other_layer_and_matches_their_hidden_states(bert4, tmp_path, name):
+def test_a_transformer_student_keeps_half_the_layers_and_matches_their_hidden_states(bert4, tmp_path, name):
     model, train = bert4
     events: list[ProgressEvent] = []
     context = PassContext(workdir=tmp_path, datasets={"train": train}, progress=events.append)
     result = make_pass(name, {"width": 0.5, "finetune": {"epochs": 1}}).run(model, context)
     assert result.notes["student"] == (
-        "student with layers encoder.layers.0, encoder.layers.2 of 4; attention heads 8 -> 4, FFN channels 256 -> 128 (teacher init)"
+        "student with layers encoder.layers.0, encoder.layers.3 of 4; attention heads 8 -> 4, FFN channels 256 -> 128 (teacher init)"
     )
     assert float(result.notes["flops_fraction"]) < 0.3
     matched = [e.message for e in events if e.message.startswith("matching ")]
     if name == "distill-feature":  # [batch, seq, hidden] states of each kept layer against the last teacher layer it stands for
         assert matched == [
-            "matching encoder.layers.0.out_norm->encoder.layers.1.out_norm, encoder.layers.2.out_norm->encoder.layers.3.out_norm"
+            "matching encoder.layers.0.out_norm->encoder.layers.2.out_norm, encoder.layers.3.out_norm->encoder.layers.3.out_norm"
         ]
     else:
         assert matched == []
     assert onnx_io_names(result.path) == (("input_ids", "attention_mask"), ("logits",))
+
+
+# --------------------------------------------------------------------------------------------
+# without labels: an embedding model's student learns the teacher's embeddings (optimizer.objectives)
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    from tests.optimizer.tiny_transformers import embedding_pt2
+
+    return embedding_pt2(tmp_path_factory.mktemp("embedder"), layers=4)
+
+
+def cosine_to_teacher(model: Artifact, onnx_path, eval_npz) -> float:
+    """Mean cosine of the ONNX variant's embeddings with the .pt2 teacher's on the evaluation rows."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from optimizer.quality import cosine_per_sample
+
+    data = dict(np.load(eval_npz))
+    teacher = torch.export.load(str(model.path)).module()
+    reference = teacher(torch.from_numpy(data["input_ids"]), torch.from_numpy(data["attention_mask"])).detach().numpy()
+    out = ort.InferenceSession(str(onnx_path)).run(None, data)[0]
+    return float(cosine_per_sample(out, reference).mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["distill-soft", "distill-feature"])
+def test_without_labels_a_layer_dropping_student_learns_the_teachers_embeddings(embedder, tmp_path, name):
+    model, train, data = embedder
+    context = PassContext(workdir=tmp_path, datasets={"train": train})
+    untrained = make_pass(name, {"width": 1.0, "finetune": {"epochs": 1, "lr": 1e-9}}).run(model, context)  # the student as derived
+    trained = make_pass(name, {"width": 1.0, "finetune": {"epochs": 6}}).run(model, context)
+    assert trained.notes["student"] == "student with layers encoder.layers.0, encoder.layers.3 of 4 (teacher init)"
+    assert trained.notes["objective"].startswith("label-free: 1 - cosine + relative MSE to the teacher's output")
+    assert ("hidden-state / feature matching" in trained.notes["objective"]) == (name == "distill-feature")
+    before, after = cosine_to_teacher(model, untrained.path, data), cosine_to_teacher(model, trained.path, data)
+    assert after > before + 0.01 and after > 0.97, (before, after)
+    assert onnx_io_names(trained.path) == (("input_ids", "attention_mask"), ("sentence_embedding",))
+
+
+def test_width_one_keeps_every_channel_of_a_model_without_layers_to_drop(digits, teacher, tmp_path):
+    with pytest.raises(OptimizerError, match="width 1 keeps every channel of a model without encoder layers to drop"):
+        make_pass("distill-soft", {"width": 1.0, "finetune": FAST}).run(teacher, _context(digits, tmp_path))

@@ -229,3 +229,23 @@ def test_prune_structured_refuses_before_training_what_it_cannot_do_to_a_transfo
     with pytest.raises(OptimizerError, match=message):
         make_pass("prune-structured", config).run(model, context)
     assert not any("epoch" in e.message for e in events)
+
+
+@pytest.mark.slow
+def test_without_labels_prune_structured_fine_tunes_toward_the_unpruned_embeddings(tmp_path):
+    from tests.optimizer.passes.test_distill import cosine_to_teacher
+    from tests.optimizer.tiny_transformers import embedding_pt2
+
+    model, train, data = embedding_pt2(tmp_path / "embedder", layers=2)
+    context = PassContext(workdir=tmp_path, datasets={"train": train})
+    config = {"pruning_ratio": 0.5, "round_to": 0}
+    untrained = make_pass("prune-structured", {**config, "finetune": {"epochs": 1, "lr": 1e-9}}).run(model, context)
+    trained = make_pass("prune-structured", {**config, "finetune": {"epochs": 6}}).run(model, context)
+    assert trained.notes["objective"] == "label-free: 1 - cosine + relative MSE to the unpruned model's output"
+    assert "attention heads" in trained.notes["pruned"]
+    before, after = cosine_to_teacher(model, untrained.path, data), cosine_to_teacher(model, trained.path, data)
+    assert after > before + 0.005 and after > 0.97, (before, after)
+    with pytest.raises(
+        OptimizerError, match="taylor importance takes gradients of the loss on the labels, and the train data has no 'labels'"
+    ):
+        make_pass("prune-structured", {"importance": "taylor", "finetune": {"epochs": 1}}).run(model, context)
