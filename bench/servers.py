@@ -27,6 +27,8 @@ PEER_PACKAGES = {
     # uvloop 0.22 made get_event_loop() raise outside a running loop, which kills MLServer 1.7.1's workers.
     "mlserver": ["mlserver==1.7.1", "uvloop==0.21.0"],
 }
+# The console scripts a peer is started with, besides python.
+PEER_COMMANDS: dict[str, tuple[str, ...]] = {"mlserver": ("mlserver",)}
 
 
 def ort_version() -> str:
@@ -215,7 +217,9 @@ def ensure_venv(name: str, rebuild: bool) -> tuple[Path | None, str]:
     python = venv / "bin" / "python"
     pins = [*PEER_PACKAGES[name], f"onnxruntime=={ort_version()}"]
     marker = venv / ".installed"
-    if not rebuild and marker.exists() and marker.read_text().split() == pins and python.exists():
+    # A copied or half-deleted venv can keep its marker and python but lose the console scripts (bin/mlserver).
+    commands = [venv / "bin" / c for c in PEER_COMMANDS.get(name, ())]
+    if not rebuild and marker.exists() and marker.read_text().split() == pins and python.exists() and all(c.exists() for c in commands):
         return python, ""
     if venv.exists():
         shutil.rmtree(venv)
