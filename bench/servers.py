@@ -211,15 +211,24 @@ def _registered(client, files: ModelFiles) -> dict[str, str]:
     return {v["name"]: v["status"] for v in record["variants"]}
 
 
+def _runnable(script: Path) -> bool:
+    """Whether a console script exists and its #! interpreter does."""
+    if not script.exists():
+        return False
+    first = script.read_bytes()[:512].split(b"\n", 1)[0]
+    return not first.startswith(b"#!") or Path(first[2:].decode(errors="replace").strip().split()[0]).exists()
+
+
 def ensure_venv(name: str, rebuild: bool) -> tuple[Path | None, str]:
     """bench/.venvs/NAME with the peer's pinned packages; (python, '') or (None, why it cannot be had)."""
     venv = VENVS / name
     python = venv / "bin" / "python"
     pins = [*PEER_PACKAGES[name], f"onnxruntime=={ort_version()}"]
     marker = venv / ".installed"
-    # A copied or half-deleted venv can keep its marker and python but lose the console scripts (bin/mlserver).
+    # A venv copied from elsewhere keeps its marker and python, but its console scripts (bin/mlserver) name the old
+    # path's interpreter: exec then fails with "No such file or directory" for a file that is there.
     commands = [venv / "bin" / c for c in PEER_COMMANDS.get(name, ())]
-    if not rebuild and marker.exists() and marker.read_text().split() == pins and python.exists() and all(c.exists() for c in commands):
+    if not rebuild and marker.exists() and marker.read_text().split() == pins and python.exists() and all(map(_runnable, commands)):
         return python, ""
     if venv.exists():
         shutil.rmtree(venv)
