@@ -18,6 +18,7 @@ BUILTIN_PASS_MODULES = (
     "optimizer.passes.distill",
     "optimizer.passes.graph",
     "optimizer.passes.prune",
+    "optimizer.passes.prune_structured",
     "optimizer.passes.quantize_dynamic",
     "optimizer.passes.quantize_static",
     "optimizer.passes.quantize_qat",

@@ -1,4 +1,4 @@
-"""Tests for optimizer/passes/prune.py (and optimizer/pruning.py through it): real zeros, really fewer channels, precise refusals."""
+"""Tests for optimizer/passes/prune.py and prune_structured.py (and optimizer/pruning.py): real zeros, fewer channels, precise refusals."""
 
 from __future__ import annotations
 
