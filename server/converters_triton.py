@@ -48,6 +48,8 @@ def model_config(view: ModelConfigView) -> pb.ModelConfigResponse:
         ],
         default_model_filename=view.default_model_filename,
     )
+    for key, value in view.parameters.items():
+        config.parameters[key].string_value = value
     config.parameters["slimserve_variant"].string_value = view.variant
     config.parameters["slimserve_version"].string_value = str(view.version)
     if view.batching is not None:

@@ -287,7 +287,17 @@ class DataPlane:
             return config_view(name, info, served.inputs, served.outputs, served.batching, served.calls, served.device, override)
         batcher = served.batcher
         runtime = served.runtime
-        return config_view(name, info, runtime.inputs, runtime.outputs, batcher.config, batcher.max_concurrency, runtime.device, override)
+        return config_view(
+            name,
+            info,
+            runtime.inputs,
+            runtime.outputs,
+            batcher.config,
+            batcher.max_concurrency,
+            runtime.device,
+            override,
+            runtime.config_parameters,
+        )
 
     def statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
         """Triton's ModelStatistics: every served variant of every loaded model, or of one model, or one variant."""

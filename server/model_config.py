@@ -82,6 +82,7 @@ class ModelConfigView:
     variant: str
     formats: Mapping[str, str] = field(default_factory=dict)  # input -> FORMAT_*
     label_files: Mapping[str, str] = field(default_factory=dict)  # output -> label_filename
+    parameters: Mapping[str, str] = field(default_factory=dict)  # the runtime's settings, e.g. intra_op_thread_count
 
 
 def batchable(inputs: list[TensorSpec]) -> bool:
@@ -98,8 +99,10 @@ def config_view(
     calls: int,
     device: str,
     override: ServingOverride | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> ModelConfigView:
-    """The ModelConfig of a variant; input formats from the shape (`image_format`) unless the load `config` declared them."""
+    """The ModelConfig of a variant; input formats from the shape (`image_format`) unless the load `config` declared them;
+    `parameters`: the loaded runtime's own (`Runtime.config_parameters`), none for a variant out of memory."""
     batched = batchable(inputs)
     declared = override.input_formats if override is not None else {}
     max_batch = batching.max_batch_size if batched else 0
@@ -122,6 +125,7 @@ def config_view(
         variant=variant.name,
         formats={s.name: declared.get(s.name) or image_format(s, batched) for s in inputs},
         label_files=dict(override.label_files) if override is not None else {},
+        parameters=dict(parameters or {}),
     )
 
 

@@ -70,6 +70,11 @@ class Runtime(abc.ABC):
         return "cpu"
 
     @property
+    def config_parameters(self) -> dict[str, str]:
+        """Backend settings the variant's ModelConfig shows under `parameters`, keyed as Triton's backend for it keys them."""
+        return {}
+
+    @property
     def inline_safe(self) -> bool:
         """Whether a short call may run on the event loop's thread: never when a call can stall for
         seconds (a torch.compile recompiling for a new shape, a TensorRT engine build)."""

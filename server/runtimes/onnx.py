@@ -139,6 +139,11 @@ class OnnxRuntime(Runtime):
         return self.thread_choice.threads
 
     @property
+    def config_parameters(self) -> dict[str, str]:
+        # Triton's onnxruntime backend reads its thread count from this ModelConfig parameter.
+        return {"intra_op_thread_count": str(self.thread_choice.threads)} if getattr(self, "thread_choice", None) else {}
+
+    @property
     def device(self) -> str:
         session = getattr(self, "session", None)
         if session is None:

@@ -74,6 +74,10 @@ def test_unrouted_variants_stay_unloaded_until_a_pinned_request_loads_one_and_it
             assert not index["v2"].ready and "no route serves it" in index["v2"].reason and index["baseline"].ready
             # ModelConfig and ModelMetadata answer for it from what it will serve.
             assert [s.name for s in control.model_config("digits", "v2").inputs] == ["x"]
+            # The runtime's own settings only where one is loaded: ORT's measured thread count, keyed as Triton's backend.
+            threads = loaded.variants["baseline"].runtime.intra_op_threads
+            assert control.model_config("digits", "baseline").parameters == {"intra_op_thread_count": str(threads)}
+            assert control.model_config("digits", "v2").parameters == {}
             assert "v2" in plane.metadata("digits", "").versions
 
             _, expected = await logits(control, digits.x_test[:3])

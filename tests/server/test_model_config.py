@@ -31,6 +31,18 @@ def test_a_batching_variant_drops_the_batch_dimension_and_a_fixed_one_has_max_ba
     assert (fixed.max_batch_size, fixed.inputs[0].shape, fixed.batching, fixed.instance_kind) == (0, (1, 3, 4), None, "CPU")
 
 
+def test_the_runtimes_parameters_reach_triton_s_model_config_beside_the_variant():
+    from server import converters_triton
+
+    view = config_view("m", VARIANT, X, Y, BatchingConfig(), 2, "cpu", parameters={"intra_op_thread_count": "2"})
+    parameters = converters_triton.model_config(view).config.parameters
+    assert {k: v.string_value for k, v in parameters.items()} == {
+        "intra_op_thread_count": "2",
+        "slimserve_variant": "baseline",
+        "slimserve_version": "1",
+    }
+
+
 def test_a_load_config_in_either_json_spelling_overrides_the_batcher():
     override = parse(
         {

@@ -111,6 +111,7 @@ def test_an_explicit_count_wins_and_is_not_measured(heavy):
     runtime = loaded(heavy, RuntimeConfig(intra_op_threads=3))
     assert runtime.intra_op_threads == 3 and session_threads(runtime) == 3
     assert runtime.thread_choice.reason == "set" and runtime.thread_choice.one_thread_ms is None
+    assert runtime.config_parameters == {"intra_op_thread_count": "3"}  # what ModelConfig shows, Triton's key
 
 
 def test_text_inputs_are_not_timed(tmp_path):
