@@ -150,7 +150,7 @@ def test_input_checks_pass_what_fits_and_name_what_does_not(arrays, message):
 
 
 def test_the_class_kept_for_feedback_is_top1_for_every_output_shape():
-    # _answered's one-sample shortcut (argmax over all scores) and shadow.top1 agree, ties and higher ranks included.
+    # What _answered keeps for a one-sample answer is shadow.top1's class, ties and higher ranks included.
     from server.dataplane import Call, DataPlane
     from server.shadow import top1
     from server.stats import FeedbackStore
