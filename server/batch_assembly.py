@@ -97,19 +97,6 @@ def batch_key(inputs: dict[str, np.ndarray], outputs: list[str] | None) -> tuple
     return (tuple(parts), wanted), size
 
 
-def batch_size(inputs: dict[str, np.ndarray]) -> int:
-    """`batch_key(inputs, ...)[1]` without building the key: what a call that ran at once counts as (batching.py)."""
-    if len(inputs) == 1:
-        for array in inputs.values():
-            return array.shape[0] if array.ndim and array.shape[0] >= 1 else 1
-    size = -1
-    for array in inputs.values():
-        if array.ndim == 0 or (size != -1 and array.shape[0] != size):
-            return max(size, 1)
-        size = array.shape[0]
-    return size if size >= 1 else 1
-
-
 def split_outputs(result: dict[str, np.ndarray], sizes: list[int], total: int) -> list[dict[str, np.ndarray]]:
     """One dict per request: rows [offset, offset + size) of every output whose dim 0 is the batch total;
     outputs without that batch dimension are shared whole."""

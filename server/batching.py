@@ -42,7 +42,7 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from server.batch_assembly import BatchingConfig, batch_key, batch_size, split_outputs
+from server.batch_assembly import BatchingConfig, batch_key, split_outputs
 from server.batch_sizing import BatchSizer
 from server.errors import ResourceExhausted, Unavailable
 
@@ -197,7 +197,7 @@ class DynamicBatcher:
         try:
             result, started, compute = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_predict, inputs, outputs)
             self._record_compute(compute)
-            self._observe(batch_size(inputs), [started - enqueued], compute)
+            self._observe(batch_key(inputs, outputs)[1], [started - enqueued], compute)
             return result
         finally:
             self._waiting -= 1
@@ -222,7 +222,7 @@ class DynamicBatcher:
         finally:
             compute = time.perf_counter() - started
             self._record_compute(compute)
-            self._observe(batch_size(inputs), [0.0], compute)
+            self._observe(batch_key(inputs, outputs)[1], [0.0], compute)
 
     def _timed_predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, np.ndarray], float, float]:
         started = time.perf_counter()

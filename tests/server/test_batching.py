@@ -403,9 +403,9 @@ def test_a_short_call_to_an_idle_batcher_runs_at_once_as_its_own_batch(executor)
     assert seen[1:] == [(3, [0.0]), (2, [0.0])]  # the failed call is observed too
 
 
-def test_batch_size_counts_as_batch_key_does():
-    # What a call that ran at once is observed as (its batch size) is what it would have counted as in a queue.
-    from server.batch_assembly import batch_key, batch_size
+def test_batch_key_counts_samples_by_dim_0_and_one_where_inputs_cannot_batch():
+    # What a call counts as, queued or run at once: dim 0 where every input has it and they agree, else 1.
+    from server.batch_assembly import batch_key
 
     f = np.float32
     cases = [
@@ -420,4 +420,4 @@ def test_batch_size_counts_as_batch_key_does():
         {"a": np.zeros((0, 4), f), "b": np.zeros((0,), np.int64)},
         {},
     ]
-    assert [batch_size(c) for c in cases] == [batch_key(c, None)[1] for c in cases] == [3, 1, 1, 1, 2, 2, 2, 1, 1, 1]
+    assert [batch_key(c, None)[1] for c in cases] == [3, 1, 1, 1, 2, 2, 2, 1, 1, 1]
