@@ -27,6 +27,20 @@ OBJECTIVES = {
 _KIND_OF_METRIC = {"cosine": "embedding", "top1-agreement": "soft-targets", "relative-error": "regression"}
 
 
+def soft_target_kl(output: Any, target: Any, temperature: float) -> Any:
+    """Hinton's distillation term: T² × KL(target_T ‖ output_T) on temperature-softened logits (torch tensors, classes last)."""
+    import torch.nn.functional as F
+
+    T = temperature
+    kl = F.kl_div(F.log_softmax(output / T, dim=-1), F.log_softmax(target / T, dim=-1), reduction="batchmean", log_target=True)
+    return T * T * kl
+
+
+def relative_mse(output: Any, target: Any) -> Any:
+    """MSE divided by the target's mean square: scale-free, so a raw and a normalized vector (or two layers) weigh alike."""
+    return ((output - target) ** 2).mean() / (target.detach() ** 2).mean().clamp(min=1e-8)
+
+
 @dataclass(frozen=True)
 class LabelFreeObjective:
     """A loss toward a frozen reference model's outputs: `kind` from OBJECTIVES, `who` names the reference (teacher, unpruned model)."""
@@ -43,11 +57,9 @@ class LabelFreeObjective:
         import torch.nn.functional as F
 
         if self.kind == "soft-targets":
-            T = self.temperature
-            kl = F.kl_div(F.log_softmax(output / T, dim=-1), F.log_softmax(target / T, dim=-1), reduction="batchmean", log_target=True)
-            return T * T * kl
+            return soft_target_kl(output, target, self.temperature)
         s, t = output.reshape(len(output), -1), target.reshape(len(target), -1)
-        relative = ((s - t) ** 2).mean() / (t**2).mean().clamp(min=1e-8)  # scale-free: a raw and a normalized embedding weigh alike
+        relative = relative_mse(s, t)
         if self.kind == "regression":
             return relative
         return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean() + relative

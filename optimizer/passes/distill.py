@@ -35,7 +35,7 @@ from optimizer.finetune import (
     first_output,
     nested_finetune,
 )
-from optimizer.objectives import objective_of
+from optimizer.objectives import objective_of, relative_mse, soft_target_kl
 from optimizer.pruning import prune_channels_, untouched_layers
 from optimizer.registry import register
 from optimizer.students import hidden_state_pairs, layer_dropping_student
@@ -246,11 +246,6 @@ def make_projections(pairs: list[tuple[str, str]], student: Any, teacher: Any, e
     return projections
 
 
-def relative_mse(student: Any, teacher: Any) -> Any:
-    """MSE divided by the teacher feature's mean square: each layer weighs the same whatever its scale."""
-    return ((student - teacher) ** 2).mean() / (teacher.detach() ** 2).mean().clamp(min=1e-8)
-
-
 # ---------------------------------------------------------------------------------------------
 # The passes
 
@@ -316,10 +311,8 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         if label_free is not None:
             loss = label_free.output_loss(logits, teacher_logits)
         else:
-            soft = F.kl_div(
-                F.log_softmax(logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1), reduction="batchmean", log_target=True
-            )
-            loss = config.soft_weight * T * T * soft + config.hard_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing)
+            soft = soft_target_kl(logits, teacher_logits, T)
+            loss = config.soft_weight * soft + config.hard_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing)
         if taps is not None:
             feature = sum(relative_mse(proj(taps[0].outputs[s]), taps[1].outputs[t]) for proj, (s, t) in zip(projections, pairs)) / len(
                 pairs
