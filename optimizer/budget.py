@@ -291,7 +291,7 @@ def run_within_budget(
         left = options.max_seconds - (time.monotonic() - start)
         say(n / slots, f"probe {n + 1}/{options.max_evaluations}: {knob.field} {value:.4g}{epochs_said}; {left:.0f} s of the search left")
         changes: dict[str, Any] = {knob.field: value}
-        if full_epochs is not None and probe_epochs != full_epochs:
+        if not full_probe:  # a shortened probe: the pass has fine-tuning epochs and the probe trains fewer
             changes["finetune"] = dataclasses.replace(pass_.config.finetune, epochs=probe_epochs)  # type: ignore[attr-defined]
         t0 = time.monotonic()
 
