@@ -150,6 +150,16 @@ def test_with_linear_cost_a_free_slot_does_not_wait_for_the_delay(executor):
     assert statistics.median(latencies) < 0.09, f"median {statistics.median(latencies) * 1e3:.0f} ms for a 50 ms call"
 
 
+async def three_staggered(batcher: DynamicBatcher) -> None:
+    """One request, then two more 5 ms apart while it runs: the second finds a call slot free."""
+    first = asyncio.create_task(batcher.submit({"x": x_of(0)}, None))
+    await asyncio.sleep(0.005)
+    rest = [asyncio.create_task(batcher.submit({"x": x_of(1)}, None))]
+    await asyncio.sleep(0.005)
+    rest.append(asyncio.create_task(batcher.submit({"x": x_of(2)}, None)))
+    await asyncio.gather(first, *rest)
+
+
 def test_with_sublinear_cost_a_free_slot_waits_and_batches_form(executor):
     # A fixed 100 ms per call whatever its size: once measured, a request that finds a free slot while
     # another call runs waits (up to the delay) for company.
@@ -157,15 +167,7 @@ def test_with_sublinear_cost_a_free_slot_waits_and_batches_form(executor):
     batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_delay_ms=300.0), model="m", variant="v", max_concurrency=2)
     batcher.sizer = frozen(lambda n: 0.1)
 
-    async def main():
-        first = asyncio.create_task(batcher.submit({"x": x_of(0)}, None))
-        await asyncio.sleep(0.005)
-        rest = [asyncio.create_task(batcher.submit({"x": x_of(1)}, None))]
-        await asyncio.sleep(0.005)
-        rest.append(asyncio.create_task(batcher.submit({"x": x_of(2)}, None)))
-        await asyncio.gather(first, *rest)
-
-    run(main())
+    run(three_staggered(batcher))
     assert model.calls == [1, 2]
 
 
@@ -174,15 +176,7 @@ def test_without_evidence_a_free_slot_starts_at_once(executor):
     batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_delay_ms=60.0), model="m", variant="v", max_concurrency=2)
     batcher.sizer = frozen(lambda n: 0.02 * n)
 
-    async def main():
-        first = asyncio.create_task(batcher.submit({"x": x_of(0)}, None))
-        await asyncio.sleep(0.005)
-        rest = [asyncio.create_task(batcher.submit({"x": x_of(1)}, None))]
-        await asyncio.sleep(0.005)
-        rest.append(asyncio.create_task(batcher.submit({"x": x_of(2)}, None)))
-        await asyncio.gather(first, *rest)
-
-    run(main())
+    run(three_staggered(batcher))
     assert model.calls == [1, 1, 1]
 
 
