@@ -37,7 +37,7 @@ format: install
 	$(VENV)/bin/ruff format .
 
 demo: install
-	$(PY) -m server.demo
+	$(PY) -m examples.demo
 
 proto: install
 	$(PY) protos/generate.py

@@ -4,7 +4,7 @@
 
 With --model minilm or effnet (bench/serving_models.py builds them), the scenarios compare batching off
 (`--no-batching`: each request its own call, up to the compute pool's threads at once) with the
-batcher's measured policy (server/batch_sizing.py) and, for reference, the fixed rule it replaced
+batcher's measured policy (server/batching/sizing.py) and, for reference, the fixed rule it replaced
 ("take all that waits, wait for the delay whenever a slot is free"), with one and two calls in flight.
 
 Closed-loop asyncio callers each send one sample at a time to a DynamicBatcher, as the gRPC servicer
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from server.batch_assembly import BatchingConfig
-from server.batch_sizing import BatchSizer
-from server.batching import DynamicBatcher
-from server.errors import ResourceExhausted
+from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.batching.batcher import DynamicBatcher
+from slimserve.server.batching.sizing import BatchSizer
+from slimserve.server.errors import ResourceExhausted
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -155,8 +155,8 @@ async def open_loop(
 def build_model(root: Path):
     import torch
 
-    from optimizer.zoo import export_onnx, load_digits_splits, train_digits_cnn
-    from server.runtimes import create_runtime
+    from slimserve.optimizer.zoo import export_onnx, load_digits_splits, train_digits_cnn
+    from slimserve.server.runtimes import create_runtime
 
     model, accuracy = train_digits_cnn(epochs=2)
     _, test = load_digits_splits()
@@ -169,8 +169,8 @@ def build_model(root: Path):
 def build_real(key: str):
     """A real model's runtime with slimserve's session settings, its input rows, and its title."""
     from bench.serving_models import CHOICES, prepare
-    from server.runtimes import create_runtime
-    from server.settings import Settings
+    from slimserve.server.runtimes import create_runtime
+    from slimserve.server.settings import Settings
 
     files = prepare(CHOICES[key], fresh=False)
     runtime = create_runtime("onnxruntime", files.onnx, Settings().runtime_config())
@@ -243,7 +243,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             runtime, test_x, accuracy = build_model(Path(tmp))
-        x, title = {"x": test_x}, "digits CNN (optimizer.zoo, 2 epochs)"
+        x, title = {"x": test_x}, "digits CNN (slimserve.optimizer.zoo, 2 epochs)"
         model_ms = per_call_ms(runtime, x)
     n = args.callers
     off, on = BatchingConfig(enabled=False), BatchingConfig()

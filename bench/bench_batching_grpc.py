@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=16)
     args = parser.parse_args()
 
-    from client.client import SlimServeClient
+    from slimserve.client.client import SlimServeClient
 
     files = prepare_model(fresh=False)
     payload = build_infer_request(MODEL, files.sample)

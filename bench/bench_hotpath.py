@@ -48,15 +48,15 @@ async def _build_worker():
     import numpy as np
     from grpc import unary_unary_rpc_method_handler
 
-    from protos import inference_pb2 as pb
-    from server.dataplane import DataPlane
-    from server.edge import checked_handler
-    from server.manifest import ModelInfo, VariantInfo
-    from server.metrics import Metrics
-    from server.repository import Repository
-    from server.routing import TrafficPolicy
-    from server.runtimes import Runtime, RuntimeConfig, TensorSpec
-    from server.servicers.inference import InferenceServicer
+    from slimserve.protos import inference_pb2 as pb
+    from slimserve.server.grpc.edge import checked_handler
+    from slimserve.server.grpc.servicers.inference import InferenceServicer
+    from slimserve.server.inference.dataplane import DataPlane
+    from slimserve.server.runtimes import Runtime, RuntimeConfig, TensorSpec
+    from slimserve.server.store.manifest import ModelInfo, VariantInfo
+    from slimserve.server.store.repository import Repository
+    from slimserve.server.store.traffic import TrafficPolicy
+    from slimserve.server.telemetry.metrics import Metrics
 
     answer = {"logits": np.zeros((1, 10), np.float32)}
 

@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--callers", default="1,16")
     args = parser.parse_args()
-    from client.client import SlimServeClient
-    from optimizer.zoo import export_onnx, train_digits_cnn
+    from slimserve.client.client import SlimServeClient
+    from slimserve.optimizer.zoo import export_onnx, train_digits_cnn
 
     work = Path(tempfile.mkdtemp(prefix="bench-http-"))
     model, _ = train_digits_cnn(epochs=1)

@@ -62,7 +62,7 @@ def main() -> None:
                         file=sys.stderr,
                         flush=True,
                     )
-        from client.client import SlimServeClient
+        from slimserve.client.client import SlimServeClient
 
         mean_batch = {}
         for name, server in servers.items():  # over the whole run, both caller counts

@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from bench.common import rss_bytes, wait_quiet
-from client.client import SlimServeClient
+from slimserve.client.client import SlimServeClient
 from tests.helpers import ServerProcess
 
 
@@ -57,8 +57,8 @@ def mlp(path: Path, hidden: int) -> Path:
 
 def build(root: Path, variants: int, hidden: int) -> Path:
     """A repository with the MLP and `variants` unrouted copies of it, as finished optimizer jobs would leave them."""
-    from server.manifest import VariantInfo
-    from server.repository import Repository
+    from slimserve.server.store.manifest import VariantInfo
+    from slimserve.server.store.repository import Repository
 
     model = mlp(root / "mlp.onnx", hidden)
     server = ServerProcess(root / "repo", root / "build.log")

@@ -26,11 +26,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from server.manifest import ModelInfo, VariantInfo
-from server.metrics import Metrics
-from server.repository import Repository
-from server.routing import TrafficPolicy
-from server.runtimes import Runtime, RuntimeConfig, TensorSpec
+from slimserve.server.runtimes import Runtime, RuntimeConfig, TensorSpec
+from slimserve.server.store.manifest import ModelInfo, VariantInfo
+from slimserve.server.store.repository import Repository
+from slimserve.server.store.traffic import TrafficPolicy
+from slimserve.server.telemetry.metrics import Metrics
 
 RESULTS = Path(__file__).parent / "results" / "overhead.json"
 ANSWER = {"logits": np.zeros((1, 10), np.float32)}
@@ -49,7 +49,7 @@ class InstantRuntime(Runtime):
 
 
 async def build(root: Path, shadow: bool):
-    from server import dataplane as dp_module
+    from slimserve.server.inference import dataplane as dp_module
 
     repository = Repository(root)
     spec_in, spec_out = [TensorSpec("x", "FP32", [-1, 4])], [TensorSpec("logits", "FP32", [-1, 10])]
@@ -80,7 +80,7 @@ async def time_batcher(plane, n: int) -> float:
 
 
 async def time_routed(plane, n: int) -> float:
-    from server.dataplane import InferRequest
+    from slimserve.server.inference.dataplane import InferRequest
 
     x = np.zeros((1, 4), np.float32)
     request = InferRequest("m", "", "", lambda: {"x": x})

@@ -2,10 +2,10 @@
 
     python -m bench.bench_prune [--epochs 8] [--rounds 5]
 
-Trains the baseline as optimizer.zoo does (8 epochs), registers it as a .pt2 with the digits
+Trains the baseline as slimserve.optimizer.zoo does (8 epochs), registers it as a .pt2 with the digits
 train / test splits, runs prune-structured, prune-weight, prune-gradual, distill-soft and
 distill-feature with their default settings, and measures every variant with
-optimizer.evaluation.evaluate on onnxruntime (the runtime that serves them): parameters,
+slimserve.optimizer.evaluation.measure.evaluate on onnxruntime (the runtime that serves them): parameters,
 non-zero parameters, FLOPs, p50 at batch 1, accuracy. Because two shared cores drift, p50 is
 also taken in interleaved rounds (single-threaded sessions, variant after variant, best median
 per variant) and the speed ratios use those. Prints the table with each target met or missed
@@ -75,18 +75,18 @@ def weight_zeroed(path: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8, help="baseline training epochs (as optimizer.zoo)")
+    parser.add_argument("--epochs", type=int, default=8, help="baseline training epochs (as slimserve.optimizer.zoo)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     import torch
 
-    from optimizer.base import Artifact, PassContext
-    from optimizer.evaluation import evaluate
-    from optimizer.export import to_onnx
-    from optimizer.registry import make_pass
-    from optimizer.zoo import export_pt2, load_digits_splits, train_digits_cnn
-    from server.runtimes import create_runtime
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.catalog import make_pass
+    from slimserve.optimizer.evaluation.measure import evaluate
+    from slimserve.optimizer.formats.export import to_onnx
+    from slimserve.optimizer.zoo import export_pt2, load_digits_splits, train_digits_cnn
+    from slimserve.server.runtimes import create_runtime
 
     def factory(path, runtime):
         r = create_runtime(runtime, path)

@@ -122,9 +122,9 @@ def digits_models(work: Path, width: int, with_variants: bool, with_qat: bool) -
     """Trains the digits CNN at `width`, exports it, and runs the quantization passes; returns name -> ONNX file."""
     import torch
 
-    from optimizer.base import Artifact, PassContext
-    from optimizer.registry import make_pass
-    from optimizer.zoo import export_onnx, export_pt2, load_digits_splits, train_digits_cnn
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.catalog import make_pass
+    from slimserve.optimizer.zoo import export_onnx, export_pt2, load_digits_splits, train_digits_cnn
 
     train, test = load_digits_splits()
     start = time.perf_counter()
@@ -162,7 +162,7 @@ def digits_models(work: Path, width: int, with_variants: bool, with_qat: bool) -
 
 
 def bench_digits(work: Path, args) -> dict:
-    from optimizer.zoo import load_digits_splits
+    from slimserve.optimizer.zoo import load_digits_splits
 
     _, test = load_digits_splits()
     paths, pass_seconds = digits_models(work, 32, with_variants=True, with_qat=True)
@@ -192,7 +192,7 @@ def bench_digits(work: Path, args) -> dict:
 
 def bench_widths(work: Path, args, widths: tuple[int, ...]) -> list[dict]:
     """FP32 vs default static INT8 at batch 1 for other widths of the same net (the INT8 gain grows with the work per op)."""
-    from optimizer.zoo import load_digits_splits
+    from slimserve.optimizer.zoo import load_digits_splits
 
     _, test = load_digits_splits()
     out = []
@@ -259,8 +259,8 @@ def export_minilm(path: Path):
 def bench_minilm(work: Path, args) -> dict:
     import torch
 
-    from optimizer.base import Artifact, PassContext
-    from optimizer.registry import make_pass
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.catalog import make_pass
 
     fp32 = work / "minilm.onnx"
     start = time.perf_counter()

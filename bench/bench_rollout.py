@@ -31,12 +31,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy.stats import norm
 
-from server.rollout.controller import RolloutController
-from server.rollout.gates import Arm, judge
-from server.rollout.plan import RolloutPlan
-from server.rollout.sequential import costlier
-from server.rollout.state import GateResult
-from server.routing import TrafficPolicy
+from slimserve.server.rollout.controller import RolloutController
+from slimserve.server.rollout.gates import Arm, judge
+from slimserve.server.rollout.plan import RolloutPlan
+from slimserve.server.rollout.sequential import costlier
+from slimserve.server.rollout.state import GateResult
+from slimserve.server.store.traffic import TrafficPolicy
 
 # The plan under test: the default stages and alpha; margins at the scenarios' edges; no feedback (accuracy is judged
 # by agreement in shadow, as the issue asks where no labels arrive).

@@ -17,8 +17,9 @@ import random
 import timeit
 from pathlib import Path
 
-from server.routing import Router, TrafficPolicy
-from server.stats import DEFAULT_WINDOW, FeedbackStore, LatencyWindow, VariantStats, compare_rows
+from slimserve.server.inference.router import Router
+from slimserve.server.store.traffic import TrafficPolicy
+from slimserve.server.telemetry.statistics import DEFAULT_WINDOW, FeedbackStore, LatencyWindow, VariantStats, compare_rows
 
 RESULTS = Path(__file__).parent / "results" / "router.json"
 

@@ -62,7 +62,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "server.cli",
+                "slimserve.server.cli",
                 "start",
                 "--repository",
                 f"{tmp}/repo",
@@ -80,7 +80,7 @@ def main() -> None:
             wait_until(lambda: client.is_server_ready(), "slimserve to be ready", 120, interval=0.2, ignore=(Exception,))
             model = channel_mean_model(Path(tmp) / "mean.onnx")
             subprocess.run(
-                [sys.executable, "-m", "client.cli", "--server", address, "register", "mean", str(model)],
+                [sys.executable, "-m", "slimserve.client.cli", "--server", address, "register", "mean", str(model)],
                 check=True,
                 cwd=ROOT,
                 capture_output=True,

@@ -37,8 +37,8 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def build_requests(model: str, x: np.ndarray, kinds: int = 16) -> list[bytes]:
-    from client import codec
-    from protos import inference_pb2 as pb
+    from slimserve.client import codec
+    from slimserve.protos import inference_pb2 as pb
 
     rng = np.random.default_rng(0)
     out = []
@@ -107,7 +107,7 @@ def worker(address: str, requests: list[bytes], callers: int, seconds: float, wa
 def prepare_model(workdir: Path) -> tuple[Path, np.ndarray]:
     import torch
 
-    from optimizer.zoo import export_onnx, load_digits_splits, train_digits_cnn
+    from slimserve.optimizer.zoo import export_onnx, load_digits_splits, train_digits_cnn
 
     model, _ = train_digits_cnn(epochs=2)
     _, test = load_digits_splits()
@@ -116,7 +116,7 @@ def prepare_model(workdir: Path) -> tuple[Path, np.ndarray]:
 
 
 def start_server(workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    from client.client import SlimServeClient, SlimServeClientError
+    from slimserve.client.client import SlimServeClient, SlimServeClientError
 
     port = free_port()
     log = open(workdir / "server.log", "ab")  # noqa: SIM115  the server process writes it until it stops
@@ -212,11 +212,11 @@ def main() -> None:
         if args.server:
             if args.pid is None:
                 parser.error("--server needs --pid (the server's process, whose memory is sampled)")
-            from optimizer.zoo import load_digits_splits
+            from slimserve.optimizer.zoo import load_digits_splits
 
             address, pid, x = args.server, args.pid, load_digits_splits()[1].x
         else:
-            from client.client import SlimServeClient
+            from slimserve.client.client import SlimServeClient
 
             model_path, x = prepare_model(workdir)
             proc, address = start_server(workdir, args.server_flag)
@@ -241,7 +241,7 @@ def main() -> None:
             )
             result = soak(address, pid, build_requests(args.model, x), args)
             if proc is not None:
-                from client.client import SlimServeClient
+                from slimserve.client.client import SlimServeClient
 
                 with SlimServeClient(address) as c:  # still correct at the end
                     _, outputs = c.infer(args.model, {"x": x[:4]})

@@ -64,7 +64,7 @@ CONFIGS = (
 
 def sessions_for(path: Path, config: Config) -> tuple[list[Callable], int]:
     """The predict callables (one per call slot; the same session twice unless `sessions` is 2) and the thread count."""
-    from server.runtimes import RuntimeConfig, create_runtime
+    from slimserve.server.runtimes import RuntimeConfig, create_runtime
 
     if config.threads == 0:
         runtime = create_runtime("onnxruntime", path, RuntimeConfig(intra_op_threads=0, device="cpu"))

@@ -60,7 +60,7 @@ def slimserve_command(
 ) -> list[str]:
     """`slimserve start` on loopback ports, REST and metrics off unless asked (servers side by side would all want 8000)."""
     return [
-        sys.executable, "-m", "server.cli", "start",
+        sys.executable, "-m", "slimserve.server.cli", "start",
         "--repository", str(repository),
         "--grpc-port", str(grpc_port),
         "--http-port", str(http_port),

@@ -42,8 +42,8 @@ def _row(name: str, batch: int, streams: int, threads: int, lat: np.ndarray, sam
 def bench_inprocess(onnx: Path, pool: dict[str, np.ndarray], batches: list[int], seconds: float, label: str = "") -> list[dict]:
     """One row per batch size (one call at a time, slimserve's session settings), then two streams of one thread each at
     the batch that did best: on a small CPU often more samples/s than one call on all cores."""
-    from server.runtimes import RuntimeConfig, create_runtime
-    from server.settings import Settings
+    from slimserve.server.runtimes import RuntimeConfig, create_runtime
+    from slimserve.server.settings import Settings
 
     config = Settings().runtime_config()
     runtime = create_runtime("onnxruntime", onnx, config)

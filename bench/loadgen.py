@@ -56,7 +56,7 @@ def build_infer_request(
 ) -> bytes:
     """A serialized ModelInferRequest: one FP32 input `input_name`, or one input per entry of a dict (FP32, INT64 ...),
     raw (as Triton's clients send) or typed (FP32 only)."""
-    from protos import inference_pb2 as pb
+    from slimserve.protos import inference_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     inputs = array if isinstance(array, dict) else {input_name: np.asarray(array, np.float32)}
@@ -72,7 +72,7 @@ def build_infer_request(
 
 def check_response(data: bytes, expect_shape: tuple[int, ...]) -> str | None:
     """None when `data` is a ModelInferResponse whose first output has `expect_shape`; else why not."""
-    from protos import inference_pb2 as pb
+    from slimserve.protos import inference_pb2 as pb
 
     response = pb.ModelInferResponse.FromString(data)
     if not response.outputs:
@@ -267,7 +267,7 @@ def _stream_worker(address: str, payload: bytes, callers: int, start, warmup: fl
 
     import grpc
 
-    from protos import inference_pb2 as pb
+    from slimserve.protos import inference_pb2 as pb
 
     template = pb.ModelInferRequest.FromString(payload)
     payloads = []

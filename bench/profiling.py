@@ -30,9 +30,9 @@ CATEGORIES = (
     ("onnxruntime Session.run", ("onnxruntime_inference_collection.py", "libonnxruntime", "onnxruntime_pybind")),
     ("request decode (protobuf -> numpy)", ("decode_request_inputs", "decode_raw", "decode_contents")),
     ("response encode (numpy -> protobuf)", ("infer_response", "fill_output", "encode_raw", "encode_contents")),
-    ("batcher (server/batching.py)", ("server/batching.py",)),
-    ("routing, stats, feedback", ("server/routing.py", "server/stats.py")),
-    ("metrics (prometheus_client)", ("prometheus_client", "server/metrics.py")),
+    ("batcher (server/batching/batcher.py)", ("server/batching/batcher.py",)),
+    ("routing, stats, feedback", ("server/store/traffic.py", "server/telemetry/statistics.py")),
+    ("metrics (prometheus_client)", ("prometheus_client", "server/telemetry/metrics.py")),
     ("servicer and data plane (server/)", ("server/",)),
     ("grpc (cython, aio server)", ("grpc/", "cygrpc", "_cython")),
     # Cython (grpc aio) and C (protobuf upb parse / serialize) code has no Python frame of its own: without

@@ -47,21 +47,21 @@ class ModelFiles:
     sample: dict[str, np.ndarray]  # one request's inputs (batch 1)
     pool: dict[str, np.ndarray]  # rows that in-process batches are cut from
     name: str = MODEL
-    title: str = "digits CNN (optimizer.zoo, width 32), ONNX"
+    title: str = "digits CNN (slimserve.optimizer.zoo, width 32), ONNX"
     output_shape: tuple[int, ...] = (1, 10)
     train: Path | None = None
 
 
 def prepare_model(fresh: bool) -> ModelFiles:
     """Trains and exports the digits CNN once; later runs reuse bench/results/serving-cache/."""
-    from optimizer.zoo import load_digits_splits
+    from slimserve.optimizer.zoo import load_digits_splits
 
     train, test = load_digits_splits()
     onnx_path, data, calib = CACHE / "digits.onnx", CACHE / "eval.npz", CACHE / "calibration.npz"
     if fresh or not onnx_path.exists():
         import torch
 
-        from optimizer.zoo import export_onnx, train_digits_cnn
+        from slimserve.optimizer.zoo import export_onnx, train_digits_cnn
 
         say("training the digits CNN and exporting it to ONNX")
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -109,8 +109,8 @@ class Server:
         """Polls ServerReady and ModelReady over gRPC; raises with the log's tail if the server dies or times out."""
         import grpc
 
-        from protos import inference_pb2 as pb
-        from protos import inference_pb2_grpc as pb_grpc
+        from slimserve.protos import inference_pb2 as pb
+        from slimserve.protos import inference_pb2_grpc as pb_grpc
 
         def ready() -> bool:
             if self.process.poll() is not None:
@@ -159,7 +159,7 @@ def start_slimserve(
     `extra_models` are registered beside it (a variant file made offline, served as a model of its own).
     Returns the server and the variants that are ready (a recipe that fails is reported and left out).
     """
-    from client.client import SlimServeClient, SlimServeClientError
+    from slimserve.client.client import SlimServeClient, SlimServeClientError
 
     repo = CACHE / "repository"
     if fresh and repo.exists():
@@ -194,7 +194,7 @@ def start_slimserve(
 
 def _registered(client, files: ModelFiles) -> dict[str, str]:
     """The model on record with its baseline ready (registered now if it was not); its variants' statuses by name."""
-    from client.client import SlimServeClientError
+    from slimserve.client.client import SlimServeClientError
 
     try:
         record = client.model(files.name)

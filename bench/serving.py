@@ -12,12 +12,12 @@ input_ids + attention_mask) and `effnet` (EfficientNet-Lite0, real ImageNet weig
 models whose compute dominates; for them `auto` serves, beside the FP32 file, the variant
 `slimserve optimize --recipe auto --accuracy-budget 1` picks (made once, cached), and every row
 carries the server's CPU seconds per 1000 requests, its resident memory and dollars per million
-inferences at the node price (server.pricing, the table server metrics use).
+inferences at the node price (slimserve.server.telemetry.pricing, the table server metrics use).
 
 What each section measures (one process per server, all on this machine's cores, side by side):
 
 1. inprocess: ONNX Runtime called directly on the model file with the session slimserve's runtime
-   builds (server.runtimes, settings from server.settings: threads, graph optimization level), one
+   builds (slimserve.server.runtimes, settings from slimserve.server.settings: threads, graph optimization level), one
    call at a time at batch 1, 2, 4, ..., 32: p50 ms per call, ms per sample and samples/s. One
    more row runs two streams at batch 32 on two sessions of one intra-op thread each. The best
    samples/s of the section is this machine's limit for the model, and the yardstick of the
@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         if p not in PEER_PACKAGES:
             parser.error(f"--peers: unknown peer '{p}' (known: {', '.join(PEER_PACKAGES)})")
 
-    from server.app import protobuf_backend
-    from server.pricing import load_prices, price_of
-    from server.settings import Settings
+    from slimserve.server.app import protobuf_backend
+    from slimserve.server.settings import Settings
+    from slimserve.server.telemetry.pricing import load_prices, price_of
 
     settings = Settings()
     price = price_of(settings.node_type, load_prices(settings.prices))
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     result["notes"].append(
         "share of ORT: req/s (1 sample each) / best in-process samples/s of the same file; "
         "client µs/req: load-generator CPU per request (it shares the cores with the server); "
-        f"$/M: the node's price ({settings.node_type}, ${price:g}/h, server.pricing) over the requests it answers in an hour at that rate"
+        f"$/M: the node's price ({settings.node_type}, ${price:g}/h, slimserve.server.telemetry.pricing) over the requests it answers in an hour at that rate"
     )
     result["targets"] = check_targets(result)
     result["machine"]["load_average_at_end"] = os.getloadavg()

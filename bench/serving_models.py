@@ -22,7 +22,7 @@ from bench.common import ROOT, say
 from bench.servers import CACHE, ModelFiles, prepare_model
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    from slimserve.server.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ CHOICES: dict[str, ModelChoice] = {
     "digits": ModelChoice(
         "digits",
         "",
-        "digits CNN (optimizer.zoo, width 32), ONNX",
+        "digits CNN (slimserve.optimizer.zoo, width 32), ONNX",
         3.0,
         1.0,
         2,
@@ -106,7 +106,7 @@ def prepare(choice: ModelChoice, fresh: bool) -> ModelFiles:
 
 def slimserve_threads(onnx: Path, settings: Settings) -> int:
     """The intra-op threads slimserve's runtime gives this file with these settings (the flag's count, or its measured choice)."""
-    from server.runtimes import create_runtime
+    from slimserve.server.runtimes import create_runtime
 
     runtime = create_runtime("onnxruntime", onnx, settings.runtime_config())
     runtime.load()
@@ -128,7 +128,7 @@ def auto_variant(files: ModelFiles, budget: float, timeout_s: float) -> tuple[Mo
         tmp = files.onnx.parent / "auto.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        command = [sys.executable, "-m", "server.cli", "optimize", str(files.onnx), "--recipe", "auto", "--data", str(files.data)]
+        command = [sys.executable, "-m", "slimserve.server.cli", "optimize", str(files.onnx), "--recipe", "auto", "--data", str(files.data)]
         command += ["--calibration", str(files.calibration), "--out", str(tmp), "--accuracy-budget", str(budget), "--device", "cpu"]
         if files.train is not None:
             command += ["--train", str(files.train)]

@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from client import cli_rollout, cli_traffic
-from client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
-from client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
-from client.report import render_report
+from slimserve.client import cli_rollout, cli_traffic
+from slimserve.client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
+from slimserve.client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
+from slimserve.client.report import render_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: manage and query a slimserve server.")
 
@@ -226,7 +226,7 @@ def optimize(
 
 
 def print_report(rows: list[dict[str, Any]], title: str) -> None:
-    """Report rows as the optimizer built them, rendered by client.report (the table `slimserve optimize` prints too)."""
+    """Report rows as the optimizer built them, rendered by slimserve.client.report (the table `slimserve optimize` prints too)."""
     if rows:
         console.print(render_report(rows, title))
 

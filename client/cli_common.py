@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from client.client import SlimServeClient, SlimServeClientError
+from slimserve.client.client import SlimServeClient, SlimServeClientError
 
 # Wide when piped, so that tables in logs and CI output are not folded to 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=160)

@@ -9,8 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from client.cli_common import connect, console, err, fail, print_json
-from client.client import SlimServeClientError
+from slimserve.client.cli_common import connect, console, err, fail, print_json
+from slimserve.client.client import SlimServeClientError
 
 rollout_app = typer.Typer(help="Roll a variant out by itself: shadow, canary steps, promote, or roll back on a failed gate.")
 

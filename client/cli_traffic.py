@@ -8,8 +8,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from client.cli_common import connect, console, fail, fmt, print_json
-from client.client import SlimServeClientError
+from slimserve.client.cli_common import connect, console, fail, fmt, print_json
+from slimserve.client.client import SlimServeClientError
 
 
 def add_commands(app: typer.Typer) -> None:

@@ -12,13 +12,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client import codec
-from client.records import comparison_dict, model_dict, rollout_dict, traffic_dict, variant_dict
-from client.transport import CHUNK_BYTES, SlimServeClientError, channel_credentials, load_recipe_file, sha256_of
-from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc as pb_grpc
-from protos import slimserve_pb2 as spb
-from protos import slimserve_pb2_grpc as spb_grpc
+from slimserve.client import codec
+from slimserve.client.records import comparison_dict, model_dict, rollout_dict, traffic_dict, variant_dict
+from slimserve.client.transport import CHUNK_BYTES, SlimServeClientError, channel_credentials, load_recipe_file, sha256_of
+from slimserve.protos import inference_pb2 as pb
+from slimserve.protos import inference_pb2_grpc as pb_grpc
+from slimserve.protos import slimserve_pb2 as spb
+from slimserve.protos import slimserve_pb2_grpc as spb_grpc
 
 DEFAULT_SERVER = "127.0.0.1:8001"
 Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from client.datatypes import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE
+from slimserve.client.datatypes import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE
 
 # Which InferTensorContents field carries each datatype; FP16 has none and must travel raw.
 CONTENTS_FIELD: dict[str, str] = {

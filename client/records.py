@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from protos import slimserve_pb2 as spb
+from slimserve.protos import slimserve_pb2 as spb
 
 
 def variant_dict(v: spb.VariantRecord) -> dict[str, Any]:

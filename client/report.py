@@ -1,6 +1,6 @@
 """The optimization report as a terminal table: one renderer for `slimctl optimize` and the offline `slimserve optimize`.
 
-It reads the plain row dicts that optimizer.report builds (and the server sends as JSON), so it needs
+It reads the plain row dicts that slimserve.optimizer.report builds (and the server sends as JSON), so it needs
 neither the optimizer nor torch: units go in the headers, gains in green and losses in red, columns
 that no row fills are left out, and an auto search's table keeps only what decides between candidates.
 """

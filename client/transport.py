@@ -1,7 +1,7 @@
 """The client's plumbing below `SlimServeClient`: its error type, TLS credentials from PEM files, and the local
 files a call sends (SHA-256 in chunks for uploads, recipe and plan files read as plain data).
 
-SDK users import `SlimServeClientError` from `client.client`, next to the client that raises it.
+SDK users import `SlimServeClientError` from `slimserve.client.client`, next to the client that raises it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A Pass is small: a name, a frozen, versioned config dataclass, and `run(artifact, context) -> artifact`.
 Heavy logic lives in plain helper modules (ortquant.py, onnx_graph.py, pruning.py, ...), as in Olive;
-optimizer.registry knows the passes by name.
+slimserve.optimizer.catalog knows the passes by name.
 """
 
 from __future__ import annotations
@@ -194,3 +194,16 @@ def config_from_dict(cls: type[PassConfig], data: dict[str, Any], where: str) ->
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise OptimizerError(f"{where}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The setting a budget search moves: a config field and its gentle and aggressive ends (either may be the larger)."""
+
+    field: str
+    gentle: float
+    aggressive: float
+    unless: str = ""  # a config field that, when set, fixes the model so that there is nothing to search (distill's `student`)
+
+    def applies(self, config: PassConfig) -> bool:
+        return not (self.unless and getattr(config, self.unless, None))

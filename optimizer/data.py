@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.base import OptimizerError, PassContext
+from slimserve.optimizer.base import OptimizerError, PassContext
 
 # An input's numpy dtype and shape (dims: int, or a name / <= 0 where the model takes any size).
 InputSpecs = dict[str, tuple[np.dtype, tuple[int | str, ...]]]
@@ -75,7 +75,7 @@ def take(feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
 
 @dataclass
 class TrainData:
-    """Arrays in the model's input order, the labels (None: a label-free pass, optimizer.objectives), and (optional) evaluation data."""
+    """Arrays in the model's input order, the labels (None: a label-free pass, slimserve.optimizer.finetune.objectives), and (optional) evaluation data."""
 
     inputs: list[np.ndarray]
     labels: np.ndarray | None

@@ -1,9 +1,9 @@
 """One optimization: run a recipe on a model, evaluate the result against the baseline, build the report.
 
 Used by the server's jobs and by the offline `slimserve optimize`, so both measure the same way. The
-budget holds the quality optimizer.quality chose (accuracy with labels, else agreement with the
+budget holds the quality slimserve.optimizer.evaluation.quality chose (accuracy with labels, else agreement with the
 baseline's outputs); a caller that keeps the baseline's measure passes it in, so it is taken once. Under a
-budget (the job's, or a pass's own `max_drop`) each lossy pass runs through optimizer.budget: ratio-controlled
+budget (the job's, or a pass's own `max_drop`) each lossy pass runs through slimserve.optimizer.search.budget: ratio-controlled
 passes search their most aggressive setting within it, training passes fine-tune on while over it; a variant
 that cannot meet it is refused with the best it reached, or kept and marked when the caller asks.
 """
@@ -16,21 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     OptimizerError,
     PassContext,
     ProgressEvent,
     RuntimeFactory,
 )
-from optimizer.budget import Judge, SearchResult, budget_columns, run_within_budget
-from optimizer.data import has_labels
-from optimizer.evaluation import Evaluation, evaluate
-from optimizer.quality import METRICS, describe
-from optimizer.recipes import Recipe, run_recipe
-from optimizer.registry import load_builtin_passes
-from optimizer.report import report_rows
-from optimizer.search import auto_search
+from slimserve.optimizer.catalog import load_builtin_passes
+from slimserve.optimizer.data import has_labels
+from slimserve.optimizer.evaluation.measure import Evaluation, evaluate
+from slimserve.optimizer.evaluation.quality import METRICS, describe
+from slimserve.optimizer.recipes import Recipe, run_recipe
+from slimserve.optimizer.report import report_rows
+from slimserve.optimizer.search.auto import auto_search
+from slimserve.optimizer.search.budget import Judge, SearchResult, budget_columns, run_within_budget
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def optimize(
 
     accuracy_budget: points of the quality metric the variant may lose (accuracy points with labels).
     baseline: the source's measure from an earlier job on the same data, so it is not taken again.
-    metric: the quality metric (optimizer.quality.METRICS); None: chosen from the labels and the output.
+    metric: the quality metric (slimserve.optimizer.evaluation.quality.METRICS); None: chosen from the labels and the output.
     register_over_budget: return a variant that misses its budget (marked within_budget False) instead of refusing it.
     """
     if metric is not None and metric not in METRICS:

@@ -1,7 +1,7 @@
 """Recipes: ordered passes, each with its budget settings. By preset name, a comma-joined pipeline of names, or a JSON / YAML file.
 
 A recipe file's entry may hold `"max_drop": PT` (this pass's own accuracy budget, over the job's) and
-`"budget": {...}` (optimizer.budget.BudgetOptions: the search's ends, evaluations, time limits).
+`"budget": {...}` (slimserve.optimizer.search.budget.BudgetOptions: the search's ends, evaluations, time limits).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     OptimizerError,
     Pass,
@@ -20,8 +20,8 @@ from optimizer.base import (
     config_from_dict,
     config_to_dict,
 )
-from optimizer.budget import BudgetOptions
-from optimizer.registry import make_pass
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.search.budget import BudgetOptions
 
 RECIPE_VERSION = 1
 

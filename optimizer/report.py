@@ -1,7 +1,7 @@
 """The optimization report: one row per variant against the baseline (size, compute, latency, throughput, accuracy).
 
 Rows are plain dicts whose keys carry their units (`latency_p50_ms`, `speedup_x`, `accuracy_delta_pt`), so
-that they read well both as JSON and as column headers; client.report renders them for a terminal.
+that they read well both as JSON and as column headers; slimserve.client.report renders them for a terminal.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from optimizer.evaluation import Evaluation
+from slimserve.optimizer.evaluation.measure import Evaluation
 
 # Row keys, in column order; they are the report's JSON contract.
 COLUMNS = (
@@ -65,7 +65,7 @@ def report_rows(
     """One row per variant, the baseline first; ratios are None where the baseline or the variant lacks the measure.
 
     `reference`: the model's best FP32 runtime (name, evaluation), for reference_speedup_x; None leaves it out.
-    `extra`: per variant, values of the budget columns (optimizer.budget.budget_columns); the others stay None.
+    `extra`: per variant, values of the budget columns (slimserve.optimizer.search.budget.budget_columns); the others stay None.
     """
     base = evaluations.get(baseline)
     ref = None if reference is None else reference[1]

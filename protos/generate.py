@@ -13,20 +13,24 @@ PROTOS = sorted((ROOT / "protos").glob("*.proto"))
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Runs protoc with the repository root as include path, so imports read `from protos import ...`."""
+    """Runs protoc on an include tree where protos/ sits at slimserve/protos, the package it installs as,
+    so the generated modules import each other as `from slimserve.protos import ...`."""
     include = Path(protoc.__file__).parent / "_proto"
+    tree = out_dir / "include"
+    (tree / "slimserve").mkdir(parents=True)
+    (tree / "slimserve" / "protos").symlink_to(ROOT / "protos", target_is_directory=True)
     args = [
         "protoc",
-        f"-I{ROOT}",
+        f"-I{tree}",
         f"-I{include}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        *[str(p.relative_to(ROOT)) for p in PROTOS],
+        *[f"slimserve/protos/{p.name}" for p in PROTOS],
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed: " + " ".join(args))
-    return sorted((out_dir / "protos").glob("*_pb2*.py*"))
+    return sorted((out_dir / "slimserve" / "protos").glob("*_pb2*.py*"))
 
 
 def main() -> None:

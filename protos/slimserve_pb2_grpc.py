@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import slimserve_pb2 as protos_dot_slimserve__pb2
+from slimserve.protos import slimserve_pb2 as slimserve_dot_protos_dot_slimserve__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/slimserve_pb2_grpc.py depends on'
+        + ' but the generated code in slimserve/protos/slimserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,28 +38,28 @@ class ModelRegistryStub:
         """
         self.Register = channel.stream_unary(
                 '/slimserve.v1.ModelRegistry/Register',
-                request_serializer=protos_dot_slimserve__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.ModelRecord.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/slimserve.v1.ModelRegistry/ListModels',
-                request_serializer=protos_dot_slimserve__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.ListModelsResponse.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/slimserve.v1.ModelRegistry/GetModel',
-                request_serializer=protos_dot_slimserve__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.ModelRecord.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.FromString,
                 _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/slimserve.v1.ModelRegistry/DeleteModel',
-                request_serializer=protos_dot_slimserve__pb2.DeleteModelRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.DeleteModelResponse.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
         self.DeleteVariant = channel.unary_unary(
                 '/slimserve.v1.ModelRegistry/DeleteVariant',
-                request_serializer=protos_dot_slimserve__pb2.DeleteVariantRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.ModelRecord.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.DeleteVariantRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.FromString,
                 _registered_method=True)
 
 
@@ -105,28 +105,28 @@ def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.stream_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=protos_dot_slimserve__pb2.RegisterRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.ModelRecord.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RegisterRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_slimserve__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=protos_dot_slimserve__pb2.GetModelRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.ModelRecord.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.GetModelRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
-                    request_deserializer=protos_dot_slimserve__pb2.DeleteModelRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.DeleteModelResponse.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.DeleteModelRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.DeleteModelResponse.SerializeToString,
             ),
             'DeleteVariant': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteVariant,
-                    request_deserializer=protos_dot_slimserve__pb2.DeleteVariantRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.ModelRecord.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.DeleteVariantRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -156,8 +156,8 @@ class ModelRegistry:
             request_iterator,
             target,
             '/slimserve.v1.ModelRegistry/Register',
-            protos_dot_slimserve__pb2.RegisterRequest.SerializeToString,
-            protos_dot_slimserve__pb2.ModelRecord.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.RegisterRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.FromString,
             options,
             channel_credentials,
             insecure,
@@ -183,8 +183,8 @@ class ModelRegistry:
             request,
             target,
             '/slimserve.v1.ModelRegistry/ListModels',
-            protos_dot_slimserve__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_slimserve__pb2.ListModelsResponse.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.ListModelsRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,8 +210,8 @@ class ModelRegistry:
             request,
             target,
             '/slimserve.v1.ModelRegistry/GetModel',
-            protos_dot_slimserve__pb2.GetModelRequest.SerializeToString,
-            protos_dot_slimserve__pb2.ModelRecord.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.GetModelRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +237,8 @@ class ModelRegistry:
             request,
             target,
             '/slimserve.v1.ModelRegistry/DeleteModel',
-            protos_dot_slimserve__pb2.DeleteModelRequest.SerializeToString,
-            protos_dot_slimserve__pb2.DeleteModelResponse.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.DeleteModelRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,8 +264,8 @@ class ModelRegistry:
             request,
             target,
             '/slimserve.v1.ModelRegistry/DeleteVariant',
-            protos_dot_slimserve__pb2.DeleteVariantRequest.SerializeToString,
-            protos_dot_slimserve__pb2.ModelRecord.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.DeleteVariantRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.ModelRecord.FromString,
             options,
             channel_credentials,
             insecure,
@@ -290,13 +290,13 @@ class OptimizerStub:
         """
         self.Optimize = channel.unary_stream(
                 '/slimserve.v1.Optimizer/Optimize',
-                request_serializer=protos_dot_slimserve__pb2.OptimizeRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.OptimizeEvent.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.OptimizeRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.OptimizeEvent.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/slimserve.v1.Optimizer/ListJobs',
-                request_serializer=protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.ListJobsResponse.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
 
 
@@ -326,13 +326,13 @@ def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Optimize': grpc.unary_stream_rpc_method_handler(
                     servicer.Optimize,
-                    request_deserializer=protos_dot_slimserve__pb2.OptimizeRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.OptimizeEvent.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.OptimizeRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.OptimizeEvent.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=protos_dot_slimserve__pb2.ListJobsRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListJobsRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,8 +362,8 @@ class Optimizer:
             request,
             target,
             '/slimserve.v1.Optimizer/Optimize',
-            protos_dot_slimserve__pb2.OptimizeRequest.SerializeToString,
-            protos_dot_slimserve__pb2.OptimizeEvent.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.OptimizeRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.OptimizeEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -389,8 +389,8 @@ class Optimizer:
             request,
             target,
             '/slimserve.v1.Optimizer/ListJobs',
-            protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
-            protos_dot_slimserve__pb2.ListJobsResponse.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -415,23 +415,23 @@ class TrafficStub:
         """
         self.SetTraffic = channel.unary_unary(
                 '/slimserve.v1.Traffic/SetTraffic',
-                request_serializer=protos_dot_slimserve__pb2.SetTrafficRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.FromString,
                 _registered_method=True)
         self.GetTraffic = channel.unary_unary(
                 '/slimserve.v1.Traffic/GetTraffic',
-                request_serializer=protos_dot_slimserve__pb2.GetTrafficRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.GetTrafficRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.FromString,
                 _registered_method=True)
         self.Promote = channel.unary_unary(
                 '/slimserve.v1.Traffic/Promote',
-                request_serializer=protos_dot_slimserve__pb2.PromoteRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.FromString,
                 _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/slimserve.v1.Traffic/Rollback',
-                request_serializer=protos_dot_slimserve__pb2.RollbackRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.FromString,
                 _registered_method=True)
 
 
@@ -471,23 +471,23 @@ def add_TrafficServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SetTraffic': grpc.unary_unary_rpc_method_handler(
                     servicer.SetTraffic,
-                    request_deserializer=protos_dot_slimserve__pb2.SetTrafficRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.SetTrafficRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
             ),
             'GetTraffic': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTraffic,
-                    request_deserializer=protos_dot_slimserve__pb2.GetTrafficRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.GetTrafficRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
             ),
             'Promote': grpc.unary_unary_rpc_method_handler(
                     servicer.Promote,
-                    request_deserializer=protos_dot_slimserve__pb2.PromoteRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.PromoteRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
-                    request_deserializer=protos_dot_slimserve__pb2.RollbackRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RollbackRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -517,8 +517,8 @@ class Traffic:
             request,
             target,
             '/slimserve.v1.Traffic/SetTraffic',
-            protos_dot_slimserve__pb2.SetTrafficRequest.SerializeToString,
-            protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.SetTrafficRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.FromString,
             options,
             channel_credentials,
             insecure,
@@ -544,8 +544,8 @@ class Traffic:
             request,
             target,
             '/slimserve.v1.Traffic/GetTraffic',
-            protos_dot_slimserve__pb2.GetTrafficRequest.SerializeToString,
-            protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.GetTrafficRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.FromString,
             options,
             channel_credentials,
             insecure,
@@ -571,8 +571,8 @@ class Traffic:
             request,
             target,
             '/slimserve.v1.Traffic/Promote',
-            protos_dot_slimserve__pb2.PromoteRequest.SerializeToString,
-            protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.PromoteRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.FromString,
             options,
             channel_credentials,
             insecure,
@@ -598,8 +598,8 @@ class Traffic:
             request,
             target,
             '/slimserve.v1.Traffic/Rollback',
-            protos_dot_slimserve__pb2.RollbackRequest.SerializeToString,
-            protos_dot_slimserve__pb2.TrafficPolicy.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.RollbackRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.TrafficPolicy.FromString,
             options,
             channel_credentials,
             insecure,
@@ -624,8 +624,8 @@ class FeedbackStub:
         """
         self.SendFeedback = channel.unary_unary(
                 '/slimserve.v1.Feedback/SendFeedback',
-                request_serializer=protos_dot_slimserve__pb2.FeedbackRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.FeedbackResponse.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.FeedbackResponse.FromString,
                 _registered_method=True)
 
 
@@ -646,8 +646,8 @@ def add_FeedbackServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SendFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.SendFeedback,
-                    request_deserializer=protos_dot_slimserve__pb2.FeedbackRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.FeedbackResponse.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.FeedbackRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -677,8 +677,8 @@ class Feedback:
             request,
             target,
             '/slimserve.v1.Feedback/SendFeedback',
-            protos_dot_slimserve__pb2.FeedbackRequest.SerializeToString,
-            protos_dot_slimserve__pb2.FeedbackResponse.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.FeedbackRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -701,8 +701,8 @@ class ExperimentsStub:
         """
         self.Compare = channel.unary_unary(
                 '/slimserve.v1.Experiments/Compare',
-                request_serializer=protos_dot_slimserve__pb2.CompareRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.CompareResponse.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.CompareRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.CompareResponse.FromString,
                 _registered_method=True)
 
 
@@ -722,8 +722,8 @@ def add_ExperimentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Compare': grpc.unary_unary_rpc_method_handler(
                     servicer.Compare,
-                    request_deserializer=protos_dot_slimserve__pb2.CompareRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.CompareResponse.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.CompareRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.CompareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -751,8 +751,8 @@ class Experiments:
             request,
             target,
             '/slimserve.v1.Experiments/Compare',
-            protos_dot_slimserve__pb2.CompareRequest.SerializeToString,
-            protos_dot_slimserve__pb2.CompareResponse.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.CompareRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.CompareResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -777,23 +777,23 @@ class RolloutStub:
         """
         self.Start = channel.unary_unary(
                 '/slimserve.v1.Rollout/Start',
-                request_serializer=protos_dot_slimserve__pb2.RolloutStartRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.RolloutStatus.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStartRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/slimserve.v1.Rollout/Status',
-                request_serializer=protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.RolloutStatus.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/slimserve.v1.Rollout/Abort',
-                request_serializer=protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.RolloutStatus.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
                 _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/slimserve.v1.Rollout/Watch',
-                request_serializer=protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_slimserve__pb2.RolloutStatus.FromString,
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
                 _registered_method=True)
 
 
@@ -835,23 +835,23 @@ def add_RolloutServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Start': grpc.unary_unary_rpc_method_handler(
                     servicer.Start,
-                    request_deserializer=protos_dot_slimserve__pb2.RolloutStartRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStartRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=protos_dot_slimserve__pb2.RolloutRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_slimserve__pb2.RolloutRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
-                    request_deserializer=protos_dot_slimserve__pb2.RolloutRequest.FromString,
-                    response_serializer=protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -881,8 +881,8 @@ class Rollout:
             request,
             target,
             '/slimserve.v1.Rollout/Start',
-            protos_dot_slimserve__pb2.RolloutStartRequest.SerializeToString,
-            protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutStartRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -908,8 +908,8 @@ class Rollout:
             request,
             target,
             '/slimserve.v1.Rollout/Status',
-            protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
-            protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -935,8 +935,8 @@ class Rollout:
             request,
             target,
             '/slimserve.v1.Rollout/Abort',
-            protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
-            protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -962,8 +962,8 @@ class Rollout:
             request,
             target,
             '/slimserve.v1.Rollout/Watch',
-            protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
-            protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,
             insecure,

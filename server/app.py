@@ -11,30 +11,30 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
-from server.auth import TokenAuthInterceptor, read_token, tls_server_credentials
-from server.control import Control
-from server.dataplane import DataPlane
-from server.edge import CheckedDecoding
-from server.http.routes import Routes
-from server.http.server import HttpServer, build_app, tls_context
-from server.jobs import JobManager
-from server.metrics import Metrics
-from server.pricing import load_prices, price_of
-from server.registry import Registrar
-from server.repository import Repository
-from server.rollout.controller import RolloutController
-from server.rollout.gates import ProcessStatistics
-from server.rollout.metrics import RolloutMetrics
-from server.rollout.prometheus import PrometheusStatistics
-from server.servicers.experiments import ExperimentsServicer, FeedbackServicer
-from server.servicers.inference import InferenceServicer
-from server.servicers.optimizer import OptimizerServicer
-from server.servicers.registry import RegistryServicer
-from server.servicers.rollout import RolloutServicer
-from server.servicers.traffic import TrafficServicer
-from server.settings import Settings
-from server.watch import RepositoryWatcher
+from slimserve.protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
+from slimserve.server.grpc.auth import TokenAuthInterceptor, read_token, tls_server_credentials
+from slimserve.server.grpc.edge import CheckedDecoding
+from slimserve.server.grpc.servicers.experiments import ExperimentsServicer, FeedbackServicer
+from slimserve.server.grpc.servicers.inference import InferenceServicer
+from slimserve.server.grpc.servicers.models import RegistryServicer
+from slimserve.server.grpc.servicers.optimizer import OptimizerServicer
+from slimserve.server.grpc.servicers.rollout import RolloutServicer
+from slimserve.server.grpc.servicers.traffic import TrafficServicer
+from slimserve.server.http.routes import Routes
+from slimserve.server.http.server import HttpServer, build_app, tls_context
+from slimserve.server.inference.dataplane import DataPlane
+from slimserve.server.management.control import Control
+from slimserve.server.management.jobs import JobManager
+from slimserve.server.management.watch import RepositoryWatcher
+from slimserve.server.rollout.controller import RolloutController
+from slimserve.server.rollout.gates import ProcessStatistics
+from slimserve.server.rollout.metrics import RolloutMetrics
+from slimserve.server.rollout.prometheus import PrometheusStatistics
+from slimserve.server.settings import Settings
+from slimserve.server.store.repository import Repository
+from slimserve.server.store.upload import Registrar
+from slimserve.server.telemetry.metrics import Metrics
+from slimserve.server.telemetry.pricing import load_prices, price_of
 
 log = logging.getLogger(__name__)
 

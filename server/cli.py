@@ -13,7 +13,7 @@ from typing import Any, Union, get_args, get_origin
 
 import typer
 
-from server.settings import DEVICES, Settings, flag_of, shown_default
+from slimserve.server.settings import DEVICES, Settings, flag_of, shown_default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimserve: serve models and make them smaller and faster.")
 
@@ -50,8 +50,8 @@ def _plain(markdown: str) -> str:
 @setting_flags
 def start(*, log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."), **flags: Any) -> None:
     """Start the gRPC server (Open Inference Protocol + slimserve.v1) and the /metrics endpoint."""
-    from server.app import SlimServer
-    from server.errors import SlimServeError
+    from slimserve.server.app import SlimServer
+    from slimserve.server.errors import SlimServeError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = {k: v for k, v in flags.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)}
@@ -93,14 +93,14 @@ def optimize(
     from rich.console import Console
     from rich.progress import BarColumn, Progress
 
-    from client.report import render_report
-    from optimizer.base import Artifact, OptimizerError, PassContext
-    from optimizer.pipeline import optimize as run_optimize
-    from optimizer.recipes import parse_recipe
-    from optimizer.report import to_json
-    from server.errors import InvalidArgument
-    from server.manifest import RUNTIME_OF_FORMAT, check_dataset, inspect_npz, model_format
-    from server.runtimes import RuntimeConfig, create_runtime
+    from slimserve.client.report import render_report
+    from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
+    from slimserve.optimizer.pipeline import optimize as run_optimize
+    from slimserve.optimizer.recipes import parse_recipe
+    from slimserve.optimizer.report import to_json
+    from slimserve.server.errors import InvalidArgument
+    from slimserve.server.runtimes import RuntimeConfig, create_runtime
+    from slimserve.server.store.manifest import RUNTIME_OF_FORMAT, check_dataset, inspect_npz, model_format
 
     console = Console(stderr=True)
     config = RuntimeConfig(device=device)

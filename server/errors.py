@@ -1,4 +1,4 @@
-"""Transport-neutral domain errors, and the HTTP status of each kind (the gRPC edge, server/edge.py, maps kinds to gRPC codes)."""
+"""Transport-neutral domain errors, and the HTTP status of each kind (the gRPC edge, server/grpc/edge.py, maps kinds to gRPC codes)."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from pydantic import Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.batch_assembly import BatchingConfig
-from server.runtimes import RuntimeConfig
+from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.runtimes import RuntimeConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from client.datatypes import DATATYPE_TO_NUMPY
-from optimizer.zoo import export_onnx, export_pt2, load_digits_splits, train_digits_cnn
+from slimserve.client.datatypes import DATATYPE_TO_NUMPY
+from slimserve.optimizer.zoo import export_onnx, export_pt2, load_digits_splits, train_digits_cnn
 from tests.helpers import free_port
 
 
@@ -117,8 +117,8 @@ class ServerHandle:
     """A slimserve running on its own event loop thread, on free loopback ports."""
 
     def __init__(self, repository: Path, **overrides) -> None:
-        from server.app import SlimServer
-        from server.settings import Settings
+        from slimserve.server.app import SlimServer
+        from slimserve.server.settings import Settings
 
         self.settings = Settings(repository=repository, grpc_port=free_port(), metrics_port=0, **{"http_port": 0, **overrides})
         self.loop = asyncio.new_event_loop()
@@ -135,7 +135,7 @@ class ServerHandle:
 
     def add_variant(self, model: str, name: str, source: Path, recipe: str = "test") -> None:
         """Stores `source` (ONNX) as a ready variant and loads it live, as a finished optimizer job would."""
-        from server.manifest import VariantInfo
+        from slimserve.server.store.manifest import VariantInfo
 
         repository = self.server.repository
         with repository.staging() as staged:
@@ -187,7 +187,7 @@ def server(server_factory) -> ServerHandle:
 
 @pytest.fixture
 def client(server):
-    from client.client import SlimServeClient
+    from slimserve.client.client import SlimServeClient
 
     with SlimServeClient(server.address) as c:
         yield c

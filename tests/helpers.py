@@ -38,7 +38,7 @@ class ServerProcess:
         return self.log.read_text(errors="replace")[-2000:]
 
     def wait_ready(self, timeout: float = 120) -> None:
-        from client.client import SlimServeClientError
+        from slimserve.client.client import SlimServeClientError
 
         def ready() -> bool:
             assert self.proc.poll() is None, f"slimserve exited {self.proc.returncode}: {self.log_tail()}"
@@ -48,7 +48,7 @@ class ServerProcess:
         wait_until(ready, f"slimserve at {self.address} to be ready", timeout, interval=0.1, ignore=(SlimServeClientError,))
 
     def client(self):
-        from client.client import SlimServeClient
+        from slimserve.client.client import SlimServeClient
 
         return SlimServeClient(self.address, token="", tls_ca="", tls_cert="", tls_key="")
 

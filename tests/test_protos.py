@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from protos import generate, inference_pb2, model_config_pb2
+from slimserve.protos import generate, inference_pb2, model_config_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_wire_compatible_with_tritonclient():
 
 def test_protobuf_parses_with_its_c_implementation():
     """The serving path parses and serializes every request: it must not run protobuf's pure-Python code."""
-    from server.app import protobuf_backend
+    from slimserve.server.app import protobuf_backend
 
     assert protobuf_backend() == "upb"
 
@@ -84,9 +84,9 @@ def test_protobuf_parses_with_its_c_implementation():
 def test_a_pure_python_protobuf_is_warned_about(monkeypatch, caplog):
     import logging
 
-    from server import app
+    from slimserve.server import app
 
     monkeypatch.setattr(app, "protobuf_backend", lambda: "python")
-    with caplog.at_level(logging.WARNING, logger="server.app"):
+    with caplog.at_level(logging.WARNING, logger="slimserve.server.app"):
         app.warn_if_slow_protobuf()
     assert "pure-Python implementation" in caplog.text

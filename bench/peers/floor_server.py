@@ -23,7 +23,7 @@ import asyncio
 import grpc
 import numpy as np
 
-from protos import inference_pb2 as pb
+from slimserve.protos import inference_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
 

@@ -4,7 +4,7 @@
                         [--timeout 300] [--accuracy-budget 1.0] [--json rows.json] [--table table.txt]
 
 Models are trained briefly (or loaded with their real weights) into --models-dir and reused from there; each
-run is a `python -m server.cli optimize` subprocess with --timeout seconds, so nothing hangs. Prints one line
+run is a `python -m slimserve.server.cli optimize` subprocess with --timeout seconds, so nothing hangs. Prints one line
 per run and the matrix at the end: outcome (created / refused: reason / failed: reason / timeout), seconds,
 size, FLOPs and p50 ratios (p50 against the optimizer's own baseline, as reported, and against the model's FP32
 ONNX file in ORT at batch 1, measured here), and the accuracy change in points (or the agreement with FP32).

@@ -97,7 +97,7 @@ def optimize(folder: Path, fmt: str, recipe: str, out: Path, timeout_s: float, b
     command = [
         sys.executable,
         "-m",
-        "server.cli",
+        "slimserve.server.cli",
         "optimize",
         str(folder / f"model.{fmt}"),
         "--recipe",

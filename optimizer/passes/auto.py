@@ -1,10 +1,10 @@
-"""The `auto` pass: the search's config and its place in a recipe; optimizer.search runs it (it measures every candidate)."""
+"""The `auto` pass: the search's config and its place in a recipe; slimserve.optimizer.search.auto runs it (it measures every candidate)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     ConfigValueError,
     OptimizerError,
@@ -13,8 +13,8 @@ from optimizer.base import (
     PassContext,
     check_choice,
 )
-from optimizer.quality import METRICS
-from optimizer.registry import register
+from slimserve.optimizer.catalog import register
+from slimserve.optimizer.evaluation.quality import METRICS
 
 DEFAULT_CANDIDATES = (
     "graph-ort",
@@ -34,13 +34,13 @@ class AutoConfig(PassConfig):
     """The search: candidates (pipelines, passes joined by commas), each measured against the baseline.
 
     accuracy_budget: points a candidate may lose (accuracy points with labels; else points of the quality
-    metric, see optimizer.quality), used when the request gives no --accuracy-budget. epochs: fine-tuning
+    metric, see slimserve.optimizer.evaluation.quality), used when the request gives no --accuracy-budget. epochs: fine-tuning
     epochs of training passes in candidates (bounded search). candidates: the pipelines tried; those that
     need what the model lacks (a .pt2 to train, train data) are skipped and reported as such.
     noise_margin: how much faster than the best FP32 runtime a candidate must be, timed in turns with it
     (0.05: 5%), to be kept. metric: the quality metric (accuracy, top1-agreement, cosine,
     relative-error); empty: chosen from the labels and the model's output. search_evaluations: probes of each
-    ratio-controlled pass's budget search (its pruning ratio, sparsity or student width, optimizer.budget);
+    ratio-controlled pass's budget search (its pruning ratio, sparsity or student width, slimserve.optimizer.search.budget);
     search_seconds: the time all those searches share, after which such a pass runs at its default setting.
     """
 
@@ -74,7 +74,7 @@ class AutoConfig(PassConfig):
 
 @register
 class AutoPass(Pass):
-    """Stands for the search in a recipe; optimizer.pipeline.optimize runs optimizer.search instead of `run`."""
+    """Stands for the search in a recipe; slimserve.optimizer.pipeline.optimize runs slimserve.optimizer.search.auto instead of `run`."""
 
     name = "auto"
     config_cls = AutoConfig
@@ -82,6 +82,6 @@ class AutoPass(Pass):
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         raise OptimizerError(
-            "auto measures every candidate on its serving runtime, so it runs through optimizer.pipeline.optimize "
+            "auto measures every candidate on its serving runtime, so it runs through slimserve.optimizer.pipeline.optimize "
             "(slimctl optimize / slimserve optimize), not as a step of a pipeline; use it alone"
         )

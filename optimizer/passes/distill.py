@@ -3,9 +3,9 @@
 The student is derived from the teacher — the same architecture with `width` of its channels,
 cut by Torch-Pruning's uniform channel pruning, which keeps the teacher's most important channels
 as the student's starting point; for a transformer, a DistilBERT-style student: half the encoder layers (first and last kept),
-with `width` of their heads and FFN channels (optimizer/students.py) — or given by the user as a .pt2 (config `student`). It trains
+with `width` of their heads and FFN channels (optimizer/compress/students.py) — or given by the user as a .pt2 (config `student`). It trains
 with the shared fine-tuning loop and is served as ONNX by onnxruntime. Train data without labels (an embedding
-model's sentences) trains toward the teacher's outputs alone (optimizer.objectives: 1 - cosine + MSE for embeddings,
+model's sentences) trains toward the teacher's outputs alone (slimserve.optimizer.finetune.objectives: 1 - cosine + MSE for embeddings,
 the softened KL for logits); the objective used is in the variant's notes (`objective`).
 """
 
@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     ConfigValueError,
+    Knob,
     OptimizerError,
     Pass,
     PassConfig,
@@ -26,22 +27,22 @@ from optimizer.base import (
     ProgressEvent,
     check_choice,
 )
-from optimizer.budget import Knob
-from optimizer.export import load_program, program_input_types
-from optimizer.finetune import (
+from slimserve.optimizer.catalog import register
+from slimserve.optimizer.compress.pruning import prune_channels_, untouched_layers
+from slimserve.optimizer.compress.students import hidden_state_pairs, layer_dropping_student
+from slimserve.optimizer.compress.transformer import find_encoder
+from slimserve.optimizer.counting.torch_counts import flops_per_sample, parameter_count
+from slimserve.optimizer.finetune.loop import (
     FineTuneConfig,
     fine_tune_,
     finetune_field,
     first_output,
     nested_finetune,
 )
-from optimizer.objectives import objective_of, relative_mse, soft_target_kl
-from optimizer.pruning import prune_channels_, untouched_layers
-from optimizer.registry import register
-from optimizer.students import hidden_state_pairs, layer_dropping_student
-from optimizer.torchlayers import check_layer_names, layers_in_order, lift_layers, output_layers
-from optimizer.torchmodel import Prepared, finish, flops_per_sample, output_shapes, parameter_count, prepare
-from optimizer.transformer import find_encoder
+from slimserve.optimizer.finetune.objectives import objective_of, relative_mse, soft_target_kl
+from slimserve.optimizer.formats.export import load_program, program_input_types
+from slimserve.optimizer.formats.torchlayers import check_layer_names, layers_in_order, lift_layers, output_layers
+from slimserve.optimizer.formats.torchmodel import Prepared, finish, output_shapes, prepare
 
 STUDENT_INITS = ("teacher", "random")
 
@@ -113,7 +114,7 @@ class DistillFeatureConfig(DistillSoftConfig):
 def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str) -> tuple[Any, str]:
     """The teacher's architecture with `width` of its channels (Torch-Pruning, magnitude), optionally re-initialized, and what it kept.
 
-    A transformer's student keeps half the encoder layers (first and last) and `width` of their heads and FFN channels (optimizer/students.py).
+    A transformer's student keeps half the encoder layers (first and last) and `width` of their heads and FFN channels (optimizer/compress/students.py).
     """
     if find_encoder(teacher) is not None:
         student, kept = layer_dropping_student(teacher, example, config.width, needed_by)

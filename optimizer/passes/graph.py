@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     ConfigValueError,
     OptimizerError,
@@ -18,7 +18,7 @@ from optimizer.base import (
     ProgressEvent,
     check_choice,
 )
-from optimizer.registry import register
+from slimserve.optimizer.catalog import register
 
 ORT_LEVELS = ("basic", "extended", "all")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -53,7 +53,7 @@ def _as_onnx(artifact: Artifact, context: PassContext, needed_by: str) -> Artifa
     if artifact.format == "onnx":
         return artifact
     try:
-        from optimizer.export import to_onnx
+        from slimserve.optimizer.formats.export import to_onnx
     except ImportError as e:
         raise OptimizerError(f"{needed_by} needs an ONNX model and this slimserve cannot convert .pt2 to ONNX ({e})") from e
     context.progress(ProgressEvent(stage=needed_by, fraction=0.0, message="converting the .pt2 to ONNX"))

@@ -1,8 +1,8 @@
 """Pruning passes: unstructured magnitude (torch.nn.utils.prune) and gradual with regrowth (prune-structured: prune_structured.py).
 
-Every pass trains a .pt2 model in torch (optimizer/torchlayers.py rebuilds its layers), fine-tunes
-with the shared loop (optimizer/finetune.py) and writes ONNX for onnxruntime; channel pruning is
-optimizer/pruning.py's, shared with distillation. Unstructured
+Every pass trains a .pt2 model in torch (optimizer/formats/torchlayers.py rebuilds its layers), fine-tunes
+with the shared loop (optimizer/finetune/loop.py) and writes ONNX for onnxruntime; channel pruning is
+optimizer/compress/pruning.py's, shared with distillation. Unstructured
 sparsity lands as real zeros in the ONNX weights (evaluation's nonzero_params counts them; dense
 kernels run no faster).
 """
@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     ConfigValueError,
+    Knob,
     OptimizerError,
     Pass,
     PassConfig,
@@ -24,16 +25,15 @@ from optimizer.base import (
     check_choice,
     check_names,
 )
-from optimizer.budget import Knob
-from optimizer.finetune import (
+from slimserve.optimizer.catalog import register
+from slimserve.optimizer.finetune.loop import (
     FineTuneConfig,
     fine_tune_,
     finetune_field,
     nested_finetune,
 )
-from optimizer.registry import register
-from optimizer.torchlayers import check_layer_names, layers_in_order, weight_names
-from optimizer.torchmodel import finish, prepare
+from slimserve.optimizer.formats.torchlayers import check_layer_names, layers_in_order, weight_names
+from slimserve.optimizer.formats.torchmodel import finish, prepare
 
 SCOPES = ("global", "layer")
 SPARSITY_SCHEDULES = ("cubic", "linear")

@@ -1,18 +1,19 @@
 """prune-structured: whole channels removed with their dependencies (Torch-Pruning), or whole attention heads and FFN
-channels of a transformer (optimizer/transformer.py), then fine-tuned; the ONNX file is smaller and faster.
+channels of a transformer (optimizer/compress/transformer.py), then fine-tuned; the ONNX file is smaller and faster.
 
-Trains a .pt2 model in torch (optimizer/torchlayers.py rebuilds its layers) with the shared loop (optimizer/finetune.py);
-channel pruning is optimizer/pruning.py's, shared with distillation. Without labels it fine-tunes toward the unpruned
-model's outputs (optimizer/objectives.py).
+Trains a .pt2 model in torch (optimizer/formats/torchlayers.py rebuilds its layers) with the shared loop (optimizer/finetune/loop.py);
+channel pruning is optimizer/compress/pruning.py's, shared with distillation. Without labels it fine-tunes toward the unpruned
+model's outputs (optimizer/finetune/objectives.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     ConfigValueError,
+    Knob,
     OptimizerError,
     Pass,
     PassConfig,
@@ -21,15 +22,15 @@ from optimizer.base import (
     check_choice,
     check_names,
 )
-from optimizer.budget import Knob
-from optimizer.finetune import FineTuneConfig, fine_tune_, finetune_field, nested_finetune
-from optimizer.guard import current_guard, guarding
-from optimizer.objectives import toward_itself
-from optimizer.passes.prune import check_fraction
-from optimizer.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
-from optimizer.registry import register
-from optimizer.torchmodel import finish, flops_per_sample, parameter_count, prepare
-from optimizer.transformer import find_encoder, prune_heads_and_ffn_
+from slimserve.optimizer.catalog import register
+from slimserve.optimizer.compress.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
+from slimserve.optimizer.compress.transformer import find_encoder, prune_heads_and_ffn_
+from slimserve.optimizer.counting.torch_counts import flops_per_sample, parameter_count
+from slimserve.optimizer.finetune.guard import current_guard, guarding
+from slimserve.optimizer.finetune.loop import FineTuneConfig, fine_tune_, finetune_field, nested_finetune
+from slimserve.optimizer.finetune.objectives import toward_itself
+from slimserve.optimizer.formats.torchmodel import finish, prepare
+from slimserve.optimizer.passes.prune import check_fraction
 
 
 @dataclass(frozen=True)

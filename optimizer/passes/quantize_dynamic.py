@@ -6,7 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     OptimizerError,
     Pass,
@@ -16,10 +16,10 @@ from optimizer.base import (
     check_choice,
     check_names,
 )
-from optimizer.export import to_onnx
-from optimizer.onnx_graph import check_quantized, weights_by_op_type
-from optimizer.ortquant import QUANT_TYPES, check_op_types, int8_kernels, preprocess, quant_type
-from optimizer.registry import register
+from slimserve.optimizer.catalog import register
+from slimserve.optimizer.compress.ortquant import QUANT_TYPES, check_op_types, int8_kernels, preprocess, quant_type
+from slimserve.optimizer.formats.export import to_onnx
+from slimserve.optimizer.formats.onnx_graph import check_quantized, weights_by_op_type
 
 # Operator types whose run-time activation quantization costs more than their INT8 kernels save on CPUs.
 SLOW_DYNAMIC_OPS = frozenset({"Conv"})

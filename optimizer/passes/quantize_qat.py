@@ -6,8 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from optimizer.augment import AugmentConfig
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     ConfigValueError,
     OptimizerError,
@@ -16,12 +15,13 @@ from optimizer.base import (
     PassContext,
     ProgressEvent,
 )
-from optimizer.data import TrainData, check_labels, model_arrays, subsample
-from optimizer.export import export_dynamic_batch, export_program_to_onnx
-from optimizer.finetune import FineTuneConfig, fine_tune_
-from optimizer.onnx_graph import int8_facts, strip_debug_info
-from optimizer.registry import register
-from optimizer.torchmodel import source_program
+from slimserve.optimizer.catalog import register
+from slimserve.optimizer.data import TrainData, check_labels, model_arrays, subsample
+from slimserve.optimizer.finetune.augment import AugmentConfig
+from slimserve.optimizer.finetune.loop import FineTuneConfig, fine_tune_
+from slimserve.optimizer.formats.export import export_dynamic_batch, export_program_to_onnx
+from slimserve.optimizer.formats.onnx_graph import int8_facts, strip_debug_info
+from slimserve.optimizer.formats.torchmodel import source_program
 
 TORCHAO_PIN = "torchao==0.18.0"
 
@@ -31,7 +31,7 @@ class QuantizeQatConfig(PassConfig):
     """Quantization-aware fine-tuning of a .pt2 classifier on its train data, exported as INT8 (QDQ) ONNX.
 
     epochs, lr (AdamW, cosine decay to 0 over all steps), batch_size, weight_decay: the shared
-    fine-tuning loop (optimizer/finetune.py) with these settings and no augmentation.
+    fine-tuning loop (optimizer/finetune/loop.py) with these settings and no augmentation.
     max_samples: train rows used at most per epoch (0: all). freeze_observers: keep the
     activation ranges fixed during the last epoch, so the final weights adapt to the ranges
     that ship (as torch's QAT recipes do). fold_batchnorm: fold each BatchNorm into the conv

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optimizer.base import (
+from slimserve.optimizer.base import (
     Artifact,
     ConfigValueError,
     OptimizerError,
@@ -20,9 +20,18 @@ from optimizer.base import (
     check_choice,
     check_names,
 )
-from optimizer.data import InputSpecs, model_arrays, subsample
-from optimizer.export import onnx_input_types, to_onnx
-from optimizer.onnx_graph import (
+from slimserve.optimizer.catalog import register
+from slimserve.optimizer.compress.ortquant import (
+    QUANT_TYPES,
+    calibration_reader,
+    check_op_types,
+    int8_kernels,
+    preprocess,
+    quant_type,
+)
+from slimserve.optimizer.data import InputSpecs, model_arrays, subsample
+from slimserve.optimizer.formats.export import onnx_input_types, to_onnx
+from slimserve.optimizer.formats.onnx_graph import (
     activation_products,
     check_quantized,
     depthwise_scale_spread,
@@ -35,15 +44,6 @@ from optimizer.onnx_graph import (
     short_dot_nodes,
     strip_debug_info,
 )
-from optimizer.ortquant import (
-    QUANT_TYPES,
-    calibration_reader,
-    check_op_types,
-    int8_kernels,
-    preprocess,
-    quant_type,
-)
-from optimizer.registry import register
 
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 QUANT_FORMATS = ("qdq", "qoperator")

@@ -1,4 +1,4 @@
-"""JSON and binary-tensor bodies <-> domain objects for the REST edge; the REST counterpart of server/converters.py.
+"""JSON and binary-tensor bodies <-> domain objects for the REST edge; the REST counterpart of server/grpc/converters.py.
 
 The Open Inference Protocol's REST form with Triton's binary tensor extension: a JSON header, then (when the
 `Inference-Header-Content-Length` header says where the JSON ends) the raw tensors, in input order, each
@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from client import codec
-from client.codec import TensorCodecError
-from server.control import IndexEntry
-from server.dataplane import InferRequest, InferResult, ModelMetadata
-from server.errors import InvalidArgument
-from server.runtimes import TensorSpec, platform_of
-from server.shared_memory import ShmInput, ShmRef
+from slimserve.client import codec
+from slimserve.client.codec import TensorCodecError
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.inference.dataplane import InferRequest, InferResult, ModelMetadata
+from slimserve.server.inference.shared_memory import ShmInput, ShmRef
+from slimserve.server.management.control import IndexEntry
+from slimserve.server.runtimes import TensorSpec, platform_of
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"

@@ -1,6 +1,6 @@
 """Triton's extensions over REST: ModelConfig and ModelStatistics as Triton's JSON, system shared memory and log settings.
 
-The JSON twins of what server/converters_triton.py builds for gRPC: ModelConfig and ModelStatistics are built by the
+The JSON twins of what server/grpc/triton_converters.py builds for gRPC: ModelConfig and ModelStatistics are built by the
 same converters and written as Triton's REST port writes protobuf (proto field names, numbers as numbers).
 """
 
@@ -12,12 +12,12 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from protos import inference_pb2 as pb
-from server import converters_triton
-from server.dataplane import VersionStatistics
-from server.http.codec import field_of, json_object
-from server.model_config import ModelConfigView
-from server.shared_memory import RegionStatus
+from slimserve.protos import inference_pb2 as pb
+from slimserve.server.grpc import triton_converters as converters_triton
+from slimserve.server.http.codec import field_of, json_object
+from slimserve.server.inference.dataplane import VersionStatistics
+from slimserve.server.inference.model_config import ModelConfigView
+from slimserve.server.inference.shared_memory import RegionStatus
 
 
 def _json_ints(value: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
@@ -80,5 +80,5 @@ def register_request(body: bytes) -> tuple[str, int, int]:
 
 
 def log_settings_request(body: bytes) -> dict[str, Any]:
-    """The settings to change, as plain values (server/log_settings.py checks names and types)."""
+    """The settings to change, as plain values (server/telemetry/log_settings.py checks names and types)."""
     return json_object(body, "log settings request")

@@ -12,12 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
-from server import __version__
-from server.control import Control
-from server.dataplane import DataPlane
-from server.errors import ErrorKind, SlimServeError
-from server.http import codec, extensions
-from server.servicers.inference import EXTENSIONS as GRPC_EXTENSIONS
+from slimserve.server import __version__
+from slimserve.server.errors import ErrorKind, SlimServeError
+from slimserve.server.grpc.servicers.inference import EXTENSIONS as GRPC_EXTENSIONS
+from slimserve.server.http import codec, extensions
+from slimserve.server.inference.dataplane import DataPlane
+from slimserve.server.management.control import Control
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # What ServerMetadata lists over gRPC (one list for both ports), and the binary tensor extension only REST has.

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from client.codec import TensorCodecError
-from server.auth import INFERENCE_PREFIX, TokenAuthInterceptor
-from server.errors import HTTP_STATUS, ErrorKind, SlimServeError
-from server.http.routes import Handler, Route
+from slimserve.client.codec import TensorCodecError
+from slimserve.server.errors import HTTP_STATUS, ErrorKind, SlimServeError
+from slimserve.server.grpc.auth import INFERENCE_PREFIX, TokenAuthInterceptor
+from slimserve.server.http.routes import Handler, Route
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def guarded(handler: Handler, rpc: str | None, auth: TokenAuthInterceptor | None) -> Handler:
-    """The handler behind the bearer token when gRPC protects the method it mirrors (server/auth.py decides)."""
+    """The handler behind the bearer token when gRPC protects the method it mirrors (server/grpc/auth.py decides)."""
     if auth is None or rpc is None or not auth.protects(SERVICE + rpc):
         return handler
 

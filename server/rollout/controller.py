@@ -3,7 +3,7 @@
 Each `tick` reads every running rollout's arms (counts since its stage began), asks the gates, and
 then rolls back at the first fail, moves to the next stage when every gate passed with enough
 requests, promotes after the last, or rolls back a stage that stays undecided past its limit. Routing
-changes go through the `Traffic` it is given (server.control.Control, with automatic=True, so that
+changes go through the `Traffic` it is given (slimserve.server.management.control.Control, with automatic=True, so that
 its own changes do not count as a manual one); a manual change calls `interrupted` instead.
 """
 
@@ -15,19 +15,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from server.repository import Repository
-from server.rollout import state as store
-from server.rollout.gates import Arm, ArmStatistics, judge
-from server.rollout.plan import RolloutPlan
-from server.rollout.state import Event, GateResult, RolloutState
-from server.routing import TrafficPolicy
+from slimserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from slimserve.server.rollout import state as store
+from slimserve.server.rollout.gates import Arm, ArmStatistics, judge
+from slimserve.server.rollout.plan import RolloutPlan
+from slimserve.server.rollout.state import Event, GateResult, RolloutState
+from slimserve.server.store.repository import Repository
+from slimserve.server.store.traffic import TrafficPolicy
 
 log = logging.getLogger(__name__)
 
 
 class Traffic(Protocol):
-    """The routing calls the controller makes (server.control.Control has them)."""
+    """The routing calls the controller makes (slimserve.server.management.control.Control has them)."""
 
     async def set_traffic(
         self, model: str, weights: dict[str, float], shadows: list[str], sticky: str | None, *, automatic: bool = False

@@ -13,10 +13,10 @@ from typing import Protocol
 
 import numpy as np
 
-from server.errors import NotFound
-from server.rollout.plan import RolloutPlan
-from server.rollout.sequential import Verdict, costlier, rate_at_least, slower_quantile, worse_rate
-from server.rollout.state import GateResult
+from slimserve.server.errors import NotFound
+from slimserve.server.rollout.plan import RolloutPlan
+from slimserve.server.rollout.sequential import Verdict, costlier, rate_at_least, slower_quantile, worse_rate
+from slimserve.server.rollout.state import GateResult
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ArmStatistics(Protocol):
 
 
 class ProcessStatistics:
-    """The statistics this process keeps of its loaded variants (server/stats.py), read through the DataPlane."""
+    """The statistics this process keeps of its loaded variants (server/telemetry/statistics.py), read through the DataPlane."""
 
     source = "process (this server's own traffic)"
 

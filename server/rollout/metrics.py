@@ -1,13 +1,13 @@
 """What a rollout shows Prometheus: its state and canary weight (gauges) and the gate decisions it acted on (a counter).
 
-The families are rows of server/metrics.py's table (ROLLOUT_FAMILIES); this module sets them from a
+The families are rows of server/telemetry/metrics.py's table (ROLLOUT_FAMILIES); this module sets them from a
 `RolloutState`, so the controller calls one method per change and never touches label values itself.
 """
 
 from __future__ import annotations
 
-from server.metrics import ROLLOUT_STATES, Metrics
-from server.rollout.state import RolloutState
+from slimserve.server.rollout.state import RolloutState
+from slimserve.server.telemetry.metrics import ROLLOUT_STATES, Metrics
 
 DECISIONS = ("pass", "fail")
 

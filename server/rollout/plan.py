@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from server.errors import InvalidArgument
+from slimserve.server.errors import InvalidArgument
 
 PLAN_VERSION = 1
 # Gates and their one parameter: a margin (rates, in [0, 1]), a ratio (latency, cost: >= 1) or a minimum (agreement).

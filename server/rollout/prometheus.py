@@ -1,7 +1,7 @@
 """The arms' counters summed over every replica, read from Prometheus (`--prometheus-url`), for a writer whose replicas serve too.
 
 `PrometheusStatistics` is an `ArmStatistics` (server/rollout/gates.py) over PromQL instant queries of the
-series every slimserve exports (server/metrics.py), summed over all scraped instances: requests and errors
+series every slimserve exports (server/telemetry/metrics.py), summed over all scraped instances: requests and errors
 from slimserve_requests_total, mirrored answers and agreements from the shadow counters, feedback, device
 seconds from the compute histogram's sum, and latency from slimserve_request_duration_seconds' buckets.
 `refresh` runs the queries off the event loop once per look; `arm` and `latencies_since` read what it got.
@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from server.errors import NotFound, Unavailable
-from server.rollout.gates import Arm
+from slimserve.server.errors import NotFound, Unavailable
+from slimserve.server.rollout.gates import Arm
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A rollout's record: its state, stage, plan, the traffic it started from, gate results and history, kept in the manifest.
 
-`RolloutState` is JSON-plain on disk under the model manifest's "rollout" key (server/manifest.py), so
+`RolloutState` is JSON-plain on disk under the model manifest's "rollout" key (server/store/manifest.py), so
 a restart finds a running rollout at its stage and `rollout status` finds a finished one.
 """
 
@@ -10,10 +10,10 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from server.errors import FailedPrecondition
-from server.repository import Repository
-from server.rollout.plan import RolloutPlan
-from server.routing import TrafficPolicy
+from slimserve.server.errors import FailedPrecondition
+from slimserve.server.rollout.plan import RolloutPlan
+from slimserve.server.store.repository import Repository
+from slimserve.server.store.traffic import TrafficPolicy
 
 STATE_VERSION = 1
 ACTIVE = ("shadow", "canary")

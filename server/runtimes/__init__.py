@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
+from slimserve.server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
 
 __all__ = ["RUNTIMES", "Runtime", "RuntimeConfig", "TensorSpec", "create_runtime", "platform_of"]
 
@@ -21,10 +21,10 @@ class RuntimeEntry:
 
 # A new runtime for an existing format: its module under server/runtimes/ and one line here.
 RUNTIMES: dict[str, RuntimeEntry] = {
-    "onnxruntime": RuntimeEntry("server.runtimes.onnx:OnnxRuntime", "onnxruntime_onnx"),
-    "torch": RuntimeEntry("server.runtimes.pt2:TorchRuntime", "pytorch_torchexport"),
-    "torch-compile": RuntimeEntry("server.runtimes.compiled:CompiledTorchRuntime", "pytorch_torchexport_compiled"),
-    "xla": RuntimeEntry("server.runtimes.xla:XlaRuntime", "pytorch_torchexport_xla"),
+    "onnxruntime": RuntimeEntry("slimserve.server.runtimes.onnx:OnnxRuntime", "onnxruntime_onnx"),
+    "torch": RuntimeEntry("slimserve.server.runtimes.pt2:TorchRuntime", "pytorch_torchexport"),
+    "torch-compile": RuntimeEntry("slimserve.server.runtimes.compiled:CompiledTorchRuntime", "pytorch_torchexport_compiled"),
+    "xla": RuntimeEntry("slimserve.server.runtimes.xla:XlaRuntime", "pytorch_torchexport_xla"),
 }
 
 

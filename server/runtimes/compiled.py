@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from server.errors import FailedPrecondition
-from server.runtimes.pt2 import TorchRuntime
+from slimserve.server.errors import FailedPrecondition
+from slimserve.server.runtimes.pt2 import TorchRuntime
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class CompiledTorchRuntime(TorchRuntime):
 
     def _warm_up(self) -> None:
         """Compiles now, so that no request pays for it (with a static batch, only batch 1 is compiled ahead)."""
-        from optimizer.evaluation import synthesize_inputs
+        from slimserve.optimizer.evaluation.measure import synthesize_inputs
 
         batch_dynamic = bool(self.inputs) and self.inputs[0].shape[:1] == (-1,)
         sizes = WARMUP_BATCHES if (batch_dynamic and self.dynamic) else (1,)

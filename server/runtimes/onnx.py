@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as InvalidArgumentError
 
-from client.datatypes import DATATYPE_TO_NUMPY
-from server.errors import InvalidArgument
-from server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
-from server.runtimes.ort_threads import ThreadChoice, choose, node_cores, probe_feed
+from slimserve.client.datatypes import DATATYPE_TO_NUMPY
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
+from slimserve.server.runtimes.ort_threads import ThreadChoice, choose, node_cores, probe_feed
 
 log = logging.getLogger(__name__)
 

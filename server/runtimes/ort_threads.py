@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 import onnxruntime as ort
 
-from client.datatypes import DATATYPE_TO_NUMPY
+from slimserve.client.datatypes import DATATYPE_TO_NUMPY
 
 log = logging.getLogger(__name__)
 

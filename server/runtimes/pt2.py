@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.datatypes import DATATYPE_TO_NUMPY
-from optimizer.pt2io import UnsafeArchiveError, load_exported_program
-from server.runtimes.base import Runtime, TensorSpec
+from slimserve.client.datatypes import DATATYPE_TO_NUMPY
+from slimserve.optimizer.formats.pt2io import UnsafeArchiveError, load_exported_program
+from slimserve.server.runtimes.base import Runtime, TensorSpec
 
 __all__ = ["TorchRuntime", "UnsafeArchiveError", "load_exported_program", "signature_of"]
 

@@ -8,9 +8,9 @@ import threading
 
 import numpy as np
 
-from optimizer.pt2io import load_exported_program
-from server.errors import FailedPrecondition
-from server.runtimes.pt2 import TorchRuntime, signature_of
+from slimserve.optimizer.formats.pt2io import load_exported_program
+from slimserve.server.errors import FailedPrecondition
+from slimserve.server.runtimes.pt2 import TorchRuntime, signature_of
 
 
 def bucket(n: int) -> int:
@@ -32,7 +32,7 @@ class XlaRuntime(TorchRuntime):
             import torch_xla
             import torch_xla.core.xla_model as xm
         except ImportError as e:
-            from optimizer.passes.graph import torch_xla_missing_message
+            from slimserve.optimizer.passes.graph import torch_xla_missing_message
 
             raise FailedPrecondition(torch_xla_missing_message()) from e
         program = load_exported_program(self.path)
@@ -43,7 +43,7 @@ class XlaRuntime(TorchRuntime):
         # One XLA graph runs at a time per device; the server calls predict from several threads.
         self._lock = threading.Lock()
         self._pad_batch = bool(self.inputs) and all(spec.shape[:1] == (-1,) for spec in self.inputs)
-        from optimizer.evaluation import synthesize_inputs
+        from slimserve.optimizer.evaluation.measure import synthesize_inputs
 
         self.predict(synthesize_inputs(self.inputs, 1))  # the first trace and compile happen here, not in a request
 

@@ -9,8 +9,8 @@ from bench.loadgen import PointResult, build_infer_request
 from bench.report import check_real_targets
 from bench.servers import Server, Target
 from bench.serving import summarize
-from protos import inference_pb2 as pb
-from server.pricing import DEFAULT_PRICES_PER_HOUR
+from slimserve.protos import inference_pb2 as pb
+from slimserve.server.telemetry.pricing import DEFAULT_PRICES_PER_HOUR
 
 
 def test_a_request_carries_every_input_with_its_datatype_raw():

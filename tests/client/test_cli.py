@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app
+from slimserve.client.cli import app
 
 runner = CliRunner()
 
@@ -90,7 +90,7 @@ def test_client_package_needs_neither_torch_nor_onnxruntime():
     import subprocess
     import sys
 
-    code = "import sys, client.cli, client.client, client.codec; print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'server', 'optimizer') if m in sys.modules))"
+    code = "import sys, slimserve.client.cli, slimserve.client.client, slimserve.client.codec; print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'slimserve.server', 'slimserve.optimizer') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
@@ -109,12 +109,12 @@ def test_optimize_prints_report_and_variants_table(server, digits):
 
 def test_infer_sends_a_large_file_in_parts_and_joins_the_outputs(server, digits, tmp_path, monkeypatch):
     """A file bigger than one request is sent in parts that each fit; the outputs come back whole and in order."""
-    import client.cli
+    from slimserve.client import cli
 
     assert slimctl(server, "register", "digits", digits.onnx).exit_code == 0
     x = np.load(digits.data)["x"]
     whole = slimctl(server, "infer", "digits", digits.data, "--json")
-    monkeypatch.setattr(client.cli, "ROWS_REQUEST_BYTES", x[0].nbytes * 7)  # 7 rows a request
+    monkeypatch.setattr(cli, "ROWS_REQUEST_BYTES", x[0].nbytes * 7)  # 7 rows a request
     result = slimctl(server, "infer", "digits", digits.data, "--json")
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.records import rollout_dict
-from server import converters
-from server.rollout.plan import RolloutPlan
-from server.rollout.state import Event, GateResult, RolloutState
-from server.routing import TrafficPolicy
+from slimserve.client.cli import app
+from slimserve.client.records import rollout_dict
+from slimserve.server.grpc import converters
+from slimserve.server.rollout.plan import RolloutPlan
+from slimserve.server.rollout.state import Event, GateResult, RolloutState
+from slimserve.server.store.traffic import TrafficPolicy
 
 
 def test_the_status_record_carries_state_gates_history_and_reason():

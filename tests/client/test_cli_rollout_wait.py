@@ -9,8 +9,8 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.client import SlimServeClient
+from slimserve.client.cli import app
+from slimserve.client.client import SlimServeClient
 from tests.server.test_ab import permuted_classes
 
 pytestmark = pytest.mark.slow  # an optimizer job and two rollouts driven by real traffic: ~20 s

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from client.client import split_rows
+from slimserve.client.client import split_rows
 
 
 def test_rows_are_cut_by_bytes_and_cover_every_row_once():

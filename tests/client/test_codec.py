@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from client import codec
-from protos import inference_pb2 as pb
+from slimserve.client import codec
+from slimserve.protos import inference_pb2 as pb
 from tests.conftest import ECHO_TYPES, echo_arrays
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from client.report import render_report
-from optimizer.evaluation import Evaluation
-from optimizer.report import report_rows
+from slimserve.client.report import render_report
+from slimserve.optimizer.evaluation.measure import Evaluation
+from slimserve.optimizer.report import report_rows
 
 # The report rows' tests' three evaluations: one set of numbers that both test modules read.
 from tests.optimizer.test_report import BASELINE, PRUNED, QUANTIZED

@@ -82,7 +82,7 @@ def served(tmp_path_factory) -> ServedServer:
 
     Variants baseline (70%), copy (30%) and mirror (shadow); good and bad requests; feedback; then a rollout of copy starts.
     """
-    from client.client import SlimServeClient, SlimServeClientError
+    from slimserve.client.client import SlimServeClient, SlimServeClientError
     from tests.conftest import ServerHandle
 
     root = tmp_path_factory.mktemp("deploy-server")

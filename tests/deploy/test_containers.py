@@ -16,8 +16,8 @@ import pytest
 import typer.main
 import yaml
 
-from server.cli import app
-from server.settings import Settings
+from slimserve.server.cli import app
+from slimserve.server.settings import Settings
 from tests.deploy.conftest import DEPLOY, ROOT
 from tests.deploy.kubectl import render
 from tests.helpers import free_port, wait_until

@@ -12,8 +12,8 @@ import yaml
 from kubernetes_validate import utils as kv
 from referencing import Registry, Resource
 
-from server.app import SERVICES
-from server.pricing import DEFAULT_PRICES_PER_HOUR
+from slimserve.server.app import SERVICES
+from slimserve.server.telemetry.pricing import DEFAULT_PRICES_PER_HOUR
 from tests.deploy.conftest import DEPLOY
 from tests.deploy.crd_schemas import SCHEMAS
 from tests.deploy.kubectl import render

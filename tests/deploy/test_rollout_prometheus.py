@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from client.client import SlimServeClient
+from slimserve.client.client import SlimServeClient
 from tests.deploy.conftest import make_classifier
 from tests.deploy.test_prometheus import api, poll, running_prometheus
 from tests.helpers import ServerProcess, free_port

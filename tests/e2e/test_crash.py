@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.client import SlimServeClient, SlimServeClientError
+from slimserve.client.client import SlimServeClient, SlimServeClientError
 from tests.helpers import ServerProcess, wait_until
 
 UPLOAD_PAUSE_BYTES = 8 << 20  # the uploader stops here until the server is killed: the upload cannot finish first

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench.bench_lazy_variants import build
-from client.client import SlimServeClient
+from slimserve.client.client import SlimServeClient
 from tests.helpers import ServerProcess, wait_until
 
 VARIANTS = 10

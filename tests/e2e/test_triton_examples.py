@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper
 
-from client.client import SlimServeClient
+from slimserve.client.client import SlimServeClient
 from tests.e2e.test_triton_http import _io, _save, simple_onnx, simple_string_onnx
 from tests.helpers import ServerProcess
 

@@ -20,7 +20,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory, digits):
     """One server, one client run of every check; each test asserts one behaviour of what it saw."""
-    from client.client import SlimServeClient
+    from slimserve.client.client import SlimServeClient
 
     server = ServerHandle(tmp_path_factory.mktemp("repository"))
     try:

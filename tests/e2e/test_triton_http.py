@@ -192,7 +192,7 @@ def refusal(call) -> tuple[str, str]:
 
 
 def test_server_metadata_lists_the_extensions_of_both_ports(triton):
-    from server.servicers.inference import EXTENSIONS
+    from slimserve.server.grpc.servicers.inference import EXTENSIONS
 
     extensions = triton.get_server_metadata()["extensions"]
     assert extensions == [*EXTENSIONS, "binary_tensor_data"]

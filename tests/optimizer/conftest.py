@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from optimizer.base import Artifact
-from server.runtimes import create_runtime
+from slimserve.optimizer.base import Artifact
+from slimserve.server.runtimes import create_runtime
 
 
 def top1(path, x: np.ndarray, y: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""Tests for optimizer/augment.py: augmentation by input kind keeps shapes, dtypes and padding."""
+"""Tests for optimizer/finetune/augment.py: augmentation by input kind keeps shapes, dtypes and padding."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from optimizer.augment import AugmentConfig, augment, input_kind
-from optimizer.base import OptimizerError
+from slimserve.optimizer.base import OptimizerError
+from slimserve.optimizer.finetune.augment import AugmentConfig, augment, input_kind
 
 # --- schedules -----------------------------------------------------------------------------------------
 

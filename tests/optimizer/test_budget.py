@@ -1,4 +1,4 @@
-"""Tests for optimizer/budget.py and optimizer/guard.py: the bisection of a pass's ratio within the budget, refusals that say the best
+"""Tests for optimizer/search/budget.py and optimizer/finetune/guard.py: the bisection of a pass's ratio within the budget, refusals that say the best
 reached, per-pass max_drop, cancellation and progress, and fine-tuning that goes on while over the budget."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from optimizer.base import Artifact, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent
-from optimizer.budget import BudgetOptions, Knob
-from optimizer.data import TrainData
-from optimizer.finetune import FineTuneConfig, fine_tune_, finetune_field
-from optimizer.guard import guarding
-from optimizer.pipeline import optimize
-from optimizer.recipes import Recipe, recipe_from_dict
-from optimizer.registry import PASSES, load_builtin_passes, make_pass
+from slimserve.optimizer.base import Artifact, Knob, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent
+from slimserve.optimizer.catalog import PASSES, load_builtin_passes, make_pass
+from slimserve.optimizer.data import TrainData
+from slimserve.optimizer.finetune.guard import guarding
+from slimserve.optimizer.finetune.loop import FineTuneConfig, fine_tune_, finetune_field
+from slimserve.optimizer.pipeline import optimize
+from slimserve.optimizer.recipes import Recipe, recipe_from_dict
+from slimserve.optimizer.search.budget import BudgetOptions
 from tests.optimizer.tiny_models import FEATURES, dense_onnx, onnx_artifact, save_npz, weights
 
 X = np.random.default_rng(2).standard_normal((400, FEATURES)).astype(np.float32)
@@ -178,13 +178,13 @@ class TrainingNoiseConfig(PassConfig):
 
 
 class TrainingNoisePass(NoisePass):
-    """test-noise as a training pass: fine-tuning on under a guard (optimizer.guard) halves its noise."""
+    """test-noise as a training pass: fine-tuning on under a guard (slimserve.optimizer.finetune.guard) halves its noise."""
 
     config_cls = TrainingNoiseConfig
     guarded: ClassVar[list[bool]] = []
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        from optimizer.guard import current_guard
+        from slimserve.optimizer.finetune.guard import current_guard
 
         TrainingNoisePass.guarded.append(current_guard() is not None)
         ratio = self.config.ratio / 2 if self.guarded[-1] else self.config.ratio  # type: ignore[attr-defined]
@@ -204,7 +204,7 @@ def test_a_probe_at_the_pass_epochs_fine_tunes_on_under_the_guard_and_is_the_fin
 
 
 def test_a_max_drop_without_evaluation_data_is_refused_before_any_work(tmp_path):
-    from optimizer.pipeline import preflight
+    from slimserve.optimizer.pipeline import preflight
 
     recipe = recipe_from_dict({"passes": [{"pass": "prune-weight", "max_drop": 1}]}, "r.json")
     with pytest.raises(OptimizerError, match=r"a pass's max_drop holds quality within a budget.*--data EVAL\.npz"):
@@ -285,7 +285,7 @@ def test_fine_tuning_within_the_budget_or_unguarded_adds_nothing():
 @pytest.fixture(scope="module")
 def digits_mlp(tmp_path_factory):
     """A 64 -> 32 -> 10 MLP trained on the digits (about 96% on the test split), as .pt2 with train and evaluation data."""
-    from optimizer.zoo import load_digits_splits
+    from slimserve.optimizer.zoo import load_digits_splits
     from tests.optimizer.tiny_models import build
 
     train, test = load_digits_splits()

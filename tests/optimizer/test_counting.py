@@ -1,4 +1,4 @@
-"""Tests for optimizer/counting.py, counting_onnx.py and counting_torch.py: one counting rule for both formats."""
+"""Tests for optimizer/counting/model_file.py, counting_onnx.py and counting_torch.py: one counting rule for both formats."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.counting import count_params
-from optimizer.counting_onnx import onnx_flops, onnx_params
-from optimizer.pt2io import load_exported_program
+from slimserve.optimizer.counting.model_file import count_params
+from slimserve.optimizer.counting.onnx_counts import onnx_flops, onnx_params
+from slimserve.optimizer.formats.pt2io import load_exported_program
 
 DIGITS_LINEAR = "classifier.1.weight"  # [64, 1024]
 
@@ -72,7 +72,7 @@ def test_quantized_weights_count_once_and_their_zero_point_is_their_zero():
 
 
 def test_lstm_flops_count_every_layer_and_time_step(tmp_path):
-    from optimizer.counting import count_flops
+    from slimserve.optimizer.counting.model_file import count_flops
     from tests.optimizer import tiny_models as tiny
 
     lstm = tiny.build(tiny.LstmClassifier(), *tiny.tokens(), tmp_path, "lstm")
@@ -83,7 +83,7 @@ def test_lstm_flops_count_every_layer_and_time_step(tmp_path):
 
 
 def test_transformer_pt2_flops_include_attention_and_match_onnx(tmp_path):
-    from optimizer.counting import count_flops
+    from slimserve.optimizer.counting.model_file import count_flops
     from tests.optimizer import tiny_models as tiny
 
     encoder = tiny.build(tiny.EncoderClassifier(), *tiny.tokens(classes=3), tmp_path, "enc")

@@ -1,4 +1,4 @@
-"""Tests for optimizer/counting_onnx.py on ORT's quantized graphs: weights counted once, scales never, as in FP32."""
+"""Tests for optimizer/counting/onnx_counts.py on ORT's quantized graphs: weights counted once, scales never, as in FP32."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnxruntime.quantization import quantize_dynamic
 
-from optimizer.counting_onnx import onnx_params
+from slimserve.optimizer.counting.onnx_counts import onnx_params
 from tests.optimizer.onnx_builders import attention_model, depthwise_model
 
 

@@ -1,4 +1,4 @@
-"""Tests for optimizer/evaluation.py: the same model measures the same in ONNX and .pt2, on its serving runtime."""
+"""Tests for optimizer/evaluation/measure.py: the same model measures the same in ONNX and .pt2, on its serving runtime."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from optimizer.base import Artifact, OptimizerError
-from optimizer.evaluation import Evaluation, agreement, evaluate
+from slimserve.optimizer.base import Artifact, OptimizerError
+from slimserve.optimizer.evaluation.measure import Evaluation, agreement, evaluate
 
 # DigitsCNN (width 32) on 8x8 inputs, batch 1: multiply-accumulates of its convolutions and linear layers.
 DIGITS_MACS = (32 * 1 * 9 * 8 * 8) + (64 * 32 * 9 * 8 * 8) + (1024 * 64) + (64 * 10)

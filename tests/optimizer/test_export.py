@@ -1,12 +1,12 @@
-"""Tests for optimizer/export.py: .pt2 to ONNX with the served names and a dynamic batch."""
+"""Tests for optimizer/formats/export.py: .pt2 to ONNX with the served names and a dynamic batch."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 
-from optimizer.base import Artifact, PassContext
-from optimizer.export import onnx_io_names, to_onnx
+from slimserve.optimizer.base import Artifact, PassContext
+from slimserve.optimizer.formats.export import onnx_io_names, to_onnx
 from tests.optimizer.conftest import ort_session
 
 
@@ -30,7 +30,7 @@ def test_to_onnx_returns_onnx_as_is_and_names_pt2_outputs(digits, onnx_model, tm
 def test_to_onnx_makes_the_batch_dynamic_for_a_fixed_batch_archive(tmp_path):
     import torch
 
-    from optimizer.zoo import DigitsCNN
+    from slimserve.optimizer.zoo import DigitsCNN
 
     model = DigitsCNN(width=4).eval()
     fixed = tmp_path / "fixed.pt2"

@@ -1,4 +1,4 @@
-"""Tests for optimizer/finetune.py: LR curves, regularization hooks, divergence and early stopping."""
+"""Tests for optimizer/finetune/loop.py: LR curves, regularization hooks, divergence and early stopping."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from optimizer.augment import AugmentConfig
-from optimizer.base import OptimizerError, PassContext, ProgressEvent
-from optimizer.data import TrainData
-from optimizer.finetune import FineTuneConfig, fine_tune_, insert_dropout_, lr_curve
-from optimizer.registry import make_pass
+from slimserve.optimizer.base import OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.data import TrainData
+from slimserve.optimizer.finetune.augment import AugmentConfig
+from slimserve.optimizer.finetune.loop import FineTuneConfig, fine_tune_, insert_dropout_, lr_curve
 
 # --- schedules -----------------------------------------------------------------------------------------
 

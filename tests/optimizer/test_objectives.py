@@ -1,4 +1,4 @@
-"""Tests for optimizer/objectives.py: the label-free objective follows the output's kind, and training toward a reference works without labels."""
+"""Tests for optimizer/finetune/objectives.py: the label-free objective follows the output's kind, and training toward a reference works without labels."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from optimizer.base import OptimizerError, PassContext
-from optimizer.data import TrainData
-from optimizer.finetune import FineTuneConfig, fine_tune_
-from optimizer.objectives import LabelFreeObjective, choose_objective, reference_loss
+from slimserve.optimizer.base import OptimizerError, PassContext
+from slimserve.optimizer.data import TrainData
+from slimserve.optimizer.finetune.loop import FineTuneConfig, fine_tune_
+from slimserve.optimizer.finetune.objectives import LabelFreeObjective, choose_objective, reference_loss
 
 
 def test_the_objective_follows_the_outputs_kind_and_is_named():

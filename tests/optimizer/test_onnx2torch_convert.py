@@ -1,4 +1,4 @@
-"""Tests for optimizer/onnx2torch_convert.py: ONNX models train like .pt2 ones, or are refused up front naming the reason."""
+"""Tests for optimizer/formats/onnx2torch.py: ONNX models train like .pt2 ones, or are refused up front naming the reason."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
-from optimizer.base import OptimizerError, PassContext
-from optimizer.counting import count_params
-from optimizer.registry import make_pass
+from slimserve.optimizer.base import OptimizerError, PassContext
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.counting.model_file import count_params
 from tests.optimizer import tiny_models as tiny
 from tests.optimizer.conftest import ort_session
 

@@ -1,8 +1,8 @@
-"""Tests for optimizer/ortquant.py: which INT8 kernels this CPU runs, read from its flags."""
+"""Tests for optimizer/compress/ortquant.py: which INT8 kernels this CPU runs, read from its flags."""
 
 from __future__ import annotations
 
-from optimizer.ortquant import int8_kernels
+from slimserve.optimizer.compress.ortquant import int8_kernels
 
 
 def _cpuinfo(tmp_path, flags: str, key: str = "flags"):

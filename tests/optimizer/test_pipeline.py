@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optimizer.base import OptimizerError, PassContext
-from optimizer.pipeline import measure_baseline, optimize
-from optimizer.recipes import Recipe
-from optimizer.registry import make_pass
+from slimserve.optimizer.base import OptimizerError, PassContext
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.pipeline import measure_baseline, optimize
+from slimserve.optimizer.recipes import Recipe
 from tests.optimizer.tiny_models import FEATURES, dense_onnx, onnx_artifact, register_file_pass, save_npz, weights
 
 X = np.random.default_rng(2).standard_normal((200, FEATURES)).astype(np.float32)

@@ -1,12 +1,12 @@
-"""Tests for optimizer/quality.py: the metric follows the output's kind, and every drop is in points of the budget."""
+"""Tests for optimizer/evaluation/quality.py: the metric follows the output's kind, and every drop is in points of the budget."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from optimizer.base import OptimizerError
-from optimizer.quality import choose_metric, describe, measure
+from slimserve.optimizer.base import OptimizerError
+from slimserve.optimizer.evaluation.quality import choose_metric, describe, measure
 
 RNG = np.random.default_rng(0)
 EMBEDDINGS = RNG.standard_normal((50, 384)).astype(np.float32)

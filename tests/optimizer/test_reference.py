@@ -1,14 +1,14 @@
-"""Tests for optimizer/reference.py: the best FP32 runtime, timing in turns, and when dynamic INT8 may pay."""
+"""Tests for optimizer/evaluation/reference.py: the best FP32 runtime, timing in turns, and when dynamic INT8 may pay."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from optimizer.base import Artifact, PassContext
-from optimizer.evaluation import evaluate
-from optimizer.reference import EXPORT, dynamic_int8_unfit, measure_reference, timed_against
-from optimizer.timing import beats
+from slimserve.optimizer.base import Artifact, PassContext
+from slimserve.optimizer.evaluation.measure import evaluate
+from slimserve.optimizer.evaluation.reference import EXPORT, dynamic_int8_unfit, measure_reference, timed_against
+from slimserve.optimizer.evaluation.timing import beats
 from tests.optimizer.tiny_models import FEATURES, conv_onnx, dense_onnx, mlp_pt2, onnx_artifact, weights
 
 

@@ -1,4 +1,4 @@
-"""Tests for optimizer/registry.py: every built-in pass by name, configs from dicts, and what the search reads of a pass."""
+"""Tests for optimizer/catalog.py: every built-in pass by name, configs from dicts, and what the search reads of a pass."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from optimizer.base import Artifact, OptimizerError, Pass, PassContext
-from optimizer.registry import BUILTIN_PASS_MODULES, PASSES, load_builtin_passes, make_pass, register
+from slimserve.optimizer.base import Artifact, OptimizerError, Pass, PassContext
+from slimserve.optimizer.catalog import BUILTIN_PASS_MODULES, PASSES, load_builtin_passes, make_pass, register
 
 BUILTIN = {
     "auto",

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from optimizer.evaluation import Evaluation
-from optimizer.report import COLUMNS, report_rows, to_json
+from slimserve.optimizer.evaluation.measure import Evaluation
+from slimserve.optimizer.report import COLUMNS, report_rows, to_json
 
 BASELINE = Evaluation(
     params=1000,

@@ -1,4 +1,4 @@
-"""Tests for optimizer/search.py and the auto pass (optimizer/passes/auto.py), through optimizer.pipeline.optimize.
+"""Tests for optimizer/search/auto.py and the auto pass (optimizer/passes/auto.py), through slimserve.optimizer.pipeline.optimize.
 
 Every candidate is measured and the fastest within the budget kept, if it beats the model's best FP32 runtime.
 """
@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from optimizer.base import Artifact, OptimizerError, PassContext
-from optimizer.pipeline import optimize
-from optimizer.recipes import Recipe, parse_recipe
-from optimizer.registry import make_pass
-from optimizer.search import pareto_front
+from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.pipeline import optimize
+from slimserve.optimizer.recipes import Recipe, parse_recipe
+from slimserve.optimizer.search.auto import pareto_front
 from tests.optimizer.tiny_models import FEATURES, conv_onnx, dense_onnx, mlp_pt2, onnx_artifact, register_file_pass, save_npz, weights
 
 
@@ -75,9 +75,9 @@ def test_auto_skips_training_candidates_that_need_labels_when_the_train_data_has
 
 
 def test_label_free_training_candidates_are_not_skipped_without_labels(tmp_path):
-    """Students and structured pruning train toward the model's own outputs (optimizer.objectives), so auto tries them."""
-    from optimizer.passes.auto import DEFAULT_CANDIDATES
-    from optimizer.search import _skip_reason
+    """Students and structured pruning train toward the model's own outputs (slimserve.optimizer.finetune.objectives), so auto tries them."""
+    from slimserve.optimizer.passes.auto import DEFAULT_CANDIDATES
+    from slimserve.optimizer.search.auto import _skip_reason
 
     unlabelled = save_npz(tmp_path / "train.npz", x=np.zeros((4, FEATURES), np.float32))
     source = onnx_artifact(dense_onnx(tmp_path / "m.onnx", weights(np.random.default_rng(0), 16, 384)))
@@ -185,7 +185,7 @@ def test_auto_on_a_label_free_transformer_measures_students_and_pruning_trained_
 @pytest.fixture
 def noisy_auto(tmp_path, monkeypatch):
     """A classifier 2 MatMuls slower than it needs to be, its labels, and test-noise: the lean model with noise of `ratio` (default 0.5)."""
-    from optimizer.registry import PASSES, load_builtin_passes
+    from slimserve.optimizer.catalog import PASSES, load_builtin_passes
     from tests.optimizer.test_budget import NoisePass, W, X
 
     load_builtin_passes()

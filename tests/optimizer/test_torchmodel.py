@@ -1,12 +1,12 @@
-"""Tests for optimizer/torchlayers.py (lifted by optimizer/torchmodel.py): a .pt2 rebuilt with real layers computes what the program does."""
+"""Tests for optimizer/formats/torchlayers.py (lifted by optimizer/formats/torchmodel.py): a .pt2 rebuilt with real layers computes what the program does."""
 
 from __future__ import annotations
 
 import torch
 
-from optimizer.base import Artifact
-from optimizer.export import load_program
-from optimizer.torchlayers import lift_layers, output_layers
+from slimserve.optimizer.base import Artifact
+from slimserve.optimizer.formats.export import load_program
+from slimserve.optimizer.formats.torchlayers import lift_layers, output_layers
 
 FAST = {"epochs": 1, "max_samples": 512}
 

@@ -1,4 +1,4 @@
-"""Tests for optimizer/transformer.py and optimizer/students.py: heads and FFN channels really removed, layer-dropping students."""
+"""Tests for optimizer/compress/transformer.py and optimizer/compress/students.py: heads and FFN channels really removed, layer-dropping students."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from optimizer.base import OptimizerError
-from optimizer.export import export_dynamic_batch
-from optimizer.students import exit_module, hidden_state_pairs, layer_dropping_student
-from optimizer.torchlayers import lift_layers
-from optimizer.transformer import find_encoder, prune_encoder_
+from slimserve.optimizer.base import OptimizerError
+from slimserve.optimizer.compress.students import exit_module, hidden_state_pairs, layer_dropping_student
+from slimserve.optimizer.compress.transformer import find_encoder, prune_encoder_
+from slimserve.optimizer.formats.export import export_dynamic_batch
+from slimserve.optimizer.formats.torchlayers import lift_layers
 from tests.optimizer.tiny_transformers import TOKENS, GluEncoder, TorchEncoder, bert, bert_example, torch_example
 
 _LIFTED: dict[tuple, torch.fx.GraphModule] = {}

@@ -15,9 +15,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from optimizer.base import Artifact, Pass, PassContext
-from optimizer.export import export_dynamic_batch, export_program_to_onnx
-from optimizer.registry import PASSES, load_builtin_passes
+from slimserve.optimizer.base import Artifact, Pass, PassContext
+from slimserve.optimizer.catalog import PASSES, load_builtin_passes
+from slimserve.optimizer.formats.export import export_dynamic_batch, export_program_to_onnx
 
 FEATURES = 16
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from bench.zoo.models import BertClassifier
-from optimizer.base import Artifact
-from optimizer.export import export_dynamic_batch
+from slimserve.optimizer.base import Artifact
+from slimserve.optimizer.formats.export import export_dynamic_batch
 
 VOCAB, TOKENS, CLASSES = 50, 12, 3
 

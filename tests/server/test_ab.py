@@ -17,8 +17,8 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.client import SlimServeClient, SlimServeClientError
+from slimserve.client.cli import app
+from slimserve.client.client import SlimServeClient, SlimServeClientError
 
 
 def permuted_classes(source: Path, target: Path) -> Path:
@@ -205,8 +205,8 @@ def test_feedback_measures_online_accuracy_per_variant(ab, digits, server):
 
 LOAD = """
 import sys, threading, grpc, numpy as np
-from client import codec
-from protos import inference_pb2 as pb
+from slimserve.client import codec
+from slimserve.protos import inference_pb2 as pb
 address, callers, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 errors, wrong = [], []
@@ -263,7 +263,7 @@ def test_concurrent_single_sample_callers_are_batched_and_each_gets_its_own_rows
     import subprocess
     import sys
 
-    from client.client import SlimServeClient
+    from slimserve.client.client import SlimServeClient
 
     server = server_factory(max_concurrent_calls=1)
     with SlimServeClient(server.address) as client:

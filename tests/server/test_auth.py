@@ -2,7 +2,7 @@
 
 import pytest
 
-from client.client import SlimServeClient, SlimServeClientError
+from slimserve.client.client import SlimServeClient, SlimServeClientError
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -45,7 +45,7 @@ def test_protect_inference(server_factory, token_file, digits):
 
 
 def test_short_token_refused_at_start(tmp_path):
-    from server.auth import read_token
+    from slimserve.server.grpc.auth import read_token
 
     (tmp_path / "t").write_text("abc")
     with pytest.raises(OSError, match="at least 16"):
@@ -55,8 +55,8 @@ def test_short_token_refused_at_start(tmp_path):
 def test_protect_inference_covers_the_stream(server_factory, token_file, digits):
     import grpc
 
-    from protos import inference_pb2 as pb
-    from protos import inference_pb2_grpc as pb_grpc
+    from slimserve.protos import inference_pb2 as pb
+    from slimserve.protos import inference_pb2_grpc as pb_grpc
 
     server = server_factory(token_file=token_file, protect_inference=True)
     with SlimServeClient(server.address, token=TOKEN) as good:

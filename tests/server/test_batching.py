@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from server.batch_assembly import BatchingConfig
-from server.batching import DynamicBatcher
-from server.errors import InvalidArgument, ResourceExhausted, Unavailable
-from server.runtimes import create_runtime
+from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.batching.batcher import DynamicBatcher
+from slimserve.server.errors import InvalidArgument, ResourceExhausted, Unavailable
+from slimserve.server.runtimes import create_runtime
 
 BLOCK = -1.0  # a request whose first value is BLOCK holds the model until the test opens the gate
 FAIL = -2.0  # a call that contains FAIL raises
@@ -405,7 +405,7 @@ def test_a_short_call_to_an_idle_batcher_runs_at_once_as_its_own_batch(executor)
 
 def test_batch_key_counts_samples_by_dim_0_and_one_where_inputs_cannot_batch():
     # What a call counts as, queued or run at once: dim 0 where every input has it and they agree, else 1.
-    from server.batch_assembly import batch_key
+    from slimserve.server.batching.assembly import batch_key
 
     f = np.float32
     cases = [

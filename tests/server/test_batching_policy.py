@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from server.batch_assembly import BatchingConfig
-from server.batch_sizing import BatchSizer, group_of, top_of
-from server.batching import DynamicBatcher
+from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.batching.batcher import DynamicBatcher
+from slimserve.server.batching.sizing import BatchSizer, group_of, top_of
 
 
 class CostModel:

@@ -1,13 +1,13 @@
-"""Triton's classification extension (server/classification.py): top-K as BYTES "score:index"."""
+"""Triton's classification extension (server/inference/classification.py): top-K as BYTES "score:index"."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from server import classification
-from server.errors import InvalidArgument
-from server.runtimes import TensorSpec
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.inference import classification
+from slimserve.server.runtimes import TensorSpec
 
 
 def test_top_k_per_sample_best_first_in_tritons_format():

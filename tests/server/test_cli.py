@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from server.cli import app
+from slimserve.server.cli import app
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def test_offline_optimize_bad_recipe(digits, tmp_path):
 def test_offline_optimize_keeps_a_variant_over_budget_only_when_asked(tmp_path, monkeypatch):
     import numpy as np
 
-    from optimizer.registry import PASSES, load_builtin_passes
+    from slimserve.optimizer.catalog import PASSES, load_builtin_passes
     from tests.optimizer.test_budget import NoisePass, W, X
     from tests.optimizer.tiny_models import dense_onnx, save_npz
 
@@ -57,7 +57,7 @@ def test_start_refuses_unknown_node_type(tmp_path):
 
 
 def test_start_on_a_repository_another_server_writes_says_so_in_one_line(tmp_path):
-    from server.repository import Repository
+    from slimserve.server.store.repository import Repository
 
     writer = Repository(tmp_path / "repo")  # holds the writer lock, as a running server does
     try:

@@ -1,4 +1,4 @@
-"""The management use cases of server/control.py, called directly (no gRPC): what each changes in what is served."""
+"""The management use cases of server/management/control.py, called directly (no gRPC): what each changes in what is served."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.control import Control
-from server.dataplane import DataPlane, InferRequest
-from server.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from server.jobs import JobManager
-from server.manifest import VariantInfo
-from server.metrics import Metrics
-from server.registry import Registrar, UploadFile, UploadHeader
-from server.repository import Repository
-from server.runtimes import RuntimeConfig
+from slimserve.server.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from slimserve.server.inference.dataplane import DataPlane, InferRequest
+from slimserve.server.management.control import Control
+from slimserve.server.management.jobs import JobManager
+from slimserve.server.runtimes import RuntimeConfig
+from slimserve.server.store.manifest import VariantInfo
+from slimserve.server.store.repository import Repository
+from slimserve.server.store.upload import Registrar, UploadFile, UploadHeader
+from slimserve.server.telemetry.metrics import Metrics
 
 
 def run(coro, timeout: float = 120.0):

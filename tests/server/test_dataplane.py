@@ -1,13 +1,13 @@
-"""The per-request path of server/dataplane.py: routing, what is recorded of each outcome, and what a refresh keeps."""
+"""The per-request path of server/inference/dataplane.py: routing, what is recorded of each outcome, and what a refresh keeps."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from client.codec import TensorCodecError
-from server.dataplane import InferRequest
-from server.errors import InvalidArgument, NotFound
+from slimserve.client.codec import TensorCodecError
+from slimserve.server.errors import InvalidArgument, NotFound
+from slimserve.server.inference.dataplane import InferRequest
 from tests.server.test_control import add_copy, control_of, infer, register, run, sample
 
 
@@ -84,8 +84,8 @@ def test_a_sticky_parameter_pins_a_caller_to_one_variant(tmp_path, digits):
 def test_each_failure_is_counted_under_its_code():
     import asyncio
 
-    from server.dataplane import outcome_code
-    from server.errors import ResourceExhausted
+    from slimserve.server.errors import ResourceExhausted
+    from slimserve.server.inference.dataplane import outcome_code
 
     assert outcome_code(ResourceExhausted("queue full")) == "RESOURCE_EXHAUSTED"
     assert outcome_code(TensorCodecError("bad bytes")) == "INVALID_ARGUMENT"
@@ -136,8 +136,8 @@ def test_a_request_cancelled_while_it_runs_is_counted_and_leaves_nothing_in_flig
     ],
 )
 def test_input_checks_pass_what_fits_and_name_what_does_not(arrays, message):
-    from server.dataplane import check_inputs
-    from server.runtimes import TensorSpec
+    from slimserve.server.inference.dataplane import check_inputs
+    from slimserve.server.runtimes import TensorSpec
 
     specs = [TensorSpec("x", "FP32", (-1, 4))]
     if "t" in arrays:
@@ -151,9 +151,9 @@ def test_input_checks_pass_what_fits_and_name_what_does_not(arrays, message):
 
 def test_the_class_kept_for_feedback_is_top1_for_every_output_shape():
     # What _answered keeps for a one-sample answer is shadow.top1's class, ties and higher ranks included.
-    from server.dataplane import Call, DataPlane
-    from server.shadow import top1
-    from server.stats import FeedbackStore
+    from slimserve.server.inference.dataplane import Call, DataPlane
+    from slimserve.server.inference.shadow import top1
+    from slimserve.server.telemetry.statistics import FeedbackStore
 
     rng = np.random.default_rng(0)
     outputs = [

@@ -1,12 +1,12 @@
-"""server/edge.py: how servicers' methods reach grpc (one generic handler, checked decoding)."""
+"""server/grpc/edge.py: how servicers' methods reach grpc (one generic handler, checked decoding)."""
 
 from __future__ import annotations
 
 import grpc
 
-from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc as pb_grpc
-from server.edge import CheckedDecoding, MalformedRequest
+from slimserve.protos import inference_pb2 as pb
+from slimserve.protos import inference_pb2_grpc as pb_grpc
+from slimserve.server.grpc.edge import CheckedDecoding, MalformedRequest
 
 
 class RecordingServer:
@@ -53,8 +53,8 @@ def test_the_server_registers_no_method_with_grpc(monkeypatch, tmp_path):
 
     from grpc_health.v1 import health
 
-    from server.app import SlimServer
-    from server.settings import Settings
+    from slimserve.server.app import SlimServer
+    from slimserve.server.settings import Settings
 
     registered: list[str] = []
     monkeypatch.setattr(

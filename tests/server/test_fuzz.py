@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import codec
-from client.client import SlimServeClient
-from protos import inference_pb2 as pb
+from slimserve.client import codec
+from slimserve.client.client import SlimServeClient
+from slimserve.protos import inference_pb2 as pb
 from tests.conftest import ECHO_TYPES, echo_arrays
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -6,7 +6,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client.client import SlimServeClient, SlimServeClientError
+from slimserve.client.client import SlimServeClient, SlimServeClientError
 
 
 @pytest.mark.parametrize("service", ["", "inference.GRPCInferenceService", "slimserve.v1.ModelRegistry", "slimserve.v1.Optimizer"])

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from client.client import SlimServeClient
+from slimserve.client.client import SlimServeClient
 
 
 def test_promote_rollback_and_delete_churn_under_concurrent_callers_fails_no_request(server, client, digits):

@@ -189,7 +189,7 @@ def test_repository_index_load_and_unload(rest):
 def test_the_port_is_off_with_minus_one_and_grpc_still_serves(server_factory):
     server = server_factory(http_port=-1)
     assert server.server.http_port is None and server.http_address is None
-    from client.client import SlimServeClient
+    from slimserve.client.client import SlimServeClient
 
     with SlimServeClient(server.address) as c:
         assert c.models() == []

@@ -8,8 +8,8 @@ import ssl
 import grpc
 import pytest
 
-from server.edge import STATUS_OF_KIND
-from server.errors import HTTP_STATUS, ErrorKind
+from slimserve.server.errors import HTTP_STATUS, ErrorKind
+from slimserve.server.grpc.edge import STATUS_OF_KIND
 from tests.server.test_http import binary_request, call, post_json
 from tests.server.test_tls import Pki, pki  # noqa: F401 - the fixture, used by name
 

@@ -5,9 +5,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client.client import SlimServeClient, SlimServeClientError
-from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc as pb_grpc
+from slimserve.client.client import SlimServeClient, SlimServeClientError
+from slimserve.protos import inference_pb2 as pb
+from slimserve.protos import inference_pb2_grpc as pb_grpc
 from tests.conftest import ECHO_TYPES, echo_arrays
 
 

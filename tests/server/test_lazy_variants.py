@@ -1,4 +1,4 @@
-"""Variants that no route serves kept out of memory (server/loader.py, `--unload-idle-variants-s`): not loaded at start,
+"""Variants that no route serves kept out of memory (server/inference/loader.py, `--unload-idle-variants-s`): not loaded at start,
 unloaded when idle, loaded again by the request that pins one, and reported as they are."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.control import Control
-from server.dataplane import DataPlane, InferRequest
-from server.errors import Unavailable
-from server.jobs import JobManager
-from server.metrics import Metrics
-from server.registry import Registrar
-from server.repository import Repository
-from server.runtimes import RuntimeConfig
+from slimserve.server.errors import Unavailable
+from slimserve.server.inference.dataplane import DataPlane, InferRequest
+from slimserve.server.management.control import Control
+from slimserve.server.management.jobs import JobManager
+from slimserve.server.runtimes import RuntimeConfig
+from slimserve.server.store.repository import Repository
+from slimserve.server.store.upload import Registrar
+from slimserve.server.telemetry.metrics import Metrics
 from tests.server.test_control import add_copy, register, run
 
 

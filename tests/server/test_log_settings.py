@@ -1,4 +1,4 @@
-"""Triton's LogSettings on the server's loggers (server/log_settings.py)."""
+"""Triton's LogSettings on the server's loggers (server/telemetry/log_settings.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from server.errors import InvalidArgument
-from server.log_settings import LogSettings
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.telemetry.log_settings import LogSettings
 
 
 def test_levels_and_format_change_and_read_back():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.utils import floatToGoString
 
-from server.metrics import PER_VARIANT, RESULT_CODES, VARIANT_LABELS, Metrics
-from server.recording import VariantRecorder
+from slimserve.server.telemetry.metrics import PER_VARIANT, RESULT_CODES, VARIANT_LABELS, Metrics
+from slimserve.server.telemetry.recording import VariantRecorder
 
 TYPES = {Counter: "counter", Gauge: "gauge", Histogram: "histogram"}
 

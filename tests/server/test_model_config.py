@@ -1,4 +1,4 @@
-"""Triton's ModelConfig view of a variant, and what a load `config` may change (server/model_config.py)."""
+"""Triton's ModelConfig view of a variant, and what a load `config` may change (server/inference/model_config.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from server.batch_assembly import BatchingConfig
-from server.errors import InvalidArgument
-from server.manifest import VariantInfo
-from server.model_config import ServingOverride, config_view, parse_load_config
-from server.runtimes import TensorSpec
+from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.inference.model_config import ServingOverride, config_view, parse_load_config
+from slimserve.server.runtimes import TensorSpec
+from slimserve.server.store.manifest import VariantInfo
 
 X = [TensorSpec("x", "FP32", (-1, 3, 4))]
 FIXED = [TensorSpec("x", "FP32", (1, 3, 4))]
@@ -32,7 +32,7 @@ def test_a_batching_variant_drops_the_batch_dimension_and_a_fixed_one_has_max_ba
 
 
 def test_the_runtimes_parameters_reach_triton_s_model_config_beside_the_variant():
-    from server import converters_triton
+    from slimserve.server.grpc import triton_converters as converters_triton
 
     view = config_view("m", VARIANT, X, Y, BatchingConfig(), 2, "cpu", parameters={"intra_op_thread_count": "2"})
     parameters = converters_triton.model_config(view).config.parameters

@@ -1,4 +1,4 @@
-"""What Triton's image clients read of ModelConfig (server/model_config.py): an input's image `format`, from its shape or a
+"""What Triton's image clients read of ModelConfig (server/inference/model_config.py): an input's image `format`, from its shape or a
 load `config`, and an output's labels from a `label_filename` sent as a `file:` parameter, used by classification."""
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from server import classification, converters_triton
-from server.batch_assembly import BatchingConfig
-from server.errors import InvalidArgument
-from server.manifest import VariantInfo
-from server.model_config import config_view, image_format, parse_load_config
-from server.runtimes import TensorSpec
+from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.grpc import triton_converters as converters_triton
+from slimserve.server.inference import classification
+from slimserve.server.inference.model_config import config_view, image_format, parse_load_config
+from slimserve.server.runtimes import TensorSpec
+from slimserve.server.store.manifest import VariantInfo
 
 VARIANT = VariantInfo("baseline", "", "", "onnxruntime", "onnx", file="model.onnx", version=1)
 NCHW = TensorSpec("images", "FP32", (-1, 3, 224, 224))

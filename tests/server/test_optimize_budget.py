@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.client import SlimServeClientError
-from optimizer.registry import PASSES, load_builtin_passes
+from slimserve.client.cli import app
+from slimserve.client.client import SlimServeClientError
+from slimserve.optimizer.catalog import PASSES, load_builtin_passes
 from tests.optimizer.test_budget import NoisePass, W, X
 from tests.optimizer.tiny_models import dense_onnx, save_npz
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from client.client import SlimServeClient, SlimServeClientError
+from slimserve.client.client import SlimServeClient, SlimServeClientError
 from tests.helpers import wait_until
 
 

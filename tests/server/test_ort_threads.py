@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server.runtimes import RuntimeConfig, create_runtime
-from server.runtimes import onnx as onnx_runtime
-from server.runtimes.ort_threads import MIN_PARALLEL_MS, MIN_SPEEDUP, PROBE_BUDGET_S, decide, node_cores, time_calls
-from server.settings import Settings
+from slimserve.server.runtimes import RuntimeConfig, create_runtime
+from slimserve.server.runtimes import onnx as onnx_runtime
+from slimserve.server.runtimes.ort_threads import MIN_PARALLEL_MS, MIN_SPEEDUP, PROBE_BUDGET_S, decide, node_cores, time_calls
+from slimserve.server.settings import Settings
 
 
 def save(tmp_path, name: str, nodes, inputs, outputs, initializers=()) -> str:
@@ -140,7 +140,7 @@ def test_settings_leave_the_choice_to_the_runtime_unless_a_count_is_given():
 
 RSS_AFTER_LOAD = """
 import sys
-from server.runtimes import RuntimeConfig, create_runtime
+from slimserve.server.runtimes import RuntimeConfig, create_runtime
 runtime = create_runtime("onnxruntime", sys.argv[1], RuntimeConfig(intra_op_threads=int(sys.argv[2])))
 runtime.load()
 print(runtime.intra_op_threads, int(open("/proc/self/statm").read().split()[1]) * 4096)

@@ -8,10 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
-from client import codec
-from client.client import SlimServeClient
-from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc as pb_grpc
+from slimserve.client import codec
+from slimserve.client.client import SlimServeClient
+from slimserve.protos import inference_pb2 as pb
+from slimserve.protos import inference_pb2_grpc as pb_grpc
 from tests.helpers import wait_until
 from tests.server.test_shutdown import slow_matmul_onnx
 

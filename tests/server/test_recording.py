@@ -7,14 +7,14 @@ import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.metrics import PER_VARIANT, VARIANT_LABELS, Metrics
-from server.recording import VariantRecorder
+from slimserve.server.telemetry.metrics import PER_VARIANT, VARIANT_LABELS, Metrics
+from slimserve.server.telemetry.recording import VariantRecorder
 
 LABELS = ("m", "v", "cpu")
 
 
 def _reference() -> tuple[CollectorRegistry, dict]:
-    """The collected families as prometheus_client objects, as server/metrics.py made them before they were collected."""
+    """The collected families as prometheus_client objects, as server/telemetry/metrics.py made them before they were collected."""
     registry = CollectorRegistry()
     made = {}
     for family in PER_VARIANT:

@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 import pytest
 
-from client.client import SlimServeClientError
-from client.transport import sha256_of
-from protos import slimserve_pb2 as spb
-from protos import slimserve_pb2_grpc as spb_grpc
+from slimserve.client.client import SlimServeClientError
+from slimserve.client.transport import sha256_of
+from slimserve.protos import slimserve_pb2 as spb
+from slimserve.protos import slimserve_pb2_grpc as spb_grpc
 
 
 def staging_is_empty(server) -> bool:
@@ -189,7 +189,7 @@ def test_corrupted_and_truncated_uploads(client, digits, server):
 
 
 def test_upload_size_limit(server_factory, digits):
-    from client.client import SlimServeClient
+    from slimserve.client.client import SlimServeClient
 
     server = server_factory(max_upload_bytes=1000)
     with SlimServeClient(server.address) as c:
@@ -198,7 +198,7 @@ def test_upload_size_limit(server_factory, digits):
 
 
 def test_crash_leftovers_are_cleared_at_start(server_factory, tmp_path, digits):
-    from client.client import SlimServeClient
+    from slimserve.client.client import SlimServeClient
 
     repo = tmp_path / "repo"
     first = server_factory(repo)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from client.client import SlimServeClient, SlimServeClientError
-from server.errors import FailedPrecondition
-from server.repository import Repository
+from slimserve.client.client import SlimServeClient, SlimServeClientError
+from slimserve.server.errors import FailedPrecondition
+from slimserve.server.store.repository import Repository
 from tests.helpers import wait_until
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.bench_rollout import PLAN, SCENARIOS, Behaviour, fixed_horizon_judge, fixed_judge, horizon, one_rollout, wilson
-from server.rollout.gates import Arm
+from slimserve.server.rollout.gates import Arm
 
 
 def test_fixed_sample_gates_pass_an_equal_arm_fail_a_worse_one_and_wait_while_unsure():

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pytest
 
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
-from server.rollout.controller import RolloutController
-from server.rollout.gates import Arm
-from server.rollout.plan import PRESETS, RolloutPlan, parse_steps, plan_from_dict, plan_from_json
-from server.rollout.state import RolloutState
-from server.routing import TrafficPolicy
+from slimserve.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from slimserve.server.rollout.controller import RolloutController
+from slimserve.server.rollout.gates import Arm
+from slimserve.server.rollout.plan import PRESETS, RolloutPlan, parse_steps, plan_from_dict, plan_from_json
+from slimserve.server.rollout.state import RolloutState
+from slimserve.server.store.traffic import TrafficPolicy
 
 
 @dataclass

@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.client import SlimServeClient, SlimServeClientError
+from slimserve.client.cli import app
+from slimserve.client.client import SlimServeClient, SlimServeClientError
 from tests.server.test_ab import _drain, permuted_classes
 
 PLAN = {

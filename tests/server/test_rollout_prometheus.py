@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.errors import Unavailable
-from server.metrics import ROLLOUT_GATES, Metrics
-from server.rollout.controller import RolloutController
-from server.rollout.metrics import RolloutMetrics
-from server.rollout.plan import GATE_PARAMETERS
-from server.rollout.prometheus import PrometheusStatistics, quote, spread
+from slimserve.server.errors import Unavailable
+from slimserve.server.rollout.controller import RolloutController
+from slimserve.server.rollout.metrics import RolloutMetrics
+from slimserve.server.rollout.plan import GATE_PARAMETERS
+from slimserve.server.rollout.prometheus import PrometheusStatistics, quote, spread
+from slimserve.server.telemetry.metrics import ROLLOUT_GATES, Metrics
 from tests.server.test_rollout_controller import FAST, Clock, FakeRepository, FakeStatistics, FakeTraffic, drive
 
 BOUNDS = ("0.001", "0.01", "+Inf")
@@ -150,7 +150,7 @@ def test_a_rollout_exports_its_state_weight_and_decisions():
 def test_the_prometheus_url_setting_takes_an_http_address_only():
     from pydantic import ValidationError
 
-    from server.settings import Settings
+    from slimserve.server.settings import Settings
 
     assert Settings(prometheus_url="http://prometheus:9090").prometheus_url == "http://prometheus:9090"
     assert Settings().prometheus_url is None  # default: this process's own statistics

@@ -9,7 +9,7 @@ from bisect import insort
 import numpy as np
 import pytest
 
-from server.rollout.sequential import (
+from slimserve.server.rollout.sequential import (
     accepted_counts,
     costlier,
     difference_cs,
@@ -134,7 +134,7 @@ def test_verdicts_carry_statistic_threshold_and_evidence():
 
 def test_accepted_counts_by_bisection_are_the_counts_the_sequence_accepts():
     """The two bisections find the same run of counts as testing every count (the convexity they rely on holds)."""
-    from server.rollout.sequential import log_mixture
+    from slimserve.server.rollout.sequential import log_mixture
 
     for trials in (1, 2, 7, 100, 2500):
         for q in (0.01, 0.5, 0.9, 0.99):

@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
-from server.routing import Router, TrafficPolicy, promote, rollback, set_traffic, validate_policy, without_variant
+from slimserve.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from slimserve.server.inference.router import Router
+from slimserve.server.store.traffic import TrafficPolicy, promote, rollback, set_traffic, validate_policy, without_variant
 
 READY = {"baseline", "int8", "pruned"}
 

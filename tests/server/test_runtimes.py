@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from server.runtimes import RuntimeConfig, create_runtime
-from server.runtimes.onnx import choose_providers
+from slimserve.server.runtimes import RuntimeConfig, create_runtime
+from slimserve.server.runtimes.onnx import choose_providers
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 

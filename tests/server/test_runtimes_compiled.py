@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from optimizer.passes.graph import torch_xla_missing_message
-from server.errors import FailedPrecondition
-from server.runtimes import RUNTIMES, create_runtime
-from server.runtimes.compiled import CompiledTorchRuntime
-from server.runtimes.xla import XlaRuntime, bucket
+from slimserve.optimizer.passes.graph import torch_xla_missing_message
+from slimserve.server.errors import FailedPrecondition
+from slimserve.server.runtimes import RUNTIMES, create_runtime
+from slimserve.server.runtimes.compiled import CompiledTorchRuntime
+from slimserve.server.runtimes.xla import XlaRuntime, bucket
 
 HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
 

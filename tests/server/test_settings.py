@@ -8,8 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from server.cli import app
-from server.settings import Settings, settings_table
+from slimserve.server.cli import app
+from slimserve.server.settings import Settings, settings_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TABLE_INTRO = "Flags of `slimserve start`, each also an environment variable `SLIMSERVE_<NAME>`:\n\n"
@@ -23,7 +23,7 @@ def readme_table() -> str:
 
 def test_the_readme_settings_table_is_the_one_rendered_from_settings():
     assert readme_table() == settings_table(), (
-        "README.md's 'Server settings' table differs from server/settings.py; paste server.settings.settings_table() into it"
+        "README.md's 'Server settings' table differs from server/settings.py; paste slimserve.server.settings.settings_table() into it"
     )
 
 
@@ -56,7 +56,7 @@ def started(monkeypatch):
         async def serve_until_signal(self) -> None:
             return None
 
-    monkeypatch.setattr("server.app.SlimServer", Recorder)
+    monkeypatch.setattr("slimserve.server.app.SlimServer", Recorder)
     for name in Settings.model_fields:
         monkeypatch.delenv(f"SLIMSERVE_{name.upper()}", raising=False)
 

@@ -1,4 +1,4 @@
-"""System shared memory regions (server/shared_memory.py): only what was registered is read or written, and a region
+"""System shared memory regions (server/inference/shared_memory.py): only what was registered is read or written, and a region
 that shrank is refused rather than read (a SIGBUS)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from server.errors import AlreadyExists, InvalidArgument, NotFound
-from server.shared_memory import SharedMemoryRegistry, ShmInput, ShmRef
+from slimserve.server.errors import AlreadyExists, InvalidArgument, NotFound
+from slimserve.server.inference.shared_memory import SharedMemoryRegistry, ShmInput, ShmRef
 
 
 @pytest.fixture

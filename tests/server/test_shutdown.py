@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from client.client import SlimServeClientError
+from slimserve.client.client import SlimServeClientError
 from tests.helpers import ServerProcess, free_port, wait_until
 
 

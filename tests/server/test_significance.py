@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.significance import accuracy_verdict, latency_verdict, mann_whitney, two_proportion_test, verdict, wilson_interval
+from slimserve.server.telemetry.significance import (
+    accuracy_verdict,
+    latency_verdict,
+    mann_whitney,
+    two_proportion_test,
+    verdict,
+    wilson_interval,
+)
 
 
 def test_wilson_interval_known_values():

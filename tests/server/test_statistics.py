@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.stats import VariantStats
+from slimserve.server.telemetry.statistics import VariantStats
 
 
 def test_counters_add_up_per_request_and_per_batch():

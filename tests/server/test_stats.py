@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from server.errors import InvalidArgument, NotFound
-from server.stats import FeedbackStore, LatencyWindow, VariantStats, compare_rows, cost_per_1000
+from slimserve.server.errors import InvalidArgument, NotFound
+from slimserve.server.telemetry.statistics import FeedbackStore, LatencyWindow, VariantStats, compare_rows, cost_per_1000
 
 # ---------------------------------------------------------------------- latency window
 

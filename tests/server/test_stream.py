@@ -7,8 +7,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc as pb_grpc
+from slimserve.protos import inference_pb2 as pb
+from slimserve.protos import inference_pb2_grpc as pb_grpc
 from tests.helpers import wait_until
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -34,7 +34,7 @@ def logits_of(response: pb.ModelInferResponse) -> np.ndarray:
 def test_every_request_is_answered_by_id_and_requests_batch_together(server_factory, digits):
     # Calls handed to the compute pool (not run inline on the loop), so that requests gather while one runs.
     server = server_factory(inline_compute_ms=0)
-    from client.client import SlimServeClient
+    from slimserve.client.client import SlimServeClient
 
     with SlimServeClient(server.address) as client:
         client.register("digits", digits.onnx, data=digits.data)
@@ -112,7 +112,7 @@ def test_stream_requests_are_counted_like_unary_ones(digits_stub, server, digits
 
 
 def test_a_stream_longer_than_its_in_flight_limit_is_answered_whole(digits_stub, digits, monkeypatch):
-    from server.servicers import stream
+    from slimserve.server.grpc.servicers import stream
 
     monkeypatch.setattr(stream, "STREAM_IN_FLIGHT", 2)  # slots are freed as answers are written
     requests = [infer_request(digits.x_test[i % 8 : i % 8 + 1], f"l{i}") for i in range(40)]

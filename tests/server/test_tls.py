@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
-from client.client import SlimServeClient, SlimServeClientError
+from slimserve.client.client import SlimServeClient, SlimServeClientError
 
 TOKEN = "tls-and-token-0123456789"
 
@@ -156,7 +156,7 @@ def test_token_and_tls_together(server_factory, pki, digits, tmp_path):
 
 
 def test_slimctl_tls_options_and_environment(server_factory, pki, digits, monkeypatch):
-    from client.cli import app
+    from slimserve.client.cli import app
 
     server = server_factory(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_ca=pki.ca)
     runner = CliRunner()
@@ -182,8 +182,8 @@ def test_slimctl_tls_options_and_environment(server_factory, pki, digits, monkey
     ],
 )
 def test_bad_tls_settings_stop_the_start_with_the_reason(pki, tmp_path, files, message):
-    from server.app import SlimServer
-    from server.settings import Settings
+    from slimserve.server.app import SlimServer
+    from slimserve.server.settings import Settings
 
     (tmp_path / "garbage").write_text("not a certificate")
     paths = {"missing": tmp_path / "missing.key", "garbage": tmp_path / "garbage"}

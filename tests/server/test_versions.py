@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from server.errors import NotFound
-from server.manifest import ModelInfo, VariantInfo
+from slimserve.server.errors import NotFound
+from slimserve.server.store.manifest import ModelInfo, VariantInfo
 from tests.server.test_control import add_copy, control_of, infer, register, run
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.counting import count_flops, count_params
-from optimizer.export import onnx_io_names
-from optimizer.registry import make_pass
-from optimizer.zoo import DigitsCNN, export_pt2
+from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.counting.model_file import count_flops, count_params
+from slimserve.optimizer.formats.export import onnx_io_names
+from slimserve.optimizer.zoo import DigitsCNN, export_pt2
 from tests.optimizer.conftest import top1
 
 FAST = {"epochs": 1, "max_samples": 512}
@@ -169,7 +169,7 @@ def cosine_to_teacher(model: Artifact, onnx_path, eval_npz) -> float:
     import numpy as np
     import onnxruntime as ort
 
-    from optimizer.quality import cosine_per_sample
+    from slimserve.optimizer.evaluation.quality import cosine_per_sample
 
     data = dict(np.load(eval_npz))
     teacher = torch.export.load(str(model.path)).module()

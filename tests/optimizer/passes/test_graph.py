@@ -10,12 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from optimizer.base import Artifact, OptimizerError, PassContext
-from optimizer.evaluation import evaluate
-from optimizer.passes.graph import compile_options_path, torch_xla_missing_message
-from optimizer.recipes import parse_recipe
-from optimizer.registry import make_pass
-from optimizer.timing import time_predict
+from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.evaluation.measure import evaluate
+from slimserve.optimizer.evaluation.timing import time_predict
+from slimserve.optimizer.passes.graph import compile_options_path, torch_xla_missing_message
+from slimserve.optimizer.recipes import parse_recipe
 
 HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
 

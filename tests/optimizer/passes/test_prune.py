@@ -1,4 +1,4 @@
-"""Tests for optimizer/passes/prune.py and prune_structured.py (and optimizer/pruning.py): real zeros, fewer channels, precise refusals."""
+"""Tests for optimizer/passes/prune.py and prune_structured.py (and optimizer/compress/pruning.py): real zeros, fewer channels, precise refusals."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.counting import count_flops, count_params
-from optimizer.export import onnx_io_names
-from optimizer.passes.prune import PruneGradualConfig, sparsity_at
-from optimizer.registry import make_pass
+from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.counting.model_file import count_flops, count_params
+from slimserve.optimizer.formats.export import onnx_io_names
+from slimserve.optimizer.passes.prune import PruneGradualConfig, sparsity_at
 from tests.optimizer.conftest import top1
 
 FAST = {"epochs": 1, "max_samples": 512}
@@ -187,7 +187,7 @@ def test_prune_structured_that_removes_nothing_says_which_layers_it_could_not_to
 
 
 # ---------------------------------------------------------------------------------------------
-# Transformers: whole attention heads and FFN channels (optimizer/transformer.py)
+# Transformers: whole attention heads and FFN channels (optimizer/compress/transformer.py)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from optimizer.base import OptimizerError, PassContext
-from optimizer.counting import count_params
-from optimizer.export import export_dynamic_batch
-from optimizer.pruning import prune_channels_
-from optimizer.registry import make_pass
-from optimizer.torchmodel import trainable_module
+from slimserve.optimizer.base import OptimizerError, PassContext
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.compress.pruning import prune_channels_
+from slimserve.optimizer.counting.model_file import count_params
+from slimserve.optimizer.formats.export import export_dynamic_batch
+from slimserve.optimizer.formats.torchmodel import trainable_module
 from tests.optimizer import tiny_models as tiny
 
 

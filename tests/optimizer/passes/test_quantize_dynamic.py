@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.export import onnx_io_names
-from optimizer.onnx_graph import int8_facts
-from optimizer.registry import make_pass
+from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.formats.export import onnx_io_names
+from slimserve.optimizer.formats.onnx_graph import int8_facts
 from tests.optimizer.conftest import top1
 from tests.optimizer.onnx_builders import conv_only_model, depthwise_model
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optimizer.base import OptimizerError, PassContext, ProgressEvent
-from optimizer.export import onnx_io_names
-from optimizer.onnx_graph import int8_facts
-from optimizer.registry import make_pass
+from slimserve.optimizer.base import OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.formats.export import onnx_io_names
+from slimserve.optimizer.formats.onnx_graph import int8_facts
 from tests.optimizer.conftest import top1
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
-from optimizer.export import onnx_io_names
-from optimizer.onnx_graph import int8_facts
-from optimizer.ortquant import calibration_batches
-from optimizer.passes.quantize_static import QuantizeStaticConfig
-from optimizer.registry import make_pass
+from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.compress.ortquant import calibration_batches
+from slimserve.optimizer.formats.export import onnx_io_names
+from slimserve.optimizer.formats.onnx_graph import int8_facts
+from slimserve.optimizer.passes.quantize_static import QuantizeStaticConfig
 from tests.optimizer.conftest import ort_session, top1
 from tests.optimizer.onnx_builders import attention_data, attention_model, depthwise_model
 

@@ -1,0 +1,150 @@
+"""DistilBERT-style students of a transformer: the teacher with every other encoder layer, and the hidden states to match.
+
+DistilBERT (Sanh et al., 2019) initialises its student "by taking one layer out of two" of the
+teacher; we take half the layers spread evenly from the first to the last (0, 3, 5 of 6), because the last
+layer is what a pooled embedding reads: on MiniLM-L6, before any training, layers 0, 2, 4 keep a mean cosine
+of 0.39 to the teacher's embeddings, 0, 3, 5 keep 0.72 (40 real sentences). A lifted program has no layer list to slice, so we delimit each encoder layer in the graph
+by the module hierarchy torch.export records on every node (`nn_module_stack`): a layer is the nodes
+run inside 'encoder.layers.2'; its hidden state comes in from outside and one tensor leaves it.
+Dropping a layer sends its input where its output went; the kept layers keep the teacher's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from slimserve.optimizer.base import OptimizerError
+from slimserve.optimizer.compress.transformer import Encoder, find_encoder, prune_encoder_
+
+
+@dataclass
+class Block:
+    """One encoder layer in the graph: the hidden state that enters it and the one tensor that leaves it."""
+
+    layer: str
+    entry: Any
+    exit: Any
+
+
+def _in_layer(node: Any, layer: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    if any(value[0] == layer for value in stack.values() if isinstance(value, tuple) and value):
+        return True
+    return node.op == "call_module" and str(node.target).startswith(layer + ".")
+
+
+def _tensor_shape(node: Any) -> tuple | None:
+    value = node.meta.get("val")
+    return tuple(value.shape) if value is not None and hasattr(value, "shape") else None
+
+
+def layer_blocks(module: Any, encoder: Encoder, needed_by: str) -> list[Block]:
+    """Each encoder layer's entry and exit, or a refusal naming the layer that cannot be delimited."""
+    blocks = []
+    for layer in encoder.layers:
+        nodes = {n for n in module.graph.nodes if _in_layer(n, layer)}
+        exits = [n for n in nodes if _tensor_shape(n) is not None and any(u not in nodes for u in n.users)]
+        entries = {a for n in nodes for a in n.all_input_nodes if a not in nodes and a.op != "get_attr"}
+        shape = _tensor_shape(exits[0]) if len(exits) == 1 else None
+        hidden = [a for a in entries if shape is not None and _tensor_shape(a) == shape]
+        if len(exits) != 1 or len(hidden) != 1:
+            raise OptimizerError(
+                f"{needed_by}: cannot delimit encoder layer '{layer}' in the program (found {len(exits)} tensors leaving it and "
+                f"{len(hidden)} hidden states entering it; a layer-dropping student needs one of each, and the module names torch.export "
+                "records: an ONNX file converted to torch has none); give a smaller student as a .pt2 (config student)"
+            )
+        blocks.append(Block(layer, hidden[0], exits[0]))
+    return blocks
+
+
+def drop_layers_(module: Any, blocks: list[Block], drop: set[str]) -> None:
+    """Removes the named layers: what read a dropped layer's output reads its input instead."""
+    replaced: dict[Any, Any] = {}
+    for block in blocks:
+        if block.layer not in drop:
+            continue
+        source = block.entry
+        while source in replaced:
+            source = replaced[source]
+        block.exit.replace_all_uses_with(source)
+        replaced[block.exit] = source
+    # fx keeps unused dropout calls (random, so "impure"): the dropped layers' ops go by hand, in reverse order
+    for node in reversed(list(module.graph.nodes)):
+        if node.op in ("call_function", "call_module", "get_attr") and not node.users and "assert" not in str(node.target):
+            module.graph.erase_node(node)
+    module.delete_all_unused_submodules()
+    module.graph.lint()
+    module.recompile()
+
+
+def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float, needed_by: str) -> tuple[Any, str]:
+    """The teacher with half its layers (its own weights), first and last kept, and with `width` of each kept layer's heads and FFN channels.
+
+    Returns the student and a line saying what it kept.
+    """
+    from slimserve.optimizer.formats.torchmodel import output_shapes
+
+    student = copy.deepcopy(teacher)
+    encoder = find_encoder(student)
+    if encoder is None:
+        raise OptimizerError(f"{needed_by}: the model has no multi-head attention, so no layer-dropping student")
+    if len(encoder.layers) < 2:
+        raise OptimizerError(
+            f"{needed_by}: the model has {len(encoder.layers)} encoder layer(s) with attention named by index "
+            f"({', '.join(encoder.layers) or 'none'}), so there is no layer to drop; give a smaller student as a .pt2 (config student)"
+        )
+    blocks = layer_blocks(student, encoder, needed_by)
+    n = len(encoder.layers)
+    count = (n + 1) // 2
+    keep = [encoder.layers[int(i * (n - 1) / max(1, count - 1) + 0.5)] for i in range(count)]  # evenly from first to last
+    before = output_shapes(student, example)
+    drop_layers_(student, blocks, set(encoder.layers) - set(keep))
+    if output_shapes(student, example) != before:
+        raise OptimizerError(f"{needed_by}: dropping encoder layers changed the model's output shapes; give a student as a .pt2")
+    kept = f"layers {', '.join(keep)} of {len(encoder.layers)}"
+    if width < 1.0:
+        removed = prune_encoder_(student, example, 1.0 - width, needed_by, round_to=8)
+        if removed.heads_after < removed.heads_before or removed.ffn_after < removed.ffn_before:
+            kept += f"; {removed.describe()}"
+    return student, kept
+
+
+def exit_module(module: Any, layer: str) -> str:
+    """The name of a module whose output is the layer's hidden state; an identity is inserted when an op (not a module) ends the layer."""
+    from torch import nn
+
+    encoder = find_encoder(module)
+    assert encoder is not None
+    block = next(b for b in layer_blocks(module, encoder, "distill-feature") if b.layer == layer)
+    if block.exit.op == "call_module":
+        return str(block.exit.target)
+    name = f"{layer}.hidden_state"
+    module.add_submodule(name, nn.Identity())
+    graph = module.graph
+    with graph.inserting_after(block.exit):
+        tap = graph.call_module(name, (block.exit,))
+    tap.meta = dict(block.exit.meta)
+    block.exit.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
+    module.recompile()
+    return name
+
+
+def hidden_state_pairs(student: Any, teacher: Any) -> list[tuple[str, str]]:
+    """(student module, teacher module) whose outputs are matching hidden states, when the student's layers are some of the teacher's.
+
+    Student layer k stands for teacher layers k .. (the next kept one - 1), so it matches the last of them
+    (DistilBERT's layer mapping); empty when the two do not share layer names.
+    """
+    s_enc, t_enc = find_encoder(student), find_encoder(teacher)
+    if s_enc is None or t_enc is None or not s_enc.layers or not set(s_enc.layers) < set(t_enc.layers):
+        return []
+    positions = [t_enc.layers.index(name) for name in s_enc.layers]
+    pairs = []
+    for i, (name, start) in enumerate(zip(s_enc.layers, positions)):
+        end = positions[i + 1] - 1 if i + 1 < len(positions) else len(t_enc.layers) - 1
+        if end < start:
+            return []
+        pairs.append((exit_module(student, name), exit_module(teacher, t_enc.layers[end])))
+    return pairs

@@ -1,0 +1,263 @@
+"""Measures one variant: parameters, bytes, FLOPs, latency and throughput on its serving runtime, accuracy, agreement.
+
+Every variant of a model is measured by `evaluate` the same way, on the runtime that will serve it
+(the caller passes a RuntimeFactory), so that the numbers of a report compare like with like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from slimserve.client.datatypes import DATATYPE_TO_NUMPY
+from slimserve.optimizer.base import (
+    Artifact,
+    OptimizerError,
+    Predictor,
+    ProgressEvent,
+    RuntimeFactory,
+)
+from slimserve.optimizer.counting.model_file import artifact_size, count_flops, count_params, load_model
+from slimserve.optimizer.data import take
+from slimserve.optimizer.evaluation.quality import choose_metric, cosine_per_sample, measure
+from slimserve.optimizer.evaluation.timing import percentiles_ms, time_predict
+
+log = logging.getLogger(__name__)
+
+# Size given to a variable dimension other than the batch when inputs are synthesized.
+SYNTHETIC_DIM = 8
+# Samples synthesized when no data is given (at least the serving batch).
+SYNTHETIC_SAMPLES = 64
+
+
+@dataclass
+class Evaluation:
+    """The measures of one variant; None where a measure does not apply or could not be taken.
+
+    The field names are a contract: the server copies params, nonzero_params, flops,
+    latency_p50_ms, latency_p99_ms, throughput, accuracy and accuracy_delta into its records.
+    """
+
+    params: int | None = None
+    nonzero_params: int | None = None
+    size_bytes: int | None = None
+    flops: float | None = None  # per sample, 2 x multiply-accumulates, as torch.utils.flop_counter counts
+    latency_p50_ms: float | None = None  # batch 1 (or the batch a model is fixed to)
+    latency_p99_ms: float | None = None
+    serving_batch: int | None = None
+    latency_p50_ms_batch: float | None = None  # at serving_batch
+    latency_p99_ms_batch: float | None = None
+    throughput: float | None = None  # samples / s at serving_batch
+    accuracy: float | None = None  # top-1 in [0, 1]; None without labels
+    accuracy_delta: float | None = None  # percentage points against the baseline
+    agreement: float | None = None  # top-1 agreement with the baseline (logits), or mean cosine similarity (embeddings)
+    # The quality the accuracy budget holds (optimizer.quality): metric name, value, worst sample, points lost.
+    quality_metric: str | None = None  # accuracy | top1-agreement | cosine | relative-error
+    quality: float | None = None
+    quality_min: float | None = None  # lowest per-sample cosine similarity (cosine only)
+    quality_drop: float | None = None  # points lost against the baseline in the budget's unit (negative: better)
+    runtime: str | None = None
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        """Reads a saved evaluation; keys this version does not know are ignored, missing ones are None."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate(
+    artifact: Artifact,
+    runtime_factory: RuntimeFactory,
+    data: dict[str, np.ndarray] | None,
+    baseline: Evaluation | None = None,
+    baseline_outputs: np.ndarray | None = None,
+    serving_batch: int = 32,
+    warmup: int = 20,
+    iterations: int = 200,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    metric: str | None = None,
+) -> tuple[Evaluation, np.ndarray | None]:
+    """Measures `artifact` on the runtime `runtime_factory` loads for it.
+
+    Returns the evaluation and the first output of the model on the data (on synthesized inputs
+    when `data` is None), to pass as `baseline_outputs` when the next variants are measured.
+    Latency is the wall time of one `predict` call (time.perf_counter) after `warmup` calls.
+    Quality: by `metric` when given, else the baseline's metric, else one chosen from the output (slimserve.optimizer.evaluation.quality).
+    """
+
+    def step(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(ProgressEvent(stage="evaluate", fraction=fraction, message=message))
+
+    if serving_batch < 1:
+        raise OptimizerError(f"serving batch must be at least 1, got {serving_batch}")
+    if iterations < 1:
+        raise OptimizerError(f"latency needs at least 1 iteration, got {iterations}")
+    step(0.0, f"loading {artifact.path.name} on {artifact.runtime}")
+    predictor = runtime_factory(artifact.path, artifact.runtime)
+    try:
+        evaluation = Evaluation(runtime=artifact.runtime, device=str(getattr(predictor, "device", "cpu")))
+        feeds = model_inputs(predictor, data, max(serving_batch, SYNTHETIC_SAMPLES))
+        fixed_batch = _fixed_batch(predictor)
+        batch = fixed_batch or serving_batch
+        evaluation.serving_batch = batch
+
+        step(0.1, "running the evaluation data")
+        outputs = run_in_batches(predictor, feeds, batch)
+        labels = None if data is None else data.get("labels")
+        output_name = predictor.outputs[0].name if predictor.outputs else ""
+        _score(evaluation, outputs, labels, baseline, baseline_outputs, metric, output_name)
+
+        step(0.4, "latency at batch 1")
+        one = take(feeds, fixed_batch or 1)
+        times = time_predict(predictor, one, warmup, iterations)
+        evaluation.latency_p50_ms, evaluation.latency_p99_ms = percentiles_ms(times)
+        step(0.7, f"latency at batch {batch}")
+        many = take(feeds, batch)
+        times = times if batch == (fixed_batch or 1) else time_predict(predictor, many, warmup, iterations)
+        evaluation.latency_p50_ms_batch, evaluation.latency_p99_ms_batch = percentiles_ms(times)
+        evaluation.throughput = batch / float(np.mean(times))
+
+        step(0.9, "parameters and FLOPs")
+        evaluation.size_bytes = artifact_size(artifact.path, artifact.format)
+        # An exotic graph must not cost the whole evaluation: what cannot be counted stays None.
+        try:
+            model = load_model(artifact.path, artifact.format)
+        except Exception as e:
+            model = None
+            log.warning("%s: not read as a graph, so neither parameters nor FLOPs are counted: %s", artifact.path.name, e)
+        if model is not None:
+            try:
+                evaluation.params, evaluation.nonzero_params = count_params(model, artifact.format)
+            except Exception as e:
+                log.warning("%s: parameters not counted: %s", artifact.path.name, e)
+            try:
+                evaluation.flops = count_flops(model, artifact.format, take(feeds, 1))
+            except Exception as e:
+                log.warning("%s: FLOPs not counted: %s", artifact.path.name, e)
+        step(1.0, "evaluated")
+        return evaluation, outputs
+    finally:
+        unload = getattr(predictor, "unload", None)
+        if callable(unload):
+            unload()
+
+
+def _score(
+    evaluation: Evaluation,
+    outputs: np.ndarray,
+    labels: np.ndarray | None,
+    baseline: Evaluation | None,
+    baseline_outputs: np.ndarray | None,
+    metric: str | None,
+    output_name: str,
+) -> None:
+    requested = metric or (baseline.quality_metric if baseline is not None else None)
+    chosen = choose_metric(outputs, labels, output_name, requested)
+    # A baseline saved before quality was recorded still holds its accuracy.
+    base_value = None if baseline is None else (baseline.accuracy if chosen == "accuracy" else baseline.quality)
+    quality = measure(chosen, outputs, labels, baseline_outputs, base_value)
+    evaluation.quality_metric, evaluation.quality, evaluation.quality_min = quality.metric, quality.value, quality.worst
+    evaluation.quality_drop = quality.drop if baseline is not None else None
+    if labels is not None and outputs.ndim == 2 and outputs.shape[1] > 1:  # accuracy whenever it applies, whatever the budget holds
+        evaluation.accuracy = measure("accuracy", outputs, labels, None, None).value
+        if baseline is not None and baseline.accuracy is not None:
+            evaluation.accuracy_delta = (evaluation.accuracy - baseline.accuracy) * 100.0  # type: ignore[operator]
+    if baseline_outputs is not None:
+        if chosen in ("cosine", "top1-agreement"):
+            evaluation.agreement = quality.value
+        elif chosen == "accuracy":
+            evaluation.agreement = agreement(outputs, baseline_outputs)
+
+
+def agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """Top-1 agreement for classifier logits [N, classes]; otherwise the mean cosine similarity per sample."""
+    if outputs.ndim == 2 and outputs.shape[1] > 1:
+        return float(np.mean(outputs.argmax(axis=1) == reference.argmax(axis=1)))
+    return float(np.mean(cosine_per_sample(outputs, reference)))
+
+
+# --------------------------------------------------------------------------------------------
+# inputs and running
+
+
+def model_inputs(
+    predictor: Predictor, data: dict[str, np.ndarray] | None, synthetic_samples: int = SYNTHETIC_SAMPLES
+) -> dict[str, np.ndarray]:
+    """The arrays to feed, one per model input, cast to the input's datatype; synthesized when there is no data."""
+    specs = list(predictor.inputs)
+    if data is None:
+        return synthesize_inputs(specs, synthetic_samples)
+    arrays = {k: v for k, v in data.items() if k != "labels"}
+    feeds = {}
+    for spec in specs:
+        array = arrays.get(spec.name)
+        if array is None and len(specs) == 1 and len(arrays) == 1:
+            array = next(iter(arrays.values()))  # one input, one array: the names need not match
+        if array is None:
+            raise OptimizerError(f"evaluation data has no array for input '{spec.name}' (it holds: {', '.join(sorted(data)) or 'nothing'})")
+        dtype = DATATYPE_TO_NUMPY.get(spec.datatype)
+        feeds[spec.name] = np.ascontiguousarray(array if dtype is None else array.astype(dtype, copy=False))
+    sizes = {len(v) for v in feeds.values()}
+    if len(sizes) > 1:
+        raise OptimizerError(f"evaluation data: the inputs hold different numbers of samples ({sorted(sizes)})")
+    if 0 in sizes:
+        raise OptimizerError("evaluation data holds no samples")
+    return feeds
+
+
+def synthesize_inputs(specs: list[Any], samples: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs from specs: the batch dimension gets `samples`, other variable dimensions SYNTHETIC_DIM."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        dims = list(spec.shape)
+        shape = [samples if (i == 0 and d < 0) else (SYNTHETIC_DIM if d < 0 else d) for i, d in enumerate(dims)]
+        dtype = np.dtype(DATATYPE_TO_NUMPY.get(spec.datatype, np.float32))
+        if dtype.kind == "f":
+            array = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            array = rng.integers(0, 10, shape).astype(dtype)
+        elif dtype.kind == "b":
+            array = rng.integers(0, 2, shape).astype(bool)
+        else:
+            array = np.full(shape, b"a", dtype=object)
+        feeds[spec.name] = array
+    return feeds
+
+
+def _fixed_batch(predictor: Predictor) -> int | None:
+    """The batch size the model is fixed to, or None when its first dimension is variable."""
+    first = next(iter(predictor.inputs)).shape if predictor.inputs else ()
+    return int(first[0]) if first and first[0] > 0 else None
+
+
+def _first_output(predictor: Predictor, result: dict[str, np.ndarray]) -> np.ndarray:
+    name = predictor.outputs[0].name if predictor.outputs else next(iter(result))
+    return np.asarray(result[name])
+
+
+def run_in_batches(predictor: Predictor, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    """The first output over all samples, computed `batch` samples at a time (the last batch padded)."""
+    n = len(next(iter(feeds.values())))
+    chunks = []
+    for start in range(0, n, batch):
+        part = {k: v[start : start + batch] for k, v in feeds.items()}
+        size = len(next(iter(part.values())))
+        if size < batch and _fixed_batch(predictor) is not None:
+            part = take(part, batch)
+        chunks.append(_first_output(predictor, predictor.predict(part))[:size])
+    return np.concatenate(chunks, axis=0)

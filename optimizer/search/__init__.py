@@ -1,0 +1,1 @@
+"""The `auto` search and the accuracy budget's bisection."""

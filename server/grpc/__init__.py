@@ -1,0 +1,1 @@
+"""The gRPC transport: servicers, the protobuf converters, the error edge and authentication."""

@@ -1,0 +1,330 @@
+"""Protobuf <-> domain mapping for every servicer; with converters_triton.py (Triton's extensions), the only modules that build messages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from functools import partial
+from typing import Any
+
+from slimserve.client import codec
+from slimserve.protos import inference_pb2 as pb
+from slimserve.protos import slimserve_pb2 as spb
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.inference.dataplane import InferRequest, InferResult, ModelMetadata
+from slimserve.server.inference.shared_memory import ShmInput, ShmRef
+from slimserve.server.management.control import Comparison
+from slimserve.server.management.jobs import JobDone, JobRequest
+from slimserve.server.rollout.plan import RolloutPlan, plan_from_json
+from slimserve.server.rollout.state import RolloutState
+from slimserve.server.runtimes import TensorSpec, platform_of
+from slimserve.server.store.manifest import ModelInfo, VariantInfo
+from slimserve.server.store.traffic import TrafficPolicy
+from slimserve.server.store.upload import UploadFile, UploadHeader
+from slimserve.server.telemetry.statistics import FeedbackResult
+
+# Evaluation fields copied into VariantRecord; the rest travel in evaluation_json.
+EVALUATION_FIELDS = (
+    "params",
+    "nonzero_params",
+    "flops",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "throughput",
+    "accuracy",
+    "accuracy_delta",
+)
+
+
+def tensor_spec(spec: TensorSpec) -> spb.TensorSpec:
+    return spb.TensorSpec(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+def variant_record(v: VariantInfo) -> spb.VariantRecord:
+    record = spb.VariantRecord(
+        name=v.name,
+        recipe=v.recipe,
+        parent=v.parent,
+        runtime=v.runtime,
+        status=v.status,
+        message=v.message,
+        format=v.format,
+        created_at=v.created_at,
+        size_bytes=v.size_bytes,
+        evaluation_json=json.dumps(v.evaluation, sort_keys=True),
+    )
+    for name in EVALUATION_FIELDS:
+        value = v.evaluation.get(name)
+        if value is not None:
+            setattr(record, name, value)
+    return record
+
+
+def model_record(info: ModelInfo) -> spb.ModelRecord:
+    return spb.ModelRecord(
+        name=info.name,
+        format=info.format,
+        description=info.description,
+        created_at=info.created_at,
+        inputs=[tensor_spec(s) for s in info.inputs],
+        outputs=[tensor_spec(s) for s in info.outputs],
+        variants=[variant_record(v) for v in info.variants.values()],
+        datasets=info.datasets,
+        default_variant=info.default_variant,
+        traffic=traffic_policy(info.name, info.traffic),
+    )
+
+
+def model_list(infos: list[ModelInfo]) -> spb.ListModelsResponse:
+    return spb.ListModelsResponse(models=[model_record(i) for i in infos])
+
+
+def traffic_policy(model: str, policy: TrafficPolicy) -> spb.TrafficPolicy:
+    return spb.TrafficPolicy(
+        model=model,
+        weights=policy.weights,
+        shadows=list(policy.shadows),
+        sticky_parameter=policy.sticky_parameter or "",
+        can_rollback=policy.can_rollback,
+    )
+
+
+def upload_header(header: spb.RegisterHeader) -> UploadHeader:
+    return UploadHeader(
+        name=header.name,
+        files=tuple(UploadFile(f.role, f.filename, f.size_bytes, f.sha256) for f in header.files),
+        description=header.description,
+    )
+
+
+async def upload(messages: AsyncIterator[spb.RegisterRequest]) -> tuple[UploadHeader, AsyncIterator[tuple[int, bytes]]]:
+    """A Register stream as its header and its (file index, bytes) chunks, read as the receiver asks for them."""
+    first = await anext(aiter(messages), None)
+    if first is None or first.WhichOneof("payload") != "header":
+        raise InvalidArgument("a Register stream starts with a RegisterHeader message")
+
+    async def chunks() -> AsyncIterator[tuple[int, bytes]]:
+        async for message in messages:
+            if message.WhichOneof("payload") != "chunk":
+                raise InvalidArgument("only FileChunk messages may follow the RegisterHeader")
+            yield message.chunk.file_index, message.chunk.data
+
+    return upload_header(first.header), chunks()
+
+
+def job_request(request: spb.OptimizeRequest) -> JobRequest:
+    return JobRequest(
+        model=request.model,
+        recipe=request.recipe,
+        recipe_json=request.recipe_json,
+        variant_name=request.variant_name,
+        accuracy_budget=request.accuracy_budget if request.HasField("accuracy_budget") else None,
+        parent=request.parent,
+        keep_over_budget=request.keep_over_budget,
+    )
+
+
+SHM_PARAMETERS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+
+
+def _shm_ref(what: str, parameters: Any) -> ShmRef | None:
+    """A tensor's shared-memory parameters, or None when it travels in the message."""
+    if "shared_memory_region" not in parameters:
+        return None
+    region, offset, size = (codec.parameter_value(parameters[k]) if k in parameters else None for k in SHM_PARAMETERS)
+    if not isinstance(region, str) or not isinstance(size, int) or not isinstance(offset, int | None):
+        raise InvalidArgument(f"{what}: shared memory needs shared_memory_region (string) and shared_memory_byte_size (int64)")
+    return ShmRef(region, offset or 0, size)
+
+
+def infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    """The request as the data plane takes it: parameters as plain values, tensors decoded once it is routed.
+
+    Per-tensor parameters (shared memory, classification) are looked at only where a tensor has any:
+    each protobuf field read costs a fraction of a microsecond, and most requests carry none."""
+    inputs = request.inputs
+    shm_inputs = None
+    for tensor in inputs:
+        if tensor.parameters:
+            ref = _shm_ref(f"input '{tensor.name}'", tensor.parameters)
+            if ref is not None:
+                shm_inputs = shm_inputs or {}
+                shm_inputs[tensor.name] = ShmInput(ref, tensor.datatype, tuple(tensor.shape))
+    decode = partial(codec.decode_request_inputs, request)
+    if shm_inputs:  # the others alone, with their raw entries (a shared-memory input has none)
+        rest = pb.ModelInferRequest(inputs=[t for t in inputs if t.name not in shm_inputs], raw_input_contents=request.raw_input_contents)
+        decode = partial(codec.decode_request_inputs, rest)
+    outputs = request.outputs
+    names = classification = shm_outputs = None
+    if outputs:
+        names = [o.name for o in outputs]
+        for output in outputs:
+            if not output.parameters:
+                continue
+            if "classification" in output.parameters:
+                k = codec.parameter_value(output.parameters["classification"])
+                if not isinstance(k, int) or isinstance(k, bool):
+                    raise InvalidArgument(f"output '{output.name}': classification (class_count) must be an int64")
+                classification = classification or {}
+                classification[output.name] = k
+            ref = _shm_ref(f"output '{output.name}'", output.parameters)
+            if ref is not None:
+                shm_outputs = shm_outputs or {}
+                shm_outputs[output.name] = ref
+    parameters = request.parameters
+    return InferRequest(
+        request.model_name,
+        request.model_version,
+        request.id,
+        decode,
+        names,
+        {k: codec.parameter_value(v) for k, v in parameters.items()} if parameters else None,
+        classification,
+        shm_inputs,
+        shm_outputs,
+    )
+
+
+def infer_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
+    # The id a client gave, or the one the server made up: feedback refers to the request by it.
+    response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=result.request_id)
+    # Every output in raw_output_contents, whatever the request used, as Triton answers: its C++ client indexes
+    # raw_output_contents unconditionally and tritonclient's as_numpy decodes numeric outputs only from raw.
+    in_shared_memory = result.in_shared_memory
+    specs = result.specs
+    for name, array in result.outputs.items():
+        if in_shared_memory and name in in_shared_memory:  # written to the region: described, with an empty raw entry to keep the order
+            response.outputs.add(name=name, datatype=specs[name].datatype, shape=list(array.shape))
+            response.raw_output_contents.append(b"")
+            continue
+        codec.fill_output(response, name, array, raw=True, datatype=specs[name].datatype)
+    return response
+
+
+def tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+def model_metadata(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=meta.versions,
+        platform=platform_of(meta.runtime),
+        inputs=[tensor_metadata(s) for s in meta.inputs],
+        outputs=[tensor_metadata(s) for s in meta.outputs],
+    )
+
+
+def optimize_event(job_id: str, event: Any) -> spb.OptimizeEvent:
+    if isinstance(event, JobDone):
+        done = spb.JobDone(variant=variant_record(event.variant), report_json=json.dumps(event.report))
+        return spb.OptimizeEvent(job_id=job_id, done=done)
+    progress = spb.JobProgress(stage=event.stage, fraction=event.fraction, message=event.message)
+    for name in ("epoch", "loss", "accuracy"):
+        value = getattr(event, name)
+        if value is not None:
+            setattr(progress, name, value)
+    return spb.OptimizeEvent(job_id=job_id, progress=progress)
+
+
+def feedback_response(result: FeedbackResult) -> spb.FeedbackResponse:
+    return spb.FeedbackResponse(variant=result.variant, correct=result.correct)
+
+
+def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
+    return spb.JobRecord(
+        id=job["id"],
+        model=model,
+        variant=job["variant"],
+        recipe=job["recipe"],
+        status=job["status"],
+        message=job.get("message", ""),
+        started_at=job.get("started_at", ""),
+        finished_at=job.get("finished_at", ""),
+    )
+
+
+def job_list(jobs: list[tuple[str, dict[str, Any]]]) -> spb.ListJobsResponse:
+    return spb.ListJobsResponse(jobs=[job_record(model, job) for model, job in jobs])
+
+
+def compare_response(comparison: Comparison) -> spb.CompareResponse:
+    """Rows of slimserve.server.telemetry.statistics.compare_rows as a CompareResponse; a None (no data yet) leaves the field unset."""
+    response = spb.CompareResponse(model=comparison.model, node_type=comparison.node_type, price_per_hour=comparison.price_per_hour)
+    for row in comparison.rows:
+        row = dict(row)
+        ci = row.pop("online_accuracy_ci", None)
+        if ci is not None:
+            row["online_accuracy_low"], row["online_accuracy_high"] = ci
+        row["latency_verdict"] = row.get("latency_verdict") or ""
+        row["accuracy_verdict"] = row.get("accuracy_verdict") or ""
+        response.variants.add(**{k: v for k, v in row.items() if v is not None})
+    return response
+
+
+def stream_answer(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+    """A stream's answer: one response per request, so each is its request's final one (Triton's
+    `triton_final_response`, which clients of decoupled-style streams read until true)."""
+    response.parameters["triton_final_response"].bool_param = True
+    return pb.ModelStreamInferResponse(infer_response=response)
+
+
+def stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A failed request of a stream: its error, and the request's model, version and id so the client can match it."""
+    failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    failed.parameters["triton_final_response"].bool_param = True
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+
+# ---------------------------------------------------------------------- rollout
+
+
+def rollout_plan(request: spb.RolloutStartRequest) -> RolloutPlan:
+    """The plan file's JSON with the request's overrides (steps, min_requests, max_stage_s, alpha) applied and checked."""
+    plan = plan_from_json(request.plan_json)
+    overrides: dict[str, Any] = {}
+    if request.steps:
+        overrides["steps"] = tuple(request.steps)
+    for name in ("min_requests", "max_stage_s", "alpha"):
+        if request.HasField(name):
+            overrides[name] = getattr(request, name)
+    return replace(plan, **overrides) if overrides else plan
+
+
+def rollout_status(r: RolloutState) -> spb.RolloutStatus:
+    record = r.record()
+    out = spb.RolloutStatus(
+        model=r.model,
+        state=r.state,
+        variant=r.variant,
+        control=r.control,
+        weight=r.weight,
+        requests=record["requests"],
+        reason=r.reason,
+        source=r.source,
+        started_at=record["started_at"],
+        finished_at=record["finished_at"] or "",
+        plan_json=json.dumps(record["plan"], sort_keys=True),
+    )
+    for g in r.gates:
+        out.gates.add(
+            name=g.name,
+            decision=g.decision,
+            threshold=g.threshold,
+            evidence=g.evidence,
+            **({"statistic": g.statistic} if g.statistic is not None else {}),
+        )
+    for e in record["history"]:
+        optional = {k: e[k] for k in ("statistic", "threshold") if e[k] is not None}
+        out.history.add(
+            time=e["time"],
+            kind=e["kind"],
+            state=e["state"],
+            weight=e["weight"],
+            message=e["message"],
+            gate=e["gate"],
+            evidence=e["evidence"],
+            **optional,
+        )
+    return out

@@ -1,0 +1,124 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol, plus its model repository extension."""
+
+from __future__ import annotations
+
+import grpc
+
+from slimserve.protos import inference_pb2 as pb
+from slimserve.protos import inference_pb2_grpc as pb_grpc
+from slimserve.server import __version__
+from slimserve.server.grpc import converters
+from slimserve.server.grpc import triton_converters as converters_triton
+from slimserve.server.grpc.edge import MalformedRequest, abort_with, checks_decoding, grpc_errors, refuse_malformed
+from slimserve.server.grpc.servicers import stream
+from slimserve.server.inference.dataplane import DataPlane
+from slimserve.server.management.control import Control
+
+# What ServerMetadata lists on both ports (REST adds binary_tensor_data: server/http/routes.py): perf_analyzer reads
+# server-side statistics only when `statistics` is there.
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "system_shared_memory", "statistics", "logging"]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, control: Control) -> None:
+        self.dataplane = dataplane
+        self.control = control
+
+    @grpc_errors
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @grpc_errors
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.dataplane.ready)
+
+    @grpc_errors
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.dataplane.is_ready(request.name, request.version))
+
+    @grpc_errors
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=self.control.server_name, version=__version__, extensions=EXTENSIONS)
+
+    @grpc_errors
+    async def ModelMetadata(self, request, context):
+        return converters.model_metadata(self.dataplane.metadata(request.name, request.version))
+
+    @checks_decoding
+    async def ModelInfer(self, request, context):
+        # What checked_handler and @grpc_errors would wrap around it, written inline, and the body of _infer rather
+        # than a call to it: one coroutine a request instead of four (python -m bench.bench_hotpath).
+        if type(request) is MalformedRequest:
+            await refuse_malformed(context, request)
+        try:
+            return converters.infer_response(request, await self.dataplane.serve(converters.infer_request(request)))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(exc, context, "InferenceServicer.ModelInfer")
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        return converters.infer_response(request, await self.dataplane.serve(converters.infer_request(request)))
+
+    @grpc_errors
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming API: every request is answered on the stream as soon as its answer is ready (servicers/stream.py)."""
+        async for answer in stream.pump(request_iterator, self._infer):
+            yield answer
+
+    @grpc_errors
+    async def RepositoryIndex(self, request, context):
+        return converters_triton.repository_index(self.control.repository_index(request.ready))
+
+    @grpc_errors
+    async def RepositoryModelLoad(self, request, context):
+        config, files = converters_triton.load_parameters(request)
+        await self.control.load_model(request.model_name, config, files)
+        return pb.RepositoryModelLoadResponse()
+
+    @grpc_errors
+    async def RepositoryModelUnload(self, request, context):
+        await self.control.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @grpc_errors
+    async def ModelConfig(self, request, context):
+        return converters_triton.model_config(self.control.model_config(request.name, request.version))
+
+    @grpc_errors
+    async def ModelStatistics(self, request, context):
+        return converters_triton.model_statistics(self.control.statistics(request.name, request.version))
+
+    @grpc_errors
+    async def SystemSharedMemoryStatus(self, request, context):
+        return converters_triton.shared_memory_status(self.control.shared_memory_status(request.name))
+
+    @grpc_errors
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.control.register_shared_memory(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @grpc_errors
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.control.unregister_shared_memory(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @grpc_errors
+    async def CudaSharedMemoryStatus(self, request, context):
+        self.control.cuda_shared_memory_status(request.name)  # none is ever registered
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @grpc_errors
+    async def CudaSharedMemoryRegister(self, request, context):
+        self.control.register_cuda_shared_memory(request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @grpc_errors
+    async def CudaSharedMemoryUnregister(self, request, context):
+        self.control.unregister_cuda_shared_memory(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    @grpc_errors
+    async def LogSettings(self, request, context):
+        values = converters_triton.log_settings_values(request)
+        return converters_triton.log_settings(self.control.update_log_settings(values) if values else self.control.log_settings())

@@ -1,0 +1,433 @@
+"""The data plane: routes an inference request to a loaded variant, checks its inputs, and runs it.
+
+Loading and swapping live in server/inference/loader.py, shadow mirroring in server/inference/shadow.py, and what is
+measured in server/telemetry/recording.py; this module holds the per-request path that ties them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+
+from slimserve.client.codec import DATATYPE_TO_NUMPY, TensorCodecError, datatype_of
+from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.batching.batcher import DynamicBatcher
+from slimserve.server.errors import ErrorKind, FailedPrecondition, InvalidArgument, NotFound, SlimServeError, Unavailable
+from slimserve.server.inference import classification
+from slimserve.server.inference.loaded import LoadedModel, ServedVariant, UnloadedVariant, VariantUnloaded
+from slimserve.server.inference.loader import ModelLoader
+from slimserve.server.inference.model_config import ModelConfigView, ServingOverride, batchable, config_view
+from slimserve.server.inference.shadow import ShadowMirror, top1
+from slimserve.server.inference.shared_memory import SharedMemoryRegistry, ShmInput, ShmRef
+from slimserve.server.runtimes import Runtime, RuntimeConfig, TensorSpec
+from slimserve.server.store.repository import Repository
+from slimserve.server.telemetry.metrics import Metrics
+from slimserve.server.telemetry.recording import VariantRecorder
+from slimserve.server.telemetry.statistics import FeedbackStore, VariantStats
+
+log = logging.getLogger(__name__)
+
+_NO_SHADOWS: tuple[ServedVariant, ...] = ()
+
+
+# The per-request records are slotted and not frozen: a frozen dataclass's __init__ sets each field through
+# object.__setattr__, about a microsecond a request for these three. Nothing changes them once made.
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One inference request, decoded from its protocol (server/grpc/converters.py builds it)."""
+
+    model: str
+    version: str  # a variant name or its integer version; empty: the router chooses
+    id: str  # the client's id; empty: the server makes one up
+    # Decodes the input tensors; called once the request is routed, so that a malformed tensor counts as
+    # the variant's INVALID_ARGUMENT like every other refused request.
+    decode_inputs: Callable[[], dict[str, np.ndarray]]
+    outputs: list[str] | None = None  # the outputs asked for; None: all
+    parameters: Mapping[str, Any] | None = None  # plain python values (str, int, float, bool)
+    classification: Mapping[str, int] | None = None  # output -> class_count (Triton's classification extension)
+    shm_inputs: Mapping[str, ShmInput] | None = None  # inputs read from registered shared memory
+    shm_outputs: Mapping[str, ShmRef] | None = None  # outputs written to registered shared memory
+
+
+@dataclass(slots=True)
+class Call:
+    """One inference request's destination, fixed when it arrives (a swap later does not move it)."""
+
+    model: str
+    variant: str
+    runtime: Runtime
+    batcher: DynamicBatcher
+    request_id: str
+    feedback: FeedbackStore
+    # Variants mirroring this request (routed traffic only; a request pinned by model_version is not mirrored).
+    shadows: tuple[ServedVariant, ...] = ()
+    recorder: VariantRecorder | None = None  # where the request is counted (serve counts it)
+
+
+@dataclass(slots=True)
+class InferResult:
+    model: str
+    variant: str
+    outputs: dict[str, np.ndarray]
+    specs: dict[str, TensorSpec]
+    request_id: str  # the client's id, or the one the server gave the request
+    in_shared_memory: frozenset[str] = frozenset()  # outputs written to shared memory (answered without data)
+
+
+@dataclass(frozen=True)
+class VersionStatistics:
+    """ModelStatistics of one served variant (Triton's version), cumulative since it was loaded."""
+
+    model: str
+    version: int
+    variant: str
+    stats: VariantStats
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What ModelMetadata answers: the model's served variants and the inputs / outputs of the one asked for."""
+
+    name: str
+    versions: list[str]  # integer versions, then variant names
+    runtime: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def check_inputs(model: str, specs: list[TensorSpec], arrays: dict[str, np.ndarray]) -> None:
+    """Names, datatypes and shapes of a request against the model's inputs, with a precise message."""
+    # The common case first, in plain comparisons: each input present once, of exactly its numpy dtype (which
+    # also fixes its datatype: the table is one to one) and of a fitting shape. Anything else is looked at
+    # closely below, which passes what it should (BYTES given as str arrays) and names what is wrong.
+    if len(arrays) == len(specs):
+        for spec in specs:
+            array = arrays.get(spec.name)
+            if array is None or array.dtype != DATATYPE_TO_NUMPY[spec.datatype] or not _fits(spec.shape, array.shape):
+                break
+        else:
+            return
+    expected = {s.name for s in specs}
+    extra = [n for n in arrays if n not in expected]
+    if extra:
+        raise InvalidArgument(
+            f"model '{model}' has no input {', '.join(repr(e) for e in extra)}; its inputs are: "
+            + ", ".join(f"'{s.name}' {s.describe()}" for s in specs)
+        )
+    for spec in specs:
+        array = arrays.get(spec.name)
+        if array is None:
+            raise InvalidArgument(f"input '{spec.name}' is missing: model '{model}' expects {spec.describe()}")
+        want = DATATYPE_TO_NUMPY[spec.datatype]
+        got_type = datatype_of(array)
+        if got_type != spec.datatype or not _fits(spec.shape, array.shape):
+            raise InvalidArgument(
+                f"input '{spec.name}': expected {spec.describe()}, got {got_type} [{','.join(str(d) for d in array.shape)}]"
+            )
+        if want.kind != "O" and array.dtype != want:
+            raise InvalidArgument(f"input '{spec.name}': expected {spec.describe()}, got numpy {array.dtype}")
+
+
+def _fits(expected: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """A shape against a spec's, -1 matching any extent."""
+    if len(expected) != len(shape):
+        return False
+    for want, got in zip(expected, shape):  # noqa: SIM110  a loop, not all() over a generator: half the cost
+        if want != got and want != -1:
+            return False
+    return True
+
+
+class DataPlane:
+    """Routes and runs inference requests over the models the loader holds. Knows nothing of gRPC."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        runtime_config: RuntimeConfig,
+        metrics: Metrics,
+        compute_threads: int = 2,
+        batching: BatchingConfig | None = None,
+        inline_compute_s: float = 0.5e-3,
+        max_concurrent_calls: int = 1,
+        unload_idle_s: float = 0.0,
+    ) -> None:
+        self.repository = repository
+        self.executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="compute")
+        self._background: set[asyncio.Task] = set()  # batchers closing, shadow calls
+        self.loader = ModelLoader(
+            repository,
+            runtime_config,
+            metrics,
+            self.executor,
+            self._spawn,
+            batching or BatchingConfig(),
+            inline_compute_s,
+            max_concurrent_calls,
+            unload_idle_s,
+        )
+        self.shadows = ShadowMirror(self._spawn)
+        self.shared_memory = SharedMemoryRegistry()
+        # Ids for requests that came without one: a per-process random prefix and a counter
+        # (uuid4 per request costs a getrandom() system call).
+        self._id_prefix = uuid.uuid4().hex[:12] + "-"
+        self._id_counter = itertools.count(1)
+        self.ready = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        for name in self.repository.names():
+            try:
+                await self.load_model(name)
+            except Exception as e:  # one broken model must not keep the others from serving
+                log.error("model '%s' failed to load: %s", name, e)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for name in list(self.models):
+            await self.unload_model(name)
+        if self._background:  # batchers finishing their queues; shadows finishing their calls
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self.executor.shutdown(wait=True)
+        self.shared_memory.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def run_blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    @property
+    def models(self) -> Mapping[str, LoadedModel]:
+        """The loaded models by name (read-only: change the set with load_model / refresh / unload_model)."""
+        return self.loader.models
+
+    async def load_model(self, name: str, override: ServingOverride | None = None) -> LoadedModel:
+        """Loads every ready variant afresh and swaps them in (RepositoryModelLoad), with the serving settings a load
+        `config` gave (None: the server's own); statistics of a loaded one are kept."""
+        return await self.loader.load(name, override=override)
+
+    async def refresh(self, name: str) -> LoadedModel:
+        """Re-reads a model's manifest after a change (new variant, new routing); loads only what is new."""
+        return await self.loader.load(name, reuse=True)
+
+    async def unload_model(self, name: str) -> None:
+        await self.loader.unload(name)
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self.loader.models
+
+    # ------------------------------------------------------------------ queries
+
+    def loaded_model(self, name: str) -> LoadedModel:
+        loaded = self.loader.models.get(name)
+        if loaded is None:
+            if name in self.repository.names():
+                raise Unavailable(f"model '{name}' is registered but not loaded; load it with RepositoryModelLoad")
+            raise NotFound(f"Request for unknown model: '{name}' is not registered")
+        return loaded
+
+    def resolve(self, name: str, version: str) -> tuple[LoadedModel, ServedVariant]:
+        """The variant `version` names, or the one the router's largest share goes to."""
+        loaded = self.loaded_model(name)
+        variant = version or loaded.info.default_variant
+        if not version and loaded.router is not None and variant not in loaded.variants:
+            variant = loaded.router.choose(None)
+        return loaded, loaded.pinned(variant)
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.resolve(name, version)
+        except (NotFound, FailedPrecondition, Unavailable):
+            return False
+        return True
+
+    def _described(self, name: str, version: str) -> tuple[LoadedModel, ServedVariant | UnloadedVariant]:
+        """The variant `version` names as `resolve` finds it, or its record while it is unloaded (what it serves when pinned)."""
+        try:
+            return self.resolve(name, version)
+        except VariantUnloaded as e:
+            loaded = self.loaded_model(name)
+            return loaded, loaded.unloaded[e.variant]
+
+    def metadata(self, name: str, version: str) -> ModelMetadata:
+        loaded, served = self._described(name, version)
+        inputs, outputs = (
+            (served.inputs, served.outputs) if isinstance(served, UnloadedVariant) else (served.runtime.inputs, served.runtime.outputs)
+        )
+        info = loaded.info
+        # Every variant that takes requests by its integer version (as Triton's tools expect), then by its name (both pin it).
+        ready = [v for v in info.variants if v in loaded.variants or v in loaded.unloaded]
+        versions = [str(info.variants[v].version) for v in ready] + ready
+        return ModelMetadata(name, versions, info.variants[served.name].runtime, inputs, outputs)
+
+    def model_config(self, name: str, version: str = "") -> ModelConfigView:
+        """Triton's ModelConfig of the variant `version` names (or the router's main one), as it serves now (or will serve,
+        when unloaded while idle)."""
+        loaded, served = self._described(name, version)
+        info = loaded.info.variants[served.name]
+        override = self.loader.overrides.get(name)  # input formats and label files a load `config` declared
+        if isinstance(served, UnloadedVariant):
+            return config_view(name, info, served.inputs, served.outputs, served.batching, served.calls, served.device, override)
+        batcher = served.batcher
+        runtime = served.runtime
+        return config_view(
+            name,
+            info,
+            runtime.inputs,
+            runtime.outputs,
+            batcher.config,
+            batcher.max_concurrency,
+            runtime.device,
+            override,
+            runtime.config_parameters,
+        )
+
+    def statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
+        """Triton's ModelStatistics: every served variant of every loaded model, or of one model, or one variant."""
+        if version and not name:
+            raise InvalidArgument("statistics: a version needs a model name")
+        rows = []
+        for loaded in [self.loaded_model(name)] if name else list(self.loader.models.values()):
+            if version:
+                try:
+                    served: list[ServedVariant | UnloadedVariant] = [loaded.pinned(version)]
+                except VariantUnloaded as e:
+                    served = [loaded.unloaded[e.variant]]
+            else:
+                served = [*loaded.variants.values(), *loaded.unloaded.values()]
+            rows.extend(VersionStatistics(loaded.name, loaded.info.variants[s.name].version, s.name, s.stats) for s in served)
+        return rows
+
+    # ------------------------------------------------------------------ inference
+
+    async def serve(self, request: InferRequest) -> InferResult:
+        """One inference request, routed, counted and run (with shared memory and classification when asked).
+
+        Written out flat rather than through an async context manager and nested coroutines: each
+        of those costs a microsecond or more a request (`python -m bench.bench_hotpath`)."""
+        try:
+            call = self.route(request.model, request.version, request.parameters, request.id)
+        except VariantUnloaded as e:  # pinned, out of memory while idle: this request waits for it to load (free when loaded)
+            await self.loader.reload(e.model, e.variant)
+            call = self.route(request.model, request.version, request.parameters, request.id)
+        recorder = call.recorder
+        start = perf_counter()
+        code = "OK"
+        recorder.begin()
+        try:
+            inputs = request.decode_inputs()
+            if request.shm_inputs:
+                inputs.update(self.shared_memory.read_inputs(request.shm_inputs))
+            counts = request.classification
+            if counts:
+                batched = batchable(call.runtime.inputs)
+                specs = {s.name: s for s in call.runtime.outputs}
+                unknown = [o for o in counts if o not in specs]
+                if unknown:
+                    raise InvalidArgument(f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}")
+                classification.check(specs, counts, batched)
+            specs = self._checked(call, inputs, request.outputs)
+            result = self._answered(call, inputs, request.outputs, specs, await call.batcher.submit(inputs, request.outputs))
+            if counts:
+                override = self.loader.overrides.get(call.model)
+                labels = override.labels if override is not None else None
+                outputs, specs = classification.apply(result.outputs, result.specs, counts, batched, labels)
+                result = replace(result, outputs=outputs, specs=specs)
+            if request.shm_outputs:
+                for name, ref in request.shm_outputs.items():
+                    if name not in result.outputs:
+                        raise InvalidArgument(f"output '{name}' in shared memory was not asked for or does not exist")
+                    self.shared_memory.write_output(name, result.outputs[name], result.specs[name].datatype, ref)
+                result = replace(result, in_shared_memory=frozenset(request.shm_outputs))
+            return result
+        except BaseException as e:
+            code = outcome_code(e)
+            raise
+        finally:
+            recorder.record(code, perf_counter() - start)
+
+    def route(self, name: str, version: str, parameters: Mapping[str, Any] | None = None, request_id: str = "") -> Call:
+        """The variant a request goes to (pinned by `version`, or the router's choice) and its shadows; not yet counted."""
+        loaded = self.loader.models.get(name) or self.loaded_model(name)  # the second says why there is none
+        shadows = _NO_SHADOWS
+        if version:
+            served = loaded.pinned(version)  # VariantUnloaded when idle and out of memory: `serve` loads it and routes again
+        else:
+            router = loaded.router
+            if router is None:
+                raise Unavailable(f"model '{name}' has no variant loaded that can take traffic")
+            served = loaded.variants[router.choose_for(parameters) if parameters else router.choose()]
+            if router.shadows:
+                shadows = tuple(loaded.variants[s] for s in router.shadows if s in loaded.variants)
+        return Call(
+            name,
+            served.name,
+            served.runtime,
+            served.batcher,
+            request_id or f"{self._id_prefix}{next(self._id_counter)}",
+            loaded.feedback,
+            shadows,
+            served.recorder,
+        )
+
+    async def infer(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> InferResult:
+        """Checks and runs decoded inputs on the call's variant (what `serve` does between decode and encode); not counted."""
+        specs = self._checked(call, inputs, outputs)
+        return self._answered(call, inputs, outputs, specs, await call.batcher.submit(inputs, outputs))
+
+    def _checked(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, TensorSpec]:
+        """The inputs against the variant's, the outputs asked for against its outputs; its output specs by name."""
+        runtime = call.runtime
+        check_inputs(call.model, runtime.inputs, inputs)
+        specs = {s.name: s for s in runtime.outputs}
+        if outputs:
+            unknown = [o for o in outputs if o not in specs]
+            if unknown:
+                raise InvalidArgument(
+                    f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}; its outputs are: {', '.join(specs)}"
+                )
+        return specs
+
+    def _answered(
+        self,
+        call: Call,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        specs: dict[str, TensorSpec],
+        result: dict[str, np.ndarray],
+    ) -> InferResult:
+        """The answer's top-1 kept for feedback and handed to the shadows."""
+        predicted = top1(result)
+        if predicted is not None and predicted.shape[0] == 1:
+            call.feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
+        if call.shadows:
+            self.shadows.mirror(call.model, call.request_id, call.shadows, call.feedback, inputs, outputs, predicted)
+        return InferResult(call.model, call.variant, result, specs, call.request_id)
+
+
+def outcome_code(error: BaseException) -> str:
+    """The `code` a failed request is counted under: its error kind, or what a codec error, a cancel or a bug means."""
+    if isinstance(error, SlimServeError):
+        return error.kind.name
+    if isinstance(error, TensorCodecError):
+        return ErrorKind.INVALID_ARGUMENT.name
+    if isinstance(error, asyncio.CancelledError):  # the caller went away or its deadline passed: not the server's fault
+        return ErrorKind.DEADLINE_EXCEEDED.name
+    return ErrorKind.INTERNAL.name
