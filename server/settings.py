@@ -1,8 +1,8 @@
-"""Server settings, declared once: defaults that run with zero set-up, SLIMSERVE_* environment variables, flags, the README table.
+"""Server settings, declared once: defaults that run with zero set-up, SLIMSERVE_* environment variables, flags, the docs table.
 
 Each field of `Settings` is one setting: `slimserve start` makes a flag of it (server/cli.py), pydantic-settings
-reads `SLIMSERVE_<NAME>`, and `settings_table()` renders the README's "Server settings" table from it
-(tests/server/test_settings.py fails when the README differs). Adding a setting is adding one field here.
+reads `SLIMSERVE_<NAME>`, and `settings_table()` renders the docs' settings reference from it at every build of the
+site (docs/hooks/reference.py). Adding a setting is adding one field here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def setting(default: Any = None, description: str = "", *, shown: str | None = None, **constraints: Any) -> Any:
-    """A settings field: `description` is the flag's help and the README's meaning (markdown code spans allowed);
+    """A settings field: `description` is the flag's help and the docs' meaning (markdown code spans allowed);
     `shown` is the default as people read it where the value itself says little (64 MiB, cores ÷ compute threads)."""
     extra = {"shown": shown} if shown is not None else None
     if callable(default):
@@ -140,7 +140,7 @@ def flag_of(name: str, field: FieldInfo) -> str:
 
 
 def shown_default(field: FieldInfo) -> str:
-    """The default as the README and `--help` show it (markdown code spans)."""
+    """The default as the docs and `--help` show it (markdown code spans)."""
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     if "shown" in extra:
         return str(extra["shown"])
@@ -153,7 +153,7 @@ def shown_default(field: FieldInfo) -> str:
 
 
 def settings_table() -> str:
-    """The README's "Server settings" table: one row per setting, in declaration order."""
+    """The docs' "Server settings" table (docs/reference/settings.md): one row per setting, in declaration order."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         meaning = (field.description or "").replace("|", "\\|")

@@ -37,6 +37,26 @@ EVALUATION_FIELDS = (
 )
 
 
+def server_live(live: bool) -> pb.ServerLiveResponse:
+    return pb.ServerLiveResponse(live=live)
+
+
+def server_ready(ready: bool) -> pb.ServerReadyResponse:
+    return pb.ServerReadyResponse(ready=ready)
+
+
+def model_ready(ready: bool) -> pb.ModelReadyResponse:
+    return pb.ModelReadyResponse(ready=ready)
+
+
+def server_metadata(name: str, version: str, extensions: list[str]) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
+
+
+def model_deleted() -> spb.DeleteModelResponse:
+    return spb.DeleteModelResponse()
+
+
 def tensor_spec(spec: TensorSpec) -> spb.TensorSpec:
     return spb.TensorSpec(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
 

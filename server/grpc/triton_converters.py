@@ -131,3 +131,35 @@ def repository_index(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
     for e in entries:
         response.models.add(name=e.model, version=str(e.version), state="READY" if e.ready else "UNAVAILABLE", reason=e.reason)
     return response
+
+
+# The repository and shared-memory calls that succeed answer an empty message of their own type.
+
+
+def model_loaded() -> pb.RepositoryModelLoadResponse:
+    return pb.RepositoryModelLoadResponse()
+
+
+def model_unloaded() -> pb.RepositoryModelUnloadResponse:
+    return pb.RepositoryModelUnloadResponse()
+
+
+def shared_memory_registered() -> pb.SystemSharedMemoryRegisterResponse:
+    return pb.SystemSharedMemoryRegisterResponse()
+
+
+def shared_memory_unregistered() -> pb.SystemSharedMemoryUnregisterResponse:
+    return pb.SystemSharedMemoryUnregisterResponse()
+
+
+def cuda_shared_memory_status() -> pb.CudaSharedMemoryStatusResponse:
+    """No CUDA region is ever registered: the status lists none."""
+    return pb.CudaSharedMemoryStatusResponse()
+
+
+def cuda_shared_memory_registered() -> pb.CudaSharedMemoryRegisterResponse:
+    return pb.CudaSharedMemoryRegisterResponse()
+
+
+def cuda_shared_memory_unregistered() -> pb.CudaSharedMemoryUnregisterResponse:
+    return pb.CudaSharedMemoryUnregisterResponse()

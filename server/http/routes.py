@@ -173,5 +173,6 @@ class Routes:
 
     async def unimplemented(self, request: web.Request) -> web.Response:
         raise SlimServeError(
-            "trace settings are not served by slimserve (see the README's \"Using Triton's tools\")", ErrorKind.UNIMPLEMENTED
+            'trace settings are not served by slimserve (see docs/guides/triton-kserve.md, "Using Triton\'s tools")',
+            ErrorKind.UNIMPLEMENTED,
         )

@@ -161,5 +161,5 @@ def cuda_shared_memory_status(name: str = "") -> list[RegionStatus]:
 def register_cuda_shared_memory(name: str) -> None:
     raise Unimplemented(
         f"CUDA shared memory region '{name}': slimserve serves system shared memory only (register_system_shared_memory); "
-        "see the README's 'Using Triton's tools'"
+        "see docs/guides/triton-kserve.md, 'Using Triton's tools'"
     )

@@ -1,30 +1,14 @@
-"""The one declaration of the server settings: the README table, the flags of `slimserve start` and SLIMSERVE_* all follow it."""
+"""The one declaration of the server settings: the flags of `slimserve start` and SLIMSERVE_* follow it (the docs' settings
+page is rendered from it too: tests/test_docs.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from slimserve.server.cli import app
-from slimserve.server.settings import Settings, settings_table
-
-README = Path(__file__).resolve().parents[2] / "README.md"
-TABLE_INTRO = "Flags of `slimserve start`, each also an environment variable `SLIMSERVE_<NAME>`:\n\n"
-
-
-def readme_table() -> str:
-    text = README.read_text()
-    start = text.index(TABLE_INTRO) + len(TABLE_INTRO)
-    return text[start : text.index("\n\n", start) + 1]
-
-
-def test_the_readme_settings_table_is_the_one_rendered_from_settings():
-    assert readme_table() == settings_table(), (
-        "README.md's 'Server settings' table differs from server/settings.py; paste slimserve.server.settings.settings_table() into it"
-    )
+from slimserve.server.settings import Settings
 
 
 def start_options() -> dict:

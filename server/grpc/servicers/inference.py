@@ -26,19 +26,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+        return converters.server_live(True)
 
     @grpc_errors
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.dataplane.ready)
+        return converters.server_ready(self.dataplane.ready)
 
     @grpc_errors
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.dataplane.is_ready(request.name, request.version))
+        return converters.model_ready(self.dataplane.is_ready(request.name, request.version))
 
     @grpc_errors
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=self.control.server_name, version=__version__, extensions=EXTENSIONS)
+        return converters.server_metadata(self.control.server_name, __version__, EXTENSIONS)
 
     @grpc_errors
     async def ModelMetadata(self, request, context):
@@ -74,12 +74,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):
         config, files = converters_triton.load_parameters(request)
         await self.control.load_model(request.model_name, config, files)
-        return pb.RepositoryModelLoadResponse()
+        return converters_triton.model_loaded()
 
     @grpc_errors
     async def RepositoryModelUnload(self, request, context):
         await self.control.unload_model(request.model_name)
-        return pb.RepositoryModelUnloadResponse()
+        return converters_triton.model_unloaded()
 
     @grpc_errors
     async def ModelConfig(self, request, context):
@@ -96,27 +96,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def SystemSharedMemoryRegister(self, request, context):
         self.control.register_shared_memory(request.name, request.key, request.offset, request.byte_size)
-        return pb.SystemSharedMemoryRegisterResponse()
+        return converters_triton.shared_memory_registered()
 
     @grpc_errors
     async def SystemSharedMemoryUnregister(self, request, context):
         self.control.unregister_shared_memory(request.name)
-        return pb.SystemSharedMemoryUnregisterResponse()
+        return converters_triton.shared_memory_unregistered()
 
     @grpc_errors
     async def CudaSharedMemoryStatus(self, request, context):
         self.control.cuda_shared_memory_status(request.name)  # none is ever registered
-        return pb.CudaSharedMemoryStatusResponse()
+        return converters_triton.cuda_shared_memory_status()
 
     @grpc_errors
     async def CudaSharedMemoryRegister(self, request, context):
         self.control.register_cuda_shared_memory(request.name)
-        return pb.CudaSharedMemoryRegisterResponse()
+        return converters_triton.cuda_shared_memory_registered()
 
     @grpc_errors
     async def CudaSharedMemoryUnregister(self, request, context):
         self.control.unregister_cuda_shared_memory(request.name)
-        return pb.CudaSharedMemoryUnregisterResponse()
+        return converters_triton.cuda_shared_memory_unregistered()
 
     @grpc_errors
     async def LogSettings(self, request, context):

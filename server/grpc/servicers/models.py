@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from slimserve.protos import slimserve_pb2 as spb
 from slimserve.protos import slimserve_pb2_grpc as spb_grpc
 from slimserve.server.grpc import converters
 from slimserve.server.grpc.edge import grpc_errors
@@ -29,7 +28,7 @@ class RegistryServicer(spb_grpc.ModelRegistryServicer):
     @grpc_errors
     async def DeleteModel(self, request, context):
         await self.control.delete_model(request.name)
-        return spb.DeleteModelResponse()
+        return converters.model_deleted()
 
     @grpc_errors
     async def DeleteVariant(self, request, context):
