@@ -120,3 +120,32 @@ def test_the_grpc_reference_lists_every_service_rpc_and_message_of_the_protos(ho
 def test_the_deploy_page_is_the_deploy_readme(hook):
     page = hook.deploy_page()
     assert (ROOT / "deploy" / "README.md").read_text().split("\n", 1)[1] in page
+
+
+def protobuf_messages_built(path: Path) -> list[str]:
+    """`module.Message(...)` calls in a source file, where `module` is imported from slimserve.protos."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    modules = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "slimserve.protos"
+        for alias in node.names
+    }
+    built = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            root = node.func.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in modules and node.func.attr[:1].isupper():
+                built.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node.func)}(...)")
+    return built
+
+
+def test_the_architecture_claim_holds_that_only_the_converters_build_protobuf_messages():
+    converters = {ROOT / "server" / "grpc" / "converters.py", ROOT / "server" / "grpc" / "triton_converters.py"}
+    assert all(protobuf_messages_built(path) for path in converters), "the check finds the converters' own messages"
+    elsewhere = [hit for path in sorted((ROOT / "server").rglob("*.py")) if path not in converters for hit in protobuf_messages_built(path)]
+    assert not elsewhere, f"docs/architecture.md says the converters build every message; these do too: {elsewhere}"
