@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -39,6 +39,12 @@ def check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         named = ", ".join(c for c in choices if c) + (" or empty" if "" in choices else "")
         raise ConfigValueError(f"{field} must be one of {named}, got {value!r}")
+
+
+def check_fraction(field: str, value: float) -> None:
+    """A config field that is a share strictly between 0 and 1 (sparsity, pruning ratio)."""
+    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ConfigValueError(f"{field} must be in (0, 1), got {value}")
 
 
 def check_names(field: str, value: tuple[str, ...], what: str = "names") -> None:
@@ -136,17 +142,36 @@ class PassContext:
         return path
 
 
+def setting(default: Any, description: str) -> Any:
+    """A config field with its one-line description, shown by `slimctl passes NAME` (a test fails on a field without one)."""
+    return field(default=default, metadata={"description": description})
+
+
+def description_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("description", "")
+
+
+# Settings renamed since a recipe may have been written: the old name -> the new one.
+RENAMED_SETTINGS = {"nodes_to_exclude": "exclude", "ignored_layers": "exclude"}
+
+
 @dataclass(frozen=True)
 class PassConfig:
     """Base of every pass config: frozen, typed, and versioned so that saved recipes keep loading."""
 
-    version: int = 1
+    version: int = setting(1, "the config's format version; a recipe written for another version is refused")
 
 
-class Pass(abc.ABC):
+ConfigT = TypeVar("ConfigT", bound=PassConfig)
+
+
+class Pass(abc.ABC, Generic[ConfigT]):
+    """A pass over configs of type ConfigT; its docstring's first line is what `slimctl passes` shows of it."""
+
     name: ClassVar[str]
     config_cls: ClassVar[type[PassConfig]] = PassConfig
-    summary: ClassVar[str] = ""
+    # The family shown by `slimctl passes`: graph | prune | distill | quantize | search.
+    kind: ClassVar[str] = ""
     # A pass that trains in torch: it needs the model as .pt2 and train data, and its config holds its
     # epochs (a `finetune` FineTuneConfig, or an `epochs` field of its own); the auto search reads both.
     trains: ClassVar[bool] = False
@@ -155,10 +180,11 @@ class Pass(abc.ABC):
     # Dataset roles the pass reads besides train data (e.g. calibration), so a search can skip what cannot run.
     needs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: PassConfig | None = None) -> None:
-        self.config = config if config is not None else self.config_cls()
-        if not isinstance(self.config, self.config_cls):
-            raise OptimizerError(f"pass '{self.name}' takes a {self.config_cls.__name__}, not {type(self.config).__name__}")
+    def __init__(self, config: ConfigT | None = None) -> None:
+        given: PassConfig = config if config is not None else self.config_cls()
+        if not isinstance(given, self.config_cls):
+            raise OptimizerError(f"pass '{self.name}' takes a {self.config_cls.__name__}, not {type(given).__name__}")
+        self.config: ConfigT = cast(ConfigT, given)
 
     @abc.abstractmethod
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
@@ -169,10 +195,14 @@ def config_to_dict(config: PassConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def config_from_dict(cls: type[PassConfig], data: dict[str, Any], where: str) -> PassConfig:
+def config_from_dict(cls: type[ConfigT], data: dict[str, Any], where: str) -> ConfigT:
     """Builds a config from a recipe's dict, naming any unknown or mistyped field."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    renamed = [u for u in unknown if RENAMED_SETTINGS.get(u) in fields]
+    if renamed:
+        old = renamed[0]
+        raise OptimizerError(f"{where}: '{old}' is now '{RENAMED_SETTINGS[old]}'; rename the setting in the recipe")
     if unknown:
         raise OptimizerError(f"{where}: unknown setting {', '.join(repr(u) for u in unknown)} (settings: {', '.join(fields)})")
     version = data.get("version", 1)

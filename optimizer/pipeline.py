@@ -23,10 +23,11 @@ from slimserve.optimizer.base import (
     ProgressEvent,
     RuntimeFactory,
 )
-from slimserve.optimizer.catalog import load_builtin_passes
+from slimserve.optimizer.catalog import pass_classes
 from slimserve.optimizer.data import has_labels
 from slimserve.optimizer.evaluation.measure import Evaluation, evaluate
 from slimserve.optimizer.evaluation.quality import METRICS, describe
+from slimserve.optimizer.passes.auto import AutoConfig
 from slimserve.optimizer.recipes import Recipe, run_recipe
 from slimserve.optimizer.report import report_rows
 from slimserve.optimizer.search.auto import auto_search
@@ -90,7 +91,7 @@ def preflight(recipe: Recipe, datasets: Mapping[str, Path], accuracy_budget: flo
             if not p.label_free and not has_labels(datasets["train"]):
                 raise OptimizerError(
                     f"{p.name}: the train data has no 'labels' array; add the class index of each sample as 'labels' to TRAIN.npz "
-                    f"(without labels, {', '.join(sorted(n for n, c in load_builtin_passes().items() if c.label_free))} train toward the model's own outputs)"
+                    f"(without labels, {', '.join(sorted(n for n, c in pass_classes().items() if c.label_free))} train toward the model's own outputs)"
                 )
         for role in p.needs:
             if role not in datasets:
@@ -120,9 +121,9 @@ def optimize(
         raise OptimizerError(f"quality metric must be one of {', '.join(METRICS)}, got {metric!r}")
     preflight(recipe, context.datasets, accuracy_budget)
     data = evaluation_data(context)
-    auto = [p for p in recipe.passes if p.name == "auto"]
+    auto = [p.config for p in recipe.passes if isinstance(p.config, AutoConfig)]
     if auto:
-        metric = metric or auto[0].config.metric or None  # type: ignore[attr-defined]
+        metric = metric or auto[0].metric or None
 
     def stage(name: str, fraction: float, message: str) -> None:
         context.progress(ProgressEvent(stage=name, fraction=fraction, message=message))
@@ -132,8 +133,8 @@ def optimize(
         baseline = measure_baseline(source, context, runtime_factory, serving_batch, metric)
     base, base_outputs = baseline.evaluation, baseline.outputs
     if auto:
-        config = auto[0].config
-        budget = config.accuracy_budget if accuracy_budget is None else accuracy_budget  # type: ignore[attr-defined]
+        config = auto[0]
+        budget = config.accuracy_budget if accuracy_budget is None else accuracy_budget
         artifact, evaluation, rows = auto_search(
             source,
             config,
@@ -144,7 +145,7 @@ def optimize(
             base_outputs,
             budget,
             variant_name,
-            serving_batch,  # type: ignore[arg-type]
+            serving_batch,
         )
         return OptimizeResult(artifact, evaluation, base, rows, base_outputs)
     budgeted = accuracy_budget is not None or any(recipe.budget(i).max_drop is not None for i in range(len(recipe.passes)))

@@ -57,7 +57,7 @@ def budget_from_entry(entry: dict[str, Any], where: str) -> BudgetOptions:
     for key in ("max_drop", "gentle", "aggressive"):  # None by default, so config_from_dict cannot check their type
         if data.get(key) is not None and (isinstance(data[key], bool) or not isinstance(data[key], (int, float))):
             raise OptimizerError(f"{where}: budget '{key}' must be a number, got {data[key]!r}")
-    return config_from_dict(BudgetOptions, data, f"{where} budget")  # type: ignore[return-value]
+    return config_from_dict(BudgetOptions, data, f"{where} budget")
 
 
 def recipe_from_dict(data: dict[str, Any], where: str) -> Recipe:

@@ -124,7 +124,7 @@ def untouched_layers(module: Any, ignored: tuple[str, ...] = ()) -> list[str]:
     """What channel pruning leaves as it is, for an error that says why nothing was removed."""
     reasons = [f"{name} ({why})" for name, why in unprunable_recurrent(module).items()]
     reasons += [f"{name} (output layer: keeps the model's outputs)" for name in output_layers(module)]
-    reasons += [f"{name} (in ignored_layers)" for name in ignored]
+    reasons += [f"{name} (in exclude)" for name in ignored]
     layers = {n for n, m in module.named_modules() if type(m).__name__ in PRUNABLE}
     from torch import nn
 
@@ -235,7 +235,7 @@ def _new_sizes(sizes: list[Any], before: tuple[int, ...], after: tuple[int, ...]
 
 
 def _feeding_layer(module: Any, node: Any) -> str:
-    """The nearest conv / linear / recurrent layer upstream of a node (what ignored_layers should name)."""
+    """The nearest conv / linear / recurrent layer upstream of a node (what exclude should name)."""
     stack, seen = list(node.all_input_nodes), set()
     while stack:
         current = stack.pop()
@@ -267,7 +267,7 @@ def rewrite_reshapes_(module: Any, example: tuple[Any, ...], shapes: dict[Any, A
         if sizes is None:
             raise OptimizerError(
                 f"{needed_by}: pruning changed the input of {node.name} ({op_name(node)} to {list(_sizes(node))}) from {list(before)} "
-                f"to {list(now)}, and its sizes cannot be rewritten for the fewer channels; add {_feeding_layer(module, node)} to ignored_layers"
+                f"to {list(now)}, and its sizes cannot be rewritten for the fewer channels; add {_feeding_layer(module, node)} to exclude"
             )
         if len(node.args) > 1:
             node.args = (node.args[0], type(node.args[1])(sizes), *node.args[2:])
@@ -300,7 +300,7 @@ def prune_channels_(
     gradients(): fills .grad for Taylor importance before each step; between_steps(i) runs after step i (fine-tuning).
     """
     tp = import_torch_pruning(needed_by)
-    check_layer_names(module, ignored, "ignored_layers", needed_by)
+    check_layer_names(module, ignored, "exclude", needed_by)
     before = output_shapes(module, example)
     from torch import nn
 
@@ -342,7 +342,7 @@ def prune_channels_(
     after = output_shapes(module, example)
     if after != before:
         raise OptimizerError(
-            f"{needed_by}: pruning changed the model's output shapes from {before} to {after}; add the output layer to ignored_layers"
+            f"{needed_by}: pruning changed the model's output shapes from {before} to {after}; add the output layer to exclude"
         )
 
 

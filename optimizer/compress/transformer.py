@@ -148,7 +148,7 @@ def prune_encoder_(
     removed = Removed()
     for unit in encoder.attentions:
         if set(ignored) & {*unit.projections, unit.out}:
-            removed.skipped.append(f"{unit.layer or unit.out} attention (in ignored_layers)")
+            removed.skipped.append(f"{unit.layer or unit.out} attention (in exclude)")
             continue
         keep = _kept(unit.heads, ratio, 0)
         removed.heads_before += unit.heads
@@ -170,7 +170,7 @@ def prune_encoder_(
         _rewrite_shapes_(module.graph, unit, keep)
     for ffn in encoder.ffns:
         if set(ignored) & {*ffn.projections, ffn.down}:
-            removed.skipped.append(f"{ffn.layer or ffn.up} FFN (in ignored_layers)")
+            removed.skipped.append(f"{ffn.layer or ffn.up} FFN (in exclude)")
             continue
         ups, down = [module.get_submodule(n) for n in ffn.projections], module.get_submodule(ffn.down)
         width = ups[0].out_features
@@ -212,7 +212,7 @@ def _check_equivalent(module: Any, reference: Any, example: tuple[Any, ...], nee
     except Exception as e:  # a shape constant the rewrite missed or changed wrongly
         raise OptimizerError(
             f"{needed_by}: the attention's reshapes could not be rewritten for fewer heads ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "prune FFN channels only by listing the attention projections in ignored_layers"
+            "prune FFN channels only by listing the attention projections in exclude"
         ) from e
     finally:
         module.train(modes[0])
@@ -221,7 +221,7 @@ def _check_equivalent(module: Any, reference: Any, example: tuple[Any, ...], nee
         raise OptimizerError(
             f"{needed_by}: after removing heads the model no longer computes what the original does without them "
             "(a shape constant shared with another dimension, e.g. a sequence length equal to the head count); "
-            "prune FFN channels only by listing the attention projections in ignored_layers"
+            "prune FFN channels only by listing the attention projections in exclude"
         )
 
 
@@ -241,11 +241,11 @@ def prune_heads_and_ffn_(module: Any, example: tuple[Any, ...], config: Any, nee
         raise OptimizerError(
             f"{needed_by}: importance {config.importance} does not apply to attention heads and FFN channels; use magnitude or taylor"
         )
-    check_layer_names(module, config.ignored_layers, "ignored_layers", needed_by)
+    check_layer_names(module, config.exclude, "exclude", needed_by)
     steps, ratio = config.iterative_steps, config.pruning_ratio
     encoder = find_encoder(module)
     assert encoder is not None
-    ignored = set(config.ignored_layers)
+    ignored = set(config.exclude)
     units = [a for a in encoder.attentions if not ignored & {*a.projections, a.out}]
     ffns = [module.get_submodule(f.up).out_features for f in encoder.ffns if not ignored & {*f.projections, f.down}]
     heads = sum(a.heads for a in units)
@@ -254,7 +254,7 @@ def prune_heads_and_ffn_(module: Any, example: tuple[Any, ...], config: Any, nee
             f"{needed_by}: a pruning ratio of {ratio:g} removes no attention head ({heads} in {len(units)} units) and no FFN channel "
             f"({sum(ffns)} in {len(ffns)} FFNs, kept in multiples of round_to {config.round_to}), so no variant was made; raise pruning_ratio"
             + (
-                f" (ignored_layers keeps {len(encoder.attentions) - len(units)} attention units and {len(encoder.ffns) - len(ffns)} FFNs)"
+                f" (exclude keeps {len(encoder.attentions) - len(units)} attention units and {len(encoder.ffns) - len(ffns)} FFNs)"
                 if ignored
                 else ""
             )
@@ -271,7 +271,7 @@ def prune_heads_and_ffn_(module: Any, example: tuple[Any, ...], config: Any, nee
                 1.0 - (1.0 - target) / (1.0 - done),
                 needed_by,
                 importance=config.importance,
-                ignored=config.ignored_layers,
+                ignored=config.exclude,
                 round_to=config.round_to,
             )
         )

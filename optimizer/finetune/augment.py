@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from slimserve.optimizer.base import ConfigValueError, OptimizerError, PassConfig, check_choice
+from slimserve.optimizer.base import ConfigValueError, OptimizerError, PassConfig, check_choice, setting
 
 if TYPE_CHECKING:
     import torch
@@ -32,20 +32,20 @@ class AugmentConfig(PassConfig):
     time_warp (strength of a smooth random warp of the time axis).
     """
 
-    kind: str = "auto"
-    shift: float = 0.1
-    rotation: float = 10.0
-    scale: float = 0.1
-    flip: float = 0.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-    token_dropout: float = 0.1
-    token_swap: float = 0.05
-    token_insert: float = 0.05
-    pad_token_id: int = 0
-    noise: float = 0.03
-    magnitude: float = 0.1
-    time_warp: float = 0.2
+    kind: str = setting("auto", "auto | none | image | text | timeseries (auto: from the model's first input)")
+    shift: float = setting(0.1, "images: random translation, as a fraction of the side")
+    rotation: float = setting(10.0, "images: random rotation, in degrees")
+    scale: float = setting(0.1, "images: random scaling, +/- this fraction")
+    flip: float = setting(0.0, "images: probability of a horizontal flip")
+    brightness: float = setting(0.1, "images: brightness jitter, +/- this fraction")
+    contrast: float = setting(0.1, "images: contrast jitter, +/- this fraction")
+    token_dropout: float = setting(0.1, "text: probability a token becomes pad_token_id")
+    token_swap: float = setting(0.05, "text: probability a token swaps with its neighbour")
+    token_insert: float = setting(0.05, "text: probability of inserting a token drawn from the same sequence")
+    pad_token_id: int = setting(0, "text: the padding token, never augmented")
+    noise: float = setting(0.03, "time series: jitter, times each series' standard deviation")
+    magnitude: float = setting(0.1, "time series: random scaling per channel, +/- this fraction")
+    time_warp: float = setting(0.2, "time series: strength of a smooth random warp of the time axis")
 
     def __post_init__(self) -> None:
         check_choice("augment kind", self.kind, AUGMENT_KINDS)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimserve.optimizer.base import ConfigValueError, OptimizerError, PassConfig, check_choice, config_from_dict
+from slimserve.optimizer.base import ConfigValueError, OptimizerError, PassConfig, check_choice, config_from_dict, setting
 from slimserve.optimizer.finetune.augment import AugmentConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -55,25 +55,25 @@ class FineTuneConfig(PassConfig):
     (0 = off; the best epoch's weights are kept). augment: see AugmentConfig.
     """
 
-    epochs: int = 2
-    batch_size: int = 64
-    max_samples: int = 0
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    step_epochs: int = 1
-    gamma: float = 0.1
-    min_lr: float = 0.0
-    cycle_epochs: float = 1.0
-    warmup_fraction: float = 0.3
-    weight_decay: float = 1e-4
-    l1: float = 0.0
-    dropout: float = 0.0
-    label_smoothing: float = 0.0
-    clip_grad_norm: float = 0.0
-    early_stopping: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    epochs: int = setting(2, "training epochs")
+    batch_size: int = setting(64, "train rows per step")
+    max_samples: int = setting(0, "train rows used at most (0: all)")
+    optimizer: str = setting("adamw", "sgd | adam | adamw | rmsprop")
+    lr: float = setting(1e-3, "learning rate (the peak for one-cycle and cyclical)")
+    momentum: float = setting(0.9, "momentum of SGD and RMSprop")
+    schedule: str = setting("cosine", "constant | step | cosine | cyclical | one-cycle (per batch)")
+    step_epochs: int = setting(1, "epochs between the step schedule's decays")
+    gamma: float = setting(0.1, "the step schedule's decay factor")
+    min_lr: float = setting(0.0, "the lowest learning rate of cosine and cyclical")
+    cycle_epochs: float = setting(1.0, "epochs per cycle of the cyclical schedule")
+    warmup_fraction: float = setting(0.3, "share of the run one-cycle warms up over")
+    weight_decay: float = setting(1e-4, "L2 (decoupled for adamw; never on biases and norms)")
+    l1: float = setting(0.0, "factor of the sum of |weights| added to the loss")
+    dropout: float = setting(0.0, "probability of a dropout layer inserted before each hidden linear layer (removed at export)")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
+    clip_grad_norm: float = setting(0.0, "largest gradient norm (0: off)")
+    early_stopping: int = setting(0, "patience in epochs on the evaluation data's accuracy (0: off; the best epoch is kept)")
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"description": "data augmentation of each training batch"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "augment", _nested(self.augment, AugmentConfig, "augment"))
@@ -96,9 +96,9 @@ class FineTuneConfig(PassConfig):
         _check(self.early_stopping >= 0, f"early_stopping is a patience in epochs (0: off), got {self.early_stopping}")
 
 
-def finetune_field(**defaults: Any) -> Any:
-    """The `finetune` field of a training pass's config, with that pass's defaults."""
-    return field(default_factory=lambda: FineTuneConfig(**defaults))
+def finetune_field(description: str = "the shared fine-tuning loop's settings", **defaults: Any) -> Any:
+    """The `finetune` field of a training pass's config, with that pass's defaults and its description."""
+    return field(default_factory=lambda: FineTuneConfig(**defaults), metadata={"description": description})
 
 
 def nested_finetune(config: PassConfig) -> None:

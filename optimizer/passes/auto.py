@@ -12,8 +12,8 @@ from slimserve.optimizer.base import (
     PassConfig,
     PassContext,
     check_choice,
+    setting,
 )
-from slimserve.optimizer.catalog import register
 from slimserve.optimizer.evaluation.quality import METRICS
 
 DEFAULT_CANDIDATES = (
@@ -44,13 +44,15 @@ class AutoConfig(PassConfig):
     search_seconds: the time all those searches share, after which such a pass runs at its default setting.
     """
 
-    accuracy_budget: float = 1.0
-    epochs: int = 2
-    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
-    noise_margin: float = 0.05
-    metric: str = ""
-    search_evaluations: int = 4
-    search_seconds: float = 600.0
+    accuracy_budget: float = setting(1.0, "points of quality a candidate may lose, when the request gives no --accuracy-budget")
+    epochs: int = setting(2, "fine-tuning epochs of the training passes in candidates")
+    candidates: tuple[str, ...] = setting(
+        DEFAULT_CANDIDATES, "the pipelines tried (passes joined by commas); those the model cannot run are skipped and reported"
+    )
+    noise_margin: float = setting(0.05, "how much faster than the best FP32 runtime a candidate must be to be kept (0.05: 5%)")
+    metric: str = setting("", "the quality metric: accuracy | top1-agreement | cosine | relative-error; empty: chosen from the data")
+    search_evaluations: int = setting(4, "probes of each ratio-controlled pass's budget search")
+    search_seconds: float = setting(600.0, "time all budget searches share, after which a pass runs at its default setting")
 
     def __post_init__(self) -> None:
         if not self.accuracy_budget >= 0:
@@ -72,13 +74,15 @@ class AutoConfig(PassConfig):
             raise ConfigValueError(f"search_seconds must be 0 (no search: default settings) or more, got {self.search_seconds}")
 
 
-@register
-class AutoPass(Pass):
-    """Stands for the search in a recipe; slimserve.optimizer.pipeline.optimize runs slimserve.optimizer.search.auto instead of `run`."""
+class AutoPass(Pass[AutoConfig]):
+    """Searches pipelines (prune, distill, quantize, graph) and keeps the fastest within the accuracy budget that beats the best FP32 runtime.
+
+    Stands for the search in a recipe; slimserve.optimizer.pipeline.optimize runs slimserve.optimizer.search.auto instead of `run`."""
 
     name = "auto"
     config_cls = AutoConfig
-    summary = "searches pipelines (prune, distill, quantize, graph) and keeps the fastest within the accuracy budget that beats the best FP32 runtime"
+    kind = "search"
+    needs = ("data",)  # the quality it holds is measured on evaluation data (pipeline.preflight refuses a model without)
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         raise OptimizerError(

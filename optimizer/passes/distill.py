@@ -26,8 +26,8 @@ from slimserve.optimizer.base import (
     PassContext,
     ProgressEvent,
     check_choice,
+    setting,
 )
-from slimserve.optimizer.catalog import register
 from slimserve.optimizer.compress.pruning import prune_channels_, untouched_layers
 from slimserve.optimizer.compress.students import hidden_state_pairs, layer_dropping_student
 from slimserve.optimizer.compress.transformer import find_encoder
@@ -60,13 +60,13 @@ class DistillSoftConfig(PassConfig):
     soft_weight, hard_weight: the two terms' weights. finetune: the shared loop.
     """
 
-    width: float = 0.5
-    student_init: str = "teacher"
-    student: str = ""
-    temperature: float = 4.0
-    soft_weight: float = 0.7
-    hard_weight: float = 0.3
-    finetune: FineTuneConfig = finetune_field(epochs=4, lr=2e-3)
+    width: float = setting(0.5, "share of every conv / linear layer's channels the derived student keeps, in (0, 1]")
+    student_init: str = setting("teacher", "teacher (start from the teacher's most important channels) | random")
+    student: str = setting("", "path of a .pt2 student to train instead (width and student_init are then ignored)")
+    temperature: float = setting(4.0, "the softening temperature T")
+    soft_weight: float = setting(0.7, "weight of the soft-target term (T^2 x KL to the teacher)")
+    hard_weight: float = setting(0.3, "weight of the cross-entropy on the labels")
+    finetune: FineTuneConfig = finetune_field(epochs=4, lr=2e-3, description="the shared fine-tuning loop's settings")
 
     def __post_init__(self) -> None:
         nested_finetune(self)
@@ -93,9 +93,11 @@ class DistillFeatureConfig(DistillSoftConfig):
     and dropped at export.
     """
 
-    feature_weight: float = 1.0
-    layers: tuple[str, ...] = ()
-    auto_layers: int = 2
+    feature_weight: float = setting(1.0, "weight of the feature-matching term")
+    layers: tuple[str, ...] = setting(
+        (), "layers matched, 'name' or 'student_name:teacher_name'; empty: the last auto_layers hidden layers"
+    )
+    auto_layers: int = setting(2, "how many hidden layers are matched when layers is empty")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -343,27 +345,29 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
     )
 
 
-@register
-class DistillSoftPass(Pass):
+class DistillSoftPass(Pass[DistillSoftConfig]):
+    """A narrower student trained on the teacher's temperature-softened outputs and the labels."""
+
     name = "distill-soft"
     trains = True
     label_free = True
     budget_knob = Knob("width", gentle=0.9, aggressive=0.2, unless="student")  # a budget search narrows the student (optimizer.budget)
     config_cls = DistillSoftConfig
-    summary = "a narrower student trained on the teacher's temperature-softened outputs and the labels"
+    kind = "distill"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        return distill(self.name, artifact, context, self.config, features=False)  # type: ignore[arg-type]
+        return distill(self.name, artifact, context, self.config, features=False)
 
 
-@register
-class DistillFeaturePass(Pass):
+class DistillFeaturePass(Pass[DistillFeatureConfig]):
+    """distill-soft plus matching of intermediate feature maps through learned projections."""
+
     name = "distill-feature"
     trains = True
     label_free = True
     budget_knob = Knob("width", gentle=0.9, aggressive=0.2, unless="student")
     config_cls = DistillFeatureConfig
-    summary = "distill-soft plus matching of intermediate feature maps through learned projections"
+    kind = "distill"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        return distill(self.name, artifact, context, self.config, features=True)  # type: ignore[arg-type]
+        return distill(self.name, artifact, context, self.config, features=True)

@@ -17,8 +17,8 @@ from slimserve.optimizer.base import (
     PassContext,
     ProgressEvent,
     check_choice,
+    setting,
 )
-from slimserve.optimizer.catalog import register
 
 ORT_LEVELS = ("basic", "extended", "all")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -86,8 +86,13 @@ class OrtGraphConfig(PassConfig):
     that will serve the model (`providers`); the default is the CPU.
     """
 
-    level: str = "extended"
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    level: str = setting(
+        "extended",
+        "basic (portable fusions) | extended (com.microsoft fused operators, needs ORT) | all (layouts sized to this CPU: serve on the same CPU)",
+    )
+    providers: tuple[str, ...] = setting(
+        ("CPUExecutionProvider",), "execution providers the model is optimized for: those that will serve it"
+    )
 
     def __post_init__(self) -> None:
         check_choice("level", self.level, ORT_LEVELS)
@@ -95,16 +100,17 @@ class OrtGraphConfig(PassConfig):
             raise ConfigValueError("providers must name at least one execution provider, e.g. ['CPUExecutionProvider']")
 
 
-@register
-class OrtGraphPass(Pass):
+class OrtGraphPass(Pass[OrtGraphConfig]):
+    """ONNX Runtime graph optimization (fusions, constant folding), saved offline."""
+
     name = "graph-ort"
     config_cls = OrtGraphConfig
-    summary = "ONNX Runtime graph optimization (fusions, constant folding), saved offline"
+    kind = "graph"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         import onnxruntime as ort
 
-        config: OrtGraphConfig = self.config  # type: ignore[assignment]
+        config = self.config
         source = _as_onnx(artifact, context, self.name)
         available = ort.get_available_providers()
         missing = [p for p in config.providers if p not in available]
@@ -149,21 +155,22 @@ class CompileConfig(PassConfig):
     batcher would trigger for every new size.
     """
 
-    mode: str = "default"
-    dynamic: bool = True
+    mode: str = setting("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune (slow to compile)")
+    dynamic: bool = setting(True, "compile once for any batch size (true) or per batch size seen (false)")
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, COMPILE_MODES)
 
 
-@register
-class CompilePass(Pass):
+class CompilePass(Pass[CompileConfig]):
+    """torch.compile (Inductor) on the serving node, warmed up at load."""
+
     name = "graph-compile"
     config_cls = CompileConfig
-    summary = "torch.compile (Inductor) on the serving node, warmed up at load"
+    kind = "graph"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        config: CompileConfig = self.config  # type: ignore[assignment]
+        config = self.config
         target = _copy_pt2(artifact, context, self.name, "graph-ort for ONNX models")
         compile_options_path(target).write_text(json.dumps({"version": config.version, "mode": config.mode, "dynamic": config.dynamic}))
         return artifact.derive(target, format="pt2", runtime="torch-compile", compile_mode=config.mode)
@@ -173,20 +180,21 @@ class CompilePass(Pass):
 class XlaConfig(PassConfig):
     """XLA through torch_xla / PJRT. pjrt_device: CPU | CUDA | TPU, or empty to use the node's PJRT_DEVICE."""
 
-    pjrt_device: str = ""
+    pjrt_device: str = setting("", "CPU | CUDA | TPU, or empty for the node's PJRT_DEVICE")
 
     def __post_init__(self) -> None:
         check_choice("pjrt_device", self.pjrt_device, PJRT_DEVICES)
 
 
-@register
-class XlaPass(Pass):
+class XlaPass(Pass[XlaConfig]):
+    """XLA compilation through torch_xla (PJRT: CPU, CUDA or TPU)."""
+
     name = "graph-xla"
     config_cls = XlaConfig
-    summary = "XLA compilation through torch_xla (PJRT: CPU, CUDA or TPU)"
+    kind = "graph"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        config: XlaConfig = self.config  # type: ignore[assignment]
+        config = self.config
         if not torch_xla_available():
             raise OptimizerError(torch_xla_missing_message())
         target = _copy_pt2(artifact, context, self.name, "graph-ort for ONNX models")

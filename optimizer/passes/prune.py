@@ -23,9 +23,10 @@ from slimserve.optimizer.base import (
     PassContext,
     ProgressEvent,
     check_choice,
+    check_fraction,
     check_names,
+    setting,
 )
-from slimserve.optimizer.catalog import register
 from slimserve.optimizer.finetune.loop import (
     FineTuneConfig,
     fine_tune_,
@@ -37,11 +38,6 @@ from slimserve.optimizer.formats.torchmodel import finish, prepare
 
 SCOPES = ("global", "layer")
 SPARSITY_SCHEDULES = ("cubic", "linear")
-
-
-def check_fraction(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
-        raise ConfigValueError(f"{name} must be in (0, 1), got {value}")
 
 
 def weight_layers(module: Any, exclude: tuple[str, ...], needed_by: str) -> list[tuple[str, Any]]:
@@ -76,10 +72,10 @@ class PruneWeightConfig(PassConfig):
     exclude: layer names kept dense (e.g. the first conv). finetune: the shared loop's settings.
     """
 
-    sparsity: float = 0.5
-    scope: str = "global"
-    exclude: tuple[str, ...] = ()
-    finetune: FineTuneConfig = finetune_field(epochs=2, lr=5e-4)
+    sparsity: float = setting(0.5, "share of weights set to zero, in (0, 1)")
+    scope: str = setting("global", "global (one magnitude threshold across layers) | layer (each layer to the sparsity)")
+    exclude: tuple[str, ...] = setting((), "layer names kept dense (e.g. the first conv)")
+    finetune: FineTuneConfig = finetune_field(epochs=2, lr=5e-4, description="the shared fine-tuning loop's settings")
 
     def __post_init__(self) -> None:
         nested_finetune(self)
@@ -88,18 +84,19 @@ class PruneWeightConfig(PassConfig):
         check_names("exclude", self.exclude, "layer names")
 
 
-@register
-class PruneWeightPass(Pass):
+class PruneWeightPass(Pass[PruneWeightConfig]):
+    """Unstructured magnitude pruning to a target sparsity, fine-tuned; zeros in the ONNX weights."""
+
     name = "prune-weight"
     trains = True
     budget_knob = Knob("sparsity", gentle=0.3, aggressive=0.95)  # what a budget search moves (optimizer.budget)
     config_cls = PruneWeightConfig
-    summary = "unstructured magnitude pruning to a target sparsity, fine-tuned; zeros in the ONNX weights"
+    kind = "prune"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         from torch.nn.utils import prune
 
-        config: PruneWeightConfig = self.config  # type: ignore[assignment]
+        config = self.config
         prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
         layers = weight_layers(prepared.module, config.exclude, self.name)
         zeros_before = weight_sparsity(layers)
@@ -216,15 +213,15 @@ class PruneGradualConfig(PassConfig):
     the model recovers while sparsity rises; early stopping only counts once the final sparsity is reached).
     """
 
-    sparsity: float = 0.6
-    initial_sparsity: float = 0.0
-    schedule: str = "cubic"
-    start_fraction: float = 0.0
-    end_fraction: float = 0.6
-    update_every: int = 5
-    regrowth: bool = False
-    exclude: tuple[str, ...] = ()
-    finetune: FineTuneConfig = finetune_field(epochs=3, lr=1e-3)
+    sparsity: float = setting(0.6, "the final share of zero weights, in (0, 1)")
+    initial_sparsity: float = setting(0.0, "the share of zero weights the ramp starts from")
+    schedule: str = setting("cubic", "cubic (prunes fast early, gently at the end) | linear")
+    start_fraction: float = setting(0.0, "where in the training steps the sparsity ramp starts, in [0, 1)")
+    end_fraction: float = setting(0.6, "where in the training steps the sparsity ramp ends, in (0, 1]")
+    update_every: int = setting(5, "steps between mask updates (one global magnitude threshold)")
+    regrowth: bool = setting(False, "pruned weights keep receiving gradients and may return at the next update")
+    exclude: tuple[str, ...] = setting((), "layer names kept dense")
+    finetune: FineTuneConfig = finetune_field(epochs=3, lr=1e-3, description="the shared fine-tuning loop's settings")
 
     def __post_init__(self) -> None:
         nested_finetune(self)
@@ -239,16 +236,17 @@ class PruneGradualConfig(PassConfig):
         check_names("exclude", self.exclude, "layer names")
 
 
-@register
-class PruneGradualPass(Pass):
+class PruneGradualPass(Pass[PruneGradualConfig]):
+    """Sparsity raised on a schedule while fine-tuning (optionally with regrowth); zeros in the ONNX weights."""
+
     name = "prune-gradual"
     trains = True
     budget_knob = Knob("sparsity", gentle=0.3, aggressive=0.95)
     config_cls = PruneGradualConfig
-    summary = "sparsity raised on a schedule while fine-tuning (optionally with regrowth); zeros in the ONNX weights"
+    kind = "prune"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        config: PruneGradualConfig = self.config  # type: ignore[assignment]
+        config = self.config
         prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0)
         layers = weight_layers(prepared.module, config.exclude, self.name)
         rows = (

@@ -20,9 +20,10 @@ from slimserve.optimizer.base import (
     PassContext,
     ProgressEvent,
     check_choice,
+    check_fraction,
     check_names,
+    setting,
 )
-from slimserve.optimizer.catalog import register
 from slimserve.optimizer.compress.pruning import IMPORTANCES, prune_channels_, taylor_gradients, untouched_layers
 from slimserve.optimizer.compress.transformer import find_encoder, prune_heads_and_ffn_
 from slimserve.optimizer.counting.torch_counts import flops_per_sample, parameter_count
@@ -30,7 +31,6 @@ from slimserve.optimizer.finetune.guard import current_guard, guarding
 from slimserve.optimizer.finetune.loop import FineTuneConfig, fine_tune_, finetune_field, nested_finetune
 from slimserve.optimizer.finetune.objectives import toward_itself
 from slimserve.optimizer.formats.torchmodel import finish, prepare
-from slimserve.optimizer.passes.prune import check_fraction
 
 
 @dataclass(frozen=True)
@@ -45,17 +45,17 @@ class PruneStructuredConfig(PassConfig):
     taylor (|weight × gradient| on a few train batches) | bn-scale (|BatchNorm γ|, needs BatchNorm).
     iterative_steps: prune in that many steps with fine-tuning between them (finetune.epochs split
     across steps). round_to: keep channel counts multiples of this (0: any; 8 by default: CPU
-    convolution kernels work on blocks of 8 channels, so other counts cost time without FLOPs). ignored_layers:
+    convolution kernels work on blocks of 8 channels, so other counts cost time without FLOPs). exclude:
     layer names never pruned. finetune: the shared loop.
     """
 
-    pruning_ratio: float = 0.25
-    importance: str = "magnitude"
-    global_pruning: bool = False
-    iterative_steps: int = 1
-    round_to: int = 8
-    ignored_layers: tuple[str, ...] = ()
-    finetune: FineTuneConfig = finetune_field(epochs=3, lr=1e-3)
+    pruning_ratio: float = setting(0.25, "share of channels removed from each conv / linear layer, in (0, 1)")
+    importance: str = setting("magnitude", "magnitude (L2 of each group) | taylor (|weight x gradient|) | bn-scale (|BatchNorm gamma|)")
+    global_pruning: bool = setting(False, "hold the ratio for the model as a whole, layers losing channels by global rank")
+    iterative_steps: int = setting(1, "prune in this many steps with fine-tuning between them")
+    round_to: int = setting(8, "keep channel counts multiples of this (0: any; 8 suits CPU convolution kernels)")
+    exclude: tuple[str, ...] = setting((), "layer names never pruned")
+    finetune: FineTuneConfig = finetune_field(epochs=3, lr=1e-3, description="the shared fine-tuning loop's settings")
 
     def __post_init__(self) -> None:
         nested_finetune(self)
@@ -65,22 +65,23 @@ class PruneStructuredConfig(PassConfig):
             raise ConfigValueError(f"iterative_steps must be at least 1, got {self.iterative_steps}")
         if self.round_to < 0:
             raise ConfigValueError(f"round_to must be 0 (off) or more, got {self.round_to}")
-        check_names("ignored_layers", self.ignored_layers, "layer names")
+        check_names("exclude", self.exclude, "layer names")
 
 
-@register
-class PruneStructuredPass(Pass):
+class PruneStructuredPass(Pass[PruneStructuredConfig]):
+    """Channel pruning with Torch-Pruning's dependency graph (magnitude, Taylor or BN-scale), fine-tuned; a smaller dense ONNX."""
+
     name = "prune-structured"
     trains = True
     label_free = True
     budget_knob = Knob("pruning_ratio", gentle=0.2, aggressive=0.8)
     config_cls = PruneStructuredConfig
-    summary = "channel pruning with Torch-Pruning's dependency graph (magnitude, Taylor or BN-scale), fine-tuned; a smaller dense ONNX"
+    kind = "prune"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         import dataclasses
 
-        config: PruneStructuredConfig = self.config  # type: ignore[assignment]
+        config = self.config
         prepared = prepare(artifact, context, self.name, with_eval=config.finetune.early_stopping > 0, label_free=True)
         module, example = prepared.module, prepared.example
         params0, flops0 = parameter_count(module), flops_per_sample(module, example)
@@ -127,7 +128,7 @@ class PruneStructuredPass(Pass):
                 config.pruning_ratio,
                 config.importance,
                 self.name,
-                ignored=config.ignored_layers,
+                ignored=config.exclude,
                 global_pruning=config.global_pruning,
                 steps=steps,
                 round_to=config.round_to,
@@ -138,7 +139,7 @@ class PruneStructuredPass(Pass):
         if params >= params0:
             raise OptimizerError(
                 f"{self.name} removed nothing from {artifact.path.name} ({params} parameters before and after), so no variant was made; "
-                f"it could not prune: {'; '.join(untouched_layers(module, config.ignored_layers))}"
+                f"it could not prune: {'; '.join(untouched_layers(module, config.exclude))}"
             )
         return finish(
             prepared,

@@ -15,8 +15,8 @@ from slimserve.optimizer.base import (
     ProgressEvent,
     check_choice,
     check_names,
+    setting,
 )
-from slimserve.optimizer.catalog import register
 from slimserve.optimizer.compress.ortquant import QUANT_TYPES, check_op_types, int8_kernels, preprocess, quant_type
 from slimserve.optimizer.formats.export import to_onnx
 from slimserve.optimizer.formats.onnx_graph import check_quantized, weights_by_op_type
@@ -40,33 +40,34 @@ class QuantizeDynamicConfig(PassConfig):
     7-10 ms where FP32 took 0.4-0.9 ms, so Conv is quantized only when op_types names it, and a model
     with little else to quantize (under 10% of its weights: a CNN's classifier head) is refused in favour
     of quantize-static.
-    nodes_to_exclude: node names to keep in FP32. preprocess: run ORT's quantization
+    exclude: node names to keep in FP32. preprocess: run ORT's quantization
     pre-processing (shape inference and graph clean-up) first, as ORT recommends.
     """
 
-    weight_type: str = "qint8"
-    per_channel: bool = True
-    op_types: tuple[str, ...] = ()
-    nodes_to_exclude: tuple[str, ...] = ()
-    preprocess: bool = True
+    weight_type: str = setting("qint8", "qint8 | quint8")
+    per_channel: bool = setting(True, "one scale per output channel of each weight (false: per tensor)")
+    op_types: tuple[str, ...] = setting((), "operator types to quantize (e.g. ['MatMul']); empty: ORT's default set without Conv")
+    exclude: tuple[str, ...] = setting((), "node names kept in FP32")
+    preprocess: bool = setting(True, "run ORT's quantization pre-processing (shape inference, graph clean-up) first")
 
     def __post_init__(self) -> None:
         check_choice("weight_type", self.weight_type, QUANT_TYPES)
         check_names("op_types", self.op_types)
-        check_names("nodes_to_exclude", self.nodes_to_exclude)
+        check_names("exclude", self.exclude, "node names")
 
 
-@register
-class QuantizeDynamicPass(Pass):
+class QuantizeDynamicPass(Pass[QuantizeDynamicConfig]):
+    """ONNX Runtime dynamic INT8: weights INT8, activations quantized at run time (transformers, RNNs)."""
+
     name = "quantize-dynamic"
     config_cls = QuantizeDynamicConfig
-    summary = "ONNX Runtime dynamic INT8: weights INT8, activations quantized at run time (transformers, RNNs)"
+    kind = "quantize"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         from onnxruntime.quantization import quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        config: QuantizeDynamicConfig = self.config  # type: ignore[assignment]
+        config = self.config
         op_types = check_op_types(config.op_types, set(IntegerOpsRegistry) | {"Gemm"}, self.name)
         if op_types is None:
             op_types = sorted(set(IntegerOpsRegistry) - SLOW_DYNAMIC_OPS)
@@ -88,13 +89,11 @@ class QuantizeDynamicPass(Pass):
                     op_types_to_quantize=op_types,
                     per_channel=config.per_channel,
                     weight_type=quant_type(config.weight_type),
-                    nodes_to_exclude=list(config.nodes_to_exclude) or None,
+                    nodes_to_exclude=list(config.exclude) or None,
                 )
             except Exception as e:  # ORT raises assorted types for models it cannot quantize
                 raise OptimizerError(f"{self.name}: onnxruntime cannot quantize {source.path.name}: {type(e).__name__}: {e}") from e
-        check_quantized(
-            source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / nodes_to_exclude left none"
-        )
+        check_quantized(source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / exclude left none")
         kernels = int8_kernels()
         context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}; CPU: {kernels}"))
         return source.derive(

@@ -14,8 +14,8 @@ from slimserve.optimizer.base import (
     PassConfig,
     PassContext,
     ProgressEvent,
+    setting,
 )
-from slimserve.optimizer.catalog import register
 from slimserve.optimizer.data import TrainData, check_labels, model_arrays, subsample
 from slimserve.optimizer.finetune.augment import AugmentConfig
 from slimserve.optimizer.finetune.loop import FineTuneConfig, fine_tune_
@@ -40,13 +40,13 @@ class QuantizeQatConfig(PassConfig):
     matching (~15 s per run on a CPU); false: torchao simulates BN folding while training.
     """
 
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    max_samples: int = 0
-    freeze_observers: bool = True
-    fold_batchnorm: bool = True
+    epochs: int = setting(3, "quantization-aware fine-tuning epochs")
+    lr: float = setting(1e-4, "AdamW's learning rate (cosine decay to 0)")
+    batch_size: int = setting(64, "train rows per step")
+    weight_decay: float = setting(0.0, "AdamW's weight decay")
+    max_samples: int = setting(0, "train rows used at most per epoch (0: all)")
+    freeze_observers: bool = setting(True, "keep activation ranges fixed in the last epoch, so the weights adapt to the ranges that ship")
+    fold_batchnorm: bool = setting(True, "fold each BatchNorm into the conv before it before training (false: torchao simulates folding)")
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -109,9 +109,10 @@ def _class_count(program) -> int | None:
     return int(value.shape[-1]) if value is not None and value.dim() > 0 and isinstance(value.shape[-1], int) else None
 
 
-@register
-class QuantizeQatPass(Pass):
-    """Quantization-aware training with torchao's PT2E flow, served as QDQ INT8 ONNX by ONNX Runtime.
+class QuantizeQatPass(Pass[QuantizeQatConfig]):
+    """Quantization-aware fine-tuning (torchao PT2E) on the train data, served as INT8 ONNX.
+
+    Quantization-aware training with torchao's PT2E flow, served as QDQ INT8 ONNX by ONNX Runtime.
 
     Approach: the .pt2 graph is re-exported with a dynamic batch, BatchNorms are folded into their
     convs (config fold_batchnorm; else torchao simulates the folding while training),
@@ -128,12 +129,12 @@ class QuantizeQatPass(Pass):
     name = "quantize-qat"
     trains = True
     config_cls = QuantizeQatConfig
-    summary = "quantization-aware fine-tuning (torchao PT2E) on the train data, served as INT8 ONNX"
+    kind = "quantize"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         import torch
 
-        config: QuantizeQatConfig = self.config  # type: ignore[assignment]
+        config = self.config
         program, inputs, outputs, specs = source_program(artifact, context, self.name)  # ONNX: converted and checked first
         data = context.dataset("train", needed_by=self.name)
         arrays = model_arrays(data, specs, "train", self.name)

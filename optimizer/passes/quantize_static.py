@@ -19,8 +19,8 @@ from slimserve.optimizer.base import (
     ProgressEvent,
     check_choice,
     check_names,
+    setting,
 )
-from slimserve.optimizer.catalog import register
 from slimserve.optimizer.compress.ortquant import (
     QUANT_TYPES,
     calibration_reader,
@@ -69,7 +69,7 @@ class QuantizeStaticConfig(PassConfig):
     graph — in a transformer (a Softmax feeding a MatMul) only MatMul / Gemm / Conv with constant
     weights, as ORT advises (quantizing Softmax, LayerNorm, residual Adds and the attention
     products costs accuracy and adds Q/DQ pairs that are slower than FP32); elsewhere ORT's full
-    set. nodes_to_exclude: node names to keep in FP32.
+    set. exclude: node names to keep in FP32.
     min_dot_length: Conv / Gemm / MatMul nodes whose dot products (input channels x kernel
     area, or the inner dimension) are shorter than this stay FP32: INT8 kernels only pay off on
     long dot products, and such a layer (a first conv on one channel) is cheap and
@@ -82,21 +82,23 @@ class QuantizeStaticConfig(PassConfig):
     the model quantized again; 0 turns the check off.
     """
 
-    calibrate_method: str = "minmax"
-    max_samples: int = 256
-    percentile: float = 99.999
-    quant_format: str = "qdq"
-    per_channel: bool = True
-    per_channel_matmul: bool = False
-    activation_type: str = "qint8"
-    weight_type: str = "qint8"
-    reduce_range: bool = False
-    op_types: tuple[str, ...] = ()
-    nodes_to_exclude: tuple[str, ...] = ()
-    min_dot_length: int = 16
-    preprocess: bool = True
-    keep_masks_fp32: bool = True
-    max_activation_range: float = 1e4
+    calibrate_method: str = setting("minmax", "minmax | entropy | percentile")
+    max_samples: int = setting(256, "calibration rows used at most (a random subset when the data holds more)")
+    percentile: float = setting(99.999, "the share of values (in %) the percentile method keeps in range")
+    quant_format: str = setting("qdq", "qdq (portable QuantizeLinear/DequantizeLinear pairs) | qoperator (ORT's QLinear* operators)")
+    per_channel: bool = setting(True, "one weight scale per output channel")
+    per_channel_matmul: bool = setting(False, "also one scale per channel for MatMul weights (false: per tensor while per_channel is on)")
+    activation_type: str = setting("qint8", "qint8 | quint8")
+    weight_type: str = setting("qint8", "qint8 | quint8")
+    reduce_range: bool = setting(False, "7-bit weights, for x86 CPUs without VNNI")
+    op_types: tuple[str, ...] = setting(
+        (), "operator types to quantize; empty: chosen from the graph (a transformer: weighted MatMul / Gemm / Conv)"
+    )
+    exclude: tuple[str, ...] = setting((), "node names kept in FP32")
+    min_dot_length: int = setting(16, "Conv / Gemm / MatMul with shorter dot products stay FP32 (0: quantize all)")
+    preprocess: bool = setting(True, "run ORT's quantization pre-processing (shape inference, graph clean-up) first")
+    keep_masks_fp32: bool = setting(True, "keep the attention-mask path in FP32 whatever op_types says")
+    max_activation_range: float = setting(1e4, "activations calibrated over a wider range go back to FP32 (0: off)")
 
     def __post_init__(self) -> None:
         check_choice("calibrate_method", self.calibrate_method, CALIBRATE_METHODS)
@@ -104,7 +106,7 @@ class QuantizeStaticConfig(PassConfig):
         check_choice("activation_type", self.activation_type, QUANT_TYPES)
         check_choice("weight_type", self.weight_type, QUANT_TYPES)
         check_names("op_types", self.op_types)
-        check_names("nodes_to_exclude", self.nodes_to_exclude)
+        check_names("exclude", self.exclude, "node names")
         if self.max_samples < 1:
             raise ConfigValueError(f"max_samples must be at least 1, got {self.max_samples}")
         if not 50.0 < self.percentile <= 100.0:
@@ -121,17 +123,18 @@ def _fixed_batch(specs: InputSpecs) -> int | None:
     return fixed.pop() if fixed else None
 
 
-@register
-class QuantizeStaticPass(Pass):
+class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
+    """ONNX Runtime static INT8 (QDQ), activation ranges calibrated on the calibration data."""
+
     name = "quantize-static"
     needs = ("calibration",)
     config_cls = QuantizeStaticConfig
-    summary = "ONNX Runtime static INT8 (QDQ), activation ranges calibrated on the calibration data"
+    kind = "quantize"
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-        config: QuantizeStaticConfig = self.config  # type: ignore[assignment]
+        config = self.config
         # ORT's QDQ quantizer takes the QOperator types too (Add, Mul, Softmax, ... get a plain Q/DQ pair).
         known = set(QLinearOpsRegistry) | (set(QDQRegistry) if config.quant_format == "qdq" else set())
         op_types = check_op_types(config.op_types, known, self.name)
@@ -181,7 +184,7 @@ class QuantizeStaticPass(Pass):
                 if attempt == 1:
                     raise OptimizerError(
                         f"{self.name}: activations {spans} still span more than max_activation_range "
-                        f"{config.max_activation_range:g} after their nodes were kept in FP32; add their consumers to nodes_to_exclude"
+                        f"{config.max_activation_range:g} after their nodes were kept in FP32; add their consumers to exclude"
                     )
                 excluded = sorted(set(excluded) | set(nodes_touching(model, set(huge))))
                 context.progress(
@@ -191,7 +194,7 @@ class QuantizeStaticPass(Pass):
                         message=f"activations {spans} span more than {config.max_activation_range:g}: their nodes stay FP32",
                     )
                 )
-        check_quantized(source.path, target, self.name, "check op_types, nodes_to_exclude and min_dot_length")
+        check_quantized(source.path, target, self.name, "check op_types, exclude and min_dot_length")
         strip_debug_info(target)
         kernels = int8_kernels()
         context.progress(
@@ -219,7 +222,7 @@ class QuantizeStaticPass(Pass):
     ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-        config: QuantizeStaticConfig = self.config  # type: ignore[assignment]
+        config = self.config
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
         try:
             quantize_static(
@@ -269,7 +272,7 @@ def _plan(model: onnx.ModelProto, config: QuantizeStaticConfig, op_types: list[s
             f"per_channel is off and depthwise weight channels differ up to {spread:.0f}x in range: "
             "one scale per tensor rounds the narrow channels to zero; set per_channel true"
         )
-    excluded = list(dict.fromkeys([*config.nodes_to_exclude, *short_dot_nodes(model, config.min_dot_length), *masks, *products]))
+    excluded = list(dict.fromkeys([*config.exclude, *short_dot_nodes(model, config.min_dot_length), *masks, *products]))
     if config.per_channel and not config.per_channel_matmul:
         # An override without an axis is ORT's way to quantize one weight per tensor while per_channel is on.
         extra["TensorQuantOverrides"] = {name: [{}] for name in matmul_weights(model)}

@@ -32,6 +32,7 @@ from slimserve.optimizer.base import (
     PassContext,
     ProgressEvent,
     RuntimeFactory,
+    setting,
 )
 from slimserve.optimizer.evaluation.measure import Evaluation, model_inputs, run_in_batches
 from slimserve.optimizer.evaluation.quality import Quality, describe, measure
@@ -55,16 +56,16 @@ class BudgetOptions(PassConfig):
     setting may continue while it is over the budget and improving.
     """
 
-    max_drop: float | None = None
-    search: bool = True
-    gentle: float | None = None
-    aggressive: float | None = None
-    max_evaluations: int = 6
-    max_seconds: float = 900.0
-    probe_epochs: int | None = None
-    resolution: float = 0.02
-    extra_epochs: int = 3
-    extra_seconds: float = 300.0
+    max_drop: float | None = setting(None, "this pass's budget in points of the quality metric (null: the job's --accuracy-budget)")
+    search: bool = setting(True, "bisect the pass's knob (false: keep the configured setting, fine-tune while over the budget)")
+    gentle: float | None = setting(None, "the search's gentle end (null: the pass's own)")
+    aggressive: float | None = setting(None, "the search's aggressive end (null: the pass's own)")
+    max_evaluations: int = setting(6, "probes at most")
+    max_seconds: float = setting(900.0, "the search's time limit")
+    probe_epochs: int | None = setting(None, "fine-tuning epochs of a probe (null: the pass's own)")
+    resolution: float = setting(0.02, "stop when the bracket is this narrow")
+    extra_epochs: int = setting(3, "epochs fine-tuning of the chosen setting may continue while over the budget and improving")
+    extra_seconds: float = setting(300.0, "seconds fine-tuning of the chosen setting may continue while over the budget and improving")
 
     def __post_init__(self) -> None:
         for name in ("max_drop", "gentle", "aggressive"):

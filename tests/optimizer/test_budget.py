@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from slimserve.optimizer.base import Artifact, Knob, OptimizerError, Pass, PassConfig, PassContext, ProgressEvent
-from slimserve.optimizer.catalog import PASSES, load_builtin_passes, make_pass
+from slimserve.optimizer.catalog import make_pass
 from slimserve.optimizer.data import TrainData
 from slimserve.optimizer.finetune.guard import guarding
 from slimserve.optimizer.finetune.loop import FineTuneConfig, fine_tune_, finetune_field
 from slimserve.optimizer.pipeline import optimize
 from slimserve.optimizer.recipes import Recipe, recipe_from_dict
 from slimserve.optimizer.search.budget import BudgetOptions
-from tests.optimizer.tiny_models import FEATURES, dense_onnx, onnx_artifact, save_npz, weights
+from tests.optimizer.tiny_models import FEATURES, add_pass, dense_onnx, onnx_artifact, save_npz, weights
 
 X = np.random.default_rng(2).standard_normal((400, FEATURES)).astype(np.float32)
 W = weights(np.random.default_rng(0), FEATURES, 32, 10)
@@ -33,7 +33,7 @@ class NoiseConfig(PassConfig):
     ratio: float = 0.5
 
 
-class NoisePass(Pass):
+class NoisePass(Pass[NoiseConfig]):
     """A ratio-controlled pass in milliseconds: the classifier with noise of `ratio` on its last layer (more ratio, more loss)."""
 
     name = "test-noise"
@@ -42,7 +42,7 @@ class NoisePass(Pass):
     runs: ClassVar[list[float]] = []  # the settings it ran with, in order
 
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
-        ratio = self.config.ratio  # type: ignore[attr-defined]
+        ratio = self.config.ratio
         NoisePass.runs.append(ratio)
         path = dense_onnx(context.new_path("noisy", ".onnx"), [W[0], W[1] + ratio * NOISE], output="logits")
         return artifact.derive(path, format="onnx", runtime="onnxruntime")
@@ -51,8 +51,7 @@ class NoisePass(Pass):
 @pytest.fixture
 def noisy(tmp_path, monkeypatch):
     """A 16 -> 32 -> 10 classifier whose labels it gets all right, the noise pass, and an evaluation-only context."""
-    load_builtin_passes()
-    monkeypatch.setitem(PASSES, "test-noise", NoisePass)
+    add_pass(monkeypatch, NoisePass, "test-noise")
     NoisePass.runs = []
     labels = (np.maximum(X @ W[0], 0) @ W[1]).argmax(1)
     events: list[ProgressEvent] = []
@@ -193,7 +192,7 @@ class TrainingNoisePass(NoisePass):
 
 def test_a_probe_at_the_pass_epochs_fine_tunes_on_under_the_guard_and_is_the_final_run(noisy, runtime_factory, monkeypatch):
     source, context, _ = noisy
-    monkeypatch.setitem(PASSES, "test-noise", TrainingNoisePass)
+    add_pass(monkeypatch, TrainingNoisePass, "test-noise")
     TrainingNoisePass.guarded = []
     result = optimize(source, _recipe(max_evaluations=3), context, runtime_factory, "v", accuracy_budget=2.0)
     assert TrainingNoisePass.guarded == [True, True, True]  # every probe ran as the final run would, and none ran again

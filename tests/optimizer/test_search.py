@@ -15,7 +15,17 @@ from slimserve.optimizer.catalog import make_pass
 from slimserve.optimizer.pipeline import optimize
 from slimserve.optimizer.recipes import Recipe, parse_recipe
 from slimserve.optimizer.search.auto import pareto_front
-from tests.optimizer.tiny_models import FEATURES, conv_onnx, dense_onnx, mlp_pt2, onnx_artifact, register_file_pass, save_npz, weights
+from tests.optimizer.tiny_models import (
+    FEATURES,
+    add_pass,
+    conv_onnx,
+    dense_onnx,
+    mlp_pt2,
+    onnx_artifact,
+    register_file_pass,
+    save_npz,
+    weights,
+)
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -185,11 +195,9 @@ def test_auto_on_a_label_free_transformer_measures_students_and_pruning_trained_
 @pytest.fixture
 def noisy_auto(tmp_path, monkeypatch):
     """A classifier 2 MatMuls slower than it needs to be, its labels, and test-noise: the lean model with noise of `ratio` (default 0.5)."""
-    from slimserve.optimizer.catalog import PASSES, load_builtin_passes
     from tests.optimizer.test_budget import NoisePass, W, X
 
-    load_builtin_passes()
-    monkeypatch.setitem(PASSES, "test-noise", NoisePass)
+    add_pass(monkeypatch, NoisePass, "test-noise")
     NoisePass.runs = []
     labels = (np.maximum(X @ W[0], 0) @ W[1]).argmax(1)
     context = PassContext(workdir=tmp_path / "work", datasets={"data": save_npz(tmp_path / "eval.npz", x=X, labels=labels)})

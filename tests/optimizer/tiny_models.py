@@ -6,6 +6,7 @@ architectures the optimizer must handle (LSTM, transformer encoder, CNN), export
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from slimserve.optimizer.base import Artifact, Pass, PassContext
-from slimserve.optimizer.catalog import PASSES, load_builtin_passes
+from slimserve.optimizer.catalog import PASSES
 from slimserve.optimizer.formats.export import export_dynamic_batch, export_program_to_onnx
 
 FEATURES = 16
@@ -99,16 +100,26 @@ def mlp_pt2(path: Path, out: int = 32) -> Path:
     return path
 
 
+def add_pass(monkeypatch, cls: type[Pass], name: str = "") -> None:
+    """Adds, for one test, the pass class `cls` to the catalog as `name` (its own name by default): the table holds
+    `module:Class`, so a class made in a function is set on this module for the test, under a name of its own."""
+    name = name or cls.name
+    module, attr = cls.__module__, cls.__qualname__
+    if "<locals>" in attr:
+        module, attr = __name__, "_test_pass_" + name.replace("-", "_")
+        monkeypatch.setattr(sys.modules[__name__], attr, cls, raising=False)
+    monkeypatch.setitem(PASSES, name, f"{module}:{attr}")
+
+
 def register_file_pass(monkeypatch, name: str, path: Path) -> None:
-    """Registers, for one test, a pass `name` whose result is the prepared ONNX file `path` (a slower, lossy or leaner model)."""
-    load_builtin_passes()
+    """Adds, for one test, a pass `name` whose result is the prepared ONNX file `path` (a slower, lossy or leaner model)."""
 
     class FilePass(Pass):
         def run(self, artifact: Artifact, context: PassContext) -> Artifact:
             return artifact.derive(path, format="onnx", runtime="onnxruntime")
 
     FilePass.name = name
-    monkeypatch.setitem(PASSES, name, FilePass)
+    add_pass(monkeypatch, FilePass)
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> Path:

@@ -28,12 +28,10 @@ def test_offline_optimize_bad_recipe(digits, tmp_path):
 def test_offline_optimize_keeps_a_variant_over_budget_only_when_asked(tmp_path, monkeypatch):
     import numpy as np
 
-    from slimserve.optimizer.catalog import PASSES, load_builtin_passes
     from tests.optimizer.test_budget import NoisePass, W, X
-    from tests.optimizer.tiny_models import dense_onnx, save_npz
+    from tests.optimizer.tiny_models import add_pass, dense_onnx, save_npz
 
-    load_builtin_passes()
-    monkeypatch.setitem(PASSES, "test-noise", NoisePass)
+    add_pass(monkeypatch, NoisePass, "test-noise")
     model = dense_onnx(tmp_path / "m.onnx", W, output="logits")
     data = save_npz(tmp_path / "eval.npz", x=X, labels=(np.maximum(X @ W[0], 0) @ W[1]).argmax(1))
     recipe = tmp_path / "noise.json"

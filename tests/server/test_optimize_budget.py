@@ -11,16 +11,14 @@ from typer.testing import CliRunner
 
 from slimserve.client.cli import app
 from slimserve.client.client import SlimServeClientError
-from slimserve.optimizer.catalog import PASSES, load_builtin_passes
 from tests.optimizer.test_budget import NoisePass, W, X
-from tests.optimizer.tiny_models import dense_onnx, save_npz
+from tests.optimizer.tiny_models import add_pass, dense_onnx, save_npz
 
 
 @pytest.fixture
 def noisy(client, tmp_path, monkeypatch):
     """A classifier registered with evaluation data, the test-noise pass (in-process server), and a recipe file of it."""
-    load_builtin_passes()
-    monkeypatch.setitem(PASSES, "test-noise", NoisePass)
+    add_pass(monkeypatch, NoisePass, "test-noise")
     labels = (np.maximum(X @ W[0], 0) @ W[1]).argmax(1)
     client.register("m", dense_onnx(tmp_path / "m.onnx", W, output="logits"), data=save_npz(tmp_path / "eval.npz", x=X, labels=labels))
 

@@ -73,7 +73,7 @@ class SplittingCnn(FlatteningCnn):
 
 def test_a_reshape_that_cannot_follow_the_channels_names_the_layer_to_keep():
     module, example = _module(SplittingCnn("view"))
-    with pytest.raises(OptimizerError, match=r"prune-structured: pruning changed the input of view .* add conv2 to ignored_layers"):
+    with pytest.raises(OptimizerError, match=r"prune-structured: pruning changed the input of view .* add conv2 to exclude"):
         prune_channels_(module, example, 0.5, "magnitude", "prune-structured")
     module, example = _module(SplittingCnn("view"))
     prune_channels_(module, example, 0.5, "magnitude", "prune-structured", ignored=("conv2",))
