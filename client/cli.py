@@ -14,7 +14,7 @@ from rich.table import Table
 from slimserve.client import cli_rollout, cli_traffic
 from slimserve.client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
 from slimserve.client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
-from slimserve.client.report import render_report
+from slimserve.client.report import render_pass_settings, render_passes, render_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: manage and query a slimserve server.")
 
@@ -223,6 +223,25 @@ def optimize(
         print_json(variant)
         return
     print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline")
+
+
+@app.command()
+def passes(
+    name: str = typer.Argument("", help="A pass: show its settings (name, type, default, description)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the pass records as JSON."),
+) -> None:
+    """List the optimizer's passes (kind, what each needs); with NAME, that pass's settings for a recipe."""
+    try:
+        with connect() as client:
+            records = client.passes(name)
+    except SlimServeClientError as e:
+        fail(str(e))
+    if as_json:
+        print_json(records[0] if name else records)
+    elif name:
+        console.print(render_pass_settings(records[0]))
+    else:
+        console.print(render_passes(records))
 
 
 def print_report(rows: list[dict[str, Any]], title: str) -> None:

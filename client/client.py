@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from slimserve.client import codec
-from slimserve.client.records import comparison_dict, model_dict, rollout_dict, traffic_dict, variant_dict
+from slimserve.client.records import comparison_dict, model_dict, pass_dict, rollout_dict, traffic_dict, variant_dict
 from slimserve.client.transport import CHUNK_BYTES, SlimServeClientError, channel_credentials, load_recipe_file, sha256_of
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import inference_pb2_grpc as pb_grpc
@@ -288,6 +288,10 @@ class SlimServeClient:
         response = self._call(self.optimizer.ListJobs, spb.ListJobsRequest(model=name))
         keys = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at")
         return [{k: getattr(j, k) for k in keys} for j in response.jobs]
+
+    def passes(self, name: str = "") -> list[dict[str, Any]]:
+        """The optimizer's passes (records.pass_dict), or only the pass `name` (NOT_FOUND names the known ones)."""
+        return [pass_dict(p) for p in self._call(self.optimizer.ListPasses, spb.ListPassesRequest(name=name)).passes]
 
     # ------------------------------------------------------------------ inference
 

@@ -1,4 +1,4 @@
-"""The registry's protobuf records as plain dicts: the contract of `slimctl ... --json` and of the SDK's return values.
+"""The server's protobuf records (models, traffic, comparisons, rollouts, passes) as plain dicts: the contract of `slimctl ... --json` and of the SDK's return values.
 Fields the server did not measure or had no data for become None."""
 
 from __future__ import annotations
@@ -119,3 +119,9 @@ def rollout_dict(r: spb.RolloutStatus) -> dict[str, Any]:
         "finished_at": r.finished_at or None,
         "plan": json.loads(r.plan_json) if r.plan_json else None,
     }
+
+
+def pass_dict(p: spb.PassRecord) -> dict[str, Any]:
+    """A pass: name, kind, description, needs, and its settings (each default as JSON text, as a recipe writes it)."""
+    settings = [{"name": s.name, "type": s.type, "default": s.default_json, "description": s.description} for s in p.settings]
+    return {"name": p.name, "kind": p.kind, "description": p.description, "needs": list(p.needs), "settings": settings}

@@ -1,4 +1,5 @@
-"""The optimization report as a terminal table: one renderer for `slimctl optimize` and the offline `slimserve optimize`.
+"""The optimization report as a terminal table: one renderer for `slimctl optimize` and the offline `slimserve optimize`;
+and the pass catalog's tables, for `slimctl passes` and `slimserve passes`.
 
 It reads the plain row dicts that slimserve.optimizer.report builds (and the server sends as JSON), so it needs
 neither the optimizer nor torch: units go in the headers, gains in green and losses in red, columns
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 _MISSING = "[dim]–[/dim]"
@@ -149,4 +151,22 @@ def render_report(rows: list[dict[str, Any]], title: str) -> Table:
         first = i == 0 and r.get("accuracy_delta_pt") is None and r.get("agreement") is None
         baseline_row = r.get("status") == "baseline" or first
         table.add_row(*(columns[k][1](r, baseline_row) for k in keys))
+    return table
+
+
+def render_passes(passes: list[dict[str, Any]]) -> Table:
+    """Every pass (records.pass_dict): name, kind, what it needs besides the model, what it does."""
+    table = Table("pass", "kind", "needs", "what it does", box=box.SIMPLE_HEAD, title="optimizer passes (`passes NAME` shows the settings)")
+    for p in passes:
+        table.add_row(*(escape(c) for c in (p["name"], p["kind"], "\n".join(p["needs"]) or "-", p["description"])))
+    return table
+
+
+def render_pass_settings(p: dict[str, Any]) -> Table:
+    """One pass's settings: the recipe key, its type, its default as a recipe writes it, and what it does."""
+    needs = "; ".join(p["needs"]) or "nothing besides the model"
+    title = escape(f"{p['name']} ({p['kind']}): {p['description']}\nneeds: {needs}")
+    table = Table("setting", "type", "default", "description", box=box.SIMPLE_HEAD, title=title, title_justify="left")
+    for s in p["settings"]:
+        table.add_row(*(escape(s[k]) for k in ("name", "type", "default", "description")))
     return table

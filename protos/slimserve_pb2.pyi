@@ -236,6 +236,44 @@ class ListJobsResponse(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[JobRecord]
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobRecord, _Mapping]]] = ...) -> None: ...
 
+class ListPassesRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class PassSetting(_message.Message):
+    __slots__ = ("name", "type", "default_json", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    default_json: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_json: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class PassRecord(_message.Message):
+    __slots__ = ("name", "kind", "description", "needs", "settings")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    description: str
+    needs: _containers.RepeatedScalarFieldContainer[str]
+    settings: _containers.RepeatedCompositeFieldContainer[PassSetting]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., settings: _Optional[_Iterable[_Union[PassSetting, _Mapping]]] = ...) -> None: ...
+
+class ListPassesResponse(_message.Message):
+    __slots__ = ("passes",)
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    passes: _containers.RepeatedCompositeFieldContainer[PassRecord]
+    def __init__(self, passes: _Optional[_Iterable[_Union[PassRecord, _Mapping]]] = ...) -> None: ...
+
 class TrafficPolicy(_message.Message):
     __slots__ = ("model", "weights", "shadows", "sticky_parameter", "can_rollback")
     class WeightsEntry(_message.Message):

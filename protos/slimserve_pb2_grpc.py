@@ -298,6 +298,11 @@ class OptimizerStub:
                 request_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.ListPasses = channel.unary_unary(
+                '/slimserve.v1.Optimizer/ListPasses',
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListPassesRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListPassesResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer:
@@ -321,6 +326,14 @@ class OptimizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPasses(self, request, context):
+        """The optimizer's passes (`slimctl passes`): every pass, or only the one `name` says (NOT_FOUND if unknown),
+        with what it needs and its settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +346,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListJobsRequest.FromString,
                     response_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'ListPasses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPasses,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListPassesRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListPassesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +409,33 @@ class Optimizer:
             '/slimserve.v1.Optimizer/ListJobs',
             slimserve_dot_protos_dot_slimserve__pb2.ListJobsRequest.SerializeToString,
             slimserve_dot_protos_dot_slimserve__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPasses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Optimizer/ListPasses',
+            slimserve_dot_protos_dot_slimserve__pb2.ListPassesRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.ListPassesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,7 +72,7 @@ class SlimServer:
         self.settings = settings
         self.prices = load_prices(settings.prices)
         self.price = price = price_of(settings.node_type, self.prices)
-        # A fresh registry per server unless one is given: tests run several servers in one process.
+        # A fresh Prometheus CollectorRegistry per server unless one is given: tests run several servers in one process.
         self.metrics = Metrics(registry, node_type=settings.node_type, price_per_hour=price)
         self.repository = Repository(settings.repository, read_only=settings.read_only)
         self.dataplane = DataPlane(

@@ -149,6 +149,34 @@ def optimize(
     typer.echo(f"wrote {target} ({result.artifact.runtime}), {out / 'report.json'}")
 
 
+@app.command()
+def passes(
+    name: str = typer.Argument("", help="A pass: show its settings (name, type, default, description)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the pass records as JSON (the shape of `slimctl passes --json`)."),
+) -> None:
+    """List the optimizer's passes offline (no server); with NAME, that pass's settings: as `slimctl passes`."""
+    import dataclasses
+    import json
+
+    from rich.console import Console
+
+    from slimserve.client.report import render_pass_settings, render_passes
+    from slimserve.optimizer.base import OptimizerError
+    from slimserve.optimizer.catalog import describe, describe_all
+
+    try:
+        infos = [describe(name)] if name else describe_all()
+    except OptimizerError as e:
+        typer.echo(f"slimserve passes: {e}", err=True)
+        raise typer.Exit(1) from e
+    records = [json.loads(json.dumps(dataclasses.asdict(info))) for info in infos]  # tuples become lists, as over gRPC
+    if as_json:
+        typer.echo(json.dumps(records[0] if name else records, indent=2))
+        return
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console.print(render_pass_settings(records[0]) if name else render_passes(records))
+
+
 def main() -> None:
     sys.exit(app())
 

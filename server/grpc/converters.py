@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 from slimserve.client import codec
+from slimserve.optimizer.catalog import PassInfo
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import slimserve_pb2 as spb
 from slimserve.server.errors import InvalidArgument
@@ -206,7 +207,7 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def infer_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
+def infer_response(result: InferResult) -> pb.ModelInferResponse:
     # The id a client gave, or the one the server made up: feedback refers to the request by it.
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.variant, id=result.request_id)
     # Every output in raw_output_contents, whatever the request used, as Triton answers: its C++ client indexes
@@ -267,6 +268,21 @@ def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
 
 def job_list(jobs: list[tuple[str, dict[str, Any]]]) -> spb.ListJobsResponse:
     return spb.ListJobsResponse(jobs=[job_record(model, job) for model, job in jobs])
+
+
+def pass_list(passes: list[PassInfo]) -> spb.ListPassesResponse:
+    return spb.ListPassesResponse(
+        passes=[
+            spb.PassRecord(
+                name=p.name,
+                kind=p.kind,
+                description=p.description,
+                needs=list(p.needs),
+                settings=[spb.PassSetting(name=s.name, type=s.type, default_json=s.default, description=s.description) for s in p.settings],
+            )
+            for p in passes
+        ]
+    )
 
 
 def compare_response(comparison: Comparison) -> spb.CompareResponse:

@@ -27,7 +27,7 @@ from slimserve.server.inference.loaded import LoadedModel, ServedVariant, Unload
 from slimserve.server.inference.loader import ModelLoader
 from slimserve.server.inference.model_config import ModelConfigView, ServingOverride, batchable, config_view
 from slimserve.server.inference.shadow import ShadowMirror, top1
-from slimserve.server.inference.shared_memory import SharedMemoryRegistry, ShmInput, ShmRef
+from slimserve.server.inference.shared_memory import SharedMemoryRegions, ShmInput, ShmRef
 from slimserve.server.runtimes import Runtime, RuntimeConfig, TensorSpec
 from slimserve.server.store.repository import Repository
 from slimserve.server.telemetry.metrics import Metrics
@@ -35,6 +35,9 @@ from slimserve.server.telemetry.recording import VariantRecorder
 from slimserve.server.telemetry.statistics import FeedbackStore, VariantStats
 
 log = logging.getLogger(__name__)
+
+# Threads of the management pool: a registration and a load (or a watcher's poll) at once.
+MANAGEMENT_THREADS = 2
 
 _NO_SHADOWS: tuple[ServedVariant, ...] = ()
 
@@ -165,12 +168,16 @@ class DataPlane:
     ) -> None:
         self.repository = repository
         self.executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="compute")
+        # Management's blocking work (registration's checks and commit, model loads, manifest writes, the watcher's
+        # polls) has a pool of its own, so that an inference never waits in the compute pool's queue behind it.
+        self.management = ThreadPoolExecutor(max_workers=MANAGEMENT_THREADS, thread_name_prefix="management")
         self._background: set[asyncio.Task] = set()  # batchers closing, shadow calls
         self.loader = ModelLoader(
             repository,
             runtime_config,
             metrics,
             self.executor,
+            self.management,
             self._spawn,
             batching or BatchingConfig(),
             inline_compute_s,
@@ -178,7 +185,7 @@ class DataPlane:
             unload_idle_s,
         )
         self.shadows = ShadowMirror(self._spawn)
-        self.shared_memory = SharedMemoryRegistry()
+        self.shared_memory = SharedMemoryRegions()
         # Ids for requests that came without one: a per-process random prefix and a counter
         # (uuid4 per request costs a getrandom() system call).
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
@@ -202,6 +209,7 @@ class DataPlane:
         if self._background:  # batchers finishing their queues; shadows finishing their calls
             await asyncio.gather(*self._background, return_exceptions=True)
         self.executor.shutdown(wait=True)
+        self.management.shutdown(wait=True)
         self.shared_memory.close()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -211,7 +219,8 @@ class DataPlane:
         return task
 
     async def run_blocking(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """Runs management's blocking `fn` on the management pool, never on the compute pool that runs the models."""
+        return await asyncio.get_running_loop().run_in_executor(self.management, fn, *args)
 
     @property
     def models(self) -> Mapping[str, LoadedModel]:
@@ -386,11 +395,6 @@ class DataPlane:
             shadows,
             served.recorder,
         )
-
-    async def infer(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> InferResult:
-        """Checks and runs decoded inputs on the call's variant (what `serve` does between decode and encode); not counted."""
-        specs = self._checked(call, inputs, outputs)
-        return self._answered(call, inputs, outputs, specs, await call.batcher.submit(inputs, outputs))
 
     def _checked(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, TensorSpec]:
         """The inputs against the variant's, the outputs asked for against its outputs; its output specs by name."""

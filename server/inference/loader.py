@@ -43,6 +43,7 @@ class ModelLoader:
         runtime_config: RuntimeConfig,
         metrics: Metrics,
         executor: ThreadPoolExecutor,
+        loads: ThreadPoolExecutor,
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task],
         batching: BatchingConfig,
         inline_compute_s: float,
@@ -52,7 +53,8 @@ class ModelLoader:
         self.repository = repository
         self.runtime_config = runtime_config
         self.metrics = metrics
-        self.executor = executor
+        self.executor = executor  # the compute pool: the batchers run models' predict calls on it
+        self.loads = loads  # the management pool: loading a runtime (ORT session, .pt2) never queues before a predict call
         self.spawn = spawn
         self.batching = batching
         self.inline_compute_s = inline_compute_s
@@ -70,7 +72,7 @@ class ModelLoader:
         self.idle_unloads = 0  # variants unloaded while idle since start
 
     def load_runtime(self, info: ModelInfo, variant: str) -> Runtime:
-        """A variant's runtime, loaded (blocking: runs on the compute pool)."""
+        """A variant's runtime, loaded (blocking: runs on the management pool, `loads`)."""
         runtime = create_runtime(info.variants[variant].runtime, self.repository.variant_path(info, variant), self.runtime_config)
         runtime.load()
         return runtime
@@ -135,7 +137,7 @@ class ModelLoader:
                     )
                     continue
                 if current is None or not reuse:
-                    runtime = await loop.run_in_executor(self.executor, self.load_runtime, info, variant)
+                    runtime = await loop.run_in_executor(self.loads, self.load_runtime, info, variant)
                     current = self._serve(name, variant, runtime, recorder, override)
                 loaded.variants[variant] = current
             loaded.unloaded = unloaded
@@ -231,7 +233,7 @@ class ModelLoader:
             return self._settled(model, variant)
         start = time.perf_counter()
         try:
-            runtime = await asyncio.get_running_loop().run_in_executor(self.executor, self.load_runtime, loaded.info, variant)
+            runtime = await asyncio.get_running_loop().run_in_executor(self.loads, self.load_runtime, loaded.info, variant)
         except Exception as e:  # a file gone or broken since: this variant fails, the model and server serve on
             log.error("variant '%s' of model '%s' failed to load on demand: %s", variant, model, e)
             raise Unavailable(f"variant '{variant}' of model '{model}' is not loaded and failed to load on demand: {e}") from e

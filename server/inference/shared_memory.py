@@ -62,7 +62,7 @@ class _Region:
         os.close(self.fd)
 
 
-class SharedMemoryRegistry:
+class SharedMemoryRegions:
     """The registered system shared-memory regions by name."""
 
     def __init__(self, directory: Path = SHM_DIR) -> None:

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slimserve.optimizer.base import ProgressEvent
-from slimserve.server.errors import AlreadyExists, InvalidArgument, SlimServeError
+from slimserve.optimizer.base import OptimizerError, ProgressEvent
+from slimserve.optimizer.catalog import PassInfo, describe, describe_all
+from slimserve.server.errors import AlreadyExists, InvalidArgument, NotFound, SlimServeError
 from slimserve.server.inference.dataplane import DataPlane, VersionStatistics
 from slimserve.server.inference.model_config import ModelConfigView, parse_load_config
 from slimserve.server.inference.shared_memory import RegionStatus, cuda_shared_memory_status, register_cuda_shared_memory
@@ -269,6 +270,14 @@ class Control:
         job = await self.jobs.submit(request)
         async for event in self.jobs.events(job):
             yield job.id, event
+
+    async def list_passes(self, name: str = "") -> list[PassInfo]:
+        """The optimizer's passes, or only the pass `name` (NotFound, naming the known ones): kind, needs and settings.
+        Describing imports the pass modules (torch among them) the first time, so it runs on the management pool."""
+        try:
+            return await self.dataplane.run_blocking(lambda: [describe(name)] if name else describe_all())
+        except OptimizerError as e:
+            raise NotFound(str(e)) from e
 
     def list_jobs(self, model: str = "") -> list[tuple[str, dict[str, Any]]]:
         """(model, job record) of one model, or of every model when `model` is empty."""

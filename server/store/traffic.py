@@ -59,11 +59,6 @@ class TrafficPolicy:
         return cls(weights={variant: 1.0})
 
     @property
-    def primaries(self) -> list[str]:
-        """Variants that receive a share of traffic (weight > 0)."""
-        return [v for v, w in self.weights.items() if w > 0]
-
-    @property
     def can_rollback(self) -> bool:
         return self.previous is not None
 

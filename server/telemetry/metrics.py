@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server, created against a registry that tests can replace.
+"""Prometheus metrics of the server, created against a Prometheus CollectorRegistry that tests can replace.
 
 Every per-variant metric is one `Family` row of `PER_VARIANT`: `Metrics` creates the family from it,
 `VariantSeries` caches the children set at load, and `Metrics.forget` removes all of a deleted

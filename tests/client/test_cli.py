@@ -122,3 +122,27 @@ def test_infer_sends_a_large_file_in_parts_and_joins_the_outputs(server, digits,
     parts = np.array(answer["outputs"]["logits"]["data"])
     assert parts.shape == (len(x), 10)
     np.testing.assert_allclose(parts, np.array(json.loads(whole.stdout)["outputs"]["logits"]["data"]), rtol=1e-5, atol=1e-5)
+
+
+def test_passes_lists_every_pass_and_one_pass_shows_its_settings(server):
+    result = slimctl(server, "passes")
+    assert result.exit_code == 0, result.output
+    assert "quantize-static" in result.output and "calibration data (--calibration)" in result.output
+
+    result = slimctl(server, "passes", "--json")
+    records = json.loads(result.stdout)
+    assert [p["name"] for p in records][:3] == ["auto", "distill-feature", "distill-soft"]
+    qat = next(p for p in records if p["name"] == "quantize-qat")
+    assert qat["kind"] == "quantize" and qat["needs"] == ["train data (--train) with labels"]
+
+    result = slimctl(server, "passes", "prune-weight", "--json")
+    record = json.loads(result.stdout)
+    settings = {s["name"]: s for s in record["settings"]}
+    assert settings["sparsity"] == {"name": "sparsity", "type": "float", "default": "0.5", "description": "share of weights set to zero, in (0, 1)"}
+    assert settings["finetune.lr"]["default"] == "0.0005"  # the pass's own default for the shared loop
+
+    result = slimctl(server, "passes", "prune-weight")
+    assert result.exit_code == 0 and "exclude" in result.output and "list[str]" in result.output
+
+    result = slimctl(server, "passes", "shrink")
+    assert result.exit_code == 1 and "unknown pass 'shrink' (known: auto," in result.output

@@ -71,3 +71,15 @@ def test_start_refuses_an_unknown_device_before_touching_the_repository(tmp_path
     result = runner.invoke(app, ["start", "--repository", str(tmp_path / "repo"), "--device", "tpu", "--grpc-port", "0"])
     assert result.exit_code == 2 and "'tpu' is not one of auto, cpu, cuda" in result.output
     assert not (tmp_path / "repo").exists()
+
+
+def test_passes_offline_shows_what_slimctl_shows():
+    result = runner.invoke(app, ["passes", "quantize-static", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["needs"] == ["calibration data (--calibration)"]
+    assert {"name": "exclude", "type": "list[str]", "default": "[]", "description": "node names kept in FP32"} in record["settings"]
+    listed = runner.invoke(app, ["passes"])
+    assert listed.exit_code == 0 and "graph-ort" in listed.output
+    unknown = runner.invoke(app, ["passes", "shrink"])
+    assert unknown.exit_code == 1 and "unknown pass 'shrink'" in unknown.output

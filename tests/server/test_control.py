@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,10 +27,10 @@ def run(coro, timeout: float = 120.0):
 
 
 @asynccontextmanager
-async def control_of(root: Path):
+async def control_of(root: Path, **plane_options):
     repository = Repository(root)
     metrics = Metrics()
-    plane = DataPlane(repository, RuntimeConfig(), metrics, compute_threads=1)
+    plane = DataPlane(repository, RuntimeConfig(), metrics, compute_threads=1, **plane_options)
     jobs = JobManager(repository, plane, RuntimeConfig())
     control = Control(repository, plane, Registrar(repository, RuntimeConfig(), 1 << 30), jobs, "cpu", 3.6)
     await plane.start()
@@ -191,5 +192,54 @@ def test_delete_model_unloads_it_and_forgets_its_series(tmp_path, digits):
             assert sample(metrics, "slimserve_requests_total", "baseline", code="OK") is None
             with pytest.raises(NotFound):
                 await control.delete_model("digits")
+
+    run(scenario())
+
+
+def test_an_inference_does_not_wait_behind_a_slow_registration(tmp_path, digits, monkeypatch):
+    """Registration's checks and commit and the model load run on the management pool: with one compute thread, and
+    every predict call on it (no inline calls), an inference is answered while a registration is stuck in its commit."""
+
+    async def scenario():
+        async with control_of(tmp_path, inline_compute_s=0.0) as control:
+            await register(control, "digits", digits.onnx)
+            entered, release, threads = threading.Event(), threading.Event(), []
+            commit, load_runtime = control.registrar.commit, control.dataplane.loader.load_runtime
+
+            def slow_commit(*args):
+                threads.append(threading.current_thread().name)
+                entered.set()
+                release.wait(60)
+                return commit(*args)
+
+            def recorded_load(*args):
+                threads.append(threading.current_thread().name)
+                return load_runtime(*args)
+
+            monkeypatch.setattr(control.registrar, "commit", slow_commit)
+            monkeypatch.setattr(control.dataplane.loader, "load_runtime", recorded_load)
+            registering = asyncio.create_task(register(control, "second", digits.onnx))
+            try:
+                assert await asyncio.to_thread(entered.wait, 60), "the registration never reached its commit"
+                assert await asyncio.wait_for(infer(control, digits.x_test[:1]), 20) == "baseline"
+                assert not registering.done()  # the registration is still in its commit
+            finally:
+                release.set()
+            await registering
+            assert await infer(control, digits.x_test[:1]) == "baseline"
+            assert len(threads) == 2 and all(t.startswith("management") for t in threads), threads
+
+    run(scenario())
+
+
+def test_list_passes_describes_the_catalog_and_names_an_unknown_pass(tmp_path):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            passes = await control.list_passes()
+            assert "quantize-static" in [p.name for p in passes]
+            [one] = await control.list_passes("graph-ort")
+            assert one.kind == "graph" and [s.name for s in one.settings] == ["version", "level", "providers"]
+            with pytest.raises(NotFound, match="unknown pass 'shrink'"):
+                await control.list_passes("shrink")
 
     run(scenario())

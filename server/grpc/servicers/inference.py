@@ -51,14 +51,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if type(request) is MalformedRequest:
             await refuse_malformed(context, request)
         try:
-            return converters.infer_response(request, await self.dataplane.serve(converters.infer_request(request)))
+            return converters.infer_response(await self.dataplane.serve(converters.infer_request(request)))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await abort_with(exc, context, "InferenceServicer.ModelInfer")
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        return converters.infer_response(request, await self.dataplane.serve(converters.infer_request(request)))
+        return converters.infer_response(await self.dataplane.serve(converters.infer_request(request)))
 
     @grpc_errors
     async def ModelStreamInfer(self, request_iterator, context):
