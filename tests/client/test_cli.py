@@ -138,7 +138,12 @@ def test_passes_lists_every_pass_and_one_pass_shows_its_settings(server):
     result = slimctl(server, "passes", "prune-weight", "--json")
     record = json.loads(result.stdout)
     settings = {s["name"]: s for s in record["settings"]}
-    assert settings["sparsity"] == {"name": "sparsity", "type": "float", "default": "0.5", "description": "share of weights set to zero, in (0, 1)"}
+    assert settings["sparsity"] == {
+        "name": "sparsity",
+        "type": "float",
+        "default": "0.5",
+        "description": "share of weights set to zero, in (0, 1)",
+    }
     assert settings["finetune.lr"]["default"] == "0.0005"  # the pass's own default for the shared loop
 
     result = slimctl(server, "passes", "prune-weight")
