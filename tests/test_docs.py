@@ -149,3 +149,57 @@ def test_the_architecture_claim_holds_that_only_the_converters_build_protobuf_me
     assert all(protobuf_messages_built(path) for path in converters), "the check finds the converters' own messages"
     elsewhere = [hit for path in sorted((ROOT / "server").rglob("*.py")) if path not in converters for hit in protobuf_messages_built(path)]
     assert not elsewhere, f"docs/architecture.md says the converters build every message; these do too: {elsewhere}"
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+PACKAGES = ("server", "optimizer", "client", "protos")
+
+
+def product_modules() -> list[str]:
+    """Every module of the four folders, as `server/grpc/converters.py`: no `__init__`, no generated protobuf code."""
+    return sorted(
+        path.relative_to(ROOT).as_posix()
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if path.name != "__init__.py" and "_pb2" not in path.name and "__pycache__" not in path.parts
+    )
+
+
+def own_test_modules(module: str) -> list[Path]:
+    """Where a module's own tests live: tests/<package>/test_<name>.py, test_<room>_<name>.py, or <room>/test_<name>.py."""
+    package, *rooms, file = module.split("/")
+    name = file.removesuffix(".py")
+    candidates = [ROOT / "tests" / package / f"test_{name}.py", ROOT / "tests" / package / Path(*rooms, f"test_{name}.py")]
+    if rooms:
+        candidates.append(ROOT / "tests" / package / f"test_{rooms[0]}_{name}.py")
+    return [c for c in candidates if c.is_file()]
+
+
+def tested_through() -> list[str]:
+    """The module patterns of the 'tested through' table of docs/architecture.md; a name without its folder takes the
+    folder of the name before it in its cell (`server/inference/router.py`, `store/traffic.py`)."""
+    text = ARCHITECTURE.read_text()
+    table = text[text.index("| modules | tested through |") :].split("\n\n")[0]
+    patterns = []
+    for row in table.splitlines()[2:]:
+        cell = row.strip().strip("|").split("|")[0]
+        package = ""
+        for name in re.findall(r"`([^`]+)`", cell):
+            if name.split("/")[0] in PACKAGES:
+                package, name = name.split("/")[0], name.split("/", 1)[1]
+            patterns.append(f"{package}/{name}")
+    return patterns
+
+
+def test_the_architecture_claim_holds_that_every_module_has_its_test_module_or_is_listed_as_tested_through_others():
+    import fnmatch
+
+    patterns = tested_through()
+    modules = product_modules()
+    stale = [p for p in patterns if not fnmatch.filter(modules, p)]
+    assert not stale, f"docs/architecture.md's 'tested through' table names modules that do not exist: {stale}"
+    untested = [m for m in modules if not own_test_modules(m) and not any(fnmatch.fnmatch(m, p) for p in patterns)]
+    assert not untested, (
+        "modules without a test module of their own (tests/<package>/test_<name>.py) that the 'tested through' table of "
+        f"docs/architecture.md does not list: {untested}; add a test module, or a row saying which tests cover it"
+    )
