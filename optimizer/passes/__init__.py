@@ -1,1 +1,1 @@
-"""The passes, one module per family; slimserve.optimizer.catalog lists the built-in modules and imports them on first use."""
+"""The passes, one module per family; slimserve.optimizer.catalog.PASSES names each pass's `module:Class` and imports its module on first use."""
