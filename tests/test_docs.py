@@ -203,3 +203,13 @@ def test_the_architecture_claim_holds_that_every_module_has_its_test_module_or_i
         "modules without a test module of their own (tests/<package>/test_<name>.py) that the 'tested through' table of "
         f"docs/architecture.md does not list: {untested}; add a test module, or a row saying which tests cover it"
     )
+
+
+@pytest.mark.parametrize("package", ["server", "optimizer"])
+def test_the_modules_directly_in_server_and_optimizer_are_the_ones_the_architecture_names_and_at_most_8(package):
+    text = ARCHITECTURE.read_text()
+    sentence = text[text.index(f"Directly in `{package}/`:") :].split(";")[0]
+    named = set(re.findall(r"`([a-z_]+\.py)`", sentence))
+    present = {p.name for p in (ROOT / package).glob("*.py") if p.name != "__init__.py"}
+    assert named == present, f"docs/architecture.md names {sorted(named)} directly in {package}/, and it holds {sorted(present)}"
+    assert len(present) <= 8, f"{package}/ holds {len(present)} modules directly: move some into a room"
