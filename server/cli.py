@@ -50,13 +50,20 @@ def _plain(markdown: str) -> str:
 @setting_flags
 def start(*, log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."), **flags: Any) -> None:
     """Start the gRPC server (Open Inference Protocol + slimserve.v1) and the /metrics endpoint."""
+    from slimserve.server.ports import check_ports
+
+    given = {k: v for k, v in flags.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)}
+    try:
+        settings = Settings(**given)
+        check_ports(settings)  # before torch and the models load: a busy port is one line at once
+    except (OSError, ValueError) as e:
+        typer.echo(f"slimserve: {e}", err=True)
+        raise typer.Exit(2) from e
     from slimserve.server.app import SlimServer
     from slimserve.server.errors import SlimServeError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    given = {k: v for k, v in flags.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)}
     try:
-        settings = Settings(**given)
         if settings.device not in DEVICES:
             raise typer.BadParameter(f"'{settings.device}' is not one of {', '.join(DEVICES)}", param_hint="--device")
         server = SlimServer(settings)

@@ -6,6 +6,7 @@ with a JSON body `{"error": "..."}` as Triton's clients read it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 from pathlib import Path
@@ -16,6 +17,7 @@ from slimserve.client.codec import TensorCodecError
 from slimserve.server.errors import HTTP_STATUS, ErrorKind, SlimServeError
 from slimserve.server.grpc.auth import INFERENCE_PREFIX, TokenAuthInterceptor
 from slimserve.server.http.routes import Handler, Route
+from slimserve.server.ports import in_use
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,10 @@ class HttpServer:
             await site.start()
         except OSError as e:
             await self.runner.cleanup()
-            raise OSError(f"cannot listen on {host}:{port} for HTTP: {e.strerror or e}") from e
+            self.runner = None
+            if e.errno == errno.EADDRINUSE:
+                raise in_use("HTTP", host, port, "--http-port") from e
+            raise in_use("HTTP", host, port, "--http-port", detail=e.strerror or str(e)) from e
         self.port = self.runner.addresses[0][1]
         return self.port
 
