@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from slimserve.client import codec
+from slimserve.client.onnx_files import side_file_path, side_files
 from slimserve.client.records import comparison_dict, model_dict, rollout_dict, traffic_dict, variant_dict
 from slimserve.client.transport import CHUNK_BYTES, SlimServeClientError, channel_credentials, load_recipe_file, sha256_of
 from slimserve.protos import inference_pb2 as pb
@@ -144,10 +145,25 @@ class SlimServeClient:
         for role, path in files:
             if not path.is_file():
                 raise SlimServeClientError("INVALID_ARGUMENT", f"{role} file '{path}' does not exist")
+        names = {path: path.name for _, path in files}
+        if files[0][1].suffix.lower() == ".onnx":  # weights in side files (torch.onnx.export's default) travel with the model
+            for location in side_files(files[0][1]):
+                try:
+                    side = side_file_path(files[0][1], location)
+                except ValueError as e:
+                    raise SlimServeClientError("INVALID_ARGUMENT", str(e)) from None
+                if not side.is_file():
+                    raise SlimServeClientError(
+                        "INVALID_ARGUMENT",
+                        f"'{files[0][1].name}' keeps its weights in '{location}', which is not beside it ({side}): "
+                        "put the side file torch.onnx.export wrote next to the model, or re-export with external_data=False",
+                    )
+                files.append(("external", side))
+                names[side] = location
         header = spb.RegisterHeader(
             name=name,
             description=description,
-            files=[spb.UploadFile(role=r, filename=p.name, size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
+            files=[spb.UploadFile(role=r, filename=names[p], size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
         )
         total = sum(p.stat().st_size for _, p in files)
 

@@ -102,6 +102,7 @@ def optimize(
 
     from slimserve.client.report import render_report
     from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
+    from slimserve.optimizer.formats.onnx_files import check_side_files, copy_model
     from slimserve.optimizer.pipeline import optimize as run_optimize
     from slimserve.optimizer.recipes import parse_recipe
     from slimserve.optimizer.report import to_json
@@ -119,6 +120,8 @@ def optimize(
 
     try:
         fmt = model_format(model_file.name)
+        if fmt == "onnx":
+            check_side_files(model_file)  # weights in side files: each one named when it is not beside the model
         probe = factory(model_file, RUNTIME_OF_FORMAT[fmt])
         datasets = {role: p for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None}
         for role, path in datasets.items():
@@ -143,7 +146,10 @@ def optimize(
             result = run_optimize(source, parsed, context, factory, name, accuracy_budget, register_over_budget=keep_over_budget)
             out.mkdir(parents=True, exist_ok=True)
             target = out / f"model.{result.artifact.format}"
-            shutil.copyfile(result.artifact.path, target)
+            if result.artifact.format == "onnx":
+                copy_model(result.artifact.path, target)  # one file under 2 GiB; beyond, its side files beside it
+            else:
+                shutil.copyfile(result.artifact.path, target)
     except (OptimizerError, InvalidArgument) as e:
         typer.echo(f"slimserve optimize: {e}", err=True)
         raise typer.Exit(1) from e
