@@ -15,6 +15,7 @@ from slimserve.client import cli_rollout, cli_traffic
 from slimserve.client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
 from slimserve.client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
 from slimserve.client.report import render_report
+from slimserve.client.tables import Col, FitTable, output_option, print_fitted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: manage and query a slimserve server.")
 
@@ -88,7 +89,9 @@ def print_signature(record: dict[str, Any]) -> None:
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="Print a list of model records as JSON.")) -> None:
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print a list of model records as JSON."), output: str = output_option()
+) -> None:
     """List registered models."""
     try:
         with connect() as client:
@@ -101,19 +104,30 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print a list of m
     if not records:
         console.print("no models registered; add one with `slimctl register NAME MODEL_FILE`")
         return
-    table = Table("model", "format", "variants", "serving", "inputs", "data", "registered")
+    table = FitTable(
+        [
+            Col("model", style="bold"),
+            Col("format", rank=4),
+            Col("variants", rank=3, justify="right"),
+            Col("serving", rank=1),
+            Col("inputs", rank=2, wraps=True),
+            Col("data", rank=5, wraps=True),
+            Col("registered", rank=6),
+        ]
+    )
     for r in records:
         inputs = ", ".join(f"{s['name']} {s['datatype']}{shape_text(s['shape'])}" for s in r["inputs"])
         table.add_row(
             r["name"], r["format"], str(len(r["variants"])), r["default_variant"], inputs, ", ".join(r["datasets"]) or "-", r["created_at"]
         )
-    console.print(table)
+    table.print(console, output)
 
 
 @app.command()
 def variants(
     name: str = typer.Argument(..., help="Model name."),
     as_json: bool = typer.Option(False, "--json", help="Print one record per variant as JSON."),
+    output: str = output_option(),
 ) -> None:
     """List a model's variants with their measurements."""
     try:
@@ -141,8 +155,21 @@ def variants(
         )
         print_json([{k: v[k] for k in keys} for v in rows])
         return
-    table = Table(
-        "variant", "recipe", "runtime", "status", "params", "size", "MFLOPs", "p50 ms", "p99 ms", "samples/s", "accuracy", "Δ pts"
+    table = FitTable(
+        [
+            Col("variant", style="bold"),
+            Col("recipe", rank=5, wraps=True),
+            Col("runtime", rank=7),
+            Col("status", rank=2, wraps=True),
+            Col("params", rank=8, justify="right"),
+            Col("size", rank=3, justify="right"),
+            Col("MFLOPs", rank=9, justify="right"),
+            Col("p50 ms", rank=1, justify="right"),
+            Col("p99 ms", rank=6, justify="right"),
+            Col("samples/s", rank=10, justify="right"),
+            Col("accuracy", rank=4, justify="right"),
+            Col("Δ pts", rank=1, justify="right"),
+        ]
     )
     for v in rows:
         acc = None if v["accuracy"] is None else v["accuracy"] * 100
@@ -160,7 +187,7 @@ def variants(
             fmt(acc),
             fmt(v["accuracy_delta"]),
         )
-    console.print(table)
+    table.print(console, output)
 
 
 @app.command()
@@ -181,6 +208,7 @@ def optimize(
     ),
     parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
     as_json: bool = typer.Option(False, "--json", help="Print the new variant's record as JSON instead of the report."),
+    output: str = output_option(),
 ) -> None:
     """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving."""
     try:
@@ -222,13 +250,13 @@ def optimize(
     if as_json:
         print_json(variant)
         return
-    print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline")
+    print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline", output)
 
 
-def print_report(rows: list[dict[str, Any]], title: str) -> None:
+def print_report(rows: list[dict[str, Any]], title: str, output: str = "table") -> None:
     """Report rows as the optimizer built them, rendered by slimserve.client.report (the table `slimserve optimize` prints too)."""
     if rows:
-        console.print(render_report(rows, title))
+        print_fitted(console, render_report(rows, title, console.width, wide=output == "wide"), output)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

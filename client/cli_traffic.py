@@ -10,6 +10,7 @@ from rich.table import Table
 
 from slimserve.client.cli_common import connect, console, fail, fmt, print_json
 from slimserve.client.client import SlimServeClientError
+from slimserve.client.tables import Col, FitTable, output_option
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -119,6 +120,7 @@ def pct(value: float | None) -> str:
 def compare(
     name: str = typer.Argument(..., help="Model name."),
     as_json: bool = typer.Option(False, "--json", help="Print one record per variant as JSON."),
+    output: str = output_option(),
 ) -> None:
     """Which variant wins on live traffic: latency, batch, cost, offline and online accuracy, significance."""
     try:
@@ -129,20 +131,22 @@ def compare(
     if as_json:
         print_json(result)
         return
-    table = Table(
-        "variant",
-        "share",
-        "requests",
-        "errors",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "batch",
-        "$/1k inf",
-        "offline acc",
-        "online acc (95% CI)",
-        "latency vs baseline",
-        "accuracy vs baseline",
+    table = FitTable(
+        [
+            Col("variant", style="bold"),
+            Col("share", rank=1, wraps=True),
+            Col("requests", rank=3, justify="right"),
+            Col("errors", rank=4, justify="right"),
+            Col("p50 ms", rank=2, justify="right"),
+            Col("p90 ms", rank=8, justify="right"),
+            Col("p99 ms", rank=5, justify="right"),
+            Col("batch", rank=9, justify="right"),
+            Col("$/1k inf", rank=7, justify="right"),
+            Col("offline acc", rank=6, justify="right"),
+            Col("online acc (95% CI)", rank=3, wraps=True),
+            Col("latency vs baseline", rank=2, wraps=True),
+            Col("accuracy vs baseline", rank=2, wraps=True),
+        ],
         title=f"{name} on {result['node_type']} ({result['price_per_hour']:.2f} $/h)",
         box=box.SIMPLE_HEAVY,
     )
@@ -169,4 +173,4 @@ def compare(
             r["latency_verdict"] or "-",
             r["accuracy_verdict"] or "-",
         )
-    console.print(table)
+    table.print(console, output)

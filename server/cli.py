@@ -13,6 +13,7 @@ from typing import Any, Union, get_args, get_origin
 
 import typer
 
+from slimserve.client.tables import output_option, print_fitted
 from slimserve.server.settings import DEVICES, Settings, flag_of, shown_default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimserve: serve models and make them smaller and faster.")
@@ -91,6 +92,7 @@ def optimize(
         False, "--keep-over-budget", help="Write the best a budget search reached even when it misses the budget (marked in the report)."
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    output: str = output_option(),
 ) -> None:
     """Optimize a model file offline (no server): run the recipe, measure, write the result and the report."""
     import json
@@ -158,7 +160,7 @@ def optimize(
         json.dumps({"baseline": result.baseline.to_dict(), name: result.evaluation.to_dict(), "runtime": result.artifact.runtime}, indent=2)
     )
     console_out = Console() if sys.stdout.isatty() else Console(width=160)  # wide when piped, as slimctl
-    console_out.print(render_report(result.report, f"{model_file.name}: {name}"))
+    print_fitted(console_out, render_report(result.report, f"{model_file.name}: {name}", console_out.width, output == "wide"), output)
     typer.echo(f"wrote {target} ({result.artifact.runtime}), {out / 'report.json'}")
 
 

@@ -48,6 +48,7 @@ def test_registers_serves_and_optimizes_online_into_one_file(exported, server, c
     x = np.random.default_rng(1).normal(size=(3, 8)).astype(np.float32)
     assert client.infer("tiny", {"x": x})[1]["y"].shape == (3, 3)
     variant, _ = client.optimize("tiny", "graph-ort", variant_name="fast")
+    assert variant["name"] == "fast"
     repository = server.server.repository
     stored = repository.variant_path(repository.get("tiny"), "fast")
     assert external_locations(stored) == []  # a variant under 2 GiB is one file
