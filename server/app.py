@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from slimserve.optimizer.quiet import quiet_third_party
 from slimserve.protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
 from slimserve.server.grpc.auth import TokenAuthInterceptor, read_token, tls_server_credentials
 from slimserve.server.grpc.edge import CheckedDecoding
@@ -70,6 +71,7 @@ class SlimServer:
     """One slimserve process: `await start()`, then `await wait()` or `await stop()`."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        quiet_third_party()  # once per process: the libraries' own chatter, not ours (optimizer/quiet.py)
         self.settings = settings
         self.prices = load_prices(settings.prices)
         self.price = price = price_of(settings.node_type, self.prices)

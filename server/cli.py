@@ -60,9 +60,11 @@ def start(*, log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or
     except (OSError, ValueError) as e:
         typer.echo(f"slimserve: {e}", err=True)
         raise typer.Exit(2) from e
+    from slimserve.optimizer.quiet import quiet_third_party
     from slimserve.server.app import SlimServer
     from slimserve.server.errors import SlimServeError
 
+    quiet_third_party()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if settings.device not in DEVICES:
@@ -106,12 +108,14 @@ def optimize(
     from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
     from slimserve.optimizer.formats.onnx_files import check_side_files, copy_model
     from slimserve.optimizer.pipeline import optimize as run_optimize
+    from slimserve.optimizer.quiet import quiet_third_party
     from slimserve.optimizer.recipes import parse_recipe
     from slimserve.optimizer.report import to_json
     from slimserve.server.errors import InvalidArgument
     from slimserve.server.runtimes import RuntimeConfig, create_runtime
     from slimserve.server.store.manifest import RUNTIME_OF_FORMAT, check_dataset, inspect_npz, model_format
 
+    quiet_third_party()
     console = Console(stderr=True)
     config = RuntimeConfig(device=device)
 

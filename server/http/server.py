@@ -12,6 +12,7 @@ import ssl
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from slimserve.client.codec import TensorCodecError
 from slimserve.server.errors import HTTP_STATUS, ErrorKind, SlimServeError
@@ -86,6 +87,28 @@ def build_app(routes: list[Route], auth: TokenAuthInterceptor | None, max_body_b
     return app
 
 
+class WrongProtocol(logging.Filter):
+    """A connection that does not speak HTTP/1 (a gRPC client dialling the REST port): one warning line, no traceback."""
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__()
+        self.port = port
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BadHttpMessage):
+            peer = record.getMessage().rsplit(" from ", 1)[-1] if " from " in record.getMessage() else "a client"
+            what = "HTTP/2 (a gRPC client?)" if "PRI" in str(error) else "something other than HTTP/1.1"
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "%s sent %s to the HTTP port %s; gRPC clients dial --grpc-port",
+                (peer, what, self.port or ""),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class HttpServer:
     """Serves an app on host:port (0 picks a free one) until `stop`."""
 
@@ -109,6 +132,9 @@ class HttpServer:
                 raise in_use("HTTP", host, port, "--http-port") from e
             raise in_use("HTTP", host, port, "--http-port", detail=e.strerror or str(e)) from e
         self.port = self.runner.addresses[0][1]
+        server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, WrongProtocol) for f in server_log.filters):
+            server_log.addFilter(WrongProtocol(self.port))
         return self.port
 
     async def stop(self, grace: float) -> None:

@@ -361,7 +361,10 @@ class DataPlane:
             code = outcome_code(e)
             raise
         finally:
-            recorder.record(code, perf_counter() - start)
+            seconds = perf_counter() - start
+            recorder.record(code, seconds)
+            if log.isEnabledFor(logging.DEBUG):  # one line per request, at debug level only (a dict lookup otherwise)
+                log.debug("request %s: %s/%s %s in %.3f ms", call.request_id, call.model, call.variant, code, seconds * 1000)
 
     def route(self, name: str, version: str, parameters: Mapping[str, Any] | None = None, request_id: str = "") -> Call:
         """The variant a request goes to (pinned by `version`, or the router's choice) and its shadows; not yet counted."""
