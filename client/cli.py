@@ -12,7 +12,20 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from slimserve.client import cli_rollout, cli_traffic
-from slimserve.client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
+from slimserve.client.cli_common import (
+    cast_float64,
+    connect,
+    console,
+    err,
+    fail,
+    float64_note,
+    fmt,
+    human_bytes,
+    npz_dtypes,
+    print_json,
+    shape_text,
+    state,
+)
 from slimserve.client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
 from slimserve.client.report import render_report
 from slimserve.client.tables import Col, FitTable, output_option, print_fitted
@@ -22,7 +35,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: man
 
 @app.callback()
 def options(
-    server: str | None = typer.Option(None, envvar="SLIMSERVE_SERVER", help="HOST:PORT of the server [default 127.0.0.1:8001]."),
+    server: str | None = typer.Option(
+        None, envvar="SLIMSERVE_SERVER", help="HOST[:PORT] of the server; a bare HOST means port 8001 [default 127.0.0.1:8001]."
+    ),
     token: str | None = typer.Option(None, envvar="SLIMSERVE_TOKEN", help="Bearer token for management calls."),
     tls_ca: Path | None = typer.Option(None, envvar="SLIMSERVE_TLS_CA", help="PEM CA of the server's certificate: connect over TLS."),
     tls_cert: Path | None = typer.Option(
@@ -73,6 +88,15 @@ def register(
     if as_json:
         print_json(record)
         return
+    for path in (p for p in (data, train, calibration) if p is not None):  # the server casts as `infer` does: say so here too
+        try:
+            dtypes = npz_dtypes(path)
+        except (OSError, ValueError):
+            continue
+        for spec in record["inputs"]:
+            note = float64_note(spec["name"], path.name, spec["datatype"], dtypes.get(spec["name"], ""))
+            if note:
+                err.print(note, markup=False, highlight=False)
     baseline = record["variants"][0]
     console.print(
         f"registered [bold]{record['name']}[/] ({record['format']}, {human_bytes(baseline['size_bytes'])}), serving variant 'baseline' on {baseline['runtime']}"
@@ -287,7 +311,7 @@ def infer(
             missing = [n for n in names if n not in arrays]
             if missing:
                 fail(f"'{input_file}' has no array for input {', '.join(repr(m) for m in missing)} (it holds: {', '.join(arrays)})")
-            inputs = {n: arrays[n] for n in names}
+            inputs = cast_float64({n: arrays[n] for n in names}, meta.inputs, input_file.name)
             first_dims = {i.shape[0] for i in meta.inputs if len(i.shape) > 0}
             fixed = next(iter(first_dims)) if len(first_dims) == 1 and -1 not in first_dims else None
             try:
@@ -350,12 +374,29 @@ def delete(
     try:
         with connect() as client:
             if variant:
-                client.delete_variant(name, variant)
+                before = client.traffic(name)
+                after = client.delete_variant(name, variant)["traffic"]
             else:
                 client.delete(name)
     except SlimServeClientError as e:
         fail(str(e))
-    console.print(f"deleted {name}" + (f" variant {variant}" if variant else ""))
+    if not variant:
+        console.print(f"deleted {name}")
+        return
+    console.print(f"deleted {name} variant {variant}; {traffic_moved(variant, before, after)}")
+
+
+def traffic_moved(variant: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Where a deleted variant's share of the traffic went, in words."""
+    share = before["weights"].get(variant, 0.0)
+    now = ", ".join(f"{v} {w * 100:.0f}%" for v, w in after["weights"].items() if w > 0) or "none"
+    if share > 0:
+        gained = [v for v, w in after["weights"].items() if w > before["weights"].get(v, 0.0) + 1e-9]
+        to = " and ".join(gained) or "the other variants"
+        return f"its {share * 100:.0f}% of the traffic now goes to {to} (traffic: {now})"
+    if variant in before["shadows"]:
+        return f"it was a shadow and no longer gets copies (traffic: {now})"
+    return f"it served no traffic (traffic: {now})"
 
 
 # The traffic and experiment commands (client/cli_traffic.py) come after the model commands in help.

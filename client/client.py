@@ -15,7 +15,14 @@ import numpy as np
 from slimserve.client import codec
 from slimserve.client.onnx_files import side_file_path, side_files
 from slimserve.client.records import comparison_dict, model_dict, rollout_dict, traffic_dict, variant_dict
-from slimserve.client.transport import CHUNK_BYTES, SlimServeClientError, channel_credentials, load_recipe_file, sha256_of
+from slimserve.client.transport import (
+    CHUNK_BYTES,
+    SlimServeClientError,
+    channel_credentials,
+    load_recipe_file,
+    sha256_of,
+    with_default_port,
+)
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import inference_pb2_grpc as pb_grpc
 from slimserve.protos import slimserve_pb2 as spb
@@ -80,7 +87,7 @@ class SlimServeClient:
         """TLS when any `tls_*` is given (or SLIMSERVE_TLS_CA / _CERT / _KEY is set): `tls_ca` is the CA that
         signed the server's certificate (the system's roots when None); `tls_cert` + `tls_key` are this
         client's certificate and key for servers that require mutual TLS."""
-        self.server = server or os.environ.get("SLIMSERVE_SERVER") or DEFAULT_SERVER
+        self.server = with_default_port(server or os.environ.get("SLIMSERVE_SERVER") or DEFAULT_SERVER)
         token = token if token is not None else os.environ.get("SLIMSERVE_TOKEN")
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]

@@ -74,9 +74,14 @@ def _search_caption(rows: list[dict[str, Any]]) -> str:
             f"search: {head['search_evaluations']} evaluations, {head.get('search_timings', 0)} timings in turns, "
             f"{head.get('search_seconds')} s"
         )
-    held = next((r for r in rows if r.get("budget_setting")), None)
-    if held is not None:  # a budget search: what it kept and what finding it cost
-        over = " (over budget, kept on request)" if held.get("within_budget") is False else ""
+    # A budget search: what it kept and what finding it cost. In an auto search's table only the chosen candidate was
+    # kept (the others' settings are in their rows); elsewhere the one variant, kept over budget only when asked.
+    auto = any("chosen" in r for r in rows)
+    held = next((r for r in rows if r.get("budget_setting") and (r.get("chosen") or not auto)), None)
+    if held is not None:
+        over = ""
+        if held.get("within_budget") is False:
+            over = " (over budget: no candidate met it)" if auto else " (over budget, kept on request)"
         parts.append(
             f"budget {held.get('budget_pt')} pt: {held['budget_setting']}{over}, "
             f"{held.get('budget_evaluations')} evaluations in {held.get('budget_search_s')} s"
