@@ -76,3 +76,49 @@ def test_auto_footer_speaks_of_the_chosen_candidate_only():
     assert "per_channel" in caption and "kept on request" not in caption and "over budget" not in caption
     kept = [{"variant": "baseline"}, {"variant": "p", "within_budget": False, "budget_setting": "ratio=0.5", "budget_pt": 1.0}]
     assert "(over budget, kept on request)" in _search_caption(kept)
+
+
+def test_a_rollout_says_what_it_waits_for_and_its_deadline():
+    from datetime import UTC, datetime
+
+    from slimserve.client.cli_rollout import waiting_for
+
+    r = {
+        "state": "shadow",
+        "variant": "int8",
+        "requests": {"int8": 0, "baseline": 0},
+        "plan": {"min_requests": 200, "max_stage_s": 900.0},
+        "history": [
+            {"kind": "started", "time": "2026-12-07T13:00:00.000+00:00"},
+            {"kind": "stage", "time": "2026-12-07T13:00:00.000+00:00"},
+        ],
+    }
+    lines = waiting_for(r, now=datetime(2026, 12, 7, 13, 5, tzinfo=UTC))
+    assert lines[0].startswith("waiting for 200 shadow requests (have 0)")
+    assert lines[1] == "stage deadline 2026-12-07 13:15:00 UTC (in 10m 0s): still undecided then, it rolls back"
+    r.update(state="canary", requests={"int8": 250, "baseline": 900})
+    assert (
+        waiting_for(r, now=datetime(2026, 12, 7, 13, 5, tzinfo=UTC))[0]
+        == "250 canary requests of 200 needed: waiting for the gates to decide"
+    )
+
+
+def test_rollout_help_shows_the_plans_defaults():
+    from slimserve.client.cli_rollout import DEFAULT_MAX_STAGE_S, DEFAULT_MIN_REQUESTS
+    from slimserve.server.rollout.plan import RolloutPlan
+
+    assert (RolloutPlan().min_requests, RolloutPlan().max_stage_s) == (DEFAULT_MIN_REQUESTS, DEFAULT_MAX_STAGE_S)
+    result = runner.invoke(app, ["rollout", "start", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())  # the help panel wraps its lines
+    assert "(default 500, or the --plan's)" in text and "(default 3600 s = 1 h, or the --plan's)" in text
+
+
+def test_a_rollout_says_where_a_standing_share_goes(server, echo_onnx, client):
+    client.register("echo", echo_onnx)
+    server.add_variant("echo", "fast", echo_onnx)
+    client.traffic("echo", {"baseline": 0.7, "fast": 0.3})
+    status = client.rollout_start("echo", "fast", None, None, None, None, None)
+    messages = [e["message"] for e in status["history"]]
+    assert any("standing shares 'fast' 30% go to 'baseline'" in m and "an abort or a rollback gives them back" in m for m in messages)
+    client.rollout_abort("echo")
+    assert client.traffic("echo")["weights"] == pytest.approx({"baseline": 0.7, "fast": 0.3})
