@@ -101,16 +101,22 @@ def rollback(
 
 def feedback(
     name: str = typer.Argument(..., help="Model name."),
-    request_id: str = typer.Argument(..., help="Id of the inference request (the response's id)."),
-    label: int = typer.Argument(..., help="The true class of that request's input."),
+    request_id: str = typer.Argument(..., help="Id of the inference request (the response's id, as `slimctl infer` prints it)."),
+    labels: list[int] = typer.Argument(..., help="The true class of the request's input; for a request of several rows, one per row."),
+    row: int | None = typer.Option(None, "--row", help="The row of a multi-row request that the one LABEL is for (0-based)."),
 ) -> None:
     """Record the ground truth of an earlier request, for online accuracy per variant."""
     try:
         with connect() as client:
-            result = client.feedback(name, request_id, label)
+            result = client.feedback(name, request_id, labels, row=row)
     except SlimServeClientError as e:
         fail(str(e))
-    console.print(f"{request_id}: answered by {result['variant']}, {'correct' if result['correct'] else 'wrong'}")
+    if result["rows"] > 1:
+        verdict = f"{result['correct_rows']} of {result['rows']} rows correct"
+    else:
+        verdict = "correct" if result["correct"] else "wrong"
+    where = f" row {row}" if row is not None else ""
+    console.print(f"{request_id}{where}: answered by {result['variant']}, {verdict}")
 
 
 def pct(value: float | None) -> str:

@@ -216,9 +216,18 @@ class SlimServeClient:
     def rollback(self, name: str) -> dict[str, Any]:
         return traffic_dict(self._call(self.traffic_stub.Rollback, spb.RollbackRequest(model=name)))
 
-    def feedback(self, name: str, request_id: str, label: int) -> dict[str, Any]:
-        response = self._call(self.feedback_stub.SendFeedback, spb.FeedbackRequest(model=name, request_id=request_id, label=label))
-        return {"variant": response.variant, "correct": response.correct}
+    def feedback(self, name: str, request_id: str, label: int | list[int], row: int | None = None) -> dict[str, Any]:
+        """The true class of an earlier request: an int (a one-row request, or with `row` that row of a multi-row
+        one), or a list of one per row. Returns the variant that answered, `correct` (every row right), rows, correct_rows."""
+        request = spb.FeedbackRequest(model=name, request_id=request_id)
+        if row is not None:
+            request.row = row
+        if isinstance(label, (list, tuple)) and len(label) != 1:
+            request.labels.extend(int(v) for v in label)
+        else:
+            request.label = int(label[0] if isinstance(label, (list, tuple)) else label)
+        response = self._call(self.feedback_stub.SendFeedback, request)
+        return {"variant": response.variant, "correct": response.correct, "rows": response.rows, "correct_rows": response.correct_rows}
 
     def compare(self, name: str) -> dict[str, Any]:
         response = self._call(self.experiments.Compare, spb.CompareRequest(model=name))

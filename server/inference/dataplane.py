@@ -418,8 +418,11 @@ class DataPlane:
     ) -> InferResult:
         """The answer's top-1 kept for feedback and handed to the shadows."""
         predicted = top1(result)
-        if predicted is not None and predicted.shape[0] == 1:
-            call.feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
+        if predicted is not None:  # every request can take feedback: one label, or one per row
+            if predicted.shape[0] == 1:
+                call.feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
+            elif predicted.shape[0] > 1:
+                call.feedback.record_rows(call.request_id, call.variant, predicted)
         if call.shadows:
             self.shadows.mirror(call.model, call.request_id, call.shadows, call.feedback, inputs, outputs, predicted)
         return InferResult(call.model, call.variant, result, specs, call.request_id)
