@@ -12,16 +12,32 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from slimserve.client import cli_rollout, cli_traffic
-from slimserve.client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
+from slimserve.client.cli_common import (
+    cast_float64,
+    connect,
+    console,
+    err,
+    fail,
+    float64_note,
+    fmt,
+    human_bytes,
+    npz_dtypes,
+    print_json,
+    shape_text,
+    state,
+)
 from slimserve.client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
 from slimserve.client.report import render_pass_settings, render_passes, render_report
+from slimserve.client.tables import Col, FitTable, output_option, print_fitted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimctl: manage and query a slimserve server.")
 
 
 @app.callback()
 def options(
-    server: str | None = typer.Option(None, envvar="SLIMSERVE_SERVER", help="HOST:PORT of the server [default 127.0.0.1:8001]."),
+    server: str | None = typer.Option(
+        None, envvar="SLIMSERVE_SERVER", help="HOST[:PORT] of the server; a bare HOST means port 8001 [default 127.0.0.1:8001]."
+    ),
     token: str | None = typer.Option(None, envvar="SLIMSERVE_TOKEN", help="Bearer token for management calls."),
     tls_ca: Path | None = typer.Option(None, envvar="SLIMSERVE_TLS_CA", help="PEM CA of the server's certificate: connect over TLS."),
     tls_cert: Path | None = typer.Option(
@@ -72,6 +88,15 @@ def register(
     if as_json:
         print_json(record)
         return
+    for path in (p for p in (data, train, calibration) if p is not None):  # the server casts as `infer` does: say so here too
+        try:
+            dtypes = npz_dtypes(path)
+        except (OSError, ValueError):
+            continue
+        for spec in record["inputs"]:
+            note = float64_note(spec["name"], path.name, spec["datatype"], dtypes.get(spec["name"], ""))
+            if note:
+                err.print(note, markup=False, highlight=False)
     baseline = record["variants"][0]
     console.print(
         f"registered [bold]{record['name']}[/] ({record['format']}, {human_bytes(baseline['size_bytes'])}), serving variant 'baseline' on {baseline['runtime']}"
@@ -88,7 +113,9 @@ def print_signature(record: dict[str, Any]) -> None:
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="Print a list of model records as JSON.")) -> None:
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print a list of model records as JSON."), output: str = output_option()
+) -> None:
     """List registered models."""
     try:
         with connect() as client:
@@ -101,19 +128,30 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print a list of m
     if not records:
         console.print("no models registered; add one with `slimctl register NAME MODEL_FILE`")
         return
-    table = Table("model", "format", "variants", "serving", "inputs", "data", "registered")
+    table = FitTable(
+        [
+            Col("model", style="bold"),
+            Col("format", rank=4),
+            Col("variants", rank=3, justify="right"),
+            Col("serving", rank=1),
+            Col("inputs", rank=2, wraps=True),
+            Col("data", rank=5, wraps=True),
+            Col("registered", rank=6),
+        ]
+    )
     for r in records:
         inputs = ", ".join(f"{s['name']} {s['datatype']}{shape_text(s['shape'])}" for s in r["inputs"])
         table.add_row(
             r["name"], r["format"], str(len(r["variants"])), r["default_variant"], inputs, ", ".join(r["datasets"]) or "-", r["created_at"]
         )
-    console.print(table)
+    table.print(console, output)
 
 
 @app.command()
 def variants(
     name: str = typer.Argument(..., help="Model name."),
     as_json: bool = typer.Option(False, "--json", help="Print one record per variant as JSON."),
+    output: str = output_option(),
 ) -> None:
     """List a model's variants with their measurements."""
     try:
@@ -141,8 +179,21 @@ def variants(
         )
         print_json([{k: v[k] for k in keys} for v in rows])
         return
-    table = Table(
-        "variant", "recipe", "runtime", "status", "params", "size", "MFLOPs", "p50 ms", "p99 ms", "samples/s", "accuracy", "Δ pts"
+    table = FitTable(
+        [
+            Col("variant", style="bold"),
+            Col("recipe", rank=5, wraps=True),
+            Col("runtime", rank=7),
+            Col("status", rank=2, wraps=True),
+            Col("params", rank=8, justify="right"),
+            Col("size", rank=3, justify="right"),
+            Col("MFLOPs", rank=9, justify="right"),
+            Col("p50 ms", rank=1, justify="right"),
+            Col("p99 ms", rank=6, justify="right"),
+            Col("samples/s", rank=10, justify="right"),
+            Col("accuracy", rank=4, justify="right"),
+            Col("Δ pts", rank=1, justify="right"),
+        ]
     )
     for v in rows:
         acc = None if v["accuracy"] is None else v["accuracy"] * 100
@@ -160,7 +211,7 @@ def variants(
             fmt(acc),
             fmt(v["accuracy_delta"]),
         )
-    console.print(table)
+    table.print(console, output)
 
 
 @app.command()
@@ -181,6 +232,7 @@ def optimize(
     ),
     parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
     as_json: bool = typer.Option(False, "--json", help="Print the new variant's record as JSON instead of the report."),
+    output: str = output_option(),
 ) -> None:
     """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving."""
     try:
@@ -222,7 +274,7 @@ def optimize(
     if as_json:
         print_json(variant)
         return
-    print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline")
+    print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline", output)
 
 
 @app.command()
@@ -244,10 +296,10 @@ def passes(
         console.print(render_passes(records))
 
 
-def print_report(rows: list[dict[str, Any]], title: str) -> None:
+def print_report(rows: list[dict[str, Any]], title: str, output: str = "table") -> None:
     """Report rows as the optimizer built them, rendered by slimserve.client.report (the table `slimserve optimize` prints too)."""
     if rows:
-        console.print(render_report(rows, title))
+        print_fitted(console, render_report(rows, title, console.width, wide=output == "wide"), output)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -278,7 +330,7 @@ def infer(
             missing = [n for n in names if n not in arrays]
             if missing:
                 fail(f"'{input_file}' has no array for input {', '.join(repr(m) for m in missing)} (it holds: {', '.join(arrays)})")
-            inputs = {n: arrays[n] for n in names}
+            inputs = cast_float64({n: arrays[n] for n in names}, meta.inputs, input_file.name)
             first_dims = {i.shape[0] for i in meta.inputs if len(i.shape) > 0}
             fixed = next(iter(first_dims)) if len(first_dims) == 1 and -1 not in first_dims else None
             try:
@@ -341,12 +393,29 @@ def delete(
     try:
         with connect() as client:
             if variant:
-                client.delete_variant(name, variant)
+                before = client.traffic(name)
+                after = client.delete_variant(name, variant)["traffic"]
             else:
                 client.delete(name)
     except SlimServeClientError as e:
         fail(str(e))
-    console.print(f"deleted {name}" + (f" variant {variant}" if variant else ""))
+    if not variant:
+        console.print(f"deleted {name}")
+        return
+    console.print(f"deleted {name} variant {variant}; {traffic_moved(variant, before, after)}")
+
+
+def traffic_moved(variant: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Where a deleted variant's share of the traffic went, in words."""
+    share = before["weights"].get(variant, 0.0)
+    now = ", ".join(f"{v} {w * 100:.0f}%" for v, w in after["weights"].items() if w > 0) or "none"
+    if share > 0:
+        gained = [v for v, w in after["weights"].items() if w > before["weights"].get(v, 0.0) + 1e-9]
+        to = " and ".join(gained) or "the other variants"
+        return f"its {share * 100:.0f}% of the traffic now goes to {to} (traffic: {now})"
+    if variant in before["shadows"]:
+        return f"it was a shadow and no longer gets copies (traffic: {now})"
+    return f"it served no traffic (traffic: {now})"
 
 
 # The traffic and experiment commands (client/cli_traffic.py) come after the model commands in help.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,11 @@ from rich.table import Table
 
 from slimserve.client.cli_common import connect, console, err, fail, print_json
 from slimserve.client.client import SlimServeClientError
+
+# The defaults of the server's RolloutPlan (server/rollout/plan.py; tests/client/test_first_hour.py checks they agree):
+# the SDK does not import the server.
+DEFAULT_MIN_REQUESTS = 500
+DEFAULT_MAX_STAGE_S = 3600.0
 
 rollout_app = typer.Typer(help="Roll a variant out by itself: shadow, canary steps, promote, or roll back on a failed gate.")
 
@@ -31,6 +37,40 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def requests_text(r: dict[str, Any]) -> str:
+    """Requests per arm this stage, in words: `int8 12, baseline 40`."""
+    return ", ".join(f"{k} {v:,}" for k, v in r["requests"].items()) or "none yet"
+
+
+def waiting_for(r: dict[str, Any], now: datetime | None = None) -> list[str]:
+    """What a running rollout waits for, in plain words: the requests its stage still needs, and the stage's deadline."""
+    if r["state"] not in ("shadow", "canary") or not r.get("plan"):
+        return []
+    lines = []
+    need, have = int(r["plan"].get("min_requests", 0)), int(r["requests"].get(r["variant"], 0))
+    kind = "shadow" if r["state"] == "shadow" else "canary"
+    if have < need:
+        hint = " (no traffic reaches the model: send some, or the stage will time out)" if have == 0 else ""
+        lines.append(f"waiting for {need:,} {kind} requests (have {have:,}){hint}")
+    else:
+        lines.append(f"{have:,} {kind} requests of {need:,} needed: waiting for the gates to decide")
+    entered = [e["time"] for e in r["history"] if e["kind"] == "stage"]
+    max_stage_s = r["plan"].get("max_stage_s")
+    if entered and max_stage_s:
+        deadline = datetime.fromisoformat(entered[-1].replace("Z", "+00:00")) + timedelta(seconds=float(max_stage_s))
+        left = (deadline - (now or datetime.now(UTC))).total_seconds()
+        when = f"in {_duration(left)}" if left > 0 else "now"
+        lines.append(f"stage deadline {deadline:%Y-%m-%d %H:%M:%S} UTC ({when}): still undecided then, it rolls back")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
 def print_status(r: dict[str, Any], as_json: bool = False) -> None:
     if as_json:
         print_json(r)
@@ -38,7 +78,9 @@ def print_status(r: dict[str, Any], as_json: bool = False) -> None:
     where = f"canary {r['weight']:g}%" if r["state"] == "canary" else r["state"]
     console.print(f"rollout of [bold]{r['variant']}[/bold] on {r['model']} against {r['control']}: {where}")
     if r["requests"]:
-        console.print("requests this stage: " + ", ".join(f"{k} {v:,}" for k, v in r["requests"].items()))
+        console.print("requests this stage: " + requests_text(r))
+    for line in waiting_for(r):
+        console.print(line, markup=False, highlight=False)
     if r.get("source"):
         console.print(f"statistics from: {r['source']}", markup=False, highlight=False)
     if r["gates"]:
@@ -58,11 +100,12 @@ def follow(name: str) -> dict[str, Any]:
     shown = ""
     with connect() as client:
         for r in client.rollout_watch(name):
-            line = f"{r['state']} {r['weight']:g}% " + " ".join(f"{g['name']}={g['decision']}" for g in r["gates"])
+            waiting = waiting_for(r)[:1]
+            line = f"{r['state']} {r['weight']:g}% {waiting} " + " ".join(f"{g['name']}={g['decision']}" for g in r["gates"])
             if line != shown:  # the same look again says nothing new
                 console.print(
-                    f"{r['state']:<11} weight {r['weight']:>5g}%  requests {r['requests']}  "
-                    + "  ".join(f"{g['name']}: {g['decision']}" for g in r["gates"]),
+                    f"{r['state']:<11} weight {r['weight']:>5g}%  requests: {requests_text(r)}  "
+                    + "  ".join([*(f"{g['name']}: {g['decision']}" for g in r["gates"]), *waiting]),
                     markup=False,
                     highlight=False,
                 )
@@ -100,8 +143,16 @@ def start(
     ),
     steps: str | None = typer.Option(None, "--steps", help="Canary weights in percent, e.g. 5,25,50 (then promote)."),
     plan: Path | None = typer.Option(None, "--plan", help="Plan file (YAML or JSON): preset, steps, gates and margins."),
-    min_requests: int | None = typer.Option(None, "--min-requests", help="Requests the variant answers per stage first."),
-    max_stage_s: float | None = typer.Option(None, "--max-stage-s", help="Seconds a stage may stay undecided."),
+    min_requests: int | None = typer.Option(
+        None,
+        "--min-requests",
+        help=f"Requests the variant answers in each stage before its gates may pass it (default {DEFAULT_MIN_REQUESTS}, or the --plan's).",
+    ),
+    max_stage_s: float | None = typer.Option(
+        None,
+        "--max-stage-s",
+        help=f"Seconds a stage may stay undecided; then it rolls back (default {DEFAULT_MAX_STAGE_S:g} s = 1 h, or the --plan's).",
+    ),
     alpha: float | None = typer.Option(None, "--alpha", help="Chance of a wrong promotion (and of a wrong rollback)."),
     wait: bool = typer.Option(False, "--wait", help="Follow it live; exit 0 when promoted, 1 with the reason otherwise."),
     as_json: bool = typer.Option(False, "--json", help="Print the rollout's record as JSON."),

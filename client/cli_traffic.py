@@ -10,6 +10,7 @@ from rich.table import Table
 
 from slimserve.client.cli_common import connect, console, fail, fmt, print_json
 from slimserve.client.client import SlimServeClientError
+from slimserve.client.tables import Col, FitTable, output_option
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -100,16 +101,22 @@ def rollback(
 
 def feedback(
     name: str = typer.Argument(..., help="Model name."),
-    request_id: str = typer.Argument(..., help="Id of the inference request (the response's id)."),
-    label: int = typer.Argument(..., help="The true class of that request's input."),
+    request_id: str = typer.Argument(..., help="Id of the inference request (the response's id, as `slimctl infer` prints it)."),
+    labels: list[int] = typer.Argument(..., help="The true class of the request's input; for a request of several rows, one per row."),
+    row: int | None = typer.Option(None, "--row", help="The row of a multi-row request that the one LABEL is for (0-based)."),
 ) -> None:
     """Record the ground truth of an earlier request, for online accuracy per variant."""
     try:
         with connect() as client:
-            result = client.feedback(name, request_id, label)
+            result = client.feedback(name, request_id, labels, row=row)
     except SlimServeClientError as e:
         fail(str(e))
-    console.print(f"{request_id}: answered by {result['variant']}, {'correct' if result['correct'] else 'wrong'}")
+    if result["rows"] > 1:
+        verdict = f"{result['correct_rows']} of {result['rows']} rows correct"
+    else:
+        verdict = "correct" if result["correct"] else "wrong"
+    where = f" row {row}" if row is not None else ""
+    console.print(f"{request_id}{where}: answered by {result['variant']}, {verdict}")
 
 
 def pct(value: float | None) -> str:
@@ -119,6 +126,7 @@ def pct(value: float | None) -> str:
 def compare(
     name: str = typer.Argument(..., help="Model name."),
     as_json: bool = typer.Option(False, "--json", help="Print one record per variant as JSON."),
+    output: str = output_option(),
 ) -> None:
     """Which variant wins on live traffic: latency, batch, cost, offline and online accuracy, significance."""
     try:
@@ -129,20 +137,22 @@ def compare(
     if as_json:
         print_json(result)
         return
-    table = Table(
-        "variant",
-        "share",
-        "requests",
-        "errors",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "batch",
-        "$/1k inf",
-        "offline acc",
-        "online acc (95% CI)",
-        "latency vs baseline",
-        "accuracy vs baseline",
+    table = FitTable(
+        [
+            Col("variant", style="bold"),
+            Col("share", rank=1, wraps=True),
+            Col("requests", rank=3, justify="right"),
+            Col("errors", rank=4, justify="right"),
+            Col("p50 ms", rank=2, justify="right"),
+            Col("p90 ms", rank=8, justify="right"),
+            Col("p99 ms", rank=5, justify="right"),
+            Col("batch", rank=9, justify="right"),
+            Col("$/1k inf", rank=7, justify="right"),
+            Col("offline acc", rank=6, justify="right"),
+            Col("online acc (95% CI)", rank=3, wraps=True),
+            Col("latency vs baseline", rank=2, wraps=True),
+            Col("accuracy vs baseline", rank=2, wraps=True),
+        ],
         title=f"{name} on {result['node_type']} ({result['price_per_hour']:.2f} $/h)",
         box=box.SIMPLE_HEAVY,
     )
@@ -169,4 +179,4 @@ def compare(
             r["latency_verdict"] or "-",
             r["accuracy_verdict"] or "-",
         )
-    console.print(table)
+    table.print(console, output)

@@ -13,8 +13,16 @@ import grpc
 import numpy as np
 
 from slimserve.client import codec
+from slimserve.client.onnx_files import side_file_path, side_files
 from slimserve.client.records import comparison_dict, model_dict, pass_dict, rollout_dict, traffic_dict, variant_dict
-from slimserve.client.transport import CHUNK_BYTES, SlimServeClientError, channel_credentials, load_recipe_file, sha256_of
+from slimserve.client.transport import (
+    CHUNK_BYTES,
+    SlimServeClientError,
+    channel_credentials,
+    load_recipe_file,
+    sha256_of,
+    with_default_port,
+)
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import inference_pb2_grpc as pb_grpc
 from slimserve.protos import slimserve_pb2 as spb
@@ -79,7 +87,7 @@ class SlimServeClient:
         """TLS when any `tls_*` is given (or SLIMSERVE_TLS_CA / _CERT / _KEY is set): `tls_ca` is the CA that
         signed the server's certificate (the system's roots when None); `tls_cert` + `tls_key` are this
         client's certificate and key for servers that require mutual TLS."""
-        self.server = server or os.environ.get("SLIMSERVE_SERVER") or DEFAULT_SERVER
+        self.server = with_default_port(server or os.environ.get("SLIMSERVE_SERVER") or DEFAULT_SERVER)
         token = token if token is not None else os.environ.get("SLIMSERVE_TOKEN")
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
@@ -144,10 +152,25 @@ class SlimServeClient:
         for role, path in files:
             if not path.is_file():
                 raise SlimServeClientError("INVALID_ARGUMENT", f"{role} file '{path}' does not exist")
+        names = {path: path.name for _, path in files}
+        if files[0][1].suffix.lower() == ".onnx":  # weights in side files (torch.onnx.export's default) travel with the model
+            for location in side_files(files[0][1]):
+                try:
+                    side = side_file_path(files[0][1], location)
+                except ValueError as e:
+                    raise SlimServeClientError("INVALID_ARGUMENT", str(e)) from None
+                if not side.is_file():
+                    raise SlimServeClientError(
+                        "INVALID_ARGUMENT",
+                        f"'{files[0][1].name}' keeps its weights in '{location}', which is not beside it ({side}): "
+                        "put the side file torch.onnx.export wrote next to the model, or re-export with external_data=False",
+                    )
+                files.append(("external", side))
+                names[side] = location
         header = spb.RegisterHeader(
             name=name,
             description=description,
-            files=[spb.UploadFile(role=r, filename=p.name, size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
+            files=[spb.UploadFile(role=r, filename=names[p], size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
         )
         total = sum(p.stat().st_size for _, p in files)
 
@@ -193,9 +216,18 @@ class SlimServeClient:
     def rollback(self, name: str) -> dict[str, Any]:
         return traffic_dict(self._call(self.traffic_stub.Rollback, spb.RollbackRequest(model=name)))
 
-    def feedback(self, name: str, request_id: str, label: int) -> dict[str, Any]:
-        response = self._call(self.feedback_stub.SendFeedback, spb.FeedbackRequest(model=name, request_id=request_id, label=label))
-        return {"variant": response.variant, "correct": response.correct}
+    def feedback(self, name: str, request_id: str, label: int | list[int], row: int | None = None) -> dict[str, Any]:
+        """The true class of an earlier request: an int (a one-row request, or with `row` that row of a multi-row
+        one), or a list of one per row. Returns the variant that answered, `correct` (every row right), rows, correct_rows."""
+        request = spb.FeedbackRequest(model=name, request_id=request_id)
+        if row is not None:
+            request.row = row
+        if isinstance(label, (list, tuple)) and len(label) != 1:
+            request.labels.extend(int(v) for v in label)
+        else:
+            request.label = int(label[0] if isinstance(label, (list, tuple)) else label)
+        response = self._call(self.feedback_stub.SendFeedback, request)
+        return {"variant": response.variant, "correct": response.correct, "rows": response.rows, "correct_rows": response.correct_rows}
 
     def compare(self, name: str) -> dict[str, Any]:
         response = self._call(self.experiments.Compare, spb.CompareRequest(model=name))

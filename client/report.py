@@ -15,6 +15,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from slimserve.client.tables import Col, FitTable
+
 _MISSING = "[dim]–[/dim]"
 _SIZE_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1.0, "B"))
 _FLOP_UNITS = ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs"), (1.0, "FLOPs"))
@@ -74,9 +76,14 @@ def _search_caption(rows: list[dict[str, Any]]) -> str:
             f"search: {head['search_evaluations']} evaluations, {head.get('search_timings', 0)} timings in turns, "
             f"{head.get('search_seconds')} s"
         )
-    held = next((r for r in rows if r.get("budget_setting")), None)
-    if held is not None:  # a budget search: what it kept and what finding it cost
-        over = " (over budget, kept on request)" if held.get("within_budget") is False else ""
+    # A budget search: what it kept and what finding it cost. In an auto search's table only the chosen candidate was
+    # kept (the others' settings are in their rows); elsewhere the one variant, kept over budget only when asked.
+    auto = any("chosen" in r for r in rows)
+    held = next((r for r in rows if r.get("budget_setting") and (r.get("chosen") or not auto)), None)
+    if held is not None:
+        over = ""
+        if held.get("within_budget") is False:
+            over = " (over budget: no candidate met it)" if auto else " (over budget, kept on request)"
         parts.append(
             f"budget {held.get('budget_pt')} pt: {held['budget_setting']}{over}, "
             f"{held.get('budget_evaluations')} evaluations in {held.get('budget_search_s')} s"
@@ -84,8 +91,12 @@ def _search_caption(rows: list[dict[str, Any]]) -> str:
     return "".join(f" · {p}" for p in parts)
 
 
-def render_report(rows: list[dict[str, Any]], title: str) -> Table:
-    """The rows as a rich table: one row per variant (or auto candidate), the baseline first."""
+def render_report(rows: list[dict[str, Any]], title: str, width: int = 160, wide: bool = False) -> Table:
+    """The rows as a rich table: one row per variant (or auto candidate), the baseline first.
+
+    At `width` columns the variant (or an auto candidate's recipe) stays whole and the columns of least weight for a
+    decision go first (client/tables.py); `wide` keeps every column, the auto search's extra ones too.
+    """
     size_factor, size_unit = _scale([r.get("size_bytes") for r in rows], _SIZE_UNITS)
     flop_factor, flop_unit = _scale([r.get("flops") for r in rows], _FLOP_UNITS)
 
@@ -98,60 +109,61 @@ def render_report(rows: list[dict[str, Any]], title: str) -> Table:
     def gain(key: str) -> Callable[[dict[str, Any], bool], str]:
         return lambda r, baseline_row: _gain(r.get(key), baseline_row)
 
-    # key -> (header, cell); the order is the table's. Headers stay short (the caption explains them), and
-    # size_pct_of_baseline and throughput_ratio_x stay in the JSON only, so that the table fits 160 columns.
-    columns: dict[str, tuple[str, Callable[[dict[str, Any], bool], str]]] = {
-        "variant": ("variant", lambda r, _: _text(r.get("variant"))),
-        "recipe": ("recipe", lambda r, _: _text(r.get("recipe"))),  # the auto search's candidates
-        "status": ("status", lambda r, _: _text(r.get("status"))),
-        "runtime": ("runtime", lambda r, _: _text(r.get("runtime"))),
-        "size_bytes": (f"size ({size_unit})", scaled("size_bytes", size_factor)),
-        "size_reduction_x": ("smaller ×", gain("size_reduction_x")),
-        "flops": (flop_unit, scaled("flops", flop_factor)),
-        "compute_reduction_x": ("compute ×", gain("compute_reduction_x")),
-        "sparsity_pct": ("sparsity %", number("sparsity_pct", 1)),
-        "latency_p50_ms": ("p50 ms", number("latency_p50_ms", 3)),
-        "speedup_x": ("speed-up ×", gain("speedup_x")),
-        "throughput_per_s": ("samples/s", number("throughput_per_s", 0)),
-        "accuracy_pct": ("accuracy %", number("accuracy_pct", 2)),
-        "accuracy_delta_pt": ("Δ pts", lambda r, _: _delta(r.get("accuracy_delta_pt"))),
-        "agreement": ("agree %", number("agreement", 2, 100.0)),
-        "metric": ("metric", lambda r, _: _text(r.get("metric"))),  # what the budget holds
-        "quality": ("quality", lambda r, _: _number(r.get("quality"), 4)),
-        "quality_drop_pt": ("Δ quality", lambda r, _: _delta(None if r.get("quality_drop_pt") is None else 0.0 - r["quality_drop_pt"])),
-        "reference_speedup_x": ("vs FP32 ×", gain("reference_speedup_x")),
-        "within_budget": ("in budget", lambda r, _: _flag(r.get("within_budget"))),
-        "pareto": ("Pareto", lambda r, _: _flag(r.get("pareto"))),
-        "chosen": ("chosen", lambda r, _: _flag(r.get("chosen"))),
+    # key -> (header, rank, cell); the order is the table's, the rank the order in which a narrow terminal drops
+    # columns (highest first; 0 never). Headers stay short (the caption explains them); size_pct_of_baseline and
+    # throughput_ratio_x stay in the JSON only.
+    columns: dict[str, tuple[str, int, Callable[[dict[str, Any], bool], str]]] = {
+        "variant": ("variant", 0, lambda r, _: _text(r.get("variant"))),
+        "recipe": ("recipe", 0, lambda r, _: _text(r.get("recipe"))),  # the auto search's candidates
+        "status": ("status", 2, lambda r, _: _text(r.get("status"))),
+        "runtime": ("runtime", 6, lambda r, _: _text(r.get("runtime"))),
+        "size_bytes": (f"size ({size_unit})", 2, scaled("size_bytes", size_factor)),
+        "size_reduction_x": ("smaller ×", 4, gain("size_reduction_x")),
+        "flops": (flop_unit, 5, scaled("flops", flop_factor)),
+        "compute_reduction_x": ("compute ×", 6, gain("compute_reduction_x")),
+        "sparsity_pct": ("sparsity %", 7, number("sparsity_pct", 1)),
+        "latency_p50_ms": ("p50 ms", 3, number("latency_p50_ms", 3)),
+        "speedup_x": ("speed-up ×", 1, gain("speedup_x")),
+        "throughput_per_s": ("samples/s", 7, number("throughput_per_s", 0)),
+        "accuracy_pct": ("accuracy %", 3, number("accuracy_pct", 2)),
+        "accuracy_delta_pt": ("Δ pts", 1, lambda r, _: _delta(r.get("accuracy_delta_pt"))),
+        "agreement": ("agree %", 5, number("agreement", 2, 100.0)),
+        "metric": ("metric", 6, lambda r, _: _text(r.get("metric"))),  # what the budget holds
+        "quality": ("quality", 4, lambda r, _: _number(r.get("quality"), 4)),
+        "quality_drop_pt": ("Δ quality", 1, lambda r, _: _delta(None if r.get("quality_drop_pt") is None else 0.0 - r["quality_drop_pt"])),
+        "reference_speedup_x": ("vs FP32 ×", 3, gain("reference_speedup_x")),
+        "within_budget": ("in budget", 2, lambda r, _: _flag(r.get("within_budget"))),
+        "pareto": ("Pareto", 4, lambda r, _: _flag(r.get("pareto"))),
+        "chosen": ("chosen", 1, lambda r, _: _flag(r.get("chosen"))),
     }
     keys = [k for k in columns if any(r.get(k) not in (None, "") for r in rows)]
     if all(r.get("metric") in (None, "accuracy") for r in rows):  # accuracy % and Δ pts say it already
         keys = [k for k in keys if k not in ("quality", "quality_drop_pt")]
-    if any("chosen" in r for r in rows):  # the auto search's table: one row per candidate, what decides only
+    if any("chosen" in r for r in rows) and not wide:  # the auto search's table: one row per candidate, what decides only
         keys = [k for k in keys if k not in AUTO_HIDDEN]
-    table = Table(
+    table = FitTable(
+        [
+            Col(
+                columns[k][0],
+                rank=columns[k][1],
+                # Numbers and names never wrap; a status (a failed candidate's message) takes the width that is left.
+                justify="left" if k in ("variant", "recipe", "status", "runtime") else "right",
+                wraps=k == "status",
+                style="bold" if k in ("variant", "recipe") else "",
+            )
+            for k in keys
+        ],
         title=title,
         caption="FLOPs per sample · p50 latency at batch 1 · speed-up: baseline p50 / variant p50 · Δ pts: accuracy points "
         "against the baseline · agree: share of top-1 answers equal to the baseline's (cosine similarity for embeddings)"
         + _search_caption(rows),
-        caption_justify="left",
         box=box.SIMPLE_HEAD,
     )
-    for k in keys:
-        # Numbers never wrap; names and statuses (a failed candidate's message) take the width that is left.
-        text = k in ("variant", "recipe", "status", "runtime")
-        table.add_column(
-            columns[k][0],
-            justify="left" if text else "right",
-            no_wrap=not text,
-            overflow="fold" if text else "ellipsis",
-            style="bold" if k in ("variant", "recipe") else "",
-        )
     for i, r in enumerate(rows):
         first = i == 0 and r.get("accuracy_delta_pt") is None and r.get("agreement") is None
         baseline_row = r.get("status") == "baseline" or first
-        table.add_row(*(columns[k][1](r, baseline_row) for k in keys))
-    return table
+        table.add_row(*(columns[k][2](r, baseline_row) for k in keys))
+    return table.render(width, wide)
 
 
 def render_passes(passes: list[dict[str, Any]]) -> Table:

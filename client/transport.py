@@ -67,3 +67,23 @@ def channel_credentials(ca: str | Path | None, cert: str | Path | None, key: str
         private_key=_read_file(key, "--tls-key") if key else None,
         certificate_chain=_read_file(cert, "--tls-cert") if cert else None,
     )
+
+
+DEFAULT_PORT = 8001
+
+
+def with_default_port(server: str) -> str:
+    """HOST:PORT for grpc: a bare host (`127.0.0.1`, `localhost`, `[::1]`) gets slimserve's gRPC port, 8001, not gRPC's 443.
+
+    Targets with a scheme (`dns:///...`, `unix:...`) and hosts that name a port are left as they are.
+    """
+    if not server or "/" in server or server.split(":", 1)[0] in ("unix", "unix-abstract", "dns", "ipv4", "ipv6", "vsock"):
+        return server
+    if server.startswith("["):  # [v6] or [v6]:port
+        return server if "]:" in server else f"{server}:{DEFAULT_PORT}"
+    colons = server.count(":")
+    if colons == 0:
+        return f"{server}:{DEFAULT_PORT}"
+    if colons >= 2:  # a bare IPv6 address
+        return f"[{server}]:{DEFAULT_PORT}"
+    return server

@@ -11,7 +11,7 @@ that cannot meet it is refused with the best it reached, or kept and marked when
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from slimserve.optimizer.catalog import pass_classes
 from slimserve.optimizer.data import has_labels
 from slimserve.optimizer.evaluation.measure import Evaluation, evaluate
 from slimserve.optimizer.evaluation.quality import METRICS, describe
+from slimserve.optimizer.formats.onnx_files import single_file
 from slimserve.optimizer.passes.auto import AutoConfig
 from slimserve.optimizer.recipes import Recipe, run_recipe
 from slimserve.optimizer.report import report_rows
@@ -120,6 +121,8 @@ def optimize(
     if metric is not None and metric not in METRICS:
         raise OptimizerError(f"quality metric must be one of {', '.join(METRICS)}, got {metric!r}")
     preflight(recipe, context.datasets, accuracy_budget)
+    if source.format == "onnx":  # weights in side files (torch.onnx.export's default): one file for every pass, under 2 GiB
+        source = replace(source, path=single_file(source.path, context.workdir / "source"))
     data = evaluation_data(context)
     auto = [p.config for p in recipe.passes if isinstance(p.config, AutoConfig)]
     if auto:

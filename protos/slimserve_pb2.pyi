@@ -335,22 +335,30 @@ class RollbackRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
-    __slots__ = ("model", "request_id", "label")
+    __slots__ = ("model", "request_id", "label", "labels", "row")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     label: int
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    row: int
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., label: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., row: _Optional[int] = ...) -> None: ...
 
 class FeedbackResponse(_message.Message):
-    __slots__ = ("variant", "correct")
+    __slots__ = ("variant", "correct", "rows", "correct_rows")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_ROWS_FIELD_NUMBER: _ClassVar[int]
     variant: str
     correct: bool
-    def __init__(self, variant: _Optional[str] = ..., correct: _Optional[bool] = ...) -> None: ...
+    rows: int
+    correct_rows: int
+    def __init__(self, variant: _Optional[str] = ..., correct: _Optional[bool] = ..., rows: _Optional[int] = ..., correct_rows: _Optional[int] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
     __slots__ = ("model",)

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from slimserve.optimizer.quiet import quiet_third_party
 from slimserve.protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
 from slimserve.server.grpc.auth import TokenAuthInterceptor, read_token, tls_server_credentials
 from slimserve.server.grpc.edge import CheckedDecoding
@@ -26,6 +27,7 @@ from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.management.control import Control
 from slimserve.server.management.jobs import JobManager
 from slimserve.server.management.watch import RepositoryWatcher
+from slimserve.server.ports import check_ports, in_use
 from slimserve.server.rollout.controller import RolloutController
 from slimserve.server.rollout.gates import ProcessStatistics
 from slimserve.server.rollout.metrics import RolloutMetrics
@@ -69,6 +71,7 @@ class SlimServer:
     """One slimserve process: `await start()`, then `await wait()` or `await stop()`."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        quiet_third_party()  # once per process: the libraries' own chatter, not ours (optimizer/quiet.py)
         self.settings = settings
         self.prices = load_prices(settings.prices)
         self.price = price = price_of(settings.node_type, self.prices)
@@ -107,6 +110,9 @@ class SlimServer:
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            # grpc sets SO_REUSEPORT by default: a second server on a busy port would listen beside the first and take
+            # half its calls. Exclusive unless --reuse-port asks for several processes on one port.
+            ("grpc.so_reuseport", 1 if self.settings.reuse_port else 0),
         ]
         server = grpc.aio.server(options=options, interceptors=[self.auth] if self.auth is not None else [])
         checked = CheckedDecoding(server)  # request bytes that do not parse: INVALID_ARGUMENT, not UNKNOWN
@@ -124,15 +130,51 @@ class SlimServer:
         return server
 
     async def start(self) -> None:
+        """Listens on every port, or raises PortInUse with nothing left running (no half-started server, no traceback)."""
+        check_ports(self.settings)  # before the models load: a busy port stops the start at once
         self.health = health.aio.HealthServicer()
         self.server = self._build_server()
+        try:
+            await self._start()
+        except BaseException:
+            await self._abort()
+            raise
+
+    def _bind_grpc(self) -> None:
         address = f"{self.settings.host}:{self.settings.grpc_port}"
-        if self.credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, self.credentials)
+        try:
+            if self.credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, self.credentials)
+        except RuntimeError:  # grpc >= 1.5x raises where older ones returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
+            raise in_use("gRPC", self.settings.host, self.settings.grpc_port, "--grpc-port")
+
+    async def _abort(self) -> None:
+        """Undoes a start that failed part way (the gRPC server bound to this loop must stop before the loop closes)."""
+        if self.server is not None:
+            await self.server.stop(0)
+        await self._stop_http(0)
+        if self.watcher is not None:
+            await self.watcher.stop()
+        await self.rollouts.stop()
+        await self.dataplane.stop()
+        self.repository.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    async def _start(self) -> None:
+        self._bind_grpc()
+        if self.settings.metrics_port >= 0:
+            try:
+                self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.host, registry=self.metrics.registry)
+            except OSError as e:
+                raise in_use("metrics", self.settings.host, self.settings.metrics_port, "--metrics-port") from e
+            self.metrics_port = self._metrics_server.server_port
         await self.dataplane.start()
         self._measure_unmeasured()
         if not self.settings.read_only:  # the writer decides rollouts; replicas follow its routing through the repository
@@ -144,9 +186,6 @@ class SlimServer:
         await self.server.start()
         if self.settings.http_port >= 0:
             await self._start_http()
-        if self.settings.metrics_port >= 0:
-            self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.host, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_server.server_port
         for service in ("", *SERVICES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         tls = "plaintext" if self.credentials is None else ("mutual TLS" if self.settings.tls_ca else "TLS")

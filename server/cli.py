@@ -13,6 +13,7 @@ from typing import Any, Union, get_args, get_origin
 
 import typer
 
+from slimserve.client.tables import output_option, print_fitted
 from slimserve.server.settings import DEVICES, Settings, flag_of, shown_default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimserve: serve models and make them smaller and faster.")
@@ -50,13 +51,22 @@ def _plain(markdown: str) -> str:
 @setting_flags
 def start(*, log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."), **flags: Any) -> None:
     """Start the gRPC server (Open Inference Protocol + slimserve.v1) and the /metrics endpoint."""
-    from slimserve.server.app import SlimServer
-    from slimserve.server.errors import SlimServeError
+    from slimserve.server.ports import check_ports
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = {k: v for k, v in flags.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)}
     try:
         settings = Settings(**given)
+        check_ports(settings)  # before torch and the models load: a busy port is one line at once
+    except (OSError, ValueError) as e:
+        typer.echo(f"slimserve: {e}", err=True)
+        raise typer.Exit(2) from e
+    from slimserve.optimizer.quiet import quiet_third_party
+    from slimserve.server.app import SlimServer
+    from slimserve.server.errors import SlimServeError
+
+    quiet_third_party()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
         if settings.device not in DEVICES:
             raise typer.BadParameter(f"'{settings.device}' is not one of {', '.join(DEVICES)}", param_hint="--device")
         server = SlimServer(settings)
@@ -84,6 +94,7 @@ def optimize(
         False, "--keep-over-budget", help="Write the best a budget search reached even when it misses the budget (marked in the report)."
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    output: str = output_option(),
 ) -> None:
     """Optimize a model file offline (no server): run the recipe, measure, write the result and the report."""
     import json
@@ -95,13 +106,16 @@ def optimize(
 
     from slimserve.client.report import render_report
     from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
+    from slimserve.optimizer.formats.onnx_files import check_side_files, copy_model
     from slimserve.optimizer.pipeline import optimize as run_optimize
+    from slimserve.optimizer.quiet import quiet_third_party
     from slimserve.optimizer.recipes import parse_recipe
     from slimserve.optimizer.report import to_json
     from slimserve.server.errors import InvalidArgument
     from slimserve.server.runtimes import RuntimeConfig, create_runtime
     from slimserve.server.store.manifest import RUNTIME_OF_FORMAT, check_dataset, inspect_npz, model_format
 
+    quiet_third_party()
     console = Console(stderr=True)
     config = RuntimeConfig(device=device)
 
@@ -112,6 +126,8 @@ def optimize(
 
     try:
         fmt = model_format(model_file.name)
+        if fmt == "onnx":
+            check_side_files(model_file)  # weights in side files: each one named when it is not beside the model
         probe = factory(model_file, RUNTIME_OF_FORMAT[fmt])
         datasets = {role: p for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None}
         for role, path in datasets.items():
@@ -136,7 +152,10 @@ def optimize(
             result = run_optimize(source, parsed, context, factory, name, accuracy_budget, register_over_budget=keep_over_budget)
             out.mkdir(parents=True, exist_ok=True)
             target = out / f"model.{result.artifact.format}"
-            shutil.copyfile(result.artifact.path, target)
+            if result.artifact.format == "onnx":
+                copy_model(result.artifact.path, target)  # one file under 2 GiB; beyond, its side files beside it
+            else:
+                shutil.copyfile(result.artifact.path, target)
     except (OptimizerError, InvalidArgument) as e:
         typer.echo(f"slimserve optimize: {e}", err=True)
         raise typer.Exit(1) from e
@@ -145,7 +164,7 @@ def optimize(
         json.dumps({"baseline": result.baseline.to_dict(), name: result.evaluation.to_dict(), "runtime": result.artifact.runtime}, indent=2)
     )
     console_out = Console() if sys.stdout.isatty() else Console(width=160)  # wide when piped, as slimctl
-    console_out.print(render_report(result.report, f"{model_file.name}: {name}"))
+    print_fitted(console_out, render_report(result.report, f"{model_file.name}: {name}", console_out.width, output == "wide"), output)
     typer.echo(f"wrote {target} ({result.artifact.runtime}), {out / 'report.json'}")
 
 

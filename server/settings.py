@@ -42,6 +42,11 @@ class Settings(BaseSettings):
         "gRPC); 0 picks a free port, `-1` disables it",
         ge=-1,
     )
+    reuse_port: bool = setting(
+        False,
+        "let several processes listen on one gRPC port (SO_REUSEPORT; the kernel spreads connections among them); off: a "
+        "busy `--grpc-port` stops the start",
+    )
     metrics_port: int = setting(8002, "Prometheus text format at `/metrics` over HTTP; 0 picks a free port, `-1` disables it")
     node_type: str = setting("cpu", "node type label for metrics and cost (cpu, gpu-v100, tpu-v3-8, ...)")
     server_name: str = setting(

@@ -250,7 +250,7 @@ def optimize_event(job_id: str, event: Any) -> spb.OptimizeEvent:
 
 
 def feedback_response(result: FeedbackResult) -> spb.FeedbackResponse:
-    return spb.FeedbackResponse(variant=result.variant, correct=result.correct)
+    return spb.FeedbackResponse(variant=result.variant, correct=result.correct, rows=result.rows, correct_rows=result.correct_rows)
 
 
 def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:

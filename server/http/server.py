@@ -6,16 +6,19 @@ with a JSON body `{"error": "..."}` as Triton's clients read it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from slimserve.client.codec import TensorCodecError
 from slimserve.server.errors import HTTP_STATUS, ErrorKind, SlimServeError
 from slimserve.server.grpc.auth import INFERENCE_PREFIX, TokenAuthInterceptor
 from slimserve.server.http.routes import Handler, Route
+from slimserve.server.ports import in_use
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,28 @@ def build_app(routes: list[Route], auth: TokenAuthInterceptor | None, max_body_b
     return app
 
 
+class WrongProtocol(logging.Filter):
+    """A connection that does not speak HTTP/1 (a gRPC client dialling the REST port): one warning line, no traceback."""
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__()
+        self.port = port
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BadHttpMessage):
+            peer = record.getMessage().rsplit(" from ", 1)[-1] if " from " in record.getMessage() else "a client"
+            what = "HTTP/2 (a gRPC client?)" if "PRI" in str(error) else "something other than HTTP/1.1"
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "%s sent %s to the HTTP port %s; gRPC clients dial --grpc-port",
+                (peer, what, self.port or ""),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class HttpServer:
     """Serves an app on host:port (0 picks a free one) until `stop`."""
 
@@ -102,8 +127,14 @@ class HttpServer:
             await site.start()
         except OSError as e:
             await self.runner.cleanup()
-            raise OSError(f"cannot listen on {host}:{port} for HTTP: {e.strerror or e}") from e
+            self.runner = None
+            if e.errno == errno.EADDRINUSE:
+                raise in_use("HTTP", host, port, "--http-port") from e
+            raise in_use("HTTP", host, port, "--http-port", detail=e.strerror or str(e)) from e
         self.port = self.runner.addresses[0][1]
+        server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, WrongProtocol) for f in server_log.filters):
+            server_log.addFilter(WrongProtocol(self.port))
         return self.port
 
     async def stop(self, grace: float) -> None:

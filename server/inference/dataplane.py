@@ -370,7 +370,10 @@ class DataPlane:
             code = outcome_code(e)
             raise
         finally:
-            recorder.record(code, perf_counter() - start)
+            seconds = perf_counter() - start
+            recorder.record(code, seconds)
+            if log.isEnabledFor(logging.DEBUG):  # one line per request, at debug level only (a dict lookup otherwise)
+                log.debug("request %s: %s/%s %s in %.3f ms", call.request_id, call.model, call.variant, code, seconds * 1000)
 
     def route(self, name: str, version: str, parameters: Mapping[str, Any] | None = None, request_id: str = "") -> Call:
         """The variant a request goes to (pinned by `version`, or the router's choice) and its shadows; not yet counted."""
@@ -419,8 +422,11 @@ class DataPlane:
     ) -> InferResult:
         """The answer's top-1 kept for feedback and handed to the shadows."""
         predicted = top1(result)
-        if predicted is not None and predicted.shape[0] == 1:
-            call.feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
+        if predicted is not None:  # every request can take feedback: one label, or one per row
+            if predicted.shape[0] == 1:
+                call.feedback.record_prediction(call.request_id, call.variant, int(predicted[0]))
+            elif predicted.shape[0] > 1:
+                call.feedback.record_rows(call.request_id, call.variant, predicted)
         if call.shadows:
             self.shadows.mirror(call.model, call.request_id, call.shadows, call.feedback, inputs, outputs, predicted)
         return InferResult(call.model, call.variant, result, specs, call.request_id)

@@ -6,7 +6,7 @@ request, make one call here, and encode what it returns (server/grpc/converters.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,15 +154,19 @@ class Control:
 
     # ------------------------------------------------------------------ live results
 
-    async def feedback(self, model: str, request_id: str, label: int) -> FeedbackResult:
-        """Ground truth for an answered request: scores it, and refreshes every served variant's online accuracy."""
+    async def feedback(
+        self, model: str, request_id: str, label: int | None = None, labels: Sequence[int] = (), row: int | None = None
+    ) -> FeedbackResult:
+        """Ground truth for an answered request (one label, one per row, or a row's): scores it, and refreshes every
+        served variant's online accuracy."""
         if not request_id:
             raise InvalidArgument("request_id is empty: send the id of the ModelInferResponse the label is for")
         loaded = self.dataplane.loaded_model(model)
-        result = loaded.feedback.feedback(request_id, label)
+        result = loaded.feedback.feedback(request_id, label, labels, row)
         answered = loaded.variants.get(result.variant)
         if answered is not None:
-            answered.recorder.record_feedback(result.correct)
+            for i in range(result.rows):
+                answered.recorder.record_feedback(i < result.correct_rows)
         for served in loaded.variants.values():  # shadows are scored by the label too
             accuracy = loaded.feedback.online_accuracy(served.name)
             if accuracy is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.formats.onnx_files import copy_model
 from slimserve.optimizer.pipeline import Baseline, OptimizeResult, optimize, preflight
 from slimserve.optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
 from slimserve.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SlimServeError
@@ -210,11 +211,14 @@ class JobManager:
             variant_dir = staged / "variant"
             variant_dir.mkdir()
             target = variant_dir / f"model.{result.artifact.format}"
-            shutil.copyfile(result.artifact.path, target)
-            # Side files a runtime reads next to the model (e.g. <stem>.compile.json) keep their suffix.
-            for side in result.artifact.path.parent.glob(f"{result.artifact.path.stem}.*"):
-                if side != result.artifact.path and side.is_file():
-                    shutil.copyfile(side, variant_dir / f"model{side.name[len(result.artifact.path.stem) :]}")
+            if result.artifact.format == "onnx":  # external data (a variant of 2 GiB or more) under the names the model gives
+                copy_model(result.artifact.path, target)
+            else:
+                shutil.copyfile(result.artifact.path, target)
+                # Side files a runtime reads next to the model (e.g. <stem>.compile.json) keep their suffix.
+                for side in result.artifact.path.parent.glob(f"{result.artifact.path.stem}.*"):
+                    if side != result.artifact.path and side.is_file():
+                        shutil.copyfile(side, variant_dir / f"model{side.name[len(result.artifact.path.stem) :]}")
             variant = VariantInfo(
                 name=job.variant,
                 recipe=recipe_record(job.recipe.name, result),

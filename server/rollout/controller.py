@@ -93,6 +93,9 @@ class RolloutController:
             r = RolloutState(model, variant, control, plan, info.traffic.snapshot(), started_at=now, stage_started_at=now)
             r.source = self.statistics.source
             r.history.append(Event(now, "started", "", 0.0, f"rollout of '{variant}' against '{control}', stages {_stages(plan)}"))
+            moved = standing_shares(info.traffic.weights, control)
+            if moved:  # the stages route the variant and the control only: say where the other shares go, and that they come back
+                r.history.append(Event(now, "started", "", 0.0, moved))
             await self._enter(r, 0, now)
             return r
 
@@ -324,3 +327,16 @@ def _stages(plan: RolloutPlan) -> str:
 
 def _where(r: RolloutState) -> str:
     return "the shadow stage" if r.state == "shadow" else f"canary {r.weight:g}%"
+
+
+def standing_shares(weights: dict[str, float], control: str) -> str:
+    """What a rollout does to the shares other variants held when it started, in words ('' when only the control served)."""
+    total = sum(weights.values()) or 1.0
+    held = {v: w / total * 100.0 for v, w in weights.items() if v != control and w > 0}
+    if not held:
+        return ""
+    shares = ", ".join(f"'{v}' {p:.0f}%" for v, p in held.items())
+    return (
+        f"standing shares {shares} go to '{control}' while the rollout runs (each stage routes the control and the rolled-out "
+        "variant only); an abort or a rollback gives them back, a promotion sends everything to the variant"
+    )

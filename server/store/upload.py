@@ -11,7 +11,8 @@ from pathlib import Path
 
 import onnx
 
-from slimserve.optimizer.base import UnsafeArchiveError
+from slimserve.optimizer.base import OptimizerError, UnsafeArchiveError
+from slimserve.optimizer.formats.onnx_files import check_location, external_locations, missing_side_files
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes import RuntimeConfig, create_runtime
 from slimserve.server.store.manifest import (
@@ -46,19 +47,30 @@ class UploadHeader:
     description: str = ""
 
 
+# A side file of an ONNX model (its `external_data` location, relative to the model): as many as the model names.
+EXTERNAL = "external"
+
+
 def check_header(header: UploadHeader, max_bytes: int) -> None:
     validate_name(header.name)
     roles = [f.role for f in header.files]
     if roles.count("model") != 1:
         raise InvalidArgument(f"an upload carries exactly one 'model' file; this one has {roles.count('model')}")
     for f in header.files:
-        if f.role not in ("model", *DATA_ROLES):
-            raise InvalidArgument(f"file '{f.filename}' has role '{f.role}'; roles are model, {', '.join(DATA_ROLES)}")
-        if roles.count(f.role) > 1:
+        if f.role not in ("model", EXTERNAL, *DATA_ROLES):
+            raise InvalidArgument(f"file '{f.filename}' has role '{f.role}'; roles are model, {EXTERNAL}, {', '.join(DATA_ROLES)}")
+        if f.role == EXTERNAL:
+            try:
+                check_location(f.filename)
+            except OptimizerError as e:
+                raise InvalidArgument(f"{EXTERNAL} file: {e}") from e
+            if [g.filename for g in header.files if g.role == EXTERNAL].count(f.filename) > 1:
+                raise InvalidArgument(f"{EXTERNAL} file '{f.filename}' appears twice; send each side file once")
+        elif roles.count(f.role) > 1:
             raise InvalidArgument(f"role '{f.role}' appears {roles.count(f.role)} times; send one file per role")
         if f.role == "model":
             model_format(f.filename)
-        elif Path(f.filename).suffix.lower() != ".npz":
+        elif f.role in DATA_ROLES and Path(f.filename).suffix.lower() != ".npz":
             raise InvalidArgument(f"{f.role} file '{f.filename}' must be an .npz with one array per model input (and 'labels')")
         if len(f.sha256) != 64:
             raise InvalidArgument(f"file '{f.filename}': sha256 must be 64 hex digits")
@@ -67,21 +79,34 @@ def check_header(header: UploadHeader, max_bytes: int) -> None:
         raise InvalidArgument(f"upload of {total} bytes exceeds the server's limit of {max_bytes} bytes (--max-upload-bytes)")
 
 
-def check_onnx(path: Path, filename: str) -> None:
-    """Parses and checks the graph before anything runs it; refuses weights in side files."""
+def check_onnx(path: Path, filename: str, side_files: list[str] | None = None) -> None:
+    """Parses and checks the graph before anything runs it; every side file it names must be among `side_files`, whole."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError and friends
         raise InvalidArgument(f"'{filename}' is not a valid ONNX model: {e}") from e
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
-            raise InvalidArgument(
-                f"'{filename}' keeps weights in a side file ('{location}'); re-export with the weights inside "
-                "(torch.onnx.export(..., external_data=False) or onnx.save(model, path, save_as_external_data=False))"
-            )
     try:
-        onnx.checker.check_model(model)
+        named = external_locations(path)
+        for location in named:
+            check_location(location)
+    except OptimizerError as e:
+        raise InvalidArgument(f"'{filename}': {e}") from e
+    sent = side_files or []
+    missing = [loc for loc in named if loc not in sent]
+    if missing:
+        raise InvalidArgument(
+            f"'{filename}' keeps weights in side files the upload does not carry: {', '.join(repr(m) for m in missing)}; "
+            "keep them beside the model file (slimctl register sends the files the model names), or re-export with the "
+            "weights inside (torch.onnx.export(..., external_data=False))"
+        )
+    unused = [loc for loc in sent if loc not in named]
+    if unused:
+        raise InvalidArgument(f"side files {', '.join(repr(u) for u in unused)} were sent, but '{filename}' names no such file")
+    short = missing_side_files(path)
+    if short:
+        raise InvalidArgument(f"'{filename}': {'; '.join(short)}; send the side file torch.onnx.export wrote with the model")
+    try:
+        onnx.checker.check_model(str(path) if named else model)  # a path: side files resolve beside the model
     except onnx.checker.ValidationError as e:
         raise InvalidArgument(f"'{filename}' fails the ONNX checker: {str(e).splitlines()[0]}") from e
 
@@ -136,9 +161,20 @@ class Registrar:
         variant_dir.mkdir(parents=True)
         target = variant_dir / f"model.{fmt}"
         shutil.move(paths[model_index], target)
+        side_files = []
+        for i, f in enumerate(header.files):
+            if f.role == EXTERNAL:  # beside the model under the name it gives, where ONNX Runtime and onnx.load look
+                if fmt != "onnx":
+                    raise InvalidArgument(
+                        f"side file '{f.filename}' was sent with '{model_file.filename}'; only ONNX models have side files"
+                    )
+                side = variant_dir / check_location(f.filename)
+                side.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(paths[i], side)
+                side_files.append(f.filename)
 
         if fmt == "onnx":
-            check_onnx(target, model_file.filename)
+            check_onnx(target, model_file.filename, side_files)
         runtime = create_runtime(RUNTIME_OF_FORMAT[fmt], target, self.runtime_config)
         try:
             runtime.load()
@@ -157,7 +193,7 @@ class Registrar:
         datasets = []
         (model_dir / "data").mkdir()
         for i, f in enumerate(header.files):
-            if f.role == "model":
+            if f.role in ("model", EXTERNAL):
                 continue
             check_dataset(f.role, inspect_npz(paths[i], f.role), runtime.inputs)
             shutil.move(paths[i], model_dir / "data" / f"{f.role}.npz")
@@ -179,7 +215,7 @@ class Registrar:
                     runtime=RUNTIME_OF_FORMAT[fmt],
                     format=fmt,
                     file=target.name,
-                    size_bytes=target.stat().st_size,
+                    size_bytes=target.stat().st_size + sum(f.size_bytes for f in header.files if f.role == EXTERNAL),
                 )
             },
         )

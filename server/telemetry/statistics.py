@@ -135,17 +135,21 @@ class VariantStats:
 @dataclass(slots=True)
 class _Answer:  # one per request: slotted, its shadows' dict made only for a mirrored one
     variant: str
-    predicted: int
+    predicted: int  # a one-row request's top-1
     shadows: dict[str, int] | None = None
     label: int | None = None
+    rows: np.ndarray | None = None  # a multi-row request's top-1 per row (int32); `labelled` marks the rows that have a label
+    labelled: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class FeedbackResult:
-    """What a label said about the request's answer."""
+    """What a label (or one label per row) said about the request's answer."""
 
     variant: str
-    correct: bool
+    correct: bool  # every labelled row right
+    rows: int = 1
+    correct_rows: int = 0
 
 
 @dataclass
@@ -173,6 +177,19 @@ class FeedbackStore:
         self._agreed: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def record_rows(self, request_id: str, variant: str, predicted: np.ndarray) -> None:
+        """The primary's top-1 of each row of a multi-row request: feedback then takes one label per row, or a row's."""
+        rows = np.asarray(predicted, dtype=np.int32)
+        self._remember(request_id, _Answer(variant, -1, rows=rows, labelled=np.zeros(len(rows), dtype=bool)))
+
+    def _remember(self, request_id: str, answer: _Answer) -> None:
+        with self._lock:
+            if request_id in self._answers:
+                del self._answers[request_id]
+            self._answers[request_id] = answer
+            if len(self._answers) > self.capacity:
+                self._answers.popitem(last=False)
+
     def record_prediction(self, request_id: str, variant: str, predicted_class: int, shadows: Mapping[str, int] | None = None) -> None:
         """The primary's top-1 for a request and, where already known, each shadow's."""
         answer = _Answer(variant, int(predicted_class))
@@ -190,7 +207,7 @@ class FeedbackStore:
         """A shadow's top-1 that arrived after the primary's; False when the id has already been forgotten."""
         with self._lock:
             answer = self._answers.get(request_id)
-            if answer is None:
+            if answer is None or answer.rows is not None:
                 return False
             self._add_shadow(answer, shadow, int(predicted_class))
             return True
@@ -212,15 +229,29 @@ class FeedbackStore:
         tally.labelled += 1
         tally.correct += int(correct)
 
-    def feedback(self, request_id: str, label: int) -> FeedbackResult:
-        """Ground truth for an earlier request; one label per request."""
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-            raise InvalidArgument(f"label must be an integer class index, got {label!r}")
-        label = int(label)
+    def feedback(self, request_id: str, label: int | None = None, labels: Sequence[int] = (), row: int | None = None) -> FeedbackResult:
+        """Ground truth for an earlier request: `label` for a one-row request (or, with `row`, for that row of a
+        multi-row one), or `labels`, one per row. Each row takes one label."""
+        for value in (label, *labels):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise InvalidArgument(f"label must be an integer class index, got {value!r}")
+        if labels and (label is not None or row is not None):
+            raise InvalidArgument("send either labels (one per row) or one label (with a row for a multi-row request), not both")
         with self._lock:
             answer = self._answers.get(request_id)
             if answer is None:
                 raise NotFound(f"no recent request with id '{request_id[:200]}' (ids are kept for the last {self.capacity} requests)")
+            if answer.rows is not None:
+                return self._label_rows(request_id[:200], answer, label, list(labels), row)
+            if labels:
+                if len(labels) != 1:
+                    raise InvalidArgument(f"request '{request_id[:200]}' had 1 row; it takes 1 label, not {len(labels)}")
+                label = labels[0]
+            if row not in (None, 0):
+                raise InvalidArgument(f"request '{request_id[:200]}' had 1 row; row {row} does not exist (rows: 0)")
+            if label is None:
+                raise InvalidArgument("no label: send the true class of the request")
+            label = int(label)
             if answer.label is not None:
                 raise InvalidArgument(f"request '{request_id[:200]}' already has a label ({answer.label}); each request takes one label")
             answer.label = label
@@ -228,7 +259,38 @@ class FeedbackStore:
             self._score(answer.variant, correct)
             for shadow, predicted in (answer.shadows or {}).items():
                 self._score(shadow, predicted == label)
-            return FeedbackResult(answer.variant, correct)
+            return FeedbackResult(answer.variant, correct, 1, int(correct))
+
+    def _label_rows(self, shown_id: str, answer: _Answer, label: int | None, labels: list[int], row: int | None) -> FeedbackResult:
+        """Labels for rows of a multi-row request (under the lock): all rows at once, or one row."""
+        assert answer.rows is not None and answer.labelled is not None
+        n = len(answer.rows)
+        if labels:
+            if len(labels) != n:
+                raise InvalidArgument(f"request '{shown_id}' had {n} rows: send {n} labels, one per row in order (got {len(labels)})")
+            indices = list(range(n))
+        elif row is None:
+            raise InvalidArgument(
+                f"request '{shown_id}' had {n} rows: send one label per row (slimctl feedback MODEL ID L0 L1 ...), "
+                "or a row's label with its index (--row N)"
+            )
+        elif not 0 <= row < n:
+            raise InvalidArgument(f"request '{shown_id}' had {n} rows; row {row} does not exist (rows: 0 to {n - 1})")
+        else:
+            if label is None:
+                raise InvalidArgument(f"no label for row {row}: send the true class of that row")
+            indices, labels = [row], [label]
+        again = [i for i in indices if answer.labelled[i]]
+        if again:
+            shown = ", ".join(str(i) for i in again[:10]) + (" ..." if len(again) > 10 else "")
+            raise InvalidArgument(f"request '{shown_id}': row(s) {shown} already have a label; each row takes one label")
+        right = 0
+        for i, value in zip(indices, labels):
+            answer.labelled[i] = True
+            correct = int(answer.rows[i]) == int(value)
+            right += correct
+            self._score(answer.variant, correct)
+        return FeedbackResult(answer.variant, right == len(indices), len(indices), right)
 
     def online_counts(self, variant: str) -> tuple[int, int]:
         """(correct, labelled) of a variant."""

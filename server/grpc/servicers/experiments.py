@@ -14,7 +14,11 @@ class FeedbackServicer(spb_grpc.FeedbackServicer):
 
     @grpc_errors
     async def SendFeedback(self, request, context):
-        return converters.feedback_response(await self.control.feedback(request.model, request.request_id, request.label))
+        row = request.row if request.HasField("row") else None
+        label = None if request.labels else request.label
+        return converters.feedback_response(
+            await self.control.feedback(request.model, request.request_id, label, list(request.labels), row)
+        )
 
 
 class ExperimentsServicer(spb_grpc.ExperimentsServicer):
