@@ -188,9 +188,11 @@ def _run_candidates(
                     candidate.searches.append(searches.results[done])
             candidate.artifact = artifact
             candidate.evaluation = measure(artifact)
-        except OptimizerError as e:
+        except Exception as e:
             if context.cancelled():
                 raise
+            if not isinstance(e, OptimizerError):  # a failure outside the passes (e.g. measuring the candidate)
+                e = OptimizerError(f"{type(e).__name__}: {' '.join(str(e).split())[:400]}")
             candidate.status = f"failed: {e}"
             context.progress(ProgressEvent(stage="auto", fraction=(i + 1) / n, message=f"{recipe} failed: {e}"))
             continue
