@@ -55,7 +55,10 @@ def source_program(
     if "train" not in context.datasets:
         load_train_data(context, inputs, specs, needed_by)  # raises the usual 'needs train data' error
     arrays = model_arrays(context.dataset("train", needed_by), specs, "train", needed_by)
-    feeds = {graph_name: arrays[name][:32] for graph_name, name in zip(names_in, inputs)}
+    # A batch fixed to 1 (or B) is checked against onnxruntime on that many rows; the converted module takes any batch.
+    fixed = {s[0] for _, s in specs.values() if s and isinstance(s[0], int) and s[0] > 0}
+    rows = min(fixed) if fixed else 32
+    feeds = {graph_name: arrays[name][:rows] for graph_name, name in zip(names_in, inputs)}
     return program_from_onnx(artifact, feeds, needed_by), inputs, outputs, specs
 
 
