@@ -131,11 +131,11 @@ def import_onnx(artifact: Artifact, context: PassContext, needed_by: str, min_op
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:
         steps.append(f"shape inference skipped ({type(e).__name__})")
-    raw = context.new_path(f"{artifact.path.stem}-import", ".onnx")
+    raw = _same_name(context, "import-raw", artifact.path.name)
     onnx.save(model, str(raw))
     path = raw
     if fold:
-        folded_path = context.new_path(f"{artifact.path.stem}-imported", ".onnx")
+        folded_path = _same_name(context, "imported", artifact.path.name)
         if ort_fold(raw, folded_path) and _same_io(raw, folded_path):
             path = folded_path
             steps.append("constants folded (onnxruntime basic level)")
@@ -143,6 +143,16 @@ def import_onnx(artifact: Artifact, context: PassContext, needed_by: str, min_op
         context.progress(ProgressEvent(stage=needed_by, fraction=0.05, message="import: " + "; ".join(steps)))
     imported = artifact.derive(path, imported=str(opset))
     return imported
+
+
+def _same_name(context: PassContext, folder: str, name: str) -> Path:
+    """A new path under the workdir that keeps the model's file name, so that later messages name the user's file."""
+    for i in range(1000):
+        directory = context.workdir / (folder if i == 0 else f"{folder}-{i}")
+        if not (directory / name).exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            return directory / name
+    raise OptimizerError(f"no free file name for {name} under {context.workdir}")
 
 
 def _same_io(a: Path, b: Path) -> bool:

@@ -45,8 +45,6 @@ def source_program(
     from slimserve.optimizer.formats.onnx2torch import convertible_model, program_from_onnx
     from slimserve.optimizer.formats.onnx_import import import_onnx
 
-    # Constant-node weights become initializers, so that they convert to parameters that train and prune.
-    artifact = import_onnx(artifact, context, needed_by, fold=False)
     names_in, names_out = onnx_io_names(artifact.path)
     inputs, outputs = list(artifact.input_names) or list(names_in), list(artifact.output_names) or list(names_out)
     specs = dict(zip(inputs, onnx_input_types(artifact.path).values()))
@@ -54,6 +52,8 @@ def source_program(
     convertible_model(artifact.path, needed_by)  # unknown operators are refused before the data is read
     if "train" not in context.datasets:
         load_train_data(context, inputs, specs, needed_by)  # raises the usual 'needs train data' error
+    # Constant-node weights become initializers, so that they convert to parameters that train and prune.
+    artifact = import_onnx(artifact, context, needed_by, fold=False)
     arrays = model_arrays(context.dataset("train", needed_by), specs, "train", needed_by)
     # A batch fixed to 1 (or B) is checked against onnxruntime on that many rows; the converted module takes any batch.
     fixed = {s[0] for _, s in specs.values() if s and isinstance(s[0], int) and s[0] > 0}
