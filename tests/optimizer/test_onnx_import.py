@@ -94,8 +94,9 @@ def test_the_sample_major_predictor_feeds_the_models_layout():
         shape: tuple
 
     class Inner:
-        inputs = [Spec("state", "FP32", (2, -1, 8)), Spec("sr", "INT64", ())]
-        outputs = [Spec("state_out", "FP32", (2, -1, 8))]
+        def __init__(self) -> None:
+            self.inputs = [Spec("state", "FP32", (2, -1, 8)), Spec("sr", "INT64", ())]
+            self.outputs = [Spec("state_out", "FP32", (2, -1, 8))]
 
         def predict(self, inputs, outputs=None):
             assert inputs["state"].shape == (2, 3, 8) and inputs["sr"].shape == ()
