@@ -237,7 +237,7 @@ def model_layout(feeds: dict[str, np.ndarray], shapes: dict[str, tuple[int | str
     for name, array in feeds.items():
         axis = batch_axis(shapes[name]) if name in shapes else 0
         if axis is PER_MODEL:
-            out[name] = np.ascontiguousarray(array[0])
+            out[name] = np.array(array[0])  # keeps a 0-d value 0-d (ascontiguousarray would make it [1])
         elif axis:
             out[name] = np.ascontiguousarray(np.moveaxis(array, 0, axis))
         else:

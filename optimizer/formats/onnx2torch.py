@@ -95,6 +95,10 @@ def convertible_model(path: Path, needed_by: str) -> onnx.ModelProto:
                 for attribute in [a for a in node.attribute if a.name == "allowzero"]:
                     node.attribute.remove(attribute)
     _matmul_as_gemm_(model)
+    try:  # converters of pooling and shape operators read the shapes of their inputs
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001  a graph onnx cannot infer converts as far as it can without
+        pass
     _, have_torchvision = _import_onnx2torch(needed_by)
     from onnx2torch.node_converters import get_converter
     from onnx2torch.onnx_graph import OnnxGraph
@@ -279,6 +283,8 @@ def program_from_onnx(artifact: Artifact, feeds: dict[str, np.ndarray], needed_b
             f"{needed_by}: onnx2torch failed to convert {artifact.path.name}: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
     module.eval()
+    for parameter in module.parameters():  # Gemm without transB converts to a Linear whose weight is a transposed view
+        parameter.data = parameter.data.contiguous()
     _fold_constant_reshapes_(module)
     _prelu_layers_(module)
     check_same_outputs(artifact.path, module, feeds, needed_by)
