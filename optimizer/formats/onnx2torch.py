@@ -97,7 +97,7 @@ def convertible_model(path: Path, needed_by: str) -> onnx.ModelProto:
     _matmul_as_gemm_(model)
     try:  # converters of pooling and shape operators read the shapes of their inputs
         model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001  a graph onnx cannot infer converts as far as it can without
+    except Exception:
         pass
     _, have_torchvision = _import_onnx2torch(needed_by)
     from onnx2torch.node_converters import get_converter
