@@ -231,7 +231,9 @@ def optimize(
         False, "--keep-over-budget", help="Register the best a budget search reached even when it misses the budget (marked in the report)."
     ),
     parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
-    as_json: bool = typer.Option(False, "--json", help="Print the new variant's record as JSON instead of the report."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the new variant's record as JSON, with the whole report (auto's candidates included) under 'report'."
+    ),
     output: str = output_option(),
 ) -> None:
     """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving."""
@@ -272,7 +274,7 @@ def optimize(
     except SlimServeClientError as e:
         fail(str(e))
     if as_json:
-        print_json(variant)
+        print_json({**variant, "report": report})
         return
     print_report(report, f"{name}: {variant['name']} ({variant['recipe']}) against baseline", output)
 

@@ -180,6 +180,13 @@ class Pass(abc.ABC, Generic[ConfigT]):
     # Dataset roles the pass reads besides train data (e.g. calibration), so a search can skip what cannot run.
     needs: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every pass's `run` is guarded: whatever fails inside it becomes a refusal that names the pass (guarded_run)."""
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is not None and not getattr(run, "_guarded", False):
+            cls.run = guarded_run(run)  # type: ignore[method-assign]
+
     def __init__(self, config: ConfigT | None = None) -> None:
         given: PassConfig = config if config is not None else self.config_cls()
         if not isinstance(given, self.config_cls):
@@ -189,6 +196,57 @@ class Pass(abc.ABC, Generic[ConfigT]):
     @abc.abstractmethod
     def run(self, artifact: Artifact, context: PassContext) -> Artifact:
         """Returns a new artifact written under context.workdir."""
+
+
+def guarded_run(run: Callable[[Any, Artifact, PassContext], Artifact]) -> Callable[[Any, Artifact, PassContext], Artifact]:
+    """`run` with any exception that is not already a refusal turned into an OptimizerError naming the pass and the failure.
+
+    A pass refuses what it knows it cannot do (OptimizerError, with its own advice); anything else that escapes
+    (onnx, onnxruntime, torch raising on a graph the pass did not foresee) is reported with the pass's name, the
+    operator or layer the error names, and what to try, so that a job never ends as INTERNAL.
+    """
+    import functools
+
+    @functools.wraps(run)
+    def guarded(self: Pass, artifact: Artifact, context: PassContext) -> Artifact:
+        try:
+            result = run(self, artifact, context)
+        except (OptimizerError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:
+            raise OptimizerError(pass_failure(self.name, artifact, e)) from e
+        if result.format == "onnx" and result.path != artifact.path:
+            check_written_onnx(self.name, result.path)
+        return result
+
+    guarded._guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def check_written_onnx(name: str, path: Path) -> None:
+    """Refuses an ONNX file a pass wrote that onnx's checker rejects (e.g. an attribute its opset lacks), before anything loads it."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        raise OptimizerError(
+            f"{name} wrote a graph that onnx's checker rejects ({first}); nothing was registered. "
+            "Try the pass with other settings (e.g. per_channel false) or another recipe, and report it as a slimserve bug"
+        ) from e
+
+
+def pass_failure(name: str, artifact: Artifact, error: BaseException) -> str:
+    """The refusal for an unforeseen failure inside pass `name`: what failed, where (operator / layer), what to do."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return (
+        f"{name} failed on {artifact.path.name}: {type(error).__name__}: {text}; nothing was registered. "
+        f"The model as it is still serves: try another recipe, or exclude the operator or layer named above "
+        f"(exclude / op_types in a recipe file), and report it if it looks like a slimserve bug"
+    )
 
 
 def config_to_dict(config: PassConfig) -> dict[str, Any]:

@@ -20,13 +20,15 @@ from slimserve.optimizer.base import (
     Artifact,
     OptimizerError,
     PassContext,
+    Predictor,
     ProgressEvent,
     RuntimeFactory,
 )
 from slimserve.optimizer.catalog import pass_classes
-from slimserve.optimizer.data import has_labels
+from slimserve.optimizer.data import SampleMajorPredictor, has_labels, needs_layout, samples_first
 from slimserve.optimizer.evaluation.measure import Evaluation, evaluate
 from slimserve.optimizer.evaluation.quality import METRICS, describe
+from slimserve.optimizer.formats.export import onnx_input_types
 from slimserve.optimizer.formats.onnx_files import single_file
 from slimserve.optimizer.passes.auto import AutoConfig
 from slimserve.optimizer.recipes import Recipe, run_recipe
@@ -58,11 +60,32 @@ def evaluation_data(context: PassContext) -> dict[str, np.ndarray] | None:
     return context.dataset("data", needed_by="evaluation") if "data" in context.datasets else None
 
 
+def layout_aware(
+    source: Artifact, runtime_factory: RuntimeFactory, data: dict[str, np.ndarray] | None
+) -> tuple[RuntimeFactory, dict[str, np.ndarray] | None]:
+    """The factory and evaluation data evaluation uses, sample-major where an input is not batched on axis 0 (slimserve.optimizer.data).
+
+    A model with a state batched on axis 1, or a scalar input, is measured like any other: evaluation sees samples
+    on axis 0 and its runtimes get each batch in the model's own layout.
+    """
+    if source.format != "onnx":
+        return runtime_factory, data  # torch.export programs are batched on axis 0 by slimserve's exporter
+    shapes = {name: shape for name, (_, shape) in onnx_input_types(source.path).items()}
+    if not needs_layout(shapes):
+        return runtime_factory, data
+
+    def factory(path: Path, runtime: str) -> Predictor:
+        return SampleMajorPredictor(runtime_factory(path, runtime))
+
+    return factory, None if data is None else samples_first(data, shapes)
+
+
 def measure_baseline(
     source: Artifact, context: PassContext, runtime_factory: RuntimeFactory, serving_batch: int = 32, metric: str | None = None
 ) -> Baseline:
     """Measures the source model on its runtime, on the context's evaluation data (synthesized inputs without it)."""
-    evaluation, outputs = evaluate(source, runtime_factory, evaluation_data(context), serving_batch=serving_batch, metric=metric)
+    factory, data = layout_aware(source, runtime_factory, evaluation_data(context))
+    evaluation, outputs = evaluate(source, factory, data, serving_batch=serving_batch, metric=metric)
     return Baseline(evaluation, outputs)
 
 
@@ -123,7 +146,7 @@ def optimize(
     preflight(recipe, context.datasets, accuracy_budget)
     if source.format == "onnx":  # weights in side files (torch.onnx.export's default): one file for every pass, under 2 GiB
         source = replace(source, path=single_file(source.path, context.workdir / "source"))
-    data = evaluation_data(context)
+    runtime_factory, data = layout_aware(source, runtime_factory, evaluation_data(context))
     auto = [p.config for p in recipe.passes if isinstance(p.config, AutoConfig)]
     if auto:
         metric = metric or auto[0].metric or None
@@ -133,7 +156,8 @@ def optimize(
 
     if baseline is None:
         stage("evaluate", 0.0, "measuring the baseline")
-        baseline = measure_baseline(source, context, runtime_factory, serving_batch, metric)
+        evaluation, outputs = evaluate(source, runtime_factory, data, serving_batch=serving_batch, metric=metric)
+        baseline = Baseline(evaluation, outputs)
     base, base_outputs = baseline.evaluation, baseline.outputs
     if auto:
         config = auto[0]
@@ -158,9 +182,17 @@ def optimize(
         judge = Judge(runtime_factory, data or {}, base, base_outputs, source.input_names, serving_batch)
         artifact, searches = run_recipe_within_budget(recipe, source, context, judge, accuracy_budget, variant_name, register_over_budget)
     stage("evaluate", 0.95, f"measuring {variant_name}")
-    evaluation, _ = evaluate(
-        artifact, runtime_factory, data, baseline=base, baseline_outputs=base_outputs, serving_batch=serving_batch, metric=metric
-    )
+    try:
+        evaluation, _ = evaluate(
+            artifact, runtime_factory, data, baseline=base, baseline_outputs=base_outputs, serving_batch=serving_batch, metric=metric
+        )
+    except OptimizerError:
+        raise
+    except Exception as e:  # the variant's file does not load or run on its runtime: a refusal, never INTERNAL
+        raise OptimizerError(
+            f"{variant_name}: the variant {recipe.name} wrote ({artifact.path.name}) does not run on {artifact.runtime}: "
+            f"{type(e).__name__}: {' '.join(str(e).split())[:400]}; nothing was registered. Try another recipe"
+        ) from e
     within = None if not budgeted else all(s.within for s in searches)
     if accuracy_budget is not None and evaluation.quality_drop is not None and evaluation.quality_drop > accuracy_budget + 1e-9:
         if not register_over_budget:

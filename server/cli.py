@@ -128,7 +128,14 @@ def optimize(
         fmt = model_format(model_file.name)
         if fmt == "onnx":
             check_side_files(model_file)  # weights in side files: each one named when it is not beside the model
-        probe = factory(model_file, RUNTIME_OF_FORMAT[fmt])
+        try:
+            probe = factory(model_file, RUNTIME_OF_FORMAT[fmt])
+        except Exception as e:  # a graph the checker or the runtime rejects (an operator no provider here implements)
+            text = " ".join(str(e).split())[:400]
+            raise InvalidArgument(
+                f"{model_file.name} does not load in {RUNTIME_OF_FORMAT[fmt]} on this node: {type(e).__name__}: {text}; "
+                "export it again with standard operators (or the opset the error names), or optimize it where its runtime is installed"
+            ) from e
         datasets = {role: p for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None}
         for role, path in datasets.items():
             check_dataset(role, inspect_npz(path, role), probe.inputs)

@@ -80,16 +80,23 @@ def calibration_batches(rows: int, batch: int, fixed_batch: bool, equal: bool) -
     return [(i, min(i + batch, rows)) for i in range(0, rows, batch)]
 
 
-def calibration_reader(arrays: dict[str, np.ndarray], batch: int, fixed_batch: bool, equal: bool = False):
-    """Feeds the arrays to ORT's calibrator in the row ranges of `calibration_batches`."""
+def calibration_reader(arrays: dict[str, np.ndarray], batch: int, fixed_batch: bool, equal: bool = False, shapes: dict | None = None):
+    """Feeds the arrays to ORT's calibrator in the row ranges of `calibration_batches`.
+
+    shapes: the model's input shapes where the arrays are sample-major (slimserve.optimizer.data.samples_first):
+    each batch goes back to the model's layout (a state on axis 1, a scalar input once).
+    """
     from onnxruntime.quantization import CalibrationDataReader
+
+    from slimserve.optimizer.data import model_layout
 
     rows = len(next(iter(arrays.values())))
     ranges = calibration_batches(rows, batch, fixed_batch, equal)
 
     class ArrayReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches: Iterator[dict[str, np.ndarray]] = iter([{k: v[a:b] for k, v in arrays.items()} for a, b in ranges])
+            rows = [{k: v[a:b] for k, v in arrays.items()} for a, b in ranges]
+            self._batches: Iterator[dict[str, np.ndarray]] = iter([model_layout(r, shapes) if shapes else r for r in rows])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)

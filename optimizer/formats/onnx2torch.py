@@ -94,6 +94,11 @@ def convertible_model(path: Path, needed_by: str) -> onnx.ModelProto:
             if shape is None or not (shape == 0).any():
                 for attribute in [a for a in node.attribute if a.name == "allowzero"]:
                     node.attribute.remove(attribute)
+    _matmul_as_gemm_(model)
+    try:  # converters of pooling and shape operators read the shapes of their inputs
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass
     _, have_torchvision = _import_onnx2torch(needed_by)
     from onnx2torch.node_converters import get_converter
     from onnx2torch.onnx_graph import OnnxGraph
@@ -123,6 +128,59 @@ def convertible_model(path: Path, needed_by: str) -> onnx.ModelProto:
     return model
 
 
+def _matmul_as_gemm_(model: onnx.ModelProto) -> int:
+    """MatMul of a 2-D activation by a constant 2-D weight (and an Add of a constant bias after it) becomes Gemm.
+
+    onnx2torch converts such a Gemm to torch.nn.Linear, which trains and prunes; a MatMul stays a product with a
+    fixed buffer (exports that keep weights in Constant nodes, or older TF / Paddle converters, write MatMul + Add).
+    Returns how many were rewritten.
+    """
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return 0
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+        if v.type.tensor_type.HasField("shape")
+    }
+    weights = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    drop, rewritten = set(), 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights or len(weights[node.input[1]].dims) != 2:
+            continue
+        if ranks.get(node.input[0]) != 2:
+            continue
+        columns = weights[node.input[1]].dims[1]
+        inputs, out = [node.input[0], node.input[1]], node.output[0]
+        users = consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Add" and out not in outputs:
+            add = users[0]
+            other = add.input[1] if add.input[0] == out else add.input[0]
+            if other in weights and list(weights[other].dims) == [columns]:
+                inputs.append(other)
+                out = add.output[0]
+                drop.add(id(add))
+        node.op_type = "Gemm"
+        del node.input[:]
+        node.input.extend(inputs)
+        del node.output[:]
+        node.output.append(out)
+        rewritten += 1
+    if drop:
+        kept = [n for n in model.graph.node if id(n) not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return rewritten
+
+
 def _fold_constant_reshapes_(module: torch.fx.GraphModule) -> None:
     """Reshapes to a constant shape become torch.reshape calls: onnx2torch reads the shape tensor's values, which torch.export cannot trace."""
     import torch
@@ -135,10 +193,50 @@ def _fold_constant_reshapes_(module: torch.fx.GraphModule) -> None:
         if not (isinstance(shape, torch.fx.Node) and shape.op == "get_attr"):
             continue
         values = [int(v) for v in module.get_buffer(shape.target).tolist()]
-        if 0 in values:
-            continue
         with module.graph.inserting_before(node):
-            new = module.graph.call_function(torch.reshape, (node.args[0], tuple(values)))
+            if 0 in values:  # ONNX's 0 copies the input's dim there (a detector head's [0, 0, -1]): read at run time
+                new = module.graph.call_function(_reshape_copying_zeros, (node.args[0], tuple(values)))
+            else:
+                new = module.graph.call_function(torch.reshape, (node.args[0], tuple(values)))
+        node.replace_all_uses_with(new)
+        module.graph.erase_node(node)
+    module.graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+
+
+def _reshape_copying_zeros(x: Any, shape: tuple[int, ...]) -> Any:
+    """ONNX Reshape with allowzero 0: a 0 in the target shape keeps the input's dim at that position."""
+    import torch
+
+    return torch.reshape(x, [x.shape[i] if v == 0 else v for i, v in enumerate(shape)])
+
+
+def _prelu_layers_(module: torch.fx.GraphModule) -> None:
+    """onnx2torch's PReLU (slope as a constant input) becomes torch.nn.PReLU with the slope as its weight.
+
+    A slope of one value per channel ([C], [C, 1, 1]) or one in all is then a parameter that training updates and that
+    channel pruning shrinks with the convolution before it (onnx2torch's own module keeps it as a fixed-size buffer,
+    and pruning the convolution left it at the old width).
+    """
+    import torch
+    from onnx2torch.node_converters.activations import OnnxPReLU
+
+    for node in list(module.graph.nodes):
+        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), OnnxPReLU) or len(node.args) != 2:
+            continue
+        slope_node = node.args[1]
+        if not (isinstance(slope_node, torch.fx.Node) and slope_node.op == "get_attr"):
+            continue
+        slope = module.get_buffer(slope_node.target) if slope_node.target in dict(module.named_buffers()) else None
+        if slope is None or not (slope.numel() == 1 or all(s == 1 for s in slope.shape[1:])):
+            continue  # an elementwise slope stays onnx2torch's module
+        layer = torch.nn.PReLU(num_parameters=slope.numel())
+        layer.weight = torch.nn.Parameter(slope.detach().reshape(-1).clone().float())
+        name = f"{node.target}_prelu".replace(".", "_")
+        module.add_submodule(name, layer)
+        with module.graph.inserting_before(node):
+            new = module.graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(new)
         module.graph.erase_node(node)
     module.graph.eliminate_dead_code()
@@ -185,11 +283,15 @@ def program_from_onnx(artifact: Artifact, feeds: dict[str, np.ndarray], needed_b
             f"{needed_by}: onnx2torch failed to convert {artifact.path.name}: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
     module.eval()
+    for parameter in module.parameters():  # Gemm without transB converts to a Linear whose weight is a transposed view
+        parameter.data = parameter.data.contiguous()
     _fold_constant_reshapes_(module)
+    _prelu_layers_(module)
     check_same_outputs(artifact.path, module, feeds, needed_by)
     import torch
 
-    example = tuple(torch.from_numpy(np.ascontiguousarray(a[:2])) for a in feeds.values())
+    # Two rows, so that torch.export keeps the batch dynamic (a model fixed to batch 1 gives its one row twice).
+    example = tuple(torch.from_numpy(np.ascontiguousarray(np.concatenate([a[:2]] * 2)[:2])) for a in feeds.values())
     try:
         return export_dynamic_batch(module, example, needed_by)
     except OptimizerError as e:

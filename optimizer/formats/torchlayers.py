@@ -95,6 +95,13 @@ def _layer(node: Any, tensors: dict[str, Any]) -> tuple[Any, list[str], list[Any
         return layer, [w, b], [args[0]]
     if target in (aten.lstm.input, aten.gru.input):
         return _recurrent_layer(node, args, tensors, param)
+    if target == aten.prelu.default:  # nn.PReLU (an ONNX PRelu converted by slimserve.optimizer.formats.onnx2torch)
+        w = attr(args[1])
+        if w is None or tensors[w].dim() != 1:
+            return None
+        layer = nn.PReLU(num_parameters=tensors[w].numel())
+        layer.weight = param(w)
+        return layer, [w], [args[0]]
     if target == aten.embedding.default:
         w = attr(args[0])
         if w is None or (len(args) > 2 and args[2] not in (-1, None)):

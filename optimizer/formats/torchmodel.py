@@ -43,16 +43,40 @@ def source_program(
         inputs, outputs = served_names(artifact, program, needed_by)
         return program, inputs, outputs, dict(zip(inputs, program_input_types(program).values()))
     from slimserve.optimizer.formats.onnx2torch import convertible_model, program_from_onnx
+    from slimserve.optimizer.formats.onnx_import import import_onnx
 
     names_in, names_out = onnx_io_names(artifact.path)
     inputs, outputs = list(artifact.input_names) or list(names_in), list(artifact.output_names) or list(names_out)
     specs = dict(zip(inputs, onnx_input_types(artifact.path).values()))
+    refuse_foreign_layout(specs, needed_by)
     convertible_model(artifact.path, needed_by)  # unknown operators are refused before the data is read
     if "train" not in context.datasets:
         load_train_data(context, inputs, specs, needed_by)  # raises the usual 'needs train data' error
+    # Constant-node weights become initializers, so that they convert to parameters that train and prune.
+    artifact = import_onnx(artifact, context, needed_by, fold=False)
     arrays = model_arrays(context.dataset("train", needed_by), specs, "train", needed_by)
-    feeds = {graph_name: arrays[name][:32] for graph_name, name in zip(names_in, inputs)}
+    # A batch fixed to 1 (or B) is checked against onnxruntime on that many rows; the converted module takes any batch.
+    fixed = {s[0] for _, s in specs.values() if s and isinstance(s[0], int) and s[0] > 0}
+    rows = min(fixed) if fixed else 32
+    feeds = {graph_name: arrays[name][:rows] for graph_name, name in zip(names_in, inputs)}
     return program_from_onnx(artifact, feeds, needed_by), inputs, outputs, specs
+
+
+def refuse_foreign_layout(specs: InputSpecs, needed_by: str) -> None:
+    """The training passes batch samples on axis 0 of every input; a state on another axis or a per-model scalar is refused here."""
+    from slimserve.optimizer.data import PER_MODEL, batch_axis, shown
+
+    odd = {name: (shape, batch_axis(shape)) for name, (_, shape) in specs.items() if batch_axis(shape) != 0}
+    if odd:
+        listed = ", ".join(
+            f"{name} {shown(shape, axis)} ({'one value per model' if axis is PER_MODEL else f'samples on axis {axis}'})"
+            for name, (shape, axis) in odd.items()
+        )
+        raise OptimizerError(
+            f"{needed_by} trains the model in torch on inputs batched on axis 0, and this model's {listed} is not; nothing was "
+            "trained. graph-ort, quantize-dynamic and quantize-static take any input layout; to train, register a .pt2 whose "
+            "inputs are all batched on axis 0"
+        )
 
 
 def trainable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

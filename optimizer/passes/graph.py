@@ -19,6 +19,7 @@ from slimserve.optimizer.base import (
     check_choice,
     setting,
 )
+from slimserve.optimizer.formats.onnx_import import import_onnx
 
 ORT_LEVELS = ("basic", "extended", "all")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -111,7 +112,7 @@ class OrtGraphPass(Pass[OrtGraphConfig]):
         import onnxruntime as ort
 
         config = self.config
-        source = _as_onnx(artifact, context, self.name)
+        source = import_onnx(_as_onnx(artifact, context, self.name), context, self.name)
         available = ort.get_available_providers()
         missing = [p for p in config.providers if p not in available]
         if missing:

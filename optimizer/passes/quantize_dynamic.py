@@ -6,6 +6,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from slimserve.optimizer.base import (
     Artifact,
     OptimizerError,
@@ -20,6 +22,7 @@ from slimserve.optimizer.base import (
 from slimserve.optimizer.compress.ortquant import QUANT_TYPES, check_op_types, int8_kernels, preprocess, quant_type
 from slimserve.optimizer.formats.export import to_onnx
 from slimserve.optimizer.formats.onnx_graph import check_quantized, weights_by_op_type
+from slimserve.optimizer.formats.onnx_import import fp32_around_subgraphs, import_onnx, sort_with_subgraphs
 
 # Operator types whose run-time activation quantization costs more than their INT8 kernels save on CPUs.
 SLOW_DYNAMIC_OPS = frozenset({"Conv"})
@@ -73,7 +76,8 @@ class QuantizeDynamicPass(Pass[QuantizeDynamicConfig]):
             op_types = sorted(set(IntegerOpsRegistry) - SLOW_DYNAMIC_OPS)
         if "Gemm" in op_types and "MatMul" not in op_types:
             op_types.append("MatMul")  # ORT rewrites Gemm as MatMul + Add before it quantizes
-        source = to_onnx(artifact, context)
+        # DynamicQuantizeLinear is opset 11; a per-channel DequantizeLinear takes `axis` from opset 13.
+        source = import_onnx(to_onnx(artifact, context), context, self.name, min_opset=13 if config.per_channel else 11)
         self._check_worth_it(source.path, op_types, context)
         target = context.new_path(f"{artifact.path.stem}-int8-dynamic", ".onnx")
         with tempfile.TemporaryDirectory(dir=context.workdir) as tmp:
@@ -81,6 +85,18 @@ class QuantizeDynamicPass(Pass[QuantizeDynamicConfig]):
             if config.preprocess:
                 context.progress(ProgressEvent(stage=self.name, fraction=0.1, message="pre-processing (shape inference)"))
                 model_in = preprocess(source.path, Path(tmp) / "pre.onnx", context, self.name)
+            excluded = list(config.exclude)
+            model = onnx.load(str(model_in))
+            around = fp32_around_subgraphs(model)
+            if around:  # ORT's quantizer rewrites the main graph's tensors that If / Loop subgraphs read: those stay FP32
+                excluded += around
+                model_in = Path(tmp) / "named.onnx"
+                onnx.save(model, str(model_in))
+                context.progress(
+                    ProgressEvent(
+                        stage=self.name, fraction=0.3, message=f"If / Loop / Scan subgraphs stay FP32, with {len(around)} nodes around them"
+                    )
+                )
             context.progress(ProgressEvent(stage=self.name, fraction=0.4, message="quantizing weights to INT8"))
             try:
                 quantize_dynamic(
@@ -89,11 +105,14 @@ class QuantizeDynamicPass(Pass[QuantizeDynamicConfig]):
                     op_types_to_quantize=op_types,
                     per_channel=config.per_channel,
                     weight_type=quant_type(config.weight_type),
-                    nodes_to_exclude=list(config.exclude) or None,
+                    nodes_to_exclude=excluded or None,
                 )
             except Exception as e:  # ORT raises assorted types for models it cannot quantize
                 raise OptimizerError(f"{self.name}: onnxruntime cannot quantize {source.path.name}: {type(e).__name__}: {e}") from e
-        check_quantized(source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / exclude left none")
+        sort_with_subgraphs(target)
+        check_quantized(
+            source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / exclude left none"
+        )
         kernels = int8_kernels()
         context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}; CPU: {kernels}"))
         return source.derive(

@@ -29,7 +29,7 @@ from slimserve.optimizer.compress.ortquant import (
     preprocess,
     quant_type,
 )
-from slimserve.optimizer.data import InputSpecs, model_arrays, subsample
+from slimserve.optimizer.data import InputSpecs, batch_axis, model_arrays, needs_layout, subsample
 from slimserve.optimizer.formats.export import onnx_input_types, to_onnx
 from slimserve.optimizer.formats.onnx_graph import (
     activation_products,
@@ -44,6 +44,7 @@ from slimserve.optimizer.formats.onnx_graph import (
     short_dot_nodes,
     strip_debug_info,
 )
+from slimserve.optimizer.formats.onnx_import import fp32_around_subgraphs, import_onnx, sort_with_subgraphs
 
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 QUANT_FORMATS = ("qdq", "qoperator")
@@ -119,7 +120,8 @@ class QuantizeStaticConfig(PassConfig):
 
 def _fixed_batch(specs: InputSpecs) -> int | None:
     """The model's own batch size where it fixes dim 0 of an input, else None."""
-    fixed = {s[0] for _, s in specs.values() if s and isinstance(s[0], int) and s[0] > 0}
+    axes = {name: batch_axis(s) for name, (_, s) in specs.items()}
+    fixed = {s[a] for name, (_, s) in specs.items() if (a := axes[name]) is not None and isinstance(s[a], int) and s[a] > 0}
     return fixed.pop() if fixed else None
 
 
@@ -139,8 +141,9 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
         known = set(QLinearOpsRegistry) | (set(QDQRegistry) if config.quant_format == "qdq" else set())
         op_types = check_op_types(config.op_types, known, self.name)
         data = context.dataset("calibration", needed_by=self.name)
-        source = to_onnx(artifact, context)
+        source, per_channel = self._import(to_onnx(artifact, context), context, config.per_channel)
         specs = onnx_input_types(source.path)
+        self._shapes = {name: shape for name, (_, shape) in specs.items()}
         arrays = subsample(model_arrays(data, specs, "calibration", self.name), config.max_samples, context.seed)
         rows = len(next(iter(arrays.values())))
         fixed_batch = _fixed_batch(specs)
@@ -176,7 +179,7 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
                         + (f"; FP32: {_names(excluded)}" if excluded else ""),
                     )
                 )
-                self._quantize(named, target, arrays, fixed_batch, plan.op_types, excluded, plan.extra_options)
+                self._quantize(named, target, arrays, fixed_batch, plan.op_types, excluded, plan.extra_options, per_channel)
                 huge = huge_activations(target, config.max_activation_range) if config.max_activation_range else {}
                 if not huge:
                     break
@@ -194,6 +197,7 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
                         message=f"activations {spans} span more than {config.max_activation_range:g}: their nodes stay FP32",
                     )
                 )
+        sort_with_subgraphs(target)
         check_quantized(source.path, target, self.name, "check op_types, exclude and min_dot_length")
         strip_debug_info(target)
         kernels = int8_kernels()
@@ -210,6 +214,20 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
             int8_kernels=kernels,
         )
 
+    def _import(self, artifact: Artifact, context: PassContext, per_channel: bool) -> tuple[Artifact, bool]:
+        """The imported graph at opset 13 (per-channel DequantizeLinear takes `axis` from 13), else per tensor at its own opset, said."""
+        try:
+            return import_onnx(artifact, context, self.name, min_opset=13), per_channel
+        except OptimizerError as e:
+            if not per_channel or "version converter" not in str(e):
+                raise
+            context.progress(
+                ProgressEvent(
+                    stage=self.name, fraction=0.05, message=f"{e}: quantizing per tensor at the model's opset (per_channel needs opset 13)"
+                )
+            )
+            return import_onnx(artifact, context, self.name), False
+
     def _quantize(
         self,
         model: Path,
@@ -219,6 +237,7 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
         op_types: list[str] | None,
         excluded: list[str],
         extra_options: dict[str, object],
+        per_channel: bool,
     ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
@@ -229,11 +248,15 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
                 str(model),
                 str(target),
                 calibration_reader(
-                    arrays, fixed_batch or CALIBRATION_BATCH, fixed_batch is not None, equal=config.calibrate_method != "minmax"
+                    arrays,
+                    fixed_batch or CALIBRATION_BATCH,
+                    fixed_batch is not None,
+                    equal=config.calibrate_method != "minmax",
+                    shapes=self._shapes if needs_layout(self._shapes) else None,
                 ),
                 quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
                 op_types_to_quantize=op_types,
-                per_channel=config.per_channel,
+                per_channel=per_channel,
                 reduce_range=config.reduce_range,
                 activation_type=quant_type(config.activation_type),
                 weight_type=quant_type(config.weight_type),
@@ -272,7 +295,12 @@ def _plan(model: onnx.ModelProto, config: QuantizeStaticConfig, op_types: list[s
             f"per_channel is off and depthwise weight channels differ up to {spread:.0f}x in range: "
             "one scale per tensor rounds the narrow channels to zero; set per_channel true"
         )
-    excluded = list(dict.fromkeys([*config.exclude, *short_dot_nodes(model, config.min_dot_length), *masks, *products]))
+    around = fp32_around_subgraphs(model)
+    if around:
+        messages.append(
+            f"If / Loop / Scan subgraphs are not entered: they and the nodes whose outputs they read stay FP32: {_names(around)}"
+        )
+    excluded = list(dict.fromkeys([*config.exclude, *short_dot_nodes(model, config.min_dot_length), *masks, *products, *around]))
     if config.per_channel and not config.per_channel_matmul:
         # An override without an axis is ORT's way to quantize one weight per tensor while per_channel is on.
         extra["TensorQuantOverrides"] = {name: [{}] for name in matmul_weights(model)}

@@ -123,7 +123,7 @@ def _skip_reason(recipe: str, source: Artifact, datasets: dict[str, Any]) -> str
     classes = [(n, pass_class(n)) for n in _names(recipe)]
     trains = [n for n, cls in classes if cls is not None and cls.trains]
     if trains and "train" not in datasets:
-        return f"skipped: {trains[0]} {_MISSING_DATA['train']}"
+        return f"skipped: fine-tunes, {_MISSING_DATA['train']}"  # no pass named: the reason reads the same for every trainer
     needs_labels = [n for n, cls in classes if cls is not None and cls.trains and not cls.label_free]
     if needs_labels and not has_labels(datasets["train"]):
         return f"skipped: {needs_labels[0]} fine-tunes on the train data's 'labels', and it has none"
@@ -188,9 +188,11 @@ def _run_candidates(
                     candidate.searches.append(searches.results[done])
             candidate.artifact = artifact
             candidate.evaluation = measure(artifact)
-        except OptimizerError as e:
+        except Exception as e:
             if context.cancelled():
                 raise
+            if not isinstance(e, OptimizerError):  # a failure outside the passes (e.g. measuring the candidate)
+                e = OptimizerError(f"{type(e).__name__}: {' '.join(str(e).split())[:400]}")
             candidate.status = f"failed: {e}"
             context.progress(ProgressEvent(stage="auto", fraction=(i + 1) / n, message=f"{recipe} failed: {e}"))
             continue
@@ -283,7 +285,7 @@ def auto_search(
         "budget_search_total_s": round(searches.spent, 1),
     }
     if chosen is None and fallback is None:
-        tried = "; ".join(f"{c.recipe}: {_outcome(c, accuracy_budget)}" for c in candidates)
+        tried = _distinct_outcomes(candidates, accuracy_budget)
         raise OptimizerError(
             f"auto: no candidate is faster than {reference.describe()} within the budget of {accuracy_budget:g} points of "
             f"{baseline.quality_metric} ({tried}); {_count(evaluations, 'evaluation')} in {seconds:.0f} s; nothing was registered"
@@ -308,6 +310,15 @@ def auto_search(
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _distinct_outcomes(candidates: list[Candidate], budget: float) -> str:
+    """Each distinct outcome once, after the candidates it applies to ('distill-soft, prune-structured: skipped: ... needs train data')."""
+    by_reason: dict[str, list[str]] = {}
+    for c in candidates:
+        outcome = _outcome(c, budget)
+        by_reason.setdefault(outcome, []).append(c.recipe)
+    return "; ".join(f"{', '.join(recipes)}: {reason}" for reason, recipes in by_reason.items())
 
 
 def _outcome(c: Candidate, budget: float) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import shutil
@@ -15,9 +16,9 @@ from pathlib import Path
 
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
 from slimserve.optimizer.formats.onnx_files import copy_model
-from slimserve.optimizer.pipeline import Baseline, OptimizeResult, optimize, preflight
+from slimserve.optimizer.pipeline import Baseline, OptimizeResult, layout_aware, optimize, preflight
 from slimserve.optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
-from slimserve.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SlimServeError
+from slimserve.server.errors import AlreadyExists, ErrorKind, FailedPrecondition, InvalidArgument, ResourceExhausted, SlimServeError
 from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.runtimes import RuntimeConfig, create_runtime
 from slimserve.server.store.manifest import BASELINE, DATA_ROLES, ModelInfo, VariantInfo, now, validate_name
@@ -68,6 +69,25 @@ def recipe_record(recipe: str, result: OptimizeResult) -> str:
     if result.within_budget is False:
         parts.append("over budget, kept on request")
     return f"{recipe} ({'; '.join(parts)})"
+
+
+def job_error(job: Job, e: Exception) -> SlimServeError:
+    """The error a failed job ends with: never INTERNAL. A refusal says why; anything unforeseen names the stage it failed in.
+
+    Nothing is registered by a failed job (the variant is staged, and moved in only at the end), so the model serves on.
+    """
+    if isinstance(e, OptimizerError):
+        return FailedPrecondition(f"job {job.id} failed: {e}")
+    if isinstance(e, SlimServeError) and e.kind != ErrorKind.INTERNAL:
+        return e
+    log.error("job %s failed", job.id, exc_info=e)
+    stage = next((ev.stage for ev in reversed(job.events) if isinstance(ev, ProgressEvent)), "start")
+    text = " ".join(str(e).split())[:400] or "no message"
+    what = f"job {job.id} ({job.recipe.name} on '{job.model}') failed at stage '{stage}': {type(e).__name__}: {text}"
+    after = "; nothing was registered and the model serves as before"
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        return ResourceExhausted(f"{what}{after}: free memory or disk space on the server, or optimize a smaller model")
+    return FailedPrecondition(f"{what}{after}. Try another recipe; the server log has the traceback for a bug report")
 
 
 class JobManager:
@@ -169,13 +189,7 @@ class JobManager:
             await self._publish(job, done)
             log.info("job %s: variant '%s' of '%s' is ready", job.id, job.variant, job.model)
         except Exception as e:
-            if isinstance(e, OptimizerError):
-                error: SlimServeError = FailedPrecondition(f"job {job.id} failed: {e}")
-            elif isinstance(e, SlimServeError):
-                error = e
-            else:
-                log.exception("job %s failed", job.id)
-                error = SlimServeError(f"job {job.id} failed: {type(e).__name__}: {e}")
+            error = job_error(job, e)
             self._record(job, "failed", error.message)
             await self._publish(job, error=error)
 
@@ -249,7 +263,8 @@ class JobManager:
             source = Artifact(path=self.repository.variant_path(info, variant), format=v.format, runtime=v.runtime)
             data_path = self.repository.dataset_path(model, "data")
             data = PassContext(workdir=Path("."), datasets={"data": data_path}).dataset("data", "evaluation") if data_path else None
-            evaluation, outputs = evaluate(source, self._factory, data)
+            factory, data = layout_aware(source, self._factory, data)  # a state on axis 1, a scalar input: as optimize measures
+            evaluation, outputs = evaluate(source, factory, data)
             self._keep_baseline(self._baseline_key(info, variant), Baseline(evaluation, outputs))
 
             def store(i: ModelInfo) -> None:

@@ -183,17 +183,33 @@ def inspect_npz(path: Path, role: str) -> dict[str, tuple[str, tuple[int, ...]]]
 
 
 def check_dataset(role: str, arrays: dict[str, tuple[str, tuple[int, ...]]], inputs: list[TensorSpec]) -> None:
-    """A dataset must hold one array per model input (batch first) and optionally `labels`."""
+    """A dataset must hold one array per model input and optionally `labels`, by the .npz convention of
+    slimserve.optimizer.data: samples on each input's batch axis (its first variable dimension, or the 1 of a fixed
+    batch), one value for an input that takes one per model (a 0-d sample rate)."""
+    from slimserve.optimizer.data import PER_MODEL, batch_axis
+
     missing = [s.name for s in inputs if s.name not in arrays]
     if missing:
         raise InvalidArgument(
             f"{role} .npz has no array for input {', '.join(repr(m) for m in missing)} "
             f"(it holds: {', '.join(sorted(arrays))}); name one array per model input, plus 'labels'"
         )
-    counts = {k: shape[0] if shape else 0 for k, (_, shape) in arrays.items() if k in {s.name for s in inputs} | {"labels"}}
+    counts = {}
+    for spec in inputs:
+        shape, axis = arrays[spec.name][1], batch_axis(tuple(spec.shape))
+        if axis is PER_MODEL:
+            if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape)):
+                raise InvalidArgument(
+                    f"{role} .npz array '{spec.name}' has shape {list(shape)}; input '{spec.name}' takes one value per model, "
+                    f"{spec.describe()}, sent with every request: store that one value (np.array(VALUE) for a scalar)"
+                )
+            continue
+        fits = len(shape) == len(spec.shape) and all(i == axis or d == -1 or d == s for i, (d, s) in enumerate(zip(spec.shape, shape)))
+        if not fits:
+            where = f" (samples on axis {axis})" if axis else ""
+            raise InvalidArgument(f"{role} .npz array '{spec.name}' has shape {list(shape)}, the model expects {spec.describe()}{where}")
+        counts[spec.name] = shape[axis]
+    if "labels" in arrays:
+        counts["labels"] = arrays["labels"][1][0] if arrays["labels"][1] else 0
     if len(set(counts.values())) > 1:
         raise InvalidArgument(f"{role} .npz arrays disagree on the number of samples: {counts}")
-    for spec in inputs:
-        shape = arrays[spec.name][1]
-        if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape)):
-            raise InvalidArgument(f"{role} .npz array '{spec.name}' has shape {list(shape)}, the model expects {spec.describe()}")

@@ -102,7 +102,8 @@ def test_optimize_prints_report_and_variants_table(server, digits):
     result = slimctl(server, "variants", "digits")
     assert "graph-ort" in result.output and "baseline" in result.output
     result = slimctl(server, "optimize", "digits", "--recipe", "graph-ort", "--name", "g2", "--json")
-    assert json.loads(result.stdout)["name"] == "g2"
+    body = json.loads(result.stdout)
+    assert body["name"] == "g2" and {r["variant"] for r in body["report"]} == {"baseline", "g2"}  # the whole report
     result = slimctl(server, "optimize", "digits", "--recipe", "nope")
     assert result.exit_code == 1 and result.output.startswith("slimctl: INVALID_ARGUMENT: ")
 

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
-from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.base import Artifact, OptimizerError, Pass, PassContext
+from slimserve.optimizer.catalog import PASSES, make_pass
 from slimserve.optimizer.pipeline import optimize
 from slimserve.optimizer.recipes import Recipe, parse_recipe
 from slimserve.optimizer.search.auto import pareto_front
@@ -236,3 +236,34 @@ def test_auto_budget_searches_share_one_time_limit(noisy_auto, runtime_factory, 
         optimize(source, recipe, context, runtime_factory, "auto", accuracy_budget=2.0)
     assert noise.runs == [1.0, 0.5]  # the first candidate's aggressive end, then the second candidate at its default
     assert any(e.message == "test-noise: the budget searches' 0.2 s are spent; ratio stays 0.5" for e in events)
+
+
+def _exploding(monkeypatch) -> None:
+    class Exploding(Pass):
+        name = "test-exploding"
+
+        def run(self, artifact: Artifact, context: PassContext) -> Artifact:
+            raise IndexError("too many indices for array: array is 0-dimensional")
+
+    monkeypatch.setitem(PASSES, "test-exploding", Exploding)
+
+
+def test_auto_records_a_candidate_that_fails_as_a_row_and_goes_on(embedder, runtime_factory, monkeypatch):
+    fast, slow, _, context = embedder
+    register_file_pass(monkeypatch, "test-lean", fast)
+    _exploding(monkeypatch)
+    result = optimize(onnx_artifact(slow), _auto("test-exploding", "test-lean"), context, runtime_factory, "auto", accuracy_budget=1.0)
+    rows = {r["variant"]: r for r in result.report}
+    assert result.artifact.notes["auto_choice"] == "test-lean"
+    assert rows["test-exploding"]["status"].startswith("failed: test-exploding failed on slow.onnx: IndexError: too many indices")
+
+
+def test_auto_refusal_says_each_distinct_reason_once(embedder, runtime_factory, monkeypatch):
+    _, slow, _, context = embedder
+    _exploding(monkeypatch)
+    with pytest.raises(OptimizerError) as info:
+        optimize(onnx_artifact(slow), _auto("distill-soft", "prune-structured", "test-exploding"), context, runtime_factory, "auto")
+    message = str(info.value)
+    assert message.count("needs train data") == 1
+    assert "distill-soft, prune-structured: skipped: fine-tunes, needs train data" in message
+    assert "test-exploding: failed: test-exploding failed on slow.onnx: IndexError" in message

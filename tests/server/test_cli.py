@@ -83,3 +83,22 @@ def test_passes_offline_shows_what_slimctl_shows():
     assert listed.exit_code == 0 and "graph-ort" in listed.output
     unknown = runner.invoke(app, ["passes", "shrink"])
     assert unknown.exit_code == 1 and "unknown pass 'shrink'" in unknown.output
+
+
+def test_offline_optimize_refuses_an_operator_no_runtime_here_implements(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    result = runner.invoke(app, ["optimize", str(path), "--recipe", "graph-ort", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "custom.onnx does not load in onnxruntime on this node" in result.output and "Frobnicate" in result.output
+    assert not (tmp_path / "out").exists()

@@ -215,3 +215,20 @@ def test_crash_leftovers_are_cleared_at_start(server_factory, tmp_path, digits):
         assert [m["name"] for m in c.models()] == ["digits"]
     assert not (repo / "models" / "half").exists()
     assert not any((repo / ".staging").iterdir())
+
+
+def test_datasets_follow_each_inputs_batch_axis():
+    """A state batched on axis 1, a 0-d sample rate and a batch fixed to 1 take data of N samples (slimserve.optimizer.data)."""
+    from slimserve.server.errors import InvalidArgument
+    from slimserve.server.runtimes.base import TensorSpec
+    from slimserve.server.store.manifest import check_dataset
+
+    vad = [TensorSpec("x", "FP32", (-1, 16)), TensorSpec("state", "FP32", (2, -1, 8)), TensorSpec("sr", "INT64", ())]
+    check_dataset(
+        "data", {"x": ("float32", (48, 16)), "state": ("float32", (2, 48, 8)), "sr": ("int64", ()), "labels": ("int64", (48,))}, vad
+    )
+    check_dataset("data", {"image": ("float32", (48, 3, 16, 16))}, [TensorSpec("image", "FP32", (1, 3, 16, 16))])
+    with pytest.raises(InvalidArgument, match=r"disagree on the number of samples: \{'x': 48, 'state': 40"):
+        check_dataset("data", {"x": ("float32", (48, 16)), "state": ("float32", (2, 40, 8)), "sr": ("int64", ())}, vad)
+    with pytest.raises(InvalidArgument, match=r"array 'sr' has shape \[48\]; input 'sr' takes one value per model, INT64 \[\]"):
+        check_dataset("data", {"x": ("float32", (48, 16)), "state": ("float32", (2, 48, 8)), "sr": ("int64", (48,))}, vad)
