@@ -110,9 +110,7 @@ class QuantizeDynamicPass(Pass[QuantizeDynamicConfig]):
             except Exception as e:  # ORT raises assorted types for models it cannot quantize
                 raise OptimizerError(f"{self.name}: onnxruntime cannot quantize {source.path.name}: {type(e).__name__}: {e}") from e
         sort_with_subgraphs(target)
-        check_quantized(
-            source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / exclude left none"
-        )
+        check_quantized(source.path, target, self.name, "it has no MatMul / Gemm with constant weights, or op_types / exclude left none")
         kernels = int8_kernels()
         context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"wrote {target.name}; CPU: {kernels}"))
         return source.derive(

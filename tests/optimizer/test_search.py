@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from slimserve.optimizer.base import Artifact, OptimizerError, Pass, PassContext
-from slimserve.optimizer.catalog import PASSES, make_pass
+from slimserve.optimizer.catalog import make_pass
 from slimserve.optimizer.pipeline import optimize
 from slimserve.optimizer.recipes import Recipe, parse_recipe
 from slimserve.optimizer.search.auto import pareto_front
@@ -245,7 +245,7 @@ def _exploding(monkeypatch) -> None:
         def run(self, artifact: Artifact, context: PassContext) -> Artifact:
             raise IndexError("too many indices for array: array is 0-dimensional")
 
-    monkeypatch.setitem(PASSES, "test-exploding", Exploding)
+    add_pass(monkeypatch, Exploding)
 
 
 def test_auto_records_a_candidate_that_fails_as_a_row_and_goes_on(embedder, runtime_factory, monkeypatch):
