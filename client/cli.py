@@ -179,6 +179,18 @@ def optimize(
     keep_over_budget: bool = typer.Option(
         False, "--keep-over-budget", help="Register the best a budget search reached even when it misses the budget (marked in the report)."
     ),
+    quality: list[str] = typer.Option(
+        [],
+        "--quality",
+        help="OUTPUT=METRIC (accuracy, top1-agreement, cosine, relative-error), repeatable: how an output is scored; the "
+        "others get a metric from their shape, datatype and name. The budget holds the worst output.",
+    ),
+    evaluator: str = typer.Option(
+        "",
+        "--evaluator",
+        help="A task metric in points held to the budget too: classification-top1, classification-top5, detection, "
+        "segmentation, or an evaluator installed on the server (entry point group slimserve.evaluators, or module:attribute).",
+    ),
     parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
     as_json: bool = typer.Option(False, "--json", help="Print the new variant's record as JSON instead of the report."),
 ) -> None:
@@ -216,6 +228,8 @@ def optimize(
                 parent=parent,
                 on_progress=on_progress,
                 keep_over_budget=keep_over_budget,
+                quality=quality,
+                evaluator=evaluator,
             )
     except SlimServeClientError as e:
         fail(str(e))

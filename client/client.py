@@ -259,12 +259,22 @@ class SlimServeClient:
         on_progress: Callable[[spb.JobProgress], None] | None = None,
         timeout: float | None = 3600.0,
         keep_over_budget: bool = False,
+        quality: list[str] | tuple[str, ...] = (),
+        evaluator: str = "",
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Runs an optimization job to its end; returns (new variant record, report rows).
 
         `recipe` is preset/pass names joined by commas, or the path of a JSON or YAML recipe file.
+        `quality`: "OUTPUT=METRIC" per output; `evaluator`: the name of an evaluator installed on the server.
         """
-        request = spb.OptimizeRequest(model=name, variant_name=variant_name, parent=parent, keep_over_budget=keep_over_budget)
+        request = spb.OptimizeRequest(
+            model=name,
+            variant_name=variant_name,
+            parent=parent,
+            keep_over_budget=keep_over_budget,
+            quality=list(quality),
+            evaluator=evaluator,
+        )
         path = Path(recipe)
         if path.suffix.lower() in (".json", ".yaml", ".yml"):
             if not path.is_file():

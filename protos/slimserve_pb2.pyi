@@ -153,7 +153,7 @@ class DeleteVariantRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
-    __slots__ = ("model", "recipe", "recipe_json", "variant_name", "accuracy_budget", "parent", "keep_over_budget")
+    __slots__ = ("model", "recipe", "recipe_json", "variant_name", "accuracy_budget", "parent", "keep_over_budget", "quality", "evaluator")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     RECIPE_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,8 @@ class OptimizeRequest(_message.Message):
     ACCURACY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     KEEP_OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    EVALUATOR_FIELD_NUMBER: _ClassVar[int]
     model: str
     recipe: str
     recipe_json: str
@@ -168,7 +170,9 @@ class OptimizeRequest(_message.Message):
     accuracy_budget: float
     parent: str
     keep_over_budget: bool
-    def __init__(self, model: _Optional[str] = ..., recipe: _Optional[str] = ..., recipe_json: _Optional[str] = ..., variant_name: _Optional[str] = ..., accuracy_budget: _Optional[float] = ..., parent: _Optional[str] = ..., keep_over_budget: _Optional[bool] = ...) -> None: ...
+    quality: _containers.RepeatedScalarFieldContainer[str]
+    evaluator: str
+    def __init__(self, model: _Optional[str] = ..., recipe: _Optional[str] = ..., recipe_json: _Optional[str] = ..., variant_name: _Optional[str] = ..., accuracy_budget: _Optional[float] = ..., parent: _Optional[str] = ..., keep_over_budget: _Optional[bool] = ..., quality: _Optional[_Iterable[str]] = ..., evaluator: _Optional[str] = ...) -> None: ...
 
 class JobProgress(_message.Message):
     __slots__ = ("stage", "fraction", "message", "epoch", "loss", "accuracy")

@@ -29,6 +29,7 @@ from slimserve.optimizer.evaluation.quality import (
     choose_metrics,
     cosine_per_sample,
     labelled_output,
+    measure,
     measure_outputs,
     worst,
 )
@@ -222,8 +223,11 @@ def score(
     evaluation.quality_output = bound
     evaluation.quality_metric, evaluation.quality, evaluation.quality_min = quality.metric, quality.value, quality.worst
     evaluation.quality_drop = quality.drop if baseline is not None else None
-    if main is not None and plan.get(main) == "accuracy":  # accuracy whenever it applies, whatever the budget holds
-        evaluation.accuracy = qualities[main].value
+    if main is not None and labels is not None and outputs[main].ndim == 2 and outputs[main].shape[1] > 1:
+        # accuracy whenever it applies, whatever the budget holds
+        evaluation.accuracy = (
+            qualities[main].value if plan.get(main) == "accuracy" else measure("accuracy", outputs[main], labels, None, None).value
+        )
         if baseline is not None and baseline.accuracy is not None and evaluation.accuracy is not None:
             evaluation.accuracy_delta = (evaluation.accuracy - baseline.accuracy) * 100.0
     if main is not None and main in scored:

@@ -142,6 +142,8 @@ def job_request(request: spb.OptimizeRequest) -> JobRequest:
         accuracy_budget=request.accuracy_budget if request.HasField("accuracy_budget") else None,
         parent=request.parent,
         keep_over_budget=request.keep_over_budget,
+        quality=tuple(request.quality),
+        evaluator=request.evaluator,
     )
 
 

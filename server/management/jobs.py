@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.evaluation.evaluators import load_evaluator
+from slimserve.optimizer.evaluation.quality import parse_declared
 from slimserve.optimizer.pipeline import Baseline, OptimizeResult, optimize, preflight
 from slimserve.optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
 from slimserve.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SlimServeError
@@ -34,6 +36,8 @@ class JobRequest:
     accuracy_budget: float | None = None
     parent: str = BASELINE
     keep_over_budget: bool = False  # register the best a budget search reached even when it misses the budget
+    quality: tuple[str, ...] = ()  # "OUTPUT=METRIC" per output (slimserve.optimizer.evaluation.quality.parse_declared)
+    evaluator: str = ""  # an installed evaluator's name (slimserve.optimizer.evaluation.evaluators), held to the budget too
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,12 @@ class JobManager:
             preflight(recipe, self._datasets(request.model), request.accuracy_budget)
         except OptimizerError as e:
             raise FailedPrecondition(str(e)) from e
+        try:  # a --quality naming no output, an evaluator this node does not have: refused now, nothing started
+            parse_declared(request.quality, [s.name for s in info.outputs])
+            if request.evaluator:
+                load_evaluator(request.evaluator)
+        except OptimizerError as e:
+            raise InvalidArgument(str(e)) from e
         job = Job(uuid.uuid4().hex[:12], request.model, variant, recipe, request)
         self.jobs[job.id] = job
         self._record(job, "running", "")
@@ -192,7 +202,12 @@ class JobManager:
         )
         datasets = self._datasets(job.model)
         auto = next((p for p in job.recipe.passes if p.name == "auto"), None)
-        key = self._baseline_key(info, parent.name, getattr(auto.config, "metric", None) or None if auto else None)
+        metric = getattr(auto.config, "metric", None) or None if auto else None
+        declared = parse_declared(job.request.quality, [s.name for s in info.outputs])
+        evaluator = load_evaluator(job.request.evaluator) if job.request.evaluator else None
+        if declared or evaluator:  # the baseline is scored by what the job asks: cached apart
+            metric = f"{metric}|{sorted(declared.items())}|{job.request.evaluator}"
+        key = self._baseline_key(info, parent.name, metric)
 
         with self.repository.staging() as staged:
             context = PassContext(workdir=staged / "work", datasets=datasets, progress=progress, cancelled=job.cancel.is_set)
@@ -205,6 +220,8 @@ class JobManager:
                 job.request.accuracy_budget,
                 baseline=self._baselines.get(key),
                 register_over_budget=job.request.keep_over_budget,
+                declared=declared,
+                evaluator=evaluator,
             )
             self._keep_baseline(key, Baseline(result.baseline, result.baseline_outputs))
             variant_dir = staged / "variant"

@@ -105,7 +105,7 @@ def test_quality_declarations_are_checked():
         "logits": "top1-agreement",
         "boxes": "relative-error",
     }
-    with pytest.raises(OptimizerError, match="has no output 'logit'.*logits, boxes"):
+    with pytest.raises(OptimizerError, match=r"has no output 'logit'.*logits, boxes"):
         parse_declared(["logit=cosine"], ["logits", "boxes"])
     with pytest.raises(OptimizerError, match="must be one of"):
         parse_declared(["logits=mse"], ["logits"])
