@@ -26,8 +26,9 @@ from slimserve.optimizer.base import (
 from slimserve.optimizer.catalog import load_builtin_passes
 from slimserve.optimizer.data import has_labels
 from slimserve.optimizer.evaluation.evaluators import Evaluator
-from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate
+from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate, record_speedup, timed_speedup
 from slimserve.optimizer.evaluation.quality import METRICS, describe
+from slimserve.optimizer.evaluation.timing import TimingOptions
 from slimserve.optimizer.recipes import Recipe, run_recipe
 from slimserve.optimizer.report import report_rows
 from slimserve.optimizer.search.auto import auto_search
@@ -69,6 +70,7 @@ def measure_baseline(
     metric: str | None = None,
     declared: dict[str, str] | None = None,
     evaluator: Evaluator | None = None,
+    timing: TimingOptions | None = None,
 ) -> Baseline:
     """Measures the source model on its runtime, on the context's evaluation data (synthesized inputs without it)."""
     evaluation, outputs = evaluate(
@@ -79,6 +81,7 @@ def measure_baseline(
         metric=metric,
         declared=declared,
         evaluator=evaluator,
+        timing=timing,
     )
     return Baseline(evaluation, outputs)
 
@@ -153,7 +156,7 @@ def optimize(
 
     if baseline is None:
         stage("evaluate", 0.0, "measuring the baseline")
-        baseline = measure_baseline(source, context, runtime_factory, serving_batch, metric, declared, evaluator)
+        baseline = measure_baseline(source, context, runtime_factory, serving_batch, metric, declared, evaluator, recipe.timing)
     base, base_outputs = baseline.evaluation, baseline.outputs
     if auto:
         config = auto[0].config
@@ -188,22 +191,30 @@ def optimize(
         serving_batch=serving_batch,
         metric=metric,
         evaluator=evaluator,
+        timing=recipe.timing,
     )
+    if artifact.path != source.path:  # the speed-up, timed in turns against the source in this job on their serving runtimes
+        stage("evaluate", 0.98, f"timing {variant_name} against the baseline in turns")
+        record_speedup(evaluation, timed_speedup(artifact, source, runtime_factory, data, recipe.timing))
     within = None if not budgeted else all(s.within for s in searches)
     # The default budget holds on evaluation data only: on synthesized inputs a quantized model's drop says little.
-    gate = accuracy_budget if accuracy_budget is not None else DEFAULT_BUDGET if data is not None else None
+    # A pass's own max_drop loosens the default for the job; a job budget is the caller's word.
+    default = max([DEFAULT_BUDGET] + [s.budget for s in searches])
+    gate = accuracy_budget if accuracy_budget is not None else default if data is not None else None
     gated = gate is not None and evaluation.quality_drop is not None
     if gated:
         within = (within is not False) and evaluation.quality_drop <= gate + 1e-9  # type: ignore[operator]
     over = gated and evaluation.quality_drop > gate + 1e-9  # type: ignore[operator]
     if over and not register_over_budget:
-        raise OptimizerError(over_budget(variant_name, evaluation, base, gate, searches, default=accuracy_budget is None))  # type: ignore[arg-type]
+        raise OptimizerError(over_budget(variant_name, evaluation, base, gate, searches, default=accuracy_budget is None and not searches))  # type: ignore[arg-type]
     extra = {variant_name: {**budget_columns(searches), "within_budget": within}}
     if gate is not None and (gated or budgeted):
         extra[variant_name]["budget_pt"] = min([gate] + [s.budget for s in searches])
     report = report_rows({"baseline": base, variant_name: evaluation}, extra=extra)
     if "objective" in artifact.notes:  # what the training passes minimized (optimizer.objectives: label-free or on the labels)
         report[-1]["objective"] = artifact.notes["objective"]
+    if "qat" in artifact.notes:  # quantize-qat against the static INT8 of the ranges it started from (kept when QAT is worse)
+        report[-1]["qat"] = artifact.notes["qat"]
     return OptimizeResult(artifact, evaluation, base, report, base_outputs, tuple(searches), within)
 
 

@@ -23,7 +23,9 @@ COLUMNS = (
     "compute_reduction_x",  # baseline FLOPs / variant FLOPs
     "sparsity_pct",  # share of parameters that are zero
     "latency_p50_ms",  # batch 1
-    "speedup_x",  # baseline p50 / variant p50, batch 1
+    "speedup_x",  # baseline ms / variant ms at batch 1, timed in turns in the same job (else the ratio of the p50s)
+    "speedup_ci",  # the 95% interval of speedup_x [low, high] (timed in turns), None where it was not
+    "threads",  # intra-op threads of the session timed (the serving runtime's choice)
     "throughput_per_s",  # samples / s at the serving batch
     "throughput_ratio_x",  # variant / baseline
     "accuracy_pct",
@@ -94,7 +96,9 @@ def report_rows(
                 "compute_reduction_x": _round(_ratio(b.flops, e.flops), 3),
                 "sparsity_pct": _round(sparsity, 2),
                 "latency_p50_ms": _round(e.latency_p50_ms, 4),
-                "speedup_x": _round(_ratio(b.latency_p50_ms, e.latency_p50_ms), 3),
+                "speedup_x": _round(e.speedup_x, 3) if e.speedup_x is not None else _round(_ratio(b.latency_p50_ms, e.latency_p50_ms), 3),
+                "speedup_ci": None if e.speedup_ci is None else [_round(v, 3) for v in e.speedup_ci],
+                "threads": e.threads,
                 "throughput_per_s": _round(e.throughput, 1),
                 "throughput_ratio_x": _round(_ratio(e.throughput, b.throughput), 3),
                 "accuracy_pct": _round(None if e.accuracy is None else 100.0 * e.accuracy, 2),

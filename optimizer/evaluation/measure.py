@@ -33,7 +33,7 @@ from slimserve.optimizer.evaluation.quality import (
     measure_outputs,
     worst,
 )
-from slimserve.optimizer.evaluation.timing import percentiles_ms, time_predict
+from slimserve.optimizer.evaluation.timing import Ratio, TimingOptions, interleaved_ratio, percentiles_ms, time_until_tight
 
 if TYPE_CHECKING:
     from slimserve.optimizer.evaluation.evaluators import Evaluator
@@ -81,6 +81,12 @@ class Evaluation:
     qualities: dict[str, dict[str, Any]] | None = None
     runtime: str | None = None
     device: str | None = None
+    threads: int | None = None  # intra-op threads of the session that was timed (the serving runtime's choice)
+    # The speed-up over the FP32 source, timed in turns in the same job (timing.interleaved_ratio): the report's speedup_x.
+    speedup_x: float | None = None
+    speedup_ci: list[float] | None = None  # its 95% interval [low, high]
+    speedup_rounds: int | None = None
+    timing_seconds: float | None = None  # what the interleaved timing took
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,12 +115,14 @@ def evaluate(
     metric: str | None = None,
     declared: dict[str, str] | None = None,
     evaluator: Evaluator | None = None,
+    timing: TimingOptions | None = None,
 ) -> tuple[Evaluation, Outputs | None]:
     """Measures `artifact` on the runtime `runtime_factory` loads for it.
 
     Returns the evaluation and every output of the model on the data (on synthesized inputs
     when `data` is None), to pass as `baseline_outputs` when the next variants are measured.
-    Latency is the wall time of one `predict` call (time.perf_counter) after `warmup` calls.
+    Latency is the wall time of one `predict` call (time.perf_counter) after `warmup` calls, timed until its median is
+    known within `timing.rel_ci`, for `timing.max_seconds` at most, and `iterations` calls at most (timing.TimingOptions).
     Quality (`score`): every output by the baseline's metrics, else by `declared` ({output: metric}; `metric`: the main
     output's), else chosen from each output; and by `evaluator` when one is given.
     """
@@ -131,6 +139,9 @@ def evaluate(
     predictor = runtime_factory(artifact.path, artifact.runtime)
     try:
         evaluation = Evaluation(runtime=artifact.runtime, device=str(getattr(predictor, "device", "cpu")))
+        threads = getattr(predictor, "intra_op_threads", None)
+        evaluation.threads = threads if isinstance(threads, int) and threads > 0 else None
+        options = timing or TimingOptions(min_calls=min(5, iterations), max_calls=iterations, warmup_calls=warmup)
         feeds = model_inputs(predictor, data, max(serving_batch, SYNTHETIC_SAMPLES))
         fixed_batch = _fixed_batch(predictor)
         batch = fixed_batch or serving_batch
@@ -142,11 +153,11 @@ def evaluate(
 
         step(0.4, "latency at batch 1")
         one = take(feeds, fixed_batch or 1)
-        times = time_predict(predictor, one, warmup, iterations)
+        times = time_until_tight(predictor, one, options)
         evaluation.latency_p50_ms, evaluation.latency_p99_ms = percentiles_ms(times)
         step(0.7, f"latency at batch {batch}")
         many = take(feeds, batch)
-        times = times if batch == (fixed_batch or 1) else time_predict(predictor, many, warmup, iterations)
+        times = times if batch == (fixed_batch or 1) else time_until_tight(predictor, many, options)
         evaluation.latency_p50_ms_batch, evaluation.latency_p99_ms_batch = percentiles_ms(times)
         evaluation.throughput = batch / float(np.mean(times))
 
@@ -323,3 +334,35 @@ def run_in_batches(predictor: Predictor, feeds: dict[str, np.ndarray], batch: in
     if skipped:
         log.info("outputs %s hold no row per sample on axis 0 and are not scored", ", ".join(sorted(skipped)))
     return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items() if name not in skipped}
+
+
+def timed_speedup(
+    candidate: Artifact,
+    reference: Artifact,
+    runtime_factory: RuntimeFactory,
+    data: dict[str, np.ndarray] | None,
+    timing: TimingOptions | None = None,
+) -> Ratio:
+    """The candidate's speed-up over the reference at batch 1 (or the batch a model is fixed to), both loaded on the
+    runtimes (and thread counts) that serve them and timed in turns in this job, until the ratio is known (TimingOptions)."""
+    loaded = []
+    try:
+        runs = []
+        for artifact in (candidate, reference):
+            predictor = runtime_factory(artifact.path, artifact.runtime)
+            loaded.append(predictor)
+            feeds = model_inputs(predictor, data)
+            runs.append((predictor, take(feeds, _fixed_batch(predictor) or 1)))
+        return interleaved_ratio(runs[0], runs[1], timing or TimingOptions())
+    finally:
+        for predictor in loaded:
+            unload = getattr(predictor, "unload", None)
+            if callable(unload):
+                unload()
+
+
+def record_speedup(evaluation: Evaluation, ratio: Ratio) -> None:
+    evaluation.speedup_x = ratio.speedup
+    evaluation.speedup_ci = [ratio.low, ratio.high]
+    evaluation.speedup_rounds = ratio.rounds
+    evaluation.timing_seconds = ratio.seconds

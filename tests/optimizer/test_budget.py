@@ -363,7 +363,8 @@ def test_a_probe_trains_as_the_full_run_so_its_verdict_is_the_full_runs(blobs_ml
     def run(name: str, budget: dict | None, accuracy_budget: float | None = None):
         entry = {"pass": "prune-weight", "config": config} | ({"budget": budget} if budget is not None else {})
         context = PassContext(workdir=tmp_path / name, datasets=datasets)
-        return optimize(source, recipe_from_dict({"passes": [entry]}, "r.json"), context, runtime_factory, name, accuracy_budget)
+        recipe = recipe_from_dict({"passes": [entry]}, "r.json")
+        return optimize(source, recipe, context, runtime_factory, name, accuracy_budget, register_over_budget=True)
 
     full = run("full", None).evaluation.quality_drop
     assert full <= 10.0
