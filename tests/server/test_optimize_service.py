@@ -146,3 +146,25 @@ def test_baseline_is_measured_after_registration(registered, digits):
     )
     assert baseline["params"] == 85066 and baseline["accuracy"] == pytest.approx(digits.accuracy)
     assert baseline["accuracy_delta"] is None
+
+
+def test_quality_and_evaluator_are_checked_before_the_job_and_held_in_it(registered):
+    """--quality naming no output and an unknown evaluator: INVALID_ARGUMENT at once; an evaluator that raises fails the job with
+    its message; a built-in evaluator is scored and reported per output."""
+    before = registered.model("digits")["variants"]
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", "graph-ort", quality=["probs=cosine"])
+    assert e.value.code == "INVALID_ARGUMENT" and "the model has no output 'probs' (its outputs: logits)" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", "graph-ort", evaluator="mAP")
+    assert e.value.code == "INVALID_ARGUMENT" and "unknown evaluator 'mAP'" in e.value.message and "detection" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", "graph-ort", evaluator="segmentation")
+    assert e.value.code == "FAILED_PRECONDITION" and "evaluator 'segmentation'" in e.value.message
+    assert "needs a mask output" in e.value.message
+    assert registered.model("digits")["variants"] == before
+    variant, report = registered.optimize("digits", "graph-ort", quality=["logits=top1-agreement"], evaluator="classification-top5")
+    rows = {r["output"]: r for r in report[1]["quality_by_output"]}
+    assert rows["logits"]["metric"] == "top1-agreement" and rows["logits"]["drop_pt"] == pytest.approx(0.0, abs=0.5)
+    assert rows["evaluator:classification-top5"]["value"] > 90 and report[1]["within_budget"] is True
+    assert report[1]["speedup_ci"][0] <= report[1]["speedup_x"] <= report[1]["speedup_ci"][1]
