@@ -95,9 +95,7 @@ def test_the_speed_up_timed_in_turns_and_every_output_are_reported():
         "boxes": {"metric": "relative-error", "value": 0.05, "drop": 5.0, "worst": None},
         "scores": {"metric": "top1-agreement", "value": 1.0, "drop": 0.0, "worst": None},
     }
-    timed = Evaluation(
-        latency_p50_ms=0.5, speedup_x=1.8, speedup_ci=[1.7, 1.9], threads=2, qualities=qualities, quality_output="boxes"
-    )
+    timed = Evaluation(latency_p50_ms=0.5, speedup_x=1.8, speedup_ci=[1.7, 1.9], threads=2, qualities=qualities, quality_output="boxes")
     base = Evaluation(latency_p50_ms=2.0, qualities={k: {**q, "drop": None} for k, q in qualities.items()})
     row = report_rows({"baseline": base, "v": timed})[1]
     assert row["speedup_x"] == 1.8 and row["speedup_ci"] == [1.7, 1.9] and row["threads"] == 2  # not 2.0 / 0.5

@@ -163,7 +163,7 @@ def test_quality_and_evaluator_are_checked_before_the_job_and_held_in_it(registe
     assert e.value.code == "FAILED_PRECONDITION" and "evaluator 'segmentation'" in e.value.message
     assert "needs a mask output" in e.value.message
     assert registered.model("digits")["variants"] == before
-    variant, report = registered.optimize("digits", "graph-ort", quality=["logits=top1-agreement"], evaluator="classification-top5")
+    _, report = registered.optimize("digits", "graph-ort", quality=["logits=top1-agreement"], evaluator="classification-top5")
     rows = {r["output"]: r for r in report[1]["quality_by_output"]}
     assert rows["logits"]["metric"] == "top1-agreement" and rows["logits"]["drop_pt"] == pytest.approx(0.0, abs=0.5)
     assert rows["evaluator:classification-top5"]["value"] > 90 and report[1]["within_budget"] is True
