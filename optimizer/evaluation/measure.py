@@ -159,7 +159,7 @@ def evaluate(
         many = take(feeds, batch)
         times = times if batch == (fixed_batch or 1) else time_until_tight(predictor, many, options)
         evaluation.latency_p50_ms_batch, evaluation.latency_p99_ms_batch = percentiles_ms(times)
-        evaluation.throughput = batch / float(np.mean(times))
+        evaluation.throughput = batch / float(np.median(times))  # the median: a short, capped timing's mean is its outliers
 
         step(0.9, "parameters and FLOPs")
         evaluation.size_bytes = artifact_size(artifact.path, artifact.format)

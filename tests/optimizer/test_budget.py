@@ -68,7 +68,8 @@ def _recipe(**budget) -> Recipe:
 
 def test_the_search_keeps_the_most_aggressive_ratio_within_the_budget(noisy, runtime_factory):
     source, context, events = noisy
-    full = optimize(source, Recipe("noise", (make_pass("test-noise", {"ratio": 1.0}),)), context, runtime_factory, "v")
+    recipe = Recipe("noise", (make_pass("test-noise", {"ratio": 1.0}),))
+    full = optimize(source, recipe, context, runtime_factory, "v", register_over_budget=True)
     assert full.evaluation.quality_drop > 5  # the fixed, aggressive setting breaks a 2-point budget
     NoisePass.runs = []
     result = optimize(source, _recipe(max_evaluations=7), context, runtime_factory, "v", accuracy_budget=2.0)

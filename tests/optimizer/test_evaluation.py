@@ -49,9 +49,8 @@ def test_latency_and_throughput_are_measured(digits, measured):
         assert 0 < e.latency_p50_ms <= e.latency_p99_ms
         assert 0 < e.latency_p50_ms_batch <= e.latency_p99_ms_batch
         assert e.serving_batch == 32
-        # throughput is batch / mean time; on a shared CI core the mean drifts far from p50,
-        # so only its order of magnitude is checked against the median
-        assert 0.1 < e.throughput / (32 / (e.latency_p50_ms_batch / 1000)) < 2
+        # throughput is batch / median time at the serving batch: a short, capped timing's mean is its outliers
+        assert e.throughput == pytest.approx(32 / (e.latency_p50_ms_batch / 1000))
     assert measured[0].size_bytes == digits.onnx.stat().st_size
     assert measured[2].size_bytes == digits.pt2.stat().st_size
 
