@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--target-ms", type=float, default=50.0)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--recheck-seconds", type=float, default=20.0)
+    parser.add_argument("--verbose", action="store_true", help="print the job's stages as they pass")
     args = parser.parse_args()
 
     from slimserve.optimizer.base import Artifact, PassContext, ProgressEvent
@@ -79,15 +80,23 @@ def main() -> None:
         return r
 
     work = Path(tempfile.mkdtemp(prefix="eval-cost-"))
-    one = factory(build_cnn(work / "one.onnx", 1), "onnxruntime")
     x1 = np.random.default_rng(1).standard_normal((1, 3, 112, 112)).astype(np.float32)
-    for _ in range(3):
-        one.predict({"x": x1})
-    started = time.perf_counter()
-    for _ in range(5):
-        one.predict({"x": x1})
-    per_layer = (time.perf_counter() - started) / 5 * 1000
-    layers = max(1, round(args.target_ms / per_layer))
+
+    def call_ms(layers: int) -> float:
+        predictor = factory(build_cnn(work / f"probe{layers}.onnx", layers), "onnxruntime")
+        for _ in range(3):
+            predictor.predict({"x": x1})
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            predictor.predict({"x": x1})
+            times.append(time.perf_counter() - started)
+        return float(np.median(times)) * 1000
+
+    first, five = call_ms(1), call_ms(5)
+    per_layer = max(0.1, (five - first) / 4)  # a 32 -> 32 conv (the first layer reads 3 channels only)
+    layers = max(1, 1 + round((args.target_ms - first) / per_layer))
+    print(f"a 32-channel conv layer: {per_layer:.1f} ms per batch-1 call; {layers} layers for ~{args.target_ms:g} ms", flush=True)
     model = build_cnn(work / "cnn.onnx", layers)
     data = work / "eval.npz"
     np.savez(data, x=np.random.default_rng(2).standard_normal((args.samples, 3, 112, 112)).astype(np.float32))
@@ -97,6 +106,8 @@ def main() -> None:
 
     def progress(event: ProgressEvent) -> None:
         stages.append((time.perf_counter() - t0, f"{event.stage}: {event.message}"))
+        if args.verbose:
+            print(f"  {stages[-1][0]:6.1f} s  {stages[-1][1]}", flush=True)
 
     context = PassContext(workdir=work / "job", datasets={"data": data}, progress=progress)
     source = Artifact(model, "onnx", input_names=("x",), output_names=("logits",))
