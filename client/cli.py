@@ -41,6 +41,12 @@ def register(
     train: Path | None = typer.Option(None, "--train", help="Training .npz for passes that fine-tune."),
     calibration: Path | None = typer.Option(None, "--calibration", help="Calibration .npz for static quantization."),
     description: str = typer.Option("", help="Free text shown by `slimctl models`."),
+    quality: list[str] = typer.Option(
+        [], "--quality", help="OUTPUT=METRIC, repeatable: how the optimizer scores an output, for every job of this model."
+    ),
+    evaluator: str = typer.Option(
+        "", "--evaluator", help="An evaluator installed on the server (e.g. detection), held to every job's budget."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the model record as JSON."),
 ) -> None:
     """Upload a model (and its data) to the server; it serves as variant 'baseline' at once."""
@@ -66,6 +72,8 @@ def register(
                     calibration=calibration,
                     description=description,
                     progress=lambda sent, total: bar.update(task, completed=sent, total=total),
+                    quality=quality,
+                    evaluator=evaluator,
                 )
     except SlimServeClientError as e:
         fail(str(e))

@@ -137,8 +137,12 @@ class SlimServeClient:
         description: str = "",
         progress: Progress | None = None,
         timeout: float | None = 600.0,
+        quality: list[str] | tuple[str, ...] = (),
+        evaluator: str = "",
     ) -> dict[str, Any]:
-        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record."""
+        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record.
+
+        `quality` ("OUTPUT=METRIC") and `evaluator` are kept with the model for every optimization job that sets none."""
         files = [("model", Path(model_file))]
         files += [(role, Path(p)) for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None]
         for role, path in files:
@@ -147,6 +151,8 @@ class SlimServeClient:
         header = spb.RegisterHeader(
             name=name,
             description=description,
+            quality=list(quality),
+            evaluator=evaluator,
             files=[spb.UploadFile(role=r, filename=p.name, size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
         )
         total = sum(p.stat().st_size for _, p in files)

@@ -132,9 +132,9 @@ class JobManager:
         except OptimizerError as e:
             raise FailedPrecondition(str(e)) from e
         try:  # a --quality naming no output, an evaluator this node does not have: refused now, nothing started
-            parse_declared(request.quality, [s.name for s in info.outputs])
-            if request.evaluator:
-                load_evaluator(request.evaluator)
+            parse_declared(request.quality or info.quality, [s.name for s in info.outputs])
+            if request.evaluator or info.evaluator:
+                load_evaluator(request.evaluator or info.evaluator)
         except OptimizerError as e:
             raise InvalidArgument(str(e)) from e
         job = Job(uuid.uuid4().hex[:12], request.model, variant, recipe, request)
@@ -203,10 +203,12 @@ class JobManager:
         datasets = self._datasets(job.model)
         auto = next((p for p in job.recipe.passes if p.name == "auto"), None)
         metric = getattr(auto.config, "metric", None) or None if auto else None
-        declared = parse_declared(job.request.quality, [s.name for s in info.outputs])
-        evaluator = load_evaluator(job.request.evaluator) if job.request.evaluator else None
+        # The job's quality settings, else the model's from its registration.
+        declared = parse_declared(job.request.quality or info.quality, [s.name for s in info.outputs])
+        evaluator_name = job.request.evaluator or info.evaluator
+        evaluator = load_evaluator(evaluator_name) if evaluator_name else None
         if declared or evaluator:  # the baseline is scored by what the job asks: cached apart
-            metric = f"{metric}|{sorted(declared.items())}|{job.request.evaluator}"
+            metric = f"{metric}|{sorted(declared.items())}|{evaluator_name}"
         key = self._baseline_key(info, parent.name, metric)
 
         with self.repository.staging() as staged:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import onnx
 
-from slimserve.optimizer.base import UnsafeArchiveError
+from slimserve.optimizer.base import OptimizerError, UnsafeArchiveError
+from slimserve.optimizer.evaluation.evaluators import load_evaluator
+from slimserve.optimizer.evaluation.quality import parse_declared
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes import RuntimeConfig, create_runtime
 from slimserve.server.store.manifest import (
@@ -44,6 +46,8 @@ class UploadHeader:
     name: str
     files: tuple[UploadFile, ...]
     description: str = ""
+    quality: tuple[str, ...] = ()  # "OUTPUT=METRIC" per output, kept with the model for its jobs
+    evaluator: str = ""  # an installed evaluator's name, kept with the model for its jobs
 
 
 def check_header(header: UploadHeader, max_bytes: int) -> None:
@@ -154,6 +158,13 @@ class Registrar:
         finally:
             runtime.unload()
 
+        try:  # the model's quality settings, checked against its outputs and this node's evaluators
+            parse_declared(header.quality, [s.name for s in runtime.outputs])
+            if header.evaluator:
+                load_evaluator(header.evaluator)
+        except OptimizerError as e:
+            raise InvalidArgument(str(e)) from e
+
         datasets = []
         (model_dir / "data").mkdir()
         for i, f in enumerate(header.files):
@@ -167,6 +178,8 @@ class Registrar:
             name=header.name,
             format=fmt,
             description=header.description,
+            quality=list(header.quality),
+            evaluator=header.evaluator,
             created_at=now(),
             inputs=runtime.inputs,
             outputs=runtime.outputs,

@@ -167,3 +167,18 @@ def test_quality_and_evaluator_are_checked_before_the_job_and_held_in_it(registe
     assert rows["logits"]["metric"] == "top1-agreement" and rows["logits"]["drop_pt"] == pytest.approx(0.0, abs=0.5)
     assert rows["evaluator:classification-top5"]["value"] > 90 and report[1]["within_budget"] is True
     assert report[1]["speedup_ci"][0] <= report[1]["speedup_x"] <= report[1]["speedup_ci"][1]
+
+
+def test_quality_settings_given_at_register_hold_for_every_job(client, digits):
+    with pytest.raises(SlimServeClientError) as e:
+        client.register("d1", digits.onnx, data=digits.data, evaluator="no-such-evaluator")
+    assert e.value.code == "INVALID_ARGUMENT" and "unknown evaluator 'no-such-evaluator'" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        client.register("d1", digits.onnx, data=digits.data, quality=["boxes=relative-error"])
+    assert e.value.code == "INVALID_ARGUMENT" and "the model has no output 'boxes' (its outputs: logits)" in e.value.message
+    assert "d1" not in [m["name"] for m in client.models()]
+    client.register("d1", digits.onnx, data=digits.data, quality=["logits=top1-agreement"], evaluator="classification-top1")
+    _, report = client.optimize("d1", "graph-ort")
+    rows = {r["output"]: r for r in report[1]["quality_by_output"]}
+    assert rows["logits"]["metric"] == "top1-agreement" and "evaluator:classification-top1" in rows
+    assert rows["evaluator:classification-top1"]["value"] == pytest.approx(100 * digits.accuracy, abs=0.5)
