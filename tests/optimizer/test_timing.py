@@ -60,3 +60,17 @@ def test_timing_settings_are_checked():
         TimingOptions(rel_ci=2)
     with pytest.raises(ConfigValueError, match="min_calls <= max_calls"):
         TimingOptions(min_calls=10, max_calls=5)
+
+
+def test_a_recipe_file_sets_its_timing():
+    from slimserve.optimizer.base import OptimizerError
+    from slimserve.optimizer.recipes import recipe_from_dict
+
+    recipe = recipe_from_dict({"passes": [{"pass": "graph-ort"}], "timing": {"max_seconds": 2, "rel_ci": 0.05}}, "r.json")
+    assert recipe.timing == TimingOptions(max_seconds=2.0, rel_ci=0.05)
+    assert recipe.to_dict()["timing"]["max_seconds"] == 2.0
+    assert "timing" not in recipe_from_dict({"passes": [{"pass": "graph-ort"}]}, "r.json").to_dict()
+    with pytest.raises(OptimizerError, match=r"r.json timing: unknown setting 'seconds'"):
+        recipe_from_dict({"passes": [{"pass": "graph-ort"}], "timing": {"seconds": 2}}, "r.json")
+    with pytest.raises(OptimizerError, match=r"r.json timing: timing rel_ci must be between 0 and 1"):
+        recipe_from_dict({"passes": [{"pass": "graph-ort"}], "timing": {"rel_ci": 5}}, "r.json")
