@@ -57,6 +57,12 @@ def register(
     train: Path | None = typer.Option(None, "--train", help="Training .npz for passes that fine-tune."),
     calibration: Path | None = typer.Option(None, "--calibration", help="Calibration .npz for static quantization."),
     description: str = typer.Option("", help="Free text shown by `slimctl models`."),
+    quality: list[str] = typer.Option(
+        [], "--quality", help="OUTPUT=METRIC, repeatable: how the optimizer scores an output, for every job of this model."
+    ),
+    evaluator: str = typer.Option(
+        "", "--evaluator", help="An evaluator installed on the server (e.g. detection), held to every job's budget."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the model record as JSON."),
 ) -> None:
     """Upload a model (and its data) to the server; it serves as variant 'baseline' at once."""
@@ -82,6 +88,8 @@ def register(
                     calibration=calibration,
                     description=description,
                     progress=lambda sent, total: bar.update(task, completed=sent, total=total),
+                    quality=quality,
+                    evaluator=evaluator,
                 )
     except SlimServeClientError as e:
         fail(str(e))
@@ -230,6 +238,18 @@ def optimize(
     keep_over_budget: bool = typer.Option(
         False, "--keep-over-budget", help="Register the best a budget search reached even when it misses the budget (marked in the report)."
     ),
+    quality: list[str] = typer.Option(
+        [],
+        "--quality",
+        help="OUTPUT=METRIC (accuracy, top1-agreement, cosine, relative-error), repeatable: how an output is scored; the "
+        "others get a metric from their shape, datatype and name. The budget holds the worst output.",
+    ),
+    evaluator: str = typer.Option(
+        "",
+        "--evaluator",
+        help="A task metric in points held to the budget too: classification-top1, classification-top5, detection, "
+        "segmentation, or an evaluator installed on the server (entry point group slimserve.evaluators, or module:attribute).",
+    ),
     parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
     as_json: bool = typer.Option(
         False, "--json", help="Print the new variant's record as JSON, with the whole report (auto's candidates included) under 'report'."
@@ -270,6 +290,8 @@ def optimize(
                 parent=parent,
                 on_progress=on_progress,
                 keep_over_budget=keep_over_budget,
+                quality=quality,
+                evaluator=evaluator,
             )
     except SlimServeClientError as e:
         fail(str(e))

@@ -145,8 +145,12 @@ class SlimServeClient:
         description: str = "",
         progress: Progress | None = None,
         timeout: float | None = 600.0,
+        quality: list[str] | tuple[str, ...] = (),
+        evaluator: str = "",
     ) -> dict[str, Any]:
-        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record."""
+        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record.
+
+        `quality` ("OUTPUT=METRIC") and `evaluator` are kept with the model for every optimization job that sets none."""
         files = [("model", Path(model_file))]
         files += [(role, Path(p)) for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None]
         for role, path in files:
@@ -170,6 +174,8 @@ class SlimServeClient:
         header = spb.RegisterHeader(
             name=name,
             description=description,
+            quality=list(quality),
+            evaluator=evaluator,
             files=[spb.UploadFile(role=r, filename=names[p], size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
         )
         total = sum(p.stat().st_size for _, p in files)
@@ -291,12 +297,22 @@ class SlimServeClient:
         on_progress: Callable[[spb.JobProgress], None] | None = None,
         timeout: float | None = 3600.0,
         keep_over_budget: bool = False,
+        quality: list[str] | tuple[str, ...] = (),
+        evaluator: str = "",
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Runs an optimization job to its end; returns (new variant record, report rows).
 
         `recipe` is preset/pass names joined by commas, or the path of a JSON or YAML recipe file.
+        `quality`: "OUTPUT=METRIC" per output; `evaluator`: the name of an evaluator installed on the server.
         """
-        request = spb.OptimizeRequest(model=name, variant_name=variant_name, parent=parent, keep_over_budget=keep_over_budget)
+        request = spb.OptimizeRequest(
+            model=name,
+            variant_name=variant_name,
+            parent=parent,
+            keep_over_budget=keep_over_budget,
+            quality=list(quality),
+            evaluator=evaluator,
+        )
         path = Path(recipe)
         if path.suffix.lower() in (".json", ".yaml", ".yml"):
             if not path.is_file():

@@ -62,6 +62,16 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _per_output(rows: list[dict[str, Any]] | None) -> str:
+    """'boxes -5.00 · scores +0.00': each output's (and the evaluator's) points against the baseline, losses in red."""
+    parts = [
+        f"{r.get('output')} {_delta(None if r.get('drop_pt') is None else 0.0 - r['drop_pt'])}"
+        for r in rows or ()
+        if r.get("drop_pt") is not None
+    ]
+    return " · ".join(parts) if parts else _MISSING
+
+
 def _search_caption(rows: list[dict[str, Any]]) -> str:
     """What an auto search adds to the caption: its reference, the quality metric, how many evaluations and how long."""
     parts = []
@@ -131,12 +141,15 @@ def render_report(rows: list[dict[str, Any]], title: str, width: int = 160, wide
         "metric": ("metric", 6, lambda r, _: _text(r.get("metric"))),  # what the budget holds
         "quality": ("quality", 4, lambda r, _: _number(r.get("quality"), 4)),
         "quality_drop_pt": ("Δ quality", 1, lambda r, _: _delta(None if r.get("quality_drop_pt") is None else 0.0 - r["quality_drop_pt"])),
+        "quality_by_output": ("Δ per output", 3, lambda r, _: _per_output(r.get("quality_by_output"))),
         "reference_speedup_x": ("vs FP32 ×", 3, gain("reference_speedup_x")),
         "within_budget": ("in budget", 2, lambda r, _: _flag(r.get("within_budget"))),
         "pareto": ("Pareto", 4, lambda r, _: _flag(r.get("pareto"))),
         "chosen": ("chosen", 1, lambda r, _: _flag(r.get("chosen"))),
     }
     keys = [k for k in columns if any(r.get(k) not in (None, "") for r in rows)]
+    if all(len(r.get("quality_by_output") or ()) < 2 for r in rows):  # one output: the quality columns say it all
+        keys = [k for k in keys if k != "quality_by_output"]
     if all(r.get("metric") in (None, "accuracy") for r in rows):  # accuracy % and Δ pts say it already
         keys = [k for k in keys if k not in ("quality", "quality_drop_pt")]
     if any("chosen" in r for r in rows) and not wide:  # the auto search's table: one row per candidate, what decides only

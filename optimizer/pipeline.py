@@ -26,8 +26,10 @@ from slimserve.optimizer.base import (
 )
 from slimserve.optimizer.catalog import pass_classes
 from slimserve.optimizer.data import SampleMajorPredictor, has_labels, needs_layout, samples_first
-from slimserve.optimizer.evaluation.measure import Evaluation, evaluate
+from slimserve.optimizer.evaluation.evaluators import Evaluator
+from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate, record_speedup, timed_speedup
 from slimserve.optimizer.evaluation.quality import METRICS, describe
+from slimserve.optimizer.evaluation.timing import TimingOptions
 from slimserve.optimizer.formats.export import onnx_input_types
 from slimserve.optimizer.formats.onnx_files import single_file
 from slimserve.optimizer.passes.auto import AutoConfig
@@ -36,13 +38,17 @@ from slimserve.optimizer.report import report_rows
 from slimserve.optimizer.search.auto import auto_search
 from slimserve.optimizer.search.budget import Judge, SearchResult, budget_columns, run_within_budget
 
+# Points of the quality metric a variant may lose when the caller sets no --accuracy-budget: every output, and the
+# evaluator where one is set, is held to it on the evaluation data (or, without data, on synthesized inputs).
+DEFAULT_BUDGET = 1.0
+
 
 @dataclass(frozen=True)
 class Baseline:
-    """The source model's evaluation and its first output on the evaluation data: what every variant is measured against."""
+    """The source model's evaluation and its outputs on the evaluation data: what every variant is measured against."""
 
     evaluation: Evaluation
-    outputs: np.ndarray | None
+    outputs: Outputs | None
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class OptimizeResult:
     evaluation: Evaluation
     baseline: Evaluation
     report: list[dict]
-    baseline_outputs: np.ndarray | None = field(default=None, compare=False)  # to cache with `baseline` for the next job
+    baseline_outputs: Outputs | None = field(default=None, compare=False)  # to cache with `baseline` for the next job
     searches: tuple[SearchResult, ...] = ()  # the passes held to a budget: setting kept, evaluations, seconds
     within_budget: bool | None = None  # None: no budget applied; False only when the caller asked to keep it over budget
 
@@ -81,11 +87,20 @@ def layout_aware(
 
 
 def measure_baseline(
-    source: Artifact, context: PassContext, runtime_factory: RuntimeFactory, serving_batch: int = 32, metric: str | None = None
+    source: Artifact,
+    context: PassContext,
+    runtime_factory: RuntimeFactory,
+    serving_batch: int = 32,
+    metric: str | None = None,
+    declared: dict[str, str] | None = None,
+    evaluator: Evaluator | None = None,
+    timing: TimingOptions | None = None,
 ) -> Baseline:
     """Measures the source model on its runtime, on the context's evaluation data (synthesized inputs without it)."""
     factory, data = layout_aware(source, runtime_factory, evaluation_data(context))
-    evaluation, outputs = evaluate(source, factory, data, serving_batch=serving_batch, metric=metric)
+    evaluation, outputs = evaluate(
+        source, factory, data, serving_batch=serving_batch, metric=metric, declared=declared, evaluator=evaluator, timing=timing
+    )
     return Baseline(evaluation, outputs)
 
 
@@ -133,10 +148,15 @@ def optimize(
     baseline: Baseline | None = None,
     metric: str | None = None,
     register_over_budget: bool = False,
+    declared: dict[str, str] | None = None,
+    evaluator: Evaluator | None = None,
 ) -> OptimizeResult:
     """Runs `recipe` on `source`, then measures source and result the same way on their runtimes.
 
-    accuracy_budget: points of the quality metric the variant may lose (accuracy points with labels).
+    accuracy_budget: points of the quality metric the variant may lose (accuracy points with labels), on every output
+    and on the evaluator; None: DEFAULT_BUDGET for the final measure (a budget search runs only when one is given).
+    declared: {output: metric} (`--quality OUTPUT=METRIC`); the others are chosen from each output's shape, datatype, name.
+    evaluator: a task metric in points (slimserve.optimizer.evaluation.evaluators), held to the budget like the outputs.
     baseline: the source's measure from an earlier job on the same data, so it is not taken again.
     metric: the quality metric (slimserve.optimizer.evaluation.quality.METRICS); None: chosen from the labels and the output.
     register_over_budget: return a variant that misses its budget (marked within_budget False) instead of refusing it.
@@ -156,7 +176,16 @@ def optimize(
 
     if baseline is None:
         stage("evaluate", 0.0, "measuring the baseline")
-        evaluation, outputs = evaluate(source, runtime_factory, data, serving_batch=serving_batch, metric=metric)
+        evaluation, outputs = evaluate(
+            source,
+            runtime_factory,
+            data,
+            serving_batch=serving_batch,
+            metric=metric,
+            declared=declared,
+            evaluator=evaluator,
+            timing=recipe.timing,
+        )
         baseline = Baseline(evaluation, outputs)
     base, base_outputs = baseline.evaluation, baseline.outputs
     if auto:
@@ -173,18 +202,27 @@ def optimize(
             budget,
             variant_name,
             serving_batch,
+            evaluator=evaluator,
         )
         return OptimizeResult(artifact, evaluation, base, rows, base_outputs)
     budgeted = accuracy_budget is not None or any(recipe.budget(i).max_drop is not None for i in range(len(recipe.passes)))
     if not budgeted:
         artifact, searches = run_recipe(recipe, source, context), []
     else:
-        judge = Judge(runtime_factory, data or {}, base, base_outputs, source.input_names, serving_batch)
+        judge = Judge(runtime_factory, data or {}, base, base_outputs, source.input_names, serving_batch, evaluator=evaluator)
         artifact, searches = run_recipe_within_budget(recipe, source, context, judge, accuracy_budget, variant_name, register_over_budget)
     stage("evaluate", 0.95, f"measuring {variant_name}")
     try:
         evaluation, _ = evaluate(
-            artifact, runtime_factory, data, baseline=base, baseline_outputs=base_outputs, serving_batch=serving_batch, metric=metric
+            artifact,
+            runtime_factory,
+            data,
+            baseline=base,
+            baseline_outputs=base_outputs,
+            serving_batch=serving_batch,
+            metric=metric,
+            evaluator=evaluator,
+            timing=recipe.timing,
         )
     except OptimizerError:
         raise
@@ -193,17 +231,28 @@ def optimize(
             f"{variant_name}: the variant {recipe.name} wrote ({artifact.path.name}) does not run on {artifact.runtime}: "
             f"{type(e).__name__}: {' '.join(str(e).split())[:400]}; nothing was registered. Try another recipe"
         ) from e
+    if artifact.path != source.path:  # the speed-up, timed in turns against the source in this job on their serving runtimes
+        stage("evaluate", 0.98, f"timing {variant_name} against the baseline in turns")
+        record_speedup(evaluation, timed_speedup(artifact, source, runtime_factory, data, recipe.timing))
     within = None if not budgeted else all(s.within for s in searches)
-    if accuracy_budget is not None and evaluation.quality_drop is not None and evaluation.quality_drop > accuracy_budget + 1e-9:
-        if not register_over_budget:
-            raise OptimizerError(over_budget(variant_name, evaluation, base, accuracy_budget, searches))
-        within = False
-    extra = {variant_name: {**budget_columns(searches), "within_budget": within}} if budgeted else None
-    if extra and accuracy_budget is not None:
-        extra[variant_name]["budget_pt"] = min([accuracy_budget] + [s.budget for s in searches])
+    # The default budget holds on evaluation data only: on synthesized inputs a quantized model's drop says little.
+    # A pass's own max_drop loosens the default for the job; a job budget is the caller's word.
+    default = max([DEFAULT_BUDGET] + [s.budget for s in searches])
+    gate = accuracy_budget if accuracy_budget is not None else default if data is not None else None
+    gated = gate is not None and evaluation.quality_drop is not None
+    if gated:
+        within = (within is not False) and evaluation.quality_drop <= gate + 1e-9  # type: ignore[operator]
+    over = gated and evaluation.quality_drop > gate + 1e-9  # type: ignore[operator]
+    if over and not register_over_budget:
+        raise OptimizerError(over_budget(variant_name, evaluation, base, gate, searches, default=accuracy_budget is None and not searches))  # type: ignore[arg-type]
+    extra = {variant_name: {**budget_columns(searches), "within_budget": within}}
+    if gate is not None and (gated or budgeted):
+        extra[variant_name]["budget_pt"] = min([gate] + [s.budget for s in searches])
     report = report_rows({"baseline": base, variant_name: evaluation}, extra=extra)
     if "objective" in artifact.notes:  # what the training passes minimized (optimizer.objectives: label-free or on the labels)
         report[-1]["objective"] = artifact.notes["objective"]
+    if "qat" in artifact.notes:  # quantize-qat against the static INT8 of the ranges it started from (kept when QAT is worse)
+        report[-1]["qat"] = artifact.notes["qat"]
     return OptimizeResult(artifact, evaluation, base, report, base_outputs, tuple(searches), within)
 
 
@@ -239,15 +288,26 @@ def run_recipe_within_budget(
 
 
 def over_budget(
-    variant_name: str, evaluation: Evaluation, baseline: Evaluation, budget: float, searches: Sequence[SearchResult] = ()
+    variant_name: str,
+    evaluation: Evaluation,
+    baseline: Evaluation,
+    budget: float,
+    searches: Sequence[SearchResult] = (),
+    default: bool = False,
 ) -> str:
-    """The refusal of a variant over the budget: the best it reached, by which metric, against what (and the searches that led there)."""
+    """The refusal of a variant over the budget: the best it reached, on which output, by which metric, against what
+    (and the searches that led there)."""
     reached = describe(evaluation.quality_metric, evaluation.quality)
-    against = describe(baseline.quality_metric, baseline.quality) if baseline.quality is not None else "the baseline's outputs"
+    output = evaluation.quality_output or ""
+    base = (baseline.qualities or {}).get(output, {})
+    base_value = base.get("value") if base else baseline.quality
+    against = describe(evaluation.quality_metric, base_value) if base_value is not None else "the baseline's outputs"
     worst = f", worst sample {evaluation.quality_min:.4f}" if evaluation.quality_min is not None else ""
+    where = "" if not output else (f" on {output.split(':', 1)[1]}" if output.startswith("evaluator:") else f" on output '{output}'")
+    which = f"the default budget of {budget:g}" if default else f"the budget of {budget:g}"
     return (
-        f"{variant_name} loses {evaluation.quality_drop:.2f} points of {evaluation.quality_metric} ({reached}{worst}, against "
-        f"{against}), over the budget of {budget:g}"
+        f"{variant_name} loses {evaluation.quality_drop:.2f} points of {evaluation.quality_metric}{where} ({reached}{worst}, against "
+        f"{against}), over {which}"
         + "".join(f" ({s.summary()})" for s in searches)
-        + "; nothing was registered (raise --accuracy-budget or pick a gentler recipe)"
+        + "; nothing was registered (raise --accuracy-budget, keep it marked with --keep-over-budget, or pick a gentler recipe)"
     )

@@ -7,7 +7,7 @@ A recipe file's entry may hold `"max_drop": PT` (this pass's own accuracy budget
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from slimserve.optimizer.base import (
     config_to_dict,
 )
 from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.evaluation.timing import TimingOptions
 from slimserve.optimizer.search.budget import BudgetOptions
 
 RECIPE_VERSION = 1
@@ -31,6 +32,7 @@ class Recipe:
     name: str
     passes: tuple[Pass, ...]
     budgets: tuple[BudgetOptions, ...] = ()  # one per pass; empty: the defaults for every pass
+    timing: TimingOptions = field(default_factory=TimingOptions)  # how long latencies and the speed-up are timed (a recipe file's "timing")
 
     def budget(self, i: int) -> BudgetOptions:
         return self.budgets[i] if i < len(self.budgets) else BudgetOptions()
@@ -42,7 +44,10 @@ class Recipe:
             if self.budget(i) != BudgetOptions():
                 entry["budget"] = config_to_dict(self.budget(i))
             entries.append(entry)
-        return {"version": RECIPE_VERSION, "name": self.name, "passes": entries}
+        data: dict[str, Any] = {"version": RECIPE_VERSION, "name": self.name, "passes": entries}
+        if self.timing != TimingOptions():
+            data["timing"] = config_to_dict(self.timing)
+        return data
 
 
 def budget_from_entry(entry: dict[str, Any], where: str) -> BudgetOptions:
@@ -73,7 +78,13 @@ def recipe_from_dict(data: dict[str, Any], where: str) -> Recipe:
         budgets.append(budget_from_entry(entry, f"{where} passes[{i}]"))
     if not passes:
         raise OptimizerError(f"{where}: the recipe has no passes")
-    return Recipe(str(data.get("name") or Path(where).stem), tuple(passes), tuple(budgets))
+    timing = data.get("timing") or {}
+    if not isinstance(timing, dict):
+        raise OptimizerError(
+            f"{where}: 'timing' must be a mapping of settings ({', '.join(config_to_dict(TimingOptions()))}), got {timing!r}"
+        )
+    options = config_from_dict(TimingOptions, timing, f"{where} timing")
+    return Recipe(str(data.get("name") or Path(where).stem), tuple(passes), tuple(budgets), options)  # type: ignore[arg-type]
 
 
 def load_recipe_file(path: Path) -> Recipe:

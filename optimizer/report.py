@@ -23,7 +23,9 @@ COLUMNS = (
     "compute_reduction_x",  # baseline FLOPs / variant FLOPs
     "sparsity_pct",  # share of parameters that are zero
     "latency_p50_ms",  # batch 1
-    "speedup_x",  # baseline p50 / variant p50, batch 1
+    "speedup_x",  # baseline ms / variant ms at batch 1, timed in turns in the same job (else the ratio of the p50s)
+    "speedup_ci",  # the 95% interval of speedup_x [low, high] (timed in turns), None where it was not
+    "threads",  # intra-op threads of the session timed (the serving runtime's choice)
     "throughput_per_s",  # samples / s at the serving batch
     "throughput_ratio_x",  # variant / baseline
     "accuracy_pct",
@@ -33,6 +35,8 @@ COLUMNS = (
     "quality",  # its value: accuracy / agreement / mean cosine in 0-1, relative error (0: equal)
     "quality_min",  # the lowest per-sample cosine similarity (cosine only)
     "quality_drop_pt",  # points lost against the baseline in the budget's unit (optimizer.quality)
+    "quality_output",  # the output (or evaluator:NAME) the metric / quality / drop above are of: the worst for a variant
+    "quality_by_output",  # every output and the evaluator: [{output, metric, value, drop_pt, worst}], in the model's order
     "reference_speedup_x",  # best FP32 runtime's p50 / variant p50, batch 1 (the reference an auto search must beat)
     "budget_pt",  # the accuracy budget the variant was held to (the tightest of the job's and its passes' max_drop)
     "within_budget",  # whether it met it (False only for a variant kept over budget on request)
@@ -92,7 +96,9 @@ def report_rows(
                 "compute_reduction_x": _round(_ratio(b.flops, e.flops), 3),
                 "sparsity_pct": _round(sparsity, 2),
                 "latency_p50_ms": _round(e.latency_p50_ms, 4),
-                "speedup_x": _round(_ratio(b.latency_p50_ms, e.latency_p50_ms), 3),
+                "speedup_x": _round(e.speedup_x, 3) if e.speedup_x is not None else _round(_ratio(b.latency_p50_ms, e.latency_p50_ms), 3),
+                "speedup_ci": None if e.speedup_ci is None else [_round(v, 3) for v in e.speedup_ci],
+                "threads": e.threads,
                 "throughput_per_s": _round(e.throughput, 1),
                 "throughput_ratio_x": _round(_ratio(e.throughput, b.throughput), 3),
                 "accuracy_pct": _round(None if e.accuracy is None else 100.0 * e.accuracy, 2),
@@ -102,11 +108,29 @@ def report_rows(
                 "quality": _round(e.quality, 4),
                 "quality_min": None if name == baseline else _round(e.quality_min, 4),
                 "quality_drop_pt": None if name == baseline else _round(e.quality_drop, 2),
+                "quality_output": e.quality_output,
+                "quality_by_output": by_output(e.qualities, name == baseline),
                 "reference_speedup_x": None if ref is None else _round(_ratio(ref.latency_p50_ms, e.latency_p50_ms), 3),
                 **{k: (extra or {}).get(name, {}).get(k) for k in BUDGET_COLUMNS},
             }
         )
     return rows
+
+
+def by_output(qualities: dict[str, dict[str, Any]] | None, baseline: bool) -> list[dict[str, Any]] | None:
+    """The per-output rows of a report row: each output's metric, value and drop (none for the baseline itself)."""
+    if not qualities:
+        return None
+    return [
+        {
+            "output": name,
+            "metric": q.get("metric"),
+            "value": _round(q.get("value"), 4),
+            "drop_pt": None if baseline else _round(q.get("drop"), 2),
+            "worst": None if baseline else _round(q.get("worst"), 4),
+        }
+        for name, q in qualities.items()
+    ]
 
 
 def to_json(rows: list[dict[str, Any]]) -> str:

@@ -19,14 +19,18 @@ class UploadFile(_message.Message):
     def __init__(self, role: _Optional[str] = ..., filename: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RegisterHeader(_message.Message):
-    __slots__ = ("name", "files", "description")
+    __slots__ = ("name", "files", "description", "quality", "evaluator")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    EVALUATOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     files: _containers.RepeatedCompositeFieldContainer[UploadFile]
     description: str
-    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
+    quality: _containers.RepeatedScalarFieldContainer[str]
+    evaluator: str
+    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., description: _Optional[str] = ..., quality: _Optional[_Iterable[str]] = ..., evaluator: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("file_index", "data")
@@ -153,7 +157,7 @@ class DeleteVariantRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
-    __slots__ = ("model", "recipe", "recipe_json", "variant_name", "accuracy_budget", "parent", "keep_over_budget")
+    __slots__ = ("model", "recipe", "recipe_json", "variant_name", "accuracy_budget", "parent", "keep_over_budget", "quality", "evaluator")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     RECIPE_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +165,8 @@ class OptimizeRequest(_message.Message):
     ACCURACY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     KEEP_OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    EVALUATOR_FIELD_NUMBER: _ClassVar[int]
     model: str
     recipe: str
     recipe_json: str
@@ -168,7 +174,9 @@ class OptimizeRequest(_message.Message):
     accuracy_budget: float
     parent: str
     keep_over_budget: bool
-    def __init__(self, model: _Optional[str] = ..., recipe: _Optional[str] = ..., recipe_json: _Optional[str] = ..., variant_name: _Optional[str] = ..., accuracy_budget: _Optional[float] = ..., parent: _Optional[str] = ..., keep_over_budget: _Optional[bool] = ...) -> None: ...
+    quality: _containers.RepeatedScalarFieldContainer[str]
+    evaluator: str
+    def __init__(self, model: _Optional[str] = ..., recipe: _Optional[str] = ..., recipe_json: _Optional[str] = ..., variant_name: _Optional[str] = ..., accuracy_budget: _Optional[float] = ..., parent: _Optional[str] = ..., keep_over_budget: _Optional[bool] = ..., quality: _Optional[_Iterable[str]] = ..., evaluator: _Optional[str] = ...) -> None: ...
 
 class JobProgress(_message.Message):
     __slots__ = ("stage", "fraction", "message", "epoch", "loss", "accuracy")

@@ -93,6 +93,14 @@ def optimize(
     keep_over_budget: bool = typer.Option(
         False, "--keep-over-budget", help="Write the best a budget search reached even when it misses the budget (marked in the report)."
     ),
+    quality: list[str] = typer.Option(
+        [], "--quality", help="OUTPUT=METRIC (accuracy, top1-agreement, cosine, relative-error), repeatable: how an output is scored."
+    ),
+    evaluator: str = typer.Option(
+        "",
+        "--evaluator",
+        help="A task metric held to the budget too: a built-in, an entry point (slimserve.evaluators) or module:attribute.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     output: str = output_option(),
 ) -> None:
@@ -106,6 +114,8 @@ def optimize(
 
     from slimserve.client.report import render_report
     from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
+    from slimserve.optimizer.evaluation.evaluators import load_evaluator
+    from slimserve.optimizer.evaluation.quality import parse_declared
     from slimserve.optimizer.formats.onnx_files import check_side_files, copy_model
     from slimserve.optimizer.pipeline import optimize as run_optimize
     from slimserve.optimizer.quiet import quiet_third_party
@@ -140,6 +150,8 @@ def optimize(
         for role, path in datasets.items():
             check_dataset(role, inspect_npz(path, role), probe.inputs)
         parsed = parse_recipe(recipe)
+        declared = parse_declared(quality, [s.name for s in probe.outputs])
+        scorer = load_evaluator(evaluator) if evaluator else None
         name = variant_name or parsed.name
         source = Artifact(
             model_file, fmt, input_names=tuple(s.name for s in probe.inputs), output_names=tuple(s.name for s in probe.outputs)
@@ -156,7 +168,17 @@ def optimize(
                 datasets=datasets,
                 progress=lambda e: bar.update(task, completed=e.fraction, description=e.stage, detail=e.message),
             )
-            result = run_optimize(source, parsed, context, factory, name, accuracy_budget, register_over_budget=keep_over_budget)
+            result = run_optimize(
+                source,
+                parsed,
+                context,
+                factory,
+                name,
+                accuracy_budget,
+                register_over_budget=keep_over_budget,
+                declared=declared,
+                evaluator=scorer,
+            )
             out.mkdir(parents=True, exist_ok=True)
             target = out / f"model.{result.artifact.format}"
             if result.artifact.format == "onnx":

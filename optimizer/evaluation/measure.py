@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,10 +24,24 @@ from slimserve.optimizer.base import (
 )
 from slimserve.optimizer.counting.model_file import artifact_size, count_flops, count_params, load_model
 from slimserve.optimizer.data import take
-from slimserve.optimizer.evaluation.quality import choose_metric, cosine_per_sample, measure
-from slimserve.optimizer.evaluation.timing import percentiles_ms, time_predict
+from slimserve.optimizer.evaluation.quality import (
+    Quality,
+    choose_metrics,
+    cosine_per_sample,
+    labelled_output,
+    measure,
+    measure_outputs,
+    worst,
+)
+from slimserve.optimizer.evaluation.timing import Ratio, TimingOptions, interleaved_ratio, percentiles_ms, time_until_tight
+
+if TYPE_CHECKING:
+    from slimserve.optimizer.evaluation.evaluators import Evaluator
 
 log = logging.getLogger(__name__)
+
+# The outputs of a model on the evaluation data, by output name (what variants are compared with).
+Outputs = dict[str, np.ndarray]
 
 # Size given to a variable dimension other than the batch when inputs are synthesized.
 SYNTHETIC_DIM = 8
@@ -56,13 +70,23 @@ class Evaluation:
     accuracy: float | None = None  # top-1 in [0, 1]; None without labels
     accuracy_delta: float | None = None  # percentage points against the baseline
     agreement: float | None = None  # top-1 agreement with the baseline (logits), or mean cosine similarity (embeddings)
-    # The quality the accuracy budget holds (optimizer.quality): metric name, value, worst sample, points lost.
-    quality_metric: str | None = None  # accuracy | top1-agreement | cosine | relative-error
+    # The quality the accuracy budget holds (optimizer.quality): metric name, value, worst sample, points lost. For a
+    # variant, those of the output (or evaluator) that lost most; for the baseline, those of its main output.
+    quality_metric: str | None = None  # accuracy | top1-agreement | cosine | relative-error | evaluator:NAME
     quality: float | None = None
     quality_min: float | None = None  # lowest per-sample cosine similarity (cosine only)
     quality_drop: float | None = None  # points lost against the baseline in the budget's unit (negative: better)
+    quality_output: str | None = None  # the output (or evaluator:NAME) the quality fields above are of
+    # Every output's quality, and the evaluator's: {name: {"metric", "value", "drop", "worst"}}, in the model's output order.
+    qualities: dict[str, dict[str, Any]] | None = None
     runtime: str | None = None
     device: str | None = None
+    threads: int | None = None  # intra-op threads of the session that was timed (the serving runtime's choice)
+    # The speed-up over the FP32 source, timed in turns in the same job (timing.interleaved_ratio): the report's speedup_x.
+    speedup_x: float | None = None
+    speedup_ci: list[float] | None = None  # its 95% interval [low, high]
+    speedup_rounds: int | None = None
+    timing_seconds: float | None = None  # what the interleaved timing took
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,19 +107,24 @@ def evaluate(
     runtime_factory: RuntimeFactory,
     data: dict[str, np.ndarray] | None,
     baseline: Evaluation | None = None,
-    baseline_outputs: np.ndarray | None = None,
+    baseline_outputs: Outputs | None = None,
     serving_batch: int = 32,
     warmup: int = 20,
     iterations: int = 200,
     progress: Callable[[ProgressEvent], None] | None = None,
     metric: str | None = None,
-) -> tuple[Evaluation, np.ndarray | None]:
+    declared: dict[str, str] | None = None,
+    evaluator: Evaluator | None = None,
+    timing: TimingOptions | None = None,
+) -> tuple[Evaluation, Outputs | None]:
     """Measures `artifact` on the runtime `runtime_factory` loads for it.
 
-    Returns the evaluation and the first output of the model on the data (on synthesized inputs
+    Returns the evaluation and every output of the model on the data (on synthesized inputs
     when `data` is None), to pass as `baseline_outputs` when the next variants are measured.
-    Latency is the wall time of one `predict` call (time.perf_counter) after `warmup` calls.
-    Quality: by `metric` when given, else the baseline's metric, else one chosen from the output (slimserve.optimizer.evaluation.quality).
+    Latency is the wall time of one `predict` call (time.perf_counter) after `warmup` calls, timed until its median is
+    known within `timing.rel_ci`, for `timing.max_seconds` at most, and `iterations` calls at most (timing.TimingOptions).
+    Quality (`score`): every output by the baseline's metrics, else by `declared` ({output: metric}; `metric`: the main
+    output's), else chosen from each output; and by `evaluator` when one is given.
     """
 
     def step(fraction: float, message: str) -> None:
@@ -110,6 +139,9 @@ def evaluate(
     predictor = runtime_factory(artifact.path, artifact.runtime)
     try:
         evaluation = Evaluation(runtime=artifact.runtime, device=str(getattr(predictor, "device", "cpu")))
+        threads = getattr(predictor, "intra_op_threads", None)
+        evaluation.threads = threads if isinstance(threads, int) and threads > 0 else None
+        options = timing or TimingOptions(min_calls=min(5, iterations), max_calls=iterations, warmup_calls=warmup)
         feeds = model_inputs(predictor, data, max(serving_batch, SYNTHETIC_SAMPLES))
         fixed_batch = _fixed_batch(predictor)
         batch = fixed_batch or serving_batch
@@ -117,19 +149,17 @@ def evaluate(
 
         step(0.1, "running the evaluation data")
         outputs = run_in_batches(predictor, feeds, batch)
-        labels = None if data is None else data.get("labels")
-        output_name = predictor.outputs[0].name if predictor.outputs else ""
-        _score(evaluation, outputs, labels, baseline, baseline_outputs, metric, output_name)
+        score(evaluation, outputs, data, baseline, baseline_outputs, metric, declared, evaluator)
 
         step(0.4, "latency at batch 1")
         one = take(feeds, fixed_batch or 1)
-        times = time_predict(predictor, one, warmup, iterations)
+        times = time_until_tight(predictor, one, options)
         evaluation.latency_p50_ms, evaluation.latency_p99_ms = percentiles_ms(times)
         step(0.7, f"latency at batch {batch}")
         many = take(feeds, batch)
-        times = times if batch == (fixed_batch or 1) else time_predict(predictor, many, warmup, iterations)
+        times = times if batch == (fixed_batch or 1) else time_until_tight(predictor, many, options)
         evaluation.latency_p50_ms_batch, evaluation.latency_p99_ms_batch = percentiles_ms(times)
-        evaluation.throughput = batch / float(np.mean(times))
+        evaluation.throughput = batch / float(np.median(times))  # the median: a short, capped timing's mean is its outliers
 
         step(0.9, "parameters and FLOPs")
         evaluation.size_bytes = artifact_size(artifact.path, artifact.format)
@@ -156,31 +186,68 @@ def evaluate(
             unload()
 
 
-def _score(
+def quality_plan(
+    outputs: Outputs, labels: np.ndarray | None, baseline: Evaluation | None, metric: str | None, declared: dict[str, str] | None
+) -> dict[str, str]:
+    """The metric of each output: the baseline's (variants are scored as it was), else declared / chosen."""
+    if baseline is not None and baseline.qualities:
+        return {n: q["metric"] for n, q in baseline.qualities.items() if not n.startswith("evaluator:")}
+    declared = dict(declared or {})
+    if baseline is not None and baseline.quality_metric:  # an evaluation saved before outputs were scored one by one
+        metric = metric or baseline.quality_metric
+    if metric and outputs:
+        main = labelled_output(outputs, labels, declared) if metric == "accuracy" else None
+        declared.setdefault(main or next(iter(outputs)), metric)
+    return choose_metrics(outputs, labels, declared)
+
+
+def score(
     evaluation: Evaluation,
-    outputs: np.ndarray,
-    labels: np.ndarray | None,
+    outputs: Outputs,
+    data: dict[str, np.ndarray] | None,
     baseline: Evaluation | None,
-    baseline_outputs: np.ndarray | None,
-    metric: str | None,
-    output_name: str,
-) -> None:
-    requested = metric or (baseline.quality_metric if baseline is not None else None)
-    chosen = choose_metric(outputs, labels, output_name, requested)
-    # A baseline saved before quality was recorded still holds its accuracy.
-    base_value = None if baseline is None else (baseline.accuracy if chosen == "accuracy" else baseline.quality)
-    quality = measure(chosen, outputs, labels, baseline_outputs, base_value)
+    baseline_outputs: Outputs | None,
+    metric: str | None = None,
+    declared: dict[str, str] | None = None,
+    evaluator: Evaluator | None = None,
+) -> Quality:
+    """Scores every output (and the evaluator) into `evaluation`; returns the quality the budget holds (the worst drop)."""
+    labels = None if data is None else data.get("labels")
+    if baseline_outputs is not None and set(outputs) != set(baseline_outputs) and len(outputs) == len(baseline_outputs):
+        outputs = dict(zip(baseline_outputs, outputs.values()))  # the same outputs under other names (a .pt2's output_0): by position
+    plan = quality_plan(outputs, labels, baseline, metric, declared)
+    before: dict[str, float | None] = {}
+    if baseline is not None and baseline.qualities:  # the values a drop is taken from: accuracy's and the evaluator's
+        before = {n: q.get("value") for n, q in baseline.qualities.items() if q.get("metric") == "accuracy" or n.startswith("evaluator:")}
+    if baseline is not None and not baseline.qualities and plan:  # a baseline saved before outputs were scored one by one
+        before = {n: (baseline.accuracy if m == "accuracy" else baseline.quality) for n, m in plan.items()}
+    qualities = measure_outputs(plan, outputs, labels, baseline_outputs, before)
+    if evaluator is not None:
+        qualities[evaluator.key] = evaluator.quality(outputs, data or {}, baseline_outputs, before.get(evaluator.key))
+    if not qualities:
+        return Quality("", None, None)
+    evaluation.qualities = {n: {"metric": q.metric, "value": q.value, "drop": q.drop, "worst": q.worst} for n, q in qualities.items()}
+    scored = outputs if baseline_outputs is not None else {}
+    main = labelled_output(outputs, labels, {n: m for n, m in plan.items() if m == "accuracy"}) or next(iter(plan), None)
+    bound = worst(qualities) if baseline_outputs is not None else (main or next(iter(qualities)))
+    quality = qualities[bound]
+    evaluation.quality_output = bound
     evaluation.quality_metric, evaluation.quality, evaluation.quality_min = quality.metric, quality.value, quality.worst
     evaluation.quality_drop = quality.drop if baseline is not None else None
-    if labels is not None and outputs.ndim == 2 and outputs.shape[1] > 1:  # accuracy whenever it applies, whatever the budget holds
-        evaluation.accuracy = measure("accuracy", outputs, labels, None, None).value
-        if baseline is not None and baseline.accuracy is not None:
-            evaluation.accuracy_delta = (evaluation.accuracy - baseline.accuracy) * 100.0  # type: ignore[operator]
-    if baseline_outputs is not None:
+    if main is not None and labels is not None and outputs[main].ndim == 2 and outputs[main].shape[1] > 1:
+        # accuracy whenever it applies, whatever the budget holds
+        evaluation.accuracy = (
+            qualities[main].value if plan.get(main) == "accuracy" else measure("accuracy", outputs[main], labels, None, None).value
+        )
+        if baseline is not None and baseline.accuracy is not None and evaluation.accuracy is not None:
+            evaluation.accuracy_delta = (evaluation.accuracy - baseline.accuracy) * 100.0
+    if main is not None and main in scored:
+        chosen = plan[main]
         if chosen in ("cosine", "top1-agreement"):
-            evaluation.agreement = quality.value
+            evaluation.agreement = qualities[main].value
         elif chosen == "accuracy":
-            evaluation.agreement = agreement(outputs, baseline_outputs)
+            evaluation.agreement = agreement(outputs[main], baseline_outputs[main])  # type: ignore[index]
+    return quality
 
 
 def agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
@@ -245,19 +312,57 @@ def _fixed_batch(predictor: Predictor) -> int | None:
     return int(first[0]) if first and first[0] > 0 else None
 
 
-def _first_output(predictor: Predictor, result: dict[str, np.ndarray]) -> np.ndarray:
-    name = predictor.outputs[0].name if predictor.outputs else next(iter(result))
-    return np.asarray(result[name])
-
-
-def run_in_batches(predictor: Predictor, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
-    """The first output over all samples, computed `batch` samples at a time (the last batch padded)."""
+def run_in_batches(predictor: Predictor, feeds: dict[str, np.ndarray], batch: int) -> Outputs:
+    """Every output over all samples, computed `batch` samples at a time (the last batch padded), by output name."""
     n = len(next(iter(feeds.values())))
-    chunks = []
+    chunks: dict[str, list[np.ndarray]] = {}
+    skipped: set[str] = set()
     for start in range(0, n, batch):
         part = {k: v[start : start + batch] for k, v in feeds.items()}
         size = len(next(iter(part.values())))
         if size < batch and _fixed_batch(predictor) is not None:
             part = take(part, batch)
-        chunks.append(_first_output(predictor, predictor.predict(part))[:size])
-    return np.concatenate(chunks, axis=0)
+        fed = len(next(iter(part.values())))
+        result = predictor.predict(part)
+        names = [o.name for o in predictor.outputs] if predictor.outputs else list(result)
+        for name in names:
+            array = np.asarray(result[name])
+            if array.ndim == 0 or array.shape[0] != fed:  # not one row per sample (a scalar, a state batched on another axis)
+                skipped.add(name)
+                continue
+            chunks.setdefault(name, []).append(array[:size])
+    if skipped:
+        log.info("outputs %s hold no row per sample on axis 0 and are not scored", ", ".join(sorted(skipped)))
+    return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items() if name not in skipped}
+
+
+def timed_speedup(
+    candidate: Artifact,
+    reference: Artifact,
+    runtime_factory: RuntimeFactory,
+    data: dict[str, np.ndarray] | None,
+    timing: TimingOptions | None = None,
+) -> Ratio:
+    """The candidate's speed-up over the reference at batch 1 (or the batch a model is fixed to), both loaded on the
+    runtimes (and thread counts) that serve them and timed in turns in this job, until the ratio is known (TimingOptions)."""
+    loaded = []
+    try:
+        runs = []
+        for artifact in (candidate, reference):
+            predictor = runtime_factory(artifact.path, artifact.runtime)
+            loaded.append(predictor)
+            feeds = model_inputs(predictor, data)
+            runs.append((predictor, take(feeds, _fixed_batch(predictor) or 1)))
+        return interleaved_ratio(runs[0], runs[1], timing or TimingOptions())
+    finally:
+        for predictor in loaded:
+            unload = getattr(predictor, "unload", None)
+            if callable(unload):
+                unload()
+
+
+def record_speedup(evaluation: Evaluation, ratio: Ratio) -> None:
+    evaluation.speedup_x = ratio.speedup
+    evaluation.speedup_ci = [ratio.low, ratio.high]
+    evaluation.speedup_rounds = ratio.rounds
+    evaluation.timing_seconds = ratio.seconds

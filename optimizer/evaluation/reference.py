@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, RuntimeFactory
 from slimserve.optimizer.data import take
-from slimserve.optimizer.evaluation.measure import Evaluation, evaluate, model_inputs
+from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate, model_inputs
 from slimserve.optimizer.evaluation.timing import interleaved_p50_ms
 
 EXPORT = "fp32-onnxruntime"  # the name of the FP32 ONNX Runtime form of a model in reports
@@ -46,11 +47,12 @@ class Reference:
 def measure_reference(
     source: Artifact,
     baseline: Evaluation,
-    baseline_outputs: np.ndarray | None,
+    baseline_outputs: Outputs | None,
     context: PassContext,
     runtime_factory: RuntimeFactory,
     data: dict[str, np.ndarray] | None,
     serving_batch: int,
+    evaluator: Any = None,
 ) -> Reference:
     """The baseline, or its FP32 ONNX Runtime form when that is faster; the export is measured like any variant."""
     if source.runtime == "onnxruntime":
@@ -63,7 +65,13 @@ def measure_reference(
 
             export = to_onnx(source, context)
         evaluation, _ = evaluate(
-            export, runtime_factory, data, baseline=baseline, baseline_outputs=baseline_outputs, serving_batch=serving_batch
+            export,
+            runtime_factory,
+            data,
+            baseline=baseline,
+            baseline_outputs=baseline_outputs,
+            serving_batch=serving_batch,
+            evaluator=evaluator,
         )
     except OptimizerError as e:
         return Reference("baseline", source, baseline, note=f"no FP32 ONNX Runtime form: {e}")

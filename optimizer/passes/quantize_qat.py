@@ -6,6 +6,8 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from slimserve.optimizer.base import (
     Artifact,
     ConfigValueError,
@@ -33,11 +35,14 @@ class QuantizeQatConfig(PassConfig):
     epochs, lr (AdamW, cosine decay to 0 over all steps), batch_size, weight_decay: the shared
     fine-tuning loop (optimizer/finetune/loop.py) with these settings and no augmentation.
     max_samples: train rows used at most per epoch (0: all). freeze_observers: keep the
-    activation ranges fixed during the last epoch, so the final weights adapt to the ranges
-    that ship (as torch's QAT recipes do). fold_batchnorm: fold each BatchNorm into the conv
+    ranges calibrated before training fixed while it trains, so the weights adapt to the ranges
+    that ship (as torch's QAT recipes do late in training); false: the observers follow the training. fold_batchnorm: fold each BatchNorm into the conv
     before it, with its running statistics, before training — BN frozen, the usual choice when
     fine-tuning a trained model for a few epochs, and it spares torchao's conv-BN pattern
     matching (~15 s per run on a CPU); false: torchao simulates BN folding while training.
+    calibration_samples: rows (of the calibration data, else the train data) that calibrate the static-INT8 ranges
+    training starts from. keep_better: after training, the QAT model and the static INT8 model of those calibrated
+    ranges are scored on the evaluation data (the train data without it), and QAT is kept only when it is not worse.
     """
 
     epochs: int = setting(3, "quantization-aware fine-tuning epochs")
@@ -47,6 +52,10 @@ class QuantizeQatConfig(PassConfig):
     max_samples: int = setting(0, "train rows used at most per epoch (0: all)")
     freeze_observers: bool = setting(True, "keep activation ranges fixed in the last epoch, so the weights adapt to the ranges that ship")
     fold_batchnorm: bool = setting(True, "fold each BatchNorm into the conv before it before training (false: torchao simulates folding)")
+    calibration_samples: int = setting(
+        512, "rows (calibration data, else train data) that calibrate the static-INT8 ranges QAT starts from"
+    )
+    keep_better: bool = setting(True, "keep QAT only when it scores no worse than static INT8 from the same ranges")
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -59,6 +68,8 @@ class QuantizeQatConfig(PassConfig):
             raise ConfigValueError(f"weight_decay must be 0 or more, got {self.weight_decay}")
         if self.max_samples < 0:
             raise ConfigValueError(f"max_samples must be 0 (all) or more, got {self.max_samples}")
+        if self.calibration_samples < 1:
+            raise ConfigValueError(f"calibration_samples must be at least 1, got {self.calibration_samples}")
 
 
 def _import_torchao_pt2e(needed_by: str):
@@ -160,9 +171,18 @@ class QuantizeQatPass(Pass[QuantizeQatConfig]):
             raise OptimizerError(f"{self.name}: torchao cannot prepare the model for QAT: {type(e).__name__}: {e}") from e
         pt2e.allow_exported_model_train_eval(model)
 
-        def before_epoch(epoch: int) -> None:
-            if config.freeze_observers and config.epochs > 1 and epoch == config.epochs - 1:
-                model.apply(pt2e.disable_observer)
+        # Static INT8 first: the observers calibrated on calibration rows, as post-training quantization would. Training
+        # starts from those ranges, and that static model is the answer whenever QAT does not beat it.
+        context.progress(ProgressEvent(stage=self.name, fraction=0.0, message="calibrating the static INT8 ranges QAT starts from"))
+        calibration = self._calibration_rows(context, specs, arrays, inputs, config)
+        _calibrate(model, calibration, config.batch_size)
+        static = None
+        if config.keep_better:
+            import copy
+
+            static = self._export(copy.deepcopy(model), quantize_pt2e, example, context, artifact, inputs, outputs, "int8-ptq")
+        if config.freeze_observers:
+            model.apply(pt2e.disable_observer)  # the calibrated ranges ship; the weights learn to them
 
         # Augmentation off: the fake-quantize observers must calibrate on the data the model will serve.
         finetune = FineTuneConfig(
@@ -174,13 +194,27 @@ class QuantizeQatPass(Pass[QuantizeQatConfig]):
             schedule="cosine",
             augment=AugmentConfig(kind="none"),
         )
-        fine_tune_(model, TrainData([arrays[name] for name in inputs], labels), finetune, context, self.name, before_epoch=before_epoch)
+        fine_tune_(model, TrainData([arrays[name] for name in inputs], labels), finetune, context, self.name)
         context.progress(ProgressEvent(stage=self.name, fraction=1.0, message="converting to INT8 and exporting ONNX"))
+        trained = self._export(model, quantize_pt2e, example, context, artifact, inputs, outputs, "int8-qat")
+        if static is None:
+            return trained
+        return self._better(trained, static, context, specs, arrays, labels, inputs)
+
+    def _calibration_rows(self, context: PassContext, specs, train: dict, inputs: list[str], config: QuantizeQatConfig) -> list:
+        """The model's inputs to calibrate on: the calibration data when the model has it, else the train rows."""
+        source = train
+        if "calibration" in context.datasets:
+            source = model_arrays(context.dataset("calibration", needed_by=self.name), specs, "calibration", self.name)
+        rows = subsample(dict(source), config.calibration_samples, context.seed)
+        return [rows[name] for name in inputs]
+
+    def _export(self, model, quantize_pt2e, example, context: PassContext, artifact: Artifact, inputs, outputs, kind: str) -> Artifact:
         try:
             converted = quantize_pt2e.convert_pt2e(model)
         except Exception as e:  # torchao raises assorted types on graphs it cannot convert
-            raise OptimizerError(f"{self.name}: torchao cannot convert the trained model to INT8: {type(e).__name__}: {e}") from e
-        target = context.new_path(f"{artifact.path.stem}-int8-qat", ".onnx")
+            raise OptimizerError(f"{self.name}: torchao cannot convert the model to INT8 ({kind}): {type(e).__name__}: {e}") from e
+        target = context.new_path(f"{artifact.path.stem}-{kind}", ".onnx")
         export_program_to_onnx(export_dynamic_batch(converted, example, self.name), target, inputs, outputs, self.name)
         strip_debug_info(target)
         facts = int8_facts(target)
@@ -193,5 +227,41 @@ class QuantizeQatPass(Pass[QuantizeQatConfig]):
             runtime="onnxruntime",
             input_names=tuple(inputs),
             output_names=tuple(outputs),
-            notes={**artifact.notes, "quantized": "int8-qat"},
+            notes={**artifact.notes, "quantized": kind},
         )
+
+    def _better(self, trained: Artifact, static: Artifact, context: PassContext, specs, train: dict, labels, inputs) -> Artifact:
+        """QAT when it scores at least static INT8's accuracy on the evaluation data (the train data without it), else static."""
+        where = "evaluation data"
+        if "data" in context.datasets and "labels" in (data := context.dataset("data", needed_by=self.name)):
+            arrays = model_arrays(data, specs, "data", self.name)
+            truth = check_labels(data, len(next(iter(arrays.values()))), self.name, role="data")
+        else:
+            arrays, truth, where = train, labels, "train data"
+        qat, ptq = (onnx_accuracy(a.path, [arrays[n] for n in inputs], inputs, truth) for a in (trained, static))
+        said = f"on the {where}: QAT {100 * qat:.2f}%, static INT8 of the calibrated ranges {100 * ptq:.2f}%"
+        if qat >= ptq:
+            return trained.derive(trained.path, qat=f"QAT kept {said}")
+        context.progress(ProgressEvent(stage=self.name, fraction=1.0, message=f"static INT8 kept: {said}"))
+        return static.derive(static.path, qat=f"QAT was worse than static INT8, which is the answer; {said}")
+
+
+def _calibrate(model, rows: list, batch_size: int) -> None:
+    """Forward passes without gradients: the observers record the activation and weight ranges."""
+    import torch
+
+    with torch.no_grad():
+        for start in range(0, len(rows[0]), batch_size):
+            model(*(torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])) for x in rows))
+
+
+def onnx_accuracy(path, rows: list, names: list[str], labels) -> float:
+    """Top-1 accuracy of an ONNX classifier's first output on the rows, in ONNX Runtime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    hits = 0
+    for start in range(0, len(rows[0]), 256):
+        logits = session.run(None, {n: np.ascontiguousarray(x[start : start + 256]) for n, x in zip(names, rows)})[0]
+        hits += int(np.sum(logits.reshape(len(logits), -1).argmax(1) == labels[start : start + 256].reshape(-1)))
+    return hits / len(rows[0])

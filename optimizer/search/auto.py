@@ -32,7 +32,7 @@ from slimserve.optimizer.base import (
 )
 from slimserve.optimizer.catalog import make_pass, pass_class
 from slimserve.optimizer.data import has_labels
-from slimserve.optimizer.evaluation.measure import Evaluation, evaluate
+from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate
 from slimserve.optimizer.evaluation.quality import describe
 from slimserve.optimizer.evaluation.reference import EXPORT, Reference, dynamic_int8_unfit, measure_reference, timed_against
 from slimserve.optimizer.evaluation.timing import beats
@@ -217,10 +217,11 @@ def auto_search(
     runtime_factory: RuntimeFactory,
     data: dict[str, np.ndarray],
     baseline: Evaluation,
-    baseline_outputs: np.ndarray | None,
+    baseline_outputs: Outputs | None,
     accuracy_budget: float,
     variant_name: str,
     serving_batch: int = 32,
+    evaluator: Any = None,
 ) -> tuple[Artifact, Evaluation, list[dict[str, Any]]]:
     """Measures every candidate; returns the fastest within the budget that beats the best FP32 runtime, and the report rows.
 
@@ -239,15 +240,23 @@ def auto_search(
     def measure(artifact: Artifact) -> Evaluation:
         nonlocal evaluations
         evaluations += 1
-        e, _ = evaluate(artifact, runtime_factory, data, baseline=baseline, baseline_outputs=baseline_outputs, serving_batch=serving_batch)
+        e, _ = evaluate(
+            artifact,
+            runtime_factory,
+            data,
+            baseline=baseline,
+            baseline_outputs=baseline_outputs,
+            serving_batch=serving_batch,
+            evaluator=evaluator,
+        )
         return e
 
     context.progress(ProgressEvent(stage="auto", fraction=0.0, message="measuring the best FP32 runtime"))
-    reference = measure_reference(source, baseline, baseline_outputs, work, runtime_factory, data, serving_batch)
+    reference = measure_reference(source, baseline, baseline_outputs, work, runtime_factory, data, serving_batch, evaluator)
     evaluations += reference.export is not None
     candidates = [Candidate(recipe) for recipe in config.candidates]
     start_onnx = source if source.format == "onnx" else (reference.export[0] if reference.export else None)
-    judge = Judge(runtime_factory, data, baseline, baseline_outputs, source.input_names, serving_batch)
+    judge = Judge(runtime_factory, data, baseline, baseline_outputs, source.input_names, serving_batch, evaluator=evaluator)
     searches = BudgetSearches(judge, accuracy_budget, config.search_evaluations, config.search_seconds)
     _run_candidates(candidates, source, start_onnx, config, context, work, measure, datasets, searches)
     evaluations += judge.evaluations

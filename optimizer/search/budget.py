@@ -34,10 +34,9 @@ from slimserve.optimizer.base import (
     RuntimeFactory,
     setting,
 )
-from slimserve.optimizer.evaluation.measure import Evaluation, model_inputs, run_in_batches
-from slimserve.optimizer.evaluation.quality import Quality, describe, measure
+from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, model_inputs, run_in_batches, score
+from slimserve.optimizer.evaluation.quality import Quality, describe
 from slimserve.optimizer.finetune.guard import guarding
-from slimserve.optimizer.finetune.loop import first_output
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +90,16 @@ class Judge:
     runtime_factory: RuntimeFactory
     data: dict[str, np.ndarray]
     baseline: Evaluation
-    baseline_outputs: np.ndarray | None
+    baseline_outputs: Outputs | None
     input_names: tuple[str, ...]
     serving_batch: int = 32
     evaluations: int = 0  # every scoring, probes and guard alike
+    evaluator: Any = None  # slimserve.optimizer.evaluation.evaluators.Evaluator, scored beside the outputs
 
-    def _measure(self, outputs: np.ndarray) -> Quality:
-        metric = self.baseline.quality_metric or "accuracy"
-        base_value = self.baseline.accuracy if metric == "accuracy" else self.baseline.quality
+    def _measure(self, outputs: Outputs) -> Quality:
+        """The quality the budget holds: the worst of every output's drop (by the baseline's metrics) and the evaluator's."""
         self.evaluations += 1
-        return measure(metric, outputs, self.data.get("labels"), self.baseline_outputs, base_value)
+        return score(Evaluation(), outputs, self.data, self.baseline, self.baseline_outputs, evaluator=self.evaluator)
 
     def artifact(self, artifact: Artifact) -> Quality:
         predictor = self.runtime_factory(artifact.path, artifact.runtime)
@@ -122,13 +121,28 @@ class Judge:
         inputs = [arrays[n].astype(d, copy=False) for n, d in zip(names, dtypes)]
         was_training = module.training
         module.eval()
-        chunks = []
+        output_names = list(self.baseline_outputs or {})
+        chunks: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
             for start in range(0, len(inputs[0]), 256):
-                out = first_output(module(*(torch.from_numpy(np.ascontiguousarray(x[start : start + 256])) for x in inputs)))
-                chunks.append(out.detach().numpy())
+                out = module(*(torch.from_numpy(np.ascontiguousarray(x[start : start + 256])) for x in inputs))
+                for name, tensor in zip(output_names, tensors_of(out)):
+                    chunks.setdefault(name, []).append(tensor.detach().numpy())
         module.train(was_training)
-        return self._measure(np.concatenate(chunks, axis=0))
+        return self._measure({name: np.concatenate(parts, axis=0) for name, parts in chunks.items()})
+
+
+def tensors_of(value: Any) -> list[Any]:
+    """A torch model's outputs in order: a tensor, or the tensors of a tuple / list / dict (nested ones flattened)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_of(v)]
+    return []
 
 
 @dataclass

@@ -116,6 +116,8 @@ def upload_header(header: spb.RegisterHeader) -> UploadHeader:
         name=header.name,
         files=tuple(UploadFile(f.role, f.filename, f.size_bytes, f.sha256) for f in header.files),
         description=header.description,
+        quality=tuple(header.quality),
+        evaluator=header.evaluator,
     )
 
 
@@ -143,6 +145,8 @@ def job_request(request: spb.OptimizeRequest) -> JobRequest:
         accuracy_budget=request.accuracy_budget if request.HasField("accuracy_budget") else None,
         parent=request.parent,
         keep_over_budget=request.keep_over_budget,
+        quality=tuple(request.quality),
+        evaluator=request.evaluator,
     )
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.evaluation.evaluators import load_evaluator
+from slimserve.optimizer.evaluation.quality import parse_declared
 from slimserve.optimizer.formats.onnx_files import copy_model
 from slimserve.optimizer.pipeline import Baseline, OptimizeResult, layout_aware, optimize, preflight
 from slimserve.optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
@@ -36,6 +38,8 @@ class JobRequest:
     accuracy_budget: float | None = None
     parent: str = BASELINE
     keep_over_budget: bool = False  # register the best a budget search reached even when it misses the budget
+    quality: tuple[str, ...] = ()  # "OUTPUT=METRIC" per output (slimserve.optimizer.evaluation.quality.parse_declared)
+    evaluator: str = ""  # an installed evaluator's name (slimserve.optimizer.evaluation.evaluators), held to the budget too
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,12 @@ class JobManager:
             preflight(recipe, self._datasets(request.model), request.accuracy_budget)
         except OptimizerError as e:
             raise FailedPrecondition(str(e)) from e
+        try:  # a --quality naming no output, an evaluator this node does not have: refused now, nothing started
+            parse_declared(request.quality or info.quality, [s.name for s in info.outputs])
+            if request.evaluator or info.evaluator:
+                load_evaluator(request.evaluator or info.evaluator)
+        except OptimizerError as e:
+            raise InvalidArgument(str(e)) from e
         job = Job(uuid.uuid4().hex[:12], request.model, variant, recipe, request)
         self.jobs[job.id] = job
         self._record(job, "running", "")
@@ -207,7 +217,14 @@ class JobManager:
         )
         datasets = self._datasets(job.model)
         auto = next((p for p in job.recipe.passes if p.name == "auto"), None)
-        key = self._baseline_key(info, parent.name, getattr(auto.config, "metric", None) or None if auto else None)
+        metric = getattr(auto.config, "metric", None) or None if auto else None
+        # The job's quality settings, else the model's from its registration.
+        declared = parse_declared(job.request.quality or info.quality, [s.name for s in info.outputs])
+        evaluator_name = job.request.evaluator or info.evaluator
+        evaluator = load_evaluator(evaluator_name) if evaluator_name else None
+        if declared or evaluator:  # the baseline is scored by what the job asks: cached apart
+            metric = f"{metric}|{sorted(declared.items())}|{evaluator_name}"
+        key = self._baseline_key(info, parent.name, metric)
 
         with self.repository.staging() as staged:
             context = PassContext(workdir=staged / "work", datasets=datasets, progress=progress, cancelled=job.cancel.is_set)
@@ -220,6 +237,8 @@ class JobManager:
                 job.request.accuracy_budget,
                 baseline=self._baselines.get(key),
                 register_over_budget=job.request.keep_over_budget,
+                declared=declared,
+                evaluator=evaluator,
             )
             self._keep_baseline(key, Baseline(result.baseline, result.baseline_outputs))
             variant_dir = staged / "variant"

@@ -96,6 +96,9 @@ class ModelInfo:
     schema_version: int = SCHEMA_VERSION
     # The model's rollout (server/rollout/state.py), running or finished; None when it never had one.
     rollout: dict[str, Any] | None = None
+    # Quality settings given at register, for every optimization job that sets none: "OUTPUT=METRIC", an evaluator's name.
+    quality: list[str] = field(default_factory=list)
+    evaluator: str = ""
 
     def __post_init__(self) -> None:
         self.assign_versions()
@@ -143,6 +146,8 @@ class ModelInfo:
             "jobs": self.jobs,
             "last_version": self.last_version,
             **({"rollout": self.rollout} if self.rollout is not None else {}),
+            **({"quality": list(self.quality)} if self.quality else {}),
+            **({"evaluator": self.evaluator} if self.evaluator else {}),
         }
 
     @classmethod
@@ -165,6 +170,8 @@ class ModelInfo:
             jobs=dict(d.get("jobs", {})),
             last_version=int(d.get("last_version", 0)),
             rollout=d.get("rollout"),
+            quality=list(d.get("quality", [])),
+            evaluator=str(d.get("evaluator", "")),
         )
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import onnx
 
 from slimserve.optimizer.base import OptimizerError, UnsafeArchiveError
+from slimserve.optimizer.evaluation.evaluators import load_evaluator
+from slimserve.optimizer.evaluation.quality import parse_declared
 from slimserve.optimizer.formats.onnx_files import check_location, external_locations, missing_side_files
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes import RuntimeConfig, create_runtime
@@ -45,6 +47,8 @@ class UploadHeader:
     name: str
     files: tuple[UploadFile, ...]
     description: str = ""
+    quality: tuple[str, ...] = ()  # "OUTPUT=METRIC" per output, kept with the model for its jobs
+    evaluator: str = ""  # an installed evaluator's name, kept with the model for its jobs
 
 
 # A side file of an ONNX model (its `external_data` location, relative to the model): as many as the model names.
@@ -190,6 +194,13 @@ class Registrar:
         finally:
             runtime.unload()
 
+        try:  # the model's quality settings, checked against its outputs and this node's evaluators
+            parse_declared(header.quality, [s.name for s in runtime.outputs])
+            if header.evaluator:
+                load_evaluator(header.evaluator)
+        except OptimizerError as e:
+            raise InvalidArgument(str(e)) from e
+
         datasets = []
         (model_dir / "data").mkdir()
         for i, f in enumerate(header.files):
@@ -203,6 +214,8 @@ class Registrar:
             name=header.name,
             format=fmt,
             description=header.description,
+            quality=list(header.quality),
+            evaluator=header.evaluator,
             created_at=now(),
             inputs=runtime.inputs,
             outputs=runtime.outputs,

@@ -67,7 +67,8 @@ def _recipe(**budget) -> Recipe:
 
 def test_the_search_keeps_the_most_aggressive_ratio_within_the_budget(noisy, runtime_factory):
     source, context, events = noisy
-    full = optimize(source, Recipe("noise", (make_pass("test-noise", {"ratio": 1.0}),)), context, runtime_factory, "v")
+    recipe = Recipe("noise", (make_pass("test-noise", {"ratio": 1.0}),))
+    full = optimize(source, recipe, context, runtime_factory, "v", register_over_budget=True)
     assert full.evaluation.quality_drop > 5  # the fixed, aggressive setting breaks a 2-point budget
     NoisePass.runs = []
     result = optimize(source, _recipe(max_evaluations=7), context, runtime_factory, "v", accuracy_budget=2.0)
@@ -362,7 +363,8 @@ def test_a_probe_trains_as_the_full_run_so_its_verdict_is_the_full_runs(blobs_ml
     def run(name: str, budget: dict | None, accuracy_budget: float | None = None):
         entry = {"pass": "prune-weight", "config": config} | ({"budget": budget} if budget is not None else {})
         context = PassContext(workdir=tmp_path / name, datasets=datasets)
-        return optimize(source, recipe_from_dict({"passes": [entry]}, "r.json"), context, runtime_factory, name, accuracy_budget)
+        recipe = recipe_from_dict({"passes": [entry]}, "r.json")
+        return optimize(source, recipe, context, runtime_factory, name, accuracy_budget, register_over_budget=True)
 
     full = run("full", None).evaluation.quality_drop
     assert full <= 10.0

@@ -37,7 +37,7 @@ def test_accuracy_equals_a_direct_onnxruntime_computation(digits, measured):
     onnx_eval, onnx_out, pt2_eval, _ = measured
     logits = ort.InferenceSession(str(digits.onnx), providers=["CPUExecutionProvider"]).run(None, {"x": digits.x_test})[0]
     assert onnx_eval.accuracy == float(np.mean(logits.argmax(1) == digits.y_test))
-    np.testing.assert_allclose(onnx_out, logits, atol=1e-5)
+    np.testing.assert_allclose(onnx_out["logits"], logits, atol=1e-5)
     assert pt2_eval.accuracy == pytest.approx(onnx_eval.accuracy, abs=1e-3)
     assert pt2_eval.accuracy_delta == pytest.approx(100 * (pt2_eval.accuracy - onnx_eval.accuracy))
     assert pt2_eval.agreement >= 0.998  # the same weights on two runtimes
@@ -49,9 +49,8 @@ def test_latency_and_throughput_are_measured(digits, measured):
         assert 0 < e.latency_p50_ms <= e.latency_p99_ms
         assert 0 < e.latency_p50_ms_batch <= e.latency_p99_ms_batch
         assert e.serving_batch == 32
-        # throughput is batch / mean time; on a shared CI core the mean drifts far from p50,
-        # so only its order of magnitude is checked against the median
-        assert 0.1 < e.throughput / (32 / (e.latency_p50_ms_batch / 1000)) < 2
+        # throughput is batch / median time at the serving batch: a short, capped timing's mean is its outliers
+        assert e.throughput == pytest.approx(32 / (e.latency_p50_ms_batch / 1000))
     assert measured[0].size_bytes == digits.onnx.stat().st_size
     assert measured[2].size_bytes == digits.pt2.stat().st_size
 
@@ -59,7 +58,7 @@ def test_latency_and_throughput_are_measured(digits, measured):
 def test_without_data_inputs_are_synthesized(digits, runtime_factory):
     onnx_eval, onnx_out = evaluate(Artifact(digits.onnx, "onnx"), runtime_factory, None, warmup=2, iterations=20)
     assert onnx_eval.accuracy is None and onnx_eval.accuracy_delta is None
-    assert onnx_out.shape == (64, 10)
+    assert list(onnx_out) == ["logits"] and onnx_out["logits"].shape == (64, 10)
     assert onnx_eval.flops == pytest.approx(2 * DIGITS_MACS, rel=0.01)
     pt2_eval, _ = evaluate(
         Artifact(digits.pt2, "pt2"), runtime_factory, None, baseline=onnx_eval, baseline_outputs=onnx_out, warmup=2, iterations=20
@@ -111,4 +110,5 @@ def test_an_unlabelled_embedding_is_scored_by_cosine_not_argmax(tmp_path, runtim
     )
     assert base.quality_metric == variant.quality_metric == "cosine" and base.quality_drop is None
     assert variant.agreement == variant.quality > 0.99 and variant.quality_min < variant.quality
-    assert np.mean(noisy_out.argmax(1) == out.argmax(1)) < variant.quality  # what the argmax score said before
+    (a,), (b,) = noisy_out.values(), out.values()
+    assert np.mean(a.argmax(1) == b.argmax(1)) < variant.quality  # what the argmax score said before

@@ -84,3 +84,27 @@ def test_rows_name_the_quality_metric_and_the_speed_against_the_reference():
     assert rows[2]["speedup_x"] == 8.0 and rows[2]["reference_speedup_x"] == 2.0 and rows[0]["reference_speedup_x"] == 0.25
     assert rows[0]["quality_drop_pt"] is None
     assert all(r["reference_speedup_x"] is None for r in report_rows({"baseline": base, "int8": variant}))
+
+
+def test_the_speed_up_timed_in_turns_and_every_output_are_reported():
+    from rich.console import Console
+
+    from slimserve.client.report import render_report
+
+    qualities = {
+        "boxes": {"metric": "relative-error", "value": 0.05, "drop": 5.0, "worst": None},
+        "scores": {"metric": "top1-agreement", "value": 1.0, "drop": 0.0, "worst": None},
+    }
+    timed = Evaluation(latency_p50_ms=0.5, speedup_x=1.8, speedup_ci=[1.7, 1.9], threads=2, qualities=qualities, quality_output="boxes")
+    base = Evaluation(latency_p50_ms=2.0, qualities={k: {**q, "drop": None} for k, q in qualities.items()})
+    row = report_rows({"baseline": base, "v": timed})[1]
+    assert row["speedup_x"] == 1.8 and row["speedup_ci"] == [1.7, 1.9] and row["threads"] == 2  # not 2.0 / 0.5
+    assert row["quality_output"] == "boxes"
+    assert row["quality_by_output"] == [
+        {"output": "boxes", "metric": "relative-error", "value": 0.05, "drop_pt": 5.0, "worst": None},
+        {"output": "scores", "metric": "top1-agreement", "value": 1.0, "drop_pt": 0.0, "worst": None},
+    ]
+    console = Console(width=200, record=True)
+    console.print(render_report(report_rows({"baseline": base, "v": timed}), "t"))
+    text = console.export_text()
+    assert "Δ per output" in text and "boxes -5.00 · scores +0.00" in text

@@ -146,3 +146,39 @@ def test_baseline_is_measured_after_registration(registered, digits):
     )
     assert baseline["params"] == 85066 and baseline["accuracy"] == pytest.approx(digits.accuracy)
     assert baseline["accuracy_delta"] is None
+
+
+def test_quality_and_evaluator_are_checked_before_the_job_and_held_in_it(registered):
+    """--quality naming no output and an unknown evaluator: INVALID_ARGUMENT at once; an evaluator that raises fails the job with
+    its message; a built-in evaluator is scored and reported per output."""
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", "graph-ort", quality=["probs=cosine"])
+    assert e.value.code == "INVALID_ARGUMENT" and "the model has no output 'probs' (its outputs: logits)" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", "graph-ort", evaluator="mAP")
+    assert e.value.code == "INVALID_ARGUMENT" and "unknown evaluator 'mAP'" in e.value.message and "detection" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        registered.optimize("digits", "graph-ort", evaluator="segmentation")
+    assert e.value.code == "FAILED_PRECONDITION" and "evaluator 'segmentation'" in e.value.message
+    assert "needs a mask output" in e.value.message
+    assert [v["name"] for v in registered.model("digits")["variants"]] == ["baseline"]  # nothing registered
+    _, report = registered.optimize("digits", "graph-ort", quality=["logits=top1-agreement"], evaluator="classification-top5")
+    rows = {r["output"]: r for r in report[1]["quality_by_output"]}
+    assert rows["logits"]["metric"] == "top1-agreement" and rows["logits"]["drop_pt"] == pytest.approx(0.0, abs=0.5)
+    assert rows["evaluator:classification-top5"]["value"] > 90 and report[1]["within_budget"] is True
+    assert report[1]["speedup_ci"][0] <= report[1]["speedup_x"] <= report[1]["speedup_ci"][1]
+
+
+def test_quality_settings_given_at_register_hold_for_every_job(client, digits):
+    with pytest.raises(SlimServeClientError) as e:
+        client.register("d1", digits.onnx, data=digits.data, evaluator="no-such-evaluator")
+    assert e.value.code == "INVALID_ARGUMENT" and "unknown evaluator 'no-such-evaluator'" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        client.register("d1", digits.onnx, data=digits.data, quality=["boxes=relative-error"])
+    assert e.value.code == "INVALID_ARGUMENT" and "the model has no output 'boxes' (its outputs: logits)" in e.value.message
+    assert "d1" not in [m["name"] for m in client.models()]
+    client.register("d1", digits.onnx, data=digits.data, quality=["logits=top1-agreement"], evaluator="classification-top1")
+    _, report = client.optimize("d1", "graph-ort")
+    rows = {r["output"]: r for r in report[1]["quality_by_output"]}
+    assert rows["logits"]["metric"] == "top1-agreement" and "evaluator:classification-top1" in rows
+    assert rows["evaluator:classification-top1"]["value"] == pytest.approx(100 * digits.accuracy, abs=0.5)

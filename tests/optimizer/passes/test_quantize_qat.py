@@ -73,3 +73,27 @@ def test_qat_on_a_bert_style_transformer_quantizes_its_linear_layers_and_agrees_
     int8 = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     fp32 = torch.export.load(source.path).module()(*(torch.from_numpy(v) for v in feed.values())).detach().numpy()
     assert int8.shape == fp32.shape and (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.9  # the masked attention survives QDQ
+
+
+def test_static_int8_is_the_answer_when_qat_is_worse(tmp_path, monkeypatch):
+    """QAT never ships worse than the static INT8 of the ranges it started from: the comparison keeps the better, and says so."""
+    from slimserve.optimizer.base import Artifact
+    from slimserve.optimizer.passes import quantize_qat
+    from tests.optimizer.tiny_models import FEATURES, dense_onnx, weights
+
+    w = weights(np.random.default_rng(0), FEATURES, 4)
+    trained = Artifact(dense_onnx(tmp_path / "qat.onnx", w, output="logits"), "onnx", notes={"quantized": "int8-qat"})
+    static = Artifact(dense_onnx(tmp_path / "ptq.onnx", w, output="logits"), "onnx", notes={"quantized": "int8-ptq"})
+    x = np.random.default_rng(1).standard_normal((20, FEATURES)).astype(np.float32)
+    train, labels = {"x": x}, np.zeros(20, dtype=np.int64)
+    scores = {trained.path: 0.90, static.path: 0.95}
+    monkeypatch.setattr(quantize_qat, "onnx_accuracy", lambda path, rows, names, truth: scores[path])
+    qat = make_pass("quantize-qat")
+    kept = qat._better(trained, static, PassContext(workdir=tmp_path), None, train, labels, ["x"])
+    assert kept.path == static.path and kept.notes["quantized"] == "int8-ptq"
+    assert kept.notes["qat"] == (
+        "QAT was worse than static INT8, which is the answer; on the train data: QAT 90.00%, static INT8 of the calibrated ranges 95.00%"
+    )
+    scores[trained.path] = 0.95
+    kept = qat._better(trained, static, PassContext(workdir=tmp_path), None, train, labels, ["x"])
+    assert kept.path == trained.path and kept.notes["qat"].startswith("QAT kept on the train data: QAT 95.00%")
