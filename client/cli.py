@@ -9,7 +9,6 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from slimserve.client import cli_rollout, cli_traffic
 from slimserve.client.cli_common import (
@@ -113,11 +112,11 @@ def register(
 
 
 def print_signature(record: dict[str, Any]) -> None:
-    table = Table("tensor", "name", "datatype", "shape", box=None, pad_edge=False)
+    table = FitTable([Col("tensor", rank=2), Col("name"), Col("datatype", rank=1), Col("shape", rank=1)], box=None)
     for kind in ("inputs", "outputs"):
         for s in record[kind]:
             table.add_row(kind[:-1], s["name"], s["datatype"], shape_text(s["shape"]))
-    console.print(table)
+    table.print(console)
 
 
 @app.command()
@@ -398,11 +397,14 @@ def infer(
         )
         return
     requests = answer.request_ids[0] if len(answer.request_ids) == 1 else f"{len(answer.request_ids)} requests"
-    table = Table("output", "dtype", "shape", "first values", title=f"{name} (variant {answered_by}, request {requests})")
+    table = FitTable(
+        [Col("output", style="bold"), Col("dtype", rank=2), Col("shape", rank=1), Col("first values", rank=3, wraps=True)],
+        title=f"{name} (variant {answered_by}, request {requests})",
+    )
     for k, v in outputs.items():
         head = np.array2string(v.reshape(-1)[:6], precision=3, separator=", ")
         table.add_row(k, str(v.dtype), shape_text(list(v.shape)), head)
-    console.print(table)
+    table.print(console)
     first = next(iter(outputs.values()))
     if labels is not None and first.ndim == 2 and len(labels) == len(first):
         console.print(f"accuracy on 'labels': {(first.argmax(1) == labels).mean() * 100:.2f}% of {len(labels)}")

@@ -8,10 +8,10 @@ from typing import Any
 
 import typer
 from rich import box
-from rich.table import Table
 
 from slimserve.client.cli_common import connect, console, err, fail, print_json
 from slimserve.client.client import SlimServeClientError
+from slimserve.client.tables import Col, FitTable
 
 # The defaults of the server's RolloutPlan (server/rollout/plan.py; tests/client/test_first_hour.py checks they agree):
 # the SDK does not import the server.
@@ -84,10 +84,19 @@ def print_status(r: dict[str, Any], as_json: bool = False) -> None:
     if r.get("source"):
         console.print(f"statistics from: {r['source']}", markup=False, highlight=False)
     if r["gates"]:
-        table = Table("gate", "decision", "statistic", "threshold", "evidence", box=box.SIMPLE_HEAVY)
+        table = FitTable(
+            [
+                Col("gate"),
+                Col("decision", rank=1),
+                Col("statistic", rank=3, justify="right"),
+                Col("threshold", rank=4, justify="right"),
+                Col("evidence", rank=2, wraps=True),
+            ],
+            box=box.SIMPLE_HEAVY,
+        )
         for g in r["gates"]:
             table.add_row(g["name"], g["decision"], _num(g["statistic"]), _num(g["threshold"]), g["evidence"])
-        console.print(table)
+        table.print(console)
     for e in r["history"]:
         console.print(f"  {e['time']}  {e['kind']:<11} {e['message']}", markup=False, highlight=False)
     if r["reason"]:

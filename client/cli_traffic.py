@@ -6,7 +6,6 @@ from typing import Any
 
 import typer
 from rich import box
-from rich.table import Table
 
 from slimserve.client.cli_common import connect, console, fail, fmt, print_json
 from slimserve.client.client import SlimServeClientError
@@ -38,12 +37,14 @@ def print_traffic(policy: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(policy)
         return
-    table = Table("variant", "share", "role", title=f"traffic of {policy['model']}")
+    table = FitTable(
+        [Col("variant", style="bold"), Col("share", rank=1, justify="right"), Col("role", rank=2)], title=f"traffic of {policy['model']}"
+    )
     for variant, weight in policy["weights"].items():
         table.add_row(variant, f"{weight * 100:.1f}%", "primary")
     for variant in policy["shadows"]:
         table.add_row(variant, "copy", "shadow")
-    console.print(table)
+    table.print(console)
     notes = []
     if policy["sticky_parameter"]:
         notes.append(f"sticky by request parameter '{policy['sticky_parameter']}'")

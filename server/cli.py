@@ -16,7 +16,9 @@ import typer
 from slimserve.client.tables import output_option, print_fitted
 from slimserve.server.settings import DEVICES, Settings, flag_of, shown_default
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimserve: serve models and make them smaller and faster.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="slimserve: serve models and make them smaller and faster.", rich_markup_mode=None
+)
 
 
 @app.callback()

@@ -82,3 +82,44 @@ def test_the_least_important_column_goes_first_and_a_too_narrow_terminal_keeps_t
     assert [str(c.header) for c in table.render(42).columns] == ["name", "keep", "drop"]
     assert [str(c.header) for c in table.render(41).columns] == ["name", "keep"]
     assert [str(c.header) for c in table.render(10).columns] == ["name"]
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_traffic_and_infer_tables_fit(served, monkeypatch, width, tmp_path):
+    import numpy as np
+
+    from tests.conftest import make_echo_onnx
+
+    text = slimctl(served, width, monkeypatch, "traffic", MODEL)
+    check_fits(text, width, "baseline")
+    model = make_echo_onnx(tmp_path / "fp32.onnx", ["FP32"])
+    text = slimctl(served, width, monkeypatch, "register", "fp32-echo-with-a-long-name", str(model))
+    check_fits(text, width, "in_fp32", "out_fp32")
+    np.savez(tmp_path / "x.npz", in_fp32=np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32))
+    text = slimctl(served, width, monkeypatch, "infer", "fp32-echo-with-a-long-name", str(tmp_path / "x.npz"))
+    check_fits(text, width, "out_fp32", "float32")
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_rollout_gate_table_fits(monkeypatch, capsys, width):
+    from slimserve.client.cli_rollout import print_status
+
+    monkeypatch.setattr(cli_common.console, "width", width)
+    evidence = "agreement 0.9731 over 1,200 mirrored requests; lower confidence bound 0.9652 >= 0.95 at alpha 0.0025"
+    print_status(
+        {
+            "model": MODEL,
+            "state": "canary",
+            "variant": VARIANT,
+            "control": "baseline",
+            "weight": 25.0,
+            "requests": {VARIANT: 300, "baseline": 900},
+            "source": "process",
+            "gates": [{"name": "error_rate", "decision": "continue", "statistic": 0.0012, "threshold": 0.01, "evidence": evidence}],
+            "history": [],
+            "reason": None,
+            "plan": None,
+        }
+    )
+    text = capsys.readouterr().out
+    check_fits(text, width, "error_rate", "continue")
