@@ -130,6 +130,14 @@ PER_VARIANT: tuple[Family, ...] = (
         "Most requests a variant's queue holds before RESOURCE_EXHAUSTED.",
         cached="queue_capacity",
     ),
+    Family(
+        "queue_dropped",
+        Counter,
+        "slimserve_queue_dropped_total",
+        "Requests dropped from a batcher's queue before compute: their deadline passed (answered DEADLINE_EXCEEDED) "
+        "or their caller cancelled.",
+        extra=(("reason", ("deadline", "cancelled")),),
+    ),
     Family("inflight", Gauge, "slimserve_inflight_requests", "Inference requests being processed.", collected=True),
     Family("model_size", Gauge, "slimserve_model_size_bytes", "Bytes on disk of each loaded variant.", cached="model_size"),
     Family("loaded", Gauge, "slimserve_variant_loaded", "1 while a variant is loaded and serving.", cached="loaded"),
@@ -270,6 +278,7 @@ class Metrics:
     traffic_weight: Gauge
     queued: Gauge
     queue_capacity: Gauge
+    queue_dropped: Counter
     model_size: Gauge
     loaded: Gauge
     rollout_state: Gauge  # the rollout block above
