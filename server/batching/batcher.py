@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 Predict = Callable[[dict[str, np.ndarray], "list[str] | None"], dict[str, np.ndarray]]
 OnBatch = Callable[[int, list[float], float], None]
 OnDrop = Callable[[str], None]
+DEADLINE_SLACK_S = 0.02  # a cancel this close to the request's deadline is counted as the deadline passing
 
 
 class _Request:
@@ -175,8 +176,10 @@ class DynamicBatcher:
             if request.queued:  # not started yet: drop it so that it is never computed
                 self._unqueue(request)
                 self._wakeup.set()
-                late = request.deadline is not None and time.perf_counter() >= request.deadline
-                self._dropped("deadline" if late else "cancelled")  # gRPC cancels a call at its deadline
+                # A gRPC client cancels at its own deadline, which runs ahead of the server's copy by the request's
+                # travel: a cancel that close to the deadline is the deadline's.
+                late = request.deadline is not None and time.perf_counter() >= request.deadline - DEADLINE_SLACK_S
+                self._dropped("deadline" if late else "cancelled")
             raise
 
     async def close(self) -> None:
