@@ -8,8 +8,8 @@ fakes). A stage takes a snapshot when it starts and judges the difference, so ea
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import partial
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Protocol
 
 import numpy as np

@@ -143,7 +143,12 @@ class SloSteering:
             self.calm = 0
             if has_shadows and not self.shadows_paused:
                 self.shadows_paused = True
-                return Shift(dict(self.weights), f"p99 {worst:.3g} ms > objective {slo:g} ms: shadows paused first", self.cost(self.weights), pause_shadows=True)
+                return Shift(
+                    dict(self.weights),
+                    f"p99 {worst:.3g} ms > objective {slo:g} ms: shadows paused first",
+                    self.cost(self.weights),
+                    pause_shadows=True,
+                )
             return self._toward_fast(worst)
         if p99_ms < RETURN_BELOW * slo and predicted_wait_ms < RETURN_BELOW * slo:
             self.calm += 1
@@ -185,7 +190,12 @@ class SloSteering:
         if self.weights == self.original or all(abs(self.weights.get(v, 0.0) - w) < 1e-9 for v, w in self.original.items()):
             if self.shadows_paused:
                 self.shadows_paused = False
-                return Shift(dict(self.weights), f"p99 {p99_ms:.3g} ms under {RETURN_BELOW:g} x the objective: shadows resumed", 0.0, resume_shadows=True)
+                return Shift(
+                    dict(self.weights),
+                    f"p99 {p99_ms:.3g} ms under {RETURN_BELOW:g} x the objective: shadows resumed",
+                    0.0,
+                    resume_shadows=True,
+                )
             return None
         # give back to the variant furthest below its original share, from the one furthest above it
         under = max(self.original, key=lambda v: self.original[v] - self.weights.get(v, 0.0))

@@ -436,7 +436,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute_
         cancelled = asyncio.create_task(batcher.submit({"x": sample(1, 43.0)}, None))
         await asyncio.sleep(0.01)
         cancelled.cancel()
-        with pytest.raises(DeadlineExceeded, match="deadline passed .* not computed.*'timeout' parameter"):
+        with pytest.raises(DeadlineExceeded, match=r"deadline passed .* not computed.*'timeout' parameter"):
             await late  # answered at its deadline, while the call before it still runs
         assert batcher.queued == 1 and not running.done()
         with pytest.raises(DeadlineExceeded, match="deadline"):  # already past when it arrives: refused at once
@@ -458,9 +458,12 @@ def test_an_expired_request_is_taken_out_when_its_batch_is_cut_even_before_its_t
     async def main():
         running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
         await wait_blocked(model)
-        waiting = [asyncio.create_task(batcher.submit({"x": sample(1, v)}, None, deadline=time.perf_counter() + d)) for v, d in ((5.0, 0.05), (6.0, 30))]
+        waiting = [
+            asyncio.create_task(batcher.submit({"x": sample(1, v)}, None, deadline=time.perf_counter() + d))
+            for v, d in ((5.0, 0.05), (6.0, 30))
+        ]
         await asyncio.sleep(0.01)
-        time.sleep(0.06)  # the loop is blocked past the first one's deadline: its timer cannot fire before the batch is cut
+        time.sleep(0.06)  # noqa: ASYNC251  the loop is blocked on purpose past the first one's deadline: its timer cannot fire before the batch is cut
         model.gate.set()
         await running
         outcomes = await asyncio.gather(*waiting, return_exceptions=True)

@@ -119,7 +119,10 @@ def test_a_rest_timeout_parameter_is_a_deadline_in_the_queue_and_a_bad_one_is_re
     register_slow(server, tmp_path)
 
     def rest(rows: int, parameters: dict) -> tuple[int, dict]:
-        body = {"inputs": [{"name": "x", "shape": [rows, WIDTH], "datatype": "FP32", "data": [1.0] * (rows * WIDTH)}], "parameters": parameters}
+        body = {
+            "inputs": [{"name": "x", "shape": [rows, WIDTH], "datatype": "FP32", "data": [1.0] * (rows * WIDTH)}],
+            "parameters": parameters,
+        }
         return post_json(server.http_address, "/v2/models/slow/infer", body)
 
     with grpc.insecure_channel(server.address, options=BIG) as channel:

@@ -120,5 +120,5 @@ def test_verdicts_say_what_they_saw_and_bad_parameters_are_invalid_arguments():
         lambda: noninferior_proportion(1, 10, 1.2, 0.05),
         lambda: noninferior_quantile(np.ones(3), np.ones(3), 0.5, 0.9, 0.05),
     ):
-        with pytest.raises(InvalidArgument, match="out of range|must be"):
+        with pytest.raises(InvalidArgument, match=r"out of range|must be"):
             bad()

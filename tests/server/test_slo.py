@@ -1,0 +1,76 @@
+"""The SLO policy's checks and steering steps (server/rollout/slo.py; not wired into the server yet): bad input answered as
+issue 24 asks, traffic moved step by step to the fastest variant within the drop, shadows paused first, and back with
+hysteresis, never flapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.rollout.slo import CALM, STEP, SloPolicy, SloSteering, VariantProfile, check_policy
+
+PROFILES = [VariantProfile("fp32", 8.0, 0.0), VariantProfile("int8", 3.0, 0.4), VariantProfile("pruned", 2.0, 3.0)]
+
+
+def steering(policy: SloPolicy) -> SloSteering:
+    checked = check_policy(policy, "m", PROFILES)
+    return SloSteering(
+        policy, {"fp32": 1.0}, checked.eligible, {p.name: p.drop_pt for p in PROFILES}, {p.name: p.batch1_ms for p in PROFILES}
+    )
+
+
+@pytest.mark.parametrize(
+    ("p99", "drop", "match"),
+    [(0, 1, "--p99 0 is out of range"), (float("nan"), 1, "--p99"), (20, -1, "--max-drop -1 is out of range"), (20, 100, "--max-drop")],
+)
+def test_an_objective_or_drop_out_of_range_is_an_invalid_argument(p99, drop, match):
+    with pytest.raises(InvalidArgument, match=match):
+        SloPolicy(p99, drop)
+
+
+def test_no_faster_variant_within_the_drop_is_refused_listing_each_variants_drop():
+    with pytest.raises(InvalidArgument) as e:
+        check_policy(SloPolicy(20, 0.1), "m", PROFILES)
+    assert "no variant faster than the baseline gives up at most 0.1" in e.value.message
+    assert "int8 (+0.40 pt, 3 ms)" in e.value.message and "pruned (+3.00 pt, 2 ms)" in e.value.message
+
+
+def test_an_objective_below_the_fastest_batch_1_latency_is_accepted_with_a_warning_and_a_rollout_makes_it_wait():
+    checked = check_policy(SloPolicy(2.5, 1.0), "m", PROFILES, rollout_variant="int8")
+    assert checked.eligible == ("int8", "fp32")  # pruned gives up 3 points: not eligible
+    assert len(checked.warnings) == 1 and "('int8') answers at batch 1 (3 ms)" in checked.warnings[0]
+    assert "rollout of 'int8' is running" in checked.waiting and "the SLO waits" in checked.waiting
+    assert check_policy(SloPolicy(50, 1.0), "m", PROFILES).warnings == ()
+
+
+def test_a_breach_pauses_shadows_first_then_moves_a_step_at_a_time_to_the_fastest_eligible_variant():
+    s = steering(SloPolicy(20, 1.0))
+    first = s.look(60.0, has_shadows=True)
+    assert first.pause_shadows and first.weights == {"fp32": 1.0} and "shadows paused first" in first.reason
+    shares = []
+    for _ in range(5):
+        shift = s.look(60.0, has_shadows=True)
+        shares.append(shift.weights.get("int8", 0.0))
+        assert shift.cost_pt <= 1.0  # the expected accuracy cost never exceeds --max-drop
+    assert shares[:4] == pytest.approx([STEP * k for k in range(1, 5)])
+    assert shift.saturated and "refused" in shift.reason  # all on int8 and still breaking
+    assert s.cost(s.weights) == pytest.approx(0.4)
+
+
+def test_traffic_returns_only_after_calm_looks_under_the_lower_threshold_and_does_not_flap():
+    s = steering(SloPolicy(20, 1.0))
+    s.look(60.0)
+    s.look(60.0)
+    assert s.weights == pytest.approx({"fp32": 1 - 2 * STEP, "int8": 2 * STEP})
+    for _ in range(10):  # between 0.6x and 1x the objective: hold
+        assert s.look(15.0) is None
+    for _ in range(CALM - 1):  # under 0.6x, but not long enough yet
+        assert s.look(5.0) is None
+    assert s.look(18.0) is None  # back in the band: the count restarts
+    for _ in range(CALM - 1):
+        assert s.look(5.0) is None
+    back = s.look(5.0)
+    assert back is not None and back.weights == pytest.approx({"fp32": 1 - STEP, "int8": STEP}) and "back from 'int8'" in back.reason
+    shifts = [s.look(5.0) for _ in range(CALM * 3)]
+    assert [x for x in shifts if x is not None][-1].weights == pytest.approx({"fp32": 1.0})
+    assert s.look(5.0) is None  # at the original split nothing moves
