@@ -29,6 +29,9 @@ Semantics follow Triton's dynamic batcher:
 - A request cancelled before its batch starts is dropped and never computed (one cancelled while
   its batch runs is computed, its answer discarded); if the model raises, every request of that
   batch gets the exception.
+- A request with a deadline that the samples already waiting cannot let it meet (their compute at the cheapest
+  measured cost per sample, spread over the call slots, ends after it: a lower bound) is refused at once with
+  ResourceExhausted rather than queued past its deadline.
 - A request may carry a deadline (`time.perf_counter()` seconds: gRPC's deadline, or the `timeout`
   parameter): one already past is refused at once, and one that passes while it waits is taken out
   of the queue at that moment (a timer), or at the latest when its batch is cut, and answered
@@ -159,6 +162,15 @@ class DynamicBatcher:
             return await self._submit_unbatched(inputs, outputs, deadline)
         loop = asyncio.get_running_loop()
         key, size = batch_key(inputs, outputs)
+        if deadline is not None and self._waiting:
+            ahead = sum(self._samples.values())
+            least = self.sizer.least_wait(ahead + size, self.max_concurrency)
+            if least is not None and time.perf_counter() + least > deadline:
+                raise ResourceExhausted(
+                    f"{self._who()}: {ahead} samples wait ahead of this request and take at least {least * 1000:.0f} ms to "
+                    f"compute, past its deadline in {max(deadline - time.perf_counter(), 0) * 1000:.0f} ms: refused rather than "
+                    "queued past it; retry later, give it a longer deadline, or send less load"
+                )
         request = _Request(inputs, outputs, key, size, loop.create_future(), deadline)
         if deadline is not None:
             request.timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), self._expire, request)

@@ -472,3 +472,24 @@ def test_an_expired_request_is_taken_out_when_its_batch_is_cut_even_before_its_t
 
     run(main())
     assert not any((x == 5.0).any() for x in model.seen) and drops == ["deadline"]
+
+
+def test_a_request_whose_deadline_the_queue_ahead_cannot_meet_is_refused_at_once_with_resource_exhausted(executor):
+    model = FakeModel(compute_s=0.02)
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=1), model="m", variant="v")
+
+    async def main():
+        await batcher.submit({"x": sample(1, 1.0)}, None)  # measured: 20 ms a sample
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        ahead = [asyncio.create_task(batcher.submit({"x": sample(1, 2.0)}, None)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(ResourceExhausted, match=r"5 samples wait ahead .* at least \d+ ms .* refused rather than queued"):
+            await batcher.submit({"x": sample(1, 3.0)}, None, deadline=time.perf_counter() + 0.05)  # 5 x 20 ms > 50 ms
+        fits = asyncio.create_task(batcher.submit({"x": sample(1, 4.0)}, None, deadline=time.perf_counter() + 30))
+        model.gate.set()
+        await asyncio.gather(running, *ahead)
+        np.testing.assert_array_equal((await fits)["y"], sample(1, 9.0))
+
+    run(main())
+    assert not any((x == 3.0).any() for x in model.seen)
