@@ -6,9 +6,7 @@ accuracy each gives up against the baseline) and the rollout in progress, with t
 `SloSteering.look` is one look of the loop: from the live p99 of the current split (or the queue's predicted wait)
 it returns the next shift, if any, with its reason and the expected accuracy cost.
 
-NOT WIRED YET: nothing in the server calls this module; there is no `slimctl slo` command, no slimserve.v1 call, no
-persistence with the traffic policy, no event in `rollout status` and no Prometheus metric for it. The rules below are
-the ones those pieces are to apply (tests/server/test_slo.py).
+server/rollout/slo_controller.py runs it in the server (slimserve.v1 Rollout.SetSlo / GetSlo, `slimctl slo`).
 
 The rules of a look:
 - shadows are paused first: while any shadow runs, the first breach pauses them and moves nothing;
@@ -110,6 +108,7 @@ class Shift:
     weights: dict[str, float]
     reason: str
     cost_pt: float
+    kind: str  # toward_fast | back | pause_shadows | resume_shadows | saturated: the metric's reason label
     pause_shadows: bool = False
     resume_shadows: bool = False
     saturated: bool = False  # all on the fastest eligible variant and still breaking: refuse beyond capacity
@@ -147,6 +146,7 @@ class SloSteering:
                     dict(self.weights),
                     f"p99 {worst:.3g} ms > objective {slo:g} ms: shadows paused first",
                     self.cost(self.weights),
+                    "pause_shadows",
                     pause_shadows=True,
                 )
             return self._toward_fast(worst)
@@ -169,6 +169,7 @@ class SloSteering:
                 f"p99 {worst:.3g} ms > objective {slo:g} ms with all traffic on the fastest variant within "
                 f"{self.policy.max_drop_pt:g} points ('{fastest}'): requests past the queue's capacity are refused",
                 self.cost(self.weights),
+                "saturated",
                 saturated=True,
             )
         slowest = max(donors, key=lambda v: self.latency_ms.get(v, math.inf))
@@ -183,6 +184,7 @@ class SloSteering:
             f"p99 {worst:.3g} ms > objective {slo:g} ms: {moved:.0%} of traffic from '{slowest}' to '{fastest}' "
             f"(expected accuracy cost {cost:.2f} of {self.policy.max_drop_pt:g} points)",
             cost,
+            "toward_fast",
         )
 
     def _back(self, p99_ms: float) -> Shift | None:
@@ -194,6 +196,7 @@ class SloSteering:
                     dict(self.weights),
                     f"p99 {p99_ms:.3g} ms under {RETURN_BELOW:g} x the objective: shadows resumed",
                     0.0,
+                    "resume_shadows",
                     resume_shadows=True,
                 )
             return None
@@ -210,4 +213,5 @@ class SloSteering:
             f"p99 {p99_ms:.3g} ms under {RETURN_BELOW:g} x the objective {slo:g} ms for {CALM} looks: {moved:.0%} of traffic "
             f"back from '{over}' to '{under}'",
             self.cost(self.weights),
+            "back",
         )

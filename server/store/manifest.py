@@ -96,6 +96,8 @@ class ModelInfo:
     schema_version: int = SCHEMA_VERSION
     # The model's rollout (server/rollout/state.py), running or finished; None when it never had one.
     rollout: dict[str, Any] | None = None
+    # The model's latency objective and its steering history (server/rollout/slo_controller.py); None: no SLO.
+    slo: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.assign_versions()
@@ -143,6 +145,7 @@ class ModelInfo:
             "jobs": self.jobs,
             "last_version": self.last_version,
             **({"rollout": self.rollout} if self.rollout is not None else {}),
+            **({"slo": self.slo} if self.slo is not None else {}),
         }
 
     @classmethod
@@ -165,6 +168,7 @@ class ModelInfo:
             jobs=dict(d.get("jobs", {})),
             last_version=int(d.get("last_version", 0)),
             rollout=d.get("rollout"),
+            slo=d.get("slo"),
         )
 
 

@@ -4,10 +4,18 @@ hysteresis, never flapping."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 
-from slimserve.server.errors import InvalidArgument
+from slimserve.server.errors import InvalidArgument, NotFound
+from slimserve.server.rollout.gates import Arm
 from slimserve.server.rollout.slo import CALM, STEP, SloPolicy, SloSteering, VariantProfile, check_policy
+from slimserve.server.rollout.slo_controller import SloController
+from slimserve.server.store.manifest import VariantInfo
+from slimserve.server.store.traffic import TrafficPolicy
 
 PROFILES = [VariantProfile("fp32", 8.0, 0.0), VariantProfile("int8", 3.0, 0.4), VariantProfile("pruned", 2.0, 3.0)]
 
@@ -74,3 +82,111 @@ def test_traffic_returns_only_after_calm_looks_under_the_lower_threshold_and_doe
     shifts = [s.look(5.0) for _ in range(CALM * 3)]
     assert [x for x in shifts if x is not None][-1].weights == pytest.approx({"fp32": 1.0})
     assert s.look(5.0) is None  # at the original split nothing moves
+
+
+# ---------------------------------------------------------------------------------------------- the loop in the server
+
+
+class _Info:
+    def __init__(self) -> None:
+        self.variants = {
+            "fp32": VariantInfo("fp32", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 8.0, "accuracy": 0.980}),
+            "int8": VariantInfo("int8", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 3.0, "accuracy": 0.976}),
+            "pruned": VariantInfo("pruned", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 2.0, "accuracy": 0.95}),
+        }
+        self.traffic = TrafficPolicy({"fp32": 1.0}, ("pruned",))
+        self.slo = None
+
+    @property
+    def default_variant(self) -> str:
+        return max(self.traffic.weights, key=self.traffic.weights.get)
+
+
+class _World:
+    """Repository, traffic and statistics of one model 'm', in memory."""
+
+    def __init__(self) -> None:
+        self.info = _Info()
+        self.latency: dict[str, list[float]] = {v: [] for v in self.info.variants}
+        self.routed: list[tuple[dict, list]] = []
+        self.running: dict = {}
+
+    def check_writable(self) -> None:
+        pass
+
+    def get(self, name: str):
+        if name != "m":
+            raise NotFound(f"Request for unknown model: '{name}' is not registered")
+        return self.info
+
+    def names(self):
+        return ["m"]
+
+    def update(self, name, change):
+        change(self.get(name))
+
+    async def set_traffic(self, model, weights, shadows, sticky, *, automatic=False):
+        assert automatic
+        self.info.traffic = TrafficPolicy(weights, tuple(shadows), sticky)
+        self.routed.append((dict(weights), list(shadows)))
+
+    def arm(self, model, variant):
+        return Arm(latency_mark=len(self.latency[variant]))
+
+    def latencies_since(self, model, variant, mark):
+        return np.array(self.latency[variant][mark:])
+
+    def serve(self, ms: float, n: int = 100) -> None:
+        for v, w in self.info.traffic.weights.items():
+            self.latency[v].extend([ms / 1000] * round(n * w))
+
+
+def test_the_server_loop_steers_a_models_split_records_each_shift_and_waits_for_a_rollout():
+    world = _World()
+    shifts = []
+    slo = SloController(world, world, world, world, clock=lambda: 0.0, on_shift=lambda *a: shifts.append(a))
+    with pytest.raises(InvalidArgument, match=r"int8 \(\+0\.40 pt"):
+        slo.set("m", 20, 0.2)
+    assert world.info.slo is None  # refused: nothing stored
+    state = slo.set("m", 20, 1.0)
+    assert state.state == "active" and state.eligible == ["int8", "fp32"] and world.info.slo["p99_ms"] == 20
+    assert state.drops["int8"] == pytest.approx(0.4)
+
+    async def run():
+        await slo.tick()  # the first look only sets the marks
+        world.serve(60)
+        await slo.tick()
+        assert world.routed[-1] == ({"fp32": 1.0}, [])  # shadows paused first
+        world.serve(60)
+        await slo.tick()
+        assert world.routed[-1] == ({"fp32": 0.75, "int8": 0.25}, [])
+        world.running["m"] = SimpleNamespace(variant="int8")
+        world.serve(60)
+        await slo.tick()
+        assert slo.status("m").state == "waiting" and "rollout of 'int8' is running" in slo.status("m").message
+        assert len(world.routed) == 2  # the rollout's split is left alone
+        del world.running["m"]
+        cleared = await slo.clear("m")
+        assert cleared.state == "off" and world.info.slo is None
+
+    asyncio.run(run())
+    assert shifts == [("m", "int8", "pause_shadows"), ("m", "int8", "toward_fast")]
+    kinds = [e["kind"] for e in state.history]
+    assert kinds[:3] == ["set", "pause_shadows", "toward_fast"] and "waiting" in kinds
+
+
+def test_slo_over_grpc_refuses_a_model_without_a_faster_variant_and_says_when_there_is_none(client, digits):
+    from slimserve.client.client import SlimServeClientError
+
+    client.register("digits", digits.onnx, data=digits.data)
+    with pytest.raises(SlimServeClientError) as e:
+        client.slo_status("digits")
+    assert e.value.code == "NOT_FOUND" and "slimctl slo digits --p99 MS" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        client.slo_set("digits", 0, 1)
+    assert e.value.code == "INVALID_ARGUMENT" and "--p99 0" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        client.slo_set("digits", 20, 1)
+    assert e.value.code == "INVALID_ARGUMENT"
+    # refused either way: the baseline alone (once its evaluation ran) is not faster than itself; before it ran, nothing is measured
+    assert "no variant faster than the baseline" in e.value.message or "no variants measured" in e.value.message
