@@ -14,7 +14,10 @@ The rules of a look:
   taking traffic to the fastest eligible one (within max_drop of the baseline's quality);
 - traffic returns one STEP at a time, toward the split the policy started from, only after CALM consecutive looks with
   the p99 under RETURN_BELOW x the objective (hysteresis: the band between the two thresholds moves nothing, and a
-  breach restarts the count, so the split cannot flap between two looks); shadows resume once the split is back;
+  breach restarts the count, so the split cannot flap between two looks), and, when the look knows the request rate
+  and each variant's compute time per request, only if the split after the step keeps every variant's predicted
+  utilization (share x rate x compute time) under RETURN_RHO: a fast variant's low p99 under a load that the slow
+  one cannot carry is no reason to go back; shadows resume once the split is back;
 - every eligible variant gives up at most max_drop, so the expected cost (share x drop, summed) never exceeds it;
 - when the split is already all on the fastest eligible variant and the objective still breaks, the answer is to
   refuse beyond the queue's capacity (RESOURCE_EXHAUSTED), which `Shift.saturated` says.
@@ -30,6 +33,7 @@ from slimserve.server.errors import InvalidArgument
 STEP = 0.25  # of the model's traffic moved per look
 RETURN_BELOW = 0.6  # x the objective: the p99 under which traffic may return
 CALM = 3  # looks under RETURN_BELOW before a step back
+RETURN_RHO = 0.7  # a step back is taken only if it leaves every variant's predicted utilization under this
 MAX_DROP_PT = 100.0
 
 
@@ -135,7 +139,14 @@ class SloSteering:
         """Expected accuracy cost in points: each variant's share x its drop, summed."""
         return sum(w * max(self.drops.get(v, 0.0), 0.0) for v, w in weights.items())
 
-    def look(self, p99_ms: float, predicted_wait_ms: float = 0.0, has_shadows: bool = False) -> Shift | None:
+    def look(
+        self,
+        p99_ms: float,
+        predicted_wait_ms: float = 0.0,
+        has_shadows: bool = False,
+        rate_rps: float | None = None,
+        service_s: dict[str, float] | None = None,
+    ) -> Shift | None:
         slo = self.policy.p99_ms
         worst = max(p99_ms, predicted_wait_ms)
         if worst > slo:
@@ -154,7 +165,7 @@ class SloSteering:
             self.calm += 1
             if self.calm >= CALM:
                 self.calm = 0
-                return self._back(p99_ms)
+                return self._back(p99_ms, rate_rps, service_s)
         else:
             self.calm = 0  # the band between RETURN_BELOW x and 1 x the objective: hold
         return None
@@ -187,7 +198,7 @@ class SloSteering:
             "toward_fast",
         )
 
-    def _back(self, p99_ms: float) -> Shift | None:
+    def _back(self, p99_ms: float, rate_rps: float | None = None, service_s: dict[str, float] | None = None) -> Shift | None:
         slo = self.policy.p99_ms
         if self.weights == self.original or all(abs(self.weights.get(v, 0.0) - w) < 1e-9 for v, w in self.original.items()):
             if self.shadows_paused:
@@ -207,6 +218,10 @@ class SloSteering:
         weights = dict(self.weights)
         weights[over] -= moved
         weights[under] = weights.get(under, 0.0) + moved
+        if rate_rps is not None and service_s:
+            busy = {v: w * rate_rps * service_s[v] for v, w in weights.items() if v in service_s}
+            if any(rho >= RETURN_RHO for rho in busy.values()):
+                return None  # the load that broke the objective is still there: hold
         self.weights = {v: w for v, w in weights.items() if w > 1e-9 or v in self.original}
         return Shift(
             dict(self.weights),

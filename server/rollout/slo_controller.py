@@ -110,6 +110,7 @@ class SloController:
         self.active: dict[str, SloState] = {}  # model -> its objective, as stored (read once: `resume`, `set`)
         self._steering: dict[str, SloSteering] = {}
         self._marks: dict[str, dict[str, int]] = {}
+        self._counts: dict[str, tuple[float, dict[str, tuple[int, float]]]] = {}  # model -> (when, variant -> (requests, device s))
 
     # ------------------------------------------------------------------ use cases
 
@@ -236,7 +237,8 @@ class SloController:
                 self.repository.get(state.model).traffic.shadows
             )
             self._steering[state.model] = steering
-        shift = steering.look(p99, 0.0, has_shadows=bool(state.shadows))
+        rate, service = self._load(state)
+        shift = steering.look(p99, 0.0, has_shadows=bool(state.shadows), rate_rps=rate, service_s=service)
         if shift is None:
             return
         if not shift.saturated:
@@ -267,6 +269,26 @@ class SloController:
         if joined.size < MIN_SAMPLES:
             return None
         return float(np.quantile(joined, 0.99) * 1000.0)
+
+    def _load(self, state: SloState) -> tuple[float | None, dict[str, float] | None]:
+        """Requests per second to the model since the last look, and each variant's compute seconds per request (its
+        totals): what a step back would ask of each variant (None until two looks have counted)."""
+        now = time.monotonic()
+        counts = {}
+        for variant in state.drops:
+            try:
+                arm = self.statistics.arm(state.model, variant)
+            except NotFound:
+                continue
+            counts[variant] = (arm.requests, arm.device_seconds)
+        before = self._counts.get(state.model)
+        self._counts[state.model] = (now, counts)
+        if before is None or now <= before[0]:
+            return None, None
+        then, old = before
+        answered = sum(n - old.get(v, (0, 0.0))[0] for v, (n, _) in counts.items())
+        service = {v: d / n for v, (n, d) in counts.items() if n > 0 and d > 0}
+        return max(answered, 0) / (now - then), service or None
 
     def _sticky(self, model: str) -> str | None:
         return self.repository.get(model).traffic.sticky_parameter

@@ -190,3 +190,16 @@ def test_slo_over_grpc_refuses_a_model_without_a_faster_variant_and_says_when_th
     assert e.value.code == "INVALID_ARGUMENT"
     # refused either way: the baseline alone (once its evaluation ran) is not faster than itself; before it ran, nothing is measured
     assert "no variant faster than the baseline" in e.value.message or "no variants measured" in e.value.message
+
+
+def test_traffic_does_not_go_back_while_the_slow_variant_could_not_carry_its_share_of_the_load():
+    s = steering(SloPolicy(20, 1.0))
+    s.look(60.0)
+    s.look(60.0)
+    slow = {"fp32": 0.017, "int8": 0.003}  # seconds of compute per request
+    for _ in range(CALM * 3):  # 90 requests/s: back to 75% fp32 would keep it 1.15 busy
+        assert s.look(5.0, rate_rps=90.0, service_s=slow) is None
+    assert s.weights == pytest.approx({"fp32": 0.5, "int8": 0.5})
+    for _ in range(CALM - 1):
+        assert s.look(5.0, rate_rps=30.0, service_s=slow) is None
+    assert s.look(5.0, rate_rps=30.0, service_s=slow).weights == pytest.approx({"fp32": 0.75, "int8": 0.25})  # 0.38 busy
