@@ -34,7 +34,8 @@ Semantics follow Triton's dynamic batcher:
   ResourceExhausted rather than queued past its deadline.
 - A request may carry a deadline (`time.perf_counter()` seconds: gRPC's deadline, or the `timeout`
   parameter): one already past is refused at once, and one that passes while it waits is taken out
-  of the queue at that moment (a timer), or at the latest when its batch is cut, and answered
+  of the queue at that moment (a timer), or at the latest when its batch is cut (also when its cheapest
+  measured compute would end past the deadline), and answered
   DeadlineExceeded; it is never computed. Both drops, and cancelled ones, reach `on_drop` with the
   reason ('deadline' or 'cancelled'), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
 """
@@ -294,6 +295,13 @@ class DynamicBatcher:
             "microseconds), or send less load"
         )
 
+    def _too_late(self, request: _Request, now: float) -> bool:
+        """Past its deadline, or so close to it that even its cheapest measured compute would end after it."""
+        if request.deadline is None:
+            return False
+        least = self.sizer.least_wait(request.size, 1) or 0.0
+        return request.deadline <= now + least
+
     def _expire(self, request: _Request) -> None:
         """The deadline timer of a queued request: out of the queue, answered DeadlineExceeded, never computed."""
         request.timer = None
@@ -374,14 +382,14 @@ class DynamicBatcher:
 
     def _start(self, key: Hashable, queue: deque[_Request], cap: int) -> None:
         now = time.perf_counter()
-        while queue and queue[0].deadline is not None and queue[0].deadline <= now:  # its timer has not fired yet
+        while queue and self._too_late(queue[0], now):  # its timer has not fired yet, or it could not finish in time
             self._expire(queue[0])
         if not queue:
             return
         batch = [queue.popleft()]  # the head goes even when it alone exceeds the cap: it runs unsplit
         total = batch[0].size
         while queue and total + queue[0].size <= cap:
-            if queue[0].deadline is not None and queue[0].deadline <= now:
+            if self._too_late(queue[0], now):
                 self._expire(queue[0])
                 continue
             request = queue.popleft()

@@ -15,9 +15,10 @@ The rules of a look:
 - traffic returns one STEP at a time, toward the split the policy started from, only after CALM consecutive looks with
   the p99 under RETURN_BELOW x the objective (hysteresis: the band between the two thresholds moves nothing, and a
   breach restarts the count, so the split cannot flap between two looks), and, when the look knows the request rate
-  and each variant's compute time per request, only if the split after the step keeps every variant's predicted
-  utilization (share x rate x compute time) under RETURN_RHO: a fast variant's low p99 under a load that the slow
-  one cannot carry is no reason to go back; shadows resume once the split is back;
+  and each variant's compute time per request, only if the split after the step keeps every variant's predicted p99
+  (`predicted_p99_s`: its compute time plus the p99 wait of a queue at its utilization, share x rate x compute time)
+  under RETURN_BELOW x the objective: a fast variant's low p99 under a load that the slow one cannot carry is no
+  reason to go back; shadows resume once the split is back;
 - every eligible variant gives up at most max_drop, so the expected cost (share x drop, summed) never exceeds it;
 - when the split is already all on the fastest eligible variant and the objective still breaks, the answer is to
   refuse beyond the queue's capacity (RESOURCE_EXHAUSTED), which `Shift.saturated` says.
@@ -33,8 +34,16 @@ from slimserve.server.errors import InvalidArgument
 STEP = 0.25  # of the model's traffic moved per look
 RETURN_BELOW = 0.6  # x the objective: the p99 under which traffic may return
 CALM = 3  # looks under RETURN_BELOW before a step back
-RETURN_RHO = 0.7  # a step back is taken only if it leaves every variant's predicted utilization under this
+P99_WAITS = math.log(100.0) / 2  # an M/D/1 queue's p99 wait, in mean service times x rho / (1 - rho) (approximately)
 MAX_DROP_PT = 100.0
+
+
+def predicted_p99_s(service_s: float, utilization: float) -> float:
+    """A variant's p99 latency at `utilization` (share x rate x compute time): one compute plus the p99 wait of an
+    M/D/1 queue, P99_WAITS x compute x rho / (1 - rho); infinite at or past full utilization."""
+    if utilization >= 1.0:
+        return math.inf
+    return service_s * (1.0 + P99_WAITS * utilization / (1.0 - utilization))
 
 
 @dataclass(frozen=True)
@@ -219,8 +228,13 @@ class SloSteering:
         weights[over] -= moved
         weights[under] = weights.get(under, 0.0) + moved
         if rate_rps is not None and service_s:
-            busy = {v: w * rate_rps * service_s[v] for v, w in weights.items() if v in service_s}
-            if any(rho >= RETURN_RHO for rho in busy.values()):
+            bound = RETURN_BELOW * slo / 1000.0
+            late = [
+                v
+                for v, w in weights.items()
+                if w > 0 and v in service_s and predicted_p99_s(service_s[v], w * rate_rps * service_s[v]) >= bound
+            ]
+            if late:
                 return None  # the load that broke the objective is still there: hold
         self.weights = {v: w for v, w in weights.items() if w > 1e-9 or v in self.original}
         return Shift(

@@ -287,7 +287,9 @@ class SloController:
             return None, None
         then, old = before
         answered = sum(n - old.get(v, (0, 0.0))[0] for v, (n, _) in counts.items())
-        service = {v: d / n for v, (n, d) in counts.items() if n > 0 and d > 0}
+        # compute per request over the last look where it answered some (under contention it is not the evaluation's)
+        recent = {v: (d - old[v][1]) / (n - old[v][0]) for v, (n, d) in counts.items() if v in old and n - old[v][0] >= 5}
+        service = {v: recent.get(v, d / n) for v, (n, d) in counts.items() if n > 0 and d > 0}
         return max(answered, 0) / (now - then), service or None
 
     def _sticky(self, model: str) -> str | None:

@@ -12,7 +12,7 @@ import pytest
 
 from slimserve.server.errors import InvalidArgument, NotFound
 from slimserve.server.rollout.gates import Arm
-from slimserve.server.rollout.slo import CALM, STEP, SloPolicy, SloSteering, VariantProfile, check_policy
+from slimserve.server.rollout.slo import CALM, STEP, SloPolicy, SloSteering, VariantProfile, check_policy, predicted_p99_s
 from slimserve.server.rollout.slo_controller import SloController
 from slimserve.server.store.manifest import VariantInfo
 from slimserve.server.store.traffic import TrafficPolicy
@@ -193,13 +193,14 @@ def test_slo_over_grpc_refuses_a_model_without_a_faster_variant_and_says_when_th
 
 
 def test_traffic_does_not_go_back_while_the_slow_variant_could_not_carry_its_share_of_the_load():
-    s = steering(SloPolicy(20, 1.0))
-    s.look(60.0)
-    s.look(60.0)
+    s = steering(SloPolicy(100, 1.0))
+    s.look(300.0)
+    s.look(300.0)
     slow = {"fp32": 0.017, "int8": 0.003}  # seconds of compute per request
     for _ in range(CALM * 3):  # 90 requests/s: back to 75% fp32 would keep it 1.15 busy
         assert s.look(5.0, rate_rps=90.0, service_s=slow) is None
     assert s.weights == pytest.approx({"fp32": 0.5, "int8": 0.5})
+    assert predicted_p99_s(0.017, 0.75 * 30 * 0.017) == pytest.approx(0.017 * (1 + 2.3026 * 0.3825 / 0.6175), rel=1e-3)
     for _ in range(CALM - 1):
         assert s.look(5.0, rate_rps=30.0, service_s=slow) is None
-    assert s.look(5.0, rate_rps=30.0, service_s=slow).weights == pytest.approx({"fp32": 0.75, "int8": 0.25})  # 0.38 busy
+    assert s.look(5.0, rate_rps=30.0, service_s=slow).weights == pytest.approx({"fp32": 0.75, "int8": 0.25})  # p99 41 ms < 60
