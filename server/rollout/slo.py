@@ -18,7 +18,9 @@ The rules of a look:
   and each variant's compute time per request, only if the split after the step keeps every variant's predicted p99
   (`predicted_p99_s`: its compute time plus the p99 wait of a queue at its utilization, share x rate x compute time)
   under RETURN_BELOW x the objective: a fast variant's low p99 under a load that the slow one cannot carry is no
-  reason to go back; shadows resume once the split is back;
+  reason to go back; a breach right after a step back doubles the calm looks the next step back needs (up to
+  MAX_CALM; back to CALM once the original split is reached), so a load that stays high cannot make it oscillate;
+  shadows resume once the split is back;
 - every eligible variant gives up at most max_drop, so the expected cost (share x drop, summed) never exceeds it;
 - when the split is already all on the fastest eligible variant and the objective still breaks, the answer is to
   refuse beyond the queue's capacity (RESOURCE_EXHAUSTED), which `Shift.saturated` says.
@@ -34,6 +36,7 @@ from slimserve.server.errors import InvalidArgument
 STEP = 0.25  # of the model's traffic moved per look
 RETURN_BELOW = 0.6  # x the objective: the p99 under which traffic may return
 CALM = 3  # looks under RETURN_BELOW before a step back
+MAX_CALM = 48  # a step back that was followed by a breach doubles the looks the next one needs, up to this
 P99_WAITS = math.log(100.0) / 2  # an M/D/1 queue's p99 wait, in mean service times x rho / (1 - rho) (approximately)
 MAX_DROP_PT = 100.0
 
@@ -139,6 +142,8 @@ class SloSteering:
     shadows_paused: bool = False
     calm: int = 0
     weights: dict[str, float] = field(default_factory=dict)
+    calm_needed: int = CALM
+    stepped_back: bool = False  # the last shift was a step back
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -160,6 +165,9 @@ class SloSteering:
         worst = max(p99_ms, predicted_wait_ms)
         if worst > slo:
             self.calm = 0
+            if self.stepped_back:  # that step back was too early: wait twice as long before the next one
+                self.calm_needed = min(self.calm_needed * 2, MAX_CALM)
+                self.stepped_back = False
             if has_shadows and not self.shadows_paused:
                 self.shadows_paused = True
                 return Shift(
@@ -172,9 +180,13 @@ class SloSteering:
             return self._toward_fast(worst)
         if p99_ms < RETURN_BELOW * slo and predicted_wait_ms < RETURN_BELOW * slo:
             self.calm += 1
-            if self.calm >= CALM:
+            if self.calm >= self.calm_needed:
                 self.calm = 0
-                return self._back(p99_ms, rate_rps, service_s)
+                shift = self._back(p99_ms, rate_rps, service_s)
+                self.stepped_back = shift is not None and shift.kind == "back"
+                if all(abs(self.weights.get(v, 0.0) - w) < 1e-9 for v, w in self.original.items()):
+                    self.calm_needed = CALM
+                return shift
         else:
             self.calm = 0  # the band between RETURN_BELOW x and 1 x the objective: hold
         return None
@@ -239,7 +251,7 @@ class SloSteering:
         self.weights = {v: w for v, w in weights.items() if w > 1e-9 or v in self.original}
         return Shift(
             dict(self.weights),
-            f"p99 {p99_ms:.3g} ms under {RETURN_BELOW:g} x the objective {slo:g} ms for {CALM} looks: {moved:.0%} of traffic "
+            f"p99 {p99_ms:.3g} ms under {RETURN_BELOW:g} x the objective {slo:g} ms for {self.calm_needed} looks: {moved:.0%} of traffic "
             f"back from '{over}' to '{under}'",
             self.cost(self.weights),
             "back",

@@ -204,3 +204,19 @@ def test_traffic_does_not_go_back_while_the_slow_variant_could_not_carry_its_sha
     for _ in range(CALM - 1):
         assert s.look(5.0, rate_rps=30.0, service_s=slow) is None
     assert s.look(5.0, rate_rps=30.0, service_s=slow).weights == pytest.approx({"fp32": 0.75, "int8": 0.25})  # p99 41 ms < 60
+
+
+def test_a_breach_right_after_a_step_back_doubles_the_calm_the_next_one_needs():
+    s = steering(SloPolicy(100, 1.0))
+    s.look(300.0)
+    s.look(300.0)  # 50% on int8
+    looks = 0
+    while s.look(5.0) is None:
+        looks += 1
+    assert looks == CALM - 1 and s.weights == pytest.approx({"fp32": 0.75, "int8": 0.25})
+    s.look(300.0)  # the load was still there
+    assert s.calm_needed == 2 * CALM and s.weights == pytest.approx({"fp32": 0.5, "int8": 0.5})
+    looks = 0
+    while s.look(5.0) is None:
+        looks += 1
+    assert looks == 2 * CALM - 1
