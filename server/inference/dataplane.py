@@ -346,7 +346,11 @@ class DataPlane:
                 classification.check(specs, counts, batched)
             specs = self._checked(call, inputs, request.outputs)
             deadline = request_deadline(request, start) if request.deadline is not None or request.parameters else None
-            result = self._answered(call, inputs, request.outputs, specs, await call.batcher.submit(inputs, request.outputs, deadline))
+            if deadline is None:  # the common case, as before deadlines: no third argument
+                answer = await call.batcher.submit(inputs, request.outputs)
+            else:
+                answer = await call.batcher.submit(inputs, request.outputs, deadline)
+            result = self._answered(call, inputs, request.outputs, specs, answer)
             if counts:
                 override = self.loader.overrides.get(call.model)
                 labels = override.labels if override is not None else None
