@@ -1,28 +1,32 @@
-"""Rollout gates in simulation: false promotions, power and requests to a decision of the anytime-valid gates, against a
-fixed-sample test looked at every interval (peeking) and a fixed-horizon test looked at once per stage.
+"""Rollout gates in simulation: false promotions, power and requests to a decision of the controller's non-inferiority
+SPRTs, against today's two-sided mixture sequences, a fixed-sample test looked at every interval (peeking) and a
+fixed-horizon test looked at once per stage.
 
-    python -m bench.bench_rollout [--runs 200] [--rps 100] [--interval-s 30] [--workers 2] [--seed 0]
+    python -m bench.bench_rollout [--runs 200] [--rps 100] [--interval-s 30] [--workers 2] [--seed 0] [--json] [--single]
 
 Each run is one rollout through the real stage machine (server/rollout/controller.py: shadow, canary 5, 25, 50 %,
 promote) with simulated arms: every look, `rps x interval` requests arrive; the control and the canary answer with
-their own error rate (Bernoulli), latency (lognormal) and top-1 agreement with the control (in shadow). The three
-methods differ only in the intervals the gates decide by, with one decision rule and one alpha per test:
+their own error rate (Bernoulli), latency (lognormal) and top-1 agreement with the control (in shadow). The methods
+differ only in the tests the gates decide by:
 
-- sequential: the controller's own gates (server/rollout/sequential.py: confidence sequences, valid at every look);
-- peeking: the same rule on fixed-sample intervals (normal approximation; order statistics for quantiles) at every
-  look, as a dashboard or a Flagger-style analysis re-testing a fixed-sample test does;
+- sprt (the default, gates.judge): non-inferiority SPRTs, the null "worse by the margin" (server/rollout/sequential.py);
+- mixture (gates.judge_mixture): the two-sided beta-binomial mixture confidence sequences, the gates before issue 24;
+- peeking: the mixture's decision rule on fixed-sample intervals (normal approximation; order statistics for
+  quantiles) at every look, as a dashboard or a Flagger-style analysis re-testing a fixed-sample test does;
 - fixed horizon: the same fixed-sample intervals, looked at once per stage when the canary has answered the sample
   size that gives 90% power to pass an equal variant on the error gate; undecided then is a rollback.
 
-Scenarios: an equal variant and a better one (should be promoted), and three bad ones (one point more errors, 20%
-slower, two points less accurate), each at the edge of the plan's margin or past it (a promotion is a false one).
-Prints one table: promoted share, its 95% interval, and median / mean requests (both arms) until the decision.
+Scenarios (SCENARIOS): an equal variant and a better one (should be promoted); one exactly at the error gate's margin
+and three past a gate's margin (any promotion is a false one). Prints one table: promoted share, its 95% interval,
+median / mean requests (both arms) until the decision and the median as a multiple of the fixed horizon's; with
+--json, one JSON list instead, one object per scenario and method.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +36,7 @@ import numpy as np
 from scipy.stats import norm
 
 from slimserve.server.rollout.controller import RolloutController
-from slimserve.server.rollout.gates import Arm, judge
+from slimserve.server.rollout.gates import Arm, judge, judge_mixture
 from slimserve.server.rollout.plan import RolloutPlan
 from slimserve.server.rollout.sequential import costlier
 from slimserve.server.rollout.state import GateResult
@@ -62,12 +66,23 @@ class Behaviour:
 CONTROL = Behaviour()
 SCENARIOS: dict[str, tuple[Behaviour, bool]] = {  # name -> (canary, should be promoted)
     "equal": (Behaviour(), True),
-    "better: half the errors, 10% faster": (Behaviour(errors=0.005, slower=0.9), True),
-    "1 point more errors (margin 1)": (Behaviour(errors=0.02), False),
-    "20% slower at p50 (ratio 1.2)": (Behaviour(slower=1.2), False),
-    "2 points less accurate (agreement 97%)": (Behaviour(agreement=0.97), False),
+    "better": (Behaviour(errors=0.005, slower=0.9), True),  # half the errors, 10% faster
+    "at_margin": (Behaviour(errors=0.02), False),  # 1 point more errors: exactly the error gate's margin
+    "worse_accuracy": (Behaviour(agreement=0.97), False),  # 2 points less agreement: 1 point under the minimum 98%
+    "worse_latency": (Behaviour(slower=1.3), False),  # 30% slower at every quantile: past the p50 ratio 1.2
+    "worse_errors": (Behaviour(errors=0.025), False),  # 1.5 points more errors: past the margin
 }
-SINGLE_SCENARIOS = ("equal", "1 point more errors (margin 1)")
+DESCRIBED = {
+    "equal": "the control's errors, latency and 99.5% agreement",
+    "better": "half the errors, 10% faster",
+    "at_margin": "1 point more errors, the margin exactly",
+    "worse_accuracy": "97% agreement, minimum 98%",
+    "worse_latency": "30% slower, p50 ratio 1.2",
+    "worse_errors": "1.5 points more errors, margin 1",
+}
+SINGLE_SCENARIOS = ("equal", "at_margin")
+METHODS = ("sprt", "mixture", "peeking", "fixed horizon")
+DEFAULT_METHOD = "sprt"  # gates.judge: what the controller runs
 
 
 # ---------------------------------------------------------------------------------------------- the simulated world
@@ -254,7 +269,7 @@ def one_rollout(method: str, canary: Behaviour, seed: int, rps: float, interval_
     repository = Repository()
     sim = Simulation(canary, rng)
     clock = [0.0]
-    decide = {"sequential": judge, "peeking": fixed_judge, "fixed horizon": fixed_horizon_judge(horizon(plan))}[method]
+    decide = {"sprt": judge, "mixture": judge_mixture, "peeking": fixed_judge, "fixed horizon": fixed_horizon_judge(horizon(plan))}[method]
     controller = RolloutController(repository, Router(repository), sim, lambda: clock[0], judge=decide)
     per_look = round(rps * interval_s)
 
@@ -286,6 +301,52 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def rows(args) -> dict[tuple[str, str, bool], list[tuple[bool, int]]]:
+    """(method, scenario, single plan) -> [(promoted, requests)] of every run, on `args.workers` processes."""
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method {', '.join(unknown)} (methods: {', '.join(METHODS)})")
+    chunk = 25  # runs per job: rows share the workers evenly
+    wanted = [(m, name, False) for m in methods for name in SCENARIOS]
+    if args.single:
+        wanted += [(m, name, True) for m in methods for name in SINGLE_SCENARIOS]
+    jobs = [
+        (m, name, min(chunk, args.runs - first), args.seed + first, args.rps, args.interval_s, single)
+        for m, name, single in wanted
+        for first in range(0, args.runs, chunk)
+    ]
+    done: dict[tuple[str, str, bool], list[tuple[bool, int]]] = {key: [] for key in wanted}
+    with ProcessPoolExecutor(args.workers) as pool:
+        for method, name, single, runs in pool.map(scenario_runs, jobs):
+            done[(method, name, single)].extend(runs)
+    return done
+
+
+def summary(done: dict[tuple[str, str, bool], list[tuple[bool, int]]]) -> list[dict]:
+    """The --json list: one object per scenario and method of the full plan (fixed_horizon_requests: the fixed-horizon
+    method's median in that scenario, when it ran)."""
+    out = []
+    for (method, name, single), runs in done.items():
+        if single:
+            continue
+        requests = np.array([n for _, n in runs])
+        fixed = done.get(("fixed horizon", name, False))
+        out.append(
+            {
+                "scenario": name,
+                "method": method,
+                "default": method == DEFAULT_METHOD,
+                "runs": len(runs),
+                "promoted_fraction": sum(p for p, _ in runs) / len(runs),
+                "median_requests": float(np.median(requests)),
+                "mean_requests": float(requests.mean()),
+                "fixed_horizon_requests": float(np.median([n for _, n in fixed])) if fixed else None,
+            }
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200, help="rollouts per scenario and method")
@@ -293,49 +354,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-s", type=float, default=30.0, help="seconds between the controller's looks")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="sequential,peeking,fixed horizon")
+    parser.add_argument("--methods", default="sprt,mixture,fixed horizon", help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--single", action="store_true", help="also one gate alone in one stage (where peeking shows)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list, one object per scenario and method")
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",")]
-    chunk = 25  # runs per job: rows share the workers evenly, and each row prints as soon as it is complete
-    rows_wanted = [(m, name, False) for m in methods for name in SCENARIOS] + [
-        (m, name, True) for m in methods for name in SINGLE_SCENARIOS
-    ]
-    jobs = [
-        (m, name, min(chunk, args.runs - first), args.seed + first, args.rps, args.interval_s, single)
-        for m, name, single in rows_wanted
-        for first in range(0, args.runs, chunk)
-    ]
     started = time.perf_counter()
+    done = rows(args)
+    table = summary(done)
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return 0
     print(
         f"{args.runs} rollouts per row; plan: shadow, canary {', '.join(f'{s:g}' for s in PLAN.steps)} %, alpha {PLAN.alpha:g} "
-        f"({PLAN.alpha_per_test():.4g} per test), min {PLAN.min_requests} requests and {PLAN.max_stage_s:g} s per stage; "
-        f"{args.rps:g} requests/s, a look every {args.interval_s:g} s; fixed horizon {horizon(PLAN)} canary requests per stage"
+        f"(a pass at {PLAN.alpha_to_pass():.4g}; a fail at {PLAN.alpha_per_test():.4g} per test), min {PLAN.min_requests} "
+        f"requests and {PLAN.max_stage_s:g} s per stage; {args.rps:g} requests/s, a look every {args.interval_s:g} s; "
+        f"fixed horizon {horizon(PLAN)} canary requests per stage"
     )
     print()
-    print("| method | scenario | should | promoted | 95% interval | median requests | mean requests |")
-    print("| --- | --- | --- | ---: | --- | ---: | ---: |", flush=True)
-    done: dict[tuple[str, str, bool], list[tuple[bool, int]]] = {}
-    with ProcessPoolExecutor(args.workers) as pool:
-        for method, name, single, rows in pool.map(scenario_runs, jobs):  # in order: a row's chunks arrive together
-            done.setdefault((method, name, single), []).extend(rows)
-            rows = done[(method, name, single)]
-            if len(rows) < args.runs:
+    print("| scenario | canary | method | should | promoted | 95% interval | median requests | mean requests | median / fixed horizon |")
+    print("| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |")
+    for row in sorted(table, key=lambda r: (list(SCENARIOS).index(r["scenario"]), METHODS.index(r["method"]))):
+        k = round(row["promoted_fraction"] * row["runs"])
+        lo, hi = wilson(k, row["runs"])
+        ratio = f"{row['median_requests'] / row['fixed_horizon_requests']:.2f}x" if row["fixed_horizon_requests"] else "-"
+        name = row["scenario"]
+        print(
+            f"| {name} | {DESCRIBED[name]} | {row['method']}{' (default)' if row['default'] else ''} "
+            f"| {'promote' if SCENARIOS[name][1] else 'not promote'} | {row['promoted_fraction']:.1%} | [{lo:.1%}, {hi:.1%}] "
+            f"| {int(row['median_requests']):,} | {int(row['mean_requests']):,} | {ratio} |"
+        )
+    if args.single:
+        print(
+            f"\none gate alone (error, margin 1 point, alpha {SINGLE.alpha:g}), one canary stage at {SINGLE.steps[0]:g}%, "
+            f"fixed horizon {horizon(SINGLE)}: where re-testing a fixed-sample test shows\n"
+        )
+        print("| scenario | method | promoted | 95% interval | median requests | mean requests |")
+        print("| --- | --- | ---: | --- | ---: | ---: |")
+        for (method, name, single), runs in done.items():
+            if not single:
                 continue
-            if single and not any(s for (_, _, s) in list(done)[:-1]):
-                print(
-                    f"\none gate alone (error, margin 1 point, alpha {SINGLE.alpha:g}), one canary stage at "
-                    f"{SINGLE.steps[0]:g}%, fixed horizon {horizon(SINGLE)}: where re-testing a fixed-sample test shows\n"
-                )
-                print("| method | scenario | should | promoted | 95% interval | median requests | mean requests |")
-                print("| --- | --- | --- | ---: | --- | ---: | ---: |", flush=True)
-            promoted = sum(p for p, _ in rows)
-            lo, hi = wilson(promoted, len(rows))
-            requests = np.array([n for _, n in rows])
-            should = "promote" if SCENARIOS[name][1] else "not promote"
+            k = sum(p for p, _ in runs)
+            lo, hi = wilson(k, len(runs))
+            requests = np.array([n for _, n in runs])
             print(
-                f"| {method} | {name} | {should} | {promoted / len(rows):.1%} | [{lo:.1%}, {hi:.1%}] "
-                f"| {int(np.median(requests)):,} | {int(requests.mean()):,} |",
-                flush=True,
+                f"| {name} | {method} | {k / len(runs):.1%} | [{lo:.1%}, {hi:.1%}] | {int(np.median(requests)):,} "
+                f"| {int(requests.mean()):,} |"
             )
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0

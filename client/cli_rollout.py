@@ -22,8 +22,9 @@ rollout_app = typer.Typer(help="Roll a variant out by itself: shadow, canary ste
 
 
 def add_commands(app: typer.Typer) -> None:
-    """Registers `slimctl rollout ...` on slimctl's app."""
+    """Registers `slimctl rollout ...` and `slimctl slo` on slimctl's app."""
     app.add_typer(rollout_app, name="rollout")
+    app.command("slo")(slo)
 
 
 def parse_steps(text: str) -> list[float]:
@@ -213,3 +214,48 @@ def abort(
     except SlimServeClientError as e:
         fail(str(e))
     print_status(r, as_json)
+
+
+def print_slo(s: dict[str, Any], as_json: bool = False) -> None:
+    if as_json:
+        print_json(s)
+        return
+    console.print(
+        f"latency objective of {s['model']}: p99 <= {s['p99_ms']:g} ms, max drop {s['max_drop_pt']:g} points: {s['state']}",
+        markup=False,
+        highlight=False,
+    )
+    console.print(s["message"], markup=False, highlight=False)
+    for w in s["warnings"]:
+        err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
+    split = ", ".join(f"{v} {w:.0%}" for v, w in s["weights"].items() if w > 0)
+    console.print(f"split: {split}; expected accuracy cost {s['cost_pt']:.2f} points", markup=False, highlight=False)
+    drops = ", ".join(f"{v} {s['drops'].get(v, 0.0):+.2f}" for v in s["eligible"])
+    console.print(f"variants it may use, fastest first (drop in points): {drops}", markup=False, highlight=False)
+    for e in s["history"]:
+        console.print(f"  {e['time']}  {e['kind']:<14} {e['reason']}", markup=False, highlight=False)
+
+
+def slo(
+    name: str = typer.Argument(..., help="Model name."),
+    p99: float | None = typer.Option(None, "--p99", help="The objective: p99 latency in milliseconds."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="Accuracy points a variant may give up against the serving one."),
+    clear: bool = typer.Option(False, "--clear", help="Remove the objective; the original split comes back."),
+    as_json: bool = typer.Option(False, "--json", help="Print the objective's record as JSON."),
+) -> None:
+    """Hold a latency objective: while the live p99 breaks it, move traffic step by step to the fastest variants within
+    --max-drop of the serving variant's accuracy (shadows paused first), and back as the load falls. Without --p99 or
+    --clear: the objective now, its split and its shifts."""
+    if clear and p99 is not None:
+        fail("give --p99 MS to set an objective, or --clear to remove it (not both)")
+    try:
+        with connect() as client:
+            if clear:
+                s = client.slo_clear(name)
+            elif p99 is not None:
+                s = client.slo_set(name, p99, max_drop)
+            else:
+                s = client.slo_status(name)
+    except SlimServeClientError as e:
+        fail(str(e))
+    print_slo(s, as_json)

@@ -285,6 +285,16 @@ class SlimServeClient:
         except grpc.RpcError as e:
             raise SlimServeClientError(e.code().name if e.code() else "UNKNOWN", e.details() or "") from None
 
+    def slo_set(self, name: str, p99_ms: float, max_drop_pt: float = 1.0) -> dict[str, Any]:
+        """Sets the model's latency objective (the server checks it: see `slimctl slo`)."""
+        return slo_dict(self._call(self.rollout_stub.SetSlo, spb.SloRequest(model=name, p99_ms=p99_ms, max_drop_pt=max_drop_pt)))
+
+    def slo_clear(self, name: str) -> dict[str, Any]:
+        return slo_dict(self._call(self.rollout_stub.SetSlo, spb.SloRequest(model=name, clear=True)))
+
+    def slo_status(self, name: str) -> dict[str, Any]:
+        return slo_dict(self._call(self.rollout_stub.GetSlo, spb.RolloutRequest(model=name)))
+
     # ------------------------------------------------------------------ optimizer
 
     def optimize(
@@ -418,3 +428,23 @@ class SlimServeClient:
                 progress(part.stop, total)
         joined = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in outputs.items()}
         return RowsAnswer(joined, variants, ids)
+
+
+def slo_dict(s: spb.SloStatus) -> dict[str, Any]:
+    """A SloStatus as plain values: the `slimctl slo --json` record."""
+    return {
+        "model": s.model,
+        "p99_ms": s.p99_ms,
+        "max_drop_pt": s.max_drop_pt,
+        "state": s.state,
+        "message": s.message,
+        "warnings": list(s.warnings),
+        "eligible": list(s.eligible),
+        "drops": dict(s.drops),
+        "weights": dict(s.weights),
+        "original": dict(s.original),
+        "cost_pt": s.cost_pt,
+        "history": [
+            {"time": e.time, "kind": e.kind, "reason": e.reason, "weights": dict(e.weights), "cost_pt": e.cost_pt} for e in s.history
+        ],
+    }

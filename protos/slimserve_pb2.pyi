@@ -426,6 +426,88 @@ class CompareResponse(_message.Message):
     variants: _containers.RepeatedCompositeFieldContainer[VariantComparison]
     def __init__(self, model: _Optional[str] = ..., node_type: _Optional[str] = ..., price_per_hour: _Optional[float] = ..., variants: _Optional[_Iterable[_Union[VariantComparison, _Mapping]]] = ...) -> None: ...
 
+class SloRequest(_message.Message):
+    __slots__ = ("model", "p99_ms", "max_drop_pt", "clear")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DROP_PT_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    p99_ms: float
+    max_drop_pt: float
+    clear: bool
+    def __init__(self, model: _Optional[str] = ..., p99_ms: _Optional[float] = ..., max_drop_pt: _Optional[float] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class SloEvent(_message.Message):
+    __slots__ = ("time", "kind", "reason", "weights", "cost_pt")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    COST_PT_FIELD_NUMBER: _ClassVar[int]
+    time: str
+    kind: str
+    reason: str
+    weights: _containers.ScalarMap[str, float]
+    cost_pt: float
+    def __init__(self, time: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., cost_pt: _Optional[float] = ...) -> None: ...
+
+class SloStatus(_message.Message):
+    __slots__ = ("model", "p99_ms", "max_drop_pt", "state", "message", "warnings", "eligible", "weights", "original", "cost_pt", "history", "drops")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class OriginalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class DropsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DROP_PT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_FIELD_NUMBER: _ClassVar[int]
+    COST_PT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    p99_ms: float
+    max_drop_pt: float
+    state: str
+    message: str
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    eligible: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.ScalarMap[str, float]
+    original: _containers.ScalarMap[str, float]
+    cost_pt: float
+    history: _containers.RepeatedCompositeFieldContainer[SloEvent]
+    drops: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., p99_ms: _Optional[float] = ..., max_drop_pt: _Optional[float] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., eligible: _Optional[_Iterable[str]] = ..., weights: _Optional[_Mapping[str, float]] = ..., original: _Optional[_Mapping[str, float]] = ..., cost_pt: _Optional[float] = ..., history: _Optional[_Iterable[_Union[SloEvent, _Mapping]]] = ..., drops: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class RolloutStartRequest(_message.Message):
     __slots__ = ("model", "variant", "plan_json", "steps", "min_requests", "max_stage_s", "alpha")
     MODEL_FIELD_NUMBER: _ClassVar[int]

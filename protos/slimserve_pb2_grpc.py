@@ -840,6 +840,16 @@ class RolloutStub:
                 request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
                 response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
                 _registered_method=True)
+        self.SetSlo = channel.unary_unary(
+                '/slimserve.v1.Rollout/SetSlo',
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.SloRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.SloStatus.FromString,
+                _registered_method=True)
+        self.GetSlo = channel.unary_unary(
+                '/slimserve.v1.Rollout/GetSlo',
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.SloStatus.FromString,
+                _registered_method=True)
 
 
 class RolloutServicer:
@@ -875,6 +885,21 @@ class RolloutServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSlo(self, request, context):
+        """Sets (or, with clear, removes) a model's latency objective: while the live p99 of its split breaks it, traffic
+        moves step by step to the fastest variants within max_drop_pt accuracy points of the serving variant (shadows
+        paused first), and back as the load falls. A rollout in progress wins: the objective waits, saying so.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSlo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -897,6 +922,16 @@ def add_RolloutServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.FromString,
                     response_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.SerializeToString,
+            ),
+            'SetSlo': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSlo,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.SloRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.SloStatus.SerializeToString,
+            ),
+            'GetSlo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSlo,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.SloStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1009,6 +1044,60 @@ class Rollout:
             '/slimserve.v1.Rollout/Watch',
             slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
             slimserve_dot_protos_dot_slimserve__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSlo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Rollout/SetSlo',
+            slimserve_dot_protos_dot_slimserve__pb2.SloRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.SloStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSlo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Rollout/GetSlo',
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.SloStatus.FromString,
             options,
             channel_credentials,
             insecure,

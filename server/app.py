@@ -32,6 +32,7 @@ from slimserve.server.rollout.controller import RolloutController
 from slimserve.server.rollout.gates import ProcessStatistics
 from slimserve.server.rollout.metrics import RolloutMetrics
 from slimserve.server.rollout.prometheus import PrometheusStatistics
+from slimserve.server.rollout.slo_controller import SloController
 from slimserve.server.settings import Settings
 from slimserve.server.store.repository import Repository
 from slimserve.server.store.upload import Registrar
@@ -94,6 +95,7 @@ class SlimServer:
         statistics = PrometheusStatistics(settings.prometheus_url) if settings.prometheus_url else ProcessStatistics(self.dataplane)
         self.rollouts = RolloutController(self.repository, self.control, statistics, metrics=RolloutMetrics(self.metrics))
         self.control.on_manual_change = self.rollouts.interrupted
+        self.slo = SloController(self.repository, self.control, statistics, self.rollouts, on_shift=self._slo_shift)
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None
@@ -104,6 +106,10 @@ class SlimServer:
         self.metrics_port: int | None = None
         self._metrics_server = None
         self.server: grpc.aio.Server | None = None
+
+    def _slo_shift(self, model: str, variant: str, reason: str) -> None:
+        """One change of the SLO steering, counted in slimserve_slo_shifts_total."""
+        self.metrics.slo_shifts.labels(model, variant, self.metrics.node_type, reason).inc()
 
     def _build_server(self) -> grpc.aio.Server:
         """The grpc.aio server; built inside the running event loop, which it binds to."""
@@ -122,7 +128,9 @@ class SlimServer:
         slimserve_pb2_grpc.add_TrafficServicer_to_server(TrafficServicer(self.control), checked)
         slimserve_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.control), checked)
         slimserve_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsServicer(self.control), checked)
-        slimserve_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(self.rollouts), checked)
+        slimserve_pb2_grpc.add_RolloutServicer_to_server(
+            RolloutServicer(self.rollouts, None if self.settings.read_only else self.slo), checked
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, checked)
         # Through `checked` as every servicer (reflection.enable_server_reflection would register its method with grpc: edge.py says why not).
         reflection_names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -180,6 +188,8 @@ class SlimServer:
         if not self.settings.read_only:  # the writer decides rollouts; replicas follow its routing through the repository
             self.rollouts.resume()
             self.rollouts.start_ticking(self.settings.rollout_interval_s)
+            self.slo.resume()
+            self.slo.start_ticking()
         if self.settings.poll_repository_s > 0:
             self.watcher = RepositoryWatcher(self.repository, self.dataplane, self.settings.poll_repository_s)
             self.watcher.start()
@@ -220,6 +230,7 @@ class SlimServer:
         await self.health.enter_graceful_shutdown()
         await self.jobs.stop()
         await self.rollouts.stop()
+        await self.slo.stop()
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await asyncio.gather(self.server.stop(grace), self._stop_http(grace))
         if self.watcher is not None:

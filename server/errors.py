@@ -70,5 +70,9 @@ class Unavailable(SlimServeError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class DeadlineExceeded(SlimServeError):
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
 class Unimplemented(SlimServeError):
     kind = ErrorKind.UNIMPLEMENTED

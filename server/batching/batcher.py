@@ -28,7 +28,16 @@ Semantics follow Triton's dynamic batcher:
 - At most `max_queue_size` requests wait; beyond that `submit` raises ResourceExhausted at once.
 - A request cancelled before its batch starts is dropped and never computed (one cancelled while
   its batch runs is computed, its answer discarded); if the model raises, every request of that
-  batch gets the exception. `close()` refuses new requests, finishes the queued ones, then returns.
+  batch gets the exception.
+- A request with a deadline that the samples already waiting cannot let it meet (their compute at the cheapest
+  measured cost per sample, spread over the call slots, ends after it: a lower bound) is refused at once with
+  ResourceExhausted rather than queued past its deadline.
+- A request may carry a deadline (`time.perf_counter()` seconds: gRPC's deadline, or the `timeout`
+  parameter): one already past is refused at once, and one that passes while it waits is taken out
+  of the queue at that moment (a timer), or at the latest when its batch is cut (also when its cheapest
+  measured compute would end past the deadline), and answered
+  DeadlineExceeded; it is never computed. Both drops, and cancelled ones, reach `on_drop` with the
+  reason ('deadline' or 'cancelled'), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
 """
 
 from __future__ import annotations
@@ -44,18 +53,30 @@ import numpy as np
 
 from slimserve.server.batching.assembly import BatchingConfig, batch_key, split_outputs
 from slimserve.server.batching.sizing import BatchSizer
-from slimserve.server.errors import ResourceExhausted, Unavailable
+from slimserve.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
 Predict = Callable[[dict[str, np.ndarray], "list[str] | None"], dict[str, np.ndarray]]
 OnBatch = Callable[[int, list[float], float], None]
+OnDrop = Callable[[str], None]
+DEADLINE_SLACK_S = 0.02  # a cancel this close to the request's deadline is counted as the deadline passing
 
 
 class _Request:
-    __slots__ = ("enqueued", "future", "inputs", "key", "outputs", "queued", "size")
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "outputs", "queued", "size", "timer")
 
-    def __init__(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, key: Hashable, size: int, future: asyncio.Future) -> None:
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        key: Hashable,
+        size: int,
+        future: asyncio.Future,
+        deadline: float | None = None,
+    ) -> None:
+        self.deadline = deadline
+        self.timer: asyncio.TimerHandle | None = None
         self.inputs = inputs
         self.outputs = outputs
         self.key = key
@@ -79,6 +100,7 @@ class DynamicBatcher:
         max_concurrency: int = 1,
         on_batch: OnBatch | None = None,
         inline_below_s: float = 0.0,
+        on_drop: OnDrop | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -89,6 +111,7 @@ class DynamicBatcher:
         self.variant = variant
         self.max_concurrency = max_concurrency
         self.on_batch = on_batch
+        self.on_drop = on_drop
         # Calls whose recent compute time (a moving average) is below this run on the event loop's
         # thread: for a model of tens of microseconds, handing a call to a worker thread and back (a
         # thread wake-up, the GIL changing hands twice, a self-pipe write) costs more than the call.
@@ -121,8 +144,14 @@ class DynamicBatcher:
         """Requests waiting for a call (for tests and a queue-depth gauge)."""
         return self._waiting
 
-    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Runs one request, merged with others where it can; returns its own outputs."""
+    async def submit(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Runs one request, merged with others where it can; returns its own outputs. `deadline`: perf_counter seconds
+        by which it must be answered; past it, DeadlineExceeded instead of compute."""
+        if deadline is not None and time.perf_counter() >= deadline:
+            self._dropped("deadline")
+            raise DeadlineExceeded(self._expired(deadline))
         if self._closing:
             raise Unavailable(f"{self._who()} is unloading and takes no new requests; retry the request")
         if self._waiting >= self.config.max_queue_size:
@@ -131,10 +160,21 @@ class DynamicBatcher:
         if self._runs_inline() and (not self.config.enabled or not (self._waiting or self._inflight)):
             return self._run_now(inputs, outputs)
         if not self.config.enabled:
-            return await self._submit_unbatched(inputs, outputs)
+            return await self._submit_unbatched(inputs, outputs, deadline)
         loop = asyncio.get_running_loop()
         key, size = batch_key(inputs, outputs)
-        request = _Request(inputs, outputs, key, size, loop.create_future())
+        if deadline is not None and self._waiting:
+            ahead = sum(self._samples.values())
+            least = self.sizer.least_wait(ahead + size, self.max_concurrency)
+            if least is not None and time.perf_counter() + least > deadline:
+                raise ResourceExhausted(
+                    f"{self._who()}: {ahead} samples wait ahead of this request and take at least {least * 1000:.0f} ms to "
+                    f"compute, past its deadline in {max(deadline - time.perf_counter(), 0) * 1000:.0f} ms: refused rather than "
+                    "queued past it; retry later, give it a longer deadline, or send less load"
+                )
+        request = _Request(inputs, outputs, key, size, loop.create_future(), deadline)
+        if deadline is not None:
+            request.timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), self._expire, request)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = deque()
@@ -149,6 +189,10 @@ class DynamicBatcher:
             if request.queued:  # not started yet: drop it so that it is never computed
                 self._unqueue(request)
                 self._wakeup.set()
+                # A gRPC client cancels at its own deadline, which runs ahead of the server's copy by the request's
+                # travel: a cancel that close to the deadline is the deadline's.
+                late = request.deadline is not None and time.perf_counter() >= request.deadline - DEADLINE_SLACK_S
+                self._dropped("deadline" if late else "cancelled")
             raise
 
     async def close(self) -> None:
@@ -188,14 +232,18 @@ class DynamicBatcher:
 
     # ------------------------------------------------------------------ batching off
 
-    async def _submit_unbatched(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+    async def _submit_unbatched(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
         if self._idle is None:
             self._idle = asyncio.Event()
         self._idle.clear()
         self._waiting += 1
         enqueued = time.perf_counter()
         try:
-            result, started, compute = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_predict, inputs, outputs)
+            result, started, compute = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._timed_predict, inputs, outputs, deadline
+            )
             self._record_compute(compute)
             self._observe(batch_key(inputs, outputs)[1], [started - enqueued], compute)
             return result
@@ -224,8 +272,13 @@ class DynamicBatcher:
             self._record_compute(compute)
             self._observe(batch_key(inputs, outputs)[1], [0.0], compute)
 
-    def _timed_predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, np.ndarray], float, float]:
+    def _timed_predict(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, deadline: float | None = None
+    ) -> tuple[dict[str, np.ndarray], float, float]:
         started = time.perf_counter()
+        if deadline is not None and started >= deadline:  # it waited in the compute pool's queue past its deadline
+            self._dropped("deadline")
+            raise DeadlineExceeded(self._expired(deadline))
         result = self.predict(inputs, outputs)
         return result, started, time.perf_counter() - started
 
@@ -234,7 +287,44 @@ class DynamicBatcher:
     def _who(self) -> str:
         return f"variant '{self.variant}' of model '{self.model}'"
 
+    def _expired(self, deadline: float) -> str:
+        late = (time.perf_counter() - deadline) * 1000
+        return (
+            f"{self._who()}: the request's deadline passed {late:.0f} ms ago while it waited in the queue ({self._waiting} "
+            "waiting); it was not computed. Give it a longer deadline (gRPC timeout, or the 'timeout' parameter in "
+            "microseconds), or send less load"
+        )
+
+    def _too_late(self, request: _Request, now: float) -> bool:
+        """Past its deadline, or so close to it that even its cheapest measured compute would end after it."""
+        if request.deadline is None:
+            return False
+        least = self.sizer.least_wait(request.size, 1) or 0.0
+        return request.deadline <= now + least
+
+    def _expire(self, request: _Request) -> None:
+        """The deadline timer of a queued request: out of the queue, answered DeadlineExceeded, never computed."""
+        request.timer = None
+        if not request.queued:
+            return
+        self._unqueue(request)
+        if not request.future.done():
+            request.future.set_exception(DeadlineExceeded(self._expired(request.deadline)))
+        self._dropped("deadline")
+        self._wakeup.set()
+
+    def _dropped(self, reason: str) -> None:
+        if self.on_drop is None:
+            return
+        try:
+            self.on_drop(reason)
+        except Exception:  # metrics must never fail inference
+            log.exception("on_drop observer of %s failed", self._who())
+
     def _unqueue(self, request: _Request) -> None:
+        if request.timer is not None:
+            request.timer.cancel()
+            request.timer = None
         request.queued = False
         queue = self._queues[request.key]
         queue.remove(request)
@@ -291,20 +381,31 @@ class DynamicBatcher:
         return None
 
     def _start(self, key: Hashable, queue: deque[_Request], cap: int) -> None:
+        now = time.perf_counter()
+        while queue and self._too_late(queue[0], now):  # its timer has not fired yet, or it could not finish in time
+            self._expire(queue[0])
+        if not queue:
+            return
         batch = [queue.popleft()]  # the head goes even when it alone exceeds the cap: it runs unsplit
         total = batch[0].size
         while queue and total + queue[0].size <= cap:
+            if self._too_late(queue[0], now):
+                self._expire(queue[0])
+                continue
             request = queue.popleft()
             batch.append(request)
             total += request.size
         for request in batch:
             request.queued = False
+            if request.timer is not None:
+                request.timer.cancel()
+                request.timer = None
         self._waiting -= len(batch)
         if queue:
             self._samples[key] -= total
-        else:
-            del self._queues[key]
-            del self._samples[key]
+        else:  # (an expiry above may have removed the emptied queue already)
+            self._queues.pop(key, None)
+            self._samples.pop(key, None)
         self._inflight += 1
         if self._runs_inline():
             self._answer(self._run_batch(batch, total), batch, total)

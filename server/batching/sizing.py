@@ -129,6 +129,15 @@ class BatchSizer:
         larger = [c for c in self.per_sample[g + 1 : group_of(self.max_batch_size) + 1] if c is not None]
         return bool(larger) and min(larger) < now * (1.0 - self.wait_gain)
 
+    def least_wait(self, samples: int, concurrency: int) -> float | None:
+        """The least time `samples` waiting samples can take to compute on `concurrency` call slots, at the cheapest
+        measured cost per sample (None: nothing measured). A lower bound: a request predicted later than its deadline
+        by it will be late whatever the batches turn out to be."""
+        best = self._best()
+        if best is None:
+            return None
+        return samples * best / max(concurrency, 1)
+
     def snapshot(self) -> dict[int, float]:
         """Measured microseconds per sample by the smallest size of each group (for benchmarks and logs)."""
         return {1 << g: c * 1e6 for g, c in enumerate(self.per_sample) if c is not None}

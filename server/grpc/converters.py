@@ -332,6 +332,26 @@ def rollout_plan(request: spb.RolloutStartRequest) -> RolloutPlan:
     return replace(plan, **overrides) if overrides else plan
 
 
+def slo_status(s) -> spb.SloStatus:
+    """A model's latency objective (server/rollout/slo_controller.SloState) as the SetSlo / GetSlo answer."""
+    out = spb.SloStatus(
+        model=s.model,
+        p99_ms=s.p99_ms,
+        max_drop_pt=s.max_drop_pt,
+        state=s.state,
+        message=s.message,
+        warnings=list(s.warnings),
+        eligible=list(s.eligible),
+        weights=dict(s.weights),
+        original=dict(s.original),
+        cost_pt=s.cost_pt,
+        drops=dict(s.drops),
+    )
+    for e in s.history:
+        out.history.add(time=e["time"], kind=e["kind"], reason=e["reason"], weights=e["weights"], cost_pt=e["cost_pt"])
+    return out
+
+
 def rollout_status(r: RolloutState) -> spb.RolloutStatus:
     record = r.record()
     out = spb.RolloutStatus(

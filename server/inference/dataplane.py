@@ -61,6 +61,7 @@ class InferRequest:
     classification: Mapping[str, int] | None = None  # output -> class_count (Triton's classification extension)
     shm_inputs: Mapping[str, ShmInput] | None = None  # inputs read from registered shared memory
     shm_outputs: Mapping[str, ShmRef] | None = None  # outputs written to registered shared memory
+    deadline: float | None = None  # perf_counter() seconds by which to answer (gRPC's deadline); see request_deadline
 
 
 @dataclass(slots=True)
@@ -353,7 +354,12 @@ class DataPlane:
                     raise InvalidArgument(f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}")
                 classification.check(specs, counts, batched)
             specs = self._checked(call, inputs, request.outputs)
-            result = self._answered(call, inputs, request.outputs, specs, await call.batcher.submit(inputs, request.outputs))
+            deadline = request_deadline(request, start) if request.deadline is not None or request.parameters else None
+            if deadline is None:  # the common case, as before deadlines: no third argument
+                answer = await call.batcher.submit(inputs, request.outputs)
+            else:
+                answer = await call.batcher.submit(inputs, request.outputs, deadline)
+            result = self._answered(call, inputs, request.outputs, specs, answer)
             if counts:
                 override = self.loader.overrides.get(call.model)
                 labels = override.labels if override is not None else None
@@ -430,6 +436,22 @@ class DataPlane:
         if call.shadows:
             self.shadows.mirror(call.model, call.request_id, call.shadows, call.feedback, inputs, outputs, predicted)
         return InferResult(call.model, call.variant, result, specs, call.request_id)
+
+
+def request_deadline(request: InferRequest, arrived: float) -> float | None:
+    """The perf_counter() time by which the request must be answered: the earlier of its transport's deadline (gRPC)
+    and its `timeout` parameter (microseconds after arrival, as Triton's); None: no deadline."""
+    deadline = request.deadline
+    timeout = request.parameters.get("timeout") if request.parameters else None
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 or timeout != timeout:
+            raise InvalidArgument(
+                f"parameter 'timeout' is {timeout!r}: it is the request's deadline in microseconds after arrival, a number > 0 "
+                "(e.g. 50000 for 50 ms); leave it out for no deadline"
+            )
+        by_parameter = arrived + float(timeout) / 1e6
+        deadline = by_parameter if deadline is None else min(deadline, by_parameter)
+    return deadline
 
 
 def outcome_code(error: BaseException) -> str:

@@ -102,6 +102,7 @@ class ModelLoader:
             variant=variant,
             max_concurrency=calls,
             on_batch=recorder.record_batch,
+            on_drop=recorder.record_drop,
             inline_below_s=self.inline_compute_s if runtime.inline_safe else 0.0,
         )
         recorder.watch_queue(lambda: batcher.queued, config.max_queue_size)

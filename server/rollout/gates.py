@@ -9,13 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Protocol
 
 import numpy as np
 
 from slimserve.server.errors import NotFound
 from slimserve.server.rollout.plan import RolloutPlan
-from slimserve.server.rollout.sequential import Verdict, costlier, rate_at_least, slower_quantile, worse_rate
+from slimserve.server.rollout.sequential import (
+    Verdict,
+    costlier,
+    noninferior_proportion,
+    noninferior_quantile,
+    noninferior_rate,
+    rate_at_least,
+    slower_quantile,
+    worse_rate,
+)
 from slimserve.server.rollout.state import GateResult
 
 
@@ -86,24 +96,49 @@ class ProcessStatistics:
 def judge(
     plan: RolloutPlan, stage: str, canary: Arm, control: Arm, canary_latency: np.ndarray, control_latency: np.ndarray
 ) -> list[GateResult]:
-    """Every gate of the stage on the counts since it began; alpha per test from the plan (see RolloutPlan.alpha_per_test)."""
+    """Every gate of the stage on the counts since it began, by the non-inferiority SPRTs (sequential.rate_sprt,
+    noninferior_proportion, noninferior_quantile: the null is "worse by the margin"); a fail at the plan's alpha per
+    test (RolloutPlan.alpha_per_test), a pass at its alpha_to_pass."""
+    a = plan.alpha_to_pass()
+    return _judge(
+        plan,
+        stage,
+        canary,
+        control,
+        canary_latency,
+        control_latency,
+        partial(noninferior_rate, alpha_pass=a),
+        partial(noninferior_proportion, alpha_pass=a),
+        partial(noninferior_quantile, alpha_pass=a),
+    )
+
+
+def judge_mixture(
+    plan: RolloutPlan, stage: str, canary: Arm, control: Arm, canary_latency: np.ndarray, control_latency: np.ndarray
+) -> list[GateResult]:
+    """judge with the two-sided beta-binomial mixture confidence sequences instead of the SPRTs (the gates before
+    issue 24; bench/bench_rollout.py compares the two)."""
+    return _judge(plan, stage, canary, control, canary_latency, control_latency, worse_rate, rate_at_least, slower_quantile)
+
+
+def _judge(plan, stage, canary, control, canary_latency, control_latency, rate, proportion, quantile) -> list[GateResult]:
     alpha = plan.alpha_per_test()
     out = []
     for name in plan.gates_of(stage):
         value = plan.gates[name]
         if name == "error":
-            verdict = worse_rate((canary.errors, canary.requests), (control.errors, control.requests), value, alpha)
+            verdict = rate((canary.errors, canary.requests), (control.errors, control.requests), value, alpha)
         elif name == "agreement":
-            verdict = rate_at_least(canary.agreed, canary.mirrored, value, alpha, "top-1 agreement with the control")
+            verdict = proportion(canary.agreed, canary.mirrored, value, alpha, "top-1 agreement with the control")
         elif name in ("latency_p50", "latency_p99"):
             q = 0.5 if name == "latency_p50" else 0.99
-            verdict = slower_quantile(canary_latency, control_latency, q, value, alpha)
+            verdict = quantile(canary_latency, control_latency, q, value, alpha)
         elif name == "accuracy":
             if canary.labelled == 0 and control.labelled == 0:
                 verdict = Verdict("skip", None, value, "no feedback in this stage: accuracy is not gated until labels arrive")
             else:
                 wrong = ((canary.labelled - canary.correct, canary.labelled), (control.labelled - control.correct, control.labelled))
-                verdict = worse_rate(*wrong, value, alpha, "error rate on labelled requests (1 - accuracy)")
+                verdict = rate(*wrong, value, alpha, "error rate on labelled requests (1 - accuracy)")
         else:  # cost
             verdict = costlier((canary.device_seconds, canary.requests), (control.device_seconds, control.requests), value)
         out.append(GateResult(name, verdict.decision, verdict.statistic, verdict.threshold, verdict.evidence))

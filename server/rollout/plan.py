@@ -92,6 +92,13 @@ class RolloutPlan:
         tests = sum(1 for stage, _ in self.stages() for g in self.gates_of(stage) if g in SEQUENTIAL)
         return self.alpha / max(tests, 1)
 
+    def alpha_to_pass(self) -> float:
+        """The level of each gate's pass in the non-inferiority tests (gates.judge): the whole alpha, not split. A wrong
+        promotion needs a gate that the variant is worse on by its margin to pass at every stage it is in, and its first
+        such pass alone has chance <= alpha (each pass is anytime-valid at its level). A wrong rollback needs only one
+        of the tests to fail, so the fail keeps alpha_per_test."""
+        return self.alpha
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["steps"] = list(self.steps)

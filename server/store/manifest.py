@@ -99,6 +99,8 @@ class ModelInfo:
     # Quality settings given at register, for every optimization job that sets none: "OUTPUT=METRIC", an evaluator's name.
     quality: list[str] = field(default_factory=list)
     evaluator: str = ""
+    # The model's latency objective and its steering history (server/rollout/slo_controller.py); None: no SLO.
+    slo: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.assign_versions()
@@ -148,6 +150,7 @@ class ModelInfo:
             **({"rollout": self.rollout} if self.rollout is not None else {}),
             **({"quality": list(self.quality)} if self.quality else {}),
             **({"evaluator": self.evaluator} if self.evaluator else {}),
+            **({"slo": self.slo} if self.slo is not None else {}),
         }
 
     @classmethod
@@ -172,6 +175,7 @@ class ModelInfo:
             rollout=d.get("rollout"),
             quality=list(d.get("quality", [])),
             evaluator=str(d.get("evaluator", "")),
+            slo=d.get("slo"),
         )
 
 

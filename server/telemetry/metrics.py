@@ -130,6 +130,14 @@ PER_VARIANT: tuple[Family, ...] = (
         "Most requests a variant's queue holds before RESOURCE_EXHAUSTED.",
         cached="queue_capacity",
     ),
+    Family(
+        "queue_dropped",
+        Counter,
+        "slimserve_queue_dropped_total",
+        "Requests dropped from a batcher's queue before compute: their deadline passed (answered DEADLINE_EXCEEDED) "
+        "or their caller cancelled.",
+        extra=(("reason", ("deadline", "cancelled")),),
+    ),
     Family("inflight", Gauge, "slimserve_inflight_requests", "Inference requests being processed.", collected=True),
     Family("model_size", Gauge, "slimserve_model_size_bytes", "Bytes on disk of each loaded variant.", cached="model_size"),
     Family("loaded", Gauge, "slimserve_variant_loaded", "1 while a variant is loaded and serving.", cached="loaded"),
@@ -163,6 +171,19 @@ ROLLOUT_FAMILIES: tuple[Family, ...] = (
     ),
 )
 PER_VARIANT += ROLLOUT_FAMILIES
+# ---- latency objectives (server/rollout/slo_controller.py): labelled by the fastest eligible variant, the one traffic moves to.
+SLO_REASONS = ("toward_fast", "back", "pause_shadows", "resume_shadows", "saturated")
+SLO_FAMILIES: tuple[Family, ...] = (
+    Family(
+        "slo_shifts",
+        Counter,
+        "slimserve_slo_shifts_total",
+        "Changes the SLO steering made to a model's split, by reason (toward_fast: the p99 broke the objective; back: "
+        "it stayed under 0.6x; saturated: all traffic on the fastest variant and still breaking).",
+        extra=(("reason", SLO_REASONS),),
+    ),
+)
+PER_VARIANT += SLO_FAMILIES
 
 
 class Recorded(Protocol):
@@ -270,11 +291,13 @@ class Metrics:
     traffic_weight: Gauge
     queued: Gauge
     queue_capacity: Gauge
+    queue_dropped: Counter
     model_size: Gauge
     loaded: Gauge
     rollout_state: Gauge  # the rollout block above
     rollout_canary_weight: Gauge
     rollout_decisions: Counter
+    slo_shifts: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None, node_type: str = "cpu", price_per_hour: float = 0.0) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

@@ -145,6 +145,11 @@ class VariantRecorder:
         metrics = self._metrics
         metrics.feedback.labels(self.model, self.variant, metrics.node_type, str(correct).lower()).inc()
 
+    def record_drop(self, reason: str) -> None:
+        """A request dropped from the batcher's queue before compute (the batcher's on_drop): 'deadline' or 'cancelled'."""
+        metrics = self._metrics
+        metrics.queue_dropped.labels(self.model, self.variant, metrics.node_type, reason).inc()
+
     def record_online_accuracy(self, accuracy: float) -> None:
         metrics = self._metrics
         metrics.online_accuracy.labels(self.model, self.variant, metrics.node_type).set(accuracy)

@@ -14,7 +14,7 @@ import pytest
 
 from slimserve.server.batching.assembly import BatchingConfig
 from slimserve.server.batching.batcher import DynamicBatcher
-from slimserve.server.errors import InvalidArgument, ResourceExhausted, Unavailable
+from slimserve.server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.server.runtimes import create_runtime
 
 BLOCK = -1.0  # a request whose first value is BLOCK holds the model until the test opens the gate
@@ -421,3 +421,75 @@ def test_batch_key_counts_samples_by_dim_0_and_one_where_inputs_cannot_batch():
         {},
     ]
     assert [batch_key(c, None)[1] for c in cases] == [3, 1, 1, 1, 2, 2, 2, 1, 1, 1]
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute_and_answered_deadline_exceeded(executor):
+    model = FakeModel()
+    drops: list[str] = []
+    batcher = DynamicBatcher(model, executor, BatchingConfig(), model="m", variant="v", on_drop=drops.append)
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        late = asyncio.create_task(batcher.submit({"x": sample(1, 42.0)}, None, deadline=time.perf_counter() + 0.02))
+        kept = asyncio.create_task(batcher.submit({"x": sample(1, 1.0)}, None, deadline=time.perf_counter() + 30))
+        cancelled = asyncio.create_task(batcher.submit({"x": sample(1, 43.0)}, None))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(DeadlineExceeded, match=r"deadline passed .* not computed.*'timeout' parameter"):
+            await late  # answered at its deadline, while the call before it still runs
+        assert batcher.queued == 1 and not running.done()
+        with pytest.raises(DeadlineExceeded, match="deadline"):  # already past when it arrives: refused at once
+            await batcher.submit({"x": sample(1, 44.0)}, None, deadline=time.perf_counter() - 0.001)
+        model.gate.set()
+        await running
+        np.testing.assert_array_equal((await kept)["y"], sample(1, 3.0))
+
+    run(main())
+    assert not any(np.isin(x, (42.0, 43.0, 44.0)).any() for x in model.seen)
+    assert model.calls == [1, 1] and sorted(drops) == ["cancelled", "deadline", "deadline"]
+
+
+def test_an_expired_request_is_taken_out_when_its_batch_is_cut_even_before_its_timer(executor):
+    model = FakeModel()
+    drops: list[str] = []
+    batcher = DynamicBatcher(model, executor, BatchingConfig(), model="m", variant="v", on_drop=drops.append)
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        waiting = [
+            asyncio.create_task(batcher.submit({"x": sample(1, v)}, None, deadline=time.perf_counter() + d))
+            for v, d in ((5.0, 0.05), (6.0, 30))
+        ]
+        await asyncio.sleep(0.01)
+        time.sleep(0.06)  # noqa: ASYNC251  the loop is blocked on purpose past the first one's deadline: its timer cannot fire before the batch is cut
+        model.gate.set()
+        await running
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        assert isinstance(outcomes[0], DeadlineExceeded)
+        np.testing.assert_array_equal(outcomes[1]["y"], sample(1, 13.0))
+
+    run(main())
+    assert not any((x == 5.0).any() for x in model.seen) and drops == ["deadline"]
+
+
+def test_a_request_whose_deadline_the_queue_ahead_cannot_meet_is_refused_at_once_with_resource_exhausted(executor):
+    model = FakeModel(compute_s=0.02)
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=1), model="m", variant="v")
+
+    async def main():
+        await batcher.submit({"x": sample(1, 1.0)}, None)  # measured: 20 ms a sample
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        ahead = [asyncio.create_task(batcher.submit({"x": sample(1, 2.0)}, None)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(ResourceExhausted, match=r"5 samples wait ahead .* at least \d+ ms .* refused rather than queued"):
+            await batcher.submit({"x": sample(1, 3.0)}, None, deadline=time.perf_counter() + 0.05)  # 5 x 20 ms > 50 ms
+        fits = asyncio.create_task(batcher.submit({"x": sample(1, 4.0)}, None, deadline=time.perf_counter() + 30))
+        model.gate.set()
+        await asyncio.gather(running, *ahead)
+        np.testing.assert_array_equal((await fits)["y"], sample(1, 9.0))
+
+    run(main())
+    assert not any((x == 3.0).any() for x in model.seen)

@@ -13,6 +13,7 @@ from slimserve.client.client import SlimServeClient
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import inference_pb2_grpc as pb_grpc
 from tests.helpers import wait_until
+from tests.server.test_http import post_json
 from tests.server.test_shutdown import slow_matmul_onnx
 
 BIG = [("grpc.max_receive_message_length", 64 << 20)]
@@ -107,6 +108,37 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
         "slimserve_batch_size_sum", {"model": "slow", "variant": "baseline", "node_type": "cpu"}
     )
     assert batch_size == 1 + LONG + LONG + 3  # warm-up, timing call, long call, last call
+    dropped = server.metrics.registry.get_sample_value(
+        "slimserve_queue_dropped_total", {"model": "slow", "variant": "baseline", "node_type": "cpu", "reason": "deadline"}
+    )
+    assert dropped == 5  # dropped from the queue at their deadline, before compute, and counted
+
+
+def test_a_rest_timeout_parameter_is_a_deadline_in_the_queue_and_a_bad_one_is_refused(server_factory, tmp_path):
+    server = server_factory(max_batch_size=1, max_concurrent_calls=1, http_port=0)
+    register_slow(server, tmp_path)
+
+    def rest(rows: int, parameters: dict) -> tuple[int, dict]:
+        body = {
+            "inputs": [{"name": "x", "shape": [rows, WIDTH], "datatype": "FP32", "data": [1.0] * (rows * WIDTH)}],
+            "parameters": parameters,
+        }
+        return post_json(server.http_address, "/v2/models/slow/infer", body)
+
+    with grpc.insecure_channel(server.address, options=BIG) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        infer(request(1), timeout=60)
+        infer(request(LONG), timeout=60)  # long calls measured: the next one goes to the compute pool, not inline
+        before = stats_of(server).samples
+        running = infer.future(request(LONG), timeout=60)
+        wait_until(lambda: batcher_of(server)._inflight == 1, "the long call to compute", interval=0.002)
+        status, answer = rest(3, {"timeout": 20_000})  # 20 ms, behind a call of 0.1-0.5 s
+        assert status == 504 and "deadline passed" in answer["error"] and "not computed" in answer["error"]
+        assert running.result(60).outputs[0].shape == [LONG, WIDTH]
+    assert stats_of(server).samples - before == LONG  # the late one never ran
+    status, answer = rest(1, {"timeout": "soon"})
+    assert status == 400 and "parameter 'timeout'" in answer["error"] and "microseconds" in answer["error"]
+    assert rest(1, {"timeout": 30_000_000})[0] == 200  # in time: answered
 
 
 def test_max_concurrent_calls_lets_a_variant_run_calls_side_by_side(server_factory, digits):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.bench_rollout import PLAN, SCENARIOS, Behaviour, fixed_horizon_judge, fixed_judge, horizon, one_rollout, wilson
+from bench.bench_rollout import METHODS, PLAN, SCENARIOS, Behaviour, fixed_horizon_judge, fixed_judge, horizon, one_rollout, summary, wilson
 from slimserve.server.rollout.gates import Arm
 
 
@@ -27,9 +27,31 @@ def test_fixed_sample_gates_pass_an_equal_arm_fail_a_worse_one_and_wait_while_un
 
 
 def test_a_disagreeing_variant_is_rolled_back_by_every_method_and_an_interval_says_how_sure():
-    canary, should = SCENARIOS["2 points less accurate (agreement 97%)"]
+    canary, should = SCENARIOS["worse_accuracy"]
     assert not should and canary == Behaviour(agreement=0.97)
-    for method in ("sequential", "peeking", "fixed horizon"):
+    for method in METHODS:
         promoted, requests = one_rollout(method, canary, seed=1, rps=100, interval_s=30)
         assert not promoted and 0 < requests < 100_000, method
     assert wilson(0, 200)[1] < 0.02 and wilson(190, 200)[0] > 0.9
+
+
+def test_the_json_summary_has_one_object_per_scenario_and_method_with_the_fixed_horizon_beside_it():
+    done = {
+        ("sprt", "equal", False): [(True, 50_000), (True, 60_000)],
+        ("fixed horizon", "equal", False): [(True, 100_000), (False, 110_000)],
+        ("sprt", "equal", True): [(True, 1)],  # the single plan's rows are not in the list
+    }
+    rows = {r["method"]: r for r in summary(done)}
+    assert set(rows) == {"sprt", "fixed horizon"}
+    sprt = rows["sprt"]
+    assert sprt == {
+        "scenario": "equal",
+        "method": "sprt",
+        "default": True,
+        "runs": 2,
+        "promoted_fraction": 1.0,
+        "median_requests": 55_000.0,
+        "mean_requests": 55_000.0,
+        "fixed_horizon_requests": 105_000.0,
+    }
+    assert rows["fixed horizon"]["promoted_fraction"] == 0.5 and not rows["fixed horizon"]["default"]

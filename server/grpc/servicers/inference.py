@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from slimserve.protos import inference_pb2 as pb
@@ -51,7 +53,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if type(request) is MalformedRequest:
             await refuse_malformed(context, request)
         try:
-            return converters.infer_response(await self.dataplane.serve(converters.infer_request(request)))
+            infer = converters.infer_request(request)
+            remaining = context.time_remaining()
+            if remaining is not None:  # the client's deadline, honoured in the queue (batcher.py)
+                infer.deadline = time.perf_counter() + remaining
+            return converters.infer_response(await self.dataplane.serve(infer))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

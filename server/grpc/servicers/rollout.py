@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from slimserve.protos import slimserve_pb2_grpc as spb_grpc
+from slimserve.server.errors import FailedPrecondition
 from slimserve.server.grpc import converters
 from slimserve.server.grpc.edge import grpc_errors
 from slimserve.server.rollout.controller import RolloutController
+from slimserve.server.rollout.slo_controller import SloController
 
 
 class RolloutServicer(spb_grpc.RolloutServicer):
-    def __init__(self, rollouts: RolloutController) -> None:
+    def __init__(self, rollouts: RolloutController, slo: SloController | None = None) -> None:
         self.rollouts = rollouts
+        self.slo = slo
 
     @grpc_errors
     async def Start(self, request, context):
@@ -29,3 +32,18 @@ class RolloutServicer(spb_grpc.RolloutServicer):
     async def Watch(self, request, context):
         async for state in self.rollouts.watch(request.model):
             yield converters.rollout_status(state)
+
+    @grpc_errors
+    async def SetSlo(self, request, context):
+        if request.clear:
+            return converters.slo_status(await self._slo().clear(request.model))
+        return converters.slo_status(self._slo().set(request.model, request.p99_ms, request.max_drop_pt))
+
+    @grpc_errors
+    async def GetSlo(self, request, context):
+        return converters.slo_status(self._slo().status(request.model))
+
+    def _slo(self) -> SloController:
+        if self.slo is None:
+            raise FailedPrecondition("this server is a read-only replica: set latency objectives on the writer")
+        return self.slo

@@ -1,0 +1,320 @@
+"""A load step against a latency objective: p99, throughput, traffic shares and accuracy cost with and without the SLO.
+
+    python -m bench.bench_slo [--step-s 20] [--base-s 8] [--slo-ms 0 (auto)] [--max-drop 1] [--seed 0] [--json]
+
+The model is the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about 1-2 min on 2 busy
+cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel, onnxruntime.quantization, 100
+calibration images); MiniLM and EfficientNet-Lite0 were not affordable on this contended machine. A request carries 16
+images. Both variants are measured first: compute time per request (median of 30 in the serving thread) and top-1
+accuracy on the test split (the drop in points is INT8's against FP32's).
+
+Serving is in-process, with the server's own parts but no transport: one DynamicBatcher per variant (one call slot
+and one ORT thread each, batches of one request), requests routed by the split's weights, and the server's
+SloController (server/rollout/slo_controller.py) looking every second at the live p99 and moving the split, reading
+the same per-variant counters and latency window the server's ProcessStatistics reads. Open-loop Poisson arrivals at
+50% of the FP32 variant's capacity (1 / its compute time) for --base-s, 150% for --step-s, then 50% again.
+
+Two runs, the same arrivals (seeded): without the SLO (all traffic on FP32, no deadline) and with it (`--slo-ms`, by
+default 8x FP32's compute time; each request's deadline is arrival + the objective, honoured in the queue). Printed:
+p99 of answered requests arriving after the first 10 s of the step, throughput, INT8's share, requests dropped at
+their deadline or refused, answers after their deadline, and the accuracy cost (INT8's share of the step's answers x
+its drop); --json prints one object: slo_ms, p99_ms_with, p99_ms_without, late_answers, accuracy_cost_pt, max_drop_pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.batching.batcher import DynamicBatcher
+from slimserve.server.errors import DeadlineExceeded, ResourceExhausted
+from slimserve.server.rollout.gates import Arm
+from slimserve.server.rollout.slo_controller import SloController
+from slimserve.server.store.manifest import VariantInfo
+from slimserve.server.store.traffic import TrafficPolicy
+
+CACHE = Path(__file__).parent / "results" / "slo"
+PER_REQUEST = 16  # images in one request
+ADJUST_S = 10.0  # the step's first seconds, left out of p99_ms_with / _without
+
+
+def build(log) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """The FP32 and INT8 ONNX files (cached) and the test split."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from slimserve.optimizer.zoo import export_onnx, load_digits_splits, train_digits_cnn
+
+    train, test = load_digits_splits()
+    fp32, int8 = CACHE / "digits128.onnx", CACHE / "digits128_int8.onnx"
+    if not (fp32.exists() and int8.exists()):
+        CACHE.mkdir(parents=True, exist_ok=True)
+        log("training the digits CNN at width 128 (2 epochs) ...")
+        model, _ = train_digits_cnn(epochs=2, width=128)
+        export_onnx(model, fp32, torch.from_numpy(test.x[:2]))
+
+        class Calibration(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = iter([{"x": train.x[i : i + 1]} for i in range(100)])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        quantize_static(str(fp32), str(int8), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return fp32, int8, test.x, test.y
+
+
+@dataclass
+class Served:
+    """One variant: its session, batcher and the counters the SLO loop reads."""
+
+    name: str
+    session: object
+    batcher: DynamicBatcher | None = None
+    latencies: list[float] = field(default_factory=list)
+    requests: int = 0
+    device_seconds: float = 0.0
+
+    def predict(self, inputs, outputs):
+        return dict(zip(("logits",), self.session.run(None, inputs), strict=False))
+
+    def on_batch(self, size: int, queue_seconds: list[float], compute: float) -> None:
+        self.device_seconds += compute
+
+
+class World:
+    """The model's manifest, routing and statistics in memory: what SloController reads and changes."""
+
+    def __init__(self, served: dict[str, Served], evaluation: dict[str, dict]) -> None:
+        self.served = served
+        self.variants = {v: VariantInfo(v, "", "", "onnx", "onnx", evaluation=e) for v, e in evaluation.items()}
+        self.traffic = TrafficPolicy({"fp32": 1.0})
+        self.slo = None
+        self.running: dict = {}
+
+    @property
+    def default_variant(self) -> str:
+        return "fp32"
+
+    def check_writable(self) -> None:
+        pass
+
+    def get(self, name: str):
+        return self
+
+    def names(self) -> list[str]:
+        return ["digits"]
+
+    def update(self, name, change) -> None:
+        change(self)
+
+    async def set_traffic(self, model, weights, shadows, sticky, *, automatic=False):
+        self.traffic = TrafficPolicy(weights, tuple(shadows), sticky)
+
+    def arm(self, model: str, variant: str) -> Arm:
+        s = self.served[variant]
+        return Arm(requests=s.requests, latency_mark=len(s.latencies), device_seconds=s.device_seconds)
+
+    def latencies_since(self, model: str, variant: str, mark: int) -> np.ndarray:
+        return np.asarray(self.served[variant].latencies[mark:])
+
+
+def measure(session, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(median seconds per request of PER_REQUEST images, top-1 accuracy on the test split)."""
+    batch = x[:PER_REQUEST]
+    for _ in range(5):
+        session.run(None, {"x": batch})
+    times = []
+    for _ in range(30):
+        start = time.perf_counter()
+        session.run(None, {"x": batch})
+        times.append(time.perf_counter() - start)
+    predicted = session.run(None, {"x": x})[0].argmax(axis=1)
+    return float(np.median(times)), float((predicted == y).mean())
+
+
+def arrivals(rate_at, total_s: float, seed: int) -> np.ndarray:
+    """Poisson arrival times over [0, total_s) with the piecewise rate rate_at(t) (thinning)."""
+    rng = np.random.default_rng(seed)
+    peak = max(rate_at(t) for t in np.linspace(0, total_s, 200))
+    t, out = 0.0, []
+    while True:
+        t += rng.exponential(1.0 / peak)
+        if t >= total_s:
+            return np.array(out)
+        if rng.random() < rate_at(t) / peak:
+            out.append(t)
+
+
+async def run(sessions, x, evaluation, times, slo_ms: float | None, max_drop: float, seed: int) -> dict:
+    """One run over the arrival times: every request's (arrival, variant, outcome, latency)."""
+    served = {name: Served(name, s) for name, s in sessions.items()}
+    pools = {name: ThreadPoolExecutor(1, thread_name_prefix=f"bench-slo-{name}") for name in served}
+    for name, s in served.items():
+        s.batcher = DynamicBatcher(
+            s.predict,
+            pools[name],
+            BatchingConfig(max_batch_size=PER_REQUEST, max_queue_size=1_000_000),
+            model="digits",
+            variant=name,
+            on_batch=s.on_batch,
+        )
+    world = World(served, evaluation)
+    controller = None
+    if slo_ms is not None:
+        controller = SloController(world, world, world, world)
+        controller.set("digits", slo_ms, max_drop)
+        controller.active["digits"] = controller.status("digits")
+        controller.start_ticking()
+    rng = np.random.default_rng(seed + 1)
+    rows: list[tuple[float, str, str, float]] = []
+    tasks = []
+    loop_start = time.perf_counter()
+
+    async def one(arrival: float, variant: str) -> None:
+        s = served[variant]
+        start = loop_start + arrival
+        deadline = start + slo_ms / 1000 if slo_ms is not None else None
+        image = x[rng.integers(0, len(x) - PER_REQUEST)]
+        inputs = {"x": np.repeat(image[None], PER_REQUEST, axis=0)}
+        try:
+            await s.batcher.submit(inputs, None, deadline)
+            outcome = "ok"
+        except DeadlineExceeded:
+            outcome = "deadline"
+        except ResourceExhausted:
+            outcome = "refused"
+        latency = time.perf_counter() - start
+        if outcome == "ok":
+            s.requests += 1
+            s.latencies.append(latency)
+            if deadline is not None and time.perf_counter() > deadline:
+                outcome = "late"
+        rows.append((arrival, variant, outcome, latency))
+
+    for arrival in times:
+        delay = loop_start + arrival - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        weights = world.traffic.weights
+        names = list(weights)
+        variant = names[int(rng.choice(len(names), p=np.array([weights[n] for n in names]) / sum(weights.values())))]
+        tasks.append(asyncio.get_running_loop().create_task(one(arrival, variant)))
+    await asyncio.gather(*tasks)
+    if controller is not None:
+        await controller.stop()
+        history = controller.status("digits").history
+    else:
+        history = []
+    for pool in pools.values():
+        pool.shutdown()
+    return {"rows": rows, "history": history, "wall_s": time.perf_counter() - loop_start}
+
+
+def summarize(result: dict, step: tuple[float, float], drop_pt: float) -> dict:
+    rows = result["rows"]
+    begin, end = step
+    settled = [r for r in rows if begin + ADJUST_S <= r[0] < end and r[2] in ("ok", "late")]
+    in_step = [r for r in rows if begin <= r[0] < end]
+    answered = [r for r in in_step if r[2] in ("ok", "late")]
+    int8 = sum(1 for r in answered if r[1] == "int8")
+    share = int8 / len(answered) if answered else 0.0
+    return {
+        "p99_ms": float(np.quantile([r[3] for r in settled], 0.99) * 1000) if settled else None,
+        "throughput_rps": len(answered) / (end - begin),
+        "int8_share": share,
+        "dropped": sum(1 for r in in_step if r[2] in ("deadline", "refused")),
+        "late": sum(1 for r in rows if r[2] == "late"),
+        "accuracy_cost_pt": share * max(drop_pt, 0.0),
+        "requests": len(rows),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import onnxruntime as ort
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-s", type=float, default=8.0, help="seconds at 50%% before and after the step")
+    parser.add_argument("--step-s", type=float, default=20.0, help="seconds at 150%% of FP32's capacity (the issue's: 60)")
+    parser.add_argument("--slo-ms", type=float, default=0.0, help="the objective; 0: 8x FP32's compute time per request")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy points INT8 may give up")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        if not args.json:
+            print(message, flush=True)
+
+    fp32, int8, x, y = build(log)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    sessions = {
+        name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for name, path in (("fp32", fp32), ("int8", int8))
+    }
+    measured = {name: measure(s, x, y) for name, s in sessions.items()}
+    (t32, acc32), (t8, acc8) = measured["fp32"], measured["int8"]
+    drop_pt = (acc32 - acc8) * 100
+    evaluation = {name: {"latency_p50_ms": t * 1000, "accuracy": acc} for name, (t, acc) in measured.items()}
+    capacity = 1.0 / t32
+    slo_ms = args.slo_ms or 8 * t32 * 1000
+    step = (args.base_s, args.base_s + args.step_s)
+    total = args.base_s * 2 + args.step_s
+
+    def rate_at(t: float) -> float:
+        return capacity * (1.5 if step[0] <= t < step[1] else 0.5)
+
+    times = arrivals(rate_at, total, args.seed)
+    log(
+        f"digits CNN width 128, {PER_REQUEST} images a request: FP32 {t32 * 1000:.2f} ms a request, top-1 {acc32:.2%}; "
+        f"INT8 {t8 * 1000:.2f} ms, top-1 {acc8:.2%} (drop {drop_pt:+.2f} points); FP32 capacity {capacity:.0f} requests/s; "
+        f"load {capacity * 0.5:.0f} -> {capacity * 1.5:.0f} -> {capacity * 0.5:.0f} requests/s ({args.base_s:g} + {args.step_s:g} + "
+        f"{args.base_s:g} s, {len(times)} requests); objective p99 {slo_ms:.0f} ms, max drop {args.max_drop:g} points"
+    )
+    without = summarize(asyncio.run(run(sessions, x, evaluation, times, None, args.max_drop, args.seed)), step, drop_pt)
+    with_result = asyncio.run(run(sessions, x, evaluation, times, slo_ms, args.max_drop, args.seed))
+    with_slo = summarize(with_result, step, drop_pt)
+    out = {
+        "model": "digits CNN width 128 (FP32 and static INT8), 16 images a request",
+        "slo_ms": slo_ms,
+        "p99_ms_with": with_slo["p99_ms"],
+        "p99_ms_without": without["p99_ms"],
+        "late_answers": with_slo["late"],
+        "accuracy_cost_pt": with_slo["accuracy_cost_pt"],
+        "max_drop_pt": args.max_drop,
+        "dropped_with": with_slo["dropped"],
+        "throughput_rps_with": with_slo["throughput_rps"],
+        "throughput_rps_without": without["throughput_rps"],
+        "int8_share_with": with_slo["int8_share"],
+        "shifts": [f"{e['kind']}: {e['reason']}" for e in with_result["history"]],
+    }
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print()
+    print(
+        "| run | p99 after 10 s of the step (ms) | throughput in the step (req/s) | INT8 share | dropped at deadline / refused | answered late | accuracy cost (pt) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in (("without SLO", without), (f"with SLO {slo_ms:.0f} ms", with_slo)):
+        p99 = f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-"
+        print(
+            f"| {name} | {p99} | {r['throughput_rps']:.0f} | {r['int8_share']:.0%} | {r['dropped']} | {r['late']} | {r['accuracy_cost_pt']:.2f} |"
+        )
+    print("\nshifts of the run with the SLO:")
+    for e in with_result["history"]:
+        print(f"  {e['kind']:<14} {e['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The SLO policy's checks and steering steps (server/rollout/slo.py; not wired into the server yet): bad input answered as
+issue 24 asks, traffic moved step by step to the fastest variant within the drop, shadows paused first, and back with
+hysteresis, never flapping."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from slimserve.server.errors import InvalidArgument, NotFound
+from slimserve.server.rollout.gates import Arm
+from slimserve.server.rollout.slo import CALM, STEP, SloPolicy, SloSteering, VariantProfile, check_policy, predicted_p99_s
+from slimserve.server.rollout.slo_controller import SloController
+from slimserve.server.store.manifest import VariantInfo
+from slimserve.server.store.traffic import TrafficPolicy
+
+PROFILES = [VariantProfile("fp32", 8.0, 0.0), VariantProfile("int8", 3.0, 0.4), VariantProfile("pruned", 2.0, 3.0)]
+
+
+def steering(policy: SloPolicy) -> SloSteering:
+    checked = check_policy(policy, "m", PROFILES)
+    return SloSteering(
+        policy, {"fp32": 1.0}, checked.eligible, {p.name: p.drop_pt for p in PROFILES}, {p.name: p.batch1_ms for p in PROFILES}
+    )
+
+
+@pytest.mark.parametrize(
+    ("p99", "drop", "match"),
+    [(0, 1, "--p99 0 is out of range"), (float("nan"), 1, "--p99"), (20, -1, "--max-drop -1 is out of range"), (20, 100, "--max-drop")],
+)
+def test_an_objective_or_drop_out_of_range_is_an_invalid_argument(p99, drop, match):
+    with pytest.raises(InvalidArgument, match=match):
+        SloPolicy(p99, drop)
+
+
+def test_no_faster_variant_within_the_drop_is_refused_listing_each_variants_drop():
+    with pytest.raises(InvalidArgument) as e:
+        check_policy(SloPolicy(20, 0.1), "m", PROFILES)
+    assert "no variant faster than the baseline gives up at most 0.1" in e.value.message
+    assert "int8 (+0.40 pt, 3 ms)" in e.value.message and "pruned (+3.00 pt, 2 ms)" in e.value.message
+
+
+def test_an_objective_below_the_fastest_batch_1_latency_is_accepted_with_a_warning_and_a_rollout_makes_it_wait():
+    checked = check_policy(SloPolicy(2.5, 1.0), "m", PROFILES, rollout_variant="int8")
+    assert checked.eligible == ("int8", "fp32")  # pruned gives up 3 points: not eligible
+    assert len(checked.warnings) == 1 and "('int8') answers at batch 1 (3 ms)" in checked.warnings[0]
+    assert "rollout of 'int8' is running" in checked.waiting and "the SLO waits" in checked.waiting
+    assert check_policy(SloPolicy(50, 1.0), "m", PROFILES).warnings == ()
+
+
+def test_a_breach_pauses_shadows_first_then_moves_a_step_at_a_time_to_the_fastest_eligible_variant():
+    s = steering(SloPolicy(20, 1.0))
+    first = s.look(60.0, has_shadows=True)
+    assert first.pause_shadows and first.weights == {"fp32": 1.0} and "shadows paused first" in first.reason
+    shares = []
+    for _ in range(5):
+        shift = s.look(60.0, has_shadows=True)
+        shares.append(shift.weights.get("int8", 0.0))
+        assert shift.cost_pt <= 1.0  # the expected accuracy cost never exceeds --max-drop
+    assert shares[:4] == pytest.approx([STEP * k for k in range(1, 5)])
+    assert shift.saturated and "refused" in shift.reason  # all on int8 and still breaking
+    assert s.cost(s.weights) == pytest.approx(0.4)
+
+
+def test_traffic_returns_only_after_calm_looks_under_the_lower_threshold_and_does_not_flap():
+    s = steering(SloPolicy(20, 1.0))
+    s.look(60.0)
+    s.look(60.0)
+    assert s.weights == pytest.approx({"fp32": 1 - 2 * STEP, "int8": 2 * STEP})
+    for _ in range(10):  # between 0.6x and 1x the objective: hold
+        assert s.look(15.0) is None
+    for _ in range(CALM - 1):  # under 0.6x, but not long enough yet
+        assert s.look(5.0) is None
+    assert s.look(18.0) is None  # back in the band: the count restarts
+    for _ in range(CALM - 1):
+        assert s.look(5.0) is None
+    back = s.look(5.0)
+    assert back is not None and back.weights == pytest.approx({"fp32": 1 - STEP, "int8": STEP}) and "back from 'int8'" in back.reason
+    shifts = [s.look(5.0) for _ in range(CALM * 3)]
+    assert [x for x in shifts if x is not None][-1].weights == pytest.approx({"fp32": 1.0})
+    assert s.look(5.0) is None  # at the original split nothing moves
+
+
+# ---------------------------------------------------------------------------------------------- the loop in the server
+
+
+class _Info:
+    def __init__(self) -> None:
+        self.variants = {
+            "fp32": VariantInfo("fp32", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 8.0, "accuracy": 0.980}),
+            "int8": VariantInfo("int8", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 3.0, "accuracy": 0.976}),
+            "pruned": VariantInfo("pruned", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 2.0, "accuracy": 0.95}),
+        }
+        self.traffic = TrafficPolicy({"fp32": 1.0}, ("pruned",))
+        self.slo = None
+
+    @property
+    def default_variant(self) -> str:
+        return max(self.traffic.weights, key=self.traffic.weights.get)
+
+
+class _World:
+    """Repository, traffic and statistics of one model 'm', in memory."""
+
+    def __init__(self) -> None:
+        self.info = _Info()
+        self.latency: dict[str, list[float]] = {v: [] for v in self.info.variants}
+        self.routed: list[tuple[dict, list]] = []
+        self.running: dict = {}
+
+    def check_writable(self) -> None:
+        pass
+
+    def get(self, name: str):
+        if name != "m":
+            raise NotFound(f"Request for unknown model: '{name}' is not registered")
+        return self.info
+
+    def names(self):
+        return ["m"]
+
+    def update(self, name, change):
+        change(self.get(name))
+
+    async def set_traffic(self, model, weights, shadows, sticky, *, automatic=False):
+        assert automatic
+        self.info.traffic = TrafficPolicy(weights, tuple(shadows), sticky)
+        self.routed.append((dict(weights), list(shadows)))
+
+    def arm(self, model, variant):
+        return Arm(latency_mark=len(self.latency[variant]))
+
+    def latencies_since(self, model, variant, mark):
+        return np.array(self.latency[variant][mark:])
+
+    def serve(self, ms: float, n: int = 100) -> None:
+        for v, w in self.info.traffic.weights.items():
+            self.latency[v].extend([ms / 1000] * round(n * w))
+
+
+def test_the_server_loop_steers_a_models_split_records_each_shift_and_waits_for_a_rollout():
+    world = _World()
+    shifts = []
+    slo = SloController(world, world, world, world, clock=lambda: 0.0, on_shift=lambda *a: shifts.append(a))
+    with pytest.raises(InvalidArgument, match=r"int8 \(\+0\.40 pt"):
+        slo.set("m", 20, 0.2)
+    assert world.info.slo is None  # refused: nothing stored
+    state = slo.set("m", 20, 1.0)
+    assert state.state == "active" and state.eligible == ["int8", "fp32"] and world.info.slo["p99_ms"] == 20
+    assert state.drops["int8"] == pytest.approx(0.4)
+
+    async def run():
+        await slo.tick()  # the first look only sets the marks
+        world.serve(60)
+        await slo.tick()
+        assert world.routed[-1] == ({"fp32": 1.0}, [])  # shadows paused first
+        world.serve(60)
+        await slo.tick()
+        assert world.routed[-1] == ({"fp32": 0.75, "int8": 0.25}, [])
+        world.running["m"] = SimpleNamespace(variant="int8")
+        world.serve(60)
+        await slo.tick()
+        assert slo.status("m").state == "waiting" and "rollout of 'int8' is running" in slo.status("m").message
+        assert len(world.routed) == 2  # the rollout's split is left alone
+        del world.running["m"]
+        cleared = await slo.clear("m")
+        assert cleared.state == "off" and world.info.slo is None
+
+    asyncio.run(run())
+    assert shifts == [("m", "int8", "pause_shadows"), ("m", "int8", "toward_fast")]
+    kinds = [e["kind"] for e in state.history]
+    assert kinds[:3] == ["set", "pause_shadows", "toward_fast"] and "waiting" in kinds
+
+
+def test_slo_over_grpc_refuses_a_model_without_a_faster_variant_and_says_when_there_is_none(client, digits):
+    from slimserve.client.client import SlimServeClientError
+
+    client.register("digits", digits.onnx, data=digits.data)
+    with pytest.raises(SlimServeClientError) as e:
+        client.slo_status("digits")
+    assert e.value.code == "NOT_FOUND" and "slimctl slo digits --p99 MS" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        client.slo_set("digits", 0, 1)
+    assert e.value.code == "INVALID_ARGUMENT" and "--p99 0" in e.value.message
+    with pytest.raises(SlimServeClientError) as e:
+        client.slo_set("digits", 20, 1)
+    assert e.value.code == "INVALID_ARGUMENT"
+    # refused either way: the baseline alone (once its evaluation ran) is not faster than itself; before it ran, nothing is measured
+    assert "no variant faster than the baseline" in e.value.message or "no variants measured" in e.value.message
+
+
+def test_traffic_does_not_go_back_while_the_slow_variant_could_not_carry_its_share_of_the_load():
+    s = steering(SloPolicy(100, 1.0))
+    s.look(300.0)
+    s.look(300.0)
+    slow = {"fp32": 0.017, "int8": 0.003}  # seconds of compute per request
+    for _ in range(CALM * 3):  # 90 requests/s: back to 75% fp32 would keep it 1.15 busy
+        assert s.look(5.0, rate_rps=90.0, service_s=slow) is None
+    assert s.weights == pytest.approx({"fp32": 0.5, "int8": 0.5})
+    assert predicted_p99_s(0.017, 0.75 * 30 * 0.017) == pytest.approx(0.017 * (1 + 2.3026 * 0.3825 / 0.6175), rel=1e-3)
+    for _ in range(CALM - 1):
+        assert s.look(5.0, rate_rps=30.0, service_s=slow) is None
+    assert s.look(5.0, rate_rps=30.0, service_s=slow).weights == pytest.approx({"fp32": 0.75, "int8": 0.25})  # p99 41 ms < 60
+
+
+def test_a_breach_right_after_a_step_back_doubles_the_calm_the_next_one_needs():
+    s = steering(SloPolicy(100, 1.0))
+    s.look(300.0)
+    s.look(300.0)  # 50% on int8
+    looks = 0
+    while s.look(5.0) is None:
+        looks += 1
+    assert looks == CALM - 1 and s.weights == pytest.approx({"fp32": 0.75, "int8": 0.25})
+    s.look(300.0)  # the load was still there
+    assert s.calm_needed == 2 * CALM and s.weights == pytest.approx({"fp32": 0.5, "int8": 0.5})
+    looks = 0
+    while s.look(5.0) is None:
+        looks += 1
+    assert looks == 2 * CALM - 1
