@@ -35,6 +35,7 @@ from slimserve.server.store.repository import Repository
 from slimserve.server.store.upload import Registrar
 from slimserve.server.telemetry.metrics import Metrics
 from slimserve.server.telemetry.pricing import load_prices, price_of
+from slimserve.server.telemetry.tracing import Tracer, TraceSettings
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class SlimServer:
         statistics = PrometheusStatistics(settings.prometheus_url) if settings.prometheus_url else ProcessStatistics(self.dataplane)
         self.rollouts = RolloutController(self.repository, self.control, statistics, metrics=RolloutMetrics(self.metrics))
         self.control.on_manual_change = self.rollouts.interrupted
+        # Triton's trace settings; spans only with --trace-endpoint (then every request the rate picks is traced).
+        self.control.traces = TraceSettings("TIMESTAMPS" if settings.trace_endpoint else "OFF", settings.trace_rate)
+        self.tracer = Tracer(self.control.traces, settings.trace_endpoint) if settings.trace_endpoint else None
+        self.dataplane.tracer = self.tracer
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None
@@ -186,6 +191,8 @@ class SlimServer:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.dataplane.stop()
+        if self.tracer is not None:  # sends what is queued; an unreachable endpoint costs at most its export timeout
+            await asyncio.to_thread(self.tracer.close)
         self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

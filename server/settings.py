@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         shown="built in",
     )
     shutdown_grace_s: float = setting(30.0, "seconds in-flight calls get to finish on SIGTERM")
+    trace_endpoint: str | None = setting(
+        None,
+        "OTLP/HTTP collector (`http://host:4318`) that receives a span per stage of traced requests (receive, route, queue, "
+        "compute, shadow, respond); none: no spans. An unreachable one never slows a request: its spans are dropped and counted",
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+    )
+    trace_rate: int = setting(1000, "with `--trace-endpoint`: one request in N is traced (Triton's trace_rate; 1 traces every one)", ge=1)
 
     def batching_config(self) -> BatchingConfig:
         return BatchingConfig(

@@ -173,7 +173,11 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
                 shm_inputs[tensor.name] = ShmInput(ref, tensor.datatype, tuple(tensor.shape))
     decode = partial(codec.decode_request_inputs, request)
     if shm_inputs:  # the others alone, with their raw entries (a shared-memory input has none)
-        rest = pb.ModelInferRequest(inputs=[t for t in inputs if t.name not in shm_inputs], raw_input_contents=request.raw_input_contents)
+        rest = pb.ModelInferRequest(
+            model_name=request.model_name,
+            inputs=[t for t in inputs if t.name not in shm_inputs],
+            raw_input_contents=request.raw_input_contents,
+        )
         decode = partial(codec.decode_request_inputs, rest)
     outputs = request.outputs
     names = classification = shm_outputs = None

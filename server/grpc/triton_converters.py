@@ -126,6 +126,21 @@ def log_settings(settings: dict[str, Any]) -> pb.LogSettingsResponse:
     return response
 
 
+def trace_settings_values(request: pb.TraceSettingRequest) -> dict[str, Any]:
+    """The settings to change: a setting with no value goes back to the server's (None); server/telemetry/tracing.py checks them."""
+    return {
+        k: (list(v.value) if k == "trace_level" else (v.value[0] if len(v.value) == 1 else list(v.value)) or None)
+        for k, v in request.settings.items()
+    }
+
+
+def trace_settings(settings: dict[str, Any]) -> pb.TraceSettingResponse:
+    response = pb.TraceSettingResponse()
+    for key, value in settings.items():
+        response.settings[key].value.extend(value if isinstance(value, list) else [str(value)])
+    return response
+
+
 def repository_index(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
     response = pb.RepositoryIndexResponse()
     for e in entries:

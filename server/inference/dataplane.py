@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from slimserve.server.store.repository import Repository
 from slimserve.server.telemetry.metrics import Metrics
 from slimserve.server.telemetry.recording import VariantRecorder
 from slimserve.server.telemetry.statistics import FeedbackStore, VariantStats
+from slimserve.server.telemetry.tracing import RequestTrace, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class InferRequest:
     classification: Mapping[str, int] | None = None  # output -> class_count (Triton's classification extension)
     shm_inputs: Mapping[str, ShmInput] | None = None  # inputs read from registered shared memory
     shm_outputs: Mapping[str, ShmRef] | None = None  # outputs written to registered shared memory
+    trace: RequestTrace | None = None  # stamps of a sampled request (server/telemetry/tracing.py); None: not traced
 
 
 @dataclass(slots=True)
@@ -179,6 +181,7 @@ class DataPlane:
         )
         self.shadows = ShadowMirror(self._spawn)
         self.shared_memory = SharedMemoryRegistry()
+        self.tracer: Tracer | None = None  # with --trace-endpoint (server/app.py): the transports begin and finish traces with it
         # Ids for requests that came without one: a per-process random prefix and a counter
         # (uuid4 per request costs a getrandom() system call).
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
@@ -322,6 +325,9 @@ class DataPlane:
 
         Written out flat rather than through an async context manager and nested coroutines: each
         of those costs a microsecond or more a request (`python -m bench.bench_hotpath`)."""
+        trace = request.trace
+        if trace is not None:
+            trace.started = time_ns()
         try:
             call = self.route(request.model, request.version, request.parameters, request.id)
         except VariantUnloaded as e:  # pinned, out of memory while idle: this request waits for it to load (free when loaded)
@@ -344,7 +350,14 @@ class DataPlane:
                     raise InvalidArgument(f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}")
                 classification.check(specs, counts, batched)
             specs = self._checked(call, inputs, request.outputs)
-            result = self._answered(call, inputs, request.outputs, specs, await call.batcher.submit(inputs, request.outputs))
+            if trace is None:
+                result = self._answered(call, inputs, request.outputs, specs, await call.batcher.submit(inputs, request.outputs))
+            else:
+                trace.routed, trace.variant = time_ns(), call.variant
+                answer = await call.batcher.submit(inputs, request.outputs, trace.batch)
+                trace.computed = time_ns()
+                result = self._answered(call, inputs, request.outputs, specs, answer)
+                trace.answered = time_ns()
             if counts:
                 override = self.loader.overrides.get(call.model)
                 labels = override.labels if override is not None else None

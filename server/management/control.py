@@ -22,6 +22,7 @@ from slimserve.server.store.traffic import TrafficPolicy, promote, rollback, set
 from slimserve.server.store.upload import Registrar, UploadHeader, check_header
 from slimserve.server.telemetry.log_settings import LogSettings
 from slimserve.server.telemetry.statistics import FeedbackResult, compare_rows
+from slimserve.server.telemetry.tracing import TraceSettings
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Control:
         self.node_type = node_type
         self.price_per_hour = price_per_hour
         self.logs = LogSettings()
+        self.traces = TraceSettings()  # server/app.py replaces it with --trace-* settings
         # Set by server/app.py to the rollout controller's `interrupted`: a manual routing change or a deletion
         # stops a running rollout with its reason (model, reason, variant or None for the whole model).
         self.on_manual_change: Callable[[str, str, str | None], Awaitable[None]] | None = None
@@ -261,6 +263,17 @@ class Control:
 
     def update_log_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
         return self.logs.update(changes)
+
+    def trace_settings(self, model: str = "") -> dict[str, Any]:
+        """Triton's trace settings of the server (model "") or of one model (its own where it set any, else the server's)."""
+        if model:
+            self.repository.get(model)  # NotFound for a model that is not registered
+        return self.traces.get(model)
+
+    def update_trace_settings(self, changes: dict[str, Any], model: str = "") -> dict[str, Any]:
+        if model:
+            self.repository.get(model)
+        return self.traces.update(changes, model)
 
     # ------------------------------------------------------------------ optimizer jobs
 
