@@ -357,7 +357,8 @@ class DataPlane:
                 answer = await call.batcher.submit(inputs, request.outputs, trace.batch)
                 trace.computed = time_ns()
                 result = self._answered(call, inputs, request.outputs, specs, answer)
-                trace.answered = time_ns()
+                if call.shadows:  # the time handing copies to the shadows took (their own calls run after the answer)
+                    trace.answered = time_ns()
             if counts:
                 override = self.loader.overrides.get(call.model)
                 labels = override.labels if override is not None else None
