@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format, text_format
+
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import model_config_pb2 as mpb
 from slimserve.server.errors import InvalidArgument
@@ -12,6 +14,22 @@ from slimserve.server.inference.dataplane import VersionStatistics
 from slimserve.server.inference.model_config import ModelConfigView
 from slimserve.server.inference.shared_memory import RegionStatus
 from slimserve.server.management.control import IndexEntry
+
+
+def parse_config_pbtxt(text: str, path: str) -> dict[str, Any]:
+    """A Triton `config.pbtxt`, parsed with Triton's own ModelConfig message, as its JSON form (field names as in the
+    proto, int64 as strings, enums by name, defaults left out: what a RepositoryModelLoad `config` carries).
+
+    A file that does not parse is INVALID_ARGUMENT naming the file, line and column and the field protobuf stopped at."""
+    config = mpb.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        line, column = e.GetLine(), e.GetColumn()
+        where = f"{path}:{line}:{column}" if line is not None else path
+        reason = str(e).split(" : ", 1)[-1]
+        raise InvalidArgument(f"{where}: {reason} (Triton's ModelConfig text format)") from None
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
 
 
 def _data_type(datatype: str) -> int:
