@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from slimserve.protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
+from slimserve.server.grpc import triton_converters
 from slimserve.server.grpc.auth import TokenAuthInterceptor, read_token, tls_server_credentials
 from slimserve.server.grpc.edge import CheckedDecoding
 from slimserve.server.grpc.servicers.experiments import ExperimentsServicer, FeedbackServicer
@@ -25,6 +26,7 @@ from slimserve.server.http.server import HttpServer, build_app, tls_context
 from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.management.control import Control
 from slimserve.server.management.jobs import JobManager
+from slimserve.server.management.triton_repository import TritonRepository
 from slimserve.server.management.watch import RepositoryWatcher
 from slimserve.server.rollout.controller import RolloutController
 from slimserve.server.rollout.gates import ProcessStatistics
@@ -96,6 +98,18 @@ class SlimServer:
         self.control.traces = TraceSettings("TIMESTAMPS" if settings.trace_endpoint else "OFF", settings.trace_rate)
         self.tracer = Tracer(self.control.traces, settings.trace_endpoint) if settings.trace_endpoint else None
         self.dataplane.tracer = self.tracer
+        self.triton: TritonRepository | None = None
+        if settings.model_repository is not None:
+            self.triton = TritonRepository(
+                settings.model_repository,
+                settings.model_control_mode,
+                self.repository,
+                self.registrar,
+                self.dataplane,
+                settings.runtime_config(),
+                triton_converters.parse_config_pbtxt,
+                settings.repository_poll_secs,
+            )
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None
@@ -138,7 +152,12 @@ class SlimServer:
             self.port = self.server.add_secure_port(address, self.credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
+        if self.triton is not None:  # a Triton repository: what is new or changed comes in before anything loads
+            await self.triton.sync()
+            self.dataplane.not_at_start = self.triton.skipped_at_start()
         await self.dataplane.start()
+        if self.triton is not None:
+            self.triton.start_polling()
         self._measure_unmeasured()
         if not self.settings.read_only:  # the writer decides rollouts; replicas follow its routing through the repository
             self.rollouts.resume()
@@ -190,6 +209,8 @@ class SlimServer:
         await asyncio.gather(self.server.stop(grace), self._stop_http(grace))
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.triton is not None:
+            await self.triton.stop()
         await self.dataplane.stop()
         if self.tracer is not None:  # sends what is queued; an unreachable endpoint costs at most its export timeout
             await asyncio.to_thread(self.tracer.close)

@@ -7,6 +7,7 @@ measured in server/telemetry/recording.py; this module holds the per-request pat
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import uuid
@@ -25,7 +26,7 @@ from slimserve.server.errors import ErrorKind, FailedPrecondition, InvalidArgume
 from slimserve.server.inference import classification
 from slimserve.server.inference.loaded import LoadedModel, ServedVariant, UnloadedVariant, VariantUnloaded
 from slimserve.server.inference.loader import ModelLoader
-from slimserve.server.inference.model_config import ModelConfigView, ServingOverride, batchable, config_view
+from slimserve.server.inference.model_config import ModelConfigView, ServingOverride, batchable, config_view, parse_load_config
 from slimserve.server.inference.shadow import ShadowMirror, top1
 from slimserve.server.inference.shared_memory import SharedMemoryRegistry, ShmInput, ShmRef
 from slimserve.server.runtimes import Runtime, RuntimeConfig, TensorSpec
@@ -181,6 +182,7 @@ class DataPlane:
         )
         self.shadows = ShadowMirror(self._spawn)
         self.shared_memory = SharedMemoryRegistry()
+        self.not_at_start: set[str] = set()  # models loaded only when a load names them (Triton's explicit mode)
         self.tracer: Tracer | None = None  # with --trace-endpoint (server/app.py): the transports begin and finish traces with it
         # Ids for requests that came without one: a per-process random prefix and a counter
         # (uuid4 per request costs a getrandom() system call).
@@ -192,6 +194,8 @@ class DataPlane:
 
     async def start(self) -> None:
         for name in self.repository.names():
+            if name in self.not_at_start:
+                continue
             try:
                 await self.load_model(name)
             except Exception as e:  # one broken model must not keep the others from serving
@@ -223,8 +227,19 @@ class DataPlane:
 
     async def load_model(self, name: str, override: ServingOverride | None = None) -> LoadedModel:
         """Loads every ready variant afresh and swaps them in (RepositoryModelLoad), with the serving settings a load
-        `config` gave (None: the server's own); statistics of a loaded one are kept."""
-        return await self.loader.load(name, override=override)
+        `config` gave (None: those stored with the model, a Triton config or a registration's, else the server's own);
+        statistics of a loaded one are kept."""
+        return await self.loader.load(name, override=override if override is not None else self.stored_override(name))
+
+    def stored_override(self, name: str) -> ServingOverride | None:
+        """The serving settings stored with a model (`Repository.serving`), checked against it; None when it has none."""
+        serving = self.repository.serving(name)
+        if not serving:
+            return None
+        info = self.repository.get(name)
+        files = {k: base64.b64decode(v) for k, v in serving.get("files", {}).items()}
+        device = self.loader.runtime_config.device
+        return parse_load_config(serving["config"], name, info.inputs, device, self.loader.batching, info.outputs, files)
 
     async def refresh(self, name: str) -> LoadedModel:
         """Re-reads a model's manifest after a change (new variant, new routing); loads only what is new."""
