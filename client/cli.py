@@ -41,9 +41,19 @@ def register(
     train: Path | None = typer.Option(None, "--train", help="Training .npz for passes that fine-tune."),
     calibration: Path | None = typer.Option(None, "--calibration", help="Calibration .npz for static quantization."),
     description: str = typer.Option("", help="Free text shown by `slimctl models`."),
+    config: Path | None = typer.Option(
+        None, "--config", help="Triton's config.pbtxt (or config.json): max_batch_size, dynamic_batching, instance_group, labels; kept."
+    ),
+    labels: list[str] = typer.Option([], "--labels", help="OUTPUT=FILE: class labels of an output, one a line (repeat); kept."),
     as_json: bool = typer.Option(False, "--json", help="Print the model record as JSON."),
 ) -> None:
     """Upload a model (and its data) to the server; it serves as variant 'baseline' at once."""
+    label_files = {}
+    for item in labels:
+        output, sep, file = item.partition("=")
+        if not sep or not output or not file:
+            fail(f"--labels {item!r}: expected OUTPUT=FILE, e.g. --labels logits=labels.txt")
+        label_files[output] = Path(file)
     try:
         with connect() as client:
             quiet = as_json or not err.is_terminal
@@ -66,6 +76,8 @@ def register(
                     calibration=calibration,
                     description=description,
                     progress=lambda sent, total: bar.update(task, completed=sent, total=total),
+                    config=config,
+                    labels=label_files,
                 )
     except SlimServeClientError as e:
         fail(str(e))

@@ -14,7 +14,14 @@ import numpy as np
 
 from slimserve.client import codec
 from slimserve.client.records import comparison_dict, model_dict, rollout_dict, traffic_dict, variant_dict
-from slimserve.client.transport import CHUNK_BYTES, SlimServeClientError, channel_credentials, load_recipe_file, sha256_of
+from slimserve.client.transport import (
+    CHUNK_BYTES,
+    SlimServeClientError,
+    channel_credentials,
+    load_model_config,
+    load_recipe_file,
+    sha256_of,
+)
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import inference_pb2_grpc as pb_grpc
 from slimserve.protos import slimserve_pb2 as spb
@@ -137,16 +144,33 @@ class SlimServeClient:
         description: str = "",
         progress: Progress | None = None,
         timeout: float | None = 600.0,
+        config: str | Path | None = None,
+        labels: dict[str, str | Path] | None = None,
     ) -> dict[str, Any]:
-        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record."""
+        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record.
+
+        `config` (Triton's config.pbtxt or its JSON form) and `labels` (output -> label file) are stored with the model and
+        applied at every load and restart, as a Triton repository's config is."""
         files = [("model", Path(model_file))]
         files += [(role, Path(p)) for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None]
+        label_paths = {k: Path(v) for k, v in (labels or {}).items()}
+        model_config = load_model_config(Path(config) if config is not None else None, label_paths)
+        files += [("label", p) for p in dict.fromkeys(label_paths.values())]
+        labelled = [o for o in (model_config or {}).get("output", []) if o.get("label_filename") and o["name"] not in label_paths]
+        for output in labelled:  # a config's own label_filename: the file beside the config
+            path = Path(config).parent / output["label_filename"]
+            if not path.is_file():
+                raise SlimServeClientError(
+                    "INVALID_ARGUMENT", f"output '{output['name']}' label_filename '{output['label_filename']}': {path} does not exist"
+                )
+            files.append(("label", path))
         for role, path in files:
             if not path.is_file():
                 raise SlimServeClientError("INVALID_ARGUMENT", f"{role} file '{path}' does not exist")
         header = spb.RegisterHeader(
             name=name,
             description=description,
+            config_json=json.dumps(model_config) if model_config is not None else "",
             files=[spb.UploadFile(role=r, filename=p.name, size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
         )
         total = sum(p.stat().st_size for _, p in files)

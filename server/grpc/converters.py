@@ -115,6 +115,7 @@ def upload_header(header: spb.RegisterHeader) -> UploadHeader:
         name=header.name,
         files=tuple(UploadFile(f.role, f.filename, f.size_bytes, f.sha256) for f in header.files),
         description=header.description,
+        config_json=header.config_json,
     )
 
 

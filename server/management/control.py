@@ -6,6 +6,7 @@ request, make one call here, and encode what it returns (server/grpc/converters.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,10 +86,32 @@ class Control:
             raise AlreadyExists(f"model '{header.name}' is already registered; delete it first or pick another name")
         with self.repository.staging() as staged:
             paths = await self.registrar.receive(header, chunks, staged)
+            labels = {f"file:{f.filename}": p.read_bytes() for f, p in zip(header.files, paths) if f.role == "label"}
             info = await self.dataplane.run_blocking(self.registrar.commit, header, paths, staged)
+        if header.config_json:
+            await self.dataplane.run_blocking(self._store_serving, info, header.config_json, labels)
         await self.dataplane.load_model(info.name)
         self.jobs.evaluate_in_background(info.name)
         return info
+
+    def _store_serving(self, info: ModelInfo, config: str, labels: dict[str, bytes]) -> None:
+        """A registration's config and label files, checked against the model just committed, stored with it (applied at
+        every load and restart); a refusal removes the model again, so nothing half registered stays."""
+        try:
+            parse_load_config(
+                config,
+                info.name,
+                info.inputs,
+                self.dataplane.loader.runtime_config.device,
+                self.dataplane.loader.batching,
+                info.outputs,
+                dict(labels),
+            )
+            files = {k: base64.b64encode(v).decode() for k, v in labels.items()}
+            self.repository.set_serving(info.name, {"config": config, "files": files, "source": None})
+        except BaseException:
+            self.repository.delete(info.name)
+            raise
 
     def list_models(self) -> list[ModelInfo]:
         return self.repository.list()

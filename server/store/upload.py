@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UploadFile:
-    role: str  # model | data | train | calibration
+    role: str  # model | data | train | calibration | label (an output's label file, named as config_json's label_filename)
     filename: str
     size_bytes: int
     sha256: str
@@ -44,6 +44,7 @@ class UploadHeader:
     name: str
     files: tuple[UploadFile, ...]
     description: str = ""
+    config_json: str = ""  # serving settings stored with the model (Triton's ModelConfig as JSON); "" for none
 
 
 def check_header(header: UploadHeader, max_bytes: int) -> None:
@@ -52,8 +53,16 @@ def check_header(header: UploadHeader, max_bytes: int) -> None:
     if roles.count("model") != 1:
         raise InvalidArgument(f"an upload carries exactly one 'model' file; this one has {roles.count('model')}")
     for f in header.files:
+        if f.role == "label":
+            if not header.config_json:
+                raise InvalidArgument(
+                    f"label file '{f.filename}' needs a config (--config or --labels) whose output names it as label_filename"
+                )
+            if "/" in f.filename or f.filename.startswith("."):
+                raise InvalidArgument(f"label file name '{f.filename}' must be a plain file name")
+            continue
         if f.role not in ("model", *DATA_ROLES):
-            raise InvalidArgument(f"file '{f.filename}' has role '{f.role}'; roles are model, {', '.join(DATA_ROLES)}")
+            raise InvalidArgument(f"file '{f.filename}' has role '{f.role}'; roles are model, label, {', '.join(DATA_ROLES)}")
         if roles.count(f.role) > 1:
             raise InvalidArgument(f"role '{f.role}' appears {roles.count(f.role)} times; send one file per role")
         if f.role == "model":
@@ -157,7 +166,7 @@ class Registrar:
         datasets = []
         (model_dir / "data").mkdir()
         for i, f in enumerate(header.files):
-            if f.role == "model":
+            if f.role in ("model", "label"):
                 continue
             check_dataset(f.role, inspect_npz(paths[i], f.role), runtime.inputs)
             shutil.move(paths[i], model_dir / "data" / f"{f.role}.npz")

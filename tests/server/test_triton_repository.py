@@ -120,3 +120,38 @@ def test_poll_mode_imports_a_changed_directory_and_explicit_mode_loads_on_reques
         assert explicit.server.control.model_config("digits").max_batch_size == 4  # the stored config, applied at the load
     finally:
         explicit.stop()
+
+
+def test_register_with_a_config_and_labels_keeps_them_across_loads_and_restarts(tmp_path, digits):
+    from slimserve.client.client import SlimServeClient, SlimServeClientError
+
+    config = tmp_path / "config.pbtxt"
+    config.write_text('name: "digits"\nmax_batch_size: 4\ninstance_group [ { count: 3 } ]\n')
+    labels = tmp_path / "digits.txt"
+    labels.write_text("\n".join(f"digit-{i}" for i in range(10)))
+    repository = tmp_path / "repo"
+    server = ServerHandle(repository)
+    try:
+        with SlimServeClient(server.address) as c:
+            c.register("digits", digits.onnx, config=config, labels={"logits": labels})
+            bad = tmp_path / "bad.json"
+            bad.write_text('{"input": [{"name": "x", "dims": [2, 8, 8]}]}')
+            with pytest.raises(SlimServeClientError, match=r"input 'x' has dims \[1, 8, 8\] in the model file"):
+                c.register("other", digits.onnx, config=bad)
+            assert [m["name"] for m in c.models()] == ["digits"]  # the refused one left nothing behind
+            broken = tmp_path / "broken.pbtxt"
+            broken.write_text("max_batch_size: eight\n")
+            with pytest.raises(SlimServeClientError, match=r"broken.pbtxt:1:17: .*max_batch_size"):
+                c.register("other", digits.onnx, config=broken)
+        server.call(server.server.control.load_model("digits"))  # a load without a config keeps the registered one
+        view = server.server.control.model_config("digits")
+        assert (view.max_batch_size, view.instance_count, view.label_files) == (4, 3, {"logits": "digits.txt"})
+    finally:
+        server.stop()
+    again = ServerHandle(repository)
+    try:
+        view = again.server.control.model_config("digits")
+        assert (view.max_batch_size, view.instance_count, view.label_files) == (4, 3, {"logits": "digits.txt"})
+        assert again.server.dataplane.loader.overrides["digits"].labels["logits"][9] == "digit-9"
+    finally:
+        again.stop()
