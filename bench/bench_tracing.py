@@ -7,7 +7,9 @@ Two `slimserve start` processes on copies of bench.serving's cached repository: 
 the bytes) and `--trace-rate 1`. The traced server is measured twice per round, its global trace level set over
 Triton's TraceSetting call: OFF, then TIMESTAMPS (every request traced: six stage spans and the request's own span).
 The three take turns, round after round, driven by bench/loadgen.py's closed-loop callers, so load from elsewhere on
-the machine falls on all alike; the table gives medians of the rounds' throughput and each mode's share of `plain`.
+the machine falls on all alike; the table gives medians of the rounds' throughput and of the server process's CPU time
+per request (utime + stime of its process tree over the measured window: steadier than throughput on a shared machine),
+each against `no endpoint`.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = build_infer_request(MODEL, files.sample["x"])
         modes = (("no endpoint", "plain", None), ("endpoint, level OFF", "traced", "OFF"), ("100% traced", "traced", "TIMESTAMPS"))
         rates: dict[str, list[float]] = {m[0]: [] for m in modes}
+        cpu: dict[str, list[float]] = {m[0]: [] for m in modes}
         for r in range(args.rounds):
             for name, which, level in modes:
                 server = servers[which]
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 if point.error_count:
                     raise RuntimeError(f"{name}: {point.errors}")
                 rates[name].append(point.throughput)
+                if point.server_cpu_s is not None and point.completed:
+                    cpu[name].append(point.server_cpu_s / point.completed * 1e6)
             say(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f}/s" for n, v in rates.items()), "bench.bench_tracing")
     finally:
         for server in servers.values():
@@ -108,13 +113,21 @@ def main(argv: list[str] | None = None) -> None:
         receiver.kill()
         shutil.rmtree(copy, ignore_errors=True)
     base = statistics.median(rates["no endpoint"])
+    base_cpu = statistics.median(cpu["no endpoint"]) if cpu["no endpoint"] else float("nan")
     print(f"\ndigits CNN over gRPC, {args.concurrency} callers, {args.rounds} rounds of {args.seconds:.0f} s (medians)")
-    print(f"{'mode':<22} {'requests/s':>11} {'vs no endpoint':>15}")
+    print(f"{'mode':<22} {'requests/s':>11} {'vs no endpoint':>15} {'server CPU us/req':>18} {'vs no endpoint':>15}")
     table = {}
     for name, values in rates.items():
         median = statistics.median(values)
-        table[name] = {"requests_per_s": round(median, 1), "share": round(median / base, 3), "rounds": [round(v, 1) for v in values]}
-        print(f"{name:<22} {median:>11.0f} {median / base:>14.1%}")
+        per = statistics.median(cpu[name]) if cpu[name] else float("nan")
+        table[name] = {
+            "requests_per_s": round(median, 1),
+            "share": round(median / base, 3),
+            "server_cpu_us_per_request": round(per, 1),
+            "cpu_share": round(per / base_cpu, 3),
+            "rounds": [round(v, 1) for v in values],
+        }
+        print(f"{name:<22} {median:>11.0f} {median / base:>14.1%} {per:>18.0f} {per / base_cpu:>14.1%}")
     if args.json:
         print(json.dumps(table, indent=2))
 
