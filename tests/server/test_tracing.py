@@ -165,3 +165,15 @@ def test_no_endpoint_means_no_tracer_and_requests_carry_no_trace(server_factory,
     with SlimServeClient(server.address) as c:
         c.register("digits", digits.onnx)
         assert np.asarray(c.infer("digits", {"x": digits.x_test[:1]})[1]["logits"]).shape == (1, 10)
+
+
+def test_streamed_requests_are_traced_too(server_factory, digits, receiver):
+    server = server_factory(trace_endpoint=receiver.endpoint, trace_rate=1)
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter([infer_request(digits), infer_request(digits)]), timeout=30))
+    assert len(answers) == 2 and not any(a.error_message for a in answers)
+    assert server.server.tracer.flush(10)
+    assert sum(1 for s in receiver.spans if s[0] == "infer") == 2

@@ -59,13 +59,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             await abort_with(exc, context, "InferenceServicer.ModelInfer")
 
-    async def _traced(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    async def _traced(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None) -> pb.ModelInferResponse:
         """ModelInfer with tracing on: the request is traced when the settings sample it, continuing the caller's traceparent."""
         tracer = self.dataplane.tracer
         trace = tracer.begin(request.model_name)
         if trace is None:
             return converters.infer_response(request, await self.dataplane.serve(converters.infer_request(request)))
-        trace.parent = next((v for k, v in context.invocation_metadata() or () if k == "traceparent"), None)
+        if context is not None:
+            trace.parent = next((v for k, v in context.invocation_metadata() or () if k == "traceparent"), None)
         code = "OK"
         try:
             infer = converters.infer_request(request)
@@ -78,6 +79,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             tracer.finish(trace, code)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """One request of a ModelStreamInfer stream (traced as a unary one, without a caller's traceparent per message)."""
+        if self.dataplane.tracer is not None:
+            return await self._traced(request, None)
         return converters.infer_response(request, await self.dataplane.serve(converters.infer_request(request)))
 
     @grpc_errors
