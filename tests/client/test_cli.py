@@ -122,3 +122,16 @@ def test_infer_sends_a_large_file_in_parts_and_joins_the_outputs(server, digits,
     parts = np.array(answer["outputs"]["logits"]["data"])
     assert parts.shape == (len(x), 10)
     np.testing.assert_allclose(parts, np.array(json.loads(whole.stdout)["outputs"]["logits"]["data"]), rtol=1e-5, atol=1e-5)
+
+
+def test_register_takes_a_config_and_labels_and_refuses_a_malformed_labels_flag(server, digits, tmp_path):
+    config = tmp_path / "config.pbtxt"
+    config.write_text("max_batch_size: 4\n")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(str(i) for i in range(10)))
+    result = slimctl(server, "register", "digits", digits.onnx, "--labels", "logits")
+    assert result.exit_code == 1 and "--labels 'logits': expected OUTPUT=FILE" in result.output
+    result = slimctl(server, "register", "digits", digits.onnx, "--config", config, "--labels", f"logits={labels}")
+    assert result.exit_code == 0, result.output
+    view = server.server.control.model_config("digits")
+    assert view.max_batch_size == 4 and view.label_files == {"logits": "labels.txt"}
