@@ -127,6 +127,7 @@ class Control:
         if self.dataplane.is_loaded(name):
             await self.dataplane.unload_model(name)
         self.repository.delete(name)
+        self.traces.forget(name)
 
     async def delete_variant(self, model: str, variant: str) -> ModelInfo:
         """Out of routing and the manifest first (new requests stop going there), then unloaded once its queue drains."""

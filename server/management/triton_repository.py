@@ -365,8 +365,9 @@ class TritonRepository:
                 names.append(name)
         return names
 
-    async def sync(self) -> list[str]:
-        """Reads the directory, imports each model that is new or changed; returns those imported now."""
+    async def sync(self, announce: bool = True) -> list[str]:
+        """Reads the directory, imports each model that is new or changed; returns those imported now. `announce`
+        (at start): every served model's fields not applied are logged, not only those of models imported now."""
         device = "cuda" if "cuda" in self.runtime_config.device else "cpu"
         models = await self.dataplane.run_blocking(scan, self.root, self.parse_config, device)
         changed = []
@@ -378,10 +379,12 @@ class TritonRepository:
                 continue
             self.not_applied[model.name] = model.not_applied
             source = stored_source(self.repository, model.name) if model.name in self.repository.names() else None
-            if source == {"path": str(model.path), "fingerprint": model.fingerprint}:
+            unchanged = source == {"path": str(model.path), "fingerprint": model.fingerprint}
+            if announce or not unchanged:
+                for line in model.not_applied:
+                    log.warning("model '%s' (%s/config.pbtxt): %s", model.name, model.path, line)
+            if unchanged:
                 continue  # imported before from these very files
-            for line in model.not_applied:
-                log.warning("model '%s' (%s/config.pbtxt): %s", model.name, model.path, line)
             try:
                 await self.dataplane.run_blocking(
                     import_model, self.repository, self.registrar, self.runtime_config, model, self.dataplane.loader.batching
@@ -429,7 +432,7 @@ class TritonRepository:
             if name not in present and self.dataplane.is_loaded(name):
                 log.info("model '%s': its directory left %s: unloaded", name, self.root)
                 await self.dataplane.unload_model(name)
-        changed = await self.sync()
+        changed = await self.sync(announce=False)
         for name in changed:
             await self.dataplane.load_model(name)
         return changed
