@@ -37,7 +37,7 @@ from slimserve.server.store.repository import Repository
 from slimserve.server.store.upload import Registrar
 from slimserve.server.telemetry.metrics import Metrics
 from slimserve.server.telemetry.pricing import load_prices, price_of
-from slimserve.server.telemetry.tracing import Tracer, TraceSettings
+from slimserve.server.telemetry.tracing import TraceCollector, Tracer, TraceSettings
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class SlimServer:
         self.control.traces = TraceSettings("TIMESTAMPS" if settings.trace_endpoint else "OFF", settings.trace_rate)
         self.tracer = Tracer(self.control.traces, settings.trace_endpoint) if settings.trace_endpoint else None
         self.dataplane.tracer = self.tracer
+        if self.tracer is not None:
+            self.metrics.registry.register(TraceCollector(self.tracer))
         self.triton: TritonRepository | None = None
         if settings.model_repository is not None:
             self.triton = TritonRepository(

@@ -138,7 +138,7 @@ class ModelLoader:
                     )
                     continue
                 if current is None or not reuse:
-                    runtime = await loop.run_in_executor(self.executor, self.load_runtime, info, variant, override)
+                    runtime = await loop.run_in_executor(self.executor, self.load_runtime, *_runtime_args(info, variant, override))
                     current = self._serve(name, variant, runtime, recorder, override)
                 loaded.variants[variant] = current
             loaded.unloaded = unloaded
@@ -235,7 +235,7 @@ class ModelLoader:
         start = time.perf_counter()
         try:
             runtime = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.load_runtime, loaded.info, variant, self.overrides.get(model)
+                self.executor, self.load_runtime, *_runtime_args(loaded.info, variant, self.overrides.get(model))
             )
         except Exception as e:  # a file gone or broken since: this variant fails, the model and server serve on
             log.error("variant '%s' of model '%s' failed to load on demand: %s", variant, model, e)
@@ -348,3 +348,8 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
+
+
+def _runtime_args(info: ModelInfo, variant: str, override: ServingOverride | None) -> tuple:
+    """`load_runtime`'s arguments: the override only when it changes the runtime (its thread count)."""
+    return (info, variant) if override is None or override.intra_op_threads is None else (info, variant, override)

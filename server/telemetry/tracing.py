@@ -372,3 +372,20 @@ def _stages(trace: RequestTrace, end: int, batch: tuple[float, float, int] | Non
         stages.append(("shadow", trace.computed, trace.answered))
     stages.append(("respond", trace.answered or trace.computed or started, end))
     return stages
+
+
+class TraceCollector:
+    """The tracer's span counts for /metrics: `slimserve_trace_spans_exported_total` and `..._dropped_total`."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("slimserve_trace_spans_exported", "Spans the trace endpoint took.", value=self.tracer.exported)
+        yield CounterMetricFamily(
+            "slimserve_trace_spans_dropped",
+            "Spans dropped: the export queue was full, or the trace endpoint failed or could not be reached.",
+            value=self.tracer.dropped,
+        )

@@ -135,6 +135,8 @@ def test_an_unreachable_endpoint_drops_and_counts_spans_and_never_slows_a_reques
     while server.server.tracer.dropped < 51 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert server.server.tracer.dropped >= 51 * 6 and server.server.tracer.exported == 0
+    dropped = server.server.metrics.registry.get_sample_value("slimserve_trace_spans_dropped_total")
+    assert dropped == server.server.tracer.dropped
 
 
 def test_trace_settings_rules():
