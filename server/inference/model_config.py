@@ -150,8 +150,19 @@ INTRA_OP = "intra_op_thread_count"
 _OWN_PARAMETERS = ("slimserve_variant", "slimserve_version")
 
 
+# Fields whose zero means something (no batching, no delay); any other field at its default (false, 0, "", [], {}) says
+# nothing, as Triton's JSON of a ModelConfig writes every field: a config fetched over REST loads back unchanged.
+_MEANINGFUL_ZERO = {"max_batch_size", "max_queue_delay_microseconds", "count"}
+_MAPS = {"priority_queue_policy", "cc_model_filenames", "metric_tags", "parameters"}  # an empty message, unlike these, is set
+
+
 def _snake(d: dict[str, Any]) -> dict[str, Any]:
-    return {_CAMEL.get(k, k): v for k, v in d.items()}
+    return {
+        _CAMEL.get(k, k): v
+        for k, v in d.items()
+        if _CAMEL.get(k, k) in _MEANINGFUL_ZERO
+        or not (v is None or v is False or v == "" or v == [] or (v == {} and k in _MAPS) or (type(v) is int and v == 0))
+    }
 
 
 def _int(value: Any, what: str, low: int) -> int:
@@ -247,6 +258,7 @@ def _instance_count(groups: Any, device: str) -> int:
     for group in groups:
         if not isinstance(group, dict):
             raise InvalidArgument("load config: each instance_group entry must be an object")
+        group = _snake(group)
         extra = sorted(set(group) - {"count", "kind", "name"})
         if extra:
             raise InvalidArgument(f"load config: instance_group field(s) {', '.join(extra)} are not supported (supported: count, kind)")

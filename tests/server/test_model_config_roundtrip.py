@@ -45,3 +45,21 @@ def test_a_fetched_config_loads_back_and_a_changed_thread_count_is_applied(serve
             load(config)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "parameter 'inter_op_thread_count' is not supported (supported: intra_op_thread_count)" in e.value.details()
+
+
+def test_a_config_fetched_over_rest_with_every_default_written_loads_back(server_factory, digits):
+    import urllib.request
+
+    server = server_factory()
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx)
+    base = f"http://{server.http_address}/v2"
+    with urllib.request.urlopen(f"{base}/models/digits/config", timeout=30) as answer:
+        config = json.loads(answer.read())
+    assert config["input"][0]["optional"] is False and config["model_warmup"] == []  # Triton's JSON: defaults written
+    config["max_batch_size"] = 4
+    body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+    request = urllib.request.Request(f"{base}/repository/models/digits/load", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        assert answer.status == 200
+    assert server.server.control.model_config("digits").max_batch_size == 4
