@@ -256,9 +256,22 @@ def import_model(
                 f"{model.path}: a model '{model.name}' is already registered that was not imported from this directory; "
                 "delete it (slimctl delete) or rename the directory"
             )
-        repository.delete(model.name)
     numbers = sorted(model.versions)
     first = model.versions[numbers[0]]
+    if existing:  # the config checked against the new files before the old import goes (a broken change keeps the old)
+        runtime = create_runtime(RUNTIME_OF_FORMAT[model.format], first, runtime_config)
+        try:
+            runtime.load()
+            inputs, outputs = runtime.inputs, runtime.outputs
+        except Exception as e:
+            raise InvalidArgument(f"{first} could not be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        finally:
+            runtime.unload()
+        try:
+            parse_load_config(json.dumps(model.config), model.name, inputs, runtime_config.device, batching, outputs, model.label_files)
+        except SlimServeError as e:
+            raise InvalidArgument(f"{model.path}: {e.message}") from e
+        repository.delete(model.name)
     with repository.staging() as staged:
         copy = staged / f"upload-0{first.suffix}"
         shutil.copyfile(first, copy)

@@ -108,6 +108,12 @@ def test_poll_mode_imports_a_changed_directory_and_explicit_mode_loads_on_reques
         config.write_text(config.read_text().replace("max_batch_size: 8", "max_batch_size: 4").replace("[ 4 ]", "[ 2 ]"))
         assert server.call(server.server.triton.poll_once()) == ["digits"]
         assert server.server.control.model_config("digits").max_batch_size == 4
+        config.write_text(config.read_text().replace("dims: [ 1, 8, 8 ]", "dims: [ 1, 9, 9 ]"))  # broken: the old import stays
+        assert server.call(server.server.triton.poll_once()) == []
+        assert "dims [1, 8, 8] in the model file" in server.server.triton.errors["digits"]
+        assert server.server.repository.get("digits").variants["v2"].version == 2
+        assert server.server.control.model_config("digits").max_batch_size == 4
+        config.write_text(config.read_text().replace("dims: [ 1, 9, 9 ]", "dims: [ 1, 8, 8 ]"))
         shutil.rmtree(triton_repo / "plain")
         server.call(server.server.triton.poll_once())
         assert "plain" not in server.server.dataplane.models
