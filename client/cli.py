@@ -62,9 +62,19 @@ def register(
     evaluator: str = typer.Option(
         "", "--evaluator", help="An evaluator installed on the server (e.g. detection), held to every job's budget."
     ),
+    config: Path | None = typer.Option(
+        None, "--config", help="Triton's config.pbtxt (or config.json): max_batch_size, dynamic_batching, instance_group, labels; kept."
+    ),
+    labels: list[str] = typer.Option([], "--labels", help="OUTPUT=FILE: class labels of an output, one a line (repeat); kept."),
     as_json: bool = typer.Option(False, "--json", help="Print the model record as JSON."),
 ) -> None:
     """Upload a model (and its data) to the server; it serves as variant 'baseline' at once."""
+    label_files = {}
+    for item in labels:
+        output, sep, file = item.partition("=")
+        if not sep or not output or not file:
+            fail(f"--labels {item!r}: expected OUTPUT=FILE, e.g. --labels logits=labels.txt")
+        label_files[output] = Path(file)
     try:
         with connect() as client:
             quiet = as_json or not err.is_terminal
@@ -89,6 +99,8 @@ def register(
                     progress=lambda sent, total: bar.update(task, completed=sent, total=total),
                     quality=quality,
                     evaluator=evaluator,
+                    config=config,
+                    labels=label_files,
                 )
     except SlimServeClientError as e:
         fail(str(e))

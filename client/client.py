@@ -19,6 +19,7 @@ from slimserve.client.transport import (
     CHUNK_BYTES,
     SlimServeClientError,
     channel_credentials,
+    load_model_config,
     load_recipe_file,
     sha256_of,
     with_default_port,
@@ -145,14 +146,29 @@ class SlimServeClient:
         description: str = "",
         progress: Progress | None = None,
         timeout: float | None = 600.0,
+        config: str | Path | None = None,
+        labels: dict[str, str | Path] | None = None,
         quality: list[str] | tuple[str, ...] = (),
         evaluator: str = "",
     ) -> dict[str, Any]:
         """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record.
 
-        `quality` ("OUTPUT=METRIC") and `evaluator` are kept with the model for every optimization job that sets none."""
+        `config` (Triton's config.pbtxt or its JSON form) and `labels` (output -> label file) are stored with the model and
+        applied at every load and restart, as a Triton repository's config is. `quality` ("OUTPUT=METRIC") and `evaluator`
+        are kept with the model for every optimization job that sets none."""
         files = [("model", Path(model_file))]
         files += [(role, Path(p)) for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None]
+        label_paths = {k: Path(v) for k, v in (labels or {}).items()}
+        model_config = load_model_config(Path(config) if config is not None else None, label_paths)
+        files += [("label", p) for p in dict.fromkeys(label_paths.values())]
+        labelled = [o for o in (model_config or {}).get("output", []) if o.get("label_filename") and o["name"] not in label_paths]
+        for output in labelled:  # a config's own label_filename: the file beside the config
+            path = Path(config).parent / output["label_filename"]
+            if not path.is_file():
+                raise SlimServeClientError(
+                    "INVALID_ARGUMENT", f"output '{output['name']}' label_filename '{output['label_filename']}': {path} does not exist"
+                )
+            files.append(("label", path))
         for role, path in files:
             if not path.is_file():
                 raise SlimServeClientError("INVALID_ARGUMENT", f"{role} file '{path}' does not exist")
@@ -176,6 +192,7 @@ class SlimServeClient:
             description=description,
             quality=list(quality),
             evaluator=evaluator,
+            config_json=json.dumps(model_config) if model_config is not None else "",
             files=[spb.UploadFile(role=r, filename=names[p], size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
         )
         total = sum(p.stat().st_size for _, p in files)

@@ -188,6 +188,13 @@ def decode_request_inputs(request: Any) -> dict[str, np.ndarray]:
     raw = request.raw_input_contents
     inputs = request.inputs
     has_raw = len(raw) > 0  # read once: each truth test of a protobuf repeated field is a call into it
+    if has_raw:  # Triton's rule and message, checked before the entry count as Triton does
+        for tensor in inputs:
+            if tensor.HasField("contents"):
+                raise TensorCodecError(
+                    f"contents field must not be specified when using raw_input_contents for '{tensor.name}' "
+                    f"for model '{request.model_name}'"
+                )
     if has_raw and len(raw) != len(inputs):
         raise TensorCodecError(
             f"request has {len(inputs)} inputs but {len(raw)} raw_input_contents entries; "
@@ -202,8 +209,6 @@ def decode_request_inputs(request: Any) -> dict[str, np.ndarray]:
             raise TensorCodecError(f"input '{name}' appears twice in the request")
         shape = tensor.shape[:]  # a list; slicing protobuf's repeated field is cheaper than list() of it
         if has_raw:
-            if tensor.HasField("contents"):
-                raise TensorCodecError(f"input '{name}': both raw_input_contents and typed contents given; send one")
             arrays[name] = decode_raw(raw[i], tensor.datatype, shape, name)
         else:
             arrays[name] = decode_contents(tensor.contents, tensor.datatype, shape, name)

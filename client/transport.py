@@ -49,6 +49,49 @@ def load_recipe_file(path: Path) -> Any:
         raise SlimServeClientError("INVALID_ARGUMENT", f"recipe file '{path}' cannot be parsed: {e}") from None
 
 
+def load_model_config(path: Path | None, labels: dict[str, Path] | None = None) -> dict[str, Any] | None:
+    """A model config to register with a model: Triton's config.pbtxt (parsed with Triton's ModelConfig message) or its
+    JSON form, with each `labels` output's label_filename set to its file's name; None when neither is given."""
+    if path is None and not labels:
+        return None
+    config: dict[str, Any] = {}
+    if path is not None:
+        text = _read_file(path, "config file").decode("utf-8", errors="replace")
+        if path.suffix.lower() == ".json":
+            try:
+                config = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise SlimServeClientError("INVALID_ARGUMENT", f"config file '{path}' is not valid JSON: {e}") from None
+            if not isinstance(config, dict):
+                raise SlimServeClientError("INVALID_ARGUMENT", f"config file '{path}' must hold a JSON object of ModelConfig fields")
+        else:
+            from google.protobuf import json_format, text_format
+
+            from slimserve.protos import model_config_pb2 as mpb
+
+            message = mpb.ModelConfig()
+            try:
+                text_format.Parse(text, message)
+            except text_format.ParseError as e:
+                where = f"{path}:{e.GetLine()}:{e.GetColumn()}" if e.GetLine() is not None else str(path)
+                raise SlimServeClientError(
+                    "INVALID_ARGUMENT", f"{where}: {str(e).split(' : ', 1)[-1]} (Triton's ModelConfig text format)"
+                ) from None
+            config = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    outputs = config.setdefault("output", [])
+    for output, file in (labels or {}).items():
+        if not Path(file).is_file():
+            raise SlimServeClientError("INVALID_ARGUMENT", f"--labels {output}={file}: the file does not exist")
+        entry = next((o for o in outputs if o.get("name") == output), None)
+        if entry is None:
+            entry = {"name": output}
+            outputs.append(entry)
+        entry["label_filename"] = Path(file).name
+    if not outputs:
+        del config["output"]
+    return config
+
+
 def _read_file(path: str | Path, what: str) -> bytes:
     try:
         return Path(path).read_bytes()

@@ -129,6 +129,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=slimserve_dot_protos_dot_inference__pb2.LogSettingsRequest.SerializeToString,
                 response_deserializer=slimserve_dot_protos_dot_inference__pb2.LogSettingsResponse.FromString,
                 _registered_method=True)
+        self.TraceSetting = channel.unary_unary(
+                '/inference.GRPCInferenceService/TraceSetting',
+                request_serializer=slimserve_dot_protos_dot_inference__pb2.TraceSettingRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_inference__pb2.TraceSettingResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -202,7 +207,7 @@ class GRPCInferenceServiceServicer:
 
     def ModelConfig(self, request, context):
         """Triton's extensions (Triton's field numbers): model configuration and statistics, system shared
-        memory, log settings. TraceSetting and CUDA shared memory are not served (UNIMPLEMENTED).
+        memory, log settings, trace settings. CUDA shared memory is not served (UNIMPLEMENTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,6 +259,13 @@ class GRPCInferenceServiceServicer:
 
     def LogSettings(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TraceSetting(self, request, context):
+        """Triton's trace extension: the trace level, rate and count of the server or of one model (server/telemetry/tracing.py).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -355,6 +367,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.LogSettings,
                     request_deserializer=slimserve_dot_protos_dot_inference__pb2.LogSettingsRequest.FromString,
                     response_serializer=slimserve_dot_protos_dot_inference__pb2.LogSettingsResponse.SerializeToString,
+            ),
+            'TraceSetting': grpc.unary_unary_rpc_method_handler(
+                    servicer.TraceSetting,
+                    request_deserializer=slimserve_dot_protos_dot_inference__pb2.TraceSettingRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_inference__pb2.TraceSettingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -870,6 +887,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/LogSettings',
             slimserve_dot_protos_dot_inference__pb2.LogSettingsRequest.SerializeToString,
             slimserve_dot_protos_dot_inference__pb2.LogSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceSetting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/TraceSetting',
+            slimserve_dot_protos_dot_inference__pb2.TraceSettingRequest.SerializeToString,
+            slimserve_dot_protos_dot_inference__pb2.TraceSettingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from slimserve.optimizer.quiet import quiet_third_party
 from slimserve.protos import inference_pb2, inference_pb2_grpc, slimserve_pb2, slimserve_pb2_grpc
+from slimserve.server.grpc import triton_converters
 from slimserve.server.grpc.auth import TokenAuthInterceptor, read_token, tls_server_credentials
 from slimserve.server.grpc.edge import CheckedDecoding
 from slimserve.server.grpc.servicers.experiments import ExperimentsServicer, FeedbackServicer
@@ -26,6 +27,7 @@ from slimserve.server.http.server import HttpServer, build_app, tls_context
 from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.management.control import Control
 from slimserve.server.management.jobs import JobManager
+from slimserve.server.management.triton_repository import TritonRepository
 from slimserve.server.management.watch import RepositoryWatcher
 from slimserve.server.ports import check_ports, in_use
 from slimserve.server.rollout.controller import RolloutController
@@ -38,6 +40,7 @@ from slimserve.server.store.repository import Repository
 from slimserve.server.store.upload import Registrar
 from slimserve.server.telemetry.metrics import Metrics
 from slimserve.server.telemetry.pricing import load_prices, price_of
+from slimserve.server.telemetry.tracing import TraceCollector, Tracer, TraceSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,24 @@ class SlimServer:
         self.rollouts = RolloutController(self.repository, self.control, statistics, metrics=RolloutMetrics(self.metrics))
         self.control.on_manual_change = self.rollouts.interrupted
         self.slo = SloController(self.repository, self.control, statistics, self.rollouts, on_shift=self._slo_shift)
+        # Triton's trace settings; spans only with --trace-endpoint (then every request the rate picks is traced).
+        self.control.traces = TraceSettings("TIMESTAMPS" if settings.trace_endpoint else "OFF", settings.trace_rate)
+        self.tracer = Tracer(self.control.traces, settings.trace_endpoint) if settings.trace_endpoint else None
+        self.dataplane.tracer = self.tracer
+        if self.tracer is not None:
+            self.metrics.registry.register(TraceCollector(self.tracer))
+        self.triton: TritonRepository | None = None
+        if settings.model_repository is not None:
+            self.triton = TritonRepository(
+                settings.model_repository,
+                settings.model_control_mode,
+                self.repository,
+                self.registrar,
+                self.dataplane,
+                settings.runtime_config(),
+                triton_converters.parse_config_pbtxt,
+                settings.repository_poll_secs,
+            )
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None
@@ -183,7 +204,12 @@ class SlimServer:
             except OSError as e:
                 raise in_use("metrics", self.settings.host, self.settings.metrics_port, "--metrics-port") from e
             self.metrics_port = self._metrics_server.server_port
+        if self.triton is not None:  # a Triton repository: what is new or changed comes in before anything loads
+            await self.triton.sync()
+            self.dataplane.not_at_start = self.triton.skipped_at_start()
         await self.dataplane.start()
+        if self.triton is not None:
+            self.triton.start_polling()
         self._measure_unmeasured()
         if not self.settings.read_only:  # the writer decides rollouts; replicas follow its routing through the repository
             self.rollouts.resume()
@@ -235,7 +261,11 @@ class SlimServer:
         await asyncio.gather(self.server.stop(grace), self._stop_http(grace))
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.triton is not None:
+            await self.triton.stop()
         await self.dataplane.stop()
+        if self.tracer is not None:  # sends what is queued; an unreachable endpoint costs at most its export timeout
+            await asyncio.to_thread(self.tracer.close)
         self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -113,6 +113,25 @@ class Settings(BaseSettings):
         shown="built in",
     )
     shutdown_grace_s: float = setting(30.0, "seconds in-flight calls get to finish on SIGTERM")
+    model_repository: Path | None = setting(
+        None,
+        "a Triton-layout model repository (`<model>/config.pbtxt`, `<model>/<version>/model.onnx`, label files) served as it "
+        "is: each model is imported into `--repository` with its config, labels and version numbers",
+    )
+    model_control_mode: str = setting(
+        "none",
+        "with `--model-repository`, as Triton's: `none` loads every model at start, `explicit` only those a "
+        "RepositoryModelLoad names, `poll` also imports and reloads a changed model directory",
+        pattern=r"^(none|explicit|poll)$",
+    )
+    repository_poll_secs: float = setting(15.0, "with `--model-control-mode poll`: seconds between checks of `--model-repository`", gt=0)
+    trace_endpoint: str | None = setting(
+        None,
+        "OTLP/HTTP collector (`http://host:4318`) that receives a span per stage of traced requests (receive, route, queue, "
+        "compute, shadow, respond); none: no spans. An unreachable one never slows a request: its spans are dropped and counted",
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+    )
+    trace_rate: int = setting(1000, "with `--trace-endpoint`: one request in N is traced (Triton's trace_rate; 1 traces every one)", ge=1)
 
     def batching_config(self) -> BatchingConfig:
         return BatchingConfig(

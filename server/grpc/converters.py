@@ -13,8 +13,9 @@ from slimserve.optimizer.catalog import PassInfo
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import slimserve_pb2 as spb
 from slimserve.server.errors import InvalidArgument
+from slimserve.server.inference import request_rules as rules
 from slimserve.server.inference.dataplane import InferRequest, InferResult, ModelMetadata
-from slimserve.server.inference.shared_memory import ShmInput, ShmRef
+from slimserve.server.inference.shared_memory import ShmInput
 from slimserve.server.management.control import Comparison
 from slimserve.server.management.jobs import JobDone, JobRequest
 from slimserve.server.rollout.plan import RolloutPlan, plan_from_json
@@ -118,6 +119,7 @@ def upload_header(header: spb.RegisterHeader) -> UploadHeader:
         description=header.description,
         quality=tuple(header.quality),
         evaluator=header.evaluator,
+        config_json=header.config_json,
     )
 
 
@@ -150,17 +152,9 @@ def job_request(request: spb.OptimizeRequest) -> JobRequest:
     )
 
 
-SHM_PARAMETERS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
-
-
-def _shm_ref(what: str, parameters: Any) -> ShmRef | None:
-    """A tensor's shared-memory parameters, or None when it travels in the message."""
-    if "shared_memory_region" not in parameters:
-        return None
-    region, offset, size = (codec.parameter_value(parameters[k]) if k in parameters else None for k in SHM_PARAMETERS)
-    if not isinstance(region, str) or not isinstance(size, int) or not isinstance(offset, int | None):
-        raise InvalidArgument(f"{what}: shared memory needs shared_memory_region (string) and shared_memory_byte_size (int64)")
-    return ShmRef(region, offset or 0, size)
+def _plain(parameters: Any) -> dict[str, Any]:
+    """A tensor's InferParameter map as plain values (request_rules checks them as REST's JSON ones)."""
+    return {k: codec.parameter_value(v) for k, v in parameters.items()}
 
 
 def infer_request(request: pb.ModelInferRequest) -> InferRequest:
@@ -172,13 +166,17 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
     shm_inputs = None
     for tensor in inputs:
         if tensor.parameters:
-            ref = _shm_ref(f"input '{tensor.name}'", tensor.parameters)
+            ref = rules.shm_ref(rules.input_where(tensor.name), _plain(tensor.parameters))
             if ref is not None:
                 shm_inputs = shm_inputs or {}
                 shm_inputs[tensor.name] = ShmInput(ref, tensor.datatype, tuple(tensor.shape))
     decode = partial(codec.decode_request_inputs, request)
     if shm_inputs:  # the others alone, with their raw entries (a shared-memory input has none)
-        rest = pb.ModelInferRequest(inputs=[t for t in inputs if t.name not in shm_inputs], raw_input_contents=request.raw_input_contents)
+        rest = pb.ModelInferRequest(
+            model_name=request.model_name,
+            inputs=[t for t in inputs if t.name not in shm_inputs],
+            raw_input_contents=request.raw_input_contents,
+        )
         decode = partial(codec.decode_request_inputs, rest)
     outputs = request.outputs
     names = classification = shm_outputs = None
@@ -187,13 +185,13 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
         for output in outputs:
             if not output.parameters:
                 continue
-            if "classification" in output.parameters:
-                k = codec.parameter_value(output.parameters["classification"])
-                if not isinstance(k, int) or isinstance(k, bool):
-                    raise InvalidArgument(f"output '{output.name}': classification (class_count) must be an int64")
+            params, where = _plain(output.parameters), rules.output_where(output.name)
+            count = params.get("classification")
+            if count is not None:
                 classification = classification or {}
-                classification[output.name] = k
-            ref = _shm_ref(f"output '{output.name}'", output.parameters)
+                classification[output.name] = rules.class_count(where, count)
+            ref = rules.shm_ref(where, params)
+            rules.output_choice(where, count, ref)
             if ref is not None:
                 shm_outputs = shm_outputs or {}
                 shm_outputs[output.name] = ref

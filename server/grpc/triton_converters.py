@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format, text_format
+
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import model_config_pb2 as mpb
 from slimserve.server.errors import InvalidArgument
@@ -12,6 +14,22 @@ from slimserve.server.inference.dataplane import VersionStatistics
 from slimserve.server.inference.model_config import ModelConfigView
 from slimserve.server.inference.shared_memory import RegionStatus
 from slimserve.server.management.control import IndexEntry
+
+
+def parse_config_pbtxt(text: str, path: str) -> dict[str, Any]:
+    """A Triton `config.pbtxt`, parsed with Triton's own ModelConfig message, as its JSON form (field names as in the
+    proto, int64 as strings, enums by name, defaults left out: what a RepositoryModelLoad `config` carries).
+
+    A file that does not parse is INVALID_ARGUMENT naming the file, line and column and the field protobuf stopped at."""
+    config = mpb.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        line, column = e.GetLine(), e.GetColumn()
+        where = f"{path}:{line}:{column}" if line is not None else path
+        reason = str(e).split(" : ", 1)[-1]
+        raise InvalidArgument(f"{where}: {reason} (Triton's ModelConfig text format)") from None
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
 
 
 def _data_type(datatype: str) -> int:
@@ -123,6 +141,21 @@ def log_settings(settings: dict[str, Any]) -> pb.LogSettingsResponse:
             slot.uint32_param = value
         else:
             slot.string_param = str(value)
+    return response
+
+
+def trace_settings_values(request: pb.TraceSettingRequest) -> dict[str, Any]:
+    """The settings to change: a setting with no value goes back to the server's (None); server/telemetry/tracing.py checks them."""
+    return {
+        k: (list(v.value) if k == "trace_level" else (v.value[0] if len(v.value) == 1 else list(v.value)) or None)
+        for k, v in request.settings.items()
+    }
+
+
+def trace_settings(settings: dict[str, Any]) -> pb.TraceSettingResponse:
+    response = pb.TraceSettingResponse()
+    for key, value in settings.items():
+        response.settings[key].value.extend(value if isinstance(value, list) else [str(value)])
     return response
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from slimserve.client import codec
 from slimserve.client.codec import TensorCodecError
 from slimserve.server.errors import InvalidArgument
+from slimserve.server.inference import request_rules as rules
 from slimserve.server.inference.dataplane import InferRequest, InferResult, ModelMetadata
 from slimserve.server.inference.shared_memory import ShmInput, ShmRef
 from slimserve.server.management.control import IndexEntry
@@ -63,9 +64,7 @@ def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 
 def _parameters(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
     params = field_of(obj, "parameters", dict, where, {})
-    for key, value in params.items():
-        if not isinstance(value, (str, int, float, bool)):
-            raise InvalidArgument(f"{where}: parameter '{key}' must be a string, number or boolean, got {type(value).__name__}")
+    rules.check_parameters(where, params)
     return params
 
 
@@ -120,21 +119,7 @@ def _decode_inputs(inputs: list[_Input]) -> dict[str, np.ndarray]:
     return {i.name: i.decode() for i in inputs}
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _shm_ref(params: Mapping[str, Any], where: str) -> ShmRef | None:
-    """A tensor's place in a registered region (Triton's shared_memory_* parameters), or None when it travels in the body."""
-    if "shared_memory_region" not in params:
-        return None
-    region, size, offset = params["shared_memory_region"], params.get("shared_memory_byte_size"), params.get("shared_memory_offset", 0)
-    if not isinstance(region, str) or not _is_count(size) or not _is_count(offset):
-        raise InvalidArgument(
-            f"{where}: shared memory needs 'shared_memory_region' (a string), 'shared_memory_byte_size' and "
-            f"'shared_memory_offset' (byte counts), got {region!r}, {size!r}, {offset!r}"
-        )
-    return ShmRef(region, offset, size)
+_is_count = rules.is_count
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
@@ -167,18 +152,24 @@ def infer_request(model: str, version: str, body: bytes, header_length: str | No
     inputs, offset = [], 0
     raw_inputs = field_of(request, "inputs", list, "the inference request")
     shm_inputs: dict[str, ShmInput] = {}
+    seen: set[str] = set()
     for index, item in enumerate(raw_inputs):
         where = f"input {index}"
         if not isinstance(item, dict):
             raise InvalidArgument(f"{where} must be a JSON object")
         name = field_of(item, "name", str, where)
-        where = f"input '{name}'"
+        if not name:  # the codec's rules for gRPC's inputs, word for word
+            raise InvalidArgument(f"input #{index} has no name")
+        if name in seen:
+            raise InvalidArgument(f"input '{name}' appears twice in the request")
+        seen.add(name)
+        where = rules.input_where(name)
         shape = field_of(item, "shape", list, where)
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidArgument(f"{where}: 'shape' must be a list of integers, got {shape}")
         datatype = field_of(item, "datatype", str, where)
         params = _parameters(item, where)
-        size, ref = params.get("binary_data_size"), _shm_ref(params, where)
+        size, ref = params.get("binary_data_size"), rules.shm_ref(where, params)
         # Triton's rule: a tensor's values come one way only (JSON, binary part or shared memory).
         given = [
             w for w, on in (("'data'", "data" in item), ("'binary_data_size'", size is not None), ("'shared_memory_region'", ref)) if on
@@ -210,17 +201,14 @@ def infer_request(model: str, version: str, body: bytes, header_length: str | No
         if not isinstance(item, dict):
             raise InvalidArgument(f"requested output {index} must be a JSON object")
         name = field_of(item, "name", str, f"requested output {index}")
-        where = f"requested output '{name}'"
+        where = rules.output_where(name)
         outputs.append(name)
         params = _parameters(item, where)
-        count, ref = params.get("classification"), _shm_ref(params, where)
+        count, ref = params.get("classification"), rules.shm_ref(where, params)
         if count is not None:
-            if isinstance(count, bool) or not isinstance(count, int):
-                raise InvalidArgument(f"{where}: 'classification' (class_count) must be an integer, got {count!r}")
-            classification[name] = count
-        if ref is not None:  # Triton's rules: a region holds the raw tensor, neither top-K strings nor a binary part
-            if count is not None or params.get("binary_data") is True:
-                raise InvalidArgument(f"{where}: 'shared_memory_region' cannot go with 'classification' or 'binary_data': true")
+            classification[name] = rules.class_count(where, count)
+        rules.output_choice(where, count, ref, params.get("binary_data") is True)
+        if ref is not None:
             shm_outputs[name] = ref
         elif params.get("binary_data") is True:
             binary_outputs.add(name)

@@ -13,10 +13,9 @@ from typing import Any
 from aiohttp import web
 
 from slimserve.server import __version__
-from slimserve.server.errors import ErrorKind, SlimServeError
 from slimserve.server.grpc.servicers.inference import EXTENSIONS as GRPC_EXTENSIONS
 from slimserve.server.http import codec, extensions
-from slimserve.server.inference.dataplane import DataPlane
+from slimserve.server.inference.dataplane import DataPlane, outcome_code
 from slimserve.server.management.control import Control
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -91,9 +90,10 @@ class Routes:
             Route("POST", SHM + "/region/{region}/unregister", self.shm_unregister, "SystemSharedMemoryUnregister"),
             Route("GET", "/v2/logging", self.log_settings, "LogSettings"),
             Route("POST", "/v2/logging", self.update_log_settings, "LogSettings"),
-            # Served neither over gRPC: a precise 501 rather than aiohttp's bare 404 for a path Triton's clients call.
-            Route("*", "/v2/trace/setting", self.unimplemented, "TraceSetting"),
-            Route("*", "/v2/models/{model}/trace/setting", self.unimplemented, "TraceSetting"),
+            Route("GET", "/v2/trace/setting", self.trace_settings, "TraceSetting"),
+            Route("POST", "/v2/trace/setting", self.update_trace_settings, "TraceSetting"),
+            Route("GET", "/v2/models/{model}/trace/setting", self.trace_settings, "TraceSetting"),
+            Route("POST", "/v2/models/{model}/trace/setting", self.update_trace_settings, "TraceSetting"),
             # CUDA shared memory is not served: none registered to list or unregister; a registration is a precise 501.
             Route("GET", CUDA_SHM + "/status", self.cuda_shm_status, "CudaSharedMemoryStatus"),
             Route("GET", CUDA_SHM + "/region/{region}/status", self.cuda_shm_status, "CudaSharedMemoryStatus"),
@@ -118,9 +118,23 @@ class Routes:
         return ok(codec.model_metadata(self.dataplane.metadata(*model_of(request))))
 
     async def infer(self, request: web.Request) -> web.Response:
-        infer, form = codec.infer_request(*model_of(request), await request.read(), request.headers.get(codec.HEADER_LENGTH))
-        body, headers = codec.infer_response(await self.dataplane.serve(infer), form)
-        return web.Response(body=body, headers=headers)
+        tracer = self.dataplane.tracer
+        trace = tracer.begin(request.match_info["model"], request.headers.get("traceparent")) if tracer is not None else None
+        if trace is None:
+            infer, form = codec.infer_request(*model_of(request), await request.read(), request.headers.get(codec.HEADER_LENGTH))
+            body, headers = codec.infer_response(await self.dataplane.serve(infer), form)
+            return web.Response(body=body, headers=headers)
+        code = "OK"
+        try:
+            infer, form = codec.infer_request(*model_of(request), await request.read(), request.headers.get(codec.HEADER_LENGTH))
+            infer.trace = trace
+            body, headers = codec.infer_response(await self.dataplane.serve(infer), form)
+            return web.Response(body=body, headers=headers)
+        except BaseException as e:
+            code = outcome_code(e)
+            raise
+        finally:
+            tracer.finish(trace, code)
 
     async def repository_index(self, request: web.Request) -> web.Response:
         return ok(codec.repository_index(self.control.repository_index(codec.index_request(await request.read()))))
@@ -171,8 +185,9 @@ class Routes:
         self.control.unregister_cuda_shared_memory(region_of(request))
         return ok({})
 
-    async def unimplemented(self, request: web.Request) -> web.Response:
-        raise SlimServeError(
-            'trace settings are not served by slimserve (see docs/guides/triton-kserve.md, "Using Triton\'s tools")',
-            ErrorKind.UNIMPLEMENTED,
-        )
+    async def trace_settings(self, request: web.Request) -> web.Response:
+        return ok(self.control.trace_settings(request.match_info.get("model", "")))
+
+    async def update_trace_settings(self, request: web.Request) -> web.Response:
+        changes = codec.json_object(await request.read(), "trace settings request")
+        return ok(self.control.update_trace_settings(changes, request.match_info.get("model", "")))

@@ -7,13 +7,14 @@ measured in server/telemetry/recording.py; this module holds the per-request pat
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from slimserve.server.errors import ErrorKind, FailedPrecondition, InvalidArgume
 from slimserve.server.inference import classification
 from slimserve.server.inference.loaded import LoadedModel, ServedVariant, UnloadedVariant, VariantUnloaded
 from slimserve.server.inference.loader import ModelLoader
-from slimserve.server.inference.model_config import ModelConfigView, ServingOverride, batchable, config_view
+from slimserve.server.inference.model_config import ModelConfigView, ServingOverride, batchable, config_view, parse_load_config
 from slimserve.server.inference.shadow import ShadowMirror, top1
 from slimserve.server.inference.shared_memory import SharedMemoryRegions, ShmInput, ShmRef
 from slimserve.server.runtimes import Runtime, RuntimeConfig, TensorSpec
@@ -33,6 +34,7 @@ from slimserve.server.store.repository import Repository
 from slimserve.server.telemetry.metrics import Metrics
 from slimserve.server.telemetry.recording import VariantRecorder
 from slimserve.server.telemetry.statistics import FeedbackStore, VariantStats
+from slimserve.server.telemetry.tracing import RequestTrace, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class InferRequest:
     shm_inputs: Mapping[str, ShmInput] | None = None  # inputs read from registered shared memory
     shm_outputs: Mapping[str, ShmRef] | None = None  # outputs written to registered shared memory
     deadline: float | None = None  # perf_counter() seconds by which to answer (gRPC's deadline); see request_deadline
+    trace: RequestTrace | None = None  # stamps of a sampled request (server/telemetry/tracing.py); None: not traced
 
 
 @dataclass(slots=True)
@@ -187,6 +190,8 @@ class DataPlane:
         )
         self.shadows = ShadowMirror(self._spawn)
         self.shared_memory = SharedMemoryRegions()
+        self.not_at_start: set[str] = set()  # models loaded only when a load names them (Triton's explicit mode)
+        self.tracer: Tracer | None = None  # with --trace-endpoint (server/app.py): the transports begin and finish traces with it
         # Ids for requests that came without one: a per-process random prefix and a counter
         # (uuid4 per request costs a getrandom() system call).
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
@@ -197,6 +202,8 @@ class DataPlane:
 
     async def start(self) -> None:
         for name in self.repository.names():
+            if name in self.not_at_start:
+                continue
             try:
                 await self.load_model(name)
             except Exception as e:  # one broken model must not keep the others from serving
@@ -230,8 +237,19 @@ class DataPlane:
 
     async def load_model(self, name: str, override: ServingOverride | None = None) -> LoadedModel:
         """Loads every ready variant afresh and swaps them in (RepositoryModelLoad), with the serving settings a load
-        `config` gave (None: the server's own); statistics of a loaded one are kept."""
-        return await self.loader.load(name, override=override)
+        `config` gave (None: those stored with the model, a Triton config or a registration's, else the server's own);
+        statistics of a loaded one are kept."""
+        return await self.loader.load(name, override=override if override is not None else self.stored_override(name))
+
+    def stored_override(self, name: str) -> ServingOverride | None:
+        """The serving settings stored with a model (`Repository.serving`), checked against it; None when it has none."""
+        serving = self.repository.serving(name)
+        if not serving:
+            return None
+        info = self.repository.get(name)
+        files = {k: base64.b64decode(v) for k, v in serving.get("files", {}).items()}
+        device = self.loader.runtime_config.device
+        return parse_load_config(serving["config"], name, info.inputs, device, self.loader.batching, info.outputs, files)
 
     async def refresh(self, name: str) -> LoadedModel:
         """Re-reads a model's manifest after a change (new variant, new routing); loads only what is new."""
@@ -332,6 +350,9 @@ class DataPlane:
 
         Written out flat rather than through an async context manager and nested coroutines: each
         of those costs a microsecond or more a request (`python -m bench.bench_hotpath`)."""
+        trace = request.trace
+        if trace is not None:
+            trace.started = time_ns()
         try:
             call = self.route(request.model, request.version, request.parameters, request.id)
         except VariantUnloaded as e:  # pinned, out of memory while idle: this request waits for it to load (free when loaded)
@@ -355,11 +376,19 @@ class DataPlane:
                 classification.check(specs, counts, batched)
             specs = self._checked(call, inputs, request.outputs)
             deadline = request_deadline(request, start) if request.deadline is not None or request.parameters else None
-            if deadline is None:  # the common case, as before deadlines: no third argument
-                answer = await call.batcher.submit(inputs, request.outputs)
+            if trace is None:
+                if deadline is None:  # the common case, as before deadlines: no third argument
+                    answer = await call.batcher.submit(inputs, request.outputs)
+                else:
+                    answer = await call.batcher.submit(inputs, request.outputs, deadline)
+                result = self._answered(call, inputs, request.outputs, specs, answer)
             else:
-                answer = await call.batcher.submit(inputs, request.outputs, deadline)
-            result = self._answered(call, inputs, request.outputs, specs, answer)
+                trace.routed, trace.variant = time_ns(), call.variant
+                answer = await call.batcher.submit(inputs, request.outputs, deadline, trace.batch)
+                trace.computed = time_ns()
+                result = self._answered(call, inputs, request.outputs, specs, answer)
+                if call.shadows:  # the time handing copies to the shadows took (their own calls run after the answer)
+                    trace.answered = time_ns()
             if counts:
                 override = self.loader.overrides.get(call.model)
                 labels = override.labels if override is not None else None

@@ -71,9 +71,12 @@ class ModelLoader:
         self.reloads = 0  # variants loaded again on demand since start
         self.idle_unloads = 0  # variants unloaded while idle since start
 
-    def load_runtime(self, info: ModelInfo, variant: str) -> Runtime:
-        """A variant's runtime, loaded (blocking: runs on the management pool, `loads`)."""
-        runtime = create_runtime(info.variants[variant].runtime, self.repository.variant_path(info, variant), self.runtime_config)
+    def load_runtime(self, info: ModelInfo, variant: str, override: ServingOverride | None = None) -> Runtime:
+        """A variant's runtime, loaded (blocking: runs on the management pool, `loads`); a load config's intra_op_thread_count wins."""
+        config = self.runtime_config
+        if override is not None and override.intra_op_threads is not None:
+            config = replace(config, intra_op_threads=override.intra_op_threads)
+        runtime = create_runtime(info.variants[variant].runtime, self.repository.variant_path(info, variant), config)
         runtime.load()
         return runtime
 
@@ -138,7 +141,7 @@ class ModelLoader:
                     )
                     continue
                 if current is None or not reuse:
-                    runtime = await loop.run_in_executor(self.loads, self.load_runtime, info, variant)
+                    runtime = await loop.run_in_executor(self.loads, self.load_runtime, *_runtime_args(info, variant, override))
                     current = self._serve(name, variant, runtime, recorder, override)
                 loaded.variants[variant] = current
             loaded.unloaded = unloaded
@@ -234,7 +237,9 @@ class ModelLoader:
             return self._settled(model, variant)
         start = time.perf_counter()
         try:
-            runtime = await asyncio.get_running_loop().run_in_executor(self.loads, self.load_runtime, loaded.info, variant)
+            runtime = await asyncio.get_running_loop().run_in_executor(
+                self.loads, self.load_runtime, *_runtime_args(loaded.info, variant, self.overrides.get(model))
+            )
         except Exception as e:  # a file gone or broken since: this variant fails, the model and server serve on
             log.error("variant '%s' of model '%s' failed to load on demand: %s", variant, model, e)
             raise Unavailable(f"variant '{variant}' of model '{model}' is not loaded and failed to load on demand: {e}") from e
@@ -346,3 +351,8 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
+
+
+def _runtime_args(info: ModelInfo, variant: str, override: ServingOverride | None) -> tuple:
+    """`load_runtime`'s arguments: the override only when it changes the runtime (its thread count)."""
+    return (info, variant) if override is None or override.intra_op_threads is None else (info, variant, override)

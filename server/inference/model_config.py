@@ -49,6 +49,7 @@ class ServingOverride:
     input_formats: Mapping[str, str] = field(default_factory=dict)  # input -> Triton's FORMAT_* where declared
     labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # output -> class labels (classification)
     label_files: Mapping[str, str] = field(default_factory=dict)  # output -> its label_filename, as ModelConfig says it
+    intra_op_threads: int | None = None  # parameters["intra_op_thread_count"]: ORT's intra-op threads of every variant
 
     def apply(self, config: BatchingConfig, calls: int) -> tuple[BatchingConfig, int]:
         """The batcher's config and calls at once with this override applied."""
@@ -141,11 +142,27 @@ _CAMEL = {
     "versionPolicy": "version_policy",
     "dataType": "data_type",
     "labelFilename": "label_filename",
+    "stringValue": "string_value",
 }
+# ModelConfig `parameters` a load config may carry: the one it applies, and those slimserve writes itself (read back
+# from get_model_config: accepted when they say what is served).
+INTRA_OP = "intra_op_thread_count"
+_OWN_PARAMETERS = ("slimserve_variant", "slimserve_version")
+
+
+# Fields whose zero means something (no batching, no delay); any other field at its default (false, 0, "", [], {}) says
+# nothing, as Triton's JSON of a ModelConfig writes every field: a config fetched over REST loads back unchanged.
+_MEANINGFUL_ZERO = {"max_batch_size", "max_queue_delay_microseconds", "count"}
+_MAPS = {"priority_queue_policy", "cc_model_filenames", "metric_tags", "parameters"}  # an empty message, unlike these, is set
 
 
 def _snake(d: dict[str, Any]) -> dict[str, Any]:
-    return {_CAMEL.get(k, k): v for k, v in d.items()}
+    return {
+        _CAMEL.get(k, k): v
+        for k, v in d.items()
+        if _CAMEL.get(k, k) in _MEANINGFUL_ZERO
+        or not (v is None or v is False or v == "" or v == [] or (v == {} and k in _MAPS) or (type(v) is int and v == 0))
+    }
 
 
 def _int(value: Any, what: str, low: int) -> int:
@@ -175,7 +192,7 @@ def parse_load_config(
     if not isinstance(config, dict):
         raise InvalidArgument("load config must be a JSON object of ModelConfig fields")
     config = _snake(config)
-    applicable = {"max_batch_size", "dynamic_batching", "instance_group", "input", "output"}
+    applicable = {"max_batch_size", "dynamic_batching", "instance_group", "input", "output", "parameters"}
     unknown = sorted(set(config) - applicable - _SAME_AS_SERVED)
     if unknown:
         raise InvalidArgument(
@@ -211,9 +228,27 @@ def parse_load_config(
     batched = batchable(inputs)  # as config_view says dims: without the batch dimension when the inputs have one
     formats = _input_formats(config.get("input", []), inputs, batched)
     labels, label_files = _output_labels(config.get("output", []), outputs or [], dict(files or {}), batched)
-    override = ServingOverride(max_batch, preferred, delay, count, formats, labels, label_files)
+    threads = _parameters(config.get("parameters", {}))
+    override = ServingOverride(max_batch, preferred, delay, count, formats, labels, label_files, threads)
     override.apply(batching, 1)  # BatchingConfig checks the result (preferred sizes within the limit) before anything changes
     return override
+
+
+def _parameters(value: Any) -> int | None:
+    """ModelConfig `parameters` ({key: {"string_value": ...}}): intra_op_thread_count is applied (0: measured at load, as
+    --intra-op-threads 0); slimserve's own (variant, version) are what get_model_config wrote and change nothing."""
+    if not isinstance(value, dict):
+        raise InvalidArgument("load config: parameters must be an object of {name: {string_value}}")
+    threads = None
+    for key, entry in value.items():
+        text = _snake(entry).get("string_value") if isinstance(entry, dict) else entry
+        if not isinstance(text, str):
+            raise InvalidArgument(f'load config: parameter {key!r} must be {{"string_value": "..."}}, got {entry!r}')
+        if key == INTRA_OP:
+            threads = _int(text, f"parameters.{INTRA_OP}", 0)
+        elif key not in _OWN_PARAMETERS:
+            raise InvalidArgument(f"load config: parameter {key!r} is not supported (supported: {INTRA_OP})")
+    return threads
 
 
 def _instance_count(groups: Any, device: str) -> int:
@@ -223,6 +258,7 @@ def _instance_count(groups: Any, device: str) -> int:
     for group in groups:
         if not isinstance(group, dict):
             raise InvalidArgument("load config: each instance_group entry must be an object")
+        group = _snake(group)
         extra = sorted(set(group) - {"count", "kind", "name"})
         if extra:
             raise InvalidArgument(f"load config: instance_group field(s) {', '.join(extra)} are not supported (supported: count, kind)")

@@ -6,6 +6,7 @@ request, make one call here, and encode what it returns (server/grpc/converters.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from slimserve.server.store.traffic import TrafficPolicy, promote, rollback, set
 from slimserve.server.store.upload import Registrar, UploadHeader, check_header
 from slimserve.server.telemetry.log_settings import LogSettings
 from slimserve.server.telemetry.statistics import FeedbackResult, compare_rows
+from slimserve.server.telemetry.tracing import TraceSettings
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Control:
         self.node_type = node_type
         self.price_per_hour = price_per_hour
         self.logs = LogSettings()
+        self.traces = TraceSettings()  # server/app.py replaces it with --trace-* settings
         # Set by server/app.py to the rollout controller's `interrupted`: a manual routing change or a deletion
         # stops a running rollout with its reason (model, reason, variant or None for the whole model).
         self.on_manual_change: Callable[[str, str, str | None], Awaitable[None]] | None = None
@@ -84,10 +87,32 @@ class Control:
             raise AlreadyExists(f"model '{header.name}' is already registered; delete it first or pick another name")
         with self.repository.staging() as staged:
             paths = await self.registrar.receive(header, chunks, staged)
+            labels = {f"file:{f.filename}": p.read_bytes() for f, p in zip(header.files, paths) if f.role == "label"}
             info = await self.dataplane.run_blocking(self.registrar.commit, header, paths, staged)
+        if header.config_json:
+            await self.dataplane.run_blocking(self._store_serving, info, header.config_json, labels)
         await self.dataplane.load_model(info.name)
         self.jobs.evaluate_in_background(info.name)
         return info
+
+    def _store_serving(self, info: ModelInfo, config: str, labels: dict[str, bytes]) -> None:
+        """A registration's config and label files, checked against the model just committed, stored with it (applied at
+        every load and restart); a refusal removes the model again, so nothing half registered stays."""
+        try:
+            parse_load_config(
+                config,
+                info.name,
+                info.inputs,
+                self.dataplane.loader.runtime_config.device,
+                self.dataplane.loader.batching,
+                info.outputs,
+                dict(labels),
+            )
+            files = {k: base64.b64encode(v).decode() for k, v in labels.items()}
+            self.repository.set_serving(info.name, {"config": config, "files": files, "source": None})
+        except BaseException:
+            self.repository.delete(info.name)
+            raise
 
     def list_models(self) -> list[ModelInfo]:
         return self.repository.list()
@@ -103,6 +128,7 @@ class Control:
         if self.dataplane.is_loaded(name):
             await self.dataplane.unload_model(name)
         self.repository.delete(name)
+        self.traces.forget(name)
 
     async def delete_variant(self, model: str, variant: str) -> ModelInfo:
         """Out of routing and the manifest first (new requests stop going there), then unloaded once its queue drains."""
@@ -266,6 +292,17 @@ class Control:
 
     def update_log_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
         return self.logs.update(changes)
+
+    def trace_settings(self, model: str = "") -> dict[str, Any]:
+        """Triton's trace settings of the server (model "") or of one model (its own where it set any, else the server's)."""
+        if model:
+            self.repository.get(model)  # NotFound for a model that is not registered
+        return self.traces.get(model)
+
+    def update_trace_settings(self, changes: dict[str, Any], model: str = "") -> dict[str, Any]:
+        if model:
+            self.repository.get(model)
+        return self.traces.update(changes, model)
 
     # ------------------------------------------------------------------ optimizer jobs
 

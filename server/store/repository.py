@@ -4,6 +4,7 @@ Layout under the root:
     models/<name>/manifest.json              the model's record and its variants
     models/<name>/variants/<variant>/model.onnx | model.pt2
     models/<name>/data/<role>.npz            data, train, calibration
+    models/<name>/serving.json               serving settings applied at every load (a Triton config, its label files)
     .staging/<uuid>/                         uploads and variants being built; cleared at start
 
 Every write goes to a temporary path, is flushed, then renamed into place, so a crash never
@@ -29,6 +30,7 @@ from slimserve.server.store.manifest import BASELINE, ModelInfo, VariantInfo, no
 from slimserve.server.store.traffic import without_variant
 
 log = logging.getLogger(__name__)
+SERVING = "serving.json"
 
 
 def fsync_dir(path: Path) -> None:
@@ -233,6 +235,25 @@ class Repository:
             change(info)
             atomic_write_bytes(self.model_dir(name) / "manifest.json", json.dumps(info.to_dict(), indent=2).encode())
             return info
+
+    def serving(self, name: str) -> dict[str, Any] | None:
+        """The serving settings stored with a model (`serving.json`: a load `config` as JSON, its label files base64 by
+        `file:<name>`, and where it was imported from), applied at every load; None when it has none."""
+        path = self.model_dir(name) / SERVING
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def set_serving(self, name: str, serving: dict[str, Any] | None) -> None:
+        """Stores (or with None removes) a model's serving settings, atomically."""
+        self.check_writable()
+        path = self.model_dir(name) / SERVING
+        with self._lock:
+            if serving is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path, json.dumps(serving, indent=2, sort_keys=True).encode())
 
     def add_variant(self, model: str, staged_dir: Path, variant: VariantInfo) -> ModelInfo:
         """Moves a staged variant directory (holding `variant.file`) in, then records it in the manifest."""

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UploadFile:
-    role: str  # model | data | train | calibration
+    role: str  # model | data | train | calibration | label (an output's label file, named as config_json's label_filename)
     filename: str
     size_bytes: int
     sha256: str
@@ -49,6 +49,7 @@ class UploadHeader:
     description: str = ""
     quality: tuple[str, ...] = ()  # "OUTPUT=METRIC" per output, kept with the model for its jobs
     evaluator: str = ""  # an installed evaluator's name, kept with the model for its jobs
+    config_json: str = ""  # serving settings stored with the model (Triton's ModelConfig as JSON); "" for none
 
 
 # A side file of an ONNX model (its `external_data` location, relative to the model): as many as the model names.
@@ -61,8 +62,16 @@ def check_header(header: UploadHeader, max_bytes: int) -> None:
     if roles.count("model") != 1:
         raise InvalidArgument(f"an upload carries exactly one 'model' file; this one has {roles.count('model')}")
     for f in header.files:
+        if f.role == "label":
+            if not header.config_json:
+                raise InvalidArgument(
+                    f"label file '{f.filename}' needs a config (--config or --labels) whose output names it as label_filename"
+                )
+            if "/" in f.filename or f.filename.startswith("."):
+                raise InvalidArgument(f"label file name '{f.filename}' must be a plain file name")
+            continue
         if f.role not in ("model", EXTERNAL, *DATA_ROLES):
-            raise InvalidArgument(f"file '{f.filename}' has role '{f.role}'; roles are model, {EXTERNAL}, {', '.join(DATA_ROLES)}")
+            raise InvalidArgument(f"file '{f.filename}' has role '{f.role}'; roles are model, {EXTERNAL}, label, {', '.join(DATA_ROLES)}")
         if f.role == EXTERNAL:
             try:
                 check_location(f.filename)
@@ -204,7 +213,7 @@ class Registrar:
         datasets = []
         (model_dir / "data").mkdir()
         for i, f in enumerate(header.files):
-            if f.role in ("model", EXTERNAL):
+            if f.role in ("model", EXTERNAL, "label"):
                 continue
             check_dataset(f.role, inspect_npz(paths[i], f.role), runtime.inputs)
             shutil.move(paths[i], model_dir / "data" / f"{f.role}.npz")

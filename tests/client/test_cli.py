@@ -152,3 +152,14 @@ def test_passes_lists_every_pass_and_one_pass_shows_its_settings(server):
 
     result = slimctl(server, "passes", "shrink")
     assert result.exit_code == 1 and "unknown pass 'shrink' (known: auto," in result.output
+def test_register_takes_a_config_and_labels_and_refuses_a_malformed_labels_flag(server, digits, tmp_path):
+    config = tmp_path / "config.pbtxt"
+    config.write_text("max_batch_size: 4\n")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(str(i) for i in range(10)))
+    result = slimctl(server, "register", "digits", digits.onnx, "--labels", "logits")
+    assert result.exit_code == 1 and "--labels 'logits': expected OUTPUT=FILE" in result.output
+    result = slimctl(server, "register", "digits", digits.onnx, "--config", config, "--labels", f"logits={labels}")
+    assert result.exit_code == 0, result.output
+    view = server.server.control.model_config("digits")
+    assert view.max_batch_size == 4 and view.label_files == {"logits": "labels.txt"}

@@ -122,7 +122,15 @@ def test_log_settings_read_and_change(seen):
     after = seen["log_updated"]["settings"]
     assert after["log_verbose_level"] == {"uint32_param": 1} and after["log_format"] == {"string_param": "ISO8601"}
     assert seen["log_bad"].startswith("StatusCode.INVALID_ARGUMENT: ") and "log_colour" in seen["log_bad"]
-    assert seen["trace"].startswith("StatusCode.UNIMPLEMENTED")
+
+
+def test_trace_settings_read_and_change_per_model_and_globally(seen):
+    value = lambda answer, key: answer["settings"][key].get("value")  # noqa: E731
+    assert value(seen["trace"], "trace_level") == ["OFF"] and value(seen["trace"], "trace_rate") == ["1000"]
+    assert value(seen["trace_model"], "trace_level") == ["TIMESTAMPS"] and value(seen["trace_model"], "trace_rate") == ["5"]
+    # cleared: the model's rate follows the server's again; the level it set stays its own
+    assert value(seen["trace_cleared"], "trace_rate") == ["1000"] and value(seen["trace_cleared"], "trace_level") == ["TIMESTAMPS"]
+    assert seen["trace_bad"].startswith("StatusCode.INVALID_ARGUMENT: ") and "trace_rate must be an integer >= 1" in seen["trace_bad"]
 
 
 def test_cuda_shared_memory_lists_none_unregisters_nothing_and_refuses_a_region(seen):

@@ -352,10 +352,15 @@ def test_simple_http_shm_client(triton, regions):
     assert_sums(triton.infer("simple", simple_inputs(True, True)))  # the server keeps serving
 
 
-def test_trace_answers_501_and_cuda_shared_memory_holds_no_region(triton):
-    for call in (triton.get_trace_settings, lambda: triton.get_trace_settings("simple")):
-        status, message = refusal(call)
-        assert status == "501" and "not served by slimserve" in message
+def test_trace_settings_answer_as_triton_and_cuda_shared_memory_holds_no_region(triton):
+    assert triton.get_trace_settings() == {"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1", "trace_mode": "opentelemetry"}
+    own = triton.update_trace_settings("simple", {"trace_level": ["TIMESTAMPS"], "trace_count": "3"})
+    assert own["trace_level"] == ["TIMESTAMPS"] and own["trace_count"] == "3" and triton.get_trace_settings()["trace_level"] == ["OFF"]
+    assert triton.update_trace_settings("simple", {"trace_level": None, "trace_count": None}) == triton.get_trace_settings()
+    status, message = refusal(lambda: triton.update_trace_settings(settings={"trace_level": ["TENSORS"]}))
+    assert status == "400" and "TENSORS is not recorded" in message
+    status, message = refusal(lambda: triton.get_trace_settings("no-such-model"))
+    assert status == "404" and "no-such-model" in message
     # Triton's shm examples list and unregister CUDA regions before they start: nothing is registered, nothing fails.
     assert triton.get_cuda_shared_memory_status() == []
     triton.unregister_cuda_shared_memory()

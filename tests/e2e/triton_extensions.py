@@ -118,7 +118,11 @@ def main(address: str, input_npy: str) -> None:
     report["log_updated"] = client.update_log_settings({"log_verbose_level": 1, "log_format": "ISO8601"}, as_json=True)
     report["log_bad"] = error_of(lambda: client.update_log_settings({"log_colour": True}))
     client.update_log_settings({"log_verbose_level": 0, "log_format": "default"})
-    report["trace"] = error_of(lambda: client.get_trace_settings())
+    # 10. trace settings: the server's, one model's own (a copy of the server's at first), cleared back, a bad rate
+    report["trace"] = client.get_trace_settings(as_json=True)
+    report["trace_model"] = client.update_trace_settings(MODEL, {"trace_rate": "5", "trace_level": ["TIMESTAMPS"]}, as_json=True)
+    report["trace_cleared"] = client.update_trace_settings(MODEL, {"trace_rate": None}, as_json=True)
+    report["trace_bad"] = error_of(lambda: client.update_trace_settings(settings={"trace_rate": "0"}))
     # CUDA shared memory is not served: nothing to list or unregister (Triton's shm examples call both), registering refused
     report["cuda_shm_status"] = client.get_cuda_shared_memory_status(as_json=True)
     report["cuda_shm_unregister"] = error_of(lambda: client.unregister_cuda_shared_memory())

@@ -158,7 +158,11 @@ EXPLICIT = {
     "typed, no element, huge dims": (typed([], shape=(0, 2**62)), "INVALID_ARGUMENT", "is too large for any tensor"),
     "typed out of range": (int8_out_of_range(), "INVALID_ARGUMENT", "'in_int8': a value in int_contents is out of range for INT8"),
     "FP16 typed": (request(datatype="FP16", raw=None), "INVALID_ARGUMENT", "FP16 has no typed contents field"),
-    "raw and typed": (raw_and_typed(), "INVALID_ARGUMENT", "both raw_input_contents and typed contents given"),
+    "raw and typed": (
+        raw_and_typed(),
+        "INVALID_ARGUMENT",
+        "contents field must not be specified when using raw_input_contents for 'x' for model 'digits'",
+    ),
     "BYTES with a forged count": (
         request("echo", "BYTES", (2**40, 3), b"\0" * 8, "in_bytes"),
         "INVALID_ARGUMENT",

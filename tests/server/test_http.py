@@ -200,7 +200,14 @@ def test_model_config_and_statistics_paths(rest, digits):
         status, _, body = call(rest.http_address, "GET", path)
         config = json.loads(body)
         assert status == 200 and config["name"] == "digits" and config["max_batch_size"] == 32, path
-        assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [1, 8, 8]}]
+        (entry,) = config["input"]  # every field written, defaults included, as Triton's JSON
+        assert {k: entry[k] for k in ("name", "data_type", "format", "dims")} == {
+            "name": "x",
+            "data_type": "TYPE_FP32",
+            "format": "FORMAT_NCHW",
+            "dims": [1, 8, 8],
+        }
+        assert entry["is_shape_tensor"] is False and config["dynamic_batching"]["preserve_ordering"] is False
     x = digits.x_test[:2]
     request = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}]}
     assert post_json(rest.http_address, "/v2/models/digits/infer", request)[0] == 200

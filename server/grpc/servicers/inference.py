@@ -13,12 +13,12 @@ from slimserve.server.grpc import converters
 from slimserve.server.grpc import triton_converters as converters_triton
 from slimserve.server.grpc.edge import MalformedRequest, abort_with, checks_decoding, grpc_errors, refuse_malformed
 from slimserve.server.grpc.servicers import stream
-from slimserve.server.inference.dataplane import DataPlane
+from slimserve.server.inference.dataplane import DataPlane, InferRequest, outcome_code
 from slimserve.server.management.control import Control
 
 # What ServerMetadata lists on both ports (REST adds binary_tensor_data: server/http/routes.py): perf_analyzer reads
 # server-side statistics only when `statistics` is there.
-EXTENSIONS = ["classification", "model_repository", "model_configuration", "system_shared_memory", "statistics", "logging"]
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "system_shared_memory", "statistics", "logging", "trace"]
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -57,13 +57,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None:  # the client's deadline, honoured in the queue (batcher.py)
                 infer.deadline = time.perf_counter() + remaining
-            return converters.infer_response(await self.dataplane.serve(infer))
+            if self.dataplane.tracer is None:
+                return converters.infer_response(await self.dataplane.serve(infer))
+            return await self._traced(request, context, infer)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await abort_with(exc, context, "InferenceServicer.ModelInfer")
 
+    async def _traced(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None, infer: InferRequest | None = None
+    ) -> pb.ModelInferResponse:
+        """ModelInfer with tracing on: the request is traced when the settings sample it, continuing the caller's traceparent."""
+        tracer = self.dataplane.tracer
+        infer = infer if infer is not None else converters.infer_request(request)
+        trace = tracer.begin(request.model_name)
+        if trace is None:
+            return converters.infer_response(await self.dataplane.serve(infer))
+        if context is not None:
+            trace.parent = next((v for k, v in context.invocation_metadata() or () if k == "traceparent"), None)
+        code = "OK"
+        try:
+            infer.trace = trace
+            return converters.infer_response(await self.dataplane.serve(infer))
+        except BaseException as e:
+            code = outcome_code(e)
+            raise
+        finally:
+            tracer.finish(trace, code)
+
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """One request of a ModelStreamInfer stream (traced as a unary one, without a caller's traceparent per message)."""
+        if self.dataplane.tracer is not None:
+            return await self._traced(request, None)
         return converters.infer_response(await self.dataplane.serve(converters.infer_request(request)))
 
     @grpc_errors
@@ -128,3 +154,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def LogSettings(self, request, context):
         values = converters_triton.log_settings_values(request)
         return converters_triton.log_settings(self.control.update_log_settings(values) if values else self.control.log_settings())
+
+    @grpc_errors
+    async def TraceSetting(self, request, context):
+        values = converters_triton.trace_settings_values(request)
+        if values:
+            return converters_triton.trace_settings(self.control.update_trace_settings(values, request.model_name))
+        return converters_triton.trace_settings(self.control.trace_settings(request.model_name))

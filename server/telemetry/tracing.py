@@ -1,0 +1,391 @@
+"""Request tracing: Triton's trace settings (level, rate, count; global and per model) and OpenTelemetry spans per request.
+
+A sampled request carries a `RequestTrace` (stamps in nanoseconds, taken as the request passes each stage); its spans are
+built only when it is answered, with the stamps as their start and end times: `receive` (the transport decoding),
+`route`, `queue`, `compute`, `shadow` (handing copies to shadows, when there are any) and `respond` (encoding), children
+of one `infer` span with the model, variant and batch size as attributes. They leave in batches, as OTLP/HTTP protobuf
+(OpenTelemetry's own messages), for `--trace-endpoint` on a thread of their own: an endpoint that cannot be reached never
+slows or fails a request; its spans are dropped and counted (`dropped`).
+
+A request that is not sampled costs one dictionary lookup and one comparison (`TraceSettings.sample`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimserve.server.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("OFF", "TIMESTAMPS")
+MODE = "opentelemetry"
+KEYS = ("trace_level", "trace_rate", "trace_count", "trace_mode")
+STAGES = ("receive", "route", "queue", "compute", "shadow", "respond")
+
+
+@dataclass
+class _Sampler:
+    """One scope's settings (the server's, or a model's own) and its counters."""
+
+    level: str = "OFF"
+    rate: int = 1000  # one request in `rate` is traced (Triton's trace_rate)
+    count: int = -1  # traces left; -1: no limit (Triton's trace_count)
+    seen: int = 0
+    explicit: set[str] = field(default_factory=set)  # the keys a model set itself (the rest follow the server's)
+
+    def take(self) -> bool:
+        if self.level == "OFF" or self.count == 0:
+            return False
+        self.seen += 1
+        if self.seen < self.rate:
+            return False
+        self.seen = 0
+        if self.count > 0:
+            self.count -= 1
+        return True
+
+
+class TraceSettings:
+    """Triton's trace settings: `get` / `update` for the server (model "") or one model, `sample` per request.
+
+    A model's settings start as a copy of the server's at its first update; a key set to None goes back to the
+    server's value. Values are Triton's strings (`trace_rate` "1000"); `trace_level` is a list. TENSORS is refused:
+    slimserve records timestamps, not tensors."""
+
+    def __init__(self, level: str = "OFF", rate: int = 1000, count: int = -1) -> None:
+        self.server = _Sampler(level, rate, count)
+        self.models: dict[str, _Sampler] = {}
+
+    def sample(self, model: str) -> bool:
+        return (self.models.get(model) or self.server).take()
+
+    def get(self, model: str = "") -> dict[str, Any]:
+        s = self.models.get(model, self.server) if model else self.server
+        return {"trace_level": [s.level], "trace_rate": str(s.rate), "trace_count": str(s.count), "trace_mode": MODE}
+
+    def update(self, changes: Mapping[str, Any], model: str = "") -> dict[str, Any]:
+        """Checks every change first (nothing changes on an error), applies them, and returns the settings now."""
+        parsed = {key: _parse(key, value) for key, value in changes.items()}
+        if not model:
+            if any(v is None for v in parsed.values()):
+                raise InvalidArgument("a server trace setting cannot be cleared (null); clearing applies to a model's own settings")
+            for key, value in parsed.items():
+                if key != "trace_mode":
+                    _set(self.server, key, value)
+            for sampler in self.models.values():  # models follow the server where they set nothing themselves
+                for key in {"trace_level", "trace_rate", "trace_count"} - sampler.explicit:
+                    _set(sampler, key, _value(self.server, key))
+            return self.get()
+        sampler = self.models.get(model)
+        if sampler is None:
+            sampler = self.models[model] = _Sampler(self.server.level, self.server.rate, self.server.count)
+        for key, value in parsed.items():
+            if key == "trace_mode":
+                continue
+            if value is None:
+                sampler.explicit.discard(key)
+                _set(sampler, key, _value(self.server, key))
+            else:
+                sampler.explicit.add(key)
+                _set(sampler, key, value)
+        if not sampler.explicit:
+            del self.models[model]
+        return self.get(model)
+
+    def forget(self, model: str) -> None:
+        self.models.pop(model, None)
+
+
+def _value(sampler: _Sampler, key: str) -> Any:
+    return {"trace_level": sampler.level, "trace_rate": sampler.rate, "trace_count": sampler.count}[key]
+
+
+def _set(sampler: _Sampler, key: str, value: Any) -> None:
+    if key == "trace_level":
+        sampler.level = value
+    elif key == "trace_rate":
+        sampler.rate, sampler.seen = value, 0
+    elif key == "trace_count":
+        sampler.count = value
+
+
+def _parse(key: str, value: Any) -> Any:
+    """A setting's value as Triton's clients send it (strings, or a list of strings for trace_level; JSON numbers too)."""
+    if value is None or (isinstance(value, list | tuple) and not value and key != "trace_level"):
+        return None
+    if key == "trace_level":
+        levels = [value] if isinstance(value, str) else value
+        if not isinstance(levels, list | tuple) or not all(isinstance(v, str) for v in levels):
+            raise InvalidArgument(f"trace setting trace_level must be a list of levels ({', '.join(LEVELS)}), got {value!r}")
+        if not levels:
+            return None
+        if "TENSORS" in levels:
+            raise InvalidArgument("trace level TENSORS is not recorded by slimserve (spans carry timestamps); use TIMESTAMPS or OFF")
+        unknown = [v for v in levels if v not in LEVELS]
+        if unknown:
+            raise InvalidArgument(f"unknown trace level {unknown[0]!r}; known: {', '.join(LEVELS)}")
+        return "TIMESTAMPS" if "TIMESTAMPS" in levels else "OFF"
+    if key in ("trace_rate", "trace_count"):
+        if isinstance(value, list | tuple) and len(value) == 1:
+            value = value[0]
+        number = _integer(value)
+        low = 1 if key == "trace_rate" else -1
+        if number is None or number < low:
+            what = "an integer >= 1 (one request in N is traced)" if key == "trace_rate" else "an integer >= -1 (-1: no limit)"
+            raise InvalidArgument(f"trace setting {key} must be {what}, got {value!r}")
+        return number
+    if key == "trace_mode":
+        if value not in (MODE, [MODE]):
+            raise InvalidArgument(f"trace setting trace_mode is {MODE!r} in slimserve (spans over OTLP), got {value!r}")
+        return MODE
+    if key in ("trace_file", "log_frequency"):
+        raise InvalidArgument(f"trace setting {key} does not apply: slimserve exports spans over OTLP to --trace-endpoint, not to a file")
+    raise InvalidArgument(f"unknown trace setting {key!r}; known: {', '.join(KEYS)}")
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+# ------------------------------------------------------------------ spans
+
+
+class RequestTrace:
+    """The stamps of one sampled request (time.time_ns()), filled in as it passes; spans are made from them at the end."""
+
+    __slots__ = ("answered", "batch", "computed", "model", "parent", "received", "routed", "started", "variant")
+
+    def __init__(self, model: str, parent: str | None, received: int) -> None:
+        self.model = model
+        self.parent = parent  # the caller's W3C traceparent, if it sent one
+        self.received = received  # the transport took the request
+        self.started = 0  # the data plane took it (decoded)
+        self.routed = 0
+        self.variant = ""
+        self.batch: list[tuple[float, float, int]] = []  # the batcher's (compute start perf_counter, compute seconds, batch size)
+        self.computed = 0  # the batcher answered
+        self.answered = 0  # the data plane answered (shadows handed their copies); 0 without shadows
+
+
+def parse_traceparent(value: str | None) -> tuple[bytes, bytes] | None:
+    """(trace id, parent span id) of a W3C `traceparent` header (version 00 layout), or None when absent or invalid
+    (the spec's rule: an invalid header is ignored and a new trace starts)."""
+    if not value or len(value) < 55:
+        return None
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff" or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        trace_id, span_id = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+    except ValueError:
+        return None
+    if not any(trace_id) or not any(span_id):
+        return None
+    return trace_id, span_id
+
+
+class Tracer:
+    """Spans of sampled requests, exported over OTLP/HTTP (protobuf) in batches by one background thread.
+
+    A finished request is one tuple appended to a bounded deque (a few microseconds on the event loop); the thread
+    turns each batch into one ExportTraceServiceRequest (OpenTelemetry's own protobuf messages) and POSTs it. A full
+    queue or a failed export drops the spans and counts them (`dropped`); nothing waits on the endpoint.
+
+    Not OpenTelemetry's SDK span objects and BatchSpanProcessor: on this machine they cost about 110 µs of CPU per
+    request for seven spans, and their OTLP encoding as much again (bench/bench_tracing.py measures the whole path)."""
+
+    def __init__(
+        self,
+        settings: TraceSettings,
+        endpoint: str,
+        service: str = "slimserve",
+        max_queue: int = 4096,
+        batch: int = 512,
+        interval_s: float = 0.5,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.url = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
+        self.service = service
+        self.exported = 0  # spans the endpoint took
+        self.dropped = 0  # spans lost: queue full, or the endpoint failed or could not be reached
+        self._queue: deque[tuple] = deque()
+        self._max_queue = max_queue
+        self._batch = batch
+        self._interval = interval_s
+        self._timeout = timeout_s
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        self._random = random.Random()
+        self._thread = threading.Thread(target=self._run, name="trace-exporter", daemon=True)
+        self._thread.start()
+
+    def begin(self, model: str, traceparent: str | None = None) -> RequestTrace | None:
+        """A trace for this request when the settings sample it, else None (the common, cheap case)."""
+        if not self.settings.sample(model):
+            return None
+        return RequestTrace(model, traceparent, time.time_ns())
+
+    def finish(self, trace: RequestTrace, code: str = "OK") -> None:
+        """Queues the request's spans (as one tuple: made into messages on the exporter thread)."""
+        if len(self._queue) >= self._max_queue:
+            self.dropped += 1 + len(STAGES)
+            return
+        end = time.time_ns()
+        batch = trace.batch[0] if trace.batch else None
+        self._queue.append((trace, code, end, batch))
+        if len(self._queue) >= self._batch:
+            self._wake.set()
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Waits until everything queued so far was exported (or dropped); False if that took longer than `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self._queue and self._idle.is_set():
+                return True
+            self._wake.set()
+            time.sleep(0.01)
+        return False
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.flush(timeout_s)
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    # ---------------------------------------------------------------- the exporter thread
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            while self._queue:
+                self._idle.clear()
+                taken = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+                try:
+                    body, spans = self._encode(taken)
+                    self._post(body, spans)
+                except Exception:  # a bug here must not stop tracing, and never reaches a request
+                    log.exception("trace export failed")
+                    self.dropped += len(taken) * (1 + len(STAGES))
+            self._idle.set()
+
+    def _post(self, body: bytes, spans: int) -> None:
+        request = urllib.request.Request(self.url, body, {"Content-Type": "application/x-protobuf"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as answer:
+                ok = 200 <= answer.status < 300
+        except (OSError, ValueError) as e:  # refused, unreachable, timed out, an HTTP error status
+            log.debug("trace endpoint %s: %s", self.url, e)
+            ok = False
+        if ok:
+            self.exported += spans
+        else:
+            self.dropped += spans
+
+    def _encode(self, taken: list[tuple]) -> tuple[bytes, int]:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+        from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+        request = ExportTraceServiceRequest()
+        resource = request.resource_spans.add()
+        resource.resource.attributes.append(KeyValue(key="service.name", value=AnyValue(string_value=self.service)))
+        scope = resource.scope_spans.add()
+        scope.scope.name = "slimserve.server"
+        spans = scope.spans
+        bits = self._random.getrandbits
+        offset = time.time_ns() - time.perf_counter_ns()  # perf_counter -> wall clock (both advance alike over a request)
+        server, internal = Span.SpanKind.SPAN_KIND_SERVER, Span.SpanKind.SPAN_KIND_INTERNAL
+        count = 0
+        for trace, code, end, batch in taken:
+            parent = parse_traceparent(trace.parent)
+            trace_id, parent_id = parent if parent is not None else (bits(128).to_bytes(16, "big"), b"")
+            root_id = bits(64).to_bytes(8, "big")
+            attributes = [
+                KeyValue(key="slimserve.model", value=AnyValue(string_value=trace.model)),
+                KeyValue(key="slimserve.variant", value=AnyValue(string_value=trace.variant)),
+                KeyValue(key="slimserve.code", value=AnyValue(string_value=code)),
+            ]
+            if batch is not None:
+                attributes.append(KeyValue(key="slimserve.batch_size", value=AnyValue(int_value=batch[2])))
+            spans.append(
+                Span(
+                    trace_id=trace_id,
+                    span_id=root_id,
+                    parent_span_id=parent_id,
+                    name="infer",
+                    kind=server,
+                    start_time_unix_nano=trace.received,
+                    end_time_unix_nano=end,
+                    attributes=attributes,
+                )
+            )
+            count += 1
+            for name, begin, finish in _stages(trace, end, batch, offset):
+                spans.append(
+                    Span(
+                        trace_id=trace_id,
+                        span_id=bits(64).to_bytes(8, "big"),
+                        parent_span_id=root_id,
+                        name=name,
+                        kind=internal,
+                        start_time_unix_nano=begin,
+                        end_time_unix_nano=max(begin, finish),
+                    )
+                )
+                count += 1
+        return request.SerializeToString(), count
+
+
+def _stages(trace: RequestTrace, end: int, batch: tuple[float, float, int] | None, offset: int) -> list[tuple[str, int, int]]:
+    """(name, start, end) of the stages a request went through, from its stamps."""
+    started = trace.started or end
+    routed = trace.routed or started
+    stages = [("receive", trace.received, started), ("route", started, routed)]
+    if batch is not None and trace.computed:
+        compute_start = int(batch[0] * 1e9) + offset
+        compute_start = min(max(routed, compute_start), trace.computed)
+        stages.append(("queue", routed, compute_start))
+        stages.append(("compute", compute_start, min(trace.computed, compute_start + int(batch[1] * 1e9))))
+    if trace.answered:
+        stages.append(("shadow", trace.computed, trace.answered))
+    stages.append(("respond", trace.answered or trace.computed or started, end))
+    return stages
+
+
+class TraceCollector:
+    """The tracer's span counts for /metrics: `slimserve_trace_spans_exported_total` and `..._dropped_total`."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("slimserve_trace_spans_exported", "Spans the trace endpoint took.", value=self.tracer.exported)
+        yield CounterMetricFamily(
+            "slimserve_trace_spans_dropped",
+            "Spans dropped: the export queue was full, or the trace endpoint failed or could not be reached.",
+            value=self.tracer.dropped,
+        )

@@ -1,0 +1,181 @@
+"""Request tracing: Triton's trace settings, and spans exported over OTLP/HTTP to a real receiver started here, decoded.
+
+The receiver is a plain HTTP server on a free loopback port that answers OTLP/HTTP's `/v1/traces` and decodes each body
+with OpenTelemetry's own protobuf messages (ExportTraceServiceRequest)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
+
+from slimserve.client import codec
+from slimserve.client.client import SlimServeClient
+from slimserve.protos import inference_pb2 as pb
+from slimserve.protos import inference_pb2_grpc
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.telemetry.tracing import TraceSettings
+from tests.helpers import free_port
+
+PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver: every span it was sent, as (name, trace id hex, parent span id hex, attributes)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str, str, dict]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        for span in scope.spans:
+                            attributes = {a.key: a.value.string_value or a.value.int_value for a in span.attributes}
+                            receiver.spans.append((span.name, span.trace_id.hex(), span.parent_span_id.hex(), attributes))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def infer_request(digits, model: str = "digits") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    codec.fill_input(request, "x", digits.x_test[:1])
+    return request
+
+
+def test_each_traced_request_sends_its_stages_as_spans_that_continue_the_callers_trace(server_factory, digits, receiver):
+    server = server_factory(trace_endpoint=receiver.endpoint, trace_rate=1)
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx)
+    traceparent = f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"
+    with grpc.insecure_channel(server.address) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(infer_request(digits), metadata=[("traceparent", traceparent)], timeout=30)
+        stub.ModelInfer(infer_request(digits), timeout=30)  # no caller's trace: a trace of its own
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": digits.x_test[0].ravel().tolist()}]})
+    rest_parent = f"00-{'ab' * 16}-{PARENT_SPAN}-01"
+    rest = urllib.request.Request(
+        f"http://{server.http_address}/v2/models/digits/infer",
+        body.encode(),
+        {"traceparent": rest_parent, "Content-Type": "application/json"},
+    )
+    assert json.loads(urllib.request.urlopen(rest, timeout=30).read())["outputs"][0]["name"] == "logits"
+    assert server.server.tracer.flush(10)
+    roots = [s for s in receiver.spans if s[0] == "infer"]
+    assert len(roots) == 3, receiver.spans
+    grpc_root = next(s for s in roots if s[1] == PARENT_TRACE)
+    assert grpc_root[2] == PARENT_SPAN  # the caller's span is the parent of ours
+    assert grpc_root[3]["slimserve.model"] == "digits" and grpc_root[3]["slimserve.variant"] == "baseline"
+    assert grpc_root[3]["slimserve.batch_size"] == 1 and grpc_root[3]["slimserve.code"] == "OK"
+    stages = sorted(s[0] for s in receiver.spans if s[1] == PARENT_TRACE and s[0] != "infer")
+    assert stages == ["compute", "queue", "receive", "respond", "route"]
+    assert any(s[1] == "ab" * 16 for s in roots)  # the REST caller's traceparent header
+    assert len({s[1] for s in roots}) == 3
+    assert server.server.tracer.dropped == 0
+
+
+def test_trace_settings_pick_which_requests_are_traced(server_factory, digits, receiver):
+    server = server_factory(trace_endpoint=receiver.endpoint, trace_rate=2)
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx)
+        for _ in range(4):
+            c.infer("digits", {"x": digits.x_test[:1]})
+        server.server.control.update_trace_settings({"trace_level": ["OFF"]}, "digits")
+        for _ in range(4):
+            c.infer("digits", {"x": digits.x_test[:1]})
+    assert server.server.tracer.flush(10)
+    assert sum(1 for s in receiver.spans if s[0] == "infer") == 2  # one in two, then none for this model
+
+
+def test_an_unreachable_endpoint_drops_and_counts_spans_and_never_slows_a_request(server_factory, digits):
+    server = server_factory(trace_endpoint=f"http://127.0.0.1:{free_port()}", trace_rate=1)
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx)
+        c.infer("digits", {"x": digits.x_test[:1]})
+        started = time.perf_counter()
+        for _ in range(50):
+            assert c.infer("digits", {"x": digits.x_test[:1]})[1]["logits"].shape == (1, 10)
+        seconds = time.perf_counter() - started
+    assert seconds < 10  # the exporter's retries (2 s timeout) happen on its own thread, never in a request
+    server.server.tracer.flush(10)
+    deadline = time.monotonic() + 15
+    while server.server.tracer.dropped < 51 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.server.tracer.dropped >= 51 * 6 and server.server.tracer.exported == 0
+    dropped = server.server.metrics.registry.get_sample_value("slimserve_trace_spans_dropped_total")
+    assert dropped == server.server.tracer.dropped
+
+
+def test_trace_settings_rules():
+    settings = TraceSettings("TIMESTAMPS", rate=3, count=2)
+    assert [settings.sample("m") for _ in range(9)] == [False, False, True, False, False, True, False, False, False]  # count 2
+    assert settings.get() == {"trace_level": ["TIMESTAMPS"], "trace_rate": "3", "trace_count": "0", "trace_mode": "opentelemetry"}
+    own = settings.update({"trace_count": "-1", "trace_rate": 1}, "m")
+    assert own["trace_rate"] == "1" and own["trace_count"] == "-1" and settings.sample("m") and not settings.sample("other")
+    settings.update({"trace_rate": "10"})  # the server's rate changes; the model keeps its own
+    assert settings.get("m")["trace_rate"] == "1"
+    assert settings.update({"trace_rate": None, "trace_count": None}, "m") == settings.get()
+    for changes, message in (
+        ({"trace_rate": "0"}, "trace_rate must be an integer >= 1"),
+        ({"trace_count": "x"}, "trace_count must be an integer >= -1"),
+        ({"trace_level": ["LOUD"]}, "unknown trace level 'LOUD'"),
+        ({"trace_file": "/tmp/t.json"}, "trace_file does not apply"),
+        ({"trace_colour": "1"}, "unknown trace setting 'trace_colour'"),
+        ({"trace_rate": None}, "cannot be cleared"),
+    ):
+        with pytest.raises(InvalidArgument, match=message):
+            settings.update(changes)
+    assert settings.get()["trace_rate"] == "10"  # nothing changed by a refused update
+
+
+def test_no_endpoint_means_no_tracer_and_requests_carry_no_trace(server_factory, digits):
+    server = server_factory()
+    assert server.server.tracer is None and server.server.dataplane.tracer is None
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx)
+        assert np.asarray(c.infer("digits", {"x": digits.x_test[:1]})[1]["logits"]).shape == (1, 10)
+
+
+def test_streamed_requests_are_traced_too(server_factory, digits, receiver):
+    server = server_factory(trace_endpoint=receiver.endpoint, trace_rate=1)
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter([infer_request(digits), infer_request(digits)]), timeout=30))
+    assert len(answers) == 2 and not any(a.error_message for a in answers)
+    assert server.server.tracer.flush(10)
+    assert sum(1 for s in receiver.spans if s[0] == "infer") == 2
