@@ -152,6 +152,8 @@ def test_passes_lists_every_pass_and_one_pass_shows_its_settings(server):
 
     result = slimctl(server, "passes", "shrink")
     assert result.exit_code == 1 and "unknown pass 'shrink' (known: auto," in result.output
+
+
 def test_register_takes_a_config_and_labels_and_refuses_a_malformed_labels_flag(server, digits, tmp_path):
     config = tmp_path / "config.pbtxt"
     config.write_text("max_batch_size: 4\n")
