@@ -65,7 +65,7 @@ def _text(value: Any) -> str:
 def _per_output(rows: list[dict[str, Any]] | None) -> str:
     """'boxes -5.00 · scores +0.00': each output's (and the evaluator's) points against the baseline, losses in red."""
     parts = [
-        f"{r.get('output')} {_delta(None if r.get('drop_pt') is None else 0.0 - r['drop_pt'])}"
+        f"{str(r.get('output')).removeprefix('evaluator:')} {_delta(None if r.get('drop_pt') is None else 0.0 - r['drop_pt'])}"
         for r in rows or ()
         if r.get("drop_pt") is not None
     ]
@@ -160,14 +160,15 @@ def render_report(rows: list[dict[str, Any]], title: str, width: int = 160, wide
                 columns[k][0],
                 rank=columns[k][1],
                 # Numbers and names never wrap; a status (a failed candidate's message) takes the width that is left.
-                justify="left" if k in ("variant", "recipe", "status", "runtime") else "right",
-                wraps=k == "status",
+                justify="left" if k in ("variant", "recipe", "status", "runtime", "quality_by_output") else "right",
+                wraps=k in ("status", "quality_by_output"),
                 style="bold" if k in ("variant", "recipe") else "",
             )
             for k in keys
         ],
         title=title,
-        caption="FLOPs per sample · p50 latency at batch 1 · speed-up: baseline p50 / variant p50 · Δ pts: accuracy points "
+        caption="FLOPs per sample · p50 latency at batch 1 · speed-up: baseline / variant latency at batch 1, timed in turns in the "
+        "job where the JSON has speedup_ci (else the p50s) · Δ pts: accuracy points "
         "against the baseline · agree: share of top-1 answers equal to the baseline's (cosine similarity for embeddings)"
         + _search_caption(rows),
         box=box.SIMPLE_HEAD,

@@ -206,6 +206,7 @@ def optimize(
         )
         return OptimizeResult(artifact, evaluation, base, rows, base_outputs)
     budgeted = accuracy_budget is not None or any(recipe.budget(i).max_drop is not None for i in range(len(recipe.passes)))
+    judge = None
     if not budgeted:
         artifact, searches = run_recipe(recipe, source, context), []
     else:
@@ -223,6 +224,7 @@ def optimize(
             metric=metric,
             evaluator=evaluator,
             timing=recipe.timing,
+            outputs=judge.last[1] if judge is not None and judge.last is not None and judge.last[0] == artifact.path else None,
         )
     except OptimizerError:
         raise

@@ -116,6 +116,7 @@ def evaluate(
     declared: dict[str, str] | None = None,
     evaluator: Evaluator | None = None,
     timing: TimingOptions | None = None,
+    outputs: Outputs | None = None,
 ) -> tuple[Evaluation, Outputs | None]:
     """Measures `artifact` on the runtime `runtime_factory` loads for it.
 
@@ -124,7 +125,8 @@ def evaluate(
     Latency is the wall time of one `predict` call (time.perf_counter) after `warmup` calls, timed until its median is
     known within `timing.rel_ci`, for `timing.max_seconds` at most, and `iterations` calls at most (timing.TimingOptions).
     Quality (`score`): every output by the baseline's metrics, else by `declared` ({output: metric}; `metric`: the main
-    output's), else chosen from each output; and by `evaluator` when one is given.
+    output's), else chosen from each output; and by `evaluator` when one is given. `outputs`: the artifact's outputs on
+    `data` when a budget search already computed them (the data is not run again).
     """
 
     def step(fraction: float, message: str) -> None:
@@ -148,7 +150,8 @@ def evaluate(
         evaluation.serving_batch = batch
 
         step(0.1, "running the evaluation data")
-        outputs = run_in_batches(predictor, feeds, batch)
+        if outputs is None:
+            outputs = run_in_batches(predictor, feeds, batch)
         score(evaluation, outputs, data, baseline, baseline_outputs, metric, declared, evaluator)
 
         step(0.4, "latency at batch 1")

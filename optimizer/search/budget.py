@@ -95,6 +95,7 @@ class Judge:
     serving_batch: int = 32
     evaluations: int = 0  # every scoring, probes and guard alike
     evaluator: Any = None  # slimserve.optimizer.evaluation.evaluators.Evaluator, scored beside the outputs
+    last: tuple[Any, Outputs] | None = None  # the last artifact's path and outputs, so that its final measure reuses them
 
     def _measure(self, outputs: Outputs) -> Quality:
         """The quality the budget holds: the worst of every output's drop (by the baseline's metrics) and the evaluator's."""
@@ -109,6 +110,7 @@ class Judge:
             unload = getattr(predictor, "unload", None)
             if callable(unload):
                 unload()
+        self.last = (artifact.path, outputs)
         return self._measure(outputs)
 
     def module(self, module: Any, dtypes: list[np.dtype]) -> Quality:

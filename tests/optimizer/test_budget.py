@@ -374,3 +374,22 @@ def test_a_probe_trains_as_the_full_run_so_its_verdict_is_the_full_runs(blobs_ml
     assert low.drop == pytest.approx(full) and searched.within and searched.value == 0.7  # the probe is the full run
     short = run("short", {"gentle": 0.7, "aggressive": 0.9, "max_evaluations": 2, "probe_epochs": 1}, 10.0).searches[0]
     assert short.probes[1].value == 0.7 and short.probes[1].drop > 10.0  # one epoch is not enough: the old verdict was "over"
+
+
+def test_the_final_measure_reuses_the_outputs_the_search_scored(noisy, runtime_factory, monkeypatch):
+    """Quality is measured once per variant: the evaluation data runs through the chosen variant once, in the search."""
+    from slimserve.optimizer.evaluation import measure as measure_module
+    from slimserve.optimizer.search import budget as budget_module
+
+    runs: list[str] = []
+    real = measure_module.run_in_batches
+
+    def counting(predictor, feeds, batch):
+        runs.append(str(getattr(predictor, "path", "")))
+        return real(predictor, feeds, batch)
+
+    monkeypatch.setattr(measure_module, "run_in_batches", counting)
+    monkeypatch.setattr(budget_module, "run_in_batches", counting)
+    source, context, _ = noisy
+    result = optimize(source, _recipe(aggressive=0.01), context, runtime_factory, "v", accuracy_budget=5.0)
+    assert runs.count(str(result.artifact.path)) == 1 and result.evaluation.quality_drop is not None
