@@ -140,7 +140,8 @@ class QuantizeStaticPass(Pass):
         data = context.dataset("calibration", needed_by=self.name)
         source, per_channel = self._import(to_onnx(artifact, context), context, config.per_channel)
         specs = onnx_input_types(source.path)
-        self._shapes = {name: shape for name, (_, shape) in specs.items()}
+        shapes = {name: shape for name, (_, shape) in specs.items()}
+        layout = shapes if needs_layout(shapes) else None  # the calibration rows go back to a state's axis, a scalar's one value
         arrays = subsample(model_arrays(data, specs, "calibration", self.name), config.max_samples, context.seed)
         rows = len(next(iter(arrays.values())))
         fixed_batch = _fixed_batch(specs)
@@ -176,7 +177,7 @@ class QuantizeStaticPass(Pass):
                         + (f"; FP32: {_names(excluded)}" if excluded else ""),
                     )
                 )
-                self._quantize(named, target, arrays, fixed_batch, plan.op_types, excluded, plan.extra_options, per_channel)
+                self._quantize(named, target, arrays, fixed_batch, plan.op_types, excluded, plan.extra_options, per_channel, layout)
                 huge = huge_activations(target, config.max_activation_range) if config.max_activation_range else {}
                 if not huge:
                     break
@@ -235,6 +236,7 @@ class QuantizeStaticPass(Pass):
         excluded: list[str],
         extra_options: dict[str, object],
         per_channel: bool,
+        layout: dict | None = None,
     ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
@@ -249,7 +251,7 @@ class QuantizeStaticPass(Pass):
                     fixed_batch or CALIBRATION_BATCH,
                     fixed_batch is not None,
                     equal=config.calibrate_method != "minmax",
-                    shapes=self._shapes if needs_layout(self._shapes) else None,
+                    shapes=layout,
                 ),
                 quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
                 op_types_to_quantize=op_types,
