@@ -117,7 +117,7 @@ class QuantizeStaticConfig(PassConfig):
 
 
 def _fixed_batch(specs: InputSpecs) -> int | None:
-    """The model's own batch size where it fixes dim 0 of an input, else None."""
+    """The model's own batch size where an input fixes its batch axis (slimserve.optimizer.data.batch_axis), else None."""
     axes = {name: batch_axis(s) for name, (_, s) in specs.items()}
     fixed = {s[a] for name, (_, s) in specs.items() if (a := axes[name]) is not None and isinstance(s[a], int) and s[a] > 0}
     return fixed.pop() if fixed else None
