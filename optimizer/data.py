@@ -264,6 +264,8 @@ class SampleMajorPredictor:
         return {k: (np.moveaxis(v, self.output_axes[k], 0) if self.output_axes.get(k) else v) for k, v in result.items()}
 
     def __getattr__(self, name: str) -> Any:  # unload, threads, ... of the runtime beneath
+        if name == "inner":  # not set yet (a copy in progress): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 

@@ -119,7 +119,7 @@ class QuantizeStaticConfig(PassConfig):
 
 
 def _fixed_batch(specs: InputSpecs) -> int | None:
-    """The model's own batch size where it fixes dim 0 of an input, else None."""
+    """The model's own batch size where an input fixes its batch axis (slimserve.optimizer.data.batch_axis), else None."""
     axes = {name: batch_axis(s) for name, (_, s) in specs.items()}
     fixed = {s[a] for name, (_, s) in specs.items() if (a := axes[name]) is not None and isinstance(s[a], int) and s[a] > 0}
     return fixed.pop() if fixed else None
@@ -143,7 +143,8 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
         data = context.dataset("calibration", needed_by=self.name)
         source, per_channel = self._import(to_onnx(artifact, context), context, config.per_channel)
         specs = onnx_input_types(source.path)
-        self._shapes = {name: shape for name, (_, shape) in specs.items()}
+        shapes = {name: shape for name, (_, shape) in specs.items()}
+        layout = shapes if needs_layout(shapes) else None  # the calibration rows go back to a state's axis, a scalar's one value
         arrays = subsample(model_arrays(data, specs, "calibration", self.name), config.max_samples, context.seed)
         rows = len(next(iter(arrays.values())))
         fixed_batch = _fixed_batch(specs)
@@ -179,7 +180,7 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
                         + (f"; FP32: {_names(excluded)}" if excluded else ""),
                     )
                 )
-                self._quantize(named, target, arrays, fixed_batch, plan.op_types, excluded, plan.extra_options, per_channel)
+                self._quantize(named, target, arrays, fixed_batch, plan.op_types, excluded, plan.extra_options, per_channel, layout)
                 huge = huge_activations(target, config.max_activation_range) if config.max_activation_range else {}
                 if not huge:
                     break
@@ -238,6 +239,7 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
         excluded: list[str],
         extra_options: dict[str, object],
         per_channel: bool,
+        layout: dict | None = None,
     ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
@@ -252,7 +254,7 @@ class QuantizeStaticPass(Pass[QuantizeStaticConfig]):
                     fixed_batch or CALIBRATION_BATCH,
                     fixed_batch is not None,
                     equal=config.calibrate_method != "minmax",
-                    shapes=self._shapes if needs_layout(self._shapes) else None,
+                    shapes=layout,
                 ),
                 quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
                 op_types_to_quantize=op_types,

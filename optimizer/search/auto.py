@@ -322,12 +322,15 @@ def _count(n: int, noun: str) -> str:
 
 
 def _distinct_outcomes(candidates: list[Candidate], budget: float) -> str:
-    """Each distinct outcome once, after the candidates it applies to ('distill-soft, prune-structured: skipped: ... needs train data')."""
+    """Each distinct outcome once, after the candidates it applies to ('distill-soft / prune-structured: skipped: ... needs train data').
+
+    Candidates are joined by ' / ', since a candidate's pipeline has commas of its own.
+    """
     by_reason: dict[str, list[str]] = {}
     for c in candidates:
         outcome = _outcome(c, budget)
         by_reason.setdefault(outcome, []).append(c.recipe)
-    return "; ".join(f"{', '.join(recipes)}: {reason}" for reason, recipes in by_reason.items())
+    return "; ".join(f"{' / '.join(recipes)}: {reason}" for reason, recipes in by_reason.items())
 
 
 def _outcome(c: Candidate, budget: float) -> str:

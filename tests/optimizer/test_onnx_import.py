@@ -117,3 +117,18 @@ def test_a_failure_inside_a_pass_is_a_refusal_that_names_the_pass(tmp_path):
 
     with pytest.raises(OptimizerError, match=r"exploding failed on m.onnx: IndexError: too many indices .*nothing was registered"):
         Exploding().run(Artifact(tmp_path / "m.onnx", "onnx"), PassContext(workdir=tmp_path))
+
+
+def test_quantize_static_falls_back_per_tensor_where_the_opset_cannot_be_raised_and_says_so(tmp_path, monkeypatch):
+    from slimserve.optimizer.formats import onnx_import
+    from slimserve.optimizer.passes.quantize_static import QuantizeStaticPass
+
+    def refuse(model, target):
+        raise OptimizerError(f"onnx's version converter cannot bring opset 11 to {target}: no adapter")
+
+    monkeypatch.setattr(onnx_import, "upgrade_opset", refuse)
+    messages = []
+    context = PassContext(workdir=tmp_path / "work", progress=lambda e: messages.append(e.message))
+    imported, per_channel = QuantizeStaticPass()._import(Artifact(_mlp(tmp_path / "m.onnx"), "onnx"), context, True)
+    assert per_channel is False and opset_of(onnx.load(str(imported.path))) == 11
+    assert any("quantizing per tensor at the model's opset (per_channel needs opset 13)" in m for m in messages)

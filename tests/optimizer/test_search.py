@@ -265,5 +265,5 @@ def test_auto_refusal_says_each_distinct_reason_once(embedder, runtime_factory, 
         optimize(onnx_artifact(slow), _auto("distill-soft", "prune-structured", "test-exploding"), context, runtime_factory, "auto")
     message = str(info.value)
     assert message.count("needs train data") == 1
-    assert "distill-soft, prune-structured: skipped: fine-tunes, needs train data" in message
+    assert "distill-soft / prune-structured: skipped: fine-tunes, needs train data" in message
     assert "test-exploding: failed: test-exploding failed on slow.onnx: IndexError" in message
