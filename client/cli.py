@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from slimserve.client import cli_rollout, cli_traffic
+from slimserve.client import cli_jobs, cli_rollout, cli_traffic
 from slimserve.client.cli_common import connect, console, err, fail, fmt, human_bytes, print_json, shape_text, state
 from slimserve.client.client import ROWS_REQUEST_BYTES, SlimServeClientError, split_rows
 from slimserve.client.report import render_report
@@ -181,8 +181,17 @@ def optimize(
     ),
     parent: str = typer.Option("", "--parent", help="Variant to start from [default: baseline]."),
     as_json: bool = typer.Option(False, "--json", help="Print the new variant's record as JSON instead of the report."),
+    detach: bool = typer.Option(
+        False, "--detach", help="Return as soon as the job is queued, printing its id; follow it with `slimctl jobs`."
+    ),
+    cancel_on_interrupt: bool = typer.Option(
+        False,
+        "--cancel-on-interrupt",
+        help="Ctrl-C cancels the job without asking (by default it asks; without a terminal the job goes on).",
+    ),
 ) -> None:
-    """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving."""
+    """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving (Ctrl-C: cancel or leave it)."""
+    job_ids: list[str] = []
     try:
         with (
             connect() as client,
@@ -216,9 +225,22 @@ def optimize(
                 parent=parent,
                 on_progress=on_progress,
                 keep_over_budget=keep_over_budget,
+                on_job=job_ids.append,
+                detach=detach,
             )
     except SlimServeClientError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        cli_jobs.interrupted(job_ids[0] if job_ids else "", cancel_on_interrupt)
+        return
+    if detach:
+        if as_json:
+            print_json(variant)
+        else:
+            console.print(
+                f"job {variant['job_id']} queued: follow it with `slimctl jobs`, stop it with `slimctl jobs cancel {variant['job_id']}`"
+            )
+        return
     if as_json:
         print_json(variant)
         return
@@ -333,6 +355,7 @@ def delete(
 # The traffic and experiment commands (client/cli_traffic.py) come after the model commands in help.
 cli_traffic.add_commands(app)
 cli_rollout.add_commands(app)
+cli_jobs.add_commands(app)
 
 
 def main() -> None:

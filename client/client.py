@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from slimserve.client import codec
-from slimserve.client.records import comparison_dict, model_dict, rollout_dict, traffic_dict, variant_dict
+from slimserve.client.records import comparison_dict, job_dict, model_dict, rollout_dict, traffic_dict, variant_dict
 from slimserve.client.transport import CHUNK_BYTES, SlimServeClientError, channel_credentials, load_recipe_file, sha256_of
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import inference_pb2_grpc as pb_grpc
@@ -259,10 +259,14 @@ class SlimServeClient:
         on_progress: Callable[[spb.JobProgress], None] | None = None,
         timeout: float | None = 3600.0,
         keep_over_budget: bool = False,
+        on_job: Callable[[str], None] | None = None,
+        detach: bool = False,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Runs an optimization job to its end; returns (new variant record, report rows).
 
         `recipe` is preset/pass names joined by commas, or the path of a JSON or YAML recipe file.
+        `on_job` gets the job's id as soon as the server has queued it (to cancel it with `cancel_job`).
+        `detach`: return as soon as the job is queued, with ({"job_id": id}, []); the job goes on in the server.
         """
         request = spb.OptimizeRequest(model=name, variant_name=variant_name, parent=parent, keep_over_budget=keep_over_budget)
         path = Path(recipe)
@@ -274,8 +278,15 @@ class SlimServeClient:
             request.recipe = recipe
         if accuracy_budget is not None:
             request.accuracy_budget = accuracy_budget
+        job_id = ""
         try:
             for event in self.optimizer.Optimize(request, metadata=self._auth, timeout=timeout):
+                if not job_id:
+                    job_id = event.job_id
+                    if on_job:
+                        on_job(job_id)
+                    if detach:
+                        return {"job_id": job_id}, []
                 if event.HasField("progress") and on_progress:
                     on_progress(event.progress)
                 elif event.HasField("done"):
@@ -285,9 +296,13 @@ class SlimServeClient:
         raise SlimServeClientError("UNKNOWN", "the job's stream ended without a result")
 
     def jobs(self, name: str = "") -> list[dict[str, Any]]:
+        """The jobs of one model (every model when `name` is empty): id, model, variant, recipe, status, progress, times."""
         response = self._call(self.optimizer.ListJobs, spb.ListJobsRequest(model=name))
-        keys = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at")
-        return [{k: getattr(j, k) for k in keys} for j in response.jobs]
+        return [job_dict(j) for j in response.jobs]
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancels a queued or running job; returns its record once its worker has ended (status cancelled)."""
+        return job_dict(self._call(self.optimizer.CancelJob, spb.CancelJobRequest(id=job_id)))
 
     # ------------------------------------------------------------------ inference
 

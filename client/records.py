@@ -119,3 +119,12 @@ def rollout_dict(r: spb.RolloutStatus) -> dict[str, Any]:
         "finished_at": r.finished_at or None,
         "plan": json.loads(r.plan_json) if r.plan_json else None,
     }
+
+
+# The `slimctl jobs --json` contract, in this order.
+JOB_KEYS = ("id", "model", "variant", "recipe", "status", "stage", "progress", "message", "submitted_at", "started_at", "finished_at")
+
+
+def job_dict(j: spb.JobRecord) -> dict[str, Any]:
+    """A JobRecord as the `jobs --json` contract: state queued | running | succeeded | failed | cancelled | interrupted."""
+    return {k: getattr(j, k) for k in JOB_KEYS}

@@ -1,4 +1,4 @@
-"""slimserve.v1.Optimizer: start a job, stream its progress, end with the new variant and its report."""
+"""slimserve.v1.Optimizer: start a job, stream its progress, end with the new variant and its report; list and cancel jobs."""
 
 from __future__ import annotations
 
@@ -20,3 +20,7 @@ class OptimizerServicer(spb_grpc.OptimizerServicer):
     @grpc_errors
     async def ListJobs(self, request, context):
         return converters.job_list(self.control.list_jobs(request.model))
+
+    @grpc_errors
+    async def CancelJob(self, request, context):
+        return converters.job_record(*await self.control.cancel_job(request.id))
