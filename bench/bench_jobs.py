@@ -65,7 +65,9 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
         return next(j for j in client.jobs("digits") if j["id"] == job_id)
 
     started = time.monotonic()
-    wait_until(lambda: state()["stage"] not in ("", "queued", "running") or state()["status"] != "running", "the worker's progress", 300, 0.1)
+    wait_until(
+        lambda: state()["stage"] not in ("", "queued", "running") or state()["status"] != "running", "the worker's progress", 300, 0.1
+    )
     worker_up_s = time.monotonic() - started
     during = load("during")
     still_running = state()["status"] == "running"
