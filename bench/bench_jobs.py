@@ -3,10 +3,12 @@
     python -m bench.bench_jobs [--jobs prune-structured,quantize-static] [--seconds 8] [--callers 4] [--flags "..."]
 
 Trains the digits CNN, registers it on a `slimserve start` process (with its train and calibration data), and for
-each job recipe in turn measures `--callers` closed-loop gRPC callers (batch 1, two client processes) for
-`--seconds`: before the job, while it runs in its worker (the window starts once the worker reports its own
-progress, and the job must still be running when it ends), and after it. Prints p50 / p99 / throughput side by side
-and the during / before ratios (targets: p99 <= 1.3x, throughput >= 0.85x, no errors), as a table and as JSON.
+each job recipe in turn measures `--callers` closed-loop gRPC callers (batch 1, two client processes): `--seconds`
+with no job, then, once the job's worker reports its own progress, `--rounds` pairs of windows with the worker
+stopped (SIGSTOP: the same server, the same process tree, the job not computing) and running, interleaved so that
+other load on the machine weighs on both alike (a running window counts only if the job still ran at its end).
+Prints p50 / p99 / throughput side by side and the running / paused ratios (targets: p99 <= 1.3x, throughput
+>= 0.85x, no errors), as a table and as JSON.
 `--flags` passes server flags (e.g. "--job-nice 0 --optimizer-threads 2" to see what the worker's priority buys).
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -53,11 +56,42 @@ def row(phase: str, p: PointResult) -> dict:
     }
 
 
-def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, payload: bytes, args) -> dict:
-    def load(phase: str) -> dict:
-        return row(phase, run_point(phase, server.address, payload, args.callers, args.seconds, 1.0, server_pid=server.pid))
+def worker_pids(server_pid: int) -> list[int]:
+    """The server's job workers (`python -m slimserve.server.management.worker`), from /proc."""
+    out = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in map(int, children):
+            try:
+                if b"slimserve.server.management.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(pid)
+            except OSError:
+                continue
+    return out
 
-    before = load("before")
+
+def merged(phase: str, points: list[PointResult]) -> dict:
+    """Windows of one phase pooled: their requests over their seconds, percentiles over all their latencies."""
+    pooled = PointResult(
+        phase,
+        points[0].concurrency,
+        sum(p.seconds for p in points),
+        sum(p.completed for p in points),
+        np.concatenate([p.latencies_ms for p in points]),
+        {k: sum(p.errors.get(k, 0) for p in points) for p in points for k in p.errors},
+        server_cpu_s=sum(p.server_cpu_s or 0.0 for p in points),
+    )
+    return row(phase, pooled)
+
+
+def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, payload: bytes, args) -> dict:
+    def load(phase: str, seconds: float) -> PointResult:
+        return run_point(phase, server.address, payload, args.callers, seconds, 1.0, server_pid=server.pid)
+
+    idle = load("no job", args.seconds)
     variant, _ = client.optimize("digits", recipe, variant_name=f"bench-{recipe}", detach=True)
     job_id = variant["job_id"]
 
@@ -69,29 +103,49 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
         lambda: state()["stage"] not in ("", "queued", "running") or state()["status"] != "running", "the worker's progress", 300, 0.1
     )
     worker_up_s = time.monotonic() - started
-    during = load("during")
-    still_running = state()["status"] == "running"
+    # Interleaved: the worker stopped (SIGSTOP), then running, round after round, so that the other load on the
+    # machine weighs on both alike; a running window counts only if the job still ran when it ended.
+    paused, running = [], []
+    for _ in range(args.rounds):
+        pids = worker_pids(server.pid)
+        if not pids or state()["status"] != "running":
+            break
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            paused.append(load("job paused", args.seconds / args.rounds))
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        point = load("job running", args.seconds / args.rounds)
+        if state()["status"] != "running":
+            break
+        running.append(point)
     end = wait_until(lambda: (s := state())["status"] not in ("queued", "running") and s, f"job {job_id} to end", 1800, 0.5)
     job_s = time.monotonic() - started
-    after = load("after")
-    return {
+    result = {
         "recipe": recipe,
         "job": {"id": job_id, "status": end["status"], "message": end["message"], "seconds": round(job_s, 1)},
         "worker_first_progress_s": round(worker_up_s, 1),
-        "window_inside_job": still_running,
-        "phases": [before, during, after],
-        "ratios": {
+        "rounds": len(running),
+        "phases": [row("no job", idle)],
+    }
+    if running:
+        before, during = merged("job paused", paused[: len(running)]), merged("job running", running)
+        result["phases"] += [before, during]
+        result["ratios"] = {
             "p50": round(during["p50_ms"] / before["p50_ms"], 2),
             "p99": round(during["p99_ms"] / before["p99_ms"], 2),
             "throughput": round(during["throughput"] / before["throughput"], 2),
-        },
-    }
+        }
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", default="prune-structured,quantize-static", help="job recipes, one after the other")
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured window")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds measured in each phase (split over the rounds)")
+    parser.add_argument("--rounds", type=int, default=3, help="paused / running window pairs while the job runs")
     parser.add_argument("--callers", type=int, default=4)
     parser.add_argument("--flags", default="", help="extra `slimserve start` flags")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -110,14 +164,15 @@ def main() -> None:
             server.stop()
     out = {"cores": os.cpu_count(), "callers": args.callers, "seconds": args.seconds, "flags": args.flags, "results": results}
     for r in results:
-        print(f"\n{r['recipe']}: job {r['job']['status']} in {r['job']['seconds']} s; window inside the job: {r['window_inside_job']}")
-        print(f"{'phase':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6} {'server cpu s':>12}")
+        print(f"\n{r['recipe']}: job {r['job']['status']} in {r['job']['seconds']} s; {r['rounds']} paused / running round(s)")
+        print(f"{'phase':12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6} {'server cpu s':>12}")
         for p in r["phases"]:
             print(
-                f"{p['phase']:8} {p['throughput']:>8} {p['p50_ms']:>8} {p['p99_ms']:>8} {p['max_ms']:>8} {p['errors']:>6} {p['server_cpu_s']!s:>12}"
+                f"{p['phase']:12} {p['throughput']:>8} {p['p50_ms']:>8} {p['p99_ms']:>8} {p['max_ms']:>8} {p['errors']:>6} {p['server_cpu_s']!s:>12}"
             )
-        ratios = r["ratios"]
-        print(f"during / before: p50 {ratios['p50']}x, p99 {ratios['p99']}x, throughput {ratios['throughput']}x")
+        if "ratios" in r:
+            ratios = r["ratios"]
+            print(f"running / paused: p50 {ratios['p50']}x, p99 {ratios['p99']}x, throughput {ratios['throughput']}x")
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -190,8 +190,15 @@ class LocalRunner:
 # ---------------------------------------------------------------------------------------------- Ray
 
 
-def ray_job(spec: WorkSpec, files: dict[str, bytes]) -> tuple[WorkResult, dict[str, bytes]]:
-    """A job as a Ray task: the model and data arrive as bytes, the variant's files leave as bytes."""
+def ray_job(spec: WorkSpec, files: dict[str, bytes], events: Any = None) -> tuple[WorkResult, dict[str, bytes]]:
+    """A job as a Ray task: the model and data arrive as bytes, the variant's files leave as bytes; progress goes
+    into `events` (a ray.util.queue.Queue the server drains), best effort: a full or lost queue never fails the job."""
+
+    def progress(event: ProgressEvent) -> None:
+        if events is not None:
+            with contextlib.suppress(Exception):
+                events.put_nowait(event)
+
     with tempfile.TemporaryDirectory(prefix=f"slimserve-job-{spec.job_id}-") as tmp:
         root = Path(tmp)
         for name, content in files.items():
@@ -207,7 +214,7 @@ def ray_job(spec: WorkSpec, files: dict[str, bytes]) -> tuple[WorkResult, dict[s
         )
         try:
             cap_threads(spec.limits.threads)
-            result = run_work(local, lambda event: None)
+            result = run_work(local, progress)
         except BaseException as e:
             failed = failure_of(e, spec.limits)
             raise WorkFailed(failed.kind, failed.message) from None
@@ -276,9 +283,25 @@ class RayRunner:
         if self.memory_mb:
             options["memory"] = self.memory_mb * 2**20
         loop = asyncio.get_running_loop()
-        ref = await loop.run_in_executor(None, lambda: self._remote.options(**options).remote(spec, files))
+        from ray.util.queue import Queue
+
+        events = await loop.run_in_executor(None, lambda: Queue(maxsize=1000, actor_options={"num_cpus": 0}))
+        ref = await loop.run_in_executor(None, lambda: self._remote.options(**options).remote(spec, files, events))
         self.refs[spec.job_id] = ref
         progress(ProgressEvent("ray", 0.0, f"running on the Ray cluster at {self.address}"))
+        finished = threading.Event()
+
+        def relay() -> None:  # the task's progress, drained every half second until it ends, then once more
+            while True:
+                ended = finished.wait(0.5)
+                with contextlib.suppress(Exception):
+                    for event in events.get_nowait_batch(events.qsize()):
+                        loop.call_soon_threadsafe(progress, event)
+                if ended:
+                    return
+
+        relay_thread = threading.Thread(target=relay, name=f"job-{spec.job_id}-progress", daemon=True)
+        relay_thread.start()
         try:
             result, out = await asyncio.shield(loop.run_in_executor(None, ray.get, ref))
         except asyncio.CancelledError:
@@ -294,6 +317,10 @@ class RayRunner:
             raise WorkFailed("UNAVAILABLE", f"the job's Ray task failed on {self.address}: {type(e).__name__}: {e}") from None
         finally:
             self.refs.pop(spec.job_id, None)
+            finished.set()
+            await loop.run_in_executor(None, relay_thread.join, 5)
+            with contextlib.suppress(Exception):
+                events.shutdown()
         variant_dir = spec.staged / "variant"
         variant_dir.mkdir()
         for name, content in out.items():

@@ -74,6 +74,7 @@ def test_a_ray_job_makes_the_same_variant_as_the_local_runner(ray_head, server_f
             assert variant["status"] == "ready"
             if runner != "local":  # it ran there, and came back here to be registered and served
                 assert any("Ray cluster at " + ray_head in e.message for e in events), [e.message for e in events]
+                assert any(e.stage == "quantize-dynamic" for e in events), [e.stage for e in events]  # the task's own progress
                 assert c.infer("digits", {"x": digits.x_test[:4]}, variant="quantize-dynamic")[0] == "quantize-dynamic"
             [job] = c.jobs("digits")
             assert job["status"] == "succeeded"
