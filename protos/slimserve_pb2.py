@@ -4,122 +4,127 @@
 # source: slimserve/protos/slimserve.proto
 # Protobuf Python Version: 6.33.5
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
-_runtime_version.ValidateProtobufRuntimeVersion(_runtime_version.Domain.PUBLIC, 6, 33, 5, "", "slimserve/protos/slimserve.proto")
+_runtime_version.ValidateProtobufRuntimeVersion(
+    _runtime_version.Domain.PUBLIC,
+    6,
+    33,
+    5,
+    '',
+    'slimserve/protos/slimserve.proto'
+)
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n slimserve/protos/slimserve.proto\x12\x0cslimserve.v1"P\n\nUploadFile\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t"\\\n\x0eRegisterHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x18.slimserve.v1.UploadFile\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t"-\n\tFileChunk\x12\x12\n\nfile_index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c"v\n\x0fRegisterRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.slimserve.v1.RegisterHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.slimserve.v1.FileChunkH\x00\x42\t\n\x07payload";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03"\x8a\x04\n\rVariantRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06recipe\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x13\n\x06params\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0enonzero_params\x18\n \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nsize_bytes\x18\x0b \x01(\x03\x12\x12\n\x05\x66lops\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0elatency_p50_ms\x18\r \x01(\x01H\x03\x88\x01\x01\x12\x1b\n\x0elatency_p99_ms\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nthroughput\x18\x0f \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x10 \x01(\x01H\x06\x88\x01\x01\x12\x1b\n\x0e\x61\x63\x63uracy_delta\x18\x11 \x01(\x01H\x07\x88\x01\x01\x12\x17\n\x0f\x65valuation_json\x18\x12 \x01(\tB\t\n\x07_paramsB\x11\n\x0f_nonzero_paramsB\x08\n\x06_flopsB\x11\n\x0f_latency_p50_msB\x11\n\x0f_latency_p99_msB\r\n\x0b_throughputB\x0b\n\t_accuracyB\x11\n\x0f_accuracy_delta"\xb1\x02\n\x0bModelRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12(\n\x06inputs\x18\x05 \x03(\x0b\x32\x18.slimserve.v1.TensorSpec\x12)\n\x07outputs\x18\x06 \x03(\x0b\x32\x18.slimserve.v1.TensorSpec\x12-\n\x08variants\x18\x07 \x03(\x0b\x32\x1b.slimserve.v1.VariantRecord\x12\x10\n\x08\x64\x61tasets\x18\x08 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_variant\x18\t \x01(\t\x12,\n\x07traffic\x18\n \x01(\x0b\x32\x1b.slimserve.v1.TrafficPolicy"\x13\n\x11ListModelsRequest"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.slimserve.v1.ModelRecord"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t""\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t"\x15\n\x13\x44\x65leteModelResponse"6\n\x14\x44\x65leteVariantRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t"\xb7\x01\n\x0fOptimizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06recipe\x18\x02 \x01(\t\x12\x13\n\x0brecipe_json\x18\x03 \x01(\t\x12\x14\n\x0cvariant_name\x18\x04 \x01(\t\x12\x1c\n\x0f\x61\x63\x63uracy_budget\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06parent\x18\x06 \x01(\t\x12\x18\n\x10keep_over_budget\x18\x07 \x01(\x08\x42\x12\n\x10_accuracy_budget"\x9d\x01\n\x0bJobProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\x05\x65poch\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04loss\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_epochB\x07\n\x05_lossB\x0b\n\t_accuracy"L\n\x07JobDone\x12,\n\x07variant\x18\x01 \x01(\x0b\x32\x1b.slimserve.v1.VariantRecord\x12\x13\n\x0breport_json\x18\x02 \x01(\t"~\n\rOptimizeEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x08progress\x18\x02 \x01(\x0b\x32\x19.slimserve.v1.JobProgressH\x00\x12%\n\x04\x64one\x18\x03 \x01(\x0b\x32\x15.slimserve.v1.JobDoneH\x00\x42\x07\n\x05\x65vent"\xc8\x01\n\tJobRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x0e\n\x06recipe\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\t\x12\x10\n\x08progress\x18\t \x01(\x01\x12\r\n\x05stage\x18\n \x01(\t\x12\x14\n\x0csubmitted_at\x18\x0b \x01(\t"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t" \n\x0fListJobsRequest\x12\r\n\x05model\x18\x01 \x01(\t"9\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.slimserve.v1.JobRecord"\xca\x01\n\rTrafficPolicy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x39\n\x07weights\x18\x02 \x03(\x0b\x32(.slimserve.v1.TrafficPolicy.WeightsEntry\x12\x0f\n\x07shadows\x18\x03 \x03(\t\x12\x18\n\x10sticky_parameter\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61n_rollback\x18\x05 \x01(\x08\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01"\xbc\x01\n\x11SetTrafficRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12=\n\x07weights\x18\x02 \x03(\x0b\x32,.slimserve.v1.SetTrafficRequest.WeightsEntry\x12\x0f\n\x07shadows\x18\x03 \x03(\t\x12\x18\n\x10sticky_parameter\x18\x04 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01""\n\x11GetTrafficRequest\x12\r\n\x05model\x18\x01 \x01(\t"0\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t" \n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t"C\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\x03"4\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x08"\x1f\n\x0e\x43ompareRequest\x12\r\n\x05model\x18\x01 \x01(\t"\xa1\x05\n\x11VariantComparison\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12\x1b\n\x0elatency_p50_ms\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0elatency_p90_ms\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0elatency_p99_ms\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\nmean_batch\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x1a\n\rcost_per_1000\x18\n \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10offline_accuracy\x18\x0b \x01(\x01H\x05\x88\x01\x01\x12\x1c\n\x0fonline_accuracy\x18\x0c \x01(\x01H\x06\x88\x01\x01\x12 \n\x13online_accuracy_low\x18\r \x01(\x01H\x07\x88\x01\x01\x12!\n\x14online_accuracy_high\x18\x0e \x01(\x01H\x08\x88\x01\x01\x12\x1d\n\x10shadow_agreement\x18\x0f \x01(\x01H\t\x88\x01\x01\x12\x17\n\x0flatency_verdict\x18\x10 \x01(\t\x12\x18\n\x10\x61\x63\x63uracy_verdict\x18\x11 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x12 \x01(\x03\x42\x11\n\x0f_latency_p50_msB\x11\n\x0f_latency_p90_msB\x11\n\x0f_latency_p99_msB\r\n\x0b_mean_batchB\x10\n\x0e_cost_per_1000B\x13\n\x11_offline_accuracyB\x12\n\x10_online_accuracyB\x16\n\x14_online_accuracy_lowB\x17\n\x15_online_accuracy_highB\x13\n\x11_shadow_agreement"~\n\x0f\x43ompareResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tnode_type\x18\x02 \x01(\t\x12\x16\n\x0eprice_per_hour\x18\x03 \x01(\x01\x12\x31\n\x08variants\x18\x04 \x03(\x0b\x32\x1f.slimserve.v1.VariantComparison"\xcb\x01\n\x13RolloutStartRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x11\n\tplan_json\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x03(\x01\x12\x19\n\x0cmin_requests\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0bmax_stage_s\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x07 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_min_requestsB\x0e\n\x0c_max_stage_sB\x08\n\x06_alpha"\x1f\n\x0eRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t"x\n\x0bRolloutGate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12\x16\n\tstatistic\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x10\n\x08\x65vidence\x18\x05 \x01(\tB\x0c\n\n_statistic"\xc6\x01\n\x0cRolloutEvent\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0c\n\x04gate\x18\x06 \x01(\t\x12\x16\n\tstatistic\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x65vidence\x18\t \x01(\tB\x0c\n\n_statisticB\x0c\n\n_threshold"\x80\x03\n\rRolloutStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontrol\x18\x04 \x01(\t\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12;\n\x08requests\x18\x06 \x03(\x0b\x32).slimserve.v1.RolloutStatus.RequestsEntry\x12(\n\x05gates\x18\x07 \x03(\x0b\x32\x19.slimserve.v1.RolloutGate\x12+\n\x07history\x18\x08 \x03(\x0b\x32\x1a.slimserve.v1.RolloutEvent\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nstarted_at\x18\x0b \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\t\x12\x11\n\tplan_json\x18\r \x01(\t\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\x9c\x03\n\rModelRegistry\x12H\n\x08Register\x12\x1d.slimserve.v1.RegisterRequest\x1a\x19.slimserve.v1.ModelRecord"\x00(\x01\x12Q\n\nListModels\x12\x1f.slimserve.v1.ListModelsRequest\x1a .slimserve.v1.ListModelsResponse"\x00\x12\x46\n\x08GetModel\x12\x1d.slimserve.v1.GetModelRequest\x1a\x19.slimserve.v1.ModelRecord"\x00\x12T\n\x0b\x44\x65leteModel\x12 .slimserve.v1.DeleteModelRequest\x1a!.slimserve.v1.DeleteModelResponse"\x00\x12P\n\rDeleteVariant\x12".slimserve.v1.DeleteVariantRequest\x1a\x19.slimserve.v1.ModelRecord"\x00\x32\xec\x01\n\tOptimizer\x12J\n\x08Optimize\x12\x1d.slimserve.v1.OptimizeRequest\x1a\x1b.slimserve.v1.OptimizeEvent"\x00\x30\x01\x12K\n\x08ListJobs\x12\x1d.slimserve.v1.ListJobsRequest\x1a\x1e.slimserve.v1.ListJobsResponse"\x00\x12\x46\n\tCancelJob\x12\x1e.slimserve.v1.CancelJobRequest\x1a\x17.slimserve.v1.JobRecord"\x00\x32\xb7\x02\n\x07Traffic\x12L\n\nSetTraffic\x12\x1f.slimserve.v1.SetTrafficRequest\x1a\x1b.slimserve.v1.TrafficPolicy"\x00\x12L\n\nGetTraffic\x12\x1f.slimserve.v1.GetTrafficRequest\x1a\x1b.slimserve.v1.TrafficPolicy"\x00\x12\x46\n\x07Promote\x12\x1c.slimserve.v1.PromoteRequest\x1a\x1b.slimserve.v1.TrafficPolicy"\x00\x12H\n\x08Rollback\x12\x1d.slimserve.v1.RollbackRequest\x1a\x1b.slimserve.v1.TrafficPolicy"\x00\x32[\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12O\n\x0cSendFeedback\x12\x1d.slimserve.v1.FeedbackRequest\x1a\x1e.slimserve.v1.FeedbackResponse"\x00\x32W\n\x0b\x45xperiments\x12H\n\x07\x43ompare\x12\x1c.slimserve.v1.CompareRequest\x1a\x1d.slimserve.v1.CompareResponse"\x00\x32\xa9\x02\n\x07Rollout\x12I\n\x05Start\x12!.slimserve.v1.RolloutStartRequest\x1a\x1b.slimserve.v1.RolloutStatus"\x00\x12\x45\n\x06Status\x12\x1c.slimserve.v1.RolloutRequest\x1a\x1b.slimserve.v1.RolloutStatus"\x00\x12\x44\n\x05\x41\x62ort\x12\x1c.slimserve.v1.RolloutRequest\x1a\x1b.slimserve.v1.RolloutStatus"\x00\x12\x46\n\x05Watch\x12\x1c.slimserve.v1.RolloutRequest\x1a\x1b.slimserve.v1.RolloutStatus"\x00\x30\x01\x62\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n slimserve/protos/slimserve.proto\x12\x0cslimserve.v1\"P\n\nUploadFile\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\\\n\x0eRegisterHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x18.slimserve.v1.UploadFile\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"-\n\tFileChunk\x12\x12\n\nfile_index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"v\n\x0fRegisterRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.slimserve.v1.RegisterHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.slimserve.v1.FileChunkH\x00\x42\t\n\x07payload\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8a\x04\n\rVariantRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06recipe\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x13\n\x06params\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0enonzero_params\x18\n \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nsize_bytes\x18\x0b \x01(\x03\x12\x12\n\x05\x66lops\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0elatency_p50_ms\x18\r \x01(\x01H\x03\x88\x01\x01\x12\x1b\n\x0elatency_p99_ms\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nthroughput\x18\x0f \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x10 \x01(\x01H\x06\x88\x01\x01\x12\x1b\n\x0e\x61\x63\x63uracy_delta\x18\x11 \x01(\x01H\x07\x88\x01\x01\x12\x17\n\x0f\x65valuation_json\x18\x12 \x01(\tB\t\n\x07_paramsB\x11\n\x0f_nonzero_paramsB\x08\n\x06_flopsB\x11\n\x0f_latency_p50_msB\x11\n\x0f_latency_p99_msB\r\n\x0b_throughputB\x0b\n\t_accuracyB\x11\n\x0f_accuracy_delta\"\xb1\x02\n\x0bModelRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12(\n\x06inputs\x18\x05 \x03(\x0b\x32\x18.slimserve.v1.TensorSpec\x12)\n\x07outputs\x18\x06 \x03(\x0b\x32\x18.slimserve.v1.TensorSpec\x12-\n\x08variants\x18\x07 \x03(\x0b\x32\x1b.slimserve.v1.VariantRecord\x12\x10\n\x08\x64\x61tasets\x18\x08 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_variant\x18\t \x01(\t\x12,\n\x07traffic\x18\n \x01(\x0b\x32\x1b.slimserve.v1.TrafficPolicy\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.slimserve.v1.ModelRecord\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\"6\n\x14\x44\x65leteVariantRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"\xb7\x01\n\x0fOptimizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06recipe\x18\x02 \x01(\t\x12\x13\n\x0brecipe_json\x18\x03 \x01(\t\x12\x14\n\x0cvariant_name\x18\x04 \x01(\t\x12\x1c\n\x0f\x61\x63\x63uracy_budget\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06parent\x18\x06 \x01(\t\x12\x18\n\x10keep_over_budget\x18\x07 \x01(\x08\x42\x12\n\x10_accuracy_budget\"\x9d\x01\n\x0bJobProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\x05\x65poch\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04loss\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_epochB\x07\n\x05_lossB\x0b\n\t_accuracy\"L\n\x07JobDone\x12,\n\x07variant\x18\x01 \x01(\x0b\x32\x1b.slimserve.v1.VariantRecord\x12\x13\n\x0breport_json\x18\x02 \x01(\t\"~\n\rOptimizeEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x08progress\x18\x02 \x01(\x0b\x32\x19.slimserve.v1.JobProgressH\x00\x12%\n\x04\x64one\x18\x03 \x01(\x0b\x32\x15.slimserve.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"\xc8\x01\n\tJobRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x0e\n\x06recipe\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\t\x12\x10\n\x08progress\x18\t \x01(\x01\x12\r\n\x05stage\x18\n \x01(\t\x12\x14\n\x0csubmitted_at\x18\x0b \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"9\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.slimserve.v1.JobRecord\"\xca\x01\n\rTrafficPolicy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x39\n\x07weights\x18\x02 \x03(\x0b\x32(.slimserve.v1.TrafficPolicy.WeightsEntry\x12\x0f\n\x07shadows\x18\x03 \x03(\t\x12\x18\n\x10sticky_parameter\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61n_rollback\x18\x05 \x01(\x08\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbc\x01\n\x11SetTrafficRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12=\n\x07weights\x18\x02 \x03(\x0b\x32,.slimserve.v1.SetTrafficRequest.WeightsEntry\x12\x0f\n\x07shadows\x18\x03 \x03(\t\x12\x18\n\x10sticky_parameter\x18\x04 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\"\n\x11GetTrafficRequest\x12\r\n\x05model\x18\x01 \x01(\t\"0\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\" \n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\"C\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\x03\"4\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x08\"\x1f\n\x0e\x43ompareRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa1\x05\n\x11VariantComparison\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12\x1b\n\x0elatency_p50_ms\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0elatency_p90_ms\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0elatency_p99_ms\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\nmean_batch\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x1a\n\rcost_per_1000\x18\n \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10offline_accuracy\x18\x0b \x01(\x01H\x05\x88\x01\x01\x12\x1c\n\x0fonline_accuracy\x18\x0c \x01(\x01H\x06\x88\x01\x01\x12 \n\x13online_accuracy_low\x18\r \x01(\x01H\x07\x88\x01\x01\x12!\n\x14online_accuracy_high\x18\x0e \x01(\x01H\x08\x88\x01\x01\x12\x1d\n\x10shadow_agreement\x18\x0f \x01(\x01H\t\x88\x01\x01\x12\x17\n\x0flatency_verdict\x18\x10 \x01(\t\x12\x18\n\x10\x61\x63\x63uracy_verdict\x18\x11 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x12 \x01(\x03\x42\x11\n\x0f_latency_p50_msB\x11\n\x0f_latency_p90_msB\x11\n\x0f_latency_p99_msB\r\n\x0b_mean_batchB\x10\n\x0e_cost_per_1000B\x13\n\x11_offline_accuracyB\x12\n\x10_online_accuracyB\x16\n\x14_online_accuracy_lowB\x17\n\x15_online_accuracy_highB\x13\n\x11_shadow_agreement\"~\n\x0f\x43ompareResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tnode_type\x18\x02 \x01(\t\x12\x16\n\x0eprice_per_hour\x18\x03 \x01(\x01\x12\x31\n\x08variants\x18\x04 \x03(\x0b\x32\x1f.slimserve.v1.VariantComparison\"\xcb\x01\n\x13RolloutStartRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x11\n\tplan_json\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x03(\x01\x12\x19\n\x0cmin_requests\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0bmax_stage_s\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x07 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_min_requestsB\x0e\n\x0c_max_stage_sB\x08\n\x06_alpha\"\x1f\n\x0eRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\"x\n\x0bRolloutGate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12\x16\n\tstatistic\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x10\n\x08\x65vidence\x18\x05 \x01(\tB\x0c\n\n_statistic\"\xc6\x01\n\x0cRolloutEvent\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0c\n\x04gate\x18\x06 \x01(\t\x12\x16\n\tstatistic\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x65vidence\x18\t \x01(\tB\x0c\n\n_statisticB\x0c\n\n_threshold\"\x80\x03\n\rRolloutStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontrol\x18\x04 \x01(\t\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12;\n\x08requests\x18\x06 \x03(\x0b\x32).slimserve.v1.RolloutStatus.RequestsEntry\x12(\n\x05gates\x18\x07 \x03(\x0b\x32\x19.slimserve.v1.RolloutGate\x12+\n\x07history\x18\x08 \x03(\x0b\x32\x1a.slimserve.v1.RolloutEvent\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nstarted_at\x18\x0b \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\t\x12\x11\n\tplan_json\x18\r \x01(\t\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\x9c\x03\n\rModelRegistry\x12H\n\x08Register\x12\x1d.slimserve.v1.RegisterRequest\x1a\x19.slimserve.v1.ModelRecord\"\x00(\x01\x12Q\n\nListModels\x12\x1f.slimserve.v1.ListModelsRequest\x1a .slimserve.v1.ListModelsResponse\"\x00\x12\x46\n\x08GetModel\x12\x1d.slimserve.v1.GetModelRequest\x1a\x19.slimserve.v1.ModelRecord\"\x00\x12T\n\x0b\x44\x65leteModel\x12 .slimserve.v1.DeleteModelRequest\x1a!.slimserve.v1.DeleteModelResponse\"\x00\x12P\n\rDeleteVariant\x12\".slimserve.v1.DeleteVariantRequest\x1a\x19.slimserve.v1.ModelRecord\"\x00\x32\xec\x01\n\tOptimizer\x12J\n\x08Optimize\x12\x1d.slimserve.v1.OptimizeRequest\x1a\x1b.slimserve.v1.OptimizeEvent\"\x00\x30\x01\x12K\n\x08ListJobs\x12\x1d.slimserve.v1.ListJobsRequest\x1a\x1e.slimserve.v1.ListJobsResponse\"\x00\x12\x46\n\tCancelJob\x12\x1e.slimserve.v1.CancelJobRequest\x1a\x17.slimserve.v1.JobRecord\"\x00\x32\xb7\x02\n\x07Traffic\x12L\n\nSetTraffic\x12\x1f.slimserve.v1.SetTrafficRequest\x1a\x1b.slimserve.v1.TrafficPolicy\"\x00\x12L\n\nGetTraffic\x12\x1f.slimserve.v1.GetTrafficRequest\x1a\x1b.slimserve.v1.TrafficPolicy\"\x00\x12\x46\n\x07Promote\x12\x1c.slimserve.v1.PromoteRequest\x1a\x1b.slimserve.v1.TrafficPolicy\"\x00\x12H\n\x08Rollback\x12\x1d.slimserve.v1.RollbackRequest\x1a\x1b.slimserve.v1.TrafficPolicy\"\x00\x32[\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12O\n\x0cSendFeedback\x12\x1d.slimserve.v1.FeedbackRequest\x1a\x1e.slimserve.v1.FeedbackResponse\"\x00\x32W\n\x0b\x45xperiments\x12H\n\x07\x43ompare\x12\x1c.slimserve.v1.CompareRequest\x1a\x1d.slimserve.v1.CompareResponse\"\x00\x32\xa9\x02\n\x07Rollout\x12I\n\x05Start\x12!.slimserve.v1.RolloutStartRequest\x1a\x1b.slimserve.v1.RolloutStatus\"\x00\x12\x45\n\x06Status\x12\x1c.slimserve.v1.RolloutRequest\x1a\x1b.slimserve.v1.RolloutStatus\"\x00\x12\x44\n\x05\x41\x62ort\x12\x1c.slimserve.v1.RolloutRequest\x1a\x1b.slimserve.v1.RolloutStatus\"\x00\x12\x46\n\x05Watch\x12\x1c.slimserve.v1.RolloutRequest\x1a\x1b.slimserve.v1.RolloutStatus\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "slimserve.protos.slimserve_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slimserve.protos.slimserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_TRAFFICPOLICY_WEIGHTSENTRY"]._loaded_options = None
-    _globals["_TRAFFICPOLICY_WEIGHTSENTRY"]._serialized_options = b"8\001"
-    _globals["_SETTRAFFICREQUEST_WEIGHTSENTRY"]._loaded_options = None
-    _globals["_SETTRAFFICREQUEST_WEIGHTSENTRY"]._serialized_options = b"8\001"
-    _globals["_ROLLOUTSTATUS_REQUESTSENTRY"]._loaded_options = None
-    _globals["_ROLLOUTSTATUS_REQUESTSENTRY"]._serialized_options = b"8\001"
-    _globals["_UPLOADFILE"]._serialized_start = 50
-    _globals["_UPLOADFILE"]._serialized_end = 130
-    _globals["_REGISTERHEADER"]._serialized_start = 132
-    _globals["_REGISTERHEADER"]._serialized_end = 224
-    _globals["_FILECHUNK"]._serialized_start = 226
-    _globals["_FILECHUNK"]._serialized_end = 271
-    _globals["_REGISTERREQUEST"]._serialized_start = 273
-    _globals["_REGISTERREQUEST"]._serialized_end = 391
-    _globals["_TENSORSPEC"]._serialized_start = 393
-    _globals["_TENSORSPEC"]._serialized_end = 452
-    _globals["_VARIANTRECORD"]._serialized_start = 455
-    _globals["_VARIANTRECORD"]._serialized_end = 977
-    _globals["_MODELRECORD"]._serialized_start = 980
-    _globals["_MODELRECORD"]._serialized_end = 1285
-    _globals["_LISTMODELSREQUEST"]._serialized_start = 1287
-    _globals["_LISTMODELSREQUEST"]._serialized_end = 1306
-    _globals["_LISTMODELSRESPONSE"]._serialized_start = 1308
-    _globals["_LISTMODELSRESPONSE"]._serialized_end = 1371
-    _globals["_GETMODELREQUEST"]._serialized_start = 1373
-    _globals["_GETMODELREQUEST"]._serialized_end = 1404
-    _globals["_DELETEMODELREQUEST"]._serialized_start = 1406
-    _globals["_DELETEMODELREQUEST"]._serialized_end = 1440
-    _globals["_DELETEMODELRESPONSE"]._serialized_start = 1442
-    _globals["_DELETEMODELRESPONSE"]._serialized_end = 1463
-    _globals["_DELETEVARIANTREQUEST"]._serialized_start = 1465
-    _globals["_DELETEVARIANTREQUEST"]._serialized_end = 1519
-    _globals["_OPTIMIZEREQUEST"]._serialized_start = 1522
-    _globals["_OPTIMIZEREQUEST"]._serialized_end = 1705
-    _globals["_JOBPROGRESS"]._serialized_start = 1708
-    _globals["_JOBPROGRESS"]._serialized_end = 1865
-    _globals["_JOBDONE"]._serialized_start = 1867
-    _globals["_JOBDONE"]._serialized_end = 1943
-    _globals["_OPTIMIZEEVENT"]._serialized_start = 1945
-    _globals["_OPTIMIZEEVENT"]._serialized_end = 2071
-    _globals["_JOBRECORD"]._serialized_start = 2074
-    _globals["_JOBRECORD"]._serialized_end = 2274
-    _globals["_CANCELJOBREQUEST"]._serialized_start = 2276
-    _globals["_CANCELJOBREQUEST"]._serialized_end = 2306
-    _globals["_LISTJOBSREQUEST"]._serialized_start = 2308
-    _globals["_LISTJOBSREQUEST"]._serialized_end = 2340
-    _globals["_LISTJOBSRESPONSE"]._serialized_start = 2342
-    _globals["_LISTJOBSRESPONSE"]._serialized_end = 2399
-    _globals["_TRAFFICPOLICY"]._serialized_start = 2402
-    _globals["_TRAFFICPOLICY"]._serialized_end = 2604
-    _globals["_TRAFFICPOLICY_WEIGHTSENTRY"]._serialized_start = 2558
-    _globals["_TRAFFICPOLICY_WEIGHTSENTRY"]._serialized_end = 2604
-    _globals["_SETTRAFFICREQUEST"]._serialized_start = 2607
-    _globals["_SETTRAFFICREQUEST"]._serialized_end = 2795
-    _globals["_SETTRAFFICREQUEST_WEIGHTSENTRY"]._serialized_start = 2558
-    _globals["_SETTRAFFICREQUEST_WEIGHTSENTRY"]._serialized_end = 2604
-    _globals["_GETTRAFFICREQUEST"]._serialized_start = 2797
-    _globals["_GETTRAFFICREQUEST"]._serialized_end = 2831
-    _globals["_PROMOTEREQUEST"]._serialized_start = 2833
-    _globals["_PROMOTEREQUEST"]._serialized_end = 2881
-    _globals["_ROLLBACKREQUEST"]._serialized_start = 2883
-    _globals["_ROLLBACKREQUEST"]._serialized_end = 2915
-    _globals["_FEEDBACKREQUEST"]._serialized_start = 2917
-    _globals["_FEEDBACKREQUEST"]._serialized_end = 2984
-    _globals["_FEEDBACKRESPONSE"]._serialized_start = 2986
-    _globals["_FEEDBACKRESPONSE"]._serialized_end = 3038
-    _globals["_COMPAREREQUEST"]._serialized_start = 3040
-    _globals["_COMPAREREQUEST"]._serialized_end = 3071
-    _globals["_VARIANTCOMPARISON"]._serialized_start = 3074
-    _globals["_VARIANTCOMPARISON"]._serialized_end = 3747
-    _globals["_COMPARERESPONSE"]._serialized_start = 3749
-    _globals["_COMPARERESPONSE"]._serialized_end = 3875
-    _globals["_ROLLOUTSTARTREQUEST"]._serialized_start = 3878
-    _globals["_ROLLOUTSTARTREQUEST"]._serialized_end = 4081
-    _globals["_ROLLOUTREQUEST"]._serialized_start = 4083
-    _globals["_ROLLOUTREQUEST"]._serialized_end = 4114
-    _globals["_ROLLOUTGATE"]._serialized_start = 4116
-    _globals["_ROLLOUTGATE"]._serialized_end = 4236
-    _globals["_ROLLOUTEVENT"]._serialized_start = 4239
-    _globals["_ROLLOUTEVENT"]._serialized_end = 4437
-    _globals["_ROLLOUTSTATUS"]._serialized_start = 4440
-    _globals["_ROLLOUTSTATUS"]._serialized_end = 4824
-    _globals["_ROLLOUTSTATUS_REQUESTSENTRY"]._serialized_start = 4777
-    _globals["_ROLLOUTSTATUS_REQUESTSENTRY"]._serialized_end = 4824
-    _globals["_MODELREGISTRY"]._serialized_start = 4827
-    _globals["_MODELREGISTRY"]._serialized_end = 5239
-    _globals["_OPTIMIZER"]._serialized_start = 5242
-    _globals["_OPTIMIZER"]._serialized_end = 5478
-    _globals["_TRAFFIC"]._serialized_start = 5481
-    _globals["_TRAFFIC"]._serialized_end = 5792
-    _globals["_FEEDBACK"]._serialized_start = 5794
-    _globals["_FEEDBACK"]._serialized_end = 5885
-    _globals["_EXPERIMENTS"]._serialized_start = 5887
-    _globals["_EXPERIMENTS"]._serialized_end = 5974
-    _globals["_ROLLOUT"]._serialized_start = 5977
-    _globals["_ROLLOUT"]._serialized_end = 6274
+  DESCRIPTOR._loaded_options = None
+  _globals['_TRAFFICPOLICY_WEIGHTSENTRY']._loaded_options = None
+  _globals['_TRAFFICPOLICY_WEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_SETTRAFFICREQUEST_WEIGHTSENTRY']._loaded_options = None
+  _globals['_SETTRAFFICREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_ROLLOUTSTATUS_REQUESTSENTRY']._loaded_options = None
+  _globals['_ROLLOUTSTATUS_REQUESTSENTRY']._serialized_options = b'8\001'
+  _globals['_UPLOADFILE']._serialized_start=50
+  _globals['_UPLOADFILE']._serialized_end=130
+  _globals['_REGISTERHEADER']._serialized_start=132
+  _globals['_REGISTERHEADER']._serialized_end=224
+  _globals['_FILECHUNK']._serialized_start=226
+  _globals['_FILECHUNK']._serialized_end=271
+  _globals['_REGISTERREQUEST']._serialized_start=273
+  _globals['_REGISTERREQUEST']._serialized_end=391
+  _globals['_TENSORSPEC']._serialized_start=393
+  _globals['_TENSORSPEC']._serialized_end=452
+  _globals['_VARIANTRECORD']._serialized_start=455
+  _globals['_VARIANTRECORD']._serialized_end=977
+  _globals['_MODELRECORD']._serialized_start=980
+  _globals['_MODELRECORD']._serialized_end=1285
+  _globals['_LISTMODELSREQUEST']._serialized_start=1287
+  _globals['_LISTMODELSREQUEST']._serialized_end=1306
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1308
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1371
+  _globals['_GETMODELREQUEST']._serialized_start=1373
+  _globals['_GETMODELREQUEST']._serialized_end=1404
+  _globals['_DELETEMODELREQUEST']._serialized_start=1406
+  _globals['_DELETEMODELREQUEST']._serialized_end=1440
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1442
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1463
+  _globals['_DELETEVARIANTREQUEST']._serialized_start=1465
+  _globals['_DELETEVARIANTREQUEST']._serialized_end=1519
+  _globals['_OPTIMIZEREQUEST']._serialized_start=1522
+  _globals['_OPTIMIZEREQUEST']._serialized_end=1705
+  _globals['_JOBPROGRESS']._serialized_start=1708
+  _globals['_JOBPROGRESS']._serialized_end=1865
+  _globals['_JOBDONE']._serialized_start=1867
+  _globals['_JOBDONE']._serialized_end=1943
+  _globals['_OPTIMIZEEVENT']._serialized_start=1945
+  _globals['_OPTIMIZEEVENT']._serialized_end=2071
+  _globals['_JOBRECORD']._serialized_start=2074
+  _globals['_JOBRECORD']._serialized_end=2274
+  _globals['_CANCELJOBREQUEST']._serialized_start=2276
+  _globals['_CANCELJOBREQUEST']._serialized_end=2306
+  _globals['_LISTJOBSREQUEST']._serialized_start=2308
+  _globals['_LISTJOBSREQUEST']._serialized_end=2340
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2342
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2399
+  _globals['_TRAFFICPOLICY']._serialized_start=2402
+  _globals['_TRAFFICPOLICY']._serialized_end=2604
+  _globals['_TRAFFICPOLICY_WEIGHTSENTRY']._serialized_start=2558
+  _globals['_TRAFFICPOLICY_WEIGHTSENTRY']._serialized_end=2604
+  _globals['_SETTRAFFICREQUEST']._serialized_start=2607
+  _globals['_SETTRAFFICREQUEST']._serialized_end=2795
+  _globals['_SETTRAFFICREQUEST_WEIGHTSENTRY']._serialized_start=2558
+  _globals['_SETTRAFFICREQUEST_WEIGHTSENTRY']._serialized_end=2604
+  _globals['_GETTRAFFICREQUEST']._serialized_start=2797
+  _globals['_GETTRAFFICREQUEST']._serialized_end=2831
+  _globals['_PROMOTEREQUEST']._serialized_start=2833
+  _globals['_PROMOTEREQUEST']._serialized_end=2881
+  _globals['_ROLLBACKREQUEST']._serialized_start=2883
+  _globals['_ROLLBACKREQUEST']._serialized_end=2915
+  _globals['_FEEDBACKREQUEST']._serialized_start=2917
+  _globals['_FEEDBACKREQUEST']._serialized_end=2984
+  _globals['_FEEDBACKRESPONSE']._serialized_start=2986
+  _globals['_FEEDBACKRESPONSE']._serialized_end=3038
+  _globals['_COMPAREREQUEST']._serialized_start=3040
+  _globals['_COMPAREREQUEST']._serialized_end=3071
+  _globals['_VARIANTCOMPARISON']._serialized_start=3074
+  _globals['_VARIANTCOMPARISON']._serialized_end=3747
+  _globals['_COMPARERESPONSE']._serialized_start=3749
+  _globals['_COMPARERESPONSE']._serialized_end=3875
+  _globals['_ROLLOUTSTARTREQUEST']._serialized_start=3878
+  _globals['_ROLLOUTSTARTREQUEST']._serialized_end=4081
+  _globals['_ROLLOUTREQUEST']._serialized_start=4083
+  _globals['_ROLLOUTREQUEST']._serialized_end=4114
+  _globals['_ROLLOUTGATE']._serialized_start=4116
+  _globals['_ROLLOUTGATE']._serialized_end=4236
+  _globals['_ROLLOUTEVENT']._serialized_start=4239
+  _globals['_ROLLOUTEVENT']._serialized_end=4437
+  _globals['_ROLLOUTSTATUS']._serialized_start=4440
+  _globals['_ROLLOUTSTATUS']._serialized_end=4824
+  _globals['_ROLLOUTSTATUS_REQUESTSENTRY']._serialized_start=4777
+  _globals['_ROLLOUTSTATUS_REQUESTSENTRY']._serialized_end=4824
+  _globals['_MODELREGISTRY']._serialized_start=4827
+  _globals['_MODELREGISTRY']._serialized_end=5239
+  _globals['_OPTIMIZER']._serialized_start=5242
+  _globals['_OPTIMIZER']._serialized_end=5478
+  _globals['_TRAFFIC']._serialized_start=5481
+  _globals['_TRAFFIC']._serialized_end=5792
+  _globals['_FEEDBACK']._serialized_start=5794
+  _globals['_FEEDBACK']._serialized_end=5885
+  _globals['_EXPERIMENTS']._serialized_start=5887
+  _globals['_EXPERIMENTS']._serialized_end=5974
+  _globals['_ROLLOUT']._serialized_start=5977
+  _globals['_ROLLOUT']._serialized_end=6274
 # @@protoc_insertion_point(module_scope)
