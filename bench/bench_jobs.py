@@ -5,8 +5,9 @@
 Trains the digits CNN, registers it on a `slimserve start` process (with its train and calibration data), and for
 each job recipe in turn measures `--callers` closed-loop gRPC callers (batch 1, two client processes): `--seconds`
 with no job, then, once the job's worker reports its own progress, `--rounds` pairs of windows with the worker
-stopped (SIGSTOP: the same server, the same process tree, the job not computing) and running, interleaved so that
-other load on the machine weighs on both alike (a running window counts only if the job still ran at its end).
+stopped (SIGSTOP: the same server, the same process tree, the job not computing) and running, interleaved (which
+goes first alternates) so that other load on the machine weighs on both alike (a round counts only if the job
+still ran at the end of its running window).
 Prints p50 / p99 / throughput side by side and the running / paused ratios (targets: p99 <= 1.3x, throughput
 >= 0.85x, no errors), as a table and as JSON.
 `--flags` passes server flags (e.g. "--job-nice 0 --optimizer-threads 2" to see what the worker's priority buys).
@@ -106,20 +107,30 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
     # Interleaved: the worker stopped (SIGSTOP), then running, round after round, so that the other load on the
     # machine weighs on both alike; a running window counts only if the job still ran when it ended.
     paused, running = [], []
-    for _ in range(args.rounds):
+
+    def measure_paused() -> PointResult | None:
         pids = worker_pids(server.pid)
-        if not pids or state()["status"] != "running":
-            break
+        if not pids:
+            return None
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:
-            paused.append(load("job paused", args.seconds / args.rounds))
+            return load("job paused", args.seconds / args.rounds)
         finally:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
+
+    for i in range(args.rounds):  # paused first in even rounds, running first in odd ones: neither always goes first
+        if state()["status"] != "running":
+            break
+        first_paused = measure_paused() if i % 2 == 0 else None
         point = load("job running", args.seconds / args.rounds)
         if state()["status"] != "running":
             break
+        second_paused = measure_paused() if i % 2 == 1 else None
+        if (first_paused or second_paused) is None:
+            break
+        paused.append(first_paused or second_paused)
         running.append(point)
     end = wait_until(lambda: (s := state())["status"] not in ("queued", "running") and s, f"job {job_id} to end", 1800, 0.5)
     job_s = time.monotonic() - started
@@ -131,7 +142,7 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
         "phases": [row("no job", idle)],
     }
     if running:
-        before, during = merged("job paused", paused[: len(running)]), merged("job running", running)
+        before, during = merged("job paused", paused), merged("job running", running)
         result["phases"] += [before, during]
         result["ratios"] = {
             "p50": round(during["p50_ms"] / before["p50_ms"], 2),
