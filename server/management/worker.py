@@ -127,6 +127,33 @@ def cap_threads(threads: int) -> None:
         pass
 
 
+def cap_ort_threads(threads: int) -> None:
+    """Every ONNX Runtime session this worker opens without a thread count (ORT's quantization calibrates on its own
+    sessions) gets `threads` intra- and inter-op threads that do not spin while idle: the cores stay the server's."""
+    import onnxruntime as ort
+
+    opened = ort.InferenceSession.__init__
+    if getattr(opened, "capped_at", None) == threads:
+        return
+
+    def capped(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        options = sess_options if sess_options is not None else ort.SessionOptions()
+        if options.intra_op_num_threads == 0:
+            options.intra_op_num_threads = threads
+        if options.inter_op_num_threads == 0:
+            options.inter_op_num_threads = threads
+        try:
+            spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+        except Exception:  # ORT raises for an entry never set
+            spinning = ""
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opened(self, path_or_bytes, options, *args, **kwargs)
+
+    capped.capped_at = threads  # type: ignore[attr-defined]
+    ort.InferenceSession.__init__ = capped  # type: ignore[method-assign]
+
+
 def run_work(spec: WorkSpec, progress: Callable[[Any], None], cancelled: Callable[[], bool] = lambda: False) -> WorkResult:
     """Runs the job: passes, evaluation, and the variant's files in `spec.staged / "variant"`. Blocking."""
     from slimserve.optimizer.base import Artifact, PassContext
@@ -222,6 +249,7 @@ def main(argv: list[str]) -> int:
     lower_priority(spec.limits.nice)
     try:
         cap_threads(spec.limits.threads)
+        cap_ort_threads(spec.limits.threads)
         result = run_work(spec, lambda event: conn.send(("progress", event)))
     except BaseException as e:
         failed = failure_of(e, spec.limits)
