@@ -128,6 +128,7 @@ class LocalRunner:
                 pass_fds=(write_fd,),
                 env=env,
                 close_fds=True,
+                start_new_session=True,  # its own process group: ending it ends the helpers it started too
             )
         except BaseException:
             os.close(read_fd)
@@ -138,7 +139,10 @@ class LocalRunner:
 
     @staticmethod
     def _end(proc: subprocess.Popen) -> None:
-        """Ends a worker now: SIGKILL (it holds nothing the server needs; its staging directory is the caller's to remove)."""
+        """Ends a worker and its helpers now: SIGKILL to its process group (it holds nothing the server needs; its
+        staging directory is the caller's to remove)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
 
@@ -169,7 +173,7 @@ class LocalRunner:
                         outcome = message
                 elif self.limits.memory_mb and (used := resident_mb(proc.pid)) > self.limits.memory_mb:
                     over = used
-                    proc.kill()
+                    self._end(proc)
                     break
             returncode = proc.wait()
         finally:
