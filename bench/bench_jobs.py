@@ -34,12 +34,13 @@ from slimserve.optimizer.zoo import export_onnx, load_digits_splits, train_digit
 from tests.helpers import ServerProcess
 
 
-def digits_files(root: Path) -> dict[str, Path]:
+def digits_files(root: Path, calibration_rows: int = 200) -> dict[str, Path]:
     model, _ = train_digits_cnn(epochs=3)
     train, test = load_digits_splits()
     np.savez(root / "data.npz", x=test.x, labels=test.y)
     np.savez(root / "train.npz", x=train.x, labels=train.y)
-    np.savez(root / "calibration.npz", x=train.x[:200])
+    rows = np.resize(np.arange(len(train.x)), calibration_rows)  # the train split, repeated past its length
+    np.savez(root / "calibration.npz", x=train.x[rows])
     onnx = export_onnx(model, root / "digits.onnx", torch.from_numpy(test.x[:2]))
     return {"onnx": onnx, "data": root / "data.npz", "train": root / "train.npz", "calibration": root / "calibration.npz", "x": test.x[:1]}
 
@@ -93,7 +94,12 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
         return run_point(phase, server.address, payload, args.callers, seconds, 1.0, server_pid=server.pid)
 
     idle = load("no job", args.seconds)
-    variant, _ = client.optimize("digits", recipe, variant_name=f"bench-{recipe}", detach=True)
+    asked = recipe
+    if recipe == "quantize-static" and args.calibration_rows > 256:  # the pass calibrates on 256 rows unless told more
+        asked = str(args.workdir / "quantize-static.json")
+        passes = [{"pass": "quantize-static", "config": {"max_samples": args.calibration_rows}}]
+        Path(asked).write_text(json.dumps({"version": 1, "name": "quantize-static", "passes": passes}))
+    variant, _ = client.optimize("digits", asked, variant_name=f"bench-{recipe}", detach=True)
     job_id = variant["job_id"]
 
     def state() -> dict:
@@ -158,12 +164,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds measured in each phase (split over the rounds)")
     parser.add_argument("--rounds", type=int, default=3, help="paused / running window pairs while the job runs")
     parser.add_argument("--callers", type=int, default=4)
+    parser.add_argument(
+        "--calibration-rows", type=int, default=200, help="calibration samples (more: a longer quantize-static job to measure inside)"
+    )
     parser.add_argument("--flags", default="", help="extra `slimserve start` flags")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        files = digits_files(root)
+        files = digits_files(root, args.calibration_rows)
+        args.workdir = root
         server = ServerProcess(root / "repo", root / "server.log", *shlex.split(args.flags))
         try:
             with server.client() as c:
