@@ -4,7 +4,7 @@
 
 Trains the digits CNN, registers it on a `slimserve start` process (with its train and calibration data), and for
 each job recipe in turn measures `--callers` closed-loop gRPC callers (batch 1, two client processes): `--seconds`
-with no job, then, once the job's worker reports its own progress, `--rounds` pairs of windows with the worker
+with no job, then, from the moment the job's worker process exists, `--rounds` pairs of windows with the worker
 stopped (SIGSTOP: the same server, the same process tree, the job not computing) and running, interleaved (which
 goes first alternates) so that other load on the machine weighs on both alike (a round counts only if the job
 still ran at the end of its running window).
@@ -97,7 +97,7 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
     asked = recipe
     if recipe == "quantize-static" and args.calibration_rows > 256:  # the pass calibrates on 256 rows unless told more
         asked = str(args.workdir / "quantize-static.json")
-        passes = [{"pass": "quantize-static", "config": {"max_samples": args.calibration_rows}}]
+        passes = [{"pass": "quantize-static", "config": {"max_samples": args.calibration_rows, "calibrate_method": args.calibrate_method}}]
         Path(asked).write_text(json.dumps({"version": 1, "name": "quantize-static", "passes": passes}))
     variant, _ = client.optimize("digits", asked, variant_name=f"bench-{recipe}", detach=True)
     job_id = variant["job_id"]
@@ -106,9 +106,7 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
         return next(j for j in client.jobs("digits") if j["id"] == job_id)
 
     started = time.monotonic()
-    wait_until(
-        lambda: state()["stage"] not in ("", "queued", "running") or state()["status"] != "running", "the worker's progress", 300, 0.1
-    )
+    wait_until(lambda: worker_pids(server.pid) or state()["status"] not in ("queued", "running"), "the job's worker", 300, 0.05)
     worker_up_s = time.monotonic() - started
     # Interleaved: the worker stopped (SIGSTOP), then running, round after round, so that the other load on the
     # machine weighs on both alike; a running window counts only if the job still ran when it ended.
@@ -143,7 +141,7 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
     result = {
         "recipe": recipe,
         "job": {"id": job_id, "status": end["status"], "message": end["message"], "seconds": round(job_s, 1)},
-        "worker_first_progress_s": round(worker_up_s, 1),
+        "worker_started_s": round(worker_up_s, 1),
         "rounds": len(running),
         "phases": [row("no job", idle)],
     }
@@ -164,6 +162,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds measured in each phase (split over the rounds)")
     parser.add_argument("--rounds", type=int, default=3, help="paused / running window pairs while the job runs")
     parser.add_argument("--callers", type=int, default=4)
+    parser.add_argument("--calibrate-method", default="minmax", help="quantize-static's calibration with --calibration-rows over 256")
     parser.add_argument(
         "--calibration-rows", type=int, default=200, help="calibration samples (more: a longer quantize-static job to measure inside)"
     )
