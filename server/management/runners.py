@@ -38,6 +38,13 @@ Progress = Callable[[ProgressEvent], None]
 WATCH_INTERVAL_S = 0.2
 
 
+def retrieved(future: asyncio.Future) -> None:
+    """Marks a shielded future's exception as seen: once its awaiter is cancelled, asyncio would otherwise log it when
+    the future is collected, formatting a traceback inside whatever the collector interrupted."""
+    if not future.cancelled():
+        future.exception()
+
+
 def resident_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants (a pass may start helper processes), in MiB."""
     total, stack, seen = 0, [pid], set()
@@ -94,6 +101,7 @@ class LocalRunner:
         self.pids[spec.job_id] = proc.pid
         loop = asyncio.get_running_loop()
         done: asyncio.Future[WorkResult] = loop.create_future()
+        done.add_done_callback(retrieved)  # after a cancel nobody awaits it: its failure must not be logged at GC
 
         def settle(result: WorkResult | None, error: BaseException | None) -> None:
             if not done.done():
@@ -306,8 +314,10 @@ class RayRunner:
 
         relay_thread = threading.Thread(target=relay, name=f"job-{spec.job_id}-progress", daemon=True)
         relay_thread.start()
+        got = loop.run_in_executor(None, ray.get, ref)
+        got.add_done_callback(retrieved)
         try:
-            result, out = await asyncio.shield(loop.run_in_executor(None, ray.get, ref))
+            result, out = await asyncio.shield(got)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)

@@ -19,6 +19,8 @@ def slimctl(server, *args):
 
 def test_detach_list_and_cancel(server, digits):
     assert slimctl(server, "register", "digits", digits.onnx, "--data", digits.data, "--train", digits.train).exit_code == 0
+    # The baseline's background measurement done first: no test ends while the server's thread still imports modules.
+    wait_until(lambda: server.server.repository.get("digits").variants["baseline"].evaluation, "the baseline's measurement", 120, 0.2)
     result = slimctl(server, "optimize", "digits", "--recipe", "prune-structured", "--detach", "--json")
     assert result.exit_code == 0, result.output
     job_id = json.loads(result.output)["job_id"]
