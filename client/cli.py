@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-from slimserve.client import cli_rollout, cli_traffic
+from slimserve.client import cli_jobs, cli_rollout, cli_traffic
 from slimserve.client.cli_common import (
     cast_float64,
     connect,
@@ -266,8 +266,17 @@ def optimize(
         False, "--json", help="Print the new variant's record as JSON, with the whole report (auto's candidates included) under 'report'."
     ),
     output: str = output_option(),
+    detach: bool = typer.Option(
+        False, "--detach", help="Return as soon as the job is queued, printing its id; follow it with `slimctl jobs`."
+    ),
+    cancel_on_interrupt: bool = typer.Option(
+        False,
+        "--cancel-on-interrupt",
+        help="Ctrl-C cancels the job without asking (by default it asks; without a terminal the job goes on).",
+    ),
 ) -> None:
-    """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving."""
+    """Derive a variant with a recipe; blocks with a progress bar until it is measured and serving (Ctrl-C: cancel or leave it)."""
+    job_ids: list[str] = []
     try:
         with (
             connect() as client,
@@ -303,9 +312,22 @@ def optimize(
                 keep_over_budget=keep_over_budget,
                 quality=quality,
                 evaluator=evaluator,
+                on_job=job_ids.append,
+                detach=detach,
             )
     except SlimServeClientError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        cli_jobs.interrupted(job_ids[0] if job_ids else "", cancel_on_interrupt)
+        return
+    if detach:
+        if as_json:
+            print_json(variant)
+        else:
+            console.print(
+                f"job {variant['job_id']} queued: follow it with `slimctl jobs`, stop it with `slimctl jobs cancel {variant['job_id']}`"
+            )
+        return
     if as_json:
         print_json({**variant, "report": report})
         return
@@ -459,6 +481,7 @@ def traffic_moved(variant: str, before: dict[str, Any], after: dict[str, Any]) -
 # The traffic and experiment commands (client/cli_traffic.py) come after the model commands in help.
 cli_traffic.add_commands(app)
 cli_rollout.add_commands(app)
+cli_jobs.add_commands(app)
 
 
 def main() -> None:

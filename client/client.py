@@ -14,7 +14,7 @@ import numpy as np
 
 from slimserve.client import codec
 from slimserve.client.onnx_files import side_file_path, side_files
-from slimserve.client.records import comparison_dict, model_dict, pass_dict, rollout_dict, traffic_dict, variant_dict
+from slimserve.client.records import comparison_dict, job_dict, model_dict, pass_dict, rollout_dict, traffic_dict, variant_dict
 from slimserve.client.transport import (
     CHUNK_BYTES,
     SlimServeClientError,
@@ -326,11 +326,15 @@ class SlimServeClient:
         keep_over_budget: bool = False,
         quality: list[str] | tuple[str, ...] = (),
         evaluator: str = "",
+        on_job: Callable[[str], None] | None = None,
+        detach: bool = False,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Runs an optimization job to its end; returns (new variant record, report rows).
 
         `recipe` is preset/pass names joined by commas, or the path of a JSON or YAML recipe file.
         `quality`: "OUTPUT=METRIC" per output; `evaluator`: the name of an evaluator installed on the server.
+        `on_job` gets the job's id as soon as the server has queued it (to cancel it with `cancel_job`).
+        `detach`: return as soon as the job is queued, with ({"job_id": id}, []); the job goes on in the server.
         """
         request = spb.OptimizeRequest(
             model=name,
@@ -349,8 +353,15 @@ class SlimServeClient:
             request.recipe = recipe
         if accuracy_budget is not None:
             request.accuracy_budget = accuracy_budget
+        job_id = ""
         try:
             for event in self.optimizer.Optimize(request, metadata=self._auth, timeout=timeout):
+                if not job_id:
+                    job_id = event.job_id
+                    if on_job:
+                        on_job(job_id)
+                    if detach:
+                        return {"job_id": job_id}, []
                 if event.HasField("progress") and on_progress:
                     on_progress(event.progress)
                 elif event.HasField("done"):
@@ -360,9 +371,13 @@ class SlimServeClient:
         raise SlimServeClientError("UNKNOWN", "the job's stream ended without a result")
 
     def jobs(self, name: str = "") -> list[dict[str, Any]]:
+        """The jobs of one model (every model when `name` is empty): id, model, variant, recipe, status, progress, times."""
         response = self._call(self.optimizer.ListJobs, spb.ListJobsRequest(model=name))
-        keys = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at")
-        return [{k: getattr(j, k) for k in keys} for j in response.jobs]
+        return [job_dict(j) for j in response.jobs]
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancels a queued or running job; returns its record once its worker has ended (status cancelled)."""
+        return job_dict(self._call(self.optimizer.CancelJob, spb.CancelJobRequest(id=job_id)))
 
     def passes(self, name: str = "") -> list[dict[str, Any]]:
         """The optimizer's passes (records.pass_dict), or only the pass `name` (NOT_FOUND names the known ones)."""

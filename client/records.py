@@ -125,3 +125,12 @@ def pass_dict(p: spb.PassRecord) -> dict[str, Any]:
     """A pass: name, kind, description, needs, and its settings (each default as JSON text, as a recipe writes it)."""
     settings = [{"name": s.name, "type": s.type, "default": s.default_json, "description": s.description} for s in p.settings]
     return {"name": p.name, "kind": p.kind, "description": p.description, "needs": list(p.needs), "settings": settings}
+
+
+# The `slimctl jobs --json` contract, in this order.
+JOB_KEYS = ("id", "model", "variant", "recipe", "status", "stage", "progress", "message", "submitted_at", "started_at", "finished_at")
+
+
+def job_dict(j: spb.JobRecord) -> dict[str, Any]:
+    """A JobRecord as the `jobs --json` contract: state queued | running | succeeded | failed | cancelled | interrupted."""
+    return {k: getattr(j, k) for k in JOB_KEYS}

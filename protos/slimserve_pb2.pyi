@@ -215,7 +215,7 @@ class OptimizeEvent(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., done: _Optional[_Union[JobDone, _Mapping]] = ...) -> None: ...
 
 class JobRecord(_message.Message):
-    __slots__ = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at")
+    __slots__ = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at", "progress", "stage", "submitted_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,9 @@ class JobRecord(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     variant: str
@@ -232,7 +235,16 @@ class JobRecord(_message.Message):
     message: str
     started_at: str
     finished_at: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., recipe: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ...) -> None: ...
+    progress: float
+    stage: str
+    submitted_at: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., recipe: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., progress: _Optional[float] = ..., stage: _Optional[str] = ..., submitted_at: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("model",)

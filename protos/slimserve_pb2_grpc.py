@@ -303,6 +303,11 @@ class OptimizerStub:
                 request_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListPassesRequest.SerializeToString,
                 response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListPassesResponse.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/slimserve.v1.Optimizer/CancelJob',
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.JobRecord.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer:
@@ -334,6 +339,15 @@ class OptimizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Cancels a queued or running job: its worker is ended and its staging removed before the answer, which is
+        the job's record (status cancelled). NOT_FOUND for an unknown id, FAILED_PRECONDITION (with its state) for
+        a job that has ended or is already registering its variant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -351,6 +365,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.ListPasses,
                     request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.ListPassesRequest.FromString,
                     response_serializer=slimserve_dot_protos_dot_slimserve__pb2.ListPassesResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.CancelJobRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.JobRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +455,33 @@ class Optimizer:
             '/slimserve.v1.Optimizer/ListPasses',
             slimserve_dot_protos_dot_slimserve__pb2.ListPassesRequest.SerializeToString,
             slimserve_dot_protos_dot_slimserve__pb2.ListPassesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimserve.v1.Optimizer/CancelJob',
+            slimserve_dot_protos_dot_slimserve__pb2.CancelJobRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.JobRecord.FromString,
             options,
             channel_credentials,
             insecure,

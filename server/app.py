@@ -27,8 +27,10 @@ from slimserve.server.http.server import HttpServer, build_app, tls_context
 from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.management.control import Control
 from slimserve.server.management.jobs import JobManager
+from slimserve.server.management.runners import make_runner
 from slimserve.server.management.triton_repository import TritonRepository
 from slimserve.server.management.watch import RepositoryWatcher
+from slimserve.server.management.worker import WorkLimits
 from slimserve.server.ports import check_ports, in_use
 from slimserve.server.rollout.controller import RolloutController
 from slimserve.server.rollout.gates import ProcessStatistics
@@ -93,7 +95,9 @@ class SlimServer:
             inline_compute_s=settings.inline_compute_ms / 1000.0,
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
-        self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config())
+        limits = WorkLimits(threads=settings.job_threads(), nice=settings.job_nice, memory_mb=settings.job_memory_mb)
+        runner = make_runner(settings.job_runner, limits, cpus=settings.job_cpus, gpus=settings.job_gpus, memory_mb=settings.job_memory_mb)
+        self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config(), runner, max_jobs=settings.max_jobs)
         self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price, settings.server_name)
         statistics = PrometheusStatistics(settings.prometheus_url) if settings.prometheus_url else ProcessStatistics(self.dataplane)
         self.rollouts = RolloutController(self.repository, self.control, statistics, metrics=RolloutMetrics(self.metrics))
@@ -207,6 +211,8 @@ class SlimServer:
         if self.triton is not None:  # a Triton repository: what is new or changed comes in before anything loads
             await self.triton.sync()
             self.dataplane.not_at_start = self.triton.skipped_at_start()
+        if not self.settings.read_only:  # a Ray cluster that cannot be reached refuses the start, before anything loads
+            await self.jobs.start()
         await self.dataplane.start()
         if self.triton is not None:
             self.triton.start_polling()

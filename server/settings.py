@@ -132,6 +132,26 @@ class Settings(BaseSettings):
         pattern=r"^https?://[^\s/]+(/\S*)?$",
     )
     trace_rate: int = setting(1000, "with `--trace-endpoint`: one request in N is traced (Triton's trace_rate; 1 traces every one)", ge=1)
+    # ---- optimizer jobs: each in a worker away from the serving process (server/management/runners.py)
+    job_runner: str = setting(
+        "local",
+        "where optimizer jobs run: `local` (a worker process per job on this node) or `ray://HOST:PORT` (a task per job on that "
+        "Ray cluster, through its client port; needs `slimserve[ray]`); an unreachable cluster stops the start",
+        pattern=r"^(local|ray://[^\s/:]+:\d+)$",
+    )
+    max_jobs: int = setting(1, "optimizer jobs that run at once; the others wait in a queue (`slimctl jobs` shows them `queued`)", ge=1)
+    optimizer_threads: int = setting(
+        0,
+        "torch and ONNX Runtime threads of one job's worker; 0: the cores the serving compute threads leave, at least 1",
+        shown="cores − compute threads, ≥ 1",
+        ge=0,
+    )
+    job_nice: int = setting(19, "niceness a local worker adds to itself, so that serving threads win the cores (0-19)", ge=0, le=19)
+    job_memory_mb: int = setting(
+        0, "resident memory a local job's worker (with its helpers) may use, in MiB; over it the job fails naming the cap; 0: no cap", ge=0
+    )
+    job_cpus: float = setting(1.0, "CPUs each job declares on a Ray cluster", gt=0)
+    job_gpus: float = setting(0.0, "GPUs each job declares on a Ray cluster", ge=0)
 
     def batching_config(self) -> BatchingConfig:
         return BatchingConfig(
@@ -144,6 +164,12 @@ class Settings(BaseSettings):
 
     def runtime_config(self) -> RuntimeConfig:
         return RuntimeConfig(intra_op_threads=self.intra_op_threads, threads_per_call=self.auto_intra_op_threads(), device=self.device)
+
+    def job_threads(self) -> int:
+        """A job worker's thread cap: `--optimizer-threads`, or the cores the serving compute threads leave (at least 1)."""
+        if self.optimizer_threads:
+            return self.optimizer_threads
+        return max(1, (os.cpu_count() or 1) - self.compute_threads)
 
     def auto_intra_op_threads(self) -> int:
         """Cores shared out among the compute threads: the threads of a call where nothing is measured (torch, GPU providers).

@@ -265,6 +265,9 @@ def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
         message=job.get("message", ""),
         started_at=job.get("started_at", ""),
         finished_at=job.get("finished_at", ""),
+        progress=job.get("progress", 1.0 if job["status"] == "succeeded" else 0.0),
+        stage=job.get("stage", ""),
+        submitted_at=job.get("submitted_at", ""),
     )
 
 

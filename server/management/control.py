@@ -321,6 +321,10 @@ class Control:
             raise NotFound(str(e)) from e
 
     def list_jobs(self, model: str = "") -> list[tuple[str, dict[str, Any]]]:
-        """(model, job record) of one model, or of every model when `model` is empty."""
-        infos = [self.repository.get(model)] if model else self.repository.list()
-        return [(info.name, job) for info in infos for job in info.jobs.values()]
+        """(model, job record) of one model, or of every model when `model` is empty; live jobs with their progress."""
+        return self.jobs.list(model)
+
+    async def cancel_job(self, job_id: str) -> tuple[str, dict[str, Any]]:
+        """Cancels a queued or running job (its worker ended, its staging removed); (model, its record) once it has ended."""
+        self.repository.check_writable()
+        return await self.jobs.cancel(job_id)

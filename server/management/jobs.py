@@ -1,32 +1,44 @@
-"""Optimization jobs: one background job per request, progress streamed, the variant registered atomically."""
+"""Optimization jobs: each in a worker away from the server (a local process, or a Ray task), at most `--max-jobs` at once and
+the rest queued, progress streamed, cancellable, and the variant registered atomically only when its worker succeeded."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
-import shutil
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
 from slimserve.optimizer.evaluation.evaluators import load_evaluator
 from slimserve.optimizer.evaluation.quality import parse_declared
-from slimserve.optimizer.formats.onnx_files import copy_model
-from slimserve.optimizer.pipeline import Baseline, OptimizeResult, layout_aware, optimize, preflight
-from slimserve.optimizer.recipes import Recipe, parse_recipe, recipe_from_dict
-from slimserve.server.errors import AlreadyExists, ErrorKind, FailedPrecondition, InvalidArgument, ResourceExhausted, SlimServeError
+from slimserve.optimizer.pipeline import Baseline, layout_aware, preflight
+from slimserve.optimizer.recipes import Recipe
+from slimserve.server.errors import (
+    AlreadyExists,
+    ErrorKind,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SlimServeError,
+)
 from slimserve.server.inference.dataplane import DataPlane
+from slimserve.server.management.runners import LocalRunner, RayRunner
+from slimserve.server.management.worker import WorkFailed, WorkLimits, WorkResult, WorkSpec, parse_recipe_of
 from slimserve.server.runtimes import RuntimeConfig, create_runtime
 from slimserve.server.store.manifest import BASELINE, DATA_ROLES, ModelInfo, VariantInfo, now, validate_name
 from slimserve.server.store.repository import Repository
 
 log = logging.getLogger(__name__)
+
+# A job's states, as its record and `slimctl jobs` show them. `interrupted`: the server stopped while it was queued or ran.
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+ENDED = ("succeeded", "failed", "cancelled", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -59,27 +71,24 @@ class Job:
     error: SlimServeError | None = None
     finished: bool = False
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    state: str = "queued"
+    stage: str = ""
+    fraction: float = 0.0
+    task: asyncio.Task | None = None
+    cancel_requested: bool = False
+    committing: bool = False  # the variant is being moved in: too late to cancel
+    baseline_key: tuple | None = None  # where the parent's measure is cached for later jobs
 
 
-def recipe_record(recipe: str, result: OptimizeResult) -> str:
-    """What the variant's record says it is: `auto` names the pipeline it chose, a budget search the settings it kept and its cost."""
-    if "auto_choice" in result.artifact.notes:
-        return f"auto: {result.artifact.notes['auto_choice']}"
-    searched = [s for s in result.searches if s.probes]
-    if not searched and result.within_budget is not False:
-        return recipe
-    parts = [s.summary() for s in searched]
-    if result.within_budget is False:
-        parts.append("over budget, kept on request")
-    return f"{recipe} ({'; '.join(parts)})"
-
-
-def job_error(job: Job, e: Exception) -> SlimServeError:
-    """The error a failed job ends with: never INTERNAL. A refusal says why; anything unforeseen names the stage it failed in.
+def job_error(job: Job, e: BaseException) -> SlimServeError:
+    """The error a failed job ends with: never INTERNAL. A worker's failure keeps the kind it reported; a refusal says
+    why; anything unforeseen names the stage it failed in.
 
     Nothing is registered by a failed job (the variant is staged, and moved in only at the end), so the model serves on.
     """
+    if isinstance(e, WorkFailed):
+        kind = ErrorKind[e.kind] if e.kind in ErrorKind.__members__ and e.kind != "INTERNAL" else ErrorKind.FAILED_PRECONDITION
+        return SlimServeError(f"job {job.id} failed: {e.message}", kind)
     if isinstance(e, OptimizerError):
         return FailedPrecondition(f"job {job.id} failed: {e}")
     if isinstance(e, SlimServeError) and e.kind != ErrorKind.INTERNAL:
@@ -95,12 +104,23 @@ def job_error(job: Job, e: Exception) -> SlimServeError:
 
 
 class JobManager:
-    """Runs jobs one at a time on a thread of their own, so that training never blocks inference calls."""
+    """Runs jobs through a runner (worker processes by default), `max_jobs` at once; the rest wait their turn."""
 
-    def __init__(self, repository: Repository, dataplane: DataPlane, runtime_config: RuntimeConfig) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        dataplane: DataPlane,
+        runtime_config: RuntimeConfig,
+        runner: LocalRunner | RayRunner | None = None,
+        max_jobs: int = 1,
+    ) -> None:
         self.repository = repository
         self.dataplane = dataplane
         self.runtime_config = runtime_config
+        self.runner = runner if runner is not None else LocalRunner(WorkLimits())
+        self.max_jobs = max_jobs
+        self._slots = asyncio.Semaphore(max_jobs)
+        # The server-side steps of jobs (registration, the baseline's measure after an upload), one at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimizer")
         self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -108,6 +128,10 @@ class JobManager:
         # from that variant reuses it. Keyed by the registration time too, so a model registered again under
         # the same name is measured anew.
         self._baselines: dict[tuple[str, str, str, str | None], Baseline] = {}
+
+    async def start(self) -> None:
+        """Connects the runner (a Ray cluster: refused here, at the server's start, when it cannot be reached)."""
+        await self.runner.start()
 
     def _datasets(self, model: str) -> dict[str, Path]:
         return {role: p for role in DATA_ROLES if (p := self.repository.dataset_path(model, role)) is not None}
@@ -123,19 +147,14 @@ class JobManager:
 
     def _recipe(self, request: JobRequest) -> Recipe:
         try:
-            if request.recipe_json:
-                try:
-                    data = json.loads(request.recipe_json)
-                except json.JSONDecodeError as e:
-                    raise OptimizerError(f"recipe file is not valid JSON: {e}") from e
-                return recipe_from_dict(data, "recipe file")
-            return parse_recipe(request.recipe)
+            return parse_recipe_of(request.recipe, request.recipe_json)
         except OptimizerError as e:
             raise InvalidArgument(str(e)) from e
 
     async def submit(self, request: JobRequest) -> Job:
-        """Checks everything that can be checked before work starts, then starts the job."""
+        """Checks everything that can be checked before work starts, then queues the job."""
         info = self.repository.get(request.model)
+        self.repository.check_writable()
         recipe = self._recipe(request)
         parent = request.parent or BASELINE
         if parent not in info.variants:
@@ -160,17 +179,23 @@ class JobManager:
             raise InvalidArgument(str(e)) from e
         job = Job(uuid.uuid4().hex[:12], request.model, variant, recipe, request)
         self.jobs[job.id] = job
-        self._record(job, "running", "")
-        task = asyncio.get_running_loop().create_task(self._run(job))
+        self._record(job, "queued", "")
+        waiting = sum(1 for j in self.jobs.values() if j.state == "queued") - 1
+        job.events.append(ProgressEvent("queued", 0.0, f"job {job.id} queued" + (f" behind {waiting} other(s)" if waiting else "")))
+        job.task = task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
 
     def _record(self, job: Job, status: str, message: str) -> None:
+        job.state = status
+
         def change(info: ModelInfo) -> None:
-            record = info.jobs.setdefault(job.id, {"id": job.id, "variant": job.variant, "recipe": job.recipe.name, "started_at": now()})
+            record = info.jobs.setdefault(job.id, {"id": job.id, "variant": job.variant, "recipe": job.recipe.name, "submitted_at": now()})
             record.update(status=status, message=message)
-            if status != "running":
+            if status == "running":
+                record["started_at"] = now()
+            elif status in ENDED:
                 record["finished_at"] = now()
 
         try:
@@ -180,96 +205,152 @@ class JobManager:
 
     async def _publish(self, job: Job, event: ProgressEvent | JobDone | None = None, error: SlimServeError | None = None) -> None:
         async with job.changed:
+            if isinstance(event, ProgressEvent):
+                job.stage, job.fraction = event.stage, event.fraction
             if event is not None:
                 job.events.append(event)
             if error is not None or isinstance(event, JobDone):
                 job.error, job.finished = error, True
             job.changed.notify_all()
 
+    def _spec(self, job: Job, staged: Path) -> WorkSpec:
+        info = self.repository.get(job.model)
+        parent = info.variants[job.request.parent or BASELINE]
+        auto = next((p for p in job.recipe.passes if p.name == "auto"), None)
+        metric = getattr(auto.config, "metric", None) or None if auto else None
+        quality = tuple(job.request.quality or info.quality)  # the job's quality settings, else the model's
+        evaluator = job.request.evaluator or info.evaluator
+        if quality or evaluator:  # the baseline is scored by what the job asks: cached apart
+            metric = f"{metric}|{sorted(quality)}|{evaluator}"
+        job.baseline_key = key = self._baseline_key(info, parent.name, metric)
+        return WorkSpec(
+            job_id=job.id,
+            model=job.model,
+            variant=job.variant,
+            parent=parent.name,
+            recipe=job.request.recipe,
+            recipe_json=job.request.recipe_json,
+            accuracy_budget=job.request.accuracy_budget,
+            keep_over_budget=job.request.keep_over_budget,
+            source=self.repository.variant_path(info, parent.name),
+            format=parent.format,
+            runtime=parent.runtime,
+            input_names=tuple(s.name for s in info.inputs),
+            output_names=tuple(s.name for s in info.outputs),
+            datasets=self._datasets(job.model),
+            staged=staged,
+            baseline=self._baselines.get(key),
+            device=self.runtime_config.device,
+            quality=quality,
+            evaluator=evaluator,
+        )
+
     async def _run(self, job: Job) -> None:
         loop = asyncio.get_running_loop()
 
-        def progress(event: ProgressEvent) -> None:
-            asyncio.run_coroutine_threadsafe(self._publish(job, event), loop)
+        def progress(event: ProgressEvent) -> None:  # on the loop's thread
+            task = loop.create_task(self._publish(job, event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
         try:
-            done = await loop.run_in_executor(self.executor, self._work, job, progress)
+            async with self._slots:
+                if job.cancel_requested:
+                    raise asyncio.CancelledError
+                self._record(job, "running", "")
+                await self._publish(job, ProgressEvent("running", 0.0, f"started on {self.runner.describe()}"))
+                with self.repository.staging() as staged:
+                    spec = self._spec(job, staged)
+                    result = await self.runner.run(spec, progress)
+                    job.committing = True
+                    done = await loop.run_in_executor(self.executor, self._commit, job, spec, result)
             await self.dataplane.refresh(job.model)
             self._record(job, "succeeded", "")
             await self._publish(job, done)
             log.info("job %s: variant '%s' of '%s' is ready", job.id, job.variant, job.model)
+        except asyncio.CancelledError:
+            if job.cancel_requested:
+                state, message = "cancelled", f"job {job.id} was cancelled; its worker was ended and nothing was registered"
+            else:
+                state, message = "interrupted", f"job {job.id} was interrupted: the server stopped while it was {job.state}"
+            self._record(job, state, message)
+            await self._publish(job, error=FailedPrecondition(message))
         except Exception as e:
             error = job_error(job, e)
             self._record(job, "failed", error.message)
             await self._publish(job, error=error)
 
-    def _work(self, job: Job, progress) -> JobDone:
-        """The blocking part: passes, evaluation, and the atomic move into the repository."""
-
-        info = self.repository.get(job.model)
-        parent = info.variants[job.request.parent or BASELINE]
-        source = Artifact(
-            path=self.repository.variant_path(info, parent.name),
-            format=parent.format,
-            runtime=parent.runtime,
-            input_names=tuple(s.name for s in info.inputs),
-            output_names=tuple(s.name for s in info.outputs),
+    def _commit(self, job: Job, spec: WorkSpec, result: WorkResult) -> JobDone:
+        """The server's part once the worker succeeded: the atomic move of the staged variant into the repository."""
+        if result.baseline is not None and job.baseline_key is not None:
+            self._keep_baseline(job.baseline_key, result.baseline)
+        variant = VariantInfo(
+            name=job.variant,
+            recipe=result.recipe,
+            parent=spec.parent,
+            runtime=result.runtime,
+            format=result.format,
+            file=result.file,
+            size_bytes=result.size_bytes,
+            evaluation=result.evaluation,
         )
-        datasets = self._datasets(job.model)
-        auto = next((p for p in job.recipe.passes if p.name == "auto"), None)
-        metric = getattr(auto.config, "metric", None) or None if auto else None
-        # The job's quality settings, else the model's from its registration.
-        declared = parse_declared(job.request.quality or info.quality, [s.name for s in info.outputs])
-        evaluator_name = job.request.evaluator or info.evaluator
-        evaluator = load_evaluator(evaluator_name) if evaluator_name else None
-        if declared or evaluator:  # the baseline is scored by what the job asks: cached apart
-            metric = f"{metric}|{sorted(declared.items())}|{evaluator_name}"
-        key = self._baseline_key(info, parent.name, metric)
-
-        with self.repository.staging() as staged:
-            context = PassContext(workdir=staged / "work", datasets=datasets, progress=progress, cancelled=job.cancel.is_set)
-            result = optimize(
-                source,
-                job.recipe,
-                context,
-                self._factory,
-                job.variant,
-                job.request.accuracy_budget,
-                baseline=self._baselines.get(key),
-                register_over_budget=job.request.keep_over_budget,
-                declared=declared,
-                evaluator=evaluator,
-            )
-            self._keep_baseline(key, Baseline(result.baseline, result.baseline_outputs))
-            variant_dir = staged / "variant"
-            variant_dir.mkdir()
-            target = variant_dir / f"model.{result.artifact.format}"
-            if result.artifact.format == "onnx":  # external data (a variant of 2 GiB or more) under the names the model gives
-                copy_model(result.artifact.path, target)
-            else:
-                shutil.copyfile(result.artifact.path, target)
-                # Side files a runtime reads next to the model (e.g. <stem>.compile.json) keep their suffix.
-                for side in result.artifact.path.parent.glob(f"{result.artifact.path.stem}.*"):
-                    if side != result.artifact.path and side.is_file():
-                        shutil.copyfile(side, variant_dir / f"model{side.name[len(result.artifact.path.stem) :]}")
-            variant = VariantInfo(
-                name=job.variant,
-                recipe=recipe_record(job.recipe.name, result),
-                parent=parent.name,
-                runtime=result.artifact.runtime,
-                format=result.artifact.format,
-                file=target.name,
-                size_bytes=target.stat().st_size,
-                evaluation=result.evaluation.to_dict(),
-            )
-            self.repository.add_variant(job.model, variant_dir, variant)
+        self.repository.add_variant(job.model, result.variant_dir, variant)
 
         def keep_parent_evaluation(i: ModelInfo) -> None:
-            if parent.name in i.variants:
-                i.variants[parent.name].evaluation = result.baseline.to_dict()
+            if spec.parent in i.variants:
+                i.variants[spec.parent].evaluation = result.baseline_evaluation
 
         self.repository.update(job.model, keep_parent_evaluation)
         return JobDone(variant, result.report)
+
+    # ------------------------------------------------------------------ job control
+
+    def _live(self, job: Job, record: dict[str, Any]) -> dict[str, Any]:
+        out = dict(record)
+        if not job.finished:
+            out.update(status=job.state, stage=job.stage, progress=job.fraction)
+        elif job.state == "succeeded":
+            out["progress"] = 1.0
+        return out
+
+    def list(self, model: str = "") -> list[tuple[str, dict[str, Any]]]:
+        """(model, job record) of one model, or of every model when `model` is empty; running jobs with their progress."""
+        infos = [self.repository.get(model)] if model else self.repository.list()
+        out = []
+        for info in infos:
+            for record in info.jobs.values():
+                job = self.jobs.get(record["id"])
+                out.append((info.name, self._live(job, record) if job is not None and job.model == info.name else dict(record)))
+        return out
+
+    def _ended_record(self, job_id: str) -> tuple[str, dict[str, Any]] | None:
+        for info in self.repository.list():
+            if job_id in info.jobs:
+                return info.name, info.jobs[job_id]
+        return None
+
+    async def cancel(self, job_id: str) -> tuple[str, dict[str, Any]]:
+        """Cancels a queued or running job: its worker is ended and its staging removed before this returns."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            found = self._ended_record(job_id)
+            if found is None:
+                raise NotFound(f"no job '{job_id}' on this server; list the jobs with `slimctl jobs`")
+            model, record = found
+            raise FailedPrecondition(f"job {job_id} ({model}: {record.get('variant')}) has already ended: {record.get('status')}")
+        if job.finished or job.state in ENDED:
+            raise FailedPrecondition(f"job {job_id} ({job.model}: {job.variant}) has already ended: {job.state}")
+        if job.committing:
+            raise FailedPrecondition(
+                f"job {job_id} has finished its work and is registering variant '{job.variant}'; it can no longer be "
+                f"cancelled: delete the variant once it is ready (slimctl delete {job.model} --variant {job.variant})"
+            )
+        job.cancel_requested = True
+        if job.task is not None:
+            job.task.cancel()
+            await asyncio.wait({job.task})
+        found = self._ended_record(job_id)
+        return found if found is not None else (job.model, {"id": job.id, "variant": job.variant, "status": job.state})
 
     def evaluate_in_background(self, model: str, variant: str = BASELINE) -> None:
         """Measures a variant on the job thread (after any queued job) and stores the evaluation with it."""
@@ -324,10 +405,10 @@ class JobManager:
                 return
 
     async def stop(self) -> None:
-        for job in self.jobs.values():
-            job.cancel.set()
+        """Ends every worker; their jobs are recorded `interrupted` and nothing of them is registered."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:  # let cancelled tasks unwind so none is destroyed while pending
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        await self.runner.close()

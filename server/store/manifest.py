@@ -89,7 +89,7 @@ class ModelInfo:
     variants: dict[str, VariantInfo]
     # How live traffic is split between variants; persisted so that a restart keeps it.
     traffic: TrafficPolicy = field(default_factory=TrafficPolicy.single)
-    # Optimization jobs by id: model, variant, recipe, status (running | succeeded | failed), message, times.
+    # Optimization jobs by id: variant, recipe, status (queued | running | succeeded | failed | cancelled | interrupted), message, times.
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The highest version ever given to a variant of this model: a deleted variant's number is never reused.
     last_version: int = 0

@@ -129,21 +129,24 @@ class Repository:
             self._recover_model(model_dir.name)
 
     def _recover_model(self, name: str) -> None:
-        """Variant directories the manifest does not know were never committed; running jobs died with us."""
+        """Variant directories the manifest does not know were never committed; queued and running jobs died with us (interrupted)."""
         info = self.get(name)
         variants_dir = self.model_dir(name) / "variants"
         for variant_dir in variants_dir.iterdir() if variants_dir.exists() else ():
             if variant_dir.name not in info.variants:
                 log.warning("removing %s: a variant that was never recorded (an interrupted job)", variant_dir)
                 shutil.rmtree(variant_dir, ignore_errors=True)
-        if any(j["status"] == "running" for j in info.jobs.values()):
+        if any(j["status"] in ("queued", "running") for j in info.jobs.values()):
 
-            def fail(i: ModelInfo) -> None:
+            def interrupt(i: ModelInfo) -> None:
                 for job in i.jobs.values():
-                    if job["status"] == "running":
-                        job.update(status="failed", message="interrupted: the server stopped while the job ran", finished_at=now())
+                    if job["status"] in ("queued", "running"):
+                        was = job["status"]
+                        job.update(
+                            status="interrupted", message=f"interrupted: the server stopped while the job was {was}", finished_at=now()
+                        )
 
-            self.update(name, fail)
+            self.update(name, interrupt)
 
     # ------------------------------------------------------------------ reads
 

@@ -1,4 +1,4 @@
-"""slimserve.v1.Optimizer: start a job, stream its progress, end with the new variant and its report; list jobs and passes."""
+"""slimserve.v1.Optimizer: start a job, stream its progress, end with the new variant and its report; list and cancel jobs; list passes."""
 
 from __future__ import annotations
 
@@ -24,3 +24,6 @@ class OptimizerServicer(spb_grpc.OptimizerServicer):
     @grpc_errors
     async def ListPasses(self, request, context):
         return converters.pass_list(await self.control.list_passes(request.name))
+
+    async def CancelJob(self, request, context):
+        return converters.job_record(*await self.control.cancel_job(request.id))

@@ -1,0 +1,202 @@
+"""What serving keeps while an optimizer job runs: the same closed-loop load before, during and after a job.
+
+    python -m bench.bench_jobs [--jobs prune-structured,quantize-static] [--seconds 8] [--callers 4] [--flags "..."]
+
+Trains the digits CNN, registers it on a `slimserve start` process (with its train and calibration data), and for
+each job recipe in turn measures `--callers` closed-loop gRPC callers (batch 1, two client processes): `--seconds`
+with no job, then, from the moment the job's worker process exists, `--rounds` pairs of windows with the worker
+stopped (SIGSTOP: the same server, the same process tree, the job not computing) and running, interleaved (which
+goes first alternates) so that other load on the machine weighs on both alike (a round counts only if the job
+still ran at the end of its running window).
+Prints p50 / p99 / throughput side by side and the running / paused ratios (targets: p99 <= 1.3x, throughput
+>= 0.85x, no errors), as a table and as JSON.
+`--flags` passes server flags (e.g. "--job-nice 0 --optimizer-threads 2" to see what the worker's priority buys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import wait_until
+from bench.loadgen import PointResult, build_infer_request, run_point
+from slimserve.client.client import SlimServeClient
+from slimserve.optimizer.zoo import export_onnx, load_digits_splits, train_digits_cnn
+from tests.helpers import ServerProcess
+
+
+def digits_files(root: Path, calibration_rows: int = 200) -> dict[str, Path]:
+    model, _ = train_digits_cnn(epochs=3)
+    train, test = load_digits_splits()
+    np.savez(root / "data.npz", x=test.x, labels=test.y)
+    np.savez(root / "train.npz", x=train.x, labels=train.y)
+    rows = np.resize(np.arange(len(train.x)), calibration_rows)  # the train split, repeated past its length
+    np.savez(root / "calibration.npz", x=train.x[rows])
+    onnx = export_onnx(model, root / "digits.onnx", torch.from_numpy(test.x[:2]))
+    return {"onnx": onnx, "data": root / "data.npz", "train": root / "train.npz", "calibration": root / "calibration.npz", "x": test.x[:1]}
+
+
+def row(phase: str, p: PointResult) -> dict:
+    return {
+        "phase": phase,
+        "requests": p.completed,
+        "throughput": round(p.throughput, 1),
+        "p50_ms": round(p.percentile(50), 3),
+        "p99_ms": round(p.percentile(99), 3),
+        "max_ms": round(float(p.latencies_ms.max()), 1) if len(p.latencies_ms) else None,
+        "errors": p.error_count,
+        "server_cpu_s": None if p.server_cpu_s is None else round(p.server_cpu_s, 2),
+    }
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The server's job workers (`python -m slimserve.server.management.worker`), from /proc."""
+    out = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in map(int, children):
+            try:
+                if b"slimserve.server.management.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(pid)
+            except OSError:
+                continue
+    return out
+
+
+def merged(phase: str, points: list[PointResult]) -> dict:
+    """Windows of one phase pooled: their requests over their seconds, percentiles over all their latencies."""
+    pooled = PointResult(
+        phase,
+        points[0].concurrency,
+        sum(p.seconds for p in points),
+        sum(p.completed for p in points),
+        np.concatenate([p.latencies_ms for p in points]),
+        {k: sum(p.errors.get(k, 0) for p in points) for p in points for k in p.errors},
+        server_cpu_s=sum(p.server_cpu_s or 0.0 for p in points),
+    )
+    return row(phase, pooled)
+
+
+def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, payload: bytes, args) -> dict:
+    def load(phase: str, seconds: float) -> PointResult:
+        return run_point(phase, server.address, payload, args.callers, seconds, 1.0, server_pid=server.pid)
+
+    idle = load("no job", args.seconds)
+    asked = recipe
+    if recipe == "quantize-static" and args.calibration_rows > 256:  # the pass calibrates on 256 rows unless told more
+        asked = str(args.workdir / "quantize-static.json")
+        passes = [{"pass": "quantize-static", "config": {"max_samples": args.calibration_rows, "calibrate_method": args.calibrate_method}}]
+        Path(asked).write_text(json.dumps({"version": 1, "name": "quantize-static", "passes": passes}))
+    variant, _ = client.optimize("digits", asked, variant_name=f"bench-{recipe}", detach=True)
+    job_id = variant["job_id"]
+
+    def state() -> dict:
+        return next(j for j in client.jobs("digits") if j["id"] == job_id)
+
+    started = time.monotonic()
+    wait_until(lambda: worker_pids(server.pid) or state()["status"] not in ("queued", "running"), "the job's worker", 300, 0.05)
+    worker_up_s = time.monotonic() - started
+    # Interleaved: the worker stopped (SIGSTOP), then running, round after round, so that the other load on the
+    # machine weighs on both alike; a running window counts only if the job still ran when it ended.
+    paused, running = [], []
+
+    def measure_paused() -> PointResult | None:
+        pids = worker_pids(server.pid)
+        if not pids:
+            return None
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            return load("job paused", args.seconds / args.rounds)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+    for i in range(args.rounds):  # paused first in even rounds, running first in odd ones: neither always goes first
+        if state()["status"] != "running":
+            break
+        first_paused = measure_paused() if i % 2 == 0 else None
+        point = load("job running", args.seconds / args.rounds)
+        if state()["status"] != "running":
+            break
+        second_paused = measure_paused() if i % 2 == 1 else None
+        if (first_paused or second_paused) is None:
+            break
+        paused.append(first_paused or second_paused)
+        running.append(point)
+    end = wait_until(lambda: (s := state())["status"] not in ("queued", "running") and s, f"job {job_id} to end", 1800, 0.5)
+    job_s = time.monotonic() - started
+    result = {
+        "recipe": recipe,
+        "job": {"id": job_id, "status": end["status"], "message": end["message"], "seconds": round(job_s, 1)},
+        "worker_started_s": round(worker_up_s, 1),
+        "rounds": len(running),
+        "phases": [row("no job", idle)],
+    }
+    if running:
+        before, during = merged("job paused", paused), merged("job running", running)
+        result["phases"] += [before, during]
+        result["ratios"] = {
+            "p50": round(during["p50_ms"] / before["p50_ms"], 2),
+            "p99": round(during["p99_ms"] / before["p99_ms"], 2),
+            "throughput": round(during["throughput"] / before["throughput"], 2),
+        }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", default="prune-structured,quantize-static", help="job recipes, one after the other")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds measured in each phase (split over the rounds)")
+    parser.add_argument("--rounds", type=int, default=3, help="paused / running window pairs while the job runs")
+    parser.add_argument("--callers", type=int, default=4)
+    parser.add_argument("--calibrate-method", default="minmax", help="quantize-static's calibration with --calibration-rows over 256")
+    parser.add_argument(
+        "--calibration-rows", type=int, default=200, help="calibration samples (more: a longer quantize-static job to measure inside)"
+    )
+    parser.add_argument("--flags", default="", help="extra `slimserve start` flags")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files = digits_files(root, args.calibration_rows)
+        args.workdir = root
+        server = ServerProcess(root / "repo", root / "server.log", *shlex.split(args.flags))
+        try:
+            with server.client() as c:
+                c.register("digits", files["onnx"], data=files["data"], train=files["train"], calibration=files["calibration"])
+                wait_until(lambda: c.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's measure", 120, 0.2)
+                payload = build_infer_request("digits", files["x"])
+                results = [measure_job(server, c, recipe, payload, args) for recipe in args.jobs.split(",")]
+        finally:
+            server.stop()
+    out = {"cores": os.cpu_count(), "callers": args.callers, "seconds": args.seconds, "flags": args.flags, "results": results}
+    for r in results:
+        print(f"\n{r['recipe']}: job {r['job']['status']} in {r['job']['seconds']} s; {r['rounds']} paused / running round(s)")
+        print(f"{'phase':12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6} {'server cpu s':>12}")
+        for p in r["phases"]:
+            print(
+                f"{p['phase']:12} {p['throughput']:>8} {p['p50_ms']:>8} {p['p99_ms']:>8} {p['max_ms']:>8} {p['errors']:>6} {p['server_cpu_s']!s:>12}"
+            )
+        if "ratios" in r:
+            ratios = r["ratios"]
+            print(f"running / paused: p50 {ratios['p50']}x, p99 {ratios['p99']}x, throughput {ratios['throughput']}x")
+    print(json.dumps(out, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
