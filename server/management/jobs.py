@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.catalog import PASSES
 from slimserve.optimizer.evaluation.evaluators import load_evaluator
 from slimserve.optimizer.evaluation.quality import parse_declared
 from slimserve.optimizer.pipeline import Baseline, layout_aware, preflight
@@ -243,6 +244,7 @@ class JobManager:
             device=self.runtime_config.device,
             quality=quality,
             evaluator=evaluator,
+            passes=dict(PASSES),
         )
 
     async def _run(self, job: Job) -> None:

@@ -60,6 +60,8 @@ class WorkSpec:
     device: str = "auto"
     quality: tuple[str, ...] = ()  # "OUTPUT=METRIC": the job's, else the model's from its registration
     evaluator: str = ""  # an evaluator installed on this node (checked by the server before the job starts)
+    # The server's pass catalog (name -> "module:Class"): passes a deployment adds to the table run in the worker too.
+    passes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,9 @@ def run_work(spec: WorkSpec, progress: Callable[[Any], None], cancelled: Callabl
         r.load()
         return r
 
+    from slimserve.optimizer.catalog import PASSES
+
+    PASSES.update(spec.passes)
     recipe = parse_recipe_of(spec.recipe, spec.recipe_json)
     source = Artifact(
         path=spec.source, format=spec.format, runtime=spec.runtime, input_names=spec.input_names, output_names=spec.output_names

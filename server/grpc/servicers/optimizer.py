@@ -25,5 +25,6 @@ class OptimizerServicer(spb_grpc.OptimizerServicer):
     async def ListPasses(self, request, context):
         return converters.pass_list(await self.control.list_passes(request.name))
 
+    @grpc_errors
     async def CancelJob(self, request, context):
         return converters.job_record(*await self.control.cancel_job(request.id))
