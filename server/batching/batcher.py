@@ -43,6 +43,7 @@ from collections.abc import Callable, Hashable
 import numpy as np
 
 from slimserve.server.batching.assembly import BatchingConfig, batch_key, split_outputs
+from slimserve.server.batching.sequence import SequencePlan
 from slimserve.server.batching.sizing import BatchSizer
 from slimserve.server.errors import ResourceExhausted, Unavailable
 
@@ -79,6 +80,7 @@ class DynamicBatcher:
         max_concurrency: int = 1,
         on_batch: OnBatch | None = None,
         inline_below_s: float = 0.0,
+        sequence: SequencePlan | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -113,6 +115,11 @@ class DynamicBatcher:
         self._dispatcher: asyncio.Task | None = None
         self._kick_pending = False
         self._idle: asyncio.Event | None = None  # disabled mode: set when nothing runs
+        # A text model served padding-free (batching/sequence.py): each request cut to its real length before it is keyed,
+        # so requests of similar length merge; set per instance, so that other models' submit pays nothing for it.
+        self.sequence = sequence
+        if sequence is not None:
+            self.submit = self._submit_cut  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ public
 
@@ -150,6 +157,14 @@ class DynamicBatcher:
                 self._unqueue(request)
                 self._wakeup.set()
             raise
+
+    async def _submit_cut(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """`submit` of a padding-free variant: trailing padding cut before batching, sequence outputs padded back."""
+        cut = self.sequence.cut(inputs)
+        if cut is None:
+            return await DynamicBatcher.submit(self, inputs, outputs)
+        trimmed, full, keep = cut
+        return self.sequence.pad_back(await DynamicBatcher.submit(self, trimmed, outputs), full, keep)
 
     async def close(self) -> None:
         """Stops accepting (new submits raise Unavailable), finishes what is queued and running, then returns."""

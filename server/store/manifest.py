@@ -96,6 +96,8 @@ class ModelInfo:
     schema_version: int = SCHEMA_VERSION
     # The model's rollout (server/rollout/state.py), running or finished; None when it never had one.
     rollout: dict[str, Any] | None = None
+    # The sequence axis declared at register ({"inputs": [...], "mask": name}; batching/sequence.py); None: detected by name.
+    sequence: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.assign_versions()
@@ -143,6 +145,7 @@ class ModelInfo:
             "jobs": self.jobs,
             "last_version": self.last_version,
             **({"rollout": self.rollout} if self.rollout is not None else {}),
+            **({"sequence": self.sequence} if self.sequence is not None else {}),
         }
 
     @classmethod
@@ -165,6 +168,7 @@ class ModelInfo:
             jobs=dict(d.get("jobs", {})),
             last_version=int(d.get("last_version", 0)),
             rollout=d.get("rollout"),
+            sequence=d.get("sequence"),
         )
 
 

@@ -1,0 +1,213 @@
+"""Padding-free serving of transformers: a request runs at its real length, not at the length its client padded to.
+
+A text model with a sequence axis and an attention mask (`input_ids` / `attention_mask` / `token_type_ids`, INT64
+`[batch, seq]`, detected by name, or declared at register) gets a `SequencePlan`. Before a request is batched, its
+trailing padding is cut: every sequence input keeps the first `keep` positions, where `keep` is the longest real length
+of its rows (the mask's ones) rounded up to a multiple of `BUCKET`, so that requests of similar length share a batching
+key and merge (`assembly.batch_key` keys on the shapes) while a batch is never padded to a much longer member. The
+outputs whose axis 1 is the sequence are padded back with zeros to the length the client sent (the positions a client
+padded are not text: sentence-transformers and Text Embeddings Inference ignore them too). Pooled outputs
+(`[batch, hidden]`) come back as computed.
+
+A request whose mask is not 0/1 with trailing padding (a left-padded batch, a row with no token, a mask of other
+values) is served at the length it was sent, as before. `verify` checks at load that cutting changes nothing beyond
+`TOLERANCE` on made-up rows; a model that fails it (one that reads padded positions) is served padded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.runtimes.base import TensorSpec
+
+log = logging.getLogger(__name__)
+
+# Inputs detected by name as tokens along a sequence axis, and the mask among them.
+SEQUENCE_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+MASK_NAME = "attention_mask"
+# Real lengths are rounded up to a multiple of this: requests of similar length merge into one batch. MiniLM on a
+# 2-core AVX2 node: a 23-token sentence costs ~2 ms at 24 tokens against ~9 ms at 128 (bench/bench_sequence.py).
+BUCKET = 8
+# Relative difference (max |trimmed - full| / max |full|) beyond which trimming is refused.
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """Which inputs carry the sequence on axis 1, the mask among them, and the outputs padded back on axis 1."""
+
+    inputs: tuple[str, ...]
+    mask: str
+    outputs: tuple[str, ...]
+    bucket: int = BUCKET
+
+    def cut(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, int] | None:
+        """The inputs cut to their real length (rounded up to the bucket), the length sent and the length kept; None when
+        nothing is cut (no padding to drop, or a mask that is not 0/1 trailing padding: served as sent)."""
+        mask = inputs.get(self.mask)
+        if mask is None or mask.ndim != 2 or mask.shape[0] < 1:
+            return None
+        full = mask.shape[1]
+        if full <= self.bucket:
+            return None
+        lengths = trailing_lengths(mask)
+        if lengths is None:
+            return None
+        keep = min(full, -(-int(lengths.max()) // self.bucket) * self.bucket)
+        if keep >= full:
+            return None
+        cut = dict(inputs)
+        for name in self.inputs:
+            array = inputs.get(name)
+            if array is None or array.shape[:2] != mask.shape:  # shapes the input check let through but that disagree
+                return None
+            cut[name] = np.ascontiguousarray(array[:, :keep])
+        return cut, full, keep
+
+    def pad_back(self, outputs: dict[str, np.ndarray], full: int, keep: int) -> dict[str, np.ndarray]:
+        """Outputs along the sequence padded back with zeros from `keep` to `full` positions on axis 1."""
+        if not self.outputs:
+            return outputs
+        padded = dict(outputs)
+        for name in self.outputs:
+            array = outputs.get(name)
+            if isinstance(array, np.ndarray) and array.ndim >= 2 and array.shape[1] == keep:
+                out = np.zeros((array.shape[0], full, *array.shape[2:]), dtype=array.dtype)
+                out[:, :keep] = array
+                padded[name] = out
+        return padded
+
+
+def trailing_lengths(mask: np.ndarray) -> np.ndarray | None:
+    """Each row's count of ones when every row is ones then zeros (at least one one); None otherwise."""
+    if mask.dtype == np.bool_:
+        ones = mask
+    else:
+        ones = mask == 1
+        if not (ones | (mask == 0)).all():
+            return None
+    if mask.shape[1] > 1 and (ones[:, 1:] & ~ones[:, :-1]).any():  # a one after a zero: not trailing padding
+        return None
+    lengths = ones.sum(axis=1)
+    if not lengths.all():  # a row without a token: its meaning depends on the padding, keep it
+        return None
+    return lengths
+
+
+def plan_for(
+    inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec], declared: dict | None = None, where: str = ""
+) -> SequencePlan | None:
+    """The plan of a runtime's tensors: the declared sequence inputs and mask, else those named as in `SEQUENCE_NAMES`.
+
+    A declaration that does not fit the tensors raises InvalidArgument naming the input and its shape; detected names
+    that do not fit (not INT64 [batch, seq], a fixed sequence length) give no plan: the model is served padded."""
+    inputs, outputs = list(inputs), list(outputs)
+    by_name = {s.name: s for s in inputs}
+    if declared:
+        names = tuple(declared.get("inputs") or ())
+        mask = str(declared.get("mask") or "")
+        check_declared(by_name, names, mask)
+    else:
+        names = tuple(n for n in SEQUENCE_NAMES if n in by_name)
+        mask = MASK_NAME
+        if mask not in names:
+            return None
+        unfit = [f"'{n}' {_describe(by_name[n])}" for n in names if not _is_sequence(by_name[n])]
+        if unfit:
+            log.info("%s: not served padding-free: %s (wanted INT64 [batch, seq])", where or "model", "; ".join(unfit))
+            return None
+    fixed = [f"'{n}' {_describe(by_name[n])}" for n in names if by_name[n].shape[1] != -1]
+    if fixed:
+        log.info(
+            "%s: not served padding-free: a fixed sequence length on %s; `graph-dynamic-seq` makes it accept any length",
+            where or "model",
+            ", ".join(fixed),
+        )
+        return None
+    along = tuple(s.name for s in outputs if len(s.shape) >= 2 and s.shape[1] == -1)
+    return SequencePlan(names, mask, along)
+
+
+def check_declared(by_name: dict[str, TensorSpec], names: tuple[str, ...], mask: str) -> None:
+    """A declared sequence: every input exists and is INT64 [batch, seq], the mask one of them."""
+    if not names:
+        raise InvalidArgument("sequence: declare at least one sequence input (e.g. inputs input_ids,attention_mask, mask attention_mask)")
+    unknown = [n for n in (*names, mask) if n and n not in by_name]
+    if unknown:
+        raise InvalidArgument(
+            f"sequence: the model has no input {', '.join(repr(u) for u in unknown)}; its inputs are: {', '.join(by_name)}"
+        )
+    if mask not in names:
+        raise InvalidArgument(f"sequence: the mask {mask!r} must be one of the declared sequence inputs {list(names)}")
+    for name in names:
+        spec = by_name[name]
+        if not _is_sequence(spec):
+            raise InvalidArgument(
+                f"sequence: input '{name}' is {_describe(spec)}, not INT64 [batch, seq]; declare only the token inputs "
+                "(ids, mask, token types), or register without a sequence declaration to serve it padded"
+            )
+
+
+def _is_sequence(spec: TensorSpec) -> bool:
+    return len(spec.shape) == 2 and spec.datatype == "INT64"
+
+
+def _describe(spec: TensorSpec) -> str:
+    return f"{spec.datatype} [{','.join(str(d) for d in spec.shape)}]"
+
+
+def verify(
+    predict: Callable[[dict[str, np.ndarray], list[str] | None], dict[str, np.ndarray]], plan: SequencePlan, length: int = 64
+) -> str:
+    """Why cutting is wrong for this model ('' when it is not): two made-up rows of 11 and 5 tokens padded to `length`,
+    run padded and cut; every output compared (sequence outputs on the real positions) within `TOLERANCE`."""
+    rng = np.random.default_rng(0)
+    rows, real = 2, (11, 5)
+    feed = {}
+    for name in plan.inputs:
+        if name == plan.mask:
+            feed[name] = np.zeros((rows, length), dtype=np.int64)
+            for i, n in enumerate(real):
+                feed[name][i, :n] = 1
+        elif name == "token_type_ids":
+            feed[name] = np.zeros((rows, length), dtype=np.int64)
+        else:  # ids: small ones, which any vocabulary has
+            feed[name] = rng.integers(1, 100, size=(rows, length), dtype=np.int64)
+    cut = plan.cut(feed)
+    if cut is None:
+        return ""
+    trimmed, full, keep = cut
+    try:
+        padded_out = predict(feed, None)
+        cut_out = plan.pad_back(predict(trimmed, None), full, keep)
+    except Exception as e:  # made-up ids the model refuses (a smaller vocabulary): no evidence either way
+        return f"made-up token rows failed ({type(e).__name__}: {str(e)[:200]})"
+    for name, want in padded_out.items():
+        got = cut_out.get(name)
+        if not isinstance(want, np.ndarray) or not np.issubdtype(want.dtype, np.floating):
+            continue
+        if name in plan.outputs and want.ndim >= 2:
+            want, got = want[:, : max(real)], got[:, : max(real)]
+            mask = np.zeros(want.shape[:2], dtype=bool)
+            for i, n in enumerate(real):
+                mask[i, :n] = True
+            want, got = want[mask], got[mask]
+        difference = relative_difference(want, got)
+        if difference > TOLERANCE:
+            return f"output '{name}' differs by {difference:.2e} (relative) when its padding is cut (> {TOLERANCE:g})"
+    return ""
+
+
+def relative_difference(want: np.ndarray, got: np.ndarray) -> float:
+    """max |want - got| / max |want| (the absolute difference when `want` is all zeros)."""
+    want, got = np.asarray(want, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    if want.shape != got.shape:
+        return float("inf")
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    diff = float(np.abs(want - got).max()) if want.size else 0.0
+    return diff / scale if scale > 0 else diff

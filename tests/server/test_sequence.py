@@ -1,0 +1,137 @@
+"""Padding-free serving: trailing padding cut before compute, sequence outputs padded back, similar lengths batched
+together, anything else (left padding, a model that reads its padding, a fixed length) served as sent."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from slimserve.server.batching.batcher import DynamicBatcher
+from slimserve.server.batching.sequence import SequencePlan, plan_for, relative_difference, trailing_lengths, verify
+from slimserve.server.errors import InvalidArgument
+from slimserve.server.runtimes import TensorSpec, create_runtime
+from tests.token_models import token_model, token_rows
+
+
+def loaded(path):
+    runtime = create_runtime("onnxruntime", path)
+    runtime.load()
+    return runtime
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+def test_trailing_lengths_accepts_only_ones_then_zeros():
+    assert trailing_lengths(np.array([[1, 1, 0, 0], [1, 0, 0, 0]])).tolist() == [2, 1]
+    assert trailing_lengths(np.array([[1, 1, 1, 1]], dtype=bool)).tolist() == [4]
+    assert trailing_lengths(np.array([[0, 1, 1, 0]])) is None  # left padding
+    assert trailing_lengths(np.array([[1, 0, 1, 0]])) is None  # a hole
+    assert trailing_lengths(np.array([[1, 2, 0, 0]])) is None  # not 0/1
+    assert trailing_lengths(np.array([[1, 1, 0, 0], [0, 0, 0, 0]])) is None  # a row without a token
+
+
+def test_detected_by_name_and_refused_when_declared_wrong():
+    ids, mask = TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1))
+    outputs = [TensorSpec("hidden", "FP32", (-1, -1, 16)), TensorSpec("pooled", "FP32", (-1, 16))]
+    plan = plan_for([ids, mask], outputs)
+    assert plan == SequencePlan(("input_ids", "attention_mask"), "attention_mask", ("hidden",))
+    assert plan_for([TensorSpec("input_ids", "INT64", (-1, 128)), TensorSpec("attention_mask", "INT64", (-1, 128))], outputs) is None
+    assert plan_for([TensorSpec("input_ids", "FP32", (-1, -1)), mask], outputs) is None  # detected but unfit: padded
+    assert plan_for([ids], outputs) is None  # no mask
+    images = TensorSpec("tokens", "INT64", (-1, -1, 3))
+    with pytest.raises(InvalidArgument, match=r"input 'tokens' is INT64 \[-1,-1,3\], not INT64 \[batch, seq\]"):
+        plan_for([images, mask], outputs, {"inputs": ["tokens", "attention_mask"], "mask": "attention_mask"})
+    with pytest.raises(InvalidArgument, match="no input 'ids'"):
+        plan_for([ids, mask], outputs, {"inputs": ["ids", "attention_mask"], "mask": "attention_mask"})
+    with pytest.raises(InvalidArgument, match="must be one of the declared"):
+        plan_for([ids, mask], outputs, {"inputs": ["input_ids"], "mask": "attention_mask"})
+    declared = plan_for(
+        [TensorSpec("tok", "INT64", (-1, -1)), TensorSpec("m", "INT64", (-1, -1))], outputs, {"inputs": ["tok", "m"], "mask": "m"}
+    )
+    assert declared is not None and declared.mask == "m"
+
+
+def test_cut_keeps_the_bucket_and_pads_outputs_back(tmp_path):
+    runtime = loaded(token_model(tmp_path / "t.onnx", token_types=True))
+    plan = plan_for(runtime.inputs, runtime.outputs)
+    assert plan is not None and plan.outputs == ("hidden",)
+    rows = token_rows([5, 11, 3], 128, token_types=True)
+    trimmed, full, keep = plan.cut(rows)
+    assert (full, keep) == (128, 16) and all(trimmed[n].shape == (3, 16) for n in plan.inputs)
+    padded = runtime.predict(rows)
+    served = plan.pad_back(runtime.predict(trimmed), full, keep)
+    assert served["hidden"].shape == padded["hidden"].shape == (3, 128, 16)
+    assert cosine(served["pooled"], padded["pooled"]) >= 0.9999
+    for i, n in enumerate([5, 11, 3]):  # the real positions agree; the padded ones are zeros
+        assert relative_difference(padded["hidden"][i, :n], served["hidden"][i, :n]) < 1e-5
+        assert not served["hidden"][i, keep:].any()
+    assert verify(runtime.predict, plan) == ""
+    left = {k: v[:, ::-1].copy() for k, v in rows.items()}  # left padding: served as sent
+    assert plan.cut(left) is None
+
+
+def test_a_model_that_reads_its_padding_fails_verification(tmp_path):
+    runtime = loaded(token_model(tmp_path / "bad.onnx", reads_padding=True))
+    plan = plan_for(runtime.inputs, runtime.outputs)
+    assert "output 'pooled' differs by" in verify(runtime.predict, plan)
+
+
+def test_batcher_runs_each_request_at_its_length_and_groups_similar_lengths():
+    seen: list[tuple[int, int]] = []
+
+    def predict(inputs, outputs):
+        ids = inputs["input_ids"]
+        seen.append(ids.shape)
+        return {"hidden": np.ones((*ids.shape, 2), np.float32), "pooled": np.ones((len(ids), 2), np.float32)}
+
+    plan = SequencePlan(("input_ids", "attention_mask"), "attention_mask", ("hidden",))
+
+    async def run():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(predict, pool, max_concurrency=1, sequence=plan)
+            requests = [token_rows([n], 128, seed=i) for i, n in enumerate([30, 5, 7, 29, 3])]
+            answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+            await batcher.close()
+            return answers
+
+    answers = asyncio.run(run())
+    assert all(a["hidden"].shape == (1, 128, 2) and a["pooled"].shape == (1, 2) for a in answers)
+    assert answers[0]["hidden"][0, :32].all() and not answers[0]["hidden"][0, 32:].any()
+    # the two ~30-token requests merge at 32 positions, the three short ones at 8: no batch padded to its longest member
+    assert seen == [(2, 32), (3, 8)]
+
+
+def test_served_padding_free_over_grpc(server_factory, tmp_path):
+    from slimserve.client.client import SlimServeClient
+
+    server = server_factory()
+    path = token_model(tmp_path / "text.onnx")
+    with SlimServeClient(server.address) as client:
+        client.register("text", path)
+        plan = server.server.dataplane.loader.sequences.get(("text", "baseline"))
+        assert plan is not None and plan.mask == "attention_mask"
+        rows = token_rows([7, 20], 128)
+        _, out = client.infer("text", rows)
+    full = loaded(path).predict(rows)
+    assert out["hidden"].shape == (2, 128, 16)
+    assert cosine(out["pooled"], full["pooled"]) >= 0.9999
+    assert relative_difference(full["hidden"][1, :20], out["hidden"][1, :20]) < 1e-5
+
+
+def test_a_model_reading_its_padding_is_served_padded(server_factory, tmp_path):
+    from slimserve.client.client import SlimServeClient
+
+    server = server_factory()
+    path = token_model(tmp_path / "reads.onnx", reads_padding=True)
+    with SlimServeClient(server.address) as client:
+        client.register("reads", path)
+        assert ("reads", "baseline") not in server.server.dataplane.loader.sequences
+        rows = token_rows([7], 128)
+        _, out = client.infer("reads", rows)
+    np.testing.assert_allclose(out["pooled"], loaded(path).predict(rows)["pooled"], rtol=1e-5, atol=1e-6)
