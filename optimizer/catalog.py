@@ -16,6 +16,7 @@ from slimserve.optimizer.base import OptimizerError, Pass, config_from_dict
 BUILTIN_PASS_MODULES = (
     "slimserve.optimizer.passes.auto",
     "slimserve.optimizer.passes.distill",
+    "slimserve.optimizer.passes.dynamic_seq",
     "slimserve.optimizer.passes.graph",
     "slimserve.optimizer.passes.prune",
     "slimserve.optimizer.passes.prune_structured",

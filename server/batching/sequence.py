@@ -22,19 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slimserve.optimizer.formats.sequence_axis import MASK_NAME, SEQUENCE_NAMES, TOLERANCE, relative_difference, trailing_lengths
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes.base import TensorSpec
 
 log = logging.getLogger(__name__)
 
-# Inputs detected by name as tokens along a sequence axis, and the mask among them.
-SEQUENCE_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-MASK_NAME = "attention_mask"
 # Real lengths are rounded up to a multiple of this: requests of similar length merge into one batch. MiniLM on a
 # 2-core AVX2 node: a 23-token sentence costs ~2 ms at 24 tokens against ~9 ms at 128 (bench/bench_sequence.py).
 BUCKET = 8
-# Relative difference (max |trimmed - full| / max |full|) beyond which trimming is refused.
-TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -81,22 +77,6 @@ class SequencePlan:
                 out[:, :keep] = array
                 padded[name] = out
         return padded
-
-
-def trailing_lengths(mask: np.ndarray) -> np.ndarray | None:
-    """Each row's count of ones when every row is ones then zeros (at least one one); None otherwise."""
-    if mask.dtype == np.bool_:
-        ones = mask
-    else:
-        ones = mask == 1
-        if not (ones | (mask == 0)).all():
-            return None
-    if mask.shape[1] > 1 and (ones[:, 1:] & ~ones[:, :-1]).any():  # a one after a zero: not trailing padding
-        return None
-    lengths = ones.sum(axis=1)
-    if not lengths.all():  # a row without a token: its meaning depends on the padding, keep it
-        return None
-    return lengths
 
 
 def plan_for(
@@ -201,13 +181,3 @@ def verify(
         if difference > TOLERANCE:
             return f"output '{name}' differs by {difference:.2e} (relative) when its padding is cut (> {TOLERANCE:g})"
     return ""
-
-
-def relative_difference(want: np.ndarray, got: np.ndarray) -> float:
-    """max |want - got| / max |want| (the absolute difference when `want` is all zeros)."""
-    want, got = np.asarray(want, dtype=np.float64), np.asarray(got, dtype=np.float64)
-    if want.shape != got.shape:
-        return float("inf")
-    scale = float(np.abs(want).max()) if want.size else 0.0
-    diff = float(np.abs(want - got).max()) if want.size else 0.0
-    return diff / scale if scale > 0 else diff

@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from slimserve.optimizer.formats.sequence_axis import relative_difference, trailing_lengths
 from slimserve.server.batching.batcher import DynamicBatcher
-from slimserve.server.batching.sequence import SequencePlan, plan_for, relative_difference, trailing_lengths, verify
+from slimserve.server.batching.sequence import SequencePlan, plan_for, verify
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes import TensorSpec, create_runtime
 from tests.token_models import token_model, token_rows
