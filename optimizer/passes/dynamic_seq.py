@@ -22,6 +22,9 @@ from slimserve.optimizer.catalog import register
 from slimserve.optimizer.formats.sequence_axis import MASK_NAME, SEQUENCE_NAMES, TOLERANCE, relative_difference, trailing_lengths
 
 SYMBOL = "sequence"
+# Operators whose constant operand of the fixed length (a position embedding folded by the exporter, an attention bias)
+# is cut to the real length: elementwise broadcasting ones, and Gather's indices (position ids).
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Pow", "Equal", "Less", "Greater", "And", "Or", "Max", "Min"})
 ROWS_CHECKED = 16  # evaluation rows run one by one at their real length
 
 
@@ -66,10 +69,9 @@ def _sequence_inputs(model, inputs: tuple[str, ...], mask: str) -> tuple[list[st
     return (names, lengths.pop()) if len(lengths) == 1 else None
 
 
-def rewrite(model, names: list[str], length: int) -> int:
-    """Makes the sequence dimension symbolic in place; returns how many Reshape targets were made to copy it."""
-    from onnx import numpy_helper
-
+def rewrite(model, names: list[str], length: int) -> tuple[int, int]:
+    """Makes the sequence dimension symbolic in place; returns how many Reshape targets now take the real length and how many
+    constants of the fixed length are now cut to the real one."""
     for value in model.graph.input:
         if value.name in names:
             value.type.tensor_type.shape.dim[1].dim_param = SYMBOL
@@ -78,22 +80,78 @@ def rewrite(model, names: list[str], length: int) -> int:
         if len(dims) >= 2 and dims[1].HasField("dim_value") and dims[1].dim_value == length:
             dims[1].dim_param = SYMBOL
     del model.graph.value_info[:]
-    constants = {t.name: t for t in model.graph.initializer}
-    constants |= {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
-    rewritten = 0
-    for node in model.graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+    return _cut_constants(model, names[0], length)
+
+
+def _cut_constants(model, token_input: str, length: int) -> tuple[int, int]:
+    """Reshape targets with the fixed length on axis 1 take the real length instead (a Concat around it), and constants
+    with the fixed length on some axes that meet the sequence (elementwise, or as Gather's indices) are sliced to it;
+    the real length is read from the token input's shape: what a model exported with a dynamic axis computes.
+    Returns (targets, constants) rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    values = {t.name: t for t in graph.initializer}
+    made_by = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
+            values[node.output[0]] = node.attribute[0].t
+            made_by[node.output[0]] = node.output[0]
+    uses: dict[str, list[tuple[object, int]]] = {}
+    targets: dict[str, list[object]] = {}
+    for node in graph.node:
+        if node.op_type == "Reshape" and len(node.input) >= 2 and node.input[1] in values:
+            target = numpy_helper.to_array(values[node.input[1]])
+            if target.ndim == 1 and len(target) >= 2 and target[1] == length:
+                targets.setdefault(node.input[1], []).append(node)
             continue
-        if any(a.name == "allowzero" and a.i for a in node.attribute):
-            continue
-        tensor = constants[node.input[1]]
-        target = numpy_helper.to_array(tensor)
-        if target.ndim == 1 and len(target) >= 2 and target[1] == length:
-            target = target.copy()
-            target[1] = 0  # Reshape: 0 copies the input's dimension
-            tensor.CopyFrom(numpy_helper.from_array(target, tensor.name))
-            rewritten += 1
-    return rewritten
+        for i, name in enumerate(node.input):
+            meets = (node.op_type in ELEMENTWISE and len(shapes.get(name, ())) >= 2) or (node.op_type == "Gather" and i == 1)
+            if meets and name in shapes and length in shapes[name]:
+                uses.setdefault(name, []).append((node, i))
+    if not uses and not targets:
+        return 0, 0
+    prefix = "graph_dynamic_seq"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1], np.int64), f"{prefix}_axis1"),
+            numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_zero"),
+        ]
+    )
+    for axis in {a for name in uses for a, d in enumerate(shapes[name]) if d == length}:
+        graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), f"{prefix}_at{axis}"))
+    first = [
+        helper.make_node("Shape", [token_input], [f"{prefix}_shape"]),
+        helper.make_node("Gather", [f"{prefix}_shape", f"{prefix}_axis1"], [f"{prefix}_length"], axis=0),
+    ]
+    after: dict[str, list] = {}
+    for name, reshapes in targets.items():
+        target = numpy_helper.to_array(values[name]).astype(np.int64)
+        head, tail, out = f"{prefix}_{name}_head", f"{prefix}_{name}_tail", f"{prefix}_{name}_target"
+        graph.initializer.extend([numpy_helper.from_array(target[:1], head), numpy_helper.from_array(target[2:], tail)])
+        first.append(helper.make_node("Concat", [head, f"{prefix}_length", tail], [out], axis=0))
+        for node in reshapes:
+            node.input[1] = out
+    for name, consumers in uses.items():
+        current, made = name, []
+        for axis, d in enumerate(shapes[name]):
+            if d == length:
+                out = f"{prefix}_{name}_{axis}"
+                made.append(helper.make_node("Slice", [current, f"{prefix}_zero", f"{prefix}_length", f"{prefix}_at{axis}"], [out]))
+                current = out
+        for node, i in consumers:
+            node.input[i] = current
+        (after.setdefault(made_by[name], []) if name in made_by else first).extend(made)
+    nodes = list(first)
+    for node in graph.node:
+        nodes.append(node)
+        if node.output and node.output[0] in after:
+            nodes.extend(after[node.output[0]])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(targets), len(uses)
 
 
 def check_any_length(fixed_path, dynamic_path, rows: dict[str, np.ndarray], names: list[str], mask: str, length: int) -> int:
@@ -181,16 +239,22 @@ class DynamicSeqPass(Pass):
                 "padding-free as it is); name the inputs with inputs: [...] and mask: ..."
             )
         names, length = found
-        reshapes = rewrite(model, names, length)
+        reshapes, constants = rewrite(model, names, length)
         target = context.new_path(artifact.path.stem + "-dynseq", ".onnx")
         onnx.save(model, str(target))
         rows = context.dataset("data", self.name) if "data" in context.datasets else made_up_rows(names, cfg.mask, length)
         missing = [n for n in names if n not in rows]
         if missing:
-            raise OptimizerError(f"graph-dynamic-seq: the evaluation data has no {', '.join(repr(m) for m in missing)}; it needs every token input")
+            raise OptimizerError(
+                f"graph-dynamic-seq: the evaluation data has no {', '.join(repr(m) for m in missing)}; it needs every token input"
+            )
         context.progress(ProgressEvent(stage=self.name, fraction=0.5, message=f"checking {', '.join(names)} at their real lengths"))
         checked = check_any_length(source.path, target, rows, names, cfg.mask, length)
         context.progress(
-            ProgressEvent(stage=self.name, fraction=1.0, message=f"any length: {checked} rows agree at their real length (fixed was {length})")
+            ProgressEvent(
+                stage=self.name, fraction=1.0, message=f"any length: {checked} rows agree at their real length (fixed was {length})"
+            )
         )
-        return source.derive(target, dynamic_sequence=f"{','.join(names)} (was {length}; {reshapes} reshape(s) rewritten)")
+        return source.derive(
+            target, dynamic_sequence=f"{','.join(names)} (was {length}; {reshapes} reshape(s), {constants} constant(s) cut)"
+        )

@@ -13,7 +13,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as Inval
 from slimserve.client.datatypes import DATATYPE_TO_NUMPY
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
-from slimserve.server.runtimes.ort_threads import ThreadChoice, choose, node_cores, probe_feed
+from slimserve.server.runtimes.ort_threads import CALL_LOAD, ThreadChoice, choose, node_cores, probe_feed
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ class OnnxRuntime(Runtime):
         def make(threads: int) -> ort.InferenceSession:
             return ort.InferenceSession(str(self.path), sess_options=session_options(self.config, threads), providers=providers)
 
+        # A wide session's one-thread twin: set when all cores pay for a lone call, so that calls follow the load.
+        self.narrow: ort.InferenceSession | None = None
+        self.wide_calls = self.narrow_calls = 0  # calls run on each (approximate under threads: for logs and tests)
         if self.config.intra_op_threads > 0:
             self.session, self.thread_choice = make(self.config.intra_op_threads), ThreadChoice(self.config.intra_op_threads, "set")
         elif providers[0] != "CPUExecutionProvider":  # GPU providers: the CPU only feeds them; the static share as before
@@ -116,22 +119,42 @@ class OnnxRuntime(Runtime):
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, node_cores())
         known = _MEASURED.get(key)
         if known is not None:
+            if known.threads > 1:
+                self.narrow = make(1)
             return make(known.threads), replace(known, reason=f"{known.reason}; measured at an earlier load of this file")
-        session, choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), node_cores())
+        narrow: list[ort.InferenceSession] = []
+        session, choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), node_cores(), narrow)
         _MEASURED[key] = choice
+        if narrow:
+            self.narrow = narrow[0]
+            choice = replace(
+                choice, reason=f"{choice.reason}; calls follow the load: {choice.threads} threads alone, 1 with others in flight"
+            )
         return session, choice
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or [o.name for o in self.outputs]
         feed = {k: as_text(k, v) if v.dtype == object else v for k, v in inputs.items()}
         try:
-            results = self.session.run(names, feed)
+            if self.narrow is None:
+                results = self.session.run(names, feed)
+            else:
+                wide = CALL_LOAD.enter()
+                try:
+                    if wide:
+                        self.wide_calls += 1
+                        results = self.session.run(names, feed)
+                    else:
+                        self.narrow_calls += 1
+                        results = self.narrow.run(names, feed)
+                finally:
+                    CALL_LOAD.leave()
         except InvalidArgumentError as e:  # inputs that pass the specs but not the graph (e.g. dims that must agree)
             raise InvalidArgument(f"the model refused the inputs: {str(e).splitlines()[0][:500]}") from None
         return dict(zip(names, results))
 
     def unload(self) -> None:
-        self.session = None
+        self.session = self.narrow = None
 
     @property
     def intra_op_threads(self) -> int:

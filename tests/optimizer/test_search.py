@@ -228,3 +228,18 @@ def test_auto_budget_searches_share_one_time_limit(noisy_auto, runtime_factory, 
         optimize(source, recipe, context, runtime_factory, "auto", accuracy_budget=2.0)
     assert noise.runs == [1.0, 0.5]  # the first candidate's aggressive end, then the second candidate at its default
     assert any(e.message == "test-noise: the budget searches' 0.2 s are spent; ratio stays 0.5" for e in events)
+
+
+def test_auto_makes_a_fixed_length_text_export_take_any_length_before_its_onnx_candidates(tmp_path):
+    from slimserve.optimizer.passes.dynamic_seq import fixed_sequence
+    from slimserve.optimizer.search.auto import _any_length
+    from tests.token_models import token_model, token_rows
+
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": save_npz(tmp_path / "eval.npz", **token_rows([4, 30], 32))})
+    made, said = _any_length(Artifact(token_model(tmp_path / "fixed.onnx", seq=32), "onnx"), context, context)
+    assert fixed_sequence(made.path) is None and said.startswith("any length: input_ids,attention_mask (was 32")
+    reads = Artifact(token_model(tmp_path / "reads.onnx", seq=32, reads_padding=True), "onnx")
+    kept, said = _any_length(reads, context, context)
+    assert kept is reads and said.startswith("kept fixed: graph-dynamic-seq: output 'pooled' differs by")
+    dynamic = Artifact(token_model(tmp_path / "dynamic.onnx"), "onnx")
+    assert _any_length(dynamic, context, context) == (dynamic, "")

@@ -35,7 +35,9 @@ def test_a_fixed_length_export_takes_any_length_and_answers_the_same(tmp_path):
     short = {k: v[:1, :3] for k, v in rows.items()}
     full = create_runtime("onnxruntime", path)
     full.load()
-    np.testing.assert_allclose(runtime.predict(short)["pooled"], full.predict({k: v[:1] for k, v in rows.items()})["pooled"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        runtime.predict(short)["pooled"], full.predict({k: v[:1] for k, v in rows.items()})["pooled"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_made_up_rows_without_eval_data(tmp_path):
