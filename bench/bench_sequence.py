@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"CPU: {result['cpu']} (INT8 kernels: {result['int8_kernels']})")
     t = result["tokens"]
-    print(f"{len(lengths)} sentences, tokens mean {t['mean']:.1f}, median {t['median']:.0f}, p99 {t['p99']:.0f}, padded to {result['padded_to']}")
+    print(
+        f"{len(lengths)} sentences, tokens mean {t['mean']:.1f}, median {t['median']:.0f}, p99 {t['p99']:.0f}, padded to {result['padded_to']}"
+    )
     print(f"{'configuration':32} {'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'speedup':>8} {'cos min':>9} {'cos mean':>9}")
     for r in result["rows"]:
         print(

@@ -72,6 +72,10 @@ def _search_caption(rows: list[dict[str, Any]]) -> str:
             f"search: {head['search_evaluations']} evaluations, {head.get('search_timings', 0)} timings in turns, "
             f"{head.get('search_seconds')} s"
         )
+        if head.get("node_cpu"):
+            parts.append(f"timed on {head['node_cpu']} (INT8: {head.get('node_int8_kernels')})")
+        if head.get("dynamic_sequence"):
+            parts.append(f"sequence: {head['dynamic_sequence']}")
     held = next((r for r in rows if r.get("budget_setting")), None)
     if held is not None:  # a budget search: what it kept and what finding it cost
         over = " (over budget, kept on request)" if held.get("within_budget") is False else ""

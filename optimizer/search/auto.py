@@ -31,6 +31,7 @@ from slimserve.optimizer.base import (
     RuntimeFactory,
 )
 from slimserve.optimizer.catalog import make_pass, pass_class
+from slimserve.optimizer.compress.ortquant import cpu_isa, int8_kernels
 from slimserve.optimizer.data import has_labels
 from slimserve.optimizer.evaluation.measure import Evaluation, evaluate
 from slimserve.optimizer.evaluation.quality import describe
@@ -299,6 +300,9 @@ def auto_search(
         "search_seconds": round(seconds, 1),
         "budget_search_total_s": round(searches.spent, 1),
         **({"dynamic_sequence": any_length} if any_length else {}),
+        # The node every candidate was timed on: a search on another CPU (no VNNI, AMX) may keep another variant.
+        "node_cpu": cpu_isa(),
+        "node_int8_kernels": int8_kernels(),
     }
     if chosen is None and fallback is None:
         tried = "; ".join(f"{c.recipe}: {_outcome(c, accuracy_budget)}" for c in candidates)
