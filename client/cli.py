@@ -41,6 +41,12 @@ def register(
     train: Path | None = typer.Option(None, "--train", help="Training .npz for passes that fine-tune."),
     calibration: Path | None = typer.Option(None, "--calibration", help="Calibration .npz for static quantization."),
     description: str = typer.Option("", help="Free text shown by `slimctl models`."),
+    sequence_inputs: str = typer.Option(
+        "",
+        "--sequence-inputs",
+        help="Token inputs (INT64 [batch, seq]) served at their real length, comma-separated; default: detected by name.",
+    ),
+    attention_mask: str = typer.Option("", "--attention-mask", help="The mask among --sequence-inputs (default: attention_mask)."),
     as_json: bool = typer.Option(False, "--json", help="Print the model record as JSON."),
 ) -> None:
     """Upload a model (and its data) to the server; it serves as variant 'baseline' at once."""
@@ -66,6 +72,8 @@ def register(
                     calibration=calibration,
                     description=description,
                     progress=lambda sent, total: bar.update(task, completed=sent, total=total),
+                    sequence_inputs=[n.strip() for n in sequence_inputs.split(",") if n.strip()],
+                    attention_mask=attention_mask,
                 )
     except SlimServeClientError as e:
         fail(str(e))

@@ -137,8 +137,13 @@ class SlimServeClient:
         description: str = "",
         progress: Progress | None = None,
         timeout: float | None = 600.0,
+        sequence_inputs: tuple[str, ...] | list[str] = (),
+        attention_mask: str = "",
     ) -> dict[str, Any]:
-        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record."""
+        """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record.
+
+        `sequence_inputs` / `attention_mask` declare a text model's token inputs (served padding-free); by default the
+        server detects input_ids / attention_mask / token_type_ids by name."""
         files = [("model", Path(model_file))]
         files += [(role, Path(p)) for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None]
         for role, path in files:
@@ -147,6 +152,8 @@ class SlimServeClient:
         header = spb.RegisterHeader(
             name=name,
             description=description,
+            sequence_inputs=list(sequence_inputs),
+            attention_mask=attention_mask,
             files=[spb.UploadFile(role=r, filename=p.name, size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
         )
         total = sum(p.stat().st_size for _, p in files)

@@ -19,14 +19,18 @@ class UploadFile(_message.Message):
     def __init__(self, role: _Optional[str] = ..., filename: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RegisterHeader(_message.Message):
-    __slots__ = ("name", "files", "description")
+    __slots__ = ("name", "files", "description", "sequence_inputs", "attention_mask")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     files: _containers.RepeatedCompositeFieldContainer[UploadFile]
     description: str
-    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
+    sequence_inputs: _containers.RepeatedScalarFieldContainer[str]
+    attention_mask: str
+    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., description: _Optional[str] = ..., sequence_inputs: _Optional[_Iterable[str]] = ..., attention_mask: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("file_index", "data")

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from slimserve.optimizer.formats.sequence_axis import MASK_NAME, SEQUENCE_NAMES, TOLERANCE, relative_difference, trailing_lengths
+from slimserve.optimizer.formats.sequence_axis import (
+    MASK_NAME,
+    SEQUENCE_NAMES,
+    TOLERANCE,
+    declaration_problem,
+    relative_difference,
+    trailing_lengths,
+)
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes.base import TensorSpec
 
@@ -115,22 +122,9 @@ def plan_for(
 
 def check_declared(by_name: dict[str, TensorSpec], names: tuple[str, ...], mask: str) -> None:
     """A declared sequence: every input exists and is INT64 [batch, seq], the mask one of them."""
-    if not names:
-        raise InvalidArgument("sequence: declare at least one sequence input (e.g. inputs input_ids,attention_mask, mask attention_mask)")
-    unknown = [n for n in (*names, mask) if n and n not in by_name]
-    if unknown:
-        raise InvalidArgument(
-            f"sequence: the model has no input {', '.join(repr(u) for u in unknown)}; its inputs are: {', '.join(by_name)}"
-        )
-    if mask not in names:
-        raise InvalidArgument(f"sequence: the mask {mask!r} must be one of the declared sequence inputs {list(names)}")
-    for name in names:
-        spec = by_name[name]
-        if not _is_sequence(spec):
-            raise InvalidArgument(
-                f"sequence: input '{name}' is {_describe(spec)}, not INT64 [batch, seq]; declare only the token inputs "
-                "(ids, mask, token types), or register without a sequence declaration to serve it padded"
-            )
+    problem = declaration_problem({n: (s.datatype, s.shape) for n, s in by_name.items()}, names, mask)
+    if problem:
+        raise InvalidArgument(f"sequence: {problem}")
 
 
 def _is_sequence(spec: TensorSpec) -> bool:

@@ -115,6 +115,9 @@ def upload_header(header: spb.RegisterHeader) -> UploadHeader:
         name=header.name,
         files=tuple(UploadFile(f.role, f.filename, f.size_bytes, f.sha256) for f in header.files),
         description=header.description,
+        sequence=(
+            {"inputs": list(header.sequence_inputs), "mask": header.attention_mask or "attention_mask"} if header.sequence_inputs else None
+        ),
     )
 
 

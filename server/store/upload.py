@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from slimserve.optimizer.base import UnsafeArchiveError
+from slimserve.optimizer.formats.sequence_axis import declaration_problem, mask_problem
 from slimserve.server.errors import InvalidArgument
-from slimserve.server.runtimes import RuntimeConfig, create_runtime
+from slimserve.server.runtimes import RuntimeConfig, TensorSpec, create_runtime
 from slimserve.server.store.manifest import (
     BASELINE,
     DATA_ROLES,
@@ -44,6 +46,8 @@ class UploadHeader:
     name: str
     files: tuple[UploadFile, ...]
     description: str = ""
+    # A declared sequence axis ({"inputs": [...], "mask": name}, server/batching/sequence.py); None: detected by name.
+    sequence: dict | None = None
 
 
 def check_header(header: UploadHeader, max_bytes: int) -> None:
@@ -65,6 +69,24 @@ def check_header(header: UploadHeader, max_bytes: int) -> None:
     total = sum(f.size_bytes for f in header.files)
     if total > max_bytes:
         raise InvalidArgument(f"upload of {total} bytes exceeds the server's limit of {max_bytes} bytes (--max-upload-bytes)")
+
+
+def check_sequence(sequence: dict, inputs: list[TensorSpec], datasets: dict[str, Path]) -> None:
+    """A declared sequence axis fits the model's inputs, and the datasets' masks are 0/1 trailing padding; else the
+    registration is refused with the input and its shape (registered without the declaration, the model serves padded)."""
+    names, mask = list(sequence.get("inputs") or ()), str(sequence.get("mask") or "")
+    problem = declaration_problem({s.name: (s.datatype, s.shape) for s in inputs}, names, mask)
+    if problem:
+        raise InvalidArgument(f"sequence declaration refused: {problem}")
+    for role, path in datasets.items():
+        with np.load(path, allow_pickle=False) as npz:
+            if mask in npz.files:
+                problem = mask_problem(npz[mask], mask, f"{role}.npz")
+                if problem:
+                    raise InvalidArgument(
+                        f"sequence declaration refused: {problem}; padding-free serving needs masks of ones then zeros "
+                        "(register without the declaration to serve the model padded)"
+                    )
 
 
 def check_onnx(path: Path, filename: str) -> None:
@@ -154,6 +176,8 @@ class Registrar:
         finally:
             runtime.unload()
 
+        if header.sequence is not None:
+            check_sequence(header.sequence, runtime.inputs, {f.role: paths[i] for i, f in enumerate(header.files) if f.role != "model"})
         datasets = []
         (model_dir / "data").mkdir()
         for i, f in enumerate(header.files):
@@ -171,6 +195,7 @@ class Registrar:
             inputs=runtime.inputs,
             outputs=runtime.outputs,
             datasets=sorted(datasets),
+            sequence=header.sequence,
             variants={
                 BASELINE: VariantInfo(
                     name=BASELINE,

@@ -136,3 +136,41 @@ def test_a_model_reading_its_padding_is_served_padded(server_factory, tmp_path):
         rows = token_rows([7], 128)
         _, out = client.infer("reads", rows)
     np.testing.assert_allclose(out["pooled"], loaded(path).predict(rows)["pooled"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_declared_sequence_is_checked_at_register_and_served_padding_free(server_factory, tmp_path):
+    from slimserve.client.client import SlimServeClient
+    from slimserve.client.transport import SlimServeClientError
+
+    server = server_factory()
+    path = token_model(tmp_path / "text.onnx")
+    good = token_rows([4, 9], 32)
+    np.savez(tmp_path / "eval.npz", **good)
+    left = {k: v[:, ::-1].copy() for k, v in good.items()}
+    np.savez(tmp_path / "left.npz", **left)
+    with SlimServeClient(server.address) as client:
+        with pytest.raises(SlimServeClientError, match=r"sequence declaration refused: the model has no input 'hidden_state'"):
+            client.register("t1", path, sequence_inputs=["hidden_state", "attention_mask"])
+        with pytest.raises(SlimServeClientError, match=r"row 0 of 'attention_mask' is not trailing padding"):
+            client.register("t2", path, data=tmp_path / "left.npz", sequence_inputs=["input_ids", "attention_mask"])
+        assert [m["name"] for m in client.models()] == []  # nothing half registered
+        client.register(
+            "t3", path, data=tmp_path / "eval.npz", sequence_inputs=["input_ids", "attention_mask"], attention_mask="attention_mask"
+        )
+        assert server.server.repository.get("t3").sequence == {"inputs": ["input_ids", "attention_mask"], "mask": "attention_mask"}
+        assert ("t3", "baseline") in server.server.dataplane.loader.sequences
+
+
+def test_a_declared_input_that_is_not_batch_by_seq_is_refused_with_its_shape(server_factory, tmp_path):
+    from slimserve.client.client import SlimServeClient
+    from slimserve.client.transport import SlimServeClientError
+    from tests.conftest import make_echo_onnx
+
+    server = server_factory()
+    path = make_echo_onnx(tmp_path / "echo.onnx", ["FP32"])
+    with SlimServeClient(server.address) as client:
+        with pytest.raises(
+            SlimServeClientError, match=r"sequence declaration refused: input 'in_fp32' is FP32 \[-1,3\], not INT64 \[batch, seq\]"
+        ):
+            client.register("echo", path, sequence_inputs=["in_fp32"], attention_mask="in_fp32")
+        assert client.models() == []
