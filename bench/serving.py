@@ -64,6 +64,7 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,14 @@ def main(argv: list[str] | None = None) -> None:
         "--auto-candidates",
         default="",
         help="narrow the auto search to these pipelines, ';' between them (e.g. 'quantize-dynamic;graph-ort'); default: all",
+    )
+    parser.add_argument(
+        "--variant-file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also serve this ONNX file as a model of its own, row slimserve:NAME (a variant made offline, e.g. "
+        "graph-dynamic-seq,quantize-dynamic by bench.bench_sequence); repeatable",
     )
     parser.add_argument("--optimize-timeout", type=float, default=3600.0, help="seconds the auto optimize may take (once; cached)")
     parser.add_argument(
@@ -327,8 +336,12 @@ def main(argv: list[str] | None = None) -> None:
     servers: list[Server] = []
     targets: list[Target] = []
     try:
+        files_given = []
+        for given in args.variant_file:
+            label, _, path = given.partition("=")
+            files_given.append((label, replace(files, onnx=Path(path), name=f"{files.name}-{label}", title=f"{files.title}, {label}")))
         if sections & {"slimserve", "stream", "variants", "auto"} or args.profile:
-            extra = (auto,) if auto is not None else ()
+            extra = ((auto,) if auto is not None else ()) + tuple(f for _, f in files_given)
             slim, ready = start_slimserve(files, recipes, args.fresh, slim_flags, extra)
             servers.append(slim)
             if "slimserve" in sections or args.profile:
@@ -336,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
             if auto is not None:
                 note = "the variant `auto` picked, registered as a model of its own"
                 targets.append(Target("slimserve:auto", "auto", slim, requests_for(auto.name), note=note))
+            for label, given in files_given:
+                note = f"{given.onnx.name} made offline, registered as a model of its own"
+                targets.append(Target(f"slimserve:{label}", "variant", slim, requests_for(given.name), note=note))
             if "stream" in sections:
                 targets.append(
                     Target(

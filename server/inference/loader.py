@@ -20,7 +20,7 @@ from typing import Any
 
 from slimserve.server.batching.assembly import BatchingConfig
 from slimserve.server.batching.batcher import DynamicBatcher
-from slimserve.server.batching.sequence import SequencePlan, plan_for, verify
+from slimserve.server.batching.sequence import SequencePlan, plan_for, quantizes_per_call, verify
 from slimserve.server.errors import NotFound, SlimServeError, Unavailable
 from slimserve.server.inference.loaded import LoadedModel, ServedVariant, UnloadedVariant
 from slimserve.server.inference.model_config import ServingOverride, batchable
@@ -91,7 +91,7 @@ class ModelLoader:
             return
         if plan is None:
             return
-        wrong = verify(runtime.predict, plan)
+        wrong = verify(runtime.predict, plan, quantized=quantizes_per_call(runtime.path))
         if wrong:
             log.warning("%s: served padded: %s", where, wrong)
             return

@@ -174,3 +174,18 @@ def test_a_declared_input_that_is_not_batch_by_seq_is_refused_with_its_shape(ser
         ):
             client.register("echo", path, sequence_inputs=["in_fp32"], attention_mask="in_fp32")
         assert client.models() == []
+
+
+def test_dynamic_int8_is_cut_within_its_own_noise_and_a_padding_reader_is_not(tmp_path):
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.catalog import make_pass
+    from slimserve.server.batching.sequence import quantizes_per_call
+
+    context = PassContext(workdir=tmp_path / "work")
+    int8 = make_pass("quantize-dynamic").run(Artifact(token_model(tmp_path / "t.onnx"), "onnx"), context)
+    assert quantizes_per_call(int8.path) and not quantizes_per_call(tmp_path / "t.onnx")
+    runtime = loaded(int8.path)
+    plan = plan_for(runtime.inputs, runtime.outputs)
+    assert verify(runtime.predict, plan, quantized=True) == ""
+    reads = loaded(token_model(tmp_path / "reads.onnx", reads_padding=True))
+    assert "keeps a cosine of only" in verify(reads.predict, plan_for(reads.inputs, reads.outputs), quantized=True)
