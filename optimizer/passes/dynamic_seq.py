@@ -14,6 +14,7 @@ pass refuses with the output, the length and the difference. Weights are unchang
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -162,7 +163,9 @@ def check_any_length(fixed_path, dynamic_path, rows: dict[str, np.ndarray], name
     options = ort.SessionOptions()
     options.log_severity_level = 3
     fixed = ort.InferenceSession(str(fixed_path), options, providers=["CPUExecutionProvider"])
-    dynamic = ort.InferenceSession(str(dynamic_path), options, providers=["CPUExecutionProvider"])
+    # the new graph as a file, or as serialized bytes (the server's runtime rewrites in memory)
+    graph = dynamic_path if isinstance(dynamic_path, bytes) else str(dynamic_path)
+    dynamic = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     feed_names = [i.name for i in fixed.get_inputs()]
     lengths = trailing_lengths(rows[mask])
     if lengths is None:
@@ -199,6 +202,35 @@ def check_any_length(fixed_path, dynamic_path, rows: dict[str, np.ndarray], name
                 )
         checked += 1
     return checked
+
+
+# Files up to this size are rewritten in memory by the server's runtime (protobuf serializes at most 2 GB).
+IN_MEMORY_MAX_BYTES = 1 << 30
+
+
+def any_length_in_memory(path) -> tuple[bytes, str] | None:
+    """A fixed-length text export (ONNX, weights inside) rewritten to take any length, checked exactly on made-up rows
+    against the file: the serialized graph and what was done, or None (nothing to rewrite, too large, or refused: the
+    file is then served as it is). What the server's ONNX runtime loads, so that the same file serves padding-free."""
+    import onnx
+
+    path = Path(path)
+    if path.suffix != ".onnx" or path.stat().st_size > IN_MEMORY_MAX_BYTES:
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return None
+    found = _sequence_inputs(model, (), MASK_NAME)
+    if found is None:
+        return None
+    names, length = found
+    reshapes, constants = rewrite(model, names, length)
+    graph = model.SerializeToString()
+    check_any_length(path, graph, made_up_rows(names, MASK_NAME, length), names, MASK_NAME, length)
+    return (
+        graph,
+        f"{', '.join(names)} take any length (was {length}; {reshapes} reshape(s), {constants} constant(s) cut, checked on 3 rows)",
+    )
 
 
 def made_up_rows(names: list[str], mask: str, length: int) -> dict[str, np.ndarray]:

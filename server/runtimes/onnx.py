@@ -89,9 +89,15 @@ class OnnxRuntime(Runtime):
 
     def load(self) -> None:
         providers = choose_providers(self.config)
+        graph: str | bytes = str(self.path)
+        self.any_length = ""  # how a fixed-length text export was made to take any length in memory ('' when it was not)
+        if self.config.any_length:
+            made = self._any_length()
+            if made is not None:
+                graph, self.any_length = made
 
         def make(threads: int) -> ort.InferenceSession:
-            return ort.InferenceSession(str(self.path), sess_options=session_options(self.config, threads), providers=providers)
+            return ort.InferenceSession(graph, sess_options=session_options(self.config, threads), providers=providers)
 
         # A wide session's one-thread twin: set when all cores pay for a lone call, so that calls follow the load.
         self.narrow: ort.InferenceSession | None = None
@@ -111,6 +117,22 @@ class OnnxRuntime(Runtime):
             log.warning("%s: asked for %s, onnxruntime runs it on %s", self.path, providers[0], actual[0])
         self.inputs = [spec_of(n) for n in self.session.get_inputs()]
         self.outputs = [spec_of(n) for n in self.session.get_outputs()]
+
+    def _any_length(self) -> tuple[bytes, str] | None:
+        """A fixed-length text export (input_ids / attention_mask INT64 [batch, 128]) as a graph that takes any length,
+        checked exactly against the file (optimizer/passes/dynamic_seq.py): the batcher then runs each request at its real
+        length. None, and the file as it is, when there is nothing to rewrite or the check refuses."""
+        from slimserve.optimizer.base import OptimizerError
+        from slimserve.optimizer.passes.dynamic_seq import any_length_in_memory
+
+        try:
+            made = any_length_in_memory(self.path)
+        except OptimizerError as e:
+            log.info("%s: served at its fixed length: %s", self.path.name, e)
+            return None
+        if made is not None:
+            log.info("%s: %s", self.path.name, made[1])
+        return made
 
     def _measured(self, make: Callable[[int], ort.InferenceSession]) -> tuple[ort.InferenceSession, ThreadChoice]:
         """A session with the threads measured for this file: timed at its first load in this process, remembered after

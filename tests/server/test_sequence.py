@@ -189,3 +189,22 @@ def test_dynamic_int8_is_cut_within_its_own_noise_and_a_padding_reader_is_not(tm
     assert verify(runtime.predict, plan, quantized=True) == ""
     reads = loaded(token_model(tmp_path / "reads.onnx", reads_padding=True))
     assert "keeps a cosine of only" in verify(reads.predict, plan_for(reads.inputs, reads.outputs), quantized=True)
+
+
+def test_a_fixed_length_export_is_served_padding_free_as_registered(server_factory, tmp_path):
+    from slimserve.client.client import SlimServeClient
+
+    server = server_factory()
+    path = token_model(tmp_path / "fixed.onnx", seq=32)
+    with SlimServeClient(server.address) as client:
+        client.register("fixed", path)
+        assert ("fixed", "baseline") in server.server.dataplane.loader.sequences
+        runtime = server.server.dataplane.loader.models["fixed"].variants["baseline"].runtime
+        assert "take any length (was 32" in runtime.any_length
+        rows = token_rows([5, 13], 32)
+        _, out = client.infer("fixed", rows)
+    full = loaded(path).predict(rows)
+    assert out["hidden"].shape == (2, 32, 16)
+    np.testing.assert_allclose(out["pooled"], full["pooled"], rtol=1e-4, atol=1e-5)
+    reads = loaded(token_model(tmp_path / "reads.onnx", seq=32, reads_padding=True))
+    assert reads.any_length == "" and reads.inputs[0].shape == (-1, 32)  # refused by the exact check: served as is
