@@ -69,7 +69,11 @@ def render(result: dict) -> None:
     if result.get("wall_s"):
         console.print(f"  wall time of the run: {result['wall_s']:.0f} s")
     if result.get("targets"):
-        t = Table(title="targets (issue 8)")
+        t = Table(
+            title="targets (issue 25 for the real models, issue 8 for the digits CNN)"
+            if result.get("model_key", "digits") != "digits"
+            else "targets (issue 8)"
+        )
         for col in ("check", "measured", "target", "met"):
             t.add_column(col, justify="left" if col == "check" else "right")
         for c in result["targets"]:

@@ -13,6 +13,7 @@ pass refuses with the output, the length and the difference. Weights are unchang
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +218,9 @@ def any_length_in_memory(path) -> tuple[bytes, str] | None:
     path = Path(path)
     if path.suffix != ".onnx" or path.stat().st_size > IN_MEMORY_MAX_BYTES:
         return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data.find(MASK_NAME.encode()) < 0:  # not a text model: no need to parse it
+            return None
     model = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         return None
