@@ -225,8 +225,9 @@ def any_length_in_memory(path) -> tuple[bytes, str] | None:
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         return None
     found = _sequence_inputs(model, (), MASK_NAME)
-    if found is None:
-        return None
+    initializers = {t.name for t in model.graph.initializer}
+    if found is None or any(i.name not in found[0] and i.name not in initializers for i in model.graph.input):
+        return None  # not a model of token inputs alone: made-up rows could not feed it
     names, length = found
     reshapes, constants = rewrite(model, names, length)
     graph = model.SerializeToString()

@@ -130,6 +130,9 @@ class OnnxRuntime(Runtime):
         except OptimizerError as e:
             log.info("%s: served at its fixed length: %s", self.path.name, e)
             return None
+        except Exception as e:  # an unusual graph the rewrite does not cover: the file as it is, never a failed load
+            log.warning("%s: served at its fixed length: the rewrite failed (%s: %s)", self.path.name, type(e).__name__, str(e)[:200])
+            return None
         if made is not None:
             log.info("%s: %s", self.path.name, made[1])
         return made

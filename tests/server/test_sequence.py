@@ -208,3 +208,11 @@ def test_a_fixed_length_export_is_served_padding_free_as_registered(server_facto
     np.testing.assert_allclose(out["pooled"], full["pooled"], rtol=1e-4, atol=1e-5)
     reads = loaded(token_model(tmp_path / "reads.onnx", seq=32, reads_padding=True))
     assert reads.any_length == "" and reads.inputs[0].shape == (-1, 32)  # refused by the exact check: served as is
+
+
+def test_a_model_with_other_inputs_beside_the_mask_is_loaded_as_it_is(tmp_path):
+    from tests.optimizer.onnx_builders import attention_data, attention_model
+
+    runtime = loaded(attention_model(tmp_path / "attn.onnx"))  # x FP32 [N,16,32] and attention_mask INT64 [N,16]
+    assert runtime.any_length == "" and runtime.inputs[1].shape == (-1, 16)
+    assert runtime.predict(attention_data(2, 0))["logits"].shape == (2, 4)
