@@ -1,8 +1,9 @@
 """A lean closed-loop load generator for Open Inference Protocol servers over gRPC.
 
 Each worker process opens its own channel and keeps `callers` calls in flight; every caller sends
-the same pre-serialized ModelInferRequest bytes (identity serializers: no protobuf work on the
-client) and sends the next as soon as the answer arrives. Workers import only grpc and numpy, so
+pre-serialized ModelInferRequest bytes (identity serializers: no protobuf work on the client), the same
+request or, given several (a workload of real sentences), the next one in turn, and sends the next as soon
+as the answer arrives. Workers import only grpc and numpy, so
 they start fast and spend little CPU; the client's CPU seconds per request are reported with each
 point so a reader can see how much of the machine's cores the client took.
 """
@@ -86,7 +87,7 @@ def check_response(data: bytes, expect_shape: tuple[int, ...]) -> str | None:
 def run_point(
     target: str,
     address: str,
-    payload: bytes,
+    payload: bytes | tuple[bytes, ...],
     concurrency: int,
     seconds: float,
     warmup: float,
@@ -96,6 +97,9 @@ def run_point(
     server_pid: int | None = None,
 ) -> PointResult:
     """`concurrency` closed-loop callers spread over up to `processes` client processes.
+
+    `payload`: one request sent by every call, or several sent in turn (each process starts at its own offset; a
+    stream sends the first only).
 
     With `stream`, each process sends its callers' requests over one ModelStreamInfer stream
     (Triton's streaming API) instead of one unary call each. Workers spawn and connect first; the clock then starts for all of them at once, the first
@@ -110,9 +114,10 @@ def run_point(
     for share in shares:
         ready = ctx.Event()
         parent, child = ctx.Pipe(duplex=False)
+        sent = (payload if isinstance(payload, bytes) else payload[0]) if stream else payload
         p = ctx.Process(
             target=_stream_worker if stream else _worker,
-            args=(address, payload, share, start, warmup, seconds, timeout, ready, child),
+            args=(address, sent, share, start, warmup, seconds, timeout, ready, child),
             daemon=True,
         )
         p.start()
@@ -196,12 +201,19 @@ def _connect(address: str, payload: bytes, timeout: float, ready, start):
     return channel, call, start.value
 
 
-def _worker(address: str, payload: bytes, callers: int, start, warmup: float, seconds: float, timeout: float, ready, conn) -> None:
+def _worker(
+    address: str, payload: bytes | tuple[bytes, ...], callers: int, start, warmup: float, seconds: float, timeout: float, ready, conn
+) -> None:
     """One client process: connects, sets `ready`, waits for the parent to publish the start time in
     `start`, keeps `callers` calls in flight in closed loop, and sends back (latencies ns, errors, CPU seconds)."""
+    import itertools
+    import os
+
     import grpc
 
-    channel, call, start_at = _connect(address, payload, timeout, ready, start)
+    payloads = (payload,) if isinstance(payload, bytes) else tuple(payload)
+    turn = itertools.cycle(payloads[os.getpid() % len(payloads) :] + payloads[: os.getpid() % len(payloads)])
+    channel, call, start_at = _connect(address, payloads[0], timeout, ready, start)
     measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
     stop_ns, measure_ns = int(stop_at * 1e9), int(measure_from * 1e9)
     latencies: list[int] = []
@@ -215,7 +227,7 @@ def _worker(address: str, payload: bytes, callers: int, start, warmup: float, se
     # request, which costs the client less CPU than a thread per caller blocking in the call.
     def send() -> None:
         sent = clock()
-        call.future(payload, timeout=timeout).add_done_callback(lambda f: answered(f, sent))
+        call.future(next(turn), timeout=timeout).add_done_callback(lambda f: answered(f, sent))
 
     def answered(future, sent: int) -> None:
         done = clock()

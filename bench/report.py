@@ -9,10 +9,18 @@ def render(result: dict) -> None:
 
     console = Console(width=max(Console().width, 150))
     machine = result["machine"]
+    if machine.get("cpu_isa"):  # the table leads with what decides the kernels: INT8 pays 2x with VNNI, 1.25x on AVX2
+        console.print(f"[bold]CPU: {machine['cpu_isa']} · INT8: {machine.get('int8_kernels')}[/bold]")
     console.print(
         f"[bold]{result['model']}, {machine['cpus']} CPUs ({machine['cpu_model']}), onnxruntime {machine['onnxruntime']}, "
         f"{result['settings']['rounds']} round(s) x {result['settings']['seconds']:g} s per point[/bold]"
     )
+    if result.get("workload"):
+        w = result["workload"]
+        console.print(
+            f"requests: {w['sentences']} real sentences in turn ({w['source']}), {w['tokens_mean']:.1f} tokens on average "
+            f"(median {w['tokens_median']:.0f}, p99 {w['tokens_p99']:.0f}), padded to {w['padded_to']} as clients send them"
+        )
     if result.get("inprocess"):
         t = Table(title="(1) in-process ONNX Runtime, one call at a time")
         for col in ("run", "p50 ms/call", "p99 ms/call", "ms/sample", "samples/s"):
@@ -61,7 +69,11 @@ def render(result: dict) -> None:
     if result.get("wall_s"):
         console.print(f"  wall time of the run: {result['wall_s']:.0f} s")
     if result.get("targets"):
-        t = Table(title="targets (issue 8)")
+        t = Table(
+            title="targets (issue 25 for the real models, issue 8 for the digits CNN)"
+            if result.get("model_key", "digits") != "digits"
+            else "targets (issue 8)"
+        )
         for col in ("check", "measured", "target", "met"):
             t.add_column(col, justify="left" if col == "check" else "right")
         for c in result["targets"]:
@@ -195,7 +207,9 @@ def _check(checks: list[dict], name: str, value: float | None, target: str, met:
 
 
 def check_real_targets(result: dict) -> list[dict]:
-    """Issue 15's targets for a model whose compute dominates (MiniLM, EfficientNet), as ratios measured in this run."""
+    """Issue 25's targets for a model whose compute dominates (MiniLM, EfficientNet), as ratios measured in this run:
+    the auto variant 4x KServe's and MLServer's req/s at 16 callers and 0.4x KServe's p50 at 1; the same FP32 file at
+    least KServe's p50 at 1 caller and p99 at 16, and 1.1x its req/s."""
     rows = result.get("serving", [])
     checks: list[dict] = []
     k16, k1, m16 = row(rows, "kserve", 16), row(rows, "kserve", 1), row(rows, "mlserver", 16)
@@ -204,15 +218,18 @@ def check_real_targets(result: dict) -> list[dict]:
         auto = target == "slimserve:auto"
         if s16 and k16:
             ratio = s16["throughput_rps"] / k16["throughput_rps"]
-            want = 2.5 if auto else 1.2
-            _check(checks, f"{name}: req/s at 16 callers vs KServe (FP32)", ratio, f">= {want}x", ratio >= want)
+            want = 4.0 if auto else 1.1
+            _check(checks, f"{name}: req/s at 16 callers vs KServe (FP32)", ratio, f">= {want:g}x", ratio >= want)
         if auto and s16 and m16:
             ratio = s16["throughput_rps"] / m16["throughput_rps"]
             _check(checks, f"{name}: req/s at 16 callers vs MLServer (FP32)", ratio, ">= 4x", ratio >= 4)
         if s1 and k1:
             ratio = s1["p50_ms"] / k1["p50_ms"]
-            want = 0.6 if auto else 1.0
+            want = 0.4 if auto else 1.0
             _check(checks, f"{name}: p50 at 1 caller vs KServe's", ratio, f"<= {want}x", ratio <= want)
+        if not auto and s16 and k16 and s16.get("p99_ms") and k16.get("p99_ms"):
+            ratio = s16["p99_ms"] / k16["p99_ms"]
+            _check(checks, f"{name}: p99 at 16 callers vs KServe's", ratio, "<= 1.0x", ratio <= 1.0)
         best = own_limit(result, target)
         if s16 and best:
             share = s16["throughput_rps"] / best

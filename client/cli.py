@@ -66,6 +66,12 @@ def register(
         None, "--config", help="Triton's config.pbtxt (or config.json): max_batch_size, dynamic_batching, instance_group, labels; kept."
     ),
     labels: list[str] = typer.Option([], "--labels", help="OUTPUT=FILE: class labels of an output, one a line (repeat); kept."),
+    sequence_inputs: str = typer.Option(
+        "",
+        "--sequence-inputs",
+        help="Token inputs (INT64 [batch, seq]) served at their real length, comma-separated; default: detected by name.",
+    ),
+    attention_mask: str = typer.Option("", "--attention-mask", help="The mask among --sequence-inputs (default: attention_mask)."),
     as_json: bool = typer.Option(False, "--json", help="Print the model record as JSON."),
 ) -> None:
     """Upload a model (and its data) to the server; it serves as variant 'baseline' at once."""
@@ -101,6 +107,8 @@ def register(
                     evaluator=evaluator,
                     config=config,
                     labels=label_files,
+                    sequence_inputs=[n.strip() for n in sequence_inputs.split(",") if n.strip()],
+                    attention_mask=attention_mask,
                 )
     except SlimServeClientError as e:
         fail(str(e))

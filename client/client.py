@@ -150,12 +150,16 @@ class SlimServeClient:
         labels: dict[str, str | Path] | None = None,
         quality: list[str] | tuple[str, ...] = (),
         evaluator: str = "",
+        sequence_inputs: tuple[str, ...] | list[str] = (),
+        attention_mask: str = "",
     ) -> dict[str, Any]:
         """Uploads a model (ONNX or .pt2) and its optional .npz files in chunks; returns the model record.
 
         `config` (Triton's config.pbtxt or its JSON form) and `labels` (output -> label file) are stored with the model and
         applied at every load and restart, as a Triton repository's config is. `quality` ("OUTPUT=METRIC") and `evaluator`
-        are kept with the model for every optimization job that sets none."""
+        are kept with the model for every optimization job that sets none. `sequence_inputs` / `attention_mask` declare a
+        text model's token inputs (served padding-free); by default the server detects input_ids / attention_mask /
+        token_type_ids by name."""
         files = [("model", Path(model_file))]
         files += [(role, Path(p)) for role, p in (("data", data), ("train", train), ("calibration", calibration)) if p is not None]
         label_paths = {k: Path(v) for k, v in (labels or {}).items()}
@@ -193,6 +197,8 @@ class SlimServeClient:
             quality=list(quality),
             evaluator=evaluator,
             config_json=json.dumps(model_config) if model_config is not None else "",
+            sequence_inputs=list(sequence_inputs),
+            attention_mask=attention_mask,
             files=[spb.UploadFile(role=r, filename=names[p], size_bytes=p.stat().st_size, sha256=sha256_of(p)) for r, p in files],
         )
         total = sum(p.stat().st_size for _, p in files)

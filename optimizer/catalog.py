@@ -22,6 +22,7 @@ PASSES: dict[str, str] = {
     "distill-feature": "slimserve.optimizer.passes.distill:DistillFeaturePass",
     "distill-soft": "slimserve.optimizer.passes.distill:DistillSoftPass",
     "graph-compile": "slimserve.optimizer.passes.graph:CompilePass",
+    "graph-dynamic-seq": "slimserve.optimizer.passes.dynamic_seq:DynamicSeqPass",
     "graph-ort": "slimserve.optimizer.passes.graph:OrtGraphPass",
     "graph-xla": "slimserve.optimizer.passes.graph:XlaPass",
     "prune-gradual": "slimserve.optimizer.passes.prune:PruneGradualPass",

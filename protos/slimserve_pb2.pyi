@@ -19,20 +19,24 @@ class UploadFile(_message.Message):
     def __init__(self, role: _Optional[str] = ..., filename: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RegisterHeader(_message.Message):
-    __slots__ = ("name", "files", "description", "config_json", "quality", "evaluator")
+    __slots__ = ("name", "files", "description", "config_json", "quality", "evaluator", "sequence_inputs", "attention_mask")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     EVALUATOR_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     files: _containers.RepeatedCompositeFieldContainer[UploadFile]
     description: str
     config_json: str
     quality: _containers.RepeatedScalarFieldContainer[str]
     evaluator: str
-    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., description: _Optional[str] = ..., config_json: _Optional[str] = ..., quality: _Optional[_Iterable[str]] = ..., evaluator: _Optional[str] = ...) -> None: ...
+    sequence_inputs: _containers.RepeatedScalarFieldContainer[str]
+    attention_mask: str
+    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., description: _Optional[str] = ..., config_json: _Optional[str] = ..., quality: _Optional[_Iterable[str]] = ..., evaluator: _Optional[str] = ..., sequence_inputs: _Optional[_Iterable[str]] = ..., attention_mask: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("file_index", "data")

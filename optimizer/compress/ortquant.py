@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,44 @@ _INT8_FLAGS = (
     ("i8mm", "Arm I8MM"),
     ("asimddp", "Arm SDOT"),
 )
+
+
+# The vector instruction sets that decide ORT's CPU kernels, in the order a report names them.
+_ISA_FLAGS = (
+    ("avx2", "AVX2"),
+    ("fma", "FMA"),
+    ("avx512f", "AVX-512"),
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("avx512_bf16", "AVX-512 BF16"),
+    ("amx_int8", "AMX-INT8"),
+    ("amx_bf16", "AMX-BF16"),
+    ("asimd", "NEON"),
+    ("asimddp", "Arm SDOT"),
+    ("i8mm", "Arm I8MM"),
+    ("sve", "SVE"),
+)
+
+
+def _cpuinfo_fields(cpuinfo: Path) -> tuple[set[str], str]:
+    """The first processor's flags and model name from /proc/cpuinfo (empty when it cannot be read)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return set(), ""
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), [])
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith(("model name", "Model", "CPU part"))), "")
+    return set(flags), model
+
+
+def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The node's CPU and the instruction sets ORT's kernels use there, e.g. "AMD EPYC 7B13: AVX2, FMA" (what an
+    optimization was timed on: the same file can pick another variant on a node with VNNI or AMX)."""
+    flags, model = _cpuinfo_fields(cpuinfo)
+    if not flags:
+        return f"{platform.machine() or 'unknown CPU'} (no /proc/cpuinfo flags)"
+    found = [label for flag, label in _ISA_FLAGS if flag in flags]
+    return f"{model or platform.machine()}: {', '.join(found) or 'no AVX2 / AVX-512 / AMX / NEON'}"
 
 
 def int8_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

@@ -31,12 +31,14 @@ from slimserve.optimizer.base import (
     RuntimeFactory,
 )
 from slimserve.optimizer.catalog import make_pass, pass_class
+from slimserve.optimizer.compress.ortquant import cpu_isa, int8_kernels
 from slimserve.optimizer.data import has_labels
 from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate
 from slimserve.optimizer.evaluation.quality import describe
 from slimserve.optimizer.evaluation.reference import EXPORT, Reference, dynamic_int8_unfit, measure_reference, timed_against
 from slimserve.optimizer.evaluation.timing import beats
 from slimserve.optimizer.passes.auto import AutoConfig
+from slimserve.optimizer.passes.dynamic_seq import fixed_sequence
 from slimserve.optimizer.report import report_rows
 from slimserve.optimizer.search.budget import BudgetOptions, Judge, SearchResult, budget_columns, run_within_budget
 
@@ -206,6 +208,21 @@ def _run_candidates(
         )
 
 
+def _any_length(start_onnx: Artifact | None, work: PassContext, context: PassContext) -> tuple[Artifact | None, str]:
+    """A text model exported at a fixed sequence length goes through graph-dynamic-seq before the ONNX candidates, so
+    that the variant kept runs each request at its real length (server/batching/sequence.py); refused, they start from
+    the export as it is, and the summary says why."""
+    if start_onnx is None or fixed_sequence(start_onnx.path) is None:
+        return start_onnx, ""
+    context.progress(ProgressEvent(stage="auto", fraction=0.0, message="graph-dynamic-seq: a fixed sequence length, made any length"))
+    try:
+        made = make_pass("graph-dynamic-seq").run(start_onnx, work)
+    except OptimizerError as e:
+        context.progress(ProgressEvent(stage="auto", fraction=0.0, message=str(e)))
+        return start_onnx, f"kept fixed: {e}"
+    return made, f"any length: {made.notes.get('dynamic_sequence', '')}"
+
+
 def _drop(e: Evaluation) -> str:
     return "quality not measured" if e.quality_drop is None else f"{e.quality_drop:.2f} points lost"
 
@@ -256,6 +273,7 @@ def auto_search(
     evaluations += reference.export is not None
     candidates = [Candidate(recipe) for recipe in config.candidates]
     start_onnx = source if source.format == "onnx" else (reference.export[0] if reference.export else None)
+    start_onnx, any_length = _any_length(start_onnx, work, context)
     judge = Judge(runtime_factory, data, baseline, baseline_outputs, source.input_names, serving_batch, evaluator=evaluator)
     searches = BudgetSearches(judge, accuracy_budget, config.search_evaluations, config.search_seconds)
     _run_candidates(candidates, source, start_onnx, config, context, work, measure, datasets, searches)
@@ -292,6 +310,10 @@ def auto_search(
         "search_timings": timings,
         "search_seconds": round(seconds, 1),
         "budget_search_total_s": round(searches.spent, 1),
+        **({"dynamic_sequence": any_length} if any_length else {}),
+        # The node every candidate was timed on: a search on another CPU (no VNNI, AMX) may keep another variant.
+        "node_cpu": cpu_isa(),
+        "node_int8_kernels": int8_kernels(),
     }
     if chosen is None and fallback is None:
         tried = _distinct_outcomes(candidates, accuracy_budget)

@@ -52,6 +52,7 @@ from collections.abc import Callable, Hashable
 import numpy as np
 
 from slimserve.server.batching.assembly import BatchingConfig, batch_key, split_outputs
+from slimserve.server.batching.sequence import SequencePlan
 from slimserve.server.batching.sizing import BatchSizer
 from slimserve.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
@@ -103,6 +104,7 @@ class DynamicBatcher:
         on_batch: OnBatch | None = None,
         inline_below_s: float = 0.0,
         on_drop: OnDrop | None = None,
+        sequence: SequencePlan | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -138,6 +140,11 @@ class DynamicBatcher:
         self._dispatcher: asyncio.Task | None = None
         self._kick_pending = False
         self._idle: asyncio.Event | None = None  # disabled mode: set when nothing runs
+        # A text model served padding-free (batching/sequence.py): each request cut to its real length before it is keyed,
+        # so requests of similar length merge; set per instance, so that other models' submit pays nothing for it.
+        self.sequence = sequence
+        if sequence is not None:
+            self.submit = self._submit_cut  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ public
 
@@ -197,6 +204,16 @@ class DynamicBatcher:
                 late = request.deadline is not None and time.perf_counter() >= request.deadline - DEADLINE_SLACK_S
                 self._dropped("deadline" if late else "cancelled")
             raise
+
+    async def _submit_cut(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, deadline: float | None = None, timing: list | None = None
+    ) -> dict[str, np.ndarray]:
+        """`submit` of a padding-free variant: trailing padding cut before batching, sequence outputs padded back."""
+        cut = self.sequence.cut(inputs)
+        if cut is None:
+            return await DynamicBatcher.submit(self, inputs, outputs, deadline, timing)
+        trimmed, full, keep = cut
+        return self.sequence.pad_back(await DynamicBatcher.submit(self, trimmed, outputs, deadline, timing), full, keep)
 
     async def close(self) -> None:
         """Stops accepting (new submits raise Unavailable), finishes what is queued and running, then returns."""

@@ -120,6 +120,9 @@ def upload_header(header: spb.RegisterHeader) -> UploadHeader:
         quality=tuple(header.quality),
         evaluator=header.evaluator,
         config_json=header.config_json,
+        sequence=(
+            {"inputs": list(header.sequence_inputs), "mask": header.attention_mask or "attention_mask"} if header.sequence_inputs else None
+        ),
     )
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from slimserve.server.batching.assembly import BatchingConfig
 from slimserve.server.batching.batcher import DynamicBatcher
-from slimserve.server.errors import NotFound, Unavailable
+from slimserve.server.batching.sequence import SequencePlan, plan_for, quantizes_per_call, verify
+from slimserve.server.errors import NotFound, SlimServeError, Unavailable
 from slimserve.server.inference.loaded import LoadedModel, ServedVariant, UnloadedVariant
 from slimserve.server.inference.model_config import ServingOverride, batchable
 from slimserve.server.inference.router import Router
@@ -69,6 +70,8 @@ class ModelLoader:
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # (requests answered, when that count was first seen)
         self._reaper: asyncio.Task | None = None
         self.reloads = 0  # variants loaded again on demand since start
+        # Padding-free plans of loaded text variants (batching/sequence.py), made and checked at their load.
+        self.sequences: dict[tuple[str, str], SequencePlan] = {}
         self.idle_unloads = 0  # variants unloaded while idle since start
 
     def load_runtime(self, info: ModelInfo, variant: str, override: ServingOverride | None = None) -> Runtime:
@@ -78,7 +81,27 @@ class ModelLoader:
             config = replace(config, intra_op_threads=override.intra_op_threads)
         runtime = create_runtime(info.variants[variant].runtime, self.repository.variant_path(info, variant), config)
         runtime.load()
+        self._plan_sequence(info, variant, runtime)
         return runtime
+
+    def _plan_sequence(self, info: ModelInfo, variant: str, runtime: Runtime) -> None:
+        """Whether the variant runs each request at its real length: a sequence declared at register or detected by
+        name, and cutting checked on made-up rows (a model that reads its padding is served padded)."""
+        where = f"variant '{variant}' of '{info.name}'"
+        self.sequences.pop((info.name, variant), None)
+        try:
+            plan = plan_for(runtime.inputs, runtime.outputs, info.sequence, where)
+        except SlimServeError as e:  # a declaration the stored file no longer fits (registration checked the baseline)
+            log.warning("%s: served padded: %s", where, e)
+            return
+        if plan is None:
+            return
+        wrong = verify(runtime.predict, plan, quantized=quantizes_per_call(runtime.path))
+        if wrong:
+            log.warning("%s: served padded: %s", where, wrong)
+            return
+        log.info("%s: served padding-free (sequence inputs %s, mask '%s')", where, ", ".join(plan.inputs), plan.mask)
+        self.sequences[(info.name, variant)] = plan
 
     def _serving(self, inputs: list[TensorSpec], override: ServingOverride | None, loading: str = "") -> tuple[BatchingConfig, int]:
         """The batching and concurrent calls a variant with these inputs gets: the settings, a load config's override,
@@ -107,6 +130,7 @@ class ModelLoader:
             on_batch=recorder.record_batch,
             on_drop=recorder.record_drop,
             inline_below_s=self.inline_compute_s if runtime.inline_safe else 0.0,
+            sequence=self.sequences.get((model, variant)),
         )
         recorder.watch_queue(lambda: batcher.queued, config.max_queue_size)
         return ServedVariant(variant, runtime, batcher, recorder)

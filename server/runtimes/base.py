@@ -40,6 +40,9 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda
     # ORT execution providers in order of preference; empty means TensorRT, CUDA, CPU as available.
     providers: tuple[str, ...] = field(default_factory=tuple)
+    # ONNX Runtime: a text export of fixed sequence length is rewritten in memory to take any length (checked exactly
+    # against the file), so that it is served padding-free (server/batching/sequence.py).
+    any_length: bool = True
 
 
 class Runtime(abc.ABC):

@@ -13,7 +13,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as Inval
 from slimserve.client.datatypes import DATATYPE_TO_NUMPY
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
-from slimserve.server.runtimes.ort_threads import ThreadChoice, choose, node_cores, probe_feed
+from slimserve.server.runtimes.ort_threads import CALL_LOAD, ThreadChoice, choose, node_cores, probe_feed
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,19 @@ class OnnxRuntime(Runtime):
 
     def load(self) -> None:
         providers = choose_providers(self.config)
+        graph: str | bytes = str(self.path)
+        self.any_length = ""  # how a fixed-length text export was made to take any length in memory ('' when it was not)
+        if self.config.any_length:
+            made = self._any_length()
+            if made is not None:
+                graph, self.any_length = made
 
         def make(threads: int) -> ort.InferenceSession:
-            return ort.InferenceSession(str(self.path), sess_options=session_options(self.config, threads), providers=providers)
+            return ort.InferenceSession(graph, sess_options=session_options(self.config, threads), providers=providers)
 
+        # A wide session's one-thread twin: set when all cores pay for a lone call, so that calls follow the load.
+        self.narrow: ort.InferenceSession | None = None
+        self.wide_calls = self.narrow_calls = 0  # calls run on each (approximate under threads: for logs and tests)
         if self.config.intra_op_threads > 0:
             self.session, self.thread_choice = make(self.config.intra_op_threads), ThreadChoice(self.config.intra_op_threads, "set")
         elif providers[0] != "CPUExecutionProvider":  # GPU providers: the CPU only feeds them; the static share as before
@@ -109,6 +118,25 @@ class OnnxRuntime(Runtime):
         self.inputs = [spec_of(n) for n in self.session.get_inputs()]
         self.outputs = [spec_of(n) for n in self.session.get_outputs()]
 
+    def _any_length(self) -> tuple[bytes, str] | None:
+        """A fixed-length text export (input_ids / attention_mask INT64 [batch, 128]) as a graph that takes any length,
+        checked exactly against the file (optimizer/passes/dynamic_seq.py): the batcher then runs each request at its real
+        length. None, and the file as it is, when there is nothing to rewrite or the check refuses."""
+        from slimserve.optimizer.base import OptimizerError
+        from slimserve.optimizer.passes.dynamic_seq import any_length_in_memory
+
+        try:
+            made = any_length_in_memory(self.path)
+        except OptimizerError as e:
+            log.info("%s: served at its fixed length: %s", self.path.name, e)
+            return None
+        except Exception as e:  # an unusual graph the rewrite does not cover: the file as it is, never a failed load
+            log.warning("%s: served at its fixed length: the rewrite failed (%s: %s)", self.path.name, type(e).__name__, str(e)[:200])
+            return None
+        if made is not None:
+            log.info("%s: %s", self.path.name, made[1])
+        return made
+
     def _measured(self, make: Callable[[int], ort.InferenceSession]) -> tuple[ort.InferenceSession, ThreadChoice]:
         """A session with the threads measured for this file: timed at its first load in this process, remembered after
         (a reload, a lazy variant loaded again on demand, builds one session and times nothing)."""
@@ -116,22 +144,42 @@ class OnnxRuntime(Runtime):
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, node_cores())
         known = _MEASURED.get(key)
         if known is not None:
+            if known.threads > 1:
+                self.narrow = make(1)
             return make(known.threads), replace(known, reason=f"{known.reason}; measured at an earlier load of this file")
-        session, choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), node_cores())
+        narrow: list[ort.InferenceSession] = []
+        session, choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), node_cores(), narrow)
         _MEASURED[key] = choice
+        if narrow:
+            self.narrow = narrow[0]
+            choice = replace(
+                choice, reason=f"{choice.reason}; calls follow the load: {choice.threads} threads alone, 1 with others in flight"
+            )
         return session, choice
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or [o.name for o in self.outputs]
         feed = {k: as_text(k, v) if v.dtype == object else v for k, v in inputs.items()}
         try:
-            results = self.session.run(names, feed)
+            if self.narrow is None:
+                results = self.session.run(names, feed)
+            else:
+                wide = CALL_LOAD.enter()
+                try:
+                    if wide:
+                        self.wide_calls += 1
+                        results = self.session.run(names, feed)
+                    else:
+                        self.narrow_calls += 1
+                        results = self.narrow.run(names, feed)
+                finally:
+                    CALL_LOAD.leave()
         except InvalidArgumentError as e:  # inputs that pass the specs but not the graph (e.g. dims that must agree)
             raise InvalidArgument(f"the model refused the inputs: {str(e).splitlines()[0][:500]}") from None
         return dict(zip(names, results))
 
     def unload(self) -> None:
-        self.session = None
+        self.session = self.narrow = None
 
     @property
     def intra_op_threads(self) -> int:

@@ -1,5 +1,9 @@
 """The intra-op thread count of an ONNX Runtime CPU session, measured at load: all cores where one call is long enough
-and parallel enough to gain from them, else one thread (a tiny model's call costs more to fan out than to run)."""
+and parallel enough to gain from them, else one thread (a tiny model's call costs more to fan out than to run).
+
+Where all cores pay, the runtime keeps a one-thread session beside the wide one and each call follows the load
+(`CallLoad`): a call alone, under a light measured load, runs on all cores; a call that overlaps others, or starts
+while the load has been high, runs on one core, so that concurrent calls do not oversubscribe the cores."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import ctypes
 import logging
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +32,9 @@ MIN_SPEEDUP = 1.3
 # Timing stops after this long per session, at 9 calls, or after one call of a model slower than that (a model whose
 # call takes seconds adds its warm-up and one timed call per session to its load, no more).
 PROBE_BUDGET_S = 0.6
+# The length a free sequence axis is timed at: a sentence (the MiniLM workload averages 23 tokens), since padding-free
+# serving runs each request at its real length (server/batching/sequence.py).
+PROBE_TOKENS = 32
 
 
 def node_cores() -> int:
@@ -67,7 +75,8 @@ def decide(one_thread_ms: float, all_cores_ms: float | None, cores: int) -> Thre
 
 
 def probe_feed(session: ort.InferenceSession, type_to_datatype: dict[str, str]) -> dict[str, np.ndarray] | None:
-    """Batch-1 inputs of the session's shapes (free dimensions 1), or None when one cannot be made up (text inputs)."""
+    """Batch-1 inputs of the session's shapes (free dimensions 1; a free sequence of integer [batch, seq] tokens
+    `PROBE_TOKENS` long, a sentence's length rather than one token), or None when one cannot be made up (text inputs)."""
     rng = np.random.default_rng(0)
     feed = {}
     for node in session.get_inputs():
@@ -75,7 +84,8 @@ def probe_feed(session: ort.InferenceSession, type_to_datatype: dict[str, str]) 
         if datatype is None or datatype == "BYTES":
             return None
         dtype = DATATYPE_TO_NUMPY[datatype]
-        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in node.shape)
+        tokens = len(node.shape) == 2 and np.issubdtype(dtype, np.integer)
+        shape = tuple(d if isinstance(d, int) and d > 0 else (PROBE_TOKENS if tokens and i == 1 else 1) for i, d in enumerate(node.shape))
         if np.issubdtype(dtype, np.floating):
             feed[node.name] = rng.standard_normal(shape).astype(dtype)
         else:  # ids, masks, flags: zeros are valid values for all of them
@@ -117,10 +127,12 @@ def choose(
     make_session: Callable[[int], ort.InferenceSession],
     feed_of: Callable[[ort.InferenceSession], dict[str, np.ndarray] | None],
     cores: int,
+    keep_narrow: list[ort.InferenceSession] | None = None,
 ) -> tuple[ort.InferenceSession, ThreadChoice]:
     """A session and its thread choice: one thread unless timing batch-1 calls shows that all cores pay.
 
     The second session (all cores) is built only for a model whose one-thread call is long enough to gain from it.
+    With `keep_narrow`, a wide choice keeps the one-thread session there too (calls then follow the load, `CallLoad`).
     """
     single = make_session(1)
     if cores <= 1:
@@ -141,9 +153,41 @@ def choose(
     choice = decide(one.cpu_ms, spread.least_cpu_ms, cores)
     log.debug("thread probe: 1 thread %.2f ms wall, %d threads %.2f ms wall", one.wall_ms, cores, spread.wall_ms)
     kept = wide if choice.threads > 1 else single
+    if keep_narrow is not None and choice.threads > 1:
+        keep_narrow.append(single)
     del single, wide  # the dropped session is freed here: nothing else holds it
     release_freed_memory()
     return kept, choice
+
+
+# A call runs wide only while the load measured at call starts (a moving average of the other calls in flight) is below
+# this: one caller's calls each get all cores, 16 callers' calls one core each, even in the instant one runs alone.
+WIDE_BELOW = 0.5
+LOAD_WEIGHT = 0.1  # the moving average's weight of the newest call: about the last 10 calls
+
+
+class CallLoad:
+    """The ORT CPU calls in flight in this process, shared by every session that follows the load (the cores are
+    shared by every variant): `enter` says whether a starting call may take all cores, `leave` ends it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.load = 0.0  # moving average of the other calls in flight when a call starts
+
+    def enter(self) -> bool:
+        with self._lock:
+            others = self.in_flight
+            self.in_flight += 1
+            self.load += LOAD_WEIGHT * (others - self.load)
+            return others == 0 and self.load < WIDE_BELOW
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+CALL_LOAD = CallLoad()
 
 
 def release_freed_memory() -> None:

@@ -101,6 +101,8 @@ class ModelInfo:
     evaluator: str = ""
     # The model's latency objective and its steering history (server/rollout/slo_controller.py); None: no SLO.
     slo: dict[str, Any] | None = None
+    # The sequence axis declared at register ({"inputs": [...], "mask": name}; batching/sequence.py); None: detected by name.
+    sequence: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.assign_versions()
@@ -151,6 +153,7 @@ class ModelInfo:
             **({"quality": list(self.quality)} if self.quality else {}),
             **({"evaluator": self.evaluator} if self.evaluator else {}),
             **({"slo": self.slo} if self.slo is not None else {}),
+            **({"sequence": self.sequence} if self.sequence is not None else {}),
         }
 
     @classmethod
@@ -176,6 +179,7 @@ class ModelInfo:
             quality=list(d.get("quality", [])),
             evaluator=str(d.get("evaluator", "")),
             slo=d.get("slo"),
+            sequence=d.get("sequence"),
         )
 
 

@@ -9,14 +9,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from slimserve.optimizer.base import OptimizerError, UnsafeArchiveError
 from slimserve.optimizer.evaluation.evaluators import load_evaluator
 from slimserve.optimizer.evaluation.quality import parse_declared
 from slimserve.optimizer.formats.onnx_files import check_location, external_locations, missing_side_files
+from slimserve.optimizer.formats.sequence_axis import declaration_problem, mask_problem
 from slimserve.server.errors import InvalidArgument
-from slimserve.server.runtimes import RuntimeConfig, create_runtime
+from slimserve.server.runtimes import RuntimeConfig, TensorSpec, create_runtime
 from slimserve.server.store.manifest import (
     BASELINE,
     DATA_ROLES,
@@ -50,6 +52,8 @@ class UploadHeader:
     quality: tuple[str, ...] = ()  # "OUTPUT=METRIC" per output, kept with the model for its jobs
     evaluator: str = ""  # an installed evaluator's name, kept with the model for its jobs
     config_json: str = ""  # serving settings stored with the model (Triton's ModelConfig as JSON); "" for none
+    # A declared sequence axis ({"inputs": [...], "mask": name}, server/batching/sequence.py); None: detected by name.
+    sequence: dict | None = None
 
 
 # A side file of an ONNX model (its `external_data` location, relative to the model): as many as the model names.
@@ -90,6 +94,24 @@ def check_header(header: UploadHeader, max_bytes: int) -> None:
     total = sum(f.size_bytes for f in header.files)
     if total > max_bytes:
         raise InvalidArgument(f"upload of {total} bytes exceeds the server's limit of {max_bytes} bytes (--max-upload-bytes)")
+
+
+def check_sequence(sequence: dict, inputs: list[TensorSpec], datasets: dict[str, Path]) -> None:
+    """A declared sequence axis fits the model's inputs, and the datasets' masks are 0/1 trailing padding; else the
+    registration is refused with the input and its shape (registered without the declaration, the model serves padded)."""
+    names, mask = list(sequence.get("inputs") or ()), str(sequence.get("mask") or "")
+    problem = declaration_problem({s.name: (s.datatype, s.shape) for s in inputs}, names, mask)
+    if problem:
+        raise InvalidArgument(f"sequence declaration refused: {problem}")
+    for role, path in datasets.items():
+        with np.load(path, allow_pickle=False) as npz:
+            if mask in npz.files:
+                problem = mask_problem(npz[mask], mask, f"{role}.npz")
+                if problem:
+                    raise InvalidArgument(
+                        f"sequence declaration refused: {problem}; padding-free serving needs masks of ones then zeros "
+                        "(register without the declaration to serve the model padded)"
+                    )
 
 
 def check_onnx(path: Path, filename: str, side_files: list[str] | None = None) -> None:
@@ -210,6 +232,8 @@ class Registrar:
         except OptimizerError as e:
             raise InvalidArgument(str(e)) from e
 
+        if header.sequence is not None:
+            check_sequence(header.sequence, runtime.inputs, {f.role: paths[i] for i, f in enumerate(header.files) if f.role in DATA_ROLES})
         datasets = []
         (model_dir / "data").mkdir()
         for i, f in enumerate(header.files):
@@ -229,6 +253,7 @@ class Registrar:
             inputs=runtime.inputs,
             outputs=runtime.outputs,
             datasets=sorted(datasets),
+            sequence=header.sequence,
             variants={
                 BASELINE: VariantInfo(
                     name=BASELINE,

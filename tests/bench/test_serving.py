@@ -58,12 +58,13 @@ def test_real_model_targets_are_ratios_of_this_run():
         "auto_variant": {"metric": "cosine", "quality_drop_pt": 0.4},
     }
     checks = {c["check"]: (c["measured"], c["met"]) for c in check_real_targets(result)}
-    assert checks["auto variant: req/s at 16 callers vs KServe (FP32)"] == ("3.00x", True)
+    assert checks["auto variant: req/s at 16 callers vs KServe (FP32)"] == ("3.00x", False)  # issue 25: 4x
     assert checks["auto variant: req/s at 16 callers vs MLServer (FP32)"] == ("6.00x", True)
-    assert checks["auto variant: p50 at 1 caller vs KServe's"] == ("0.50x", True)
+    assert checks["auto variant: p50 at 1 caller vs KServe's"] == ("0.50x", False)  # issue 25: 0.4x
     assert checks["auto variant: req/s at 16 callers vs its own in-process ORT best"] == ("75%", False)  # 30 of 40
     assert checks["same FP32 file: req/s at 16 callers vs KServe (FP32)"] == ("1.30x", True)
     assert checks["same FP32 file: p50 at 1 caller vs KServe's"] == ("0.95x", True)
+    assert "same FP32 file: p99 at 16 callers vs KServe's" not in checks  # no p99 in these rows
     assert checks["same FP32 file: req/s at 16 callers vs its own in-process ORT best"] == ("93%", True)
     assert checks["auto variant: quality lost (cosine, points)"] == ("0.40", True)
 

@@ -15,6 +15,7 @@ BUILTIN = {
     "distill-feature",
     "distill-soft",
     "graph-compile",
+    "graph-dynamic-seq",
     "graph-ort",
     "graph-xla",
     "prune-gradual",

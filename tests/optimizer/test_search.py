@@ -267,3 +267,18 @@ def test_auto_refusal_says_each_distinct_reason_once(embedder, runtime_factory, 
     assert message.count("needs train data") == 1
     assert "distill-soft / prune-structured: skipped: fine-tunes, needs train data" in message
     assert "test-exploding: failed: test-exploding failed on slow.onnx: IndexError" in message
+
+
+def test_auto_makes_a_fixed_length_text_export_take_any_length_before_its_onnx_candidates(tmp_path):
+    from slimserve.optimizer.passes.dynamic_seq import fixed_sequence
+    from slimserve.optimizer.search.auto import _any_length
+    from tests.token_models import token_model, token_rows
+
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": save_npz(tmp_path / "eval.npz", **token_rows([4, 30], 32))})
+    made, said = _any_length(Artifact(token_model(tmp_path / "fixed.onnx", seq=32), "onnx"), context, context)
+    assert fixed_sequence(made.path) is None and said.startswith("any length: input_ids,attention_mask (was 32")
+    reads = Artifact(token_model(tmp_path / "reads.onnx", seq=32, reads_padding=True), "onnx")
+    kept, said = _any_length(reads, context, context)
+    assert kept is reads and said.startswith("kept fixed: graph-dynamic-seq: output 'pooled' differs by")
+    dynamic = Artifact(token_model(tmp_path / "dynamic.onnx"), "onnx")
+    assert _any_length(dynamic, context, context) == (dynamic, "")
