@@ -34,7 +34,9 @@ class DynamicSeqConfig(PassConfig):
     """inputs: the token inputs with the sequence on axis 1 (empty: input_ids, attention_mask, token_type_ids as present);
     mask: the attention mask among them (its ones give each row's real length)."""
 
-    inputs: tuple[str, ...] = setting((), "token inputs with the sequence on axis 1 (empty: input_ids, attention_mask, token_type_ids as present)")
+    inputs: tuple[str, ...] = setting(
+        (), "token inputs with the sequence on axis 1 (empty: input_ids, attention_mask, token_type_ids as present)"
+    )
     mask: str = setting(MASK_NAME, "the attention mask among the inputs (its ones give each row's real length)")
 
     def __post_init__(self) -> None:
