@@ -118,6 +118,7 @@ def rollout_dict(r: spb.RolloutStatus) -> dict[str, Any]:
         "started_at": r.started_at,
         "finished_at": r.finished_at or None,
         "plan": json.loads(r.plan_json) if r.plan_json else None,
+        "slo": slo_dict(r.slo) if r.HasField("slo") else None,
     }
 
 
@@ -125,3 +126,23 @@ def pass_dict(p: spb.PassRecord) -> dict[str, Any]:
     """A pass: name, kind, description, needs, and its settings (each default as JSON text, as a recipe writes it)."""
     settings = [{"name": s.name, "type": s.type, "default": s.default_json, "description": s.description} for s in p.settings]
     return {"name": p.name, "kind": p.kind, "description": p.description, "needs": list(p.needs), "settings": settings}
+
+
+def slo_dict(s: spb.SloStatus) -> dict[str, Any]:
+    """A SloStatus as plain values: the `slimctl slo --json` record."""
+    return {
+        "model": s.model,
+        "p99_ms": s.p99_ms,
+        "max_drop_pt": s.max_drop_pt,
+        "state": s.state,
+        "message": s.message,
+        "warnings": list(s.warnings),
+        "eligible": list(s.eligible),
+        "drops": dict(s.drops),
+        "weights": dict(s.weights),
+        "original": dict(s.original),
+        "cost_pt": s.cost_pt,
+        "history": [
+            {"time": e.time, "kind": e.kind, "reason": e.reason, "weights": dict(e.weights), "cost_pt": e.cost_pt} for e in s.history
+        ],
+    }
