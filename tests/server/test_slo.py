@@ -386,3 +386,41 @@ def test_a_manual_traffic_change_makes_the_objective_step_aside_and_resume_from_
 
     cleared = asyncio.run(run())
     assert cleared.weights == {"fp32": 1.0} and world.info.traffic.weights == {"fp32": 1.0}  # --clear gives the new split back
+
+
+def test_the_rollout_servicer_streams_the_objectives_events_and_attaches_them_to_the_rollouts_status():
+    from slimserve.protos import slimserve_pb2 as spb
+    from slimserve.server.grpc.servicers.rollout import RolloutServicer
+    from slimserve.server.rollout.plan import RolloutPlan
+    from slimserve.server.rollout.state import RolloutState
+
+    world = _World()
+    slo = SloController(world, world, world, world, clock=lambda: 0.0)
+    slo.set("m", 20, 1.0)
+    done = RolloutState("m", "int8", "fp32", RolloutPlan(), TrafficPolicy.single(), state="promoted", started_at=1.0, finished_at=2.0)
+    rollouts = SimpleNamespace(status=lambda model: done)
+    servicer = RolloutServicer(rollouts, slo)
+    request = spb.RolloutRequest(model="m")
+
+    async def run():
+        kinds = []
+
+        async def follow():
+            async for status in servicer.WatchSlo(request, None):
+                kinds.append(status.history[-1].kind)
+
+        task = asyncio.get_running_loop().create_task(follow())
+        await asyncio.sleep(0)
+        await slo.tick()
+        for _ in range(2):
+            world.serve(60)
+            await slo.tick()
+        status = await servicer.Status(request, None)
+        await slo.clear("m")
+        await asyncio.wait_for(task, 1.0)
+        return kinds, status
+
+    kinds, status = asyncio.run(run())
+    assert kinds == ["set", "pause_shadows", "toward_fast", "off"]
+    assert status.HasField("slo") and [e.kind for e in status.slo.history][-1] == "toward_fast"
+    assert status.slo.history[-1].cost_pt == pytest.approx(0.1)
