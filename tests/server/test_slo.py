@@ -424,3 +424,45 @@ def test_the_rollout_servicer_streams_the_objectives_events_and_attaches_them_to
     assert kinds == ["set", "pause_shadows", "toward_fast", "off"]
     assert status.HasField("slo") and [e.kind for e in status.slo.history][-1] == "toward_fast"
     assert status.slo.history[-1].cost_pt == pytest.approx(0.1)
+
+
+def test_slo_watch_prints_each_new_event_once_until_the_objective_is_removed(monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimserve.client import cli_rollout
+    from slimserve.client.cli import app
+
+    def event(second, kind, reason, cost=0.0):
+        return {"time": f"2026-01-01T00:00:0{second}Z", "kind": kind, "reason": reason, "weights": {}, "cost_pt": cost}
+
+    first = [event(0, "set", "holding p99 <= 20 ms")]
+    record = {
+        "model": "m", "p99_ms": 20.0, "max_drop_pt": 1.0, "state": "active", "message": "holding", "warnings": [],
+        "eligible": ["int8", "fp32"], "drops": {"int8": 0.4}, "weights": {"fp32": 1.0}, "original": {"fp32": 1.0},
+        "cost_pt": 0.0, "history": first,
+    }  # fmt: skip
+    stream = [
+        dict(record, history=first),  # the state now, as the first message: already shown
+        dict(record, history=[*first, event(1, "toward_fast", "p99 60 ms > objective 20 ms: 25% ...", 0.1)]),
+        dict(record, state="off", history=[*first, event(1, "toward_fast", "p99 60 ms > ...", 0.1), event(2, "off", "removed")]),
+    ]
+    stream[2]["history"][1] = stream[1]["history"][1]
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def slo_status(self, name):
+            return record
+
+        def slo_watch(self, name):
+            yield from stream
+
+    monkeypatch.setattr(cli_rollout, "connect", Client)
+    result = CliRunner().invoke(app, ["slo", "m", "--watch"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("holding p99 <= 20 ms") == 1 and result.output.count("toward_fast") == 1
+    assert "[cost 0.10 pt]" in result.output and result.output.rstrip().endswith("removed [cost 0.00 pt]")
