@@ -170,7 +170,8 @@ async def run(sessions, x, evaluation, times, slo_ms: float | None, max_drop: fl
     world = World(served, evaluation)
     controller = None
     if slo_ms is not None:
-        controller = SloController(world, world, world, world)
+        waits = lambda model: {n: v.batcher.predicted_wait() for n, v in served.items()}  # noqa: E731
+        controller = SloController(world, world, world, world, waits=waits)
         controller.set("digits", slo_ms, max_drop)
         controller.active["digits"] = controller.status("digits")
         controller.start_ticking()

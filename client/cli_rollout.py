@@ -102,6 +102,9 @@ def print_status(r: dict[str, Any], as_json: bool = False) -> None:
         console.print(f"  {e['time']}  {e['kind']:<11} {e['message']}", markup=False, highlight=False)
     if r["reason"]:
         console.print(f"reason: {r['reason']}", markup=False, highlight=False)
+    if r.get("slo"):
+        console.print("")
+        print_slo(r["slo"])
 
 
 def follow(name: str) -> dict[str, Any]:
@@ -193,13 +196,37 @@ def status(
     name: str = typer.Argument(..., help="Model name."),
     as_json: bool = typer.Option(False, "--json", help="Print the rollout's record as JSON."),
 ) -> None:
-    """The model's rollout: state, weight, requests per arm, every gate's statistic and decision, history, reason."""
+    """The model's rollout: state, weight, requests per arm, every gate's statistic and decision, history, reason; and
+    its latency objective's shifts, if one is set (also when no rollout ever ran)."""
     try:
         with connect() as client:
-            r = client.rollout_status(name)
+            try:
+                r = client.rollout_status(name)
+            except SlimServeClientError as e:
+                if e.code != "NOT_FOUND" or "has no rollout" not in e.message:
+                    raise
+                s = objective(client, name)
+                if s is None:
+                    raise
+                if as_json:
+                    print_json({"model": name, "state": None, "slo": s})
+                else:
+                    console.print(f"model {name} has no rollout", markup=False, highlight=False)
+                    print_slo(s)
+                return
     except SlimServeClientError as e:
         fail(str(e))
     print_status(r, as_json)
+
+
+def objective(client, name: str) -> dict[str, Any] | None:
+    """The model's latency objective, or None when it has none."""
+    try:
+        return client.slo_status(name)
+    except SlimServeClientError as e:
+        if e.code in ("NOT_FOUND", "FAILED_PRECONDITION"):
+            return None
+        raise
 
 
 @rollout_app.command("abort")
@@ -233,7 +260,12 @@ def print_slo(s: dict[str, Any], as_json: bool = False) -> None:
     drops = ", ".join(f"{v} {s['drops'].get(v, 0.0):+.2f}" for v in s["eligible"])
     console.print(f"variants it may use, fastest first (drop in points): {drops}", markup=False, highlight=False)
     for e in s["history"]:
-        console.print(f"  {e['time']}  {e['kind']:<14} {e['reason']}", markup=False, highlight=False)
+        console.print(slo_event_line(e), markup=False, highlight=False)
+
+
+def slo_event_line(e: dict[str, Any]) -> str:
+    """One event of the objective: when, what, why, and the expected accuracy cost of the split it left."""
+    return f"  {e['time']}  {e['kind']:<14} {e['reason']} [cost {e['cost_pt']:.2f} pt]"
 
 
 def slo(
@@ -242,6 +274,7 @@ def slo(
     max_drop: float = typer.Option(1.0, "--max-drop", help="Accuracy points a variant may give up against the serving one."),
     clear: bool = typer.Option(False, "--clear", help="Remove the objective; the original split comes back."),
     as_json: bool = typer.Option(False, "--json", help="Print the objective's record as JSON."),
+    watch: bool = typer.Option(False, "--watch", help="Then print each new event (shift, wait, step aside) until it is removed."),
 ) -> None:
     """Hold a latency objective: while the live p99 breaks it, move traffic step by step to the fastest variants within
     --max-drop of the serving variant's accuracy (shadows paused first), and back as the load falls. Without --p99 or
@@ -259,3 +292,25 @@ def slo(
     except SlimServeClientError as e:
         fail(str(e))
     print_slo(s, as_json)
+    if watch:
+        follow_slo(name, s["history"], as_json)
+
+
+def follow_slo(name: str, shown: list[dict[str, Any]], as_json: bool = False) -> None:
+    """Prints each event of the objective not in `shown` (the record keeps the last 50), until it is removed."""
+    key = lambda e: (e["time"], e["kind"], e["reason"])  # noqa: E731
+    last = key(shown[-1]) if shown else None
+    try:
+        with connect() as client:
+            for s in client.slo_watch(name):
+                keys = [key(e) for e in s["history"]]
+                new = s["history"][keys.index(last) + 1 :] if last in keys else s["history"]
+                for e in new:
+                    if as_json:
+                        print_json(e)
+                    else:
+                        console.print(slo_event_line(e), markup=False, highlight=False)
+                if s["history"]:
+                    last = keys[-1]
+    except SlimServeClientError as e:
+        fail(str(e))

@@ -14,7 +14,7 @@ import numpy as np
 
 from slimserve.client import codec
 from slimserve.client.onnx_files import side_file_path, side_files
-from slimserve.client.records import comparison_dict, job_dict, model_dict, pass_dict, rollout_dict, traffic_dict, variant_dict
+from slimserve.client.records import comparison_dict, job_dict, model_dict, pass_dict, rollout_dict, slo_dict, traffic_dict, variant_dict
 from slimserve.client.transport import (
     CHUNK_BYTES,
     SlimServeClientError,
@@ -318,6 +318,14 @@ class SlimServeClient:
     def slo_status(self, name: str) -> dict[str, Any]:
         return slo_dict(self._call(self.rollout_stub.GetSlo, spb.RolloutRequest(model=name)))
 
+    def slo_watch(self, name: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """The latency objective now, then at each of its events (shift, wait, step aside), until it is removed."""
+        try:
+            for status in self.rollout_stub.WatchSlo(spb.RolloutRequest(model=name), metadata=self._auth, timeout=timeout):
+                yield slo_dict(status)
+        except grpc.RpcError as e:
+            raise SlimServeClientError(e.code().name if e.code() else "UNKNOWN", e.details() or "") from None
+
     # ------------------------------------------------------------------ optimizer
 
     def optimize(
@@ -466,23 +474,3 @@ class SlimServeClient:
                 progress(part.stop, total)
         joined = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in outputs.items()}
         return RowsAnswer(joined, variants, ids)
-
-
-def slo_dict(s: spb.SloStatus) -> dict[str, Any]:
-    """A SloStatus as plain values: the `slimctl slo --json` record."""
-    return {
-        "model": s.model,
-        "p99_ms": s.p99_ms,
-        "max_drop_pt": s.max_drop_pt,
-        "state": s.state,
-        "message": s.message,
-        "warnings": list(s.warnings),
-        "eligible": list(s.eligible),
-        "drops": dict(s.drops),
-        "weights": dict(s.weights),
-        "original": dict(s.original),
-        "cost_pt": s.cost_pt,
-        "history": [
-            {"time": e.time, "kind": e.kind, "reason": e.reason, "weights": dict(e.weights), "cost_pt": e.cost_pt} for e in s.history
-        ],
-    }

@@ -118,6 +118,7 @@ def rollout_dict(r: spb.RolloutStatus) -> dict[str, Any]:
         "started_at": r.started_at,
         "finished_at": r.finished_at or None,
         "plan": json.loads(r.plan_json) if r.plan_json else None,
+        "slo": slo_dict(r.slo) if r.HasField("slo") else None,
     }
 
 
@@ -134,3 +135,23 @@ JOB_KEYS = ("id", "model", "variant", "recipe", "status", "stage", "progress", "
 def job_dict(j: spb.JobRecord) -> dict[str, Any]:
     """A JobRecord as the `jobs --json` contract: state queued | running | succeeded | failed | cancelled | interrupted."""
     return {k: getattr(j, k) for k in JOB_KEYS}
+
+
+def slo_dict(s: spb.SloStatus) -> dict[str, Any]:
+    """A SloStatus as plain values: the `slimctl slo --json` record."""
+    return {
+        "model": s.model,
+        "p99_ms": s.p99_ms,
+        "max_drop_pt": s.max_drop_pt,
+        "state": s.state,
+        "message": s.message,
+        "warnings": list(s.warnings),
+        "eligible": list(s.eligible),
+        "drops": dict(s.drops),
+        "weights": dict(s.weights),
+        "original": dict(s.original),
+        "cost_pt": s.cost_pt,
+        "history": [
+            {"time": e.time, "kind": e.kind, "reason": e.reason, "weights": dict(e.weights), "cost_pt": e.cost_pt} for e in s.history
+        ],
+    }

@@ -587,7 +587,7 @@ class RolloutEvent(_message.Message):
     def __init__(self, time: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., weight: _Optional[float] = ..., message: _Optional[str] = ..., gate: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., evidence: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("model", "state", "variant", "control", "weight", "requests", "gates", "history", "reason", "source", "started_at", "finished_at", "plan_json")
+    __slots__ = ("model", "state", "variant", "control", "weight", "requests", "gates", "history", "reason", "source", "started_at", "finished_at", "plan_json", "slo")
     class RequestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -608,6 +608,7 @@ class RolloutStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    SLO_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: str
     variant: str
@@ -621,4 +622,5 @@ class RolloutStatus(_message.Message):
     started_at: str
     finished_at: str
     plan_json: str
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[str] = ..., variant: _Optional[str] = ..., control: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[_Mapping[str, int]] = ..., gates: _Optional[_Iterable[_Union[RolloutGate, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., reason: _Optional[str] = ..., source: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., plan_json: _Optional[str] = ...) -> None: ...
+    slo: SloStatus
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[str] = ..., variant: _Optional[str] = ..., control: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[_Mapping[str, int]] = ..., gates: _Optional[_Iterable[_Union[RolloutGate, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., reason: _Optional[str] = ..., source: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., plan_json: _Optional[str] = ..., slo: _Optional[_Union[SloStatus, _Mapping]] = ...) -> None: ...

@@ -896,6 +896,11 @@ class RolloutStub:
                 request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
                 response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.SloStatus.FromString,
                 _registered_method=True)
+        self.WatchSlo = channel.unary_stream(
+                '/slimserve.v1.Rollout/WatchSlo',
+                request_serializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=slimserve_dot_protos_dot_slimserve__pb2.SloStatus.FromString,
+                _registered_method=True)
 
 
 class RolloutServicer:
@@ -946,6 +951,13 @@ class RolloutServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchSlo(self, request, context):
+        """The objective now, then again at each of its events (a shift, a wait, a step aside), until it is removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -976,6 +988,11 @@ def add_RolloutServicer_to_server(servicer, server):
             ),
             'GetSlo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSlo,
+                    request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.FromString,
+                    response_serializer=slimserve_dot_protos_dot_slimserve__pb2.SloStatus.SerializeToString,
+            ),
+            'WatchSlo': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSlo,
                     request_deserializer=slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.FromString,
                     response_serializer=slimserve_dot_protos_dot_slimserve__pb2.SloStatus.SerializeToString,
             ),
@@ -1142,6 +1159,33 @@ class Rollout:
             request,
             target,
             '/slimserve.v1.Rollout/GetSlo',
+            slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
+            slimserve_dot_protos_dot_slimserve__pb2.SloStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSlo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slimserve.v1.Rollout/WatchSlo',
             slimserve_dot_protos_dot_slimserve__pb2.RolloutRequest.SerializeToString,
             slimserve_dot_protos_dot_slimserve__pb2.SloStatus.FromString,
             options,

@@ -101,8 +101,10 @@ class SlimServer:
         self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price, settings.server_name)
         statistics = PrometheusStatistics(settings.prometheus_url) if settings.prometheus_url else ProcessStatistics(self.dataplane)
         self.rollouts = RolloutController(self.repository, self.control, statistics, metrics=RolloutMetrics(self.metrics))
-        self.control.on_manual_change = self.rollouts.interrupted
-        self.slo = SloController(self.repository, self.control, statistics, self.rollouts, on_shift=self._slo_shift)
+        self.slo = SloController(
+            self.repository, self.control, statistics, self.rollouts, on_shift=self._slo_shift, waits=self._predicted_waits
+        )
+        self.control.on_manual_change = self._manual_change  # the rollout stops, the SLO steps aside
         # Triton's trace settings; spans only with --trace-endpoint (then every request the rate picks is traced).
         self.control.traces = TraceSettings("TIMESTAMPS" if settings.trace_endpoint else "OFF", settings.trace_rate)
         self.tracer = Tracer(self.control.traces, settings.trace_endpoint) if settings.trace_endpoint else None
@@ -131,6 +133,15 @@ class SlimServer:
         self.metrics_port: int | None = None
         self._metrics_server = None
         self.server: grpc.aio.Server | None = None
+
+    async def _manual_change(self, model: str, reason: str, variant: str | None = None) -> None:
+        """A manual routing change or deletion: a running rollout stops with its reason, a latency objective steps aside."""
+        await self.rollouts.interrupted(model, reason, variant)
+        await self.slo.manual_change(model, reason, variant)
+
+    def _predicted_waits(self, model: str) -> dict[str, float | None]:
+        """Each served variant's predicted queue wait in seconds (its batcher's estimate): what the SLO loop reads."""
+        return {name: v.batcher.predicted_wait() for name, v in self.dataplane.loaded_model(model).variants.items()}
 
     def _slo_shift(self, model: str, variant: str, reason: str) -> None:
         """One change of the SLO steering, counted in slimserve_slo_shifts_total."""

@@ -153,6 +153,12 @@ class DynamicBatcher:
         """Requests waiting for a call (for tests and a queue-depth gauge)."""
         return self._waiting
 
+    def predicted_wait(self) -> float | None:
+        """Seconds a request arriving now would wait before its compute starts, at least: the samples queued ahead of it
+        at the cheapest measured cost per sample over the call slots (BatchSizer.least_wait); None: nothing measured yet.
+        The SLO loop reads it to answer a load spike before the live p99's window fills."""
+        return self.sizer.least_wait(sum(self._samples.values()), self.max_concurrency)
+
     async def submit(
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, deadline: float | None = None, timing: list | None = None
     ) -> dict[str, np.ndarray]:

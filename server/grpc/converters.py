@@ -356,7 +356,8 @@ def slo_status(s) -> spb.SloStatus:
     return out
 
 
-def rollout_status(r: RolloutState) -> spb.RolloutStatus:
+def rollout_status(r: RolloutState, slo=None) -> spb.RolloutStatus:
+    """`slo`: the model's latency objective (SloState), if one is set: its shifts travel with the rollout's status."""
     record = r.record()
     out = spb.RolloutStatus(
         model=r.model,
@@ -391,4 +392,6 @@ def rollout_status(r: RolloutState) -> spb.RolloutStatus:
             evidence=e["evidence"],
             **optional,
         )
+    if slo is not None:
+        out.slo.CopyFrom(slo_status(slo))
     return out

@@ -70,7 +70,7 @@ class Control:
         self.price_per_hour = price_per_hour
         self.logs = LogSettings()
         self.traces = TraceSettings()  # server/app.py replaces it with --trace-* settings
-        # Set by server/app.py to the rollout controller's `interrupted`: a manual routing change or a deletion
+        # Set by server/app.py to the rollout controller's `interrupted` and the SLO's `manual_change`: a manual routing change or a deletion
         # stops a running rollout with its reason (model, reason, variant or None for the whole model).
         self.on_manual_change: Callable[[str, str, str | None], Awaitable[None]] | None = None
 

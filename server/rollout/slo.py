@@ -144,6 +144,7 @@ class SloSteering:
     weights: dict[str, float] = field(default_factory=dict)
     calm_needed: int = CALM
     stepped_back: bool = False  # the last shift was a step back
+    _what: str = "p99"  # which signal broke the objective at the last look (the reason names it)
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -163,6 +164,7 @@ class SloSteering:
     ) -> Shift | None:
         slo = self.policy.p99_ms
         worst = max(p99_ms, predicted_wait_ms)
+        self._what = "p99" if p99_ms >= predicted_wait_ms else "the queue's predicted wait"
         if worst > slo:
             self.calm = 0
             if self.stepped_back:  # that step back was too early: wait twice as long before the next one
@@ -172,7 +174,7 @@ class SloSteering:
                 self.shadows_paused = True
                 return Shift(
                     dict(self.weights),
-                    f"p99 {worst:.3g} ms > objective {slo:g} ms: shadows paused first",
+                    f"{self._what} {worst:.3g} ms > objective {slo:g} ms: shadows paused first",
                     self.cost(self.weights),
                     "pause_shadows",
                     pause_shadows=True,
@@ -198,7 +200,7 @@ class SloSteering:
         if not donors:
             return Shift(
                 dict(self.weights),
-                f"p99 {worst:.3g} ms > objective {slo:g} ms with all traffic on the fastest variant within "
+                f"{self._what} {worst:.3g} ms > objective {slo:g} ms with all traffic on the fastest variant within "
                 f"{self.policy.max_drop_pt:g} points ('{fastest}'): requests past the queue's capacity are refused",
                 self.cost(self.weights),
                 "saturated",
@@ -213,7 +215,7 @@ class SloSteering:
         cost = self.cost(self.weights)
         return Shift(
             dict(self.weights),
-            f"p99 {worst:.3g} ms > objective {slo:g} ms: {moved:.0%} of traffic from '{slowest}' to '{fastest}' "
+            f"{self._what} {worst:.3g} ms > objective {slo:g} ms: {moved:.0%} of traffic from '{slowest}' to '{fastest}' "
             f"(expected accuracy cost {cost:.2f} of {self.policy.max_drop_pt:g} points)",
             cost,
             "toward_fast",

@@ -5,7 +5,14 @@
 rollout controller's interval) reads the live p99 of the model's current split since the last look and applies
 slo.SloSteering's shift, if any, through the same `Traffic` calls the rollout controller makes (automatic=True).
 A rollout in progress wins: the objective waits, saying so, and the split stays the rollout's. Every shift is an
-event in the record (`GetSlo`, `slimctl slo NAME`) and a count of slimserve_slo_shifts_total{reason}.
+event in the record (`GetSlo`, `slimctl slo NAME`, `slimctl rollout status NAME`), on the `watch` stream (`WatchSlo`,
+`slimctl slo NAME --watch`) and a count of slimserve_slo_shifts_total{reason}.
+
+Besides the live p99, each look reads the queue's predicted wait of every variant taking traffic (`waits`: the
+batcher's BatchSizer estimate of how long a request arriving now waits before its compute starts), so that a spike is
+answered at the first look, before enough requests were answered for a p99. A manual traffic change (`manual_change`,
+called by Control like the rollout's `interrupted`; or a split in the manifest that is not the one it set) makes the
+objective step aside: it records why, and resumes from the new split (which `--clear` then gives back).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -99,6 +106,7 @@ class SloController:
         rollouts: Rollouts,
         clock: Callable[[], float] = time.time,
         on_shift: Callable[[str, str, str], None] | None = None,
+        waits: Callable[[str], dict[str, float | None]] | None = None,
     ) -> None:
         self.repository = repository
         self.traffic = traffic
@@ -106,7 +114,11 @@ class SloController:
         self.rollouts = rollouts
         self.clock = clock
         self.on_shift = on_shift  # (model, the variant traffic moves to, reason): the Prometheus counter
+        # model -> each served variant's predicted queue wait in seconds (DynamicBatcher.predicted_wait); None: p99 only
+        self.waits = waits
         self._task: asyncio.Task | None = None
+        self._watchers: dict[str, set[asyncio.Queue[SloState]]] = {}
+        self._aside: dict[str, str] = {}  # model -> the manual change not answered yet (why)
         self.active: dict[str, SloState] = {}  # model -> its objective, as stored (read once: `resume`, `set`)
         self._steering: dict[str, SloSteering] = {}
         self._marks: dict[str, dict[str, int]] = {}
@@ -169,7 +181,39 @@ class SloController:
             dict(state.original),
             0.0,
         )
+        self._event(state, "off", state.message)
         return state
+
+    async def watch(self, model: str) -> AsyncIterator[SloState]:
+        """The objective now, then again at each of its events (shifts, waits, steps aside), until it is removed."""
+        state = self.status(model)
+        yield state
+        if state.state == "off":
+            return
+        queue: asyncio.Queue[SloState] = asyncio.Queue()
+        self._watchers.setdefault(model, set()).add(queue)
+        try:
+            while True:
+                state = await queue.get()
+                yield state
+                if state.state == "off":
+                    return
+        finally:
+            self._watchers.get(model, set()).discard(queue)
+
+    async def manual_change(self, model: str, reason: str, variant: str | None = None) -> None:
+        """Control's hook (with the rollout's): someone else changed the model's routing. The objective steps aside at
+        its next look and resumes from the split it finds then; a deleted variant is no longer one it may use."""
+        state = self.active.get(model)
+        if state is None:
+            return
+        if variant is not None:
+            if variant not in state.drops and variant not in state.weights:
+                return
+            state.eligible = [v for v in state.eligible if v != variant]
+            for kept in (state.drops, state.latency_ms):
+                kept.pop(variant, None)
+        self._aside[model] = reason
 
     # ------------------------------------------------------------------ the loop
 
@@ -215,6 +259,7 @@ class SloController:
                 self._event(state, "waiting", message)
                 self._save(state)
             self._steering.pop(state.model, None)
+            self._aside.pop(state.model, None)  # the rollout is told of manual changes; the split it leaves is taken below
             return
         if state.state == "waiting":
             state.state, state.message = "active", "the rollout ended: the SLO applies again"
@@ -223,10 +268,14 @@ class SloController:
             state.shadows = list(info.traffic.shadows)
             self._event(state, "active", state.message)
             self._save(state)
+        else:
+            self._step_aside_if_changed(state)
         p99 = self._live_p99(state)
-        if p99 is None:
-            return
-        state.last_p99_ms = p99
+        wait_ms = self._predicted_wait_ms(state)
+        if p99 is None and (wait_ms is None or wait_ms <= state.p99_ms):
+            return  # too few answers for a p99, and the queue does not predict a breach either
+        if p99 is not None:
+            state.last_p99_ms = p99
         steering = self._steering.get(state.model)
         if steering is None:
             policy = SloPolicy(state.p99_ms, state.max_drop_pt)
@@ -238,7 +287,7 @@ class SloController:
             )
             self._steering[state.model] = steering
         rate, service = self._load(state)
-        shift = steering.look(p99, 0.0, has_shadows=bool(state.shadows), rate_rps=rate, service_s=service)
+        shift = steering.look(p99 or 0.0, wait_ms or 0.0, has_shadows=bool(state.shadows), rate_rps=rate, service_s=service)
         if shift is None:
             return
         if not shift.saturated:
@@ -251,6 +300,37 @@ class SloController:
         self._save(state)
         if self.on_shift is not None:
             self.on_shift(state.model, state.eligible[0], kind)
+
+    def _step_aside_if_changed(self, state: SloState) -> None:
+        """A manual change told by Control, or a split in the manifest that is not the one this objective set: record it
+        and start again from the split found (it becomes the one `--clear` gives back)."""
+        info = self.repository.get(state.model)
+        found = dict(info.traffic.weights)
+        reason = self._aside.pop(state.model, None)
+        if reason is None and same_split(found, state.weights):
+            return
+        why = reason or "the routing changed outside the objective"
+        state.original = state.weights = found
+        state.shadows = list(info.traffic.shadows)
+        state.cost_pt = sum(w * max(state.drops.get(v, 0.0), 0.0) for v, w in normalized(found).items())
+        state.message = (
+            f"{why}: the objective stepped aside and resumes from the new split "
+            f"({', '.join(f'{v} {w:.0%}' for v, w in normalized(found).items() if w > 0)}), which --clear now gives back"
+        )
+        self._steering.pop(state.model, None)
+        self._event(state, "stepped_aside", state.message)
+        self._save(state)
+
+    def _predicted_wait_ms(self, state: SloState) -> float | None:
+        """The longest predicted queue wait in ms among the variants taking traffic now (None: not known)."""
+        if self.waits is None:
+            return None
+        try:
+            waits = self.waits(state.model)
+        except Exception:  # not loaded now (Unavailable, NotFound): the p99 alone decides
+            return None
+        known = [w for v, w in waits.items() if w is not None and state.weights.get(v, 0.0) > 0]
+        return max(known) * 1000.0 if known else None
 
     def _live_p99(self, state: SloState) -> float | None:
         """The p99 in ms of every request the model's variants answered since the last look (None: too few yet)."""
@@ -300,6 +380,11 @@ class SloController:
             {"time": iso(self.clock()), "kind": kind, "reason": reason, "weights": dict(state.weights), "cost_pt": state.cost_pt}
         )
         del state.history[:-HISTORY]
+        watchers = self._watchers.get(state.model)
+        if watchers:
+            now = SloState.from_dict(state.to_dict())  # as of this event: a slow reader still sees each one
+            for queue in watchers:
+                queue.put_nowait(now)
 
     def _save(self, state: SloState) -> None:
         record = state.to_dict()
@@ -311,3 +396,14 @@ class SloController:
             self.repository.update(state.model, put)
         except NotFound:
             pass
+
+
+def normalized(weights: dict[str, float]) -> dict[str, float]:
+    total = sum(w for w in weights.values() if w > 0)
+    return {v: (w / total if total > 0 else 0.0) for v, w in weights.items()}
+
+
+def same_split(a: dict[str, float], b: dict[str, float], tolerance: float = 1e-6) -> bool:
+    """Whether two weight maps route the same shares (the manifest keeps what was set; zero shares may be left out)."""
+    na, nb = normalized(a), normalized(b)
+    return all(abs(na.get(v, 0.0) - nb.get(v, 0.0)) <= tolerance for v in set(na) | set(nb))

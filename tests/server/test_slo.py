@@ -220,3 +220,249 @@ def test_a_breach_right_after_a_step_back_doubles_the_calm_the_next_one_needs():
     while s.look(5.0) is None:
         looks += 1
     assert looks == 2 * CALM - 1
+
+
+# ---------------------------------------------------------------- issue 24, finished: events, predicted wait, manual change
+
+
+def test_every_shift_is_an_event_on_the_watch_stream_with_its_reason_and_expected_cost():
+    world = _World()
+    slo = SloController(world, world, world, world, clock=lambda: 0.0)
+    slo.set("m", 20, 1.0)
+
+    async def run():
+        seen = []
+
+        async def follow():
+            async for state in slo.watch("m"):
+                seen.append(dict(state.history[-1]))
+
+        task = asyncio.get_running_loop().create_task(follow())
+        await asyncio.sleep(0)
+        await slo.tick()
+        for _ in range(2):
+            world.serve(60)
+            await slo.tick()
+        await asyncio.sleep(0)
+        await slo.clear("m")
+        await asyncio.wait_for(task, 1.0)  # the stream ends once the objective is removed
+        return seen
+
+    seen = asyncio.run(run())
+    assert [e["kind"] for e in seen] == ["set", "pause_shadows", "toward_fast", "off"]
+    shift = seen[2]
+    assert "p99 60 ms > objective 20 ms: 25% of traffic from 'fp32' to 'int8'" in shift["reason"]
+    assert shift["cost_pt"] == pytest.approx(0.25 * 0.4) and shift["weights"] == {"fp32": 0.75, "int8": 0.25}
+
+
+def test_the_rollout_status_carries_the_objectives_shifts_and_the_cli_shows_them_without_a_rollout(monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimserve.client import cli_rollout
+    from slimserve.client.cli import app
+    from slimserve.client.client import SlimServeClientError
+    from slimserve.client.records import rollout_dict
+    from slimserve.server.grpc import converters
+    from slimserve.server.rollout.plan import RolloutPlan
+    from slimserve.server.rollout.state import RolloutState
+
+    world = _World()
+    slo = SloController(world, world, world, world, clock=lambda: 0.0)
+    slo.set("m", 20, 1.0)
+
+    async def shift():
+        await slo.tick()
+        for _ in range(2):
+            world.serve(60)
+            await slo.tick()
+
+    asyncio.run(shift())
+    r = RolloutState("m", "int8", "fp32", RolloutPlan(), TrafficPolicy.single(), state="promoted", started_at=1.0, finished_at=2.0)
+    record = rollout_dict(converters.rollout_status(r, slo.status("m")))
+    assert [e["kind"] for e in record["slo"]["history"]] == ["set", "pause_shadows", "toward_fast"]
+    assert record["slo"]["cost_pt"] == pytest.approx(0.1) and rollout_dict(converters.rollout_status(r))["slo"] is None
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def rollout_status(self, name):
+            raise SlimServeClientError("NOT_FOUND", f"model '{name}' has no rollout; start one with ...")
+
+        def slo_status(self, name):
+            return record["slo"]
+
+    monkeypatch.setattr(cli_rollout, "connect", Client)
+    result = CliRunner().invoke(app, ["rollout", "status", "m"])
+    assert result.exit_code == 0, result.output
+    assert "model m has no rollout" in result.output and "toward_fast" in result.output
+    assert "25% of traffic from 'fp32' to 'int8'" in result.output and "[cost 0.10 pt]" in result.output
+
+
+def test_the_queues_predicted_wait_shifts_traffic_before_any_p99_is_known():
+    world = _World()
+    waits = {"fp32": 0.005, "int8": None}
+    slo = SloController(world, world, world, world, clock=lambda: 0.0, waits=lambda model: waits)
+    slo.set("m", 20, 1.0)
+
+    async def run():
+        await slo.tick()
+        await slo.tick()  # 5 ms predicted, no answers yet: nothing to do
+        assert world.routed == []
+        waits["fp32"] = 0.080  # a spike queues up: not one request answered since
+        await slo.tick()
+        await slo.tick()
+
+    asyncio.run(run())
+    assert world.routed == [({"fp32": 1.0}, []), ({"fp32": 0.75, "int8": 0.25}, [])]
+    reason = slo.status("m").history[-1]["reason"]
+    assert "the queue's predicted wait 80 ms > objective 20 ms: 25% of traffic from 'fp32' to 'int8'" in reason
+
+
+def test_the_batchers_predicted_wait_is_the_queued_samples_at_the_cheapest_measured_cost():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from slimserve.server.batching.assembly import BatchingConfig
+    from slimserve.server.batching.batcher import DynamicBatcher
+
+    release = threading.Event()
+
+    def predict(inputs, outputs):
+        release.wait(5)
+        return {"y": inputs["x"]}
+
+    async def run():
+        with ThreadPoolExecutor(1) as pool:
+            b = DynamicBatcher(predict, pool, BatchingConfig(max_batch_size=1, max_queue_delay_ms=0))
+            assert b.predicted_wait() is None  # nothing measured yet
+            b.sizer.observe(1, 0.010)
+            calls = [asyncio.ensure_future(b.submit({"x": np.zeros((1, 2), np.float32)})) for _ in range(4)]
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+                if b.queued == 3:  # one runs, three wait
+                    break
+            wait = b.predicted_wait()
+            release.set()
+            await asyncio.gather(*calls)
+            await b.close()
+            return wait, b.predicted_wait()
+
+    wait, after = asyncio.run(run())
+    assert wait == pytest.approx(0.030, rel=0.2) and after == 0.0
+
+
+def test_a_manual_traffic_change_makes_the_objective_step_aside_and_resume_from_the_new_split():
+    world = _World()
+    slo = SloController(world, world, world, world, clock=lambda: 0.0)
+    slo.set("m", 20, 1.0)
+
+    async def run():
+        await slo.tick()
+        for _ in range(2):
+            world.serve(60)
+            await slo.tick()
+        assert world.info.traffic.weights == {"fp32": 0.75, "int8": 0.25}
+        world.info.traffic = TrafficPolicy({"fp32": 0.5, "int8": 0.5})  # `slimctl traffic` by hand
+        await slo.manual_change("m", "manual traffic change")
+        world.serve(60)
+        await slo.tick()
+        state = slo.status("m")
+        aside = [e for e in state.history if e["kind"] == "stepped_aside"]
+        assert len(aside) == 1 and "manual traffic change: the objective stepped aside" in aside[0]["reason"]
+        assert "fp32 50%, int8 50%" in aside[0]["reason"] and state.original == {"fp32": 0.5, "int8": 0.5}
+        assert world.routed[-1] == ({"fp32": 0.25, "int8": 0.75}, [])  # the next step starts from the new split
+        # a change it was not told of (another writer, a restored manifest) is found by the split itself
+        world.info.traffic = TrafficPolicy({"fp32": 1.0})
+        world.serve(5)
+        await slo.tick()
+        assert slo.status("m").history[-1]["kind"] == "stepped_aside"
+        assert "the routing changed outside the objective" in slo.status("m").history[-1]["reason"]
+        cleared = await slo.clear("m")
+        return cleared
+
+    cleared = asyncio.run(run())
+    assert cleared.weights == {"fp32": 1.0} and world.info.traffic.weights == {"fp32": 1.0}  # --clear gives the new split back
+
+
+def test_the_rollout_servicer_streams_the_objectives_events_and_attaches_them_to_the_rollouts_status():
+    from slimserve.protos import slimserve_pb2 as spb
+    from slimserve.server.grpc.servicers.rollout import RolloutServicer
+    from slimserve.server.rollout.plan import RolloutPlan
+    from slimserve.server.rollout.state import RolloutState
+
+    world = _World()
+    slo = SloController(world, world, world, world, clock=lambda: 0.0)
+    slo.set("m", 20, 1.0)
+    done = RolloutState("m", "int8", "fp32", RolloutPlan(), TrafficPolicy.single(), state="promoted", started_at=1.0, finished_at=2.0)
+    rollouts = SimpleNamespace(status=lambda model: done)
+    servicer = RolloutServicer(rollouts, slo)
+    request = spb.RolloutRequest(model="m")
+
+    async def run():
+        kinds = []
+
+        async def follow():
+            async for status in servicer.WatchSlo(request, None):
+                kinds.append(status.history[-1].kind)
+
+        task = asyncio.get_running_loop().create_task(follow())
+        await asyncio.sleep(0)
+        await slo.tick()
+        for _ in range(2):
+            world.serve(60)
+            await slo.tick()
+        status = await servicer.Status(request, None)
+        await slo.clear("m")
+        await asyncio.wait_for(task, 1.0)
+        return kinds, status
+
+    kinds, status = asyncio.run(run())
+    assert kinds == ["set", "pause_shadows", "toward_fast", "off"]
+    assert status.HasField("slo") and [e.kind for e in status.slo.history][-1] == "toward_fast"
+    assert status.slo.history[-1].cost_pt == pytest.approx(0.1)
+
+
+def test_slo_watch_prints_each_new_event_once_until_the_objective_is_removed(monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimserve.client import cli_rollout
+    from slimserve.client.cli import app
+
+    def event(second, kind, reason, cost=0.0):
+        return {"time": f"2026-01-01T00:00:0{second}Z", "kind": kind, "reason": reason, "weights": {}, "cost_pt": cost}
+
+    first = [event(0, "set", "holding p99 <= 20 ms")]
+    record = {
+        "model": "m", "p99_ms": 20.0, "max_drop_pt": 1.0, "state": "active", "message": "holding", "warnings": [],
+        "eligible": ["int8", "fp32"], "drops": {"int8": 0.4}, "weights": {"fp32": 1.0}, "original": {"fp32": 1.0},
+        "cost_pt": 0.0, "history": first,
+    }  # fmt: skip
+    stream = [
+        dict(record, history=first),  # the state now, as the first message: already shown
+        dict(record, history=[*first, event(1, "toward_fast", "p99 60 ms > objective 20 ms: 25% ...", 0.1)]),
+        dict(record, state="off", history=[*first, event(1, "toward_fast", "p99 60 ms > ...", 0.1), event(2, "off", "removed")]),
+    ]
+    stream[2]["history"][1] = stream[1]["history"][1]
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def slo_status(self, name):
+            return record
+
+        def slo_watch(self, name):
+            yield from stream
+
+    monkeypatch.setattr(cli_rollout, "connect", Client)
+    result = CliRunner().invoke(app, ["slo", "m", "--watch"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("holding p99 <= 20 ms") == 1 and result.output.count("toward_fast") == 1
+    assert "[cost 0.10 pt]" in result.output and result.output.rstrip().endswith("removed [cost 0.00 pt]")

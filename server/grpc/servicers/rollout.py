@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from slimserve.protos import slimserve_pb2_grpc as spb_grpc
-from slimserve.server.errors import FailedPrecondition
+from slimserve.server.errors import FailedPrecondition, NotFound
 from slimserve.server.grpc import converters
 from slimserve.server.grpc.edge import grpc_errors
 from slimserve.server.rollout.controller import RolloutController
@@ -22,7 +22,7 @@ class RolloutServicer(spb_grpc.RolloutServicer):
 
     @grpc_errors
     async def Status(self, request, context):
-        return converters.rollout_status(self.rollouts.status(request.model))
+        return converters.rollout_status(self.rollouts.status(request.model), self._objective(request.model))
 
     @grpc_errors
     async def Abort(self, request, context):
@@ -31,7 +31,7 @@ class RolloutServicer(spb_grpc.RolloutServicer):
     @grpc_errors
     async def Watch(self, request, context):
         async for state in self.rollouts.watch(request.model):
-            yield converters.rollout_status(state)
+            yield converters.rollout_status(state, self._objective(request.model))
 
     @grpc_errors
     async def SetSlo(self, request, context):
@@ -42,6 +42,20 @@ class RolloutServicer(spb_grpc.RolloutServicer):
     @grpc_errors
     async def GetSlo(self, request, context):
         return converters.slo_status(self._slo().status(request.model))
+
+    @grpc_errors
+    async def WatchSlo(self, request, context):
+        async for state in self._slo().watch(request.model):
+            yield converters.slo_status(state)
+
+    def _objective(self, model: str):
+        """The model's latency objective on record, or None: its shifts are shown with the rollout's status."""
+        if self.slo is None:
+            return None
+        try:
+            return self.slo.status(model)
+        except NotFound:
+            return None
 
     def _slo(self) -> SloController:
         if self.slo is None:
