@@ -117,6 +117,8 @@ class SlimServer:
                 triton_converters.parse_config_pbtxt,
                 settings.repository_poll_secs,
             )
+            self.control.model_control_mode = settings.model_control_mode  # none / poll refuse load and unload, as Triton
+            self.control.unserved = self.triton.unserved
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None
