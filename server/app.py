@@ -101,6 +101,7 @@ class SlimServer:
         self.slo = SloController(self.repository, self.control, statistics, self.rollouts, on_shift=self._slo_shift)
         # Triton's trace settings; spans only with --trace-endpoint (then every request the rate picks is traced).
         self.control.traces = TraceSettings("TIMESTAMPS" if settings.trace_endpoint else "OFF", settings.trace_rate)
+        self.control.restore_trace_settings()  # what earlier trace settings updates stored in the repository
         self.tracer = Tracer(self.control.traces, settings.trace_endpoint) if settings.trace_endpoint else None
         self.dataplane.tracer = self.tracer
         if self.tracer is not None:

@@ -7,6 +7,7 @@ request, make one call here, and encode what it returns (server/grpc/converters.
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from slimserve.server.store.upload import Registrar, UploadHeader, check_header
 from slimserve.server.telemetry.log_settings import LogSettings
 from slimserve.server.telemetry.statistics import FeedbackResult, compare_rows
 from slimserve.server.telemetry.tracing import TraceSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -321,9 +324,28 @@ class Control:
         return self.traces.get(model)
 
     def update_trace_settings(self, changes: dict[str, Any], model: str = "") -> dict[str, Any]:
+        """Applies and stores the change in the repository (a read-only replica keeps it in memory): the settings
+        outlive a restart, the server's and each model's own alike."""
         if model:
             self.repository.get(model)
-        return self.traces.update(changes, model)
+        settings = self.traces.update(changes, model)
+        if not self.repository.read_only:
+            self.repository.set_trace_settings(self.traces.stored(model), model)
+        return settings
+
+    def restore_trace_settings(self) -> None:
+        """At start: the trace settings stored by earlier updates replace those of the command line, logged."""
+        server = self.repository.trace_settings()
+        models = {name: stored for name in self.repository.names() if (stored := self.repository.trace_settings(name))}
+        for line in self.traces.restore(server, models):
+            log.warning("stored trace setting skipped: %s", line)
+        if server or models:
+            log.info(
+                "trace settings restored from %s: server %s%s",
+                self.repository.root,
+                self.traces.get(),
+                "".join(f"; model '{m}' {s}" for m, s in models.items()),
+            )
 
     # ------------------------------------------------------------------ optimizer jobs
 
