@@ -523,7 +523,12 @@ class TritonRepository:
                 if isinstance(e, VersionRefused):
                     self.failed_versions[model.name] = e.version
                 if self.dataplane.is_loaded(model.name):
-                    log.error("model '%s' of %s: the change is not imported, the previous import keeps serving: %s", model.name, self.root, e.message)
+                    log.error(
+                        "model '%s' of %s: the change is not imported, the previous import keeps serving: %s",
+                        model.name,
+                        self.root,
+                        e.message,
+                    )
                 else:
                     log.error("model '%s' of %s is not served: %s", model.name, self.root, e.message)
                 continue
