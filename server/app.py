@@ -107,6 +107,7 @@ class SlimServer:
         self.control.on_manual_change = self._manual_change  # the rollout stops, the SLO steps aside
         # Triton's trace settings; spans only with --trace-endpoint (then every request the rate picks is traced).
         self.control.traces = TraceSettings("TIMESTAMPS" if settings.trace_endpoint else "OFF", settings.trace_rate)
+        self.control.restore_trace_settings()  # what earlier trace settings updates stored in the repository
         self.tracer = Tracer(self.control.traces, settings.trace_endpoint) if settings.trace_endpoint else None
         self.dataplane.tracer = self.tracer
         if self.tracer is not None:
@@ -123,6 +124,8 @@ class SlimServer:
                 triton_converters.parse_config_pbtxt,
                 settings.repository_poll_secs,
             )
+            self.control.model_control_mode = settings.model_control_mode  # none / poll refuse load and unload, as Triton
+            self.control.unserved = self.triton.unserved
         # Read now, so that a bad --tls-* file stops the start with its reason before anything listens.
         self.credentials = tls_server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.watcher: RepositoryWatcher | None = None

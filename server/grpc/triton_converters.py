@@ -162,7 +162,9 @@ def trace_settings(settings: dict[str, Any]) -> pb.TraceSettingResponse:
 def repository_index(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
     response = pb.RepositoryIndexResponse()
     for e in entries:
-        response.models.add(name=e.model, version=str(e.version), state="READY" if e.ready else "UNAVAILABLE", reason=e.reason)
+        response.models.add(
+            name=e.model, version=str(e.version) if e.version else "", state="READY" if e.ready else "UNAVAILABLE", reason=e.reason
+        )
     return response
 
 

@@ -284,7 +284,13 @@ def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
 def repository_index(entries: list[IndexEntry]) -> list[dict[str, Any]]:
     """Each variant by its integer version, as Triton lists versions (and as RepositoryIndex over gRPC does)."""
     return [
-        {"name": e.model, "version": str(e.version), "state": "READY" if e.ready else "UNAVAILABLE", "reason": e.reason} for e in entries
+        {
+            "name": e.model,
+            "version": str(e.version) if e.version else "",
+            "state": "READY" if e.ready else "UNAVAILABLE",
+            "reason": e.reason,
+        }
+        for e in entries
     ]
 
 

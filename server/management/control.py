@@ -7,13 +7,14 @@ request, make one call here, and encode what it returns (server/grpc/converters.
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from slimserve.optimizer.base import OptimizerError, ProgressEvent
 from slimserve.optimizer.catalog import PassInfo, describe, describe_all
-from slimserve.server.errors import AlreadyExists, InvalidArgument, NotFound, SlimServeError
+from slimserve.server.errors import AlreadyExists, InvalidArgument, NotFound, SlimServeError, Unavailable
 from slimserve.server.inference.dataplane import DataPlane, VersionStatistics
 from slimserve.server.inference.model_config import ModelConfigView, parse_load_config
 from slimserve.server.inference.shared_memory import RegionStatus, cuda_shared_memory_status, register_cuda_shared_memory
@@ -25,6 +26,8 @@ from slimserve.server.store.upload import Registrar, UploadHeader, check_header
 from slimserve.server.telemetry.log_settings import LogSettings
 from slimserve.server.telemetry.statistics import FeedbackResult, compare_rows
 from slimserve.server.telemetry.tracing import TraceSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,12 @@ class Control:
         self.price_per_hour = price_per_hour
         self.logs = LogSettings()
         self.traces = TraceSettings()  # server/app.py replaces it with --trace-* settings
+        # Set by server/app.py to the --model-control-mode of a --model-repository (none / poll refuse
+        # RepositoryModelLoad / Unload as Triton does); None: no Triton repository, load and unload are allowed.
+        self.model_control_mode: str | None = None
+        # Set by server/app.py to TritonRepository.unserved: (model, version or 0, why) of what --model-repository could
+        # not import, listed UNAVAILABLE in the repository index with the reason.
+        self.unserved: Callable[[], list[tuple[str, int, str]]] | None = None
         # Set by server/app.py to the rollout controller's `interrupted` and the SLO's `manual_change`: a manual routing change or a deletion
         # stops a running rollout with its reason (model, reason, variant or None for the whole model).
         self.on_manual_change: Callable[[str, str, str | None], Awaitable[None]] | None = None
@@ -227,6 +236,8 @@ class Control:
                 unloaded = loaded.unloaded.get(variant) if loaded is not None else None
                 reason = v.message if v.status == "failed" else ("" if ready else unloaded.reason if unloaded else "not loaded")
                 entries.append(IndexEntry(info.name, variant, ready, reason, v.version))
+        if self.unserved is not None and not ready_only:
+            entries += [IndexEntry(name, "", False, why, version) for name, version, why in self.unserved()]
         return entries
 
     async def load_model(self, name: str, config: str | None = None, files: dict[str, bytes] | None = None) -> None:
@@ -234,6 +245,7 @@ class Control:
         JSON: max_batch_size, dynamic_batching, instance_group) until the next load; checked before anything changes.
 
         A refusal keeps its kind and says "failed to load '<name>': <why>", as Triton words it (its clients check)."""
+        self._check_model_control()
         try:
             await self._load_model(name, config, files)
         except SlimServeError as e:
@@ -253,6 +265,17 @@ class Control:
             override = parse_load_config(config, name, info.inputs, device, self.dataplane.loader.batching, info.outputs, files)
         await self.dataplane.load_model(name, override)
 
+    def _check_model_control(self) -> None:
+        """Triton's rule (model_repository_manager.cc, LoadUnloadModel): outside `explicit` mode, load and unload are
+        UNAVAILABLE with its very words, which its clients match; what to do follows them."""
+        mode = self.model_control_mode
+        if mode is not None and mode != "explicit":
+            raise Unavailable(
+                "explicit model load / unload is not allowed if polling is enabled: this server runs with "
+                f"--model-control-mode {mode}, where {'the repository directory decides what is loaded' if mode == 'poll' else 'every model of --model-repository loads at start'}; "
+                "restart it with --model-control-mode explicit to load and unload models by call"
+            )
+
     def model_config(self, name: str, version: str = "") -> ModelConfigView:
         return self.dataplane.model_config(name, version)
 
@@ -262,6 +285,7 @@ class Control:
     async def unload_model(self, name: str) -> None:
         """Triton's rule: unloading a model that is not loaded succeeds (scripts unload defensively); one that is
         not registered at all is NOT_FOUND, so a typo does not pass silently."""
+        self._check_model_control()
         if not self.dataplane.is_loaded(name):
             self.repository.get(name)  # NotFound when not registered at all
             return
@@ -300,9 +324,28 @@ class Control:
         return self.traces.get(model)
 
     def update_trace_settings(self, changes: dict[str, Any], model: str = "") -> dict[str, Any]:
+        """Applies and stores the change in the repository (a read-only replica keeps it in memory): the settings
+        outlive a restart, the server's and each model's own alike."""
         if model:
             self.repository.get(model)
-        return self.traces.update(changes, model)
+        settings = self.traces.update(changes, model)
+        if not self.repository.read_only:
+            self.repository.set_trace_settings(self.traces.stored(model), model)
+        return settings
+
+    def restore_trace_settings(self) -> None:
+        """At start: the trace settings stored by earlier updates replace those of the command line, logged."""
+        server = self.repository.trace_settings()
+        models = {name: stored for name in self.repository.names() if (stored := self.repository.trace_settings(name))}
+        for line in self.traces.restore(server, models):
+            log.warning("stored trace setting skipped: %s", line)
+        if server or models:
+            log.info(
+                "trace settings restored from %s: server %s%s",
+                self.repository.root,
+                self.traces.get(),
+                "".join(f"; model '{m}' {s}" for m, s in models.items()),
+            )
 
     # ------------------------------------------------------------------ optimizer jobs
 

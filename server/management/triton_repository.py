@@ -7,7 +7,11 @@
 Each model comes into slimserve's own repository: version N of the directory is the variant of version N (the lowest
 is `baseline`, the others `v<N>`), unversioned requests go to the latest (Triton's rule), and the config's serving
 settings and label files are stored beside the model (`Repository.set_serving`), applied at every load and restart.
-A model already imported from the same files is not imported again; one whose files changed is imported afresh.
+A model already imported from the same files is not imported again. One whose files changed (poll mode, or a restart)
+has only its changed versions replaced, its new ones added and its removed ones dropped, all checked before anything
+changes, so its optimized variants and their traffic stay; a change that cannot be served leaves the previous import
+serving, with the reason logged and in the repository index. Only a change of its first version (the baseline) imports
+it afresh.
 
 Every model stands alone: one that cannot be served (a config that does not parse, dims that disagree with the model
 file, a missing label file, a version directory without a model file, a TorchScript model.pt, a backend slimserve has
@@ -92,6 +96,19 @@ def fingerprint(path: Path) -> str:
         stat = f.stat()
         digest.update(f"{f.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def version_fingerprints(model: TritonModel) -> dict[str, str]:
+    """Each version directory's own fingerprint, by version number (as a string: it is stored as JSON)."""
+    return {str(n): fingerprint(f.parent) for n, f in sorted(model.versions.items())}
+
+
+class VersionRefused(InvalidArgument):
+    """A version of a model directory that cannot be served; `version` names it for the repository index."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 def scan(root: Path, parse_config: ParseConfig, device: str = "cpu") -> list[TritonModel]:
@@ -258,6 +275,17 @@ def import_model(
             )
     numbers = sorted(model.versions)
     first = model.versions[numbers[0]]
+    if existing:
+        source = stored_source(repository, model.name) or {}
+        old = source.get("versions")
+        if old and min(map(int, old)) == numbers[0]:  # same first version: changed versions only, variants and traffic kept
+            return _update_import(repository, runtime_config, model, batching, old)
+        log.warning(
+            "model '%s' (%s): its first version is not the one imported before; imported afresh, so its optimized variants "
+            "and traffic are not kept",
+            model.name,
+            model.path,
+        )
     if existing:  # the config checked against the new files before the old import goes (a broken change keeps the old)
         runtime = create_runtime(RUNTIME_OF_FORMAT[model.format], first, runtime_config)
         try:
@@ -295,7 +323,12 @@ def import_model(
         info = repository.update(model.name, number_versions)
         files = {k: base64.b64encode(v).decode() for k, v in model.label_files.items()}
         repository.set_serving(
-            model.name, {"config": config_text, "files": files, "source": {"path": str(model.path), "fingerprint": model.fingerprint}}
+            model.name,
+            {
+                "config": config_text,
+                "files": files,
+                "source": {"path": str(model.path), "fingerprint": model.fingerprint, "versions": version_fingerprints(model)},
+            },
         )
     except SlimServeError as e:
         repository.delete(model.name)
@@ -303,6 +336,87 @@ def import_model(
     except Exception as e:
         repository.delete(model.name)
         raise InvalidArgument(f"{model.path}: {e}") from e
+    return info
+
+
+def _check_version(runtime_config: RuntimeConfig, info: ModelInfo, number: int, file: Path) -> None:
+    """A version's file loads and has the model's inputs and outputs; VersionRefused says why not."""
+    runtime = create_runtime(RUNTIME_OF_FORMAT[info.format], file, runtime_config)
+    try:
+        runtime.load()
+        inputs, outputs = runtime.inputs, runtime.outputs
+    except Exception as e:
+        raise VersionRefused(
+            f"version {number} ({file}) could not be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}", number
+        ) from e
+    finally:
+        runtime.unload()
+    if [(s.name, s.datatype) for s in inputs] != [(s.name, s.datatype) for s in info.inputs] or [s.name for s in outputs] != [
+        s.name for s in info.outputs
+    ]:
+        raise VersionRefused(f"version {number} ({file}) has other inputs or outputs than the imported model", number)
+
+
+def _version_variant(numbers: list[int], number: int) -> str:
+    return BASELINE if number == numbers[0] else f"v{number}"
+
+
+def _update_import(
+    repository: Repository, runtime_config: RuntimeConfig, model: TritonModel, batching: Any, old: dict[str, str]
+) -> ModelInfo:
+    """A changed directory of an imported model: only the versions whose files changed are replaced, new ones added,
+    removed ones dropped; optimized variants stay, and so does traffic unless it was the import's own (all to the
+    latest version), which follows the new latest. Every new file and the config are checked first: a refusal
+    (VersionRefused / InvalidArgument) changes nothing, the previous import keeps serving."""
+    info = repository.get(model.name)
+    numbers = sorted(model.versions)
+    old_numbers = sorted(map(int, old))
+    now = version_fingerprints(model)
+    changed = [n for n in numbers if old.get(str(n)) != now[str(n)]]
+    for n in changed:
+        _check_version(runtime_config, info, n, model.versions[n])
+    config_text = json.dumps(model.config)
+    try:
+        parse_load_config(config_text, model.name, info.inputs, runtime_config.device, batching, info.outputs, model.label_files)
+    except SlimServeError as e:
+        raise InvalidArgument(f"{model.path}: {e.message}") from e
+    old_latest = _version_variant(old_numbers, old_numbers[-1])
+    was_import_traffic = info.traffic.weights == {old_latest: 1.0} and not info.traffic.shadows
+    for n in old_numbers:
+        if n not in model.versions:
+            info = repository.remove_variant(model.name, _version_variant(old_numbers, n))
+            log.info("model '%s': version %d left %s: removed", model.name, n, model.path)
+    for n in changed:
+        variant = _version_variant(numbers, n)
+        if variant in info.variants:  # replaced in place: the loaded copy serves until the reload that follows
+            target = repository.variant_path(info, variant)
+            partial = target.with_name(target.name + ".partial")
+            shutil.copyfile(model.versions[n], partial)
+            partial.replace(target)
+            size = target.stat().st_size
+
+            def resize(i: ModelInfo, variant: str = variant, size: int = size) -> None:
+                i.variants[variant].size_bytes = size
+
+            info = repository.update(model.name, resize)
+        else:
+            _add_version(repository, runtime_config, info, model.name, n, model.versions[n])
+        log.info("model '%s': version %d %s from %s", model.name, n, "replaced" if n in old_numbers else "added", model.path)
+    latest = _version_variant(numbers, numbers[-1])
+
+    def number_versions(i: ModelInfo) -> None:
+        for n in numbers:
+            i.variants[_version_variant(numbers, n)].version = n
+        i.last_version = max(numbers[-1], i.last_version)
+        if was_import_traffic:
+            i.traffic = TrafficPolicy.single(latest)
+
+    info = repository.update(model.name, number_versions)
+    files = {k: base64.b64encode(v).decode() for k, v in model.label_files.items()}
+    repository.set_serving(
+        model.name,
+        {"config": config_text, "files": files, "source": {"path": str(model.path), "fingerprint": model.fingerprint, "versions": now}},
+    )
     return info
 
 
@@ -367,6 +481,7 @@ class TritonRepository:
         self.poll_s = poll_s
         self.errors: dict[str, str] = {}  # model -> why it is not served (the last scan's)
         self.not_applied: dict[str, list[str]] = {}  # model -> config fields not applied, with the reason
+        self.failed_versions: dict[str, int] = {}  # model -> the version that could not be imported (the last scan's)
         self._task: Any = None
 
     def imported(self) -> list[str]:
@@ -385,6 +500,7 @@ class TritonRepository:
         models = await self.dataplane.run_blocking(scan, self.root, self.parse_config, device)
         changed = []
         self.errors = {}
+        self.failed_versions = {}
         for model in models:
             if model.error:
                 self.errors[model.name] = model.error
@@ -392,7 +508,7 @@ class TritonRepository:
                 continue
             self.not_applied[model.name] = model.not_applied
             source = stored_source(self.repository, model.name) if model.name in self.repository.names() else None
-            unchanged = source == {"path": str(model.path), "fingerprint": model.fingerprint}
+            unchanged = source is not None and (source.get("path"), source.get("fingerprint")) == (str(model.path), model.fingerprint)
             if announce or not unchanged:
                 for line in model.not_applied:
                     log.warning("model '%s' (%s/config.pbtxt): %s", model.name, model.path, line)
@@ -404,11 +520,26 @@ class TritonRepository:
                 )
             except SlimServeError as e:
                 self.errors[model.name] = e.message
-                log.error("model '%s' of %s is not served: %s", model.name, self.root, e.message)
+                if isinstance(e, VersionRefused):
+                    self.failed_versions[model.name] = e.version
+                if self.dataplane.is_loaded(model.name):
+                    log.error(
+                        "model '%s' of %s: the change is not imported, the previous import keeps serving: %s",
+                        model.name,
+                        self.root,
+                        e.message,
+                    )
+                else:
+                    log.error("model '%s' of %s is not served: %s", model.name, self.root, e.message)
                 continue
             log.info("model '%s' imported from %s: versions %s", model.name, model.path, ", ".join(map(str, sorted(model.versions))))
             changed.append(model.name)
         return changed
+
+    def unserved(self) -> list[tuple[str, int, str]]:
+        """(model, version or 0 for the whole model, why) of every model directory the last scan could not import: the
+        repository index lists them UNAVAILABLE with the reason, beside a previous import that still serves."""
+        return [(name, self.failed_versions.get(name, 0), why) for name, why in sorted(self.errors.items())]
 
     def skipped_at_start(self) -> set[str]:
         """explicit mode, as Triton's: nothing of the directory loads until a RepositoryModelLoad names it."""

@@ -31,6 +31,7 @@ from slimserve.server.store.traffic import without_variant
 
 log = logging.getLogger(__name__)
 SERVING = "serving.json"
+TRACE = "trace.json"  # Triton's trace settings: the server's at the root, a model's own beside its manifest
 
 
 def fsync_dir(path: Path) -> None:
@@ -257,6 +258,25 @@ class Repository:
                 path.unlink(missing_ok=True)
             else:
                 atomic_write_bytes(path, json.dumps(serving, indent=2, sort_keys=True).encode())
+
+    def trace_settings(self, name: str = "") -> dict[str, Any] | None:
+        """The trace settings stored for the server (name "") or a model's own; None when there are none."""
+        path = (self.model_dir(name) if name else self.root) / TRACE
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def set_trace_settings(self, settings: dict[str, Any] | None, name: str = "") -> None:
+        """Stores (or with None removes) the server's trace settings (name "") or a model's own, atomically; a model's
+        go with it when it is deleted."""
+        self.check_writable()
+        path = (self.model_dir(name) if name else self.root) / TRACE
+        with self._lock:
+            if settings is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path, json.dumps(settings, indent=2, sort_keys=True).encode())
 
     def add_variant(self, model: str, staged_dir: Path, variant: VariantInfo) -> ModelInfo:
         """Moves a staged variant directory (holding `variant.file`) in, then records it in the manifest."""

@@ -358,7 +358,7 @@ def test_trace_settings_answer_as_triton_and_cuda_shared_memory_holds_no_region(
     assert own["trace_level"] == ["TIMESTAMPS"] and own["trace_count"] == "3" and triton.get_trace_settings()["trace_level"] == ["OFF"]
     assert triton.update_trace_settings("simple", {"trace_level": None, "trace_count": None}) == triton.get_trace_settings()
     status, message = refusal(lambda: triton.update_trace_settings(settings={"trace_level": ["TENSORS"]}))
-    assert status == "400" and "TENSORS is not recorded" in message
+    assert status == "400" and "TENSORS is not supported" in message
     status, message = refusal(lambda: triton.get_trace_settings("no-such-model"))
     assert status == "404" and "no-such-model" in message
     # Triton's shm examples list and unregister CUDA regions before they start: nothing is registered, nothing fails.

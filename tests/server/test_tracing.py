@@ -179,3 +179,64 @@ def test_streamed_requests_are_traced_too(server_factory, digits, receiver):
     assert len(answers) == 2 and not any(a.error_message for a in answers)
     assert server.server.tracer.flush(10)
     assert sum(1 for s in receiver.spans if s[0] == "infer") == 2
+
+
+def test_trace_settings_outlive_a_restart_for_the_server_and_each_model(tmp_path, digits, receiver):
+    from tests.conftest import ServerHandle
+
+    repository = tmp_path / "repository"
+    server = ServerHandle(repository, trace_endpoint=receiver.endpoint, trace_rate=1)
+    try:
+        with SlimServeClient(server.address) as c:
+            c.register("digits", digits.onnx)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.TraceSettingRequest()
+            request.settings["trace_rate"].value.append("7")
+            stub.TraceSetting(request, timeout=10)  # the server's
+            request = pb.TraceSettingRequest(model_name="digits")
+            request.settings["trace_level"].value.append("OFF")
+            stub.TraceSetting(request, timeout=10)  # the model's own
+    finally:
+        server.stop()
+    again = ServerHandle(repository, trace_endpoint=receiver.endpoint, trace_rate=1)
+    try:
+        traces = again.server.control
+        assert traces.trace_settings()["trace_rate"] == "7" and traces.trace_settings()["trace_level"] == ["TIMESTAMPS"]
+        assert traces.trace_settings("digits")["trace_level"] == ["OFF"] and traces.trace_settings("digits")["trace_rate"] == "7"
+        traces.update_trace_settings({"trace_level": None}, "digits")  # back to the server's: nothing of its own stored
+        assert again.server.repository.trace_settings("digits") is None
+    finally:
+        again.stop()
+
+
+def test_tensors_level_is_refused_with_what_slimserve_records_instead():
+    with pytest.raises(InvalidArgument, match="TENSORS is not supported by slimserve: its spans carry stage timestamps") as raised:
+        TraceSettings().update({"trace_level": ["TIMESTAMPS", "TENSORS"]})
+    assert "use TIMESTAMPS" in raised.value.message
+
+
+def test_spans_written_in_wire_format_parse_as_opentelemetrys_messages():
+    from slimserve.server.telemetry.tracing import RequestTrace, Tracer
+
+    tracer = Tracer(TraceSettings("TIMESTAMPS", 1), "http://127.0.0.1:9", service="svc")
+    try:
+        trace = RequestTrace("mödel", f"00-{PARENT_TRACE}-{PARENT_SPAN}-01", 1_000_000)
+        trace.started, trace.routed, trace.computed, trace.answered, trace.variant = 1_001_000, 1_002_000, 1_050_000, 1_060_000, "v2"
+        body, count = tracer._encode([(trace, "OK", 1_070_000, (time.perf_counter(), 0.00001, 300))])
+    finally:
+        tracer.close(0.1)
+    request = ExportTraceServiceRequest.FromString(body)
+    (resource,) = request.resource_spans
+    assert [(a.key, a.value.string_value) for a in resource.resource.attributes] == [("service.name", "svc")]
+    (scope,) = resource.scope_spans
+    assert scope.scope.name == "slimserve.server" and count == len(scope.spans) == 7
+    root, *stages = scope.spans
+    assert root.name == "infer" and root.kind == 2 and root.trace_id.hex() == PARENT_TRACE and root.parent_span_id.hex() == PARENT_SPAN
+    assert (root.start_time_unix_nano, root.end_time_unix_nano) == (1_000_000, 1_070_000)
+    attributes = {a.key: a.value.string_value or a.value.int_value for a in root.attributes}
+    assert attributes == {"slimserve.model": "mödel", "slimserve.variant": "v2", "slimserve.code": "OK", "slimserve.batch_size": 300}
+    assert [s.name for s in stages] == ["receive", "route", "queue", "compute", "shadow", "respond"]
+    assert all(s.kind == 1 and s.trace_id == root.trace_id and s.parent_span_id == root.span_id for s in stages)
+    assert len({s.span_id for s in scope.spans}) == 7 and all(s.start_time_unix_nano <= s.end_time_unix_nano for s in stages)
+    assert (stages[0].start_time_unix_nano, stages[0].end_time_unix_nano) == (1_000_000, 1_001_000)
