@@ -118,7 +118,7 @@ def single_file(path: Path, workdir: Path) -> Path:
 
 def copy_model(source: Path, target: Path) -> list[Path]:
     """Copies an ONNX model to `target` with the side files it names (kept under their names beside it) and its kept
-thread count; the files written."""
+    thread count; the files written."""
     shutil.copyfile(source, target)
     written = [target]
     for location in external_locations(source):

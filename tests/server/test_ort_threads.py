@@ -246,3 +246,25 @@ def test_an_override_wins_over_the_kept_choice(tiny):
     assert json.loads(Path(tiny + ".threads.json").read_text())["choices"][str(node_cores())]["threads"] == 1
     runtime = loaded(tiny, RuntimeConfig(intra_op_threads=2))
     assert runtime.intra_op_threads == 2 == session_threads(runtime) and runtime.thread_choice.reason == "set"
+
+
+@pytest.mark.slow
+def test_a_job_times_both_files_at_their_kept_count_and_the_variant_takes_its_own(heavy, tmp_path):
+    """The optimizer's timing (in a job worker) loads ORT sessions like the server: at the count kept beside each file."""
+    from slimserve.server.management.worker import WorkLimits, WorkSpec, run_work
+
+    served = loaded(heavy, RuntimeConfig())  # the server loaded the baseline: its choice is kept beside it
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    spec = WorkSpec(
+        job_id="j", model="heavy", variant="g", parent="baseline", recipe="graph-ort", recipe_json="", accuracy_budget=None,
+        keep_over_budget=False, source=Path(heavy), format="onnx", runtime="onnxruntime", input_names=("x",),
+        output_names=("y",), datasets={}, staged=staged, limits=WorkLimits(threads=1),
+    )  # fmt: skip
+    result = run_work(spec, lambda event: None)
+    assert result.baseline_evaluation["threads"] == served.intra_op_threads  # not the worker's cap of 1 where they differ
+    kept = json.loads((result.variant_dir / "model.onnx.threads.json").read_text())
+    assert kept["choices"][str(node_cores())]["threads"] == result.evaluation["threads"]
+    onnx_runtime._MEASURED.clear()
+    variant = loaded(str(result.variant_dir / "model.onnx"), RuntimeConfig())  # a copy: same bytes, its own mtime
+    assert variant.intra_op_threads == result.evaluation["threads"] and "kept in" in variant.thread_choice.reason
