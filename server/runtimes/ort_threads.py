@@ -15,6 +15,7 @@ import os
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -141,7 +142,7 @@ def keep(model: Path, cores: int, choice: ThreadChoice, kept: dict | None = None
         entry.update({k: v for k, v in (("one_thread_ms", choice.one_thread_ms), ("all_cores_ms", choice.all_cores_ms)) if v is not None})
         choices = {**choices, str(cores): entry}
         text = json.dumps({"file": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}, "choices": choices}, indent=2)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # replicas sharing the directory never collide
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
