@@ -157,7 +157,8 @@ class OnnxRuntime(Runtime):
         narrow: list[ort.InferenceSession] = []
         session, choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), cores, narrow)
         _MEASURED[key] = choice
-        keep(self.path, cores, choice)
+        if self.config.keep_threads:  # a read-only replica writes nothing into the repository
+            keep(self.path, cores, choice)
         if narrow:
             self.narrow = narrow[0]
             choice = replace(

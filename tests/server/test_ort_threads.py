@@ -248,6 +248,15 @@ def test_an_override_wins_over_the_kept_choice(tiny):
     assert runtime.intra_op_threads == 2 == session_threads(runtime) and runtime.thread_choice.reason == "set"
 
 
+def test_a_read_only_replica_reads_the_kept_choice_and_writes_none(tiny, heavy):
+    assert Settings(read_only=True).runtime_config().keep_threads is False
+    loaded(tiny, RuntimeConfig(keep_threads=False))
+    assert not Path(tiny + ".threads.json").exists()
+    loaded(heavy, RuntimeConfig())  # the writer's load keeps it
+    onnx_runtime._MEASURED.clear()
+    assert "kept in" in loaded(heavy, RuntimeConfig(keep_threads=False)).thread_choice.reason
+
+
 @pytest.mark.slow
 def test_a_job_times_both_files_at_their_kept_count_and_the_variant_takes_its_own(heavy, tmp_path):
     """The optimizer's timing (in a job worker) loads ORT sessions like the server: at the count kept beside each file."""
