@@ -12,7 +12,8 @@ offline through slimserve.optimizer.pipeline.optimize, as `slimserve optimize` d
     INTERNAL: ERROR    any other exception: a bug (the server answers such a job with its own refusal, never INTERNAL,
                        but the matrix counts them so that they get fixed)
 
-Prints the matrix and the INTERNAL count; exits 1 when any cell is INTERNAL.
+Prints the matrix, the INTERNAL count and how many created variants hold the default 1-point budget on every output
+(the points each output lost, from the report); exits 1 when any cell is INTERNAL or a created variant is over budget.
 """
 
 from __future__ import annotations
@@ -76,10 +77,11 @@ def _recipe(name: str, epochs: int):
 def run_cell(model: Foreign, recipe: str, epochs: int, workdir: Path) -> dict[str, Any]:
     """One recipe on one model: {'outcome': created | refused | INTERNAL, 'detail': ..., 'seconds': ...}."""
     from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
-    from slimserve.optimizer.pipeline import optimize
+    from slimserve.optimizer.pipeline import DEFAULT_BUDGET, optimize
 
     factory = _factory()
     started = time.perf_counter()
+    extra: dict[str, Any] = {}
     try:
         probe = factory(model.onnx, "onnxruntime")
         source = Artifact(
@@ -93,12 +95,24 @@ def run_cell(model: Foreign, recipe: str, epochs: int, workdir: Path) -> dict[st
         if "auto_choice" in result.artifact.notes:
             detail = f"{result.artifact.notes['auto_choice']}, {detail}"
         outcome = "created"
+        # The target: every created variant within the default budget (no --accuracy-budget: 1 point) on every output
+        # and on the evaluator; checked here from the report's per-output drops, not from the pipeline's own gate.
+        drops = {n: round(q["drop"], 3) for n, q in (e.qualities or {}).items() if q.get("drop") is not None}
+        within = all(d <= DEFAULT_BUDGET + 1e-9 for d in drops.values()) if drops else None
+        extra = {"drops": drops, "within_budget": within, "threads": e.threads, "speedup_x": e.speedup_x}
     except OptimizerError as err:
         outcome, detail = "refused", str(err)
     except Exception as err:
         outcome, detail = "INTERNAL", f"{type(err).__name__}: {err}"
         traceback.print_exc(file=sys.stderr)
-    return {"model": model.name, "recipe": recipe, "outcome": outcome, "detail": detail, "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "model": model.name,
+        "recipe": recipe,
+        "outcome": outcome,
+        "detail": detail,
+        "seconds": round(time.perf_counter() - started, 1),
+        **extra,
+    }
 
 
 def run_matrix(models: list[str], recipes: list[str], epochs: int, directory: Path, log=print) -> list[dict[str, Any]]:
@@ -134,9 +148,19 @@ def main() -> None:
     internal = [c for c in cells if c["outcome"] == "INTERNAL"]
     counts = {k: sum(c["outcome"] == k for c in cells) for k in ("created", "refused", "INTERNAL")}
     print(f"\n{counts['created']} created, {counts['refused']} refused, {counts['INTERNAL']} INTERNAL of {len(cells)} cells")
+    created = [c for c in cells if c["outcome"] == "created"]
+    over = [c for c in created if c.get("within_budget") is False]
+    unmeasured = [c for c in created if c.get("within_budget") is None]
+    budget_refusals = sum(c["outcome"] == "refused" and "budget" in c["detail"] for c in cells)
+    print(
+        f"created: {len(created) - len(over) - len(unmeasured)} within the 1-point budget on every output, {len(over)} over, "
+        f"{len(unmeasured)} with no quality measured; {budget_refusals} refused for the budget"
+    )
+    for c in over + unmeasured:
+        print(f"  {c['model']} {c['recipe']}: drops {c.get('drops')}")
     if args.json:
         args.json.write_text(json.dumps(cells, indent=2))
-    sys.exit(1 if internal else 0)
+    sys.exit(1 if internal or over else 0)
 
 
 if __name__ == "__main__":

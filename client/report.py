@@ -131,6 +131,7 @@ def render_report(rows: list[dict[str, Any]], title: str, width: int = 160, wide
         "recipe": ("recipe", 0, lambda r, _: _text(r.get("recipe"))),  # the auto search's candidates
         "status": ("status", 2, lambda r, _: _text(r.get("status"))),
         "runtime": ("runtime", 6, lambda r, _: _text(r.get("runtime"))),
+        "threads": ("threads", 7, lambda r, _: _text(r.get("threads"))),  # the intra-op count timed, kept per model file
         "size_bytes": (f"size ({size_unit})", 2, scaled("size_bytes", size_factor)),
         "size_reduction_x": ("smaller ×", 4, gain("size_reduction_x")),
         "flops": (flop_unit, 5, scaled("flops", flop_factor)),

@@ -163,7 +163,12 @@ class Settings(BaseSettings):
         )
 
     def runtime_config(self) -> RuntimeConfig:
-        return RuntimeConfig(intra_op_threads=self.intra_op_threads, threads_per_call=self.auto_intra_op_threads(), device=self.device)
+        return RuntimeConfig(
+            intra_op_threads=self.intra_op_threads,
+            threads_per_call=self.auto_intra_op_threads(),
+            device=self.device,
+            keep_threads=not self.read_only,
+        )
 
     def job_threads(self) -> int:
         """A job worker's thread cap: `--optimizer-threads`, or the cores the serving compute threads leave (at least 1)."""

@@ -17,6 +17,9 @@ from slimserve.optimizer.base import OptimizerError
 
 # protobuf refuses to serialize a message of 2 GiB or more; keep room for the graph itself.
 SINGLE_FILE_LIMIT = 2 * 1024**3 - 64 * 1024**2
+# The intra-op thread count measured for a model file, kept beside it as `<file>.threads.json`
+# (server/runtimes/ort_threads.py): a copy of the model takes it along, so the copy is not timed again.
+KEPT_THREADS_SUFFIX = ".threads.json"
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,8 @@ def single_file(path: Path, workdir: Path) -> Path:
 
 
 def copy_model(source: Path, target: Path) -> list[Path]:
-    """Copies an ONNX model to `target` with the side files it names (kept under their names beside it); the files written."""
+    """Copies an ONNX model to `target` with the side files it names (kept under their names beside it) and its kept
+    thread count; the files written."""
     shutil.copyfile(source, target)
     written = [target]
     for location in external_locations(source):
@@ -122,4 +126,8 @@ def copy_model(source: Path, target: Path) -> list[Path]:
         side.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.parent / location, side)
         written.append(side)
+    kept = source.with_name(source.name + KEPT_THREADS_SUFFIX)
+    if kept.is_file():  # keyed by the file's size and digest too, so it holds for the copy
+        shutil.copyfile(kept, target.with_name(target.name + KEPT_THREADS_SUFFIX))
+        written.append(target.with_name(target.name + KEPT_THREADS_SUFFIX))
     return written

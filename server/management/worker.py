@@ -169,7 +169,9 @@ def run_work(spec: WorkSpec, progress: Callable[[Any], None], cancelled: Callabl
     from slimserve.optimizer.pipeline import Baseline, optimize
     from slimserve.server.runtimes import RuntimeConfig, create_runtime
 
-    config = RuntimeConfig(intra_op_threads=spec.limits.threads, threads_per_call=spec.limits.threads, device=spec.device)
+    # ORT sessions get the intra-op threads that will serve the file (kept beside it, `<file>.threads.json`, else
+    # measured and kept there): a speed-up is timed at the serving thread count, and the variant takes the choice along.
+    config = RuntimeConfig(intra_op_threads=0, threads_per_call=spec.limits.threads, device=spec.device)
 
     def factory(path: Path, runtime: str):
         r = create_runtime(runtime, path, config)

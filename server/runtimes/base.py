@@ -43,6 +43,9 @@ class RuntimeConfig:
     # ONNX Runtime: a text export of fixed sequence length is rewritten in memory to take any length (checked exactly
     # against the file), so that it is served padding-free (server/batching/sequence.py).
     any_length: bool = True
+    # ONNX Runtime on the CPU: write the measured thread count beside the model file (`<file>.threads.json`); a read-only
+    # replica only reads what the writer kept.
+    keep_threads: bool = True
 
 
 class Runtime(abc.ABC):

@@ -13,7 +13,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as Inval
 from slimserve.client.datatypes import DATATYPE_TO_NUMPY
 from slimserve.server.errors import InvalidArgument
 from slimserve.server.runtimes.base import Runtime, RuntimeConfig, TensorSpec
-from slimserve.server.runtimes.ort_threads import CALL_LOAD, ThreadChoice, choose, node_cores, probe_feed
+from slimserve.server.runtimes.ort_threads import CALL_LOAD, ThreadChoice, choose, keep, node_cores, probe_feed, read_kept
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +138,27 @@ class OnnxRuntime(Runtime):
         return made
 
     def _measured(self, make: Callable[[int], ort.InferenceSession]) -> tuple[ort.InferenceSession, ThreadChoice]:
-        """A session with the threads measured for this file: timed at its first load in this process, remembered after
-        (a reload, a lazy variant loaded again on demand, builds one session and times nothing)."""
+        """A session with the threads measured for this file: timed at its first load, then kept beside the file
+        (`<file>.threads.json`) and in this process, so a reload, a restart or another replica times nothing."""
         stat = self.path.stat()
-        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, node_cores())
+        cores = node_cores()
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, cores)
         known = _MEASURED.get(key)
+        said = "measured at an earlier load of this file"
+        if known is None:
+            known = read_kept(self.path, cores)
+            said = f"kept in {self.path.name}.threads.json"
+            if known is not None:
+                _MEASURED[key] = known
         if known is not None:
             if known.threads > 1:
                 self.narrow = make(1)
-            return make(known.threads), replace(known, reason=f"{known.reason}; measured at an earlier load of this file")
+            return make(known.threads), replace(known, reason=f"{known.reason}; {said}")
         narrow: list[ort.InferenceSession] = []
-        session, choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), node_cores(), narrow)
+        session, choice = choose(make, lambda s: probe_feed(s, ORT_TYPE_TO_DATATYPE), cores, narrow)
         _MEASURED[key] = choice
+        if self.config.keep_threads:  # a read-only replica writes nothing into the repository
+            keep(self.path, cores, choice)
         if narrow:
             self.narrow = narrow[0]
             choice = replace(

@@ -8,19 +8,24 @@ while the load has been high, runs on one core, so that concurrent calls do not 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import logging
 import os
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from slimserve.client.datatypes import DATATYPE_TO_NUMPY
+from slimserve.optimizer.formats.onnx_files import KEPT_THREADS_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,78 @@ def decide(one_thread_ms: float, all_cores_ms: float | None, cores: int) -> Thre
     if speedup < MIN_SPEEDUP:
         return ThreadChoice(1, f"{said} < {MIN_SPEEDUP:g}x)", one_thread_ms, all_cores_ms)
     return ThreadChoice(cores, f"{said})", one_thread_ms, all_cores_ms)
+
+
+def kept_path(model: Path) -> Path:
+    """Where the thread count measured for `model` is kept: `<file>.threads.json` beside it."""
+    return model.with_name(model.name + KEPT_THREADS_SUFFIX)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_kept(model: Path, cores: int) -> ThreadChoice | None:
+    """The choice kept beside `model` for `cores` cores, or None: none kept, or kept for another file.
+
+    It holds while the file has the size it was timed at and either the same modification time or (a copy: another
+    replica, a job's variant moved into the repository) the same SHA-256; a changed file is timed again."""
+    path = kept_path(model)
+    try:
+        kept = json.loads(path.read_text())
+        entry = kept["choices"].get(str(cores))
+        about = kept["file"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("%s: ignored (%s: %s); the thread count is timed again", path, type(e).__name__, e)
+        return None
+    stat = model.stat()
+    if not isinstance(entry, dict) or about.get("size") != stat.st_size:
+        return None
+    threads = entry.get("threads")
+    if not isinstance(threads, int) or not 1 <= threads <= cores:
+        log.warning("%s: ignored (threads %r is not 1..%d); the thread count is timed again", path, threads, cores)
+        return None
+    choice = ThreadChoice(threads, str(entry.get("reason", "")), entry.get("one_thread_ms"), entry.get("all_cores_ms"))
+    if about.get("mtime_ns") != stat.st_mtime_ns:
+        if about.get("sha256") != file_digest(model):
+            return None
+        about["mtime_ns"] = stat.st_mtime_ns  # a copy: kept with its own time, so the next load reads no digest
+        keep(model, cores, choice, kept)
+    return choice
+
+
+def keep(model: Path, cores: int, choice: ThreadChoice, kept: dict | None = None) -> bool:
+    """Writes `choice` beside `model` (atomically: a temporary file renamed over it) for a restart or another replica to
+    reuse; choices for other core counts of the same file stay. False, logged, where the directory is not writable."""
+    path = kept_path(model)
+    try:
+        stat = model.stat()
+        if kept is None:
+            try:
+                kept = json.loads(path.read_text())
+            except (OSError, ValueError):
+                kept = None
+        about = kept.get("file", {}) if isinstance(kept, dict) else {}
+        same = about.get("size") == stat.st_size and about.get("mtime_ns") == stat.st_mtime_ns and about.get("sha256")
+        choices = kept.get("choices", {}) if same and isinstance(kept, dict) and isinstance(kept.get("choices"), dict) else {}
+        digest = about["sha256"] if same else file_digest(model)
+        entry = {"threads": choice.threads, "reason": choice.reason}
+        entry.update({k: v for k, v in (("one_thread_ms", choice.one_thread_ms), ("all_cores_ms", choice.all_cores_ms)) if v is not None})
+        choices = {**choices, str(cores): entry}
+        text = json.dumps({"file": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}, "choices": choices}, indent=2)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # replicas sharing the directory never collide
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("%s: the thread count is not kept (%s); it is timed again at the next start", path, e)
+        return False
+    return True
 
 
 def probe_feed(session: ort.InferenceSession, type_to_datatype: dict[str, str]) -> dict[str, np.ndarray] | None:

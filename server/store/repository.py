@@ -121,7 +121,7 @@ class Repository:
             log.info("removing unfinished write %s", leftover.name)
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         for model_dir in self.models_dir.iterdir():
-            for tmp in model_dir.glob(".*.tmp"):
+            for tmp in [*model_dir.glob(".*.tmp"), *model_dir.glob("variants/*/.*.tmp")]:  # also a kept thread count's
                 tmp.unlink(missing_ok=True)
             if not (model_dir / "manifest.json").exists():
                 log.warning("removing %s: it has no manifest (an interrupted write)", model_dir)

@@ -93,3 +93,10 @@ def test_a_labelled_table_names_accuracy_without_repeating_it():
         row["metric"] = metric
     headers = [str(c.header) for c in render_report(rows, "t").columns]
     assert "metric" in headers and "quality" not in headers and "Δ quality" not in headers and "Δ pts" in headers
+
+
+def test_the_thread_count_each_row_was_timed_at_is_shown():
+    rows = report_rows({"baseline": Evaluation(latency_p50_ms=1.0, threads=2), "v": Evaluation(latency_p50_ms=0.5, threads=1)})
+    table = render_report(rows, "t")
+    assert [str(c.header) for c in table.columns] == ["variant", "threads", "p50 ms", "speed-up ×"]
+    assert list(table.columns[1].cells) == ["2", "1"]

@@ -3,14 +3,17 @@ parallel call, exactly the flag's count when one is set, the old static share on
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from slimserve.optimizer.formats.onnx_files import copy_model
 from slimserve.server.runtimes import RuntimeConfig, create_runtime
 from slimserve.server.runtimes import onnx as onnx_runtime
 from slimserve.server.runtimes.ort_threads import MIN_PARALLEL_MS, MIN_SPEEDUP, PROBE_BUDGET_S, decide, node_cores, time_calls
@@ -202,3 +205,75 @@ def test_calls_follow_the_load_all_cores_alone_one_core_each_under_concurrency(h
         runtime.predict(x)
     runtime.predict(x)
     assert runtime.wide_calls >= 2 and load.in_flight == 0  # the load measured low again: all cores
+
+
+def test_a_restart_reuses_the_kept_choice_without_timing(heavy, monkeypatch):
+    first = loaded(heavy, RuntimeConfig())
+    kept = json.loads(Path(heavy + ".threads.json").read_text())
+    assert kept["choices"][str(node_cores())]["threads"] == first.intra_op_threads
+    onnx_runtime._MEASURED.clear()  # a new process: nothing in memory, the file beside the model remains
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the kept choice was timed again")
+
+    monkeypatch.setattr(onnx_runtime, "choose", no_timing)
+    again = loaded(heavy, RuntimeConfig())
+    assert again.intra_op_threads == first.intra_op_threads == session_threads(again)
+    assert "kept in heavy.onnx.threads.json" in again.thread_choice.reason
+    assert again.config_parameters == {"intra_op_thread_count": str(first.intra_op_threads)}
+    # Another replica's copy of the file (a new modification time, the same bytes) reuses it too.
+    replica = Path(heavy).with_name("replica.onnx")
+    copy_model(Path(heavy), replica)
+    onnx_runtime._MEASURED.clear()
+    assert loaded(str(replica), RuntimeConfig()).intra_op_threads == first.intra_op_threads
+
+
+def test_a_changed_file_is_timed_again(tiny, heavy, monkeypatch):
+    loaded(tiny, RuntimeConfig())
+    onnx_runtime._MEASURED.clear()
+    os.replace(heavy, tiny)  # other bytes under the same name: the kept choice no longer holds
+    timed = []
+    real = onnx_runtime.choose
+    monkeypatch.setattr(onnx_runtime, "choose", lambda *a, **k: timed.append(1) or real(*a, **k))
+    runtime = loaded(tiny, RuntimeConfig())
+    assert timed and "kept" not in runtime.thread_choice.reason
+    assert json.loads(Path(tiny + ".threads.json").read_text())["file"]["size"] == Path(tiny).stat().st_size
+
+
+def test_an_override_wins_over_the_kept_choice(tiny):
+    Path(tiny + ".threads.json").write_text("not json")  # a damaged file is ignored and rewritten
+    assert loaded(tiny, RuntimeConfig()).intra_op_threads == 1
+    assert json.loads(Path(tiny + ".threads.json").read_text())["choices"][str(node_cores())]["threads"] == 1
+    runtime = loaded(tiny, RuntimeConfig(intra_op_threads=2))
+    assert runtime.intra_op_threads == 2 == session_threads(runtime) and runtime.thread_choice.reason == "set"
+
+
+def test_a_read_only_replica_reads_the_kept_choice_and_writes_none(tiny, heavy):
+    assert Settings(read_only=True).runtime_config().keep_threads is False
+    loaded(tiny, RuntimeConfig(keep_threads=False))
+    assert not Path(tiny + ".threads.json").exists()
+    loaded(heavy, RuntimeConfig())  # the writer's load keeps it
+    onnx_runtime._MEASURED.clear()
+    assert "kept in" in loaded(heavy, RuntimeConfig(keep_threads=False)).thread_choice.reason
+
+
+@pytest.mark.slow
+def test_a_job_times_both_files_at_their_kept_count_and_the_variant_takes_its_own(heavy, tmp_path):
+    """The optimizer's timing (in a job worker) loads ORT sessions like the server: at the count kept beside each file."""
+    from slimserve.server.management.worker import WorkLimits, WorkSpec, run_work
+
+    served = loaded(heavy, RuntimeConfig())  # the server loaded the baseline: its choice is kept beside it
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    spec = WorkSpec(
+        job_id="j", model="heavy", variant="g", parent="baseline", recipe="graph-ort", recipe_json="", accuracy_budget=None,
+        keep_over_budget=False, source=Path(heavy), format="onnx", runtime="onnxruntime", input_names=("x",),
+        output_names=("y",), datasets={}, staged=staged, limits=WorkLimits(threads=1),
+    )  # fmt: skip
+    result = run_work(spec, lambda event: None)
+    assert result.baseline_evaluation["threads"] == served.intra_op_threads  # not the worker's cap of 1 where they differ
+    kept = json.loads((result.variant_dir / "model.onnx.threads.json").read_text())
+    assert kept["choices"][str(node_cores())]["threads"] == result.evaluation["threads"]
+    onnx_runtime._MEASURED.clear()
+    variant = loaded(str(result.variant_dir / "model.onnx"), RuntimeConfig())  # a copy: same bytes, its own mtime
+    assert variant.intra_op_threads == result.evaluation["threads"] and "kept in" in variant.thread_choice.reason

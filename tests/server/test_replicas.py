@@ -45,3 +45,21 @@ def test_a_read_only_replica_serves_what_the_writer_changes_and_refuses_writes(s
         # a model deleted by the writer is unloaded on the replica
         w.delete("digits")
         wait_until(lambda: not r.model_ready("digits"), "the replica to drop digits", timeout=20)
+
+
+def test_recovery_sweeps_a_crashed_kept_thread_count_write(tmp_path):
+    from slimserve.server.store.manifest import ModelInfo, VariantInfo
+
+    repo = Repository(tmp_path / "repo")
+    with repo.staging() as staged:
+        (staged / "variants" / "baseline").mkdir(parents=True)
+        baseline = VariantInfo("baseline", "", "", "onnxruntime", "onnx", file="model.onnx")
+        repo.add_model(staged, ModelInfo("m", "onnx", "", "", [], [], [], {"baseline": baseline}))
+    variant_dir = repo.model_dir("m") / "variants" / "baseline"
+    crashed = variant_dir / ".model.onnx.threads.json.0123.tmp"  # ort_threads.keep's temporary file, never renamed
+    crashed.write_text("{")
+    kept = variant_dir / "model.onnx.threads.json"
+    kept.write_text("{}")
+    repo.close()
+    Repository(tmp_path / "repo").close()  # a restart recovers
+    assert not crashed.exists() and kept.exists()
