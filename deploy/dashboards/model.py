@@ -112,6 +112,23 @@ def model_dashboard() -> dict:
     )
     grid.add(
         timeseries(
+            "Dropped before compute",
+            "Requests taken out of a batcher's queue before compute, per second: their deadline passed (answered "
+            "DEADLINE_EXCEEDED) or their caller cancelled.",
+            "reqps",
+            ("sum by (variant, reason) (rate(slimserve_queue_dropped_total{" + SEL + "}[$__rate_interval]))", "{{variant}} {{reason}}"),
+        )
+    )
+    grid.add(
+        timeseries(
+            "SLO traffic shifts",
+            "Changes the latency objective's steering made to the model's split, by reason (slimctl slo NAME --watch lists each one).",
+            "short",
+            ('sum by (reason) (increase(slimserve_slo_shifts_total{model="$model"}[$__rate_interval]))', "{{reason}}"),
+        )
+    )
+    grid.add(
+        timeseries(
             "Compute time p50 / p99",
             "Time the runtime spends on one model call (one batch).",
             "s",

@@ -137,6 +137,7 @@ PER_VARIANT: tuple[Family, ...] = (
         "Requests dropped from a batcher's queue before compute: their deadline passed (answered DEADLINE_EXCEEDED) "
         "or their caller cancelled.",
         extra=(("reason", ("deadline", "cancelled")),),
+        cached="queue_dropped",  # exported at 0 from load: a rate over it reads 0, not "no data"
     ),
     Family("inflight", Gauge, "slimserve_inflight_requests", "Inference requests being processed.", collected=True),
     Family("model_size", Gauge, "slimserve_model_size_bytes", "Bytes on disk of each loaded variant.", cached="model_size"),
@@ -181,6 +182,7 @@ SLO_FAMILIES: tuple[Family, ...] = (
         "Changes the SLO steering made to a model's split, by reason (toward_fast: the p99 broke the objective; back: "
         "it stayed under 0.6x; saturated: all traffic on the fastest variant and still breaking).",
         extra=(("reason", SLO_REASONS),),
+        cached="slo_shifts",  # exported at 0 from load, like queue_dropped
     ),
 )
 PER_VARIANT += SLO_FAMILIES
