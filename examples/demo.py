@@ -202,7 +202,7 @@ def main() -> None:
         step("8. rollouts by themselves: int8 shadowed, canaried and promoted by its gates; a damaged variant rolled back")
         (WORK / "plan.json").write_text(json.dumps(DEMO_PLAN))
         (WORK / "damage.json").write_text(json.dumps(DAMAGE_RECIPE))
-        sh(slimctl, "optimize", "digits", "--recipe", WORK / "damage.json", "--name", "damaged", env=env)
+        sh(slimctl, "optimize", "digits", "--recipe", WORK / "damage.json", "--name", "damaged", "--keep-over-budget", env=env)
         for variant in ("int8", "damaged"):
             sh(slimctl, "rollout", "start", "digits", variant, "--plan", WORK / "plan.json", env=env)
             follow_rollout(f"127.0.0.1:{grpc_port}", test.x, test.y)
