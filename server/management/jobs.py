@@ -88,8 +88,7 @@ def job_error(job: Job, e: BaseException) -> SlimServeError:
     Nothing is registered by a failed job (the variant is staged, and moved in only at the end), so the model serves on.
     """
     if isinstance(e, WorkFailed):
-        kind = ErrorKind[e.kind] if e.kind in ErrorKind.__members__ and e.kind != "INTERNAL" else ErrorKind.FAILED_PRECONDITION
-        return SlimServeError(f"job {job.id} failed: {e.message}", kind)
+        return SlimServeError(f"job {job.id} failed: {e.message}", ErrorKind[e.kind])
     if isinstance(e, OptimizerError):
         return FailedPrecondition(f"job {job.id} failed: {e}")
     if isinstance(e, SlimServeError) and e.kind != ErrorKind.INTERNAL:

@@ -192,8 +192,8 @@ class LocalRunner:
                 f"the worker used {over:.0f} MiB, over the job memory cap of {self.limits.memory_mb} MiB (--job-memory-mb); "
                 "raise the cap or pick a lighter recipe",
             )
-        if outcome is None:
-            raise WorkFailed("INTERNAL", death_reason(returncode))
+        if outcome is None:  # the worker died: the job could not finish, the server is fine (never INTERNAL)
+            raise WorkFailed("FAILED_PRECONDITION", death_reason(returncode))
         if outcome[0] == "done":
             return outcome[1]
         raise WorkFailed(outcome[1], outcome[2])
