@@ -223,18 +223,25 @@ def guarded_run(run: Callable[[Any, Artifact, PassContext], Artifact]) -> Callab
     return guarded
 
 
-def check_written_onnx(name: str, path: Path) -> None:
-    """Refuses an ONNX file a pass wrote that onnx's checker rejects (e.g. an attribute its opset lacks), before anything loads it."""
+def checker_problem(path: Path, empty: str = "invalid") -> str | None:
+    """The first line of what onnx's checker rejects in the file at `path` (`empty` when it says nothing), or None."""
     import onnx
 
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        return str(e).strip().splitlines()[0] if str(e).strip() else empty
+    return None
+
+
+def check_written_onnx(name: str, path: Path) -> None:
+    """Refuses an ONNX file a pass wrote that onnx's checker rejects (e.g. an attribute its opset lacks), before anything loads it."""
+    first = checker_problem(path)
+    if first is not None:
         raise OptimizerError(
             f"{name} wrote a graph that onnx's checker rejects ({first}); nothing was registered. "
             "Try the pass with other settings (e.g. per_channel false) or another recipe, and report it as a slimserve bug"
-        ) from e
+        )
 
 
 def pass_failure(name: str, artifact: Artifact, error: BaseException) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import onnx
 
-from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent, checker_problem
 
 # Control-flow operators whose subgraphs a pass may be unable to enter (quantizers see only the main graph).
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
@@ -33,14 +33,12 @@ SUBGRAPH_OPS = ("If", "Loop", "Scan")
 
 def check_graph(path: Path, needed_by: str) -> None:
     """Refuses a graph onnx's checker rejects: which check failed, and what to do."""
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
+    first = checker_problem(path, empty="invalid graph")
+    if first is not None:
         raise OptimizerError(
             f"{needed_by}: {path.name} is not a valid ONNX graph by onnx's checker ({first}); "
             "export it again (a newer exporter or opset), or fix the node it names"
-        ) from e
+        )
 
 
 def fold_constant_nodes(model: onnx.ModelProto) -> int:
