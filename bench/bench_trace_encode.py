@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
@@ -27,7 +28,7 @@ def with_messages(tracer: Tracer, taken: list[tuple]) -> bytes:
     resource.resource.attributes.append(KeyValue(key="service.name", value=AnyValue(string_value=tracer.service)))
     scope = resource.scope_spans.add()
     scope.scope.name = "slimserve.server"
-    bits = tracer._random.getrandbits
+    bits = random.getrandbits
     offset = time.time_ns() - time.perf_counter_ns()
     for trace, code, end, batch in taken:
         trace_id, root_id = bits(128).to_bytes(16, "big"), bits(64).to_bytes(8, "big")

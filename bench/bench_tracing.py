@@ -32,6 +32,8 @@ def _receive(port: int, ready) -> None:
     """An OTLP/HTTP receiver that takes every export (200, an empty ExportTraceServiceResponse)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keeps the connection open, as OTLP collectors do
+
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             self.send_response(200)

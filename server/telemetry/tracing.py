@@ -12,12 +12,13 @@ A request that is not sampled costs one dictionary lookup and one comparison (`T
 
 from __future__ import annotations
 
+import http.client
 import logging
-import random
+import os
 import struct
 import threading
 import time
-import urllib.request
+import urllib.parse
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -262,7 +263,10 @@ class Tracer:
         self._idle = threading.Event()
         self._idle.set()
         self._closed = False
-        self._random = random.Random()
+        self._connection: http.client.HTTPConnection | None = None  # kept alive between exports (the exporter thread's)
+        self._path = urllib.parse.urlsplit(self.url).path or "/v1/traces"
+        self._headers = {"Content-Type": "application/x-protobuf"}
+        self._attributes: dict[tuple, bytes] = {}  # the infer span's attributes, encoded, by (model, variant, code, batch size)
         self._thread = threading.Thread(target=self._run, name="trace-exporter", daemon=True)
         self._thread.start()
 
@@ -317,47 +321,88 @@ class Tracer:
             self._idle.set()
 
     def _post(self, body: bytes, spans: int) -> None:
-        request = urllib.request.Request(self.url, body, {"Content-Type": "application/x-protobuf"}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as answer:
+        """POSTs one export on a kept-alive connection (urllib's fresh connection, resolver call and handler chain per
+        export cost more than encoding the batch did); a connection the endpoint closed in between is retried once on a
+        new one. Failed: the spans are dropped and counted."""
+        ok = False
+        for attempt in range(2):
+            reused = self._connection is not None
+            try:
+                if self._connection is None:
+                    self._connection = self._connect()
+                self._connection.request("POST", self._path, body, self._headers)
+                answer = self._connection.getresponse()
+                answer.read()
                 ok = 200 <= answer.status < 300
-        except (OSError, ValueError) as e:  # refused, unreachable, timed out, an HTTP error status
-            log.debug("trace endpoint %s: %s", self.url, e)
-            ok = False
+                if not ok:
+                    log.debug("trace endpoint %s answered HTTP %d", self.url, answer.status)
+                if answer.will_close:
+                    self._disconnect()
+                break
+            except (OSError, http.client.HTTPException, ValueError) as e:  # refused, unreachable, timed out, closed
+                self._disconnect()
+                if not reused or attempt:
+                    log.debug("trace endpoint %s: %s", self.url, e)
+                    break
         if ok:
             self.exported += spans
         else:
             self.dropped += spans
 
+    def _connect(self) -> http.client.HTTPConnection:
+        parts = urllib.parse.urlsplit(self.url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return kind(parts.hostname or "", parts.port, timeout=self._timeout)
+
+    def _disconnect(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
     def _encode(self, taken: list[tuple]) -> tuple[bytes, int]:
         """One ExportTraceServiceRequest, written in protobuf's wire format directly (OpenTelemetry's trace.proto field
-        numbers; what its own messages serialize to, as tests/server/test_tracing.py checks by parsing it back with
-        them). Building Span messages cost ~65 µs a request here, which on two cores took ~15% of the throughput."""
-        bits = self._random.getrandbits
+        numbers, in their order: what its own messages serialize to, as tests/server/test_tracing.py checks by parsing
+        it back with them). The ids of a whole batch come from one os.urandom call; a request's stage spans are one
+        struct.pack of a layout made once per set of stages; the infer span's attributes are encoded once per model,
+        variant, outcome and batch size (`bench/bench_trace_encode.py`: ~6 against ~40 µs a request before)."""
         offset = time.time_ns() - time.perf_counter_ns()  # perf_counter -> wall clock (both advance alike over a request)
+        ids = os.urandom(_ID_BYTES * len(taken))
+        attributes_of = self._attributes
         pack = _FIXED.pack
         out = []
+        k = spans = 0
         for trace, code, end, batch in taken:
-            parent = parse_traceparent(trace.parent)
-            trace_id, parent_id = parent if parent is not None else (bits(128).to_bytes(16, "big"), b"")
-            root_id = bits(64).to_bytes(8, "big")
-            attributes = _attribute(b"slimserve.model", trace.model) + _attribute(b"slimserve.variant", trace.variant)
-            attributes += _attribute(b"slimserve.code", code)
-            if batch is not None:
-                value = b"\x18" + _varint(batch[2] & 0xFFFFFFFFFFFFFFFF)  # AnyValue.int_value
-                key_value = b"\x0a\x14slimserve.batch_size\x12" + _varint(len(value)) + value
-                attributes += b"\x4a" + _varint(len(key_value)) + key_value
-            root = b"\x0a\x10" + trace_id + b"\x12\x08" + root_id + (b"\x22\x08" + parent_id if parent_id else b"")
-            root += _INFER + pack(0x39, trace.received, 0x41, end) + attributes
+            parent = parse_traceparent(trace.parent) if trace.parent else None
+            if parent is None:
+                trace_id, parent_part = ids[k : k + 16], b""
+            else:
+                trace_id, parent_part = parent[0], b"\x22\x08" + parent[1]
+            root_id = ids[k + 16 : k + 24]
+            k += 24
+            key = (trace.model, trace.variant, code, batch[2] if batch is not None else None)
+            attributes = attributes_of.get(key)
+            if attributes is None:
+                if len(attributes_of) >= 1024:  # bounded: models x variants x outcomes x batch sizes seen lately
+                    attributes_of.clear()
+                attributes = attributes_of[key] = _root_attributes(*key)
+            root = (
+                b"\x0a\x10" + trace_id + b"\x12\x08" + root_id + parent_part + _INFER + pack(0x39, trace.received, 0x41, end) + attributes
+            )
             out.append(b"\x12" + _varint(len(root)) + root)
-            head = b"\x0a\x10" + trace_id
-            under = b"\x22\x08" + root_id
-            for name, begin, finish in _stages(trace, end, batch, offset):
-                span = head + b"\x12\x08" + bits(64).to_bytes(8, "big") + under + _STAGE[name] + pack(0x39, begin, 0x41, max(begin, finish))
-                out.append(b"\x12" + _varint(len(span)) + span)
+            layout, times = _stage_times(trace, end, batch, offset)
+            packer, constants = _LAYOUTS[layout]
+            args: list = []
+            j = 0
+            for head, name_kind in constants:
+                args += (head, trace_id, b"\x12\x08", ids[k : k + 8], b"\x22\x08", root_id, name_kind, times[j], 0x41, times[j + 1])
+                k += 8
+                j += 2
+            k += 8 * (len(STAGES) - len(constants))  # each request owns _ID_BYTES of the batch's ids
+            out.append(packer.pack(*args))
+            spans += 1 + len(constants)
         scope = _SCOPE + b"".join(out)  # ScopeSpans: the scope, then every span
         resource_spans = self._resource + b"\x12" + _varint(len(scope)) + scope
-        return b"\x0a" + _varint(len(resource_spans)) + resource_spans, len(out)
+        return b"\x0a" + _varint(len(resource_spans)) + resource_spans, spans
 
     @property
     def _resource(self) -> bytes:
@@ -368,6 +413,7 @@ class Tracer:
 
 
 _FIXED = struct.Struct("<BQBQ")  # start_time_unix_nano (field 7) and end_time_unix_nano (field 8), fixed64
+_ID_BYTES = 16 + 8 + 8 * len(STAGES)  # a request's random ids: trace id, the infer span's id, one per stage span
 
 
 def _varint(n: int) -> bytes:
@@ -396,25 +442,77 @@ def _attribute(key: bytes, value: str) -> bytes:
     return b"\x4a" + _varint(len(key_value)) + key_value
 
 
+def _root_attributes(model: str, variant: str, code: str, batch_size: int | None) -> bytes:
+    """The infer span's attributes: model, variant, outcome, and the batch size when the request reached a batch."""
+    attributes = _attribute(b"slimserve.model", model) + _attribute(b"slimserve.variant", variant) + _attribute(b"slimserve.code", code)
+    if batch_size is not None:
+        value = b"\x18" + _varint(batch_size & 0xFFFFFFFFFFFFFFFF)  # AnyValue.int_value
+        key_value = b"\x0a\x14slimserve.batch_size\x12" + _varint(len(value)) + value
+        attributes += b"\x4a" + _varint(len(key_value)) + key_value
+    return attributes
+
+
 _INFER = _text(5, "infer") + b"\x30\x02"  # name, kind SPAN_KIND_SERVER
-_STAGE = {name: _text(5, name) + b"\x30\x01" for name in STAGES}  # name, kind SPAN_KIND_INTERNAL
 _SCOPE = b"\x0a" + _varint(len(_text(1, "slimserve.server"))) + _text(1, "slimserve.server")  # ScopeSpans.scope
 
 
-def _stages(trace: RequestTrace, end: int, batch: tuple[float, float, int] | None, offset: int) -> list[tuple[str, int, int]]:
-    """(name, start, end) of the stages a request went through, from its stamps."""
+def _stage_layout(names: tuple[str, ...]) -> tuple[struct.Struct, list[tuple[bytes, bytes]]]:
+    """The stage spans of one request, each ScopeSpans.spans (field 2) holding a Span: trace_id (1), span_id (2),
+    parent_span_id (4), name (5), kind (6, INTERNAL), start (7) and end (8) times; as one struct layout with the
+    constant pieces (each span's tag and length, its name and kind) to pass along with the ids and times."""
+    fields, constants = ["<"], []
+    for name in names:
+        name_kind = _text(5, name) + b"\x30\x01\x39"  # name, kind, then start_time_unix_nano's tag
+        size = 2 + 16 + 2 + 8 + 2 + 8 + len(name_kind) + 8 + 1 + 8
+        constants.append((b"\x12" + _varint(size) + b"\x0a\x10", name_kind))
+        fields.append(f"{len(constants[-1][0])}s16s2s8s2s8s{len(name_kind)}sQBQ")
+    return struct.Struct("".join(fields)), constants
+
+
+# The sets of stages a request can go through (queue and compute when it reached a batcher, shadow with shadows).
+_BASE, _BATCHED, _SHADOWED, _BOTH = (
+    ("receive", "route", "respond"),
+    ("receive", "route", "queue", "compute", "respond"),
+    ("receive", "route", "shadow", "respond"),
+    ("receive", "route", "queue", "compute", "shadow", "respond"),
+)
+_LAYOUTS = {names: _stage_layout(names) for names in (_BASE, _BATCHED, _SHADOWED, _BOTH)}
+
+
+def _stage_times(trace: RequestTrace, end: int, batch: tuple[float, float, int] | None, offset: int) -> tuple[tuple[str, ...], list[int]]:
+    """The stages a request went through (one of the four sets above) and their (start, end) times, flat, from its
+    stamps; an end is never before its start."""
     started = trace.started or end
     routed = trace.routed or started
-    stages = [("receive", trace.received, started), ("route", started, routed)]
-    if batch is not None and trace.computed:
-        compute_start = int(batch[0] * 1e9) + offset
-        compute_start = min(max(routed, compute_start), trace.computed)
-        stages.append(("queue", routed, compute_start))
-        stages.append(("compute", compute_start, min(trace.computed, compute_start + int(batch[1] * 1e9))))
-    if trace.answered:
-        stages.append(("shadow", trace.computed, trace.answered))
-    stages.append(("respond", trace.answered or trace.computed or started, end))
-    return stages
+    computed = trace.computed
+    answered = trace.answered
+    respond_from = answered or computed or started
+    if batch is not None and computed:
+        compute_start = min(max(routed, int(batch[0] * 1e9) + offset), computed)
+        compute_end = min(computed, compute_start + int(batch[1] * 1e9))
+        times = [
+            trace.received,
+            max(trace.received, started),
+            started,
+            max(started, routed),
+            routed,
+            compute_start,
+            compute_start,
+            compute_end,
+        ]
+        if answered:
+            return _BOTH, [*times, computed, max(computed, answered), respond_from, max(respond_from, end)]
+        return _BATCHED, [*times, respond_from, max(respond_from, end)]
+    times = [trace.received, max(trace.received, started), started, max(started, routed)]
+    if answered:
+        return _SHADOWED, [*times, computed, max(computed, answered), respond_from, max(respond_from, end)]
+    return _BASE, [*times, respond_from, max(respond_from, end)]
+
+
+def _stages(trace: RequestTrace, end: int, batch: tuple[float, float, int] | None, offset: int) -> list[tuple[str, int, int]]:
+    """(name, start, end) of the stages a request went through, from its stamps (what `_encode` writes)."""
+    names, times = _stage_times(trace, end, batch, offset)
+    return [(name, times[2 * i], times[2 * i + 1]) for i, name in enumerate(names)]
 
 
 class TraceCollector:
