@@ -31,11 +31,19 @@ PARENT_SPAN = "00f067aa0ba902b7"
 class Receiver:
     """An OTLP/HTTP trace receiver: every span it was sent, as (name, trace id hex, parent span id hex, attributes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_alive: bool = False) -> None:
         self.spans: list[tuple[str, str, str, dict]] = []
+        self.connections = 0
+        self.hang_up = False  # keep-alive: close the connection after the next answer without saying so (an idle timeout)
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+            def setup(self) -> None:
+                super().setup()
+                receiver.connections += 1
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 request = ExportTraceServiceRequest.FromString(body)
@@ -50,6 +58,8 @@ class Receiver:
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
                 self.wfile.write(answer)
+                if receiver.hang_up:
+                    receiver.hang_up, self.close_connection = False, True
 
             def log_message(self, *args) -> None:
                 pass
@@ -105,6 +115,30 @@ def test_each_traced_request_sends_its_stages_as_spans_that_continue_the_callers
     assert any(s[1] == "ab" * 16 for s in roots)  # the REST caller's traceparent header
     assert len({s[1] for s in roots}) == 3
     assert server.server.tracer.dropped == 0
+
+
+def test_the_exporter_keeps_one_connection_and_reconnects_when_the_endpoint_closed_it():
+    from slimserve.server.telemetry.tracing import Tracer
+
+    receiver = Receiver(keep_alive=True)
+    tracer = Tracer(TraceSettings("TIMESTAMPS", 1), receiver.endpoint)
+    try:
+
+        def export() -> None:
+            tracer.finish(tracer.begin("m"))
+            assert tracer.flush(10)
+
+        for _ in range(3):
+            export()
+        assert receiver.connections == 1 and tracer.exported == 3 * 4  # three exports on one connection (infer + 3 stages each)
+        receiver.hang_up = True
+        export()
+        export()  # the kept connection is gone: sent again on a new one, nothing lost
+        assert receiver.connections == 2 and tracer.exported == 5 * 4 and tracer.dropped == 0
+        assert sum(1 for s in receiver.spans if s[0] == "infer") == 5
+    finally:
+        tracer.close(1)
+        receiver.close()
 
 
 def test_trace_settings_pick_which_requests_are_traced(server_factory, digits, receiver):
@@ -240,3 +274,38 @@ def test_spans_written_in_wire_format_parse_as_opentelemetrys_messages():
     assert all(s.kind == 1 and s.trace_id == root.trace_id and s.parent_span_id == root.span_id for s in stages)
     assert len({s.span_id for s in scope.spans}) == 7 and all(s.start_time_unix_nano <= s.end_time_unix_nano for s in stages)
     assert (stages[0].start_time_unix_nano, stages[0].end_time_unix_nano) == (1_000_000, 1_001_000)
+
+
+@pytest.mark.parametrize(
+    ("batched", "shadowed", "names"),
+    [
+        (False, False, ["receive", "route", "respond"]),
+        (True, False, ["receive", "route", "queue", "compute", "respond"]),
+        (False, True, ["receive", "route", "shadow", "respond"]),
+    ],
+)
+def test_each_set_of_stages_encodes_its_own_spans_with_their_times(batched, shadowed, names):
+    from slimserve.server.telemetry.tracing import RequestTrace, Tracer
+
+    tracer = Tracer(TraceSettings("TIMESTAMPS", 1), "http://127.0.0.1:9")
+    try:
+        traces = []
+        for i in range(3):  # several requests in one batch: each keeps its own ids
+            trace = RequestTrace("m", None, 1_000_000 + i)
+            trace.started, trace.routed, trace.computed = 1_001_000, 1_002_000, 1_050_000
+            trace.answered = 1_060_000 if shadowed else 0
+            batch = (time.perf_counter(), 0.00001, 2) if batched else None
+            traces.append((trace, "CANCELLED", 1_070_000, batch))
+        body, count = tracer._encode(traces)
+    finally:
+        tracer.close(0.1)
+    spans = ExportTraceServiceRequest.FromString(body).resource_spans[0].scope_spans[0].spans
+    assert count == len(spans) == 3 * (1 + len(names)) and len({s.span_id for s in spans}) == count
+    assert len({s.trace_id for s in spans}) == 3
+    root, *stages = spans[: 1 + len(names)]
+    assert [s.name for s in stages] == names and all(s.parent_span_id == root.span_id for s in stages)
+    times = {s.name: (s.start_time_unix_nano, s.end_time_unix_nano) for s in stages}
+    assert times["receive"] == (1_000_000, 1_001_000) and times["route"] == (1_001_000, 1_002_000)
+    assert times["respond"] == ((1_060_000 if shadowed else 1_050_000), 1_070_000)
+    attributes = {a.key: a.value.string_value or a.value.int_value for a in root.attributes}
+    assert attributes["slimserve.code"] == "CANCELLED" and attributes.get("slimserve.batch_size") == (2 if batched else None)
