@@ -5,13 +5,14 @@
     DIR/<model>/<version>/model.onnx     numbered version directories (model.pt2 for torch.export programs)
 
 Each model comes into slimserve's own repository: version N of the directory is the variant of version N (the lowest
-is `baseline`, the others `v<N>`), unversioned requests go to the latest (Triton's rule), and the config's serving
-settings and label files are stored beside the model (`Repository.set_serving`), applied at every load and restart.
-A model already imported from the same files is not imported again. One whose files changed (poll mode, or a restart)
-has only its changed versions replaced, its new ones added and its removed ones dropped, all checked before anything
-changes, so its optimized variants and their traffic stay; a change that cannot be served leaves the previous import
-serving, with the reason logged and in the repository index. Only a change of its first version (the baseline) imports
-it afresh.
+at the first import is `baseline`, the others `v<N>`), unversioned requests go to the latest (Triton's rule), and the
+config's serving settings and label files are stored beside the model (`Repository.set_serving`), applied at every load
+and restart. A model already imported from the same files is not imported again. One whose files changed (poll mode, or
+a restart) has only its changed versions replaced, its new ones added and its removed ones dropped, all checked before
+anything changes, so its optimized variants and their traffic stay; a change that cannot be served leaves the previous
+import serving, with the reason logged and in the repository index. A version keeps its variant's name while it stays:
+when the baseline's version leaves, the lowest one left becomes the baseline (`_update_import`); only the optimized
+variants of a version that left go, with it.
 
 Every model stands alone: one that cannot be served (a config that does not parse, dims that disagree with the model
 file, a missing label file, a version directory without a model file, a TorchScript model.pt, a backend slimserve has
@@ -278,14 +279,8 @@ def import_model(
     if existing:
         source = stored_source(repository, model.name) or {}
         old = source.get("versions")
-        if old and min(map(int, old)) == numbers[0]:  # same first version: changed versions only, variants and traffic kept
-            return _update_import(repository, runtime_config, model, batching, old)
-        log.warning(
-            "model '%s' (%s): its first version is not the one imported before; imported afresh, so its optimized variants "
-            "and traffic are not kept",
-            model.name,
-            model.path,
-        )
+        if old:  # changed versions only: optimized variants and traffic kept (those of a version that left go with it)
+            return _update_import(repository, runtime_config, model, batching, old, source.get("variants"))
     if existing:  # the config checked against the new files before the old import goes (a broken change keeps the old)
         runtime = create_runtime(RUNTIME_OF_FORMAT[model.format], first, runtime_config)
         try:
@@ -327,7 +322,12 @@ def import_model(
             {
                 "config": config_text,
                 "files": files,
-                "source": {"path": str(model.path), "fingerprint": model.fingerprint, "versions": version_fingerprints(model)},
+                "source": {
+                    "path": str(model.path),
+                    "fingerprint": model.fingerprint,
+                    "versions": version_fingerprints(model),
+                    "variants": {str(n): BASELINE if n == numbers[0] else f"v{n}" for n in numbers},
+                },
             },
         )
     except SlimServeError as e:
@@ -362,15 +362,28 @@ def _version_variant(numbers: list[int], number: int) -> str:
 
 
 def _update_import(
-    repository: Repository, runtime_config: RuntimeConfig, model: TritonModel, batching: Any, old: dict[str, str]
+    repository: Repository,
+    runtime_config: RuntimeConfig,
+    model: TritonModel,
+    batching: Any,
+    old: dict[str, str],
+    old_names: dict[str, str] | None = None,
 ) -> ModelInfo:
     """A changed directory of an imported model: only the versions whose files changed are replaced, new ones added,
     removed ones dropped; optimized variants stay, and so does traffic unless it was the import's own (all to the
     latest version), which follows the new latest. Every new file and the config are checked first: a refusal
-    (VersionRefused / InvalidArgument) changes nothing, the previous import keeps serving."""
+    (VersionRefused / InvalidArgument) changes nothing, the previous import keeps serving.
+
+    A version keeps its variant name while it stays (`old_names`: number -> variant, stored with the import; imports
+    stored before it was: the lowest `baseline`, the others `v<N>`), so a new version below the first is `v<N>` beside
+    the baseline. When the baseline's own version leaves, the lowest version left becomes the baseline (its `v<N>`
+    renamed, with its optimized variants, traffic and shadows following it; or, a new version, its file put in the
+    baseline's place). The optimized variants of a version that left go with it (they are that version, optimized),
+    logged by name; their traffic goes back to what remains, as a deleted variant's does."""
     info = repository.get(model.name)
     numbers = sorted(model.versions)
     old_numbers = sorted(map(int, old))
+    names = {int(n): v for n, v in (old_names or {}).items()} or {n: _version_variant(old_numbers, n) for n in old_numbers}
     now = version_fingerprints(model)
     changed = [n for n in numbers if old.get(str(n)) != now[str(n)]]
     for n in changed:
@@ -380,14 +393,33 @@ def _update_import(
         parse_load_config(config_text, model.name, info.inputs, runtime_config.device, batching, info.outputs, model.label_files)
     except SlimServeError as e:
         raise InvalidArgument(f"{model.path}: {e.message}") from e
-    old_latest = _version_variant(old_numbers, old_numbers[-1])
+    old_latest = names[old_numbers[-1]]
     was_import_traffic = info.traffic.weights == {old_latest: 1.0} and not info.traffic.shadows
-    for n in old_numbers:
-        if n not in model.versions:
-            info = repository.remove_variant(model.name, _version_variant(old_numbers, n))
-            log.info("model '%s': version %d left %s: removed", model.name, n, model.path)
+    gone = [n for n in old_numbers if n not in model.versions]
+    renamed: dict[str, str] = {}  # variant -> its new name (a version that becomes the baseline)
+    new_names = {n: names[n] for n in numbers if n in names}
+    if any(names[n] == BASELINE for n in gone):  # the baseline's version left: the lowest version left takes its place
+        first = numbers[0]
+        if first in new_names:
+            renamed[new_names[first]] = BASELINE
+        elif first not in changed:
+            changed.append(first)
+        new_names[first] = BASELINE
+    for n in numbers:
+        new_names.setdefault(n, f"v{n}")
+    left = {names[n] for n in gone}
+    dropped = _derived(info, left, set(names.values()))
+    if dropped:
+        log.warning(
+            "model '%s': optimized variant(s) %s of version(s) %s that left %s are removed with them",
+            model.name,
+            ", ".join(sorted(dropped)),
+            ", ".join(map(str, gone)),
+            model.path,
+        )
+    info = _swap_versions(repository, info, left, dropped, renamed)
     for n in changed:
-        variant = _version_variant(numbers, n)
+        variant = new_names[n]
         if variant in info.variants:  # replaced in place: the loaded copy serves until the reload that follows
             target = repository.variant_path(info, variant)
             partial = target.with_name(target.name + ".partial")
@@ -402,22 +434,86 @@ def _update_import(
         else:
             _add_version(repository, runtime_config, info, model.name, n, model.versions[n])
         log.info("model '%s': version %d %s from %s", model.name, n, "replaced" if n in old_numbers else "added", model.path)
-    latest = _version_variant(numbers, numbers[-1])
+    latest = new_names[numbers[-1]]
 
     def number_versions(i: ModelInfo) -> None:
         for n in numbers:
-            i.variants[_version_variant(numbers, n)].version = n
+            i.variants[new_names[n]].version = n
         i.last_version = max(numbers[-1], i.last_version)
         if was_import_traffic:
             i.traffic = TrafficPolicy.single(latest)
 
     info = repository.update(model.name, number_versions)
     files = {k: base64.b64encode(v).decode() for k, v in model.label_files.items()}
-    repository.set_serving(
-        model.name,
-        {"config": config_text, "files": files, "source": {"path": str(model.path), "fingerprint": model.fingerprint, "versions": now}},
-    )
+    source = {
+        "path": str(model.path),
+        "fingerprint": model.fingerprint,
+        "versions": now,
+        "variants": {str(n): v for n, v in new_names.items()},
+    }
+    repository.set_serving(model.name, {"config": config_text, "files": files, "source": source})
     return info
+
+
+def _derived(info: ModelInfo, roots: set[str], versions: set[str]) -> set[str]:
+    """The optimized variants made from `roots` (directly or from one another), not the imported versions themselves."""
+    out: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for name, v in info.variants.items():
+            if name not in versions and name not in out and (v.parent in roots or v.parent in out):
+                out.add(name)
+                grew = True
+    return out
+
+
+def _swap_versions(repository: Repository, info: ModelInfo, left: set[str], dropped: set[str], renamed: dict[str, str]) -> ModelInfo:
+    """Removes the variants of versions that left and the optimized variants made from them; a version that becomes
+    the baseline is renamed to it (its directory too), and what named it (parents, traffic, shadows) follows."""
+    model = info.name
+    for name in sorted((left | dropped) - {BASELINE}):
+        if name in info.variants:
+            info = repository.remove_variant(model, name)
+    if not renamed:  # the baseline stays, or a new version's file takes its place (as a changed version's does)
+        return info
+    for old_name in renamed:  # the baseline's directory goes, the new first version's takes its place
+        grave = repository.variant_dir(model, BASELINE).with_name(f".{BASELINE}-left")
+        shutil.rmtree(grave, ignore_errors=True)
+        repository.variant_dir(model, BASELINE).rename(grave)
+        repository.variant_dir(model, old_name).rename(repository.variant_dir(model, BASELINE))
+        shutil.rmtree(grave, ignore_errors=True)
+
+    def rename(i: ModelInfo) -> None:
+        for old_name, new_name in renamed.items():
+            record = i.variants.pop(old_name)
+            record.name, record.parent, record.recipe = new_name, i.variants[BASELINE].parent, i.variants[BASELINE].recipe
+            i.variants[new_name] = record
+        for v in i.variants.values():
+            v.parent = renamed.get(v.parent, v.parent)
+        i.traffic = _renamed_traffic(i.traffic, renamed)
+
+    return repository.update(model, rename)
+
+
+def _renamed_traffic(policy: TrafficPolicy, renamed: dict[str, str]) -> TrafficPolicy:
+    """`policy` once the old baseline is gone (its weight goes to the rest, as a deleted variant's does) and `renamed`
+    variants carry their new names; its history too."""
+
+    def one(p: TrafficPolicy) -> TrafficPolicy:
+        weights: dict[str, float] = {}
+        for name, weight in p.weights.items():
+            if name == BASELINE:
+                continue  # the old baseline's content left with its version
+            weights[renamed.get(name, name)] = weights.get(renamed.get(name, name), 0.0) + weight
+        total = sum(weights.values())
+        weights = {k: w / total for k, w in weights.items()} if total > 0 else {BASELINE: 1.0}
+        shadows = tuple(renamed.get(s, s) for s in p.shadows if s != BASELINE and renamed.get(s, s) not in weights)
+        return TrafficPolicy(weights, shadows, p.sticky_parameter)
+
+    current = one(policy)
+    previous = one(policy.previous) if policy.previous is not None else None
+    return TrafficPolicy(current.weights, current.shadows, current.sticky_parameter, previous)
 
 
 def _add_version(repository: Repository, runtime_config: RuntimeConfig, info: ModelInfo, name: str, number: int, file: Path) -> None:

@@ -161,3 +161,39 @@ def test_register_with_a_config_and_labels_keeps_them_across_loads_and_restarts(
         assert again.server.dataplane.loader.overrides["digits"].labels["logits"][9] == "digit-9"
     finally:
         again.stop()
+
+
+def test_when_the_first_version_leaves_the_next_becomes_the_baseline_and_keeps_its_optimized_variants_and_traffic(tmp_path, digits):
+    from slimserve.server.store.manifest import VariantInfo
+    from slimserve.server.store.traffic import TrafficPolicy
+
+    root = tmp_path / "triton"
+    model_dir(root, "digits", digits.onnx, DIGITS_CONFIG, versions=(1, 2))
+    server = ServerHandle(tmp_path / "polled", model_repository=root, model_control_mode="poll", repository_poll_secs=3600)
+    try:
+        repository = server.server.repository
+        for name, parent in (("fast1", "baseline"), ("fast2", "v2")):  # optimized variants of version 1 and of version 2
+            with repository.staging() as staged:
+                (staged / "variant").mkdir()
+                shutil.copyfile(digits.onnx, staged / "variant" / "model.onnx")
+                variant = VariantInfo(name=name, recipe="quantize", parent=parent, runtime="onnxruntime", format="onnx", file="model.onnx")
+                repository.add_variant("digits", staged / "variant", variant)
+        policy = TrafficPolicy({"fast2": 0.5, "v2": 0.3, "baseline": 0.2}, ("fast1",))
+        repository.update("digits", lambda i: setattr(i, "traffic", policy))
+        shutil.rmtree(root / "digits" / "1")  # the baseline's version leaves, a third arrives
+        shutil.copytree(root / "digits" / "2", root / "digits" / "3")
+        assert server.call(server.server.triton.poll_once()) == ["digits"]
+        info = repository.get("digits")
+        assert sorted(info.variants) == ["baseline", "fast2", "v3"]  # fast1 was version 1, optimized: it left with it
+        assert (info.variants["baseline"].version, info.variants["v3"].version, info.variants["fast2"].parent) == (2, 3, "baseline")
+        assert info.traffic.weights == pytest.approx({"fast2": 0.625, "baseline": 0.375}) and info.traffic.shadows == ()
+        assert not (tmp_path / "polled" / "models" / "digits" / "variants" / "v2").exists()
+        assert infer(server, "digits", "2").variant == "baseline" and infer(server, "digits", "3").variant == "v3"
+        model_dir(root, "older", digits.onnx, None)  # (another model, so that version 1 below can be copied from it)
+        shutil.copytree(root / "older" / "1", root / "digits" / "1")  # a version below the first: v1, beside the baseline
+        assert "digits" in server.call(server.server.triton.poll_once())
+        info = repository.get("digits")
+        assert sorted(info.variants) == ["baseline", "fast2", "v1", "v3"] and info.variants["v1"].version == 1
+        assert info.variants["baseline"].version == 2 and infer(server, "digits", "1").variant == "v1"
+    finally:
+        server.stop()
