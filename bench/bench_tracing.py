@@ -80,11 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     plain, _ = start_slimserve(files, [], False)  # registers the model in the cached repository once
     plain.stop()
     copy = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    metrics_port = free_port()
     shutil.copytree(CACHE / "repository", copy / "repository", ignore=shutil.ignore_patterns(".writer.lock", ".staging"))
     servers = {
         "plain": Server("tracing-plain", slimserve_command(CACHE / "repository", free_port()), 0),
         "traced": Server(
-            "tracing-traced", slimserve_command(copy / "repository", free_port(), "--trace-endpoint", endpoint, "--trace-rate", "1"), 0
+            "tracing-traced",
+            slimserve_command(
+                copy / "repository", free_port(), "--trace-endpoint", endpoint, "--trace-rate", "1", metrics_port=metrics_port
+            ),
+            0,
         ),
     }
     for server in servers.values():
@@ -97,17 +102,23 @@ def main(argv: list[str] | None = None) -> None:
         modes = (("no endpoint", "plain", None), ("endpoint, level OFF", "traced", "OFF"), ("100% traced", "traced", "TIMESTAMPS"))
         rates: dict[str, list[float]] = {m[0]: [] for m in modes}
         cpu: dict[str, list[float]] = {m[0]: [] for m in modes}
+        exporter: list[float] = []  # the exporter thread's CPU µs per traced request, per round
         for r in range(args.rounds):
             for name, which, level in modes:
                 server = servers[which]
                 if level is not None:
                     set_level(server.address, level)
+                before = exporter_counters(metrics_port) if level == "TIMESTAMPS" else None
                 point = run_point(name, server.address, payload, args.concurrency, args.seconds, args.warmup, server_pid=server.process.pid)
                 if point.error_count:
                     raise RuntimeError(f"{name}: {point.errors}")
                 rates[name].append(point.throughput)
                 if point.server_cpu_s is not None and point.completed:
                     cpu[name].append(point.server_cpu_s / point.completed * 1e6)
+                if before is not None:
+                    after = exporter_counters(metrics_port)
+                    if after[1] > before[1]:
+                        exporter.append((after[0] - before[0]) / (after[1] - before[1]) * 1e6)
             say(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f}/s" for n, v in rates.items()), "bench.bench_tracing")
     finally:
         for server in servers.values():
@@ -130,6 +141,13 @@ def main(argv: list[str] | None = None) -> None:
             "rounds": [round(v, 1) for v in values],
         }
         print(f"{name:<22} {median:>11.0f} {median / base:>14.1%} {per:>18.0f} {per / base_cpu:>14.1%}")
+    if exporter:
+        share = statistics.median(exporter) / base_cpu
+        print(
+            f"\nexporter thread (encoding + sending, off the requests' path): {statistics.median(exporter):.1f} µs CPU per traced request"
+        )
+        print(f"= {share:.1%} of the no-endpoint server CPU per request (slimserve_trace_exporter_cpu_seconds_total)")
+        table["exporter_cpu_us_per_traced_request"] = round(statistics.median(exporter), 1)
     verdict = judge(table, cpu["no endpoint"])
     print()
     for line in verdict["lines"]:
@@ -138,24 +156,44 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({**table, "verdict": verdict}, indent=2))
 
 
+def exporter_counters(port: int) -> tuple[float, float]:
+    """(exporter CPU seconds, traced requests exported) from the traced server's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("slimserve_trace_exporter_cpu_seconds_total ", "slimserve_trace_exported_requests_total ")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values["slimserve_trace_exporter_cpu_seconds_total"], values["slimserve_trace_exported_requests_total"]
+
+
 def judge(table: dict, base_cpu_rounds: list[float]) -> dict:
     """Issue 22's target: tracing every request costs <= 10% of throughput, and tracing off costs nothing measurable.
 
     Throughput on a shared machine swings with the neighbours' load far more than 10%, so the target is judged on both
-    numbers: the throughput share and the server CPU per request (what a CPU-bound server loses throughput by). Off is
-    "nothing measurable" when its CPU per request is within the spread of the `no endpoint` rounds themselves."""
+    numbers: the throughput share and the server CPU per request (what a CPU-bound server loses throughput by). When
+    the `no endpoint` rounds themselves spread by more than the 10% margin and the target is missed, the verdict is
+    "not shown" rather than "not met": the machine was too noisy to tell. Off is "nothing measurable" when its CPU per
+    request is within that spread."""
     traced, off = table["100% traced"], table["endpoint, level OFF"]
-    traced_met = traced["share"] >= 0.90 and traced["cpu_share"] <= 1.10
+    cost = traced["cpu_share"] - 1
     noise = (max(base_cpu_rounds) - min(base_cpu_rounds)) / statistics.median(base_cpu_rounds) if len(base_cpu_rounds) > 1 else 0.0
+    if traced["share"] >= 0.90 and cost <= 0.10:
+        traced_verdict = "MET"
+    elif noise > 0.10:
+        traced_verdict = "NOT SHOWN (too noisy to tell)"
+    else:
+        traced_verdict = "NOT MET"
     off_met = abs(off["cpu_share"] - 1) <= max(noise, 0.02)
+    same = traced["server_cpu_us_per_request"] / off["server_cpu_us_per_request"] - 1
     lines = [
-        f"target, 100% traced costs <= 10% of throughput: {'MET' if traced_met else 'NOT MET'} "
-        f"(throughput {traced['share']:.1%}, server CPU per request {traced['cpu_share'] - 1:+.1%} against no endpoint)",
+        f"target, 100% traced costs <= 10% of throughput: {traced_verdict} (throughput {traced['share']:.1%}, server CPU per "
+        f"request {cost:+.1%} against no endpoint; {same:+.1%} against level OFF on the same server)",
         f"target, tracing off costs nothing measurable: {'MET' if off_met else 'NOT MET'} "
-        f"(server CPU per request {off['cpu_share'] - 1:+.1%} against no endpoint; the no-endpoint rounds spread {noise:.1%})",
+        f"(server CPU per request {off['cpu_share'] - 1:+.1%} against no endpoint)",
+        f"the no-endpoint rounds' CPU per request spread {noise:.1%} (max - min over the median): differences below it are noise",
     ]
-    return {"traced_met": traced_met, "off_met": off_met, "cpu_noise": round(noise, 3), "lines": lines}
-
-
-if __name__ == "__main__":
-    main()
+    return {"traced": traced_verdict, "off_met": off_met, "cpu_noise": round(noise, 3), "lines": lines}

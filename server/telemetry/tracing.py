@@ -254,6 +254,8 @@ class Tracer:
         self.service = service
         self.exported = 0  # spans the endpoint took
         self.dropped = 0  # spans lost: queue full, or the endpoint failed or could not be reached
+        self.exporter_cpu_s = 0.0  # CPU time the exporter thread spent encoding and sending (what tracing costs off the loop)
+        self.exported_requests = 0  # traced requests the exporter thread handled (sent or dropped)
         self._queue: deque[tuple] = deque()
         self._max_queue = max_queue
         self._batch = batch
@@ -312,12 +314,15 @@ class Tracer:
             while self._queue:
                 self._idle.clear()
                 taken = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+                started = time.thread_time()
                 try:
                     body, spans = self._encode(taken)
                     self._post(body, spans)
                 except Exception:  # a bug here must not stop tracing, and never reaches a request
                     log.exception("trace export failed")
                     self.dropped += len(taken) * (1 + len(STAGES))
+                self.exporter_cpu_s += time.thread_time() - started
+                self.exported_requests += len(taken)
             self._idle.set()
 
     def _post(self, body: bytes, spans: int) -> None:
@@ -529,4 +534,14 @@ class TraceCollector:
             "slimserve_trace_spans_dropped",
             "Spans dropped: the export queue was full, or the trace endpoint failed or could not be reached.",
             value=self.tracer.dropped,
+        )
+        yield CounterMetricFamily(
+            "slimserve_trace_exporter_cpu_seconds",
+            "CPU time of the trace exporter thread (encoding spans and sending them), off the requests' path.",
+            value=self.tracer.exporter_cpu_s,
+        )
+        yield CounterMetricFamily(
+            "slimserve_trace_exported_requests",
+            "Traced requests the trace exporter handled (their spans sent or dropped).",
+            value=self.tracer.exported_requests,
         )

@@ -115,6 +115,9 @@ def test_each_traced_request_sends_its_stages_as_spans_that_continue_the_callers
     assert any(s[1] == "ab" * 16 for s in roots)  # the REST caller's traceparent header
     assert len({s[1] for s in roots}) == 3
     assert server.server.tracer.dropped == 0
+    sample = server.server.metrics.registry.get_sample_value
+    assert sample("slimserve_trace_exported_requests_total") == server.server.tracer.exported_requests == 3
+    assert sample("slimserve_trace_exporter_cpu_seconds_total") == server.server.tracer.exporter_cpu_s > 0
 
 
 def test_the_exporter_keeps_one_connection_and_reconnects_when_the_endpoint_closed_it():
