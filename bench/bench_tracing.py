@@ -197,3 +197,7 @@ def judge(table: dict, base_cpu_rounds: list[float]) -> dict:
         f"the no-endpoint rounds' CPU per request spread {noise:.1%} (max - min over the median): differences below it are noise",
     ]
     return {"traced": traced_verdict, "off_met": off_met, "cpu_noise": round(noise, 3), "lines": lines}
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,8 @@ A sampled request carries a `RequestTrace` (stamps in nanoseconds, taken as the 
 built only when it is answered, with the stamps as their start and end times: `receive` (the transport decoding),
 `route`, `queue`, `compute`, `shadow` (handing copies to shadows, when there are any) and `respond` (encoding), children
 of one `infer` span with the model, variant and batch size as attributes. They leave in batches, as OTLP/HTTP protobuf
-(OpenTelemetry's own messages), for `--trace-endpoint` on a thread of their own: an endpoint that cannot be reached never
-slows or fails a request; its spans are dropped and counted (`dropped`).
+(OpenTelemetry's trace.proto, written in its wire format), for `--trace-endpoint` on a thread of their own: an endpoint
+that cannot be reached never slows or fails a request; its spans are dropped and counted (`dropped`).
 
 A request that is not sampled costs one dictionary lookup and one comparison (`TraceSettings.sample`).
 """
@@ -233,8 +233,9 @@ class Tracer:
     """Spans of sampled requests, exported over OTLP/HTTP (protobuf) in batches by one background thread.
 
     A finished request is one tuple appended to a bounded deque (a few microseconds on the event loop); the thread
-    turns each batch into one ExportTraceServiceRequest (OpenTelemetry's own protobuf messages) and POSTs it. A full
-    queue or a failed export drops the spans and counts them (`dropped`); nothing waits on the endpoint.
+    writes each batch as one ExportTraceServiceRequest (protobuf's wire format, `_encode`) and POSTs it on a connection
+    it keeps open. A full queue or a failed export drops the spans and counts them (`dropped`); nothing waits on the
+    endpoint. The thread's own CPU time is counted (`exporter_cpu_s`, on /metrics): what tracing costs off the loop.
 
     Not OpenTelemetry's SDK span objects and BatchSpanProcessor: on this machine they cost about 110 µs of CPU per
     request for seven spans, and their OTLP encoding as much again (bench/bench_tracing.py measures the whole path)."""
