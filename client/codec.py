@@ -119,8 +119,24 @@ def decode_raw(raw: bytes, datatype: str, shape: Sequence[int], name: str = "") 
     return np.frombuffer(raw, dtype).reshape(shape)
 
 
+def count_error(count: int, given: int, shape: Sequence[int], name: str, field: str) -> TensorCodecError:
+    """A typed tensor's rule, for gRPC's typed contents and REST's JSON `data` alike: as many values as its shape holds
+    (the comparison stays with the caller: a call on every request costs more than the rule)."""
+    return TensorCodecError(f"tensor '{name}': shape {list(shape)} needs {count} values, got {given} in {field}")
+
+
+def narrowed(values: np.ndarray, datatype: str, dtype: np.dtype, shape: Sequence[int], name: str, field: str) -> np.ndarray:
+    """Typed integer values (read wider: int64) as `datatype`, refused when one does not fit; for gRPC's typed contents
+    (INT8 / INT16 / UINT8 / UINT16 travel in int_contents / uint_contents) and REST's JSON `data` (every integer type)."""
+    if values.size and values.dtype is not dtype:  # (numpy's builtin dtypes are singletons; when not, the check just runs)
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise TensorCodecError(f"tensor '{name}': a value in {field} is out of range for {datatype}")
+    return values.astype(dtype).reshape(shape)
+
+
 def decode_contents(contents: Any, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
-    """Typed InferTensorContents to an array."""
+    """Typed InferTensorContents to an array (its count and range rules shared with REST's JSON `data`)."""
     dtype = numpy_dtype(datatype, name)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
@@ -128,17 +144,13 @@ def decode_contents(contents: Any, datatype: str, shape: Sequence[int], name: st
     values = getattr(contents, field)
     count = element_count(shape, name)
     if len(values) != count:
-        raise TensorCodecError(f"tensor '{name}': shape {list(shape)} needs {count} values, got {len(values)} in {field}")
+        raise count_error(count, len(values), shape, name, field)
     if datatype == "BYTES":
         out = np.empty(count, dtype=object)
         out[:] = list(values)
         return out.reshape(shape)
     if datatype in ("INT8", "INT16", "UINT8", "UINT16"):
-        info = np.iinfo(dtype)
-        arr = np.asarray(values, dtype=np.int64)
-        if arr.size and (arr.min() < info.min or arr.max() > info.max):
-            raise TensorCodecError(f"tensor '{name}': a value in {field} is out of range for {datatype}")
-        return arr.astype(dtype).reshape(shape)
+        return narrowed(np.asarray(values, dtype=np.int64), datatype, dtype, shape, name, field)
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 

@@ -80,7 +80,7 @@ def decode_json_data(data: Any, datatype: str, shape: list[int], name: str) -> n
     except (ValueError, OverflowError) as e:  # ragged nesting, integers past 64 bits
         raise TensorCodecError(f"tensor '{name}': 'data' is not a regular array of values: {e}") from None
     if values.size != count:
-        raise TensorCodecError(f"tensor '{name}': shape {shape} needs {count} values, got {values.size} in 'data'")
+        raise codec.count_error(count, values.size, shape, name, "'data'")
     if count == 0:
         return np.empty(shape, dtype=dtype)
     if datatype == "BYTES":
@@ -95,9 +95,7 @@ def decode_json_data(data: Any, datatype: str, shape: list[int], name: str) -> n
         want = {"b": "booleans", "iu": "integers"}.get(kinds, "numbers")
         raise TensorCodecError(f"tensor '{name}': {datatype} 'data' must hold {want}, got {values.dtype.kind!r}-kind values")
     if kinds == "iu":
-        info = np.iinfo(dtype)
-        if values.min() < info.min or values.max() > info.max:
-            raise TensorCodecError(f"tensor '{name}': a value in 'data' is out of range for {datatype}")
+        return codec.narrowed(values, datatype, dtype, shape, name, "'data'")
     return values.astype(dtype).reshape(shape)
 
 
