@@ -3,8 +3,10 @@ and REST (server/http/codec.py) decode into the same `InferRequest` through thes
 request with the same error kind and message (tests/server/test_request_parity.py sends each both ways).
 
 Values arrive as plain Python values (a protobuf InferParameter already turned into its bool / int / str). The tensor
-rules themselves (shapes, sizes, datatypes, raw bytes) are client/codec.py's, shared the same way; Triton's rule that a
-request's `raw_input_contents` and a tensor's typed `contents` never mix lives there (`decode_request_inputs`)."""
+rules themselves (shapes, sizes, datatypes, raw bytes; a typed tensor's value count and integer range, `count_error` and
+`narrowed`, for gRPC's typed contents and REST's JSON `data` alike) are client/codec.py's, shared the same way; Triton's
+rule that a request's `raw_input_contents` and a tensor's typed `contents` never mix lives there
+(`decode_request_inputs`)."""
 
 from __future__ import annotations
 
