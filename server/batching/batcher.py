@@ -271,9 +271,10 @@ class DynamicBatcher:
                 self.executor, self._timed_predict, inputs, outputs, deadline
             )
             self._record_compute(compute)
-            self._observe(batch_key(inputs, outputs)[1], [started - enqueued], compute)
+            size = batch_key(inputs, outputs)[1]
+            self._observe(size, [started - enqueued], compute)
             if timing is not None:
-                timing.append((started, compute, batch_key(inputs, outputs)[1]))
+                timing.append((started, compute, size))
             return result
         finally:
             self._waiting -= 1
@@ -298,9 +299,10 @@ class DynamicBatcher:
         finally:
             compute = time.perf_counter() - started
             self._record_compute(compute)
-            self._observe(batch_key(inputs, outputs)[1], [0.0], compute)
+            size = batch_key(inputs, outputs)[1]
+            self._observe(size, [0.0], compute)
             if timing is not None:
-                timing.append((started, compute, batch_key(inputs, outputs)[1]))
+                timing.append((started, compute, size))
 
     def _timed_predict(
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None, deadline: float | None = None
