@@ -119,6 +119,16 @@ def decode_raw(raw: bytes, datatype: str, shape: Sequence[int], name: str = "") 
     return np.frombuffer(raw, dtype).reshape(shape)
 
 
+def unnamed_input(index: int) -> TensorCodecError:
+    """An input without a name (gRPC's and REST's rule alike; the caller tests, as with `count_error`)."""
+    return TensorCodecError(f"input #{index} has no name")
+
+
+def repeated_input(name: str) -> TensorCodecError:
+    """An input named twice in one request (gRPC's and REST's rule alike)."""
+    return TensorCodecError(f"input '{name}' appears twice in the request")
+
+
 def count_error(count: int, given: int, shape: Sequence[int], name: str, field: str) -> TensorCodecError:
     """A typed tensor's rule, for gRPC's typed contents and REST's JSON `data` alike: as many values as its shape holds
     (the comparison stays with the caller: a call on every request costs more than the rule)."""
@@ -216,9 +226,9 @@ def decode_request_inputs(request: Any) -> dict[str, np.ndarray]:
     for i, tensor in enumerate(inputs):
         name = tensor.name
         if not name:
-            raise TensorCodecError(f"input #{i} has no name")
+            raise unnamed_input(i)
         if name in arrays:
-            raise TensorCodecError(f"input '{name}' appears twice in the request")
+            raise repeated_input(name)
         shape = tensor.shape[:]  # a list; slicing protobuf's repeated field is cheaper than list() of it
         if has_raw:
             arrays[name] = decode_raw(raw[i], tensor.datatype, shape, name)

@@ -156,10 +156,10 @@ def infer_request(model: str, version: str, body: bytes, header_length: str | No
         if not isinstance(item, dict):
             raise InvalidArgument(f"{where} must be a JSON object")
         name = field_of(item, "name", str, where)
-        if not name:  # the codec's rules for gRPC's inputs, word for word
-            raise InvalidArgument(f"input #{index} has no name")
+        if not name:  # the codec's rules for gRPC's inputs
+            raise codec.unnamed_input(index)
         if name in seen:
-            raise InvalidArgument(f"input '{name}' appears twice in the request")
+            raise codec.repeated_input(name)
         seen.add(name)
         where = rules.input_where(name)
         shape = field_of(item, "shape", list, where)
