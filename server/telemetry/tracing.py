@@ -325,6 +325,7 @@ class Tracer:
                 self.exporter_cpu_s += time.thread_time() - started
                 self.exported_requests += len(taken)
             self._idle.set()
+        self._disconnect()
 
     def _post(self, body: bytes, spans: int) -> None:
         """POSTs one export on a kept-alive connection (urllib's fresh connection, resolver call and handler chain per
