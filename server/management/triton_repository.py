@@ -409,6 +409,14 @@ def _update_import(
         new_names.setdefault(n, f"v{n}")
     left = {names[n] for n in gone}
     dropped = _derived(info, left, set(names.values()))
+    rollout = info.rollout or {}
+    touched = left | dropped | set(renamed)
+    if rollout.get("state") in ("shadow", "canary") and touched & {rollout.get("variant"), rollout.get("control")}:
+        raise InvalidArgument(
+            f"{model.path}: model '{model.name}' has a rollout running of '{rollout.get('variant')}' against "
+            f"'{rollout.get('control')}', which this change would remove or rename (versions {', '.join(map(str, gone))} left); "
+            "the previous import keeps serving: finish or abort the rollout (slimctl rollout abort), then the next poll imports it"
+        )
     if dropped:
         log.warning(
             "model '%s': optimized variant(s) %s of version(s) %s that left %s are removed with them",

@@ -182,6 +182,11 @@ def test_when_the_first_version_leaves_the_next_becomes_the_baseline_and_keeps_i
         repository.update("digits", lambda i: setattr(i, "traffic", policy))
         shutil.rmtree(root / "digits" / "1")  # the baseline's version leaves, a third arrives
         shutil.copytree(root / "digits" / "2", root / "digits" / "3")
+        running = {"state": "canary", "variant": "fast1", "control": "v2"}  # a rollout of a variant that would go: refused
+        repository.update("digits", lambda i: setattr(i, "rollout", running))
+        assert server.call(server.server.triton.poll_once()) == []
+        assert "rollout running of 'fast1'" in server.server.triton.errors["digits"] and "fast1" in repository.get("digits").variants
+        repository.update("digits", lambda i: setattr(i, "rollout", {**running, "state": "aborted"}))
         assert server.call(server.server.triton.poll_once()) == ["digits"]
         info = repository.get("digits")
         assert sorted(info.variants) == ["baseline", "fast2", "v3"]  # fast1 was version 1, optimized: it left with it
