@@ -480,6 +480,7 @@ def _swap_versions(repository: Repository, info: ModelInfo, left: set[str], drop
     """Removes the variants of versions that left and the optimized variants made from them; a version that becomes
     the baseline is renamed to it (its directory too), and what named it (parents, traffic, shadows) follows."""
     model = info.name
+    repository.check_writable()  # before the first directory moves
     for name in sorted((left | dropped) - {BASELINE}):
         if name in info.variants:
             info = repository.remove_variant(model, name)
