@@ -371,7 +371,8 @@ class Tracer:
         numbers, in their order: what its own messages serialize to, as tests/server/test_tracing.py checks by parsing
         it back with them). The ids of a whole batch come from one os.urandom call; a request's stage spans are one
         struct.pack of a layout made once per set of stages; the infer span's attributes are encoded once per model,
-        variant, outcome and batch size (`bench/bench_trace_encode.py`: ~6 against ~40 µs a request before)."""
+        variant, outcome and batch size: about a third of the time of the writer it replaced, side by side
+        (`bench/bench_trace_encode.py` compares it with OpenTelemetry's own messages)."""
         offset = time.time_ns() - time.perf_counter_ns()  # perf_counter -> wall clock (both advance alike over a request)
         ids = os.urandom(_ID_BYTES * len(taken))
         attributes_of = self._attributes
