@@ -223,6 +223,10 @@ def _any_length(start_onnx: Artifact | None, work: PassContext, context: PassCon
     return made, f"any length: {made.notes.get('dynamic_sequence', '')}"
 
 
+def _timed_lengths(candidates: list[Candidate]) -> str:
+    return next((c.evaluation.timed_lengths for c in candidates if c.evaluation is not None and c.evaluation.timed_lengths), "")
+
+
 def _drop(e: Evaluation) -> str:
     return "quality not measured" if e.quality_drop is None else f"{e.quality_drop:.2f} points lost"
 
@@ -311,6 +315,8 @@ def auto_search(
         "search_seconds": round(seconds, 1),
         "budget_search_total_s": round(searches.spent, 1),
         **({"dynamic_sequence": any_length} if any_length else {}),
+        # A text model's candidates were timed at the eval rows' real lengths, as the server runs them (measure.served_calls).
+        **({"timed_lengths": timed} if (timed := _timed_lengths(candidates)) else {}),
         # The node every candidate was timed on: a search on another CPU (no VNNI, AMX) may keep another variant.
         "node_cpu": cpu_isa(),
         "node_int8_kernels": int8_kernels(),
