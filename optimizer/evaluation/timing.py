@@ -47,7 +47,9 @@ def percentiles_ms(times: np.ndarray) -> tuple[float, float]:
     return float(p50 * 1000.0), float(p99 * 1000.0)
 
 
-def interleaved_p50_ms(runs: dict[str, tuple[Predictor, Feeds]], rounds: int = 6, iterations: int = 40, warmup: int = 10) -> dict[str, float]:
+def interleaved_p50_ms(
+    runs: dict[str, tuple[Predictor, Feeds]], rounds: int = 6, iterations: int = 40, warmup: int = 10
+) -> dict[str, float]:
     """Median ms per predict() of each predictor, timed in alternating rounds so that a busy machine slows all alike.
 
     Two latencies measured minutes apart differ by more than a few percent on a shared CPU; taken in
