@@ -241,7 +241,7 @@ def test_each_length_bucket_learns_its_own_batch_cost():
     batcher = asyncio.run(run(sequence=plan, sizer_per_length=True))
     sizers = list(batcher._keyed.values())
     assert len(sizers) == 2 and sorted(s.observed[0] for s in sizers) == [2, 2] and batcher.sizer.observed[0] == 4
-    short, long = sorted((s.per_sample[0] for s in sizers))
+    short, long = sorted(s.per_sample[0] for s in sizers)
     assert long > 2 * short  # each bucket its own cost per sample, not their average
     assert asyncio.run(run(sequence=plan))._keyed is None  # off unless asked (bench.bench_length_sizer found no gain)
     assert batcher._decider(next(iter(batcher._keyed))) is batcher.sizer  # 2 calls: the bucket's sizer does not decide yet
