@@ -33,7 +33,8 @@ from slimserve.optimizer.evaluation.quality import (
     measure_outputs,
     worst,
 )
-from slimserve.optimizer.evaluation.timing import Ratio, TimingOptions, interleaved_ratio, percentiles_ms, time_until_tight
+from slimserve.optimizer.evaluation.timing import Feeds, Ratio, TimingOptions, interleaved_ratio, percentiles_ms, time_until_tight
+from slimserve.optimizer.formats.sequence_axis import MASK_NAME, SEQUENCE_NAMES, kept_length, trailing_lengths
 
 if TYPE_CHECKING:
     from slimserve.optimizer.evaluation.evaluators import Evaluator
@@ -47,6 +48,8 @@ Outputs = dict[str, np.ndarray]
 SYNTHETIC_DIM = 8
 # Samples synthesized when no data is given (at least the serving batch).
 SYNTHETIC_SAMPLES = 64
+# Evaluation rows a text model is timed on at their real lengths (served_calls), taken in turn.
+SERVED_ROWS = 256
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Evaluation:
     speedup_ci: list[float] | None = None  # its 95% interval [low, high]
     speedup_rounds: int | None = None
     timing_seconds: float | None = None  # what the interleaved timing took
+    # A text model timed at its rows' real lengths (served_calls): "N rows at their real lengths, mean M of L positions".
+    timed_lengths: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,11 +160,12 @@ def evaluate(
         score(evaluation, outputs, data, baseline, baseline_outputs, metric, declared, evaluator)
 
         step(0.4, "latency at batch 1")
-        one = take(feeds, fixed_batch or 1)
+        one = served_calls(predictor, feeds, 1) or take(feeds, fixed_batch or 1)
         times = time_until_tight(predictor, one, options)
         evaluation.latency_p50_ms, evaluation.latency_p99_ms = percentiles_ms(times)
+        evaluation.timed_lengths = timed_lengths(one)
         step(0.7, f"latency at batch {batch}")
-        many = take(feeds, batch)
+        many = served_calls(predictor, feeds, batch) or take(feeds, batch)
         times = times if batch == (fixed_batch or 1) else time_until_tight(predictor, many, options)
         evaluation.latency_p50_ms_batch, evaluation.latency_p99_ms_batch = percentiles_ms(times)
         evaluation.throughput = batch / float(np.median(times))  # the median: a short, capped timing's mean is its outliers
@@ -309,6 +315,48 @@ def synthesize_inputs(specs: list[Any], samples: int, seed: int = 0) -> dict[str
     return feeds
 
 
+def served_calls(predictor: Predictor, feeds: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]] | None:
+    """The calls of `batch` rows a text model runs when served padding-free (server/batching/sequence.py), to be timed in
+    turn: each call cut to its rows' longest real length rounded up to BUCKET; at batch 1 the first SERVED_ROWS rows in
+    order, at a larger batch rows of similar length together, as the batcher groups them by length.
+
+    None (time the rows as sent) unless the model takes `attention_mask` and the other token inputs (SEQUENCE_NAMES) as
+    INT64 `[batch, seq]` with a free `seq` and a free batch, the data's mask is 0/1 trailing padding, and some padding is
+    cut. A model exported at a fixed length is rewritten to take any length when the server loads it (its runtime then
+    reports a free `seq`), so its FP32 form is timed as served too."""
+    specs = {s.name: s for s in predictor.inputs}
+    names = [n for n in SEQUENCE_NAMES if n in specs and n in feeds]
+    if MASK_NAME not in names or _fixed_batch(predictor) is not None:
+        return None
+    if any(specs[n].datatype != "INT64" or len(specs[n].shape) != 2 or specs[n].shape[1] != -1 for n in names):
+        return None
+    mask = feeds[MASK_NAME]
+    rows = min(len(mask), max(SERVED_ROWS, batch))
+    if mask.ndim != 2 or rows < batch:
+        return None
+    lengths = trailing_lengths(mask[:rows])
+    if lengths is None:
+        return None
+    full = mask.shape[1]
+    order = np.arange(rows) if batch == 1 else np.argsort(lengths, kind="stable")
+    calls = []
+    for start in range(0, rows - batch + 1, batch):
+        picked = order[start : start + batch]
+        keep = kept_length(lengths[picked], full)
+        calls.append({k: np.ascontiguousarray(v[picked][:, :keep] if k in names else v[picked]) for k, v in feeds.items()})
+    if all(call[MASK_NAME].shape[1] == full for call in calls):
+        return None
+    return calls
+
+
+def timed_lengths(feeds: Feeds) -> str | None:
+    """What served_calls timed, for the report: '64 rows at their real lengths (mean 24.1 positions)'; None for one feed."""
+    if not isinstance(feeds, list):
+        return None
+    positions = [call[MASK_NAME].shape[1] for call in feeds]
+    return f"{len(feeds)} calls at their rows' real lengths (mean {np.mean(positions):.1f} positions, rounded up to a multiple of 8)"
+
+
 def _fixed_batch(predictor: Predictor) -> int | None:
     """The batch size the model is fixed to, or None when its first dimension is variable."""
     first = next(iter(predictor.inputs)).shape if predictor.inputs else ()
@@ -355,7 +403,7 @@ def timed_speedup(
             predictor = runtime_factory(artifact.path, artifact.runtime)
             loaded.append(predictor)
             feeds = model_inputs(predictor, data)
-            runs.append((predictor, take(feeds, _fixed_batch(predictor) or 1)))
+            runs.append((predictor, served_calls(predictor, feeds, 1) or take(feeds, _fixed_batch(predictor) or 1)))
         return interleaved_ratio(runs[0], runs[1], timing or TimingOptions())
     finally:
         for predictor in loaded:

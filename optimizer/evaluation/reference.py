@@ -17,7 +17,7 @@ import onnx
 
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, RuntimeFactory
 from slimserve.optimizer.data import take
-from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate, model_inputs
+from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate, model_inputs, served_calls
 from slimserve.optimizer.evaluation.timing import interleaved_p50_ms
 
 EXPORT = "fp32-onnxruntime"  # the name of the FP32 ONNX Runtime form of a model in reports
@@ -87,7 +87,8 @@ def measure_reference(
 def timed_against(
     candidate: Artifact, reference: Artifact, runtime_factory: RuntimeFactory, data: dict[str, np.ndarray] | None
 ) -> tuple[float, float]:
-    """p50 ms at batch 1 of (candidate, reference), timed in turns on their serving runtimes."""
+    """p50 ms at batch 1 of (candidate, reference), timed in turns on their serving runtimes (a text model at its rows'
+    real lengths, as served: measure.served_calls)."""
     loaded = []
     try:
         for artifact in (candidate, reference):
@@ -97,7 +98,8 @@ def timed_against(
         for key, predictor in zip(("candidate", "reference"), loaded):
             shape = next(iter(predictor.inputs)).shape if predictor.inputs else ()
             batch = int(shape[0]) if shape and shape[0] > 0 else 1
-            runs[key] = (predictor, take(model_inputs(predictor, data), batch))
+            feeds = model_inputs(predictor, data)
+            runs[key] = (predictor, (served_calls(predictor, feeds, 1) if batch == 1 else None) or take(feeds, batch))
         p50 = interleaved_p50_ms(runs)
         return p50["candidate"], p50["reference"]
     finally:

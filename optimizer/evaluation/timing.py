@@ -11,18 +11,30 @@ import numpy as np
 
 from slimserve.optimizer.base import ConfigValueError, PassConfig, Predictor
 
+# What one timed call feeds: one dict of arrays, or a list of them taken in turn (a text model's rows at their real
+# lengths, as the server runs them: slimserve.optimizer.evaluation.measure.served_calls).
+Feeds = dict[str, np.ndarray] | list[dict[str, np.ndarray]]
 
-def time_predict(predictor: Predictor, feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> np.ndarray:
-    """Seconds per predict() call, after warm-up; the garbage collector is held off while timing."""
-    for _ in range(warmup):
-        predictor.predict(feeds)
+
+def calls_of(feeds: Feeds) -> list[dict[str, np.ndarray]]:
+    return feeds if isinstance(feeds, list) else [feeds]
+
+
+def time_predict(predictor: Predictor, feeds: Feeds, warmup: int, iterations: int, start_at: int = 0) -> np.ndarray:
+    """Seconds per predict() call, after warm-up; the garbage collector is held off while timing.
+
+    A list of feeds is taken in turn, from `start_at` (two predictors timed in turns start at the same one)."""
+    calls = calls_of(feeds)
+    for i in range(warmup):
+        predictor.predict(calls[i % len(calls)])
     times = np.empty(iterations)
     enabled = gc.isenabled()
     gc.disable()
     try:
         for i in range(iterations):
+            feed = calls[(start_at + i) % len(calls)]
             start = time.perf_counter()
-            predictor.predict(feeds)
+            predictor.predict(feed)
             times[i] = time.perf_counter() - start
     finally:
         if enabled:
@@ -36,7 +48,7 @@ def percentiles_ms(times: np.ndarray) -> tuple[float, float]:
 
 
 def interleaved_p50_ms(
-    runs: dict[str, tuple[Predictor, dict[str, np.ndarray]]], rounds: int = 6, iterations: int = 40, warmup: int = 10
+    runs: dict[str, tuple[Predictor, Feeds]], rounds: int = 6, iterations: int = 40, warmup: int = 10
 ) -> dict[str, float]:
     """Median ms per predict() of each predictor, timed in alternating rounds so that a busy machine slows all alike.
 
@@ -44,14 +56,13 @@ def interleaved_p50_ms(
     turns (the order reversed every round) and pooled, they compare like with like.
     """
     for predictor, feeds in runs.values():
-        for _ in range(warmup):
-            predictor.predict(feeds)
+        time_predict(predictor, feeds, warmup, 0)
     samples: dict[str, list[np.ndarray]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
             predictor, feeds = runs[name]
-            samples[name].append(time_predict(predictor, feeds, 0, iterations))
+            samples[name].append(time_predict(predictor, feeds, 0, iterations, start_at=r * iterations))
     return {name: float(np.median(np.concatenate(s)) * 1000.0) for name, s in samples.items()}
 
 
@@ -106,27 +117,34 @@ def median_ci(times: np.ndarray) -> float:
     return float((ordered[hi] - ordered[lo]) / 2.0 / median) if median > 0 else float("inf")
 
 
-def warm_up(predictor: Predictor, feeds: dict[str, np.ndarray], options: TimingOptions) -> None:
+def warm_up(predictor: Predictor, feeds: Feeds, options: TimingOptions) -> None:
+    calls = calls_of(feeds)
     deadline = time.perf_counter() + options.warmup_seconds
-    for _i in range(max(1, options.warmup_calls)):
-        predictor.predict(feeds)
+    for i in range(max(1, options.warmup_calls, len(calls) if len(calls) > 1 else 0)):  # every length once at least
+        predictor.predict(calls[i % len(calls)])
         if time.perf_counter() > deadline:
             break
 
 
-def time_until_tight(predictor: Predictor, feeds: dict[str, np.ndarray], options: TimingOptions) -> np.ndarray:
-    """Seconds per predict() call after a warm-up, until the median is known within rel_ci, the time cap or max_calls."""
+def time_until_tight(predictor: Predictor, feeds: Feeds, options: TimingOptions) -> np.ndarray:
+    """Seconds per predict() call after a warm-up, until the median is known within rel_ci, the time cap or max_calls.
+
+    A list of feeds (rows of several lengths) is taken in turn, and every one of them is timed once at least (within
+    max_calls): the median is then over the lengths served, not over the first few."""
+    calls = calls_of(feeds)
     warm_up(predictor, feeds, options)
     times: list[float] = []
     enabled = gc.isenabled()
     gc.disable()
     started = time.perf_counter()
     try:
+        at_least = min(options.max_calls, max(options.min_calls, len(calls)))
         while len(times) < options.max_calls:
+            feed = calls[len(times) % len(calls)]
             start = time.perf_counter()
-            predictor.predict(feeds)
+            predictor.predict(feed)
             times.append(time.perf_counter() - start)
-            if len(times) >= options.min_calls and (
+            if len(times) >= at_least and (
                 time.perf_counter() - started > options.max_seconds or median_ci(np.asarray(times)) <= options.rel_ci
             ):
                 break
@@ -157,9 +175,7 @@ class Ratio:
     reference_ms: float
 
 
-def interleaved_ratio(
-    candidate: tuple[Predictor, dict[str, np.ndarray]], reference: tuple[Predictor, dict[str, np.ndarray]], options: TimingOptions
-) -> Ratio:
+def interleaved_ratio(candidate: tuple[Predictor, Feeds], reference: tuple[Predictor, Feeds], options: TimingOptions) -> Ratio:
     """The candidate's speed-up over the reference, timed in alternating rounds until its 95% interval is within rel_ci
     of it or ratio_seconds have passed (at least 3 rounds): a busy machine slows both alike."""
     for predictor, feeds in (candidate, reference):
@@ -173,7 +189,7 @@ def interleaved_ratio(
         pair = [candidate, reference] if len(logs) % 2 == 0 else [reference, candidate]
         got = {}
         for predictor, feeds in pair:
-            got[id(predictor)] = time_predict(predictor, feeds, 0, options.round_calls)
+            got[id(predictor)] = time_predict(predictor, feeds, 0, options.round_calls, start_at=len(logs) * options.round_calls)
         c, r = got[id(candidate[0])], got[id(reference[0])]
         cand_all.append(c)
         ref_all.append(r)

@@ -11,6 +11,14 @@ SEQUENCE_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 MASK_NAME = "attention_mask"
 # Relative difference (max |got - want| / max |want|) beyond which running at the real length is refused.
 TOLERANCE = 1e-4
+# Real lengths are rounded up to a multiple of this before a request runs (server/batching/sequence.py says why), and
+# `auto` times text models at the lengths so rounded (slimserve.optimizer.evaluation.measure.served_calls).
+BUCKET = 8
+
+
+def kept_length(lengths: np.ndarray, full: int, bucket: int = BUCKET) -> int:
+    """The positions a call of rows of these real lengths runs at: the longest rounded up to `bucket`, at most `full`."""
+    return min(full, -(-int(lengths.max()) // bucket) * bucket)
 
 
 def trailing_lengths(mask: np.ndarray) -> np.ndarray | None:

@@ -42,6 +42,11 @@ class AutoConfig(PassConfig):
     relative-error); empty: chosen from the labels and the model's output. search_evaluations: probes of each
     ratio-controlled pass's budget search (its pruning ratio, sparsity or student width, slimserve.optimizer.search.budget);
     search_seconds: the time all those searches share, after which such a pass runs at its default setting.
+    row_floor: with the cosine metric (embeddings), the lowest cosine to the baseline any one evaluation row may keep: the
+    budget holds the mean, the floor the worst row (MiniLM's dynamic INT8 kept a mean of 0.991 with one sentence at 0.969);
+    0 turns it off. keep_fp32_steps: a quantize-dynamic candidate within the budget but under the floor is quantized again
+    with that many of its most INT8-sensitive MatMuls / embedding Gathers in FP32 (quantize-dynamic's keep_fp32), one step
+    after the other until the floor holds.
     """
 
     accuracy_budget: float = setting(1.0, "points of quality a candidate may lose, when the request gives no --accuracy-budget")
@@ -53,6 +58,10 @@ class AutoConfig(PassConfig):
     metric: str = setting("", "the quality metric: accuracy | top1-agreement | cosine | relative-error; empty: chosen from the data")
     search_evaluations: int = setting(4, "probes of each ratio-controlled pass's budget search")
     search_seconds: float = setting(600.0, "time all budget searches share, after which a pass runs at its default setting")
+    row_floor: float = setting(0.99, "cosine metric: the lowest cosine to the baseline one evaluation row may keep (0: no floor)")
+    keep_fp32_steps: tuple[int, ...] = setting(
+        (4, 8, 16), "FP32 MatMuls / Gathers tried in turn for a quantize-dynamic candidate under the row floor (empty: none)"
+    )
 
     def __post_init__(self) -> None:
         if not self.accuracy_budget >= 0:
@@ -70,6 +79,10 @@ class AutoConfig(PassConfig):
         check_choice("metric", self.metric, ("", *METRICS))
         if self.search_evaluations < 2:
             raise ConfigValueError(f"search_evaluations must be at least 2 (both ends of a knob), got {self.search_evaluations}")
+        if not 0.0 <= self.row_floor <= 1.0:
+            raise ConfigValueError(f"row_floor must be a cosine in [0, 1] (0: no floor), got {self.row_floor}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.keep_fp32_steps):
+            raise ConfigValueError(f"keep_fp32_steps must be whole numbers of nodes, 1 or more, got {list(self.keep_fp32_steps)}")
         if not self.search_seconds >= 0:
             raise ConfigValueError(f"search_seconds must be 0 (no search: default settings) or more, got {self.search_seconds}")
 

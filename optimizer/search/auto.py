@@ -62,6 +62,7 @@ class Candidate:
     status: str = "measured"  # measured | skipped: ... | failed: ...
     vs_reference: float | None = None  # reference p50 / candidate p50, timed in turns with the reference
     searches: list[SearchResult] = field(default_factory=list)  # its ratio-controlled passes' budget searches
+    before_last: Artifact | None = None  # what its last pass started from (a row-floor repair runs that pass again)
 
 
 @dataclass
@@ -182,6 +183,7 @@ def _run_candidates(
             artifact, done = (start_onnx if onnx_first else source), (("<onnx>",) if onnx_first else ())
             for p in passes:
                 fresh = artifact is source or artifact is start_onnx  # lossless so far: the whole budget is left
+                candidate.before_last = artifact
                 done = (*done, p.name)
                 if done not in cache:
                     cache[done] = searches.run(p, artifact, work, done, fresh)
@@ -221,6 +223,58 @@ def _any_length(start_onnx: Artifact | None, work: PassContext, context: PassCon
         context.progress(ProgressEvent(stage="auto", fraction=0.0, message=str(e)))
         return start_onnx, f"kept fixed: {e}"
     return made, f"any length: {made.notes.get('dynamic_sequence', '')}"
+
+
+def floor_problem(e: Evaluation | None, floor: float) -> str:
+    """Why a candidate's worst evaluation row is below the row floor ('' when it is not, or no floor applies)."""
+    if floor <= 0 or e is None or e.quality_metric != "cosine" or e.quality_min is None or e.quality_min >= floor - 1e-12:
+        return ""
+    return f"its worst row keeps cosine {e.quality_min:.4f} (< the row floor {floor:g})"
+
+
+def _repair_rows(
+    candidates: list[Candidate], config: AutoConfig, budget: float, context: PassContext, work: PassContext, measure: Any
+) -> None:
+    """A quantize-dynamic candidate within the budget but under the row floor: quantized again with its keep_fp32_steps most
+    INT8-sensitive nodes in FP32, one step after the other, until one holds the floor; each try is a candidate of its own."""
+    for c in list(candidates):
+        e = c.evaluation
+        last = _names(c.recipe)[-1] if _names(c.recipe) else ""
+        if last != "quantize-dynamic" or c.before_last is None or e is None or e.quality_drop is None or e.quality_drop > budget + 1e-9:
+            continue
+        problem = floor_problem(e, config.row_floor)
+        if not problem:
+            continue
+        c.status = f"measured; {problem}"
+        for keep in config.keep_fp32_steps:
+            if context.cancelled():
+                raise OptimizerError("the job was cancelled")
+            tried = Candidate(f"{c.recipe}(keep_fp32={keep})", before_last=c.before_last)
+            candidates.append(tried)
+            context.progress(ProgressEvent(stage="auto", fraction=1.0, message=f"{c.recipe}: {problem}; trying keep_fp32={keep}"))
+            try:
+                tried.artifact = make_pass("quantize-dynamic", {"keep_fp32": keep}, "auto row floor").run(c.before_last, work)
+                tried.evaluation = measure(tried.artifact)
+            except OptimizerError as error:
+                tried.status = f"failed: {error}"
+                break
+            te = tried.evaluation
+            context.progress(
+                ProgressEvent(
+                    stage="auto",
+                    fraction=1.0,
+                    message=f"{tried.recipe}: p50 {te.latency_p50_ms:.3f} ms, {describe(te.quality_metric, te.quality)}, "
+                    f"worst row {te.quality_min if te.quality_min is not None else float('nan'):.4f}",
+                )
+            )
+            problem = floor_problem(te, config.row_floor)
+            if not problem:
+                break
+            tried.status = f"measured; {problem}"
+
+
+def _timed_lengths(candidates: list[Candidate]) -> str:
+    return next((c.evaluation.timed_lengths for c in candidates if c.evaluation is not None and c.evaluation.timed_lengths), "")
 
 
 def _drop(e: Evaluation) -> str:
@@ -277,10 +331,12 @@ def auto_search(
     judge = Judge(runtime_factory, data, baseline, baseline_outputs, source.input_names, serving_batch, evaluator=evaluator)
     searches = BudgetSearches(judge, accuracy_budget, config.search_evaluations, config.search_seconds)
     _run_candidates(candidates, source, start_onnx, config, context, work, measure, datasets, searches)
+    _repair_rows(candidates, config, accuracy_budget, context, work, measure)
     evaluations += judge.evaluations
 
     def within_budget(e: Evaluation | None) -> bool:
-        return e is not None and e.quality_drop is not None and e.quality_drop <= accuracy_budget + 1e-9
+        within = e is not None and e.quality_drop is not None and e.quality_drop <= accuracy_budget + 1e-9
+        return within and not floor_problem(e, config.row_floor)
 
     measured = [c for c in candidates if c.evaluation is not None]
     within = sorted((c for c in measured if within_budget(c.evaluation)), key=lambda c: c.evaluation.latency_p50_ms)  # type: ignore[union-attr]
@@ -310,7 +366,10 @@ def auto_search(
         "search_timings": timings,
         "search_seconds": round(seconds, 1),
         "budget_search_total_s": round(searches.spent, 1),
+        **({"row_floor": config.row_floor} if config.row_floor > 0 and baseline.quality_metric == "cosine" else {}),
         **({"dynamic_sequence": any_length} if any_length else {}),
+        # A text model's candidates were timed at the eval rows' real lengths, as the server runs them (measure.served_calls).
+        **({"timed_lengths": timed} if (timed := _timed_lengths(candidates)) else {}),
         # The node every candidate was timed on: a search on another CPU (no VNNI, AMX) may keep another variant.
         "node_cpu": cpu_isa(),
         "node_int8_kernels": int8_kernels(),
@@ -361,6 +420,8 @@ def _outcome(c: Candidate, budget: float) -> str:
         return c.status
     if e.quality_drop is None or e.quality_drop > budget + 1e-9:
         return f"{_drop(e)} ({describe(e.quality_metric, e.quality)})"
+    if "row floor" in c.status:
+        return c.status.removeprefix("measured; ")
     if c.vs_reference is not None:
         return f"within budget, {c.vs_reference:.2f}x the reference in turns"
     return f"within budget, p50 {e.latency_p50_ms:.3f} ms"

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from slimserve.optimizer.formats.sequence_axis import (
+    BUCKET,
     MASK_NAME,
     SEQUENCE_NAMES,
     TOLERANCE,
     declaration_problem,
+    kept_length,
     relative_difference,
     trailing_lengths,
 )
@@ -41,10 +43,10 @@ QUANTIZED_COSINE = 0.98
 # ONNX operators whose scales come from each call's activations, padded positions included.
 PER_CALL_QUANTIZATION = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLSTM"})
 
-# Real lengths are rounded up to a multiple of this: requests of similar length merge into one batch, at a cost of at
-# most 7 positions a request (MiniLM on sentences of 29 tokens on average: 3.8x faster per request than padded to
-# 128, `python -m bench.bench_sequence`, which cuts as the server does). Not tuned: 8 is a guess between merging and waste.
-BUCKET = 8
+# BUCKET (optimizer/formats/sequence_axis.py, where `auto`'s timing reads it too): real lengths are rounded up to a multiple
+# of it, so requests of similar length merge into one batch, at a cost of at most 7 positions a request (MiniLM on
+# sentences of 29 tokens on average: 3.8x faster per request than padded to 128, `python -m bench.bench_sequence`, which
+# cuts as the server does). Not tuned: 8 is a guess between merging and waste.
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class SequencePlan:
         lengths = trailing_lengths(mask)
         if lengths is None:
             return None
-        keep = min(full, -(-int(lengths.max()) // self.bucket) * self.bucket)
+        keep = kept_length(lengths, full, self.bucket)
         if keep >= full:
             return None
         cut = dict(inputs)

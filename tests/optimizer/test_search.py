@@ -5,6 +5,7 @@ Every candidate is measured and the fastest within the budget kept, if it beats 
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from slimserve.optimizer.base import Artifact, OptimizerError, Pass, PassContext
 from slimserve.optimizer.catalog import make_pass
+from slimserve.optimizer.evaluation.measure import Evaluation
 from slimserve.optimizer.pipeline import optimize
 from slimserve.optimizer.recipes import Recipe, parse_recipe
 from slimserve.optimizer.search.auto import pareto_front
@@ -282,3 +284,21 @@ def test_auto_makes_a_fixed_length_text_export_take_any_length_before_its_onnx_c
     assert kept is reads and said.startswith("kept fixed: graph-dynamic-seq: output 'pooled' differs by")
     dynamic = Artifact(token_model(tmp_path / "dynamic.onnx"), "onnx")
     assert _any_length(dynamic, context, context) == (dynamic, "")
+
+
+def test_auto_holds_a_row_floor_and_retries_dynamic_int8_with_its_most_sensitive_nodes_fp32(embedder, runtime_factory):
+    """The mean cosine is within the budget, the worst row is under the floor: quantize-dynamic is tried again with
+    keep_fp32 steps, each a row of its own; none reaches a floor of 1.0, and the refusal says so for each."""
+    fast, _, _, context = embedder
+    with pytest.raises(OptimizerError) as info:
+        optimize(onnx_artifact(fast), _auto("quantize-dynamic", row_floor=1.0, keep_fp32_steps=[1]), context, runtime_factory, "auto", 1.0)
+    message = str(info.value)
+    assert re.search(r"quantize-dynamic: its worst row keeps cosine 0\.9\d+ \(< the row floor 1\)", message), message
+    assert re.search(r"quantize-dynamic\(keep_fp32=1\): its worst row keeps cosine [01]\.\d+", message), message
+    from slimserve.optimizer.search.auto import floor_problem
+
+    assert floor_problem(Evaluation(quality_metric="cosine", quality_min=0.97), 0.985).startswith("its worst row keeps cosine 0.9700")
+    assert floor_problem(Evaluation(quality_metric="cosine", quality_min=0.99), 0.985) == ""
+    assert floor_problem(Evaluation(quality_metric="accuracy", quality_min=0.5), 0.985) == ""  # embeddings only
+    with pytest.raises(OptimizerError, match="row_floor must be a cosine in"):
+        make_pass("auto", {"row_floor": 1.5})

@@ -74,3 +74,71 @@ def test_a_recipe_file_sets_its_timing():
         recipe_from_dict({"passes": [{"pass": "graph-ort"}], "timing": {"seconds": 2}}, "r.json")
     with pytest.raises(OptimizerError, match=r"r.json timing: timing rel_ci must be between 0 and 1"):
         recipe_from_dict({"passes": [{"pass": "graph-ort"}], "timing": {"rel_ci": 5}}, "r.json")
+
+
+class Recorder:
+    """A predictor that records the shape of every feed it is called with."""
+
+    def __init__(self, inputs) -> None:
+        self.inputs, self.outputs, self.seen = inputs, [], []
+
+    def predict(self, feeds, outputs=None):
+        self.seen.append(feeds["attention_mask"].shape)
+        return {}
+
+
+def _token_specs(seq: int = -1, batch: int = -1):
+    from slimserve.server.runtimes.base import TensorSpec
+
+    return [TensorSpec("input_ids", "INT64", (batch, seq)), TensorSpec("attention_mask", "INT64", (batch, seq))]
+
+
+def test_a_text_model_is_timed_at_its_rows_real_lengths_as_served():
+    """Each call cut to its rows' longest real length rounded up to 8 (what the server runs); similar lengths batched together."""
+    from slimserve.optimizer.evaluation.measure import served_calls, timed_lengths
+    from tests.token_models import token_rows
+
+    rows = token_rows([3, 20, 9, 17, 5, 30], 128)
+    one = served_calls(Recorder(_token_specs()), rows, 1)
+    assert [c["attention_mask"].shape for c in one] == [(1, 8), (1, 24), (1, 16), (1, 24), (1, 8), (1, 32)]
+    assert (one[1]["input_ids"] == rows["input_ids"][1:2, :24]).all()
+    two = served_calls(Recorder(_token_specs()), rows, 2)
+    assert [c["attention_mask"].shape for c in two] == [(2, 8), (2, 24), (2, 32)]  # lengths 3+5, 9+17, 20+30
+    assert "3 calls" in timed_lengths(two) and timed_lengths(rows) is None
+    # Served as sent: a fixed sequence length, a fixed batch, a mask that is not trailing padding, or nothing to cut.
+    assert served_calls(Recorder(_token_specs(seq=128)), rows, 1) is None
+    assert served_calls(Recorder(_token_specs(batch=1)), rows, 1) is None
+    left = {k: v[:, ::-1].copy() for k, v in rows.items()}
+    assert served_calls(Recorder(_token_specs()), left, 1) is None
+    assert served_calls(Recorder(_token_specs()), token_rows([128, 128], 128), 1) is None
+    assert served_calls(Recorder(_token_specs()), rows, 7) is None  # fewer rows than a batch: timed as before
+
+
+def test_feeds_taken_in_turn_are_the_same_for_both_sides_of_a_ratio():
+    """Rows of several lengths: every round times both predictors on the same rows, and every row is timed."""
+    feeds = [{"attention_mask": np.ones((1, n), np.int64)} for n in (8, 16, 24, 32, 40, 48, 56)]
+    a, b = Recorder([]), Recorder([])
+    interleaved_ratio((a, feeds), (b, feeds), TimingOptions(ratio_seconds=0.05, warmup_calls=0, warmup_seconds=0, round_calls=3))
+    assert a.seen == b.seen and len({s[1] for s in a.seen}) == 7
+    c = Recorder([])
+    times = time_until_tight(c, feeds, TimingOptions(min_calls=2, rel_ci=0.99, warmup_calls=0, warmup_seconds=0))
+    assert len(times) >= 7 and {s[1] for s in c.seen} == {8, 16, 24, 32, 40, 48, 56}
+
+
+def test_evaluate_times_a_padding_free_text_model_at_real_lengths(tmp_path):
+    """The same rows padded to 128: a model with a free sequence axis is timed on the cut rows, and faster than at 128."""
+    from slimserve.optimizer.base import Artifact
+    from slimserve.optimizer.evaluation.measure import evaluate
+    from slimserve.server.runtimes import RuntimeConfig, create_runtime
+    from tests.token_models import token_model, token_rows
+
+    path = token_model(tmp_path / "tokens.onnx")
+    rows = token_rows([4, 6, 9, 12] * 8, 128)
+
+    def factory(p, runtime):
+        r = create_runtime(runtime, p, RuntimeConfig(intra_op_threads=1))
+        r.load()
+        return r
+
+    e, _ = evaluate(Artifact(path, "onnx", "onnxruntime"), factory, rows, serving_batch=8, warmup=2, iterations=40)
+    assert e.timed_lengths and "mean 12.0 positions" in e.timed_lengths  # 8, 8, 16, 16 in turn

@@ -77,3 +77,31 @@ def test_dynamic_quantizes_only_the_op_types_asked_for(digits, pt2_model, tmp_pa
     facts = int8_facts(result.path)
     assert facts.get("MatMulInteger") == 2 and "ConvInteger" not in facts
     assert onnx_io_names(result.path) == (("x",), ("logits",))
+
+
+def test_keep_fp32_keeps_the_matmuls_int8_hurts_most_in_fp32(tmp_path):
+    """An input column far larger than the others (its weights as much smaller, so the answer is not dominated by it) leaves
+    the rest few uint8 levels: the MatMul reading it ranks first and stays FP32."""
+    import onnx
+
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.catalog import make_pass
+    from slimserve.optimizer.compress.int8_sensitivity import rank, with_node_names
+    from tests.optimizer.tiny_models import FEATURES, dense_onnx, save_npz, weights
+
+    g = np.random.default_rng(0)
+    w = weights(g, FEATURES, 64, 32)
+    w[0][0, :] /= 1000.0
+    path = with_node_names(dense_onnx(tmp_path / "dense.onnx", w), tmp_path / "named.onnx")
+    x = g.standard_normal((16, FEATURES)).astype(np.float32)
+    x[:, 0] *= 1000.0
+    ranked = rank(path, {"x": x})
+    first = onnx.load(str(path)).graph.node[0].name  # MatMul, Relu, MatMul
+    assert len(ranked) == 2 and ranked[0].node == first and ranked[0].worst > 3 * ranked[1].worst > 0
+    context = PassContext(workdir=tmp_path / "work", datasets={"calibration": save_npz(tmp_path / "cal.npz", x=x)})
+    out = make_pass("quantize-dynamic", {"keep_fp32": 1, "preprocess": False}).run(Artifact(path, "onnx"), context)
+    assert out.notes["kept_fp32"] == first
+    ops = [n.op_type for n in onnx.load(str(out.path)).graph.node]
+    assert ops.count("MatMul") == 1 and ops.count("MatMulInteger") == 1
+    with pytest.raises(OptimizerError, match="keep_fp32 1 ranks the MatMuls on data, and the model has none"):
+        make_pass("quantize-dynamic", {"keep_fp32": 1}).run(Artifact(path, "onnx"), PassContext(workdir=tmp_path / "w2"))
