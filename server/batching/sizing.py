@@ -25,7 +25,11 @@ moving average of seconds per sample.
 
 from __future__ import annotations
 
+from collections import deque
+
 GROUPS = 12  # 1 .. 4095 samples
+COST_WINDOW = 100  # recent calls per group whose cost per sample `likely_cost` takes a quantile of
+COST_QUANTILE = 0.95  # how high: a call costs more than this about one time in twenty
 
 
 def group_of(size: int) -> int:
@@ -49,6 +53,7 @@ class BatchSizer:
         smoothing: float = 0.25,
         explore_every: int = 200,
         probe_above_s: float = 0.005,
+        cost_quantile: float = COST_QUANTILE,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.probe_above_s = probe_above_s
@@ -59,6 +64,9 @@ class BatchSizer:
         self.per_sample: list[float | None] = [None] * GROUPS  # seconds per sample, a moving average
         self.observed = [0] * GROUPS
         self._batches = 0
+        self.cost_quantile = cost_quantile
+        self._recent: list[deque[float]] = [deque(maxlen=COST_WINDOW) for _ in range(GROUPS)]  # seconds per sample
+        self._high: list[float | None] = [None] * GROUPS  # the quantile of _recent, computed when asked after a change
 
     def observe(self, size: int, compute_s: float) -> None:
         """One executed call of `size` samples that computed for `compute_s` seconds."""
@@ -69,6 +77,8 @@ class BatchSizer:
         old = self.per_sample[g]
         self.per_sample[g] = cost if old is None else old + self.smoothing * (cost - old)
         self.observed[g] += 1
+        self._recent[g].append(cost)
+        self._high[g] = None
         self._batches += 1
 
     def _best(self) -> float | None:
@@ -137,6 +147,33 @@ class BatchSizer:
         if best is None:
             return None
         return samples * best / max(concurrency, 1)
+
+    def likely_cost(self, size: int) -> float | None:
+        """Seconds a call of `size` samples may take, conservatively: `cost_quantile` of the recent calls' cost per sample
+        in its group (one in twenty costs more, by default), times `size`. A group not measured yet takes the highest
+        such cost of the measured ones. None: nothing measured. The batcher drops a request before compute when its
+        batch, at this cost, would end after the request's deadline."""
+        high = self._high_cost(group_of(size))
+        if high is None:
+            known = [h for h in (self._high_cost(g) for g in range(GROUPS) if self._recent[g]) if h is not None]
+            if not known:
+                return None
+            high = max(known)
+        return size * high
+
+    def _high_cost(self, group: int) -> float | None:
+        if self._high[group] is None and self._recent[group]:
+            ordered = sorted(self._recent[group])
+            self._high[group] = ordered[min(int(self.cost_quantile * len(ordered)), len(ordered) - 1)]
+        return self._high[group]
+
+    def typical_cost(self, size: int) -> float | None:
+        """Seconds a call of `size` samples takes on average: the moving average of its group's cost per sample (the
+        cheapest measured group's while its own is not measured) times `size`. None: nothing measured."""
+        cost = self.per_sample[group_of(size)]
+        if cost is None:
+            cost = self._best()
+        return None if cost is None else size * cost
 
     def snapshot(self) -> dict[int, float]:
         """Measured microseconds per sample by the smallest size of each group (for benchmarks and logs)."""

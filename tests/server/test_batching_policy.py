@@ -105,6 +105,21 @@ def test_a_long_first_batch_is_checked_against_one_sample():
     assert short.cut(8) == 8
 
 
+def test_likely_cost_is_a_high_quantile_of_recent_calls_and_typical_cost_their_moving_average():
+    sizer = BatchSizer(16)
+    assert sizer.likely_cost(4) is None and sizer.typical_cost(4) is None  # nothing measured
+    for _ in range(10):
+        sizer.observe(4, 4 * 0.040)  # one call in ten is slow (a neighbour, a stall) ...
+    for _ in range(90):
+        sizer.observe(4, 4 * 0.010)  # ... the other nine take 10 ms a sample
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.040)  # the 95th percentile of the last 100 calls
+    assert sizer.typical_cost(4) == pytest.approx(4 * 0.010, rel=0.01)
+    assert sizer.likely_cost(16) == pytest.approx(16 * 0.040)  # an unmeasured group: the highest measured cost
+    for _ in range(100):
+        sizer.observe(4, 4 * 0.010)  # the slow calls leave the window
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.010)
+
+
 def test_a_stale_estimate_is_tried_again_now_and_then():
     sizer = BatchSizer(32, explore_every=10)
     for _ in range(4):
