@@ -26,8 +26,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from slimserve.server.errors import NotFound
+from slimserve.server.errors import NotFound, Unavailable
 from slimserve.server.rollout.gates import ArmStatistics
+from slimserve.server.rollout.periodic import Periodic
 from slimserve.server.rollout.slo import SloPolicy, SloSteering, VariantProfile, check_policy
 from slimserve.server.rollout.state import iso
 from slimserve.server.store.repository import Repository
@@ -97,7 +98,9 @@ def profiles(info) -> tuple[list[VariantProfile], str]:
     return out, base
 
 
-class SloController:
+class SloController(Periodic):  # start_ticking() looks every LOOK_S; stop
+    default_interval_s = LOOK_S
+
     def __init__(
         self,
         repository: Repository,
@@ -116,9 +119,9 @@ class SloController:
         self.on_shift = on_shift  # (model, the variant traffic moves to, reason): the Prometheus counter
         # model -> each served variant's predicted queue wait in seconds (DynamicBatcher.predicted_wait); None: p99 only
         self.waits = waits
-        self._task: asyncio.Task | None = None
         self._watchers: dict[str, set[asyncio.Queue[SloState]]] = {}
         self._aside: dict[str, str] = {}  # model -> the manual change not answered yet (why)
+        self._unread: dict[str, str] = {}  # model -> why its statistics could not be read at the last look
         self.active: dict[str, SloState] = {}  # model -> its objective, as stored (read once: `resume`, `set`)
         self._steering: dict[str, SloSteering] = {}
         self._marks: dict[str, dict[str, int]] = {}
@@ -217,19 +220,6 @@ class SloController:
 
     # ------------------------------------------------------------------ the loop
 
-    def start_ticking(self, interval_s: float = LOOK_S) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(interval_s))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.tick()
-
     def resume(self) -> None:
         """The objectives on record when the server starts (their steering begins again from the stored split)."""
         for name in self.repository.names():
@@ -270,6 +260,7 @@ class SloController:
             self._save(state)
         else:
             self._step_aside_if_changed(state)
+        await self._refresh(state)
         p99 = self._live_p99(state)
         wait_ms = self._predicted_wait_ms(state)
         if p99 is None and (wait_ms is None or wait_ms <= state.p99_ms):
@@ -320,6 +311,22 @@ class SloController:
         self._steering.pop(state.model, None)
         self._event(state, "stepped_aside", state.message)
         self._save(state)
+
+    async def _refresh(self, state: SloState) -> None:
+        """The statistics read once per look, as the rollout controller does: with `--prometheus-url` (PrometheusStatistics)
+        that is every replica's traffic summed, so the live p99 is the whole model's, not the writer's own. Prometheus
+        unreachable: this look has the writer's predicted queue waits only (said once, and again when it comes back)."""
+        try:
+            await self.statistics.refresh(state.model, tuple(state.drops))
+        except Unavailable as e:
+            if self._unread.get(state.model) != e.message:
+                log.warning(
+                    "latency objective of model '%s': %s; until it can be read, only this process's queue is seen", state.model, e.message
+                )
+            self._unread[state.model] = e.message
+            return
+        if self._unread.pop(state.model, None) is not None:
+            log.info("latency objective of model '%s': the statistics (%s) can be read again", state.model, self.statistics.source)
 
     def _predicted_wait_ms(self, state: SloState) -> float | None:
         """The longest predicted queue wait in ms among the variants taking traffic now (None: not known)."""
