@@ -87,8 +87,11 @@ class PreviousBatcher(DynamicBatcher):
             return f"{self._who()}: the queue ahead takes at least {least * 1000:.0f} ms, past the deadline"
         return None
 
-    def _too_late(self, request: _Request, now: float, cost: float) -> bool:
-        return request.deadline is not None and request.deadline <= now + (self.sizer.least_wait(request.size, 1) or 0.0)
+    def _late_by(self, request: _Request, now: float, cap: int) -> float | None:
+        if request.deadline is None:
+            return None
+        least = self.sizer.least_wait(request.size, 1) or 0.0
+        return least if request.deadline <= now + least else None
 
 
 def build(log) -> tuple[Path, Path, np.ndarray, np.ndarray]:

@@ -348,9 +348,14 @@ class DynamicBatcher:
             "rather than queued past it; retry later, give it a longer deadline, or send less load"
         )
 
-    def _too_late(self, request: _Request, now: float, cost: float) -> bool:
-        """Past its deadline, or so close to it that a call of the likely `cost` (seconds) would end after it."""
-        return request.deadline is not None and request.deadline <= now + cost
+    def _late_by(self, request: _Request, now: float, cap: int) -> float | None:
+        """The likely cost (seconds) of a call of up to `cap` samples carrying `request`, when that call would end after
+        the request's deadline (or the deadline has passed); None: no deadline, or in time. Computed only for a request
+        with a deadline, so that requests without one pay nothing for it."""
+        if request.deadline is None:
+            return None
+        cost = self.sizer.likely_cost(max(cap, request.size)) or 0.0
+        return cost if request.deadline <= now + cost else None
 
     def _expire(self, request: _Request, cost: float = 0.0) -> None:
         """The deadline timer of a queued request, or its batch's cut finding it too late for a call of `cost` seconds:
@@ -443,16 +448,17 @@ class DynamicBatcher:
 
     def _start(self, key: Hashable, queue: deque[_Request], cap: int) -> None:
         now = time.perf_counter()
-        likely = self.sizer.likely_cost(cap) or 0.0  # this call's cost, conservatively (cap bounds its size)
-        while queue and self._too_late(queue[0], now, max(likely, self.sizer.likely_cost(queue[0].size) or 0.0)):
-            self._expire(queue[0], max(likely, self.sizer.likely_cost(queue[0].size) or 0.0))  # its timer has not fired yet, or it could not finish in time
+        # A request whose deadline passed (its timer has not fired yet), or that this call (at most `cap` samples, at its
+        # likely cost) would answer after it: dropped before compute.
+        while queue and (cost := self._late_by(queue[0], now, cap)) is not None:
+            self._expire(queue[0], cost)
         if not queue:
             return
         batch = [queue.popleft()]  # the head goes even when it alone exceeds the cap: it runs unsplit
         total = batch[0].size
         while queue and total + queue[0].size <= cap:
-            if self._too_late(queue[0], now, likely):
-                self._expire(queue[0], likely)
+            if (cost := self._late_by(queue[0], now, cap)) is not None:
+                self._expire(queue[0], cost)
                 continue
             request = queue.popleft()
             batch.append(request)
