@@ -175,7 +175,8 @@ class Served:
     session: object
     batcher: DynamicBatcher | None = None
     latencies: list[float] = field(default_factory=list)
-    requests: int = 0
+    requests: int = 0  # answered or not, as the server's statistics count them
+    shed: int = 0  # refused or dropped at their deadline
     device_seconds: float = 0.0
 
     def predict(self, inputs, outputs):
@@ -219,7 +220,7 @@ class World:
 
     def arm(self, model: str, variant: str) -> Arm:
         s = self.served[variant]
-        return Arm(requests=s.requests, latency_mark=len(s.latencies), device_seconds=s.device_seconds)
+        return Arm(requests=s.requests, latency_mark=len(s.latencies), device_seconds=s.device_seconds, shed=s.shed)
 
     def latencies_since(self, model: str, variant: str, mark: int) -> np.ndarray:
         return np.asarray(self.served[variant].latencies[mark:])
@@ -297,8 +298,10 @@ async def run(
         answered = time.perf_counter()  # the caller has its answer: where a server would write the response
         latency = answered - start
         overrun = 0.0  # how far past its deadline the request's compute ended (seconds; <= 0: in time)
-        if outcome == "ok":
-            s.requests += 1
+        s.requests += 1
+        if outcome != "ok":
+            s.shed += 1
+        else:
             s.latencies.append(latency)
             if deadline is not None:
                 if timing:

@@ -25,11 +25,15 @@ moving average of seconds per sample.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 GROUPS = 12  # 1 .. 4095 samples
 COST_WINDOW = 100  # recent calls per group whose cost per sample `likely_cost` takes a quantile of
 COST_QUANTILE = 0.95  # how high: a call costs more than this about one time in twenty
+COST_MIN_CALLS = 10  # recent calls a group needs before its quantile is trusted
+COST_AGE_S = 5.0  # calls older than this leave the window: a stall, or a slow first call, is forgotten even if every
+# request since was dropped for it (no call ran to replace it)
 
 
 def group_of(size: int) -> int:
@@ -65,7 +69,8 @@ class BatchSizer:
         self.observed = [0] * GROUPS
         self._batches = 0
         self.cost_quantile = cost_quantile
-        self._recent: list[deque[float]] = [deque(maxlen=COST_WINDOW) for _ in range(GROUPS)]  # seconds per sample
+        # per group: (perf_counter when observed, seconds per sample) of the recent calls
+        self._recent: list[deque[tuple[float, float]]] = [deque(maxlen=COST_WINDOW) for _ in range(GROUPS)]
         self._high: list[float | None] = [None] * GROUPS  # the quantile of _recent, computed when asked after a change
 
     def observe(self, size: int, compute_s: float) -> None:
@@ -77,7 +82,7 @@ class BatchSizer:
         old = self.per_sample[g]
         self.per_sample[g] = cost if old is None else old + self.smoothing * (cost - old)
         self.observed[g] += 1
-        self._recent[g].append(cost)
+        self._recent[g].append((time.perf_counter(), cost))
         self._high[g] = None
         self._batches += 1
 
@@ -149,21 +154,34 @@ class BatchSizer:
         return samples * best / max(concurrency, 1)
 
     def likely_cost(self, size: int) -> float | None:
-        """Seconds a call of `size` samples may take, conservatively: `cost_quantile` of the recent calls' cost per sample
-        in its group (one in twenty costs more, by default), times `size`. A group not measured yet takes the highest
-        such cost of the measured ones. None: nothing measured. The batcher drops a request before compute when its
-        batch, at this cost, would end after the request's deadline."""
-        high = self._high_cost(group_of(size))
+        """Seconds a call of `size` samples may take, conservatively: `cost_quantile` of the cost per sample of its
+        group's recent calls (the last COST_WINDOW, none older than COST_AGE_S; one in twenty costs more, by default),
+        times `size`. A group with fewer than COST_MIN_CALLS such calls takes the highest quantile of the groups that
+        have them; with none, the cheapest recent cost per sample (a lower bound, as before any quantile is known).
+        None: no call in the last COST_AGE_S. The batcher refuses, or drops before compute, a request whose call would
+        end after its deadline at this cost; since old calls age out, a slow first call (or a stall) that made it drop
+        every request, so that no call ran since, is forgotten after COST_AGE_S."""
+        now = time.perf_counter()
+        high = self._high_cost(group_of(size), now)
         if high is None:
-            known = [h for h in (self._high_cost(g) for g in range(GROUPS) if self._recent[g]) if h is not None]
-            if not known:
-                return None
-            high = max(known)
+            known = [h for h in (self._high_cost(g, now) for g in range(GROUPS) if self._recent[g]) if h is not None]
+            if known:
+                high = max(known)
+            else:
+                high = min((cost for g in range(GROUPS) for _, cost in self._recent[g]), default=None)
+                if high is None:
+                    return None
         return size * high
 
-    def _high_cost(self, group: int) -> float | None:
-        if self._high[group] is None and self._recent[group]:
-            ordered = sorted(self._recent[group])
+    def _high_cost(self, group: int, now: float) -> float | None:
+        recent = self._recent[group]
+        while recent and recent[0][0] < now - COST_AGE_S:
+            recent.popleft()
+            self._high[group] = None
+        if len(recent) < COST_MIN_CALLS:
+            return None
+        if self._high[group] is None:  # computed once per new call (and per call aged out), not per request
+            ordered = sorted(cost for _, cost in recent)
             self._high[group] = ordered[min(int(self.cost_quantile * len(ordered)), len(ordered) - 1)]
         return self._high[group]
 

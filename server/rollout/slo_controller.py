@@ -29,7 +29,7 @@ import numpy as np
 from slimserve.server.errors import NotFound, Unavailable
 from slimserve.server.rollout.gates import ArmStatistics
 from slimserve.server.rollout.periodic import Periodic
-from slimserve.server.rollout.slo import SloPolicy, SloSteering, VariantProfile, check_policy
+from slimserve.server.rollout.slo import SHED_BREACH, SloPolicy, SloSteering, VariantProfile, check_policy
 from slimserve.server.rollout.state import iso
 from slimserve.server.store.repository import Repository
 
@@ -125,6 +125,7 @@ class SloController(Periodic):  # start_ticking() looks every LOOK_S; stop
         self.active: dict[str, SloState] = {}  # model -> its objective, as stored (read once: `resume`, `set`)
         self._steering: dict[str, SloSteering] = {}
         self._marks: dict[str, dict[str, int]] = {}
+        self._shed_marks: dict[str, dict[str, tuple[int, int]]] = {}  # model -> variant -> (requests, shed) at the last look
         self._counts: dict[str, tuple[float, dict[str, tuple[int, float]]]] = {}  # model -> (when, variant -> (requests, device s))
 
     # ------------------------------------------------------------------ use cases
@@ -154,6 +155,7 @@ class SloController(Periodic):  # start_ticking() looks every LOOK_S; stop
         self._event(state, "set", state.message)
         self._steering.pop(model, None)
         self._marks.pop(model, None)
+        self._shed_marks.pop(model, None)
         self._save(state)
         self.active[model] = state
         return state
@@ -262,9 +264,10 @@ class SloController(Periodic):  # start_ticking() looks every LOOK_S; stop
             self._step_aside_if_changed(state)
         await self._refresh(state)
         p99 = self._live_p99(state)
+        shed = self._shed_fraction(state)
         wait_ms = self._predicted_wait_ms(state)
-        if p99 is None and (wait_ms is None or wait_ms <= state.p99_ms):
-            return  # too few answers for a p99, and the queue does not predict a breach either
+        if p99 is None and (wait_ms is None or wait_ms <= state.p99_ms) and shed <= SHED_BREACH:
+            return  # too few answers for a p99, the queue does not predict a breach, and next to nothing was shed
         if p99 is not None:
             state.last_p99_ms = p99
         steering = self._steering.get(state.model)
@@ -278,7 +281,9 @@ class SloController(Periodic):  # start_ticking() looks every LOOK_S; stop
             )
             self._steering[state.model] = steering
         rate, service = self._load(state)
-        shift = steering.look(p99 or 0.0, wait_ms or 0.0, has_shadows=bool(state.shadows), rate_rps=rate, service_s=service)
+        shift = steering.look(
+            p99 or 0.0, wait_ms or 0.0, has_shadows=bool(state.shadows), rate_rps=rate, service_s=service, shed_fraction=shed
+        )
         if shift is None:
             return
         if not shift.saturated:
@@ -338,6 +343,26 @@ class SloController(Periodic):  # start_ticking() looks every LOOK_S; stop
             return None
         known = [w for v, w in waits.items() if w is not None and state.weights.get(v, 0.0) > 0]
         return max(known) * 1000.0 if known else None
+
+    def _shed_fraction(self, state: SloState) -> float:
+        """The share of the model's requests since the last look that its queues shed (refused on arrival or dropped at
+        their deadline, `Arm.shed`; they are never answered, so the answered requests' p99 does not show them). 0 until
+        two looks have counted at least MIN_SAMPLES requests."""
+        before = self._shed_marks.get(state.model, {})
+        now: dict[str, tuple[int, int]] = {}
+        for variant in state.drops:
+            try:
+                arm = self.statistics.arm(state.model, variant)
+            except NotFound:
+                continue
+            now[variant] = (arm.requests, arm.shed)
+        self._shed_marks[state.model] = now
+        requests = shed = 0
+        for variant, (n, s) in now.items():
+            if variant in before and n >= before[variant][0]:
+                requests += n - before[variant][0]
+                shed += max(s - before[variant][1], 0)
+        return shed / requests if requests >= MIN_SAMPLES else 0.0
 
     def _live_p99(self, state: SloState) -> float | None:
         """The p99 in ms of every request the model's variants answered since the last look (None: too few yet)."""

@@ -6,6 +6,7 @@ import asyncio
 import statistics
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from slimserve.server.batching.assembly import BatchingConfig
 from slimserve.server.batching.batcher import DynamicBatcher
-from slimserve.server.batching.sizing import BatchSizer, group_of, top_of
+from slimserve.server.batching.sizing import COST_AGE_S, BatchSizer, group_of, top_of
 
 
 class CostModel:
@@ -108,6 +109,13 @@ def test_a_long_first_batch_is_checked_against_one_sample():
 def test_likely_cost_is_a_high_quantile_of_recent_calls_and_typical_cost_their_moving_average():
     sizer = BatchSizer(16)
     assert sizer.likely_cost(4) is None and sizer.typical_cost(4) is None  # nothing measured
+    sizer.observe(4, 4 * 0.5)  # one slow first call alone is not trusted: the cheapest recent cost stands in
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.5)
+    sizer.observe(1, 0.010)
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.010)
+    sizer._recent = [deque((t - COST_AGE_S - 1, c) for t, c in calls) for calls in sizer._recent]  # both age out
+    assert sizer.likely_cost(4) is None  # forgotten: a variant that dropped every request since runs calls again
+    sizer = BatchSizer(16)
     for _ in range(10):
         sizer.observe(4, 4 * 0.040)  # one call in ten is slow (a neighbour, a stall) ...
     for _ in range(90):

@@ -110,6 +110,8 @@ class _World:
         self.latency: dict[str, list[float]] = {v: [] for v in self.info.variants}
         self.routed: list[tuple[dict, list]] = []
         self.running: dict = {}
+        self.requests: dict[str, int] = {}  # variant -> requests answered or not (Arm.requests)
+        self.shed: dict[str, int] = {}  # variant -> requests its queue refused or dropped at their deadline
 
     def check_writable(self) -> None:
         pass
@@ -134,7 +136,7 @@ class _World:
         pass
 
     def arm(self, model, variant):
-        return Arm(latency_mark=len(self.latency[variant]))
+        return Arm(requests=self.requests.get(variant, 0), latency_mark=len(self.latency[variant]), shed=self.shed.get(variant, 0))
 
     def latencies_since(self, model, variant, mark):
         return np.array(self.latency[variant][mark:])
@@ -535,3 +537,23 @@ def test_the_controllers_periodic_loop_goes_on_past_a_failing_look_and_stops():
 
     looks, stopped = asyncio.run(run())
     assert looks >= 3 and looks == stopped  # went on after the failing first look; none after stop
+
+
+def test_requests_shed_by_the_queue_break_the_objective_though_the_answered_ones_are_fast():
+    world = _World()
+    slo = SloController(world, world, world, world, clock=lambda: 0.0)
+    slo.set("m", 20, 1.0)
+
+    async def run():
+        await slo.tick()  # the first look sets the marks
+        world.requests["fp32"], world.shed["fp32"] = 100, 1  # 1% shed: within what a p99 allows
+        world.serve(5, 99)
+        await slo.tick()
+        assert world.routed == []
+        world.requests["fp32"], world.shed["fp32"] = 200, 11  # 10% of this look's requests never answered
+        world.serve(5, 90)  # those answered were fast
+        await slo.tick()
+
+    asyncio.run(run())
+    assert world.routed == [({"fp32": 1.0}, [])]  # it acts: the first step, shadows paused
+    assert "10.0% of requests shed (refused or dropped at their deadline) > objective 20 ms" in slo.status("m").history[-1]["reason"]
