@@ -120,6 +120,7 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
     }
     assert dropped["deadline"] + dropped["refused"] == 5  # refused or dropped before compute, and counted
     assert dropped["refused"] == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert stats_of(server).shed == 5  # what the SLO loop reads (Arm.shed): shed requests break an objective
 
 
 def test_a_rest_timeout_parameter_is_a_deadline_in_the_queue_and_a_bad_one_is_refused(server_factory, tmp_path):
