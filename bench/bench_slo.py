@@ -94,6 +94,17 @@ class PreviousBatcher(DynamicBatcher):
         return least if request.deadline <= now + least else None
 
 
+def at_quantile(q: float):
+    """The current batcher with its BatchSizer's likely cost at quantile `q` instead of the default (the bench's knob)."""
+
+    class AtQuantile(DynamicBatcher):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.sizer.cost_quantile = q
+
+    return AtQuantile
+
+
 def build(log) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     """The FP32 and INT8 ONNX files (cached) and the test split."""
     import torch
@@ -361,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ms", type=float, default=0.0, help="the objective; 0: 8x FP32's compute time per request")
     parser.add_argument("--max-drop", type=float, default=1.0, help="quality points INT8 may give up")
     parser.add_argument("--rounds", type=int, default=1, help="runs with the SLO of the previous and the current checks, alternated")
+    parser.add_argument(
+        "--quantiles", default="", help="comma-separated cost quantiles to run the current checks at too (e.g. 0.99), beside the default"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -404,10 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         summary["shifts"] = [f"{e['kind']}: {e['reason']}" for e in result["history"]]
         return summary
 
+    quantiles = [float(q) for q in args.quantiles.split(",") if q.strip()]
     runs = []
     for _ in range(max(args.rounds, 1)):
         runs.append(one_run("with SLO, previous checks", slo_ms, PreviousBatcher))
         runs.append(one_run("with SLO, current checks", slo_ms, DynamicBatcher))
+        for q in quantiles:
+            runs.append(one_run(f"with SLO, current checks at p{q * 100:g}", slo_ms, at_quantile(q)))
     without = one_run("without SLO", None, DynamicBatcher)
     current = next(r for r in runs if r["run"] == "with SLO, current checks")
     out = {
