@@ -1,7 +1,7 @@
 """A load step against a latency objective: p99, throughput, traffic shares and accuracy cost with and without the SLO.
 
-    python -m bench.bench_slo [--model digits|minilm] [--step-s 20] [--base-s 8] [--slo-ms 0 (auto)] [--max-drop 1]
-                              [--rounds 1] [--seed 0] [--json]
+    python -m bench.bench_slo [--model digits|minilm] [--step-s 20 (digits) / 60 (minilm)] [--base-s 8] [--slo-ms 0 (auto)]
+                              [--max-drop 1] [--rounds 1] [--quantiles Q,...] [--seed 0] [--json]
 
 --model digits (the default): the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about
 1-2 min on 2 busy cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel,
@@ -368,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("digits", "minilm"), default="digits")
     parser.add_argument("--base-s", type=float, default=8.0, help="seconds at 50%% before and after the step")
-    parser.add_argument("--step-s", type=float, default=20.0, help="seconds at 150%% of FP32's capacity (the issue's: 60)")
+    parser.add_argument(
+        "--step-s",
+        type=float,
+        default=None,
+        help="seconds at 150%% of FP32's capacity (default: 60, the issue's, for minilm; 20 for digits)",
+    )
     parser.add_argument("--slo-ms", type=float, default=0.0, help="the objective; 0: 8x FP32's compute time per request")
     parser.add_argument("--max-drop", type=float, default=1.0, help="quality points INT8 may give up")
     parser.add_argument("--rounds", type=int, default=1, help="runs with the SLO of the previous and the current checks, alternated")
@@ -378,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.step_s is None:
+        args.step_s = 60.0 if args.model == "minilm" else 20.0
 
     def log(message: str) -> None:
         if not args.json:
