@@ -29,15 +29,16 @@ Semantics follow Triton's dynamic batcher:
 - A request cancelled before its batch starts is dropped and never computed (one cancelled while
   its batch runs is computed, its answer discarded); if the model raises, every request of that
   batch gets the exception.
-- A request with a deadline that the samples already waiting cannot let it meet (their compute at the cheapest
-  measured cost per sample, spread over the call slots, ends after it: a lower bound) is refused at once with
-  ResourceExhausted rather than queued past its deadline.
+- A request with a deadline that the work ahead cannot let it meet is refused at once with ResourceExhausted rather
+  than queued past its deadline: the running calls and the samples waiting (at their typical measured cost, spread
+  over the call slots), then its own call at its likely cost (BatchSizer.likely_cost: the 95th percentile of recent
+  calls of its size), end after it.
 - A request may carry a deadline (`time.perf_counter()` seconds: gRPC's deadline, or the `timeout`
   parameter): one already past is refused at once, and one that passes while it waits is taken out
-  of the queue at that moment (a timer), or at the latest when its batch is cut (also when its cheapest
-  measured compute would end past the deadline), and answered
+  of the queue at that moment (a timer), or at the latest when its batch is cut (also when that batch, at its likely
+  cost, would end past the deadline), and answered
   DeadlineExceeded; it is never computed. Both drops, and cancelled ones, reach `on_drop` with the
-  reason ('deadline' or 'cancelled'), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
+  reason ('deadline', 'cancelled', or 'refused' for a refusal on arrival), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
 """
 
 from __future__ import annotations

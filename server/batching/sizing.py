@@ -21,6 +21,11 @@ moving average of seconds per sample.
   batch that could start now by more than `wait_gain` (waiting costs every waiting request latency, so
   it takes a clear gain, not noise). Without that evidence a free call slot starts at once: a model
   whose batch-8 call costs 8x its batch-1 call gains nothing from waiting.
+- `typical_cost(size)` / `likely_cost(size)`: what a call of `size` samples costs on average (the moving average) and
+  conservatively (the 95th percentile of the group's recent calls): the batcher's deadline checks take the work ahead
+  of a request at its typical cost and the request's own call at its likely cost, so that a request is refused or
+  dropped before compute rather than answered after its deadline when calls vary (a busy machine: 10-25 ms for one
+  that usually takes 12).
 """
 
 from __future__ import annotations
