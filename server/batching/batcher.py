@@ -31,7 +31,7 @@ Semantics follow Triton's dynamic batcher:
   batch gets the exception.
 - A request with a deadline that the work ahead cannot let it meet is refused at once with ResourceExhausted rather
   than queued past its deadline: the running calls and the samples waiting (at their typical measured cost, spread
-  over the call slots), then its own call at its likely cost (BatchSizer.likely_cost: the 99th percentile of recent
+  over the call slots), then its own call at its likely cost (BatchSizer.likely_cost: the 95th percentile of recent
   calls of its size), end after it.
 - A request may carry a deadline (`time.perf_counter()` seconds: gRPC's deadline, or the `timeout`
   parameter): one already past is refused at once, and one that passes while it waits is taken out

@@ -22,7 +22,7 @@ moving average of seconds per sample.
   it takes a clear gain, not noise). Without that evidence a free call slot starts at once: a model
   whose batch-8 call costs 8x its batch-1 call gains nothing from waiting.
 - `typical_cost(size)` / `likely_cost(size)`: what a call of `size` samples costs on average (the moving average) and
-  conservatively (the 99th percentile of the group's recent calls): the batcher's deadline checks take the work ahead
+  conservatively (the 95th percentile of the group's recent calls): the batcher's deadline checks take the work ahead
   of a request at its typical cost and the request's own call at its likely cost, so that a request is refused or
   dropped before compute rather than answered after its deadline when calls vary (a busy machine: 10-25 ms for one
   that usually takes 12).
@@ -35,7 +35,8 @@ from collections import deque
 
 GROUPS = 12  # 1 .. 4095 samples
 COST_WINDOW = 100  # recent calls per group whose cost per sample `likely_cost` takes a quantile of
-COST_QUANTILE = 0.99  # how high: over the last 100 calls, the slowest (bench_slo: 0.95 let 2.5x as many answers be late)
+# how high: in bench_slo, 0.99 let fewer answers be late on MiniLM but shed 1.8x more than the old checks on the digits CNN
+COST_QUANTILE = 0.95
 COST_MIN_CALLS = 10  # recent calls a group needs before its quantile is trusted
 COST_AGE_S = 5.0  # calls older than this leave the window: a stall, or a slow first call, is forgotten even if every
 # request since was dropped for it (no call ran to replace it)
@@ -160,8 +161,8 @@ class BatchSizer:
 
     def likely_cost(self, size: int) -> float | None:
         """Seconds a call of `size` samples may take, conservatively: `cost_quantile` of the cost per sample of its
-        group's recent calls (the last COST_WINDOW, none older than COST_AGE_S; by default the 99th percentile: of 100 calls, the slowest),
-        times `size`. A group with fewer than COST_MIN_CALLS such calls takes the highest quantile of the groups that
+        group's recent calls (the last COST_WINDOW, none older than COST_AGE_S; by default the 95th percentile: one call
+        in twenty costs more), times `size`. A group with fewer than COST_MIN_CALLS such calls takes the highest quantile of the groups that
         have them; with none, the cheapest recent cost per sample (a lower bound, as before any quantile is known).
         None: no call in the last COST_AGE_S. The batcher refuses, or drops before compute, a request whose call would
         end after its deadline at this cost; since old calls age out, a slow first call (or a stall) that made it drop

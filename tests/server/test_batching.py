@@ -503,7 +503,7 @@ def test_a_request_whose_call_would_likely_end_past_its_deadline_is_dropped_at_t
     for _ in range(10):
         batcher.sizer.observe(1, 0.2)  # one call in ten took 200 ms ...
     for _ in range(90):
-        batcher.sizer.observe(1, 0.02)  # ... most 20 ms: the typical cost is 20 ms, the likely (99th percentile) 200 ms
+        batcher.sizer.observe(1, 0.02)  # ... most 20 ms: the typical cost is 20 ms, the likely (95th percentile) 200 ms
 
     async def main():
         running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))

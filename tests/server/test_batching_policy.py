@@ -120,7 +120,7 @@ def test_likely_cost_is_a_high_quantile_of_recent_calls_and_typical_cost_their_m
         sizer.observe(4, 4 * 0.040)  # one call in ten is slow (a neighbour, a stall) ...
     for _ in range(90):
         sizer.observe(4, 4 * 0.010)  # ... the other nine take 10 ms a sample
-    assert sizer.likely_cost(4) == pytest.approx(4 * 0.040)  # the 99th percentile of the last 100 calls (the slowest)
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.040)  # the 95th percentile of the last 100 calls
     assert sizer.typical_cost(4) == pytest.approx(4 * 0.010, rel=0.01)
     assert sizer.likely_cost(16) == pytest.approx(16 * 0.040)  # an unmeasured group: the highest measured cost
     for _ in range(100):
