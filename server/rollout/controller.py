@@ -18,6 +18,7 @@ from typing import Protocol
 from slimserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from slimserve.server.rollout import state as store
 from slimserve.server.rollout.gates import Arm, ArmStatistics, judge
+from slimserve.server.rollout.periodic import Periodic
 from slimserve.server.rollout.plan import RolloutPlan
 from slimserve.server.rollout.state import Event, GateResult, RolloutState
 from slimserve.server.store.repository import Repository
@@ -48,7 +49,7 @@ class Exported(Protocol):
     def decided(self, r: RolloutState, gates: list[str], decision: str) -> None: ...
 
 
-class RolloutController:
+class RolloutController(Periodic):  # start_ticking(interval_s) / stop: the loop of `tick`
     def __init__(
         self,
         repository: Repository,
@@ -68,7 +69,6 @@ class RolloutController:
         self._start: dict[str, dict[str, Arm]] = {}  # model -> arm snapshot at its stage's start
         self._watchers: dict[str, set[asyncio.Queue[RolloutState]]] = {}
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ use cases
 
@@ -165,22 +165,6 @@ class RolloutController:
             store.save(self.repository, r)
             if self.metrics is not None:
                 self.metrics.started(r)
-
-    def start_ticking(self, interval_s: float) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(interval_s))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.tick()
-            except Exception:  # a bad tick must not end the loop
-                log.exception("rollout tick failed")
 
     async def tick(self) -> None:
         """One look at every running rollout."""

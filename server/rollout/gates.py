@@ -32,7 +32,8 @@ from slimserve.server.rollout.state import GateResult
 @dataclass(frozen=True)
 class Arm:
     """One variant's counters (totals since it loaded): requests answered or failed, the latency window's mark,
-    device seconds, feedback (correct of labelled) and, as a shadow, top-1 agreement (agreed of mirrored)."""
+    device seconds, feedback (correct of labelled), as a shadow, top-1 agreement (agreed of mirrored), and the requests
+    its queue shed (refused on arrival or dropped at their deadline: also counted in errors)."""
 
     requests: int = 0
     errors: int = 0
@@ -42,6 +43,7 @@ class Arm:
     labelled: int = 0
     agreed: int = 0
     mirrored: int = 0
+    shed: int = 0  # refused or dropped at their deadline by the queue, never computed (the SLO's breach beyond the p99)
 
     def __sub__(self, start: Arm) -> Arm:
         return Arm(**{f.name: getattr(self, f.name) - getattr(start, f.name) for f in fields(Arm)})
@@ -87,7 +89,7 @@ class ProcessStatistics:
         stats = served.stats
         correct, labelled = loaded.feedback.online_counts(variant)
         agreed, mirrored = loaded.feedback.agreement_counts(variant)
-        return Arm(stats.requests, stats.errors, stats.window.total, stats.device_seconds, correct, labelled, agreed, mirrored)
+        return Arm(stats.requests, stats.errors, stats.window.total, stats.device_seconds, correct, labelled, agreed, mirrored, stats.shed)
 
     def latencies_since(self, model: str, variant: str, mark: int) -> np.ndarray:
         return self._served(model, variant)[1].stats.window.since(mark)

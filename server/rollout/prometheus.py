@@ -39,6 +39,7 @@ QUERIES = {
     "feedback": "sum by (variant, correct) (slimserve_feedback_total{{{sel}}})",
     "device": "sum by (variant) (slimserve_compute_duration_seconds_sum{{{sel}}})",
     "buckets": "sum by (variant, le) (slimserve_request_duration_seconds_bucket{{{sel}}})",
+    "dropped": "sum by (variant, reason) (slimserve_queue_dropped_total{{{sel}}})",
 }
 
 
@@ -126,6 +127,7 @@ class PrometheusStatistics:
                 labelled=round(total("feedback")),
                 agreed=round(total("agreed")),
                 mirrored=mirrored,
+                shed=round(total("dropped", lambda m: m.get("reason") != "cancelled")),
             )
 
     def arm(self, model: str, variant: str) -> Arm:

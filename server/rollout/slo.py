@@ -35,6 +35,7 @@ from slimserve.server.errors import InvalidArgument
 
 STEP = 0.25  # of the model's traffic moved per look
 RETURN_BELOW = 0.6  # x the objective: the p99 under which traffic may return
+SHED_BREACH = 0.01  # share of a look's requests shed (refused, dropped at their deadline) that breaks the objective
 CALM = 3  # looks under RETURN_BELOW before a step back
 MAX_CALM = 48  # a step back that was followed by a breach doubles the looks the next one needs, up to this
 P99_WAITS = math.log(100.0) / 2  # an M/D/1 queue's p99 wait, in mean service times x rho / (1 - rho) (approximately)
@@ -144,7 +145,7 @@ class SloSteering:
     weights: dict[str, float] = field(default_factory=dict)
     calm_needed: int = CALM
     stepped_back: bool = False  # the last shift was a step back
-    _what: str = "p99"  # which signal broke the objective at the last look (the reason names it)
+    _what: str = "p99"  # which signal broke the objective at the last look, and by how much (the reason names it)
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -161,10 +162,18 @@ class SloSteering:
         has_shadows: bool = False,
         rate_rps: float | None = None,
         service_s: dict[str, float] | None = None,
+        shed_fraction: float = 0.0,
     ) -> Shift | None:
+        """One look. `shed_fraction`: the share of the look's requests the queues refused or dropped at their deadline
+        (never answered); over SHED_BREACH it breaks the objective whatever the answered requests' p99 (shedding load must
+        not hide it: the p99 of every request, the shed ones counted as past any deadline, is then unbounded)."""
         slo = self.policy.p99_ms
         worst = max(p99_ms, predicted_wait_ms)
-        self._what = "p99" if p99_ms >= predicted_wait_ms else "the queue's predicted wait"
+        what = "p99" if p99_ms >= predicted_wait_ms else "the queue's predicted wait"
+        self._what = f"{what} {worst:.3g} ms"
+        if shed_fraction > SHED_BREACH:
+            worst = math.inf
+            self._what = f"{shed_fraction:.1%} of requests shed (refused or dropped at their deadline)"
         if worst > slo:
             self.calm = 0
             if self.stepped_back:  # that step back was too early: wait twice as long before the next one
@@ -174,7 +183,7 @@ class SloSteering:
                 self.shadows_paused = True
                 return Shift(
                     dict(self.weights),
-                    f"{self._what} {worst:.3g} ms > objective {slo:g} ms: shadows paused first",
+                    f"{self._what} > objective {slo:g} ms: shadows paused first",
                     self.cost(self.weights),
                     "pause_shadows",
                     pause_shadows=True,
@@ -200,7 +209,7 @@ class SloSteering:
         if not donors:
             return Shift(
                 dict(self.weights),
-                f"{self._what} {worst:.3g} ms > objective {slo:g} ms with all traffic on the fastest variant within "
+                f"{self._what} > objective {slo:g} ms with all traffic on the fastest variant within "
                 f"{self.policy.max_drop_pt:g} points ('{fastest}'): requests past the queue's capacity are refused",
                 self.cost(self.weights),
                 "saturated",
@@ -215,7 +224,7 @@ class SloSteering:
         cost = self.cost(self.weights)
         return Shift(
             dict(self.weights),
-            f"{self._what} {worst:.3g} ms > objective {slo:g} ms: {moved:.0%} of traffic from '{slowest}' to '{fastest}' "
+            f"{self._what} > objective {slo:g} ms: {moved:.0%} of traffic from '{slowest}' to '{fastest}' "
             f"(expected accuracy cost {cost:.2f} of {self.policy.max_drop_pt:g} points)",
             cost,
             "toward_fast",

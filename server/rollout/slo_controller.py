@@ -26,9 +26,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from slimserve.server.errors import NotFound
+from slimserve.server.errors import NotFound, Unavailable
 from slimserve.server.rollout.gates import ArmStatistics
-from slimserve.server.rollout.slo import SloPolicy, SloSteering, VariantProfile, check_policy
+from slimserve.server.rollout.periodic import Periodic
+from slimserve.server.rollout.slo import SHED_BREACH, SloPolicy, SloSteering, VariantProfile, check_policy
 from slimserve.server.rollout.state import iso
 from slimserve.server.store.repository import Repository
 
@@ -97,7 +98,9 @@ def profiles(info) -> tuple[list[VariantProfile], str]:
     return out, base
 
 
-class SloController:
+class SloController(Periodic):  # start_ticking() looks every LOOK_S; stop
+    default_interval_s = LOOK_S
+
     def __init__(
         self,
         repository: Repository,
@@ -116,12 +119,13 @@ class SloController:
         self.on_shift = on_shift  # (model, the variant traffic moves to, reason): the Prometheus counter
         # model -> each served variant's predicted queue wait in seconds (DynamicBatcher.predicted_wait); None: p99 only
         self.waits = waits
-        self._task: asyncio.Task | None = None
         self._watchers: dict[str, set[asyncio.Queue[SloState]]] = {}
         self._aside: dict[str, str] = {}  # model -> the manual change not answered yet (why)
+        self._unread: dict[str, str] = {}  # model -> why its statistics could not be read at the last look
         self.active: dict[str, SloState] = {}  # model -> its objective, as stored (read once: `resume`, `set`)
         self._steering: dict[str, SloSteering] = {}
         self._marks: dict[str, dict[str, int]] = {}
+        self._shed_marks: dict[str, dict[str, tuple[int, int]]] = {}  # model -> variant -> (requests, shed) at the last look
         self._counts: dict[str, tuple[float, dict[str, tuple[int, float]]]] = {}  # model -> (when, variant -> (requests, device s))
 
     # ------------------------------------------------------------------ use cases
@@ -151,6 +155,7 @@ class SloController:
         self._event(state, "set", state.message)
         self._steering.pop(model, None)
         self._marks.pop(model, None)
+        self._shed_marks.pop(model, None)
         self._save(state)
         self.active[model] = state
         return state
@@ -217,19 +222,6 @@ class SloController:
 
     # ------------------------------------------------------------------ the loop
 
-    def start_ticking(self, interval_s: float = LOOK_S) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(interval_s))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.tick()
-
     def resume(self) -> None:
         """The objectives on record when the server starts (their steering begins again from the stored split)."""
         for name in self.repository.names():
@@ -270,10 +262,12 @@ class SloController:
             self._save(state)
         else:
             self._step_aside_if_changed(state)
+        await self._refresh(state)
         p99 = self._live_p99(state)
+        shed = self._shed_fraction(state)
         wait_ms = self._predicted_wait_ms(state)
-        if p99 is None and (wait_ms is None or wait_ms <= state.p99_ms):
-            return  # too few answers for a p99, and the queue does not predict a breach either
+        if p99 is None and (wait_ms is None or wait_ms <= state.p99_ms) and shed <= SHED_BREACH:
+            return  # too few answers for a p99, the queue does not predict a breach, and next to nothing was shed
         if p99 is not None:
             state.last_p99_ms = p99
         steering = self._steering.get(state.model)
@@ -287,7 +281,9 @@ class SloController:
             )
             self._steering[state.model] = steering
         rate, service = self._load(state)
-        shift = steering.look(p99 or 0.0, wait_ms or 0.0, has_shadows=bool(state.shadows), rate_rps=rate, service_s=service)
+        shift = steering.look(
+            p99 or 0.0, wait_ms or 0.0, has_shadows=bool(state.shadows), rate_rps=rate, service_s=service, shed_fraction=shed
+        )
         if shift is None:
             return
         if not shift.saturated:
@@ -321,6 +317,22 @@ class SloController:
         self._event(state, "stepped_aside", state.message)
         self._save(state)
 
+    async def _refresh(self, state: SloState) -> None:
+        """The statistics read once per look, as the rollout controller does: with `--prometheus-url` (PrometheusStatistics)
+        that is every replica's traffic summed, so the live p99 is the whole model's, not the writer's own. Prometheus
+        unreachable: this look has the writer's predicted queue waits only (said once, and again when it comes back)."""
+        try:
+            await self.statistics.refresh(state.model, tuple(state.drops))
+        except Unavailable as e:
+            if self._unread.get(state.model) != e.message:
+                log.warning(
+                    "latency objective of model '%s': %s; until it can be read, only this process's queue is seen", state.model, e.message
+                )
+            self._unread[state.model] = e.message
+            return
+        if self._unread.pop(state.model, None) is not None:
+            log.info("latency objective of model '%s': the statistics (%s) can be read again", state.model, self.statistics.source)
+
     def _predicted_wait_ms(self, state: SloState) -> float | None:
         """The longest predicted queue wait in ms among the variants taking traffic now (None: not known)."""
         if self.waits is None:
@@ -331,6 +343,26 @@ class SloController:
             return None
         known = [w for v, w in waits.items() if w is not None and state.weights.get(v, 0.0) > 0]
         return max(known) * 1000.0 if known else None
+
+    def _shed_fraction(self, state: SloState) -> float:
+        """The share of the model's requests since the last look that its queues shed (refused on arrival or dropped at
+        their deadline, `Arm.shed`; they are never answered, so the answered requests' p99 does not show them). 0 until
+        two looks have counted at least MIN_SAMPLES requests."""
+        before = self._shed_marks.get(state.model, {})
+        now: dict[str, tuple[int, int]] = {}
+        for variant in state.drops:
+            try:
+                arm = self.statistics.arm(state.model, variant)
+            except NotFound:
+                continue
+            now[variant] = (arm.requests, arm.shed)
+        self._shed_marks[state.model] = now
+        requests = shed = 0
+        for variant, (n, s) in now.items():
+            if variant in before and n >= before[variant][0]:
+                requests += n - before[variant][0]
+                shed += max(s - before[variant][1], 0)
+        return shed / requests if requests >= MIN_SAMPLES else 0.0
 
     def _live_p99(self, state: SloState) -> float | None:
         """The p99 in ms of every request the model's variants answered since the last look (None: too few yet)."""

@@ -134,9 +134,10 @@ PER_VARIANT: tuple[Family, ...] = (
         "queue_dropped",
         Counter,
         "slimserve_queue_dropped_total",
-        "Requests dropped from a batcher's queue before compute: their deadline passed (answered DEADLINE_EXCEEDED) "
-        "or their caller cancelled.",
-        extra=(("reason", ("deadline", "cancelled")),),
+        "Requests dropped from a batcher's queue before compute: their deadline passed or their call would end after it "
+        "(answered DEADLINE_EXCEEDED), their caller cancelled, or the queue ahead could not let them make their deadline "
+        "(refused on arrival, RESOURCE_EXHAUSTED).",
+        extra=(("reason", ("deadline", "cancelled", "refused")),),
         cached="queue_dropped",  # exported at 0 from load: a rate over it reads 0, not "no data"
     ),
     Family("inflight", Gauge, "slimserve_inflight_requests", "Inference requests being processed.", collected=True),

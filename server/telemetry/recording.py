@@ -146,9 +146,12 @@ class VariantRecorder:
         metrics.feedback.labels(self.model, self.variant, metrics.node_type, str(correct).lower()).inc()
 
     def record_drop(self, reason: str) -> None:
-        """A request dropped from the batcher's queue before compute (the batcher's on_drop): 'deadline' or 'cancelled'."""
+        """A request dropped from the batcher's queue before compute (the batcher's on_drop): 'deadline', 'cancelled' or 'refused'."""
         metrics = self._metrics
         metrics.queue_dropped.labels(self.model, self.variant, metrics.node_type, reason).inc()
+        if reason != "cancelled":  # the caller's choice is no sign of load
+            with self._lock:
+                self.stats.shed += 1
 
     def record_online_accuracy(self, accuracy: float) -> None:
         metrics = self._metrics

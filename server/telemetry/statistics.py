@@ -83,6 +83,7 @@ class VariantStats:
     window: LatencyWindow = field(default_factory=LatencyWindow)
     requests: int = 0
     errors: int = 0
+    shed: int = 0  # requests the batcher refused on arrival or dropped at their deadline (the SLO reads it)
     batches: int = 0  # Triton's execution_count
     samples: int = 0  # Triton's inference_count
     device_seconds: float = 0.0

@@ -476,7 +476,8 @@ def test_an_expired_request_is_taken_out_when_its_batch_is_cut_even_before_its_t
 
 def test_a_request_whose_deadline_the_queue_ahead_cannot_meet_is_refused_at_once_with_resource_exhausted(executor):
     model = FakeModel(compute_s=0.02)
-    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=1), model="m", variant="v")
+    drops: list[str] = []
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=1), model="m", variant="v", on_drop=drops.append)
 
     async def main():
         await batcher.submit({"x": sample(1, 1.0)}, None)  # measured: 20 ms a sample
@@ -484,7 +485,7 @@ def test_a_request_whose_deadline_the_queue_ahead_cannot_meet_is_refused_at_once
         await wait_blocked(model)
         ahead = [asyncio.create_task(batcher.submit({"x": sample(1, 2.0)}, None)) for _ in range(5)]
         await asyncio.sleep(0.01)
-        with pytest.raises(ResourceExhausted, match=r"5 samples wait ahead .* at least \d+ ms .* refused rather than queued"):
+        with pytest.raises(ResourceExhausted, match=r"5 samples wait ahead .* expected in \d+ ms .* refused rather than queued"):
             await batcher.submit({"x": sample(1, 3.0)}, None, deadline=time.perf_counter() + 0.05)  # 5 x 20 ms > 50 ms
         fits = asyncio.create_task(batcher.submit({"x": sample(1, 4.0)}, None, deadline=time.perf_counter() + 30))
         model.gate.set()
@@ -492,4 +493,30 @@ def test_a_request_whose_deadline_the_queue_ahead_cannot_meet_is_refused_at_once
         np.testing.assert_array_equal((await fits)["y"], sample(1, 9.0))
 
     run(main())
-    assert not any((x == 3.0).any() for x in model.seen)
+    assert not any((x == 3.0).any() for x in model.seen) and drops == ["refused"]
+
+
+def test_a_request_whose_call_would_likely_end_past_its_deadline_is_dropped_at_the_cut_not_answered_late(executor):
+    model = FakeModel()
+    drops: list[str] = []
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=1), model="m", variant="v", on_drop=drops.append)
+    for _ in range(10):
+        batcher.sizer.observe(1, 0.2)  # one call in ten took 200 ms ...
+    for _ in range(90):
+        batcher.sizer.observe(1, 0.02)  # ... most 20 ms: the typical cost is 20 ms, the likely (95th percentile) 200 ms
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        # Admitted: about 20 ms for the running call, then up to 200 ms of its own, fits in 300 ms.
+        tight = asyncio.create_task(batcher.submit({"x": sample(1, 5.0)}, None, deadline=time.perf_counter() + 0.3))
+        loose = asyncio.create_task(batcher.submit({"x": sample(1, 6.0)}, None, deadline=time.perf_counter() + 30))
+        await asyncio.sleep(0.15)  # the running call overruns: at the cut, about 150 ms are left, less than 200
+        model.gate.set()
+        await running
+        with pytest.raises(DeadlineExceeded, match=r"deadline is \d+ ms away, but its call would likely take 200 ms"):
+            await tight
+        np.testing.assert_array_equal((await loose)["y"], sample(1, 13.0))
+
+    run(main())
+    assert not any((x == 5.0).any() for x in model.seen) and drops == ["deadline"]

@@ -6,6 +6,7 @@ import asyncio
 import statistics
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from slimserve.server.batching.assembly import BatchingConfig
 from slimserve.server.batching.batcher import DynamicBatcher
-from slimserve.server.batching.sizing import BatchSizer, group_of, top_of
+from slimserve.server.batching.sizing import COST_AGE_S, BatchSizer, group_of, top_of
 
 
 class CostModel:
@@ -103,6 +104,28 @@ def test_a_long_first_batch_is_checked_against_one_sample():
     short = BatchSizer(32)
     short.observe(8, 0.001)  # a short call: a wrong size costs little, and sizes vary by themselves
     assert short.cut(8) == 8
+
+
+def test_likely_cost_is_a_high_quantile_of_recent_calls_and_typical_cost_their_moving_average():
+    sizer = BatchSizer(16)
+    assert sizer.likely_cost(4) is None and sizer.typical_cost(4) is None  # nothing measured
+    sizer.observe(4, 4 * 0.5)  # one slow first call alone is not trusted: the cheapest recent cost stands in
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.5)
+    sizer.observe(1, 0.010)
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.010)
+    sizer._recent = [deque((t - COST_AGE_S - 1, c) for t, c in calls) for calls in sizer._recent]  # both age out
+    assert sizer.likely_cost(4) is None  # forgotten: a variant that dropped every request since runs calls again
+    sizer = BatchSizer(16)
+    for _ in range(10):
+        sizer.observe(4, 4 * 0.040)  # one call in ten is slow (a neighbour, a stall) ...
+    for _ in range(90):
+        sizer.observe(4, 4 * 0.010)  # ... the other nine take 10 ms a sample
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.040)  # the 95th percentile of the last 100 calls
+    assert sizer.typical_cost(4) == pytest.approx(4 * 0.010, rel=0.01)
+    assert sizer.likely_cost(16) == pytest.approx(16 * 0.040)  # an unmeasured group: the highest measured cost
+    for _ in range(100):
+        sizer.observe(4, 4 * 0.010)  # the slow calls leave the window
+    assert sizer.likely_cost(4) == pytest.approx(4 * 0.010)
 
 
 def test_a_stale_estimate_is_tried_again_now_and_then():

@@ -88,7 +88,13 @@ def test_the_arms_are_the_sums_over_every_replica_and_latency_comes_from_the_buc
     assert stats.arm("m", "base").requests == 230
     since = stats.latencies_since("m", "base", start)
     assert len(since) == 30 and (since[:20] > 0.001).all() and (since[:20] <= 0.01).all() and (since[20:] == 0.01).all()
-    assert sorted({q.split("(")[1].split(")")[0] for q in prom.queries}) == ["variant", "variant, code", "variant, correct", "variant, le"]
+    assert sorted({q.split("(")[1].split(")")[0] for q in prom.queries}) == [
+        "variant",
+        "variant, code",
+        "variant, correct",
+        "variant, le",
+        "variant, reason",
+    ]
 
 
 def test_spread_places_each_bucket_inside_its_bounds_and_quote_escapes():

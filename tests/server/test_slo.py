@@ -110,6 +110,8 @@ class _World:
         self.latency: dict[str, list[float]] = {v: [] for v in self.info.variants}
         self.routed: list[tuple[dict, list]] = []
         self.running: dict = {}
+        self.requests: dict[str, int] = {}  # variant -> requests answered or not (Arm.requests)
+        self.shed: dict[str, int] = {}  # variant -> requests its queue refused or dropped at their deadline
 
     def check_writable(self) -> None:
         pass
@@ -130,8 +132,11 @@ class _World:
         self.info.traffic = TrafficPolicy(weights, tuple(shadows), sticky)
         self.routed.append((dict(weights), list(shadows)))
 
+    async def refresh(self, model, variants):
+        pass
+
     def arm(self, model, variant):
-        return Arm(latency_mark=len(self.latency[variant]))
+        return Arm(requests=self.requests.get(variant, 0), latency_mark=len(self.latency[variant]), shed=self.shed.get(variant, 0))
 
     def latencies_since(self, model, variant, mark):
         return np.array(self.latency[variant][mark:])
@@ -466,3 +471,89 @@ def test_slo_watch_prints_each_new_event_once_until_the_objective_is_removed(mon
     assert result.exit_code == 0, result.output
     assert result.output.count("holding p99 <= 20 ms") == 1 and result.output.count("toward_fast") == 1
     assert "[cost 0.10 pt]" in result.output and result.output.rstrip().endswith("removed [cost 0.00 pt]")
+
+
+def test_with_prometheus_the_objective_sees_every_replicas_latency_not_only_the_writers():
+    from slimserve.server.rollout.prometheus import PrometheusStatistics
+
+    bounds = ("0.005", "0.01", "0.1", "+Inf")
+    # cumulative bucket counts per replica and variant; 'a' is the writer (fast), 'b' a replica under load (slow)
+    buckets = {"a": {"fp32": [0, 0, 0, 0], "int8": [0, 0, 0, 0]}, "b": {"fp32": [0, 0, 0, 0], "int8": [0, 0, 0, 0]}}
+
+    def query(url: str, q: str, timeout_s: float) -> list[dict]:
+        if "bucket" not in q:
+            return []
+        return [
+            {"metric": {"instance": r, "model": "m", "variant": v, "le": le}, "value": [0, str(n)]}
+            for r, variants in buckets.items()
+            for v, counts in variants.items()
+            for le, n in zip(bounds, counts)
+        ]
+
+    world = _World()
+    slo = SloController(world, world, PrometheusStatistics("http://prom:9090", query=query), world, clock=lambda: 0.0)
+    slo.set("m", 20, 1.0)
+
+    async def run():
+        await slo.tick()  # the first look sets the marks
+        buckets["a"]["fp32"] = [100, 100, 100, 100]  # the writer's 100 answers: all under 5 ms
+        buckets["b"]["fp32"] = [0, 0, 100, 100]  # the replica's 100: 10-100 ms
+        await slo.tick()
+
+    asyncio.run(run())
+    state = slo.status("m")
+    assert state.last_p99_ms is not None and state.last_p99_ms > 20  # the replica's slow half is in the p99
+    # it acts on it: the first step, shadows paused (without the replica, the writer's own p99 is under 5 ms)
+    assert world.routed == [({"fp32": 1.0}, [])] and "> objective 20 ms: shadows paused first" in state.history[-1]["reason"]
+
+
+def test_the_controllers_periodic_loop_goes_on_past_a_failing_look_and_stops():
+    from slimserve.server.rollout.periodic import Periodic
+
+    class Looker(Periodic):
+        default_interval_s = 0.005
+
+        def __init__(self) -> None:
+            self.looks = 0
+
+        async def tick(self) -> None:
+            self.looks += 1
+            if self.looks == 1:
+                raise RuntimeError("one bad look")
+
+    async def run():
+        looker = Looker()
+        with pytest.raises(ValueError, match="interval > 0"):
+            looker.start_ticking(0)
+        looker.start_ticking()
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if looker.looks >= 3:
+                break
+        await looker.stop()
+        stopped = looker.looks
+        await asyncio.sleep(0.03)
+        return looker.looks, stopped
+
+    looks, stopped = asyncio.run(run())
+    assert looks >= 3 and looks == stopped  # went on after the failing first look; none after stop
+
+
+def test_requests_shed_by_the_queue_break_the_objective_though_the_answered_ones_are_fast():
+    world = _World()
+    slo = SloController(world, world, world, world, clock=lambda: 0.0)
+    slo.set("m", 20, 1.0)
+
+    async def run():
+        await slo.tick()  # the first look sets the marks
+        world.requests["fp32"], world.shed["fp32"] = 100, 1  # 1% shed: within what a p99 allows
+        world.serve(5, 99)
+        await slo.tick()
+        assert world.routed == []
+        world.requests["fp32"], world.shed["fp32"] = 200, 11  # 10% of this look's requests never answered
+        world.serve(5, 90)  # those answered were fast
+        await slo.tick()
+
+    asyncio.run(run())
+    assert world.routed == [({"fp32": 1.0}, [])]  # it acts: the first step, shadows paused
+    assert "10.0% of requests shed (refused or dropped at their deadline) > objective 20 ms" in slo.status("m").history[-1]["reason"]

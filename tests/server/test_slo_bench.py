@@ -15,16 +15,18 @@ def test_arrivals_follow_the_step_rate():
     assert 150 < base < 250 and 500 < step < 700
 
 
-def test_the_summary_leaves_out_the_adjustment_and_counts_late_dropped_and_shares():
+def test_the_summary_leaves_out_the_adjustment_and_counts_late_dropped_refused_and_shares():
     begin, end = 5.0, 5.0 + ADJUST_S + 10
     rows = [
-        (begin + 1, "fp32", "ok", 9.0),  # in the adjustment: not in the p99, but in throughput and shares
-        *[(begin + ADJUST_S + i / 10, "int8", "ok", 0.010) for i in range(99)],
-        (begin + ADJUST_S + 9.95, "int8", "late", 0.200),
-        (begin + 2, "fp32", "deadline", 0.1),
-        (1.0, "fp32", "refused", 0.0),  # before the step
+        (begin + 1, "fp32", "ok", 9.0, -0.1),  # in the adjustment: not in the p99, but in throughput and shares
+        *[(begin + ADJUST_S + i / 10, "int8", "ok", 0.010, -0.09) for i in range(99)],
+        (begin + ADJUST_S + 9.95, "int8", "late", 0.200, 0.05),  # its compute ended 50 ms past its deadline
+        (begin + ADJUST_S + 9.96, "int8", "late", 0.130, -0.001),  # computed in time, answered 30 ms late
+        (begin + 2, "fp32", "deadline", 0.1, 0.0),
+        (1.0, "fp32", "refused", 0.0, 0.0),  # before the step: counted over the whole run
     ]
-    s = summarize({"rows": rows}, (begin, end), drop_pt=0.5)
-    assert s["late"] == 1 and s["dropped"] == 1 and s["requests"] == len(rows)
-    assert s["int8_share"] == pytest.approx(100 / 101) and s["accuracy_cost_pt"] == pytest.approx(0.5 * 100 / 101)
-    assert 10 < s["p99_ms"] < 200 and s["throughput_rps"] == pytest.approx(101 / (end - begin))
+    s = summarize({"rows": rows}, (begin, end), drop_pt=0.5, slo_ms=100.0)
+    assert (s["late"], s["late_compute"], s["dropped_at_deadline"], s["refused"]) == (2, 1, 1, 1) and s["requests"] == len(rows)
+    assert s["worst_late_ms"] == pytest.approx(100.0)
+    assert s["int8_share"] == pytest.approx(101 / 102) and s["accuracy_cost_pt"] == pytest.approx(0.5 * 101 / 102)
+    assert 10 < s["p99_ms"] < 200 and s["throughput_rps"] == pytest.approx(102 / (end - begin))
