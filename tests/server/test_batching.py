@@ -385,14 +385,9 @@ def test_short_calls_run_on_the_loop_thread_even_under_load_and_long_ones_on_the
 def test_a_short_call_to_an_idle_batcher_runs_at_once_as_its_own_batch(executor):
     model = FakeModel()
     seen: list[tuple[int, list[float]]] = []
+    # A generous bound: the fake call takes microseconds, but a loaded CI machine can stall its first timing past 0.5 ms.
     batcher = DynamicBatcher(
-        model,
-        executor,
-        BatchingConfig(),
-        inline_below_s=50e-3,
-        on_batch=lambda size, queued, compute: seen.append(
-            (size, queued)
-        ),  # a generous bound: the fake call takes microseconds, but a loaded CI machine can stall it past 0.5 ms
+        model, executor, BatchingConfig(), inline_below_s=50e-3, on_batch=lambda size, queued, compute: seen.append((size, queued))
     )
 
     async def go():
