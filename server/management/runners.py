@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[ProgressEvent], None]
 # How often a local worker's resident memory is checked against its cap, in seconds.
 WATCH_INTERVAL_S = 0.2
-# Connections tried to a Ray cluster at the server's start before it is refused.
-CONNECT_ATTEMPTS = 3
 
 
 def retrieved(future: asyncio.Future) -> None:
@@ -273,21 +271,10 @@ class RayRunner:
             import ray
         except ImportError:
             raise FailedPrecondition(f"--job-runner {self.address} needs Ray: pip install 'slimserve[ray]'") from None
-        loop = asyncio.get_running_loop()
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
-            try:
-                await loop.run_in_executor(None, lambda: ray.init(self.address, log_to_driver=False))
-                break
-            except Exception as e:
-                # Ray's client proxier loses the per-client server it forks now and then (ray-project/ray#63202: about 7%
-                # of connections, more on a loaded node): a fresh connection usually gets one.
-                with contextlib.suppress(Exception):
-                    ray.shutdown()
-                if attempt == CONNECT_ATTEMPTS:
-                    raise Unavailable(
-                        f"the Ray cluster at {self.address} refused the connection ({attempt} attempts): {type(e).__name__}: {e}"
-                    ) from None
-                log.warning("connecting to the Ray cluster at %s failed (%s: %s); trying again", self.address, type(e).__name__, e)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: ray.init(self.address, log_to_driver=False))
+        except Exception as e:
+            raise Unavailable(f"the Ray cluster at {self.address} refused the connection: {type(e).__name__}: {e}") from None
         self._ray = ray
         self._remote = ray.remote(ray_job)
 
