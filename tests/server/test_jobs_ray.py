@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,7 +137,9 @@ def test_cancelling_a_running_ray_job_ends_its_task_and_leaves_nothing(ray_head,
 
 
 def test_a_cluster_that_dies_mid_job_fails_only_that_job(server_factory, digits, tmp_path):
-    with head_at(tmp_path) as (address, head):
+    short = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
+    with contextlib.ExitStack() as cleanup, head_at(short) as (address, head):
+        cleanup.callback(shutil.rmtree, short, ignore_errors=True)
         server = server_factory(tmp_path / "repo", job_runner=address, max_jobs=1)
         with SlimServeClient(server.address) as c:
             c.register("digits", digits.onnx, data=digits.data, train=digits.train)
