@@ -1,13 +1,18 @@
 """What serving keeps while an optimizer job runs: the same closed-loop load before, during and after a job.
 
     python -m bench.bench_jobs [--jobs prune-structured,quantize-static] [--seconds 8] [--callers 4] [--flags "..."]
+    python -m bench.bench_jobs --model minilm --jobs auto --cancel-after-rounds [--repeat 3]
 
-Trains the digits CNN, registers it on a `slimserve start` process (with its train and calibration data), and for
+Trains the digits CNN (or, with `--model minilm`, builds all-MiniLM-L6-v2 with its real weights through bench/zoo,
+once, into bench/results/serving-cache/; batch-1 requests of 128 tokens), registers it on a `slimserve start` process
+(with its evaluation, train and calibration data), and for
 each job recipe in turn measures `--callers` closed-loop gRPC callers (batch 1, two client processes): `--seconds`
 with no job, then, from the moment the job's worker process exists, `--rounds` pairs of windows with the worker
 stopped (SIGSTOP: the same server, the same process tree, the job not computing) and running, interleaved (which
 goes first alternates) so that other load on the machine weighs on both alike (a round counts only if the job
-still ran at the end of its running window).
+still ran at the end of its running window). `--cancel-after-rounds` cancels the job once its rounds are measured
+(MiniLM's `auto` trains students for an hour on a small node: what serving keeps is measured in its first minutes);
+`--repeat N` runs the list N times on the same server (variant names get the run's number).
 Prints p50 / p99 / throughput side by side and the running / paused ratios (targets: p99 <= 1.3x, throughput
 >= 0.85x, no errors), as a table and as JSON.
 `--flags` passes server flags (e.g. "--job-nice 0 --optimizer-threads 2" to see what the worker's priority buys).
@@ -43,6 +48,14 @@ def digits_files(root: Path, calibration_rows: int = 200) -> dict[str, Path]:
     np.savez(root / "calibration.npz", x=train.x[rows])
     onnx = export_onnx(model, root / "digits.onnx", torch.from_numpy(test.x[:2]))
     return {"onnx": onnx, "data": root / "data.npz", "train": root / "train.npz", "calibration": root / "calibration.npz", "x": test.x[:1]}
+
+
+def minilm_files() -> dict:
+    """all-MiniLM-L6-v2 (real weights) as bench/zoo builds it, once (bench/results/serving-cache/minilm)."""
+    from bench.serving_models import CHOICES, prepare
+
+    files = prepare(CHOICES["minilm"], fresh=False)
+    return {"onnx": files.onnx, "data": files.data, "train": files.train, "calibration": files.calibration, "x": files.sample}
 
 
 def row(phase: str, p: PointResult) -> dict:
@@ -89,7 +102,7 @@ def merged(phase: str, points: list[PointResult]) -> dict:
     return row(phase, pooled)
 
 
-def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, payload: bytes, args) -> dict:
+def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, payload: bytes, args, run: int = 0) -> dict:
     def load(phase: str, seconds: float) -> PointResult:
         return run_point(phase, server.address, payload, args.callers, seconds, 1.0, server_pid=server.pid)
 
@@ -99,11 +112,11 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
         asked = str(args.workdir / "quantize-static.json")
         passes = [{"pass": "quantize-static", "config": {"max_samples": args.calibration_rows, "calibrate_method": args.calibrate_method}}]
         Path(asked).write_text(json.dumps({"version": 1, "name": "quantize-static", "passes": passes}))
-    variant, _ = client.optimize("digits", asked, variant_name=f"bench-{recipe}", detach=True)
+    variant, _ = client.optimize(args.model, asked, variant_name=f"bench-{recipe}-{run}", detach=True)
     job_id = variant["job_id"]
 
     def state() -> dict:
-        return next(j for j in client.jobs("digits") if j["id"] == job_id)
+        return next(j for j in client.jobs(args.model) if j["id"] == job_id)
 
     started = time.monotonic()
     wait_until(lambda: worker_pids(server.pid) or state()["status"] not in ("queued", "running"), "the job's worker", 300, 0.05)
@@ -136,10 +149,13 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
             break
         paused.append(first_paused or second_paused)
         running.append(point)
+    if args.cancel_after_rounds and state()["status"] == "running":
+        client.cancel_job(job_id)
     end = wait_until(lambda: (s := state())["status"] not in ("queued", "running") and s, f"job {job_id} to end", 1800, 0.5)
     job_s = time.monotonic() - started
     result = {
         "recipe": recipe,
+        "run": run,
         "job": {"id": job_id, "status": end["status"], "message": end["message"], "seconds": round(job_s, 1)},
         "worker_started_s": round(worker_up_s, 1),
         "rounds": len(running),
@@ -167,24 +183,40 @@ def main() -> None:
         "--calibration-rows", type=int, default=200, help="calibration samples (more: a longer quantize-static job to measure inside)"
     )
     parser.add_argument("--flags", default="", help="extra `slimserve start` flags")
+    parser.add_argument("--model", choices=("digits", "minilm"), default="digits")
+    parser.add_argument("--repeat", type=int, default=1, help="run the job list this many times (interleaved: a, b, a, b, ...)")
+    parser.add_argument("--cancel-after-rounds", action="store_true", help="cancel each job once its rounds are measured")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        files = digits_files(root, args.calibration_rows)
+        files = digits_files(root, args.calibration_rows) if args.model == "digits" else minilm_files()
         args.workdir = root
         server = ServerProcess(root / "repo", root / "server.log", *shlex.split(args.flags))
         try:
             with server.client() as c:
-                c.register("digits", files["onnx"], data=files["data"], train=files["train"], calibration=files["calibration"])
-                wait_until(lambda: c.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's measure", 120, 0.2)
-                payload = build_infer_request("digits", files["x"])
-                results = [measure_job(server, c, recipe, payload, args) for recipe in args.jobs.split(",")]
+                c.register(args.model, files["onnx"], data=files["data"], train=files["train"], calibration=files["calibration"])
+                registered = time.monotonic()
+                wait_until(lambda: c.model(args.model)["variants"][0]["latency_p50_ms"] is not None, "the baseline's measure", 600, 0.2)
+                baseline_measure_s = round(time.monotonic() - registered, 1)  # the measure after a registration
+                payload = build_infer_request(args.model, files["x"])
+                recipes = args.jobs.split(",")
+                results = [measure_job(server, c, recipe, payload, args, run) for run in range(args.repeat) for recipe in recipes]
         finally:
             server.stop()
-    out = {"cores": os.cpu_count(), "callers": args.callers, "seconds": args.seconds, "flags": args.flags, "results": results}
+    out = {
+        "model": args.model,
+        "baseline_measure_s": baseline_measure_s,
+        "cores": os.cpu_count(),
+        "callers": args.callers,
+        "seconds": args.seconds,
+        "flags": args.flags,
+        "results": results,
+    }
     for r in results:
-        print(f"\n{r['recipe']}: job {r['job']['status']} in {r['job']['seconds']} s; {r['rounds']} paused / running round(s)")
+        print(
+            f"\n{r['recipe']} (run {r['run']}): job {r['job']['status']} in {r['job']['seconds']} s; {r['rounds']} paused / running round(s)"
+        )
         print(f"{'phase':12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6} {'server cpu s':>12}")
         for p in r["phases"]:
             print(

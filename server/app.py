@@ -92,6 +92,7 @@ class SlimServer:
             settings.batching_config(),
             max_concurrent_calls=settings.max_concurrent_calls,
             unload_idle_s=settings.unload_idle_variants_s,
+            feedback_ids=settings.feedback_ids,
             inline_compute_s=settings.inline_compute_ms / 1000.0,
         )
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)

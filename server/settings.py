@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slimserve.server.batching.assembly import BatchingConfig
 from slimserve.server.runtimes import RuntimeConfig
+from slimserve.server.telemetry.statistics import DEFAULT_FEEDBACK_IDS
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -92,6 +93,12 @@ class Settings(BaseSettings):
         "loaded at start, unloaded after this many seconds without a request; a request that pins one (`model_version`) waits "
         "while it loads; 0: every ready variant stays loaded",
         ge=0,
+    )
+    feedback_ids: int = setting(
+        DEFAULT_FEEDBACK_IDS,
+        "requests per model whose answers are kept for a later label (`slimctl feedback`), the newest; each costs about "
+        "0.2-0.3 KB (20-26 MiB per model at the default once that many requests were served: python -m bench.bench_feedback_memory)",
+        ge=1,
     )
     tls_cert: Path | None = setting(None, "PEM certificate chain of the server: serve gRPC (and HTTPS) over TLS")
     tls_key: Path | None = setting(None, "PEM private key of `--tls-cert`")

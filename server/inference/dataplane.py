@@ -33,7 +33,7 @@ from slimserve.server.runtimes import Runtime, RuntimeConfig, TensorSpec
 from slimserve.server.store.repository import Repository
 from slimserve.server.telemetry.metrics import Metrics
 from slimserve.server.telemetry.recording import VariantRecorder
-from slimserve.server.telemetry.statistics import FeedbackStore, VariantStats
+from slimserve.server.telemetry.statistics import DEFAULT_FEEDBACK_IDS, FeedbackStore, VariantStats
 from slimserve.server.telemetry.tracing import RequestTrace, Tracer
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ class DataPlane:
         inline_compute_s: float = 0.5e-3,
         max_concurrent_calls: int = 1,
         unload_idle_s: float = 0.0,
+        feedback_ids: int = DEFAULT_FEEDBACK_IDS,
     ) -> None:
         self.repository = repository
         self.executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="compute")
@@ -187,6 +188,7 @@ class DataPlane:
             inline_compute_s,
             max_concurrent_calls,
             unload_idle_s,
+            feedback_ids,
         )
         self.shadows = ShadowMirror(self._spawn)
         self.shared_memory = SharedMemoryRegions()

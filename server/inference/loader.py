@@ -31,6 +31,7 @@ from slimserve.server.store.repository import Repository
 from slimserve.server.store.traffic import TrafficPolicy
 from slimserve.server.telemetry.metrics import Metrics
 from slimserve.server.telemetry.recording import VariantRecorder
+from slimserve.server.telemetry.statistics import DEFAULT_FEEDBACK_IDS, FeedbackStore
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class ModelLoader:
         inline_compute_s: float,
         max_concurrent_calls: int,
         unload_idle_s: float = 0.0,
+        feedback_ids: int = DEFAULT_FEEDBACK_IDS,
     ) -> None:
         self.repository = repository
         self.runtime_config = runtime_config
@@ -66,6 +68,7 @@ class ModelLoader:
         self._lock = asyncio.Lock()
         # Lazy variants (0: every ready variant stays loaded): an unrouted variant idle this long is unloaded.
         self.unload_idle_s = unload_idle_s
+        self.feedback_ids = feedback_ids  # each model's FeedbackStore capacity (--feedback-ids)
         self._reloading: dict[tuple[str, str], asyncio.Task] = {}  # one load per variant, shared by its waiters
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # (requests answered, when that count was first seen)
         self._reaper: asyncio.Task | None = None
@@ -148,7 +151,7 @@ class ModelLoader:
                 override = self.overrides.get(name)
             info = self.repository.get(name)
             old = self.models.get(name)
-            loaded = LoadedModel(info, feedback=old.feedback) if old is not None else LoadedModel(info)
+            loaded = LoadedModel(info, feedback=old.feedback if old is not None else FeedbackStore(self.feedback_ids))
             loop = asyncio.get_running_loop()
             needed = self.needed(info)
             unloaded: dict[str, UnloadedVariant] = {}

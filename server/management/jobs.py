@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimserve.optimizer.base import Artifact, OptimizerError, PassContext, ProgressEvent
+from slimserve.optimizer.base import OptimizerError, ProgressEvent
 from slimserve.optimizer.catalog import PASSES
 from slimserve.optimizer.evaluation.evaluators import load_evaluator
 from slimserve.optimizer.evaluation.quality import parse_declared
-from slimserve.optimizer.pipeline import Baseline, layout_aware, preflight
+from slimserve.optimizer.pipeline import Baseline, preflight
 from slimserve.optimizer.recipes import Recipe
 from slimserve.server.errors import (
     AlreadyExists,
@@ -31,7 +31,7 @@ from slimserve.server.errors import (
 from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.management.runners import LocalRunner, RayRunner
 from slimserve.server.management.worker import WorkFailed, WorkLimits, WorkResult, WorkSpec, parse_recipe_of
-from slimserve.server.runtimes import RuntimeConfig, create_runtime
+from slimserve.server.runtimes import RuntimeConfig
 from slimserve.server.store.manifest import BASELINE, DATA_ROLES, ModelInfo, VariantInfo, now, validate_name
 from slimserve.server.store.repository import Repository
 
@@ -354,41 +354,53 @@ class JobManager:
         return found if found is not None else (job.model, {"id": job.id, "variant": job.variant, "status": job.state})
 
     def evaluate_in_background(self, model: str, variant: str = BASELINE) -> None:
-        """Measures a variant on the job thread (after any queued job) and stores the evaluation with it."""
-
-        def work() -> None:
-            from slimserve.optimizer.evaluation.measure import evaluate
-
-            info = self.repository.get(model)
-            v = info.variants[variant]
-            source = Artifact(path=self.repository.variant_path(info, variant), format=v.format, runtime=v.runtime)
-            data_path = self.repository.dataset_path(model, "data")
-            data = PassContext(workdir=Path("."), datasets={"data": data_path}).dataset("data", "evaluation") if data_path else None
-            factory, data = layout_aware(source, self._factory, data)  # a state on axis 1, a scalar input: as optimize measures
-            evaluation, outputs = evaluate(source, factory, data)
-            self._keep_baseline(self._baseline_key(info, variant), Baseline(evaluation, outputs))
-
-            def store(i: ModelInfo) -> None:
-                if variant in i.variants and not i.variants[variant].evaluation:
-                    i.variants[variant].evaluation = evaluation.to_dict()
-
-            self.repository.update(model, store)
+        """Measures a variant in a worker, like a job (a slot of `--max-jobs`, niced, thread-capped: it no longer competes
+        with traffic inside the server), and stores the evaluation with it; later jobs from it reuse the measure."""
 
         async def run() -> None:
+            loop = asyncio.get_running_loop()
             try:
-                await asyncio.get_running_loop().run_in_executor(self.executor, work)
+                async with self._slots:
+                    info = self.repository.get(model)
+                    v = info.variants[variant]
+                    data = self.repository.dataset_path(model, "data")
+                    with self.repository.staging() as staged:
+                        spec = WorkSpec(
+                            job_id=f"measure-{uuid.uuid4().hex[:8]}",
+                            model=model,
+                            variant=variant,
+                            parent=variant,
+                            recipe="",
+                            recipe_json="",
+                            accuracy_budget=None,
+                            keep_over_budget=False,
+                            source=self.repository.variant_path(info, variant),
+                            format=v.format,
+                            runtime=v.runtime,
+                            input_names=tuple(s.name for s in info.inputs),
+                            output_names=tuple(s.name for s in info.outputs),
+                            datasets={"data": data} if data is not None else {},
+                            staged=staged,
+                            device=self.runtime_config.device,
+                            measure_only=True,
+                        )
+                        result = await self.runner.run(spec, lambda event: None)
+                self._keep_baseline(self._baseline_key(info, variant), result.baseline)
+
+                def store(i: ModelInfo) -> None:
+                    if variant in i.variants and not i.variants[variant].evaluation:
+                        i.variants[variant].evaluation = result.evaluation
+
+                await loop.run_in_executor(self.executor, self.repository.update, model, store)
                 await self.dataplane.refresh(model)
+            except asyncio.CancelledError:
+                raise
             except Exception as e:  # the model may have been deleted meanwhile; nothing to keep
                 log.warning("evaluation of '%s' variant '%s' failed: %s", model, variant, e)
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _factory(self, path: Path, runtime: str):
-        r = create_runtime(runtime, path, self.runtime_config)
-        r.load()
-        return r
 
     async def events(self, job: Job) -> AsyncIterator[ProgressEvent | JobDone]:
         """Every event of the job from the start, then new ones as they come; raises the job's error."""

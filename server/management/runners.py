@@ -297,8 +297,15 @@ class RayRunner:
         loop = asyncio.get_running_loop()
         from ray.util.queue import Queue
 
-        events = await loop.run_in_executor(None, lambda: Queue(maxsize=1000, actor_options={"num_cpus": 0}))
-        ref = await loop.run_in_executor(None, lambda: self._remote.options(**options).remote(spec, files, events))
+        try:
+            events = await loop.run_in_executor(None, lambda: Queue(maxsize=1000, actor_options={"num_cpus": 0}))
+            ref = await loop.run_in_executor(None, lambda: self._remote.options(**options).remote(spec, files, events))
+        except Exception as e:  # the cluster went away since the server started
+            raise WorkFailed(
+                "UNAVAILABLE",
+                f"cannot hand the job to the Ray cluster at {self.address}: {type(e).__name__}: {e}; if the cluster stopped "
+                "(`ray status` on its head), start it again and rerun the job: nothing was registered",
+            ) from None
         self.refs[spec.job_id] = ref
         progress(ProgressEvent("ray", 0.0, f"running on the Ray cluster at {self.address}"))
         finished = threading.Event()
@@ -328,7 +335,11 @@ class RayRunner:
             cause = getattr(e, "cause", None)
             if isinstance(cause, WorkFailed):
                 raise WorkFailed(cause.kind, cause.message) from None
-            raise WorkFailed("UNAVAILABLE", f"the job's Ray task failed on {self.address}: {type(e).__name__}: {e}") from None
+            raise WorkFailed(
+                "UNAVAILABLE",
+                f"the job's task on the Ray cluster at {self.address} failed: {type(e).__name__}: {e}; if the cluster stopped "
+                "(`ray status` on its head), start it again and rerun the job: nothing was registered",
+            ) from None
         finally:
             self.refs.pop(spec.job_id, None)
             finished.set()

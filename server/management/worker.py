@@ -62,6 +62,9 @@ class WorkSpec:
     evaluator: str = ""  # an evaluator installed on this node (checked by the server before the job starts)
     # The server's pass catalog (name -> "module:Class"): passes a deployment adds to the table run in the worker too.
     passes: dict[str, str] = field(default_factory=dict)
+    # Only measure `source` on the evaluation data (a registered model's baseline): no recipe, nothing written; the
+    # result's `evaluation` and `baseline` are its measure.
+    measure_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,13 @@ def recipe_record(recipe: str, result) -> str:
     return f"{recipe} ({'; '.join(parts)})"
 
 
-def cap_threads(threads: int) -> None:
-    """Caps torch's intra- and inter-op pools (and, through the environment, OpenMP's and BLAS's) at `threads`."""
+def cap_threads(threads: int, torch_too: bool = True) -> None:
+    """Caps torch's intra- and inter-op pools (and, through the environment, OpenMP's and BLAS's) at `threads`.
+    `torch_too=False`: the environment only, torch not imported (measuring an ONNX file needs none: a second saved)."""
     for name in THREAD_ENV:
         os.environ[name] = str(threads)
+    if not torch_too:
+        return
     import torch
 
     torch.set_num_threads(threads)
@@ -160,8 +166,47 @@ def cap_ort_threads(threads: int) -> None:
     ort.InferenceSession.__init__ = capped  # type: ignore[method-assign]
 
 
+def measure_work(spec: WorkSpec) -> WorkResult:
+    """A `measure_only` spec: `source` measured on the evaluation data as a job measures its parent. Blocking."""
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.evaluation.measure import evaluate
+    from slimserve.optimizer.pipeline import Baseline, layout_aware
+    from slimserve.server.runtimes import RuntimeConfig, create_runtime
+
+    config = RuntimeConfig(intra_op_threads=0, threads_per_call=spec.limits.threads, device=spec.device)
+
+    def factory(path: Path, runtime: str):
+        r = create_runtime(runtime, path, config)
+        r.load()
+        return r
+
+    source = Artifact(
+        path=spec.source, format=spec.format, runtime=spec.runtime, input_names=spec.input_names, output_names=spec.output_names
+    )
+    data_path = spec.datasets.get("data")
+    data = PassContext(workdir=spec.staged / "work", datasets={"data": data_path}).dataset("data", "evaluation") if data_path else None
+    factory, data = layout_aware(source, factory, data)  # a state on axis 1, a scalar input: as optimize measures
+    evaluation, outputs = evaluate(source, factory, data)
+    variant_dir = spec.staged / "variant"
+    variant_dir.mkdir()
+    return WorkResult(
+        variant_dir=variant_dir,
+        file="",
+        format=spec.format,
+        runtime=spec.runtime,
+        recipe="",
+        size_bytes=0,
+        evaluation=evaluation.to_dict(),
+        baseline_evaluation=evaluation.to_dict(),
+        report=[],
+        baseline=Baseline(evaluation, outputs),
+    )
+
+
 def run_work(spec: WorkSpec, progress: Callable[[Any], None], cancelled: Callable[[], bool] = lambda: False) -> WorkResult:
     """Runs the job: passes, evaluation, and the variant's files in `spec.staged / "variant"`. Blocking."""
+    if spec.measure_only:
+        return measure_work(spec)
     from slimserve.optimizer.base import Artifact, PassContext
     from slimserve.optimizer.evaluation.evaluators import load_evaluator
     from slimserve.optimizer.evaluation.quality import parse_declared
@@ -278,7 +323,7 @@ def main(argv: list[str]) -> int:
     spec: WorkSpec = pickle.load(sys.stdin.buffer)
     lower_priority(spec.limits.nice)
     try:
-        cap_threads(spec.limits.threads)
+        cap_threads(spec.limits.threads, torch_too=not (spec.measure_only and spec.format == "onnx"))
         cap_ort_threads(spec.limits.threads)
         result = run_work(spec, lambda event: conn.send(("progress", event)))
     except BaseException as e:

@@ -1,4 +1,10 @@
-"""Unload returns memory: 20 variants created, loaded, routed to and deleted under load leave the server's RSS within 10%."""
+"""Unload returns memory: 20 variants created, loaded, routed to and deleted under load leave the server's RSS within 5%.
+
+The server keeps each model's last `--feedback-ids` answers for later labels, a store that grows with the requests served
+until it is full (0.27 KB an 8-row answer: 26 MiB at the default 100 000, which this load fills in a few minutes; its
+cost per answer is held by tests/server/test_stats.py). Here it is kept small so that it is full before the first
+measurement and what is measured is the variants' churn: with the default, the store's filling read as a 22-35% growth
+that was blamed on optimizer jobs (they serve more traffic while they run since they moved to worker processes)."""
 
 from __future__ import annotations
 
@@ -11,18 +17,12 @@ from tests.helpers import ServerProcess, wait_until
 
 CYCLES = 20
 WARMUP = 3  # the first jobs import the optimizer and grow pools and arenas once; measured from after them
+FEEDBACK_IDS = 1000  # full within the warm-up (thousands of requests a cycle)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,  # CI machines differ in how long a job takes, so how much traffic it sees: not strict there
-    reason="known regression since optimizer jobs moved to worker processes (issue 21): server RSS 154 -> 206 MiB over "
-    "20 graph-ort jobs under load, against 151 -> 164 MiB before the move. Without traffic the in-process server grows "
-    "0.28 MiB a job (tracemalloc: ~12 KB of Python objects a job), so the growth comes with the traffic served while the "
-    "now longer jobs run (worker start and imports): native memory, cause not found. Remove the mark once fixed.",
-)
 def test_creating_and_deleting_20_variants_under_load_returns_memory(tmp_path, digits):
-    server = ServerProcess(tmp_path / "repo", tmp_path / "server.log")
+    server = ServerProcess(tmp_path / "repo", tmp_path / "server.log", "--feedback-ids", str(FEEDBACK_IDS))
     errors: list[Exception] = []
     answered: Counter[str] = Counter()
     stop = threading.Event()
@@ -64,4 +64,4 @@ def test_creating_and_deleting_20_variants_under_load_returns_memory(tmp_path, d
     start, end = rss
     growth = (end - start) / start
     print(f"server RSS after warm-up {start / 2**20:.1f} MiB, after {CYCLES} more variants {end / 2**20:.1f} MiB ({growth:+.1%})")
-    assert growth < 0.10, f"RSS grew {growth:.1%}: {start / 2**20:.1f} -> {end / 2**20:.1f} MiB"
+    assert growth < 0.05, f"RSS grew {growth:.1%}: {start / 2**20:.1f} -> {end / 2**20:.1f} MiB"
