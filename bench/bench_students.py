@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sentences", default="80,320,1280", help="counts of unlabelled train sentences (the curve's x)")
     parser.add_argument("--layers", default="3,4,5", help="students' kept encoder layers (of 6); empty: none")
     parser.add_argument("--prune", default="0.25,0.5", help="head / FFN pruning ratios; empty: none")
+    parser.add_argument(
+        "--onnx-prune", default="0.25,0.5", help="ratios for prune-structured on the ONNX teacher (sliced in the graph, not trained)"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -157,6 +160,30 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict] = []
     paths: dict[str, Path] = {"fp32": folder / "model.onnx"}
     jobs = [("student", k) for k in ks] + [("prune", r) for r in ratios]
+    onnx_ratios = [float(v) for v in args.onnx_prune.split(",") if v.strip()]
+    if onnx_ratios:  # no training: one row each, its activations read on 16 train sentences (not the eval ones)
+        work = Path(tempfile.mkdtemp(prefix="bench-students-onnx-"))
+        tokenized(text[:16], work / "calibration.npz", args.length)
+        context = PassContext(workdir=work, datasets={"calibration": work / "calibration.npz"})
+        source = Artifact(folder / "model.onnx", "onnx", input_names=("input_ids", "attention_mask"), output_names=("output",))
+        for ratio in onnx_ratios:
+            name = f"ONNX heads+FFN -{ratio:g}"
+            started = time.perf_counter()
+            variant = make_pass("prune-structured", {"pruning_ratio": ratio, "importance": "activation"}).run(source, context)
+            cos = cosine_per_sample(ort.InferenceSession(str(variant.path)).run(None, feeds)[0], fp32)
+            paths[name] = variant.path
+            runs.append(
+                {
+                    "variant": name,
+                    "sentences": 0,
+                    "cosine": round(float(cos.mean()), 4),
+                    "worst": round(float(cos.min()), 4),
+                    "train_seconds": round(time.perf_counter() - started, 1),
+                    "params_fraction": float(variant.notes["params_fraction"]),
+                    "flops_fraction": float("nan"),
+                }
+            )
+            say(f"  {name:18} (not trained): cosine {runs[-1]['cosine']:.4f} (worst {runs[-1]['worst']:.4f})", flush=True)
     for count in counts:
         if count > len(text):
             say(f"only {len(text)} sentences found; skipping {count}", flush=True)
@@ -214,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result, indent=2))
         return
     names = list(dict.fromkeys(r["variant"] for r in runs))
-    done = sorted({r["sentences"] for r in runs})
+    done = sorted({r["sentences"] for r in runs} - {0})
     print(f"\nCPU: {result['cpu']}; cosine to the FP32 teacher on 40 real sentences ({args.epochs} epochs, lr {args.lr:g}); p50 at batch 1")
     print(f"{'variant':18} " + " ".join(f"{c:>8}" for c in done) + f" {'params':>7} {'FLOPs':>7} {'p50 ms':>7} {'x FP32':>7}")
     print(
@@ -224,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name in names:
         by = {r["sentences"]: r for r in runs if r["variant"] == name}
+        if 0 in by:  # not trained: the same cosine at every count of sentences
+            by = dict.fromkeys(done, by[0]) if done else {0: by[0]}
         last = by[max(by)]
         cells = " ".join(f"{by[c]['cosine']:8.4f}" if c in by else f"{'-':>8}" for c in done)
         print(

@@ -85,9 +85,7 @@ def kept_layers(layers: list[str], count: int) -> list[str]:
     return [layers[int(i * (n - 1) / max(1, count - 1) + 0.5)] for i in range(count)] if count > 1 else [layers[-1]]
 
 
-def layer_dropping_student(
-    teacher: Any, example: tuple[Any, ...], width: float, needed_by: str, keep_layers: int = 0
-) -> tuple[Any, str]:
+def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float, needed_by: str, keep_layers: int = 0) -> tuple[Any, str]:
     """The teacher with `keep_layers` of its layers (0: half; its own weights), first and last kept, and with `width` of each kept layer's heads and FFN channels.
 
     Returns the student and a line saying what it kept.

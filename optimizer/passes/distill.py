@@ -123,7 +123,9 @@ def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftCo
     A transformer's student keeps half the encoder layers (first and last) and `width` of their heads and FFN channels (optimizer/compress/students.py).
     """
     if config.keep_layers and find_encoder(teacher) is None:
-        raise OptimizerError(f"{needed_by}: keep_layers {config.keep_layers} applies to a transformer's encoder layers, and the model has no attention; set keep_layers 0")
+        raise OptimizerError(
+            f"{needed_by}: keep_layers {config.keep_layers} applies to a transformer's encoder layers, and the model has no attention; set keep_layers 0"
+        )
     if find_encoder(teacher) is not None:
         student, kept = layer_dropping_student(teacher, example, config.width, needed_by, config.keep_layers)
     elif config.width >= 1.0:
