@@ -45,7 +45,7 @@ def tiny_bert_onnx() -> onnx.ModelProto:
     for i in range(LAYERS):
         p = f"l{i}"
 
-        def linear(src: str, name: str, n_in: int, n_out: int) -> str:
+        def linear(src: str, name: str, n_in: int, n_out: int, p: str = p) -> str:
             mm = node("MatMul", [src, weight(f"{p}.{name}.w", n_in, n_out)], f"{p}.{name}.mm")
             return node("Add", [mm, weight(f"{p}.{name}.b", n_out)], f"{p}.{name}")
 
