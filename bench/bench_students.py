@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     paths: dict[str, Path] = {"fp32": folder / "model.onnx"}
     jobs = [("student", k) for k in ks] + [("prune", r) for r in ratios]
     onnx_ratios = [float(v) for v in args.onnx_prune.split(",") if v.strip()]
-    if onnx_ratios:  # no training: one row each, its activations read on 16 train sentences (not the eval ones)
+    if onnx_ratios:  # no training: one row each, its activations read on 32 train sentences (not the eval ones)
         work = Path(tempfile.mkdtemp(prefix="bench-students-onnx-"))
-        tokenized(text[:16], work / "calibration.npz", args.length)
+        tokenized(text[:32], work / "calibration.npz", args.length)
         context = PassContext(workdir=work, datasets={"calibration": work / "calibration.npz"})
         source = Artifact(folder / "model.onnx", "onnx", input_names=("input_ids", "attention_mask"), output_names=("output",))
         for ratio in onnx_ratios:

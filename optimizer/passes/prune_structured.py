@@ -254,7 +254,7 @@ def onnx_weight_count(model: Any) -> int:
 
 
 def check_feeds(artifact: Artifact, context: PassContext, needed_by: str) -> dict[str, np.ndarray]:
-    """Up to 16 real rows to compare the pruned graph with the original on: the calibration, evaluation or train data, the first registered."""
+    """Up to 32 real rows to compare the pruned graph with the original on: the calibration, evaluation or train data, the first registered."""
     from slimserve.optimizer.data import model_arrays
     from slimserve.optimizer.formats.export import onnx_input_types
 
@@ -266,7 +266,7 @@ def check_feeds(artifact: Artifact, context: PassContext, needed_by: str) -> dic
         )
     specs = onnx_input_types(artifact.path)
     arrays = model_arrays(context.dataset(role, needed_by), specs, role, needed_by)
-    return {k: v[:16] for k, v in arrays.items()}
+    return {k: v[:32] for k, v in arrays.items()}
 
 
 def intermediate_outputs(model: Any, names: list[str], feeds: dict[str, np.ndarray], needed_by: str) -> dict[str, np.ndarray]:
@@ -279,7 +279,7 @@ def intermediate_outputs(model: Any, names: list[str], feeds: dict[str, np.ndarr
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     values = session.run(names, feeds)
-    return dict(zip(names, (np.asarray(v, dtype=np.float64) for v in values)))
+    return dict(zip(names, (np.asarray(v, dtype=np.float32) for v in values)))  # float32: [rows, seq, FFN width] per layer
 
 
 def run_onnx(model: Any, feeds: dict[str, np.ndarray], needed_by: str) -> np.ndarray:
