@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                     "worst": round(float(cos.min()), 4),
                     "train_seconds": round(time.perf_counter() - started, 1),
                     "params_fraction": float(variant.notes["params_fraction"]),
-                    "flops_fraction": float("nan"),
+                    "flops_fraction": None,  # counted on torch programs only
                 }
             )
             say(f"  {name:18} (not trained): cosine {runs[-1]['cosine']:.4f} (worst {runs[-1]['worst']:.4f})", flush=True)
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
                     "cosine": round(float(cos.mean()), 4),
                     "worst": round(float(cos.min()), 4),
                     "train_seconds": round(seconds, 1),
-                    "params_fraction": float(variant.notes.get("params_fraction", "nan")),
-                    "flops_fraction": float(variant.notes.get("flops_fraction", "nan")),
+                    "params_fraction": float(variant.notes["params_fraction"]),
+                    "flops_fraction": float(variant.notes["flops_fraction"]),
                 }
             )
             RESULTS.parent.mkdir(exist_ok=True)
@@ -254,9 +254,10 @@ def main(argv: list[str] | None = None) -> None:
         if 0 in by:  # not trained: the same cosine at every count of sentences
             by = dict.fromkeys(done, by[0]) if done else {0: by[0]}
         last = by[max(by)]
+        flops = last["flops_fraction"]
         cells = " ".join(f"{by[c]['cosine']:8.4f}" if c in by else f"{'-':>8}" for c in done)
         print(
-            f"{name:18} {cells} {last['params_fraction']:7.2f} {last['flops_fraction']:7.2f} "
+            f"{name:18} {cells} {last['params_fraction']:7.2f} {'-' if flops is None else f'{flops:.2f}':>7} "
             f"{latency[name]['p50_ms']:7.2f} {latency[name]['vs_fp32_x']:7.2f}"
         )
 
