@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--length", type=int, default=64, help="tokens per sentence (the teacher is exported at this length)")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds (each variant --per-round calls a round)")
+    parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "slimserve-zoo" / "students")
     args = parser.parse_args(argv)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{seconds:.0f} s training",
                 flush=True,
             )
-    p50 = interleaved_p50(paths, feeds)
+    p50 = interleaved_p50(paths, feeds, rounds=args.rounds, per_round=args.per_round)
     latency = {name: {"p50_ms": round(ms, 3), "vs_fp32_x": round(p50["fp32"] / ms, 2)} for name, ms in p50.items()}
     result = {
         "cpu": cpu_isa(),
