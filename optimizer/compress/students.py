@@ -79,8 +79,14 @@ def drop_layers_(module: Any, blocks: list[Block], drop: set[str]) -> None:
     module.recompile()
 
 
-def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float, needed_by: str) -> tuple[Any, str]:
-    """The teacher with half its layers (its own weights), first and last kept, and with `width` of each kept layer's heads and FFN channels.
+def kept_layers(layers: list[str], count: int) -> list[str]:
+    """`count` of the layers, spread evenly from the first to the last (both kept): 3 of 6 are 0, 3, 5; 4 of 6 are 0, 2, 3, 5."""
+    n = len(layers)
+    return [layers[int(i * (n - 1) / max(1, count - 1) + 0.5)] for i in range(count)] if count > 1 else [layers[-1]]
+
+
+def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float, needed_by: str, keep_layers: int = 0) -> tuple[Any, str]:
+    """The teacher with `keep_layers` of its layers (0: half; its own weights), first and last kept, and with `width` of each kept layer's heads and FFN channels.
 
     Returns the student and a line saying what it kept.
     """
@@ -95,10 +101,15 @@ def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float,
             f"{needed_by}: the model has {len(encoder.layers)} encoder layer(s) with attention named by index "
             f"({', '.join(encoder.layers) or 'none'}), so there is no layer to drop; give a smaller student as a .pt2 (config student)"
         )
-    blocks = layer_blocks(student, encoder, needed_by)
     n = len(encoder.layers)
-    count = (n + 1) // 2
-    keep = [encoder.layers[int(i * (n - 1) / max(1, count - 1) + 0.5)] for i in range(count)]  # evenly from first to last
+    if keep_layers < 0 or keep_layers > n or (keep_layers == n and width >= 1.0):
+        raise OptimizerError(
+            f"{needed_by}: keep_layers {keep_layers} does not make a smaller student of a model with {n} encoder layers "
+            f"({', '.join(encoder.layers)}); choose 1 to {n - 1} (0: half, {(n + 1) // 2})"
+            + (f", or {n} with a width below 1" if keep_layers == n else "")
+        )
+    blocks = layer_blocks(student, encoder, needed_by)
+    keep = kept_layers(encoder.layers, keep_layers or (n + 1) // 2)
     before = output_shapes(student, example)
     drop_layers_(student, blocks, set(encoder.layers) - set(keep))
     if output_shapes(student, example) != before:

@@ -56,13 +56,15 @@ class DistillSoftConfig(PassConfig):
     1.0 (half the layers, all their heads). student_init: teacher
     (start from the teacher's most important channels) | random (the same narrow architecture,
     re-initialized). student: path of a .pt2 student to train instead (its inputs and outputs
-    must match the teacher's; width and student_init are then ignored). temperature: T.
+    must match the teacher's; width and student_init are then ignored). keep_layers: how many of a
+    transformer's encoder layers the student keeps, spread evenly with the first and last (0: half). temperature: T.
     soft_weight, hard_weight: the two terms' weights. finetune: the shared loop.
     """
 
     width: float = setting(0.5, "share of every conv / linear layer's channels the derived student keeps, in (0, 1]")
     student_init: str = setting("teacher", "teacher (start from the teacher's most important channels) | random")
     student: str = setting("", "path of a .pt2 student to train instead (width and student_init are then ignored)")
+    keep_layers: int = setting(0, "a transformer's student keeps this many encoder layers, first and last among them (0: half)")
     temperature: float = setting(4.0, "the softening temperature T")
     soft_weight: float = setting(0.7, "weight of the soft-target term (T^2 x KL to the teacher)")
     hard_weight: float = setting(0.3, "weight of the cross-entropy on the labels")
@@ -73,6 +75,8 @@ class DistillSoftConfig(PassConfig):
         if not 0.0 < self.width <= 1.0:
             raise ConfigValueError(f"width must be in (0, 1] (1: a transformer's layer-dropping student at full width), got {self.width}")
         check_choice("student_init", self.student_init, STUDENT_INITS)
+        if self.keep_layers < 0:
+            raise ConfigValueError(f"keep_layers must be 0 (half the encoder layers) or a count of layers, got {self.keep_layers}")
         if not self.temperature > 0:
             raise ConfigValueError(f"temperature must be positive, got {self.temperature}")
         if self.soft_weight < 0 or self.hard_weight < 0 or self.soft_weight + self.hard_weight == 0:
@@ -118,8 +122,12 @@ def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftCo
 
     A transformer's student keeps half the encoder layers (first and last) and `width` of their heads and FFN channels (optimizer/compress/students.py).
     """
+    if config.keep_layers and find_encoder(teacher) is None:
+        raise OptimizerError(
+            f"{needed_by}: keep_layers {config.keep_layers} applies to a transformer's encoder layers, and the model has no attention; set keep_layers 0"
+        )
     if find_encoder(teacher) is not None:
-        student, kept = layer_dropping_student(teacher, example, config.width, needed_by)
+        student, kept = layer_dropping_student(teacher, example, config.width, needed_by, config.keep_layers)
     elif config.width >= 1.0:
         raise OptimizerError(f"{needed_by}: width 1 keeps every channel of a model without encoder layers to drop; choose a width below 1")
     else:

@@ -160,6 +160,18 @@ def test_a_narrower_student_also_loses_heads_and_ffn_channels():
     assert student.get_submodule("encoder.layers.3.query").out_features == 16
 
 
+def test_keep_layers_picks_k_layers_spread_from_first_to_last_and_refuses_counts_that_shrink_nothing():
+    teacher, _ = case("bert", layers=4)
+    student, kept = layer_dropping_student(teacher, bert_example(), 1.0, "test", keep_layers=3)
+    assert find_encoder(student).layers == ["encoder.layers.0", "encoder.layers.2", "encoder.layers.3"]
+    assert kept == "layers encoder.layers.0, encoder.layers.2, encoder.layers.3 of 4"
+    pairs = hidden_state_pairs(student, teacher)  # layer 0 stands for teacher layers 0-1, so it matches 1's output
+    assert [t.split(".")[2] for _, t in pairs] == ["1", "2", "3"]
+    for bad in (4, 5):
+        with pytest.raises(OptimizerError, match=rf"keep_layers {bad} does not make a smaller student of a model with 4 encoder layers"):
+            layer_dropping_student(teacher, bert_example(), 1.0, "test", keep_layers=bad)
+
+
 def test_a_one_layer_encoder_has_no_layer_to_drop():
     teacher = lifted(TorchEncoder(layers=1).eval(), torch_example())
     with pytest.raises(OptimizerError, match=r"1 encoder layer\(s\) .* there is no layer to drop; give a smaller student as a \.pt2"):

@@ -87,6 +87,15 @@ def test_a_missing_student_file_and_bad_settings_are_refused(digits, teacher, tm
         make_pass("distill-feature", {"layers": ["a:b:c"]})
 
 
+def test_keep_layers_is_refused_for_a_model_without_encoder_layers_and_below_zero(digits, teacher, tmp_path):
+    with pytest.raises(OptimizerError, match=r"keep_layers must be 0 \(half the encoder layers\) or a count of layers, got -1"):
+        make_pass("distill-soft", {"keep_layers": -1})
+    with pytest.raises(
+        OptimizerError, match="distill-soft: keep_layers 2 applies to a transformer's encoder layers, and the model has no attention"
+    ):
+        make_pass("distill-soft", {"keep_layers": 2, "finetune": FAST}).run(teacher, _context(digits, tmp_path))
+
+
 def test_unknown_feature_layers_are_listed(digits, teacher, tmp_path):
     with pytest.raises(
         OptimizerError,

