@@ -100,8 +100,17 @@ async def _build_worker():
     deserialize, method, serialize = handler.request_deserializer, handler.unary_unary, handler.response_serializer
     model = instant()
 
+    class Context:  # what ModelInfer reads of a grpc.aio context on the success path: a call without deadline or metadata
+        def time_remaining(self):
+            return None
+
+        def invocation_metadata(self):
+            return ()
+
+    context = Context()
+
     async def slimserve() -> bytes:
-        return serialize(await method(deserialize(data), None))
+        return serialize(await method(deserialize(data), context))
 
     async def floor() -> bytes:  # bench/peers/floor_server.py's infer with --model-file, the model being the same call
         parsed = pb.ModelInferRequest.FromString(data)
