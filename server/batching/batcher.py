@@ -35,10 +35,14 @@ Semantics follow Triton's dynamic batcher:
   calls of its size), end after it.
 - A request may carry a deadline (`time.perf_counter()` seconds: gRPC's deadline, or the `timeout`
   parameter): one already past is refused at once, and one that passes while it waits is taken out
-  of the queue at that moment (a timer), or at the latest when its batch is cut (also when that batch, at its likely
-  cost, would end past the deadline), and answered
-  DeadlineExceeded; it is never computed. Both drops, and cancelled ones, reach `on_drop` with the
-  reason ('deadline', 'cancelled', or 'refused' for a refusal on arrival), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
+  of the queue at that moment (a timer), or at the latest when its batch is cut (also when a call of its own size, at
+  its likely cost, would end past the deadline), and answered
+  DeadlineExceeded; it is never computed. A batch is not grown past the size whose likely cost would end after the
+  earliest deadline of its members: the cut stops there and the rest go in the next call (rather than being dropped).
+- An answer ready after its request's deadline (its call overran the likely cost: a stall) is answered DeadlineExceeded,
+  never sent late: a gRPC caller has its DEADLINE_EXCEEDED from gRPC already, a REST caller with a `timeout` gets 504.
+  Drops, late answers and cancelled ones reach `on_drop` with the reason ('deadline', 'cancelled', 'late', or 'refused'
+  for a refusal on arrival), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
 """
 
 from __future__ import annotations
