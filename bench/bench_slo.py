@@ -382,6 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="against a real slimserve over gRPC, the load from a process of its own (bench/slo_server.py; digits only)",
+    )
+    parser.add_argument(
+        "--deadline",
+        choices=("grpc", "parameter"),
+        default="grpc",
+        help="--server: each request's deadline as gRPC's timeout, or as the 'timeout' parameter (no gRPC deadline)",
+    )
     args = parser.parse_args(argv)
     if args.step_s is None:
         args.step_s = 60.0 if args.model == "minilm" else 20.0
@@ -389,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         if not args.json:
             print(message, flush=True)
+
+    if args.server:
+        return server_main(args, log)
 
     work = digits_workload(log) if args.model == "digits" else minilm_workload(log)
     options = ort.SessionOptions()
@@ -466,6 +480,89 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\nshifts of the (first) run with the SLO and the current checks:")
     for shift in current["shifts"]:
+        print(f"  {shift}")
+    return 0
+
+
+def server_main(args, log) -> int:
+    """--server: the load step against `slimserve start` (bench/slo_server.py), with and without the SLO."""
+    from bench import slo_server
+    from slimserve.client.client import SlimServeClient
+    from slimserve.optimizer.zoo import load_digits_splits
+
+    if args.model != "digits":
+        raise SystemExit("bench.bench_slo --server: only --model digits is served by a real server here")
+    fp32, _, x, y = build(log)
+    train, _ = load_digits_splits()
+    server, variants = slo_server.prepare_server(CACHE, fp32, x, y, train.x[:256], log)
+    try:
+        drop_pt = (variants["baseline"]["accuracy"] - variants["int8"]["accuracy"]) * 100
+        t32 = slo_server.measure_capacity(server.address, x)
+        capacity = 1.0 / t32
+        slo_ms = args.slo_ms or 8 * t32 * 1000
+        step = (args.base_s, args.base_s + args.step_s)
+        total = args.base_s * 2 + args.step_s
+        times = arrivals(lambda t: capacity * (1.5 if step[0] <= t < step[1] else 0.5), total, args.seed)
+        log(
+            f"slimserve on {server.address} ({' '.join(slo_server.FLAGS)}): FP32 {t32 * 1000:.2f} ms a request of "
+            f"{PER_REQUEST} images over gRPC; INT8 drop {drop_pt:+.2f} points (the server's evaluation); load "
+            f"{capacity * 0.5:.0f} -> {capacity * 1.5:.0f} -> {capacity * 0.5:.0f} requests/s, {len(times)} requests; "
+            f"objective p99 {slo_ms:.0f} ms, deadlines as {args.deadline}"
+        )
+        runs = []
+        with SlimServeClient(server.address) as client:
+            for label, slo in (("with SLO", slo_ms), ("without SLO", None)):
+                log(f"  run: {label} ...")
+                client.traffic(slo_server.MODEL, {"baseline": 1.0})
+                if slo is not None:
+                    client.slo_set(slo_server.MODEL, slo, args.max_drop)
+                rows = slo_server.run_load(server.address, x, times, None if slo is None else slo / 1000, args.deadline, args.seed)
+                if slo is not None:
+                    history = client.slo_status(slo_server.MODEL).get("history", [])
+                    client.slo_clear(slo_server.MODEL)
+                summary = slo_server.summarize(rows, step, drop_pt, ADJUST_S)
+                summary["run"] = label
+                if slo is not None:
+                    summary["shifts"] = [f"{e.get('kind')}: {e.get('reason')}" for e in history]
+                runs.append(summary)
+    finally:
+        server.stop()
+    with_slo, without = runs
+    out = {
+        "model": f"digits CNN width 128, {PER_REQUEST} images a request, served by slimserve over gRPC",
+        "slo_ms": slo_ms,
+        "p99_ms_with": with_slo["p99_ms"],
+        "p99_ms_without": without["p99_ms"],
+        "late_answers": with_slo["late"],
+        "client_deadline_exceeded": with_slo["client_deadline_exceeded"],
+        "accuracy_cost_pt": with_slo["accuracy_cost_pt"],
+        "max_drop_pt": args.max_drop,
+        "int8_drop_pt": drop_pt,
+        "fp32_ms": t32 * 1000,
+        "requests": len(times),
+        "deadline": args.deadline,
+        "runs": [{k: v for k, v in r.items() if k != "shifts"} for r in runs],
+        "shifts": with_slo.get("shifts", []),
+    }
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print()
+    print(
+        "| run | p99 after 10 s of the step (ms) | throughput in the step (req/s) | INT8 share | refused | dropped before compute "
+        "| computed, answered DEADLINE_EXCEEDED | client's own DEADLINE_EXCEEDED | late answers | accuracy cost (pt) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in runs:
+        p99 = f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-"
+        print(
+            f"| {r['run']} | {p99} | {r['throughput_rps']:.1f} | {r['int8_share']:.0%} | {r['refused']} | {r['dropped_at_deadline']} "
+            f"| {r['late_dropped']} | {r['client_deadline_exceeded']} | {r['late']} | {r['accuracy_cost_pt']:.2f} |"
+        )
+        if r["errors"]:
+            print(f"  {r['errors']} other errors, first: {r['first_error']}")
+    print("\nshifts of the run with the SLO:")
+    for shift in with_slo.get("shifts", []):
         print(f"  {shift}")
     return 0
 
