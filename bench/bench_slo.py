@@ -497,15 +497,15 @@ def server_main(args, log) -> int:
     server, variants = slo_server.prepare_server(CACHE, fp32, x, y, train.x[:256], log)
     try:
         drop_pt = (variants["baseline"]["accuracy"] - variants["int8"]["accuracy"]) * 100
-        t32 = slo_server.measure_capacity(server.address, x)
-        capacity = 1.0 / t32
+        capacity = slo_server.measure_capacity(server.address, x)
+        t32 = 1.0 / capacity
         slo_ms = args.slo_ms or 8 * t32 * 1000
         step = (args.base_s, args.base_s + args.step_s)
         total = args.base_s * 2 + args.step_s
         times = arrivals(lambda t: capacity * (1.5 if step[0] <= t < step[1] else 0.5), total, args.seed)
         log(
-            f"slimserve on {server.address} ({' '.join(slo_server.FLAGS)}): FP32 {t32 * 1000:.2f} ms a request of "
-            f"{PER_REQUEST} images over gRPC; INT8 drop {drop_pt:+.2f} points (the server's evaluation); load "
+            f"slimserve on {server.address} ({' '.join(slo_server.FLAGS)}): FP32 capacity {capacity:.0f} requests of "
+            f"{PER_REQUEST} images a second over gRPC (4 closed-loop callers); INT8 drop {drop_pt:+.2f} points (the server's evaluation); load "
             f"{capacity * 0.5:.0f} -> {capacity * 1.5:.0f} -> {capacity * 0.5:.0f} requests/s, {len(times)} requests; "
             f"objective p99 {slo_ms:.0f} ms, deadlines as {args.deadline}"
         )
@@ -561,6 +561,8 @@ def server_main(args, log) -> int:
         )
         if r["errors"]:
             print(f"  {r['errors']} other errors, first: {r['first_error']}")
+        print(f"  {r['run']}: the load generator's sends lagged their schedule by {r['send_lag_p99_ms']:.1f} ms at p99", end="")
+        print(f"; the latest late answer came {r['worst_late_ms']:.1f} ms after its send" if r["worst_late_ms"] else "")
     print("\nshifts of the run with the SLO:")
     for shift in with_slo.get("shifts", []):
         print(f"  {shift}")
