@@ -549,7 +549,13 @@ def test_an_unbatched_or_inline_call_past_its_deadline_is_answered_deadline_exce
     model = FakeModel(compute_s=0.05)
     drops: list[str] = []
     batcher = DynamicBatcher(
-        model, executor, BatchingConfig(enabled=enabled), model="m", variant="v", on_drop=drops.append, inline_below_s=1.0 if enabled else 0.0
+        model,
+        executor,
+        BatchingConfig(enabled=enabled),
+        model="m",
+        variant="v",
+        on_drop=drops.append,
+        inline_below_s=1.0 if enabled else 0.0,
     )
 
     async def main():

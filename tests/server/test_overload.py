@@ -179,4 +179,3 @@ def test_max_concurrent_calls_lets_a_variant_run_calls_side_by_side(server_facto
         batcher = server.server.dataplane.models["digits"].variants["baseline"].batcher
         assert batcher.max_concurrency == 2
         assert c.infer("digits", {"x": digits.x_test[:3]})[1]["logits"].shape == (3, 10)
-
