@@ -1,7 +1,13 @@
 """A load step against a latency objective: p99, throughput, traffic shares and accuracy cost with and without the SLO.
 
     python -m bench.bench_slo [--model digits|minilm] [--step-s 20 (digits) / 60 (minilm)] [--base-s 8] [--slo-ms 0 (auto)]
-                              [--max-drop 1] [--rounds 1] [--quantiles Q,...] [--seed 0] [--json]
+                              [--max-drop 1] [--rounds 1] [--quantiles Q,...] [--batch-requests 1] [--seed 0] [--json]
+    python -m bench.bench_slo --server [--deadline grpc|parameter] [--step-s 20] [--base-s 8] [--json]
+
+--server: against a real `slimserve start` over gRPC on 127.0.0.1, the load from a process of its own (bench/slo_server.py,
+digits only): with and without the SLO, each request's deadline gRPC's (or the `timeout` parameter); the client's own
+DEADLINE_EXCEEDED is counted apart from late answers and from the server's refusals and drops. The in-process runs
+below keep the A/B of the batcher's checks, which a real server cannot switch.
 
 --model digits (the default): the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about
 1-2 min on 2 busy cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel,
@@ -22,7 +28,10 @@ The same arrivals (seeded) run three ways: without the SLO (all traffic on FP32,
 by default 8x FP32's compute time; each request's deadline is arrival + the objective, honoured in the queue) under the
 batcher's deadline checks as they were before (`previous`: a request was refused or dropped only when the cheapest
 measured cost per sample said it must be late) and as they are (`current`: its own call at a high quantile of recent
-calls, at admission and again when its batch is cut). With --rounds N the two runs with the SLO alternate N times
+calls, at admission and again when its batch is cut). With --batch-requests N (> 1) a call may merge N requests, and a
+run of the previous batch cut (`PreviousCut`: every request checked against a call of the whole cap and dropped when
+that would be late, rather than the batch growing only while its likely cost keeps its earliest deadline) is added
+before the current one. With --rounds N the two runs with the SLO alternate N times
 (previous, current, previous, ...), so that the machine's load falls on both alike.
 
 A request is "late" when its answer reaches its caller (the awaiting coroutine resumes with the result: the moment a
