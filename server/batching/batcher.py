@@ -440,6 +440,19 @@ class DynamicBatcher:
             "a longer deadline (gRPC timeout, or the 'timeout' parameter in microseconds), or send less load"
         )
 
+    def check_in_time(self, deadline: float) -> None:
+        """For the caller of `submit`, once it resumed with its answer: DeadlineExceeded (counted 'late') when the deadline
+        passed meanwhile (the answer was ready in time, but the event loop came back to its caller late), so that the
+        answer is not encoded and sent after it."""
+        late = time.perf_counter() - deadline
+        if late >= 0:
+            self._dropped("late")
+            raise DeadlineExceeded(
+                f"{self._who()}: the request was computed in time, but its answer came back to it {late * 1000:.0f} ms "
+                "after its deadline (the server was busy); it is answered DEADLINE_EXCEEDED rather than late. Give it a "
+                "longer deadline (gRPC timeout, or the 'timeout' parameter in microseconds), or send less load"
+            )
+
     def _check_answer_in_time(self, deadline: float | None, started: float, compute: float) -> None:
         """An unbatched or inline call's answer: DeadlineExceeded (counted 'late') when it is ready after the deadline."""
         if deadline is not None and (message := self._late_answer(deadline, started, compute)) is not None:

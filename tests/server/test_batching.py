@@ -592,3 +592,14 @@ def test_the_cut_does_not_grow_a_batch_past_the_earliest_deadline_of_its_members
     run(main())
     assert model.calls == [1, 2, 2], model.calls
     assert drops == []
+
+
+def test_an_answer_that_comes_back_to_its_caller_after_the_deadline_is_not_sent(executor):
+    """The dataplane calls check_in_time after `submit` returns: an answer ready in time but resumed late by a busy
+    event loop is answered DeadlineExceeded (counted 'late'); one in time passes."""
+    drops: list[str] = []
+    batcher = DynamicBatcher(FakeModel(), executor, BatchingConfig(), model="m", variant="v", on_drop=drops.append)
+    batcher.check_in_time(time.perf_counter() + 30)
+    with pytest.raises(DeadlineExceeded, match=r"computed in time, but its answer came back to it \d+ ms after its deadline"):
+        batcher.check_in_time(time.perf_counter() - 0.005)
+    assert drops == ["late"]
