@@ -87,7 +87,9 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
     register_slow(server, tmp_path)
     with grpc.insecure_channel(server.address, options=BIG) as channel:
         infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        infer(request(1), timeout=60)  # warm
+        # Warm with a long call: a 1-row warm-up that happened to be slow (a busy machine) made the likely cost of a
+        # long call (its cost per sample x 2048) pass the 60 s deadline, and the timing call was dropped.
+        infer(request(LONG), timeout=60)
         start = time.perf_counter()
         infer(request(LONG), timeout=60)
         one_call = time.perf_counter() - start
@@ -112,7 +114,7 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
     batch_size = server.metrics.registry.get_sample_value(
         "slimserve_batch_size_sum", {"model": "slow", "variant": "baseline", "node_type": "cpu"}
     )
-    assert batch_size == 1 + LONG + LONG + 3  # warm-up, timing call, long call, last call
+    assert batch_size == LONG + LONG + LONG + 3  # warm-up, timing call, long call, last call
     dropped = {
         reason: server.metrics.registry.get_sample_value(
             "slimserve_queue_dropped_total", {"model": "slow", "variant": "baseline", "node_type": "cpu", "reason": reason}
