@@ -1,7 +1,13 @@
 """A load step against a latency objective: p99, throughput, traffic shares and accuracy cost with and without the SLO.
 
     python -m bench.bench_slo [--model digits|minilm] [--step-s 20 (digits) / 60 (minilm)] [--base-s 8] [--slo-ms 0 (auto)]
-                              [--max-drop 1] [--rounds 1] [--quantiles Q,...] [--seed 0] [--json]
+                              [--max-drop 1] [--rounds 1] [--quantiles Q,...] [--batch-requests 1] [--seed 0] [--json]
+    python -m bench.bench_slo --server [--deadline grpc|parameter] [--step-s 20] [--base-s 8] [--json]
+
+--server: against a real `slimserve start` over gRPC on 127.0.0.1, the load from a process of its own (bench/slo_server.py,
+digits only): with and without the SLO, each request's deadline gRPC's (or the `timeout` parameter); the client's own
+DEADLINE_EXCEEDED is counted apart from late answers and from the server's refusals and drops. The in-process runs
+below keep the A/B of the batcher's checks, which a real server cannot switch.
 
 --model digits (the default): the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about
 1-2 min on 2 busy cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel,
@@ -22,7 +28,10 @@ The same arrivals (seeded) run three ways: without the SLO (all traffic on FP32,
 by default 8x FP32's compute time; each request's deadline is arrival + the objective, honoured in the queue) under the
 batcher's deadline checks as they were before (`previous`: a request was refused or dropped only when the cheapest
 measured cost per sample said it must be late) and as they are (`current`: its own call at a high quantile of recent
-calls, at admission and again when its batch is cut). With --rounds N the two runs with the SLO alternate N times
+calls, at admission and again when its batch is cut). With --batch-requests N (> 1) a call may merge N requests, and a
+run of the previous batch cut (`PreviousCut`: every request checked against a call of the whole cap and dropped when
+that would be late, rather than the batch growing only while its likely cost keeps its earliest deadline) is added
+before the current one. With --rounds N the two runs with the SLO alternate N times
 (previous, current, previous, ...), so that the machine's load falls on both alike.
 
 A request is "late" when its answer reaches its caller (the awaiting coroutine resumes with the result: the moment a
@@ -92,6 +101,22 @@ class PreviousBatcher(DynamicBatcher):
             return None
         least = self.sizer.least_wait(request.size, 1) or 0.0
         return least if request.deadline <= now + least else None
+
+
+class PreviousCut(DynamicBatcher):
+    """The current checks with the batch cut as it was before: every request of a call checked against the likely cost
+    of a call of the whole cap (and dropped when that would end past its deadline) rather than the batch growing only
+    while its likely cost keeps its earliest deadline (the A/B's baseline for --batch-requests > 1)."""
+
+    def _start(self, key, queue, cap: int) -> None:
+        self._cap = cap
+        super()._start(key, queue, cap)
+
+    def _late_by(self, request: _Request, now: float, cap: int) -> float | None:
+        return super()._late_by(request, now, self._cap)
+
+    def _fits(self, earliest, request, now, total) -> bool:
+        return True
 
 
 def at_quantile(q: float):
@@ -264,7 +289,15 @@ def arrivals(rate_at, total_s: float, seed: int) -> np.ndarray:
 
 
 async def run(
-    sessions, work: Workload, evaluation, times, slo_ms: float | None, max_drop: float, seed: int, batcher=DynamicBatcher
+    sessions,
+    work: Workload,
+    evaluation,
+    times,
+    slo_ms: float | None,
+    max_drop: float,
+    seed: int,
+    batcher=DynamicBatcher,
+    batch_requests: int = 1,
 ) -> dict:
     """One run over the arrival times: every request's (arrival, variant, outcome, latency, compute end - deadline)."""
     served = {name: Served(name, s) for name, s in sessions.items()}
@@ -273,7 +306,7 @@ async def run(
         s.batcher = batcher(
             s.predict,
             pools[name],
-            BatchingConfig(max_batch_size=work.per_request, max_queue_size=1_000_000),
+            BatchingConfig(max_batch_size=work.per_request * batch_requests, max_queue_size=1_000_000),
             model=MODEL,
             variant=name,
             on_batch=s.on_batch,
@@ -302,8 +335,8 @@ async def run(
         try:
             await s.batcher.submit(inputs, None, deadline, timing)
             outcome = "ok"
-        except DeadlineExceeded:
-            outcome = "deadline"
+        except DeadlineExceeded as e:
+            outcome = "late_dropped" if "computed, but" in str(e) else "deadline"
         except ResourceExhausted:
             outcome = "refused"
         answered = time.perf_counter()  # the caller has its answer: where a server would write the response
@@ -356,6 +389,7 @@ def summarize(result: dict, step: tuple[float, float], drop_pt: float, slo_ms: f
         "dropped_at_deadline": sum(1 for r in rows if r[2] == "deadline"),
         "late": sum(1 for r in rows if r[2] == "late"),
         "late_compute": sum(1 for r in rows if r[2] == "late" and r[4] > 0),
+        "late_dropped": sum(1 for r in rows if r[2] == "late_dropped"),  # computed, ready after the deadline: not sent
         "worst_late_ms": max((r[3] * 1000 - (slo_ms or 0.0) for r in rows if r[2] == "late"), default=0.0),
         "accuracy_cost_pt": share * max(drop_pt, 0.0),
         "requests": len(rows),
@@ -381,7 +415,24 @@ def main(argv: list[str] | None = None) -> int:
         "--quantiles", default="", help="comma-separated cost quantiles to run the current checks at too (e.g. 0.99), beside the default"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batch-requests",
+        type=int,
+        default=1,
+        help="requests one call may merge (1: a call per request); above 1 a run of the previous batch cut is added",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="against a real slimserve over gRPC, the load from a process of its own (bench/slo_server.py; digits only)",
+    )
+    parser.add_argument(
+        "--deadline",
+        choices=("grpc", "parameter"),
+        default="grpc",
+        help="--server: each request's deadline as gRPC's timeout, or as the 'timeout' parameter (no gRPC deadline)",
+    )
     args = parser.parse_args(argv)
     if args.step_s is None:
         args.step_s = 60.0 if args.model == "minilm" else 20.0
@@ -389,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         if not args.json:
             print(message, flush=True)
+
+    if args.server:
+        return server_main(args, log)
 
     work = digits_workload(log) if args.model == "digits" else minilm_workload(log)
     options = ort.SessionOptions()
@@ -419,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def one_run(label: str, slo: float | None, batcher) -> dict:
         log(f"  run: {label} ...")
-        result = asyncio.run(run(sessions, work, evaluation, times, slo, args.max_drop, args.seed, batcher))
+        result = asyncio.run(run(sessions, work, evaluation, times, slo, args.max_drop, args.seed, batcher, args.batch_requests))
         summary = summarize(result, step, drop_pt, slo)
         summary["run"] = label
         summary["shifts"] = [f"{e['kind']}: {e['reason']}" for e in result["history"]]
@@ -429,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for _ in range(max(args.rounds, 1)):
         runs.append(one_run("with SLO, previous checks", slo_ms, PreviousBatcher))
+        if args.batch_requests > 1:
+            runs.append(one_run("with SLO, current checks, previous cut", slo_ms, PreviousCut))
         runs.append(one_run("with SLO, current checks", slo_ms, DynamicBatcher))
         for q in quantiles:
             runs.append(one_run(f"with SLO, current checks at p{q * 100:g}", slo_ms, at_quantile(q)))
@@ -455,17 +511,102 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "| run | p99 after 10 s of the step (ms) | throughput in the step (req/s) | INT8 share | refused | dropped at deadline "
-        "| late (compute late) | worst late (ms past) | accuracy cost (pt) |"
+        "| late (compute late) | computed, answered DEADLINE_EXCEEDED | worst late (ms past) | accuracy cost (pt) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in [*runs, without]:
         p99 = f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-"
         print(
             f"| {r['run']} | {p99} | {r['throughput_rps']:.1f} | {r['int8_share']:.0%} | {r['refused']} | {r['dropped_at_deadline']} "
-            f"| {r['late']} ({r['late_compute']}) | {r['worst_late_ms']:.0f} | {r['accuracy_cost_pt']:.2f} |"
+            f"| {r['late']} ({r['late_compute']}) | {r['late_dropped']} | {r['worst_late_ms']:.0f} | {r['accuracy_cost_pt']:.2f} |"
         )
     print("\nshifts of the (first) run with the SLO and the current checks:")
     for shift in current["shifts"]:
+        print(f"  {shift}")
+    return 0
+
+
+def server_main(args, log) -> int:
+    """--server: the load step against `slimserve start` (bench/slo_server.py), with and without the SLO."""
+    from bench import slo_server
+    from slimserve.client.client import SlimServeClient
+    from slimserve.optimizer.zoo import load_digits_splits
+
+    if args.model != "digits":
+        raise SystemExit("bench.bench_slo --server: only --model digits is served by a real server here")
+    fp32, _, x, y = build(log)
+    train, _ = load_digits_splits()
+    server, variants = slo_server.prepare_server(CACHE, fp32, x, y, train.x[:256], log)
+    try:
+        drop_pt = (variants["baseline"]["accuracy"] - variants["int8"]["accuracy"]) * 100
+        capacity = slo_server.measure_capacity(server.address, x)
+        t32 = 1.0 / capacity
+        slo_ms = args.slo_ms or 8 * t32 * 1000
+        step = (args.base_s, args.base_s + args.step_s)
+        total = args.base_s * 2 + args.step_s
+        times = arrivals(lambda t: capacity * (1.5 if step[0] <= t < step[1] else 0.5), total, args.seed)
+        log(
+            f"slimserve on {server.address} ({' '.join(slo_server.FLAGS)}): FP32 capacity {capacity:.0f} requests of "
+            f"{PER_REQUEST} images a second over gRPC (4 closed-loop callers); INT8 drop {drop_pt:+.2f} points (the server's evaluation); load "
+            f"{capacity * 0.5:.0f} -> {capacity * 1.5:.0f} -> {capacity * 0.5:.0f} requests/s, {len(times)} requests; "
+            f"objective p99 {slo_ms:.0f} ms, deadlines as {args.deadline}"
+        )
+        runs = []
+        with SlimServeClient(server.address) as client:
+            for label, slo in (("with SLO", slo_ms), ("without SLO", None)):
+                log(f"  run: {label} ...")
+                client.traffic(slo_server.MODEL, {"baseline": 1.0})
+                if slo is not None:
+                    client.slo_set(slo_server.MODEL, slo, args.max_drop)
+                rows = slo_server.run_load(server.address, x, times, None if slo is None else slo / 1000, args.deadline, args.seed)
+                if slo is not None:
+                    history = client.slo_status(slo_server.MODEL).get("history", [])
+                    client.slo_clear(slo_server.MODEL)
+                summary = slo_server.summarize(rows, step, drop_pt, ADJUST_S)
+                summary["run"] = label
+                if slo is not None:
+                    summary["shifts"] = [f"{e.get('kind')}: {e.get('reason')}" for e in history]
+                runs.append(summary)
+    finally:
+        server.stop()
+    with_slo, without = runs
+    out = {
+        "model": f"digits CNN width 128, {PER_REQUEST} images a request, served by slimserve over gRPC",
+        "slo_ms": slo_ms,
+        "p99_ms_with": with_slo["p99_ms"],
+        "p99_ms_without": without["p99_ms"],
+        "late_answers": with_slo["late"],
+        "client_deadline_exceeded": with_slo["client_deadline_exceeded"],
+        "accuracy_cost_pt": with_slo["accuracy_cost_pt"],
+        "max_drop_pt": args.max_drop,
+        "int8_drop_pt": drop_pt,
+        "fp32_ms": t32 * 1000,
+        "requests": len(times),
+        "deadline": args.deadline,
+        "runs": [{k: v for k, v in r.items() if k != "shifts"} for r in runs],
+        "shifts": with_slo.get("shifts", []),
+    }
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print()
+    print(
+        "| run | p99 after 10 s of the step (ms) | throughput in the step (req/s) | INT8 share | refused | dropped before compute "
+        "| computed, answered DEADLINE_EXCEEDED | client's own DEADLINE_EXCEEDED | late answers | accuracy cost (pt) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in runs:
+        p99 = f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-"
+        print(
+            f"| {r['run']} | {p99} | {r['throughput_rps']:.1f} | {r['int8_share']:.0%} | {r['refused']} | {r['dropped_at_deadline']} "
+            f"| {r['late_dropped']} | {r['client_deadline_exceeded']} | {r['late']} | {r['accuracy_cost_pt']:.2f} |"
+        )
+        if r["errors"]:
+            print(f"  {r['errors']} other errors, first: {r['first_error']}")
+        print(f"  {r['run']}: the load generator's sends lagged their schedule by {r['send_lag_p99_ms']:.1f} ms at p99", end="")
+        print(f"; the latest late answer came {r['worst_late_ms']:.1f} ms after its send" if r["worst_late_ms"] else "")
+    print("\nshifts of the run with the SLO:")
+    for shift in with_slo.get("shifts", []):
         print(f"  {shift}")
     return 0
 

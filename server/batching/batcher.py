@@ -35,10 +35,14 @@ Semantics follow Triton's dynamic batcher:
   calls of its size), end after it.
 - A request may carry a deadline (`time.perf_counter()` seconds: gRPC's deadline, or the `timeout`
   parameter): one already past is refused at once, and one that passes while it waits is taken out
-  of the queue at that moment (a timer), or at the latest when its batch is cut (also when that batch, at its likely
-  cost, would end past the deadline), and answered
-  DeadlineExceeded; it is never computed. Both drops, and cancelled ones, reach `on_drop` with the
-  reason ('deadline', 'cancelled', or 'refused' for a refusal on arrival), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
+  of the queue at that moment (a timer), or at the latest when its batch is cut (also when a call of its own size, at
+  its likely cost, would end past the deadline), and answered
+  DeadlineExceeded; it is never computed. A batch is not grown past the size whose likely cost would end after the
+  earliest deadline of its members: the cut stops there and the rest go in the next call (rather than being dropped).
+- An answer ready after its request's deadline (its call overran the likely cost: a stall) is answered DeadlineExceeded,
+  never sent late: a gRPC caller has its DEADLINE_EXCEEDED from gRPC already, a REST caller with a `timeout` gets 504.
+  Drops, late answers and cancelled ones reach `on_drop` with the reason ('deadline', 'cancelled', 'late', or 'refused'
+  for a refusal on arrival), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
 """
 
 from __future__ import annotations
@@ -187,7 +191,7 @@ class DynamicBatcher:
             raise ResourceExhausted(f"{self._who()}: queue full ({self._waiting} requests waiting); retry later or raise max_queue_size")
         # A short call runs at once on the loop thread: with batching off always, with it on when nothing waits or runs.
         if self._runs_inline() and (not self.config.enabled or not (self._waiting or self._inflight)):
-            return self._run_now(inputs, outputs, timing)
+            return self._run_now(inputs, outputs, timing, deadline)
         if not self.config.enabled:
             return await self._submit_unbatched(inputs, outputs, deadline, timing)
         loop = asyncio.get_running_loop()
@@ -284,6 +288,7 @@ class DynamicBatcher:
             self._observe(size, key, [started - enqueued], compute)
             if timing is not None:
                 timing.append((started, compute, size))
+            self._check_answer_in_time(deadline, started, compute)
             return result
         finally:
             self._waiting -= 1
@@ -313,14 +318,16 @@ class DynamicBatcher:
         """The moving average of call times that decides which calls run inline."""
         self._compute_ewma = compute if self._compute_ewma is None else 0.8 * self._compute_ewma + 0.2 * compute
 
-    def _run_now(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timing: list | None = None) -> dict[str, np.ndarray]:
+    def _run_now(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timing: list | None = None, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
         """A short call runs at once on the loop thread: no future, no kick, no second loop iteration
         (to an idle batcher: a scratch A/B on the digits CNN over gRPC, 6 rounds, gave about 5% more
         requests per second and 5% less server CPU per request at 16 callers, unary and streamed).
         It counts as a batch of its own size that did not queue, failed or not."""
         started = time.perf_counter()
         try:
-            return self.predict(inputs, outputs)
+            result = self.predict(inputs, outputs)
         finally:
             compute = time.perf_counter() - started
             self._record_compute(compute)
@@ -328,6 +335,8 @@ class DynamicBatcher:
             self._observe(size, key, [0.0], compute)
             if timing is not None:
                 timing.append((started, compute, size))
+        self._check_answer_in_time(deadline, started, compute)
+        return result
 
     def _timed_predict(
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None, deadline: float | None = None
@@ -379,13 +388,22 @@ class DynamicBatcher:
         )
 
     def _late_by(self, request: _Request, now: float, cap: int) -> float | None:
-        """The likely cost (seconds) of a call of up to `cap` samples carrying `request`, when that call would end after
-        the request's deadline (or the deadline has passed); None: no deadline, or in time. Computed only for a request
-        with a deadline, so that requests without one pay nothing for it."""
+        """The likely cost (seconds) of a call of `cap` samples carrying `request`, when that call would end after the
+        request's deadline (or the deadline has passed); None: no deadline, or in time. Computed only for a request with
+        a deadline, so that requests without one pay nothing for it."""
         if request.deadline is None:
             return None
         cost = self.sizer.likely_cost(max(cap, request.size)) or 0.0
         return cost if request.deadline <= now + cost else None
+
+    def _fits(self, earliest: float | None, request: _Request, now: float, total: int) -> bool:
+        """Whether a call of `total` samples (the batch so far plus `request`) would likely end before the earliest
+        deadline among them (`earliest`: the batch's so far, None: none): a batch is not grown past its members' deadlines."""
+        if request.deadline is not None:
+            earliest = request.deadline if earliest is None else min(earliest, request.deadline)
+        if earliest is None:
+            return True
+        return now + (self.sizer.likely_cost(total) or 0.0) < earliest
 
     def _expire(self, request: _Request, cost: float = 0.0) -> None:
         """The deadline timer of a queued request, or its batch's cut finding it too late for a call of `cost` seconds:
@@ -408,6 +426,38 @@ class DynamicBatcher:
             request.future.set_exception(DeadlineExceeded(message))
         self._dropped("deadline")
         self._wakeup.set()
+
+    def _late_answer(self, deadline: float, started: float, compute: float) -> str | None:
+        """Why a computed answer is not sent (None: it is in time): its deadline passed while its call ran (the call took
+        longer than its likely cost: a stall, a noisy neighbour) or before the answer got back to the event loop."""
+        now = time.perf_counter()
+        if now < deadline:
+            return None
+        return (
+            f"{self._who()}: the request was computed, but its answer was ready {(now - deadline) * 1000:.0f} ms after its "
+            f"deadline (its call took {compute * 1000:.0f} ms and ended {(started + compute - deadline) * 1000:+.0f} ms from "
+            "the deadline); it is answered DEADLINE_EXCEEDED rather than late, as its caller no longer waits for it. Give it "
+            "a longer deadline (gRPC timeout, or the 'timeout' parameter in microseconds), or send less load"
+        )
+
+    def check_in_time(self, deadline: float) -> None:
+        """For the caller of `submit`, once it resumed with its answer: DeadlineExceeded (counted 'late') when the deadline
+        passed meanwhile (the answer was ready in time, but the event loop came back to its caller late), so that the
+        answer is not encoded and sent after it."""
+        late = time.perf_counter() - deadline
+        if late >= 0:
+            self._dropped("late")
+            raise DeadlineExceeded(
+                f"{self._who()}: the request was computed in time, but its answer came back to it {late * 1000:.0f} ms "
+                "after its deadline (the server was busy); it is answered DEADLINE_EXCEEDED rather than late. Give it a "
+                "longer deadline (gRPC timeout, or the 'timeout' parameter in microseconds), or send less load"
+            )
+
+    def _check_answer_in_time(self, deadline: float | None, started: float, compute: float) -> None:
+        """An unbatched or inline call's answer: DeadlineExceeded (counted 'late') when it is ready after the deadline."""
+        if deadline is not None and (message := self._late_answer(deadline, started, compute)) is not None:
+            self._dropped("late")
+            raise DeadlineExceeded(message)
 
     def _dropped(self, reason: str) -> None:
         if self.on_drop is None:
@@ -479,19 +529,24 @@ class DynamicBatcher:
 
     def _start(self, key: Hashable, queue: deque[_Request], cap: int) -> None:
         now = time.perf_counter()
-        # A request whose deadline passed (its timer has not fired yet), or that this call (at most `cap` samples, at its
+        # A request whose deadline passed (its timer has not fired yet), or that even a call of its own size (at its
         # likely cost) would answer after it: dropped before compute.
-        while queue and (cost := self._late_by(queue[0], now, cap)) is not None:
+        while queue and (cost := self._late_by(queue[0], now, queue[0].size)) is not None:
             self._expire(queue[0], cost)
         if not queue:
             return
         batch = [queue.popleft()]  # the head goes even when it alone exceeds the cap: it runs unsplit
         total = batch[0].size
+        earliest = batch[0].deadline
         while queue and total + queue[0].size <= cap:
-            if (cost := self._late_by(queue[0], now, cap)) is not None:
+            if (cost := self._late_by(queue[0], now, queue[0].size)) is not None:
                 self._expire(queue[0], cost)
                 continue
+            if not self._fits(earliest, queue[0], now, total + queue[0].size):
+                break  # a larger call would likely end past a deadline of the batch: cut here, the rest go next
             request = queue.popleft()
+            if request.deadline is not None:
+                earliest = request.deadline if earliest is None else min(earliest, request.deadline)
             batch.append(request)
             total += request.size
         for request in batch:
@@ -552,7 +607,12 @@ class DynamicBatcher:
         else:
             for request, result in zip(batch, results):
                 if not request.future.done():  # done: cancelled while its batch ran; the answer is discarded
-                    request.future.set_result(result)
+                    late = None if request.deadline is None else self._late_answer(request.deadline, started, compute)
+                    if late is None:
+                        request.future.set_result(result)
+                    else:
+                        request.future.set_exception(DeadlineExceeded(late))
+                        self._dropped("late")
                 if request.timing is not None:
                     request.timing.append((started, compute, total))
         # Poked after the answers: the next batch starts after their callers had a chance to send again.

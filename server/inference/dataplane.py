@@ -383,10 +383,13 @@ class DataPlane:
                     answer = await call.batcher.submit(inputs, request.outputs)
                 else:
                     answer = await call.batcher.submit(inputs, request.outputs, deadline)
+                    call.batcher.check_in_time(deadline)  # not encoded and sent past its deadline
                 result = self._answered(call, inputs, request.outputs, specs, answer)
             else:
                 trace.routed, trace.variant = time_ns(), call.variant
                 answer = await call.batcher.submit(inputs, request.outputs, deadline, trace.batch)
+                if deadline is not None:
+                    call.batcher.check_in_time(deadline)
                 trace.computed = time_ns()
                 result = self._answered(call, inputs, request.outputs, specs, answer)
                 if call.shadows:  # the time handing copies to the shadows took (their own calls run after the answer)

@@ -146,7 +146,8 @@ class VariantRecorder:
         metrics.feedback.labels(self.model, self.variant, metrics.node_type, str(correct).lower()).inc()
 
     def record_drop(self, reason: str) -> None:
-        """A request dropped from the batcher's queue before compute (the batcher's on_drop): 'deadline', 'cancelled' or 'refused'."""
+        """A request dropped from the batcher's queue before compute (the batcher's on_drop): 'deadline', 'cancelled' or 'refused';
+        or computed but ready after its deadline: 'late'."""
         metrics = self._metrics
         metrics.queue_dropped.labels(self.model, self.variant, metrics.node_type, reason).inc()
         if reason != "cancelled":  # the caller's choice is no sign of load

@@ -521,3 +521,85 @@ def test_a_request_whose_call_would_likely_end_past_its_deadline_is_dropped_at_t
 
     run(main())
     assert not any((x == 5.0).any() for x in model.seen) and drops == ["deadline"]
+
+
+def test_an_answer_ready_after_its_deadline_is_answered_deadline_exceeded_not_sent_late(executor):
+    """Its call overran (a stall the estimate could not foresee): computed, but the caller gets DeadlineExceeded, counted
+    'late'; a request of the same batch whose deadline is still ahead gets its answer."""
+    model = FakeModel()
+    drops: list[str] = []
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=4), model="m", variant="v", on_drop=drops.append)
+
+    async def main():
+        blocked = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None, deadline=time.perf_counter() + 0.05))
+        in_time = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None, deadline=time.perf_counter() + 30))
+        await wait_blocked(model)
+        await asyncio.sleep(0.08)  # the call runs past the first deadline
+        model.gate.set()
+        with pytest.raises(DeadlineExceeded, match=r"computed, but its answer was ready \d+ ms after its deadline.*'timeout'"):
+            await blocked
+        assert (await in_time)["y"].shape == (1, 4)
+
+    run(main())
+    assert model.calls == [2] and drops == ["late"]
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["unbatched", "inline"])
+def test_an_unbatched_or_inline_call_past_its_deadline_is_answered_deadline_exceeded(executor, enabled):
+    model = FakeModel(compute_s=0.05)
+    drops: list[str] = []
+    batcher = DynamicBatcher(
+        model,
+        executor,
+        BatchingConfig(enabled=enabled),
+        model="m",
+        variant="v",
+        on_drop=drops.append,
+        inline_below_s=1.0 if enabled else 0.0,
+    )
+
+    async def main():
+        await batcher.submit({"x": sample(1, 1.0)}, None)  # measured (and, inline_below_s=1 s, inline from now on)
+        with pytest.raises(DeadlineExceeded, match="computed, but its answer was ready"):
+            await batcher.submit({"x": sample(1, 2.0)}, None, deadline=time.perf_counter() + 0.01)
+        assert (await batcher.submit({"x": sample(1, 3.0)}, None, deadline=time.perf_counter() + 30))["y"].shape == (1, 4)
+
+    run(main())
+    assert model.calls == [1, 1, 1] and drops == ["late"]
+
+
+def test_the_cut_does_not_grow_a_batch_past_the_earliest_deadline_of_its_members(executor):
+    """Calls cost 100 ms a sample: a request with 260 ms left (at the head) rides in a call of 2 (about 200 ms), not of 3
+    or 4 (300, 400 ms); the two behind it, not dropped, run in the next call. The old cut dropped it (a call of 4 ends past it)."""
+    model = FakeModel()
+    drops: list[str] = []
+    config = BatchingConfig(max_batch_size=4, preferred_batch_sizes=[4])  # the cut is 4 but for the deadline
+    batcher = DynamicBatcher(model, executor, config, model="m", variant="v", on_drop=drops.append)
+    for size in (1, 2, 4):
+        for _ in range(10):
+            batcher.sizer.observe(size, 0.1 * size)
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        tight = asyncio.create_task(batcher.submit({"x": sample(1, 6.0)}, None, deadline=time.perf_counter() + 0.26))
+        rest = [asyncio.create_task(batcher.submit({"x": sample(1, v)}, None)) for v in (5.0, 7.0, 8.0)]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        outcomes = await asyncio.gather(running, tight, *rest)
+        assert [float(o["y"][0, 0]) for o in outcomes[1:]] == [13.0, 11.0, 15.0, 17.0]
+
+    run(main())
+    assert model.calls == [1, 2, 2], model.calls
+    assert drops == []
+
+
+def test_an_answer_that_comes_back_to_its_caller_after_the_deadline_is_not_sent(executor):
+    """The dataplane calls check_in_time after `submit` returns: an answer ready in time but resumed late by a busy
+    event loop is answered DeadlineExceeded (counted 'late'); one in time passes."""
+    drops: list[str] = []
+    batcher = DynamicBatcher(FakeModel(), executor, BatchingConfig(), model="m", variant="v", on_drop=drops.append)
+    batcher.check_in_time(time.perf_counter() + 30)
+    with pytest.raises(DeadlineExceeded, match=r"computed in time, but its answer came back to it \d+ ms after its deadline"):
+        batcher.check_in_time(time.perf_counter() - 0.005)
+    assert drops == ["late"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -13,7 +14,7 @@ from slimserve.client.client import SlimServeClient
 from slimserve.protos import inference_pb2 as pb
 from slimserve.protos import inference_pb2_grpc as pb_grpc
 from tests.helpers import wait_until
-from tests.server.test_http import post_json
+from tests.server.test_http import binary_request, call, post_json
 from tests.server.test_shutdown import slow_matmul_onnx
 
 BIG = [("grpc.max_receive_message_length", 64 << 20)]
@@ -86,7 +87,9 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
     register_slow(server, tmp_path)
     with grpc.insecure_channel(server.address, options=BIG) as channel:
         infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        infer(request(1), timeout=60)  # warm
+        # Warm with a long call: a 1-row warm-up that happened to be slow (a busy machine) made the likely cost of a
+        # long call (its cost per sample x 2048) pass the 60 s deadline, and the timing call was dropped.
+        infer(request(LONG), timeout=60)
         start = time.perf_counter()
         infer(request(LONG), timeout=60)
         one_call = time.perf_counter() - start
@@ -111,7 +114,7 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
     batch_size = server.metrics.registry.get_sample_value(
         "slimserve_batch_size_sum", {"model": "slow", "variant": "baseline", "node_type": "cpu"}
     )
-    assert batch_size == 1 + LONG + LONG + 3  # warm-up, timing call, long call, last call
+    assert batch_size == LONG + LONG + LONG + 3  # warm-up, timing call, long call, last call
     dropped = {
         reason: server.metrics.registry.get_sample_value(
             "slimserve_queue_dropped_total", {"model": "slow", "variant": "baseline", "node_type": "cpu", "reason": reason}
@@ -123,7 +126,7 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
     assert stats_of(server).shed == 5  # what the SLO loop reads (Arm.shed): shed requests break an objective
 
 
-def test_a_rest_timeout_parameter_is_a_deadline_in_the_queue_and_a_bad_one_is_refused(server_factory, tmp_path):
+def test_a_rest_timeout_parameter_is_a_deadline_in_the_queue_an_answer_after_it_a_504_and_a_bad_one_is_refused(server_factory, tmp_path):
     server = server_factory(max_batch_size=1, max_concurrent_calls=1, http_port=0)
     register_slow(server, tmp_path)
 
@@ -133,6 +136,23 @@ def test_a_rest_timeout_parameter_is_a_deadline_in_the_queue_and_a_bad_one_is_re
             "parameters": parameters,
         }
         return post_json(server.http_address, "/v2/models/slow/infer", body)
+
+    # First, nothing measured yet, so nothing can predict that a long call ends past its 20 ms: it is computed, but the
+    # answer is not sent after the caller's timeout: 504, counted reason='late' (shed, as the SLO loop reads it).
+    x = np.ones((LONG, WIDTH), np.float32)  # binary, so that decoding the body does not use up the 20 ms
+    header = {
+        "inputs": [{"name": "x", "shape": [LONG, WIDTH], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
+        "parameters": {"timeout": 20_000},
+    }
+    before = stats_of(server).samples
+    status, _, text = call(server.http_address, "POST", "/v2/models/slow/infer", *binary_request(header, x.tobytes()))
+    answer = json.loads(text)
+    assert status == 504 and "computed, but its answer was ready" in answer["error"] and "'timeout'" in answer["error"], answer
+    assert stats_of(server).samples - before == LONG  # computed (the call could not be foreseen), not answered late
+    late = server.metrics.registry.get_sample_value(
+        "slimserve_queue_dropped_total", {"model": "slow", "variant": "baseline", "node_type": "cpu", "reason": "late"}
+    )
+    assert late == 1 and stats_of(server).shed == 1
 
     with grpc.insecure_channel(server.address, options=BIG) as channel:
         infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer

@@ -30,3 +30,23 @@ def test_the_summary_leaves_out_the_adjustment_and_counts_late_dropped_refused_a
     assert s["worst_late_ms"] == pytest.approx(100.0)
     assert s["int8_share"] == pytest.approx(101 / 102) and s["accuracy_cost_pt"] == pytest.approx(0.5 * 101 / 102)
     assert 10 < s["p99_ms"] < 200 and s["throughput_rps"] == pytest.approx(102 / (end - begin))
+
+
+def test_the_server_bench_counts_the_clients_own_deadline_apart_from_late_answers_and_server_drops():
+    from bench.slo_server import summarize as summarize_server
+
+    begin, end = 2.0, 2.0 + ADJUST_S + 5
+    rows = [
+        *[(begin + ADJUST_S + i / 100, "int8", "ok", 0.010, 0.0) for i in range(98)],
+        (begin + ADJUST_S + 1.5, "baseline", "late", 0.300, 0.0),  # an answer after its deadline (a REST-like timeout)
+        (begin + 1, "", "client_deadline", 0.100, 0.0),  # gRPC's own DEADLINE_EXCEEDED: not a late answer
+        (begin + 1, "", "late_dropped", 0.100, 0.0),  # computed, answered DEADLINE_EXCEEDED by the server
+        (begin + 2, "", "dropped", 0.050, 0.0),
+        (1.0, "", "refused", 0.001, 0.0),
+        (1.0, "", "error UNAVAILABLE: gone", 0.001, 0.0),
+    ]
+    s = summarize_server(rows, (begin, end), drop_pt=0.5, adjust_s=ADJUST_S)
+    assert (s["late"], s["client_deadline_exceeded"], s["late_dropped"], s["dropped_at_deadline"], s["refused"]) == (1, 1, 1, 1, 1)
+    assert s["errors"] == 1 and s["first_error"] == "error UNAVAILABLE: gone" and s["requests"] == len(rows)
+    assert s["int8_share"] == pytest.approx(98 / 99) and s["throughput_rps"] == pytest.approx(99 / (end - begin))
+    assert 10 < s["p99_ms"] < 300
