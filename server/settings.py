@@ -157,6 +157,16 @@ class Settings(BaseSettings):
     job_memory_mb: int = setting(
         0, "resident memory a local job's worker (with its helpers) may use, in MiB; over it the job fails naming the cap; 0: no cap", ge=0
     )
+    job_yield: str = setting(
+        "auto",
+        "while serving is busy (see --job-yield-busy), a local job's worker runs this fraction of the time and is stopped the "
+        "rest: `auto` adapts it to what serving loses (down to 5%), a number (`0.25`) fixes it, `off` never stops it; "
+        "`slimctl jobs` shows such a job 'paused for traffic'",
+        pattern=r"^(auto|off|0?\.\d*[1-9]\d*|1(\.0*)?)$",
+    )
+    job_yield_busy: float = setting(
+        0.5, "requests in flight, on average over the last second, from which serving counts as busy for --job-yield", gt=0
+    )
     job_cpus: float = setting(1.0, "CPUs each job declares on a Ray cluster", gt=0)
     job_gpus: float = setting(0.0, "GPUs each job declares on a Ray cluster", ge=0)
 
