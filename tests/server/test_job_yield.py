@@ -108,3 +108,45 @@ def test_a_real_worker_on_the_cycle_and_a_stop_it_did_not_make():
         throttle.stop()
         os.killpg(spin.pid, signal.SIGKILL)
         spin.wait()
+
+
+def test_a_held_worker_is_cancelled_within_seconds_and_one_killed_while_held_fails_its_job(server_factory, digits):
+    from slimserve.client.client import SlimServeClient
+    from tests.helpers import wait_until
+
+    server = server_factory(max_jobs=1, job_yield="0.1")
+    with SlimServeClient(server.address) as c:
+        c.register("digits", digits.onnx, data=digits.data, train=digits.train)
+        wait_until(lambda: c.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's measure", 120, 0.2)
+        load = server.server.dataplane.serving_load
+        busy = threading.Event()
+        busy.set()
+
+        def traffic() -> None:  # heavy traffic as the throttle sees it: two requests in flight on average
+            while busy.is_set():
+                load.add(0.02)
+                time.sleep(0.01)
+
+        threading.Thread(target=traffic, daemon=True).start()
+        try:
+            for ending in ("cancel", "kill"):
+                variant, _ = c.optimize("digits", "prune-structured", variant_name=f"held-{ending}", detach=True)
+                job_id = variant["job_id"]
+                pid = wait_until(lambda: server.server.jobs.runner.pids.get(job_id), "the worker", 30, 0.05)
+                wait_until(lambda: is_stopped(pid), "the worker held stopped", 10, 0.01)
+                [record] = [j for j in c.jobs() if j["id"] == job_id]
+                assert record["status"] == "running" and "paused for traffic" in record["message"]
+                if ending == "cancel":
+                    start = time.monotonic()
+                    assert c.cancel_job(job_id)["status"] == "cancelled"
+                    assert time.monotonic() - start < 5
+                else:
+                    os.kill(pid, signal.SIGKILL)
+                    wait_until(lambda: [j for j in c.jobs() if j["id"] == job_id][0]["status"] == "failed", "the job to fail", 30, 0.05)
+                    [record] = [j for j in c.jobs() if j["id"] == job_id]
+                    assert "the worker was killed (SIGKILL" in record["message"]
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+        finally:
+            busy.clear()
+        assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]
