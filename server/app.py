@@ -27,8 +27,8 @@ from slimserve.server.http.server import HttpServer, build_app, tls_context
 from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.management.control import Control
 from slimserve.server.management.jobs import JobManager
-from slimserve.server.management.throttle import parse_job_yield
 from slimserve.server.management.runners import make_runner
+from slimserve.server.management.throttle import parse_job_yield
 from slimserve.server.management.triton_repository import TritonRepository
 from slimserve.server.management.watch import RepositoryWatcher
 from slimserve.server.management.worker import WorkLimits

@@ -108,9 +108,8 @@ def stop_pending(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("ShdPnd:") or line.startswith("SigPnd:"):
-                    if int(line.split()[1], 16) & SIGSTOP_BIT:
-                        return True
+                if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & SIGSTOP_BIT:
+                    return True
     except (OSError, ValueError):
         return False
     return False

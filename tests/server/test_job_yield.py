@@ -132,9 +132,9 @@ def test_a_held_worker_is_cancelled_within_seconds_and_one_killed_while_held_fai
             for ending in ("cancel", "kill"):
                 variant, _ = c.optimize("digits", "prune-structured", variant_name=f"held-{ending}", detach=True)
                 job_id = variant["job_id"]
-                pid = wait_until(lambda: server.server.jobs.runner.pids.get(job_id), "the worker", 30, 0.05)
-                wait_until(lambda: is_stopped(pid), "the worker held stopped", 10, 0.01)
-                [record] = [j for j in c.jobs() if j["id"] == job_id]
+                pid = wait_until(lambda j=job_id: server.server.jobs.runner.pids.get(j), "the worker", 30, 0.05)
+                wait_until(lambda p=pid: is_stopped(p), "the worker held stopped", 10, 0.01)
+                record = next(j for j in c.jobs() if j["id"] == job_id)
                 assert record["status"] == "running" and "paused for traffic" in record["message"]
                 if ending == "cancel":
                     start = time.monotonic()
@@ -142,8 +142,12 @@ def test_a_held_worker_is_cancelled_within_seconds_and_one_killed_while_held_fai
                     assert time.monotonic() - start < 5
                 else:
                     os.kill(pid, signal.SIGKILL)
-                    wait_until(lambda: [j for j in c.jobs() if j["id"] == job_id][0]["status"] == "failed", "the job to fail", 30, 0.05)
-                    [record] = [j for j in c.jobs() if j["id"] == job_id]
+                    record = wait_until(
+                        lambda i=job_id: (r := next(j for j in c.jobs() if j["id"] == i))["status"] == "failed" and r,
+                        "the job to fail",
+                        30,
+                        0.05,
+                    )
                     assert "the worker was killed (SIGKILL" in record["message"]
                 with pytest.raises(ProcessLookupError):
                     os.kill(pid, 0)
