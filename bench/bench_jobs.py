@@ -122,6 +122,11 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
     started = time.monotonic()
     wait_until(lambda: worker_pids(server.pid) or state()["status"] not in ("queued", "running"), "the job's worker", 300, 0.05)
     worker_up_s = time.monotonic() - started
+    if args.pin_worker is not None:  # the worker (its threads, and those it starts later) on one CPU only
+        for pid in worker_pids(server.pid):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), {args.pin_worker})
     # Interleaved: the worker stopped (SIGSTOP), then running, round after round, so that the other load on the
     # machine weighs on both alike; a running window counts only if the job still ran when it ended.
     paused, running = [], []
@@ -193,6 +198,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("digits", "minilm"), default="digits")
     parser.add_argument("--repeat", type=int, default=1, help="run the job list this many times (interleaved: a, b, a, b, ...)")
     parser.add_argument("--cancel-after-rounds", action="store_true", help="cancel each job once its rounds are measured")
+    parser.add_argument("--pin-worker", type=int, default=None, help="pin the job's worker to this CPU (sched_setaffinity)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,6 +224,7 @@ def main() -> None:
         "callers": args.callers,
         "seconds": args.seconds,
         "flags": args.flags,
+        "pin_worker": args.pin_worker,
         "results": results,
     }
     for r in results:
