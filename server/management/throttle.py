@@ -65,7 +65,7 @@ class Duty:
 
     fixed: float | None = None  # None: adaptive
     busy_threshold: float = 0.5
-    fraction: float = 0.5  # auto's current run fraction while busy
+    fraction: float = 0.1  # auto's current run fraction while busy: it starts low and rises while serving loses nothing
     run_latency: float | None = None  # auto: smoothed mean latency of requests answered while the worker ran
     stop_latency: float | None = None  # ... and while it was stopped
 
