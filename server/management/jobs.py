@@ -141,7 +141,18 @@ class JobManager:
         """Connects the runner (a Ray cluster: refused here, at the server's start, when it cannot be reached)."""
         await self.runner.start()
         if self.throttle is not None:
+            loop = asyncio.get_running_loop()
+            self.throttle.on_change = lambda job_id, message: loop.call_soon_threadsafe(self._yielded, job_id, message)
             self.throttle.start()
+
+    def _yielded(self, job_id: str, message: str) -> None:
+        """The job yield paused or resumed a job's worker: its progress stream says so (on the loop's thread)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.finished:
+            return
+        task = asyncio.get_running_loop().create_task(self._publish(job, ProgressEvent(job.stage or "running", job.fraction, message)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _datasets(self, model: str) -> dict[str, Path]:
         return {role: p for role in DATA_ROLES if (p := self.repository.dataset_path(model, role)) is not None}

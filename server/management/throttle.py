@@ -133,6 +133,8 @@ class Throttle:
         self.stopped: set[int] = set()  # pids this throttle holds stopped
         self.outside: set[int] = set()  # pids someone else stopped: left alone until they run again
         self.paused_jobs: dict[str, str] = {}  # job id -> why it is slow, for `slimctl jobs`
+        # Called (on the throttle's thread) when a job starts or stops being paused for traffic: (job id, message).
+        self.on_change: Callable[[str, str], None] | None = None
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._history: list[tuple[float, int, float]] = []  # (time, answered, seconds) samples over LOAD_WINDOW_S
@@ -225,9 +227,16 @@ class Throttle:
                 self.stopped.add(pid)
             ran = ran or run
             if fraction < 1.0:
-                self.paused_jobs[job_id] = (
+                message = (
                     f"paused for traffic: runs {fraction:.0%} of the time while serving is busy (--job-yield), full speed once it falls"
                 )
-            else:
-                self.paused_jobs.pop(job_id, None)
+                if job_id not in self.paused_jobs:
+                    self._changed(job_id, message)
+                self.paused_jobs[job_id] = message
+            elif self.paused_jobs.pop(job_id, None) is not None:
+                self._changed(job_id, "resumed at full speed: serving is no longer busy")
         return ran
+
+    def _changed(self, job_id: str, message: str) -> None:
+        if self.on_change is not None:
+            self.on_change(job_id, message)

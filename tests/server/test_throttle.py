@@ -136,6 +136,8 @@ def test_a_held_worker_is_cancelled_within_seconds_and_one_killed_while_held_fai
                 wait_until(lambda p=pid: is_stopped(p), "the worker held stopped", 10, 0.01)
                 record = next(j for j in c.jobs() if j["id"] == job_id)
                 assert record["status"] == "running" and "paused for traffic" in record["message"]
+                events = server.server.jobs.jobs[job_id].events  # the progress stream says so too (slimctl optimize)
+                wait_until(lambda e=events: any("paused for traffic" in getattr(x, "message", "") for x in e), "the paused event", 5, 0.02)
                 if ending == "cancel":
                     start = time.monotonic()
                     assert c.cancel_job(job_id)["status"] == "cancelled"
