@@ -231,9 +231,11 @@ class Throttle:
                     f"paused for traffic: runs {fraction:.0%} of the time while serving is busy (--job-yield), full speed once it falls"
                 )
                 if job_id not in self.paused_jobs:
+                    log.info("job %s: worker %d paused for traffic (runs %.0f%% of the time)", job_id, pid, fraction * 100)
                     self._changed(job_id, message)
                 self.paused_jobs[job_id] = message
             elif self.paused_jobs.pop(job_id, None) is not None:
+                log.info("job %s: worker %d resumed at full speed (traffic fell)", job_id, pid)
                 self._changed(job_id, "resumed at full speed: serving is no longer busy")
         return ran
 
