@@ -21,6 +21,7 @@ Prints p50 / p99 / throughput side by side and the running / paused ratios (targ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -121,6 +122,11 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
     started = time.monotonic()
     wait_until(lambda: worker_pids(server.pid) or state()["status"] not in ("queued", "running"), "the job's worker", 300, 0.05)
     worker_up_s = time.monotonic() - started
+    if args.pin_worker is not None:  # the worker (its threads, and those it starts later) on one CPU only
+        for pid in worker_pids(server.pid):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), {args.pin_worker})
     # Interleaved: the worker stopped (SIGSTOP), then running, round after round, so that the other load on the
     # machine weighs on both alike; a running window counts only if the job still ran when it ended.
     paused, running = [], []
@@ -131,6 +137,12 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
             return None
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
+        # Stopped again after a slice of the server's job yield (--job-yield): a stop the yield made and then
+        # resumed is replaced by ours, which the yield then leaves alone (it never resumes a stop it did not make).
+        time.sleep(0.25)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         try:
             return load("job paused", args.seconds / args.rounds)
         finally:
@@ -186,6 +198,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("digits", "minilm"), default="digits")
     parser.add_argument("--repeat", type=int, default=1, help="run the job list this many times (interleaved: a, b, a, b, ...)")
     parser.add_argument("--cancel-after-rounds", action="store_true", help="cancel each job once its rounds are measured")
+    parser.add_argument("--pin-worker", type=int, default=None, help="pin the job's worker to this CPU (sched_setaffinity)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,6 +224,7 @@ def main() -> None:
         "callers": args.callers,
         "seconds": args.seconds,
         "flags": args.flags,
+        "pin_worker": args.pin_worker,
         "results": results,
     }
     for r in results:

@@ -28,6 +28,7 @@ from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.management.control import Control
 from slimserve.server.management.jobs import JobManager
 from slimserve.server.management.runners import make_runner
+from slimserve.server.management.throttle import parse_job_yield
 from slimserve.server.management.triton_repository import TritonRepository
 from slimserve.server.management.watch import RepositoryWatcher
 from slimserve.server.management.worker import WorkLimits
@@ -98,7 +99,15 @@ class SlimServer:
         self.registrar = Registrar(self.repository, settings.runtime_config(), settings.max_upload_bytes)
         limits = WorkLimits(threads=settings.job_threads(), nice=settings.job_nice, memory_mb=settings.job_memory_mb)
         runner = make_runner(settings.job_runner, limits, cpus=settings.job_cpus, gpus=settings.job_gpus, memory_mb=settings.job_memory_mb)
-        self.jobs = JobManager(self.repository, self.dataplane, settings.runtime_config(), runner, max_jobs=settings.max_jobs)
+        self.jobs = JobManager(
+            self.repository,
+            self.dataplane,
+            settings.runtime_config(),
+            runner,
+            max_jobs=settings.max_jobs,
+            job_yield=parse_job_yield(settings.job_yield),
+            job_yield_busy=settings.job_yield_busy,
+        )
         self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price, settings.server_name)
         statistics = PrometheusStatistics(settings.prometheus_url) if settings.prometheus_url else ProcessStatistics(self.dataplane)
         self.rollouts = RolloutController(self.repository, self.control, statistics, metrics=RolloutMetrics(self.metrics))

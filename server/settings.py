@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slimserve.server.batching.assembly import BatchingConfig
+from slimserve.server.management.throttle import parse_job_yield
 from slimserve.server.runtimes import RuntimeConfig
 from slimserve.server.telemetry.statistics import DEFAULT_FEEDBACK_IDS
 
@@ -157,8 +158,23 @@ class Settings(BaseSettings):
     job_memory_mb: int = setting(
         0, "resident memory a local job's worker (with its helpers) may use, in MiB; over it the job fails naming the cap; 0: no cap", ge=0
     )
+    job_yield: str = setting(
+        "auto",
+        "while serving is busy (see --job-yield-busy), a local job's worker runs this fraction of the time and is stopped the "
+        "rest: `auto` adapts it to what serving loses (down to 5%), a number (`0.25`) fixes it, `off` never stops it; "
+        "`slimctl jobs` shows such a job 'paused for traffic'",
+    )
+    job_yield_busy: float = setting(
+        0.5, "requests in flight, on average over the last second, from which serving counts as busy for --job-yield", gt=0
+    )
     job_cpus: float = setting(1.0, "CPUs each job declares on a Ray cluster", gt=0)
     job_gpus: float = setting(0.0, "GPUs each job declares on a Ray cluster", ge=0)
+
+    @field_validator("job_yield")
+    @classmethod
+    def _job_yield(cls, value: str) -> str:
+        parse_job_yield(value)  # raises saying what --job-yield takes
+        return value
 
     def batching_config(self) -> BatchingConfig:
         return BatchingConfig(

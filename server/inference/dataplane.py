@@ -32,7 +32,7 @@ from slimserve.server.inference.shared_memory import SharedMemoryRegions, ShmInp
 from slimserve.server.runtimes import Runtime, RuntimeConfig, TensorSpec
 from slimserve.server.store.repository import Repository
 from slimserve.server.telemetry.metrics import Metrics
-from slimserve.server.telemetry.recording import VariantRecorder
+from slimserve.server.telemetry.recording import ServingLoad, VariantRecorder
 from slimserve.server.telemetry.statistics import DEFAULT_FEEDBACK_IDS, FeedbackStore, VariantStats
 from slimserve.server.telemetry.tracing import RequestTrace, Tracer
 
@@ -172,6 +172,7 @@ class DataPlane:
         feedback_ids: int = DEFAULT_FEEDBACK_IDS,
     ) -> None:
         self.repository = repository
+        self.serving_load = ServingLoad()  # requests answered and their seconds, for the job yield
         self.executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="compute")
         # Management's blocking work (registration's checks and commit, model loads, manifest writes, the watcher's
         # polls) has a pool of its own, so that an inference never waits in the compute pool's queue behind it.
@@ -412,6 +413,7 @@ class DataPlane:
         finally:
             seconds = perf_counter() - start
             recorder.record(code, seconds)
+            self.serving_load.add(seconds)  # the job yield's view of the traffic (server/management/throttle.py)
             if log.isEnabledFor(logging.DEBUG):  # one line per request, at debug level only (a dict lookup otherwise)
                 log.debug("request %s: %s/%s %s in %.3f ms", call.request_id, call.model, call.variant, code, seconds * 1000)
 

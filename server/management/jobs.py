@@ -30,6 +30,7 @@ from slimserve.server.errors import (
 )
 from slimserve.server.inference.dataplane import DataPlane
 from slimserve.server.management.runners import LocalRunner, RayRunner
+from slimserve.server.management.throttle import Throttle
 from slimserve.server.management.worker import WorkFailed, WorkLimits, WorkResult, WorkSpec, parse_recipe_of
 from slimserve.server.runtimes import RuntimeConfig
 from slimserve.server.store.manifest import BASELINE, DATA_ROLES, ModelInfo, VariantInfo, now, validate_name
@@ -113,6 +114,8 @@ class JobManager:
         runtime_config: RuntimeConfig,
         runner: LocalRunner | RayRunner | None = None,
         max_jobs: int = 1,
+        job_yield: float | None = 1.0,
+        job_yield_busy: float = 0.5,
     ) -> None:
         self.repository = repository
         self.dataplane = dataplane
@@ -128,10 +131,28 @@ class JobManager:
         # from that variant reuses it. Keyed by the registration time too, so a model registered again under
         # the same name is measured anew.
         self._baselines: dict[tuple[str, str, str, str | None], Baseline] = {}
+        # The job yield (--job-yield): local workers on a duty cycle while traffic is heavy; Ray tasks run elsewhere.
+        self.throttle: Throttle | None = None
+        if isinstance(self.runner, LocalRunner) and job_yield != 1.0:
+            self.throttle = Throttle(dataplane.serving_load, lambda: dict(self.runner.pids), job_yield, job_yield_busy)
+            self.runner.throttle = self.throttle
 
     async def start(self) -> None:
         """Connects the runner (a Ray cluster: refused here, at the server's start, when it cannot be reached)."""
         await self.runner.start()
+        if self.throttle is not None:
+            loop = asyncio.get_running_loop()
+            self.throttle.on_change = lambda job_id, message: loop.call_soon_threadsafe(self._yielded, job_id, message)
+            self.throttle.start()
+
+    def _yielded(self, job_id: str, message: str) -> None:
+        """The job yield paused or resumed a job's worker: its progress stream says so (on the loop's thread)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.finished:
+            return
+        task = asyncio.get_running_loop().create_task(self._publish(job, ProgressEvent(job.stage or "running", job.fraction, message)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _datasets(self, model: str) -> dict[str, Path]:
         return {role: p for role in DATA_ROLES if (p := self.repository.dataset_path(model, role)) is not None}
@@ -310,6 +331,9 @@ class JobManager:
         out = dict(record)
         if not job.finished:
             out.update(status=job.state, stage=job.stage, progress=job.fraction)
+            paused = self.throttle.paused_jobs.get(job.id) if self.throttle is not None else None
+            if paused:
+                out["message"] = paused
         elif job.state == "succeeded":
             out["progress"] = 1.0
         return out
@@ -423,5 +447,7 @@ class JobManager:
             task.cancel()
         if self._tasks:  # let cancelled tasks unwind so none is destroyed while pending
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.throttle is not None:
+            self.throttle.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         await self.runner.close()

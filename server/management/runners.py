@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from slimserve.optimizer.base import ProgressEvent
 from slimserve.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from slimserve.server.management.throttle import Throttle
 from slimserve.server.management.worker import THREAD_ENV, WorkFailed, WorkLimits, WorkResult, WorkSpec, cap_threads, failure_of, run_work
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class LocalRunner:
     def __init__(self, limits: WorkLimits) -> None:
         self.limits = limits
         self.pids: dict[str, int] = {}  # job id -> pid of its running worker
+        self.throttle: Throttle | None = None  # the job yield (--job-yield), set by the JobManager
 
     def describe(self) -> str:
         cap = f", memory cap {self.limits.memory_mb} MiB" if self.limits.memory_mb else ""
@@ -124,6 +126,8 @@ class LocalRunner:
             raise
         finally:
             self.pids.pop(spec.job_id, None)
+            if self.throttle is not None:
+                self.throttle.release(proc.pid)
 
     def _spawn(self) -> tuple[subprocess.Popen, Connection]:
         """Starts a worker process (milliseconds: it imports torch later, on its own time) and the pipe it reports on."""
@@ -151,6 +155,7 @@ class LocalRunner:
         staging directory is the caller's to remove)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGCONT)  # SIGKILL ends a stopped worker too; a helper that ignored it must not stay stopped
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
 

@@ -181,3 +181,18 @@ class VariantRecorder:
     def forget(self) -> None:
         """The variant is gone: its series stop being exported (its statistics go with this object)."""
         self._metrics.forget(self.model, self.variant)
+
+
+class ServingLoad:
+    """What the dataplane counts for the throttle: requests answered and their summed seconds (Little's law gives the
+    mean number in flight over a window: summed seconds / window)."""
+
+    __slots__ = ("answered", "seconds")
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.answered += 1
+        self.seconds += seconds

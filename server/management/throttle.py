@@ -1,0 +1,244 @@
+"""The job yield: local job workers run on a duty cycle while serving traffic is heavy (`--job-yield`).
+
+Nice +19 and a thread cap give serving the CPU, but not the memory bandwidth and the L3 that a worker streaming a
+model's weights takes (measured on MiniLM: the server's CPU per request rose from ~7 ms to 9-14 ms while the worker
+ran). So, while the server's recent load (requests in flight, averaged over the last second) is at or above
+`--job-yield-busy`, the throttle runs each worker for a fraction of every 100 ms slice window and holds it stopped
+(SIGSTOP to its process group) for the rest; when traffic falls it resumes it (SIGCONT) at full speed.
+
+`--job-yield auto` adapts the fraction: it compares the mean latency of requests answered while the worker ran with
+those answered while it was stopped, halves the fraction when serving lost more than `TOLERANCE`, and raises it again
+when it did not (between `MIN_RUN` and 1). A number (`0.25`) is a fixed fraction; `off` never stops a worker.
+
+A worker stopped by someone else (a debugger, `kill -STOP`, the bench's paused windows) is left alone: the throttle
+never resumes a stop it did not make. It sees a SIGSTOP that arrived while it held the worker stopped as pending in
+/proc/PID/status (ShdPnd), and a worker found stopped while the throttle let it run as held from outside.
+
+Only the local runner is throttled: a Ray task runs on the cluster's nodes, not beside this server's traffic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from slimserve.server.telemetry.recording import ServingLoad
+
+log = logging.getLogger(__name__)
+
+SLICE_S = 0.1  # one slice of the duty cycle
+WINDOW = 10  # slices per cycle: a fraction f runs round(f * WINDOW) of every WINDOW slices (at least one)
+MIN_RUN = 0.05  # auto never goes below one slice in 20 (a job under constant traffic still ends, slowly)
+TOLERANCE = 0.15  # auto: mean latency while the worker runs may exceed the stopped one by this much
+LOAD_WINDOW_S = 1.0  # the load is averaged over this long
+SIGSTOP_BIT = 1 << (signal.SIGSTOP - 1)
+
+
+def parse_job_yield(text: str) -> float | None:
+    """`auto` -> None (adaptive), `off` -> 1.0 (always run), a fraction in (0, 1] -> that fraction."""
+    text = text.strip().lower()
+    if text == "auto":
+        return None
+    if text == "off":
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"--job-yield must be 'auto', 'off' or the fraction of time a job's worker runs while traffic is heavy "
+            f"(over 0, at most 1, e.g. 0.25), got {text!r}"
+        )
+    return value
+
+
+@dataclass
+class Duty:
+    """The duty-cycle decision, free of processes and clocks (unit-tested on its own)."""
+
+    fixed: float | None = None  # None: adaptive
+    busy_threshold: float = 0.5
+    fraction: float = 0.1  # auto's current run fraction while busy: it starts low and rises while serving loses nothing
+    run_latency: float | None = None  # auto: smoothed mean latency of requests answered while the worker ran
+    stop_latency: float | None = None  # ... and while it was stopped
+
+    def run_fraction(self, load: float) -> float:
+        """The fraction of slices a worker runs at this load (requests in flight on average)."""
+        if load < self.busy_threshold:
+            return 1.0
+        return self.fixed if self.fixed is not None else self.fraction
+
+    def observe(self, ran: bool, latency: float | None) -> None:
+        """Auto: the mean latency of requests answered in a slice in which the worker ran (or was stopped)."""
+        if self.fixed is not None or latency is None:
+            return
+        if ran:
+            self.run_latency = latency if self.run_latency is None else 0.8 * self.run_latency + 0.2 * latency
+        else:
+            self.stop_latency = latency if self.stop_latency is None else 0.8 * self.stop_latency + 0.2 * latency
+
+    def adapt(self) -> None:
+        """Auto, once a cycle: lower the fraction while running the worker costs serving more than TOLERANCE, else raise it."""
+        if self.fixed is not None or self.run_latency is None or self.stop_latency is None:
+            return
+        if self.run_latency > self.stop_latency * (1 + TOLERANCE):
+            self.fraction = max(MIN_RUN, self.fraction / 2)
+        else:
+            self.fraction = min(1.0, self.fraction * 1.25)
+
+    @staticmethod
+    def runs(slice_index: int, fraction: float) -> bool:
+        """Whether slice `slice_index` runs at `fraction`: the first k of every cycle, k = round(fraction * cycle)."""
+        if fraction >= 1.0:
+            return True
+        cycle = max(WINDOW, round(1 / fraction)) if fraction < 1 / WINDOW else WINDOW
+        k = max(1, round(fraction * cycle))
+        return slice_index % cycle < k
+
+
+def stop_pending(pid: int) -> bool:
+    """A SIGSTOP waits on a stopped process: someone else stopped it while we held it."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & SIGSTOP_BIT:
+                    return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def is_stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+class Throttle:
+    """Runs the duty cycle over the workers a runner reports (`pids()`: job id -> pid), on a thread of its own."""
+
+    def __init__(self, load: ServingLoad, pids: Callable[[], dict[str, int]], fixed: float | None, busy_threshold: float = 0.5) -> None:
+        self.load = load
+        self.pids = pids
+        self.duty = Duty(fixed=fixed, busy_threshold=busy_threshold)
+        self.stopped: set[int] = set()  # pids this throttle holds stopped
+        self.outside: set[int] = set()  # pids someone else stopped: left alone until they run again
+        self.paused_jobs: dict[str, str] = {}  # job id -> why it is slow, for `slimctl jobs`
+        # Called (on the throttle's thread) when a job starts or stops being paused for traffic: (job id, message).
+        self.on_change: Callable[[str, str], None] | None = None
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._history: list[tuple[float, int, float]] = []  # (time, answered, seconds) samples over LOAD_WINDOW_S
+
+    def start(self) -> None:
+        if self.duty.fixed == 1.0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="job-yield", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(2)
+            self._thread = None
+        self._resume_all()
+
+    def release(self, pid: int) -> None:
+        """A worker is about to be ended or has ended: resume it if we hold it (SIGKILL needs no SIGCONT, SIGTERM does)."""
+        if pid in self.stopped:
+            self._signal(pid, signal.SIGCONT)
+            self.stopped.discard(pid)
+        self.outside.discard(pid)
+
+    def current_load(self, now: float) -> float:
+        """Requests in flight on average over the last LOAD_WINDOW_S (counted as they are answered)."""
+        self._history.append((now, self.load.answered, self.load.seconds))
+        while len(self._history) > 2 and now - self._history[1][0] >= LOAD_WINDOW_S:
+            self._history.pop(0)
+        t0, _, s0 = self._history[0]
+        span = now - t0
+        return (self.load.seconds - s0) / span if span > 0 else 0.0
+
+    def _signal(self, pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+    def _resume_all(self) -> None:
+        for pid in list(self.stopped):
+            self.release(pid)
+        self.paused_jobs.clear()
+
+    def _loop(self) -> None:
+        index = 0
+        last = (self.load.answered, self.load.seconds)
+        ran_last = True
+        while not self._halt.wait(SLICE_S):
+            try:
+                now = time.monotonic()
+                answered, seconds = self.load.answered, self.load.seconds
+                if answered > last[0] and self.pids():
+                    self.duty.observe(ran_last, (seconds - last[1]) / (answered - last[0]))
+                last = (answered, seconds)
+                if index % WINDOW == 0:
+                    self.duty.adapt()
+                fraction = self.duty.run_fraction(self.current_load(now))
+                ran_last = self._apply(Duty.runs(index, fraction), fraction)
+                index += 1
+            except Exception:  # the throttle must never stop serving: log, resume everything, go on
+                log.exception("the job yield failed a slice; workers resumed")
+                self._resume_all()
+
+    def _apply(self, run: bool, fraction: float) -> bool:
+        """Runs or stops every worker for this slice; True when at least one ran."""
+        pids = self.pids()
+        for gone in (self.stopped | self.outside) - set(pids.values()):
+            self.stopped.discard(gone)
+            self.outside.discard(gone)
+        ran = False
+        for job_id, pid in pids.items():
+            if pid in self.outside:
+                if is_stopped(pid):
+                    continue
+                self.outside.discard(pid)  # resumed by whoever stopped it: ours again
+            if pid in self.stopped:
+                if stop_pending(pid):  # stopped from outside while we held it: theirs now
+                    self.stopped.discard(pid)
+                    self.outside.add(pid)
+                    self.paused_jobs.pop(job_id, None)
+                    continue
+                if run:
+                    self._signal(pid, signal.SIGCONT)
+                    self.stopped.discard(pid)
+            elif is_stopped(pid):  # stopped while we let it run: someone else's stop
+                self.outside.add(pid)
+                self.paused_jobs.pop(job_id, None)
+                continue
+            elif not run:
+                self._signal(pid, signal.SIGSTOP)
+                self.stopped.add(pid)
+            ran = ran or run
+            if fraction < 1.0:
+                message = (
+                    f"paused for traffic: runs {fraction:.0%} of the time while serving is busy (--job-yield), full speed once it falls"
+                )
+                if job_id not in self.paused_jobs:
+                    log.info("job %s: worker %d paused for traffic (runs %.0f%% of the time)", job_id, pid, fraction * 100)
+                    self._changed(job_id, message)
+                self.paused_jobs[job_id] = message
+            elif self.paused_jobs.pop(job_id, None) is not None:
+                log.info("job %s: worker %d resumed at full speed (traffic fell)", job_id, pid)
+                self._changed(job_id, "resumed at full speed: serving is no longer busy")
+        return ran
+
+    def _changed(self, job_id: str, message: str) -> None:
+        if self.on_change is not None:
+            self.on_change(job_id, message)
