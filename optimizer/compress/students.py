@@ -159,3 +159,79 @@ def hidden_state_pairs(student: Any, teacher: Any) -> list[tuple[str, str]]:
             return []
         pairs.append((exit_module(student, name), exit_module(teacher, t_enc.layers[end])))
     return pairs
+
+
+def _tap_after(module: Any, node: Any, name: str) -> None:
+    """Inserts an identity module `name` after `node`, so a forward hook sees its value."""
+    from torch import nn
+
+    module.add_submodule(name, nn.Identity())
+    with module.graph.inserting_after(node):
+        tap = module.graph.call_module(name, (node,))
+    tap.meta = dict(node.meta)
+    node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
+
+
+def attention_modules(module: Any, layer: str, needed_by: str) -> tuple[str, str]:
+    """Modules whose outputs are a layer's attention probabilities [B, heads, S, S] and values [B, heads, S, d] (MiniLM's two relations).
+
+    The probabilities are the layer's one softmax over the keys; the values are what that softmax multiplies
+    (through a dropout, if any). Identity modules are inserted to tap them; a refusal names the layer otherwise.
+    """
+    probs_name, values_name = f"{layer}.attention_probs", f"{layer}.attention_values"
+    names = {n for n, _ in module.named_modules()}
+    if probs_name in names and values_name in names:
+        return probs_name, values_name
+    softmaxes = [
+        n
+        for n in module.graph.nodes
+        if n.op == "call_function" and "softmax" in str(n.target) and _in_layer(n, layer) and len(_tensor_shape(n) or ()) == 4
+    ]
+    matmul = None
+    if len(softmaxes) == 1:
+        probs = softmaxes[0]
+        follow = probs
+        while len(follow.users) == 1 and "matmul" not in str(next(iter(follow.users)).target):
+            follow = next(iter(follow.users))  # dropout / clone / contiguous between the softmax and the product
+            if follow.op != "call_function" or not _in_layer(follow, layer):
+                break
+        matmul = next((u for u in follow.users if "matmul" in str(u.target) and u.args[0] is follow), None)
+    values = matmul.args[1] if matmul is not None else None
+    if values is None or len(_tensor_shape(values) or ()) != 4:
+        raise OptimizerError(
+            f"{needed_by}: cannot find the attention of encoder layer '{layer}' in the program (found {len(softmaxes)} softmax(es) over "
+            "[batch, heads, seq, seq] and need one that multiplies the values); set attention_weight 0"
+        )
+    _tap_after(module, softmaxes[0], probs_name)
+    _tap_after(module, values, values_name)
+    module.recompile()
+    return probs_name, values_name
+
+
+def last_attention_pair(student: Any, teacher: Any, needed_by: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The (probabilities, values) taps of the student's last encoder layer and of the teacher's (MiniLM transfers the last layer's)."""
+    s_enc, t_enc = find_encoder(student), find_encoder(teacher)
+    if s_enc is None or t_enc is None or not s_enc.layers or not t_enc.layers:
+        raise OptimizerError(f"{needed_by}: attention_weight needs a transformer student and teacher (encoder layers with attention); set attention_weight 0")
+    return attention_modules(student, s_enc.layers[-1], needed_by), attention_modules(teacher, t_enc.layers[-1], needed_by)
+
+
+def relation_kl(student: Any, teacher: Any, query_mask: Any | None) -> Any:
+    """KL(teacher ‖ student) of two [B, heads, S, S] distributions over the last axis, averaged over heads and real query rows."""
+    import torch
+
+    kl = (torch.xlogy(teacher, teacher) - teacher * torch.log(student.clamp_min(1e-12))).sum(-1)  # [B, heads, S]
+    if query_mask is None:
+        return kl.mean()
+    weight = query_mask[:, None, :].to(kl.dtype)
+    return (kl * weight).sum() / (weight.sum() * kl.shape[1]).clamp_min(1.0)
+
+
+def value_relation(values: Any, key_mask: Any | None) -> Any:
+    """MiniLM's value relation: softmax(V Vᵀ / √d) per head over the (real) keys."""
+    import torch
+
+    scores = values @ values.transpose(-1, -2) / values.shape[-1] ** 0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(key_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+    return scores.softmax(-1)

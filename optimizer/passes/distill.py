@@ -29,7 +29,13 @@ from slimserve.optimizer.base import (
     setting,
 )
 from slimserve.optimizer.compress.pruning import prune_channels_, untouched_layers
-from slimserve.optimizer.compress.students import hidden_state_pairs, layer_dropping_student
+from slimserve.optimizer.compress.students import (
+    hidden_state_pairs,
+    last_attention_pair,
+    layer_dropping_student,
+    relation_kl,
+    value_relation,
+)
 from slimserve.optimizer.compress.transformer import find_encoder
 from slimserve.optimizer.counting.torch_counts import flops_per_sample, parameter_count
 from slimserve.optimizer.finetune.loop import (
@@ -102,11 +108,21 @@ class DistillFeatureConfig(DistillSoftConfig):
         (), "layers matched, 'name' or 'student_name:teacher_name'; empty: the last auto_layers hidden layers"
     )
     auto_layers: int = setting(2, "how many hidden layers are matched when layers is empty")
+    project_features: bool = setting(
+        True, "match hidden states through learned projections; false: directly (the student's hidden states must equal the teacher's)"
+    )
+    attention_weight: float = setting(
+        0.0,
+        "weight of MiniLM's deep self-attention term: KL of the last encoder layer's attention distributions and value relations, "
+        "teacher to student (transformers; 0: off)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.feature_weight < 0:
             raise ConfigValueError(f"feature_weight must be 0 or more, got {self.feature_weight}")
+        if self.attention_weight < 0:
+            raise ConfigValueError(f"attention_weight must be 0 or more (0: off), got {self.attention_weight}")
         if not isinstance(self.layers, tuple) or not all(isinstance(v, str) and v and v.count(":") <= 1 for v in self.layers):
             raise ConfigValueError(f"layers must be a list of 'name' or 'student_name:teacher_name', got {self.layers!r}")
         if self.auto_layers < 1:
@@ -278,7 +294,11 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
     else:
         objective = f"{config.soft_weight:g} x KL to the teacher's softened outputs (T={config.temperature:g}) + {config.hard_weight:g} x cross-entropy on the labels"
     if features:
-        objective += "; + hidden-state / feature matching (relative MSE through learned projections)"
+        assert isinstance(config, DistillFeatureConfig)
+        how = "through learned projections" if config.project_features else "direct"
+        objective += f"; + hidden-state / feature matching (relative MSE, {how})"
+        if config.attention_weight > 0:
+            objective += f"; + {config.attention_weight:g} x MiniLM attention and value-relation KL of the last layer"
     teacher_shapes = output_shapes(teacher, example)
     if config.student:
         student = load_student(config.student, prepared.specs, teacher_shapes, example, pass_name)
@@ -311,8 +331,36 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         assert isinstance(config, DistillFeatureConfig)
         pairs = feature_pairs(student, teacher, config, pass_name)
         projections = make_projections(pairs, student, teacher, example, pass_name)
+        if not config.project_features:
+            for proj, (s, t) in zip(projections, pairs):
+                if proj.weight.shape[0] != proj.weight.shape[1]:
+                    raise OptimizerError(
+                        f"{pass_name}: project_features false matches hidden states directly, and student layer '{s}' has "
+                        f"{proj.weight.shape[1]} channels where teacher layer '{t}' has {proj.weight.shape[0]}; set project_features true or width 1"
+                    )
+                proj.weight.requires_grad_(False)
         context.progress(ProgressEvent(stage=pass_name, fraction=0.06, message="matching " + ", ".join(f"{s}->{t}" for s, t in pairs)))
-    taps = (FeatureTap(student, [s for s, _ in pairs]), FeatureTap(teacher, [t for _, t in pairs])) if pairs else None
+    attention: tuple[tuple[str, str], tuple[str, str]] | None = None
+    if features and config.attention_weight > 0:  # type: ignore[attr-defined]
+        attention = last_attention_pair(student, teacher, pass_name)
+        pairs_with_attention = [*pairs, (attention[0][0], attention[1][0]), (attention[0][1], attention[1][1])]
+    else:
+        pairs_with_attention = pairs
+    taps = (
+        (FeatureTap(student, [s for s, _ in pairs_with_attention]), FeatureTap(teacher, [t for _, t in pairs_with_attention]))
+        if pairs_with_attention
+        else None
+    )
+    mask_at = list(prepared.specs).index("attention_mask") if "attention_mask" in prepared.specs else None
+    if attention is not None and taps is not None:
+        output_shapes(student, example)
+        output_shapes(teacher, example)
+        s_shape, t_shape = (tuple(taps[i].outputs[attention[i][0]].shape[1:]) for i in (0, 1))
+        if s_shape != t_shape:
+            raise OptimizerError(
+                f"{pass_name}: attention_weight compares the last layer's attention per head, and the student's is "
+                f"{list(s_shape)} (heads, queries, keys) where the teacher's is {list(t_shape)}; set width 1 (every head kept) or attention_weight 0"
+            )
     T, smoothing = config.temperature, config.finetune.label_smoothing
 
     def loss_fn(model: Any, inputs: tuple[Any, ...], labels: Any) -> tuple[Any, Any]:
@@ -324,14 +372,22 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         else:
             soft = soft_target_kl(logits, teacher_logits, T)
             loss = config.soft_weight * soft + config.hard_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing)
-        if taps is not None:
+        if attention is not None and taps is not None:
+            mask = inputs[mask_at] if mask_at is not None else None
+            (s_probs, s_values), (t_probs, t_values) = attention
+            s_out, t_out = taps[0].outputs, taps[1].outputs
+            relations = relation_kl(s_out[s_probs], t_out[t_probs], mask) + relation_kl(
+                value_relation(s_out[s_values], mask), value_relation(t_out[t_values], mask), mask
+            )
+            loss = loss + config.attention_weight * relations  # type: ignore[attr-defined]
+        if pairs and taps is not None:
             feature = sum(relative_mse(proj(taps[0].outputs[s]), taps[1].outputs[t]) for proj, (s, t) in zip(projections, pairs)) / len(
                 pairs
             )
             loss = loss + config.feature_weight * feature  # type: ignore[operator]
         return loss, logits
 
-    extra = [p for proj in projections for p in proj.parameters()]
+    extra = [p for proj in projections for p in proj.parameters() if p.requires_grad]
     try:
         fine_tune_(student, prepared.data, config.finetune, context, pass_name, loss_fn=loss_fn, extra_params=extra, fraction=(0.07, 0.88))
     finally:
