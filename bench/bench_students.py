@@ -90,7 +90,52 @@ def unlabelled_text(limit: int, exclude: set[str]) -> tuple[list[str], str]:
         if len(out) >= limit:
             break
         take([s for doc in _docstrings(package) for s in _sentences(doc)], f"{package} docstrings")
-    return out, ", ".join(sources)
+    if len(out) < limit:
+        take([s for text in _prose_files() for s in _sentences(text)], ".rst/.md/.txt files")
+    for package in _installed_packages():
+        if len(out) >= limit:
+            break
+        if package not in DOCSTRING_PACKAGES:
+            take([s for doc in _docstrings(package) for s in _sentences(doc)], "other docstrings")
+    merged: dict[str, int] = {}
+    for entry in sources:  # "other docstrings 12", "other docstrings 40" -> one entry
+        name, _, n = entry.rpartition(" ")
+        merged[name] = merged.get(name, 0) + int(n)
+    return out, ", ".join(f"{name} {n}" for name, n in merged.items())
+
+
+LICENSE_NAMES = ("license", "licence", "copying", "notice", "authors", "copyright", "third_party", "thirdparty")
+
+
+def _site_roots() -> list[Path]:
+    import site
+    import sysconfig
+
+    roots = {Path(p) for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]}
+    return sorted(r for r in roots if r.is_dir())
+
+
+def _prose_files() -> list[str]:
+    """The text of .rst / .md / .txt files under site-packages, license texts (by file or folder name) excluded."""
+    texts = []
+    for root in _site_roots():
+        for path in sorted(root.rglob("*")):
+            if path.suffix.lower() not in (".rst", ".md", ".txt") or not path.is_file():
+                continue
+            lowered = [part.lower() for part in path.relative_to(root).parts]
+            if any(name in part for part in lowered for name in LICENSE_NAMES) or "entry_points" in lowered[-1]:
+                continue
+            try:
+                if path.stat().st_size < 2_000_000:
+                    texts.append(path.read_text(encoding="utf-8", errors="ignore"))
+            except OSError:
+                continue
+    return texts
+
+
+def _installed_packages() -> list[str]:
+    """Top-level importable packages (folders with __init__.py) under site-packages, by name."""
+    return sorted({p.parent.name for root in _site_roots() for p in root.glob("*/__init__.py") if p.parent.name.isidentifier()})
 
 
 def build_teacher(folder: Path, length: int) -> Path:
@@ -128,6 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--onnx-prune", default="0.25,0.5", help="ratios for prune-structured on the ONNX teacher (sliced in the graph, not trained)"
     )
+    parser.add_argument(
+        "--objective",
+        default="soft",
+        help="students' objectives, comma-separated: soft (embedding cosine + MSE, hidden states through learned projections, "
+        "cosine LR) | minilm (+ MiniLM attention and value-relation KL of the last layer, hidden states matched directly, "
+        "one-cycle LR with warm-up)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -151,7 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     ks = [int(v) for v in args.layers.split(",") if v.strip()]
     ratios = [float(v) for v in args.prune.split(",") if v.strip()]
     folder = build_teacher(args.models_dir / f"minilm-{args.length}", args.length)
-    text, sources = unlabelled_text(max(counts), set(SENTENCES))
+    objectives = [v.strip() for v in args.objective.split(",") if v.strip()]
+    if any(o not in ("soft", "minilm") for o in objectives):
+        parser.error(f"--objective takes soft and / or minilm, got {args.objective!r}")
+    cache = args.models_dir / f"text-{max(counts)}.json"
+    if cache.exists():
+        text, sources = json.loads(cache.read_text())
+    else:  # reading every installed package's docstrings takes a minute or two: kept for the next run
+        text, sources = unlabelled_text(max(counts), set(SENTENCES))
+        cache.write_text(json.dumps([text, sources]))
     ev = dict(np.load(folder / "eval.npz"))
     feeds = {k: ev[k] for k in ("input_ids", "attention_mask")}
     fp32 = ort.InferenceSession(str(folder / "model.onnx")).run(None, feeds)[0]
@@ -161,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runs: list[dict] = []
     paths: dict[str, Path] = {"fp32": folder / "model.onnx"}
-    jobs = [("student", k) for k in ks] + [("prune", r) for r in ratios]
+    jobs = [("student", (k, o)) for k in ks for o in objectives] + [("prune", r) for r in ratios]
     onnx_ratios = [float(v) for v in args.onnx_prune.split(",") if v.strip()]
     if onnx_ratios:  # no training: one row each, its activations read on 32 train sentences (not the eval ones)
         work = Path(tempfile.mkdtemp(prefix="bench-students-onnx-"))
@@ -196,7 +256,12 @@ def main(argv: list[str] | None = None) -> None:
         finetune = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
         for kind, value in jobs:
             if kind == "student":
-                name, recipe, config = f"{value} of 6 layers", "distill-feature", {"keep_layers": value, "width": 1.0, "finetune": finetune}
+                k, objective = value
+                name, recipe = f"{k} of 6 layers" + (", minilm" if objective == "minilm" else ""), "distill-feature"
+                config = {"keep_layers": k, "width": 1.0, "finetune": finetune}
+                if objective == "minilm":
+                    config.update(attention_weight=1.0, project_features=False)
+                    config["finetune"] = {**finetune, "schedule": "one-cycle", "warmup_fraction": 0.1}
             else:
                 name, recipe = f"heads+FFN -{value:g}", "prune-structured"
                 config = {"pruning_ratio": value, "round_to": 8, "finetune": finetune}
@@ -232,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         "length": args.length,
         "text": sources,
         "epochs": args.epochs,
+        "objectives": objectives,
         "lr": args.lr,
         "batch_size": args.batch_size,
         "runs": runs,

@@ -85,9 +85,73 @@ def kept_layers(layers: list[str], count: int) -> list[str]:
     return [layers[int(i * (n - 1) / max(1, count - 1) + 0.5)] for i in range(count)] if count > 1 else [layers[-1]]
 
 
-def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float, needed_by: str, keep_layers: int = 0) -> tuple[Any, str]:
-    """The teacher with `keep_layers` of its layers (0: half; its own weights), first and last kept, and with `width` of each kept layer's heads and FFN channels.
+LAYER_CHOICES = ("spread", "least-harm")
 
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def least_harm_layers(teacher: Any, layers: list[str], probe: tuple[Any, ...], count: int, needed_by: str) -> list[str]:
+    """`count` of the layers, chosen greedily: one at a time, the layer whose removal keeps the output closest to the teacher's (mean cosine on `probe`) goes."""
+    import torch
+
+    with torch.no_grad():
+        reference = _first(teacher(*probe)).flatten(1).float()
+    kept = list(layers)
+    while len(kept) > count:
+        scores = []
+        for layer in kept:
+            candidate = copy.deepcopy(teacher)
+            encoder = find_encoder(candidate)
+            assert encoder is not None
+            drop_layers_(candidate, layer_blocks(candidate, encoder, needed_by), set(layers) - set(kept) | {layer})
+            with torch.no_grad():
+                out = _first(candidate(*probe)).flatten(1).float()
+            scores.append((float(torch.nn.functional.cosine_similarity(out, reference).mean()), layer))
+        kept.remove(max(scores)[1])
+    return kept
+
+
+def merge_dropped_(student: Any, teacher: Any, layers: list[str], keep: list[str]) -> int:
+    """Each kept layer's weights become the mean of its own and those of the dropped layers it stands for (up to the next kept one;
+    layers before the first kept one go to it). Returns how many tensors were averaged."""
+    import torch
+
+    groups: dict[str, list[str]] = {name: [] for name in keep}
+    owner = keep[0]
+    for name in layers:
+        owner = name if name in groups else owner
+        groups[owner].append(name)
+    source = dict(teacher.state_dict())
+    merged = 0
+    with torch.no_grad():
+        for key, tensor in student.state_dict().items():
+            layer = next((k for k in keep if key.startswith(k + ".")), None)
+            if layer is None or len(groups[layer]) < 2 or not tensor.is_floating_point():
+                continue
+            suffix = key[len(layer) :]
+            peers = [source.get(name + suffix) for name in groups[layer]]
+            if all(p is not None and p.shape == tensor.shape for p in peers):
+                tensor.copy_(torch.stack(peers).mean(0))
+                merged += 1
+    return merged
+
+
+def layer_dropping_student(
+    teacher: Any,
+    example: tuple[Any, ...],
+    width: float,
+    needed_by: str,
+    keep_layers: int = 0,
+    choice: str = "spread",
+    probe: tuple[Any, ...] | None = None,
+    merge: bool = False,
+) -> tuple[Any, str]:
+    """The teacher with `keep_layers` of its layers (0: half; its own weights), and with `width` of each kept layer's heads and FFN channels.
+
+    choice: spread (first and last kept, the others evenly between) | least-harm (`least_harm_layers` on the `probe` rows,
+    the example's when none). merge: each kept layer starts as the mean of itself and the dropped layers it stands for.
     Returns the student and a line saying what it kept.
     """
     from slimserve.optimizer.formats.torchmodel import output_shapes
@@ -109,12 +173,18 @@ def layer_dropping_student(teacher: Any, example: tuple[Any, ...], width: float,
             + (f", or {n} with a width below 1" if keep_layers == n else "")
         )
     blocks = layer_blocks(student, encoder, needed_by)
-    keep = kept_layers(encoder.layers, keep_layers or (n + 1) // 2)
+    count = keep_layers or (n + 1) // 2
+    if choice == "least-harm":
+        keep = least_harm_layers(teacher, encoder.layers, probe if probe is not None else example, count, needed_by)
+    else:
+        keep = kept_layers(encoder.layers, count)
     before = output_shapes(student, example)
     drop_layers_(student, blocks, set(encoder.layers) - set(keep))
     if output_shapes(student, example) != before:
         raise OptimizerError(f"{needed_by}: dropping encoder layers changed the model's output shapes; give a student as a .pt2")
-    kept = f"layers {', '.join(keep)} of {len(encoder.layers)}"
+    kept = f"layers {', '.join(keep)} of {len(encoder.layers)}" + (" (least harm)" if choice == "least-harm" else "")
+    if merge and merge_dropped_(student, teacher, encoder.layers, keep):
+        kept += ", dropped layers averaged into their kept neighbours"
     if width < 1.0:
         removed = prune_encoder_(student, example, 1.0 - width, needed_by, round_to=8)
         if removed.heads_after < removed.heads_before or removed.ffn_after < removed.ffn_before:

@@ -30,6 +30,7 @@ from slimserve.optimizer.base import (
 )
 from slimserve.optimizer.compress.pruning import prune_channels_, untouched_layers
 from slimserve.optimizer.compress.students import (
+    LAYER_CHOICES,
     hidden_state_pairs,
     last_attention_pair,
     layer_dropping_student,
@@ -71,6 +72,12 @@ class DistillSoftConfig(PassConfig):
     student_init: str = setting("teacher", "teacher (start from the teacher's most important channels) | random")
     student: str = setting("", "path of a .pt2 student to train instead (width and student_init are then ignored)")
     keep_layers: int = setting(0, "a transformer's student keeps this many encoder layers, first and last among them (0: half)")
+    layer_choice: str = setting(
+        "spread",
+        "which encoder layers a transformer's student keeps: spread (first and last, evenly between) | least-harm (greedily drops "
+        "the layer whose removal changes the output least on 64 train rows)",
+    )
+    merge_dropped: bool = setting(False, "start each kept encoder layer as the mean of its weights and the dropped layers' it stands for")
     temperature: float = setting(4.0, "the softening temperature T")
     soft_weight: float = setting(0.7, "weight of the soft-target term (T^2 x KL to the teacher)")
     hard_weight: float = setting(0.3, "weight of the cross-entropy on the labels")
@@ -81,6 +88,7 @@ class DistillSoftConfig(PassConfig):
         if not 0.0 < self.width <= 1.0:
             raise ConfigValueError(f"width must be in (0, 1] (1: a transformer's layer-dropping student at full width), got {self.width}")
         check_choice("student_init", self.student_init, STUDENT_INITS)
+        check_choice("layer_choice", self.layer_choice, LAYER_CHOICES)
         if self.keep_layers < 0:
             raise ConfigValueError(f"keep_layers must be 0 (half the encoder layers) or a count of layers, got {self.keep_layers}")
         if not self.temperature > 0:
@@ -133,7 +141,9 @@ class DistillFeatureConfig(DistillSoftConfig):
 # Students
 
 
-def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str) -> tuple[Any, str]:
+def derive_student(
+    teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str, probe: tuple[Any, ...] | None = None
+) -> tuple[Any, str]:
     """The teacher's architecture with `width` of its channels (Torch-Pruning, magnitude), optionally re-initialized, and what it kept.
 
     A transformer's student keeps half the encoder layers (first and last) and `width` of their heads and FFN channels (optimizer/compress/students.py).
@@ -143,7 +153,9 @@ def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftCo
             f"{needed_by}: keep_layers {config.keep_layers} applies to a transformer's encoder layers, and the model has no attention; set keep_layers 0"
         )
     if find_encoder(teacher) is not None:
-        student, kept = layer_dropping_student(teacher, example, config.width, needed_by, config.keep_layers)
+        student, kept = layer_dropping_student(
+            teacher, example, config.width, needed_by, config.keep_layers, config.layer_choice, probe, config.merge_dropped
+        )
     elif config.width >= 1.0:
         raise OptimizerError(f"{needed_by}: width 1 keeps every channel of a model without encoder layers to drop; choose a width below 1")
     else:
@@ -304,7 +316,10 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         student = load_student(config.student, prepared.specs, teacher_shapes, example, pass_name)
         origin = f"student {Path(config.student).name}"
     else:
-        student, kept = derive_student(teacher, example, config, pass_name)
+        import numpy as np
+
+        probe = tuple(torch.from_numpy(np.ascontiguousarray(x[:64])) for x in prepared.data.inputs)
+        student, kept = derive_student(teacher, example, config, pass_name, probe)
         student.train()
         origin = f"student with {kept} ({config.student_init} init)"
     if not config.student and parameter_count(student) >= parameter_count(teacher):
