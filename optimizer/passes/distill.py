@@ -64,7 +64,9 @@ class DistillSoftConfig(PassConfig):
     (start from the teacher's most important channels) | random (the same narrow architecture,
     re-initialized). student: path of a .pt2 student to train instead (its inputs and outputs
     must match the teacher's; width and student_init are then ignored). keep_layers: how many of a
-    transformer's encoder layers the student keeps, spread evenly with the first and last (0: half). temperature: T.
+    transformer's encoder layers the student keeps, spread evenly with the first and last (0: half); layer_choice
+    least-harm keeps instead those whose removal hurts least, and merge_dropped starts each kept layer as the mean of
+    itself and the dropped layers it stands for. temperature: T.
     soft_weight, hard_weight: the two terms' weights. finetune: the shared loop.
     """
 

@@ -240,7 +240,9 @@ def test_minilm_attention_and_direct_hidden_states_train_a_student(tmp_path):
     )
     assert onnx_io_names(result.path) == (("input_ids", "attention_mask"), ("sentence_embedding",))
     assert cosine_to_teacher(model, result.path, data) > 0.5
-    with pytest.raises(OptimizerError, match=r"the student's is \[2, 12, 12\] \(heads, queries, keys\) where the teacher's is \[4, 12, 12\]"):
+    with pytest.raises(
+        OptimizerError, match=r"the student's is \[2, 12, 12\] \(heads, queries, keys\) where the teacher's is \[4, 12, 12\]"
+    ):
         make_pass("distill-feature", {**config, "width": 0.5}).run(model, context)
 
 
