@@ -170,6 +170,46 @@ def tokenized(sentences: list[str], target: Path, length: int) -> None:
     np.savez(target, input_ids=np.stack([p[0] for p in pairs]), attention_mask=np.stack([p[1] for p in pairs]))
 
 
+def untrained(folder: Path, text: list[str], ks: list[int], length: int) -> list[dict]:
+    """Cosine of each untrained student (as derived, before any training) to the teacher on the 40 eval sentences: every
+    single layer dropped, then each k with the spread layers, least-harm (probed on 64 train sentences, not eval ones) and merge."""
+    import copy
+
+    import torch
+
+    from slimserve.optimizer.compress.students import drop_layers_, layer_blocks, layer_dropping_student
+    from slimserve.optimizer.compress.transformer import find_encoder
+    from slimserve.optimizer.evaluation.quality import cosine_per_sample
+    from slimserve.optimizer.formats.torchmodel import trainable_module
+
+    teacher = trainable_module(torch.export.load(str(folder / "model.pt2"))).eval()
+    ev = dict(np.load(folder / "eval.npz"))
+    feeds = (torch.from_numpy(ev["input_ids"]), torch.from_numpy(ev["attention_mask"]))
+    work = Path(tempfile.mkdtemp(prefix="bench-students-probe-"))
+    tokenized(text[:64], work / "probe.npz", length)
+    probe_data = dict(np.load(work / "probe.npz"))
+    probe = (torch.from_numpy(probe_data["input_ids"]), torch.from_numpy(probe_data["attention_mask"]))
+    with torch.no_grad():
+        reference = teacher(*feeds).numpy()
+
+    def cosine(student) -> float:
+        with torch.no_grad():
+            return round(float(cosine_per_sample(student.eval()(*feeds).numpy(), reference).mean()), 4)
+
+    rows = []
+    encoder = find_encoder(teacher)
+    assert encoder is not None
+    for layer in encoder.layers:
+        student = copy.deepcopy(teacher)
+        drop_layers_(student, layer_blocks(student, find_encoder(student), "bench"), {layer})
+        rows.append({"variant": f"without {layer}", "cosine": cosine(student)})
+    for k in ks:
+        for choice, options in (("spread", {}), ("least-harm", {"choice": "least-harm", "probe": probe}), ("merge", {"merge": True})):
+            student, kept = layer_dropping_student(teacher, feeds, 1.0, "bench", k, **options)
+            rows.append({"variant": f"{k} of 6, {choice}", "kept": kept, "cosine": cosine(student)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_students", description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", default="80,320,1280", help="counts of unlabelled train sentences (the curve's x)")
@@ -190,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         default="spread",
         help="students' kept layers, comma-separated: spread (first and last, evenly between) | least-harm | merge (spread, "
         "the dropped layers averaged into their kept neighbours)",
+    )
+    parser.add_argument(
+        "--untrained", action="store_true", help="only the untrained students' cosine: each layer dropped alone, and each --choice"
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -223,6 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     else:  # reading every installed package's docstrings takes a minute or two: kept for the next run
         text, sources = unlabelled_text(max(counts), set(SENTENCES))
         cache.write_text(json.dumps([text, sources]))
+    if args.untrained:
+        rows = untrained(folder, text, ks, args.length)
+        print(
+            json.dumps(rows, indent=2)
+            if args.json
+            else "\n".join(f"{r['variant']:28} {r['cosine']:.4f}  {r.get('kept', '')}" for r in rows)
+        )
+        return
     ev = dict(np.load(folder / "eval.npz"))
     feeds = {k: ev[k] for k in ("input_ids", "attention_mask")}
     fp32 = ort.InferenceSession(str(folder / "model.onnx")).run(None, feeds)[0]

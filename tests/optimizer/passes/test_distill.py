@@ -227,6 +227,7 @@ def test_relation_kl_is_zero_for_equal_attention_and_ignores_padded_queries():
     assert relation_kl(moved, teacher, mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_minilm_attention_and_direct_hidden_states_train_a_student(tmp_path):
     from tests.optimizer.tiny_transformers import embedding_pt2
 
