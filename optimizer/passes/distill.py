@@ -29,7 +29,14 @@ from slimserve.optimizer.base import (
     setting,
 )
 from slimserve.optimizer.compress.pruning import prune_channels_, untouched_layers
-from slimserve.optimizer.compress.students import hidden_state_pairs, layer_dropping_student
+from slimserve.optimizer.compress.students import (
+    LAYER_CHOICES,
+    hidden_state_pairs,
+    last_attention_pair,
+    layer_dropping_student,
+    relation_kl,
+    value_relation,
+)
 from slimserve.optimizer.compress.transformer import find_encoder
 from slimserve.optimizer.counting.torch_counts import flops_per_sample, parameter_count
 from slimserve.optimizer.finetune.loop import (
@@ -57,7 +64,9 @@ class DistillSoftConfig(PassConfig):
     (start from the teacher's most important channels) | random (the same narrow architecture,
     re-initialized). student: path of a .pt2 student to train instead (its inputs and outputs
     must match the teacher's; width and student_init are then ignored). keep_layers: how many of a
-    transformer's encoder layers the student keeps, spread evenly with the first and last (0: half). temperature: T.
+    transformer's encoder layers the student keeps, spread evenly with the first and last (0: half); layer_choice
+    least-harm keeps instead those whose removal hurts least, and merge_dropped starts each kept layer as the mean of
+    itself and the dropped layers it stands for. temperature: T.
     soft_weight, hard_weight: the two terms' weights. finetune: the shared loop.
     """
 
@@ -65,6 +74,12 @@ class DistillSoftConfig(PassConfig):
     student_init: str = setting("teacher", "teacher (start from the teacher's most important channels) | random")
     student: str = setting("", "path of a .pt2 student to train instead (width and student_init are then ignored)")
     keep_layers: int = setting(0, "a transformer's student keeps this many encoder layers, first and last among them (0: half)")
+    layer_choice: str = setting(
+        "spread",
+        "which encoder layers a transformer's student keeps: spread (first and last, evenly between) | least-harm (greedily drops "
+        "the layer whose removal changes the output least on 64 train rows)",
+    )
+    merge_dropped: bool = setting(False, "start each kept encoder layer as the mean of its weights and the dropped layers' it stands for")
     temperature: float = setting(4.0, "the softening temperature T")
     soft_weight: float = setting(0.7, "weight of the soft-target term (T^2 x KL to the teacher)")
     hard_weight: float = setting(0.3, "weight of the cross-entropy on the labels")
@@ -75,6 +90,7 @@ class DistillSoftConfig(PassConfig):
         if not 0.0 < self.width <= 1.0:
             raise ConfigValueError(f"width must be in (0, 1] (1: a transformer's layer-dropping student at full width), got {self.width}")
         check_choice("student_init", self.student_init, STUDENT_INITS)
+        check_choice("layer_choice", self.layer_choice, LAYER_CHOICES)
         if self.keep_layers < 0:
             raise ConfigValueError(f"keep_layers must be 0 (half the encoder layers) or a count of layers, got {self.keep_layers}")
         if not self.temperature > 0:
@@ -102,11 +118,21 @@ class DistillFeatureConfig(DistillSoftConfig):
         (), "layers matched, 'name' or 'student_name:teacher_name'; empty: the last auto_layers hidden layers"
     )
     auto_layers: int = setting(2, "how many hidden layers are matched when layers is empty")
+    project_features: bool = setting(
+        True, "match hidden states through learned projections; false: directly (the student's hidden states must equal the teacher's)"
+    )
+    attention_weight: float = setting(
+        0.0,
+        "weight of MiniLM's deep self-attention term: KL of the last encoder layer's attention distributions and value relations, "
+        "teacher to student (transformers; 0: off)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.feature_weight < 0:
             raise ConfigValueError(f"feature_weight must be 0 or more, got {self.feature_weight}")
+        if self.attention_weight < 0:
+            raise ConfigValueError(f"attention_weight must be 0 or more (0: off), got {self.attention_weight}")
         if not isinstance(self.layers, tuple) or not all(isinstance(v, str) and v and v.count(":") <= 1 for v in self.layers):
             raise ConfigValueError(f"layers must be a list of 'name' or 'student_name:teacher_name', got {self.layers!r}")
         if self.auto_layers < 1:
@@ -117,7 +143,9 @@ class DistillFeatureConfig(DistillSoftConfig):
 # Students
 
 
-def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str) -> tuple[Any, str]:
+def derive_student(
+    teacher: Any, example: tuple[Any, ...], config: DistillSoftConfig, needed_by: str, probe: tuple[Any, ...] | None = None
+) -> tuple[Any, str]:
     """The teacher's architecture with `width` of its channels (Torch-Pruning, magnitude), optionally re-initialized, and what it kept.
 
     A transformer's student keeps half the encoder layers (first and last) and `width` of their heads and FFN channels (optimizer/compress/students.py).
@@ -127,7 +155,9 @@ def derive_student(teacher: Any, example: tuple[Any, ...], config: DistillSoftCo
             f"{needed_by}: keep_layers {config.keep_layers} applies to a transformer's encoder layers, and the model has no attention; set keep_layers 0"
         )
     if find_encoder(teacher) is not None:
-        student, kept = layer_dropping_student(teacher, example, config.width, needed_by, config.keep_layers)
+        student, kept = layer_dropping_student(
+            teacher, example, config.width, needed_by, config.keep_layers, config.layer_choice, probe, config.merge_dropped
+        )
     elif config.width >= 1.0:
         raise OptimizerError(f"{needed_by}: width 1 keeps every channel of a model without encoder layers to drop; choose a width below 1")
     else:
@@ -278,13 +308,20 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
     else:
         objective = f"{config.soft_weight:g} x KL to the teacher's softened outputs (T={config.temperature:g}) + {config.hard_weight:g} x cross-entropy on the labels"
     if features:
-        objective += "; + hidden-state / feature matching (relative MSE through learned projections)"
+        assert isinstance(config, DistillFeatureConfig)
+        how = "through learned projections" if config.project_features else "direct"
+        objective += f"; + hidden-state / feature matching (relative MSE, {how})"
+        if config.attention_weight > 0:
+            objective += f"; + {config.attention_weight:g} x MiniLM attention and value-relation KL of the last layer"
     teacher_shapes = output_shapes(teacher, example)
     if config.student:
         student = load_student(config.student, prepared.specs, teacher_shapes, example, pass_name)
         origin = f"student {Path(config.student).name}"
     else:
-        student, kept = derive_student(teacher, example, config, pass_name)
+        import numpy as np
+
+        probe = tuple(torch.from_numpy(np.ascontiguousarray(x[:64])) for x in prepared.data.inputs)
+        student, kept = derive_student(teacher, example, config, pass_name, probe)
         student.train()
         origin = f"student with {kept} ({config.student_init} init)"
     if not config.student and parameter_count(student) >= parameter_count(teacher):
@@ -311,8 +348,36 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         assert isinstance(config, DistillFeatureConfig)
         pairs = feature_pairs(student, teacher, config, pass_name)
         projections = make_projections(pairs, student, teacher, example, pass_name)
+        if not config.project_features:
+            for proj, (s, t) in zip(projections, pairs):
+                if proj.weight.shape[0] != proj.weight.shape[1]:
+                    raise OptimizerError(
+                        f"{pass_name}: project_features false matches hidden states directly, and student layer '{s}' has "
+                        f"{proj.weight.shape[1]} channels where teacher layer '{t}' has {proj.weight.shape[0]}; set project_features true or width 1"
+                    )
+                proj.weight.requires_grad_(False)
         context.progress(ProgressEvent(stage=pass_name, fraction=0.06, message="matching " + ", ".join(f"{s}->{t}" for s, t in pairs)))
-    taps = (FeatureTap(student, [s for s, _ in pairs]), FeatureTap(teacher, [t for _, t in pairs])) if pairs else None
+    attention: tuple[tuple[str, str], tuple[str, str]] | None = None
+    if features and config.attention_weight > 0:  # type: ignore[attr-defined]
+        attention = last_attention_pair(student, teacher, pass_name)
+        pairs_with_attention = [*pairs, (attention[0][0], attention[1][0]), (attention[0][1], attention[1][1])]
+    else:
+        pairs_with_attention = pairs
+    taps = (
+        (FeatureTap(student, [s for s, _ in pairs_with_attention]), FeatureTap(teacher, [t for _, t in pairs_with_attention]))
+        if pairs_with_attention
+        else None
+    )
+    mask_at = list(prepared.specs).index("attention_mask") if "attention_mask" in prepared.specs else None
+    if attention is not None and taps is not None:
+        output_shapes(student, example)
+        output_shapes(teacher, example)
+        s_shape, t_shape = (tuple(taps[i].outputs[attention[i][0]].shape[1:]) for i in (0, 1))
+        if s_shape != t_shape:
+            raise OptimizerError(
+                f"{pass_name}: attention_weight compares the last layer's attention per head, and the student's is "
+                f"{list(s_shape)} (heads, queries, keys) where the teacher's is {list(t_shape)}; set width 1 (every head kept) or attention_weight 0"
+            )
     T, smoothing = config.temperature, config.finetune.label_smoothing
 
     def loss_fn(model: Any, inputs: tuple[Any, ...], labels: Any) -> tuple[Any, Any]:
@@ -324,14 +389,22 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         else:
             soft = soft_target_kl(logits, teacher_logits, T)
             loss = config.soft_weight * soft + config.hard_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing)
-        if taps is not None:
+        if attention is not None and taps is not None:
+            mask = inputs[mask_at] if mask_at is not None else None
+            (s_probs, s_values), (t_probs, t_values) = attention
+            s_out, t_out = taps[0].outputs, taps[1].outputs
+            relations = relation_kl(s_out[s_probs], t_out[t_probs], mask) + relation_kl(
+                value_relation(s_out[s_values], mask), value_relation(t_out[t_values], mask), mask
+            )
+            loss = loss + config.attention_weight * relations  # type: ignore[attr-defined]
+        if pairs and taps is not None:
             feature = sum(relative_mse(proj(taps[0].outputs[s]), taps[1].outputs[t]) for proj, (s, t) in zip(projections, pairs)) / len(
                 pairs
             )
             loss = loss + config.feature_weight * feature  # type: ignore[operator]
         return loss, logits
 
-    extra = [p for proj in projections for p in proj.parameters()]
+    extra = [p for proj in projections for p in proj.parameters() if p.requires_grad]
     try:
         fine_tune_(student, prepared.data, config.finetune, context, pass_name, loss_fn=loss_fn, extra_params=extra, fraction=(0.07, 0.88))
     finally:

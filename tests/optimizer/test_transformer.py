@@ -199,3 +199,21 @@ def test_a_pre_layernorm_layer_gets_an_identity_to_tap_and_computes_the_same():
     with torch.no_grad():
         np.testing.assert_array_equal(module(*torch_example()).numpy(), before.numpy())
     assert seen == [(2, TOKENS, 32)]
+
+
+def test_least_harm_drops_the_layer_that_changes_the_output_least_and_merge_averages_into_neighbours():
+    module = bert(4)
+    with torch.no_grad():  # layer 2 adds nothing to its input: dropping it costs nothing, so least-harm drops it, not layer 1
+        for name in ("attn_out", "output"):
+            layer = module.get_submodule(f"encoder.layers.2.{name}")
+            layer.weight.zero_()
+            layer.bias.zero_()
+    teacher = lifted(module, bert_example(), key=("bert-identity-2", 4))
+    student, kept = layer_dropping_student(teacher, bert_example(), 1.0, "test", keep_layers=3, choice="least-harm", probe=bert_example(8))
+    assert find_encoder(student).layers == ["encoder.layers.0", "encoder.layers.1", "encoder.layers.3"]
+    assert kept == "layers encoder.layers.0, encoder.layers.1, encoder.layers.3 of 4 (least harm)"
+    merged, kept = layer_dropping_student(teacher, bert_example(), 1.0, "test", keep_layers=3, merge=True)  # spread: 0, 2, 3
+    assert kept.endswith(", dropped layers averaged into their kept neighbours")
+    weights = [teacher.get_submodule(f"encoder.layers.{i}.query").weight for i in (0, 1)]
+    assert torch.allclose(merged.get_submodule("encoder.layers.0.query").weight, (weights[0] + weights[1]) / 2)
+    assert torch.equal(merged.get_submodule("encoder.layers.3.query").weight, teacher.get_submodule("encoder.layers.3.query").weight)

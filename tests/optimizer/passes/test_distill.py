@@ -205,3 +205,50 @@ def test_without_labels_a_layer_dropping_student_learns_the_teachers_embeddings(
 def test_width_one_keeps_every_channel_of_a_model_without_layers_to_drop(digits, teacher, tmp_path):
     with pytest.raises(OptimizerError, match="width 1 keeps every channel of a model without encoder layers to drop"):
         make_pass("distill-soft", {"width": 1.0, "finetune": FAST}).run(teacher, _context(digits, tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# MiniLM's deep self-attention distillation and direct hidden-state matching
+
+
+def test_relation_kl_is_zero_for_equal_attention_and_ignores_padded_queries():
+    from slimserve.optimizer.compress.students import relation_kl, value_relation
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    values = torch.randn(1, 2, 4, 8)
+    teacher = value_relation(values, mask)
+    assert torch.allclose(teacher[..., 3], torch.zeros(1, 2, 4))  # the padded key gets no weight
+    assert relation_kl(teacher, teacher, mask).item() == pytest.approx(0.0, abs=1e-6)
+    other = value_relation(values + torch.randn(1, 2, 4, 8), mask)
+    assert relation_kl(other, teacher, mask).item() > 0.01
+    moved = teacher.clone()
+    moved[:, :, 3] = other[:, :, 3]  # only the padded query row differs
+    assert relation_kl(moved, teacher, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_minilm_attention_and_direct_hidden_states_train_a_student(tmp_path):
+    from tests.optimizer.tiny_transformers import embedding_pt2
+
+    model, train, data = embedding_pt2(tmp_path / "m", layers=4, rows=32)
+    events: list[ProgressEvent] = []
+    context = PassContext(workdir=tmp_path, datasets={"train": train}, progress=events.append)
+    config = {"width": 1.0, "attention_weight": 1.0, "project_features": False, "finetune": {"epochs": 1, "batch_size": 16}}
+    result = make_pass("distill-feature", config).run(model, context)
+    assert result.notes["objective"].endswith(
+        "hidden-state / feature matching (relative MSE, direct); + 1 x MiniLM attention and value-relation KL of the last layer"
+    )
+    assert onnx_io_names(result.path) == (("input_ids", "attention_mask"), ("sentence_embedding",))
+    assert cosine_to_teacher(model, result.path, data) > 0.5
+    with pytest.raises(
+        OptimizerError, match=r"the student's is \[2, 12, 12\] \(heads, queries, keys\) where the teacher's is \[4, 12, 12\]"
+    ):
+        make_pass("distill-feature", {**config, "width": 0.5}).run(model, context)
+
+
+def test_attention_weight_is_refused_below_zero_and_for_a_model_without_attention(digits, teacher, tmp_path):
+    with pytest.raises(OptimizerError, match=r"attention_weight must be 0 or more \(0: off\), got -1"):
+        make_pass("distill-feature", {"attention_weight": -1})
+    with pytest.raises(OptimizerError, match="attention_weight needs a transformer student and teacher"):
+        make_pass("distill-feature", {"attention_weight": 1.0, "finetune": FAST}).run(teacher, _context(digits, tmp_path))
