@@ -26,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from slimserve.optimizer.base import OptimizerError
+from slimserve.optimizer.compress.transformer import Removed, kept_count
 
 ELEMENTWISE = {"Gelu", "Relu", "Erf", "Div", "Mul", "Add", "Sub", "Sigmoid", "Tanh", "Pow", "FastGelu", "BiasGelu", "Cast", "Identity"}
 
@@ -174,29 +175,6 @@ def find_onnx_encoder(model: onnx.ModelProto) -> OnnxEncoder:
     return found
 
 
-@dataclass
-class OnnxRemoved:
-    heads_before: int = 0
-    heads_after: int = 0
-    ffn_before: int = 0
-    ffn_after: int = 0
-
-    def describe(self) -> str:
-        parts = []
-        if self.heads_after < self.heads_before:
-            parts.append(f"attention heads {self.heads_before} -> {self.heads_after}")
-        if self.ffn_after < self.ffn_before:
-            parts.append(f"FFN channels {self.ffn_before} -> {self.ffn_after}")
-        return ", ".join(parts) or "nothing"
-
-
-def _kept(count: int, ratio: float, round_to: int) -> int:
-    keep = count - int(count * ratio)
-    if round_to > 1 and count >= 2 * round_to:
-        keep = max(round_to, round(keep / round_to) * round_to)
-    return max(1, min(count, keep))
-
-
 def _set(g: _Graph, name: str, value: np.ndarray) -> None:
     g.inits[name].CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(g.inits[name]).dtype), name))
 
@@ -221,7 +199,7 @@ def prune_onnx_encoder(
     round_to: int,
     check: Callable[[onnx.ModelProto, onnx.ModelProto], None],
     activations: Callable[[onnx.ModelProto, list[str]], dict[str, np.ndarray]] | None = None,
-) -> tuple[onnx.ModelProto, OnnxRemoved]:
+) -> tuple[onnx.ModelProto, Removed]:
     """A copy of the model without `ratio` of every unit's heads and every FFN's channels (magnitude: L2 of their weights).
 
     `check(pruned, reference)` runs both graphs on real inputs and raises when they differ; the reference is the original
@@ -237,7 +215,7 @@ def prune_onnx_encoder(
             "and no FFN (MatMul, element-wise activation, MatMul back) in the ONNX graph; register the model's .pt2 to prune it"
         )
     g, ref = _Graph(pruned), _Graph(reference)
-    removed = OnnxRemoved()
+    removed = Removed()
     # Activation importance: what each head adds to the output projection's result, and each FFN channel's
     # activation times its row of the down weight, on real inputs (the tensors read as extra graph outputs).
     seen: dict[str, np.ndarray] = {}
@@ -245,7 +223,7 @@ def prune_onnx_encoder(
         wanted = [u.merge.output[0] for u in encoder.attentions] + [f.down.node.input[0] for f in encoder.ffns]
         seen = activations(model, wanted)
     for n, unit in enumerate(encoder.attentions):
-        keep = _kept(unit.heads, ratio, 0)
+        keep = kept_count(unit.heads, ratio, 0)
         removed.heads_before += unit.heads
         removed.heads_after += keep
         if keep == unit.heads:
@@ -280,7 +258,7 @@ def prune_onnx_encoder(
     for ffn in encoder.ffns:
         up_w, down_w = g.array(ffn.up.weight), g.array(ffn.down.weight)
         width = up_w.shape[1]
-        keep = _kept(width, ratio, round_to)
+        keep = kept_count(width, ratio, round_to)
         removed.ffn_before += width
         removed.ffn_after += keep
         if keep == width:

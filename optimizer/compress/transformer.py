@@ -112,7 +112,9 @@ class Removed:
         return ", ".join(parts) or "nothing"
 
 
-def _kept(count: int, ratio: float, round_to: int) -> int:
+def kept_count(count: int, ratio: float, round_to: int) -> int:
+    """How many of `count` heads or channels stay at a pruning `ratio`, a multiple of `round_to` where that fits (also
+    the ONNX pruner's rule, compress/onnx_heads.py)."""
     keep = count - int(count * ratio)
     if round_to > 1 and count >= 2 * round_to:
         keep = max(round_to, round(keep / round_to) * round_to)
@@ -150,7 +152,7 @@ def prune_encoder_(
         if set(ignored) & {*unit.projections, unit.out}:
             removed.skipped.append(f"{unit.layer or unit.out} attention (in exclude)")
             continue
-        keep = _kept(unit.heads, ratio, 0)
+        keep = kept_count(unit.heads, ratio, 0)
         removed.heads_before += unit.heads
         removed.heads_after += keep
         if keep == unit.heads:
@@ -174,7 +176,7 @@ def prune_encoder_(
             continue
         ups, down = [module.get_submodule(n) for n in ffn.projections], module.get_submodule(ffn.down)
         width = ups[0].out_features
-        keep = _kept(width, ratio, round_to)
+        keep = kept_count(width, ratio, round_to)
         removed.ffn_before += width
         removed.ffn_after += keep
         if keep == width:
@@ -249,7 +251,7 @@ def prune_heads_and_ffn_(module: Any, example: tuple[Any, ...], config: Any, nee
     units = [a for a in encoder.attentions if not ignored & {*a.projections, a.out}]
     ffns = [module.get_submodule(f.up).out_features for f in encoder.ffns if not ignored & {*f.projections, f.down}]
     heads = sum(a.heads for a in units)
-    if heads == sum(_kept(a.heads, ratio, 0) for a in units) and sum(ffns) == sum(_kept(w, ratio, config.round_to) for w in ffns):
+    if heads == sum(kept_count(a.heads, ratio, 0) for a in units) and sum(ffns) == sum(kept_count(w, ratio, config.round_to) for w in ffns):
         raise OptimizerError(
             f"{needed_by}: a pruning ratio of {ratio:g} removes no attention head ({heads} in {len(units)} units) and no FFN channel "
             f"({sum(ffns)} in {len(ffns)} FFNs, kept in multiples of round_to {config.round_to}), so no variant was made; raise pruning_ratio"
