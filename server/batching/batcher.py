@@ -56,7 +56,7 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from slimserve.server.batching.assembly import BatchingConfig, _Solo, batch_key, split_outputs
+from slimserve.server.batching.assembly import BatchingConfig, batch_key, split_outputs
 from slimserve.server.batching.sequence import SequencePlan
 from slimserve.server.batching.sizing import BatchSizer
 from slimserve.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
@@ -66,9 +66,6 @@ log = logging.getLogger(__name__)
 Predict = Callable[[dict[str, np.ndarray], "list[str] | None"], dict[str, np.ndarray]]
 OnBatch = Callable[[int, list[float], float], None]
 OnDrop = Callable[[str], None]
-# Length buckets with a BatchSizer of their own, at most (a 512-token model has 64 buckets of 8); others share `sizer`.
-MAX_KEYED_SIZERS = 64
-KEYED_AFTER = 20  # calls a bucket's sizer sees before it decides (a cold one would explore from batch 1 again)
 DEADLINE_SLACK_S = 0.02  # a cancel this close to the request's deadline is counted as the deadline passing
 
 
@@ -113,7 +110,6 @@ class DynamicBatcher:
         inline_below_s: float = 0.0,
         on_drop: OnDrop | None = None,
         sequence: SequencePlan | None = None,
-        sizer_per_length: bool = False,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -155,13 +151,6 @@ class DynamicBatcher:
         self.sequence = sequence
         if sequence is not None:
             self.submit = self._submit_cut  # type: ignore[method-assign]
-        # sizer_per_length: a padding-free text model's batch keys are its length buckets, and what merging saves depends on
-        # the length (MiniLM, 1 thread: batch 8 costs 0.53x batch 1 per sample at 8 tokens, 0.88x at 64); with it, cut /
-        # wait / pays of a bucket are decided by a BatchSizer of its own once that has seen KEYED_AFTER calls (at most
-        # MAX_KEYED_SIZERS), and `sizer` still learns from every call. Off: `python -m bench.bench_length_sizer` (MiniLM,
-        # 16 callers, real sentences) found no gain on a shared 2-core node (cold per-bucket sizers: 25 against 32 req/s;
-        # warm-started: 118 against 109 req/s with a worse p99, within the run's noise).
-        self._keyed: dict[Hashable, BatchSizer] | None = {} if sequence is not None and sizer_per_length else None
 
     # ------------------------------------------------------------------ public
 
@@ -284,8 +273,8 @@ class DynamicBatcher:
                 self.executor, self._timed_predict, inputs, outputs, deadline
             )
             self._record_compute(compute)
-            key, size = batch_key(inputs, outputs)
-            self._observe(size, key, [started - enqueued], compute)
+            _, size = batch_key(inputs, outputs)
+            self._observe(size, [started - enqueued], compute)
             if timing is not None:
                 timing.append((started, compute, size))
             self._check_answer_in_time(deadline, started, compute)
@@ -294,22 +283,6 @@ class DynamicBatcher:
             self._waiting -= 1
             if not self._waiting:
                 self._idle.set()
-
-    def _sizer_for(self, key: Hashable) -> BatchSizer:
-        """The BatchSizer that decides batches of `key`: its own for a padding-free text model, else the variant's."""
-        if self._keyed is None or isinstance(key, _Solo):
-            return self.sizer
-        sizer = self._keyed.get(key)
-        if sizer is None:
-            if len(self._keyed) >= MAX_KEYED_SIZERS:
-                return self.sizer
-            sizer = self._keyed[key] = BatchSizer(self.config.max_batch_size)
-        return sizer
-
-    def _decider(self, key: Hashable) -> BatchSizer:
-        """The sizer that decides batches of `key`: its bucket's once that has seen KEYED_AFTER calls, the variant's until then."""
-        sizer = self._sizer_for(key)
-        return sizer if sizer is self.sizer or sum(sizer.observed) >= KEYED_AFTER else self.sizer
 
     def _runs_inline(self) -> bool:
         return self._compute_ewma is not None and self._compute_ewma < self.inline_below_s
@@ -331,8 +304,8 @@ class DynamicBatcher:
         finally:
             compute = time.perf_counter() - started
             self._record_compute(compute)
-            key, size = batch_key(inputs, outputs)
-            self._observe(size, key, [0.0], compute)
+            _, size = batch_key(inputs, outputs)
+            self._observe(size, [0.0], compute)
             if timing is not None:
                 timing.append((started, compute, size))
         self._check_answer_in_time(deadline, started, compute)
@@ -517,7 +490,7 @@ class DynamicBatcher:
             if preferred:
                 cap = preferred[-1]  # the largest preferred size the waiting samples fill
             else:
-                sizer = self._decider(key)
+                sizer = self.sizer
                 if not (self._inflight == 0 or self._closing or waited >= self._delay) and sizer.worth_waiting(available):
                     return self._delay - waited  # a measured larger batch is cheaper per sample: worth a short wait
                 cap = sizer.cut(cap)
@@ -619,12 +592,10 @@ class DynamicBatcher:
         self._poke(asyncio.get_running_loop())
         if started is not None:
             self._record_compute(compute)
-            self._observe(total, batch[0].key, [started - r.enqueued for r in batch], compute)
+            self._observe(total, [started - r.enqueued for r in batch], compute)
 
-    def _observe(self, size: int, key: Hashable, queue_seconds: list[float], compute: float) -> None:
+    def _observe(self, size: int, queue_seconds: list[float], compute: float) -> None:
         self.sizer.observe(size, compute)
-        if self._keyed is not None:
-            self._sizer_for(key).observe(size, compute)
         if self.on_batch is None:
             return
         try:

@@ -4,7 +4,6 @@ together, anything else (left padding, a model that reads its padding, a fixed l
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -217,31 +216,3 @@ def test_a_model_with_other_inputs_beside_the_mask_is_loaded_as_it_is(tmp_path):
     runtime = loaded(attention_model(tmp_path / "attn.onnx"))  # x FP32 [N,16,32] and attention_mask INT64 [N,16]
     assert runtime.any_length == "" and runtime.inputs[1].shape == (-1, 16)
     assert runtime.predict(attention_data(2, 0))["logits"].shape == (2, 4)
-
-
-def test_each_length_bucket_learns_its_own_batch_cost():
-    """With sizer_per_length, a call's cost goes to the BatchSizer of its length bucket (and to the variant's, for
-    predicted waits); without it (the default) one sizer learns every length."""
-    cost = {8: 0.001, 32: 0.004}  # seconds per call at each kept length, whatever the batch
-
-    def predict(inputs, outputs):
-        time.sleep(cost[inputs["input_ids"].shape[1]])
-        return {"pooled": np.ones((len(inputs["input_ids"]), 2), np.float32)}
-
-    plan = SequencePlan(("input_ids", "attention_mask"), "attention_mask", ())
-
-    async def run(**kwargs):
-        with ThreadPoolExecutor(1) as pool:
-            batcher = DynamicBatcher(predict, pool, max_concurrency=1, **kwargs)
-            for n in (30, 5, 29, 3):
-                await batcher.submit(token_rows([n], 128))
-            await batcher.close()
-            return batcher
-
-    batcher = asyncio.run(run(sequence=plan, sizer_per_length=True))
-    sizers = list(batcher._keyed.values())
-    assert len(sizers) == 2 and sorted(s.observed[0] for s in sizers) == [2, 2] and batcher.sizer.observed[0] == 4
-    short, long = sorted(s.per_sample[0] for s in sizers)
-    assert long > 2 * short  # each bucket its own cost per sample, not their average
-    assert asyncio.run(run(sequence=plan))._keyed is None  # off unless asked (bench.bench_length_sizer found no gain)
-    assert batcher._decider(next(iter(batcher._keyed))) is batcher.sizer  # 2 calls: the bucket's sizer does not decide yet
