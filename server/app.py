@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,7 +33,7 @@ from slimserve.server.management.throttle import parse_job_yield
 from slimserve.server.management.triton_repository import TritonRepository
 from slimserve.server.management.watch import RepositoryWatcher
 from slimserve.server.management.worker import WorkLimits
-from slimserve.server.ports import check_ports, in_use
+from slimserve.server.ports import check_ports, in_use, unsent_bytes
 from slimserve.server.rollout.controller import RolloutController
 from slimserve.server.rollout.gates import ProcessStatistics
 from slimserve.server.rollout.metrics import RolloutMetrics
@@ -46,6 +47,9 @@ from slimserve.server.telemetry.pricing import load_prices, price_of
 from slimserve.server.telemetry.tracing import TraceCollector, Tracer, TraceSettings
 
 log = logging.getLogger(__name__)
+
+DRAIN_POLL_S = 0.01
+DRAIN_SETTLE_S = 0.5  # after the last answer of a drain is acknowledged, for its client to read it before the close
 
 SERVICES = (
     inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -283,12 +287,15 @@ class SlimServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets those in flight finish within `grace` seconds, then unloads."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         await self.jobs.stop()
+        await self._drain(deadline)
         await self.rollouts.stop()
         await self.slo.stop()
-        grace = self.settings.shutdown_grace_s if grace is None else grace
-        await asyncio.gather(self.server.stop(grace), self._stop_http(grace))
+        left = max(0.0, deadline - time.monotonic())
+        await asyncio.gather(self.server.stop(left), self._stop_http(left))
         if self.watcher is not None:
             await self.watcher.stop()
         if self.triton is not None:
@@ -300,6 +307,26 @@ class SlimServer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+
+    async def _drain(self, deadline: float) -> None:
+        """New requests are refused (UNAVAILABLE, for the client to retry elsewhere); those in flight finish, and their
+        answers leave the kernel's send queues, before the transports close. gRPC closes a connection as soon as its
+        last call ends; once on CI a client on the busy machine lost the answer of the call in flight that way
+        (UNAVAILABLE, "GOAWAY ... Server shutdown": tests/server/test_shutdown.py). So the connections stay open
+        until the peers have acknowledged every byte and DRAIN_SETTLE_S more (for them to read it), within the grace
+        period; a new request meanwhile is refused, as Triton does while it exits."""
+        self.dataplane.draining = True
+        answered = self.dataplane.requests_in_flight() > 0
+        # Polled, not signalled: the count lives in the recorders, on the request path, which must not pay for an event.
+        while self.dataplane.requests_in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_S)
+        ports = [p for p in (self.port, self.http_port) if p and p > 0]
+        settle = time.monotonic() + (DRAIN_SETTLE_S if answered else 0.0)
+        while time.monotonic() < deadline:
+            unsent = unsent_bytes(ports)
+            if not unsent and time.monotonic() >= settle:
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
 
     async def _stop_http(self, grace: float) -> None:
         if self.http is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from slimserve.server.settings import Settings
@@ -77,3 +78,28 @@ def check_ports(settings: Settings) -> None:
         if error.errno == errno.EADDRINUSE:
             raise in_use(port.what, settings.host, number, port.flag)
         raise in_use(port.what, settings.host, number, port.flag, detail=error.strerror or str(error))
+
+
+TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+ESTABLISHED, CLOSE_WAIT = "01", "08"
+
+
+def unsent_bytes(ports: Iterable[int], tables: Iterable[str] = TCP_TABLES) -> int | None:
+    """Bytes written to the open connections of these local ports that the peers have not acknowledged yet (the
+    kernel's send queues, Linux's /proc/net/tcp); None where the tables cannot be read (another OS)."""
+    wanted = {f"{p:04X}" for p in ports}
+    total, read = 0, False
+    for table in tables:
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        read = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 5 or fields[3] not in (ESTABLISHED, CLOSE_WAIT):
+                continue
+            if fields[1].rsplit(":", 1)[-1] in wanted:
+                total += int(fields[4].split(":", 1)[0], 16)
+    return total if read else None

@@ -200,6 +200,7 @@ class DataPlane:
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
         self._id_counter = itertools.count(1)
         self.ready = False
+        self.draining = False  # SIGTERM: requests in flight finish, new ones are refused UNAVAILABLE (server/app.py `drain`)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -212,6 +213,10 @@ class DataPlane:
             except Exception as e:  # one broken model must not keep the others from serving
                 log.error("model '%s' failed to load: %s", name, e)
         self.ready = True
+
+    def requests_in_flight(self) -> int:
+        """Requests routed to a served variant and not yet answered, over every loaded model."""
+        return sum(v.recorder.inflight for loaded in list(self.loader.models.values()) for v in list(loaded.variants.values()))
 
     async def stop(self) -> None:
         self.ready = False
@@ -353,6 +358,8 @@ class DataPlane:
 
         Written out flat rather than through an async context manager and nested coroutines: each
         of those costs a microsecond or more a request (`python -m bench.bench_hotpath`)."""
+        if self.draining:
+            raise Unavailable("the server is shutting down and takes no new requests; send this one to another replica")
         trace = request.trace
         if trace is not None:
             trace.started = time_ns()

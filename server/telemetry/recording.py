@@ -74,6 +74,11 @@ class VariantRecorder:
 
     # ------------------------------------------------------------------ per request and per batch
 
+    @property
+    def inflight(self) -> int:
+        """Requests routed here and not yet answered."""
+        return self._inflight
+
     def begin(self) -> None:
         """A request routed here starts."""
         with self._lock:

@@ -88,3 +88,35 @@ def test_reuse_port_lets_a_second_process_share_the_grpc_port(first, tmp_path):
     with pytest.raises(PortInUse):
         asyncio.run(start_and_stop())
     answers(first)
+
+
+def test_unsent_bytes_counts_what_a_peer_has_not_acknowledged():
+    """The drain on SIGTERM waits on it: bytes an accepted connection wrote that its peer's kernel has not taken yet.
+    The peer does not read, so its window closes and the rest waits in our send queue; once it reads, nothing does."""
+    import socket
+
+    from slimserve.server.ports import unsent_bytes
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as peer:
+            served, _ = listener.accept()
+            with served:
+                assert unsent_bytes([port]) == 0
+                served.setblocking(False)
+                sent = 0
+                try:
+                    while sent < 64 << 20:
+                        sent += served.send(b"x" * 65536)
+                except BlockingIOError:
+                    pass  # the send buffer is full: the peer's window is closed
+                waiting = unsent_bytes([port])
+                assert waiting is not None and waiting > 0
+                assert unsent_bytes([free_port()]) == 0  # another port's connections are not counted
+                received = 0
+                while received < sent:
+                    received += len(peer.recv(1 << 20))
+                deadline = time.monotonic() + 10
+                while unsent_bytes([port]) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert unsent_bytes([port]) == 0

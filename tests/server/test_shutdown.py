@@ -1,4 +1,5 @@
-"""SIGTERM: the server stops accepting, finishes the call in flight, and exits 0."""
+"""SIGTERM: the server refuses new calls, finishes the call in flight (its answer delivered before the transport
+closes), and exits 0."""
 
 import signal
 import threading
@@ -60,8 +61,19 @@ def test_sigterm_finishes_inflight_call_then_exits_zero(tmp_path):
             )
             assert "answer" not in results, "the call finished before SIGTERM could reach it in flight"
             server.proc.send_signal(signal.SIGTERM)
+            # While the call in flight finishes, a new one is refused (UNAVAILABLE, for the client to go elsewhere),
+            # as Triton does while it exits; once the transports close, gRPC itself refuses (also UNAVAILABLE).
+            refusal = None
+            with server.client() as late:
+                while refusal is None and t.is_alive():
+                    try:
+                        late.infer("slow", {"x": np.ones((1, 1024), np.float32)}, timeout=60)
+                    except SlimServeClientError as e:
+                        refusal = e
             t.join(60)
         assert "answer" in results, f"the call in flight failed: {results.get('error')}"
+        assert refusal is not None and refusal.code == "UNAVAILABLE", refusal
+        assert "shutting down" in str(refusal), refusal  # the drain's refusal, not the closed transport's
         assert server.proc.wait(60) == 0
         with pytest.raises(SlimServeClientError) as e, server.client() as c:
             c.server_live()
