@@ -1,22 +1,35 @@
-"""Whole attention heads and FFN channels removed from a transformer's ONNX graph: its initializers sliced, its head counts rewritten.
+"""Whole attention heads and FFN channels removed from a transformer's ONNX graph: its weights sliced, its shapes rewritten.
 
-A BERT-style ONNX export computes each attention unit as three MatMuls with constant [hidden, width] weights (Q, K, V),
-each (after its bias Add) reshaped to [batch, seq, heads, head_dim] by a constant shape, and an output MatMul with a
-[width, hidden] weight read after the heads are merged back by a Reshape to [batch, seq, width]; an FFN is a MatMul
-to the inner width, element-wise ops (GELU, or its Erf form), and a MatMul back. Removing head h slices its head_dim
-columns out of Q, K, V (and their biases) and its rows out of the output weight; the two Reshapes get the new head
-count and width. An FFN loses columns of its first weight (and bias) and the same rows of its second.
+What is recognised, by following the head axis forward from every linear layer with a constant weight:
+- a linear layer is a MatMul with a constant 2-D weight (an initializer, a Constant node, or either through a Transpose),
+  with or without a bias Add after it, or a Gemm (transB or not) with a constant weight and bias;
+- an attention unit is the set of linears (Q, K, V; or one fused QKV, cut by a Split or Slices) whose outputs reach,
+  through the heads' split Reshapes, the attention MatMuls and Softmax, and the merging Reshape, one output linear (O).
+  Reshape, Expand, Split and Slice shapes may be constants (the dynamo exporter) or computed at run time
+  (TorchScript's Shape -> Gather -> Unsqueeze -> Concat); only their constant entries that carry the heads are rewritten,
+  each consumer getting its own copy (exporters share shape constants between layers);
+- grouped-query attention (fewer K / V heads than Q heads, repeated by Expand + Reshape as Llama does) is cut by whole
+  groups: a K / V head goes with the Q heads that read it, so the repetition count stays;
+- an FFN is one or more linears from the same input (up; or gate and up, as a GLU / SwiGLU has) whose outputs meet,
+  through element-wise ops (and Reshapes that keep the channel axis, as GPT-2's Conv1D writes), in one linear back (down).
 
-Torch-Pruning works on torch modules, and an ONNX transformer converted to torch by onnx2torch computes its reshape
-shapes at run time, which torch.export cannot trace with a free batch (slimserve.optimizer.formats.torchmodel refuses
-it): so the graph is cut here, where the weights are plain initializers. No fine-tuning (register the .pt2 for that).
+The head axis is followed with the tensors' real shapes, read once by running the graph on two rows of the data
+(`tensor_shapes`): a Reshape maps the axis where the product of the dimensions before it is the same on both sides.
+What cannot be followed (a Gather or Concat on the head axis, a per-head constant, a KV cache output) is named: an
+attention Softmax that no unit explains is listed in `OnnxEncoder.unexplained` with the node and what stopped it.
+
+Torch-Pruning works on torch modules, and an ONNX transformer converted by onnx2torch computes its reshape shapes at
+run time, which torch.export cannot trace with a free batch (slimserve.optimizer.formats.torchmodel refuses it): so the
+graph is cut here. No fine-tuning (register the .pt2 for that).
 
 Checked before it returns: the pruned graph gives the outputs of the original graph with the removed heads' and
-channels' rows of the output weights zeroed, on real inputs, so a reshape this module missed is refused, not served.
+channels' rows of the output weights zeroed, on real inputs, so a shape this module missed is refused, not served.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,47 +41,85 @@ from onnx import numpy_helper
 from slimserve.optimizer.base import OptimizerError
 from slimserve.optimizer.compress.transformer import Removed, kept_count
 
-ELEMENTWISE = {"Gelu", "Relu", "Erf", "Div", "Mul", "Add", "Sub", "Sigmoid", "Tanh", "Pow", "FastGelu", "BiasGelu", "Cast", "Identity"}
+ELEMENTWISE = {
+    "Abs", "Add", "BiasGelu", "Cast", "Clip", "Div", "Dropout", "Equal", "Erf", "Exp", "FastGelu", "Gelu", "HardSigmoid",
+    "HardSwish", "Identity", "IsNaN", "LeakyRelu", "Log", "Max", "Min", "Mish", "Mul", "Neg", "Not", "Pow", "QuickGelu",
+    "Reciprocal", "Relu", "Selu", "Sigmoid", "Sign", "Sin", "Cos", "Softplus", "Sqrt", "Sub", "Tanh", "Where", "Less",
+    "Greater", "And", "Or", "Elu", "Celu", "Floor", "Ceil", "Round",
+}  # fmt: skip
+REDUCES = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd", "ReduceLogSumExp"}
+
+
+class NotUnderstood(Exception):
+    """A node on the head (or channel) axis this module cannot follow or cut; `str()` names it and says why."""
+
+    def __init__(self, node: Any, why: str) -> None:
+        super().__init__(f"{node.name or node.output[0]} ({node.op_type}) {why}")
+        self.node = node
 
 
 @dataclass
 class _Linear:
-    """A MatMul with a constant 2-D weight, and the bias Add that follows it (if any)."""
+    """A linear layer: its node, the constant holding its weight (read as [in, out]) and bias, and its output tensor."""
 
     node: Any
-    weight: str
+    weight: str  # the constant's name (an initializer or a Constant node's output)
+    transposed: bool  # stored [out, in]
     bias: str  # '' when none
     out: str  # the tensor after the bias
+    inner: list[Any] = field(default_factory=list)  # Transpose nodes between the constant and the MatMul
+
+    @property
+    def data(self) -> str:
+        return self.node.input[0]
 
 
 @dataclass
 class OnnxAttention:
-    projections: list[_Linear]  # Q, K, V
+    projections: list[_Linear]  # Q, K, V (or one fused QKV)
+    parts: list[list[int]]  # per projection, the widths of its parts along its output (Q | K | V for a fused one)
     out: _Linear
-    splits: list[Any]  # the Reshapes to [.., heads, head_dim]
-    merge: Any  # the Reshape back to [.., width]
-    heads: int
+    groups: int  # K / V heads (the Q heads in multi-head attention): what is removed whole
+    heads: int  # Q heads
     head_dim: int
+
+    @property
+    def splits(self) -> list[Any]:  # the projections' nodes (kept for callers that list them)
+        return [p.node for p in self.projections]
 
 
 @dataclass
 class OnnxFfn:
-    up: _Linear
+    ups: list[_Linear]  # up (and gate, for a GLU)
     down: _Linear
+
+    @property
+    def up(self) -> _Linear:
+        return self.ups[-1]
 
 
 @dataclass
 class OnnxEncoder:
     attentions: list[OnnxAttention] = field(default_factory=list)
     ffns: list[OnnxFfn] = field(default_factory=list)
+    unexplained: list[str] = field(default_factory=list)  # attention Softmaxes no unit explains, each with what stopped it
 
 
 class _Graph:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
         self.model = model
         self.graph = model.graph
-        self.inits = {i.name: i for i in self.graph.initializer}
+        self.shapes = shapes
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.inputs = {i.name for i in self.graph.input}
+        self.inits = {i.name: i for i in self.graph.initializer if i.name not in self.inputs}
         self.constants = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant" and n.output}
+        self.outputs = {o.name for o in self.graph.output}
+        self.refresh()
+        self._fresh = 0
+
+    def refresh(self) -> None:
+        self.producer = {o: n for n in self.graph.node for o in n.output}
         self.consumers: dict[str, list[Any]] = {}
         for n in self.graph.node:
             for name in n.input:
@@ -82,114 +133,796 @@ class _Graph:
             for a in node.attribute:
                 if a.name == "value":
                     return numpy_helper.to_array(a.t)
+                if a.name == "value_ints":
+                    return np.array(list(a.ints), np.int64)
+                if a.name == "value_int":
+                    return np.array(a.i, np.int64)
+                if a.name == "value_floats":
+                    return np.array(list(a.floats), np.float32)
+                if a.name == "value_float":
+                    return np.array(a.f, np.float32)
         return None
 
+    def is_const(self, name: str) -> bool:
+        return name in self.inits or name in self.constants
+
+    def set_array(self, name: str, value: np.ndarray) -> None:
+        dtype = self.array(name).dtype
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name)
+        if name in self.inits:
+            self.inits[name].CopyFrom(tensor)
+            return
+        node = self.constants[name]
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("value", tensor))
+
+    def add_const(self, base: str, value: np.ndarray) -> str:
+        self._fresh += 1
+        name = f"{base}__pruned{self._fresh}"
+        while name in self.inits or name in self.producer:
+            self._fresh += 1
+            name = f"{base}__pruned{self._fresh}"
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.inits[name] = self.graph.initializer[-1]
+        return name
+
+    def clone(self, node: Any) -> Any:
+        """A copy of `node` with fresh output names, appended to the graph (sorted into place at the end)."""
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        self._fresh += 1
+        del copy.output[:]
+        copy.output.extend(f"{o}__pruned{self._fresh}" for o in node.output)
+        copy.name = f"{node.name or node.op_type}__pruned{self._fresh}"
+        self.graph.node.append(copy)
+        return self.graph.node[-1]
+
+    def attr(self, node: Any, name: str, default: Any = None) -> Any:
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def ints(self, node: Any, attr: str, index: int) -> list[int] | None:
+        """An int list given as an attribute (older opsets) or as the constant input `index` (newer ones); None when absent."""
+        value = self.attr(node, attr)
+        if value is not None:
+            return [int(v) for v in value]
+        if len(node.input) > index and node.input[index]:
+            arr = self.array(node.input[index])
+            if arr is None:
+                raise NotUnderstood(node, f"takes its {attr} from the computed tensor {node.input[index]}, not a constant")
+            return [int(v) for v in arr.reshape(-1)]
+        return None
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self.shapes:
+            return self.shapes[name]
+        arr = self.array(name)
+        return None if arr is None else tuple(arr.shape)
+
+    # ---- linear layers
+
+    def _const_weight(self, name: str, user: Any) -> tuple[str, bool, list[Any]] | None:
+        """The constant behind a weight input (directly, or through Transposes), used by `user` alone."""
+        inner, transposed = [], False
+        while not self.is_const(name):
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Transpose" or len(self.consumers.get(name, [])) != 1:
+                return None
+            perm = self.attr(node, "perm")
+            if perm is not None and list(perm) != [1, 0]:
+                return None
+            inner.append(node)
+            transposed = not transposed
+            user, name = node, node.input[0]
+        arr = self.array(name)
+        if arr is None or arr.ndim != 2 or arr.dtype.kind != "f" or [u for u in self.consumers.get(name, []) if u is not user]:
+            return None
+        return name, transposed, inner
+
     def linear(self, node: Any) -> _Linear | None:
-        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in self.inits:
-            return None
-        if len(self.inits[node.input[1]].dims) != 2:
-            return None
-        users = self.consumers.get(node.output[0], [])
-        if len(users) == 1 and users[0].op_type == "Add":
-            other = [i for i in users[0].input if i != node.output[0]]
-            if len(other) == 1 and other[0] in self.inits and len(self.inits[other[0]].dims) == 1:
-                return _Linear(node, node.input[1], other[0], users[0].output[0])
-        return _Linear(node, node.input[1], "", node.output[0])
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            found = self._const_weight(node.input[1], node)
+            if found is None:
+                return None
+            name, transposed, inner = found
+            out_features = self.array(name).shape[0 if transposed else 1]
+            users = self.consumers.get(node.output[0], [])
+            if len(users) == 1 and users[0].op_type == "Add" and node.output[0] not in self.outputs:
+                other = [i for i in users[0].input if i != node.output[0]]
+                bias = self.array(other[0]) if len(other) == 1 else None
+                if bias is not None and bias.shape == (out_features,) and len(self.consumers.get(other[0], [])) == 1:
+                    return _Linear(node, name, transposed, other[0], users[0].output[0], inner)
+            return _Linear(node, name, transposed, "", node.output[0], inner)
+        if node.op_type == "Gemm" and len(node.input) >= 2 and not self.attr(node, "transA", 0):
+            found = self._const_weight(node.input[1], node)
+            if found is None:
+                return None
+            name, transposed, inner = found
+            transposed = transposed != bool(self.attr(node, "transB", 0))
+            out_features = self.array(name).shape[0 if transposed else 1]
+            bias = ""
+            if len(node.input) > 2 and node.input[2]:
+                arr = self.array(node.input[2])
+                if arr is None or arr.size != out_features or arr.shape[-1] != out_features:
+                    return None  # a full [M, N] C, or a computed one
+                if len(self.consumers.get(node.input[2], [])) != 1:
+                    return None
+                bias = node.input[2]
+            return _Linear(node, name, transposed, bias, node.output[0], inner)
+        return None
 
-    def shape_of(self, name: str) -> tuple[int, ...]:
-        return tuple(self.inits[name].dims)
+    def weight(self, lin: _Linear) -> np.ndarray:
+        w = self.array(lin.weight)
+        return w.T if lin.transposed else w
+
+    def set_weight(self, lin: _Linear, value: np.ndarray) -> None:
+        self.set_array(lin.weight, value.T if lin.transposed else value)
+
+    def set_bias(self, lin: _Linear, keep: np.ndarray) -> None:
+        if lin.bias:
+            b = self.array(lin.bias)
+            self.set_array(lin.bias, b.reshape(-1)[keep].reshape(*b.shape[:-1], len(keep)))
 
 
-def find_onnx_encoder(model: onnx.ModelProto) -> OnnxEncoder:
-    """The attention units and FFNs of a BERT-style ONNX graph (empty when it has none this module can cut)."""
-    g = _Graph(model)
-    linears = {n.output[0]: lin for n in g.graph.node if (lin := g.linear(n)) is not None}
-    by_input: dict[str, list[_Linear]] = {}
-    for lin in linears.values():
-        by_input.setdefault(lin.node.input[0], []).append(lin)
+# ---------------------------------------------------------------------------------------------
+# Following the head axis
+
+
+Segs = tuple[tuple[int, int], ...]  # (groups, elements per group) per part of an axis: [Q | K | V] for a fused one
+
+
+@dataclass
+class _Axis:
+    axis: int
+    segs: Segs | None  # None while discovering (groups not known yet)
+    origin: tuple[int, int]  # the start tensor's range this axis covers (discovering)
+
+
+@dataclass
+class _Trace:
+    states: dict[str, _Axis] = field(default_factory=dict)
+    ends: list[tuple[Any, _Axis]] = field(default_factory=list)  # (linear node, its input's state)
+    cores: list[Any] = field(default_factory=list)  # MatMuls of two computed tensors passed through
+    softmaxes: list[Any] = field(default_factory=list)
+    heads: dict[tuple[int, int], int] = field(default_factory=dict)  # origin range -> heads at its first split
+    edits: list[Callable[[], None]] = field(default_factory=list)
+    region: list[Any] = field(default_factory=list)
+
+
+def _size(segs: Segs, groups: int | None = None) -> int:
+    return sum((g if groups is None else groups) * per for g, per in segs)
+
+
+def _cut(segs: Segs, bounds: list[tuple[int, int]], node: Any) -> list[Segs]:
+    """The parts of `segs` between each (start, end): each must start and end on a part's boundary or a group's."""
+    out = []
+    for lo, hi in bounds:
+        pieces, offset = [], 0
+        for g, per in segs:
+            a, b = max(lo, offset), min(hi, offset + g * per)
+            if a < b:
+                if (a - offset) % per or (b - offset) % per:
+                    raise NotUnderstood(node, f"cuts the head axis at [{lo}, {hi}), inside a head of {per} elements")
+                pieces.append(((b - a) // per, per))
+            offset += g * per
+        out.append(tuple(pieces))
+    return out
+
+
+class _Tracer:
+    """Follows the head (or channel) axis from start tensors to the linears that read it.
+
+    Discovering (`groups` None): one start at a time, other computed operands allowed (they belong to the unit's other
+    projections), heads recorded at each part's first split. Joint (`groups`, `new_groups`): all of a unit's starts,
+    every operand on the axis must be the unit's own, and the edits that take the axis from `groups` to `new_groups`
+    per part are collected.
+    """
+
+    def __init__(self, g: _Graph, linears: dict[str, _Linear], new_groups: int | None = None) -> None:
+        self.g, self.linears, self.new = g, linears, new_groups
+
+    def run(self, starts: dict[str, _Axis]) -> _Trace:
+        g, t = self.g, _Trace(states=dict(starts))
+        joint = next(iter(starts.values())).segs is not None
+        region, stack = set(), list(starts)
+        ends: dict[int, Any] = {}
+        while stack:
+            tensor = stack.pop()
+            if tensor in g.outputs:
+                raise NotUnderstood(
+                    g.producer[tensor], f"writes {tensor}, a graph output with the head axis (a KV cache?): its shape would change"
+                )
+            for user in g.consumers.get(tensor, []):
+                if user.op_type in ("Shape", "Size") or id(user) in region:
+                    continue
+                lin = self.linears.get(user.output[0])
+                if lin is not None and user.input[0] == tensor:
+                    ends[id(user)] = user
+                    continue
+                region.add(id(user))
+                stack.extend(o for o in user.output if o)
+        for node in g.graph.node:
+            if id(node) in region:
+                t.region.append(node)
+                self.step(node, t, joint)
+            elif id(node) in ends:
+                state = t.states.get(node.input[0])
+                shape = g.shape(node.input[0])
+                if state is None or shape is None:
+                    raise NotUnderstood(node, "reads the head axis from a tensor whose shape was not seen")
+                if state.axis != len(shape) - 1:
+                    raise NotUnderstood(node, f"multiplies its weight along axis {state.axis} of {list(shape)}, not the head axis")
+                t.ends.append((node, state))
+        return t
+
+    # each op: the state of its outputs from the states of its inputs
+    def step(self, node: Any, t: _Trace, joint: bool) -> None:
+        g, op = self.g, node.op_type
+        ins = [(i, t.states[i]) for i in node.input if i in t.states]
+        if not ins:
+            raise NotUnderstood(node, "is reached from the head axis through an input whose axis was not followed")
+        name, state = ins[0]
+        shape_in = g.shape(name)
+        shape_out = g.shape(node.output[0])
+        if shape_in is None or (shape_out is None and op not in ("Split",)):
+            raise NotUnderstood(node, "is on the head axis, and its shapes were not seen when the graph was run")
+        rank = len(shape_in)
+        a = state.axis
+        if op in ELEMENTWISE or op == "Softmax" or op == "LogSoftmax" or op in REDUCES:
+            k = rank - a  # position from the end: broadcasting aligns to the right
+            for other, s in ins[1:]:
+                if len(g.shape(other)) - s.axis != k or (joint and s.segs != state.segs):
+                    raise NotUnderstood(node, f"combines {name} and {other} with their head axes in different places")
+            for other in node.input:
+                if not other or other in t.states:
+                    continue
+                shape = g.shape(other)
+                if shape is not None and len(shape) >= k and shape[-k] != 1 and (g.is_const(other) or joint):
+                    raise NotUnderstood(
+                        node,
+                        f"combines the head axis with {other} {list(shape)}, which has {shape[-k]} entries on that axis and is not cut",
+                    )
+            out_axis = len(shape_out) - k
+            if op in ("Softmax", "LogSoftmax"):
+                default = -1 if g.opset >= 13 else 1
+                axis = g.attr(node, "axis", default)
+                axis = axis + rank if axis < 0 else axis
+                if axis == a or (g.opset < 13 and axis < a):
+                    raise NotUnderstood(node, f"normalizes over axis {axis}, which holds (or flattens) the heads")
+                t.softmaxes.append(node)
+            if op in REDUCES:
+                axes = g.ints(node, "axes", 1)
+                axes = list(range(rank)) if axes is None else [x + rank if x < 0 else x for x in axes]
+                if a in axes:
+                    raise NotUnderstood(node, "reduces over the head axis")
+                out_axis = a if g.attr(node, "keepdims", 1) else a - sum(x < a for x in axes)
+            if shape_out[out_axis] != shape_in[a]:
+                raise NotUnderstood(node, f"changes the head axis from {shape_in[a]} to {shape_out[out_axis]} entries")
+            self.set(t, node.output[0], out_axis, state)
+            return
+        if op == "Transpose":
+            perm = g.attr(node, "perm") or list(reversed(range(rank)))
+            self.set(t, node.output[0], list(perm).index(a), state)
+            return
+        if op == "Unsqueeze":
+            axes = sorted(x + len(shape_out) if x < 0 else x for x in g.ints(node, "axes", 1) or [])
+            kept = [i for i in range(len(shape_out)) if i not in axes]
+            self.set(t, node.output[0], kept[a], state)
+            return
+        if op == "Squeeze":
+            axes = g.ints(node, "axes", 1)
+            axes = [i for i, d in enumerate(shape_in) if d == 1] if axes is None else [x + rank if x < 0 else x for x in axes]
+            if a in axes:
+                raise NotUnderstood(node, "squeezes the head axis")
+            self.set(t, node.output[0], a - sum(x < a for x in axes), state)
+            return
+        if op in ("Reshape", "Expand"):
+            self.reshape(node, t, state, shape_in, shape_out)
+            return
+        if op == "Split":
+            self.split(node, t, state, shape_in)
+            return
+        if op == "Slice":
+            self.slice(node, t, state, shape_in, shape_out)
+            return
+        if op == "Concat":
+            axis = g.attr(node, "axis", 0)
+            axis = axis + rank if axis < 0 else axis
+            if axis == a:
+                raise NotUnderstood(node, "concatenates along the head axis")
+            for other in node.input:
+                if other in t.states:
+                    s = t.states[other]
+                    if s.axis != a or (joint and s.segs != state.segs):
+                        raise NotUnderstood(node, f"concatenates {name} and {other} with their head axes in different places")
+                elif joint or g.is_const(other):
+                    raise NotUnderstood(node, f"concatenates the heads with {other}, which is not cut (a KV cache?)")
+            self.set(t, node.output[0], a, state)
+            return
+        if op == "MatMul":
+            self.matmul(node, t, joint, shape_out)
+            return
+        if op == "Gather":
+            axis = g.attr(node, "axis", 0)
+            axis = axis + rank if axis < 0 else axis
+            if name != node.input[0] or axis == a:
+                raise NotUnderstood(node, "gathers along the head axis")
+            idx = g.shape(node.input[1]) or ()
+            self.set(t, node.output[0], a if a < axis else a - 1 + len(idx), state)
+            return
+        raise NotUnderstood(node, "is on the head axis, and this pruner does not follow that operator")
+
+    def set(self, t: _Trace, tensor: str, axis: int, state: _Axis, segs: Segs | None = None, origin: tuple[int, int] | None = None) -> None:
+        t.states[tensor] = _Axis(axis, state.segs if segs is None else segs, state.origin if origin is None else origin)
+
+    def matmul(self, node: Any, t: _Trace, joint: bool, shape_out: tuple[int, ...]) -> None:
+        g = self.g
+        a_name, b_name = node.input
+        if g.is_const(a_name) or g.is_const(b_name):
+            raise NotUnderstood(node, "multiplies the head axis by a constant it does not treat as a linear layer's weight")
+        t.cores.append(node)
+        ks, state = set(), None
+        for name in (a_name, b_name):
+            shape = g.shape(name)
+            s = t.states.get(name)
+            if s is None:
+                continue
+            k = len(shape) - s.axis
+            if k <= 2:
+                raise NotUnderstood(node, f"multiplies along the head axis of {name} (axis {s.axis} of {list(shape)})")
+            if state is not None and joint and s.segs != state.segs:
+                raise NotUnderstood(node, f"multiplies {a_name} and {b_name}, whose heads are grouped differently")
+            ks.add(k)
+            state = s
+        if len(ks) != 1:
+            raise NotUnderstood(node, f"multiplies {a_name} and {b_name} with their head axes in different places")
+        k = ks.pop()
+        for name in (a_name, b_name):
+            if name not in t.states and joint:
+                shape = g.shape(name)
+                if len(shape) >= k and shape[-k] != 1:
+                    raise NotUnderstood(node, f"multiplies the heads with {name}, which is not one of this unit's tensors")
+        self.set(t, node.output[0], len(shape_out) - k, state)
+
+    def entry(self, node: Any, index: int, pos: int, old: int, new: int, t: _Trace, state: _Axis) -> None:
+        """Entry `pos` of the shape-like input `index` of `node` holds the head axis (`old` entries): it is edited to `new`."""
+        g = self.g
+        source = _entry_source(g, node.input[index], pos)
+        if source is None:  # computed at run time: it must come from the shape of a tensor that is itself cut
+            if not _shape_from(g, node.input[index], t.states):
+                raise NotUnderstood(
+                    node, f"takes the head axis's size (entry {pos} of {node.input[index]}) from the shape of a tensor that is not cut"
+                )
+            return
+        value = int(source)
+        if value in (-1, 0) and node.op_type == "Reshape":
+            return  # inferred, or copied from the input
+        if value == 1 and node.op_type == "Expand":
+            return
+        if value != old:
+            raise NotUnderstood(node, f"has {value} at entry {pos} of {node.input[index]}, where the head axis has {old} entries")
+        if self.new is not None and new != old:
+            t.edits.append(lambda: _rewrite_entry(g, node, index, pos, new))
+
+    def reshape(self, node: Any, t: _Trace, state: _Axis, shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> None:
+        a = state.axis
+        if node.input[0] not in t.states:
+            raise NotUnderstood(node, "takes its shape from the head axis")
+        if node.op_type == "Expand":
+            j = a + len(shape_out) - len(shape_in)
+            if shape_out[j] != shape_in[a]:
+                raise NotUnderstood(node, "broadcasts along the head axis")
+            if state.segs is not None:
+                old, new = _size(state.segs), _size(state.segs, self.new)
+                pos = j - (len(shape_out) - (self.g.shape(node.input[1]) or (len(shape_out),))[0])
+                if pos >= 0:  # else the shape is shorter and the axis is the input's own
+                    self.entry(node, 1, pos, old, new, t, state)
+            self.set(t, node.output[0], j, state)
+            return
+        prefix = math.prod(shape_in[:a])
+        js = [j for j in range(len(shape_out)) if math.prod(shape_out[:j]) == prefix and shape_out[j] != 1]
+        if not js:
+            raise NotUnderstood(node, f"reshapes {list(shape_in)} to {list(shape_out)} across the head axis {a}")
+        j, dim, out = js[0], shape_in[a], shape_out[js[0]]
+        segs, origin = state.segs, state.origin
+        if out != dim:
+            if state.segs is not None and len(state.segs) != 1:
+                raise NotUnderstood(
+                    node, f"reshapes the head axis of {len(state.segs)} fused parts ({list(shape_in)} to {list(shape_out)}); split it first"
+                )
+            if out < dim:
+                if dim % out:
+                    raise NotUnderstood(node, f"reshapes {dim} entries of the head axis into {out}")
+                if state.segs is None:
+                    t.heads.setdefault(origin, out)
+            elif out % dim:
+                raise NotUnderstood(node, f"reshapes {dim} entries of the head axis into {out}")
+            if state.segs is not None:
+                groups = state.segs[0][0]
+                if out % groups:
+                    raise NotUnderstood(node, f"reshapes the head axis to {out} entries, not a multiple of its {groups} groups")
+                segs = ((groups, out // groups),)
+        if state.segs is not None:
+            self.entry(node, 1, j, out, _size(segs, self.new), t, state)
+        self.set(t, node.output[0], j, state, segs, origin)
+
+    def split(self, node: Any, t: _Trace, state: _Axis, shape_in: tuple[int, ...]) -> None:
+        g, a = self.g, state.axis
+        rank = len(shape_in)
+        axis = g.attr(node, "axis", 0)
+        axis = axis + rank if axis < 0 else axis
+        outs = [o for o in node.output if o]
+        if axis != a:
+            for o in outs:
+                self.set(t, o, a, state)
+            return
+        sizes = g.ints(node, "split", 1)
+        if sizes is None:
+            if shape_in[a] % len(node.output):
+                raise NotUnderstood(node, f"splits {shape_in[a]} entries into {len(node.output)} unequal parts")
+            sizes = [shape_in[a] // len(node.output)] * len(node.output)
+            given = None
+        else:
+            given = "attr" if g.attr(node, "split") is not None else "input"
+        bounds, offset = [], 0
+        for s in sizes:
+            bounds.append((offset, offset + s))
+            offset += s
+        lo = state.origin[0]
+        if state.segs is None:
+            for o, (b0, b1) in zip(node.output, bounds, strict=False):
+                if o:
+                    self.set(t, o, a, state, origin=(lo + b0, lo + b1))
+            return
+        parts = _cut(state.segs, bounds, node)
+        new_sizes = [_size(p, self.new) for p in parts]
+        if given is None and len(set(new_sizes)) > 1:
+            raise NotUnderstood(node, f"splits into equal parts, and the cut parts would be {new_sizes}")
+        if given is not None and self.new is not None and new_sizes != sizes:
+            if given == "attr":
+                t.edits.append(lambda: _set_attr(node, "split", new_sizes))
+            else:
+                for i, v in enumerate(new_sizes):
+                    if v != sizes[i]:
+                        t.edits.append(lambda i=i, v=v: _rewrite_entry(g, node, 1, i, v))
+        for o, p, (b0, b1) in zip(node.output, parts, bounds, strict=False):
+            if o:
+                self.set(t, o, a, state, segs=p, origin=(lo + b0, lo + b1))
+
+    def slice(self, node: Any, t: _Trace, state: _Axis, shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> None:
+        g, a, rank = self.g, state.axis, len(shape_in)
+        if node.input[0] not in t.states:
+            raise NotUnderstood(node, "takes its bounds from the head axis")
+        old_style = g.opset < 10
+        starts = g.ints(node, "starts", 1)
+        ends = g.ints(node, "ends", 2)
+        axes = g.ints(node, "axes", 3) or list(range(len(starts)))
+        steps = (None if old_style else g.ints(node, "steps", 4)) or [1] * len(starts)
+        axes = [x + rank if x < 0 else x for x in axes]
+        if a not in axes:
+            self.set(t, node.output[0], a, state)
+            return
+        i = axes.index(a)
+        if steps[i] != 1:
+            raise NotUnderstood(node, f"slices the head axis with step {steps[i]}")
+        dim = shape_in[a]
+        lo = min(max(starts[i] + dim if starts[i] < 0 else starts[i], 0), dim)
+        hi = min(max(ends[i] + dim if ends[i] < 0 else ends[i], 0), dim)
+        if state.segs is None:
+            self.set(t, node.output[0], a, state, origin=(state.origin[0] + lo, state.origin[0] + hi))
+            return
+        (part,) = _cut(state.segs, [(lo, hi)], node)
+        before = _cut(state.segs, [(0, lo)], node)[0] if lo else ()
+        new_lo, new_hi = _size(before, self.new), _size(before, self.new) + _size(part, self.new)
+        if self.new is not None:
+            for key, index, old, value, full in (("starts", 1, starts[i], new_lo, lo), ("ends", 2, ends[i], new_hi, hi)):
+                if value == full or (key == "ends" and hi == dim and old >= dim):
+                    continue  # unchanged, or "to the end"
+                if old_style:
+                    t.edits.append(lambda key=key, value=value: _set_attr_entry(node, key, i, value))
+                else:
+                    t.edits.append(lambda index=index, value=value: _rewrite_entry(g, node, index, i, value))
+        self.set(t, node.output[0], a, state, segs=part, origin=(state.origin[0] + lo, state.origin[0] + hi))
+
+
+def _entry_source(g: _Graph, name: str, pos: int) -> int | None:
+    """The constant at entry `pos` of a 1-D int tensor (through Concat, Unsqueeze, Cast), or None when computed at run time."""
+    arr = g.array(name)
+    if arr is not None:
+        return int(arr.reshape(-1)[pos])
+    node = g.producer.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Concat":
+        offset = 0
+        for part in node.input:
+            n = int(np.prod(g.shape(part) or (1,)))
+            if pos < offset + n:
+                return _entry_source(g, part, pos - offset)
+            offset += n
+        return None
+    if node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze") and pos == 0:
+        return _entry_source(g, node.input[0], 0)
+    return None
+
+
+def _shape_from(g: _Graph, name: str, states: dict[str, _Axis]) -> bool:
+    """Whether the computed shape tensor reads a Shape of a tensor on the head axis."""
+    stack, seen = [name], set()
+    while stack:
+        tensor = stack.pop()
+        node = g.producer.get(tensor)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "Shape":
+            if node.input[0] in states:
+                return True
+            continue
+        stack.extend(node.input)
+    return False
+
+
+def _rewrite_entry(g: _Graph, consumer: Any, index: int, pos: int, value: int) -> None:
+    """Sets entry `pos` of `consumer`'s input `index` to `value` in a copy of its own (shape constants are shared)."""
+    name = consumer.input[index]
+    arr = g.array(name)
+    if arr is not None:
+        new = arr.copy()
+        new.reshape(-1)[pos] = value
+        consumer.input[index] = g.add_const(name, new)
+        return
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Concat":
+        offset = 0
+        for k, part in enumerate(node.input):
+            n = int(np.prod(g.shape(part) or (1,)))
+            if pos < offset + n:
+                copy = g.clone(node)
+                consumer.input[index] = copy.output[0]
+                _rewrite_entry(g, copy, k, pos - offset, value)
+                return
+            offset += n
+    if node is not None and node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze"):
+        copy = g.clone(node)
+        consumer.input[index] = copy.output[0]
+        _rewrite_entry(g, copy, 0, pos, value)
+        return
+    raise NotUnderstood(consumer, f"reads entry {pos} of {name}, which is computed at run time, where a constant was expected")
+
+
+def _set_attr(node: Any, name: str, value: list[int]) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            a.CopyFrom(onnx.helper.make_attribute(name, value))
+
+
+def _set_attr_entry(node: Any, name: str, pos: int, value: int) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            values = list(a.ints)
+            values[pos] = value
+            a.CopyFrom(onnx.helper.make_attribute(name, values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding units
+
+
+def has_attention(model: onnx.ModelProto) -> bool:
+    """Whether the graph has a Softmax fed by a MatMul of two computed tensors (an attention's scores)."""
+    g = _Graph(model, {})
+    for node in g.graph.node:
+        if node.op_type != "Softmax":
+            continue
+        stack, seen = [node.input[0]], 0
+        while stack and seen < 8:
+            seen += 1
+            producer = g.producer.get(stack.pop())
+            if producer is None:
+                continue
+            if producer.op_type == "MatMul" and not any(g.is_const(i) for i in producer.input):
+                return True
+            if producer.op_type in ELEMENTWISE:
+                stack.extend(i for i in producer.input if not g.is_const(i))
+    return False
+
+
+def tensor_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape when the graph runs on the first two rows of `feeds` (one, where the batch is fixed)."""
+    import onnxruntime as ort
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in have and types.get(name):
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+                have.add(name)
+    rows = 2
+    for i in model.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            rows = dims[0].dim_value
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {k: v[:rows] for k, v in feeds.items()})
+    shapes = {k: tuple(v[:rows].shape) for k, v in feeds.items()}
+    shapes.update((n, tuple(np.shape(v))) for n, v in zip(names, values, strict=True))
+    return shapes
+
+
+def _linears(g: _Graph) -> dict[str, _Linear]:
+    return {n.output[0]: lin for n in g.graph.node if (lin := g.linear(n)) is not None}
+
+
+def _start(g: _Graph, lin: _Linear, segs: Segs | None) -> dict[str, _Axis]:
+    shape = g.shape(lin.out)
+    if shape is None:
+        raise NotUnderstood(lin.node, "was not run when the graph's shapes were read")
+    return {lin.out: _Axis(len(shape) - 1, segs, (0, shape[-1]))}
+
+
+def find_onnx_encoder(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> OnnxEncoder:
+    """The attention units and FFNs of a transformer's ONNX graph, given its tensors' shapes (`tensor_shapes`)."""
+    g = _Graph(model, shapes)
+    return _find(g, _linears(g))
+
+
+def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
     found = OnnxEncoder()
-    taken: set[str] = set()
-    for group in by_input.values():
-        if len(group) != 3:
-            continue
-        splits = []
-        for lin in group:
-            users = g.consumers.get(lin.out, [])
-            shape = g.array(users[0].input[1]) if len(users) == 1 and users[0].op_type == "Reshape" else None
-            if shape is None or shape.ndim != 1 or len(shape) != 4:
-                break
-            splits.append((users[0], int(shape[2]), int(shape[3])))
-        if len(splits) != 3 or len({(h, d) for _, h, d in splits}) != 1:
-            continue
-        heads, head_dim = splits[0][1], splits[0][2]
-        width = g.shape_of(group[0].weight)[1]
-        if heads < 1 or heads * head_dim != width or any(g.shape_of(lin.weight)[1] != width for lin in group):
-            continue
-        # From the value branch forward to the first weighted MatMul: the output projection, reached through one Reshape.
-        merge, out, stack, seen = None, None, [group[2].out], set()
-        while stack:
-            tensor = stack.pop()
-            for user in g.consumers.get(tensor, []):
-                if id(user) in seen:
-                    continue
-                seen.add(id(user))
-                lin = linears.get(user.output[0]) if user.op_type == "MatMul" else None
-                if lin is not None and user.input[1] in g.inits:
-                    out = lin if out is None or out.node is lin.node else None
-                    continue
-                if user.op_type == "Reshape" and user not in [s for s, _, _ in splits]:
-                    merge = user
-                stack.extend(user.output)
-        if out is None or merge is None or g.shape_of(out.weight)[0] != width:
-            continue
-        merge_shape = g.array(merge.input[1])
-        if merge_shape is None or merge_shape.ndim != 1 or int(merge_shape[-1]) != width:
-            continue
-        found.attentions.append(OnnxAttention(group, out, [s for s, _, _ in splits], merge, heads, head_dim))
-        taken.update(lin.node.output[0] for lin in (*group, out))
+    by_node = {id(lin.node): lin for lin in linears.values()}
+    attention: dict[int, list[tuple[_Linear, _Trace]]] = {}
+    ffn: dict[int, list[_Linear]] = {}
+    why: dict[int, str] = {}  # Softmax -> what stopped the first trace that reached it
+    explained: set[int] = set()
+
+    def blame(trace_region: list[Any], reason: str, start: _Linear) -> None:
+        for node in trace_region:
+            if node.op_type == "Softmax":
+                why.setdefault(id(node), f"from the linear {start.node.name or start.out}: {reason}")
+
+    def reach(start: _Linear) -> list[Any]:
+        seen, stack, out = set(), [start.out], []
+        while stack and len(out) < 200:
+            for user in g.consumers.get(stack.pop(), []):
+                if id(user) not in seen and id(user) not in by_node:
+                    seen.add(id(user))
+                    out.append(user)
+                    stack.extend(user.output)
+        return out
+
     for lin in linears.values():
-        if lin.node.output[0] in taken:
+        try:
+            trace = _Tracer(g, linears).run(_start(g, lin, None))
+        except NotUnderstood as e:
+            blame(reach(lin), str(e), lin)
             continue
-        hidden, inner = g.shape_of(lin.weight)
-        if inner <= hidden:
+        targets = {id(node) for node, _ in trace.ends}
+        if len(targets) != 1:
+            if trace.softmaxes:
+                blame(trace.softmaxes, f"reaches {len(targets)} weighted MatMuls, where one output projection was expected", lin)
             continue
-        # Element-wise ops only, up to exactly one weighted MatMul that reads the inner width back to the hidden size;
-        # every input of those ops is the chain's own tensor or a constant (GELU's Erf form reads x twice).
-        stack, reached, downs, chain, visited = [lin.out], [], [], {lin.out}, set()
-        while stack:
-            tensor = stack.pop()
-            for user in g.consumers.get(tensor, []):
-                if id(user) in visited:
-                    continue
-                visited.add(id(user))
-                down = linears.get(user.output[0]) if user.op_type == "MatMul" else None
-                if down is not None and user.input[0] == tensor:
-                    downs.append(down)
-                    continue
-                reached.append(user)
-                chain.update(user.output)
-                stack.extend(user.output)
-        clean = all(n.op_type in ELEMENTWISE and all(i in chain or g.array(i) is not None for i in n.input) for n in reached)
-        if clean and reached and len(downs) == 1 and g.shape_of(downs[0].weight) == (inner, hidden):
-            found.ffns.append(OnnxFfn(lin, downs[0]))
+        target = targets.pop()
+        if trace.cores:
+            attention.setdefault(target, []).append((lin, trace))
+        elif not trace.heads:
+            ffn.setdefault(target, []).append(lin)
+    used: set[int] = set()
+    for target, members in attention.items():
+        out, projections = by_node[target], [m for m, _ in members]
+        try:
+            unit, trace = _attention_unit(g, linears, out, members)
+        except NotUnderstood as e:
+            for _, tr in members:
+                blame(tr.softmaxes, str(e), projections[0])
+            continue
+        found.attentions.append(unit)
+        explained.update(id(s) for s in trace.softmaxes)
+        used.update(id(p.node) for p in (*projections, out))
+    for target, ups in ffn.items():
+        down = by_node[target]
+        if id(down.node) in used or any(id(u.node) in used for u in ups):
+            continue
+        widths = {g.weight(u).shape[1] for u in ups}
+        if len(widths) != 1:
+            continue
+        width = widths.pop()
+        try:
+            trace = _Tracer(g, linears, width).run({k: v for u in ups for k, v in _start(g, u, ((width, 1),)).items()})
+        except NotUnderstood:
+            continue
+        if [(id(n), s.segs) for n, s in trace.ends] != [(target, ((width, 1),))] or trace.cores:
+            continue
+        found.ffns.append(OnnxFfn(ups, down))
+    for node in g.graph.node:
+        if node.op_type == "Softmax" and id(node) not in explained:
+            stop = why.get(id(node), "no linear layer with a constant weight reaches it through the heads' reshapes")
+            found.unexplained.append(f"the attention Softmax {node.name or node.output[0]} was not understood: {stop}")
     return found
 
 
-def _set(g: _Graph, name: str, value: np.ndarray) -> None:
-    g.inits[name].CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(g.inits[name]).dtype), name))
+def _attention_unit(
+    g: _Graph, linears: dict[str, _Linear], out: _Linear, members: list[tuple[_Linear, _Trace]]
+) -> tuple[OnnxAttention, _Trace]:
+    """One unit from the projections whose traces end at `out`: its groups (K / V heads), checked by a joint trace."""
+    counts, parts = [], []
+    for lin, trace in members:
+        width = g.weight(lin).shape[1]
+        ranges = sorted(trace.heads.items())
+        if (
+            not ranges
+            or ranges[0][0][0] != 0
+            or ranges[-1][0][1] != width
+            or any(r[0][1] != s[0][0] for r, s in itertools.pairwise(ranges))
+        ):
+            raise NotUnderstood(
+                lin.node, f"has an output of {width} channels that is not split into heads end to end ({[r for r, _ in ranges]})"
+            )
+        parts.append([(hi - lo, heads) for (lo, hi), heads in ranges])
+        counts += [heads for _, heads in parts[-1]]
+    groups = math.gcd(*counts)
+    if any((size // heads) * heads != size for p in parts for size, heads in p):
+        raise NotUnderstood(members[0][0].node, "has heads of unequal widths")
+    starts = {}
+    for lin, p in zip((m for m, _ in members), parts, strict=True):
+        starts.update(_start(g, lin, tuple((groups, size // groups) for size, _ in p)))
+    trace = _Tracer(g, linears, groups).run(starts)
+    if [id(n) for n, _ in trace.ends] != [id(out.node)]:
+        raise NotUnderstood(out.node, "is not the only weighted MatMul the unit's heads reach")
+    end = trace.ends[0][1]
+    if end.segs is None or len(end.segs) != 1 or end.segs[0][0] != groups:
+        raise NotUnderstood(out.node, f"reads the heads as {end.segs}, not as {groups} groups")
+    heads = max(h for p in parts for _, h in p)
+    head_dim = next(size // h for p in parts for size, h in p if h == heads)
+    projections = [m for m, _ in members]
+    return OnnxAttention(projections, [[size for size, _ in p] for p in parts], out, groups, heads, head_dim), trace
 
 
-def _own_shape(g: _Graph, node: Any, value: np.ndarray, tag: str) -> None:
-    """Gives a Reshape its own shape initializer holding `value` (shape constants are shared between layers)."""
-    name = f"{node.input[1]}__{tag}"
-    i = 0
-    while name in g.inits:
-        i += 1
-        name = f"{node.input[1]}__{tag}_{i}"
-    tensor = numpy_helper.from_array(value.astype(np.int64), name)
-    g.graph.initializer.append(tensor)
-    g.inits[name] = g.graph.initializer[-1]
-    node.input[1] = name
+# ---------------------------------------------------------------------------------------------
+# Pruning
+
+
+def _blocks(segs: Segs, kept: np.ndarray) -> np.ndarray:
+    """Indices along an axis of `segs` that the `kept` groups own, part by part."""
+    out, offset = [], 0
+    for groups, per in segs:
+        out += [offset + g * per + np.arange(per) for g in kept]
+        offset += groups * per
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _toposort(graph: Any) -> None:
+    """The nodes in an order where each comes after its inputs' producers (clones were appended at the end)."""
+    nodes = list(graph.node)
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    done, order = set(), []
+
+    def visit(k: int) -> None:
+        stack = [(k, False)]
+        while stack:
+            k, expanded = stack.pop()
+            if k in done:
+                continue
+            if expanded:
+                done.add(k)
+                order.append(nodes[k])
+                continue
+            stack.append((k, True))
+            for name in nodes[k].input:
+                if name not in ready and name in producer and producer[name] not in done:
+                    stack.append((producer[name], False))
+
+    for k in range(len(nodes)):
+        visit(k)
+    del graph.node[:]
+    graph.node.extend(order)
 
 
 def prune_onnx_encoder(
@@ -199,92 +932,115 @@ def prune_onnx_encoder(
     round_to: int,
     check: Callable[[onnx.ModelProto, onnx.ModelProto], None],
     activations: Callable[[onnx.ModelProto, list[str]], dict[str, np.ndarray]] | None = None,
+    *,
+    shapes: dict[str, tuple[int, ...]],
 ) -> tuple[onnx.ModelProto, Removed]:
-    """A copy of the model without `ratio` of every unit's heads and every FFN's channels (magnitude: L2 of their weights).
+    """A copy of the model without `ratio` of every unit's head groups and every FFN's channels (magnitude: L2 of their weights).
 
-    `check(pruned, reference)` runs both graphs on real inputs and raises when they differ; the reference is the original
-    with the removed heads' and channels' rows of the output weights zeroed, so the two compute the same when the cut is right.
+    `shapes` are the model's tensors' shapes on real rows (`tensor_shapes`). `check(pruned, reference)` runs both graphs on
+    real inputs and raises when they differ; the reference is the original with the removed heads' and channels' rows of
+    the output weights zeroed, so the two compute the same when the cut is right.
     """
     pruned, reference = onnx.ModelProto(), onnx.ModelProto()
     pruned.CopyFrom(model)
     reference.CopyFrom(model)
-    encoder = find_onnx_encoder(pruned)
+    g, ref = _Graph(pruned, shapes), _Graph(reference, shapes)
+    linears = _linears(g)
+    encoder = _find(g, linears)
     if not encoder.attentions and not encoder.ffns:
+        detail = "; ".join(encoder.unexplained[:2]) or "no Softmax attention and no MatMul -> element-wise -> MatMul FFN"
         raise OptimizerError(
-            f"{needed_by}: found no attention unit (Q / K / V MatMuls with constant weights, each reshaped to heads by a constant shape) "
-            "and no FFN (MatMul, element-wise activation, MatMul back) in the ONNX graph; register the model's .pt2 to prune it"
+            f"{needed_by}: found no attention unit and no FFN to cut in the ONNX graph ({detail}); register the model's .pt2 to prune it"
         )
-    g, ref = _Graph(pruned), _Graph(reference)
-    removed = Removed()
-    # Activation importance: what each head adds to the output projection's result, and each FFN channel's
+    removed = Removed(skipped=list(encoder.unexplained))
+    # Activation importance: what each head group adds to the output projection's result, and each FFN channel's
     # activation times its row of the down weight, on real inputs (the tensors read as extra graph outputs).
     seen: dict[str, np.ndarray] = {}
     if activations is not None:
-        wanted = [u.merge.output[0] for u in encoder.attentions] + [f.down.node.input[0] for f in encoder.ffns]
+        wanted = [u.out.data for u in encoder.attentions] + [f.down.data for f in encoder.ffns]
         seen = activations(model, wanted)
-    for n, unit in enumerate(encoder.attentions):
-        keep = kept_count(unit.heads, ratio, 0)
+    for unit in encoder.attentions:
+        groups = unit.groups
+        keep = kept_count(groups, ratio, 0)
+        per_group = unit.heads // groups
         removed.heads_before += unit.heads
-        removed.heads_after += keep
-        if keep == unit.heads:
+        removed.heads_after += keep * per_group
+        if keep == groups:
+            if groups == 1:
+                removed.skipped.append(
+                    f"the attention before {unit.out.node.name or unit.out.out} has one K / V head for all its Q heads: nothing to cut"
+                )
             continue
-        d = unit.head_dim
-        out_w = g.array(unit.out.weight)
-        if unit.merge.output[0] in seen:
-            x = seen[unit.merge.output[0]].reshape(-1, unit.heads, d)
-            scores = np.array([((x[:, h] @ out_w[h * d : (h + 1) * d]) ** 2).sum() for h in range(unit.heads)])
+        out_w = g.weight(unit.out)
+        per = out_w.shape[0] // groups
+        if unit.out.data in seen:
+            x = seen[unit.out.data].reshape(-1, groups, per)
+            scores = np.array([((x[:, h] @ out_w[h * per : (h + 1) * per]) ** 2).sum() for h in range(groups)])
         else:
-            scores = out_w.reshape(unit.heads, d, -1).__pow__(2).sum((1, 2))
-            for lin in unit.projections:
-                scores = scores + (g.array(lin.weight) ** 2).reshape(-1, unit.heads, d).sum((0, 2))
-        heads = np.sort(np.argsort(-scores, kind="stable")[:keep])
-        cols = np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads])
-        dropped = np.setdiff1d(np.arange(unit.heads * d), cols)
-        for lin in unit.projections:
-            _set(g, lin.weight, g.array(lin.weight)[:, cols])
-            if lin.bias:
-                _set(g, lin.bias, g.array(lin.bias)[cols])
-        zeroed = ref.array(unit.out.weight).copy()
-        zeroed[dropped] = 0
-        _set(ref, unit.out.weight, zeroed)
-        _set(g, unit.out.weight, out_w[cols])
-        for split in unit.splits:
-            shape = g.array(split.input[1]).copy()
-            shape[2] = keep
-            _own_shape(g, split, shape, f"heads{n}")
-        shape = g.array(unit.merge.input[1]).copy()
-        shape[-1] = keep * d
-        _own_shape(g, unit.merge, shape, f"width{n}")
+            scores = (out_w.reshape(groups, per, -1) ** 2).sum((1, 2))
+            for lin, part_sizes in zip(unit.projections, unit.parts, strict=True):
+                w = g.weight(lin) ** 2
+                offset = 0
+                for size in part_sizes:
+                    scores = scores + w[:, offset : offset + size].reshape(w.shape[0], groups, -1).sum((0, 2))
+                    offset += size
+        kept = np.sort(np.argsort(-scores, kind="stable")[:keep])
+        starts = {}
+        for lin, part_sizes in zip(unit.projections, unit.parts, strict=True):
+            starts.update(_start(g, lin, tuple((groups, size // groups) for size in part_sizes)))
+        try:
+            trace = _Tracer(g, linears, keep).run(starts)
+            for edit in trace.edits:
+                edit()
+        except NotUnderstood as e:
+            raise OptimizerError(f"{needed_by}: cutting the attention before {unit.out.node.name}: {e}; nothing was registered") from e
+        for lin, part_sizes in zip(unit.projections, unit.parts, strict=True):
+            cols = _blocks(tuple((groups, size // groups) for size in part_sizes), kept)
+            g.set_weight(lin, g.weight(lin)[:, cols])
+            g.set_bias(lin, cols)
+        rows = _blocks(((groups, per),), kept)
+        zeroed = ref.weight(unit.out).copy()
+        zeroed[np.setdiff1d(np.arange(out_w.shape[0]), rows)] = 0
+        ref.set_weight(unit.out, zeroed)
+        g.set_weight(unit.out, out_w[rows])
     for ffn in encoder.ffns:
-        up_w, down_w = g.array(ffn.up.weight), g.array(ffn.down.weight)
-        width = up_w.shape[1]
+        down_w = g.weight(ffn.down)
+        width = down_w.shape[0]
         keep = kept_count(width, ratio, round_to)
         removed.ffn_before += width
         removed.ffn_after += keep
         if keep == width:
             continue
-        if ffn.down.node.input[0] in seen:
-            scores = (seen[ffn.down.node.input[0]].reshape(-1, width) ** 2).sum(0) * (down_w**2).sum(1)
+        if ffn.down.data in seen:
+            scores = (seen[ffn.down.data].reshape(-1, width) ** 2).sum(0) * (down_w**2).sum(1)
         else:
-            scores = (up_w**2).sum(0) + (down_w**2).sum(1)
+            scores = (down_w**2).sum(1) + sum((g.weight(u) ** 2).sum(0) for u in ffn.ups)
         channels = np.sort(np.argsort(-scores, kind="stable")[:keep])
-        _set(g, ffn.up.weight, up_w[:, channels])
-        if ffn.up.bias:
-            _set(g, ffn.up.bias, g.array(ffn.up.bias)[channels])
-        _set(g, ffn.down.weight, down_w[channels])
-        zeroed = ref.array(ffn.down.weight).copy()
+        try:
+            trace = _Tracer(g, linears, keep).run({k: v for u in ffn.ups for k, v in _start(g, u, ((width, 1),)).items()})
+            for edit in trace.edits:
+                edit()
+        except NotUnderstood as e:
+            raise OptimizerError(f"{needed_by}: cutting the FFN before {ffn.down.node.name}: {e}; nothing was registered") from e
+        for up in ffn.ups:
+            g.set_weight(up, g.weight(up)[:, channels])
+            g.set_bias(up, channels)
+        g.set_weight(ffn.down, down_w[channels])
+        zeroed = ref.weight(ffn.down).copy()
         zeroed[np.setdiff1d(np.arange(width), channels)] = 0
-        _set(ref, ffn.down.weight, zeroed)
+        ref.set_weight(ffn.down, zeroed)
     if removed.heads_after == removed.heads_before and removed.ffn_after == removed.ffn_before:
         raise OptimizerError(
-            f"{needed_by}: a pruning ratio of {ratio:g} removes no attention head ({removed.heads_before} in {len(encoder.attentions)} units) "
-            f"and no FFN channel ({removed.ffn_before} in {len(encoder.ffns)} FFNs, kept in multiples of round_to {round_to}); raise pruning_ratio"
+            f"{needed_by}: a pruning ratio of {ratio:g} removes no attention head ({removed.heads_before} in {len(encoder.attentions)} units, "
+            f"cut by whole K / V groups) and no FFN channel ({removed.ffn_before} in {len(encoder.ffns)} FFNs, kept in multiples of round_to "
+            f"{round_to}); raise pruning_ratio"
         )
+    _toposort(pruned.graph)
     # Shape inference recorded the old widths on intermediate tensors: they are dropped, ORT infers them again.
     del pruned.graph.value_info[:]
     used = {i for n in pruned.graph.node for i in n.input}
-    kept = [t for t in pruned.graph.initializer if t.name in used]
+    kept_inits = [t for t in pruned.graph.initializer if t.name in used or t.name in g.inputs]
     del pruned.graph.initializer[:]
-    pruned.graph.initializer.extend(kept)
+    pruned.graph.initializer.extend(kept_inits)
     check(pruned, reference)
     return pruned, removed
