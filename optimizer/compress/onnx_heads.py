@@ -490,11 +490,20 @@ class _Tracer:
         """Entry `pos` of the shape-like input `index` of `node` holds the head axis (`old` entries): it is edited to `new`."""
         g = self.g
         source = _entry_source(g, node.input[index], pos)
-        if source is None:  # computed at run time: it must come from the shape of a tensor that is itself cut
-            if not _shape_from(g, node.input[index], t.states):
+        if source is None:  # computed at run time: from the shape of a tensor that is itself cut, it follows the cut
+            if _shape_from(g, node.input[index], t.states):
+                return
+            # From another tensor's shape (MiniLM's reshape(b, s, h) reads h from the layer's input): a Reshape infers the
+            # entry instead (-1) where no other entry is inferred; an Expand keeps its input's size (1).
+            free = 1 if node.op_type == "Expand" else -1
+            length = (g.shape(node.input[index]) or (0,))[0]
+            others = [_entry_source(g, node.input[index], i) for i in range(length) if i != pos]
+            if (node.op_type == "Reshape" and -1 in others) or not _single_entry(g, node.input[index], pos):
                 raise NotUnderstood(
                     node, f"takes the head axis's size (entry {pos} of {node.input[index]}) from the shape of a tensor that is not cut"
                 )
+            if self.new is not None and new != old:
+                t.edits.append(lambda: _rewrite_entry(g, node, index, pos, free))
             return
         value = int(source)
         if value in (-1, 0) and node.op_type == "Reshape":
@@ -596,14 +605,15 @@ class _Tracer:
         if node.input[0] not in t.states:
             raise NotUnderstood(node, "takes its bounds from the head axis")
         old_style = g.opset < 10
-        starts = g.ints(node, "starts", 1)
-        ends = g.ints(node, "ends", 2)
-        axes = g.ints(node, "axes", 3) or list(range(len(starts)))
-        steps = (None if old_style else g.ints(node, "steps", 4)) or [1] * len(starts)
+        count = len(g.attr(node, "starts")) if old_style else (g.shape(node.input[1]) or (0,))[0]
+        axes = g.ints(node, "axes", 3) or list(range(count))
         axes = [x + rank if x < 0 else x for x in axes]
-        if a not in axes:
+        if a not in axes:  # bounds on other axes (rotary halves of the head dim) may be computed
             self.set(t, node.output[0], a, state)
             return
+        starts = g.ints(node, "starts", 1)
+        ends = g.ints(node, "ends", 2)
+        steps = (None if old_style else g.ints(node, "steps", 4)) or [1] * len(starts)
         i = axes.index(a)
         if steps[i] != 1:
             raise NotUnderstood(node, f"slices the head axis with step {steps[i]}")
@@ -665,8 +675,25 @@ def _shape_from(g: _Graph, name: str, states: dict[str, _Axis]) -> bool:
     return False
 
 
+def _single_entry(g: _Graph, name: str, pos: int) -> bool:
+    """Whether entry `pos` of the shape tensor is a constant, or a one-entry part of a Concat (so it can be replaced alone)."""
+    if g.array(name) is not None:
+        return True
+    node = g.producer.get(name)
+    if node is None or node.op_type != "Concat":
+        return node is not None and node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze") and _single_entry(g, node.input[0], 0)
+    offset = 0
+    for part in node.input:
+        n = int(np.prod(g.shape(part) or (1,)))
+        if pos < offset + n:
+            return n == 1 or _single_entry(g, part, pos - offset)
+        offset += n
+    return False
+
+
 def _rewrite_entry(g: _Graph, consumer: Any, index: int, pos: int, value: int) -> None:
-    """Sets entry `pos` of `consumer`'s input `index` to `value` in a copy of its own (shape constants are shared)."""
+    """Sets entry `pos` of `consumer`'s input `index` to `value` in a copy of its own (shape constants are shared); a
+    computed one-entry part of a Concat is replaced by the constant."""
     name = consumer.input[index]
     arr = g.array(name)
     if arr is not None:
@@ -682,6 +709,9 @@ def _rewrite_entry(g: _Graph, consumer: Any, index: int, pos: int, value: int) -
             if pos < offset + n:
                 copy = g.clone(node)
                 consumer.input[index] = copy.output[0]
+                if n == 1 and _entry_source(g, part, 0) is None:
+                    copy.input[k] = g.add_const("shape_entry", np.array([value], np.int64))
+                    return
                 _rewrite_entry(g, copy, k, pos - offset, value)
                 return
             offset += n

@@ -265,8 +265,8 @@ def test_a_llama_block_loses_whole_kv_groups_and_swiglu_channels(tmp_path, expor
     # 2 K / V heads of 4 Q heads: one K / V head goes with the 2 Q heads that read it; gate and up lose the same channels
     assert out.notes["pruned"] == "structured magnitude 0.5: attention heads 8 -> 4, FFN channels 128 -> 64 (ONNX graph, not fine-tuned)"
     shapes = sorted(weights(out.path).values())
-    assert shapes.count((HIDDEN, 16)) == 2 and shapes.count((HIDDEN, 8)) == 4 and shapes.count((HIDDEN, 32)) == 4
-    assert shapes.count((16, HIDDEN)) == 2 and shapes.count((32, HIDDEN)) == 2
+    assert shapes.count((HIDDEN, 16)) == 2 and shapes.count((HIDDEN, 8)) == 4 and shapes.count((16, HIDDEN)) == 2  # Q; K, V; O
+    assert shapes.count((HIDDEN, 32)) == 6  # gate, up: [32, 32] each; down: [32, 32]
     assert 0.0 < float(out.notes["cosine_to_source"]) < 0.9999
 
 
