@@ -21,9 +21,9 @@ VOCAB, SEQ, HIDDEN = 40, 8, 32
 class BertLayer(nn.Module):
     """Hugging Face's BertSelfAttention / BertSelfOutput / BertIntermediate / BertOutput, written out: view(size()[:-1] + (H, d))."""
 
-    def __init__(self, heads: int = 4, ffn: int = 64) -> None:
+    def __init__(self, heads: int = 4, ffn: int = 64, flat: bool = False) -> None:
         super().__init__()
-        self.heads, self.d = heads, HIDDEN // heads
+        self.heads, self.d, self.flat = heads, HIDDEN // heads, flat
         self.query, self.key, self.value, self.dense = (nn.Linear(HIDDEN, HIDDEN) for _ in range(4))
         self.norm1, self.norm2 = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
         self.intermediate, self.output = nn.Linear(HIDDEN, ffn), nn.Linear(ffn, HIDDEN)
@@ -31,19 +31,24 @@ class BertLayer(nn.Module):
     def split(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.size()[:-1] + (self.heads, self.d)).permute(0, 2, 1, 3)  # noqa: RUF005 (Hugging Face's code, as exported)
 
+    def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """flat: on the [B * S, H] rows, viewed back (exported as a Gemm with transB)."""
+        return layer(x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1], -1) if self.flat else layer(x)
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        scores = torch.matmul(self.split(self.query(x)), self.split(self.key(x)).transpose(-1, -2)) / math.sqrt(self.d) + bias
-        ctx = torch.matmul(scores.softmax(-1), self.split(self.value(x))).permute(0, 2, 1, 3).contiguous()
+        q, k, v = (self.split(self.linear(m, x)) for m in (self.query, self.key, self.value))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.d) + bias
+        ctx = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous()
         ctx = ctx.view(ctx.size()[:-2] + (self.heads * self.d,))  # noqa: RUF005 (Hugging Face's code, as exported)
-        x = self.norm1(x + self.dense(ctx))
-        return self.norm2(x + self.output(F.gelu(self.intermediate(x))))
+        x = self.norm1(x + self.linear(self.dense, ctx))
+        return self.norm2(x + self.linear(self.output, F.gelu(self.linear(self.intermediate, x))))
 
 
 class Bert(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, flat: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.layers = nn.ModuleList(BertLayer() for _ in range(2))
+        self.layers = nn.ModuleList(BertLayer(flat=flat) for _ in range(2))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -178,20 +183,21 @@ class Llama(nn.Module):
         return x
 
 
-MODELS = {"bert": Bert, "gpt2": Gpt2, "llama": Llama}
+MODELS = {"bert": Bert, "bert-gemm": lambda: Bert(flat=True), "gpt2": Gpt2, "llama": Llama}
 
 
 def feeds(model: str, rows: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, VOCAB, (rows, SEQ)).astype(np.int64)
-    if model != "bert":
+    if not model.startswith("bert"):
         return {"input_ids": ids}
     mask = (np.arange(SEQ)[None] < rng.integers(3, SEQ + 1, rows)[:, None]).astype(np.int64)
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
-def export(name: str, exporter: str, path) -> None:
-    """The model written by torch.onnx: 'torchscript-11' / -14 / -17 (dynamo=False) or 'dynamo', with a free batch."""
+def export(name: str, exporter: str, path, fold: bool = True) -> None:
+    """The model written by torch.onnx: 'torchscript-11' / -14 / -17 (dynamo=False) or 'dynamo', with a free batch;
+    fold False: TorchScript's weights left behind their Transposes (do_constant_folding=False)."""
     torch.manual_seed(0)
     module = MODELS[name]().eval()
     example = feeds(name, 2, 0)
@@ -215,4 +221,5 @@ def export(name: str, exporter: str, path) -> None:
                 output_names=["output"],
                 dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
                 opset_version=int(exporter.split("-")[1]),
+                do_constant_folding=fold,
             )

@@ -264,9 +264,14 @@ def onnx_transformer(path: Any) -> bool:
 
 
 def onnx_weight_count(model: Any) -> int:
-    from onnx import numpy_helper
+    """Float weights in initializers and in Constant nodes."""
+    from onnx import TensorProto
 
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if numpy_helper.to_array(t).dtype.kind == "f")
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
 
 
 def check_feeds(artifact: Artifact, context: PassContext, needed_by: str) -> dict[str, np.ndarray]:

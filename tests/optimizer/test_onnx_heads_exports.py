@@ -46,6 +46,35 @@ def test_a_bert_exported_by_torchscript_loses_heads_and_ffn_channels(tmp_path, e
     assert sorted(weights(out.path).values()).count((HIDDEN, 16)) == 6  # Q, K, V of both layers: 2 of 4 heads
 
 
+def constants_as_nodes(path) -> None:
+    """Every initializer moved into a Constant node, as some exporters and tools write weights."""
+    model = onnx.load(str(path))
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t) for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    rest = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([*nodes, *rest])
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("storage", ["transposed", "constant-nodes"])
+def test_weights_behind_transposes_in_gemms_or_in_constant_nodes_are_cut(tmp_path, storage):
+    """bert-gemm applies its linears to [B * S, H] rows: Gemm with transB; unfolded, each weight is read through a
+    Transpose; or every weight sits in a Constant node."""
+    path = tmp_path / "model.onnx"
+    export("bert-gemm", "torchscript-14", path, fold=storage != "transposed")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Gemm" in ops and ("Transpose" in ops if storage == "transposed" else True)
+    if storage == "constant-nodes":
+        constants_as_nodes(path)
+    np.savez(tmp_path / "data.npz", **feeds("bert", 8, 1))
+    source = Artifact(path, "onnx", input_names=("input_ids", "attention_mask"), output_names=("output",))
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": tmp_path / "data.npz"})
+    out = make_pass("prune-structured", {"pruning_ratio": 0.5}).run(source, context)
+    assert out.notes["pruned"] == "structured magnitude 0.5: attention heads 8 -> 4, FFN channels 128 -> 64 (ONNX graph, not fine-tuned)"
+    assert float(out.notes["params_fraction"]) < 0.6
+
+
 def test_a_gpt2_block_with_fused_qkv_loses_the_same_heads_from_q_k_and_v(tmp_path):
     _, out = prune(tmp_path, "gpt2", "torchscript-14", {"pruning_ratio": 0.5, "importance": "activation"})
     assert out.notes["pruned"] == "structured activation 0.5: attention heads 8 -> 4, FFN channels 256 -> 128 (ONNX graph, not fine-tuned)"
