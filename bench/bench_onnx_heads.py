@@ -11,7 +11,7 @@ packages on disk, never the evaluation ones; not fine-tuned). For each: the mean
 export on the 40 evaluation sentences, the weights left, and p50 at batch 1 timed in interleaved rounds with every
 other file (so a busy neighbour slows all alike); the CPU's ISA leads the table.
 
---tiny instead exports bench/tiny_transformers.py's BERT, GPT-2 (fused QKV) and Llama (grouped-query attention, SwiGLU)
+--tiny instead exports bench/tiny_exports.py's BERT, GPT-2 (fused QKV) and Llama (grouped-query attention, SwiGLU)
 blocks with each exporter and cuts half their heads and FFN channels: what was found, what was cut, the cosine to the
 unpruned file, or the refusal (seconds each, no download).
 """
@@ -61,7 +61,7 @@ def tiny(exporters: list[str], as_json: bool) -> None:
     """Each tiny transformer, exported each way, cut at 0.5 by prune-structured: found units, result or refusal."""
     import onnx
 
-    from bench.tiny_transformers import MODELS, export, feeds
+    from bench.tiny_exports import MODELS, export, feeds
     from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
     from slimserve.optimizer.catalog import make_pass
     from slimserve.optimizer.compress.onnx_heads import find_onnx_encoder, tensor_shapes

@@ -1,5 +1,5 @@
 """optimizer/compress/onnx_heads.py on ONNX files torch.onnx wrote, not ones built here: the tiny transformers of
-bench/tiny_transformers.py (a BERT layer as Hugging Face writes it, a GPT-2 block with fused QKV in Conv1D, a Llama block
+bench/tiny_exports.py (a BERT layer as Hugging Face writes it, a GPT-2 block with fused QKV in Conv1D, a Llama block
 with grouped-query attention and a SwiGLU FFN), exported by the TorchScript exporter (dynamo=False) at opsets 11, 14
 and 17, then cut by prune-structured, whose ORT check against the original with the removed rows zeroed must pass.
 The dynamo exporter's files (about 5 s an export) are cut by `python -m bench.bench_onnx_heads --tiny`."""
@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from bench.tiny_transformers import HIDDEN, SEQ, export, feeds
+from bench.tiny_exports import HIDDEN, SEQ, export, feeds
 from slimserve.optimizer.base import Artifact, PassContext
 from slimserve.optimizer.catalog import make_pass
 from slimserve.optimizer.compress.onnx_heads import find_onnx_encoder, tensor_shapes
