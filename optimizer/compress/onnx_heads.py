@@ -115,6 +115,7 @@ class _Graph:
         self.inits = {i.name: i for i in self.graph.initializer if i.name not in self.inputs}
         self.constants = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant" and n.output}
         self.outputs = {o.name for o in self.graph.output}
+        self.shared: list[str] = []  # MatMul / Gemm nodes not taken as linears because their weight is shared
         self.refresh()
         self._fresh = 0
 
@@ -217,7 +218,11 @@ class _Graph:
             transposed = not transposed
             user, name = node, node.input[0]
         arr = self.array(name)
-        if arr is None or arr.ndim != 2 or arr.dtype.kind != "f" or [u for u in self.consumers.get(name, []) if u is not user]:
+        if arr is None or arr.ndim != 2 or arr.dtype.kind != "f":
+            return None
+        others = [u for u in self.consumers.get(name, []) if u is not user]
+        if others:  # tied weights (or an exporter that merged equal ones): slicing one would cut the other
+            self.shared.append(f"{user.name or user.output[0]} reads {name}, which {len(others)} other node(s) read too (tied weights)")
             return None
         return name, transposed, inner
 
@@ -825,7 +830,7 @@ def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
         seen, stack, out = set(), [start.out], []
         while stack and len(out) < 200:
             for user in g.consumers.get(stack.pop(), []):
-                if id(user) not in seen and id(user) not in by_node:
+                if id(user) not in seen and id(user) not in by_node and user.op_type not in ("Shape", "Size"):
                     seen.add(id(user))
                     out.append(user)
                     stack.extend(user.output)
@@ -876,7 +881,10 @@ def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
         found.ffns.append(OnnxFfn(ups, down))
     for node in g.graph.node:
         if id(node) not in explained and _attention_softmax(g, node):
-            stop = why.get(id(node), "no linear layer with a constant weight reaches it through the heads' reshapes")
+            stop = why.get(id(node), "no linear layer with a constant weight of its own reaches it through the heads' reshapes")
+            if id(node) not in why and g.shared:
+                stop += f" ({'; '.join(dict.fromkeys(g.shared[:2]))})"
+
             found.unexplained.append(f"the attention Softmax {node.name or node.output[0]} was not understood: {stop}")
     return found
 

@@ -126,3 +126,29 @@ def test_an_attention_it_cannot_follow_is_refused_naming_the_node(tmp_path):
     context = PassContext(workdir=tmp_path / "work", datasets={"data": tmp_path / "data.npz"})
     out = make_pass("prune-structured", {"pruning_ratio": 0.5}).run(source, context)
     assert out.notes["pruned"].startswith("structured magnitude 0.5: attention heads 4 -> 2") and "per_head_bias" in out.notes["not_pruned"]
+
+
+def test_nn_multihead_attention_is_named_not_cut_and_its_ffns_are(tmp_path):
+    """torch's nn.MultiheadAttention (TorchScript export) unpacks its fused in_proj with a Gather on the head axis and folds
+    the heads into the batch: not followed, so its attention is named in the notes while its FFNs are cut."""
+    import torch
+
+    from tests.optimizer.tiny_transformers import TorchEncoder
+
+    torch.manual_seed(0)
+    module = TorchEncoder().eval()
+    with torch.no_grad():  # the encoder's layers are copies of one: equal weights would be merged into tied ones
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    path, x = tmp_path / "model.onnx", torch.randint(1, 50, (2, 12))
+    torch.onnx.export(
+        module, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}}, opset_version=17
+    )
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).integers(1, 50, (8, 12)))
+    source = Artifact(path, "onnx", input_names=("x",), output_names=("y",))
+    out = make_pass("prune-structured", {"pruning_ratio": 0.5}).run(
+        source, PassContext(workdir=tmp_path / "w", datasets={"data": tmp_path / "data.npz"})
+    )
+    assert out.notes["pruned"] == "structured magnitude 0.5: FFN channels 128 -> 64 (ONNX graph, not fine-tuned)"
+    assert "the attention Softmax /enc/layers.0/self_attn/Softmax was not understood" in out.notes["not_pruned"]
+    assert "/enc/layers.0/self_attn/Gather_3 (Gather) gathers along the head axis" in out.notes["not_pruned"]
