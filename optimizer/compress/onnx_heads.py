@@ -28,6 +28,7 @@ channels' rows of the output weights zeroed, on real inputs, so a shape this mod
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -278,11 +279,15 @@ class _Graph:
 Segs = tuple[tuple[int, int], ...]  # (groups, elements per group) per part of an axis: [Q | K | V] for a fused one
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Axis:
     axis: int
     segs: Segs | None  # None while discovering (groups not known yet)
     origin: tuple[int, int]  # the start tensor's range this axis covers (discovering)
+    outer: int = 1  # a factor folded in before the heads on this axis (the batch, in nn.MultiheadAttention's [B * H, S, D])
+    inner: int | None = None  # discovering: the axis after the last split, in case it split Q | K | V rather than heads
+    split: tuple[int, int, int] | None = None  # discovering: (origin start, part size, parts) of that split
+    parts: int | None = None  # joint: the axis holding a fused projection's Q | K | V once unflattened
 
 
 @dataclass
@@ -357,7 +362,7 @@ class _Tracer:
                 shape = g.shape(node.input[0])
                 if state is None or shape is None:
                     raise NotUnderstood(node, "reads the head axis from a tensor whose shape was not seen")
-                if state.axis != len(shape) - 1:
+                if state.axis != len(shape) - 1 or state.outer != 1 or state.parts is not None:
                     raise NotUnderstood(node, f"multiplies its weight along axis {state.axis} of {list(shape)}, not the head axis")
                 t.ends.append((node, state))
         return t
@@ -375,6 +380,11 @@ class _Tracer:
             raise NotUnderstood(node, "is on the head axis, and its shapes were not seen when the graph was run")
         rank = len(shape_in)
         a = state.axis
+        if state.parts is not None and op not in ("Transpose", "Unsqueeze", "Squeeze", "Gather", "Identity"):
+            raise NotUnderstood(node, "is applied before the fused projection's Q / K / V parts are taken apart")
+        if op in ("Identity", "Dropout") or (op == "Cast" and state.parts is None):
+            t.states[node.output[0]] = state
+            return
         if op in ELEMENTWISE or op == "Softmax" or op == "LogSoftmax" or op in REDUCES:
             k = rank - a  # position from the end: broadcasting aligns to the right
             for other, s in ins[1:]:
@@ -407,21 +417,22 @@ class _Tracer:
                 raise NotUnderstood(node, f"changes the head axis from {shape_in[a]} to {shape_out[out_axis]} entries")
             self.set(t, node.output[0], out_axis, state)
             return
-        if op == "Transpose":
-            perm = g.attr(node, "perm") or list(reversed(range(rank)))
-            self.set(t, node.output[0], list(perm).index(a), state)
-            return
-        if op == "Unsqueeze":
-            axes = sorted(x + len(shape_out) if x < 0 else x for x in g.ints(node, "axes", 1) or [])
-            kept = [i for i in range(len(shape_out)) if i not in axes]
-            self.set(t, node.output[0], kept[a], state)
-            return
-        if op == "Squeeze":
-            axes = g.ints(node, "axes", 1)
-            axes = [i for i, d in enumerate(shape_in) if d == 1] if axes is None else [x + rank if x < 0 else x for x in axes]
-            if a in axes:
-                raise NotUnderstood(node, "squeezes the head axis")
-            self.set(t, node.output[0], a - sum(x < a for x in axes), state)
+        if op in ("Transpose", "Unsqueeze", "Squeeze"):
+            if op == "Transpose":
+                perm = list(g.attr(node, "perm") or reversed(range(rank)))
+                where: Callable[[int], int | None] = perm.index
+            elif op == "Unsqueeze":
+                axes = sorted(x + len(shape_out) if x < 0 else x for x in g.ints(node, "axes", 1) or [])
+                kept = [i for i in range(len(shape_out)) if i not in axes]
+                where = kept.__getitem__
+            else:
+                axes = g.ints(node, "axes", 1)
+                axes = [i for i, d in enumerate(shape_in) if d == 1] if axes is None else [x + rank if x < 0 else x for x in axes]
+                if a in axes or state.parts in axes:
+                    raise NotUnderstood(node, "squeezes the head axis")
+                where = lambda x: None if x in axes else x - sum(y < x for y in axes)  # noqa: E731
+            moved = {k: where(v) for k in ("inner", "parts") if (v := getattr(state, k)) is not None}
+            self.set(t, node.output[0], where(a), state, split=state.split if moved.get("inner") is not None else None, **moved)
             return
         if op in ("Reshape", "Expand"):
             self.reshape(node, t, state, shape_in, shape_out)
@@ -452,6 +463,19 @@ class _Tracer:
         if op == "Gather":
             axis = g.attr(node, "axis", 0)
             axis = axis + rank if axis < 0 else axis
+            index = g.array(node.input[1])
+            picks = name == node.input[0] and index is not None and index.ndim == 0
+            if picks and axis == a and state.inner is not None and state.split is not None:
+                # discovering: the last split cut Q | K | V apart (nn.MultiheadAttention's unflatten(-1, (3, E))), not heads
+                lo, size, count = state.split
+                i = int(index) % count
+                t.heads.pop(state.origin, None)
+                inner = state.inner - (state.inner > axis)
+                self.set(t, node.output[0], inner, state, origin=(lo + i * size, lo + (i + 1) * size))
+                return
+            if picks and state.parts is not None and axis == state.parts:
+                self.set(t, node.output[0], a - (a > axis), state)
+                return
             if name != node.input[0] or axis == a:
                 raise NotUnderstood(node, "gathers along the head axis")
             idx = g.shape(node.input[1]) or ()
@@ -459,8 +483,16 @@ class _Tracer:
             return
         raise NotUnderstood(node, "is on the head axis, and this pruner does not follow that operator")
 
-    def set(self, t: _Trace, tensor: str, axis: int, state: _Axis, segs: Segs | None = None, origin: tuple[int, int] | None = None) -> None:
-        t.states[tensor] = _Axis(axis, state.segs if segs is None else segs, state.origin if origin is None else origin)
+    def set(
+        self, t: _Trace, tensor: str, axis: int, state: _Axis, segs: Segs | None = None, origin: tuple[int, int] | None = None, **moved: Any
+    ) -> None:
+        """The output's state: the split / parts axes are kept only where the op moved them (`moved`), else forgotten."""
+        changes: dict[str, Any] = {"inner": None, "split": None, "parts": None, **moved}
+        if segs is not None:
+            changes["segs"] = segs
+        if origin is not None:
+            changes["origin"] = origin
+        t.states[tensor] = dataclasses.replace(state, axis=axis, **changes)
 
     def matmul(self, node: Any, t: _Trace, joint: bool, shape_out: tuple[int, ...]) -> None:
         g = self.g
@@ -496,7 +528,7 @@ class _Tracer:
         g = self.g
         source = _entry_source(g, node.input[index], pos)
         if source is None:  # computed at run time: from the shape of a tensor that is itself cut, it follows the cut
-            if _shape_from(g, node.input[index], t.states):
+            if _shape_from(g, _entry_tensor(g, node.input[index], pos), t.states):
                 return
             # From another tensor's shape (MiniLM's reshape(b, s, h) reads h from the layer's input): a Reshape infers the
             # entry instead (-1) where no other entry is inferred; an Expand keeps its input's size (1).
@@ -535,32 +567,44 @@ class _Tracer:
                     self.entry(node, 1, pos, old, new, t, state)
             self.set(t, node.output[0], j, state)
             return
-        prefix = math.prod(shape_in[:a])
-        js = [j for j in range(len(shape_out)) if math.prod(shape_out[:j]) == prefix and shape_out[j] != 1]
-        if not js:
+        # The rows before the heads (the dims before the axis, and a batch folded into it) must stay before them: the
+        # output axis is where the dims before it, times what it folds in, make as many rows.
+        dim, outer = shape_in[a], state.outer
+        content, rows = dim // outer, math.prod(shape_in[:a]) * outer
+        found = []
+        for j in range(len(shape_out)):
+            before = math.prod(shape_out[:j])
+            if before > rows:
+                break
+            fold = rows // before
+            if rows % before == 0 and shape_out[j] % fold == 0 and shape_out[j] // fold > 1:
+                found.append((fold != 1, j, fold))
+        if not found:
             raise NotUnderstood(node, f"reshapes {list(shape_in)} to {list(shape_out)} across the head axis {a}")
-        j, dim, out = js[0], shape_in[a], shape_out[js[0]]
-        segs, origin = state.segs, state.origin
-        if out != dim:
-            if state.segs is not None and len(state.segs) != 1:
-                raise NotUnderstood(
-                    node, f"reshapes the head axis of {len(state.segs)} fused parts ({list(shape_in)} to {list(shape_out)}); split it first"
-                )
-            if out < dim:
-                if dim % out:
-                    raise NotUnderstood(node, f"reshapes {dim} entries of the head axis into {out}")
-                if state.segs is None:
-                    t.heads.setdefault(origin, out)
-            elif out % dim:
-                raise NotUnderstood(node, f"reshapes {dim} entries of the head axis into {out}")
-            if state.segs is not None:
-                groups = state.segs[0][0]
-                if out % groups:
-                    raise NotUnderstood(node, f"reshapes the head axis to {out} entries, not a multiple of its {groups} groups")
-                segs = ((groups, out // groups),)
+        _, j, fold = min(found)
+        out = shape_out[j] // fold
+        segs, origin, moved = state.segs, state.origin, {}
+        if segs is not None and len(segs) > 1 and out != content:
+            count = len(segs)
+            if fold != 1 or out != count or len(set(segs)) != 1 or j + 1 >= len(shape_out) or shape_out[j + 1] != content // count:
+                raise NotUnderstood(node, f"reshapes the head axis of {count} fused parts ({list(shape_in)} to {list(shape_out)})")
+            # a fused projection unflattened to [.., Q | K | V, width]: the heads are on the next axis, the parts on this one
+            self.entry(node, 1, j + 1, shape_out[j + 1], _size(segs[:1], self.new), t, state)
+            self.set(t, node.output[0], j + 1, state, segs[:1], parts=j)
+            return
+        if out != content:
+            if (content % out if out < content else out % content) or (segs is not None and out % segs[0][0]):
+                raise NotUnderstood(node, f"reshapes {content} entries of the head axis into {out}")
+            if segs is None and out < content:
+                t.heads.setdefault(origin, out)
+                if j + 1 < len(shape_out):
+                    moved = {"inner": j + 1, "split": (origin[0], content // out, out)}
+            if segs is not None:
+                segs = ((segs[0][0], out // segs[0][0]),)
         if state.segs is not None:
-            self.entry(node, 1, j, out, _size(segs, self.new), t, state)
-        self.set(t, node.output[0], j, state, segs, origin)
+            self.entry(node, 1, j, shape_out[j], fold * _size(segs, self.new), t, state)
+        self.set(t, node.output[0], j, state, segs, origin, **moved)
+        t.states[node.output[0]] = dataclasses.replace(t.states[node.output[0]], outer=fold)
 
     def split(self, node: Any, t: _Trace, state: _Axis, shape_in: tuple[int, ...]) -> None:
         g, a = self.g, state.axis
@@ -568,6 +612,8 @@ class _Tracer:
         axis = g.attr(node, "axis", 0)
         axis = axis + rank if axis < 0 else axis
         outs = [o for o in node.output if o]
+        if axis == a and state.outer != 1:
+            raise NotUnderstood(node, "splits an axis that holds the heads folded with the batch")
         if axis != a:
             for o in outs:
                 self.set(t, o, a, state)
@@ -620,6 +666,8 @@ class _Tracer:
         ends = g.ints(node, "ends", 2)
         steps = (None if old_style else g.ints(node, "steps", 4)) or [1] * len(starts)
         i = axes.index(a)
+        if state.outer != 1:
+            raise NotUnderstood(node, "slices an axis that holds the heads folded with the batch")
         if steps[i] != 1:
             raise NotUnderstood(node, f"slices the head axis with step {steps[i]}")
         dim = shape_in[a]
@@ -661,6 +709,23 @@ def _entry_source(g: _Graph, name: str, pos: int) -> int | None:
     if node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze") and pos == 0:
         return _entry_source(g, node.input[0], 0)
     return None
+
+
+def _entry_tensor(g: _Graph, name: str, pos: int) -> str:
+    """The tensor that computes entry `pos` of a shape tensor: its part of a Concat (the other parts may read other shapes)."""
+    node = g.producer.get(name)
+    while node is not None and node.op_type == "Concat":
+        offset = 0
+        for part in node.input:
+            n = int(np.prod(g.shape(part) or (1,)))
+            if pos < offset + n:
+                name, pos = part, pos - offset
+                break
+            offset += n
+        else:
+            return name
+        node = g.producer.get(name)
+    return name
 
 
 def _shape_from(g: _Graph, name: str, states: dict[str, _Axis]) -> bool:
