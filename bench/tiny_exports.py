@@ -2,7 +2,8 @@
 
 Used by tests/optimizer/test_onnx_heads_exports.py and `python -m bench.bench_onnx_heads --tiny`: a BERT layer as
 Hugging Face writes it (view(size()[:-1] + (H, d))), a GPT-2 block (fused QKV in Conv1D, split, a causal mask from a
-buffer, gelu_new) and a Llama block (RMSNorm, 4 Q heads reading 2 K / V heads with rotary positions, a SwiGLU FFN).
+buffer, gelu_new), a Llama block (RMSNorm, 4 Q heads reading 2 K / V heads with rotary positions, a SwiGLU FFN) and
+torch's nn.TransformerEncoder (nn.MultiheadAttention).
 """
 
 from __future__ import annotations
@@ -183,7 +184,23 @@ class Llama(nn.Module):
         return x
 
 
-MODELS = {"bert": Bert, "bert-gemm": lambda: Bert(flat=True), "gpt2": Gpt2, "llama": Llama}
+class TorchEncoder(nn.Module):
+    """torch's own nn.TransformerEncoder: nn.MultiheadAttention unflattens a fused in_proj and folds the heads into the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        layer = nn.TransformerEncoderLayer(HIDDEN, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        with torch.no_grad():  # its layers start as copies of one: the exporter would merge their equal weights into tied ones
+            for p in self.encoder.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(input_ids))
+
+
+MODELS = {"bert": Bert, "bert-gemm": lambda: Bert(flat=True), "gpt2": Gpt2, "llama": Llama, "torch-mha": TorchEncoder}
 
 
 def feeds(model: str, rows: int, seed: int) -> dict[str, np.ndarray]:

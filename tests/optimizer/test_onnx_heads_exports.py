@@ -6,8 +6,6 @@ The dynamo exporter's files (about 5 s an export) are cut by `python -m bench.be
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -133,26 +131,9 @@ def test_an_attention_it_cannot_follow_is_refused_naming_the_node(tmp_path):
 def test_nn_multihead_attention_with_heads_folded_into_the_batch_is_cut(tmp_path):
     """torch's nn.TransformerEncoder (TorchScript export): nn.MultiheadAttention unflattens its fused in_proj to
     [S, B, 3, E], takes Q / K / V apart with Gathers, and folds the heads into the batch ([S, B * H, D]), then unfolds them."""
-    import torch
-
-    from tests.optimizer.tiny_transformers import TorchEncoder
-
-    torch.manual_seed(0)
-    module = TorchEncoder().eval()
-    with torch.no_grad():  # the encoder's layers are copies of one: equal weights would be merged into tied ones
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    path, x = tmp_path / "model.onnx", torch.randint(1, 50, (2, 12))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}})
-    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).integers(1, 50, (8, 12)))
-    source = Artifact(path, "onnx", input_names=("x",), output_names=("y",))
-    out = make_pass("prune-structured", {"pruning_ratio": 0.5}).run(
-        source, PassContext(workdir=tmp_path / "w", datasets={"data": tmp_path / "data.npz"})
-    )
+    _, out = prune(tmp_path, "torch-mha", "torchscript-17", {"pruning_ratio": 0.5})
     assert out.notes["pruned"] == "structured magnitude 0.5: attention heads 8 -> 4, FFN channels 128 -> 64 (ONNX graph, not fine-tuned)"
     assert "not_pruned" not in out.notes
     shapes = sorted(weights(out.path).values())
-    assert shapes.count((32, 48)) == 2 and shapes.count((16, 32)) == 2  # in_proj: Q | K | V of 2 heads; out_proj: 2 heads
-    assert ort.InferenceSession(str(out.path)).run(None, {"x": np.ones((3, 12), np.int64)})[0].shape == (3, 3)
+    assert shapes.count((HIDDEN, 48)) == 2 and shapes.count((16, HIDDEN)) == 2  # in_proj: Q | K | V of 2 heads; out_proj: 2 heads
+    assert ort.InferenceSession(str(out.path)).run(None, feeds("torch-mha", 3, 2))[0].shape == (3, SEQ, HIDDEN)
