@@ -35,7 +35,7 @@ def weights(path) -> dict[str, tuple[int, ...]]:
     return {lin.node.name: g.weight(lin).shape for lin in _linears(g).values()}
 
 
-@pytest.mark.parametrize("exporter", ["torchscript-11", "torchscript-14", "torchscript-17"])
+@pytest.mark.parametrize("exporter", ["torchscript-11", "torchscript-17"])
 def test_a_bert_exported_by_torchscript_loses_heads_and_ffn_channels(tmp_path, exporter):
     source, out = prune(tmp_path, "bert", exporter, {"pruning_ratio": 0.5, "importance": "magnitude"})
     assert out.notes["pruned"] == "structured magnitude 0.5: attention heads 8 -> 4, FFN channels 128 -> 64 (ONNX graph, not fine-tuned)"
@@ -83,9 +83,8 @@ def test_a_gpt2_block_with_fused_qkv_loses_the_same_heads_from_q_k_and_v(tmp_pat
     assert ort.InferenceSession(str(out.path)).run(None, feeds("gpt2", 5, 3))[0].shape == (5, SEQ, HIDDEN)
 
 
-@pytest.mark.parametrize("exporter", ["torchscript-11", "torchscript-17"])
-def test_a_llama_block_loses_whole_kv_groups_and_swiglu_channels(tmp_path, exporter):
-    _, out = prune(tmp_path, "llama", exporter, {"pruning_ratio": 0.5})
+def test_a_llama_block_loses_whole_kv_groups_and_swiglu_channels(tmp_path):
+    _, out = prune(tmp_path, "llama", "torchscript-11", {"pruning_ratio": 0.5})
     # 2 K / V heads of 4 Q heads: one K / V head goes with the 2 Q heads that read it; gate and up lose the same channels
     assert out.notes["pruned"] == "structured magnitude 0.5: attention heads 8 -> 4, FFN channels 128 -> 64 (ONNX graph, not fine-tuned)"
     shapes = sorted(weights(out.path).values())
@@ -137,3 +136,20 @@ def test_nn_multihead_attention_with_heads_folded_into_the_batch_is_cut(tmp_path
     shapes = sorted(weights(out.path).values())
     assert shapes.count((HIDDEN, 48)) == 2 and shapes.count((16, HIDDEN)) == 2  # in_proj: Q | K | V of 2 heads; out_proj: 2 heads
     assert ort.InferenceSession(str(out.path)).run(None, feeds("torch-mha", 3, 2))[0].shape == (3, SEQ, HIDDEN)
+
+
+def test_a_kv_cache_output_keeps_its_layer_uncut_and_named(tmp_path):
+    """A layer whose K is also a graph output (a KV cache: 'present'): cutting its heads would change that output, so the
+    layer is left whole and named; the other layer is cut."""
+    path = tmp_path / "gpt2.onnx"
+    export("gpt2", "torchscript-14", path)
+    model = onnx.load(str(path))
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(split.output[1], onnx.TensorProto.FLOAT, ["batch", SEQ, HIDDEN]))
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "data.npz", **feeds("gpt2", 8, 1))
+    source = Artifact(path, "onnx", input_names=("input_ids",), output_names=("output", split.output[1]))
+    context = PassContext(workdir=tmp_path / "work", datasets={"data": tmp_path / "data.npz"})
+    out = make_pass("prune-structured", {"pruning_ratio": 0.5}).run(source, context)
+    assert out.notes["pruned"].startswith("structured magnitude 0.5: attention heads 4 -> 2")
+    assert f"writes {split.output[1]}, a graph output with the head axis (a KV cache?)" in out.notes["not_pruned"]
