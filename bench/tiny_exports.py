@@ -3,7 +3,8 @@
 Used by tests/optimizer/test_onnx_heads_exports.py and `python -m bench.bench_onnx_heads --tiny`: a BERT layer as
 Hugging Face writes it (view(size()[:-1] + (H, d))), a GPT-2 block (fused QKV in Conv1D, split, a causal mask from a
 buffer, gelu_new), a Llama block (RMSNorm, 4 Q heads reading 2 K / V heads with rotary positions, a SwiGLU FFN) and
-torch's nn.TransformerEncoder (nn.MultiheadAttention).
+timm's ViT attention (fused qkv reshaped to [B, N, 3, H, d] and unbound) and torch's nn.TransformerEncoder
+(nn.MultiheadAttention).
 """
 
 from __future__ import annotations
@@ -184,6 +185,41 @@ class Llama(nn.Module):
         return x
 
 
+class VitAttention(nn.Module):
+    """timm's Attention: qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4), then unbind(0) (Split or Slice, and Squeeze)."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.d = heads, HIDDEN // heads
+        self.qkv, self.proj = nn.Linear(HIDDEN, 3 * HIDDEN), nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.d**-0.5
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Vit(nn.Module):
+    """Pre-LN ViT blocks as timm writes them (the patch embedding replaced by a token embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"norm1": nn.LayerNorm(HIDDEN), "attn": VitAttention(), "norm2": nn.LayerNorm(HIDDEN),
+                           "fc1": nn.Linear(HIDDEN, 64), "fc2": nn.Linear(64, HIDDEN)})
+            for _ in range(2)
+        )  # fmt: skip
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for blk in self.blocks:
+            x = x + blk["attn"](blk["norm1"](x))
+            x = x + blk["fc2"](F.gelu(blk["fc1"](blk["norm2"](x))))
+        return x
+
+
 class TorchEncoder(nn.Module):
     """torch's own nn.TransformerEncoder: nn.MultiheadAttention unflattens a fused in_proj and folds the heads into the batch."""
 
@@ -200,7 +236,7 @@ class TorchEncoder(nn.Module):
         return self.encoder(self.embed(input_ids))
 
 
-MODELS = {"bert": Bert, "bert-gemm": lambda: Bert(flat=True), "gpt2": Gpt2, "llama": Llama, "torch-mha": TorchEncoder}
+MODELS = {"bert": Bert, "bert-gemm": lambda: Bert(flat=True), "gpt2": Gpt2, "llama": Llama, "vit": Vit, "torch-mha": TorchEncoder}
 
 
 def feeds(model: str, rows: int, seed: int) -> dict[str, np.ndarray]:

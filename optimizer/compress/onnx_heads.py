@@ -380,7 +380,7 @@ class _Tracer:
             raise NotUnderstood(node, "is on the head axis, and its shapes were not seen when the graph was run")
         rank = len(shape_in)
         a = state.axis
-        if state.parts is not None and op not in ("Transpose", "Unsqueeze", "Squeeze", "Gather", "Identity"):
+        if state.parts is not None and op not in ("Transpose", "Unsqueeze", "Squeeze", "Gather", "Identity", "Split", "Slice"):
             raise NotUnderstood(node, "is applied before the fused projection's Q / K / V parts are taken apart")
         if op in ("Identity", "Dropout") or (op == "Cast" and state.parts is None):
             t.states[node.output[0]] = state
@@ -428,7 +428,15 @@ class _Tracer:
             else:
                 axes = g.ints(node, "axes", 1)
                 axes = [i for i, d in enumerate(shape_in) if d == 1] if axes is None else [x + rank if x < 0 else x for x in axes]
-                if a in axes or state.parts in axes:
+                if a in axes and state.inner is not None and state.split is not None and shape_in[a] == 1:
+                    # discovering: a piece of the last split taken alone (timm's unbind: Split or Slice, then Squeeze):
+                    # that split cut Q | K | V apart, and the heads are on the axis after it
+                    lo, size, count = state.split
+                    t.heads.pop((lo, lo + size * count), None)
+                    t.heads[state.origin] = shape_in[state.inner]  # heads, unless a later Reshape splits them (see there)
+                    self.set(t, node.output[0], state.inner - sum(y < state.inner for y in axes), state)
+                    return
+                if a in axes:
                     raise NotUnderstood(node, "squeezes the head axis")
                 where = lambda x: None if x in axes else x - sum(y < x for y in axes)  # noqa: E731
             moved = {k: where(v) for k in ("inner", "parts") if (v := getattr(state, k)) is not None}
@@ -471,6 +479,7 @@ class _Tracer:
                 i = int(index) % count
                 t.heads.pop(state.origin, None)
                 inner = state.inner - (state.inner > axis)
+                t.heads[(lo + i * size, lo + (i + 1) * size)] = shape_in[state.inner]  # heads, unless a later Reshape splits them
                 self.set(t, node.output[0], inner, state, origin=(lo + i * size, lo + (i + 1) * size))
                 return
             if picks and state.parts is not None and axis == state.parts:
@@ -585,18 +594,22 @@ class _Tracer:
         out = shape_out[j] // fold
         segs, origin, moved = state.segs, state.origin, {}
         if segs is not None and len(segs) > 1 and out != content:
-            count = len(segs)
-            if fold != 1 or out != count or len(set(segs)) != 1 or j + 1 >= len(shape_out) or shape_out[j + 1] != content // count:
+            count, groups = len(segs), segs[0][0]
+            width = shape_out[j + 1] if j + 1 < len(shape_out) else 0
+            if fold != 1 or out != count or len(set(segs)) != 1 or not width or (content // count) % width or width % groups:
                 raise NotUnderstood(node, f"reshapes the head axis of {count} fused parts ({list(shape_in)} to {list(shape_out)})")
-            # a fused projection unflattened to [.., Q | K | V, width]: the heads are on the next axis, the parts on this one
-            self.entry(node, 1, j + 1, shape_out[j + 1], _size(segs[:1], self.new), t, state)
-            self.set(t, node.output[0], j + 1, state, segs[:1], parts=j)
+            # a fused projection unflattened to [.., Q | K | V, width] (or [.., 3, heads, head_dim]): the heads are on the
+            # next axis, the parts on this one
+            part = ((groups, width // groups),)
+            self.entry(node, 1, j + 1, width, _size(part, self.new), t, state)
+            self.set(t, node.output[0], j + 1, state, part, parts=j)
             return
         if out != content:
             if (content % out if out < content else out % content) or (segs is not None and out % segs[0][0]):
                 raise NotUnderstood(node, f"reshapes {content} entries of the head axis into {out}")
             if segs is None and out < content:
-                t.heads.setdefault(origin, out)
+                if t.heads.get(origin, content) == content:  # the first split of this part into heads (a whole part may stand first)
+                    t.heads[origin] = out
                 if j + 1 < len(shape_out):
                     moved = {"inner": j + 1, "split": (origin[0], content // out, out)}
             if segs is not None:
@@ -614,18 +627,28 @@ class _Tracer:
         outs = [o for o in node.output if o]
         if axis == a and state.outer != 1:
             raise NotUnderstood(node, "splits an axis that holds the heads folded with the batch")
+        sizes = g.ints(node, "split", 1)
+        given = None if sizes is None else "attr" if g.attr(node, "split") is not None else "input"
+        if sizes is None:
+            if shape_in[axis] % len(node.output):
+                raise NotUnderstood(node, f"splits {shape_in[axis]} entries into {len(node.output)} unequal parts")
+            sizes = [shape_in[axis] // len(node.output)] * len(node.output)
+        if state.parts is not None:  # joint: the fused projection's Q, K and V taken one by one (timm's unbind)
+            if axis != state.parts or any(size != 1 for size in sizes):
+                raise NotUnderstood(node, "splits the fused projection's Q / K / V axis other than one part at a time")
+            for o in outs:
+                self.set(t, o, a, state, parts=state.parts)
+            return
+        if axis == a and state.segs is None and state.inner is not None and state.split is not None and set(sizes) == {1}:
+            lo, size, _ = state.split  # discovering: maybe Q | K | V one by one (see Squeeze)
+            for i, o in enumerate(node.output):
+                if o:
+                    self.set(t, o, a, state, origin=(lo + i * size, lo + (i + 1) * size), inner=state.inner, split=state.split)
+            return
         if axis != a:
             for o in outs:
                 self.set(t, o, a, state)
             return
-        sizes = g.ints(node, "split", 1)
-        if sizes is None:
-            if shape_in[a] % len(node.output):
-                raise NotUnderstood(node, f"splits {shape_in[a]} entries into {len(node.output)} unequal parts")
-            sizes = [shape_in[a] // len(node.output)] * len(node.output)
-            given = None
-        else:
-            given = "attr" if g.attr(node, "split") is not None else "input"
         bounds, offset = [], 0
         for s in sizes:
             bounds.append((offset, offset + s))
@@ -659,6 +682,21 @@ class _Tracer:
         count = len(g.attr(node, "starts")) if old_style else (g.shape(node.input[1]) or (0,))[0]
         axes = g.ints(node, "axes", 3) or list(range(count))
         axes = [x + rank if x < 0 else x for x in axes]
+        piece = state.parts if state.parts is not None else a if state.inner is not None and state.split is not None else None
+        if piece in axes and (state.parts is None or a not in axes):  # one of the fused Q / K / V (timm's unbind)
+            k = axes.index(piece)
+            first, last = g.ints(node, "starts", 1)[k], g.ints(node, "ends", 2)[k]
+            first += shape_in[piece] if first < 0 else 0
+            if last - first == 1 and first >= 0:
+                if state.parts is not None:
+                    self.set(t, node.output[0], a, state, parts=state.parts)
+                else:
+                    lo, size, _ = state.split
+                    origin = (lo + first * size, lo + (first + 1) * size)
+                    self.set(t, node.output[0], a, state, origin=origin, inner=state.inner, split=state.split)
+                return
+        if state.parts is not None:
+            raise NotUnderstood(node, "slices the fused projection's Q / K / V axis other than one part at a time")
         if a not in axes:  # bounds on other axes (rotary halves of the head dim) may be computed
             self.set(t, node.output[0], a, state)
             return

@@ -1,6 +1,6 @@
 """optimizer/compress/onnx_heads.py on ONNX files torch.onnx wrote, not ones built here: the tiny transformers of
 bench/tiny_exports.py (a BERT layer as Hugging Face writes it, a GPT-2 block with fused QKV in Conv1D, a Llama block
-with grouped-query attention and a SwiGLU FFN), exported by the TorchScript exporter (dynamo=False) at opsets 11, 14
+with grouped-query attention and a SwiGLU FFN, timm's ViT attention, nn.TransformerEncoder), exported by the TorchScript exporter (dynamo=False) at opsets 11, 14
 and 17, then cut by prune-structured, whose ORT check against the original with the removed rows zeroed must pass.
 The dynamo exporter's files (about 5 s an export) are cut by `python -m bench.bench_onnx_heads --tiny`."""
 
@@ -75,12 +75,17 @@ def test_weights_behind_transposes_in_gemms_or_in_constant_nodes_are_cut(tmp_pat
     assert float(out.notes["params_fraction"]) < 0.6
 
 
-def test_a_gpt2_block_with_fused_qkv_loses_the_same_heads_from_q_k_and_v(tmp_path):
-    _, out = prune(tmp_path, "gpt2", "torchscript-14", {"pruning_ratio": 0.5, "importance": "activation"})
-    assert out.notes["pruned"] == "structured activation 0.5: attention heads 8 -> 4, FFN channels 256 -> 128 (ONNX graph, not fine-tuned)"
+@pytest.mark.parametrize(("model", "ffn"), [("gpt2", 256), ("vit", 128)])
+def test_a_fused_qkv_loses_the_same_heads_from_q_k_and_v(tmp_path, model, ffn):
+    """GPT-2: c_attn split into Q / K / V; timm's ViT: qkv reshaped to [B, N, 3, H, d] and unbound (Split, Squeeze)."""
+    _, out = prune(tmp_path, model, "torchscript-14", {"pruning_ratio": 0.5, "importance": "activation"})
+    assert (
+        out.notes["pruned"]
+        == f"structured activation 0.5: attention heads 8 -> 4, FFN channels {ffn} -> {ffn // 2} (ONNX graph, not fine-tuned)"
+    )
     shapes = sorted(weights(out.path).values())
-    assert shapes.count((HIDDEN, 48)) == 2 and shapes.count((16, HIDDEN)) == 2  # c_attn: 3 x 2 heads of 8; c_proj: 2 heads
-    assert ort.InferenceSession(str(out.path)).run(None, feeds("gpt2", 5, 3))[0].shape == (5, SEQ, HIDDEN)
+    assert shapes.count((HIDDEN, 48)) == 2 and shapes.count((16, HIDDEN)) == 2  # qkv: 3 x 2 heads of 8; output: 2 heads
+    assert ort.InferenceSession(str(out.path)).run(None, feeds(model, 5, 3))[0].shape == (5, SEQ, HIDDEN)
 
 
 def test_a_llama_block_loses_whole_kv_groups_and_swiglu_channels(tmp_path):
