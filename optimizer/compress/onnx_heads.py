@@ -84,10 +84,6 @@ class OnnxAttention:
     heads: int  # Q heads
     head_dim: int
 
-    @property
-    def splits(self) -> list[Any]:  # the projections' nodes (kept for callers that list them)
-        return [p.node for p in self.projections]
-
 
 @dataclass
 class OnnxFfn:
@@ -298,7 +294,6 @@ class _Trace:
     softmaxes: list[Any] = field(default_factory=list)
     heads: dict[tuple[int, int], int] = field(default_factory=dict)  # origin range -> heads at its first split
     edits: list[Callable[[], None]] = field(default_factory=list)
-    region: list[Any] = field(default_factory=list)
 
 
 def _size(segs: Segs, groups: int | None = None) -> int:
@@ -355,7 +350,6 @@ class _Tracer:
                 stack.extend(o for o in user.output if o)
         for node in g.graph.node:
             if id(node) in region:
-                t.region.append(node)
                 self.step(node, t, joint)
             elif id(node) in ends:
                 state = t.states.get(node.input[0])
