@@ -164,11 +164,34 @@ class LlamaBlock(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-class Llama(nn.Module):
+class Phi3Block(LlamaBlock):
+    """Phi-3's layout of the same block: one qkv_proj to Q | K | V of unequal widths (4 Q heads, 2 K / V heads), split by
+    sizes, and one gate_up_proj chunked into gate and up."""
+
     def __init__(self) -> None:
         super().__init__()
+        self.qkv_proj = nn.Linear(HIDDEN, (self.heads + 2 * self.kv_heads) * self.d, bias=False)
+        self.gate_up_proj = nn.Linear(HIDDEN, 2 * 64, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = self.qkv_proj(h).split([self.heads * self.d, self.kv_heads * self.d, self.kv_heads * self.d], dim=-1)
+        q, k, v = (t.view(b, s, -1, self.d).transpose(1, 2) for t in (q, k, v))
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        n_rep = self.heads // self.kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        w = torch.matmul(q, k.transpose(2, 3)) * self.d**-0.5 + mask
+        x = x + self.o_proj(torch.matmul(w.softmax(-1), v).transpose(1, 2).reshape(b, s, -1))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class Llama(nn.Module):
+    def __init__(self, block: type[LlamaBlock] = LlamaBlock) -> None:
+        super().__init__()
         self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.layers = nn.ModuleList(LlamaBlock() for _ in range(2))
+        self.layers = nn.ModuleList(block() for _ in range(2))
         d = HIDDEN // 4
         self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
         self.register_buffer("causal", torch.full((SEQ, SEQ), -1e4).triu(1))
@@ -236,7 +259,15 @@ class TorchEncoder(nn.Module):
         return self.encoder(self.embed(input_ids))
 
 
-MODELS = {"bert": Bert, "bert-gemm": lambda: Bert(flat=True), "gpt2": Gpt2, "llama": Llama, "vit": Vit, "torch-mha": TorchEncoder}
+MODELS = {
+    "bert": Bert,
+    "bert-gemm": lambda: Bert(flat=True),
+    "gpt2": Gpt2,
+    "llama": Llama,
+    "phi3": lambda: Llama(Phi3Block),
+    "vit": Vit,
+    "torch-mha": TorchEncoder,
+}
 
 
 def feeds(model: str, rows: int, seed: int) -> dict[str, np.ndarray]:

@@ -965,12 +965,11 @@ def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
         down = by_node[target]
         if id(down.node) in used or any(id(u.node) in used for u in ups):
             continue
-        widths = {g.weight(u).shape[1] for u in ups}
-        if len(widths) != 1:
+        width = g.weight(down).shape[0]  # the channels the down reads; an up may hold several sets (a fused gate | up)
+        if any(g.weight(u).shape[1] % width for u in ups):
             continue
-        width = widths.pop()
         try:
-            trace = _Tracer(g, linears, width).run({k: v for u in ups for k, v in _start(g, u, ((width, 1),)).items()})
+            trace = _Tracer(g, linears, width).run(_ffn_starts(g, ups, width))
         except NotUnderstood:
             continue
         if [(id(n), s.segs) for n, s in trace.ends] != [(target, ((width, 1),))] or trace.cores:
@@ -984,6 +983,11 @@ def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
 
             found.unexplained.append(f"the attention Softmax {node.name or node.output[0]} was not understood: {stop}")
     return found
+
+
+def _ffn_starts(g: _Graph, ups: list[_Linear], width: int) -> dict[str, _Axis]:
+    """Each up's output as parts of `width` channels: one for an up or a gate, two for a fused gate | up (Phi-3's gate_up_proj)."""
+    return {k: v for u in ups for k, v in _start(g, u, ((width, 1),) * (g.weight(u).shape[1] // width)).items()}
 
 
 def _attention_unit(
@@ -1153,17 +1157,18 @@ def prune_onnx_encoder(
         if ffn.down.data in seen:
             scores = (seen[ffn.down.data].reshape(-1, width) ** 2).sum(0) * (down_w**2).sum(1)
         else:
-            scores = (down_w**2).sum(1) + sum((g.weight(u) ** 2).sum(0) for u in ffn.ups)
+            scores = (down_w**2).sum(1) + sum((g.weight(u) ** 2).sum(0).reshape(-1, width).sum(0) for u in ffn.ups)
         channels = np.sort(np.argsort(-scores, kind="stable")[:keep])
         try:
-            trace = _Tracer(g, linears, keep).run({k: v for u in ffn.ups for k, v in _start(g, u, ((width, 1),)).items()})
+            trace = _Tracer(g, linears, keep).run(_ffn_starts(g, ffn.ups, width))
             for edit in trace.edits:
                 edit()
         except NotUnderstood as e:
             raise OptimizerError(f"{needed_by}: cutting the FFN before {ffn.down.node.name}: {e}; nothing was registered") from e
         for up in ffn.ups:
-            g.set_weight(up, g.weight(up)[:, channels])
-            g.set_bias(up, channels)
+            cols = _blocks(((width, 1),) * (g.weight(up).shape[1] // width), channels)
+            g.set_weight(up, g.weight(up)[:, cols])
+            g.set_bias(up, cols)
         g.set_weight(ffn.down, down_w[channels])
         zeroed = ref.weight(ffn.down).copy()
         zeroed[np.setdiff1d(np.arange(width), channels)] = 0
