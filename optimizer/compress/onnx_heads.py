@@ -107,6 +107,7 @@ class _Graph:
         self.model = model
         self.graph = model.graph
         self.shapes = shapes
+        self.known: dict[str, np.ndarray] = getattr(shapes, "ints", {})  # small int tensors' values when the graph ran
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
         self.inputs = {i.name for i in self.graph.input}
         self.inits = {i.name: i for i in self.graph.initializer if i.name not in self.inputs}
@@ -486,6 +487,11 @@ class _Tracer:
             return
         raise NotUnderstood(node, "is on the head axis, and this pruner does not follow that operator")
 
+    def bounds(self, node: Any, key: str, index: int, t: _Trace) -> tuple[list[int], bool]:
+        if self.g.opset < 10:
+            return self.g.ints(node, key, index), False
+        return _known_ints(self.g, node, key, index, t.states)
+
     def set(
         self, t: _Trace, tensor: str, axis: int, state: _Axis, segs: Segs | None = None, origin: tuple[int, int] | None = None, **moved: Any
     ) -> None:
@@ -621,8 +627,13 @@ class _Tracer:
         outs = [o for o in node.output if o]
         if axis == a and state.outer != 1:
             raise NotUnderstood(node, "splits an axis that holds the heads folded with the batch")
-        sizes = g.ints(node, "split", 1)
-        given = None if sizes is None else "attr" if g.attr(node, "split") is not None else "input"
+        if axis != a and state.parts is None:
+            for o in outs:
+                self.set(t, o, a, state)
+            return
+        computed = g.attr(node, "split") is None and len(node.input) > 1 and bool(node.input[1]) and not g.is_const(node.input[1])
+        sizes = _known_ints(g, node, "split", 1, t.states)[0] if computed else g.ints(node, "split", 1)
+        given = None if sizes is None or computed else "attr" if g.attr(node, "split") is not None else "input"
         if sizes is None:
             if shape_in[axis] % len(node.output):
                 raise NotUnderstood(node, f"splits {shape_in[axis]} entries into {len(node.output)} unequal parts")
@@ -638,10 +649,6 @@ class _Tracer:
             for i, o in enumerate(node.output):
                 if o:
                     self.set(t, o, a, state, origin=(lo + i * size, lo + (i + 1) * size), inner=state.inner, split=state.split)
-            return
-        if axis != a:
-            for o in outs:
-                self.set(t, o, a, state)
             return
         bounds, offset = [], 0
         for s in sizes:
@@ -694,8 +701,7 @@ class _Tracer:
         if a not in axes:  # bounds on other axes (rotary halves of the head dim) may be computed
             self.set(t, node.output[0], a, state)
             return
-        starts = g.ints(node, "starts", 1)
-        ends = g.ints(node, "ends", 2)
+        (starts, computed_starts), (ends, computed_ends) = (self.bounds(node, key, index, t) for key, index in (("starts", 1), ("ends", 2)))
         steps = (None if old_style else g.ints(node, "steps", 4)) or [1] * len(starts)
         i = axes.index(a)
         if state.outer != 1:
@@ -712,14 +718,29 @@ class _Tracer:
         before = _cut(state.segs, [(0, lo)], node)[0] if lo else ()
         new_lo, new_hi = _size(before, self.new), _size(before, self.new) + _size(part, self.new)
         if self.new is not None:
-            for key, index, old, value, full in (("starts", 1, starts[i], new_lo, lo), ("ends", 2, ends[i], new_hi, hi)):
-                if value == full or (key == "ends" and hi == dim and old >= dim):
-                    continue  # unchanged, or "to the end"
+            for key, index, old, value, full, computed in (
+                ("starts", 1, starts[i], new_lo, lo, computed_starts),
+                ("ends", 2, ends[i], new_hi, hi, computed_ends),
+            ):
+                if value == full or (key == "ends" and hi == dim and old >= dim) or computed:
+                    continue  # unchanged, "to the end", or computed from the shape of a tensor that is cut (torch's chunk)
                 if old_style:
                     t.edits.append(lambda key=key, value=value: _set_attr_entry(node, key, i, value))
                 else:
                     t.edits.append(lambda index=index, value=value: _rewrite_entry(g, node, index, i, value))
         self.set(t, node.output[0], a, state, segs=part, origin=(state.origin[0] + lo, state.origin[0] + hi))
+
+
+def _known_ints(g: _Graph, node: Any, key: str, index: int, states: dict[str, _Axis]) -> tuple[list[int], bool]:
+    """An int list input (Slice bounds, Split sizes): its constant, or its value when the graph ran, if it is computed from
+    the shape of a tensor that is cut (so that it follows the cut); the flag says which."""
+    if g.attr(node, key) is not None or g.is_const(node.input[index]):
+        return g.ints(node, key, index), False
+    name = node.input[index]
+    seen = g.known.get(name)
+    if seen is None or not _shape_from(g, name, states):
+        raise NotUnderstood(node, f"takes its {key} on the head axis from {name}, computed at run time from a tensor that is not cut")
+    return [int(v) for v in np.asarray(seen).reshape(-1)], True
 
 
 def _entry_source(g: _Graph, name: str, pos: int) -> int | None:
@@ -866,7 +887,13 @@ def _attention_softmax(g: _Graph, node: Any) -> bool:
     return False
 
 
-def tensor_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+class TensorShapes(dict):
+    """Tensor name -> shape; `ints`: the values of the small int tensors (computed shapes, bounds, sizes)."""
+
+    ints: dict[str, np.ndarray]
+
+
+def tensor_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> TensorShapes:
     """Every tensor's shape when the graph runs on the first two rows of `feeds` (one, where the batch is fixed)."""
     import onnxruntime as ort
 
@@ -888,8 +915,9 @@ def tensor_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, {k: v[:rows] for k, v in feeds.items()})
-    shapes = {k: tuple(v[:rows].shape) for k, v in feeds.items()}
+    shapes = TensorShapes((k, tuple(v[:rows].shape)) for k, v in feeds.items())
     shapes.update((n, tuple(np.shape(v))) for n, v in zip(names, values, strict=True))
+    shapes.ints = {n: np.asarray(v) for n, v in zip(names, values, strict=True) if np.asarray(v).dtype.kind in "iu" and np.size(v) <= 8}
     return shapes
 
 

@@ -98,6 +98,16 @@ def test_a_llama_block_loses_whole_kv_groups_and_swiglu_channels(tmp_path):
     assert 0.0 < float(out.notes["cosine_to_source"]) < 0.9999
 
 
+def test_a_phi3_block_with_fused_unequal_qkv_and_a_chunked_gate_up_is_cut(tmp_path):
+    """Phi-3's layout: one qkv_proj split into Q | K | V of unequal widths (32 | 16 | 16: grouped-query attention), and
+    one gate_up_proj that torch's chunk exports as Slices whose bounds are computed from its shape."""
+    _, out = prune(tmp_path, "phi3", "torchscript-14", {"pruning_ratio": 0.5})
+    assert out.notes["pruned"] == "structured magnitude 0.5: attention heads 8 -> 4, FFN channels 128 -> 64 (ONNX graph, not fine-tuned)"
+    shapes = sorted(weights(out.path).values())
+    assert shapes.count((HIDDEN, 64)) == 2 and shapes.count((16, HIDDEN)) == 2  # gate_up: 2 x 32; o_proj: 2 heads
+    assert shapes.count((HIDDEN, 32)) == 4  # qkv_proj: 16 | 8 | 8; down: [32, 32]
+
+
 def test_the_finder_reads_gqa_groups_and_glu_pairs(tmp_path):
     path = tmp_path / "llama.onnx"
     export("llama", "torchscript-14", path)
