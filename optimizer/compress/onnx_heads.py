@@ -3,20 +3,26 @@
 What is recognised, by following the head axis forward from every linear layer with a constant weight:
 - a linear layer is a MatMul with a constant 2-D weight (an initializer, a Constant node, or either through a Transpose),
   with or without a bias Add after it, or a Gemm (transB or not) with a constant weight and bias;
-- an attention unit is the set of linears (Q, K, V; or one fused QKV, cut by a Split or Slices) whose outputs reach,
-  through the heads' split Reshapes, the attention MatMuls and Softmax, and the merging Reshape, one output linear (O).
-  Reshape, Expand, Split and Slice shapes may be constants (the dynamo exporter) or computed at run time
-  (TorchScript's Shape -> Gather -> Unsqueeze -> Concat); only their constant entries that carry the heads are rewritten,
-  each consumer getting its own copy (exporters share shape constants between layers);
+- an attention unit is the set of linears whose outputs reach, through the heads' split Reshapes, the attention
+  MatMuls and Softmax, and the merging Reshape, one output linear (O): Q, K, V; one fused QKV cut by a Split or Slices
+  (GPT-2's c_attn, Phi-3's qkv_proj); or unflattened to [.., 3, E] / [.., 3, H, d] and taken apart by Gathers or by
+  Split / Slice + Squeeze (nn.MultiheadAttention's in_proj, timm's qkv). Heads may be folded into the batch
+  ([S, B * H, d], as nn.MultiheadAttention does). Reshape, Expand, Split and Slice shapes may be constants (the dynamo
+  exporter) or computed at run time (TorchScript's Shape -> Gather -> Unsqueeze -> Concat, torch's chunk): only their
+  constant entries that carry the heads are rewritten, each consumer getting its own copy (exporters share shape
+  constants between layers); an entry computed from the shape of a tensor that is cut follows the cut by itself;
 - grouped-query attention (fewer K / V heads than Q heads, repeated by Expand + Reshape as Llama does) is cut by whole
   groups: a K / V head goes with the Q heads that read it, so the repetition count stays;
-- an FFN is one or more linears from the same input (up; or gate and up, as a GLU / SwiGLU has) whose outputs meet,
-  through element-wise ops (and Reshapes that keep the channel axis, as GPT-2's Conv1D writes), in one linear back (down).
+- an FFN is one or more linears from the same input (up; or gate and up, as a GLU / SwiGLU has, also as one fused
+  gate | up) whose outputs meet, through element-wise ops (and Reshapes that keep the channel axis, as GPT-2's Conv1D
+  writes), in one linear back (down).
 
-The head axis is followed with the tensors' real shapes, read once by running the graph on two rows of the data
-(`tensor_shapes`): a Reshape maps the axis where the product of the dimensions before it is the same on both sides.
-What cannot be followed (a Gather or Concat on the head axis, a per-head constant, a KV cache output) is named: an
-attention Softmax that no unit explains is listed in `OnnxEncoder.unexplained` with the node and what stopped it.
+The head axis is followed with the tensors' real shapes (and the small int tensors' values), read once by running the
+graph on two rows of the data (`tensor_shapes`): a Reshape maps the axis where the dimensions before it, times what
+the axis folds in, make as many rows on both sides. A split that turns out to separate Q | K | V (one piece is then
+taken alone) is reinterpreted as such. What cannot be followed (a Gather or Concat on the head axis, a per-head
+constant, a KV cache output, tied weights) is named: an attention Softmax that no unit explains is listed in
+`OnnxEncoder.unexplained` with the node and what stopped it.
 
 Torch-Pruning works on torch modules, and an ONNX transformer converted by onnx2torch computes its reshape shapes at
 run time, which torch.export cannot trace with a free batch (slimserve.optimizer.formats.torchmodel refuses it): so the
