@@ -65,6 +65,15 @@ class NotUnderstood(Exception):
         self.node = node
 
 
+# A graph the tracer was not written for may also break its own assumptions (a shape it did not see, an index out of
+# range): that unit is not cut, and the error is reported with it, rather than failing the pass.
+_NOT_FOLLOWED = (NotUnderstood, TypeError, IndexError, KeyError, ValueError, ZeroDivisionError)
+
+
+def _why(e: Exception) -> str:
+    return str(e) if isinstance(e, NotUnderstood) else f"the tracer could not follow this graph ({type(e).__name__}: {e})"
+
+
 @dataclass
 class _Linear:
     """A linear layer: its node, the constant holding its weight (read as [in, out]) and bias, and its output tensor."""
@@ -970,8 +979,8 @@ def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
     for lin in linears.values():
         try:
             trace = _Tracer(g, linears).run(_start(g, lin, None))
-        except NotUnderstood as e:
-            blame(reach(lin), str(e), lin)
+        except _NOT_FOLLOWED as e:
+            blame(reach(lin), _why(e), lin)
             continue
         targets = {id(node) for node, _ in trace.ends}
         if len(targets) != 1:
@@ -988,9 +997,9 @@ def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
         out, projections = by_node[target], [m for m, _ in members]
         try:
             unit, trace = _attention_unit(g, linears, out, members)
-        except NotUnderstood as e:
+        except _NOT_FOLLOWED as e:
             for _, tr in members:
-                blame(tr.softmaxes, str(e), projections[0])
+                blame(tr.softmaxes, _why(e), projections[0])
             continue
         found.attentions.append(unit)
         explained.update(id(s) for s in trace.softmaxes)
@@ -1004,7 +1013,7 @@ def _find(g: _Graph, linears: dict[str, _Linear]) -> OnnxEncoder:
             continue
         try:
             trace = _Tracer(g, linears, width).run(_ffn_starts(g, ups, width))
-        except NotUnderstood:
+        except _NOT_FOLLOWED:
             continue
         if [(id(n), s.segs) for n, s in trace.ends] != [(target, ((width, 1),))] or trace.cores:
             continue
@@ -1169,8 +1178,10 @@ def prune_onnx_encoder(
             trace = _Tracer(g, linears, keep).run(starts)
             for edit in trace.edits:
                 edit()
-        except NotUnderstood as e:
-            raise OptimizerError(f"{needed_by}: cutting the attention before {unit.out.node.name}: {e}; nothing was registered") from e
+        except _NOT_FOLLOWED as e:
+            raise OptimizerError(
+                f"{needed_by}: cutting the attention before {unit.out.node.name}: {_why(e)}; nothing was registered"
+            ) from e
         for lin, part_sizes in zip(unit.projections, unit.parts, strict=True):
             cols = _blocks(tuple((groups, size // groups) for size in part_sizes), kept)
             g.set_weight(lin, g.weight(lin)[:, cols])
@@ -1197,8 +1208,8 @@ def prune_onnx_encoder(
             trace = _Tracer(g, linears, keep).run(_ffn_starts(g, ffn.ups, width))
             for edit in trace.edits:
                 edit()
-        except NotUnderstood as e:
-            raise OptimizerError(f"{needed_by}: cutting the FFN before {ffn.down.node.name}: {e}; nothing was registered") from e
+        except _NOT_FOLLOWED as e:
+            raise OptimizerError(f"{needed_by}: cutting the FFN before {ffn.down.node.name}: {_why(e)}; nothing was registered") from e
         for up in ffn.ups:
             cols = _blocks(((width, 1),) * (g.weight(up).shape[1] // width), channels)
             g.set_weight(up, g.weight(up)[:, cols])
