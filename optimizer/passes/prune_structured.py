@@ -52,9 +52,10 @@ class PruneStructuredConfig(PassConfig):
     convolution kernels work on blocks of 8 channels, so other counts cost time without FLOPs). exclude:
     layer names never pruned. finetune: the shared loop.
 
-    An ONNX transformer (attention MatMuls with constant weights and constant reshape shapes, as torch.onnx exports
-    BERT / MiniLM) is pruned in its graph instead (optimizer/compress/onnx_heads.py): whole heads and FFN channels sliced
-    out of the initializers, by magnitude or by activation (what each adds on the registered data), not fine-tuned.
+    An ONNX transformer (an attention Softmax over a MatMul of two computed tensors; exported by torch.onnx either way, fused
+    QKV, grouped-query attention and GLU FFNs included) is pruned in its graph instead (optimizer/compress/onnx_heads.py):
+    whole heads (whole K / V groups) and FFN channels sliced out of the weights, by magnitude or by activation (what each
+    adds on the registered data), not fine-tuned.
     """
 
     pruning_ratio: float = setting(0.25, "share of channels removed from each conv / linear layer, in (0, 1)")
@@ -176,7 +177,7 @@ class PruneStructuredPass(Pass[PruneStructuredConfig]):
         """An ONNX transformer: whole heads and FFN channels sliced out of its initializers (optimizer/compress/onnx_heads.py), not fine-tuned."""
         import onnx
 
-        from slimserve.optimizer.compress.onnx_heads import prune_onnx_encoder
+        from slimserve.optimizer.compress.onnx_heads import prune_onnx_encoder, tensor_shapes
 
         config = self.config
         refused = [
@@ -197,6 +198,13 @@ class PruneStructuredPass(Pass[PruneStructuredConfig]):
         context.progress(ProgressEvent(stage=self.name, fraction=0.2, message="slicing attention heads and FFN channels in the ONNX graph"))
         model = onnx.load(str(artifact.path))
         before = onnx_weight_count(model)
+        try:  # the head axis is followed with the tensors' real shapes (TorchScript exports compute their reshapes at run time)
+            shapes = tensor_shapes(model, feeds)
+        except Exception as e:
+            raise OptimizerError(
+                f"{self.name}: onnxruntime could not run {artifact.path.name} on the registered data to read its tensors' shapes "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); nothing was registered"
+            ) from e
         results: dict[str, float] = {}
 
         def check(pruned: Any, reference: Any) -> None:
@@ -215,7 +223,13 @@ class PruneStructuredPass(Pass[PruneStructuredConfig]):
             return intermediate_outputs(source, names, feeds, self.name)
 
         pruned, removed = prune_onnx_encoder(
-            model, config.pruning_ratio, self.name, config.round_to, check, activations if config.importance == "activation" else None
+            model,
+            config.pruning_ratio,
+            self.name,
+            config.round_to,
+            check,
+            activations if config.importance == "activation" else None,
+            shapes=shapes,
         )
         target = context.new_path(f"{artifact.path.stem}-heads", ".onnx")
         onnx.save(pruned, str(target))
@@ -235,22 +249,29 @@ class PruneStructuredPass(Pass[PruneStructuredConfig]):
             pruned=f"structured {config.importance} {config.pruning_ratio:g}: {removed.describe()} (ONNX graph, not fine-tuned)",
             params_fraction=f"{after / before:.4f}",
             cosine_to_source=f"{results['cosine']:.4f}",
+            **({"not_pruned": "; ".join(removed.skipped)} if removed.skipped else {}),
         )
 
 
 def onnx_transformer(path: Any) -> bool:
-    """Whether the ONNX file has attention units that optimizer/compress/onnx_heads.py can cut."""
+    """Whether the ONNX file has attention (a Softmax over a MatMul of two computed tensors): optimizer/compress/onnx_heads.py cuts it,
+    or says which node it did not understand."""
     import onnx
 
-    from slimserve.optimizer.compress.onnx_heads import find_onnx_encoder
+    from slimserve.optimizer.compress.onnx_heads import has_attention
 
-    return bool(find_onnx_encoder(onnx.load(str(path))).attentions)
+    return has_attention(onnx.load(str(path)))
 
 
 def onnx_weight_count(model: Any) -> int:
-    from onnx import numpy_helper
+    """Float weights in initializers and in Constant nodes."""
+    from onnx import TensorProto
 
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if numpy_helper.to_array(t).dtype.kind == "f")
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
 
 
 def check_feeds(artifact: Artifact, context: PassContext, needed_by: str) -> dict[str, np.ndarray]:

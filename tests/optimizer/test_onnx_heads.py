@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from slimserve.optimizer.base import Artifact, OptimizerError, PassContext
 from slimserve.optimizer.catalog import make_pass
 from slimserve.optimizer.compress import onnx_heads
-from slimserve.optimizer.compress.onnx_heads import find_onnx_encoder
+from slimserve.optimizer.compress.onnx_heads import find_onnx_encoder, tensor_shapes
 
 VOCAB, SEQ, HIDDEN, HEADS, FFN, LAYERS = 50, 12, 32, 4, 64, 2
 
@@ -102,7 +102,8 @@ def source(tmp_path):
 
 
 def test_the_finder_names_each_layers_attention_and_ffn():
-    encoder = find_onnx_encoder(tiny_bert_onnx())
+    model = tiny_bert_onnx()
+    encoder = find_onnx_encoder(model, tensor_shapes(model, feeds(2, 0)))
     assert [(a.heads, a.head_dim, a.out.weight) for a in encoder.attentions] == [(4, 8, "l0.o.w"), (4, 8, "l1.o.w")]
     assert [(f.up.weight, f.down.weight) for f in encoder.ffns] == [("l0.up.w", "l0.down.w"), ("l1.up.w", "l1.down.w")]
 
@@ -151,7 +152,7 @@ def test_activation_importance_keeps_the_heads_that_carry_the_output(source):
 
 def test_a_reshape_left_with_the_old_head_count_is_refused(source, monkeypatch):
     artifact, context = source
-    monkeypatch.setattr(onnx_heads, "_own_shape", lambda *a, **k: None)
+    monkeypatch.setattr(onnx_heads, "_rewrite_entry", lambda *a, **k: None)
     with pytest.raises(OptimizerError, match="nothing was registered"):
         make_pass("prune-structured", {"pruning_ratio": 0.5}).run(artifact, context)
     assert not list((context.workdir).glob("*-heads*.onnx"))
