@@ -2,15 +2,17 @@
 
     python -m bench.bench_slo [--model digits|minilm] [--step-s 20 (digits) / 60 (minilm)] [--base-s 8] [--slo-ms 0 (auto)]
                               [--max-drop 1] [--rounds 1] [--quantiles Q,...] [--batch-requests 1] [--seed 0] [--json]
-    python -m bench.bench_slo --server [--model digits|minilm] [--deadline grpc|parameter] [--rounds 1] [--step-s ...] [--json]
+    python -m bench.bench_slo --server [--model digits|minilm] [--deadline grpc|parameter] [--rounds 1] [--reserve-quantiles Q,...]
+                              [--step-s ...] [--json]
 
 --server: against a real `slimserve start` over gRPC on 127.0.0.1, the load from a process of its own (bench/slo_server.py):
 with and without the SLO, each request's deadline gRPC's (or the `timeout` parameter); the client's own
 DEADLINE_EXCEEDED is counted apart from late answers and from the server's refusals and drops. With the SLO, --rounds
 times, the A/B's baseline server first (bench/slo_baseline_server.py: this tree with round 3's deadline changes taken
 out: no reserve for the answers' time after compute, the predicted wait at the cheapest cost, a full queue not shed),
-then this tree's, on the same repository and arrivals. The in-process runs below keep the finer A/B of the batcher's
-checks.
+then this tree's, on the same repository and arrivals (and, with --reserve-quantiles, this tree reserving another
+quantile of the answers' time after compute than the 95th). The in-process runs below keep the finer A/B of the
+batcher's checks.
 
 --model digits (the default): the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about
 1-2 min on 2 busy cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel,
@@ -445,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="requests one call may merge (1: a call per request); above 1 a run of the previous batch cut is added",
     )
+    parser.add_argument(
+        "--reserve-quantiles",
+        default="",
+        help="--server: comma-separated quantiles of the answers' time after compute to reserve in added runs (e.g. 0.5)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--server",
@@ -609,17 +616,20 @@ def server_main(args, log) -> int:
         f"objective p99 {slo_ms:.0f} ms, deadlines as {args.deadline}"
     )
     plan = []
+    reserves = [float(q) for q in args.reserve_quantiles.split(",") if q.strip()]
     for _ in range(max(args.rounds, 1)):
-        plan += [("with SLO, round-2 deadlines (baseline server)", slo_ms, True), ("with SLO", slo_ms, False)]
-    plan.append(("without SLO", None, False))
+        plan += [("with SLO, round-2 deadlines (baseline server)", slo_ms, "baseline"), ("with SLO", slo_ms, "current")]
+        plan += [(f"with SLO, reserve at p{q * 100:g}", slo_ms, q) for q in reserves]
+    plan.append(("without SLO", None, "current"))
     runs = []
-    baseline = False
+    running = "current"
     try:
-        for label, slo, wants_baseline in plan:
-            if wants_baseline != baseline:  # the other server on the same repository, warmed before it is timed
+        for label, slo, kind in plan:
+            if kind != running:  # the other server on the same repository, warmed before it is timed
                 server.stop()
-                server = slo_server.start_server(CACHE, work, baseline=wants_baseline)
-                baseline = wants_baseline
+                quantile = kind if isinstance(kind, float) else None
+                server = slo_server.start_server(CACHE, work, baseline=kind == "baseline", reserve_quantile=quantile)
+                running = kind
                 server.wait_ready(slo_server.MODEL, 120)
                 slo_server.warm(server.address, work.pool, work.per_request)
             log(f"  run: {label} ...")

@@ -9,6 +9,9 @@
 
     python -m bench.slo_baseline_server start --repository ... (the arguments of `slimserve start`)
 
+With SLO_RESERVE_QUANTILE=Q in its environment it takes nothing out and only reserves the Q quantile of the answers'
+time after compute instead of the 95th percentile (`bench_slo --server --reserve-quantiles Q`).
+
 bench/slo_server.py starts it in place of `python -m slimserve.server.cli` (`start_server(..., baseline=True)`).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 from slimserve.server.batching.batcher import DynamicBatcher
 
 _dropped = DynamicBatcher._dropped
+RESERVE_QUANTILE = "SLO_RESERVE_QUANTILE"  # set: only the reserve's quantile changes (nothing taken out)
 
 
 def _no_answer_time(self: DynamicBatcher, ended: float, *_: object) -> None:
@@ -44,8 +48,26 @@ def take_out() -> None:
     DynamicBatcher._dropped = _not_full
 
 
+def reserve_at(quantile: float) -> None:
+    """Patches the batcher class of this process to reserve `quantile` of its answers' time after compute (instead of the
+    default 95th percentile): the A/B of the reserve's quantile (`bench_slo --server --reserve-quantiles`)."""
+    init = DynamicBatcher.__init__
+
+    def __init__(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self.answer_time.quantile = quantile
+
+    DynamicBatcher.__init__ = __init__
+
+
 if __name__ == "__main__":
-    take_out()
+    import os
+
+    quantile = os.environ.get(RESERVE_QUANTILE)
+    if quantile:
+        reserve_at(float(quantile))
+    else:
+        take_out()
     from slimserve.server.cli import main
 
     main()

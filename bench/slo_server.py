@@ -83,15 +83,20 @@ class ServerWorkload:
         return variants["int8"].get("evaluation", {}).get("quality_drop") is not None
 
 
-def start_server(cache: Path, work: ServerWorkload, baseline: bool = False):
-    """`slimserve start` on the workload's cached repository (this tree's, or with `baseline` the A/B's baseline module)."""
+def start_server(cache: Path, work: ServerWorkload, baseline: bool = False, reserve_quantile: float | None = None):
+    """`slimserve start` on the workload's cached repository (this tree's; with `baseline` the A/B's baseline module; with
+    `reserve_quantile` that module reserving this quantile of the answers' time after compute, nothing taken out)."""
     from bench.servers import Server
+    from bench.slo_baseline_server import RESERVE_QUANTILE
 
     port = free_port()
     command = slimserve_command(cache / work.repository, port, *work.flags)
-    if baseline:
+    env = {}
+    if baseline or reserve_quantile is not None:
         command[command.index("slimserve.server.cli")] = BASELINE_MODULE
-    server = Server("slimserve-slo-baseline" if baseline else "slimserve-slo", command, port)
+        if reserve_quantile is not None:
+            env[RESERVE_QUANTILE] = str(reserve_quantile)
+    server = Server("slimserve-slo-baseline" if baseline else "slimserve-slo", command, port, env=env)
     server.start()
     return server
 
