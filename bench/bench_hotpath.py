@@ -182,7 +182,16 @@ def extract(rev: str, into: Path) -> Path:
         subprocess.run(["git", "archive", rev], cwd=ROOT, stdout=out, check=True)
     with tarfile.open(archive) as tar:
         tar.extractall(into / "tree", filter="data")
-    return into / "tree"
+    tree = into / "tree"
+    # Imported as `slimserve` through PYTHONPATH=tree: its folders linked as the package's portions, as pyproject's
+    # package-dir maps them. Without the links every `slimserve.*` import fell through to the editable install (this
+    # checkout), and the "base" worker and server ran this tree's code too.
+    package = tree / "slimserve"
+    package.mkdir(exist_ok=True)
+    for part in ("server", "client", "optimizer", "protos"):
+        if (tree / part).is_dir():
+            (package / part).symlink_to(tree / part, target_is_directory=True)
+    return tree
 
 
 def grpc_ab(base_tree: Path, base_label: str, rounds: int, seconds: float, concurrency: int, tmp: Path) -> None:

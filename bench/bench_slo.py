@@ -2,12 +2,17 @@
 
     python -m bench.bench_slo [--model digits|minilm] [--step-s 20 (digits) / 60 (minilm)] [--base-s 8] [--slo-ms 0 (auto)]
                               [--max-drop 1] [--rounds 1] [--quantiles Q,...] [--batch-requests 1] [--seed 0] [--json]
-    python -m bench.bench_slo --server [--deadline grpc|parameter] [--step-s 20] [--base-s 8] [--json]
+    python -m bench.bench_slo --server [--model digits|minilm] [--deadline grpc|parameter] [--rounds 1] [--reserve-quantiles Q,...]
+                              [--step-s ...] [--json]
 
---server: against a real `slimserve start` over gRPC on 127.0.0.1, the load from a process of its own (bench/slo_server.py,
-digits only): with and without the SLO, each request's deadline gRPC's (or the `timeout` parameter); the client's own
-DEADLINE_EXCEEDED is counted apart from late answers and from the server's refusals and drops. The in-process runs
-below keep the A/B of the batcher's checks, which a real server cannot switch.
+--server: against a real `slimserve start` over gRPC on 127.0.0.1, the load from a process of its own (bench/slo_server.py):
+with and without the SLO, each request's deadline gRPC's (or the `timeout` parameter); the client's own
+DEADLINE_EXCEEDED is counted apart from late answers and from the server's refusals and drops. With the SLO, --rounds
+times, the A/B's baseline server first (bench/slo_baseline_server.py: this tree with round 3's deadline changes taken
+out: no reserve for the answers' time after compute, the predicted wait at the cheapest cost, a full queue not shed),
+then this tree's, on the same repository and arrivals (and, with --reserve-quantiles, this tree reserving another
+quantile of the answers' time after compute than the 95th). The in-process runs below keep the finer A/B of the
+batcher's checks.
 
 --model digits (the default): the digits CNN at width 128 (slimserve.optimizer.zoo, trained here for 2 epochs, about
 1-2 min on 2 busy cores, cached under bench/results/slo/) and its static INT8 (QDQ, per channel,
@@ -31,8 +36,10 @@ measured cost per sample said it must be late) and as they are (`current`: its o
 calls, at admission and again when its batch is cut). With --batch-requests N (> 1) a call may merge N requests, and a
 run of the previous batch cut (`PreviousCut`: every request checked against a call of the whole cap and dropped when
 that would be late, rather than the batch growing only while its likely cost keeps its earliest deadline) is added
-before the current one. With --rounds N the two runs with the SLO alternate N times
-(previous, current, previous, ...), so that the machine's load falls on both alike.
+before the current one, and before the current one a run without the reserve for the answers' time after compute
+(`NoReserve`: in-process that time is the event loop's delay in resuming the caller, which the bench reports as the
+transports do, `answer_left`). With --rounds N the runs with the SLO alternate N times (previous, no reserve,
+current, previous, ...), so that the machine's load falls on all alike.
 
 A request is "late" when its answer reaches its caller (the awaiting coroutine resumes with the result: the moment a
 server would write the response) after its deadline; `late_compute` counts those whose compute itself ended after it
@@ -83,18 +90,33 @@ class Workload:
     metric: str
 
 
-class PreviousBatcher(DynamicBatcher):
+class NoReserve(DynamicBatcher):
+    """The current checks without the reserve for the answers' time after compute (round 3, item 1): `answer_time` is
+    never fed, so every check reserves 0 s after compute, and a queued request's timer fires at its deadline."""
+
+    def answer_left(self, ended: float, *_: object) -> None:
+        return None
+
+    def _last_start(self, request: _Request, now: float) -> float:
+        return request.deadline
+
+
+class PreviousBatcher(NoReserve):
     """The batcher's deadline checks as they were before the high-quantile ones (the A/B's baseline): a request was refused
     on arrival only when samples waited and even the cheapest measured cost per sample of them and it ended past its
-    deadline, and dropped at the cut only when its cheapest measured compute would."""
+    deadline, and dropped at the cut only when its cheapest measured compute would; no reserve after compute, and the
+    predicted wait at the cheapest cost."""
 
-    def _refusal(self, deadline: float, size: int) -> str | None:
+    def _refusal(self, deadline: float, size: int) -> tuple[str, str] | None:
         if not self._waiting:
             return None
         least = self.sizer.least_wait(sum(self._samples.values()) + size, self.max_concurrency)
         if least is not None and time.perf_counter() + least > deadline:
-            return f"{self._who()}: the queue ahead takes at least {least * 1000:.0f} ms, past the deadline"
+            return "refused", f"{self._who()}: the queue ahead takes at least {least * 1000:.0f} ms, past the deadline"
         return None
+
+    def predicted_wait(self) -> float | None:
+        return self.sizer.least_wait(sum(self._samples.values()), self.max_concurrency)
 
     def _late_by(self, request: _Request, now: float, cap: int) -> float | None:
         if request.deadline is None:
@@ -340,6 +362,8 @@ async def run(
         except ResourceExhausted:
             outcome = "refused"
         answered = time.perf_counter()  # the caller has its answer: where a server would write the response
+        if outcome == "ok" and deadline is not None and timing:
+            s.batcher.answer_left(timing[0][0] + timing[0][1])  # as the transports report it: the time after compute
         latency = answered - start
         overrun = 0.0  # how far past its deadline the request's compute ended (seconds; <= 0: in time)
         s.requests += 1
@@ -410,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--slo-ms", type=float, default=0.0, help="the objective; 0: 8x FP32's compute time per request")
     parser.add_argument("--max-drop", type=float, default=1.0, help="quality points INT8 may give up")
-    parser.add_argument("--rounds", type=int, default=1, help="runs with the SLO of the previous and the current checks, alternated")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs with the SLO of the previous and the current checks (--server: servers), alternated"
+    )
     parser.add_argument(
         "--quantiles", default="", help="comma-separated cost quantiles to run the current checks at too (e.g. 0.99), beside the default"
     )
@@ -421,11 +447,16 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="requests one call may merge (1: a call per request); above 1 a run of the previous batch cut is added",
     )
+    parser.add_argument(
+        "--reserve-quantiles",
+        default="",
+        help="--server: comma-separated quantiles of the answers' time after compute to reserve in added runs (e.g. 0.5)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--server",
         action="store_true",
-        help="against a real slimserve over gRPC, the load from a process of its own (bench/slo_server.py; digits only)",
+        help="against a real slimserve over gRPC, the load from a process of its own (bench/slo_server.py)",
     )
     parser.add_argument(
         "--deadline",
@@ -485,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(one_run("with SLO, previous checks", slo_ms, PreviousBatcher))
         if args.batch_requests > 1:
             runs.append(one_run("with SLO, current checks, previous cut", slo_ms, PreviousCut))
+        runs.append(one_run("with SLO, current checks, no reserve after compute", slo_ms, NoReserve))
         runs.append(one_run("with SLO, current checks", slo_ms, DynamicBatcher))
         for q in quantiles:
             runs.append(one_run(f"with SLO, current checks at p{q * 100:g}", slo_ms, at_quantile(q)))
@@ -526,52 +558,102 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def server_workload(args, log):
+    """The model the server is given (bench/slo_server.py `ServerWorkload`), built and cached as the in-process runs'."""
+    from bench import slo_server
+
+    if args.model == "digits":
+        from slimserve.optimizer.zoo import load_digits_splits
+
+        fp32, _, x, y = build(log)
+        train, _ = load_digits_splits()
+        title = f"digits CNN width 128, {PER_REQUEST} images a request"
+        return slo_server.ServerWorkload(
+            "digits", title, fp32, {"x": x, "labels": y}, {"x": train.x[:256]}, "quantize-static", {"x": x}, PER_REQUEST
+        )
+    from bench.bench_quantize import SENTENCES
+    from bench.zoo import build as zoo
+    from bench.zoo.data import WordPiece
+    from bench.zoo.models import minilm_dir
+
+    try:
+        folder = zoo.build("minilm", CACHE / "zoo", log=lambda m: log(m.strip()))
+    except zoo.Unavailable as e:
+        raise SystemExit(f"bench.bench_slo --server --model minilm: {e}") from None
+    # Paragraphs of 128 real tokens (12 of the 40 sentences in a row, cut at 128), as the in-process runs' length: the
+    # sentences alone average 16 tokens, where the server answers FP32 padding-free but its dynamic INT8 (timed and served
+    # padded to 128) is 3x slower, so no variant is faster and the objective is refused.
+    tokenizer = WordPiece(minilm_dir() / "vocab.txt")
+    pairs = [tokenizer.encode(" ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(12)), 128) for i in range(len(SENTENCES))]
+    pool = {"input_ids": np.stack([p[0] for p in pairs]), "attention_mask": np.stack([p[1] for p in pairs])}
+    title = f"all-MiniLM-L6-v2 (real weights), one of {len(pairs)} paragraphs of 128 real tokens a request"
+    return slo_server.ServerWorkload("minilm", title, folder / "model.onnx", pool, None, "quantize-dynamic", pool, 1)
+
+
 def server_main(args, log) -> int:
-    """--server: the load step against `slimserve start` (bench/slo_server.py), with and without the SLO."""
+    """--server: the load step against `slimserve start` (bench/slo_server.py), with and without the SLO; with the SLO
+    this tree's server and the A/B's baseline server (round 3's deadline changes taken out) in turn, --rounds times."""
     from bench import slo_server
     from slimserve.client.client import SlimServeClient
-    from slimserve.optimizer.zoo import load_digits_splits
 
-    if args.model != "digits":
-        raise SystemExit("bench.bench_slo --server: only --model digits is served by a real server here")
-    fp32, _, x, y = build(log)
-    train, _ = load_digits_splits()
-    server, variants = slo_server.prepare_server(CACHE, fp32, x, y, train.x[:256], log)
+    work = server_workload(args, log)
+    server, variants = slo_server.prepare_server(CACHE, work, log)
     try:
-        drop_pt = (variants["baseline"]["accuracy"] - variants["int8"]["accuracy"]) * 100
-        capacity = slo_server.measure_capacity(server.address, x)
-        t32 = 1.0 / capacity
-        slo_ms = args.slo_ms or 8 * t32 * 1000
-        step = (args.base_s, args.base_s + args.step_s)
-        total = args.base_s * 2 + args.step_s
-        times = arrivals(lambda t: capacity * (1.5 if step[0] <= t < step[1] else 0.5), total, args.seed)
-        log(
-            f"slimserve on {server.address} ({' '.join(slo_server.FLAGS)}): FP32 capacity {capacity:.0f} requests of "
-            f"{PER_REQUEST} images a second over gRPC (4 closed-loop callers); INT8 drop {drop_pt:+.2f} points (the server's evaluation); load "
-            f"{capacity * 0.5:.0f} -> {capacity * 1.5:.0f} -> {capacity * 0.5:.0f} requests/s, {len(times)} requests; "
-            f"objective p99 {slo_ms:.0f} ms, deadlines as {args.deadline}"
-        )
-        runs = []
-        with SlimServeClient(server.address) as client:
-            for label, slo in (("with SLO", slo_ms), ("without SLO", None)):
-                log(f"  run: {label} ...")
+        drop_pt = work.drop_pt(variants)
+        capacity = slo_server.measure_capacity(server.address, work.pool, work.per_request)
+    except BaseException:
+        server.stop()
+        raise
+    t32 = 1.0 / capacity
+    slo_ms = args.slo_ms or 8 * t32 * 1000
+    step = (args.base_s, args.base_s + args.step_s)
+    total = args.base_s * 2 + args.step_s
+    times = arrivals(lambda t: capacity * (1.5 if step[0] <= t < step[1] else 0.5), total, args.seed)
+    log(
+        f"slimserve on {server.address} ({' '.join(work.flags)}), {work.title}: FP32 capacity {capacity:.1f} requests a "
+        f"second over gRPC (4 closed-loop callers); INT8 drop {drop_pt:+.2f} points (the server's evaluation); load "
+        f"{capacity * 0.5:.0f} -> {capacity * 1.5:.0f} -> {capacity * 0.5:.0f} requests/s, {len(times)} requests; "
+        f"objective p99 {slo_ms:.0f} ms, deadlines as {args.deadline}"
+    )
+    plan = []
+    reserves = [float(q) for q in args.reserve_quantiles.split(",") if q.strip()]
+    for _ in range(max(args.rounds, 1)):
+        plan += [("with SLO, round-2 deadlines (baseline server)", slo_ms, "baseline"), ("with SLO", slo_ms, "current")]
+        plan += [(f"with SLO, reserve at p{q * 100:g}", slo_ms, q) for q in reserves]
+    plan.append(("without SLO", None, "current"))
+    runs = []
+    running = "current"
+    try:
+        for label, slo, kind in plan:
+            if kind != running:  # the other server on the same repository, warmed before it is timed
+                server.stop()
+                quantile = kind if isinstance(kind, float) else None
+                server = slo_server.start_server(CACHE, work, baseline=kind == "baseline", reserve_quantile=quantile)
+                running = kind
+                server.wait_ready(slo_server.MODEL, 120)
+                slo_server.warm(server.address, work.pool, work.per_request)
+            log(f"  run: {label} ...")
+            with SlimServeClient(server.address) as client:
                 client.traffic(slo_server.MODEL, {"baseline": 1.0})
                 if slo is not None:
                     client.slo_set(slo_server.MODEL, slo, args.max_drop)
-                rows = slo_server.run_load(server.address, x, times, None if slo is None else slo / 1000, args.deadline, args.seed)
+                rows = slo_server.run_load(
+                    server.address, work.pool, work.per_request, times, None if slo is None else slo / 1000, args.deadline, args.seed
+                )
                 if slo is not None:
                     history = client.slo_status(slo_server.MODEL).get("history", [])
                     client.slo_clear(slo_server.MODEL)
-                summary = slo_server.summarize(rows, step, drop_pt, ADJUST_S)
-                summary["run"] = label
-                if slo is not None:
-                    summary["shifts"] = [f"{e.get('kind')}: {e.get('reason')}" for e in history]
-                runs.append(summary)
+            summary = slo_server.summarize(rows, step, drop_pt, ADJUST_S)
+            summary["run"] = label
+            if slo is not None:
+                summary["shifts"] = [f"{e.get('kind')}: {e.get('reason')}" for e in history]
+            runs.append(summary)
     finally:
         server.stop()
-    with_slo, without = runs
+    with_slo = next(r for r in runs if r["run"] == "with SLO")
+    without = runs[-1]
     out = {
-        "model": f"digits CNN width 128, {PER_REQUEST} images a request, served by slimserve over gRPC",
+        "model": f"{work.title}, served by slimserve over gRPC",
         "slo_ms": slo_ms,
         "p99_ms_with": with_slo["p99_ms"],
         "p99_ms_without": without["p99_ms"],
@@ -591,21 +673,23 @@ def server_main(args, log) -> int:
         return 0
     print()
     print(
-        "| run | p99 after 10 s of the step (ms) | throughput in the step (req/s) | INT8 share | refused | dropped before compute "
-        "| computed, answered DEADLINE_EXCEEDED | client's own DEADLINE_EXCEEDED | late answers | accuracy cost (pt) |"
+        "| run | p99 after 10 s of the step (ms) | throughput in the step (req/s) | INT8 share | refused (for the send) "
+        "| dropped before compute (for the send) | computed, answered DEADLINE_EXCEEDED | client's own DEADLINE_EXCEEDED "
+        "| late answers | accuracy cost (pt) |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in runs:
         p99 = f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-"
         print(
-            f"| {r['run']} | {p99} | {r['throughput_rps']:.1f} | {r['int8_share']:.0%} | {r['refused']} | {r['dropped_at_deadline']} "
-            f"| {r['late_dropped']} | {r['client_deadline_exceeded']} | {r['late']} | {r['accuracy_cost_pt']:.2f} |"
+            f"| {r['run']} | {p99} | {r['throughput_rps']:.1f} | {r['int8_share']:.0%} | {r['refused']} ({r['refused_send']}) "
+            f"| {r['dropped_at_deadline']} ({r['dropped_send']}) | {r['late_dropped']} | {r['client_deadline_exceeded']} "
+            f"| {r['late']} | {r['accuracy_cost_pt']:.2f} |"
         )
         if r["errors"]:
             print(f"  {r['errors']} other errors, first: {r['first_error']}")
         print(f"  {r['run']}: the load generator's sends lagged their schedule by {r['send_lag_p99_ms']:.1f} ms at p99", end="")
         print(f"; the latest late answer came {r['worst_late_ms']:.1f} ms after its send" if r["worst_late_ms"] else "")
-    print("\nshifts of the run with the SLO:")
+    print("\nshifts of the (first) run with the SLO:")
     for shift in with_slo.get("shifts", []):
         print(f"  {shift}")
     return 0

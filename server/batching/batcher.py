@@ -39,10 +39,15 @@ Semantics follow Triton's dynamic batcher:
   its likely cost, would end past the deadline), and answered
   DeadlineExceeded; it is never computed. A batch is not grown past the size whose likely cost would end after the
   earliest deadline of its members: the cut stops there and the rest go in the next call (rather than being dropped).
+- Every one of those checks reserves, before the deadline, the time this variant's answers take after compute (handed
+  back to the event loop, resumed, encoded, sent: `answer_time`, a high quantile of recent answers to requests with a
+  deadline, reported by the transports through `answer_left`): a request whose compute would end in time but whose answer
+  would leave after its deadline is refused (or dropped) before compute too, counted 'send'.
 - An answer ready after its request's deadline (its call overran the likely cost: a stall) is answered DeadlineExceeded,
   never sent late: a gRPC caller has its DEADLINE_EXCEEDED from gRPC already, a REST caller with a `timeout` gets 504.
-  Drops, late answers and cancelled ones reach `on_drop` with the reason ('deadline', 'cancelled', 'late', or 'refused'
-  for a refusal on arrival), which the loader counts in slimserve_queue_dropped_total. `close()` refuses new requests, finishes the queued ones, then returns.
+  Drops, late answers and cancelled ones reach `on_drop` with the reason ('deadline', 'cancelled', 'late', 'send', 'full'
+  for a full queue, or 'refused' for a refusal on arrival), which the loader counts in slimserve_queue_dropped_total.
+  `close()` refuses new requests, finishes the queued ones, then returns.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ import numpy as np
 
 from slimserve.server.batching.assembly import BatchingConfig, batch_key, split_outputs
 from slimserve.server.batching.sequence import SequencePlan
-from slimserve.server.batching.sizing import BatchSizer
+from slimserve.server.batching.sizing import BatchSizer, TailWindow
 from slimserve.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -134,6 +139,11 @@ class DynamicBatcher:
         self._delay = self.config.max_queue_delay_ms / 1000.0
         # Cost per sample by batch size, from every executed call: where to cut a batch, and whether to wait (batch_sizing.py).
         self.sizer = BatchSizer(self.config.max_batch_size)
+        # The time an answer takes after its call ended (handed back, resumed, encoded, sent: the server's own time outside
+        # the queue), a high quantile of recent answers to requests with a deadline (the dataplane and the transports feed
+        # it: `answer_left`): reserved before every deadline, so that an answer computed in time but leaving late is
+        # refused or dropped before compute instead (reason 'send').
+        self.answer_time = TailWindow()
         # key -> requests of that kind in arrival order; the oldest head overall goes first.
         self._queues: dict[Hashable, deque[_Request]] = {}
         self._samples: dict[Hashable, int] = {}
@@ -160,23 +170,34 @@ class DynamicBatcher:
         return self._waiting
 
     def predicted_wait(self) -> float | None:
-        """Seconds a request arriving now would wait before its compute starts, at least: the samples queued ahead of it
-        at the cheapest measured cost per sample over the call slots (BatchSizer.least_wait); None: nothing measured yet.
-        The SLO loop reads it to answer a load spike before the live p99's window fills."""
-        return self.sizer.least_wait(sum(self._samples.values()), self.max_concurrency)
+        """Seconds a request arriving now would wait before its compute starts, as admission predicts it (`_ahead`): the
+        running calls until a slot frees and the samples queued ahead, at their typical measured cost over the call slots;
+        None: nothing measured yet. The SLO loop reads it to answer a load spike before the live p99's window fills."""
+        if self.sizer.typical_cost(1) is None:
+            return None
+        slot, queue, _ = self._ahead(time.perf_counter())
+        return slot + queue
+
+    def answer_left(self, ended: float, *_: object) -> None:
+        """The answer of a request with a deadline, whose call ended at `ended` (perf_counter), has left the server now
+        (a transport calls it once the answer is sent: gRPC's done callback, which passes its context, or after the REST
+        body is encoded): one sample of `answer_time`."""
+        now = time.perf_counter()
+        self.answer_time.add(now - ended, now)
 
     async def submit(
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, deadline: float | None = None, timing: list | None = None
     ) -> dict[str, np.ndarray]:
         """Runs one request, merged with others where it can; returns its own outputs. `deadline`: perf_counter seconds
-        by which it must be answered; past it, DeadlineExceeded instead of compute. `timing` (a traced request's): the call that computed it appends
-        (compute start perf_counter, seconds, batch size)."""
+        by which it must be answered; past it, DeadlineExceeded instead of compute. `timing` (a traced request's, or one
+        with a deadline): the call that computed it appends (compute start perf_counter, seconds, batch size)."""
         if deadline is not None and time.perf_counter() >= deadline:
             self._dropped("deadline")
             raise DeadlineExceeded(self._expired(deadline))
         if self._closing:
             raise Unavailable(f"{self._who()} is unloading and takes no new requests; retry the request")
         if self._waiting >= self.config.max_queue_size:
+            self._dropped("full")  # shed as much as a refusal for the deadline: the SLO loop counts it
             raise ResourceExhausted(f"{self._who()}: queue full ({self._waiting} requests waiting); retry later or raise max_queue_size")
         # A short call runs at once on the loop thread: with batching off always, with it on when nothing waits or runs.
         if self._runs_inline() and (not self.config.enabled or not (self._waiting or self._inflight)):
@@ -188,11 +209,12 @@ class DynamicBatcher:
         if deadline is not None and (self._waiting or self._inflight):
             refusal = self._refusal(deadline, size)
             if refusal is not None:
-                self._dropped("refused")
-                raise ResourceExhausted(refusal)
+                self._dropped(refusal[0])
+                raise ResourceExhausted(refusal[1])
         request = _Request(inputs, outputs, key, size, loop.create_future(), deadline, timing)
         if deadline is not None:
-            request.timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), self._expire, request)
+            now = time.perf_counter()
+            request.timer = loop.call_later(max(self._last_start(request, now) - now, 0.0), self._on_timer, request)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = deque()
@@ -334,16 +356,10 @@ class DynamicBatcher:
             "microseconds), or send less load"
         )
 
-    def _refusal(self, deadline: float, size: int) -> str | None:
-        """Why a request arriving now cannot make its deadline (None: it may): the calls running and the samples waiting
-        ahead of it at their typical measured cost, then its own call at its likely (high-quantile) cost, end after the
-        deadline. Typical for the work ahead, since a sum of calls varies less than one; likely for its own, the call
-        whose overrun would make it late. Nothing measured: None (it is taken, and checked again when its batch is cut)."""
-        own = self.sizer.likely_cost(size)
-        if own is None:
-            return None
-        now = time.perf_counter()
-        slot = 0.0  # until a call slot frees: the running call nearest its typical end
+    def _ahead(self, now: float) -> tuple[float, float, int]:
+        """(seconds until a call slot frees: the running call nearest its typical end, 0 with a slot free; seconds the
+        samples queued ahead take at their typical cost over the call slots; those samples)."""
+        slot = 0.0
         if self._inflight >= self.max_concurrency and self._calls:
             slot = min(max((self.sizer.typical_cost(n) or 0.0) - (now - started), 0.0) for started, n in self._calls.values())
         ahead = sum(self._samples.values())
@@ -351,9 +367,35 @@ class DynamicBatcher:
         if ahead:
             per_call = max(1, min(ahead, self.config.max_batch_size))
             queue = (self.sizer.typical_cost(per_call) or 0.0) * ahead / per_call / self.max_concurrency
-        if now + slot + queue + own <= deadline:
+        return slot, queue, ahead
+
+    def _refusal(self, deadline: float, size: int) -> tuple[str, str] | None:
+        """Why a request arriving now cannot make its deadline, as (reason, message) (None: it may): the calls running and
+        the samples waiting ahead of it at their typical measured cost, then its own call at its likely (high-quantile)
+        cost, then its answer's time after compute (`answer_time`), end after the deadline. Typical for the work ahead,
+        since a sum of calls varies less than one; likely for its own, the call whose overrun would make it late. The
+        reason is 'send' when the compute alone would end in time. Nothing measured: None (it is taken, and checked again
+        when its batch is cut)."""
+        own = self.sizer.likely_cost(size)
+        if own is None:
             return None
-        return (
+        now = time.perf_counter()
+        slot, queue, ahead = self._ahead(now)
+        ends = now + slot + queue + own
+        if ends > deadline:
+            reason = "refused"
+        else:
+            send = self.answer_time.high(now)
+            if ends + send <= deadline:
+                return None
+            return "send", (
+                f"{self._who()}: {ahead} samples wait ahead of this request and {self._inflight} call(s) run; its compute "
+                f"is expected to end in {(ends - now) * 1000:.0f} ms, but this variant's answers take up to {send * 1000:.0f} "
+                "ms after compute to leave the server (a high quantile of recent ones: handed back, encoded, sent), past "
+                f"its deadline in {max(deadline - now, 0) * 1000:.0f} ms: refused rather than answered late; retry later, "
+                "give it a longer deadline, or send less load"
+            )
+        return reason, (
             f"{self._who()}: {ahead} samples wait ahead of this request and {self._inflight} call(s) run; its answer is "
             f"expected in {(slot + queue + own) * 1000:.0f} ms ({(slot + queue) * 1000:.0f} ms before its compute starts, "
             f"up to {own * 1000:.0f} ms of compute), past its deadline in {max(deadline - now, 0) * 1000:.0f} ms: refused "
@@ -361,13 +403,13 @@ class DynamicBatcher:
         )
 
     def _late_by(self, request: _Request, now: float, cap: int) -> float | None:
-        """The likely cost (seconds) of a call of `cap` samples carrying `request`, when that call would end after the
-        request's deadline (or the deadline has passed); None: no deadline, or in time. Computed only for a request with
-        a deadline, so that requests without one pay nothing for it."""
+        """The likely cost (seconds) of a call of `cap` samples carrying `request`, when that call, and then its answer's
+        time after compute (`answer_time`), would end after the request's deadline (or the deadline has passed); None: no
+        deadline, or in time. Computed only for a request with a deadline, so that requests without one pay nothing for it."""
         if request.deadline is None:
             return None
         cost = self.sizer.likely_cost(max(cap, request.size)) or 0.0
-        return cost if request.deadline <= now + cost else None
+        return cost if request.deadline <= now + cost + self.answer_time.high(now) else None
 
     def _fits(self, earliest: float | None, request: _Request, now: float, total: int) -> bool:
         """Whether a call of `total` samples (the batch so far plus `request`) would likely end before the earliest
@@ -376,28 +418,58 @@ class DynamicBatcher:
             earliest = request.deadline if earliest is None else min(earliest, request.deadline)
         if earliest is None:
             return True
-        return now + (self.sizer.likely_cost(total) or 0.0) < earliest
+        return now + (self.sizer.likely_cost(total) or 0.0) + self.answer_time.high(now) < earliest
+
+    def _last_start(self, request: _Request, now: float) -> float:
+        """The latest moment a queued request's call may start: its deadline less its own call at its likely cost and its
+        answer's time after compute (what its batch's cut checks)."""
+        return request.deadline - (self.sizer.likely_cost(request.size) or 0.0) - self.answer_time.high(now)
+
+    def _on_timer(self, request: _Request) -> None:
+        """A queued request's timer, set at `_last_start`: dropped now, as its cut would drop it, unless the estimates
+        shrank since (then the timer is set again)."""
+        request.timer = None
+        if not request.queued:
+            return
+        now = time.perf_counter()
+        until = self._last_start(request, now)
+        if now < until:
+            request.timer = asyncio.get_running_loop().call_later(until - now, self._on_timer, request)
+            return
+        self._expire(request, self.sizer.likely_cost(request.size) or 0.0)
 
     def _expire(self, request: _Request, cost: float = 0.0) -> None:
-        """The deadline timer of a queued request, or its batch's cut finding it too late for a call of `cost` seconds:
-        out of the queue, answered DeadlineExceeded, never computed."""
+        """The deadline timer of a queued request, or its batch's cut finding it too late for a call of `cost` seconds
+        and its answer's time after compute: out of the queue, answered DeadlineExceeded, never computed. Counted
+        'deadline', or 'send' when the call alone would have ended in time."""
         request.timer = None
         if not request.queued:
             return
         self._unqueue(request)
+        now = time.perf_counter()
+        left = request.deadline - now
+        reason = "deadline"
+        if left <= 0:
+            message = self._expired(request.deadline)
+        elif cost >= left:
+            message = (
+                f"{self._who()}: the request's deadline is {left * 1000:.0f} ms away, but its call would likely take "
+                f"{cost * 1000:.0f} ms (a high quantile of recent calls of its size; {self._waiting} waiting): dropped "
+                "before compute rather than answered late. Give it a longer deadline (gRPC timeout, or the 'timeout' "
+                "parameter in microseconds), or send less load"
+            )
+        else:
+            reason = "send"
+            message = (
+                f"{self._who()}: the request's deadline is {left * 1000:.0f} ms away; its call would likely take "
+                f"{cost * 1000:.0f} ms, but this variant's answers take up to {self.answer_time.high(now) * 1000:.0f} ms "
+                f"after compute to leave the server (a high quantile of recent ones; {self._waiting} waiting): dropped "
+                "before compute rather than answered late. Give it a longer deadline (gRPC timeout, or the 'timeout' "
+                "parameter in microseconds), or send less load"
+            )
         if not request.future.done():
-            if time.perf_counter() >= request.deadline:
-                message = self._expired(request.deadline)
-            else:
-                left = (request.deadline - time.perf_counter()) * 1000
-                message = (
-                    f"{self._who()}: the request's deadline is {left:.0f} ms away, but its call would likely take "
-                    f"{cost * 1000:.0f} ms (a high quantile of recent calls of its size; {self._waiting} waiting): dropped "
-                    "before compute rather than answered late. Give it a longer deadline (gRPC timeout, or the 'timeout' "
-                    "parameter in microseconds), or send less load"
-                )
             request.future.set_exception(DeadlineExceeded(message))
-        self._dropped("deadline")
+        self._dropped(reason)
         self._wakeup.set()
 
     def _late_answer(self, deadline: float, started: float, compute: float) -> str | None:
@@ -413,12 +485,16 @@ class DynamicBatcher:
             "a longer deadline (gRPC timeout, or the 'timeout' parameter in microseconds), or send less load"
         )
 
-    def check_in_time(self, deadline: float) -> None:
+    def check_in_time(self, deadline: float, ended: float | None = None) -> None:
         """For the caller of `submit`, once it resumed with its answer: DeadlineExceeded (counted 'late') when the deadline
         passed meanwhile (the answer was ready in time, but the event loop came back to its caller late), so that the
-        answer is not encoded and sent after it."""
-        late = time.perf_counter() - deadline
+        answer is not encoded and sent after it. `ended`: when its call ended (perf_counter); an answer stopped here is
+        still a sample of `answer_time` (at least this long after compute), so that a busy loop is not left out of it."""
+        now = time.perf_counter()
+        late = now - deadline
         if late >= 0:
+            if ended is not None:
+                self.answer_time.add(now - ended, now)
             self._dropped("late")
             raise DeadlineExceeded(
                 f"{self._who()}: the request was computed in time, but its answer came back to it {late * 1000:.0f} ms "

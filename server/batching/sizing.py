@@ -26,6 +26,11 @@ moving average of seconds per sample.
   of a request at its typical cost and the request's own call at its likely cost, so that a request is refused or
   dropped before compute rather than answered after its deadline when calls vary (a busy machine: 10-25 ms for one
   that usually takes 12).
+
+`TailWindow` is the same kind of estimate for the time after compute: from a call's end until its answer has left the
+server (handed back to the event loop, resumed, encoded, sent), a high quantile of the recent answers of requests with a
+deadline; the batcher reserves it before the deadline, so that an answer that would be computed in time but leave late
+is refused or dropped before compute.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ COST_QUANTILE = 0.95
 COST_MIN_CALLS = 10  # recent calls a group needs before its quantile is trusted
 COST_AGE_S = 5.0  # calls older than this leave the window: a stall, or a slow first call, is forgotten even if every
 # request since was dropped for it (no call ran to replace it)
+
+
+ANSWER_WINDOW = 100  # recent answers whose time after compute `TailWindow.high` takes a quantile of
+ANSWER_REFRESH = 8  # new answers after which the quantile is computed again (a sort of ANSWER_WINDOW floats): not per request
 
 
 def group_of(size: int) -> int:
@@ -202,3 +211,45 @@ class BatchSizer:
     def snapshot(self) -> dict[int, float]:
         """Measured microseconds per sample by the smallest size of each group (for benchmarks and logs)."""
         return {1 << g: c * 1e6 for g, c in enumerate(self.per_sample) if c is not None}
+
+
+class TailWindow:
+    """A high quantile of recent durations (seconds), each kept COST_AGE_S at most: the batcher's measure of the time its
+    answers take after compute (from a call's end until the answer left the server), fed by the transports through the
+    dataplane for requests with a deadline. Loop thread only."""
+
+    __slots__ = ("_high", "_new", "_recent", "age_s", "min_samples", "quantile")
+
+    def __init__(
+        self, quantile: float = COST_QUANTILE, window: int = ANSWER_WINDOW, min_samples: int = COST_MIN_CALLS, age_s: float = COST_AGE_S
+    ) -> None:
+        self.quantile = quantile
+        self.min_samples = min_samples
+        self.age_s = age_s
+        self._recent: deque[tuple[float, float]] = deque(maxlen=window)  # (perf_counter when observed, seconds)
+        self._high = 0.0
+        self._new = ANSWER_REFRESH  # samples since the quantile was computed: compute it at the first ask
+
+    def add(self, seconds: float, now: float | None = None) -> None:
+        """One duration, observed now (perf_counter seconds)."""
+        self._recent.append((time.perf_counter() if now is None else now, max(seconds, 0.0)))
+        self._new += 1
+
+    def high(self, now: float) -> float:
+        """The `quantile` of the recent durations (those observed within `age_s` of `now`); 0.0 while fewer than
+        `min_samples` are that recent: nothing is reserved on too little evidence, and a stall is forgotten after `age_s`.
+        Computed again after ANSWER_REFRESH new samples or when one ages out."""
+        recent = self._recent
+        while recent and recent[0][0] < now - self.age_s:
+            recent.popleft()
+            self._new = ANSWER_REFRESH
+        if len(recent) < self.min_samples:
+            return 0.0
+        if self._new >= ANSWER_REFRESH:
+            ordered = sorted(seconds for _, seconds in recent)
+            self._high = ordered[min(int(self.quantile * len(ordered)), len(ordered) - 1)]
+            self._new = 0
+        return self._high
+
+    def __len__(self) -> int:
+        return len(self._recent)

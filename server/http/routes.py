@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 from aiohttp import web
@@ -120,15 +121,21 @@ class Routes:
     async def infer(self, request: web.Request) -> web.Response:
         tracer = self.dataplane.tracer
         trace = tracer.begin(request.match_info["model"], request.headers.get("traceparent")) if tracer is not None else None
+        arrived = perf_counter()  # the `timeout` parameter counts from here: reading and decoding the body are in it
         if trace is None:
             infer, form = codec.infer_request(*model_of(request), await request.read(), request.headers.get(codec.HEADER_LENGTH))
+            infer.arrived = arrived
             body, headers = codec.infer_response(await self.dataplane.serve(infer), form)
+            if infer.on_sent is not None:  # a request with a deadline: its variant learns when the answer was encoded
+                infer.on_sent()
             return web.Response(body=body, headers=headers)
         code = "OK"
         try:
             infer, form = codec.infer_request(*model_of(request), await request.read(), request.headers.get(codec.HEADER_LENGTH))
-            infer.trace = trace
+            infer.arrived, infer.trace = arrived, trace
             body, headers = codec.infer_response(await self.dataplane.serve(infer), form)
+            if infer.on_sent is not None:
+                infer.on_sent()
             return web.Response(body=body, headers=headers)
         except BaseException as e:
             code = outcome_code(e)

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from time import perf_counter, time_ns
 from typing import Any
 
@@ -65,6 +66,13 @@ class InferRequest:
     shm_outputs: Mapping[str, ShmRef] | None = None  # outputs written to registered shared memory
     deadline: float | None = None  # perf_counter() seconds by which to answer (gRPC's deadline); see request_deadline
     trace: RequestTrace | None = None  # stamps of a sampled request (server/telemetry/tracing.py); None: not traced
+    # perf_counter() when the transport received it, where it is earlier than `serve` (REST: before the body is read and
+    # decoded); the `timeout` parameter counts from it. None: from `serve`'s start.
+    arrived: float | None = None
+    # Set by `serve` for an answered request with a deadline: the transport calls it once the answer has left (gRPC: its
+    # done callback, with the context; REST: once encoded), which measures the variant's time after compute
+    # (DynamicBatcher.answer_left).
+    on_sent: Callable[..., None] | None = None
 
 
 @dataclass(slots=True)
@@ -385,19 +393,24 @@ class DataPlane:
                     raise InvalidArgument(f"model '{call.model}' has no output {', '.join(repr(u) for u in unknown)}")
                 classification.check(specs, counts, batched)
             specs = self._checked(call, inputs, request.outputs)
-            deadline = request_deadline(request, start) if request.deadline is not None or request.parameters else None
+            deadline = (
+                request_deadline(request, start if request.arrived is None else request.arrived)
+                if request.deadline is not None or request.parameters
+                else None
+            )
             if trace is None:
                 if deadline is None:  # the common case, as before deadlines: no third argument
                     answer = await call.batcher.submit(inputs, request.outputs)
                 else:
-                    answer = await call.batcher.submit(inputs, request.outputs, deadline)
-                    call.batcher.check_in_time(deadline)  # not encoded and sent past its deadline
+                    timing: list = []
+                    answer = await call.batcher.submit(inputs, request.outputs, deadline, timing)
+                    self._in_time(call.batcher, request, deadline, timing)  # not encoded and sent past its deadline
                 result = self._answered(call, inputs, request.outputs, specs, answer)
             else:
                 trace.routed, trace.variant = time_ns(), call.variant
                 answer = await call.batcher.submit(inputs, request.outputs, deadline, trace.batch)
                 if deadline is not None:
-                    call.batcher.check_in_time(deadline)
+                    self._in_time(call.batcher, request, deadline, trace.batch)
                 trace.computed = time_ns()
                 result = self._answered(call, inputs, request.outputs, specs, answer)
                 if call.shadows:  # the time handing copies to the shadows took (their own calls run after the answer)
@@ -448,6 +461,15 @@ class DataPlane:
             served.recorder,
         )
 
+    @staticmethod
+    def _in_time(batcher: DynamicBatcher, request: InferRequest, deadline: float, timing: list) -> None:
+        """An answer with a deadline, back from the batcher: DeadlineExceeded when its deadline passed meanwhile
+        (`check_in_time`); else `request.on_sent` is set, for the transport to report when the answer left."""
+        ended = timing[-1][0] + timing[-1][1] if timing else None  # its call's (compute start, seconds, size)
+        batcher.check_in_time(deadline, ended)
+        if ended is not None:
+            request.on_sent = partial(batcher.answer_left, ended)
+
     def _checked(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, TensorSpec]:
         """The inputs against the variant's, the outputs asked for against its outputs; its output specs by name."""
         runtime = call.runtime
@@ -483,7 +505,8 @@ class DataPlane:
 
 def request_deadline(request: InferRequest, arrived: float) -> float | None:
     """The perf_counter() time by which the request must be answered: the earlier of its transport's deadline (gRPC)
-    and its `timeout` parameter (microseconds after arrival, as Triton's); None: no deadline."""
+    and its `timeout` parameter (microseconds after arrival, as Triton's: `arrived`, the transport's receipt where it
+    stamped one, `InferRequest.arrived`); None: no deadline."""
     deadline = request.deadline
     timeout = request.parameters.get("timeout") if request.parameters else None
     if timeout is not None:

@@ -33,7 +33,8 @@ from slimserve.server.rollout.state import GateResult
 class Arm:
     """One variant's counters (totals since it loaded): requests answered or failed, the latency window's mark,
     device seconds, feedback (correct of labelled), as a shadow, top-1 agreement (agreed of mirrored), and the requests
-    its queue shed (refused on arrival or dropped at their deadline: also counted in errors)."""
+    its queue shed (refused on arrival, for their deadline or a full queue, or dropped at their deadline: also counted in
+    errors)."""
 
     requests: int = 0
     errors: int = 0
@@ -43,7 +44,7 @@ class Arm:
     labelled: int = 0
     agreed: int = 0
     mirrored: int = 0
-    shed: int = 0  # refused or dropped at their deadline by the queue, never computed (the SLO's breach beyond the p99)
+    shed: int = 0  # refused (deadline, queue full) or dropped at their deadline, never computed (the SLO's breach beyond the p99)
 
     def __sub__(self, start: Arm) -> Arm:
         return Arm(**{f.name: getattr(self, f.name) - getattr(start, f.name) for f in fields(Arm)})

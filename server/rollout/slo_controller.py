@@ -79,7 +79,10 @@ class SloState:
 
 
 def profiles(info) -> tuple[list[VariantProfile], str]:
-    """Each ready variant's batch-1 latency and accuracy drop against the serving variant (the baseline's quality)."""
+    """Each ready variant's batch-1 latency and accuracy drop against the serving variant (the baseline's quality). A
+    model without labels (an embedding model) has no accuracy: a variant's drop is then the optimizer's measured drop of
+    its quality metric against the baseline's outputs (`quality_drop`, in that metric's points: (1 - mean cosine) x 100
+    for embeddings, as the optimizer's budget reads it)."""
     base = info.default_variant
     base_accuracy = info.variants[base].evaluation.get("accuracy") if base in info.variants else None
     out = []
@@ -90,10 +93,12 @@ def profiles(info) -> tuple[list[VariantProfile], str]:
             continue
         if name == base:
             drop = 0.0
-        elif accuracy is None or base_accuracy is None:
-            continue  # no accuracy measured: its drop is unknown, so it is never eligible
-        else:
+        elif accuracy is not None and base_accuracy is not None:
             drop = (float(base_accuracy) - float(accuracy)) * 100.0
+        elif base_accuracy is None and v.evaluation.get("quality_drop") is not None:
+            drop = float(v.evaluation["quality_drop"])
+        else:
+            continue  # no accuracy or quality drop measured: its drop is unknown, so it is never eligible
         out.append(VariantProfile(name, float(latency), drop))
     return out, base
 
@@ -345,8 +350,8 @@ class SloController(Periodic):  # start_ticking() looks every LOOK_S; stop
         return max(known) * 1000.0 if known else None
 
     def _shed_fraction(self, state: SloState) -> float:
-        """The share of the model's requests since the last look that its queues shed (refused on arrival or dropped at
-        their deadline, `Arm.shed`; they are never answered, so the answered requests' p99 does not show them). 0 until
+        """The share of the model's requests since the last look that its queues shed (refused on arrival, for their
+        deadline or a full queue, or dropped at their deadline, `Arm.shed`; they are never answered, so the answered requests' p99 does not show them). 0 until
         two looks have counted at least MIN_SAMPLES requests."""
         before = self._shed_marks.get(state.model, {})
         now: dict[str, tuple[int, int]] = {}

@@ -136,9 +136,11 @@ PER_VARIANT: tuple[Family, ...] = (
         "slimserve_queue_dropped_total",
         "Requests dropped from a batcher's queue before compute: their deadline passed or their call would end after it "
         "(answered DEADLINE_EXCEEDED), their caller cancelled, or the queue ahead could not let them make their deadline "
-        "(refused on arrival, RESOURCE_EXHAUSTED); 'late': computed, but the answer was ready after the deadline (answered "
-        "DEADLINE_EXCEEDED, not sent late).",
-        extra=(("reason", ("deadline", "cancelled", "refused", "late")),),
+        "(refused on arrival, RESOURCE_EXHAUSTED); 'send': their compute would end in time, but the variant's measured time "
+        "after compute (handing back, encoding, sending) would take the answer past the deadline (refused or dropped "
+        "before compute); 'full': the queue was full (RESOURCE_EXHAUSTED); 'late': computed, but the answer was ready "
+        "after the deadline (answered DEADLINE_EXCEEDED, not sent late).",
+        extra=(("reason", ("deadline", "cancelled", "refused", "late", "send", "full")),),
         cached="queue_dropped",  # exported at 0 from load: a rate over it reads 0, not "no data"
     ),
     Family("inflight", Gauge, "slimserve_inflight_requests", "Inference requests being processed.", collected=True),

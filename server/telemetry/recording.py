@@ -151,8 +151,9 @@ class VariantRecorder:
         metrics.feedback.labels(self.model, self.variant, metrics.node_type, str(correct).lower()).inc()
 
     def record_drop(self, reason: str) -> None:
-        """A request dropped from the batcher's queue before compute (the batcher's on_drop): 'deadline', 'cancelled' or 'refused';
-        or computed but ready after its deadline: 'late'."""
+        """A request dropped from the batcher's queue before compute (the batcher's on_drop): 'deadline', 'cancelled',
+        'refused', 'send' (its answer would have left after the deadline) or 'full' (the queue was full); or computed but
+        ready after its deadline: 'late'. Every reason but 'cancelled' counts as shed (the SLO loop's signal)."""
         metrics = self._metrics
         metrics.queue_dropped.labels(self.model, self.variant, metrics.node_type, reason).inc()
         if reason != "cancelled":  # the caller's choice is no sign of load

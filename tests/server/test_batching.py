@@ -198,7 +198,8 @@ def test_concurrent_callers_fill_batches(executor):
 
 def test_full_queue_answers_resource_exhausted_at_once_and_keeps_serving(executor):
     model = FakeModel()
-    batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_size=3), model="digits", variant="int8")
+    drops: list[str] = []
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_queue_size=3), model="digits", variant="int8", on_drop=drops.append)
 
     async def main():
         running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
@@ -220,6 +221,7 @@ def test_full_queue_answers_resource_exhausted_at_once_and_keeps_serving(executo
 
     run(main())
     assert model.calls == [1, 3, 1]
+    assert drops == ["full"]  # counted as shed: the SLO loop sees a full queue as it sees a refusal for the deadline
 
 
 def test_cancelled_request_is_dropped_before_it_runs(executor):
@@ -601,5 +603,64 @@ def test_an_answer_that_comes_back_to_its_caller_after_the_deadline_is_not_sent(
     batcher = DynamicBatcher(FakeModel(), executor, BatchingConfig(), model="m", variant="v", on_drop=drops.append)
     batcher.check_in_time(time.perf_counter() + 30)
     with pytest.raises(DeadlineExceeded, match=r"computed in time, but its answer came back to it \d+ ms after its deadline"):
-        batcher.check_in_time(time.perf_counter() - 0.005)
+        batcher.check_in_time(time.perf_counter() - 0.005, ended=time.perf_counter() - 0.05)
     assert drops == ["late"]
+    assert 0.05 <= batcher.answer_time._recent[0][1] < 1  # not sent, but at least that long after compute: a sample
+
+
+def _answers_take(batcher: DynamicBatcher, seconds: float) -> None:
+    """Ten answers that left the server `seconds` after their call ended (what the transports report)."""
+    for _ in range(10):
+        batcher.answer_left(time.perf_counter() - seconds, "the gRPC context")
+
+
+def test_a_request_whose_answer_would_leave_after_its_deadline_is_refused_or_dropped_before_compute(executor):
+    """Calls take 20 ms, answers 100 ms after compute (a busy loop, encoding, sending): a request whose compute would
+    end in time but whose answer would not is refused on arrival, or dropped by its timer at its deadline less those
+    100 ms, counted 'send'; never computed. One with room for both is answered."""
+    model = FakeModel()
+    drops: list[str] = []
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=1), model="m", variant="v", on_drop=drops.append)
+    for _ in range(10):
+        batcher.sizer.observe(1, 0.02)
+    _answers_take(batcher, 0.1)
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        with pytest.raises(ResourceExhausted, match=r"compute is expected to end in \d+ ms, but .* up to 100 ms after compute"):
+            await batcher.submit({"x": sample(1, 3.0)}, None, deadline=time.perf_counter() + 0.08)
+        admitted = asyncio.create_task(batcher.submit({"x": sample(1, 5.0)}, None, deadline=time.perf_counter() + 0.2))
+        loose = asyncio.create_task(batcher.submit({"x": sample(1, 6.0)}, None, deadline=time.perf_counter() + 30))
+        with pytest.raises(DeadlineExceeded, match=r"deadline is \d+ ms away; .* up to 100 ms after compute to leave the server"):
+            await admitted  # the running call overran: at 100 ms before its deadline it is dropped, still queued
+        model.gate.set()
+        await running
+        np.testing.assert_array_equal((await loose)["y"], sample(1, 13.0))
+
+    run(main())
+    assert not any(np.isin(x, (3.0, 5.0)).any() for x in model.seen) and drops == ["send", "send"]
+
+
+def test_the_predicted_wait_is_the_running_call_and_the_samples_ahead_at_their_typical_cost(executor):
+    """What the SLO loop reads: the same typical costs admission uses, not the cheapest (a cheap first call must not
+    hide a queue of typical ones)."""
+    model = FakeModel()
+    batcher = DynamicBatcher(model, executor, BatchingConfig(max_batch_size=1), model="m", variant="v")
+    assert batcher.predicted_wait() is None  # nothing measured yet
+    batcher.sizer.observe(1, 0.001)  # one cheap call, then typical ones of 10 ms
+    for _ in range(30):
+        batcher.sizer.observe(1, 0.010)
+
+    async def main():
+        running = asyncio.create_task(batcher.submit({"x": sample(1, BLOCK)}, None))
+        await wait_blocked(model)
+        queued = [asyncio.create_task(batcher.submit({"x": sample(1, 1.0)}, None)) for _ in range(4)]
+        await asyncio.sleep(0)
+        wait = batcher.predicted_wait()  # four ahead at 10 ms, and the running call's 10 ms less what it has run
+        model.gate.set()
+        await asyncio.gather(running, *queued)
+        return wait
+
+    wait = run(main())
+    assert 0.039 <= wait <= 0.051 and batcher.predicted_wait() == 0.0

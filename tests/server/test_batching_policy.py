@@ -14,7 +14,7 @@ import pytest
 
 from slimserve.server.batching.assembly import BatchingConfig
 from slimserve.server.batching.batcher import DynamicBatcher
-from slimserve.server.batching.sizing import COST_AGE_S, BatchSizer, group_of, top_of
+from slimserve.server.batching.sizing import ANSWER_REFRESH, COST_AGE_S, BatchSizer, TailWindow, group_of, top_of
 
 
 class CostModel:
@@ -126,6 +126,23 @@ def test_likely_cost_is_a_high_quantile_of_recent_calls_and_typical_cost_their_m
     for _ in range(100):
         sizer.observe(4, 4 * 0.010)  # the slow calls leave the window
     assert sizer.likely_cost(4) == pytest.approx(4 * 0.010)
+
+
+def test_the_time_after_compute_is_a_high_quantile_of_recent_answers_forgotten_when_old():
+    tail = TailWindow()
+    now = time.perf_counter()
+    for _ in range(9):
+        tail.add(0.5, now)
+    assert tail.high(now) == 0.0  # nine answers are too little evidence: nothing is reserved
+    for i in range(91):
+        tail.add(0.001 * (i % 10), now)  # 91 answers of 0-9 ms, after the nine slow ones
+    assert tail.high(now) == 0.5  # the 95th percentile of the last 100: the slow ones are in it
+    for _ in range(ANSWER_REFRESH - 1):
+        tail.add(0.001, now)
+    assert tail.high(now) == 0.5  # not computed again before ANSWER_REFRESH new answers (a sort per request otherwise)
+    tail.add(0.001, now)
+    assert tail.high(now) == pytest.approx(0.009)  # the slow ones left the window of 100
+    assert tail.high(now + COST_AGE_S + 1) == 0.0 and len(tail) == 0  # all aged out: a stall is forgotten
 
 
 def test_a_stale_estimate_is_tried_again_now_and_then():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from slimserve.client.codec import TensorCodecError
-from slimserve.server.errors import InvalidArgument, NotFound
+from slimserve.server.errors import DeadlineExceeded, InvalidArgument, NotFound
 from slimserve.server.inference.dataplane import InferRequest
 from tests.server.test_control import add_copy, control_of, infer, register, run, sample
 
@@ -60,6 +62,28 @@ def test_request_ids_are_made_up_when_missing_and_kept_when_given(tmp_path, digi
             assert made[0] != made[1] and all(made)
             given = await control.dataplane.serve(InferRequest("digits", "", "mine", lambda: {"x": x}))
             assert given.request_id == "mine"
+
+    run(scenario())
+
+
+def test_an_answer_with_a_deadline_reports_when_it_left_and_a_timeout_counts_from_the_transports_receipt(tmp_path, digits):
+    async def scenario():
+        async with control_of(tmp_path) as control:
+            await register(control, "digits", digits.onnx)
+            x = digits.x_test[:1]
+            plain = InferRequest("digits", "", "", lambda: {"x": x})
+            await control.dataplane.serve(plain)
+            assert plain.on_sent is None  # no deadline: nothing to report, nothing paid
+            timed = InferRequest("digits", "", "", lambda: {"x": x}, parameters={"timeout": 30_000_000})
+            await control.dataplane.serve(timed)
+            batcher = control.dataplane.models["digits"].variants["baseline"].batcher
+            before = len(batcher.answer_time)
+            timed.on_sent("the gRPC context")  # what the transport calls once the answer left
+            assert len(batcher.answer_time) == before + 1 and 0 <= batcher.answer_time._recent[-1][1] < 30
+            # received by the transport 1 s ago with a 0.5 s timeout: past it before it reaches the batcher
+            late = InferRequest("digits", "", "", lambda: {"x": x}, parameters={"timeout": 500_000}, arrived=time.perf_counter() - 1)
+            with pytest.raises(DeadlineExceeded, match="deadline passed"):
+                await control.dataplane.serve(late)
 
     run(scenario())
 

@@ -80,6 +80,10 @@ def test_a_full_queue_answers_resource_exhausted_at_once_and_the_queued_requests
         )
         == 1
     )
+    full = slow_server.metrics.registry.get_sample_value(
+        "slimserve_queue_dropped_total", {"model": "slow", "variant": "baseline", "node_type": "cpu", "reason": "full"}
+    )
+    assert full == 1 and stats_of(slow_server).shed == 1  # shed, as the SLO loop reads it
 
 
 def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factory, tmp_path):
@@ -109,6 +113,8 @@ def test_requests_whose_deadline_passes_while_queued_are_never_run(server_factor
         wait_until(lambda: batcher_of(server).queued == 0, "the queue to drain", interval=0.002)
         time.sleep(0.2)  # had a late request been kept, it would run now, right after the long one
         infer(request(3), timeout=60)
+        # gRPC's done callback reported when the answers with a deadline left: the variant's time after compute
+        wait_until(lambda: len(batcher_of(server).answer_time) >= 1, "the answers' time after compute", interval=0.002)
     # Executed samples: the long call and the last one; none of the 5 x 7 whose callers gave up.
     assert stats_of(server).samples - before == LONG + 3
     batch_size = server.metrics.registry.get_sample_value(
@@ -165,13 +171,15 @@ def test_a_rest_timeout_parameter_is_a_deadline_in_the_queue_an_answer_after_it_
         # Refused on arrival (429) since the running call's measured cost ends past it; or, where that call already ran
         # past its typical cost, taken into the queue and dropped there at its deadline (504).
         assert (status == 429 and "refused rather than queued past it" in answer["error"]) or (
-            status == 504 and "deadline passed" in answer["error"] and "not computed" in answer["error"]
+            status == 504 and "deadline" in answer["error"] and ("not computed" in answer["error"] or "before compute" in answer["error"])
         ), (status, answer)
         assert running.result(60).outputs[0].shape == [LONG, WIDTH]
     assert stats_of(server).samples - before == LONG  # the late one never ran
     status, answer = rest(1, {"timeout": "soon"})
     assert status == 400 and "parameter 'timeout'" in answer["error"] and "microseconds" in answer["error"]
     assert rest(1, {"timeout": 30_000_000})[0] == 200  # in time: answered
+    # Answers with a deadline report when they left (REST: encoded; gRPC: its done callback): the time after compute
+    assert len(batcher_of(server).answer_time) >= 1
 
 
 def test_max_concurrent_calls_lets_a_variant_run_calls_side_by_side(server_factory, digits):

@@ -13,7 +13,7 @@ import pytest
 from slimserve.server.errors import InvalidArgument, NotFound
 from slimserve.server.rollout.gates import Arm
 from slimserve.server.rollout.slo import CALM, STEP, SloPolicy, SloSteering, VariantProfile, check_policy, predicted_p99_s
-from slimserve.server.rollout.slo_controller import SloController
+from slimserve.server.rollout.slo_controller import SloController, profiles
 from slimserve.server.store.manifest import VariantInfo
 from slimserve.server.store.traffic import TrafficPolicy
 
@@ -100,6 +100,19 @@ class _Info:
     @property
     def default_variant(self) -> str:
         return max(self.traffic.weights, key=self.traffic.weights.get)
+
+
+def test_an_embedding_models_variants_are_judged_by_their_measured_quality_drop():
+    """No labels, so no accuracy: the optimizer's quality drop (points of (1 - mean cosine) x 100) is each variant's drop;
+    one with neither is never eligible."""
+    info = _Info()
+    info.variants = {
+        "fp32": VariantInfo("fp32", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 30.0, "quality_metric": "cosine"}),
+        "int8": VariantInfo("int8", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 15.0, "quality_drop": 0.7}),
+        "pruned": VariantInfo("pruned", "", "", "onnx", "onnx", evaluation={"latency_p50_ms": 9.0}),
+    }
+    found, base = profiles(info)
+    assert base == "fp32" and found == [VariantProfile("fp32", 30.0, 0.0), VariantProfile("int8", 15.0, 0.7)]
 
 
 class _World:
@@ -325,39 +338,6 @@ def test_the_queues_predicted_wait_shifts_traffic_before_any_p99_is_known():
     assert world.routed == [({"fp32": 1.0}, []), ({"fp32": 0.75, "int8": 0.25}, [])]
     reason = slo.status("m").history[-1]["reason"]
     assert "the queue's predicted wait 80 ms > objective 20 ms: 25% of traffic from 'fp32' to 'int8'" in reason
-
-
-def test_the_batchers_predicted_wait_is_the_queued_samples_at_the_cheapest_measured_cost():
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from slimserve.server.batching.assembly import BatchingConfig
-    from slimserve.server.batching.batcher import DynamicBatcher
-
-    release = threading.Event()
-
-    def predict(inputs, outputs):
-        release.wait(5)
-        return {"y": inputs["x"]}
-
-    async def run():
-        with ThreadPoolExecutor(1) as pool:
-            b = DynamicBatcher(predict, pool, BatchingConfig(max_batch_size=1, max_queue_delay_ms=0))
-            assert b.predicted_wait() is None  # nothing measured yet
-            b.sizer.observe(1, 0.010)
-            calls = [asyncio.ensure_future(b.submit({"x": np.zeros((1, 2), np.float32)})) for _ in range(4)]
-            for _ in range(20):
-                await asyncio.sleep(0.01)
-                if b.queued == 3:  # one runs, three wait
-                    break
-            wait = b.predicted_wait()
-            release.set()
-            await asyncio.gather(*calls)
-            await b.close()
-            return wait, b.predicted_wait()
-
-    wait, after = asyncio.run(run())
-    assert wait == pytest.approx(0.030, rel=0.2) and after == 0.0
 
 
 def test_a_manual_traffic_change_makes_the_objective_step_aside_and_resume_from_the_new_split():

@@ -50,3 +50,17 @@ def test_the_server_bench_counts_the_clients_own_deadline_apart_from_late_answer
     assert s["errors"] == 1 and s["first_error"] == "error UNAVAILABLE: gone" and s["requests"] == len(rows)
     assert s["int8_share"] == pytest.approx(98 / 99) and s["throughput_rps"] == pytest.approx(99 / (end - begin))
     assert 10 < s["p99_ms"] < 300
+
+
+def test_the_server_bench_tells_the_reserve_for_the_send_from_other_refusals_and_drops():
+    import grpc
+
+    from bench.slo_server import _outcome
+
+    exhausted, deadline = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _outcome(exhausted, "variant 'int8' of model 'm': ... up to 9 ms after compute to leave the server ...") == "refused_send"
+    assert _outcome(exhausted, "variant 'int8' of model 'm': queue full (3 requests waiting)") == "refused"
+    assert _outcome(deadline, "variant 'int8' of model 'm': ... up to 9 ms after compute to leave the server ...") == "dropped_send"
+    assert _outcome(deadline, "variant 'int8' of model 'm': the request's deadline passed 3 ms ago") == "dropped"
+    assert _outcome(deadline, "variant 'int8' of model 'm': the request was computed in time, but its answer came back") == "late_dropped"
+    assert _outcome(deadline, "Deadline Exceeded") == "client_deadline"  # gRPC's own, no server message

@@ -21,6 +21,17 @@ from slimserve.server.management.control import Control
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "system_shared_memory", "statistics", "logging", "trace"]
 
 
+def _sent(response: pb.ModelInferResponse, infer: InferRequest, context: grpc.aio.ServicerContext | None) -> pb.ModelInferResponse:
+    """The encoded answer of `infer`; for a request with a deadline its variant learns when it left (`on_sent`): a unary
+    call's once gRPC finished it (its done callback), a stream message's now (its send is the stream's)."""
+    if infer.on_sent is not None:
+        if context is None:
+            infer.on_sent()
+        else:
+            context.add_done_callback(infer.on_sent)
+    return response
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, control: Control) -> None:
         self.dataplane = dataplane
@@ -58,7 +69,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if remaining is not None:  # the client's deadline, honoured in the queue (batcher.py)
                 infer.deadline = time.perf_counter() + remaining
             if self.dataplane.tracer is None:
-                return converters.infer_response(await self.dataplane.serve(infer))
+                response = converters.infer_response(await self.dataplane.serve(infer))
+                if infer.on_sent is not None:  # a request with a deadline: its variant learns when the answer left
+                    context.add_done_callback(infer.on_sent)
+                return response
             return await self._traced(request, context, infer)
         except grpc.aio.AbortError:
             raise
@@ -73,13 +87,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         infer = infer if infer is not None else converters.infer_request(request)
         trace = tracer.begin(request.model_name)
         if trace is None:
-            return converters.infer_response(await self.dataplane.serve(infer))
+            return _sent(converters.infer_response(await self.dataplane.serve(infer)), infer, context)
         if context is not None:
             trace.parent = next((v for k, v in context.invocation_metadata() or () if k == "traceparent"), None)
         code = "OK"
         try:
             infer.trace = trace
-            return converters.infer_response(await self.dataplane.serve(infer))
+            return _sent(converters.infer_response(await self.dataplane.serve(infer)), infer, context)
         except BaseException as e:
             code = outcome_code(e)
             raise
@@ -90,7 +104,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One request of a ModelStreamInfer stream (traced as a unary one, without a caller's traceparent per message)."""
         if self.dataplane.tracer is not None:
             return await self._traced(request, None)
-        return converters.infer_response(await self.dataplane.serve(converters.infer_request(request)))
+        infer = converters.infer_request(request)
+        return _sent(converters.infer_response(await self.dataplane.serve(infer)), infer, None)
 
     @grpc_errors
     async def ModelStreamInfer(self, request_iterator, context):
