@@ -88,8 +88,9 @@ def _search_caption(rows: list[dict[str, Any]]) -> str:
         )
         if head.get("node_cpu"):
             parts.append(f"timed on {head['node_cpu']} (INT8: {head.get('node_int8_kernels')})")
-        if head.get("dynamic_sequence"):
-            parts.append(f"sequence: {head['dynamic_sequence']}")
+    sequence = next((r["dynamic_sequence"] for r in rows if r.get("dynamic_sequence")), None)
+    if sequence:
+        parts.append(f"sequence: {sequence}")
     # A budget search: what it kept and what finding it cost. In an auto search's table only the chosen candidate was
     # kept (the others' settings are in their rows); elsewhere the one variant, kept over budget only when asked.
     auto = any("chosen" in r for r in rows)

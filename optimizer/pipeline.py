@@ -24,7 +24,7 @@ from slimserve.optimizer.base import (
     ProgressEvent,
     RuntimeFactory,
 )
-from slimserve.optimizer.catalog import pass_classes
+from slimserve.optimizer.catalog import make_pass, pass_classes
 from slimserve.optimizer.data import SampleMajorPredictor, has_labels, needs_layout, samples_first
 from slimserve.optimizer.evaluation.evaluators import Evaluator
 from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate, record_speedup, timed_speedup
@@ -33,6 +33,7 @@ from slimserve.optimizer.evaluation.timing import TimingOptions
 from slimserve.optimizer.formats.export import onnx_input_types
 from slimserve.optimizer.formats.onnx_files import single_file
 from slimserve.optimizer.passes.auto import AutoConfig
+from slimserve.optimizer.passes.dynamic_seq import fixed_sequence
 from slimserve.optimizer.recipes import Recipe, run_recipe
 from slimserve.optimizer.report import report_rows
 from slimserve.optimizer.search.auto import auto_search
@@ -207,11 +208,12 @@ def optimize(
         return OptimizeResult(artifact, evaluation, base, rows, base_outputs)
     budgeted = accuracy_budget is not None or any(recipe.budget(i).max_drop is not None for i in range(len(recipe.passes)))
     judge = None
+    start = any_length_first(recipe, source, context)
     if not budgeted:
-        artifact, searches = run_recipe(recipe, source, context), []
+        artifact, searches = run_recipe(recipe, start, context), []
     else:
         judge = Judge(runtime_factory, data or {}, base, base_outputs, source.input_names, serving_batch, evaluator=evaluator)
-        artifact, searches = run_recipe_within_budget(recipe, source, context, judge, accuracy_budget, variant_name, register_over_budget)
+        artifact, searches = run_recipe_within_budget(recipe, start, context, judge, accuracy_budget, variant_name, register_over_budget)
     stage("evaluate", 0.95, f"measuring {variant_name}")
     try:
         evaluation, _ = evaluate(
@@ -253,9 +255,35 @@ def optimize(
     report = report_rows({"baseline": base, variant_name: evaluation}, extra=extra)
     if "objective" in artifact.notes:  # what the training passes minimized (optimizer.objectives: label-free or on the labels)
         report[-1]["objective"] = artifact.notes["objective"]
+    if start is not source and "dynamic_sequence" in artifact.notes:  # served (and timed) at each request's real length
+        report[-1]["dynamic_sequence"] = f"any length: {artifact.notes['dynamic_sequence']}"
     if "qat" in artifact.notes:  # quantize-qat against the static INT8 of the ranges it started from (kept when QAT is worse)
         report[-1]["qat"] = artifact.notes["qat"]
     return OptimizeResult(artifact, evaluation, base, report, base_outputs, tuple(searches), within)
+
+
+# Graph passes whose ONNX output would keep a text export's fixed sequence length: the server's load-time rewrite (the
+# same file served padding-free, server/runtimes/onnx.py) checks outputs exactly, and a quantized graph's answers move
+# with its padding (dynamic INT8 scales each activation by its range, padded positions included), so an INT8 variant
+# of a fixed-length export was served and timed at full length: MiniLM's at 128 tokens, 3x slower than its FP32 parent
+# served at the sentences' real length. These passes start from the graph made any length, as `auto` does.
+ANY_LENGTH_FIRST = frozenset({"quantize-dynamic", "quantize-static", "graph-ort"})
+
+
+def any_length_first(recipe: Recipe, source: Artifact, context: PassContext) -> Artifact:
+    """The source the recipe starts from: a fixed-length text export made to take any length (graph-dynamic-seq, checked
+    exactly) when the first pass is one of ANY_LENGTH_FIRST; the export as it is when the rewrite refuses (said in the
+    progress), or when there is nothing to rewrite."""
+    if source.format != "onnx" or not recipe.passes or recipe.passes[0].name not in ANY_LENGTH_FIRST:
+        return source
+    if fixed_sequence(source.path) is None:
+        return source
+    context.progress(ProgressEvent(stage="graph-dynamic-seq", fraction=0.0, message="a fixed sequence length, made any length first"))
+    try:
+        return make_pass("graph-dynamic-seq").run(source, context)
+    except OptimizerError as e:
+        context.progress(ProgressEvent(stage="graph-dynamic-seq", fraction=0.0, message=f"kept fixed: {e}"))
+        return source
 
 
 def run_recipe_within_budget(
