@@ -18,6 +18,13 @@ Two ways in, as Ray itself offers them:
   `ray.init(address="HOST:PORT")` takes it. A driver so connected joins through a raylet of its own host, so this
   host must be a node of the cluster (`ray start --address HOST:PORT` here); no client server is involved.
 
+Token authentication: Ray (2.59 on) turns it on for a cluster started with `ray start --head` when a token exists
+(`~/.ray/auth_token`, which that command writes), but a driver whose RAY_AUTH_MODE is unset connects without the
+token and is refused, which Ray Client reports as a bare `ray client connection timeout` after 30 s (the cause of
+every failed Ray run on the development machine). So the driver follows the rule Ray's head follows: RAY_AUTH_MODE
+unset and a token available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) -> token mode. An explicit
+RAY_AUTH_MODE in the server's environment is left as it is.
+
 The job itself is `ray_job`, a Ray task: the model and data travel as bytes through the cluster, the variant's
 files come back as bytes, and the driver writes them into the job's staging directory on this node.
 """
@@ -33,7 +40,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -164,14 +171,28 @@ def flag(argv: list[str], name: str) -> str | None:
     return None
 
 
-def same_host(a: str, b: str) -> bool:
-    def ips(host: str) -> set[str]:
-        try:
-            return {info[4][0] for info in socket.getaddrinfo(host, None)}
-        except OSError:
-            return {host}
+def addresses(host: str) -> set[str]:
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return {host}
 
-    return a == b or bool(ips(a) & ips(b))
+
+def is_this_host(host: str) -> bool:
+    """Whether `host` names this machine (loopback, or an address a socket here can bind)."""
+    for ip in addresses(host):
+        if ip.startswith("127.") or ip == "::1":
+            return True
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+            return True
+    return False
+
+
+def same_host(a: str, b: str) -> bool:
+    """Whether two host names are the same machine: the same addresses, or both this one (Ray writes a local head's
+    GCS address with the node's IP, a user with 127.0.0.1)."""
+    return a == b or bool(addresses(a) & addresses(b)) or (is_this_host(a) and is_this_host(b))
 
 
 def local_raylet_of(address: RayAddress, processes: list[list[str]] | None = None) -> bool:
@@ -197,12 +218,41 @@ def local_gcs_of_client(address: RayAddress, processes: list[list[str]] | None =
     return None
 
 
+def token_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where Ray reads its token from when RAY_AUTH_TOKEN is not set."""
+    return Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def use_token_if_available(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Sets RAY_AUTH_MODE=token (before Ray is imported) where it is unset and a token is available, as Ray's head
+    does; returns whether the driver will send a token."""
+    mode = environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    if environ.get("RAY_AUTH_TOKEN") or token_path(environ).is_file():
+        environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
+
+
+def auth_hint(token: bool) -> str:
+    if token:
+        return (
+            f"; the driver sent the token of {'RAY_AUTH_TOKEN' if os.environ.get('RAY_AUTH_TOKEN') else token_path()}: is it the cluster's?"
+        )
+    return (
+        "; if the cluster uses token authentication (Ray 2.59+ turns it on for `ray start --head`), give this server its "
+        "token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token` on the head)"
+    )
+
+
 def connect(address: RayAddress, say: Callable[[str], None]) -> tuple[Any, RayAddress]:
     """`ray.init` through the client server or the GCS; returns ray and the address it joined through (a GCS one when
     the client server failed and the head runs here). Raises WorkFailed saying why it could not."""
     error = answers(address.host, address.port)
     if error is not None:
         raise WorkFailed("UNAVAILABLE", f"cannot reach the Ray cluster at {address} ({error.strerror or error}); {AGAIN}")
+    token = use_token_if_available()
     import ray
 
     options: dict[str, Any] = {"log_to_driver": False}
@@ -217,7 +267,10 @@ def connect(address: RayAddress, say: Callable[[str], None]) -> tuple[Any, RayAd
         try:
             ray.init(address=f"{address.host}:{address.port}", **options)
         except Exception as e:
-            raise WorkFailed("UNAVAILABLE", f"the Ray cluster at {address} refused the driver: {type(e).__name__}: {e}; {AGAIN}") from None
+            text = " ".join(str(e).split())[:300]
+            raise WorkFailed(
+                "UNAVAILABLE", f"the Ray cluster at {address} refused the driver: {type(e).__name__}: {text}{auth_hint(token)}"
+            ) from None
         return ray, address
     failures = []
     for attempt in range(CLIENT_ATTEMPTS):
@@ -225,7 +278,7 @@ def connect(address: RayAddress, say: Callable[[str], None]) -> tuple[Any, RayAd
             ray.init(str(address), **options)
             return ray, address
         except Exception as e:  # ConnectionError, or "Starting Ray client server failed" (ray-project/ray#63202)
-            failures.append(f"{type(e).__name__}: {e}")
+            failures.append(" ".join(f"{type(e).__name__}: {e}".split())[:300])
             with contextlib.suppress(Exception):
                 ray.shutdown()
             if attempt + 1 < CLIENT_ATTEMPTS:
@@ -245,8 +298,8 @@ def connect(address: RayAddress, say: Callable[[str], None]) -> tuple[Any, RayAd
                 failures.append(f"through the GCS {gcs}: {type(e).__name__}: {e}")
     raise WorkFailed(
         "UNAVAILABLE",
-        f"the Ray cluster at {address} refused the connection {len(failures)} time(s) (last: {failures[-1]}); check `ray status` "
-        "on its head; from a node of the cluster, --job-runner ray+gcs://HOST:6379 joins through the GCS without the client server",
+        f"the Ray cluster at {address} refused the connection {len(failures)} time(s) (last: {failures[-1]}){auth_hint(token)}; check "
+        "`ray status` on its head; from a node of the cluster, --job-runner ray+gcs://HOST:6379 joins without the client server",
     )
 
 
