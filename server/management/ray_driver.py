@@ -334,7 +334,6 @@ def submit(ray: Any, joined: RayAddress, order: RayOrder, progress: Callable[[An
             "UNAVAILABLE", f"cannot hand the job to the Ray cluster at {order.address}: {type(e).__name__}: {e}; {AGAIN}"
         ) from None
     progress(ProgressEvent("ray", 0.0, f"running on the Ray cluster at {order.address}"))
-    strikes, checked = 0, time.monotonic()
     try:
         while True:
             ready, _ = ray.wait([ref], timeout=0.5)
@@ -347,11 +346,6 @@ def submit(ray: Any, joined: RayAddress, order: RayOrder, progress: Callable[[An
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
                 raise WorkFailed("FAILED_PRECONDITION", f"job {spec.job_id} was cancelled; its task on the cluster was cancelled")
-            if time.monotonic() - checked >= 1.0:  # a cluster that died: say so in seconds, not after Ray's own minute
-                checked = time.monotonic()
-                strikes = strikes + 1 if answers(joined.host, joined.port, timeout=1.0) is not None else 0
-                if strikes >= LIVENESS_STRIKES:
-                    raise WorkFailed("UNAVAILABLE", f"the Ray cluster at {order.address} stopped answering during the job; {AGAIN}")
         result, out = ray.get(ref)
     except WorkFailed:
         raise
@@ -373,6 +367,18 @@ def submit(ray: Any, joined: RayAddress, order: RayOrder, progress: Callable[[An
     return replace(result, variant_dir=variant_dir)
 
 
+def watch(joined: RayAddress, address: str, send: Callable[[tuple], None], stop: threading.Event) -> None:
+    """On a thread of its own: a cluster that stops answering fails the job in seconds. Ray's own calls block far
+    longer once the cluster is gone (Ray Client waits 30 s to reconnect, a driver a minute for the GCS), so the
+    failure is sent from here and the driver ends at once."""
+    strikes = 0
+    while not stop.wait(1.0):
+        strikes = strikes + 1 if answers(joined.host, joined.port, timeout=1.0) is not None else 0
+        if strikes >= LIVENESS_STRIKES and not stop.is_set():
+            send(("failed", "UNAVAILABLE", f"the Ray cluster at {address} stopped answering during the job; {AGAIN}"))
+            os._exit(1)  # not ray.shutdown(): it would wait for the cluster that is gone
+
+
 def main(argv: list[str]) -> int:
     import pickle
     from multiprocessing.connection import Connection
@@ -383,30 +389,40 @@ def main(argv: list[str]) -> int:
     die_with_parent()  # the server died: so does its driver, and Ray ends the job's tasks with it
     quiet_third_party()
     conn = Connection(int(argv[0]), readable=False)
+    lock = threading.Lock()
+
+    def send(message: tuple) -> None:  # from the main thread and the watch
+        with lock:
+            conn.send(message)
+
     order: RayOrder = pickle.load(sys.stdin.buffer)
     halt = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: halt.set())
     limits = order.spec.limits if order.spec is not None else WorkLimits()
     ray = None
+    stop = threading.Event()
     try:
         address = parse_ray_address(order.address)  # the server checked it: a ValueError here is a bug, reported as one
-        ray, joined = connect(address, lambda message: conn.send(("progress", ProgressEvent("ray", 0.0, message))))
+        ray, joined = connect(address, lambda message: send(("progress", ProgressEvent("ray", 0.0, message))))
         signal.signal(signal.SIGTERM, lambda *_: halt.set())  # ray.init installs its own handler: ours again
         if order.spec is None:
-            conn.send(("done", describe(ray, joined)))
+            send(("done", describe(ray, joined)))
             return 0
-        result = submit(ray, joined, order, lambda event: conn.send(("progress", event)), halt)
+        threading.Thread(target=watch, args=(joined, order.address, send, stop), name="cluster-watch", daemon=True).start()
+        result = submit(ray, joined, order, lambda event: send(("progress", event)), halt)
     except BaseException as e:
+        stop.set()
         if not isinstance(e, WorkFailed | KeyboardInterrupt):
             traceback.print_exc(file=sys.stderr)
         failed = failure_of(e, limits)
-        conn.send(("failed", failed.kind, failed.message))
+        send(("failed", failed.kind, failed.message))
         return 1
     finally:
+        stop.set()
         if ray is not None:
             with contextlib.suppress(Exception):
                 ray.shutdown()
-    conn.send(("done", result))
+    send(("done", result))
     return 0
 
 
