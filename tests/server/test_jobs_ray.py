@@ -176,7 +176,6 @@ def test_a_cluster_that_dies_mid_job_fails_only_that_job(through, server_factory
             assert f"the Ray cluster at {address}" in record["message"], record["message"]
             # In seconds: the driver watches the cluster's port (Ray alone waits 30 s to a minute before it gives up).
             assert time.monotonic() - killed < 20, (time.monotonic() - killed, record["message"])
-            print(f"failed {time.monotonic() - killed:.1f} s after the kill: {record['message']}")
             # Only that job: the server serves on, nothing of the job is registered or staged.
             assert c.infer("digits", {"x": digits.x_test[:4]})[0] == "baseline"
             assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]
