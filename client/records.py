@@ -129,7 +129,20 @@ def pass_dict(p: spb.PassRecord) -> dict[str, Any]:
 
 
 # The `slimctl jobs --json` contract, in this order.
-JOB_KEYS = ("id", "model", "variant", "recipe", "status", "stage", "progress", "message", "submitted_at", "started_at", "finished_at")
+JOB_KEYS = (
+    "id",
+    "model",
+    "variant",
+    "recipe",
+    "status",
+    "stage",
+    "progress",
+    "message",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "paused_seconds",
+)
 
 
 def job_dict(j: spb.JobRecord) -> dict[str, Any]:

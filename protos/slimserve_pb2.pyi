@@ -219,7 +219,7 @@ class OptimizeEvent(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., done: _Optional[_Union[JobDone, _Mapping]] = ...) -> None: ...
 
 class JobRecord(_message.Message):
-    __slots__ = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at", "progress", "stage", "submitted_at")
+    __slots__ = ("id", "model", "variant", "recipe", "status", "message", "started_at", "finished_at", "progress", "stage", "submitted_at", "paused_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class JobRecord(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     variant: str
@@ -242,7 +243,8 @@ class JobRecord(_message.Message):
     progress: float
     stage: str
     submitted_at: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., recipe: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., progress: _Optional[float] = ..., stage: _Optional[str] = ..., submitted_at: _Optional[str] = ...) -> None: ...
+    paused_seconds: float
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., recipe: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., progress: _Optional[float] = ..., stage: _Optional[str] = ..., submitted_at: _Optional[str] = ..., paused_seconds: _Optional[float] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("id",)

@@ -111,6 +111,7 @@ class SlimServer:
             max_jobs=settings.max_jobs,
             job_yield=parse_job_yield(settings.job_yield),
             job_yield_busy=settings.job_yield_busy,
+            metrics=self.metrics,
         )
         self.control = Control(self.repository, self.dataplane, self.registrar, self.jobs, settings.node_type, price, settings.server_name)
         statistics = PrometheusStatistics(settings.prometheus_url) if settings.prometheus_url else ProcessStatistics(self.dataplane)

@@ -144,8 +144,10 @@ class Settings(BaseSettings):
     job_runner: str = setting(
         "local",
         "where optimizer jobs run: `local` (a worker process per job on this node) or `ray://HOST:PORT` (a task per job on that "
-        "Ray cluster, through its client port; needs `slimserve[ray]`); an unreachable cluster stops the start",
-        pattern=r"^(local|ray://[^\s/:]+:\d+)$",
+        "Ray cluster, through its client server, port 10001 by default; needs `slimserve[ray]`) or `ray+gcs://HOST:PORT` (the "
+        "same through the cluster's GCS, port 6379 by default, from a host that is a node of the cluster); an unreachable "
+        "cluster stops the start",
+        pattern=r"^(local|ray(\+gcs)?://[^\s/:]+:\d+)$",
     )
     max_jobs: int = setting(1, "optimizer jobs that run at once; the others wait in a queue (`slimctl jobs` shows them `queued`)", ge=1)
     optimizer_threads: int = setting(

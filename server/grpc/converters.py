@@ -271,6 +271,7 @@ def job_record(model: str, job: dict[str, Any]) -> spb.JobRecord:
         progress=job.get("progress", 1.0 if job["status"] == "succeeded" else 0.0),
         stage=job.get("stage", ""),
         submitted_at=job.get("submitted_at", ""),
+        paused_seconds=job.get("paused_seconds", 0.0),
     )
 
 

@@ -35,6 +35,7 @@ from slimserve.server.management.worker import WorkFailed, WorkLimits, WorkResul
 from slimserve.server.runtimes import RuntimeConfig
 from slimserve.server.store.manifest import BASELINE, DATA_ROLES, ModelInfo, VariantInfo, now, validate_name
 from slimserve.server.store.repository import Repository
+from slimserve.server.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class JobManager:
         max_jobs: int = 1,
         job_yield: float | None = 1.0,
         job_yield_busy: float = 0.5,
+        metrics: Metrics | None = None,
     ) -> None:
         self.repository = repository
         self.dataplane = dataplane
@@ -136,6 +138,10 @@ class JobManager:
         if isinstance(self.runner, LocalRunner) and job_yield != 1.0:
             self.throttle = Throttle(dataplane.serving_load, lambda: dict(self.runner.pids), job_yield, job_yield_busy)
             self.runner.throttle = self.throttle
+        self.metrics = metrics
+        if metrics is not None and self.throttle is not None:
+            throttle = self.throttle
+            metrics.job_run_fraction.labels(node_type=metrics.node_type).set_function(lambda: throttle.run_fraction)
 
     async def start(self) -> None:
         """Connects the runner (a Ray cluster: refused here, at the server's start, when it cannot be reached)."""
@@ -143,6 +149,7 @@ class JobManager:
         if self.throttle is not None:
             loop = asyncio.get_running_loop()
             self.throttle.on_change = lambda job_id, message: loop.call_soon_threadsafe(self._yielded, job_id, message)
+            self.throttle.on_paused = self._paused
             self.throttle.start()
 
     def _yielded(self, job_id: str, message: str) -> None:
@@ -153,6 +160,15 @@ class JobManager:
         task = asyncio.get_running_loop().create_task(self._publish(job, ProgressEvent(job.stage or "running", job.fraction, message)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _paused(self, job_id: str, seconds: float) -> None:
+        """A stop of the job yield ended: its seconds go to slimserve_job_paused_seconds_total (any thread)."""
+        job = self.jobs.get(job_id)
+        if job is not None and self.metrics is not None:
+            self.metrics.job_paused.labels(model=job.model, recipe=job.recipe.name, node_type=self.metrics.node_type).inc(seconds)
+
+    def paused_seconds(self, job_id: str) -> float:
+        return self.throttle.paused_seconds(job_id) if self.throttle is not None else 0.0
 
     def _datasets(self, model: str) -> dict[str, Path]:
         return {role: p for role in DATA_ROLES if (p := self.repository.dataset_path(model, role)) is not None}
@@ -211,6 +227,10 @@ class JobManager:
     def _record(self, job: Job, status: str, message: str) -> None:
         job.state = status
 
+        paused = self.paused_seconds(job.id) if status in ENDED else 0.0
+        if status in ENDED and self.throttle is not None:
+            self.throttle.paused_s.pop(job.id, None)  # kept in the job's record from now on
+
         def change(info: ModelInfo) -> None:
             record = info.jobs.setdefault(job.id, {"id": job.id, "variant": job.variant, "recipe": job.recipe.name, "submitted_at": now()})
             record.update(status=status, message=message)
@@ -218,6 +238,8 @@ class JobManager:
                 record["started_at"] = now()
             elif status in ENDED:
                 record["finished_at"] = now()
+                if paused:
+                    record["paused_seconds"] = round(paused, 3)
 
         try:
             self.repository.update(job.model, change)
@@ -330,7 +352,7 @@ class JobManager:
     def _live(self, job: Job, record: dict[str, Any]) -> dict[str, Any]:
         out = dict(record)
         if not job.finished:
-            out.update(status=job.state, stage=job.stage, progress=job.fraction)
+            out.update(status=job.state, stage=job.stage, progress=job.fraction, paused_seconds=round(self.paused_seconds(job.id), 3))
             paused = self.throttle.paused_jobs.get(job.id) if self.throttle is not None else None
             if paused:
                 out["message"] = paused

@@ -1,5 +1,6 @@
 """Where optimizer jobs run: `LocalRunner` (a worker process per job on this node, the default) or `RayRunner`
-(a task per job on a Ray cluster, `--job-runner ray://HOST:PORT`).
+(a task per job on a Ray cluster, `--job-runner ray://HOST:PORT` or `ray+gcs://HOST:PORT`, driven from a Ray driver
+process per job: `management/ray_driver.py`).
 
 Both take a `WorkSpec` and return the `WorkResult` of a worker that succeeded, with the variant's files in the
 job's staging directory on this node, or raise `WorkFailed` saying why the job failed. Cancelling the awaiting
@@ -15,22 +16,20 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from importlib import util as importlib_util
 from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 from slimserve.optimizer.base import ProgressEvent
-from slimserve.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from slimserve.server.errors import ErrorKind, FailedPrecondition, InvalidArgument, SlimServeError, Unavailable
+from slimserve.server.management.ray_driver import AGAIN, RayOrder, answers, parse_ray_address
 from slimserve.server.management.throttle import Throttle
-from slimserve.server.management.worker import THREAD_ENV, WorkFailed, WorkLimits, WorkResult, WorkSpec, cap_threads, failure_of, run_work
+from slimserve.server.management.worker import THREAD_ENV, WorkFailed, WorkLimits, WorkResult, WorkSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +76,27 @@ def death_reason(returncode: int) -> str:
     return f"the worker exited with status {returncode} without a result; the server's log has its traceback"
 
 
-class LocalRunner:
-    """One worker process per job (`python -m slimserve.server.management.worker`), below the server's priority."""
+class ProcessRunner:
+    """A process per job (`python -m MODULE FD`), fed a pickled order on stdin, reporting on the pipe FD:
+    ("progress", event)..., then ("done", WorkResult) or ("failed", kind, message). The base of both runners."""
 
-    name = "local"
+    name = ""
+    module = ""
+    watch_memory = False  # end the process once its resident memory passes limits.memory_mb
 
     def __init__(self, limits: WorkLimits) -> None:
         self.limits = limits
-        self.pids: dict[str, int] = {}  # job id -> pid of its running worker
-        self.throttle: Throttle | None = None  # the job yield (--job-yield), set by the JobManager
+        self.pids: dict[str, int] = {}  # job id -> pid of its running process
+        self.throttle: Throttle | None = None  # the job yield (--job-yield), set by the JobManager for local workers
 
     def describe(self) -> str:
-        cap = f", memory cap {self.limits.memory_mb} MiB" if self.limits.memory_mb else ""
-        return f"local worker processes (nice +{self.limits.nice}, {self.limits.threads} thread(s){cap})"
+        raise NotImplementedError
+
+    def _payload(self, spec: WorkSpec) -> bytes:
+        return pickle.dumps(spec)
+
+    def _death_reason(self, returncode: int) -> str:
+        return death_reason(returncode)
 
     async def start(self) -> None:
         return None
@@ -130,12 +137,12 @@ class LocalRunner:
                 self.throttle.release(proc.pid)
 
     def _spawn(self) -> tuple[subprocess.Popen, Connection]:
-        """Starts a worker process (milliseconds: it imports torch later, on its own time) and the pipe it reports on."""
+        """Starts the job's process (milliseconds: it imports torch later, on its own time) and the pipe it reports on."""
         read_fd, write_fd = os.pipe()
         env = dict(os.environ, **dict.fromkeys(THREAD_ENV, str(self.limits.threads)))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "slimserve.server.management.worker", str(write_fd)],
+                [sys.executable, "-m", self.module, str(write_fd)],
                 stdin=subprocess.PIPE,
                 pass_fds=(write_fd,),
                 env=env,
@@ -149,8 +156,7 @@ class LocalRunner:
             os.close(write_fd)
         return proc, Connection(read_fd, writable=False)
 
-    @staticmethod
-    def _end(proc: subprocess.Popen) -> None:
+    def _end(self, proc: subprocess.Popen) -> None:
         """Ends a worker and its helpers now: SIGKILL to its process group (it holds nothing the server needs; its
         staging directory is the caller's to remove)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -164,7 +170,7 @@ class LocalRunner:
         try:
             assert proc.stdin is not None
             try:
-                proc.stdin.write(pickle.dumps(spec))
+                proc.stdin.write(self._payload(spec))
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # died at once: its exit status says why
@@ -184,7 +190,7 @@ class LocalRunner:
                         progress(message[1])
                     else:
                         outcome = message
-                elif self.limits.memory_mb and (used := resident_mb(proc.pid)) > self.limits.memory_mb:
+                elif self.watch_memory and self.limits.memory_mb and (used := resident_mb(proc.pid)) > self.limits.memory_mb:
                     over = used
                     self._end(proc)
                     break
@@ -198,164 +204,116 @@ class LocalRunner:
                 "raise the cap or pick a lighter recipe",
             )
         if outcome is None:  # the worker died: the job could not finish, the server is fine (never INTERNAL)
-            raise WorkFailed("FAILED_PRECONDITION", death_reason(returncode))
+            raise WorkFailed("FAILED_PRECONDITION", self._death_reason(returncode))
         if outcome[0] == "done":
             return outcome[1]
         raise WorkFailed(outcome[1], outcome[2])
 
 
+class LocalRunner(ProcessRunner):
+    """One worker process per job (`python -m slimserve.server.management.worker`), below the server's priority,
+    its memory watched, on the job yield's duty cycle while serving is busy."""
+
+    name = "local"
+    module = "slimserve.server.management.worker"
+    watch_memory = True
+
+    def describe(self) -> str:
+        cap = f", memory cap {self.limits.memory_mb} MiB" if self.limits.memory_mb else ""
+        return f"local worker processes (nice +{self.limits.nice}, {self.limits.threads} thread(s){cap})"
+
+
 # ---------------------------------------------------------------------------------------------- Ray
 
 
-def ray_job(spec: WorkSpec, files: dict[str, bytes], events: Any = None) -> tuple[WorkResult, dict[str, bytes]]:
-    """A job as a Ray task: the model and data arrive as bytes, the variant's files leave as bytes; progress goes
-    into `events` (a ray.util.queue.Queue the server drains), best effort: a full or lost queue never fails the job."""
+class RayRunner(ProcessRunner):
+    """Each job as a Ray task on an existing cluster, with its resources declared; the variant comes back here.
 
-    def progress(event: ProgressEvent) -> None:
-        if events is not None:
-            with contextlib.suppress(Exception):
-                events.put_nowait(event)
-
-    with tempfile.TemporaryDirectory(prefix=f"slimserve-job-{spec.job_id}-") as tmp:
-        root = Path(tmp)
-        for name, content in files.items():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_bytes(content)
-        staged = root / "staged"
-        staged.mkdir()
-        local = replace(
-            spec,
-            source=root / "model" / spec.source.name,
-            datasets={role: root / "data" / f"{role}.npz" for role in spec.datasets},
-            staged=staged,
-        )
-        try:
-            cap_threads(spec.limits.threads)
-            result = run_work(local, progress)
-        except BaseException as e:
-            failed = failure_of(e, spec.limits)
-            raise WorkFailed(failed.kind, failed.message) from None
-        out = {p.name: p.read_bytes() for p in result.variant_dir.iterdir() if p.is_file()}
-        return replace(result, variant_dir=Path("variant")), out
-
-
-def parse_ray_address(address: str) -> tuple[str, int]:
-    parts = urlsplit(address)
-    if parts.scheme != "ray" or not parts.hostname or parts.port is None:
-        raise InvalidArgument(f"--job-runner must be 'local' or 'ray://HOST:PORT' (a Ray cluster's client address), got {address!r}")
-    return parts.hostname, parts.port
-
-
-class RayRunner:
-    """Each job as a Ray task on an existing cluster, with its resources declared; the variant comes back here."""
+    The Ray driver is a process of its own per job (`management/ray_driver.py`): Ray never runs in the server, a
+    cluster that dies or a Ray Client connection that fails ends only that process, and ending it (cancel) ends the
+    job's task on the cluster (the driver cancels it; Ray ends a dead driver's tasks anyway)."""
 
     name = "ray"
+    module = "slimserve.server.management.ray_driver"
+    # A driver that was asked to cancel (SIGTERM) and has not ended by then is killed.
+    CANCEL_GRACE_S = 3.0
+    # The longest the start waits for the probe driver to join the cluster (Ray Client's own retries included).
+    PROBE_TIMEOUT_S = 120.0
 
     def __init__(self, address: str, limits: WorkLimits, cpus: float = 1.0, gpus: float = 0.0, memory_mb: int = 0) -> None:
-        self.host, self.port = parse_ray_address(address)
-        self.address, self.limits = address, limits
+        super().__init__(limits)
+        try:
+            self.target = parse_ray_address(address)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        self.address = str(self.target)
         self.cpus, self.gpus, self.memory_mb = cpus, gpus, memory_mb
-        self._ray: Any = None
-        self._remote: Any = None
-        self.refs: dict[str, Any] = {}
+        self.cluster = ""  # what the probe at the start saw
 
     def describe(self) -> str:
         return f"Ray cluster at {self.address} (each job: {self.cpus:g} CPU, {self.gpus:g} GPU, {self.memory_mb or 'any'} MiB)"
 
+    def _order(self, spec: WorkSpec | None) -> RayOrder:
+        return RayOrder(self.address, spec, cpus=self.cpus, gpus=self.gpus, memory_mb=self.memory_mb)
+
+    def _payload(self, spec: WorkSpec) -> bytes:
+        return pickle.dumps(self._order(spec))
+
     async def start(self) -> None:
-        """Connects to the cluster, or refuses the start saying why."""
-        try:
-            with socket.create_connection((self.host, self.port), timeout=3):
-                pass
-        except OSError as e:
+        """Joins the cluster once from a probe driver, or refuses the start saying why."""
+        error = answers(self.target.host, self.target.port)
+        if error is not None:
+            port = "--ray-client-server-port" if self.target.mode == "client" else "--port"
             raise Unavailable(
-                f"cannot reach the Ray cluster at {self.address} ({e.strerror or e}): start its head with `ray start --head "
-                f"--ray-client-server-port {self.port}`, fix --job-runner, or leave it at 'local'"
-            ) from None
-        try:
-            import ray
-        except ImportError:
-            raise FailedPrecondition(f"--job-runner {self.address} needs Ray: pip install 'slimserve[ray]'") from None
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, lambda: ray.init(self.address, log_to_driver=False))
-        except Exception as e:
-            raise Unavailable(f"the Ray cluster at {self.address} refused the connection: {type(e).__name__}: {e}") from None
-        self._ray = ray
-        self._remote = ray.remote(ray_job)
-
-    async def close(self) -> None:
-        if self._ray is not None:
-            with contextlib.suppress(Exception):
-                self._ray.shutdown()
-            self._ray = None
-
-    async def run(self, spec: WorkSpec, progress: Progress) -> WorkResult:
-        ray = self._ray
-        if ray is None:
-            raise FailedPrecondition(f"the Ray runner ({self.address}) is not connected")
-        files = {f"model/{p.name}": p.read_bytes() for p in spec.source.parent.iterdir() if p.is_file()}
-        files.update({f"data/{role}.npz": path.read_bytes() for role, path in spec.datasets.items()})
-        spec = replace(spec, limits=self.limits)
-        options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": 0}
-        if self.memory_mb:
-            options["memory"] = self.memory_mb * 2**20
+                f"cannot reach the Ray cluster at {self.address} ({error.strerror or error}): start its head with `ray start --head "
+                f"{port} {self.target.port}`, fix --job-runner, or leave it at 'local'"
+            )
+        if importlib_util.find_spec("ray") is None:
+            raise FailedPrecondition(f"--job-runner {self.address} needs Ray: pip install 'slimserve[ray]'")
         loop = asyncio.get_running_loop()
-        from ray.util.queue import Queue
+        outcome = await loop.run_in_executor(None, self._probe)
+        if outcome[0] != "done":
+            raise SlimServeError(f"the Ray cluster at {self.address} could not be joined: {outcome[2]}", ErrorKind[outcome[1]])
+        self.cluster = outcome[1]
+        log.info("Ray cluster at %s: %s", self.address, self.cluster)
 
+    def _probe(self) -> tuple:
+        """A driver that joins the cluster, says what it offers, and leaves: ("done", description) or ("failed", kind, message)."""
+        proc, conn = self._spawn()
         try:
-            events = await loop.run_in_executor(None, lambda: Queue(maxsize=1000, actor_options={"num_cpus": 0}))
-            ref = await loop.run_in_executor(None, lambda: self._remote.options(**options).remote(spec, files, events))
-        except Exception as e:  # the cluster went away since the server started
-            raise WorkFailed(
-                "UNAVAILABLE",
-                f"cannot hand the job to the Ray cluster at {self.address}: {type(e).__name__}: {e}; if the cluster stopped "
-                "(`ray status` on its head), start it again and rerun the job: nothing was registered",
-            ) from None
-        self.refs[spec.job_id] = ref
-        progress(ProgressEvent("ray", 0.0, f"running on the Ray cluster at {self.address}"))
-        finished = threading.Event()
-
-        def relay() -> None:  # the task's progress, drained every half second until it ends, then once more
-            while True:
-                ended = finished.wait(0.5)
-                with contextlib.suppress(Exception):
-                    for event in events.get_nowait_batch(events.qsize()):
-                        loop.call_soon_threadsafe(progress, event)
-                if ended:
-                    return
-
-        relay_thread = threading.Thread(target=relay, name=f"job-{spec.job_id}-progress", daemon=True)
-        relay_thread.start()
-        got = loop.run_in_executor(None, ray.get, ref)
-        got.add_done_callback(retrieved)
-        try:
-            result, out = await asyncio.shield(got)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-            raise
-        except WorkFailed:
-            raise
-        except Exception as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, WorkFailed):
-                raise WorkFailed(cause.kind, cause.message) from None
-            raise WorkFailed(
-                "UNAVAILABLE",
-                f"the job's task on the Ray cluster at {self.address} failed: {type(e).__name__}: {e}; if the cluster stopped "
-                "(`ray status` on its head), start it again and rerun the job: nothing was registered",
-            ) from None
+            assert proc.stdin is not None
+            proc.stdin.write(pickle.dumps(self._order(None)))
+            proc.stdin.close()
+            deadline = time.monotonic() + self.PROBE_TIMEOUT_S
+            while (left := deadline - time.monotonic()) > 0 and conn.poll(left):
+                message = conn.recv()
+                if message[0] != "progress":
+                    return message
+                log.warning("Ray cluster at %s: %s", self.address, message[1].message)  # e.g. the GCS fallback
+            return ("failed", "UNAVAILABLE", f"the driver had not joined it within {self.PROBE_TIMEOUT_S:.0f} s")
+        except (EOFError, OSError):
+            return ("failed", "UNAVAILABLE", self._death_reason(proc.wait()))
         finally:
-            self.refs.pop(spec.job_id, None)
-            finished.set()
-            await loop.run_in_executor(None, relay_thread.join, 5)
-            with contextlib.suppress(Exception):
-                events.shutdown()
-        variant_dir = spec.staged / "variant"
-        variant_dir.mkdir()
-        for name, content in out.items():
-            (variant_dir / name).write_bytes(content)
-        return replace(result, variant_dir=variant_dir)
+            conn.close()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def _end(self, proc: subprocess.Popen) -> None:
+        """Asks the driver to cancel its task (SIGTERM), and kills it if it has not ended within CANCEL_GRACE_S."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+        def kill_late() -> None:
+            try:
+                proc.wait(self.CANCEL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                super(RayRunner, self)._end(proc)
+
+        threading.Thread(target=kill_late, name="ray-driver-end", daemon=True).start()
+
+    def _death_reason(self, returncode: int) -> str:
+        return f"the Ray driver of this job (a process of this server, joined to the Ray cluster at {self.address}) died: {death_reason(returncode)}; {AGAIN}"
 
 
 def make_runner(job_runner: str, limits: WorkLimits, cpus: float = 1.0, gpus: float = 0.0, memory_mb: int = 0) -> LocalRunner | RayRunner:

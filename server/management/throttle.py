@@ -10,6 +10,11 @@ ran). So, while the server's recent load (requests in flight, averaged over the 
 those answered while it was stopped, halves the fraction when serving lost more than `TOLERANCE`, and raises it again
 when it did not (between `MIN_RUN` and 1). A number (`0.25`) is a fixed fraction; `off` never stops a worker.
 
+What it costs the jobs is counted: `paused_s` (job id -> seconds the throttle held its worker stopped, a stop
+counted when it ends) and `run_fraction` (the fraction a worker runs now: 1 while serving is not busy), which
+`JobManager` exports as `slimserve_job_paused_seconds_total` and `slimserve_job_yield_run_ratio` and shows in
+`slimctl jobs --json` (`paused_seconds`).
+
 A worker stopped by someone else (a debugger, `kill -STOP`, the bench's paused windows) is left alone: the throttle
 never resumes a stop it did not make. It sees a SIGSTOP that arrived while it held the worker stopped as pending in
 /proc/PID/status (ShdPnd), and a worker found stopped while the throttle let it run as held from outside.
@@ -135,6 +140,11 @@ class Throttle:
         self.paused_jobs: dict[str, str] = {}  # job id -> why it is slow, for `slimctl jobs`
         # Called (on the throttle's thread) when a job starts or stops being paused for traffic: (job id, message).
         self.on_change: Callable[[str, str], None] | None = None
+        # Called (on the throttle's thread, or the runner's on release) when a stop it made ends: (job id, seconds held).
+        self.on_paused: Callable[[str, float], None] | None = None
+        self.held: dict[int, tuple[str, float]] = {}  # pid this throttle holds stopped -> (its job id, since when)
+        self.paused_s: dict[str, float] = {}  # job id -> seconds its worker was held stopped, over the stops that ended
+        self.run_fraction = 1.0  # the fraction of the time a worker runs now (1: serving not busy, or no yield)
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._history: list[tuple[float, int, float]] = []  # (time, answered, seconds) samples over LOAD_WINDOW_S
@@ -157,7 +167,25 @@ class Throttle:
         if pid in self.stopped:
             self._signal(pid, signal.SIGCONT)
             self.stopped.discard(pid)
+        self._held_ended(pid)
         self.outside.discard(pid)
+
+    def paused_seconds(self, job_id: str, now: float | None = None) -> float:
+        """Seconds the job's worker has been held stopped so far, the stop in progress included."""
+        now = time.monotonic() if now is None else now
+        held = sum(now - since for job, since in list(self.held.values()) if job == job_id)
+        return self.paused_s.get(job_id, 0.0) + held
+
+    def _held_ended(self, pid: int) -> None:
+        """A stop this throttle made has ended (resumed, handed off, or the worker is gone): count its seconds."""
+        entry = self.held.pop(pid, None)
+        if entry is None:
+            return
+        job_id, since = entry
+        seconds = time.monotonic() - since
+        self.paused_s[job_id] = self.paused_s.get(job_id, 0.0) + seconds
+        if self.on_paused is not None:
+            self.on_paused(job_id, seconds)
 
     def current_load(self, now: float) -> float:
         """Requests in flight on average over the last LOAD_WINDOW_S (counted as they are answered)."""
@@ -176,6 +204,7 @@ class Throttle:
         for pid in list(self.stopped):
             self.release(pid)
         self.paused_jobs.clear()
+        self.run_fraction = 1.0
 
     def _loop(self) -> None:
         index = 0
@@ -203,6 +232,8 @@ class Throttle:
         for gone in (self.stopped | self.outside) - set(pids.values()):
             self.stopped.discard(gone)
             self.outside.discard(gone)
+            self._held_ended(gone)
+        self.run_fraction = fraction if pids else 1.0
         ran = False
         for job_id, pid in pids.items():
             if pid in self.outside:
@@ -212,12 +243,14 @@ class Throttle:
             if pid in self.stopped:
                 if stop_pending(pid):  # stopped from outside while we held it: theirs now
                     self.stopped.discard(pid)
+                    self._held_ended(pid)
                     self.outside.add(pid)
                     self.paused_jobs.pop(job_id, None)
                     continue
                 if run:
                     self._signal(pid, signal.SIGCONT)
                     self.stopped.discard(pid)
+                    self._held_ended(pid)
             elif is_stopped(pid):  # stopped while we let it run: someone else's stop
                 self.outside.add(pid)
                 self.paused_jobs.pop(job_id, None)
@@ -225,6 +258,7 @@ class Throttle:
             elif not run:
                 self._signal(pid, signal.SIGSTOP)
                 self.stopped.add(pid)
+                self.held[pid] = (job_id, time.monotonic())
             ran = ran or run
             if fraction < 1.0:
                 message = (

@@ -321,6 +321,20 @@ class Metrics:
             "slimserve_node_price_dollars_per_hour", "Price of this node type, as configured.", ("node_type",), registry=self.registry
         )
         self.price.labels(node_type=node_type).set(price_per_hour)
+        # Optimizer jobs under the job yield (server/management/throttle.py, set by management/jobs.py). Labelled by the
+        # job's model and recipe (not its id: one series per job would grow without bound).
+        self.job_paused = Counter(
+            "slimserve_job_paused_seconds",
+            "Time the job yield (--job-yield) held optimizer job workers stopped while serving was busy, by model and recipe.",
+            ("model", "recipe", "node_type"),
+            registry=self.registry,
+        )
+        self.job_run_fraction = Gauge(
+            "slimserve_job_yield_run_ratio",
+            "Fraction of the time a local optimizer job's worker runs now under the job yield (1: serving is not busy, or no job).",
+            ("node_type",),
+            registry=self.registry,
+        )
 
     def labels(self, model: str, variant: str) -> dict[str, str]:
         return {"model": model, "variant": variant, "node_type": self.node_type}

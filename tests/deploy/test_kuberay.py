@@ -37,6 +37,12 @@ def test_the_writer_sends_jobs_to_the_ray_head_and_serving_is_the_cpu_overlay():
     assert head["image"] == worker["image"] == writer["image"]
     serving = named("Deployment", "slimserve")["spec"]["template"]["spec"]["containers"][0]
     assert "SLIMSERVE_JOB_RUNNER" not in env_of(serving)
+    # Token authentication: the head, the workers and the writer's Ray drivers share one token (else Ray refuses the
+    # writer, which Ray Client reports only as a connection timeout).
+    for container in (head, worker, writer):
+        assert env_of(container)["RAY_AUTH_MODE"] == "token"
+        [token] = [e for e in container["env"] if e["name"] == "RAY_AUTH_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"] == {"name": "slimserve-ray-token", "key": "auth_token"}
 
 
 @pytest.mark.parametrize("role", ["head", "worker"])

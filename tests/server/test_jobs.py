@@ -143,4 +143,7 @@ def test_job_runner_must_be_local_or_a_ray_address():
 
     with pytest.raises(ValidationError):
         Settings(job_runner="ray://nohostport")
+    with pytest.raises(ValidationError):
+        Settings(job_runner="http://10.0.0.1:8265")
     assert Settings(job_runner="ray://10.0.0.1:10001").job_runner == "ray://10.0.0.1:10001"
+    assert Settings(job_runner="ray+gcs://10.0.0.1:6379").job_runner == "ray+gcs://10.0.0.1:6379"

@@ -1,4 +1,6 @@
-"""Jobs on a Ray cluster (`--job-runner ray://HOST:PORT`): a real local Ray head on loopback, started for the test."""
+"""Jobs on a Ray cluster (`--job-runner ray://HOST:PORT` through Ray Client, `ray+gcs://HOST:PORT` through the GCS): a
+real local Ray head on loopback, started for the test (in a short /tmp directory: Ray's socket paths must stay under
+107 bytes). The server never imports Ray: each job's Ray driver is a process of its own (management/ray_driver.py)."""
 
 from __future__ import annotations
 
@@ -24,18 +26,19 @@ pytestmark = pytest.mark.slow
 
 
 @contextlib.contextmanager
-def head_at(temp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`ray start --head --block` on loopback in its own process group, ended with the group: (address, process)."""
+def head_at(temp: Path) -> Iterator[tuple[str, str, subprocess.Popen]]:
+    """`ray start --head --block` on loopback in its own process group, ended with the group:
+    (client address `ray://...`, GCS address `ray+gcs://...`, process)."""
     import socket
 
-    client_port = free_port()
+    client_port, gcs_port = free_port(), free_port()
     ray = Path(sys.executable).with_name("ray")
     command = [
         str(ray),
         "start",
         "--head",
         "--block",
-        f"--port={free_port()}",
+        f"--port={gcs_port}",
         f"--ray-client-server-port={client_port}",
         "--node-ip-address=127.0.0.1",
         "--include-dashboard=false",
@@ -57,7 +60,7 @@ def head_at(temp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
 
     try:
         wait_until(listening, "the Ray head's client port", 120, 0.5)
-        yield f"ray://127.0.0.1:{client_port}", proc
+        yield f"ray://127.0.0.1:{client_port}", f"ray+gcs://127.0.0.1:{gcs_port}", proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -68,10 +71,20 @@ def head_at(temp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
         log.close()
 
 
+@contextlib.contextmanager
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    with head_at(tmp_path_factory.mktemp("ray")) as (address, _):
-        yield address
+def ray_head():
+    """(client address, GCS address) of a head the module's tests share."""
+    with short_dir() as temp, head_at(temp) as (client, gcs, _):
+        yield client, gcs
 
 
 def job(c: SlimServeClient, job_id: str) -> dict:
@@ -91,31 +104,39 @@ def measured(c: SlimServeClient) -> None:
     wait_until(lambda: c.model("digits")["variants"][0]["latency_p50_ms"] is not None, "the baseline's measurement", 180, 0.2)
 
 
-def test_a_ray_job_makes_the_same_variant_as_the_local_runner(ray_head, server_factory, digits, tmp_path):
+def test_a_ray_job_makes_the_same_variant_with_the_same_measured_quality_as_the_local_runner(ray_head, server_factory, digits, tmp_path):
+    """Through Ray Client and through the GCS: the variant's record, files and measured quality are the local runner's."""
     results = {}
-    for runner in ("local", ray_head):
-        server = server_factory(tmp_path / runner.replace("/", "_").replace(":", "_"), job_runner=runner)
+    for runner in ("local", *ray_head):
+        server = server_factory(tmp_path / runner.replace("/", "_").replace(":", "_").replace("+", "_"), job_runner=runner)
         with SlimServeClient(server.address) as c:
             c.register("digits", digits.onnx, data=digits.data)
             events = []
             variant, report = c.optimize("digits", "quantize-dynamic", on_progress=events.append)
             assert variant["status"] == "ready"
             if runner != "local":  # it ran there, and came back here to be registered and served
-                assert any("Ray cluster at " + ray_head in e.message for e in events), [e.message for e in events]
+                assert any("Ray cluster at " + runner in e.message for e in events), [e.message for e in events]
                 assert any(e.stage == "quantize-dynamic" for e in events), [e.stage for e in events]  # the task's own progress
                 assert c.infer("digits", {"x": digits.x_test[:4]}, variant="quantize-dynamic")[0] == "quantize-dynamic"
             [job] = c.jobs("digits")
             assert job["status"] == "succeeded"
-            results[runner] = (variant, report)
+            stored = server.server.repository.variant_dir("digits", "quantize-dynamic")
+            files = {p.name: p.read_bytes() for p in sorted(stored.iterdir()) if p.suffix == ".onnx"}
+            results[runner] = (variant, report, files)
         server.stop()
-    (local, local_report), (remote, remote_report) = results["local"], results[ray_head]
-    for key in ("name", "recipe", "runtime", "params", "nonzero_params", "size_bytes", "accuracy"):
-        assert local[key] == remote[key], key
-    assert [r["variant"] for r in local_report] == [r["variant"] for r in remote_report]
+    local, local_report, local_files = results.pop("local")
+    assert local_files and local["accuracy"] is not None
+    for runner, (remote, remote_report, remote_files) in results.items():
+        for key in ("name", "recipe", "runtime", "params", "nonzero_params", "size_bytes", "accuracy"):
+            assert local[key] == remote[key], (runner, key, local[key], remote[key])
+        assert remote_files == local_files, runner  # the same bytes: the same variant
+        # The same measured quality, row by row of the report (what changes from run to run is only the timing).
+        quality = ("variant", "params", "nonzero_params", "size_bytes", "accuracy_pct", "accuracy_delta_pt", "agreement", "quality")
+        assert [{k: r.get(k) for k in quality} for r in local_report] == [{k: r.get(k) for k in quality} for r in remote_report], runner
 
 
 def test_cancelling_a_running_ray_job_ends_its_task_and_leaves_nothing(ray_head, server_factory, digits, tmp_path):
-    server = server_factory(tmp_path / "repo", job_runner=ray_head, max_jobs=1)
+    server = server_factory(tmp_path / "repo", job_runner=ray_head[0], max_jobs=1)
     with SlimServeClient(server.address) as c:
         c.register("digits", digits.onnx, data=digits.data, train=digits.train)
         measured(c)
@@ -128,7 +149,7 @@ def test_cancelling_a_running_ray_job_ends_its_task_and_leaves_nothing(ray_head,
         assert record["status"] == "cancelled" and "was cancelled" in record["message"], record
         assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]
         assert not any(server.server.repository.staging_dir.iterdir())
-        assert server.server.jobs.runner.refs == {}
+        assert server.server.jobs.runner.pids == {}  # its driver process has ended
         # The task's CPU (the head has one) is free again: the next job runs now, not after the cancelled one's minutes.
         start = time.monotonic()
         done, _ = c.optimize("digits", "graph-ort")
@@ -136,10 +157,10 @@ def test_cancelling_a_running_ray_job_ends_its_task_and_leaves_nothing(ray_head,
         assert time.monotonic() - start < 60
 
 
-def test_a_cluster_that_dies_mid_job_fails_only_that_job(server_factory, digits, tmp_path):
-    short = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
-    with contextlib.ExitStack() as cleanup, head_at(short) as (address, head):
-        cleanup.callback(shutil.rmtree, short, ignore_errors=True)
+@pytest.mark.parametrize("through", ["client", "gcs"])
+def test_a_cluster_that_dies_mid_job_fails_only_that_job(through, server_factory, digits, tmp_path):
+    with short_dir() as temp, head_at(temp) as (client, gcs, head):
+        address = client if through == "client" else gcs
         server = server_factory(tmp_path / "repo", job_runner=address, max_jobs=1)
         with SlimServeClient(server.address) as c:
             c.register("digits", digits.onnx, data=digits.data, train=digits.train)
@@ -148,10 +169,13 @@ def test_a_cluster_that_dies_mid_job_fails_only_that_job(server_factory, digits,
             job_id = variant["job_id"]
             on_the_cluster(c, job_id)
             os.killpg(head.pid, signal.SIGKILL)  # the whole cluster: head, raylets, workers
+            killed = time.monotonic()
             head.wait(30)
             record = wait_until(lambda: (j := job(c, job_id))["status"] not in ("queued", "running") and j, "the job to end", 180, 0.5)
             assert record["status"] == "failed", record
             assert f"the Ray cluster at {address}" in record["message"], record["message"]
+            # In seconds: the driver watches the cluster's port (Ray alone waits 30 s to a minute before it gives up).
+            assert time.monotonic() - killed < 20, (time.monotonic() - killed, record["message"])
             # Only that job: the server serves on, nothing of the job is registered or staged.
             assert c.infer("digits", {"x": digits.x_test[:4]})[0] == "baseline"
             assert [v["name"] for v in c.model("digits")["variants"]] == ["baseline"]

@@ -81,7 +81,10 @@ def test_a_real_worker_on_the_cycle_and_a_stop_it_did_not_make():
     feeder = threading.Thread(target=traffic, daemon=True)
     feeder.start()
     throttle = Throttle(load, lambda: {"job": spin.pid}, fixed=0.1)
+    stops: list[tuple[str, float]] = []
+    throttle.on_paused = lambda job_id, seconds: stops.append((job_id, seconds))
     try:
+        started = time.monotonic()
         throttle.start()
         time.sleep(0.3)
         used = cpu_seconds(spin.pid)
@@ -89,6 +92,11 @@ def test_a_real_worker_on_the_cycle_and_a_stop_it_did_not_make():
         share = (cpu_seconds(spin.pid) - used) / 1.5
         assert share < 0.45, f"the worker ran {share:.0%} of the time at --job-yield 0.1 under load"
         assert "paused for traffic" in throttle.paused_jobs["job"]
+        # What the yield cost the job is counted (slimserve_job_paused_seconds_total): most of the time so far.
+        assert throttle.run_fraction == 0.1
+        paused = throttle.paused_seconds("job")
+        assert 0.5 * (time.monotonic() - started) < paused < time.monotonic() - started
+        assert stops and {job for job, _ in stops} == {"job"} and sum(s for _, s in stops) <= paused
         # Someone else stops it (the bench's paused windows): the yield must not resume it.
         os.kill(spin.pid, signal.SIGSTOP)
         time.sleep(0.25)
@@ -104,6 +112,8 @@ def test_a_real_worker_on_the_cycle_and_a_stop_it_did_not_make():
         assert not is_stopped(spin.pid)
         assert (cpu_seconds(spin.pid) - used) / 0.5 > 0.3
         assert "job" not in throttle.paused_jobs
+        assert throttle.run_fraction == 1.0 and not throttle.held  # no stop in progress: all counted
+        assert throttle.paused_seconds("job") == pytest.approx(sum(s for _, s in stops))
     finally:
         throttle.stop()
         os.killpg(spin.pid, signal.SIGKILL)
@@ -139,9 +149,16 @@ def test_a_held_worker_is_cancelled_within_seconds_and_one_killed_while_held_fai
                 events = server.server.jobs.jobs[job_id].events  # the progress stream says so too (slimctl optimize)
                 wait_until(lambda e=events: any("paused for traffic" in getattr(x, "message", "") for x in e), "the paused event", 5, 0.02)
                 if ending == "cancel":
+                    metrics = server.metrics.registry
+                    assert metrics.get_sample_value("slimserve_job_yield_run_ratio", {"node_type": "cpu"}) == 0.1
+                    wait_until(lambda i=job_id: next(j for j in c.jobs() if j["id"] == i)["paused_seconds"] > 0.2, "paused time", 5, 0.05)
                     start = time.monotonic()
-                    assert c.cancel_job(job_id)["status"] == "cancelled"
+                    record = c.cancel_job(job_id)
+                    assert record["status"] == "cancelled"
                     assert time.monotonic() - start < 5
+                    assert record["paused_seconds"] > 0.2  # kept in the ended job's record
+                    labels = {"model": "digits", "recipe": "prune-structured", "node_type": "cpu"}
+                    assert metrics.get_sample_value("slimserve_job_paused_seconds_total", labels) >= 0.2
                 else:
                     os.kill(pid, signal.SIGKILL)
                     record = wait_until(
