@@ -18,60 +18,20 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-from bench.common import free_port, wait_until
+from bench.ray_head import head_at, short_dir
 
 
 @contextlib.contextmanager
 def loopback_head() -> Iterator[tuple[str, str]]:
     """(client address, GCS address) of a one-CPU head on 127.0.0.1, in a short /tmp directory (Ray's socket paths)."""
-    temp = Path(tempfile.mkdtemp(prefix="rayb", dir="/tmp"))
-    client, gcs = free_port(), free_port()
-    command = [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
-        "--head",
-        "--block",
-        f"--port={gcs}",
-        f"--ray-client-server-port={client}",
-        "--node-ip-address=127.0.0.1",
-        "--include-dashboard=false",
-        "--num-cpus=1",
-        "--object-store-memory=100000000",
-        "--disable-usage-stats",
-        f"--temp-dir={temp}",
-    ]
-    with open(temp / "head.log", "wb") as log:
-        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def listening() -> bool:
-        assert head.poll() is None, (temp / "head.log").read_text()[-2000:]
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", client), timeout=1):
-            return True
-        return False
-
-    try:
-        wait_until(listening, "the Ray head's client port", 120, 0.5)
-        yield f"ray://127.0.0.1:{client}", f"ray+gcs://127.0.0.1:{gcs}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp, ignore_errors=True)
+    with short_dir() as temp, head_at(temp) as (client, gcs, _):
+        yield client, gcs
 
 
 def through_driver(address: str) -> tuple[bool, str]:
