@@ -22,7 +22,6 @@ import argparse
 import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,28 +31,14 @@ RESULTS = Path(__file__).parent / "results" / "onnx_heads.json"
 
 def export_torchscript(folder: Path, opset: int) -> Path:
     """MiniLM-L6 written by the TorchScript exporter (dynamo=False) at `opset`, with a free batch."""
-    import torch
-
+    from bench.tiny_exports import export_module
     from bench.zoo.models import load_minilm
 
     path = folder / f"model-torchscript-{opset}.onnx"
     if path.exists():
         return path
     ev = dict(np.load(folder / "eval.npz"))
-    args = (torch.from_numpy(ev["input_ids"][:2]), torch.from_numpy(ev["attention_mask"][:2]))
-    names = ["input_ids", "attention_mask"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            load_minilm().eval(),
-            args,
-            str(path),
-            dynamo=False,
-            input_names=names,
-            output_names=["output"],
-            dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
-            opset_version=opset,
-        )
+    export_module(load_minilm().eval(), {n: ev[n][:2] for n in ("input_ids", "attention_mask")}, f"torchscript-{opset}", path)
     return path
 
 

@@ -283,8 +283,11 @@ def export(name: str, exporter: str, path, fold: bool = True) -> None:
     """The model written by torch.onnx: 'torchscript-11' / -14 / -17 (dynamo=False) or 'dynamo', with a free batch;
     fold False: TorchScript's weights left behind their Transposes (do_constant_folding=False)."""
     torch.manual_seed(0)
-    module = MODELS[name]().eval()
-    example = feeds(name, 2, 0)
+    export_module(MODELS[name]().eval(), feeds(name, 2, 0), exporter, path, fold)
+
+
+def export_module(module, example: dict[str, np.ndarray], exporter: str, path, fold: bool = True) -> None:
+    """`module` on the inputs `example` (by name) written by torch.onnx as `export` says (bench_onnx_heads: MiniLM)."""
     args = tuple(torch.from_numpy(v) for v in example.values())
     names = list(example)
     with warnings.catch_warnings():
