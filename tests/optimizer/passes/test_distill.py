@@ -252,3 +252,32 @@ def test_attention_weight_is_refused_below_zero_and_for_a_model_without_attentio
         make_pass("distill-feature", {"attention_weight": -1})
     with pytest.raises(OptimizerError, match="attention_weight needs a transformer student and teacher"):
         make_pass("distill-feature", {"attention_weight": 1.0, "finetune": FAST}).run(teacher, _context(digits, tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# padding-free training: batches by length, the teacher's outputs cached once per row (optimizer/finetune/padding_free.py)
+
+
+def test_padding_free_training_caches_the_teacher_and_ends_where_padded_training_does(tmp_path):
+    from tests.optimizer.tiny_transformers import TOKENS, embedding_pt2
+
+    model, train, data = embedding_pt2(tmp_path / "free", layers=4, rows=64, free_length=True)
+    context = PassContext(workdir=tmp_path, datasets={"train": train})
+    config = {"width": 1.0, "finetune": {"epochs": 2, "batch_size": 16, "augment": {"kind": "none"}}}
+    free = make_pass("distill-feature", config).run(model, context)
+    padded = make_pass("distill-feature", {**config, "padding_free": False}).run(model, context)
+    assert free.notes["training"].startswith("padding-free (") and "the teacher's outputs cached once per row" in free.notes["training"]
+    assert padded.notes["training"].startswith("padded (padding_free false)")
+    a, b = cosine_to_teacher(model, free.path, data), cosine_to_teacher(model, padded.path, data)
+    assert abs(a - b) < 0.01 and a > 0.9, (a, b)  # the same objective on the same rows; only the order of the batches differs
+    import onnx
+
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(free.path)).graph.input]
+    assert dims[0][0] == "batch" and isinstance(dims[0][1], str) and dims[0][1] == dims[1][1]  # the teacher's free length is kept
+    augmented = make_pass("distill-feature", {**config, "finetune": {"epochs": 1, "batch_size": 16}}).run(model, context)
+    assert augmented.notes["training"].endswith("the teacher runs on every batch: augmentation changes every batch")
+    fixed_model, fixed_train, _ = embedding_pt2(tmp_path / "fixed", layers=4, rows=16)
+    fixed = make_pass("distill-feature", {**config, "finetune": {"epochs": 1}}).run(
+        fixed_model, PassContext(workdir=tmp_path, datasets={"train": fixed_train})
+    )
+    assert fixed.notes["training"].startswith(f"padded: the program takes a fixed length of {TOKENS}"), fixed.notes["training"]
