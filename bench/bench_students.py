@@ -234,6 +234,29 @@ def epoch_seconds(events: list[tuple[float, object]]) -> dict:
     return {"epoch_seconds": [round(b - a, 1) for a, b in itertools.pairwise(marks)], "setup_seconds": round(start - events[0][0], 1)}
 
 
+def fit_curve(runs: list[dict], target: float = 0.99) -> dict:
+    """Per trained variant with 2+ counts: a power law of the gap to the teacher, 1 - cosine = a * sentences^-b (least squares in
+    log-log), its largest residual, and the sentences at which it would reach `target` (None when the gap does not shrink)."""
+    fits = {}
+    for name in dict.fromkeys(r["variant"] for r in runs if r["sentences"]):
+        points = sorted((r["sentences"], 1.0 - r["cosine"]) for r in runs if r["variant"] == name and r["sentences"])
+        if len(points) < 2 or any(gap <= 0 for _, gap in points):
+            continue
+        x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+        slope, intercept = np.polyfit(x, y, 1)
+        residual = float(np.abs(y - (slope * x + intercept)).max())
+        b = -float(slope)
+        needed = float(np.exp((intercept - np.log(1.0 - target)) / b)) if b > 0 else None
+        fits[name] = {
+            "points": len(points),
+            "gap_exponent": round(b, 4),
+            "max_log_residual": round(residual, 4),
+            f"sentences_for_{target}": None if needed is None else float(f"{needed:.3g}"),
+            "gain_per_4x": round(float(points[-1][1] * (1 - 4**-b)), 4) if b > 0 else 0.0,
+        }
+    return fits
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_students", description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", default="80,320,1280", help="counts of unlabelled train sentences (the curve's x)")
@@ -418,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         "augment": args.augment,
         "seed": args.seed,
         "runs": runs,
+        "fit": fit_curve(runs),
         "latency": latency,
     }
     RESULTS.parent.mkdir(exist_ok=True)
@@ -425,6 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    for name, fit in result["fit"].items():
+        needed = fit["sentences_for_0.99"]
+        print(
+            f"{name}: 1 - cosine ~ sentences^-{fit['gap_exponent']} (largest log residual {fit['max_log_residual']}); the next 4x of text "
+            f"adds {fit['gain_per_4x']}; 0.99 at " + ("never (the gap does not shrink)" if needed is None else f"~{needed:.3g} sentences")
+        )
     names = list(dict.fromkeys(r["variant"] for r in runs))
     done = sorted({r["sentences"] for r in runs} - {0})
     print(f"\nCPU: {result['cpu']}; cosine to the FP32 teacher on 40 real sentences ({args.epochs} epochs, lr {args.lr:g}); p50 at batch 1")

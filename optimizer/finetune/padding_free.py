@@ -78,10 +78,11 @@ def cut_changes_output(model: Any, xs: Sequence[torch.Tensor], layout: SequenceL
     def first_output(value: Any) -> Any:
         return value[0] if isinstance(value, (tuple, list)) else value
 
-    rows = torch.from_numpy(np.argsort(layout.lengths, kind="stable")[:CHECK_ROWS])
-    length = int(layout.lengths[rows.numpy()].max())
-    if length >= layout.full:
+    shorter = np.flatnonzero(layout.lengths < layout.full)
+    if not len(shorter):
         return f"every row fills the {layout.full} positions, so there is no padding to cut"
+    rows = torch.from_numpy(shorter[np.argsort(layout.lengths[shorter], kind="stable")[:CHECK_ROWS]])
+    length = int(layout.lengths[rows.numpy()].max())
     was_training = model.training
     model.eval()
     try:
@@ -157,14 +158,18 @@ class TeacherCache:
         self.dtype = "float32"
 
     def fill(
-        self, run: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, dict[str, torch.Tensor]]], xs: Sequence[torch.Tensor]
+        self,
+        run: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        xs: Sequence[torch.Tensor],
+        batch_size: int = 64,
     ) -> None:
-        """Runs `run` (the model's first output and named states of a batch) over every row once, padding-free, and keeps them."""
+        """Runs `run` (the model's first output and named states of a batch) over every row once, in batches sorted by length
+        and cut to their longest member, and keeps them."""
         import torch
 
         rows = len(self.batches.lengths)
         total = int(self.batches.lengths.sum())
-        for idx in self.batches.in_order(64):
+        for idx in self.batches.in_order(batch_size):
             inputs = self.batches.take(xs, idx)
             length = inputs[self.batches.layout.mask].shape[1]
             with torch.no_grad():
