@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds (each variant --per-round calls a round)")
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results (partial ones too) are written")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "slimserve-zoo" / "students")
     args = parser.parse_args(argv)
 
@@ -419,8 +420,8 @@ def main(argv: list[str] | None = None) -> None:
                     **epoch_seconds(events),
                 }
             )
-            RESULTS.parent.mkdir(exist_ok=True)
-            RESULTS.write_text(
+            args.results.parent.mkdir(exist_ok=True)
+            args.results.write_text(
                 json.dumps({"cpu": cpu_isa(), "partial": True, "runs": runs}, indent=2)
             )  # a long curve cut short keeps its points
             say(
@@ -444,8 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         "fit": fit_curve(runs),
         "latency": latency,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    args.results.parent.mkdir(exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2))
     if args.json:
         print(json.dumps(result, indent=2))
         return
