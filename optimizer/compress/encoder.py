@@ -109,7 +109,7 @@ def _attention_from(module: Any, projections: list[Any]) -> Attention | None:
     region.sort(key=order.__getitem__)
     first = next((n for n in region if op_name(n) in ATTENTION_OPS), None)
     shape = _shape(first.args[0]) if first is not None else None
-    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+    if shape is None or len(shape) != 4 or not isinstance(shape[3], int):  # the sequence may be free (symbolic); the head size not
         return None
     # The head size from the graph's metadata; the head count from the widths (a pruned unit's metadata still shows the old count).
     head_dim = int(shape[3])

@@ -26,6 +26,8 @@ from slimserve.optimizer.finetune.guard import EXTRA_LR_FACTOR, continue_while_o
 if TYPE_CHECKING:
     import torch
 
+    from slimserve.optimizer.finetune.padding_free import LengthBatches
+
 __all__ = [  # the settings live in optimizer.finetune_config; passes import them from here with the loop
     "EpochResult",
     "FineTuneConfig",
@@ -189,6 +191,7 @@ def fine_tune_(
     after_step: Callable[[int], None] = lambda step: None,
     may_stop: Callable[[int], bool] = lambda epoch: True,
     fraction: tuple[float, float] = (0.0, 1.0),
+    batches: LengthBatches | None = None,
 ) -> list[EpochResult]:
     """Fine-tunes `model` in place and leaves it in eval mode; returns one result per epoch run.
 
@@ -200,6 +203,9 @@ def fine_tune_(
     the budget and improving. Raises OptimizerError when the loss or the gradients stop being
     finite, or the job is cancelled. Data without labels (data.labels None) needs a loss_fn that ignores them
     (slimserve.optimizer.finetune.objectives: toward a teacher's outputs); accuracy is then not reported.
+    batches: padding-free batches of a text model (slimserve.optimizer.finetune.padding_free.LengthBatches, made on
+    `data` as given: max_samples must not cut it further): rows of similar length, each batch cut to its longest member;
+    the loss_fn is then called with `rows=` the batch's row indices (a cache of the teacher's outputs looks them up).
     """
     import torch
 
@@ -210,13 +216,16 @@ def fine_tune_(
             )
     elif data.labels.ndim != 1 or len(data.labels) != len(data.inputs[0]):
         raise OptimizerError(f"{stage}: 'labels' must hold one class index per training sample")
-    data = data.subsample(config.max_samples, context.seed)
+    subsampled = data.subsample(config.max_samples, context.seed)
+    if batches is not None and subsampled is not data:
+        raise OptimizerError(f"{stage}: padding-free batches index the rows as given; subsample the data (max_samples) before making them")
+    data = subsampled
     torch.manual_seed(context.seed)
     generator = torch.Generator().manual_seed(context.seed)
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in data.inputs]
     ys = None if data.labels is None else torch.from_numpy(data.labels.astype(np.int64, copy=False))
     rows = len(xs[0])
-    steps_per_epoch = math.ceil(rows / config.batch_size)
+    steps_per_epoch = math.ceil(rows / config.batch_size) if batches is None else len(batches)
     inserted = insert_dropout_(model, config.dropout)
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in extra_params if p.requires_grad]
     optimizer = make_optimizer(params, config)
@@ -247,12 +256,15 @@ def fine_tune_(
         before_epoch(epoch)
         model.train()
         total_loss, correct = 0.0, 0
-        for batch_no, idx in enumerate(torch.randperm(rows, generator=generator).split(config.batch_size)):
+        order = torch.randperm(rows, generator=generator).split(config.batch_size) if batches is None else batches.epoch(generator)
+        for batch_no, idx in enumerate(order):
             if context.cancelled():
                 raise OptimizerError(f"{stage}: the job was cancelled")
-            inputs = tuple(x[idx] if kind == "none" else augment(x[idx], config.augment, generator) for x, kind in zip(xs, kinds))
+            taken = tuple(x[idx] for x in xs) if batches is None else batches.take(xs, idx)
+            inputs = tuple(x if kind == "none" else augment(x, config.augment, generator) for x, kind in zip(taken, kinds))
             optimizer.zero_grad(set_to_none=True)
-            loss, logits = loss_fn(model, inputs, None if ys is None else ys[idx])
+            labels = None if ys is None else ys[idx]
+            loss, logits = loss_fn(model, inputs, labels) if batches is None else loss_fn(model, inputs, labels, rows=idx)
             if l1_params:
                 loss = loss + config.l1 * l1_penalty(l1_params)
             lr = optimizer.param_groups[0]["lr"]

@@ -41,6 +41,13 @@ def relative_mse(output: Any, target: Any) -> Any:
     return ((output - target) ** 2).mean() / (target.detach() ** 2).mean().clamp(min=1e-8)
 
 
+def masked_relative_mse(output: Any, target: Any, mask: Any) -> Any:
+    """relative_mse over the real positions of [batch, seq, ...] states (mask [batch, seq], 1 on tokens): padding's states are served
+    to no one, and a batch cut to its longest member (padding-free training) gives the same value as at full length."""
+    weight = mask.reshape(*mask.shape, *([1] * (output.dim() - 2))).to(output.dtype)
+    return ((output - target) ** 2 * weight).sum() / (target.detach() ** 2 * weight).sum().clamp(min=1e-8)
+
+
 @dataclass(frozen=True)
 class LabelFreeObjective:
     """A loss toward a frozen reference model's outputs: `kind` from OBJECTIVES, `who` names the reference (teacher, unpruned model)."""

@@ -110,12 +110,16 @@ def example_inputs(program: torch.export.ExportedProgram, batch: int = 2) -> tup
     return tuple(examples)
 
 
-def export_dynamic_batch(module: torch.nn.Module, args: tuple[torch.Tensor, ...], needed_by: str) -> torch.export.ExportedProgram:
-    """torch.export with dim 0 of every input dynamic, or an error that says how to make the model exportable."""
+def export_dynamic_batch(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], needed_by: str, sequence: tuple[int, ...] = ()
+) -> torch.export.ExportedProgram:
+    """torch.export with dim 0 of every input dynamic (and dim 1 of the inputs at `sequence`, one shared length), or an error that
+    says how to make the model exportable."""
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    shapes = tuple({0: batch} if a.dim() > 0 else None for a in args)
+    length = torch.export.Dim("sequence", min=2, max=1 << 16)
+    shapes = tuple(({0: batch, 1: length} if i in sequence else {0: batch}) if a.dim() > 0 else None for i, a in enumerate(args))
     try:
         return torch.export.export(module, args, dynamic_shapes=shapes)
     except Exception as e:  # torch.export raises its own types for data-dependent or specialized shapes

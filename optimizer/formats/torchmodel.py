@@ -109,11 +109,12 @@ def export_module_onnx(
     inputs: list[str],
     outputs: list[str],
     needed_by: str,
+    sequence: tuple[int, ...] = (),
 ) -> Path:
-    """Exports the trained module (eval mode, dynamic batch) as one ONNX file with the served names."""
+    """Exports the trained module (eval mode, dynamic batch; dynamic length on the inputs at `sequence`) as one ONNX file with the served names."""
     remove_dropout_(module)
     module.eval()
-    program = export_dynamic_batch(module, example, needed_by)
+    program = export_dynamic_batch(module, example, needed_by, sequence)
     target = context.new_path(stem, ".onnx")
     return export_program_to_onnx(program, target, inputs, outputs, needed_by)
 
@@ -165,9 +166,25 @@ def prepare(artifact: Artifact, context: PassContext, needed_by: str, with_eval:
     return Prepared(module, inputs, outputs, data, example, classes, specs)
 
 
-def finish(prepared: Prepared, context: PassContext, artifact: Artifact, stem: str, needed_by: str, **notes: str) -> Artifact:
+def dynamic_sequence_inputs(prepared: Prepared) -> tuple[int, ...]:
+    """The token inputs (input_ids, attention_mask, token_type_ids) whose length the source model declares free ([batch, seq] symbolic)."""
+    from slimserve.optimizer.formats.sequence_axis import SEQUENCE_NAMES
+
+    return tuple(
+        i
+        for i, name in enumerate(prepared.inputs)
+        if name in SEQUENCE_NAMES and len(prepared.specs[name][1]) == 2 and not isinstance(prepared.specs[name][1][1], int)
+    )
+
+
+def finish(
+    prepared: Prepared, context: PassContext, artifact: Artifact, stem: str, needed_by: str, dynamic_sequence: bool = False, **notes: str
+) -> Artifact:
+    """Exports the trained module as the variant's ONNX file; dynamic_sequence: token inputs of a free length stay free (else the
+    example's length is fixed)."""
     context.progress(ProgressEvent(stage=needed_by, fraction=0.97, message="exporting ONNX"))
-    target = export_module_onnx(prepared.module, prepared.example, context, stem, prepared.inputs, prepared.outputs, needed_by)
+    sequence = dynamic_sequence_inputs(prepared) if dynamic_sequence else ()
+    target = export_module_onnx(prepared.module, prepared.example, context, stem, prepared.inputs, prepared.outputs, needed_by, sequence)
     return Artifact(
         path=target,
         format="onnx",

@@ -39,6 +39,7 @@ from slimserve.optimizer.compress.students import (
 )
 from slimserve.optimizer.compress.transformer import find_encoder
 from slimserve.optimizer.counting.torch_counts import flops_per_sample, parameter_count
+from slimserve.optimizer.finetune.augment import input_kind
 from slimserve.optimizer.finetune.loop import (
     FineTuneConfig,
     fine_tune_,
@@ -46,8 +47,10 @@ from slimserve.optimizer.finetune.loop import (
     first_output,
     nested_finetune,
 )
-from slimserve.optimizer.finetune.objectives import objective_of, relative_mse, soft_target_kl
+from slimserve.optimizer.finetune.objectives import masked_relative_mse, objective_of, relative_mse, soft_target_kl
+from slimserve.optimizer.finetune.padding_free import LengthBatches, TeacherCache, cut_changes_output, sequence_layout
 from slimserve.optimizer.formats.export import load_program, program_input_types
+from slimserve.optimizer.formats.sequence_axis import TOLERANCE
 from slimserve.optimizer.formats.torchlayers import check_layer_names, layers_in_order, lift_layers, output_layers
 from slimserve.optimizer.formats.torchmodel import Prepared, finish, output_shapes, prepare
 
@@ -80,6 +83,12 @@ class DistillSoftConfig(PassConfig):
         "the layer whose removal changes the output least on 64 train rows)",
     )
     merge_dropped: bool = setting(False, "start each kept encoder layer as the mean of its weights and the dropped layers' it stands for")
+    padding_free: bool = setting(
+        True,
+        "a text model (an attention_mask input, trailing padding) whose program takes any length trains on batches of rows of "
+        "similar length, each cut to its longest member, with the teacher's outputs computed once per row at its real length "
+        "(without augmentation; with it the teacher runs on every batch); false: every batch at full length",
+    )
     temperature: float = setting(4.0, "the softening temperature T")
     soft_weight: float = setting(0.7, "weight of the soft-target term (T^2 x KL to the teacher)")
     hard_weight: float = setting(0.3, "weight of the cross-entropy on the labels")
@@ -379,10 +388,23 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
                 f"{list(s_shape)} (heads, queries, keys) where the teacher's is {list(t_shape)}; set width 1 (every head kept) or attention_weight 0"
             )
     T, smoothing = config.temperature, config.finetune.label_smoothing
+    data = prepared.data.subsample(config.finetune.max_samples, context.seed)
+    batches, cache, training = padding_free_training(teacher, student, data, prepared, config, taps, pairs, attention is not None)
+    context.progress(ProgressEvent(stage=pass_name, fraction=0.065, message=f"training {training}"))
+    masked = mask_at is not None and sequence_layout(prepared.inputs, prepared.specs, data.inputs)[0] is not None
 
-    def loss_fn(model: Any, inputs: tuple[Any, ...], labels: Any) -> tuple[Any, Any]:
-        with torch.no_grad():
-            teacher_logits = first_output(teacher(*inputs))
+    def hidden_loss(student_state: Any, teacher_state: Any, inputs: tuple[Any, ...]) -> Any:
+        """Relative MSE of two hidden states; [batch, seq, ...] ones of a text model on the real tokens only."""
+        if masked and mask_at is not None and student_state.dim() >= 3 and student_state.shape[1] == inputs[mask_at].shape[1]:
+            return masked_relative_mse(student_state, teacher_state, inputs[mask_at])
+        return relative_mse(student_state, teacher_state)
+
+    def loss_fn(model: Any, inputs: tuple[Any, ...], labels: Any, rows: Any = None) -> tuple[Any, Any]:
+        if cache is not None:
+            teacher_logits = cache.first_output(rows)
+        else:
+            with torch.no_grad():
+                teacher_logits = first_output(teacher(*inputs))
         logits = first_output(model(*inputs))
         if label_free is not None:
             loss = label_free.output_loss(logits, teacher_logits)
@@ -398,15 +420,19 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
             )
             loss = loss + config.attention_weight * relations  # type: ignore[attr-defined]
         if pairs and taps is not None:
-            feature = sum(relative_mse(proj(taps[0].outputs[s]), taps[1].outputs[t]) for proj, (s, t) in zip(projections, pairs)) / len(
-                pairs
-            )
-            loss = loss + config.feature_weight * feature  # type: ignore[operator]
+            length = inputs[mask_at].shape[1] if mask_at is not None else 0
+            feature = sum(
+                hidden_loss(proj(taps[0].outputs[s]), cache.state(t, rows, length) if cache is not None else taps[1].outputs[t], inputs)
+                for proj, (s, t) in zip(projections, pairs)
+            ) / len(pairs)
+            loss = loss + config.feature_weight * feature  # type: ignore[attr-defined,operator]
         return loss, logits
 
     extra = [p for proj in projections for p in proj.parameters() if p.requires_grad]
     try:
-        fine_tune_(student, prepared.data, config.finetune, context, pass_name, loss_fn=loss_fn, extra_params=extra, fraction=(0.07, 0.88))
+        fine_tune_(
+            student, data, config.finetune, context, pass_name, loss_fn=loss_fn, extra_params=extra, fraction=(0.07, 0.88), batches=batches
+        )
     finally:
         if taps is not None:
             for tap in taps:
@@ -418,11 +444,63 @@ def distill(pass_name: str, artifact: Artifact, context: PassContext, config: Di
         artifact,
         f"{artifact.path.stem}-student",
         pass_name,
+        dynamic_sequence=True,
         distilled=pass_name,
         student=origin,
         objective=objective,
+        training=training,
         params_fraction=f"{s_params / t_params:.4f}",
         flops_fraction=f"{s_flops / t_flops:.4f}",
+    )
+
+
+def padding_free_training(
+    teacher: Any,
+    student: Any,
+    data: Any,
+    prepared: Prepared,
+    config: DistillSoftConfig,
+    taps: tuple[FeatureTap, FeatureTap] | None,
+    pairs: list[tuple[str, str]],
+    attention: bool,
+) -> tuple[LengthBatches | None, TeacherCache | None, str]:
+    """Padding-free batches (and the teacher's outputs cached per row) where the model and settings allow, and a line saying how
+    training runs and, where it runs padded or with the teacher live, why."""
+    import numpy as np
+    import torch
+
+    if not config.padding_free:
+        return None, None, "padded (padding_free false): every batch at full length, the teacher run on every batch"
+    layout, why_not = sequence_layout(prepared.inputs, prepared.specs, data.inputs)
+    xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in data.inputs]
+    if layout is not None:
+        why_not = cut_changes_output(teacher, xs, layout, TOLERANCE) or cut_changes_output(student, xs, layout, TOLERANCE)
+    if layout is None and not why_not:
+        return None, None, "every batch as given (no token inputs)"
+    if layout is None or why_not:
+        return None, None, f"padded: {why_not}"
+    batches = LengthBatches(layout, config.finetune.batch_size)
+    tokens = f"{int(layout.lengths.sum())} of {layout.lengths.size * layout.full} positions are tokens"
+    augment = config.finetune.augment
+    augmented = augment.kind != "none" and any((input_kind(x) if augment.kind == "auto" else augment.kind) != "none" for x in data.inputs)
+    if augmented or attention:
+        why = "augmentation changes every batch" if augmented else "the attention term needs the teacher's attention maps"
+        return batches, None, f"padding-free ({tokens}); the teacher runs on every batch: {why}"
+    cache = TeacherCache(batches)
+    names = [t for _, t in pairs]
+
+    def run(inputs: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
+        out = first_output(teacher(*inputs))
+        return out, {t: taps[1].outputs[t] for t in names} if taps is not None else {}
+
+    teacher.eval()
+    cache.fill(run, xs)
+    return (
+        batches,
+        cache,
+        (
+            f"padding-free ({tokens}); the teacher's outputs cached once per row ({cache.nbytes() / 2**20:.0f} MiB, hidden states in {cache.dtype})"
+        ),
     )
 
 

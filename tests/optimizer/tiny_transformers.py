@@ -98,10 +98,12 @@ def embedding(layers: int = 4) -> nn.Module:
     return SentenceEmbedding(BertEncoder(VOCAB, 32, layers, 4, 64, max_len=TOKENS)).eval()
 
 
-def embedding_pt2(root: Path, layers: int = 4, rows: int = 128) -> tuple[Artifact, Path, Path]:
-    """The tiny embedding model as model.pt2 (inputs input_ids / attention_mask, output sentence_embedding), and train / eval .npz without labels."""
+def embedding_pt2(root: Path, layers: int = 4, rows: int = 128, free_length: bool = False) -> tuple[Artifact, Path, Path]:
+    """The tiny embedding model as model.pt2 (inputs input_ids / attention_mask, output sentence_embedding), and train / eval .npz without labels.
+
+    free_length: the program takes any sequence length (what padding-free training needs), not only TOKENS."""
     root.mkdir(parents=True, exist_ok=True)
-    program = export_dynamic_batch(embedding(layers), bert_example(), "test")
+    program = export_dynamic_batch(embedding(layers), bert_example(), "test", sequence=(0, 1) if free_length else ())
     torch.export.save(program, str(root / "model.pt2"))
     for name, seed in (("train", 2), ("data", 3)):
         ids = torch.randint(1, VOCAB, (rows, TOKENS), generator=torch.Generator().manual_seed(seed)).numpy()

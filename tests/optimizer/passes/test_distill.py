@@ -252,3 +252,46 @@ def test_attention_weight_is_refused_below_zero_and_for_a_model_without_attentio
         make_pass("distill-feature", {"attention_weight": -1})
     with pytest.raises(OptimizerError, match="attention_weight needs a transformer student and teacher"):
         make_pass("distill-feature", {"attention_weight": 1.0, "finetune": FAST}).run(teacher, _context(digits, tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# padding-free training: batches by length, the teacher's outputs cached once per row (optimizer/finetune/padding_free.py)
+
+
+def test_padding_free_training_caches_the_teacher_and_keeps_the_free_length(tmp_path):
+    import onnx
+
+    from tests.optimizer.tiny_transformers import embedding_pt2
+
+    model, train, data = embedding_pt2(tmp_path / "free", layers=4, rows=64, free_length=True)
+    context = PassContext(workdir=tmp_path, datasets={"train": train})
+    config = {"width": 1.0, "finetune": {"epochs": 2, "batch_size": 16, "augment": {"kind": "none"}}}
+    free = make_pass("distill-feature", config).run(model, context)
+    assert free.notes["training"].startswith("padding-free (") and "the teacher's outputs cached once per row" in free.notes["training"]
+    # untrained 0.894; trained padded (padding_free false, same settings) 0.9822, padding-free 0.9822 (measured once)
+    assert cosine_to_teacher(model, free.path, data) > 0.95
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(free.path)).graph.input]
+    assert dims[0][0] == "batch" and isinstance(dims[0][1], str) and dims[0][1] == dims[1][1]  # the teacher's free length is kept
+
+
+def training_line(model: Artifact, train, tmp_path, config: dict) -> str:
+    """How the pass says it trains, read from its progress; the job is cancelled at its first batch (nothing trained or exported)."""
+    events: list[ProgressEvent] = []
+    context = PassContext(workdir=tmp_path, datasets={"train": train}, progress=events.append, cancelled=lambda: True)
+    with pytest.raises(OptimizerError, match="the job was cancelled"):
+        make_pass("distill-feature", config).run(model, context)
+    return next(e.message for e in events if e.message.startswith("training "))
+
+
+def test_training_says_when_the_teacher_runs_on_every_batch_and_when_the_program_takes_one_length(tmp_path):
+    from tests.optimizer.tiny_transformers import TOKENS, embedding_pt2
+
+    free_model, free_train, _ = embedding_pt2(tmp_path / "free", layers=2, rows=16, free_length=True)
+    augmented = training_line(free_model, free_train, tmp_path, {"width": 1.0, "keep_layers": 1})  # augment auto: text
+    assert augmented.startswith("training padding-free (") and augmented.endswith(
+        "the teacher runs on every batch: augmentation changes every batch"
+    )
+    fixed_model, fixed_train, _ = embedding_pt2(tmp_path / "fixed", layers=2, rows=16)
+    fixed = training_line(fixed_model, fixed_train, tmp_path, {"width": 1.0, "keep_layers": 1})
+    assert fixed.startswith(f"training padded: the program takes a fixed length of {TOKENS} ("), fixed
+    assert "export it with a dynamic sequence dimension (torch.export.Dim on axis 1 of the token inputs)" in fixed
