@@ -14,7 +14,8 @@ from slimserve.optimizer.finetune.augment import AugmentConfig, augment, input_k
 
 def test_input_kind_from_dtype_and_rank():
     assert input_kind(np.zeros((2, 1, 8, 8), np.float32)) == "image"
-    assert input_kind(np.zeros((2, 16), np.int64)) == "text"
+    assert input_kind(np.arange(32, dtype=np.int64).reshape(2, 16)) == "text"
+    assert input_kind(np.ones((2, 16), np.int64)) == "none"  # an attention mask (0s and 1s) is not text
     assert input_kind(torch.zeros(2, 3, 50)) == "timeseries"
     assert input_kind(torch.zeros(2, 50)) == "timeseries"
 
@@ -58,4 +59,15 @@ def test_time_series_augmentation_keeps_shape_and_dtype(shape):
 
 def test_an_augmentation_that_does_not_fit_the_input_is_refused():
     with pytest.raises(OptimizerError, match=r"augment kind 'image' does not apply to an input of torch.int64 \[2, 5\]"):
-        augment(torch.zeros(2, 5, dtype=torch.int64), AugmentConfig(kind="image"), torch.Generator())
+        augment(torch.arange(10, dtype=torch.int64).reshape(2, 5), AugmentConfig(kind="image"), torch.Generator())
+
+
+def test_text_augmentation_leaves_the_attention_mask_alone():
+    """Token dropout and insertion on an attention mask took real tokens out of attention and shifted the mask
+    against the ids: a 0/1 input is never augmented, even when the kind is asked as text."""
+    ids = torch.tensor([[5, 9, 7, 3, 0, 0], [4, 8, 6, 2, 11, 12]])
+    mask = (ids != 0).long()
+    config = AugmentConfig(kind="text", token_dropout=0.9, token_insert=0.9, token_swap=0.9)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(mask, config, generator), mask)
+    assert not torch.equal(augment(ids, config, generator), ids)  # the ids themselves still are
