@@ -113,6 +113,26 @@ def fleet_dashboard() -> dict:
         )
     )
 
+    grid.row("Optimizer jobs beside traffic")
+    grid.add(
+        timeseries(
+            "Job workers held for traffic",
+            "Seconds per second the job yield (--job-yield) held optimizer job workers stopped while serving was busy, "
+            "by model and recipe: a job that runs beside heavy traffic goes this much slower.",
+            "percentunit",
+            (rate("slimserve_job_paused_seconds_total", sel, "model, recipe"), "{{model}} {{recipe}}"),
+        )
+    )
+    grid.add(
+        timeseries(
+            "Job yield run fraction",
+            "The fraction of the time a local job worker runs now (1: serving is not busy, or no job runs), by node type.",
+            "percentunit",
+            ("max by (node_type) (slimserve_job_yield_run_ratio{" + sel + "})", "{{node_type}}"),
+            max_=1,
+        )
+    )
+
     grid.row("Variants")
     grid.add(
         table(

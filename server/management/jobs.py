@@ -216,6 +216,8 @@ class JobManager:
             raise InvalidArgument(str(e)) from e
         job = Job(uuid.uuid4().hex[:12], request.model, variant, recipe, request)
         self.jobs[job.id] = job
+        if self.metrics is not None:  # the series exists (at 0) from the job's start, so that rate() sees its first pause
+            self.metrics.job_paused.labels(model=job.model, recipe=recipe.name, node_type=self.metrics.node_type)
         self._record(job, "queued", "")
         waiting = sum(1 for j in self.jobs.values() if j.state == "queued") - 1
         job.events.append(ProgressEvent("queued", 0.0, f"job {job.id} queued" + (f" behind {waiting} other(s)" if waiting else "")))

@@ -80,7 +80,8 @@ class ServedServer:
 def served(tmp_path_factory) -> ServedServer:
     """An in-process slimserve on free loopback ports that has served an A/B split with a shadow.
 
-    Variants baseline (70%), copy (30%) and mirror (shadow); good and bad requests; feedback; then a rollout of copy starts.
+    Variants baseline (70%), copy (30%) and mirror (shadow), and ort (an optimize job's, no traffic); good and bad
+    requests; feedback; then a rollout of copy starts.
     """
     from slimserve.client.client import SlimServeClient, SlimServeClientError
     from tests.conftest import ServerHandle
@@ -93,6 +94,7 @@ def served(tmp_path_factory) -> ServedServer:
     try:
         with SlimServeClient(handle.address) as client:
             client.register(MODEL, model, data=root / "data.npz")
+            client.optimize(MODEL, "graph-ort", variant_name="ort")  # a job: its series (paused seconds, run fraction)
             handle.add_variant(MODEL, "copy", model, recipe="copy")
             handle.add_variant(MODEL, "mirror", model, recipe="copy")
             client.traffic(MODEL, {"baseline": 70, "copy": 30}, shadows=["mirror"])
