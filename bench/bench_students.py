@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
         "once per sentence) | off (every batch at --length, the teacher run on every batch: the old path)",
     )
     parser.add_argument(
-        "--augment", default="none", help="finetune.augment.kind: none | auto (text augmentation of every integer input, the mask too)"
+        "--augment",
+        default="none",
+        help="finetune.augment.kind: none | auto (text augmentation of the token ids; a 0/1 mask is never augmented)",
     )
     parser.add_argument("--seed", type=int, default=0, help="the passes' seed (PassContext.seed)")
     parser.add_argument("--epochs", type=int, default=3)

@@ -24,7 +24,7 @@ from slimserve.optimizer.base import (
     ProgressEvent,
     RuntimeFactory,
 )
-from slimserve.optimizer.catalog import make_pass, pass_classes
+from slimserve.optimizer.catalog import pass_classes
 from slimserve.optimizer.data import SampleMajorPredictor, has_labels, needs_layout, samples_first
 from slimserve.optimizer.evaluation.evaluators import Evaluator
 from slimserve.optimizer.evaluation.measure import Evaluation, Outputs, evaluate, record_speedup, timed_speedup
@@ -33,7 +33,7 @@ from slimserve.optimizer.evaluation.timing import TimingOptions
 from slimserve.optimizer.formats.export import onnx_input_types
 from slimserve.optimizer.formats.onnx_files import single_file
 from slimserve.optimizer.passes.auto import AutoConfig
-from slimserve.optimizer.passes.dynamic_seq import fixed_sequence
+from slimserve.optimizer.passes.dynamic_seq import any_length_first
 from slimserve.optimizer.recipes import Recipe, run_recipe
 from slimserve.optimizer.report import report_rows
 from slimserve.optimizer.search.auto import auto_search
@@ -208,7 +208,7 @@ def optimize(
         return OptimizeResult(artifact, evaluation, base, rows, base_outputs)
     budgeted = accuracy_budget is not None or any(recipe.budget(i).max_drop is not None for i in range(len(recipe.passes)))
     judge = None
-    start = any_length_first(recipe, source, context)
+    start = graph_start(recipe, source, context)
     if not budgeted:
         artifact, searches = run_recipe(recipe, start, context), []
     else:
@@ -270,20 +270,13 @@ def optimize(
 ANY_LENGTH_FIRST = frozenset({"quantize-dynamic", "quantize-static", "graph-ort"})
 
 
-def any_length_first(recipe: Recipe, source: Artifact, context: PassContext) -> Artifact:
+def graph_start(recipe: Recipe, source: Artifact, context: PassContext) -> Artifact:
     """The source the recipe starts from: a fixed-length text export made to take any length (graph-dynamic-seq, checked
     exactly) when the first pass is one of ANY_LENGTH_FIRST; the export as it is when the rewrite refuses (said in the
     progress), or when there is nothing to rewrite."""
-    if source.format != "onnx" or not recipe.passes or recipe.passes[0].name not in ANY_LENGTH_FIRST:
+    if not recipe.passes or recipe.passes[0].name not in ANY_LENGTH_FIRST:
         return source
-    if fixed_sequence(source.path) is None:
-        return source
-    context.progress(ProgressEvent(stage="graph-dynamic-seq", fraction=0.0, message="a fixed sequence length, made any length first"))
-    try:
-        return make_pass("graph-dynamic-seq").run(source, context)
-    except OptimizerError as e:
-        context.progress(ProgressEvent(stage="graph-dynamic-seq", fraction=0.0, message=f"kept fixed: {e}"))
-        return source
+    return any_length_first(source, context, context, "graph-dynamic-seq")[0]
 
 
 def run_recipe_within_budget(

@@ -19,7 +19,7 @@ import numpy as np
 
 from slimserve.optimizer.base import OptimizerError, PassContext, ProgressEvent
 from slimserve.optimizer.data import TrainData
-from slimserve.optimizer.finetune.augment import augment, input_kind, mask_like
+from slimserve.optimizer.finetune.augment import augment, input_kind
 from slimserve.optimizer.finetune.config import FineTuneConfig, finetune_field, nested_finetune
 from slimserve.optimizer.finetune.guard import EXTRA_LR_FACTOR, continue_while_over_budget, current_guard
 
@@ -231,7 +231,7 @@ def fine_tune_(
     optimizer = make_optimizer(params, config)
     schedule = make_schedule(optimizer, config, steps_per_epoch)
     l1_params = [p for p in model.parameters() if p.requires_grad and p.dim() > 1] if config.l1 > 0 else []
-    kinds = ["none" if mask_like(x) else input_kind(x) if config.augment.kind == "auto" else config.augment.kind for x in xs]
+    kinds = [input_kind(x) if config.augment.kind == "auto" else config.augment.kind for x in xs]
     if loss_fn is None:
 
         def loss_fn(m: Any, inputs: tuple[Any, ...], labels: Any) -> tuple[Any, Any]:

@@ -297,3 +297,19 @@ class DynamicSeqPass(Pass[DynamicSeqConfig]):
         return source.derive(
             target, dynamic_sequence=f"{','.join(names)} (was {length}; {reshapes} reshape(s), {constants} constant(s) cut)"
         )
+
+
+def any_length_first(source: Artifact, work: PassContext, progress: PassContext, stage: str) -> tuple[Artifact, str]:
+    """The artifact later passes start from: a fixed-length text export (ONNX) made any length by this pass, checked
+    exactly, so the variants they make run each request at its real length when served (`auto`'s ONNX candidates, and a
+    recipe whose first pass is a graph pass: optimizer/pipeline.py). (source, "") when there is nothing to rewrite;
+    (source, "kept fixed: why") when the pass refuses, said in `progress` under `stage` too; else (made, "any length: ...")."""
+    if source.format != "onnx" or fixed_sequence(source.path) is None:
+        return source, ""
+    progress.progress(ProgressEvent(stage=stage, fraction=0.0, message="graph-dynamic-seq: a fixed sequence length, made any length"))
+    try:
+        made = DynamicSeqPass(DynamicSeqConfig()).run(source, work)
+    except OptimizerError as e:
+        progress.progress(ProgressEvent(stage=stage, fraction=0.0, message=str(e)))
+        return source, f"kept fixed: {e}"
+    return made, f"any length: {made.notes.get('dynamic_sequence', '')}"

@@ -38,7 +38,7 @@ from slimserve.optimizer.evaluation.quality import describe
 from slimserve.optimizer.evaluation.reference import EXPORT, Reference, dynamic_int8_unfit, measure_reference, timed_against
 from slimserve.optimizer.evaluation.timing import beats
 from slimserve.optimizer.passes.auto import AutoConfig
-from slimserve.optimizer.passes.dynamic_seq import fixed_sequence
+from slimserve.optimizer.passes.dynamic_seq import any_length_first
 from slimserve.optimizer.report import report_rows
 from slimserve.optimizer.search.budget import BudgetOptions, Judge, SearchResult, budget_columns, run_within_budget
 
@@ -214,15 +214,9 @@ def _any_length(start_onnx: Artifact | None, work: PassContext, context: PassCon
     """A text model exported at a fixed sequence length goes through graph-dynamic-seq before the ONNX candidates, so
     that the variant kept runs each request at its real length (server/batching/sequence.py); refused, they start from
     the export as it is, and the summary says why."""
-    if start_onnx is None or fixed_sequence(start_onnx.path) is None:
-        return start_onnx, ""
-    context.progress(ProgressEvent(stage="auto", fraction=0.0, message="graph-dynamic-seq: a fixed sequence length, made any length"))
-    try:
-        made = make_pass("graph-dynamic-seq").run(start_onnx, work)
-    except OptimizerError as e:
-        context.progress(ProgressEvent(stage="auto", fraction=0.0, message=str(e)))
-        return start_onnx, f"kept fixed: {e}"
-    return made, f"any length: {made.notes.get('dynamic_sequence', '')}"
+    if start_onnx is None:
+        return None, ""
+    return any_length_first(start_onnx, work, context, "auto")
 
 
 def floor_problem(e: Evaluation | None, floor: float) -> str:
