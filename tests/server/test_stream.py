@@ -1,6 +1,8 @@
 """ModelStreamInfer (Triton's streaming API): answers by id, batching across a stream, errors on and of the stream."""
 
 import queue
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -41,8 +43,22 @@ def test_every_request_is_answered_by_id_and_requests_batch_together(server_fact
     channel = grpc.insecure_channel(server.address)
     digits_stub = pb_grpc.GRPCInferenceServiceStub(channel)
     x = digits.x_test[:64]
-    stats = server.server.dataplane.models["digits"].variants["baseline"].stats
+    served = server.server.dataplane.models["digits"].variants["baseline"]
+    stats, batcher = served.stats, served.batcher
     before_batches, before_samples = stats.batches, stats.samples
+    # A digits call (~0.1 ms) can be faster than the stream's messages arrive on a busy machine (CI once saw all 64 run
+    # alone). The first call is held (up to 10 s) until a quarter of the stream is queued behind it: whether queued
+    # requests then merge is what this checks, on any machine.
+    predict, first = batcher.predict, threading.Lock()
+
+    def held(inputs, outputs):
+        if first.acquire(blocking=False):
+            until = time.monotonic() + 10
+            while batcher.queued < len(x) // 4 and time.monotonic() < until:
+                time.sleep(0.001)
+        return predict(inputs, outputs)
+
+    batcher.predict = held
     responses = list(digits_stub.ModelStreamInfer(iter([infer_request(x[i : i + 1], f"r{i}") for i in range(len(x))]), timeout=60))
     assert all(r.error_message == "" for r in responses)
     by_id = {r.infer_response.id: r.infer_response for r in responses}
