@@ -36,6 +36,7 @@ class PointResult:
     client_cpu_s: float = 0.0
     server_cpu_s: float | None = None  # the server's process tree, inside the measured window
     server_rss_bytes: int | None = None  # the server's process tree at the window's end
+    server_own_cpu_s: float | None = None  # the server's process alone (not its children: a job's worker), inside the window
 
     @property
     def throughput(self) -> float:
@@ -164,17 +165,19 @@ def run_point(
         float(sum(r[2] for r in results)),
         server.get("cpu_s"),
         int(server["rss"]) if "rss" in server else None,
+        server.get("own_cpu_s"),
     )
 
 
 def _watch_server(pid: int, window_start: float, seconds: float, out: dict[str, float]) -> None:
-    """The server tree's CPU seconds between the window's edges (monotonic clock) and its resident memory at the end."""
-    from bench.common import descendants, rss_bytes, tree_cpu_seconds
+    """The server tree's CPU seconds between the window's edges (monotonic clock), the server process's alone, and the
+    tree's resident memory at the end."""
+    from bench.common import cpu_seconds, descendants, rss_bytes, tree_cpu_seconds
 
     time.sleep(max(0.0, window_start - time.monotonic()))
-    before = tree_cpu_seconds(pid)
+    before, own = tree_cpu_seconds(pid), cpu_seconds(pid)
     time.sleep(max(0.0, window_start + seconds - time.monotonic()))
-    out["cpu_s"] = tree_cpu_seconds(pid) - before
+    out["cpu_s"], out["own_cpu_s"] = tree_cpu_seconds(pid) - before, cpu_seconds(pid) - own
     rss = 0
     for p in descendants(pid):
         try:

@@ -167,7 +167,10 @@ class Settings(BaseSettings):
         "`slimctl jobs` shows such a job 'paused for traffic'",
     )
     job_yield_busy: float = setting(
-        0.5, "requests in flight, on average over the last second, from which serving counts as busy for --job-yield", gt=0
+        0.5,
+        "requests in flight on average over the last second (or, while requests are answered, cores the server process "
+        "used over it) from which serving counts as busy for --job-yield",
+        gt=0,
     )
     job_cpus: float = setting(1.0, "CPUs each job declares on a Ray cluster", gt=0)
     job_gpus: float = setting(0.0, "GPUs each job declares on a Ray cluster", ge=0)

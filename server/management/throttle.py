@@ -1,14 +1,15 @@
 """The job yield: local job workers run on a duty cycle while serving traffic is heavy (`--job-yield`).
 
-Nice +19 and a thread cap give serving the CPU, but not the memory bandwidth and the L3 that a worker streaming a
-model's weights takes (measured on MiniLM: the server's CPU per request rose from ~7 ms to 9-14 ms while the worker
-ran). So, while the server's recent load (requests in flight, averaged over the last second) is at or above
+Nice +19 / SCHED_IDLE and a thread cap give serving the cores, but not their caches, memory bandwidth or a vCPU's
+sibling hardware thread (which of these, not measured here; bench_jobs on the digits CNN: a SCHED_IDLE worker beside 4 busy callers, not stopped, cost
+serving's p99 1.5-2x). So, while the server's recent load (requests in flight, averaged over the last second, or,
+while it answers requests, the cores the server process used over that second, whichever is higher) is at or above
 `--job-yield-busy`, the throttle runs each worker for a fraction of every 100 ms slice window and holds it stopped
 (SIGSTOP to its process group) for the rest; when traffic falls it resumes it (SIGCONT) at full speed.
 
-`--job-yield auto` adapts the fraction: it compares the mean latency of requests answered while the worker ran with
-those answered while it was stopped, halves the fraction when serving lost more than `TOLERANCE`, and raises it again
-when it did not (between `MIN_RUN` and 1). A number (`0.25`) is a fixed fraction; `off` never stops a worker.
+`--job-yield auto` adapts the fraction: it compares the mean latency of requests answered while the worker ran, and how
+many were answered per second, with the same while it was stopped, halves the fraction when serving lost more than
+`TOLERANCE` in either, and raises it again when it did not (between `MIN_RUN` and 1). A number (`0.25`) is a fixed fraction; `off` never stops a worker.
 
 What it costs the jobs is counted: `paused_s` (job id -> seconds the throttle held its worker stopped, a stop
 counted when it ends) and `run_fraction` (the fraction a worker runs now: 1 while serving is not busy), which
@@ -17,7 +18,8 @@ counted when it ends) and `run_fraction` (the fraction a worker runs now: 1 whil
 
 A worker stopped by someone else (a debugger, `kill -STOP`, the bench's paused windows) is left alone: the throttle
 never resumes a stop it did not make. It sees a SIGSTOP that arrived while it held the worker stopped as pending in
-/proc/PID/status (ShdPnd), and a worker found stopped while the throttle let it run as held from outside.
+/proc/PID/status (ShdPnd) on a stopped worker, and a worker found stopped while the throttle let it run as held from
+outside.
 
 Only the local runner is throttled: a Ray task runs on the cluster's nodes, not beside this server's traffic.
 """
@@ -73,6 +75,8 @@ class Duty:
     fraction: float = 0.1  # auto's current run fraction while busy: it starts low and rises while serving loses nothing
     run_latency: float | None = None  # auto: smoothed mean latency of requests answered while the worker ran
     stop_latency: float | None = None  # ... and while it was stopped
+    run_rate: float | None = None  # auto: smoothed requests answered per second while the worker ran
+    stop_rate: float | None = None  # ... and while it was stopped
 
     def run_fraction(self, load: float) -> float:
         """The fraction of slices a worker runs at this load (requests in flight on average)."""
@@ -80,20 +84,29 @@ class Duty:
             return 1.0
         return self.fixed if self.fixed is not None else self.fraction
 
-    def observe(self, ran: bool, latency: float | None) -> None:
-        """Auto: the mean latency of requests answered in a slice in which the worker ran (or was stopped)."""
+    def observe(self, ran: bool, latency: float | None, rate: float | None = None) -> None:
+        """Auto: the mean latency (inside the dataplane) of requests answered in a slice in which the worker ran (or was
+        stopped), and how many were answered per second. Both: callers that wait for each answer (closed loop) lose
+        throughput where the dataplane sees no slower request (the time lost is in gRPC's threads and the callers'
+        turns; the digits CNN under the worker: 0.7x the answers, the same time inside), and requests arriving at a
+        fixed rate lose latency, not answers."""
         if self.fixed is not None or latency is None:
             return
         if ran:
-            self.run_latency = latency if self.run_latency is None else 0.8 * self.run_latency + 0.2 * latency
+            self.run_latency = smoothed(self.run_latency, latency)
+            self.run_rate = smoothed(self.run_rate, rate)
         else:
-            self.stop_latency = latency if self.stop_latency is None else 0.8 * self.stop_latency + 0.2 * latency
+            self.stop_latency = smoothed(self.stop_latency, latency)
+            self.stop_rate = smoothed(self.stop_rate, rate)
 
     def adapt(self) -> None:
-        """Auto, once a cycle: lower the fraction while running the worker costs serving more than TOLERANCE, else raise it."""
+        """Auto, once a cycle: lower the fraction while running the worker costs serving more than TOLERANCE (latency up or
+        answers down), else raise it."""
         if self.fixed is not None or self.run_latency is None or self.stop_latency is None:
             return
-        if self.run_latency > self.stop_latency * (1 + TOLERANCE):
+        slower = self.run_latency > self.stop_latency * (1 + TOLERANCE)
+        fewer = self.run_rate is not None and self.stop_rate is not None and self.run_rate < self.stop_rate * (1 - TOLERANCE)
+        if slower or fewer:
             self.fraction = max(MIN_RUN, self.fraction / 2)
         else:
             self.fraction = min(1.0, self.fraction * 1.25)
@@ -106,6 +119,13 @@ class Duty:
         cycle = max(WINDOW, round(1 / fraction)) if fraction < 1 / WINDOW else WINDOW
         k = max(1, round(fraction * cycle))
         return slice_index % cycle < k
+
+
+def smoothed(average: float | None, value: float | None) -> float | None:
+    """An exponential moving average that starts at its first value (None: nothing to add)."""
+    if value is None:
+        return average
+    return value if average is None else 0.8 * average + 0.2 * value
 
 
 def stop_pending(pid: int) -> bool:
@@ -131,8 +151,16 @@ def is_stopped(pid: int) -> bool:
 class Throttle:
     """Runs the duty cycle over the workers a runner reports (`pids()`: job id -> pid), on a thread of its own."""
 
-    def __init__(self, load: ServingLoad, pids: Callable[[], dict[str, int]], fixed: float | None, busy_threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        load: ServingLoad,
+        pids: Callable[[], dict[str, int]],
+        fixed: float | None,
+        busy_threshold: float = 0.5,
+        cpu: Callable[[], float] = time.process_time,
+    ) -> None:
         self.load = load
+        self.cpu = cpu  # the serving process's CPU seconds, all its threads (workers are processes of their own)
         self.pids = pids
         self.duty = Duty(fixed=fixed, busy_threshold=busy_threshold)
         self.stopped: set[int] = set()  # pids this throttle holds stopped
@@ -147,7 +175,7 @@ class Throttle:
         self.run_fraction = 1.0  # the fraction of the time a worker runs now (1: serving not busy, or no yield)
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
-        self._history: list[tuple[float, int, float]] = []  # (time, answered, seconds) samples over LOAD_WINDOW_S
+        self._history: list[tuple[float, int, float, float]] = []  # (time, answered, seconds, cpu) samples over LOAD_WINDOW_S
 
     def start(self) -> None:
         if self.duty.fixed == 1.0 or self._thread is not None:
@@ -188,13 +216,20 @@ class Throttle:
             self.on_paused(job_id, seconds)
 
     def current_load(self, now: float) -> float:
-        """Requests in flight on average over the last LOAD_WINDOW_S (counted as they are answered)."""
-        self._history.append((now, self.load.answered, self.load.seconds))
+        """Serving's load over the last LOAD_WINDOW_S: requests in flight on average (counted as they are answered), or,
+        while requests are answered, the cores the server process used, whichever is higher. A model of a fraction of a
+        millisecond is never half a request in flight inside the dataplane, even with the server's cores saturated by
+        its callers (the digits CNN at 2,600 req/s: ~0.4), so the CPU the server spends answering counts too."""
+        answered, seconds, cpu = self.load.answered, self.load.seconds, self.cpu()
+        self._history.append((now, answered, seconds, cpu))
         while len(self._history) > 2 and now - self._history[1][0] >= LOAD_WINDOW_S:
             self._history.pop(0)
-        t0, _, s0 = self._history[0]
+        t0, a0, s0, c0 = self._history[0]
         span = now - t0
-        return (self.load.seconds - s0) / span if span > 0 else 0.0
+        if span <= 0:
+            return 0.0
+        in_flight = (seconds - s0) / span
+        return in_flight if answered == a0 else max(in_flight, (cpu - c0) / span)
 
     def _signal(self, pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -208,15 +243,15 @@ class Throttle:
 
     def _loop(self) -> None:
         index = 0
-        last = (self.load.answered, self.load.seconds)
+        last = (self.load.answered, self.load.seconds, time.monotonic())
         ran_last = True
         while not self._halt.wait(SLICE_S):
             try:
                 now = time.monotonic()
                 answered, seconds = self.load.answered, self.load.seconds
-                if answered > last[0] and self.pids():
-                    self.duty.observe(ran_last, (seconds - last[1]) / (answered - last[0]))
-                last = (answered, seconds)
+                if answered > last[0] and self.pids() and now > last[2]:
+                    self.duty.observe(ran_last, (seconds - last[1]) / (answered - last[0]), (answered - last[0]) / (now - last[2]))
+                last = (answered, seconds, now)
                 if index % WINDOW == 0:
                     self.duty.adapt()
                 fraction = self.duty.run_fraction(self.current_load(now))
@@ -241,7 +276,11 @@ class Throttle:
                     continue
                 self.outside.discard(pid)  # resumed by whoever stopped it: ours again
             if pid in self.stopped:
-                if stop_pending(pid):  # stopped from outside while we held it: theirs now
+                # Stopped from outside while we held it: theirs now. Only a SIGSTOP pending on a worker already stopped
+                # is someone else's: one pending on a worker not yet stopped is ours still in flight (a SCHED_IDLE worker
+                # on busy cores may wait longer than a slice to be scheduled and take it; counted as theirs, it stopped
+                # for good once it did, and nobody resumed it).
+                if stop_pending(pid) and is_stopped(pid):
                     self.stopped.discard(pid)
                     self._held_ended(pid)
                     self.outside.add(pid)

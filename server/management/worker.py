@@ -13,9 +13,11 @@ runner from its exit status.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -295,15 +297,20 @@ def failure_of(e: BaseException, limits: WorkLimits) -> WorkFailed:
 
 
 def lower_priority(nice: int) -> None:
-    """Below the server: `nice` added to the worker's niceness (serving threads keep their cores)."""
+    """Below the server: `nice` added to the worker's niceness (serving threads keep their cores). At 19, the most, the
+    worker also takes Linux's SCHED_IDLE class (below every nice level, allowed without privileges): a serving thread
+    that wakes preempts it at once, where a nice +19 task may first finish its slice, so the worker runs only in the
+    cores' idle moments. Called before the worker starts a thread: its threads inherit both."""
     if nice > 0:
         os.nice(nice)
+    if nice >= 19 and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):  # a kernel or a sandbox without it: nice alone
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def die_with_parent() -> None:
     """Linux: the worker gets SIGKILL when the server that started it dies, so no orphan job goes on burning cores."""
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -318,6 +325,9 @@ def main(argv: list[str]) -> int:
     from slimserve.optimizer.quiet import quiet_third_party
 
     die_with_parent()
+    # A process group of its own in the server's session (runners.py): in a terminal it is a background group, which a
+    # write to the terminal would stop (SIGTTOU) where the terminal has `stty tostop`; its log lines go on instead.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     quiet_third_party()  # the worker's stderr is the server's: the same filters as the server's own log
     conn = Connection(int(argv[0]), readable=False)
     spec: WorkSpec = pickle.load(sys.stdin.buffer)

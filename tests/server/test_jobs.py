@@ -91,6 +91,15 @@ def test_a_killed_worker_fails_only_its_job(registered, digits):
     working(c, doomed)
     # Below the server's priority, with its threads capped (2 cores, 2 compute threads: 1 thread for the job).
     assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 19)
+    # Every thread of it in SCHED_IDLE (--job-nice 19): a serving thread that wakes takes its core at once.
+    if hasattr(os, "SCHED_IDLE"):
+        tasks = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+        assert tasks and {os.sched_getscheduler(t) for t in tasks} == {os.SCHED_IDLE}
+    # In the server's session, so in its autogroup (Linux's per-session CPU groups), where that nice weighs against the
+    # server's threads; a process group of its own, which a cancel ends whole.
+    assert os.getsid(pid) == os.getsid(0) and os.getpgid(pid) == pid
+    if Path("/proc/self/autogroup").exists():
+        assert Path(f"/proc/{pid}/autogroup").read_text().split()[0] == Path("/proc/self/autogroup").read_text().split()[0]
     environ = dict(line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in line)
     assert environ["OMP_NUM_THREADS"] == str(server.settings.job_threads())
     os.kill(pid, signal.SIGKILL)

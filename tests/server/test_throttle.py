@@ -60,6 +60,66 @@ def test_auto_halves_while_serving_loses_and_recovers_when_it_does_not():
     assert fixed.fraction == 0.1 and fixed.run_fraction(9) == 0.3
 
 
+def test_auto_also_halves_when_fewer_requests_are_answered_though_none_is_slower():
+    duty = Duty(busy_threshold=0.5, fraction=0.4)
+    for _ in range(2):  # closed-loop callers: the same time inside the dataplane, 30% fewer answers while the worker runs
+        duty.observe(True, 0.001, 1750.0)
+        duty.observe(False, 0.001, 2500.0)
+        duty.adapt()
+    assert duty.fraction == 0.1
+    for _ in range(30):
+        duty.observe(True, 0.001, 2450.0)  # within the tolerance: it rises again
+        duty.observe(False, 0.001, 2500.0)
+        duty.adapt()
+    assert duty.fraction == 1.0
+
+
+def test_the_load_counts_the_servers_cpu_while_it_answers_requests():
+    load, cpu = ServingLoad(), [0.0]
+    throttle = Throttle(load, dict, fixed=0.1, cpu=lambda: cpu[0])
+    assert throttle.current_load(0.0) == 0.0
+    # A fast model: 250 answers in 0.1 s spend 0.0025 s inside the dataplane, while the server used 0.15 s of CPU.
+    for _ in range(250):
+        load.add(0.00001)
+    cpu[0] = 0.15
+    assert throttle.current_load(0.1) == pytest.approx(1.5)
+    cpu[0] = 0.30  # CPU without a request answered (a registration, say) is not serving's load
+    assert throttle.current_load(1.5) == pytest.approx(0.0)
+
+
+def test_its_own_stop_still_in_flight_is_not_taken_for_someone_elses(monkeypatch):
+    """A worker on busy cores (SCHED_IDLE) may take a slice or more to be scheduled and stop: its SIGSTOP is pending
+    meanwhile. The throttle must still hold it (and resume it), not leave it to 'someone else' for good."""
+    import slimserve.server.management.throttle as throttle_module
+
+    state = {"stopped": False, "pending": False}
+    sent: list[signal.Signals] = []
+
+    def deliver(pid: int, sig: signal.Signals) -> None:
+        sent.append(sig)
+        if sig == signal.SIGSTOP:
+            state["pending"] = True  # not scheduled yet: the stop waits
+        else:
+            state.update(stopped=False, pending=False)  # SIGCONT resumes and discards a pending stop
+
+    monkeypatch.setattr(throttle_module, "is_stopped", lambda pid: state["stopped"])
+    monkeypatch.setattr(throttle_module, "stop_pending", lambda pid: state["pending"])
+    throttle = Throttle(ServingLoad(), lambda: {"job": 4242}, fixed=0.1)
+    monkeypatch.setattr(throttle, "_signal", deliver)
+    throttle._apply(False, 0.1)
+    assert sent == [signal.SIGSTOP] and 4242 in throttle.stopped
+    throttle._apply(False, 0.1)  # still pending, not yet stopped: ours in flight
+    assert 4242 in throttle.stopped and 4242 not in throttle.outside
+    state.update(stopped=True, pending=False)  # it got the CPU and stopped
+    throttle._apply(True, 0.1)
+    assert sent == [signal.SIGSTOP, signal.SIGCONT] and not throttle.stopped
+    # Someone else's SIGSTOP on a worker we hold stopped stays pending on a stopped process: theirs, left alone.
+    throttle._apply(False, 0.1)
+    state.update(stopped=True, pending=True)
+    throttle._apply(True, 0.1)
+    assert 4242 in throttle.outside and sent[-1] == signal.SIGSTOP
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
