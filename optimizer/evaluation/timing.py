@@ -10,10 +10,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from slimserve.optimizer.base import ConfigValueError, PassConfig, Predictor
+from slimserve.optimizer.evaluation.resumes import resumed
 
 # What one timed call feeds: one dict of arrays, or a list of them taken in turn (a text model's rows at their real
 # lengths, as the server runs them: slimserve.optimizer.evaluation.measure.served_calls).
 Feeds = dict[str, np.ndarray] | list[dict[str, np.ndarray]]
+
+
+def timed_call(predictor: Predictor, feed: dict[str, np.ndarray]) -> float:
+    """Seconds of one predict() call; a call the process was stopped in (resumed meanwhile: evaluation/resumes.py) is
+    timed again, up to 3 times."""
+    resumed()  # a resume before the call is not this call's
+    for _ in range(3):
+        start = time.perf_counter()
+        predictor.predict(feed)
+        elapsed = time.perf_counter() - start
+        if not resumed():
+            break
+    return elapsed
 
 
 def calls_of(feeds: Feeds) -> list[dict[str, np.ndarray]]:
@@ -32,10 +46,7 @@ def time_predict(predictor: Predictor, feeds: Feeds, warmup: int, iterations: in
     gc.disable()
     try:
         for i in range(iterations):
-            feed = calls[(start_at + i) % len(calls)]
-            start = time.perf_counter()
-            predictor.predict(feed)
-            times[i] = time.perf_counter() - start
+            times[i] = timed_call(predictor, calls[(start_at + i) % len(calls)])
     finally:
         if enabled:
             gc.enable()
@@ -140,10 +151,7 @@ def time_until_tight(predictor: Predictor, feeds: Feeds, options: TimingOptions)
     try:
         at_least = min(options.max_calls, max(options.min_calls, len(calls)))
         while len(times) < options.max_calls:
-            feed = calls[len(times) % len(calls)]
-            start = time.perf_counter()
-            predictor.predict(feed)
-            times.append(time.perf_counter() - start)
+            times.append(timed_call(predictor, calls[len(times) % len(calls)]))
             if len(times) >= at_least and (
                 time.perf_counter() - started > options.max_seconds or median_ci(np.asarray(times)) <= options.rel_ci
             ):

@@ -300,12 +300,18 @@ def lower_priority(nice: int) -> None:
     """Below the server: `nice` added to the worker's niceness (serving threads keep their cores). At 19, the most, the
     worker also takes Linux's SCHED_IDLE class (below every nice level, allowed without privileges): a serving thread
     that wakes preempts it at once, where a nice +19 task may first finish its slice, so the worker runs only in the
-    cores' idle moments. Called before the worker starts a thread: its threads inherit both."""
-    if nice > 0:
-        os.nice(nice)
-    if nice >= 19 and hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):  # a kernel or a sandbox without it: nice alone
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    cores' idle moments. Linux keeps both per thread: every thread there is gets them, and the threads started later
+    inherit them from the main thread."""
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        with contextlib.suppress(OSError):  # a thread that has ended
+            if nice > 0:
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+            if nice >= 19 and hasattr(os, "SCHED_IDLE"):  # a kernel or a sandbox without it: nice alone
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
 
 
 def die_with_parent() -> None:
@@ -322,9 +328,11 @@ def main(argv: list[str]) -> int:
     import pickle
     from multiprocessing.connection import Connection
 
+    from slimserve.optimizer.evaluation.resumes import count_resumes
     from slimserve.optimizer.quiet import quiet_third_party
 
     die_with_parent()
+    count_resumes()  # before any thread starts: a call timed across a stop of the job yield is timed again
     # A process group of its own in the server's session (runners.py): in a terminal it is a background group, which a
     # write to the terminal would stop (SIGTTOU) where the terminal has `stty tostop`; its log lines go on instead.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)

@@ -142,3 +142,47 @@ def test_evaluate_times_a_padding_free_text_model_at_real_lengths(tmp_path):
 
     e, _ = evaluate(Artifact(path, "onnx", "onnxruntime"), factory, rows, serving_batch=8, warmup=2, iterations=40)
     assert e.timed_lengths and "mean 12.0 positions" in e.timed_lengths  # 8, 8, 16, 16 in turn
+
+
+STOPPED_CHILD = """
+import sys, time
+from slimserve.optimizer.evaluation.resumes import count_resumes
+if sys.argv[1] == "count":  # first, as the worker does: before numpy starts its threads
+    count_resumes()
+from slimserve.optimizer.evaluation.timing import time_predict
+
+class Busy:  # 20 ms of CPU a call: a stop lands inside calls
+    def predict(self, feeds, outputs=None):
+        end = time.thread_time() + 0.02
+        while time.thread_time() < end:
+            pass
+
+print("ready", flush=True)
+print(max(time_predict(Busy(), {}, 0, 60)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("counted", [True, False])
+def test_a_call_the_worker_was_stopped_in_is_timed_again(counted):
+    """The job yield stops a worker (SIGSTOP ... SIGCONT) while serving is busy: with the worker's SIGCONT counter, no
+    timed call carries the stop; without it, one does (what the variant's p99 showed before)."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, "count" if counted else "plain"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        for _ in range(3):  # three stops of 0.3 s inside the 60 calls' ~1.2 s
+            time.sleep(0.15)
+            child.send_signal(signal.SIGSTOP)
+            time.sleep(0.3)
+            child.send_signal(signal.SIGCONT)
+        longest = float(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
+    if counted:
+        assert longest < 0.2
+    else:
+        assert longest > 0.25
