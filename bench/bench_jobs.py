@@ -153,19 +153,21 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
         pids = worker_pids(server.pid)
         if not pids:
             return None
+        # The worker's process group: a helper it runs (ONNX Runtime's quantizer) is the job computing too.
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+            os.killpg(pid, signal.SIGSTOP)
         # Stopped again after a slice of the server's job yield (--job-yield): a stop the yield made and then
         # resumed is replaced by ours, which the yield then leaves alone (it never resumes a stop it did not make).
         time.sleep(0.25)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+                os.killpg(pid, signal.SIGSTOP)
         try:
             return load("job paused", args.seconds / args.rounds)
         finally:
             for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGCONT)
 
     for i in range(args.rounds):  # paused first in even rounds, running first in odd ones: neither always goes first
         if state()["status"] != "running":

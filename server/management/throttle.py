@@ -275,6 +275,10 @@ class Throttle:
                 if is_stopped(pid):
                     continue
                 self.outside.discard(pid)  # resumed by whoever stopped it: ours again
+                # Whoever it was may have resumed the worker alone (`kill -CONT PID`, the bench) where our last stop was
+                # its whole group's: a helper it runs (ONNX Runtime's quantizer, a converter) stayed stopped, the worker
+                # waited on it, and with traffic gone nothing stopped and resumed the group again: the job hung.
+                self._signal(pid, signal.SIGCONT)
             if pid in self.stopped:
                 # Stopped from outside while we held it: theirs now. Only a SIGSTOP pending on a worker already stopped
                 # is someone else's: one pending on a worker not yet stopped is ours still in flight (a SCHED_IDLE worker

@@ -118,6 +118,10 @@ def test_its_own_stop_still_in_flight_is_not_taken_for_someone_elses(monkeypatch
     state.update(stopped=True, pending=True)
     throttle._apply(True, 0.1)
     assert 4242 in throttle.outside and sent[-1] == signal.SIGSTOP
+    # They resume the worker alone; our stop was its group's, helpers included: the group is resumed as it is taken back.
+    state.update(stopped=False, pending=False)
+    throttle._apply(True, 0.1)
+    assert 4242 not in throttle.outside and sent[-1] == signal.SIGCONT
 
 
 def cpu_seconds(pid: int) -> float:
