@@ -258,16 +258,29 @@ def heavy_mlp(path: Path) -> Path:
 
 def test_concurrent_single_sample_callers_are_batched_and_each_gets_its_own_rows(server_factory, tmp_path):
     """16 callers in another process (as real clients are), on a model whose compute callers overlap. One call in
-    flight, so that callers pile up behind it however fast or loaded the machine is (with two, a loaded CI machine
-    averaged batches of 1.4: the calls kept up with the callers)."""
+    flight, and each call held (up to 0.5 s) until 3 requests are queued behind it, so that callers pile up however
+    fast or loaded the machine is: with two calls, and then with one call alone, a loaded CI machine averaged batches
+    of 1.4 (the client process's 16 threads sent slower than the calls ran). What is checked is that queued requests
+    merge and each caller gets its own rows back."""
     import subprocess
     import sys
+    import time
 
     from slimserve.client.client import SlimServeClient
 
-    server = server_factory(max_concurrent_calls=1)
+    server = server_factory(max_concurrent_calls=1, inline_compute_ms=0)  # calls on the pool: the loop queues meanwhile
     with SlimServeClient(server.address) as client:
         client.register("mlp", heavy_mlp(tmp_path / "mlp.onnx"))
+        batcher = server.server.dataplane.models["mlp"].variants["baseline"].batcher
+        predict = batcher.predict
+
+        def held(inputs, outputs):
+            until = time.monotonic() + 0.5
+            while batcher.queued < 3 and time.monotonic() < until:
+                time.sleep(0.001)
+            return predict(inputs, outputs)
+
+        batcher.predict = held
         result = subprocess.run(
             [sys.executable, "-c", LOAD, server.address, "16", "40"],
             capture_output=True,
