@@ -109,6 +109,13 @@ def merged(phase: str, points: list[PointResult]) -> dict:
     return row(phase, pooled)
 
 
+def one_pass_recipe(workdir: Path, name: str, config: dict) -> str:
+    """A recipe file of the one pass `name` with `config` (a job longer than the preset's, to measure inside)."""
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps({"version": 1, "name": name, "passes": [{"pass": name, "config": config}]}))
+    return str(path)
+
+
 def ratios(during: dict, before: dict) -> dict:
     return {
         "p50": round(during["p50_ms"] / before["p50_ms"], 2),
@@ -124,13 +131,9 @@ def measure_job(server: ServerProcess, client: SlimServeClient, recipe: str, pay
     idle = load("no job", args.seconds)
     asked = recipe
     if recipe == "quantize-static" and args.calibration_rows > 256:  # the pass calibrates on 256 rows unless told more
-        asked = str(args.workdir / "quantize-static.json")
-        passes = [{"pass": "quantize-static", "config": {"max_samples": args.calibration_rows, "calibrate_method": args.calibrate_method}}]
-        Path(asked).write_text(json.dumps({"version": 1, "name": "quantize-static", "passes": passes}))
+        asked = one_pass_recipe(args.workdir, recipe, {"max_samples": args.calibration_rows, "calibrate_method": args.calibrate_method})
     if recipe == "prune-structured" and args.finetune_epochs:  # more fine-tuning: a job long enough to hold windows of seconds
-        asked = str(args.workdir / "prune-structured.json")
-        passes = [{"pass": "prune-structured", "config": {"finetune": {"epochs": args.finetune_epochs}}}]
-        Path(asked).write_text(json.dumps({"version": 1, "name": "prune-structured", "passes": passes}))
+        asked = one_pass_recipe(args.workdir, recipe, {"finetune": {"epochs": args.finetune_epochs}})
     variant, _ = client.optimize(args.model, asked, variant_name=f"bench-{recipe}-{run}", detach=True)
     job_id = variant["job_id"]
 

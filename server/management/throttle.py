@@ -1,15 +1,16 @@
 """The job yield: local job workers run on a duty cycle while serving traffic is heavy (`--job-yield`).
 
 Nice +19 / SCHED_IDLE and a thread cap give serving the cores, but not their caches, memory bandwidth or a vCPU's
-sibling hardware thread (which of these, not measured here; bench_jobs on the digits CNN: a SCHED_IDLE worker beside 4 busy callers, not stopped, cost
-serving's p99 1.5-2x). So, while the server's recent load (requests in flight, averaged over the last second, or,
+sibling hardware thread (which of these, not measured here; bench_jobs on the digits CNN: a SCHED_IDLE worker beside
+4 busy callers, not stopped, cost serving's p99 1.5-2x). So, while the server's recent load (requests in flight, averaged over the last second, or,
 while it answers requests, the cores the server process used over that second, whichever is higher) is at or above
 `--job-yield-busy`, the throttle runs each worker for a fraction of every 100 ms slice window and holds it stopped
 (SIGSTOP to its process group) for the rest; when traffic falls it resumes it (SIGCONT) at full speed.
 
 `--job-yield auto` adapts the fraction: it compares the mean latency of requests answered while the worker ran, and how
 many were answered per second, with the same while it was stopped, halves the fraction when serving lost more than
-`TOLERANCE` in either, and raises it again when it did not (between `MIN_RUN` and 1). A number (`0.25`) is a fixed fraction; `off` never stops a worker.
+`TOLERANCE` in either, and raises it again when it did not (between `MIN_RUN` and 1). A number (`0.25`) is a fixed
+fraction; `off` never stops a worker.
 
 What it costs the jobs is counted: `paused_s` (job id -> seconds the throttle held its worker stopped, a stop
 counted when it ends) and `run_fraction` (the fraction a worker runs now: 1 while serving is not busy), which
