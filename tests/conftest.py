@@ -120,7 +120,11 @@ class ServerHandle:
         from slimserve.server.app import SlimServer
         from slimserve.server.settings import Settings
 
-        self.settings = Settings(repository=repository, grpc_port=free_port(), metrics_port=0, **{"http_port": 0, **overrides})
+        # The job yield off unless a test asks for it (tests/server/test_throttle.py does): it counts the server process's
+        # CPU as serving load, and in here that process is pytest's, the test's own callers included, so a test serving
+        # while a job ran held the job to 1 slice in 20 (test_cli_rollout_wait: 42 s, 7 s with the yield off).
+        defaults = {"http_port": 0, "job_yield": "off"}
+        self.settings = Settings(repository=repository, grpc_port=free_port(), metrics_port=0, **{**defaults, **overrides})
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

@@ -98,8 +98,10 @@ def test_a_killed_worker_fails_only_its_job(registered, digits):
     # In the server's session, so in its autogroup (Linux's per-session CPU groups), where that nice weighs against the
     # server's threads; a process group of its own, which a cancel ends whole.
     assert os.getsid(pid) == os.getsid(0) and os.getpgid(pid) == pid
-    if Path("/proc/self/autogroup").exists():
-        assert Path(f"/proc/{pid}/autogroup").read_text().split()[0] == Path("/proc/self/autogroup").read_text().split()[0]
+    # The file reads empty for a task in a cgroup of its own (containers: CI's), where autogroups do not apply.
+    ours = Path("/proc/self/autogroup").read_text() if Path("/proc/self/autogroup").exists() else ""
+    if ours.strip():
+        assert Path(f"/proc/{pid}/autogroup").read_text().split()[:1] == ours.split()[:1]
     environ = dict(line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in line)
     assert environ["OMP_NUM_THREADS"] == str(server.settings.job_threads())
     os.kill(pid, signal.SIGKILL)
