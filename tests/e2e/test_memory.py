@@ -26,7 +26,9 @@ def test_creating_and_deleting_20_variants_under_load_returns_memory(tmp_path, d
     # (tests/server/test_throttle.py has the yield) and SCHED_IDLE (--job-nice 19) to the cores' idle moments, which
     # these callers leave none of (the test took 100 s, 58 s at nice 0): both off, as what is measured here is what
     # the variants leave behind.
-    server = ServerProcess(tmp_path / "repo", tmp_path / "server.log", "--feedback-ids", str(FEEDBACK_IDS), "--job-yield", "off", "--job-nice", "0")
+    server = ServerProcess(
+        tmp_path / "repo", tmp_path / "server.log", "--feedback-ids", str(FEEDBACK_IDS), "--job-yield", "off", "--job-nice", "0"
+    )
     errors: list[Exception] = []
     answered: Counter[str] = Counter()
     stop = threading.Event()
