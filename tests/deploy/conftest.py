@@ -90,7 +90,7 @@ def served(tmp_path_factory) -> ServedServer:
     model = make_classifier(root / "tiny.onnx")
     x = np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32)
     np.savez(root / "data.npz", x=x, labels=np.arange(32) % 3)
-    handle = ServerHandle(root / "repository")
+    handle = ServerHandle(root / "repository", job_yield="auto")  # the default a server starts with: its series exist
     try:
         with SlimServeClient(handle.address) as client:
             client.register(MODEL, model, data=root / "data.npz")
