@@ -156,7 +156,13 @@ class Settings(BaseSettings):
         shown="cores − compute threads, ≥ 1",
         ge=0,
     )
-    job_nice: int = setting(19, "niceness a local worker adds to itself, so that serving threads win the cores (0-19)", ge=0, le=19)
+    job_nice: int = setting(
+        19,
+        "niceness a local worker adds to itself, so that serving threads win the cores (0-19; at 19 also SCHED_IDLE: it runs "
+        "only when the server's CPU group leaves a core idle, so lower it where other busy work shares that group)",
+        ge=0,
+        le=19,
+    )
     job_memory_mb: int = setting(
         0, "resident memory a local job's worker (with its helpers) may use, in MiB; over it the job fails naming the cap; 0: no cap", ge=0
     )

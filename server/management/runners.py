@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[ProgressEvent], None]
 # How often a local worker's resident memory is checked against its cap, in seconds.
 WATCH_INTERVAL_S = 0.2
+# A worker ready to run most of this long and given under 5% of a core is reported as waiting for a core (seconds).
+STARVED_WINDOW_S = 30.0
 
 
 def retrieved(future: asyncio.Future) -> None:
@@ -45,23 +47,102 @@ def retrieved(future: asyncio.Future) -> None:
         future.exception()
 
 
-def resident_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (a pass may start helper processes), in MiB."""
-    total, stack, seen = 0, [pid], set()
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (a pass may start helper processes); those that ended are left out."""
+    found, stack, seen = [], [pid], set()
     while stack:
         p = stack.pop()
         if p in seen:
             continue
         seen.add(p)
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            children = []
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
+                    children.extend(int(c) for c in f.read().split())
         except (OSError, ValueError):
             continue
+        found.append(p)
+        stack.extend(children)
+    return found
+
+
+def resident_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MiB."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{p}/statm") as f:
+            total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return total / 2**20
+
+
+def cpu_and_runnable(pid: int) -> tuple[float, bool]:
+    """CPU seconds a process and its descendants have used, and whether any of their threads is runnable now (state R:
+    on a core, or waiting in its run queue). A stopped (T) or sleeping thread is not."""
+    ticks, runnable = 0, False
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime: every thread's
+            if not runnable:
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with contextlib.suppress(OSError, IndexError), open(f"/proc/{p}/task/{task}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                            runnable = True
+                            break
+    return ticks / os.sysconf("SC_CLK_TCK"), runnable
+
+
+class StarvationWatch:
+    """Says when a worker wants a core and does not get one: runnable in most samples of the last `window_s` yet given
+    under `STARVED_CPU` of a core. At `--job-nice 19` (SCHED_IDLE) a worker runs only in time the tasks of the server's
+    CPU group (the server's cgroup, or its autogroup) leave idle, so other busy processes there hold a job still for as
+    long as they run (a digits graph-ort job beside two CPU burners, `python -m bench.bench_job_nice`: 2.7 s at
+    --job-nice 0, 18 s at 10, not done in 120 s at 19). Stops of the job yield are not starvation: a stopped worker is not runnable.
+
+    `check()` samples 30 times a window at most and returns a message once per window of starvation, None otherwise."""
+
+    STARVED_CPU = 0.05  # of one core
+    STARVED_RUNNABLE = 0.8  # of the window's samples
+
+    def __init__(self, pid: int, nice: int, window_s: float | None = None, clock=time.monotonic) -> None:
+        self.pid, self.nice, self.clock = pid, nice, clock
+        self.window_s = STARVED_WINDOW_S if window_s is None else window_s
+        self.sample_s = self.window_s / 30
+        self.samples: list[tuple[float, float, bool, float]] = []  # (time, worker CPU s, runnable, server CPU s)
+
+    def check(self) -> str | None:
+        now = self.clock()
+        if self.samples and now - self.samples[-1][0] < self.sample_s:
+            return None
+        cpu, runnable = cpu_and_runnable(self.pid)
+        self.samples.append((now, cpu, runnable, time.process_time()))
+        while now - self.samples[0][0] > self.window_s:
+            self.samples.pop(0)
+        start, first_cpu, _, first_server = self.samples[0]
+        wall = now - start
+        if wall < self.window_s * 0.9:
+            return None
+        share = (cpu - first_cpu) / wall
+        wanted = sum(s[2] for s in self.samples) / len(self.samples)
+        if share >= self.STARVED_CPU or wanted < self.STARVED_RUNNABLE:
+            return None
+        self.samples = self.samples[-1:]  # the next message at least a window later
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        served = (time.process_time() - first_server) / wall
+        taken = (
+            f"this server used {served:.1f} of the {cores} core(s): other processes keep them busy"
+            if served < 0.5 * cores
+            else f"serving used {served:.1f} of the {cores} core(s)"
+        )
+        hint = (
+            f"; at --job-nice {self.nice} it runs only in time the server's CPU group leaves idle: "
+            "a lower --job-nice (e.g. 10) lets it share the cores with other work"
+            if self.nice > 0
+            else ""
+        )
+        return f"waiting for a core: the worker was ready to run {wanted:.0%} of the last {wall:.0f} s and got {share:.1%} of one ({taken}){hint}"
 
 
 def death_reason(returncode: int) -> str:
@@ -180,18 +261,24 @@ class ProcessRunner:
                 pass  # died at once: its exit status says why
             outcome: tuple | None = None
             over: float | None = None
+            starving = StarvationWatch(proc.pid, self.limits.nice) if self.watch_memory else None
+            last = ProgressEvent("running")
             while outcome is None:
                 try:
                     ready = conn.poll(WATCH_INTERVAL_S)
                 except (OSError, EOFError):
                     break
+                if starving is not None and (why := starving.check()):
+                    log.warning("job %s: %s", spec.job_id, why)
+                    progress(ProgressEvent(last.stage, last.fraction, why))
                 if ready:
                     try:
                         message = conn.recv()
                     except (EOFError, OSError):
                         break
                     if message[0] == "progress":
-                        progress(message[1])
+                        last = message[1]
+                        progress(last)
                     else:
                         outcome = message
                 elif self.watch_memory and self.limits.memory_mb and (used := resident_mb(proc.pid)) > self.limits.memory_mb:
