@@ -131,17 +131,16 @@ class StarvationWatch:
         self.samples = self.samples[-1:]  # the next message at least a window later
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         served = (time.process_time() - first_server) / wall
-        taken = (
-            f"this server used {served:.1f} of the {cores} core(s): other processes keep them busy"
-            if served < 0.5 * cores
-            else f"serving used {served:.1f} of the {cores} core(s)"
-        )
-        hint = (
-            f"; at --job-nice {self.nice} it runs only in time the server's CPU group leaves idle: "
-            "a lower --job-nice (e.g. 10) lets it share the cores with other work"
-            if self.nice > 0
-            else ""
-        )
+        if served >= 0.5 * cores:  # serving has the cores, as --job-nice asks: the job goes on when traffic falls
+            taken, hint = f"serving used {served:.1f} of the {cores} core(s)", "; it runs when traffic leaves a core idle"
+        else:
+            taken = f"this server used {served:.1f} of the {cores} core(s): other processes keep them busy"
+            hint = (
+                f"; at --job-nice {self.nice} it runs only in time the server's CPU group leaves idle: "
+                "a lower --job-nice (e.g. 10) lets it share the cores with other work"
+                if self.nice > 0
+                else ""
+            )
         return f"waiting for a core: the worker was ready to run {wanted:.0%} of the last {wall:.0f} s and got {share:.1%} of one ({taken}){hint}"
 
 

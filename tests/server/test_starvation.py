@@ -67,6 +67,17 @@ def test_an_idle_class_worker_beside_a_busy_process_is_reported_waiting_for_a_co
     assert "--job-nice 19" in why and "lower --job-nice" in why
 
 
+def test_a_worker_held_by_serving_itself_is_reported_without_the_advice_to_lower_its_nice(procs, monkeypatch):
+    procs.append(spinner(idle=False))
+    worker = spinner(idle=True)
+    procs.append(worker)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runners.time, "process_time", lambda: time.monotonic() * cores)  # the server on every core
+    why = watch_for(worker.pid, 6)
+    assert why and f"(serving used {cores:.1f} of the {cores} core(s)); it runs when traffic leaves a core idle" in why, why
+    assert "lower --job-nice" not in why
+
+
 def test_a_worker_that_gets_its_core_or_is_stopped_is_not_reported(procs):
     worker = spinner(idle=True)
     procs.append(worker)
