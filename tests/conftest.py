@@ -120,10 +120,12 @@ class ServerHandle:
         from slimserve.server.app import SlimServer
         from slimserve.server.settings import Settings
 
-        # The job yield off unless a test asks for it (tests/server/test_throttle.py does): it counts the server process's
-        # CPU as serving load, and in here that process is pytest's, the test's own callers included, so a test serving
-        # while a job ran held the job to 1 slice in 20 (test_cli_rollout_wait: 42 s, 7 s with the yield off).
-        defaults = {"http_port": 0, "job_yield": "off"}
+        # The job yield off and jobs at nice 0 unless a test asks (tests/server/test_throttle.py, test_jobs.py,
+        # test_starvation.py do): in here the server's process is pytest's, the test's own callers included, so the
+        # yield counted their CPU as serving load and held a job to 1 slice in 20 (test_cli_rollout_wait: 42 s, 7 s
+        # with the yield off), and a SCHED_IDLE worker (--job-nice 19) got no core while the test's traffic thread used
+        # its group's share (the same test, beside a CPU burner in another autogroup: not done in 300 s).
+        defaults = {"http_port": 0, "job_yield": "off", "job_nice": 0}
         self.settings = Settings(repository=repository, grpc_port=free_port(), metrics_port=0, **{**defaults, **overrides})
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -131,13 +131,13 @@ class StarvationWatch:
         self.samples = self.samples[-1:]  # the next message at least a window later
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         served = (time.process_time() - first_server) / wall
-        if served >= 0.5 * cores:  # serving has the cores, as --job-nice asks: the job goes on when traffic falls
+        if served >= 0.8 * cores:  # serving has the cores, as --job-nice asks: the job goes on when traffic falls
             taken, hint = f"serving used {served:.1f} of the {cores} core(s)", "; it runs when traffic leaves a core idle"
         else:
-            taken = f"this server used {served:.1f} of the {cores} core(s): other processes keep them busy"
+            taken = f"this server used {served:.1f} of the {cores} core(s), other processes the rest"
             hint = (
                 f"; at --job-nice {self.nice} it runs only in time the server's CPU group leaves idle: "
-                "a lower --job-nice (e.g. 10) lets it share the cores with other work"
+                "a lower --job-nice (e.g. 10) lets it share the cores with the other work, serving's included"
                 if self.nice > 0
                 else ""
             )

@@ -47,7 +47,7 @@ def measured(c: SlimServeClient) -> None:
 
 @pytest.fixture
 def registered(server_factory, digits):
-    server = server_factory(max_jobs=1)
+    server = server_factory(max_jobs=1, job_nice=19)  # the server's default priority, which a test checks
     with SlimServeClient(server.address) as c:
         c.register("digits", digits.onnx, data=digits.data, train=digits.train)
         measured(c)
