@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from slimserve.optimizer.base import ProgressEvent
 from slimserve.server.errors import ErrorKind, FailedPrecondition, InvalidArgument, SlimServeError, Unavailable
 from slimserve.server.management.ray_driver import AGAIN, RayOrder, answers, parse_ray_address
-from slimserve.server.management.throttle import Throttle
+from slimserve.server.management.throttle import Throttle, stat_fields
 from slimserve.server.management.worker import THREAD_ENV, WorkFailed, WorkLimits, WorkResult, WorkSpec
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,12 @@ def cpu_and_runnable(pid: int) -> tuple[float, bool]:
     ticks, runnable = 0, False
     for p in process_tree(pid):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            fields = stat_fields(f"/proc/{p}/stat")
             ticks += int(fields[11]) + int(fields[12])  # utime, stime: every thread's
             if not runnable:
                 for task in os.listdir(f"/proc/{p}/task"):
-                    with contextlib.suppress(OSError, IndexError), open(f"/proc/{p}/task/{task}/stat") as f:
-                        if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                    with contextlib.suppress(OSError, IndexError):
+                        if stat_fields(f"/proc/{p}/task/{task}/stat")[0] == "R":
                             runnable = True
                             break
     return ticks / os.sysconf("SC_CLK_TCK"), runnable

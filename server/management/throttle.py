@@ -141,10 +141,16 @@ def stop_pending(pid: int) -> bool:
     return False
 
 
+def stat_fields(path: str) -> list[str]:
+    """The fields of a /proc/PID[/task/TID]/stat file after the command name (which may hold spaces and parentheses):
+    [0] the state, [11] and [12] utime and stime in clock ticks. OSError when the task has ended."""
+    with open(path) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def is_stopped(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+        return stat_fields(f"/proc/{pid}/stat")[0] in ("T", "t")
     except (OSError, IndexError):
         return False
 
